@@ -1,0 +1,339 @@
+//! One reader per launcher convention. Each returns `Ok(None)` when its variables are absent.
+
+use std::collections::BTreeMap;
+
+use crate::error::{Error, Result};
+
+use super::hostlist::{expand_hostlist, expand_tasks_per_node};
+use super::spec::{ClusterSpec, Convention, Role, allreduce_replicas, allreduce_role};
+use super::vars::{Vars, check_address, count_var, first_count, first_var, parse_count};
+
+/// Port of the rendezvous under Slurm when none is configured: 15000 + job id mod 5000, so two jobs
+/// sharing a node rarely collide.
+pub fn slurm_default_port(job_id: Option<usize>) -> u16 {
+    15000 + (job_id.unwrap_or(0) % 5000) as u16
+}
+
+/// The fields an allreduce-style launcher gives.
+struct Flat {
+    source: Convention,
+    variable: &'static str,
+    rank: usize,
+    world_size: usize,
+    local: Option<(usize, usize)>,
+    node_rank: Option<usize>,
+    rendezvous: Option<String>,
+    peers: BTreeMap<Role, BTreeMap<usize, String>>,
+}
+
+impl Flat {
+    fn build(self) -> Result<ClusterSpec> {
+        let (role, index) = allreduce_role(self.rank);
+        let (local_rank, local_world_size) = self.local.unwrap_or((0, 1));
+        ClusterSpec {
+            source: self.source,
+            role,
+            index,
+            rank: self.rank,
+            world_size: self.world_size,
+            local_rank,
+            local_world_size,
+            node_rank: self.node_rank,
+            replicas: allreduce_replicas(self.world_size),
+            peers: self.peers,
+            rendezvous: self.rendezvous,
+        }
+        .validate(self.variable)
+    }
+}
+
+fn require(vars: &(impl Vars + ?Sized), name: &str, because: &str) -> Result<usize> {
+    count_var(vars, name)?
+        .ok_or_else(|| Error::config(name, format!("is not set, but {because} is")))
+}
+
+fn local_pair(
+    vars: &(impl Vars + ?Sized),
+    rank_names: &[&str],
+    size_names: &[&str],
+) -> Result<Option<(usize, usize)>> {
+    let rank = first_count(vars, rank_names)?;
+    let size = first_count(vars, size_names)?;
+    Ok(match (rank, size) {
+        (None, None) => None,
+        (Some(r), None) => Some((r, r + 1)),
+        (None, Some(s)) => Some((0, s)),
+        (Some(r), Some(s)) => Some((r, s)),
+    })
+}
+
+/// `MASTER_ADDR` + `MASTER_PORT` (or their `PET_` forms) as an endpoint.
+fn master_endpoint(vars: &(impl Vars + ?Sized)) -> Result<Option<String>> {
+    let addr = first_var(vars, &["MASTER_ADDR", "PET_MASTER_ADDR"]);
+    let port = first_var(vars, &["MASTER_PORT", "PET_MASTER_PORT"]);
+    match (addr, port) {
+        (None, None) => Ok(None),
+        (Some((n, _)), None) => Err(Error::config(
+            "MASTER_PORT",
+            format!("is not set, but {n} is"),
+        )),
+        (None, Some((n, _))) => Err(Error::config(
+            "MASTER_ADDR",
+            format!("is not set, but {n} is"),
+        )),
+        (Some((_, host)), Some((pname, port))) => {
+            let endpoint = format!("{host}:{port}");
+            check_address(&pname, &endpoint)?;
+            Ok(Some(endpoint))
+        }
+    }
+}
+
+/// Tandem's own variables: `TANDEM_RANK`, `TANDEM_WORLD_SIZE`, `TANDEM_LOCAL_RANK`,
+/// `TANDEM_LOCAL_WORLD_SIZE`, and optionally `TANDEM_ROLE` with `TANDEM_ROLE_INDEX`.
+pub(crate) fn tandem(vars: &(impl Vars + ?Sized)) -> Result<Option<ClusterSpec>> {
+    if vars.var("TANDEM_RANK").is_none() && vars.var("TANDEM_WORLD_SIZE").is_none() {
+        return Ok(None);
+    }
+    let rank = require(vars, "TANDEM_RANK", "TANDEM_WORLD_SIZE")?;
+    let world_size = require(vars, "TANDEM_WORLD_SIZE", "TANDEM_RANK")?;
+    let mut spec = Flat {
+        source: Convention::Tandem,
+        variable: "TANDEM_RANK",
+        rank,
+        world_size,
+        local: local_pair(vars, &["TANDEM_LOCAL_RANK"], &["TANDEM_LOCAL_WORLD_SIZE"])?,
+        node_rank: count_var(vars, "TANDEM_NODE_RANK")?,
+        rendezvous: master_endpoint(vars)?,
+        peers: BTreeMap::new(),
+    }
+    .build()?;
+    if let Some(role) = vars.var("TANDEM_ROLE") {
+        let role: Role = role.parse().map_err(|_| {
+            Error::config(
+                "TANDEM_ROLE",
+                format!("unknown role {role:?}; expected chief, worker, ps or evaluator"),
+            )
+        })?;
+        let index = require(vars, "TANDEM_ROLE_INDEX", "TANDEM_ROLE")?;
+        spec.role = role;
+        spec.index = index;
+    }
+    Ok(Some(spec))
+}
+
+/// torchrun and Kubeflow PyTorchJob: `RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `LOCAL_WORLD_SIZE`,
+/// `GROUP_RANK`, `MASTER_ADDR`, `MASTER_PORT`; or the `PET_NNODES`, `PET_NPROC_PER_NODE`,
+/// `PET_NODE_RANK`, `PET_MASTER_ADDR`, `PET_MASTER_PORT` forms the training operator injects for torchrun.
+pub(crate) fn torchrun(vars: &(impl Vars + ?Sized)) -> Result<Option<ClusterSpec>> {
+    let direct = vars.var("RANK").is_some() || vars.var("WORLD_SIZE").is_some();
+    let pet = vars.var("PET_NODE_RANK").is_some() || vars.var("PET_NNODES").is_some();
+    if !direct && !pet {
+        return Ok(None);
+    }
+    let local = local_pair(
+        vars,
+        &["LOCAL_RANK"],
+        &["LOCAL_WORLD_SIZE", "PET_NPROC_PER_NODE"],
+    )?;
+    let (rank, world_size, variable) = if direct {
+        (
+            require(vars, "RANK", "WORLD_SIZE")?,
+            require(vars, "WORLD_SIZE", "RANK")?,
+            "RANK",
+        )
+    } else {
+        let node = require(vars, "PET_NODE_RANK", "PET_NNODES")?;
+        let nnodes = require(vars, "PET_NNODES", "PET_NODE_RANK")?;
+        let per_node = first_count(vars, &["PET_NPROC_PER_NODE"])?.unwrap_or(1);
+        if node >= nnodes {
+            return Err(Error::config(
+                "PET_NODE_RANK",
+                format!("node rank {node} is not below PET_NNODES={nnodes}"),
+            ));
+        }
+        let local_rank = local.map(|l| l.0).unwrap_or(0);
+        (
+            node * per_node + local_rank,
+            nnodes * per_node,
+            "PET_NODE_RANK",
+        )
+    };
+    let node_rank = first_count(vars, &["GROUP_RANK", "PET_NODE_RANK"])?;
+    Flat {
+        source: Convention::Torchrun,
+        variable,
+        rank,
+        world_size,
+        local,
+        node_rank,
+        rendezvous: master_endpoint(vars)?,
+        peers: BTreeMap::new(),
+    }
+    .build()
+    .map(Some)
+}
+
+/// Slurm: `SLURM_PROCID`, `SLURM_NTASKS`, `SLURM_LOCALID`, `SLURM_NODEID`, `SLURM_JOB_NODELIST`,
+/// `SLURM_TASKS_PER_NODE` (the `SLURM_STEP_*` forms first, as they describe the running step).
+///
+/// Peer hosts assume Slurm's default block distribution (ranks filled node by node).
+pub(crate) fn slurm(vars: &(impl Vars + ?Sized)) -> Result<Option<ClusterSpec>> {
+    if vars.var("SLURM_PROCID").is_none() {
+        return Ok(None);
+    }
+    let rank = parse_count(
+        "SLURM_PROCID",
+        &vars.var("SLURM_PROCID").unwrap_or_default(),
+    )?;
+    let world_size = first_count(
+        vars,
+        &["SLURM_STEP_NUM_TASKS", "SLURM_NTASKS", "SLURM_NPROCS"],
+    )?
+    .ok_or_else(|| Error::config("SLURM_NTASKS", "is not set, but SLURM_PROCID is"))?;
+    let local_rank = count_var(vars, "SLURM_LOCALID")?.unwrap_or(0);
+    let node_id = count_var(vars, "SLURM_NODEID")?;
+    let nodes = match first_var(
+        vars,
+        &[
+            "SLURM_STEP_NODELIST",
+            "SLURM_JOB_NODELIST",
+            "SLURM_NODELIST",
+        ],
+    ) {
+        Some((name, list)) => Some((name.clone(), expand_hostlist(&name, &list)?)),
+        None => None,
+    };
+    let tasks = match first_var(vars, &["SLURM_STEP_TASKS_PER_NODE", "SLURM_TASKS_PER_NODE"]) {
+        Some((name, v)) => Some((name.clone(), expand_tasks_per_node(&name, &v)?)),
+        None => None,
+    };
+    let mut local_world_size = None;
+    let mut peers = BTreeMap::new();
+    let mut rendezvous = master_endpoint(vars)?;
+    if let Some((tname, tasks)) = &tasks {
+        let total: usize = tasks.iter().sum();
+        if total != world_size {
+            return Err(Error::config(
+                tname.as_str(),
+                format!("gives {total} tasks in all, but SLURM_NTASKS is {world_size}"),
+            ));
+        }
+        if let Some(node) = node_id {
+            let n = tasks.get(node).ok_or_else(|| {
+                Error::config(
+                    "SLURM_NODEID",
+                    format!("node {node} is beyond the {} nodes of {tname}", tasks.len()),
+                )
+            })?;
+            local_world_size = Some(*n);
+        }
+    }
+    if let Some((nname, hosts)) = &nodes {
+        if let Some((tname, tasks)) = &tasks {
+            if tasks.len() != hosts.len() {
+                return Err(Error::config(
+                    tname.as_str(),
+                    format!(
+                        "lists {} nodes but {nname} lists {}",
+                        tasks.len(),
+                        hosts.len()
+                    ),
+                ));
+            }
+            let mut r = 0;
+            let workers: &mut BTreeMap<usize, String> = peers.entry(Role::Worker).or_default();
+            let mut chief = BTreeMap::new();
+            for (host, n) in hosts.iter().zip(tasks) {
+                for _ in 0..*n {
+                    let (role, index) = allreduce_role(r);
+                    if role == Role::Chief {
+                        chief.insert(index, host.clone());
+                    } else {
+                        workers.insert(index, host.clone());
+                    }
+                    r += 1;
+                }
+            }
+            peers.insert(Role::Chief, chief);
+        }
+        if rendezvous.is_none() {
+            let port = match count_var(vars, "TANDEM_RENDEZVOUS_PORT")? {
+                Some(p) if (1..=65535).contains(&p) => p as u16,
+                Some(p) => {
+                    return Err(Error::config(
+                        "TANDEM_RENDEZVOUS_PORT",
+                        format!("{p} is not a TCP port"),
+                    ));
+                }
+                None => slurm_default_port(count_var(vars, "SLURM_JOB_ID")?),
+            };
+            rendezvous = hosts.first().map(|h| format!("{h}:{port}"));
+        }
+    }
+    let local_world_size = local_world_size.unwrap_or(local_rank + 1);
+    if node_id.is_some() && local_rank >= local_world_size {
+        return Err(Error::config(
+            "SLURM_LOCALID",
+            format!("local id {local_rank} is not below the {local_world_size} tasks of this node"),
+        ));
+    }
+    Flat {
+        source: Convention::Slurm,
+        variable: "SLURM_PROCID",
+        rank,
+        world_size,
+        local: Some((local_rank, local_world_size)),
+        node_rank: node_id,
+        rendezvous,
+        peers,
+    }
+    .build()
+    .map(Some)
+}
+
+/// Open MPI: `OMPI_COMM_WORLD_RANK`, `_SIZE`, `_LOCAL_RANK`, `_LOCAL_SIZE`, `_NODE_RANK`.
+pub(crate) fn open_mpi(vars: &(impl Vars + ?Sized)) -> Result<Option<ClusterSpec>> {
+    if vars.var("OMPI_COMM_WORLD_RANK").is_none() && vars.var("OMPI_COMM_WORLD_SIZE").is_none() {
+        return Ok(None);
+    }
+    Flat {
+        source: Convention::OpenMpi,
+        variable: "OMPI_COMM_WORLD_RANK",
+        rank: require(vars, "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE")?,
+        world_size: require(vars, "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK")?,
+        local: local_pair(
+            vars,
+            &["OMPI_COMM_WORLD_LOCAL_RANK"],
+            &["OMPI_COMM_WORLD_LOCAL_SIZE"],
+        )?,
+        node_rank: count_var(vars, "OMPI_COMM_WORLD_NODE_RANK")?,
+        rendezvous: master_endpoint(vars)?,
+        peers: BTreeMap::new(),
+    }
+    .build()
+    .map(Some)
+}
+
+/// MPICH / Intel MPI (Hydra): `PMI_RANK`, `PMI_SIZE`, and `MPI_LOCALRANKID`, `MPI_LOCALNRANKS`.
+pub(crate) fn pmi(vars: &(impl Vars + ?Sized)) -> Result<Option<ClusterSpec>> {
+    if vars.var("PMI_RANK").is_none() && vars.var("PMI_SIZE").is_none() {
+        return Ok(None);
+    }
+    Flat {
+        source: Convention::Pmi,
+        variable: "PMI_RANK",
+        rank: require(vars, "PMI_RANK", "PMI_SIZE")?,
+        world_size: require(vars, "PMI_SIZE", "PMI_RANK")?,
+        local: local_pair(
+            vars,
+            &["MPI_LOCALRANKID", "PMI_LOCAL_RANK"],
+            &["MPI_LOCALNRANKS", "PMI_LOCAL_SIZE"],
+        )?,
+        node_rank: None,
+        rendezvous: master_endpoint(vars)?,
+        peers: BTreeMap::new(),
+    }
+    .build()
+    .map(Some)
+}

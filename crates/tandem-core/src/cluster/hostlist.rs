@@ -1,0 +1,236 @@
+//! Slurm's compressed host lists (`node[01-03,07]`) and task counts (`2(x3),1`).
+
+use crate::error::{Error, Result};
+
+/// The most hosts or tasks an expansion may produce, so a typo cannot exhaust memory.
+pub const MAX_EXPANDED: usize = 1 << 20;
+
+/// Expands a Slurm host list such as `node[01-03,07],gpu-a[1-2]-ib` into host names.
+///
+/// Zero padding follows the lower bound of each range (`[08-10]` gives `08 09 10`); several bracket
+/// groups in one name expand as a product.
+///
+/// ```
+/// use tandem_core::cluster::expand_hostlist;
+/// let hosts = expand_hostlist("SLURM_JOB_NODELIST", "node[01-03,07],login").unwrap();
+/// assert_eq!(hosts, ["node01", "node02", "node03", "node07", "login"]);
+/// ```
+pub fn expand_hostlist(variable: &str, list: &str) -> Result<Vec<String>> {
+    let mut out = Vec::new();
+    for item in split_top_level(variable, list)? {
+        let mut names = vec![String::new()];
+        let mut rest = item.as_str();
+        while !rest.is_empty() {
+            match rest.find('[') {
+                None => {
+                    names.iter_mut().for_each(|n| n.push_str(rest));
+                    rest = "";
+                }
+                Some(open) => {
+                    let close = rest[open..].find(']').map(|c| c + open).ok_or_else(|| {
+                        Error::config(variable, format!("unclosed '[' in host list item {item:?}"))
+                    })?;
+                    let prefix = &rest[..open];
+                    let suffixes = expand_ranges(variable, &rest[open + 1..close])?;
+                    let mut next = Vec::with_capacity(names.len() * suffixes.len());
+                    for n in &names {
+                        for s in &suffixes {
+                            next.push(format!("{n}{prefix}{s}"));
+                        }
+                    }
+                    if next.len() + out.len() > MAX_EXPANDED {
+                        return Err(Error::config(
+                            variable,
+                            format!("host list expands to more than {MAX_EXPANDED} hosts"),
+                        ));
+                    }
+                    names = next;
+                    rest = &rest[close + 1..];
+                }
+            }
+        }
+        if names.iter().any(|n| n.contains(']')) {
+            return Err(Error::config(
+                variable,
+                format!("unmatched ']' in host list item {item:?}"),
+            ));
+        }
+        out.extend(names);
+    }
+    if out.is_empty() {
+        return Err(Error::config(variable, "host list is empty"));
+    }
+    Ok(out)
+}
+
+fn split_top_level(variable: &str, list: &str) -> Result<Vec<String>> {
+    let mut items = Vec::new();
+    let mut depth = 0i32;
+    let mut current = String::new();
+    for c in list.chars() {
+        match c {
+            '[' => depth += 1,
+            ']' => depth -= 1,
+            _ => {}
+        }
+        if depth < 0 || depth > 1 {
+            return Err(Error::config(
+                variable,
+                format!("unbalanced brackets in host list {list:?}"),
+            ));
+        }
+        if c == ',' && depth == 0 {
+            items.push(std::mem::take(&mut current));
+        } else {
+            current.push(c);
+        }
+    }
+    if depth != 0 {
+        return Err(Error::config(
+            variable,
+            format!("unclosed '[' in host list {list:?}"),
+        ));
+    }
+    items.push(current);
+    let items: Vec<String> = items.into_iter().map(|s| s.trim().to_string()).collect();
+    if items.iter().any(String::is_empty) {
+        return Err(Error::config(
+            variable,
+            format!("empty item in host list {list:?}"),
+        ));
+    }
+    Ok(items)
+}
+
+fn expand_ranges(variable: &str, ranges: &str) -> Result<Vec<String>> {
+    let mut out = Vec::new();
+    for part in ranges.split(',') {
+        let part = part.trim();
+        let bad = || {
+            Error::config(
+                variable,
+                format!("bad range {part:?} in host list; expected N or N-M"),
+            )
+        };
+        let (lo, hi) = match part.split_once('-') {
+            Some((lo, hi)) => (lo, hi),
+            None => (part, part),
+        };
+        if lo.is_empty()
+            || !lo.bytes().all(|b| b.is_ascii_digit())
+            || !hi.bytes().all(|b| b.is_ascii_digit())
+            || hi.is_empty()
+        {
+            return Err(bad());
+        }
+        let width = lo.len();
+        let a: u64 = lo.parse().map_err(|_| bad())?;
+        let b: u64 = hi.parse().map_err(|_| bad())?;
+        if a > b {
+            return Err(Error::config(
+                variable,
+                format!("range {part:?} in host list runs backwards"),
+            ));
+        }
+        if (b - a) as usize >= MAX_EXPANDED || out.len() + (b - a) as usize >= MAX_EXPANDED {
+            return Err(Error::config(
+                variable,
+                format!("range {part:?} expands to too many hosts"),
+            ));
+        }
+        out.extend((a..=b).map(|i| format!("{i:0width$}")));
+    }
+    Ok(out)
+}
+
+/// Expands Slurm's tasks-per-node form such as `2(x3),1` into one count per node (`[2, 2, 2, 1]`).
+///
+/// ```
+/// use tandem_core::cluster::expand_tasks_per_node;
+/// assert_eq!(expand_tasks_per_node("SLURM_TASKS_PER_NODE", "2(x3),1").unwrap(), [2, 2, 2, 1]);
+/// ```
+pub fn expand_tasks_per_node(variable: &str, value: &str) -> Result<Vec<usize>> {
+    let mut out = Vec::new();
+    for part in value.split(',') {
+        let part = part.trim();
+        let bad = || Error::config(variable, format!("bad item {part:?}; expected N or N(xK)"));
+        let (count, repeat) = match part.split_once('(') {
+            Some((c, r)) => {
+                let r = r
+                    .strip_prefix('x')
+                    .and_then(|r| r.strip_suffix(')'))
+                    .ok_or_else(bad)?;
+                (c, r.parse::<usize>().map_err(|_| bad())?)
+            }
+            None => (part, 1),
+        };
+        let count: usize = count.parse().map_err(|_| bad())?;
+        if count == 0 || repeat == 0 {
+            return Err(Error::config(
+                variable,
+                format!("item {part:?} gives a node no tasks"),
+            ));
+        }
+        if out.len() + repeat > MAX_EXPANDED {
+            return Err(Error::config(variable, "expands to too many nodes"));
+        }
+        out.extend(std::iter::repeat_n(count, repeat));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn expands_ranges_padding_and_products() {
+        let v = "V";
+        assert_eq!(expand_hostlist(v, "a").unwrap(), ["a"]);
+        assert_eq!(
+            expand_hostlist(v, "node[08-11]").unwrap(),
+            ["node08", "node09", "node10", "node11"]
+        );
+        assert_eq!(
+            expand_hostlist(v, "r[1-2]-n[1,3]").unwrap(),
+            ["r1-n1", "r1-n3", "r2-n1", "r2-n3"]
+        );
+        assert_eq!(
+            expand_hostlist(v, "gpu[7],cpu[001-002]-ib").unwrap(),
+            ["gpu7", "cpu001-ib", "cpu002-ib"]
+        );
+    }
+
+    #[test]
+    fn rejects_malformed_lists() {
+        for bad in [
+            "",
+            "node[1-",
+            "node]1[",
+            "node[3-1]",
+            "node[a-b]",
+            "a,,b",
+            "n[[1]]",
+            "n[1-2-3]",
+            "n[-2]",
+            "n[0-99999999]",
+        ] {
+            let e = expand_hostlist("SLURM_JOB_NODELIST", bad);
+            assert!(e.is_err(), "{bad:?} should be rejected");
+            assert!(e.unwrap_err().to_string().contains("SLURM_JOB_NODELIST"));
+        }
+    }
+
+    #[test]
+    fn tasks_per_node_forms() {
+        let v = "V";
+        assert_eq!(expand_tasks_per_node(v, "4").unwrap(), [4]);
+        assert_eq!(
+            expand_tasks_per_node(v, "1(x2),3,2(x1)").unwrap(),
+            [1, 1, 3, 2]
+        );
+        for bad in ["", "x", "2(3)", "2(x)", "0", "2(x0)", "-1", "2(x3"] {
+            assert!(expand_tasks_per_node(v, bad).is_err(), "{bad:?}");
+        }
+    }
+}

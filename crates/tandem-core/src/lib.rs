@@ -1,0 +1,27 @@
+//! The shared vocabulary of Tandem: errors, dtypes and reduce operators, host tensors, and the cluster
+//! spec discovered from the environment a launcher injects.
+//!
+//! # Layout
+//! - [`error`]: [`Error`], the one error type of every Tandem crate.
+//! - [`dtype`]: [`DType`], the [`Element`] trait and [`ReduceOp`].
+//! - [`tensor`]: [`Tensor`] and [`TensorMut`], `bytes` buffers with zero-copy `ndarray` views.
+//! - [`cluster`]: [`ClusterSpec`], resolved from TF_CONFIG, torchrun, Slurm, Open MPI, PMI or
+//!   Tandem's own variables.
+//!
+//! This crate does no I/O beyond reading variables: no tokio, no tonic, no Python.
+//!
+//! # Feature Flags
+//! None.
+
+pub mod cluster;
+pub mod dtype;
+pub mod error;
+pub mod tensor;
+
+pub use cluster::{ClusterSpec, Convention, Role};
+pub use dtype::{DType, Element, ReduceOp};
+pub use error::{Error, Result};
+pub use tensor::{Tensor, TensorMut};
+
+/// Re-exported so users name the same half-precision types Tandem uses.
+pub use half;
