@@ -1,1 +1,63 @@
-fn main() {}
+//! The `tandem` command.
+
+mod demo;
+mod info;
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// Tandem: distributed training with parameter servers and collectives.
+#[derive(Parser, Debug)]
+#[command(name = "tandem", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Print the cluster spec resolved from the environment (or the configuration error).
+    Info(info::InfoArgs),
+    /// Run a standalone rendezvous server (the job token comes from TANDEM_JOB_TOKEN).
+    Rendezvous(info::RendezvousArgs),
+    /// Run the demo job on this machine: several processes meet through a rendezvous.
+    Demo(demo::DemoArgs),
+    /// One rank of the demo (started by `tandem demo`).
+    #[command(hide = true)]
+    DemoRank(demo::RankArgs),
+}
+
+fn main() -> ExitCode {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("TANDEM_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Info(a) => info::info(a),
+        Command::Rendezvous(a) => info::rendezvous(a),
+        Command::Demo(a) => demo::demo(a),
+        Command::DemoRank(a) => demo::rank(a),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("tandem: error: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// A tokio runtime for one command.
+pub(crate) fn runtime() -> tandem::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| tandem::Error::io("starting the tokio runtime", e))
+}

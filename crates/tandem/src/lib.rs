@@ -1,1 +1,32 @@
+//! Tandem: a distributed training runtime. Parameter servers over gRPC and collectives (a TCP ring,
+//! NCCL when GPUs are there), discovered from the environment that Kubernetes (Kubeflow TFJob,
+//! PyTorchJob), Slurm or mpirun inject.
+//!
+//! This is the crate users depend on; it re-exports the others.
+//!
+//! # Layout
+//! - [`cluster`], [`DType`], [`ReduceOp`], [`Tensor`], [`Error`]: the shared vocabulary (`tandem-core`).
+//! - [`rendezvous`]: where the processes of a job meet (`tandem-rendezvous`).
+//!
+//! # Feature Flags
+//! None yet.
+//!
+//! ```
+//! let spec = tandem::cluster::ClusterSpec::from_vars(&[("RANK", "1"), ("WORLD_SIZE", "2")]).unwrap();
+//! assert_eq!(spec.world_size(), 2);
+//! ```
 
+pub use tandem_core::{
+    ClusterSpec, Convention, DType, Element, Error, ReduceOp, Result, Role, Tensor, TensorMut,
+};
+pub use tandem_core::{dtype, error, half, tensor};
+
+/// The cluster spec and the launcher conventions it is read from.
+pub mod cluster {
+    pub use tandem_core::cluster::*;
+}
+
+/// The rendezvous: an authenticated key-value store where a job's processes meet.
+pub mod rendezvous {
+    pub use tandem_rendezvous::*;
+}

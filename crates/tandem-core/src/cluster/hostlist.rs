@@ -73,7 +73,7 @@ fn split_top_level(variable: &str, list: &str) -> Result<Vec<String>> {
             ']' => depth -= 1,
             _ => {}
         }
-        if depth < 0 || depth > 1 {
+        if !(0..=1).contains(&depth) {
             return Err(Error::config(
                 variable,
                 format!("unbalanced brackets in host list {list:?}"),

@@ -1,0 +1,66 @@
+//! `tandem info` and `tandem rendezvous`.
+
+use std::process::ExitCode;
+
+use clap::Args;
+use tandem::cluster::ClusterSpec;
+use tandem::rendezvous::{Host, JobToken, ServerConfig, TOKEN_VAR};
+use tandem::{Error, Result};
+
+/// Arguments of `tandem info`.
+#[derive(Args, Debug)]
+pub struct InfoArgs {
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Prints what Tandem sees in this environment; exits 2 on a configuration error.
+pub fn info(args: InfoArgs) -> Result<ExitCode> {
+    match ClusterSpec::from_env() {
+        Ok(spec) => {
+            if args.json {
+                let text = serde_json::to_string_pretty(&spec)
+                    .map_err(|e| Error::transport("encoding the spec as JSON", e.to_string()))?;
+                println!("{text}");
+            } else {
+                print!("{spec}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            if args.json {
+                let v =
+                    serde_json::json!({ "error": { "kind": e.kind(), "message": e.to_string() } });
+                println!("{v}");
+            } else {
+                eprintln!("tandem: {e}");
+            }
+            Ok(ExitCode::from(2))
+        }
+    }
+}
+
+/// Arguments of `tandem rendezvous`.
+#[derive(Args, Debug)]
+pub struct RendezvousArgs {
+    /// Address to listen on (host:port); loopback unless told otherwise.
+    #[arg(long, default_value = "127.0.0.1:29500")]
+    bind: String,
+}
+
+/// Serves a rendezvous until Ctrl-C or SIGTERM.
+pub fn rendezvous(args: RendezvousArgs) -> Result<ExitCode> {
+    let token = JobToken::from_env()?.ok_or_else(|| {
+        Error::config(
+            TOKEN_VAR,
+            "is not set; the rendezvous refuses to run without a job token",
+        )
+    })?;
+    crate::runtime()?.block_on(async {
+        let host = Host::bind(&args.bind, ServerConfig::new(token)).await?;
+        println!("rendezvous listening on {}", host.addr());
+        host.serve_until_signal().await
+    })?;
+    Ok(ExitCode::SUCCESS)
+}

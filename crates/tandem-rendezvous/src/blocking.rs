@@ -1,0 +1,78 @@
+//! A blocking rendezvous client that owns a small runtime, for code without tokio.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use tandem_core::{Error, Result};
+
+use crate::auth::JobToken;
+use crate::client::{Client, Swap};
+
+/// The blocking twin of [`Client`]. Do not use it from inside a tokio runtime.
+///
+/// ```no_run
+/// use std::time::Duration;
+/// use tandem_rendezvous::{BlockingClient, JobToken};
+/// let token = JobToken::new("my-job-secret").unwrap();
+/// let c = BlockingClient::connect("127.0.0.1:29500", &token, Duration::from_secs(30)).unwrap();
+/// c.set("ready/0", "yes").unwrap();
+/// ```
+#[derive(Debug)]
+pub struct BlockingClient {
+    rt: tokio::runtime::Runtime,
+    inner: Client,
+}
+
+impl BlockingClient {
+    /// See [`Client::connect`].
+    pub fn connect(addr: &str, token: &JobToken, deadline: Duration) -> Result<Self> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| Error::io("starting the rendezvous client's runtime", e))?;
+        let inner = rt.block_on(Client::connect(addr, token, deadline))?;
+        Ok(BlockingClient { rt, inner })
+    }
+
+    /// See [`Client::set`].
+    pub fn set(&self, key: &str, value: impl Into<Bytes>) -> Result<()> {
+        self.rt.block_on(self.inner.set(key, value))
+    }
+    /// See [`Client::get`].
+    pub fn get(&self, key: &str) -> Result<Option<Bytes>> {
+        self.rt.block_on(self.inner.get(key))
+    }
+    /// See [`Client::wait`].
+    pub fn wait(&self, keys: &[&str], timeout: Duration) -> Result<Vec<Bytes>> {
+        self.rt.block_on(self.inner.wait(keys, timeout))
+    }
+    /// See [`Client::add`].
+    pub fn add(&self, key: &str, delta: i64) -> Result<i64> {
+        self.rt.block_on(self.inner.add(key, delta))
+    }
+    /// See [`Client::compare_and_set`].
+    pub fn compare_and_set(
+        &self,
+        key: &str,
+        expected: Option<&[u8]>,
+        desired: impl Into<Bytes>,
+    ) -> Result<Swap> {
+        self.rt
+            .block_on(self.inner.compare_and_set(key, expected, desired))
+    }
+    /// See [`Client::delete`].
+    pub fn delete(&self, key: &str) -> Result<bool> {
+        self.rt.block_on(self.inner.delete(key))
+    }
+    /// See [`Client::barrier`].
+    pub fn barrier(
+        &self,
+        name: &str,
+        participants: usize,
+        member: usize,
+        timeout: Duration,
+    ) -> Result<()> {
+        self.rt
+            .block_on(self.inner.barrier(name, participants, member, timeout))
+    }
+}

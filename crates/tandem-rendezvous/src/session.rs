@@ -1,0 +1,90 @@
+//! Joining a job: rank 0 hosts the rendezvous in-process, everyone connects to it.
+
+use std::time::Duration;
+
+use tandem_core::{ClusterSpec, Error, Result};
+
+use crate::auth::{JobToken, TOKEN_VAR};
+use crate::client::Client;
+use crate::server::{Host, ServerConfig};
+
+/// The variable that overrides the address rank 0 binds for the rendezvous (e.g. `0.0.0.0:29500`).
+pub const BIND_VAR: &str = "TANDEM_RENDEZVOUS_BIND";
+
+/// Set to `1` by launchers that host the rendezvous themselves, so rank 0 does not bind it again.
+pub const EXTERNAL_VAR: &str = "TANDEM_RENDEZVOUS_EXTERNAL";
+
+/// A process's membership of a job: its client, and the server when this process hosts it.
+#[derive(Debug)]
+pub struct Session {
+    /// The connection to the rendezvous.
+    pub client: Client,
+    host: Option<Host>,
+    spec: ClusterSpec,
+}
+
+impl Session {
+    /// Joins the job described by `spec`: unless `external`, rank 0 binds the rendezvous address (or
+    /// `bind`, when given); then every rank connects within `deadline`.
+    pub async fn join(
+        spec: &ClusterSpec,
+        token: &JobToken,
+        bind: Option<&str>,
+        external: bool,
+        deadline: Duration,
+    ) -> Result<Session> {
+        let addr = spec.require_rendezvous()?.to_string();
+        let host = if spec.hosts_rendezvous() && !external {
+            let bind = bind.unwrap_or(&addr);
+            let host = Host::bind(bind, ServerConfig::new(token.clone())).await?;
+            tracing::info!(addr = %host.addr(), "hosting the rendezvous");
+            Some(host)
+        } else {
+            None
+        };
+        let client = Client::connect(&addr, token, deadline).await?;
+        Ok(Session {
+            client,
+            host,
+            spec: spec.clone(),
+        })
+    }
+
+    /// Joins with the spec, token and bind address from the environment.
+    pub async fn join_from_env(deadline: Duration) -> Result<Session> {
+        let spec = ClusterSpec::from_env()?;
+        let token = JobToken::from_env()?.ok_or_else(|| {
+            Error::config(
+                TOKEN_VAR,
+                "is not set; every process of a job needs the same token (tandem launch sets one)",
+            )
+        })?;
+        let bind = std::env::var(BIND_VAR).ok().filter(|s| !s.is_empty());
+        let external = std::env::var(EXTERNAL_VAR).is_ok_and(|v| v == "1");
+        Self::join(&spec, &token, bind.as_deref(), external, deadline).await
+    }
+
+    /// The spec this session was joined with.
+    pub fn spec(&self) -> &ClusterSpec {
+        &self.spec
+    }
+
+    /// Whether this process hosts the rendezvous.
+    pub fn is_host(&self) -> bool {
+        self.host.is_some()
+    }
+
+    /// Leaves the job. The host first waits (up to `deadline`) until every rank has left, so no rank
+    /// loses the rendezvous mid-call.
+    pub async fn leave(self, deadline: Duration) -> Result<()> {
+        let n = self.spec.world_size();
+        let r = self
+            .client
+            .barrier("tandem/leave", n, self.spec.rank(), deadline)
+            .await;
+        if let Some(h) = self.host {
+            h.stop().await?;
+        }
+        r
+    }
+}
