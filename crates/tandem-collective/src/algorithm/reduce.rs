@@ -1,0 +1,214 @@
+//! Reduction kernels: `dst = dst ⊕ src` element-wise for every dtype and [`ReduceOp`].
+//!
+//! Loops are written so the compiler vectorises them. Integer arithmetic wraps rather than panics.
+//! `f16`/`bf16` are computed in `f32` and rounded once per call; with `divisor` set (the last hop of
+//! an average) the division happens in the same `f32` computation, so it adds no second rounding.
+//! Buffers that are not aligned for their dtype (raw bytes from a user) take a slower element-wise path.
+
+use half::{bf16, f16};
+use tandem_core::{DType, Error, ReduceOp, Result};
+
+/// Arithmetic a reduction needs from one element type.
+trait Arith: bytemuck::Pod {
+    fn add(a: Self, b: Self) -> Self;
+    fn mul(a: Self, b: Self) -> Self;
+    fn min(a: Self, b: Self) -> Self;
+    fn max(a: Self, b: Self) -> Self;
+    fn div(a: Self, n: usize) -> Self;
+}
+
+macro_rules! float_arith {
+    ($($t:ty),*) => {$(
+        impl Arith for $t {
+            #[inline(always)] fn add(a: Self, b: Self) -> Self { a + b }
+            #[inline(always)] fn mul(a: Self, b: Self) -> Self { a * b }
+            #[inline(always)] fn min(a: Self, b: Self) -> Self { if b < a { b } else { a } }
+            #[inline(always)] fn max(a: Self, b: Self) -> Self { if b > a { b } else { a } }
+            #[inline(always)] fn div(a: Self, n: usize) -> Self { a / n as $t }
+        }
+    )*};
+}
+float_arith!(f32, f64);
+
+macro_rules! int_arith {
+    ($($t:ty),*) => {$(
+        impl Arith for $t {
+            #[inline(always)] fn add(a: Self, b: Self) -> Self { a.wrapping_add(b) }
+            #[inline(always)] fn mul(a: Self, b: Self) -> Self { a.wrapping_mul(b) }
+            #[inline(always)] fn min(a: Self, b: Self) -> Self { Ord::min(a, b) }
+            #[inline(always)] fn max(a: Self, b: Self) -> Self { Ord::max(a, b) }
+            #[inline(always)] fn div(a: Self, n: usize) -> Self { a / (n as $t) }
+        }
+    )*};
+}
+int_arith!(i32, i64, u8);
+
+#[inline(always)]
+fn combine<T: Arith>(op: ReduceOp, a: T, b: T) -> T {
+    match op {
+        ReduceOp::Sum | ReduceOp::Avg => T::add(a, b),
+        ReduceOp::Prod => T::mul(a, b),
+        ReduceOp::Min => T::min(a, b),
+        ReduceOp::Max => T::max(a, b),
+        _ => T::add(a, b),
+    }
+}
+
+fn typed<T: Arith>(op: ReduceOp, dst: &mut [T], src: &[T], divisor: Option<usize>) {
+    // One loop per operator so each one vectorises.
+    match op {
+        ReduceOp::Sum | ReduceOp::Avg => dst.iter_mut().zip(src).for_each(|(d, s)| *d = T::add(*d, *s)),
+        ReduceOp::Prod => dst.iter_mut().zip(src).for_each(|(d, s)| *d = T::mul(*d, *s)),
+        ReduceOp::Min => dst.iter_mut().zip(src).for_each(|(d, s)| *d = T::min(*d, *s)),
+        ReduceOp::Max => dst.iter_mut().zip(src).for_each(|(d, s)| *d = T::max(*d, *s)),
+        _ => dst.iter_mut().zip(src).for_each(|(d, s)| *d = combine(op, *d, *s)),
+    }
+    if let Some(n) = divisor.filter(|n| *n > 1) {
+        dst.iter_mut().for_each(|d| *d = T::div(*d, n));
+    }
+}
+
+fn typed_half<H: bytemuck::Pod>(
+    op: ReduceOp,
+    dst: &mut [H],
+    src: &[H],
+    divisor: Option<usize>,
+    to: fn(H) -> f32,
+    from: fn(f32) -> H,
+) {
+    let n = divisor.filter(|n| *n > 1).map_or(1.0, |n| n as f32);
+    for (d, s) in dst.iter_mut().zip(src) {
+        let v = combine(op, to(*d), to(*s));
+        *d = from(if n != 1.0 { v / n } else { v });
+    }
+}
+
+fn unaligned<T: bytemuck::Pod>(dst: &mut [u8], src: &[u8], f: impl Fn(&mut [T], &[T])) {
+    let size = std::mem::size_of::<T>();
+    for (d, s) in dst.chunks_exact_mut(size).zip(src.chunks_exact(size)) {
+        let mut a = [bytemuck::pod_read_unaligned::<T>(d)];
+        let b = [bytemuck::pod_read_unaligned::<T>(s)];
+        f(&mut a, &b);
+        d.copy_from_slice(bytemuck::bytes_of(&a[0]));
+    }
+}
+
+fn run<T: bytemuck::Pod>(dst: &mut [u8], src: &[u8], f: impl Fn(&mut [T], &[T])) {
+    match (bytemuck::try_cast_slice_mut::<u8, T>(dst), bytemuck::try_cast_slice::<u8, T>(src)) {
+        (Ok(d), Ok(s)) => f(d, s),
+        _ => unaligned::<T>(dst, src, f),
+    }
+}
+
+/// `dst = dst ⊕ src`, then `/ divisor` when given (the last hop of an average). Both slices hold
+/// little-endian elements of `dtype` and must have the same length, a multiple of the element size.
+///
+/// ```
+/// use tandem_collective::algorithm::reduce::reduce_into;
+/// use tandem_core::{DType, ReduceOp};
+/// let mut a = [1.0f32, 5.0];
+/// let b = [3.0f32, 1.0];
+/// reduce_into(DType::F32, ReduceOp::Max, bytemuck::cast_slice_mut(&mut a), bytemuck::cast_slice(&b), None).unwrap();
+/// assert_eq!(a, [3.0, 5.0]);
+/// ```
+pub fn reduce_into(dtype: DType, op: ReduceOp, dst: &mut [u8], src: &[u8], divisor: Option<usize>) -> Result<()> {
+    if dst.len() != src.len() || dst.len() % dtype.size() != 0 {
+        return Err(Error::invalid(
+            "buffer",
+            format!("cannot reduce {} bytes into {} bytes of {dtype}", src.len(), dst.len()),
+        ));
+    }
+    match dtype {
+        DType::F32 => run::<f32>(dst, src, |d, s| typed(op, d, s, divisor)),
+        DType::F64 => run::<f64>(dst, src, |d, s| typed(op, d, s, divisor)),
+        DType::I32 => run::<i32>(dst, src, |d, s| typed(op, d, s, divisor)),
+        DType::I64 => run::<i64>(dst, src, |d, s| typed(op, d, s, divisor)),
+        DType::U8 => run::<u8>(dst, src, |d, s| typed(op, d, s, divisor)),
+        DType::F16 => run::<f16>(dst, src, |d, s| typed_half(op, d, s, divisor, f16::to_f32, f16::from_f32)),
+        DType::BF16 => run::<bf16>(dst, src, |d, s| typed_half(op, d, s, divisor, bf16::to_f32, bf16::from_f32)),
+        other => return Err(Error::invalid("dtype", format!("{other} cannot be reduced"))),
+    }
+    Ok(())
+}
+
+/// Divides every element by `n` in place (an average over a world of one rank is the identity).
+pub fn divide(dtype: DType, buf: &mut [u8], n: usize) -> Result<()> {
+    if n <= 1 {
+        return Ok(());
+    }
+    let zeros = vec![0u8; buf.len()];
+    // x + 0 then / n: exact for the addition, one rounding for the division.
+    reduce_into(dtype, ReduceOp::Sum, buf, &zeros, Some(n))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reduce_f32(op: ReduceOp, a: &[f32], b: &[f32], div: Option<usize>) -> Vec<f32> {
+        let mut d = a.to_vec();
+        reduce_into(DType::F32, op, bytemuck::cast_slice_mut(&mut d), bytemuck::cast_slice(b), div).unwrap();
+        d
+    }
+
+    #[test]
+    fn every_op_on_f32() {
+        let a = [1.0f32, -2.0, 3.5];
+        let b = [4.0f32, 0.5, -1.0];
+        assert_eq!(reduce_f32(ReduceOp::Sum, &a, &b, None), [5.0, -1.5, 2.5]);
+        assert_eq!(reduce_f32(ReduceOp::Prod, &a, &b, None), [4.0, -1.0, -3.5]);
+        assert_eq!(reduce_f32(ReduceOp::Min, &a, &b, None), [1.0, -2.0, -1.0]);
+        assert_eq!(reduce_f32(ReduceOp::Max, &a, &b, None), [4.0, 0.5, 3.5]);
+        assert_eq!(reduce_f32(ReduceOp::Avg, &a, &b, Some(2)), [2.5, -0.75, 1.25]);
+    }
+
+    #[test]
+    fn integers_wrap_instead_of_panicking() {
+        let mut d = [i32::MAX, 7];
+        reduce_into(DType::I32, ReduceOp::Sum, bytemuck::cast_slice_mut(&mut d), bytemuck::cast_slice(&[1i32, 2]), None).unwrap();
+        assert_eq!(d, [i32::MIN, 9]);
+        let mut d = [7i64, -7];
+        reduce_into(DType::I64, ReduceOp::Avg, bytemuck::cast_slice_mut(&mut d), bytemuck::cast_slice(&[0i64, 0]), Some(2)).unwrap();
+        assert_eq!(d, [3, -3]);
+        let mut d = [200u8, 3];
+        reduce_into(DType::U8, ReduceOp::Max, &mut d, &[100, 9], None).unwrap();
+        assert_eq!(d, [200, 9]);
+    }
+
+    #[test]
+    fn half_types_compute_in_f32_and_round_once() {
+        let a: Vec<f16> = [1.0f32, 2049.0, 0.1].iter().map(|&x| f16::from_f32(x)).collect();
+        let b: Vec<f16> = [2.0f32, 1.0, 0.2].iter().map(|&x| f16::from_f32(x)).collect();
+        let mut d = a.clone();
+        reduce_into(DType::F16, ReduceOp::Avg, bytemuck::cast_slice_mut(&mut d), bytemuck::cast_slice(&b), Some(2)).unwrap();
+        for i in 0..3 {
+            let exact = (a[i].to_f32() + b[i].to_f32()) / 2.0;
+            assert_eq!(d[i], f16::from_f32(exact), "element {i}");
+        }
+        let a = [bf16::from_f32(3.0)];
+        let mut d = [bf16::from_f32(-1.0)];
+        reduce_into(DType::BF16, ReduceOp::Min, bytemuck::cast_slice_mut(&mut d), bytemuck::cast_slice(&a), None).unwrap();
+        assert_eq!(d[0].to_f32(), -1.0);
+    }
+
+    #[test]
+    fn unaligned_buffers_give_the_same_result() {
+        let a: Vec<f64> = (0..33).map(|i| i as f64 * 1.25).collect();
+        let b: Vec<f64> = (0..33).map(|i| 100.0 - i as f64).collect();
+        let mut raw = vec![0u8; 1 + 33 * 8];
+        raw[1..].copy_from_slice(bytemuck::cast_slice(&a));
+        reduce_into(DType::F64, ReduceOp::Sum, &mut raw[1..], bytemuck::cast_slice(&b), None).unwrap();
+        let got: Vec<f64> = raw[1..].chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().unwrap())).collect();
+        let want: Vec<f64> = a.iter().zip(&b).map(|(x, y)| x + y).collect();
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn length_mismatch_is_an_error() {
+        assert!(reduce_into(DType::F32, ReduceOp::Sum, &mut [0u8; 8], &[0u8; 4], None).is_err());
+        assert!(reduce_into(DType::F32, ReduceOp::Sum, &mut [0u8; 6], &[0u8; 6], None).is_err());
+        let mut d = [9.0f32, 3.0];
+        divide(DType::F32, bytemuck::cast_slice_mut(&mut d), 3).unwrap();
+        assert_eq!(d, [3.0, 1.0]);
+    }
+}

@@ -1,0 +1,288 @@
+//! The bodies of the TCP ring operations: async functions over the mesh's sockets that borrow the
+//! caller's buffer, so sending and receiving overlap without copying the tensor.
+
+use std::cell::Cell;
+use std::io::ErrorKind;
+use std::ops::Range;
+use std::time::Instant;
+
+use tandem_core::{DType, Error, ReduceOp, Result};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+
+use crate::algorithm::chunking::{bytes, partition, segments};
+use crate::algorithm::reduce::reduce_into;
+use crate::algorithm::ring::{allgather_step, chain_position, left, reduce_scatter_step, right};
+use crate::transport::frame::{HEADER_LEN, OpHeader};
+use crate::transport::mesh::Mesh;
+
+/// What an operation is waiting for, so a timeout can name the rank at fault.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Waiting {
+    /// The header of `rank` (it has not started the operation).
+    Header(usize),
+    /// Data from or to `rank`.
+    Data(usize),
+    /// Nothing yet.
+    Nothing,
+}
+
+/// Everything an operation body needs.
+pub struct Io<'a> {
+    /// The connections.
+    pub mesh: &'a mut Mesh,
+    /// Reusable receive buffer of at least one segment.
+    pub scratch: &'a mut [u8],
+    /// This rank.
+    pub rank: usize,
+    /// Group size.
+    pub world: usize,
+    /// Pipeline segment in bytes.
+    pub segment: usize,
+    /// Updated before every wait.
+    pub waiting: &'a Cell<Waiting>,
+    /// This rank's header for the operation.
+    pub header: OpHeader,
+    /// How long the left neighbour's header took to arrive after this rank started (straggler stats).
+    pub left_lateness: &'a Cell<Option<std::time::Duration>>,
+}
+
+fn lost(peer: usize, header: &OpHeader, doing: &str, e: &std::io::Error) -> Error {
+    let what = match e.kind() {
+        ErrorKind::UnexpectedEof | ErrorKind::ConnectionReset | ErrorKind::BrokenPipe | ErrorKind::ConnectionAborted => {
+            "connection closed".to_string()
+        }
+        _ => e.to_string(),
+    };
+    Error::PeerLost { rank: peer, context: format!("op #{} {header} while {doing}: {what}", header.seq) }
+}
+
+fn halves<'m>(mesh: &'m mut Mesh, from: usize, to: usize) -> Result<(&'m mut OwnedReadHalf, &'m mut OwnedWriteHalf)> {
+    let missing = |p: usize| Error::Unusable { what: "process group".into(), reason: format!("no connection to rank {p}") };
+    let r = mesh.readers.get_mut(from).and_then(Option::as_mut).ok_or_else(|| missing(from))?;
+    let w = mesh.writers.get_mut(to).and_then(Option::as_mut).ok_or_else(|| missing(to))?;
+    Ok((r, w))
+}
+
+fn reader(mesh: &mut Mesh, from: usize) -> Result<&mut OwnedReadHalf> {
+    mesh.readers.get_mut(from).and_then(Option::as_mut).ok_or_else(|| Error::Unusable {
+        what: "process group".into(),
+        reason: format!("no connection to rank {from}"),
+    })
+}
+
+fn writer(mesh: &mut Mesh, to: usize) -> Result<&mut OwnedWriteHalf> {
+    mesh.writers.get_mut(to).and_then(Option::as_mut).ok_or_else(|| Error::Unusable {
+        what: "process group".into(),
+        reason: format!("no connection to rank {to}"),
+    })
+}
+
+fn mismatch(header: &OpHeader, me: usize, theirs: &OpHeader, them: usize) -> Error {
+    if theirs.seq == header.seq {
+        Error::OpMismatch(format!("op #{}: rank {them} called {theirs} but rank {me} called {header}", header.seq))
+    } else {
+        Error::OpMismatch(format!(
+            "rank {them} is at op #{} {theirs} but rank {me} is at op #{} {header}",
+            theirs.seq, header.seq
+        ))
+    }
+}
+
+/// Sends this rank's header right and checks the left neighbour's; every collective starts here.
+pub async fn exchange_headers(io: &mut Io<'_>) -> Result<()> {
+    let (me, l, r) = (io.rank, left(io.rank, io.world), right(io.rank, io.world));
+    let header = io.header;
+    let start = Instant::now();
+    io.waiting.set(Waiting::Header(l));
+    let (rd, wr) = halves(io.mesh, l, r)?;
+    let mine = header.encode();
+    let mut theirs = [0u8; HEADER_LEN];
+    let (sent, got) = tokio::join!(wr.write_all(&mine), rd.read_exact(&mut theirs));
+    sent.map_err(|e| lost(r, &header, "sending the header", &e))?;
+    got.map_err(|e| lost(l, &header, "receiving the header", &e))?;
+    io.left_lateness.set(Some(start.elapsed()));
+    let theirs = OpHeader::decode(&theirs).map_err(|m| Error::OpMismatch(format!("op #{}: rank {l} sent garbage: {m}", header.seq)))?;
+    if !theirs.same_call(&header) {
+        return Err(mismatch(&header, me, &theirs, l));
+    }
+    Ok(())
+}
+
+/// Splits `buf` into a shared `send` range and a mutable `recv` range, which must not overlap.
+fn split_pair(buf: &mut [u8], send: Range<usize>, recv: Range<usize>) -> (&[u8], &mut [u8]) {
+    if send.start >= recv.end {
+        let (a, b) = buf.split_at_mut(send.start);
+        (&b[..send.len()], &mut a[recv])
+    } else {
+        let (a, b) = buf.split_at_mut(recv.start);
+        (&a[send], &mut b[..recv.len()])
+    }
+}
+
+async fn recv_reduce(
+    rd: &mut OwnedReadHalf,
+    dst: &mut [u8],
+    scratch: &mut [u8],
+    segment: usize,
+    dtype: DType,
+    op: ReduceOp,
+    divisor: Option<usize>,
+) -> std::io::Result<()> {
+    for part in dst.chunks_mut(segment) {
+        let tmp = &mut scratch[..part.len()];
+        rd.read_exact(tmp).await?;
+        reduce_into(dtype, op, part, tmp, divisor).map_err(|e| std::io::Error::other(e.to_string()))?;
+    }
+    Ok(())
+}
+
+/// Ring reduce-scatter over `chunks` (element ranges); afterwards this rank's chunk holds the result.
+async fn ring_reduce_scatter(io: &mut Io<'_>, buf: &mut [u8], chunks: &[Range<usize>], dtype: DType, op: ReduceOp) -> Result<()> {
+    let (me, n) = (io.rank, io.world);
+    let (l, r) = (left(me, n), right(me, n));
+    let size = dtype.size();
+    let header = io.header;
+    for step in 0..n - 1 {
+        let (s, rc) = reduce_scatter_step(me, n, step);
+        let divisor = (op == ReduceOp::Avg && step == n - 2).then_some(n);
+        let (send, recv) = split_pair(buf, bytes(&chunks[s], size), bytes(&chunks[rc], size));
+        io.waiting.set(Waiting::Data(l));
+        let (rd, wr) = halves(io.mesh, l, r)?;
+        let (sent, got) = tokio::join!(wr.write_all(send), recv_reduce(rd, recv, io.scratch, io.segment, dtype, op, divisor));
+        sent.map_err(|e| lost(r, &header, "sending", &e))?;
+        got.map_err(|e| lost(l, &header, "receiving", &e))?;
+    }
+    Ok(())
+}
+
+/// Ring allgather over `chunks` (byte ranges), each rank starting with its own chunk in place.
+async fn ring_allgather(io: &mut Io<'_>, buf: &mut [u8], chunks: &[Range<usize>]) -> Result<()> {
+    let (me, n) = (io.rank, io.world);
+    let (l, r) = (left(me, n), right(me, n));
+    let header = io.header;
+    for step in 0..n - 1 {
+        let (s, rc) = allgather_step(me, n, step);
+        let (send, recv) = split_pair(buf, chunks[s].clone(), chunks[rc].clone());
+        io.waiting.set(Waiting::Data(l));
+        let (rd, wr) = halves(io.mesh, l, r)?;
+        let (sent, got) = tokio::join!(wr.write_all(send), rd.read_exact(recv));
+        sent.map_err(|e| lost(r, &header, "sending", &e))?;
+        got.map_err(|e| lost(l, &header, "receiving", &e))?;
+    }
+    Ok(())
+}
+
+/// Allreduce in place: reduce-scatter then allgather around the ring.
+pub async fn allreduce(io: &mut Io<'_>, buf: &mut [u8], dtype: DType, op: ReduceOp) -> Result<()> {
+    exchange_headers(io).await?;
+    let chunks = partition(buf.len() / dtype.size(), io.world);
+    ring_reduce_scatter(io, buf, &chunks, dtype, op).await?;
+    let byte_chunks: Vec<Range<usize>> = chunks.iter().map(|c| bytes(c, dtype.size())).collect();
+    ring_allgather(io, buf, &byte_chunks).await
+}
+
+/// Reduce-scatter in place; returns the element range of this rank's reduced chunk.
+pub async fn reduce_scatter(io: &mut Io<'_>, buf: &mut [u8], dtype: DType, op: ReduceOp) -> Result<Range<usize>> {
+    exchange_headers(io).await?;
+    let chunks = partition(buf.len() / dtype.size(), io.world);
+    ring_reduce_scatter(io, buf, &chunks, dtype, op).await?;
+    Ok(chunks[io.rank].clone())
+}
+
+/// Allgather: `output` is `world` blocks of `input.len()` bytes, block `r` from rank `r`.
+pub async fn allgather(io: &mut Io<'_>, input: &[u8], output: &mut [u8]) -> Result<()> {
+    exchange_headers(io).await?;
+    let m = input.len();
+    output[io.rank * m..(io.rank + 1) * m].copy_from_slice(input);
+    let chunks: Vec<Range<usize>> = (0..io.world).map(|r| r * m..(r + 1) * m).collect();
+    ring_allgather(io, output, &chunks).await
+}
+
+/// Broadcast from `root` along the ring, pipelined in segments.
+pub async fn broadcast(io: &mut Io<'_>, buf: &mut [u8], root: usize) -> Result<()> {
+    exchange_headers(io).await?;
+    let (me, n) = (io.rank, io.world);
+    let (l, r) = (left(me, n), right(me, n));
+    let pos = chain_position(me, root, n);
+    let header = io.header;
+    let segs = segments(0..buf.len(), io.segment);
+    if pos == 0 {
+        io.waiting.set(Waiting::Data(r));
+        let wr = writer(io.mesh, r)?;
+        return wr.write_all(buf).await.map_err(|e| lost(r, &header, "sending", &e));
+    }
+    io.waiting.set(Waiting::Data(l));
+    if pos == n - 1 {
+        let rd = reader(io.mesh, l)?;
+        return rd.read_exact(buf).await.map(|_| ()).map_err(|e| lost(l, &header, "receiving", &e));
+    }
+    let (rd, wr) = halves(io.mesh, l, r)?;
+    let mut prev: Option<Range<usize>> = None;
+    for seg in &segs {
+        let (head, tail) = buf.split_at_mut(seg.start);
+        let recv = &mut tail[..seg.len()];
+        let send = prev.as_ref().map(|p| &head[p.clone()]).unwrap_or(&[]);
+        let (sent, got) = tokio::join!(wr.write_all(send), rd.read_exact(recv));
+        sent.map_err(|e| lost(r, &header, "forwarding", &e))?;
+        got.map_err(|e| lost(l, &header, "receiving", &e))?;
+        prev = Some(seg.clone());
+    }
+    if let Some(p) = prev {
+        wr.write_all(&buf[p]).await.map_err(|e| lost(r, &header, "forwarding", &e))?;
+    }
+    Ok(())
+}
+
+/// Reduce to `root`: reduce-scatter around the ring, then every rank sends its chunk to the root.
+/// Buffers of other ranks serve as scratch and hold partial results afterwards.
+pub async fn reduce(io: &mut Io<'_>, buf: &mut [u8], dtype: DType, op: ReduceOp, root: usize) -> Result<()> {
+    exchange_headers(io).await?;
+    let size = dtype.size();
+    let chunks = partition(buf.len() / size, io.world);
+    ring_reduce_scatter(io, buf, &chunks, dtype, op).await?;
+    let header = io.header;
+    let mine = bytes(&chunks[io.rank], size);
+    if io.rank != root {
+        io.waiting.set(Waiting::Data(root));
+        let wr = writer(io.mesh, root)?;
+        return wr.write_all(&buf[mine]).await.map_err(|e| lost(root, &header, "sending to the root", &e));
+    }
+    for (peer, chunk) in chunks.iter().enumerate() {
+        if peer == root || chunk.is_empty() {
+            continue;
+        }
+        io.waiting.set(Waiting::Data(peer));
+        let rd = reader(io.mesh, peer)?;
+        rd.read_exact(&mut buf[bytes(chunk, size)]).await.map_err(|e| lost(peer, &header, "gathering", &e))?;
+    }
+    Ok(())
+}
+
+/// Point-to-point send: the header, then the bytes.
+pub async fn send(io: &mut Io<'_>, buf: &[u8], to: usize) -> Result<()> {
+    let header = io.header;
+    io.waiting.set(Waiting::Data(to));
+    let wr = writer(io.mesh, to)?;
+    let enc = header.encode();
+    wr.write_all(&enc).await.map_err(|e| lost(to, &header, "sending", &e))?;
+    wr.write_all(buf).await.map_err(|e| lost(to, &header, "sending", &e))
+}
+
+/// Point-to-point receive: checks the sender's header against `expected`, then reads the bytes.
+pub async fn recv(io: &mut Io<'_>, buf: &mut [u8], from: usize) -> Result<()> {
+    let header = io.header;
+    io.waiting.set(Waiting::Header(from));
+    let rd = reader(io.mesh, from)?;
+    let mut theirs = [0u8; HEADER_LEN];
+    rd.read_exact(&mut theirs).await.map_err(|e| lost(from, &header, "receiving", &e))?;
+    let theirs = OpHeader::decode(&theirs).map_err(|m| Error::OpMismatch(format!("message #{} from rank {from}: {m}", header.seq)))?;
+    if !theirs.same_call(&header) {
+        return Err(Error::OpMismatch(format!(
+            "message #{}: rank {from} called {theirs} but rank {} called recv({} x {} from rank {from})",
+            header.seq, io.rank, header.dtype, header.count
+        )));
+    }
+    io.waiting.set(Waiting::Data(from));
+    rd.read_exact(buf).await.map(|_| ()).map_err(|e| lost(from, &header, "receiving", &e))
+}

@@ -1,0 +1,296 @@
+//! Tandem's own TCP ring backend.
+//!
+//! One `current_thread` tokio runtime owns the group's sockets; the calling thread drives it for the
+//! duration of one operation, so an operation borrows the caller's buffer and needs no copy. Every
+//! operation races three things: its own completion, its deadline, and an abort raised by another
+//! rank through the rendezvous. The first failure poisons the group; later calls say so.
+
+use std::cell::Cell;
+use std::future::Future;
+use std::ops::Range;
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
+
+use tandem_core::{DType, Error, ReduceOp, Result};
+use tokio::runtime::Runtime;
+use tokio::sync::watch;
+
+use super::Backend;
+use super::ops::{self, Io, Waiting};
+use crate::algorithm::ring::left;
+use crate::stats::Stragglers;
+use crate::transport::frame::{OpHeader, OpKind};
+use crate::transport::mesh::Mesh;
+
+/// Publishes an abort message to the other ranks.
+pub type Publish = Box<dyn Fn(String) + Send + Sync>;
+
+struct RingState {
+    mesh: Mesh,
+    scratch: Vec<u64>,
+    seq: u64,
+    sent: Vec<u64>,
+    received: Vec<u64>,
+    poisoned: Option<String>,
+    stragglers: Stragglers,
+}
+
+/// The TCP ring backend of one process group.
+pub struct TcpRing {
+    rank: usize,
+    world: usize,
+    segment: usize,
+    rt: Runtime,
+    state: Mutex<RingState>,
+    abort: watch::Receiver<Option<String>>,
+    publish: Publish,
+}
+
+impl std::fmt::Debug for TcpRing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TcpRing").field("rank", &self.rank).field("world", &self.world).finish()
+    }
+}
+
+/// Encodes an error for the other ranks: `kind \t rank \t message`.
+pub fn encode_abort(e: &Error, seen_by: usize) -> String {
+    match e {
+        Error::PeerLost { rank, context } => format!("peer_lost\t{rank}\t{context} (seen by rank {seen_by})"),
+        Error::Timeout { what, .. } => format!("timeout\t{seen_by}\t{what} (seen by rank {seen_by})"),
+        Error::OpMismatch(m) => format!("mismatch\t{seen_by}\t{m}"),
+        other => format!("other\t{seen_by}\t{other} (on rank {seen_by})"),
+    }
+}
+
+/// Turns an abort message from another rank back into the error it describes.
+pub fn decode_abort(msg: &str, timeout: Duration) -> Error {
+    let mut parts = msg.splitn(3, '\t');
+    let (kind, rank, text) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""), parts.next().unwrap_or(msg));
+    match (kind, rank.parse::<usize>()) {
+        ("peer_lost", Ok(rank)) => Error::PeerLost { rank, context: text.to_string() },
+        ("timeout", _) => Error::timeout(text, timeout),
+        ("mismatch", _) => Error::OpMismatch(text.to_string()),
+        _ => Error::transport("a collective on another rank", text),
+    }
+}
+
+async fn aborted(rx: &mut watch::Receiver<Option<String>>) -> String {
+    match rx.wait_for(Option::is_some).await {
+        Ok(v) => v.clone().unwrap_or_default(),
+        // The watcher is gone: the group is closing; never resolve.
+        Err(_) => std::future::pending().await,
+    }
+}
+
+/// Runs one operation: `$header` may use `$st` (the locked state) and `$io` names the operation's
+/// [`Io`] inside `$body`.
+macro_rules! ring_op {
+    ($self:ident, $st:ident, $timeout:expr, $header:expr, |$io:ident| $body:expr) => {{
+        let mut $st = $self.begin()?;
+        let header: OpHeader = $header;
+        let waiting = Cell::new(Waiting::Nothing);
+        let lateness = Cell::new(None);
+        let outcome = {
+            let RingState { mesh, scratch, .. } = &mut *$st;
+            let mut io_state = Io {
+                mesh,
+                scratch: bytemuck::cast_slice_mut(scratch.as_mut_slice()),
+                rank: $self.rank,
+                world: $self.world,
+                segment: $self.segment,
+                waiting: &waiting,
+                header,
+                left_lateness: &lateness,
+            };
+            let $io = &mut io_state;
+            let fut = $body;
+            $self.drive(fut, &waiting, &header, $timeout)
+        };
+        $self.settle(&mut $st, &header, lateness.get(), outcome)
+    }};
+}
+
+/// A collective header: takes the next sequence number.
+fn collective(st: &mut RingState, kind: OpKind, dtype: DType, op: Option<ReduceOp>, root: usize, count: usize) -> OpHeader {
+    let h = OpHeader { seq: st.seq, kind, dtype, op, root: root as u32, count: count as u64 };
+    st.seq += 1;
+    h
+}
+
+impl TcpRing {
+    /// Wraps an established mesh. `rt` must be the runtime the mesh's sockets were created in.
+    pub fn new(
+        rank: usize,
+        world: usize,
+        rt: Runtime,
+        mesh: Mesh,
+        segment: usize,
+        abort: watch::Receiver<Option<String>>,
+        publish: Publish,
+    ) -> Self {
+        let segment = segment.clamp(4096, 64 << 20) / 8 * 8;
+        TcpRing {
+            rank,
+            world,
+            segment,
+            rt,
+            state: Mutex::new(RingState {
+                mesh,
+                scratch: vec![0u64; segment / 8],
+                seq: 0,
+                sent: vec![0; world],
+                received: vec![0; world],
+                poisoned: None,
+                stragglers: Stragglers::new(64),
+            }),
+            abort,
+            publish,
+        }
+    }
+
+    fn begin(&self) -> Result<MutexGuard<'_, RingState>> {
+        let st = self.state.lock().map_err(|_| Error::Unusable {
+            what: "process group".into(),
+            reason: "an earlier operation panicked".into(),
+        })?;
+        if let Some(reason) = &st.poisoned {
+            return Err(Error::Unusable { what: "process group".into(), reason: reason.clone() });
+        }
+        Ok(st)
+    }
+
+    /// Records straggler statistics and poisons the group on failure.
+    fn settle<T>(&self, st: &mut RingState, header: &OpHeader, lateness: Option<Duration>, outcome: Result<T>) -> Result<T> {
+        if let (Some(late), true) = (lateness, header.kind != OpKind::Send)
+            && let Some(s) = st.stragglers.record(left(self.rank, self.world), late)
+        {
+            tracing::warn!(
+                "straggler: rank {} started {} of the last {} collectives after rank {}, {:?} late (median)",
+                s.rank, s.late, s.window, self.rank, s.median
+            );
+        }
+        if let Err(e) = &outcome {
+            st.poisoned = Some(e.to_string());
+        }
+        outcome
+    }
+
+    fn drive<T>(&self, fut: impl Future<Output = Result<T>>, waiting: &Cell<Waiting>, header: &OpHeader, timeout: Duration) -> Result<T> {
+        let mut abort = self.abort.clone();
+        let (result, local) = self.rt.block_on(async {
+            tokio::select! {
+                biased;
+                r = tokio::time::timeout(timeout, fut) => match r {
+                    Ok(Ok(v)) => (Ok(v), false),
+                    Ok(Err(e)) => (Err(e), true),
+                    Err(_) => self.timed_out(waiting.get(), header, timeout, &mut abort).await,
+                },
+                msg = aborted(&mut abort) => (Err(decode_abort(&msg, timeout)), false),
+            }
+        });
+        if let (Err(e), true) = (&result, local) {
+            (self.publish)(encode_abort(e, self.rank));
+        }
+        result
+    }
+
+    /// Names the rank a timed-out operation waited for; defers to another rank's more precise abort.
+    async fn timed_out<T>(
+        &self,
+        waiting: Waiting,
+        header: &OpHeader,
+        timeout: Duration,
+        abort: &mut watch::Receiver<Option<String>>,
+    ) -> (Result<T>, bool) {
+        let seq = header.seq;
+        match waiting {
+            Waiting::Header(p) => (Err(Error::timeout(format!("rank {p} to start op #{seq} {header} (it never did)"), timeout)), true),
+            other => {
+                let grace = (timeout / 4).min(Duration::from_secs(2));
+                if let Ok(msg) = tokio::time::timeout(grace, aborted(abort)).await {
+                    return (Err(decode_abort(&msg, timeout)), false);
+                }
+                let who = match other {
+                    Waiting::Data(p) => format!("rank {p} during op #{seq} {header}"),
+                    _ => format!("op #{seq} {header}"),
+                };
+                (Err(Error::timeout(who, timeout)), true)
+            }
+        }
+    }
+}
+
+impl Backend for TcpRing {
+    fn name(&self) -> &'static str {
+        "tcp"
+    }
+    fn rank(&self) -> usize {
+        self.rank
+    }
+    fn world_size(&self) -> usize {
+        self.world
+    }
+
+    fn allreduce(&self, buf: &mut [u8], dtype: DType, op: ReduceOp, timeout: Duration) -> Result<()> {
+        let count = buf.len() / dtype.size();
+        ring_op!(self, st, timeout, collective(&mut st, OpKind::Allreduce, dtype, Some(op), 0, count), |io| {
+            ops::allreduce(io, buf, dtype, op)
+        })
+    }
+
+    fn broadcast(&self, buf: &mut [u8], dtype: DType, root: usize, timeout: Duration) -> Result<()> {
+        let count = buf.len() / dtype.size();
+        ring_op!(self, st, timeout, collective(&mut st, OpKind::Broadcast, dtype, None, root, count), |io| {
+            ops::broadcast(io, buf, root)
+        })
+    }
+
+    fn allgather(&self, input: &[u8], output: &mut [u8], dtype: DType, timeout: Duration) -> Result<()> {
+        let count = input.len() / dtype.size();
+        ring_op!(self, st, timeout, collective(&mut st, OpKind::Allgather, dtype, None, 0, count), |io| {
+            ops::allgather(io, input, output)
+        })
+    }
+
+    fn reduce_scatter(&self, buf: &mut [u8], dtype: DType, op: ReduceOp, timeout: Duration) -> Result<Range<usize>> {
+        let count = buf.len() / dtype.size();
+        ring_op!(self, st, timeout, collective(&mut st, OpKind::ReduceScatter, dtype, Some(op), 0, count), |io| {
+            ops::reduce_scatter(io, buf, dtype, op)
+        })
+    }
+
+    fn reduce(&self, buf: &mut [u8], dtype: DType, op: ReduceOp, root: usize, timeout: Duration) -> Result<()> {
+        let count = buf.len() / dtype.size();
+        ring_op!(self, st, timeout, collective(&mut st, OpKind::Reduce, dtype, Some(op), root, count), |io| {
+            ops::reduce(io, buf, dtype, op, root)
+        })
+    }
+
+    fn barrier(&self, timeout: Duration) -> Result<()> {
+        // One element per rank, so every ring step carries data and orders the ranks.
+        let mut token = vec![1u8; self.world];
+        let n = self.world;
+        ring_op!(self, st, timeout, collective(&mut st, OpKind::Barrier, DType::U8, Some(ReduceOp::Max), 0, n), |io| {
+            ops::allreduce(io, &mut token, DType::U8, ReduceOp::Max)
+        })
+    }
+
+    fn send(&self, buf: &[u8], dtype: DType, to: usize, timeout: Duration) -> Result<()> {
+        let count = buf.len() / dtype.size();
+        ring_op!(self, st, timeout, {
+            let seq = st.sent[to];
+            st.sent[to] += 1;
+            OpHeader { seq, kind: OpKind::Send, dtype, op: None, root: to as u32, count: count as u64 }
+        }, |io| ops::send(io, buf, to))
+    }
+
+    fn recv(&self, buf: &mut [u8], dtype: DType, from: usize, timeout: Duration) -> Result<()> {
+        let count = buf.len() / dtype.size();
+        let me = self.rank as u32;
+        ring_op!(self, st, timeout, {
+            let seq = st.received[from];
+            st.received[from] += 1;
+            OpHeader { seq, kind: OpKind::Send, dtype, op: None, root: me, count: count as u64 }
+        }, |io| ops::recv(io, buf, from))
+    }
+}
