@@ -35,7 +35,19 @@ pub fn spawn(exe: &str, args: &[&str], env: &[(String, String)]) -> Child {
 }
 
 /// Waits for a child at most `timeout`, killing it after that; returns its output either way.
+/// Output is drained while the child runs, so a chatty child never blocks on a full pipe.
 pub fn wait_output(mut child: Child, timeout: Duration) -> Output {
+    fn drain(pipe: Option<impl Read + Send + 'static>) -> std::thread::JoinHandle<Vec<u8>> {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            if let Some(mut p) = pipe {
+                let _ = p.read_to_end(&mut buf);
+            }
+            buf
+        })
+    }
+    let out = drain(child.stdout.take());
+    let err = drain(child.stderr.take());
     let end = Instant::now() + timeout;
     loop {
         match child.try_wait() {
@@ -52,19 +64,26 @@ pub fn wait_output(mut child: Child, timeout: Duration) -> Output {
         Ok(s) => s,
         Err(e) => panic!("waiting for a child failed: {e}"),
     };
-    let mut stdout = Vec::new();
-    let mut stderr = Vec::new();
-    if let Some(mut o) = child.stdout.take() {
-        let _ = o.read_to_end(&mut stdout);
-    }
-    if let Some(mut e) = child.stderr.take() {
-        let _ = e.read_to_end(&mut stderr);
-    }
     Output {
         status,
-        stdout,
-        stderr,
+        stdout: out.join().unwrap_or_default(),
+        stderr: err.join().unwrap_or_default(),
     }
+}
+
+/// Waits for every child concurrently (each drained from the start), in rank order.
+pub fn wait_all(children: Vec<Child>, timeout: Duration) -> Vec<Output> {
+    let handles: Vec<_> = children
+        .into_iter()
+        .map(|c| std::thread::spawn(move || wait_output(c, timeout)))
+        .collect();
+    handles
+        .into_iter()
+        .map(|h| match h.join() {
+            Ok(o) => o,
+            Err(_) => panic!("a waiting thread panicked"),
+        })
+        .collect()
 }
 
 /// The JSON after `RESULT ` on a child's stdout.
@@ -96,4 +115,168 @@ pub fn stdout_lines(child: &mut Child) -> std::sync::mpsc::Receiver<String> {
         });
     }
     rx
+}
+
+/// Deterministic test data, computed identically by the ranks and by the test's reference.
+pub mod data {
+    use tandem::{DType, ReduceOp};
+
+    fn splitmix(state: &mut u64) -> u64 {
+        *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = *state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Values of rank `rank` for a case: exactly representable in `dtype`, and chosen so that sums
+    /// (and products, for `Prod`) over five ranks stay exact, so the reference can be exact too.
+    pub fn values(
+        seed: u64,
+        rank: usize,
+        len: usize,
+        dtype: DType,
+        op: Option<ReduceOp>,
+    ) -> Vec<f64> {
+        let mut s = seed ^ ((rank as u64 + 1) << 32);
+        (0..len)
+            .map(|_| {
+                let r = splitmix(&mut s);
+                match (op, dtype) {
+                    (Some(ReduceOp::Prod), DType::U8) => (1 + r % 2) as f64,
+                    (Some(ReduceOp::Prod), _) => [-2.0, -1.0, 1.0, 2.0][(r % 4) as usize],
+                    (_, DType::U8) => (r % 50) as f64,
+                    (_, d) if d.is_float() => ((r % 65) as f64 - 32.0) / 4.0,
+                    _ => (r % 17) as f64 - 8.0,
+                }
+            })
+            .collect()
+    }
+
+    /// Encodes values as little-endian elements of `dtype`.
+    pub fn to_bytes(dtype: DType, v: &[f64]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(v.len() * dtype.size());
+        for &x in v {
+            match dtype {
+                DType::F32 => out.extend_from_slice(&(x as f32).to_le_bytes()),
+                DType::F64 => out.extend_from_slice(&x.to_le_bytes()),
+                DType::F16 => out.extend_from_slice(&half::f16::from_f64(x).to_le_bytes()),
+                DType::BF16 => out.extend_from_slice(&half::bf16::from_f64(x).to_le_bytes()),
+                DType::I32 => out.extend_from_slice(&(x as i32).to_le_bytes()),
+                DType::I64 => out.extend_from_slice(&(x as i64).to_le_bytes()),
+                DType::U8 => out.push(x as u8),
+                _ => {}
+            }
+        }
+        out
+    }
+
+    /// Decodes little-endian elements of `dtype` to f64.
+    pub fn from_bytes(dtype: DType, b: &[u8]) -> Vec<f64> {
+        b.chunks_exact(dtype.size())
+            .map(|c| match dtype {
+                DType::F32 => f32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64,
+                DType::F64 => f64::from_le_bytes(c.try_into().unwrap_or_default()),
+                DType::F16 => half::f16::from_le_bytes([c[0], c[1]]).to_f64(),
+                DType::BF16 => half::bf16::from_le_bytes([c[0], c[1]]).to_f64(),
+                DType::I32 => i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64,
+                DType::I64 => i64::from_le_bytes(c.try_into().unwrap_or_default()) as f64,
+                DType::U8 => c[0] as f64,
+                _ => f64::NAN,
+            })
+            .collect()
+    }
+
+    /// Rounds an exact value to what `dtype` can hold (integers truncate toward zero).
+    pub fn round(dtype: DType, x: f64) -> f64 {
+        from_bytes(dtype, &to_bytes(dtype, &[x]))[0]
+    }
+
+    /// The exact element-wise reduction of every rank's values, rounded once to `dtype`.
+    pub fn reference(dtype: DType, op: ReduceOp, ranks: &[Vec<f64>]) -> Vec<f64> {
+        let n = ranks.len();
+        let len = ranks.first().map_or(0, Vec::len);
+        (0..len)
+            .map(|i| {
+                let col = ranks.iter().map(|r| r[i]);
+                let v = match op {
+                    ReduceOp::Sum => col.sum(),
+                    ReduceOp::Prod => col.product(),
+                    ReduceOp::Min => col.fold(f64::INFINITY, f64::min),
+                    ReduceOp::Max => col.fold(f64::NEG_INFINITY, f64::max),
+                    _ => {
+                        let s: f64 = col.sum();
+                        if dtype.is_float() {
+                            s / n as f64
+                        } else {
+                            (s / n as f64).trunc()
+                        }
+                    }
+                };
+                round(dtype, v)
+            })
+            .collect()
+    }
+}
+
+/// The cases the collective suite runs, identical on every rank and in the test.
+pub mod suite {
+    use tandem::{DType, ReduceOp};
+
+    /// One operation of the suite.
+    #[derive(Debug, Clone)]
+    pub struct Case {
+        /// Index, also the seed.
+        pub id: usize,
+        /// `allreduce`, `reduce_scatter`, `reduce`, `broadcast`, `allgather`, `sendrecv`, `barrier`.
+        pub kind: &'static str,
+        /// Element type.
+        pub dtype: DType,
+        /// Reduce operator, where it applies.
+        pub op: Option<ReduceOp>,
+        /// Elements per rank.
+        pub len: usize,
+        /// Root, where it applies.
+        pub root: usize,
+    }
+
+    /// Every op × dtype × reduce op at lengths 0, 1, odd and not divisible by the world, plus a
+    /// length that spans many pipeline segments.
+    pub fn cases(world: usize) -> Vec<Case> {
+        let mut out = Vec::new();
+        let mut push = |kind, dtype, op, len, root| {
+            let id = out.len();
+            out.push(Case {
+                id,
+                kind,
+                dtype,
+                op,
+                len,
+                root,
+            });
+        };
+        for dtype in DType::ALL {
+            for op in ReduceOp::ALL {
+                for len in [0, 1, 7, 1003] {
+                    push("allreduce", dtype, Some(op), len, 0);
+                }
+                for len in [5, 1003] {
+                    push("reduce_scatter", dtype, Some(op), len, 0);
+                }
+            }
+            for op in [ReduceOp::Sum, ReduceOp::Max, ReduceOp::Avg] {
+                push("reduce", dtype, Some(op), 1003, world - 1);
+            }
+            for len in [0, 1, 1003] {
+                push("broadcast", dtype, None, len, 1 % world);
+                push("allgather", dtype, None, len, 0);
+            }
+            push("sendrecv", dtype, None, 333, 0);
+        }
+        push("allreduce", DType::F32, Some(ReduceOp::Sum), 300_007, 0);
+        push("broadcast", DType::F64, None, 100_003, world / 2);
+        push("allgather", DType::I32, None, 50_001, 0);
+        push("barrier", DType::U8, None, 0, 0);
+        out
+    }
 }

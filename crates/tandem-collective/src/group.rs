@@ -61,7 +61,12 @@ impl GroupConfig {
                         .ok()
                         .filter(|s| s.is_finite() && *s > 0.0)
                         .map(Duration::from_secs_f64)
-                        .ok_or_else(|| Error::config(name, format!("expected a positive number of seconds, got {v:?}")))
+                        .ok_or_else(|| {
+                            Error::config(
+                                name,
+                                format!("expected a positive number of seconds, got {v:?}"),
+                            )
+                        })
                 })
                 .transpose()
         };
@@ -76,7 +81,12 @@ impl GroupConfig {
                 .parse::<usize>()
                 .ok()
                 .filter(|b| (4096..=(64 << 20)).contains(b))
-                .ok_or_else(|| Error::config("TANDEM_SEGMENT_BYTES", format!("expected 4096 to 67108864, got {v:?}")))?;
+                .ok_or_else(|| {
+                    Error::config(
+                        "TANDEM_SEGMENT_BYTES",
+                        format!("expected 4096 to 67108864, got {v:?}"),
+                    )
+                })?;
         }
         if let Some(v) = vars.var("TANDEM_BACKEND") {
             c.backend = v.parse()?;
@@ -109,7 +119,10 @@ impl<T> Work<T> {
     /// Blocks until the operation finished and returns its result.
     pub fn wait(self) -> Result<T> {
         self.rx.recv().unwrap_or_else(|_| {
-            Err(Error::Unusable { what: "process group".into(), reason: "its worker thread stopped".into() })
+            Err(Error::Unusable {
+                what: "process group".into(),
+                reason: "its worker thread stopped".into(),
+            })
         })
     }
 
@@ -189,11 +202,14 @@ fn advertise_host(rendezvous: &str) -> String {
         Some(a) if a.ip().is_loopback() => a.ip().to_string(),
         Some(a) => {
             // The address this machine uses to reach the rendezvous is one its peers can reach.
-            let probe = UdpSocket::bind(if a.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }).and_then(|s| {
-                s.connect(a)?;
-                s.local_addr()
-            });
-            probe.map(|l| l.ip().to_string()).unwrap_or_else(|_| "127.0.0.1".into())
+            let probe =
+                UdpSocket::bind(if a.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }).and_then(|s| {
+                    s.connect(a)?;
+                    s.local_addr()
+                });
+            probe
+                .map(|l| l.ip().to_string())
+                .unwrap_or_else(|_| "127.0.0.1".into())
         }
         None => "127.0.0.1".into(),
     }
@@ -219,7 +235,11 @@ impl ProcessGroup {
     /// Forms a group of the spec's ranks: joins the rendezvous (rank 0 hosts it unless
     /// `TANDEM_RENDEZVOUS_EXTERNAL=1`), exchanges listener addresses and connects the mesh.
     /// A world of one needs no rendezvous, no token and no sockets.
-    pub fn init(spec: &ClusterSpec, token: Option<&JobToken>, config: GroupConfig) -> Result<ProcessGroup> {
+    pub fn init(
+        spec: &ClusterSpec,
+        token: Option<&JobToken>,
+        config: GroupConfig,
+    ) -> Result<ProcessGroup> {
         let (rank, world) = (spec.rank(), spec.world_size());
         resolve(config.backend)?;
         if world == 1 {
@@ -232,9 +252,17 @@ impl ProcessGroup {
                 engine: Mutex::new(None),
                 control: None,
             };
-            return Ok(ProcessGroup { shared: Arc::new(shared), timeout: config.timeout });
+            return Ok(ProcessGroup {
+                shared: Arc::new(shared),
+                timeout: config.timeout,
+            });
         }
-        let token = token.ok_or_else(|| Error::config(TOKEN_VAR, "is not set; every process of a job needs the same token"))?;
+        let token = token.ok_or_else(|| {
+            Error::config(
+                TOKEN_VAR,
+                "is not set; every process of a job needs the same token",
+            )
+        })?;
         let rendezvous = spec.require_rendezvous()?.to_string();
         let control_rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
@@ -247,28 +275,60 @@ impl ProcessGroup {
             .build()
             .map_err(|e| Error::io("starting the ring runtime", e))?;
         let external = std::env::var(tandem_rendezvous::EXTERNAL_VAR).is_ok_and(|v| v == "1");
-        let bind = std::env::var(tandem_rendezvous::BIND_VAR).ok().filter(|s| !s.is_empty());
-        let session = control_rt.block_on(Session::join(spec, token, bind.as_deref(), external, config.connect_timeout))?;
+        let bind = std::env::var(tandem_rendezvous::BIND_VAR)
+            .ok()
+            .filter(|s| !s.is_empty());
+        let session = control_rt.block_on(Session::join(
+            spec,
+            token,
+            bind.as_deref(),
+            external,
+            config.connect_timeout,
+        ))?;
         let prefix = format!("tandem/pg/{}", config.name);
 
-        let host = config.advertise_host.clone().unwrap_or_else(|| advertise_host(&rendezvous));
+        let host = config
+            .advertise_host
+            .clone()
+            .unwrap_or_else(|| advertise_host(&rendezvous));
         let listener = ring_rt
-            .block_on(tokio::net::TcpListener::bind(format!("{}:0", bind_host(&host))))
+            .block_on(tokio::net::TcpListener::bind(format!(
+                "{}:0",
+                bind_host(&host)
+            )))
             .map_err(|e| Error::io("binding the ring listener", e))?;
-        let port = listener.local_addr().map_err(|e| Error::io("reading the ring listener address", e))?.port();
+        let port = listener
+            .local_addr()
+            .map_err(|e| Error::io("reading the ring listener address", e))?
+            .port();
         let client = session.client.clone();
         let addrs = control_rt.block_on(async {
-            client.set(&format!("{prefix}/addr/{rank}"), format!("{host}:{port}")).await?;
+            client
+                .set(&format!("{prefix}/addr/{rank}"), format!("{host}:{port}"))
+                .await?;
             let keys: Vec<String> = (0..world).map(|r| format!("{prefix}/addr/{r}")).collect();
             let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
             client.wait(&keys, config.connect_timeout).await
         })?;
-        let addrs: Vec<String> = addrs.iter().map(|a| String::from_utf8_lossy(a).into_owned()).collect();
+        let addrs: Vec<String> = addrs
+            .iter()
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
         let deadline = tokio::time::Instant::now() + config.connect_timeout;
-        let mesh_spec = MeshSpec { rank, addrs: &addrs, token, group: group_id(&config.name) };
+        let mesh_spec = MeshSpec {
+            rank,
+            addrs: &addrs,
+            token,
+            group: group_id(&config.name),
+        };
         let mesh = ring_rt.block_on(establish(&listener, &mesh_spec, deadline))?;
         drop(listener);
-        control_rt.block_on(client.barrier(&format!("{prefix}/ready"), world, rank, config.connect_timeout))?;
+        control_rt.block_on(client.barrier(
+            &format!("{prefix}/ready"),
+            world,
+            rank,
+            config.connect_timeout,
+        ))?;
 
         let (abort_tx, abort_rx) = watch::channel(None);
         let abort_key = format!("{prefix}/abort");
@@ -280,7 +340,10 @@ impl ProcessGroup {
                 loop {
                     match client.wait(&[&key], Duration::from_secs(3600)).await {
                         Ok(v) => {
-                            let msg = v.first().map(|b| String::from_utf8_lossy(b).into_owned()).unwrap_or_default();
+                            let msg = v
+                                .first()
+                                .map(|b| String::from_utf8_lossy(b).into_owned())
+                                .unwrap_or_default();
                             let _ = abort_tx.send(Some(msg));
                             return;
                         }
@@ -305,11 +368,20 @@ impl ProcessGroup {
                 let c = client.clone();
                 let key = abort_key.clone();
                 let _ = handle.block_on(async move {
-                    tokio::time::timeout(Duration::from_secs(2), c.compare_and_set(&key, None, msg)).await
+                    tokio::time::timeout(Duration::from_secs(2), c.compare_and_set(&key, None, msg))
+                        .await
                 });
             })
         };
-        let ring = TcpRing::new(rank, world, ring_rt, mesh, config.segment_bytes, abort_rx, publish);
+        let ring = TcpRing::new(
+            rank,
+            world,
+            ring_rt,
+            mesh,
+            config.segment_bytes,
+            abort_rx,
+            publish,
+        );
         tracing::info!(rank, world, group = %config.name, "process group ready (tcp ring)");
         let shared = Shared {
             rank,
@@ -318,9 +390,16 @@ impl ProcessGroup {
             queue: Mutex::default(),
             drained: Condvar::new(),
             engine: Mutex::new(None),
-            control: Some(Control { rt: control_rt, session: Mutex::new(Some(session)), watcher: Mutex::new(Some(watcher)) }),
+            control: Some(Control {
+                rt: control_rt,
+                session: Mutex::new(Some(session)),
+                watcher: Mutex::new(Some(watcher)),
+            }),
         };
-        Ok(ProcessGroup { shared: Arc::new(shared), timeout: config.timeout })
+        Ok(ProcessGroup {
+            shared: Arc::new(shared),
+            timeout: config.timeout,
+        })
     }
 
     /// This rank.
@@ -340,7 +419,10 @@ impl ProcessGroup {
 
     /// A handle on the same group whose operations use `timeout` instead of the default.
     pub fn with_timeout(&self, timeout: Duration) -> ProcessGroup {
-        ProcessGroup { shared: self.shared.clone(), timeout }
+        ProcessGroup {
+            shared: self.shared.clone(),
+            timeout,
+        }
     }
 
     /// The deadline operations of this handle use.
@@ -370,12 +452,21 @@ impl ProcessGroup {
     }
 
     fn backend(&self) -> Result<&dyn Backend> {
-        self.shared.backend.as_deref().ok_or_else(|| Error::invalid("world", "a world of one has no backend"))
+        self.shared
+            .backend
+            .as_deref()
+            .ok_or_else(|| Error::invalid("world", "a world of one has no backend"))
     }
 
     fn check_root(&self, name: &str, root: usize) -> Result<()> {
         if root >= self.shared.world {
-            return Err(Error::invalid(name, format!("rank {root} is not below the world size {}", self.shared.world)));
+            return Err(Error::invalid(
+                name,
+                format!(
+                    "rank {root} is not below the world size {}",
+                    self.shared.world
+                ),
+            ));
         }
         Ok(())
     }
@@ -408,7 +499,12 @@ impl ProcessGroup {
         if output.len() != want {
             return Err(Error::invalid(
                 "output",
-                format!("holds {} bytes; allgather of {} bytes over {} ranks needs {want}", output.len(), input.len(), self.shared.world),
+                format!(
+                    "holds {} bytes; allgather of {} bytes over {} ranks needs {want}",
+                    output.len(),
+                    input.len(),
+                    self.shared.world
+                ),
             ));
         }
         if self.shared.world == 1 {
@@ -416,12 +512,18 @@ impl ProcessGroup {
             return Ok(());
         }
         self.fence()?;
-        self.backend()?.allgather(input, output, dtype, self.timeout)
+        self.backend()?
+            .allgather(input, output, dtype, self.timeout)
     }
 
     /// In-place reduce-scatter of raw bytes; returns the element range of `buf` that holds this rank's
     /// reduced part (the ranks' parts differ by at most one element).
-    pub fn reduce_scatter_bytes(&self, buf: &mut [u8], dtype: DType, op: ReduceOp) -> Result<Range<usize>> {
+    pub fn reduce_scatter_bytes(
+        &self,
+        buf: &mut [u8],
+        dtype: DType,
+        op: ReduceOp,
+    ) -> Result<Range<usize>> {
         check_len("buffer", buf.len(), dtype)?;
         if self.shared.world == 1 {
             return Ok(0..buf.len() / dtype.size());
@@ -431,7 +533,13 @@ impl ProcessGroup {
     }
 
     /// Reduce of raw bytes into `root`'s buffer. Other ranks' buffers are used as scratch.
-    pub fn reduce_bytes(&self, buf: &mut [u8], dtype: DType, op: ReduceOp, root: usize) -> Result<()> {
+    pub fn reduce_bytes(
+        &self,
+        buf: &mut [u8],
+        dtype: DType,
+        op: ReduceOp,
+        root: usize,
+    ) -> Result<()> {
         check_len("buffer", buf.len(), dtype)?;
         self.check_root("root", root)?;
         if self.shared.world == 1 {
@@ -469,7 +577,10 @@ impl ProcessGroup {
     fn check_peer(&self, name: &str, peer: usize) -> Result<()> {
         self.check_root(name, peer)?;
         if peer == self.shared.rank {
-            return Err(Error::invalid(name, format!("rank {peer} is this rank; a rank cannot message itself")));
+            return Err(Error::invalid(
+                name,
+                format!("rank {peer} is this rank; a rank cannot message itself"),
+            ));
         }
         Ok(())
     }
@@ -480,7 +591,11 @@ impl ProcessGroup {
     }
 
     /// In-place allreduce of an `ndarray` array in standard (C) layout, without copying it.
-    pub fn allreduce_array<T: Element, S: DataMut<Elem = T>, D: Dimension>(&self, a: &mut ArrayBase<S, D>, op: ReduceOp) -> Result<()> {
+    pub fn allreduce_array<T: Element, S: DataMut<Elem = T>, D: Dimension>(
+        &self,
+        a: &mut ArrayBase<S, D>,
+        op: ReduceOp,
+    ) -> Result<()> {
         self.allreduce(contiguous(a)?, op)
     }
 
@@ -490,13 +605,21 @@ impl ProcessGroup {
     }
 
     /// In-place broadcast of an `ndarray` array in standard layout.
-    pub fn broadcast_array<T: Element, S: DataMut<Elem = T>, D: Dimension>(&self, a: &mut ArrayBase<S, D>, root: usize) -> Result<()> {
+    pub fn broadcast_array<T: Element, S: DataMut<Elem = T>, D: Dimension>(
+        &self,
+        a: &mut ArrayBase<S, D>,
+        root: usize,
+    ) -> Result<()> {
         self.broadcast(contiguous(a)?, root)
     }
 
     /// Allgather of typed slices: `output.len() == input.len() * world_size()`.
     pub fn allgather<T: Element>(&self, input: &[T], output: &mut [T]) -> Result<()> {
-        self.allgather_bytes(bytemuck::cast_slice(input), bytemuck::cast_slice_mut(output), T::DTYPE)
+        self.allgather_bytes(
+            bytemuck::cast_slice(input),
+            bytemuck::cast_slice_mut(output),
+            T::DTYPE,
+        )
     }
 
     /// In-place reduce-scatter of a typed slice; returns this rank's range of reduced elements.
@@ -520,10 +643,16 @@ impl ProcessGroup {
     }
 
     /// Queues `job` on the group's worker thread, after every operation submitted before it.
-    fn submit<T: Send + 'static>(&self, job: impl FnOnce(&DirectGroup<'_>) -> Result<T> + Send + 'static) -> Work<T> {
+    fn submit<T: Send + 'static>(
+        &self,
+        job: impl FnOnce(&DirectGroup<'_>) -> Result<T> + Send + 'static,
+    ) -> Work<T> {
         let (tx, rx) = mpsc::sync_channel(1);
         let done = Arc::new(AtomicBool::new(false));
-        let work = Work { rx, done: done.clone() };
+        let work = Work {
+            rx,
+            done: done.clone(),
+        };
         let pg = self.clone();
         let run: Job = Box::new(move || {
             let r = job(&pg.direct());
@@ -537,7 +666,10 @@ impl ProcessGroup {
         if let Err(e) = self.enqueue(run) {
             let (tx, rx) = mpsc::sync_channel(1);
             let _ = tx.send(Err(e));
-            return Work { rx, done: Arc::new(AtomicBool::new(true)) };
+            return Work {
+                rx,
+                done: Arc::new(AtomicBool::new(true)),
+            };
         }
         work
     }
@@ -556,13 +688,20 @@ impl ProcessGroup {
                 .map_err(|e| Error::io("starting the collective worker thread", e))?;
             *engine = Some(tx);
         }
-        self.shared.queue.lock().map_err(|_| poisoned_queue())?.submitted += 1;
+        self.shared
+            .queue
+            .lock()
+            .map_err(|_| poisoned_queue())?
+            .submitted += 1;
         let sent = engine.as_ref().map(|tx| tx.send(job));
         if !matches!(sent, Some(Ok(()))) {
             if let Ok(mut q) = self.shared.queue.lock() {
                 q.submitted -= 1;
             }
-            return Err(Error::Unusable { what: "process group".into(), reason: "its worker thread stopped".into() });
+            return Err(Error::Unusable {
+                what: "process group".into(),
+                reason: "its worker thread stopped".into(),
+            });
         }
         Ok(())
     }
@@ -612,7 +751,8 @@ impl ProcessGroup {
             let mut out = TensorMut::zeros(t.dtype(), &shape)?;
             pg.run(|g, to| {
                 if g.shared.world > 1 {
-                    g.backend()?.allgather(t.bytes(), out.bytes_mut(), t.dtype(), to)
+                    g.backend()?
+                        .allgather(t.bytes(), out.bytes_mut(), t.dtype(), to)
                 } else {
                     out.bytes_mut().copy_from_slice(t.bytes());
                     Ok(())
@@ -624,14 +764,24 @@ impl ProcessGroup {
 
     /// Starts a barrier on the worker thread.
     pub fn barrier_async(&self) -> Work<()> {
-        self.submit(|pg| pg.run(|g, to| if g.shared.world > 1 { g.backend()?.barrier(to) } else { Ok(()) }))
+        self.submit(|pg| {
+            pg.run(|g, to| {
+                if g.shared.world > 1 {
+                    g.backend()?.barrier(to)
+                } else {
+                    Ok(())
+                }
+            })
+        })
     }
 
     /// Leaves the group: waits for queued operations, then passes the rendezvous' final barrier so the
     /// rank hosting it stops last.
     pub fn shutdown(self) -> Result<()> {
         self.fence()?;
-        let Some(control) = &self.shared.control else { return Ok(()) };
+        let Some(control) = &self.shared.control else {
+            return Ok(());
+        };
         if let Ok(mut w) = control.watcher.lock()
             && let Some(h) = w.take()
         {
@@ -655,18 +805,30 @@ impl DirectGroup<'_> {
 }
 
 fn check_len(name: &str, len: usize, dtype: DType) -> Result<()> {
-    if len % dtype.size() != 0 {
-        return Err(Error::invalid(name, format!("{len} bytes are not a whole number of {dtype} elements")));
+    if !len.is_multiple_of(dtype.size()) {
+        return Err(Error::invalid(
+            name,
+            format!("{len} bytes are not a whole number of {dtype} elements"),
+        ));
     }
     Ok(())
 }
 
 fn contiguous<T, S: DataMut<Elem = T>, D: Dimension>(a: &mut ArrayBase<S, D>) -> Result<&mut [T]> {
     let shape = a.shape().to_vec();
-    a.as_slice_mut()
-        .ok_or_else(|| Error::invalid("array", format!("array of shape {shape:?} is not contiguous in C order; use .as_standard_layout()")))
+    a.as_slice_mut().ok_or_else(|| {
+        Error::invalid(
+            "array",
+            format!(
+                "array of shape {shape:?} is not contiguous in C order; use .as_standard_layout()"
+            ),
+        )
+    })
 }
 
 fn poisoned_queue() -> Error {
-    Error::Unusable { what: "process group".into(), reason: "its queue was poisoned by a panic".into() }
+    Error::Unusable {
+        what: "process group".into(),
+        reason: "its queue was poisoned by a panic".into(),
+    }
 }

@@ -32,7 +32,10 @@ pub struct Stragglers {
 impl Stragglers {
     /// A tracker that reports once per `window` operations.
     pub fn new(window: usize) -> Self {
-        Stragglers { window: window.max(1), samples: Vec::new() }
+        Stragglers {
+            window: window.max(1),
+            samples: Vec::new(),
+        }
     }
 
     /// Records one operation; at the end of a window returns a finding if the neighbour was late in
@@ -42,12 +45,21 @@ impl Stragglers {
         if self.samples.len() < self.window {
             return None;
         }
-        let mut late: Vec<Duration> = self.samples.drain(..).filter(|d| *d >= LATE_THRESHOLD).collect();
+        let mut late: Vec<Duration> = self
+            .samples
+            .drain(..)
+            .filter(|d| *d >= LATE_THRESHOLD)
+            .collect();
         if late.len() * 2 <= self.window {
             return None;
         }
         late.sort();
-        Some(Straggler { rank: neighbour, late: late.len(), window: self.window, median: late[late.len() / 2] })
+        Some(Straggler {
+            rank: neighbour,
+            late: late.len(),
+            window: self.window,
+            median: late[late.len() / 2],
+        })
     }
 }
 
@@ -67,6 +79,10 @@ mod tests {
         for _ in 0..3 {
             assert_eq!(s.record(2, ms(0)), None);
         }
-        assert_eq!(s.record(2, ms(90)), None, "late once in 4 is not a straggler");
+        assert_eq!(
+            s.record(2, ms(90)),
+            None,
+            "late once in 4 is not a straggler"
+        );
     }
 }

@@ -7,6 +7,7 @@
 //! # Layout
 //! - [`cluster`], [`DType`], [`ReduceOp`], [`Tensor`], [`Error`]: the shared vocabulary (`tandem-core`).
 //! - [`rendezvous`]: where the processes of a job meet (`tandem-rendezvous`).
+//! - [`collective`], [`ProcessGroup`]: collectives over the TCP ring (`tandem-collective`).
 //!
 //! # Feature Flags
 //! None yet.
@@ -25,6 +26,14 @@ pub use tandem_core::{dtype, error, half, tensor};
 pub mod cluster {
     pub use tandem_core::cluster::*;
 }
+
+/// Collectives over Tandem's TCP ring: allreduce, broadcast, allgather, reduce-scatter, reduce,
+/// barrier, send/recv.
+pub mod collective {
+    pub use tandem_collective::*;
+}
+
+pub use tandem_collective::{GroupConfig, ProcessGroup, Work};
 
 /// The rendezvous: an authenticated key-value store where a job's processes meet.
 pub mod rendezvous {

@@ -1,31 +1,34 @@
 //! Helper binary for the multi-process tests: one rank of a job, driven by its environment.
 //!
-//! `tandem-test-node meet [--host] [--timeout SECS]` joins the job, publishes a value derived from its
-//! rank and pid, waits for everyone's, adds to a shared counter, passes a barrier and prints
-//! `RESULT {json}`. With `--host` this rank hosts the rendezvous on an ephemeral port and prints
-//! `ADDR host:port` first. Errors print `ERROR kind message` and exit with status 3.
+//! Modes:
+//! - `meet [--host] [--timeout SECS]`: joins the rendezvous, publishes a value, reads everyone's,
+//!   counts, passes a barrier and prints `RESULT {json}`. With `--host` it hosts the rendezvous on an
+//!   ephemeral port and prints `ADDR host:port` first.
+//! - `suite`: forms a process group and runs every case of `tandem_tests::suite`, printing
+//!   `CASE id [values]` for each.
+//! - `async`: eight async allreduces in flight, then `CASE id [values]` for each.
+//! - `loop`: allreduces until something fails, printing `ITER i` after each.
+//! - `mismatch --odd R`: rank R calls broadcast(f32 x 10, root 0) while the others call
+//!   allreduce(f32 x 12, sum).
+//!
+//! Errors print `ERROR kind message`; the collective modes then try one more operation and print
+//! `AFTER message`, and exit with status 3.
 
 use std::time::Duration;
 
 use tandem::cluster::ClusterSpec;
 use tandem::rendezvous::{Host, JobToken, ServerConfig, Session};
-use tandem::{Error, Result};
+use tandem::{DType, Error, ProcessGroup, ReduceOp, Result, TensorMut};
+use tandem_tests::{data, suite};
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            println!("ERROR io {e}");
-            std::process::exit(3);
-        }
-    };
     let r = match args.first().map(String::as_str) {
-        Some("meet") => rt.block_on(meet(&args[1..])),
+        Some("meet") => runtime().and_then(|rt| rt.block_on(meet(&args[1..]))),
+        Some("suite") => collective(|pg| run_suite(pg)),
+        Some("async") => collective(|pg| run_async(pg)),
+        Some("loop") => collective(|pg| run_loop(pg)),
+        Some("mismatch") => collective(|pg| run_mismatch(pg, &args[1..])),
         other => Err(Error::invalid("mode", format!("unknown mode {other:?}"))),
     };
     if let Err(e) = r {
@@ -35,11 +38,145 @@ fn main() {
     }
 }
 
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| Error::io("runtime", e))
+}
+
 fn flag_value(args: &[String], name: &str) -> Option<String> {
     args.iter()
         .position(|a| a == name)
         .and_then(|i| args.get(i + 1))
         .cloned()
+}
+
+/// Forms the group, runs `f`; on failure prints the error, tries one more op and prints that too.
+fn collective(f: impl FnOnce(&ProcessGroup) -> Result<()>) -> Result<()> {
+    let pg = ProcessGroup::from_env()?;
+    match f(&pg) {
+        Ok(()) => pg.shutdown(),
+        Err(e) => {
+            println!("ERROR {} {e}", e.kind());
+            let after = pg
+                .allreduce(&mut [1.0f32], ReduceOp::Sum)
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            println!("AFTER {after}");
+            std::process::exit(3);
+        }
+    }
+}
+
+fn print_case(id: usize, values: &[f64]) {
+    let json = serde_json::to_string(values).unwrap_or_default();
+    println!("CASE {id} {json}");
+}
+
+fn run_suite(pg: &ProcessGroup) -> Result<()> {
+    let (rank, world) = (pg.rank(), pg.world_size());
+    for case in suite::cases(world) {
+        let size = case.dtype.size();
+        let mine = data::values(case.id as u64, rank, case.len, case.dtype, case.op);
+        let mut buf = data::to_bytes(case.dtype, &mine);
+        let op = case.op.unwrap_or(ReduceOp::Sum);
+        eprintln!(
+            "case {} {} {} {:?} len {}",
+            case.id, case.kind, case.dtype, case.op, case.len
+        );
+        match case.kind {
+            "allreduce" => {
+                pg.allreduce_bytes(&mut buf, case.dtype, op)?;
+                print_case(case.id, &data::from_bytes(case.dtype, &buf));
+            }
+            "reduce_scatter" => {
+                let r = pg.reduce_scatter_bytes(&mut buf, case.dtype, op)?;
+                let mut out = vec![r.start as f64];
+                out.extend(data::from_bytes(
+                    case.dtype,
+                    &buf[r.start * size..r.end * size],
+                ));
+                print_case(case.id, &out);
+            }
+            "reduce" => {
+                pg.reduce_bytes(&mut buf, case.dtype, op, case.root)?;
+                if rank == case.root {
+                    print_case(case.id, &data::from_bytes(case.dtype, &buf));
+                }
+            }
+            "broadcast" => {
+                pg.broadcast_bytes(&mut buf, case.dtype, case.root)?;
+                print_case(case.id, &data::from_bytes(case.dtype, &buf));
+            }
+            "allgather" => {
+                let mut out = vec![0u8; buf.len() * world];
+                pg.allgather_bytes(&buf, &mut out, case.dtype)?;
+                print_case(case.id, &data::from_bytes(case.dtype, &out));
+            }
+            "sendrecv" if world > 1 => {
+                let (right, left) = ((rank + 1) % world, (rank + world - 1) % world);
+                let mut got = vec![0u8; buf.len()];
+                if rank % 2 == 0 {
+                    pg.send_bytes(&buf, case.dtype, right)?;
+                    pg.recv_bytes(&mut got, case.dtype, left)?;
+                } else {
+                    pg.recv_bytes(&mut got, case.dtype, left)?;
+                    pg.send_bytes(&buf, case.dtype, right)?;
+                }
+                print_case(case.id, &data::from_bytes(case.dtype, &got));
+            }
+            "barrier" => {
+                pg.barrier()?;
+                print_case(case.id, &[]);
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+fn run_async(pg: &ProcessGroup) -> Result<()> {
+    let rank = pg.rank();
+    let mut works = Vec::new();
+    for id in 0..8usize {
+        let len = 10_007 + id;
+        let mine = data::values(1000 + id as u64, rank, len, DType::F32, Some(ReduceOp::Sum));
+        let mut t = TensorMut::zeros(DType::F32, &[len])?;
+        t.bytes_mut()
+            .copy_from_slice(&data::to_bytes(DType::F32, &mine));
+        works.push((id, pg.allreduce_async(t, ReduceOp::Sum)));
+    }
+    // Blocking calls after async ones keep the order: this barrier runs after all eight.
+    pg.barrier()?;
+    for (id, w) in works {
+        let t = w.wait()?;
+        print_case(id, &data::from_bytes(DType::F32, &t.freeze().into_bytes()));
+    }
+    Ok(())
+}
+
+fn run_loop(pg: &ProcessGroup) -> Result<()> {
+    let mut buf = vec![1.0f32; 1000];
+    for i in 0..100_000u64 {
+        pg.allreduce(&mut buf, ReduceOp::Max)?;
+        println!("ITER {i}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    Ok(())
+}
+
+fn run_mismatch(pg: &ProcessGroup, args: &[String]) -> Result<()> {
+    let odd: usize = flag_value(args, "--odd")
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    if pg.rank() == odd {
+        pg.broadcast(&mut [0.0f32; 10], 0)
+    } else {
+        pg.allreduce(&mut [0.0f32; 12], ReduceOp::Sum)
+    }
 }
 
 async fn meet(args: &[String]) -> Result<()> {

@@ -57,11 +57,26 @@ fn combine<T: Arith>(op: ReduceOp, a: T, b: T) -> T {
 fn typed<T: Arith>(op: ReduceOp, dst: &mut [T], src: &[T], divisor: Option<usize>) {
     // One loop per operator so each one vectorises.
     match op {
-        ReduceOp::Sum | ReduceOp::Avg => dst.iter_mut().zip(src).for_each(|(d, s)| *d = T::add(*d, *s)),
-        ReduceOp::Prod => dst.iter_mut().zip(src).for_each(|(d, s)| *d = T::mul(*d, *s)),
-        ReduceOp::Min => dst.iter_mut().zip(src).for_each(|(d, s)| *d = T::min(*d, *s)),
-        ReduceOp::Max => dst.iter_mut().zip(src).for_each(|(d, s)| *d = T::max(*d, *s)),
-        _ => dst.iter_mut().zip(src).for_each(|(d, s)| *d = combine(op, *d, *s)),
+        ReduceOp::Sum | ReduceOp::Avg => dst
+            .iter_mut()
+            .zip(src)
+            .for_each(|(d, s)| *d = T::add(*d, *s)),
+        ReduceOp::Prod => dst
+            .iter_mut()
+            .zip(src)
+            .for_each(|(d, s)| *d = T::mul(*d, *s)),
+        ReduceOp::Min => dst
+            .iter_mut()
+            .zip(src)
+            .for_each(|(d, s)| *d = T::min(*d, *s)),
+        ReduceOp::Max => dst
+            .iter_mut()
+            .zip(src)
+            .for_each(|(d, s)| *d = T::max(*d, *s)),
+        _ => dst
+            .iter_mut()
+            .zip(src)
+            .for_each(|(d, s)| *d = combine(op, *d, *s)),
     }
     if let Some(n) = divisor.filter(|n| *n > 1) {
         dst.iter_mut().for_each(|d| *d = T::div(*d, n));
@@ -94,7 +109,10 @@ fn unaligned<T: bytemuck::Pod>(dst: &mut [u8], src: &[u8], f: impl Fn(&mut [T], 
 }
 
 fn run<T: bytemuck::Pod>(dst: &mut [u8], src: &[u8], f: impl Fn(&mut [T], &[T])) {
-    match (bytemuck::try_cast_slice_mut::<u8, T>(dst), bytemuck::try_cast_slice::<u8, T>(src)) {
+    match (
+        bytemuck::try_cast_slice_mut::<u8, T>(dst),
+        bytemuck::try_cast_slice::<u8, T>(src),
+    ) {
         (Ok(d), Ok(s)) => f(d, s),
         _ => unaligned::<T>(dst, src, f),
     }
@@ -111,11 +129,21 @@ fn run<T: bytemuck::Pod>(dst: &mut [u8], src: &[u8], f: impl Fn(&mut [T], &[T]))
 /// reduce_into(DType::F32, ReduceOp::Max, bytemuck::cast_slice_mut(&mut a), bytemuck::cast_slice(&b), None).unwrap();
 /// assert_eq!(a, [3.0, 5.0]);
 /// ```
-pub fn reduce_into(dtype: DType, op: ReduceOp, dst: &mut [u8], src: &[u8], divisor: Option<usize>) -> Result<()> {
-    if dst.len() != src.len() || dst.len() % dtype.size() != 0 {
+pub fn reduce_into(
+    dtype: DType,
+    op: ReduceOp,
+    dst: &mut [u8],
+    src: &[u8],
+    divisor: Option<usize>,
+) -> Result<()> {
+    if dst.len() != src.len() || !dst.len().is_multiple_of(dtype.size()) {
         return Err(Error::invalid(
             "buffer",
-            format!("cannot reduce {} bytes into {} bytes of {dtype}", src.len(), dst.len()),
+            format!(
+                "cannot reduce {} bytes into {} bytes of {dtype}",
+                src.len(),
+                dst.len()
+            ),
         ));
     }
     match dtype {
@@ -124,9 +152,18 @@ pub fn reduce_into(dtype: DType, op: ReduceOp, dst: &mut [u8], src: &[u8], divis
         DType::I32 => run::<i32>(dst, src, |d, s| typed(op, d, s, divisor)),
         DType::I64 => run::<i64>(dst, src, |d, s| typed(op, d, s, divisor)),
         DType::U8 => run::<u8>(dst, src, |d, s| typed(op, d, s, divisor)),
-        DType::F16 => run::<f16>(dst, src, |d, s| typed_half(op, d, s, divisor, f16::to_f32, f16::from_f32)),
-        DType::BF16 => run::<bf16>(dst, src, |d, s| typed_half(op, d, s, divisor, bf16::to_f32, bf16::from_f32)),
-        other => return Err(Error::invalid("dtype", format!("{other} cannot be reduced"))),
+        DType::F16 => run::<f16>(dst, src, |d, s| {
+            typed_half(op, d, s, divisor, f16::to_f32, f16::from_f32)
+        }),
+        DType::BF16 => run::<bf16>(dst, src, |d, s| {
+            typed_half(op, d, s, divisor, bf16::to_f32, bf16::from_f32)
+        }),
+        other => {
+            return Err(Error::invalid(
+                "dtype",
+                format!("{other} cannot be reduced"),
+            ));
+        }
     }
     Ok(())
 }
@@ -147,7 +184,14 @@ mod tests {
 
     fn reduce_f32(op: ReduceOp, a: &[f32], b: &[f32], div: Option<usize>) -> Vec<f32> {
         let mut d = a.to_vec();
-        reduce_into(DType::F32, op, bytemuck::cast_slice_mut(&mut d), bytemuck::cast_slice(b), div).unwrap();
+        reduce_into(
+            DType::F32,
+            op,
+            bytemuck::cast_slice_mut(&mut d),
+            bytemuck::cast_slice(b),
+            div,
+        )
+        .unwrap();
         d
     }
 
@@ -159,16 +203,33 @@ mod tests {
         assert_eq!(reduce_f32(ReduceOp::Prod, &a, &b, None), [4.0, -1.0, -3.5]);
         assert_eq!(reduce_f32(ReduceOp::Min, &a, &b, None), [1.0, -2.0, -1.0]);
         assert_eq!(reduce_f32(ReduceOp::Max, &a, &b, None), [4.0, 0.5, 3.5]);
-        assert_eq!(reduce_f32(ReduceOp::Avg, &a, &b, Some(2)), [2.5, -0.75, 1.25]);
+        assert_eq!(
+            reduce_f32(ReduceOp::Avg, &a, &b, Some(2)),
+            [2.5, -0.75, 1.25]
+        );
     }
 
     #[test]
     fn integers_wrap_instead_of_panicking() {
         let mut d = [i32::MAX, 7];
-        reduce_into(DType::I32, ReduceOp::Sum, bytemuck::cast_slice_mut(&mut d), bytemuck::cast_slice(&[1i32, 2]), None).unwrap();
+        reduce_into(
+            DType::I32,
+            ReduceOp::Sum,
+            bytemuck::cast_slice_mut(&mut d),
+            bytemuck::cast_slice(&[1i32, 2]),
+            None,
+        )
+        .unwrap();
         assert_eq!(d, [i32::MIN, 9]);
         let mut d = [7i64, -7];
-        reduce_into(DType::I64, ReduceOp::Avg, bytemuck::cast_slice_mut(&mut d), bytemuck::cast_slice(&[0i64, 0]), Some(2)).unwrap();
+        reduce_into(
+            DType::I64,
+            ReduceOp::Avg,
+            bytemuck::cast_slice_mut(&mut d),
+            bytemuck::cast_slice(&[0i64, 0]),
+            Some(2),
+        )
+        .unwrap();
         assert_eq!(d, [3, -3]);
         let mut d = [200u8, 3];
         reduce_into(DType::U8, ReduceOp::Max, &mut d, &[100, 9], None).unwrap();
@@ -177,17 +238,37 @@ mod tests {
 
     #[test]
     fn half_types_compute_in_f32_and_round_once() {
-        let a: Vec<f16> = [1.0f32, 2049.0, 0.1].iter().map(|&x| f16::from_f32(x)).collect();
-        let b: Vec<f16> = [2.0f32, 1.0, 0.2].iter().map(|&x| f16::from_f32(x)).collect();
+        let a: Vec<f16> = [1.0f32, 2049.0, 0.1]
+            .iter()
+            .map(|&x| f16::from_f32(x))
+            .collect();
+        let b: Vec<f16> = [2.0f32, 1.0, 0.2]
+            .iter()
+            .map(|&x| f16::from_f32(x))
+            .collect();
         let mut d = a.clone();
-        reduce_into(DType::F16, ReduceOp::Avg, bytemuck::cast_slice_mut(&mut d), bytemuck::cast_slice(&b), Some(2)).unwrap();
+        reduce_into(
+            DType::F16,
+            ReduceOp::Avg,
+            bytemuck::cast_slice_mut(&mut d),
+            bytemuck::cast_slice(&b),
+            Some(2),
+        )
+        .unwrap();
         for i in 0..3 {
             let exact = (a[i].to_f32() + b[i].to_f32()) / 2.0;
             assert_eq!(d[i], f16::from_f32(exact), "element {i}");
         }
         let a = [bf16::from_f32(3.0)];
         let mut d = [bf16::from_f32(-1.0)];
-        reduce_into(DType::BF16, ReduceOp::Min, bytemuck::cast_slice_mut(&mut d), bytemuck::cast_slice(&a), None).unwrap();
+        reduce_into(
+            DType::BF16,
+            ReduceOp::Min,
+            bytemuck::cast_slice_mut(&mut d),
+            bytemuck::cast_slice(&a),
+            None,
+        )
+        .unwrap();
         assert_eq!(d[0].to_f32(), -1.0);
     }
 
@@ -197,8 +278,18 @@ mod tests {
         let b: Vec<f64> = (0..33).map(|i| 100.0 - i as f64).collect();
         let mut raw = vec![0u8; 1 + 33 * 8];
         raw[1..].copy_from_slice(bytemuck::cast_slice(&a));
-        reduce_into(DType::F64, ReduceOp::Sum, &mut raw[1..], bytemuck::cast_slice(&b), None).unwrap();
-        let got: Vec<f64> = raw[1..].chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().unwrap())).collect();
+        reduce_into(
+            DType::F64,
+            ReduceOp::Sum,
+            &mut raw[1..],
+            bytemuck::cast_slice(&b),
+            None,
+        )
+        .unwrap();
+        let got: Vec<f64> = raw[1..]
+            .chunks_exact(8)
+            .map(|c| f64::from_le_bytes(c.try_into().unwrap()))
+            .collect();
         let want: Vec<f64> = a.iter().zip(&b).map(|(x, y)| x + y).collect();
         assert_eq!(got, want);
     }

@@ -86,7 +86,10 @@ mod tests {
                     held[r][recv] = bits;
                 }
             }
-            assert!(held.iter().all(|h| h.iter().all(|&b| b == full)), "world {world}");
+            assert!(
+                held.iter().all(|h| h.iter().all(|&b| b == full)),
+                "world {world}"
+            );
         }
     }
 

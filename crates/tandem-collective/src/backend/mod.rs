@@ -24,15 +24,41 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
     /// Number of ranks.
     fn world_size(&self) -> usize;
     /// In-place allreduce.
-    fn allreduce(&self, buf: &mut [u8], dtype: DType, op: ReduceOp, timeout: Duration) -> Result<()>;
+    fn allreduce(
+        &self,
+        buf: &mut [u8],
+        dtype: DType,
+        op: ReduceOp,
+        timeout: Duration,
+    ) -> Result<()>;
     /// In-place broadcast from `root`.
-    fn broadcast(&self, buf: &mut [u8], dtype: DType, root: usize, timeout: Duration) -> Result<()>;
+    fn broadcast(&self, buf: &mut [u8], dtype: DType, root: usize, timeout: Duration)
+    -> Result<()>;
     /// `output` receives `world` blocks of `input.len()` bytes.
-    fn allgather(&self, input: &[u8], output: &mut [u8], dtype: DType, timeout: Duration) -> Result<()>;
+    fn allgather(
+        &self,
+        input: &[u8],
+        output: &mut [u8],
+        dtype: DType,
+        timeout: Duration,
+    ) -> Result<()>;
     /// In-place reduce-scatter; returns this rank's element range.
-    fn reduce_scatter(&self, buf: &mut [u8], dtype: DType, op: ReduceOp, timeout: Duration) -> Result<Range<usize>>;
+    fn reduce_scatter(
+        &self,
+        buf: &mut [u8],
+        dtype: DType,
+        op: ReduceOp,
+        timeout: Duration,
+    ) -> Result<Range<usize>>;
     /// Reduce into `root`'s buffer.
-    fn reduce(&self, buf: &mut [u8], dtype: DType, op: ReduceOp, root: usize, timeout: Duration) -> Result<()>;
+    fn reduce(
+        &self,
+        buf: &mut [u8],
+        dtype: DType,
+        op: ReduceOp,
+        root: usize,
+        timeout: Duration,
+    ) -> Result<()>;
     /// Returns once every rank has entered.
     fn barrier(&self, timeout: Duration) -> Result<()>;
     /// Sends `buf` to rank `to`.
@@ -60,7 +86,10 @@ impl FromStr for BackendKind {
             "auto" | "" => Ok(BackendKind::Auto),
             "tcp" => Ok(BackendKind::Tcp),
             "nccl" => Ok(BackendKind::Nccl),
-            other => Err(Error::config("TANDEM_BACKEND", format!("unknown backend {other:?}; expected auto, nccl or tcp"))),
+            other => Err(Error::config(
+                "TANDEM_BACKEND",
+                format!("unknown backend {other:?}; expected auto, nccl or tcp"),
+            )),
         }
     }
 }
@@ -79,13 +108,18 @@ pub fn resolve(kind: BackendKind) -> Result<BackendKind> {
     match kind {
         BackendKind::Tcp => Ok(BackendKind::Tcp),
         BackendKind::Auto => {
-            let why = if NCCL_COMPILED { "buffers are on the host" } else { "Tandem was built without the nccl feature" };
+            let why = if NCCL_COMPILED {
+                "buffers are on the host"
+            } else {
+                "Tandem was built without the nccl feature"
+            };
             tracing::info!("collective backend: tcp ({why})");
             Ok(BackendKind::Tcp)
         }
         BackendKind::Nccl => Err(Error::BackendUnavailable {
             backend: "nccl".into(),
-            reason: "Tandem was built without the nccl feature (rebuild with --features nccl)".into(),
+            reason: "Tandem was built without the nccl feature (rebuild with --features nccl)"
+                .into(),
         }),
     }
 }

@@ -49,38 +49,66 @@ pub struct Io<'a> {
 
 fn lost(peer: usize, header: &OpHeader, doing: &str, e: &std::io::Error) -> Error {
     let what = match e.kind() {
-        ErrorKind::UnexpectedEof | ErrorKind::ConnectionReset | ErrorKind::BrokenPipe | ErrorKind::ConnectionAborted => {
-            "connection closed".to_string()
-        }
+        ErrorKind::UnexpectedEof
+        | ErrorKind::ConnectionReset
+        | ErrorKind::BrokenPipe
+        | ErrorKind::ConnectionAborted => "connection closed".to_string(),
         _ => e.to_string(),
     };
-    Error::PeerLost { rank: peer, context: format!("op #{} {header} while {doing}: {what}", header.seq) }
+    Error::PeerLost {
+        rank: peer,
+        context: format!("op #{} {header} while {doing}: {what}", header.seq),
+    }
 }
 
-fn halves<'m>(mesh: &'m mut Mesh, from: usize, to: usize) -> Result<(&'m mut OwnedReadHalf, &'m mut OwnedWriteHalf)> {
-    let missing = |p: usize| Error::Unusable { what: "process group".into(), reason: format!("no connection to rank {p}") };
-    let r = mesh.readers.get_mut(from).and_then(Option::as_mut).ok_or_else(|| missing(from))?;
-    let w = mesh.writers.get_mut(to).and_then(Option::as_mut).ok_or_else(|| missing(to))?;
+fn halves(
+    mesh: &mut Mesh,
+    from: usize,
+    to: usize,
+) -> Result<(&mut OwnedReadHalf, &mut OwnedWriteHalf)> {
+    let missing = |p: usize| Error::Unusable {
+        what: "process group".into(),
+        reason: format!("no connection to rank {p}"),
+    };
+    let r = mesh
+        .readers
+        .get_mut(from)
+        .and_then(Option::as_mut)
+        .ok_or_else(|| missing(from))?;
+    let w = mesh
+        .writers
+        .get_mut(to)
+        .and_then(Option::as_mut)
+        .ok_or_else(|| missing(to))?;
     Ok((r, w))
 }
 
 fn reader(mesh: &mut Mesh, from: usize) -> Result<&mut OwnedReadHalf> {
-    mesh.readers.get_mut(from).and_then(Option::as_mut).ok_or_else(|| Error::Unusable {
-        what: "process group".into(),
-        reason: format!("no connection to rank {from}"),
-    })
+    mesh.readers
+        .get_mut(from)
+        .and_then(Option::as_mut)
+        .ok_or_else(|| Error::Unusable {
+            what: "process group".into(),
+            reason: format!("no connection to rank {from}"),
+        })
 }
 
 fn writer(mesh: &mut Mesh, to: usize) -> Result<&mut OwnedWriteHalf> {
-    mesh.writers.get_mut(to).and_then(Option::as_mut).ok_or_else(|| Error::Unusable {
-        what: "process group".into(),
-        reason: format!("no connection to rank {to}"),
-    })
+    mesh.writers
+        .get_mut(to)
+        .and_then(Option::as_mut)
+        .ok_or_else(|| Error::Unusable {
+            what: "process group".into(),
+            reason: format!("no connection to rank {to}"),
+        })
 }
 
 fn mismatch(header: &OpHeader, me: usize, theirs: &OpHeader, them: usize) -> Error {
     if theirs.seq == header.seq {
-        Error::OpMismatch(format!("op #{}: rank {them} called {theirs} but rank {me} called {header}", header.seq))
+        Error::OpMismatch(format!(
+            "op #{}: rank {them} called {theirs} but rank {me} called {header}",
+            header.seq
+        ))
     } else {
         Error::OpMismatch(format!(
             "rank {them} is at op #{} {theirs} but rank {me} is at op #{} {header}",
@@ -102,7 +130,9 @@ pub async fn exchange_headers(io: &mut Io<'_>) -> Result<()> {
     sent.map_err(|e| lost(r, &header, "sending the header", &e))?;
     got.map_err(|e| lost(l, &header, "receiving the header", &e))?;
     io.left_lateness.set(Some(start.elapsed()));
-    let theirs = OpHeader::decode(&theirs).map_err(|m| Error::OpMismatch(format!("op #{}: rank {l} sent garbage: {m}", header.seq)))?;
+    let theirs = OpHeader::decode(&theirs).map_err(|m| {
+        Error::OpMismatch(format!("op #{}: rank {l} sent garbage: {m}", header.seq))
+    })?;
     if !theirs.same_call(&header) {
         return Err(mismatch(&header, me, &theirs, l));
     }
@@ -132,13 +162,20 @@ async fn recv_reduce(
     for part in dst.chunks_mut(segment) {
         let tmp = &mut scratch[..part.len()];
         rd.read_exact(tmp).await?;
-        reduce_into(dtype, op, part, tmp, divisor).map_err(|e| std::io::Error::other(e.to_string()))?;
+        reduce_into(dtype, op, part, tmp, divisor)
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
     }
     Ok(())
 }
 
 /// Ring reduce-scatter over `chunks` (element ranges); afterwards this rank's chunk holds the result.
-async fn ring_reduce_scatter(io: &mut Io<'_>, buf: &mut [u8], chunks: &[Range<usize>], dtype: DType, op: ReduceOp) -> Result<()> {
+async fn ring_reduce_scatter(
+    io: &mut Io<'_>,
+    buf: &mut [u8],
+    chunks: &[Range<usize>],
+    dtype: DType,
+    op: ReduceOp,
+) -> Result<()> {
     let (me, n) = (io.rank, io.world);
     let (l, r) = (left(me, n), right(me, n));
     let size = dtype.size();
@@ -149,7 +186,10 @@ async fn ring_reduce_scatter(io: &mut Io<'_>, buf: &mut [u8], chunks: &[Range<us
         let (send, recv) = split_pair(buf, bytes(&chunks[s], size), bytes(&chunks[rc], size));
         io.waiting.set(Waiting::Data(l));
         let (rd, wr) = halves(io.mesh, l, r)?;
-        let (sent, got) = tokio::join!(wr.write_all(send), recv_reduce(rd, recv, io.scratch, io.segment, dtype, op, divisor));
+        let (sent, got) = tokio::join!(
+            wr.write_all(send),
+            recv_reduce(rd, recv, io.scratch, io.segment, dtype, op, divisor)
+        );
         sent.map_err(|e| lost(r, &header, "sending", &e))?;
         got.map_err(|e| lost(l, &header, "receiving", &e))?;
     }
@@ -183,7 +223,12 @@ pub async fn allreduce(io: &mut Io<'_>, buf: &mut [u8], dtype: DType, op: Reduce
 }
 
 /// Reduce-scatter in place; returns the element range of this rank's reduced chunk.
-pub async fn reduce_scatter(io: &mut Io<'_>, buf: &mut [u8], dtype: DType, op: ReduceOp) -> Result<Range<usize>> {
+pub async fn reduce_scatter(
+    io: &mut Io<'_>,
+    buf: &mut [u8],
+    dtype: DType,
+    op: ReduceOp,
+) -> Result<Range<usize>> {
     exchange_headers(io).await?;
     let chunks = partition(buf.len() / dtype.size(), io.world);
     ring_reduce_scatter(io, buf, &chunks, dtype, op).await?;
@@ -210,12 +255,19 @@ pub async fn broadcast(io: &mut Io<'_>, buf: &mut [u8], root: usize) -> Result<(
     if pos == 0 {
         io.waiting.set(Waiting::Data(r));
         let wr = writer(io.mesh, r)?;
-        return wr.write_all(buf).await.map_err(|e| lost(r, &header, "sending", &e));
+        return wr
+            .write_all(buf)
+            .await
+            .map_err(|e| lost(r, &header, "sending", &e));
     }
     io.waiting.set(Waiting::Data(l));
     if pos == n - 1 {
         let rd = reader(io.mesh, l)?;
-        return rd.read_exact(buf).await.map(|_| ()).map_err(|e| lost(l, &header, "receiving", &e));
+        return rd
+            .read_exact(buf)
+            .await
+            .map(|_| ())
+            .map_err(|e| lost(l, &header, "receiving", &e));
     }
     let (rd, wr) = halves(io.mesh, l, r)?;
     let mut prev: Option<Range<usize>> = None;
@@ -229,14 +281,22 @@ pub async fn broadcast(io: &mut Io<'_>, buf: &mut [u8], root: usize) -> Result<(
         prev = Some(seg.clone());
     }
     if let Some(p) = prev {
-        wr.write_all(&buf[p]).await.map_err(|e| lost(r, &header, "forwarding", &e))?;
+        wr.write_all(&buf[p])
+            .await
+            .map_err(|e| lost(r, &header, "forwarding", &e))?;
     }
     Ok(())
 }
 
 /// Reduce to `root`: reduce-scatter around the ring, then every rank sends its chunk to the root.
 /// Buffers of other ranks serve as scratch and hold partial results afterwards.
-pub async fn reduce(io: &mut Io<'_>, buf: &mut [u8], dtype: DType, op: ReduceOp, root: usize) -> Result<()> {
+pub async fn reduce(
+    io: &mut Io<'_>,
+    buf: &mut [u8],
+    dtype: DType,
+    op: ReduceOp,
+    root: usize,
+) -> Result<()> {
     exchange_headers(io).await?;
     let size = dtype.size();
     let chunks = partition(buf.len() / size, io.world);
@@ -246,7 +306,10 @@ pub async fn reduce(io: &mut Io<'_>, buf: &mut [u8], dtype: DType, op: ReduceOp,
     if io.rank != root {
         io.waiting.set(Waiting::Data(root));
         let wr = writer(io.mesh, root)?;
-        return wr.write_all(&buf[mine]).await.map_err(|e| lost(root, &header, "sending to the root", &e));
+        return wr
+            .write_all(&buf[mine])
+            .await
+            .map_err(|e| lost(root, &header, "sending to the root", &e));
     }
     for (peer, chunk) in chunks.iter().enumerate() {
         if peer == root || chunk.is_empty() {
@@ -254,7 +317,9 @@ pub async fn reduce(io: &mut Io<'_>, buf: &mut [u8], dtype: DType, op: ReduceOp,
         }
         io.waiting.set(Waiting::Data(peer));
         let rd = reader(io.mesh, peer)?;
-        rd.read_exact(&mut buf[bytes(chunk, size)]).await.map_err(|e| lost(peer, &header, "gathering", &e))?;
+        rd.read_exact(&mut buf[bytes(chunk, size)])
+            .await
+            .map_err(|e| lost(peer, &header, "gathering", &e))?;
     }
     Ok(())
 }
@@ -265,8 +330,12 @@ pub async fn send(io: &mut Io<'_>, buf: &[u8], to: usize) -> Result<()> {
     io.waiting.set(Waiting::Data(to));
     let wr = writer(io.mesh, to)?;
     let enc = header.encode();
-    wr.write_all(&enc).await.map_err(|e| lost(to, &header, "sending", &e))?;
-    wr.write_all(buf).await.map_err(|e| lost(to, &header, "sending", &e))
+    wr.write_all(&enc)
+        .await
+        .map_err(|e| lost(to, &header, "sending", &e))?;
+    wr.write_all(buf)
+        .await
+        .map_err(|e| lost(to, &header, "sending", &e))
 }
 
 /// Point-to-point receive: checks the sender's header against `expected`, then reads the bytes.
@@ -275,8 +344,11 @@ pub async fn recv(io: &mut Io<'_>, buf: &mut [u8], from: usize) -> Result<()> {
     io.waiting.set(Waiting::Header(from));
     let rd = reader(io.mesh, from)?;
     let mut theirs = [0u8; HEADER_LEN];
-    rd.read_exact(&mut theirs).await.map_err(|e| lost(from, &header, "receiving", &e))?;
-    let theirs = OpHeader::decode(&theirs).map_err(|m| Error::OpMismatch(format!("message #{} from rank {from}: {m}", header.seq)))?;
+    rd.read_exact(&mut theirs)
+        .await
+        .map_err(|e| lost(from, &header, "receiving", &e))?;
+    let theirs = OpHeader::decode(&theirs)
+        .map_err(|m| Error::OpMismatch(format!("message #{} from rank {from}: {m}", header.seq)))?;
     if !theirs.same_call(&header) {
         return Err(Error::OpMismatch(format!(
             "message #{}: rank {from} called {theirs} but rank {} called recv({} x {} from rank {from})",
@@ -284,5 +356,8 @@ pub async fn recv(io: &mut Io<'_>, buf: &mut [u8], from: usize) -> Result<()> {
         )));
     }
     io.waiting.set(Waiting::Data(from));
-    rd.read_exact(buf).await.map(|_| ()).map_err(|e| lost(from, &header, "receiving", &e))
+    rd.read_exact(buf)
+        .await
+        .map(|_| ())
+        .map_err(|e| lost(from, &header, "receiving", &e))
 }

@@ -48,15 +48,22 @@ pub struct TcpRing {
 
 impl std::fmt::Debug for TcpRing {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TcpRing").field("rank", &self.rank).field("world", &self.world).finish()
+        f.debug_struct("TcpRing")
+            .field("rank", &self.rank)
+            .field("world", &self.world)
+            .finish()
     }
 }
 
 /// Encodes an error for the other ranks: `kind \t rank \t message`.
 pub fn encode_abort(e: &Error, seen_by: usize) -> String {
     match e {
-        Error::PeerLost { rank, context } => format!("peer_lost\t{rank}\t{context} (seen by rank {seen_by})"),
-        Error::Timeout { what, .. } => format!("timeout\t{seen_by}\t{what} (seen by rank {seen_by})"),
+        Error::PeerLost { rank, context } => {
+            format!("peer_lost\t{rank}\t{context} (seen by rank {seen_by})")
+        }
+        Error::Timeout { what, .. } => {
+            format!("timeout\t{seen_by}\t{what} (seen by rank {seen_by})")
+        }
         Error::OpMismatch(m) => format!("mismatch\t{seen_by}\t{m}"),
         other => format!("other\t{seen_by}\t{other} (on rank {seen_by})"),
     }
@@ -65,9 +72,16 @@ pub fn encode_abort(e: &Error, seen_by: usize) -> String {
 /// Turns an abort message from another rank back into the error it describes.
 pub fn decode_abort(msg: &str, timeout: Duration) -> Error {
     let mut parts = msg.splitn(3, '\t');
-    let (kind, rank, text) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""), parts.next().unwrap_or(msg));
+    let (kind, rank, text) = (
+        parts.next().unwrap_or(""),
+        parts.next().unwrap_or(""),
+        parts.next().unwrap_or(msg),
+    );
     match (kind, rank.parse::<usize>()) {
-        ("peer_lost", Ok(rank)) => Error::PeerLost { rank, context: text.to_string() },
+        ("peer_lost", Ok(rank)) => Error::PeerLost {
+            rank,
+            context: text.to_string(),
+        },
         ("timeout", _) => Error::timeout(text, timeout),
         ("mismatch", _) => Error::OpMismatch(text.to_string()),
         _ => Error::transport("a collective on another rank", text),
@@ -111,8 +125,22 @@ macro_rules! ring_op {
 }
 
 /// A collective header: takes the next sequence number.
-fn collective(st: &mut RingState, kind: OpKind, dtype: DType, op: Option<ReduceOp>, root: usize, count: usize) -> OpHeader {
-    let h = OpHeader { seq: st.seq, kind, dtype, op, root: root as u32, count: count as u64 };
+fn collective(
+    st: &mut RingState,
+    kind: OpKind,
+    dtype: DType,
+    op: Option<ReduceOp>,
+    root: usize,
+    count: usize,
+) -> OpHeader {
+    let h = OpHeader {
+        seq: st.seq,
+        kind,
+        dtype,
+        op,
+        root: root as u32,
+        count: count as u64,
+    };
     st.seq += 1;
     h
 }
@@ -154,19 +182,32 @@ impl TcpRing {
             reason: "an earlier operation panicked".into(),
         })?;
         if let Some(reason) = &st.poisoned {
-            return Err(Error::Unusable { what: "process group".into(), reason: reason.clone() });
+            return Err(Error::Unusable {
+                what: "process group".into(),
+                reason: reason.clone(),
+            });
         }
         Ok(st)
     }
 
     /// Records straggler statistics and poisons the group on failure.
-    fn settle<T>(&self, st: &mut RingState, header: &OpHeader, lateness: Option<Duration>, outcome: Result<T>) -> Result<T> {
+    fn settle<T>(
+        &self,
+        st: &mut RingState,
+        header: &OpHeader,
+        lateness: Option<Duration>,
+        outcome: Result<T>,
+    ) -> Result<T> {
         if let (Some(late), true) = (lateness, header.kind != OpKind::Send)
             && let Some(s) = st.stragglers.record(left(self.rank, self.world), late)
         {
             tracing::warn!(
                 "straggler: rank {} started {} of the last {} collectives after rank {}, {:?} late (median)",
-                s.rank, s.late, s.window, self.rank, s.median
+                s.rank,
+                s.late,
+                s.window,
+                self.rank,
+                s.median
             );
         }
         if let Err(e) = &outcome {
@@ -175,13 +216,27 @@ impl TcpRing {
         outcome
     }
 
-    fn drive<T>(&self, fut: impl Future<Output = Result<T>>, waiting: &Cell<Waiting>, header: &OpHeader, timeout: Duration) -> Result<T> {
+    fn drive<T>(
+        &self,
+        fut: impl Future<Output = Result<T>>,
+        waiting: &Cell<Waiting>,
+        header: &OpHeader,
+        timeout: Duration,
+    ) -> Result<T> {
         let mut abort = self.abort.clone();
         let (result, local) = self.rt.block_on(async {
             tokio::select! {
                 biased;
                 r = tokio::time::timeout(timeout, fut) => match r {
                     Ok(Ok(v)) => (Ok(v), false),
+                    // A closed connection is often the echo of a failure another rank has already
+                    // diagnosed (it exits after reporting): prefer its abort when one comes soon.
+                    Ok(Err(e @ Error::PeerLost { .. })) => {
+                        match tokio::time::timeout(Duration::from_millis(500), aborted(&mut abort)).await {
+                            Ok(msg) => (Err(decode_abort(&msg, timeout)), false),
+                            Err(_) => (Err(e), true),
+                        }
+                    }
                     Ok(Err(e)) => (Err(e), true),
                     Err(_) => self.timed_out(waiting.get(), header, timeout, &mut abort).await,
                 },
@@ -204,7 +259,13 @@ impl TcpRing {
     ) -> (Result<T>, bool) {
         let seq = header.seq;
         match waiting {
-            Waiting::Header(p) => (Err(Error::timeout(format!("rank {p} to start op #{seq} {header} (it never did)"), timeout)), true),
+            Waiting::Header(p) => (
+                Err(Error::timeout(
+                    format!("rank {p} to start op #{seq} {header} (it never did)"),
+                    timeout,
+                )),
+                true,
+            ),
             other => {
                 let grace = (timeout / 4).min(Duration::from_secs(2));
                 if let Ok(msg) = tokio::time::timeout(grace, aborted(abort)).await {
@@ -231,66 +292,154 @@ impl Backend for TcpRing {
         self.world
     }
 
-    fn allreduce(&self, buf: &mut [u8], dtype: DType, op: ReduceOp, timeout: Duration) -> Result<()> {
+    fn allreduce(
+        &self,
+        buf: &mut [u8],
+        dtype: DType,
+        op: ReduceOp,
+        timeout: Duration,
+    ) -> Result<()> {
         let count = buf.len() / dtype.size();
-        ring_op!(self, st, timeout, collective(&mut st, OpKind::Allreduce, dtype, Some(op), 0, count), |io| {
-            ops::allreduce(io, buf, dtype, op)
-        })
+        ring_op!(
+            self,
+            st,
+            timeout,
+            collective(&mut st, OpKind::Allreduce, dtype, Some(op), 0, count),
+            |io| { ops::allreduce(io, buf, dtype, op) }
+        )
     }
 
-    fn broadcast(&self, buf: &mut [u8], dtype: DType, root: usize, timeout: Duration) -> Result<()> {
+    fn broadcast(
+        &self,
+        buf: &mut [u8],
+        dtype: DType,
+        root: usize,
+        timeout: Duration,
+    ) -> Result<()> {
         let count = buf.len() / dtype.size();
-        ring_op!(self, st, timeout, collective(&mut st, OpKind::Broadcast, dtype, None, root, count), |io| {
-            ops::broadcast(io, buf, root)
-        })
+        ring_op!(
+            self,
+            st,
+            timeout,
+            collective(&mut st, OpKind::Broadcast, dtype, None, root, count),
+            |io| { ops::broadcast(io, buf, root) }
+        )
     }
 
-    fn allgather(&self, input: &[u8], output: &mut [u8], dtype: DType, timeout: Duration) -> Result<()> {
+    fn allgather(
+        &self,
+        input: &[u8],
+        output: &mut [u8],
+        dtype: DType,
+        timeout: Duration,
+    ) -> Result<()> {
         let count = input.len() / dtype.size();
-        ring_op!(self, st, timeout, collective(&mut st, OpKind::Allgather, dtype, None, 0, count), |io| {
-            ops::allgather(io, input, output)
-        })
+        ring_op!(
+            self,
+            st,
+            timeout,
+            collective(&mut st, OpKind::Allgather, dtype, None, 0, count),
+            |io| { ops::allgather(io, input, output) }
+        )
     }
 
-    fn reduce_scatter(&self, buf: &mut [u8], dtype: DType, op: ReduceOp, timeout: Duration) -> Result<Range<usize>> {
+    fn reduce_scatter(
+        &self,
+        buf: &mut [u8],
+        dtype: DType,
+        op: ReduceOp,
+        timeout: Duration,
+    ) -> Result<Range<usize>> {
         let count = buf.len() / dtype.size();
-        ring_op!(self, st, timeout, collective(&mut st, OpKind::ReduceScatter, dtype, Some(op), 0, count), |io| {
-            ops::reduce_scatter(io, buf, dtype, op)
-        })
+        ring_op!(
+            self,
+            st,
+            timeout,
+            collective(&mut st, OpKind::ReduceScatter, dtype, Some(op), 0, count),
+            |io| { ops::reduce_scatter(io, buf, dtype, op) }
+        )
     }
 
-    fn reduce(&self, buf: &mut [u8], dtype: DType, op: ReduceOp, root: usize, timeout: Duration) -> Result<()> {
+    fn reduce(
+        &self,
+        buf: &mut [u8],
+        dtype: DType,
+        op: ReduceOp,
+        root: usize,
+        timeout: Duration,
+    ) -> Result<()> {
         let count = buf.len() / dtype.size();
-        ring_op!(self, st, timeout, collective(&mut st, OpKind::Reduce, dtype, Some(op), root, count), |io| {
-            ops::reduce(io, buf, dtype, op, root)
-        })
+        ring_op!(
+            self,
+            st,
+            timeout,
+            collective(&mut st, OpKind::Reduce, dtype, Some(op), root, count),
+            |io| { ops::reduce(io, buf, dtype, op, root) }
+        )
     }
 
     fn barrier(&self, timeout: Duration) -> Result<()> {
         // One element per rank, so every ring step carries data and orders the ranks.
         let mut token = vec![1u8; self.world];
         let n = self.world;
-        ring_op!(self, st, timeout, collective(&mut st, OpKind::Barrier, DType::U8, Some(ReduceOp::Max), 0, n), |io| {
-            ops::allreduce(io, &mut token, DType::U8, ReduceOp::Max)
-        })
+        ring_op!(
+            self,
+            st,
+            timeout,
+            collective(
+                &mut st,
+                OpKind::Barrier,
+                DType::U8,
+                Some(ReduceOp::Max),
+                0,
+                n
+            ),
+            |io| { ops::allreduce(io, &mut token, DType::U8, ReduceOp::Max) }
+        )
     }
 
     fn send(&self, buf: &[u8], dtype: DType, to: usize, timeout: Duration) -> Result<()> {
         let count = buf.len() / dtype.size();
-        ring_op!(self, st, timeout, {
-            let seq = st.sent[to];
-            st.sent[to] += 1;
-            OpHeader { seq, kind: OpKind::Send, dtype, op: None, root: to as u32, count: count as u64 }
-        }, |io| ops::send(io, buf, to))
+        ring_op!(
+            self,
+            st,
+            timeout,
+            {
+                let seq = st.sent[to];
+                st.sent[to] += 1;
+                OpHeader {
+                    seq,
+                    kind: OpKind::Send,
+                    dtype,
+                    op: None,
+                    root: to as u32,
+                    count: count as u64,
+                }
+            },
+            |io| ops::send(io, buf, to)
+        )
     }
 
     fn recv(&self, buf: &mut [u8], dtype: DType, from: usize, timeout: Duration) -> Result<()> {
         let count = buf.len() / dtype.size();
         let me = self.rank as u32;
-        ring_op!(self, st, timeout, {
-            let seq = st.received[from];
-            st.received[from] += 1;
-            OpHeader { seq, kind: OpKind::Send, dtype, op: None, root: me, count: count as u64 }
-        }, |io| ops::recv(io, buf, from))
+        ring_op!(
+            self,
+            st,
+            timeout,
+            {
+                let seq = st.received[from];
+                st.received[from] += 1;
+                OpHeader {
+                    seq,
+                    kind: OpKind::Send,
+                    dtype,
+                    op: None,
+                    root: me,
+                    count: count as u64,
+                }
+            },
+            |io| ops::recv(io, buf, from)
+        )
     }
 }

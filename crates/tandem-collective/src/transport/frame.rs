@@ -51,7 +51,9 @@ pub fn decode_hello(b: &[u8; HELLO_FIXED]) -> Result<HelloFixed, String> {
     }
     let version = u16::from_le_bytes([b[4], b[5]]);
     if version != PROTOCOL_VERSION {
-        return Err(format!("protocol version {version}, expected {PROTOCOL_VERSION}"));
+        return Err(format!(
+            "protocol version {version}, expected {PROTOCOL_VERSION}"
+        ));
     }
     let token_len = u16::from_le_bytes([b[18], b[19]]) as usize;
     if token_len > MAX_TOKEN_LEN {
@@ -66,7 +68,9 @@ pub fn decode_hello(b: &[u8; HELLO_FIXED]) -> Result<HelloFixed, String> {
 
 /// A stable 64-bit id of a group name (FNV-1a), so connections of different groups never mix.
 pub fn group_id(name: &str) -> u64 {
-    name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3))
+    name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 /// What kind of operation a header announces.
@@ -92,7 +96,17 @@ pub enum OpKind {
 impl OpKind {
     fn from_u8(v: u8) -> Option<OpKind> {
         use OpKind::*;
-        [Allreduce, Broadcast, Allgather, ReduceScatter, Reduce, Barrier, Send].into_iter().find(|k| *k as u8 == v)
+        [
+            Allreduce,
+            Broadcast,
+            Allgather,
+            ReduceScatter,
+            Reduce,
+            Barrier,
+            Send,
+        ]
+        .into_iter()
+        .find(|k| *k as u8 == v)
     }
 
     /// The name users know the operation by.
@@ -149,10 +163,19 @@ impl OpHeader {
         if b[..4] != HEADER_MAGIC {
             return Err("stream out of step: expected an operation header".into());
         }
-        let kind = OpKind::from_u8(b[4]).ok_or_else(|| format!("unknown operation kind {}", b[4]))?;
+        let kind =
+            OpKind::from_u8(b[4]).ok_or_else(|| format!("unknown operation kind {}", b[4]))?;
         let dtype = DType::from_code(b[5]).ok_or_else(|| format!("unknown dtype code {}", b[5]))?;
-        let op = if b[6] == 255 { None } else { Some(ReduceOp::from_code(b[6]).ok_or_else(|| format!("unknown reduce op code {}", b[6]))?) };
-        let word = |r: std::ops::Range<usize>| u64::from_le_bytes(b[r].try_into().unwrap_or_default());
+        let op = if b[6] == 255 {
+            None
+        } else {
+            Some(
+                ReduceOp::from_code(b[6])
+                    .ok_or_else(|| format!("unknown reduce op code {}", b[6]))?,
+            )
+        };
+        let word =
+            |r: std::ops::Range<usize>| u64::from_le_bytes(b[r].try_into().unwrap_or_default());
         Ok(OpHeader {
             kind,
             dtype,
@@ -174,7 +197,11 @@ impl fmt::Display for OpHeader {
         let name = self.kind.name();
         match self.kind {
             OpKind::Barrier => write!(f, "barrier()"),
-            OpKind::Broadcast => write!(f, "{name}({} x {}, root {})", self.dtype, self.count, self.root),
+            OpKind::Broadcast => write!(
+                f,
+                "{name}({} x {}, root {})",
+                self.dtype, self.count, self.root
+            ),
             OpKind::Reduce => write!(
                 f,
                 "{name}({} x {}, {}, root {})",
@@ -184,9 +211,19 @@ impl fmt::Display for OpHeader {
                 self.root
             ),
             OpKind::Allgather => write!(f, "{name}({} x {} per rank)", self.dtype, self.count),
-            OpKind::Send => write!(f, "send({} x {} to rank {})", self.dtype, self.count, self.root),
+            OpKind::Send => write!(
+                f,
+                "send({} x {} to rank {})",
+                self.dtype, self.count, self.root
+            ),
             OpKind::Allreduce | OpKind::ReduceScatter => {
-                write!(f, "{name}({} x {}, {})", self.dtype, self.count, self.op.map_or("?", ReduceOp::name))
+                write!(
+                    f,
+                    "{name}({} x {}, {})",
+                    self.dtype,
+                    self.count,
+                    self.op.map_or("?", ReduceOp::name)
+                )
             }
         }
     }
@@ -198,11 +235,23 @@ mod tests {
 
     #[test]
     fn header_round_trip_and_display() {
-        let h = OpHeader { seq: 57, kind: OpKind::Broadcast, dtype: DType::F32, op: None, root: 0, count: 10 };
+        let h = OpHeader {
+            seq: 57,
+            kind: OpKind::Broadcast,
+            dtype: DType::F32,
+            op: None,
+            root: 0,
+            count: 10,
+        };
         let back = OpHeader::decode(&h.encode()).unwrap();
         assert_eq!(back, h);
         assert_eq!(h.to_string(), "broadcast(f32 x 10, root 0)");
-        let a = OpHeader { kind: OpKind::Allreduce, op: Some(ReduceOp::Sum), count: 12, ..h };
+        let a = OpHeader {
+            kind: OpKind::Allreduce,
+            op: Some(ReduceOp::Sum),
+            count: 12,
+            ..h
+        };
         assert_eq!(a.to_string(), "allreduce(f32 x 12, sum)");
         assert!(!a.same_call(&h));
         let mut bad = h.encode();

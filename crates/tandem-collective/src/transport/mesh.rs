@@ -14,7 +14,9 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
 
-use super::frame::{HELLO_BAD_PEER, HELLO_BAD_TOKEN, HELLO_FIXED, HELLO_OK, decode_hello, encode_hello};
+use super::frame::{
+    HELLO_BAD_PEER, HELLO_BAD_TOKEN, HELLO_FIXED, HELLO_OK, decode_hello, encode_hello,
+};
 
 /// Most refused connections tolerated while waiting for the real peers.
 pub const MAX_STRANGERS: usize = 256;
@@ -81,14 +83,21 @@ async fn connect_one(spec: &MeshSpec<'_>, peer: usize, deadline: Instant) -> Res
             Err(_) => "connect timed out".into(),
         };
         if Instant::now() + backoff >= deadline {
-            return Err(Error::timeout(format!("a connection to rank {peer} at {addr} (last error: {err})"), left));
+            return Err(Error::timeout(
+                format!("a connection to rank {peer} at {addr} (last error: {err})"),
+                left,
+            ));
         }
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_millis(500));
     }
 }
 
-async fn read_hello(s: &mut TcpStream, spec: &MeshSpec<'_>, world: usize) -> std::result::Result<usize, (u8, String)> {
+async fn read_hello(
+    s: &mut TcpStream,
+    spec: &MeshSpec<'_>,
+    world: usize,
+) -> std::result::Result<usize, (u8, String)> {
     let mut fixed = [0u8; HELLO_FIXED];
     let read = async {
         s.read_exact(&mut fixed).await?;
@@ -106,19 +115,32 @@ async fn read_hello(s: &mut TcpStream, spec: &MeshSpec<'_>, world: usize) -> std
         _ => return Err((HELLO_BAD_PEER, "token unreadable".into())),
     }
     if !spec.token.matches(&token) {
-        return Err((HELLO_BAD_TOKEN, format!("wrong job token (claimed rank {})", hello.rank)));
+        return Err((
+            HELLO_BAD_TOKEN,
+            format!("wrong job token (claimed rank {})", hello.rank),
+        ));
     }
     if hello.group != spec.group {
-        return Err((HELLO_BAD_PEER, format!("rank {} belongs to another group", hello.rank)));
+        return Err((
+            HELLO_BAD_PEER,
+            format!("rank {} belongs to another group", hello.rank),
+        ));
     }
     let rank = hello.rank as usize;
     if rank >= spec.rank || rank >= world {
-        return Err((HELLO_BAD_PEER, format!("rank {rank} should not connect to rank {}", spec.rank)));
+        return Err((
+            HELLO_BAD_PEER,
+            format!("rank {rank} should not connect to rank {}", spec.rank),
+        ));
     }
     Ok(rank)
 }
 
-async fn accept_all(listener: &TcpListener, spec: &MeshSpec<'_>, deadline: Instant) -> Result<Vec<Option<TcpStream>>> {
+async fn accept_all(
+    listener: &TcpListener,
+    spec: &MeshSpec<'_>,
+    deadline: Instant,
+) -> Result<Vec<Option<TcpStream>>> {
     let world = spec.addrs.len();
     let mut got: Vec<Option<TcpStream>> = (0..spec.rank).map(|_| None).collect();
     let mut strangers = 0;
@@ -128,8 +150,14 @@ async fn accept_all(listener: &TcpListener, spec: &MeshSpec<'_>, deadline: Insta
             Ok(Ok(x)) => x,
             Ok(Err(e)) => return Err(Error::io("accepting a peer connection", e)),
             Err(_) => {
-                let missing: Vec<String> = (0..spec.rank).filter(|r| got[*r].is_none()).map(|r| r.to_string()).collect();
-                return Err(Error::timeout(format!("connections from ranks [{}]", missing.join(", ")), left));
+                let missing: Vec<String> = (0..spec.rank)
+                    .filter(|r| got[*r].is_none())
+                    .map(|r| r.to_string())
+                    .collect();
+                return Err(Error::timeout(
+                    format!("connections from ranks [{}]", missing.join(", ")),
+                    left,
+                ));
             }
         };
         setup(&s);
@@ -153,7 +181,9 @@ async fn accept_all(listener: &TcpListener, spec: &MeshSpec<'_>, deadline: Insta
         if strangers > MAX_STRANGERS {
             return Err(Error::Authentication {
                 peer: "peer connections".into(),
-                reason: format!("refused {strangers} connections while waiting for the group's ranks"),
+                reason: format!(
+                    "refused {strangers} connections while waiting for the group's ranks"
+                ),
             });
         }
     }
@@ -161,7 +191,11 @@ async fn accept_all(listener: &TcpListener, spec: &MeshSpec<'_>, deadline: Insta
 }
 
 /// Builds this rank's part of the mesh: connects up, accepts down, all before `deadline`.
-pub async fn establish(listener: &TcpListener, spec: &MeshSpec<'_>, deadline: Instant) -> Result<Mesh> {
+pub async fn establish(
+    listener: &TcpListener,
+    spec: &MeshSpec<'_>,
+    deadline: Instant,
+) -> Result<Mesh> {
     let world = spec.addrs.len();
     let connect = async {
         let mut out = Vec::new();
@@ -176,7 +210,11 @@ pub async fn establish(listener: &TcpListener, spec: &MeshSpec<'_>, deadline: In
         readers: (0..world).map(|_| None).collect(),
         writers: (0..world).map(|_| None).collect(),
     };
-    let streams = down.into_iter().enumerate().chain(up.into_iter().enumerate().map(|(i, s)| (spec.rank + 1 + i, Some(s))));
+    let streams = down.into_iter().enumerate().chain(
+        up.into_iter()
+            .enumerate()
+            .map(|(i, s)| (spec.rank + 1 + i, Some(s))),
+    );
     for (peer, s) in streams {
         if let Some(s) = s {
             let (r, w) = s.into_split();

@@ -1,0 +1,379 @@
+//! Collectives across separate OS processes on 127.0.0.1, checked against references computed here.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::process::Output;
+use std::time::Duration;
+
+use tandem::collective::transport::frame::{HELLO_BAD_TOKEN, encode_hello, group_id};
+use tandem::rendezvous::{Client, Host, JobToken, ServerConfig};
+use tandem::{DType, ReduceOp};
+use tandem_tests::suite::{Case, cases};
+use tandem_tests::{data, rank_env, spawn, stdout_lines, wait_all};
+
+const NODE: &str = env!("CARGO_BIN_EXE_tandem-test-node");
+const LIMIT: Duration = Duration::from_secs(120);
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+struct Job {
+    rt: tokio::runtime::Runtime,
+    host: Host,
+    token: JobToken,
+}
+
+impl Job {
+    fn new() -> Job {
+        let rt = runtime();
+        let token = JobToken::generate();
+        let host = rt
+            .block_on(Host::bind("127.0.0.1:0", ServerConfig::new(token.clone())))
+            .expect("bind");
+        Job { rt, host, token }
+    }
+
+    fn env(&self, rank: usize, world: usize, timeout_s: u64) -> Vec<(String, String)> {
+        let mut env = rank_env(
+            rank,
+            world,
+            &self.host.addr().to_string(),
+            self.token.as_str(),
+        );
+        env.push(("TANDEM_RENDEZVOUS_EXTERNAL".into(), "1".into()));
+        env.push(("TANDEM_SEGMENT_BYTES".into(), "4096".into()));
+        env.push(("TANDEM_TIMEOUT".into(), timeout_s.to_string()));
+        env.push(("TANDEM_CONNECT_TIMEOUT".into(), "60".into()));
+        env
+    }
+
+    fn run(&self, world: usize, args: &[&str], timeout_s: u64) -> Vec<Output> {
+        let children: Vec<_> = (0..world)
+            .map(|r| spawn(NODE, args, &self.env(r, world, timeout_s)))
+            .collect();
+        wait_all(children, LIMIT)
+    }
+}
+
+fn cases_of(out: &Output) -> BTreeMap<usize, Vec<f64>> {
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "rank failed ({}):\n{}\n{}",
+        out.status,
+        text.lines()
+            .filter(|l| !l.starts_with("CASE"))
+            .collect::<Vec<_>>()
+            .join("\n"),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text.lines()
+        .filter_map(|l| l.strip_prefix("CASE "))
+        .map(|l| {
+            let (id, json) = l.split_once(' ').expect("CASE id json");
+            (
+                id.parse().expect("id"),
+                serde_json::from_str(json).expect("values"),
+            )
+        })
+        .collect()
+}
+
+/// The element range rank `r` owns after a reduce-scatter: balanced, the first `len % n` one longer.
+fn owned(len: usize, n: usize, r: usize) -> std::ops::Range<usize> {
+    let (base, extra) = (len / n, len % n);
+    let start = r * base + r.min(extra);
+    start..start + base + usize::from(r < extra)
+}
+
+fn close(dtype: DType, op: Option<ReduceOp>, got: &[f64], want: &[f64]) -> bool {
+    got.len() == want.len()
+        && got.iter().zip(want).all(|(g, w)| {
+            if g == w {
+                return true;
+            }
+            // An average divides in the dtype (or f32 for half types) where the reference divides
+            // exactly: the two may differ by one rounding step of the dtype.
+            let eps = match dtype {
+                DType::F32 => 2f64.powi(-23),
+                DType::F64 => 2f64.powi(-52),
+                DType::F16 => 2f64.powi(-10),
+                DType::BF16 => 2f64.powi(-7),
+                _ => 0.0,
+            };
+            op == Some(ReduceOp::Avg) && (g - w).abs() <= w.abs() * eps * 2.0 + eps
+        })
+}
+
+fn check_case(case: &Case, world: usize, results: &[BTreeMap<usize, Vec<f64>>]) {
+    let inputs: Vec<Vec<f64>> = (0..world)
+        .map(|r| data::values(case.id as u64, r, case.len, case.dtype, case.op))
+        .collect();
+    let rounded: Vec<Vec<f64>> = inputs
+        .iter()
+        .map(|v| data::from_bytes(case.dtype, &data::to_bytes(case.dtype, v)))
+        .collect();
+    let got = |r: usize| -> &Vec<f64> {
+        results[r]
+            .get(&case.id)
+            .unwrap_or_else(|| panic!("rank {r} printed no result for case {case:?}"))
+    };
+    let label = format!("case {case:?}");
+    match case.kind {
+        "allreduce" => {
+            let want = data::reference(case.dtype, case.op.expect("op"), &rounded);
+            for r in 0..world {
+                assert!(
+                    close(case.dtype, case.op, got(r), &want),
+                    "{label} rank {r}: {:?} vs {:?}",
+                    &got(r)[..got(r).len().min(8)],
+                    &want[..want.len().min(8)]
+                );
+            }
+        }
+        "reduce_scatter" => {
+            let want = data::reference(case.dtype, case.op.expect("op"), &rounded);
+            for r in 0..world {
+                let range = owned(case.len, world, r);
+                assert_eq!(got(r)[0] as usize, range.start, "{label} rank {r} range");
+                assert!(
+                    close(case.dtype, case.op, &got(r)[1..], &want[range]),
+                    "{label} rank {r}"
+                );
+            }
+        }
+        "reduce" => {
+            let want = data::reference(case.dtype, case.op.expect("op"), &rounded);
+            assert!(close(case.dtype, case.op, got(case.root), &want), "{label}");
+        }
+        "broadcast" => {
+            for r in 0..world {
+                assert_eq!(got(r), &rounded[case.root], "{label} rank {r}");
+            }
+        }
+        "allgather" => {
+            let want: Vec<f64> = rounded.concat();
+            for r in 0..world {
+                assert_eq!(got(r), &want, "{label} rank {r}");
+            }
+        }
+        "sendrecv" if world > 1 => {
+            for r in 0..world {
+                assert_eq!(
+                    got(r),
+                    &rounded[(r + world - 1) % world],
+                    "{label} rank {r}"
+                );
+            }
+        }
+        "barrier" => {
+            for r in 0..world {
+                got(r);
+            }
+        }
+        _ => {}
+    }
+}
+
+fn suite(world: usize) {
+    let job = Job::new();
+    let outs = job.run(world, &["suite"], 60);
+    if outs.iter().any(|o| !o.status.success()) {
+        let report: Vec<String> = outs
+            .iter()
+            .enumerate()
+            .map(|(r, o)| {
+                let err = String::from_utf8_lossy(&o.stderr);
+                let tail: Vec<&str> = err.lines().rev().take(3).collect();
+                format!(
+                    "rank {r}: {}\n{}\n{}",
+                    o.status,
+                    lines_with(o, "ERROR").join("\n"),
+                    tail.join("\n")
+                )
+            })
+            .collect();
+        panic!("the suite failed:\n{}", report.join("\n"));
+    }
+    let results: Vec<_> = outs.iter().map(cases_of).collect();
+    for case in cases(world) {
+        check_case(&case, world, &results);
+    }
+}
+
+#[test]
+fn every_op_dtype_and_reduce_op_world_1() {
+    suite(1);
+}
+
+#[test]
+fn every_op_dtype_and_reduce_op_world_2() {
+    suite(2);
+}
+
+#[test]
+fn every_op_dtype_and_reduce_op_world_3() {
+    suite(3);
+}
+
+#[test]
+fn every_op_dtype_and_reduce_op_world_4() {
+    suite(4);
+}
+
+#[test]
+fn every_op_dtype_and_reduce_op_world_5() {
+    suite(5);
+}
+
+#[test]
+fn many_async_ops_in_flight_keep_their_order() {
+    let world = 3;
+    let job = Job::new();
+    let results: Vec<_> = job
+        .run(world, &["async"], 60)
+        .iter()
+        .map(cases_of)
+        .collect();
+    for id in 0..8usize {
+        let inputs: Vec<Vec<f64>> = (0..world)
+            .map(|r| {
+                data::values(
+                    1000 + id as u64,
+                    r,
+                    10_007 + id,
+                    DType::F32,
+                    Some(ReduceOp::Sum),
+                )
+            })
+            .collect();
+        let want = data::reference(DType::F32, ReduceOp::Sum, &inputs);
+        for (r, res) in results.iter().enumerate() {
+            assert_eq!(res.get(&id), Some(&want), "op {id} on rank {r}");
+        }
+    }
+}
+
+fn lines_with(out: &Output, prefix: &str) -> Vec<String> {
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.starts_with(prefix))
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn a_killed_peer_is_named_by_every_survivor() {
+    let world = 4;
+    let victim = 2;
+    let job = Job::new();
+    let mut children: Vec<_> = (0..world)
+        .map(|r| spawn(NODE, &["loop"], &job.env(r, world, 20)))
+        .collect();
+    let lines = stdout_lines(&mut children[victim]);
+    loop {
+        let line = lines
+            .recv_timeout(LIMIT)
+            .expect("the victim made no progress");
+        if line == "ITER 3" {
+            break;
+        }
+    }
+    children[victim].kill().expect("kill");
+    let _ = children[victim].wait();
+    let outs = wait_all(children, LIMIT);
+    for (r, out) in outs.into_iter().enumerate() {
+        if r == victim {
+            continue;
+        }
+        assert_eq!(out.status.code(), Some(3), "rank {r} should fail");
+        let err = lines_with(&out, "ERROR").join("\n");
+        assert!(
+            err.contains(&format!("rank {victim}")),
+            "rank {r} must name rank {victim}: {err}"
+        );
+        assert!(err.contains("op #"), "rank {r} must name the op: {err}");
+        let after = lines_with(&out, "AFTER").join("\n");
+        assert!(after.contains("no longer usable"), "rank {r}: {after}");
+    }
+}
+
+#[test]
+fn mismatched_calls_name_both_sides_on_every_rank() {
+    let world = 4;
+    let job = Job::new();
+    let outs = job.run(world, &["mismatch", "--odd", "2"], 20);
+    for (r, out) in outs.iter().enumerate() {
+        assert_eq!(out.status.code(), Some(3), "rank {r} should fail");
+        let err = lines_with(out, "ERROR").join("\n");
+        assert!(err.starts_with("ERROR mismatch"), "rank {r}: {err}");
+        assert!(
+            err.contains("broadcast(f32 x 10, root 0)")
+                && err.contains("allreduce(f32 x 12, sum)")
+                && err.contains("op #0"),
+            "rank {r}: {err}"
+        );
+    }
+}
+
+#[test]
+fn strangers_and_wrong_tokens_are_refused_by_the_mesh() {
+    let world = 2;
+    let job = Job::new();
+    // Rank 1 starts alone and waits for rank 0's connection.
+    let rank1 = spawn(NODE, &["async"], &job.env(1, world, 30));
+    let addr = job.rt.block_on(async {
+        let c = Client::connect(
+            &job.host.addr().to_string(),
+            &job.token,
+            Duration::from_secs(10),
+        )
+        .await
+        .expect("connect");
+        let v = c
+            .wait(&["tandem/pg/default/addr/1"], Duration::from_secs(60))
+            .await
+            .expect("rank 1 address");
+        // Rank 1 accepts once it knows every address; rank 0 will publish its real one later.
+        c.set("tandem/pg/default/addr/0", "127.0.0.1:1")
+            .await
+            .expect("placeholder");
+        String::from_utf8_lossy(&v[0]).into_owned()
+    });
+    // A connection with the wrong token is refused with a reason code.
+    let mut s = std::net::TcpStream::connect(&addr).expect("connect to rank 1");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    s.write_all(&encode_hello(0, group_id("default"), "not-the-job-token"))
+        .expect("hello");
+    let mut reply = [0u8; 1];
+    s.read_exact(&mut reply).expect("a refusal");
+    assert_eq!(reply[0], HELLO_BAD_TOKEN);
+    // A stranger speaking another protocol is refused too.
+    let mut s = std::net::TcpStream::connect(&addr).expect("connect to rank 1");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .expect("write");
+    let mut reply = [0u8; 1];
+    let n = s.read(&mut reply).unwrap_or(0);
+    assert!(n == 0 || reply[0] != 1, "a stranger must not be admitted");
+    // The real rank 0 is still admitted and the group works.
+    let rank0 = spawn(NODE, &["async"], &job.env(0, world, 30));
+    let results: Vec<_> = wait_all(vec![rank0, rank1], LIMIT)
+        .iter()
+        .map(cases_of)
+        .collect();
+    let inputs: Vec<Vec<f64>> = (0..world)
+        .map(|r| data::values(1000, r, 10_007, DType::F32, Some(ReduceOp::Sum)))
+        .collect();
+    let want = data::reference(DType::F32, ReduceOp::Sum, &inputs);
+    for res in &results {
+        assert_eq!(res.get(&0), Some(&want));
+    }
+}
