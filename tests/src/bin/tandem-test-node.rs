@@ -25,9 +25,9 @@ fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let r = match args.first().map(String::as_str) {
         Some("meet") => runtime().and_then(|rt| rt.block_on(meet(&args[1..]))),
-        Some("suite") => collective(|pg| run_suite(pg)),
-        Some("async") => collective(|pg| run_async(pg)),
-        Some("loop") => collective(|pg| run_loop(pg)),
+        Some("suite") => collective(run_suite),
+        Some("async") => collective(run_async),
+        Some("loop") => collective(run_loop),
         Some("mismatch") => collective(|pg| run_mismatch(pg, &args[1..])),
         other => Err(Error::invalid("mode", format!("unknown mode {other:?}"))),
     };
