@@ -180,9 +180,16 @@ fn check_case(case: &Case, world: usize, results: &[BTreeMap<usize, Vec<f64>>]) 
     }
 }
 
+/// Runs the suite twice: with small allreduces in one hop (the default) and with every allreduce
+/// around the ring.
 fn suite(world: usize) {
+    suite_with(world, &[]);
+    suite_with(world, &[("TANDEM_DIRECT_BYTES", "0")]);
+}
+
+fn suite_with(world: usize, extra: &[(&str, &str)]) {
     let job = Job::new();
-    let outs = job.run(world, &["suite"], 60);
+    let outs = job.run_with(world, &["suite"], 60, extra);
     if outs.iter().any(|o| !o.status.success()) {
         let report: Vec<String> = outs
             .iter()

@@ -1,13 +1,14 @@
 //! `tandem demo`: the README's main job. Starts a rendezvous and N processes on this machine that find
 //! each other through it, exchange values, pass barriers and check a shared counter.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, ExitCode, Stdio};
-use std::time::{Duration, Instant};
+use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::Args;
-use tandem::rendezvous::{EXTERNAL_VAR, Host, JobToken, ServerConfig, Session, TOKEN_VAR};
+use tandem::rendezvous::Session;
 use tandem::{Error, Result};
+
+use crate::launch::LocalJob;
 
 /// Arguments of `tandem demo`.
 #[derive(Args, Debug)]
@@ -36,41 +37,14 @@ pub fn demo(args: DemoArgs) -> Result<ExitCode> {
             format!("{} is not between 1 and 64", args.nproc),
         ));
     }
-    let rt = crate::runtime()?;
-    let token = JobToken::generate();
-    let host = rt.block_on(Host::bind("127.0.0.1:0", ServerConfig::new(token.clone())))?;
     println!(
-        "tandem demo: rendezvous on {} with {} processes",
-        host.addr(),
+        "tandem demo: {} processes meeting through a rendezvous on this machine",
         args.nproc
     );
-    let exe = std::env::current_exe().map_err(|e| Error::io("finding the tandem executable", e))?;
-    let mut children = Vec::new();
-    for rank in 0..args.nproc {
-        let mut child = Command::new(&exe)
-            .arg("demo-rank")
-            .env("TANDEM_LAUNCHER", "tandem")
-            .env("TANDEM_RANK", rank.to_string())
-            .env("TANDEM_WORLD_SIZE", args.nproc.to_string())
-            .env("TANDEM_LOCAL_RANK", rank.to_string())
-            .env("TANDEM_LOCAL_WORLD_SIZE", args.nproc.to_string())
-            .env("TANDEM_RENDEZVOUS_ADDR", host.addr().to_string())
-            .env(EXTERNAL_VAR, "1")
-            .env(TOKEN_VAR, token.as_str())
-            .stdout(Stdio::piped())
-            .spawn()
-            .map_err(|e| Error::io(format!("starting rank {rank}"), e))?;
-        if let Some(out) = child.stdout.take() {
-            std::thread::spawn(move || {
-                for line in BufReader::new(out).lines().map_while(|l| l.ok()) {
-                    println!("[rank {rank}] {line}");
-                }
-            });
-        }
-        children.push(child);
-    }
-    let failed = wait_all(&mut children, Duration::from_secs(args.timeout));
-    rt.block_on(host.stop())?;
+    let job = LocalJob::start(args.nproc, &["demo-rank".to_string()], &[], |rank, line| {
+        println!("[rank {rank}] {line}")
+    })?;
+    let failed = job.wait(Duration::from_secs(args.timeout))?;
     if failed.is_empty() {
         println!("tandem demo: all {} processes met and agreed", args.nproc);
         Ok(ExitCode::SUCCESS)
@@ -78,40 +52,6 @@ pub fn demo(args: DemoArgs) -> Result<ExitCode> {
         eprintln!("tandem demo: failed ranks: {}", failed.join(", "));
         Ok(ExitCode::from(1))
     }
-}
-
-/// Waits for every child, killing all of them when the deadline passes; returns what failed.
-fn wait_all(children: &mut [Child], timeout: Duration) -> Vec<String> {
-    let end = Instant::now() + timeout;
-    let mut status: Vec<Option<String>> = vec![None; children.len()];
-    while status.iter().any(Option::is_none) {
-        for (rank, child) in children.iter_mut().enumerate() {
-            if status[rank].is_none()
-                && let Ok(Some(s)) = child.try_wait()
-            {
-                status[rank] = Some(if s.success() {
-                    String::new()
-                } else {
-                    format!("rank {rank} ({s})")
-                });
-            }
-        }
-        if Instant::now() >= end {
-            for (rank, child) in children.iter_mut().enumerate() {
-                if status[rank].is_none() {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    status[rank] = Some(format!("rank {rank} (killed after {timeout:?})"));
-                }
-            }
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    status
-        .into_iter()
-        .flatten()
-        .filter(|s| !s.is_empty())
-        .collect()
 }
 
 /// One rank: join, publish, read everyone, count together, leave.

@@ -1,7 +1,9 @@
 //! The `tandem` command.
 
+mod bench;
 mod demo;
 mod info;
+mod launch;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -25,6 +27,11 @@ enum Command {
     Rendezvous(info::RendezvousArgs),
     /// Run the demo job on this machine: several processes meet through a rendezvous.
     Demo(demo::DemoArgs),
+    /// Measure a collective over N local ranks (nccl-tests style table).
+    Bench(bench::BenchArgs),
+    /// One rank of a benchmark (started by `tandem bench`).
+    #[command(hide = true)]
+    BenchRank(bench::BenchRankArgs),
     /// One rank of the demo (started by `tandem demo`).
     #[command(hide = true)]
     DemoRank(demo::RankArgs),
@@ -43,6 +50,8 @@ fn main() -> ExitCode {
         Command::Rendezvous(a) => info::rendezvous(a),
         Command::Demo(a) => demo::demo(a),
         Command::DemoRank(a) => demo::rank(a),
+        Command::Bench(a) => bench::bench(a),
+        Command::BenchRank(a) => bench::bench_rank(a),
     };
     match result {
         Ok(code) => code,

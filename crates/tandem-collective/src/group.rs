@@ -14,7 +14,7 @@ use tandem_rendezvous::{JobToken, Session, TOKEN_VAR};
 use tokio::runtime::Runtime;
 use tokio::sync::watch;
 
-use crate::backend::tcp_ring::TcpRing;
+use crate::backend::tcp_ring::{TcpRing, Tuning};
 use crate::backend::{Backend, BackendKind, resolve};
 use crate::transport::frame::group_id;
 use crate::transport::mesh::{MeshSpec, establish};
@@ -30,6 +30,9 @@ pub struct GroupConfig {
     pub connect_timeout: Duration,
     /// Pipeline segment in bytes (`TANDEM_SEGMENT_BYTES`; default 256 KiB).
     pub segment_bytes: usize,
+    /// Allreduces whose buffer times `world - 1` is at most this many bytes go to every rank in one
+    /// hop instead of around the ring (`TANDEM_DIRECT_BYTES`; default 64 KiB; 0 turns it off).
+    pub direct_bytes: usize,
     /// Which backend (`TANDEM_BACKEND`).
     pub backend: BackendKind,
     /// Host other ranks should connect to (`TANDEM_ADVERTISE_HOST`); default: derived from the
@@ -44,6 +47,7 @@ impl Default for GroupConfig {
             timeout: Duration::from_secs(300),
             connect_timeout: Duration::from_secs(120),
             segment_bytes: 256 << 10,
+            direct_bytes: 64 << 10,
             backend: BackendKind::Auto,
             advertise_host: None,
         }
@@ -85,6 +89,18 @@ impl GroupConfig {
                     Error::config(
                         "TANDEM_SEGMENT_BYTES",
                         format!("expected 4096 to 67108864, got {v:?}"),
+                    )
+                })?;
+        }
+        if let Some(v) = vars.var("TANDEM_DIRECT_BYTES") {
+            c.direct_bytes = v
+                .parse::<usize>()
+                .ok()
+                .filter(|b| *b <= (16 << 20))
+                .ok_or_else(|| {
+                    Error::config(
+                        "TANDEM_DIRECT_BYTES",
+                        format!("expected 0 to 16777216, got {v:?}"),
                     )
                 })?;
         }
@@ -378,7 +394,10 @@ impl ProcessGroup {
             world,
             ring_rt,
             mesh,
-            config.segment_bytes,
+            Tuning {
+                segment_bytes: config.segment_bytes,
+                direct_bytes: config.direct_bytes,
+            },
             abort_rx,
             publish,
         );

@@ -361,3 +361,79 @@ pub async fn recv(io: &mut Io<'_>, buf: &mut [u8], from: usize) -> Result<()> {
         .map(|_| ())
         .map_err(|e| lost(from, &header, "receiving", &e))
 }
+
+/// Allreduce for small buffers in one hop: every rank sends its header and data to every other rank,
+/// then each reduces all contributions in rank order, so every rank computes bit-identical results.
+/// Also checks every peer's header, not only the left neighbour's.
+pub async fn allreduce_direct(
+    io: &mut Io<'_>,
+    buf: &mut [u8],
+    dtype: DType,
+    op: ReduceOp,
+) -> Result<()> {
+    let (me, n) = (io.rank, io.world);
+    let header = io.header;
+    let len = buf.len();
+    let mut msg = Vec::with_capacity(HEADER_LEN + len);
+    msg.extend_from_slice(&header.encode());
+    msg.extend_from_slice(buf);
+    let mut inbox = vec![0u8; len * n];
+    io.waiting.set(Waiting::Header((me + n - 1) % n));
+    let start = Instant::now();
+    let Mesh { readers, writers } = &mut *io.mesh;
+    let sends = writers
+        .iter_mut()
+        .enumerate()
+        .filter_map(|(p, w)| w.as_mut().map(|w| (p, w)))
+        .map(|(p, w)| {
+            let msg = &msg;
+            async move {
+                w.write_all(msg)
+                    .await
+                    .map_err(|e| lost(p, &header, "sending", &e))
+            }
+        });
+    let slots: Vec<&mut [u8]> = if len == 0 {
+        (0..n).map(|_| <&mut [u8]>::default()).collect()
+    } else {
+        inbox.chunks_mut(len).collect()
+    };
+    let recvs = readers
+        .iter_mut()
+        .zip(slots)
+        .enumerate()
+        .filter_map(|(p, (r, slot))| r.as_mut().map(|r| (p, r, slot)))
+        .map(|(p, r, slot)| async move {
+            let mut theirs = [0u8; HEADER_LEN];
+            r.read_exact(&mut theirs)
+                .await
+                .map_err(|e| lost(p, &header, "receiving the header", &e))?;
+            let theirs = OpHeader::decode(&theirs).map_err(|m| {
+                Error::OpMismatch(format!("op #{}: rank {p} sent garbage: {m}", header.seq))
+            })?;
+            if !theirs.same_call(&header) {
+                return Err(mismatch(&header, me, &theirs, p));
+            }
+            r.read_exact(&mut slot[..len])
+                .await
+                .map_err(|e| lost(p, &header, "receiving", &e))?;
+            Ok(())
+        });
+    let (sent, got) = tokio::join!(
+        futures::future::join_all(sends),
+        futures::future::join_all(recvs)
+    );
+    for r in got.into_iter().chain(sent) {
+        r?;
+    }
+    io.left_lateness.set(Some(start.elapsed()));
+    // Reduce in rank order on every rank.
+    inbox[me * len..(me + 1) * len].copy_from_slice(buf);
+    let (first, rest) = inbox.split_at(len);
+    buf.copy_from_slice(first);
+    for (i, contribution) in rest.chunks(len.max(1)).enumerate().take(n - 1) {
+        let divisor = (op == ReduceOp::Avg && i == n - 2).then_some(n);
+        reduce_into(dtype, op, buf, &contribution[..len], divisor)?;
+    }
+    Ok(())
+}

@@ -35,11 +35,21 @@ struct RingState {
     stragglers: Stragglers,
 }
 
+/// Knobs of the TCP ring.
+#[derive(Debug, Clone, Copy)]
+pub struct Tuning {
+    /// Pipeline segment in bytes.
+    pub segment_bytes: usize,
+    /// Allreduces with `bytes * (world - 1)` up to this go to every rank in one hop.
+    pub direct_bytes: usize,
+}
+
 /// The TCP ring backend of one process group.
 pub struct TcpRing {
     rank: usize,
     world: usize,
     segment: usize,
+    direct_bytes: usize,
     rt: Runtime,
     state: Mutex<RingState>,
     abort: watch::Receiver<Option<String>>,
@@ -152,15 +162,17 @@ impl TcpRing {
         world: usize,
         rt: Runtime,
         mesh: Mesh,
-        segment: usize,
+        tuning: Tuning,
         abort: watch::Receiver<Option<String>>,
         publish: Publish,
     ) -> Self {
-        let segment = segment.clamp(4096, 64 << 20) / 8 * 8;
+        let segment = tuning.segment_bytes.clamp(4096, 64 << 20) / 8 * 8;
+        let direct_bytes = tuning.direct_bytes;
         TcpRing {
             rank,
             world,
             segment,
+            direct_bytes,
             rt,
             state: Mutex::new(RingState {
                 mesh,
@@ -300,12 +312,19 @@ impl Backend for TcpRing {
         timeout: Duration,
     ) -> Result<()> {
         let count = buf.len() / dtype.size();
+        let direct = buf.len().saturating_mul(self.world - 1) <= self.direct_bytes;
         ring_op!(
             self,
             st,
             timeout,
             collective(&mut st, OpKind::Allreduce, dtype, Some(op), 0, count),
-            |io| { ops::allreduce(io, buf, dtype, op) }
+            |io| async move {
+                if direct {
+                    ops::allreduce_direct(io, buf, dtype, op).await
+                } else {
+                    ops::allreduce(io, buf, dtype, op).await
+                }
+            }
         )
     }
 

@@ -1,0 +1,354 @@
+//! `tandem bench allreduce|broadcast|allgather|reduce-scatter`: an nccl-tests-style sweep over sizes,
+//! run by N local ranks over the TCP ring.
+
+use std::io::Write;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use clap::{Args, ValueEnum};
+use tandem::{DType, Error, ProcessGroup, ReduceOp, Result};
+
+use crate::launch::{LocalJob, parse_size};
+
+/// The collective to measure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Collective {
+    /// Ring allreduce.
+    Allreduce,
+    /// Pipelined broadcast from rank 0.
+    Broadcast,
+    /// Ring allgather.
+    Allgather,
+    /// Ring reduce-scatter.
+    ReduceScatter,
+}
+
+impl Collective {
+    fn name(self) -> &'static str {
+        match self {
+            Collective::Allreduce => "allreduce",
+            Collective::Broadcast => "broadcast",
+            Collective::Allgather => "allgather",
+            Collective::ReduceScatter => "reduce-scatter",
+        }
+    }
+
+    /// nccl-tests' bus bandwidth factor.
+    fn bus_factor(self, n: usize) -> f64 {
+        let n = n as f64;
+        match self {
+            Collective::Allreduce => 2.0 * (n - 1.0) / n,
+            Collective::Broadcast => 1.0,
+            Collective::Allgather | Collective::ReduceScatter => (n - 1.0) / n,
+        }
+    }
+}
+
+/// Arguments of `tandem bench <collective>`.
+#[derive(Args, Debug, Clone)]
+pub struct BenchArgs {
+    /// Which collective.
+    #[arg(value_enum)]
+    collective: Collective,
+    /// Number of local ranks.
+    #[arg(long, default_value_t = 2)]
+    np: usize,
+    /// Smallest size in bytes (K, M, G suffixes).
+    #[arg(long, default_value = "4K")]
+    min: String,
+    /// Largest size in bytes.
+    #[arg(long, default_value = "64M")]
+    max: String,
+    /// Reduce operator.
+    #[arg(long, default_value = "sum")]
+    op: String,
+    /// Element type.
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+    /// Timed iterations per size (default: fewer for large sizes).
+    #[arg(long)]
+    iters: Option<usize>,
+    /// Untimed iterations per size.
+    #[arg(long, default_value_t = 3)]
+    warmup: usize,
+    /// Also write the table as CSV here.
+    #[arg(long)]
+    csv: Option<String>,
+    /// Pipeline segment in bytes (TANDEM_SEGMENT_BYTES).
+    #[arg(long)]
+    segment: Option<String>,
+}
+
+/// Arguments of one bench rank (hidden).
+#[derive(Args, Debug, Clone)]
+pub struct BenchRankArgs {
+    #[command(flatten)]
+    bench: BenchArgs,
+}
+
+/// Starts `np` ranks running the sweep and forwards rank 0's table.
+pub fn bench(args: BenchArgs) -> Result<ExitCode> {
+    if args.np == 0 || args.np > 64 {
+        return Err(Error::invalid(
+            "--np",
+            format!("{} is not between 1 and 64", args.np),
+        ));
+    }
+    let (min, max) = (
+        parse_size("--min", &args.min)?,
+        parse_size("--max", &args.max)?,
+    );
+    if min > max {
+        return Err(Error::invalid(
+            "--min",
+            format!("{min} is larger than --max {max}"),
+        ));
+    }
+    args.op.parse::<ReduceOp>()?;
+    args.dtype.parse::<DType>()?;
+    let mut rank_args: Vec<String> = vec!["bench-rank".into(), args.collective.name().into()];
+    rank_args.extend([
+        "--np".into(),
+        args.np.to_string(),
+        "--min".into(),
+        args.min.clone(),
+        "--max".into(),
+        args.max.clone(),
+    ]);
+    rank_args.extend([
+        "--op".into(),
+        args.op.clone(),
+        "--dtype".into(),
+        args.dtype.clone(),
+        "--warmup".into(),
+        args.warmup.to_string(),
+    ]);
+    if let Some(i) = args.iters {
+        rank_args.extend(["--iters".into(), i.to_string()]);
+    }
+    if let Some(c) = &args.csv {
+        rank_args.extend(["--csv".into(), c.clone()]);
+    }
+    let mut env = Vec::new();
+    if let Some(s) = &args.segment {
+        env.push((
+            "TANDEM_SEGMENT_BYTES".to_string(),
+            parse_size("--segment", s)?.to_string(),
+        ));
+    }
+    let job = LocalJob::start(args.np, &rank_args, &env, |rank, line| {
+        if rank == 0 {
+            println!("{line}");
+        }
+    })?;
+    let failed = job.wait(Duration::from_secs(3600))?;
+    if failed.is_empty() {
+        Ok(ExitCode::SUCCESS)
+    } else {
+        eprintln!("tandem bench: failed ranks: {}", failed.join(", "));
+        Ok(ExitCode::from(1))
+    }
+}
+
+/// Peak resident set size of this process in bytes (Linux `VmHWM`), or 0 where unknown.
+pub fn peak_rss() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .and_then(|kb| kb.parse::<u64>().ok())
+            })
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+fn fill(buf: &mut [u8], dtype: DType, value: f64) {
+    let one: Vec<u8> = match dtype {
+        DType::F32 => (value as f32).to_le_bytes().to_vec(),
+        DType::F64 => value.to_le_bytes().to_vec(),
+        DType::F16 => tandem::half::f16::from_f64(value).to_le_bytes().to_vec(),
+        DType::BF16 => tandem::half::bf16::from_f64(value).to_le_bytes().to_vec(),
+        DType::I32 => (value as i32).to_le_bytes().to_vec(),
+        DType::I64 => (value as i64).to_le_bytes().to_vec(),
+        _ => vec![value as u8],
+    };
+    for c in buf.chunks_exact_mut(one.len()) {
+        c.copy_from_slice(&one);
+    }
+}
+
+fn wrong(buf: &[u8], dtype: DType, want: f64) -> usize {
+    let mut expect = vec![0u8; dtype.size()];
+    fill(&mut expect, dtype, want);
+    buf.chunks_exact(dtype.size())
+        .filter(|c| *c != expect.as_slice())
+        .count()
+}
+
+/// One rank of the sweep.
+pub fn bench_rank(args: BenchRankArgs) -> Result<ExitCode> {
+    let a = args.bench;
+    let pg = ProcessGroup::from_env()?;
+    let (rank, n) = (pg.rank(), pg.world_size());
+    let op: ReduceOp = a.op.parse()?;
+    let dtype: DType = a.dtype.parse()?;
+    let (min, max) = (
+        parse_size("--min", &a.min)?.max(dtype.size()),
+        parse_size("--max", &a.max)?,
+    );
+    let mut csv = match (&a.csv, rank) {
+        (Some(path), 0) => Some(
+            std::fs::File::create(path).map_err(|e| Error::io(format!("creating {path}"), e))?,
+        ),
+        _ => None,
+    };
+    if rank == 0 {
+        println!(
+            "# tandem bench {} : {n} ranks, backend {}, op {op}, dtype {dtype}",
+            a.collective.name(),
+            pg.backend_name()
+        );
+        println!(
+            "#{:>12} {:>12} {:>6} {:>6} {:>11} {:>11} {:>11} {:>7}",
+            "size(B)", "count", "type", "redop", "time(us)", "algbw(GB/s)", "busbw(GB/s)", "#wrong"
+        );
+        if let Some(f) = csv.as_mut() {
+            let _ = writeln!(
+                f,
+                "collective,ranks,size,count,type,redop,time_us,algbw_gbs,busbw_gbs,wrong"
+            );
+        }
+    }
+    let mut size = min;
+    while size <= max {
+        let count = size / dtype.size();
+        let bytes = count * dtype.size();
+        let (wrong_count, elapsed, iters) =
+            run_size(&pg, a.collective, dtype, op, bytes, a.iters, a.warmup)?;
+        // The slowest rank's time is the operation's time; the wrong counts add up.
+        let mut stats = [elapsed.as_secs_f64() / iters as f64, wrong_count as f64];
+        pg.allreduce(&mut stats[..1], ReduceOp::Max)?;
+        pg.allreduce(&mut stats[1..], ReduceOp::Sum)?;
+        let secs = stats[0];
+        let algbw = bytes as f64 / secs / 1e9;
+        let busbw = algbw * a.collective.bus_factor(n);
+        if rank == 0 {
+            println!(
+                "{:>13} {:>12} {:>6} {:>6} {:>11.1} {:>11.3} {:>11.3} {:>7}",
+                bytes,
+                count,
+                dtype.name(),
+                op.name(),
+                secs * 1e6,
+                algbw,
+                busbw,
+                stats[1] as u64
+            );
+            if let Some(f) = csv.as_mut() {
+                let _ = writeln!(
+                    f,
+                    "{},{n},{bytes},{count},{dtype},{op},{:.3},{algbw:.4},{busbw:.4},{}",
+                    a.collective.name(),
+                    secs * 1e6,
+                    stats[1] as u64
+                );
+            }
+        }
+        size *= 2;
+    }
+    let mut rss = vec![0.0f64; n];
+    pg.allgather(&[peak_rss() as f64], &mut rss)?;
+    if rank == 0 {
+        let mib: Vec<String> = rss
+            .iter()
+            .map(|b| format!("{:.1}", b / (1 << 20) as f64))
+            .collect();
+        println!("# peak RSS per rank (MiB): {}", mib.join(" "));
+    }
+    pg.shutdown()?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn run_size(
+    pg: &ProcessGroup,
+    coll: Collective,
+    dtype: DType,
+    op: ReduceOp,
+    bytes: usize,
+    iters: Option<usize>,
+    warmup: usize,
+) -> Result<(usize, Duration, usize)> {
+    let (rank, n) = (pg.rank(), pg.world_size());
+    let iters = iters
+        .unwrap_or(if bytes >= 16 << 20 {
+            10
+        } else if bytes >= 1 << 20 {
+            30
+        } else {
+            200
+        })
+        .max(1);
+    let mut buf = vec![0u8; bytes];
+    let mut out = Vec::new();
+    let check_op = if op == ReduceOp::Avg {
+        ReduceOp::Sum
+    } else {
+        op
+    };
+    // Correctness: rank r contributes r + 1.
+    fill(&mut buf, dtype, (rank + 1) as f64);
+    let wrong_count = match coll {
+        Collective::Allreduce => {
+            pg.allreduce_bytes(&mut buf, dtype, check_op)?;
+            let want = match check_op {
+                ReduceOp::Sum => (n * (n + 1) / 2) as f64,
+                ReduceOp::Max => n as f64,
+                ReduceOp::Min => 1.0,
+                _ => (1..=n).map(|x| x as f64).product(),
+            };
+            wrong(&buf, dtype, want)
+        }
+        Collective::Broadcast => {
+            pg.broadcast_bytes(&mut buf, dtype, 0)?;
+            wrong(&buf, dtype, 1.0)
+        }
+        Collective::Allgather => {
+            let per = bytes / n / dtype.size() * dtype.size();
+            out = vec![0u8; per * n];
+            pg.allgather_bytes(&buf[..per], &mut out, dtype)?;
+            (0..n)
+                .map(|r| wrong(&out[r * per..(r + 1) * per], dtype, (r + 1) as f64))
+                .sum()
+        }
+        Collective::ReduceScatter => {
+            let r = pg.reduce_scatter_bytes(&mut buf, dtype, ReduceOp::Sum)?;
+            wrong(
+                &buf[r.start * dtype.size()..r.end * dtype.size()],
+                dtype,
+                (n * (n + 1) / 2) as f64,
+            )
+        }
+    };
+    let once = |buf: &mut [u8], out: &mut [u8]| -> Result<()> {
+        match coll {
+            Collective::Allreduce => pg.allreduce_bytes(buf, dtype, op),
+            Collective::Broadcast => pg.broadcast_bytes(buf, dtype, 0),
+            Collective::Allgather => {
+                let per = out.len() / n;
+                pg.allgather_bytes(&buf[..per], out, dtype)
+            }
+            Collective::ReduceScatter => pg.reduce_scatter_bytes(buf, dtype, op).map(|_| ()),
+        }
+    };
+    for _ in 0..warmup {
+        once(&mut buf, &mut out)?;
+    }
+    pg.barrier()?;
+    let start = Instant::now();
+    for _ in 0..iters {
+        once(&mut buf, &mut out)?;
+    }
+    Ok((wrong_count, start.elapsed(), iters))
+}
