@@ -53,9 +53,22 @@ impl Job {
     }
 
     fn run(&self, world: usize, args: &[&str], timeout_s: u64) -> Vec<Output> {
-        let children: Vec<_> = (0..world)
-            .map(|r| spawn(NODE, args, &self.env(r, world, timeout_s)))
-            .collect();
+        self.run_with(world, args, timeout_s, &[])
+    }
+
+    fn run_with(
+        &self,
+        world: usize,
+        args: &[&str],
+        timeout_s: u64,
+        extra: &[(&str, &str)],
+    ) -> Vec<Output> {
+        let env = |r| {
+            let mut e = self.env(r, world, timeout_s);
+            e.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+            e
+        };
+        let children: Vec<_> = (0..world).map(|r| spawn(NODE, args, &env(r))).collect();
         wait_all(children, LIMIT)
     }
 }
