@@ -74,6 +74,9 @@ pub struct BenchArgs {
     /// Also write the table as CSV here.
     #[arg(long)]
     csv: Option<String>,
+    /// Also draw busbw against size as a PNG here.
+    #[arg(long)]
+    plot: Option<String>,
     /// Pipeline segment in bytes (TANDEM_SEGMENT_BYTES).
     #[arg(long)]
     segment: Option<String>,
@@ -128,6 +131,9 @@ pub fn bench(args: BenchArgs) -> Result<ExitCode> {
     }
     if let Some(c) = &args.csv {
         rank_args.extend(["--csv".into(), c.clone()]);
+    }
+    if let Some(p) = &args.plot {
+        rank_args.extend(["--plot".into(), p.clone()]);
     }
     let mut env = Vec::new();
     if let Some(s) = &args.segment {
@@ -221,6 +227,7 @@ pub fn bench_rank(args: BenchRankArgs) -> Result<ExitCode> {
             );
         }
     }
+    let mut points = Vec::new();
     let mut size = min;
     while size <= max {
         let count = size / dtype.size();
@@ -246,6 +253,7 @@ pub fn bench_rank(args: BenchRankArgs) -> Result<ExitCode> {
                 busbw,
                 stats[1] as u64
             );
+            points.push((bytes, busbw));
             if let Some(f) = csv.as_mut() {
                 let _ = writeln!(
                     f,
@@ -257,6 +265,11 @@ pub fn bench_rank(args: BenchRankArgs) -> Result<ExitCode> {
             }
         }
         size *= 2;
+    }
+    if let (Some(path), 0) = (&a.plot, rank) {
+        let title = format!("{} {n} ranks {dtype} {op}", a.collective.name());
+        crate::plot::busbw_png(path, &title, &points)?;
+        println!("# plot written to {path}");
     }
     let mut rss = vec![0.0f64; n];
     pg.allgather(&[peak_rss() as f64], &mut rss)?;

@@ -4,6 +4,7 @@ mod bench;
 mod demo;
 mod info;
 mod launch;
+mod plot;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;

@@ -169,6 +169,55 @@ pub fn reduce_into(
     Ok(())
 }
 
+/// Reduces `parts` (each the bytes of one rank, in rank order) into `out`. Half types accumulate in
+/// `f32` across all parts and are rounded once at the end; an average divides once at the end.
+pub fn reduce_all(dtype: DType, op: ReduceOp, parts: &[&[u8]], out: &mut [u8]) -> Result<()> {
+    let Some((first, rest)) = parts.split_first() else {
+        return Ok(());
+    };
+    let n = parts.len();
+    let divisor = (op == ReduceOp::Avg).then_some(n);
+    match dtype {
+        DType::F16 | DType::BF16 => {
+            let widen = |b: &[u8], acc: &mut Vec<f32>| {
+                acc.clear();
+                match dtype {
+                    DType::F16 => acc.extend(
+                        b.chunks_exact(2)
+                            .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32()),
+                    ),
+                    _ => acc.extend(
+                        b.chunks_exact(2)
+                            .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32()),
+                    ),
+                }
+            };
+            let (mut acc, mut tmp) = (Vec::new(), Vec::new());
+            widen(first, &mut acc);
+            for (i, p) in rest.iter().enumerate() {
+                widen(p, &mut tmp);
+                typed(op, &mut acc, &tmp, if i + 2 == n { divisor } else { None });
+            }
+            for (o, v) in out.chunks_exact_mut(2).zip(&acc) {
+                let bits = if dtype == DType::F16 {
+                    f16::from_f32(*v).to_le_bytes()
+                } else {
+                    bf16::from_f32(*v).to_le_bytes()
+                };
+                o.copy_from_slice(&bits);
+            }
+            Ok(())
+        }
+        _ => {
+            out.copy_from_slice(first);
+            for (i, p) in rest.iter().enumerate() {
+                reduce_into(dtype, op, out, p, if i + 2 == n { divisor } else { None })?;
+            }
+            Ok(())
+        }
+    }
+}
+
 /// Divides every element by `n` in place (an average over a world of one rank is the identity).
 pub fn divide(dtype: DType, buf: &mut [u8], n: usize) -> Result<()> {
     if n <= 1 {
@@ -293,6 +342,21 @@ mod tests {
             .collect();
         let want: Vec<f64> = a.iter().zip(&b).map(|(x, y)| x + y).collect();
         assert_eq!(got, want);
+    }
+
+    #[test]
+    fn reduce_all_rounds_half_types_once() {
+        // 1 + 2^-11 + 2^-11 is not representable step by step in f16 (each partial rounds back to 1),
+        // but the exact total 1 + 2^-10 is.
+        let one = f16::from_f32(1.0).to_le_bytes();
+        let tiny = f16::from_f32(2f32.powi(-11)).to_le_bytes();
+        let mut out = [0u8; 2];
+        reduce_all(DType::F16, ReduceOp::Sum, &[&one, &tiny, &tiny], &mut out).unwrap();
+        assert_eq!(f16::from_le_bytes(out).to_f32(), 1.0 + 2f32.powi(-10));
+        let parts: [&[u8]; 3] = [&[1, 0, 0, 0], &[2, 0, 0, 0], &[6, 0, 0, 0]];
+        let mut out = [0u8; 4];
+        reduce_all(DType::I32, ReduceOp::Avg, &parts, &mut out).unwrap();
+        assert_eq!(i32::from_le_bytes(out), 3);
     }
 
     #[test]

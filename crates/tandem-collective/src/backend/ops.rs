@@ -11,7 +11,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 
 use crate::algorithm::chunking::{bytes, partition, segments};
-use crate::algorithm::reduce::reduce_into;
+use crate::algorithm::reduce::{reduce_all, reduce_into};
 use crate::algorithm::ring::{allgather_step, chain_position, left, reduce_scatter_step, right};
 use crate::transport::frame::{HEADER_LEN, OpHeader};
 use crate::transport::mesh::Mesh;
@@ -427,13 +427,8 @@ pub async fn allreduce_direct(
         r?;
     }
     io.left_lateness.set(Some(start.elapsed()));
-    // Reduce in rank order on every rank.
+    // Reduce in rank order on every rank, so every rank computes the same bits.
     inbox[me * len..(me + 1) * len].copy_from_slice(buf);
-    let (first, rest) = inbox.split_at(len);
-    buf.copy_from_slice(first);
-    for (i, contribution) in rest.chunks(len.max(1)).enumerate().take(n - 1) {
-        let divisor = (op == ReduceOp::Avg && i == n - 2).then_some(n);
-        reduce_into(dtype, op, buf, &contribution[..len], divisor)?;
-    }
-    Ok(())
+    let parts: Vec<&[u8]> = (0..n).map(|r| &inbox[r * len..(r + 1) * len]).collect();
+    reduce_all(dtype, op, &parts, buf)
 }

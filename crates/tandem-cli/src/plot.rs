@@ -1,0 +1,303 @@
+//! A small PNG line chart of bus bandwidth against message size, for `tandem bench --plot`.
+//!
+//! Drawn by hand on an RGB canvas with a built-in 5×7 font and encoded with the `png` crate, so the
+//! command needs no font files or plotting stack.
+
+use std::io::BufWriter;
+
+use tandem::{Error, Result};
+
+const W: usize = 800;
+const H: usize = 480;
+const LEFT: usize = 70;
+const RIGHT: usize = 20;
+const TOP: usize = 60;
+const BOTTOM: usize = 50;
+
+/// 5×7 glyphs, one string of 7 rows of 5 columns per character.
+fn glyph(c: char) -> Option<[&'static str; 7]> {
+    Some(match c {
+        '0' => [
+            " ### ", "#   #", "#  ##", "# # #", "##  #", "#   #", " ### ",
+        ],
+        '1' => [
+            "  #  ", " ##  ", "  #  ", "  #  ", "  #  ", "  #  ", " ### ",
+        ],
+        '2' => [
+            " ### ", "#   #", "    #", "   # ", "  #  ", " #   ", "#####",
+        ],
+        '3' => [
+            "#####", "   # ", "  #  ", "   # ", "    #", "#   #", " ### ",
+        ],
+        '4' => [
+            "   # ", "  ## ", " # # ", "#  # ", "#####", "   # ", "   # ",
+        ],
+        '5' => [
+            "#####", "#    ", "#### ", "    #", "    #", "#   #", " ### ",
+        ],
+        '6' => [
+            "  ## ", " #   ", "#    ", "#### ", "#   #", "#   #", " ### ",
+        ],
+        '7' => [
+            "#####", "    #", "   # ", "  #  ", " #   ", " #   ", " #   ",
+        ],
+        '8' => [
+            " ### ", "#   #", "#   #", " ### ", "#   #", "#   #", " ### ",
+        ],
+        '9' => [
+            " ### ", "#   #", "#   #", " ####", "    #", "   # ", " ##  ",
+        ],
+        '.' => [
+            "     ", "     ", "     ", "     ", "     ", " ##  ", " ##  ",
+        ],
+        '/' => [
+            "    #", "    #", "   # ", "  #  ", " #   ", "#    ", "#    ",
+        ],
+        '(' => [
+            "   # ", "  #  ", " #   ", " #   ", " #   ", "  #  ", "   # ",
+        ],
+        ')' => [
+            " #   ", "  #  ", "   # ", "   # ", "   # ", "  #  ", " #   ",
+        ],
+        '-' => [
+            "     ", "     ", "     ", "#####", "     ", "     ", "     ",
+        ],
+        'K' => [
+            "#   #", "#  # ", "# #  ", "##   ", "# #  ", "#  # ", "#   #",
+        ],
+        'M' => [
+            "#   #", "## ##", "# # #", "# # #", "#   #", "#   #", "#   #",
+        ],
+        'G' => [
+            " ### ", "#   #", "#    ", "# ###", "#   #", "#   #", " ####",
+        ],
+        'B' => [
+            "#### ", "#   #", "#   #", "#### ", "#   #", "#   #", "#### ",
+        ],
+        's' => [
+            "     ", "     ", " ####", "#    ", " ### ", "    #", "#### ",
+        ],
+        'b' => [
+            "#    ", "#    ", "# ## ", "##  #", "#   #", "#   #", "#### ",
+        ],
+        'u' => [
+            "     ", "     ", "#   #", "#   #", "#   #", "#  ##", " ## #",
+        ],
+        'w' => [
+            "     ", "     ", "#   #", "#   #", "# # #", "# # #", " # # ",
+        ],
+        'i' => [
+            "  #  ", "     ", " ##  ", "  #  ", "  #  ", "  #  ", " ### ",
+        ],
+        'z' => [
+            "     ", "     ", "#####", "   # ", "  #  ", " #   ", "#####",
+        ],
+        'e' => [
+            "     ", "     ", " ### ", "#   #", "#####", "#    ", " ### ",
+        ],
+        'r' => [
+            "     ", "     ", "# ## ", "##  #", "#    ", "#    ", "#    ",
+        ],
+        'a' => [
+            "     ", "     ", " ### ", "    #", " ####", "#   #", " ####",
+        ],
+        'n' => [
+            "     ", "     ", "# ## ", "##  #", "#   #", "#   #", "#   #",
+        ],
+        'k' => [
+            "#    ", "#    ", "#  # ", "# #  ", "##   ", "# #  ", "#  # ",
+        ],
+        'l' => [
+            " ##  ", "  #  ", "  #  ", "  #  ", "  #  ", "  #  ", " ### ",
+        ],
+        'o' => [
+            "     ", "     ", " ### ", "#   #", "#   #", "#   #", " ### ",
+        ],
+        'c' => [
+            "     ", "     ", " ### ", "#    ", "#    ", "#   #", " ### ",
+        ],
+        'd' => [
+            "    #", "    #", " ## #", "#  ##", "#   #", "#   #", " ####",
+        ],
+        't' => [
+            " #   ", " #   ", "###  ", " #   ", " #   ", " #  #", "  ## ",
+        ],
+        'v' => [
+            "     ", "     ", "#   #", "#   #", "#   #", " # # ", "  #  ",
+        ],
+        'p' => [
+            "     ", "     ", "#### ", "#   #", "#### ", "#    ", "#    ",
+        ],
+        'g' => [
+            "     ", "     ", " ####", "#   #", " ####", "    #", " ### ",
+        ],
+        ',' => [
+            "     ", "     ", "     ", "     ", " ##  ", "  #  ", " #   ",
+        ],
+        'f' => [
+            "  ## ", " #   ", "#### ", " #   ", " #   ", " #   ", " #   ",
+        ],
+        'm' => [
+            "     ", "     ", "## # ", "# # #", "# # #", "#   #", "#   #",
+        ],
+        'x' => [
+            "     ", "     ", "#   #", " # # ", "  #  ", " # # ", "#   #",
+        ],
+        'y' => [
+            "     ", "     ", "#   #", "#   #", " ####", "    #", " ### ",
+        ],
+        'h' => [
+            "#    ", "#    ", "# ## ", "##  #", "#   #", "#   #", "#   #",
+        ],
+        ':' => [
+            "     ", " ##  ", " ##  ", "     ", " ##  ", " ##  ", "     ",
+        ],
+        _ => return None,
+    })
+}
+
+struct Canvas {
+    px: Vec<u8>,
+}
+
+impl Canvas {
+    fn new() -> Self {
+        Canvas {
+            px: vec![255; W * H * 3],
+        }
+    }
+
+    fn set(&mut self, x: i64, y: i64, rgb: [u8; 3]) {
+        if (0..W as i64).contains(&x) && (0..H as i64).contains(&y) {
+            let i = (y as usize * W + x as usize) * 3;
+            self.px[i..i + 3].copy_from_slice(&rgb);
+        }
+    }
+
+    fn line(&mut self, (x0, y0): (i64, i64), (x1, y1): (i64, i64), rgb: [u8; 3], thick: i64) {
+        let steps = (x1 - x0).abs().max((y1 - y0).abs()).max(1);
+        for i in 0..=steps {
+            let x = x0 + (x1 - x0) * i / steps;
+            let y = y0 + (y1 - y0) * i / steps;
+            for dx in 0..thick {
+                for dy in 0..thick {
+                    self.set(x + dx, y + dy, rgb);
+                }
+            }
+        }
+    }
+
+    /// Draws text with its top-left corner at (x, y), 2× scale.
+    fn text(&mut self, x: i64, y: i64, s: &str) {
+        for (i, c) in s.chars().enumerate() {
+            if let Some(g) = glyph(c) {
+                for (row, bits) in g.iter().enumerate() {
+                    for (col, b) in bits.chars().enumerate() {
+                        if b == '#' {
+                            for d in 0..4 {
+                                self.set(
+                                    x + i as i64 * 12 + col as i64 * 2 + d % 2,
+                                    y + row as i64 * 2 + d / 2,
+                                    [0, 0, 0],
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn size_label(bytes: usize) -> String {
+    match bytes {
+        b if b >= 1 << 30 => format!("{}G", b >> 30),
+        b if b >= 1 << 20 => format!("{}M", b >> 20),
+        b if b >= 1 << 10 => format!("{}K", b >> 10),
+        b => b.to_string(),
+    }
+}
+
+/// Writes a PNG of busbw (GB/s) against size (bytes, log scale) to `path`.
+pub fn busbw_png(path: &str, title: &str, points: &[(usize, f64)]) -> Result<()> {
+    if points.is_empty() {
+        return Err(Error::invalid("--plot", "no measurements to plot"));
+    }
+    let mut c = Canvas::new();
+    let (x0, x1) = (LEFT as i64, (W - RIGHT) as i64);
+    let (y0, y1) = ((H - BOTTOM) as i64, TOP as i64);
+    let lx = |b: usize| (b.max(1) as f64).log2();
+    let (min_x, max_x) = (
+        lx(points[0].0),
+        lx(points[points.len() - 1].0).max(lx(points[0].0) + 1.0),
+    );
+    let max_y = points.iter().map(|p| p.1).fold(0.0f64, f64::max).max(0.001) * 1.1;
+    let px = |b: usize| x0 + ((lx(b) - min_x) / (max_x - min_x) * (x1 - x0) as f64) as i64;
+    let py = |v: f64| y0 - (v / max_y * (y0 - y1) as f64) as i64;
+    // Grid and y labels.
+    for i in 0..=5 {
+        let v = max_y * i as f64 / 5.0;
+        let y = py(v);
+        c.line((x0, y), (x1, y), [225, 225, 225], 1);
+        c.text(4, y - 7, &format!("{v:.2}"));
+    }
+    // x ticks at powers of 4.
+    let mut b = 1usize << (min_x.ceil() as u32);
+    while lx(b) <= max_x + 1e-9 {
+        if (b.trailing_zeros() % 2) == 0 {
+            let x = px(b);
+            c.line((x, y0), (x, y1), [225, 225, 225], 1);
+            let label = size_label(b);
+            c.text(x - 6 * label.len() as i64, y0 + 8, &label);
+        }
+        b = match b.checked_mul(2) {
+            Some(n) => n,
+            None => break,
+        };
+    }
+    c.line((x0, y0), (x1, y0), [0, 0, 0], 2);
+    c.line((x0, y0), (x0, y1), [0, 0, 0], 2);
+    c.text(x0, 6, title);
+    c.text(x1 - 8 * 12, y0 + 30, "size (B)");
+    c.text(4, 30, "busbw (GB/s)");
+    for w in points.windows(2) {
+        c.line(
+            (px(w[0].0), py(w[0].1)),
+            (px(w[1].0), py(w[1].1)),
+            [30, 90, 200],
+            3,
+        );
+    }
+    for p in points {
+        let (x, y) = (px(p.0), py(p.1));
+        c.line((x - 3, y - 3), (x + 3, y - 3), [200, 40, 40], 7);
+    }
+    let file = std::fs::File::create(path).map_err(|e| Error::io(format!("creating {path}"), e))?;
+    let mut enc = png::Encoder::new(BufWriter::new(file), W as u32, H as u32);
+    enc.set_color(png::ColorType::Rgb);
+    enc.set_depth(png::BitDepth::Eight);
+    let mut writer = enc
+        .write_header()
+        .map_err(|e| Error::transport(format!("writing {path}"), e.to_string()))?;
+    writer
+        .write_image_data(&c.px)
+        .map_err(|e| Error::transport(format!("writing {path}"), e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn writes_a_png_and_refuses_no_data() {
+        let dir = std::env::temp_dir().join(format!("tandem-plot-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("p.png");
+        let pts: Vec<(usize, f64)> = (12..=26).map(|k| (1usize << k, k as f64 / 10.0)).collect();
+        busbw_png(path.to_str().unwrap(), "allreduce 2 ranks", &pts).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        assert_eq!(&bytes[1..4], b"PNG");
+        assert!(busbw_png(path.to_str().unwrap(), "x", &[]).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
