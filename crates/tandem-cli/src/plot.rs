@@ -244,7 +244,7 @@ pub fn busbw_png(path: &str, title: &str, points: &[(usize, f64)]) -> Result<()>
     // x ticks at powers of 4.
     let mut b = 1usize << (min_x.ceil() as u32);
     while lx(b) <= max_x + 1e-9 {
-        if (b.trailing_zeros() % 2) == 0 {
+        if b.trailing_zeros().is_multiple_of(2) {
             let x = px(b);
             c.line((x, y0), (x, y1), [225, 225, 225], 1);
             let label = size_label(b);
