@@ -4,6 +4,7 @@ mod bench;
 mod demo;
 mod info;
 mod launch;
+mod mlp;
 mod plot;
 
 use clap::{Parser, Subcommand};
@@ -26,7 +27,7 @@ enum Command {
     Info(info::InfoArgs),
     /// Run a standalone rendezvous server (the job token comes from TANDEM_JOB_TOKEN).
     Rendezvous(info::RendezvousArgs),
-    /// Run the demo job on this machine: several processes meet through a rendezvous.
+    /// Run the demo: data-parallel training of an MLP by several local processes.
     Demo(demo::DemoArgs),
     /// Measure a collective over N local ranks (nccl-tests style table).
     Bench(bench::BenchArgs),
