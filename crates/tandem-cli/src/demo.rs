@@ -8,7 +8,7 @@ use clap::Args;
 use tandem::{Error, ProcessGroup, ReduceOp, Result};
 
 use crate::launch::LocalJob;
-use crate::mlp::{Mlp, batch, spiral};
+use tandem_examples::{Mlp, batch, spiral};
 
 /// Arguments of `tandem demo`.
 #[derive(Args, Debug, Clone)]

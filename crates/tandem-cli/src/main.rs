@@ -4,7 +4,6 @@ mod bench;
 mod demo;
 mod info;
 mod launch;
-mod mlp;
 mod plot;
 
 use clap::{Parser, Subcommand};
