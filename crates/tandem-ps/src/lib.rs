@@ -1,0 +1,19 @@
+//! The parameter server: workers push gradients to and pull parameters from sharded server processes
+//! over gRPC; the servers run the optimizer.
+//!
+//! # Layout
+//! - [`placement`]: the partition map (pure; hashed so disagreement is detected).
+//! - [`init`], [`optimizer`]: initializers and update rules (pure).
+//!
+//! # Feature Flags
+//! None.
+
+pub mod init;
+pub mod optimizer;
+pub mod placement;
+
+/// Code generated from `proto/tandem/ps/v1/ps.proto`.
+#[allow(missing_docs, clippy::all)]
+pub mod pb {
+    tonic::include_proto!("tandem.ps.v1");
+}

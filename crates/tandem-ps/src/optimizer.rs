@@ -1,0 +1,340 @@
+//! Server-side optimizers, applied to one partition at a time with that partition's state.
+
+use tandem_core::{Error, Result};
+
+/// Which update rule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// `p -= lr * g`.
+    Sgd,
+    /// Heavy-ball momentum.
+    Momentum,
+    /// Nesterov momentum.
+    Nesterov,
+    /// Adagrad.
+    Adagrad,
+    /// Adam.
+    Adam,
+    /// Adam with decoupled weight decay.
+    AdamW,
+}
+
+/// An optimizer and its hyper-parameters.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Optimizer {
+    /// The rule.
+    pub kind: Kind,
+    /// Learning rate.
+    pub lr: f32,
+    /// Momentum coefficient (momentum, Nesterov).
+    pub momentum: f32,
+    /// Adam's β₁.
+    pub beta1: f32,
+    /// Adam's β₂.
+    pub beta2: f32,
+    /// Denominator epsilon (Adagrad, Adam).
+    pub eps: f32,
+    /// L2 weight decay (added to the gradient; decoupled for AdamW).
+    pub weight_decay: f32,
+    /// Clip each partition's gradient to this L2 norm (0: off).
+    pub clip_norm: f32,
+    /// Learning-rate decay factor per `decay_steps` versions (1: constant).
+    pub decay_rate: f32,
+    /// Versions per decay (0: constant).
+    pub decay_steps: u64,
+}
+
+impl Optimizer {
+    fn base(kind: Kind, lr: f32) -> Self {
+        Optimizer {
+            kind,
+            lr,
+            momentum: 0.9,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+            clip_norm: 0.0,
+            decay_rate: 1.0,
+            decay_steps: 0,
+        }
+    }
+    /// Plain SGD.
+    pub fn sgd(lr: f32) -> Self {
+        Self::base(Kind::Sgd, lr)
+    }
+    /// Momentum SGD.
+    pub fn momentum(lr: f32, momentum: f32) -> Self {
+        Optimizer {
+            momentum,
+            ..Self::base(Kind::Momentum, lr)
+        }
+    }
+    /// Nesterov momentum SGD.
+    pub fn nesterov(lr: f32, momentum: f32) -> Self {
+        Optimizer {
+            momentum,
+            ..Self::base(Kind::Nesterov, lr)
+        }
+    }
+    /// Adagrad.
+    pub fn adagrad(lr: f32) -> Self {
+        Optimizer {
+            eps: 1e-10,
+            ..Self::base(Kind::Adagrad, lr)
+        }
+    }
+    /// Adam with the usual defaults.
+    pub fn adam(lr: f32) -> Self {
+        Self::base(Kind::Adam, lr)
+    }
+    /// AdamW with `weight_decay`.
+    pub fn adamw(lr: f32, weight_decay: f32) -> Self {
+        Optimizer {
+            weight_decay,
+            ..Self::base(Kind::AdamW, lr)
+        }
+    }
+
+    /// The rule's wire name.
+    pub fn kind_name(&self) -> &'static str {
+        match self.kind {
+            Kind::Sgd => "sgd",
+            Kind::Momentum => "momentum",
+            Kind::Nesterov => "nesterov",
+            Kind::Adagrad => "adagrad",
+            Kind::Adam => "adam",
+            Kind::AdamW => "adamw",
+        }
+    }
+
+    /// Parses a wire name.
+    pub fn kind_from_name(name: &str) -> Result<Kind> {
+        Ok(match name {
+            "sgd" | "" => Kind::Sgd,
+            "momentum" => Kind::Momentum,
+            "nesterov" => Kind::Nesterov,
+            "adagrad" => Kind::Adagrad,
+            "adam" => Kind::Adam,
+            "adamw" => Kind::AdamW,
+            other => {
+                return Err(Error::invalid(
+                    "optimizer",
+                    format!("unknown optimizer {other:?}"),
+                ));
+            }
+        })
+    }
+
+    /// Checks the hyper-parameters.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |what: &str, v: f32| {
+            Error::invalid("optimizer", format!("{what} = {v} is out of range"))
+        };
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            return Err(bad("lr", self.lr));
+        }
+        if !(0.0..1.0).contains(&self.momentum) {
+            return Err(bad("momentum", self.momentum));
+        }
+        if !(0.0..1.0).contains(&self.beta1) || !(0.0..1.0).contains(&self.beta2) {
+            return Err(bad("beta", self.beta1.max(self.beta2)));
+        }
+        if !(self.eps > 0.0)
+            || self.weight_decay < 0.0
+            || self.clip_norm < 0.0
+            || !(self.decay_rate > 0.0)
+        {
+            return Err(bad("eps/weight_decay/clip_norm/decay_rate", self.eps));
+        }
+        Ok(())
+    }
+
+    /// Learning rate at `version`.
+    pub fn lr_at(&self, version: u64) -> f32 {
+        if self.decay_steps == 0 {
+            self.lr
+        } else {
+            self.lr * self.decay_rate.powf((version / self.decay_steps) as f32)
+        }
+    }
+}
+
+/// Per-partition optimizer state.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct State {
+    /// First moment / momentum buffer.
+    pub m: Vec<f32>,
+    /// Second moment / Adagrad accumulator.
+    pub v: Vec<f32>,
+    /// Updates applied (Adam's bias correction).
+    pub t: u64,
+}
+
+/// Applies one update to `params` from `grad` (which may be modified by clipping and decay).
+pub fn apply(
+    opt: &Optimizer,
+    state: &mut State,
+    params: &mut [f32],
+    grad: &mut [f32],
+    version: u64,
+) {
+    let n = params.len();
+    if opt.clip_norm > 0.0 {
+        let norm = grad.iter().map(|g| g * g).sum::<f32>().sqrt();
+        if norm > opt.clip_norm {
+            let s = opt.clip_norm / norm;
+            grad.iter_mut().for_each(|g| *g *= s);
+        }
+    }
+    let lr = opt.lr_at(version);
+    if opt.weight_decay > 0.0 && opt.kind != Kind::AdamW {
+        grad.iter_mut()
+            .zip(params.iter())
+            .for_each(|(g, p)| *g += opt.weight_decay * p);
+    }
+    if state.m.len() != n
+        && matches!(
+            opt.kind,
+            Kind::Momentum | Kind::Nesterov | Kind::Adam | Kind::AdamW
+        )
+    {
+        state.m = vec![0.0; n];
+    }
+    if state.v.len() != n && matches!(opt.kind, Kind::Adagrad | Kind::Adam | Kind::AdamW) {
+        state.v = vec![0.0; n];
+    }
+    state.t += 1;
+    match opt.kind {
+        Kind::Sgd => params
+            .iter_mut()
+            .zip(grad.iter())
+            .for_each(|(p, g)| *p -= lr * g),
+        Kind::Momentum | Kind::Nesterov => {
+            let mu = opt.momentum;
+            let nesterov = opt.kind == Kind::Nesterov;
+            for ((p, g), m) in params.iter_mut().zip(grad.iter()).zip(state.m.iter_mut()) {
+                *m = mu * *m + g;
+                *p -= lr * if nesterov { g + mu * *m } else { *m };
+            }
+        }
+        Kind::Adagrad => {
+            for ((p, g), v) in params.iter_mut().zip(grad.iter()).zip(state.v.iter_mut()) {
+                *v += g * g;
+                *p -= lr * g / (v.sqrt() + opt.eps);
+            }
+        }
+        Kind::Adam | Kind::AdamW => {
+            let (b1, b2) = (opt.beta1, opt.beta2);
+            let c1 = 1.0 - b1.powi(state.t.min(i32::MAX as u64) as i32);
+            let c2 = 1.0 - b2.powi(state.t.min(i32::MAX as u64) as i32);
+            let decoupled = if opt.kind == Kind::AdamW {
+                opt.weight_decay
+            } else {
+                0.0
+            };
+            for (((p, g), m), v) in params
+                .iter_mut()
+                .zip(grad.iter())
+                .zip(state.m.iter_mut())
+                .zip(state.v.iter_mut())
+            {
+                *m = b1 * *m + (1.0 - b1) * g;
+                *v = b2 * *v + (1.0 - b2) * g * g;
+                let update = (*m / c1) / ((*v / c2).sqrt() + opt.eps);
+                *p -= lr * (update + decoupled * *p);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Adam written out in f64 from the paper, for comparison.
+    fn adam_reference(p0: &[f64], grads: &[Vec<f64>], lr: f64, wd: f64) -> Vec<f64> {
+        let (b1, b2, eps) = (0.9f64, 0.999f64, 1e-8f64);
+        let mut p = p0.to_vec();
+        let mut m = vec![0.0; p.len()];
+        let mut v = vec![0.0; p.len()];
+        for (t, g) in grads.iter().enumerate() {
+            let t = t as i32 + 1;
+            for i in 0..p.len() {
+                m[i] = b1 * m[i] + (1.0 - b1) * g[i];
+                v[i] = b2 * v[i] + (1.0 - b2) * g[i] * g[i];
+                let mh = m[i] / (1.0 - b1.powi(t));
+                let vh = v[i] / (1.0 - b2.powi(t));
+                p[i] -= lr * (mh / (vh.sqrt() + eps) + wd * p[i]);
+            }
+        }
+        p
+    }
+
+    #[test]
+    fn adam_and_adamw_match_the_reference() {
+        let p0 = [0.5f32, -1.0, 2.0];
+        let grads: Vec<Vec<f32>> = (0..50)
+            .map(|k| vec![0.1 * k as f32, -0.3, (k % 7) as f32 - 3.0])
+            .collect();
+        for (opt, wd) in [
+            (Optimizer::adam(0.01), 0.0),
+            (Optimizer::adamw(0.01, 0.1), 0.1),
+        ] {
+            let mut p = p0.to_vec();
+            let mut st = State::default();
+            for (k, g) in grads.iter().enumerate() {
+                apply(&opt, &mut st, &mut p, &mut g.clone(), k as u64);
+            }
+            let gr: Vec<Vec<f64>> = grads
+                .iter()
+                .map(|g| g.iter().map(|&x| x as f64).collect())
+                .collect();
+            let want = adam_reference(&p0.map(|x| x as f64), &gr, 0.01, wd);
+            for (a, b) in p.iter().zip(&want) {
+                assert!((*a as f64 - b).abs() < 1e-4, "{p:?} vs {want:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn sgd_momentum_nesterov_adagrad_clip_decay() {
+        let mut p = vec![1.0f32];
+        apply(
+            &Optimizer::sgd(0.5),
+            &mut State::default(),
+            &mut p,
+            &mut [2.0],
+            0,
+        );
+        assert_eq!(p, [0.0]);
+        let (mut p, mut st) = (vec![0.0f32], State::default());
+        let opt = Optimizer::momentum(1.0, 0.5);
+        apply(&opt, &mut st, &mut p, &mut [1.0], 0);
+        apply(&opt, &mut st, &mut p, &mut [1.0], 1);
+        assert_eq!(p, [-2.5]); // m: 1, then 1.5
+        let (mut p, mut st) = (vec![0.0f32], State::default());
+        apply(
+            &Optimizer::nesterov(1.0, 0.5),
+            &mut st,
+            &mut p,
+            &mut [1.0],
+            0,
+        );
+        assert_eq!(p, [-1.5]);
+        let (mut p, mut st) = (vec![0.0f32], State::default());
+        apply(&Optimizer::adagrad(1.0), &mut st, &mut p, &mut [2.0], 0);
+        assert!((p[0] + 1.0).abs() < 1e-6);
+        let mut clip = Optimizer::sgd(1.0);
+        clip.clip_norm = 1.0;
+        let mut p = vec![0.0f32, 0.0];
+        apply(&clip, &mut State::default(), &mut p, &mut [3.0, 4.0], 0);
+        assert!((p[0] + 0.6).abs() < 1e-6 && (p[1] + 0.8).abs() < 1e-6);
+        let mut decay = Optimizer::sgd(1.0);
+        decay.decay_rate = 0.5;
+        decay.decay_steps = 10;
+        assert_eq!(decay.lr_at(25), 0.25);
+        assert!(Optimizer::sgd(-1.0).validate().is_err());
+        assert!(Optimizer::momentum(0.1, 1.5).validate().is_err());
+    }
+}
