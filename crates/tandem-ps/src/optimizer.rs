@@ -140,10 +140,11 @@ impl Optimizer {
         if !(0.0..1.0).contains(&self.beta1) || !(0.0..1.0).contains(&self.beta2) {
             return Err(bad("beta", self.beta1.max(self.beta2)));
         }
-        if !(self.eps > 0.0)
+        let positive = |v: f32| v.is_finite() && v > 0.0;
+        if !positive(self.eps)
             || self.weight_decay < 0.0
             || self.clip_norm < 0.0
-            || !(self.decay_rate > 0.0)
+            || !positive(self.decay_rate)
         {
             return Err(bad("eps/weight_decay/clip_norm/decay_rate", self.eps));
         }
@@ -152,10 +153,9 @@ impl Optimizer {
 
     /// Learning rate at `version`.
     pub fn lr_at(&self, version: u64) -> f32 {
-        if self.decay_steps == 0 {
-            self.lr
-        } else {
-            self.lr * self.decay_rate.powf((version / self.decay_steps) as f32)
+        match version.checked_div(self.decay_steps) {
+            None => self.lr,
+            Some(k) => self.lr * self.decay_rate.powf(k as f32),
         }
     }
 }
