@@ -280,3 +280,79 @@ pub mod suite {
         out
     }
 }
+
+/// Linear regression for the parameter-server tests: data, gradients and the single-process
+/// reference, all in f32 with a fixed order of operations so results can be compared bit for bit.
+pub mod linreg {
+    /// Features per example.
+    pub const DIM: usize = 16;
+    /// Examples per worker.
+    pub const ROWS: usize = 64;
+
+    /// The true weights and bias.
+    pub fn truth() -> (Vec<f32>, f32) {
+        ((0..DIM).map(|i| (i as f32 - 7.5) / 4.0).collect(), 0.75)
+    }
+
+    /// Worker `w`'s examples: features and noise-free targets.
+    pub fn shard(w: usize) -> (Vec<f32>, Vec<f32>) {
+        let (wt, bt) = truth();
+        let mut s = 0x5EED_u64 ^ ((w as u64 + 1) << 20);
+        let mut next = || {
+            s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = s;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            ((z ^ (z >> 31)) >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+        };
+        let x: Vec<f32> = (0..ROWS * DIM).map(|_| next()).collect();
+        let y = (0..ROWS)
+            .map(|r| {
+                x[r * DIM..(r + 1) * DIM]
+                    .iter()
+                    .zip(&wt)
+                    .map(|(a, b)| a * b)
+                    .sum::<f32>()
+                    + bt
+            })
+            .collect();
+        (x, y)
+    }
+
+    /// Mean-squared-error gradient of `(w, b)` on worker `shard`'s data.
+    pub fn grad(w: &[f32], b: f32, shard: &(Vec<f32>, Vec<f32>)) -> (Vec<f32>, f32) {
+        let (x, y) = shard;
+        let mut gw = vec![0.0f32; DIM];
+        let mut gb = 0.0f32;
+        for r in 0..ROWS {
+            let row = &x[r * DIM..(r + 1) * DIM];
+            let err = row.iter().zip(w).map(|(a, b)| a * b).sum::<f32>() + b - y[r];
+            for (g, a) in gw.iter_mut().zip(row) {
+                *g += 2.0 * err * a / ROWS as f32;
+            }
+            gb += 2.0 * err / ROWS as f32;
+        }
+        (gw, gb)
+    }
+
+    /// Synchronous SGD as one process: sum the workers' gradients in worker order, divide by their
+    /// number, step. This is what the servers must compute.
+    pub fn reference_sync(workers: usize, steps: usize, lr: f32) -> (Vec<f32>, f32) {
+        let shards: Vec<_> = (0..workers).map(shard).collect();
+        let (mut w, mut b) = (vec![0.0f32; DIM], 0.0f32);
+        for _ in 0..steps {
+            let grads: Vec<_> = shards.iter().map(|s| grad(&w, b, s)).collect();
+            let mut gw = grads[0].0.clone();
+            let mut gb = grads[0].1;
+            for g in &grads[1..] {
+                gw.iter_mut().zip(&g.0).for_each(|(a, x)| *a += x);
+                gb += g.1;
+            }
+            gw.iter_mut().for_each(|a| *a /= workers as f32);
+            gb /= workers as f32;
+            w.iter_mut().zip(&gw).for_each(|(p, g)| *p -= lr * g);
+            b -= lr * gb;
+        }
+        (w, b)
+    }
+}

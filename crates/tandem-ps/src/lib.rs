@@ -4,13 +4,17 @@
 //! # Layout
 //! - [`placement`]: the partition map (pure; hashed so disagreement is detected).
 //! - [`init`], [`optimizer`]: initializers and update rules (pure).
+//! - [`server`]: the gRPC service and [`server::run`].
+//! - [`client`]: the async worker [`client::Client`].
 //!
 //! # Feature Flags
 //! None.
 
+pub mod client;
 pub mod init;
 pub mod optimizer;
 pub mod placement;
+pub mod server;
 
 /// Code generated from `proto/tandem/ps/v1/ps.proto`.
 #[allow(missing_docs, clippy::all)]

@@ -109,6 +109,13 @@ impl tonic::service::Interceptor for CheckToken {
 #[derive(Clone, Debug)]
 pub struct AttachToken(pub(crate) MetadataValue<tonic::metadata::Ascii>);
 
+impl AttachToken {
+    /// Attaches the `authorization` value `header` (`Bearer <token>`).
+    pub fn from_token(header: MetadataValue<tonic::metadata::Ascii>) -> Self {
+        AttachToken(header)
+    }
+}
+
 impl tonic::service::Interceptor for AttachToken {
     fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
         req.metadata_mut().insert("authorization", self.0.clone());

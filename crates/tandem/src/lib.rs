@@ -8,6 +8,7 @@
 //! - [`cluster`], [`DType`], [`ReduceOp`], [`Tensor`], [`Error`]: the shared vocabulary (`tandem-core`).
 //! - [`rendezvous`]: where the processes of a job meet (`tandem-rendezvous`).
 //! - [`collective`], [`ProcessGroup`]: collectives over the TCP ring (`tandem-collective`).
+//! - [`ps`]: the parameter server (`tandem-ps`).
 //!
 //! # Feature Flags
 //! None yet.
@@ -34,6 +35,11 @@ pub mod collective {
 }
 
 pub use tandem_collective::{GroupConfig, ProcessGroup, Work};
+
+/// The parameter server: partition map, optimizers, the gRPC server and the worker client.
+pub mod ps {
+    pub use tandem_ps::*;
+}
 
 /// The rendezvous: an authenticated key-value store where a job's processes meet.
 pub mod rendezvous {

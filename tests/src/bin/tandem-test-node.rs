@@ -19,7 +19,11 @@ use std::time::Duration;
 use tandem::cluster::ClusterSpec;
 use tandem::rendezvous::{Host, JobToken, ServerConfig, Session};
 use tandem::{DType, Error, ProcessGroup, ReduceOp, Result, TensorMut};
-use tandem_tests::{data, suite};
+use tandem_ps::client::{Client as PsClient, TrainingMode};
+use tandem_ps::init::Init;
+use tandem_ps::optimizer::Optimizer;
+use tandem_ps::placement::{ParamDecl, place};
+use tandem_tests::{data, linreg, suite};
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -29,6 +33,8 @@ fn main() {
         Some("async") => collective(run_async),
         Some("loop") => collective(run_loop),
         Some("mismatch") => collective(|pg| run_mismatch(pg, &args[1..])),
+        Some("ps-server") => runtime().and_then(|rt| rt.block_on(ps_server())),
+        Some("ps-worker") => runtime().and_then(|rt| rt.block_on(ps_worker(&args[1..]))),
         other => Err(Error::invalid("mode", format!("unknown mode {other:?}"))),
     };
     if let Err(e) = r {
@@ -225,5 +231,136 @@ async fn meet(args: &[String]) -> Result<()> {
     if let Some(h) = host {
         h.stop().await?;
     }
+    Ok(())
+}
+
+/// A parameter server on an ephemeral port; prints `ADDR host:port`, serves until the workers are done.
+async fn ps_server() -> Result<()> {
+    let token =
+        JobToken::from_env()?.ok_or_else(|| Error::config("TANDEM_JOB_TOKEN", "not set"))?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .map_err(|e| Error::io("bind", e))?;
+    let addr = listener.local_addr().map_err(|e| Error::io("addr", e))?;
+    println!("ADDR {addr}");
+    let config = tandem_ps::server::ServerConfig::new(token);
+    tandem_ps::server::run(
+        listener,
+        config,
+        tokio::time::sleep(Duration::from_secs(120)),
+    )
+    .await?;
+    println!("SERVER DONE");
+    Ok(())
+}
+
+/// A linear-regression worker. Flags: --servers a,b --worker W --workers N --mode sync|async
+/// [--k K] [--staleness S] [--steps T] [--lr LR] [--opt sgd|adam] [--slow MS] [--bad nan|shape|name]
+async fn ps_worker(args: &[String]) -> Result<()> {
+    let get = |f: &str| flag_value(args, f);
+    let num = |f: &str, d: u64| get(f).and_then(|v| v.parse::<u64>().ok()).unwrap_or(d);
+    let servers: Vec<String> = get("--servers")
+        .unwrap_or_default()
+        .split(',')
+        .map(str::to_string)
+        .collect();
+    let worker = num("--worker", 0) as u32;
+    let workers = num("--workers", 1) as u32;
+    let steps = num("--steps", 100);
+    let lr: f32 = get("--lr").and_then(|v| v.parse().ok()).unwrap_or(0.05);
+    let slow = Duration::from_millis(num("--slow", 0));
+    let sync = get("--mode").as_deref() != Some("async");
+    let mut mode = if sync {
+        TrainingMode::sync(workers)
+    } else {
+        TrainingMode::asynchronous(workers, get("--staleness").and_then(|v| v.parse().ok()))
+    };
+    mode.replicas_to_aggregate = num("--k", workers as u64) as u32;
+    let opt = match get("--opt").as_deref() {
+        Some("adam") => Optimizer::adam(lr),
+        _ => Optimizer::sgd(lr),
+    };
+    let token =
+        JobToken::from_env()?.ok_or_else(|| Error::config("TANDEM_JOB_TOKEN", "not set"))?;
+    // 16-byte partitions so the weights are split across the servers.
+    let params = vec![
+        ParamDecl::new("w", &[linreg::DIM, 1], Init::Zeros),
+        ParamDecl::new("b", &[1], Init::Zeros),
+    ];
+    let map = place(&params, servers.len(), 16)?;
+    let client = PsClient::connect(
+        &servers,
+        &token,
+        worker,
+        map,
+        opt,
+        mode,
+        Duration::from_secs(30),
+    )
+    .await?;
+    let data = linreg::shard(worker as usize);
+    if let Some(bad) = get("--bad") {
+        let (_, p) = client.pull(0).await?;
+        let e = match bad.as_str() {
+            "nan" => client
+                .push(0, &[("w", &[f32::NAN; linreg::DIM]), ("b", &[0.0])])
+                .await
+                .err(),
+            "shape" => client.push(0, &[("w", &[0.0; 3])]).await.err(),
+            _ => client.push(0, &[("nope", &[0.0])]).await.err(),
+        };
+        let (_, after) = client.pull(0).await?;
+        let unchanged = p == after;
+        println!(
+            "BAD {} | unchanged {unchanged}",
+            e.map(|e| e.to_string())
+                .unwrap_or_else(|| "accepted".into())
+        );
+        client.done().await?;
+        return Ok(());
+    }
+    let mut step = 0u64;
+    let mut dropped = 0u64;
+    let mut max_spread = 0u64;
+    let mut iterations = 0;
+    // Sync workers stop at the global step (backup workers skip steps); async ones count their pushes.
+    while if sync {
+        step < steps
+    } else {
+        iterations < steps
+    } {
+        iterations += 1;
+        let (v, p) = client.pull(if sync { step } else { 0 }).await?;
+        if sync && v >= steps {
+            break;
+        }
+        if sync {
+            step = v;
+        }
+        let (gw, gb) = linreg::grad(&p["w"], p["b"][0], &data);
+        if !slow.is_zero() {
+            tokio::time::sleep(slow).await;
+        }
+        let out = client.push(step, &[("w", &gw), ("b", &[gb])]).await?;
+        dropped += u64::from(out.dropped);
+        if sync {
+            step += 1;
+        } else {
+            step += 1;
+            let stats = client.stats().await?;
+            for s in stats {
+                let (mx, mn) = (
+                    s.worker_steps.iter().max().copied().unwrap_or(0),
+                    s.worker_steps.iter().min().copied().unwrap_or(0),
+                );
+                max_spread = max_spread.max(mx - mn);
+            }
+        }
+    }
+    // Sync: the last step completes once enough workers pushed it, backups or not.
+    let (version, p) = client.pull(if sync { steps } else { 0 }).await?;
+    let result = serde_json::json!({ "w": p["w"], "b": p["b"][0], "version": version, "dropped": dropped, "max_spread": max_spread });
+    println!("RESULT {result}");
+    client.done().await?;
     Ok(())
 }

@@ -1,0 +1,456 @@
+//! The worker side: connect to every server, declare the partition map, push gradients and pull
+//! parameters in chunks, talking to all servers in parallel.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tandem_core::{Error, Result};
+use tandem_rendezvous::{AttachToken, JobToken};
+use tokio::time::Instant;
+use tonic::codegen::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Status};
+
+use crate::optimizer::Optimizer;
+use crate::pb;
+use crate::pb::parameter_server_client::ParameterServerClient;
+use crate::placement::PartitionMap;
+use crate::server::MAX_MESSAGE;
+
+type Grpc = ParameterServerClient<InterceptedService<Channel, AttachToken>>;
+
+/// How workers train.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TrainingMode {
+    /// Synchronous steps (else asynchronous).
+    pub sync: bool,
+    /// Number of workers.
+    pub workers: u32,
+    /// Sync: gradients aggregated per step (0: all workers).
+    pub replicas_to_aggregate: u32,
+    /// Async: staleness bound (`None`: unbounded).
+    pub staleness: Option<u32>,
+    /// Refuse NaN/Inf gradients (default true).
+    pub reject_non_finite: bool,
+}
+
+impl TrainingMode {
+    /// Synchronous SGD over `workers`, all aggregated.
+    pub fn sync(workers: u32) -> Self {
+        TrainingMode {
+            sync: true,
+            workers,
+            replicas_to_aggregate: workers,
+            staleness: None,
+            reject_non_finite: true,
+        }
+    }
+    /// Asynchronous SGD over `workers`, optionally with a staleness bound.
+    pub fn asynchronous(workers: u32, staleness: Option<u32>) -> Self {
+        TrainingMode {
+            sync: false,
+            workers,
+            replicas_to_aggregate: workers,
+            staleness,
+            reject_non_finite: true,
+        }
+    }
+}
+
+/// What a push did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PushOutcome {
+    /// Whether every server used the gradient.
+    pub applied: bool,
+    /// Whether some server dropped it as late (sync with backup workers).
+    pub dropped: bool,
+    /// The lowest version reported by the servers after the push.
+    pub version: u64,
+}
+
+/// A worker's connection to every parameter server.
+///
+/// ```no_run
+/// # async fn demo(addrs: Vec<String>) -> tandem_core::Result<()> {
+/// use std::time::Duration;
+/// use tandem_ps::client::{Client, TrainingMode};
+/// use tandem_ps::init::Init;
+/// use tandem_ps::optimizer::Optimizer;
+/// use tandem_ps::placement::{ParamDecl, place};
+/// use tandem_rendezvous::JobToken;
+/// let map = place(&[ParamDecl::new("w", &[10, 1], Init::Zeros)], addrs.len(), 1 << 20)?;
+/// let token = JobToken::new("job-secret-token")?;
+/// let c = Client::connect(&addrs, &token, 0, map, Optimizer::sgd(0.1), TrainingMode::sync(4), Duration::from_secs(60)).await?;
+/// let (version, params) = c.pull(0).await?;
+/// let grad = vec![0.0f32; 10];
+/// c.push(version, &[("w", &grad)]).await?;
+/// c.done().await?;
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct Client {
+    servers: Vec<Grpc>,
+    addrs: Vec<String>,
+    map: PartitionMap,
+    worker: u32,
+    chunk_bytes: usize,
+    timeout: Duration,
+}
+
+fn status_error(addr: &str, what: &str, s: Status, waited: Duration) -> Error {
+    let ctx = format!("{what} at the parameter server {addr}");
+    match s.code() {
+        Code::Unauthenticated => Error::Authentication {
+            peer: format!("parameter server {addr}"),
+            reason: s.message().into(),
+        },
+        Code::NotFound | Code::InvalidArgument | Code::FailedPrecondition | Code::AlreadyExists => {
+            Error::invalid(ctx, s.message().to_string())
+        }
+        Code::DeadlineExceeded => Error::timeout(format!("{ctx}: {}", s.message()), waited),
+        _ => Error::transport(ctx, s.message().to_string()),
+    }
+}
+
+async fn connect_one(addr: &str, token: &JobToken, deadline: Instant) -> Result<Grpc> {
+    tandem_core::cluster::check_address("parameter server address", addr)?;
+    let header: tonic::metadata::MetadataValue<_> =
+        format!("Bearer {}", token.as_str()).parse().map_err(|_| {
+            Error::config(
+                "TANDEM_JOB_TOKEN",
+                "the token cannot be sent as gRPC metadata",
+            )
+        })?;
+    let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+        .map_err(|e| Error::config("parameter server address", format!("{addr:?}: {e}")))?
+        .tcp_nodelay(true)
+        .initial_stream_window_size(16 << 20)
+        .initial_connection_window_size(64 << 20)
+        .http2_keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_timeout(Duration::from_secs(10));
+    let mut backoff = Duration::from_millis(20);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let attempt = endpoint
+            .clone()
+            .connect_timeout(left.clamp(Duration::from_millis(10), Duration::from_secs(3)));
+        let err = match tokio::time::timeout(left, attempt.connect()).await {
+            Ok(Ok(ch)) => {
+                return Ok(ParameterServerClient::with_interceptor(
+                    ch,
+                    AttachToken::from_token(header.clone()),
+                )
+                .max_decoding_message_size(MAX_MESSAGE)
+                .max_encoding_message_size(MAX_MESSAGE));
+            }
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => "connect timed out".to_string(),
+        };
+        if Instant::now() + backoff >= deadline {
+            return Err(Error::timeout(
+                format!("the parameter server at {addr} (last error: {err})"),
+                left,
+            ));
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(1));
+    }
+}
+
+impl Client {
+    /// Connects to every server (retrying until `deadline`) and declares the partition map on each.
+    pub async fn connect(
+        addrs: &[String],
+        token: &JobToken,
+        worker: u32,
+        map: PartitionMap,
+        optimizer: Optimizer,
+        mode: TrainingMode,
+        deadline: Duration,
+    ) -> Result<Client> {
+        if addrs.len() != map.servers {
+            return Err(Error::invalid(
+                "servers",
+                format!(
+                    "{} addresses for a map of {} servers",
+                    addrs.len(),
+                    map.servers
+                ),
+            ));
+        }
+        if worker >= mode.workers {
+            return Err(Error::invalid(
+                "worker",
+                format!("worker {worker} is not below the {} workers", mode.workers),
+            ));
+        }
+        optimizer.validate()?;
+        let end = Instant::now() + deadline;
+        let servers =
+            futures::future::try_join_all(addrs.iter().map(|a| connect_one(a, token, end))).await?;
+        let client = Client {
+            servers,
+            addrs: addrs.to_vec(),
+            map,
+            worker,
+            chunk_bytes: 1 << 20,
+            timeout: deadline,
+        };
+        let mode_pb = pb::Mode {
+            sync: mode.sync,
+            workers: mode.workers,
+            replicas_to_aggregate: mode.replicas_to_aggregate,
+            bounded: mode.staleness.is_some(),
+            staleness: mode.staleness.unwrap_or(0),
+            reject_non_finite: mode.reject_non_finite,
+        };
+        let opt_pb = pb::Optimizer {
+            kind: optimizer.kind_name().into(),
+            lr: optimizer.lr as f64,
+            momentum: optimizer.momentum as f64,
+            beta1: optimizer.beta1 as f64,
+            beta2: optimizer.beta2 as f64,
+            eps: optimizer.eps as f64,
+            weight_decay: optimizer.weight_decay as f64,
+            clip_norm: optimizer.clip_norm as f64,
+            decay_rate: optimizer.decay_rate as f64,
+            decay_steps: optimizer.decay_steps,
+        };
+        let hash = client.map.hash();
+        let declares = (0..client.servers.len()).map(|s| {
+            let partitions: Vec<pb::Partition> = client
+                .map
+                .parts
+                .iter()
+                .filter(|p| p.server == s)
+                .map(|p| {
+                    let decl = client.map.param(&p.param);
+                    let (kind, a, b, seed) =
+                        decl.map_or(("zeros", 0.0, 0.0, 0), |d| d.init.to_wire());
+                    let shape: Vec<u64> = match decl.map(|d| d.shape.as_slice()) {
+                        Some([]) | None => vec![1],
+                        Some(s) => s.iter().map(|d| *d as u64).collect(),
+                    };
+                    pb::Partition {
+                        param: p.param.clone(),
+                        part: p.part,
+                        shape,
+                        row_start: p.row_start as u64,
+                        rows: p.rows as u64,
+                        dtype: "f32".into(),
+                        init: Some(pb::Initializer {
+                            kind: kind.into(),
+                            a,
+                            b,
+                            seed,
+                        }),
+                    }
+                })
+                .collect();
+            let req = pb::DeclareRequest {
+                partitions,
+                optimizer: Some(opt_pb.clone()),
+                mode: Some(mode_pb),
+                map_hash: hash,
+            };
+            let mut c = client.servers[s].clone();
+            let addr = client.addrs[s].clone();
+            async move {
+                c.declare(req)
+                    .await
+                    .map_err(|e| status_error(&addr, "declaring parameters", e, deadline))
+            }
+        });
+        futures::future::try_join_all(declares).await?;
+        Ok(client)
+    }
+
+    /// The partition map in use.
+    pub fn map(&self) -> &PartitionMap {
+        &self.map
+    }
+
+    /// Pulls every parameter once each server has reached `min_version` (sync: the step whose
+    /// parameters you want). Returns the lowest server version and the full tensors by name.
+    pub async fn pull(&self, min_version: u64) -> Result<(u64, HashMap<String, Vec<f32>>)> {
+        let mut out: HashMap<String, Vec<f32>> = self
+            .map
+            .params
+            .iter()
+            .map(|p| (p.name.clone(), vec![0.0f32; p.numel()]))
+            .collect();
+        let pulls = (0..self.servers.len()).map(|s| {
+            let mut c = self.servers[s].clone();
+            let addr = self.addrs[s].clone();
+            let req = pb::PullRequest {
+                worker: self.worker,
+                min_version,
+                parts: vec![],
+                timeout_ms: self.timeout.as_millis().min(u64::MAX as u128) as u64,
+            };
+            let wait = self.timeout + Duration::from_secs(10);
+            async move {
+                let call = async {
+                    let mut stream = c.pull(req).await?.into_inner();
+                    let mut chunks = Vec::new();
+                    while let Some(ch) = stream.message().await? {
+                        chunks.push(ch);
+                    }
+                    Ok::<_, Status>(chunks)
+                };
+                match tokio::time::timeout(wait, call).await {
+                    Ok(r) => r.map_err(|e| status_error(&addr, "pulling", e, wait)),
+                    Err(_) => Err(Error::timeout(
+                        format!("a pull from the parameter server {addr}"),
+                        wait,
+                    )),
+                }
+            }
+        });
+        let results = futures::future::try_join_all(pulls).await?;
+        let mut version = u64::MAX;
+        let mut filled: HashMap<(String, u32), usize> = HashMap::new();
+        for (s, chunks) in results.into_iter().enumerate() {
+            for ch in chunks {
+                version = version.min(ch.version);
+                let part = self
+                    .map
+                    .parts
+                    .iter()
+                    .find(|p| p.param == ch.param && p.part == ch.part && p.server == s)
+                    .ok_or_else(|| {
+                        Error::transport(
+                            "pulling",
+                            format!("server {s} sent unknown partition {}/{}", ch.param, ch.part),
+                        )
+                    })?;
+                let dst = out
+                    .get_mut(&ch.param)
+                    .ok_or_else(|| Error::transport("pulling", "unknown parameter"))?;
+                let bytes: &mut [u8] = bytemuck::cast_slice_mut(&mut dst[part.range()]);
+                let off = ch.offset as usize;
+                if off + ch.data.len() > bytes.len() {
+                    return Err(Error::transport(
+                        "pulling",
+                        format!("chunk of {}/{} overruns the partition", ch.param, ch.part),
+                    ));
+                }
+                bytes[off..off + ch.data.len()].copy_from_slice(&ch.data);
+                *filled.entry((ch.param, ch.part)).or_default() += ch.data.len();
+            }
+        }
+        for p in &self.map.parts {
+            let got = filled.get(&(p.param.clone(), p.part)).copied().unwrap_or(0);
+            if got != p.numel() * 4 {
+                return Err(Error::transport(
+                    "pulling",
+                    format!(
+                        "partition {}/{} arrived with {got} of {} bytes",
+                        p.param,
+                        p.part,
+                        p.numel() * 4
+                    ),
+                ));
+            }
+        }
+        Ok((
+            if version == u64::MAX {
+                min_version
+            } else {
+                version
+            },
+            out,
+        ))
+    }
+
+    /// Pushes gradients for `step` (every parameter named must be declared and have its full size).
+    pub async fn push(&self, step: u64, grads: &[(&str, &[f32])]) -> Result<PushOutcome> {
+        let mut per_server: Vec<Vec<pb::PushChunk>> = vec![Vec::new(); self.servers.len()];
+        for (name, g) in grads {
+            let decl = self
+                .map
+                .param(name)
+                .ok_or_else(|| Error::invalid("gradient", format!("unknown parameter {name:?}")))?;
+            if g.len() != decl.numel() {
+                return Err(Error::ShapeMismatch {
+                    name: name.to_string(),
+                    expected: decl.shape.clone(),
+                    got: vec![g.len()],
+                });
+            }
+            for p in self.map.parts_of(name) {
+                let bytes = Bytes::copy_from_slice(bytemuck::cast_slice(&g[p.range()]));
+                let mut off = 0;
+                while off < bytes.len() {
+                    let end = (off + self.chunk_bytes).min(bytes.len());
+                    per_server[p.server].push(pb::PushChunk {
+                        worker: self.worker,
+                        step,
+                        param: p.param.clone(),
+                        part: p.part,
+                        offset: off as u64,
+                        data: bytes.slice(off..end),
+                    });
+                    off = end;
+                }
+            }
+        }
+        let pushes = per_server
+            .into_iter()
+            .enumerate()
+            .filter(|(_, c)| !c.is_empty())
+            .map(|(s, chunks)| {
+                let mut c = self.servers[s].clone();
+                let addr = self.addrs[s].clone();
+                let wait = self.timeout + Duration::from_secs(10);
+                async move {
+                    match tokio::time::timeout(wait, c.push(tokio_stream::iter(chunks))).await {
+                        Ok(r) => r
+                            .map(|r| r.into_inner())
+                            .map_err(|e| status_error(&addr, "pushing", e, wait)),
+                        Err(_) => Err(Error::timeout(
+                            format!("a push to the parameter server {addr}"),
+                            wait,
+                        )),
+                    }
+                }
+            });
+        let results = futures::future::try_join_all(pushes).await?;
+        Ok(PushOutcome {
+            applied: results.iter().all(|r| r.applied),
+            dropped: results.iter().any(|r| r.dropped),
+            version: results.iter().map(|r| r.version).min().unwrap_or(0),
+        })
+    }
+
+    /// Says this worker is done; servers stop once every worker has.
+    pub async fn done(&self) -> Result<()> {
+        let calls = (0..self.servers.len()).map(|s| {
+            let mut c = self.servers[s].clone();
+            let addr = self.addrs[s].clone();
+            let worker = self.worker;
+            async move {
+                c.done(pb::DoneRequest { worker })
+                    .await
+                    .map_err(|e| status_error(&addr, "done", e, Duration::ZERO))
+            }
+        });
+        futures::future::try_join_all(calls).await.map(|_| ())
+    }
+
+    /// Each server's counters.
+    pub async fn stats(&self) -> Result<Vec<pb::StatsResponse>> {
+        let calls = (0..self.servers.len()).map(|s| {
+            let mut c = self.servers[s].clone();
+            let addr = self.addrs[s].clone();
+            async move {
+                c.stats(pb::StatsRequest {})
+                    .await
+                    .map(|r| r.into_inner())
+                    .map_err(|e| status_error(&addr, "stats", e, Duration::ZERO))
+            }
+        });
+        futures::future::try_join_all(calls).await
+    }
+}

@@ -1,0 +1,198 @@
+//! The state one server holds: its partitions with their optimizer state, the sync-step aggregation,
+//! worker progress for bounded staleness, and counters.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, RwLock};
+
+use tokio::sync::watch;
+
+use crate::init::Init;
+use crate::optimizer::{self, Optimizer, State};
+
+/// Key of a partition: parameter name and partition index.
+pub type Key = (String, u32);
+
+/// How training proceeds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Mode {
+    /// Synchronous steps (otherwise asynchronous).
+    pub sync: bool,
+    /// Number of workers.
+    pub workers: u32,
+    /// Sync: gradients aggregated per step.
+    pub replicas_to_aggregate: u32,
+    /// Async: the staleness bound, if any.
+    pub staleness: Option<u32>,
+    /// Refuse NaN/Inf gradients.
+    pub reject_non_finite: bool,
+}
+
+/// One partition's values and optimizer state.
+#[derive(Debug)]
+pub struct PartData {
+    /// Parameter values.
+    pub values: Vec<f32>,
+    /// Optimizer state.
+    pub state: State,
+    /// Updates applied to this partition.
+    pub version: u64,
+}
+
+/// A partition as declared.
+#[derive(Debug)]
+pub struct PartEntry {
+    /// Full shape of the parameter.
+    pub shape: Vec<u64>,
+    /// First row.
+    pub row_start: u64,
+    /// Rows.
+    pub rows: u64,
+    /// Elements.
+    pub numel: usize,
+    /// Data under a lock of its own (async mode never takes a global lock).
+    pub data: RwLock<PartData>,
+}
+
+/// Counters reported by `Stats` and the logs.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Gradients applied (per push, all partitions).
+    pub applied: AtomicU64,
+    /// Late gradients dropped (sync with backups).
+    pub dropped: AtomicU64,
+    /// Gradients refused (NaN/Inf, bad shapes).
+    pub rejected: AtomicU64,
+    /// Bytes received in pushes.
+    pub bytes_in: AtomicU64,
+    /// Bytes sent in pulls.
+    pub bytes_out: AtomicU64,
+    /// Staleness of applied async gradients: 0, 1, 2-3, 4-7, ... (powers of two).
+    pub staleness: [AtomicU64; 16],
+}
+
+impl Counters {
+    /// Records the staleness of one applied gradient.
+    pub fn record_staleness(&self, s: u64) {
+        let bucket = if s == 0 {
+            0
+        } else {
+            (64 - s.leading_zeros()) as usize
+        };
+        self.staleness[bucket.min(15)].fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Contributions to the current sync step.
+#[derive(Debug, Default)]
+pub struct SyncStep {
+    /// The step being aggregated.
+    pub step: u64,
+    /// Gradients by worker (ordered, so summation order is fixed), then by partition.
+    pub grads: BTreeMap<u32, HashMap<Key, Vec<f32>>>,
+}
+
+/// Everything a declared server holds.
+#[derive(Debug)]
+pub struct Model {
+    /// Hash of the partition map every client must match.
+    pub map_hash: u64,
+    /// Update rule.
+    pub optimizer: Optimizer,
+    /// Training mode.
+    pub mode: Mode,
+    /// This server's partitions.
+    pub parts: HashMap<Key, PartEntry>,
+    /// Sync aggregation.
+    pub sync: Mutex<SyncStep>,
+    /// Version: sync steps applied, or async gradients applied.
+    pub version: watch::Sender<u64>,
+    /// Steps pushed by each worker (async staleness bound; per-worker lag in stats).
+    pub worker_steps: watch::Sender<Vec<u64>>,
+    /// Counters.
+    pub counters: Counters,
+}
+
+impl Model {
+    /// Allocates and initialises the declared partitions.
+    pub fn new(
+        map_hash: u64,
+        optimizer: Optimizer,
+        mode: Mode,
+        decls: Vec<(Key, Vec<u64>, u64, u64, Init)>,
+    ) -> Self {
+        let mut parts = HashMap::new();
+        for (key, shape, row_start, rows, init) in decls {
+            let row_len: u64 = shape.iter().skip(1).product();
+            let numel = (rows * row_len) as usize;
+            let mut values = vec![0.0f32; numel];
+            init.fill((row_start * row_len) as usize, &mut values);
+            let data = RwLock::new(PartData {
+                values,
+                state: State::default(),
+                version: 0,
+            });
+            parts.insert(
+                key,
+                PartEntry {
+                    shape,
+                    row_start,
+                    rows,
+                    numel,
+                    data,
+                },
+            );
+        }
+        Model {
+            map_hash,
+            optimizer,
+            mode,
+            parts,
+            sync: Mutex::new(SyncStep::default()),
+            version: watch::Sender::new(0),
+            worker_steps: watch::Sender::new(vec![0; mode.workers as usize]),
+            counters: Counters::default(),
+        }
+    }
+
+    /// Applies one averaged (sync) or single (async) gradient to a partition.
+    pub fn apply(&self, key: &Key, grad: &mut [f32], version: u64) {
+        if let Some(entry) = self.parts.get(key) {
+            let mut d = entry.data.write().unwrap_or_else(|p| p.into_inner());
+            let PartData {
+                values,
+                state,
+                version: v,
+            } = &mut *d;
+            optimizer::apply(&self.optimizer, state, values, grad, version);
+            *v += 1;
+        }
+    }
+
+    /// Completes a sync step: sums each partition's gradients in worker order, averages, applies.
+    pub fn finish_step(&self, step: &mut SyncStep) {
+        let contributions = std::mem::take(&mut step.grads);
+        let mut sums: HashMap<Key, (Vec<f32>, u32)> = HashMap::new();
+        for grads in contributions.into_values() {
+            for (key, g) in grads {
+                match sums.get_mut(&key) {
+                    Some((acc, n)) => {
+                        acc.iter_mut().zip(&g).for_each(|(a, b)| *a += b);
+                        *n += 1;
+                    }
+                    None => {
+                        sums.insert(key, (g, 1));
+                    }
+                }
+            }
+        }
+        let version = step.step;
+        for (key, (mut acc, n)) in sums {
+            let n = n as f32;
+            acc.iter_mut().for_each(|a| *a /= n);
+            self.apply(&key, &mut acc, version);
+        }
+        step.step += 1;
+        self.version.send_replace(step.step);
+    }
+}

@@ -1,0 +1,475 @@
+//! The gRPC service: decoding requests, validating them against the model, and mapping every error to
+//! a `Status` here and only here.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::Stream;
+use tokio::sync::{Notify, OnceCell};
+use tokio_stream::StreamExt;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::model::{Key, Mode, Model};
+use crate::init::Init;
+use crate::optimizer::{Kind, Optimizer};
+use crate::pb;
+use crate::pb::parameter_server_server::ParameterServer;
+
+/// Limits of one server.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Bytes per streamed chunk sent by the server.
+    pub chunk_bytes: usize,
+    /// Longest wait a pull or a staleness bound may impose.
+    pub max_wait: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            chunk_bytes: 1 << 20,
+            max_wait: Duration::from_secs(3600),
+        }
+    }
+}
+
+/// The parameter-server service of one server process.
+#[derive(Clone)]
+pub struct Service {
+    model: Arc<OnceCell<Arc<Model>>>,
+    declare_lock: Arc<tokio::sync::Mutex<()>>,
+    done: Arc<Mutex<std::collections::BTreeSet<u32>>>,
+    all_done: Arc<Notify>,
+    limits: Limits,
+}
+
+impl Service {
+    /// A service with no parameters yet; `all_done` is notified when every worker has said done.
+    pub fn new(limits: Limits, all_done: Arc<Notify>) -> Self {
+        Service {
+            model: Arc::new(OnceCell::new()),
+            declare_lock: Arc::new(tokio::sync::Mutex::new(())),
+            done: Arc::default(),
+            all_done,
+            limits,
+        }
+    }
+
+    /// The model, once declared.
+    pub fn model(&self) -> Option<Arc<Model>> {
+        self.model.get().cloned()
+    }
+
+    fn declared(&self) -> Result<Arc<Model>, Status> {
+        self.model().ok_or_else(|| {
+            Status::failed_precondition("no parameters are declared on this server yet")
+        })
+    }
+}
+
+fn optimizer_from(o: Option<pb::Optimizer>) -> Result<Optimizer, Status> {
+    let o = o.ok_or_else(|| Status::invalid_argument("declaration has no optimizer"))?;
+    let kind =
+        Optimizer::kind_from_name(&o.kind).map_err(|e| Status::invalid_argument(e.to_string()))?;
+    let mut opt = match kind {
+        Kind::Sgd => Optimizer::sgd(o.lr as f32),
+        Kind::Momentum => Optimizer::momentum(o.lr as f32, o.momentum as f32),
+        Kind::Nesterov => Optimizer::nesterov(o.lr as f32, o.momentum as f32),
+        Kind::Adagrad => Optimizer::adagrad(o.lr as f32),
+        Kind::Adam => Optimizer::adam(o.lr as f32),
+        Kind::AdamW => Optimizer::adamw(o.lr as f32, o.weight_decay as f32),
+    };
+    if o.beta1 > 0.0 {
+        opt.beta1 = o.beta1 as f32;
+    }
+    if o.beta2 > 0.0 {
+        opt.beta2 = o.beta2 as f32;
+    }
+    if o.eps > 0.0 {
+        opt.eps = o.eps as f32;
+    }
+    opt.weight_decay = o.weight_decay as f32;
+    opt.clip_norm = o.clip_norm as f32;
+    if o.decay_steps > 0 {
+        opt.decay_rate = o.decay_rate as f32;
+        opt.decay_steps = o.decay_steps;
+    }
+    opt.validate()
+        .map_err(|e| Status::invalid_argument(e.to_string()))?;
+    Ok(opt)
+}
+
+fn mode_from(m: Option<pb::Mode>) -> Result<Mode, Status> {
+    let m = m.ok_or_else(|| Status::invalid_argument("declaration has no mode"))?;
+    if m.workers == 0 {
+        return Err(Status::invalid_argument("mode.workers must be at least 1"));
+    }
+    let k = if m.replicas_to_aggregate == 0 {
+        m.workers
+    } else {
+        m.replicas_to_aggregate
+    };
+    if k > m.workers {
+        return Err(Status::invalid_argument(format!(
+            "replicas_to_aggregate {k} exceeds the {} workers",
+            m.workers
+        )));
+    }
+    Ok(Mode {
+        sync: m.sync,
+        workers: m.workers,
+        replicas_to_aggregate: k,
+        staleness: m.bounded.then_some(m.staleness),
+        reject_non_finite: m.reject_non_finite,
+    })
+}
+
+/// A push being received: one buffer per partition, filled in order.
+struct Incoming {
+    worker: u32,
+    step: u64,
+    parts: HashMap<Key, Vec<u8>>,
+}
+
+type PullStream = Pin<Box<dyn Stream<Item = Result<pb::PullChunk, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl ParameterServer for Service {
+    async fn declare(
+        &self,
+        req: Request<pb::DeclareRequest>,
+    ) -> Result<Response<pb::DeclareResponse>, Status> {
+        let r = req.into_inner();
+        let optimizer = optimizer_from(r.optimizer)?;
+        let mode = mode_from(r.mode)?;
+        let _guard = self.declare_lock.lock().await;
+        if let Some(m) = self.model() {
+            if m.map_hash != r.map_hash || m.mode != mode || m.optimizer != optimizer {
+                return Err(Status::failed_precondition(format!(
+                    "this declaration (partition map {:016x}) differs from the one this server holds ({:016x}); every worker must declare the same parameters, optimizer and mode",
+                    r.map_hash, m.map_hash
+                )));
+            }
+            return Ok(Response::new(pb::DeclareResponse {
+                version: *m.version.borrow(),
+            }));
+        }
+        let mut decls = Vec::new();
+        for p in r.partitions {
+            if p.dtype != "f32" {
+                return Err(Status::invalid_argument(format!(
+                    "parameter {:?}: only f32 parameters are supported, got {}",
+                    p.param, p.dtype
+                )));
+            }
+            let rows_total = p.shape.first().copied().unwrap_or(1);
+            if p.rows == 0 || p.row_start + p.rows > rows_total {
+                return Err(Status::invalid_argument(format!(
+                    "parameter {:?} partition {}: rows out of range",
+                    p.param, p.part
+                )));
+            }
+            let row_len: u64 = p.shape.iter().skip(1).product();
+            if (p.rows as u128) * (row_len as u128) > (1u128 << 34) {
+                return Err(Status::invalid_argument(format!(
+                    "parameter {:?} partition {} is too large",
+                    p.param, p.part
+                )));
+            }
+            let init = p.init.unwrap_or_default();
+            let init = Init::from_wire(&init.kind, init.a, init.b, init.seed)
+                .map_err(|e| Status::invalid_argument(e.to_string()))?;
+            decls.push(((p.param, p.part), p.shape, p.row_start, p.rows, init));
+        }
+        let model = Arc::new(Model::new(r.map_hash, optimizer, mode, decls));
+        tracing::info!(
+            partitions = model.parts.len(),
+            sync = mode.sync,
+            "parameters declared"
+        );
+        let _ = self.model.set(model);
+        Ok(Response::new(pb::DeclareResponse { version: 0 }))
+    }
+
+    async fn push(
+        &self,
+        req: Request<Streaming<pb::PushChunk>>,
+    ) -> Result<Response<pb::PushResponse>, Status> {
+        let model = self.declared()?;
+        let mut stream = req.into_inner();
+        let mut incoming: Option<Incoming> = None;
+        while let Some(chunk) = stream.next().await {
+            let c = chunk?;
+            let inc = incoming.get_or_insert_with(|| Incoming {
+                worker: c.worker,
+                step: c.step,
+                parts: HashMap::new(),
+            });
+            let key = (c.param, c.part);
+            let entry = model.parts.get(&key).ok_or_else(|| {
+                Status::not_found(format!(
+                    "unknown parameter {:?} partition {} on this server",
+                    key.0, key.1
+                ))
+            })?;
+            let want = entry.numel * 4;
+            let buf = inc
+                .parts
+                .entry(key.clone())
+                .or_insert_with(|| Vec::with_capacity(want));
+            if c.offset as usize != buf.len() || buf.len() + c.data.len() > want {
+                model.counters.rejected.fetch_add(1, Ordering::Relaxed);
+                return Err(Status::invalid_argument(format!(
+                    "gradient for {:?} partition {}: chunk at byte {} of {} bytes does not follow the {} bytes received (partition holds {want} bytes); nothing applied",
+                    key.0,
+                    key.1,
+                    c.offset,
+                    c.data.len(),
+                    buf.len()
+                )));
+            }
+            buf.extend_from_slice(&c.data);
+            model
+                .counters
+                .bytes_in
+                .fetch_add(c.data.len() as u64, Ordering::Relaxed);
+        }
+        let inc = incoming.ok_or_else(|| Status::invalid_argument("empty push"))?;
+        if inc.worker >= model.mode.workers {
+            return Err(Status::invalid_argument(format!(
+                "worker {} is not below the {} workers",
+                inc.worker, model.mode.workers
+            )));
+        }
+        let mut grads: HashMap<Key, Vec<f32>> = HashMap::new();
+        for (key, bytes) in inc.parts {
+            let entry = &model.parts[&key];
+            if bytes.len() != entry.numel * 4 {
+                model.counters.rejected.fetch_add(1, Ordering::Relaxed);
+                return Err(Status::invalid_argument(format!(
+                    "gradient for {:?} partition {} is truncated: {} of {} bytes; nothing applied",
+                    key.0,
+                    key.1,
+                    bytes.len(),
+                    entry.numel * 4
+                )));
+            }
+            let g: Vec<f32> = bytes
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect();
+            if model.mode.reject_non_finite && g.iter().any(|v| !v.is_finite()) {
+                model.counters.rejected.fetch_add(1, Ordering::Relaxed);
+                return Err(Status::invalid_argument(format!(
+                    "gradient for {:?} holds NaN or Inf; nothing applied",
+                    key.0
+                )));
+            }
+            grads.insert(key, g);
+        }
+        if model.mode.sync {
+            push_sync(&model, inc.worker, inc.step, grads)
+        } else {
+            push_async(&model, inc.worker, inc.step, grads, self.limits.max_wait).await
+        }
+        .map(Response::new)
+    }
+
+    type PullStream = PullStream;
+
+    async fn pull(&self, req: Request<pb::PullRequest>) -> Result<Response<PullStream>, Status> {
+        let model = self.declared()?;
+        let r = req.into_inner();
+        let wait = Duration::from_millis(r.timeout_ms).min(self.limits.max_wait);
+        let mut rx = model.version.subscribe();
+        let reached = tokio::time::timeout(wait, rx.wait_for(|v| *v >= r.min_version)).await;
+        let version = match reached {
+            Ok(Ok(v)) => *v,
+            Ok(Err(_)) => return Err(Status::unavailable("server is shutting down")),
+            Err(_) => {
+                return Err(Status::deadline_exceeded(format!(
+                    "version {} not reached within {wait:?} (server at {}); a worker may be missing",
+                    r.min_version,
+                    *model.version.borrow()
+                )));
+            }
+        };
+        let keys: Vec<Key> = if r.parts.is_empty() {
+            model.parts.keys().cloned().collect()
+        } else {
+            r.parts.into_iter().map(|p| (p.param, p.part)).collect()
+        };
+        let mut chunks = Vec::new();
+        for key in keys {
+            let entry = model.parts.get(&key).ok_or_else(|| {
+                Status::not_found(format!(
+                    "unknown parameter {:?} partition {} on this server",
+                    key.0, key.1
+                ))
+            })?;
+            let snapshot = {
+                let d = entry.data.read().unwrap_or_else(|p| p.into_inner());
+                Bytes::copy_from_slice(bytemuck::cast_slice(&d.values))
+            };
+            let mut off = 0;
+            while off < snapshot.len() || (off == 0 && snapshot.is_empty()) {
+                let end = (off + self.limits.chunk_bytes).min(snapshot.len());
+                chunks.push(pb::PullChunk {
+                    param: key.0.clone(),
+                    part: key.1,
+                    offset: off as u64,
+                    version,
+                    data: snapshot.slice(off..end),
+                });
+                if end == off {
+                    break;
+                }
+                off = end;
+            }
+        }
+        let total: usize = chunks.iter().map(|c| c.data.len()).sum();
+        model
+            .counters
+            .bytes_out
+            .fetch_add(total as u64, Ordering::Relaxed);
+        Ok(Response::new(Box::pin(tokio_stream::iter(
+            chunks.into_iter().map(Ok),
+        ))))
+    }
+
+    async fn done(
+        &self,
+        req: Request<pb::DoneRequest>,
+    ) -> Result<Response<pb::DoneResponse>, Status> {
+        let worker = req.into_inner().worker;
+        let workers = self.model().map_or(0, |m| m.mode.workers);
+        let remaining = {
+            let mut d = self.done.lock().unwrap_or_else(|p| p.into_inner());
+            d.insert(worker);
+            workers.saturating_sub(d.len() as u32)
+        };
+        if remaining == 0 && workers > 0 {
+            tracing::info!("every worker is done");
+            self.all_done.notify_one();
+        }
+        Ok(Response::new(pb::DoneResponse { remaining }))
+    }
+
+    async fn stats(
+        &self,
+        _req: Request<pb::StatsRequest>,
+    ) -> Result<Response<pb::StatsResponse>, Status> {
+        let m = self.declared()?;
+        let c = &m.counters;
+        let ld = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+        Ok(Response::new(pb::StatsResponse {
+            version: *m.version.borrow(),
+            applied: ld(&c.applied),
+            dropped: ld(&c.dropped),
+            rejected: ld(&c.rejected),
+            bytes_in: ld(&c.bytes_in),
+            bytes_out: ld(&c.bytes_out),
+            staleness_histogram: c.staleness.iter().map(ld).collect(),
+            worker_steps: m.worker_steps.borrow().clone(),
+        }))
+    }
+}
+
+fn push_sync(
+    model: &Model,
+    worker: u32,
+    step: u64,
+    grads: HashMap<Key, Vec<f32>>,
+) -> Result<pb::PushResponse, Status> {
+    let mut st = model.sync.lock().unwrap_or_else(|p| p.into_inner());
+    if step < st.step {
+        model.counters.dropped.fetch_add(1, Ordering::Relaxed);
+        return Ok(pb::PushResponse {
+            applied: false,
+            dropped: true,
+            version: st.step,
+        });
+    }
+    if step > st.step {
+        return Err(Status::invalid_argument(format!(
+            "worker {worker} pushed for step {step} but the server is at step {}; pull first",
+            st.step
+        )));
+    }
+    if st.grads.contains_key(&worker) {
+        return Err(Status::already_exists(format!(
+            "worker {worker} already pushed for step {step}"
+        )));
+    }
+    st.grads.insert(worker, grads);
+    model.worker_steps.send_modify(|s| {
+        if let Some(x) = s.get_mut(worker as usize) {
+            *x = step + 1;
+        }
+    });
+    model.counters.applied.fetch_add(1, Ordering::Relaxed);
+    if st.grads.len() as u32 >= model.mode.replicas_to_aggregate {
+        model.finish_step(&mut st);
+    }
+    Ok(pb::PushResponse {
+        applied: true,
+        dropped: false,
+        version: st.step,
+    })
+}
+
+async fn push_async(
+    model: &Model,
+    worker: u32,
+    step: u64,
+    mut grads: HashMap<Key, Vec<f32>>,
+    max_wait: Duration,
+) -> Result<pb::PushResponse, Status> {
+    if let Some(bound) = model.mode.staleness {
+        // Stale-synchronous: wait while this worker is more than `bound` steps ahead of the slowest.
+        let mut rx = model.worker_steps.subscribe();
+        let ahead = |s: &Vec<u64>| {
+            let mine = s.get(worker as usize).copied().unwrap_or(0);
+            let slowest = s.iter().copied().min().unwrap_or(0);
+            mine.saturating_sub(slowest) <= bound as u64
+        };
+        if tokio::time::timeout(max_wait, rx.wait_for(ahead))
+            .await
+            .is_err()
+        {
+            return Err(Status::deadline_exceeded(format!(
+                "worker {worker} waited {max_wait:?} for the slowest worker to come within {bound} steps"
+            )));
+        }
+    }
+    let version = *model.version.borrow();
+    model
+        .counters
+        .record_staleness(version.saturating_sub(step));
+    for (key, g) in grads.iter_mut() {
+        model.apply(key, g, version);
+    }
+    model.counters.applied.fetch_add(1, Ordering::Relaxed);
+    model.worker_steps.send_modify(|s| {
+        if let Some(x) = s.get_mut(worker as usize) {
+            *x += 1;
+        }
+    });
+    let now = {
+        let mut v = 0;
+        model.version.send_modify(|x| {
+            *x += 1;
+            v = *x;
+        });
+        v
+    };
+    Ok(pb::PushResponse {
+        applied: true,
+        dropped: false,
+        version: now,
+    })
+}

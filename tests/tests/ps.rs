@@ -1,0 +1,295 @@
+//! The parameter server across separate OS processes: 2 servers and 4 workers on 127.0.0.1.
+
+use std::process::{Child, Output};
+use std::time::Duration;
+
+use tandem::rendezvous::JobToken;
+use tandem_tests::{linreg, result_json, spawn, stdout_lines, wait_all};
+
+const NODE: &str = env!("CARGO_BIN_EXE_tandem-test-node");
+const LIMIT: Duration = Duration::from_secs(120);
+
+struct Job {
+    token: JobToken,
+    servers: Vec<Child>,
+    addrs: Vec<String>,
+}
+
+impl Job {
+    fn start(servers: usize) -> Job {
+        let token = JobToken::generate();
+        let env = vec![("TANDEM_JOB_TOKEN".to_string(), token.as_str().to_string())];
+        let mut children = Vec::new();
+        let mut addrs = Vec::new();
+        for _ in 0..servers {
+            let mut c = spawn(NODE, &["ps-server"], &env);
+            let lines = stdout_lines(&mut c);
+            let addr = loop {
+                let line = lines
+                    .recv_timeout(LIMIT)
+                    .expect("server printed no address");
+                if let Some(a) = line.strip_prefix("ADDR ") {
+                    break a.to_string();
+                }
+            };
+            addrs.push(addr);
+            children.push(c);
+        }
+        Job {
+            token,
+            servers: children,
+            addrs,
+        }
+    }
+
+    fn workers(
+        &self,
+        n: usize,
+        extra: &[&str],
+        per_worker: impl Fn(usize) -> Vec<String>,
+    ) -> Vec<Output> {
+        let env = vec![(
+            "TANDEM_JOB_TOKEN".to_string(),
+            self.token.as_str().to_string(),
+        )];
+        let servers = self.addrs.join(",");
+        let children: Vec<_> = (0..n)
+            .map(|w| {
+                let mut args: Vec<String> = vec![
+                    "ps-worker".into(),
+                    "--servers".into(),
+                    servers.clone(),
+                    "--worker".into(),
+                    w.to_string(),
+                    "--workers".into(),
+                    n.to_string(),
+                ];
+                args.extend(extra.iter().map(|s| s.to_string()));
+                args.extend(per_worker(w));
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                spawn(NODE, &args, &env)
+            })
+            .collect();
+        wait_all(children, LIMIT)
+    }
+
+    /// The servers exit by themselves once every worker is done.
+    fn finish(self) {
+        for out in wait_all(self.servers, LIMIT) {
+            assert!(
+                out.status.success(),
+                "server failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+}
+
+fn ok(out: &Output) -> serde_json::Value {
+    assert!(
+        out.status.success(),
+        "worker failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    result_json(out)
+}
+
+fn params(v: &serde_json::Value) -> (Vec<f32>, f32) {
+    let w = v["w"]
+        .as_array()
+        .expect("w")
+        .iter()
+        .map(|x| x.as_f64().expect("f") as f32)
+        .collect();
+    (w, v["b"].as_f64().expect("b") as f32)
+}
+
+fn distance_to_truth(w: &[f32], b: f32) -> f32 {
+    let (wt, bt) = linreg::truth();
+    w.iter()
+        .zip(&wt)
+        .map(|(a, b)| (a - b).abs())
+        .fold((b - bt).abs(), f32::max)
+}
+
+#[test]
+fn sync_sgd_equals_the_single_process_reference_bit_for_bit() {
+    let job = Job::start(2);
+    let (steps, lr) = (150, 0.05);
+    let outs = job.workers(
+        4,
+        &["--mode", "sync", "--steps", "150", "--lr", "0.05"],
+        |_| vec![],
+    );
+    let (want_w, want_b) = linreg::reference_sync(4, steps, lr);
+    for out in &outs {
+        let (w, b) = params(&ok(out));
+        assert_eq!(w, want_w, "weights differ from the reference");
+        assert_eq!(b.to_bits(), want_b.to_bits());
+    }
+    let (w, b) = params(&ok(&outs[0]));
+    assert!(
+        distance_to_truth(&w, b) < 0.05,
+        "sync SGD did not reach the known solution: {w:?} {b}"
+    );
+    job.finish();
+}
+
+#[test]
+fn async_sgd_converges() {
+    let job = Job::start(2);
+    let outs = job.workers(
+        4,
+        &["--mode", "async", "--steps", "150", "--lr", "0.03"],
+        |_| vec![],
+    );
+    for out in &outs {
+        let (w, b) = params(&ok(out));
+        assert!(
+            distance_to_truth(&w, b) < 0.1,
+            "async SGD did not converge: {w:?} {b}"
+        );
+    }
+    job.finish();
+}
+
+#[test]
+fn backup_workers_keep_the_job_moving_past_a_stalled_worker() {
+    let job = Job::start(2);
+    // K = 3 of 4: worker 3 sleeps 100 ms per step; the others must not wait for it.
+    let outs = job.workers(
+        4,
+        &[
+            "--mode", "sync", "--k", "3", "--steps", "150", "--lr", "0.05",
+        ],
+        |w| {
+            if w == 3 {
+                vec!["--slow".into(), "100".into()]
+            } else {
+                vec![]
+            }
+        },
+    );
+    let fast = ok(&outs[0]);
+    assert!(
+        fast["version"].as_u64().expect("version") >= 150,
+        "the job stalled: {fast}"
+    );
+    let slow = ok(&outs[3]);
+    assert!(
+        slow["dropped"].as_u64().expect("dropped") > 0,
+        "the stalled worker's late gradients must be dropped: {slow}"
+    );
+    let (w, b) = params(&fast);
+    assert!(distance_to_truth(&w, b) < 0.05, "{w:?} {b}");
+    job.finish();
+}
+
+#[test]
+fn the_staleness_bound_holds_under_a_slow_worker() {
+    let job = Job::start(2);
+    let outs = job.workers(
+        3,
+        &[
+            "--mode",
+            "async",
+            "--staleness",
+            "2",
+            "--steps",
+            "20",
+            "--lr",
+            "0.02",
+        ],
+        |w| {
+            if w == 2 {
+                vec!["--slow".into(), "30".into()]
+            } else {
+                vec![]
+            }
+        },
+    );
+    for out in &outs {
+        let v = ok(out);
+        // A push waits while its worker is more than 2 steps ahead; after it, at most 3.
+        assert!(
+            v["max_spread"].as_u64().expect("spread") <= 3,
+            "bound violated: {v}"
+        );
+    }
+    job.finish();
+}
+
+#[test]
+fn adam_on_the_servers_converges() {
+    let job = Job::start(2);
+    let outs = job.workers(
+        2,
+        &[
+            "--mode", "sync", "--steps", "300", "--lr", "0.05", "--opt", "adam",
+        ],
+        |_| vec![],
+    );
+    for out in &outs {
+        let (w, b) = params(&ok(out));
+        assert!(distance_to_truth(&w, b) < 0.05, "{w:?} {b}");
+    }
+    job.finish();
+}
+
+#[test]
+fn bad_input_is_refused_and_changes_nothing() {
+    for (bad, needle) in [
+        ("nan", "NaN"),
+        ("shape", "shape mismatch"),
+        ("name", "unknown parameter"),
+    ] {
+        let job = Job::start(2);
+        let outs = job.workers(1, &["--mode", "sync", "--bad", bad], |_| vec![]);
+        let text = String::from_utf8_lossy(&outs[0].stdout).to_string();
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("BAD "))
+            .unwrap_or_else(|| panic!("{bad}: no BAD line: {text}"));
+        assert!(
+            line.contains(needle) && line.ends_with("unchanged true"),
+            "{bad}: {line}"
+        );
+        job.finish();
+    }
+}
+
+#[test]
+fn a_wrong_token_is_refused() {
+    let job = Job::start(1);
+    let env = vec![(
+        "TANDEM_JOB_TOKEN".to_string(),
+        "not-the-job-token".to_string(),
+    )];
+    let out = tandem_tests::wait_output(
+        spawn(
+            NODE,
+            &[
+                "ps-worker",
+                "--servers",
+                &job.addrs[0],
+                "--worker",
+                "0",
+                "--workers",
+                "1",
+            ],
+            &env,
+        ),
+        LIMIT,
+    );
+    assert_eq!(out.status.code(), Some(3));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("ERROR authentication"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    // The server still serves the real job.
+    let outs = job.workers(1, &["--mode", "sync", "--steps", "5"], |_| vec![]);
+    ok(&outs[0]);
+    job.finish();
+}
