@@ -15,23 +15,36 @@ struct Job {
     addrs: Vec<String>,
 }
 
+fn start_server(token: &JobToken, args: &[&str]) -> (Child, String) {
+    let env = vec![("TANDEM_JOB_TOKEN".to_string(), token.as_str().to_string())];
+    let mut all = vec!["ps-server"];
+    all.extend_from_slice(args);
+    let mut c = spawn(NODE, &all, &env);
+    let lines = stdout_lines(&mut c);
+    let addr = loop {
+        let line = lines
+            .recv_timeout(LIMIT)
+            .expect("server printed no address");
+        if let Some(a) = line.strip_prefix("ADDR ") {
+            break a.to_string();
+        }
+    };
+    (c, addr)
+}
+
 impl Job {
     fn start(servers: usize) -> Job {
+        Self::start_with(servers, |_| vec![])
+    }
+
+    fn start_with(servers: usize, args: impl Fn(usize) -> Vec<String>) -> Job {
         let token = JobToken::generate();
-        let env = vec![("TANDEM_JOB_TOKEN".to_string(), token.as_str().to_string())];
         let mut children = Vec::new();
         let mut addrs = Vec::new();
-        for _ in 0..servers {
-            let mut c = spawn(NODE, &["ps-server"], &env);
-            let lines = stdout_lines(&mut c);
-            let addr = loop {
-                let line = lines
-                    .recv_timeout(LIMIT)
-                    .expect("server printed no address");
-                if let Some(a) = line.strip_prefix("ADDR ") {
-                    break a.to_string();
-                }
-            };
+        for i in 0..servers {
+            let a = args(i);
+            let a: Vec<&str> = a.iter().map(String::as_str).collect();
+            let (c, addr) = start_server(&token, &a);
             addrs.push(addr);
             children.push(c);
         }
@@ -40,6 +53,30 @@ impl Job {
             servers: children,
             addrs,
         }
+    }
+
+    fn spawn_workers(&self, n: usize, extra: &[&str]) -> Vec<Child> {
+        let env = vec![(
+            "TANDEM_JOB_TOKEN".to_string(),
+            self.token.as_str().to_string(),
+        )];
+        let servers = self.addrs.join(",");
+        (0..n)
+            .map(|w| {
+                let mut args: Vec<String> = vec![
+                    "ps-worker".into(),
+                    "--servers".into(),
+                    servers.clone(),
+                    "--worker".into(),
+                    w.to_string(),
+                    "--workers".into(),
+                    n.to_string(),
+                ];
+                args.extend(extra.iter().map(|s| s.to_string()));
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                spawn(NODE, &args, &env)
+            })
+            .collect()
     }
 
     fn workers(
@@ -292,4 +329,123 @@ fn a_wrong_token_is_refused() {
     let outs = job.workers(1, &["--mode", "sync", "--steps", "5"], |_| vec![]);
     ok(&outs[0]);
     job.finish();
+}
+
+#[test]
+fn a_server_killed_and_restarted_from_its_checkpoint_lets_training_finish() {
+    let dir = std::env::temp_dir().join(format!("tandem-ps-restart-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let ckpt = dir.to_string_lossy().to_string();
+    let mut job = Job::start_with(2, |i| {
+        vec![
+            "--index".into(),
+            i.to_string(),
+            "--ckpt".into(),
+            ckpt.clone(),
+            "--every".into(),
+            "10".into(),
+        ]
+    });
+    let mut workers = job.spawn_workers(4, &["--mode", "sync", "--steps", "200", "--lr", "0.05"]);
+    let progress = stdout_lines(&mut workers[0]);
+    loop {
+        let line = progress
+            .recv_timeout(LIMIT)
+            .expect("worker 0 made no progress");
+        if line == "STEP 60" {
+            break;
+        }
+    }
+    // Kill server 1 mid-training and start it again on the same address from its checkpoint.
+    let mut victim = job.servers.remove(1);
+    victim.kill().expect("kill");
+    let _ = victim.wait();
+    assert!(
+        dir.join("ps-1.ckpt").exists(),
+        "server 1 wrote no checkpoint before it was killed"
+    );
+    let addr = job.addrs[1].clone();
+    let (restarted, _) = start_server(
+        &job.token,
+        &[
+            "--bind", &addr, "--index", "1", "--ckpt", &ckpt, "--every", "10",
+        ],
+    );
+    job.servers.push(restarted);
+    let drain = std::thread::spawn(move || {
+        progress
+            .iter()
+            .find_map(|l| l.strip_prefix("RESULT ").map(str::to_string))
+    });
+    let outs = wait_all(workers, LIMIT);
+    for (w, out) in outs.iter().enumerate() {
+        let text = String::from_utf8_lossy(&out.stdout);
+        let tail: Vec<&str> = text.lines().rev().take(4).collect();
+        eprintln!("worker {w}: {} | {}", out.status, tail.join(" | "));
+    }
+    for out in &outs[1..] {
+        let (w, b) = params(&ok(out));
+        assert!(
+            distance_to_truth(&w, b) < 0.05,
+            "training did not finish well after the restart: {w:?} {b}"
+        );
+    }
+    assert!(
+        outs[0].status.success(),
+        "worker 0 failed: {}",
+        String::from_utf8_lossy(&outs[0].stderr)
+    );
+    let r0: serde_json::Value =
+        serde_json::from_str(&drain.join().expect("drain").expect("worker 0 result"))
+            .expect("json");
+    assert!(r0["version"].as_u64().expect("version") >= 200, "{r0}");
+    job.finish();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_checkpoint_on_demand_restores_exactly() {
+    let dir = std::env::temp_dir().join(format!("tandem-ps-ckpt-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let ckpt = dir.to_string_lossy().to_string();
+    let server_args = |_| {
+        vec![
+            "--index".to_string(),
+            "0".into(),
+            "--ckpt".into(),
+            ckpt.clone(),
+        ]
+    };
+    let job = Job::start_with(1, server_args);
+    let first = job.workers(
+        1,
+        &[
+            "--mode",
+            "sync",
+            "--steps",
+            "20",
+            "--lr",
+            "0.05",
+            "--opt",
+            "adam",
+            "--checkpoint",
+        ],
+        |_| vec![],
+    );
+    let trained = ok(&first[0]);
+    job.finish();
+    // A new server from the same directory serves exactly those parameters at the same version.
+    let job = Job::start_with(1, server_args);
+    let again = job.workers(
+        1,
+        &[
+            "--mode", "sync", "--steps", "0", "--opt", "adam", "--lr", "0.05",
+        ],
+        |_| vec![],
+    );
+    let restored = ok(&again[0]);
+    assert_eq!(params(&restored), params(&trained));
+    assert_eq!(restored["version"], trained["version"]);
+    job.finish();
+    let _ = std::fs::remove_dir_all(&dir);
 }

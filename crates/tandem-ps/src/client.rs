@@ -90,6 +90,7 @@ pub struct PushOutcome {
 /// ```
 #[derive(Debug, Clone)]
 pub struct Client {
+    incarnations: std::sync::Arc<std::sync::Mutex<Vec<u64>>>,
     servers: Vec<Grpc>,
     addrs: Vec<String>,
     map: PartitionMap,
@@ -190,6 +191,7 @@ impl Client {
         let servers =
             futures::future::try_join_all(addrs.iter().map(|a| connect_one(a, token, end))).await?;
         let client = Client {
+            incarnations: std::sync::Arc::new(std::sync::Mutex::new(vec![0; servers.len()])),
             servers,
             addrs: addrs.to_vec(),
             map,
@@ -266,6 +268,172 @@ impl Client {
         Ok(client)
     }
 
+    /// Calls server `s`, retrying with backoff while it is unreachable (restarting, say) until the
+    /// client's deadline; other errors return at once.
+    async fn call<T, F, Fut>(&self, s: usize, what: &str, wait: Duration, mut f: F) -> Result<T>
+    where
+        F: FnMut(Grpc) -> Fut,
+        Fut: std::future::Future<Output = std::result::Result<T, Status>>,
+    {
+        let addr = &self.addrs[s];
+        let end = Instant::now() + self.timeout;
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            match tokio::time::timeout(wait, f(self.servers[s].clone())).await {
+                Ok(Ok(v)) => return Ok(v),
+                Ok(Err(st)) if st.code() == Code::Unavailable || st.code() == Code::Unknown => {
+                    if Instant::now() + backoff >= end {
+                        return Err(status_error(addr, what, st, self.timeout));
+                    }
+                    tracing::warn!(%addr, error = %st.message(), "parameter server unreachable; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                }
+                Ok(Err(st)) => return Err(status_error(addr, what, st, wait)),
+                Err(_) => {
+                    return Err(Error::timeout(
+                        format!("{what} at the parameter server {addr}"),
+                        wait,
+                    ));
+                }
+            }
+        }
+    }
+
+    /// Pulls from one server, letting it wait at most `wait` for `min_version`; `None` when the
+    /// version was not reached in that time.
+    async fn pull_one(
+        &self,
+        s: usize,
+        min_version: u64,
+        incarnation: u64,
+        wait: Duration,
+    ) -> Result<Option<Vec<pb::PullChunk>>> {
+        let req = pb::PullRequest {
+            worker: self.worker,
+            min_version,
+            parts: vec![],
+            timeout_ms: wait.as_millis().min(u64::MAX as u128) as u64,
+            incarnation,
+        };
+        self.call(
+            s,
+            "pulling",
+            wait + Duration::from_secs(10),
+            move |mut c| {
+                let req = req.clone();
+                async move {
+                    let mut stream = match c.pull(req).await {
+                        Ok(r) => r.into_inner(),
+                        Err(st) if st.code() == Code::DeadlineExceeded => return Ok(None),
+                        Err(st) => return Err(st),
+                    };
+                    let mut chunks = Vec::new();
+                    while let Some(ch) = stream.message().await? {
+                        chunks.push(ch);
+                    }
+                    Ok(Some(chunks))
+                }
+            },
+        )
+        .await
+    }
+
+    /// The incarnation of every server, from their stats.
+    async fn incarnations_now(&self) -> Result<Vec<u64>> {
+        let calls = (0..self.servers.len()).map(|s| {
+            self.call(s, "stats", Duration::from_secs(10), |mut c| async move {
+                c.stats(pb::StatsRequest {})
+                    .await
+                    .map(|r| r.into_inner().incarnation)
+            })
+        });
+        futures::future::try_join_all(calls).await
+    }
+
+    /// Pulls from every server in parallel, waiting in slices of at most 2 s. If a server turns out
+    /// to have restarted from a checkpoint (seen in a reply, or in its stats while waiting), the
+    /// others are asked again without waiting, so the worker learns the restored step instead of
+    /// waiting for a version that needs its own gradients first.
+    async fn pull_all(&self, min_version: u64) -> Result<Vec<Vec<pb::PullChunk>>> {
+        use futures::stream::{FuturesUnordered, StreamExt as _};
+        let known: Vec<u64> = self
+            .incarnations
+            .lock()
+            .map(|v| v.clone())
+            .unwrap_or_default();
+        let n = self.servers.len();
+        let end = Instant::now() + self.timeout;
+        let mut results: Vec<Option<Vec<pb::PullChunk>>> = vec![None; n];
+        let changed = |s: usize, inc: u64| known.get(s).is_some_and(|k| *k != 0 && *k != inc);
+        let mut restarted = false;
+        while !restarted && results.iter().any(Option::is_none) {
+            let slice = end
+                .saturating_duration_since(Instant::now())
+                .min(Duration::from_secs(2));
+            {
+                let mut pending: FuturesUnordered<_> = (0..n)
+                    .filter(|s| results[*s].is_none())
+                    .map(|s| {
+                        let inc = known.get(s).copied().unwrap_or(0);
+                        async move { (s, self.pull_one(s, min_version, inc, slice).await) }
+                    })
+                    .collect();
+                while let Some((s, r)) = pending.next().await {
+                    if let Some(chunks) = r? {
+                        restarted |= changed(s, chunks.first().map_or(0, |c| c.incarnation));
+                        results[s] = Some(chunks);
+                        if restarted {
+                            break;
+                        }
+                    }
+                }
+            }
+            if restarted || results.iter().all(Option::is_some) {
+                break;
+            }
+            let now = self.incarnations_now().await?;
+            restarted = now.iter().enumerate().any(|(s, inc)| changed(s, *inc));
+            if !restarted && Instant::now() >= end {
+                return Err(Error::timeout(
+                    format!(
+                        "parameters at version {min_version} from every parameter server (a worker may be missing)"
+                    ),
+                    self.timeout,
+                ));
+            }
+        }
+        if restarted {
+            tracing::warn!("a parameter server restarted; resuming from its step");
+            for (s, slot) in results.iter_mut().enumerate() {
+                if slot.is_none() {
+                    *slot = self.pull_one(s, 0, 0, Duration::ZERO).await?;
+                }
+            }
+        }
+        results
+            .into_iter()
+            .enumerate()
+            .map(|(s, r)| {
+                r.ok_or_else(|| {
+                    Error::transport("pulling", format!("server {} sent nothing", self.addrs[s]))
+                })
+            })
+            .collect()
+    }
+
+    /// Writes a checkpoint on every server now; returns the versions written.
+    pub async fn checkpoint(&self) -> Result<Vec<u64>> {
+        let calls = (0..self.servers.len()).map(|s| {
+            self.call(s, "checkpoint", self.timeout, |mut c| async move {
+                c.checkpoint(pb::CheckpointRequest {})
+                    .await
+                    .map(|r| r.into_inner().version)
+            })
+        });
+        futures::future::try_join_all(calls).await
+    }
+
     /// The partition map in use.
     pub fn map(&self) -> &PartitionMap {
         &self.map
@@ -280,38 +448,13 @@ impl Client {
             .iter()
             .map(|p| (p.name.clone(), vec![0.0f32; p.numel()]))
             .collect();
-        let pulls = (0..self.servers.len()).map(|s| {
-            let mut c = self.servers[s].clone();
-            let addr = self.addrs[s].clone();
-            let req = pb::PullRequest {
-                worker: self.worker,
-                min_version,
-                parts: vec![],
-                timeout_ms: self.timeout.as_millis().min(u64::MAX as u128) as u64,
-            };
-            let wait = self.timeout + Duration::from_secs(10);
-            async move {
-                let call = async {
-                    let mut stream = c.pull(req).await?.into_inner();
-                    let mut chunks = Vec::new();
-                    while let Some(ch) = stream.message().await? {
-                        chunks.push(ch);
-                    }
-                    Ok::<_, Status>(chunks)
-                };
-                match tokio::time::timeout(wait, call).await {
-                    Ok(r) => r.map_err(|e| status_error(&addr, "pulling", e, wait)),
-                    Err(_) => Err(Error::timeout(
-                        format!("a pull from the parameter server {addr}"),
-                        wait,
-                    )),
-                }
-            }
-        });
-        let results = futures::future::try_join_all(pulls).await?;
+        let results = self.pull_all(min_version).await?;
         let mut version = u64::MAX;
         let mut filled: HashMap<(String, u32), usize> = HashMap::new();
         for (s, chunks) in results.into_iter().enumerate() {
+            if let (Some(ch), Ok(mut inc)) = (chunks.first(), self.incarnations.lock()) {
+                inc[s] = ch.incarnation;
+            }
             for ch in chunks {
                 version = version.min(ch.version);
                 let part = self
@@ -396,25 +539,20 @@ impl Client {
                 }
             }
         }
+        let wait = self.timeout + Duration::from_secs(10);
         let pushes = per_server
             .into_iter()
             .enumerate()
             .filter(|(_, c)| !c.is_empty())
             .map(|(s, chunks)| {
-                let mut c = self.servers[s].clone();
-                let addr = self.addrs[s].clone();
-                let wait = self.timeout + Duration::from_secs(10);
-                async move {
-                    match tokio::time::timeout(wait, c.push(tokio_stream::iter(chunks))).await {
-                        Ok(r) => r
+                self.call(s, "pushing", wait, move |mut c| {
+                    let chunks = chunks.clone();
+                    async move {
+                        c.push(tokio_stream::iter(chunks))
+                            .await
                             .map(|r| r.into_inner())
-                            .map_err(|e| status_error(&addr, "pushing", e, wait)),
-                        Err(_) => Err(Error::timeout(
-                            format!("a push to the parameter server {addr}"),
-                            wait,
-                        )),
                     }
-                }
+                })
             });
         let results = futures::future::try_join_all(pushes).await?;
         Ok(PushOutcome {

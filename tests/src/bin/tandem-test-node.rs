@@ -33,7 +33,7 @@ fn main() {
         Some("async") => collective(run_async),
         Some("loop") => collective(run_loop),
         Some("mismatch") => collective(|pg| run_mismatch(pg, &args[1..])),
-        Some("ps-server") => runtime().and_then(|rt| rt.block_on(ps_server())),
+        Some("ps-server") => runtime().and_then(|rt| rt.block_on(ps_server(&args[1..]))),
         Some("ps-worker") => runtime().and_then(|rt| rt.block_on(ps_worker(&args[1..]))),
         other => Err(Error::invalid("mode", format!("unknown mode {other:?}"))),
     };
@@ -235,15 +235,28 @@ async fn meet(args: &[String]) -> Result<()> {
 }
 
 /// A parameter server on an ephemeral port; prints `ADDR host:port`, serves until the workers are done.
-async fn ps_server() -> Result<()> {
+/// Flags: [--bind ADDR] [--index I --ckpt DIR --every N].
+async fn ps_server(args: &[String]) -> Result<()> {
     let token =
         JobToken::from_env()?.ok_or_else(|| Error::config("TANDEM_JOB_TOKEN", "not set"))?;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+    let bind = flag_value(args, "--bind").unwrap_or_else(|| "127.0.0.1:0".into());
+    let listener = tokio::net::TcpListener::bind(&bind)
         .await
         .map_err(|e| Error::io("bind", e))?;
     let addr = listener.local_addr().map_err(|e| Error::io("addr", e))?;
     println!("ADDR {addr}");
-    let config = tandem_ps::server::ServerConfig::new(token);
+    let mut config = tandem_ps::server::ServerConfig::new(token);
+    if let Some(dir) = flag_value(args, "--ckpt") {
+        config.checkpoint = Some(tandem_ps::server::CheckpointPolicy {
+            dir: dir.into(),
+            index: flag_value(args, "--index")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0),
+            every: flag_value(args, "--every")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0),
+        });
+    }
     tandem_ps::server::run(
         listener,
         config,
@@ -342,6 +355,7 @@ async fn ps_worker(args: &[String]) -> Result<()> {
             tokio::time::sleep(slow).await;
         }
         let out = client.push(step, &[("w", &gw), ("b", &[gb])]).await?;
+        println!("STEP {step}");
         dropped += u64::from(out.dropped);
         if sync {
             step += 1;
@@ -356,6 +370,10 @@ async fn ps_worker(args: &[String]) -> Result<()> {
                 max_spread = max_spread.max(mx - mn);
             }
         }
+    }
+    if args.iter().any(|a| a == "--checkpoint") {
+        let written = client.checkpoint().await?;
+        println!("CHECKPOINT {written:?}");
     }
     // Sync: the last step completes once enough workers pushed it, backups or not.
     let (version, p) = client.pull(if sync { steps } else { 0 }).await?;

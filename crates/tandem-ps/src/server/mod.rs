@@ -1,11 +1,12 @@
 //! Serving parameters: [`run`] on a listener the caller bound, until shutdown or until every worker
 //! is done.
 
+pub mod checkpoint;
 mod model;
 mod service;
 
 pub use model::{Counters, Mode, Model};
-pub use service::{Limits, Service};
+pub use service::{CheckpointPolicy, Limits, Service};
 
 use std::future::Future;
 use std::sync::Arc;
@@ -33,6 +34,9 @@ pub struct ServerConfig {
     pub limits: Limits,
     /// Stop when every worker has called `done`.
     pub exit_when_done: bool,
+    /// Checkpoint directory and frequency; a server started with a directory holding its checkpoint
+    /// resumes from it.
+    pub checkpoint: Option<CheckpointPolicy>,
 }
 
 impl ServerConfig {
@@ -42,6 +46,7 @@ impl ServerConfig {
             token,
             limits: Limits::default(),
             exit_when_done: true,
+            checkpoint: None,
         }
     }
 }
@@ -56,7 +61,20 @@ pub async fn run(
         .local_addr()
         .map_err(|e| Error::io("reading the server address", e))?;
     let all_done = Arc::new(Notify::new());
-    let service = Service::new(config.limits.clone(), all_done.clone());
+    let service = Service::new(
+        config.limits.clone(),
+        all_done.clone(),
+        config.checkpoint.clone(),
+    );
+    if let Some(policy) = &config.checkpoint {
+        let (dir, index) = (policy.dir.clone(), policy.index);
+        let snap = tokio::task::spawn_blocking(move || checkpoint::read(&dir, index))
+            .await
+            .map_err(|e| Error::transport("reading the checkpoint", e.to_string()))??;
+        if let Some(snap) = snap {
+            service.restore(Model::from_snapshot(snap));
+        }
+    }
     let svc = ParameterServerServer::new(service)
         .max_decoding_message_size(MAX_MESSAGE)
         .max_encoding_message_size(MAX_MESSAGE);

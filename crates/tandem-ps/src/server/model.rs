@@ -7,6 +7,7 @@ use std::sync::{Mutex, RwLock};
 
 use tokio::sync::watch;
 
+use super::checkpoint::{PartSnapshot, Snapshot};
 use crate::init::Init;
 use crate::optimizer::{self, Optimizer, State};
 
@@ -152,6 +153,79 @@ impl Model {
             version: watch::Sender::new(0),
             worker_steps: watch::Sender::new(vec![0; mode.workers as usize]),
             counters: Counters::default(),
+        }
+    }
+
+    /// Rebuilds a server from its checkpoint.
+    pub fn from_snapshot(snap: Snapshot) -> Self {
+        let mut parts = HashMap::new();
+        for p in snap.parts {
+            let numel = p.values.len();
+            let state = State {
+                m: p.m,
+                v: p.v,
+                t: p.t,
+            };
+            let data = RwLock::new(PartData {
+                values: p.values,
+                state,
+                version: p.version,
+            });
+            parts.insert(
+                (p.param, p.part),
+                PartEntry {
+                    shape: p.shape,
+                    row_start: p.row_start,
+                    rows: p.rows,
+                    numel,
+                    data,
+                },
+            );
+        }
+        let workers = snap.mode.workers as usize;
+        Model {
+            map_hash: snap.map_hash,
+            optimizer: snap.optimizer,
+            mode: snap.mode,
+            parts,
+            sync: Mutex::new(SyncStep {
+                step: snap.version,
+                grads: BTreeMap::new(),
+            }),
+            version: watch::Sender::new(snap.version),
+            worker_steps: watch::Sender::new(vec![snap.version; workers]),
+            counters: Counters::default(),
+        }
+    }
+
+    /// Copies everything a checkpoint holds. In sync mode call it with the step lock held, so the
+    /// copy is one consistent step.
+    pub fn snapshot(&self) -> Snapshot {
+        let parts = self
+            .parts
+            .iter()
+            .map(|((param, part), e)| {
+                let d = e.data.read().unwrap_or_else(|p| p.into_inner());
+                PartSnapshot {
+                    param: param.clone(),
+                    part: *part,
+                    shape: e.shape.clone(),
+                    row_start: e.row_start,
+                    rows: e.rows,
+                    values: d.values.clone(),
+                    m: d.state.m.clone(),
+                    v: d.state.v.clone(),
+                    t: d.state.t,
+                    version: d.version,
+                }
+            })
+            .collect();
+        Snapshot {
+            map_hash: self.map_hash,
+            version: *self.version.borrow(),
+            mode: self.mode,
+            optimizer: self.optimizer,
+            parts,
         }
     }
 

@@ -13,6 +13,9 @@ use tokio::sync::{Notify, OnceCell};
 use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
 
+use std::path::PathBuf;
+
+use super::checkpoint::{self, Snapshot};
 use super::model::{Key, Mode, Model};
 use crate::init::Init;
 use crate::optimizer::{Kind, Optimizer};
@@ -37,10 +40,23 @@ impl Default for Limits {
     }
 }
 
+/// Where and how often a server checkpoints.
+#[derive(Debug, Clone)]
+pub struct CheckpointPolicy {
+    /// Directory of the checkpoint files.
+    pub dir: PathBuf,
+    /// This server's index (names its file).
+    pub index: usize,
+    /// Write every this many versions (0: only on request).
+    pub every: u64,
+}
+
 /// The parameter-server service of one server process.
 #[derive(Clone)]
 pub struct Service {
     model: Arc<OnceCell<Arc<Model>>>,
+    checkpoint: Option<CheckpointPolicy>,
+    incarnation: u64,
     declare_lock: Arc<tokio::sync::Mutex<()>>,
     done: Arc<Mutex<std::collections::BTreeSet<u32>>>,
     all_done: Arc<Notify>,
@@ -49,14 +65,57 @@ pub struct Service {
 
 impl Service {
     /// A service with no parameters yet; `all_done` is notified when every worker has said done.
-    pub fn new(limits: Limits, all_done: Arc<Notify>) -> Self {
+    pub fn new(
+        limits: Limits,
+        all_done: Arc<Notify>,
+        checkpoint: Option<CheckpointPolicy>,
+    ) -> Self {
+        let incarnation = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| {
+                d.as_nanos() as u64 ^ ((std::process::id() as u64) << 32)
+            })
+            | 1;
         Service {
             model: Arc::new(OnceCell::new()),
+            checkpoint,
+            incarnation,
             declare_lock: Arc::new(tokio::sync::Mutex::new(())),
             done: Arc::default(),
             all_done,
             limits,
         }
+    }
+
+    /// Resumes from a checkpoint: the model exists before any worker declares it.
+    pub fn restore(&self, model: Model) {
+        tracing::info!(
+            version = *model.version.borrow(),
+            "restored from checkpoint"
+        );
+        let _ = self.model.set(Arc::new(model));
+    }
+
+    /// Writes the snapshot in the background (the caller holds whatever lock made it consistent).
+    fn write_in_background(&self, snap: Snapshot) {
+        if let Some(policy) = self.checkpoint.clone() {
+            tokio::task::spawn_blocking(move || {
+                match checkpoint::write(&policy.dir, policy.index, &snap) {
+                    Ok(p) => {
+                        tracing::info!(version = snap.version, path = %p.display(), "checkpoint written")
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "checkpoint failed; the previous one is intact")
+                    }
+                }
+            });
+        }
+    }
+
+    fn due(&self, version: u64) -> bool {
+        self.checkpoint
+            .as_ref()
+            .is_some_and(|c| c.every > 0 && version > 0 && version.is_multiple_of(c.every))
     }
 
     /// The model, once declared.
@@ -271,12 +330,23 @@ impl ParameterServer for Service {
             }
             grads.insert(key, g);
         }
-        if model.mode.sync {
-            push_sync(&model, inc.worker, inc.step, grads)
+        let (response, snapshot) = if model.mode.sync {
+            push_sync(&model, inc.worker, inc.step, grads, |v| self.due(v))?
         } else {
-            push_async(&model, inc.worker, inc.step, grads, self.limits.max_wait).await
+            push_async(
+                &model,
+                inc.worker,
+                inc.step,
+                grads,
+                self.limits.max_wait,
+                |v| self.due(v),
+            )
+            .await?
+        };
+        if let Some(snap) = snapshot {
+            self.write_in_background(snap);
         }
-        .map(Response::new)
+        Ok(Response::new(response))
     }
 
     type PullStream = PullStream;
@@ -286,7 +356,10 @@ impl ParameterServer for Service {
         let r = req.into_inner();
         let wait = Duration::from_millis(r.timeout_ms).min(self.limits.max_wait);
         let mut rx = model.version.subscribe();
-        let reached = tokio::time::timeout(wait, rx.wait_for(|v| *v >= r.min_version)).await;
+        // A worker that last saw another incarnation is told at once where this one stands.
+        let restarted = r.incarnation != 0 && r.incarnation != self.incarnation;
+        let min_version = if restarted { 0 } else { r.min_version };
+        let reached = tokio::time::timeout(wait, rx.wait_for(|v| *v >= min_version)).await;
         let version = match reached {
             Ok(Ok(v)) => *v,
             Ok(Err(_)) => return Err(Status::unavailable("server is shutting down")),
@@ -324,6 +397,7 @@ impl ParameterServer for Service {
                     offset: off as u64,
                     version,
                     data: snapshot.slice(off..end),
+                    incarnation: self.incarnation,
                 });
                 if end == off {
                     break;
@@ -359,6 +433,33 @@ impl ParameterServer for Service {
         Ok(Response::new(pb::DoneResponse { remaining }))
     }
 
+    async fn checkpoint(
+        &self,
+        _req: Request<pb::CheckpointRequest>,
+    ) -> Result<Response<pb::CheckpointResponse>, Status> {
+        let model = self.declared()?;
+        let policy = self.checkpoint.clone().ok_or_else(|| {
+            Status::failed_precondition("this server was started without a checkpoint directory")
+        })?;
+        let snap = if model.mode.sync {
+            let _step = model.sync.lock().unwrap_or_else(|p| p.into_inner());
+            model.snapshot()
+        } else {
+            model.snapshot()
+        };
+        let version = snap.version;
+        let written = tokio::task::spawn_blocking(move || {
+            checkpoint::write(&policy.dir, policy.index, &snap)
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?
+        .map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Response::new(pb::CheckpointResponse {
+            version,
+            path: written.display().to_string(),
+        }))
+    }
+
     async fn stats(
         &self,
         _req: Request<pb::StatsRequest>,
@@ -375,35 +476,63 @@ impl ParameterServer for Service {
             bytes_out: ld(&c.bytes_out),
             staleness_histogram: c.staleness.iter().map(ld).collect(),
             worker_steps: m.worker_steps.borrow().clone(),
+            incarnation: self.incarnation,
         }))
     }
 }
+
+type PushResult = Result<(pb::PushResponse, Option<Snapshot>), Status>;
 
 fn push_sync(
     model: &Model,
     worker: u32,
     step: u64,
     grads: HashMap<Key, Vec<f32>>,
-) -> Result<pb::PushResponse, Status> {
+    due: impl Fn(u64) -> bool,
+) -> PushResult {
     let mut st = model.sync.lock().unwrap_or_else(|p| p.into_inner());
     if step < st.step {
         model.counters.dropped.fetch_add(1, Ordering::Relaxed);
-        return Ok(pb::PushResponse {
-            applied: false,
-            dropped: true,
-            version: st.step,
-        });
+        return Ok((
+            pb::PushResponse {
+                applied: false,
+                dropped: true,
+                version: st.step,
+            },
+            None,
+        ));
     }
     if step > st.step {
-        return Err(Status::invalid_argument(format!(
-            "worker {worker} pushed for step {step} but the server is at step {}; pull first",
-            st.step
-        )));
+        // Only after this server restarted from an older checkpoint: the worker learns the server's
+        // step from the response and its next pull, and continues from there.
+        tracing::warn!(
+            worker,
+            step,
+            server_step = st.step,
+            "gradient for a step ahead of this server dropped"
+        );
+        model.counters.dropped.fetch_add(1, Ordering::Relaxed);
+        return Ok((
+            pb::PushResponse {
+                applied: false,
+                dropped: true,
+                version: st.step,
+            },
+            None,
+        ));
     }
     if st.grads.contains_key(&worker) {
-        return Err(Status::already_exists(format!(
-            "worker {worker} already pushed for step {step}"
-        )));
+        // A retry (or a replay after a restart elsewhere): the first gradient for this step stands.
+        tracing::warn!(worker, step, "second gradient for the same step ignored");
+        model.counters.dropped.fetch_add(1, Ordering::Relaxed);
+        return Ok((
+            pb::PushResponse {
+                applied: false,
+                dropped: true,
+                version: st.step,
+            },
+            None,
+        ));
     }
     st.grads.insert(worker, grads);
     model.worker_steps.send_modify(|s| {
@@ -412,14 +541,21 @@ fn push_sync(
         }
     });
     model.counters.applied.fetch_add(1, Ordering::Relaxed);
+    let mut snapshot = None;
     if st.grads.len() as u32 >= model.mode.replicas_to_aggregate {
         model.finish_step(&mut st);
+        if due(st.step) {
+            snapshot = Some(model.snapshot());
+        }
     }
-    Ok(pb::PushResponse {
-        applied: true,
-        dropped: false,
-        version: st.step,
-    })
+    Ok((
+        pb::PushResponse {
+            applied: true,
+            dropped: false,
+            version: st.step,
+        },
+        snapshot,
+    ))
 }
 
 async fn push_async(
@@ -428,7 +564,8 @@ async fn push_async(
     step: u64,
     mut grads: HashMap<Key, Vec<f32>>,
     max_wait: Duration,
-) -> Result<pb::PushResponse, Status> {
+    due: impl Fn(u64) -> bool,
+) -> PushResult {
     if let Some(bound) = model.mode.staleness {
         // Stale-synchronous: wait while this worker is more than `bound` steps ahead of the slowest.
         let mut rx = model.worker_steps.subscribe();
@@ -459,17 +596,18 @@ async fn push_async(
             *x += 1;
         }
     });
-    let now = {
-        let mut v = 0;
-        model.version.send_modify(|x| {
-            *x += 1;
-            v = *x;
-        });
-        v
-    };
-    Ok(pb::PushResponse {
-        applied: true,
-        dropped: false,
-        version: now,
-    })
+    let mut now = 0;
+    model.version.send_modify(|x| {
+        *x += 1;
+        now = *x;
+    });
+    let snapshot = due(now).then(|| model.snapshot());
+    Ok((
+        pb::PushResponse {
+            applied: true,
+            dropped: false,
+            version: now,
+        },
+        snapshot,
+    ))
 }

@@ -1,0 +1,347 @@
+//! Checkpoints of one server: parameters, optimizer state, versions, mode, optimizer and the
+//! partition-map hash, in one file per server written atomically (temp file, fsync, rename), so a
+//! crash mid-write leaves the previous checkpoint intact. A checksum catches torn or corrupt files.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use tandem_core::{Error, Result};
+
+use super::model::Mode;
+use crate::optimizer::{Kind, Optimizer};
+
+const MAGIC: &[u8; 8] = b"TNDMCKP1";
+
+/// One partition in a checkpoint.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PartSnapshot {
+    /// Parameter name.
+    pub param: String,
+    /// Partition index.
+    pub part: u32,
+    /// Full shape of the parameter.
+    pub shape: Vec<u64>,
+    /// First row.
+    pub row_start: u64,
+    /// Rows.
+    pub rows: u64,
+    /// Values.
+    pub values: Vec<f32>,
+    /// First moment / momentum.
+    pub m: Vec<f32>,
+    /// Second moment / Adagrad accumulator.
+    pub v: Vec<f32>,
+    /// Optimizer steps.
+    pub t: u64,
+    /// Updates applied to the partition.
+    pub version: u64,
+}
+
+/// Everything a server needs to resume.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Snapshot {
+    /// Partition-map hash.
+    pub map_hash: u64,
+    /// Server version (sync step or async updates).
+    pub version: u64,
+    /// Mode.
+    pub mode: Mode,
+    /// Optimizer.
+    pub optimizer: Optimizer,
+    /// Partitions.
+    pub parts: Vec<PartSnapshot>,
+}
+
+/// The checkpoint file of server `index` in `dir`.
+pub fn path(dir: &Path, index: usize) -> PathBuf {
+    dir.join(format!("ps-{index}.ckpt"))
+}
+
+struct Writer(Vec<u8>);
+
+impl Writer {
+    fn u64(&mut self, v: u64) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn f32(&mut self, v: f32) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn str(&mut self, s: &str) {
+        self.u64(s.len() as u64);
+        self.0.extend_from_slice(s.as_bytes());
+    }
+    fn floats(&mut self, v: &[f32]) {
+        self.u64(v.len() as u64);
+        self.0.extend_from_slice(bytemuck::cast_slice(v));
+    }
+}
+
+struct Reader<'a> {
+    b: &'a [u8],
+    at: usize,
+    file: String,
+}
+
+impl Reader<'_> {
+    fn bad(&self, what: &str) -> Error {
+        Error::invalid(
+            "checkpoint",
+            format!("{} is corrupt: {what} at byte {}", self.file, self.at),
+        )
+    }
+    fn take(&mut self, n: usize) -> Result<&[u8]> {
+        let end = self
+            .at
+            .checked_add(n)
+            .filter(|e| *e <= self.b.len())
+            .ok_or_else(|| self.bad("truncated"))?;
+        let s = &self.b[self.at..end];
+        self.at = end;
+        Ok(s)
+    }
+    fn u64(&mut self) -> Result<u64> {
+        let s = self.take(8)?;
+        Ok(u64::from_le_bytes(s.try_into().unwrap_or_default()))
+    }
+    fn f32(&mut self) -> Result<f32> {
+        let s = self.take(4)?;
+        Ok(f32::from_le_bytes([s[0], s[1], s[2], s[3]]))
+    }
+    fn len(&mut self, unit: usize) -> Result<usize> {
+        let n = self.u64()? as usize;
+        if n.saturating_mul(unit) > self.b.len() - self.at {
+            return Err(self.bad("length beyond the end"));
+        }
+        Ok(n)
+    }
+    fn str(&mut self) -> Result<String> {
+        let n = self.len(1)?;
+        String::from_utf8(self.take(n)?.to_vec()).map_err(|_| self.bad("non-UTF-8 name"))
+    }
+    fn floats(&mut self) -> Result<Vec<f32>> {
+        let n = self.len(4)?;
+        Ok(self
+            .take(n * 4)?
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect())
+    }
+}
+
+fn fnv(b: &[u8]) -> u64 {
+    b.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, x| {
+        (h ^ *x as u64).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+fn encode(s: &Snapshot) -> Vec<u8> {
+    let mut w = Writer(MAGIC.to_vec());
+    w.u64(s.map_hash);
+    w.u64(s.version);
+    w.u64(u64::from(s.mode.sync));
+    w.u64(s.mode.workers as u64);
+    w.u64(s.mode.replicas_to_aggregate as u64);
+    w.u64(s.mode.staleness.map_or(u64::MAX, u64::from));
+    w.u64(u64::from(s.mode.reject_non_finite));
+    let o = &s.optimizer;
+    w.str(o.kind_name());
+    for v in [
+        o.lr,
+        o.momentum,
+        o.beta1,
+        o.beta2,
+        o.eps,
+        o.weight_decay,
+        o.clip_norm,
+        o.decay_rate,
+    ] {
+        w.f32(v);
+    }
+    w.u64(o.decay_steps);
+    w.u64(s.parts.len() as u64);
+    for p in &s.parts {
+        w.str(&p.param);
+        w.u64(p.part as u64);
+        w.u64(p.shape.len() as u64);
+        p.shape.iter().for_each(|d| w.u64(*d));
+        w.u64(p.row_start);
+        w.u64(p.rows);
+        w.u64(p.t);
+        w.u64(p.version);
+        w.floats(&p.values);
+        w.floats(&p.m);
+        w.floats(&p.v);
+    }
+    let sum = fnv(&w.0);
+    w.u64(sum);
+    w.0
+}
+
+fn decode(b: &[u8], file: String) -> Result<Snapshot> {
+    if b.len() < MAGIC.len() + 8 || &b[..8] != MAGIC {
+        return Err(Error::invalid(
+            "checkpoint",
+            format!("{file} is not a Tandem checkpoint"),
+        ));
+    }
+    let (body, sum) = b.split_at(b.len() - 8);
+    if fnv(body) != u64::from_le_bytes(sum.try_into().unwrap_or_default()) {
+        return Err(Error::invalid(
+            "checkpoint",
+            format!("{file} is corrupt: checksum mismatch"),
+        ));
+    }
+    let mut r = Reader {
+        b: body,
+        at: 8,
+        file,
+    };
+    let map_hash = r.u64()?;
+    let version = r.u64()?;
+    let sync = r.u64()? == 1;
+    let workers = r.u64()? as u32;
+    let replicas_to_aggregate = r.u64()? as u32;
+    let staleness = match r.u64()? {
+        u64::MAX => None,
+        s => Some(s as u32),
+    };
+    let reject_non_finite = r.u64()? == 1;
+    let kind: Kind = Optimizer::kind_from_name(&r.str()?)?;
+    let mut f = [0f32; 8];
+    for x in f.iter_mut() {
+        *x = r.f32()?;
+    }
+    let optimizer = Optimizer {
+        kind,
+        lr: f[0],
+        momentum: f[1],
+        beta1: f[2],
+        beta2: f[3],
+        eps: f[4],
+        weight_decay: f[5],
+        clip_norm: f[6],
+        decay_rate: f[7],
+        decay_steps: r.u64()?,
+    };
+    let n = r.len(1)?;
+    let mut parts = Vec::with_capacity(n);
+    for _ in 0..n {
+        let param = r.str()?;
+        let part = r.u64()? as u32;
+        let dims = r.len(8)?;
+        let shape = (0..dims).map(|_| r.u64()).collect::<Result<Vec<_>>>()?;
+        parts.push(PartSnapshot {
+            param,
+            part,
+            shape,
+            row_start: r.u64()?,
+            rows: r.u64()?,
+            t: r.u64()?,
+            version: r.u64()?,
+            values: r.floats()?,
+            m: r.floats()?,
+            v: r.floats()?,
+        });
+    }
+    let mode = Mode {
+        sync,
+        workers,
+        replicas_to_aggregate,
+        staleness,
+        reject_non_finite,
+    };
+    Ok(Snapshot {
+        map_hash,
+        version,
+        mode,
+        optimizer,
+        parts,
+    })
+}
+
+/// Writes `snap` as server `index`'s checkpoint in `dir`, atomically.
+pub fn write(dir: &Path, index: usize, snap: &Snapshot) -> Result<PathBuf> {
+    std::fs::create_dir_all(dir)
+        .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+    let final_path = path(dir, index);
+    let tmp = dir.join(format!(".ps-{index}.ckpt.tmp-{}", std::process::id()));
+    let bytes = encode(snap);
+    let io = |what: &str, e| Error::io(format!("{what} {}", tmp.display()), e);
+    let mut f = std::fs::File::create(&tmp).map_err(|e| io("creating", e))?;
+    f.write_all(&bytes).map_err(|e| io("writing", e))?;
+    f.sync_all().map_err(|e| io("syncing", e))?;
+    drop(f);
+    std::fs::rename(&tmp, &final_path).map_err(|e| {
+        Error::io(
+            format!("renaming {} to {}", tmp.display(), final_path.display()),
+            e,
+        )
+    })?;
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok(final_path)
+}
+
+/// Reads server `index`'s checkpoint from `dir`, if there is one.
+pub fn read(dir: &Path, index: usize) -> Result<Option<Snapshot>> {
+    let p = path(dir, index);
+    match std::fs::read(&p) {
+        Ok(b) => decode(&b, p.display().to_string()).map(Some),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(Error::io(format!("reading {}", p.display()), e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Snapshot {
+        Snapshot {
+            map_hash: 42,
+            version: 17,
+            mode: Mode {
+                sync: true,
+                workers: 4,
+                replicas_to_aggregate: 3,
+                staleness: None,
+                reject_non_finite: true,
+            },
+            optimizer: Optimizer::adamw(0.01, 0.1),
+            parts: vec![PartSnapshot {
+                param: "w".into(),
+                part: 1,
+                shape: vec![10, 3],
+                row_start: 5,
+                rows: 5,
+                values: (0..15).map(|i| i as f32 * 0.5).collect(),
+                m: vec![0.25; 15],
+                v: vec![0.125; 15],
+                t: 17,
+                version: 17,
+            }],
+        }
+    }
+
+    #[test]
+    fn round_trip_and_corruption_is_detected() {
+        let dir = std::env::temp_dir().join(format!("tandem-ckpt-{}", std::process::id()));
+        let s = sample();
+        write(&dir, 1, &s).unwrap();
+        assert_eq!(read(&dir, 1).unwrap(), Some(s.clone()));
+        assert_eq!(read(&dir, 7).unwrap(), None);
+        let p = path(&dir, 1);
+        let mut b = std::fs::read(&p).unwrap();
+        let mid = b.len() / 2;
+        b[mid] ^= 0xff;
+        std::fs::write(&p, &b).unwrap();
+        assert!(read(&dir, 1).unwrap_err().to_string().contains("corrupt"));
+        std::fs::write(&p, &b[..20]).unwrap();
+        assert!(read(&dir, 1).is_err());
+        // A new write replaces the damaged file whole.
+        write(&dir, 1, &s).unwrap();
+        assert_eq!(read(&dir, 1).unwrap(), Some(s));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
