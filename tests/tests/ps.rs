@@ -449,3 +449,85 @@ fn a_checkpoint_on_demand_restores_exactly() {
     job.finish();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Rows of `ids` as the initializer makes them (the initializer is the specification).
+fn initial_rows(ids: &[u64]) -> Vec<f32> {
+    let init = tandem::ps::init::Init::Uniform {
+        low: -1.0,
+        high: 1.0,
+        seed: 5,
+    };
+    ids.iter()
+        .flat_map(|id| (0..8).map(move |k| init.value(id * 8 + k)))
+        .collect()
+}
+
+#[test]
+fn sparse_rows_update_only_those_rows_and_match_a_reference() {
+    for opt in ["sgd", "adagrad"] {
+        let job = Job::start(2);
+        let env = vec![(
+            "TANDEM_JOB_TOKEN".to_string(),
+            job.token.as_str().to_string(),
+        )];
+        let servers = job.addrs.join(",");
+        let out = tandem_tests::wait_output(
+            spawn(
+                NODE,
+                &["ps-sparse", "--servers", &servers, "--opt", opt],
+                &env,
+            ),
+            LIMIT,
+        );
+        let v = ok(&out);
+        let floats = |k: &str| -> Vec<f32> {
+            v[k].as_array()
+                .expect(k)
+                .iter()
+                .map(|x| x.as_f64().expect("f") as f32)
+                .collect()
+        };
+        let (before, after) = (floats("before"), floats("after"));
+        assert_eq!(
+            before,
+            initial_rows(&[3, 999, 500, 4]),
+            "{opt}: rows are not the initializer's"
+        );
+        // Reference: row 3 gets g1[0..8] + g1[16..24] then g2[8..16]; 500 gets g1[8..16]; 999 g2[0..8].
+        let g1: Vec<f32> = (0..24).map(|i| (i as f32 - 12.0) / 8.0).collect();
+        let g2: Vec<f32> = (0..16).map(|i| i as f32 / 16.0).collect();
+        let row = |r: usize| before[r * 8..(r + 1) * 8].to_vec();
+        let (mut r3, mut r999, mut r500) = (row(0), row(1), row(2));
+        let mut acc3 = vec![0.0f32; 8];
+        let step = |p: &mut Vec<f32>, acc: &mut Vec<f32>, g: Vec<f32>| {
+            for k in 0..8 {
+                if opt == "sgd" {
+                    p[k] -= 0.5 * g[k];
+                } else {
+                    acc[k] += g[k] * g[k];
+                    p[k] -= 0.5 * g[k] / (acc[k].sqrt() + 1e-10);
+                }
+            }
+        };
+        let first3: Vec<f32> = (0..8).map(|k| g1[k] + g1[16 + k]).collect();
+        step(&mut r3, &mut acc3, first3);
+        step(&mut r500, &mut vec![0.0; 8], g1[8..16].to_vec());
+        step(&mut r999, &mut vec![0.0; 8], g2[0..8].to_vec());
+        step(&mut r3, &mut acc3, g2[8..16].to_vec());
+        let close = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(x, y)| (x - y).abs() < 1e-5);
+        assert!(
+            close(&after[0..8], &r3),
+            "{opt} row 3: {:?} vs {r3:?}",
+            &after[0..8]
+        );
+        assert!(close(&after[8..16], &r999), "{opt} row 999");
+        assert!(close(&after[16..24], &r500), "{opt} row 500");
+        assert_eq!(
+            &after[24..32],
+            &before[24..32],
+            "{opt}: an untouched row changed"
+        );
+        assert!(v["bad"].as_str().expect("bad").contains("row 1000"), "{v}");
+        job.finish();
+    }
+}

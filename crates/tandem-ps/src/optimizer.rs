@@ -179,19 +179,55 @@ pub fn apply(
     grad: &mut [f32],
     version: u64,
 ) {
-    let n = params.len();
+    prepare(opt, state, params.len(), grad);
+    let lr = opt.lr_at(version);
+    update(opt, state.t, lr, params, grad, &mut state.m, &mut state.v);
+}
+
+/// Applies a sparse update: for each `(row, grad)` only that row of `params` (rows of `row_len`)
+/// and of the optimizer state changes. Rows repeated in `rows` must already be summed. Adam's bias
+/// correction uses the partition's update count ("lazy Adam"), as embedding tables usually do.
+pub fn apply_rows(
+    opt: &Optimizer,
+    state: &mut State,
+    params: &mut [f32],
+    row_len: usize,
+    rows: &mut [(usize, Vec<f32>)],
+    version: u64,
+) {
+    let mut all: Vec<f32> = rows.iter().flat_map(|(_, g)| g.iter().copied()).collect();
+    prepare(opt, state, params.len(), &mut all);
+    let lr = opt.lr_at(version);
+    for (k, (row, _)) in rows.iter().enumerate() {
+        let r = row * row_len..(row + 1) * row_len;
+        let g = &mut all[k * row_len..(k + 1) * row_len];
+        if opt.weight_decay > 0.0 && opt.kind != Kind::AdamW {
+            g.iter_mut()
+                .zip(&params[r.clone()])
+                .for_each(|(g, p)| *g += opt.weight_decay * p);
+        }
+        let m = if state.m.is_empty() {
+            &mut [][..]
+        } else {
+            &mut state.m[r.clone()]
+        };
+        let v = if state.v.is_empty() {
+            &mut [][..]
+        } else {
+            &mut state.v[r.clone()]
+        };
+        update_slices(opt, state.t, lr, &mut params[r], g, m, v);
+    }
+}
+
+/// Clips, allocates state and counts the update; weight decay for dense updates is added in `update`.
+fn prepare(opt: &Optimizer, state: &mut State, n: usize, grad: &mut [f32]) {
     if opt.clip_norm > 0.0 {
         let norm = grad.iter().map(|g| g * g).sum::<f32>().sqrt();
         if norm > opt.clip_norm {
             let s = opt.clip_norm / norm;
             grad.iter_mut().for_each(|g| *g *= s);
         }
-    }
-    let lr = opt.lr_at(version);
-    if opt.weight_decay > 0.0 && opt.kind != Kind::AdamW {
-        grad.iter_mut()
-            .zip(params.iter())
-            .for_each(|(g, p)| *g += opt.weight_decay * p);
     }
     if state.m.len() != n
         && matches!(
@@ -205,6 +241,34 @@ pub fn apply(
         state.v = vec![0.0; n];
     }
     state.t += 1;
+}
+
+fn update(
+    opt: &Optimizer,
+    t: u64,
+    lr: f32,
+    params: &mut [f32],
+    grad: &mut [f32],
+    m: &mut [f32],
+    v: &mut [f32],
+) {
+    if opt.weight_decay > 0.0 && opt.kind != Kind::AdamW {
+        grad.iter_mut()
+            .zip(params.iter())
+            .for_each(|(g, p)| *g += opt.weight_decay * p);
+    }
+    update_slices(opt, t, lr, params, grad, m, v);
+}
+
+fn update_slices(
+    opt: &Optimizer,
+    t: u64,
+    lr: f32,
+    params: &mut [f32],
+    grad: &[f32],
+    m: &mut [f32],
+    v: &mut [f32],
+) {
     match opt.kind {
         Kind::Sgd => params
             .iter_mut()
@@ -213,21 +277,21 @@ pub fn apply(
         Kind::Momentum | Kind::Nesterov => {
             let mu = opt.momentum;
             let nesterov = opt.kind == Kind::Nesterov;
-            for ((p, g), m) in params.iter_mut().zip(grad.iter()).zip(state.m.iter_mut()) {
+            for ((p, g), m) in params.iter_mut().zip(grad.iter()).zip(m.iter_mut()) {
                 *m = mu * *m + g;
                 *p -= lr * if nesterov { g + mu * *m } else { *m };
             }
         }
         Kind::Adagrad => {
-            for ((p, g), v) in params.iter_mut().zip(grad.iter()).zip(state.v.iter_mut()) {
+            for ((p, g), v) in params.iter_mut().zip(grad.iter()).zip(v.iter_mut()) {
                 *v += g * g;
                 *p -= lr * g / (v.sqrt() + opt.eps);
             }
         }
         Kind::Adam | Kind::AdamW => {
             let (b1, b2) = (opt.beta1, opt.beta2);
-            let c1 = 1.0 - b1.powi(state.t.min(i32::MAX as u64) as i32);
-            let c2 = 1.0 - b2.powi(state.t.min(i32::MAX as u64) as i32);
+            let c1 = 1.0 - b1.powi(t.min(i32::MAX as u64) as i32);
+            let c2 = 1.0 - b2.powi(t.min(i32::MAX as u64) as i32);
             let decoupled = if opt.kind == Kind::AdamW {
                 opt.weight_decay
             } else {
@@ -236,8 +300,8 @@ pub fn apply(
             for (((p, g), m), v) in params
                 .iter_mut()
                 .zip(grad.iter())
-                .zip(state.m.iter_mut())
-                .zip(state.v.iter_mut())
+                .zip(m.iter_mut())
+                .zip(v.iter_mut())
             {
                 *m = b1 * *m + (1.0 - b1) * g;
                 *v = b2 * *v + (1.0 - b2) * g * g;
@@ -295,6 +359,29 @@ mod tests {
                 assert!((*a as f64 - b).abs() < 1e-4, "{p:?} vs {want:?}");
             }
         }
+    }
+
+    #[test]
+    fn sparse_rows_change_only_those_rows_and_match_dense_on_them() {
+        // Adagrad on rows 1 and 3 of a 4x2 table equals dense Adagrad on those rows alone.
+        let opt = Optimizer::adagrad(0.5);
+        let mut table = vec![1.0f32; 8];
+        let mut st = State::default();
+        let mut rows = vec![(1usize, vec![0.5f32, -1.0]), (3, vec![2.0, 0.25])];
+        apply_rows(&opt, &mut st, &mut table, 2, &mut rows, 0);
+        let mut dense_row1 = vec![1.0f32, 1.0];
+        apply(
+            &opt,
+            &mut State::default(),
+            &mut dense_row1,
+            &mut [0.5, -1.0],
+            0,
+        );
+        assert_eq!(&table[2..4], &dense_row1[..]);
+        assert_eq!(&table[0..2], &[1.0, 1.0]);
+        assert_eq!(&table[4..6], &[1.0, 1.0]);
+        assert_eq!(st.v[0], 0.0, "state of untouched rows is untouched");
+        assert_eq!(st.v[2], 0.25);
     }
 
     #[test]

@@ -34,6 +34,7 @@ fn main() {
         Some("loop") => collective(run_loop),
         Some("mismatch") => collective(|pg| run_mismatch(pg, &args[1..])),
         Some("ps-server") => runtime().and_then(|rt| rt.block_on(ps_server(&args[1..]))),
+        Some("ps-sparse") => runtime().and_then(|rt| rt.block_on(ps_sparse(&args[1..]))),
         Some("ps-worker") => runtime().and_then(|rt| rt.block_on(ps_worker(&args[1..]))),
         other => Err(Error::invalid("mode", format!("unknown mode {other:?}"))),
     };
@@ -379,6 +380,61 @@ async fn ps_worker(args: &[String]) -> Result<()> {
     let (version, p) = client.pull(if sync { steps } else { 0 }).await?;
     let result = serde_json::json!({ "w": p["w"], "b": p["b"][0], "version": version, "dropped": dropped, "max_spread": max_spread });
     println!("RESULT {result}");
+    client.done().await?;
+    Ok(())
+}
+
+/// Sparse embedding rows: `--servers a,b --opt sgd|adagrad`. Pulls rows, pushes row gradients twice
+/// (with a repeated id), pulls again and prints `RESULT {before, after}`.
+async fn ps_sparse(args: &[String]) -> Result<()> {
+    let servers: Vec<String> = flag_value(args, "--servers")
+        .unwrap_or_default()
+        .split(',')
+        .map(str::to_string)
+        .collect();
+    let opt = match flag_value(args, "--opt").as_deref() {
+        Some("adagrad") => Optimizer::adagrad(0.5),
+        _ => Optimizer::sgd(0.5),
+    };
+    let token =
+        JobToken::from_env()?.ok_or_else(|| Error::config("TANDEM_JOB_TOKEN", "not set"))?;
+    let table = ParamDecl::new(
+        "emb",
+        &[1000, 8],
+        Init::Uniform {
+            low: -1.0,
+            high: 1.0,
+            seed: 5,
+        },
+    );
+    let map = place(&[table], servers.len(), 16)?;
+    let client = PsClient::connect(
+        &servers,
+        &token,
+        0,
+        map,
+        opt,
+        TrainingMode::asynchronous(1, None),
+        Duration::from_secs(30),
+    )
+    .await?;
+    let ids = [3u64, 999, 500, 4];
+    let before = client.pull_rows("emb", &ids).await?;
+    let g1: Vec<f32> = (0..24).map(|i| (i as f32 - 12.0) / 8.0).collect();
+    client.push_rows("emb", &[3, 500, 3], &g1).await?;
+    let g2: Vec<f32> = (0..16).map(|i| i as f32 / 16.0).collect();
+    client.push_rows("emb", &[999, 3], &g2).await?;
+    let after = client.pull_rows("emb", &ids).await?;
+    let bad = client
+        .pull_rows("emb", &[1000])
+        .await
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    println!(
+        "RESULT {}",
+        serde_json::json!({ "before": before, "after": after, "bad": bad })
+    );
     client.done().await?;
     Ok(())
 }

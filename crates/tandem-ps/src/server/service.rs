@@ -433,6 +433,125 @@ impl ParameterServer for Service {
         Ok(Response::new(pb::DoneResponse { remaining }))
     }
 
+    async fn pull_rows(
+        &self,
+        req: Request<pb::RowsRequest>,
+    ) -> Result<Response<pb::RowsResponse>, Status> {
+        let model = self.declared()?;
+        let r = req.into_inner();
+        let key = (r.param, r.part);
+        let entry = model.parts.get(&key).ok_or_else(|| {
+            Status::not_found(format!(
+                "unknown parameter {:?} partition {} on this server",
+                key.0, key.1
+            ))
+        })?;
+        let row_len = entry.numel / entry.rows.max(1) as usize;
+        if let Some(bad) = r.rows.iter().find(|x| **x >= entry.rows) {
+            return Err(Status::invalid_argument(format!(
+                "row {bad} of {:?} partition {} is beyond its {} rows",
+                key.0, key.1, entry.rows
+            )));
+        }
+        let mut out: Vec<f32> = Vec::with_capacity(r.rows.len() * row_len);
+        let d = entry.data.read().unwrap_or_else(|p| p.into_inner());
+        for row in &r.rows {
+            let at = *row as usize * row_len;
+            out.extend_from_slice(&d.values[at..at + row_len]);
+        }
+        let version = d.version;
+        drop(d);
+        let data = Bytes::copy_from_slice(bytemuck::cast_slice(&out));
+        model
+            .counters
+            .bytes_out
+            .fetch_add(data.len() as u64, Ordering::Relaxed);
+        Ok(Response::new(pb::RowsResponse { data, version }))
+    }
+
+    async fn push_rows(
+        &self,
+        req: Request<pb::RowsPush>,
+    ) -> Result<Response<pb::PushResponse>, Status> {
+        let model = self.declared()?;
+        let r = req.into_inner();
+        let key = (r.param, r.part);
+        let entry = model.parts.get(&key).ok_or_else(|| {
+            Status::not_found(format!(
+                "unknown parameter {:?} partition {} on this server",
+                key.0, key.1
+            ))
+        })?;
+        let row_len = entry.numel / entry.rows.max(1) as usize;
+        let reject = |m: String| {
+            model.counters.rejected.fetch_add(1, Ordering::Relaxed);
+            Err(Status::invalid_argument(m))
+        };
+        if r.data.len() != r.rows.len() * row_len * 4 {
+            return reject(format!(
+                "row gradients for {:?}: {} bytes for {} rows of {row_len}; nothing applied",
+                key.0,
+                r.data.len(),
+                r.rows.len()
+            ));
+        }
+        if let Some(bad) = r.rows.iter().find(|x| **x >= entry.rows) {
+            return reject(format!(
+                "row {bad} of {:?} partition {} is beyond its {} rows; nothing applied",
+                key.0, key.1, entry.rows
+            ));
+        }
+        let g: Vec<f32> = r
+            .data
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        if model.mode.reject_non_finite && g.iter().any(|v| !v.is_finite()) {
+            return reject(format!(
+                "row gradients for {:?} hold NaN or Inf; nothing applied",
+                key.0
+            ));
+        }
+        // Repeated ids add up, as an embedding lookup used twice contributes twice.
+        let mut merged: std::collections::BTreeMap<usize, Vec<f32>> =
+            std::collections::BTreeMap::new();
+        for (row, grad) in r.rows.iter().zip(g.chunks_exact(row_len.max(1))) {
+            let acc = merged
+                .entry(*row as usize)
+                .or_insert_with(|| vec![0.0; row_len]);
+            acc.iter_mut().zip(grad).for_each(|(a, b)| *a += b);
+        }
+        let mut rows: Vec<(usize, Vec<f32>)> = merged.into_iter().collect();
+        model
+            .counters
+            .bytes_in
+            .fetch_add(r.data.len() as u64, Ordering::Relaxed);
+        let version = {
+            let mut d = entry.data.write().unwrap_or_else(|p| p.into_inner());
+            let super::model::PartData {
+                values,
+                state,
+                version,
+            } = &mut *d;
+            crate::optimizer::apply_rows(
+                &model.optimizer,
+                state,
+                values,
+                row_len,
+                &mut rows,
+                *version,
+            );
+            *version += 1;
+            *version
+        };
+        model.counters.applied.fetch_add(1, Ordering::Relaxed);
+        Ok(Response::new(pb::PushResponse {
+            applied: true,
+            dropped: false,
+            version,
+        }))
+    }
+
     async fn checkpoint(
         &self,
         _req: Request<pb::CheckpointRequest>,
