@@ -5,6 +5,7 @@ mod demo;
 mod info;
 mod launch;
 mod plot;
+mod ps;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -28,6 +29,8 @@ enum Command {
     Rendezvous(info::RendezvousArgs),
     /// Run the demo: data-parallel training of an MLP by several local processes.
     Demo(demo::DemoArgs),
+    /// Run a parameter server for this process's role (TF_CONFIG, TANDEM_* or --bind).
+    Ps(ps::PsArgs),
     /// Measure a collective over N local ranks (nccl-tests style table).
     Bench(bench::BenchArgs),
     /// One rank of a benchmark (started by `tandem bench`).
@@ -51,6 +54,7 @@ fn main() -> ExitCode {
         Command::Rendezvous(a) => info::rendezvous(a),
         Command::Demo(a) => demo::demo(a),
         Command::DemoRank(a) => demo::rank(a),
+        Command::Ps(a) => ps::ps(a),
         Command::Bench(a) => bench::bench(a),
         Command::BenchRank(a) => bench::bench_rank(a),
     };

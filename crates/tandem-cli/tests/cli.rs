@@ -90,3 +90,51 @@ fn demo_rejects_bad_sizes() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--nproc"));
 }
+
+#[test]
+fn ps_refuses_a_worker_role_and_a_missing_token() {
+    let tf = r#"{"cluster":{"ps":["127.0.0.1:1"],"worker":["127.0.0.1:2"]},"task":{"type":"worker","index":0}}"#;
+    let out = tandem(
+        &["ps"],
+        &[("TF_CONFIG", tf), ("TANDEM_JOB_TOKEN", "job-secret-123")],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a parameter server"));
+    let out = tandem(&["ps", "--bind", "127.0.0.1:0"], &[]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("TANDEM_JOB_TOKEN"));
+}
+
+#[test]
+fn ps_serves_its_tf_config_address_and_metrics() {
+    use std::io::{BufRead, Read, Write};
+    let free = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("port")
+    };
+    let (addr, metrics) = (free(), free());
+    let tf = format!(
+        r#"{{"cluster":{{"ps":["{addr}"],"worker":["127.0.0.1:2"]}},"task":{{"type":"ps","index":0}}}}"#
+    );
+    let mut child = Command::new(TANDEM)
+        .args(["ps", "--metrics-addr", &metrics.to_string()])
+        .env_clear()
+        .env("TF_CONFIG", &tf)
+        .env("TANDEM_JOB_TOKEN", "job-secret-123")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("start tandem ps");
+    let mut lines = std::io::BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let first = lines.next().expect("a line").expect("utf8");
+    assert!(first.contains(&format!("serving on {addr}")), "{first}");
+    let mut s = std::net::TcpStream::connect(metrics).expect("metrics endpoint");
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .expect("request");
+    let mut resp = String::new();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .expect("timeout");
+    let _ = s.read_to_string(&mut resp);
+    assert!(resp.starts_with("HTTP/1.1 200 OK"), "{resp}");
+    let _ = child.kill();
+    let _ = child.wait();
+}

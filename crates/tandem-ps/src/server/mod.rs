@@ -51,59 +51,237 @@ impl ServerConfig {
     }
 }
 
+/// A server ready to serve: its checkpoint (if any) is loaded, and [`Server::service`] gives a
+/// handle for monitoring before it runs.
+pub struct Server {
+    service: Service,
+    config: ServerConfig,
+    all_done: Arc<Notify>,
+}
+
+impl Server {
+    /// Prepares a server, restoring from its checkpoint when the directory holds one.
+    pub async fn new(config: ServerConfig) -> Result<Server> {
+        let all_done = Arc::new(Notify::new());
+        let service = Service::new(
+            config.limits.clone(),
+            all_done.clone(),
+            config.checkpoint.clone(),
+        );
+        if let Some(policy) = &config.checkpoint {
+            let (dir, index) = (policy.dir.clone(), policy.index);
+            let snap = tokio::task::spawn_blocking(move || checkpoint::read(&dir, index))
+                .await
+                .map_err(|e| Error::transport("reading the checkpoint", e.to_string()))??;
+            if let Some(snap) = snap {
+                service.restore(Model::from_snapshot(snap));
+            }
+        }
+        Ok(Server {
+            service,
+            config,
+            all_done,
+        })
+    }
+
+    /// A handle on the service (its model and counters), for monitoring.
+    pub fn service(&self) -> Service {
+        self.service.clone()
+    }
+
+    /// Serves on `listener` until `shutdown` resolves or (with `exit_when_done`) every worker is done.
+    pub async fn run(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> Result<()> {
+        let local = listener
+            .local_addr()
+            .map_err(|e| Error::io("reading the server address", e))?;
+        let svc = ParameterServerServer::new(self.service)
+            .max_decoding_message_size(MAX_MESSAGE)
+            .max_encoding_message_size(MAX_MESSAGE);
+        let svc = InterceptedService::new(svc, CheckToken(self.config.token));
+        let incoming = TcpListenerStream::new(listener).map(|s| {
+            if let Ok(s) = &s {
+                let _ = s.set_nodelay(true);
+            }
+            s
+        });
+        let exit_when_done = self.config.exit_when_done;
+        let all_done = self.all_done;
+        let stop = async move {
+            tokio::select! {
+                _ = shutdown => {}
+                _ = async { if exit_when_done { all_done.notified().await } else { std::future::pending().await } } => {
+                    // Let the last responses leave before closing.
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        };
+        tracing::info!(%local, "parameter server serving");
+        tonic::transport::Server::builder()
+            .initial_stream_window_size(16 << 20)
+            .initial_connection_window_size(64 << 20)
+            .max_frame_size(16_777_215u32)
+            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+            .add_service(svc)
+            .serve_with_incoming_shutdown(incoming, stop)
+            .await
+            .map_err(|e| Error::transport(format!("serving parameters on {local}"), e.to_string()))
+    }
+}
+
 /// Serves on `listener` until `shutdown` resolves or (with `exit_when_done`) every worker is done.
+/// The caller binds the listener: the library never opens a port by itself.
 pub async fn run(
     listener: TcpListener,
     config: ServerConfig,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<()> {
-    let local = listener
-        .local_addr()
-        .map_err(|e| Error::io("reading the server address", e))?;
-    let all_done = Arc::new(Notify::new());
-    let service = Service::new(
-        config.limits.clone(),
-        all_done.clone(),
-        config.checkpoint.clone(),
-    );
-    if let Some(policy) = &config.checkpoint {
-        let (dir, index) = (policy.dir.clone(), policy.index);
-        let snap = tokio::task::spawn_blocking(move || checkpoint::read(&dir, index))
-            .await
-            .map_err(|e| Error::transport("reading the checkpoint", e.to_string()))??;
-        if let Some(snap) = snap {
-            service.restore(Model::from_snapshot(snap));
-        }
-    }
-    let svc = ParameterServerServer::new(service)
-        .max_decoding_message_size(MAX_MESSAGE)
-        .max_encoding_message_size(MAX_MESSAGE);
-    let svc = InterceptedService::new(svc, CheckToken(config.token));
-    let incoming = TcpListenerStream::new(listener).map(|s| {
-        if let Ok(s) = &s {
-            let _ = s.set_nodelay(true);
-        }
-        s
-    });
-    let exit_when_done = config.exit_when_done;
-    let stop = async move {
-        tokio::select! {
-            _ = shutdown => {}
-            _ = async { if exit_when_done { all_done.notified().await } else { std::future::pending().await } } => {
-                // Let the last responses leave before closing.
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
+    Server::new(config).await?.run(listener, shutdown).await
+}
+
+/// Renders the server's counters in the Prometheus text format.
+pub fn prometheus(model: &Model) -> String {
+    use std::fmt::Write;
+    use std::sync::atomic::Ordering::Relaxed;
+    let c = &model.counters;
+    let mut out = String::new();
+    let mut metric = |name: &str, kind: &str, help: &str, value: u64| {
+        let _ = writeln!(
+            out,
+            "# HELP tandem_ps_{name} {help}\n# TYPE tandem_ps_{name} {kind}\ntandem_ps_{name} {value}"
+        );
     };
-    tracing::info!(%local, "parameter server serving");
-    tonic::transport::Server::builder()
-        .initial_stream_window_size(16 << 20)
-        .initial_connection_window_size(64 << 20)
-        .max_frame_size(16_777_215u32)
-        .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-        .add_service(svc)
-        .serve_with_incoming_shutdown(incoming, stop)
-        .await
-        .map_err(|e| Error::transport(format!("serving parameters on {local}"), e.to_string()))
+    metric(
+        "version",
+        "gauge",
+        "Sync steps or async updates applied.",
+        *model.version.borrow(),
+    );
+    metric(
+        "gradients_applied_total",
+        "counter",
+        "Gradients applied.",
+        c.applied.load(Relaxed),
+    );
+    metric(
+        "gradients_dropped_total",
+        "counter",
+        "Late or duplicate gradients dropped.",
+        c.dropped.load(Relaxed),
+    );
+    metric(
+        "gradients_rejected_total",
+        "counter",
+        "Gradients refused (NaN/Inf, bad shapes).",
+        c.rejected.load(Relaxed),
+    );
+    metric(
+        "bytes_in_total",
+        "counter",
+        "Gradient bytes received.",
+        c.bytes_in.load(Relaxed),
+    );
+    metric(
+        "bytes_out_total",
+        "counter",
+        "Parameter bytes sent.",
+        c.bytes_out.load(Relaxed),
+    );
+    let _ = writeln!(
+        out,
+        "# HELP tandem_ps_staleness Staleness of applied async gradients.\n# TYPE tandem_ps_staleness histogram"
+    );
+    let mut cumulative = 0;
+    for (i, b) in c.staleness.iter().enumerate() {
+        cumulative += b.load(Relaxed);
+        let le = if i == 0 { 0 } else { (1u64 << i) - 1 };
+        let _ = writeln!(
+            out,
+            "tandem_ps_staleness_bucket{{le=\"{le}\"}} {cumulative}"
+        );
+    }
+    let _ = writeln!(
+        out,
+        "tandem_ps_staleness_bucket{{le=\"+Inf\"}} {cumulative}\ntandem_ps_staleness_count {cumulative}"
+    );
+    let steps = model.worker_steps.borrow().clone();
+    let _ = writeln!(
+        out,
+        "# HELP tandem_ps_worker_step Steps pushed by each worker.\n# TYPE tandem_ps_worker_step gauge"
+    );
+    for (w, s) in steps.iter().enumerate() {
+        let _ = writeln!(out, "tandem_ps_worker_step{{worker=\"{w}\"}} {s}");
+    }
+    out
+}
+
+/// One log line of the server's state, naming the slowest worker and its lag.
+pub fn summary(model: &Model) -> String {
+    use std::sync::atomic::Ordering::Relaxed;
+    let c = &model.counters;
+    let steps = model.worker_steps.borrow().clone();
+    let lag = match (
+        steps.iter().enumerate().min_by_key(|(_, s)| **s),
+        steps.iter().max(),
+    ) {
+        (Some((w, slow)), Some(fast)) => {
+            format!("slowest worker {w} ({} steps behind)", fast - slow)
+        }
+        _ => "no workers".into(),
+    };
+    format!(
+        "version {}, gradients applied {} dropped {} rejected {}, {} MB in, {} MB out, {lag}",
+        *model.version.borrow(),
+        c.applied.load(Relaxed),
+        c.dropped.load(Relaxed),
+        c.rejected.load(Relaxed),
+        c.bytes_in.load(Relaxed) / 1_000_000,
+        c.bytes_out.load(Relaxed) / 1_000_000
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::optimizer::Optimizer;
+
+    #[test]
+    fn prometheus_text_and_summary() {
+        let mode = Mode {
+            sync: false,
+            workers: 3,
+            replicas_to_aggregate: 3,
+            staleness: None,
+            reject_non_finite: true,
+        };
+        let m = Model::new(1, Optimizer::sgd(0.1), mode, vec![]);
+        m.counters
+            .applied
+            .fetch_add(5, std::sync::atomic::Ordering::Relaxed);
+        m.counters.record_staleness(0);
+        m.counters.record_staleness(3);
+        m.worker_steps.send_replace(vec![7, 2, 9]);
+        let text = prometheus(&m);
+        assert!(
+            text.contains("tandem_ps_gradients_applied_total 5"),
+            "{text}"
+        );
+        assert!(
+            text.contains("tandem_ps_staleness_bucket{le=\"3\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("tandem_ps_worker_step{worker=\"1\"} 2"),
+            "{text}"
+        );
+        assert!(
+            summary(&m).contains("slowest worker 1 (7 steps behind)"),
+            "{}",
+            summary(&m)
+        );
+    }
 }

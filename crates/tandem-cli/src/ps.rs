@@ -1,0 +1,126 @@
+//! `tandem ps`: a parameter server for this process's role (TF_CONFIG, `TANDEM_*` or flags).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Args;
+use tandem::cluster::{ClusterSpec, Role};
+use tandem::ps::server::{CheckpointPolicy, Server, ServerConfig, prometheus, summary};
+use tandem::rendezvous::{JobToken, TOKEN_VAR, shutdown_signal};
+use tandem::{Error, Result};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Arguments of `tandem ps`.
+#[derive(Args, Debug)]
+pub struct PsArgs {
+    /// Address to serve on (default: this task's address in TF_CONFIG).
+    #[arg(long)]
+    bind: Option<String>,
+    /// This server's index (default: the task index).
+    #[arg(long)]
+    index: Option<usize>,
+    /// Checkpoint directory; a checkpoint there is restored at start.
+    #[arg(long)]
+    checkpoint_dir: Option<PathBuf>,
+    /// Write a checkpoint every N versions (0: only on request).
+    #[arg(long, default_value_t = 0)]
+    checkpoint_every: u64,
+    /// Serve Prometheus metrics on this address (`/metrics`).
+    #[arg(long)]
+    metrics_addr: Option<String>,
+    /// Seconds between stats log lines.
+    #[arg(long, default_value_t = 30)]
+    log_every: u64,
+    /// Keep serving after every worker is done.
+    #[arg(long)]
+    keep_running: bool,
+}
+
+/// Runs the server until the workers are done, Ctrl-C or SIGTERM.
+pub fn ps(args: PsArgs) -> Result<ExitCode> {
+    let token = JobToken::from_env()?.ok_or_else(|| {
+        Error::config(
+            TOKEN_VAR,
+            "is not set; the parameter server refuses to run without a job token",
+        )
+    })?;
+    let (bind, index) = match (&args.bind, args.index) {
+        (Some(b), i) => (b.clone(), i.unwrap_or(0)),
+        (None, i) => {
+            let spec = ClusterSpec::from_env()?;
+            if spec.role() != Role::Ps {
+                return Err(Error::config(
+                    "TF_CONFIG",
+                    format!(
+                        "this process is {} {}, not a parameter server; pass --bind to run one anyway",
+                        spec.role(),
+                        spec.index()
+                    ),
+                ));
+            }
+            let index = i.unwrap_or(spec.index());
+            let addr = spec
+                .peer(Role::Ps, index)
+                .ok_or_else(|| Error::config("TF_CONFIG", format!("no address for ps {index}")))?
+                .to_string();
+            (addr, index)
+        }
+    };
+    let mut config = ServerConfig::new(token);
+    config.exit_when_done = !args.keep_running;
+    if let Some(dir) = args.checkpoint_dir.clone() {
+        config.checkpoint = Some(CheckpointPolicy {
+            dir,
+            index,
+            every: args.checkpoint_every,
+        });
+    }
+    crate::runtime()?.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(&bind)
+            .await
+            .map_err(|e| Error::io(format!("binding the parameter server to {bind}"), e))?;
+        let local = listener.local_addr().map_err(|e| Error::io("reading the server address", e))?;
+        println!("tandem ps {index}: serving on {local}");
+        let server = Server::new(config).await?;
+        let service = server.service();
+        if let Some(addr) = &args.metrics_addr {
+            let metrics = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| Error::io(format!("binding the metrics endpoint to {addr}"), e))?;
+            let service = service.clone();
+            tokio::spawn(async move {
+                while let Ok((mut s, _)) = metrics.accept().await {
+                    let body = service.model().map(|m| prometheus(&m)).unwrap_or_default();
+                    let mut req = [0u8; 1024];
+                    let _ = tokio::time::timeout(Duration::from_secs(2), s.read(&mut req)).await;
+                    let resp = format!(
+                        "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    let _ = s.write_all(resp.as_bytes()).await;
+                }
+            });
+        }
+        let logger = {
+            let service = service.clone();
+            let every = Duration::from_secs(args.log_every.max(1));
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(every).await;
+                    if let Some(m) = service.model() {
+                        tracing::info!("ps {index}: {}", summary(&m));
+                        println!("tandem ps {index}: {}", summary(&m));
+                    }
+                }
+            })
+        };
+        let r = server.run(listener, shutdown_signal()).await;
+        logger.abort();
+        if let Some(m) = service.model() {
+            println!("tandem ps {index}: done; {}", summary(&m));
+        }
+        r
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
