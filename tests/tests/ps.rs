@@ -531,3 +531,26 @@ fn sparse_rows_update_only_those_rows_and_match_a_reference() {
         job.finish();
     }
 }
+
+#[test]
+fn a_256_mib_tensor_streams_through_push_and_pull() {
+    let job = Job::start(2);
+    let env = vec![(
+        "TANDEM_JOB_TOKEN".to_string(),
+        job.token.as_str().to_string(),
+    )];
+    let servers = job.addrs.join(",");
+    let elems = (64usize << 20).to_string(); // 64 Mi f32 = 256 MiB
+    let out = tandem_tests::wait_output(
+        spawn(
+            NODE,
+            &["ps-big", "--servers", &servers, "--elems", &elems],
+            &env,
+        ),
+        LIMIT,
+    );
+    let v = ok(&out);
+    assert_eq!(v["mismatches"], 0, "{v}");
+    assert_eq!(v["version"], 1, "{v}");
+    job.finish();
+}

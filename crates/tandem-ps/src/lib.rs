@@ -5,11 +5,12 @@
 //! - [`placement`]: the partition map (pure; hashed so disagreement is detected).
 //! - [`init`], [`optimizer`]: initializers and update rules (pure).
 //! - [`server`]: the gRPC service and [`server::run`].
-//! - [`client`]: the async worker [`client::Client`].
+//! - [`client`]: the async worker [`client::Client`]; [`blocking::BlockingClient`] owns a runtime.
 //!
 //! # Feature Flags
 //! None.
 
+pub mod blocking;
 pub mod client;
 pub mod init;
 pub mod optimizer;

@@ -34,6 +34,7 @@ fn main() {
         Some("loop") => collective(run_loop),
         Some("mismatch") => collective(|pg| run_mismatch(pg, &args[1..])),
         Some("ps-server") => runtime().and_then(|rt| rt.block_on(ps_server(&args[1..]))),
+        Some("ps-big") => runtime().and_then(|rt| rt.block_on(ps_big(&args[1..]))),
         Some("ps-sparse") => runtime().and_then(|rt| rt.block_on(ps_sparse(&args[1..]))),
         Some("ps-worker") => runtime().and_then(|rt| rt.block_on(ps_worker(&args[1..]))),
         other => Err(Error::invalid("mode", format!("unknown mode {other:?}"))),
@@ -434,6 +435,52 @@ async fn ps_sparse(args: &[String]) -> Result<()> {
     println!(
         "RESULT {}",
         serde_json::json!({ "before": before, "after": after, "bad": bad })
+    );
+    client.done().await?;
+    Ok(())
+}
+
+/// One big parameter (`--elems N` f32) through one sync step: `RESULT {mismatches}`.
+async fn ps_big(args: &[String]) -> Result<()> {
+    let servers: Vec<String> = flag_value(args, "--servers")
+        .unwrap_or_default()
+        .split(',')
+        .map(str::to_string)
+        .collect();
+    let n: usize = flag_value(args, "--elems")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1 << 20);
+    let token =
+        JobToken::from_env()?.ok_or_else(|| Error::config("TANDEM_JOB_TOKEN", "not set"))?;
+    let map = place(
+        &[ParamDecl::new("big", &[n], Init::Constant(1.0))],
+        servers.len(),
+        1 << 20,
+    )?;
+    let client = PsClient::connect(
+        &servers,
+        &token,
+        0,
+        map,
+        Optimizer::sgd(1.0),
+        TrainingMode::sync(1),
+        Duration::from_secs(120),
+    )
+    .await?;
+    let (_, p) = client.pull(0).await?;
+    let mut mismatches = p["big"].iter().filter(|v| **v != 1.0).count();
+    let grad: Vec<f32> = (0..n).map(|i| (i % 7) as f32 * 0.25).collect();
+    drop(p);
+    client.push(0, &[("big", &grad)]).await?;
+    let (version, p) = client.pull(1).await?;
+    mismatches += p["big"]
+        .iter()
+        .zip(&grad)
+        .filter(|(v, g)| **v != 1.0 - **g)
+        .count();
+    println!(
+        "RESULT {}",
+        serde_json::json!({ "mismatches": mismatches, "version": version, "elems": n })
     );
     client.done().await?;
     Ok(())

@@ -191,7 +191,8 @@ fn mode_from(m: Option<pb::Mode>) -> Result<Mode, Status> {
 struct Incoming {
     worker: u32,
     step: u64,
-    parts: HashMap<Key, Vec<u8>>,
+    /// Each partition's gradient, written straight into f32 storage, and the bytes received.
+    parts: HashMap<Key, (Vec<f32>, usize)>,
 }
 
 type PullStream = Pin<Box<dyn Stream<Item = Result<pb::PullChunk, Status>> + Send>>;
@@ -276,11 +277,11 @@ impl ParameterServer for Service {
                 ))
             })?;
             let want = entry.numel * 4;
-            let buf = inc
+            let (buf, filled) = inc
                 .parts
                 .entry(key.clone())
-                .or_insert_with(|| Vec::with_capacity(want));
-            if c.offset as usize != buf.len() || buf.len() + c.data.len() > want {
+                .or_insert_with(|| (vec![0.0f32; entry.numel], 0));
+            if c.offset as usize != *filled || *filled + c.data.len() > want {
                 model.counters.rejected.fetch_add(1, Ordering::Relaxed);
                 return Err(Status::invalid_argument(format!(
                     "gradient for {:?} partition {}: chunk at byte {} of {} bytes does not follow the {} bytes received (partition holds {want} bytes); nothing applied",
@@ -288,10 +289,12 @@ impl ParameterServer for Service {
                     key.1,
                     c.offset,
                     c.data.len(),
-                    buf.len()
+                    *filled
                 )));
             }
-            buf.extend_from_slice(&c.data);
+            let bytes: &mut [u8] = bytemuck::cast_slice_mut(buf.as_mut_slice());
+            bytes[*filled..*filled + c.data.len()].copy_from_slice(&c.data);
+            *filled += c.data.len();
             model
                 .counters
                 .bytes_in
@@ -305,22 +308,18 @@ impl ParameterServer for Service {
             )));
         }
         let mut grads: HashMap<Key, Vec<f32>> = HashMap::new();
-        for (key, bytes) in inc.parts {
+        for (key, (g, filled)) in inc.parts {
             let entry = &model.parts[&key];
-            if bytes.len() != entry.numel * 4 {
+            if filled != entry.numel * 4 {
                 model.counters.rejected.fetch_add(1, Ordering::Relaxed);
                 return Err(Status::invalid_argument(format!(
                     "gradient for {:?} partition {} is truncated: {} of {} bytes; nothing applied",
                     key.0,
                     key.1,
-                    bytes.len(),
+                    filled,
                     entry.numel * 4
                 )));
             }
-            let g: Vec<f32> = bytes
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect();
             if model.mode.reject_non_finite && g.iter().any(|v| !v.is_finite()) {
                 model.counters.rejected.fetch_add(1, Ordering::Relaxed);
                 return Err(Status::invalid_argument(format!(

@@ -1,0 +1,70 @@
+//! A blocking parameter-server client that owns a small runtime, for training loops without tokio.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use tandem_core::{Error, Result};
+use tandem_rendezvous::JobToken;
+
+use crate::client::{Client, PushOutcome, TrainingMode};
+use crate::optimizer::Optimizer;
+use crate::placement::PartitionMap;
+
+/// The blocking twin of [`Client`]. Do not use it from inside a tokio runtime.
+#[derive(Debug)]
+pub struct BlockingClient {
+    rt: tokio::runtime::Runtime,
+    inner: Client,
+}
+
+impl BlockingClient {
+    /// See [`Client::connect`].
+    pub fn connect(
+        addrs: &[String],
+        token: &JobToken,
+        worker: u32,
+        map: PartitionMap,
+        optimizer: Optimizer,
+        mode: TrainingMode,
+        deadline: Duration,
+    ) -> Result<Self> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .map_err(|e| Error::io("starting the parameter-server client's runtime", e))?;
+        let inner = rt.block_on(Client::connect(
+            addrs, token, worker, map, optimizer, mode, deadline,
+        ))?;
+        Ok(BlockingClient { rt, inner })
+    }
+
+    /// The async client inside.
+    pub fn inner(&self) -> &Client {
+        &self.inner
+    }
+    /// See [`Client::pull`].
+    pub fn pull(&self, min_version: u64) -> Result<(u64, HashMap<String, Vec<f32>>)> {
+        self.rt.block_on(self.inner.pull(min_version))
+    }
+    /// See [`Client::push`].
+    pub fn push(&self, step: u64, grads: &[(&str, &[f32])]) -> Result<PushOutcome> {
+        self.rt.block_on(self.inner.push(step, grads))
+    }
+    /// See [`Client::pull_rows`].
+    pub fn pull_rows(&self, name: &str, ids: &[u64]) -> Result<Vec<f32>> {
+        self.rt.block_on(self.inner.pull_rows(name, ids))
+    }
+    /// See [`Client::push_rows`].
+    pub fn push_rows(&self, name: &str, ids: &[u64], grads: &[f32]) -> Result<()> {
+        self.rt.block_on(self.inner.push_rows(name, ids, grads))
+    }
+    /// See [`Client::checkpoint`].
+    pub fn checkpoint(&self) -> Result<Vec<u64>> {
+        self.rt.block_on(self.inner.checkpoint())
+    }
+    /// See [`Client::done`].
+    pub fn done(&self) -> Result<()> {
+        self.rt.block_on(self.inner.done())
+    }
+}
