@@ -47,9 +47,6 @@ impl Collective {
 /// Arguments of `tandem bench <collective>`.
 #[derive(Args, Debug, Clone)]
 pub struct BenchArgs {
-    /// Which collective.
-    #[arg(value_enum)]
-    collective: Collective,
     /// Number of local ranks.
     #[arg(long, default_value_t = 2)]
     np: usize,
@@ -85,12 +82,41 @@ pub struct BenchArgs {
 /// Arguments of one bench rank (hidden).
 #[derive(Args, Debug, Clone)]
 pub struct BenchRankArgs {
+    /// Which collective.
+    #[arg(value_enum)]
+    collective: Collective,
     #[command(flatten)]
     bench: BenchArgs,
 }
 
+/// What `tandem bench` measures.
+#[derive(clap::Subcommand, Debug)]
+pub enum BenchCommand {
+    /// Ring allreduce over N local ranks.
+    Allreduce(BenchArgs),
+    /// Pipelined broadcast from rank 0.
+    Broadcast(BenchArgs),
+    /// Ring allgather.
+    Allgather(BenchArgs),
+    /// Ring reduce-scatter.
+    ReduceScatter(BenchArgs),
+    /// The parameter server: W workers and S servers.
+    Ps(crate::bench_ps::BenchPsArgs),
+}
+
+/// Runs `tandem bench <what>`.
+pub fn run(cmd: BenchCommand) -> Result<ExitCode> {
+    match cmd {
+        BenchCommand::Allreduce(a) => bench(Collective::Allreduce, a),
+        BenchCommand::Broadcast(a) => bench(Collective::Broadcast, a),
+        BenchCommand::Allgather(a) => bench(Collective::Allgather, a),
+        BenchCommand::ReduceScatter(a) => bench(Collective::ReduceScatter, a),
+        BenchCommand::Ps(a) => crate::bench_ps::bench_ps(a),
+    }
+}
+
 /// Starts `np` ranks running the sweep and forwards rank 0's table.
-pub fn bench(args: BenchArgs) -> Result<ExitCode> {
+pub fn bench(collective: Collective, args: BenchArgs) -> Result<ExitCode> {
     if args.np == 0 || args.np > 64 {
         return Err(Error::invalid(
             "--np",
@@ -109,7 +135,7 @@ pub fn bench(args: BenchArgs) -> Result<ExitCode> {
     }
     args.op.parse::<ReduceOp>()?;
     args.dtype.parse::<DType>()?;
-    let mut rank_args: Vec<String> = vec!["bench-rank".into(), args.collective.name().into()];
+    let mut rank_args: Vec<String> = vec!["bench-rank".into(), collective.name().into()];
     rank_args.extend([
         "--np".into(),
         args.np.to_string(),
@@ -195,6 +221,7 @@ fn wrong(buf: &[u8], dtype: DType, want: f64) -> usize {
 
 /// One rank of the sweep.
 pub fn bench_rank(args: BenchRankArgs) -> Result<ExitCode> {
+    let collective = args.collective;
     let a = args.bench;
     let pg = ProcessGroup::from_env()?;
     let (rank, n) = (pg.rank(), pg.world_size());
@@ -213,7 +240,7 @@ pub fn bench_rank(args: BenchRankArgs) -> Result<ExitCode> {
     if rank == 0 {
         println!(
             "# tandem bench {} : {n} ranks, backend {}, op {op}, dtype {dtype}",
-            a.collective.name(),
+            collective.name(),
             pg.backend_name()
         );
         println!(
@@ -233,14 +260,14 @@ pub fn bench_rank(args: BenchRankArgs) -> Result<ExitCode> {
         let count = size / dtype.size();
         let bytes = count * dtype.size();
         let (wrong_count, elapsed, iters) =
-            run_size(&pg, a.collective, dtype, op, bytes, a.iters, a.warmup)?;
+            run_size(&pg, collective, dtype, op, bytes, a.iters, a.warmup)?;
         // The slowest rank's time is the operation's time; the wrong counts add up.
         let mut stats = [elapsed.as_secs_f64() / iters as f64, wrong_count as f64];
         pg.allreduce(&mut stats[..1], ReduceOp::Max)?;
         pg.allreduce(&mut stats[1..], ReduceOp::Sum)?;
         let secs = stats[0];
         let algbw = bytes as f64 / secs / 1e9;
-        let busbw = algbw * a.collective.bus_factor(n);
+        let busbw = algbw * collective.bus_factor(n);
         if rank == 0 {
             println!(
                 "{:>13} {:>12} {:>6} {:>6} {:>11.1} {:>11.3} {:>11.3} {:>7}",
@@ -258,7 +285,7 @@ pub fn bench_rank(args: BenchRankArgs) -> Result<ExitCode> {
                 let _ = writeln!(
                     f,
                     "{},{n},{bytes},{count},{dtype},{op},{:.3},{algbw:.4},{busbw:.4},{}",
-                    a.collective.name(),
+                    collective.name(),
                     secs * 1e6,
                     stats[1] as u64
                 );
@@ -267,7 +294,7 @@ pub fn bench_rank(args: BenchRankArgs) -> Result<ExitCode> {
         size *= 2;
     }
     if let (Some(path), 0) = (&a.plot, rank) {
-        let title = format!("{} {n} ranks {dtype} {op}", a.collective.name());
+        let title = format!("{} {n} ranks {dtype} {op}", collective.name());
         crate::plot::busbw_png(path, &title, &points)?;
         println!("# plot written to {path}");
     }

@@ -1,6 +1,7 @@
 //! The `tandem` command.
 
 mod bench;
+mod bench_ps;
 mod demo;
 mod info;
 mod launch;
@@ -31,8 +32,12 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Run a parameter server for this process's role (TF_CONFIG, TANDEM_* or --bind).
     Ps(ps::PsArgs),
-    /// Measure a collective over N local ranks (nccl-tests style table).
-    Bench(bench::BenchArgs),
+    /// Measure collectives (nccl-tests style table) or the parameter server.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
+    /// One worker of `tandem bench ps`.
+    #[command(hide = true)]
+    BenchPsWorker(bench_ps::BenchPsWorkerArgs),
     /// One rank of a benchmark (started by `tandem bench`).
     #[command(hide = true)]
     BenchRank(bench::BenchRankArgs),
@@ -55,7 +60,8 @@ fn main() -> ExitCode {
         Command::Demo(a) => demo::demo(a),
         Command::DemoRank(a) => demo::rank(a),
         Command::Ps(a) => ps::ps(a),
-        Command::Bench(a) => bench::bench(a),
+        Command::Bench(a) => bench::run(a),
+        Command::BenchPsWorker(a) => bench_ps::bench_ps_worker(a),
         Command::BenchRank(a) => bench::bench_rank(a),
     };
     match result {

@@ -512,21 +512,54 @@ impl Client {
 
     /// Pushes gradients for `step` (every parameter named must be declared and have its full size).
     pub async fn push(&self, step: u64, grads: &[(&str, &[f32])]) -> Result<PushOutcome> {
-        let mut per_server: Vec<Vec<pb::PushChunk>> = vec![Vec::new(); self.servers.len()];
+        let mut whole = Vec::with_capacity(grads.len());
         for (name, g) in grads {
-            let decl = self
-                .map
-                .param(name)
-                .ok_or_else(|| Error::invalid("gradient", format!("unknown parameter {name:?}")))?;
-            if g.len() != decl.numel() {
-                return Err(Error::ShapeMismatch {
-                    name: name.to_string(),
-                    expected: decl.shape.clone(),
-                    got: vec![g.len()],
-                });
-            }
+            self.check_grad(name, g.len())?;
+            whole.push((
+                name.to_string(),
+                Bytes::copy_from_slice(bytemuck::cast_slice(g)),
+            ));
+        }
+        self.push_bytes(step, whole).await
+    }
+
+    /// Like [`Client::push`], taking the gradients by value so they are sent without a copy.
+    pub async fn push_owned(
+        &self,
+        step: u64,
+        grads: Vec<(String, Vec<f32>)>,
+    ) -> Result<PushOutcome> {
+        let mut whole = Vec::with_capacity(grads.len());
+        for (name, g) in grads {
+            self.check_grad(&name, g.len())?;
+            let n = g.len();
+            whole.push((name, tandem_core::Tensor::from_vec(g, &[n])?.into_bytes()));
+        }
+        self.push_bytes(step, whole).await
+    }
+
+    fn check_grad(&self, name: &str, len: usize) -> Result<()> {
+        let decl = self
+            .map
+            .param(name)
+            .ok_or_else(|| Error::invalid("gradient", format!("unknown parameter {name:?}")))?;
+        if len != decl.numel() {
+            return Err(Error::ShapeMismatch {
+                name: name.to_string(),
+                expected: decl.shape.clone(),
+                got: vec![len],
+            });
+        }
+        Ok(())
+    }
+
+    /// Cuts each whole gradient into its partitions' chunks (zero-copy slices) and streams them.
+    async fn push_bytes(&self, step: u64, grads: Vec<(String, Bytes)>) -> Result<PushOutcome> {
+        let mut per_server: Vec<Vec<pb::PushChunk>> = vec![Vec::new(); self.servers.len()];
+        for (name, all) in &grads {
             for p in self.map.parts_of(name) {
-                let bytes = Bytes::copy_from_slice(bytemuck::cast_slice(&g[p.range()]));
+                let r = p.range();
+                let bytes = all.slice(r.start * 4..r.end * 4);
                 let mut off = 0;
                 while off < bytes.len() {
                     let end = (off + self.chunk_bytes).min(bytes.len());

@@ -53,6 +53,24 @@ pub struct PartEntry {
     pub numel: usize,
     /// Data under a lock of its own (async mode never takes a global lock).
     pub data: RwLock<PartData>,
+    /// The values as bytes at some version, shared by the pulls of that version.
+    pub snapshot: Mutex<Option<(u64, bytes::Bytes)>>,
+}
+
+impl PartEntry {
+    /// The values as bytes: one copy per version, however many workers pull it.
+    pub fn bytes(&self) -> bytes::Bytes {
+        let d = self.data.read().unwrap_or_else(|p| p.into_inner());
+        let mut cache = self.snapshot.lock().unwrap_or_else(|p| p.into_inner());
+        match &*cache {
+            Some((v, b)) if *v == d.version => b.clone(),
+            _ => {
+                let b = bytes::Bytes::copy_from_slice(bytemuck::cast_slice(&d.values));
+                *cache = Some((d.version, b.clone()));
+                b
+            }
+        }
+    }
 }
 
 /// Counters reported by `Stats` and the logs.
@@ -141,6 +159,7 @@ impl Model {
                     rows,
                     numel,
                     data,
+                    snapshot: Mutex::new(None),
                 },
             );
         }
@@ -179,6 +198,7 @@ impl Model {
                     rows: p.rows,
                     numel,
                     data,
+                    snapshot: Mutex::new(None),
                 },
             );
         }

@@ -383,10 +383,7 @@ impl ParameterServer for Service {
                     key.0, key.1
                 ))
             })?;
-            let snapshot = {
-                let d = entry.data.read().unwrap_or_else(|p| p.into_inner());
-                Bytes::copy_from_slice(bytemuck::cast_slice(&d.values))
-            };
+            let snapshot = entry.bytes();
             let mut off = 0;
             while off < snapshot.len() || (off == 0 && snapshot.is_empty()) {
                 let end = (off + self.limits.chunk_bytes).min(snapshot.len());

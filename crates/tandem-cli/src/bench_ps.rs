@@ -1,0 +1,314 @@
+//! `tandem bench ps`: W workers and S parameter servers on this machine, pulling and pushing one
+//! parameter of P f32 values with a trivial gradient, in sync or async mode.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+use clap::{Args, ValueEnum};
+use tandem::ps::client::{Client, TrainingMode};
+use tandem::ps::init::Init;
+use tandem::ps::optimizer::Optimizer;
+use tandem::ps::placement::{ParamDecl, place};
+use tandem::rendezvous::{JobToken, TOKEN_VAR};
+use tandem::{Error, Result};
+
+use crate::bench::peak_rss;
+
+/// Sync or async training.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum PsMode {
+    /// Synchronous steps over all workers.
+    Sync,
+    /// Asynchronous updates.
+    Async,
+}
+
+/// Arguments of `tandem bench ps`.
+#[derive(Args, Debug, Clone)]
+pub struct BenchPsArgs {
+    /// Workers.
+    #[arg(long, default_value_t = 4)]
+    workers: usize,
+    /// Parameter servers.
+    #[arg(long, default_value_t = 2)]
+    servers: usize,
+    /// f32 parameters (K, M suffixes: powers of 1000).
+    #[arg(long, default_value = "10M")]
+    params: String,
+    /// Sync or async.
+    #[arg(long, value_enum, default_value_t = PsMode::Sync)]
+    mode: PsMode,
+    /// Steps per worker.
+    #[arg(long, default_value_t = 30)]
+    steps: usize,
+    /// Append a CSV line here.
+    #[arg(long)]
+    csv: Option<String>,
+}
+
+/// Arguments of one bench worker (hidden).
+#[derive(Args, Debug, Clone)]
+pub struct BenchPsWorkerArgs {
+    #[arg(long)]
+    servers: String,
+    #[arg(long)]
+    worker: u32,
+    #[arg(long)]
+    workers: u32,
+    #[arg(long)]
+    params: usize,
+    #[arg(long)]
+    sync: bool,
+    #[arg(long)]
+    steps: usize,
+}
+
+fn parse_count(s: &str) -> Result<usize> {
+    let t = s.trim();
+    let (num, mult) = match t.chars().last() {
+        Some('K' | 'k') => (&t[..t.len() - 1], 1_000usize),
+        Some('M' | 'm') => (&t[..t.len() - 1], 1_000_000),
+        _ => (t, 1),
+    };
+    num.parse::<usize>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .filter(|n| *n > 0)
+        .ok_or_else(|| {
+            Error::invalid(
+                "--params",
+                format!("{s:?} is not a count such as 1000, 100K or 10M"),
+            )
+        })
+}
+
+fn rss_of(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+fn stop(children: &mut [Child]) {
+    for c in children {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+}
+
+/// Runs the benchmark and prints one summary.
+pub fn bench_ps(a: BenchPsArgs) -> Result<ExitCode> {
+    let params = parse_count(&a.params)?;
+    if a.workers == 0 || a.servers == 0 || a.workers > 64 || a.servers > 64 {
+        return Err(Error::invalid(
+            "--workers/--servers",
+            "must be between 1 and 64",
+        ));
+    }
+    let exe = std::env::current_exe().map_err(|e| Error::io("finding the tandem executable", e))?;
+    let token = JobToken::generate();
+    let mut servers = Vec::new();
+    let mut addrs = Vec::new();
+    for i in 0..a.servers {
+        let mut c = Command::new(&exe)
+            .args([
+                "ps",
+                "--bind",
+                "127.0.0.1:0",
+                "--index",
+                &i.to_string(),
+                "--keep-running",
+                "--log-every",
+                "3600",
+            ])
+            .env(TOKEN_VAR, token.as_str())
+            .stdout(Stdio::piped())
+            .spawn()
+            .map_err(|e| Error::io("starting a parameter server", e))?;
+        let mut lines = BufReader::new(
+            c.stdout
+                .take()
+                .ok_or_else(|| Error::transport("bench", "no stdout"))?,
+        )
+        .lines();
+        let first = lines.next().and_then(|l| l.ok()).unwrap_or_default();
+        let addr = first.rsplit(' ').next().unwrap_or_default().to_string();
+        std::thread::spawn(move || for _ in lines {});
+        addrs.push(addr);
+        servers.push(c);
+    }
+    let start = Instant::now();
+    let mut workers = Vec::new();
+    for w in 0..a.workers {
+        let mut args = vec![
+            "bench-ps-worker".to_string(),
+            format!("--servers={}", addrs.join(",")),
+            format!("--worker={w}"),
+            format!("--workers={}", a.workers),
+            format!("--params={params}"),
+            format!("--steps={}", a.steps),
+        ];
+        if a.mode == PsMode::Sync {
+            args.push("--sync".into());
+        }
+        match Command::new(&exe)
+            .args(&args)
+            .env(TOKEN_VAR, token.as_str())
+            .stdout(Stdio::piped())
+            .spawn()
+        {
+            Ok(c) => workers.push(c),
+            Err(e) => {
+                stop(&mut servers);
+                stop(&mut workers);
+                return Err(Error::io("starting a worker", e));
+            }
+        }
+    }
+    let mut step_ms: Vec<f64> = Vec::new();
+    let mut worker_rss = Vec::new();
+    let mut failed = Vec::new();
+    for (w, c) in workers.into_iter().enumerate() {
+        let out = c
+            .wait_with_output()
+            .map_err(|e| Error::io("waiting for a worker", e))?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        match text
+            .lines()
+            .find_map(|l| l.strip_prefix("RESULT "))
+            .and_then(|j| serde_json::from_str::<serde_json::Value>(j).ok())
+        {
+            Some(v) if out.status.success() => {
+                step_ms.extend(
+                    v["step_ms"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|x| x.as_f64()),
+                );
+                worker_rss.push(v["rss"].as_u64().unwrap_or(0));
+            }
+            _ => failed.push(format!("worker {w} ({})", out.status)),
+        }
+    }
+    let wall = start.elapsed().as_secs_f64();
+    let server_rss: Vec<u64> = servers.iter().map(|c| rss_of(c.id())).collect();
+    stop(&mut servers);
+    if !failed.is_empty() {
+        eprintln!("tandem bench ps: failed: {}", failed.join(", "));
+        return Ok(ExitCode::from(1));
+    }
+    step_ms.sort_by(|x, y| x.total_cmp(y));
+    let pct = |p: f64| {
+        step_ms
+            .get(((step_ms.len() as f64 - 1.0) * p).round() as usize)
+            .copied()
+            .unwrap_or(0.0)
+    };
+    let (steps, pushes) = (a.steps as f64, (a.steps * a.workers) as f64);
+    let rate = if a.mode == PsMode::Sync {
+        steps / wall
+    } else {
+        pushes / wall
+    };
+    let gbs = pushes * params as f64 * 4.0 * 2.0 / wall / 1e9;
+    let mib = |v: &[u64]| {
+        v.iter()
+            .map(|b| format!("{:.0}", *b as f64 / (1 << 20) as f64))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    let unit = if a.mode == PsMode::Sync {
+        "global steps/s"
+    } else {
+        "gradients/s"
+    };
+    println!(
+        "# tandem bench ps: {} workers, {} servers, {params} f32 params, {:?}, {} steps per worker",
+        a.workers, a.servers, a.mode, a.steps
+    );
+    println!(
+        "{unit}: {rate:.2}   GB/s (pull+push): {gbs:.2}   step p50 {:.1} ms  p99 {:.1} ms   wall {wall:.2} s",
+        pct(0.5),
+        pct(0.99)
+    );
+    println!(
+        "# peak RSS MiB: servers {}  workers {}",
+        mib(&server_rss),
+        mib(&worker_rss)
+    );
+    if let Some(path) = &a.csv {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(|e| Error::io(format!("opening {path}"), e))?;
+        let _ = writeln!(
+            f,
+            "tandem,{:?},{},{},{params},{rate:.3},{gbs:.3},{:.2},{:.2}",
+            a.mode,
+            a.workers,
+            a.servers,
+            pct(0.5),
+            pct(0.99)
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// One worker: pull, compute a trivial gradient, push; reports step times.
+pub fn bench_ps_worker(a: BenchPsWorkerArgs) -> Result<ExitCode> {
+    let token = JobToken::from_env()?.ok_or_else(|| Error::config(TOKEN_VAR, "is not set"))?;
+    let addrs: Vec<String> = a.servers.split(',').map(str::to_string).collect();
+    let map = place(
+        &[ParamDecl::new("w", &[a.params], Init::Zeros)],
+        addrs.len(),
+        1 << 20,
+    )?;
+    let mode = if a.sync {
+        TrainingMode::sync(a.workers)
+    } else {
+        TrainingMode::asynchronous(a.workers, None)
+    };
+    crate::runtime()?.block_on(async move {
+        let client = Client::connect(
+            &addrs,
+            &token,
+            a.worker,
+            map,
+            Optimizer::sgd(0.01),
+            mode,
+            Duration::from_secs(120),
+        )
+        .await?;
+        let mut times = Vec::new();
+        let mut step = 0u64;
+        for _ in 0..a.steps {
+            let t = Instant::now();
+            let (v, p) = client.pull(if a.sync { step } else { 0 }).await?;
+            if a.sync {
+                step = v;
+            }
+            let grad: Vec<f32> = p["w"].iter().map(|x| x * 0.001 + 0.001).collect();
+            drop(p);
+            client
+                .push_owned(step, vec![("w".to_string(), grad)])
+                .await?;
+            step += 1;
+            times.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+        client.done().await?;
+        println!(
+            "RESULT {}",
+            serde_json::json!({ "step_ms": times, "rss": peak_rss() })
+        );
+        Ok::<_, Error>(())
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
