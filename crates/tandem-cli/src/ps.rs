@@ -81,7 +81,6 @@ pub fn ps(args: PsArgs) -> Result<ExitCode> {
             .await
             .map_err(|e| Error::io(format!("binding the parameter server to {bind}"), e))?;
         let local = listener.local_addr().map_err(|e| Error::io("reading the server address", e))?;
-        println!("tandem ps {index}: serving on {local}");
         let server = Server::new(config).await?;
         let service = server.service();
         if let Some(addr) = &args.metrics_addr {
@@ -102,6 +101,7 @@ pub fn ps(args: PsArgs) -> Result<ExitCode> {
                 }
             });
         }
+        println!("tandem ps {index}: serving on {local}");
         let logger = {
             let service = service.clone();
             let every = Duration::from_secs(args.log_every.max(1));

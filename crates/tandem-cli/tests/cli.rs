@@ -124,10 +124,26 @@ fn ps_serves_its_tf_config_address_and_metrics() {
         .stdout(std::process::Stdio::piped())
         .spawn()
         .expect("start tandem ps");
+    // Stop the server however the test ends.
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
     let mut lines = std::io::BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let _guard = Kill(child);
     let first = lines.next().expect("a line").expect("utf8");
     assert!(first.contains(&format!("serving on {addr}")), "{first}");
-    let mut s = std::net::TcpStream::connect(metrics).expect("metrics endpoint");
+    let mut s = (0..100)
+        .find_map(|_| {
+            std::net::TcpStream::connect(metrics).ok().or_else(|| {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+                None
+            })
+        })
+        .expect("metrics endpoint");
     s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
         .expect("request");
     let mut resp = String::new();
@@ -135,6 +151,4 @@ fn ps_serves_its_tf_config_address_and_metrics() {
         .expect("timeout");
     let _ = s.read_to_string(&mut resp);
     assert!(resp.starts_with("HTTP/1.1 200 OK"), "{resp}");
-    let _ = child.kill();
-    let _ = child.wait();
 }
