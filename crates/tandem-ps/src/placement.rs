@@ -215,6 +215,44 @@ impl PartitionMap {
     }
 }
 
+/// The rendezvous key under which a job's partition map hash is agreed.
+pub const MAP_KEY: &str = "tandem/ps/partition-map";
+
+/// Agrees on the partition map through the job's rendezvous: the process that decides (the chief)
+/// publishes the map's hash; every other process waits for it (up to `timeout`) and fails with an
+/// error naming both hashes if its own map differs. Servers check the same hash on every declaration.
+pub async fn agree(
+    rendezvous: &tandem_rendezvous::Client,
+    map: &PartitionMap,
+    decide: bool,
+    timeout: std::time::Duration,
+) -> Result<()> {
+    let mine = format!("{:016x}", map.hash());
+    let theirs = if decide {
+        let swap = rendezvous
+            .compare_and_set(MAP_KEY, None, mine.clone())
+            .await?;
+        swap.current.unwrap_or_default()
+    } else {
+        rendezvous
+            .wait(&[MAP_KEY], timeout)
+            .await?
+            .into_iter()
+            .next()
+            .unwrap_or_default()
+    };
+    let theirs = String::from_utf8_lossy(&theirs).into_owned();
+    if theirs != mine {
+        return Err(Error::config(
+            "partition map",
+            format!(
+                "this process computed partition map {mine} but the job agreed on {theirs}: declare the same parameters, in the same order, with the same number of servers"
+            ),
+        ));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -266,42 +304,4 @@ mod tests {
             Err(Error::DTypeMismatch { .. })
         ));
     }
-}
-
-/// The rendezvous key under which a job's partition map hash is agreed.
-pub const MAP_KEY: &str = "tandem/ps/partition-map";
-
-/// Agrees on the partition map through the job's rendezvous: the process that decides (the chief)
-/// publishes the map's hash; every other process waits for it (up to `timeout`) and fails with an
-/// error naming both hashes if its own map differs. Servers check the same hash on every declaration.
-pub async fn agree(
-    rendezvous: &tandem_rendezvous::Client,
-    map: &PartitionMap,
-    decide: bool,
-    timeout: std::time::Duration,
-) -> Result<()> {
-    let mine = format!("{:016x}", map.hash());
-    let theirs = if decide {
-        let swap = rendezvous
-            .compare_and_set(MAP_KEY, None, mine.clone())
-            .await?;
-        swap.current.unwrap_or_default()
-    } else {
-        rendezvous
-            .wait(&[MAP_KEY], timeout)
-            .await?
-            .into_iter()
-            .next()
-            .unwrap_or_default()
-    };
-    let theirs = String::from_utf8_lossy(&theirs).into_owned();
-    if theirs != mine {
-        return Err(Error::config(
-            "partition map",
-            format!(
-                "this process computed partition map {mine} but the job agreed on {theirs}: declare the same parameters, in the same order, with the same number of servers"
-            ),
-        ));
-    }
-    Ok(())
 }
