@@ -322,6 +322,7 @@ async fn ps_worker(args: &[String]) -> Result<()> {
                 .await
                 .err(),
             "shape" => client.push(0, &[("w", &[0.0; 3])]).await.err(),
+            "truncated" | "oversized" => raw_push(&servers, &token, bad == "oversized").await.err(),
             _ => client.push(0, &[("nope", &[0.0])]).await.err(),
         };
         let (_, after) = client.pull(0).await?;
@@ -484,4 +485,44 @@ async fn ps_big(args: &[String]) -> Result<()> {
     );
     client.done().await?;
     Ok(())
+}
+
+/// Pushes a malformed stream straight through gRPC: the bias partition (one f32) with 2 bytes
+/// (truncated) or 8 bytes (oversized). Returns the server's refusal as an error.
+async fn raw_push(servers: &[String], token: &JobToken, oversized: bool) -> Result<()> {
+    use tandem_ps::pb;
+    let mut last = Ok(());
+    for addr in servers {
+        let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| Error::invalid("addr", e.to_string()))?
+            .connect()
+            .await
+            .map_err(|e| Error::transport("connect", e.to_string()))?;
+        let header = format!("Bearer {}", token.as_str())
+            .parse()
+            .map_err(|_| Error::invalid("token", "bad"))?;
+        let mut c = pb::parameter_server_client::ParameterServerClient::with_interceptor(
+            ch,
+            tandem::rendezvous::AttachToken::from_token(header),
+        );
+        let data = if oversized {
+            vec![0u8; 8]
+        } else {
+            vec![0u8; 2]
+        };
+        let chunk = pb::PushChunk {
+            worker: 0,
+            step: 0,
+            param: "b".into(),
+            part: 0,
+            offset: 0,
+            data: data.into(),
+        };
+        match c.push(tokio_stream::iter(vec![chunk])).await {
+            Err(s) if s.code() == tonic::Code::NotFound => {}
+            Err(s) => last = Err(Error::invalid("push", s.message().to_string())),
+            Ok(_) => last = Ok(()),
+        }
+    }
+    last
 }
