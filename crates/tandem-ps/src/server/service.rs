@@ -195,6 +195,16 @@ struct Incoming {
     parts: HashMap<Key, (Vec<f32>, usize)>,
 }
 
+/// The partition `key` of this server, or NotFound naming it.
+fn part_of<'m>(model: &'m Model, key: &Key) -> Result<&'m super::model::PartEntry, Status> {
+    model.parts.get(key).ok_or_else(|| {
+        Status::not_found(format!(
+            "unknown parameter {:?} partition {} on this server",
+            key.0, key.1
+        ))
+    })
+}
+
 type PullStream = Pin<Box<dyn Stream<Item = Result<pb::PullChunk, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -270,12 +280,7 @@ impl ParameterServer for Service {
                 parts: HashMap::new(),
             });
             let key = (c.param, c.part);
-            let entry = model.parts.get(&key).ok_or_else(|| {
-                Status::not_found(format!(
-                    "unknown parameter {:?} partition {} on this server",
-                    key.0, key.1
-                ))
-            })?;
+            let entry = part_of(&model, &key)?;
             let want = entry.numel * 4;
             let (buf, filled) = inc
                 .parts
@@ -377,12 +382,7 @@ impl ParameterServer for Service {
         };
         let mut chunks = Vec::new();
         for key in keys {
-            let entry = model.parts.get(&key).ok_or_else(|| {
-                Status::not_found(format!(
-                    "unknown parameter {:?} partition {} on this server",
-                    key.0, key.1
-                ))
-            })?;
+            let entry = part_of(&model, &key)?;
             let snapshot = entry.bytes();
             let mut off = 0;
             while off < snapshot.len() || (off == 0 && snapshot.is_empty()) {
@@ -436,12 +436,7 @@ impl ParameterServer for Service {
         let model = self.declared()?;
         let r = req.into_inner();
         let key = (r.param, r.part);
-        let entry = model.parts.get(&key).ok_or_else(|| {
-            Status::not_found(format!(
-                "unknown parameter {:?} partition {} on this server",
-                key.0, key.1
-            ))
-        })?;
+        let entry = part_of(&model, &key)?;
         let row_len = entry.numel / entry.rows.max(1) as usize;
         if let Some(bad) = r.rows.iter().find(|x| **x >= entry.rows) {
             return Err(Status::invalid_argument(format!(
@@ -472,12 +467,7 @@ impl ParameterServer for Service {
         let model = self.declared()?;
         let r = req.into_inner();
         let key = (r.param, r.part);
-        let entry = model.parts.get(&key).ok_or_else(|| {
-            Status::not_found(format!(
-                "unknown parameter {:?} partition {} on this server",
-                key.0, key.1
-            ))
-        })?;
+        let entry = part_of(&model, &key)?;
         let row_len = entry.numel / entry.rows.max(1) as usize;
         let reject = |m: String| {
             model.counters.rejected.fetch_add(1, Ordering::Relaxed);
