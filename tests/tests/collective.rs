@@ -397,3 +397,25 @@ fn strangers_and_wrong_tokens_are_refused_by_the_mesh() {
         assert_eq!(res.get(&0), Some(&want));
     }
 }
+
+#[test]
+fn a_consistently_late_rank_is_named_as_a_straggler() {
+    let world = 3;
+    let job = Job::new();
+    let outs = job.run(world, &["straggle", "--slow", "1"], 60);
+    for (r, out) in outs.iter().enumerate() {
+        assert!(
+            out.status.success(),
+            "rank {r}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // Rank 2 reads rank 1's headers, so it sees rank 1 arrive late.
+    let log = String::from_utf8_lossy(&outs[2].stderr);
+    assert!(log.contains("straggler: rank 1 started"), "{log}");
+    let log0 = String::from_utf8_lossy(&outs[0].stderr);
+    assert!(
+        !log0.contains("straggler: rank 2"),
+        "rank 2 was on time: {log0}"
+    );
+}

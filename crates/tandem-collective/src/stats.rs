@@ -1,8 +1,9 @@
-//! Straggler detection: how late the left neighbour starts each collective, seen from this rank.
+//! Straggler detection: which peer starts each collective last, and how late, seen from this rank.
 //!
-//! Each rank starts an operation by sending its header right and reading its left neighbour's. The
-//! time between this rank's start and the left header's arrival is how much later the neighbour
-//! arrived. A neighbour that is late in most of a window of operations is named in a log line.
+//! Each rank starts an operation by sending its header and reading its peers' (the left neighbour's
+//! on the ring; every peer's for one-hop operations). The time between this rank's start and the last
+//! header's arrival is how much later that peer arrived. A peer that is late in most of a window of
+//! operations is named in a log line.
 
 use std::time::Duration;
 
@@ -26,7 +27,7 @@ pub struct Straggler {
 #[derive(Debug, Clone)]
 pub struct Stragglers {
     window: usize,
-    samples: Vec<Duration>,
+    samples: Vec<(usize, Duration)>,
 }
 
 impl Stragglers {
@@ -38,27 +39,33 @@ impl Stragglers {
         }
     }
 
-    /// Records one operation; at the end of a window returns a finding if the neighbour was late in
-    /// more than half of it.
-    pub fn record(&mut self, neighbour: usize, lateness: Duration) -> Option<Straggler> {
-        self.samples.push(lateness);
+    /// Records one operation (the last peer and its lateness); at the end of a window returns a
+    /// finding if one peer was late in more than half of it.
+    pub fn record(&mut self, peer: usize, lateness: Duration) -> Option<Straggler> {
+        self.samples.push((peer, lateness));
         if self.samples.len() < self.window {
             return None;
         }
-        let mut late: Vec<Duration> = self
+        let late: Vec<(usize, Duration)> = self
             .samples
             .drain(..)
-            .filter(|d| *d >= LATE_THRESHOLD)
+            .filter(|(_, d)| *d >= LATE_THRESHOLD)
             .collect();
-        if late.len() * 2 <= self.window {
+        let mut counts: std::collections::BTreeMap<usize, Vec<Duration>> =
+            std::collections::BTreeMap::new();
+        for (p, d) in late {
+            counts.entry(p).or_default().push(d);
+        }
+        let (rank, mut times) = counts.into_iter().max_by_key(|(_, v)| v.len())?;
+        if times.len() * 2 <= self.window {
             return None;
         }
-        late.sort();
+        times.sort();
         Some(Straggler {
-            rank: neighbour,
-            late: late.len(),
+            rank,
+            late: times.len(),
             window: self.window,
-            median: late[late.len() / 2],
+            median: times[times.len() / 2],
         })
     }
 }

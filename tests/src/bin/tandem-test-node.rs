@@ -26,12 +26,17 @@ use tandem_ps::placement::{ParamDecl, place};
 use tandem_tests::{data, linreg, suite};
 
 fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new("warn"))
+        .with_writer(std::io::stderr)
+        .init();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let r = match args.first().map(String::as_str) {
         Some("meet") => runtime().and_then(|rt| rt.block_on(meet(&args[1..]))),
         Some("suite") => collective(run_suite),
         Some("async") => collective(run_async),
         Some("loop") => collective(run_loop),
+        Some("straggle") => collective(|pg| run_straggle(pg, &args[1..])),
         Some("mismatch") => collective(|pg| run_mismatch(pg, &args[1..])),
         Some("ps-server") => runtime().and_then(|rt| rt.block_on(ps_server(&args[1..]))),
         Some("ps-big") => runtime().and_then(|rt| rt.block_on(ps_big(&args[1..]))),
@@ -525,4 +530,19 @@ async fn raw_push(servers: &[String], token: &JobToken, oversized: bool) -> Resu
         }
     }
     last
+}
+
+/// 130 small allreduces; rank `--slow R` arrives 10 ms late to each.
+fn run_straggle(pg: &ProcessGroup, args: &[String]) -> Result<()> {
+    let slow: usize = flag_value(args, "--slow")
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1);
+    let mut buf = vec![1.0f32; 1000];
+    for _ in 0..130 {
+        if pg.rank() == slow {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        pg.allreduce(&mut buf, ReduceOp::Max)?;
+    }
+    Ok(())
 }

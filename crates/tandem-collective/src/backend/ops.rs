@@ -43,8 +43,8 @@ pub struct Io<'a> {
     pub waiting: &'a Cell<Waiting>,
     /// This rank's header for the operation.
     pub header: OpHeader,
-    /// How long the left neighbour's header took to arrive after this rank started (straggler stats).
-    pub left_lateness: &'a Cell<Option<std::time::Duration>>,
+    /// The last peer whose header arrived and how long after this rank started (straggler stats).
+    pub lateness: &'a Cell<Option<(usize, std::time::Duration)>>,
 }
 
 fn lost(peer: usize, header: &OpHeader, doing: &str, e: &std::io::Error) -> Error {
@@ -129,7 +129,7 @@ pub async fn exchange_headers(io: &mut Io<'_>) -> Result<()> {
     let (sent, got) = tokio::join!(wr.write_all(&mine), rd.read_exact(&mut theirs));
     sent.map_err(|e| lost(r, &header, "sending the header", &e))?;
     got.map_err(|e| lost(l, &header, "receiving the header", &e))?;
-    io.left_lateness.set(Some(start.elapsed()));
+    io.lateness.set(Some((l, start.elapsed())));
     let theirs = OpHeader::decode(&theirs).map_err(|m| {
         Error::OpMismatch(format!("op #{}: rank {l} sent garbage: {m}", header.seq))
     })?;
@@ -408,6 +408,7 @@ pub async fn allreduce_direct(
             r.read_exact(&mut theirs)
                 .await
                 .map_err(|e| lost(p, &header, "receiving the header", &e))?;
+            let arrived = start.elapsed();
             let theirs = OpHeader::decode(&theirs).map_err(|m| {
                 Error::OpMismatch(format!("op #{}: rank {p} sent garbage: {m}", header.seq))
             })?;
@@ -417,16 +418,23 @@ pub async fn allreduce_direct(
             r.read_exact(&mut slot[..len])
                 .await
                 .map_err(|e| lost(p, &header, "receiving", &e))?;
-            Ok(())
+            Ok((p, arrived))
         });
     let (sent, got) = tokio::join!(
         futures::future::join_all(sends),
         futures::future::join_all(recvs)
     );
-    for r in got.into_iter().chain(sent) {
+    for r in sent {
         r?;
     }
-    io.left_lateness.set(Some(start.elapsed()));
+    let mut last: Option<(usize, std::time::Duration)> = None;
+    for r in got {
+        let (p, at) = r?;
+        if last.is_none_or(|(_, t)| at > t) {
+            last = Some((p, at));
+        }
+    }
+    io.lateness.set(last);
     // Reduce in rank order on every rank, so every rank computes the same bits.
     inbox[me * len..(me + 1) * len].copy_from_slice(buf);
     let parts: Vec<&[u8]> = (0..n).map(|r| &inbox[r * len..(r + 1) * len]).collect();

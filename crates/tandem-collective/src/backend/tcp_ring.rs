@@ -17,7 +17,6 @@ use tokio::sync::watch;
 
 use super::Backend;
 use super::ops::{self, Io, Waiting};
-use crate::algorithm::ring::left;
 use crate::stats::Stragglers;
 use crate::transport::frame::{OpHeader, OpKind};
 use crate::transport::mesh::Mesh;
@@ -124,7 +123,7 @@ macro_rules! ring_op {
                 segment: $self.segment,
                 waiting: &waiting,
                 header,
-                left_lateness: &lateness,
+                lateness: &lateness,
             };
             let $io = &mut io_state;
             let fut = $body;
@@ -207,11 +206,11 @@ impl TcpRing {
         &self,
         st: &mut RingState,
         header: &OpHeader,
-        lateness: Option<Duration>,
+        lateness: Option<(usize, Duration)>,
         outcome: Result<T>,
     ) -> Result<T> {
-        if let (Some(late), true) = (lateness, header.kind != OpKind::Send)
-            && let Some(s) = st.stragglers.record(left(self.rank, self.world), late)
+        if let (Some((peer, late)), true) = (lateness, header.kind != OpKind::Send)
+            && let Some(s) = st.stragglers.record(peer, late)
         {
             tracing::warn!(
                 "straggler: rank {} started {} of the last {} collectives after rank {}, {:?} late (median)",
