@@ -336,7 +336,7 @@ pub mod linreg {
     }
 
     /// Synchronous SGD as one process: sum the workers' gradients in worker order, divide by their
-    /// number, step. This is what the servers must compute.
+    /// number, step. The servers compute the same, summing in arrival order.
     pub fn reference_sync(workers: usize, steps: usize, lr: f32) -> (Vec<f32>, f32) {
         let shards: Vec<_> = (0..workers).map(shard).collect();
         let (mut w, mut b) = (vec![0.0f32; DIM], 0.0f32);

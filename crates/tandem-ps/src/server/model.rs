@@ -1,7 +1,7 @@
 //! The state one server holds: its partitions with their optimizer state, the sync-step aggregation,
 //! worker progress for bounded staleness, and counters.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, RwLock};
 
@@ -107,8 +107,29 @@ impl Counters {
 pub struct SyncStep {
     /// The step being aggregated.
     pub step: u64,
-    /// Gradients by worker (ordered, so summation order is fixed), then by partition.
-    pub grads: BTreeMap<u32, HashMap<Key, Vec<f32>>>,
+    /// Workers whose gradient for this step has been added.
+    pub contributors: BTreeSet<u32>,
+    /// Running sum of each partition's gradients and how many were added: one buffer per partition
+    /// whatever the number of workers, so memory stays bounded.
+    pub acc: HashMap<Key, (Vec<f32>, u32)>,
+}
+
+impl SyncStep {
+    /// Adds one worker's gradients into the running sums (in arrival order).
+    pub fn add(&mut self, worker: u32, grads: HashMap<Key, Vec<f32>>) {
+        self.contributors.insert(worker);
+        for (key, g) in grads {
+            match self.acc.get_mut(&key) {
+                Some((sum, n)) => {
+                    sum.iter_mut().zip(&g).for_each(|(a, b)| *a += b);
+                    *n += 1;
+                }
+                None => {
+                    self.acc.insert(key, (g, 1));
+                }
+            }
+        }
+    }
 }
 
 /// Everything a declared server holds.
@@ -210,7 +231,7 @@ impl Model {
             parts,
             sync: Mutex::new(SyncStep {
                 step: snap.version,
-                grads: BTreeMap::new(),
+                ..SyncStep::default()
             }),
             version: watch::Sender::new(snap.version),
             worker_steps: watch::Sender::new(vec![snap.version; workers]),
@@ -263,23 +284,10 @@ impl Model {
         }
     }
 
-    /// Completes a sync step: sums each partition's gradients in worker order, averages, applies.
+    /// Completes a sync step: averages each partition's summed gradients and applies them.
     pub fn finish_step(&self, step: &mut SyncStep) {
-        let contributions = std::mem::take(&mut step.grads);
-        let mut sums: HashMap<Key, (Vec<f32>, u32)> = HashMap::new();
-        for grads in contributions.into_values() {
-            for (key, g) in grads {
-                match sums.get_mut(&key) {
-                    Some((acc, n)) => {
-                        acc.iter_mut().zip(&g).for_each(|(a, b)| *a += b);
-                        *n += 1;
-                    }
-                    None => {
-                        sums.insert(key, (g, 1));
-                    }
-                }
-            }
-        }
+        let sums = std::mem::take(&mut step.acc);
+        step.contributors.clear();
         let version = step.step;
         for (key, (mut acc, n)) in sums {
             let n = n as f32;

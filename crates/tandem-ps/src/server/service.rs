@@ -626,7 +626,7 @@ fn push_sync(
             None,
         ));
     }
-    if st.grads.contains_key(&worker) {
+    if st.contributors.contains(&worker) {
         // A retry (or a replay after a restart elsewhere): the first gradient for this step stands.
         tracing::warn!(worker, step, "second gradient for the same step ignored");
         model.counters.dropped.fetch_add(1, Ordering::Relaxed);
@@ -639,7 +639,7 @@ fn push_sync(
             None,
         ));
     }
-    st.grads.insert(worker, grads);
+    st.add(worker, grads);
     model.worker_steps.send_modify(|s| {
         if let Some(x) = s.get_mut(worker as usize) {
             *x = step + 1;
@@ -647,7 +647,7 @@ fn push_sync(
     });
     model.counters.applied.fetch_add(1, Ordering::Relaxed);
     let mut snapshot = None;
-    if st.grads.len() as u32 >= model.mode.replicas_to_aggregate {
+    if st.contributors.len() as u32 >= model.mode.replicas_to_aggregate {
         model.finish_step(&mut st);
         if due(st.step) {
             snapshot = Some(model.snapshot());
