@@ -133,6 +133,18 @@ macro_rules! ring_op {
     }};
 }
 
+/// The header of message `seq` between a pair of ranks, addressed to rank `to`.
+fn message(seq: u64, dtype: DType, to: usize, count: usize) -> OpHeader {
+    OpHeader {
+        seq,
+        kind: OpKind::Send,
+        dtype,
+        op: None,
+        root: to as u32,
+        count: count as u64,
+    }
+}
+
 /// A collective header: takes the next sequence number.
 fn collective(
     st: &mut RingState,
@@ -425,14 +437,7 @@ impl Backend for TcpRing {
             {
                 let seq = st.sent[to];
                 st.sent[to] += 1;
-                OpHeader {
-                    seq,
-                    kind: OpKind::Send,
-                    dtype,
-                    op: None,
-                    root: to as u32,
-                    count: count as u64,
-                }
+                message(seq, dtype, to, count)
             },
             |io| ops::send(io, buf, to)
         )
@@ -440,7 +445,7 @@ impl Backend for TcpRing {
 
     fn recv(&self, buf: &mut [u8], dtype: DType, from: usize, timeout: Duration) -> Result<()> {
         let count = buf.len() / dtype.size();
-        let me = self.rank as u32;
+        let me = self.rank;
         ring_op!(
             self,
             st,
@@ -448,14 +453,7 @@ impl Backend for TcpRing {
             {
                 let seq = st.received[from];
                 st.received[from] += 1;
-                OpHeader {
-                    seq,
-                    kind: OpKind::Send,
-                    dtype,
-                    op: None,
-                    root: me,
-                    count: count as u64,
-                }
+                message(seq, dtype, me, count)
             },
             |io| ops::recv(io, buf, from)
         )

@@ -58,6 +58,11 @@ pub struct PartEntry {
 }
 
 impl PartEntry {
+    /// Elements per row.
+    pub fn row_len(&self) -> usize {
+        self.numel / self.rows.max(1) as usize
+    }
+
     /// The values as bytes: one copy per version, however many workers pull it.
     pub fn bytes(&self) -> bytes::Bytes {
         let d = self.data.read().unwrap_or_else(|p| p.into_inner());

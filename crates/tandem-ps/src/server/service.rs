@@ -205,6 +205,17 @@ fn part_of<'m>(model: &'m Model, key: &Key) -> Result<&'m super::model::PartEntr
     })
 }
 
+/// Every row index must fall inside the partition.
+fn check_rows(entry: &super::model::PartEntry, key: &Key, rows: &[u64]) -> Result<(), String> {
+    match rows.iter().find(|x| **x >= entry.rows) {
+        Some(bad) => Err(format!(
+            "row {bad} of {:?} partition {} is beyond its {} rows",
+            key.0, key.1, entry.rows
+        )),
+        None => Ok(()),
+    }
+}
+
 type PullStream = Pin<Box<dyn Stream<Item = Result<pb::PullChunk, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -437,13 +448,8 @@ impl ParameterServer for Service {
         let r = req.into_inner();
         let key = (r.param, r.part);
         let entry = part_of(&model, &key)?;
-        let row_len = entry.numel / entry.rows.max(1) as usize;
-        if let Some(bad) = r.rows.iter().find(|x| **x >= entry.rows) {
-            return Err(Status::invalid_argument(format!(
-                "row {bad} of {:?} partition {} is beyond its {} rows",
-                key.0, key.1, entry.rows
-            )));
-        }
+        let row_len = entry.row_len();
+        check_rows(entry, &key, &r.rows).map_err(Status::invalid_argument)?;
         let mut out: Vec<f32> = Vec::with_capacity(r.rows.len() * row_len);
         let d = entry.data.read().unwrap_or_else(|p| p.into_inner());
         for row in &r.rows {
@@ -468,7 +474,7 @@ impl ParameterServer for Service {
         let r = req.into_inner();
         let key = (r.param, r.part);
         let entry = part_of(&model, &key)?;
-        let row_len = entry.numel / entry.rows.max(1) as usize;
+        let row_len = entry.row_len();
         let reject = |m: String| {
             model.counters.rejected.fetch_add(1, Ordering::Relaxed);
             Err(Status::invalid_argument(m))
@@ -481,11 +487,8 @@ impl ParameterServer for Service {
                 r.rows.len()
             ));
         }
-        if let Some(bad) = r.rows.iter().find(|x| **x >= entry.rows) {
-            return reject(format!(
-                "row {bad} of {:?} partition {} is beyond its {} rows; nothing applied",
-                key.0, key.1, entry.rows
-            ));
+        if let Err(m) = check_rows(entry, &key, &r.rows) {
+            return reject(format!("{m}; nothing applied"));
         }
         let g: Vec<f32> = r
             .data
