@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use clap::{Args, ValueEnum};
 use tandem::{DType, Error, ProcessGroup, ReduceOp, Result};
 
-use crate::launch::{LocalJob, parse_size};
+use crate::local_job::{LocalJob, parse_size};
 
 /// The collective to measure.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use clap::Args;
 use tandem::{Error, ProcessGroup, ReduceOp, Result};
 
-use crate::launch::LocalJob;
+use crate::local_job::LocalJob;
 use tandem_examples::{Mlp, batch, spiral};
 
 /// Arguments of `tandem demo`.

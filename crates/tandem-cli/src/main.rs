@@ -5,6 +5,7 @@ mod bench_ps;
 mod demo;
 mod info;
 mod launch;
+mod local_job;
 mod plot;
 mod ps;
 
@@ -28,6 +29,8 @@ enum Command {
     Info(info::InfoArgs),
     /// Run a standalone rendezvous server (the job token comes from TANDEM_JOB_TOKEN).
     Rendezvous(info::RendezvousArgs),
+    /// Start a job on this machine: N allreduce ranks, or parameter servers and workers.
+    Launch(tandem_launch::LaunchArgs),
     /// Run the demo: data-parallel training of an MLP by several local processes.
     Demo(demo::DemoArgs),
     /// Run a parameter server for this process's role (TF_CONFIG, TANDEM_* or --bind).
@@ -57,6 +60,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Info(a) => info::info(a),
         Command::Rendezvous(a) => info::rendezvous(a),
+        Command::Launch(a) => launch::launch(a),
         Command::Demo(a) => demo::demo(a),
         Command::DemoRank(a) => demo::rank(a),
         Command::Ps(a) => ps::ps(a),

@@ -48,6 +48,18 @@ impl Vars for BTreeMap<String, String> {
     }
 }
 
+impl Vars for [(String, String)] {
+    fn raw(&self, name: &str) -> Option<String> {
+        self.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone())
+    }
+}
+
+impl Vars for Vec<(String, String)> {
+    fn raw(&self, name: &str) -> Option<String> {
+        self.as_slice().raw(name)
+    }
+}
+
 impl Vars for [(&str, &str)] {
     fn raw(&self, name: &str) -> Option<String> {
         self.iter()

@@ -1,0 +1,225 @@
+//! `tandem launch` as users run it: real child processes, their environment, failures and Ctrl-C.
+
+use std::collections::BTreeMap;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const TANDEM: &str = env!("CARGO_BIN_EXE_tandem");
+
+fn launch(args: &[&str]) -> std::process::Output {
+    Command::new(TANDEM)
+        .arg("launch")
+        .args(args)
+        .env_remove("TF_CONFIG")
+        .env_remove("RANK")
+        .env_remove("WORLD_SIZE")
+        .output()
+        .expect("run tandem launch")
+}
+
+/// Lines of the form `[role index] {json}` collected per process, as `tandem info --json` prints.
+fn specs_by_process(stdout: &[u8]) -> BTreeMap<String, serde_json::Value> {
+    let mut text: BTreeMap<String, String> = BTreeMap::new();
+    for line in String::from_utf8_lossy(stdout).lines() {
+        let (tag, rest) = line
+            .strip_prefix('[')
+            .and_then(|l| l.split_once("] "))
+            .expect("prefixed line");
+        text.entry(tag.trim().to_string())
+            .or_default()
+            .push_str(rest);
+    }
+    text.into_iter()
+        .map(|(k, v)| (k, serde_json::from_str(&v).expect("json")))
+        .collect()
+}
+
+#[test]
+fn a_ps_job_gives_every_process_its_tfjob_role() {
+    let out = launch(&[
+        "--ps",
+        "2",
+        "--workers",
+        "3",
+        "--chief",
+        "--no-log-files",
+        "--",
+        TANDEM,
+        "info",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let specs = specs_by_process(&out.stdout);
+    let names: Vec<&str> = specs.keys().map(String::as_str).collect();
+    assert_eq!(names, ["chief 0", "ps 0", "ps 1", "worker 0", "worker 1"]);
+    let mut ranks: Vec<u64> = specs
+        .values()
+        .map(|v| v["rank"].as_u64().unwrap())
+        .collect();
+    ranks.sort_unstable();
+    assert_eq!(ranks, [0, 1, 2, 3, 4]);
+    for (name, v) in &specs {
+        assert_eq!(v["source"], "tf_config", "{name}");
+        assert_eq!(v["world_size"], 5);
+        let (role, index) = name.split_once(' ').unwrap();
+        assert_eq!(v["role"], role);
+        assert_eq!(v["index"].to_string(), index);
+    }
+    // Every process sees the same servers.
+    let ps: Vec<&serde_json::Value> = specs.values().map(|v| &v["peers"]["ps"]).collect();
+    assert!(ps.windows(2).all(|w| w[0] == w[1]));
+}
+
+#[test]
+fn an_allreduce_job_gets_torchrun_variables_and_log_files() {
+    let dir = std::env::temp_dir().join(format!("tandem-launch-logs-{}", std::process::id()));
+    let out = launch(&[
+        "--nproc",
+        "3",
+        "--log-dir",
+        dir.to_str().unwrap(),
+        "--",
+        TANDEM,
+        "info",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let specs = specs_by_process(&out.stdout);
+    for r in 0..3 {
+        let v = &specs[&format!("worker {r}")];
+        assert_eq!(v["source"], "torchrun");
+        assert_eq!(v["rank"], r);
+        assert_eq!(v["local_rank"], r);
+    }
+    let job = std::fs::read_dir(&dir)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    for r in 0..3 {
+        let log = std::fs::read_to_string(job.join(format!("worker-{r}.log"))).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&log).unwrap();
+        assert_eq!(v["rank"], r, "the log file holds that rank's own output");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_failed_worker_stops_the_job_with_its_exit_code() {
+    let out = launch(&[
+        "--nproc",
+        "3",
+        "--no-log-files",
+        "--",
+        "sh",
+        "-c",
+        "[ $RANK = 2 ] && exit 7; sleep 60",
+    ]);
+    assert_eq!(out.status.code(), Some(7));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("worker 2 (rank 2) exited with code 7; stopped 2 other processes"),
+        "{err}"
+    );
+}
+
+#[test]
+fn on_failure_restarts_up_to_the_limit() {
+    // Each start appends a line; worker 1 always fails, so it runs 1 + 2 times.
+    let dir = std::env::temp_dir().join(format!("tandem-launch-restarts-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let script = format!(
+        "echo start >> {}/starts-$RANK; [ $RANK = 1 ] && exit 5; exit 0",
+        dir.display()
+    );
+    let out = launch(&[
+        "--nproc",
+        "2",
+        "--no-log-files",
+        "--restart",
+        "on-failure",
+        "--max-restarts",
+        "2",
+        "--",
+        "sh",
+        "-c",
+        &script,
+    ]);
+    assert_eq!(out.status.code(), Some(5));
+    let starts = |r: usize| {
+        std::fs::read_to_string(dir.join(format!("starts-{r}")))
+            .unwrap()
+            .lines()
+            .count()
+    };
+    assert_eq!((starts(0), starts(1)), (1, 3));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("after 2 restarts"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+fn alive(pid: i32) -> bool {
+    // A zombie would still have a /proc entry; its state letter is Z.
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| !s.contains(") Z"))
+        .unwrap_or(false)
+}
+
+#[test]
+fn ctrl_c_stops_every_child_and_grandchild() {
+    let dir = std::env::temp_dir().join(format!("tandem-launch-int-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    // Each rank starts a grandchild in the background and records both pids.
+    let script = format!(
+        "sleep 300 & echo $$ $! > {}/pids-$RANK.tmp && mv {0}/pids-$RANK.tmp {0}/pids-$RANK; wait",
+        dir.display()
+    );
+    let child = Command::new(TANDEM)
+        .args([
+            "launch",
+            "--nproc",
+            "2",
+            "--no-log-files",
+            "--",
+            "sh",
+            "-c",
+            &script,
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let end = Instant::now() + Duration::from_secs(30);
+    while (0..2).any(|r| !dir.join(format!("pids-{r}")).exists()) {
+        assert!(Instant::now() < end, "the ranks never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let pids: Vec<i32> = (0..2)
+        .flat_map(|r| {
+            std::fs::read_to_string(dir.join(format!("pids-{r}")))
+                .unwrap()
+                .split_whitespace()
+                .map(|p| p.parse().unwrap())
+                .collect::<Vec<i32>>()
+        })
+        .collect();
+    assert!(pids.iter().all(|&p| alive(p)));
+    let launcher = nix::unistd::Pid::from_raw(child.id() as i32);
+    nix::sys::signal::kill(launcher, nix::sys::signal::Signal::SIGINT).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(130));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("interrupted"));
+    for p in pids {
+        assert!(!alive(p), "process {p} outlived the launcher");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}

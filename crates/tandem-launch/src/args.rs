@@ -1,0 +1,190 @@
+//! The command line of `tandem launch` (shared by the `tandem` binary and `python -m tandem.launch`).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, ValueEnum};
+use tandem_core::{Error, Result};
+
+use crate::plan::{JobSpec, Layout, Restart};
+
+/// When failed processes are restarted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum RestartArg {
+    /// A failure ends the job.
+    Never,
+    /// Restart a failed process up to `--max-restarts` times.
+    OnFailure,
+}
+
+/// Arguments of `tandem launch`.
+///
+/// ```
+/// use clap::Parser;
+/// #[derive(Parser)]
+/// struct Cli { #[command(flatten)] launch: tandem_launch::LaunchArgs }
+/// let cli = Cli::parse_from(["launch", "--ps", "2", "--workers", "4", "--", "python", "train.py"]);
+/// let spec = cli.launch.to_spec().unwrap();
+/// assert_eq!(spec.command, ["python", "train.py"]);
+/// ```
+#[derive(Args, Debug, Clone)]
+pub struct LaunchArgs {
+    /// Start N ranks of an allreduce job (RANK, WORLD_SIZE, MASTER_ADDR/PORT as a PyTorchJob sets them).
+    #[arg(long, conflicts_with_all = ["ps", "workers", "chief"])]
+    pub nproc: Option<usize>,
+    /// Start P parameter servers (a TFJob's PS replicas; every process gets a TF_CONFIG).
+    #[arg(long, requires = "workers")]
+    pub ps: Option<usize>,
+    /// Start W workers of a parameter-server job.
+    #[arg(long, requires = "ps")]
+    pub workers: Option<usize>,
+    /// Make worker 0 a separate `chief` replica, as a TFJob with a Chief does.
+    #[arg(long)]
+    pub chief: bool,
+    /// Command the parameter servers run instead of CMD (split on spaces), e.g. "tandem ps".
+    #[arg(long, value_name = "CMD")]
+    pub ps_cmd: Option<String>,
+    /// Folder under which each job writes one log file per process.
+    #[arg(long, default_value = "tandem-logs")]
+    pub log_dir: PathBuf,
+    /// Write no log files.
+    #[arg(long)]
+    pub no_log_files: bool,
+    /// Do not prefix output lines with the process's role and index.
+    #[arg(long)]
+    pub no_prefix: bool,
+    /// Restart policy for failed processes.
+    #[arg(long, value_enum, default_value_t = RestartArg::Never)]
+    pub restart: RestartArg,
+    /// Restarts allowed per process with `--restart on-failure`.
+    #[arg(long, default_value_t = 3)]
+    pub max_restarts: u32,
+    /// Stop the job after this many seconds.
+    #[arg(long, value_name = "SECONDS")]
+    pub timeout: Option<u64>,
+    /// Extra variable for every process (repeatable).
+    #[arg(long = "env", value_name = "KEY=VALUE")]
+    pub env: Vec<String>,
+    /// The program every training process runs, and its arguments.
+    #[arg(last = true, required = true, value_name = "CMD")]
+    pub command: Vec<String>,
+}
+
+impl LaunchArgs {
+    /// The job these arguments describe.
+    pub fn to_spec(&self) -> Result<JobSpec> {
+        let layout = match (self.nproc, self.ps, self.workers) {
+            (Some(nproc), None, None) => Layout::Allreduce { nproc },
+            (None, Some(ps), Some(workers)) => Layout::Ps {
+                ps,
+                workers,
+                chief: self.chief,
+            },
+            _ => {
+                return Err(Error::invalid(
+                    "tandem launch",
+                    "give either --nproc N (allreduce job) or --ps P --workers W (parameter-server job)",
+                ));
+            }
+        };
+        let mut spec = JobSpec::new(layout, self.command.clone());
+        spec.ps_command = self
+            .ps_cmd
+            .as_ref()
+            .map(|c| c.split_whitespace().map(str::to_string).collect());
+        spec.log_dir = (!self.no_log_files).then(|| self.log_dir.clone());
+        spec.prefix = !self.no_prefix;
+        spec.restart = match self.restart {
+            RestartArg::Never => Restart::Never,
+            RestartArg::OnFailure => Restart::OnFailure {
+                max: self.max_restarts,
+            },
+        };
+        for kv in &self.env {
+            let (k, v) = kv
+                .split_once('=')
+                .filter(|(k, _)| !k.is_empty())
+                .ok_or_else(|| Error::invalid("--env", format!("{kv:?} is not KEY=VALUE")))?;
+            spec.env.push((k.to_string(), v.to_string()));
+        }
+        spec.validate()?;
+        Ok(spec)
+    }
+
+    /// The job's deadline, if one was given.
+    pub fn deadline(&self) -> Option<Duration> {
+        self.timeout.map(Duration::from_secs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        launch: LaunchArgs,
+    }
+
+    fn parse(args: &[&str]) -> std::result::Result<Result<JobSpec>, clap::Error> {
+        Cli::try_parse_from(std::iter::once("launch").chain(args.iter().copied()))
+            .map(|c| c.launch.to_spec())
+    }
+
+    #[test]
+    fn both_shapes_parse() {
+        let s = parse(&["--nproc", "4", "--", "python", "t.py", "--lr", "0.1"])
+            .unwrap()
+            .unwrap();
+        assert_eq!(s.layout, Layout::Allreduce { nproc: 4 });
+        assert_eq!(s.command, ["python", "t.py", "--lr", "0.1"]);
+        let s = parse(&[
+            "--ps",
+            "2",
+            "--workers",
+            "3",
+            "--chief",
+            "--ps-cmd",
+            "tandem ps --log-every 5",
+            "--restart",
+            "on-failure",
+            "--max-restarts",
+            "2",
+            "--env",
+            "A=b=c",
+            "--",
+            "x",
+        ])
+        .unwrap()
+        .unwrap();
+        assert_eq!(
+            s.layout,
+            Layout::Ps {
+                ps: 2,
+                workers: 3,
+                chief: true
+            }
+        );
+        assert_eq!(s.ps_command.unwrap(), ["tandem", "ps", "--log-every", "5"]);
+        assert_eq!(s.restart, Restart::OnFailure { max: 2 });
+        assert_eq!(s.env, [("A".to_string(), "b=c".to_string())]);
+    }
+
+    #[test]
+    fn bad_command_lines_are_refused() {
+        assert!(parse(&["--nproc", "2"]).is_err(), "no command");
+        assert!(parse(&["--nproc", "2", "--ps", "1", "--", "x"]).is_err());
+        assert!(
+            parse(&["--ps", "1", "--", "x"]).is_err(),
+            "--ps needs --workers"
+        );
+        let e = parse(&["--", "x"]).unwrap().unwrap_err();
+        assert!(e.to_string().contains("--nproc"));
+        let e = parse(&["--nproc", "2", "--env", "novalue", "--", "x"])
+            .unwrap()
+            .unwrap_err();
+        assert!(e.to_string().contains("--env"));
+    }
+}

@@ -1,0 +1,421 @@
+//! Starting the planned processes and watching them until the job ends.
+
+use std::fs::File;
+use std::io::{BufRead, BufReader, IsTerminal, Write};
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+use tandem_core::{Error, Result};
+use tandem_rendezvous::{Host, JobToken, ServerConfig, TOKEN_VAR};
+
+use crate::plan::{JobSpec, Layout, Planned, Restart, plan};
+
+/// How long stopped processes get between SIGTERM and SIGKILL.
+const GRACE: Duration = Duration::from_secs(5);
+/// How long servers get to exit by themselves once every worker is done.
+const SERVER_GRACE: Duration = Duration::from_secs(30);
+/// How often the children are polled.
+const POLL: Duration = Duration::from_millis(20);
+
+/// How a job ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    /// The exit code `launch` should end with: 0, the failed process's code, or 130 when interrupted.
+    pub code: i32,
+    /// One line saying who failed and why (or that every process succeeded).
+    pub summary: String,
+    /// The folder of per-process logs, when there is one.
+    pub log_dir: Option<PathBuf>,
+}
+
+struct Proc {
+    plan: Planned,
+    child: Option<Child>,
+    restarts: u32,
+    exit: Option<ExitStatus>,
+    log: Option<Arc<Mutex<File>>>,
+    /// Process group of the latest start (its leader's pid), kept after the leader exits.
+    pgid: Option<i32>,
+    forwarders: Vec<JoinHandle<()>>,
+}
+
+/// Runs the job to its end. `interrupted` is polled while it runs (Ctrl-C in the caller): when it
+/// returns true every process is stopped and the outcome has code 130. `deadline` bounds the whole
+/// job (processes still running then are stopped).
+pub fn run(
+    spec: &JobSpec,
+    deadline: Option<Duration>,
+    interrupted: &dyn Fn() -> bool,
+) -> Result<Outcome> {
+    spec.validate()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("tandem-launch")
+        .enable_all()
+        .build()
+        .map_err(|e| Error::io("starting the launcher's runtime", e))?;
+    let token = JobToken::generate();
+    let host = rt.block_on(Host::bind(
+        &format!("{}:0", spec.host),
+        ServerConfig::new(token.clone()),
+    ))?;
+    let ports = reserve_ports(spec)?;
+    let planned = plan(spec, &host.addr().to_string(), &ports)?;
+    let log_dir = match &spec.log_dir {
+        Some(base) => {
+            let stamp = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0);
+            let dir = base.join(format!("job-{stamp}-{}", std::process::id()));
+            std::fs::create_dir_all(&dir)
+                .map_err(|e| Error::io(format!("creating the log folder {}", dir.display()), e))?;
+            Some(dir)
+        }
+        None => None,
+    };
+    let colour = std::io::stdout().is_terminal();
+    let width = planned.iter().map(|p| p.name().len()).max().unwrap_or(0);
+    let mut procs = Vec::with_capacity(planned.len());
+    for p in planned {
+        let log = match &log_dir {
+            Some(dir) => {
+                let path = dir.join(format!("{}-{}.log", p.role, p.index));
+                let f = File::create(&path)
+                    .map_err(|e| Error::io(format!("creating {}", path.display()), e))?;
+                Some(Arc::new(Mutex::new(f)))
+            }
+            None => None,
+        };
+        procs.push(Proc {
+            plan: p,
+            child: None,
+            restarts: 0,
+            exit: None,
+            log,
+            pgid: None,
+            forwarders: Vec::new(),
+        });
+    }
+    let style = Style {
+        colour,
+        width,
+        prefix: spec.prefix,
+    };
+    for i in 0..procs.len() {
+        if let Err(e) = start(&mut procs[i], &token, &style) {
+            stop_all(&mut procs);
+            let _ = rt.block_on(host.stop());
+            return Err(e);
+        }
+    }
+    let outcome = supervise(spec, &mut procs, &token, &style, deadline, interrupted);
+    stop_all(&mut procs);
+    for p in &mut procs {
+        join_forwarders(p);
+    }
+    let _ = rt.block_on(host.stop());
+    Ok(Outcome { log_dir, ..outcome })
+}
+
+/// Picks one free loopback port per process for the addresses a `TF_CONFIG` lists.
+fn reserve_ports(spec: &JobSpec) -> Result<Vec<u16>> {
+    let n = match spec.layout {
+        Layout::Allreduce { .. } => 0,
+        Layout::Ps { ps, workers, .. } => ps + workers,
+    };
+    // Hold every listener until all are chosen so no port is picked twice.
+    let listeners = (0..n)
+        .map(|_| {
+            std::net::TcpListener::bind((spec.host.as_str(), 0))
+                .map_err(|e| Error::io(format!("reserving a port on {}", spec.host), e))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    listeners
+        .iter()
+        .map(|l| {
+            l.local_addr()
+                .map(|a| a.port())
+                .map_err(|e| Error::io("reading a reserved port", e))
+        })
+        .collect()
+}
+
+struct Style {
+    colour: bool,
+    width: usize,
+    prefix: bool,
+}
+
+impl Style {
+    fn tag(&self, p: &Planned) -> String {
+        if !self.prefix {
+            return String::new();
+        }
+        let name = format!("{:<w$}", p.name(), w = self.width);
+        if self.colour {
+            const COLOURS: [u8; 6] = [36, 33, 32, 35, 34, 31];
+            let c = COLOURS[p.rank % COLOURS.len()];
+            format!("\x1b[{c}m[{name}]\x1b[0m ")
+        } else {
+            format!("[{name}] ")
+        }
+    }
+}
+
+fn start(p: &mut Proc, token: &JobToken, style: &Style) -> Result<()> {
+    let mut cmd = Command::new(&p.plan.command[0]);
+    cmd.args(&p.plan.command[1..])
+        .envs(p.plan.env.iter().map(|(k, v)| (k, v)))
+        .env(TOKEN_VAR, token.as_str())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        // Its own process group, so stopping it also stops what it started.
+        .process_group(0);
+    let mut child = cmd.spawn().map_err(|e| {
+        Error::io(
+            format!("starting {} ({:?})", p.plan.name(), p.plan.command[0]),
+            e,
+        )
+    })?;
+    p.pgid = i32::try_from(child.id()).ok();
+    let tag = style.tag(&p.plan);
+    if let Some(out) = child.stdout.take() {
+        p.forwarders
+            .push(forward(out, tag.clone(), p.log.clone(), false));
+    }
+    if let Some(err) = child.stderr.take() {
+        p.forwarders.push(forward(err, tag, p.log.clone(), true));
+    }
+    p.child = Some(child);
+    p.exit = None;
+    Ok(())
+}
+
+fn forward(
+    pipe: impl std::io::Read + Send + 'static,
+    tag: String,
+    log: Option<Arc<Mutex<File>>>,
+    to_stderr: bool,
+) -> JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut reader = BufReader::new(pipe);
+        let mut line = Vec::new();
+        // Lines are bounded by the child's own writes; read_until keeps invalid UTF-8 intact.
+        while reader.read_until(b'\n', &mut line).is_ok_and(|n| n > 0) {
+            if line.last() != Some(&b'\n') {
+                line.push(b'\n');
+            }
+            if let Some(f) = &log
+                && let Ok(mut f) = f.lock()
+            {
+                let _ = f.write_all(&line);
+            }
+            let mut out: Vec<u8> = Vec::with_capacity(tag.len() + line.len());
+            out.extend_from_slice(tag.as_bytes());
+            out.extend_from_slice(&line);
+            let _ = if to_stderr {
+                std::io::stderr().lock().write_all(&out)
+            } else {
+                std::io::stdout().lock().write_all(&out)
+            };
+            line.clear();
+        }
+    })
+}
+
+fn describe(status: ExitStatus) -> (i32, String) {
+    match (status.code(), status.signal()) {
+        (Some(c), _) => (c, format!("exited with code {c}")),
+        (None, Some(s)) => {
+            let name = Signal::try_from(s)
+                .map(|s| s.as_str())
+                .unwrap_or("a signal");
+            (128 + s, format!("was killed by {name}"))
+        }
+        _ => (1, "ended for an unknown reason".into()),
+    }
+}
+
+fn supervise(
+    spec: &JobSpec,
+    procs: &mut [Proc],
+    token: &JobToken,
+    style: &Style,
+    deadline: Option<Duration>,
+    interrupted: &dyn Fn() -> bool,
+) -> Outcome {
+    let started = Instant::now();
+    let mut trainers_done_at: Option<Instant> = None;
+    let outcome = |code, summary| Outcome {
+        code,
+        summary,
+        log_dir: None,
+    };
+    loop {
+        if interrupted() {
+            let running = procs.iter().filter(|p| p.child.is_some()).count();
+            return outcome(
+                130,
+                format!("interrupted; stopped {running} running processes"),
+            );
+        }
+        if let Some(d) = deadline
+            && started.elapsed() >= d
+        {
+            let running: Vec<String> = procs
+                .iter()
+                .filter(|p| p.child.is_some())
+                .map(|p| p.plan.name())
+                .collect();
+            return outcome(
+                124,
+                format!(
+                    "the job ran past its {d:?} deadline; stopped {}",
+                    running.join(", ")
+                ),
+            );
+        }
+        for i in 0..procs.len() {
+            let Some(child) = procs[i].child.as_mut() else {
+                continue;
+            };
+            let status = match child.try_wait() {
+                Ok(Some(s)) => s,
+                Ok(None) => continue,
+                Err(e) => {
+                    return outcome(1, format!("could not watch {}: {e}", procs[i].plan.name()));
+                }
+            };
+            procs[i].child = None;
+            procs[i].exit = Some(status);
+            if status.success() {
+                continue;
+            }
+            let (code, why) = describe(status);
+            let p = &mut procs[i];
+            if let Restart::OnFailure { max } = spec.restart
+                && p.restarts < max
+            {
+                p.restarts += 1;
+                eprintln!(
+                    "tandem launch: {} {why}; restarting it ({} of {max})",
+                    p.plan.name(),
+                    p.restarts
+                );
+                join_forwarders(p);
+                if let Err(e) = start(p, token, style) {
+                    return outcome(1, format!("could not restart {}: {e}", p.plan.name()));
+                }
+                continue;
+            }
+            let others = procs.iter().filter(|q| q.child.is_some()).count();
+            let p = &procs[i];
+            let restarts = match spec.restart {
+                Restart::Never => String::new(),
+                Restart::OnFailure { .. } => format!(" after {} restarts", p.restarts),
+            };
+            return outcome(
+                code,
+                format!(
+                    "{} (rank {}) {why}{restarts}; stopped {others} other processes",
+                    p.plan.name(),
+                    p.plan.rank
+                ),
+            );
+        }
+        let trainers_running = procs.iter().any(|p| p.plan.trains() && p.child.is_some());
+        if !trainers_running {
+            let servers_running = procs.iter().any(|p| p.child.is_some());
+            if !servers_running {
+                return outcome(0, format!("all {} processes succeeded", procs.len()));
+            }
+            // Servers normally exit once every worker said it is done; give them a while.
+            let since = *trainers_done_at.get_or_insert_with(Instant::now);
+            if since.elapsed() >= SERVER_GRACE {
+                eprintln!(
+                    "tandem launch: every worker is done; stopping the servers still running after {SERVER_GRACE:?}"
+                );
+                return outcome(
+                    0,
+                    format!(
+                        "all {} workers succeeded",
+                        procs.iter().filter(|p| p.plan.trains()).count()
+                    ),
+                );
+            }
+        }
+        std::thread::sleep(POLL);
+    }
+}
+
+fn signal_group(child: &Child, signal: Signal) {
+    if let Ok(pid) = i32::try_from(child.id()) {
+        let _ = killpg(Pid::from_raw(pid), signal);
+    }
+}
+
+/// Stops every running process: SIGTERM to its process group, then SIGKILL after [`GRACE`].
+fn stop_all(procs: &mut [Proc]) {
+    for p in procs.iter() {
+        if let Some(c) = &p.child {
+            signal_group(c, Signal::SIGTERM);
+        }
+    }
+    let end = Instant::now() + GRACE;
+    loop {
+        let mut running = false;
+        for p in procs.iter_mut() {
+            if let Some(c) = p.child.as_mut() {
+                match c.try_wait() {
+                    Ok(Some(s)) => {
+                        p.exit = Some(s);
+                        p.child = None;
+                    }
+                    Ok(None) => running = true,
+                    Err(_) => p.child = None,
+                }
+            }
+        }
+        if !running {
+            break;
+        }
+        if Instant::now() >= end {
+            for p in procs.iter_mut() {
+                if let Some(mut c) = p.child.take() {
+                    signal_group(&c, Signal::SIGKILL);
+                    let _ = c.kill();
+                    p.exit = c.wait().ok();
+                }
+            }
+            break;
+        }
+        std::thread::sleep(POLL);
+    }
+    // Members of a group whose leader already exited (what a process left behind): no orphans.
+    for p in procs.iter_mut() {
+        if let Some(pgid) = p.pgid.take() {
+            let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
+        }
+    }
+}
+
+fn join_forwarders(p: &mut Proc) {
+    // Pipes close when the process group is gone; do not wait forever on a grandchild that escaped it.
+    let end = Instant::now() + Duration::from_secs(2);
+    for f in p.forwarders.drain(..) {
+        while !f.is_finished() && Instant::now() < end {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        if f.is_finished() {
+            let _ = f.join();
+        }
+    }
+}
