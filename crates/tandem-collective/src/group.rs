@@ -142,6 +142,19 @@ impl<T> Work<T> {
         })
     }
 
+    /// Waits up to `timeout`: `Some(result)` when the operation finished (the result is then taken,
+    /// and a later wait reports that), `None` when it is still running.
+    pub fn wait_timeout(&mut self, timeout: Duration) -> Option<Result<T>> {
+        match self.rx.recv_timeout(timeout) {
+            Ok(r) => Some(r),
+            Err(mpsc::RecvTimeoutError::Timeout) => None,
+            Err(mpsc::RecvTimeoutError::Disconnected) => Some(Err(Error::Unusable {
+                what: "async operation".into(),
+                reason: "its result was already taken, or its worker thread stopped".into(),
+            })),
+        }
+    }
+
     /// Whether the operation has finished (so [`Work::wait`] will not block).
     pub fn is_done(&self) -> bool {
         self.done.load(Ordering::Acquire)
@@ -161,6 +174,7 @@ struct Control {
 }
 
 struct Shared {
+    name: String,
     rank: usize,
     world: usize,
     backend: Option<Box<dyn Backend>>,
@@ -260,6 +274,7 @@ impl ProcessGroup {
         resolve(config.backend)?;
         if world == 1 {
             let shared = Shared {
+                name: config.name.clone(),
                 rank,
                 world,
                 backend: None,
@@ -403,6 +418,7 @@ impl ProcessGroup {
         );
         tracing::info!(rank, world, group = %config.name, "process group ready (tcp ring)");
         let shared = Shared {
+            name: config.name.clone(),
             rank,
             world,
             backend: Some(Box::new(ring)),
@@ -791,6 +807,40 @@ impl ProcessGroup {
                     Ok(())
                 }
             })
+        })
+    }
+
+    /// Aborts the group on every rank, e.g. when this process is interrupted: operations in flight
+    /// here and on the other ranks fail promptly with an error naming this rank and `reason`, and
+    /// the group is unusable afterwards. A world of one has nothing to abort.
+    pub fn abort(&self, reason: &str) -> Result<()> {
+        let Some(control) = &self.shared.control else {
+            return Ok(());
+        };
+        let client = control
+            .session
+            .lock()
+            .map_err(|_| poisoned_queue())?
+            .as_ref()
+            .map(|s| s.client.clone());
+        let Some(client) = client else {
+            return Ok(());
+        };
+        let key = format!("tandem/pg/{}/abort", self.shared.name);
+        let msg = format!("aborted\t{}\t{reason}", self.shared.rank);
+        control.rt.block_on(async move {
+            match tokio::time::timeout(
+                Duration::from_secs(5),
+                client.compare_and_set(&key, None, msg),
+            )
+            .await
+            {
+                Ok(r) => r.map(|_| ()),
+                Err(_) => Err(Error::timeout(
+                    "the rendezvous to record the abort",
+                    Duration::from_secs(5),
+                )),
+            }
         })
     }
 

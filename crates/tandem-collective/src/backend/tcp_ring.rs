@@ -91,6 +91,10 @@ pub fn decode_abort(msg: &str, timeout: Duration) -> Error {
             rank,
             context: text.to_string(),
         },
+        ("aborted", Ok(rank)) => Error::PeerLost {
+            rank,
+            context: format!("the group, which rank {rank} aborted: {text}"),
+        },
         ("timeout", _) => Error::timeout(text, timeout),
         ("mismatch", _) => Error::OpMismatch(text.to_string()),
         _ => Error::transport("a collective on another rank", text),

@@ -1,0 +1,132 @@
+//! Blocking work from Python: the GIL released, Ctrl-C honoured, and fork-safe runtimes.
+//!
+//! Every call that can wait on the network goes through [`collective`] or [`future`]: the GIL is
+//! released while it runs, and every 50 ms the calling (main) thread takes the GIL back briefly to
+//! let Python run its signal handlers, so Ctrl-C raises `KeyboardInterrupt` instead of hanging.
+
+use std::future::Future;
+use std::sync::mpsc::{RecvTimeoutError, sync_channel};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use pyo3::exceptions::PyRuntimeError;
+use pyo3::prelude::*;
+
+use crate::errors::to_py;
+
+/// How often a blocked call looks for pending signals.
+const SIGNAL_POLL: Duration = Duration::from_millis(50);
+
+type Owned<T> = Mutex<Option<(u32, Arc<T>)>>;
+
+static RUNTIME: Owned<tokio::runtime::Runtime> = Mutex::new(None);
+static POOL: Owned<rayon::ThreadPool> = Mutex::new(None);
+
+/// One instance per process: a child made by `fork()` builds its own (the parent's threads do not
+/// exist there) and never drops the parent's.
+fn per_process<T>(slot: &Owned<T>, make: impl FnOnce() -> PyResult<T>) -> PyResult<Arc<T>> {
+    let pid = std::process::id();
+    let mut g = slot.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((owner, v)) = g.as_ref()
+        && *owner == pid
+    {
+        return Ok(v.clone());
+    }
+    if let Some((_, stale)) = g.take() {
+        // Dropping it would join threads that do not exist in this process.
+        std::mem::forget(stale);
+    }
+    let v = Arc::new(make()?);
+    *g = Some((pid, v.clone()));
+    Ok(v)
+}
+
+/// The process's tokio runtime (parameter-server clients and servers).
+pub fn runtime() -> PyResult<Arc<tokio::runtime::Runtime>> {
+    per_process(&RUNTIME, || {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("tandem-py")
+            .enable_all()
+            .build()
+            .map_err(|e| PyRuntimeError::new_err(format!("cannot start the tokio runtime: {e}")))
+    })
+}
+
+fn pool() -> PyResult<Arc<rayon::ThreadPool>> {
+    per_process(&POOL, || {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .thread_name(|_| "tandem-py-collective".into())
+            .build()
+            .map_err(|e| PyRuntimeError::new_err(format!("cannot start the collective thread: {e}")))
+    })
+}
+
+/// Runs a blocking collective `job` on the helper thread with the GIL released, while this thread
+/// watches for signals. On a signal `on_interrupt` runs (it aborts the group so `job` ends promptly),
+/// the job is waited for (it borrows the caller's buffers), and the signal's exception is raised.
+pub fn collective<T: Send>(
+    py: Python<'_>,
+    job: impl FnOnce() -> tandem::Result<T> + Send,
+    on_interrupt: impl Fn() + Send + Sync,
+) -> PyResult<T> {
+    let pool = pool()?;
+    let outcome = py.detach(|| {
+        let (tx, rx) = sync_channel(1);
+        let mut interrupt: Option<PyErr> = None;
+        let mut result = None;
+        pool.in_place_scope(|s| {
+            s.spawn(move |_| {
+                let _ = tx.send(job());
+            });
+            loop {
+                match rx.recv_timeout(SIGNAL_POLL) {
+                    Ok(r) => {
+                        result = Some(r);
+                        break;
+                    }
+                    Err(RecvTimeoutError::Timeout) => {
+                        if interrupt.is_none()
+                            && let Err(e) = Python::attach(|py| py.check_signals())
+                        {
+                            interrupt = Some(e);
+                            on_interrupt();
+                        }
+                    }
+                    Err(RecvTimeoutError::Disconnected) => break,
+                }
+            }
+        });
+        (result, interrupt)
+    });
+    match outcome {
+        (_, Some(signal)) => Err(signal),
+        (Some(r), None) => r.map_err(to_py),
+        (None, None) => Err(PyRuntimeError::new_err(
+            "the collective thread ended without a result",
+        )),
+    }
+}
+
+/// Runs `fut` on the process's runtime with the GIL released; a signal cancels it and raises.
+pub fn future<T: Send>(
+    py: Python<'_>,
+    fut: impl Future<Output = tandem::Result<T>> + Send,
+) -> PyResult<T> {
+    let rt = runtime()?;
+    let outcome: PyResult<tandem::Result<T>> = py.detach(|| {
+        rt.block_on(async {
+            tokio::pin!(fut);
+            loop {
+                tokio::select! {
+                    r = &mut fut => return Ok(r),
+                    _ = tokio::time::sleep(SIGNAL_POLL) => {
+                        Python::attach(|py| py.check_signals())?;
+                    }
+                }
+            }
+        })
+    });
+    outcome?.map_err(to_py)
+}

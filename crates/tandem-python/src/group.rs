@@ -1,0 +1,359 @@
+//! `tandem._native.ProcessGroup`: collectives on numpy arrays.
+
+use std::time::Duration;
+
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+use tandem::cluster::{ClusterSpec, ProcessEnv};
+use tandem::rendezvous::JobToken;
+use tandem::tensor::aligned_zeroed;
+use tandem::{DType, GroupConfig, ProcessGroup, ReduceOp, TensorMut, Work};
+
+use crate::arrays::{new_array, with_bytes, with_bytes_mut};
+use crate::blocking::collective;
+use crate::errors::IntoPy;
+
+fn reduce_op(op: &str) -> PyResult<ReduceOp> {
+    op.parse::<ReduceOp>()
+        .map_err(|_| PyValueError::new_err(format!("op={op:?} is not one of sum, avg, min, max, prod")))
+}
+
+fn seconds(what: &str, s: f64) -> PyResult<Duration> {
+    Duration::try_from_secs_f64(s)
+        .ok()
+        .filter(|d| !d.is_zero())
+        .ok_or_else(|| PyValueError::new_err(format!("{what}={s} is not a positive number of seconds")))
+}
+
+/// A process group formed from the environment (TF_CONFIG, torchrun, Slurm, Open MPI, TANDEM_*).
+#[pyclass(module = "tandem._native", name = "ProcessGroup")]
+pub struct PyProcessGroup {
+    pg: Option<ProcessGroup>,
+    local_rank: usize,
+    local_world_size: usize,
+}
+
+impl PyProcessGroup {
+    fn pg(&self) -> PyResult<&ProcessGroup> {
+        self.pg.as_ref().ok_or_else(|| {
+            crate::errors::to_py(tandem::Error::Unusable {
+                what: "process group".into(),
+                reason: "it was shut down".into(),
+            })
+        })
+    }
+
+    /// Runs a blocking collective; Ctrl-C aborts the group on every rank.
+    fn run<T: Send>(
+        &self,
+        py: Python<'_>,
+        timeout: Option<f64>,
+        job: impl FnOnce(&ProcessGroup) -> tandem::Result<T> + Send,
+    ) -> PyResult<T> {
+        let base = self.pg()?;
+        let pg = match timeout {
+            Some(t) => base.with_timeout(seconds("timeout", t)?),
+            None => base.clone(),
+        };
+        let aborter = pg.clone();
+        collective(py, move || job(&pg), move || {
+            let _ = aborter.abort("interrupted by a signal (Ctrl-C)");
+        })
+    }
+}
+
+#[pymethods]
+impl PyProcessGroup {
+    /// Joins the job described by the environment; `timeout` (seconds) is every operation's default
+    /// deadline, `connect_timeout` bounds forming the group.
+    #[staticmethod]
+    #[pyo3(signature = (timeout=None, connect_timeout=None, name=None))]
+    fn from_env(
+        py: Python<'_>,
+        timeout: Option<f64>,
+        connect_timeout: Option<f64>,
+        name: Option<String>,
+    ) -> PyResult<PyProcessGroup> {
+        let spec = ClusterSpec::from_env().py_err()?;
+        let token = JobToken::from_env().py_err()?;
+        let mut config = GroupConfig::from_vars(&ProcessEnv).py_err()?;
+        if let Some(t) = timeout {
+            config.timeout = seconds("timeout", t)?;
+        }
+        if let Some(t) = connect_timeout {
+            config.connect_timeout = seconds("connect_timeout", t)?;
+        }
+        if let Some(n) = name {
+            config.name = n;
+        }
+        let (local_rank, local_world_size) = (spec.local_rank(), spec.local_world_size());
+        let pg = collective(
+            py,
+            move || ProcessGroup::init(&spec, token.as_ref(), config),
+            || {},
+        )?;
+        Ok(PyProcessGroup {
+            pg: Some(pg),
+            local_rank,
+            local_world_size,
+        })
+    }
+
+    /// This process's rank.
+    #[getter]
+    fn rank(&self) -> PyResult<usize> {
+        Ok(self.pg()?.rank())
+    }
+    /// Number of ranks.
+    #[getter]
+    fn world_size(&self) -> PyResult<usize> {
+        Ok(self.pg()?.world_size())
+    }
+    /// Rank on this machine.
+    #[getter]
+    fn local_rank(&self) -> usize {
+        self.local_rank
+    }
+    /// Ranks on this machine.
+    #[getter]
+    fn local_world_size(&self) -> usize {
+        self.local_world_size
+    }
+    /// The backend in use (`tcp`, or `local` for a world of one).
+    #[getter]
+    fn backend(&self) -> PyResult<&'static str> {
+        Ok(self.pg()?.backend_name())
+    }
+
+    /// In-place allreduce.
+    #[pyo3(signature = (array, op="sum", timeout=None))]
+    fn allreduce(&self, py: Python<'_>, array: &Bound<'_, PyAny>, op: &str, timeout: Option<f64>) -> PyResult<()> {
+        let op = reduce_op(op)?;
+        with_bytes_mut(array, "array", |buf, dtype, _| {
+            self.run(py, timeout, move |pg| pg.allreduce_bytes(buf, dtype, op))
+        })
+    }
+
+    /// In-place broadcast from `root`.
+    #[pyo3(signature = (array, root=0, timeout=None))]
+    fn broadcast(&self, py: Python<'_>, array: &Bound<'_, PyAny>, root: usize, timeout: Option<f64>) -> PyResult<()> {
+        with_bytes_mut(array, "array", |buf, dtype, _| {
+            self.run(py, timeout, move |pg| pg.broadcast_bytes(buf, dtype, root))
+        })
+    }
+
+    /// In-place reduce into `root`'s array (other ranks' arrays are used as scratch).
+    #[pyo3(signature = (array, op="sum", root=0, timeout=None))]
+    fn reduce(&self, py: Python<'_>, array: &Bound<'_, PyAny>, op: &str, root: usize, timeout: Option<f64>) -> PyResult<()> {
+        let op = reduce_op(op)?;
+        with_bytes_mut(array, "array", |buf, dtype, _| {
+            self.run(py, timeout, move |pg| pg.reduce_bytes(buf, dtype, op, root))
+        })
+    }
+
+    /// Every rank's array, stacked: shape `[world_size, *array.shape]`.
+    #[pyo3(signature = (array, timeout=None))]
+    fn allgather<'py>(&self, py: Python<'py>, array: &Bound<'py, PyAny>, timeout: Option<f64>) -> PyResult<Bound<'py, PyAny>> {
+        let world = self.pg()?.world_size();
+        let (dtype, shape, out) = with_bytes(array, "array", |input, dtype, shape| {
+            let mut out = aligned_zeroed(input.len() * world);
+            self.run(py, timeout, |pg| pg.allgather_bytes(input, &mut out, dtype))?;
+            Ok((dtype, shape.to_vec(), out))
+        })?;
+        let mut full = vec![world];
+        full.extend_from_slice(&shape);
+        new_array(py, dtype, &full, &out)
+    }
+
+    /// Reduces every rank's array and returns this rank's part: rank r gets the r-th of
+    /// `world_size` nearly equal runs of the flattened array (the first `n % world_size` one element
+    /// longer). When the first dimension divides evenly the part keeps the other dimensions.
+    #[pyo3(signature = (array, op="sum", timeout=None))]
+    fn reduce_scatter<'py>(&self, py: Python<'py>, array: &Bound<'py, PyAny>, op: &str, timeout: Option<f64>) -> PyResult<Bound<'py, PyAny>> {
+        let op = reduce_op(op)?;
+        let world = self.pg()?.world_size();
+        let (dtype, shape, buf, range) = with_bytes(array, "array", |input, dtype, shape| {
+            let mut buf = aligned_zeroed(input.len());
+            buf.copy_from_slice(input);
+            let range = self.run(py, timeout, |pg| pg.reduce_scatter_bytes(&mut buf, dtype, op))?;
+            Ok((dtype, shape.to_vec(), buf, range))
+        })?;
+        let part = &buf[range.start * dtype.size()..range.end * dtype.size()];
+        let out_shape = match shape.split_first() {
+            Some((&d0, rest)) if d0 % world == 0 && !rest.is_empty() => {
+                let mut s = vec![d0 / world];
+                s.extend_from_slice(rest);
+                s
+            }
+            _ => vec![range.len()],
+        };
+        new_array(py, dtype, &out_shape, part)
+    }
+
+    /// Waits until every rank reached the barrier.
+    #[pyo3(signature = (timeout=None))]
+    fn barrier(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<()> {
+        self.run(py, timeout, |pg| pg.barrier())
+    }
+
+    /// Sends the array to rank `dst` (which calls `recv` with an array of the same shape and dtype).
+    #[pyo3(signature = (array, dst, timeout=None))]
+    fn send(&self, py: Python<'_>, array: &Bound<'_, PyAny>, dst: usize, timeout: Option<f64>) -> PyResult<()> {
+        with_bytes(array, "array", |buf, dtype, _| {
+            self.run(py, timeout, move |pg| pg.send_bytes(buf, dtype, dst))
+        })
+    }
+
+    /// Receives into the array from rank `src`.
+    #[pyo3(signature = (array, src, timeout=None))]
+    fn recv(&self, py: Python<'_>, array: &Bound<'_, PyAny>, src: usize, timeout: Option<f64>) -> PyResult<()> {
+        with_bytes_mut(array, "array", |buf, dtype, _| {
+            self.run(py, timeout, move |pg| pg.recv_bytes(buf, dtype, src))
+        })
+    }
+
+    /// Starts an allreduce in the background; `wait()` writes the result into `array`. The array
+    /// is staged through one copy, so it may be read (not written) meanwhile.
+    #[pyo3(signature = (array, op="sum"))]
+    fn allreduce_async(&self, array: &Bound<'_, PyAny>, op: &str) -> PyResult<PyWork> {
+        let op = reduce_op(op)?;
+        let t = staged(array)?;
+        let work = self.pg()?.allreduce_async(t, op);
+        Ok(PyWork::new(work, Some(array.clone().unbind()), None))
+    }
+
+    /// Starts a broadcast from `root` in the background; `wait()` writes the result into `array`.
+    #[pyo3(signature = (array, root=0))]
+    fn broadcast_async(&self, array: &Bound<'_, PyAny>, root: usize) -> PyResult<PyWork> {
+        let t = staged(array)?;
+        let work = self.pg()?.broadcast_async(t, root);
+        Ok(PyWork::new(work, Some(array.clone().unbind()), None))
+    }
+
+    /// Starts an allgather in the background; `wait()` returns the stacked array.
+    fn allgather_async(&self, array: &Bound<'_, PyAny>) -> PyResult<PyWork> {
+        let t = staged(array)?.freeze();
+        let work = self.pg()?.allgather_async(t);
+        Ok(PyWork::new(work, None, None))
+    }
+
+    /// Starts a barrier in the background.
+    fn barrier_async(&self) -> PyResult<PyWork> {
+        let work = self.pg()?.barrier_async();
+        Ok(PyWork::new_unit(work))
+    }
+
+    /// Fails every rank's current and later operations, naming this rank and `reason`.
+    fn abort(&self, py: Python<'_>, reason: &str) -> PyResult<()> {
+        let pg = self.pg()?.clone();
+        let reason = reason.to_string();
+        py.detach(move || pg.abort(&reason)).py_err()
+    }
+
+    /// Leaves the group (waits for queued operations first). Later calls raise `UnusableError`.
+    fn shutdown(&mut self, py: Python<'_>) -> PyResult<()> {
+        match self.pg.take() {
+            Some(pg) => collective(py, move || pg.shutdown(), || {}),
+            None => Ok(()),
+        }
+    }
+}
+
+/// A copy of the array in a Tandem tensor, for operations that outlive the call.
+fn staged(array: &Bound<'_, PyAny>) -> PyResult<TensorMut> {
+    with_bytes(array, "array", |bytes, dtype, shape| {
+        let mut t = TensorMut::zeros(dtype, shape).py_err()?;
+        t.bytes_mut().copy_from_slice(bytes);
+        Ok(t)
+    })
+}
+
+enum Pending {
+    Tensor(Work<TensorMut>),
+    Unit(Work<()>),
+}
+
+/// The handle of a background operation.
+#[pyclass(module = "tandem._native", name = "Work")]
+pub struct PyWork {
+    pending: std::sync::Mutex<Option<Pending>>,
+    into: Option<Py<PyAny>>,
+    result: Option<Py<PyAny>>,
+}
+
+impl PyWork {
+    fn new(work: Work<TensorMut>, into: Option<Py<PyAny>>, result: Option<Py<PyAny>>) -> Self {
+        PyWork {
+            pending: std::sync::Mutex::new(Some(Pending::Tensor(work))),
+            into,
+            result,
+        }
+    }
+    fn new_unit(work: Work<()>) -> Self {
+        PyWork {
+            pending: std::sync::Mutex::new(Some(Pending::Unit(work))),
+            into: None,
+            result: None,
+        }
+    }
+}
+
+#[pymethods]
+impl PyWork {
+    /// Whether the operation finished (so `wait()` returns at once).
+    fn is_done(&self) -> bool {
+        let pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        match &*pending {
+            Some(Pending::Tensor(w)) => w.is_done(),
+            Some(Pending::Unit(w)) => w.is_done(),
+            None => true,
+        }
+    }
+
+    /// Waits for the operation and returns its result (the array, or `None` for a barrier).
+    /// Raises the operation's error; Ctrl-C raises `KeyboardInterrupt` and leaves it pending.
+    fn wait(&mut self, py: Python<'_>) -> PyResult<Option<Py<PyAny>>> {
+        let poll = Duration::from_millis(50);
+        loop {
+            let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+            let done: Option<tandem::Result<Option<TensorMut>>> = match pending.as_mut() {
+                None if self.result.is_none() && self.into.is_none() => {
+                    return Ok(None);
+                }
+                None => return Ok(self.result.as_ref().map(|r| r.clone_ref(py))),
+                Some(Pending::Tensor(w)) => py
+                    .detach(|| w.wait_timeout(poll))
+                    .map(|r| r.map(Some)),
+                Some(Pending::Unit(w)) => py.detach(|| w.wait_timeout(poll)).map(|r| r.map(|()| None)),
+            };
+            if done.is_some() {
+                *pending = None;
+            }
+            drop(pending);
+            match done {
+                None => py.check_signals()?,
+                Some(r) => {
+                    let tensor = r.py_err()?;
+                    let out = match (tensor, self.into.take()) {
+                        (Some(mut t), Some(into)) => {
+                            let bound = into.bind(py);
+                            with_bytes_mut(bound, "array", |buf, _, _| {
+                                buf.copy_from_slice(t.bytes_mut());
+                                Ok(())
+                            })?;
+                            Some(into)
+                        }
+                        (Some(mut t), None) => {
+                            let shape = t.shape().to_vec();
+                            let dtype: DType = t.dtype();
+                            Some(new_array(py, dtype, &shape, t.bytes_mut())?.unbind())
+                        }
+                        (None, _) => None,
+                    };
+                    self.result = out.as_ref().map(|o| o.clone_ref(py));
+                    return Ok(out);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,46 @@
+//! The native half of Tandem's Python package (`tandem._native`): process groups and collectives on
+//! numpy arrays, the parameter-server client and server, and the launcher. The Python package in
+//! `python/tandem` wraps it; users import `tandem`, not this module.
+//!
+//! Every blocking call releases the GIL and raises `KeyboardInterrupt` on Ctrl-C; runtimes are
+//! rebuilt in a child after `fork()`.
+
+mod arrays;
+mod blocking;
+mod errors;
+mod group;
+mod launch;
+mod ps;
+
+use pyo3::prelude::*;
+
+/// The cluster spec resolved from the environment, as JSON (what `tandem info --json` prints).
+#[pyfunction]
+fn cluster_spec() -> PyResult<String> {
+    let spec = tandem::cluster::ClusterSpec::from_env().map_err(errors::to_py)?;
+    serde_json::to_string(&spec).map_err(|e| pyo3::exceptions::PyValueError::new_err(e.to_string()))
+}
+
+/// Sends Tandem's `tracing` logs to stderr, filtered by `TANDEM_LOG` (default `warn`). Idempotent.
+#[pyfunction]
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("TANDEM_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+#[pymodule]
+fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add_class::<group::PyProcessGroup>()?;
+    m.add_class::<group::PyWork>()?;
+    m.add_class::<ps::PsClient>()?;
+    m.add_function(wrap_pyfunction!(ps::serve_ps, m)?)?;
+    m.add_function(wrap_pyfunction!(launch::launch_main, m)?)?;
+    m.add_function(wrap_pyfunction!(cluster_spec, m)?)?;
+    m.add_function(wrap_pyfunction!(init_logging, m)?)?;
+    Ok(())
+}

@@ -1,0 +1,263 @@
+//! `tandem._native.PsClient` and `serve_ps`: the parameter server from Python.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use numpy::{PyArray1, PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn, PyUntypedArrayMethods};
+use pyo3::exceptions::{PyTypeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyList};
+use tandem::ps::client::{Client, TrainingMode};
+use tandem::ps::init::Init;
+use tandem::ps::optimizer::Optimizer;
+use tandem::ps::placement::{ParamDecl, place};
+use tandem::ps::server::{CheckpointPolicy, Server, ServerConfig};
+use tandem::rendezvous::JobToken;
+
+use crate::blocking::future;
+use crate::errors::IntoPy;
+
+/// One declared parameter as Python passes it: (name, shape, init, a, b, seed).
+type Decl = (String, Vec<usize>, String, f64, f64, u64);
+
+fn token_from(token: Option<String>) -> PyResult<JobToken> {
+    match token {
+        Some(t) => JobToken::new(t).py_err(),
+        None => JobToken::from_env().py_err()?.ok_or_else(|| {
+            crate::errors::to_py(tandem::Error::config(
+                tandem::rendezvous::TOKEN_VAR,
+                "is not set; pass token= or start the job with tandem launch",
+            ))
+        }),
+    }
+}
+
+fn f32_array<'py>(name: &str, a: &Bound<'py, PyAny>) -> PyResult<PyReadonlyArrayDyn<'py, f32>> {
+    let arr = a.cast::<PyArrayDyn<f32>>().map_err(|_| {
+        PyTypeError::new_err(format!(
+            "gradient {name:?} must be a float32 numpy.ndarray (got {})",
+            a.get_type().name().map(|n| n.to_string()).unwrap_or_default()
+        ))
+    })?;
+    if !arr.is_c_contiguous() {
+        return Err(PyValueError::new_err(format!(
+            "gradient {name:?} is not C-contiguous; pass numpy.ascontiguousarray(...)"
+        )));
+    }
+    arr.try_readonly()
+        .map_err(|e| PyValueError::new_err(format!("gradient {name:?}: {e}")))
+}
+
+/// A worker's connection to every parameter server of a job.
+#[pyclass(module = "tandem._native", name = "PsClient")]
+pub struct PsClient {
+    client: Client,
+    shapes: Vec<(String, Vec<usize>)>,
+    sync: bool,
+}
+
+#[pymethods]
+impl PsClient {
+    /// Connects to `servers` and declares `params`; see `tandem.ps.Client` for the arguments.
+    #[new]
+    #[pyo3(signature = (servers, params, *, worker, workers, optimizer="sgd", lr=0.01, momentum=0.9,
+        beta1=0.9, beta2=0.999, eps=None, weight_decay=0.0, clip_norm=0.0, decay_rate=1.0, decay_steps=0,
+        mode="sync", staleness=None, replicas_to_aggregate=None, reject_non_finite=true, token=None,
+        timeout=60.0, min_partition_bytes=1048576))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        py: Python<'_>,
+        servers: Vec<String>,
+        params: Vec<Decl>,
+        worker: u32,
+        workers: u32,
+        optimizer: &str,
+        lr: f32,
+        momentum: f32,
+        beta1: f32,
+        beta2: f32,
+        eps: Option<f32>,
+        weight_decay: f32,
+        clip_norm: f32,
+        decay_rate: f32,
+        decay_steps: u64,
+        mode: &str,
+        staleness: Option<u32>,
+        replicas_to_aggregate: Option<u32>,
+        reject_non_finite: bool,
+        token: Option<String>,
+        timeout: f64,
+        min_partition_bytes: usize,
+    ) -> PyResult<PsClient> {
+        let token = token_from(token)?;
+        let kind = Optimizer::kind_from_name(optimizer).py_err()?;
+        let mut opt = Optimizer::sgd(lr);
+        opt.kind = kind;
+        if kind == tandem::ps::optimizer::Kind::Adagrad {
+            opt.eps = 1e-10;
+        }
+        opt.momentum = momentum;
+        opt.beta1 = beta1;
+        opt.beta2 = beta2;
+        if let Some(e) = eps {
+            opt.eps = e;
+        }
+        opt.weight_decay = weight_decay;
+        opt.clip_norm = clip_norm;
+        opt.decay_rate = decay_rate;
+        opt.decay_steps = decay_steps;
+        let mut training = match mode {
+            "sync" => TrainingMode::sync(workers),
+            "async" => TrainingMode::asynchronous(workers, staleness),
+            other => {
+                return Err(PyValueError::new_err(format!(
+                    "mode={other:?} is not \"sync\" or \"async\""
+                )));
+            }
+        };
+        if let Some(k) = replicas_to_aggregate {
+            training.replicas_to_aggregate = k;
+        }
+        training.reject_non_finite = reject_non_finite;
+        let decls = params
+            .iter()
+            .map(|(name, shape, init, a, b, seed)| {
+                let init = Init::from_wire(init, *a, *b, *seed).py_err()?;
+                Ok(ParamDecl::new(name.clone(), shape, init))
+            })
+            .collect::<PyResult<Vec<_>>>()?;
+        let shapes = params.iter().map(|p| (p.0.clone(), p.1.clone())).collect();
+        let map = place(&decls, servers.len(), min_partition_bytes).py_err()?;
+        let deadline = Duration::try_from_secs_f64(timeout)
+            .map_err(|_| PyValueError::new_err(format!("timeout={timeout} is not a duration")))?;
+        let client = future(
+            py,
+            Client::connect(&servers, &token, worker, map, opt, training, deadline),
+        )?;
+        Ok(PsClient {
+            client,
+            shapes,
+            sync: training.sync,
+        })
+    }
+
+    /// Whether this client trains synchronously.
+    #[getter]
+    fn sync(&self) -> bool {
+        self.sync
+    }
+
+    /// Waits until every server reached `min_version` and returns `(version, {name: array})`.
+    #[pyo3(signature = (min_version=0))]
+    fn pull<'py>(&self, py: Python<'py>, min_version: u64) -> PyResult<(u64, Bound<'py, PyDict>)> {
+        let (version, mut values) = future(py, self.client.pull(min_version))?;
+        let out = PyDict::new(py);
+        for (name, shape) in &self.shapes {
+            if let Some(v) = values.remove(name) {
+                let arr = PyArray1::from_vec(py, v).reshape(shape.as_slice())?;
+                out.set_item(name, arr)?;
+            }
+        }
+        Ok((version, out))
+    }
+
+    /// Pushes gradients `{name: float32 array}` for `step`; returns `(applied, dropped, version)`.
+    fn push(&self, py: Python<'_>, step: u64, grads: &Bound<'_, PyDict>) -> PyResult<(bool, bool, u64)> {
+        let mut held = Vec::with_capacity(grads.len());
+        for (k, v) in grads.iter() {
+            let name: String = k.extract()?;
+            let arr = f32_array(&name, &v)?;
+            held.push((name, arr));
+        }
+        let slices = held
+            .iter()
+            .map(|(n, a)| Ok((n.as_str(), a.as_slice().map_err(|e| PyValueError::new_err(e.to_string()))?)))
+            .collect::<PyResult<Vec<(&str, &[f32])>>>()?;
+        let out = future(py, self.client.push(step, &slices))?;
+        Ok((out.applied, out.dropped, out.version))
+    }
+
+    /// Embedding rows `ids` of `name`, shape `(len(ids), dim)`.
+    fn pull_rows<'py>(&self, py: Python<'py>, name: &str, ids: Vec<u64>) -> PyResult<Bound<'py, PyAny>> {
+        let v = future(py, self.client.pull_rows(name, &ids))?;
+        let dim = if ids.is_empty() { 0 } else { v.len() / ids.len() };
+        Ok(PyArray1::from_vec(py, v).reshape([ids.len(), dim])?.into_any())
+    }
+
+    /// Pushes row gradients `grads` (shape `(len(ids), dim)`, float32) for rows `ids` of `name`.
+    fn push_rows(&self, py: Python<'_>, name: &str, ids: Vec<u64>, grads: &Bound<'_, PyAny>) -> PyResult<()> {
+        let arr = f32_array(name, grads)?;
+        let g = arr.as_slice().map_err(|e| PyValueError::new_err(e.to_string()))?;
+        future(py, self.client.push_rows(name, &ids, g))
+    }
+
+    /// Asks every server to write a checkpoint now; returns the version each wrote.
+    fn checkpoint(&self, py: Python<'_>) -> PyResult<Vec<u64>> {
+        future(py, self.client.checkpoint())
+    }
+
+    /// Tells the servers this worker is done (they exit once every worker is).
+    fn done(&self, py: Python<'_>) -> PyResult<()> {
+        future(py, self.client.done())
+    }
+
+    /// Each server's counters, as dicts.
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        let stats = future(py, self.client.stats())?;
+        let list = PyList::empty(py);
+        for s in stats {
+            let d = PyDict::new(py);
+            d.set_item("version", s.version)?;
+            d.set_item("applied", s.applied)?;
+            d.set_item("dropped", s.dropped)?;
+            d.set_item("rejected", s.rejected)?;
+            d.set_item("bytes_in", s.bytes_in)?;
+            d.set_item("bytes_out", s.bytes_out)?;
+            d.set_item("staleness_histogram", s.staleness_histogram)?;
+            d.set_item("worker_steps", s.worker_steps)?;
+            list.append(d)?;
+        }
+        Ok(list)
+    }
+}
+
+/// Runs a parameter server on `bind` until every worker is done (or Ctrl-C); calls `on_ready`
+/// with the bound address first.
+#[pyfunction]
+#[pyo3(signature = (bind, *, index=0, checkpoint_dir=None, checkpoint_every=0, keep_running=false, token=None, on_ready=None))]
+#[allow(clippy::too_many_arguments)]
+pub fn serve_ps(
+    py: Python<'_>,
+    bind: String,
+    index: usize,
+    checkpoint_dir: Option<PathBuf>,
+    checkpoint_every: u64,
+    keep_running: bool,
+    token: Option<String>,
+    on_ready: Option<Bound<'_, PyAny>>,
+) -> PyResult<()> {
+    let token = token_from(token)?;
+    let mut config = ServerConfig::new(token);
+    config.exit_when_done = !keep_running;
+    if let Some(dir) = checkpoint_dir {
+        config.checkpoint = Some(CheckpointPolicy {
+            dir,
+            index,
+            every: checkpoint_every,
+        });
+    }
+    let (listener, server) = future(py, async {
+        let l = tokio::net::TcpListener::bind(&bind)
+            .await
+            .map_err(|e| tandem::Error::io(format!("binding the parameter server to {bind}"), e))?;
+        let s = Server::new(config).await?;
+        Ok((l, s))
+    })?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| PyValueError::new_err(e.to_string()))?;
+    if let Some(cb) = on_ready {
+        cb.call1((addr.to_string(),))?;
+    }
+    future(py, server.run(listener, std::future::pending::<()>()))
+}

@@ -1,0 +1,130 @@
+"""Training helpers in the idiom of Horovod: broadcast the initial parameters, and average
+gradients in fused buffers (one network operation per buffer, not one per tensor)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from . import Group
+
+#: Default size of one fusion buffer (Horovod's default is 64 MiB as well).
+FUSION_BYTES = 64 << 20
+
+
+def _group(group: Optional["Group"]) -> "Group":
+    from . import group as default_group
+
+    return group if group is not None else default_group()
+
+
+def _buckets(arrays: Sequence[np.ndarray], fusion_bytes: int) -> List[List[int]]:
+    """Indices of ``arrays`` grouped by dtype, each group cut into runs of at most ``fusion_bytes``."""
+    by_dtype: Dict[np.dtype, List[int]] = {}
+    for i, a in enumerate(arrays):
+        if not isinstance(a, np.ndarray):
+            raise TypeError(f"item {i} is a {type(a).__name__}, not a numpy.ndarray")
+        by_dtype.setdefault(a.dtype, []).append(i)
+    out: List[List[int]] = []
+    for idx in by_dtype.values():
+        cur: List[int] = []
+        size = 0
+        for i in idx:
+            n = arrays[i].nbytes
+            if cur and size + n > fusion_bytes:
+                out.append(cur)
+                cur, size = [], 0
+            cur.append(i)
+            size += n
+        if cur:
+            out.append(cur)
+    return out
+
+
+def _fused(arrays: Sequence[np.ndarray], fusion_bytes: int, op: Any) -> None:
+    """Packs each bucket into one buffer, runs ``op(buffer)`` on it, and unpacks in place."""
+    for bucket in _buckets(arrays, fusion_bytes):
+        dtype = arrays[bucket[0]].dtype
+        total = sum(arrays[i].size for i in bucket)
+        buf = np.empty(total, dtype=dtype)
+        pos = 0
+        for i in bucket:
+            n = arrays[i].size
+            buf[pos : pos + n] = arrays[i].reshape(-1)
+            pos += n
+        op(buf)
+        pos = 0
+        for i in bucket:
+            a = arrays[i]
+            n = a.size
+            a[...] = buf[pos : pos + n].reshape(a.shape)
+            pos += n
+
+
+def broadcast_parameters(arrays: Sequence[np.ndarray], root: int = 0, group: Optional["Group"] = None,
+                         fusion_bytes: int = FUSION_BYTES) -> None:
+    """Overwrites every array with ``root``'s values, in fused broadcasts (call it once before
+    training so every rank starts from the same parameters)."""
+    g = _group(group)
+    _fused(arrays, fusion_bytes, lambda buf: g.broadcast(buf, root))
+
+
+def allreduce_fused(arrays: Sequence[np.ndarray], op: str = "avg", group: Optional["Group"] = None,
+                    fusion_bytes: int = FUSION_BYTES) -> None:
+    """Reduces every array over the group in place, packing them into fusion buffers of at most
+    ``fusion_bytes`` per dtype so a model with many small tensors costs a few network operations."""
+    g = _group(group)
+    _fused(arrays, fusion_bytes, lambda buf: g.allreduce(buf, op))
+
+
+class SGD:
+    """Plain (momentum) SGD on numpy arrays: ``step(params, grads)`` updates ``params`` in place."""
+
+    def __init__(self, lr: float = 0.1, momentum: float = 0.0, weight_decay: float = 0.0) -> None:
+        if lr <= 0:
+            raise ValueError(f"lr={lr} must be positive")
+        self.lr, self.momentum, self.weight_decay = lr, momentum, weight_decay
+        self._velocity: Optional[List[np.ndarray]] = None
+
+    def step(self, params: Sequence[np.ndarray], grads: Sequence[np.ndarray]) -> None:
+        if len(params) != len(grads):
+            raise ValueError(f"{len(params)} parameters but {len(grads)} gradients")
+        if self.momentum and self._velocity is None:
+            self._velocity = [np.zeros_like(p) for p in params]
+        for i, (p, g) in enumerate(zip(params, grads)):
+            if p.shape != g.shape:
+                raise ValueError(f"parameter {i} has shape {p.shape} but its gradient {g.shape}")
+            d = g + self.weight_decay * p if self.weight_decay else g
+            if self.momentum and self._velocity is not None:
+                v = self._velocity[i]
+                v *= self.momentum
+                v += d
+                d = v
+            p -= self.lr * d
+
+
+class DistributedOptimizer:
+    """Wraps an optimizer (anything with ``step(params, grads)``, e.g. :class:`SGD`) so that
+    ``step`` first averages the gradients over the group in fused allreduces, then applies them.
+
+    ::
+
+        opt = tandem.DistributedOptimizer(tandem.optim.SGD(lr=0.1))
+        tandem.broadcast_parameters(params)
+        for batch in data:
+            grads = compute_grads(params, batch)
+            opt.step(params, grads)
+    """
+
+    def __init__(self, optimizer: Any, group: Optional["Group"] = None, fusion_bytes: int = FUSION_BYTES) -> None:
+        if not callable(getattr(optimizer, "step", None)):
+            raise TypeError("the optimizer needs a step(params, grads) method")
+        self.optimizer = optimizer
+        self.group = group
+        self.fusion_bytes = fusion_bytes
+
+    def step(self, params: Sequence[np.ndarray], grads: Sequence[np.ndarray]) -> None:
+        allreduce_fused(grads, "avg", self.group, self.fusion_bytes)
+        self.optimizer.step(params, grads)

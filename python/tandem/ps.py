@@ -1,0 +1,203 @@
+"""The parameter-server client and server.
+
+Workers declare parameters, pull them, compute gradients and push them; the servers apply the
+optimizer. Inside a job started by ``tandem launch --ps P --workers W`` (or a Kubeflow TFJob) the
+servers, this worker's index and the number of workers come from ``TF_CONFIG``::
+
+    import numpy as np
+    from tandem import ps
+
+    params = [ps.param("w", (784, 10), init="normal", std=0.01, seed=1), ps.param("b", (10,))]
+    with ps.Client(params, optimizer="adam", lr=1e-3, mode="sync") as client:
+        version, p = client.pull()
+        for step in range(100):
+            grads = compute(p)                          # {name: float32 array}
+            version, p = client.push_pull(version, grads)
+
+A server process runs ``python -m tandem.ps`` (or ``tandem ps``), or calls :func:`serve`.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
+
+import numpy as np
+
+from . import _native
+from .errors import ConfigurationError
+
+__all__ = ["Param", "param", "Client", "PushResult", "serve"]
+
+
+@dataclass(frozen=True)
+class Param:
+    """A declared parameter: name, shape and initializer (identical on every run for a seed)."""
+
+    name: str
+    shape: Tuple[int, ...]
+    init: str = "zeros"
+    a: float = 0.0
+    b: float = 0.0
+    seed: int = 0
+
+    def _wire(self) -> Tuple[str, List[int], str, float, float, int]:
+        return (self.name, list(self.shape), self.init, float(self.a), float(self.b), int(self.seed))
+
+
+def param(name: str, shape: Sequence[int], init: str = "zeros", *, value: float = 0.0, low: float = -0.05,
+          high: float = 0.05, mean: float = 0.0, std: float = 0.01, seed: int = 0) -> Param:
+    """Declares a parameter. ``init`` is ``zeros``, ``constant`` (``value``), ``uniform``
+    (``low``, ``high``, ``seed``) or ``normal`` (``mean``, ``std``, ``seed``)."""
+    shape = tuple(int(d) for d in shape)
+    if init == "zeros":
+        return Param(name, shape)
+    if init == "constant":
+        return Param(name, shape, "constant", value)
+    if init == "uniform":
+        return Param(name, shape, "uniform", low, high, seed)
+    if init == "normal":
+        return Param(name, shape, "normal", mean, std, seed)
+    raise ValueError(f"init={init!r} is not zeros, constant, uniform or normal")
+
+
+class PushResult(NamedTuple):
+    """What a push did: whether every server applied it, whether one dropped it as late (sync with
+    backup workers), and the servers' lowest version afterwards."""
+
+    applied: bool
+    dropped: bool
+    version: int
+
+
+def _from_job() -> Tuple[List[str], int, int]:
+    spec = json.loads(_native.cluster_spec())
+    servers = [addr for _, addr in sorted(spec.get("peers", {}).get("ps", {}).items(), key=lambda kv: int(kv[0]))]
+    if not servers:
+        raise ConfigurationError(
+            "no parameter servers in the job's environment (TF_CONFIG lists no 'ps'); "
+            "start the job with `tandem launch --ps P --workers W` or pass servers="
+        )
+    if spec["role"] not in ("chief", "worker"):
+        raise ConfigurationError(f"this process is {spec['role']} {spec['index']}, not a worker")
+    replicas = spec.get("replicas", {})
+    chiefs = int(replicas.get("chief", 0))
+    workers = chiefs + int(replicas.get("worker", 0))
+    worker = spec["index"] if spec["role"] == "chief" else chiefs + spec["index"]
+    return servers, worker, workers
+
+
+class Client:
+    """A worker's connection to every parameter server.
+
+    ``mode`` is ``"sync"`` (each step the servers wait for ``replicas_to_aggregate`` gradients,
+    default all workers, and drop late ones) or ``"async"`` (applied on arrival; with
+    ``staleness=s`` a worker more than ``s`` steps ahead of the slowest waits). ``optimizer`` is
+    ``sgd``, ``momentum``, ``nesterov``, ``adagrad``, ``adam`` or ``adamw`` with its settings
+    (``lr``, ``momentum``, ``beta1``, ``beta2``, ``eps``, ``weight_decay``, ``clip_norm``,
+    ``decay_rate``/``decay_steps``). ``servers``, ``worker`` and ``workers`` default to the job's.
+    """
+
+    def __init__(self, params: Sequence[Param], *, optimizer: str = "sgd", lr: float = 0.01, mode: str = "sync",
+                 staleness: Optional[int] = None, replicas_to_aggregate: Optional[int] = None,
+                 servers: Optional[Sequence[str]] = None, worker: Optional[int] = None,
+                 workers: Optional[int] = None, token: Optional[str] = None, timeout: float = 60.0,
+                 min_partition_bytes: int = 1 << 20, **optimizer_settings: Any) -> None:
+        if servers is None or worker is None or workers is None:
+            s, w, n = _from_job()
+            servers = s if servers is None else servers
+            worker = w if worker is None else worker
+            workers = n if workers is None else workers
+        for p in params:
+            if not isinstance(p, Param):
+                raise TypeError(f"params must be tandem.ps.param(...) declarations, got {type(p).__name__}")
+        self.worker = worker
+        self.workers = workers
+        self._shapes = {p.name: p.shape for p in params}
+        self._native = _native.PsClient(
+            list(servers), [p._wire() for p in params], worker=worker, workers=workers, optimizer=optimizer,
+            lr=lr, mode=mode, staleness=staleness, replicas_to_aggregate=replicas_to_aggregate, token=token,
+            timeout=timeout, min_partition_bytes=min_partition_bytes, **optimizer_settings,
+        )
+
+    @property
+    def sync(self) -> bool:
+        return self._native.sync
+
+    def pull(self, min_version: int = 0) -> Tuple[int, Dict[str, np.ndarray]]:
+        """Waits until every server reached ``min_version`` (sync: the step you want the
+        parameters of) and returns ``(version, {name: array})``."""
+        return self._native.pull(min_version)
+
+    def push(self, step: int, grads: Mapping[str, np.ndarray]) -> PushResult:
+        """Pushes float32 gradients for ``step`` (sync: the version you pulled)."""
+        return PushResult(*self._native.push(step, dict(grads)))
+
+    def push_pull(self, step: int, grads: Mapping[str, np.ndarray]) -> Tuple[int, Dict[str, np.ndarray]]:
+        """Pushes the gradients of ``step`` and pulls the parameters to use next (sync: those of
+        step ``step + 1``, once it is applied)."""
+        self.push(step, grads)
+        return self.pull(step + 1 if self.sync else 0)
+
+    def pull_rows(self, name: str, ids: Any) -> np.ndarray:
+        """Rows ``ids`` of embedding table ``name``: shape ``(len(ids), dim)``."""
+        return self._native.pull_rows(name, [int(i) for i in np.asarray(ids).reshape(-1)])
+
+    def push_rows(self, name: str, ids: Any, grads: np.ndarray) -> None:
+        """Pushes gradients for rows ``ids`` of ``name`` (only those rows and their state change)."""
+        self._native.push_rows(name, [int(i) for i in np.asarray(ids).reshape(-1)], grads)
+
+    def checkpoint(self) -> List[int]:
+        """Makes every server write a checkpoint now; returns the version each wrote."""
+        return self._native.checkpoint()
+
+    def stats(self) -> List[Dict[str, Any]]:
+        """Each server's counters (version, applied, dropped, rejected, bytes, staleness, worker steps)."""
+        return self._native.stats()
+
+    def done(self) -> None:
+        """Tells the servers this worker finished (they exit when every worker has)."""
+        self._native.done()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None:
+            self.done()
+
+
+def serve(bind: Optional[str] = None, index: Optional[int] = None, checkpoint_dir: Optional[str] = None,
+          checkpoint_every: int = 0, keep_running: bool = False, token: Optional[str] = None,
+          on_ready: Optional[Any] = None) -> None:
+    """Runs a parameter server until every worker is done (or Ctrl-C). Without ``bind`` it serves
+    this process's address from ``TF_CONFIG``. ``on_ready(address)`` is called once it listens."""
+    if bind is None:
+        spec = json.loads(_native.cluster_spec())
+        if spec["role"] != "ps":
+            raise ConfigurationError(f"this process is {spec['role']} {spec['index']}, not a parameter server; pass bind=")
+        index = spec["index"] if index is None else index
+        bind = spec["peers"]["ps"][str(index)]
+    _native.serve_ps(bind, index=index or 0, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
+                     keep_running=keep_running, token=token, on_ready=on_ready)
+
+
+def _main(argv: Optional[List[str]] = None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m tandem.ps", description="Run a Tandem parameter server.")
+    ap.add_argument("--bind", help="address to serve on (default: this task's address in TF_CONFIG)")
+    ap.add_argument("--index", type=int, help="this server's index (default: the task index)")
+    ap.add_argument("--checkpoint-dir")
+    ap.add_argument("--checkpoint-every", type=int, default=0)
+    ap.add_argument("--keep-running", action="store_true")
+    a = ap.parse_args(argv)
+    serve(a.bind, a.index, a.checkpoint_dir, a.checkpoint_every, a.keep_running,
+          on_ready=lambda addr: print(f"tandem ps: serving on {addr}", flush=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main())
