@@ -1,9 +1,7 @@
 //! numpy arrays as the byte buffers collectives work on: in place, without copies, and with a clear
 //! `TypeError` or `ValueError` for what cannot be used.
 
-use numpy::{
-    PyArrayDyn, PyArrayMethods, PyUntypedArray, PyUntypedArrayMethods,
-};
+use numpy::{PyArrayDyn, PyArrayMethods, PyUntypedArray, PyUntypedArrayMethods};
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use tandem::{DType, Element};
@@ -95,7 +93,9 @@ macro_rules! by_dtype {
                 type $T = u8;
                 $body
             }
-            other => Err(PyTypeError::new_err(format!("dtype {other} is not supported here"))),
+            other => Err(PyTypeError::new_err(format!(
+                "dtype {other} is not supported here"
+            ))),
         }
     };
 }

@@ -59,7 +59,9 @@ fn pool() -> PyResult<Arc<rayon::ThreadPool>> {
             .num_threads(1)
             .thread_name(|_| "tandem-py-collective".into())
             .build()
-            .map_err(|e| PyRuntimeError::new_err(format!("cannot start the collective thread: {e}")))
+            .map_err(|e| {
+                PyRuntimeError::new_err(format!("cannot start the collective thread: {e}"))
+            })
     })
 }
 

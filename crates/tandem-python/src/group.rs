@@ -14,15 +14,18 @@ use crate::blocking::collective;
 use crate::errors::IntoPy;
 
 fn reduce_op(op: &str) -> PyResult<ReduceOp> {
-    op.parse::<ReduceOp>()
-        .map_err(|_| PyValueError::new_err(format!("op={op:?} is not one of sum, avg, min, max, prod")))
+    op.parse::<ReduceOp>().map_err(|_| {
+        PyValueError::new_err(format!("op={op:?} is not one of sum, avg, min, max, prod"))
+    })
 }
 
 fn seconds(what: &str, s: f64) -> PyResult<Duration> {
     Duration::try_from_secs_f64(s)
         .ok()
         .filter(|d| !d.is_zero())
-        .ok_or_else(|| PyValueError::new_err(format!("{what}={s} is not a positive number of seconds")))
+        .ok_or_else(|| {
+            PyValueError::new_err(format!("{what}={s} is not a positive number of seconds"))
+        })
 }
 
 /// A process group formed from the environment (TF_CONFIG, torchrun, Slurm, Open MPI, TANDEM_*).
@@ -56,9 +59,13 @@ impl PyProcessGroup {
             None => base.clone(),
         };
         let aborter = pg.clone();
-        collective(py, move || job(&pg), move || {
-            let _ = aborter.abort("interrupted by a signal (Ctrl-C)");
-        })
+        collective(
+            py,
+            move || job(&pg),
+            move || {
+                let _ = aborter.abort("interrupted by a signal (Ctrl-C)");
+            },
+        )
     }
 }
 
@@ -127,7 +134,13 @@ impl PyProcessGroup {
 
     /// In-place allreduce.
     #[pyo3(signature = (array, op="sum", timeout=None))]
-    fn allreduce(&self, py: Python<'_>, array: &Bound<'_, PyAny>, op: &str, timeout: Option<f64>) -> PyResult<()> {
+    fn allreduce(
+        &self,
+        py: Python<'_>,
+        array: &Bound<'_, PyAny>,
+        op: &str,
+        timeout: Option<f64>,
+    ) -> PyResult<()> {
         let op = reduce_op(op)?;
         with_bytes_mut(array, "array", |buf, dtype, _| {
             self.run(py, timeout, move |pg| pg.allreduce_bytes(buf, dtype, op))
@@ -136,7 +149,13 @@ impl PyProcessGroup {
 
     /// In-place broadcast from `root`.
     #[pyo3(signature = (array, root=0, timeout=None))]
-    fn broadcast(&self, py: Python<'_>, array: &Bound<'_, PyAny>, root: usize, timeout: Option<f64>) -> PyResult<()> {
+    fn broadcast(
+        &self,
+        py: Python<'_>,
+        array: &Bound<'_, PyAny>,
+        root: usize,
+        timeout: Option<f64>,
+    ) -> PyResult<()> {
         with_bytes_mut(array, "array", |buf, dtype, _| {
             self.run(py, timeout, move |pg| pg.broadcast_bytes(buf, dtype, root))
         })
@@ -144,7 +163,14 @@ impl PyProcessGroup {
 
     /// In-place reduce into `root`'s array (other ranks' arrays are used as scratch).
     #[pyo3(signature = (array, op="sum", root=0, timeout=None))]
-    fn reduce(&self, py: Python<'_>, array: &Bound<'_, PyAny>, op: &str, root: usize, timeout: Option<f64>) -> PyResult<()> {
+    fn reduce(
+        &self,
+        py: Python<'_>,
+        array: &Bound<'_, PyAny>,
+        op: &str,
+        root: usize,
+        timeout: Option<f64>,
+    ) -> PyResult<()> {
         let op = reduce_op(op)?;
         with_bytes_mut(array, "array", |buf, dtype, _| {
             self.run(py, timeout, move |pg| pg.reduce_bytes(buf, dtype, op, root))
@@ -153,7 +179,12 @@ impl PyProcessGroup {
 
     /// Every rank's array, stacked: shape `[world_size, *array.shape]`.
     #[pyo3(signature = (array, timeout=None))]
-    fn allgather<'py>(&self, py: Python<'py>, array: &Bound<'py, PyAny>, timeout: Option<f64>) -> PyResult<Bound<'py, PyAny>> {
+    fn allgather<'py>(
+        &self,
+        py: Python<'py>,
+        array: &Bound<'py, PyAny>,
+        timeout: Option<f64>,
+    ) -> PyResult<Bound<'py, PyAny>> {
         let world = self.pg()?.world_size();
         let (dtype, shape, out) = with_bytes(array, "array", |input, dtype, shape| {
             let mut out = aligned_zeroed(input.len() * world);
@@ -169,13 +200,21 @@ impl PyProcessGroup {
     /// `world_size` nearly equal runs of the flattened array (the first `n % world_size` one element
     /// longer). When the first dimension divides evenly the part keeps the other dimensions.
     #[pyo3(signature = (array, op="sum", timeout=None))]
-    fn reduce_scatter<'py>(&self, py: Python<'py>, array: &Bound<'py, PyAny>, op: &str, timeout: Option<f64>) -> PyResult<Bound<'py, PyAny>> {
+    fn reduce_scatter<'py>(
+        &self,
+        py: Python<'py>,
+        array: &Bound<'py, PyAny>,
+        op: &str,
+        timeout: Option<f64>,
+    ) -> PyResult<Bound<'py, PyAny>> {
         let op = reduce_op(op)?;
         let world = self.pg()?.world_size();
         let (dtype, shape, buf, range) = with_bytes(array, "array", |input, dtype, shape| {
             let mut buf = aligned_zeroed(input.len());
             buf.copy_from_slice(input);
-            let range = self.run(py, timeout, |pg| pg.reduce_scatter_bytes(&mut buf, dtype, op))?;
+            let range = self.run(py, timeout, |pg| {
+                pg.reduce_scatter_bytes(&mut buf, dtype, op)
+            })?;
             Ok((dtype, shape.to_vec(), buf, range))
         })?;
         let part = &buf[range.start * dtype.size()..range.end * dtype.size()];
@@ -198,7 +237,13 @@ impl PyProcessGroup {
 
     /// Sends the array to rank `dst` (which calls `recv` with an array of the same shape and dtype).
     #[pyo3(signature = (array, dst, timeout=None))]
-    fn send(&self, py: Python<'_>, array: &Bound<'_, PyAny>, dst: usize, timeout: Option<f64>) -> PyResult<()> {
+    fn send(
+        &self,
+        py: Python<'_>,
+        array: &Bound<'_, PyAny>,
+        dst: usize,
+        timeout: Option<f64>,
+    ) -> PyResult<()> {
         with_bytes(array, "array", |buf, dtype, _| {
             self.run(py, timeout, move |pg| pg.send_bytes(buf, dtype, dst))
         })
@@ -206,7 +251,13 @@ impl PyProcessGroup {
 
     /// Receives into the array from rank `src`.
     #[pyo3(signature = (array, src, timeout=None))]
-    fn recv(&self, py: Python<'_>, array: &Bound<'_, PyAny>, src: usize, timeout: Option<f64>) -> PyResult<()> {
+    fn recv(
+        &self,
+        py: Python<'_>,
+        array: &Bound<'_, PyAny>,
+        src: usize,
+        timeout: Option<f64>,
+    ) -> PyResult<()> {
         with_bytes_mut(array, "array", |buf, dtype, _| {
             self.run(py, timeout, move |pg| pg.recv_bytes(buf, dtype, src))
         })
@@ -321,10 +372,10 @@ impl PyWork {
                     return Ok(None);
                 }
                 None => return Ok(self.result.as_ref().map(|r| r.clone_ref(py))),
-                Some(Pending::Tensor(w)) => py
-                    .detach(|| w.wait_timeout(poll))
-                    .map(|r| r.map(Some)),
-                Some(Pending::Unit(w)) => py.detach(|| w.wait_timeout(poll)).map(|r| r.map(|()| None)),
+                Some(Pending::Tensor(w)) => py.detach(|| w.wait_timeout(poll)).map(|r| r.map(Some)),
+                Some(Pending::Unit(w)) => {
+                    py.detach(|| w.wait_timeout(poll)).map(|r| r.map(|()| None))
+                }
             };
             if done.is_some() {
                 *pending = None;

@@ -17,7 +17,9 @@ struct Cli {
 /// exit code. Ctrl-C stops every process and returns 130.
 #[pyfunction]
 pub fn launch_main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
-    let cli = match Cli::try_parse_from(std::iter::once("python -m tandem.launch".to_string()).chain(argv)) {
+    let cli = match Cli::try_parse_from(
+        std::iter::once("python -m tandem.launch".to_string()).chain(argv),
+    ) {
         Ok(c) => c,
         Err(e) => {
             let code = e.exit_code();

@@ -36,7 +36,10 @@ fn f32_array<'py>(name: &str, a: &Bound<'py, PyAny>) -> PyResult<PyReadonlyArray
     let arr = a.cast::<PyArrayDyn<f32>>().map_err(|_| {
         PyTypeError::new_err(format!(
             "gradient {name:?} must be a float32 numpy.ndarray (got {})",
-            a.get_type().name().map(|n| n.to_string()).unwrap_or_default()
+            a.get_type()
+                .name()
+                .map(|n| n.to_string())
+                .unwrap_or_default()
         ))
     })?;
     if !arr.is_c_contiguous() {
@@ -162,7 +165,12 @@ impl PsClient {
     }
 
     /// Pushes gradients `{name: float32 array}` for `step`; returns `(applied, dropped, version)`.
-    fn push(&self, py: Python<'_>, step: u64, grads: &Bound<'_, PyDict>) -> PyResult<(bool, bool, u64)> {
+    fn push(
+        &self,
+        py: Python<'_>,
+        step: u64,
+        grads: &Bound<'_, PyDict>,
+    ) -> PyResult<(bool, bool, u64)> {
         let mut held = Vec::with_capacity(grads.len());
         for (k, v) in grads.iter() {
             let name: String = k.extract()?;
@@ -171,23 +179,48 @@ impl PsClient {
         }
         let slices = held
             .iter()
-            .map(|(n, a)| Ok((n.as_str(), a.as_slice().map_err(|e| PyValueError::new_err(e.to_string()))?)))
+            .map(|(n, a)| {
+                Ok((
+                    n.as_str(),
+                    a.as_slice()
+                        .map_err(|e| PyValueError::new_err(e.to_string()))?,
+                ))
+            })
             .collect::<PyResult<Vec<(&str, &[f32])>>>()?;
         let out = future(py, self.client.push(step, &slices))?;
         Ok((out.applied, out.dropped, out.version))
     }
 
     /// Embedding rows `ids` of `name`, shape `(len(ids), dim)`.
-    fn pull_rows<'py>(&self, py: Python<'py>, name: &str, ids: Vec<u64>) -> PyResult<Bound<'py, PyAny>> {
+    fn pull_rows<'py>(
+        &self,
+        py: Python<'py>,
+        name: &str,
+        ids: Vec<u64>,
+    ) -> PyResult<Bound<'py, PyAny>> {
         let v = future(py, self.client.pull_rows(name, &ids))?;
-        let dim = if ids.is_empty() { 0 } else { v.len() / ids.len() };
-        Ok(PyArray1::from_vec(py, v).reshape([ids.len(), dim])?.into_any())
+        let dim = if ids.is_empty() {
+            0
+        } else {
+            v.len() / ids.len()
+        };
+        Ok(PyArray1::from_vec(py, v)
+            .reshape([ids.len(), dim])?
+            .into_any())
     }
 
     /// Pushes row gradients `grads` (shape `(len(ids), dim)`, float32) for rows `ids` of `name`.
-    fn push_rows(&self, py: Python<'_>, name: &str, ids: Vec<u64>, grads: &Bound<'_, PyAny>) -> PyResult<()> {
+    fn push_rows(
+        &self,
+        py: Python<'_>,
+        name: &str,
+        ids: Vec<u64>,
+        grads: &Bound<'_, PyAny>,
+    ) -> PyResult<()> {
         let arr = f32_array(name, grads)?;
-        let g = arr.as_slice().map_err(|e| PyValueError::new_err(e.to_string()))?;
+        let g = arr
+            .as_slice()
+            .map_err(|e| PyValueError::new_err(e.to_string()))?;
         future(py, self.client.push_rows(name, &ids, g))
     }
 

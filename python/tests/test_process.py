@@ -1,0 +1,105 @@
+"""Ctrl-C during a blocked call, use after fork, and the launcher's exit codes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import warnings
+
+import numpy as np
+
+import tandem
+from tandem import ps
+
+from conftest import clean_env, free_port, rank_env, read_line
+
+BLOCKED = """
+import sys, time
+import numpy as np
+import tandem
+g = tandem.init(timeout=120)
+if g.rank == 1:
+    time.sleep(120)
+print("READY", flush=True)
+try:
+    g.allreduce(np.ones(10, dtype=np.float32))
+except KeyboardInterrupt:
+    print("INTERRUPTED", flush=True)
+    sys.exit(0)
+print("NOT INTERRUPTED", flush=True)
+"""
+
+
+def test_ctrl_c_interrupts_a_blocked_collective(token) -> None:
+    port = free_port()
+    procs = [subprocess.Popen([sys.executable, "-c", BLOCKED], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env=rank_env(r, 2, port, token)) for r in range(2)]
+    try:
+        read_line(procs[0], "READY", timeout=60)
+        time.sleep(0.3)  # let it block inside the allreduce
+        procs[0].send_signal(signal.SIGINT)
+        assert read_line(procs[0], "INTERRUPTED", timeout=20) == "INTERRUPTED"
+        assert procs[0].wait(timeout=20) == 0
+    finally:
+        for p in procs:
+            p.kill()
+            p.communicate(timeout=20)
+
+
+def test_the_runtime_works_in_a_forked_child(servers) -> None:
+    addrs, token = servers
+    c = ps.Client([ps.param("w", (8,), init="constant", value=3.0)], servers=addrs, worker=0, workers=2,
+                  token=token, mode="async", timeout=30)
+    c.pull()  # the parent's runtime now runs
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # fork() with threads, Python >= 3.12
+        pid = os.fork()
+    if pid == 0:  # the child: a fresh runtime, the same server
+        code = 1
+        try:
+            signal.alarm(30)
+            child = ps.Client([ps.param("w", (8,), init="constant", value=3.0)], servers=addrs, worker=1,
+                              workers=2, token=token, mode="async", timeout=20)
+            _, p = child.pull()
+            with tandem.init() as g:  # and the collective helper thread
+                a = np.ones(4, dtype=np.float32)
+                g.allreduce(a)
+            code = 0 if float(p["w"][0]) == 3.0 and a.sum() == 4.0 else 2
+        finally:
+            os._exit(code)
+    end = time.monotonic() + 60
+    while time.monotonic() < end:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        time.sleep(0.05)
+    else:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        raise AssertionError("the forked child hung")
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
+    _, p = c.pull()  # and the parent's client still works
+    assert float(p["w"][0]) == 3.0
+
+
+def test_python_launcher_runs_scripts_and_reports_failures(tmp_path) -> None:
+    script = tmp_path / "job.py"
+    script.write_text(
+        "import os, sys, tandem\n"
+        "g = tandem.init(timeout=30)\n"
+        "print('rank', g.rank, 'of', g.world_size, flush=True)\n"
+        "g.barrier()\n"
+        "sys.exit(3 if g.rank == 1 and os.environ.get('FAIL') else 0)\n"
+    )
+    base = [sys.executable, "-m", "tandem.launch", "--nproc", "3", "--no-log-files"]
+    ok = subprocess.run([*base, str(script)], env=clean_env(), capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0, ok.stderr
+    for r in range(3):
+        assert f"[worker {r}] rank {r} of 3" in ok.stdout
+    bad = subprocess.run([*base, "--env", "FAIL=1", str(script)], env=clean_env(), capture_output=True, text=True,
+                         timeout=120)
+    assert bad.returncode == 3
+    assert "worker 1 (rank 1) exited with code 3" in bad.stderr

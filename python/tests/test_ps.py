@@ -1,0 +1,133 @@
+"""The parameter-server client from Python against real server processes, checked against numpy."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import tandem
+from tandem import ps
+
+DIM, ROWS_PER_WORKER, LR, STEPS = 5, 16, 0.05, 25
+W_TRUE = np.arange(1, DIM + 1, dtype=np.float32) / DIM
+
+
+def shard(worker: int):
+    rng = np.random.default_rng(worker)
+    x = rng.standard_normal((ROWS_PER_WORKER, DIM)).astype(np.float32)
+    return x, (x @ W_TRUE + 0.5).astype(np.float32)
+
+
+def grad(w: np.ndarray, b: float, x: np.ndarray, y: np.ndarray):
+    err = x @ w + np.float32(b) - y
+    return (2 * x.T @ err / len(x)).astype(np.float32), np.array([2 * err.mean()], dtype=np.float32)
+
+
+def params():
+    return [ps.param("w", (DIM,)), ps.param("b", (1,))]
+
+
+def worker_body(addrs, token, mode, staleness=None):
+    c = ps.Client(params(), servers=addrs, worker=tandem.cluster_spec()["rank"], workers=4, token=token,
+                  mode=mode, staleness=staleness, lr=LR, min_partition_bytes=8, timeout=30)
+    x, y = shard(c.worker)
+    version, p = c.pull()
+    step = 0
+    spread = 0
+    for _ in range(STEPS):
+        gw, gb = grad(p["w"], p["b"][0], x, y)
+        version, p = c.push_pull(step, {"w": gw, "b": gb})
+        step = version if c.sync else step + 1
+        if not c.sync:
+            for s in c.stats():
+                spread = max(spread, max(s["worker_steps"]) - min(s["worker_steps"]))
+    if c.sync:
+        version, p = c.pull(STEPS)
+    c.done()
+    return version, p["w"], p["b"], spread
+
+
+def test_sync_training_equals_the_averaged_reference(servers) -> None:
+    addrs, token = servers
+    results = tandem.run(worker_body, nproc=4, args=(addrs, token, "sync"), timeout=120)
+    w, b = np.zeros(DIM, dtype=np.float32), np.float32(0)
+    for _ in range(STEPS):
+        gs = [grad(w, b, *shard(i)) for i in range(4)]
+        w = w - LR * np.mean([g[0] for g in gs], axis=0)
+        b = b - LR * np.mean([g[1][0] for g in gs])
+    for version, got_w, got_b, _ in results:
+        assert version == STEPS
+        # The servers sum the 4 gradients in arrival order: float32 rounding differs at ~1e-7.
+        np.testing.assert_allclose(got_w, w, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(got_b[0], b, rtol=1e-5, atol=1e-6)
+    assert all(np.array_equal(results[0][1], r[1]) for r in results)
+
+
+def test_async_with_a_staleness_bound_converges(servers) -> None:
+    addrs, token = servers
+    results = tandem.run(worker_body, nproc=4, args=(addrs, token, "async", 1), timeout=120)
+    for _, w, b, spread in results:
+        loss_before = float(np.mean([np.mean((shard(i)[1]) ** 2) for i in range(4)]))
+        loss_after = float(np.mean([np.mean((shard(i)[0] @ w + b[0] - shard(i)[1]) ** 2) for i in range(4)]))
+        assert loss_after < 0.1 * loss_before
+        assert spread <= 2  # s = 1, plus the push in flight when the stats were read
+
+
+def test_sparse_rows_and_adam_match_numpy(servers) -> None:
+    addrs, token = servers
+    c = ps.Client([ps.param("emb", (50, 4), init="uniform", low=-1, high=1, seed=3), ps.param("w", (6,))],
+                  servers=addrs, worker=0, workers=1, token=token, mode="async", optimizer="adam", lr=0.01,
+                  min_partition_bytes=64, timeout=30)
+    _, full = c.pull()
+    ids = np.array([3, 17, 42, 49])
+    rows = c.pull_rows("emb", ids)
+    np.testing.assert_array_equal(rows, full["emb"][ids])
+    # Adam from numpy, one row gradient applied twice.
+    g = np.linspace(-1, 1, 16, dtype=np.float32).reshape(4, 4)
+    m = np.zeros_like(g)
+    v = np.zeros_like(g)
+    want = rows.astype(np.float32).copy()
+    for t in (1, 2):
+        c.push_rows("emb", ids, g)
+        m = 0.9 * m + 0.1 * g
+        v = 0.999 * v + 0.001 * g * g
+        want -= 0.01 * (m / (1 - 0.9**t)) / (np.sqrt(v / (1 - 0.999**t)) + 1e-8)
+    _, after = c.pull()
+    np.testing.assert_allclose(after["emb"][ids], want, rtol=1e-5, atol=1e-6)
+    untouched = np.setdiff1d(np.arange(50), ids)
+    np.testing.assert_array_equal(after["emb"][untouched], full["emb"][untouched])
+    # Dense Adam on w.
+    gw = np.arange(6, dtype=np.float32) - 2.5
+    c.push(0, {"w": gw})
+    m1, v1 = 0.1 * gw, 0.001 * gw * gw
+    want_w = -0.01 * (m1 / 0.1) / (np.sqrt(v1 / 0.001) + 1e-8)
+    _, after = c.pull()
+    np.testing.assert_allclose(after["w"], want_w, rtol=1e-5, atol=1e-6)
+    with pytest.raises(tandem.InvalidArgumentError, match="checkpoint directory"):
+        c.checkpoint()
+    c.done()
+
+
+def test_checkpoints_are_written_where_asked(tmp_path, token) -> None:
+    import subprocess
+    import sys
+
+    from conftest import clean_env, read_line
+
+    p = subprocess.Popen([sys.executable, "-m", "tandem.ps", "--bind", "127.0.0.1:0", "--checkpoint-dir",
+                          str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                         env=clean_env(TANDEM_JOB_TOKEN=token))
+    try:
+        addr = read_line(p, "tandem ps: serving on").rsplit(" ", 1)[1]
+        c = ps.Client([ps.param("w", (3,), init="constant", value=2.0)], servers=[addr], worker=0, workers=1,
+                      token=token, mode="async", timeout=30)
+        c.push(0, {"w": np.ones(3, dtype=np.float32)})
+        versions = c.checkpoint()
+        assert versions == [1]
+        assert any(f.name.endswith(".ckpt") for f in tmp_path.iterdir())
+        c.done()
+        assert p.wait(timeout=30) == 0  # the server exits once its only worker is done
+    finally:
+        p.kill()
+        p.wait()
+        p.stdout.close()
