@@ -79,6 +79,51 @@ impl Mlp {
         }
     }
 
+    /// The named parts of the flat parameter vector, with their shapes and the standard deviation
+    /// of their He initialisation (0 for biases): how a parameter server declares this model.
+    pub fn layers(&self) -> [(&'static str, Vec<usize>, f32); 4] {
+        let (i, h, c) = self.dims;
+        [
+            ("w1", vec![i, h], (2.0 / i as f32).sqrt()),
+            ("b1", vec![h], 0.0),
+            ("w2", vec![h, c], (2.0 / h as f32).sqrt()),
+            ("b2", vec![c], 0.0),
+        ]
+    }
+
+    /// Cuts a flat vector in [`Mlp::params`]' layout (parameters or gradients) into the named
+    /// parts of [`Mlp::layers`].
+    pub fn named<'a>(&self, flat: &'a [f32]) -> Vec<(&'static str, &'a [f32])> {
+        let mut rest = flat;
+        self.layers()
+            .into_iter()
+            .map(|(name, shape, _)| {
+                let n: usize = shape.iter().product();
+                let (part, tail) = rest.split_at(n.min(rest.len()));
+                rest = tail;
+                (name, part)
+            })
+            .collect()
+    }
+
+    /// Replaces the parameters with named parts (as pulled from parameter servers); a missing or
+    /// wrongly sized part leaves the parameters unchanged and returns its name.
+    pub fn load_named(
+        &mut self,
+        parts: &std::collections::HashMap<String, Vec<f32>>,
+    ) -> Result<(), &'static str> {
+        let mut flat = Vec::with_capacity(self.params.len());
+        for (name, shape, _) in self.layers() {
+            let n: usize = shape.iter().product();
+            match parts.get(name) {
+                Some(v) if v.len() == n => flat.extend_from_slice(v),
+                _ => return Err(name),
+            }
+        }
+        self.params = flat;
+        Ok(())
+    }
+
     fn split(&self, p: &[f32]) -> (Array2<f32>, Array1<f32>, Array2<f32>, Array1<f32>) {
         let (i, h, c) = self.dims;
         let (w1, rest) = p.split_at(i * h);

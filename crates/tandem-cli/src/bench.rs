@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use clap::{Args, ValueEnum};
 use tandem::{DType, Error, ProcessGroup, ReduceOp, Result};
 
-use crate::local_job::{LocalJob, parse_size};
+use crate::local_job::{parse_size, run_local};
 
 /// The collective to measure.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -168,16 +168,22 @@ pub fn bench(collective: Collective, args: BenchArgs) -> Result<ExitCode> {
             parse_size("--segment", s)?.to_string(),
         ));
     }
-    let job = LocalJob::start(args.np, &rank_args, &env, |rank, line| {
-        if rank == 0 {
-            println!("{line}");
-        }
-    })?;
-    let failed = job.wait(Duration::from_secs(3600))?;
+    let failed = run_local(
+        tandem_launch::Layout::Allreduce { nproc: args.np },
+        &rank_args,
+        None,
+        env,
+        Duration::from_secs(3600),
+        |p, line, stderr| {
+            if p.rank == 0 || stderr {
+                println!("{line}");
+            }
+        },
+    )?;
     if failed.is_empty() {
         Ok(ExitCode::SUCCESS)
     } else {
-        eprintln!("tandem bench: failed ranks: {}", failed.join(", "));
+        eprintln!("tandem bench: {failed}");
         Ok(ExitCode::from(1))
     }
 }

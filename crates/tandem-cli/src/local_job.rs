@@ -1,13 +1,11 @@
-//! Starting a job of local ranks: a rendezvous in this process and one child process per rank, each
-//! with Tandem's variables and the job token. Shared by `tandem demo` and `tandem bench`.
+//! Jobs of this executable's own subcommands on this machine (`tandem demo`, `tandem bench`),
+//! started through the launcher, plus the size parser their flags share.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use tandem::rendezvous::{EXTERNAL_VAR, Host, JobToken, ServerConfig, TOKEN_VAR};
 use tandem::{Error, Result};
+use tandem_launch::{JobSpec, Layout, LineSink, Planned};
 
 /// Parses a byte size such as `4096`, `4K`, `64M` or `1G` (powers of 1024).
 pub fn parse_size(flag: &str, s: &str) -> Result<usize> {
@@ -30,123 +28,36 @@ pub fn parse_size(flag: &str, s: &str) -> Result<usize> {
         })
 }
 
-/// A running local job.
-pub struct LocalJob {
-    rt: tokio::runtime::Runtime,
-    host: Host,
-    children: Vec<Child>,
-    forwarders: Vec<std::thread::JoinHandle<()>>,
-}
-
-impl LocalJob {
-    /// Hosts a rendezvous on an ephemeral loopback port and starts `np` ranks of this executable with
-    /// `args`; every stdout line of rank r goes to `on_line(r, line)`.
-    pub fn start(
-        np: usize,
-        args: &[String],
-        env: &[(String, String)],
-        on_line: impl Fn(usize, &str) + Send + Sync + 'static,
-    ) -> Result<LocalJob> {
-        let rt = crate::runtime()?;
-        let token = JobToken::generate();
-        let host = rt.block_on(Host::bind("127.0.0.1:0", ServerConfig::new(token.clone())))?;
-        let exe =
-            std::env::current_exe().map_err(|e| Error::io("finding the tandem executable", e))?;
-        let on_line = Arc::new(on_line);
-        let mut children = Vec::new();
-        let mut forwarders = Vec::new();
-        for rank in 0..np {
-            let mut cmd = Command::new(&exe);
-            cmd.args(args)
-                .env("TANDEM_LAUNCHER", "tandem")
-                .env("TANDEM_RANK", rank.to_string())
-                .env("TANDEM_WORLD_SIZE", np.to_string())
-                .env("TANDEM_LOCAL_RANK", rank.to_string())
-                .env("TANDEM_LOCAL_WORLD_SIZE", np.to_string())
-                .env("TANDEM_RENDEZVOUS_ADDR", host.addr().to_string())
-                .env(EXTERNAL_VAR, "1")
-                .env(TOKEN_VAR, token.as_str())
-                .stdout(Stdio::piped());
-            for (k, v) in env {
-                cmd.env(k, v);
-            }
-            let mut child = match cmd.spawn() {
-                Ok(c) => c,
-                Err(e) => {
-                    for c in &mut children {
-                        stop(c);
-                    }
-                    return Err(Error::io(format!("starting rank {rank}"), e));
-                }
-            };
-            if let Some(out) = child.stdout.take() {
-                let f = on_line.clone();
-                forwarders.push(std::thread::spawn(move || {
-                    for line in BufReader::new(out).lines().map_while(|l| l.ok()) {
-                        f(rank, &line);
-                    }
-                }));
-            }
-            children.push(child);
-        }
-        Ok(LocalJob {
-            rt,
-            host,
-            children,
-            forwarders,
-        })
-    }
-
-    /// Waits for every rank; when one fails the others are stopped. Returns a description of each
-    /// failed rank (empty when all succeeded). Ranks still running after `timeout` are killed.
-    pub fn wait(mut self, timeout: Duration) -> Result<Vec<String>> {
-        let end = Instant::now() + timeout;
-        let mut status: Vec<Option<String>> = vec![None; self.children.len()];
-        while status.iter().any(Option::is_none) {
-            let mut any_failed = false;
-            for (rank, child) in self.children.iter_mut().enumerate() {
-                if status[rank].is_none()
-                    && let Ok(Some(s)) = child.try_wait()
-                {
-                    any_failed |= !s.success();
-                    status[rank] = Some(if s.success() {
-                        String::new()
-                    } else {
-                        format!("rank {rank} ({s})")
-                    });
-                }
-            }
-            let expired = Instant::now() >= end;
-            if any_failed || expired {
-                for (rank, child) in self.children.iter_mut().enumerate() {
-                    if status[rank].is_none() {
-                        stop(child);
-                        let why = if expired {
-                            format!("killed after {timeout:?}")
-                        } else {
-                            "stopped after another rank failed".into()
-                        };
-                        status[rank] = Some(format!("rank {rank} ({why})"));
-                    }
-                }
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        for f in self.forwarders.drain(..) {
-            let _ = f.join();
-        }
-        self.rt.block_on(self.host.stop())?;
-        Ok(status
-            .into_iter()
-            .flatten()
-            .filter(|s| !s.is_empty())
-            .collect())
-    }
-}
-
-fn stop(child: &mut Child) {
-    let _ = child.kill();
-    let _ = child.wait();
+/// Runs a job of this executable's subcommands on this machine through the launcher: training
+/// processes run `args`, servers (of a PS layout) `server_args`. Every output line goes to
+/// `on_line`. Returns a description of the failure (empty when every process succeeded).
+pub fn run_local(
+    layout: Layout,
+    args: &[String],
+    server_args: Option<&[String]>,
+    env: Vec<(String, String)>,
+    timeout: Duration,
+    on_line: impl Fn(&Planned, &str, bool) + Send + Sync + 'static,
+) -> Result<String> {
+    let exe = std::env::current_exe()
+        .map_err(|e| Error::io("finding the tandem executable", e))?
+        .to_string_lossy()
+        .into_owned();
+    let with_exe = |a: &[String]| {
+        std::iter::once(exe.clone())
+            .chain(a.iter().cloned())
+            .collect()
+    };
+    let mut spec = JobSpec::new(layout, with_exe(args));
+    spec.ps_command = server_args.map(with_exe);
+    spec.env = env;
+    spec.sink = Some(LineSink(Arc::new(on_line)));
+    let outcome = tandem_launch::run(&spec, Some(timeout), &|| false)?;
+    Ok(if outcome.code == 0 {
+        String::new()
+    } else {
+        outcome.summary
+    })
 }
 
 #[cfg(test)]

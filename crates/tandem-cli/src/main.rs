@@ -31,7 +31,7 @@ enum Command {
     Rendezvous(info::RendezvousArgs),
     /// Start a job on this machine: N allreduce ranks, or parameter servers and workers.
     Launch(tandem_launch::LaunchArgs),
-    /// Run the demo: data-parallel training of an MLP by several local processes.
+    /// Run the demo: train an MLP with sync PS, async PS and allreduce jobs on this machine.
     Demo(demo::DemoArgs),
     /// Run a parameter server for this process's role (TF_CONFIG, TANDEM_* or --bind).
     Ps(ps::PsArgs),
@@ -44,9 +44,9 @@ enum Command {
     /// One rank of a benchmark (started by `tandem bench`).
     #[command(hide = true)]
     BenchRank(bench::BenchRankArgs),
-    /// One rank of the demo (started by `tandem demo`).
+    /// One worker of the demo (started by `tandem demo`).
     #[command(hide = true)]
-    DemoRank(demo::RankArgs),
+    DemoWorker(demo::WorkerArgs),
 }
 
 fn main() -> ExitCode {
@@ -62,7 +62,7 @@ fn main() -> ExitCode {
         Command::Rendezvous(a) => info::rendezvous(a),
         Command::Launch(a) => launch::launch(a),
         Command::Demo(a) => demo::demo(a),
-        Command::DemoRank(a) => demo::rank(a),
+        Command::DemoWorker(a) => demo::worker(a),
         Command::Ps(a) => ps::ps(a),
         Command::Bench(a) => bench::run(a),
         Command::BenchPsWorker(a) => bench_ps::bench_ps_worker(a),

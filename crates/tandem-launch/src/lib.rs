@@ -21,5 +21,5 @@ mod plan;
 mod supervise;
 
 pub use args::{LaunchArgs, RestartArg};
-pub use plan::{JobSpec, Layout, Planned, Restart, plan};
+pub use plan::{JobSpec, Layout, LineSink, Planned, Restart, plan};
 pub use supervise::{Outcome, run};

@@ -36,6 +36,20 @@ pub enum Restart {
     },
 }
 
+/// Where the output lines of the processes go instead of the launcher's own stdout and stderr:
+/// called with the process, the line (without its newline) and whether it came from stderr.
+#[derive(Clone)]
+pub struct LineSink(pub std::sync::Arc<SinkFn>);
+
+/// The function behind a [`LineSink`].
+pub type SinkFn = dyn Fn(&Planned, &str, bool) + Send + Sync;
+
+impl std::fmt::Debug for LineSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LineSink")
+    }
+}
+
 /// Everything `tandem launch` needs to start a job.
 #[derive(Debug, Clone)]
 pub struct JobSpec {
@@ -55,6 +69,8 @@ pub struct JobSpec {
     pub host: String,
     /// Prefix each output line with the process's role and index.
     pub prefix: bool,
+    /// Hand output lines to this instead of printing them (log files are still written).
+    pub sink: Option<LineSink>,
 }
 
 impl JobSpec {
@@ -69,6 +85,7 @@ impl JobSpec {
             env: Vec::new(),
             host: "127.0.0.1".into(),
             prefix: true,
+            sink: None,
         }
     }
 

@@ -14,7 +14,7 @@ use nix::unistd::Pid;
 use tandem_core::{Error, Result};
 use tandem_rendezvous::{Host, JobToken, ServerConfig, TOKEN_VAR};
 
-use crate::plan::{JobSpec, Layout, Planned, Restart, plan};
+use crate::plan::{JobSpec, Layout, LineSink, Planned, Restart, plan};
 
 /// How long stopped processes get between SIGTERM and SIGKILL.
 const GRACE: Duration = Duration::from_secs(5);
@@ -107,6 +107,7 @@ pub fn run(
         colour,
         width,
         prefix: spec.prefix,
+        sink: spec.sink.clone(),
     };
     for i in 0..procs.len() {
         if let Err(e) = start(&mut procs[i], &token, &style) {
@@ -151,6 +152,7 @@ struct Style {
     colour: bool,
     width: usize,
     prefix: bool,
+    sink: Option<LineSink>,
 }
 
 impl Style {
@@ -187,24 +189,32 @@ fn start(p: &mut Proc, token: &JobToken, style: &Style) -> Result<()> {
     })?;
     p.pgid = i32::try_from(child.id()).ok();
     let tag = style.tag(&p.plan);
+    let to = |stderr: bool| Destination {
+        tag: tag.clone(),
+        log: p.log.clone(),
+        stderr,
+        sink: style.sink.clone().map(|s| (s, p.plan.clone())),
+    };
     if let Some(out) = child.stdout.take() {
-        p.forwarders
-            .push(forward(out, tag.clone(), p.log.clone(), false));
+        p.forwarders.push(forward(out, to(false)));
     }
     if let Some(err) = child.stderr.take() {
-        p.forwarders.push(forward(err, tag, p.log.clone(), true));
+        p.forwarders.push(forward(err, to(true)));
     }
     p.child = Some(child);
     p.exit = None;
     Ok(())
 }
 
-fn forward(
-    pipe: impl std::io::Read + Send + 'static,
+/// Where one pipe of a process goes.
+struct Destination {
     tag: String,
     log: Option<Arc<Mutex<File>>>,
-    to_stderr: bool,
-) -> JoinHandle<()> {
+    stderr: bool,
+    sink: Option<(LineSink, Planned)>,
+}
+
+fn forward(pipe: impl std::io::Read + Send + 'static, to: Destination) -> JoinHandle<()> {
     std::thread::spawn(move || {
         let mut reader = BufReader::new(pipe);
         let mut line = Vec::new();
@@ -213,19 +223,24 @@ fn forward(
             if line.last() != Some(&b'\n') {
                 line.push(b'\n');
             }
-            if let Some(f) = &log
+            if let Some(f) = &to.log
                 && let Ok(mut f) = f.lock()
             {
                 let _ = f.write_all(&line);
             }
-            let mut out: Vec<u8> = Vec::with_capacity(tag.len() + line.len());
-            out.extend_from_slice(tag.as_bytes());
-            out.extend_from_slice(&line);
-            let _ = if to_stderr {
-                std::io::stderr().lock().write_all(&out)
+            if let Some((sink, plan)) = &to.sink {
+                let text = String::from_utf8_lossy(&line[..line.len() - 1]);
+                (sink.0)(plan, &text, to.stderr);
             } else {
-                std::io::stdout().lock().write_all(&out)
-            };
+                let mut out: Vec<u8> = Vec::with_capacity(to.tag.len() + line.len());
+                out.extend_from_slice(to.tag.as_bytes());
+                out.extend_from_slice(&line);
+                let _ = if to.stderr {
+                    std::io::stderr().lock().write_all(&out)
+                } else {
+                    std::io::stdout().lock().write_all(&out)
+                };
+            }
             line.clear();
         }
     })

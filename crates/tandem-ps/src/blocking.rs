@@ -63,6 +63,10 @@ impl BlockingClient {
     pub fn checkpoint(&self) -> Result<Vec<u64>> {
         self.rt.block_on(self.inner.checkpoint())
     }
+    /// See [`Client::stats`].
+    pub fn stats(&self) -> Result<Vec<crate::pb::StatsResponse>> {
+        self.rt.block_on(self.inner.stats())
+    }
     /// See [`Client::done`].
     pub fn done(&self) -> Result<()> {
         self.rt.block_on(self.inner.done())

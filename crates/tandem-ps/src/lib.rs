@@ -13,6 +13,7 @@
 pub mod blocking;
 pub mod client;
 pub mod init;
+pub mod job;
 pub mod optimizer;
 pub mod placement;
 pub mod server;

@@ -1,0 +1,119 @@
+//! The Rust examples, run at small scale the way users run them: through the launcher, each
+//! process a separate OS process on 127.0.0.1.
+
+#![allow(clippy::unwrap_used)] // a test: a panic is the failure report
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tandem_launch::{JobSpec, Layout, LineSink, Planned};
+
+/// `target/<profile>/examples/<name>`, next to this test's own binary in `deps/`.
+fn example(name: &str) -> String {
+    let exe = std::env::current_exe().expect("test binary");
+    let dir: PathBuf = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target dir")
+        .join("examples");
+    dir.join(name).to_string_lossy().into_owned()
+}
+
+/// Runs the job and returns (exit code, every stdout line as "role index: line").
+fn run(layout: Layout, command: Vec<String>) -> (i32, Vec<String>) {
+    let lines: Arc<Mutex<Vec<String>>> = Arc::default();
+    let mut spec = JobSpec::new(layout, command);
+    let sink = lines.clone();
+    spec.sink = Some(LineSink(Arc::new(
+        move |p: &Planned, line: &str, stderr: bool| {
+            let tag = if stderr { "stderr " } else { "" };
+            sink.lock()
+                .unwrap()
+                .push(format!("{tag}{}: {line}", p.name()));
+        },
+    )));
+    let outcome = tandem_launch::run(&spec, Some(Duration::from_secs(240)), &|| false).unwrap();
+    let lines = lines.lock().unwrap().clone();
+    (outcome.code, lines)
+}
+
+fn accuracy(lines: &[String], marker: &str) -> f64 {
+    let line = lines
+        .iter()
+        .find(|l| l.contains(marker))
+        .unwrap_or_else(|| panic!("no {marker:?} line in {lines:#?}"));
+    line.rsplit(' ')
+        .next()
+        .and_then(|v| v.parse().ok())
+        .expect("accuracy")
+}
+
+#[test]
+fn sync_ps_trains_with_the_same_binary_on_servers_and_workers() {
+    let ps = Layout::Ps {
+        ps: 2,
+        workers: 3,
+        chief: false,
+    };
+    let (code, lines) = run(ps, vec![example("sync_ps"), "--steps".into(), "300".into()]);
+    assert_eq!(code, 0, "{lines:#?}");
+    assert!(accuracy(&lines, "sync PS:") >= 0.9, "{lines:#?}");
+}
+
+#[test]
+fn async_ps_trains_with_a_staleness_bound() {
+    let ps = Layout::Ps {
+        ps: 2,
+        workers: 3,
+        chief: true,
+    };
+    let cmd = vec![
+        example("async_ps"),
+        "--steps".into(),
+        "300".into(),
+        "--staleness".into(),
+        "1".into(),
+    ];
+    let (code, lines) = run(ps, cmd);
+    assert_eq!(code, 0, "{lines:#?}");
+    assert!(accuracy(&lines, "async PS") >= 0.9, "{lines:#?}");
+}
+
+#[test]
+fn allreduce_data_parallel_trains() {
+    let (code, lines) = run(
+        Layout::Allreduce { nproc: 3 },
+        vec![example("allreduce_data_parallel")],
+    );
+    assert_eq!(code, 0, "{lines:#?}");
+    assert!(accuracy(&lines, "test accuracy:") >= 0.9, "{lines:#?}");
+}
+
+#[test]
+fn pipeline_parallel_matches_the_single_process_run_bit_for_bit() {
+    let cmd = vec![example("pipeline_parallel"), "--steps".into(), "300".into()];
+    let (code, two) = run(Layout::Allreduce { nproc: 2 }, cmd.clone());
+    assert_eq!(code, 0, "{two:#?}");
+    let (code, one) = run(Layout::Allreduce { nproc: 1 }, cmd);
+    assert_eq!(code, 0, "{one:#?}");
+    // Strip the process names: the same numbers must come out of both runs.
+    let text = |v: &[String]| {
+        let mut t: Vec<String> = v
+            .iter()
+            .map(|l| l.split_once(": ").map(|x| x.1).unwrap_or(l).to_string())
+            .map(|l| {
+                l.replace("over 2 process(es)", "over N")
+                    .replace("over 1 process(es)", "over N")
+            })
+            .map(|l| {
+                l.replace("stage 1: layer 2", "stage L: layer 2")
+                    .replace("stage 0: layer 2", "stage L: layer 2")
+            })
+            .collect();
+        t.sort();
+        t
+    };
+    assert_eq!(text(&two), text(&one));
+    assert!(accuracy(&one, "test accuracy") >= 0.9, "{one:#?}");
+}
