@@ -1,0 +1,135 @@
+"""The deployment files: manifests carry what the Kubeflow operators require, and the exact
+environment the operators and Slurm produce resolves to the right roles, ranks and addresses."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Dict
+
+import pytest
+
+from conftest import ROOT, clean_env
+
+yaml = pytest.importorskip("yaml")
+
+DEPLOY = ROOT / "deploy"
+SPEC = "import json, tandem; print(json.dumps(tandem.cluster_spec()))"
+
+
+def resolve(env: Dict[str, str]) -> dict:
+    out = subprocess.run([sys.executable, "-c", SPEC], env=clean_env(**env), capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+def containers(replica: dict) -> list:
+    return replica["template"]["spec"]["containers"]
+
+
+def token_from_secret(container: dict) -> bool:
+    return any(e["name"] == "TANDEM_JOB_TOKEN" and e["valueFrom"]["secretKeyRef"]["name"] == "tandem-job-token"
+               for e in container.get("env", []))
+
+
+def test_tfjob_manifest_has_what_the_training_operator_requires() -> None:
+    job = yaml.safe_load((DEPLOY / "kubernetes" / "tfjob-ps.yaml").read_text())
+    assert (job["apiVersion"], job["kind"]) == ("kubeflow.org/v1", "TFJob")
+    specs = job["spec"]["tfReplicaSpecs"]
+    assert set(specs) == {"PS", "Worker"}
+    for name, replica in specs.items():
+        assert replica["replicas"] >= 1
+        (c,) = containers(replica)
+        assert c["name"] == "tensorflow"
+        assert any(p["name"] == "tfjob-port" and p["containerPort"] == 2222 for p in c["ports"])
+        assert token_from_secret(c), name
+    assert containers(specs["PS"])[0]["command"][:2] == ["tandem", "ps"]
+    assert "nvidia.com/gpu" in containers(specs["Worker"])[0]["resources"]["limits"]
+
+
+def test_pytorchjob_manifest_has_what_the_training_operator_requires() -> None:
+    job = yaml.safe_load((DEPLOY / "kubernetes" / "pytorchjob-allreduce.yaml").read_text())
+    assert (job["apiVersion"], job["kind"]) == ("kubeflow.org/v1", "PyTorchJob")
+    specs = job["spec"]["pytorchReplicaSpecs"]
+    assert set(specs) == {"Master", "Worker"} and specs["Master"]["replicas"] == 1
+    for replica in specs.values():
+        (c,) = containers(replica)
+        assert c["name"] == "pytorch"
+        assert any(p["name"] == "pytorchjob-port" for p in c["ports"])
+        assert token_from_secret(c)
+        assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
+
+
+def test_secret_manifest_parses() -> None:
+    s = yaml.safe_load((DEPLOY / "kubernetes" / "secret.yaml").read_text())
+    assert s["kind"] == "Secret" and "token" in s["stringData"]
+
+
+def test_tfjob_environment_resolves_every_replica() -> None:
+    job = yaml.safe_load((DEPLOY / "kubernetes" / "tfjob-ps.yaml").read_text())
+    name = job["metadata"]["name"]
+    specs = job["spec"]["tfReplicaSpecs"]
+    # TF_CONFIG as the training operator writes it: <job>-<type>-<i>.<namespace>.svc:<port>.
+    cluster = {t.lower(): [f"{name}-{t.lower()}-{i}.default.svc:2222" for i in range(r["replicas"])]
+               for t, r in specs.items()}
+    workers, servers = len(cluster["worker"]), len(cluster["ps"])
+    for t, addrs in cluster.items():
+        for i in range(len(addrs)):
+            tf = json.dumps({"cluster": cluster, "task": {"type": t, "index": i}})
+            spec = resolve({"TF_CONFIG": tf})
+            assert spec["source"] == "tf_config"
+            assert (spec["role"], spec["index"]) == (t, i)
+            assert spec["rank"] == (i if t == "worker" else workers + i)
+            assert spec["world_size"] == workers + servers
+            assert spec["peers"]["ps"]["1"] == f"{name}-ps-1.default.svc:2222"
+            assert spec["rendezvous"] == f"{name}-worker-0.default.svc:2222"
+
+
+def test_pytorchjob_environment_makes_worker_i_rank_i_plus_1() -> None:
+    job = yaml.safe_load((DEPLOY / "kubernetes" / "pytorchjob-allreduce.yaml").read_text())
+    name = job["metadata"]["name"]
+    world = sum(r["replicas"] for r in job["spec"]["pytorchReplicaSpecs"].values())
+    base = {"MASTER_ADDR": f"{name}-master-0", "MASTER_PORT": "23456", "WORLD_SIZE": str(world),
+            "PYTHONUNBUFFERED": "1"}
+    assert resolve(dict(base, RANK="0"))["role"] == "chief"
+    for i in range(world - 1):
+        spec = resolve(dict(base, RANK=str(i + 1)))
+        assert (spec["source"], spec["role"], spec["index"], spec["rank"]) == ("torchrun", "worker", i, i + 1)
+        assert spec["rendezvous"] == f"{name}-master-0:23456"
+
+
+def test_slurm_allreduce_environment_uses_the_compressed_node_list() -> None:
+    base = {"SLURM_NTASKS": "8", "SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_TASKS_PER_NODE": "4(x2)",
+            "SLURM_JOB_ID": "4242", "SLURM_NNODES": "2"}
+    spec = resolve(dict(base, SLURM_PROCID="5", SLURM_LOCALID="1", SLURM_NODEID="1"))
+    assert (spec["source"], spec["rank"], spec["world_size"], spec["local_rank"]) == ("slurm", 5, 8, 1)
+    assert spec["rendezvous"] == f"gpu07:{15000 + 4242 % 5000}"
+
+
+def test_slurm_ps_tasks_get_the_tf_config_of_a_tfjob(tmp_path: Path) -> None:
+    (tmp_path / "scontrol").write_text("#!/bin/sh\nprintf 'node01\\nnode02\\nnode03\\n'\n")
+    (tmp_path / "tandem").write_text(f"#!/bin/sh\nexec {sys.executable} -c '{SPEC}'\n")
+    for f in ("scontrol", "tandem"):
+        (tmp_path / f).chmod(0o755)
+    seen = []
+    for task in range(6):
+        env = clean_env(PATH=f"{tmp_path}:{clean_env()['PATH']}", SLURM_PROCID=str(task), SLURM_NTASKS="6",
+                        SLURM_JOB_NODELIST="node[01-03]", SLURM_TASKS_PER_NODE="2(x3)", PS_COUNT="2",
+                        TANDEM_PS_PORT="20000", TANDEM_PRINT_ONLY="1", TANDEM_BIN=str(tmp_path))
+        out = subprocess.run([str(DEPLOY / "slurm" / "ps-task.sh")], env=env, capture_output=True, text=True,
+                             timeout=60)
+        assert out.returncode == 0, out.stderr
+        spec = json.loads(out.stdout)
+        seen.append((spec["role"], spec["index"]))
+        assert spec["peers"]["ps"] == {"0": "node01:20000", "1": "node01:20001"}
+        assert spec["peers"]["worker"]["3"] == "node03:20001"
+    assert seen == [("ps", 0), ("ps", 1), ("worker", 0), ("worker", 1), ("worker", 2), ("worker", 3)]
+
+
+def test_sbatch_scripts_are_valid_bash() -> None:
+    for script in (DEPLOY / "slurm").iterdir():
+        if script.suffix in (".sbatch", ".sh"):
+            assert subprocess.run(["bash", "-n", str(script)], timeout=30).returncode == 0, script
