@@ -8,6 +8,7 @@ mod launch;
 mod local_job;
 mod plot;
 mod ps;
+mod topo;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -35,6 +36,8 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Run a parameter server for this process's role (TF_CONFIG, TANDEM_* or --bind).
     Ps(ps::PsArgs),
+    /// Show the GPU interconnect and the GPUs and ring order a job would get.
+    Topo(topo::TopoArgs),
     /// Measure collectives (nccl-tests style table) or the parameter server.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -64,6 +67,7 @@ fn main() -> ExitCode {
         Command::Demo(a) => demo::demo(a),
         Command::DemoWorker(a) => demo::worker(a),
         Command::Ps(a) => ps::ps(a),
+        Command::Topo(a) => topo::topo(a),
         Command::Bench(a) => bench::run(a),
         Command::BenchPsWorker(a) => bench_ps::bench_ps_worker(a),
         Command::BenchRank(a) => bench::bench_rank(a),

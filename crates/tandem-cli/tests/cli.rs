@@ -167,3 +167,29 @@ fn ps_serves_its_tf_config_address_and_metrics() {
     let _ = s.read_to_string(&mut resp);
     assert!(resp.starts_with("HTTP/1.1 200 OK"), "{resp}");
 }
+
+#[test]
+fn topo_reads_a_recorded_matrix_and_names_the_bottleneck() {
+    let fixture = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../tandem-topology/fixtures/pairs4.txt"
+    );
+    let out = tandem(&["topo", "--from-file", fixture, "--gpus", "2"], &[]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("bottleneck: GPU0 -> GPU2 over NV4")
+            || text.contains("bottleneck: GPU1 -> GPU3 over NV4"),
+        "{text}"
+    );
+    let bad = std::env::temp_dir().join(format!("tandem-bad-topo-{}", std::process::id()));
+    std::fs::write(&bad, "\tGPU0\tGPU1\nGPU0\t X \tWARP\nGPU1\tNV1\t X \n").unwrap();
+    let out = tandem(&["topo", "--from-file", bad.to_str().unwrap()], &[]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown link \"WARP\""));
+    std::fs::remove_file(bad).unwrap();
+}

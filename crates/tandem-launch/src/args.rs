@@ -62,6 +62,10 @@ pub struct LaunchArgs {
     /// Stop the job after this many seconds.
     #[arg(long, value_name = "SECONDS")]
     pub timeout: Option<u64>,
+    /// GPUs for the training processes: `auto` (choose from `nvidia-smi topo -m`, fastest ring
+    /// first; nothing when there are no GPUs), `none`, or a list in ring order such as `0,2`.
+    #[arg(long, default_value = "auto")]
+    pub gpus: String,
     /// Extra variable for every process (repeatable).
     #[arg(long = "env", value_name = "KEY=VALUE")]
     pub env: Vec<String>,
@@ -107,6 +111,7 @@ impl LaunchArgs {
                 .ok_or_else(|| Error::invalid("--env", format!("{kv:?} is not KEY=VALUE")))?;
             spec.env.push((k.to_string(), v.to_string()));
         }
+        spec.gpus = crate::gpus::assign(&self.gpus, &spec.layout)?;
         spec.validate()?;
         Ok(spec)
     }

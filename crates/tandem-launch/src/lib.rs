@@ -17,9 +17,11 @@
 //! ```
 
 mod args;
+mod gpus;
 mod plan;
 mod supervise;
 
 pub use args::{LaunchArgs, RestartArg};
+pub use gpus::assign as assign_gpus;
 pub use plan::{JobSpec, Layout, LineSink, Planned, Restart, plan};
 pub use supervise::{Outcome, run};

@@ -71,6 +71,9 @@ pub struct JobSpec {
     pub prefix: bool,
     /// Hand output lines to this instead of printing them (log files are still written).
     pub sink: Option<LineSink>,
+    /// GPUs for the training processes, in ring order: process i gets
+    /// `CUDA_VISIBLE_DEVICES=gpus[i % len]` (empty: leave the variable alone).
+    pub gpus: Vec<usize>,
 }
 
 impl JobSpec {
@@ -86,6 +89,7 @@ impl JobSpec {
             host: "127.0.0.1".into(),
             prefix: true,
             sink: None,
+            gpus: Vec::new(),
         }
     }
 
@@ -184,6 +188,7 @@ pub fn plan(spec: &JobSpec, rendezvous: &str, ports: &[u16]) -> Result<Vec<Plann
                     ("MASTER_ADDR".into(), master_addr.to_string()),
                     ("MASTER_PORT".into(), master_port.to_string()),
                 ]);
+                let env = with_gpu(env, &spec.gpus, rank);
                 // torchrun names every rank a worker; so do the logs.
                 Planned {
                     role: Role::Worker,
@@ -234,17 +239,38 @@ pub fn plan(spec: &JobSpec, rendezvous: &str, ports: &[u16]) -> Result<Vec<Plann
                         (Role::Ps, Some(c)) => c.clone(),
                         _ => spec.command.clone(),
                     };
+                    let env = common(vec![("TF_CONFIG".into(), tf_config.to_string())]);
+                    // Trainers come first in rank order, so rank is their index among trainers.
+                    let env = if role == Role::Ps {
+                        env
+                    } else {
+                        with_gpu(env, &spec.gpus, rank)
+                    };
                     Planned {
                         role,
                         index,
                         rank,
                         command,
-                        env: common(vec![("TF_CONFIG".into(), tf_config.to_string())]),
+                        env,
                     }
                 })
                 .collect())
         }
     }
+}
+
+fn with_gpu(
+    mut env: Vec<(String, String)>,
+    gpus: &[usize],
+    trainer: usize,
+) -> Vec<(String, String)> {
+    if !gpus.is_empty() {
+        env.push((
+            "CUDA_VISIBLE_DEVICES".into(),
+            gpus[trainer % gpus.len()].to_string(),
+        ));
+    }
+    env
 }
 
 #[cfg(test)]
@@ -293,6 +319,33 @@ mod tests {
             assert_eq!(c.training_world_size(), 3);
             assert_eq!(c.rendezvous(), Some("127.0.0.1:4000"));
         }
+    }
+
+    #[test]
+    fn trainers_get_their_gpu_in_ring_order_and_servers_none() {
+        let mut spec = JobSpec::new(
+            Layout::Ps {
+                ps: 1,
+                workers: 2,
+                chief: false,
+            },
+            cmd(),
+        );
+        spec.gpus = vec![2, 0];
+        let procs = plan(&spec, "127.0.0.1:4000", &[1, 2, 3]).unwrap();
+        let dev: Vec<Option<&str>> = procs
+            .iter()
+            .map(|p| p.env_var("CUDA_VISIBLE_DEVICES"))
+            .collect();
+        assert_eq!(dev, [Some("2"), Some("0"), None]);
+        let mut spec = JobSpec::new(Layout::Allreduce { nproc: 3 }, cmd());
+        spec.gpus = vec![1, 3];
+        let procs = plan(&spec, "127.0.0.1:4000", &[]).unwrap();
+        let dev: Vec<Option<&str>> = procs
+            .iter()
+            .map(|p| p.env_var("CUDA_VISIBLE_DEVICES"))
+            .collect();
+        assert_eq!(dev, [Some("1"), Some("3"), Some("1")]);
     }
 
     #[test]

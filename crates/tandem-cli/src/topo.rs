@@ -1,0 +1,56 @@
+//! `tandem topo`: the GPU interconnect, and the GPUs and ring a job of N would get.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Args;
+use tandem::{Error, Result};
+use tandem_topology::{Topology, choose};
+
+/// Arguments of `tandem topo`.
+#[derive(Args, Debug)]
+pub struct TopoArgs {
+    /// Read the matrix from this file (the output of `nvidia-smi topo -m`) instead of running it.
+    #[arg(long)]
+    from_file: Option<PathBuf>,
+    /// How many GPUs the job needs (default: all).
+    #[arg(long)]
+    gpus: Option<usize>,
+}
+
+/// Prints the matrix, the chosen GPUs and ring, and the expected bottleneck link.
+pub fn topo(args: TopoArgs) -> Result<ExitCode> {
+    let topo = match &args.from_file {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
+            Topology::parse(&text)?
+        }
+        None => Topology::discover()?,
+    };
+    let k = args.gpus.unwrap_or(topo.gpus.len());
+    print!("{}", topo.matrix());
+    let plan = choose(&topo, k)?;
+    let ring: Vec<String> = plan.ring.iter().map(|g| format!("GPU{g}")).collect();
+    println!("\nfor {k} GPU(s): {}", ring.join(", "));
+    if k > 1 {
+        let steps: Vec<String> = plan
+            .ring
+            .iter()
+            .zip(&plan.steps)
+            .map(|(g, l)| format!("GPU{g} ={l}=>"))
+            .collect();
+        println!("ring: {} GPU{}", steps.join(" "), plan.ring[0]);
+        let (a, b, link) = plan.bottleneck;
+        println!(
+            "bottleneck: GPU{a} -> GPU{b} over {link} (about {:.0} GB/s each way)",
+            link.gbps()
+        );
+    }
+    let devices: Vec<String> = plan.ring.iter().map(|g| g.to_string()).collect();
+    println!(
+        "tandem launch --gpus {} gives local rank r CUDA_VISIBLE_DEVICES=<r-th of that list>",
+        devices.join(",")
+    );
+    Ok(ExitCode::SUCCESS)
+}
