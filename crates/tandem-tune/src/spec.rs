@@ -1,0 +1,742 @@
+//! The experiment spec, in the shape of a Katib `Experiment` (v1beta1), read from YAML and checked
+//! before any trial starts: every problem names the field at fault.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+use tandem_core::{Error, Result};
+
+/// A number Katib writes as a string (`"0.01"`) or YAML writes as a number.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(untagged)]
+enum Scalar {
+    Num(f64),
+    Str(String),
+}
+
+impl Scalar {
+    fn text(&self) -> String {
+        match self {
+            Scalar::Num(n) => format_number(*n),
+            Scalar::Str(s) => s.clone(),
+        }
+    }
+    fn number(&self, field: &str) -> Result<f64> {
+        match self {
+            Scalar::Num(n) => Ok(*n),
+            Scalar::Str(s) => s
+                .trim()
+                .parse()
+                .map_err(|_| Error::config(field, format!("{s:?} is not a number"))),
+        }
+    }
+}
+
+/// Formats a number the way a user would write it (no trailing `.0` for integers).
+pub fn format_number(n: f64) -> String {
+    if n.fract() == 0.0 && n.abs() < 1e15 {
+        format!("{}", n as i64)
+    } else {
+        format!("{n}")
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawDoc {
+    api_version: Option<String>,
+    kind: Option<String>,
+    metadata: Option<RawMeta>,
+    spec: RawSpec,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMeta {
+    name: Option<String>,
+    namespace: Option<String>,
+    labels: Option<BTreeMap<String, String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawSpec {
+    objective: RawObjective,
+    algorithm: RawAlgorithm,
+    parallel_trial_count: Option<u32>,
+    max_trial_count: Option<u32>,
+    max_failed_trial_count: Option<u32>,
+    early_stopping: Option<RawAlgorithm>,
+    parameters: Vec<RawParam>,
+    trial_template: RawTemplate,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawObjective {
+    #[serde(rename = "type")]
+    kind: String,
+    goal: Option<f64>,
+    objective_metric_name: Option<String>,
+    additional_metric_names: Option<Vec<String>>,
+    metric_strategies: Option<Vec<RawStrategy>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStrategy {
+    name: String,
+    value: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawAlgorithm {
+    algorithm_name: String,
+    algorithm_settings: Option<Vec<RawSetting>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSetting {
+    name: String,
+    value: Scalar,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawParam {
+    name: String,
+    parameter_type: String,
+    feasible_space: RawSpace,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSpace {
+    min: Option<Scalar>,
+    max: Option<Scalar>,
+    step: Option<Scalar>,
+    list: Option<Vec<Scalar>>,
+    distribution: Option<String>,
+    scale: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawTemplate {
+    trial_parameters: Option<Vec<RawTrialParam>>,
+    command: Vec<String>,
+    timeout_seconds: Option<u64>,
+    env: Option<BTreeMap<String, String>>,
+    working_dir: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTrialParam {
+    name: String,
+    reference: String,
+    description: Option<String>,
+}
+
+/// Maximise or minimise the objective.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Goal {
+    /// Bigger is better.
+    Maximize,
+    /// Smaller is better.
+    Minimize,
+}
+
+impl Goal {
+    /// Whether `a` is better than `b`.
+    pub fn better(self, a: f64, b: f64) -> bool {
+        match self {
+            Goal::Maximize => a > b,
+            Goal::Minimize => a < b,
+        }
+    }
+}
+
+/// Which of a trial's reported values becomes its result for a metric.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Strategy {
+    /// The largest value reported.
+    Max,
+    /// The smallest value reported.
+    Min,
+    /// The last value reported.
+    Latest,
+}
+
+/// The objective.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Objective {
+    /// Maximise or minimise.
+    pub goal: Goal,
+    /// Stop the experiment once a trial reaches this.
+    pub target: Option<f64>,
+    /// The metric trials report (`name=value` lines).
+    pub metric: String,
+    /// Other metrics to record.
+    pub additional: Vec<String>,
+    /// How the objective's values of one trial reduce to one (default: max for maximise, min for minimise).
+    pub strategy: Strategy,
+}
+
+impl Objective {
+    /// Whether `value` reaches the target.
+    pub fn reached(&self, value: f64) -> bool {
+        match (self.target, self.goal) {
+            (Some(t), Goal::Maximize) => value >= t,
+            (Some(t), Goal::Minimize) => value <= t,
+            (None, _) => false,
+        }
+    }
+}
+
+/// Where a parameter's values come from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Domain {
+    /// Real numbers in `[min, max]`, optionally on a log scale or a grid of `step`.
+    Double {
+        /// Lower bound.
+        min: f64,
+        /// Upper bound.
+        max: f64,
+        /// Sample on a log scale.
+        log: bool,
+        /// Grid step (needed by the grid algorithm).
+        step: Option<f64>,
+    },
+    /// Integers in `[min, max]`.
+    Int {
+        /// Lower bound.
+        min: i64,
+        /// Upper bound.
+        max: i64,
+        /// Sample on a log scale.
+        log: bool,
+        /// Grid step (default 1).
+        step: i64,
+    },
+    /// One of the strings.
+    Categorical(Vec<String>),
+    /// One of the numbers.
+    Discrete(Vec<f64>),
+}
+
+/// One searched parameter.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Parameter {
+    /// Its name (what `trialParameters[].reference` points at).
+    pub name: String,
+    /// Its values.
+    pub domain: Domain,
+}
+
+/// A search or early-stopping algorithm and its settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AlgorithmSpec {
+    /// Its name (`random`, `grid`, `tpe`; `medianstop`).
+    pub name: String,
+    /// Its settings, by name.
+    pub settings: BTreeMap<String, String>,
+}
+
+impl AlgorithmSpec {
+    /// A setting parsed as `T`, or `default`; an unparsable value is an error naming it.
+    pub fn setting<T: std::str::FromStr>(&self, field: &str, name: &str, default: T) -> Result<T> {
+        match self.settings.get(name) {
+            None => Ok(default),
+            Some(v) => v.trim().parse().map_err(|_| {
+                Error::config(
+                    format!("{field}.algorithmSettings[{name}]"),
+                    format!("{v:?} is not valid here"),
+                )
+            }),
+        }
+    }
+}
+
+/// What each trial runs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Template {
+    /// `${trialParameters.<name>}` → the parameter it references.
+    pub trial_parameters: Vec<(String, String)>,
+    /// The command, with placeholders.
+    pub command: Vec<String>,
+    /// Each trial's deadline.
+    pub timeout_seconds: u64,
+    /// Extra variables for the trial.
+    pub env: BTreeMap<String, String>,
+    /// Working directory of the trial.
+    pub working_dir: Option<String>,
+}
+
+/// A checked experiment.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Experiment {
+    /// Its name.
+    pub name: String,
+    /// The objective.
+    pub objective: Objective,
+    /// The search algorithm.
+    pub algorithm: AlgorithmSpec,
+    /// The early-stopping algorithm, if any.
+    pub early_stopping: Option<AlgorithmSpec>,
+    /// Trials run at once.
+    pub parallel: u32,
+    /// Trials run at most.
+    pub max_trials: u32,
+    /// Failed trials tolerated before the experiment fails.
+    pub max_failed: u32,
+    /// The searched parameters.
+    pub parameters: Vec<Parameter>,
+    /// What a trial runs.
+    pub template: Template,
+}
+
+/// Default trial deadline when the spec sets none: every trial ends.
+pub const DEFAULT_TRIAL_TIMEOUT: u64 = 3600;
+
+/// Search algorithms this version knows.
+pub const ALGORITHMS: [&str; 3] = ["random", "grid", "tpe"];
+
+impl Experiment {
+    /// Parses and checks a YAML spec.
+    ///
+    /// ```
+    /// let yaml = r#"
+    /// metadata: {name: lr-search}
+    /// spec:
+    ///   objective: {type: maximize, objectiveMetricName: accuracy, goal: 0.99}
+    ///   algorithm: {algorithmName: random, algorithmSettings: [{name: random_state, value: "7"}]}
+    ///   maxTrialCount: 6
+    ///   parameters:
+    ///     - name: lr
+    ///       parameterType: double
+    ///       feasibleSpace: {min: "0.001", max: "0.1", distribution: logUniform}
+    ///   trialTemplate:
+    ///     trialParameters: [{name: learningRate, reference: lr}]
+    ///     command: [python, train.py, "--lr=${trialParameters.learningRate}"]
+    /// "#;
+    /// let e = tandem_tune::Experiment::from_yaml(yaml).unwrap();
+    /// assert_eq!(e.name, "lr-search");
+    /// assert_eq!(e.max_trials, 6);
+    /// ```
+    pub fn from_yaml(text: &str) -> Result<Experiment> {
+        let raw: RawDoc = serde_norway::from_str(text)
+            .map_err(|e| Error::config("experiment spec", e.to_string()))?;
+        if let Some(k) = &raw.kind
+            && k != "Experiment"
+        {
+            return Err(Error::config("kind", format!("{k:?} is not Experiment")));
+        }
+        let _ = (
+            &raw.api_version,
+            raw.metadata.as_ref().map(|m| (&m.namespace, &m.labels)),
+        );
+        let name = raw
+            .metadata
+            .and_then(|m| m.name)
+            .unwrap_or_else(|| "experiment".into());
+        if name.is_empty() || name.contains('/') {
+            return Err(Error::config(
+                "metadata.name",
+                format!("{name:?} cannot name a folder"),
+            ));
+        }
+        let s = raw.spec;
+        let objective = objective(s.objective)?;
+        let algorithm = parse_algorithm("spec.algorithm", s.algorithm)?;
+        if !ALGORITHMS.contains(&algorithm.name.as_str()) {
+            return Err(Error::config(
+                "spec.algorithm.algorithmName",
+                format!(
+                    "{:?} is not one of {}",
+                    algorithm.name,
+                    ALGORITHMS.join(", ")
+                ),
+            ));
+        }
+        let early_stopping = match s.early_stopping {
+            Some(a) => {
+                let a = parse_algorithm("spec.earlyStopping", a)?;
+                if a.name != "medianstop" {
+                    return Err(Error::config(
+                        "spec.earlyStopping.algorithmName",
+                        format!("{:?} is not medianstop", a.name),
+                    ));
+                }
+                Some(a)
+            }
+            None => None,
+        };
+        if s.parameters.is_empty() {
+            return Err(Error::config(
+                "spec.parameters",
+                "is empty: nothing to search",
+            ));
+        }
+        let mut parameters = Vec::with_capacity(s.parameters.len());
+        for (i, p) in s.parameters.into_iter().enumerate() {
+            let field = format!("spec.parameters[{i}]");
+            if p.name.is_empty() {
+                return Err(Error::config(format!("{field}.name"), "is empty"));
+            }
+            if parameters.iter().any(|q: &Parameter| q.name == p.name) {
+                return Err(Error::config(
+                    format!("{field}.name"),
+                    format!("{:?} is declared twice", p.name),
+                ));
+            }
+            let domain = domain(&field, &p.parameter_type, p.feasible_space)?;
+            parameters.push(Parameter {
+                name: p.name,
+                domain,
+            });
+        }
+        let template = template(s.trial_template, &parameters)?;
+        let count = |field: &str, v: Option<u32>, default: u32| -> Result<u32> {
+            match v {
+                Some(0) => Err(Error::config(field, "must be at least 1")),
+                Some(n) => Ok(n),
+                None => Ok(default),
+            }
+        };
+        let max_trials = count("spec.maxTrialCount", s.max_trial_count, 12)?;
+        let parallel = count("spec.parallelTrialCount", s.parallel_trial_count, 3)?.min(max_trials);
+        let max_failed = s.max_failed_trial_count.unwrap_or(3);
+        Ok(Experiment {
+            name,
+            objective,
+            algorithm,
+            early_stopping,
+            parallel,
+            max_trials,
+            max_failed,
+            parameters,
+            template,
+        })
+    }
+}
+
+fn objective(o: RawObjective) -> Result<Objective> {
+    let goal = match o.kind.as_str() {
+        "maximize" => Goal::Maximize,
+        "minimize" => Goal::Minimize,
+        other => {
+            return Err(Error::config(
+                "spec.objective.type",
+                format!("{other:?} is not maximize or minimize"),
+            ));
+        }
+    };
+    let metric = o
+        .objective_metric_name
+        .filter(|m| !m.trim().is_empty())
+        .ok_or_else(|| {
+            Error::config(
+                "spec.objective.objectiveMetricName",
+                "is missing: which metric do trials report?",
+            )
+        })?;
+    if let Some(g) = o.goal
+        && !g.is_finite()
+    {
+        return Err(Error::config(
+            "spec.objective.goal",
+            format!("{g} is not a finite number"),
+        ));
+    }
+    let mut strategy = match goal {
+        Goal::Maximize => Strategy::Max,
+        Goal::Minimize => Strategy::Min,
+    };
+    for (i, st) in o
+        .metric_strategies
+        .unwrap_or_default()
+        .into_iter()
+        .enumerate()
+    {
+        let v = match st.value.as_str() {
+            "max" => Strategy::Max,
+            "min" => Strategy::Min,
+            "latest" => Strategy::Latest,
+            other => {
+                return Err(Error::config(
+                    format!("spec.objective.metricStrategies[{i}].value"),
+                    format!("{other:?} is not min, max or latest"),
+                ));
+            }
+        };
+        if st.name == metric {
+            strategy = v;
+        }
+    }
+    Ok(Objective {
+        goal,
+        target: o.goal,
+        metric,
+        additional: o.additional_metric_names.unwrap_or_default(),
+        strategy,
+    })
+}
+
+fn parse_algorithm(field: &str, a: RawAlgorithm) -> Result<AlgorithmSpec> {
+    let name = a.algorithm_name.trim().to_ascii_lowercase();
+    if name.is_empty() {
+        return Err(Error::config(format!("{field}.algorithmName"), "is empty"));
+    }
+    let settings = a
+        .algorithm_settings
+        .unwrap_or_default()
+        .into_iter()
+        .map(|s| (s.name, s.value.text()))
+        .collect();
+    Ok(AlgorithmSpec { name, settings })
+}
+
+fn log_scale(field: &str, sp: &RawSpace) -> Result<bool> {
+    let from_distribution = match sp.distribution.as_deref() {
+        None => None,
+        Some("uniform") => Some(false),
+        Some("logUniform") => Some(true),
+        Some(other) => {
+            return Err(Error::config(
+                format!("{field}.feasibleSpace.distribution"),
+                format!("{other:?} is not uniform or logUniform"),
+            ));
+        }
+    };
+    let from_scale = match sp.scale.as_deref() {
+        None => None,
+        Some("linear") => Some(false),
+        Some("log") => Some(true),
+        Some(other) => {
+            return Err(Error::config(
+                format!("{field}.feasibleSpace.scale"),
+                format!("{other:?} is not linear or log"),
+            ));
+        }
+    };
+    match (from_distribution, from_scale) {
+        (Some(a), Some(b)) if a != b => Err(Error::config(
+            format!("{field}.feasibleSpace"),
+            "distribution and scale disagree",
+        )),
+        (a, b) => Ok(a.or(b).unwrap_or(false)),
+    }
+}
+
+fn domain(field: &str, kind: &str, sp: RawSpace) -> Result<Domain> {
+    let fs = format!("{field}.feasibleSpace");
+    let log = log_scale(field, &sp)?;
+    let bounds = |sp: &RawSpace| -> Result<(f64, f64)> {
+        let min = sp
+            .min
+            .as_ref()
+            .ok_or_else(|| Error::config(format!("{fs}.min"), "is missing"))?
+            .number(&format!("{fs}.min"))?;
+        let max = sp
+            .max
+            .as_ref()
+            .ok_or_else(|| Error::config(format!("{fs}.max"), "is missing"))?
+            .number(&format!("{fs}.max"))?;
+        if !min.is_finite() || !max.is_finite() {
+            return Err(Error::config(fs.clone(), "min and max must be finite"));
+        }
+        if min > max {
+            return Err(Error::config(
+                format!("{fs}.min"),
+                format!(
+                    "min {} is larger than max {}",
+                    format_number(min),
+                    format_number(max)
+                ),
+            ));
+        }
+        if min == max {
+            return Err(Error::config(
+                fs.clone(),
+                format!(
+                    "the range [{}, {}] is empty",
+                    format_number(min),
+                    format_number(max)
+                ),
+            ));
+        }
+        if log && min <= 0.0 {
+            return Err(Error::config(
+                format!("{fs}.min"),
+                format!(
+                    "a log scale needs positive bounds, min is {}",
+                    format_number(min)
+                ),
+            ));
+        }
+        Ok((min, max))
+    };
+    let no_list = |sp: &RawSpace| -> Result<()> {
+        if sp.list.is_some() {
+            return Err(Error::config(
+                format!("{fs}.list"),
+                format!("a {kind} parameter takes min and max, not a list"),
+            ));
+        }
+        Ok(())
+    };
+    match kind {
+        "double" => {
+            no_list(&sp)?;
+            let (min, max) = bounds(&sp)?;
+            let step = match &sp.step {
+                Some(s) => {
+                    let st = s.number(&format!("{fs}.step"))?;
+                    if !(st > 0.0 && st.is_finite()) {
+                        return Err(Error::config(
+                            format!("{fs}.step"),
+                            format!("{st} is not positive"),
+                        ));
+                    }
+                    Some(st)
+                }
+                None => None,
+            };
+            Ok(Domain::Double {
+                min,
+                max,
+                log,
+                step,
+            })
+        }
+        "int" => {
+            no_list(&sp)?;
+            let (min, max) = bounds(&sp)?;
+            if min.fract() != 0.0 || max.fract() != 0.0 {
+                return Err(Error::config(
+                    fs,
+                    "an int parameter needs whole-number bounds",
+                ));
+            }
+            let step = match &sp.step {
+                Some(s) => {
+                    let st = s.number(&format!("{fs}.step"))?;
+                    if st < 1.0 || st.fract() != 0.0 {
+                        return Err(Error::config(
+                            format!("{fs}.step"),
+                            format!("{st} is not a positive whole number"),
+                        ));
+                    }
+                    st as i64
+                }
+                None => 1,
+            };
+            Ok(Domain::Int {
+                min: min as i64,
+                max: max as i64,
+                log,
+                step,
+            })
+        }
+        "categorical" | "discrete" => {
+            if sp.min.is_some() || sp.max.is_some() {
+                return Err(Error::config(
+                    fs,
+                    format!("a {kind} parameter takes a list, not min and max"),
+                ));
+            }
+            let list = sp
+                .list
+                .filter(|l| !l.is_empty())
+                .ok_or_else(|| Error::config(format!("{fs}.list"), "is missing or empty"))?;
+            if kind == "categorical" {
+                let values: Vec<String> = list.iter().map(Scalar::text).collect();
+                Ok(Domain::Categorical(values))
+            } else {
+                let values = list
+                    .iter()
+                    .enumerate()
+                    .map(|(i, v)| v.number(&format!("{fs}.list[{i}]")))
+                    .collect::<Result<Vec<f64>>>()?;
+                Ok(Domain::Discrete(values))
+            }
+        }
+        other => Err(Error::config(
+            format!("{field}.parameterType"),
+            format!("{other:?} is not double, int, categorical or discrete"),
+        )),
+    }
+}
+
+fn template(t: RawTemplate, params: &[Parameter]) -> Result<Template> {
+    if t.command.is_empty() || t.command[0].trim().is_empty() {
+        return Err(Error::config("spec.trialTemplate.command", "is empty"));
+    }
+    let mut trial_parameters = Vec::new();
+    for (i, tp) in t
+        .trial_parameters
+        .unwrap_or_default()
+        .into_iter()
+        .enumerate()
+    {
+        let _ = tp.description;
+        if !params.iter().any(|p| p.name == tp.reference) {
+            return Err(Error::config(
+                format!("spec.trialTemplate.trialParameters[{i}].reference"),
+                format!("{:?} is not a parameter of spec.parameters", tp.reference),
+            ));
+        }
+        trial_parameters.push((tp.name, tp.reference));
+    }
+    // Every placeholder must resolve, or a trial would run with a literal "${...}".
+    for arg in t
+        .command
+        .iter()
+        .chain(t.env.iter().flat_map(|e| e.values()))
+    {
+        let mut rest = arg.as_str();
+        while let Some(start) = rest.find("${") {
+            let after = &rest[start + 2..];
+            let end = after.find('}').ok_or_else(|| {
+                Error::config(
+                    "spec.trialTemplate.command",
+                    format!("unclosed placeholder in {arg:?}"),
+                )
+            })?;
+            let key = &after[..end];
+            let ok = match key.strip_prefix("trialParameters.") {
+                Some(n) => trial_parameters.iter().any(|(name, _)| name == n),
+                None => key == "trialName" || key == "experimentName",
+            };
+            if !ok {
+                return Err(Error::config(
+                    "spec.trialTemplate.command",
+                    format!(
+                        "placeholder ${{{key}}} names no trial parameter (declare it in trialParameters)"
+                    ),
+                ));
+            }
+            rest = &after[end + 1..];
+        }
+    }
+    let timeout_seconds = match t.timeout_seconds {
+        Some(0) => {
+            return Err(Error::config(
+                "spec.trialTemplate.timeoutSeconds",
+                "must be at least 1",
+            ));
+        }
+        Some(n) => n,
+        None => DEFAULT_TRIAL_TIMEOUT,
+    };
+    Ok(Template {
+        trial_parameters,
+        command: t.command,
+        timeout_seconds,
+        env: t.env.unwrap_or_default(),
+        working_dir: t.working_dir,
+    })
+}
