@@ -74,6 +74,12 @@ pub struct DemoArgs {
     /// Training examples (split across workers).
     #[arg(long, default_value_t = 12_000)]
     examples: usize,
+    /// Learning rate (default: 0.5 for allreduce, 0.1 for sync PS, 0.1 / workers for async PS).
+    #[arg(long)]
+    lr: Option<f32>,
+    /// Also print `step=N accuracy=X` lines while each job trains (what `tandem tune` reads).
+    #[arg(long)]
+    report: bool,
     /// Seconds each job may take before it is stopped.
     #[arg(long, default_value_t = 300)]
     timeout: u64,
@@ -199,6 +205,10 @@ fn run_job(mode: Mode, a: &DemoArgs) -> Result<Report> {
         format!("--staleness={}", a.staleness),
         format!("--examples={}", a.examples),
     ];
+    let mut worker_args = worker_args;
+    if let Some(lr) = a.lr {
+        worker_args.push(format!("--lr={lr}"));
+    }
     let layout = match mode {
         Mode::Allreduce | Mode::All => Layout::Allreduce { nproc: a.workers },
         Mode::Sync | Mode::Async => Layout::Ps {
@@ -208,10 +218,15 @@ fn run_job(mode: Mode, a: &DemoArgs) -> Result<Report> {
         },
     };
     let server_args: Vec<String> = vec!["ps".into(), "--log-every=3600".into()];
+    let report_steps = a.report;
     let sink = {
         let (bar, report, errors) = (bar.clone(), report.clone(), errors.clone());
         move |p: &tandem_launch::Planned, line: &str, stderr: bool| {
-            if let Some(step) = line.strip_prefix("PROGRESS ") {
+            if let Some(eval) = line.strip_prefix("EVAL ") {
+                if report_steps {
+                    bar.suspend(|| println!("  {eval}"));
+                }
+            } else if let Some(step) = line.strip_prefix("PROGRESS ") {
                 let mut it = step.split_whitespace();
                 if let Some(s) = it.next().and_then(|s| s.parse().ok()) {
                     bar.set_position(s);
@@ -252,7 +267,7 @@ fn run_job(mode: Mode, a: &DemoArgs) -> Result<Report> {
     match (failed.is_empty(), got) {
         (true, Some(r)) => {
             println!(
-                "  {} steps, final loss {:.4}, test accuracy {:.3}, {:.2} s",
+                "  {} steps: loss={:.4} accuracy={:.4} seconds={:.2}",
                 a.steps, r.loss, r.accuracy, r.wall
             );
             Ok(r)
@@ -291,6 +306,17 @@ fn progress(step: usize, steps: usize, loss: f32) {
     }
 }
 
+/// Test accuracy every 100 steps, for `--report` (and `tandem tune`'s early stopping).
+fn evaluate(step: usize, steps: usize, model: &Mlp, tx: &ndarray::Array2<f32>, ty: &[usize]) {
+    if (step + 1).is_multiple_of(100) && step + 1 < steps {
+        println!(
+            "EVAL step={} accuracy={:.4}",
+            step + 1,
+            model.accuracy(tx, ty)
+        );
+    }
+}
+
 fn allreduce_worker(a: &DemoArgs) -> Result<()> {
     let pg = ProcessGroup::from_env()?;
     let (rank, n) = (pg.rank(), pg.world_size());
@@ -300,7 +326,8 @@ fn allreduce_worker(a: &DemoArgs) -> Result<()> {
     pg.broadcast(&mut model.params, 0)?;
     let shard = a.examples / n;
     let lo = rank * shard;
-    let lr = 0.5;
+    let lr = a.lr.unwrap_or(0.5);
+    let (tx, ty) = spiral(3000, 2);
     let start = Instant::now();
     let mut recent = Vec::new();
     for step in 0..a.steps {
@@ -316,6 +343,7 @@ fn allreduce_worker(a: &DemoArgs) -> Result<()> {
         recent.push(loss);
         if rank == 0 {
             progress(step, a.steps, loss);
+            evaluate(step, a.steps, &model, &tx, &ty);
         }
     }
     let wall = start.elapsed().as_secs_f64();
@@ -338,7 +366,6 @@ fn allreduce_worker(a: &DemoArgs) -> Result<()> {
         ));
     }
     if rank == 0 {
-        let (tx, ty) = spiral(3000, 2);
         // Ring allreduce: each rank sends and receives 2(n-1)/n of the gradient per step.
         let bytes = a.steps as f64 * (model.params.len() * 4) as f64 * 2.0 * (n as f64 - 1.0)
             / n as f64
@@ -377,6 +404,7 @@ fn ps_worker(a: &DemoArgs, sync: bool) -> Result<()> {
         Duration::from_secs(60),
     )?;
     let (x, y) = spiral(a.examples, 1);
+    let (tx, ty) = spiral(3000, 2);
     let shard = a.examples / job.workers as usize;
     let lo = job.worker as usize * shard;
     let start = Instant::now();
@@ -399,6 +427,7 @@ fn ps_worker(a: &DemoArgs, sync: bool) -> Result<()> {
         recent.push(loss);
         if job.worker == 0 {
             progress(step, a.steps, loss);
+            evaluate(step, a.steps, &model, &tx, &ty);
         }
     }
     let (_, params) = client.pull(if sync { a.steps as u64 } else { 0 })?;
@@ -411,7 +440,6 @@ fn ps_worker(a: &DemoArgs, sync: bool) -> Result<()> {
         // Sync: global steps; async: gradients applied (each push reaches every server).
         let steps = if sync { a.steps as f64 } else { applied as f64 };
         let tail = &recent[recent.len().saturating_sub(20)..];
-        let (tx, ty) = spiral(3000, 2);
         let r = json!({"steps": steps, "samples": a.steps * a.batch * job.workers as usize,
             "loss": tail.iter().sum::<f32>() / tail.len().max(1) as f32,
             "accuracy": model.accuracy(&tx, &ty), "wall": wall, "bytes": bytes});

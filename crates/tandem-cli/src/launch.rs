@@ -28,7 +28,7 @@ pub fn launch(args: LaunchArgs) -> Result<ExitCode> {
 }
 
 /// Sets `stop` on SIGINT or SIGTERM (the launcher then stops every child and exits).
-fn watch_signals(stop: Arc<AtomicBool>) {
+pub(crate) fn watch_signals(stop: Arc<AtomicBool>) {
     let started = std::thread::Builder::new()
         .name("tandem-signals".into())
         .spawn(move || {

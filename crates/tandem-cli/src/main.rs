@@ -9,6 +9,7 @@ mod local_job;
 mod plot;
 mod ps;
 mod topo;
+mod tune;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -36,6 +37,8 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Run a parameter server for this process's role (TF_CONFIG, TANDEM_* or --bind).
     Ps(ps::PsArgs),
+    /// Run (or resume) a hyperparameter tuning experiment written in Katib's Experiment shape.
+    Tune(tune::TuneArgs),
     /// Show the GPU interconnect and the GPUs and ring order a job would get.
     Topo(topo::TopoArgs),
     /// Measure collectives (nccl-tests style table) or the parameter server.
@@ -68,6 +71,7 @@ fn main() -> ExitCode {
         Command::DemoWorker(a) => demo::worker(a),
         Command::Ps(a) => ps::ps(a),
         Command::Topo(a) => topo::topo(a),
+        Command::Tune(a) => tune::tune(a),
         Command::Bench(a) => bench::run(a),
         Command::BenchPsWorker(a) => bench_ps::bench_ps_worker(a),
         Command::BenchRank(a) => bench::bench_rank(a),

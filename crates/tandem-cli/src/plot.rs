@@ -1,4 +1,5 @@
-//! A small PNG line chart of bus bandwidth against message size, for `tandem bench --plot`.
+//! Small PNG charts: bus bandwidth against message size (`tandem bench --plot`) and scatter charts
+//! (`tandem tune`'s objective per trial and parameters against the objective).
 //!
 //! Drawn by hand on an RGB canvas with a built-in 5×7 font and encoded with the `png` crate, so the
 //! command needs no font files or plotting stack.
@@ -152,6 +153,23 @@ fn glyph(c: char) -> Option<[&'static str; 7]> {
         ':' => [
             "     ", " ##  ", " ##  ", "     ", " ##  ", " ##  ", "     ",
         ],
+        '=' => [
+            "     ", "     ", "#####", "     ", "#####", "     ", "     ",
+        ],
+        '_' => [
+            "     ", "     ", "     ", "     ", "     ", "     ", "#####",
+        ],
+        '+' => [
+            "     ", "  #  ", "  #  ", "#####", "  #  ", "  #  ", "     ",
+        ],
+        'j' => [
+            "   # ", "     ", "  ## ", "   # ", "   # ", "#  # ", " ##  ",
+        ],
+        'q' => [
+            "     ", "     ", " ####", "#   #", " ####", "    #", "    #",
+        ],
+        // Capitals without a glyph of their own are drawn as small letters.
+        c if c.is_ascii_uppercase() => return glyph(c.to_ascii_lowercase()),
         _ => return None,
     })
 }
@@ -218,6 +236,133 @@ fn size_label(bytes: usize) -> String {
     }
 }
 
+fn save(c: &Canvas, path: &str) -> Result<()> {
+    let file = std::fs::File::create(path).map_err(|e| Error::io(format!("creating {path}"), e))?;
+    let mut enc = png::Encoder::new(BufWriter::new(file), W as u32, H as u32);
+    enc.set_color(png::ColorType::Rgb);
+    enc.set_depth(png::BitDepth::Eight);
+    let mut writer = enc
+        .write_header()
+        .map_err(|e| Error::transport(format!("writing {path}"), e.to_string()))?;
+    writer
+        .write_image_data(&c.px)
+        .map_err(|e| Error::transport(format!("writing {path}"), e.to_string()))
+}
+
+fn tick(v: f64) -> String {
+    let a = v.abs();
+    if a != 0.0 && !(0.01..10_000.0).contains(&a) {
+        format!("{v:.1e}")
+    } else if a >= 100.0 {
+        format!("{v:.0}")
+    } else {
+        format!("{v:.3}")
+    }
+}
+
+/// A scatter chart: x may be on a log scale; `colours` gives each point's colour (default blue);
+/// `line` is drawn through its points in order (e.g. the best so far).
+pub struct Scatter<'a> {
+    /// Title at the top.
+    pub title: &'a str,
+    /// Label of the x axis.
+    pub x_label: &'a str,
+    /// Label of the y axis.
+    pub y_label: &'a str,
+    /// The points.
+    pub points: &'a [(f64, f64)],
+    /// One colour per point (or empty).
+    pub colours: &'a [[u8; 3]],
+    /// A line to draw.
+    pub line: &'a [(f64, f64)],
+    /// Put x on a log scale (all x must be positive).
+    pub log_x: bool,
+    /// Names for integer x positions (categorical axes).
+    pub x_names: &'a [String],
+}
+
+/// Writes a [`Scatter`] chart as a PNG.
+pub fn scatter_png(path: &str, chart: &Scatter<'_>) -> Result<()> {
+    let finite: Vec<(f64, f64)> = chart
+        .points
+        .iter()
+        .chain(chart.line)
+        .copied()
+        .filter(|(x, y)| x.is_finite() && y.is_finite() && (!chart.log_x || *x > 0.0))
+        .collect();
+    if finite.is_empty() {
+        return Err(Error::invalid(path, "no points to plot"));
+    }
+    let fx = |x: f64| if chart.log_x { x.log10() } else { x };
+    let (mut min_x, mut max_x) = finite.iter().fold((f64::MAX, f64::MIN), |(a, b), p| {
+        (a.min(fx(p.0)), b.max(fx(p.0)))
+    });
+    let (mut min_y, mut max_y) = finite
+        .iter()
+        .fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.1), b.max(p.1)));
+    if max_x - min_x < 1e-12 {
+        min_x -= 0.5;
+        max_x += 0.5;
+    }
+    if max_y - min_y < 1e-12 {
+        min_y -= 0.5;
+        max_y += 0.5;
+    }
+    let pad_x = (max_x - min_x) * 0.05;
+    let pad_y = (max_y - min_y) * 0.08;
+    let (min_x, max_x, min_y, max_y) = (min_x - pad_x, max_x + pad_x, min_y - pad_y, max_y + pad_y);
+    let mut c = Canvas::new();
+    let (x0, x1) = ((LEFT + 30) as i64, (W - RIGHT) as i64);
+    let (y0, y1) = ((H - BOTTOM) as i64, TOP as i64);
+    let px = |x: f64| x0 + ((fx(x) - min_x) / (max_x - min_x) * (x1 - x0) as f64) as i64;
+    let py = |y: f64| y0 - ((y - min_y) / (max_y - min_y) * (y0 - y1) as f64) as i64;
+    for i in 0..=5 {
+        let v = min_y + (max_y - min_y) * i as f64 / 5.0;
+        let y = py(v);
+        c.line((x0, y), (x1, y), [225, 225, 225], 1);
+        c.text(4, y - 7, &tick(v));
+    }
+    if chart.x_names.is_empty() {
+        for i in 0..=4 {
+            let t = min_x + (max_x - min_x) * i as f64 / 4.0;
+            let v = if chart.log_x { 10f64.powf(t) } else { t };
+            let x = px(v);
+            c.line((x, y0), (x, y1), [225, 225, 225], 1);
+            let label = tick(v);
+            let at = (x - 6 * label.len() as i64).min(W as i64 - 12 * label.len() as i64 - 2);
+            c.text(at, y0 + 8, &label);
+        }
+    } else {
+        for (i, name) in chart.x_names.iter().enumerate() {
+            let x = px(i as f64);
+            c.line((x, y0), (x, y1), [225, 225, 225], 1);
+            c.text(x - 6 * name.len() as i64, y0 + 8, name);
+        }
+    }
+    c.line((x0, y0), (x1, y0), [0, 0, 0], 2);
+    c.line((x0, y0), (x0, y1), [0, 0, 0], 2);
+    c.text(x0, 6, chart.title);
+    c.text(x1 - 12 * chart.x_label.len() as i64, y0 + 30, chart.x_label);
+    c.text(4, 30, chart.y_label);
+    for w in chart.line.windows(2) {
+        c.line(
+            (px(w[0].0), py(w[0].1)),
+            (px(w[1].0), py(w[1].1)),
+            [40, 160, 60],
+            2,
+        );
+    }
+    for (i, &(x, y)) in chart.points.iter().enumerate() {
+        if !(x.is_finite() && y.is_finite()) || (chart.log_x && x <= 0.0) {
+            continue;
+        }
+        let rgb = chart.colours.get(i).copied().unwrap_or([30, 90, 200]);
+        let (x, y) = (px(x), py(y));
+        c.line((x - 4, y - 4), (x + 4, y - 4), rgb, 9);
+    }
+    save(&c, path)
+}
+
 /// Writes a PNG of busbw (GB/s) against size (bytes, log scale) to `path`.
 pub fn busbw_png(path: &str, title: &str, points: &[(usize, f64)]) -> Result<()> {
     if points.is_empty() {
@@ -272,16 +417,7 @@ pub fn busbw_png(path: &str, title: &str, points: &[(usize, f64)]) -> Result<()>
         let (x, y) = (px(p.0), py(p.1));
         c.line((x - 3, y - 3), (x + 3, y - 3), [200, 40, 40], 7);
     }
-    let file = std::fs::File::create(path).map_err(|e| Error::io(format!("creating {path}"), e))?;
-    let mut enc = png::Encoder::new(BufWriter::new(file), W as u32, H as u32);
-    enc.set_color(png::ColorType::Rgb);
-    enc.set_depth(png::BitDepth::Eight);
-    let mut writer = enc
-        .write_header()
-        .map_err(|e| Error::transport(format!("writing {path}"), e.to_string()))?;
-    writer
-        .write_image_data(&c.px)
-        .map_err(|e| Error::transport(format!("writing {path}"), e.to_string()))
+    save(&c, path)
 }
 
 #[cfg(test)]

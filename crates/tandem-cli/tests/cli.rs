@@ -193,3 +193,90 @@ fn topo_reads_a_recorded_matrix_and_names_the_bottleneck() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown link \"WARP\""));
     std::fs::remove_file(bad).unwrap();
 }
+
+#[test]
+fn tune_example_finds_settings_that_beat_the_defaults() {
+    let dir = std::env::temp_dir().join(format!("tandem-tune-example-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let yaml = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../examples/tune/experiment.yaml"
+    ))
+    .unwrap()
+    .replace("target/release/tandem", TANDEM);
+    let spec = dir.join("experiment.yaml");
+    std::fs::write(&spec, yaml).unwrap();
+    let out_dir = dir.join("out");
+    let out = tandem(
+        &[
+            "tune",
+            spec.to_str().unwrap(),
+            "--out",
+            out_dir.to_str().unwrap(),
+        ],
+        &[],
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let record: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out_dir.join("experiment.json")).unwrap())
+            .unwrap();
+    let best = record["best"]["objective"].as_f64().expect("a best trial");
+    for png in ["objective.png", "param-lr.png", "param-batch_size.png"] {
+        assert_eq!(&std::fs::read(out_dir.join(png)).unwrap()[1..4], b"PNG");
+    }
+    // The demo's default settings, trained the same way.
+    let default = tandem(
+        &[
+            "demo",
+            "--mode",
+            "allreduce",
+            "--workers",
+            "2",
+            "--steps",
+            "300",
+        ],
+        &[],
+    );
+    let text = String::from_utf8_lossy(&default.stdout);
+    let acc: f64 = text
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("accuracy=")?.parse().ok())
+        .expect("default accuracy");
+    assert!(
+        best > acc,
+        "best trial {best} does not beat the defaults' {acc}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn tune_rejects_a_bad_spec_before_any_trial() {
+    let dir = std::env::temp_dir().join(format!("tandem-tune-bad-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let spec = dir.join("bad.yaml");
+    std::fs::write(
+        &spec,
+        "spec:\n  objective: {type: maximize}\n  algorithm: {algorithmName: random}\n  parameters: []\n  trialTemplate: {command: [\"true\"]}\n",
+    )
+    .unwrap();
+    let out_dir = dir.join("out");
+    let out = tandem(
+        &[
+            "tune",
+            spec.to_str().unwrap(),
+            "--out",
+            out_dir.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("objectiveMetricName"));
+    assert!(!out_dir.exists(), "nothing ran");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
