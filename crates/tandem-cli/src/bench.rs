@@ -77,6 +77,10 @@ pub struct BenchArgs {
     /// Pipeline segment in bytes (TANDEM_SEGMENT_BYTES).
     #[arg(long)]
     segment: Option<String>,
+    /// `tcp`: host buffers over Tandem's TCP ring; `nccl`: GPU buffers through NCCL (builds with the
+    /// `nccl` feature; one GPU per rank, chosen by `nvidia-smi topo -m`).
+    #[arg(long, default_value = "tcp")]
+    backend: String,
 }
 
 /// Arguments of one bench rank (hidden).
@@ -135,6 +139,27 @@ pub fn bench(collective: Collective, args: BenchArgs) -> Result<ExitCode> {
     }
     args.op.parse::<ReduceOp>()?;
     args.dtype.parse::<DType>()?;
+    let gpus = match args.backend.as_str() {
+        "tcp" => Vec::new(),
+        "nccl" => {
+            if args.dtype != "f32" {
+                return Err(Error::invalid(
+                    "--dtype",
+                    "the nccl bench measures f32 buffers",
+                ));
+            }
+            tandem_launch::assign_gpus(
+                "auto",
+                &tandem_launch::Layout::Allreduce { nproc: args.np },
+            )?
+        }
+        other => {
+            return Err(Error::invalid(
+                "--backend",
+                format!("{other:?} is not tcp or nccl"),
+            ));
+        }
+    };
     let mut rank_args: Vec<String> = vec!["bench-rank".into(), collective.name().into()];
     rank_args.extend([
         "--np".into(),
@@ -145,6 +170,8 @@ pub fn bench(collective: Collective, args: BenchArgs) -> Result<ExitCode> {
         args.max.clone(),
     ]);
     rank_args.extend([
+        "--backend".into(),
+        args.backend.clone(),
         "--op".into(),
         args.op.clone(),
         "--dtype".into(),
@@ -173,6 +200,7 @@ pub fn bench(collective: Collective, args: BenchArgs) -> Result<ExitCode> {
         &rank_args,
         None,
         env,
+        gpus,
         Duration::from_secs(3600),
         |p, line, stderr| {
             if p.rank == 0 || stderr {
@@ -233,6 +261,10 @@ pub fn bench_rank(args: BenchRankArgs) -> Result<ExitCode> {
     let (rank, n) = (pg.rank(), pg.world_size());
     let op: ReduceOp = a.op.parse()?;
     let dtype: DType = a.dtype.parse()?;
+    let gpu = match a.backend.as_str() {
+        "nccl" => Some(tandem::collective::device::DeviceGroup::new(&pg, 0)?),
+        _ => None,
+    };
     let (min, max) = (
         parse_size("--min", &a.min)?.max(dtype.size()),
         parse_size("--max", &a.max)?,
@@ -247,7 +279,7 @@ pub fn bench_rank(args: BenchRankArgs) -> Result<ExitCode> {
         println!(
             "# tandem bench {} : {n} ranks, backend {}, op {op}, dtype {dtype}",
             collective.name(),
-            pg.backend_name()
+            gpu.as_ref().map_or(pg.backend_name(), |g| g.backend_name())
         );
         println!(
             "#{:>12} {:>12} {:>6} {:>6} {:>11} {:>11} {:>11} {:>7}",
@@ -265,8 +297,10 @@ pub fn bench_rank(args: BenchRankArgs) -> Result<ExitCode> {
     while size <= max {
         let count = size / dtype.size();
         let bytes = count * dtype.size();
-        let (wrong_count, elapsed, iters) =
-            run_size(&pg, collective, dtype, op, bytes, a.iters, a.warmup)?;
+        let (wrong_count, elapsed, iters) = match &gpu {
+            Some(g) => run_size_device(g, collective, op, bytes, a.iters, a.warmup)?,
+            None => run_size(&pg, collective, dtype, op, bytes, a.iters, a.warmup)?,
+        };
         // The slowest rank's time is the operation's time; the wrong counts add up.
         let mut stats = [elapsed.as_secs_f64() / iters as f64, wrong_count as f64];
         pg.allreduce(&mut stats[..1], ReduceOp::Max)?;
@@ -317,6 +351,95 @@ pub fn bench_rank(args: BenchRankArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+fn iterations(bytes: usize, iters: Option<usize>) -> usize {
+    iters
+        .unwrap_or(if bytes >= 16 << 20 {
+            10
+        } else if bytes >= 1 << 20 {
+            30
+        } else {
+            200
+        })
+        .max(1)
+}
+
+/// One size on GPU buffers (f32): a correctness check, warm-up, then timed iterations.
+fn run_size_device(
+    gpu: &tandem::collective::device::DeviceGroup,
+    coll: Collective,
+    op: ReduceOp,
+    bytes: usize,
+    iters: Option<usize>,
+    warmup: usize,
+) -> Result<(usize, Duration, usize)> {
+    let (rank, n) = (gpu.rank(), gpu.world_size());
+    let iters = iterations(bytes, iters);
+    let count = match coll {
+        Collective::ReduceScatter => (bytes / 4) / n * n,
+        _ => bytes / 4,
+    };
+    let mine = (rank + 1) as f32;
+    let sum = (n * (n + 1) / 2) as f32;
+    let check_op = if op == ReduceOp::Avg {
+        ReduceOp::Sum
+    } else {
+        op
+    };
+    let want_reduced = match check_op {
+        ReduceOp::Sum => sum,
+        ReduceOp::Prod => (1..=n).map(|r| r as f32).product(),
+        ReduceOp::Min => 1.0,
+        _ => n as f32,
+    };
+    let mut buf = gpu.to_device(&vec![mine; count])?;
+    let wrong = match coll {
+        Collective::Allreduce => {
+            buf = gpu.allreduce(buf, check_op)?;
+            gpu.to_host(&buf)?
+                .iter()
+                .filter(|v| **v != want_reduced)
+                .count()
+        }
+        Collective::Broadcast => {
+            buf = gpu.broadcast(buf, 0)?;
+            gpu.to_host(&buf)?.iter().filter(|v| **v != 1.0).count()
+        }
+        Collective::Allgather => {
+            let (b, out) = gpu.allgather(buf)?;
+            buf = b;
+            let host = gpu.to_host(&out)?;
+            host.iter()
+                .enumerate()
+                .filter(|(i, v)| **v != (i / count.max(1) + 1) as f32)
+                .count()
+        }
+        Collective::ReduceScatter => {
+            let (b, out) = gpu.reduce_scatter(buf, check_op)?;
+            buf = b;
+            gpu.to_host(&out)?
+                .iter()
+                .filter(|v| **v != want_reduced)
+                .count()
+        }
+    };
+    let step = |buf: tandem::collective::device::DeviceBuffer<f32>| -> Result<_> {
+        Ok(match coll {
+            Collective::Allreduce => gpu.allreduce(buf, op)?,
+            Collective::Broadcast => gpu.broadcast(buf, 0)?,
+            Collective::Allgather => gpu.allgather(buf)?.0,
+            Collective::ReduceScatter => gpu.reduce_scatter(buf, op)?.0,
+        })
+    };
+    for _ in 0..warmup {
+        buf = step(buf)?;
+    }
+    let start = Instant::now();
+    for _ in 0..iters {
+        buf = step(buf)?;
+    }
+    Ok((wrong, start.elapsed(), iters))
+}
+
 fn run_size(
     pg: &ProcessGroup,
     coll: Collective,
@@ -327,15 +450,7 @@ fn run_size(
     warmup: usize,
 ) -> Result<(usize, Duration, usize)> {
     let (rank, n) = (pg.rank(), pg.world_size());
-    let iters = iters
-        .unwrap_or(if bytes >= 16 << 20 {
-            10
-        } else if bytes >= 1 << 20 {
-            30
-        } else {
-            200
-        })
-        .max(1);
+    let iters = iterations(bytes, iters);
     let mut buf = vec![0u8; bytes];
     let mut out = Vec::new();
     let check_op = if op == ReduceOp::Avg {

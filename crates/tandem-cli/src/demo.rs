@@ -259,6 +259,7 @@ fn run_job(mode: Mode, a: &DemoArgs) -> Result<Report> {
         &worker_args,
         matches!(layout, Layout::Ps { .. }).then_some(server_args.as_slice()),
         vec![],
+        Vec::new(),
         Duration::from_secs(a.timeout),
         sink,
     )?;

@@ -36,6 +36,7 @@ pub fn run_local(
     args: &[String],
     server_args: Option<&[String]>,
     env: Vec<(String, String)>,
+    gpus: Vec<usize>,
     timeout: Duration,
     on_line: impl Fn(&Planned, &str, bool) + Send + Sync + 'static,
 ) -> Result<String> {
@@ -51,6 +52,7 @@ pub fn run_local(
     let mut spec = JobSpec::new(layout, with_exe(args));
     spec.ps_command = server_args.map(with_exe);
     spec.env = env;
+    spec.gpus = gpus;
     spec.sink = Some(LineSink(Arc::new(on_line)));
     let outcome = tandem_launch::run(&spec, Some(timeout), &|| false)?;
     Ok(if outcome.code == 0 {

@@ -175,6 +175,7 @@ struct Control {
 
 struct Shared {
     name: String,
+    kind: BackendKind,
     rank: usize,
     world: usize,
     backend: Option<Box<dyn Backend>>,
@@ -275,6 +276,7 @@ impl ProcessGroup {
         if world == 1 {
             let shared = Shared {
                 name: config.name.clone(),
+                kind: config.backend,
                 rank,
                 world,
                 backend: None,
@@ -419,6 +421,7 @@ impl ProcessGroup {
         tracing::info!(rank, world, group = %config.name, "process group ready (tcp ring)");
         let shared = Shared {
             name: config.name.clone(),
+            kind: config.backend,
             rank,
             world,
             backend: Some(Box::new(ring)),
@@ -807,6 +810,44 @@ impl ProcessGroup {
                     Ok(())
                 }
             })
+        })
+    }
+
+    /// The backend kind the group was configured with (`TANDEM_BACKEND`).
+    pub fn backend_kind(&self) -> BackendKind {
+        self.shared.kind
+    }
+
+    /// Shares a small blob through the rendezvous: the rank that passes `Some(value)` publishes it
+    /// under `key`, and every rank returns it once it exists (within the group's timeout). This is
+    /// how ranks agree on a bootstrap value such as NCCL's unique id. A world of one returns `value`.
+    pub fn share(&self, key: &str, value: Option<Vec<u8>>) -> Result<Vec<u8>> {
+        let Some(control) = &self.shared.control else {
+            return value.ok_or_else(|| {
+                Error::invalid("share", format!("nothing was published under {key:?}"))
+            });
+        };
+        let client = control
+            .session
+            .lock()
+            .map_err(|_| poisoned_queue())?
+            .as_ref()
+            .map(|s| s.client.clone())
+            .ok_or_else(|| Error::Unusable {
+                what: "process group".into(),
+                reason: "it was shut down".into(),
+            })?;
+        let full = format!("tandem/pg/{}/share/{key}", self.shared.name);
+        let timeout = self.timeout;
+        control.rt.block_on(async move {
+            if let Some(v) = value {
+                client.set(&full, v).await?;
+            }
+            let got = client.wait(&[&full], timeout).await?;
+            got.into_iter()
+                .next()
+                .map(|b| b.to_vec())
+                .ok_or_else(|| Error::transport("the rendezvous", format!("no value for {full:?}")))
         })
     }
 

@@ -30,6 +30,7 @@
 
 pub mod algorithm;
 pub mod backend;
+pub mod device;
 mod group;
 pub mod stats;
 pub mod transport;

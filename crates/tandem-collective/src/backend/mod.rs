@@ -95,14 +95,16 @@ impl FromStr for BackendKind {
 }
 
 /// Whether this build can use NCCL at all.
-pub const NCCL_COMPILED: bool = false;
+pub const NCCL_COMPILED: bool = cfg!(feature = "nccl");
 
 /// Resolves a [`BackendKind`] for host buffers to the backend that will run, logging the choice.
+/// Host buffers always use the TCP ring; NCCL serves device buffers ([`crate::device`]), so `nccl`
+/// is accepted only by builds with the `nccl` feature.
 ///
 /// ```
-/// use tandem_collective::backend::{BackendKind, resolve};
+/// use tandem_collective::backend::{BackendKind, NCCL_COMPILED, resolve};
 /// assert_eq!(resolve(BackendKind::Auto).unwrap(), BackendKind::Tcp);
-/// assert!(resolve(BackendKind::Nccl).is_err());
+/// assert_eq!(resolve(BackendKind::Nccl).is_ok(), NCCL_COMPILED);
 /// ```
 pub fn resolve(kind: BackendKind) -> Result<BackendKind> {
     match kind {
@@ -114,6 +116,10 @@ pub fn resolve(kind: BackendKind) -> Result<BackendKind> {
                 "Tandem was built without the nccl feature"
             };
             tracing::info!("collective backend: tcp ({why})");
+            Ok(BackendKind::Tcp)
+        }
+        BackendKind::Nccl if NCCL_COMPILED => {
+            tracing::info!("collective backend: tcp for host buffers, nccl for device buffers");
             Ok(BackendKind::Tcp)
         }
         BackendKind::Nccl => Err(Error::BackendUnavailable {
