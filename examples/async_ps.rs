@@ -50,9 +50,7 @@ fn main() -> Result<()> {
     for step in 0..steps {
         // Async: whatever the servers hold now (push blocks while this worker is too far ahead).
         let (_, params) = client.pull(0)?;
-        model
-            .load_named(&params)
-            .map_err(|p| Error::invalid("pull", format!("parameter {p} is missing")))?;
+        model.load_pulled(&params)?;
         let at = lo + (step as usize * batch_size) % (shard - batch_size + 1);
         let (bx, by) = batch(&x, &y, at..at + batch_size);
         let (l, grad) = model.loss_and_grad(&bx, &by);
@@ -60,9 +58,7 @@ fn main() -> Result<()> {
         client.push(step, &model.named(&grad))?;
     }
     let (_, params) = client.pull(0)?;
-    model
-        .load_named(&params)
-        .map_err(|p| Error::invalid("pull", format!("parameter {p} is missing")))?;
+    model.load_pulled(&params)?;
     if job.worker == 0 {
         let (tx, ty) = spiral(3_000, 2);
         println!(

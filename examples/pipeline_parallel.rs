@@ -12,7 +12,7 @@
 
 use ndarray::{Array1, Array2, Axis};
 use tandem::{Error, ProcessGroup, Result};
-use tandem_examples::{Mlp, batch, flag, spiral};
+use tandem_examples::{Mlp, accuracy_of, batch, flag, spiral};
 
 /// A dense layer's weights and bias.
 struct Dense {
@@ -140,28 +140,10 @@ fn main() -> Result<()> {
         pg.recv(contiguous_mut(&mut th)?, 0)?;
     }
     if last {
-        let logits = th.dot(&l2.w) + &l2.b;
-        let right = logits
-            .rows()
-            .into_iter()
-            .zip(&ty)
-            .filter(|(row, label)| {
-                let best = row
-                    .iter()
-                    .enumerate()
-                    .fold(
-                        (0, f32::NEG_INFINITY),
-                        |b, (i, &v)| {
-                            if v > b.1 { (i, v) } else { b }
-                        },
-                    );
-                best.0 == **label
-            })
-            .count();
+        let accuracy = accuracy_of(&(th.dot(&l2.w) + &l2.b), &ty);
         println!("stage {rank}: layer 2 checksum {:.9}", l2.checksum());
         println!(
-            "pipeline over {world} process(es): final loss {loss:.9}, test accuracy {:.3}",
-            right as f32 / ty.len() as f32
+            "pipeline over {world} process(es): final loss {loss:.9}, test accuracy {accuracy:.3}"
         );
     }
     pg.shutdown()

@@ -48,9 +48,7 @@ fn main() -> Result<()> {
     for step in 0..steps {
         // Sync: the parameters of `step` exist once every worker pushed step - 1.
         let (version, params) = client.pull(step)?;
-        model
-            .load_named(&params)
-            .map_err(|p| Error::invalid("pull", format!("parameter {p} is missing")))?;
+        model.load_pulled(&params)?;
         let at = lo + (step as usize * batch_size) % (shard - batch_size + 1);
         let (bx, by) = batch(&x, &y, at..at + batch_size);
         let (l, grad) = model.loss_and_grad(&bx, &by);
@@ -58,9 +56,7 @@ fn main() -> Result<()> {
         client.push(version, &model.named(&grad))?;
     }
     let (_, params) = client.pull(steps)?;
-    model
-        .load_named(&params)
-        .map_err(|p| Error::invalid("pull", format!("parameter {p} is missing")))?;
+    model.load_pulled(&params)?;
     if job.worker == 0 {
         let (tx, ty) = spiral(3_000, 2);
         println!(

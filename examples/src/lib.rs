@@ -5,7 +5,7 @@
 pub mod idx;
 pub mod model;
 
-pub use model::{Mlp, Rng, batch, spiral};
+pub use model::{Mlp, Rng, accuracy_of, batch, spiral};
 
 use tandem::ps::init::Init;
 use tandem::ps::placement::ParamDecl;

@@ -189,24 +189,42 @@ impl Mlp {
 
     /// Fraction of `x` classified as `y`.
     pub fn accuracy(&self, x: &Array2<f32>, y: &[usize]) -> f32 {
-        let (_, logits) = self.forward(x);
-        let right = logits
-            .rows()
-            .into_iter()
-            .zip(y)
-            .filter(|(row, label)| {
-                let best = row
-                    .iter()
-                    .enumerate()
-                    .fold(
-                        (0, f32::NEG_INFINITY),
-                        |b, (i, &v)| if v > b.1 { (i, v) } else { b },
-                    );
-                best.0 == **label
-            })
-            .count();
-        right as f32 / y.len().max(1) as f32
+        accuracy_of(&self.forward(x).1, y)
     }
+
+    /// Replaces the parameters with the named parts pulled from parameter servers; names the
+    /// parameter that is missing or wrongly sized.
+    pub fn load_pulled(
+        &mut self,
+        parts: &std::collections::HashMap<String, Vec<f32>>,
+    ) -> tandem::Result<()> {
+        self.load_named(parts).map_err(|name| {
+            tandem::Error::invalid(
+                "pull",
+                format!("parameter {name} is missing or has the wrong size"),
+            )
+        })
+    }
+}
+
+/// Fraction of rows of `logits` whose largest entry is at the row's label.
+pub fn accuracy_of(logits: &Array2<f32>, y: &[usize]) -> f32 {
+    let right = logits
+        .rows()
+        .into_iter()
+        .zip(y)
+        .filter(|(row, label)| {
+            let best = row
+                .iter()
+                .enumerate()
+                .fold(
+                    (0, f32::NEG_INFINITY),
+                    |b, (i, &v)| if v > b.1 { (i, v) } else { b },
+                );
+            best.0 == **label
+        })
+        .count();
+    right as f32 / y.len().max(1) as f32
 }
 
 /// Rows `range` of `x` and the matching labels.

@@ -65,22 +65,7 @@ pub struct BenchPsWorkerArgs {
 }
 
 fn parse_count(s: &str) -> Result<usize> {
-    let t = s.trim();
-    let (num, mult) = match t.chars().last() {
-        Some('K' | 'k') => (&t[..t.len() - 1], 1_000usize),
-        Some('M' | 'm') => (&t[..t.len() - 1], 1_000_000),
-        _ => (t, 1),
-    };
-    num.parse::<usize>()
-        .ok()
-        .and_then(|n| n.checked_mul(mult))
-        .filter(|n| *n > 0)
-        .ok_or_else(|| {
-            Error::invalid(
-                "--params",
-                format!("{s:?} is not a count such as 1000, 100K or 10M"),
-            )
-        })
+    crate::local_job::parse_scaled("--params", s, 1000, "a count such as 1000, 100K or 10M")
 }
 
 fn rss_of(pid: u32) -> u64 {

@@ -3,7 +3,6 @@
 //! SGD with a staleness bound, and data-parallel allreduce. Each job is real: separate processes
 //! started by the launcher, a rendezvous, gRPC to the servers, the TCP ring between ranks.
 
-use std::collections::HashMap;
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -410,14 +409,9 @@ fn ps_worker(a: &DemoArgs, sync: bool) -> Result<()> {
     let lo = job.worker as usize * shard;
     let start = Instant::now();
     let mut recent = Vec::new();
-    let load = |model: &mut Mlp, p: &HashMap<String, Vec<f32>>| {
-        model
-            .load_named(p)
-            .map_err(|name| Error::invalid("pull", format!("parameter {name} is missing")))
-    };
     for step in 0..a.steps {
         let (version, params) = client.pull(if sync { step as u64 } else { 0 })?;
-        load(&mut model, &params)?;
+        model.load_pulled(&params)?;
         let at = lo + (step * a.batch) % (shard - a.batch + 1);
         let (bx, by) = batch(&x, &y, at..at + a.batch);
         let (loss, grad) = model.loss_and_grad(&bx, &by);
@@ -433,7 +427,7 @@ fn ps_worker(a: &DemoArgs, sync: bool) -> Result<()> {
     }
     let (_, params) = client.pull(if sync { a.steps as u64 } else { 0 })?;
     let wall = start.elapsed().as_secs_f64();
-    load(&mut model, &params)?;
+    model.load_pulled(&params)?;
     if job.worker == 0 {
         let stats = client.stats()?;
         let bytes: u64 = stats.iter().map(|s| s.bytes_in + s.bytes_out).sum();

@@ -9,23 +9,23 @@ use tandem_launch::{JobSpec, Layout, LineSink, Planned};
 
 /// Parses a byte size such as `4096`, `4K`, `64M` or `1G` (powers of 1024).
 pub fn parse_size(flag: &str, s: &str) -> Result<usize> {
+    parse_scaled(flag, s, 1 << 10, "a size such as 4096, 4K, 64M or 1G")
+}
+
+/// Parses a number with an optional K, M or G suffix (multiples of `k`), positive.
+pub fn parse_scaled(flag: &str, s: &str, k: usize, what: &str) -> Result<usize> {
     let t = s.trim();
     let (num, mult) = match t.chars().last().map(|c| c.to_ascii_uppercase()) {
-        Some('K') => (&t[..t.len() - 1], 1usize << 10),
-        Some('M') => (&t[..t.len() - 1], 1 << 20),
-        Some('G') => (&t[..t.len() - 1], 1 << 30),
+        Some('K') => (&t[..t.len() - 1], k),
+        Some('M') => (&t[..t.len() - 1], k * k),
+        Some('G') => (&t[..t.len() - 1], k * k * k),
         _ => (t, 1),
     };
     num.parse::<usize>()
         .ok()
         .and_then(|n| n.checked_mul(mult))
         .filter(|n| *n > 0)
-        .ok_or_else(|| {
-            Error::invalid(
-                flag,
-                format!("{s:?} is not a size such as 4096, 4K, 64M or 1G"),
-            )
-        })
+        .ok_or_else(|| Error::invalid(flag, format!("{s:?} is not {what}")))
 }
 
 /// Runs a job of this executable's subcommands on this machine through the launcher: training
