@@ -2,7 +2,7 @@
 //! caller's buffer, so sending and receiving overlap without copying the tensor.
 
 use std::cell::Cell;
-use std::io::ErrorKind;
+use std::io::{ErrorKind, Read, Write};
 use std::ops::Range;
 use std::time::Instant;
 
@@ -362,6 +362,49 @@ pub async fn recv(io: &mut Io<'_>, buf: &mut [u8], from: usize) -> Result<()> {
         .map_err(|e| lost(from, &header, "receiving", &e))
 }
 
+/// How long a small allreduce polls its sockets (yielding the CPU between polls) before parking in
+/// the event loop: peers' messages usually arrive within microseconds, and a park and wake-up costs
+/// more than that.
+const DIRECT_SPIN: std::time::Duration = std::time::Duration::from_micros(200);
+
+/// One peer's frame (header and payload) as it arrives.
+struct Incoming {
+    peer: usize,
+    got: usize,
+    checked: bool,
+    arrived: Option<std::time::Duration>,
+}
+
+impl Incoming {
+    /// Accounts for `n` new bytes; checks the header as soon as it is complete.
+    fn advance(
+        &mut self,
+        n: usize,
+        frame: &[u8],
+        header: &OpHeader,
+        me: usize,
+        start: Instant,
+    ) -> Result<()> {
+        self.got += n;
+        if !self.checked && self.got >= HEADER_LEN {
+            self.checked = true;
+            self.arrived = Some(start.elapsed());
+            let mut h = [0u8; HEADER_LEN];
+            h.copy_from_slice(&frame[..HEADER_LEN]);
+            let theirs = OpHeader::decode(&h).map_err(|m| {
+                Error::OpMismatch(format!(
+                    "op #{}: rank {} sent garbage: {m}",
+                    header.seq, self.peer
+                ))
+            })?;
+            if !theirs.same_call(header) {
+                return Err(mismatch(header, me, &theirs, self.peer));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Allreduce for small buffers in one hop: every rank sends its header and data to every other rank,
 /// then each reduces all contributions in rank order, so every rank computes bit-identical results.
 /// Also checks every peer's header, not only the left neighbour's.
@@ -374,69 +417,118 @@ pub async fn allreduce_direct(
     let (me, n) = (io.rank, io.world);
     let header = io.header;
     let len = buf.len();
-    let mut msg = Vec::with_capacity(HEADER_LEN + len);
+    let frame_len = HEADER_LEN + len;
+    let mut msg = Vec::with_capacity(frame_len);
     msg.extend_from_slice(&header.encode());
     msg.extend_from_slice(buf);
-    let mut inbox = vec![0u8; len * n];
+    // Every peer's whole frame lands in its own slot: one read per message when it is all there.
+    let mut inbox = vec![0u8; frame_len * n];
     io.waiting.set(Waiting::Header((me + n - 1) % n));
     let start = Instant::now();
     let Mesh { readers, writers } = &mut *io.mesh;
+    // Fast path: write what the socket takes at once, then poll for the peers' frames.
+    let mut sent = vec![0usize; n];
+    for (p, w) in writers.iter_mut().enumerate() {
+        if let Some(w) = w {
+            while sent[p] < frame_len {
+                match (&*socket2::SockRef::from(w.as_ref())).write(&msg[sent[p]..]) {
+                    Ok(k) => sent[p] += k,
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                    Err(e) => return Err(lost(p, &header, "sending", &e)),
+                }
+            }
+        }
+    }
+    let mut incoming: Vec<Incoming> = (0..n)
+        .filter(|&p| readers[p].is_some())
+        .map(|peer| Incoming {
+            peer,
+            got: 0,
+            checked: false,
+            arrived: None,
+        })
+        .collect();
+    let mut slots: Vec<&mut [u8]> = inbox.chunks_mut(frame_len.max(1)).collect();
+    while start.elapsed() < DIRECT_SPIN {
+        let mut pending = false;
+        for inc in incoming.iter_mut().filter(|i| i.got < frame_len) {
+            let (p, slot) = (inc.peer, &mut slots[inc.peer]);
+            if let Some(r) = &readers[p] {
+                match (&*socket2::SockRef::from(r.as_ref())).read(&mut slot[inc.got..frame_len]) {
+                    Ok(0) => {
+                        let eof = std::io::Error::from(ErrorKind::UnexpectedEof);
+                        return Err(lost(p, &header, "receiving", &eof));
+                    }
+                    Ok(k) => inc.advance(k, slot, &header, me, start)?,
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+                    Err(e) => return Err(lost(p, &header, "receiving", &e)),
+                }
+            }
+            pending |= inc.got < frame_len;
+        }
+        if !pending {
+            break;
+        }
+        std::thread::yield_now();
+    }
+    // Whatever did not arrive (or go out) by now continues in the event loop.
     let sends = writers
         .iter_mut()
         .enumerate()
         .filter_map(|(p, w)| w.as_mut().map(|w| (p, w)))
+        .filter(|(p, _)| sent[*p] < frame_len)
         .map(|(p, w)| {
-            let msg = &msg;
+            let rest = &msg[sent[p]..];
             async move {
-                w.write_all(msg)
+                w.write_all(rest)
                     .await
                     .map_err(|e| lost(p, &header, "sending", &e))
             }
         });
-    let slots: Vec<&mut [u8]> = if len == 0 {
-        (0..n).map(|_| <&mut [u8]>::default()).collect()
-    } else {
-        inbox.chunks_mut(len).collect()
-    };
-    let recvs = readers
+    let mut slot_of: Vec<Option<&mut [u8]>> = slots.into_iter().map(Some).collect();
+    let mut reader_of: Vec<Option<&mut OwnedReadHalf>> =
+        readers.iter_mut().map(Option::as_mut).collect();
+    let recvs = incoming
         .iter_mut()
-        .zip(slots)
-        .enumerate()
-        .filter_map(|(p, (r, slot))| r.as_mut().map(|r| (p, r, slot)))
-        .map(|(p, r, slot)| async move {
-            let mut theirs = [0u8; HEADER_LEN];
-            r.read_exact(&mut theirs)
-                .await
-                .map_err(|e| lost(p, &header, "receiving the header", &e))?;
-            let arrived = start.elapsed();
-            let theirs = OpHeader::decode(&theirs).map_err(|m| {
-                Error::OpMismatch(format!("op #{}: rank {p} sent garbage: {m}", header.seq))
-            })?;
-            if !theirs.same_call(&header) {
-                return Err(mismatch(&header, me, &theirs, p));
-            }
-            r.read_exact(&mut slot[..len])
-                .await
-                .map_err(|e| lost(p, &header, "receiving", &e))?;
-            Ok((p, arrived))
+        .filter(|i| i.got < frame_len)
+        .filter_map(|inc| {
+            let p = inc.peer;
+            let slot = slot_of[p].take()?;
+            let r = reader_of[p].take()?;
+            Some(async move {
+                if !inc.checked {
+                    r.read_exact(&mut slot[inc.got..HEADER_LEN])
+                        .await
+                        .map_err(|e| lost(p, &header, "receiving the header", &e))?;
+                    let k = HEADER_LEN - inc.got;
+                    inc.advance(k, slot, &header, me, start)?;
+                }
+                r.read_exact(&mut slot[inc.got..frame_len])
+                    .await
+                    .map_err(|e| lost(p, &header, "receiving", &e))?;
+                inc.got = frame_len;
+                Ok::<(), Error>(())
+            })
         });
-    let (sent, got) = tokio::join!(
+    let (sent_all, got_all) = tokio::join!(
         futures::future::join_all(sends),
         futures::future::join_all(recvs)
     );
-    for r in sent {
+    for r in sent_all {
         r?;
     }
-    let mut last: Option<(usize, std::time::Duration)> = None;
-    for r in got {
-        let (p, at) = r?;
-        if last.is_none_or(|(_, t)| at > t) {
-            last = Some((p, at));
-        }
+    for r in got_all {
+        r?;
     }
+    let last = incoming
+        .iter()
+        .filter_map(|i| i.arrived.map(|t| (i.peer, t)))
+        .max_by_key(|(_, t)| *t);
     io.lateness.set(last);
     // Reduce in rank order on every rank, so every rank computes the same bits.
-    inbox[me * len..(me + 1) * len].copy_from_slice(buf);
-    let parts: Vec<&[u8]> = (0..n).map(|r| &inbox[r * len..(r + 1) * len]).collect();
+    inbox[me * frame_len + HEADER_LEN..(me + 1) * frame_len].copy_from_slice(buf);
+    let parts: Vec<&[u8]> = (0..n)
+        .map(|r| &inbox[r * frame_len + HEADER_LEN..(r + 1) * frame_len])
+        .collect();
     reduce_all(dtype, op, &parts, buf)
 }
