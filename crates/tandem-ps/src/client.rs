@@ -129,8 +129,9 @@ async fn connect_one(addr: &str, token: &JobToken, deadline: Instant) -> Result<
     let endpoint = Endpoint::from_shared(format!("http://{addr}"))
         .map_err(|e| Error::config("parameter server address", format!("{addr:?}: {e}")))?
         .tcp_nodelay(true)
-        .initial_stream_window_size(16 << 20)
-        .initial_connection_window_size(64 << 20)
+        // The server buffers at most this much of a pull per worker before the worker reads it.
+        .initial_stream_window_size(crate::server::STREAM_WINDOW)
+        .initial_connection_window_size(crate::server::CONNECTION_WINDOW)
         .http2_keep_alive_interval(Duration::from_secs(30))
         .keep_alive_timeout(Duration::from_secs(10));
     let mut backoff = Duration::from_millis(20);

@@ -25,6 +25,12 @@ use crate::pb::parameter_server_server::ParameterServerServer;
 /// Largest message a server accepts: one chunk plus framing.
 pub const MAX_MESSAGE: usize = 4 << 20;
 
+/// HTTP/2 receive window per stream: what one waiting push may have in flight before its sender
+/// stops. Large enough for 1 MiB chunks to stream without stalls on one host.
+pub const STREAM_WINDOW: u32 = 4 << 20;
+/// HTTP/2 receive window per connection (one per worker).
+pub const CONNECTION_WINDOW: u32 = 8 << 20;
+
 /// How a server runs.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
@@ -121,8 +127,8 @@ impl Server {
         };
         tracing::info!(%local, "parameter server serving");
         tonic::transport::Server::builder()
-            .initial_stream_window_size(16 << 20)
-            .initial_connection_window_size(64 << 20)
+            .initial_stream_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
             .max_frame_size(16_777_215u32)
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))

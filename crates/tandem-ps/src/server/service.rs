@@ -27,6 +27,9 @@ use crate::pb::parameter_server_server::ParameterServer;
 pub struct Limits {
     /// Bytes per streamed chunk sent by the server.
     pub chunk_bytes: usize,
+    /// Pushes received at once; the others wait (HTTP/2 flow control holds their senders), so the
+    /// server's receive buffers stay at this many times its share of the parameters.
+    pub concurrent_pushes: usize,
     /// Longest wait a pull or a staleness bound may impose.
     pub max_wait: Duration,
 }
@@ -35,6 +38,7 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             chunk_bytes: 1 << 20,
+            concurrent_pushes: 2,
             max_wait: Duration::from_secs(3600),
         }
     }
@@ -61,6 +65,7 @@ pub struct Service {
     done: Arc<Mutex<std::collections::BTreeSet<u32>>>,
     all_done: Arc<Notify>,
     limits: Limits,
+    receiving: Arc<tokio::sync::Semaphore>,
 }
 
 impl Service {
@@ -77,6 +82,7 @@ impl Service {
             })
             | 1;
         Service {
+            receiving: Arc::new(tokio::sync::Semaphore::new(limits.concurrent_pushes.max(1))),
             model: Arc::new(OnceCell::new()),
             checkpoint,
             incarnation,
@@ -282,6 +288,13 @@ impl ParameterServer for Service {
     ) -> Result<Response<pb::PushResponse>, Status> {
         let model = self.declared()?;
         let mut stream = req.into_inner();
+        // Bounded memory: only a few pushes are received at a time. The permit covers receiving
+        // only, so a push waiting on the staleness bound never blocks the pushes it waits for.
+        let receiving = self
+            .receiving
+            .acquire()
+            .await
+            .map_err(|_| Status::unavailable("the server is shutting down"))?;
         let mut incoming: Option<Incoming> = None;
         while let Some(chunk) = stream.next().await {
             let c = chunk?;
@@ -316,6 +329,7 @@ impl ParameterServer for Service {
                 .bytes_in
                 .fetch_add(c.data.len() as u64, Ordering::Relaxed);
         }
+        drop(receiving);
         let inc = incoming.ok_or_else(|| Status::invalid_argument("empty push"))?;
         if inc.worker >= model.mode.workers {
             return Err(Status::invalid_argument(format!(
