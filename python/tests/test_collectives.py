@@ -123,3 +123,19 @@ def torch_body() -> list:
 def test_torch_cpu_tensors_work_through_numpy_views() -> None:
     for got in tandem.run(torch_body, nproc=2, timeout=120):
         assert got == [[3.0] * 3] * 2
+
+
+def bf16_body() -> list:
+    import ml_dtypes
+
+    g = tandem.init(timeout=30)
+    a = np.full(8, g.rank + 1.5, dtype=ml_dtypes.bfloat16)
+    g.allreduce(a)
+    g.shutdown()
+    return a.astype(np.float32).tolist()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("ml_dtypes") is None, reason="ml_dtypes is not installed")
+def test_bfloat16_arrays_from_ml_dtypes() -> None:
+    for got in tandem.run(bf16_body, nproc=2, timeout=60):
+        assert got == [4.0] * 8

@@ -10,6 +10,7 @@ import time
 import warnings
 
 import numpy as np
+import pytest
 
 import tandem
 from tandem import ps
@@ -47,6 +48,49 @@ def test_ctrl_c_interrupts_a_blocked_collective(token) -> None:
         for p in procs:
             p.kill()
             p.communicate(timeout=20)
+
+
+BLOCKED_PULL = """
+import sys
+from tandem import ps
+c = ps.Client([ps.param("w", (4,))], servers=[sys.argv[1]], worker=0, workers=2, token=sys.argv[2],
+              mode="sync", timeout=30)
+print("READY", flush=True)
+try:
+    c.pull(5)  # step 5 never comes: the other worker does not exist
+except KeyboardInterrupt:
+    print("INTERRUPTED", flush=True)
+    sys.exit(0)
+"""
+
+
+def test_ctrl_c_interrupts_a_blocked_parameter_server_call(servers) -> None:
+    addrs, token = servers
+    p = subprocess.Popen([sys.executable, "-c", BLOCKED_PULL, addrs[0], token], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env=clean_env())
+    try:
+        read_line(p, "READY", timeout=60)
+        time.sleep(0.3)
+        p.send_signal(signal.SIGINT)
+        assert read_line(p, "INTERRUPTED", timeout=20) == "INTERRUPTED"
+        assert p.wait(timeout=20) == 0
+    finally:
+        p.kill()
+        p.communicate(timeout=20)
+
+
+def failing_body() -> None:
+    g = tandem.init(timeout=20)
+    if g.rank == 1:
+        raise ValueError("rank one gives up")
+    g.barrier()
+
+
+def test_run_reports_the_failing_rank_and_its_traceback() -> None:
+    with pytest.raises(tandem.TandemError) as err:
+        tandem.run(failing_body, nproc=2, timeout=60)
+    text = str(err.value)
+    assert "rank 1 failed" in text and "rank one gives up" in text, text
 
 
 def test_the_runtime_works_in_a_forked_child(servers) -> None:

@@ -223,3 +223,20 @@ fn ctrl_c_stops_every_child_and_grandchild() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn a_job_past_its_deadline_is_stopped() {
+    let out = launch(&[
+        "--nproc",
+        "2",
+        "--no-log-files",
+        "--timeout",
+        "1",
+        "--",
+        "sleep",
+        "60",
+    ]);
+    assert_eq!(out.status.code(), Some(124));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("deadline"), "{err}");
+}
