@@ -20,7 +20,7 @@ use crate::plot::{Scatter, scatter_png};
 pub struct TuneArgs {
     /// The experiment spec (Katib's Experiment shape, YAML).
     spec: PathBuf,
-    /// Folder for experiment.json, trial logs and plots (default: tune-<experiment name>).
+    /// Folder for experiment.json, trial logs and plots (default: `tune-<experiment name>`).
     #[arg(long)]
     out: Option<PathBuf>,
 }

@@ -110,6 +110,11 @@ impl CommThread {
         std::thread::Builder::new()
             .name(format!("tandem-nccl-{rank}"))
             .spawn(move || {
+                // NCCL takes its device from the calling thread's current context.
+                if let Err(e) = stream.context().bind_to_thread() {
+                    let _ = ready_tx.send(Err(driver_error("binding the context", e)));
+                    return;
+                }
                 let comm = match Comm::from_rank(stream, rank, world, id) {
                     Ok(c) => c,
                     Err(e) => {
