@@ -16,6 +16,9 @@ use crate::errors::to_py;
 
 /// How often a blocked call looks for pending signals.
 const SIGNAL_POLL: Duration = Duration::from_millis(50);
+/// How long the caller polls for a short job's result (yielding the CPU) before sleeping: a sleep and
+/// wake-up costs more than a small collective takes.
+const SPIN: Duration = Duration::from_micros(100);
 
 type Owned<T> = Mutex<Option<(u32, Arc<T>)>>;
 
@@ -82,6 +85,17 @@ pub fn collective<T: Send>(
             s.spawn(move |_| {
                 let _ = tx.send(job());
             });
+            let started = std::time::Instant::now();
+            while started.elapsed() < SPIN {
+                match rx.try_recv() {
+                    Ok(r) => {
+                        result = Some(r);
+                        return;
+                    }
+                    Err(std::sync::mpsc::TryRecvError::Empty) => std::thread::yield_now(),
+                    Err(std::sync::mpsc::TryRecvError::Disconnected) => return,
+                }
+            }
             loop {
                 match rx.recv_timeout(SIGNAL_POLL) {
                     Ok(r) => {
