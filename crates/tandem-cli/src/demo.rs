@@ -59,7 +59,7 @@ pub struct DemoArgs {
     #[arg(long, default_value_t = 2)]
     servers: usize,
     /// Training steps per worker.
-    #[arg(long, default_value_t = 600)]
+    #[arg(long, default_value_t = 1500)]
     steps: usize,
     /// Examples per worker per step.
     #[arg(long, default_value_t = 32)]
