@@ -1,10 +1,10 @@
 """Parameter-server training of a digits classifier (sync with all workers, or async with a
 staleness bound); the optimizer runs on the servers.
 
-    python -m tandem.launch --ps 2 --workers 4 --ps-cmd "python -m tandem.ps" -- \\
-        python python/examples/digits_ps.py --mode sync
-    python -m tandem.launch --ps 2 --workers 4 --ps-cmd "python -m tandem.ps" -- \\
-        python python/examples/digits_ps.py --mode async --staleness 2
+    python -m tandem.launch --ps 2 --workers 4 python/examples/digits_ps.py --mode sync
+    python -m tandem.launch --ps 2 --workers 4 python/examples/digits_ps.py --mode async --staleness 2
+
+(the servers run ``python -m tandem.ps``, which ``tandem.launch`` starts by itself).
 """
 
 from __future__ import annotations

@@ -1,9 +1,11 @@
 """``python -m tandem.launch``: start a job on this machine, exactly like ``tandem launch``.
 
     python -m tandem.launch --nproc 4 train.py ARGS                 # allreduce job
-    python -m tandem.launch --ps 2 --workers 4 -- python train.py    # parameter-server job (TF_CONFIG)
+    python -m tandem.launch --ps 2 --workers 4 train.py              # parameter-server job (TF_CONFIG)
 
-A plain script path after the options is run with this Python interpreter. Every process gets the
+A plain script path after the options is run with this Python interpreter. In a parameter-server job
+the servers run ``python -m tandem.ps`` unless ``--ps-cmd`` says otherwise (``tandem launch`` runs the
+same program everywhere, TensorFlow style). Every process gets the
 environment a Kubeflow job would inject plus a job token; logs are prefixed with role and rank and
 written to ``tandem-logs/``. Ctrl-C stops every process.
 """
@@ -38,9 +40,17 @@ def _argv(args: List[str]) -> List[str]:
     return args
 
 
+def _with_servers(args: List[str]) -> List[str]:
+    """Adds ``--ps-cmd "<python> -m tandem.ps"`` to a parameter-server job that names no server command."""
+    head = args[: args.index("--")] if "--" in args else args
+    if "--ps" in head and "--ps-cmd" not in head:
+        return ["--ps-cmd", f"{sys.executable} -m tandem.ps", *args]
+    return args
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Runs the launcher and returns its exit code."""
-    return _native.launch_main(_argv(list(sys.argv[1:] if argv is None else argv)))
+    return _native.launch_main(_with_servers(_argv(list(sys.argv[1:] if argv is None else argv))))
 
 
 if __name__ == "__main__":

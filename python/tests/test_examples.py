@@ -13,6 +13,8 @@ import subprocess
 
 LAUNCH = [sys.executable, "-m", "tandem.launch", "--no-log-files"]
 PS = ["--ps", "2", "--workers", "4", "--ps-cmd", f"{sys.executable} -m tandem.ps"]
+# Without --ps-cmd, python -m tandem.launch runs `python -m tandem.ps` on the servers by itself.
+PS_DEFAULT = ["--ps", "2", "--workers", "4"]
 
 
 @pytest.mark.parametrize(
@@ -20,7 +22,7 @@ PS = ["--ps", "2", "--workers", "4", "--ps-cmd", f"{sys.executable} -m tandem.ps
     [
         (["--nproc", "4"], ["digits_allreduce.py", "--epochs", "15"]),
         (PS, ["digits_ps.py", "--mode", "sync", "--epochs", "15"]),
-        (PS, ["digits_ps.py", "--mode", "async", "--staleness", "2", "--epochs", "15"]),
+        (PS_DEFAULT, ["digits_ps.py", "--mode", "async", "--staleness", "2", "--epochs", "15"]),
     ],
     ids=["allreduce", "sync-ps", "async-ps"],
 )
