@@ -47,6 +47,10 @@ impl BlockingClient {
     pub fn pull(&self, min_version: u64) -> Result<(u64, HashMap<String, Vec<f32>>)> {
         self.rt.block_on(self.inner.pull(min_version))
     }
+    /// See [`Client::pull_into`].
+    pub fn pull_into(&self, min_version: u64, out: &mut HashMap<String, Vec<f32>>) -> Result<u64> {
+        self.rt.block_on(self.inner.pull_into(min_version, out))
+    }
     /// See [`Client::push`].
     pub fn push(&self, step: u64, grads: &[(&str, &[f32])]) -> Result<PushOutcome> {
         self.rt.block_on(self.inner.push(step, grads))

@@ -446,12 +446,26 @@ impl Client {
     /// Pulls every parameter once each server has reached `min_version` (sync: the step whose
     /// parameters you want). Returns the lowest server version and the full tensors by name.
     pub async fn pull(&self, min_version: u64) -> Result<(u64, HashMap<String, Vec<f32>>)> {
-        let mut out: HashMap<String, Vec<f32>> = self
-            .map
-            .params
-            .iter()
-            .map(|p| (p.name.clone(), vec![0.0f32; p.numel()]))
-            .collect();
+        let mut out = HashMap::new();
+        let version = self.pull_into(min_version, &mut out).await?;
+        Ok((version, out))
+    }
+
+    /// Like [`Client::pull`], writing into `out` and reusing its vectors (a training loop that pulls
+    /// every step then allocates nothing); returns the version.
+    pub async fn pull_into(
+        &self,
+        min_version: u64,
+        out: &mut HashMap<String, Vec<f32>>,
+    ) -> Result<u64> {
+        for p in &self.map.params {
+            let v = out.entry(p.name.clone()).or_default();
+            if v.len() != p.numel() {
+                v.clear();
+                v.resize(p.numel(), 0.0);
+            }
+        }
+        out.retain(|name, _| self.map.param(name).is_some());
         let results = self.pull_all(min_version).await?;
         let mut version = u64::MAX;
         let mut filled: HashMap<(String, u32), usize> = HashMap::new();
@@ -501,14 +515,11 @@ impl Client {
                 ));
             }
         }
-        Ok((
-            if version == u64::MAX {
-                min_version
-            } else {
-                version
-            },
-            out,
-        ))
+        Ok(if version == u64::MAX {
+            min_version
+        } else {
+            version
+        })
     }
 
     /// Pushes gradients for `step` (every parameter named must be declared and have its full size).

@@ -309,7 +309,7 @@ impl ParameterServer for Service {
             let (buf, filled) = inc
                 .parts
                 .entry(key.clone())
-                .or_insert_with(|| (vec![0.0f32; entry.numel], 0));
+                .or_insert_with(|| (model.pool.take(entry.numel), 0));
             if c.offset as usize != *filled || *filled + c.data.len() > want {
                 model.counters.rejected.fetch_add(1, Ordering::Relaxed);
                 return Err(Status::invalid_argument(format!(
@@ -656,7 +656,7 @@ fn push_sync(
             None,
         ));
     }
-    st.add(worker, grads);
+    st.add(worker, grads, &model.pool);
     model.worker_steps.send_modify(|s| {
         if let Some(x) = s.get_mut(worker as usize) {
             *x = step + 1;
@@ -709,8 +709,9 @@ async fn push_async(
     model
         .counters
         .record_staleness(version.saturating_sub(step));
-    for (key, g) in grads.iter_mut() {
-        model.apply(key, g, version);
+    for (key, mut g) in grads.drain() {
+        model.apply(&key, &mut g, version);
+        model.pool.give(g);
     }
     model.counters.applied.fetch_add(1, Ordering::Relaxed);
     model.worker_steps.send_modify(|s| {
