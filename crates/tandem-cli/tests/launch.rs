@@ -25,12 +25,30 @@ fn specs_by_process(stdout: &[u8]) -> BTreeMap<String, serde_json::Value> {
             .strip_prefix('[')
             .and_then(|l| l.split_once("] "))
             .expect("prefixed line");
-        text.entry(tag.trim().to_string())
-            .or_default()
-            .push_str(rest);
+        // `ps 0 (rank 3)`: keep the name; the rank is checked against what the process resolved.
+        let tag = tag.trim();
+        let (name, rank) = match tag.split_once(" (rank ") {
+            Some((n, r)) => (n.to_string(), r.trim_end_matches(')').to_string()),
+            None => (
+                tag.to_string(),
+                tag.rsplit(' ').next().unwrap_or_default().to_string(),
+            ),
+        };
+        let entry = text.entry(name).or_default();
+        if entry.is_empty() {
+            entry.push_str(&format!("{{\"tag_rank\": {rank}, \"spec\": "));
+        }
+        entry.push_str(rest);
     }
     text.into_iter()
-        .map(|(k, v)| (k, serde_json::from_str(&v).expect("json")))
+        .map(|(k, v)| {
+            let v: serde_json::Value = serde_json::from_str(&format!("{v}}}")).expect("json");
+            assert_eq!(
+                v["tag_rank"], v["spec"]["rank"],
+                "{k}: the prefix names the rank"
+            );
+            (k, v["spec"].clone())
+        })
         .collect()
 }
 

@@ -146,6 +146,15 @@ impl Planned {
     pub fn name(&self) -> String {
         format!("{} {}", self.role, self.index)
     }
+    /// How its output lines are prefixed: the name, and the rank when it differs from the index
+    /// (`worker 2`, `ps 0 (rank 4)`).
+    pub fn label(&self) -> String {
+        if self.index == self.rank {
+            self.name()
+        } else {
+            format!("{} (rank {})", self.name(), self.rank)
+        }
+    }
     /// The value of one planned variable.
     pub fn env_var(&self, key: &str) -> Option<&str> {
         self.env

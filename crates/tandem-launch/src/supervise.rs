@@ -81,7 +81,7 @@ pub fn run(
         None => None,
     };
     let colour = std::io::stdout().is_terminal();
-    let width = planned.iter().map(|p| p.name().len()).max().unwrap_or(0);
+    let width = planned.iter().map(|p| p.label().len()).max().unwrap_or(0);
     let mut procs = Vec::with_capacity(planned.len());
     for p in planned {
         let log = match &log_dir {
@@ -160,7 +160,7 @@ impl Style {
         if !self.prefix {
             return String::new();
         }
-        let name = format!("{:<w$}", p.name(), w = self.width);
+        let name = format!("{:<w$}", p.label(), w = self.width);
         if self.colour {
             const COLOURS: [u8; 6] = [36, 33, 32, 35, 34, 31];
             let c = COLOURS[p.rank % COLOURS.len()];
