@@ -258,3 +258,61 @@ fn a_job_past_its_deadline_is_stopped() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("deadline"), "{err}");
 }
+
+#[test]
+fn gpus_auto_gives_each_rank_its_gpu_from_the_topology() {
+    let fixture = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../tandem-topology/fixtures/pairs4.txt"
+    );
+    let out = Command::new(TANDEM)
+        .args([
+            "launch",
+            "--nproc",
+            "2",
+            "--no-log-files",
+            "--",
+            "sh",
+            "-c",
+            "echo gpu=$CUDA_VISIBLE_DEVICES",
+        ])
+        .env("TANDEM_TOPOLOGY_FILE", fixture)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut gpus: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_once("gpu=").map(|x| x.1.to_string()))
+        .collect();
+    gpus.sort();
+    // GPUs 0 and 2 (or 1 and 3) are the NVLink pairs of that machine.
+    assert!(gpus == ["0", "2"] || gpus == ["1", "3"], "{gpus:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("over NV4"));
+    let out = Command::new(TANDEM)
+        .args([
+            "launch",
+            "--nproc",
+            "2",
+            "--gpus",
+            "none",
+            "--no-log-files",
+            "--",
+            "sh",
+            "-c",
+            "echo gpu=${CUDA_VISIBLE_DEVICES:-unset}",
+        ])
+        .env("TANDEM_TOPOLOGY_FILE", fixture)
+        .env_remove("CUDA_VISIBLE_DEVICES")
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout)
+            .matches("gpu=unset")
+            .count(),
+        2
+    );
+}

@@ -12,14 +12,27 @@ fn trainers(layout: &Layout) -> usize {
     }
 }
 
+/// Where `--gpus auto` reads the interconnect matrix instead of running `nvidia-smi topo -m` (a
+/// recorded matrix, for containers without the tool and for tests).
+pub const TOPOLOGY_FILE_VAR: &str = "TANDEM_TOPOLOGY_FILE";
+
 /// Resolves `--gpus`: `none` → no assignment; a list such as `0,2` → that ring order; `auto` → the
-/// fastest ring of this machine's GPUs from `nvidia-smi topo -m` (no assignment without GPUs).
+/// fastest ring of this machine's GPUs from `nvidia-smi topo -m` (or the file named by
+/// `TANDEM_TOPOLOGY_FILE`); no assignment without GPUs.
 pub fn assign(arg: &str, layout: &Layout) -> Result<Vec<usize>> {
     match arg.trim() {
         "none" | "" => Ok(Vec::new()),
         "auto" => {
-            let Ok(topo) = Topology::discover() else {
-                return Ok(Vec::new()); // no driver, no GPUs: nothing to choose
+            let topo = match std::env::var(TOPOLOGY_FILE_VAR) {
+                Ok(path) => {
+                    let text = std::fs::read_to_string(&path)
+                        .map_err(|e| Error::io(format!("reading {TOPOLOGY_FILE_VAR}={path}"), e))?;
+                    Topology::parse(&text)?
+                }
+                Err(_) => match Topology::discover() {
+                    Ok(t) => t,
+                    Err(_) => return Ok(Vec::new()), // no driver, no GPUs: nothing to choose
+                },
             };
             let want = trainers(layout).min(topo.gpus.len());
             if want == 0 {
