@@ -52,26 +52,22 @@ fn specs_by_process(stdout: &[u8]) -> BTreeMap<String, serde_json::Value> {
         .collect()
 }
 
-#[test]
-fn a_ps_job_gives_every_process_its_tfjob_role() {
-    let out = launch(&[
-        "--ps",
-        "2",
-        "--workers",
-        "3",
-        "--chief",
-        "--no-log-files",
-        "--",
-        TANDEM,
-        "info",
-        "--json",
-    ]);
+/// Runs `tandem launch ARGS -- tandem info --json` and returns what each process resolved.
+fn resolved(args: &[&str]) -> BTreeMap<String, serde_json::Value> {
+    let mut all = args.to_vec();
+    all.extend(["--", TANDEM, "info", "--json"]);
+    let out = launch(&all);
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let specs = specs_by_process(&out.stdout);
+    specs_by_process(&out.stdout)
+}
+
+#[test]
+fn a_ps_job_gives_every_process_its_tfjob_role() {
+    let specs = resolved(&["--ps", "2", "--workers", "3", "--chief", "--no-log-files"]);
     let names: Vec<&str> = specs.keys().map(String::as_str).collect();
     assert_eq!(names, ["chief 0", "ps 0", "ps 1", "worker 0", "worker 1"]);
     let mut ranks: Vec<u64> = specs
@@ -95,22 +91,7 @@ fn a_ps_job_gives_every_process_its_tfjob_role() {
 #[test]
 fn an_allreduce_job_gets_torchrun_variables_and_log_files() {
     let dir = std::env::temp_dir().join(format!("tandem-launch-logs-{}", std::process::id()));
-    let out = launch(&[
-        "--nproc",
-        "3",
-        "--log-dir",
-        dir.to_str().unwrap(),
-        "--",
-        TANDEM,
-        "info",
-        "--json",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let specs = specs_by_process(&out.stdout);
+    let specs = resolved(&["--nproc", "3", "--log-dir", dir.to_str().unwrap()]);
     for r in 0..3 {
         let v = &specs[&format!("worker {r}")];
         assert_eq!(v["source"], "torchrun");
