@@ -368,9 +368,6 @@ impl PyWork {
         loop {
             let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
             let done: Option<tandem::Result<Option<TensorMut>>> = match pending.as_mut() {
-                None if self.result.is_none() && self.into.is_none() => {
-                    return Ok(None);
-                }
                 None => return Ok(self.result.as_ref().map(|r| r.clone_ref(py))),
                 Some(Pending::Tensor(w)) => py.detach(|| w.wait_timeout(poll)).map(|r| r.map(Some)),
                 Some(Pending::Unit(w)) => {
