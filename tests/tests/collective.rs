@@ -193,11 +193,23 @@ fn check_case(case: &Case, world: usize, results: &[BTreeMap<usize, Vec<f64>>]) 
     }
 }
 
-/// Runs the suite twice: with small allreduces in one hop (the default) and with every allreduce
-/// around the ring.
+/// Runs the suite three times: with small allreduces in one hop (the default), with every allreduce
+/// around the ring, and around the ring with every byte on the sockets (no same-host copies).
 fn suite(world: usize) {
     suite_with(world, &[]);
     suite_with(world, &[("TANDEM_DIRECT_BYTES", "0")]);
+    suite_with(
+        world,
+        &[("TANDEM_DIRECT_BYTES", "0"), ("TANDEM_SAME_HOST", "tcp")],
+    );
+}
+
+/// Whether this machine lets a process read another's memory (the tests' own probe, independent of
+/// the group's): then ranks of a local group must use same-host copies unless told not to.
+fn same_host_possible() -> bool {
+    use tandem::collective::transport::peer_memory::{LocalWord, PeerMemory};
+    let word = LocalWord::new();
+    PeerMemory::parse(&word.advert()).is_some_and(|p| p.probe().is_ok())
 }
 
 fn suite_with(world: usize, extra: &[(&str, &str)]) {
@@ -219,6 +231,15 @@ fn suite_with(world: usize, extra: &[(&str, &str)]) {
             })
             .collect();
         panic!("the suite failed:\n{}", report.join("\n"));
+    }
+    let tcp_only = extra.contains(&("TANDEM_SAME_HOST", "tcp"));
+    let want = u8::from(world > 1 && !tcp_only && same_host_possible());
+    for (r, o) in outs.iter().enumerate() {
+        assert_eq!(
+            lines_with(o, "SAMEHOST"),
+            vec![format!("SAMEHOST {want}")],
+            "rank {r} with {extra:?}"
+        );
     }
     let results: Vec<_> = outs.iter().map(cases_of).collect();
     for case in cases(world) {
@@ -289,11 +310,22 @@ fn lines_with(out: &Output, prefix: &str) -> Vec<String> {
 
 #[test]
 fn a_killed_peer_is_named_by_every_survivor() {
+    killed_peer(&["loop"]);
+}
+
+/// Same with 4 MiB allreduces around the ring, where ranks copy from each other's memory when the
+/// machine allows it: the victim dies while its neighbours read its chunks or wait for it.
+#[test]
+fn a_peer_killed_during_large_ring_steps_is_named_by_every_survivor() {
+    killed_peer(&["loop", "1048576"]);
+}
+
+fn killed_peer(args: &[&str]) {
     let world = 4;
     let victim = 2;
     let job = Job::new();
     let mut children: Vec<_> = (0..world)
-        .map(|r| spawn(NODE, &["loop"], &job.env(r, world, 20)))
+        .map(|r| spawn(NODE, args, &job.env(r, world, 20)))
         .collect();
     let lines = stdout_lines(&mut children[victim]);
     loop {

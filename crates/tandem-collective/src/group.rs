@@ -14,10 +14,11 @@ use tandem_rendezvous::{JobToken, Session, TOKEN_VAR};
 use tokio::runtime::Runtime;
 use tokio::sync::watch;
 
-use crate::backend::tcp_ring::{TcpRing, Tuning};
+use crate::backend::tcp_ring::{SameHost, TcpRing, Tuning};
 use crate::backend::{Backend, BackendKind, resolve};
 use crate::transport::frame::group_id;
 use crate::transport::mesh::{MeshSpec, establish};
+use crate::transport::peer_memory::{LocalWord, PeerMemory};
 
 /// How a group is formed and how long its operations may take.
 #[derive(Debug, Clone)]
@@ -35,6 +36,10 @@ pub struct GroupConfig {
     pub direct_bytes: usize,
     /// Which backend (`TANDEM_BACKEND`).
     pub backend: BackendKind,
+    /// Whether ranks on one machine may copy ring chunks straight from each other's memory
+    /// (`TANDEM_SAME_HOST`: `auto`, the default, uses it when every rank's probe succeeds; `tcp`
+    /// keeps every byte on the sockets).
+    pub same_host: bool,
     /// Host other ranks should connect to (`TANDEM_ADVERTISE_HOST`); default: derived from the
     /// rendezvous address (loopback for local jobs, this machine's outgoing address otherwise).
     pub advertise_host: Option<String>,
@@ -49,6 +54,7 @@ impl Default for GroupConfig {
             segment_bytes: 256 << 10,
             direct_bytes: 64 << 10,
             backend: BackendKind::Auto,
+            same_host: true,
             advertise_host: None,
         }
     }
@@ -106,6 +112,18 @@ impl GroupConfig {
         }
         if let Some(v) = vars.var("TANDEM_BACKEND") {
             c.backend = v.parse()?;
+        }
+        if let Some(v) = vars.var("TANDEM_SAME_HOST") {
+            c.same_host = match v.as_str() {
+                "auto" => true,
+                "tcp" => false,
+                _ => {
+                    return Err(Error::config(
+                        "TANDEM_SAME_HOST",
+                        format!("expected auto or tcp, got {v:?}"),
+                    ));
+                }
+            };
         }
         c.advertise_host = vars.var("TANDEM_ADVERTISE_HOST");
         Ok(c)
@@ -254,6 +272,60 @@ fn bind_host(advertised: &str) -> &'static str {
     }
 }
 
+/// Finds out whether every rank can read its left neighbour's memory: each publishes its word, reads
+/// its left neighbour's, and publishes the outcome; the ring copies directly only when all succeeded.
+/// Logs once why not, otherwise.
+async fn negotiate_same_host(
+    client: &tandem_rendezvous::Client,
+    prefix: &str,
+    rank: usize,
+    world: usize,
+    timeout: Duration,
+) -> Result<Option<SameHost>> {
+    let word = LocalWord::new();
+    client
+        .set(&format!("{prefix}/memory/{rank}"), word.advert())
+        .await?;
+    let left = (rank + world - 1) % world;
+    let advert = client
+        .wait(&[&format!("{prefix}/memory/{left}")], timeout)
+        .await?;
+    let advert = advert
+        .first()
+        .map(|b| String::from_utf8_lossy(b).into_owned())
+        .unwrap_or_default();
+    let probed = match PeerMemory::parse(&advert) {
+        Some(peer) => peer.probe().map(|()| peer).map_err(|e| e.to_string()),
+        None => Err(format!("unreadable advert {advert:?}")),
+    };
+    let verdict = match &probed {
+        Ok(_) => "ok".to_string(),
+        Err(why) => format!("rank {rank} cannot read rank {left}'s memory: {why}"),
+    };
+    client
+        .set(&format!("{prefix}/memory-ok/{rank}"), verdict)
+        .await?;
+    let keys: Vec<String> = (0..world)
+        .map(|r| format!("{prefix}/memory-ok/{r}"))
+        .collect();
+    let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+    let verdicts = client.wait(&keys, timeout).await?;
+    let refusal = verdicts
+        .iter()
+        .map(|v| String::from_utf8_lossy(v).into_owned())
+        .find(|v| v != "ok");
+    match (refusal, probed) {
+        (None, Ok(peer)) => Ok(Some(SameHost { word, left: peer })),
+        (Some(why), _) => {
+            if rank == 0 {
+                tracing::info!("ring chunks travel over TCP: {why}");
+            }
+            Ok(None)
+        }
+        (None, Err(_)) => Ok(None),
+    }
+}
+
 impl ProcessGroup {
     /// Forms the group described by the environment (cluster spec, `TANDEM_JOB_TOKEN`, `TANDEM_*`).
     pub fn from_env() -> Result<ProcessGroup> {
@@ -356,6 +428,22 @@ impl ProcessGroup {
         };
         let mesh = ring_rt.block_on(establish(&listener, &mesh_spec, deadline))?;
         drop(listener);
+        let same_host = if config.same_host {
+            control_rt.block_on(negotiate_same_host(
+                &client,
+                &prefix,
+                rank,
+                world,
+                config.connect_timeout,
+            ))?
+        } else {
+            None
+        };
+        let copies = if same_host.is_some() {
+            "same-host copies"
+        } else {
+            "sockets"
+        };
         control_rt.block_on(client.barrier(
             &format!("{prefix}/ready"),
             world,
@@ -417,8 +505,9 @@ impl ProcessGroup {
             },
             abort_rx,
             publish,
+            same_host,
         );
-        tracing::info!(rank, world, group = %config.name, "process group ready (tcp ring)");
+        tracing::info!(rank, world, group = %config.name, "process group ready (tcp ring, {copies})");
         let shared = Shared {
             name: config.name.clone(),
             kind: config.backend,
@@ -448,6 +537,12 @@ impl ProcessGroup {
     /// Number of ranks.
     pub fn world_size(&self) -> usize {
         self.shared.world
+    }
+
+    /// Whether large ring steps copy straight from the neighbouring rank's memory (all ranks on one
+    /// machine and the kernel allows it) instead of streaming through TCP sockets.
+    pub fn same_host(&self) -> bool {
+        self.shared.backend.as_ref().is_some_and(|b| b.same_host())
     }
 
     /// The backend in use (`"tcp"`, or `"local"` for a world of one).

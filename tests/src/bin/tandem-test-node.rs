@@ -35,7 +35,7 @@ fn main() {
         Some("meet") => runtime().and_then(|rt| rt.block_on(meet(&args[1..]))),
         Some("suite") => collective(run_suite),
         Some("async") => collective(run_async),
-        Some("loop") => collective(run_loop),
+        Some("loop") => collective(|pg| run_loop(pg, &args[1..])),
         Some("straggle") => collective(|pg| run_straggle(pg, &args[1..])),
         Some("mismatch") => collective(|pg| run_mismatch(pg, &args[1..])),
         Some("ps-server") => runtime().and_then(|rt| rt.block_on(ps_server(&args[1..]))),
@@ -91,6 +91,7 @@ fn print_case(id: usize, values: &[f64]) {
 
 fn run_suite(pg: &ProcessGroup) -> Result<()> {
     let (rank, world) = (pg.rank(), pg.world_size());
+    println!("SAMEHOST {}", u8::from(pg.same_host()));
     for case in suite::cases(world) {
         let size = case.dtype.size();
         let mine = data::values(case.id as u64, rank, case.len, case.dtype, case.op);
@@ -171,8 +172,15 @@ fn run_async(pg: &ProcessGroup) -> Result<()> {
     Ok(())
 }
 
-fn run_loop(pg: &ProcessGroup) -> Result<()> {
-    let mut buf = vec![1.0f32; 1000];
+/// Allreduces forever (until killed); `[len]` elements per call (default 1000: the one-hop path).
+fn run_loop(pg: &ProcessGroup, args: &[String]) -> Result<()> {
+    let len = match args.first() {
+        Some(v) => v
+            .parse::<usize>()
+            .map_err(|_| Error::invalid("len", format!("not a number: {v}")))?,
+        None => 1000,
+    };
+    let mut buf = vec![1.0f32; len];
     for i in 0..100_000u64 {
         pg.allreduce(&mut buf, ReduceOp::Max)?;
         println!("ITER {i}");

@@ -19,6 +19,10 @@ use tandem_core::{DType, Error, ReduceOp, Result};
 pub trait Backend: Send + Sync + std::fmt::Debug {
     /// Short name for logs (`"tcp"`, `"nccl"`).
     fn name(&self) -> &'static str;
+    /// Whether large ring steps copy straight from the neighbour's memory (ranks on one machine).
+    fn same_host(&self) -> bool {
+        false
+    }
     /// This rank.
     fn rank(&self) -> usize;
     /// Number of ranks.

@@ -20,6 +20,7 @@ use super::ops::{self, Io, Waiting};
 use crate::stats::Stragglers;
 use crate::transport::frame::{OpHeader, OpKind};
 use crate::transport::mesh::Mesh;
+use crate::transport::peer_memory::{LocalWord, PeerMemory};
 
 /// Publishes an abort message to the other ranks.
 pub type Publish = Box<dyn Fn(String) + Send + Sync>;
@@ -43,6 +44,15 @@ pub struct Tuning {
     pub direct_bytes: usize,
 }
 
+/// Direct reads of the left neighbour's buffers (see [`crate::transport::peer_memory`]).
+#[derive(Debug)]
+pub struct SameHost {
+    /// This rank's word, which the right neighbour checks.
+    pub word: LocalWord,
+    /// The left neighbour.
+    pub left: PeerMemory,
+}
+
 /// The TCP ring backend of one process group.
 pub struct TcpRing {
     rank: usize,
@@ -53,6 +63,7 @@ pub struct TcpRing {
     state: Mutex<RingState>,
     abort: watch::Receiver<Option<String>>,
     publish: Publish,
+    same_host: Option<SameHost>,
 }
 
 impl std::fmt::Debug for TcpRing {
@@ -128,10 +139,18 @@ macro_rules! ring_op {
                 waiting: &waiting,
                 header,
                 lateness: &lateness,
+                memory: $self.same_host.as_ref().map(|m| m.left),
             };
             let $io = &mut io_state;
             let fut = $body;
-            $self.drive(fut, &waiting, &header, $timeout)
+            if let Some(m) = &$self.same_host {
+                m.word.enter(header.seq);
+            }
+            let outcome = $self.drive(fut, &waiting, &header, $timeout);
+            if let Some(m) = &$self.same_host {
+                m.word.leave();
+            }
+            outcome
         };
         $self.settle(&mut $st, &header, lateness.get(), outcome)
     }};
@@ -171,7 +190,9 @@ fn collective(
 }
 
 impl TcpRing {
-    /// Wraps an established mesh. `rt` must be the runtime the mesh's sockets were created in.
+    /// Wraps an established mesh. `rt` must be the runtime the mesh's sockets were created in;
+    /// `same_host` is set when every rank of the ring can read its left neighbour's memory.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         rank: usize,
         world: usize,
@@ -180,6 +201,7 @@ impl TcpRing {
         tuning: Tuning,
         abort: watch::Receiver<Option<String>>,
         publish: Publish,
+        same_host: Option<SameHost>,
     ) -> Self {
         let segment = tuning.segment_bytes.clamp(4096, 64 << 20) / 8 * 8;
         let direct_bytes = tuning.direct_bytes;
@@ -200,6 +222,7 @@ impl TcpRing {
             }),
             abort,
             publish,
+            same_host,
         }
     }
 
@@ -311,6 +334,9 @@ impl TcpRing {
 impl Backend for TcpRing {
     fn name(&self) -> &'static str {
         "tcp"
+    }
+    fn same_host(&self) -> bool {
+        self.same_host.is_some()
     }
     fn rank(&self) -> usize {
         self.rank

@@ -3,3 +3,4 @@
 
 pub mod frame;
 pub mod mesh;
+pub mod peer_memory;
