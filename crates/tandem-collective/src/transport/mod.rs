@@ -3,4 +3,4 @@
 
 pub mod frame;
 pub mod mesh;
-pub mod peer_memory;
+pub use tandem_peer_memory as peer_memory;

@@ -1,10 +1,25 @@
-//! Reading a peer's buffer directly when both ranks run on the same machine.
+//! Reading a peer's buffer directly when both processes run on the same machine.
 //!
 //! Linux's cross-memory attach (`process_vm_readv`) copies bytes straight from another process's
 //! address space into ours: one copy by the kernel instead of the two a loopback TCP stream makes (into
-//! the socket buffer and out again), and none of TCP's per-packet work. The ring uses it for the large
-//! steps of reduce-scatter and allgather when every rank can read its left neighbour; the sockets then
-//! carry only small descriptors ("chunk at this address is ready") and acknowledgements.
+//! the socket buffer and out again), and none of TCP's per-packet work. The collective ring uses it for
+//! the large steps of reduce-scatter and allgather when every rank can read its left neighbour (the
+//! sockets then carry only small descriptors and acknowledgements); parameter servers and workers on
+//! one machine use it for pushes and pulls.
+//!
+//! ```
+//! use tandem_peer_memory::{LocalWord, PeerMemory};
+//! let word = LocalWord::new();
+//! // Another process would receive this advert over an authenticated channel.
+//! let peer = PeerMemory::parse(&word.advert()).expect("well formed");
+//! if peer.probe().is_ok() {
+//!     let src = vec![7u8; 1000];
+//!     let mut dst = vec![0u8; 1000];
+//!     peer.read(src.as_ptr() as usize, &mut dst)?;
+//!     assert_eq!(src, dst);
+//! }
+//! # Ok::<(), std::io::Error>(())
+//! ```
 //!
 //! The kernel allows it between processes of the same user when ptrace would be allowed (containers
 //! whose seccomp profile forbids `process_vm_readv`, or Yama's `ptrace_scope` ≥ 1 between processes
@@ -65,7 +80,8 @@ impl LocalWord {
         )
     }
 
-    fn address(&self) -> usize {
+    /// The word's address in this process.
+    pub fn address(&self) -> usize {
         let p: *const AtomicU64 = &*self.word;
         p as usize
     }
@@ -84,6 +100,12 @@ impl LocalWord {
     pub fn leave(&self) {
         self.word.store(0, Ordering::SeqCst);
         std::sync::atomic::fence(Ordering::SeqCst);
+    }
+}
+
+impl Drop for LocalWord {
+    fn drop(&mut self) {
+        self.leave();
     }
 }
 
@@ -120,6 +142,28 @@ impl PeerMemory {
         })
     }
 
+    /// A process to read from by address only (no word to probe or check).
+    pub fn of_process(pid: u32) -> Option<PeerMemory> {
+        let pid = i32::try_from(pid).ok().filter(|p| *p > 0)?;
+        Some(PeerMemory {
+            pid: Pid::from_raw(pid),
+            word: 0,
+            nonce: 0,
+        })
+    }
+
+    /// The peer's process id.
+    pub fn pid(&self) -> u32 {
+        self.pid.as_raw().unsigned_abs()
+    }
+
+    /// Reads the 8-byte word at the peer's address `addr`.
+    pub fn read_u64(&self, addr: usize) -> std::io::Result<u64> {
+        let mut b = [0u8; 8];
+        self.read(addr, &mut b)?;
+        Ok(u64::from_ne_bytes(b))
+    }
+
     /// Reads the peer's word and checks it holds the advertised value: proves this process can read
     /// the peer's memory (same machine, same process namespace, permission granted).
     pub fn probe(&self) -> std::io::Result<()> {
@@ -134,9 +178,7 @@ impl PeerMemory {
     }
 
     fn word(&self) -> std::io::Result<u64> {
-        let mut b = [0u8; 8];
-        self.read(self.word, &mut b)?;
-        Ok(u64::from_ne_bytes(b))
+        self.read_u64(self.word)
     }
 
     /// Whether the peer is still inside operation `seq` (so what was read from it during the
