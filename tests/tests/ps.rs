@@ -13,10 +13,37 @@ struct Job {
     token: JobToken,
     servers: Vec<Child>,
     addrs: Vec<String>,
+    /// `TANDEM_SAME_HOST` for every process: `auto` (tensors move by address between processes on
+    /// this machine when it allows) or `tcp` (every byte through the gRPC streams).
+    same_host: &'static str,
 }
 
-fn start_server(token: &JobToken, args: &[&str]) -> (Child, String) {
-    let env = vec![("TANDEM_JOB_TOKEN".to_string(), token.as_str().to_string())];
+/// Whether this machine lets one process read another's memory (the tests' own probe): then
+/// workers and servers must use the same-host data plane unless told not to.
+fn same_host_possible() -> bool {
+    use tandem::collective::transport::peer_memory::{LocalWord, PeerMemory};
+    let word = LocalWord::new();
+    PeerMemory::parse(&word.advert()).is_some_and(|p| p.probe().is_ok())
+}
+
+/// Checks a worker's report of the data plane it used.
+fn check_plane(v: &serde_json::Value, same_host: &str) {
+    let want = same_host == "auto" && same_host_possible();
+    assert_eq!(
+        v["same_host"], want,
+        "data plane with TANDEM_SAME_HOST={same_host}: {v}"
+    );
+}
+
+fn env_of(token: &JobToken, same_host: &str) -> Vec<(String, String)> {
+    vec![
+        ("TANDEM_JOB_TOKEN".to_string(), token.as_str().to_string()),
+        ("TANDEM_SAME_HOST".to_string(), same_host.to_string()),
+    ]
+}
+
+fn start_server(token: &JobToken, args: &[&str], same_host: &str) -> (Child, String) {
+    let env = env_of(token, same_host);
     let mut all = vec!["ps-server"];
     all.extend_from_slice(args);
     let mut c = spawn(NODE, &all, &env);
@@ -37,14 +64,26 @@ impl Job {
         Self::start_with(servers, |_| vec![])
     }
 
+    fn start_plane(servers: usize, same_host: &'static str) -> Job {
+        Self::start_full(servers, |_| vec![], same_host)
+    }
+
     fn start_with(servers: usize, args: impl Fn(usize) -> Vec<String>) -> Job {
+        Self::start_full(servers, args, "auto")
+    }
+
+    fn start_full(
+        servers: usize,
+        args: impl Fn(usize) -> Vec<String>,
+        same_host: &'static str,
+    ) -> Job {
         let token = JobToken::generate();
         let mut children = Vec::new();
         let mut addrs = Vec::new();
         for i in 0..servers {
             let a = args(i);
             let a: Vec<&str> = a.iter().map(String::as_str).collect();
-            let (c, addr) = start_server(&token, &a);
+            let (c, addr) = start_server(&token, &a, same_host);
             addrs.push(addr);
             children.push(c);
         }
@@ -52,14 +91,12 @@ impl Job {
             token,
             servers: children,
             addrs,
+            same_host,
         }
     }
 
     fn spawn_workers(&self, n: usize, extra: &[&str]) -> Vec<Child> {
-        let env = vec![(
-            "TANDEM_JOB_TOKEN".to_string(),
-            self.token.as_str().to_string(),
-        )];
+        let env = env_of(&self.token, self.same_host);
         let servers = self.addrs.join(",");
         (0..n)
             .map(|w| {
@@ -85,10 +122,7 @@ impl Job {
         extra: &[&str],
         per_worker: impl Fn(usize) -> Vec<String>,
     ) -> Vec<Output> {
-        let env = vec![(
-            "TANDEM_JOB_TOKEN".to_string(),
-            self.token.as_str().to_string(),
-        )];
+        let env = env_of(&self.token, self.same_host);
         let servers = self.addrs.join(",");
         let children: Vec<_> = (0..n)
             .map(|w| {
@@ -155,7 +189,17 @@ fn distance_to_truth(w: &[f32], b: f32) -> f32 {
 /// four additions per step follows arrival: results match the reference up to float rounding of that
 /// order, and every worker sees exactly the same parameters.
 fn sync_sgd_matches_the_single_process_reference() {
-    let job = Job::start(2);
+    sync_reference("auto");
+}
+
+/// The same with every byte through the gRPC streams.
+#[test]
+fn sync_sgd_over_the_streams_matches_the_single_process_reference() {
+    sync_reference("tcp");
+}
+
+fn sync_reference(same_host: &'static str) {
+    let job = Job::start_plane(2, same_host);
     let (steps, lr) = (150, 0.05);
     let outs = job.workers(
         4,
@@ -165,6 +209,7 @@ fn sync_sgd_matches_the_single_process_reference() {
     let (want_w, want_b) = linreg::reference_sync(4, steps, lr);
     let first = params(&ok(&outs[0]));
     for out in &outs {
+        check_plane(&ok(out), same_host);
         let (w, b) = params(&ok(out));
         assert_eq!((w.clone(), b), first, "workers see different parameters");
         for (got, want) in w.iter().zip(&want_w).chain([(&b, &want_b)]) {
@@ -285,12 +330,21 @@ fn adam_on_the_servers_converges() {
 
 #[test]
 fn bad_input_is_refused_and_changes_nothing() {
-    for (bad, needle) in [
-        ("nan", "NaN"),
-        ("shape", "shape mismatch"),
-        ("name", "unknown parameter"),
-    ] {
-        let job = Job::start(2);
+    let mut cases = vec![
+        ("nan", "NaN", "auto"),
+        ("nan", "NaN", "tcp"),
+        ("shape", "shape mismatch", "auto"),
+        ("name", "unknown parameter", "auto"),
+        ("truncated", "truncated", "tcp"),
+        ("oversized", "does not follow", "tcp"),
+        ("shared-stranger", "not attached", "auto"),
+    ];
+    if same_host_possible() {
+        cases.push(("shared-len", "2 bytes offered", "auto"));
+        cases.push(("shared-left", "left the push", "auto"));
+    }
+    for (bad, needle, same_host) in cases {
+        let job = Job::start_plane(2, same_host);
         let outs = job.workers(1, &["--mode", "sync", "--bad", bad], |_| vec![]);
         let text = String::from_utf8_lossy(&outs[0].stdout).to_string();
         let line = text
@@ -379,6 +433,7 @@ fn a_server_killed_and_restarted_from_its_checkpoint_lets_training_finish() {
         &[
             "--bind", &addr, "--index", "1", "--ckpt", &ckpt, "--every", "10",
         ],
+        job.same_host,
     );
     job.servers.push(restarted);
     let drain = std::thread::spawn(move || {
@@ -543,11 +598,18 @@ fn sparse_rows_update_only_those_rows_and_match_a_reference() {
 
 #[test]
 fn a_256_mib_tensor_streams_through_push_and_pull() {
-    let job = Job::start(2);
-    let env = vec![(
-        "TANDEM_JOB_TOKEN".to_string(),
-        job.token.as_str().to_string(),
-    )];
+    big_tensor("tcp");
+}
+
+/// The same tensor between processes on this machine, moved by address when the machine allows.
+#[test]
+fn a_256_mib_tensor_moves_by_address_between_processes_on_one_machine() {
+    big_tensor("auto");
+}
+
+fn big_tensor(same_host: &'static str) {
+    let job = Job::start_plane(2, same_host);
+    let env = env_of(&job.token, same_host);
     let servers = job.addrs.join(",");
     let elems = (64usize << 20).to_string(); // 64 Mi f32 = 256 MiB
     let out = tandem_tests::wait_output(
@@ -559,6 +621,7 @@ fn a_256_mib_tensor_streams_through_push_and_pull() {
         LIMIT,
     );
     let v = ok(&out);
+    check_plane(&v, same_host);
     assert_eq!(v["mismatches"], 0, "{v}");
     assert_eq!(v["version"], 1, "{v}");
     job.finish();

@@ -2,6 +2,7 @@
 //! parameters in chunks, talking to all servers in parallel.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -94,12 +95,40 @@ pub struct PushOutcome {
 #[derive(Debug, Clone)]
 pub struct Client {
     incarnations: std::sync::Arc<std::sync::Mutex<Vec<u64>>>,
+    /// Per server: its process id when both sides proved they can read each other's memory (same
+    /// machine), so tensors move by address; 0 when they go through the gRPC stream.
+    shared: std::sync::Arc<Vec<AtomicU32>>,
     servers: Vec<Grpc>,
     addrs: Vec<String>,
     map: PartitionMap,
     worker: u32,
     chunk_bytes: usize,
     timeout: Duration,
+}
+
+/// One server's answer to a pull: the streamed chunks, or where to read the values.
+#[derive(Debug, Clone)]
+enum Reply {
+    Chunks(Vec<pb::PullChunk>),
+    Shared(pb::SharedPull),
+}
+
+impl Reply {
+    fn incarnation(&self) -> u64 {
+        match self {
+            Reply::Chunks(c) => c.first().map_or(0, |c| c.incarnation),
+            Reply::Shared(s) => s.incarnation,
+        }
+    }
+}
+
+/// The outcome of one push over the servers' answers.
+fn outcome(results: &[pb::PushResponse]) -> PushOutcome {
+    PushOutcome {
+        applied: results.iter().all(|r| r.applied),
+        dropped: results.iter().any(|r| r.dropped),
+        version: results.iter().map(|r| r.version).min().unwrap_or(0),
+    }
 }
 
 fn status_error(addr: &str, what: &str, s: Status, waited: Duration) -> Error {
@@ -196,6 +225,7 @@ impl Client {
             futures::future::try_join_all(addrs.iter().map(|a| connect_one(a, token, end))).await?;
         let client = Client {
             incarnations: std::sync::Arc::new(std::sync::Mutex::new(vec![0; servers.len()])),
+            shared: std::sync::Arc::new((0..servers.len()).map(|_| AtomicU32::new(0)).collect()),
             servers,
             addrs: addrs.to_vec(),
             map,
@@ -269,7 +299,74 @@ impl Client {
             }
         });
         futures::future::try_join_all(declares).await?;
+        if std::env::var("TANDEM_SAME_HOST").map_or(true, |v| v != "tcp") {
+            client.attach_all().await;
+        }
         Ok(client)
+    }
+
+    /// Tries the same-machine data plane with every server: each side reads the other's word. A
+    /// server where that fails (another machine, a kernel or container that forbids it) is used
+    /// through the gRPC stream; the outcome is logged once per server.
+    async fn attach_all(&self) {
+        let word = tandem_peer_memory::LocalWord::new();
+        let advert = word.advert();
+        let calls = (0..self.servers.len()).map(|s| {
+            let mut c = self.servers[s].clone();
+            let req = pb::AttachRequest {
+                advert: advert.clone(),
+            };
+            async move {
+                let r = tokio::time::timeout(Duration::from_secs(10), c.attach(req)).await;
+                (s, r)
+            }
+        });
+        for (s, r) in futures::future::join_all(calls).await {
+            let addr = &self.addrs[s];
+            let outcome = match r {
+                Ok(Ok(resp)) => {
+                    let resp = resp.into_inner();
+                    if !resp.ok {
+                        Err(resp.reason)
+                    } else {
+                        match tandem_peer_memory::PeerMemory::parse(&resp.advert) {
+                            Some(peer) => peer.probe().map(|()| peer.pid()).map_err(|e| {
+                                format!("the worker cannot read the server's memory: {e}")
+                            }),
+                            None => Err(format!("unreadable advert {:?}", resp.advert)),
+                        }
+                    }
+                }
+                Ok(Err(st)) => Err(st.message().to_string()),
+                Err(_) => Err("no answer to attach within 10 s".into()),
+            };
+            match outcome {
+                Ok(pid) => {
+                    self.shared[s].store(pid, Ordering::Relaxed);
+                    tracing::debug!(%addr, "tensors move by same-host memory reads");
+                }
+                Err(why) => {
+                    tracing::info!(%addr, reason = %why, "tensors move through the gRPC stream")
+                }
+            }
+        }
+    }
+
+    /// The server's pid when the same-machine data plane is on for server `s`.
+    fn shared_pid(&self, s: usize) -> Option<u32> {
+        Some(self.shared[s].load(Ordering::Relaxed)).filter(|p| *p != 0)
+    }
+
+    /// Turns the same-machine data plane off for server `s` (it restarted, or a read failed).
+    fn unshare(&self, s: usize, why: &str) {
+        if self.shared[s].swap(0, Ordering::Relaxed) != 0 {
+            tracing::warn!(addr = %self.addrs[s], reason = %why, "falling back to the gRPC stream");
+        }
+    }
+
+    /// Whether every server is reached through the same-machine data plane.
+    pub fn same_host(&self) -> bool {
+        (0..self.servers.len()).all(|s| self.shared_pid(s).is_some())
     }
 
     /// Calls server `s`, retrying with backoff while it is unreachable (restarting, say) until the
@@ -312,7 +409,7 @@ impl Client {
         min_version: u64,
         incarnation: u64,
         wait: Duration,
-    ) -> Result<Option<Vec<pb::PullChunk>>> {
+    ) -> Result<Option<Reply>> {
         let req = pb::PullRequest {
             worker: self.worker,
             min_version,
@@ -320,6 +417,38 @@ impl Client {
             timeout_ms: wait.as_millis().min(u64::MAX as u128) as u64,
             incarnation,
         };
+        if self.shared_pid(s).is_some() {
+            let r = self
+                .call(
+                    s,
+                    "pulling",
+                    wait + Duration::from_secs(10),
+                    move |mut c| {
+                        let req = req.clone();
+                        async move {
+                            match c.pull_shared(req).await {
+                                Ok(r) => Ok(Some(r.into_inner())),
+                                Err(st) if st.code() == Code::DeadlineExceeded => Ok(None),
+                                Err(st) => Err(st),
+                            }
+                        }
+                    },
+                )
+                .await?;
+            return Ok(r.map(Reply::Shared));
+        }
+        self.pull_stream(s, req, wait)
+            .await
+            .map(|r| r.map(Reply::Chunks))
+    }
+
+    /// Pulls from server `s` through the gRPC stream.
+    async fn pull_stream(
+        &self,
+        s: usize,
+        req: pb::PullRequest,
+        wait: Duration,
+    ) -> Result<Option<Vec<pb::PullChunk>>> {
         self.call(
             s,
             "pulling",
@@ -359,7 +488,7 @@ impl Client {
     /// to have restarted from a checkpoint (seen in a reply, or in its stats while waiting), the
     /// others are asked again without waiting, so the worker learns the restored step instead of
     /// waiting for a version that needs its own gradients first.
-    async fn pull_all(&self, min_version: u64) -> Result<Vec<Vec<pb::PullChunk>>> {
+    async fn pull_all(&self, min_version: u64) -> Result<Vec<Reply>> {
         use futures::stream::{FuturesUnordered, StreamExt as _};
         let known: Vec<u64> = self
             .incarnations
@@ -368,7 +497,7 @@ impl Client {
             .unwrap_or_default();
         let n = self.servers.len();
         let end = Instant::now() + self.timeout;
-        let mut results: Vec<Option<Vec<pb::PullChunk>>> = vec![None; n];
+        let mut results: Vec<Option<Reply>> = (0..n).map(|_| None).collect();
         let changed = |s: usize, inc: u64| known.get(s).is_some_and(|k| *k != 0 && *k != inc);
         let mut restarted = false;
         while !restarted && results.iter().any(Option::is_none) {
@@ -384,9 +513,9 @@ impl Client {
                     })
                     .collect();
                 while let Some((s, r)) = pending.next().await {
-                    if let Some(chunks) = r? {
-                        restarted |= changed(s, chunks.first().map_or(0, |c| c.incarnation));
-                        results[s] = Some(chunks);
+                    if let Some(reply) = r? {
+                        restarted |= changed(s, reply.incarnation());
+                        results[s] = Some(reply);
                         if restarted {
                             break;
                         }
@@ -469,10 +598,45 @@ impl Client {
         let results = self.pull_all(min_version).await?;
         let mut version = u64::MAX;
         let mut filled: HashMap<(String, u32), usize> = HashMap::new();
-        for (s, chunks) in results.into_iter().enumerate() {
-            if let (Some(ch), Ok(mut inc)) = (chunks.first(), self.incarnations.lock()) {
-                inc[s] = ch.incarnation;
+        for (s, reply) in results.into_iter().enumerate() {
+            if let Ok(mut inc) = self.incarnations.lock() {
+                let i = reply.incarnation();
+                if i != 0 {
+                    inc[s] = i;
+                }
             }
+            let chunks = match reply {
+                Reply::Chunks(chunks) => chunks,
+                Reply::Shared(sp) => match self.read_shared(s, &sp, out) {
+                    Ok(()) => {
+                        version = version.min(sp.version);
+                        for p in &sp.parts {
+                            *filled.entry((p.param.clone(), p.part)).or_default() += p.len as usize;
+                        }
+                        continue;
+                    }
+                    Err(why) => {
+                        // Raced with an update, or the server is not the process attached: ask
+                        // again through the stream for the version it just reported.
+                        self.unshare_if_gone(s, &sp, &why);
+                        let req = pb::PullRequest {
+                            worker: self.worker,
+                            min_version: sp.version,
+                            parts: vec![],
+                            timeout_ms: self.timeout.as_millis().min(u64::MAX as u128) as u64,
+                            incarnation: sp.incarnation,
+                        };
+                        self.pull_stream(s, req, self.timeout)
+                            .await?
+                            .ok_or_else(|| {
+                                Error::timeout(
+                                    format!("parameters from {} after a torn read", self.addrs[s]),
+                                    self.timeout,
+                                )
+                            })?
+                    }
+                },
+            };
             for ch in chunks {
                 version = version.min(ch.version);
                 let part = self
@@ -522,11 +686,171 @@ impl Client {
         })
     }
 
+    /// Copies server `s`'s partitions straight out of its memory into `out`, checking each
+    /// partition's sequence word before and after (a torn read is an error, never silent).
+    fn read_shared(
+        &self,
+        s: usize,
+        sp: &pb::SharedPull,
+        out: &mut HashMap<String, Vec<f32>>,
+    ) -> std::result::Result<(), String> {
+        if self.shared_pid(s) != Some(sp.pid) {
+            return Err(format!("the server now runs as process {}", sp.pid));
+        }
+        let peer = tandem_peer_memory::PeerMemory::of_process(sp.pid)
+            .ok_or_else(|| format!("bad pid {}", sp.pid))?;
+        for sp_part in &sp.parts {
+            let part = self
+                .map
+                .parts
+                .iter()
+                .find(|p| p.param == sp_part.param && p.part == sp_part.part && p.server == s)
+                .ok_or_else(|| format!("unknown partition {}/{}", sp_part.param, sp_part.part))?;
+            let dst = out
+                .get_mut(&sp_part.param)
+                .ok_or_else(|| format!("unknown parameter {}", sp_part.param))?;
+            let bytes: &mut [u8] = bytemuck::cast_slice_mut(&mut dst[part.range()]);
+            if sp_part.len != bytes.len() as u64 {
+                return Err(format!(
+                    "partition {}/{} is {} bytes on the server, {} here",
+                    sp_part.param,
+                    sp_part.part,
+                    sp_part.len,
+                    bytes.len()
+                ));
+            }
+            let to_addr = |a: u64| usize::try_from(a).map_err(|e| e.to_string());
+            let (addr, seq_addr) = (to_addr(sp_part.addr)?, to_addr(sp_part.seq_addr)?);
+            let seq_now = |peer: &tandem_peer_memory::PeerMemory| {
+                peer.read_u64(seq_addr).map_err(|e| e.to_string())
+            };
+            if seq_now(&peer)? != sp_part.seq {
+                return Err("updated since the reply".into());
+            }
+            peer.read(addr, bytes).map_err(|e| e.to_string())?;
+            if seq_now(&peer)? != sp_part.seq {
+                return Err("updated during the copy".into());
+            }
+        }
+        Ok(())
+    }
+
+    /// After a failed shared read: stops using the data plane with a server that is not the
+    /// process attached (restarted); a read that merely raced an update keeps it.
+    fn unshare_if_gone(&self, s: usize, sp: &pb::SharedPull, why: &str) {
+        if self.shared_pid(s) != Some(sp.pid) || !why.starts_with("updated") {
+            self.unshare(s, why);
+        } else {
+            tracing::debug!(addr = %self.addrs[s], reason = %why, "pull raced an update; streaming it");
+        }
+    }
+
+    /// Pushes through the same-machine data plane: each server copies its partitions out of
+    /// `grads` while the call is open. Returns the servers that must be pushed through the stream
+    /// instead (not attached any more, or a read failed) with the outcomes of the others.
+    async fn push_shared(
+        &self,
+        step: u64,
+        grads: &[(&str, &[u8])],
+    ) -> Result<(Vec<pb::PushResponse>, Vec<usize>)> {
+        let word = tandem_peer_memory::LocalWord::new();
+        let mut per_server: Vec<Vec<pb::Region>> = vec![Vec::new(); self.servers.len()];
+        for (name, all) in grads {
+            for p in self.map.parts_of(name) {
+                let r = p.range();
+                let bytes = &all[r.start * 4..r.end * 4];
+                per_server[p.server].push(pb::Region {
+                    param: p.param.clone(),
+                    part: p.part,
+                    addr: bytes.as_ptr() as usize as u64,
+                    len: bytes.len() as u64,
+                });
+            }
+        }
+        let wait = self.timeout + Duration::from_secs(10);
+        let pushes = per_server
+            .into_iter()
+            .enumerate()
+            .filter(|(_, regions)| !regions.is_empty())
+            .map(|(s, regions)| {
+                let req = pb::SharedPush {
+                    worker: self.worker,
+                    step,
+                    pid: std::process::id(),
+                    word: word.address() as u64,
+                    tag: word.nonce(),
+                    parts: regions,
+                };
+                async move {
+                    let r = self
+                        .call(s, "pushing", wait, move |mut c| {
+                            let req = req.clone();
+                            async move { c.push_shared(req).await.map(|r| r.into_inner()) }
+                        })
+                        .await;
+                    (s, r)
+                }
+            });
+        let results = futures::future::join_all(pushes).await;
+        // The servers have read what they will read: from here the gradients are the caller's.
+        drop(word);
+        let mut done = Vec::new();
+        let mut again = Vec::new();
+        for (s, r) in results {
+            match r {
+                Ok(resp) => done.push(resp),
+                Err(
+                    Error::InvalidArgument {
+                        problem: message, ..
+                    }
+                    | Error::Transport { message, .. },
+                ) if message.starts_with("not attached") || message.contains("from its memory") => {
+                    self.unshare(s, &message);
+                    again.push(s);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok((done, again))
+    }
+
+    /// Pushes `grads` (whole tensors as bytes) to the servers `only` through the gRPC stream.
+    async fn push_streamed_to(
+        &self,
+        step: u64,
+        grads: &[(&str, &[u8])],
+        only: &[usize],
+    ) -> Result<Vec<pb::PushResponse>> {
+        let whole: Vec<(String, Bytes)> = grads
+            .iter()
+            .map(|(n, b)| (n.to_string(), Bytes::copy_from_slice(b)))
+            .collect();
+        self.push_chunks(step, whole, Some(only)).await
+    }
+
+    /// Pushes by address to the servers on this machine and through the stream to the others.
+    async fn push_views(&self, step: u64, grads: &[(&str, &[u8])]) -> Result<PushOutcome> {
+        let (mut results, again) = self.push_shared(step, grads).await?;
+        if !again.is_empty() {
+            results.extend(self.push_streamed_to(step, grads, &again).await?);
+        }
+        Ok(outcome(&results))
+    }
+
     /// Pushes gradients for `step` (every parameter named must be declared and have its full size).
     pub async fn push(&self, step: u64, grads: &[(&str, &[f32])]) -> Result<PushOutcome> {
-        let mut whole = Vec::with_capacity(grads.len());
         for (name, g) in grads {
             self.check_grad(name, g.len())?;
+        }
+        if self.same_host() {
+            let views: Vec<(&str, &[u8])> = grads
+                .iter()
+                .map(|(n, g)| (*n, bytemuck::cast_slice::<f32, u8>(g)))
+                .collect();
+            return self.push_views(step, &views).await;
+        }
+        let mut whole = Vec::with_capacity(grads.len());
+        for (name, g) in grads {
             whole.push((
                 name.to_string(),
                 Bytes::copy_from_slice(bytemuck::cast_slice(g)),
@@ -541,9 +865,18 @@ impl Client {
         step: u64,
         grads: Vec<(String, Vec<f32>)>,
     ) -> Result<PushOutcome> {
+        for (name, g) in &grads {
+            self.check_grad(name, g.len())?;
+        }
+        if self.same_host() {
+            let views: Vec<(&str, &[u8])> = grads
+                .iter()
+                .map(|(n, g)| (n.as_str(), bytemuck::cast_slice::<f32, u8>(g)))
+                .collect();
+            return self.push_views(step, &views).await;
+        }
         let mut whole = Vec::with_capacity(grads.len());
         for (name, g) in grads {
-            self.check_grad(&name, g.len())?;
             let n = g.len();
             whole.push((name, tandem_core::Tensor::from_vec(g, &[n])?.into_bytes()));
         }
@@ -567,6 +900,17 @@ impl Client {
 
     /// Cuts each whole gradient into its partitions' chunks (zero-copy slices) and streams them.
     async fn push_bytes(&self, step: u64, grads: Vec<(String, Bytes)>) -> Result<PushOutcome> {
+        let results = self.push_chunks(step, grads, None).await?;
+        Ok(outcome(&results))
+    }
+
+    /// Streams the chunks of `grads` to every server holding a partition (or only to `only`).
+    async fn push_chunks(
+        &self,
+        step: u64,
+        grads: Vec<(String, Bytes)>,
+        only: Option<&[usize]>,
+    ) -> Result<Vec<pb::PushResponse>> {
         let mut per_server: Vec<Vec<pb::PushChunk>> = vec![Vec::new(); self.servers.len()];
         for (name, all) in &grads {
             for p in self.map.parts_of(name) {
@@ -591,7 +935,7 @@ impl Client {
         let pushes = per_server
             .into_iter()
             .enumerate()
-            .filter(|(_, c)| !c.is_empty())
+            .filter(|(s, c)| !c.is_empty() && only.is_none_or(|o| o.contains(s)))
             .map(|(s, chunks)| {
                 self.call(s, "pushing", wait, move |mut c| {
                     let chunks = chunks.clone();
@@ -602,12 +946,7 @@ impl Client {
                     }
                 })
             });
-        let results = futures::future::try_join_all(pushes).await?;
-        Ok(PushOutcome {
-            applied: results.iter().all(|r| r.applied),
-            dropped: results.iter().any(|r| r.dropped),
-            version: results.iter().map(|r| r.version).min().unwrap_or(0),
-        })
+        futures::future::try_join_all(pushes).await
     }
 
     /// Splits global row `ids` of `name` by partition: `(part index in the map, local rows, positions)`.

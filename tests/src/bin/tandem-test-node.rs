@@ -336,6 +336,9 @@ async fn ps_worker(args: &[String]) -> Result<()> {
                 .err(),
             "shape" => client.push(0, &[("w", &[0.0; 3])]).await.err(),
             "truncated" | "oversized" => raw_push(&servers, &token, bad == "oversized").await.err(),
+            "shared-len" | "shared-left" | "shared-stranger" => {
+                raw_shared_push(&servers, &token, &bad).await.err()
+            }
             _ => client.push(0, &[("nope", &[0.0])]).await.err(),
         };
         let (_, after) = client.pull(0).await?;
@@ -393,7 +396,7 @@ async fn ps_worker(args: &[String]) -> Result<()> {
     }
     // Sync: the last step completes once enough workers pushed it, backups or not.
     let (version, p) = client.pull(if sync { steps } else { 0 }).await?;
-    let result = serde_json::json!({ "w": p["w"], "b": p["b"][0], "version": version, "dropped": dropped, "max_spread": max_spread });
+    let result = serde_json::json!({ "w": p["w"], "b": p["b"][0], "version": version, "dropped": dropped, "max_spread": max_spread, "same_host": client.same_host() });
     println!("RESULT {result}");
     client.done().await?;
     Ok(())
@@ -494,7 +497,7 @@ async fn ps_big(args: &[String]) -> Result<()> {
         .count();
     println!(
         "RESULT {}",
-        serde_json::json!({ "mismatches": mismatches, "version": version, "elems": n })
+        serde_json::json!({ "mismatches": mismatches, "version": version, "elems": n, "same_host": client.same_host() })
     );
     client.done().await?;
     Ok(())
@@ -532,6 +535,71 @@ async fn raw_push(servers: &[String], token: &JobToken, oversized: bool) -> Resu
             data: data.into(),
         };
         match c.push(tokio_stream::iter(vec![chunk])).await {
+            Err(s) if s.code() == tonic::Code::NotFound => {}
+            Err(s) => last = Err(Error::invalid("push", s.message().to_string())),
+            Ok(_) => last = Ok(()),
+        }
+    }
+    last
+}
+
+/// Pushes the bias gradient by address, wrongly: `shared-len` offers 2 of its 4 bytes,
+/// `shared-left` names a word that does not hold the tag (as if the worker had left the push), and
+/// `shared-stranger` names a process that never attached (this one's parent: the server must not
+/// read a process just because a request names it). Returns the server's refusal as an error.
+async fn raw_shared_push(servers: &[String], token: &JobToken, kind: &str) -> Result<()> {
+    use tandem::collective::transport::peer_memory::LocalWord;
+    use tandem_ps::pb;
+    let word = LocalWord::new();
+    let grad = [0.5f32];
+    let mut last = Ok(());
+    for addr in servers {
+        let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| Error::invalid("addr", e.to_string()))?
+            .connect()
+            .await
+            .map_err(|e| Error::transport("connect", e.to_string()))?;
+        let header = format!("Bearer {}", token.as_str())
+            .parse()
+            .map_err(|_| Error::invalid("token", "bad"))?;
+        let mut c = pb::parameter_server_client::ParameterServerClient::with_interceptor(
+            ch,
+            tandem::rendezvous::AttachToken::from_token(header),
+        );
+        if kind != "shared-stranger" {
+            let r = c
+                .attach(pb::AttachRequest {
+                    advert: word.advert(),
+                })
+                .await
+                .map_err(|s| Error::transport("attach", s.message().to_string()))?
+                .into_inner();
+            if !r.ok {
+                return Err(Error::transport("attach", r.reason));
+            }
+        }
+        let req = pb::SharedPush {
+            worker: 0,
+            step: 0,
+            pid: if kind == "shared-stranger" {
+                std::os::unix::process::parent_id()
+            } else {
+                std::process::id()
+            },
+            word: word.address() as u64,
+            tag: if kind == "shared-left" {
+                word.nonce() ^ 1
+            } else {
+                word.nonce()
+            },
+            parts: vec![pb::Region {
+                param: "b".into(),
+                part: 0,
+                addr: grad.as_ptr() as usize as u64,
+                len: if kind == "shared-len" { 2 } else { 4 },
+            }],
+        };
+        match c.push_shared(req).await {
             Err(s) if s.code() == tonic::Code::NotFound => {}
             Err(s) => last = Err(Error::invalid("push", s.message().to_string())),
             Ok(_) => last = Ok(()),

@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, RwLock};
+use std::sync::{Mutex, RwLock, RwLockWriteGuard};
 
 use tokio::sync::watch;
 
@@ -53,11 +53,88 @@ pub struct PartEntry {
     pub numel: usize,
     /// Data under a lock of its own (async mode never takes a global lock).
     pub data: RwLock<PartData>,
-    /// The values as bytes at some version, shared by the pulls of that version.
+    /// The values as bytes at some version, shared by the streamed pulls of that version.
     pub snapshot: Mutex<Option<(u64, bytes::Bytes)>>,
+    /// Sequence word: odd while an update is being written. Workers on this machine copy the
+    /// values straight out of this process and check the word is unchanged and even around the
+    /// copy (a sequence lock), so they never see half an update. Boxed: its address is published.
+    pub seq: Box<AtomicU64>,
+}
+
+/// Write access to a partition; its sequence word is odd for as long as this is held.
+pub struct Writing<'a> {
+    guard: RwLockWriteGuard<'a, PartData>,
+    seq: &'a AtomicU64,
+}
+
+impl std::ops::Deref for Writing<'_> {
+    type Target = PartData;
+    fn deref(&self) -> &PartData {
+        &self.guard
+    }
+}
+
+impl std::ops::DerefMut for Writing<'_> {
+    fn deref_mut(&mut self) -> &mut PartData {
+        &mut self.guard
+    }
+}
+
+impl Drop for Writing<'_> {
+    fn drop(&mut self) {
+        self.seq.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+/// Where a partition's values lie in this process, for a reader on the same machine.
+#[derive(Debug, Clone, Copy)]
+pub struct Located {
+    /// Address of the first value.
+    pub addr: usize,
+    /// Bytes.
+    pub len: usize,
+    /// Address of the sequence word.
+    pub seq_addr: usize,
+    /// The sequence word's (even) value now.
+    pub seq: u64,
 }
 
 impl PartEntry {
+    fn new(shape: Vec<u64>, row_start: u64, rows: u64, data: PartData) -> Self {
+        PartEntry {
+            shape,
+            row_start,
+            rows,
+            numel: data.values.len(),
+            data: RwLock::new(data),
+            snapshot: Mutex::new(None),
+            seq: Box::new(AtomicU64::new(0)),
+        }
+    }
+
+    /// Locks the partition for an update; readers by address see the sequence word odd until the
+    /// returned guard is dropped.
+    pub fn write(&self) -> Writing<'_> {
+        let guard = self.data.write().unwrap_or_else(|p| p.into_inner());
+        self.seq.fetch_add(1, Ordering::SeqCst);
+        Writing {
+            guard,
+            seq: &self.seq,
+        }
+    }
+
+    /// Where the values are, and the sequence word between updates.
+    pub fn locate(&self) -> Located {
+        let d = self.data.read().unwrap_or_else(|p| p.into_inner());
+        let seq: *const AtomicU64 = &*self.seq;
+        Located {
+            addr: d.values.as_ptr() as usize,
+            len: d.values.len() * 4,
+            seq_addr: seq as usize,
+            seq: self.seq.load(Ordering::SeqCst),
+        }
+    }
+
     /// Elements per row.
     pub fn row_len(&self) -> usize {
         self.numel / self.rows.max(1) as usize
@@ -226,22 +303,12 @@ impl Model {
             let numel = (rows * row_len) as usize;
             let mut values = vec![0.0f32; numel];
             init.fill((row_start * row_len) as usize, &mut values);
-            let data = RwLock::new(PartData {
+            let data = PartData {
                 values,
                 state: State::default(),
                 version: 0,
-            });
-            parts.insert(
-                key,
-                PartEntry {
-                    shape,
-                    row_start,
-                    rows,
-                    numel,
-                    data,
-                    snapshot: Mutex::new(None),
-                },
-            );
+            };
+            parts.insert(key, PartEntry::new(shape, row_start, rows, data));
         }
         Model {
             map_hash,
@@ -260,27 +327,19 @@ impl Model {
     pub fn from_snapshot(snap: Snapshot) -> Self {
         let mut parts = HashMap::new();
         for p in snap.parts {
-            let numel = p.values.len();
             let state = State {
                 m: p.m,
                 v: p.v,
                 t: p.t,
             };
-            let data = RwLock::new(PartData {
+            let data = PartData {
                 values: p.values,
                 state,
                 version: p.version,
-            });
+            };
             parts.insert(
                 (p.param, p.part),
-                PartEntry {
-                    shape: p.shape,
-                    row_start: p.row_start,
-                    rows: p.rows,
-                    numel,
-                    data,
-                    snapshot: Mutex::new(None),
-                },
+                PartEntry::new(p.shape, p.row_start, p.rows, data),
             );
         }
         let workers = snap.mode.workers as usize;
@@ -334,7 +393,7 @@ impl Model {
     /// Applies one averaged (sync) or single (async) gradient to a partition.
     pub fn apply(&self, key: &Key, grad: &mut [f32], version: u64) {
         if let Some(entry) = self.parts.get(key) {
-            let mut d = entry.data.write().unwrap_or_else(|p| p.into_inner());
+            let mut d = entry.write();
             let PartData {
                 values,
                 state,

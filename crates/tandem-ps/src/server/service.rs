@@ -66,6 +66,16 @@ pub struct Service {
     all_done: Arc<Notify>,
     limits: Limits,
     receiving: Arc<tokio::sync::Semaphore>,
+    same_host: Arc<SameHost>,
+}
+
+/// Workers on this machine whose memory this server has proven it can read, and this server's word
+/// for them to prove the converse.
+#[derive(Debug)]
+struct SameHost {
+    enabled: bool,
+    word: tandem_peer_memory::LocalWord,
+    attached: Mutex<std::collections::HashSet<u32>>,
 }
 
 impl Service {
@@ -81,7 +91,13 @@ impl Service {
                 d.as_nanos() as u64 ^ ((std::process::id() as u64) << 32)
             })
             | 1;
+        let enabled = std::env::var("TANDEM_SAME_HOST").map_or(true, |v| v != "tcp");
         Service {
+            same_host: Arc::new(SameHost {
+                enabled,
+                word: tandem_peer_memory::LocalWord::new(),
+                attached: Mutex::default(),
+            }),
             receiving: Arc::new(tokio::sync::Semaphore::new(limits.concurrent_pushes.max(1))),
             model: Arc::new(OnceCell::new()),
             checkpoint,
@@ -331,51 +347,155 @@ impl ParameterServer for Service {
         }
         drop(receiving);
         let inc = incoming.ok_or_else(|| Status::invalid_argument("empty push"))?;
-        if inc.worker >= model.mode.workers {
-            return Err(Status::invalid_argument(format!(
-                "worker {} is not below the {} workers",
-                inc.worker, model.mode.workers
+        self.accept(&model, inc).await
+    }
+
+    async fn attach(
+        &self,
+        req: Request<pb::AttachRequest>,
+    ) -> Result<Response<pb::AttachResponse>, Status> {
+        let advert = req.into_inner().advert;
+        let refuse = |reason: String| {
+            Ok(Response::new(pb::AttachResponse {
+                ok: false,
+                advert: String::new(),
+                reason,
+            }))
+        };
+        if !self.same_host.enabled {
+            return refuse("TANDEM_SAME_HOST=tcp on the server".into());
+        }
+        let peer = tandem_peer_memory::PeerMemory::parse(&advert).ok_or_else(|| {
+            Status::invalid_argument(format!("unreadable attach advert {advert:?}"))
+        })?;
+        if let Err(e) = peer.probe() {
+            return refuse(format!("the server cannot read the worker's memory: {e}"));
+        }
+        self.same_host
+            .attached
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(peer.pid());
+        Ok(Response::new(pb::AttachResponse {
+            ok: true,
+            advert: self.same_host.word.advert(),
+            reason: String::new(),
+        }))
+    }
+
+    async fn push_shared(
+        &self,
+        req: Request<pb::SharedPush>,
+    ) -> Result<Response<pb::PushResponse>, Status> {
+        let model = self.declared()?;
+        let r = req.into_inner();
+        let attached = self
+            .same_host
+            .attached
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&r.pid);
+        let peer = tandem_peer_memory::PeerMemory::of_process(r.pid)
+            .filter(|_| attached)
+            .ok_or_else(|| {
+                Status::failed_precondition(format!(
+                    "not attached: process {} has not attached to this server; push through the stream",
+                    r.pid
+                ))
+            })?;
+        let receiving = self
+            .receiving
+            .acquire()
+            .await
+            .map_err(|_| Status::unavailable("the server is shutting down"))?;
+        let mut inc = Incoming {
+            worker: r.worker,
+            step: r.step,
+            parts: HashMap::new(),
+        };
+        let give_back = |inc: Incoming| {
+            for (_, (g, _)) in inc.parts {
+                model.pool.give(g);
+            }
+        };
+        for region in r.parts {
+            let key = (region.param, region.part);
+            let entry = match part_of(&model, &key) {
+                Ok(e) => e,
+                Err(st) => {
+                    give_back(inc);
+                    return Err(st);
+                }
+            };
+            let want = entry.numel * 4;
+            if region.len != want as u64 || inc.parts.contains_key(&key) {
+                model.counters.rejected.fetch_add(1, Ordering::Relaxed);
+                give_back(inc);
+                return Err(Status::invalid_argument(format!(
+                    "gradient for {:?} partition {}: {} bytes offered (partition holds {want} bytes, once); nothing applied",
+                    key.0, key.1, region.len
+                )));
+            }
+            let mut buf = model.pool.take(entry.numel);
+            let read = usize::try_from(region.addr)
+                .map_err(std::io::Error::other)
+                .and_then(|addr| peer.read(addr, bytemuck::cast_slice_mut(buf.as_mut_slice())));
+            if let Err(e) = read {
+                model.pool.give(buf);
+                give_back(inc);
+                return Err(Status::aborted(format!(
+                    "reading worker {}'s gradient for {:?} from its memory: {e}; nothing applied",
+                    r.worker, key.0
+                )));
+            }
+            model
+                .counters
+                .bytes_in
+                .fetch_add(want as u64, Ordering::Relaxed);
+            inc.parts.insert(key, (buf, want));
+        }
+        // The worker still holds the push open, so the bytes read are the ones it meant to send.
+        let still = usize::try_from(r.word)
+            .map_err(std::io::Error::other)
+            .and_then(|w| peer.read_u64(w));
+        if !matches!(still, Ok(v) if v == r.tag) {
+            give_back(inc);
+            return Err(Status::aborted(format!(
+                "worker {} left the push while its gradient was being read; nothing applied",
+                r.worker
             )));
         }
-        let mut grads: HashMap<Key, Vec<f32>> = HashMap::new();
-        for (key, (g, filled)) in inc.parts {
-            let entry = &model.parts[&key];
-            if filled != entry.numel * 4 {
-                model.counters.rejected.fetch_add(1, Ordering::Relaxed);
-                return Err(Status::invalid_argument(format!(
-                    "gradient for {:?} partition {} is truncated: {} of {} bytes; nothing applied",
-                    key.0,
-                    key.1,
-                    filled,
-                    entry.numel * 4
-                )));
-            }
-            if model.mode.reject_non_finite && g.iter().any(|v| !v.is_finite()) {
-                model.counters.rejected.fetch_add(1, Ordering::Relaxed);
-                return Err(Status::invalid_argument(format!(
-                    "gradient for {:?} holds NaN or Inf; nothing applied",
-                    key.0
-                )));
-            }
-            grads.insert(key, g);
+        drop(receiving);
+        self.accept(&model, inc).await
+    }
+
+    async fn pull_shared(
+        &self,
+        req: Request<pb::PullRequest>,
+    ) -> Result<Response<pb::SharedPull>, Status> {
+        let model = self.declared()?;
+        let r = req.into_inner();
+        let version = self.wait_version(&model, &r).await?;
+        let mut parts = Vec::new();
+        for key in requested(&model, r.parts) {
+            let at = part_of(&model, &key)?.locate();
+            parts.push(pb::SharedPart {
+                param: key.0,
+                part: key.1,
+                addr: at.addr as u64,
+                len: at.len as u64,
+                seq_addr: at.seq_addr as u64,
+                seq: at.seq,
+            });
         }
-        let (response, snapshot) = if model.mode.sync {
-            push_sync(&model, inc.worker, inc.step, grads, |v| self.due(v))?
-        } else {
-            push_async(
-                &model,
-                inc.worker,
-                inc.step,
-                grads,
-                self.limits.max_wait,
-                |v| self.due(v),
-            )
-            .await?
-        };
-        if let Some(snap) = snapshot {
-            self.write_in_background(snap);
-        }
-        Ok(Response::new(response))
+        let total: u64 = parts.iter().map(|p| p.len).sum();
+        model.counters.bytes_out.fetch_add(total, Ordering::Relaxed);
+        Ok(Response::new(pb::SharedPull {
+            version,
+            incarnation: self.incarnation,
+            pid: std::process::id(),
+            parts,
+        }))
     }
 
     type PullStream = PullStream;
@@ -383,28 +503,8 @@ impl ParameterServer for Service {
     async fn pull(&self, req: Request<pb::PullRequest>) -> Result<Response<PullStream>, Status> {
         let model = self.declared()?;
         let r = req.into_inner();
-        let wait = Duration::from_millis(r.timeout_ms).min(self.limits.max_wait);
-        let mut rx = model.version.subscribe();
-        // A worker that last saw another incarnation is told at once where this one stands.
-        let restarted = r.incarnation != 0 && r.incarnation != self.incarnation;
-        let min_version = if restarted { 0 } else { r.min_version };
-        let reached = tokio::time::timeout(wait, rx.wait_for(|v| *v >= min_version)).await;
-        let version = match reached {
-            Ok(Ok(v)) => *v,
-            Ok(Err(_)) => return Err(Status::unavailable("server is shutting down")),
-            Err(_) => {
-                return Err(Status::deadline_exceeded(format!(
-                    "version {} not reached within {wait:?} (server at {}); a worker may be missing",
-                    r.min_version,
-                    *model.version.borrow()
-                )));
-            }
-        };
-        let keys: Vec<Key> = if r.parts.is_empty() {
-            model.parts.keys().cloned().collect()
-        } else {
-            r.parts.into_iter().map(|p| (p.param, p.part)).collect()
-        };
+        let version = self.wait_version(&model, &r).await?;
+        let keys = requested(&model, r.parts);
         let mut chunks = Vec::new();
         for key in keys {
             let entry = part_of(&model, &key)?;
@@ -530,7 +630,7 @@ impl ParameterServer for Service {
             .bytes_in
             .fetch_add(r.data.len() as u64, Ordering::Relaxed);
         let version = {
-            let mut d = entry.data.write().unwrap_or_else(|p| p.into_inner());
+            let mut d = entry.write();
             let super::model::PartData {
                 values,
                 state,
@@ -600,6 +700,90 @@ impl ParameterServer for Service {
             worker_steps: m.worker_steps.borrow().clone(),
             incarnation: self.incarnation,
         }))
+    }
+}
+
+impl Service {
+    /// Checks a received push (worker index, sizes, finiteness) and hands it to the sync step or
+    /// applies it (async).
+    async fn accept(
+        &self,
+        model: &Model,
+        inc: Incoming,
+    ) -> Result<Response<pb::PushResponse>, Status> {
+        if inc.worker >= model.mode.workers {
+            return Err(Status::invalid_argument(format!(
+                "worker {} is not below the {} workers",
+                inc.worker, model.mode.workers
+            )));
+        }
+        let mut grads: HashMap<Key, Vec<f32>> = HashMap::new();
+        for (key, (g, filled)) in inc.parts {
+            let entry = &model.parts[&key];
+            if filled != entry.numel * 4 {
+                model.counters.rejected.fetch_add(1, Ordering::Relaxed);
+                return Err(Status::invalid_argument(format!(
+                    "gradient for {:?} partition {} is truncated: {} of {} bytes; nothing applied",
+                    key.0,
+                    key.1,
+                    filled,
+                    entry.numel * 4
+                )));
+            }
+            if model.mode.reject_non_finite && g.iter().any(|v| !v.is_finite()) {
+                model.counters.rejected.fetch_add(1, Ordering::Relaxed);
+                return Err(Status::invalid_argument(format!(
+                    "gradient for {:?} holds NaN or Inf; nothing applied",
+                    key.0
+                )));
+            }
+            grads.insert(key, g);
+        }
+        let (response, snapshot) = if model.mode.sync {
+            push_sync(model, inc.worker, inc.step, grads, |v| self.due(v))?
+        } else {
+            push_async(
+                model,
+                inc.worker,
+                inc.step,
+                grads,
+                self.limits.max_wait,
+                |v| self.due(v),
+            )
+            .await?
+        };
+        if let Some(snap) = snapshot {
+            self.write_in_background(snap);
+        }
+        Ok(Response::new(response))
+    }
+
+    /// Waits until the parameters reach the pull's `min_version` (a restarted server answers at once).
+    async fn wait_version(&self, model: &Model, r: &pb::PullRequest) -> Result<u64, Status> {
+        let wait = Duration::from_millis(r.timeout_ms).min(self.limits.max_wait);
+        let mut rx = model.version.subscribe();
+        // A worker that last saw another incarnation is told at once where this one stands.
+        let restarted = r.incarnation != 0 && r.incarnation != self.incarnation;
+        let min_version = if restarted { 0 } else { r.min_version };
+        let reached = tokio::time::timeout(wait, rx.wait_for(|v| *v >= min_version)).await;
+        match reached {
+            Ok(Ok(v)) => Ok(*v),
+            Ok(Err(_)) => Err(Status::unavailable("server is shutting down")),
+            Err(_) => Err(Status::deadline_exceeded(format!(
+                "version {} not reached within {wait:?} (server at {}); a worker may be missing",
+                r.min_version,
+                *model.version.borrow()
+            ))),
+        }
+    }
+}
+
+/// The partitions a pull names, or all of this server's.
+fn requested(model: &Model, parts: Vec<pb::PartRef>) -> Vec<Key> {
+    if parts.is_empty() {
+        model.parts.keys().cloned().collect()
+    } else {
+        parts.into_iter().map(|p| (p.param, p.part)).collect()
     }
 }
 
