@@ -194,10 +194,17 @@ fn check_case(case: &Case, world: usize, results: &[BTreeMap<usize, Vec<f64>>]) 
 }
 
 /// Runs the suite three times: with small allreduces in one hop (the default), with every allreduce
-/// around the ring, and around the ring with every byte on the sockets (no same-host copies).
+/// around the ring copying chunks by address, and around the ring with every byte on the sockets.
 fn suite(world: usize) {
     suite_with(world, &[]);
-    suite_with(world, &[("TANDEM_DIRECT_BYTES", "0")]);
+    // Every ring operation, however small, copies by address where the machine allows.
+    suite_with(
+        world,
+        &[
+            ("TANDEM_DIRECT_BYTES", "0"),
+            ("TANDEM_SAME_HOST_MIN_BYTES", "0"),
+        ],
+    );
     suite_with(
         world,
         &[("TANDEM_DIRECT_BYTES", "0"), ("TANDEM_SAME_HOST", "tcp")],

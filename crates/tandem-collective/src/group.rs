@@ -40,6 +40,9 @@ pub struct GroupConfig {
     /// (`TANDEM_SAME_HOST`: `auto`, the default, uses it when every rank's probe succeeds; `tcp`
     /// keeps every byte on the sockets).
     pub same_host: bool,
+    /// Smallest ring buffer copied by address (`TANDEM_SAME_HOST_MIN_BYTES`; default 256 KiB):
+    /// below it a copy's descriptor and acknowledgement per step cost more than the bytes.
+    pub same_host_min_bytes: usize,
     /// Host other ranks should connect to (`TANDEM_ADVERTISE_HOST`); default: derived from the
     /// rendezvous address (loopback for local jobs, this machine's outgoing address otherwise).
     pub advertise_host: Option<String>,
@@ -55,6 +58,7 @@ impl Default for GroupConfig {
             direct_bytes: 64 << 10,
             backend: BackendKind::Auto,
             same_host: true,
+            same_host_min_bytes: 256 << 10,
             advertise_host: None,
         }
     }
@@ -112,6 +116,14 @@ impl GroupConfig {
         }
         if let Some(v) = vars.var("TANDEM_BACKEND") {
             c.backend = v.parse()?;
+        }
+        if let Some(v) = vars.var("TANDEM_SAME_HOST_MIN_BYTES") {
+            c.same_host_min_bytes = v.parse::<usize>().map_err(|_| {
+                Error::config(
+                    "TANDEM_SAME_HOST_MIN_BYTES",
+                    format!("expected a number of bytes, got {v:?}"),
+                )
+            })?;
         }
         if let Some(v) = vars.var("TANDEM_SAME_HOST") {
             c.same_host = match v.as_str() {
@@ -502,6 +514,7 @@ impl ProcessGroup {
             Tuning {
                 segment_bytes: config.segment_bytes,
                 direct_bytes: config.direct_bytes,
+                shared_min_bytes: config.same_host_min_bytes,
             },
             abort_rx,
             publish,
@@ -1035,5 +1048,38 @@ fn poisoned_queue() -> Error {
     Error::Unusable {
         what: "process group".into(),
         reason: "its queue was poisoned by a panic".into(),
+    }
+}
+
+#[cfg(test)]
+mod config_tests {
+    use super::*;
+
+    fn vars(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn same_host_settings_are_read_and_bad_values_are_named() {
+        let c = GroupConfig::from_vars(&vars(&[])).expect("defaults");
+        assert!(c.same_host);
+        assert_eq!(c.same_host_min_bytes, 256 << 10);
+        let c = GroupConfig::from_vars(&vars(&[
+            ("TANDEM_SAME_HOST", "tcp"),
+            ("TANDEM_SAME_HOST_MIN_BYTES", "0"),
+        ]))
+        .expect("valid");
+        assert!(!c.same_host);
+        assert_eq!(c.same_host_min_bytes, 0);
+        for (k, v) in [
+            ("TANDEM_SAME_HOST", "shm"),
+            ("TANDEM_SAME_HOST_MIN_BYTES", "-1"),
+        ] {
+            let e = GroupConfig::from_vars(&vars(&[(k, v)])).expect_err("invalid");
+            assert!(e.to_string().contains(k), "{e}");
+        }
     }
 }

@@ -503,24 +503,38 @@ async fn ps_big(args: &[String]) -> Result<()> {
     Ok(())
 }
 
+type RawClient = tandem_ps::pb::parameter_server_client::ParameterServerClient<
+    tonic::service::interceptor::InterceptedService<
+        tonic::transport::Channel,
+        tandem::rendezvous::AttachToken,
+    >,
+>;
+
+/// A bare gRPC client of the server at `addr`, carrying the job token (no checks of its own).
+async fn raw_client(addr: &str, token: &JobToken) -> Result<RawClient> {
+    let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .map_err(|e| Error::invalid("addr", e.to_string()))?
+        .connect()
+        .await
+        .map_err(|e| Error::transport("connect", e.to_string()))?;
+    let header = format!("Bearer {}", token.as_str())
+        .parse()
+        .map_err(|_| Error::invalid("token", "bad"))?;
+    Ok(
+        tandem_ps::pb::parameter_server_client::ParameterServerClient::with_interceptor(
+            ch,
+            tandem::rendezvous::AttachToken::from_token(header),
+        ),
+    )
+}
+
 /// Pushes a malformed stream straight through gRPC: the bias partition (one f32) with 2 bytes
 /// (truncated) or 8 bytes (oversized). Returns the server's refusal as an error.
 async fn raw_push(servers: &[String], token: &JobToken, oversized: bool) -> Result<()> {
     use tandem_ps::pb;
     let mut last = Ok(());
     for addr in servers {
-        let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|e| Error::invalid("addr", e.to_string()))?
-            .connect()
-            .await
-            .map_err(|e| Error::transport("connect", e.to_string()))?;
-        let header = format!("Bearer {}", token.as_str())
-            .parse()
-            .map_err(|_| Error::invalid("token", "bad"))?;
-        let mut c = pb::parameter_server_client::ParameterServerClient::with_interceptor(
-            ch,
-            tandem::rendezvous::AttachToken::from_token(header),
-        );
+        let mut c = raw_client(addr, token).await?;
         let data = if oversized {
             vec![0u8; 8]
         } else {
@@ -554,18 +568,7 @@ async fn raw_shared_push(servers: &[String], token: &JobToken, kind: &str) -> Re
     let grad = [0.5f32];
     let mut last = Ok(());
     for addr in servers {
-        let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|e| Error::invalid("addr", e.to_string()))?
-            .connect()
-            .await
-            .map_err(|e| Error::transport("connect", e.to_string()))?;
-        let header = format!("Bearer {}", token.as_str())
-            .parse()
-            .map_err(|_| Error::invalid("token", "bad"))?;
-        let mut c = pb::parameter_server_client::ParameterServerClient::with_interceptor(
-            ch,
-            tandem::rendezvous::AttachToken::from_token(header),
-        );
+        let mut c = raw_client(addr, token).await?;
         if kind != "shared-stranger" {
             let r = c
                 .attach(pb::AttachRequest {

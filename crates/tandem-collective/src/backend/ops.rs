@@ -49,6 +49,9 @@ pub struct Io<'a> {
     /// The left neighbour's memory, when every rank of the ring can read its left neighbour's buffers
     /// directly (same machine); ring steps then move only descriptors over the sockets.
     pub memory: Option<PeerMemory>,
+    /// Ring operations on smaller buffers (the same length on every rank) stay on the sockets even
+    /// with `memory`: a copy by address costs a descriptor and an acknowledgement per step.
+    pub shared_min_bytes: usize,
 }
 
 fn lost(peer: usize, header: &OpHeader, doing: &str, e: &std::io::Error) -> Error {
@@ -184,7 +187,7 @@ async fn ring_reduce_scatter(
     let (l, r) = (left(me, n), right(me, n));
     let size = dtype.size();
     let header = io.header;
-    if let Some(mem) = io.memory {
+    if let Some(mem) = io.memory.filter(|_| buf.len() >= io.shared_min_bytes) {
         return shared_reduce_scatter(io, mem, buf, chunks, dtype, op).await;
     }
     for step in 0..n - 1 {
@@ -208,7 +211,7 @@ async fn ring_allgather(io: &mut Io<'_>, buf: &mut [u8], chunks: &[Range<usize>]
     let (me, n) = (io.rank, io.world);
     let (l, r) = (left(me, n), right(me, n));
     let header = io.header;
-    if let Some(mem) = io.memory {
+    if let Some(mem) = io.memory.filter(|_| buf.len() >= io.shared_min_bytes) {
         return shared_allgather(io, mem, buf, chunks).await;
     }
     for step in 0..n - 1 {

@@ -42,6 +42,8 @@ pub struct Tuning {
     pub segment_bytes: usize,
     /// Allreduces with `bytes * (world - 1)` up to this go to every rank in one hop.
     pub direct_bytes: usize,
+    /// Smallest ring buffer whose chunks are copied by address between ranks on one machine.
+    pub shared_min_bytes: usize,
 }
 
 /// Direct reads of the left neighbour's buffers (see [`crate::transport::peer_memory`]).
@@ -59,6 +61,7 @@ pub struct TcpRing {
     world: usize,
     segment: usize,
     direct_bytes: usize,
+    shared_min_bytes: usize,
     rt: Runtime,
     state: Mutex<RingState>,
     abort: watch::Receiver<Option<String>>,
@@ -140,6 +143,7 @@ macro_rules! ring_op {
                 header,
                 lateness: &lateness,
                 memory: $self.same_host.as_ref().map(|m| m.left),
+                shared_min_bytes: $self.shared_min_bytes,
             };
             let $io = &mut io_state;
             let fut = $body;
@@ -210,6 +214,7 @@ impl TcpRing {
             world,
             segment,
             direct_bytes,
+            shared_min_bytes: tuning.shared_min_bytes,
             rt,
             state: Mutex::new(RingState {
                 mesh,
