@@ -211,14 +211,6 @@ fn suite(world: usize) {
     );
 }
 
-/// Whether this machine lets a process read another's memory (the tests' own probe, independent of
-/// the group's): then ranks of a local group must use same-host copies unless told not to.
-fn same_host_possible() -> bool {
-    use tandem::collective::transport::peer_memory::{LocalWord, PeerMemory};
-    let word = LocalWord::new();
-    PeerMemory::parse(&word.advert()).is_some_and(|p| p.probe().is_ok())
-}
-
 fn suite_with(world: usize, extra: &[(&str, &str)]) {
     let job = Job::new();
     let outs = job.run_with(world, &["suite"], 60, extra);
@@ -240,7 +232,8 @@ fn suite_with(world: usize, extra: &[(&str, &str)]) {
         panic!("the suite failed:\n{}", report.join("\n"));
     }
     let tcp_only = extra.contains(&("TANDEM_SAME_HOST", "tcp"));
-    let want = u8::from(world > 1 && !tcp_only && same_host_possible());
+    let want =
+        u8::from(world > 1 && !tcp_only && tandem::collective::transport::peer_memory::available());
     for (r, o) in outs.iter().enumerate() {
         assert_eq!(
             lines_with(o, "SAMEHOST"),

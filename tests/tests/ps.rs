@@ -18,17 +18,9 @@ struct Job {
     same_host: &'static str,
 }
 
-/// Whether this machine lets one process read another's memory (the tests' own probe): then
-/// workers and servers must use the same-host data plane unless told not to.
-fn same_host_possible() -> bool {
-    use tandem::collective::transport::peer_memory::{LocalWord, PeerMemory};
-    let word = LocalWord::new();
-    PeerMemory::parse(&word.advert()).is_some_and(|p| p.probe().is_ok())
-}
-
 /// Checks a worker's report of the data plane it used.
 fn check_plane(v: &serde_json::Value, same_host: &str) {
-    let want = same_host == "auto" && same_host_possible();
+    let want = same_host == "auto" && tandem::collective::transport::peer_memory::available();
     assert_eq!(
         v["same_host"], want,
         "data plane with TANDEM_SAME_HOST={same_host}: {v}"
@@ -339,7 +331,7 @@ fn bad_input_is_refused_and_changes_nothing() {
         ("oversized", "does not follow", "tcp"),
         ("shared-stranger", "not attached", "auto"),
     ];
-    if same_host_possible() {
+    if tandem::collective::transport::peer_memory::available() {
         cases.push(("shared-len", "2 bytes offered", "auto"));
         cases.push(("shared-left", "left the push", "auto"));
     }

@@ -125,13 +125,13 @@ impl GroupConfig {
                 )
             })?;
         }
-        if let Some(v) = vars.var("TANDEM_SAME_HOST") {
+        if let Some(v) = vars.var(tandem_peer_memory::SAME_HOST_VAR) {
             c.same_host = match v.as_str() {
                 "auto" => true,
                 "tcp" => false,
                 _ => {
                     return Err(Error::config(
-                        "TANDEM_SAME_HOST",
+                        tandem_peer_memory::SAME_HOST_VAR,
                         format!("expected auto or tcp, got {v:?}"),
                     ));
                 }

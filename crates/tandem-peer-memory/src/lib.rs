@@ -40,6 +40,22 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use nix::sys::uio::{RemoteIoVec, process_vm_readv};
 use nix::unistd::Pid;
 
+/// The variable that turns same-machine copies off: `tcp` keeps every byte on the sockets, `auto`
+/// (the default) uses copies wherever the probe succeeds.
+pub const SAME_HOST_VAR: &str = "TANDEM_SAME_HOST";
+
+/// Whether this process's environment allows same-machine copies (`TANDEM_SAME_HOST` is not `tcp`).
+pub fn allowed_by_env() -> bool {
+    std::env::var(SAME_HOST_VAR).map_or(true, |v| v != "tcp")
+}
+
+/// Whether this process can read another process's memory at all: it probes its own word (what a
+/// peer would do), for callers that need to know what a group will choose.
+pub fn available() -> bool {
+    let word = LocalWord::new();
+    PeerMemory::parse(&word.advert()).is_some_and(|p| p.probe().is_ok())
+}
+
 /// Largest single read: keeps each system call short and its pinned pages few.
 const MAX_READ: usize = 4 << 20;
 

@@ -299,7 +299,7 @@ impl Client {
             }
         });
         futures::future::try_join_all(declares).await?;
-        if std::env::var("TANDEM_SAME_HOST").map_or(true, |v| v != "tcp") {
+        if tandem_peer_memory::allowed_by_env() {
             client.attach_all().await;
         }
         Ok(client)

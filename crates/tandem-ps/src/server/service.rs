@@ -91,7 +91,7 @@ impl Service {
                 d.as_nanos() as u64 ^ ((std::process::id() as u64) << 32)
             })
             | 1;
-        let enabled = std::env::var("TANDEM_SAME_HOST").map_or(true, |v| v != "tcp");
+        let enabled = tandem_peer_memory::allowed_by_env();
         Service {
             same_host: Arc::new(SameHost {
                 enabled,
