@@ -31,7 +31,14 @@ pub fn assign(arg: &str, layout: &Layout) -> Result<Vec<usize>> {
                 }
                 Err(_) => match Topology::discover() {
                     Ok(t) => t,
-                    Err(_) => return Ok(Vec::new()), // no driver, no GPUs: nothing to choose
+                    // No nvidia-smi: no driver, no GPUs, nothing to choose.
+                    Err(Error::Io { .. }) => return Ok(Vec::new()),
+                    Err(e) => {
+                        // The driver is there but its matrix is unreadable: say so, and leave the
+                        // GPUs to the driver's order rather than stop the job.
+                        eprintln!("tandem launch: {e}; GPUs are left in the driver's order");
+                        return Ok(Vec::new());
+                    }
                 },
             };
             let want = trainers(layout).min(topo.gpus.len());

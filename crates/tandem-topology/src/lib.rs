@@ -23,6 +23,27 @@ use std::process::Command;
 
 use tandem_core::{Error, Result};
 
+/// `text` without ANSI control sequences (`ESC [ ... final`, e.g. the underline `\u{1b}[4m` that
+/// driver 580's `nvidia-smi topo -m` wraps the header in). A lone `ESC` followed by anything else
+/// is dropped with that one character. (Ten lines; not worth a dependency.)
+fn without_escapes(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c != '\u{1b}' {
+            out.push(c);
+        } else if chars.next() == Some('[') {
+            // Parameters and intermediates run until the final byte, '@'..='~'.
+            for c in chars.by_ref() {
+                if ('@'..='~').contains(&c) {
+                    break;
+                }
+            }
+        }
+    }
+    out
+}
+
 /// Where a matrix came from, for error messages.
 const SOURCE: &str = "nvidia-smi topo -m";
 
@@ -146,8 +167,10 @@ impl Topology {
     }
 
     /// Parses the matrix `nvidia-smi topo -m` prints (tab-separated; NIC rows and columns and the
-    /// legend are ignored).
+    /// legend are ignored, and so are the terminal escape sequences recent drivers put around the
+    /// header even when the output is not a terminal).
     pub fn parse(text: &str) -> Result<Topology> {
+        let text = without_escapes(text);
         let mut lines = text.lines().filter(|l| !l.trim().is_empty());
         let header = lines
             .next()

@@ -69,7 +69,11 @@ fn pcie_only_prefers_the_shortest_path() {
 
 #[test]
 fn one_gpu_is_a_ring_of_one() {
+    // Recorded on a one-H200 machine (driver 580): the header carries terminal escapes.
     let t = fixture("h200x1.txt");
+    assert_eq!(t.gpus.len(), 1);
+    assert_eq!(t.gpus[0].cpu_affinity.as_deref(), Some("0-15"));
+    assert_eq!(t.gpus[0].numa, Some(0));
     let p = choose(&t, 1).unwrap();
     assert_eq!(p.ring, vec![0]);
     assert_eq!(p.device_for(0), Some(0));
@@ -108,6 +112,20 @@ fn large_machines_are_searched_greedily_and_still_find_nvlink() {
     assert_eq!(p.bottleneck.2, Link::NvLink(8));
     let p = choose(&t, 8).unwrap();
     assert_eq!(p.steps.iter().filter(|l| l.is_nvlink()).count(), 4, "{p:?}");
+}
+
+#[test]
+fn terminal_escapes_are_ignored_wherever_they_are() {
+    let plain = "\tGPU0\tGPU1\tCPU Affinity\nGPU0\t X \tNV18\t0-7\nGPU1\tNV18\t X \t0-7\n";
+    let dressed = "\t\u{1b}[4mGPU0\tGPU1\tCPU Affinity\u{1b}[0m\n\u{1b}[1mGPU0\u{1b}[0m\t X \tNV18\t0-7\n\
+                   GPU1\t\u{1b}[32;1mNV18\u{1b}[m\t X \t0-7\n";
+    let (a, b) = (
+        Topology::parse(plain).unwrap(),
+        Topology::parse(dressed).unwrap(),
+    );
+    assert_eq!(a.links, b.links);
+    assert_eq!(b.links[0][1], Link::NvLink(18));
+    assert_eq!(b.gpus[1].cpu_affinity.as_deref(), Some("0-7"));
 }
 
 #[test]
