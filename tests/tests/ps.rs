@@ -599,7 +599,17 @@ fn a_256_mib_tensor_moves_by_address_between_processes_on_one_machine() {
     big_tensor("auto");
 }
 
+/// Async mode applies a gradient read by address piece by piece, straight into the parameters.
+#[test]
+fn a_256_mib_tensor_applied_on_arrival_in_async_mode() {
+    big_tensor_in("auto", "async");
+}
+
 fn big_tensor(same_host: &'static str) {
+    big_tensor_in(same_host, "sync");
+}
+
+fn big_tensor_in(same_host: &'static str, mode: &str) {
     let job = Job::start_plane(2, same_host);
     let env = env_of(&job.token, same_host);
     let servers = job.addrs.join(",");
@@ -607,7 +617,15 @@ fn big_tensor(same_host: &'static str) {
     let out = tandem_tests::wait_output(
         spawn(
             NODE,
-            &["ps-big", "--servers", &servers, "--elems", &elems],
+            &[
+                "ps-big",
+                "--servers",
+                &servers,
+                "--elems",
+                &elems,
+                "--mode",
+                mode,
+            ],
             &env,
         ),
         LIMIT,

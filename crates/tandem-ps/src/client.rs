@@ -122,6 +122,10 @@ impl Reply {
     }
 }
 
+/// How long a worker keeps retrying a copy out of a server's memory that raced an update before it
+/// pulls through the stream instead.
+const SHARED_READ_PATIENCE: Duration = Duration::from_millis(20);
+
 /// The outcome of one push over the servers' answers.
 fn outcome(results: &[pb::PushResponse]) -> PushOutcome {
     PushOutcome {
@@ -724,12 +728,29 @@ impl Client {
             let seq_now = |peer: &tandem_peer_memory::PeerMemory| {
                 peer.read_u64(seq_addr).map_err(|e| e.to_string())
             };
-            if seq_now(&peer)? != sp_part.seq {
-                return Err("updated since the reply".into());
-            }
-            peer.read(addr, bytes).map_err(|e| e.to_string())?;
-            if seq_now(&peer)? != sp_part.seq {
-                return Err("updated during the copy".into());
+            // A seqlock read: the copy counts if the word was even (no update being written) and
+            // unchanged around it. An update racing the copy (async mode) is waited out a few
+            // times before the caller falls back to the stream; values newer than the reply's
+            // version are fine, since a pull asks for at least a version.
+            let deadline = Instant::now() + SHARED_READ_PATIENCE;
+            loop {
+                let before = seq_now(&peer)?;
+                if before < sp_part.seq {
+                    return Err(format!(
+                        "sequence word went back from {} to {before}",
+                        sp_part.seq
+                    ));
+                }
+                if before % 2 == 0 {
+                    peer.read(addr, bytes).map_err(|e| e.to_string())?;
+                    if seq_now(&peer)? == before {
+                        break;
+                    }
+                }
+                if Instant::now() >= deadline {
+                    return Err("updated during every copy".into());
+                }
+                std::thread::sleep(Duration::from_micros(100));
             }
         }
         Ok(())

@@ -184,6 +184,63 @@ pub fn apply(
     update(opt, state.t, lr, params, grad, &mut state.m, &mut state.v);
 }
 
+/// Applies one update to `params` from a gradient that arrives in pieces: `fill(at, dst)` writes
+/// gradient elements `at..at + dst.len()` into `dst` (a slice of `scratch`), and each piece is applied
+/// before the next is fetched, so no partition-sized gradient buffer is needed. `norm_sq` is the
+/// gradient's sum of squares, accumulated in element order (only used for clipping). The result is
+/// bit-for-bit what [`apply`] gives on the whole gradient. If `fill` fails, the pieces before it have
+/// been applied and its error is returned.
+pub fn apply_chunks<E>(
+    opt: &Optimizer,
+    state: &mut State,
+    params: &mut [f32],
+    version: u64,
+    norm_sq: f32,
+    scratch: &mut [f32],
+    mut fill: impl FnMut(usize, &mut [f32]) -> Result<(), E>,
+) -> Result<(), E> {
+    let n = params.len();
+    let scale = clip_scale(opt, norm_sq);
+    allocate_state(opt, state, n);
+    state.t += 1;
+    let lr = opt.lr_at(version);
+    let piece = scratch.len().max(1);
+    let mut at = 0;
+    while at < n {
+        let len = piece.min(n - at);
+        let g = &mut scratch[..len];
+        fill(at, g)?;
+        if let Some(s) = scale {
+            g.iter_mut().for_each(|x| *x *= s);
+        }
+        let r = at..at + len;
+        let m = if state.m.is_empty() {
+            &mut [][..]
+        } else {
+            &mut state.m[r.clone()]
+        };
+        let v = if state.v.is_empty() {
+            &mut [][..]
+        } else {
+            &mut state.v[r.clone()]
+        };
+        update(opt, state.t, lr, &mut params[r], g, m, v);
+        at += len;
+    }
+    Ok(())
+}
+
+/// The factor clipping multiplies a gradient of squared norm `norm_sq` by, if any.
+fn clip_scale(opt: &Optimizer, norm_sq: f32) -> Option<f32> {
+    let norm = norm_sq.sqrt();
+    (opt.clip_norm > 0.0 && norm > opt.clip_norm).then(|| opt.clip_norm / norm)
+}
+
+/// A gradient's sum of squares, continued from `acc` (in element order, as clipping computes it).
+pub fn add_squares(acc: f32, grad: &[f32]) -> f32 {
+    grad.iter().fold(acc, |a, g| a + g * g)
+}
+
 /// Applies a sparse update: for each `(row, grad)` only that row of `params` (rows of `row_len`)
 /// and of the optimizer state changes. Rows repeated in `rows` must already be summed. Adam's bias
 /// correction uses the partition's update count ("lazy Adam"), as embedding tables usually do.
@@ -222,13 +279,17 @@ pub fn apply_rows(
 
 /// Clips, allocates state and counts the update; weight decay for dense updates is added in `update`.
 fn prepare(opt: &Optimizer, state: &mut State, n: usize, grad: &mut [f32]) {
-    if opt.clip_norm > 0.0 {
-        let norm = grad.iter().map(|g| g * g).sum::<f32>().sqrt();
-        if norm > opt.clip_norm {
-            let s = opt.clip_norm / norm;
-            grad.iter_mut().for_each(|g| *g *= s);
-        }
+    if opt.clip_norm > 0.0
+        && let Some(s) = clip_scale(opt, add_squares(0.0, grad))
+    {
+        grad.iter_mut().for_each(|g| *g *= s);
     }
+    allocate_state(opt, state, n);
+    state.t += 1;
+}
+
+/// Optimizer state for a partition of `n` elements, allocated on the first update.
+fn allocate_state(opt: &Optimizer, state: &mut State, n: usize) {
     if state.m.len() != n
         && matches!(
             opt.kind,
@@ -240,7 +301,6 @@ fn prepare(opt: &Optimizer, state: &mut State, n: usize, grad: &mut [f32]) {
     if state.v.len() != n && matches!(opt.kind, Kind::Adagrad | Kind::Adam | Kind::AdamW) {
         state.v = vec![0.0; n];
     }
-    state.t += 1;
 }
 
 fn update(
@@ -423,5 +483,83 @@ mod tests {
         assert_eq!(decay.lr_at(25), 0.25);
         assert!(Optimizer::sgd(-1.0).validate().is_err());
         assert!(Optimizer::momentum(0.1, 1.5).validate().is_err());
+    }
+
+    #[test]
+    fn chunked_updates_are_bit_for_bit_the_whole_update() {
+        // Deterministic pseudo-random values (an LCG), signs and magnitudes mixed.
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((x >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 4.0
+        };
+        let n = 1000;
+        let mut opts = vec![
+            Optimizer::sgd(0.1),
+            Optimizer::momentum(0.1, 0.9),
+            Optimizer::nesterov(0.1, 0.9),
+            Optimizer::adagrad(0.1),
+            Optimizer::adam(0.01),
+            Optimizer::adamw(0.01, 0.1),
+        ];
+        let mut clipped = Optimizer::adam(0.01);
+        clipped.clip_norm = 1.0;
+        clipped.weight_decay = 0.01;
+        opts.push(clipped);
+        for opt in opts {
+            let p0: Vec<f32> = (0..n).map(|_| next()).collect();
+            let (mut whole, mut pieces) = (p0.clone(), p0);
+            let (mut sw, mut sp) = (State::default(), State::default());
+            for version in 0..3 {
+                let g: Vec<f32> = (0..n).map(|_| next()).collect();
+                apply(&opt, &mut sw, &mut whole, &mut g.clone(), version);
+                let norm_sq = add_squares(add_squares(0.0, &g[..300]), &g[300..]);
+                let mut scratch = vec![0.0f32; 7];
+                apply_chunks(
+                    &opt,
+                    &mut sp,
+                    &mut pieces,
+                    version,
+                    norm_sq,
+                    &mut scratch,
+                    |at, dst| {
+                        dst.copy_from_slice(&g[at..at + dst.len()]);
+                        Ok::<(), ()>(())
+                    },
+                )
+                .unwrap();
+            }
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&whole), bits(&pieces), "{:?}", opt.kind);
+            assert_eq!(bits(&sw.m), bits(&sp.m));
+            assert_eq!(bits(&sw.v), bits(&sp.v));
+            assert_eq!(sw.t, sp.t);
+        }
+    }
+
+    #[test]
+    fn a_failed_piece_stops_the_update_there() {
+        let mut p = vec![1.0f32; 10];
+        let mut scratch = vec![0.0f32; 4];
+        let r = apply_chunks(
+            &Optimizer::sgd(1.0),
+            &mut State::default(),
+            &mut p,
+            0,
+            10.0,
+            &mut scratch,
+            |at, dst| {
+                if at >= 4 {
+                    return Err("gone");
+                }
+                dst.fill(1.0);
+                Ok(())
+            },
+        );
+        assert_eq!(r, Err("gone"));
+        assert_eq!(&p[..4], &[0.0; 4]);
+        assert_eq!(&p[4..], &[1.0; 6]);
     }
 }

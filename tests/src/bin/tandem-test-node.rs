@@ -457,7 +457,8 @@ async fn ps_sparse(args: &[String]) -> Result<()> {
     Ok(())
 }
 
-/// One big parameter (`--elems N` f32) through one sync step: `RESULT {mismatches}`.
+/// One big parameter (`--elems N` f32) through one sync step (or one async update with `--mode
+/// async`): `RESULT {mismatches}`.
 async fn ps_big(args: &[String]) -> Result<()> {
     let servers: Vec<String> = flag_value(args, "--servers")
         .unwrap_or_default()
@@ -480,7 +481,11 @@ async fn ps_big(args: &[String]) -> Result<()> {
         0,
         map,
         Optimizer::sgd(1.0),
-        TrainingMode::sync(1),
+        if flag_value(args, "--mode").as_deref() == Some("async") {
+            TrainingMode::asynchronous(1, None)
+        } else {
+            TrainingMode::sync(1)
+        },
         Duration::from_secs(120),
     )
     .await?;

@@ -235,6 +235,21 @@ impl Counters {
     }
 }
 
+/// Elements in one piece of a gradient read out of a worker's memory (1 MiB of f32): the unit in
+/// which such a gradient is checked and added, so a server needs one piece-sized buffer per push in
+/// flight rather than a buffer as large as the push.
+pub const PIECE: usize = 256 * 1024;
+
+/// One partition's running sum in a sync step, and how many gradients each piece of it holds.
+#[derive(Debug)]
+pub struct Sum {
+    /// Sum of the gradients added so far.
+    pub values: Vec<f32>,
+    /// Gradients added to each [`PIECE`] of `values`: all equal, unless a worker that was being read
+    /// died half-way, in which case the pieces it reached hold one gradient more than the rest.
+    pub counts: Vec<u32>,
+}
+
 /// Contributions to the current sync step.
 #[derive(Debug, Default)]
 pub struct SyncStep {
@@ -242,27 +257,70 @@ pub struct SyncStep {
     pub step: u64,
     /// Workers whose gradient for this step has been added.
     pub contributors: BTreeSet<u32>,
-    /// Running sum of each partition's gradients and how many were added: one buffer per partition
-    /// whatever the number of workers, so memory stays bounded.
-    pub acc: HashMap<Key, (Vec<f32>, u32)>,
+    /// Running sum of each partition's gradients: one buffer per partition whatever the number of
+    /// workers, so memory stays bounded.
+    pub acc: HashMap<Key, Sum>,
 }
 
 impl SyncStep {
-    /// Adds one worker's gradients into the running sums (in arrival order).
-    pub fn add(&mut self, worker: u32, grads: HashMap<Key, Vec<f32>>, pool: &BufferPool) {
-        self.contributors.insert(worker);
+    /// Adds one worker's whole gradients into the running sums (in arrival order). The caller
+    /// records the worker among the contributors.
+    pub fn add(&mut self, grads: HashMap<Key, Vec<f32>>, pool: &BufferPool) {
         for (key, g) in grads {
             match self.acc.get_mut(&key) {
-                Some((sum, n)) => {
-                    sum.iter_mut().zip(&g).for_each(|(a, b)| *a += b);
-                    *n += 1;
+                Some(sum) => {
+                    sum.values.iter_mut().zip(&g).for_each(|(a, b)| *a += b);
+                    sum.counts.iter_mut().for_each(|c| *c += 1);
                     pool.give(g);
                 }
                 None => {
-                    self.acc.insert(key, (g, 1));
+                    let counts = vec![1; g.len().div_ceil(PIECE)];
+                    self.acc.insert(key, Sum { values: g, counts });
                 }
             }
         }
+    }
+
+    /// Adds one partition's gradient that arrives in pieces: `fill(at, dst)` writes elements
+    /// `at..at + dst.len()` (at most [`PIECE`] of them) into `dst`. The first gradient of a step is
+    /// written straight into the sum; later ones go through `scratch` (at least [`PIECE`] long). If
+    /// `fill` fails, the pieces before it stay added and are counted as such, and its error is
+    /// returned.
+    pub fn add_pieces<E>(
+        &mut self,
+        key: &Key,
+        numel: usize,
+        pool: &BufferPool,
+        scratch: &mut [f32],
+        mut fill: impl FnMut(usize, &mut [f32]) -> Result<(), E>,
+    ) -> Result<(), E> {
+        let fresh = !self.acc.contains_key(key);
+        let sum = self.acc.entry(key.clone()).or_insert_with(|| Sum {
+            values: pool.take(numel),
+            counts: vec![0; numel.div_ceil(PIECE)],
+        });
+        let mut at = 0;
+        while at < numel {
+            let len = PIECE.min(numel - at);
+            let dst = &mut sum.values[at..at + len];
+            let got = if fresh {
+                fill(at, dst)
+            } else {
+                let piece = &mut scratch[..len];
+                fill(at, piece)
+                    .map(|()| dst.iter_mut().zip(piece.iter()).for_each(|(a, b)| *a += b))
+            };
+            if let Err(e) = got {
+                if fresh {
+                    // What was not read holds no gradient yet.
+                    sum.values[at..].fill(0.0);
+                }
+                return Err(e);
+            }
+            sum.counts[at / PIECE] += 1;
+            at += len;
+        }
+        Ok(())
     }
 }
 
@@ -404,16 +462,60 @@ impl Model {
         }
     }
 
+    /// Applies one gradient that arrives in pieces (async mode, from a worker's memory): see
+    /// [`optimizer::apply_chunks`]. A failure part-way leaves the pieces before it applied.
+    pub fn apply_pieces<E>(
+        &self,
+        key: &Key,
+        version: u64,
+        norm_sq: f32,
+        scratch: &mut [f32],
+        fill: impl FnMut(usize, &mut [f32]) -> Result<(), E>,
+    ) -> Result<(), E> {
+        let Some(entry) = self.parts.get(key) else {
+            return Ok(());
+        };
+        let mut d = entry.write();
+        let PartData {
+            values,
+            state,
+            version: v,
+        } = &mut *d;
+        let r = optimizer::apply_chunks(
+            &self.optimizer,
+            state,
+            values,
+            version,
+            norm_sq,
+            scratch,
+            fill,
+        );
+        *v += 1;
+        r
+    }
+
     /// Completes a sync step: averages each partition's summed gradients and applies them.
     pub fn finish_step(&self, step: &mut SyncStep) {
         let sums = std::mem::take(&mut step.acc);
         step.contributors.clear();
         let version = step.step;
-        for (key, (mut acc, n)) in sums {
-            let n = n as f32;
-            acc.iter_mut().for_each(|a| *a /= n);
-            self.apply(&key, &mut acc, version);
-            self.pool.give(acc);
+        for (key, Sum { mut values, counts }) in sums {
+            if counts.iter().all(|n| *n == 0) {
+                self.pool.give(values);
+                continue;
+            }
+            for (piece, n) in values.chunks_mut(PIECE).zip(counts) {
+                if n == 0 {
+                    // Only a worker that died while being read reached this partition, and not
+                    // this piece: no gradient for it.
+                    piece.fill(0.0);
+                } else {
+                    let n = n as f32;
+                    piece.iter_mut().for_each(|a| *a /= n);
+                }
+            }
+            self.apply(&key, &mut values, version);
+            self.pool.give(values);
         }
         step.step += 1;
         self.version.send_replace(step.step);
@@ -423,6 +525,90 @@ impl Model {
 #[cfg(test)]
 mod pool_tests {
     use super::*;
+
+    fn one_partition(numel: usize) -> Model {
+        let mode = Mode {
+            sync: true,
+            workers: 3,
+            replicas_to_aggregate: 2,
+            staleness: None,
+            reject_non_finite: true,
+        };
+        let key: Key = ("w".into(), 0);
+        Model::new(
+            1,
+            Optimizer::sgd(1.0),
+            mode,
+            vec![(key, vec![numel as u64], 0, numel as u64, Init::Zeros)],
+        )
+    }
+
+    #[test]
+    fn sums_added_in_pieces_equal_sums_added_whole() {
+        let numel = 2 * PIECE + 5;
+        let key: Key = ("w".into(), 0);
+        let pool = BufferPool::new(2);
+        let grads: Vec<Vec<f32>> = (0..3)
+            .map(|w| {
+                (0..numel)
+                    .map(|i| ((i * 7 + w * 13) % 101) as f32 * 0.37 - 17.0)
+                    .collect()
+            })
+            .collect();
+        let (mut whole, mut pieces) = (SyncStep::default(), SyncStep::default());
+        let mut scratch = vec![0.0; PIECE];
+        for g in &grads {
+            whole.add(HashMap::from([(key.clone(), g.clone())]), &pool);
+            pieces
+                .add_pieces(&key, numel, &pool, &mut scratch, |at, dst| {
+                    dst.copy_from_slice(&g[at..at + dst.len()]);
+                    Ok::<(), ()>(())
+                })
+                .unwrap();
+        }
+        let (a, b) = (&whole.acc[&key], &pieces.acc[&key]);
+        assert!(
+            a.values
+                .iter()
+                .zip(&b.values)
+                .all(|(x, y)| x.to_bits() == y.to_bits())
+        );
+        assert_eq!(a.counts, [3, 3, 3]);
+        assert_eq!(b.counts, [3, 3, 3]);
+    }
+
+    #[test]
+    fn a_worker_lost_half_way_counts_only_where_it_was_read() {
+        let numel = 2 * PIECE + 5;
+        let model = one_partition(numel);
+        let key: Key = ("w".into(), 0);
+        let mut step = SyncStep::default();
+        let mut scratch = vec![0.0; PIECE];
+        // The first gradient of the step is lost after its first piece.
+        let lost = step.add_pieces(&key, numel, &model.pool, &mut scratch, |at, dst| {
+            if at > 0 {
+                return Err("worker gone");
+            }
+            dst.fill(3.0);
+            Ok(())
+        });
+        assert_eq!(lost, Err("worker gone"));
+        assert_eq!(step.acc[&key].counts, [1, 0, 0]);
+        // Two whole ones follow.
+        for _ in 0..2 {
+            step.add(
+                HashMap::from([(key.clone(), vec![6.0; numel])]),
+                &model.pool,
+            );
+        }
+        assert_eq!(step.acc[&key].counts, [3, 2, 2]);
+        model.finish_step(&mut step);
+        let d = model.parts[&key].data.read().unwrap();
+        // SGD with lr 1 from zeros: minus the mean of what reached each element.
+        assert!(d.values[..PIECE].iter().all(|v| *v == -5.0));
+        assert!(d.values[PIECE..].iter().all(|v| *v == -6.0));
+        assert_eq!(*model.version.borrow(), 1);
+    }
 
     #[test]
     fn the_pool_reuses_buffers_of_the_same_length_and_keeps_a_bounded_number() {

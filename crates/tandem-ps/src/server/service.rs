@@ -16,7 +16,7 @@ use tonic::{Request, Response, Status, Streaming};
 use std::path::PathBuf;
 
 use super::checkpoint::{self, Snapshot};
-use super::model::{Key, Mode, Model};
+use super::model::{Key, Mode, Model, PIECE, SyncStep};
 use crate::init::Init;
 use crate::optimizer::{Kind, Optimizer};
 use crate::pb;
@@ -217,6 +217,62 @@ struct Incoming {
     parts: HashMap<Key, (Vec<f32>, usize)>,
 }
 
+/// A gradient that stays in a worker's memory on this machine while its push is open.
+struct SharedGradient {
+    peer: tandem_peer_memory::PeerMemory,
+    worker: u32,
+    /// Address of the worker's word, which holds `tag` while the push is open.
+    word: u64,
+    tag: u64,
+}
+
+impl SharedGradient {
+    /// Copies elements `at..at + dst.len()` of the partition gradient at `addr`.
+    fn read(&self, key: &Key, addr: usize, at: usize, dst: &mut [f32]) -> Result<(), Status> {
+        let read = at
+            .checked_mul(4)
+            .and_then(|off| addr.checked_add(off))
+            .ok_or_else(|| std::io::Error::other("the address overflows"))
+            .and_then(|base| self.peer.read(base, bytemuck::cast_slice_mut(dst)));
+        read.map_err(|e| {
+            Status::aborted(format!(
+                "reading worker {}'s gradient for {:?} from its memory: {e}",
+                self.worker, key.0
+            ))
+        })
+    }
+
+    /// Whether the worker is still in the push (so what was read before is what it sent).
+    fn still_in(&self) -> Result<(), Status> {
+        let now = usize::try_from(self.word)
+            .map_err(std::io::Error::other)
+            .and_then(|w| self.peer.read_u64(w));
+        match now {
+            Ok(v) if v == self.tag => Ok(()),
+            _ => Err(Status::aborted(format!(
+                "worker {} left the push while its gradient was being read",
+                self.worker
+            ))),
+        }
+    }
+}
+
+/// Whether every value is finite (no NaN, no Inf). Branch-free within blocks so that it compiles to
+/// vector instructions: a gradient is checked at memory speed.
+fn all_finite(xs: &[f32]) -> bool {
+    const EXPONENT: u32 = 0x7f80_0000;
+    xs.chunks(4096).all(|block| {
+        block.iter().fold(0u32, |bad, v| {
+            bad | u32::from(v.to_bits() & EXPONENT == EXPONENT)
+        }) == 0
+    })
+}
+
+/// `st` with "nothing applied" added to its message.
+fn nothing_applied(st: Status) -> Status {
+    Status::new(st.code(), format!("{}; nothing applied", st.message()))
+}
+
 /// The partition `key` of this server, or NotFound naming it.
 fn part_of<'m>(model: &'m Model, key: &Key) -> Result<&'m super::model::PartEntry, Status> {
     model.parts.get(key).ok_or_else(|| {
@@ -403,70 +459,134 @@ impl ParameterServer for Service {
                     r.pid
                 ))
             })?;
-        let receiving = self
-            .receiving
-            .acquire()
-            .await
-            .map_err(|_| Status::unavailable("the server is shutting down"))?;
-        let mut inc = Incoming {
-            worker: r.worker,
-            step: r.step,
-            parts: HashMap::new(),
-        };
-        let give_back = |inc: Incoming| {
-            for (_, (g, _)) in inc.parts {
-                model.pool.give(g);
-            }
-        };
+        if r.worker >= model.mode.workers {
+            return Err(Status::invalid_argument(format!(
+                "worker {} is not below the {} workers",
+                r.worker, model.mode.workers
+            )));
+        }
+        // Every region is checked against the partitions before anything is read.
+        let mut regions: Vec<(Key, usize, usize)> = Vec::with_capacity(r.parts.len());
         for region in r.parts {
             let key = (region.param, region.part);
-            let entry = match part_of(&model, &key) {
-                Ok(e) => e,
-                Err(st) => {
-                    give_back(inc);
-                    return Err(st);
-                }
-            };
+            let entry = part_of(&model, &key)?;
             let want = entry.numel * 4;
-            if region.len != want as u64 || inc.parts.contains_key(&key) {
+            if region.len != want as u64 || regions.iter().any(|(k, ..)| *k == key) {
                 model.counters.rejected.fetch_add(1, Ordering::Relaxed);
-                give_back(inc);
                 return Err(Status::invalid_argument(format!(
                     "gradient for {:?} partition {}: {} bytes offered (partition holds {want} bytes, once); nothing applied",
                     key.0, key.1, region.len
                 )));
             }
-            let mut buf = model.pool.take(entry.numel);
-            let read = usize::try_from(region.addr)
-                .map_err(std::io::Error::other)
-                .and_then(|addr| peer.read(addr, bytemuck::cast_slice_mut(buf.as_mut_slice())));
-            if let Err(e) = read {
-                model.pool.give(buf);
-                give_back(inc);
-                return Err(Status::aborted(format!(
-                    "reading worker {}'s gradient for {:?} from its memory: {e}; nothing applied",
-                    r.worker, key.0
-                )));
-            }
-            model
-                .counters
-                .bytes_in
-                .fetch_add(want as u64, Ordering::Relaxed);
-            inc.parts.insert(key, (buf, want));
+            let addr = usize::try_from(region.addr).map_err(|_| {
+                Status::invalid_argument(format!(
+                    "gradient for {:?}: address {:#x} does not fit this machine",
+                    key.0, region.addr
+                ))
+            })?;
+            regions.push((key, entry.numel, addr));
         }
-        // The worker still holds the push open, so the bytes read are the ones it meant to send.
-        let still = usize::try_from(r.word)
-            .map_err(std::io::Error::other)
-            .and_then(|w| peer.read_u64(w));
-        if !matches!(still, Ok(v) if v == r.tag) {
-            give_back(inc);
-            return Err(Status::aborted(format!(
-                "worker {} left the push while its gradient was being read; nothing applied",
-                r.worker
-            )));
+        let from = SharedGradient {
+            peer,
+            worker: r.worker,
+            word: r.word,
+            tag: r.tag,
+        };
+        // The gradient stays in the worker's memory: it is read twice, a piece at a time, so the
+        // server holds one piece-sized buffer per push instead of a copy of the push. The first
+        // pass checks every value (and takes each partition's squared norm for clipping) before
+        // anything is used, so a bad gradient changes nothing; the second adds or applies it.
+        let receiving = self
+            .receiving
+            .acquire()
+            .await
+            .map_err(|_| Status::unavailable("the server is shutting down"))?;
+        let mut scratch = model.pool.take(PIECE);
+        let clip = !model.mode.sync && model.optimizer.clip_norm > 0.0;
+        let mut norms = vec![0.0f32; regions.len()];
+        if model.mode.reject_non_finite || clip {
+            for ((key, numel, addr), norm_sq) in regions.iter().zip(norms.iter_mut()) {
+                let mut at = 0;
+                while at < *numel {
+                    let piece = &mut scratch[..PIECE.min(numel - at)];
+                    if let Err(st) = from.read(key, *addr, at, piece) {
+                        model.pool.give(scratch);
+                        return Err(nothing_applied(st));
+                    }
+                    if model.mode.reject_non_finite && !all_finite(piece) {
+                        model.pool.give(scratch);
+                        model.counters.rejected.fetch_add(1, Ordering::Relaxed);
+                        return Err(Status::invalid_argument(format!(
+                            "gradient for {:?} holds NaN or Inf; nothing applied",
+                            key.0
+                        )));
+                    }
+                    if clip {
+                        *norm_sq = crate::optimizer::add_squares(*norm_sq, piece);
+                    }
+                    at += piece.len();
+                }
+            }
+        }
+        // The worker was still in the push after the first pass, so what was checked is what it sent.
+        if let Err(st) = from.still_in() {
+            model.pool.give(scratch);
+            return Err(nothing_applied(st));
         }
         drop(receiving);
-        self.accept(&model, inc).await
+        let bytes: usize = regions.iter().map(|(_, n, _)| n * 4).sum();
+        model
+            .counters
+            .bytes_in
+            .fetch_add(bytes as u64, Ordering::Relaxed);
+        // Second pass: each piece is used only if the worker was still in the push after it was read
+        // (it clears its word before reusing its buffer).
+        let piece_of = |key: &Key, addr: usize, at: usize, dst: &mut [f32]| {
+            from.read(key, addr, at, dst)
+                .and_then(|()| from.still_in())
+                .map_err(|st| {
+                    tracing::warn!(worker = from.worker, "{}", st.message());
+                    Status::aborted(format!(
+                        "{}; the pieces read before it were used",
+                        st.message()
+                    ))
+                })
+        };
+        let result = if model.mode.sync {
+            push_sync(
+                &model,
+                r.worker,
+                r.step,
+                |st| {
+                    for (key, numel, addr) in &regions {
+                        st.add_pieces(key, *numel, &model.pool, &mut scratch, |at, dst| {
+                            piece_of(key, *addr, at, dst)
+                        })?;
+                    }
+                    Ok(())
+                },
+                |v| self.due(v),
+            )
+        } else {
+            push_async(
+                &model,
+                r.worker,
+                r.step,
+                |version| {
+                    for ((key, _, addr), norm_sq) in regions.iter().zip(&norms) {
+                        model.apply_pieces(key, version, *norm_sq, &mut scratch, |at, dst| {
+                            piece_of(key, *addr, at, dst)
+                        })?;
+                    }
+                    Ok(())
+                },
+                self.limits.max_wait,
+                |v| self.due(v),
+            )
+            .await
+        };
+        model.pool.give(scratch);
+        self.answer(result)
     }
 
     async fn pull_shared(
@@ -609,7 +729,7 @@ impl ParameterServer for Service {
             .chunks_exact(4)
             .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
             .collect();
-        if model.mode.reject_non_finite && g.iter().any(|v| !v.is_finite()) {
+        if model.mode.reject_non_finite && !all_finite(&g) {
             return reject(format!(
                 "row gradients for {:?} hold NaN or Inf; nothing applied",
                 key.0
@@ -730,7 +850,7 @@ impl Service {
                     entry.numel * 4
                 )));
             }
-            if model.mode.reject_non_finite && g.iter().any(|v| !v.is_finite()) {
+            if model.mode.reject_non_finite && !all_finite(&g) {
                 model.counters.rejected.fetch_add(1, Ordering::Relaxed);
                 return Err(Status::invalid_argument(format!(
                     "gradient for {:?} holds NaN or Inf; nothing applied",
@@ -739,19 +859,40 @@ impl Service {
             }
             grads.insert(key, g);
         }
-        let (response, snapshot) = if model.mode.sync {
-            push_sync(model, inc.worker, inc.step, grads, |v| self.due(v))?
+        let result = if model.mode.sync {
+            push_sync(
+                model,
+                inc.worker,
+                inc.step,
+                |st| {
+                    st.add(grads, &model.pool);
+                    Ok(())
+                },
+                |v| self.due(v),
+            )
         } else {
             push_async(
                 model,
                 inc.worker,
                 inc.step,
-                grads,
+                |version| {
+                    for (key, mut g) in grads {
+                        model.apply(&key, &mut g, version);
+                        model.pool.give(g);
+                    }
+                    Ok(())
+                },
                 self.limits.max_wait,
                 |v| self.due(v),
             )
-            .await?
+            .await
         };
+        self.answer(result)
+    }
+
+    /// The response to a push, after starting the checkpoint it made due, if any.
+    fn answer(&self, result: PushResult) -> Result<Response<pb::PushResponse>, Status> {
+        let (response, snapshot) = result?;
         if let Some(snap) = snapshot {
             self.write_in_background(snap);
         }
@@ -789,11 +930,13 @@ fn requested(model: &Model, parts: Vec<pb::PartRef>) -> Vec<Key> {
 
 type PushResult = Result<(pb::PushResponse, Option<Snapshot>), Status>;
 
+/// One worker's gradient for a sync step: `add` puts it into the step's sums once the step is known
+/// to want it (an error from it is returned, and the worker is not counted).
 fn push_sync(
     model: &Model,
     worker: u32,
     step: u64,
-    grads: HashMap<Key, Vec<f32>>,
+    add: impl FnOnce(&mut SyncStep) -> Result<(), Status>,
     due: impl Fn(u64) -> bool,
 ) -> PushResult {
     let mut st = model.sync.lock().unwrap_or_else(|p| p.into_inner());
@@ -840,7 +983,8 @@ fn push_sync(
             None,
         ));
     }
-    st.add(worker, grads, &model.pool);
+    add(&mut st)?;
+    st.contributors.insert(worker);
     model.worker_steps.send_modify(|s| {
         if let Some(x) = s.get_mut(worker as usize) {
             *x = step + 1;
@@ -864,11 +1008,13 @@ fn push_sync(
     ))
 }
 
+/// One worker's gradient in async mode: after the staleness bound lets it through, `apply(version)`
+/// applies it (an error from it is returned, and the gradient is not counted as applied).
 async fn push_async(
     model: &Model,
     worker: u32,
     step: u64,
-    mut grads: HashMap<Key, Vec<f32>>,
+    apply: impl FnOnce(u64) -> Result<(), Status>,
     max_wait: Duration,
     due: impl Fn(u64) -> bool,
 ) -> PushResult {
@@ -893,10 +1039,7 @@ async fn push_async(
     model
         .counters
         .record_staleness(version.saturating_sub(step));
-    for (key, mut g) in grads.drain() {
-        model.apply(&key, &mut g, version);
-        model.pool.give(g);
-    }
+    apply(version)?;
     model.counters.applied.fetch_add(1, Ordering::Relaxed);
     model.worker_steps.send_modify(|s| {
         if let Some(x) = s.get_mut(worker as usize) {
@@ -917,4 +1060,28 @@ async fn push_async(
         },
         snapshot,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::all_finite;
+
+    #[test]
+    fn non_finite_values_are_found_anywhere() {
+        let mut xs = vec![1.5f32; 10_000];
+        assert!(all_finite(&xs));
+        assert!(all_finite(&[]));
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY, -f32::NAN] {
+            for at in [0, 4095, 4096, 9_999] {
+                xs[at] = bad;
+                assert!(!all_finite(&xs), "{bad} at {at}");
+                xs[at] = f32::MAX;
+            }
+        }
+        assert!(
+            all_finite(&xs),
+            "MAX, MIN_POSITIVE and subnormals are finite"
+        );
+        assert!(all_finite(&[f32::MIN_POSITIVE, 1e-45, -0.0]));
+    }
 }
