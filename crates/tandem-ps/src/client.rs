@@ -124,7 +124,7 @@ impl Reply {
 
 /// How long a worker keeps retrying a copy out of a server's memory that raced an update before it
 /// pulls through the stream instead.
-const SHARED_READ_PATIENCE: Duration = Duration::from_millis(20);
+const SHARED_READ_PATIENCE: Duration = Duration::from_millis(100);
 
 /// The outcome of one push over the servers' answers.
 fn outcome(results: &[pb::PushResponse]) -> PushOutcome {
