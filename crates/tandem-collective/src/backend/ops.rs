@@ -617,31 +617,35 @@ impl Incoming {
     }
 }
 
-/// Allreduce for small buffers in one hop: every rank sends its header and data to every other rank,
-/// then each reduces all contributions in rank order, so every rank computes bit-identical results.
-/// Also checks every peer's header, not only the left neighbour's.
-pub async fn allreduce_direct(
+/// Sends `msg` (header and data) to each of `peers` and receives each one's frame of the same length
+/// into its slot of `inbox` (slot r for rank r, `msg.len()` bytes each), checking every header as it
+/// arrives: first polling the sockets for up to [`DIRECT_SPIN`], then in the event loop. Returns the
+/// peer whose header came last and when, measured from `start`.
+async fn exchange(
     io: &mut Io<'_>,
-    buf: &mut [u8],
-    dtype: DType,
-    op: ReduceOp,
-) -> Result<()> {
+    peers: &[usize],
+    msg: &[u8],
+    inbox: &mut [u8],
+    start: Instant,
+) -> Result<Option<(usize, std::time::Duration)>> {
     let (me, n) = (io.rank, io.world);
     let header = io.header;
-    let len = buf.len();
-    let frame_len = HEADER_LEN + len;
-    let mut msg = Vec::with_capacity(frame_len);
-    msg.extend_from_slice(&header.encode());
-    msg.extend_from_slice(buf);
-    // Every peer's whole frame lands in its own slot: one read per message when it is all there.
-    let mut inbox = vec![0u8; frame_len * n];
-    io.waiting.set(Waiting::Header((me + n - 1) % n));
-    let start = Instant::now();
+    let frame_len = msg.len();
+    let left = (me + n - 1) % n;
+    let first = if peers.contains(&left) {
+        left
+    } else {
+        peers.first().copied().unwrap_or(left)
+    };
+    io.waiting.set(Waiting::Header(first));
     let Mesh { readers, writers } = &mut *io.mesh;
     // Fast path: write what the socket takes at once, then poll for the peers' frames.
-    let mut sent = vec![0usize; n];
+    // Only `peers` are written to and read from.
+    let mut sent: Vec<usize> = (0..n)
+        .map(|p| if peers.contains(&p) { 0 } else { frame_len })
+        .collect();
     for (p, w) in writers.iter_mut().enumerate() {
-        if let Some(w) = w {
+        if let Some(w) = w.as_mut().filter(|_| sent[p] < frame_len) {
             while sent[p] < frame_len {
                 match (&*socket2::SockRef::from(w.as_ref())).write(&msg[sent[p]..]) {
                     Ok(k) => sent[p] += k,
@@ -651,8 +655,10 @@ pub async fn allreduce_direct(
             }
         }
     }
-    let mut incoming: Vec<Incoming> = (0..n)
-        .filter(|&p| readers[p].is_some())
+    let mut incoming: Vec<Incoming> = peers
+        .iter()
+        .copied()
+        .filter(|&p| readers.get(p).is_some_and(Option::is_some))
         .map(|peer| Incoming {
             peer,
             got: 0,
@@ -732,10 +738,85 @@ pub async fn allreduce_direct(
     for r in got_all {
         r?;
     }
-    let last = incoming
+    Ok(incoming
         .iter()
         .filter_map(|i| i.arrived.map(|t| (i.peer, t)))
-        .max_by_key(|(_, t)| *t);
+        .max_by_key(|(_, t)| *t))
+}
+
+/// Whether [`allreduce_doubling`] serves this call: a power-of-two group of 4 or more (with 2 it is
+/// the one-hop exchange), and an element type whose partial results are exact to combine in pairs
+/// (half types must reduce in `f32` and round once, so they take the one hop).
+pub fn doubling_fits(world: usize, dtype: DType) -> bool {
+    world >= 4 && world.is_power_of_two() && !matches!(dtype, DType::F16 | DType::BF16)
+}
+
+/// Allreduce for small buffers by recursive doubling: in round k each rank swaps its partial result
+/// with rank `me ^ 2^k` and both combine the pair in block order (lower ranks' block first), so after
+/// log2(n) rounds of one send and one receive every rank holds the same bits. Fewer messages than the
+/// one-hop exchange (log2(n) instead of n−1 per rank) at the price of sequential rounds. Each round
+/// checks the partner's header; an average divides once, after the last round. Callers check
+/// [`doubling_fits`].
+pub async fn allreduce_doubling(
+    io: &mut Io<'_>,
+    buf: &mut [u8],
+    dtype: DType,
+    op: ReduceOp,
+) -> Result<()> {
+    let (me, n) = (io.rank, io.world);
+    let frame_len = HEADER_LEN + buf.len();
+    let mut msg = vec![0u8; frame_len];
+    msg[..HEADER_LEN].copy_from_slice(&io.header.encode());
+    let mut inbox = vec![0u8; frame_len * n];
+    let start = Instant::now();
+    let mut last = None;
+    let combine = if op == ReduceOp::Avg {
+        ReduceOp::Sum
+    } else {
+        op
+    };
+    let mut bit = 1;
+    while bit < n {
+        let partner = me ^ bit;
+        msg[HEADER_LEN..].copy_from_slice(buf);
+        let arrived = exchange(io, &[partner], &msg, &mut inbox, start).await?;
+        last = arrived.or(last);
+        let theirs = &inbox[partner * frame_len + HEADER_LEN..(partner + 1) * frame_len];
+        let mine = &msg[HEADER_LEN..];
+        let (low, high) = if me < partner {
+            (mine, theirs)
+        } else {
+            (theirs, mine)
+        };
+        buf.copy_from_slice(low);
+        let divisor = (op == ReduceOp::Avg && bit * 2 == n).then_some(n);
+        reduce_into(dtype, combine, buf, high, divisor)?;
+        bit <<= 1;
+    }
+    io.lateness.set(last);
+    Ok(())
+}
+
+/// Allreduce for small buffers in one hop: every rank sends its header and data to every other rank,
+/// then each reduces all contributions in rank order, so every rank computes bit-identical results.
+/// Also checks every peer's header, not only the left neighbour's.
+pub async fn allreduce_direct(
+    io: &mut Io<'_>,
+    buf: &mut [u8],
+    dtype: DType,
+    op: ReduceOp,
+) -> Result<()> {
+    let (me, n) = (io.rank, io.world);
+    let header = io.header;
+    let len = buf.len();
+    let frame_len = HEADER_LEN + len;
+    let mut msg = Vec::with_capacity(frame_len);
+    msg.extend_from_slice(&header.encode());
+    msg.extend_from_slice(buf);
+    // Every peer's whole frame lands in its own slot: one read per message when it is all there.
+    let mut inbox = vec![0u8; frame_len * n];
+    let peers: Vec<usize> = (0..n).filter(|&p| p != me).collect();
+    let last = exchange(io, &peers, &msg, &mut inbox, Instant::now()).await?;
     io.lateness.set(last);
     // Reduce in rank order on every rank, so every rank computes the same bits.
     inbox[me * frame_len + HEADER_LEN..(me + 1) * frame_len].copy_from_slice(buf);
@@ -743,4 +824,26 @@ pub async fn allreduce_direct(
         .map(|r| &inbox[r * frame_len + HEADER_LEN..(r + 1) * frame_len])
         .collect();
     reduce_all(dtype, op, &parts, buf)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recursive_doubling_serves_power_of_two_groups_of_four_and_more_without_half_types() {
+        for (world, dtype, fits) in [
+            (2, DType::F32, false),
+            (3, DType::F32, false),
+            (4, DType::F32, true),
+            (4, DType::I64, true),
+            (4, DType::F16, false),
+            (4, DType::BF16, false),
+            (6, DType::F64, false),
+            (8, DType::U8, true),
+            (16, DType::I32, true),
+        ] {
+            assert_eq!(doubling_fits(world, dtype), fits, "{world} {dtype}");
+        }
+    }
 }

@@ -365,7 +365,9 @@ impl Backend for TcpRing {
             timeout,
             collective(&mut st, OpKind::Allreduce, dtype, Some(op), 0, count),
             |io| async move {
-                if direct {
+                if direct && ops::doubling_fits(io.world, dtype) {
+                    ops::allreduce_doubling(io, buf, dtype, op).await
+                } else if direct {
                     ops::allreduce_direct(io, buf, dtype, op).await
                 } else {
                     ops::allreduce(io, buf, dtype, op).await
