@@ -214,17 +214,9 @@ pub fn apply_chunks<E>(
             g.iter_mut().for_each(|x| *x *= s);
         }
         let r = at..at + len;
-        let m = if state.m.is_empty() {
-            &mut [][..]
-        } else {
-            &mut state.m[r.clone()]
-        };
-        let v = if state.v.is_empty() {
-            &mut [][..]
-        } else {
-            &mut state.v[r.clone()]
-        };
-        update(opt, state.t, lr, &mut params[r], g, m, v);
+        let t = state.t;
+        let (m, v) = state_of(state, r.clone());
+        update(opt, t, lr, &mut params[r], g, m, v);
         at += len;
     }
     Ok(())
@@ -263,18 +255,25 @@ pub fn apply_rows(
                 .zip(&params[r.clone()])
                 .for_each(|(g, p)| *g += opt.weight_decay * p);
         }
-        let m = if state.m.is_empty() {
-            &mut [][..]
-        } else {
-            &mut state.m[r.clone()]
-        };
-        let v = if state.v.is_empty() {
-            &mut [][..]
-        } else {
-            &mut state.v[r.clone()]
-        };
-        update_slices(opt, state.t, lr, &mut params[r], g, m, v);
+        let t = state.t;
+        let (m, v) = state_of(state, r.clone());
+        update_slices(opt, t, lr, &mut params[r], g, m, v);
     }
+}
+
+/// The optimizer state of elements `r` (empty slices for state the optimizer does not keep).
+fn state_of(state: &mut State, r: std::ops::Range<usize>) -> (&mut [f32], &mut [f32]) {
+    let m = if state.m.is_empty() {
+        &mut [][..]
+    } else {
+        &mut state.m[r.clone()]
+    };
+    let v = if state.v.is_empty() {
+        &mut [][..]
+    } else {
+        &mut state.v[r]
+    };
+    (m, v)
 }
 
 /// Clips, allocates state and counts the update; weight decay for dense updates is added in `update`.
