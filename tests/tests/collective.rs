@@ -374,6 +374,41 @@ fn mismatched_calls_name_both_sides_on_every_rank() {
 }
 
 #[test]
+fn ranks_agree_on_whether_something_worked_everywhere() {
+    let world = 3;
+    for (fail, want) in [
+        ("", vec!["AGREE ok"; 3]),
+        (
+            "2",
+            vec![
+                "AGREE rank 2: no luck on rank 2",
+                "AGREE rank 2: no luck on rank 2",
+                "AGREE no luck on rank 2",
+            ],
+        ),
+        (
+            "1,2",
+            vec![
+                "AGREE rank 1: no luck on rank 1",
+                "AGREE no luck on rank 1",
+                "AGREE rank 1: no luck on rank 1",
+            ],
+        ),
+    ] {
+        let outs = Job::new().run(world, &["agree", "--fail", fail], 20);
+        for (r, out) in outs.iter().enumerate() {
+            assert!(out.status.success(), "rank {r}: {out:?}");
+            assert_eq!(
+                lines_with(out, "AGREE"),
+                [want[r]],
+                "rank {r}, failing {fail:?}"
+            );
+            assert_eq!(lines_with(out, "AFTER"), ["AFTER 3"], "rank {r}");
+        }
+    }
+}
+
+#[test]
 fn strangers_and_wrong_tokens_are_refused_by_the_mesh() {
     let world = 2;
     let job = Job::new();

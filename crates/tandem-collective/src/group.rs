@@ -959,6 +959,52 @@ impl ProcessGroup {
         })
     }
 
+    /// Every rank says whether something worked for it (`Err` with why, at most 255 bytes of it kept);
+    /// every rank learns whether it worked on all of them, and if not, why on the lowest rank where
+    /// it did not ("rank 2: …"; a rank's own reason comes back as it gave it). A collective: every
+    /// rank calls it, in the same order as its other operations. This is how ranks decide together
+    /// to use a faster path or not, so that no rank takes one the others skip.
+    ///
+    /// ```no_run
+    /// # fn main() -> tandem_core::Result<()> {
+    /// let pg = tandem_collective::ProcessGroup::from_env()?;
+    /// let here = if std::path::Path::new("/dev/nvidia0").exists() { Ok(()) } else { Err("no GPU") };
+    /// match pg.agree(here)? {
+    ///     Ok(()) => println!("every rank has a GPU"),
+    ///     Err(why) => println!("staying on the CPU: {why}"),
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub fn agree(
+        &self,
+        mine: std::result::Result<(), &str>,
+    ) -> Result<std::result::Result<(), String>> {
+        const RECORD: usize = 256;
+        let mut record = [0u8; RECORD];
+        if let Err(why) = mine {
+            record[0] = 1;
+            let n = why.len().min(RECORD - 1);
+            record[1..=n].copy_from_slice(&why.as_bytes()[..n]);
+        }
+        let mut all = vec![0u8; RECORD * self.world_size()];
+        self.allgather(&record[..], &mut all)?;
+        for (r, rec) in all.chunks_exact(RECORD).enumerate() {
+            if rec[0] != 0 {
+                let end = rec[1..]
+                    .iter()
+                    .position(|b| *b == 0)
+                    .map_or(RECORD, |i| i + 1);
+                let why = String::from_utf8_lossy(&rec[1..end]).into_owned();
+                return Ok(Err(if r == self.rank() {
+                    why
+                } else {
+                    format!("rank {r}: {why}")
+                }));
+            }
+        }
+        Ok(Ok(()))
+    }
+
     /// Aborts the group on every rank, e.g. when this process is interrupted: operations in flight
     /// here and on the other ranks fail promptly with an error naming this rank and `reason`, and
     /// the group is unusable afterwards. A world of one has nothing to abort.

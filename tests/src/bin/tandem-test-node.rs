@@ -38,6 +38,7 @@ fn main() {
         Some("loop") => collective(|pg| run_loop(pg, &args[1..])),
         Some("straggle") => collective(|pg| run_straggle(pg, &args[1..])),
         Some("mismatch") => collective(|pg| run_mismatch(pg, &args[1..])),
+        Some("agree") => collective(|pg| run_agree(pg, &args[1..])),
         Some("ps-server") => runtime().and_then(|rt| rt.block_on(ps_server(&args[1..]))),
         Some("ps-big") => runtime().and_then(|rt| rt.block_on(ps_big(&args[1..]))),
         Some("ps-sparse") => runtime().and_then(|rt| rt.block_on(ps_sparse(&args[1..]))),
@@ -198,6 +199,30 @@ fn run_mismatch(pg: &ProcessGroup, args: &[String]) -> Result<()> {
     } else {
         pg.allreduce(&mut [0.0f32; 12], ReduceOp::Sum)
     }
+}
+
+/// `--fail 1,3`: those ranks report a failure ("no luck on rank R"); every rank prints what the
+/// group agreed (`AGREE ok` or `AGREE <why>`), then checks the group still works.
+fn run_agree(pg: &ProcessGroup, args: &[String]) -> Result<()> {
+    let failing: Vec<usize> = flag_value(args, "--fail")
+        .unwrap_or_default()
+        .split(',')
+        .filter_map(|r| r.parse().ok())
+        .collect();
+    let why = format!("no luck on rank {}", pg.rank());
+    let mine = if failing.contains(&pg.rank()) {
+        Err(why.as_str())
+    } else {
+        Ok(())
+    };
+    match pg.agree(mine)? {
+        Ok(()) => println!("AGREE ok"),
+        Err(why) => println!("AGREE {why}"),
+    }
+    let mut one = [1.0f32];
+    pg.allreduce(&mut one, ReduceOp::Sum)?;
+    println!("AFTER {}", one[0]);
+    Ok(())
 }
 
 async fn meet(args: &[String]) -> Result<()> {

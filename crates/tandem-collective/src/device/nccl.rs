@@ -250,35 +250,62 @@ impl Inner {
             tracing::warn!("device collectives: tcp ring through the host ({why})");
             Ok(staged())
         };
-        if !nccl {
-            return fallback(NO_NCCL.into());
+        // Every step that can fail on one rank is agreed by all, so no rank waits on a communicator
+        // the others gave up on, and all ranks end on the same backend.
+        let agreed =
+            |mine: std::result::Result<(), &str>| -> Result<std::result::Result<(), String>> {
+                // Longer than a communicator init may take, so a rank stuck there is waited for.
+                pg.with_timeout(pg.timeout().saturating_mul(2)).agree(mine)
+            };
+        if let Err(why) = agreed(if nccl { Ok(()) } else { Err(NO_NCCL) })? {
+            return fallback(why);
         }
-        // Rank 0 makes the unique id and shares it through the rendezvous; no files, no sleeps.
-        let id = if pg.rank() == 0 {
-            let id = Id::new().map_err(|e| nccl_error("unique id", e))?;
-            let bytes: Vec<u8> = id.internal().iter().map(|&c| c as u8).collect();
+        // Rank 0 makes the unique id and shares it through the rendezvous (empty if it could not);
+        // no files, no sleeps.
+        let made = if pg.rank() == 0 {
+            let made = Id::new().map_err(|e| nccl_error("unique id", e));
+            let bytes: Vec<u8> = match &made {
+                Ok(id) => id.internal().iter().map(|&c| c as u8).collect(),
+                Err(_) => Vec::new(),
+            };
             pg.share("nccl-id", Some(bytes))?;
-            id
+            made.map(Some)
         } else {
             let bytes = pg.share("nccl-id", None)?;
             let mut internal = [0 as std::ffi::c_char; 128];
-            if bytes.len() != internal.len() {
-                return Err(Error::transport(
+            if bytes.len() == internal.len() {
+                for (d, s) in internal.iter_mut().zip(&bytes) {
+                    *d = *s as std::ffi::c_char;
+                }
+                Ok(Some(Id::uninit(internal)))
+            } else if bytes.is_empty() {
+                Ok(None) // rank 0 could not make one: it says why below
+            } else {
+                Err(Error::transport(
                     "the NCCL unique id",
                     format!("{} bytes instead of 128", bytes.len()),
-                ));
+                ))
             }
-            for (d, s) in internal.iter_mut().zip(&bytes) {
-                *d = *s as std::ffi::c_char;
-            }
-            Id::uninit(internal)
         };
-        match CommThread::start(stream.clone(), pg.rank(), pg.world_size(), id, pg.timeout()) {
-            Ok(thread) => {
+        let why = made.as_ref().err().map(|e| e.to_string());
+        if let Err(why) = agreed(why.as_deref().map_or(Ok(()), Err))? {
+            return fallback(format!("NCCL could not start: {why}"));
+        }
+        let Ok(Some(id)) = made else {
+            return fallback("NCCL could not start: no unique id from rank 0".into());
+        };
+        let started =
+            CommThread::start(stream.clone(), pg.rank(), pg.world_size(), id, pg.timeout());
+        let why = started.as_ref().err().map(|e| e.to_string());
+        match (agreed(why.as_deref().map_or(Ok(()), Err))?, started) {
+            (Ok(()), Ok(thread)) => {
                 tracing::info!(rank = pg.rank(), device, "device collectives: nccl");
                 Ok(Inner::Nccl { thread, stream })
             }
-            Err(e) => fallback(format!("NCCL could not start: {e}")),
+            // A communicator that started here is dropped (aborted on its own thread) when another
+            // rank's did not.
+            (Err(why), _) => fallback(format!("NCCL could not start: {why}")),
+            (Ok(()), Err(e)) => fallback(format!("NCCL could not start: {e}")),
         }
     }
 
