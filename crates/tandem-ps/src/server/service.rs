@@ -983,7 +983,11 @@ fn push_sync(
             None,
         ));
     }
-    add(&mut st)?;
+    let added = add(&mut st);
+    // The worker counts even if its gradient could only be read part-way (it left the push or
+    // died): what was read is in the sums, each piece counting the gradients it holds, so averages
+    // stay exact; a retry for this step is then refused as a second gradient instead of adding the
+    // same pieces twice; and with K = N the step does not wait for a gradient that cannot come.
     st.contributors.insert(worker);
     model.worker_steps.send_modify(|s| {
         if let Some(x) = s.get_mut(worker as usize) {
@@ -997,6 +1001,15 @@ fn push_sync(
         if due(st.step) {
             snapshot = Some(model.snapshot());
         }
+    }
+    if let Err(e) = added {
+        if snapshot.is_some() {
+            tracing::warn!(
+                step = st.step,
+                "checkpoint skipped: the push that completed the step failed part-way; the next one is written when due"
+            );
+        }
+        return Err(e);
     }
     Ok((
         pb::PushResponse {
@@ -1064,7 +1077,64 @@ async fn push_async(
 
 #[cfg(test)]
 mod tests {
-    use super::all_finite;
+    use super::*;
+    use crate::init::Init;
+
+    #[test]
+    fn a_gradient_read_part_way_counts_once_and_completes_the_step() {
+        let mode = Mode {
+            sync: true,
+            workers: 2,
+            replicas_to_aggregate: 2,
+            staleness: None,
+            reject_non_finite: true,
+        };
+        let key: Key = ("w".into(), 0);
+        let numel = PIECE + 3;
+        let model = Model::new(
+            1,
+            Optimizer::sgd(1.0),
+            mode,
+            vec![(key.clone(), vec![numel as u64], 0, numel as u64, Init::Zeros)],
+        );
+        let mut scratch = vec![0.0f32; PIECE];
+        // Worker 0 is lost after its first piece.
+        let lost = push_sync(
+            &model,
+            0,
+            0,
+            |st| {
+                st.add_pieces(&key, numel, &model.pool, &mut scratch, |at, dst| {
+                    if at > 0 {
+                        return Err(Status::aborted("worker 0 left"));
+                    }
+                    dst.fill(4.0);
+                    Ok(())
+                })
+            },
+            |_| false,
+        );
+        assert_eq!(lost.unwrap_err().message(), "worker 0 left");
+        // Its retry of the same step is refused rather than added twice.
+        let retry = push_sync(&model, 0, 0, |_| panic!("not added again"), |_| false).unwrap();
+        assert!(retry.0.dropped);
+        // Worker 1 completes the step: the first piece averages two gradients, the rest one.
+        let ok = push_sync(
+            &model,
+            1,
+            0,
+            |st| {
+                st.add(HashMap::from([(key.clone(), vec![2.0; numel])]), &model.pool);
+                Ok(())
+            },
+            |_| false,
+        )
+        .unwrap();
+        assert_eq!(ok.0.version, 1);
+        let d = model.parts[&key].data.read().unwrap();
+        assert!(d.values[..PIECE].iter().all(|v| *v == -3.0));
+        assert!(d.values[PIECE..].iter().all(|v| *v == -2.0));
+    }
 
     #[test]
     fn non_finite_values_are_found_anywhere() {
