@@ -1095,7 +1095,13 @@ mod tests {
             1,
             Optimizer::sgd(1.0),
             mode,
-            vec![(key.clone(), vec![numel as u64], 0, numel as u64, Init::Zeros)],
+            vec![(
+                key.clone(),
+                vec![numel as u64],
+                0,
+                numel as u64,
+                Init::Zeros,
+            )],
         );
         let mut scratch = vec![0.0f32; PIECE];
         // Worker 0 is lost after its first piece.
@@ -1124,7 +1130,10 @@ mod tests {
             1,
             0,
             |st| {
-                st.add(HashMap::from([(key.clone(), vec![2.0; numel])]), &model.pool);
+                st.add(
+                    HashMap::from([(key.clone(), vec![2.0; numel])]),
+                    &model.pool,
+                );
                 Ok(())
             },
             |_| false,
