@@ -236,18 +236,38 @@ impl Counters {
 }
 
 /// Elements in one piece of a gradient read out of a worker's memory (1 MiB of f32): the unit in
-/// which such a gradient is checked and added, so a server needs one piece-sized buffer per push in
-/// flight rather than a buffer as large as the push.
+/// which such a gradient is checked, summed and applied, so a server needs piece-sized buffers rather
+/// than buffers as large as a push.
 pub const PIECE: usize = 256 * 1024;
 
-/// One partition's running sum in a sync step, and how many gradients each piece of it holds.
+/// One partition's running sum of the gradients received through the streams in a sync step.
 #[derive(Debug)]
 pub struct Sum {
     /// Sum of the gradients added so far.
     pub values: Vec<f32>,
-    /// Gradients added to each [`PIECE`] of `values`: all equal, unless a worker that was being read
-    /// died half-way, in which case the pieces it reached hold one gradient more than the rest.
-    pub counts: Vec<u32>,
+    /// How many.
+    pub count: u32,
+}
+
+/// A gradient that stays where it is (in a worker's memory on this machine) until its step is
+/// applied, read a piece at a time then.
+pub trait GradientSource: Send + std::fmt::Debug {
+    /// Whether it holds a gradient for partition `key`.
+    fn covers(&self, key: &Key) -> bool;
+    /// The partitions it holds gradients for.
+    fn partitions(&self) -> Vec<Key>;
+    /// Copies elements `at..at + dst.len()` of its gradient for `key` into `dst`; an error says
+    /// why it cannot be read any more (the worker left or died).
+    fn read(&self, key: &Key, at: usize, dst: &mut [f32]) -> Result<(), String>;
+}
+
+/// A worker's gradient for the current sync step, left where it is until the step is applied.
+#[derive(Debug)]
+pub struct Pending {
+    /// The worker.
+    pub worker: u32,
+    /// Where its gradient is.
+    pub source: Box<dyn GradientSource>,
 }
 
 /// Contributions to the current sync step.
@@ -257,9 +277,12 @@ pub struct SyncStep {
     pub step: u64,
     /// Workers whose gradient for this step has been added.
     pub contributors: BTreeSet<u32>,
-    /// Running sum of each partition's gradients: one buffer per partition whatever the number of
-    /// workers, so memory stays bounded.
+    /// Running sum of each partition's gradients received through the streams: one buffer per
+    /// partition whatever the number of workers, so memory stays bounded.
     pub acc: HashMap<Key, Sum>,
+    /// Gradients still in their workers' memory (same machine), summed piece by piece, in worker
+    /// order, when the step is applied: no sum buffer for them at all.
+    pub pending: Vec<Pending>,
 }
 
 impl SyncStep {
@@ -270,57 +293,20 @@ impl SyncStep {
             match self.acc.get_mut(&key) {
                 Some(sum) => {
                     sum.values.iter_mut().zip(&g).for_each(|(a, b)| *a += b);
-                    sum.counts.iter_mut().for_each(|c| *c += 1);
+                    sum.count += 1;
                     pool.give(g);
                 }
                 None => {
-                    let counts = vec![1; g.len().div_ceil(PIECE)];
-                    self.acc.insert(key, Sum { values: g, counts });
+                    self.acc.insert(
+                        key,
+                        Sum {
+                            values: g,
+                            count: 1,
+                        },
+                    );
                 }
             }
         }
-    }
-
-    /// Adds one partition's gradient that arrives in pieces: `fill(at, dst)` writes elements
-    /// `at..at + dst.len()` (at most [`PIECE`] of them) into `dst`. The first gradient of a step is
-    /// written straight into the sum; later ones go through `scratch` (at least [`PIECE`] long). If
-    /// `fill` fails, the pieces before it stay added and are counted as such, and its error is
-    /// returned.
-    pub fn add_pieces<E>(
-        &mut self,
-        key: &Key,
-        numel: usize,
-        pool: &BufferPool,
-        scratch: &mut [f32],
-        mut fill: impl FnMut(usize, &mut [f32]) -> Result<(), E>,
-    ) -> Result<(), E> {
-        let fresh = !self.acc.contains_key(key);
-        let sum = self.acc.entry(key.clone()).or_insert_with(|| Sum {
-            values: pool.take(numel),
-            counts: vec![0; numel.div_ceil(PIECE)],
-        });
-        let mut at = 0;
-        while at < numel {
-            let len = PIECE.min(numel - at);
-            let dst = &mut sum.values[at..at + len];
-            let got = if fresh {
-                fill(at, dst)
-            } else {
-                let piece = &mut scratch[..len];
-                fill(at, piece)
-                    .map(|()| dst.iter_mut().zip(piece.iter()).for_each(|(a, b)| *a += b))
-            };
-            if let Err(e) = got {
-                if fresh {
-                    // What was not read holds no gradient yet.
-                    sum.values[at..].fill(0.0);
-                }
-                return Err(e);
-            }
-            sum.counts[at / PIECE] += 1;
-            at += len;
-        }
-        Ok(())
     }
 }
 
@@ -494,31 +480,135 @@ impl Model {
         r
     }
 
-    /// Completes a sync step: averages each partition's summed gradients and applies them.
+    /// Completes a sync step: averages each partition's gradients and applies them. Sums received
+    /// through the streams are averaged whole; partitions with gradients still in workers' memory
+    /// are averaged and applied a piece at a time (the stream sum of a piece first, then each
+    /// worker's piece in worker order), so they need two piece-sized buffers. A worker that can no
+    /// longer be read is left out from that piece on, and each piece is divided by the gradients it
+    /// holds.
     pub fn finish_step(&self, step: &mut SyncStep) {
-        let sums = std::mem::take(&mut step.acc);
+        let mut sums = std::mem::take(&mut step.acc);
+        let mut pending = std::mem::take(&mut step.pending);
+        pending.sort_by_key(|p| p.worker);
         step.contributors.clear();
         let version = step.step;
-        for (key, Sum { mut values, counts }) in sums {
-            if counts.iter().all(|n| *n == 0) {
-                self.pool.give(values);
+        let mut keys: BTreeSet<Key> = sums.keys().cloned().collect();
+        for p in &pending {
+            keys.extend(p.source.partitions());
+        }
+        let mut lost = vec![false; pending.len()];
+        for key in keys {
+            let from: Vec<usize> = (0..pending.len())
+                .filter(|&i| pending[i].source.covers(&key))
+                .collect();
+            let sum = sums.remove(&key);
+            if from.is_empty() {
+                if let Some(Sum { mut values, count }) = sum {
+                    divide_piece(&mut values, count);
+                    self.apply(&key, &mut values, version);
+                    self.pool.give(values);
+                }
                 continue;
             }
-            for (piece, n) in values.chunks_mut(PIECE).zip(counts) {
-                if n == 0 {
-                    // Only a worker that died while being read reached this partition, and not
-                    // this piece: no gradient for it.
-                    piece.fill(0.0);
-                } else {
-                    let n = n as f32;
-                    piece.iter_mut().for_each(|a| *a /= n);
+            let (mut piece, mut scratch) = (self.pool.take(PIECE), self.pool.take(PIECE));
+            let mut average =
+                |at: usize, dst: &mut [f32]| -> Result<(), std::convert::Infallible> {
+                    let mut n = match &sum {
+                        Some(s) => {
+                            dst.copy_from_slice(&s.values[at..at + dst.len()]);
+                            s.count
+                        }
+                        None => {
+                            dst.fill(0.0);
+                            0
+                        }
+                    };
+                    for &i in &from {
+                        if lost[i] {
+                            continue;
+                        }
+                        let theirs = &mut scratch[..dst.len()];
+                        match pending[i].source.read(&key, at, theirs) {
+                            Ok(()) => {
+                                dst.iter_mut().zip(theirs.iter()).for_each(|(a, b)| *a += b);
+                                n += 1;
+                            }
+                            Err(why) => {
+                                tracing::warn!(
+                                    worker = pending[i].worker,
+                                    step = version,
+                                    "gradient left out from element {at} of {:?}: {why}",
+                                    key.0
+                                );
+                                lost[i] = true;
+                            }
+                        }
+                    }
+                    divide_piece(dst, n);
+                    Ok(())
+                };
+            // Clipping needs the averaged gradient's norm before any piece is applied.
+            let mut norm_sq = 0.0;
+            if self.optimizer.clip_norm > 0.0 {
+                let numel = self.parts.get(&key).map_or(0, |e| e.numel);
+                let mut at = 0;
+                while at < numel {
+                    let dst = &mut piece[..PIECE.min(numel - at)];
+                    let Ok(()) = average(at, dst);
+                    norm_sq = optimizer::add_squares(norm_sq, dst);
+                    at += dst.len();
                 }
             }
-            self.apply(&key, &mut values, version);
-            self.pool.give(values);
+            let Ok(()) = self.apply_pieces(&key, version, norm_sq, &mut piece, &mut average);
+            self.pool.give(piece);
+            self.pool.give(scratch);
+            if let Some(s) = sum {
+                self.pool.give(s.values);
+            }
         }
         step.step += 1;
         self.version.send_replace(step.step);
+    }
+}
+
+impl Model {
+    /// Copies worker `worker`'s gradient, still in its memory, into the step's sums and forgets
+    /// where it was, so that its push can return before the step is applied. Returns whether it
+    /// was pending; an error says why it could not be read (then it is withdrawn from the step).
+    pub fn copy_in(&self, step: &mut SyncStep, worker: u32) -> Result<bool, String> {
+        let Some(i) = step.pending.iter().position(|p| p.worker == worker) else {
+            return Ok(false);
+        };
+        let pending = step.pending.remove(i);
+        let mut grads = HashMap::new();
+        for key in pending.source.partitions() {
+            let numel = self.parts.get(&key).map_or(0, |e| e.numel);
+            let mut buf = self.pool.take(numel);
+            let mut at = 0;
+            while at < numel {
+                let len = PIECE.min(numel - at);
+                if let Err(why) = pending.source.read(&key, at, &mut buf[at..at + len]) {
+                    self.pool.give(buf);
+                    grads.into_values().for_each(|g| self.pool.give(g));
+                    step.contributors.remove(&worker);
+                    return Err(why);
+                }
+                at += len;
+            }
+            grads.insert(key, buf);
+        }
+        step.add(grads, &self.pool);
+        Ok(true)
+    }
+}
+
+/// A sum of `n` gradients divided by `n`; where none arrived, no gradient (zeros).
+fn divide_piece(piece: &mut [f32], n: u32) {
+    if n == 0 {
+        piece.fill(0.0);
+    } else {
+        let n = n as f32;
+        piece.iter_mut().for_each(|a| *a /= n);
     }
 }
 
@@ -543,11 +633,42 @@ mod pool_tests {
         )
     }
 
+    /// A gradient held "elsewhere" for tests; `readable` pieces can be read, then it is gone.
+    #[derive(Debug)]
+    struct Held {
+        key: Key,
+        values: Vec<f32>,
+        readable: usize,
+    }
+
+    impl GradientSource for Held {
+        fn covers(&self, key: &Key) -> bool {
+            *key == self.key
+        }
+        fn partitions(&self) -> Vec<Key> {
+            vec![self.key.clone()]
+        }
+        fn read(&self, _: &Key, at: usize, dst: &mut [f32]) -> Result<(), String> {
+            if at / PIECE >= self.readable {
+                return Err("gone".into());
+            }
+            dst.copy_from_slice(&self.values[at..at + dst.len()]);
+            Ok(())
+        }
+    }
+
+    fn held(values: Vec<f32>, readable: usize) -> Box<dyn GradientSource> {
+        Box::new(Held {
+            key: ("w".into(), 0),
+            values,
+            readable,
+        })
+    }
+
     #[test]
-    fn sums_added_in_pieces_equal_sums_added_whole() {
+    fn gradients_left_in_place_average_like_gradients_summed_on_arrival() {
         let numel = 2 * PIECE + 5;
         let key: Key = ("w".into(), 0);
-        let pool = BufferPool::new(2);
         let grads: Vec<Vec<f32>> = (0..3)
             .map(|w| {
                 (0..numel)
@@ -555,26 +676,38 @@ mod pool_tests {
                     .collect()
             })
             .collect();
-        let (mut whole, mut pieces) = (SyncStep::default(), SyncStep::default());
-        let mut scratch = vec![0.0; PIECE];
+        // Every gradient summed on arrival (the streams)...
+        let streamed = one_partition(numel);
+        let mut step = SyncStep::default();
         for g in &grads {
-            whole.add(HashMap::from([(key.clone(), g.clone())]), &pool);
-            pieces
-                .add_pieces(&key, numel, &pool, &mut scratch, |at, dst| {
-                    dst.copy_from_slice(&g[at..at + dst.len()]);
-                    Ok::<(), ()>(())
-                })
-                .unwrap();
+            step.add(HashMap::from([(key.clone(), g.clone())]), &streamed.pool);
         }
-        let (a, b) = (&whole.acc[&key], &pieces.acc[&key]);
+        streamed.finish_step(&mut step);
+        // ...and one streamed plus two left in the workers (pushed in reverse order: summed in
+        // worker order all the same).
+        let mixed = one_partition(numel);
+        let mut step = SyncStep::default();
+        step.add(
+            HashMap::from([(key.clone(), grads[0].clone())]),
+            &mixed.pool,
+        );
+        for w in [2, 1] {
+            step.pending.push(Pending {
+                worker: w as u32,
+                source: held(grads[w].clone(), usize::MAX),
+            });
+        }
+        mixed.finish_step(&mut step);
+        let a = streamed.parts[&key].data.read().unwrap();
+        let b = mixed.parts[&key].data.read().unwrap();
         assert!(
             a.values
                 .iter()
                 .zip(&b.values)
                 .all(|(x, y)| x.to_bits() == y.to_bits())
         );
-        assert_eq!(a.counts, [3, 3, 3]);
-        assert_eq!(b.counts, [3, 3, 3]);
+        assert_eq!(*mixed.version.borrow(), 1);
+        assert!(step.pending.is_empty() && step.acc.is_empty());
     }
 
     #[test]
@@ -583,31 +716,23 @@ mod pool_tests {
         let model = one_partition(numel);
         let key: Key = ("w".into(), 0);
         let mut step = SyncStep::default();
-        let mut scratch = vec![0.0; PIECE];
-        // The first gradient of the step is lost after its first piece.
-        let lost = step.add_pieces(&key, numel, &model.pool, &mut scratch, |at, dst| {
-            if at > 0 {
-                return Err("worker gone");
-            }
-            dst.fill(3.0);
-            Ok(())
+        step.pending.push(Pending {
+            worker: 0,
+            source: held(vec![3.0; numel], 1), // gone after its first piece
         });
-        assert_eq!(lost, Err("worker gone"));
-        assert_eq!(step.acc[&key].counts, [1, 0, 0]);
-        // Two whole ones follow.
-        for _ in 0..2 {
-            step.add(
-                HashMap::from([(key.clone(), vec![6.0; numel])]),
-                &model.pool,
-            );
-        }
-        assert_eq!(step.acc[&key].counts, [3, 2, 2]);
+        step.pending.push(Pending {
+            worker: 1,
+            source: held(vec![6.0; numel], usize::MAX),
+        });
+        step.add(
+            HashMap::from([(key.clone(), vec![6.0; numel])]),
+            &model.pool,
+        );
         model.finish_step(&mut step);
         let d = model.parts[&key].data.read().unwrap();
         // SGD with lr 1 from zeros: minus the mean of what reached each element.
         assert!(d.values[..PIECE].iter().all(|v| *v == -5.0));
         assert!(d.values[PIECE..].iter().all(|v| *v == -6.0));
-        assert_eq!(*model.version.borrow(), 1);
     }
 
     #[test]

@@ -16,7 +16,7 @@ use tonic::{Request, Response, Status, Streaming};
 use std::path::PathBuf;
 
 use super::checkpoint::{self, Snapshot};
-use super::model::{Key, Mode, Model, PIECE, SyncStep};
+use super::model::{GradientSource, Key, Mode, Model, PIECE, Pending, SyncStep};
 use crate::init::Init;
 use crate::optimizer::{Kind, Optimizer};
 use crate::pb;
@@ -217,18 +217,75 @@ struct Incoming {
     parts: HashMap<Key, (Vec<f32>, usize)>,
 }
 
+/// How long a sync push from this machine keeps its gradient in the worker, waiting for the step to
+/// be applied, before the server copies it into the step's sum and lets the worker go on.
+const PENDING_PATIENCE: Duration = Duration::from_secs(1);
+
 /// A gradient that stays in a worker's memory on this machine while its push is open.
+#[derive(Debug)]
 struct SharedGradient {
     peer: tandem_peer_memory::PeerMemory,
     worker: u32,
     /// Address of the worker's word, which holds `tag` while the push is open.
     word: u64,
     tag: u64,
+    /// Each partition's gradient: its key, elements and address in the worker.
+    regions: Vec<(Key, usize, usize)>,
+}
+
+impl GradientSource for SharedGradient {
+    fn covers(&self, key: &Key) -> bool {
+        self.regions.iter().any(|(k, ..)| k == key)
+    }
+
+    fn partitions(&self) -> Vec<Key> {
+        self.regions.iter().map(|(k, ..)| k.clone()).collect()
+    }
+
+    fn read(&self, key: &Key, at: usize, dst: &mut [f32]) -> Result<(), String> {
+        let addr = self
+            .regions
+            .iter()
+            .find(|(k, ..)| k == key)
+            .map(|(_, _, addr)| *addr)
+            .ok_or_else(|| format!("no gradient for {:?} partition {}", key.0, key.1))?;
+        self.read_at(key, addr, at, dst)
+            .and_then(|()| self.still_in())
+            .map_err(|st| st.message().to_string())
+    }
+}
+
+/// Withdraws a worker's gradient from a sync step it is waiting on if its push ends before the step
+/// is applied (deadline, or the worker cancelled the call): its memory is about to be reused, and a
+/// retry must be accepted.
+struct Withdraw<'a> {
+    model: &'a Model,
+    worker: u32,
+    step: u64,
+    armed: bool,
+}
+
+impl Drop for Withdraw<'_> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let mut st = self.model.sync.lock().unwrap_or_else(|p| p.into_inner());
+        if st.step == self.step {
+            st.pending.retain(|p| p.worker != self.worker);
+            st.contributors.remove(&self.worker);
+            tracing::warn!(
+                worker = self.worker,
+                step = self.step,
+                "gradient withdrawn: the push ended before its step was applied"
+            );
+        }
+    }
 }
 
 impl SharedGradient {
     /// Copies elements `at..at + dst.len()` of the partition gradient at `addr`.
-    fn read(&self, key: &Key, addr: usize, at: usize, dst: &mut [f32]) -> Result<(), Status> {
+    fn read_at(&self, key: &Key, addr: usize, at: usize, dst: &mut [f32]) -> Result<(), Status> {
         let read = at
             .checked_mul(4)
             .and_then(|off| addr.checked_add(off))
@@ -491,6 +548,7 @@ impl ParameterServer for Service {
             worker: r.worker,
             word: r.word,
             tag: r.tag,
+            regions,
         };
         // The gradient stays in the worker's memory: it is read twice, a piece at a time, so the
         // server holds one piece-sized buffer per push instead of a copy of the push. The first
@@ -503,13 +561,13 @@ impl ParameterServer for Service {
             .map_err(|_| Status::unavailable("the server is shutting down"))?;
         let mut scratch = model.pool.take(PIECE);
         let clip = !model.mode.sync && model.optimizer.clip_norm > 0.0;
-        let mut norms = vec![0.0f32; regions.len()];
+        let mut norms = vec![0.0f32; from.regions.len()];
         if model.mode.reject_non_finite || clip {
-            for ((key, numel, addr), norm_sq) in regions.iter().zip(norms.iter_mut()) {
+            for ((key, numel, addr), norm_sq) in from.regions.iter().zip(norms.iter_mut()) {
                 let mut at = 0;
                 while at < *numel {
                     let piece = &mut scratch[..PIECE.min(numel - at)];
-                    if let Err(st) = from.read(key, *addr, at, piece) {
+                    if let Err(st) = from.read_at(key, *addr, at, piece) {
                         model.pool.give(scratch);
                         return Err(nothing_applied(st));
                     }
@@ -534,15 +592,71 @@ impl ParameterServer for Service {
             return Err(nothing_applied(st));
         }
         drop(receiving);
-        let bytes: usize = regions.iter().map(|(_, n, _)| n * 4).sum();
+        let bytes: usize = from.regions.iter().map(|(_, n, _)| n * 4).sum();
         model
             .counters
             .bytes_in
             .fetch_add(bytes as u64, Ordering::Relaxed);
-        // Second pass: each piece is used only if the worker was still in the push after it was read
-        // (it clears its word before reusing its buffer).
+        let (worker, step) = (r.worker, r.step);
+        if model.mode.sync {
+            // The gradient stays in the worker until the step is applied: the push returns then,
+            // so the worker is still in the call and its buffer unchanged when the server reads it,
+            // summed piece by piece with the others (no sum buffer for it here).
+            model.pool.give(scratch);
+            let (mut response, snapshot) = push_sync(
+                &model,
+                worker,
+                step,
+                |st| {
+                    st.pending.push(Pending {
+                        worker,
+                        source: Box::new(from),
+                    });
+                    Ok(())
+                },
+                |v| self.due(v),
+            )?;
+            if let Some(snap) = snapshot {
+                self.write_in_background(snap);
+            }
+            if response.applied && response.version <= step {
+                let mut withdraw = Withdraw {
+                    model: &model,
+                    worker,
+                    step,
+                    armed: true,
+                };
+                let mut rx = model.version.subscribe();
+                match tokio::time::timeout(PENDING_PATIENCE, rx.wait_for(|v| *v > step)).await {
+                    Ok(Ok(v)) => {
+                        response.version = *v;
+                        withdraw.armed = false;
+                    }
+                    Ok(Err(_)) => return Err(Status::unavailable("the server is shutting down")),
+                    Err(_) => {
+                        // The step is slow to complete (a straggler; a restarted server the other
+                        // workers are catching up with): the gradient is copied into the step's
+                        // sum and the worker goes on, rather than wait on workers that may be
+                        // waiting on it elsewhere.
+                        withdraw.armed = false;
+                        let mut st = model.sync.lock().unwrap_or_else(|p| p.into_inner());
+                        if st.step == step
+                            && let Err(why) = model.copy_in(&mut st, worker)
+                        {
+                            return Err(Status::aborted(format!(
+                                "worker {worker}'s gradient for step {step} could not be copied in ({why}); withdrawn"
+                            )));
+                        }
+                        response.version = st.step;
+                    }
+                }
+            }
+            return Ok(Response::new(response));
+        }
+        // Async: applied now, piece by piece; each piece is used only if the worker was still in
+        // the push after it was read (it clears its word before reusing its buffer).
         let piece_of = |key: &Key, addr: usize, at: usize, dst: &mut [f32]| {
-            from.read(key, addr, at, dst)
+            from.read_at(key, addr, at, dst)
                 .and_then(|()| from.still_in())
                 .map_err(|st| {
                     tracing::warn!(worker = from.worker, "{}", st.message());
@@ -552,39 +666,22 @@ impl ParameterServer for Service {
                     ))
                 })
         };
-        let result = if model.mode.sync {
-            push_sync(
-                &model,
-                r.worker,
-                r.step,
-                |st| {
-                    for (key, numel, addr) in &regions {
-                        st.add_pieces(key, *numel, &model.pool, &mut scratch, |at, dst| {
-                            piece_of(key, *addr, at, dst)
-                        })?;
-                    }
-                    Ok(())
-                },
-                |v| self.due(v),
-            )
-        } else {
-            push_async(
-                &model,
-                r.worker,
-                r.step,
-                |version| {
-                    for ((key, _, addr), norm_sq) in regions.iter().zip(&norms) {
-                        model.apply_pieces(key, version, *norm_sq, &mut scratch, |at, dst| {
-                            piece_of(key, *addr, at, dst)
-                        })?;
-                    }
-                    Ok(())
-                },
-                self.limits.max_wait,
-                |v| self.due(v),
-            )
-            .await
-        };
+        let result = push_async(
+            &model,
+            worker,
+            step,
+            |version| {
+                for ((key, _, addr), norm_sq) in from.regions.iter().zip(&norms) {
+                    model.apply_pieces(key, version, *norm_sq, &mut scratch, |at, dst| {
+                        piece_of(key, *addr, at, dst)
+                    })?;
+                }
+                Ok(())
+            },
+            self.limits.max_wait,
+            |v| self.due(v),
+        )
+        .await;
         model.pool.give(scratch);
         self.answer(result)
     }
@@ -983,11 +1080,7 @@ fn push_sync(
             None,
         ));
     }
-    let added = add(&mut st);
-    // The worker counts even if its gradient could only be read part-way (it left the push or
-    // died): what was read is in the sums, each piece counting the gradients it holds, so averages
-    // stay exact; a retry for this step is then refused as a second gradient instead of adding the
-    // same pieces twice; and with K = N the step does not wait for a gradient that cannot come.
+    add(&mut st)?;
     st.contributors.insert(worker);
     model.worker_steps.send_modify(|s| {
         if let Some(x) = s.get_mut(worker as usize) {
@@ -1001,15 +1094,6 @@ fn push_sync(
         if due(st.step) {
             snapshot = Some(model.snapshot());
         }
-    }
-    if let Err(e) = added {
-        if snapshot.is_some() {
-            tracing::warn!(
-                step = st.step,
-                "checkpoint skipped: the push that completed the step failed part-way; the next one is written when due"
-            );
-        }
-        return Err(e);
     }
     Ok((
         pb::PushResponse {
@@ -1078,72 +1162,6 @@ async fn push_async(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::init::Init;
-
-    #[test]
-    fn a_gradient_read_part_way_counts_once_and_completes_the_step() {
-        let mode = Mode {
-            sync: true,
-            workers: 2,
-            replicas_to_aggregate: 2,
-            staleness: None,
-            reject_non_finite: true,
-        };
-        let key: Key = ("w".into(), 0);
-        let numel = PIECE + 3;
-        let model = Model::new(
-            1,
-            Optimizer::sgd(1.0),
-            mode,
-            vec![(
-                key.clone(),
-                vec![numel as u64],
-                0,
-                numel as u64,
-                Init::Zeros,
-            )],
-        );
-        let mut scratch = vec![0.0f32; PIECE];
-        // Worker 0 is lost after its first piece.
-        let lost = push_sync(
-            &model,
-            0,
-            0,
-            |st| {
-                st.add_pieces(&key, numel, &model.pool, &mut scratch, |at, dst| {
-                    if at > 0 {
-                        return Err(Status::aborted("worker 0 left"));
-                    }
-                    dst.fill(4.0);
-                    Ok(())
-                })
-            },
-            |_| false,
-        );
-        assert_eq!(lost.unwrap_err().message(), "worker 0 left");
-        // Its retry of the same step is refused rather than added twice.
-        let retry = push_sync(&model, 0, 0, |_| panic!("not added again"), |_| false).unwrap();
-        assert!(retry.0.dropped);
-        // Worker 1 completes the step: the first piece averages two gradients, the rest one.
-        let ok = push_sync(
-            &model,
-            1,
-            0,
-            |st| {
-                st.add(
-                    HashMap::from([(key.clone(), vec![2.0; numel])]),
-                    &model.pool,
-                );
-                Ok(())
-            },
-            |_| false,
-        )
-        .unwrap();
-        assert_eq!(ok.0.version, 1);
-        let d = model.parts[&key].data.read().unwrap();
-        assert!(d.values[..PIECE].iter().all(|v| *v == -3.0));
-        assert!(d.values[PIECE..].iter().all(|v| *v == -2.0));
-    }
 
     #[test]
     fn non_finite_values_are_found_anywhere() {
