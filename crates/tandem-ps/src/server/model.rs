@@ -711,6 +711,29 @@ mod pool_tests {
     }
 
     #[test]
+    fn a_gradient_copied_in_joins_the_sum_and_one_that_cannot_be_read_is_withdrawn() {
+        let numel = PIECE + 7;
+        let model = one_partition(numel);
+        let key: Key = ("w".into(), 0);
+        let mut step = SyncStep::default();
+        for (w, readable) in [(0u32, usize::MAX), (1, 1)] {
+            step.contributors.insert(w);
+            step.pending.push(Pending {
+                worker: w,
+                source: held(vec![w as f32 + 1.0; numel], readable),
+            });
+        }
+        assert_eq!(model.copy_in(&mut step, 0), Ok(true));
+        assert_eq!(step.acc[&key].count, 1);
+        assert!(step.acc[&key].values.iter().all(|v| *v == 1.0));
+        assert_eq!(model.copy_in(&mut step, 0), Ok(false), "no longer pending");
+        assert_eq!(model.copy_in(&mut step, 1), Err("gone".to_string()));
+        assert!(step.pending.is_empty());
+        assert_eq!(step.contributors, BTreeSet::from([0]), "worker 1 withdrawn");
+        assert_eq!(step.acc[&key].count, 1, "nothing of worker 1 added");
+    }
+
+    #[test]
     fn a_worker_lost_half_way_counts_only_where_it_was_read() {
         let numel = 2 * PIECE + 5;
         let model = one_partition(numel);

@@ -1164,6 +1164,51 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_push_that_ends_before_its_step_takes_its_gradient_back() {
+        let mode = Mode {
+            sync: true,
+            workers: 2,
+            replicas_to_aggregate: 2,
+            staleness: None,
+            reject_non_finite: true,
+        };
+        let model = Model::new(1, Optimizer::sgd(1.0), mode, vec![]);
+        let pending = |w| Pending {
+            worker: w,
+            source: Box::new(SharedGradient {
+                peer: tandem_peer_memory::PeerMemory::of_process(std::process::id())
+                    .expect("own pid"),
+                worker: w,
+                word: 0,
+                tag: 0,
+                regions: vec![],
+            }),
+        };
+        {
+            let mut st = model.sync.lock().unwrap();
+            st.contributors.extend([0, 1]);
+            st.pending.extend([pending(0), pending(1)]);
+        }
+        // Worker 1's push is applied (disarmed); worker 0's ends while waiting.
+        drop(Withdraw {
+            model: &model,
+            worker: 1,
+            step: 0,
+            armed: false,
+        });
+        drop(Withdraw {
+            model: &model,
+            worker: 0,
+            step: 0,
+            armed: true,
+        });
+        let st = model.sync.lock().unwrap();
+        assert_eq!(st.contributors, std::collections::BTreeSet::from([1]));
+        assert_eq!(st.pending.len(), 1);
+        assert_eq!(st.pending[0].worker, 1);
+    }
+
+    #[test]
     fn non_finite_values_are_found_anywhere() {
         let mut xs = vec![1.5f32; 10_000];
         assert!(all_finite(&xs));
