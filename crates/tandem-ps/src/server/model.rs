@@ -448,8 +448,9 @@ impl Model {
         }
     }
 
-    /// Applies one gradient that arrives in pieces (async mode, from a worker's memory): see
-    /// [`optimizer::apply_chunks`]. A failure part-way leaves the pieces before it applied.
+    /// Applies one gradient that arrives in pieces (read out of workers' memory: one worker's in
+    /// async mode, a step's average in sync mode): see [`optimizer::apply_chunks`]. A failure
+    /// part-way leaves the pieces before it applied.
     pub fn apply_pieces<E>(
         &self,
         key: &Key,
