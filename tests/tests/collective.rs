@@ -466,6 +466,33 @@ fn strangers_and_wrong_tokens_are_refused_by_the_mesh() {
 }
 
 #[test]
+fn a_consistently_late_rank_is_named_as_a_straggler_by_its_first_partner_in_recursive_doubling() {
+    let world = 4;
+    let job = Job::new();
+    let outs = job.run(world, &["straggle", "--slow", "1"], 60);
+    for (r, out) in outs.iter().enumerate() {
+        assert!(
+            out.status.success(),
+            "rank {r}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // Rank 0 swaps with rank 1 in the first round, so it sees rank 1 start late; rank 2 waits on rank
+    // 0 in the second round only because rank 0 waited on rank 1, and must not blame it.
+    let log0 = String::from_utf8_lossy(&outs[0].stderr);
+    assert!(log0.contains("straggler: rank 1 started"), "{log0}");
+    for r in [1, 2, 3] {
+        let log = String::from_utf8_lossy(&outs[r].stderr);
+        for innocent in [0, 2, 3] {
+            assert!(
+                !log.contains(&format!("straggler: rank {innocent} ")),
+                "rank {r} blames rank {innocent}: {log}"
+            );
+        }
+    }
+}
+
+#[test]
 fn a_consistently_late_rank_is_named_as_a_straggler() {
     let world = 3;
     let job = Job::new();

@@ -780,7 +780,11 @@ pub async fn allreduce_doubling(
         let partner = me ^ bit;
         msg[HEADER_LEN..].copy_from_slice(buf);
         let arrived = exchange(io, &[partner], &msg, &mut inbox, start).await?;
-        last = arrived.or(last);
+        // Only the first round says who started late: later partners may only be passing on a
+        // wait of their own (as on the ring, where the right neighbour notices).
+        if bit == 1 {
+            last = arrived;
+        }
         let theirs = &inbox[partner * frame_len + HEADER_LEN..(partner + 1) * frame_len];
         let mine = &msg[HEADER_LEN..];
         let (low, high) = if me < partner {
