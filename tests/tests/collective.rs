@@ -465,11 +465,9 @@ fn strangers_and_wrong_tokens_are_refused_by_the_mesh() {
     }
 }
 
-#[test]
-fn a_consistently_late_rank_is_named_as_a_straggler_by_its_first_partner_in_recursive_doubling() {
-    let world = 4;
-    let job = Job::new();
-    let outs = job.run(world, &["straggle", "--slow", "1"], 60);
+/// `world` ranks of which rank 1 is 10 ms late to each of 130 small allreduces; every rank succeeds.
+fn straggle(world: usize) -> Vec<Output> {
+    let outs = Job::new().run(world, &["straggle", "--slow", "1"], 60);
     for (r, out) in outs.iter().enumerate() {
         assert!(
             out.status.success(),
@@ -477,6 +475,12 @@ fn a_consistently_late_rank_is_named_as_a_straggler_by_its_first_partner_in_recu
             String::from_utf8_lossy(&out.stderr)
         );
     }
+    outs
+}
+
+#[test]
+fn a_consistently_late_rank_is_named_as_a_straggler_by_its_first_partner_in_recursive_doubling() {
+    let outs = straggle(4);
     // Rank 0 swaps with rank 1 in the first round, so it sees rank 1 start late; rank 2 waits on rank
     // 0 in the second round only because rank 0 waited on rank 1, and must not blame it.
     let log0 = String::from_utf8_lossy(&outs[0].stderr);
@@ -494,16 +498,7 @@ fn a_consistently_late_rank_is_named_as_a_straggler_by_its_first_partner_in_recu
 
 #[test]
 fn a_consistently_late_rank_is_named_as_a_straggler() {
-    let world = 3;
-    let job = Job::new();
-    let outs = job.run(world, &["straggle", "--slow", "1"], 60);
-    for (r, out) in outs.iter().enumerate() {
-        assert!(
-            out.status.success(),
-            "rank {r}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
+    let outs = straggle(3);
     // Rank 2 reads rank 1's headers, so it sees rank 1 arrive late.
     let log = String::from_utf8_lossy(&outs[2].stderr);
     assert!(log.contains("straggler: rank 1 started"), "{log}");

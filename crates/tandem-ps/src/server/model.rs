@@ -434,18 +434,26 @@ impl Model {
         }
     }
 
+    /// Runs one update of partition `key` (values and optimizer state) under its write guard and
+    /// counts it; `None` for a partition this server does not hold.
+    fn update<R>(&self, key: &Key, f: impl FnOnce(&mut Vec<f32>, &mut State) -> R) -> Option<R> {
+        let entry = self.parts.get(key)?;
+        let mut d = entry.write();
+        let PartData {
+            values,
+            state,
+            version,
+        } = &mut *d;
+        let r = f(values, state);
+        *version += 1;
+        Some(r)
+    }
+
     /// Applies one averaged (sync) or single (async) gradient to a partition.
     pub fn apply(&self, key: &Key, grad: &mut [f32], version: u64) {
-        if let Some(entry) = self.parts.get(key) {
-            let mut d = entry.write();
-            let PartData {
-                values,
-                state,
-                version: v,
-            } = &mut *d;
-            optimizer::apply(&self.optimizer, state, values, grad, version);
-            *v += 1;
-        }
+        self.update(key, |values, state| {
+            optimizer::apply(&self.optimizer, state, values, grad, version)
+        });
     }
 
     /// Applies one gradient that arrives in pieces (read out of workers' memory: one worker's in
@@ -459,26 +467,18 @@ impl Model {
         scratch: &mut [f32],
         fill: impl FnMut(usize, &mut [f32]) -> Result<(), E>,
     ) -> Result<(), E> {
-        let Some(entry) = self.parts.get(key) else {
-            return Ok(());
-        };
-        let mut d = entry.write();
-        let PartData {
-            values,
-            state,
-            version: v,
-        } = &mut *d;
-        let r = optimizer::apply_chunks(
-            &self.optimizer,
-            state,
-            values,
-            version,
-            norm_sq,
-            scratch,
-            fill,
-        );
-        *v += 1;
-        r
+        self.update(key, |values, state| {
+            optimizer::apply_chunks(
+                &self.optimizer,
+                state,
+                values,
+                version,
+                norm_sq,
+                scratch,
+                fill,
+            )
+        })
+        .unwrap_or(Ok(()))
     }
 
     /// Completes a sync step: averages each partition's gradients and applies them. Sums received
