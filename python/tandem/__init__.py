@@ -27,7 +27,9 @@ from .errors import (
     ConfigurationError,
     InvalidArgumentError,
     MismatchError,
+    PartiallyAppliedError,
     PeerLostError,
+    PreconditionError,
     ShapeError,
     TandemError,
     TimeoutError,
@@ -46,6 +48,7 @@ __all__ = [
     "broadcast_parameters", "allreduce_fused", "DistributedOptimizer", "run",
     "TandemError", "ConfigurationError", "TimeoutError", "PeerLostError", "MismatchError", "ShapeError",
     "InvalidArgumentError", "AuthenticationError", "BackendUnavailableError", "UnusableError",
+    "PreconditionError", "PartiallyAppliedError",
     "TransportError",
 ]
 

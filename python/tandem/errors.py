@@ -16,6 +16,8 @@ __all__ = [
     "AuthenticationError",
     "BackendUnavailableError",
     "UnusableError",
+    "PreconditionError",
+    "PartiallyAppliedError",
     "TransportError",
 ]
 
@@ -60,6 +62,16 @@ class BackendUnavailableError(TandemError, RuntimeError):
 
 class UnusableError(TandemError, RuntimeError):
     """The group or client failed earlier (or was shut down) and cannot be used any more."""
+
+
+class PreconditionError(TandemError, RuntimeError):
+    """A server refused the call because of its state: nothing declared yet, another declaration in
+    force, no checkpoint directory."""
+
+
+class PartiallyAppliedError(TandemError, RuntimeError):
+    """Only part of a gradient was applied (the message says exactly which part); pushing it again
+    would apply that part twice."""
 
 
 class TransportError(TandemError, ConnectionError):

@@ -659,3 +659,74 @@ fn big_tensor_in(same_host: &'static str, mode: &str) {
     assert_eq!(v["version"], 1, "{v}");
     job.finish();
 }
+
+/// Declarations whose sizes overflow (u64 row ranges, shape products, offsets) are refused by a
+/// server process with a typed reason naming the field; the server keeps serving, and a valid
+/// declaration after them is accepted.
+#[test]
+fn overflowing_declarations_are_refused_and_the_server_keeps_serving() {
+    use tandem_ps::pb;
+    let token = JobToken::new("overflow-test-token").expect("token");
+    let (mut server, addr) = start_server(&token, &[], "tcp");
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let partition = |shape: Vec<u64>, row_start: u64, rows: u64| pb::Partition {
+        param: "w".into(),
+        part: 0,
+        shape,
+        row_start,
+        rows,
+        dtype: "f32".into(),
+        init: None,
+    };
+    let declare = |p: pb::Partition| {
+        let req = pb::DeclareRequest {
+            partitions: vec![p],
+            optimizer: Some(pb::Optimizer {
+                kind: "sgd".into(),
+                lr: 0.1,
+                ..Default::default()
+            }),
+            mode: Some(pb::Mode {
+                sync: true,
+                workers: 1,
+                ..Default::default()
+            }),
+            map_hash: 7,
+        };
+        rt.block_on(async {
+            let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+                .expect("endpoint")
+                .connect()
+                .await
+                .expect("connect");
+            let header = format!("Bearer {}", token.as_str())
+                .parse()
+                .expect("header");
+            let mut c = pb::parameter_server_client::ParameterServerClient::with_interceptor(
+                ch,
+                tandem::rendezvous::AttachToken::from_token(header),
+            );
+            c.declare(req).await.map(|r| r.into_inner().version)
+        })
+    };
+    for (p, needle) in [
+        (partition(vec![u64::MAX], u64::MAX, 2), "row_start"),
+        (partition(vec![4, u64::MAX, 3], 0, 4), "overflows"),
+        (partition(vec![u64::MAX / 2, 4], 0, 1), "more elements"),
+        (partition(vec![1 << 20, 1 << 15], 0, 1 << 20), "too large"),
+        (partition(vec![10, 2], 9, 2), "not inside"),
+    ] {
+        let st = declare(p).expect_err("an overflowing declaration must be refused");
+        assert_eq!(st.code(), tonic::Code::InvalidArgument, "{st:?}");
+        assert_eq!(
+            tandem_ps::failure::reason_of(&st),
+            pb::Reason::Invalid,
+            "{st:?}"
+        );
+        assert!(st.message().contains(needle), "{needle}: {}", st.message());
+    }
+    // The same server, still serving, accepts a declaration right at the edge.
+    assert_eq!(declare(partition(vec![10, 2], 8, 2)).expect("valid"), 0);
+    let _ = server.kill();
+    let _ = server.wait();
+}

@@ -107,6 +107,24 @@ pub enum Error {
         /// Why it cannot be used.
         reason: String,
     },
+    /// A server refused a call because of its state, not the call's content: nothing is declared
+    /// yet, another declaration is in force, no checkpoint directory was configured.
+    #[error("{context} was refused: {problem}")]
+    Precondition {
+        /// What Tandem was doing, and with whom.
+        context: String,
+        /// The state that refused it.
+        problem: String,
+    },
+    /// A gradient was applied in part only (the worker's memory stopped being readable part-way);
+    /// `applied` says exactly which part. Pushing it again would apply that part twice.
+    #[error("{context}: only part of the gradient was applied ({applied})")]
+    PartiallyApplied {
+        /// What Tandem was doing, and with whom.
+        context: String,
+        /// What was applied, partition by partition.
+        applied: String,
+    },
     /// The object was shut down or poisoned by an earlier failure and cannot be used again.
     #[error("{what} is no longer usable: {reason}")]
     Unusable {
@@ -174,6 +192,8 @@ impl Error {
             Error::Authentication { .. } => "authentication",
             Error::BackendUnavailable { .. } => "backend_unavailable",
             Error::Unusable { .. } => "unusable",
+            Error::Precondition { .. } => "precondition",
+            Error::PartiallyApplied { .. } => "partially_applied",
         }
     }
 }

@@ -122,6 +122,12 @@ impl Reply {
     }
 }
 
+/// A call that failed: the server's answer, or no answer.
+enum Failed {
+    Status(Status),
+    Other(Error),
+}
+
 /// How long a worker keeps retrying a copy out of a server's memory that raced an update before it
 /// pulls through the stream instead.
 const SHARED_READ_PATIENCE: Duration = Duration::from_millis(100);
@@ -135,14 +141,26 @@ fn outcome(results: &[pb::PushResponse]) -> PushOutcome {
     }
 }
 
+/// The Tandem error for a failed call, decided on the status code and the typed reason the server
+/// attached (never on the message text).
 fn status_error(addr: &str, what: &str, s: Status, waited: Duration) -> Error {
     let ctx = format!("{what} at the parameter server {addr}");
+    if crate::failure::reason_of(&s) == crate::pb::Reason::PartiallyApplied {
+        return Error::PartiallyApplied {
+            context: ctx,
+            applied: s.message().to_string(),
+        };
+    }
     match s.code() {
         Code::Unauthenticated => Error::Authentication {
             peer: format!("parameter server {addr}"),
             reason: s.message().into(),
         },
-        Code::NotFound | Code::InvalidArgument | Code::FailedPrecondition | Code::AlreadyExists => {
+        Code::FailedPrecondition => Error::Precondition {
+            context: ctx,
+            problem: s.message().to_string(),
+        },
+        Code::NotFound | Code::InvalidArgument | Code::AlreadyExists | Code::OutOfRange => {
             Error::invalid(ctx, s.message().to_string())
         }
         Code::DeadlineExceeded => Error::timeout(format!("{ctx}: {}", s.message()), waited),
@@ -375,7 +393,26 @@ impl Client {
 
     /// Calls server `s`, retrying with backoff while it is unreachable (restarting, say) until the
     /// client's deadline; other errors return at once.
-    async fn call<T, F, Fut>(&self, s: usize, what: &str, wait: Duration, mut f: F) -> Result<T>
+    async fn call<T, F, Fut>(&self, s: usize, what: &str, wait: Duration, f: F) -> Result<T>
+    where
+        F: FnMut(Grpc) -> Fut,
+        Fut: std::future::Future<Output = std::result::Result<T, Status>>,
+    {
+        self.call_raw(s, what, wait, f).await.map_err(|e| match e {
+            Failed::Status(st) => status_error(&self.addrs[s], what, st, wait),
+            Failed::Other(e) => e,
+        })
+    }
+
+    /// Like [`Client::call`], handing back the server's status when it answered with one, so the
+    /// caller can act on its typed reason.
+    async fn call_raw<T, F, Fut>(
+        &self,
+        s: usize,
+        what: &str,
+        wait: Duration,
+        mut f: F,
+    ) -> std::result::Result<T, Failed>
     where
         F: FnMut(Grpc) -> Fut,
         Fut: std::future::Future<Output = std::result::Result<T, Status>>,
@@ -388,18 +425,18 @@ impl Client {
                 Ok(Ok(v)) => return Ok(v),
                 Ok(Err(st)) if st.code() == Code::Unavailable || st.code() == Code::Unknown => {
                     if Instant::now() + backoff >= end {
-                        return Err(status_error(addr, what, st, self.timeout));
+                        return Err(Failed::Status(st));
                     }
                     tracing::warn!(%addr, error = %st.message(), "parameter server unreachable; retrying");
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(1));
                 }
-                Ok(Err(st)) => return Err(status_error(addr, what, st, wait)),
+                Ok(Err(st)) => return Err(Failed::Status(st)),
                 Err(_) => {
-                    return Err(Error::timeout(
+                    return Err(Failed::Other(Error::timeout(
                         format!("{what} at the parameter server {addr}"),
                         wait,
-                    ));
+                    )));
                 }
             }
         }
@@ -611,7 +648,7 @@ impl Client {
             }
             let chunks = match reply {
                 Reply::Chunks(chunks) => chunks,
-                Reply::Shared(sp) => match self.read_shared(s, &sp, out) {
+                Reply::Shared(sp) => match self.read_shared(s, &sp, out).await {
                     Ok(()) => {
                         version = version.min(sp.version);
                         for p in &sp.parts {
@@ -692,7 +729,7 @@ impl Client {
 
     /// Copies server `s`'s partitions straight out of its memory into `out`, checking each
     /// partition's sequence word before and after (a torn read is an error, never silent).
-    fn read_shared(
+    async fn read_shared(
         &self,
         s: usize,
         sp: &pb::SharedPull,
@@ -750,7 +787,8 @@ impl Client {
                 if Instant::now() >= deadline {
                     return Err("updated during every copy".into());
                 }
-                std::thread::sleep(Duration::from_micros(100));
+                // Never a thread sleep here: this runs on the async runtime.
+                tokio::time::sleep(Duration::from_micros(100)).await;
             }
         }
         Ok(())
@@ -804,7 +842,7 @@ impl Client {
                 };
                 async move {
                     let r = self
-                        .call(s, "pushing", wait, move |mut c| {
+                        .call_raw(s, "pushing", wait, move |mut c| {
                             let req = req.clone();
                             async move { c.push_shared(req).await.map(|r| r.into_inner()) }
                         })
@@ -820,16 +858,16 @@ impl Client {
         for (s, r) in results {
             match r {
                 Ok(resp) => done.push(resp),
-                Err(
-                    Error::InvalidArgument {
-                        problem: message, ..
-                    }
-                    | Error::Transport { message, .. },
-                ) if message.starts_with("not attached") || message.contains("from its memory") => {
-                    self.unshare(s, &message);
+                // Nothing of this gradient was applied there: the same gradient goes through the
+                // stream. Any other failure (a part applied included) is the caller's.
+                Err(Failed::Status(st)) if crate::failure::may_push_through_stream(&st) => {
+                    self.unshare(s, st.message());
                     again.push(s);
                 }
-                Err(e) => return Err(e),
+                Err(Failed::Status(st)) => {
+                    return Err(status_error(&self.addrs[s], "pushing", st, wait));
+                }
+                Err(Failed::Other(e)) => return Err(e),
             }
         }
         Ok((done, again))

@@ -5,6 +5,7 @@
 //! - [`placement`]: the partition map (pure; hashed so disagreement is detected).
 //! - [`init`], [`optimizer`]: initializers and update rules (pure).
 //! - [`server`]: the gRPC service and [`server::run`].
+//! - [`failure`]: the typed reasons every server error carries, and what a client may do on each.
 //! - [`client`]: the async worker [`client::Client`]; [`blocking::BlockingClient`] owns a runtime.
 //!
 //! # Feature Flags
@@ -12,6 +13,7 @@
 
 pub mod blocking;
 pub mod client;
+pub mod failure;
 pub mod init;
 pub mod job;
 pub mod optimizer;

@@ -16,6 +16,8 @@ fn class_name(e: &Error) -> &'static str {
         Error::Authentication { .. } => "AuthenticationError",
         Error::BackendUnavailable { .. } => "BackendUnavailableError",
         Error::Unusable { .. } => "UnusableError",
+        Error::Precondition { .. } => "PreconditionError",
+        Error::PartiallyApplied { .. } => "PartiallyAppliedError",
         _ => "TransportError",
     }
 }

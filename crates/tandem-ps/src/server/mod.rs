@@ -2,10 +2,15 @@
 //! is done.
 
 pub mod checkpoint;
+mod convert;
 mod model;
+mod rows;
+mod same_host;
 mod service;
+mod step;
 
-pub use model::{Counters, Mode, Model};
+pub use convert::MAX_PARTITION_ELEMENTS;
+pub use model::{Counters, Key, Mode, Model, Partial};
 pub use service::{CheckpointPolicy, Limits, Service};
 
 use std::future::Future;
@@ -80,7 +85,7 @@ impl Server {
                 .await
                 .map_err(|e| Error::transport("reading the checkpoint", e.to_string()))??;
             if let Some(snap) = snap {
-                service.restore(Model::from_snapshot(snap));
+                service.restore(Model::from_snapshot(snap))?;
             }
         }
         Ok(Server {

@@ -270,6 +270,29 @@ pub struct Pending {
     pub source: Box<dyn GradientSource>,
 }
 
+/// What part of a gradient was applied when its source stopped being readable part-way (the worker
+/// died, or left its push): exactly these elements, nothing else.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Partial {
+    /// Per partition, the elements `[0, n)` applied; partitions not listed: none.
+    pub applied: Vec<(Key, usize)>,
+    /// Why reading stopped.
+    pub why: String,
+}
+
+impl std::fmt::Display for Partial {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.applied.is_empty() {
+            return write!(f, "nothing applied ({})", self.why);
+        }
+        for (i, ((param, part), n)) in self.applied.iter().enumerate() {
+            let sep = if i == 0 { "" } else { ", " };
+            write!(f, "{sep}{param:?} partition {part}: elements 0..{n}")?;
+        }
+        write!(f, " applied, nothing else ({})", self.why)
+    }
+}
+
 /// Contributions to the current sync step.
 #[derive(Debug, Default)]
 pub struct SyncStep {
@@ -321,8 +344,9 @@ pub struct Model {
     pub mode: Mode,
     /// This server's partitions.
     pub parts: HashMap<Key, PartEntry>,
-    /// Sync aggregation.
-    pub sync: Mutex<SyncStep>,
+    /// Workers whose gradient was applied in part only in the last sync step that had any (the
+    /// step, and what of each was applied), so their pushes can say so instead of "applied".
+    pub partial: Mutex<(u64, HashMap<u32, Partial>)>,
     /// Version: sync steps applied, or async gradients applied.
     pub version: watch::Sender<u64>,
     /// Steps pushed by each worker (async staleness bound; per-worker lag in stats).
@@ -359,7 +383,7 @@ impl Model {
             optimizer,
             mode,
             parts,
-            sync: Mutex::new(SyncStep::default()),
+            partial: Mutex::default(),
             version: watch::Sender::new(0),
             worker_steps: watch::Sender::new(vec![0; mode.workers as usize]),
             counters: Counters::default(),
@@ -392,10 +416,7 @@ impl Model {
             optimizer: snap.optimizer,
             mode: snap.mode,
             parts,
-            sync: Mutex::new(SyncStep {
-                step: snap.version,
-                ..SyncStep::default()
-            }),
+            partial: Mutex::default(),
             version: watch::Sender::new(snap.version),
             worker_steps: watch::Sender::new(vec![snap.version; workers]),
             counters: Counters::default(),
@@ -403,8 +424,8 @@ impl Model {
         }
     }
 
-    /// Copies everything a checkpoint holds. In sync mode call it with the step lock held, so the
-    /// copy is one consistent step.
+    /// Copies everything a checkpoint holds. In sync mode only the step's owner calls it (between
+    /// steps), so the copy is one consistent step.
     pub fn snapshot(&self) -> Snapshot {
         let parts = self
             .parts
@@ -485,9 +506,10 @@ impl Model {
     /// through the streams are averaged whole; partitions with gradients still in workers' memory
     /// are averaged and applied a piece at a time (the stream sum of a piece first, then each
     /// worker's piece in worker order), so they need two piece-sized buffers. A worker that can no
-    /// longer be read is left out from that piece on, and each piece is divided by the gradients it
-    /// holds.
-    pub fn finish_step(&self, step: &mut SyncStep) {
+    /// longer be read is left out from that piece on, each piece is divided by the gradients it
+    /// holds, and the worker is returned with exactly what of its gradient was applied (its push
+    /// must not report it applied). The same map is kept in [`Model::partial`].
+    pub fn finish_step(&self, step: &mut SyncStep) -> HashMap<u32, Partial> {
         let mut sums = std::mem::take(&mut step.acc);
         let mut pending = std::mem::take(&mut step.pending);
         pending.sort_by_key(|p| p.worker);
@@ -497,7 +519,10 @@ impl Model {
         for p in &pending {
             keys.extend(p.source.partitions());
         }
-        let mut lost = vec![false; pending.len()];
+        // Per pending worker: what of its gradient is in the applied update so far, and why it
+        // stopped being readable (if it did).
+        let mut applied: Vec<Vec<(Key, usize)>> = vec![Vec::new(); pending.len()];
+        let mut lost: Vec<Option<String>> = vec![None; pending.len()];
         for key in keys {
             let from: Vec<usize> = (0..pending.len())
                 .filter(|&i| pending[i].source.covers(&key))
@@ -512,6 +537,8 @@ impl Model {
                 continue;
             }
             let (mut piece, mut scratch) = (self.pool.take(PIECE), self.pool.take(PIECE));
+            let mut included = vec![0usize; pending.len()];
+            let applying = std::cell::Cell::new(false);
             let mut average =
                 |at: usize, dst: &mut [f32]| -> Result<(), std::convert::Infallible> {
                     let mut n = match &sum {
@@ -525,7 +552,7 @@ impl Model {
                         }
                     };
                     for &i in &from {
-                        if lost[i] {
+                        if lost[i].is_some() {
                             continue;
                         }
                         let theirs = &mut scratch[..dst.len()];
@@ -533,6 +560,9 @@ impl Model {
                             Ok(()) => {
                                 dst.iter_mut().zip(theirs.iter()).for_each(|(a, b)| *a += b);
                                 n += 1;
+                                if applying.get() {
+                                    included[i] = at + dst.len();
+                                }
                             }
                             Err(why) => {
                                 tracing::warn!(
@@ -541,7 +571,7 @@ impl Model {
                                     "gradient left out from element {at} of {:?}: {why}",
                                     key.0
                                 );
-                                lost[i] = true;
+                                lost[i] = Some(why);
                             }
                         }
                     }
@@ -560,15 +590,71 @@ impl Model {
                     at += dst.len();
                 }
             }
+            applying.set(true);
             let Ok(()) = self.apply_pieces(&key, version, norm_sq, &mut piece, &mut average);
+            for &i in &from {
+                if included[i] > 0 {
+                    applied[i].push((key.clone(), included[i]));
+                }
+            }
             self.pool.give(piece);
             self.pool.give(scratch);
             if let Some(s) = sum {
                 self.pool.give(s.values);
             }
         }
+        let partial: HashMap<u32, Partial> = pending
+            .iter()
+            .zip(applied)
+            .zip(lost)
+            .filter_map(|((p, applied), lost)| lost.map(|why| (p.worker, Partial { applied, why })))
+            .collect();
+        if !partial.is_empty() {
+            *self.partial.lock().unwrap_or_else(|p| p.into_inner()) = (version, partial.clone());
+        }
         step.step += 1;
         self.version.send_replace(step.step);
+        partial
+    }
+
+    /// What of worker `worker`'s gradient for sync step `step` was applied, if only part of it was.
+    pub fn partial_of(&self, step: u64, worker: u32) -> Option<Partial> {
+        let p = self.partial.lock().unwrap_or_else(|p| p.into_inner());
+        if p.0 == step {
+            p.1.get(&worker).cloned()
+        } else {
+            None
+        }
+    }
+
+    /// Applies one worker's whole gradient, read a piece at a time from `source` (async mode;
+    /// `norms` holds each partition's squared norm, for clipping). If the source stops being
+    /// readable part-way, the pieces before stay applied and the error says exactly which.
+    pub fn apply_source(
+        &self,
+        source: &dyn GradientSource,
+        version: u64,
+        norms: &[f32],
+        scratch: &mut [f32],
+    ) -> Result<(), Partial> {
+        let mut applied = Vec::new();
+        for (key, norm_sq) in source.partitions().into_iter().zip(norms) {
+            let mut done = 0;
+            let r = self.apply_pieces(&key, version, *norm_sq, scratch, |at, dst| {
+                source.read(&key, at, dst)?;
+                done = at + dst.len();
+                Ok::<(), String>(())
+            });
+            if let Err(why) = r {
+                if done > 0 {
+                    applied.push((key, done));
+                }
+                return Err(Partial { applied, why });
+            }
+            let numel = self.parts.get(&key).map_or(0, |e| e.numel);
+            applied.push((key, numel));
+        }
+        Ok(())
     }
 }
 
@@ -752,11 +838,96 @@ mod pool_tests {
             HashMap::from([(key.clone(), vec![6.0; numel])]),
             &model.pool,
         );
-        model.finish_step(&mut step);
+        let partial = model.finish_step(&mut step);
         let d = model.parts[&key].data.read().unwrap();
         // SGD with lr 1 from zeros: minus the mean of what reached each element.
         assert!(d.values[..PIECE].iter().all(|v| *v == -5.0));
         assert!(d.values[PIECE..].iter().all(|v| *v == -6.0));
+        // Worker 0's push must say exactly that: its first piece, nothing else.
+        let expected = Partial {
+            applied: vec![(key.clone(), PIECE)],
+            why: "gone".into(),
+        };
+        assert_eq!(partial, HashMap::from([(0, expected.clone())]));
+        assert_eq!(model.partial_of(0, 0), Some(expected));
+        assert_eq!(model.partial_of(0, 1), None, "worker 1 was read whole");
+        assert_eq!(model.partial_of(1, 0), None, "another step");
+    }
+
+    #[test]
+    fn a_lost_worker_under_clipping_is_reported_with_what_the_applied_update_held() {
+        // With clipping the average is read twice (norm, then update): a worker lost during the
+        // first pass is in none of the update.
+        let numel = 2 * PIECE;
+        let mode = Mode {
+            sync: true,
+            workers: 2,
+            replicas_to_aggregate: 2,
+            staleness: None,
+            reject_non_finite: true,
+        };
+        let key: Key = ("w".into(), 0);
+        let mut opt = Optimizer::sgd(1.0);
+        opt.clip_norm = 1e9;
+        let model = Model::new(
+            1,
+            opt,
+            mode,
+            vec![(
+                key.clone(),
+                vec![numel as u64],
+                0,
+                numel as u64,
+                Init::Zeros,
+            )],
+        );
+        let mut step = SyncStep::default();
+        step.pending.push(Pending {
+            worker: 3,
+            source: held(vec![2.0; numel], 1),
+        });
+        let partial = model.finish_step(&mut step);
+        assert_eq!(partial[&3].applied, vec![], "{}", partial[&3]);
+        assert!(partial[&3].to_string().starts_with("nothing applied"));
+    }
+
+    #[test]
+    fn an_async_gradient_lost_at_piece_k_reports_exactly_the_pieces_applied() {
+        for k in 0..3 {
+            let numel = 2 * PIECE + 5;
+            let mut mode_async = one_partition(numel);
+            mode_async.mode.sync = false;
+            let model = mode_async;
+            let key: Key = ("w".into(), 0);
+            let grad: Vec<f32> = (0..numel).map(|i| (i % 13) as f32 + 1.0).collect();
+            let mut scratch = vec![0.0; PIECE];
+            let r = model.apply_source(&*held(grad.clone(), k), 0, &[0.0], &mut scratch);
+            let d = model.parts[&key].data.read().unwrap();
+            let upto = (k * PIECE).min(numel);
+            // Every element before the failure applied exactly once, none after.
+            for (i, v) in d.values.iter().enumerate() {
+                let want = if i < upto { -grad[i] } else { 0.0 };
+                assert_eq!(*v, want, "k {k} element {i}");
+            }
+            match r {
+                Ok(()) => panic!("a source gone at piece {k} cannot be applied whole"),
+                Err(p) => {
+                    let want: Vec<(Key, usize)> = if upto == 0 {
+                        vec![]
+                    } else {
+                        vec![(key.clone(), upto)]
+                    };
+                    assert_eq!(p.applied, want, "k {k}");
+                }
+            }
+        }
+        let model = one_partition(PIECE + 1);
+        let mut scratch = vec![0.0; PIECE];
+        assert_eq!(
+            model.apply_source(&*held(vec![1.0; PIECE + 1], 2), 0, &[0.0], &mut scratch),
+            Ok(()),
+            "a source readable to the end is applied whole"
+        );
     }
 
     #[test]

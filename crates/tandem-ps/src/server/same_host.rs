@@ -1,0 +1,469 @@
+//! The same-machine data plane, server side: workers on this machine push and pull by address
+//! (see `tandem_peer_memory` for the primitive and its guarantees).
+//!
+//! A push by address is read twice, a piece at a time, out of the worker's memory: a first pass
+//! checks every value (and takes each partition's squared norm for clipping) before anything is
+//! used, so a bad gradient changes nothing; the second pass applies it (async) or, in sync mode,
+//! happens when the step is applied (the gradient stays in the worker until then). The server
+//! reads only the regions the worker listed for that push, and only while the worker's word holds
+//! the push's tag. What a failure leaves behind is always reported exactly: nothing
+//! (`NOT_ATTACHED`, `UNREADABLE_NOTHING_APPLIED`: the worker may push the same gradient through the
+//! stream) or the pieces already applied (`PARTIALLY_APPLIED`: it must not).
+
+use std::collections::HashSet;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tonic::{Code, Status};
+
+use super::Service;
+use super::model::{GradientSource, Key, Model, PIECE, Partial};
+use super::step::{Contribution, Stepper, apply_async, wait_staleness};
+use crate::failure::{invalid, partially_applied, status};
+use crate::pb;
+use crate::pb::Reason;
+
+/// How long a sync push from this machine keeps its gradient in the worker, waiting for the step to
+/// be applied, before the server copies it into the step's sum and lets the worker go on.
+pub const PENDING_PATIENCE: Duration = Duration::from_secs(1);
+
+/// Workers on this machine whose memory this server has proven it can read, and this server's word
+/// for them to prove the converse.
+#[derive(Debug)]
+pub struct SameHost {
+    /// Off with `TANDEM_SAME_HOST=tcp`.
+    pub enabled: bool,
+    /// This server's word.
+    pub word: tandem_peer_memory::LocalWord,
+    /// Processes that attached.
+    pub attached: Mutex<HashSet<u32>>,
+}
+
+impl SameHost {
+    /// The data plane as the environment allows it.
+    pub fn from_env() -> Self {
+        SameHost {
+            enabled: tandem_peer_memory::allowed_by_env(),
+            word: tandem_peer_memory::LocalWord::new(),
+            attached: Mutex::default(),
+        }
+    }
+}
+
+/// A gradient that stays in a worker's memory on this machine while its push is open.
+#[derive(Debug)]
+pub struct SharedGradient {
+    peer: tandem_peer_memory::PeerMemory,
+    worker: u32,
+    /// Address of the worker's word, which holds `tag` while the push is open.
+    word: u64,
+    tag: u64,
+    /// Each partition's gradient: its key, elements and address in the worker.
+    regions: Vec<(Key, usize, usize)>,
+}
+
+impl GradientSource for SharedGradient {
+    fn covers(&self, key: &Key) -> bool {
+        self.regions.iter().any(|(k, ..)| k == key)
+    }
+
+    fn partitions(&self) -> Vec<Key> {
+        self.regions.iter().map(|(k, ..)| k.clone()).collect()
+    }
+
+    fn read(&self, key: &Key, at: usize, dst: &mut [f32]) -> Result<(), String> {
+        let (_, numel, addr) = self
+            .regions
+            .iter()
+            .find(|(k, ..)| k == key)
+            .ok_or_else(|| format!("no gradient for {:?} partition {}", key.0, key.1))?;
+        if at.checked_add(dst.len()).is_none_or(|end| end > *numel) {
+            return Err(format!(
+                "elements {at}..+{} are outside the {numel} offered for {:?}",
+                dst.len(),
+                key.0
+            ));
+        }
+        self.read_at(key, *addr, at, dst)
+            .and_then(|()| self.still_in())
+    }
+}
+
+impl SharedGradient {
+    /// Copies elements `at..at + dst.len()` of the partition gradient at `addr`.
+    fn read_at(&self, key: &Key, addr: usize, at: usize, dst: &mut [f32]) -> Result<(), String> {
+        let read = at
+            .checked_mul(4)
+            .and_then(|off| addr.checked_add(off))
+            .ok_or_else(|| std::io::Error::other("the address overflows"))
+            .and_then(|base| self.peer.read(base, bytemuck::cast_slice_mut(dst)));
+        read.map_err(|e| {
+            format!(
+                "reading worker {}'s gradient for {:?} from its memory: {e}",
+                self.worker, key.0
+            )
+        })
+    }
+
+    /// Whether the worker is still in the push (so what was read before is what it sent).
+    fn still_in(&self) -> Result<(), String> {
+        let now = usize::try_from(self.word)
+            .map_err(std::io::Error::other)
+            .and_then(|w| self.peer.read_u64(w));
+        match now {
+            Ok(v) if v == self.tag => Ok(()),
+            _ => Err(format!(
+                "worker {} left the push while its gradient was being read",
+                self.worker
+            )),
+        }
+    }
+
+    /// The first pass: every value read and checked (finite, when the model asks) and each
+    /// partition's squared norm (when clipping), before anything is used. Nothing is applied.
+    fn check(&self, model: &Model, clip: bool) -> Result<Vec<f32>, Status> {
+        let unreadable = |why: String| {
+            status(
+                Code::Aborted,
+                Reason::UnreadableNothingApplied,
+                format!("{why}; nothing applied"),
+            )
+        };
+        let mut norms = vec![0.0f32; self.regions.len()];
+        if model.mode.reject_non_finite || clip {
+            let mut scratch = model.pool.take(PIECE);
+            let result = self.check_pieces(model, clip, &mut norms, &mut scratch);
+            model.pool.give(scratch);
+            result.map_err(|e| match e {
+                Checked::Unreadable(why) => unreadable(why),
+                Checked::NonFinite(key) => {
+                    model.counters.rejected.fetch_add(1, Ordering::Relaxed);
+                    status(
+                        Code::InvalidArgument,
+                        Reason::NonFinite,
+                        format!("gradient for {:?} holds NaN or Inf; nothing applied", key.0),
+                    )
+                }
+            })?;
+        }
+        // The worker was still in the push after the first pass, so what was checked is what it
+        // sent.
+        self.still_in().map_err(unreadable)?;
+        Ok(norms)
+    }
+
+    fn check_pieces(
+        &self,
+        model: &Model,
+        clip: bool,
+        norms: &mut [f32],
+        scratch: &mut [f32],
+    ) -> Result<(), Checked> {
+        for ((key, numel, addr), norm_sq) in self.regions.iter().zip(norms.iter_mut()) {
+            let mut at = 0;
+            while at < *numel {
+                let piece = &mut scratch[..PIECE.min(numel - at)];
+                self.read_at(key, *addr, at, piece)
+                    .map_err(Checked::Unreadable)?;
+                if model.mode.reject_non_finite && !super::service::all_finite(piece) {
+                    return Err(Checked::NonFinite(key.clone()));
+                }
+                if clip {
+                    *norm_sq = crate::optimizer::add_squares(*norm_sq, piece);
+                }
+                at += piece.len();
+            }
+        }
+        Ok(())
+    }
+}
+
+enum Checked {
+    Unreadable(String),
+    NonFinite(Key),
+}
+
+/// Withdraws a worker's gradient from the sync step it is waiting on if its push ends before the
+/// step is applied (deadline, or the worker cancelled the call). The withdrawal is sent after the
+/// gradient on the same channel, so the step thread always sees them in that order.
+struct Withdraw<'a> {
+    stepper: &'a Stepper,
+    worker: u32,
+    step: u64,
+    armed: bool,
+}
+
+impl Drop for Withdraw<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.stepper.withdraw(self.worker, self.step);
+        }
+    }
+}
+
+/// The error a push reports for a gradient applied in part only.
+fn partial_status(worker: u32, p: &Partial) -> Status {
+    tracing::warn!(worker, "gradient applied in part: {p}");
+    partially_applied(
+        format!("worker {worker}'s gradient could not be read to the end: {p}"),
+        &p.applied,
+    )
+}
+
+impl Service {
+    pub(super) fn attach_worker(&self, advert: &str) -> Result<pb::AttachResponse, Status> {
+        let refuse = |reason: String| {
+            Ok(pb::AttachResponse {
+                ok: false,
+                advert: String::new(),
+                reason,
+            })
+        };
+        if !self.same_host.enabled {
+            return refuse("TANDEM_SAME_HOST=tcp on the server".into());
+        }
+        let peer = tandem_peer_memory::PeerMemory::parse(advert)
+            .ok_or_else(|| invalid(format!("unreadable attach advert {advert:?}")))?;
+        if let Err(e) = peer.probe() {
+            return refuse(format!("the server cannot read the worker's memory: {e}"));
+        }
+        self.same_host
+            .attached
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(peer.pid());
+        Ok(pb::AttachResponse {
+            ok: true,
+            advert: self.same_host.word.advert(),
+            reason: String::new(),
+        })
+    }
+
+    /// Checks a push by address against the partitions before anything is read.
+    fn shared_gradient(&self, model: &Model, r: pb::SharedPush) -> Result<SharedGradient, Status> {
+        let attached = self
+            .same_host
+            .attached
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&r.pid);
+        let peer = tandem_peer_memory::PeerMemory::of_process(r.pid)
+            .filter(|_| attached)
+            .ok_or_else(|| {
+                status(
+                    Code::FailedPrecondition,
+                    Reason::NotAttached,
+                    format!(
+                        "process {} has not attached to this server; push through the stream",
+                        r.pid
+                    ),
+                )
+            })?;
+        super::service::check_worker(model, r.worker)?;
+        let mut regions: Vec<(Key, usize, usize)> = Vec::with_capacity(r.parts.len());
+        for region in r.parts {
+            let key = (region.param, region.part);
+            let entry = super::service::part_of(model, &key)?;
+            let want = entry.numel as u64 * 4;
+            if region.len != want || regions.iter().any(|(k, ..)| *k == key) {
+                model.counters.rejected.fetch_add(1, Ordering::Relaxed);
+                return Err(invalid(format!(
+                    "gradient for {:?} partition {}: {} bytes offered (partition holds {want} bytes, once); nothing applied",
+                    key.0, key.1, region.len
+                )));
+            }
+            let addr = usize::try_from(region.addr)
+                .ok()
+                .filter(|a| a.checked_add(entry.numel * 4).is_some())
+                .ok_or_else(|| {
+                    invalid(format!(
+                        "gradient for {:?}: address {:#x} + {want} bytes does not fit this machine",
+                        key.0, region.addr
+                    ))
+                })?;
+            regions.push((key, entry.numel, addr));
+        }
+        Ok(SharedGradient {
+            peer,
+            worker: r.worker,
+            word: r.word,
+            tag: r.tag,
+            regions,
+        })
+    }
+
+    pub(super) async fn push_by_address(
+        &self,
+        r: pb::SharedPush,
+    ) -> Result<pb::PushResponse, Status> {
+        let (model, stepper) = self.declared_with_stepper()?;
+        let (worker, step) = (r.worker, r.step);
+        let from = self.shared_gradient(&model, r)?;
+        // One check pass at a time per permit, on the blocking pool.
+        let receiving = self
+            .receiving
+            .acquire()
+            .await
+            .map_err(|_| shutting_down())?;
+        let clip = !model.mode.sync && model.optimizer.clip_norm > 0.0;
+        let (from, norms) = {
+            let model = model.clone();
+            blocking(move || from.check(&model, clip).map(|n| (from, n))).await??
+        };
+        drop(receiving);
+        let bytes: usize = from.regions.iter().map(|(_, n, _)| n * 4).sum();
+        model
+            .counters
+            .bytes_in
+            .fetch_add(bytes as u64, Ordering::Relaxed);
+        match stepper {
+            Some(stepper) => {
+                self.push_pending(&model, &stepper, from, worker, step)
+                    .await
+            }
+            None => self.apply_now(model, from, norms, worker, step).await,
+        }
+    }
+
+    /// Sync: the gradient stays in the worker until the step is applied; the push returns then,
+    /// so the worker is still in the call and its buffer unchanged when the server reads it.
+    async fn push_pending(
+        &self,
+        model: &Model,
+        stepper: &Stepper,
+        from: SharedGradient,
+        worker: u32,
+        step: u64,
+    ) -> Result<pb::PushResponse, Status> {
+        let mut withdraw = Withdraw {
+            stepper,
+            worker,
+            step,
+            armed: true,
+        };
+        let (mut response, snapshot) = stepper
+            .push(worker, step, Contribution::Pending(Box::new(from)))
+            .await?;
+        if let Some(snap) = snapshot {
+            self.write_in_background(snap);
+        }
+        if !response.applied {
+            withdraw.armed = false;
+            return Ok(response);
+        }
+        if response.version <= step {
+            let mut rx = model.version.subscribe();
+            let waited = tokio::time::timeout(PENDING_PATIENCE, rx.wait_for(|v| *v > step))
+                .await
+                .map(|r| r.map(|v| *v));
+            match waited {
+                Ok(Ok(v)) => response.version = v,
+                Ok(Err(_)) => return Err(shutting_down()),
+                Err(_) => {
+                    // The step is slow to complete (a straggler; a restarted server the other
+                    // workers are catching up with): the gradient is copied into the step's sum
+                    // and the worker goes on, rather than wait on workers that may be waiting on
+                    // it elsewhere.
+                    withdraw.armed = false;
+                    response.version = stepper.copy_in(worker, step).await?.map_err(|why| {
+                        status(
+                            Code::Aborted,
+                            Reason::UnreadableNothingApplied,
+                            format!(
+                                "worker {worker}'s gradient for step {step} could not be copied in ({why}); withdrawn, nothing applied"
+                            ),
+                        )
+                    })?;
+                }
+            }
+        }
+        withdraw.armed = false;
+        match model.partial_of(step, worker) {
+            Some(p) => Err(partial_status(worker, &p)),
+            None => Ok(response),
+        }
+    }
+
+    /// Async: applied now, piece by piece, each piece used only if the worker was still in the
+    /// push after it was read (it clears its word before reusing its buffer).
+    async fn apply_now(
+        &self,
+        model: Arc<Model>,
+        from: SharedGradient,
+        norms: Vec<f32>,
+        worker: u32,
+        step: u64,
+    ) -> Result<pb::PushResponse, Status> {
+        wait_staleness(&model, worker, self.limits.max_wait).await?;
+        let svc = self.clone();
+        let result = blocking(move || {
+            let mut scratch = model.pool.take(PIECE);
+            let r = apply_async(
+                &model,
+                worker,
+                step,
+                |version| {
+                    model
+                        .apply_source(&from, version, &norms, &mut scratch)
+                        .map_err(|p| (partial_status(worker, &p), true))
+                },
+                &|v| svc.due(v),
+            );
+            model.pool.give(scratch);
+            r
+        })
+        .await?;
+        self.answer(result)
+    }
+
+    pub(super) async fn pull_by_address(
+        &self,
+        r: pb::PullRequest,
+    ) -> Result<pb::SharedPull, Status> {
+        let model = self.declared()?;
+        let version = self.wait_version(&model, &r).await?;
+        let mut parts = Vec::new();
+        for key in super::service::requested(&model, r.parts) {
+            let at = super::service::part_of(&model, &key)?.locate();
+            parts.push(pb::SharedPart {
+                param: key.0,
+                part: key.1,
+                addr: at.addr as u64,
+                len: at.len as u64,
+                seq_addr: at.seq_addr as u64,
+                seq: at.seq,
+            });
+        }
+        let total: u64 = parts.iter().map(|p| p.len).sum();
+        model.counters.bytes_out.fetch_add(total, Ordering::Relaxed);
+        Ok(pb::SharedPull {
+            version,
+            incarnation: self.incarnation,
+            pid: std::process::id(),
+            parts,
+        })
+    }
+}
+
+/// Unavailable: the server is stopping.
+pub fn shutting_down() -> Status {
+    status(
+        Code::Unavailable,
+        Reason::ShuttingDown,
+        "the server is shutting down",
+    )
+}
+
+/// Runs CPU work on the blocking pool, so tokio's threads keep moving bytes.
+pub async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, Status> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| {
+        status(
+            Code::Internal,
+            Reason::Internal,
+            format!("a server task failed: {e}"),
+        )
+    })
+}

@@ -1,0 +1,301 @@
+//! Applying gradients, off the async runtime.
+//!
+//! Tokio's worker threads only move bytes: receiving chunks, answering calls, waiting. Everything
+//! that reads or changes the model in bulk runs elsewhere, with one owner per kind of state:
+//!
+//! - **Sync mode**: one [`Stepper`] thread per server owns the step being aggregated
+//!   ([`SyncStep`]). Handlers send it commands (a gradient, a withdrawal, a copy-in, a checkpoint
+//!   snapshot) over a channel and await its answer, so commands from one handler are seen in the
+//!   order sent (a withdrawal can never overtake the gradient it withdraws), no lock is held
+//!   across an `await`, and no tokio thread ever waits on a step being applied.
+//! - **Async mode**: each gradient is applied on the blocking pool ([`apply_async`] inside
+//!   `spawn_blocking`) after the staleness bound let it through; partitions have their own write
+//!   locks, so two gradients for different partitions apply in parallel.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use tokio::sync::oneshot;
+use tonic::{Code, Status};
+
+use super::checkpoint::Snapshot;
+use super::model::{GradientSource, Key, Model, Pending, SyncStep};
+use crate::failure::status;
+use crate::pb;
+use crate::pb::Reason;
+
+/// A push's answer, and the checkpoint it made due (written by the caller, in the background).
+pub type PushResult = Result<(pb::PushResponse, Option<Snapshot>), Status>;
+
+/// A gradient for a sync step.
+pub enum Contribution {
+    /// Received whole through the stream: added to the step's running sums.
+    Streamed(HashMap<Key, Vec<f32>>),
+    /// Left in the worker's memory until the step is applied.
+    Pending(Box<dyn GradientSource>),
+}
+
+enum Command {
+    Push {
+        worker: u32,
+        step: u64,
+        gradient: Contribution,
+        reply: oneshot::Sender<PushResult>,
+    },
+    Withdraw {
+        worker: u32,
+        step: u64,
+    },
+    CopyIn {
+        worker: u32,
+        step: u64,
+        reply: oneshot::Sender<Result<u64, String>>,
+    },
+    Snapshot {
+        reply: oneshot::Sender<Snapshot>,
+    },
+}
+
+/// The owner of a sync server's current step: a thread of its own that adds gradients, applies
+/// finished steps and takes consistent snapshots. It stops when the last handle is dropped.
+#[derive(Clone)]
+pub struct Stepper {
+    tx: std::sync::mpsc::Sender<Command>,
+}
+
+fn gone() -> Status {
+    status(
+        Code::Internal,
+        Reason::Internal,
+        "the server's step thread stopped",
+    )
+}
+
+impl Stepper {
+    /// Starts the thread for `model`; `due(version)` says whether a checkpoint is due.
+    pub fn start(
+        model: Arc<Model>,
+        due: impl Fn(u64) -> bool + Send + 'static,
+    ) -> std::io::Result<Self> {
+        let (tx, rx) = std::sync::mpsc::channel::<Command>();
+        let step = *model.version.borrow();
+        std::thread::Builder::new()
+            .name("tandem-ps-step".into())
+            .spawn(move || {
+                let mut st = SyncStep {
+                    step,
+                    ..SyncStep::default()
+                };
+                // Ends when every sender is gone (the server stopped).
+                while let Ok(cmd) = rx.recv() {
+                    run(&model, &mut st, cmd, &due);
+                }
+            })?;
+        Ok(Stepper { tx })
+    }
+
+    async fn ask<T>(&self, cmd: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T, Status> {
+        let (reply, answer) = oneshot::channel();
+        self.tx.send(cmd(reply)).map_err(|_| gone())?;
+        answer.await.map_err(|_| gone())
+    }
+
+    /// Hands worker `worker`'s gradient for `step` to the step.
+    pub async fn push(&self, worker: u32, step: u64, gradient: Contribution) -> PushResult {
+        self.ask(|reply| Command::Push {
+            worker,
+            step,
+            gradient,
+            reply,
+        })
+        .await?
+    }
+
+    /// Takes worker `worker`'s gradient back out of `step`, if that step is still open (its push
+    /// ended early: its memory is about to be reused, and a retry must be accepted).
+    pub fn withdraw(&self, worker: u32, step: u64) {
+        let _ = self.tx.send(Command::Withdraw { worker, step });
+    }
+
+    /// Copies worker `worker`'s gradient, still in its memory, into the sums of `step` so its push
+    /// can return before the step is applied. Answers the step the server is at; an error says why
+    /// the gradient could not be read (it is then withdrawn).
+    pub async fn copy_in(&self, worker: u32, step: u64) -> Result<Result<u64, String>, Status> {
+        self.ask(|reply| Command::CopyIn {
+            worker,
+            step,
+            reply,
+        })
+        .await
+    }
+
+    /// A snapshot between two steps.
+    pub async fn snapshot(&self) -> Result<Snapshot, Status> {
+        self.ask(|reply| Command::Snapshot { reply }).await
+    }
+}
+
+fn run(model: &Model, st: &mut SyncStep, cmd: Command, due: &dyn Fn(u64) -> bool) {
+    match cmd {
+        Command::Push {
+            worker,
+            step,
+            gradient,
+            reply,
+        } => {
+            let r = push_sync(model, st, worker, step, gradient, due);
+            let _ = reply.send(r);
+        }
+        Command::Withdraw { worker, step } => {
+            if st.step == step && st.pending.iter().any(|p| p.worker == worker) {
+                st.pending.retain(|p| p.worker != worker);
+                st.contributors.remove(&worker);
+                tracing::warn!(
+                    worker,
+                    step,
+                    "gradient withdrawn: the push ended before its step was applied"
+                );
+            }
+        }
+        Command::CopyIn {
+            worker,
+            step,
+            reply,
+        } => {
+            let r = if st.step == step {
+                model.copy_in(st, worker).map(|_| st.step)
+            } else {
+                Ok(st.step)
+            };
+            let _ = reply.send(r);
+        }
+        Command::Snapshot { reply } => {
+            let _ = reply.send(model.snapshot());
+        }
+    }
+}
+
+fn response(applied: bool, version: u64) -> pb::PushResponse {
+    pb::PushResponse {
+        applied,
+        dropped: !applied,
+        version,
+    }
+}
+
+/// One worker's gradient for a sync step: counted once the step is known to want it; the one that
+/// brings the K-th gradient applies the step.
+pub fn push_sync(
+    model: &Model,
+    st: &mut SyncStep,
+    worker: u32,
+    step: u64,
+    gradient: Contribution,
+    due: &dyn Fn(u64) -> bool,
+) -> PushResult {
+    if step != st.step || st.contributors.contains(&worker) {
+        if step > st.step {
+            // Only after this server restarted from an older checkpoint: the worker learns the
+            // server's step from the response and its next pull, and continues from there.
+            tracing::warn!(
+                worker,
+                step,
+                server_step = st.step,
+                "gradient for a step ahead of this server dropped"
+            );
+        } else if step == st.step {
+            // A retry (or a replay after a restart elsewhere): the first gradient stands.
+            tracing::warn!(worker, step, "second gradient for the same step ignored");
+        }
+        if let Contribution::Streamed(grads) = gradient {
+            grads.into_values().for_each(|g| model.pool.give(g));
+        }
+        model.counters.dropped.fetch_add(1, Ordering::Relaxed);
+        return Ok((response(false, st.step), None));
+    }
+    match gradient {
+        Contribution::Streamed(grads) => st.add(grads, &model.pool),
+        Contribution::Pending(source) => st.pending.push(Pending { worker, source }),
+    }
+    st.contributors.insert(worker);
+    model.worker_steps.send_modify(|s| {
+        if let Some(x) = s.get_mut(worker as usize) {
+            *x = step + 1;
+        }
+    });
+    model.counters.applied.fetch_add(1, Ordering::Relaxed);
+    let mut snapshot = None;
+    if st.contributors.len() as u32 >= model.mode.replicas_to_aggregate {
+        model.finish_step(st);
+        if due(st.step) {
+            snapshot = Some(model.snapshot());
+        }
+    }
+    Ok((response(true, st.step), snapshot))
+}
+
+/// Waits while worker `worker` is more than the staleness bound ahead of the slowest (async mode).
+pub async fn wait_staleness(model: &Model, worker: u32, max_wait: Duration) -> Result<(), Status> {
+    let Some(bound) = model.mode.staleness else {
+        return Ok(());
+    };
+    let mut rx = model.worker_steps.subscribe();
+    let ahead = |s: &Vec<u64>| {
+        let mine = s.get(worker as usize).copied().unwrap_or(0);
+        let slowest = s.iter().copied().min().unwrap_or(0);
+        mine.saturating_sub(slowest) <= bound as u64
+    };
+    match tokio::time::timeout(max_wait, rx.wait_for(ahead)).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(_)) => Err(status(
+            Code::Unavailable,
+            Reason::ShuttingDown,
+            "the server is shutting down",
+        )),
+        Err(_) => Err(status(
+            Code::DeadlineExceeded,
+            Reason::Deadline,
+            format!(
+                "worker {worker} waited {max_wait:?} for the slowest worker to come within {bound} steps"
+            ),
+        )),
+    }
+}
+
+/// One worker's gradient in async mode, once the staleness bound let it through: `apply(version)`
+/// applies it. Call it on the blocking pool. When `apply` fails having changed the parameters
+/// (part of a gradient), the version still advances, and the error is returned.
+pub fn apply_async(
+    model: &Model,
+    worker: u32,
+    step: u64,
+    apply: impl FnOnce(u64) -> Result<(), (Status, bool)>,
+    due: &dyn Fn(u64) -> bool,
+) -> PushResult {
+    let version = *model.version.borrow();
+    model
+        .counters
+        .record_staleness(version.saturating_sub(step));
+    let applied = apply(version);
+    if let Err((st, changed)) = applied {
+        if changed {
+            model.version.send_modify(|x| *x += 1);
+        }
+        return Err(st);
+    }
+    model.counters.applied.fetch_add(1, Ordering::Relaxed);
+    model.worker_steps.send_modify(|s| {
+        if let Some(x) = s.get_mut(worker as usize) {
+            *x += 1;
+        }
+    });
+    let mut now = 0;
+    model.version.send_modify(|x| {
+        *x += 1;
+        now = *x;
+    });
+    let snapshot = due(now).then(|| model.snapshot());
+    Ok((response(true, now), snapshot))
+}
