@@ -4,6 +4,7 @@
 pub mod checkpoint;
 mod convert;
 mod model;
+mod pool;
 mod rows;
 mod same_host;
 mod service;

@@ -299,3 +299,84 @@ pub fn apply_async(
     let snapshot = due(now).then(|| model.snapshot());
     Ok((response(true, now), snapshot))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::init::Init;
+    use crate::optimizer::Optimizer;
+    use crate::server::Mode;
+
+    #[derive(Debug)]
+    struct Ones(usize);
+
+    impl GradientSource for Ones {
+        fn covers(&self, key: &Key) -> bool {
+            key.0 == "w"
+        }
+        fn partitions(&self) -> Vec<Key> {
+            vec![("w".into(), 0)]
+        }
+        fn read(&self, _: &Key, _: usize, dst: &mut [f32]) -> Result<(), String> {
+            dst.fill(self.0 as f32);
+            Ok(())
+        }
+    }
+
+    fn model() -> Arc<Model> {
+        let mode = Mode {
+            sync: true,
+            workers: 2,
+            replicas_to_aggregate: 2,
+            staleness: None,
+            reject_non_finite: true,
+        };
+        Arc::new(Model::new(
+            1,
+            Optimizer::sgd(1.0),
+            mode,
+            vec![(("w".into(), 0), vec![3], 0, 3, Init::Zeros)],
+        ))
+    }
+
+    #[tokio::test]
+    async fn a_withdrawn_gradient_leaves_the_step_and_its_retry_is_accepted() {
+        let model = model();
+        let stepper = Stepper::start(model.clone(), |_| false).expect("thread");
+        let pending = |w| Contribution::Pending(Box::new(Ones(w)));
+        let (r, _) = stepper.push(0, 0, pending(10)).await.expect("push");
+        assert!(r.applied && r.version == 0);
+        // A second gradient of worker 0 for the same step is dropped...
+        let (r, _) = stepper.push(0, 0, pending(10)).await.expect("push");
+        assert!(r.dropped && !r.applied);
+        // ...until the first is withdrawn (sent after it: the thread sees them in order).
+        stepper.withdraw(0, 0);
+        let (r, _) = stepper.push(0, 0, pending(2)).await.expect("push");
+        assert!(r.applied, "the retry after a withdrawal counts");
+        let (r, _) = stepper.push(1, 0, pending(4)).await.expect("push");
+        assert_eq!(r.version, 1, "the K-th gradient applies the step");
+        // SGD with lr 1 from zeros: minus the mean of 2 and 4, not of 10.
+        let snap = stepper.snapshot().await.expect("snapshot");
+        assert_eq!(snap.parts[0].values, vec![-3.0; 3]);
+        assert_eq!(snap.version, 1);
+        // Withdrawing from a step already applied changes nothing.
+        stepper.withdraw(1, 0);
+        assert_eq!(stepper.snapshot().await.expect("snapshot").version, 1);
+        assert_eq!(stepper.copy_in(0, 0).await.expect("copy in"), Ok(1));
+    }
+
+    #[tokio::test]
+    async fn the_step_thread_ends_with_its_last_handle() {
+        let model = model();
+        let stepper = Stepper::start(model.clone(), |_| false).expect("thread");
+        drop(stepper);
+        // The thread held the only other reference to the model.
+        for _ in 0..200 {
+            if Arc::strong_count(&model) == 1 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("the step thread still holds the model");
+    }
+}

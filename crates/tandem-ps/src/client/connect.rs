@@ -1,0 +1,192 @@
+//! Reaching the servers: one gRPC channel per server (retried with backoff until the deadline),
+//! the declaration of the partition map on each, and the mapping of a server's status (its code
+//! and typed reason, never its text) to a Tandem error.
+
+use super::*;
+
+/// The Tandem error for a failed call, decided on the status code and the typed reason the server
+/// attached (never on the message text).
+pub(super) fn status_error(addr: &str, what: &str, s: Status, waited: Duration) -> Error {
+    let ctx = format!("{what} at the parameter server {addr}");
+    if crate::failure::reason_of(&s) == crate::pb::Reason::PartiallyApplied {
+        return Error::PartiallyApplied {
+            context: ctx,
+            applied: s.message().to_string(),
+        };
+    }
+    match s.code() {
+        Code::Unauthenticated => Error::Authentication {
+            peer: format!("parameter server {addr}"),
+            reason: s.message().into(),
+        },
+        Code::FailedPrecondition => Error::Precondition {
+            context: ctx,
+            problem: s.message().to_string(),
+        },
+        Code::NotFound | Code::InvalidArgument | Code::AlreadyExists | Code::OutOfRange => {
+            Error::invalid(ctx, s.message().to_string())
+        }
+        Code::DeadlineExceeded => Error::timeout(format!("{ctx}: {}", s.message()), waited),
+        _ => Error::transport(ctx, s.message().to_string()),
+    }
+}
+
+pub(super) async fn connect_one(addr: &str, token: &JobToken, deadline: Instant) -> Result<Grpc> {
+    tandem_core::cluster::check_address("parameter server address", addr)?;
+    let header: tonic::metadata::MetadataValue<_> =
+        format!("Bearer {}", token.as_str()).parse().map_err(|_| {
+            Error::config(
+                "TANDEM_JOB_TOKEN",
+                "the token cannot be sent as gRPC metadata",
+            )
+        })?;
+    let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+        .map_err(|e| Error::config("parameter server address", format!("{addr:?}: {e}")))?
+        .tcp_nodelay(true)
+        // The server buffers at most this much of a pull per worker before the worker reads it.
+        .initial_stream_window_size(crate::server::STREAM_WINDOW)
+        .initial_connection_window_size(crate::server::CONNECTION_WINDOW)
+        .http2_keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_timeout(Duration::from_secs(10));
+    let mut backoff = Duration::from_millis(20);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let attempt = endpoint
+            .clone()
+            .connect_timeout(left.clamp(Duration::from_millis(10), Duration::from_secs(3)));
+        let err = match tokio::time::timeout(left, attempt.connect()).await {
+            Ok(Ok(ch)) => {
+                return Ok(ParameterServerClient::with_interceptor(
+                    ch,
+                    AttachToken::from_token(header.clone()),
+                )
+                .max_decoding_message_size(MAX_MESSAGE)
+                .max_encoding_message_size(MAX_MESSAGE));
+            }
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => "connect timed out".to_string(),
+        };
+        if Instant::now() + backoff >= deadline {
+            return Err(Error::timeout(
+                format!("the parameter server at {addr} (last error: {err})"),
+                left,
+            ));
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(1));
+    }
+}
+
+impl Client {
+    /// Connects to every server (retrying until `deadline`) and declares the partition map on each.
+    pub async fn connect(
+        addrs: &[String],
+        token: &JobToken,
+        worker: u32,
+        map: PartitionMap,
+        optimizer: Optimizer,
+        mode: TrainingMode,
+        deadline: Duration,
+    ) -> Result<Client> {
+        if addrs.len() != map.servers {
+            return Err(Error::invalid(
+                "servers",
+                format!(
+                    "{} addresses for a map of {} servers",
+                    addrs.len(),
+                    map.servers
+                ),
+            ));
+        }
+        if worker >= mode.workers {
+            return Err(Error::invalid(
+                "worker",
+                format!("worker {worker} is not below the {} workers", mode.workers),
+            ));
+        }
+        optimizer.validate()?;
+        let end = Instant::now() + deadline;
+        let servers =
+            futures::future::try_join_all(addrs.iter().map(|a| connect_one(a, token, end))).await?;
+        let client = Client {
+            incarnations: std::sync::Arc::new(std::sync::Mutex::new(vec![0; servers.len()])),
+            shared: std::sync::Arc::new((0..servers.len()).map(|_| AtomicU32::new(0)).collect()),
+            servers,
+            addrs: addrs.to_vec(),
+            map,
+            worker,
+            chunk_bytes: 1 << 20,
+            timeout: deadline,
+        };
+        let mode_pb = pb::Mode {
+            sync: mode.sync,
+            workers: mode.workers,
+            replicas_to_aggregate: mode.replicas_to_aggregate,
+            bounded: mode.staleness.is_some(),
+            staleness: mode.staleness.unwrap_or(0),
+            reject_non_finite: mode.reject_non_finite,
+        };
+        let opt_pb = pb::Optimizer {
+            kind: optimizer.kind_name().into(),
+            lr: optimizer.lr as f64,
+            momentum: optimizer.momentum as f64,
+            beta1: optimizer.beta1 as f64,
+            beta2: optimizer.beta2 as f64,
+            eps: optimizer.eps as f64,
+            weight_decay: optimizer.weight_decay as f64,
+            clip_norm: optimizer.clip_norm as f64,
+            decay_rate: optimizer.decay_rate as f64,
+            decay_steps: optimizer.decay_steps,
+        };
+        let hash = client.map.hash();
+        let declares = (0..client.servers.len()).map(|s| {
+            let partitions: Vec<pb::Partition> = client
+                .map
+                .parts
+                .iter()
+                .filter(|p| p.server == s)
+                .map(|p| {
+                    let decl = client.map.param(&p.param);
+                    let (kind, a, b, seed) =
+                        decl.map_or(("zeros", 0.0, 0.0, 0), |d| d.init.to_wire());
+                    let shape: Vec<u64> = match decl.map(|d| d.shape.as_slice()) {
+                        Some([]) | None => vec![1],
+                        Some(s) => s.iter().map(|d| *d as u64).collect(),
+                    };
+                    pb::Partition {
+                        param: p.param.clone(),
+                        part: p.part,
+                        shape,
+                        row_start: p.row_start as u64,
+                        rows: p.rows as u64,
+                        dtype: "f32".into(),
+                        init: Some(pb::Initializer {
+                            kind: kind.into(),
+                            a,
+                            b,
+                            seed,
+                        }),
+                    }
+                })
+                .collect();
+            let req = pb::DeclareRequest {
+                partitions,
+                optimizer: Some(opt_pb.clone()),
+                mode: Some(mode_pb),
+                map_hash: hash,
+            };
+            let mut c = client.servers[s].clone();
+            let addr = client.addrs[s].clone();
+            async move {
+                c.declare(req)
+                    .await
+                    .map_err(|e| status_error(&addr, "declaring parameters", e, deadline))
+            }
+        });
+        futures::future::try_join_all(declares).await?;
+        if tandem_peer_memory::allowed_by_env() {
+            client.attach_all().await;
+        }
+        Ok(client)
+    }
+}

@@ -1,0 +1,374 @@
+//! The worker side: connect to every server, declare the partition map, push gradients and pull
+//! parameters in chunks, talking to all servers in parallel.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tandem_core::{Error, Result};
+use tandem_rendezvous::{AttachToken, JobToken};
+use tokio::time::Instant;
+use tonic::codegen::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Status};
+
+use crate::optimizer::Optimizer;
+use crate::pb;
+use crate::pb::parameter_server_client::ParameterServerClient;
+use crate::placement::PartitionMap;
+use crate::server::MAX_MESSAGE;
+
+mod connect;
+mod retry;
+mod rows;
+mod same_host;
+mod stream;
+
+use connect::status_error;
+
+/// Rows of one partition: its index in the map, the local row ids, and their positions in the request.
+type RowGroup = (usize, Vec<u64>, Vec<usize>);
+
+type Grpc = ParameterServerClient<InterceptedService<Channel, AttachToken>>;
+
+/// How workers train.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TrainingMode {
+    /// Synchronous steps (else asynchronous).
+    pub sync: bool,
+    /// Number of workers.
+    pub workers: u32,
+    /// Sync: gradients aggregated per step (0: all workers).
+    pub replicas_to_aggregate: u32,
+    /// Async: staleness bound (`None`: unbounded).
+    pub staleness: Option<u32>,
+    /// Refuse NaN/Inf gradients (default true).
+    pub reject_non_finite: bool,
+}
+
+impl TrainingMode {
+    /// Synchronous SGD over `workers`, all aggregated.
+    pub fn sync(workers: u32) -> Self {
+        TrainingMode {
+            sync: true,
+            workers,
+            replicas_to_aggregate: workers,
+            staleness: None,
+            reject_non_finite: true,
+        }
+    }
+    /// Asynchronous SGD over `workers`, optionally with a staleness bound.
+    pub fn asynchronous(workers: u32, staleness: Option<u32>) -> Self {
+        TrainingMode {
+            sync: false,
+            workers,
+            replicas_to_aggregate: workers,
+            staleness,
+            reject_non_finite: true,
+        }
+    }
+}
+
+/// What a push did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PushOutcome {
+    /// Whether every server used the gradient.
+    pub applied: bool,
+    /// Whether some server dropped it as late (sync with backup workers).
+    pub dropped: bool,
+    /// The lowest version reported by the servers after the push.
+    pub version: u64,
+}
+
+/// A worker's connection to every parameter server.
+///
+/// ```no_run
+/// # async fn demo(addrs: Vec<String>) -> tandem_core::Result<()> {
+/// use std::time::Duration;
+/// use tandem_ps::client::{Client, TrainingMode};
+/// use tandem_ps::init::Init;
+/// use tandem_ps::optimizer::Optimizer;
+/// use tandem_ps::placement::{ParamDecl, place};
+/// use tandem_rendezvous::JobToken;
+/// let map = place(&[ParamDecl::new("w", &[10, 1], Init::Zeros)], addrs.len(), 1 << 20)?;
+/// let token = JobToken::new("job-secret-token")?;
+/// let c = Client::connect(&addrs, &token, 0, map, Optimizer::sgd(0.1), TrainingMode::sync(4), Duration::from_secs(60)).await?;
+/// let (version, params) = c.pull(0).await?;
+/// let grad = vec![0.0f32; 10];
+/// c.push(version, &[("w", &grad)]).await?;
+/// c.done().await?;
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct Client {
+    incarnations: std::sync::Arc<std::sync::Mutex<Vec<u64>>>,
+    /// Per server: its process id when both sides proved they can read each other's memory (same
+    /// machine), so tensors move by address; 0 when they go through the gRPC stream.
+    shared: std::sync::Arc<Vec<AtomicU32>>,
+    servers: Vec<Grpc>,
+    addrs: Vec<String>,
+    map: PartitionMap,
+    worker: u32,
+    chunk_bytes: usize,
+    timeout: Duration,
+}
+
+/// One server's answer to a pull: the streamed chunks, or where to read the values.
+#[derive(Debug, Clone)]
+enum Reply {
+    Chunks(Vec<pb::PullChunk>),
+    Shared(pb::SharedPull),
+}
+
+impl Reply {
+    fn incarnation(&self) -> u64 {
+        match self {
+            Reply::Chunks(c) => c.first().map_or(0, |c| c.incarnation),
+            Reply::Shared(s) => s.incarnation,
+        }
+    }
+}
+
+/// A call that failed: the server's answer, or no answer.
+enum Failed {
+    Status(Status),
+    Other(Error),
+}
+
+/// How long a worker keeps retrying a copy out of a server's memory that raced an update before it
+/// pulls through the stream instead.
+const SHARED_READ_PATIENCE: Duration = Duration::from_millis(100);
+
+/// The outcome of one push over the servers' answers.
+fn outcome(results: &[pb::PushResponse]) -> PushOutcome {
+    PushOutcome {
+        applied: results.iter().all(|r| r.applied),
+        dropped: results.iter().any(|r| r.dropped),
+        version: results.iter().map(|r| r.version).min().unwrap_or(0),
+    }
+}
+
+impl Client {
+    /// Writes a checkpoint on every server now; returns the versions written.
+    pub async fn checkpoint(&self) -> Result<Vec<u64>> {
+        let calls = (0..self.servers.len()).map(|s| {
+            self.call(s, "checkpoint", self.timeout, |mut c| async move {
+                c.checkpoint(pb::CheckpointRequest {})
+                    .await
+                    .map(|r| r.into_inner().version)
+            })
+        });
+        futures::future::try_join_all(calls).await
+    }
+
+    /// The partition map in use.
+    pub fn map(&self) -> &PartitionMap {
+        &self.map
+    }
+
+    /// Pulls every parameter once each server has reached `min_version` (sync: the step whose
+    /// parameters you want). Returns the lowest server version and the full tensors by name.
+    pub async fn pull(&self, min_version: u64) -> Result<(u64, HashMap<String, Vec<f32>>)> {
+        let mut out = HashMap::new();
+        let version = self.pull_into(min_version, &mut out).await?;
+        Ok((version, out))
+    }
+
+    /// Like [`Client::pull`], writing into `out` and reusing its vectors (a training loop that pulls
+    /// every step then allocates nothing); returns the version.
+    pub async fn pull_into(
+        &self,
+        min_version: u64,
+        out: &mut HashMap<String, Vec<f32>>,
+    ) -> Result<u64> {
+        for p in &self.map.params {
+            let v = out.entry(p.name.clone()).or_default();
+            if v.len() != p.numel() {
+                v.clear();
+                v.resize(p.numel(), 0.0);
+            }
+        }
+        out.retain(|name, _| self.map.param(name).is_some());
+        let results = self.pull_all(min_version).await?;
+        let mut version = u64::MAX;
+        let mut filled: HashMap<(String, u32), usize> = HashMap::new();
+        for (s, reply) in results.into_iter().enumerate() {
+            if let Ok(mut inc) = self.incarnations.lock() {
+                let i = reply.incarnation();
+                if i != 0 {
+                    inc[s] = i;
+                }
+            }
+            let chunks = match reply {
+                Reply::Chunks(chunks) => chunks,
+                Reply::Shared(sp) => match self.read_shared(s, &sp, out).await {
+                    Ok(()) => {
+                        version = version.min(sp.version);
+                        for p in &sp.parts {
+                            *filled.entry((p.param.clone(), p.part)).or_default() += p.len as usize;
+                        }
+                        continue;
+                    }
+                    Err(why) => {
+                        // Raced with an update, or the server is not the process attached: ask
+                        // again through the stream for the version it just reported.
+                        self.unshare_if_gone(s, &sp, &why);
+                        let req = pb::PullRequest {
+                            worker: self.worker,
+                            min_version: sp.version,
+                            parts: vec![],
+                            timeout_ms: self.timeout.as_millis().min(u64::MAX as u128) as u64,
+                            incarnation: sp.incarnation,
+                        };
+                        self.pull_stream(s, req, self.timeout)
+                            .await?
+                            .ok_or_else(|| {
+                                Error::timeout(
+                                    format!("parameters from {} after a torn read", self.addrs[s]),
+                                    self.timeout,
+                                )
+                            })?
+                    }
+                },
+            };
+            for ch in chunks {
+                version = version.min(ch.version);
+                let part = self
+                    .map
+                    .parts
+                    .iter()
+                    .find(|p| p.param == ch.param && p.part == ch.part && p.server == s)
+                    .ok_or_else(|| {
+                        Error::transport(
+                            "pulling",
+                            format!("server {s} sent unknown partition {}/{}", ch.param, ch.part),
+                        )
+                    })?;
+                let dst = out
+                    .get_mut(&ch.param)
+                    .ok_or_else(|| Error::transport("pulling", "unknown parameter"))?;
+                let bytes: &mut [u8] = bytemuck::cast_slice_mut(&mut dst[part.range()]);
+                let off = ch.offset as usize;
+                if off + ch.data.len() > bytes.len() {
+                    return Err(Error::transport(
+                        "pulling",
+                        format!("chunk of {}/{} overruns the partition", ch.param, ch.part),
+                    ));
+                }
+                bytes[off..off + ch.data.len()].copy_from_slice(&ch.data);
+                *filled.entry((ch.param, ch.part)).or_default() += ch.data.len();
+            }
+        }
+        for p in &self.map.parts {
+            let got = filled.get(&(p.param.clone(), p.part)).copied().unwrap_or(0);
+            if got != p.numel() * 4 {
+                return Err(Error::transport(
+                    "pulling",
+                    format!(
+                        "partition {}/{} arrived with {got} of {} bytes",
+                        p.param,
+                        p.part,
+                        p.numel() * 4
+                    ),
+                ));
+            }
+        }
+        Ok(if version == u64::MAX {
+            min_version
+        } else {
+            version
+        })
+    }
+
+    /// Pushes gradients for `step` (every parameter named must be declared and have its full size).
+    pub async fn push(&self, step: u64, grads: &[(&str, &[f32])]) -> Result<PushOutcome> {
+        for (name, g) in grads {
+            self.check_grad(name, g.len())?;
+        }
+        if self.same_host() {
+            let views: Vec<(&str, &[u8])> = grads
+                .iter()
+                .map(|(n, g)| (*n, bytemuck::cast_slice::<f32, u8>(g)))
+                .collect();
+            return self.push_views(step, &views).await;
+        }
+        let mut whole = Vec::with_capacity(grads.len());
+        for (name, g) in grads {
+            whole.push((
+                name.to_string(),
+                Bytes::copy_from_slice(bytemuck::cast_slice(g)),
+            ));
+        }
+        self.push_bytes(step, whole).await
+    }
+
+    /// Like [`Client::push`], taking the gradients by value so they are sent without a copy.
+    pub async fn push_owned(
+        &self,
+        step: u64,
+        grads: Vec<(String, Vec<f32>)>,
+    ) -> Result<PushOutcome> {
+        for (name, g) in &grads {
+            self.check_grad(name, g.len())?;
+        }
+        if self.same_host() {
+            let views: Vec<(&str, &[u8])> = grads
+                .iter()
+                .map(|(n, g)| (n.as_str(), bytemuck::cast_slice::<f32, u8>(g)))
+                .collect();
+            return self.push_views(step, &views).await;
+        }
+        let mut whole = Vec::with_capacity(grads.len());
+        for (name, g) in grads {
+            let n = g.len();
+            whole.push((name, tandem_core::Tensor::from_vec(g, &[n])?.into_bytes()));
+        }
+        self.push_bytes(step, whole).await
+    }
+
+    fn check_grad(&self, name: &str, len: usize) -> Result<()> {
+        let decl = self
+            .map
+            .param(name)
+            .ok_or_else(|| Error::invalid("gradient", format!("unknown parameter {name:?}")))?;
+        if len != decl.numel() {
+            return Err(Error::ShapeMismatch {
+                name: name.to_string(),
+                expected: decl.shape.clone(),
+                got: vec![len],
+            });
+        }
+        Ok(())
+    }
+
+    /// Says this worker is done; servers stop once every worker has.
+    pub async fn done(&self) -> Result<()> {
+        let calls = (0..self.servers.len()).map(|s| {
+            let mut c = self.servers[s].clone();
+            let addr = self.addrs[s].clone();
+            let worker = self.worker;
+            async move {
+                c.done(pb::DoneRequest { worker })
+                    .await
+                    .map_err(|e| status_error(&addr, "done", e, Duration::ZERO))
+            }
+        });
+        futures::future::try_join_all(calls).await.map(|_| ())
+    }
+
+    /// Each server's counters.
+    pub async fn stats(&self) -> Result<Vec<pb::StatsResponse>> {
+        let calls = (0..self.servers.len()).map(|s| {
+            let mut c = self.servers[s].clone();
+            let addr = self.addrs[s].clone();
+            async move {
+                c.stats(pb::StatsRequest {})
+                    .await
+                    .map(|r| r.into_inner())
+                    .map_err(|e| status_error(&addr, "stats", e, Duration::ZERO))
+            }
+        });
+        futures::future::try_join_all(calls).await
+    }
+}

@@ -1,0 +1,63 @@
+//! Calling one server: a call is retried with backoff while the server is unreachable
+//! (restarting, say) until the client's deadline; any other answer returns at once.
+
+use super::*;
+
+impl Client {
+    /// Calls server `s`, retrying with backoff while it is unreachable (restarting, say) until the
+    /// client's deadline; other errors return at once.
+    pub(super) async fn call<T, F, Fut>(
+        &self,
+        s: usize,
+        what: &str,
+        wait: Duration,
+        f: F,
+    ) -> Result<T>
+    where
+        F: FnMut(Grpc) -> Fut,
+        Fut: std::future::Future<Output = std::result::Result<T, Status>>,
+    {
+        self.call_raw(s, what, wait, f).await.map_err(|e| match e {
+            Failed::Status(st) => status_error(&self.addrs[s], what, st, wait),
+            Failed::Other(e) => e,
+        })
+    }
+
+    /// Like [`Client::call`], handing back the server's status when it answered with one, so the
+    /// caller can act on its typed reason.
+    pub(super) async fn call_raw<T, F, Fut>(
+        &self,
+        s: usize,
+        what: &str,
+        wait: Duration,
+        mut f: F,
+    ) -> std::result::Result<T, Failed>
+    where
+        F: FnMut(Grpc) -> Fut,
+        Fut: std::future::Future<Output = std::result::Result<T, Status>>,
+    {
+        let addr = &self.addrs[s];
+        let end = Instant::now() + self.timeout;
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            match tokio::time::timeout(wait, f(self.servers[s].clone())).await {
+                Ok(Ok(v)) => return Ok(v),
+                Ok(Err(st)) if st.code() == Code::Unavailable || st.code() == Code::Unknown => {
+                    if Instant::now() + backoff >= end {
+                        return Err(Failed::Status(st));
+                    }
+                    tracing::warn!(%addr, error = %st.message(), "parameter server unreachable; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                }
+                Ok(Err(st)) => return Err(Failed::Status(st)),
+                Err(_) => {
+                    return Err(Failed::Other(Error::timeout(
+                        format!("{what} at the parameter server {addr}"),
+                        wait,
+                    )));
+                }
+            }
+        }
+    }
+}

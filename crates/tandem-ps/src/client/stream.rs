@@ -1,0 +1,230 @@
+//! The gRPC streams, the data plane between machines: pushes cut into chunks (zero-copy slices of
+//! the caller's tensors), pulls that wait for a version in slices, and the detection of a server
+//! that restarted from a checkpoint while a worker waited.
+
+use super::*;
+
+impl Client {
+    /// Pulls from one server, letting it wait at most `wait` for `min_version`; `None` when the
+    /// version was not reached in that time.
+    pub(super) async fn pull_one(
+        &self,
+        s: usize,
+        min_version: u64,
+        incarnation: u64,
+        wait: Duration,
+    ) -> Result<Option<Reply>> {
+        let req = pb::PullRequest {
+            worker: self.worker,
+            min_version,
+            parts: vec![],
+            timeout_ms: wait.as_millis().min(u64::MAX as u128) as u64,
+            incarnation,
+        };
+        if self.shared_pid(s).is_some() {
+            let r = self
+                .call(
+                    s,
+                    "pulling",
+                    wait + Duration::from_secs(10),
+                    move |mut c| {
+                        let req = req.clone();
+                        async move {
+                            match c.pull_shared(req).await {
+                                Ok(r) => Ok(Some(r.into_inner())),
+                                Err(st) if st.code() == Code::DeadlineExceeded => Ok(None),
+                                Err(st) => Err(st),
+                            }
+                        }
+                    },
+                )
+                .await?;
+            return Ok(r.map(Reply::Shared));
+        }
+        self.pull_stream(s, req, wait)
+            .await
+            .map(|r| r.map(Reply::Chunks))
+    }
+
+    /// Pulls from server `s` through the gRPC stream.
+    pub(super) async fn pull_stream(
+        &self,
+        s: usize,
+        req: pb::PullRequest,
+        wait: Duration,
+    ) -> Result<Option<Vec<pb::PullChunk>>> {
+        self.call(
+            s,
+            "pulling",
+            wait + Duration::from_secs(10),
+            move |mut c| {
+                let req = req.clone();
+                async move {
+                    let mut stream = match c.pull(req).await {
+                        Ok(r) => r.into_inner(),
+                        Err(st) if st.code() == Code::DeadlineExceeded => return Ok(None),
+                        Err(st) => return Err(st),
+                    };
+                    let mut chunks = Vec::new();
+                    while let Some(ch) = stream.message().await? {
+                        chunks.push(ch);
+                    }
+                    Ok(Some(chunks))
+                }
+            },
+        )
+        .await
+    }
+
+    /// The incarnation of every server, from their stats.
+    pub(super) async fn incarnations_now(&self) -> Result<Vec<u64>> {
+        let calls = (0..self.servers.len()).map(|s| {
+            self.call(s, "stats", Duration::from_secs(10), |mut c| async move {
+                c.stats(pb::StatsRequest {})
+                    .await
+                    .map(|r| r.into_inner().incarnation)
+            })
+        });
+        futures::future::try_join_all(calls).await
+    }
+
+    /// Pulls from every server in parallel, waiting in slices of at most 2 s. If a server turns out
+    /// to have restarted from a checkpoint (seen in a reply, or in its stats while waiting), the
+    /// others are asked again without waiting, so the worker learns the restored step instead of
+    /// waiting for a version that needs its own gradients first.
+    pub(super) async fn pull_all(&self, min_version: u64) -> Result<Vec<Reply>> {
+        use futures::stream::{FuturesUnordered, StreamExt as _};
+        let known: Vec<u64> = self
+            .incarnations
+            .lock()
+            .map(|v| v.clone())
+            .unwrap_or_default();
+        let n = self.servers.len();
+        let end = Instant::now() + self.timeout;
+        let mut results: Vec<Option<Reply>> = (0..n).map(|_| None).collect();
+        let changed = |s: usize, inc: u64| known.get(s).is_some_and(|k| *k != 0 && *k != inc);
+        let mut restarted = false;
+        while !restarted && results.iter().any(Option::is_none) {
+            let slice = end
+                .saturating_duration_since(Instant::now())
+                .min(Duration::from_secs(2));
+            {
+                let mut pending: FuturesUnordered<_> = (0..n)
+                    .filter(|s| results[*s].is_none())
+                    .map(|s| {
+                        let inc = known.get(s).copied().unwrap_or(0);
+                        async move { (s, self.pull_one(s, min_version, inc, slice).await) }
+                    })
+                    .collect();
+                while let Some((s, r)) = pending.next().await {
+                    if let Some(reply) = r? {
+                        restarted |= changed(s, reply.incarnation());
+                        results[s] = Some(reply);
+                        if restarted {
+                            break;
+                        }
+                    }
+                }
+            }
+            if restarted || results.iter().all(Option::is_some) {
+                break;
+            }
+            let now = self.incarnations_now().await?;
+            restarted = now.iter().enumerate().any(|(s, inc)| changed(s, *inc));
+            if !restarted && Instant::now() >= end {
+                return Err(Error::timeout(
+                    format!(
+                        "parameters at version {min_version} from every parameter server (a worker may be missing)"
+                    ),
+                    self.timeout,
+                ));
+            }
+        }
+        if restarted {
+            tracing::warn!("a parameter server restarted; resuming from its step");
+            for (s, slot) in results.iter_mut().enumerate() {
+                if slot.is_none() {
+                    *slot = self.pull_one(s, 0, 0, Duration::ZERO).await?;
+                }
+            }
+        }
+        results
+            .into_iter()
+            .enumerate()
+            .map(|(s, r)| {
+                r.ok_or_else(|| {
+                    Error::transport("pulling", format!("server {} sent nothing", self.addrs[s]))
+                })
+            })
+            .collect()
+    }
+
+    /// Pushes `grads` (whole tensors as bytes) to the servers `only` through the gRPC stream.
+    pub(super) async fn push_streamed_to(
+        &self,
+        step: u64,
+        grads: &[(&str, &[u8])],
+        only: &[usize],
+    ) -> Result<Vec<pb::PushResponse>> {
+        let whole: Vec<(String, Bytes)> = grads
+            .iter()
+            .map(|(n, b)| (n.to_string(), Bytes::copy_from_slice(b)))
+            .collect();
+        self.push_chunks(step, whole, Some(only)).await
+    }
+
+    /// Cuts each whole gradient into its partitions' chunks (zero-copy slices) and streams them.
+    pub(super) async fn push_bytes(
+        &self,
+        step: u64,
+        grads: Vec<(String, Bytes)>,
+    ) -> Result<PushOutcome> {
+        let results = self.push_chunks(step, grads, None).await?;
+        Ok(outcome(&results))
+    }
+
+    /// Streams the chunks of `grads` to every server holding a partition (or only to `only`).
+    pub(super) async fn push_chunks(
+        &self,
+        step: u64,
+        grads: Vec<(String, Bytes)>,
+        only: Option<&[usize]>,
+    ) -> Result<Vec<pb::PushResponse>> {
+        let mut per_server: Vec<Vec<pb::PushChunk>> = vec![Vec::new(); self.servers.len()];
+        for (name, all) in &grads {
+            for p in self.map.parts_of(name) {
+                let r = p.range();
+                let bytes = all.slice(r.start * 4..r.end * 4);
+                let mut off = 0;
+                while off < bytes.len() {
+                    let end = (off + self.chunk_bytes).min(bytes.len());
+                    per_server[p.server].push(pb::PushChunk {
+                        worker: self.worker,
+                        step,
+                        param: p.param.clone(),
+                        part: p.part,
+                        offset: off as u64,
+                        data: bytes.slice(off..end),
+                    });
+                    off = end;
+                }
+            }
+        }
+        let wait = self.timeout + Duration::from_secs(10);
+        let pushes = per_server
+            .into_iter()
+            .enumerate()
+            .filter(|(s, c)| !c.is_empty() && only.is_none_or(|o| o.contains(s)))
+            .map(|(s, chunks)| {
+                self.call(s, "pushing", wait, move |mut c| {
+                    let chunks = chunks.clone();
+                    async move {
+                        c.push(tokio_stream::iter(chunks))
+                            .await
+                            .map(|r| r.into_inner())
+                    }
+                })
+            });
+        futures::future::try_join_all(pushes).await
+    }
+}
