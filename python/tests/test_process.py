@@ -50,6 +50,88 @@ def test_ctrl_c_interrupts_a_blocked_collective(token) -> None:
             p.communicate(timeout=20)
 
 
+FORMING = """
+import tandem
+print("READY", flush=True)
+try:
+    tandem.init(timeout=120, connect_timeout=120)
+except KeyboardInterrupt:
+    print("INTERRUPTED", flush=True)
+"""
+
+
+def test_ctrl_c_while_the_group_forms_cancels_forming(token) -> None:
+    # Rank 0 of 2 with no rank 1: forming waits for it (connect timeout 120 s). Ctrl-C must end
+    # that wait at once, not after the connect timeout.
+    port = free_port()
+    p = subprocess.Popen([sys.executable, "-c", FORMING], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, env=rank_env(0, 2, port, token))
+    try:
+        read_line(p, "READY", timeout=60)
+        time.sleep(0.5)  # let it reach the wait for rank 1
+        p.send_signal(signal.SIGINT)
+        assert read_line(p, "INTERRUPTED", timeout=20) == "INTERRUPTED"
+        assert p.wait(timeout=20) == 0
+    finally:
+        p.kill()
+        p.communicate(timeout=20)
+
+
+TWO_GROUPS = """
+import os, sys, threading, time
+import numpy as np
+import tandem
+from tandem import _native
+port_a, port_b = sys.argv[1], sys.argv[2]
+os.environ["TANDEM_RENDEZVOUS_ADDR"] = "127.0.0.1:" + port_a
+a = tandem.Group(_native.ProcessGroup.from_env(30.0, None, "a"))
+os.environ["TANDEM_RENDEZVOUS_ADDR"] = "127.0.0.1:" + port_b
+b = tandem.Group(_native.ProcessGroup.from_env(30.0, None, "b"))
+out = {}
+def call(name, g):
+    try:
+        x = np.full(4, g.rank + 1, dtype=np.float32)
+        g.allreduce(x)
+        out[name] = x.tolist()
+    except Exception as e:
+        out[name] = repr(e)
+if a.rank == 0:
+    # Thread A blocks in group a until rank 1 gets there, which rank 1 does only after group b's
+    # allreduce, which needs thread B here: one helper thread for the whole process deadlocks.
+    ta = threading.Thread(target=call, args=("a", a))
+    ta.start()
+    time.sleep(0.5)
+    tb = threading.Thread(target=call, args=("b", b))
+    tb.start()
+    ta.join()
+    tb.join()
+else:
+    call("b", b)
+    call("a", a)
+print("RESULT", out["a"], out["b"], flush=True)
+b.shutdown()
+a.shutdown()
+"""
+
+
+def test_two_python_threads_on_two_groups_run_at_once(token) -> None:
+    port_a, port_b = free_port(), free_port()
+    procs = [subprocess.Popen([sys.executable, "-c", TWO_GROUPS, str(port_a), str(port_b)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=rank_env(r, 2, port_a, token)) for r in range(2)]
+    try:
+        for p in procs:
+            line = read_line(p, "RESULT", timeout=90)
+            # 1 + 2 on every element, in both groups.
+            assert line == "RESULT [3.0, 3.0, 3.0, 3.0] [3.0, 3.0, 3.0, 3.0]", line
+        for p in procs:
+            assert p.wait(timeout=30) == 0
+    finally:
+        for p in procs:
+            p.kill()
+            p.communicate(timeout=20)
+
+
 BLOCKED_PULL = """
 import sys
 from tandem import ps

@@ -36,4 +36,4 @@ pub mod stats;
 pub mod transport;
 
 pub use backend::BackendKind;
-pub use group::{GroupConfig, ProcessGroup, Work};
+pub use group::{Cancel, GroupConfig, ProcessGroup, Work};

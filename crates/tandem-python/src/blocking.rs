@@ -3,6 +3,10 @@
 //! Every call that can wait on the network goes through [`collective`] or [`future`]: the GIL is
 //! released while it runs, and every 50 ms the calling (main) thread takes the GIL back briefly to
 //! let Python run its signal handlers, so Ctrl-C raises `KeyboardInterrupt` instead of hanging.
+//!
+//! A blocking collective runs on a helper thread owned by the calling Python thread (one per
+//! Python thread, made on first use): two Python threads driving two groups run at once instead
+//! of queueing behind one process-wide helper, and one thread's calls keep their order.
 
 use std::future::Future;
 use std::sync::mpsc::{RecvTimeoutError, sync_channel};
@@ -23,7 +27,12 @@ const SPIN: Duration = Duration::from_micros(100);
 type Owned<T> = Mutex<Option<(u32, Arc<T>)>>;
 
 static RUNTIME: Owned<tokio::runtime::Runtime> = Mutex::new(None);
-static POOL: Owned<rayon::ThreadPool> = Mutex::new(None);
+
+thread_local! {
+    /// This Python thread's helper (and the process that made it: a forked child makes its own).
+    static HELPER: std::cell::RefCell<Option<(u32, Arc<rayon::ThreadPool>)>> =
+        const { std::cell::RefCell::new(None) };
+}
 
 /// One instance per process: a child made by `fork()` builds its own (the parent's threads do not
 /// exist there) and never drops the parent's.
@@ -56,21 +65,38 @@ pub fn runtime() -> PyResult<Arc<tokio::runtime::Runtime>> {
     })
 }
 
+/// The calling thread's helper thread.
 fn pool() -> PyResult<Arc<rayon::ThreadPool>> {
-    per_process(&POOL, || {
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(1)
-            .thread_name(|_| "tandem-py-collective".into())
-            .build()
-            .map_err(|e| {
-                PyRuntimeError::new_err(format!("cannot start the collective thread: {e}"))
-            })
+    let pid = std::process::id();
+    HELPER.with(|slot| {
+        let mut slot = slot.borrow_mut();
+        if let Some((owner, p)) = slot.as_ref()
+            && *owner == pid
+        {
+            return Ok(p.clone());
+        }
+        if let Some((_, stale)) = slot.take() {
+            // Made before a fork: its thread does not exist in this process; never join it.
+            std::mem::forget(stale);
+        }
+        let p = Arc::new(
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(1)
+                .thread_name(|_| "tandem-py-collective".into())
+                .build()
+                .map_err(|e| {
+                    PyRuntimeError::new_err(format!("cannot start the collective thread: {e}"))
+                })?,
+        );
+        *slot = Some((pid, p.clone()));
+        Ok(p)
     })
 }
 
 /// Runs a blocking collective `job` on the helper thread with the GIL released, while this thread
-/// watches for signals. On a signal `on_interrupt` runs (it aborts the group so `job` ends promptly),
-/// the job is waited for (it borrows the caller's buffers), and the signal's exception is raised.
+/// watches for signals. On a signal `on_interrupt` runs (it aborts the group, or cancels forming it,
+/// so `job` ends promptly), the job is waited for (it borrows the caller's buffers), and the first
+/// signal's exception is raised.
 pub fn collective<T: Send>(
     py: Python<'_>,
     job: impl FnOnce() -> tandem::Result<T> + Send,
@@ -103,10 +129,11 @@ pub fn collective<T: Send>(
                         break;
                     }
                     Err(RecvTimeoutError::Timeout) => {
-                        if interrupt.is_none()
-                            && let Err(e) = Python::attach(|py| py.check_signals())
-                        {
-                            interrupt = Some(e);
+                        // Every signal is looked at, not just the first: each one aborts again
+                        // (idempotent), and the first one's exception is raised once the job
+                        // (which borrows the caller's buffers) has ended.
+                        if let Err(e) = Python::attach(|py| py.check_signals()) {
+                            interrupt.get_or_insert(e);
                             on_interrupt();
                         }
                     }

@@ -94,10 +94,14 @@ impl PyProcessGroup {
             config.name = n;
         }
         let (local_rank, local_world_size) = (spec.local_rank(), spec.local_world_size());
+        // Ctrl-C while the group forms cancels whatever step it is at (joining the rendezvous,
+        // waiting for the other ranks, connecting), instead of waiting out the connect timeout.
+        let cancel = tandem::collective::Cancel::new();
+        let on_signal = cancel.clone();
         let pg = collective(
             py,
-            move || ProcessGroup::init(&spec, token.as_ref(), config),
-            || {},
+            move || ProcessGroup::init_cancellable(&spec, token.as_ref(), config, &cancel),
+            move || on_signal.cancel("interrupted by a signal (Ctrl-C)"),
         )?;
         Ok(PyProcessGroup {
             pg: Some(pg),

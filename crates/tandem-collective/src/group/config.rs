@@ -1,0 +1,159 @@
+//! How a group is formed and how long its operations may take: [`GroupConfig`], read from the
+//! `TANDEM_*` variables with every bad value named.
+
+use super::*;
+
+/// How a group is formed and how long its operations may take.
+#[derive(Debug, Clone)]
+pub struct GroupConfig {
+    /// Name of the group; groups of one job need distinct names.
+    pub name: String,
+    /// Default deadline of each operation (`TANDEM_TIMEOUT`, seconds; default 300).
+    pub timeout: Duration,
+    /// Deadline for meeting the other ranks (`TANDEM_CONNECT_TIMEOUT`, seconds; default 120).
+    pub connect_timeout: Duration,
+    /// Pipeline segment in bytes (`TANDEM_SEGMENT_BYTES`; default 256 KiB).
+    pub segment_bytes: usize,
+    /// Allreduces whose buffer times `world - 1` is at most this many bytes go to every rank in one
+    /// hop instead of around the ring (`TANDEM_DIRECT_BYTES`; default 64 KiB; 0 turns it off).
+    pub direct_bytes: usize,
+    /// Which backend (`TANDEM_BACKEND`).
+    pub backend: BackendKind,
+    /// Whether ranks on one machine may copy ring chunks straight from each other's memory
+    /// (`TANDEM_SAME_HOST`: `auto`, the default, uses it when every rank's probe succeeds; `tcp`
+    /// keeps every byte on the sockets).
+    pub same_host: bool,
+    /// Smallest ring buffer copied by address (`TANDEM_SAME_HOST_MIN_BYTES`; default 256 KiB):
+    /// below it a copy's descriptor and acknowledgement per step cost more than the bytes.
+    pub same_host_min_bytes: usize,
+    /// Host other ranks should connect to (`TANDEM_ADVERTISE_HOST`); default: derived from the
+    /// rendezvous address (loopback for local jobs, this machine's outgoing address otherwise).
+    pub advertise_host: Option<String>,
+}
+
+impl Default for GroupConfig {
+    fn default() -> Self {
+        GroupConfig {
+            name: "default".into(),
+            timeout: Duration::from_secs(300),
+            connect_timeout: Duration::from_secs(120),
+            segment_bytes: 256 << 10,
+            direct_bytes: 64 << 10,
+            backend: BackendKind::Auto,
+            same_host: true,
+            same_host_min_bytes: 256 << 10,
+            advertise_host: None,
+        }
+    }
+}
+
+impl GroupConfig {
+    /// Defaults overridden by the `TANDEM_*` variables in `vars`.
+    pub fn from_vars(vars: &(impl Vars + ?Sized)) -> Result<Self> {
+        let mut c = GroupConfig::default();
+        let secs = |name: &str| -> Result<Option<Duration>> {
+            vars.var(name)
+                .map(|v| {
+                    v.parse::<f64>()
+                        .ok()
+                        .filter(|s| s.is_finite() && *s > 0.0)
+                        .map(Duration::from_secs_f64)
+                        .ok_or_else(|| {
+                            Error::config(
+                                name,
+                                format!("expected a positive number of seconds, got {v:?}"),
+                            )
+                        })
+                })
+                .transpose()
+        };
+        if let Some(t) = secs("TANDEM_TIMEOUT")? {
+            c.timeout = t;
+        }
+        if let Some(t) = secs("TANDEM_CONNECT_TIMEOUT")? {
+            c.connect_timeout = t;
+        }
+        if let Some(v) = vars.var("TANDEM_SEGMENT_BYTES") {
+            c.segment_bytes = v
+                .parse::<usize>()
+                .ok()
+                .filter(|b| (4096..=(64 << 20)).contains(b))
+                .ok_or_else(|| {
+                    Error::config(
+                        "TANDEM_SEGMENT_BYTES",
+                        format!("expected 4096 to 67108864, got {v:?}"),
+                    )
+                })?;
+        }
+        if let Some(v) = vars.var("TANDEM_DIRECT_BYTES") {
+            c.direct_bytes = v
+                .parse::<usize>()
+                .ok()
+                .filter(|b| *b <= (16 << 20))
+                .ok_or_else(|| {
+                    Error::config(
+                        "TANDEM_DIRECT_BYTES",
+                        format!("expected 0 to 16777216, got {v:?}"),
+                    )
+                })?;
+        }
+        if let Some(v) = vars.var("TANDEM_BACKEND") {
+            c.backend = v.parse()?;
+        }
+        if let Some(v) = vars.var("TANDEM_SAME_HOST_MIN_BYTES") {
+            c.same_host_min_bytes = v.parse::<usize>().map_err(|_| {
+                Error::config(
+                    "TANDEM_SAME_HOST_MIN_BYTES",
+                    format!("expected a number of bytes, got {v:?}"),
+                )
+            })?;
+        }
+        if let Some(v) = vars.var(tandem_peer_memory::SAME_HOST_VAR) {
+            c.same_host = match v.as_str() {
+                "auto" => true,
+                "tcp" => false,
+                _ => {
+                    return Err(Error::config(
+                        tandem_peer_memory::SAME_HOST_VAR,
+                        format!("expected auto or tcp, got {v:?}"),
+                    ));
+                }
+            };
+        }
+        c.advertise_host = vars.var("TANDEM_ADVERTISE_HOST");
+        Ok(c)
+    }
+}
+
+#[cfg(test)]
+mod config_tests {
+    use super::*;
+
+    pub(super) fn vars(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    pub(super) fn same_host_settings_are_read_and_bad_values_are_named() {
+        let c = GroupConfig::from_vars(&vars(&[])).expect("defaults");
+        assert!(c.same_host);
+        assert_eq!(c.same_host_min_bytes, 256 << 10);
+        let c = GroupConfig::from_vars(&vars(&[
+            ("TANDEM_SAME_HOST", "tcp"),
+            ("TANDEM_SAME_HOST_MIN_BYTES", "0"),
+        ]))
+        .expect("valid");
+        assert!(!c.same_host);
+        assert_eq!(c.same_host_min_bytes, 0);
+        for (k, v) in [
+            ("TANDEM_SAME_HOST", "shm"),
+            ("TANDEM_SAME_HOST_MIN_BYTES", "-1"),
+        ] {
+            let e = GroupConfig::from_vars(&vars(&[(k, v)])).expect_err("invalid");
+            assert!(e.to_string().contains(k), "{e}");
+        }
+    }
+}

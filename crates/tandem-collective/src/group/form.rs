@@ -1,0 +1,431 @@
+//! Forming a group, step by step: join the rendezvous, publish this rank's ring address, connect
+//! the mesh, find out whether the ranks share a machine, pass the ready barrier, start the abort
+//! watcher. Every step has the connect deadline, and a [`Cancel`] lets the caller stop it early
+//! (Ctrl-C in Python), so forming never outlives its caller's patience.
+
+use std::future::Future;
+
+use crate::transport::mesh::Mesh;
+
+use super::*;
+
+pub(super) fn advertise_host(rendezvous: &str) -> String {
+    let addr: Option<SocketAddr> = rendezvous.to_socket_addrs().ok().and_then(|mut a| a.next());
+    match addr {
+        Some(a) if a.ip().is_loopback() => a.ip().to_string(),
+        Some(a) => {
+            // The address this machine uses to reach the rendezvous is one its peers can reach.
+            let probe =
+                UdpSocket::bind(if a.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }).and_then(|s| {
+                    s.connect(a)?;
+                    s.local_addr()
+                });
+            probe
+                .map(|l| l.ip().to_string())
+                .unwrap_or_else(|_| "127.0.0.1".into())
+        }
+        None => "127.0.0.1".into(),
+    }
+}
+
+pub(super) fn bind_host(advertised: &str) -> &'static str {
+    match advertised.parse::<IpAddr>() {
+        Ok(ip) if ip.is_loopback() => "127.0.0.1",
+        Ok(IpAddr::V6(_)) => "[::]",
+        _ => "0.0.0.0",
+    }
+}
+
+/// Finds out whether every rank can read its left neighbour's memory: each publishes its word, reads
+/// its left neighbour's, and publishes the outcome; the ring copies directly only when all succeeded.
+/// Logs once why not, otherwise.
+pub(super) async fn negotiate_same_host(
+    client: &tandem_rendezvous::Client,
+    prefix: &str,
+    rank: usize,
+    world: usize,
+    timeout: Duration,
+) -> Result<Option<SameHost>> {
+    let word = LocalWord::new();
+    client
+        .set(&format!("{prefix}/memory/{rank}"), word.advert())
+        .await?;
+    let left = (rank + world - 1) % world;
+    let advert = client
+        .wait(&[&format!("{prefix}/memory/{left}")], timeout)
+        .await?;
+    let advert = advert
+        .first()
+        .map(|b| String::from_utf8_lossy(b).into_owned())
+        .unwrap_or_default();
+    let probed = match PeerMemory::parse(&advert) {
+        Some(peer) => peer.probe().map(|()| peer).map_err(|e| e.to_string()),
+        None => Err(format!("unreadable advert {advert:?}")),
+    };
+    let verdict = match &probed {
+        Ok(_) => "ok".to_string(),
+        Err(why) => format!("rank {rank} cannot read rank {left}'s memory: {why}"),
+    };
+    client
+        .set(&format!("{prefix}/memory-ok/{rank}"), verdict)
+        .await?;
+    let keys: Vec<String> = (0..world)
+        .map(|r| format!("{prefix}/memory-ok/{r}"))
+        .collect();
+    let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+    let verdicts = client.wait(&keys, timeout).await?;
+    let refusal = verdicts
+        .iter()
+        .map(|v| String::from_utf8_lossy(v).into_owned())
+        .find(|v| v != "ok");
+    match (refusal, probed) {
+        (None, Ok(peer)) => Ok(Some(SameHost { word, left: peer })),
+        (Some(why), _) => {
+            if rank == 0 {
+                tracing::info!("ring chunks travel over TCP: {why}");
+            }
+            Ok(None)
+        }
+        (None, Err(_)) => Ok(None),
+    }
+}
+
+/// Stops a group that is forming: every step waits on it as well as on its deadline, so forming
+/// ends within moments of [`Cancel::cancel`] with an error saying it was cancelled (and why).
+///
+/// ```
+/// let cancel = tandem_collective::Cancel::new();
+/// let c = cancel.clone();
+/// std::thread::spawn(move || c.cancel("interrupted by Ctrl-C"));
+/// // ProcessGroup::init_cancellable(&spec, token, config, &cancel) would now return promptly.
+/// # let _ = cancel;
+/// ```
+#[derive(Debug, Clone, Default)]
+pub struct Cancel {
+    why: watch::Sender<Option<String>>,
+}
+
+impl Cancel {
+    /// A token nobody has cancelled yet.
+    pub fn new() -> Self {
+        Cancel::default()
+    }
+
+    /// Cancels whatever waits on this token (the first reason stands).
+    pub fn cancel(&self, why: &str) {
+        self.why.send_if_modified(|w| {
+            if w.is_none() {
+                *w = Some(why.to_string());
+                true
+            } else {
+                false
+            }
+        });
+    }
+
+    /// Whether it was cancelled, and why.
+    pub fn reason(&self) -> Option<String> {
+        self.why.borrow().clone()
+    }
+
+    /// Runs `fut` on `rt` until it ends or this token is cancelled.
+    fn run<T>(&self, rt: &Runtime, what: &str, fut: impl Future<Output = Result<T>>) -> Result<T> {
+        let mut rx = self.why.subscribe();
+        rt.block_on(async {
+            tokio::select! {
+                r = fut => r,
+                _ = rx.wait_for(Option::is_some) => Err(Error::Unusable {
+                    what: "process group".into(),
+                    reason: format!(
+                        "forming it was cancelled while {what}: {}",
+                        self.reason().unwrap_or_default()
+                    ),
+                }),
+            }
+        })
+    }
+}
+
+/// What forming a group of more than one rank builds, step by step.
+struct Formation<'a> {
+    spec: &'a ClusterSpec,
+    token: &'a JobToken,
+    config: &'a GroupConfig,
+    cancel: &'a Cancel,
+    control_rt: Runtime,
+    ring_rt: Runtime,
+    prefix: String,
+}
+
+impl ProcessGroup {
+    /// Forms the group described by the environment (cluster spec, `TANDEM_JOB_TOKEN`, `TANDEM_*`).
+    pub fn from_env() -> Result<ProcessGroup> {
+        let env = tandem_core::cluster::ProcessEnv;
+        let spec = ClusterSpec::from_env()?;
+        let token = JobToken::from_env()?;
+        Self::init(&spec, token.as_ref(), GroupConfig::from_vars(&env)?)
+    }
+
+    /// Forms a group of the spec's ranks: joins the rendezvous (rank 0 hosts it unless
+    /// `TANDEM_RENDEZVOUS_EXTERNAL=1`), exchanges listener addresses and connects the mesh.
+    /// A world of one needs no rendezvous, no token and no sockets.
+    pub fn init(
+        spec: &ClusterSpec,
+        token: Option<&JobToken>,
+        config: GroupConfig,
+    ) -> Result<ProcessGroup> {
+        Self::init_cancellable(spec, token, config, &Cancel::new())
+    }
+
+    /// Like [`ProcessGroup::init`], ending early (with [`Error::Unusable`] saying why) when `cancel`
+    /// is cancelled, whatever step forming is at.
+    pub fn init_cancellable(
+        spec: &ClusterSpec,
+        token: Option<&JobToken>,
+        config: GroupConfig,
+        cancel: &Cancel,
+    ) -> Result<ProcessGroup> {
+        resolve(config.backend)?;
+        if spec.world_size() == 1 {
+            return Ok(Self::alone(spec.rank(), &config));
+        }
+        let token = token.ok_or_else(|| {
+            Error::config(
+                TOKEN_VAR,
+                "is not set; every process of a job needs the same token",
+            )
+        })?;
+        let runtime = |b: &mut tokio::runtime::Builder, what: &str| {
+            b.enable_all()
+                .build()
+                .map_err(|e| Error::io(format!("starting the {what} runtime"), e))
+        };
+        Formation {
+            spec,
+            token,
+            config: &config,
+            cancel,
+            control_rt: runtime(
+                tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(1)
+                    .thread_name("tandem-control"),
+                "control",
+            )?,
+            ring_rt: runtime(&mut tokio::runtime::Builder::new_current_thread(), "ring")?,
+            prefix: format!("tandem/pg/{}", config.name),
+        }
+        .form()
+    }
+
+    /// A world of one: no rendezvous, no sockets.
+    fn alone(rank: usize, config: &GroupConfig) -> ProcessGroup {
+        let shared = Shared {
+            name: config.name.clone(),
+            kind: config.backend,
+            rank,
+            world: 1,
+            backend: None,
+            queue: Mutex::default(),
+            drained: Condvar::new(),
+            engine: Mutex::new(None),
+            control: None,
+        };
+        ProcessGroup {
+            shared: Arc::new(shared),
+            timeout: config.timeout,
+        }
+    }
+}
+
+impl Formation<'_> {
+    fn form(self) -> Result<ProcessGroup> {
+        let (rank, world) = (self.spec.rank(), self.spec.world_size());
+        let session = self.join()?;
+        let client = session.client.clone();
+        let mesh = self.connect_mesh(&client)?;
+        let same_host = if self.config.same_host {
+            let timeout = self.config.connect_timeout;
+            self.cancel.run(
+                &self.control_rt,
+                "finding out whether the ranks share a machine",
+                negotiate_same_host(&client, &self.prefix, rank, world, timeout),
+            )?
+        } else {
+            None
+        };
+        let copies = if same_host.is_some() {
+            "same-host copies"
+        } else {
+            "sockets"
+        };
+        self.cancel.run(
+            &self.control_rt,
+            "waiting for every rank to be ready",
+            client.barrier(
+                &format!("{}/ready", self.prefix),
+                world,
+                rank,
+                self.config.connect_timeout,
+            ),
+        )?;
+        let (abort_rx, watcher) = self.watch_aborts(&client);
+        let publish = self.abort_publisher(&client);
+        let Formation {
+            config,
+            control_rt,
+            ring_rt,
+            ..
+        } = self;
+        let tuning = Tuning {
+            segment_bytes: config.segment_bytes,
+            direct_bytes: config.direct_bytes,
+            shared_min_bytes: config.same_host_min_bytes,
+        };
+        let ring = TcpRing::new(
+            rank, world, ring_rt, mesh, tuning, abort_rx, publish, same_host,
+        );
+        tracing::info!(rank, world, group = %config.name, "process group ready (tcp ring, {copies})");
+        let shared = Shared {
+            name: config.name.clone(),
+            kind: config.backend,
+            rank,
+            world,
+            backend: Some(Box::new(ring)),
+            queue: Mutex::default(),
+            drained: Condvar::new(),
+            engine: Mutex::new(None),
+            control: Some(Control {
+                rt: control_rt,
+                session: Mutex::new(Some(session)),
+                watcher: Mutex::new(Some(watcher)),
+            }),
+        };
+        Ok(ProcessGroup {
+            shared: Arc::new(shared),
+            timeout: config.timeout,
+        })
+    }
+
+    /// Joins the rendezvous (hosting it on rank 0 unless a launcher does).
+    fn join(&self) -> Result<Session> {
+        let external = std::env::var(tandem_rendezvous::EXTERNAL_VAR).is_ok_and(|v| v == "1");
+        let bind = std::env::var(tandem_rendezvous::BIND_VAR)
+            .ok()
+            .filter(|s| !s.is_empty());
+        self.cancel.run(
+            &self.control_rt,
+            "joining the rendezvous",
+            Session::join(
+                self.spec,
+                self.token,
+                bind.as_deref(),
+                external,
+                self.config.connect_timeout,
+            ),
+        )
+    }
+
+    /// Publishes this rank's ring address, learns everyone's, and connects the mesh.
+    fn connect_mesh(&self, client: &tandem_rendezvous::Client) -> Result<Mesh> {
+        let (rank, world) = (self.spec.rank(), self.spec.world_size());
+        let rendezvous = self.spec.require_rendezvous()?.to_string();
+        let host = self
+            .config
+            .advertise_host
+            .clone()
+            .unwrap_or_else(|| advertise_host(&rendezvous));
+        let listener = self
+            .ring_rt
+            .block_on(tokio::net::TcpListener::bind(format!(
+                "{}:0",
+                bind_host(&host)
+            )))
+            .map_err(|e| Error::io("binding the ring listener", e))?;
+        let port = listener
+            .local_addr()
+            .map_err(|e| Error::io("reading the ring listener address", e))?
+            .port();
+        let prefix = &self.prefix;
+        let timeout = self.config.connect_timeout;
+        let addrs = self
+            .cancel
+            .run(&self.control_rt, "exchanging ring addresses", async {
+                client
+                    .set(&format!("{prefix}/addr/{rank}"), format!("{host}:{port}"))
+                    .await?;
+                let keys: Vec<String> = (0..world).map(|r| format!("{prefix}/addr/{r}")).collect();
+                let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+                client.wait(&keys, timeout).await
+            })?;
+        let addrs: Vec<String> = addrs
+            .iter()
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mesh_spec = MeshSpec {
+            rank,
+            addrs: &addrs,
+            token: self.token,
+            group: group_id(&self.config.name),
+        };
+        self.cancel.run(
+            &self.ring_rt,
+            "connecting to the other ranks",
+            establish(&listener, &mesh_spec, deadline),
+        )
+    }
+
+    /// Starts the task that turns an abort published by any rank (or the loss of the rendezvous)
+    /// into this rank's abort signal.
+    fn watch_aborts(
+        &self,
+        client: &tandem_rendezvous::Client,
+    ) -> (watch::Receiver<Option<String>>, tokio::task::JoinHandle<()>) {
+        let (abort_tx, abort_rx) = watch::channel(None);
+        let hosted_by_rank0 =
+            !std::env::var(tandem_rendezvous::EXTERNAL_VAR).is_ok_and(|v| v == "1");
+        let rank = self.spec.rank();
+        let client = client.clone();
+        let key = format!("{}/abort", self.prefix);
+        let watcher = self.control_rt.spawn(async move {
+            loop {
+                match client.wait(&[&key], Duration::from_secs(3600)).await {
+                    Ok(v) => {
+                        let msg = v
+                            .first()
+                            .map(|b| String::from_utf8_lossy(b).into_owned())
+                            .unwrap_or_default();
+                        let _ = abort_tx.send(Some(msg));
+                        return;
+                    }
+                    Err(Error::Timeout { .. }) => continue,
+                    Err(e) => {
+                        let msg = if hosted_by_rank0 {
+                            format!("peer_lost\t0\tlost the rendezvous hosted by rank 0 ({e})")
+                        } else {
+                            format!("other\t{rank}\tlost the rendezvous ({e})")
+                        };
+                        let _ = abort_tx.send(Some(msg));
+                        return;
+                    }
+                }
+            }
+        });
+        (abort_rx, watcher)
+    }
+
+    /// How the ring publishes its first failure for every other rank to see (first writer wins).
+    fn abort_publisher(&self, client: &tandem_rendezvous::Client) -> Publish {
+        let client = client.clone();
+        let handle = self.control_rt.handle().clone();
+        let key = format!("{}/abort", self.prefix);
+        Box::new(move |msg: String| {
+            let c = client.clone();
+            let key = key.clone();
+            let _ = handle.block_on(async move {
+                tokio::time::timeout(Duration::from_secs(2), c.compare_and_set(&key, None, msg))
+                    .await
+            });
+        })
+    }
+}
