@@ -16,7 +16,12 @@
 use tandem::{ProcessGroup, ReduceOp};
 use tandem_examples::{Mlp, batch, spiral};
 
-fn main() -> Result<(), tandem::Error> {
+fn main() -> std::process::ExitCode {
+    tandem_examples::report(run())
+}
+
+/// The example itself; `main` prints its error, if any, as a message.
+fn run() -> Result<(), tandem::Error> {
     let pg = ProcessGroup::from_env()?;
     let (rank, world) = (pg.rank(), pg.world_size());
     let (x, y) = spiral(12_000, 1);

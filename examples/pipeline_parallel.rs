@@ -79,7 +79,12 @@ fn backward(x: &Array2<f32>, h: &Array2<f32>, dh: &mut Array2<f32>) -> (Array2<f
     (x.t().dot(&*dh), dh.sum_axis(Axis(0)))
 }
 
-fn main() -> Result<()> {
+fn main() -> std::process::ExitCode {
+    tandem_examples::report(run())
+}
+
+/// The example itself; `main` prints its error, if any, as a message.
+fn run() -> Result<()> {
     let steps: usize = flag("--steps", 800);
     let (batch_size, lr, hidden_units) = (32, 0.5f32, 64);
     let pg = ProcessGroup::from_env()?;

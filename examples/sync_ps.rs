@@ -20,7 +20,12 @@ use tandem::rendezvous::{JobToken, TOKEN_VAR};
 use tandem::{Error, Result};
 use tandem_examples::{Mlp, batch, flag, ps_params, serve_if_parameter_server, spiral};
 
-fn main() -> Result<()> {
+fn main() -> std::process::ExitCode {
+    tandem_examples::report(run())
+}
+
+/// The example itself; `main` prints its error, if any, as a message.
+fn run() -> Result<()> {
     if serve_if_parameter_server()? {
         return Ok(());
     }

@@ -1,34 +1,19 @@
-//! The model and data Tandem's examples and `tandem demo` train: a small MLP written with `ndarray`
-//! and a generated 3-class spiral that no linear model separates (no download, no setup), plus an
-//! IDX (MNIST format) loader for users with real files.
+//! Helpers of Tandem's runnable examples; the model and data they train come from `tandem-demo`.
 
-pub mod idx;
-pub mod model;
+pub use tandem_demo::{Mlp, Rng, accuracy_of, batch, idx, model, ps_params, spiral};
 
-pub use model::{Mlp, Rng, accuracy_of, batch, spiral};
+use std::process::ExitCode;
 
-use tandem::ps::init::Init;
-use tandem::ps::placement::ParamDecl;
-
-/// The parameter-server declarations of `model`'s layers, initialised on the servers from `seed`.
-pub fn ps_params(model: &Mlp, seed: u64) -> Vec<ParamDecl> {
-    model
-        .layers()
-        .into_iter()
-        .enumerate()
-        .map(|(i, (name, shape, std))| {
-            let init = if std > 0.0 {
-                Init::Normal {
-                    mean: 0.0,
-                    std,
-                    seed: seed + i as u64,
-                }
-            } else {
-                Init::Zeros
-            };
-            ParamDecl::new(name, &shape, init)
-        })
-        .collect()
+/// The exit of an example's `main`: on an error, its message (not its debug form) on stderr and
+/// exit code 1, as a user of a command expects.
+pub fn report(result: tandem::Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 /// The value of `--name VALUE` on the command line, or `default`.

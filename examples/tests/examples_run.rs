@@ -117,3 +117,32 @@ fn pipeline_parallel_matches_the_single_process_run_bit_for_bit() {
     assert_eq!(text(&two), text(&one));
     assert!(accuracy(&one, "test accuracy") >= 0.9, "{one:#?}");
 }
+
+/// Run outside any job (no token, no launcher), each example says what is wrong as a message on
+/// stderr and exits 1, never with a debug dump of the error.
+#[test]
+fn examples_outside_a_job_print_the_error_message_and_exit_1() {
+    for name in [
+        "allreduce_data_parallel",
+        "sync_ps",
+        "async_ps",
+        "pipeline_parallel",
+    ] {
+        let out = std::process::Command::new(example(name))
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("TANDEM_WORLD_SIZE", "2")
+            .env("TANDEM_RANK", "1")
+            .env("TANDEM_RENDEZVOUS_ADDR", "127.0.0.1:9")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{name}: {stderr}");
+        let last = stderr.lines().last().unwrap_or_default();
+        assert!(last.starts_with("error: "), "{name}: {stderr}");
+        assert!(
+            !stderr.contains(" {"),
+            "{name} printed a debug form: {stderr}"
+        );
+    }
+}

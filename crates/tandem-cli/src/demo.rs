@@ -17,7 +17,7 @@ use tandem::ps::optimizer::Optimizer;
 use tandem::ps::placement::place;
 use tandem::rendezvous::{JobToken, TOKEN_VAR};
 use tandem::{Error, ProcessGroup, ReduceOp, Result};
-use tandem_examples::{Mlp, batch, ps_params, spiral};
+use tandem_demo::{Mlp, batch, ps_params, spiral};
 use tandem_launch::Layout;
 
 use crate::local_job::run_local;

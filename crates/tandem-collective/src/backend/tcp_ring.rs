@@ -123,43 +123,6 @@ async fn aborted(rx: &mut watch::Receiver<Option<String>>) -> String {
     }
 }
 
-/// Runs one operation: `$header` may use `$st` (the locked state) and `$io` names the operation's
-/// [`Io`] inside `$body`.
-macro_rules! ring_op {
-    ($self:ident, $st:ident, $timeout:expr, $header:expr, |$io:ident| $body:expr) => {{
-        let mut $st = $self.begin()?;
-        let header: OpHeader = $header;
-        let waiting = Cell::new(Waiting::Nothing);
-        let lateness = Cell::new(None);
-        let outcome = {
-            let RingState { mesh, scratch, .. } = &mut *$st;
-            let mut io_state = Io {
-                mesh,
-                scratch: bytemuck::cast_slice_mut(scratch.as_mut_slice()),
-                rank: $self.rank,
-                world: $self.world,
-                segment: $self.segment,
-                waiting: &waiting,
-                header,
-                lateness: &lateness,
-                memory: $self.same_host.as_ref().map(|m| m.left),
-                shared_min_bytes: $self.shared_min_bytes,
-            };
-            let $io = &mut io_state;
-            let fut = $body;
-            if let Some(m) = &$self.same_host {
-                m.word.enter(header.seq);
-            }
-            let outcome = $self.drive(fut, &waiting, &header, $timeout);
-            if let Some(m) = &$self.same_host {
-                m.word.leave();
-            }
-            outcome
-        };
-        $self.settle(&mut $st, &header, lateness.get(), outcome)
-    }};
-}
-
 /// The header of message `seq` between a pair of ranks, addressed to rank `to`.
 fn message(seq: u64, dtype: DType, to: usize, count: usize) -> OpHeader {
     OpHeader {
@@ -246,6 +209,45 @@ impl TcpRing {
     }
 
     /// Records straggler statistics and poisons the group on failure.
+    /// Runs one operation: `header` takes the operation's header from the locked state (a sequence
+    /// number), `body` moves its bytes through the [`Io`] it is given. The body races the deadline
+    /// and an abort from another rank; the outcome poisons the group if it failed.
+    fn run_op<T>(
+        &self,
+        timeout: Duration,
+        header: impl FnOnce(&mut RingState) -> OpHeader,
+        body: impl AsyncFnOnce(&mut Io<'_>) -> Result<T>,
+    ) -> Result<T> {
+        let mut st = self.begin()?;
+        let header = header(&mut st);
+        let waiting = Cell::new(Waiting::Nothing);
+        let lateness = Cell::new(None);
+        let outcome = {
+            let RingState { mesh, scratch, .. } = &mut *st;
+            let mut io = Io {
+                mesh,
+                scratch: bytemuck::cast_slice_mut(scratch.as_mut_slice()),
+                rank: self.rank,
+                world: self.world,
+                segment: self.segment,
+                waiting: &waiting,
+                header,
+                lateness: &lateness,
+                memory: self.same_host.as_ref().map(|m| m.left),
+                shared_min_bytes: self.shared_min_bytes,
+            };
+            if let Some(m) = &self.same_host {
+                m.word.enter(header.seq);
+            }
+            let outcome = self.drive(body(&mut io), &waiting, &header, timeout);
+            if let Some(m) = &self.same_host {
+                m.word.leave();
+            }
+            outcome
+        };
+        self.settle(&mut st, &header, lateness.get(), outcome)
+    }
+
     fn settle<T>(
         &self,
         st: &mut RingState,
@@ -359,12 +361,10 @@ impl Backend for TcpRing {
     ) -> Result<()> {
         let count = buf.len() / dtype.size();
         let direct = buf.len().saturating_mul(self.world - 1) <= self.direct_bytes;
-        ring_op!(
-            self,
-            st,
+        self.run_op(
             timeout,
-            collective(&mut st, OpKind::Allreduce, dtype, Some(op), 0, count),
-            |io| async move {
+            |st| collective(st, OpKind::Allreduce, dtype, Some(op), 0, count),
+            async move |io| {
                 if direct && ops::doubling_fits(io.world, dtype) {
                     ops::allreduce_doubling(io, buf, dtype, op).await
                 } else if direct {
@@ -372,7 +372,7 @@ impl Backend for TcpRing {
                 } else {
                     ops::allreduce(io, buf, dtype, op).await
                 }
-            }
+            },
         )
     }
 
@@ -384,12 +384,10 @@ impl Backend for TcpRing {
         timeout: Duration,
     ) -> Result<()> {
         let count = buf.len() / dtype.size();
-        ring_op!(
-            self,
-            st,
+        self.run_op(
             timeout,
-            collective(&mut st, OpKind::Broadcast, dtype, None, root, count),
-            |io| { ops::broadcast(io, buf, root) }
+            |st| collective(st, OpKind::Broadcast, dtype, None, root, count),
+            async |io| ops::broadcast(io, buf, root).await,
         )
     }
 
@@ -401,12 +399,10 @@ impl Backend for TcpRing {
         timeout: Duration,
     ) -> Result<()> {
         let count = input.len() / dtype.size();
-        ring_op!(
-            self,
-            st,
+        self.run_op(
             timeout,
-            collective(&mut st, OpKind::Allgather, dtype, None, 0, count),
-            |io| { ops::allgather(io, input, output) }
+            |st| collective(st, OpKind::Allgather, dtype, None, 0, count),
+            async |io| ops::allgather(io, input, output).await,
         )
     }
 
@@ -418,12 +414,10 @@ impl Backend for TcpRing {
         timeout: Duration,
     ) -> Result<Range<usize>> {
         let count = buf.len() / dtype.size();
-        ring_op!(
-            self,
-            st,
+        self.run_op(
             timeout,
-            collective(&mut st, OpKind::ReduceScatter, dtype, Some(op), 0, count),
-            |io| { ops::reduce_scatter(io, buf, dtype, op) }
+            |st| collective(st, OpKind::ReduceScatter, dtype, Some(op), 0, count),
+            async |io| ops::reduce_scatter(io, buf, dtype, op).await,
         )
     }
 
@@ -436,12 +430,10 @@ impl Backend for TcpRing {
         timeout: Duration,
     ) -> Result<()> {
         let count = buf.len() / dtype.size();
-        ring_op!(
-            self,
-            st,
+        self.run_op(
             timeout,
-            collective(&mut st, OpKind::Reduce, dtype, Some(op), root, count),
-            |io| { ops::reduce(io, buf, dtype, op, root) }
+            |st| collective(st, OpKind::Reduce, dtype, Some(op), root, count),
+            async |io| ops::reduce(io, buf, dtype, op, root).await,
         )
     }
 
@@ -449,50 +441,37 @@ impl Backend for TcpRing {
         // One element per rank, so every ring step carries data and orders the ranks.
         let mut token = vec![1u8; self.world];
         let n = self.world;
-        ring_op!(
-            self,
-            st,
+        self.run_op(
             timeout,
-            collective(
-                &mut st,
-                OpKind::Barrier,
-                DType::U8,
-                Some(ReduceOp::Max),
-                0,
-                n
-            ),
-            |io| { ops::allreduce(io, &mut token, DType::U8, ReduceOp::Max) }
+            |st| collective(st, OpKind::Barrier, DType::U8, Some(ReduceOp::Max), 0, n),
+            async |io| ops::allreduce(io, &mut token, DType::U8, ReduceOp::Max).await,
         )
     }
 
     fn send(&self, buf: &[u8], dtype: DType, to: usize, timeout: Duration) -> Result<()> {
         let count = buf.len() / dtype.size();
-        ring_op!(
-            self,
-            st,
+        self.run_op(
             timeout,
-            {
+            |st| {
                 let seq = st.sent[to];
                 st.sent[to] += 1;
                 message(seq, dtype, to, count)
             },
-            |io| ops::send(io, buf, to)
+            async |io| ops::send(io, buf, to).await,
         )
     }
 
     fn recv(&self, buf: &mut [u8], dtype: DType, from: usize, timeout: Duration) -> Result<()> {
         let count = buf.len() / dtype.size();
         let me = self.rank;
-        ring_op!(
-            self,
-            st,
+        self.run_op(
             timeout,
-            {
+            |st| {
                 let seq = st.received[from];
                 st.received[from] += 1;
                 message(seq, dtype, me, count)
             },
-            |io| ops::recv(io, buf, from)
+            async |io| ops::recv(io, buf, from).await,
         )
     }
 }

@@ -2,7 +2,7 @@
 //! the real files can train on them: images become rows of `f32` in `[0, 1]`, labels `usize`.
 //!
 //! ```
-//! use tandem_examples::idx;
+//! use tandem_demo::idx;
 //! let dir = std::env::temp_dir();
 //! let images = dir.join(format!("doc-images-{}.idx", std::process::id()));
 //! idx::write_u8(&images, &[2, 2, 2], &[0, 255, 128, 64, 1, 2, 3, 4]).unwrap();
