@@ -13,11 +13,16 @@
 //!   [`mesh`](transport::mesh).
 //! - [`backend`]: the [`Backend`](backend::Backend) trait, backend selection, and the
 //!   [`TcpRing`](backend::tcp_ring::TcpRing).
-//! - [`ProcessGroup`]: the API, blocking and async ([`Work`]).
+//! - [`ProcessGroup`]: the API, blocking and async ([`Work`]); forming a group can be cancelled
+//!   ([`Cancel`]).
+//! - [`device`]: collectives on GPU buffers ([`DeviceGroup`](device::DeviceGroup)): NCCL when it can
+//!   be used, else the TCP ring through host memory; `device/nccl.rs` owns the communicator.
 //! - [`stats`]: straggler detection.
 //!
 //! # Feature Flags
-//! None yet; NCCL arrives behind a `nccl` feature with the same API.
+//! - `nccl`: [`device::DeviceGroup`] uses NCCL (through cudarc, loading `libcuda` and `libnccl` at
+//!   run time, so the build needs no CUDA). Without it the same API falls back to the TCP ring or,
+//!   with `TANDEM_BACKEND=nccl`, says NCCL is unavailable. Host buffers always use the TCP ring.
 //!
 //! # One allreduce
 //! ```text

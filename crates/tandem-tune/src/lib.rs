@@ -12,6 +12,7 @@ pub mod runner;
 pub mod search;
 pub mod spec;
 pub mod state;
+pub mod tpe;
 
 pub use runner::{Change, run};
 pub use search::{Assignment, Search, Value};

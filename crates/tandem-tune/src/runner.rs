@@ -184,7 +184,13 @@ pub fn run(
                     })
                 })
                 .collect();
-            let Some(params) = search.suggest(e, index, &history)? else {
+            let pending: Vec<crate::search::Assignment> = record
+                .trials
+                .iter()
+                .filter(|t| t.status == Status::Running)
+                .map(|t| t.parameters.clone())
+                .collect();
+            let Some(params) = search.suggest(e, index, &history, &pending)? else {
                 exhausted = true;
                 break;
             };

@@ -1,9 +1,9 @@
-//! Search algorithms: random and grid (reproducible from a seed), and TPE (tree-structured Parzen
-//! estimator, Bergstra et al. 2011), which models good and bad regions of each parameter from the
-//! finished trials and proposes where good is most likely relative to bad.
+//! Search algorithms: random and grid (reproducible from a seed), and TPE ([`crate::tpe`]), which
+//! models good and bad regions of each parameter from the finished trials and proposes where good
+//! is most likely relative to bad.
 //!
-//! Every suggestion depends only on the seed, the trial's index and the finished trials, so an
-//! interrupted experiment resumes with the same trials it would have run.
+//! Every suggestion depends only on the seed, the trial's index and the trials finished and
+//! running, so an interrupted experiment resumes with the same trials it would have run.
 
 use std::collections::BTreeMap;
 
@@ -12,7 +12,7 @@ use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 use tandem_core::{Error, Result};
 
-use crate::spec::{Domain, Experiment, Goal, Parameter, format_number};
+use crate::spec::{Domain, Experiment, Parameter, format_number};
 
 /// One parameter's value in a trial.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -59,12 +59,12 @@ pub struct Observation {
     pub objective: f64,
 }
 
-fn rng_for(seed: u64, index: u64) -> StdRng {
+pub(crate) fn rng_for(seed: u64, index: u64) -> StdRng {
     StdRng::seed_from_u64(seed ^ index.wrapping_mul(0x9E37_79B9_7F4A_7C15).rotate_left(17))
 }
 
 /// Maps a unit-interval number to the parameter's value.
-fn from_unit(p: &Parameter, u: f64) -> Value {
+pub(crate) fn from_unit(p: &Parameter, u: f64) -> Value {
     let u = u.clamp(0.0, 1.0);
     match &p.domain {
         Domain::Double {
@@ -111,7 +111,7 @@ fn from_unit(p: &Parameter, u: f64) -> Value {
 }
 
 /// Maps a numeric value to the unit interval of its parameter (log-scaled when the parameter is).
-fn to_unit(p: &Parameter, v: &Value) -> Option<f64> {
+pub(crate) fn to_unit(p: &Parameter, v: &Value) -> Option<f64> {
     let x = v.as_f64()?;
     Some(match &p.domain {
         Domain::Double {
@@ -143,7 +143,7 @@ pub fn random(params: &[Parameter], seed: u64, index: u64) -> Assignment {
 }
 
 /// The values a grid walks for one parameter.
-fn grid_values(p: &Parameter) -> Result<Vec<Value>> {
+pub(crate) fn grid_values(p: &Parameter) -> Result<Vec<Value>> {
     let field = format!("parameter {:?}", p.name);
     Ok(match &p.domain {
         Domain::Double { min, max, step, .. } => {
@@ -202,125 +202,6 @@ pub fn grid(params: &[Parameter], index: u64) -> Result<Option<Assignment>> {
     Ok(Some(out))
 }
 
-/// Settings of TPE.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct TpeSettings {
-    /// Random trials before the model is used.
-    pub n_startup_trials: usize,
-    /// Candidates drawn from the good model per suggestion.
-    pub n_ei_candidates: usize,
-    /// Fraction of finished trials counted as good.
-    pub gamma: f64,
-}
-
-fn gaussian_mixture(points: &[f64], x: f64, bandwidth: f64) -> f64 {
-    // A uniform prior component keeps the density positive everywhere in [0, 1].
-    let prior = 1.0;
-    let sum: f64 = points
-        .iter()
-        .map(|&m| {
-            let z = (x - m) / bandwidth;
-            (-0.5 * z * z).exp() / (bandwidth * (2.0 * std::f64::consts::PI).sqrt())
-        })
-        .sum();
-    (sum + prior) / (points.len() as f64 + 1.0)
-}
-
-fn bandwidth(points: &[f64]) -> f64 {
-    let n = points.len().max(1) as f64;
-    let mean = points.iter().sum::<f64>() / n;
-    let var = points.iter().map(|p| (p - mean) * (p - mean)).sum::<f64>() / n;
-    (1.06 * var.sqrt() * n.powf(-0.2)).clamp(0.05, 0.5)
-}
-
-/// TPE: one suggestion for trial `index` from the finished trials.
-pub fn tpe(
-    params: &[Parameter],
-    goal: Goal,
-    history: &[Observation],
-    settings: TpeSettings,
-    seed: u64,
-    index: u64,
-) -> Assignment {
-    if history.len() < settings.n_startup_trials.max(2) {
-        return random(params, seed, index);
-    }
-    let mut sorted: Vec<&Observation> = history.iter().collect();
-    sorted.sort_by(|a, b| {
-        let (x, y) = (a.objective, b.objective);
-        match goal {
-            Goal::Maximize => y.total_cmp(&x),
-            Goal::Minimize => x.total_cmp(&y),
-        }
-    });
-    let n_good =
-        ((settings.gamma * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len() - 1);
-    let (good, bad) = sorted.split_at(n_good);
-    let mut rng = rng_for(seed, index);
-    let mut out = Assignment::new();
-    for p in params {
-        let value = match &p.domain {
-            Domain::Categorical(_) | Domain::Discrete(_) => {
-                let values = grid_values(p).unwrap_or_default();
-                let count = |set: &[&Observation], v: &Value| {
-                    set.iter()
-                        .filter(|o| o.params.get(&p.name) == Some(v))
-                        .count() as f64
-                };
-                let k = values.len() as f64;
-                let weights: Vec<f64> = values
-                    .iter()
-                    .map(|v| (count(good, v) + 1.0) / (good.len() as f64 + k))
-                    .collect();
-                // Draw candidates from the good distribution; keep the best good/bad ratio.
-                let mut best: Option<(f64, usize)> = None;
-                for _ in 0..settings.n_ei_candidates.max(1) {
-                    let mut r = rng.random::<f64>() * weights.iter().sum::<f64>();
-                    let mut i = 0;
-                    while i + 1 < weights.len() && r >= weights[i] {
-                        r -= weights[i];
-                        i += 1;
-                    }
-                    let l = weights[i];
-                    let g = (count(bad, &values[i]) + 1.0) / (bad.len() as f64 + k);
-                    if best.is_none_or(|(s, _)| l / g > s) {
-                        best = Some((l / g, i));
-                    }
-                }
-                values[best.map(|b| b.1).unwrap_or(0)].clone()
-            }
-            _ => {
-                let unit = |set: &[&Observation]| -> Vec<f64> {
-                    set.iter()
-                        .filter_map(|o| o.params.get(&p.name).and_then(|v| to_unit(p, v)))
-                        .collect()
-                };
-                let (lg, bg) = (unit(good), unit(bad));
-                let (hl, hb) = (bandwidth(&lg), bandwidth(&bg));
-                let mut best: Option<(f64, f64)> = None;
-                for _ in 0..settings.n_ei_candidates.max(1) {
-                    // Pick a good observation (or the prior) and jitter it.
-                    let pick = rng.random_range(0..=lg.len());
-                    let x = if pick == lg.len() {
-                        rng.random::<f64>()
-                    } else {
-                        let (u1, u2) = (rng.random::<f64>().max(1e-12), rng.random::<f64>());
-                        let z = (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos();
-                        (lg[pick] + z * hl).clamp(0.0, 1.0)
-                    };
-                    let score = gaussian_mixture(&lg, x, hl) / gaussian_mixture(&bg, x, hb);
-                    if best.is_none_or(|(s, _)| score > s) {
-                        best = Some((score, x));
-                    }
-                }
-                from_unit(p, best.map(|b| b.1).unwrap_or(0.5))
-            }
-        };
-        out.insert(p.name.clone(), value);
-    }
-    out
-}
-
 /// Suggests trials for an experiment's algorithm.
 #[derive(Debug, Clone)]
 pub struct Search {
@@ -332,7 +213,7 @@ pub struct Search {
 enum Kind {
     Random,
     Grid,
-    Tpe(TpeSettings),
+    Tpe(crate::tpe::TpeSettings),
 }
 
 impl Search {
@@ -346,8 +227,10 @@ impl Search {
                 "tpe" => &[
                     "random_state",
                     "n_startup_trials",
+                    "n_EI_candidates",
                     "n_ei_candidates",
                     "gamma",
+                    "prior_weight",
                 ],
                 _ => &["random_state"],
             };
@@ -368,46 +251,69 @@ impl Search {
                 grid_size(&e.parameters)?;
                 Kind::Grid
             }
-            _ => {
-                let s = TpeSettings {
-                    n_startup_trials: a.setting(
-                        field,
-                        "n_startup_trials",
-                        (e.parallel as usize).max(5),
-                    )?,
-                    n_ei_candidates: a.setting(field, "n_ei_candidates", 24)?,
-                    gamma: a.setting(field, "gamma", 0.25)?,
-                };
-                if !(s.gamma > 0.0 && s.gamma < 1.0) {
-                    return Err(Error::config(
-                        format!("{field}.algorithmSettings[gamma]"),
-                        "must be between 0 and 1",
-                    ));
-                }
-                Kind::Tpe(s)
-            }
+            _ => Kind::Tpe(tpe_settings(e)?),
         };
         Ok(Search { kind, seed })
     }
 
-    /// The parameters of trial `index`, or `None` when the search is exhausted (grid).
+    /// The parameters of trial `index`, or `None` when the search is exhausted (grid). `history`
+    /// holds the finished trials, `pending` the parameters of the trials still running.
     pub fn suggest(
         &self,
         e: &Experiment,
         index: u64,
         history: &[Observation],
+        pending: &[Assignment],
     ) -> Result<Option<Assignment>> {
         Ok(match &self.kind {
             Kind::Random => Some(random(&e.parameters, self.seed, index)),
             Kind::Grid => grid(&e.parameters, index)?,
-            Kind::Tpe(s) => Some(tpe(
+            Kind::Tpe(s) => Some(crate::tpe::suggest(
                 &e.parameters,
                 e.objective.goal,
                 history,
+                pending,
                 *s,
                 self.seed,
                 index,
             )),
         })
     }
+}
+
+/// TPE's settings from the experiment, checked (Katib's names; `n_ei_candidates` also accepted).
+fn tpe_settings(e: &Experiment) -> Result<crate::tpe::TpeSettings> {
+    let a = &e.algorithm;
+    let field = "spec.algorithm";
+    let d = crate::tpe::TpeSettings::default();
+    let candidates = a.setting(field, "n_ei_candidates", d.n_ei_candidates)?;
+    let s = crate::tpe::TpeSettings {
+        n_startup_trials: a.setting(
+            field,
+            "n_startup_trials",
+            d.n_startup_trials.max(e.parallel as usize),
+        )?,
+        n_ei_candidates: a.setting(field, "n_EI_candidates", candidates)?,
+        gamma: a.setting(field, "gamma", d.gamma)?,
+        prior_weight: a.setting(field, "prior_weight", d.prior_weight)?,
+    };
+    if !(s.gamma > 0.0 && s.gamma.is_finite()) {
+        return Err(Error::config(
+            format!("{field}.algorithmSettings[gamma]"),
+            "must be a positive number (the good group is the best ceil(gamma * sqrt(n)) trials)",
+        ));
+    }
+    if !(s.prior_weight > 0.0 && s.prior_weight.is_finite()) {
+        return Err(Error::config(
+            format!("{field}.algorithmSettings[prior_weight]"),
+            "must be a positive number",
+        ));
+    }
+    if s.n_ei_candidates == 0 {
+        return Err(Error::config(
+            format!("{field}.algorithmSettings[n_EI_candidates]"),
+            "must be at least 1",
+        ));
+    }
+    Ok(s)
 }

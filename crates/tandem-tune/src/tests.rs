@@ -213,13 +213,12 @@ fn tpe_concentrates_near_the_optimum() {
         Experiment::from_yaml(&spec(&[("algorithmName: random", "algorithmName: tpe")])).unwrap();
     let f = |a: &Assignment| -(a["lr"].as_f64().unwrap().log10() + 2.0).powi(2);
     let mut history = Vec::new();
-    let settings = search::TpeSettings {
+    let settings = crate::tpe::TpeSettings {
         n_startup_trials: 8,
-        n_ei_candidates: 24,
-        gamma: 0.25,
+        ..Default::default()
     };
     for i in 0..40 {
-        let a = search::tpe(&e.parameters, Goal::Maximize, &history, settings, 1, i);
+        let a = crate::tpe::suggest(&e.parameters, Goal::Maximize, &history, &[], settings, 1, i);
         history.push(search::Observation {
             objective: f(&a),
             params: a,
@@ -232,11 +231,39 @@ fn tpe_concentrates_near_the_optimum() {
         / 100.0;
     assert!(late > random, "tpe {late} vs random {random}");
     // Same seed and history, same proposal.
-    let a = search::tpe(&e.parameters, Goal::Maximize, &history, settings, 1, 99);
+    let a = crate::tpe::suggest(
+        &e.parameters,
+        Goal::Maximize,
+        &history,
+        &[],
+        settings,
+        1,
+        99,
+    );
     assert_eq!(
         a,
-        search::tpe(&e.parameters, Goal::Maximize, &history, settings, 1, 99)
+        crate::tpe::suggest(
+            &e.parameters,
+            Goal::Maximize,
+            &history,
+            &[],
+            settings,
+            1,
+            99
+        )
     );
+    // A trial still running counts as bad: many running at that point push the next one away.
+    let running = vec![a.clone(); 20];
+    let b = crate::tpe::suggest(
+        &e.parameters,
+        Goal::Maximize,
+        &history,
+        &running,
+        settings,
+        1,
+        99,
+    );
+    assert_ne!(a, b, "parallel trials spread out");
 }
 
 fn out_dir(name: &str) -> PathBuf {

@@ -11,7 +11,9 @@
 //! - [`ps`]: the parameter server (`tandem-ps`).
 //!
 //! # Feature Flags
-//! None yet.
+//! - `nccl`: collectives on GPU buffers through NCCL ([`collective::device`]); see
+//!   `tandem-collective`. Off by default: the build then needs nothing of CUDA, and GPU buffers are
+//!   staged through host memory over the TCP ring.
 //!
 //! ```
 //! let spec = tandem::cluster::ClusterSpec::from_vars(&[("RANK", "1"), ("WORLD_SIZE", "2")]).unwrap();

@@ -1,9 +1,11 @@
 //! Backends carry out operations on host buffers; the process group in front of them validates
 //! arguments, orders operations and offers blocking and async calls.
 //!
-//! [`TcpRing`](tcp_ring::TcpRing) is Tandem's own ring over TCP. An NCCL backend slots in behind the
-//! same trait; [`BackendKind::Auto`] picks NCCL for device buffers when it is available and TCP
-//! otherwise, and logs which and why.
+//! [`TcpRing`](tcp_ring::TcpRing) is Tandem's own ring over TCP, the one backend of host buffers.
+//! NCCL is not behind this trait: it works on GPU buffers owned by one thread per communicator, so
+//! it lives in [`crate::device`], which picks it (with [`BackendKind::Auto`], when the `nccl`
+//! feature, the driver and `libnccl` are all there) or stages through host memory over this ring,
+//! and logs which and why.
 
 pub mod ops;
 pub mod tcp_ring;
