@@ -13,11 +13,13 @@
 //! # Feature Flags
 //! None.
 
+pub mod backoff;
 pub mod cluster;
 pub mod dtype;
 pub mod error;
 pub mod tensor;
 
+pub use backoff::Backoff;
 pub use cluster::{ClusterSpec, Convention, Role};
 pub use dtype::{DType, Element, ReduceOp};
 pub use error::{Error, Result};

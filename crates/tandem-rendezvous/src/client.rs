@@ -62,7 +62,11 @@ impl Client {
             .keep_alive_timeout(Duration::from_secs(10));
         let start = Instant::now();
         let end = start + deadline;
-        let mut backoff = Duration::from_millis(20);
+        let mut backoff = tandem_core::Backoff::new(
+            Duration::from_millis(20),
+            Duration::from_secs(1),
+            end.into_std(),
+        );
         let mut last_error;
         loop {
             let left = end.saturating_duration_since(Instant::now());
@@ -88,7 +92,7 @@ impl Client {
                 Ok(Err(e)) => last_error = source_chain(&e),
                 Err(_) => last_error = "connection attempt timed out".into(),
             }
-            if Instant::now() + backoff >= end {
+            let Some(delay) = backoff.next_delay() else {
                 return Err(Error::timeout(
                     format!(
                         "the rendezvous at {addr} (tried for {:?}; last error: {last_error})",
@@ -96,10 +100,9 @@ impl Client {
                     ),
                     deadline,
                 ));
-            }
+            };
             tracing::debug!(%addr, error = %last_error, "rendezvous not reachable yet; retrying");
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(Duration::from_secs(1));
+            tokio::time::sleep(delay).await;
         }
     }
 

@@ -52,7 +52,11 @@ fn setup(stream: &TcpStream) {
 
 async fn connect_one(spec: &MeshSpec<'_>, peer: usize, deadline: Instant) -> Result<TcpStream> {
     let addr = &spec.addrs[peer];
-    let mut backoff = Duration::from_millis(10);
+    let mut backoff = tandem_core::Backoff::new(
+        Duration::from_millis(10),
+        Duration::from_millis(500),
+        deadline.into_std(),
+    );
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         let attempt = tokio::time::timeout(left, TcpStream::connect(addr.as_str())).await;
@@ -82,14 +86,13 @@ async fn connect_one(spec: &MeshSpec<'_>, peer: usize, deadline: Instant) -> Res
             Ok(Err(e)) => e.to_string(),
             Err(_) => "connect timed out".into(),
         };
-        if Instant::now() + backoff >= deadline {
+        let Some(delay) = backoff.next_delay() else {
             return Err(Error::timeout(
                 format!("a connection to rank {peer} at {addr} (last error: {err})"),
                 left,
             ));
-        }
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_millis(500));
+        };
+        tokio::time::sleep(delay).await;
     }
 }
 

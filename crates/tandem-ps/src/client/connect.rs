@@ -48,7 +48,11 @@ pub(super) async fn connect_one(addr: &str, token: &JobToken, deadline: Instant)
         .initial_connection_window_size(crate::server::CONNECTION_WINDOW)
         .http2_keep_alive_interval(Duration::from_secs(30))
         .keep_alive_timeout(Duration::from_secs(10));
-    let mut backoff = Duration::from_millis(20);
+    let mut backoff = tandem_core::Backoff::new(
+        Duration::from_millis(20),
+        Duration::from_secs(1),
+        deadline.into_std(),
+    );
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         let attempt = endpoint
@@ -66,14 +70,13 @@ pub(super) async fn connect_one(addr: &str, token: &JobToken, deadline: Instant)
             Ok(Err(e)) => e.to_string(),
             Err(_) => "connect timed out".to_string(),
         };
-        if Instant::now() + backoff >= deadline {
+        let Some(delay) = backoff.next_delay() else {
             return Err(Error::timeout(
                 format!("the parameter server at {addr} (last error: {err})"),
                 left,
             ));
-        }
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_secs(1));
+        };
+        tokio::time::sleep(delay).await;
     }
 }
 

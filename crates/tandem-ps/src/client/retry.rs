@@ -37,18 +37,20 @@ impl Client {
         Fut: std::future::Future<Output = std::result::Result<T, Status>>,
     {
         let addr = &self.addrs[s];
-        let end = Instant::now() + self.timeout;
-        let mut backoff = Duration::from_millis(50);
+        let mut backoff = tandem_core::Backoff::new(
+            Duration::from_millis(50),
+            Duration::from_secs(1),
+            (Instant::now() + self.timeout).into_std(),
+        );
         loop {
             match tokio::time::timeout(wait, f(self.servers[s].clone())).await {
                 Ok(Ok(v)) => return Ok(v),
                 Ok(Err(st)) if st.code() == Code::Unavailable || st.code() == Code::Unknown => {
-                    if Instant::now() + backoff >= end {
+                    let Some(delay) = backoff.next_delay() else {
                         return Err(Failed::Status(st));
-                    }
+                    };
                     tracing::warn!(%addr, error = %st.message(), "parameter server unreachable; retrying");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                    tokio::time::sleep(delay).await;
                 }
                 Ok(Err(st)) => return Err(Failed::Status(st)),
                 Err(_) => {
