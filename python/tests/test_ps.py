@@ -103,7 +103,7 @@ def test_sparse_rows_and_adam_match_numpy(servers) -> None:
     want_w = -0.01 * (m1 / 0.1) / (np.sqrt(v1 / 0.001) + 1e-8)
     _, after = c.pull()
     np.testing.assert_allclose(after["w"], want_w, rtol=1e-5, atol=1e-6)
-    with pytest.raises(tandem.InvalidArgumentError, match="checkpoint directory"):
+    with pytest.raises(tandem.PreconditionError, match="checkpoint directory"):
         c.checkpoint()
     c.done()
 

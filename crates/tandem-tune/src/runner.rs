@@ -98,8 +98,46 @@ pub fn run(
     let logs = out.join("trials");
     std::fs::create_dir_all(&logs)
         .map_err(|e| Error::io(format!("creating {}", logs.display()), e))?;
+    let record = open_record(e, spec_text, out)?;
+    let (tx, rx): (Sender<Event>, Receiver<Event>) = channel();
+    let mut x = Experimenting {
+        e,
+        out,
+        logs,
+        search,
+        tx,
+        rx,
+        stopping: finished_before(e, &record),
+        record,
+        running: BTreeMap::new(),
+        exhausted: false,
+    };
+    x.record.save(out)?;
+    loop {
+        if interrupted() {
+            return x.interrupt(on_change);
+        }
+        x.start_trials(on_change)?;
+        if x.running.is_empty() {
+            return x.finish(on_change);
+        }
+        if let Ok(ev) = x.rx.recv_timeout(Duration::from_millis(100)) {
+            let mut events = vec![ev];
+            events.extend(x.rx.try_iter());
+            for ev in events {
+                x.handle(ev, on_change)?;
+            }
+        }
+        x.check_deadlines();
+        x.conclude_ended(on_change)?;
+    }
+}
+
+/// The record in `out` to resume (its unfinished trials dropped), or a new one; a folder holding
+/// another experiment is refused.
+fn open_record(e: &Experiment, spec_text: &str, out: &Path) -> Result<Record> {
     let hash = spec_hash(spec_text);
-    let mut record = match Record::load(out)? {
+    Ok(match Record::load(out)? {
         Some(r) if r.spec_hash != hash => {
             return Err(Error::config(
                 "--out",
@@ -125,80 +163,109 @@ pub fn run(
             trials: Vec::new(),
             best_trial: None,
         },
-    };
-    // A finished experiment stays finished; resuming it only reports it.
-    let done_before = record.trials.len() as u32 >= e.max_trials
-        || record
-            .best()
-            .and_then(|t| t.objective)
-            .is_some_and(|o| e.objective.reached(o));
-    let (tx, rx): (Sender<Event>, Receiver<Event>) = channel();
-    let mut running: BTreeMap<u64, Running> = BTreeMap::new();
-    let mut stopping: Option<(Outcome, String)> = None;
-    let mut exhausted = false;
-    if done_before {
-        let best = record.best().and_then(|t| t.objective);
-        stopping = Some(if best.is_some_and(|o| e.objective.reached(o)) {
-            (Outcome::GoalReached, "a trial had reached the goal".into())
-        } else {
-            (
-                Outcome::MaxTrialsReached,
-                format!("{} trials had run", record.trials.len()),
-            )
-        });
+    })
+}
+
+/// A finished experiment stays finished; resuming it only reports it.
+fn finished_before(e: &Experiment, record: &Record) -> Option<(Outcome, String)> {
+    let best = record.best().and_then(|t| t.objective);
+    if best.is_some_and(|o| e.objective.reached(o)) {
+        Some((Outcome::GoalReached, "a trial had reached the goal".into()))
+    } else if record.trials.len() as u32 >= e.max_trials {
+        Some((
+            Outcome::MaxTrialsReached,
+            format!("{} trials had run", record.trials.len()),
+        ))
+    } else {
+        None
     }
-    record.save(out)?;
-    loop {
-        if interrupted() {
-            stop_all(
-                &mut running,
-                Status::Killed,
-                "the experiment was interrupted",
-            );
-            finish_all(e, &mut record, &mut running, out, on_change)?;
-            record.outcome = Outcome::Interrupted;
-            record.reason = "interrupted; run the same command again to resume".into();
-            record.save(out)?;
-            on_change(&record, &Change::Finished);
-            return Ok(record);
-        }
-        // Start trials while there is room.
-        while stopping.is_none() && !exhausted && (running.len() as u32) < e.parallel {
-            let counted = record.trials.len() as u32 + running.len() as u32;
+}
+
+/// An experiment while it runs.
+struct Experimenting<'a> {
+    e: &'a Experiment,
+    out: &'a Path,
+    logs: std::path::PathBuf,
+    search: Search,
+    tx: Sender<Event>,
+    rx: Receiver<Event>,
+    record: Record,
+    running: BTreeMap<u64, Running>,
+    /// Why no more trials start (goal, failures), once decided.
+    stopping: Option<(Outcome, String)>,
+    /// The search has nothing more to suggest (grid).
+    exhausted: bool,
+}
+
+type OnChange<'f> = &'f mut dyn FnMut(&Record, &Change);
+
+impl Experimenting<'_> {
+    fn interrupt(mut self, on_change: OnChange<'_>) -> Result<Record> {
+        stop_all(
+            &mut self.running,
+            Status::Killed,
+            "the experiment was interrupted",
+        );
+        finish_all(
+            self.e,
+            &mut self.record,
+            &mut self.running,
+            self.out,
+            on_change,
+        )?;
+        self.record.outcome = Outcome::Interrupted;
+        self.record.reason = "interrupted; run the same command again to resume".into();
+        self.record.save(self.out)?;
+        on_change(&self.record, &Change::Finished);
+        Ok(self.record)
+    }
+
+    fn finish(mut self, on_change: OnChange<'_>) -> Result<Record> {
+        let finished = self.record.trials.len() as u32;
+        let exhausted = self.exhausted;
+        let (outcome, reason) = self.stopping.take().unwrap_or_else(|| {
+            if exhausted {
+                (
+                    Outcome::MaxTrialsReached,
+                    format!("the grid is exhausted after {finished} trials"),
+                )
+            } else {
+                (
+                    Outcome::MaxTrialsReached,
+                    format!("{finished} trials ran (maxTrialCount)"),
+                )
+            }
+        });
+        self.record.outcome = outcome;
+        self.record.reason = reason;
+        self.record.save(self.out)?;
+        on_change(&self.record, &Change::Finished);
+        Ok(self.record)
+    }
+
+    /// Starts trials while there is room and nothing says stop.
+    fn start_trials(&mut self, on_change: OnChange<'_>) -> Result<()> {
+        let e = self.e;
+        while self.stopping.is_none() && !self.exhausted && (self.running.len() as u32) < e.parallel
+        {
+            let counted = self.record.trials.len() as u32 + self.running.len() as u32;
             if counted >= e.max_trials {
                 break;
             }
-            let Some(index) = (0u64..)
-                .find(|i| !running.contains_key(i) && !record.trials.iter().any(|t| t.index == *i))
-            else {
+            let Some(index) = (0u64..).find(|i| {
+                !self.running.contains_key(i) && !self.record.trials.iter().any(|t| t.index == *i)
+            }) else {
                 break;
             };
-            let history: Vec<Observation> = record
-                .trials
-                .iter()
-                .filter(|t| matches!(t.status, Status::Succeeded | Status::EarlyStopped))
-                .filter_map(|t| {
-                    t.objective.map(|o| Observation {
-                        params: t.parameters.clone(),
-                        objective: o,
-                    })
-                })
-                .collect();
-            let pending: Vec<crate::search::Assignment> = record
-                .trials
-                .iter()
-                .filter(|t| t.status == Status::Running)
-                .map(|t| t.parameters.clone())
-                .collect();
-            let Some(params) = search.suggest(e, index, &history, &pending)? else {
-                exhausted = true;
+            let (history, pending) = self.observations();
+            let Some(params) = self.search.suggest(e, index, &history, &pending)? else {
+                self.exhausted = true;
                 break;
             };
-            let trial = start(e, index, params, &logs, &tx)?;
-            let name = format!("{}-trial-{index}", e.name);
-            record.trials.push(Trial {
+            let trial = start(e, index, params, &self.logs, &self.tx)?;
+            self.record.trials.push(Trial {
                 index,
-                name,
+                name: format!("{}-trial-{index}", e.name),
                 parameters: trial.1,
                 status: Status::Running,
                 reason: None,
@@ -207,75 +274,81 @@ pub fn run(
                 intermediate: Vec::new(),
                 seconds: 0.0,
             });
-            record.trials.sort_by_key(|t| t.index);
-            running.insert(index, trial.0);
-            record.save(out)?;
-            on_change(&record, &Change::Started(index));
+            self.record.trials.sort_by_key(|t| t.index);
+            self.running.insert(index, trial.0);
+            self.record.save(self.out)?;
+            on_change(&self.record, &Change::Started(index));
         }
-        if running.is_empty() {
-            let finished = record.trials.len() as u32;
-            let (outcome, reason) = stopping.take().unwrap_or_else(|| {
-                if exhausted {
-                    (
-                        Outcome::MaxTrialsReached,
-                        format!("the grid is exhausted after {finished} trials"),
-                    )
-                } else {
-                    (
-                        Outcome::MaxTrialsReached,
-                        format!("{finished} trials ran (maxTrialCount)"),
-                    )
+        Ok(())
+    }
+
+    /// The finished trials the search learns from, and the parameters of those still running.
+    fn observations(&self) -> (Vec<Observation>, Vec<Assignment>) {
+        let history = self
+            .record
+            .trials
+            .iter()
+            .filter(|t| matches!(t.status, Status::Succeeded | Status::EarlyStopped))
+            .filter_map(|t| {
+                t.objective.map(|o| Observation {
+                    params: t.parameters.clone(),
+                    objective: o,
+                })
+            })
+            .collect();
+        let pending = self
+            .record
+            .trials
+            .iter()
+            .filter(|t| t.status == Status::Running)
+            .map(|t| t.parameters.clone())
+            .collect();
+        (history, pending)
+    }
+
+    /// A line of a trial's output (its metrics, and maybe median stopping), or its output closing.
+    fn handle(&mut self, ev: Event, on_change: OnChange<'_>) -> Result<()> {
+        let e = self.e;
+        let (i, line) = match ev {
+            Event::Closed(i) => {
+                if let Some(r) = self.running.get_mut(&i) {
+                    r.open = false;
                 }
-            });
-            record.outcome = outcome;
-            record.reason = reason;
-            record.save(out)?;
-            on_change(&record, &Change::Finished);
-            return Ok(record);
-        }
-        // Output of the running trials.
-        if let Ok(ev) = rx.recv_timeout(Duration::from_millis(100)) {
-            let mut pending = vec![ev];
-            pending.extend(rx.try_iter());
-            for ev in pending {
-                match ev {
-                    Event::Closed(i) => {
-                        if let Some(r) = running.get_mut(&i) {
-                            r.open = false;
-                        }
-                    }
-                    Event::Line(i, line) => {
-                        let Some(r) = running.get_mut(&i) else {
-                            continue;
-                        };
-                        let added = r.metrics.add_line(&line);
-                        let reported: Vec<(u64, f64)> = added
-                            .iter()
-                            .filter(|(n, _)| *n == e.objective.metric)
-                            .map(|(_, rep)| (rep.step, rep.value))
-                            .collect();
-                        if reported.is_empty() {
-                            continue;
-                        }
-                        if let Some(t) = record.trials.iter_mut().find(|t| t.index == i) {
-                            t.intermediate.extend(&reported);
-                            t.objective =
-                                r.metrics.value(&e.objective.metric, e.objective.strategy);
-                        }
-                        if r.stop.is_none()
-                            && let Some(why) = median_stop(e, &record, i, &reported)?
-                        {
-                            r.stop = Some((Status::EarlyStopped, why));
-                            signal(r.pgid, Signal::SIGTERM);
-                        }
-                        on_change(&record, &Change::Reported(i));
-                    }
-                }
+                return Ok(());
             }
+            Event::Line(i, line) => (i, line),
+        };
+        let Some(r) = self.running.get_mut(&i) else {
+            return Ok(());
+        };
+        let reported: Vec<(u64, f64)> = r
+            .metrics
+            .add_line(&line)
+            .iter()
+            .filter(|(n, _)| *n == e.objective.metric)
+            .map(|(_, rep)| (rep.step, rep.value))
+            .collect();
+        if reported.is_empty() {
+            return Ok(());
         }
-        // Deadlines and exits.
-        let timeout = Duration::from_secs(e.template.timeout_seconds);
-        for r in running.values_mut() {
+        if let Some(t) = self.record.trials.iter_mut().find(|t| t.index == i) {
+            t.intermediate.extend(&reported);
+            t.objective = r.metrics.value(&e.objective.metric, e.objective.strategy);
+        }
+        if r.stop.is_none()
+            && let Some(why) = median_stop(e, &self.record, i, &reported)?
+        {
+            r.stop = Some((Status::EarlyStopped, why));
+            signal(r.pgid, Signal::SIGTERM);
+        }
+        on_change(&self.record, &Change::Reported(i));
+        Ok(())
+    }
+
+    /// Notes exited trials; kills those past their deadline.
+    fn check_deadlines(&mut self) {
+        let timeout = Duration::from_secs(self.e.template.timeout_seconds);
+        for r in self.running.values_mut() {
             if r.exited.is_none() {
                 if let Ok(Some(status)) = r.child.try_wait() {
                     r.exited = Some((status, Instant::now()));
@@ -288,7 +361,13 @@ pub fn run(
                 }
             }
         }
-        let ended: Vec<u64> = running
+    }
+
+    /// Records the trials that exited (and whose output is read), then decides whether the goal
+    /// or the failures stop the experiment.
+    fn conclude_ended(&mut self, on_change: OnChange<'_>) -> Result<()> {
+        let ended: Vec<u64> = self
+            .running
             .iter()
             .filter(|(_, r)| {
                 r.exited
@@ -297,40 +376,48 @@ pub fn run(
             .map(|(i, _)| *i)
             .collect();
         for i in ended {
-            if let Some(r) = running.remove(&i) {
-                let status = conclude(e, &mut record, i, r);
-                record.save(out)?;
-                on_change(&record, &Change::Ended(i));
-                if stopping.is_none() {
-                    let t = record.trials.iter().find(|t| t.index == i);
-                    if status == Status::Succeeded
-                        && let Some(o) = t.and_then(|t| t.objective)
-                        && e.objective.reached(o)
-                    {
-                        stopping = Some((
-                            Outcome::GoalReached,
-                            format!("trial {i} reached the goal: {} = {o}", e.objective.metric),
-                        ));
-                    }
-                    let failed = record
-                        .trials
-                        .iter()
-                        .filter(|t| t.status == Status::Failed)
-                        .count() as u32;
-                    if failed > e.max_failed {
-                        stopping = Some((
-                            Outcome::Failed,
-                            format!(
-                                "{failed} trials failed, more than maxFailedTrialCount {}",
-                                e.max_failed
-                            ),
-                        ));
-                    }
-                    if let Some((_, why)) = &stopping {
-                        stop_all(&mut running, Status::Killed, why);
-                    }
+            let Some(r) = self.running.remove(&i) else {
+                continue;
+            };
+            let status = conclude(self.e, &mut self.record, i, r);
+            self.record.save(self.out)?;
+            on_change(&self.record, &Change::Ended(i));
+            if self.stopping.is_none() {
+                self.stopping = self.stop_reason(i, status);
+                if let Some((_, why)) = &self.stopping {
+                    stop_all(&mut self.running, Status::Killed, why);
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// Whether trial `i` ending with `status` stops the experiment: the goal reached, or more
+    /// failures than allowed.
+    fn stop_reason(&self, i: u64, status: Status) -> Option<(Outcome, String)> {
+        let e = self.e;
+        let failed = self
+            .record
+            .trials
+            .iter()
+            .filter(|t| t.status == Status::Failed)
+            .count() as u32;
+        if failed > e.max_failed {
+            return Some((
+                Outcome::Failed,
+                format!(
+                    "{failed} trials failed, more than maxFailedTrialCount {}",
+                    e.max_failed
+                ),
+            ));
+        }
+        let t = self.record.trials.iter().find(|t| t.index == i);
+        match t.and_then(|t| t.objective) {
+            Some(o) if status == Status::Succeeded && e.objective.reached(o) => Some((
+                Outcome::GoalReached,
+                format!("trial {i} reached the goal: {} = {o}", e.objective.metric),
+            )),
+            _ => None,
         }
     }
 }

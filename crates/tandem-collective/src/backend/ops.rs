@@ -648,22 +648,8 @@ async fn exchange(
     };
     io.waiting.set(Waiting::Header(first));
     let Mesh { readers, writers } = &mut *io.mesh;
-    // Fast path: write what the socket takes at once, then poll for the peers' frames.
-    // Only `peers` are written to and read from.
-    let mut sent: Vec<usize> = (0..n)
-        .map(|p| if peers.contains(&p) { 0 } else { frame_len })
-        .collect();
-    for (p, w) in writers.iter_mut().enumerate() {
-        if let Some(w) = w.as_mut().filter(|_| sent[p] < frame_len) {
-            while sent[p] < frame_len {
-                match (&*socket2::SockRef::from(w.as_ref())).write(&msg[sent[p]..]) {
-                    Ok(k) => sent[p] += k,
-                    Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-                    Err(e) => return Err(lost(p, &header, "sending", &e)),
-                }
-            }
-        }
-    }
+    // Fast path: write what the sockets take at once, then poll for the peers' frames.
+    let sent = write_now(writers, peers, msg, &header)?;
     let mut incoming: Vec<Incoming> = peers
         .iter()
         .copied()
@@ -676,6 +662,71 @@ async fn exchange(
         })
         .collect();
     let mut slots: Vec<&mut [u8]> = inbox.chunks_mut(frame_len.max(1)).collect();
+    poll_frames(
+        readers,
+        &mut incoming,
+        &mut slots,
+        frame_len,
+        &header,
+        me,
+        start,
+    )?;
+    // Whatever did not arrive (or go out) by now continues in the event loop.
+    finish_in_event_loop(
+        readers,
+        writers,
+        &sent,
+        msg,
+        &mut incoming,
+        slots,
+        &header,
+        me,
+        start,
+    )
+    .await?;
+    Ok(incoming
+        .iter()
+        .filter_map(|i| i.arrived.map(|t| (i.peer, t)))
+        .max_by_key(|(_, t)| *t))
+}
+
+/// Writes `msg` to each of `peers` as far as its socket takes it without blocking; returns how
+/// much went to each rank (the whole frame counts as sent for ranks that are not peers).
+fn write_now(
+    writers: &mut [Option<OwnedWriteHalf>],
+    peers: &[usize],
+    msg: &[u8],
+    header: &OpHeader,
+) -> Result<Vec<usize>> {
+    let frame_len = msg.len();
+    let mut sent: Vec<usize> = (0..writers.len())
+        .map(|p| if peers.contains(&p) { 0 } else { frame_len })
+        .collect();
+    for (p, w) in writers.iter_mut().enumerate() {
+        if let Some(w) = w.as_mut().filter(|_| sent[p] < frame_len) {
+            while sent[p] < frame_len {
+                match (&*socket2::SockRef::from(w.as_ref())).write(&msg[sent[p]..]) {
+                    Ok(k) => sent[p] += k,
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                    Err(e) => return Err(lost(p, header, "sending", &e)),
+                }
+            }
+        }
+    }
+    Ok(sent)
+}
+
+/// Reads the peers' frames with non-blocking calls for up to [`DIRECT_SPIN`], yielding the CPU
+/// between rounds (a park and wake-up costs more than a small frame takes to arrive).
+fn poll_frames(
+    readers: &[Option<OwnedReadHalf>],
+    incoming: &mut [Incoming],
+    slots: &mut [&mut [u8]],
+    frame_len: usize,
+    header: &OpHeader,
+    me: usize,
+    start: Instant,
+) -> Result<()> {
     while start.elapsed() < DIRECT_SPIN {
         let mut pending = false;
         for inc in incoming.iter_mut().filter(|i| i.got < frame_len) {
@@ -684,11 +735,11 @@ async fn exchange(
                 match (&*socket2::SockRef::from(r.as_ref())).read(&mut slot[inc.got..frame_len]) {
                     Ok(0) => {
                         let eof = std::io::Error::from(ErrorKind::UnexpectedEof);
-                        return Err(lost(p, &header, "receiving", &eof));
+                        return Err(lost(p, header, "receiving", &eof));
                     }
-                    Ok(k) => inc.advance(k, slot, &header, me, start)?,
+                    Ok(k) => inc.advance(k, slot, header, me, start)?,
                     Err(e) if e.kind() == ErrorKind::WouldBlock => {}
-                    Err(e) => return Err(lost(p, &header, "receiving", &e)),
+                    Err(e) => return Err(lost(p, header, "receiving", &e)),
                 }
             }
             pending |= inc.got < frame_len;
@@ -698,7 +749,24 @@ async fn exchange(
         }
         std::thread::yield_now();
     }
-    // Whatever did not arrive (or go out) by now continues in the event loop.
+    Ok(())
+}
+
+/// Sends the rest of `msg` and receives the rest of each frame through tokio's event loop.
+#[allow(clippy::too_many_arguments)]
+async fn finish_in_event_loop(
+    readers: &mut [Option<OwnedReadHalf>],
+    writers: &mut [Option<OwnedWriteHalf>],
+    sent: &[usize],
+    msg: &[u8],
+    incoming: &mut [Incoming],
+    slots: Vec<&mut [u8]>,
+    header: &OpHeader,
+    me: usize,
+    start: Instant,
+) -> Result<()> {
+    let frame_len = msg.len();
+    let header = *header;
     let sends = writers
         .iter_mut()
         .enumerate()
@@ -741,16 +809,10 @@ async fn exchange(
         futures::future::join_all(sends),
         futures::future::join_all(recvs)
     );
-    for r in sent_all {
+    for r in sent_all.into_iter().chain(got_all) {
         r?;
     }
-    for r in got_all {
-        r?;
-    }
-    Ok(incoming
-        .iter()
-        .filter_map(|i| i.arrived.map(|t| (i.peer, t)))
-        .max_by_key(|(_, t)| *t))
+    Ok(())
 }
 
 /// Whether [`allreduce_doubling`] serves this call: a power-of-two group of 4 or more (with 2 it is

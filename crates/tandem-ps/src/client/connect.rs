@@ -91,22 +91,7 @@ impl Client {
         mode: TrainingMode,
         deadline: Duration,
     ) -> Result<Client> {
-        if addrs.len() != map.servers {
-            return Err(Error::invalid(
-                "servers",
-                format!(
-                    "{} addresses for a map of {} servers",
-                    addrs.len(),
-                    map.servers
-                ),
-            ));
-        }
-        if worker >= mode.workers {
-            return Err(Error::invalid(
-                "worker",
-                format!("worker {worker} is not below the {} workers", mode.workers),
-            ));
-        }
+        check_job(addrs, &map, worker, mode)?;
         optimizer.validate()?;
         let end = Instant::now() + deadline;
         let servers =
@@ -121,75 +106,114 @@ impl Client {
             chunk_bytes: 1 << 20,
             timeout: deadline,
         };
-        let mode_pb = pb::Mode {
-            sync: mode.sync,
-            workers: mode.workers,
-            replicas_to_aggregate: mode.replicas_to_aggregate,
-            bounded: mode.staleness.is_some(),
-            staleness: mode.staleness.unwrap_or(0),
-            reject_non_finite: mode.reject_non_finite,
-        };
-        let opt_pb = pb::Optimizer {
-            kind: optimizer.kind_name().into(),
-            lr: optimizer.lr as f64,
-            momentum: optimizer.momentum as f64,
-            beta1: optimizer.beta1 as f64,
-            beta2: optimizer.beta2 as f64,
-            eps: optimizer.eps as f64,
-            weight_decay: optimizer.weight_decay as f64,
-            clip_norm: optimizer.clip_norm as f64,
-            decay_rate: optimizer.decay_rate as f64,
-            decay_steps: optimizer.decay_steps,
-        };
-        let hash = client.map.hash();
-        let declares = (0..client.servers.len()).map(|s| {
-            let partitions: Vec<pb::Partition> = client
-                .map
-                .parts
-                .iter()
-                .filter(|p| p.server == s)
-                .map(|p| {
-                    let decl = client.map.param(&p.param);
-                    let (kind, a, b, seed) =
-                        decl.map_or(("zeros", 0.0, 0.0, 0), |d| d.init.to_wire());
-                    let shape: Vec<u64> = match decl.map(|d| d.shape.as_slice()) {
-                        Some([]) | None => vec![1],
-                        Some(s) => s.iter().map(|d| *d as u64).collect(),
-                    };
-                    pb::Partition {
-                        param: p.param.clone(),
-                        part: p.part,
-                        shape,
-                        row_start: p.row_start as u64,
-                        rows: p.rows as u64,
-                        dtype: "f32".into(),
-                        init: Some(pb::Initializer {
-                            kind: kind.into(),
-                            a,
-                            b,
-                            seed,
-                        }),
-                    }
-                })
-                .collect();
+        client.declare_all(&optimizer, mode).await?;
+        if tandem_peer_memory::allowed_by_env() {
+            client.attach_all().await;
+        }
+        Ok(client)
+    }
+
+    /// Declares each server's partitions, optimizer and mode on it, all servers at once.
+    async fn declare_all(&self, optimizer: &Optimizer, mode: TrainingMode) -> Result<()> {
+        let (mode, optimizer, hash) = (
+            mode_to_wire(mode),
+            optimizer_to_wire(optimizer),
+            self.map.hash(),
+        );
+        let declares = (0..self.servers.len()).map(|s| {
             let req = pb::DeclareRequest {
-                partitions,
-                optimizer: Some(opt_pb.clone()),
-                mode: Some(mode_pb),
+                partitions: self.partitions_of(s),
+                optimizer: Some(optimizer.clone()),
+                mode: Some(mode),
                 map_hash: hash,
             };
-            let mut c = client.servers[s].clone();
-            let addr = client.addrs[s].clone();
+            let mut c = self.servers[s].clone();
+            let addr = self.addrs[s].clone();
+            let deadline = self.timeout;
             async move {
                 c.declare(req)
                     .await
                     .map_err(|e| status_error(&addr, "declaring parameters", e, deadline))
             }
         });
-        futures::future::try_join_all(declares).await?;
-        if tandem_peer_memory::allowed_by_env() {
-            client.attach_all().await;
-        }
-        Ok(client)
+        futures::future::try_join_all(declares).await.map(|_| ())
+    }
+
+    /// The partitions server `s` holds, as declared on the wire.
+    fn partitions_of(&self, s: usize) -> Vec<pb::Partition> {
+        self.map
+            .parts
+            .iter()
+            .filter(|p| p.server == s)
+            .map(|p| {
+                let decl = self.map.param(&p.param);
+                let (kind, a, b, seed) = decl.map_or(("zeros", 0.0, 0.0, 0), |d| d.init.to_wire());
+                let shape: Vec<u64> = match decl.map(|d| d.shape.as_slice()) {
+                    Some([]) | None => vec![1],
+                    Some(s) => s.iter().map(|d| *d as u64).collect(),
+                };
+                pb::Partition {
+                    param: p.param.clone(),
+                    part: p.part,
+                    shape,
+                    row_start: p.row_start as u64,
+                    rows: p.rows as u64,
+                    dtype: "f32".into(),
+                    init: Some(pb::Initializer {
+                        kind: kind.into(),
+                        a,
+                        b,
+                        seed,
+                    }),
+                }
+            })
+            .collect()
+    }
+}
+
+/// The job's shape agrees with itself: one address per server of the map, a worker index in range.
+fn check_job(addrs: &[String], map: &PartitionMap, worker: u32, mode: TrainingMode) -> Result<()> {
+    if addrs.len() != map.servers {
+        return Err(Error::invalid(
+            "servers",
+            format!(
+                "{} addresses for a map of {} servers",
+                addrs.len(),
+                map.servers
+            ),
+        ));
+    }
+    if worker >= mode.workers {
+        return Err(Error::invalid(
+            "worker",
+            format!("worker {worker} is not below the {} workers", mode.workers),
+        ));
+    }
+    Ok(())
+}
+
+fn mode_to_wire(mode: TrainingMode) -> pb::Mode {
+    pb::Mode {
+        sync: mode.sync,
+        workers: mode.workers,
+        replicas_to_aggregate: mode.replicas_to_aggregate,
+        bounded: mode.staleness.is_some(),
+        staleness: mode.staleness.unwrap_or(0),
+        reject_non_finite: mode.reject_non_finite,
+    }
+}
+
+fn optimizer_to_wire(o: &Optimizer) -> pb::Optimizer {
+    pb::Optimizer {
+        kind: o.kind_name().into(),
+        lr: o.lr as f64,
+        momentum: o.momentum as f64,
+        beta1: o.beta1 as f64,
+        beta2: o.beta2 as f64,
+        eps: o.eps as f64,
+        weight_decay: o.weight_decay as f64,
+        clip_norm: o.clip_norm as f64,
+        decay_rate: o.decay_rate as f64,
+        decay_steps: o.decay_steps,
     }
 }

@@ -210,56 +210,90 @@ impl Client {
                         }
                         continue;
                     }
-                    Err(why) => {
-                        // Raced with an update, or the server is not the process attached: ask
-                        // again through the stream for the version it just reported.
-                        self.unshare_if_gone(s, &sp, &why);
-                        let req = pb::PullRequest {
-                            worker: self.worker,
-                            min_version: sp.version,
-                            parts: vec![],
-                            timeout_ms: self.timeout.as_millis().min(u64::MAX as u128) as u64,
-                            incarnation: sp.incarnation,
-                        };
-                        self.pull_stream(s, req, self.timeout)
-                            .await?
-                            .ok_or_else(|| {
-                                Error::timeout(
-                                    format!("parameters from {} after a torn read", self.addrs[s]),
-                                    self.timeout,
-                                )
-                            })?
-                    }
+                    // Raced with an update, or the server is not the process attached: ask
+                    // again through the stream for the version it just reported.
+                    Err(why) => self.pull_again_streamed(s, &sp, &why).await?,
                 },
             };
-            for ch in chunks {
-                version = version.min(ch.version);
-                let part = self
-                    .map
-                    .parts
-                    .iter()
-                    .find(|p| p.param == ch.param && p.part == ch.part && p.server == s)
-                    .ok_or_else(|| {
-                        Error::transport(
-                            "pulling",
-                            format!("server {s} sent unknown partition {}/{}", ch.param, ch.part),
-                        )
-                    })?;
-                let dst = out
-                    .get_mut(&ch.param)
-                    .ok_or_else(|| Error::transport("pulling", "unknown parameter"))?;
-                let bytes: &mut [u8] = bytemuck::cast_slice_mut(&mut dst[part.range()]);
-                let off = ch.offset as usize;
-                if off + ch.data.len() > bytes.len() {
-                    return Err(Error::transport(
-                        "pulling",
-                        format!("chunk of {}/{} overruns the partition", ch.param, ch.part),
-                    ));
-                }
-                bytes[off..off + ch.data.len()].copy_from_slice(&ch.data);
-                *filled.entry((ch.param, ch.part)).or_default() += ch.data.len();
-            }
+            version = version.min(self.copy_chunks(s, chunks, out, &mut filled)?);
         }
+        self.check_filled(&filled)?;
+        Ok(if version == u64::MAX {
+            min_version
+        } else {
+            version
+        })
+    }
+
+    /// After a failed read by address: server `s`'s partitions through the stream, at the version
+    /// it reported.
+    async fn pull_again_streamed(
+        &self,
+        s: usize,
+        sp: &pb::SharedPull,
+        why: &str,
+    ) -> Result<Vec<pb::PullChunk>> {
+        self.unshare_if_gone(s, sp, why);
+        let req = pb::PullRequest {
+            worker: self.worker,
+            min_version: sp.version,
+            parts: vec![],
+            timeout_ms: self.timeout.as_millis().min(u64::MAX as u128) as u64,
+            incarnation: sp.incarnation,
+        };
+        self.pull_stream(s, req, self.timeout)
+            .await?
+            .ok_or_else(|| {
+                Error::timeout(
+                    format!("parameters from {} after a torn read", self.addrs[s]),
+                    self.timeout,
+                )
+            })
+    }
+
+    /// Copies server `s`'s streamed chunks into `out` (each inside its partition); returns the
+    /// lowest version among them (`u64::MAX` for none).
+    fn copy_chunks(
+        &self,
+        s: usize,
+        chunks: Vec<pb::PullChunk>,
+        out: &mut HashMap<String, Vec<f32>>,
+        filled: &mut HashMap<(String, u32), usize>,
+    ) -> Result<u64> {
+        let mut version = u64::MAX;
+        for ch in chunks {
+            version = version.min(ch.version);
+            let part = self
+                .map
+                .parts
+                .iter()
+                .find(|p| p.param == ch.param && p.part == ch.part && p.server == s)
+                .ok_or_else(|| {
+                    Error::transport(
+                        "pulling",
+                        format!("server {s} sent unknown partition {}/{}", ch.param, ch.part),
+                    )
+                })?;
+            let dst = out
+                .get_mut(&ch.param)
+                .ok_or_else(|| Error::transport("pulling", "unknown parameter"))?;
+            let bytes: &mut [u8] = bytemuck::cast_slice_mut(&mut dst[part.range()]);
+            let off = usize::try_from(ch.offset).unwrap_or(usize::MAX);
+            let end = off.checked_add(ch.data.len()).filter(|e| *e <= bytes.len());
+            let Some(end) = end else {
+                return Err(Error::transport(
+                    "pulling",
+                    format!("chunk of {}/{} overruns the partition", ch.param, ch.part),
+                ));
+            };
+            bytes[off..end].copy_from_slice(&ch.data);
+            *filled.entry((ch.param, ch.part)).or_default() += ch.data.len();
+        }
+        Ok(version)
+    }
+
+    /// Every partition arrived whole.
+    fn check_filled(&self, filled: &HashMap<(String, u32), usize>) -> Result<()> {
         for p in &self.map.parts {
             let got = filled.get(&(p.param.clone(), p.part)).copied().unwrap_or(0);
             if got != p.numel() * 4 {
@@ -274,11 +308,7 @@ impl Client {
                 ));
             }
         }
-        Ok(if version == u64::MAX {
-            min_version
-        } else {
-            version
-        })
+        Ok(())
     }
 
     /// Pushes gradients for `step` (every parameter named must be declared and have its full size).

@@ -198,6 +198,23 @@ fn decode(b: &[u8], file: String) -> Result<Snapshot> {
     };
     let map_hash = r.u64()?;
     let version = r.u64()?;
+    let mode = read_mode(&mut r)?;
+    let optimizer = read_optimizer(&mut r)?;
+    let n = r.len(1)?;
+    let mut parts = Vec::with_capacity(n);
+    for _ in 0..n {
+        parts.push(read_part(&mut r)?);
+    }
+    Ok(Snapshot {
+        map_hash,
+        version,
+        mode,
+        optimizer,
+        parts,
+    })
+}
+
+fn read_mode(r: &mut Reader<'_>) -> Result<Mode> {
     let sync = r.u64()? == 1;
     let workers = r.u64()? as u32;
     let replicas_to_aggregate = r.u64()? as u32;
@@ -205,13 +222,22 @@ fn decode(b: &[u8], file: String) -> Result<Snapshot> {
         u64::MAX => None,
         s => Some(s as u32),
     };
-    let reject_non_finite = r.u64()? == 1;
+    Ok(Mode {
+        sync,
+        workers,
+        replicas_to_aggregate,
+        staleness,
+        reject_non_finite: r.u64()? == 1,
+    })
+}
+
+fn read_optimizer(r: &mut Reader<'_>) -> Result<Optimizer> {
     let kind: Kind = Optimizer::kind_from_name(&r.str()?)?;
     let mut f = [0f32; 8];
     for x in f.iter_mut() {
         *x = r.f32()?;
     }
-    let optimizer = Optimizer {
+    Ok(Optimizer {
         kind,
         lr: f[0],
         momentum: f[1],
@@ -222,40 +248,25 @@ fn decode(b: &[u8], file: String) -> Result<Snapshot> {
         clip_norm: f[6],
         decay_rate: f[7],
         decay_steps: r.u64()?,
-    };
-    let n = r.len(1)?;
-    let mut parts = Vec::with_capacity(n);
-    for _ in 0..n {
-        let param = r.str()?;
-        let part = r.u64()? as u32;
-        let dims = r.len(8)?;
-        let shape = (0..dims).map(|_| r.u64()).collect::<Result<Vec<_>>>()?;
-        parts.push(PartSnapshot {
-            param,
-            part,
-            shape,
-            row_start: r.u64()?,
-            rows: r.u64()?,
-            t: r.u64()?,
-            version: r.u64()?,
-            values: r.floats()?,
-            m: r.floats()?,
-            v: r.floats()?,
-        });
-    }
-    let mode = Mode {
-        sync,
-        workers,
-        replicas_to_aggregate,
-        staleness,
-        reject_non_finite,
-    };
-    Ok(Snapshot {
-        map_hash,
-        version,
-        mode,
-        optimizer,
-        parts,
+    })
+}
+
+fn read_part(r: &mut Reader<'_>) -> Result<PartSnapshot> {
+    let param = r.str()?;
+    let part = r.u64()? as u32;
+    let dims = r.len(8)?;
+    let shape = (0..dims).map(|_| r.u64()).collect::<Result<Vec<_>>>()?;
+    Ok(PartSnapshot {
+        param,
+        part,
+        shape,
+        row_start: r.u64()?,
+        rows: r.u64()?,
+        t: r.u64()?,
+        version: r.u64()?,
+        values: r.floats()?,
+        m: r.floats()?,
+        v: r.floats()?,
     })
 }
 

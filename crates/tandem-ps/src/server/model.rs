@@ -479,102 +479,107 @@ impl Model {
         for p in &pending {
             keys.extend(p.source.partitions());
         }
-        // Per pending worker: what of its gradient is in the applied update so far, and why it
-        // stopped being readable (if it did).
-        let mut applied: Vec<Vec<(Key, usize)>> = vec![Vec::new(); pending.len()];
-        let mut lost: Vec<Option<String>> = vec![None; pending.len()];
+        let mut reads = Reads::new(pending.len());
         for key in keys {
+            let sum = sums.remove(&key);
             let from: Vec<usize> = (0..pending.len())
                 .filter(|&i| pending[i].source.covers(&key))
                 .collect();
-            let sum = sums.remove(&key);
             if from.is_empty() {
                 if let Some(Sum { mut values, count }) = sum {
                     divide_piece(&mut values, count);
                     self.apply(&key, &mut values, version);
                     self.pool.give(values);
                 }
-                continue;
-            }
-            let (mut piece, mut scratch) = (self.pool.take(PIECE), self.pool.take(PIECE));
-            let mut included = vec![0usize; pending.len()];
-            let applying = std::cell::Cell::new(false);
-            let mut average =
-                |at: usize, dst: &mut [f32]| -> Result<(), std::convert::Infallible> {
-                    let mut n = match &sum {
-                        Some(s) => {
-                            dst.copy_from_slice(&s.values[at..at + dst.len()]);
-                            s.count
-                        }
-                        None => {
-                            dst.fill(0.0);
-                            0
-                        }
-                    };
-                    for &i in &from {
-                        if lost[i].is_some() {
-                            continue;
-                        }
-                        let theirs = &mut scratch[..dst.len()];
-                        match pending[i].source.read(&key, at, theirs) {
-                            Ok(()) => {
-                                dst.iter_mut().zip(theirs.iter()).for_each(|(a, b)| *a += b);
-                                n += 1;
-                                if applying.get() {
-                                    included[i] = at + dst.len();
-                                }
-                            }
-                            Err(why) => {
-                                tracing::warn!(
-                                    worker = pending[i].worker,
-                                    step = version,
-                                    "gradient left out from element {at} of {:?}: {why}",
-                                    key.0
-                                );
-                                lost[i] = Some(why);
-                            }
-                        }
-                    }
-                    divide_piece(dst, n);
-                    Ok(())
-                };
-            // Clipping needs the averaged gradient's norm before any piece is applied.
-            let mut norm_sq = 0.0;
-            if self.optimizer.clip_norm > 0.0 {
-                let numel = self.parts.get(&key).map_or(0, |e| e.numel);
-                let mut at = 0;
-                while at < numel {
-                    let dst = &mut piece[..PIECE.min(numel - at)];
-                    let Ok(()) = average(at, dst);
-                    norm_sq = optimizer::add_squares(norm_sq, dst);
-                    at += dst.len();
-                }
-            }
-            applying.set(true);
-            let Ok(()) = self.apply_pieces(&key, version, norm_sq, &mut piece, &mut average);
-            for &i in &from {
-                if included[i] > 0 {
-                    applied[i].push((key.clone(), included[i]));
-                }
-            }
-            self.pool.give(piece);
-            self.pool.give(scratch);
-            if let Some(s) = sum {
-                self.pool.give(s.values);
+            } else {
+                self.apply_averaged_pieces(&key, sum, &pending, &from, &mut reads, version);
             }
         }
-        let partial: HashMap<u32, Partial> = pending
-            .iter()
-            .zip(applied)
-            .zip(lost)
-            .filter_map(|((p, applied), lost)| lost.map(|why| (p.worker, Partial { applied, why })))
-            .collect();
+        let partial = reads.partial(&pending);
         if !partial.is_empty() {
             *self.partial.lock().unwrap_or_else(|p| p.into_inner()) = (version, partial.clone());
         }
         step.step += 1;
         self.version.send_replace(step.step);
         partial
+    }
+
+    /// Averages partition `key` a piece at a time (the streamed sum's piece, then each pending
+    /// worker's piece in worker order) and applies it through the optimizer piece by piece.
+    fn apply_averaged_pieces(
+        &self,
+        key: &Key,
+        sum: Option<Sum>,
+        pending: &[Pending],
+        from: &[usize],
+        reads: &mut Reads,
+        version: u64,
+    ) {
+        let (mut piece, mut scratch) = (self.pool.take(PIECE), self.pool.take(PIECE));
+        let mut included = vec![0usize; pending.len()];
+        let applying = std::cell::Cell::new(false);
+        let mut average = |at: usize, dst: &mut [f32]| -> Result<(), std::convert::Infallible> {
+            let mut n = match &sum {
+                Some(s) => {
+                    dst.copy_from_slice(&s.values[at..at + dst.len()]);
+                    s.count
+                }
+                None => {
+                    dst.fill(0.0);
+                    0
+                }
+            };
+            for &i in from {
+                if reads.lost[i].is_some() {
+                    continue;
+                }
+                let theirs = &mut scratch[..dst.len()];
+                match pending[i].source.read(key, at, theirs) {
+                    Ok(()) => {
+                        dst.iter_mut().zip(theirs.iter()).for_each(|(a, b)| *a += b);
+                        n += 1;
+                        if applying.get() {
+                            included[i] = at + dst.len();
+                        }
+                    }
+                    Err(why) => {
+                        tracing::warn!(
+                            worker = pending[i].worker,
+                            step = version,
+                            "gradient left out from element {at} of {:?}: {why}",
+                            key.0
+                        );
+                        reads.lost[i] = Some(why);
+                    }
+                }
+            }
+            divide_piece(dst, n);
+            Ok(())
+        };
+        // Clipping needs the averaged gradient's norm before any piece is applied.
+        let mut norm_sq = 0.0;
+        if self.optimizer.clip_norm > 0.0 {
+            let numel = self.parts.get(key).map_or(0, |e| e.numel);
+            let mut at = 0;
+            while at < numel {
+                let dst = &mut piece[..PIECE.min(numel - at)];
+                let Ok(()) = average(at, dst);
+                norm_sq = optimizer::add_squares(norm_sq, dst);
+                at += dst.len();
+            }
+        }
+        applying.set(true);
+        let Ok(()) = self.apply_pieces(key, version, norm_sq, &mut piece, &mut average);
+        for &i in from {
+            if included[i] > 0 {
+                reads.applied[i].push((key.clone(), included[i]));
+            }
+        }
+        self.pool.give(piece);
+        self.pool.give(scratch);
+        if let Some(s) = sum {
+            self.pool.give(s.values);
+        }
     }
 
     /// What of worker `worker`'s gradient for sync step `step` was applied, if only part of it was.
@@ -646,6 +651,32 @@ impl Model {
         }
         step.add(grads, &self.pool);
         Ok(true)
+    }
+}
+
+/// Per pending worker of a step: what of its gradient is in the applied update so far, and why it
+/// stopped being readable (if it did).
+struct Reads {
+    applied: Vec<Vec<(Key, usize)>>,
+    lost: Vec<Option<String>>,
+}
+
+impl Reads {
+    fn new(n: usize) -> Self {
+        Reads {
+            applied: vec![Vec::new(); n],
+            lost: vec![None; n],
+        }
+    }
+
+    /// The workers that were read only in part, with what of theirs was applied.
+    fn partial(self, pending: &[Pending]) -> HashMap<u32, Partial> {
+        pending
+            .iter()
+            .zip(self.applied)
+            .zip(self.lost)
+            .filter_map(|((p, applied), lost)| lost.map(|why| (p.worker, Partial { applied, why })))
+            .collect()
     }
 }
 

@@ -8,7 +8,7 @@ use bytes::Bytes;
 use tonic::{Code, Status};
 
 use super::Service;
-use super::model::{Key, PartData, PartEntry};
+use super::model::{Key, Model, PartData, PartEntry};
 use super::same_host::blocking;
 use super::service::{all_finite, part_of};
 use crate::failure::{invalid, status};
@@ -77,50 +77,8 @@ impl Service {
         }
         let received = r.data.len() as u64;
         let model2 = model.clone();
-        let applied = blocking(move || {
-            let g: Vec<f32> = r
-                .data
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect();
-            if model2.mode.reject_non_finite && !all_finite(&g) {
-                return Err(status(
-                    Code::InvalidArgument,
-                    Reason::NonFinite,
-                    format!(
-                        "row gradients for {:?} hold NaN or Inf; nothing applied",
-                        key.0
-                    ),
-                ));
-            }
-            // Repeated ids add up, as an embedding lookup used twice contributes twice.
-            let mut merged: BTreeMap<usize, Vec<f32>> = BTreeMap::new();
-            for (row, grad) in r.rows.iter().zip(g.chunks_exact(row_len.max(1))) {
-                let acc = merged
-                    .entry(*row as usize)
-                    .or_insert_with(|| vec![0.0; row_len]);
-                acc.iter_mut().zip(grad).for_each(|(a, b)| *a += b);
-            }
-            let mut rows: Vec<(usize, Vec<f32>)> = merged.into_iter().collect();
-            let entry = part_of(&model2, &key)?;
-            let mut d = entry.write();
-            let PartData {
-                values,
-                state,
-                version,
-            } = &mut *d;
-            crate::optimizer::apply_rows(
-                &model2.optimizer,
-                state,
-                values,
-                row_len,
-                &mut rows,
-                *version,
-            );
-            *version += 1;
-            Ok(*version)
-        })
-        .await?;
+        let applied =
+            blocking(move || apply_row_gradients(&model2, &key, &r.rows, &r.data)).await?;
         let version = match applied {
             Ok(v) => v,
             Err(st) => return reject(st),
@@ -136,4 +94,50 @@ impl Service {
             version,
         })
     }
+}
+
+/// Applies gradients `data` (f32, little-endian, one row after another) to rows `rows` of partition
+/// `key`, on the blocking pool; repeated rows add up. Returns the partition's new version.
+fn apply_row_gradients(model: &Model, key: &Key, rows: &[u64], data: &[u8]) -> Result<u64, Status> {
+    let entry = part_of(model, key)?;
+    let row_len = entry.row_len();
+    let g: Vec<f32> = data
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    if model.mode.reject_non_finite && !all_finite(&g) {
+        return Err(status(
+            Code::InvalidArgument,
+            Reason::NonFinite,
+            format!(
+                "row gradients for {:?} hold NaN or Inf; nothing applied",
+                key.0
+            ),
+        ));
+    }
+    // Repeated ids add up, as an embedding lookup used twice contributes twice.
+    let mut merged: BTreeMap<usize, Vec<f32>> = BTreeMap::new();
+    for (row, grad) in rows.iter().zip(g.chunks_exact(row_len.max(1))) {
+        let acc = merged
+            .entry(*row as usize)
+            .or_insert_with(|| vec![0.0; row_len]);
+        acc.iter_mut().zip(grad).for_each(|(a, b)| *a += b);
+    }
+    let mut rows: Vec<(usize, Vec<f32>)> = merged.into_iter().collect();
+    let mut d = entry.write();
+    let PartData {
+        values,
+        state,
+        version,
+    } = &mut *d;
+    crate::optimizer::apply_rows(
+        &model.optimizer,
+        state,
+        values,
+        row_len,
+        &mut rows,
+        *version,
+    );
+    *version += 1;
+    Ok(*version)
 }
