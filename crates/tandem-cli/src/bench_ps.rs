@@ -2,6 +2,7 @@
 //! parameter of P f32 values with a trivial gradient, in sync or async mode.
 
 use std::io::{BufRead, BufReader};
+use std::path::Path;
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
@@ -97,10 +98,33 @@ pub fn bench_ps(a: BenchPsArgs) -> Result<ExitCode> {
     }
     let exe = std::env::current_exe().map_err(|e| Error::io("finding the tandem executable", e))?;
     let token = JobToken::generate();
+    let (mut servers, addrs) = start_servers(&exe, &token, a.servers)?;
+    let start = Instant::now();
+    let workers = match start_workers(&exe, &token, &a, &addrs, params) {
+        Ok(w) => w,
+        Err(e) => {
+            stop(&mut servers);
+            return Err(e);
+        }
+    };
+    let results = collect(workers)?;
+    let wall = start.elapsed().as_secs_f64();
+    let server_rss: Vec<u64> = servers.iter().map(|c| rss_of(c.id())).collect();
+    stop(&mut servers);
+    if !results.failed.is_empty() {
+        eprintln!("tandem bench ps: failed: {}", results.failed.join(", "));
+        return Ok(ExitCode::from(1));
+    }
+    report(&a, params, wall, results, &server_rss)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Starts `n` `tandem ps` processes on ephemeral loopback ports; returns them and their addresses.
+fn start_servers(exe: &Path, token: &JobToken, n: usize) -> Result<(Vec<Child>, Vec<String>)> {
     let mut servers = Vec::new();
     let mut addrs = Vec::new();
-    for i in 0..a.servers {
-        let mut c = Command::new(&exe)
+    for i in 0..n {
+        let spawned = Command::new(exe)
             .args([
                 "ps",
                 "--bind",
@@ -113,21 +137,37 @@ pub fn bench_ps(a: BenchPsArgs) -> Result<ExitCode> {
             ])
             .env(TOKEN_VAR, token.as_str())
             .stdout(Stdio::piped())
-            .spawn()
-            .map_err(|e| Error::io("starting a parameter server", e))?;
-        let mut lines = BufReader::new(
-            c.stdout
-                .take()
-                .ok_or_else(|| Error::transport("bench", "no stdout"))?,
-        )
-        .lines();
+            .spawn();
+        let mut c = match spawned {
+            Ok(c) => c,
+            Err(e) => {
+                stop(&mut servers);
+                return Err(Error::io("starting a parameter server", e));
+            }
+        };
+        let Some(stdout) = c.stdout.take() else {
+            servers.push(c);
+            stop(&mut servers);
+            return Err(Error::transport("bench", "a server has no stdout"));
+        };
+        let mut lines = BufReader::new(stdout).lines();
         let first = lines.next().and_then(|l| l.ok()).unwrap_or_default();
         let addr = first.rsplit(' ').next().unwrap_or_default().to_string();
         std::thread::spawn(move || for _ in lines {});
         addrs.push(addr);
         servers.push(c);
     }
-    let start = Instant::now();
+    Ok((servers, addrs))
+}
+
+/// Starts the workers (`tandem bench-ps-worker`), each reporting its step times on stdout.
+fn start_workers(
+    exe: &Path,
+    token: &JobToken,
+    a: &BenchPsArgs,
+    addrs: &[String],
+    params: usize,
+) -> Result<Vec<Child>> {
     let mut workers = Vec::new();
     for w in 0..a.workers {
         let mut args = vec![
@@ -141,7 +181,7 @@ pub fn bench_ps(a: BenchPsArgs) -> Result<ExitCode> {
         if a.mode == PsMode::Sync {
             args.push("--sync".into());
         }
-        match Command::new(&exe)
+        match Command::new(exe)
             .args(&args)
             .env(TOKEN_VAR, token.as_str())
             .stdout(Stdio::piped())
@@ -149,15 +189,28 @@ pub fn bench_ps(a: BenchPsArgs) -> Result<ExitCode> {
         {
             Ok(c) => workers.push(c),
             Err(e) => {
-                stop(&mut servers);
                 stop(&mut workers);
                 return Err(Error::io("starting a worker", e));
             }
         }
     }
-    let mut step_ms: Vec<f64> = Vec::new();
-    let mut worker_rss = Vec::new();
-    let mut failed = Vec::new();
+    Ok(workers)
+}
+
+/// What the workers reported.
+struct Results {
+    step_ms: Vec<f64>,
+    worker_rss: Vec<u64>,
+    failed: Vec<String>,
+}
+
+/// Waits for every worker and gathers their reports.
+fn collect(workers: Vec<Child>) -> Result<Results> {
+    let mut r = Results {
+        step_ms: Vec::new(),
+        worker_rss: Vec::new(),
+        failed: Vec::new(),
+    };
     for (w, c) in workers.into_iter().enumerate() {
         let out = c
             .wait_with_output()
@@ -169,37 +222,35 @@ pub fn bench_ps(a: BenchPsArgs) -> Result<ExitCode> {
             .and_then(|j| serde_json::from_str::<serde_json::Value>(j).ok())
         {
             Some(v) if out.status.success() => {
-                step_ms.extend(
+                r.step_ms.extend(
                     v["step_ms"]
                         .as_array()
                         .into_iter()
                         .flatten()
                         .filter_map(|x| x.as_f64()),
                 );
-                worker_rss.push(v["rss"].as_u64().unwrap_or(0));
+                r.worker_rss.push(v["rss"].as_u64().unwrap_or(0));
             }
-            _ => failed.push(format!("worker {w} ({})", out.status)),
+            _ => r.failed.push(format!("worker {w} ({})", out.status)),
         }
     }
-    let wall = start.elapsed().as_secs_f64();
-    let server_rss: Vec<u64> = servers.iter().map(|c| rss_of(c.id())).collect();
-    stop(&mut servers);
-    if !failed.is_empty() {
-        eprintln!("tandem bench ps: failed: {}", failed.join(", "));
-        return Ok(ExitCode::from(1));
-    }
-    step_ms.sort_by(|x, y| x.total_cmp(y));
+    r.step_ms.sort_by(|x, y| x.total_cmp(y));
+    Ok(r)
+}
+
+/// Prints the summary (and appends the CSV line, when asked).
+fn report(a: &BenchPsArgs, params: usize, wall: f64, r: Results, server_rss: &[u64]) -> Result<()> {
     let pct = |p: f64| {
-        step_ms
-            .get(((step_ms.len() as f64 - 1.0) * p).round() as usize)
+        r.step_ms
+            .get(((r.step_ms.len() as f64 - 1.0) * p).round() as usize)
             .copied()
             .unwrap_or(0.0)
     };
     let (steps, pushes) = (a.steps as f64, (a.steps * a.workers) as f64);
-    let rate = if a.mode == PsMode::Sync {
-        steps / wall
+    let (rate, unit) = if a.mode == PsMode::Sync {
+        (steps / wall, "global steps/s")
     } else {
-        pushes / wall
+        (pushes / wall, "gradients/s")
     };
     let gbs = pushes * params as f64 * 4.0 * 2.0 / wall / 1e9;
     let mib = |v: &[u64]| {
@@ -207,11 +258,6 @@ pub fn bench_ps(a: BenchPsArgs) -> Result<ExitCode> {
             .map(|b| format!("{:.0}", *b as f64 / (1 << 20) as f64))
             .collect::<Vec<_>>()
             .join(" ")
-    };
-    let unit = if a.mode == PsMode::Sync {
-        "global steps/s"
-    } else {
-        "gradients/s"
     };
     println!(
         "# tandem bench ps: {} workers, {} servers, {params} f32 params, {:?}, {} steps per worker",
@@ -224,8 +270,8 @@ pub fn bench_ps(a: BenchPsArgs) -> Result<ExitCode> {
     );
     println!(
         "# peak RSS MiB: servers {}  workers {}",
-        mib(&server_rss),
-        mib(&worker_rss)
+        mib(server_rss),
+        mib(&r.worker_rss)
     );
     if let Some(path) = &a.csv {
         use std::io::Write;
@@ -244,7 +290,7 @@ pub fn bench_ps(a: BenchPsArgs) -> Result<ExitCode> {
             pct(0.99)
         );
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(())
 }
 
 /// One worker: pull, compute a trivial gradient, push; reports step times.
