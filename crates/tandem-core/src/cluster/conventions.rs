@@ -208,66 +208,18 @@ pub(crate) fn slurm(vars: &(impl Vars + ?Sized)) -> Result<Option<ClusterSpec>> 
         Some((name, v)) => Some((name.clone(), expand_tasks_per_node(&name, &v)?)),
         None => None,
     };
-    let mut local_world_size = None;
+    let local_world_size = match &tasks {
+        Some((tname, tasks)) => tasks_on_this_node(tname, tasks, world_size, node_id)?,
+        None => None,
+    };
     let mut peers = BTreeMap::new();
     let mut rendezvous = master_endpoint(vars)?;
-    if let Some((tname, tasks)) = &tasks {
-        let total: usize = tasks.iter().sum();
-        if total != world_size {
-            return Err(Error::config(
-                tname.as_str(),
-                format!("gives {total} tasks in all, but SLURM_NTASKS is {world_size}"),
-            ));
-        }
-        if let Some(node) = node_id {
-            let n = tasks.get(node).ok_or_else(|| {
-                Error::config(
-                    "SLURM_NODEID",
-                    format!("node {node} is beyond the {} nodes of {tname}", tasks.len()),
-                )
-            })?;
-            local_world_size = Some(*n);
-        }
-    }
     if let Some((nname, hosts)) = &nodes {
         if let Some((tname, tasks)) = &tasks {
-            if tasks.len() != hosts.len() {
-                return Err(Error::config(
-                    tname.as_str(),
-                    format!(
-                        "lists {} nodes but {nname} lists {}",
-                        tasks.len(),
-                        hosts.len()
-                    ),
-                ));
-            }
-            let mut r = 0;
-            let workers: &mut BTreeMap<usize, String> = peers.entry(Role::Worker).or_default();
-            let mut chief = BTreeMap::new();
-            for (host, n) in hosts.iter().zip(tasks) {
-                for _ in 0..*n {
-                    let (role, index) = allreduce_role(r);
-                    if role == Role::Chief {
-                        chief.insert(index, host.clone());
-                    } else {
-                        workers.insert(index, host.clone());
-                    }
-                    r += 1;
-                }
-            }
-            peers.insert(Role::Chief, chief);
+            peers = slurm_peers(nname, hosts, tname, tasks)?;
         }
         if rendezvous.is_none() {
-            let port = match count_var(vars, "TANDEM_RENDEZVOUS_PORT")? {
-                Some(p) if (1..=65535).contains(&p) => p as u16,
-                Some(p) => {
-                    return Err(Error::config(
-                        "TANDEM_RENDEZVOUS_PORT",
-                        format!("{p} is not a TCP port"),
-                    ));
-                }
-                None => slurm_default_port(count_var(vars, "SLURM_JOB_ID")?),
-            };
+            let port = slurm_rendezvous_port(vars)?;
             rendezvous = hosts.first().map(|h| format!("{h}:{port}"));
         }
     }
@@ -290,6 +242,81 @@ pub(crate) fn slurm(vars: &(impl Vars + ?Sized)) -> Result<Option<ClusterSpec>> 
     }
     .build()
     .map(Some)
+}
+
+/// The tasks of node `node_id` (when known), after checking the per-node counts add up to the
+/// world size.
+fn tasks_on_this_node(
+    tname: &str,
+    tasks: &[usize],
+    world_size: usize,
+    node_id: Option<usize>,
+) -> Result<Option<usize>> {
+    let total: usize = tasks.iter().sum();
+    if total != world_size {
+        return Err(Error::config(
+            tname,
+            format!("gives {total} tasks in all, but SLURM_NTASKS is {world_size}"),
+        ));
+    }
+    let Some(node) = node_id else {
+        return Ok(None);
+    };
+    let n = tasks.get(node).ok_or_else(|| {
+        Error::config(
+            "SLURM_NODEID",
+            format!("node {node} is beyond the {} nodes of {tname}", tasks.len()),
+        )
+    })?;
+    Ok(Some(*n))
+}
+
+/// Every rank's host, from the node list and the tasks per node (Slurm's block distribution).
+fn slurm_peers(
+    nname: &str,
+    hosts: &[String],
+    tname: &str,
+    tasks: &[usize],
+) -> Result<BTreeMap<Role, BTreeMap<usize, String>>> {
+    if tasks.len() != hosts.len() {
+        return Err(Error::config(
+            tname,
+            format!(
+                "lists {} nodes but {nname} lists {}",
+                tasks.len(),
+                hosts.len()
+            ),
+        ));
+    }
+    let (mut chief, mut workers) = (BTreeMap::new(), BTreeMap::new());
+    let mut r = 0;
+    for (host, n) in hosts.iter().zip(tasks) {
+        for _ in 0..*n {
+            let (role, index) = allreduce_role(r);
+            if role == Role::Chief {
+                chief.insert(index, host.clone());
+            } else {
+                workers.insert(index, host.clone());
+            }
+            r += 1;
+        }
+    }
+    Ok(BTreeMap::from([
+        (Role::Worker, workers),
+        (Role::Chief, chief),
+    ]))
+}
+
+/// `TANDEM_RENDEZVOUS_PORT`, or a port derived from the job id.
+fn slurm_rendezvous_port(vars: &(impl Vars + ?Sized)) -> Result<u16> {
+    match count_var(vars, "TANDEM_RENDEZVOUS_PORT")? {
+        Some(p) if (1..=65535).contains(&p) => Ok(p as u16),
+        Some(p) => Err(Error::config(
+            "TANDEM_RENDEZVOUS_PORT",
+            format!("{p} is not a TCP port"),
+        )),
+        None => Ok(slurm_default_port(count_var(vars, "SLURM_JOB_ID")?)),
+    }
 }
 
 /// Open MPI: `OMPI_COMM_WORLD_RANK`, `_SIZE`, `_LOCAL_RANK`, `_LOCAL_SIZE`, `_NODE_RANK`.

@@ -66,56 +66,8 @@ pub(crate) fn tf_config(vars: &(impl Vars + ?Sized)) -> Result<Option<ClusterSpe
         .get("cluster")
         .and_then(Value::as_object)
         .ok_or_else(|| err("has no \"cluster\" object"))?;
-
-    let mut peers: BTreeMap<Role, BTreeMap<usize, String>> = BTreeMap::new();
-    let mut replicas: BTreeMap<Role, usize> = BTreeMap::new();
-    for (name, members) in cluster {
-        let role: Role = name
-            .parse()
-            .map_err(|_| err(format!("cluster has unknown task type {name:?}; expected chief, master, worker, ps or evaluator")))?;
-        if peers.contains_key(&role) {
-            return Err(err(
-                "cluster lists both \"chief\" and \"master\"; they are the same role",
-            ));
-        }
-        let members = parse_members(name, members)?;
-        // A sparse map lists some indices only; the group is at least as large as its highest index.
-        let count = members.keys().next_back().map_or(0, |i| i + 1);
-        if role == Role::Chief && count > 1 {
-            return Err(err(format!(
-                "cluster.{name} lists {count} tasks; a job has at most one chief"
-            )));
-        }
-        replicas.insert(role, count);
-        peers.insert(role, members);
-    }
-
-    let task = json
-        .get("task")
-        .and_then(Value::as_object)
-        .ok_or_else(|| err("has no \"task\" object saying which task this process is"))?;
-    let type_name = task
-        .get("type")
-        .and_then(Value::as_str)
-        .ok_or_else(|| err("task.type is missing or not a string"))?;
-    let role: Role = type_name.parse().map_err(|_| {
-        err(format!(
-            "task.type {type_name:?} is unknown; expected chief, master, worker, ps or evaluator"
-        ))
-    })?;
-    let index = match task.get("index") {
-        None => 0,
-        Some(Value::Number(n)) => n
-            .as_u64()
-            .and_then(|n| usize::try_from(n).ok())
-            .ok_or_else(|| err(format!("task.index {n} is not a non-negative integer")))?,
-        Some(other) => {
-            return Err(err(format!(
-                "task.index must be a non-negative integer, got {other}"
-            )));
-        }
-    };
-
+    let (peers, replicas) = parse_cluster(cluster)?;
+    let (role, type_name, index) = parse_task(&json)?;
     let in_cluster = replicas.get(&role).copied().unwrap_or(0);
     let (rank, world_size) = if role == Role::Evaluator && in_cluster == 0 {
         // TensorFlow runs the evaluator outside the training cluster: it is a job of its own.
@@ -140,7 +92,6 @@ pub(crate) fn tf_config(vars: &(impl Vars + ?Sized)) -> Result<Option<ClusterSpe
             .sum();
         (before + index, replicas.values().sum())
     };
-
     // The chief (or worker 0 when there is none) hosts the rendezvous at its own address.
     let rendezvous = peers
         .get(&Role::Chief)
@@ -167,4 +118,65 @@ pub(crate) fn tf_config(vars: &(impl Vars + ?Sized)) -> Result<Option<ClusterSpe
         spec.replicas.insert(Role::Evaluator, 1);
     }
     spec.validate(VAR).map(Some)
+}
+
+type Peers = BTreeMap<Role, BTreeMap<usize, String>>;
+
+/// `cluster`: each task type's members (by index) and how many of each there are.
+fn parse_cluster(
+    cluster: &serde_json::Map<String, Value>,
+) -> Result<(Peers, BTreeMap<Role, usize>)> {
+    let mut peers: Peers = BTreeMap::new();
+    let mut replicas: BTreeMap<Role, usize> = BTreeMap::new();
+    for (name, members) in cluster {
+        let role: Role = name
+            .parse()
+            .map_err(|_| err(format!("cluster has unknown task type {name:?}; expected chief, master, worker, ps or evaluator")))?;
+        if peers.contains_key(&role) {
+            return Err(err(
+                "cluster lists both \"chief\" and \"master\"; they are the same role",
+            ));
+        }
+        let members = parse_members(name, members)?;
+        // A sparse map lists some indices only; the group is at least as large as its highest index.
+        let count = members.keys().next_back().map_or(0, |i| i + 1);
+        if role == Role::Chief && count > 1 {
+            return Err(err(format!(
+                "cluster.{name} lists {count} tasks; a job has at most one chief"
+            )));
+        }
+        replicas.insert(role, count);
+        peers.insert(role, members);
+    }
+    Ok((peers, replicas))
+}
+
+/// `task`: which task this process is (role, the type's name as written, index).
+fn parse_task(json: &Value) -> Result<(Role, String, usize)> {
+    let task = json
+        .get("task")
+        .and_then(Value::as_object)
+        .ok_or_else(|| err("has no \"task\" object saying which task this process is"))?;
+    let type_name = task
+        .get("type")
+        .and_then(Value::as_str)
+        .ok_or_else(|| err("task.type is missing or not a string"))?;
+    let role: Role = type_name.parse().map_err(|_| {
+        err(format!(
+            "task.type {type_name:?} is unknown; expected chief, master, worker, ps or evaluator"
+        ))
+    })?;
+    let index = match task.get("index") {
+        None => 0,
+        Some(Value::Number(n)) => n
+            .as_u64()
+            .and_then(|n| usize::try_from(n).ok())
+            .ok_or_else(|| err(format!("task.index {n} is not a non-negative integer")))?,
+        Some(other) => {
+            return Err(err(format!(
+                "task.index must be a non-negative integer, got {other}"
+            )));
+        }
+    };
+    Ok((role, type_name.to_string(), index))
 }
