@@ -173,22 +173,38 @@ impl Planned {
 /// bind theirs; it may be empty for allreduce jobs).
 pub fn plan(spec: &JobSpec, rendezvous: &str, ports: &[u16]) -> Result<Vec<Planned>> {
     spec.validate()?;
-    let (master_addr, master_port) = rendezvous
-        .rsplit_once(':')
-        .ok_or_else(|| Error::invalid("rendezvous", format!("{rendezvous:?} is not host:port")))?;
-    let common = |extra: Vec<(String, String)>| {
-        let mut env = vec![
-            ("TANDEM_RENDEZVOUS_ADDR".to_string(), rendezvous.to_string()),
-            ("TANDEM_RENDEZVOUS_EXTERNAL".to_string(), "1".to_string()),
-        ];
-        env.extend(extra);
-        env.extend(spec.env.iter().cloned());
-        env
-    };
+    if !rendezvous.contains(':') {
+        return Err(Error::invalid(
+            "rendezvous",
+            format!("{rendezvous:?} is not host:port"),
+        ));
+    }
     match spec.layout {
-        Layout::Allreduce { nproc } => Ok((0..nproc)
-            .map(|rank| {
-                let env = common(vec![
+        Layout::Allreduce { nproc } => Ok(plan_allreduce(spec, rendezvous, nproc)),
+        Layout::Ps { ps, workers, chief } => plan_ps(spec, rendezvous, ports, ps, workers, chief),
+    }
+}
+
+/// The variables every process gets: the launcher's rendezvous, then `extra`, then the user's.
+fn common(spec: &JobSpec, rendezvous: &str, extra: Vec<(String, String)>) -> Vec<(String, String)> {
+    let mut env = vec![
+        ("TANDEM_RENDEZVOUS_ADDR".to_string(), rendezvous.to_string()),
+        ("TANDEM_RENDEZVOUS_EXTERNAL".to_string(), "1".to_string()),
+    ];
+    env.extend(extra);
+    env.extend(spec.env.iter().cloned());
+    env
+}
+
+/// An allreduce job: the variables torchrun gives (a PyTorchJob's), one process per rank.
+fn plan_allreduce(spec: &JobSpec, rendezvous: &str, nproc: usize) -> Vec<Planned> {
+    let (master_addr, master_port) = rendezvous.rsplit_once(':').unwrap_or((rendezvous, ""));
+    (0..nproc)
+        .map(|rank| {
+            let env = common(
+                spec,
+                rendezvous,
+                vec![
                     ("RANK".into(), rank.to_string()),
                     ("WORLD_SIZE".into(), nproc.to_string()),
                     ("LOCAL_RANK".into(), rank.to_string()),
@@ -196,76 +212,101 @@ pub fn plan(spec: &JobSpec, rendezvous: &str, ports: &[u16]) -> Result<Vec<Plann
                     ("GROUP_RANK".into(), "0".into()),
                     ("MASTER_ADDR".into(), master_addr.to_string()),
                     ("MASTER_PORT".into(), master_port.to_string()),
-                ]);
-                let env = with_gpu(env, &spec.gpus, rank);
-                // torchrun names every rank a worker; so do the logs.
-                Planned {
-                    role: Role::Worker,
-                    index: rank,
-                    rank,
-                    command: spec.command.clone(),
-                    env,
-                }
-            })
-            .collect()),
-        Layout::Ps { ps, workers, chief } => {
-            let total = ps + workers;
-            if ports.len() < total {
-                return Err(Error::invalid(
-                    "ports",
-                    format!("{} ports for {total} processes", ports.len()),
-                ));
+                ],
+            );
+            let env = with_gpu(env, &spec.gpus, rank);
+            // torchrun names every rank a worker; so do the logs.
+            Planned {
+                role: Role::Worker,
+                index: rank,
+                rank,
+                command: spec.command.clone(),
+                env,
             }
-            let addr = |i: usize| format!("{}:{}", spec.host, ports[i]);
-            let trainers: Vec<(Role, usize)> = if chief {
-                std::iter::once((Role::Chief, 0))
-                    .chain((0..workers - 1).map(|i| (Role::Worker, i)))
-                    .collect()
-            } else {
-                (0..workers).map(|i| (Role::Worker, i)).collect()
-            };
-            let mut cluster = serde_json::Map::new();
-            let list = |offset: usize, n: usize| -> serde_json::Value {
-                serde_json::Value::Array((0..n).map(|i| addr(offset + i).into()).collect())
-            };
-            let chiefs = usize::from(chief);
-            if chief {
-                cluster.insert("chief".into(), list(0, 1));
-            }
-            if workers > chiefs {
-                cluster.insert("worker".into(), list(chiefs, workers - chiefs));
-            }
-            cluster.insert("ps".into(), list(workers, ps));
-            let processes = trainers.into_iter().chain((0..ps).map(|i| (Role::Ps, i)));
-            Ok(processes
-                .enumerate()
-                .map(|(rank, (role, index))| {
-                    let tf_config = serde_json::json!({
-                        "cluster": cluster,
-                        "task": { "type": role.name(), "index": index },
-                    });
-                    let command = match (role, &spec.ps_command) {
-                        (Role::Ps, Some(c)) => c.clone(),
-                        _ => spec.command.clone(),
-                    };
-                    let env = common(vec![("TF_CONFIG".into(), tf_config.to_string())]);
-                    // Trainers come first in rank order, so rank is their index among trainers.
-                    let env = if role == Role::Ps {
-                        env
-                    } else {
-                        with_gpu(env, &spec.gpus, rank)
-                    };
-                    Planned {
-                        role,
-                        index,
-                        rank,
-                        command,
-                        env,
-                    }
-                })
-                .collect())
-        }
+        })
+        .collect()
+}
+
+/// A parameter-server job: a TFJob's `TF_CONFIG` for every trainer (chief first, if any) and server.
+fn plan_ps(
+    spec: &JobSpec,
+    rendezvous: &str,
+    ports: &[u16],
+    ps: usize,
+    workers: usize,
+    chief: bool,
+) -> Result<Vec<Planned>> {
+    let total = ps + workers;
+    if ports.len() < total {
+        return Err(Error::invalid(
+            "ports",
+            format!("{} ports for {total} processes", ports.len()),
+        ));
     }
+    let cluster = tf_cluster(spec, ports, ps, workers, chief);
+    let trainers: Vec<(Role, usize)> = if chief {
+        std::iter::once((Role::Chief, 0))
+            .chain((0..workers - 1).map(|i| (Role::Worker, i)))
+            .collect()
+    } else {
+        (0..workers).map(|i| (Role::Worker, i)).collect()
+    };
+    let processes = trainers.into_iter().chain((0..ps).map(|i| (Role::Ps, i)));
+    Ok(processes
+        .enumerate()
+        .map(|(rank, (role, index))| {
+            let tf_config = serde_json::json!({
+                "cluster": cluster,
+                "task": { "type": role.name(), "index": index },
+            });
+            let command = match (role, &spec.ps_command) {
+                (Role::Ps, Some(c)) => c.clone(),
+                _ => spec.command.clone(),
+            };
+            let env = common(
+                spec,
+                rendezvous,
+                vec![("TF_CONFIG".into(), tf_config.to_string())],
+            );
+            // Trainers come first in rank order, so rank is their index among trainers.
+            let env = if role == Role::Ps {
+                env
+            } else {
+                with_gpu(env, &spec.gpus, rank)
+            };
+            Planned {
+                role,
+                index,
+                rank,
+                command,
+                env,
+            }
+        })
+        .collect())
+}
+
+/// The `cluster` of the `TF_CONFIG`: the chief, the workers, then the servers, at the ports given.
+fn tf_cluster(
+    spec: &JobSpec,
+    ports: &[u16],
+    ps: usize,
+    workers: usize,
+    chief: bool,
+) -> serde_json::Map<String, serde_json::Value> {
+    let addr = |i: usize| format!("{}:{}", spec.host, ports[i]);
+    let list = |offset: usize, n: usize| -> serde_json::Value {
+        serde_json::Value::Array((0..n).map(|i| addr(offset + i).into()).collect())
+    };
+    let mut cluster = serde_json::Map::new();
+    let chiefs = usize::from(chief);
+    if chief {
+        cluster.insert("chief".into(), list(0, 1));
+    }
+    if workers > chiefs {
+        cluster.insert("worker".into(), list(chiefs, workers - chiefs));
+    }
+    cluster.insert("ps".into(), list(workers, ps));
+    cluster
 }
 
 fn with_gpu(

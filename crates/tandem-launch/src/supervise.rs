@@ -269,106 +269,143 @@ fn supervise(
 ) -> Outcome {
     let started = Instant::now();
     let mut trainers_done_at: Option<Instant> = None;
-    let outcome = |code, summary| Outcome {
-        code,
-        summary,
-        log_dir: None,
-    };
     loop {
-        if interrupted() {
-            let running = procs.iter().filter(|p| p.child.is_some()).count();
-            return outcome(
-                130,
-                format!("interrupted; stopped {running} running processes"),
-            );
+        if let Some(o) = stopped(procs, started, deadline, interrupted) {
+            return o;
         }
-        if let Some(d) = deadline
-            && started.elapsed() >= d
-        {
-            let running: Vec<String> = procs
-                .iter()
-                .filter(|p| p.child.is_some())
-                .map(|p| p.plan.name())
-                .collect();
-            return outcome(
-                124,
-                format!(
-                    "the job ran past its {d:?} deadline; stopped {}",
-                    running.join(", ")
-                ),
-            );
+        if let Some(o) = reap(spec, procs, token, style) {
+            return o;
         }
-        for i in 0..procs.len() {
-            let Some(child) = procs[i].child.as_mut() else {
-                continue;
-            };
-            let status = match child.try_wait() {
-                Ok(Some(s)) => s,
-                Ok(None) => continue,
-                Err(e) => {
-                    return outcome(1, format!("could not watch {}: {e}", procs[i].plan.name()));
-                }
-            };
-            procs[i].child = None;
-            procs[i].exit = Some(status);
-            if status.success() {
-                continue;
-            }
-            let (code, why) = describe(status);
-            let p = &mut procs[i];
-            if let Restart::OnFailure { max } = spec.restart
-                && p.restarts < max
-            {
-                p.restarts += 1;
-                eprintln!(
-                    "tandem launch: {} {why}; restarting it ({} of {max})",
-                    p.plan.name(),
-                    p.restarts
-                );
-                join_forwarders(p);
-                if let Err(e) = start(p, token, style) {
-                    return outcome(1, format!("could not restart {}: {e}", p.plan.name()));
-                }
-                continue;
-            }
-            let others = procs.iter().filter(|q| q.child.is_some()).count();
-            let p = &procs[i];
-            let restarts = match spec.restart {
-                Restart::Never => String::new(),
-                Restart::OnFailure { .. } => format!(" after {} restarts", p.restarts),
-            };
-            return outcome(
-                code,
-                format!(
-                    "{} (rank {}) {why}{restarts}; stopped {others} other processes",
-                    p.plan.name(),
-                    p.plan.rank
-                ),
-            );
-        }
-        let trainers_running = procs.iter().any(|p| p.plan.trains() && p.child.is_some());
-        if !trainers_running {
-            let servers_running = procs.iter().any(|p| p.child.is_some());
-            if !servers_running {
-                return outcome(0, format!("all {} processes succeeded", procs.len()));
-            }
-            // Servers normally exit once every worker said it is done; give them a while.
-            let since = *trainers_done_at.get_or_insert_with(Instant::now);
-            if since.elapsed() >= SERVER_GRACE {
-                eprintln!(
-                    "tandem launch: every worker is done; stopping the servers still running after {SERVER_GRACE:?}"
-                );
-                return outcome(
-                    0,
-                    format!(
-                        "all {} workers succeeded",
-                        procs.iter().filter(|p| p.plan.trains()).count()
-                    ),
-                );
-            }
+        if let Some(o) = all_done(procs, &mut trainers_done_at) {
+            return o;
         }
         std::thread::sleep(POLL);
     }
+}
+
+fn outcome(code: i32, summary: String) -> Outcome {
+    Outcome {
+        code,
+        summary,
+        log_dir: None,
+    }
+}
+
+/// An interrupt, or the job's deadline passed.
+fn stopped(
+    procs: &[Proc],
+    started: Instant,
+    deadline: Option<Duration>,
+    interrupted: &dyn Fn() -> bool,
+) -> Option<Outcome> {
+    if interrupted() {
+        let running = procs.iter().filter(|p| p.child.is_some()).count();
+        return Some(outcome(
+            130,
+            format!("interrupted; stopped {running} running processes"),
+        ));
+    }
+    let d = deadline.filter(|d| started.elapsed() >= *d)?;
+    let running: Vec<String> = procs
+        .iter()
+        .filter(|p| p.child.is_some())
+        .map(|p| p.plan.name())
+        .collect();
+    Some(outcome(
+        124,
+        format!(
+            "the job ran past its {d:?} deadline; stopped {}",
+            running.join(", ")
+        ),
+    ))
+}
+
+/// Notes processes that exited: a success is kept, a failure is restarted while the policy allows,
+/// and otherwise ends the job.
+fn reap(spec: &JobSpec, procs: &mut [Proc], token: &JobToken, style: &Style) -> Option<Outcome> {
+    for i in 0..procs.len() {
+        let Some(child) = procs[i].child.as_mut() else {
+            continue;
+        };
+        let status = match child.try_wait() {
+            Ok(Some(s)) => s,
+            Ok(None) => continue,
+            Err(e) => {
+                return Some(outcome(
+                    1,
+                    format!("could not watch {}: {e}", procs[i].plan.name()),
+                ));
+            }
+        };
+        procs[i].child = None;
+        procs[i].exit = Some(status);
+        if status.success() {
+            continue;
+        }
+        let (code, why) = describe(status);
+        let p = &mut procs[i];
+        if let Restart::OnFailure { max } = spec.restart
+            && p.restarts < max
+        {
+            p.restarts += 1;
+            eprintln!(
+                "tandem launch: {} {why}; restarting it ({} of {max})",
+                p.plan.name(),
+                p.restarts
+            );
+            join_forwarders(p);
+            if let Err(e) = start(p, token, style) {
+                return Some(outcome(
+                    1,
+                    format!("could not restart {}: {e}", p.plan.name()),
+                ));
+            }
+            continue;
+        }
+        let others = procs.iter().filter(|q| q.child.is_some()).count();
+        let p = &procs[i];
+        let restarts = match spec.restart {
+            Restart::Never => String::new(),
+            Restart::OnFailure { .. } => format!(" after {} restarts", p.restarts),
+        };
+        return Some(outcome(
+            code,
+            format!(
+                "{} (rank {}) {why}{restarts}; stopped {others} other processes",
+                p.plan.name(),
+                p.plan.rank
+            ),
+        ));
+    }
+    None
+}
+
+/// Every process succeeded, or every trainer did and the servers had their grace period.
+fn all_done(procs: &[Proc], trainers_done_at: &mut Option<Instant>) -> Option<Outcome> {
+    if procs.iter().any(|p| p.plan.trains() && p.child.is_some()) {
+        return None;
+    }
+    if !procs.iter().any(|p| p.child.is_some()) {
+        return Some(outcome(
+            0,
+            format!("all {} processes succeeded", procs.len()),
+        ));
+    }
+    // Servers normally exit once every worker said it is done; give them a while.
+    let since = *trainers_done_at.get_or_insert_with(Instant::now);
+    if since.elapsed() < SERVER_GRACE {
+        return None;
+    }
+    eprintln!(
+        "tandem launch: every worker is done; stopping the servers still running after {SERVER_GRACE:?}"
+    );
+    Some(outcome(
+        0,
+        format!(
+            "all {} workers succeeded",
+            procs.iter().filter(|p| p.plan.trains()).count()
+        ),
+    ))
 }
 
 fn signal_group(child: &Child, signal: Signal) {

@@ -175,36 +175,7 @@ impl Topology {
         let header = lines
             .next()
             .ok_or_else(|| Error::config(SOURCE, "the output is empty"))?;
-        let columns: Vec<&str> = header.split('\t').map(str::trim).collect();
-        // Device columns run from the first cell up to "CPU Affinity" (or the end).
-        let devices: Vec<&str> = columns
-            .iter()
-            .skip(1)
-            .take_while(|c| !c.eq_ignore_ascii_case("CPU Affinity") && !c.is_empty())
-            .copied()
-            .collect();
-        let gpu_columns: Vec<(usize, usize)> = devices
-            .iter()
-            .enumerate()
-            .filter_map(|(col, name)| gpu_index(name).map(|i| (col, i)))
-            .collect();
-        if gpu_columns.is_empty() {
-            return Err(Error::config(
-                SOURCE,
-                format!("no GPU columns in the header line {header:?}"),
-            ));
-        }
-        for (pos, &(_, idx)) in gpu_columns.iter().enumerate() {
-            if idx != pos {
-                return Err(Error::config(
-                    SOURCE,
-                    format!(
-                        "GPU columns are not GPU0..GPU{} in order (column {pos} is GPU{idx})",
-                        gpu_columns.len() - 1
-                    ),
-                ));
-            }
-        }
+        let (devices, gpu_columns) = header_columns(header)?;
         let n = gpu_columns.len();
         let mut gpus = Vec::with_capacity(n);
         let mut links = Vec::with_capacity(n);
@@ -223,46 +194,8 @@ impl Topology {
                     format!("row {name} is out of order (expected GPU{})", gpus.len()),
                 ));
             }
-            if cells.len() < 1 + devices.len() {
-                return Err(Error::config(
-                    SOURCE,
-                    format!(
-                        "row {name} has {} cells, the header names {} devices",
-                        cells.len() - 1,
-                        devices.len()
-                    ),
-                ));
-            }
-            let mut row_links = Vec::with_capacity(n);
-            for &(col, j) in &gpu_columns {
-                let cell = cells[1 + col];
-                let link = Link::parse(cell).ok_or_else(|| {
-                    Error::config(
-                        SOURCE,
-                        format!("row {name}, column GPU{j}: unknown link {:?}", cell.trim()),
-                    )
-                })?;
-                if (link == Link::SelfLink) != (row == j) {
-                    return Err(Error::config(
-                        SOURCE,
-                        format!(
-                            "row {name}, column GPU{j}: {link} on the {}diagonal",
-                            if row == j { "" } else { "off-" }
-                        ),
-                    ));
-                }
-                row_links.push(link);
-            }
-            let rest: Vec<&str> = cells[1 + devices.len()..]
-                .iter()
-                .map(|c| c.trim())
-                .filter(|c| !c.is_empty())
-                .collect();
-            gpus.push(Gpu {
-                index: row,
-                cpu_affinity: rest.first().map(|s| s.to_string()),
-                numa: rest.get(1).and_then(|s| s.parse().ok()),
-            });
+            let (gpu, row_links) = parse_row(name, row, &cells, devices, &gpu_columns)?;
+            gpus.push(gpu);
             links.push(row_links);
         }
         if gpus.len() != n {
@@ -274,19 +207,7 @@ impl Topology {
                 ),
             ));
         }
-        for (i, row) in links.iter().enumerate() {
-            for (j, link) in row.iter().enumerate().take(i) {
-                if *link != links[j][i] {
-                    return Err(Error::config(
-                        SOURCE,
-                        format!(
-                            "GPU{i}-GPU{j} is {} one way and {} the other",
-                            links[i][j], links[j][i]
-                        ),
-                    ));
-                }
-            }
-        }
+        check_symmetric(&links)?;
         Ok(Topology { gpus, links })
     }
 
@@ -310,6 +231,110 @@ impl Topology {
         }
         out
     }
+}
+
+/// The header's device columns (up to "CPU Affinity") and, for each GPU column, its position
+/// among them and the GPU's index; the GPUs must be GPU0..GPUn in order.
+fn header_columns(header: &str) -> Result<(usize, Vec<(usize, usize)>)> {
+    let columns: Vec<&str> = header.split('\t').map(str::trim).collect();
+    let devices: Vec<&str> = columns
+        .iter()
+        .skip(1)
+        .take_while(|c| !c.eq_ignore_ascii_case("CPU Affinity") && !c.is_empty())
+        .copied()
+        .collect();
+    let gpu_columns: Vec<(usize, usize)> = devices
+        .iter()
+        .enumerate()
+        .filter_map(|(col, name)| gpu_index(name).map(|i| (col, i)))
+        .collect();
+    if gpu_columns.is_empty() {
+        return Err(Error::config(
+            SOURCE,
+            format!("no GPU columns in the header line {header:?}"),
+        ));
+    }
+    for (pos, &(_, idx)) in gpu_columns.iter().enumerate() {
+        if idx != pos {
+            return Err(Error::config(
+                SOURCE,
+                format!(
+                    "GPU columns are not GPU0..GPU{} in order (column {pos} is GPU{idx})",
+                    gpu_columns.len() - 1
+                ),
+            ));
+        }
+    }
+    Ok((devices.len(), gpu_columns))
+}
+
+/// One GPU row: its links to every GPU (the diagonal, and only it, is `X`), its CPU affinity and
+/// NUMA node.
+fn parse_row(
+    name: &str,
+    row: usize,
+    cells: &[&str],
+    devices: usize,
+    gpu_columns: &[(usize, usize)],
+) -> Result<(Gpu, Vec<Link>)> {
+    if cells.len() < 1 + devices {
+        return Err(Error::config(
+            SOURCE,
+            format!(
+                "row {name} has {} cells, the header names {devices} devices",
+                cells.len() - 1
+            ),
+        ));
+    }
+    let mut row_links = Vec::with_capacity(gpu_columns.len());
+    for &(col, j) in gpu_columns {
+        let cell = cells[1 + col];
+        let link = Link::parse(cell).ok_or_else(|| {
+            Error::config(
+                SOURCE,
+                format!("row {name}, column GPU{j}: unknown link {:?}", cell.trim()),
+            )
+        })?;
+        if (link == Link::SelfLink) != (row == j) {
+            return Err(Error::config(
+                SOURCE,
+                format!(
+                    "row {name}, column GPU{j}: {link} on the {}diagonal",
+                    if row == j { "" } else { "off-" }
+                ),
+            ));
+        }
+        row_links.push(link);
+    }
+    let rest: Vec<&str> = cells[1 + devices..]
+        .iter()
+        .map(|c| c.trim())
+        .filter(|c| !c.is_empty())
+        .collect();
+    let gpu = Gpu {
+        index: row,
+        cpu_affinity: rest.first().map(|s| s.to_string()),
+        numa: rest.get(1).and_then(|s| s.parse().ok()),
+    };
+    Ok((gpu, row_links))
+}
+
+/// Every link is the same both ways.
+fn check_symmetric(links: &[Vec<Link>]) -> Result<()> {
+    for (i, row) in links.iter().enumerate() {
+        for (j, link) in row.iter().enumerate().take(i) {
+            if *link != links[j][i] {
+                return Err(Error::config(
+                    SOURCE,
+                    format!(
+                        "GPU{i}-GPU{j} is {} one way and {} the other",
+                        links[i][j], links[j][i]
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 fn gpu_index(name: &str) -> Option<usize> {
