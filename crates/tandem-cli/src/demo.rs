@@ -193,21 +193,6 @@ fn run_job(mode: Mode, a: &DemoArgs) -> Result<Report> {
     );
     let report: Arc<Mutex<Option<Report>>> = Arc::default();
     let errors: Arc<Mutex<Vec<String>>> = Arc::default();
-    let worker_args: Vec<String> = vec![
-        "demo-worker".into(),
-        format!("--job={}", mode.name()),
-        format!("--workers={}", a.workers),
-        format!("--servers={}", a.servers),
-        format!("--steps={}", a.steps),
-        format!("--batch={}", a.batch),
-        format!("--hidden={}", a.hidden),
-        format!("--staleness={}", a.staleness),
-        format!("--examples={}", a.examples),
-    ];
-    let mut worker_args = worker_args;
-    if let Some(lr) = a.lr {
-        worker_args.push(format!("--lr={lr}"));
-    }
     let layout = match mode {
         Mode::Allreduce | Mode::All => Layout::Allreduce { nproc: a.workers },
         Mode::Sync | Mode::Async => Layout::Ps {
@@ -217,45 +202,10 @@ fn run_job(mode: Mode, a: &DemoArgs) -> Result<Report> {
         },
     };
     let server_args: Vec<String> = vec!["ps".into(), "--log-every=3600".into()];
-    let report_steps = a.report;
-    let sink = {
-        let (bar, report, errors) = (bar.clone(), report.clone(), errors.clone());
-        move |p: &tandem_launch::Planned, line: &str, stderr: bool| {
-            if let Some(eval) = line.strip_prefix("EVAL ") {
-                if report_steps {
-                    bar.suspend(|| println!("  {eval}"));
-                }
-            } else if let Some(step) = line.strip_prefix("PROGRESS ") {
-                let mut it = step.split_whitespace();
-                if let Some(s) = it.next().and_then(|s| s.parse().ok()) {
-                    bar.set_position(s);
-                }
-                if let Some(loss) = it.next() {
-                    bar.set_message(format!("loss {loss}"));
-                }
-            } else if let Some(json) = line.strip_prefix("RESULT ") {
-                if let Ok(v) = serde_json::from_str::<serde_json::Value>(json) {
-                    let f = |k: &str| v[k].as_f64().unwrap_or(f64::NAN);
-                    *report.lock().unwrap_or_else(|e| e.into_inner()) = Some(Report {
-                        steps: f("steps"),
-                        samples: f("samples"),
-                        loss: f("loss"),
-                        accuracy: f("accuracy"),
-                        wall: f("wall"),
-                        bytes: f("bytes"),
-                    });
-                }
-            } else if stderr {
-                let mut e = errors.lock().unwrap_or_else(|e| e.into_inner());
-                if e.len() < 20 {
-                    e.push(format!("[{}] {line}", p.name()));
-                }
-            }
-        }
-    };
+    let sink = output_sink(bar.clone(), report.clone(), errors.clone(), a.report);
     let failed = run_local(
         layout,
-        &worker_args,
+        &worker_args(mode, a),
         matches!(layout, Layout::Ps { .. }).then_some(server_args.as_slice()),
         vec![],
         Vec::new(),
@@ -284,6 +234,67 @@ fn run_job(mode: Mode, a: &DemoArgs) -> Result<Report> {
                     failed
                 },
             ))
+        }
+    }
+}
+
+/// The command line of each worker of a demo job.
+fn worker_args(mode: Mode, a: &DemoArgs) -> Vec<String> {
+    let mut args: Vec<String> = vec![
+        "demo-worker".into(),
+        format!("--job={}", mode.name()),
+        format!("--workers={}", a.workers),
+        format!("--servers={}", a.servers),
+        format!("--steps={}", a.steps),
+        format!("--batch={}", a.batch),
+        format!("--hidden={}", a.hidden),
+        format!("--staleness={}", a.staleness),
+        format!("--examples={}", a.examples),
+    ];
+    if let Some(lr) = a.lr {
+        args.push(format!("--lr={lr}"));
+    }
+    args
+}
+
+/// What to do with each line a process of the job prints: progress to the bar, the result to
+/// `report`, stderr kept (the first 20 lines) for the error message.
+fn output_sink(
+    bar: ProgressBar,
+    report: Arc<Mutex<Option<Report>>>,
+    errors: Arc<Mutex<Vec<String>>>,
+    report_steps: bool,
+) -> impl Fn(&tandem_launch::Planned, &str, bool) + Send + Sync + 'static {
+    move |p: &tandem_launch::Planned, line: &str, stderr: bool| {
+        if let Some(eval) = line.strip_prefix("EVAL ") {
+            if report_steps {
+                bar.suspend(|| println!("  {eval}"));
+            }
+        } else if let Some(step) = line.strip_prefix("PROGRESS ") {
+            let mut it = step.split_whitespace();
+            if let Some(s) = it.next().and_then(|s| s.parse().ok()) {
+                bar.set_position(s);
+            }
+            if let Some(loss) = it.next() {
+                bar.set_message(format!("loss {loss}"));
+            }
+        } else if let Some(json) = line.strip_prefix("RESULT ") {
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(json) {
+                let f = |k: &str| v[k].as_f64().unwrap_or(f64::NAN);
+                *report.lock().unwrap_or_else(|e| e.into_inner()) = Some(Report {
+                    steps: f("steps"),
+                    samples: f("samples"),
+                    loss: f("loss"),
+                    accuracy: f("accuracy"),
+                    wall: f("wall"),
+                    bytes: f("bytes"),
+                });
+            }
+        } else if stderr {
+            let mut e = errors.lock().unwrap_or_else(|e| e.into_inner());
+            if e.len() < 20 {
+                e.push(format!("[{}] {line}", p.name()));
+            }
         }
     }
 }

@@ -45,28 +45,7 @@ pub fn ps(args: PsArgs) -> Result<ExitCode> {
             "is not set; the parameter server refuses to run without a job token",
         )
     })?;
-    let (bind, index) = match (&args.bind, args.index) {
-        (Some(b), i) => (b.clone(), i.unwrap_or(0)),
-        (None, i) => {
-            let spec = ClusterSpec::from_env()?;
-            if spec.role() != Role::Ps {
-                return Err(Error::config(
-                    "TF_CONFIG",
-                    format!(
-                        "this process is {} {}, not a parameter server; pass --bind to run one anyway",
-                        spec.role(),
-                        spec.index()
-                    ),
-                ));
-            }
-            let index = i.unwrap_or(spec.index());
-            let addr = spec
-                .peer(Role::Ps, index)
-                .ok_or_else(|| Error::config("TF_CONFIG", format!("no address for ps {index}")))?
-                .to_string();
-            (addr, index)
-        }
-    };
+    let (bind, index) = where_to_serve(&args)?;
     let mut config = ServerConfig::new(token);
     config.exit_when_done = !args.keep_running;
     if let Some(dir) = args.checkpoint_dir.clone() {
@@ -80,26 +59,13 @@ pub fn ps(args: PsArgs) -> Result<ExitCode> {
         let listener = tokio::net::TcpListener::bind(&bind)
             .await
             .map_err(|e| Error::io(format!("binding the parameter server to {bind}"), e))?;
-        let local = listener.local_addr().map_err(|e| Error::io("reading the server address", e))?;
+        let local = listener
+            .local_addr()
+            .map_err(|e| Error::io("reading the server address", e))?;
         let server = Server::new(config).await?;
         let service = server.service();
         if let Some(addr) = &args.metrics_addr {
-            let metrics = tokio::net::TcpListener::bind(addr)
-                .await
-                .map_err(|e| Error::io(format!("binding the metrics endpoint to {addr}"), e))?;
-            let service = service.clone();
-            tokio::spawn(async move {
-                while let Ok((mut s, _)) = metrics.accept().await {
-                    let body = service.model().map(|m| prometheus(&m)).unwrap_or_default();
-                    let mut req = [0u8; 1024];
-                    let _ = tokio::time::timeout(Duration::from_secs(2), s.read(&mut req)).await;
-                    let resp = format!(
-                        "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                        body.len()
-                    );
-                    let _ = s.write_all(resp.as_bytes()).await;
-                }
-            });
+            serve_metrics(addr, service.clone()).await?;
         }
         println!("tandem ps {index}: serving on {local}");
         let logger = {
@@ -123,4 +89,49 @@ pub fn ps(args: PsArgs) -> Result<ExitCode> {
         r
     })?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// The address to bind and this server's index: `--bind` (and `--index`), or this process's
+/// entry among the servers of `TF_CONFIG`.
+fn where_to_serve(args: &PsArgs) -> Result<(String, usize)> {
+    if let Some(b) = &args.bind {
+        return Ok((b.clone(), args.index.unwrap_or(0)));
+    }
+    let spec = ClusterSpec::from_env()?;
+    if spec.role() != Role::Ps {
+        return Err(Error::config(
+            "TF_CONFIG",
+            format!(
+                "this process is {} {}, not a parameter server; pass --bind to run one anyway",
+                spec.role(),
+                spec.index()
+            ),
+        ));
+    }
+    let index = args.index.unwrap_or(spec.index());
+    let addr = spec
+        .peer(Role::Ps, index)
+        .ok_or_else(|| Error::config("TF_CONFIG", format!("no address for ps {index}")))?
+        .to_string();
+    Ok((addr, index))
+}
+
+/// Serves the Prometheus text of the server's counters at `addr` (any path, plain HTTP/1.1).
+async fn serve_metrics(addr: &str, service: tandem::ps::server::Service) -> Result<()> {
+    let metrics = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| Error::io(format!("binding the metrics endpoint to {addr}"), e))?;
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = metrics.accept().await {
+            let body = service.model().map(|m| prometheus(&m)).unwrap_or_default();
+            let mut req = [0u8; 1024];
+            let _ = tokio::time::timeout(Duration::from_secs(2), s.read(&mut req)).await;
+            let resp = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = s.write_all(resp.as_bytes()).await;
+        }
+    });
+    Ok(())
 }

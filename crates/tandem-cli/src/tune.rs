@@ -109,45 +109,9 @@ pub fn tune(args: TuneArgs) -> Result<ExitCode> {
         &|| stop.load(Ordering::Relaxed),
         &mut |r, change| {
             if live {
-                let lines = table(&e, r);
-                let mut o = std::io::stdout().lock();
-                if drawn > 0 {
-                    let _ = write!(o, "\x1b[{drawn}A");
-                }
-                for l in &lines {
-                    let _ = writeln!(o, "\x1b[2K{l}");
-                }
-                drawn = lines.len();
-                let _ = o.flush();
+                drawn = redraw(&e, r, drawn);
             } else {
-                let t = |i: u64| r.trials.iter().find(|t| t.index == i);
-                match change {
-                    Change::Started(i) => {
-                        if let Some(t) = t(*i) {
-                            let p: Vec<String> = t
-                                .parameters
-                                .iter()
-                                .map(|(k, v)| format!("{k}={}", short(v)))
-                                .collect();
-                            println!("trial {i} started: {}", p.join(" "));
-                        }
-                    }
-                    Change::Ended(i) => {
-                        if let Some(t) = t(*i) {
-                            let o = t
-                                .objective
-                                .map(|o| format!(" {}={o}", e.objective.metric))
-                                .unwrap_or_default();
-                            let why = t
-                                .reason
-                                .as_deref()
-                                .map(|r| format!(" ({r})"))
-                                .unwrap_or_default();
-                            println!("trial {i} {}{o}{why}", status_name(t.status));
-                        }
-                    }
-                    Change::Reported(_) | Change::Finished => {}
-                }
+                print_change(&e, r, change);
             }
         },
     )?;
@@ -158,6 +122,62 @@ pub fn tune(args: TuneArgs) -> Result<ExitCode> {
         }
     }
     let plots = plot(&e, &record, &out)?;
+    summarize(&e, &record, &out, &plots);
+    Ok(ExitCode::from(match record.outcome {
+        Outcome::GoalReached | Outcome::MaxTrialsReached => 0,
+        Outcome::Interrupted => 130,
+        Outcome::Failed | Outcome::Running => 1,
+    }))
+}
+
+/// Redraws the live table over the `drawn` lines printed before; returns how many it printed.
+fn redraw(e: &Experiment, r: &Record, drawn: usize) -> usize {
+    let lines = table(e, r);
+    let mut o = std::io::stdout().lock();
+    if drawn > 0 {
+        let _ = write!(o, "\x1b[{drawn}A");
+    }
+    for l in &lines {
+        let _ = writeln!(o, "\x1b[2K{l}");
+    }
+    let _ = o.flush();
+    lines.len()
+}
+
+/// One line per started or ended trial (when stdout is not a terminal).
+fn print_change(e: &Experiment, r: &Record, change: &Change) {
+    let t = |i: u64| r.trials.iter().find(|t| t.index == i);
+    match change {
+        Change::Started(i) => {
+            if let Some(t) = t(*i) {
+                let p: Vec<String> = t
+                    .parameters
+                    .iter()
+                    .map(|(k, v)| format!("{k}={}", short(v)))
+                    .collect();
+                println!("trial {i} started: {}", p.join(" "));
+            }
+        }
+        Change::Ended(i) => {
+            if let Some(t) = t(*i) {
+                let o = t
+                    .objective
+                    .map(|o| format!(" {}={o}", e.objective.metric))
+                    .unwrap_or_default();
+                let why = t
+                    .reason
+                    .as_deref()
+                    .map(|r| format!(" ({r})"))
+                    .unwrap_or_default();
+                println!("trial {i} {}{o}{why}", status_name(t.status));
+            }
+        }
+        Change::Reported(_) | Change::Finished => {}
+    }
+}
+
+/// The outcome, the best trial, and where the record and plots are.
+fn summarize(e: &Experiment, record: &Record, out: &std::path::Path, plots: &[PathBuf]) {
     println!("\n{:?}: {}", record.outcome, record.reason);
     match record.best() {
         Some(b) => {
@@ -180,11 +200,6 @@ pub fn tune(args: TuneArgs) -> Result<ExitCode> {
     for p in plots {
         println!("plot: {}", p.display());
     }
-    Ok(ExitCode::from(match record.outcome {
-        Outcome::GoalReached | Outcome::MaxTrialsReached => 0,
-        Outcome::Interrupted => 130,
-        Outcome::Failed | Outcome::Running => 1,
-    }))
 }
 
 fn plot(e: &Experiment, r: &Record, out: &std::path::Path) -> Result<Vec<PathBuf>> {
