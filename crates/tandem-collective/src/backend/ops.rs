@@ -328,21 +328,12 @@ async fn offered(io: &mut Io<'_>, len: usize, step: usize) -> Result<usize> {
             header.seq, c.len, io.rank
         )));
     }
-    offered_region(c.addr, len).map_err(|why| {
+    tandem_peer_memory::check_region(c.addr, len as u64).map_err(|why| {
         Error::transport(
             format!("op #{} {header}", header.seq),
-            format!("rank {l} offered {why}"),
+            format!("rank {l} offered a chunk that cannot be read: {why}"),
         )
     })
-}
-
-/// The start of a region of `len` bytes a peer offered at `addr`, if the whole region lies in this
-/// machine's address space (so `addr + offset` never wraps for any offset below `len`).
-fn offered_region(addr: u64, len: usize) -> std::result::Result<usize, String> {
-    usize::try_from(addr)
-        .ok()
-        .filter(|a| a.checked_add(len).is_some())
-        .ok_or_else(|| format!("{len} bytes at {addr:#x}, beyond this machine's addresses"))
 }
 
 /// After reading the left neighbour's chunk: checks it was still inside this operation (so the
@@ -920,21 +911,5 @@ mod tests {
         ] {
             assert_eq!(doubling_fits(world, dtype), fits, "{world} {dtype}");
         }
-    }
-
-    #[test]
-    fn a_peer_offered_region_must_fit_this_machine() {
-        let top = usize::MAX as u64;
-        assert_eq!(offered_region(0x1000, 64), Ok(0x1000));
-        // Ends exactly at the last address: fine.
-        assert_eq!(offered_region(top - 64, 64), Ok(usize::MAX - 64));
-        // One byte more wraps.
-        let e = offered_region(top - 63, 64).expect_err("wraps");
-        assert!(e.contains("64 bytes at"), "{e}");
-        assert!(offered_region(u64::MAX, 1).is_err());
-        assert_eq!(
-            offered_region(u64::MAX, 0).ok(),
-            usize::try_from(u64::MAX).ok()
-        );
     }
 }

@@ -236,13 +236,11 @@ impl TcpRing {
                 memory: self.same_host.as_ref().map(|m| m.left),
                 shared_min_bytes: self.shared_min_bytes,
             };
-            if let Some(m) = &self.same_host {
-                m.word.enter(header.seq);
-            }
+            // The right neighbour may read this rank's chunks only while the lease lives: it ends
+            // (the word cleared) before the buffer goes back to the caller.
+            let lease = self.same_host.as_ref().map(|m| m.word.lease(header.seq));
             let outcome = self.drive(body(&mut io), &waiting, &header, timeout);
-            if let Some(m) = &self.same_host {
-                m.word.leave();
-            }
+            drop(lease);
             outcome
         };
         self.settle(&mut st, &header, lateness.get(), outcome)

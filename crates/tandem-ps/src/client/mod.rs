@@ -231,7 +231,7 @@ impl Client {
         &self,
         s: usize,
         sp: &pb::SharedPull,
-        why: &str,
+        why: &same_host::SharedPullError,
     ) -> Result<Vec<pb::PullChunk>> {
         self.unshare_if_gone(s, sp, why);
         let req = pb::PullRequest {

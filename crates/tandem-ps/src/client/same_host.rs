@@ -72,80 +72,81 @@ impl Client {
         (0..self.servers.len()).all(|s| self.shared_pid(s).is_some())
     }
 
-    /// Copies server `s`'s partitions straight out of its memory into `out`, checking each
-    /// partition's sequence word before and after (a torn read is an error, never silent).
+    /// Copies server `s`'s partitions straight out of its memory into `out`, each a seqlock read
+    /// against the partition's sequence word (a torn read is an error, never silent).
     pub(super) async fn read_shared(
         &self,
         s: usize,
         sp: &pb::SharedPull,
         out: &mut HashMap<String, Vec<f32>>,
-    ) -> std::result::Result<(), String> {
+    ) -> std::result::Result<(), SharedPullError> {
+        let other = |m: String| SharedPullError::Other(m);
         if self.shared_pid(s) != Some(sp.pid) {
-            return Err(format!("the server now runs as process {}", sp.pid));
+            return Err(other(format!("the server now runs as process {}", sp.pid)));
         }
         let peer = tandem_peer_memory::PeerMemory::of_process(sp.pid)
-            .ok_or_else(|| format!("bad pid {}", sp.pid))?;
+            .ok_or_else(|| other(format!("bad pid {}", sp.pid)))?;
         for sp_part in &sp.parts {
             let part = self
                 .map
                 .parts
                 .iter()
                 .find(|p| p.param == sp_part.param && p.part == sp_part.part && p.server == s)
-                .ok_or_else(|| format!("unknown partition {}/{}", sp_part.param, sp_part.part))?;
+                .ok_or_else(|| {
+                    other(format!(
+                        "unknown partition {}/{}",
+                        sp_part.param, sp_part.part
+                    ))
+                })?;
             let dst = out
                 .get_mut(&sp_part.param)
-                .ok_or_else(|| format!("unknown parameter {}", sp_part.param))?;
+                .ok_or_else(|| other(format!("unknown parameter {}", sp_part.param)))?;
             let bytes: &mut [u8] = bytemuck::cast_slice_mut(&mut dst[part.range()]);
             if sp_part.len != bytes.len() as u64 {
-                return Err(format!(
+                return Err(other(format!(
                     "partition {}/{} is {} bytes on the server, {} here",
                     sp_part.param,
                     sp_part.part,
                     sp_part.len,
                     bytes.len()
-                ));
+                )));
             }
-            let to_addr = |a: u64| usize::try_from(a).map_err(|e| e.to_string());
-            let (addr, seq_addr) = (to_addr(sp_part.addr)?, to_addr(sp_part.seq_addr)?);
-            let seq_now = |peer: &tandem_peer_memory::PeerMemory| {
-                peer.read_u64(seq_addr).map_err(|e| e.to_string())
+            let region = |a: u64, len: u64| {
+                tandem_peer_memory::check_region(a, len).map_err(|e| other(e.to_string()))
             };
-            // A seqlock read: the copy counts if the word was even (no update being written) and
-            // unchanged around it. An update racing the copy (async mode) is waited out a few
-            // times before the caller falls back to the stream; values newer than the reply's
-            // version are fine, since a pull asks for at least a version.
+            let (addr, seq_addr) = (
+                region(sp_part.addr, sp_part.len)?,
+                region(sp_part.seq_addr, 8)?,
+            );
+            // An update racing the copy (async mode) is waited out for a while before the caller
+            // falls back to the stream; values newer than the reply's version are fine, since a
+            // pull asks for at least a version.
             let deadline = Instant::now() + SHARED_READ_PATIENCE;
             loop {
-                let before = seq_now(&peer)?;
-                if before < sp_part.seq {
-                    return Err(format!(
-                        "sequence word went back from {} to {before}",
-                        sp_part.seq
-                    ));
-                }
-                if before % 2 == 0 {
-                    peer.read(addr, bytes).map_err(|e| e.to_string())?;
-                    if seq_now(&peer)? == before {
-                        break;
+                match peer.read_consistent(addr, bytes, seq_addr, sp_part.seq) {
+                    Ok(_) => break,
+                    Err(tandem_peer_memory::ReadError::Raced) if Instant::now() < deadline => {
+                        // Never a thread sleep here: this runs on the async runtime.
+                        tokio::time::sleep(Duration::from_micros(100)).await;
                     }
+                    Err(tandem_peer_memory::ReadError::Raced) => {
+                        return Err(SharedPullError::Raced);
+                    }
+                    Err(e) => return Err(other(e.to_string())),
                 }
-                if Instant::now() >= deadline {
-                    return Err("updated during every copy".into());
-                }
-                // Never a thread sleep here: this runs on the async runtime.
-                tokio::time::sleep(Duration::from_micros(100)).await;
             }
         }
         Ok(())
     }
 
     /// After a failed shared read: stops using the data plane with a server that is not the
-    /// process attached (restarted); a read that merely raced an update keeps it.
-    pub(super) fn unshare_if_gone(&self, s: usize, sp: &pb::SharedPull, why: &str) {
-        if self.shared_pid(s) != Some(sp.pid) || !why.starts_with("updated") {
-            self.unshare(s, why);
+    /// process attached (restarted) or could not be read; a read that merely raced updates keeps
+    /// it.
+    pub(super) fn unshare_if_gone(&self, s: usize, sp: &pb::SharedPull, why: &SharedPullError) {
+        if self.shared_pid(s) != Some(sp.pid) || !matches!(why, SharedPullError::Raced) {
+            self.unshare(s, &why.to_string());
         } else {
-            tracing::debug!(addr = %self.addrs[s], reason = %why, "pull raced an update; streaming it");
+            tracing::debug!(addr = %self.addrs[s], "pull raced updates; streaming it");
         }
     }
 
@@ -158,6 +159,8 @@ impl Client {
         grads: &[(&str, &[u8])],
     ) -> Result<(Vec<pb::PushResponse>, Vec<usize>)> {
         let word = tandem_peer_memory::LocalWord::new();
+        // The servers may read the gradients only while this lease lives.
+        let lease = word.lease(step);
         let mut per_server: Vec<Vec<pb::Region>> = vec![Vec::new(); self.servers.len()];
         for (name, all) in grads {
             for p in self.map.parts_of(name) {
@@ -182,7 +185,7 @@ impl Client {
                     step,
                     pid: std::process::id(),
                     word: word.address() as u64,
-                    tag: word.nonce(),
+                    tag: lease.tag(),
                     parts: regions,
                 };
                 async move {
@@ -197,7 +200,7 @@ impl Client {
             });
         let results = futures::future::join_all(pushes).await;
         // The servers have read what they will read: from here the gradients are the caller's.
-        drop(word);
+        drop(lease);
         let mut done = Vec::new();
         let mut again = Vec::new();
         for (s, r) in results {
@@ -229,5 +232,23 @@ impl Client {
             results.extend(self.push_streamed_to(step, grads, &again).await?);
         }
         Ok(outcome(&results))
+    }
+}
+
+/// Why a pull by address failed.
+#[derive(Debug)]
+pub(super) enum SharedPullError {
+    /// Updates raced every copy for a while (the server is fine; stream this once).
+    Raced,
+    /// Anything else (a restarted server, a region that cannot be read).
+    Other(String),
+}
+
+impl std::fmt::Display for SharedPullError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SharedPullError::Raced => f.write_str("updated during every copy"),
+            SharedPullError::Other(m) => f.write_str(m),
+        }
     }
 }

@@ -58,14 +58,16 @@ pub struct PartEntry {
     pub snapshot: Mutex<Option<(u64, bytes::Bytes)>>,
     /// Sequence word: odd while an update is being written. Workers on this machine copy the
     /// values straight out of this process and check the word is unchanged and even around the
-    /// copy (a sequence lock), so they never see half an update. Boxed: its address is published.
-    pub seq: Box<AtomicU64>,
+    /// copy (a sequence lock), so they never see half an update.
+    pub seq: tandem_peer_memory::SeqWord,
 }
 
 /// Write access to a partition; its sequence word is odd for as long as this is held.
 pub struct Writing<'a> {
+    // Fields drop in this order: the word turns even while the lock is still held, then the lock
+    // goes. The other way round, a second writer could make the word odd+1 (even) while writing.
+    _seq: tandem_peer_memory::SeqWrite<'a>,
     guard: RwLockWriteGuard<'a, PartData>,
-    seq: &'a AtomicU64,
 }
 
 impl std::ops::Deref for Writing<'_> {
@@ -78,12 +80,6 @@ impl std::ops::Deref for Writing<'_> {
 impl std::ops::DerefMut for Writing<'_> {
     fn deref_mut(&mut self) -> &mut PartData {
         &mut self.guard
-    }
-}
-
-impl Drop for Writing<'_> {
-    fn drop(&mut self) {
-        self.seq.fetch_add(1, Ordering::SeqCst);
     }
 }
 
@@ -109,7 +105,7 @@ impl PartEntry {
             numel: data.values.len(),
             data: RwLock::new(data),
             snapshot: Mutex::new(None),
-            seq: Box::new(AtomicU64::new(0)),
+            seq: tandem_peer_memory::SeqWord::new(),
         }
     }
 
@@ -117,22 +113,20 @@ impl PartEntry {
     /// returned guard is dropped.
     pub fn write(&self) -> Writing<'_> {
         let guard = self.data.write().unwrap_or_else(|p| p.into_inner());
-        self.seq.fetch_add(1, Ordering::SeqCst);
         Writing {
+            _seq: self.seq.write(),
             guard,
-            seq: &self.seq,
         }
     }
 
     /// Where the values are, and the sequence word between updates.
     pub fn locate(&self) -> Located {
         let d = self.data.read().unwrap_or_else(|p| p.into_inner());
-        let seq: *const AtomicU64 = &*self.seq;
         Located {
             addr: d.values.as_ptr() as usize,
             len: d.values.len() * 4,
-            seq_addr: seq as usize,
-            seq: self.seq.load(Ordering::SeqCst),
+            seq_addr: self.seq.address(),
+            seq: self.seq.load(),
         }
     }
 

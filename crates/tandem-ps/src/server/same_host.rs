@@ -51,73 +51,62 @@ impl SameHost {
     }
 }
 
-/// A gradient that stays in a worker's memory on this machine while its push is open.
+/// A gradient that stays in a worker's memory on this machine while its push is open: the
+/// regions the worker offered for this push (one per partition), read only while its word holds
+/// the push's tag.
 #[derive(Debug)]
 pub struct SharedGradient {
-    peer: tandem_peer_memory::PeerMemory,
+    offer: tandem_peer_memory::Offer,
     worker: u32,
-    /// Address of the worker's word, which holds `tag` while the push is open.
-    word: u64,
-    tag: u64,
-    /// Each partition's gradient: its key, elements and address in the worker.
-    regions: Vec<(Key, usize, usize)>,
+    /// Each partition's key and elements; the offer's region of the same index holds it.
+    regions: Vec<(Key, usize)>,
 }
 
 impl GradientSource for SharedGradient {
     fn covers(&self, key: &Key) -> bool {
-        self.regions.iter().any(|(k, ..)| k == key)
+        self.regions.iter().any(|(k, _)| k == key)
     }
 
     fn partitions(&self) -> Vec<Key> {
-        self.regions.iter().map(|(k, ..)| k.clone()).collect()
+        self.regions.iter().map(|(k, _)| k.clone()).collect()
     }
 
     fn read(&self, key: &Key, at: usize, dst: &mut [f32]) -> Result<(), String> {
-        let (_, numel, addr) = self
+        let i = self
             .regions
             .iter()
-            .find(|(k, ..)| k == key)
+            .position(|(k, _)| k == key)
             .ok_or_else(|| format!("no gradient for {:?} partition {}", key.0, key.1))?;
-        if at.checked_add(dst.len()).is_none_or(|end| end > *numel) {
-            return Err(format!(
-                "elements {at}..+{} are outside the {numel} offered for {:?}",
-                dst.len(),
-                key.0
-            ));
-        }
-        self.read_at(key, *addr, at, dst)
-            .and_then(|()| self.still_in())
+        self.read_piece(i, at, dst)
     }
 }
 
 impl SharedGradient {
-    /// Copies elements `at..at + dst.len()` of the partition gradient at `addr`.
-    fn read_at(&self, key: &Key, addr: usize, at: usize, dst: &mut [f32]) -> Result<(), String> {
-        let read = at
-            .checked_mul(4)
-            .and_then(|off| addr.checked_add(off))
-            .ok_or_else(|| std::io::Error::other("the address overflows"))
-            .and_then(|base| self.peer.read(base, bytemuck::cast_slice_mut(dst)));
-        read.map_err(|e| {
-            format!(
-                "reading worker {}'s gradient for {:?} from its memory: {e}",
-                self.worker, key.0
-            )
-        })
+    /// Copies elements `at..at + dst.len()` of region `i`, checking the worker still offers it.
+    fn read_piece(&self, i: usize, at: usize, dst: &mut [f32]) -> Result<(), String> {
+        let offset = at.checked_mul(4).ok_or("the offset overflows")?;
+        self.offer
+            .read(i, offset, bytemuck::cast_slice_mut(dst))
+            .map_err(|e| match e {
+                tandem_peer_memory::ReadError::Withdrawn => format!(
+                    "worker {} left the push while its gradient was being read",
+                    self.worker
+                ),
+                e => format!(
+                    "reading worker {}'s gradient for {:?} from its memory: {e}",
+                    self.worker, self.regions[i].0.0
+                ),
+            })
     }
 
     /// Whether the worker is still in the push (so what was read before is what it sent).
     fn still_in(&self) -> Result<(), String> {
-        let now = usize::try_from(self.word)
-            .map_err(std::io::Error::other)
-            .and_then(|w| self.peer.read_u64(w));
-        match now {
-            Ok(v) if v == self.tag => Ok(()),
-            _ => Err(format!(
-                "worker {} left the push while its gradient was being read",
+        self.offer.still_offered().map_err(|e| {
+            format!(
+                "worker {} left the push while its gradient was being read ({e})",
                 self.worker
-            )),
-        }
+            )
+        })
     }
 
     /// The first pass: every value read and checked (finite, when the model asks) and each
@@ -160,12 +149,11 @@ impl SharedGradient {
         norms: &mut [f32],
         scratch: &mut [f32],
     ) -> Result<(), Checked> {
-        for ((key, numel, addr), norm_sq) in self.regions.iter().zip(norms.iter_mut()) {
+        for (i, ((key, numel), norm_sq)) in self.regions.iter().zip(norms.iter_mut()).enumerate() {
             let mut at = 0;
             while at < *numel {
                 let piece = &mut scratch[..PIECE.min(numel - at)];
-                self.read_at(key, *addr, at, piece)
-                    .map_err(Checked::Unreadable)?;
+                self.read_piece(i, at, piece).map_err(Checked::Unreadable)?;
                 if model.mode.reject_non_finite && !super::service::all_finite(piece) {
                     return Err(Checked::NonFinite(key.clone()));
                 }
@@ -261,34 +249,27 @@ impl Service {
                 )
             })?;
         super::service::check_worker(model, r.worker)?;
-        let mut regions: Vec<(Key, usize, usize)> = Vec::with_capacity(r.parts.len());
+        let mut regions: Vec<(Key, usize)> = Vec::with_capacity(r.parts.len());
+        let mut offered: Vec<(u64, u64)> = Vec::with_capacity(r.parts.len());
         for region in r.parts {
             let key = (region.param, region.part);
             let entry = super::service::part_of(model, &key)?;
             let want = entry.numel as u64 * 4;
-            if region.len != want || regions.iter().any(|(k, ..)| *k == key) {
+            if region.len != want || regions.iter().any(|(k, _)| *k == key) {
                 model.counters.rejected.fetch_add(1, Ordering::Relaxed);
                 return Err(invalid(format!(
                     "gradient for {:?} partition {}: {} bytes offered (partition holds {want} bytes, once); nothing applied",
                     key.0, key.1, region.len
                 )));
             }
-            let addr = usize::try_from(region.addr)
-                .ok()
-                .filter(|a| a.checked_add(entry.numel * 4).is_some())
-                .ok_or_else(|| {
-                    invalid(format!(
-                        "gradient for {:?}: address {:#x} + {want} bytes does not fit this machine",
-                        key.0, region.addr
-                    ))
-                })?;
-            regions.push((key, entry.numel, addr));
+            regions.push((key, entry.numel));
+            offered.push((region.addr, region.len));
         }
+        let offer = tandem_peer_memory::Offer::new(peer, r.word, r.tag, &offered)
+            .map_err(|e| invalid(format!("worker {}'s offer: {e}; nothing applied", r.worker)))?;
         Ok(SharedGradient {
-            peer,
+            offer,
             worker: r.worker,
-            word: r.word,
-            tag: r.tag,
             regions,
         })
     }
@@ -312,7 +293,7 @@ impl Service {
             blocking(move || from.check(&model, clip).map(|n| (from, n))).await??
         };
         drop(receiving);
-        let bytes: usize = from.regions.iter().map(|(_, n, _)| n * 4).sum();
+        let bytes: usize = from.regions.iter().map(|(_, n)| n * 4).sum();
         model
             .counters
             .bytes_in
