@@ -1,5 +1,11 @@
 //! `tandem bench allreduce|broadcast|allgather|reduce-scatter`: an nccl-tests-style sweep over sizes,
 //! run by N local ranks over the TCP ring.
+//!
+//! Why the nccl-tests format: users compare collectives by bus bandwidth (algbw · 2(n−1)/n for an
+//! allreduce), which is what the link carries and so comparable across world sizes and libraries;
+//! printing the same columns makes Tandem's figures line up with NCCL's, Gloo's and MPI's. Each
+//! rank is its own process (as in a real job), every result is checked against the expected value
+//! (`#wrong`), and peak RSS is reported next to the speed.
 
 use std::io::Write;
 use std::process::ExitCode;

@@ -1,4 +1,11 @@
 //! What to start: one [`Planned`] process per rank, with its role, command and environment.
+//!
+//! Why pure planning apart from starting: the environment each process gets is exactly what a real
+//! scheduler would inject (a PyTorchJob's torchrun variables for allreduce jobs, a TFJob's
+//! `TF_CONFIG` for parameter-server jobs), so the same binary behaves the same under
+//! `tandem launch`, Kubeflow or Slurm. Keeping it pure lets the tests resolve every planned
+//! environment with `ClusterSpec::from_vars` and check each process lands where it should,
+//! without starting anything.
 
 use std::path::PathBuf;
 

@@ -1,4 +1,12 @@
 //! Starting the planned processes and watching them until the job ends.
+//!
+//! Why a supervisor and not just `spawn` and `wait`: a distributed job is only as alive as its
+//! least alive process. When one fails the others would wait on it until their deadlines, so the
+//! supervisor stops them at once (SIGTERM, then SIGKILL, to whole process groups so grandchildren
+//! go too) and reports the first failure with its rank and exit status; a restart policy may start
+//! a failed process again instead. It also owns what users see: each process's output prefixed
+//! with its role and rank (or handed to a [`LineSink`]) and copied to a log file per process.
+//! Every wait is bounded: the poll loop checks an interrupt flag and the job's deadline.
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, IsTerminal, Write};

@@ -1,4 +1,12 @@
 //! Server-side optimizers, applied to one partition at a time with that partition's state.
+//!
+//! Why on the servers: a worker then pushes a gradient and pulls parameters, and never holds
+//! optimizer state (Adam's two moments double a model's memory); the servers, which hold the
+//! parameters anyway, hold it for their partitions only. Every rule (SGD, momentum, Nesterov,
+//! Adagrad, Adam, AdamW, clipping, learning-rate decay) is written three ways that give the same
+//! bits: whole (`apply`), in pieces (`apply_chunks`, for gradients read out of a worker's memory a
+//! piece at a time; the clipping norm is computed first, over the whole gradient, in the same
+//! order), and per row (`apply_rows`, sparse embedding updates that touch only those rows' state).
 
 use tandem_core::{Error, Result};
 

@@ -1,4 +1,10 @@
 //! `tandem._native.ProcessGroup`: collectives on numpy arrays.
+//!
+//! Why this shape: a Python training loop calls collectives on arrays it keeps using, so every call
+//! works in place on the array's own memory (checked to be C-contiguous, writable and of a
+//! supported dtype first), with the GIL released while the bytes move, and Ctrl-C still honoured
+//! (`blocking.rs`). Async calls cannot borrow the array past the call, so they stage one copy and
+//! copy back on `wait()`.
 
 use std::time::Duration;
 

@@ -1,4 +1,9 @@
 //! `tandem._native.PsClient` and `serve_ps`: the parameter server from Python.
+//!
+//! Why a thin layer: the Rust client already does placement, retries and both data planes; this
+//! turns numpy arrays into the slices it pushes (no copy) and pulled parameters into arrays, runs
+//! every call with the GIL released on the process's runtime (Ctrl-C cancels it), and maps errors
+//! to `tandem.errors` classes.
 
 use std::path::PathBuf;
 use std::time::Duration;

@@ -1,4 +1,9 @@
 //! The async rendezvous client: connects with retry until a deadline, and gives every call a deadline.
+//!
+//! Why retry only the connection: ranks start in any order, so the rendezvous may not be up yet
+//! when a rank first dials it; once connected, a failure is real and is reported at once with the
+//! address and what was being done, never retried into a hang. The token is checked by one call
+//! right after connecting, so a wrong token fails at start, not at the first barrier.
 
 use std::time::Duration;
 

@@ -1,5 +1,12 @@
 //! The experiment spec, in the shape of a Katib `Experiment` (v1beta1), read from YAML and checked
 //! before any trial starts: every problem names the field at fault.
+//!
+//! Why check everything up front: an experiment runs for hours, and a typo found at trial 40 (a
+//! `min` larger than `max`, a placeholder that names no parameter, a log scale over zero) wastes
+//! them. So the YAML is read with unknown fields refused (Katib's own field names are the
+//! vocabulary), and every value is turned into a typed [`Experiment`] whose parameters, objective,
+//! algorithm and trial template can no longer be wrong. The search algorithms and the runner only
+//! ever see that typed form.
 
 use std::collections::BTreeMap;
 

@@ -1,5 +1,27 @@
 //! The bodies of the TCP ring operations: async functions over the mesh's sockets that borrow the
 //! caller's buffer, so sending and receiving overlap without copying the tensor.
+//!
+//! Why async functions driven by one current-thread runtime per ring (rather than threads per
+//! socket): an operation must write to its right neighbour while it reads from its left one, or
+//! two ranks that both send first would deadlock once the socket buffers fill; `tokio::join!`
+//! gives that overlap on the calling thread, and borrowing the caller's buffer keeps a 1 GiB
+//! allreduce at 1 GiB of memory.
+//!
+//! What is here, by size of the message:
+//! - small messages (`B·(n−1)` ≤ `direct_bytes`) skip the ring: one hop to every peer
+//!   (`allreduce_direct`) or recursive doubling in power-of-two groups (`allreduce_doubling`), both
+//!   through `exchange`, which first polls the sockets with non-blocking calls (a park and wake-up
+//!   costs more than a 4 KiB message takes) and then hands what is left to the event loop;
+//! - large messages go around the ring: reduce-scatter then allgather in pipelined segments, each
+//!   segment reduced as it lands, so the scratch buffer is one segment;
+//! - on one machine the ring's large steps copy the left neighbour's chunk by address
+//!   (`shared_reduce_scatter`, `shared_allgather`): a 32-byte descriptor on the socket, the bytes
+//!   through `tandem_peer_memory`, an acknowledgement before the chunk may change.
+//!
+//! Every operation first exchanges its header with its neighbours, so ranks that called different
+//! things fail with both calls named instead of mixing bytes of different operations. Any I/O error
+//! names the peer at fault (`PeerLost`); deadlines and aborts are raced by the caller
+//! (`TcpRing::run_op`), not here.
 
 use std::cell::Cell;
 use std::io::{ErrorKind, Read, Write};

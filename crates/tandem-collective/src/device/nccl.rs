@@ -1,5 +1,12 @@
 //! The NCCL side of [`super::DeviceGroup`]: library probing, the unique-id bootstrap through the
 //! rendezvous, the thread that owns the communicator, and the host-staged fallback.
+//!
+//! Why so careful: cudarc panics when a library it needs is missing, NCCL's communicator is not
+//! `Send`, and a rank that gives up on NCCL while the others wait in `ncclCommInitRank` hangs them.
+//! So libraries are probed before any cudarc call, every setup step that can fail on one rank is
+//! agreed by all ranks (`ProcessGroup::agree`) before anyone commits to NCCL, one thread owns the
+//! communicator and its stream (ops are closures sent to it), and every op ends with a stream
+//! synchronize under the group's deadline.
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicBool, Ordering};

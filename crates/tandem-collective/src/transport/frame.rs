@@ -1,4 +1,12 @@
 //! Wire formats: the connection handshake and the header every operation carries.
+//!
+//! Why a header per operation: ranks of a group must call the same operations in the same order;
+//! when they do not (a rank skipped a step, or called broadcast where the others called allreduce),
+//! mixing their bytes would give silently wrong numbers. Each operation's fixed 32-byte header
+//! (sequence number, kind, dtype, element count, root, reduce op) is exchanged first and compared,
+//! and its `Display` is what error messages quote, so both calls are named. The handshake
+//! (magic, version, rank, group id, token) keeps strangers, other groups and other jobs off the
+//! mesh before any operation starts.
 
 use std::fmt;
 

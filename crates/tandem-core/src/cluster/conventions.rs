@@ -1,4 +1,12 @@
 //! One reader per launcher convention. Each returns `Ok(None)` when its variables are absent.
+//!
+//! Why one reader per convention: each scheduler describes a job its own way (torchrun and a
+//! PyTorchJob give `RANK`/`WORLD_SIZE`/`MASTER_ADDR`; Slurm gives `SLURM_PROCID`, a compressed node
+//! list and tasks per node; Open MPI and PMI their own ranks), and a process must find its place
+//! from whatever it was given without being told which. Each reader turns one convention into the
+//! same [`ClusterSpec`] and refuses values that contradict themselves (a rank beyond the world, a
+//! node list that does not match the task counts), naming the variable; the caller (`mod.rs`)
+//! decides which convention applies and refuses disagreeing ones.
 
 use std::collections::BTreeMap;
 

@@ -1,4 +1,10 @@
 //! Slurm's compressed host lists (`node[01-03,07]`) and task counts (`2(x3),1`).
+//!
+//! Why written here: Slurm hands every task the job's nodes in this compressed form, and a task
+//! needs the expanded list to know where rank 0 (the rendezvous) runs and which ranks share its
+//! node. The grammar is small (prefixes, zero-padded ranges, comma lists, repeat counts), so a
+//! parser with exact errors is shorter than a dependency on `scontrol` being installed in the
+//! container; expansions are bounded so a malformed list cannot exhaust memory.
 
 use crate::error::{Error, Result};
 

@@ -1,4 +1,10 @@
 //! The resolved description of a job and of this process's place in it.
+//!
+//! Why one type for every launcher: the collectives and the parameter server need the same few
+//! facts (rank, world size, role and index, peers' addresses, where the rendezvous is, how many
+//! processes share this machine) whatever scheduler started the process. [`ClusterSpec`] holds
+//! them after validation, so code downstream never re-reads the environment or re-checks a rank
+//! against the world size.
 
 use std::collections::BTreeMap;
 use std::fmt;

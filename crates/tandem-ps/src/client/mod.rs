@@ -1,5 +1,13 @@
 //! The worker side: connect to every server, declare the partition map, push gradients and pull
 //! parameters in chunks, talking to all servers in parallel.
+//!
+//! Why the client, not the servers, drives placement: every worker computes the same partition map
+//! from the same declarations, declares it on every server, and the servers refuse a worker whose
+//! map differs (its hash), so no coordinator is needed and a mismatch fails loudly at start.
+//! Per server, the client picks the data plane once (attach: by address on the same machine, else
+//! the gRPC streams) and falls back to the streams only on a typed reason that says nothing was
+//! applied. A server that restarts from its checkpoint is noticed by its incarnation and the
+//! worker resumes from the server's step instead of waiting for a version that will not come.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, Ordering};

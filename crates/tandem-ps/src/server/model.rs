@@ -1,5 +1,19 @@
 //! The state one server holds: its partitions with their optimizer state, the sync-step aggregation,
 //! worker progress for bounded staleness, and counters.
+//!
+//! Why partitions each under their own lock: async workers update different partitions at once,
+//! and pulls by address read one partition while another is written. Each partition also has a
+//! sequence word (`tandem_peer_memory::SeqWord`), odd while an update is being written, so a worker
+//! copying values straight out of this process can tell a torn copy from a whole one.
+//!
+//! Why the sync step is summed piece by piece: on one machine a worker's gradient stays in its own
+//! memory until the step is applied ([`GradientSource`]), and `finish_step` averages each partition
+//! a 1 MiB piece at a time out of every worker in worker order, then applies it through the
+//! optimizer piece by piece. The server therefore needs two pieces of scratch, not a sum as large
+//! as the model, and the result is bit for bit what averaging whole gradients would give. When a
+//! worker stops being readable part-way, what of its gradient was applied is recorded exactly
+//! ([`Partial`]) so its push can say so. Who calls into this (one step thread in sync mode, the
+//! blocking pool in async mode) is decided in `step.rs`.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
