@@ -5,6 +5,8 @@ use std::io::Read;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+pub mod check;
+
 /// The environment of one rank of a local job (Tandem's own variables, so no other launcher interferes).
 pub fn rank_env(rank: usize, world: usize, rendezvous: &str, token: &str) -> Vec<(String, String)> {
     vec![

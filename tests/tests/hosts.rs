@@ -1,0 +1,255 @@
+//! What crosses machines, on simulated hosts (network namespaces on one machine, see
+//! `tandem-testbed`): collectives across 2-4 hosts with 1 and 2 ranks per host checked against
+//! references, the parameter server across hosts, a rank whose link is cut, and a server stopped
+//! while its workers are cut off. `TANDEM_TESTBED=off` skips them, loudly.
+
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use tandem::rendezvous::JobToken;
+use tandem_testbed::Testbed;
+use tandem_tests::check::{cases_of, check_case};
+use tandem_tests::suite::cases;
+use tandem_tests::{rank_env, stdout_lines, wait_all, wait_output};
+
+const NODE: &str = env!("CARGO_BIN_EXE_tandem-test-node");
+const LIMIT: Duration = Duration::from_secs(120);
+const RENDEZVOUS_PORT: u16 = 29400;
+
+/// The test bed, or `None` (after saying so loudly) with `TANDEM_TESTBED=off`.
+fn testbed(hosts: usize, link: Option<&str>) -> Option<Testbed> {
+    if let Some(why) = tandem_testbed::skip_reason() {
+        eprintln!("\n*** {why} ***\n");
+        return None;
+    }
+    match Testbed::new(hosts, link) {
+        Ok(bed) => Some(bed),
+        Err(e) => panic!("simulated hosts cannot be made here: {e}"),
+    }
+}
+
+/// Starts `args` of the test node as rank `rank` of `world` on host `rank / per_host`, rank 0
+/// hosting the rendezvous at its host's address.
+fn spawn_rank(
+    bed: &Testbed,
+    token: &JobToken,
+    rank: usize,
+    world: usize,
+    per_host: usize,
+    args: &[&str],
+    extra: &[(&str, &str)],
+) -> Child {
+    let rendezvous = format!("{}:{RENDEZVOUS_PORT}", bed.addr(0));
+    let mut env = rank_env(rank, world, &rendezvous, token.as_str());
+    env.retain(|(k, _)| !k.starts_with("TANDEM_LOCAL"));
+    env.push(("TANDEM_LOCAL_RANK".into(), (rank % per_host).to_string()));
+    env.push(("TANDEM_LOCAL_WORLD_SIZE".into(), per_host.to_string()));
+    env.push(("TANDEM_CONNECT_TIMEOUT".into(), "60".into()));
+    env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    let mut cmd = bed.command(rank / per_host, NODE, args);
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => panic!("cannot start rank {rank}: {e}"),
+    }
+}
+
+/// The whole collective suite on `hosts` hosts with `per_host` ranks each, every result checked
+/// against the reference; ranks on different hosts cannot read each other's memory.
+fn suite_across(hosts: usize, per_host: usize) {
+    let Some(bed) = testbed(hosts, None) else {
+        return;
+    };
+    let token = JobToken::generate();
+    let world = hosts * per_host;
+    let children: Vec<Child> = (0..world)
+        .map(|r| {
+            spawn_rank(
+                &bed,
+                &token,
+                r,
+                world,
+                per_host,
+                &["suite"],
+                &[("TANDEM_TIMEOUT", "60"), ("TANDEM_SEGMENT_BYTES", "4096")],
+            )
+        })
+        .collect();
+    let outs = wait_all(children, LIMIT);
+    let results: Vec<_> = outs.iter().map(cases_of).collect();
+    for (r, o) in outs.iter().enumerate() {
+        let text = String::from_utf8_lossy(&o.stdout);
+        assert!(
+            text.lines().any(|l| l == "SAMEHOST 0"),
+            "rank {r}: ranks on different hosts must not copy by address: {text}"
+        );
+    }
+    for case in cases(world) {
+        check_case(&case, world, &results);
+    }
+}
+
+#[test]
+fn collectives_across_two_hosts() {
+    suite_across(2, 1);
+}
+
+#[test]
+fn collectives_across_four_hosts() {
+    suite_across(4, 1);
+}
+
+#[test]
+fn collectives_across_two_hosts_with_two_ranks_each() {
+    suite_across(2, 2);
+}
+
+/// Host 2's link is cut (no RST, no FIN) while 4 ranks allreduce in a loop: every survivor fails
+/// within its deadline (plus the time to learn of the abort) instead of hanging.
+#[test]
+fn a_rank_whose_link_is_cut_makes_every_survivor_fail_within_its_deadline() {
+    let Some(bed) = testbed(4, None) else {
+        return;
+    };
+    let token = JobToken::generate();
+    let timeout_s = 5u64;
+    let mut children: Vec<Child> = (0..4)
+        .map(|r| {
+            spawn_rank(
+                &bed,
+                &token,
+                r,
+                4,
+                1,
+                &["loop", "65536"],
+                &[("TANDEM_TIMEOUT", &timeout_s.to_string())],
+            )
+        })
+        .collect();
+    // Wait until rank 0 is looping (the group formed), then cut host 2.
+    let lines = stdout_lines(&mut children[0]);
+    let deadline = Instant::now() + LIMIT;
+    loop {
+        let line = lines
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .expect("rank 0 never started its loop");
+        if line.starts_with("ITER 5") {
+            break;
+        }
+    }
+    // The rest of rank 0's output, for the checks below.
+    let rank0_rest = std::thread::spawn(move || lines.into_iter().collect::<Vec<String>>());
+    let cut_at = Instant::now();
+    bed.cut(2).expect("cut");
+    let survivors: Vec<Child> = children
+        .drain(..)
+        .enumerate()
+        .filter_map(|(r, c)| (r != 2).then_some(c))
+        .collect();
+    let outs = wait_all(survivors, Duration::from_secs(timeout_s * 4 + 20));
+    let waited = cut_at.elapsed();
+    let rank0_text = rank0_rest.join().unwrap_or_default().join("\n");
+    for (o, r) in outs.iter().zip([0, 1, 3]) {
+        let text = if r == 0 {
+            rank0_text.clone()
+        } else {
+            String::from_utf8_lossy(&o.stdout).into_owned()
+        };
+        assert_eq!(o.status.code(), Some(3), "rank {r} must fail: {text}");
+        assert!(
+            text.lines().any(|l| l.starts_with("ERROR ")),
+            "rank {r}: {text}"
+        );
+    }
+    // A bound far above the deadline: what is checked is that nobody hangs.
+    assert!(
+        waited < Duration::from_secs(timeout_s * 4 + 20),
+        "survivors took {waited:?}"
+    );
+}
+
+/// A parameter server on host 0, two workers on hosts 1 and 2, sync SGD over the gRPC streams (no
+/// same-host copies across hosts): training converges as on one machine.
+#[test]
+fn the_parameter_server_trains_across_hosts() {
+    let Some(bed) = testbed(3, None) else {
+        return;
+    };
+    let token = JobToken::generate();
+    let env = |c: &mut std::process::Command| {
+        c.env("TANDEM_JOB_TOKEN", token.as_str());
+    };
+    let bind = format!("{}:29600", bed.addr(0));
+    let mut server = bed.command(0, NODE, &["ps-server", "--bind", &bind]);
+    env(&mut server);
+    server.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut server = server.spawn().expect("server");
+    let lines = stdout_lines(&mut server);
+    let addr = loop {
+        let line = lines.recv_timeout(LIMIT).expect("server printed no address");
+        if let Some(a) = line.strip_prefix("ADDR ") {
+            break a.to_string();
+        }
+    };
+    std::thread::spawn(move || for _ in lines {});
+    let workers: Vec<Child> = (0..2)
+        .map(|w| {
+            let mut c = bed.command(
+                w + 1,
+                NODE,
+                &[
+                    "ps-worker",
+                    "--servers",
+                    &addr,
+                    "--worker",
+                    &w.to_string(),
+                    "--workers",
+                    "2",
+                    "--mode",
+                    "sync",
+                    "--steps",
+                    "40",
+                    "--lr",
+                    "0.05",
+                ],
+            );
+            env(&mut c);
+            c.stdout(Stdio::piped()).stderr(Stdio::piped());
+            c.spawn().expect("worker")
+        })
+        .collect();
+    let outs = wait_all(workers, LIMIT);
+    let (want_w, want_b) = tandem_tests::linreg::reference_sync(2, 40, 0.05);
+    for (w, o) in outs.iter().enumerate() {
+        assert!(
+            o.status.success(),
+            "worker {w}: {}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let v = tandem_tests::result_json(o);
+        assert_eq!(
+            v["same_host"], false,
+            "across hosts only the streams can carry tensors"
+        );
+        let got_w: Vec<f64> = v["w"]
+            .as_array()
+            .expect("w")
+            .iter()
+            .map(|x| x.as_f64().expect("number"))
+            .collect();
+        let got_b = v["b"].as_f64().expect("b");
+        for (got, want) in got_w.iter().zip(&want_w).chain([(&got_b, &want_b)]) {
+            let want = f64::from(*want);
+            assert!(
+                (got - want).abs() <= 1e-5 * want.abs().max(1.0),
+                "worker {w}: {got} vs reference {want}"
+            );
+        }
+    }
+    let out = wait_output(server, Duration::from_secs(30));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
