@@ -27,7 +27,7 @@ from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tup
 import numpy as np
 
 from . import _native
-from .errors import ConfigurationError
+from .errors import ConfigurationError, TandemError
 
 __all__ = ["Param", "param", "Client", "PushResult", "serve"]
 
@@ -171,9 +171,12 @@ class Client:
 
 def serve(bind: Optional[str] = None, index: Optional[int] = None, checkpoint_dir: Optional[str] = None,
           checkpoint_every: int = 0, keep_running: bool = False, token: Optional[str] = None,
-          on_ready: Optional[Any] = None) -> None:
-    """Runs a parameter server until every worker is done (or Ctrl-C). Without ``bind`` it serves
-    this process's address from ``TF_CONFIG``. ``on_ready(address)`` is called once it listens."""
+          on_ready: Optional[Any] = None, worker_timeout: Optional[float] = None) -> None:
+    """Runs a parameter server until every worker is done (or Ctrl-C, or SIGTERM). Without ``bind``
+    it serves this process's address from ``TF_CONFIG``. ``on_ready(address)`` is called once it
+    listens. With ``worker_timeout`` (seconds), when every worker that has not said done has been
+    silent that long it writes a final checkpoint (if configured) and raises
+    :class:`tandem.TimeoutError` naming them."""
     if bind is None:
         spec = json.loads(_native.cluster_spec())
         if spec["role"] != "ps":
@@ -181,7 +184,8 @@ def serve(bind: Optional[str] = None, index: Optional[int] = None, checkpoint_di
         index = spec["index"] if index is None else index
         bind = spec["peers"]["ps"][str(index)]
     _native.serve_ps(bind, index=index or 0, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
-                     keep_running=keep_running, token=token, on_ready=on_ready)
+                     keep_running=keep_running, token=token, on_ready=on_ready,
+                     worker_timeout=worker_timeout)
 
 
 def _main(argv: Optional[List[str]] = None) -> int:
@@ -193,9 +197,16 @@ def _main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--checkpoint-dir")
     ap.add_argument("--checkpoint-every", type=int, default=0)
     ap.add_argument("--keep-running", action="store_true")
+    ap.add_argument("--worker-timeout", type=float, metavar="SECS",
+                    help="stop with an error when every remaining worker has been silent this long")
     a = ap.parse_args(argv)
-    serve(a.bind, a.index, a.checkpoint_dir, a.checkpoint_every, a.keep_running,
-          on_ready=lambda addr: print(f"tandem ps: serving on {addr}", flush=True))
+    try:
+        serve(a.bind, a.index, a.checkpoint_dir, a.checkpoint_every, a.keep_running,
+              on_ready=lambda addr: print(f"tandem ps: serving on {addr}", flush=True),
+              worker_timeout=a.worker_timeout)
+    except TandemError as e:
+        print(f"tandem ps: {e}", file=sys.stderr, flush=True)
+        return 1
     return 0
 
 

@@ -134,4 +134,3 @@ pub fn check_case(case: &Case, world: usize, results: &[BTreeMap<usize, Vec<f64>
         _ => {}
     }
 }
-

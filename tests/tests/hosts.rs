@@ -189,7 +189,9 @@ fn the_parameter_server_trains_across_hosts() {
     let mut server = server.spawn().expect("server");
     let lines = stdout_lines(&mut server);
     let addr = loop {
-        let line = lines.recv_timeout(LIMIT).expect("server printed no address");
+        let line = lines
+            .recv_timeout(LIMIT)
+            .expect("server printed no address");
         if let Some(a) = line.strip_prefix("ADDR ") {
             break a.to_string();
         }
@@ -251,5 +253,9 @@ fn the_parameter_server_trains_across_hosts() {
         }
     }
     let out = wait_output(server, Duration::from_secs(30));
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

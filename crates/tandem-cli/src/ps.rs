@@ -35,6 +35,10 @@ pub struct PsArgs {
     /// Keep serving after every worker is done.
     #[arg(long)]
     keep_running: bool,
+    /// Stop (after a final checkpoint, if configured) with an error naming them when every worker
+    /// that has not said done has been silent this many seconds.
+    #[arg(long, value_name = "SECS")]
+    worker_timeout: Option<u64>,
 }
 
 /// Runs the server until the workers are done, Ctrl-C or SIGTERM.
@@ -48,6 +52,7 @@ pub fn ps(args: PsArgs) -> Result<ExitCode> {
     let (bind, index) = where_to_serve(&args)?;
     let mut config = ServerConfig::new(token);
     config.exit_when_done = !args.keep_running;
+    config.worker_timeout = args.worker_timeout.map(Duration::from_secs);
     if let Some(dir) = args.checkpoint_dir.clone() {
         config.checkpoint = Some(CheckpointPolicy {
             dir,

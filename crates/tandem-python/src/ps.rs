@@ -262,7 +262,7 @@ impl PsClient {
 /// Runs a parameter server on `bind` until every worker is done (or Ctrl-C); calls `on_ready`
 /// with the bound address first.
 #[pyfunction]
-#[pyo3(signature = (bind, *, index=0, checkpoint_dir=None, checkpoint_every=0, keep_running=false, token=None, on_ready=None))]
+#[pyo3(signature = (bind, *, index=0, checkpoint_dir=None, checkpoint_every=0, keep_running=false, token=None, on_ready=None, worker_timeout=None))]
 #[allow(clippy::too_many_arguments)]
 pub fn serve_ps(
     py: Python<'_>,
@@ -273,10 +273,19 @@ pub fn serve_ps(
     keep_running: bool,
     token: Option<String>,
     on_ready: Option<Bound<'_, PyAny>>,
+    worker_timeout: Option<f64>,
 ) -> PyResult<()> {
     let token = token_from(token)?;
     let mut config = ServerConfig::new(token);
     config.exit_when_done = !keep_running;
+    if let Some(t) = worker_timeout {
+        if !(t.is_finite() && t > 0.0) {
+            return Err(PyValueError::new_err(format!(
+                "worker_timeout={t} must be a positive number of seconds"
+            )));
+        }
+        config.worker_timeout = Some(std::time::Duration::from_secs_f64(t));
+    }
     if let Some(dir) = checkpoint_dir {
         config.checkpoint = Some(CheckpointPolicy {
             dir,

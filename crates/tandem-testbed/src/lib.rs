@@ -94,7 +94,10 @@ impl Testbed {
     /// `10gbit`) when given. Fails, saying why, when namespaces cannot be made here.
     pub fn new(hosts: usize, link: Option<&str>) -> Result<Testbed> {
         if hosts == 0 || hosts > 200 {
-            return Err(Error::invalid("hosts", format!("{hosts} is not between 1 and 200")));
+            return Err(Error::invalid(
+                "hosts",
+                format!("{hosts} is not between 1 and 200"),
+            ));
         }
         if !nix::unistd::geteuid().is_root() {
             return Err(Error::config(
@@ -105,7 +108,10 @@ impl Testbed {
             ));
         }
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let id = format!("{:06x}", ((std::process::id() & 0xffff) << 8 | (n & 0xff)) & 0xff_ffff);
+        let id = format!(
+            "{:06x}",
+            ((std::process::id() & 0xffff) << 8 | (n & 0xff)) & 0xff_ffff
+        );
         let switch = format!("tdm{id}sw");
         let mut bed = Testbed {
             id,
@@ -113,7 +119,10 @@ impl Testbed {
             hosts: Vec::new(),
         };
         run("making the switch", "ip", &["netns", "add", &bed.switch])?;
-        bed.ip_in(&bed.switch.clone(), &["link", "add", "br0", "type", "bridge"])?;
+        bed.ip_in(
+            &bed.switch.clone(),
+            &["link", "add", "br0", "type", "bridge"],
+        )?;
         bed.ip_in(&bed.switch.clone(), &["link", "set", "br0", "up"])?;
         bed.ip_in(&bed.switch.clone(), &["link", "set", "lo", "up"])?;
         for i in 0..hosts {
@@ -141,10 +150,20 @@ impl Testbed {
         run(
             "making a link",
             "ip",
-            &["link", "add", &inside, "type", "veth", "peer", "name", &port],
+            &[
+                "link", "add", &inside, "type", "veth", "peer", "name", &port,
+            ],
         )?;
-        run("plugging a host", "ip", &["link", "set", &inside, "netns", &ns])?;
-        run("plugging a host", "ip", &["link", "set", &port, "netns", &self.switch])?;
+        run(
+            "plugging a host",
+            "ip",
+            &["link", "set", &inside, "netns", &ns],
+        )?;
+        run(
+            "plugging a host",
+            "ip",
+            &["link", "set", &port, "netns", &self.switch],
+        )?;
         self.ip_in(&ns, &["link", "set", &inside, "name", "eth0"])?;
         let addr = format!("{}/24", self.addr(i));
         self.ip_in(&ns, &["addr", "add", &addr, "dev", "eth0"])?;
@@ -175,8 +194,17 @@ impl Testbed {
         let ns = self.hosts[i].ns.clone();
         let child = Command::new("ip")
             .args([
-                "netns", "exec", &ns, "unshare", "--pid", "--fork", "--mount-proc", "--kill-child",
-                "--", "sleep", "infinity",
+                "netns",
+                "exec",
+                &ns,
+                "unshare",
+                "--pid",
+                "--fork",
+                "--mount-proc",
+                "--kill-child",
+                "--",
+                "sleep",
+                "infinity",
             ])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -189,7 +217,11 @@ impl Testbed {
         let inner = loop {
             let children = std::fs::read_to_string(format!("/proc/{outer}/task/{outer}/children"))
                 .unwrap_or_default();
-            if let Some(pid) = children.split_whitespace().next().and_then(|p| p.parse().ok()) {
+            if let Some(pid) = children
+                .split_whitespace()
+                .next()
+                .and_then(|p| p.parse().ok())
+            {
                 break pid;
             }
             if Instant::now() >= end {
@@ -233,10 +265,32 @@ impl Testbed {
             .map_or(0, |(_, pid)| *pid)
             .to_string();
         let mut c = Command::new("nsenter");
-        c.args(["--target", &target, "--net", "--pid", "--mount", "--", program])
-            .args(args)
-            .stdin(Stdio::null());
+        c.args([
+            "--target", &target, "--net", "--pid", "--mount", "--", program,
+        ])
+        .args(args)
+        .stdin(Stdio::null());
         c
+    }
+
+    /// The process a [`Testbed::command`] started runs as a child of `nsenter` (which forks into the
+    /// host's pid namespace): its pid as seen from here, to signal it. Waits up to 10 s for it.
+    pub fn pid_of(child: &Child) -> Option<u32> {
+        let outer = child.id();
+        let end = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < end {
+            let children = std::fs::read_to_string(format!("/proc/{outer}/task/{outer}/children"))
+                .unwrap_or_default();
+            if let Some(pid) = children
+                .split_whitespace()
+                .next()
+                .and_then(|p| p.parse().ok())
+            {
+                return Some(pid);
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        None
     }
 
     /// Cuts host `i` off the switch: packets are dropped both ways, with no RST and no FIN, as when
@@ -336,7 +390,10 @@ mod tests {
         assert!(text.contains("sleep"), "{text}");
         let names: Vec<String> = (0..2).map(|i| bed.namespace(i).to_string()).collect();
         drop(bed);
-        let list = Command::new("ip").args(["netns", "list"]).output().expect("ip");
+        let list = Command::new("ip")
+            .args(["netns", "list"])
+            .output()
+            .expect("ip");
         let list = String::from_utf8_lossy(&list.stdout);
         for n in names {
             assert!(!list.contains(&n), "{n} left behind");

@@ -49,7 +49,15 @@ pub struct ServerConfig {
     /// Checkpoint directory and frequency; a server started with a directory holding its checkpoint
     /// resumes from it.
     pub checkpoint: Option<CheckpointPolicy>,
+    /// When every worker that has not said done has been silent this long, the server writes a
+    /// final checkpoint (if configured) and stops with an error naming them (a lease: the job's
+    /// workers are gone, or cut off). `None`: wait for them forever.
+    pub worker_timeout: Option<Duration>,
 }
+
+/// How long a stopping server lets open calls finish before it closes their connections (workers
+/// cut off by a dead link never close theirs).
+pub const DRAIN: Duration = Duration::from_secs(2);
 
 impl ServerConfig {
     /// Defaults: 1 MiB chunks, stop when the workers are done.
@@ -59,6 +67,7 @@ impl ServerConfig {
             limits: Limits::default(),
             exit_when_done: true,
             checkpoint: None,
+            worker_timeout: None,
         }
     }
 }
@@ -101,7 +110,10 @@ impl Server {
         self.service.clone()
     }
 
-    /// Serves on `listener` until `shutdown` resolves or (with `exit_when_done`) every worker is done.
+    /// Serves on `listener` until `shutdown` resolves, (with `exit_when_done`) every worker is
+    /// done, or (with `worker_timeout`) every remaining worker has been silent that long, which is
+    /// an error naming them. Stopping lets open calls finish for at most [`DRAIN`], then closes
+    /// their connections, so a server cut off from its workers still stops promptly.
     pub async fn run(
         self,
         listener: TcpListener,
@@ -110,6 +122,7 @@ impl Server {
         let local = listener
             .local_addr()
             .map_err(|e| Error::io("reading the server address", e))?;
+        let service = self.service.clone();
         let svc = ParameterServerServer::new(self.service)
             .max_decoding_message_size(MAX_MESSAGE)
             .max_encoding_message_size(MAX_MESSAGE);
@@ -120,28 +133,81 @@ impl Server {
             }
             s
         });
-        let exit_when_done = self.config.exit_when_done;
-        let all_done = self.all_done;
+        let (exit_when_done, all_done) = (self.config.exit_when_done, self.all_done);
+        let worker_timeout = self.config.worker_timeout;
+        let (stopped_tx, stopped_rx) = tokio::sync::oneshot::channel::<Stop>();
+        let watched = service.clone();
         let stop = async move {
-            tokio::select! {
-                _ = shutdown => {}
+            let why = tokio::select! {
+                _ = shutdown => Stop::Asked,
                 _ = async { if exit_when_done { all_done.notified().await } else { std::future::pending().await } } => {
                     // Let the last responses leave before closing.
                     tokio::time::sleep(Duration::from_millis(100)).await;
+                    Stop::Done
                 }
-            }
+                silent = watch_silence(&watched, worker_timeout) => Stop::Silent(silent),
+            };
+            let _ = stopped_tx.send(why);
         };
         tracing::info!(%local, "parameter server serving");
-        tonic::transport::Server::builder()
+        let serve = tonic::transport::Server::builder()
             .initial_stream_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
             .max_frame_size(16_777_215u32)
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
             .add_service(svc)
-            .serve_with_incoming_shutdown(incoming, stop)
-            .await
-            .map_err(|e| Error::transport(format!("serving parameters on {local}"), e.to_string()))
+            .serve_with_incoming_shutdown(incoming, stop);
+        let (why_tx, why_rx) = tokio::sync::oneshot::channel::<Stop>();
+        let drained = async move {
+            // Once stopping, open calls get DRAIN to finish; then the server stops anyway.
+            let why = stopped_rx.await.unwrap_or(Stop::Asked);
+            let _ = why_tx.send(why);
+            tokio::time::sleep(DRAIN).await;
+        };
+        let served = tokio::select! {
+            r = serve => r.map_err(|e| Error::transport(format!("serving parameters on {local}"), e.to_string())),
+            _ = drained => {
+                tracing::warn!("connections still open {DRAIN:?} after stopping (workers cut off?); closing them");
+                Ok(())
+            }
+        };
+        match why_rx.await {
+            Ok(Stop::Silent(silent)) => {
+                if let Some(path) = service.final_checkpoint().await? {
+                    tracing::info!(path = %path.display(), "final checkpoint written");
+                }
+                Err(Error::timeout(
+                    format!("any word from {silent}; the parameter server stops"),
+                    worker_timeout.unwrap_or_default(),
+                ))
+            }
+            _ => served,
+        }
+    }
+}
+
+/// Why a server stopped.
+enum Stop {
+    Asked,
+    Done,
+    /// Every remaining worker was silent past the timeout: who, and for how long.
+    Silent(String),
+}
+
+/// Resolves when every worker that has not said done has been silent for `timeout` (never without
+/// a timeout): checked a few times per timeout, at most every second.
+async fn watch_silence(service: &Service, timeout: Option<Duration>) -> String {
+    let Some(timeout) = timeout else {
+        return std::future::pending().await;
+    };
+    let every = (timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
+    loop {
+        tokio::time::sleep(every).await;
+        if let Some(silent) = service.silent_workers(timeout) {
+            tracing::error!("{silent}: stopping");
+            return silent;
+        }
     }
 }
 

@@ -78,6 +78,9 @@ pub struct Service {
     pub(super) limits: Limits,
     pub(super) receiving: Arc<tokio::sync::Semaphore>,
     pub(super) same_host: Arc<SameHost>,
+    /// When each worker was last heard from, and when this service started (for workers never
+    /// heard from).
+    heard: Arc<Mutex<(std::time::Instant, HashMap<u32, std::time::Instant>)>>,
 }
 
 impl Service {
@@ -103,7 +106,74 @@ impl Service {
             done: Arc::default(),
             all_done,
             limits,
+            heard: Arc::new(Mutex::new((std::time::Instant::now(), HashMap::new()))),
         }
+    }
+
+    /// Notes that worker `worker` was heard from now.
+    pub(super) fn heard_from(&self, worker: u32) {
+        let mut h = self.heard.lock().unwrap_or_else(|p| p.into_inner());
+        h.1.insert(worker, std::time::Instant::now());
+    }
+
+    /// When every worker that has not said done has been silent for at least `timeout`: which
+    /// ones, and for how long (`None` while any of them was heard from more recently, or when
+    /// there is nobody left to wait for).
+    pub fn silent_workers(&self, timeout: Duration) -> Option<String> {
+        let workers = self.model().map_or(0, |m| m.mode.workers);
+        let done = self.done.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let h = self.heard.lock().unwrap_or_else(|p| p.into_inner());
+        let (started, heard) = (&h.0, &h.1);
+        // Before any declaration the workers are not known: those heard from, or worker 0.
+        let expected: Vec<u32> = if workers > 0 {
+            (0..workers).filter(|w| !done.contains(w)).collect()
+        } else {
+            let mut known: Vec<u32> = heard.keys().copied().collect();
+            if known.is_empty() {
+                known.push(0);
+            }
+            known
+        };
+        if expected.is_empty() {
+            return None;
+        }
+        let silent: Vec<(u32, Duration)> = expected
+            .iter()
+            .map(|w| (*w, heard.get(w).unwrap_or(started).elapsed()))
+            .collect();
+        if silent.iter().any(|(_, d)| *d < timeout) {
+            return None;
+        }
+        let names: Vec<String> = silent
+            .iter()
+            .map(|(w, d)| format!("worker {w} ({:.0} s)", d.as_secs_f64()))
+            .collect();
+        Some(format!("silent workers: {}", names.join(", ")))
+    }
+
+    /// Writes a checkpoint now, if the server has a checkpoint directory and parameters.
+    pub async fn final_checkpoint(&self) -> tandem_core::Result<Option<PathBuf>> {
+        let (Some(policy), Some(d)) = (self.checkpoint.clone(), self.declared.get().cloned())
+        else {
+            return Ok(None);
+        };
+        let snap = match &d.stepper {
+            Some(stepper) => stepper.snapshot().await.map_err(|st| {
+                tandem_core::Error::transport("the final checkpoint", st.message().to_string())
+            })?,
+            None => {
+                let model = d.model.clone();
+                blocking(move || model.snapshot()).await.map_err(|st| {
+                    tandem_core::Error::transport("the final checkpoint", st.message().to_string())
+                })?
+            }
+        };
+        let path = blocking(move || checkpoint::write(&policy.dir, policy.index, &snap))
+            .await
+            .map_err(|st| {
+                tandem_core::Error::transport("the final checkpoint", st.message().to_string())
+            })??;
+        Ok(Some(path))
     }
 
     /// Installs the model (and, in sync mode, starts the thread that owns its step).
@@ -301,6 +371,9 @@ impl ParameterServer for Service {
         let mut incoming: Option<Incoming> = None;
         while let Some(chunk) = stream.next().await {
             let c = chunk?;
+            if incoming.is_none() {
+                self.heard_from(c.worker);
+            }
             let inc = incoming.get_or_insert_with(|| Incoming {
                 worker: c.worker,
                 step: c.step,
@@ -350,18 +423,18 @@ impl ParameterServer for Service {
         &self,
         req: Request<pb::SharedPush>,
     ) -> Result<Response<pb::PushResponse>, Status> {
-        self.push_by_address(req.into_inner())
-            .await
-            .map(Response::new)
+        let r = req.into_inner();
+        self.heard_from(r.worker);
+        self.push_by_address(r).await.map(Response::new)
     }
 
     async fn pull_shared(
         &self,
         req: Request<pb::PullRequest>,
     ) -> Result<Response<pb::SharedPull>, Status> {
-        self.pull_by_address(req.into_inner())
-            .await
-            .map(Response::new)
+        let r = req.into_inner();
+        self.heard_from(r.worker);
+        self.pull_by_address(r).await.map(Response::new)
     }
 
     type PullStream = PullStream;
@@ -369,6 +442,7 @@ impl ParameterServer for Service {
     async fn pull(&self, req: Request<pb::PullRequest>) -> Result<Response<PullStream>, Status> {
         let model = self.declared()?;
         let r = req.into_inner();
+        self.heard_from(r.worker);
         let version = self.wait_version(&model, &r).await?;
         let keys = requested(&model, r.parts);
         for key in &keys {
@@ -419,6 +493,7 @@ impl ParameterServer for Service {
         req: Request<pb::DoneRequest>,
     ) -> Result<Response<pb::DoneResponse>, Status> {
         let worker = req.into_inner().worker;
+        self.heard_from(worker);
         let workers = self.model().map_or(0, |m| m.mode.workers);
         let remaining = {
             let mut d = self.done.lock().unwrap_or_else(|p| p.into_inner());
@@ -443,7 +518,9 @@ impl ParameterServer for Service {
         &self,
         req: Request<pb::RowsPush>,
     ) -> Result<Response<pb::PushResponse>, Status> {
-        self.apply_rows(req.into_inner()).await.map(Response::new)
+        let r = req.into_inner();
+        self.heard_from(r.worker);
+        self.apply_rows(r).await.map(Response::new)
     }
 
     async fn checkpoint(
