@@ -87,6 +87,20 @@ pub struct BenchArgs {
     /// `nccl` feature; one GPU per rank, chosen by `nvidia-smi topo -m`).
     #[arg(long, default_value = "tcp")]
     backend: String,
+    /// Run on this many simulated hosts (network namespaces on this machine; needs root) instead
+    /// of one: every byte between hosts crosses a link. `--np` is then hosts x ranks per host.
+    #[arg(long)]
+    hosts: Option<usize>,
+    /// Ranks on each simulated host.
+    #[arg(long, default_value_t = 1)]
+    ranks_per_host: usize,
+    /// Shape each host's link to this rate (`500mbit`, `2gbit`, `10gbit`) and print the link
+    /// bound and the fraction of it reached.
+    #[arg(long)]
+    link: Option<String>,
+    /// Bytes per second of each link (set for the ranks by `--link`).
+    #[arg(long, hide = true)]
+    link_bytes: Option<f64>,
 }
 
 /// Arguments of one bench rank (hidden).
@@ -166,10 +180,15 @@ pub fn bench(collective: Collective, args: BenchArgs) -> Result<ExitCode> {
             ));
         }
     };
+    let hosts = crate::hosts::Hosts::from_flags(args.hosts, args.ranks_per_host, args.link.as_deref())?;
+    let np = hosts.as_ref().map_or(args.np, |h| h.hosts * h.per_host);
     let mut rank_args: Vec<String> = vec!["bench-rank".into(), collective.name().into()];
+    if let Some(l) = hosts.as_ref().and_then(crate::hosts::Hosts::link_bytes_per_s) {
+        rank_args.extend(["--link-bytes".into(), l.to_string()]);
+    }
     rank_args.extend([
         "--np".into(),
-        args.np.to_string(),
+        np.to_string(),
         "--min".into(),
         args.min.clone(),
         "--max".into(),
@@ -201,6 +220,25 @@ pub fn bench(collective: Collective, args: BenchArgs) -> Result<ExitCode> {
             parse_size("--segment", s)?.to_string(),
         ));
     }
+    if let Some(h) = &hosts {
+        if args.backend != "tcp" {
+            return Err(Error::invalid("--backend", "simulated hosts have no GPUs; use tcp"));
+        }
+        let bed = h.testbed()?;
+        println!(
+            "# {} simulated hosts x {} ranks, links {}",
+            h.hosts,
+            h.per_host,
+            h.link.as_ref().map_or("unshaped", |(_, l)| l.as_str())
+        );
+        let failed = crate::hosts::run_ranks(&bed, h, &rank_args, &env)?;
+        return Ok(if failed.is_empty() {
+            ExitCode::SUCCESS
+        } else {
+            eprintln!("tandem bench: {failed}");
+            ExitCode::from(1)
+        });
+    }
     let failed = run_local(
         tandem_launch::Layout::Allreduce { nproc: args.np },
         &rank_args,
@@ -219,6 +257,15 @@ pub fn bench(collective: Collective, args: BenchArgs) -> Result<ExitCode> {
     } else {
         eprintln!("tandem bench: {failed}");
         Ok(ExitCode::from(1))
+    }
+}
+
+/// What the link bound means for `collective`.
+fn bound_note(collective: Collective) -> &'static str {
+    match collective {
+        Collective::Allreduce => "an allreduce of S bytes moves 2(n-1)/n x S over each link",
+        Collective::Broadcast => "a pipelined broadcast moves S over each link",
+        Collective::Allgather | Collective::ReduceScatter => "(n-1)/n x S over each link",
     }
 }
 
@@ -287,9 +334,24 @@ pub fn bench_rank(args: BenchRankArgs) -> Result<ExitCode> {
             collective.name(),
             gpu.as_ref().map_or(pg.backend_name(), |g| g.backend_name())
         );
+        if let Some(l) = a.link_bytes {
+            println!(
+                "# link bound: busbw <= {:.3} GB/s (each link's rate; {}); of link = busbw / that",
+                l / 1e9,
+                bound_note(collective)
+            );
+        }
         println!(
-            "#{:>12} {:>12} {:>6} {:>6} {:>11} {:>11} {:>11} {:>7}",
-            "size(B)", "count", "type", "redop", "time(us)", "algbw(GB/s)", "busbw(GB/s)", "#wrong"
+            "#{:>12} {:>12} {:>6} {:>6} {:>11} {:>11} {:>11} {:>7}{}",
+            "size(B)",
+            "count",
+            "type",
+            "redop",
+            "time(us)",
+            "algbw(GB/s)",
+            "busbw(GB/s)",
+            "#wrong",
+            if a.link_bytes.is_some() { "  of link" } else { "" }
         );
         if let Some(f) = csv.as_mut() {
             let _ = writeln!(
@@ -315,8 +377,12 @@ pub fn bench_rank(args: BenchRankArgs) -> Result<ExitCode> {
         let algbw = bytes as f64 / secs / 1e9;
         let busbw = algbw * collective.bus_factor(n);
         if rank == 0 {
+            let of_link = a
+                .link_bytes
+                .map(|l| format!("  {:>6.1}%", busbw * 1e9 / l * 100.0))
+                .unwrap_or_default();
             println!(
-                "{:>13} {:>12} {:>6} {:>6} {:>11.1} {:>11.3} {:>11.3} {:>7}",
+                "{:>13} {:>12} {:>6} {:>6} {:>11.1} {:>11.3} {:>11.3} {:>7}{of_link}",
                 bytes,
                 count,
                 dtype.name(),

@@ -3,6 +3,7 @@
 mod bench;
 mod bench_ps;
 mod demo;
+mod hosts;
 mod info;
 mod launch;
 mod local_job;

@@ -1,0 +1,210 @@
+//! Running a bench job on simulated hosts (`--hosts H [--ranks-per-host R] [--link RATE]`): what
+//! a job would do across H machines joined by links of that rate, before renting them. The hosts
+//! are network namespaces on this machine (`tandem-testbed`; needs root), so every byte between
+//! hosts crosses a (shaped) link and no same-host copy can cross a host boundary.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use tandem::{Error, Result};
+use tandem_testbed::Testbed;
+
+/// Where a bench job runs across hosts.
+#[derive(Debug, Clone)]
+pub struct Hosts {
+    /// Simulated hosts.
+    pub hosts: usize,
+    /// Ranks on each.
+    pub per_host: usize,
+    /// Link rate in bits per second, and as given (`2gbit`), when shaped.
+    pub link: Option<(f64, String)>,
+}
+
+impl Hosts {
+    /// From the flags; `None` without `--hosts`.
+    pub fn from_flags(
+        hosts: Option<usize>,
+        per_host: usize,
+        link: Option<&str>,
+    ) -> Result<Option<Hosts>> {
+        let Some(h) = hosts else {
+            if link.is_some() {
+                return Err(Error::invalid("--link", "shapes the links of --hosts; give --hosts"));
+            }
+            return Ok(None);
+        };
+        if !(1..=64).contains(&h) {
+            return Err(Error::invalid("--hosts", format!("{h} is not between 1 and 64")));
+        }
+        if !(1..=16).contains(&per_host) {
+            return Err(Error::invalid(
+                "--ranks-per-host",
+                format!("{per_host} is not between 1 and 16"),
+            ));
+        }
+        let link = link.map(|l| parse_rate(l).map(|bps| (bps, l.to_string()))).transpose()?;
+        Ok(Some(Hosts {
+            hosts: h,
+            per_host,
+            link,
+        }))
+    }
+
+    /// The link rate in bytes per second, when shaped.
+    pub fn link_bytes_per_s(&self) -> Option<f64> {
+        self.link.as_ref().map(|(bps, _)| bps / 8.0)
+    }
+
+    /// Makes the hosts.
+    pub fn testbed(&self) -> Result<Testbed> {
+        Testbed::new(self.hosts, self.link.as_ref().map(|(_, l)| l.as_str()))
+    }
+}
+
+/// A `tc` rate (`500mbit`, `2gbit`, `10gbit`, `1.5gbit`) in bits per second.
+pub fn parse_rate(s: &str) -> Result<f64> {
+    let t = s.trim().to_ascii_lowercase();
+    let (num, mult) = if let Some(n) = t.strip_suffix("gbit") {
+        (n, 1e9)
+    } else if let Some(n) = t.strip_suffix("mbit") {
+        (n, 1e6)
+    } else if let Some(n) = t.strip_suffix("kbit") {
+        (n, 1e3)
+    } else {
+        (t.as_str(), 0.0)
+    };
+    num.parse::<f64>()
+        .ok()
+        .filter(|v| mult > 0.0 && v.is_finite() && *v > 0.0 && v * mult >= 1e6)
+        .map(|v| v * mult)
+        .ok_or_else(|| {
+            Error::invalid(
+                "--link",
+                format!("{s:?} is not a rate such as 500mbit, 2gbit or 10gbit (at least 1mbit)"),
+            )
+        })
+}
+
+/// Runs `args` of this executable as rank r on host r / R for every rank of the job, rank 0
+/// hosting the rendezvous; prints rank 0's lines (and everyone's errors). Returns what failed.
+pub fn run_ranks(bed: &Testbed, hosts: &Hosts, args: &[String], env: &[(String, String)]) -> Result<String> {
+    let exe = std::env::current_exe().map_err(|e| Error::io("finding the tandem executable", e))?;
+    let exe = exe.to_string_lossy().into_owned();
+    let world = hosts.hosts * hosts.per_host;
+    let token = tandem::rendezvous::JobToken::generate();
+    let rendezvous = format!("{}:29400", bed.addr(0));
+    let mut children = Vec::new();
+    for rank in 0..world {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let mut c = bed.command(rank / hosts.per_host, &exe, &args);
+        c.env("TANDEM_LAUNCHER", "tandem")
+            .env("TANDEM_RANK", rank.to_string())
+            .env("TANDEM_WORLD_SIZE", world.to_string())
+            .env("TANDEM_LOCAL_RANK", (rank % hosts.per_host).to_string())
+            .env("TANDEM_LOCAL_WORLD_SIZE", hosts.per_host.to_string())
+            .env("TANDEM_RENDEZVOUS_ADDR", &rendezvous)
+            .env("TANDEM_JOB_TOKEN", token.as_str())
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        match c.spawn() {
+            Ok(child) => children.push(child),
+            Err(e) => {
+                stop(&mut children);
+                return Err(Error::io(format!("starting rank {rank} on its host"), e));
+            }
+        }
+    }
+    let forwards: Vec<_> = children
+        .iter_mut()
+        .enumerate()
+        .flat_map(|(rank, c)| {
+            let out = c.stdout.take().map(|o| forward(o, rank == 0));
+            let err = c.stderr.take().map(|e| forward(e, true));
+            out.into_iter().chain(err)
+        })
+        .collect();
+    let failed = wait(children, Duration::from_secs(3600));
+    for f in forwards {
+        let _ = f.join();
+    }
+    Ok(failed)
+}
+
+fn forward(
+    pipe: impl std::io::Read + Send + 'static,
+    print: bool,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        for line in BufReader::new(pipe).lines().map_while(std::result::Result::ok) {
+            if print {
+                println!("{line}");
+            }
+        }
+    })
+}
+
+/// Waits for every child (bounded); stops the others at the first failure. Returns what failed.
+fn wait(mut children: Vec<Child>, limit: Duration) -> String {
+    let end = Instant::now() + limit;
+    let mut done = vec![false; children.len()];
+    while done.iter().any(|d| !d) {
+        for (i, c) in children.iter_mut().enumerate() {
+            if done[i] {
+                continue;
+            }
+            match c.try_wait() {
+                Ok(Some(s)) if s.success() => done[i] = true,
+                Ok(Some(s)) => {
+                    stop(&mut children);
+                    return format!("rank {i} failed ({s})");
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    stop(&mut children);
+                    return format!("watching rank {i}: {e}");
+                }
+            }
+        }
+        if Instant::now() >= end {
+            stop(&mut children);
+            return format!("the job ran past {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    String::new()
+}
+
+/// Kills what is still running.
+pub fn stop(children: &mut [Child]) {
+    for c in children {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rates_parse_and_bad_ones_are_named() {
+        assert_eq!(parse_rate("2gbit").ok(), Some(2e9));
+        assert_eq!(parse_rate("10Gbit").ok(), Some(1e10));
+        assert_eq!(parse_rate("500mbit").ok(), Some(5e8));
+        assert_eq!(parse_rate("1.5gbit").ok(), Some(1.5e9));
+        assert_eq!(parse_rate("1mbit").ok(), Some(1e6));
+        for bad in ["", "2", "2gb", "fastgbit", "-1gbit", "0gbit", "999kbit", "infgbit"] {
+            assert!(parse_rate(bad).is_err(), "{bad}");
+        }
+        assert!(Hosts::from_flags(None, 1, Some("2gbit")).is_err());
+        assert!(Hosts::from_flags(Some(0), 1, None).is_err());
+        assert!(Hosts::from_flags(Some(65), 1, None).is_err());
+        assert!(Hosts::from_flags(Some(4), 0, None).is_err());
+        assert!(Hosts::from_flags(Some(4), 17, None).is_err());
+        assert!(Hosts::from_flags(None, 1, None).expect("no hosts").is_none());
+        let h = Hosts::from_flags(Some(64), 16, Some("10gbit")).expect("ok").expect("hosts");
+        assert_eq!(h.link_bytes_per_s(), Some(1.25e9));
+    }
+}
