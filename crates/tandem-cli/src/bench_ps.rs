@@ -46,6 +46,48 @@ pub struct BenchPsArgs {
     /// Append a CSV line here.
     #[arg(long)]
     csv: Option<String>,
+    /// Run on this many simulated hosts (network namespaces; needs root): server i on host
+    /// i mod H, worker w on host (servers + w) mod H, so with H = servers + workers each process
+    /// has a host and every tensor crosses a link.
+    #[arg(long)]
+    hosts: Option<usize>,
+    /// Shape each host's link to this rate (`2gbit`, `10gbit`) and print the link bound.
+    #[arg(long)]
+    link: Option<String>,
+}
+
+/// Where the bench's processes run: here, or on simulated hosts.
+enum Placement {
+    Here,
+    Hosts(tandem_testbed::Testbed),
+}
+
+impl Placement {
+    /// A command running this executable with `args` for process `i` (servers first, then
+    /// workers, in one numbering), and the address a server there binds.
+    fn command(&self, exe: &Path, i: usize, args: &[String]) -> (Command, String) {
+        match self {
+            Placement::Here => {
+                let mut c = Command::new(exe);
+                c.args(args);
+                (c, "127.0.0.1:0".into())
+            }
+            Placement::Hosts(bed) => {
+                let host = i % bed.len();
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                let c = bed.command(host, &exe.to_string_lossy(), &args);
+                (c, format!("{}:{}", bed.addr(host), 29600 + i))
+            }
+        }
+    }
+
+    /// The pid (as seen here) of a process [`Placement::command`] started.
+    fn pid(&self, c: &Child) -> u32 {
+        match self {
+            Placement::Here => c.id(),
+            Placement::Hosts(_) => tandem_testbed::Testbed::pid_of(c).unwrap_or(0),
+        }
+    }
 }
 
 /// Arguments of one bench worker (hidden).
@@ -97,10 +139,22 @@ pub fn bench_ps(a: BenchPsArgs) -> Result<ExitCode> {
         ));
     }
     let exe = std::env::current_exe().map_err(|e| Error::io("finding the tandem executable", e))?;
+    let hosts = crate::hosts::Hosts::from_flags(a.hosts, 1, a.link.as_deref())?;
+    let placement = match &hosts {
+        Some(h) => {
+            println!(
+                "# {} simulated hosts, links {}",
+                h.hosts,
+                h.link.as_ref().map_or("unshaped", |(_, l)| l.as_str())
+            );
+            Placement::Hosts(h.testbed()?)
+        }
+        None => Placement::Here,
+    };
     let token = JobToken::generate();
-    let (mut servers, addrs) = start_servers(&exe, &token, a.servers)?;
+    let (mut servers, addrs) = start_servers(&placement, &exe, &token, a.servers)?;
     let start = Instant::now();
-    let workers = match start_workers(&exe, &token, &a, &addrs, params) {
+    let workers = match start_workers(&placement, &exe, &token, &a, &addrs, params) {
         Ok(w) => w,
         Err(e) => {
             stop(&mut servers);
@@ -109,32 +163,43 @@ pub fn bench_ps(a: BenchPsArgs) -> Result<ExitCode> {
     };
     let results = collect(workers)?;
     let wall = start.elapsed().as_secs_f64();
-    let server_rss: Vec<u64> = servers.iter().map(|c| rss_of(c.id())).collect();
+    let server_rss: Vec<u64> = servers.iter().map(|c| rss_of(placement.pid(c))).collect();
     stop(&mut servers);
     if !results.failed.is_empty() {
         eprintln!("tandem bench ps: failed: {}", results.failed.join(", "));
         return Ok(ExitCode::from(1));
     }
-    report(&a, params, wall, results, &server_rss)?;
+    let link = hosts.as_ref().and_then(crate::hosts::Hosts::link_bytes_per_s);
+    report(&a, params, wall, results, &server_rss, link)?;
     Ok(ExitCode::SUCCESS)
 }
 
 /// Starts `n` `tandem ps` processes on ephemeral loopback ports; returns them and their addresses.
-fn start_servers(exe: &Path, token: &JobToken, n: usize) -> Result<(Vec<Child>, Vec<String>)> {
+fn start_servers(
+    placement: &Placement,
+    exe: &Path,
+    token: &JobToken,
+    n: usize,
+) -> Result<(Vec<Child>, Vec<String>)> {
     let mut servers = Vec::new();
     let mut addrs = Vec::new();
     for i in 0..n {
-        let spawned = Command::new(exe)
-            .args([
-                "ps",
-                "--bind",
-                "127.0.0.1:0",
-                "--index",
-                &i.to_string(),
-                "--keep-running",
-                "--log-every",
-                "3600",
-            ])
+        let (_, bind) = placement.command(exe, i, &[]);
+        let args: Vec<String> = [
+            "ps",
+            "--bind",
+            &bind,
+            "--index",
+            &i.to_string(),
+            "--keep-running",
+            "--log-every",
+            "3600",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let (mut cmd, _) = placement.command(exe, i, &args);
+        let spawned = cmd
             .env(TOKEN_VAR, token.as_str())
             .stdout(Stdio::piped())
             .spawn();
@@ -162,6 +227,7 @@ fn start_servers(exe: &Path, token: &JobToken, n: usize) -> Result<(Vec<Child>, 
 
 /// Starts the workers (`tandem bench-ps-worker`), each reporting its step times on stdout.
 fn start_workers(
+    placement: &Placement,
     exe: &Path,
     token: &JobToken,
     a: &BenchPsArgs,
@@ -181,8 +247,8 @@ fn start_workers(
         if a.mode == PsMode::Sync {
             args.push("--sync".into());
         }
-        match Command::new(exe)
-            .args(&args)
+        let (mut cmd, _) = placement.command(exe, a.servers + w, &args);
+        match cmd
             .env(TOKEN_VAR, token.as_str())
             .stdout(Stdio::piped())
             .spawn()
@@ -238,8 +304,33 @@ fn collect(workers: Vec<Child>) -> Result<Results> {
     Ok(r)
 }
 
+/// The rate the links allow when every process has a host and links of `link` bytes/s: in sync
+/// mode a step pushes W gradients into the servers and then pulls the parameters out to W workers
+/// (each server link carries W x 4P / S bytes each way, one after the other; a worker's link 4P
+/// each way); in async mode pushes and pulls overlap across workers.
+fn link_bound(a: &BenchPsArgs, params: usize, link: f64) -> f64 {
+    let bytes = 4.0 * params as f64;
+    let (w, s) = (a.workers as f64, a.servers as f64);
+    if a.mode == PsMode::Sync {
+        let server = link * s / (2.0 * w * bytes);
+        let worker = link / (2.0 * bytes);
+        server.min(worker)
+    } else {
+        let server = link * s / bytes;
+        let worker = w * link / (2.0 * bytes);
+        server.min(worker)
+    }
+}
+
 /// Prints the summary (and appends the CSV line, when asked).
-fn report(a: &BenchPsArgs, params: usize, wall: f64, r: Results, server_rss: &[u64]) -> Result<()> {
+fn report(
+    a: &BenchPsArgs,
+    params: usize,
+    wall: f64,
+    r: Results,
+    server_rss: &[u64],
+    link: Option<f64>,
+) -> Result<()> {
     let pct = |p: f64| {
         r.step_ms
             .get(((r.step_ms.len() as f64 - 1.0) * p).round() as usize)
@@ -273,6 +364,18 @@ fn report(a: &BenchPsArgs, params: usize, wall: f64, r: Results, server_rss: &[u
         mib(server_rss),
         mib(&r.worker_rss)
     );
+    if let Some(l) = link {
+        let bound = link_bound(a, params, l);
+        println!(
+            "# link bound: {bound:.2} {unit} ({}); reached {:.1}%",
+            if a.mode == PsMode::Sync {
+                "each step pushes then pulls every parameter through the servers' links"
+            } else {
+                "every gradient pushes and pulls every parameter through the servers' links"
+            },
+            rate / bound * 100.0
+        );
+    }
     if let Some(path) = &a.csv {
         use std::io::Write;
         let mut f = std::fs::OpenOptions::new()
