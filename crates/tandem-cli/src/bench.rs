@@ -141,6 +141,62 @@ pub fn run(cmd: BenchCommand) -> Result<ExitCode> {
 
 /// Starts `np` ranks running the sweep and forwards rank 0's table.
 pub fn bench(collective: Collective, args: BenchArgs) -> Result<ExitCode> {
+    check_args(&args)?;
+    let hosts =
+        crate::hosts::Hosts::from_flags(args.hosts, args.ranks_per_host, args.link.as_deref())?;
+    if hosts.is_some() && args.backend != "tcp" {
+        return Err(Error::invalid(
+            "--backend",
+            "simulated hosts have no GPUs; use tcp",
+        ));
+    }
+    let np = hosts.as_ref().map_or(args.np, |h| h.hosts * h.per_host);
+    let link = hosts
+        .as_ref()
+        .and_then(crate::hosts::Hosts::link_bytes_per_s);
+    let rank_args = rank_args(collective, &args, np, link);
+    let mut env = Vec::new();
+    if let Some(s) = &args.segment {
+        env.push((
+            "TANDEM_SEGMENT_BYTES".to_string(),
+            parse_size("--segment", s)?.to_string(),
+        ));
+    }
+    let failed = match &hosts {
+        Some(h) => {
+            let bed = h.testbed()?;
+            println!(
+                "# {} simulated hosts x {} ranks, links {}",
+                h.hosts,
+                h.per_host,
+                h.link.as_ref().map_or("unshaped", |(_, l)| l.as_str())
+            );
+            crate::hosts::run_ranks(&bed, h, &rank_args, &env)?
+        }
+        None => run_local(
+            tandem_launch::Layout::Allreduce { nproc: args.np },
+            &rank_args,
+            None,
+            env,
+            gpus_for(&args)?,
+            Duration::from_secs(3600),
+            |p, line, stderr| {
+                if p.rank == 0 || stderr {
+                    println!("{line}");
+                }
+            },
+        )?,
+    };
+    if failed.is_empty() {
+        Ok(ExitCode::SUCCESS)
+    } else {
+        eprintln!("tandem bench: {failed}");
+        Ok(ExitCode::from(1))
+    }
+}
+
+/// The flags every bench checks before starting anything.
+fn check_args(args: &BenchArgs) -> Result<()> {
     if args.np == 0 || args.np > 64 {
         return Err(Error::invalid(
             "--np",
@@ -159,8 +215,13 @@ pub fn bench(collective: Collective, args: BenchArgs) -> Result<ExitCode> {
     }
     args.op.parse::<ReduceOp>()?;
     args.dtype.parse::<DType>()?;
-    let gpus = match args.backend.as_str() {
-        "tcp" => Vec::new(),
+    Ok(())
+}
+
+/// The GPUs of the ranks (none for the TCP backend).
+fn gpus_for(args: &BenchArgs) -> Result<Vec<usize>> {
+    match args.backend.as_str() {
+        "tcp" => Ok(Vec::new()),
         "nccl" => {
             if args.dtype != "f32" {
                 return Err(Error::invalid(
@@ -168,33 +229,33 @@ pub fn bench(collective: Collective, args: BenchArgs) -> Result<ExitCode> {
                     "the nccl bench measures f32 buffers",
                 ));
             }
-            tandem_launch::assign_gpus(
-                "auto",
-                &tandem_launch::Layout::Allreduce { nproc: args.np },
-            )?
+            tandem_launch::assign_gpus("auto", &tandem_launch::Layout::Allreduce { nproc: args.np })
         }
-        other => {
-            return Err(Error::invalid(
-                "--backend",
-                format!("{other:?} is not tcp or nccl"),
-            ));
-        }
-    };
-    let hosts = crate::hosts::Hosts::from_flags(args.hosts, args.ranks_per_host, args.link.as_deref())?;
-    let np = hosts.as_ref().map_or(args.np, |h| h.hosts * h.per_host);
-    let mut rank_args: Vec<String> = vec!["bench-rank".into(), collective.name().into()];
-    if let Some(l) = hosts.as_ref().and_then(crate::hosts::Hosts::link_bytes_per_s) {
-        rank_args.extend(["--link-bytes".into(), l.to_string()]);
+        other => Err(Error::invalid(
+            "--backend",
+            format!("{other:?} is not tcp or nccl"),
+        )),
     }
-    rank_args.extend([
+}
+
+/// The command line of each rank.
+fn rank_args(
+    collective: Collective,
+    args: &BenchArgs,
+    np: usize,
+    link: Option<f64>,
+) -> Vec<String> {
+    let mut r: Vec<String> = vec!["bench-rank".into(), collective.name().into()];
+    if let Some(l) = link {
+        r.extend(["--link-bytes".into(), l.to_string()]);
+    }
+    r.extend([
         "--np".into(),
         np.to_string(),
         "--min".into(),
         args.min.clone(),
         "--max".into(),
         args.max.clone(),
-    ]);
-    rank_args.extend([
         "--backend".into(),
         args.backend.clone(),
         "--op".into(),
@@ -204,59 +265,60 @@ pub fn bench(collective: Collective, args: BenchArgs) -> Result<ExitCode> {
         "--warmup".into(),
         args.warmup.to_string(),
     ]);
-    if let Some(i) = args.iters {
-        rank_args.extend(["--iters".into(), i.to_string()]);
-    }
-    if let Some(c) = &args.csv {
-        rank_args.extend(["--csv".into(), c.clone()]);
-    }
-    if let Some(p) = &args.plot {
-        rank_args.extend(["--plot".into(), p.clone()]);
-    }
-    let mut env = Vec::new();
-    if let Some(s) = &args.segment {
-        env.push((
-            "TANDEM_SEGMENT_BYTES".to_string(),
-            parse_size("--segment", s)?.to_string(),
-        ));
-    }
-    if let Some(h) = &hosts {
-        if args.backend != "tcp" {
-            return Err(Error::invalid("--backend", "simulated hosts have no GPUs; use tcp"));
+    for (flag, v) in [
+        ("--iters", args.iters.map(|i| i.to_string())),
+        ("--csv", args.csv.clone()),
+        ("--plot", args.plot.clone()),
+    ] {
+        if let Some(v) = v {
+            r.extend([flag.to_string(), v]);
         }
-        let bed = h.testbed()?;
-        println!(
-            "# {} simulated hosts x {} ranks, links {}",
-            h.hosts,
-            h.per_host,
-            h.link.as_ref().map_or("unshaped", |(_, l)| l.as_str())
-        );
-        let failed = crate::hosts::run_ranks(&bed, h, &rank_args, &env)?;
-        return Ok(if failed.is_empty() {
-            ExitCode::SUCCESS
-        } else {
-            eprintln!("tandem bench: {failed}");
-            ExitCode::from(1)
-        });
     }
-    let failed = run_local(
-        tandem_launch::Layout::Allreduce { nproc: args.np },
-        &rank_args,
-        None,
-        env,
-        gpus,
-        Duration::from_secs(3600),
-        |p, line, stderr| {
-            if p.rank == 0 || stderr {
-                println!("{line}");
-            }
-        },
-    )?;
-    if failed.is_empty() {
-        Ok(ExitCode::SUCCESS)
-    } else {
-        eprintln!("tandem bench: {failed}");
-        Ok(ExitCode::from(1))
+    r
+}
+
+/// The table's header (and the CSV's), on rank 0.
+fn print_header(
+    collective: Collective,
+    a: &BenchArgs,
+    n: usize,
+    backend: &str,
+    op: ReduceOp,
+    dtype: DType,
+    csv: Option<&mut std::fs::File>,
+) {
+    println!(
+        "# tandem bench {} : {n} ranks, backend {backend}, op {op}, dtype {dtype}",
+        collective.name()
+    );
+    if let Some(l) = a.link_bytes {
+        println!(
+            "# link bound: busbw <= {:.3} GB/s (each link's rate; {}); of link = busbw / that",
+            l / 1e9,
+            bound_note(collective)
+        );
+    }
+    println!(
+        "#{:>12} {:>12} {:>6} {:>6} {:>11} {:>11} {:>11} {:>7}{}",
+        "size(B)",
+        "count",
+        "type",
+        "redop",
+        "time(us)",
+        "algbw(GB/s)",
+        "busbw(GB/s)",
+        "#wrong",
+        if a.link_bytes.is_some() {
+            "  of link"
+        } else {
+            ""
+        }
+    );
+    if let Some(f) = csv {
+        let _ = writeln!(
+            f,
+            "collective,ranks,size,count,type,redop,time_us,algbw_gbs,busbw_gbs,wrong"
+        );
     }
 }
 
@@ -329,36 +391,8 @@ pub fn bench_rank(args: BenchRankArgs) -> Result<ExitCode> {
         _ => None,
     };
     if rank == 0 {
-        println!(
-            "# tandem bench {} : {n} ranks, backend {}, op {op}, dtype {dtype}",
-            collective.name(),
-            gpu.as_ref().map_or(pg.backend_name(), |g| g.backend_name())
-        );
-        if let Some(l) = a.link_bytes {
-            println!(
-                "# link bound: busbw <= {:.3} GB/s (each link's rate; {}); of link = busbw / that",
-                l / 1e9,
-                bound_note(collective)
-            );
-        }
-        println!(
-            "#{:>12} {:>12} {:>6} {:>6} {:>11} {:>11} {:>11} {:>7}{}",
-            "size(B)",
-            "count",
-            "type",
-            "redop",
-            "time(us)",
-            "algbw(GB/s)",
-            "busbw(GB/s)",
-            "#wrong",
-            if a.link_bytes.is_some() { "  of link" } else { "" }
-        );
-        if let Some(f) = csv.as_mut() {
-            let _ = writeln!(
-                f,
-                "collective,ranks,size,count,type,redop,time_us,algbw_gbs,busbw_gbs,wrong"
-            );
-        }
+        let backend = gpu.as_ref().map_or(pg.backend_name(), |g| g.backend_name());
+        print_header(collective, &a, n, backend, op, dtype, csv.as_mut());
     }
     let mut points = Vec::new();
     let mut size = min;

@@ -169,7 +169,9 @@ pub fn bench_ps(a: BenchPsArgs) -> Result<ExitCode> {
         eprintln!("tandem bench ps: failed: {}", results.failed.join(", "));
         return Ok(ExitCode::from(1));
     }
-    let link = hosts.as_ref().and_then(crate::hosts::Hosts::link_bytes_per_s);
+    let link = hosts
+        .as_ref()
+        .and_then(crate::hosts::Hosts::link_bytes_per_s);
     report(&a, params, wall, results, &server_rss, link)?;
     Ok(ExitCode::SUCCESS)
 }

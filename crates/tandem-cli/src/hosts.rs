@@ -30,12 +30,18 @@ impl Hosts {
     ) -> Result<Option<Hosts>> {
         let Some(h) = hosts else {
             if link.is_some() {
-                return Err(Error::invalid("--link", "shapes the links of --hosts; give --hosts"));
+                return Err(Error::invalid(
+                    "--link",
+                    "shapes the links of --hosts; give --hosts",
+                ));
             }
             return Ok(None);
         };
         if !(1..=64).contains(&h) {
-            return Err(Error::invalid("--hosts", format!("{h} is not between 1 and 64")));
+            return Err(Error::invalid(
+                "--hosts",
+                format!("{h} is not between 1 and 64"),
+            ));
         }
         if !(1..=16).contains(&per_host) {
             return Err(Error::invalid(
@@ -43,7 +49,9 @@ impl Hosts {
                 format!("{per_host} is not between 1 and 16"),
             ));
         }
-        let link = link.map(|l| parse_rate(l).map(|bps| (bps, l.to_string()))).transpose()?;
+        let link = link
+            .map(|l| parse_rate(l).map(|bps| (bps, l.to_string())))
+            .transpose()?;
         Ok(Some(Hosts {
             hosts: h,
             per_host,
@@ -88,7 +96,12 @@ pub fn parse_rate(s: &str) -> Result<f64> {
 
 /// Runs `args` of this executable as rank r on host r / R for every rank of the job, rank 0
 /// hosting the rendezvous; prints rank 0's lines (and everyone's errors). Returns what failed.
-pub fn run_ranks(bed: &Testbed, hosts: &Hosts, args: &[String], env: &[(String, String)]) -> Result<String> {
+pub fn run_ranks(
+    bed: &Testbed,
+    hosts: &Hosts,
+    args: &[String],
+    env: &[(String, String)],
+) -> Result<String> {
     let exe = std::env::current_exe().map_err(|e| Error::io("finding the tandem executable", e))?;
     let exe = exe.to_string_lossy().into_owned();
     let world = hosts.hosts * hosts.per_host;
@@ -132,12 +145,12 @@ pub fn run_ranks(bed: &Testbed, hosts: &Hosts, args: &[String], env: &[(String, 
     Ok(failed)
 }
 
-fn forward(
-    pipe: impl std::io::Read + Send + 'static,
-    print: bool,
-) -> std::thread::JoinHandle<()> {
+fn forward(pipe: impl std::io::Read + Send + 'static, print: bool) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
-        for line in BufReader::new(pipe).lines().map_while(std::result::Result::ok) {
+        for line in BufReader::new(pipe)
+            .lines()
+            .map_while(std::result::Result::ok)
+        {
             if print {
                 println!("{line}");
             }
@@ -195,7 +208,9 @@ mod tests {
         assert_eq!(parse_rate("500mbit").ok(), Some(5e8));
         assert_eq!(parse_rate("1.5gbit").ok(), Some(1.5e9));
         assert_eq!(parse_rate("1mbit").ok(), Some(1e6));
-        for bad in ["", "2", "2gb", "fastgbit", "-1gbit", "0gbit", "999kbit", "infgbit"] {
+        for bad in [
+            "", "2", "2gb", "fastgbit", "-1gbit", "0gbit", "999kbit", "infgbit",
+        ] {
             assert!(parse_rate(bad).is_err(), "{bad}");
         }
         assert!(Hosts::from_flags(None, 1, Some("2gbit")).is_err());
@@ -203,8 +218,14 @@ mod tests {
         assert!(Hosts::from_flags(Some(65), 1, None).is_err());
         assert!(Hosts::from_flags(Some(4), 0, None).is_err());
         assert!(Hosts::from_flags(Some(4), 17, None).is_err());
-        assert!(Hosts::from_flags(None, 1, None).expect("no hosts").is_none());
-        let h = Hosts::from_flags(Some(64), 16, Some("10gbit")).expect("ok").expect("hosts");
+        assert!(
+            Hosts::from_flags(None, 1, None)
+                .expect("no hosts")
+                .is_none()
+        );
+        let h = Hosts::from_flags(Some(64), 16, Some("10gbit"))
+            .expect("ok")
+            .expect("hosts");
         assert_eq!(h.link_bytes_per_s(), Some(1.25e9));
     }
 }

@@ -3,12 +3,14 @@
 
 pub mod checkpoint;
 mod convert;
+mod lease;
 mod model;
 mod pool;
 mod rows;
 mod same_host;
 mod service;
 mod step;
+mod sync_step;
 
 pub use convert::MAX_PARTITION_ELEMENTS;
 pub use model::{Counters, Key, Mode, Model, Partial};

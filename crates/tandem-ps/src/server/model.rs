@@ -23,6 +23,7 @@ use tokio::sync::watch;
 
 use super::checkpoint::{PartSnapshot, Snapshot};
 pub use super::pool::{BufferPool, POOLED_PER_SIZE};
+pub use super::sync_step::{GradientSource, Partial, Pending, Sum, SyncStep};
 use crate::init::Init;
 use crate::optimizer::{self, Optimizer, State};
 
@@ -207,99 +208,6 @@ impl Counters {
 /// which such a gradient is checked, summed and applied, so a server needs piece-sized buffers rather
 /// than buffers as large as a push.
 pub const PIECE: usize = 256 * 1024;
-
-/// One partition's running sum of the gradients received through the streams in a sync step.
-#[derive(Debug)]
-pub struct Sum {
-    /// Sum of the gradients added so far.
-    pub values: Vec<f32>,
-    /// How many.
-    pub count: u32,
-}
-
-/// A gradient that stays where it is (in a worker's memory on this machine) until its step is
-/// applied, read a piece at a time then.
-pub trait GradientSource: Send + std::fmt::Debug {
-    /// Whether it holds a gradient for partition `key`.
-    fn covers(&self, key: &Key) -> bool;
-    /// The partitions it holds gradients for.
-    fn partitions(&self) -> Vec<Key>;
-    /// Copies elements `at..at + dst.len()` of its gradient for `key` into `dst`; an error says
-    /// why it cannot be read any more (the worker left or died).
-    fn read(&self, key: &Key, at: usize, dst: &mut [f32]) -> Result<(), String>;
-}
-
-/// A worker's gradient for the current sync step, left where it is until the step is applied.
-#[derive(Debug)]
-pub struct Pending {
-    /// The worker.
-    pub worker: u32,
-    /// Where its gradient is.
-    pub source: Box<dyn GradientSource>,
-}
-
-/// What part of a gradient was applied when its source stopped being readable part-way (the worker
-/// died, or left its push): exactly these elements, nothing else.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Partial {
-    /// Per partition, the elements `[0, n)` applied; partitions not listed: none.
-    pub applied: Vec<(Key, usize)>,
-    /// Why reading stopped.
-    pub why: String,
-}
-
-impl std::fmt::Display for Partial {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        if self.applied.is_empty() {
-            return write!(f, "nothing applied ({})", self.why);
-        }
-        for (i, ((param, part), n)) in self.applied.iter().enumerate() {
-            let sep = if i == 0 { "" } else { ", " };
-            write!(f, "{sep}{param:?} partition {part}: elements 0..{n}")?;
-        }
-        write!(f, " applied, nothing else ({})", self.why)
-    }
-}
-
-/// Contributions to the current sync step.
-#[derive(Debug, Default)]
-pub struct SyncStep {
-    /// The step being aggregated.
-    pub step: u64,
-    /// Workers whose gradient for this step has been added.
-    pub contributors: BTreeSet<u32>,
-    /// Running sum of each partition's gradients received through the streams: one buffer per
-    /// partition whatever the number of workers, so memory stays bounded.
-    pub acc: HashMap<Key, Sum>,
-    /// Gradients still in their workers' memory (same machine), summed piece by piece, in worker
-    /// order, when the step is applied: no sum buffer for them at all.
-    pub pending: Vec<Pending>,
-}
-
-impl SyncStep {
-    /// Adds one worker's whole gradients into the running sums (in arrival order). The caller
-    /// records the worker among the contributors.
-    pub fn add(&mut self, grads: HashMap<Key, Vec<f32>>, pool: &BufferPool) {
-        for (key, g) in grads {
-            match self.acc.get_mut(&key) {
-                Some(sum) => {
-                    sum.values.iter_mut().zip(&g).for_each(|(a, b)| *a += b);
-                    sum.count += 1;
-                    pool.give(g);
-                }
-                None => {
-                    self.acc.insert(
-                        key,
-                        Sum {
-                            values: g,
-                            count: 1,
-                        },
-                    );
-                }
-            }
-        }
-    }
-}
 
 /// Everything a declared server holds.
 #[derive(Debug)]

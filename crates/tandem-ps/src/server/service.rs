@@ -61,26 +61,26 @@ pub struct CheckpointPolicy {
 
 /// The declared model and, in sync mode, the thread that owns its step.
 #[derive(Clone)]
-struct Declared {
-    model: Arc<Model>,
-    stepper: Option<Stepper>,
+pub(super) struct Declared {
+    pub(super) model: Arc<Model>,
+    pub(super) stepper: Option<Stepper>,
 }
 
 /// The parameter-server service of one server process.
 #[derive(Clone)]
 pub struct Service {
-    declared: Arc<OnceCell<Declared>>,
-    checkpoint: Option<CheckpointPolicy>,
+    pub(super) declared: Arc<OnceCell<Declared>>,
+    pub(super) checkpoint: Option<CheckpointPolicy>,
     pub(super) incarnation: u64,
     declare_lock: Arc<tokio::sync::Mutex<()>>,
-    done: Arc<Mutex<BTreeSet<u32>>>,
+    pub(super) done: Arc<Mutex<BTreeSet<u32>>>,
     all_done: Arc<Notify>,
     pub(super) limits: Limits,
     pub(super) receiving: Arc<tokio::sync::Semaphore>,
     pub(super) same_host: Arc<SameHost>,
     /// When each worker was last heard from, and when this service started (for workers never
     /// heard from).
-    heard: Arc<Mutex<(std::time::Instant, HashMap<u32, std::time::Instant>)>>,
+    pub(super) heard: Arc<Mutex<(std::time::Instant, HashMap<u32, std::time::Instant>)>>,
 }
 
 impl Service {
@@ -108,72 +108,6 @@ impl Service {
             limits,
             heard: Arc::new(Mutex::new((std::time::Instant::now(), HashMap::new()))),
         }
-    }
-
-    /// Notes that worker `worker` was heard from now.
-    pub(super) fn heard_from(&self, worker: u32) {
-        let mut h = self.heard.lock().unwrap_or_else(|p| p.into_inner());
-        h.1.insert(worker, std::time::Instant::now());
-    }
-
-    /// When every worker that has not said done has been silent for at least `timeout`: which
-    /// ones, and for how long (`None` while any of them was heard from more recently, or when
-    /// there is nobody left to wait for).
-    pub fn silent_workers(&self, timeout: Duration) -> Option<String> {
-        let workers = self.model().map_or(0, |m| m.mode.workers);
-        let done = self.done.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        let h = self.heard.lock().unwrap_or_else(|p| p.into_inner());
-        let (started, heard) = (&h.0, &h.1);
-        // Before any declaration the workers are not known: those heard from, or worker 0.
-        let expected: Vec<u32> = if workers > 0 {
-            (0..workers).filter(|w| !done.contains(w)).collect()
-        } else {
-            let mut known: Vec<u32> = heard.keys().copied().collect();
-            if known.is_empty() {
-                known.push(0);
-            }
-            known
-        };
-        if expected.is_empty() {
-            return None;
-        }
-        let silent: Vec<(u32, Duration)> = expected
-            .iter()
-            .map(|w| (*w, heard.get(w).unwrap_or(started).elapsed()))
-            .collect();
-        if silent.iter().any(|(_, d)| *d < timeout) {
-            return None;
-        }
-        let names: Vec<String> = silent
-            .iter()
-            .map(|(w, d)| format!("worker {w} ({:.0} s)", d.as_secs_f64()))
-            .collect();
-        Some(format!("silent workers: {}", names.join(", ")))
-    }
-
-    /// Writes a checkpoint now, if the server has a checkpoint directory and parameters.
-    pub async fn final_checkpoint(&self) -> tandem_core::Result<Option<PathBuf>> {
-        let (Some(policy), Some(d)) = (self.checkpoint.clone(), self.declared.get().cloned())
-        else {
-            return Ok(None);
-        };
-        let snap = match &d.stepper {
-            Some(stepper) => stepper.snapshot().await.map_err(|st| {
-                tandem_core::Error::transport("the final checkpoint", st.message().to_string())
-            })?,
-            None => {
-                let model = d.model.clone();
-                blocking(move || model.snapshot()).await.map_err(|st| {
-                    tandem_core::Error::transport("the final checkpoint", st.message().to_string())
-                })?
-            }
-        };
-        let path = blocking(move || checkpoint::write(&policy.dir, policy.index, &snap))
-            .await
-            .map_err(|st| {
-                tandem_core::Error::transport("the final checkpoint", st.message().to_string())
-            })??;
-        Ok(Some(path))
     }
 
     /// Installs the model (and, in sync mode, starts the thread that owns its step).

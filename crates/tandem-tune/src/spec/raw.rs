@@ -1,0 +1,134 @@
+//! The YAML as written: Katib's `Experiment` fields, read with unknown fields refused, before any
+//! value is checked (that is [`super::Experiment::from_yaml`]'s job).
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+use tandem_core::{Error, Result};
+
+use super::format_number;
+
+/// A number Katib writes as a string (`"0.01"`) or YAML writes as a number.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub(super) enum Scalar {
+    Num(f64),
+    Str(String),
+}
+
+impl Scalar {
+    pub(super) fn text(&self) -> String {
+        match self {
+            Scalar::Num(n) => format_number(*n),
+            Scalar::Str(s) => s.clone(),
+        }
+    }
+    pub(super) fn number(&self, field: &str) -> Result<f64> {
+        match self {
+            Scalar::Num(n) => Ok(*n),
+            Scalar::Str(s) => s
+                .trim()
+                .parse()
+                .map_err(|_| Error::config(field, format!("{s:?} is not a number"))),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(super) struct RawDoc {
+    pub(super) api_version: Option<String>,
+    pub(super) kind: Option<String>,
+    pub(super) metadata: Option<RawMeta>,
+    pub(super) spec: RawSpec,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawMeta {
+    pub(super) name: Option<String>,
+    pub(super) namespace: Option<String>,
+    pub(super) labels: Option<BTreeMap<String, String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(super) struct RawSpec {
+    pub(super) objective: RawObjective,
+    pub(super) algorithm: RawAlgorithm,
+    pub(super) parallel_trial_count: Option<u32>,
+    pub(super) max_trial_count: Option<u32>,
+    pub(super) max_failed_trial_count: Option<u32>,
+    pub(super) early_stopping: Option<RawAlgorithm>,
+    pub(super) parameters: Vec<RawParam>,
+    pub(super) trial_template: RawTemplate,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(super) struct RawObjective {
+    #[serde(rename = "type")]
+    pub(super) kind: String,
+    pub(super) goal: Option<f64>,
+    pub(super) objective_metric_name: Option<String>,
+    pub(super) additional_metric_names: Option<Vec<String>>,
+    pub(super) metric_strategies: Option<Vec<RawStrategy>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawStrategy {
+    pub(super) name: String,
+    pub(super) value: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(super) struct RawAlgorithm {
+    pub(super) algorithm_name: String,
+    pub(super) algorithm_settings: Option<Vec<RawSetting>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawSetting {
+    pub(super) name: String,
+    pub(super) value: Scalar,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(super) struct RawParam {
+    pub(super) name: String,
+    pub(super) parameter_type: String,
+    pub(super) feasible_space: RawSpace,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawSpace {
+    pub(super) min: Option<Scalar>,
+    pub(super) max: Option<Scalar>,
+    pub(super) step: Option<Scalar>,
+    pub(super) list: Option<Vec<Scalar>>,
+    pub(super) distribution: Option<String>,
+    pub(super) scale: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(super) struct RawTemplate {
+    pub(super) trial_parameters: Option<Vec<RawTrialParam>>,
+    pub(super) command: Vec<String>,
+    pub(super) timeout_seconds: Option<u64>,
+    pub(super) env: Option<BTreeMap<String, String>>,
+    pub(super) working_dir: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawTrialParam {
+    pub(super) name: String,
+    pub(super) reference: String,
+    pub(super) description: Option<String>,
+}
