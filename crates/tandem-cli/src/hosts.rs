@@ -189,6 +189,78 @@ fn wait(mut children: Vec<Child>, limit: Duration) -> String {
     String::new()
 }
 
+/// Arguments of `tandem testbed`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct TestbedArgs {
+    /// Simulated hosts.
+    #[arg(long)]
+    hosts: usize,
+    /// Processes on each host.
+    #[arg(long, default_value_t = 1)]
+    ranks_per_host: usize,
+    /// Shape each host's link to this rate (`2gbit`, `10gbit`).
+    #[arg(long)]
+    link: Option<String>,
+    /// The command each process runs; `{rank}`, `{world}`, `{host}`, `{addr}` (this host's
+    /// address) and `{addr0}` (host 0's) are replaced.
+    #[arg(last = true, required = true)]
+    command: Vec<String>,
+}
+
+/// `tandem testbed`: runs a command once per rank on simulated hosts (to measure a peer, such as
+/// Gloo or MPI, on the same links as `tandem bench --hosts`); prints rank 0's output, and every
+/// rank's errors; exits non-zero when a rank failed.
+pub fn testbed(a: TestbedArgs) -> Result<std::process::ExitCode> {
+    let hosts = Hosts::from_flags(Some(a.hosts), a.ranks_per_host, a.link.as_deref())?
+        .ok_or_else(|| Error::invalid("--hosts", "is required"))?;
+    let bed = hosts.testbed()?;
+    let world = hosts.hosts * hosts.per_host;
+    let mut children = Vec::new();
+    for rank in 0..world {
+        let host = rank / hosts.per_host;
+        let fill = |arg: &String| {
+            arg.replace("{rank}", &rank.to_string())
+                .replace("{world}", &world.to_string())
+                .replace("{host}", &host.to_string())
+                .replace("{addr0}", &bed.addr(0))
+                .replace("{addr}", &bed.addr(host))
+        };
+        let argv: Vec<String> = a.command.iter().map(fill).collect();
+        let rest: Vec<&str> = argv[1..].iter().map(String::as_str).collect();
+        let mut c = bed.command(host, &argv[0], &rest);
+        c.stdout(Stdio::piped()).stderr(Stdio::piped());
+        match c.spawn() {
+            Ok(child) => children.push(child),
+            Err(e) => {
+                stop(&mut children);
+                return Err(Error::io(
+                    format!("starting {:?} on host {host}", argv[0]),
+                    e,
+                ));
+            }
+        }
+    }
+    let forwards: Vec<_> = children
+        .iter_mut()
+        .enumerate()
+        .flat_map(|(rank, c)| {
+            let out = c.stdout.take().map(|o| forward(o, rank == 0));
+            let err = c.stderr.take().map(|e| forward(e, true));
+            out.into_iter().chain(err)
+        })
+        .collect();
+    let failed = wait(children, Duration::from_secs(3600));
+    for f in forwards {
+        let _ = f.join();
+    }
+    if failed.is_empty() {
+        Ok(std::process::ExitCode::SUCCESS)
+    } else {
+        eprintln!("tandem testbed: {failed}");
+        Ok(std::process::ExitCode::from(1))
+    }
+}
+
 /// Kills what is still running.
 pub fn stop(children: &mut [Child]) {
     for c in children {

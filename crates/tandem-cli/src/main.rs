@@ -45,6 +45,9 @@ enum Command {
     /// Measure collectives (nccl-tests style table) or the parameter server.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Run a command once per rank on simulated hosts (network namespaces; needs root), e.g. a
+    /// peer library measured on the same links as `tandem bench --hosts`.
+    Testbed(hosts::TestbedArgs),
     /// One worker of `tandem bench ps`.
     #[command(hide = true)]
     BenchPsWorker(bench_ps::BenchPsWorkerArgs),
@@ -68,6 +71,7 @@ fn main() -> ExitCode {
         Command::Info(a) => info::info(a),
         Command::Rendezvous(a) => info::rendezvous(a),
         Command::Launch(a) => launch::launch(a),
+        Command::Testbed(a) => hosts::testbed(a),
         Command::Demo(a) => demo::demo(a),
         Command::DemoWorker(a) => demo::worker(a),
         Command::Ps(a) => ps::ps(a),

@@ -256,17 +256,22 @@ impl Testbed {
         &self.hosts[i].ns
     }
 
-    /// A command that runs `program args` on host `i` (its network, pid and mount namespaces).
-    /// Stdin is null; configure the rest as usual.
+    /// A command that runs `program args` on host `i` (its network, pid and mount namespaces), in
+    /// this process's working directory. Stdin is null; configure the rest as usual.
     pub fn command(&self, i: usize, program: &str, args: &[&str]) -> Command {
         let target = self.hosts[i]
             .init
             .as_ref()
             .map_or(0, |(_, pid)| *pid)
             .to_string();
+        // Entering the mount namespace moves to its root: keep this process's directory, so
+        // relative paths mean the same on every host (they share this machine's files).
+        let wd = std::env::current_dir()
+            .map(|d| format!("--wd={}", d.display()))
+            .unwrap_or_else(|_| "--wd=/".into());
         let mut c = Command::new("nsenter");
         c.args([
-            "--target", &target, "--net", "--pid", "--mount", "--", program,
+            "--target", &target, "--net", "--pid", "--mount", &wd, "--", program,
         ])
         .args(args)
         .stdin(Stdio::null());
