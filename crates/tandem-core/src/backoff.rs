@@ -88,4 +88,18 @@ mod tests {
         let mut b = Backoff::new(ms(1), ms(1), t0);
         assert_eq!(b.next_delay_at(t0), None);
     }
+
+    #[test]
+    fn the_wall_clock_forms_agree_with_the_explicit_ones() {
+        let ms = Duration::from_millis;
+        let later = Instant::now() + Duration::from_secs(3600);
+        let mut b = Backoff::new(ms(7), ms(9), later);
+        assert_eq!(b.next_delay(), Some(ms(7)));
+        assert_eq!(b.next_delay(), Some(ms(9)));
+        assert!(b.remaining() > Duration::from_secs(3500));
+        assert_eq!(b.deadline(), later);
+        let mut gone = Backoff::new(ms(7), ms(9), Instant::now());
+        assert_eq!(gone.next_delay(), None);
+        assert_eq!(gone.remaining(), Duration::ZERO);
+    }
 }

@@ -134,6 +134,12 @@ mod tests {
         let regions = [(a.as_ptr() as u64, 32), (b.as_ptr() as u64, 16)];
         let offer = Offer::new(peer, w.address() as u64, lease.tag(), &regions).expect("offer");
         assert_eq!(offer.len(), 2);
+        assert!(!offer.is_empty());
+        assert!(
+            Offer::new(peer, w.address() as u64, lease.tag(), &[])
+                .expect("no regions")
+                .is_empty()
+        );
         let mut dst = [0u8; 16];
         offer.read(1, 0, &mut dst).expect("whole region 1");
         assert_eq!(dst, b);
