@@ -60,6 +60,10 @@ fn spawn_rank(
 /// The whole collective suite on `hosts` hosts with `per_host` ranks each, every result checked
 /// against the reference; ranks on different hosts cannot read each other's memory.
 fn suite_across(hosts: usize, per_host: usize) {
+    suite_across_with(hosts, per_host, &[]);
+}
+
+fn suite_across_with(hosts: usize, per_host: usize, extra: &[(&str, &str)]) {
     let Some(bed) = testbed(hosts, None) else {
         return;
     };
@@ -74,7 +78,11 @@ fn suite_across(hosts: usize, per_host: usize) {
                 world,
                 per_host,
                 &["suite"],
-                &[("TANDEM_TIMEOUT", "60"), ("TANDEM_SEGMENT_BYTES", "4096")],
+                &[
+                    &[("TANDEM_TIMEOUT", "60"), ("TANDEM_SEGMENT_BYTES", "4096")],
+                    extra,
+                ]
+                .concat(),
             )
         })
         .collect();
@@ -102,9 +110,18 @@ fn collectives_across_four_hosts() {
     suite_across(4, 1);
 }
 
+/// Allreduces beyond one hop go hierarchical here (within hosts, across, within), the rest flat.
 #[test]
 fn collectives_across_two_hosts_with_two_ranks_each() {
     suite_across(2, 2);
+}
+
+/// The same layout with the flat ring only, and with every allreduce (however small) around a
+/// ring, so both allreduce paths across hosts are checked at every size.
+#[test]
+fn collectives_across_two_hosts_with_two_ranks_each_flat_and_ring_only() {
+    suite_across_with(2, 2, &[("TANDEM_HIERARCHICAL", "off")]);
+    suite_across_with(2, 2, &[("TANDEM_DIRECT_BYTES", "0")]);
 }
 
 /// Host 2's link is cut (no RST, no FIN) while 4 ranks allreduce in a loop: every survivor fails

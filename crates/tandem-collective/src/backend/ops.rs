@@ -39,8 +39,11 @@ use crate::transport::frame::{HEADER_LEN, OpHeader};
 use crate::transport::mesh::Mesh;
 use crate::transport::peer_memory::PeerMemory;
 
+mod hierarchical;
 mod same_host;
 mod small;
+
+pub use hierarchical::{HostLayout, allreduce_hierarchical};
 
 use same_host::{shared_allgather, shared_reduce_scatter};
 pub use small::{allreduce_direct, allreduce_doubling, doubling_fits};

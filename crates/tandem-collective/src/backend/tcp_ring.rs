@@ -36,7 +36,7 @@ struct RingState {
 }
 
 /// Knobs of the TCP ring.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Tuning {
     /// Pipeline segment in bytes.
     pub segment_bytes: usize,
@@ -44,6 +44,8 @@ pub struct Tuning {
     pub direct_bytes: usize,
     /// Smallest ring buffer whose chunks are copied by address between ranks on one machine.
     pub shared_min_bytes: usize,
+    /// Ranks per host, when large allreduces go hierarchical (several hosts of several ranks).
+    pub hosts: Option<ops::HostLayout>,
 }
 
 /// Direct reads of the left neighbour's buffers (see [`crate::transport::peer_memory`]).
@@ -67,6 +69,7 @@ pub struct TcpRing {
     abort: watch::Receiver<Option<String>>,
     publish: Publish,
     same_host: Option<SameHost>,
+    hosts: Option<ops::HostLayout>,
 }
 
 impl std::fmt::Debug for TcpRing {
@@ -178,6 +181,7 @@ impl TcpRing {
             segment,
             direct_bytes,
             shared_min_bytes: tuning.shared_min_bytes,
+            hosts: tuning.hosts,
             rt,
             state: Mutex::new(RingState {
                 mesh,
@@ -367,6 +371,8 @@ impl Backend for TcpRing {
                     ops::allreduce_doubling(io, buf, dtype, op).await
                 } else if direct {
                     ops::allreduce_direct(io, buf, dtype, op).await
+                } else if let Some(layout) = &self.hosts {
+                    ops::allreduce_hierarchical(io, buf, dtype, op, layout).await
                 } else {
                     ops::allreduce(io, buf, dtype, op).await
                 }

@@ -26,6 +26,10 @@ pub struct GroupConfig {
     /// Smallest ring buffer copied by address (`TANDEM_SAME_HOST_MIN_BYTES`; default 256 KiB):
     /// below it a copy's descriptor and acknowledgement per step cost more than the bytes.
     pub same_host_min_bytes: usize,
+    /// Whether large allreduces across several hosts of several ranks each go hierarchical
+    /// (within hosts, then across, then within: `TANDEM_HIERARCHICAL`, `auto` by default; `off`
+    /// keeps the flat ring).
+    pub hierarchical: bool,
     /// Host other ranks should connect to (`TANDEM_ADVERTISE_HOST`); default: derived from the
     /// rendezvous address (loopback for local jobs, this machine's outgoing address otherwise).
     pub advertise_host: Option<String>,
@@ -42,6 +46,7 @@ impl Default for GroupConfig {
             backend: BackendKind::Auto,
             same_host: true,
             same_host_min_bytes: 256 << 10,
+            hierarchical: true,
             advertise_host: None,
         }
     }
@@ -120,6 +125,18 @@ impl GroupConfig {
                 }
             };
         }
+        if let Some(v) = vars.var("TANDEM_HIERARCHICAL") {
+            c.hierarchical = match v.as_str() {
+                "auto" => true,
+                "off" => false,
+                _ => {
+                    return Err(Error::config(
+                        "TANDEM_HIERARCHICAL",
+                        format!("expected auto or off, got {v:?}"),
+                    ));
+                }
+            };
+        }
         c.advertise_host = vars.var("TANDEM_ADVERTISE_HOST");
         Ok(c)
     }
@@ -128,6 +145,10 @@ impl GroupConfig {
 #[cfg(test)]
 mod config_tests {
     use super::*;
+
+    fn c_default_hierarchical() -> bool {
+        GroupConfig::from_vars(&vars(&[])).is_ok_and(|c| c.hierarchical)
+    }
 
     pub(super) fn vars(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
         pairs
@@ -148,7 +169,11 @@ mod config_tests {
         .expect("valid");
         assert!(!c.same_host);
         assert_eq!(c.same_host_min_bytes, 0);
+        assert!(c_default_hierarchical());
+        let c = GroupConfig::from_vars(&vars(&[("TANDEM_HIERARCHICAL", "off")])).expect("valid");
+        assert!(!c.hierarchical);
         for (k, v) in [
+            ("TANDEM_HIERARCHICAL", "yes"),
             ("TANDEM_SAME_HOST", "shm"),
             ("TANDEM_SAME_HOST_MIN_BYTES", "-1"),
         ] {

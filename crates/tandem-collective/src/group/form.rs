@@ -242,7 +242,7 @@ impl Formation<'_> {
         let (rank, world) = (self.spec.rank(), self.spec.world_size());
         let session = self.join()?;
         let client = session.client.clone();
-        let mesh = self.connect_mesh(&client)?;
+        let (mesh, addrs) = self.connect_mesh(&client)?;
         let same_host = if self.config.same_host {
             let timeout = self.config.connect_timeout;
             self.cancel.run(
@@ -276,10 +276,25 @@ impl Formation<'_> {
             ring_rt,
             ..
         } = self;
+        // Several hosts of several ranks each (by the addresses the ranks advertised): large
+        // allreduces go within hosts, across, and within again.
+        let hosts = if config.hierarchical && same_host.is_none() {
+            crate::backend::ops::HostLayout::from_addrs(&addrs)
+        } else {
+            None
+        };
+        if let (Some(h), 0) = (&hosts, rank) {
+            tracing::info!(
+                hosts = h.hosts(),
+                per_host = h.per_host(),
+                "large allreduces are hierarchical"
+            );
+        }
         let tuning = Tuning {
             segment_bytes: config.segment_bytes,
             direct_bytes: config.direct_bytes,
             shared_min_bytes: config.same_host_min_bytes,
+            hosts,
         };
         let ring = TcpRing::new(
             rank, world, ring_rt, mesh, tuning, abort_rx, publish, same_host,
@@ -326,7 +341,7 @@ impl Formation<'_> {
     }
 
     /// Publishes this rank's ring address, learns everyone's, and connects the mesh.
-    fn connect_mesh(&self, client: &tandem_rendezvous::Client) -> Result<Mesh> {
+    fn connect_mesh(&self, client: &tandem_rendezvous::Client) -> Result<(Mesh, Vec<String>)> {
         let (rank, world) = (self.spec.rank(), self.spec.world_size());
         let rendezvous = self.spec.require_rendezvous()?.to_string();
         let host = self
@@ -368,11 +383,12 @@ impl Formation<'_> {
             token: self.token,
             group: group_id(&self.config.name),
         };
-        self.cancel.run(
+        let mesh = self.cancel.run(
             &self.ring_rt,
             "connecting to the other ranks",
             establish(&listener, &mesh_spec, deadline),
-        )
+        )?;
+        Ok((mesh, addrs))
     }
 
     /// Starts the task that turns an abort published by any rank (or the loss of the rendezvous)
