@@ -124,6 +124,39 @@ fn collectives_across_two_hosts_with_two_ranks_each_flat_and_ring_only() {
     suite_across_with(2, 2, &[("TANDEM_DIRECT_BYTES", "0")]);
 }
 
+/// A buffer cut into several pieces of the hierarchical pipeline (uneven ones: the length is
+/// prime), every element checked, hierarchical and flat.
+#[test]
+fn large_allreduces_across_two_hosts_of_two_ranks_are_exact() {
+    let Some(bed) = testbed(2, None) else {
+        return;
+    };
+    for mode in ["auto", "off"] {
+        let token = JobToken::generate();
+        let children: Vec<Child> = (0..4)
+            .map(|r| {
+                spawn_rank(
+                    &bed,
+                    &token,
+                    r,
+                    4,
+                    2,
+                    &["big", "2500009"],
+                    &[("TANDEM_TIMEOUT", "60"), ("TANDEM_HIERARCHICAL", mode)],
+                )
+            })
+            .collect();
+        for (r, o) in wait_all(children, LIMIT).iter().enumerate() {
+            let text = String::from_utf8_lossy(&o.stdout);
+            assert!(
+                text.lines().any(|l| l == "BIG 0 0"),
+                "rank {r} ({mode}): {text}{}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+        }
+    }
+}
+
 /// Host 2's link is cut (no RST, no FIN) while 4 ranks allreduce in a loop: every survivor fails
 /// within its deadline (plus the time to learn of the abort) instead of hanging.
 #[test]

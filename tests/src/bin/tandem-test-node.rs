@@ -35,6 +35,7 @@ fn main() {
         Some("meet") => runtime().and_then(|rt| rt.block_on(meet(&args[1..]))),
         Some("suite") => collective(run_suite),
         Some("async") => collective(run_async),
+        Some("big") => collective(|pg| run_big(pg, &args[1..])),
         Some("loop") => collective(|pg| run_loop(pg, &args[1..])),
         Some("straggle") => collective(|pg| run_straggle(pg, &args[1..])),
         Some("mismatch") => collective(|pg| run_mismatch(pg, &args[1..])),
@@ -150,6 +151,31 @@ fn run_suite(pg: &ProcessGroup) -> Result<()> {
             _ => {}
         }
     }
+    Ok(())
+}
+
+/// Allreduces `[len]` f32 (sum) and f64 (average) values large enough to be cut into pieces and
+/// checks every element against sums computed here from every rank's inputs; prints
+/// `BIG <f32 mismatches> <f64 mismatches>`.
+fn run_big(pg: &ProcessGroup, args: &[String]) -> Result<()> {
+    let len: usize = args
+        .first()
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| Error::invalid("len", "big LEN"))?;
+    let (rank, world) = (pg.rank(), pg.world_size());
+    // Small integers: every partial sum is exact in f32, whatever the order of additions.
+    let value = |r: usize, i: usize| ((i * 7 + r * 13) % 101) as f64 - 50.0;
+    let want = |i: usize| (0..world).map(|r| value(r, i)).sum::<f64>();
+    let mut a: Vec<f32> = (0..len).map(|i| value(rank, i) as f32).collect();
+    pg.allreduce(&mut a, ReduceOp::Sum)?;
+    let bad32 = (0..len).filter(|&i| f64::from(a[i]) != want(i)).count();
+    let mut b: Vec<f64> = (0..len).map(|i| value(rank, i)).collect();
+    pg.allreduce(&mut b, ReduceOp::Avg)?;
+    let w = world as f64;
+    let bad64 = (0..len)
+        .filter(|&i| (b[i] - want(i) / w).abs() > 1e-12 * want(i).abs().max(1.0))
+        .count();
+    println!("BIG {bad32} {bad64}");
     Ok(())
 }
 

@@ -61,80 +61,150 @@ impl HostLayout {
     }
 }
 
-/// A ring over some of the group's ranks: `members` in ring order, this rank at `me`.
-struct View<'a> {
+/// A ring over some of the group's ranks (`members` in ring order, this rank at `me`) with its
+/// two connections taken out of the mesh, so two rings on disjoint peers can run at once.
+struct Lane<'a> {
     me: usize,
     members: &'a [usize],
+    rd: OwnedReadHalf,
+    wr: OwnedWriteHalf,
+    scratch: Vec<u8>,
 }
 
-impl View<'_> {
-    fn n(&self) -> usize {
-        self.members.len()
+impl<'a> Lane<'a> {
+    /// Takes the connections of `members`' ring (this rank at `me`) out of the mesh.
+    fn take(mesh: &mut Mesh, me: usize, members: &'a [usize], segment: usize) -> Result<Self> {
+        let n = members.len();
+        let (l, r) = (members[left(me, n)], members[right(me, n)]);
+        let missing = |p: usize| Error::Unusable {
+            what: "process group".into(),
+            reason: format!("no connection to rank {p}"),
+        };
+        let rd = mesh
+            .readers
+            .get_mut(l)
+            .and_then(Option::take)
+            .ok_or_else(|| missing(l))?;
+        let wr = match mesh.writers.get_mut(r).and_then(Option::take) {
+            Some(w) => w,
+            None => {
+                mesh.readers[l] = Some(rd);
+                return Err(missing(r));
+            }
+        };
+        Ok(Lane {
+            me,
+            members,
+            rd,
+            wr,
+            scratch: vec![0u8; segment.max(8)],
+        })
     }
-    fn left(&self) -> usize {
-        self.members[left(self.me, self.n())]
+
+    /// Puts the connections back.
+    fn restore(self, mesh: &mut Mesh) {
+        let n = self.members.len();
+        let (l, r) = (self.left_rank(), self.members[right(self.me, n)]);
+        mesh.readers[l] = Some(self.rd);
+        mesh.writers[r] = Some(self.wr);
     }
-    fn right(&self) -> usize {
-        self.members[right(self.me, self.n())]
+
+    fn left_rank(&self) -> usize {
+        self.members[left(self.me, self.members.len())]
+    }
+
+    fn right_rank(&self) -> usize {
+        self.members[right(self.me, self.members.len())]
+    }
+
+    /// Reduce-scatter of `buf` (element `chunks`, one per member); afterwards chunk `me` holds
+    /// the reduction over the lane. An average divides by `divisor` at the last step (else sums).
+    async fn reduce_scatter(
+        &mut self,
+        header: &OpHeader,
+        buf: &mut [u8],
+        chunks: &[Range<usize>],
+        dtype: DType,
+        op: ReduceOp,
+        divisor: Option<usize>,
+    ) -> Result<()> {
+        let n = self.members.len();
+        let (l, r) = (self.left_rank(), self.right_rank());
+        let size = dtype.size();
+        let segment = self.scratch.len();
+        for step in 0..n.saturating_sub(1) {
+            let (s, rc) = reduce_scatter_step(self.me, n, step);
+            let last = (step + 2 == n).then_some(divisor).flatten();
+            let (send, recv) = split_pair(buf, bytes(&chunks[s], size), bytes(&chunks[rc], size));
+            let (sent, got) = tokio::join!(
+                self.wr.write_all(send),
+                recv_reduce(
+                    &mut self.rd,
+                    recv,
+                    &mut self.scratch,
+                    segment,
+                    dtype,
+                    op,
+                    last
+                )
+            );
+            sent.map_err(|e| lost(r, header, "sending", &e))?;
+            got.map_err(|e| lost(l, header, "receiving", &e))?;
+        }
+        Ok(())
+    }
+
+    /// Allgather of `buf` (byte `chunks`, one per member), each member starting with chunk `me`.
+    async fn allgather(
+        &mut self,
+        header: &OpHeader,
+        buf: &mut [u8],
+        chunks: &[Range<usize>],
+    ) -> Result<()> {
+        let n = self.members.len();
+        let (l, r) = (self.left_rank(), self.right_rank());
+        for step in 0..n.saturating_sub(1) {
+            let (s, rc) = allgather_step(self.me, n, step);
+            let (send, recv) = split_pair(buf, chunks[s].clone(), chunks[rc].clone());
+            let (sent, got) = tokio::join!(self.wr.write_all(send), self.rd.read_exact(recv));
+            sent.map_err(|e| lost(r, header, "sending", &e))?;
+            got.map_err(|e| lost(l, header, "receiving", &e))?;
+        }
+        Ok(())
     }
 }
 
-/// Reduce-scatter of `buf` (element `chunks`, one per member) around `view`; afterwards this
-/// rank's chunk (`view.me`) holds the reduction over the view. An average divides by `divisor` at
-/// the last step (else it sums).
-async fn view_reduce_scatter(
-    io: &mut Io<'_>,
-    view: &View<'_>,
-    buf: &mut [u8],
-    chunks: &[Range<usize>],
-    dtype: DType,
-    op: ReduceOp,
-    divisor: Option<usize>,
-) -> Result<()> {
-    let n = view.n();
-    let (l, r) = (view.left(), view.right());
-    let size = dtype.size();
-    let header = io.header;
-    for step in 0..n.saturating_sub(1) {
-        let (s, rc) = reduce_scatter_step(view.me, n, step);
-        let last = (step + 2 == n).then_some(divisor).flatten();
-        let (send, recv) = split_pair(buf, bytes(&chunks[s], size), bytes(&chunks[rc], size));
-        io.waiting.set(Waiting::Data(l));
-        let (rd, wr) = halves(io.mesh, l, r)?;
-        let (sent, got) = tokio::join!(
-            wr.write_all(send),
-            recv_reduce(rd, recv, io.scratch, io.segment, dtype, op, last)
-        );
-        sent.map_err(|e| lost(r, &header, "sending", &e))?;
-        got.map_err(|e| lost(l, &header, "receiving", &e))?;
-    }
-    Ok(())
+/// One piece of the buffer going through the stages: its chunks within a host (one per local
+/// rank) and this rank's chunk's slices across hosts (one per host).
+struct Piece {
+    chunks: Vec<Range<usize>>,
+    chunk_bytes: Vec<Range<usize>>,
+    slices: Vec<Range<usize>>,
+    slice_bytes: Vec<Range<usize>>,
 }
 
-/// Allgather of `buf` (byte `chunks`, one per member) around `view`, each member starting with
-/// its own chunk in place.
-async fn view_allgather(
-    io: &mut Io<'_>,
-    view: &View<'_>,
-    buf: &mut [u8],
-    chunks: &[Range<usize>],
-) -> Result<()> {
-    let n = view.n();
-    let (l, r) = (view.left(), view.right());
-    let header = io.header;
-    for step in 0..n.saturating_sub(1) {
-        let (s, rc) = allgather_step(view.me, n, step);
-        let (send, recv) = split_pair(buf, chunks[s].clone(), chunks[rc].clone());
-        io.waiting.set(Waiting::Data(l));
-        let (rd, wr) = halves(io.mesh, l, r)?;
-        let (sent, got) = tokio::join!(wr.write_all(send), rd.read_exact(recv));
-        sent.map_err(|e| lost(r, &header, "sending", &e))?;
-        got.map_err(|e| lost(l, &header, "receiving", &e))?;
+impl Piece {
+    fn new(len: usize, size: usize, per_host: usize, hosts: usize, i: usize) -> Piece {
+        let chunks = partition(len / size, per_host);
+        let chunk_bytes: Vec<Range<usize>> = chunks.iter().map(|c| bytes(c, size)).collect();
+        let slices = partition(chunks[i].len(), hosts);
+        let slice_bytes = slices.iter().map(|s| bytes(s, size)).collect();
+        Piece {
+            chunks,
+            chunk_bytes,
+            slices,
+            slice_bytes,
+        }
     }
-    Ok(())
 }
 
-/// Allreduce in place in three stages (see the module docs).
+/// Bytes per piece of the pipeline: large enough that a piece's steps are not dominated by their
+/// fixed costs, small enough that the stages of neighbouring pieces overlap.
+const PIECE_BYTES: usize = 4 << 20;
+
+/// Allreduce in place in three stages (see the module docs), pipelined over pieces of the buffer:
+/// while piece k crosses the hosts (one lane), piece k+1 is reduced within the host and piece k−1
+/// gathered within it (the other lane), so the links rarely wait for the host's own work.
 pub async fn allreduce_hierarchical(
     io: &mut Io<'_>,
     buf: &mut [u8],
@@ -150,27 +220,95 @@ pub async fn allreduce_hierarchical(
     let local = layout.hosts[h].clone();
     let cross: Vec<usize> = layout.hosts.iter().map(|ranks| ranks[i]).collect();
     let size = dtype.size();
-    let chunks = partition(buf.len() / size, local.len());
-    let local_view = View {
-        me: i,
-        members: &local,
-    };
-    let cross_view = View {
-        me: h,
-        members: &cross,
-    };
-    // 1. Within the host: this rank's chunk summed over the host (an average divides later).
-    view_reduce_scatter(io, &local_view, buf, &chunks, dtype, op, None).await?;
-    // 2. Across hosts, on this rank's chunk only: reduce-scatter then allgather.
-    let mine = &mut buf[bytes(&chunks[i], size)];
-    let slices = partition(mine.len() / size, cross.len());
+    let header = io.header;
     let divisor = (op == ReduceOp::Avg).then_some(io.world);
-    view_reduce_scatter(io, &cross_view, mine, &slices, dtype, op, divisor).await?;
-    let slice_bytes: Vec<Range<usize>> = slices.iter().map(|s| bytes(s, size)).collect();
-    view_allgather(io, &cross_view, mine, &slice_bytes).await?;
-    // 3. Within the host: every rank gets every chunk.
-    let chunk_bytes: Vec<Range<usize>> = chunks.iter().map(|c| bytes(c, size)).collect();
-    view_allgather(io, &local_view, buf, &chunk_bytes).await
+    // Pieces: whole elements, each at least PIECE_BYTES (the last may be shorter).
+    let per_piece = (PIECE_BYTES / size).max(1) * size;
+    let mut pieces: Vec<&mut [u8]> = buf.chunks_mut(per_piece).collect();
+    let plans: Vec<Piece> = pieces
+        .iter()
+        .map(|p| Piece::new(p.len(), size, local.len(), cross.len(), i))
+        .collect();
+    let mut inner = Lane::take(io.mesh, i, &local, io.segment)?;
+    let mut outer = match Lane::take(io.mesh, h, &cross, io.segment) {
+        Ok(l) => l,
+        Err(e) => {
+            inner.restore(io.mesh);
+            return Err(e);
+        }
+    };
+    io.waiting.set(Waiting::Data(outer.left_rank()));
+    let result = pipeline(
+        &mut inner,
+        &mut outer,
+        &mut pieces,
+        &plans,
+        i,
+        &header,
+        dtype,
+        op,
+        divisor,
+    )
+    .await;
+    inner.restore(io.mesh);
+    outer.restore(io.mesh);
+    result
+}
+
+/// The pipeline over the pieces: stage 1 of piece 0; then, for each piece k, stage 2 of piece k on
+/// the outer lane while the inner lane does stage 1 of piece k+1 and stage 3 of piece k−1; then
+/// stage 3 of the last piece.
+#[allow(clippy::too_many_arguments)]
+async fn pipeline(
+    inner: &mut Lane<'_>,
+    outer: &mut Lane<'_>,
+    pieces: &mut [&mut [u8]],
+    plans: &[Piece],
+    i: usize,
+    header: &OpHeader,
+    dtype: DType,
+    op: ReduceOp,
+    divisor: Option<usize>,
+) -> Result<()> {
+    let n = pieces.len();
+    if n == 0 {
+        return Ok(());
+    }
+    let size = dtype.size();
+    inner
+        .reduce_scatter(header, pieces[0], &plans[0].chunks, dtype, op, None)
+        .await?;
+    for k in 0..n {
+        let (before, rest) = pieces.split_at_mut(k);
+        let (current, after) = rest.split_at_mut(1);
+        let plan = &plans[k];
+        let mine = &mut current[0][bytes(&plan.chunks[i], size)];
+        let across = async {
+            outer
+                .reduce_scatter(header, mine, &plan.slices, dtype, op, divisor)
+                .await?;
+            outer.allgather(header, mine, &plan.slice_bytes).await
+        };
+        let within = async {
+            if let Some(next) = after.first_mut() {
+                inner
+                    .reduce_scatter(header, next, &plans[k + 1].chunks, dtype, op, None)
+                    .await?;
+            }
+            if let Some(prev) = before.last_mut() {
+                inner
+                    .allgather(header, prev, &plans[k - 1].chunk_bytes)
+                    .await?;
+            }
+            Ok::<(), Error>(())
+        };
+        let (a, w) = tokio::join!(across, within);
+        a?;
+        w?;
+    }
+    inner
+        .allgather(header, pieces[n - 1], &plans[n - 1].chunk_bytes)
+        .await
 }
 
 #[cfg(test)]
