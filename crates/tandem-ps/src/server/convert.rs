@@ -199,4 +199,32 @@ mod tests {
         assert_eq!(mode(3, 0).map(|m| m.replicas_to_aggregate).ok(), Some(3));
         assert!(mode_from(None).is_err());
     }
+
+    #[test]
+    fn optimizer_settings_override_defaults_only_when_given() {
+        let wire = |beta1: f64, beta2: f64, eps: f64, decay_steps: u64| pb::Optimizer {
+            kind: "adam".into(),
+            lr: 0.01,
+            beta1,
+            beta2,
+            eps,
+            decay_rate: 0.5,
+            decay_steps,
+            ..Default::default()
+        };
+        let d = Optimizer::adam(0.01);
+        let o = optimizer_from(Some(wire(0.0, 0.0, 0.0, 0))).expect("defaults");
+        assert_eq!((o.beta1, o.beta2, o.eps), (d.beta1, d.beta2, d.eps));
+        assert_eq!((o.decay_steps, o.decay_rate), (d.decay_steps, d.decay_rate));
+        let o = optimizer_from(Some(wire(0.5, 0.75, 1e-3, 10))).expect("given");
+        assert_eq!((o.beta1, o.beta2, o.eps), (0.5, 0.75, 1e-3));
+        assert_eq!((o.decay_steps, o.decay_rate), (10, 0.5));
+        assert!(optimizer_from(None).is_err());
+        let mut bad = wire(0.0, 0.0, 0.0, 0);
+        bad.kind = "lbfgs".into();
+        assert_eq!(
+            reason_of(&optimizer_from(Some(bad)).expect_err("unknown")),
+            Reason::Invalid
+        );
+    }
 }
