@@ -206,7 +206,45 @@ async fn recv_reduce(
     Ok(())
 }
 
+/// Splits `buf` into the disjoint byte ranges `chunks` (given in any order), in that order.
+fn carve<'b>(buf: &'b mut [u8], chunks: &[Range<usize>]) -> Vec<&'b mut [u8]> {
+    let mut order: Vec<usize> = (0..chunks.len()).collect();
+    order.sort_by_key(|&i| chunks[i].start);
+    let mut out: Vec<&'b mut [u8]> = (0..chunks.len()).map(|_| Default::default()).collect();
+    let (mut rest, mut offset) = (buf, 0);
+    for i in order {
+        let c = &chunks[i];
+        let tail = std::mem::take(&mut rest);
+        let (_, tail) = tail.split_at_mut(c.start.saturating_sub(offset).min(tail.len()));
+        let (mine, tail) = tail.split_at_mut(c.len().min(tail.len()));
+        out[i] = mine;
+        rest = tail;
+        offset = c.end;
+    }
+    out
+}
+
+/// Sends every segment handed over through `segments` to the right neighbour, in order, until the
+/// sender side is dropped: the sending half of a streamed ring phase.
+async fn send_segments(
+    wr: &mut OwnedWriteHalf,
+    mut segments: tokio::sync::mpsc::UnboundedReceiver<&[u8]>,
+    r: usize,
+    header: &OpHeader,
+) -> Result<()> {
+    while let Some(seg) = segments.recv().await {
+        wr.write_all(seg)
+            .await
+            .map_err(|e| lost(r, header, "sending", &e))?;
+    }
+    Ok(())
+}
+
 /// Ring reduce-scatter over `chunks` (element ranges); afterwards this rank's chunk holds the result.
+///
+/// Streamed across steps: what a step sends is what the previous step received and reduced, so a
+/// segment is handed to the sending half as soon as it is reduced, and the next step's bytes follow
+/// the previous step's on the wire with no gap (a link never idles at a step boundary).
 async fn ring_reduce_scatter(
     io: &mut Io<'_>,
     buf: &mut [u8],
@@ -221,23 +259,46 @@ async fn ring_reduce_scatter(
     if let Some(mem) = io.memory.filter(|_| buf.len() >= io.shared_min_bytes) {
         return shared_reduce_scatter(io, mem, buf, chunks, dtype, op).await;
     }
-    for step in 0..n - 1 {
-        let (s, rc) = reduce_scatter_step(me, n, step);
-        let divisor = (op == ReduceOp::Avg && step == n - 2).then_some(n);
-        let (send, recv) = split_pair(buf, bytes(&chunks[s], size), bytes(&chunks[rc], size));
-        io.waiting.set(Waiting::Data(l));
-        let (rd, wr) = halves(io.mesh, l, r)?;
-        let (sent, got) = tokio::join!(
-            wr.write_all(send),
-            recv_reduce(rd, recv, io.scratch, io.segment, dtype, op, divisor)
-        );
-        sent.map_err(|e| lost(r, &header, "sending", &e))?;
-        got.map_err(|e| lost(l, &header, "receiving", &e))?;
+    if n < 2 {
+        return Ok(());
     }
-    Ok(())
+    let byte_chunks: Vec<Range<usize>> = chunks.iter().map(|c| bytes(c, size)).collect();
+    let mut parts = carve(buf, &byte_chunks);
+    let segment = (io.segment / size).max(1) * size;
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<&[u8]>();
+    let first: &[u8] = std::mem::take(&mut parts[reduce_scatter_step(me, n, 0).0]) as &[u8];
+    for seg in first.chunks(segment) {
+        let _ = tx.send(seg);
+    }
+    io.waiting.set(Waiting::Data(l));
+    let (rd, wr) = halves(io.mesh, l, r)?;
+    let scratch = &mut *io.scratch;
+    let receiving = async move {
+        for step in 0..n - 1 {
+            let rc = reduce_scatter_step(me, n, step).1;
+            let divisor = (op == ReduceOp::Avg && step == n - 2).then_some(n);
+            let dst = std::mem::take(&mut parts[rc]);
+            for seg in dst.chunks_mut(segment) {
+                let tmp = &mut scratch[..seg.len()];
+                rd.read_exact(tmp)
+                    .await
+                    .map_err(|e| lost(l, &header, "receiving", &e))?;
+                reduce_into(dtype, op, seg, tmp, divisor)?;
+                if step + 2 < n {
+                    // The next step sends this very segment on.
+                    let _ = tx.send(seg);
+                }
+            }
+        }
+        // Closing the channel ends the sending half once it has sent everything.
+        drop(tx);
+        Ok::<(), Error>(())
+    };
+    tokio::try_join!(send_segments(wr, rx, r, &header), receiving).map(|_| ())
 }
 
 /// Ring allgather over `chunks` (byte ranges), each rank starting with its own chunk in place.
+/// Streamed across steps like [`ring_reduce_scatter`]: a received segment is forwarded at once.
 async fn ring_allgather(io: &mut Io<'_>, buf: &mut [u8], chunks: &[Range<usize>]) -> Result<()> {
     let (me, n) = (io.rank, io.world);
     let (l, r) = (left(me, n), right(me, n));
@@ -245,16 +306,35 @@ async fn ring_allgather(io: &mut Io<'_>, buf: &mut [u8], chunks: &[Range<usize>]
     if let Some(mem) = io.memory.filter(|_| buf.len() >= io.shared_min_bytes) {
         return shared_allgather(io, mem, buf, chunks).await;
     }
-    for step in 0..n - 1 {
-        let (s, rc) = allgather_step(me, n, step);
-        let (send, recv) = split_pair(buf, chunks[s].clone(), chunks[rc].clone());
-        io.waiting.set(Waiting::Data(l));
-        let (rd, wr) = halves(io.mesh, l, r)?;
-        let (sent, got) = tokio::join!(wr.write_all(send), rd.read_exact(recv));
-        sent.map_err(|e| lost(r, &header, "sending", &e))?;
-        got.map_err(|e| lost(l, &header, "receiving", &e))?;
+    if n < 2 {
+        return Ok(());
     }
-    Ok(())
+    let mut parts = carve(buf, chunks);
+    let segment = io.segment.max(1);
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<&[u8]>();
+    let first: &[u8] = std::mem::take(&mut parts[allgather_step(me, n, 0).0]) as &[u8];
+    for seg in first.chunks(segment) {
+        let _ = tx.send(seg);
+    }
+    io.waiting.set(Waiting::Data(l));
+    let (rd, wr) = halves(io.mesh, l, r)?;
+    let receiving = async move {
+        for step in 0..n - 1 {
+            let rc = allgather_step(me, n, step).1;
+            let dst = std::mem::take(&mut parts[rc]);
+            for seg in dst.chunks_mut(segment) {
+                rd.read_exact(seg)
+                    .await
+                    .map_err(|e| lost(l, &header, "receiving", &e))?;
+                if step + 2 < n {
+                    let _ = tx.send(seg);
+                }
+            }
+        }
+        drop(tx);
+        Ok::<(), Error>(())
+    };
+    tokio::try_join!(send_segments(wr, rx, r, &header), receiving).map(|_| ())
 }
 
 /// Allreduce in place: reduce-scatter then allgather around the ring.
