@@ -194,15 +194,14 @@ fn a_rank_whose_link_is_cut_makes_every_survivor_fail_within_its_deadline() {
     let rank0_rest = std::thread::spawn(move || lines.into_iter().collect::<Vec<String>>());
     let cut_at = Instant::now();
     bed.cut(2).expect("cut");
-    let survivors: Vec<Child> = children
-        .drain(..)
-        .enumerate()
-        .filter_map(|(r, c)| (r != 2).then_some(c))
-        .collect();
+    let rank3 = children.pop().expect("rank 3");
+    let rank2 = children.pop().expect("rank 2");
+    children.push(rank3);
+    let survivors: Vec<Child> = std::mem::replace(&mut children, vec![rank2]);
     let outs = wait_all(survivors, Duration::from_secs(timeout_s * 4 + 20));
     let waited = cut_at.elapsed();
     let rank0_text = rank0_rest.join().unwrap_or_default().join("\n");
-    for (o, r) in outs.iter().zip([0, 1, 3]) {
+    for (o, r) in outs.iter().zip([0usize, 1, 3]) {
         let text = if r == 0 {
             rank0_text.clone()
         } else {
@@ -218,6 +217,25 @@ fn a_rank_whose_link_is_cut_makes_every_survivor_fail_within_its_deadline() {
     assert!(
         waited < Duration::from_secs(timeout_s * 4 + 20),
         "survivors took {waited:?}"
+    );
+    // Healed, the cut-off rank does not carry on as if nothing happened: it fails too (its
+    // operation timed out, or it learns of the abort), and its group refuses further calls.
+    bed.heal(2).expect("heal");
+    let cut_off = children.pop().expect("rank 2");
+    let out = wait_output(cut_off, Duration::from_secs(timeout_s * 4 + 20));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "rank 2 must fail after the heal: {text}"
+    );
+    let after = text
+        .lines()
+        .find_map(|l| l.strip_prefix("AFTER "))
+        .unwrap_or_default();
+    assert!(
+        after.contains("no longer usable"),
+        "the group stays poisoned: {text}"
     );
 }
 
@@ -308,4 +326,80 @@ fn the_parameter_server_trains_across_hosts() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// The parameter server's host is cut off while two workers train: both fail within their deadline
+/// naming the server they cannot reach, instead of waiting forever.
+#[test]
+fn workers_cut_off_from_their_server_fail_naming_it() {
+    let Some(bed) = testbed(3, None) else {
+        return;
+    };
+    let token = JobToken::generate();
+    let bind = format!("{}:29600", bed.addr(0));
+    let mut server = bed.command(0, NODE, &["ps-server", "--bind", &bind]);
+    server
+        .env("TANDEM_JOB_TOKEN", token.as_str())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let mut server = server.spawn().expect("server");
+    let mut workers: Vec<Child> = (0..2)
+        .map(|w| {
+            let mut c = bed.command(
+                w + 1,
+                NODE,
+                &[
+                    "ps-worker",
+                    "--servers",
+                    &bind,
+                    "--worker",
+                    &w.to_string(),
+                    "--workers",
+                    "2",
+                    "--mode",
+                    "sync",
+                    "--steps",
+                    "100000000",
+                    "--timeout",
+                    "5",
+                ],
+            );
+            c.env("TANDEM_JOB_TOKEN", token.as_str())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped());
+            c.spawn().expect("worker")
+        })
+        .collect();
+    // Training is under way once worker 0 reports steps.
+    let lines = stdout_lines(&mut workers[0]);
+    let end = Instant::now() + LIMIT;
+    loop {
+        let line = lines
+            .recv_timeout(end.saturating_duration_since(Instant::now()))
+            .expect("worker 0 never trained");
+        if line.starts_with("STEP ") {
+            break;
+        }
+    }
+    let rest = std::thread::spawn(move || lines.into_iter().collect::<Vec<String>>());
+    bed.cut(0).expect("cut");
+    // The client's deadline is 5 s (a push may wait 10 s more for its answer): generous bound.
+    let outs = wait_all(workers, Duration::from_secs(60));
+    let _ = server.kill();
+    let _ = server.wait();
+    let texts = [
+        rest.join().unwrap_or_default().join("\n"),
+        String::from_utf8_lossy(&outs[1].stdout).into_owned(),
+    ];
+    for (w, (o, text)) in outs.iter().zip(&texts).enumerate() {
+        assert_eq!(o.status.code(), Some(3), "worker {w} must fail: {text}");
+        let error = text
+            .lines()
+            .find(|l| l.starts_with("ERROR "))
+            .unwrap_or_default();
+        assert!(
+            error.contains(&bind),
+            "worker {w}'s error names the server {bind}: {text}"
+        );
+    }
 }

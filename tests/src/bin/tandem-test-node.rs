@@ -335,6 +335,7 @@ async fn ps_server(args: &[String]) -> Result<()> {
 
 /// A linear-regression worker. Flags: --servers a,b --worker W --workers N --mode sync|async
 /// [--k K] [--staleness S] [--steps T] [--lr LR] [--opt sgd|adam] [--slow MS] [--bad nan|shape|name]
+/// [--timeout SECS] (the client's deadline, default 30); prints `STEP <n>` every 10 steps.
 async fn ps_worker(args: &[String]) -> Result<()> {
     let get = |f: &str| flag_value(args, f);
     let num = |f: &str, d: u64| get(f).and_then(|v| v.parse::<u64>().ok()).unwrap_or(d);
@@ -374,7 +375,7 @@ async fn ps_worker(args: &[String]) -> Result<()> {
         map,
         opt,
         mode,
-        Duration::from_secs(30),
+        Duration::from_secs(num("--timeout", 30)),
     )
     .await?;
     let data = linreg::shard(worker as usize);
@@ -413,6 +414,9 @@ async fn ps_worker(args: &[String]) -> Result<()> {
         iterations < steps
     } {
         iterations += 1;
+        if iterations % 10 == 0 {
+            println!("STEP {iterations}");
+        }
         let (v, p) = client.pull(if sync { step } else { 0 }).await?;
         if sync && v >= steps {
             break;
