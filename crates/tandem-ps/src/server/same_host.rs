@@ -281,30 +281,24 @@ impl Service {
         let (model, stepper) = self.declared_with_stepper()?;
         let (worker, step) = (r.worker, r.step);
         let from = self.shared_gradient(&model, r)?;
+        let bytes: u64 = from.regions.iter().map(|(_, n)| *n as u64 * 4).sum();
+        let Some(stepper) = stepper else {
+            return self.apply_now(model, from, bytes, worker, step).await;
+        };
         // One check pass at a time per permit, on the blocking pool.
         let receiving = self
             .receiving
             .acquire()
             .await
             .map_err(|_| shutting_down())?;
-        let clip = !model.mode.sync && model.optimizer.clip_norm > 0.0;
-        let (from, norms) = {
+        let from = {
             let model = model.clone();
-            blocking(move || from.check(&model, clip).map(|n| (from, n))).await??
+            blocking(move || from.check(&model, false).map(|_| from)).await??
         };
         drop(receiving);
-        let bytes: usize = from.regions.iter().map(|(_, n)| n * 4).sum();
-        model
-            .counters
-            .bytes_in
-            .fetch_add(bytes as u64, Ordering::Relaxed);
-        match stepper {
-            Some(stepper) => {
-                self.push_pending(&model, &stepper, from, worker, step)
-                    .await
-            }
-            None => self.apply_now(model, from, norms, worker, step).await,
-        }
+        model.counters.bytes_in.fetch_add(bytes, Ordering::Relaxed);
+        self.push_pending(&model, &stepper, from, worker, step)
+            .await
     }
 
     /// Sync: the gradient stays in the worker until the step is applied; the push returns then,
@@ -372,13 +366,23 @@ impl Service {
         &self,
         model: Arc<Model>,
         from: SharedGradient,
-        norms: Vec<f32>,
+        bytes: u64,
         worker: u32,
         step: u64,
     ) -> Result<pb::PushResponse, Status> {
+        // The staleness bound first (without a permit, so a waiting push never blocks the pushes
+        // it waits for), then the check pass and the update in one trip to the blocking pool.
         wait_staleness(&model, worker, self.limits.max_wait).await?;
+        let receiving = self
+            .receiving
+            .acquire()
+            .await
+            .map_err(|_| shutting_down())?;
         let svc = self.clone();
         let result = blocking(move || {
+            let clip = model.optimizer.clip_norm > 0.0;
+            let norms = from.check(&model, clip)?;
+            model.counters.bytes_in.fetch_add(bytes, Ordering::Relaxed);
             let mut scratch = model.pool.take(PIECE);
             let r = apply_async(
                 &model,
@@ -395,6 +399,7 @@ impl Service {
             r
         })
         .await?;
+        drop(receiving);
         self.answer(result)
     }
 
