@@ -201,8 +201,17 @@ pub struct TestbedArgs {
     /// Shape each host's link to this rate (`2gbit`, `10gbit`).
     #[arg(long)]
     link: Option<String>,
+    /// Run the command once, in host 0's network namespace only (e.g. `mpirun`, which starts the
+    /// ranks itself on every host through `--agent`).
+    #[arg(long)]
+    once: bool,
+    /// Write a remote-shell script here for `mpirun --mca plm_rsh_agent FILE` (runs a command on
+    /// the host whose address it is given).
+    #[arg(long)]
+    agent: Option<std::path::PathBuf>,
     /// The command each process runs; `{rank}`, `{world}`, `{host}`, `{addr}` (this host's
-    /// address) and `{addr0}` (host 0's) are replaced.
+    /// address), `{addr0}` (host 0's) and `{hosts}` (every host as `address:ranks`,
+    /// comma-separated, as mpirun's `--host` takes them) are replaced.
     #[arg(last = true, required = true)]
     command: Vec<String>,
 }
@@ -214,7 +223,18 @@ pub fn testbed(a: TestbedArgs) -> Result<std::process::ExitCode> {
     let hosts = Hosts::from_flags(Some(a.hosts), a.ranks_per_host, a.link.as_deref())?
         .ok_or_else(|| Error::invalid("--hosts", "is required"))?;
     let bed = hosts.testbed()?;
-    let world = hosts.hosts * hosts.per_host;
+    if let Some(path) = &a.agent {
+        bed.write_rsh_agent(path)?;
+    }
+    // mpirun's --host syntax: each host's address with its slots.
+    let all: Vec<String> = (0..hosts.hosts)
+        .map(|h| format!("{}:{}", bed.addr(h), hosts.per_host))
+        .collect();
+    let world = if a.once {
+        1
+    } else {
+        hosts.hosts * hosts.per_host
+    };
     let mut children = Vec::new();
     for rank in 0..world {
         let host = rank / hosts.per_host;
@@ -223,11 +243,16 @@ pub fn testbed(a: TestbedArgs) -> Result<std::process::ExitCode> {
                 .replace("{world}", &world.to_string())
                 .replace("{host}", &host.to_string())
                 .replace("{addr0}", &bed.addr(0))
+                .replace("{hosts}", &all.join(","))
                 .replace("{addr}", &bed.addr(host))
         };
         let argv: Vec<String> = a.command.iter().map(fill).collect();
         let rest: Vec<&str> = argv[1..].iter().map(String::as_str).collect();
-        let mut c = bed.command(host, &argv[0], &rest);
+        let mut c = if a.once {
+            bed.net_command(host, &argv[0], &rest)
+        } else {
+            bed.command(host, &argv[0], &rest)
+        };
         c.stdout(Stdio::piped()).stderr(Stdio::piped());
         match c.spawn() {
             Ok(child) => children.push(child),

@@ -278,6 +278,17 @@ impl Testbed {
         c
     }
 
+    /// A command that runs `program args` in host `i`'s network namespace only (this machine's
+    /// processes and files stay visible): for a launcher such as `mpirun` that starts processes on
+    /// the other hosts through [`Testbed::write_rsh_agent`].
+    pub fn net_command(&self, i: usize, program: &str, args: &[&str]) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.hosts[i].ns, program])
+            .args(args)
+            .stdin(Stdio::null());
+        c
+    }
+
     /// The process a [`Testbed::command`] started runs as a child of `nsenter` (which forks into the
     /// host's pid namespace): its pid as seen from here, to signal it. Waits up to 10 s for it.
     pub fn pid_of(child: &Child) -> Option<u32> {
@@ -296,6 +307,26 @@ impl Testbed {
             std::thread::sleep(Duration::from_millis(5));
         }
         None
+    }
+
+    /// Writes an executable script at `path` that runs `CMD...` on the host whose address is its
+    /// first argument (`script 10.77.0.2 CMD...`): the "remote shell" mpirun expects
+    /// (`--mca plm_rsh_agent path`), so MPI's daemons start on the simulated hosts.
+    pub fn write_rsh_agent(&self, path: &std::path::Path) -> Result<()> {
+        use std::fmt::Write as _;
+        let mut script = String::from(
+            "#!/bin/sh\n# Runs a command on a simulated host: AGENT ADDRESS CMD...\nhost=$1; shift\ncase \"$host\" in\n",
+        );
+        for (i, h) in self.hosts.iter().enumerate() {
+            let pid = h.init.as_ref().map_or(0, |(_, p)| *p);
+            let _ = writeln!(script, "  {}) t={pid} ;;", self.addr(i));
+        }
+        script.push_str("  *) echo \"no simulated host $host\" >&2; exit 1 ;;\nesac\nexec nsenter --target \"$t\" --net --pid --mount --wd=\"$PWD\" -- sh -c \"$*\"\n");
+        std::fs::write(path, script)
+            .map_err(|e| Error::io(format!("writing {}", path.display()), e))?;
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755))
+            .map_err(|e| Error::io(format!("making {} executable", path.display()), e))
     }
 
     /// Cuts host `i` off the switch: packets are dropped both ways, with no RST and no FIN, as when
@@ -393,6 +424,16 @@ mod tests {
             .expect("runs");
         let text = String::from_utf8_lossy(&out.stdout);
         assert!(text.contains("sleep"), "{text}");
+        // The remote-shell script runs a command on the host named by its address.
+        let agent = std::env::temp_dir().join(format!("tdm-agent-{}", std::process::id()));
+        bed.write_rsh_agent(&agent).expect("agent");
+        let out = Command::new(&agent)
+            .args([bed.addr(1).as_str(), "hostname", "-I"])
+            .output()
+            .expect("agent runs");
+        let _ = std::fs::remove_file(&agent);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains(&bed.addr(1)), "{text}");
         let names: Vec<String> = (0..2).map(|i| bed.namespace(i).to_string()).collect();
         drop(bed);
         let list = Command::new("ip")
