@@ -161,7 +161,16 @@ pub fn bench_ps(a: BenchPsArgs) -> Result<ExitCode> {
             return Err(e);
         }
     };
-    let results = collect(workers)?;
+    // On simulated hosts a signal must not leave them behind: it kills the job's processes, so
+    // this returns and the hosts are removed.
+    let finished = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    if matches!(placement, Placement::Hosts(_)) {
+        let pids = servers.iter().chain(&workers).map(Child::id).collect();
+        crate::hosts::kill_on_signal(pids, finished.clone());
+    }
+    let results = collect(workers);
+    finished.store(true, std::sync::atomic::Ordering::Relaxed);
+    let results = results?;
     let wall = start.elapsed().as_secs_f64();
     let server_rss: Vec<u64> = servers.iter().map(|c| rss_of(placement.pid(c))).collect();
     stop(&mut servers);

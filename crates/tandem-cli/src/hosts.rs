@@ -5,6 +5,8 @@
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use tandem::{Error, Result};
@@ -64,10 +66,46 @@ impl Hosts {
         self.link.as_ref().map(|(bps, _)| bps / 8.0)
     }
 
-    /// Makes the hosts.
+    /// Makes the hosts. From then on Ctrl-C and SIGTERM end the job (see [`interrupted`]) rather
+    /// than the process, so the hosts are always removed.
     pub fn testbed(&self) -> Result<Testbed> {
+        interrupted();
         Testbed::new(self.hosts, self.link.as_ref().map(|(_, l)| l.as_str()))
     }
+}
+
+/// Set by Ctrl-C or SIGTERM once a command has made simulated hosts: the jobs on them stop and
+/// the command returns, so the hosts (namespaces, processes) are removed on the way out instead of
+/// being left behind by a killed process.
+pub fn interrupted() -> Arc<AtomicBool> {
+    static FLAG: OnceLock<Arc<AtomicBool>> = OnceLock::new();
+    FLAG.get_or_init(|| {
+        let flag = Arc::new(AtomicBool::new(false));
+        crate::launch::watch_signals(flag.clone());
+        flag
+    })
+    .clone()
+}
+
+/// Kills `pids` (processes started on the hosts) if a signal arrives before `done` is set.
+pub fn kill_on_signal(pids: Vec<u32>, done: Arc<AtomicBool>) {
+    let flag = interrupted();
+    std::thread::spawn(move || {
+        while !done.load(Ordering::Relaxed) {
+            if flag.load(Ordering::Relaxed) {
+                for pid in &pids {
+                    if let Ok(p) = i32::try_from(*pid) {
+                        let _ = nix::sys::signal::kill(
+                            nix::unistd::Pid::from_raw(p),
+                            nix::sys::signal::Signal::SIGKILL,
+                        );
+                    }
+                }
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    });
 }
 
 /// A `tc` rate (`500mbit`, `2gbit`, `10gbit`, `1.5gbit`) in bits per second.
@@ -139,8 +177,12 @@ pub fn run_ranks(
         })
         .collect();
     let failed = wait(children, Duration::from_secs(3600));
-    for f in forwards {
-        let _ = f.join();
+    // After a failure the processes' children may still hold the pipes until the hosts go:
+    // only a clean end is waited for to the last line.
+    if failed.is_empty() {
+        for f in forwards {
+            let _ = f.join();
+        }
     }
     Ok(failed)
 }
@@ -161,8 +203,13 @@ fn forward(pipe: impl std::io::Read + Send + 'static, print: bool) -> std::threa
 /// Waits for every child (bounded); stops the others at the first failure. Returns what failed.
 fn wait(mut children: Vec<Child>, limit: Duration) -> String {
     let end = Instant::now() + limit;
+    let stop_now = interrupted();
     let mut done = vec![false; children.len()];
     while done.iter().any(|d| !d) {
+        if stop_now.load(Ordering::Relaxed) {
+            stop(&mut children);
+            return "interrupted by a signal".into();
+        }
         for (i, c) in children.iter_mut().enumerate() {
             if done[i] {
                 continue;
@@ -275,8 +322,10 @@ pub fn testbed(a: TestbedArgs) -> Result<std::process::ExitCode> {
         })
         .collect();
     let failed = wait(children, Duration::from_secs(3600));
-    for f in forwards {
-        let _ = f.join();
+    if failed.is_empty() {
+        for f in forwards {
+            let _ = f.join();
+        }
     }
     if failed.is_empty() {
         Ok(std::process::ExitCode::SUCCESS)
