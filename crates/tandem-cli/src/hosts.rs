@@ -167,6 +167,12 @@ pub fn run_ranks(
             }
         }
     }
+    Ok(finish(children))
+}
+
+/// Prints rank 0's output and every rank's errors while waiting for all of them (bounded);
+/// returns what failed (empty when every rank succeeded).
+fn finish(mut children: Vec<Child>) -> String {
     let forwards: Vec<_> = children
         .iter_mut()
         .enumerate()
@@ -184,7 +190,7 @@ pub fn run_ranks(
             let _ = f.join();
         }
     }
-    Ok(failed)
+    failed
 }
 
 fn forward(pipe: impl std::io::Read + Send + 'static, print: bool) -> std::thread::JoinHandle<()> {
@@ -312,21 +318,7 @@ pub fn testbed(a: TestbedArgs) -> Result<std::process::ExitCode> {
             }
         }
     }
-    let forwards: Vec<_> = children
-        .iter_mut()
-        .enumerate()
-        .flat_map(|(rank, c)| {
-            let out = c.stdout.take().map(|o| forward(o, rank == 0));
-            let err = c.stderr.take().map(|e| forward(e, true));
-            out.into_iter().chain(err)
-        })
-        .collect();
-    let failed = wait(children, Duration::from_secs(3600));
-    if failed.is_empty() {
-        for f in forwards {
-            let _ = f.join();
-        }
-    }
+    let failed = finish(children);
     if failed.is_empty() {
         Ok(std::process::ExitCode::SUCCESS)
     } else {

@@ -212,26 +212,15 @@ impl Testbed {
             .spawn()
             .map_err(|e| Error::io("starting a host's first process", e))?;
         // `ip netns exec` execs `unshare`, which forks the namespace's PID 1: find it.
-        let outer = child.id();
-        let end = Instant::now() + Duration::from_secs(10);
-        let inner = loop {
-            let children = std::fs::read_to_string(format!("/proc/{outer}/task/{outer}/children"))
-                .unwrap_or_default();
-            if let Some(pid) = children
-                .split_whitespace()
-                .next()
-                .and_then(|p| p.parse().ok())
-            {
-                break pid;
-            }
-            if Instant::now() >= end {
-                return Err(Error::timeout(
-                    format!("host {i}'s first process to start (unshare pid {outer})"),
-                    Duration::from_secs(10),
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        };
+        let inner = Self::pid_of(&child).ok_or_else(|| {
+            Error::timeout(
+                format!(
+                    "host {i}'s first process to start (unshare pid {})",
+                    child.id()
+                ),
+                Duration::from_secs(10),
+            )
+        })?;
         self.hosts[i].init = Some((child, inner));
         Ok(())
     }
