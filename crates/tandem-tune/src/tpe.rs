@@ -136,15 +136,8 @@ impl Parzen {
     /// lies in the interval and its width is at most the interval, so at least a third of its
     /// draws land inside).
     fn sample(&self, rng: &mut StdRng) -> f64 {
-        let mut r = rng.random::<f64>() * self.total_weight();
-        let mut k = self.kernels[self.kernels.len() - 1];
-        for kernel in &self.kernels {
-            if r < kernel.weight {
-                k = *kernel;
-                break;
-            }
-            r -= kernel.weight;
-        }
+        let weights: Vec<f64> = self.kernels.iter().map(|k| k.weight).collect();
+        let k = self.kernels[weighted_index(&weights, rng.random::<f64>())];
         for _ in 0..64 {
             let (u1, u2) = (rng.random::<f64>().max(1e-300), rng.random::<f64>());
             let z = (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos();
@@ -155,6 +148,18 @@ impl Parzen {
         }
         rng.random::<f64>()
     }
+}
+
+/// The index a uniform draw `u` in `[0, 1)` picks when each index is as likely as its weight.
+fn weighted_index(weights: &[f64], u: f64) -> usize {
+    let mut r = u * weights.iter().sum::<f64>();
+    for (i, w) in weights.iter().enumerate() {
+        if r < *w {
+            return i;
+        }
+        r -= w;
+    }
+    weights.len().saturating_sub(1)
 }
 
 /// How many of `n` finished trials are good (hyperopt's rule, at least one, never all).
@@ -241,33 +246,38 @@ fn categorical(
     if values.is_empty() {
         return from_unit(p, 0.5);
     }
-    let k = values.len() as f64;
-    // Each category's probability: its count plus an equal share of the prior.
-    let probs = |set: &[&Assignment]| -> Vec<f64> {
-        let total = set.len() as f64 + s.prior_weight;
-        values
-            .iter()
-            .map(|v| {
-                let c = set.iter().filter(|a| a.get(&p.name) == Some(v)).count() as f64;
-                (c + s.prior_weight / k) / total
-            })
-            .collect()
-    };
-    let (l, g) = (probs(good), probs(bad));
+    let (l, g) = (
+        category_probs(p, &values, good, s.prior_weight),
+        category_probs(p, &values, bad, s.prior_weight),
+    );
     let mut best: Option<(f64, usize)> = None;
     for _ in 0..s.n_ei_candidates.max(1) {
-        let mut r = rng.random::<f64>() * l.iter().sum::<f64>();
-        let mut i = 0;
-        while i + 1 < l.len() && r >= l[i] {
-            r -= l[i];
-            i += 1;
-        }
+        let i = weighted_index(&l, rng.random::<f64>());
         let score = l[i].ln() - g[i].max(1e-300).ln();
         if best.is_none_or(|(b, _)| score > b) {
             best = Some((score, i));
         }
     }
     values[best.map_or(0, |b| b.1)].clone()
+}
+
+/// Each category's probability among `set`: its count plus an equal share of the prior's weight,
+/// normalised (so a category never seen keeps some probability).
+fn category_probs(
+    p: &Parameter,
+    values: &[Value],
+    set: &[&Assignment],
+    prior_weight: f64,
+) -> Vec<f64> {
+    let k = values.len() as f64;
+    let total = set.len() as f64 + prior_weight;
+    values
+        .iter()
+        .map(|v| {
+            let c = set.iter().filter(|a| a.get(&p.name) == Some(v)).count() as f64;
+            (c + prior_weight / k) / total
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -328,5 +338,134 @@ mod tests {
         assert_eq!(n_good(0.25, 65), 3);
         assert_eq!(n_good(0.9, 4), 2);
         assert_eq!(n_good(5.0, 4), 3, "never all of them");
+    }
+
+    #[test]
+    fn the_density_peaks_where_the_points_are() {
+        let est = Parzen::new(&[0.1; 20], 1.0);
+        assert!(
+            est.pdf(0.1) > 3.0 * est.pdf(0.9),
+            "{} {}",
+            est.pdf(0.1),
+            est.pdf(0.9)
+        );
+        assert!(est.pdf(0.1) > 1.0);
+    }
+
+    #[test]
+    fn draws_follow_the_density() {
+        // Two clusters and the prior: the histogram of many draws matches the density's mass per bin.
+        let mut points = vec![0.15; 12];
+        points.extend([0.8; 6]);
+        let est = Parzen::new(&points, 1.0);
+        let mut rng = StdRng::seed_from_u64(11);
+        let n = 40_000;
+        let mut hist = [0usize; 10];
+        for _ in 0..n {
+            let x = est.sample(&mut rng);
+            hist[((x * 10.0) as usize).min(9)] += 1;
+        }
+        for (b, count) in hist.iter().enumerate() {
+            let steps = 200;
+            let mass: f64 = (0..steps)
+                .map(|j| {
+                    est.pdf((b as f64 + (j as f64 + 0.5) / steps as f64) / 10.0)
+                        / 10.0
+                        / steps as f64
+                })
+                .sum();
+            let got = *count as f64 / n as f64;
+            assert!(
+                (got - mass).abs() < 0.015,
+                "bin {b}: drawn {got:.4}, density {mass:.4}"
+            );
+        }
+    }
+
+    fn categorical_param() -> Parameter {
+        Parameter {
+            name: "opt".into(),
+            domain: Domain::Categorical(vec!["a".into(), "b".into(), "c".into()]),
+        }
+    }
+
+    fn pick(v: &str) -> Assignment {
+        Assignment::from([("opt".to_string(), Value::Text(v.into()))])
+    }
+
+    #[test]
+    fn category_probabilities_count_and_smooth() {
+        let p = categorical_param();
+        let values = crate::search::grid_values(&p).expect("values");
+        let set = [pick("a"), pick("a"), pick("b")];
+        let refs: Vec<&Assignment> = set.iter().collect();
+        let probs = category_probs(&p, &values, &refs, 1.0);
+        let third = 1.0 / 3.0;
+        let want = [(2.0 + third) / 4.0, (1.0 + third) / 4.0, third / 4.0];
+        for (got, want) in probs.iter().zip(want) {
+            assert!((got - want).abs() < 1e-12, "{probs:?}");
+        }
+        assert!((probs.iter().sum::<f64>() - 1.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn categories_that_did_well_are_proposed_and_start_up_is_random() {
+        let p = vec![categorical_param()];
+        // "a" always scores best (minimised), "b" and "c" badly.
+        let history: Vec<Observation> = (0..30)
+            .map(|i| {
+                let v = ["a", "b", "c"][i % 3];
+                Observation {
+                    params: pick(v),
+                    objective: if v == "a" { 0.0 } else { 10.0 + i as f64 },
+                }
+            })
+            .collect();
+        let settings = TpeSettings {
+            n_startup_trials: 5,
+            ..Default::default()
+        };
+        let chose_a = (100..140)
+            .filter(|i| {
+                suggest(&p, Goal::Minimize, &history, &[], settings, 3, *i)["opt"]
+                    == Value::Text("a".into())
+            })
+            .count();
+        assert!(chose_a >= 30, "the good category {chose_a} times of 40");
+        // Below n_startup_trials finished trials, the suggestion is random search's.
+        for i in 0..20 {
+            assert_eq!(
+                suggest(&p, Goal::Minimize, &history[..4], &[], settings, 3, i),
+                crate::search::random(&p, 3, i)
+            );
+        }
+        assert!(
+            (0..20).any(
+                |i| suggest(&p, Goal::Minimize, &history[..5], &[], settings, 3, i)
+                    != crate::search::random(&p, 3, i)
+            ),
+            "from n_startup_trials on, the model is used"
+        );
+    }
+
+    #[test]
+    fn a_draw_picks_an_index_as_often_as_its_weight() {
+        let w = [1.0, 2.0, 1.0];
+        for (u, want) in [
+            (0.0, 0),
+            (0.24, 0),
+            (0.25, 1),
+            (0.74, 1),
+            (0.75, 2),
+            (0.999, 2),
+        ] {
+            assert_eq!(weighted_index(&w, u), want, "u {u}");
+        }
+        assert_eq!(
+            weighted_index(&[0.0, 5.0], 0.0),
+            1,
+            "a zero weight is never picked"
+        );
+        assert_eq!(weighted_index(&[], 0.5), 0);
     }
 }
