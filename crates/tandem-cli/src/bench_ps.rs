@@ -1,5 +1,10 @@
 //! `tandem bench ps`: W workers and S parameter servers on this machine, pulling and pushing one
 //! parameter of P f32 values with a trivial gradient, in sync or async mode.
+//!
+//! Why a trivial gradient: what is measured is the parameter server (moving, checking, summing and
+//! applying bytes), not a model; each process is its own OS process as in a real job, each
+//! server's peak RSS is reported next to the rate, and with `--hosts` they run on simulated hosts
+//! with the link bound printed beside the result.
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;

@@ -1,4 +1,11 @@
 //! The one error type every Tandem crate returns.
+//!
+//! Why one enum for every crate: a user's training loop calls collectives, the parameter server and
+//! the rendezvous, and wants to react to *what* went wrong (a lost peer, a timeout, a bad argument,
+//! a refused token) the same way wherever it happened; the Python bindings map each variant to one
+//! exception class. Each variant carries the context that names the culprit (the rank, the
+//! variable, the address), because an error that says only "timed out" sends people to debug the
+//! wrong machine.
 
 use std::time::Duration;
 

@@ -1,4 +1,10 @@
 //! Serving the rendezvous: [`run`] on a listener the caller bound, or [`Host::bind`] for the common case.
+//!
+//! Why a rendezvous at all: the processes of a job start in any order on machines that do not know
+//! each other's ports; each needs a place, known from its environment alone, where it can publish
+//! what the others need (its ring address, a same-host advert, NCCL's unique id) and wait for
+//! theirs. Rank 0 (or the launcher) hosts it; every request carries the job token, refused before
+//! the store is touched, and every wait ends at its deadline.
 
 use std::future::Future;
 use std::net::SocketAddr;

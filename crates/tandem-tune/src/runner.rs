@@ -1,6 +1,12 @@
 //! Running an experiment: trials in parallel as child processes, metrics read from their output,
 //! median early stopping, the goal, failure accounting, resume, and Ctrl-C. Every trial has a
 //! deadline, so the experiment always ends.
+//!
+//! Why child processes and a record on disk: a trial is whatever command the user gave (a script,
+//! a `tandem launch` job), it may crash or hang, and an experiment outlives any one of them; the
+//! record (`experiment.json`, replaced atomically after every change) lets an interrupted
+//! experiment resume with the same trials, and killing a trial's whole process group stops what it
+//! started too.
 
 use std::collections::BTreeMap;
 use std::fs::File;

@@ -1,5 +1,14 @@
 //! Serving parameters: [`run`] on a listener the caller bound, until shutdown or until every worker
 //! is done.
+//!
+//! Why the library never binds by itself: the caller knows which address a server should take (its
+//! entry in `TF_CONFIG`, a Slurm node, a port the launcher reserved, `127.0.0.1:0` in a test) and
+//! may want it before serving (to print it, or hand it to workers). A server's life is here too:
+//! restored from its checkpoint when one exists, stopped by the caller's shutdown future, by every
+//! worker saying done, or by the worker lease ([`ServerConfig::worker_timeout`]); stopping drains
+//! open calls for at most [`DRAIN`]. Layout: `service.rs` (the gRPC edge), `step.rs` (who applies
+//! gradients), `model.rs` and `sync_step.rs` (the state), `same_host.rs`, `rows.rs`, `convert.rs`,
+//! `lease.rs`, `checkpoint.rs`, `pool.rs`.
 
 pub mod checkpoint;
 mod convert;
