@@ -99,25 +99,29 @@ fn lost(peer: usize, header: &OpHeader, doing: &str, e: &std::io::Error) -> Erro
     }
 }
 
+/// The mesh has no connection to rank `p` (it was never made, or is lent out).
+fn no_connection(p: usize) -> Error {
+    Error::Unusable {
+        what: "process group".into(),
+        reason: format!("no connection to rank {p}"),
+    }
+}
+
 fn halves(
     mesh: &mut Mesh,
     from: usize,
     to: usize,
 ) -> Result<(&mut OwnedReadHalf, &mut OwnedWriteHalf)> {
-    let missing = |p: usize| Error::Unusable {
-        what: "process group".into(),
-        reason: format!("no connection to rank {p}"),
-    };
     let r = mesh
         .readers
         .get_mut(from)
         .and_then(Option::as_mut)
-        .ok_or_else(|| missing(from))?;
+        .ok_or_else(|| no_connection(from))?;
     let w = mesh
         .writers
         .get_mut(to)
         .and_then(Option::as_mut)
-        .ok_or_else(|| missing(to))?;
+        .ok_or_else(|| no_connection(to))?;
     Ok((r, w))
 }
 
@@ -125,20 +129,14 @@ fn reader(mesh: &mut Mesh, from: usize) -> Result<&mut OwnedReadHalf> {
     mesh.readers
         .get_mut(from)
         .and_then(Option::as_mut)
-        .ok_or_else(|| Error::Unusable {
-            what: "process group".into(),
-            reason: format!("no connection to rank {from}"),
-        })
+        .ok_or_else(|| no_connection(from))
 }
 
 fn writer(mesh: &mut Mesh, to: usize) -> Result<&mut OwnedWriteHalf> {
     mesh.writers
         .get_mut(to)
         .and_then(Option::as_mut)
-        .ok_or_else(|| Error::Unusable {
-            what: "process group".into(),
-            reason: format!("no connection to rank {to}"),
-        })
+        .ok_or_else(|| no_connection(to))
 }
 
 fn mismatch(header: &OpHeader, me: usize, theirs: &OpHeader, them: usize) -> Error {

@@ -76,20 +76,16 @@ impl<'a> Lane<'a> {
     fn take(mesh: &mut Mesh, me: usize, members: &'a [usize], segment: usize) -> Result<Self> {
         let n = members.len();
         let (l, r) = (members[left(me, n)], members[right(me, n)]);
-        let missing = |p: usize| Error::Unusable {
-            what: "process group".into(),
-            reason: format!("no connection to rank {p}"),
-        };
         let rd = mesh
             .readers
             .get_mut(l)
             .and_then(Option::take)
-            .ok_or_else(|| missing(l))?;
+            .ok_or_else(|| no_connection(l))?;
         let wr = match mesh.writers.get_mut(r).and_then(Option::take) {
             Some(w) => w,
             None => {
                 mesh.readers[l] = Some(rd);
-                return Err(missing(r));
+                return Err(no_connection(r));
             }
         };
         Ok(Lane {
