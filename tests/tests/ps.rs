@@ -352,6 +352,10 @@ fn bad_input_is_refused_and_changes_nothing() {
         ("name", "unknown parameter", "auto"),
         ("truncated", "truncated", "tcp"),
         ("oversized", "does not follow", "tcp"),
+        ("listed-truncated", "ended early", "tcp"),
+        ("listed-oversized", "sent 8 bytes", "tcp"),
+        ("listed-twice", "out of ascending order or twice", "tcp"),
+        ("listed-nan", "NaN", "tcp"),
         ("shared-stranger", "not attached", "auto"),
     ];
     if tandem::collective::transport::peer_memory::available() {

@@ -5,6 +5,7 @@
 //! - [`placement`]: the partition map (pure; hashed so disagreement is detected).
 //! - [`init`], [`optimizer`]: initializers and update rules (pure).
 //! - [`server`]: the gRPC service and [`server::run`].
+//! - [`finite`]: the NaN/Inf check of gradients (server and client).
 //! - [`failure`]: the typed reasons every server error carries, and what a client may do on each.
 //! - [`client`]: the async worker [`client::Client`]; [`blocking::BlockingClient`] owns a runtime.
 //!
@@ -14,6 +15,7 @@
 pub mod blocking;
 pub mod client;
 pub mod failure;
+pub mod finite;
 pub mod init;
 pub mod job;
 pub mod optimizer;

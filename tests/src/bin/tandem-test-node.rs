@@ -387,7 +387,8 @@ async fn ps_worker(args: &[String]) -> Result<()> {
                 .await
                 .err(),
             "shape" => client.push(0, &[("w", &[0.0; 3])]).await.err(),
-            "truncated" | "oversized" => raw_push(&servers, &token, bad == "oversized").await.err(),
+            "truncated" | "oversized" | "listed-truncated" | "listed-oversized"
+            | "listed-twice" | "listed-nan" => raw_push(&servers, &token, &bad).await.err(),
             "shared-len" | "shared-left" | "shared-stranger" => {
                 raw_shared_push(&servers, &token, &bad).await.err()
             }
@@ -589,26 +590,49 @@ async fn raw_client(addr: &str, token: &JobToken) -> Result<RawClient> {
 }
 
 /// Pushes a malformed stream straight through gRPC: the bias partition (one f32) with 2 bytes
-/// (truncated) or 8 bytes (oversized). Returns the server's refusal as an error.
-async fn raw_push(servers: &[String], token: &JobToken, oversized: bool) -> Result<()> {
+/// (truncated) or 8 bytes (oversized), received whole by the server; the `listed-` kinds list
+/// their partitions first, so the server applies them as it reads them: the same two, the bias
+/// partition listed twice, and a NaN the client did not declare (as a client that skipped its
+/// own check would send). Returns the server's refusal as an error.
+async fn raw_push(servers: &[String], token: &JobToken, kind: &str) -> Result<()> {
     use tandem_ps::pb;
     let mut last = Ok(());
+    let listed = kind.starts_with("listed-");
     for addr in servers {
         let mut c = raw_client(addr, token).await?;
-        let data = if oversized {
-            vec![0u8; 8]
-        } else {
-            vec![0u8; 2]
+        let data: Vec<u8> = match kind {
+            "oversized" | "listed-oversized" => vec![0u8; 8],
+            "listed-nan" => f32::NAN.to_le_bytes().to_vec(),
+            "listed-twice" => 0.25f32.to_le_bytes().to_vec(),
+            _ => vec![0u8; 2],
         };
-        let chunk = pb::PushChunk {
+        let b = || pb::PartRef {
+            param: "b".into(),
+            part: 0,
+        };
+        let mut chunks = Vec::new();
+        if listed {
+            chunks.push(pb::PushChunk {
+                worker: 0,
+                step: 0,
+                parts: if kind == "listed-twice" {
+                    vec![b(), b()]
+                } else {
+                    vec![b()]
+                },
+                ..Default::default()
+            });
+        }
+        chunks.push(pb::PushChunk {
             worker: 0,
             step: 0,
             param: "b".into(),
             part: 0,
             offset: 0,
             data: data.into(),
-        };
-        match c.push(tokio_stream::iter(vec![chunk])).await {
+            ..Default::default()
+        });
+        match c.push(tokio_stream::iter(chunks)).await {
             Err(s) if s.code() == tonic::Code::NotFound => {}
             Err(s) => last = Err(Error::invalid("push", s.message().to_string())),
             Ok(_) => last = Ok(()),

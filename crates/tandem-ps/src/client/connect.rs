@@ -105,6 +105,7 @@ impl Client {
             worker,
             chunk_bytes: 1 << 20,
             timeout: deadline,
+            mode,
         };
         client.declare_all(&optimizer, mode).await?;
         if tandem_peer_memory::allowed_by_env() {

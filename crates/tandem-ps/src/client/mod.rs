@@ -120,6 +120,7 @@ pub struct Client {
     worker: u32,
     chunk_bytes: usize,
     timeout: Duration,
+    mode: TrainingMode,
 }
 
 /// One server's answer to a pull: the streamed chunks, or where to read the values.
@@ -136,6 +137,21 @@ impl Reply {
             Reply::Shared(s) => s.incarnation,
         }
     }
+}
+
+/// The partitions whose chunks came from more than one update.
+fn torn_parts(chunks: &[pb::PullChunk]) -> Vec<(String, u32)> {
+    let mut seen: HashMap<(&str, u32), u64> = HashMap::new();
+    let mut torn: Vec<(String, u32)> = Vec::new();
+    for c in chunks {
+        let v = *seen
+            .entry((c.param.as_str(), c.part))
+            .or_insert(c.part_version);
+        if v != c.part_version && !torn.iter().any(|(p, i)| p == &c.param && *i == c.part) {
+            torn.push((c.param.clone(), c.part));
+        }
+    }
+    torn
 }
 
 /// A call that failed: the server's answer, or no answer.
@@ -223,6 +239,7 @@ impl Client {
                     Err(why) => self.pull_again_streamed(s, &sp, &why).await?,
                 },
             };
+            let chunks = self.untorn(s, chunks).await?;
             version = version.min(self.copy_chunks(s, chunks, out, &mut filled)?);
         }
         self.check_filled(&filled)?;
@@ -231,6 +248,56 @@ impl Client {
         } else {
             version
         })
+    }
+
+    /// Sync mode: every partition in `chunks` from one update. A partition whose chunks carry two
+    /// values of `part_version` raced a step (backup workers let a step finish while a slow worker
+    /// pulls): it is pulled again, a bounded number of times. Async mode takes chunks as they come
+    /// (each chunk is whole; consecutive chunks may straddle an update, as in any asynchronous
+    /// parameter server).
+    async fn untorn(&self, s: usize, mut chunks: Vec<pb::PullChunk>) -> Result<Vec<pb::PullChunk>> {
+        const ATTEMPTS: usize = 5;
+        for _ in 0..ATTEMPTS {
+            let torn = torn_parts(&chunks);
+            if torn.is_empty() || !self.mode.sync {
+                return Ok(chunks);
+            }
+            let min_version = chunks.iter().map(|c| c.version).max().unwrap_or(0);
+            let req = pb::PullRequest {
+                worker: self.worker,
+                min_version,
+                parts: torn
+                    .iter()
+                    .map(|(param, part)| pb::PartRef {
+                        param: param.clone(),
+                        part: *part,
+                    })
+                    .collect(),
+                timeout_ms: self.timeout.as_millis().min(u64::MAX as u128) as u64,
+                incarnation: 0,
+            };
+            let again = self
+                .pull_stream(s, req, self.timeout)
+                .await?
+                .ok_or_else(|| {
+                    Error::timeout(
+                        format!(
+                            "partitions from {} after a pull raced a step",
+                            self.addrs[s]
+                        ),
+                        self.timeout,
+                    )
+                })?;
+            chunks.retain(|c| !torn.contains(&(c.param.clone(), c.part)));
+            chunks.extend(again);
+        }
+        Err(Error::transport(
+            "pulling",
+            format!(
+                "server {} kept updating partitions while they were pulled ({ATTEMPTS} attempts)",
+                self.addrs[s]
+            ),
+        ))
     }
 
     /// After a failed read by address: server `s`'s partitions through the stream, at the version

@@ -183,31 +183,25 @@ impl Client {
         Ok(outcome(&results))
     }
 
-    /// Streams the chunks of `grads` to every server holding a partition (or only to `only`).
+    /// Streams the chunks of `grads` to every server holding a partition (or only to `only`). Each
+    /// server's stream starts by listing its partitions in ascending order and carries them in
+    /// that order, so the server applies it as it reads it (bounded memory there). A gradient
+    /// holding NaN or Inf (when the job refuses them) is not sent: its servers are told so, and
+    /// refuse it whole.
     pub(super) async fn push_chunks(
         &self,
         step: u64,
         grads: Vec<(String, Bytes)>,
         only: Option<&[usize]>,
     ) -> Result<Vec<pb::PushResponse>> {
-        let mut per_server: Vec<Vec<pb::PushChunk>> = vec![Vec::new(); self.servers.len()];
+        // Per server, its partitions in ascending (param, part) order with their bytes.
+        let mut per_server: Vec<std::collections::BTreeMap<(String, u32), Bytes>> =
+            vec![Default::default(); self.servers.len()];
         for (name, all) in &grads {
             for p in self.map.parts_of(name) {
                 let r = p.range();
-                let bytes = all.slice(r.start * 4..r.end * 4);
-                let mut off = 0;
-                while off < bytes.len() {
-                    let end = (off + self.chunk_bytes).min(bytes.len());
-                    per_server[p.server].push(pb::PushChunk {
-                        worker: self.worker,
-                        step,
-                        param: p.param.clone(),
-                        part: p.part,
-                        offset: off as u64,
-                        data: bytes.slice(off..end),
-                    });
-                    off = end;
-                }
+                per_server[p.server]
+                    .insert((p.param.clone(), p.part), all.slice(r.start * 4..r.end * 4));
             }
         }
         let wait = self.timeout + Duration::from_secs(10);
@@ -215,7 +209,8 @@ impl Client {
             .into_iter()
             .enumerate()
             .filter(|(s, c)| !c.is_empty() && only.is_none_or(|o| o.contains(s)))
-            .map(|(s, chunks)| {
+            .map(|(s, parts)| {
+                let chunks = self.chunks_of(step, parts);
                 self.call(s, "pushing", wait, move |mut c| {
                     let chunks = chunks.clone();
                     async move {
@@ -226,5 +221,47 @@ impl Client {
                 })
             });
         futures::future::try_join_all(pushes).await
+    }
+
+    /// One server's push: a first chunk listing the partitions, then their bytes in order
+    /// (zero-copy slices); only the first chunk when a value is NaN or Inf.
+    fn chunks_of(
+        &self,
+        step: u64,
+        parts: std::collections::BTreeMap<(String, u32), Bytes>,
+    ) -> Vec<pb::PushChunk> {
+        let non_finite =
+            self.mode.reject_non_finite && !parts.values().all(|b| crate::finite::bytes_finite(b));
+        let mut chunks = vec![pb::PushChunk {
+            worker: self.worker,
+            step,
+            parts: parts
+                .keys()
+                .map(|(param, part)| pb::PartRef {
+                    param: param.clone(),
+                    part: *part,
+                })
+                .collect(),
+            non_finite,
+            ..Default::default()
+        }];
+        if non_finite {
+            return chunks;
+        }
+        for ((param, part), bytes) in parts {
+            let mut off = 0;
+            while off < bytes.len() {
+                let end = (off + self.chunk_bytes).min(bytes.len());
+                chunks.push(pb::PushChunk {
+                    param: param.clone(),
+                    part,
+                    offset: off as u64,
+                    data: bytes.slice(off..end),
+                    ..Default::default()
+                });
+                off = end;
+            }
+        }
+        chunks
     }
 }

@@ -19,6 +19,7 @@ mod rows;
 mod same_host;
 mod service;
 mod step;
+mod streamed;
 mod sync_step;
 
 pub use convert::MAX_PARTITION_ELEMENTS;

@@ -69,8 +69,6 @@ pub struct PartEntry {
     pub numel: usize,
     /// Data under a lock of its own (async mode never takes a global lock).
     pub data: RwLock<PartData>,
-    /// The values as bytes at some version, shared by the streamed pulls of that version.
-    pub snapshot: Mutex<Option<(u64, bytes::Bytes)>>,
     /// Sequence word: odd while an update is being written. Workers on this machine copy the
     /// values straight out of this process and check the word is unchanged and even around the
     /// copy (a sequence lock), so they never see half an update.
@@ -119,7 +117,6 @@ impl PartEntry {
             rows,
             numel: data.values.len(),
             data: RwLock::new(data),
-            snapshot: Mutex::new(None),
             seq: tandem_peer_memory::SeqWord::new(),
         }
     }
@@ -148,30 +145,6 @@ impl PartEntry {
     /// Elements per row.
     pub fn row_len(&self) -> usize {
         self.numel / self.rows.max(1) as usize
-    }
-
-    /// The values as bytes: one copy per version, however many workers pull it.
-    pub fn bytes(&self) -> bytes::Bytes {
-        let d = self.data.read().unwrap_or_else(|p| p.into_inner());
-        let mut cache = self.snapshot.lock().unwrap_or_else(|p| p.into_inner());
-        match &*cache {
-            Some((v, b)) if *v == d.version => b.clone(),
-            _ => {
-                let src: &[u8] = bytemuck::cast_slice(&d.values);
-                // Reuse the previous version's allocation when no pull holds it any more: no fresh
-                // pages to fault in and zero every step.
-                let b = match cache.take().map(|(_, old)| old.try_into_mut()) {
-                    Some(Ok(mut buf)) if buf.capacity() >= src.len() => {
-                        buf.clear();
-                        buf.extend_from_slice(src);
-                        buf.freeze()
-                    }
-                    _ => bytes::Bytes::copy_from_slice(src),
-                };
-                *cache = Some((d.version, b.clone()));
-                b
-            }
-        }
     }
 }
 
@@ -472,20 +445,35 @@ impl Model {
             divide_piece(dst, n);
             Ok(())
         };
-        // Clipping needs the averaged gradient's norm before any piece is applied.
-        let mut norm_sq = 0.0;
-        if self.optimizer.clip_norm > 0.0 {
-            let numel = self.parts.get(key).map_or(0, |e| e.numel);
+        // Clipping needs the averaged gradient's norm before any piece is applied: computed in a
+        // first pass when every source can be read twice, else over the partition staged whole.
+        let clip = self.optimizer.clip_norm > 0.0;
+        let numel = self.parts.get(key).map_or(0, |e| e.numel);
+        if clip && from.iter().any(|&i| !pending[i].source.rereadable()) {
+            applying.set(true);
+            let mut staged = self.pool.take(numel);
             let mut at = 0;
             while at < numel {
-                let dst = &mut piece[..PIECE.min(numel - at)];
-                let Ok(()) = average(at, dst);
-                norm_sq = optimizer::add_squares(norm_sq, dst);
-                at += dst.len();
+                let len = PIECE.min(numel - at);
+                let Ok(()) = average(at, &mut staged[at..at + len]);
+                at += len;
             }
+            self.apply(key, &mut staged, version);
+            self.pool.give(staged);
+        } else {
+            let mut norm_sq = 0.0;
+            if clip {
+                let mut at = 0;
+                while at < numel {
+                    let dst = &mut piece[..PIECE.min(numel - at)];
+                    let Ok(()) = average(at, dst);
+                    norm_sq = optimizer::add_squares(norm_sq, dst);
+                    at += dst.len();
+                }
+            }
+            applying.set(true);
+            let Ok(()) = self.apply_pieces(key, version, norm_sq, &mut piece, &mut average);
         }
-        applying.set(true);
-        let Ok(()) = self.apply_pieces(key, version, norm_sq, &mut piece, &mut average);
         for &i in from {
             if included[i] > 0 {
                 reads.applied[i].push((key.clone(), included[i]));
@@ -509,19 +497,36 @@ impl Model {
     }
 
     /// Applies one worker's whole gradient, read a piece at a time from `source` (async mode;
-    /// `norms` holds each partition's squared norm, for clipping). If the source stops being
+    /// `norms` holds each partition's squared norm, for clipping; without them a clipping
+    /// optimizer stages each partition whole to take its norm). If the source stops being
     /// readable part-way, the pieces before stay applied and the error says exactly which.
     pub fn apply_source(
         &self,
         source: &dyn GradientSource,
         version: u64,
-        norms: &[f32],
+        norms: Option<&[f32]>,
         scratch: &mut [f32],
     ) -> Result<(), Partial> {
         let mut applied = Vec::new();
-        for (key, norm_sq) in source.partitions().into_iter().zip(norms) {
+        let stage = norms.is_none() && self.optimizer.clip_norm > 0.0;
+        for (i, key) in source.partitions().into_iter().enumerate() {
+            let numel = self.parts.get(&key).map_or(0, |e| e.numel);
+            if stage {
+                let mut staged = self.pool.take(numel);
+                let r = read_whole(source, &key, &mut staged);
+                if r.is_ok() {
+                    self.apply(&key, &mut staged, version);
+                }
+                self.pool.give(staged);
+                if let Err(why) = r {
+                    return Err(Partial { applied, why });
+                }
+                applied.push((key, numel));
+                continue;
+            }
+            let norm_sq = norms.and_then(|n| n.get(i)).copied().unwrap_or(0.0);
             let mut done = 0;
-            let r = self.apply_pieces(&key, version, *norm_sq, scratch, |at, dst| {
+            let r = self.apply_pieces(&key, version, norm_sq, scratch, |at, dst| {
                 source.read(&key, at, dst)?;
                 done = at + dst.len();
                 Ok::<(), String>(())
@@ -532,11 +537,21 @@ impl Model {
                 }
                 return Err(Partial { applied, why });
             }
-            let numel = self.parts.get(&key).map_or(0, |e| e.numel);
             applied.push((key, numel));
         }
         Ok(())
     }
+}
+
+/// Reads a source's whole gradient for `key` into `dst`, a piece at a time.
+fn read_whole(source: &dyn GradientSource, key: &Key, dst: &mut [f32]) -> Result<(), String> {
+    let mut at = 0;
+    while at < dst.len() {
+        let len = PIECE.min(dst.len() - at);
+        source.read(key, at, &mut dst[at..at + len])?;
+        at += len;
+    }
+    Ok(())
 }
 
 impl Model {
@@ -552,16 +567,11 @@ impl Model {
         for key in pending.source.partitions() {
             let numel = self.parts.get(&key).map_or(0, |e| e.numel);
             let mut buf = self.pool.take(numel);
-            let mut at = 0;
-            while at < numel {
-                let len = PIECE.min(numel - at);
-                if let Err(why) = pending.source.read(&key, at, &mut buf[at..at + len]) {
-                    self.pool.give(buf);
-                    grads.into_values().for_each(|g| self.pool.give(g));
-                    step.contributors.remove(&worker);
-                    return Err(why);
-                }
-                at += len;
+            if let Err(why) = read_whole(&*pending.source, &key, &mut buf) {
+                self.pool.give(buf);
+                grads.into_values().for_each(|g| self.pool.give(g));
+                step.contributors.remove(&worker);
+                return Err(why);
             }
             grads.insert(key, buf);
         }

@@ -201,7 +201,7 @@ fn an_async_gradient_lost_at_piece_k_reports_exactly_the_pieces_applied() {
         let key: Key = ("w".into(), 0);
         let grad: Vec<f32> = (0..numel).map(|i| (i % 13) as f32 + 1.0).collect();
         let mut scratch = vec![0.0; PIECE];
-        let r = model.apply_source(&*held(grad.clone(), k), 0, &[0.0], &mut scratch);
+        let r = model.apply_source(&*held(grad.clone(), k), 0, Some(&[0.0]), &mut scratch);
         let d = model.parts[&key].data.read().unwrap();
         let upto = (k * PIECE).min(numel);
         // Every element before the failure applied exactly once, none after.
@@ -224,7 +224,12 @@ fn an_async_gradient_lost_at_piece_k_reports_exactly_the_pieces_applied() {
     let model = one_partition(PIECE + 1);
     let mut scratch = vec![0.0; PIECE];
     assert_eq!(
-        model.apply_source(&*held(vec![1.0; PIECE + 1], 2), 0, &[0.0], &mut scratch),
+        model.apply_source(
+            &*held(vec![1.0; PIECE + 1], 2),
+            0,
+            Some(&[0.0]),
+            &mut scratch
+        ),
         Ok(()),
         "a source readable to the end is applied whole"
     );

@@ -297,20 +297,32 @@ impl Service {
         };
         drop(receiving);
         model.counters.bytes_in.fetch_add(bytes, Ordering::Relaxed);
-        self.push_pending(&model, &stepper, from, worker, step)
-            .await
+        let outcome = self
+            .push_pending(
+                &model,
+                &stepper,
+                Box::new(from),
+                worker,
+                step,
+                PENDING_PATIENCE,
+            )
+            .await?;
+        outcome.map_err(|p| partial_status(worker, &p))
     }
 
-    /// Sync: the gradient stays in the worker until the step is applied; the push returns then,
-    /// so the worker is still in the call and its buffer unchanged when the server reads it.
-    async fn push_pending(
+    /// Sync: the gradient stays where it is (the worker's memory, or its stream) until the step is
+    /// applied; the push returns then, so the worker is still in the call and its buffer unchanged
+    /// when the server reads it. After `patience` the server copies it into the step's sum and
+    /// the push returns. `Ok(Err(_))`: what of it was applied, when not all of it was.
+    pub(super) async fn push_pending(
         &self,
         model: &Model,
         stepper: &Stepper,
-        from: SharedGradient,
+        from: Box<dyn GradientSource>,
         worker: u32,
         step: u64,
-    ) -> Result<pb::PushResponse, Status> {
+        patience: Duration,
+    ) -> Result<Result<pb::PushResponse, Partial>, Status> {
         let mut withdraw = Withdraw {
             stepper,
             worker,
@@ -318,18 +330,18 @@ impl Service {
             armed: true,
         };
         let (mut response, snapshot) = stepper
-            .push(worker, step, Contribution::Pending(Box::new(from)))
+            .push(worker, step, Contribution::Pending(from))
             .await?;
         if let Some(snap) = snapshot {
             self.write_in_background(snap);
         }
         if !response.applied {
             withdraw.armed = false;
-            return Ok(response);
+            return Ok(Ok(response));
         }
         if response.version <= step {
             let mut rx = model.version.subscribe();
-            let waited = tokio::time::timeout(PENDING_PATIENCE, rx.wait_for(|v| *v > step))
+            let waited = tokio::time::timeout(patience, rx.wait_for(|v| *v > step))
                 .await
                 .map(|r| r.map(|v| *v));
             match waited {
@@ -354,10 +366,10 @@ impl Service {
             }
         }
         withdraw.armed = false;
-        match model.partial_of(step, worker) {
-            Some(p) => Err(partial_status(worker, &p)),
+        Ok(match model.partial_of(step, worker) {
+            Some(p) => Err(p),
             None => Ok(response),
-        }
+        })
     }
 
     /// Async: applied now, piece by piece, each piece used only if the worker was still in the
@@ -390,7 +402,7 @@ impl Service {
                 step,
                 |version| {
                     model
-                        .apply_source(&from, version, &norms, &mut scratch)
+                        .apply_source(&from, version, Some(&norms), &mut scratch)
                         .map_err(|p| (partial_status(worker, &p), true))
                 },
                 &|v| svc.due(v),

@@ -36,6 +36,8 @@ pub struct Limits {
     pub concurrent_pushes: usize,
     /// Longest wait a pull or a staleness bound may impose.
     pub max_wait: Duration,
+    /// Longest wait for the next chunk of a push being read (a worker gone silent mid-push).
+    pub receive_wait: Duration,
 }
 
 impl Default for Limits {
@@ -44,6 +46,7 @@ impl Default for Limits {
             chunk_bytes: 1 << 20,
             concurrent_pushes: 2,
             max_wait: Duration::from_secs(3600),
+            receive_wait: Duration::from_secs(30),
         }
     }
 }
@@ -198,16 +201,7 @@ struct Incoming {
     parts: HashMap<Key, (Vec<f32>, usize)>,
 }
 
-/// Whether every value is finite (no NaN, no Inf). Branch-free within blocks so that it compiles to
-/// vector instructions: a gradient is checked at memory speed.
-pub(super) fn all_finite(xs: &[f32]) -> bool {
-    const EXPONENT: u32 = 0x7f80_0000;
-    xs.chunks(4096).all(|block| {
-        block.iter().fold(0u32, |bad, v| {
-            bad | u32::from(v.to_bits() & EXPONENT == EXPONENT)
-        }) == 0
-    })
-}
+pub(super) use crate::finite::all_finite;
 
 /// The partition `key` of this server, or NotFound naming it.
 pub(super) fn part_of<'m>(
@@ -247,6 +241,73 @@ pub(super) fn requested(model: &Model, parts: Vec<pb::PartRef>) -> Vec<Key> {
 }
 
 type PullStream = Pin<Box<dyn Stream<Item = Result<pb::PullChunk, Status>> + Send>>;
+
+/// Chunks of a pull copied ahead of the network: a pull holds this many chunks in the server
+/// however large the model (no copy of the model per version).
+const PULL_AHEAD: usize = 4;
+
+/// The partitions one pull streams, copied out of the live values a chunk at a time under the
+/// partition's read lock (each chunk is one version of its rows; `part_version` says which).
+struct PulledChunks {
+    model: Arc<Model>,
+    keys: Vec<Key>,
+    version: u64,
+    incarnation: u64,
+    chunk_bytes: usize,
+}
+
+impl PulledChunks {
+    /// Copies and sends every chunk, each within `wait` of the receiver making room; stops when the
+    /// puller is gone or stalled.
+    fn send(
+        self,
+        tx: &tokio::sync::mpsc::Sender<Result<pb::PullChunk, Status>>,
+        runtime: &tokio::runtime::Handle,
+        wait: Duration,
+    ) {
+        for key in &self.keys {
+            let Some(entry) = self.model.parts.get(key) else {
+                continue;
+            };
+            let len = entry.numel * 4;
+            let mut off = 0;
+            loop {
+                let end = (off + self.chunk_bytes).min(len);
+                let (data, part_version) = {
+                    let d = entry.data.read().unwrap_or_else(|p| p.into_inner());
+                    let src: &[u8] = bytemuck::cast_slice(&d.values);
+                    (bytes::Bytes::copy_from_slice(&src[off..end]), d.version)
+                };
+                let n = data.len() as u64;
+                let chunk = pb::PullChunk {
+                    param: key.0.clone(),
+                    part: key.1,
+                    offset: off as u64,
+                    version: self.version,
+                    data,
+                    incarnation: self.incarnation,
+                    part_version,
+                };
+                let sent = runtime
+                    .block_on(async { tokio::time::timeout(wait, tx.send(Ok(chunk))).await });
+                if !matches!(sent, Ok(Ok(()))) {
+                    tracing::warn!(
+                        "a pull stopped: its receiver is gone or took more than {wait:?} for a chunk"
+                    );
+                    return;
+                }
+                self.model
+                    .counters
+                    .bytes_out
+                    .fetch_add(n, Ordering::Relaxed);
+                off = end;
+                if off >= len {
+                    break;
+                }
+            }
+        }
+    }
+}
 
 #[tonic::async_trait]
 impl ParameterServer for Service {
@@ -295,6 +356,15 @@ impl ParameterServer for Service {
     ) -> Result<Response<pb::PushResponse>, Status> {
         let model = self.declared()?;
         let mut stream = req.into_inner();
+        let first = match stream.message().await? {
+            Some(c) => c,
+            None => return Err(invalid("empty push")),
+        };
+        self.heard_from(first.worker);
+        if !first.parts.is_empty() || first.non_finite {
+            return self.push_as_read(first, stream).await.map(Response::new);
+        }
+        let mut stream = futures::stream::iter([Ok(first)]).chain(stream);
         // Bounded memory: only a few pushes are received at a time. The permit covers receiving
         // only, so a push waiting on the staleness bound never blocks the pushes it waits for.
         let receiving = self
@@ -305,9 +375,6 @@ impl ParameterServer for Service {
         let mut incoming: Option<Incoming> = None;
         while let Some(chunk) = stream.next().await {
             let c = chunk?;
-            if incoming.is_none() {
-                self.heard_from(c.worker);
-            }
             let inc = incoming.get_or_insert_with(|| Incoming {
                 worker: c.worker,
                 step: c.step,
@@ -382,44 +449,20 @@ impl ParameterServer for Service {
         for key in &keys {
             part_of(&model, key)?;
         }
-        let (chunk_bytes, incarnation) = (self.limits.chunk_bytes.max(1), self.incarnation);
-        let model2 = model.clone();
-        // The snapshot of a new version is a copy of the partition: made on the blocking pool.
-        let chunks = blocking(move || {
-            let mut chunks = Vec::new();
-            for key in keys {
-                let Some(entry) = model2.parts.get(&key) else {
-                    continue;
-                };
-                let snapshot = entry.bytes();
-                let mut off = 0;
-                loop {
-                    let end = (off + chunk_bytes).min(snapshot.len());
-                    chunks.push(pb::PullChunk {
-                        param: key.0.clone(),
-                        part: key.1,
-                        offset: off as u64,
-                        version,
-                        data: snapshot.slice(off..end),
-                        incarnation,
-                    });
-                    off = end;
-                    if off >= snapshot.len() {
-                        break;
-                    }
-                }
-            }
-            chunks
-        })
-        .await?;
-        let total: usize = chunks.iter().map(|c| c.data.len()).sum();
-        model
-            .counters
-            .bytes_out
-            .fetch_add(total as u64, Ordering::Relaxed);
-        Ok(Response::new(Box::pin(tokio_stream::iter(
-            chunks.into_iter().map(Ok),
-        ))))
+        let chunks = PulledChunks {
+            model,
+            keys,
+            version,
+            incarnation: self.incarnation,
+            chunk_bytes: self.limits.chunk_bytes.max(1),
+        };
+        let (tx, rx) = tokio::sync::mpsc::channel(PULL_AHEAD);
+        let (runtime, wait) = (tokio::runtime::Handle::current(), self.limits.receive_wait);
+        // Copied a chunk at a time on the blocking pool, at most PULL_AHEAD ahead of the network.
+        tokio::task::spawn_blocking(move || chunks.send(&tx, &runtime, wait));
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 
     async fn done(
@@ -619,29 +662,5 @@ fn check_streamed(
             Err(st)
         }
         None => Ok(grads),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn non_finite_values_are_found_anywhere() {
-        let mut xs = vec![1.5f32; 10_000];
-        assert!(all_finite(&xs));
-        assert!(all_finite(&[]));
-        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY, -f32::NAN] {
-            for at in [0, 4095, 4096, 9_999] {
-                xs[at] = bad;
-                assert!(!all_finite(&xs), "{bad} at {at}");
-                xs[at] = f32::MAX;
-            }
-        }
-        assert!(
-            all_finite(&xs),
-            "MAX, MIN_POSITIVE and subnormals are finite"
-        );
-        assert!(all_finite(&[f32::MIN_POSITIVE, 1e-45, -0.0]));
     }
 }

@@ -25,6 +25,12 @@ pub trait GradientSource: Send + std::fmt::Debug {
     /// Copies elements `at..at + dst.len()` of its gradient for `key` into `dst`; an error says
     /// why it cannot be read any more (the worker left or died).
     fn read(&self, key: &Key, at: usize, dst: &mut [f32]) -> Result<(), String>;
+    /// Whether a piece may be read more than once (memory can; a stream is read once, in order:
+    /// each partition's pieces in turn, partitions in ascending key order). Clipping, which needs
+    /// a partition's norm before applying any of it, stages the partition for sources that cannot.
+    fn rereadable(&self) -> bool {
+        true
+    }
 }
 
 /// A worker's gradient for the current sync step, left where it is until the step is applied.

@@ -1,0 +1,402 @@
+//! Pushes through the gRPC stream applied as they are read, so a server holds bounded pieces on
+//! every path, never a whole push.
+//!
+//! A worker's first chunk lists the partitions it carries, in order; the rest of its stream is
+//! read a piece at a time by whoever applies it: the blocking pool at once in async mode, the step
+//! thread when the step is applied in sync mode ([`StreamedGradient`] is a [`GradientSource`]
+//! like a gradient left in a worker's memory on this machine). Until then the worker's bytes wait
+//! in the network: HTTP/2 flow control stops it once its stream window (`STREAM_WINDOW`) is full.
+//!
+//! Why not "nothing applied unless all arrives": that needs the whole push in the server (what
+//! pushes without a partition list still do) or every byte sent twice. Instead every element is
+//! applied exactly once, or the push says exactly which were (`PARTIALLY_APPLIED`), the guarantee
+//! pushes by address give too. The client checks its gradient for NaN and Inf before it sends any
+//! of it, so a non-finite gradient is refused whole; the server checks every piece again as it
+//! reads it, and one found part-way stops the push there like a broken stream.
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tonic::{Code, Status, Streaming};
+
+use super::Service;
+use super::model::{GradientSource, Key, Model, PIECE, Partial};
+use super::same_host::{blocking, shutting_down};
+use super::service::{all_finite, check_worker, part_of};
+use super::step::{apply_async, wait_staleness};
+use crate::failure::{invalid, partially_applied, status};
+use crate::pb;
+use crate::pb::Reason;
+
+/// How long a sync push through the stream waits for its step before the server copies the rest
+/// of its gradient into the step's sum and lets the worker go on (so workers waiting on each other
+/// across servers, after a restart, cannot deadlock). Longer than by address: the copy costs a sum
+/// as large as the partitions, which only a straggler later than this makes the server hold.
+pub const STREAMED_PATIENCE: Duration = Duration::from_secs(10);
+
+/// Where the reader is in a push's stream.
+struct Reader {
+    stream: Streaming<pb::PushChunk>,
+    /// The chunk being consumed, and how many of its bytes were.
+    chunk: Option<(pb::PushChunk, usize)>,
+    /// Partition being read (index into the list), and elements of it read.
+    part: usize,
+    at: usize,
+    /// Why reading stopped, once it did (every later read fails with it).
+    failed: Option<String>,
+    /// A piece held NaN or Inf.
+    non_finite: bool,
+}
+
+/// One worker's push through the stream, read in order as it is applied.
+pub struct StreamedGradient {
+    worker: u32,
+    /// The partitions, in stream order, with their elements.
+    parts: Vec<(Key, usize)>,
+    reader: Arc<Mutex<Reader>>,
+    model: Arc<Model>,
+    runtime: tokio::runtime::Handle,
+    /// Longest wait for the next chunk.
+    wait: Duration,
+}
+
+impl std::fmt::Debug for StreamedGradient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StreamedGradient")
+            .field("worker", &self.worker)
+            .field("parts", &self.parts)
+            .finish_non_exhaustive()
+    }
+}
+
+impl GradientSource for StreamedGradient {
+    fn covers(&self, key: &Key) -> bool {
+        self.parts.iter().any(|(k, _)| k == key)
+    }
+
+    fn partitions(&self) -> Vec<Key> {
+        self.parts.iter().map(|(k, _)| k.clone()).collect()
+    }
+
+    fn read(&self, key: &Key, at: usize, dst: &mut [f32]) -> Result<(), String> {
+        let mut r = self.reader.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(why) = &r.failed {
+            return Err(why.clone());
+        }
+        let result = self.read_locked(&mut r, key, at, dst);
+        if let Err(why) = &result {
+            r.failed = Some(why.clone());
+        }
+        result
+    }
+
+    fn rereadable(&self) -> bool {
+        false
+    }
+}
+
+impl StreamedGradient {
+    /// Copies elements `at..at + dst.len()` of partition `key`, which must be the next ones in
+    /// the stream, and checks them.
+    fn read_locked(
+        &self,
+        r: &mut Reader,
+        key: &Key,
+        at: usize,
+        dst: &mut [f32],
+    ) -> Result<(), String> {
+        // Partitions read to their end (or holding nothing) are behind the reader.
+        while r.part < self.parts.len() && r.at == self.parts[r.part].1 {
+            r.part += 1;
+            r.at = 0;
+        }
+        let Some((want, numel)) = self.parts.get(r.part) else {
+            return Err(format!(
+                "worker {}'s push has no more partitions to read",
+                self.worker
+            ));
+        };
+        if want != key || at != r.at || at + dst.len() > *numel {
+            return Err(format!(
+                "server read worker {}'s push out of order ({:?} partition {} at element {at}; the stream is at {:?} partition {} element {})",
+                self.worker, key.0, key.1, want.0, want.1, r.at
+            ));
+        }
+        let bytes: &mut [u8] = bytemuck::cast_slice_mut(dst);
+        let mut filled = 0;
+        while filled < bytes.len() {
+            let pos = at * 4 + filled;
+            let (chunk, used) = match r.chunk.take() {
+                Some((c, used)) if used < c.data.len() => (c, used),
+                _ => (self.next_chunk(&mut r.stream, key, pos, *numel)?, 0),
+            };
+            let n = (chunk.data.len() - used).min(bytes.len() - filled);
+            bytes[filled..filled + n].copy_from_slice(&chunk.data[used..used + n]);
+            filled += n;
+            r.chunk = Some((chunk, used + n));
+        }
+        if self.model.mode.reject_non_finite && !all_finite(dst) {
+            r.non_finite = true;
+            self.model.counters.rejected.fetch_add(1, Ordering::Relaxed);
+            return Err(format!(
+                "worker {}'s gradient for {:?} holds NaN or Inf from element {at}",
+                self.worker, key.0
+            ));
+        }
+        r.at = at + dst.len();
+        Ok(())
+    }
+
+    /// The next chunk, which must continue partition `key` at byte `pos`.
+    fn next_chunk(
+        &self,
+        stream: &mut Streaming<pb::PushChunk>,
+        key: &Key,
+        pos: usize,
+        numel: usize,
+    ) -> Result<pb::PushChunk, String> {
+        let worker = self.worker;
+        let where_ = || {
+            format!(
+                "{:?} partition {} at byte {pos} of {}",
+                key.0,
+                key.1,
+                numel * 4
+            )
+        };
+        let next = self
+            .runtime
+            .block_on(async { tokio::time::timeout(self.wait, stream.message()).await });
+        let c = match next {
+            Err(_) => {
+                return Err(format!(
+                    "worker {worker}'s push sent nothing for {:?} (stopped at {})",
+                    self.wait,
+                    where_()
+                ));
+            }
+            Ok(Err(st)) => {
+                return Err(format!(
+                    "worker {worker}'s push stream broke at {}: {}",
+                    where_(),
+                    st.message()
+                ));
+            }
+            Ok(Ok(None)) => {
+                return Err(format!(
+                    "worker {worker}'s push stream ended early, at {}",
+                    where_()
+                ));
+            }
+            Ok(Ok(Some(c))) => c,
+        };
+        let fits = c.offset == pos as u64
+            && (pos + c.data.len()) <= numel * 4
+            && !c.data.is_empty()
+            && c.param == key.0
+            && c.part == key.1;
+        if !fits {
+            return Err(format!(
+                "worker {worker}'s push sent {} bytes of {:?} partition {} at byte {} where {} was due",
+                c.data.len(),
+                c.param,
+                c.part,
+                c.offset,
+                where_()
+            ));
+        }
+        self.model
+            .counters
+            .bytes_in
+            .fetch_add(c.data.len() as u64, Ordering::Relaxed);
+        Ok(c)
+    }
+}
+
+/// The state of a push after its gradient was used: whether NaN or Inf stopped it, and whether
+/// its stream held more than the partitions it listed.
+struct Afterwards {
+    reader: Arc<Mutex<Reader>>,
+    runtime: tokio::runtime::Handle,
+}
+
+impl Afterwards {
+    fn non_finite(&self) -> bool {
+        self.reader.lock().map(|r| r.non_finite).unwrap_or(false)
+    }
+
+    /// Warns when the stream goes on after its last listed partition (a client bug: what the push
+    /// listed was applied, the rest ignored).
+    async fn check_end(self, worker: u32) {
+        let _ = blocking(move || {
+            let mut r = self.reader.lock().unwrap_or_else(|p| p.into_inner());
+            if r.failed.is_some() {
+                return;
+            }
+            let more = self.runtime.block_on(async {
+                tokio::time::timeout(Duration::from_secs(1), r.stream.message()).await
+            });
+            if let Ok(Ok(Some(c))) = more {
+                tracing::warn!(
+                    worker,
+                    "push stream went on after its listed partitions ({:?} partition {}); ignored",
+                    c.param,
+                    c.part
+                );
+            }
+        })
+        .await;
+    }
+}
+
+/// The status of a push whose gradient was applied in part only, or not at all.
+fn failed_status(worker: u32, p: &Partial, non_finite: bool) -> Status {
+    if !p.applied.is_empty() {
+        tracing::warn!(worker, "gradient applied in part: {p}");
+        return partially_applied(
+            format!("worker {worker}'s push could not be applied to the end: {p}"),
+            &p.applied,
+        );
+    }
+    if non_finite {
+        return status(
+            Code::InvalidArgument,
+            Reason::NonFinite,
+            format!("{}; nothing applied", p.why),
+        );
+    }
+    status(
+        Code::Aborted,
+        Reason::UnreadableNothingApplied,
+        format!("{}; nothing applied", p.why),
+    )
+}
+
+impl Service {
+    /// A push whose first chunk lists its partitions: applied as it is read.
+    pub(super) async fn push_as_read(
+        &self,
+        first: pb::PushChunk,
+        stream: Streaming<pb::PushChunk>,
+    ) -> Result<pb::PushResponse, Status> {
+        let (model, stepper) = self.declared_with_stepper()?;
+        let (worker, step) = (first.worker, first.step);
+        check_worker(&model, worker)?;
+        let parts = listed_parts(&model, &first.parts)?;
+        if first.non_finite {
+            model.counters.rejected.fetch_add(1, Ordering::Relaxed);
+            return Err(status(
+                Code::InvalidArgument,
+                Reason::NonFinite,
+                format!("worker {worker}'s gradient holds NaN or Inf; nothing applied"),
+            ));
+        }
+        let reader = Arc::new(Mutex::new(Reader {
+            stream,
+            // The first chunk may carry data already.
+            chunk: (!first.data.is_empty()).then_some((first, 0)),
+            part: 0,
+            at: 0,
+            failed: None,
+            non_finite: false,
+        }));
+        if let Some((c, _)) = reader.lock().map_err(|_| shutting_down())?.chunk.as_ref() {
+            let starts = parts
+                .first()
+                .is_some_and(|(k, _)| *k == (c.param.clone(), c.part));
+            if !starts || c.offset != 0 || c.data.len() > parts[0].1 * 4 {
+                return Err(invalid(format!(
+                    "worker {worker}'s first chunk ({:?} partition {} at byte {}) is not the start of its first listed partition; nothing applied",
+                    c.param, c.part, c.offset
+                )));
+            }
+            model
+                .counters
+                .bytes_in
+                .fetch_add(c.data.len() as u64, Ordering::Relaxed);
+        }
+        let runtime = tokio::runtime::Handle::current();
+        let source = StreamedGradient {
+            worker,
+            parts,
+            reader: reader.clone(),
+            model: model.clone(),
+            runtime: runtime.clone(),
+            wait: self.limits.receive_wait,
+        };
+        let after = Afterwards { reader, runtime };
+        let response = match stepper {
+            Some(stepper) => self
+                .push_pending(
+                    &model,
+                    &stepper,
+                    Box::new(source),
+                    worker,
+                    step,
+                    STREAMED_PATIENCE,
+                )
+                .await?
+                .map_err(|p| failed_status(worker, &p, after.non_finite()))?,
+            None => self.apply_streamed(model, source, worker, step).await?,
+        };
+        after.check_end(worker).await;
+        Ok(response)
+    }
+
+    /// Async: applied now, a piece at a time as it arrives, after the staleness bound let it in.
+    async fn apply_streamed(
+        &self,
+        model: Arc<Model>,
+        source: StreamedGradient,
+        worker: u32,
+        step: u64,
+    ) -> Result<pb::PushResponse, Status> {
+        wait_staleness(&model, worker, self.limits.max_wait).await?;
+        let receiving = self
+            .receiving
+            .acquire()
+            .await
+            .map_err(|_| shutting_down())?;
+        let svc = self.clone();
+        let result = blocking(move || {
+            let mut scratch = model.pool.take(PIECE);
+            let r = apply_async(
+                &model,
+                worker,
+                step,
+                |version| {
+                    model
+                        .apply_source(&source, version, None, &mut scratch)
+                        .map_err(|p| {
+                            let non_finite = source.reader.lock().is_ok_and(|r| r.non_finite);
+                            (failed_status(worker, &p, non_finite), !p.applied.is_empty())
+                        })
+                },
+                &|v| svc.due(v),
+            );
+            model.pool.give(scratch);
+            r
+        })
+        .await?;
+        drop(receiving);
+        self.answer(result)
+    }
+}
+
+/// The partitions a push lists: each held here, in ascending order, none twice.
+fn listed_parts(model: &Model, parts: &[pb::PartRef]) -> Result<Vec<(Key, usize)>, Status> {
+    let mut out: Vec<(Key, usize)> = Vec::with_capacity(parts.len());
+    for p in parts {
+        let key = (p.param.clone(), p.part);
+        let entry = part_of(model, &key)?;
+        if out.last().is_some_and(|(last, _)| *last >= key) {
+            return Err(invalid(format!(
+                "a push lists {:?} partition {} out of ascending order or twice; nothing applied",
+                key.0, key.1
+            )));
+        }
+        out.push((key, entry.numel));
+    }
+    Ok(out)
+}
