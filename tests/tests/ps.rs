@@ -378,6 +378,26 @@ fn bad_input_is_refused_and_changes_nothing() {
     }
 }
 
+/// An async push applied as read, sent again with the same id (a worker whose connection broke
+/// after the server took it): applied once, and the second attempt gets the first one's answer.
+/// Without the id the same bytes would be applied twice (the control in the test's second half).
+#[test]
+fn an_async_push_sent_twice_with_one_id_is_applied_once() {
+    let job = Job::start_plane(1, "tcp");
+    let outs = job.workers(
+        1,
+        &["--mode", "async", "--bad", "listed-again", "--lr", "0.5"],
+        |_| vec![],
+    );
+    let text = String::from_utf8_lossy(&outs[0].stdout).to_string();
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("AGAIN "))
+        .unwrap_or_else(|| panic!("no AGAIN line: {text}"));
+    assert!(line.ends_with("once true"), "{line}");
+    job.finish();
+}
+
 #[test]
 fn a_wrong_token_is_refused() {
     let job = Job::start(1);

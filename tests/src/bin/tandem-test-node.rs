@@ -379,6 +379,20 @@ async fn ps_worker(args: &[String]) -> Result<()> {
     )
     .await?;
     let data = linreg::shard(worker as usize);
+    if get("--bad").as_deref() == Some("listed-again") {
+        // One async push of the bias gradient 0.25, sent twice with the same id (as after a lost
+        // connection): the server must apply it once.
+        let (_, before) = client.pull(0).await?;
+        for _ in 0..2 {
+            raw_push(&servers, &token, "listed-again").await?;
+        }
+        let (_, after) = client.pull(0).await?;
+        let delta = before["b"][0] - after["b"][0];
+        let once = (delta - lr * 0.25).abs() <= 1e-6;
+        println!("AGAIN delta {delta} once {once}");
+        client.done().await?;
+        return Ok(());
+    }
     if let Some(bad) = get("--bad") {
         let (_, p) = client.pull(0).await?;
         let e = match bad.as_str() {
@@ -603,7 +617,7 @@ async fn raw_push(servers: &[String], token: &JobToken, kind: &str) -> Result<()
         let data: Vec<u8> = match kind {
             "oversized" | "listed-oversized" => vec![0u8; 8],
             "listed-nan" => f32::NAN.to_le_bytes().to_vec(),
-            "listed-twice" => 0.25f32.to_le_bytes().to_vec(),
+            "listed-twice" | "listed-again" => 0.25f32.to_le_bytes().to_vec(),
             _ => vec![0u8; 2],
         };
         let b = || pb::PartRef {
@@ -620,6 +634,7 @@ async fn raw_push(servers: &[String], token: &JobToken, kind: &str) -> Result<()
                 } else {
                     vec![b()]
                 },
+                push_id: if kind == "listed-again" { 77 } else { 0 },
                 ..Default::default()
             });
         }

@@ -106,6 +106,7 @@ impl Client {
             chunk_bytes: 1 << 20,
             timeout: deadline,
             mode,
+            push_ids: std::sync::Arc::new(std::sync::atomic::AtomicU64::new(first_push_id())),
         };
         client.declare_all(&optimizer, mode).await?;
         if tandem_peer_memory::allowed_by_env() {
@@ -217,4 +218,12 @@ fn optimizer_to_wire(o: &Optimizer) -> pb::Optimizer {
         decay_rate: o.decay_rate as f64,
         decay_steps: o.decay_steps,
     }
+}
+
+/// A random first push id (never 0), from the standard library's randomly keyed hasher.
+fn first_push_id() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u32(std::process::id());
+    (h.finish() >> 1) | 1
 }

@@ -121,6 +121,8 @@ pub struct Client {
     chunk_bytes: usize,
     timeout: Duration,
     mode: TrainingMode,
+    /// The next push's id: random start, so a restarted worker never reuses its ids.
+    push_ids: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// One server's answer to a pull: the streamed chunks, or where to read the values.
@@ -475,5 +477,35 @@ impl Client {
             }
         });
         futures::future::try_join_all(calls).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chunk(param: &str, part: u32, part_version: u64) -> pb::PullChunk {
+        pb::PullChunk {
+            param: param.into(),
+            part,
+            part_version,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_partition_is_torn_only_when_its_chunks_carry_two_versions() {
+        let one_version = [chunk("w", 0, 3), chunk("w", 0, 3), chunk("w", 1, 4)];
+        assert!(torn_parts(&one_version).is_empty(), "partitions may differ");
+        let torn = [
+            chunk("w", 0, 3),
+            chunk("w", 1, 4),
+            chunk("w", 0, 4),
+            chunk("w", 0, 5),
+            chunk("b", 1, 4),
+            chunk("b", 0, 4),
+        ];
+        assert_eq!(torn_parts(&torn), vec![("w".to_string(), 0)], "named once");
+        assert!(torn_parts(&[]).is_empty());
     }
 }

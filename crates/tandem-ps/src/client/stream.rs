@@ -243,6 +243,10 @@ impl Client {
                 })
                 .collect(),
             non_finite,
+            // The same id on every attempt of this push (the retries inside `call`).
+            push_id: self
+                .push_ids
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             ..Default::default()
         }];
         if non_finite {

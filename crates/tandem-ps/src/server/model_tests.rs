@@ -234,3 +234,139 @@ fn an_async_gradient_lost_at_piece_k_reports_exactly_the_pieces_applied() {
         "a source readable to the end is applied whole"
     );
 }
+
+/// A gradient that can be read once, in order, like a push through the stream: a second read of
+/// any piece fails.
+#[derive(Debug)]
+struct ReadOnce {
+    inner: Held,
+    next: std::sync::Mutex<usize>,
+}
+
+impl GradientSource for ReadOnce {
+    fn covers(&self, key: &Key) -> bool {
+        self.inner.covers(key)
+    }
+    fn partitions(&self) -> Vec<Key> {
+        self.inner.partitions()
+    }
+    fn read(&self, key: &Key, at: usize, dst: &mut [f32]) -> Result<(), String> {
+        let mut next = self.next.lock().unwrap();
+        if at != *next {
+            return Err(format!("read at {at}, the stream is at {next}"));
+        }
+        *next = at + dst.len();
+        self.inner.read(key, at, dst)
+    }
+    fn rereadable(&self) -> bool {
+        false
+    }
+}
+
+fn read_once(values: Vec<f32>) -> Box<dyn GradientSource> {
+    Box::new(ReadOnce {
+        inner: Held {
+            key: ("w".into(), 0),
+            values,
+            readable: usize::MAX,
+        },
+        next: std::sync::Mutex::new(0),
+    })
+}
+
+fn clipping(numel: usize, sync: bool, clip_norm: f32) -> Model {
+    let mut model = one_partition(numel);
+    model.mode.sync = sync;
+    model.mode.replicas_to_aggregate = 2;
+    model.optimizer.clip_norm = clip_norm;
+    model
+}
+
+fn values(model: &Model) -> Vec<f32> {
+    model.parts[&("w".to_string(), 0)]
+        .data
+        .read()
+        .unwrap()
+        .values
+        .clone()
+}
+
+#[test]
+fn a_sync_step_with_clipping_stages_sources_read_once_and_matches_sources_read_twice() {
+    let numel = 2 * PIECE + 3;
+    let grads: Vec<Vec<f32>> = (0..2)
+        .map(|w| {
+            (0..numel)
+                .map(|i| ((i * 3 + w * 5) % 17) as f32 - 8.0)
+                .collect()
+        })
+        .collect();
+    // Small enough to clip, so the norm matters.
+    for clip_norm in [1.0, 0.0] {
+        let twice = clipping(numel, true, clip_norm);
+        let mut step = SyncStep::default();
+        for (w, g) in grads.iter().enumerate() {
+            step.pending.push(Pending {
+                worker: w as u32,
+                source: held(g.clone(), usize::MAX),
+            });
+        }
+        assert!(twice.finish_step(&mut step).is_empty());
+        let once = clipping(numel, true, clip_norm);
+        let mut step = SyncStep::default();
+        for (w, g) in grads.iter().enumerate() {
+            step.pending.push(Pending {
+                worker: w as u32,
+                source: read_once(g.clone()),
+            });
+        }
+        let partial = once.finish_step(&mut step);
+        assert!(partial.is_empty(), "clip {clip_norm}: {partial:?}");
+        let (a, b) = (values(&twice), values(&once));
+        assert!(a.iter().any(|v| *v != 0.0));
+        assert_eq!(a, b, "clip {clip_norm}");
+    }
+}
+
+#[test]
+fn an_async_gradient_read_once_under_clipping_is_staged_and_clipped_like_one_with_norms() {
+    let numel = PIECE + 7;
+    let grad: Vec<f32> = (0..numel).map(|i| (i % 11) as f32 - 5.0).collect();
+    let norm_sq = crate::optimizer::add_squares(0.0, &grad);
+    let with_norms = clipping(numel, false, 2.0);
+    let mut scratch = vec![0.0; PIECE];
+    with_norms
+        .apply_source(
+            &*held(grad.clone(), usize::MAX),
+            0,
+            Some(&[norm_sq]),
+            &mut scratch,
+        )
+        .unwrap();
+    let staged = clipping(numel, false, 2.0);
+    staged
+        .apply_source(&*read_once(grad.clone()), 0, None, &mut scratch)
+        .unwrap();
+    let (a, b) = (values(&with_norms), values(&staged));
+    let norm: f32 = a.iter().map(|v| v * v).sum::<f32>().sqrt();
+    assert!((norm - 2.0).abs() < 1e-3, "clipped to 2: {norm}");
+    for (x, y) in a.iter().zip(&b) {
+        assert!((x - y).abs() <= 1e-6 * x.abs().max(1.0), "{x} vs {y}");
+    }
+    // A stream that breaks in the second partition piece reports nothing applied (the partition
+    // was staged whole and never applied).
+    let broken = clipping(numel, false, 2.0);
+    let source = ReadOnce {
+        inner: Held {
+            key: ("w".into(), 0),
+            values: grad,
+            readable: 1,
+        },
+        next: std::sync::Mutex::new(0),
+    };
+    let p = broken
+        .apply_source(&source, 0, None, &mut scratch)
+        .unwrap_err();
+    assert!(p.applied.is_empty(), "{p}");
+    assert!(values(&broken).iter().all(|v| *v == 0.0));
+}

@@ -80,6 +80,9 @@ pub struct Service {
     all_done: Arc<Notify>,
     pub(super) limits: Limits,
     pub(super) receiving: Arc<tokio::sync::Semaphore>,
+    /// Async pushes applied as read: each worker's last push id and, once known, its answer, so a
+    /// push sent again after a lost connection is answered instead of applied twice.
+    pub(super) recent_pushes: Arc<Mutex<HashMap<u32, super::streamed::Recent>>>,
     pub(super) same_host: Arc<SameHost>,
     /// When each worker was last heard from, and when this service started (for workers never
     /// heard from).
@@ -102,6 +105,7 @@ impl Service {
         Service {
             same_host: Arc::new(SameHost::from_env()),
             receiving: Arc::new(tokio::sync::Semaphore::new(limits.concurrent_pushes.max(1))),
+            recent_pushes: Arc::default(),
             declared: Arc::new(OnceCell::new()),
             checkpoint,
             incarnation,

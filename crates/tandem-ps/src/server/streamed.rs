@@ -14,6 +14,7 @@
 //! of it, so a non-finite gradient is refused whole; the server checks every piece again as it
 //! reads it, and one found part-way stops the push there like a broken stream.
 
+use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -28,6 +29,12 @@ use super::step::{apply_async, wait_staleness};
 use crate::failure::{invalid, partially_applied, status};
 use crate::pb;
 use crate::pb::Reason;
+
+/// A worker's last async push applied as read: its id, and its answer once known.
+pub struct Recent {
+    id: u64,
+    answer: Option<Result<pb::PushResponse, Status>>,
+}
 
 /// How long a sync push through the stream waits for its step before the server copies the rest
 /// of its gradient into the step's sum and lets the worker go on (so workers waiting on each other
@@ -281,7 +288,7 @@ impl Service {
         stream: Streaming<pb::PushChunk>,
     ) -> Result<pb::PushResponse, Status> {
         let (model, stepper) = self.declared_with_stepper()?;
-        let (worker, step) = (first.worker, first.step);
+        let (worker, step, first_push_id) = (first.worker, first.step, first.push_id);
         check_worker(&model, worker)?;
         let parts = listed_parts(&model, &first.parts)?;
         if first.non_finite {
@@ -338,27 +345,104 @@ impl Service {
                 )
                 .await?
                 .map_err(|p| failed_status(worker, &p, after.non_finite()))?,
-            None => self.apply_streamed(model, source, worker, step).await?,
+            None => {
+                self.apply_streamed_once(model, source, worker, step, first_push_id)
+                    .await?
+            }
         };
         after.check_end(worker).await;
         Ok(response)
     }
 
+    /// Async, by push id: a push this server already took (the worker lost its connection and sent
+    /// it again) is answered as it was, never applied twice.
+    async fn apply_streamed_once(
+        &self,
+        model: Arc<Model>,
+        source: StreamedGradient,
+        worker: u32,
+        step: u64,
+        push_id: u64,
+    ) -> Result<pb::PushResponse, Status> {
+        if push_id == 0 {
+            return self.apply_streamed(model, source, worker, step, None).await;
+        }
+        let mut waited = Duration::ZERO;
+        loop {
+            let known = {
+                let mut recent = self.recent_pushes.lock().map_err(|_| shutting_down())?;
+                match recent.get(&worker) {
+                    Some(r) if r.id == push_id => r.answer.clone(),
+                    _ => {
+                        recent.insert(
+                            worker,
+                            Recent {
+                                id: push_id,
+                                answer: None,
+                            },
+                        );
+                        break;
+                    }
+                }
+            };
+            match known {
+                Some(answer) => {
+                    tracing::warn!(
+                        worker,
+                        push_id,
+                        "push sent again; answered as the first time"
+                    );
+                    return answer;
+                }
+                // The first attempt is still being applied: its answer is due soon.
+                None if waited < self.limits.receive_wait => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    waited += Duration::from_millis(50);
+                }
+                None => {
+                    return Err(status(
+                        Code::DeadlineExceeded,
+                        Reason::Deadline,
+                        format!(
+                            "worker {worker}'s push {push_id} is still being applied from an earlier attempt"
+                        ),
+                    ));
+                }
+            }
+        }
+        let taking = Taking {
+            recent: self.recent_pushes.clone(),
+            worker,
+            id: push_id,
+            armed: true,
+        };
+        self.apply_streamed(model, source, worker, step, Some(taking))
+            .await
+    }
+
     /// Async: applied now, a piece at a time as it arrives, after the staleness bound let it in.
+    /// `taking` records the answer under the push's id, even if this call is dropped meanwhile.
     async fn apply_streamed(
         &self,
         model: Arc<Model>,
         source: StreamedGradient,
         worker: u32,
         step: u64,
+        mut taking: Option<Taking>,
     ) -> Result<pb::PushResponse, Status> {
         wait_staleness(&model, worker, self.limits.max_wait).await?;
         let receiving = self
             .receiving
-            .acquire()
+            .clone()
+            .acquire_owned()
             .await
             .map_err(|_| shutting_down())?;
         let svc = self.clone();
+        // From here the blocking task owns the outcome: it records it whatever happens to this call.
+        let record = taking.as_mut().map(|t| {
+            t.armed = false;
+            (t.recent.clone(), t.id)
+        });
         let result = blocking(move || {
             let mut scratch = model.pool.take(PIECE);
             let r = apply_async(
@@ -376,11 +460,47 @@ impl Service {
                 &|v| svc.due(v),
             );
             model.pool.give(scratch);
+            drop(receiving);
+            if let Some((recent, id)) = record {
+                let answer = r.as_ref().map(|(resp, _)| *resp).map_err(Clone::clone);
+                if let Ok(mut recent) = recent.lock() {
+                    recent.insert(
+                        worker,
+                        Recent {
+                            id,
+                            answer: Some(answer),
+                        },
+                    );
+                }
+            }
             r
         })
         .await?;
-        drop(receiving);
         self.answer(result)
+    }
+}
+
+/// An async push by id being taken: dropped before the blocking task owns it (the call ended while
+/// waiting on the staleness bound), it forgets the id, since nothing was applied.
+struct Taking {
+    recent: Arc<Mutex<HashMap<u32, Recent>>>,
+    worker: u32,
+    id: u64,
+    armed: bool,
+}
+
+impl Drop for Taking {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        if let Ok(mut recent) = self.recent.lock()
+            && recent
+                .get(&self.worker)
+                .is_some_and(|r| r.id == self.id && r.answer.is_none())
+        {
+            recent.remove(&self.worker);
+        }
     }
 }
 
