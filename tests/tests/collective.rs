@@ -235,6 +235,93 @@ fn killed_peer(args: &[&str]) {
     }
 }
 
+/// The error every survivor raises when a rank stalls, once the group asked every rank what it is
+/// doing: it must name `culprit`, say `how`, and name the operation.
+fn assert_culprit(outs: &[Output], skip: &[usize], culprit: &str, how: &str) {
+    for (r, out) in outs.iter().enumerate() {
+        if skip.contains(&r) {
+            continue;
+        }
+        assert_eq!(out.status.code(), Some(3), "rank {r} should fail");
+        let err = lines_with(out, "ERROR").join("\n");
+        assert!(
+            err.starts_with("ERROR timeout") && err.contains(culprit) && err.contains(how),
+            "rank {r} must name {culprit} ({how}): {err}"
+        );
+    }
+}
+
+/// A rank stopped (SIGSTOP, as a swapping or frozen process would be) answers nothing: every other
+/// rank names it, whichever timed out first, instead of the neighbour each was waiting on.
+#[test]
+fn a_stopped_rank_is_named_by_every_survivor() {
+    let world = 4;
+    let victim = 2;
+    let job = Job::new();
+    let mut children: Vec<_> = (0..world)
+        .map(|r| spawn(NODE, &["loop", "65536"], &job.env(r, world, 4)))
+        .collect();
+    let lines = stdout_lines(&mut children[victim]);
+    loop {
+        let line = lines
+            .recv_timeout(LIMIT)
+            .expect("the victim made no progress");
+        if line == "ITER 3" {
+            break;
+        }
+    }
+    let pid = children[victim].id().to_string();
+    let signal = |sig: &str| {
+        std::process::Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .expect("kill")
+    };
+    assert!(signal("-STOP").success());
+    let mut victim_child = children.remove(victim);
+    let outs = wait_all(children, LIMIT);
+    let _ = victim_child.kill();
+    let _ = signal("-CONT");
+    let _ = victim_child.wait();
+    // Survivors are ranks 0, 1 and 3 (index 2 of `outs` is rank 3).
+    assert_culprit(&outs, &[], "rank 2", "stopped answering");
+    for out in &outs {
+        let err = lines_with(out, "ERROR").join("\n");
+        assert!(err.contains("op #"), "{err}");
+    }
+}
+
+/// A rank busy in its own code past the deadline (a straggler beyond the timeout, or stuck) is
+/// named as not having started the operation; its neighbours are not blamed.
+#[test]
+fn a_rank_outside_collectives_past_the_deadline_is_named() {
+    let world = 4;
+    let job = Job::new();
+    let mut children: Vec<_> = (0..world)
+        .map(|r| {
+            spawn(
+                NODE,
+                &["stall", "--how", "user", "--culprit", "2"],
+                &job.env(r, world, 3),
+            )
+        })
+        .collect();
+    let mut culprit = children.remove(2);
+    let outs = wait_all(children, LIMIT);
+    let _ = culprit.kill();
+    let _ = culprit.wait();
+    assert_culprit(&outs, &[], "rank 2", "has not started it");
+}
+
+/// Two ranks each blocked receiving from the other: the cycle is named, on both of them and on a
+/// third rank waiting in a barrier behind them.
+#[test]
+fn two_ranks_receiving_from_each_other_are_named_as_a_cycle() {
+    let job = Job::new();
+    let outs = job.run(3, &["stall", "--how", "recv-cycle"], 3);
+    assert_culprit(&outs, &[], "ranks 0 and 1", "wait on each other");
+}
+
 #[test]
 fn mismatched_calls_name_both_sides_on_every_rank() {
     let world = 4;

@@ -37,6 +37,7 @@ pub mod algorithm;
 pub mod backend;
 pub mod device;
 mod group;
+pub mod stall;
 pub mod stats;
 pub mod transport;
 

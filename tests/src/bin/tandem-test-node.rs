@@ -39,6 +39,7 @@ fn main() {
         Some("loop") => collective(|pg| run_loop(pg, &args[1..])),
         Some("straggle") => collective(|pg| run_straggle(pg, &args[1..])),
         Some("mismatch") => collective(|pg| run_mismatch(pg, &args[1..])),
+        Some("stall") => collective(|pg| run_stall(pg, &args[1..])),
         Some("agree") => collective(|pg| run_agree(pg, &args[1..])),
         Some("ps-server") => runtime().and_then(|rt| rt.block_on(ps_server(&args[1..]))),
         Some("ps-big") => runtime().and_then(|rt| rt.block_on(ps_big(&args[1..]))),
@@ -214,6 +215,37 @@ fn run_loop(pg: &ProcessGroup, args: &[String]) -> Result<()> {
         std::thread::sleep(Duration::from_millis(5));
     }
     Ok(())
+}
+
+/// Stalls the group on purpose. `--how user`: allreduces in a loop, and rank `--culprit` stops
+/// calling them after 5 (busy in its own code for a minute). `--how recv-cycle`: ranks 0 and 1
+/// each receive from the other (both wait for a send that never comes); other ranks wait in a
+/// barrier. Prints `ITER n` as it goes.
+fn run_stall(pg: &ProcessGroup, args: &[String]) -> Result<()> {
+    let culprit: usize = flag_value(args, "--culprit")
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1);
+    match flag_value(args, "--how").as_deref() {
+        Some("recv-cycle") => {
+            let mut buf = [0.0f32; 4];
+            match pg.rank() {
+                0 => pg.recv(&mut buf, 1),
+                1 => pg.recv(&mut buf, 0),
+                _ => pg.barrier(),
+            }
+        }
+        _ => {
+            let mut buf = vec![1.0f32; 65536];
+            for i in 0..100_000u64 {
+                if i == 5 && pg.rank() == culprit {
+                    std::thread::sleep(Duration::from_secs(60));
+                }
+                pg.allreduce(&mut buf, ReduceOp::Max)?;
+                println!("ITER {i}");
+            }
+            Ok(())
+        }
+    }
 }
 
 fn run_mismatch(pg: &ProcessGroup, args: &[String]) -> Result<()> {

@@ -72,7 +72,7 @@ pub struct Io<'a> {
     /// Pipeline segment in bytes.
     pub segment: usize,
     /// Updated before every wait.
-    pub waiting: &'a Cell<Waiting>,
+    pub waiting: &'a crate::stall::WaitCell,
     /// This rank's header for the operation.
     pub header: OpHeader,
     /// The last peer whose header arrived and how long after this rank started (straggler stats).

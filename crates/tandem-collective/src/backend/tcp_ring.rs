@@ -25,6 +25,26 @@ use crate::transport::peer_memory::{LocalWord, PeerMemory};
 /// Publishes an abort message to the other ranks.
 pub type Publish = Box<dyn Fn(String) + Send + Sync>;
 
+/// Asks every rank what it is doing (through the rendezvous) and gathers the answers that come
+/// within the grace given: `answers[r]` is rank r's encoded [`crate::stall::RankState`], `None`
+/// if it did not answer. An error says why the rendezvous could not be asked.
+pub type Inquire =
+    Box<dyn Fn(Duration) -> std::result::Result<Vec<Option<String>>, String> + Send + Sync>;
+
+/// How the ring reaches the other ranks outside its sockets when something goes wrong.
+pub struct Control {
+    /// Publishes this rank's abort.
+    pub publish: Publish,
+    /// Asks every rank what it is doing.
+    pub inquire: Inquire,
+    /// What this rank is doing, answered to inquiries by a watcher.
+    pub progress: std::sync::Arc<crate::stall::Progress>,
+    /// Each rank's advertised address (names the culprit).
+    pub addrs: Vec<String>,
+    /// Whether rank 0 hosts the rendezvous (so losing it points at rank 0).
+    pub rendezvous_on_rank0: bool,
+}
+
 struct RingState {
     mesh: Mesh,
     scratch: Vec<u64>,
@@ -67,7 +87,7 @@ pub struct TcpRing {
     rt: Runtime,
     state: Mutex<RingState>,
     abort: watch::Receiver<Option<String>>,
-    publish: Publish,
+    control: Control,
     same_host: Option<SameHost>,
     hosts: Option<ops::HostLayout>,
 }
@@ -170,7 +190,7 @@ impl TcpRing {
         mesh: Mesh,
         tuning: Tuning,
         abort: watch::Receiver<Option<String>>,
-        publish: Publish,
+        control: Control,
         same_host: Option<SameHost>,
     ) -> Self {
         let segment = tuning.segment_bytes.clamp(4096, 64 << 20) / 8 * 8;
@@ -193,7 +213,7 @@ impl TcpRing {
                 stragglers: Stragglers::new(64),
             }),
             abort,
-            publish,
+            control,
             same_host,
         }
     }
@@ -224,7 +244,9 @@ impl TcpRing {
     ) -> Result<T> {
         let mut st = self.begin()?;
         let header = header(&mut st);
-        let waiting = Cell::new(Waiting::Nothing);
+        let progress = self.control.progress.clone();
+        progress.begin(st.seq);
+        let waiting = &progress.waiting;
         let lateness = Cell::new(None);
         let outcome = {
             let RingState { mesh, scratch, .. } = &mut *st;
@@ -234,7 +256,7 @@ impl TcpRing {
                 rank: self.rank,
                 world: self.world,
                 segment: self.segment,
-                waiting: &waiting,
+                waiting,
                 header,
                 lateness: &lateness,
                 memory: self.same_host.as_ref().map(|m| m.left),
@@ -243,10 +265,11 @@ impl TcpRing {
             // The right neighbour may read this rank's chunks only while the lease lives: it ends
             // (the word cleared) before the buffer goes back to the caller.
             let lease = self.same_host.as_ref().map(|m| m.word.lease(header.seq));
-            let outcome = self.drive(body(&mut io), &waiting, &header, timeout);
+            let outcome = self.drive(body(&mut io), waiting, &header, timeout);
             drop(lease);
             outcome
         };
+        progress.end();
         self.settle(&mut st, &header, lateness.get(), outcome)
     }
 
@@ -278,7 +301,7 @@ impl TcpRing {
     fn drive<T>(
         &self,
         fut: impl Future<Output = Result<T>>,
-        waiting: &Cell<Waiting>,
+        waiting: &crate::stall::WaitCell,
         header: &OpHeader,
         timeout: Duration,
     ) -> Result<T> {
@@ -287,57 +310,99 @@ impl TcpRing {
             tokio::select! {
                 biased;
                 r = tokio::time::timeout(timeout, fut) => match r {
-                    Ok(Ok(v)) => (Ok(v), false),
+                    Ok(Ok(v)) => (Ok(v), Local::No),
                     // A closed connection is often the echo of a failure another rank has already
                     // diagnosed (it exits after reporting): prefer its abort when one comes soon.
                     Ok(Err(e @ Error::PeerLost { .. })) => {
                         match tokio::time::timeout(Duration::from_millis(500), aborted(&mut abort)).await {
-                            Ok(msg) => (Err(decode_abort(&msg, timeout)), false),
-                            Err(_) => (Err(e), true),
+                            Ok(msg) => (Err(decode_abort(&msg, timeout)), Local::No),
+                            Err(_) => (Err(e), Local::Yes),
                         }
                     }
-                    Ok(Err(e)) => (Err(e), true),
-                    Err(_) => self.timed_out(waiting.get(), header, timeout, &mut abort).await,
+                    Ok(Err(e)) => (Err(e), Local::Yes),
+                    Err(_) => (Err(Error::timeout("", timeout)), Local::TimedOut),
                 },
-                msg = aborted(&mut abort) => (Err(decode_abort(&msg, timeout)), false),
+                msg = aborted(&mut abort) => (Err(decode_abort(&msg, timeout)), Local::No),
             }
         });
-        if let (Err(e), true) = (&result, local) {
-            (self.publish)(encode_abort(e, self.rank));
+        let result = match local {
+            Local::TimedOut => self.timed_out(waiting.get(), header, timeout),
+            _ => result.map_err(|e| (e, local == Local::Yes)),
+        };
+        match result {
+            Ok(v) => Ok(v),
+            Err((e, publish)) => {
+                if publish {
+                    (self.control.publish)(encode_abort(&e, self.rank));
+                }
+                Err(e)
+            }
         }
-        result
     }
 
-    /// Names the rank a timed-out operation waited for; defers to another rank's more precise abort.
-    async fn timed_out<T>(
+    /// After this rank's operation timed out: asks every rank what it is doing, names the culprit
+    /// ([`crate::stall::diagnose`]), and returns the error with whether to publish it. Another
+    /// rank's abort that arrives meanwhile wins (it diagnosed the same stall first).
+    fn timed_out<T>(
         &self,
         waiting: Waiting,
         header: &OpHeader,
         timeout: Duration,
-        abort: &mut watch::Receiver<Option<String>>,
-    ) -> (Result<T>, bool) {
+    ) -> std::result::Result<T, (Error, bool)> {
         let seq = header.seq;
-        match waiting {
-            Waiting::Header(p) => (
-                Err(Error::timeout(
-                    format!("rank {p} to start op #{seq} {header} (it never did)"),
-                    timeout,
-                )),
-                true,
-            ),
-            other => {
-                let grace = (timeout / 4).min(Duration::from_secs(2));
-                if let Ok(msg) = tokio::time::timeout(grace, aborted(abort)).await {
-                    return (Err(decode_abort(&msg, timeout)), false);
-                }
-                let who = match other {
-                    Waiting::Data(p) => format!("rank {p} during op #{seq} {header}"),
-                    _ => format!("op #{seq} {header}"),
-                };
-                (Err(Error::timeout(who, timeout)), true)
+        let op = format!("op #{seq} {header}");
+        let grace = (timeout / 4).min(Duration::from_millis(1500));
+        let answers = (self.control.inquire)(grace);
+        if let Some(msg) = self.abort.borrow().clone() {
+            return Err((decode_abort(&msg, timeout), false));
+        }
+        let what = match answers {
+            Ok(answers) => {
+                let mut states: Vec<Option<crate::stall::RankState>> = answers
+                    .iter()
+                    .map(|a| a.as_deref().and_then(crate::stall::RankState::decode))
+                    .collect();
+                states.resize(self.world, None);
+                states[self.rank] = Some(self.control.progress.state());
+                let grace = format!("{grace:?}");
+                crate::stall::diagnose(self.rank, &op, &states, &self.control.addrs, &grace).what
             }
+            // The rendezvous is out of reach too: on rank 0, that rank is gone (or cut off);
+            // elsewhere, this rank may be the one cut off.
+            Err(why) if self.control.rendezvous_on_rank0 && self.rank != 0 => format!(
+                "{} during {op}: neither it nor the rendezvous it hosts answers ({why}); this rank was waiting on {} (if every other rank reports the same, rank 0 is cut off; if only this one does, this host is)",
+                self.name(0),
+                match waiting {
+                    Waiting::Header(p) | Waiting::Data(p) => self.name(p),
+                    Waiting::Nothing => "no other rank".into(),
+                }
+            ),
+            Err(why) => format!(
+                "{op}: the rendezvous could not be reached to ask the other ranks ({why}); this rank was waiting on {} (this host may be cut off)",
+                match waiting {
+                    Waiting::Header(p) | Waiting::Data(p) => self.name(p),
+                    Waiting::Nothing => "no other rank".into(),
+                }
+            ),
+        };
+        Err((Error::timeout(what, timeout), true))
+    }
+
+    /// "rank r (address)".
+    fn name(&self, r: usize) -> String {
+        match self.control.addrs.get(r).filter(|a| !a.is_empty()) {
+            Some(a) => format!("rank {r} ({a})"),
+            None => format!("rank {r}"),
         }
     }
+}
+
+/// Whether a failure was seen here first (and so is published), or came from another rank.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Local {
+    No,
+    Yes,
+    TimedOut,
 }
 
 impl Backend for TcpRing {

@@ -268,8 +268,16 @@ impl Formation<'_> {
                 self.config.connect_timeout,
             ),
         )?;
-        let (abort_rx, watcher) = self.watch_aborts(&client);
-        let publish = self.abort_publisher(&client);
+        let progress = std::sync::Arc::new(crate::stall::Progress::new());
+        let (abort_rx, watcher) = self.watch_aborts(&client, progress.clone());
+        let control = crate::backend::tcp_ring::Control {
+            publish: self.abort_publisher(&client),
+            inquire: self.stall_inquirer(&client),
+            progress,
+            addrs: addrs.clone(),
+            rendezvous_on_rank0: !std::env::var(tandem_rendezvous::EXTERNAL_VAR)
+                .is_ok_and(|v| v == "1"),
+        };
         let Formation {
             config,
             control_rt,
@@ -297,7 +305,7 @@ impl Formation<'_> {
             hosts,
         };
         let ring = TcpRing::new(
-            rank, world, ring_rt, mesh, tuning, abort_rx, publish, same_host,
+            rank, world, ring_rt, mesh, tuning, abort_rx, control, same_host,
         );
         tracing::info!(rank, world, group = %config.name, "process group ready (tcp ring, {copies})");
         let shared = Shared {
@@ -392,10 +400,12 @@ impl Formation<'_> {
     }
 
     /// Starts the task that turns an abort published by any rank (or the loss of the rendezvous)
-    /// into this rank's abort signal.
+    /// into this rank's abort signal, and answers a stall inquiry from any rank with what this
+    /// rank is doing (`progress`), even while it is busy in its own code.
     fn watch_aborts(
         &self,
         client: &tandem_rendezvous::Client,
+        progress: std::sync::Arc<crate::stall::Progress>,
     ) -> (watch::Receiver<Option<String>>, tokio::task::JoinHandle<()>) {
         let (abort_tx, abort_rx) = watch::channel(None);
         let hosted_by_rank0 =
@@ -403,7 +413,12 @@ impl Formation<'_> {
         let rank = self.spec.rank();
         let client = client.clone();
         let key = format!("{}/abort", self.prefix);
-        let watcher = self.control_rt.spawn(async move {
+        let (ask, answer) = (
+            format!("{}/stall/ask", self.prefix),
+            format!("{}/stall/state/{rank}", self.prefix),
+        );
+        let answering = client.clone();
+        let aborts = async move {
             loop {
                 match client.wait(&[&key], Duration::from_secs(3600)).await {
                     Ok(v) => {
@@ -426,8 +441,75 @@ impl Formation<'_> {
                     }
                 }
             }
+        };
+        // One inquiry per group: the first stall poisons it.
+        let inquiries = async move {
+            loop {
+                match answering.wait(&[&ask], Duration::from_secs(3600)).await {
+                    Ok(_) => {
+                        let state = progress.state().encode();
+                        if let Err(e) = answering.set(&answer, state).await {
+                            tracing::warn!("could not answer a stall inquiry: {e}");
+                        }
+                        return;
+                    }
+                    Err(Error::Timeout { .. }) => continue,
+                    Err(_) => return,
+                }
+            }
+        };
+        let watcher = self.control_rt.spawn(async move {
+            tokio::join!(aborts, inquiries);
         });
         (abort_rx, watcher)
+    }
+
+    /// How a rank whose operation timed out asks every rank what it is doing: it raises the
+    /// group's inquiry (once), then gathers the answers that come within the grace.
+    fn stall_inquirer(
+        &self,
+        client: &tandem_rendezvous::Client,
+    ) -> crate::backend::tcp_ring::Inquire {
+        let client = client.clone();
+        let handle = self.control_rt.handle().clone();
+        let world = self.spec.world_size();
+        let ask = format!("{}/stall/ask", self.prefix);
+        let answers: Vec<String> = (0..world)
+            .map(|r| format!("{}/stall/state/{r}", self.prefix))
+            .collect();
+        Box::new(move |grace: Duration| {
+            let (c, ask, answers) = (client.clone(), ask.clone(), answers.clone());
+            handle.block_on(async move {
+                let end = tokio::time::Instant::now() + grace;
+                let asked = tokio::time::timeout(grace, c.compare_and_set(&ask, None, "1")).await;
+                match asked {
+                    Err(_) => {
+                        return Err(format!("no answer from the rendezvous within {grace:?}"));
+                    }
+                    Ok(Err(e)) => return Err(e.to_string()),
+                    Ok(Ok(_)) => {}
+                }
+                let mut got: Vec<Option<String>> = vec![None; answers.len()];
+                loop {
+                    let missing: Vec<usize> =
+                        (0..got.len()).filter(|r| got[*r].is_none()).collect();
+                    let reads = missing.iter().map(|&r| {
+                        let c = &c;
+                        let key = &answers[r];
+                        async move { (r, tokio::time::timeout_at(end, c.get(key)).await) }
+                    });
+                    for (r, v) in futures::future::join_all(reads).await {
+                        if let Ok(Ok(Some(v))) = v {
+                            got[r] = Some(String::from_utf8_lossy(&v).into_owned());
+                        }
+                    }
+                    if got.iter().all(Option::is_some) || tokio::time::Instant::now() >= end {
+                        return Ok(got);
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            })
+        })
     }
 
     /// How the ring publishes its first failure for every other rank to see (first writer wins).
