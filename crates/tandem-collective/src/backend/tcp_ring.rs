@@ -3,7 +3,9 @@
 //! One `current_thread` tokio runtime owns the group's sockets; the calling thread drives it for the
 //! duration of one operation, so an operation borrows the caller's buffer and needs no copy. Every
 //! operation races three things: its own completion, its deadline, and an abort raised by another
-//! rank through the rendezvous. The first failure poisons the group; later calls say so.
+//! rank through the rendezvous. The first failure poisons the group; later calls say so. A deadline
+//! is not reported as the neighbour this rank waited on: the ranks first compare what each is doing
+//! (see [`crate::stall`]), so every survivor names the same culprit.
 
 use std::cell::Cell;
 use std::future::Future;
