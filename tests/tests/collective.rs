@@ -200,6 +200,20 @@ fn a_peer_killed_during_large_ring_steps_is_named_by_every_survivor() {
     killed_peer(&["loop", "1048576"]);
 }
 
+/// Returns once `child` has finished three iterations of its loop (the group formed and works),
+/// with the rest of its output: keep it, or the child's next line meets a closed pipe.
+fn until_looping(child: &mut std::process::Child) -> std::sync::mpsc::Receiver<String> {
+    let lines = stdout_lines(child);
+    loop {
+        let line = lines
+            .recv_timeout(LIMIT)
+            .expect("the victim made no progress");
+        if line == "ITER 3" {
+            return lines;
+        }
+    }
+}
+
 fn killed_peer(args: &[&str]) {
     let world = 4;
     let victim = 2;
@@ -207,15 +221,7 @@ fn killed_peer(args: &[&str]) {
     let mut children: Vec<_> = (0..world)
         .map(|r| spawn(NODE, args, &job.env(r, world, 20)))
         .collect();
-    let lines = stdout_lines(&mut children[victim]);
-    loop {
-        let line = lines
-            .recv_timeout(LIMIT)
-            .expect("the victim made no progress");
-        if line == "ITER 3" {
-            break;
-        }
-    }
+    let _lines = until_looping(&mut children[victim]);
     children[victim].kill().expect("kill");
     let _ = children[victim].wait();
     let outs = wait_all(children, LIMIT);
@@ -261,15 +267,7 @@ fn a_stopped_rank_is_named_by_every_survivor() {
     let mut children: Vec<_> = (0..world)
         .map(|r| spawn(NODE, &["loop", "65536"], &job.env(r, world, 4)))
         .collect();
-    let lines = stdout_lines(&mut children[victim]);
-    loop {
-        let line = lines
-            .recv_timeout(LIMIT)
-            .expect("the victim made no progress");
-        if line == "ITER 3" {
-            break;
-        }
-    }
+    let _lines = until_looping(&mut children[victim]);
     let pid = children[victim].id().to_string();
     let signal = |sig: &str| {
         std::process::Command::new("kill")
