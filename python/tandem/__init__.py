@@ -36,6 +36,7 @@ from .errors import (
     TransportError,
     UnusableError,
 )
+from .observe import dump_flight_recorder, metrics, metrics_text, span
 from .optim import DistributedOptimizer, allreduce_fused, broadcast_parameters
 from .runner import run
 
@@ -46,6 +47,7 @@ __all__ = [
     "allreduce", "broadcast", "reduce", "allgather", "reduce_scatter", "barrier", "send", "recv",
     "allreduce_async", "broadcast_async", "allgather_async", "barrier_async", "cluster_spec",
     "broadcast_parameters", "allreduce_fused", "DistributedOptimizer", "run",
+    "metrics", "metrics_text", "span", "dump_flight_recorder",
     "TandemError", "ConfigurationError", "TimeoutError", "PeerLostError", "MismatchError", "ShapeError",
     "InvalidArgumentError", "AuthenticationError", "BackendUnavailableError", "UnusableError",
     "PreconditionError", "PartiallyAppliedError",

@@ -10,6 +10,7 @@ mod local_job;
 mod plot;
 mod ps;
 mod topo;
+mod trace;
 mod tune;
 
 use clap::{Parser, Subcommand};
@@ -45,6 +46,9 @@ enum Command {
     /// Measure collectives (nccl-tests style table) or the parameter server.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Merge the flight-recorder dumps or timelines of a job's processes into one trace and say
+    /// which rank the others waited for.
+    Trace(trace::TraceArgs),
     /// Run a command once per rank on simulated hosts (network namespaces; needs root), e.g. a
     /// peer library measured on the same links as `tandem bench --hosts`.
     Testbed(hosts::TestbedArgs),
@@ -76,6 +80,7 @@ fn main() -> ExitCode {
         Command::DemoWorker(a) => demo::worker(a),
         Command::Ps(a) => ps::ps(a),
         Command::Topo(a) => topo::topo(a),
+        Command::Trace(a) => trace::trace(a),
         Command::Tune(a) => tune::tune(a),
         Command::Bench(a) => bench::run(a),
         Command::BenchPsWorker(a) => bench_ps::bench_ps_worker(a),

@@ -6,10 +6,9 @@ use std::time::Duration;
 
 use clap::Args;
 use tandem::cluster::{ClusterSpec, Role};
-use tandem::ps::server::{CheckpointPolicy, Server, ServerConfig, prometheus, summary};
+use tandem::ps::server::{CheckpointPolicy, Server, ServerConfig, summary};
 use tandem::rendezvous::{JobToken, TOKEN_VAR, shutdown_signal};
 use tandem::{Error, Result};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Arguments of `tandem ps`.
 #[derive(Args, Debug)]
@@ -49,7 +48,7 @@ pub fn ps(args: PsArgs) -> Result<ExitCode> {
             "is not set; the parameter server refuses to run without a job token",
         )
     })?;
-    let (bind, index) = where_to_serve(&args)?;
+    let (bind, index, servers) = where_to_serve(&args)?;
     let mut config = ServerConfig::new(token);
     config.exit_when_done = !args.keep_running;
     config.worker_timeout = args.worker_timeout.map(Duration::from_secs);
@@ -69,8 +68,10 @@ pub fn ps(args: PsArgs) -> Result<ExitCode> {
             .map_err(|e| Error::io("reading the server address", e))?;
         let server = Server::new(config).await?;
         let service = server.service();
+        tandem::ps::server::observe(index, servers, &service);
         if let Some(addr) = &args.metrics_addr {
-            serve_metrics(addr, service.clone()).await?;
+            tandem::observe::serve(addr)
+                .map_err(|e| Error::io(format!("serving metrics at {addr}"), e))?;
         }
         println!("tandem ps {index}: serving on {local}");
         let logger = {
@@ -96,11 +97,12 @@ pub fn ps(args: PsArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// The address to bind and this server's index: `--bind` (and `--index`), or this process's
-/// entry among the servers of `TF_CONFIG`.
-fn where_to_serve(args: &PsArgs) -> Result<(String, usize)> {
+/// The address to bind, this server's index and how many servers there are: `--bind` (and
+/// `--index`), or this process's entry among the servers of `TF_CONFIG`.
+fn where_to_serve(args: &PsArgs) -> Result<(String, usize, usize)> {
     if let Some(b) = &args.bind {
-        return Ok((b.clone(), args.index.unwrap_or(0)));
+        let index = args.index.unwrap_or(0);
+        return Ok((b.clone(), index, index + 1));
     }
     let spec = ClusterSpec::from_env()?;
     if spec.role() != Role::Ps {
@@ -118,25 +120,6 @@ fn where_to_serve(args: &PsArgs) -> Result<(String, usize)> {
         .peer(Role::Ps, index)
         .ok_or_else(|| Error::config("TF_CONFIG", format!("no address for ps {index}")))?
         .to_string();
-    Ok((addr, index))
-}
-
-/// Serves the Prometheus text of the server's counters at `addr` (any path, plain HTTP/1.1).
-async fn serve_metrics(addr: &str, service: tandem::ps::server::Service) -> Result<()> {
-    let metrics = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|e| Error::io(format!("binding the metrics endpoint to {addr}"), e))?;
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = metrics.accept().await {
-            let body = service.model().map(|m| prometheus(&m)).unwrap_or_default();
-            let mut req = [0u8; 1024];
-            let _ = tokio::time::timeout(Duration::from_secs(2), s.read(&mut req)).await;
-            let resp = format!(
-                "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = s.write_all(resp.as_bytes()).await;
-        }
-    });
-    Ok(())
+    let servers = spec.peers().get(&Role::Ps).map_or(index + 1, |p| p.len());
+    Ok((addr, index, servers))
 }

@@ -18,6 +18,8 @@
 //! - [`device`]: collectives on GPU buffers ([`DeviceGroup`](device::DeviceGroup)): NCCL when it can
 //!   be used, else the TCP ring through host memory; `device/nccl.rs` owns the communicator.
 //! - [`stats`]: straggler detection.
+//! - `observe.rs`: what every operation tells the flight recorder, the metrics and the timeline
+//!   ([`tandem_observe`]).
 //!
 //! # Feature Flags
 //! - `nccl`: [`device::DeviceGroup`] uses NCCL (through cudarc, loading `libcuda` and `libnccl` at
@@ -37,6 +39,7 @@ pub mod algorithm;
 pub mod backend;
 pub mod device;
 mod group;
+mod observe;
 pub mod stall;
 pub mod stats;
 pub mod transport;

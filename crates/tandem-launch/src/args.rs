@@ -47,6 +47,10 @@ pub struct LaunchArgs {
     /// Folder under which each job writes one log file per process.
     #[arg(long, default_value = "tandem-logs")]
     pub log_dir: PathBuf,
+    /// Serve every process's Prometheus metrics from this host:port on (process i of a host at
+    /// port + i): sets TANDEM_METRICS_ADDR for them.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub metrics_addr: Option<String>,
     /// Write no log files.
     #[arg(long)]
     pub no_log_files: bool,
@@ -98,6 +102,10 @@ impl LaunchArgs {
             .map(|c| c.split_whitespace().map(str::to_string).collect());
         spec.log_dir = (!self.no_log_files).then(|| self.log_dir.clone());
         spec.prefix = !self.no_prefix;
+        if let Some(addr) = &self.metrics_addr {
+            spec.env
+                .push(("TANDEM_METRICS_ADDR".to_string(), addr.clone()));
+        }
         spec.restart = match self.restart {
             RestartArg::Never => Restart::Never,
             RestartArg::OnFailure => Restart::OnFailure {

@@ -116,6 +116,7 @@ pub fn run(
         width,
         prefix: spec.prefix,
         sink: spec.sink.clone(),
+        log_dir: log_dir.clone(),
     };
     for i in 0..procs.len() {
         if let Err(e) = start(&mut procs[i], &token, &style) {
@@ -161,6 +162,8 @@ struct Style {
     width: usize,
     prefix: bool,
     sink: Option<LineSink>,
+    /// The job's log folder: processes write their flight-recorder dumps under it.
+    log_dir: Option<PathBuf>,
 }
 
 impl Style {
@@ -189,6 +192,10 @@ fn start(p: &mut Proc, token: &JobToken, style: &Style) -> Result<()> {
         .stderr(Stdio::piped())
         // Its own process group, so stopping it also stops what it started.
         .process_group(0);
+    if let Some(dir) = &style.log_dir {
+        // Flight-recorder dumps go to `trace/` beside the logs (unless TANDEM_TRACE_DIR says).
+        cmd.env("TANDEM_LOG_DIR", dir);
+    }
     let mut child = cmd.spawn().map_err(|e| {
         Error::io(
             format!("starting {} ({:?})", p.plan.name(), p.plan.command[0]),

@@ -18,6 +18,7 @@ pub mod failure;
 pub mod finite;
 pub mod init;
 pub mod job;
+mod observe;
 pub mod optimizer;
 pub mod placement;
 pub mod server;

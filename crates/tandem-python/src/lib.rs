@@ -10,6 +10,7 @@ mod blocking;
 mod errors;
 mod group;
 mod launch;
+mod observe;
 mod ps;
 
 use pyo3::prelude::*;
@@ -42,5 +43,10 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(launch::launch_main, m)?)?;
     m.add_function(wrap_pyfunction!(cluster_spec, m)?)?;
     m.add_function(wrap_pyfunction!(init_logging, m)?)?;
+    m.add_function(wrap_pyfunction!(observe::metrics_text, m)?)?;
+    m.add_function(wrap_pyfunction!(observe::metric_samples, m)?)?;
+    m.add_function(wrap_pyfunction!(observe::dump_flight_recorder, m)?)?;
+    m.add_function(wrap_pyfunction!(observe::timeline_span, m)?)?;
+    m.add_function(wrap_pyfunction!(observe::timeline_flush, m)?)?;
     Ok(())
 }

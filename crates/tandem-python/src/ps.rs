@@ -303,6 +303,11 @@ pub fn serve_ps(
     let addr = listener
         .local_addr()
         .map_err(|e| PyValueError::new_err(e.to_string()))?;
+    let servers = tandem::ClusterSpec::from_env()
+        .ok()
+        .and_then(|s| s.peers().get(&tandem::Role::Ps).map(|p| p.len()))
+        .unwrap_or(index + 1);
+    tandem::ps::server::observe(index, servers, &server.service());
     if let Some(cb) = on_ready {
         cb.call1((addr.to_string(),))?;
     }

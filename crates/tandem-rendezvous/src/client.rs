@@ -147,7 +147,13 @@ impl Client {
         F: FnOnce(RendezvousClient<InterceptedService<Channel, AttachToken>>) -> Fut,
         Fut: std::future::Future<Output = std::result::Result<tonic::Response<T>, Status>>,
     {
-        match tokio::time::timeout(timeout, f(self.inner.clone())).await {
+        let started = std::time::Instant::now();
+        let outcome = tokio::time::timeout(timeout, f(self.inner.clone())).await;
+        // A watcher's long poll (an hour) is not a round trip.
+        if timeout <= LONG_POLL {
+            tandem_observe::metrics::rendezvous(call_name(what), started.elapsed().as_secs_f64());
+        }
+        match outcome {
             Ok(Ok(r)) => Ok(r.into_inner()),
             Ok(Err(s)) => Err(self.map(what, s)),
             Err(_) => Err(Error::timeout(
@@ -327,4 +333,21 @@ fn source_chain(e: &dyn std::error::Error) -> String {
         cur = c.source();
     }
     s
+}
+
+/// Calls allowed longer than this are long polls, left out of the round-trip metrics.
+const LONG_POLL: Duration = Duration::from_secs(600);
+
+/// The metric label of a call described as `what` ("set \"key\"" is `set`).
+fn call_name(what: &str) -> &'static str {
+    match what.split([' ', '(']).next().unwrap_or("") {
+        "set" => "set",
+        "get" => "get",
+        "wait" => "wait",
+        "add" => "add",
+        "compare_and_set" => "compare_and_set",
+        "delete" => "delete",
+        "barrier" => "barrier",
+        _ => "other",
+    }
 }

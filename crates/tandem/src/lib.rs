@@ -9,6 +9,8 @@
 //! - [`rendezvous`]: where the processes of a job meet (`tandem-rendezvous`).
 //! - [`collective`], [`ProcessGroup`]: collectives over the TCP ring (`tandem-collective`).
 //! - [`ps`]: the parameter server (`tandem-ps`).
+//! - [`observe`]: the flight recorder, the timeline, metrics and trace analysis
+//!   (`tandem-observe`); [`timeline`] marks spans of your own code.
 //!
 //! # Feature Flags
 //! - `nccl`: collectives on GPU buffers through NCCL ([`collective::device`]); see
@@ -46,4 +48,16 @@ pub mod ps {
 /// The rendezvous: an authenticated key-value store where a job's processes meet.
 pub mod rendezvous {
     pub use tandem_rendezvous::*;
+}
+/// Seeing inside a running job: the flight recorder, the timeline, metrics, trace analysis.
+pub mod observe {
+    pub use tandem_observe::*;
+}
+/// Marks regions of your code on the timeline (`TANDEM_TIMELINE=DIR`).
+///
+/// ```
+/// let _s = tandem::timeline::span("forward");
+/// ```
+pub mod timeline {
+    pub use tandem_observe::timeline::{Span, flush, span};
 }

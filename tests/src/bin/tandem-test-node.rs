@@ -750,6 +750,7 @@ fn run_straggle(pg: &ProcessGroup, args: &[String]) -> Result<()> {
     let mut buf = vec![1.0f32; 1000];
     for _ in 0..130 {
         if pg.rank() == slow {
+            let _s = tandem::timeline::span("late on purpose");
             std::thread::sleep(Duration::from_millis(10));
         }
         pg.allreduce(&mut buf, ReduceOp::Max)?;

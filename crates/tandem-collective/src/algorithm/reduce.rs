@@ -141,6 +141,7 @@ pub fn reduce_into(
     src: &[u8],
     divisor: Option<usize>,
 ) -> Result<()> {
+    let _timer = crate::observe::ReduceTimer::start();
     if dst.len() != src.len() || !dst.len().is_multiple_of(dtype.size()) {
         return Err(Error::invalid(
             "buffer",
@@ -172,6 +173,7 @@ pub fn reduce_into(
 /// Reduces `parts` (each the bytes of one rank, in rank order) into `out`. Half types accumulate in
 /// `f32` across all parts and are rounded once at the end; an average divides once at the end.
 pub fn reduce_all(dtype: DType, op: ReduceOp, parts: &[&[u8]], out: &mut [u8]) -> Result<()> {
+    let _timer = crate::observe::ReduceTimer::start();
     let Some((first, rest)) = parts.split_first() else {
         return Ok(());
     };

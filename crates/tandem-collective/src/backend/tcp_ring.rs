@@ -48,6 +48,9 @@ pub struct Control {
 }
 
 struct RingState {
+    /// Counts each connection's bytes in the metrics; declared before `mesh` so it is dropped
+    /// before the sockets close.
+    _sockets: Vec<tandem_observe::SocketWatch>,
     mesh: Mesh,
     scratch: Vec<u64>,
     seq: u64,
@@ -206,6 +209,7 @@ impl TcpRing {
             hosts: tuning.hosts,
             rt,
             state: Mutex::new(RingState {
+                _sockets: watch_sockets(&mesh),
                 mesh,
                 scratch: vec![0u64; segment / 8],
                 seq: 0,
@@ -246,6 +250,7 @@ impl TcpRing {
     ) -> Result<T> {
         let mut st = self.begin()?;
         let header = header(&mut st);
+        let recording = crate::observe::begin(&header, self.rank, self.world);
         let progress = self.control.progress.clone();
         progress.begin(st.seq);
         let waiting = &progress.waiting;
@@ -271,6 +276,12 @@ impl TcpRing {
             drop(lease);
             outcome
         };
+        crate::observe::end(
+            recording,
+            lateness.get(),
+            waiting.get(),
+            outcome.as_ref().err(),
+        );
         progress.end();
         self.settle(&mut st, &header, lateness.get(), outcome)
     }
@@ -285,6 +296,7 @@ impl TcpRing {
         if let (Some((peer, late)), true) = (lateness, header.kind != OpKind::Send)
             && let Some(s) = st.stragglers.record(peer, late)
         {
+            tandem_observe::metrics::straggler(s.rank);
             tracing::warn!(
                 "straggler: rank {} started {} of the last {} collectives after rank {}, {:?} late (median)",
                 s.rank,
@@ -397,6 +409,20 @@ impl TcpRing {
             None => format!("rank {r}"),
         }
     }
+}
+
+/// One byte-counting watch per connection of the mesh (the read half shares the socket with the
+/// write half).
+fn watch_sockets(mesh: &Mesh) -> Vec<tandem_observe::SocketWatch> {
+    use std::os::fd::AsRawFd;
+    mesh.readers
+        .iter()
+        .enumerate()
+        .filter_map(|(peer, r)| {
+            r.as_ref()
+                .map(|r| tandem_observe::watch_socket(peer, r.as_ref().as_raw_fd()))
+        })
+        .collect()
 }
 
 /// Whether a failure was seen here first (and so is published), or came from another rank.

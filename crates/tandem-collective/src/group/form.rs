@@ -240,6 +240,9 @@ impl ProcessGroup {
 impl Formation<'_> {
     fn form(self) -> Result<ProcessGroup> {
         let (rank, world) = (self.spec.rank(), self.spec.world_size());
+        tandem_observe::identify(
+            tandem_observe::Identity::new("rank", rank, world).local(self.spec.local_rank()),
+        );
         let session = self.join()?;
         let client = session.client.clone();
         let (mesh, addrs) = self.connect_mesh(&client)?;
@@ -268,7 +271,13 @@ impl Formation<'_> {
                 self.config.connect_timeout,
             ),
         )?;
+        tandem_observe::set_addr(addrs.get(rank).map_or("", String::as_str));
         let progress = std::sync::Arc::new(crate::stall::Progress::new());
+        let live = std::sync::Arc::downgrade(&progress);
+        tandem_observe::recorder::set_live(move || {
+            live.upgrade()
+                .and_then(|p| crate::observe::describe(p.waiting.get()))
+        });
         let (abort_rx, watcher) = self.watch_aborts(&client, progress.clone());
         let control = crate::backend::tcp_ring::Control {
             publish: self.abort_publisher(&client),

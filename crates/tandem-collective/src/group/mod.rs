@@ -53,6 +53,7 @@ struct Shared {
 
 impl Drop for Shared {
     fn drop(&mut self) {
+        tandem_observe::timeline::flush();
         if let Some(c) = &self.control
             && let Ok(mut w) = c.watcher.lock()
             && let Some(h) = w.take()

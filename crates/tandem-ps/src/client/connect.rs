@@ -93,6 +93,10 @@ impl Client {
     ) -> Result<Client> {
         check_job(addrs, &map, worker, mode)?;
         optimizer.validate()?;
+        tandem_observe::identify(
+            tandem_observe::Identity::new("worker", worker as usize, mode.workers as usize)
+                .local(addrs.len() + worker as usize),
+        );
         let end = Instant::now() + deadline;
         let servers =
             futures::future::try_join_all(addrs.iter().map(|a| connect_one(a, token, end))).await?;

@@ -208,6 +208,23 @@ impl Client {
         min_version: u64,
         out: &mut HashMap<String, Vec<f32>>,
     ) -> Result<u64> {
+        let count = self.map.params.iter().map(|p| p.numel() as u64).sum();
+        let servers = self.servers.len();
+        crate::observe::traced(
+            "pull",
+            min_version,
+            count,
+            servers,
+            self.pull_into_untraced(min_version, out),
+        )
+        .await
+    }
+
+    async fn pull_into_untraced(
+        &self,
+        min_version: u64,
+        out: &mut HashMap<String, Vec<f32>>,
+    ) -> Result<u64> {
         for p in &self.map.params {
             let v = out.entry(p.name.clone()).or_default();
             if v.len() != p.numel() {
@@ -390,6 +407,19 @@ impl Client {
 
     /// Pushes gradients for `step` (every parameter named must be declared and have its full size).
     pub async fn push(&self, step: u64, grads: &[(&str, &[f32])]) -> Result<PushOutcome> {
+        let count = grads.iter().map(|(_, g)| g.len() as u64).sum();
+        let servers = self.servers.len();
+        crate::observe::traced(
+            "push",
+            step,
+            count,
+            servers,
+            self.push_untraced(step, grads),
+        )
+        .await
+    }
+
+    async fn push_untraced(&self, step: u64, grads: &[(&str, &[f32])]) -> Result<PushOutcome> {
         for (name, g) in grads {
             self.check_grad(name, g.len())?;
         }
@@ -412,6 +442,23 @@ impl Client {
 
     /// Like [`Client::push`], taking the gradients by value so they are sent without a copy.
     pub async fn push_owned(
+        &self,
+        step: u64,
+        grads: Vec<(String, Vec<f32>)>,
+    ) -> Result<PushOutcome> {
+        let count = grads.iter().map(|(_, g)| g.len() as u64).sum();
+        let servers = self.servers.len();
+        crate::observe::traced(
+            "push",
+            step,
+            count,
+            servers,
+            self.push_owned_untraced(step, grads),
+        )
+        .await
+    }
+
+    async fn push_owned_untraced(
         &self,
         step: u64,
         grads: Vec<(String, Vec<f32>)>,

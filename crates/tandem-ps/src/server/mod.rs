@@ -233,8 +233,19 @@ pub async fn run(
     Server::new(config).await?.run(listener, shutdown).await
 }
 
-/// Renders the server's counters in the Prometheus text format.
-pub fn prometheus(model: &Model) -> String {
+/// `name{labels,extra}` (or without braces when there are no labels).
+fn series(name: &str, labels: &str, extra: &str) -> String {
+    match (labels.is_empty(), extra.is_empty()) {
+        (true, true) => name.to_string(),
+        (false, true) => format!("{name}{{{labels}}}"),
+        (true, false) => format!("{name}{{{extra}}}"),
+        (false, false) => format!("{name}{{{labels},{extra}}}"),
+    }
+}
+
+/// Renders the server's counters in the Prometheus text format, each series carrying `labels`
+/// (`job="..",rank="..",role="ps"`, as every Tandem metric does; empty for none).
+pub fn prometheus(model: &Model, labels: &str) -> String {
     use std::fmt::Write;
     use std::sync::atomic::Ordering::Relaxed;
     let c = &model.counters;
@@ -242,7 +253,8 @@ pub fn prometheus(model: &Model) -> String {
     let mut metric = |name: &str, kind: &str, help: &str, value: u64| {
         let _ = writeln!(
             out,
-            "# HELP tandem_ps_{name} {help}\n# TYPE tandem_ps_{name} {kind}\ntandem_ps_{name} {value}"
+            "# HELP tandem_ps_{name} {help}\n# TYPE tandem_ps_{name} {kind}\n{} {value}",
+            series(&format!("tandem_ps_{name}"), labels, "")
         );
     };
     metric(
@@ -291,12 +303,19 @@ pub fn prometheus(model: &Model) -> String {
         let le = if i == 0 { 0 } else { (1u64 << i) - 1 };
         let _ = writeln!(
             out,
-            "tandem_ps_staleness_bucket{{le=\"{le}\"}} {cumulative}"
+            "{} {cumulative}",
+            series(
+                "tandem_ps_staleness_bucket",
+                labels,
+                &format!("le=\"{le}\"")
+            )
         );
     }
     let _ = writeln!(
         out,
-        "tandem_ps_staleness_bucket{{le=\"+Inf\"}} {cumulative}\ntandem_ps_staleness_count {cumulative}"
+        "{} {cumulative}\n{} {cumulative}",
+        series("tandem_ps_staleness_bucket", labels, "le=\"+Inf\""),
+        series("tandem_ps_staleness_count", labels, "")
     );
     let steps = model.worker_steps.borrow().clone();
     let _ = writeln!(
@@ -304,9 +323,26 @@ pub fn prometheus(model: &Model) -> String {
         "# HELP tandem_ps_worker_step Steps pushed by each worker.\n# TYPE tandem_ps_worker_step gauge"
     );
     for (w, s) in steps.iter().enumerate() {
-        let _ = writeln!(out, "tandem_ps_worker_step{{worker=\"{w}\"}} {s}");
+        let _ = writeln!(
+            out,
+            "{} {s}",
+            series("tandem_ps_worker_step", labels, &format!("worker=\"{w}\""))
+        );
     }
     out
+}
+
+/// Makes this process parameter server `index` of `servers` in the flight recorder, the timeline
+/// and the metrics (its counters join the metrics endpoint, `TANDEM_METRICS_ADDR`, and
+/// [`tandem_observe::metrics::render`]). Call once, when it starts serving.
+pub fn observe(index: usize, servers: usize, service: &Service) {
+    tandem_observe::identify(tandem_observe::Identity::new("ps", index, servers).local(index));
+    let service = service.clone();
+    tandem_observe::metrics::add_source(move |out, labels| {
+        if let Some(m) = service.model() {
+            out.push_str(&prometheus(&m, labels));
+        }
+    });
 }
 
 /// One log line of the server's state, naming the slowest worker and its lag.
@@ -355,10 +391,22 @@ mod tests {
         m.counters.record_staleness(0);
         m.counters.record_staleness(3);
         m.worker_steps.send_replace(vec![7, 2, 9]);
-        let text = prometheus(&m);
+        let text = prometheus(&m, "");
         assert!(
             text.contains("tandem_ps_gradients_applied_total 5"),
             "{text}"
+        );
+        let labelled = prometheus(&m, "job=\"j\",rank=\"0\",role=\"ps\"");
+        assert!(
+            labelled
+                .contains("tandem_ps_gradients_applied_total{job=\"j\",rank=\"0\",role=\"ps\"} 5"),
+            "{labelled}"
+        );
+        assert!(
+            labelled.contains(
+                "tandem_ps_staleness_bucket{job=\"j\",rank=\"0\",role=\"ps\",le=\"3\"} 2"
+            ),
+            "{labelled}"
         );
         assert!(
             text.contains("tandem_ps_staleness_bucket{le=\"3\"} 2"),

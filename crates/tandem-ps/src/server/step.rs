@@ -228,7 +228,8 @@ pub fn push_sync(
     model.counters.applied.fetch_add(1, Ordering::Relaxed);
     let mut snapshot = None;
     if st.contributors.len() as u32 >= model.mode.replicas_to_aggregate {
-        model.finish_step(st);
+        let step_no = st.step;
+        crate::observe::traced_sync("apply", step_no, 0, || model.finish_step(st));
         if due(st.step) {
             snapshot = Some(model.snapshot());
         }
@@ -278,7 +279,7 @@ pub fn apply_async(
     model
         .counters
         .record_staleness(version.saturating_sub(step));
-    let applied = apply(version);
+    let applied = crate::observe::traced_sync("apply", version, 0, || apply(version));
     if let Err((st, changed)) = applied {
         if changed {
             model.version.send_modify(|x| *x += 1);

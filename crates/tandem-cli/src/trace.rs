@@ -1,0 +1,37 @@
+//! `tandem trace DIR`: merges the flight-recorder dumps and timelines of every process of a job into
+//! one Chrome trace and prints who waited for whom.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use tandem::{Error, Result};
+
+/// Arguments of `tandem trace`.
+#[derive(clap::Args, Debug)]
+pub struct TraceArgs {
+    /// The folder of the dumps (`TANDEM_TRACE_DIR`; `trace/` in the launch's log folder) or
+    /// timelines (`TANDEM_TIMELINE`).
+    pub dir: PathBuf,
+    /// Where to write the merged trace (default: DIR/merged-trace.json); load it in
+    /// ui.perfetto.dev or chrome://tracing.
+    #[arg(long, short)]
+    pub out: Option<PathBuf>,
+}
+
+/// Reads, merges, writes and diagnoses.
+pub fn trace(args: TraceArgs) -> Result<ExitCode> {
+    let tracks = tandem::observe::analyze::load(&args.dir).map_err(|m| Error::invalid("DIR", m))?;
+    let merged = tandem::observe::analyze::merge(&tracks);
+    let out = args
+        .out
+        .unwrap_or_else(|| args.dir.join("merged-trace.json"));
+    let text = serde_json::to_vec(&merged)
+        .map_err(|e| Error::invalid("trace", format!("could not encode the merged trace: {e}")))?;
+    std::fs::write(&out, text).map_err(|e| Error::io(format!("writing {}", out.display()), e))?;
+    print!("{}", tandem::observe::analyze::diagnose(&tracks));
+    println!(
+        "\nmerged trace: {} (open in ui.perfetto.dev or chrome://tracing)",
+        out.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,187 @@
+//! Seeing inside a running Tandem job: what each rank is doing, what it did last, and how long
+//! everything takes.
+//!
+//! - [`recorder`]: the flight recorder, always on: the last operations of this process (collectives
+//!   and parameter-server calls) in a bounded ring, [`dump`]ed to a file on a timeout, an abort, an
+//!   error, or `SIGUSR1`.
+//! - [`timeline`]: on demand (`TANDEM_TIMELINE=DIR`), every operation and every span the user marks,
+//!   in Chrome's trace event format (Perfetto, `chrome://tracing`).
+//! - [`metrics`]: Prometheus metrics of this process, served at `TANDEM_METRICS_ADDR`.
+//! - [`analyze`]: merges the dumps or timelines of every rank into one trace and says who waited
+//!   for whom (`tandem trace DIR`).
+//!
+//! A process has one [`Identity`] (its role and index in the job), set by the first process group
+//! or parameter-server client or server it forms ([`identify`]); until then nothing is recorded.
+//! `TANDEM_OBSERVE=off` turns the recorder and the metrics off (to measure what they cost).
+//!
+//! ```
+//! use tandem_observe::{Identity, identify, recorder};
+//! identify(Identity::new("rank", 0, 2));
+//! let t = recorder::begin(recorder::Entry::new(0, "allreduce", "f32", 1024));
+//! recorder::end(t, |e| e.bytes = 4096, None);
+//! assert_eq!(recorder::snapshot().last().map(|e| e.seq), Some(0));
+//! ```
+
+pub mod analyze;
+pub mod dump;
+pub mod metrics;
+pub mod recorder;
+mod serve;
+mod sockets;
+pub mod timeline;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{OnceLock, RwLock};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+pub use serve::{serve, serve_from_env};
+pub use sockets::{SocketWatch, watch_socket};
+
+/// `TANDEM_OBSERVE=off` turns the flight recorder and the metrics off.
+pub const OBSERVE_VAR: &str = "TANDEM_OBSERVE";
+/// The folder flight-recorder dumps go to.
+pub const TRACE_DIR_VAR: &str = "TANDEM_TRACE_DIR";
+/// The folder of the per-launch logs, set by `tandem launch`: dumps go under it by default.
+pub const LOG_DIR_VAR: &str = "TANDEM_LOG_DIR";
+/// How many operations the flight recorder keeps (default [`recorder::DEFAULT_ENTRIES`]).
+pub const ENTRIES_VAR: &str = "TANDEM_TRACE_ENTRIES";
+/// Write a timeline of every operation to this folder.
+pub const TIMELINE_VAR: &str = "TANDEM_TIMELINE";
+/// Serve Prometheus metrics at this `host:port` (rank r of a host at port + its local rank).
+pub const METRICS_ADDR_VAR: &str = "TANDEM_METRICS_ADDR";
+/// The job's name in metric labels and dumps (default `tandem`).
+pub const JOB_NAME_VAR: &str = "TANDEM_JOB_NAME";
+
+/// Who this process is in its job.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Identity {
+    /// `rank` (a collective rank), `ps` (a parameter server) or `worker` (a parameter-server
+    /// worker).
+    pub role: String,
+    /// Rank, or server / worker index.
+    pub index: usize,
+    /// How many processes share the role.
+    pub world: usize,
+    /// The job's name ([`JOB_NAME_VAR`]).
+    pub job: String,
+    /// Index among the processes of the role on this host (offsets the metrics port).
+    pub local: usize,
+    /// The address peers know this process by, when it has one.
+    pub addr: String,
+}
+
+impl Identity {
+    /// `role` `index` of `world`, in the job named by the environment, first on its host.
+    pub fn new(role: &str, index: usize, world: usize) -> Identity {
+        Identity {
+            role: role.to_string(),
+            index,
+            world,
+            job: std::env::var(JOB_NAME_VAR)
+                .ok()
+                .filter(|j| !j.is_empty())
+                .unwrap_or_else(|| "tandem".into()),
+            local: 0,
+            addr: String::new(),
+        }
+    }
+
+    /// The same identity, `local`-th of its role on its host.
+    pub fn local(mut self, local: usize) -> Identity {
+        self.local = local;
+        self
+    }
+
+    /// The same identity, known to peers at `addr`.
+    pub fn addr(mut self, addr: &str) -> Identity {
+        self.addr = addr.to_string();
+        self
+    }
+
+    /// The stem of this process's files: `rank-3`, `ps-0`, `worker-1`.
+    pub fn stem(&self) -> String {
+        format!("{}-{}", self.role, self.index)
+    }
+}
+
+static IDENTITY: RwLock<Option<Identity>> = RwLock::new(None);
+static ON: AtomicBool = AtomicBool::new(false);
+static SWITCH: OnceLock<bool> = OnceLock::new();
+
+/// Whether the recorder and metrics are on for this process (`TANDEM_OBSERVE` is not `off`).
+pub fn switched_on() -> bool {
+    *SWITCH.get_or_init(|| {
+        !std::env::var(OBSERVE_VAR).is_ok_and(|v| matches!(v.as_str(), "off" | "0" | "false"))
+    })
+}
+
+/// Whether anything is being recorded: an identity is set and [`switched_on`].
+#[inline]
+pub fn active() -> bool {
+    ON.load(Ordering::Relaxed)
+}
+
+/// Sets this process's identity; the first call wins (a process has one place in its job), later
+/// ones return `false` and change nothing. The first call also starts what the environment asks
+/// for: the timeline ([`TIMELINE_VAR`]), the metrics endpoint ([`METRICS_ADDR_VAR`]), and the
+/// `SIGUSR1` handler that dumps the flight recorder.
+pub fn identify(id: Identity) -> bool {
+    {
+        let Ok(mut slot) = IDENTITY.write() else {
+            return false;
+        };
+        if slot.is_some() {
+            return false;
+        }
+        *slot = Some(id.clone());
+    }
+    if switched_on() {
+        metrics::init(&id);
+        recorder::init();
+        ON.store(true, Ordering::Relaxed);
+        dump::install_signal();
+        if let Err(e) = serve_from_env(id.local) {
+            tracing::warn!("metrics endpoint not started: {e}");
+        }
+    }
+    if let Some(dir) = std::env::var_os(TIMELINE_VAR).filter(|d| !d.is_empty())
+        && let Err(e) = timeline::start(std::path::Path::new(&dir), &id)
+    {
+        tracing::warn!("no timeline: {e}");
+    }
+    true
+}
+
+/// Records the address peers know this process by, once it has one (after its identity was set).
+pub fn set_addr(addr: &str) {
+    let updated = match IDENTITY.write() {
+        Ok(mut slot) => match slot.as_mut() {
+            Some(id) if id.addr != addr => {
+                id.addr = addr.to_string();
+                Some(id.clone())
+            }
+            _ => None,
+        },
+        Err(_) => None,
+    };
+    if let Some(id) = updated {
+        timeline::name_process(&id);
+    }
+}
+
+/// This process's identity, once set.
+pub fn identity() -> Option<Identity> {
+    IDENTITY.read().ok().and_then(|i| i.clone())
+}
+
+/// Microseconds since the Unix epoch (the clock every record and timeline uses, so that the files
+/// of different hosts line up as well as their clocks do).
+#[inline]
+pub fn now_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}

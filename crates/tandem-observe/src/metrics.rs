@@ -1,0 +1,472 @@
+//! This process's metrics, in the Prometheus text format: served at `TANDEM_METRICS_ADDR`
+//! (see [`crate::serve_from_env`]), returned by [`render`] and, parsed, by [`samples`].
+//!
+//! Every series carries the labels `job`, `rank` and `role` of the process's [`Identity`].
+//!
+//! | metric | labels | what |
+//! |---|---|---|
+//! | `tandem_op_seconds` (histogram) | `op`, `size` | collective and message latency by size class |
+//! | `tandem_op_bytes_total` | `op`, `size` | payload bytes of those operations |
+//! | `tandem_op_errors_total` | `op`, `error` | failed operations (`timeout`, `peer_lost`, `mismatch`, `other`) |
+//! | `tandem_peer_late_total` | `peer` | operations a peer started 2 ms or more after this rank |
+//! | `tandem_peer_straggler_total` | `peer` | windows of 64 operations in which the peer was late in most |
+//! | `tandem_peer_sent_bytes_total`, `tandem_peer_received_bytes_total` | `peer` | bytes on the wire to and from each peer (the kernel's count) |
+//! | `tandem_peer_retransmits_total` | `peer` | TCP segments retransmitted to each peer |
+//! | `tandem_rendezvous_seconds` (histogram) | `call` | rendezvous round trips |
+//! | `tandem_ps_call_seconds` (histogram) | `call` | parameter-server calls of a worker (`push`, `pull`) |
+//! | `tandem_ps_*` | | a parameter server's counters (its own [`add_source`]) |
+//!
+//! ```
+//! tandem_observe::identify(tandem_observe::Identity::new("rank", 0, 1));
+//! tandem_observe::metrics::op("allreduce", 4096, 0.00002);
+//! assert!(tandem_observe::metrics::render().contains("tandem_op_seconds_count"));
+//! ```
+
+use std::borrow::Cow;
+use std::fmt::Write;
+use std::sync::{Mutex, OnceLock};
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::Identity;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OpLabels {
+    op: Cow<'static, str>,
+    size: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ErrorLabels {
+    op: Cow<'static, str>,
+    error: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PeerLabels {
+    peer: u32,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CallLabels {
+    call: &'static str,
+}
+
+type Histograms<L> = Family<L, Histogram, fn() -> Histogram>;
+
+fn latency() -> Histogram {
+    // 10 µs to ~2.8 min by factors of 4.
+    Histogram::new(exponential_buckets(1e-5, 4.0, 13))
+}
+
+struct Metrics {
+    registry: Registry,
+    op_seconds: Histograms<OpLabels>,
+    op_bytes: Family<OpLabels, Counter>,
+    errors: Family<ErrorLabels, Counter>,
+    late: Family<PeerLabels, Counter>,
+    stragglers: Family<PeerLabels, Counter>,
+    rendezvous: Histograms<CallLabels>,
+    ps_calls: Histograms<CallLabels>,
+    /// `job="..",rank="..",role=".."`, for the series written by hand.
+    labels: String,
+    /// Handles of the common operations, so recording one is no lookup.
+    hot: Vec<OnceLock<(Histogram, Counter)>>,
+}
+
+type Source = Box<dyn Fn(&mut String, &str) + Send + Sync>;
+
+static METRICS: OnceLock<Metrics> = OnceLock::new();
+static SOURCES: Mutex<Vec<Source>> = Mutex::new(Vec::new());
+
+/// The kinds of operation with cached handles, in the order of `hot`.
+const HOT: [&str; 8] = [
+    "allreduce",
+    "broadcast",
+    "allgather",
+    "reduce_scatter",
+    "reduce",
+    "barrier",
+    "send",
+    "recv",
+];
+/// Upper bounds of the size classes, and their label values.
+const SIZES: [(u64, &str); 6] = [
+    (4 << 10, "<=4KiB"),
+    (64 << 10, "<=64KiB"),
+    (1 << 20, "<=1MiB"),
+    (16 << 20, "<=16MiB"),
+    (256 << 20, "<=256MiB"),
+    (u64::MAX, ">256MiB"),
+];
+
+/// The size class of an operation of `bytes` (its `size` label).
+pub fn size_class(bytes: u64) -> usize {
+    SIZES
+        .iter()
+        .position(|(b, _)| bytes <= *b)
+        .unwrap_or(SIZES.len() - 1)
+}
+
+/// Escapes a label value for the text format.
+fn escape(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+pub(crate) fn init(id: &Identity) {
+    METRICS.get_or_init(|| {
+        let labels = [
+            ("job", id.job.clone()),
+            ("rank", id.index.to_string()),
+            ("role", id.role.clone()),
+        ];
+        let text = labels
+            .iter()
+            .map(|(k, v)| format!("{k}=\"{}\"", escape(v)))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut registry = Registry::with_labels(
+            labels
+                .into_iter()
+                .map(|(k, v)| (Cow::Borrowed(k), Cow::Owned(v))),
+        );
+        let op_seconds: Histograms<OpLabels> = Family::new_with_constructor(latency);
+        let op_bytes = Family::<OpLabels, Counter>::default();
+        let errors = Family::<ErrorLabels, Counter>::default();
+        let late = Family::<PeerLabels, Counter>::default();
+        let stragglers = Family::<PeerLabels, Counter>::default();
+        let rendezvous: Histograms<CallLabels> = Family::new_with_constructor(latency);
+        let ps_calls: Histograms<CallLabels> = Family::new_with_constructor(latency);
+        registry.register(
+            "tandem_op_seconds",
+            "Latency of collectives and messages, by operation and size class",
+            op_seconds.clone(),
+        );
+        registry.register(
+            "tandem_op_bytes",
+            "Payload bytes of collectives and messages",
+            op_bytes.clone(),
+        );
+        registry.register(
+            "tandem_op_errors",
+            "Failed operations, by operation and error",
+            errors.clone(),
+        );
+        registry.register(
+            "tandem_peer_late",
+            "Operations a peer started 2 ms or more after this rank",
+            late.clone(),
+        );
+        registry.register(
+            "tandem_peer_straggler",
+            "Windows of 64 operations in which the peer started late in most",
+            stragglers.clone(),
+        );
+        registry.register(
+            "tandem_rendezvous_seconds",
+            "Round trips to the rendezvous",
+            rendezvous.clone(),
+        );
+        registry.register(
+            "tandem_ps_call_seconds",
+            "Parameter-server calls of this worker",
+            ps_calls.clone(),
+        );
+        Metrics {
+            registry,
+            op_seconds,
+            op_bytes,
+            errors,
+            late,
+            stragglers,
+            rendezvous,
+            ps_calls,
+            labels: text,
+            hot: (0..HOT.len() * SIZES.len())
+                .map(|_| OnceLock::new())
+                .collect(),
+        }
+    });
+}
+
+fn get() -> Option<&'static Metrics> {
+    if crate::active() { METRICS.get() } else { None }
+}
+
+/// Records one operation of `kind` (`allreduce`, ..., `send`, `recv`) moving `bytes` of payload
+/// in `secs`.
+pub fn op(kind: &'static str, bytes: u64, secs: f64) {
+    let Some(m) = get() else {
+        return;
+    };
+    let size = size_class(bytes);
+    let labels = || OpLabels {
+        op: Cow::Borrowed(kind),
+        size: SIZES[size].1,
+    };
+    match HOT.iter().position(|k| *k == kind) {
+        Some(i) => {
+            let (h, c) = m.hot[i * SIZES.len() + size].get_or_init(|| {
+                (
+                    m.op_seconds.get_or_create_owned(&labels()),
+                    m.op_bytes.get_or_create_owned(&labels()),
+                )
+            });
+            h.observe(secs);
+            c.inc_by(bytes);
+        }
+        None => {
+            m.op_seconds.get_or_create(&labels()).observe(secs);
+            m.op_bytes.get_or_create(&labels()).inc_by(bytes);
+        }
+    }
+}
+
+/// Counts a failed operation; `error` is `timeout`, `peer_lost`, `mismatch` or `other`.
+pub fn error(kind: impl Into<Cow<'static, str>>, error: &'static str) {
+    if let Some(m) = get() {
+        m.errors
+            .get_or_create(&ErrorLabels {
+                op: kind.into(),
+                error,
+            })
+            .inc();
+    }
+}
+
+/// Counts an operation `peer` started late (see [`crate::metrics`]).
+pub fn late(peer: usize) {
+    if let Some(m) = get() {
+        m.late
+            .get_or_create(&PeerLabels { peer: peer as u32 })
+            .inc();
+    }
+}
+
+/// Counts a window in which `peer` was a straggler.
+pub fn straggler(peer: usize) {
+    if let Some(m) = get() {
+        m.stragglers
+            .get_or_create(&PeerLabels { peer: peer as u32 })
+            .inc();
+    }
+}
+
+/// Records a rendezvous round trip (`call`: `get`, `set`, `wait`, ...).
+pub fn rendezvous(call: &'static str, secs: f64) {
+    if let Some(m) = get() {
+        m.rendezvous
+            .get_or_create(&CallLabels { call })
+            .observe(secs);
+    }
+}
+
+/// Records a parameter-server call of a worker (`call`: `push`, `pull`).
+pub fn ps_call(call: &'static str, secs: f64) {
+    if let Some(m) = get() {
+        m.ps_calls.get_or_create(&CallLabels { call }).observe(secs);
+    }
+}
+
+/// Adds series rendered by the caller (a parameter server's counters): `source(out, labels)`
+/// appends text-format lines, putting `labels` (`job="..",rank="..",role=".."`) in each series.
+pub fn add_source(source: impl Fn(&mut String, &str) + Send + Sync + 'static) {
+    if let Ok(mut s) = SOURCES.lock() {
+        s.push(Box::new(source));
+    }
+}
+
+/// This process's metrics in the Prometheus text format (version 0.0.4); empty before it has an
+/// identity or with `TANDEM_OBSERVE=off`.
+pub fn render() -> String {
+    let Some(m) = get() else {
+        return String::new();
+    };
+    let mut out = String::new();
+    if let Err(e) = prometheus_client::encoding::prometheus_text::encode(&mut out, &m.registry) {
+        tracing::warn!("metrics not encoded: {e}");
+    }
+    crate::sockets::render(&mut out, &m.labels);
+    if let Ok(sources) = SOURCES.lock() {
+        for s in sources.iter() {
+            s(&mut out, &m.labels);
+        }
+    }
+    out
+}
+
+/// Writes one hand-rendered family: `# HELP`, `# TYPE` and its samples (`(extra labels, value)`).
+pub fn write_family(
+    out: &mut String,
+    name: &str,
+    kind: &str,
+    help: &str,
+    labels: &str,
+    samples: &[(String, f64)],
+) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    for (extra, v) in samples {
+        let sep = if extra.is_empty() || labels.is_empty() {
+            ""
+        } else {
+            ","
+        };
+        let _ = writeln!(out, "{name}{{{labels}{sep}{extra}}} {v}");
+    }
+}
+
+/// One sample of [`render`]'s text.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sample {
+    /// Metric name (with `_bucket`, `_sum`, `_count`, `_total` as written).
+    pub name: String,
+    /// Its labels, in order.
+    pub labels: Vec<(String, String)>,
+    /// Its value.
+    pub value: f64,
+}
+
+/// Parses the text format (what [`render`] writes): its samples, or the first line that is not one.
+pub fn parse(text: &str) -> Result<Vec<Sample>, String> {
+    let mut out = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let bad = || format!("line {}: {line:?} is not a sample", n + 1);
+        let (name, rest) = match line.find(['{', ' ']) {
+            Some(i) => line.split_at(i),
+            None => return Err(bad()),
+        };
+        if name.is_empty()
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
+        {
+            return Err(bad());
+        }
+        let (labels, rest) = match rest.strip_prefix('{') {
+            Some(body) => parse_labels(body).ok_or_else(bad)?,
+            None => (Vec::new(), rest),
+        };
+        let value = rest.split_whitespace().next().ok_or_else(bad)?;
+        let value = match value {
+            "+Inf" => f64::INFINITY,
+            "-Inf" => f64::NEG_INFINITY,
+            v => v.parse::<f64>().map_err(|_| bad())?,
+        };
+        out.push(Sample {
+            name: name.to_string(),
+            labels,
+            value,
+        });
+    }
+    Ok(out)
+}
+
+/// The labels after a `{`, and the text after their `}`.
+fn parse_labels(s: &str) -> Option<(Vec<(String, String)>, &str)> {
+    let b = s.as_bytes();
+    let mut i = 0;
+    let mut labels = Vec::new();
+    loop {
+        while i < b.len() && (b[i] == b',' || b[i] == b' ') {
+            i += 1;
+        }
+        if *b.get(i)? == b'}' {
+            return Some((labels, &s[i + 1..]));
+        }
+        let eq = s[i..].find('=')? + i;
+        let key = s[i..eq].trim();
+        if key.is_empty() || key.contains(['"', '}', ',']) {
+            return None;
+        }
+        i = eq + 1;
+        if b.get(i) != Some(&b'"') {
+            return None;
+        }
+        i += 1;
+        let mut value = String::new();
+        loop {
+            let c = s[i..].chars().next()?;
+            i += c.len_utf8();
+            match c {
+                '\\' => {
+                    let d = s[i..].chars().next()?;
+                    i += d.len_utf8();
+                    value.push(if d == 'n' { '\n' } else { d });
+                }
+                '"' => break,
+                c => value.push(c),
+            }
+        }
+        labels.push((key.to_string(), value));
+    }
+}
+
+/// This process's metrics, parsed: what `tandem.metrics()` returns in Python.
+pub fn samples() -> Vec<Sample> {
+    parse(&render()).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn size_classes_have_inclusive_upper_bounds() {
+        assert_eq!(size_class(0), 0);
+        assert_eq!(size_class(4096), 0);
+        assert_eq!(size_class(4097), 1);
+        assert_eq!(size_class(1 << 20), 2);
+        assert_eq!(size_class((1 << 20) + 1), 3);
+        assert_eq!(size_class(256 << 20), 4);
+        assert_eq!(size_class((256 << 20) + 1), 5);
+        assert_eq!(size_class(u64::MAX), 5);
+    }
+
+    #[test]
+    fn the_parser_reads_labels_escapes_and_infinities_and_names_a_bad_line() {
+        let text = "# HELP x y\n# TYPE x counter\nx_total{job=\"a\\\"b\",le=\"+Inf\"} 3\nup 1\nh_bucket{le=\"+Inf\"} +Inf\n";
+        let s = parse(text).unwrap();
+        assert_eq!(s.len(), 3);
+        assert_eq!(s[0].name, "x_total");
+        assert_eq!(
+            s[0].labels,
+            vec![
+                ("job".to_string(), "a\"b".to_string()),
+                ("le".to_string(), "+Inf".to_string())
+            ]
+        );
+        assert_eq!(s[0].value, 3.0);
+        assert_eq!((s[1].name.as_str(), s[1].value), ("up", 1.0));
+        assert!(s[2].value.is_infinite());
+        assert!(parse("x{a=\"1\" 3\n").unwrap_err().contains("line 1"));
+        assert!(parse("ok 1\nx y\n").unwrap_err().contains("line 2"));
+        assert!(parse("{a=\"1\"} 3\n").is_err());
+    }
+
+    #[test]
+    fn hand_written_families_carry_the_process_labels() {
+        let mut out = String::new();
+        write_family(
+            &mut out,
+            "tandem_ps_version",
+            "gauge",
+            "v",
+            "job=\"j\",rank=\"0\",role=\"ps\"",
+            &[(String::new(), 4.0), ("le=\"1\"".into(), 2.0)],
+        );
+        let s = parse(&out).unwrap();
+        assert_eq!(s[0].labels.len(), 3);
+        assert_eq!(s[1].labels.len(), 4);
+        assert_eq!(s[1].value, 2.0);
+    }
+}

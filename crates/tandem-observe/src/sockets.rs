@@ -1,0 +1,177 @@
+//! Bytes on the wire to and from each peer, as the kernel counts them (`TCP_INFO`), read when the
+//! metrics are scraped: nothing is counted on the data path.
+
+use std::os::fd::RawFd;
+use std::sync::Mutex;
+
+struct Watched {
+    id: u64,
+    peer: u32,
+    fd: RawFd,
+}
+
+#[derive(Default)]
+struct Table {
+    next: u64,
+    live: Vec<Watched>,
+    /// Totals of closed sockets, per peer: (sent, received, retransmits).
+    closed: std::collections::BTreeMap<u32, (u64, u64, u64)>,
+}
+
+static TABLE: Mutex<Option<Table>> = Mutex::new(None);
+
+/// Counts one connection to a peer until dropped; drop it before the socket is closed.
+#[derive(Debug)]
+pub struct SocketWatch {
+    id: Option<u64>,
+}
+
+/// Counts the bytes of the TCP socket `fd`, connected to `peer`, in the metrics from now until the
+/// returned guard is dropped (which must happen before `fd` is closed).
+pub fn watch_socket(peer: usize, fd: RawFd) -> SocketWatch {
+    if !crate::active() {
+        return SocketWatch { id: None };
+    }
+    let Ok(mut t) = TABLE.lock() else {
+        return SocketWatch { id: None };
+    };
+    let t = t.get_or_insert_with(Table::default);
+    let id = t.next;
+    t.next += 1;
+    t.live.push(Watched {
+        id,
+        peer: peer as u32,
+        fd,
+    });
+    SocketWatch { id: Some(id) }
+}
+
+impl Drop for SocketWatch {
+    fn drop(&mut self) {
+        let Some(id) = self.id else {
+            return;
+        };
+        let Ok(mut t) = TABLE.lock() else {
+            return;
+        };
+        let Some(t) = t.as_mut() else {
+            return;
+        };
+        if let Some(i) = t.live.iter().position(|w| w.id == id) {
+            let w = t.live.swap_remove(i);
+            if let Some((s, r, x)) = tcp_counts(w.fd) {
+                let c = t.closed.entry(w.peer).or_default();
+                c.0 += s;
+                c.1 += r;
+                c.2 += x;
+            }
+        }
+    }
+}
+
+/// (bytes acknowledged by the peer, bytes received from it, segments retransmitted).
+#[allow(unsafe_code)]
+fn tcp_counts(fd: RawFd) -> Option<(u64, u64, u64)> {
+    let mut info = std::mem::MaybeUninit::<libc::tcp_info>::zeroed();
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: `info` is a writable buffer of `len` bytes and `len` is passed by pointer as
+    // getsockopt requires; the kernel writes at most `len` bytes and updates `len`. `fd` is a
+    // socket kept open by the caller (watched sockets are removed before they close, under the
+    // same lock as this read).
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            info.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return None;
+    }
+    // SAFETY: zero-initialised, then (partly) filled by the kernel; every field is a plain integer.
+    let info = unsafe { info.assume_init() };
+    // The kernel's count includes the SYN (and a FIN once acknowledged): one byte each.
+    Some((
+        info.tcpi_bytes_acked.saturating_sub(1),
+        info.tcpi_bytes_received,
+        u64::from(info.tcpi_total_retrans),
+    ))
+}
+
+/// Appends the per-peer byte counters to `out`.
+pub(crate) fn render(out: &mut String, labels: &str) {
+    let Ok(t) = TABLE.lock() else {
+        return;
+    };
+    let Some(t) = t.as_ref() else {
+        return;
+    };
+    let mut per_peer = t.closed.clone();
+    for w in &t.live {
+        if let Some((s, r, x)) = tcp_counts(w.fd) {
+            let c = per_peer.entry(w.peer).or_default();
+            c.0 += s;
+            c.1 += r;
+            c.2 += x;
+        }
+    }
+    if per_peer.is_empty() {
+        return;
+    }
+    let series = |f: fn(&(u64, u64, u64)) -> u64| -> Vec<(String, f64)> {
+        per_peer
+            .iter()
+            .map(|(p, c)| (format!("peer=\"{p}\""), f(c) as f64))
+            .collect()
+    };
+    crate::metrics::write_family(
+        out,
+        "tandem_peer_sent_bytes_total",
+        "counter",
+        "Bytes sent to each peer and acknowledged (kernel TCP count)",
+        labels,
+        &series(|c| c.0),
+    );
+    crate::metrics::write_family(
+        out,
+        "tandem_peer_received_bytes_total",
+        "counter",
+        "Bytes received from each peer (kernel TCP count)",
+        labels,
+        &series(|c| c.1),
+    );
+    crate::metrics::write_family(
+        out,
+        "tandem_peer_retransmits_total",
+        "counter",
+        "TCP segments retransmitted to each peer",
+        labels,
+        &series(|c| c.2),
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::os::fd::AsRawFd;
+
+    #[test]
+    fn the_kernel_counts_the_bytes_of_a_socket() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut a = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (mut b, _) = l.accept().unwrap();
+        a.write_all(&[7u8; 5000]).unwrap();
+        let mut got = vec![0u8; 5000];
+        b.read_exact(&mut got).unwrap();
+        b.write_all(&[1u8; 300]).unwrap();
+        let mut back = [0u8; 300];
+        a.read_exact(&mut back).unwrap();
+        let (sent, received, _) = tcp_counts(a.as_raw_fd()).unwrap();
+        assert_eq!(received, 300);
+        assert_eq!(sent, 5000);
+        assert!(tcp_counts(-1).is_none());
+    }
+}
