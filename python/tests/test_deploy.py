@@ -133,3 +133,40 @@ def test_sbatch_scripts_are_valid_bash() -> None:
     for script in (DEPLOY / "slurm").iterdir():
         if script.suffix in (".sbatch", ".sh"):
             assert subprocess.run(["bash", "-n", str(script)], timeout=30).returncode == 0, script
+
+
+def test_the_grafana_dashboard_queries_only_metrics_tandem_serves() -> None:
+    import re
+
+    dash = json.loads((DEPLOY / "grafana" / "tandem-dashboard.json").read_text())
+    exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
+    assert len(exprs) >= 10
+    used = {re.sub(r"_(bucket|count|sum)$", "", n) for e in exprs for n in re.findall(r"\btandem_\w+", e)}
+    # What the code registers: the typed families (counters gain _total), the per-peer families and
+    # the parameter server's hand-written ones.
+    sources = "\n".join((ROOT / "crates" / f).read_text() for f in (
+        "tandem-observe/src/metrics.rs", "tandem-observe/src/sockets.rs", "tandem-ps/src/server/mod.rs"))
+    served = set(re.findall(r'"(tandem_[a-z_]+)"', sources))
+    served |= {f"{n}_total" for n in served}
+    served |= {f"tandem_ps_{n}" for n in re.findall(r'metric\(\s*"([a-z_]+)"', sources)}
+    served |= {"tandem_ps_staleness", "tandem_ps_worker_step"}
+    assert used <= served, f"the dashboard asks for metrics nobody serves: {sorted(used - served)}"
+    # Every panel filters by the job picked at the top.
+    assert all('job="$job"' in e for e in exprs)
+    assert {v["name"] for v in dash["templating"]["list"]} == {"datasource", "job"}
+
+
+def test_every_trainer_pod_serves_metrics() -> None:
+    for name in ("pytorchjob-allreduce.yaml", "tfjob-ps.yaml"):
+        doc = yaml.safe_load((DEPLOY / "kubernetes" / name).read_text())
+        replicas = doc["spec"].get("pytorchReplicaSpecs") or doc["spec"]["tfReplicaSpecs"]
+        for role, spec in replicas.items():
+            for c in containers(spec):
+                ports = {p["name"]: p["containerPort"] for p in c.get("ports", [])}
+                assert "metrics" in ports, (name, role)
+                env = {e["name"]: e for e in c.get("env", [])}
+                serves = env.get("TANDEM_METRICS_ADDR", {}).get("value", "")
+                if "--metrics-addr" in c["command"]:
+                    serves = c["command"][c["command"].index("--metrics-addr") + 1]
+                assert serves.endswith(f":{ports['metrics']}"), (name, role, serves)
+                assert "TANDEM_JOB_NAME" in env, (name, role)

@@ -182,6 +182,29 @@ impl Style {
     }
 }
 
+/// The metrics address of a process of a parameter-server job: its processes all resolve local
+/// rank 0 from their `TF_CONFIG`, so each gets its own port here (the base port plus its rank in
+/// the job). Allreduce ranks add their local rank themselves.
+fn metrics_addr(p: &Planned) -> Option<String> {
+    let has = |k: &str| p.env.iter().any(|(name, _)| name == k);
+    if !has("TF_CONFIG") {
+        return None;
+    }
+    let (_, base) = p
+        .env
+        .iter()
+        .rev()
+        .find(|(k, _)| k == "TANDEM_METRICS_ADDR")?;
+    let (host, port) = base.rsplit_once(':')?;
+    let port: u16 = port.parse().ok()?;
+    let port = if port == 0 {
+        0
+    } else {
+        u16::try_from(usize::from(port) + p.rank).ok()?
+    };
+    Some(format!("{host}:{port}"))
+}
+
 fn start(p: &mut Proc, token: &JobToken, style: &Style) -> Result<()> {
     let mut cmd = Command::new(&p.plan.command[0]);
     cmd.args(&p.plan.command[1..])
@@ -192,6 +215,9 @@ fn start(p: &mut Proc, token: &JobToken, style: &Style) -> Result<()> {
         .stderr(Stdio::piped())
         // Its own process group, so stopping it also stops what it started.
         .process_group(0);
+    if let Some(addr) = metrics_addr(&p.plan) {
+        cmd.env("TANDEM_METRICS_ADDR", addr);
+    }
     if let Some(dir) = &style.log_dir {
         // Flight-recorder dumps go to `trace/` beside the logs (unless TANDEM_TRACE_DIR says).
         cmd.env("TANDEM_LOG_DIR", dir);
@@ -484,5 +510,45 @@ fn join_forwarders(p: &mut Proc) {
         if f.is_finished() {
             let _ = f.join();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn planned(rank: usize, env: &[(&str, &str)]) -> Planned {
+        Planned {
+            role: tandem_core::Role::Worker,
+            index: rank,
+            rank,
+            command: vec!["x".into()],
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn processes_of_a_ps_job_get_a_metrics_port_each() {
+        let ps = |rank, addr| planned(rank, &[("TF_CONFIG", "{}"), ("TANDEM_METRICS_ADDR", addr)]);
+        assert_eq!(
+            metrics_addr(&ps(3, "127.0.0.1:9400")).as_deref(),
+            Some("127.0.0.1:9403")
+        );
+        assert_eq!(
+            metrics_addr(&ps(0, "127.0.0.1:9400")).as_deref(),
+            Some("127.0.0.1:9400")
+        );
+        assert_eq!(metrics_addr(&ps(5, "h:0")).as_deref(), Some("h:0"));
+        assert_eq!(metrics_addr(&ps(1, "h:65535")), None);
+        assert_eq!(metrics_addr(&ps(1, "nonsense")), None);
+        // Allreduce ranks offset by their own local rank.
+        assert_eq!(
+            metrics_addr(&planned(2, &[("TANDEM_METRICS_ADDR", "h:9400")])),
+            None
+        );
+        assert_eq!(metrics_addr(&planned(2, &[("TF_CONFIG", "{}")])), None);
     }
 }

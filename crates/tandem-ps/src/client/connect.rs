@@ -95,7 +95,7 @@ impl Client {
         optimizer.validate()?;
         tandem_observe::identify(
             tandem_observe::Identity::new("worker", worker as usize, mode.workers as usize)
-                .local(addrs.len() + worker as usize),
+                .local(local_rank()),
         );
         let end = Instant::now() + deadline;
         let servers =
@@ -230,4 +230,10 @@ fn first_push_id() -> u64 {
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     h.write_u32(std::process::id());
     (h.finish() >> 1) | 1
+}
+
+/// This process's index among those on its host, as its environment says (0 when it does not):
+/// offsets its metrics port.
+pub(crate) fn local_rank() -> usize {
+    tandem_core::ClusterSpec::from_env().map_or(0, |s| s.local_rank())
 }

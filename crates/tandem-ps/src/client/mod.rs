@@ -28,6 +28,7 @@ use crate::placement::PartitionMap;
 use crate::server::MAX_MESSAGE;
 
 mod connect;
+pub(crate) use connect::local_rank;
 mod retry;
 mod rows;
 mod same_host;

@@ -336,7 +336,9 @@ pub fn prometheus(model: &Model, labels: &str) -> String {
 /// and the metrics (its counters join the metrics endpoint, `TANDEM_METRICS_ADDR`, and
 /// [`tandem_observe::metrics::render`]). Call once, when it starts serving.
 pub fn observe(index: usize, servers: usize, service: &Service) {
-    tandem_observe::identify(tandem_observe::Identity::new("ps", index, servers).local(index));
+    tandem_observe::identify(
+        tandem_observe::Identity::new("ps", index, servers).local(crate::client::local_rank()),
+    );
     let service = service.clone();
     tandem_observe::metrics::add_source(move |out, labels| {
         if let Some(m) = service.model() {
