@@ -204,6 +204,17 @@ fn sync_sgd_with_a_late_worker_matches_the_single_process_reference() {
     });
 }
 
+/// A model too small to share: its two tensors whole on two of three servers, the third holding
+/// none (it gets no pushes, so its version stays 0): pulls must not wait for it.
+#[test]
+fn a_server_holding_no_partition_does_not_stall_the_job() {
+    for same_host in ["auto", "tcp"] {
+        sync_reference_on(3, same_host, 30, |_| {
+            vec!["--min-part".to_string(), (1 << 20).to_string()]
+        });
+    }
+}
+
 fn sync_reference(same_host: &'static str) {
     sync_reference_with(same_host, 150, |_| vec![]);
 }
@@ -213,7 +224,16 @@ fn sync_reference_with(
     steps: usize,
     per_worker: impl Fn(usize) -> Vec<String>,
 ) {
-    let job = Job::start_plane(2, same_host);
+    sync_reference_on(2, same_host, steps, per_worker);
+}
+
+fn sync_reference_on(
+    servers: usize,
+    same_host: &'static str,
+    steps: usize,
+    per_worker: impl Fn(usize) -> Vec<String>,
+) {
+    let job = Job::start_plane(servers, same_host);
     let lr = 0.05;
     let steps_arg = steps.to_string();
     let outs = job.workers(

@@ -98,6 +98,11 @@ pub struct BenchArgs {
     /// bound and the fraction of it reached.
     #[arg(long)]
     link: Option<String>,
+    /// Measure what the flight recorder and the metrics cost: every rank alternates batches of
+    /// operations with them on and off, and the table shows both times per size (medians of the
+    /// batches) and their ratio.
+    #[arg(long)]
+    observe_cost: bool,
     /// Bytes per second of each link (set for the ranks by `--link`).
     #[arg(long, hide = true)]
     link_bytes: Option<f64>,
@@ -265,6 +270,9 @@ fn rank_args(
         "--warmup".into(),
         args.warmup.to_string(),
     ]);
+    if args.observe_cost {
+        r.push("--observe-cost".into());
+    }
     for (flag, v) in [
         ("--iters", args.iters.map(|i| i.to_string())),
         ("--csv", args.csv.clone()),
@@ -390,6 +398,17 @@ pub fn bench_rank(args: BenchRankArgs) -> Result<ExitCode> {
         ),
         _ => None,
     };
+    if a.observe_cost {
+        if gpu.is_some() {
+            return Err(Error::invalid(
+                "--observe-cost",
+                "measures the TCP ring's recorder and metrics; drop --backend nccl",
+            ));
+        }
+        observe_cost(&pg, collective, dtype, op, min, max, &a)?;
+        pg.shutdown()?;
+        return Ok(ExitCode::SUCCESS);
+    }
     if rank == 0 {
         let backend = gpu.as_ref().map_or(pg.backend_name(), |g| g.backend_name());
         print_header(collective, &a, n, backend, op, dtype, csv.as_mut());
@@ -455,6 +474,69 @@ pub fn bench_rank(args: BenchRankArgs) -> Result<ExitCode> {
     }
     pg.shutdown()?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Batches per size in `--observe-cost`: half with the recorder and metrics on, half off,
+/// alternating.
+const COST_BATCHES: usize = 20;
+
+/// `--observe-cost`: per size, batches of operations with the recorder and metrics on and off in
+/// turn (every rank switches at the same operation), each batch timed; prints the median time per
+/// operation of each kind of batch (the slowest rank's) and their ratio.
+fn observe_cost(
+    pg: &ProcessGroup,
+    collective: Collective,
+    dtype: DType,
+    op: ReduceOp,
+    min: usize,
+    max: usize,
+    a: &BenchArgs,
+) -> Result<()> {
+    let rank = pg.rank();
+    if rank == 0 {
+        println!(
+            "# tandem bench {} --observe-cost: {} ranks, {dtype}, {COST_BATCHES} alternating batches per size",
+            collective.name(),
+            pg.world_size()
+        );
+        println!(
+            "#{:>12} {:>8} {:>12} {:>12} {:>8}",
+            "size(B)", "ops", "on(us)", "off(us)", "on/off"
+        );
+    }
+    let mut size = min;
+    while size <= max {
+        let bytes = size / dtype.size() * dtype.size();
+        let per_batch = (iterations(bytes, a.iters) / COST_BATCHES).max(1);
+        let (mut on, mut off) = (Vec::new(), Vec::new());
+        for b in 0..COST_BATCHES {
+            let recording = b % 2 == 0;
+            tandem::observe::set_active(recording);
+            let (_, elapsed, n) =
+                run_size(pg, collective, dtype, op, bytes, Some(per_batch), a.warmup)?;
+            let mut t = [elapsed.as_secs_f64() / n as f64];
+            pg.allreduce(&mut t, ReduceOp::Max)?;
+            if recording { &mut on } else { &mut off }.push(t[0]);
+        }
+        tandem::observe::set_active(true);
+        let median = |v: &mut Vec<f64>| {
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        let (on, off) = (median(&mut on), median(&mut off));
+        if rank == 0 {
+            println!(
+                "{:>13} {:>8} {:>12.2} {:>12.2} {:>8.4}",
+                bytes,
+                per_batch * COST_BATCHES,
+                on * 1e6,
+                off * 1e6,
+                on / off
+            );
+        }
+        size *= 2;
+    }
+    Ok(())
 }
 
 fn iterations(bytes: usize, iters: Option<usize>) -> usize {

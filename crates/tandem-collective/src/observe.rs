@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use tandem_core::Error;
-use tandem_observe::recorder::{self, Entry, Token};
+use tandem_observe::oplog::{Names, OpLog, OpStart};
+use tandem_observe::recorder::{self, Wait};
 use tandem_observe::{metrics, timeline};
 
 use crate::algorithm::ring::{left, right};
@@ -53,86 +54,140 @@ impl Drop for ReduceTimer {
     }
 }
 
-/// "rank 2's header" / "data from or to rank 2", and the peer.
-pub(crate) fn describe(w: Waiting) -> Option<(u32, String)> {
+/// The recorder's form of what an operation waits for.
+pub(crate) fn wait_of(w: Waiting) -> Option<Wait> {
     match w {
-        Waiting::Header(p) => Some((p as u32, format!("rank {p}'s header (it has not started)"))),
-        Waiting::Data(p) => Some((p as u32, format!("data from or to rank {p}"))),
+        Waiting::Header(p) => Some(Wait::Header(p as u32)),
+        Waiting::Data(p) => Some(Wait::Data(p as u32)),
         Waiting::Nothing => None,
+    }
+}
+
+/// What the codes of a group's [`OpLog`] stand for: kinds in the order of
+/// [`metrics::COLLECTIVE_KINDS`], element types and reduce operations by their wire codes.
+pub(crate) static NAMES: Names = Names {
+    kinds: &metrics::COLLECTIVE_KINDS,
+    dtypes: &["f32", "f64", "f16", "bf16", "i32", "i64", "u8"],
+    ops: &["sum", "avg", "min", "max", "prod"],
+};
+
+/// The group's flight recorder.
+pub(crate) fn log() -> std::sync::Arc<OpLog> {
+    OpLog::from_env(&NAMES)
+}
+
+/// The index of an operation kind in [`metrics::COLLECTIVE_KINDS`] (a receive is a `Send` header
+/// addressed to this rank).
+fn kind_index(header: &OpHeader, rank: usize) -> usize {
+    match header.kind {
+        OpKind::Allreduce => 0,
+        OpKind::Broadcast => 1,
+        OpKind::Allgather => 2,
+        OpKind::ReduceScatter => 3,
+        OpKind::Reduce => 4,
+        OpKind::Barrier => 5,
+        OpKind::Send if header.root as usize == rank => 7,
+        OpKind::Send => 6,
     }
 }
 
 /// One operation being recorded.
 pub(crate) struct Recording {
-    token: Token,
-    kind: &'static str,
+    /// Its number in the log, when recorded.
+    number: Option<u64>,
+    kind: usize,
     bytes: u64,
     started: Instant,
     started_us: u64,
 }
 
-/// Records the start of `header`'s operation on `rank` of `world`.
-pub(crate) fn begin(header: &OpHeader, rank: usize, world: usize) -> Recording {
-    let kind = match header.kind {
-        OpKind::Send if header.root as usize == rank => "recv",
-        k => k.name(),
-    };
+/// Records the start of `header`'s operation on `rank` of `world`, at `started`, in `log`.
+pub(crate) fn begin(
+    log: &OpLog,
+    header: &OpHeader,
+    rank: usize,
+    world: usize,
+    started: Instant,
+) -> Recording {
+    let kind = kind_index(header, rank);
     let bytes = header.count * header.dtype.size() as u64;
-    let mut e = Entry::new(header.seq, kind, header.dtype.name(), header.count);
-    e.bytes = bytes;
-    e.op = header.op.map(|o| o.name().into());
-    if matches!(header.kind, OpKind::Broadcast | OpKind::Reduce) {
-        e.root = Some(header.root);
+    let timeline = timeline::enabled();
+    if !tandem_observe::active() && !timeline {
+        return Recording {
+            number: None,
+            kind,
+            bytes,
+            started,
+            started_us: 0,
+        };
     }
-    e.peers = match header.kind {
+    let started_us = tandem_observe::us_at(started);
+    let peers = match header.kind {
         // A message's header names its destination.
-        OpKind::Send if kind == "send" => vec![header.root],
-        OpKind::Send => Vec::new(),
-        _ => vec![left(rank, world) as u32, right(rank, world) as u32],
+        OpKind::Send if kind == 6 => [Some(header.root), None],
+        OpKind::Send => [None, None],
+        _ => [
+            Some(left(rank, world) as u32),
+            Some(right(rank, world) as u32),
+        ],
     };
-    if timeline::enabled() {
+    let number = tandem_observe::active().then(|| {
+        log.begin(&OpStart {
+            seq: header.seq,
+            kind: kind as u8,
+            dtype: header.dtype.code(),
+            op: header.op.map(|o| o.code()),
+            root: matches!(header.kind, OpKind::Broadcast | OpKind::Reduce).then_some(header.root),
+            peers,
+            count: header.count,
+            bytes,
+            started_us,
+        })
+    });
+    if timeline {
         REDUCES.with(|r| r.borrow_mut().clear());
     }
     Recording {
-        token: recorder::begin(e),
+        number,
         kind,
         bytes,
-        started_us: tandem_observe::now_us(),
-        started: Instant::now(),
+        started,
+        started_us,
     }
 }
 
-/// Records how `rec`'s operation ended: `lateness` is the last header's arrival, `waiting` what it
-/// waited for at the end; an error dumps the flight recorder.
+/// Records how `rec`'s operation ended at `ended`: `lateness` is the last header's arrival,
+/// `waiting` what it waited for at the end; an error dumps the flight recorder.
 pub(crate) fn end(
+    log: &OpLog,
     rec: Recording,
+    ended: Instant,
     lateness: Option<(usize, Duration)>,
     waiting: Waiting,
     error: Option<&Error>,
 ) {
-    if !tandem_observe::active() && !timeline::enabled() {
+    if rec.started_us == 0 {
         return;
     }
-    let took = rec.started.elapsed();
-    let late = lateness.map(|(p, d)| (p as u32, d.as_micros() as u64));
-    let stuck = error.and_then(|_| describe(waiting));
-    recorder::end(
-        rec.token,
-        |e| {
-            if let Some((p, us)) = late {
-                e.late_peer = Some(p);
-                e.late_us = Some(us);
-            }
-            if let Some((p, w)) = &stuck {
-                e.waiting_on = Some(*p);
-                e.waiting = Some(w.clone());
-            }
-        },
-        error.map(ToString::to_string),
-    );
+    let took = ended.saturating_duration_since(rec.started);
+    let late = lateness.map(|(p, d)| {
+        (
+            p as u32,
+            d.as_secs() * 1_000_000 + u64::from(d.subsec_micros()),
+        )
+    });
+    if let Some(n) = rec.number {
+        log.end(
+            n,
+            tandem_observe::us_at(ended),
+            late,
+            error.and_then(|_| wait_of(waiting)),
+            error.map(ToString::to_string),
+        );
+    }
     match error {
-        None => metrics::op(rec.kind, rec.bytes, took.as_secs_f64()),
-        Some(e) => metrics::error(rec.kind, e.kind()),
+        None => metrics::op_at(rec.kind, rec.bytes, took.as_nanos() as u64),
+        Some(e) => metrics::error(metrics::COLLECTIVE_KINDS[rec.kind], e.kind()),
     }
     if let Some((p, d)) = lateness
         && d >= LATE_THRESHOLD
@@ -140,7 +195,8 @@ pub(crate) fn end(
         metrics::late(p);
     }
     if timeline::enabled() {
-        write_timeline(&rec, took, late, error);
+        let entry = rec.number.and_then(|n| log.entry(n));
+        write_timeline(&rec, entry, took, late, error);
     }
     if let Some(e) = error {
         tandem_observe::dump::write(&format!("{}: {e}", e.kind()));
@@ -150,6 +206,7 @@ pub(crate) fn end(
 
 fn write_timeline(
     rec: &Recording,
+    entry: Option<recorder::Entry>,
     took: Duration,
     late: Option<(u32, u64)>,
     error: Option<&Error>,
@@ -157,9 +214,8 @@ fn write_timeline(
     let tid = timeline::TID_COLLECTIVE;
     let start = rec.started_us;
     let dur = took.as_micros() as u64;
-    let entry = recorder::snapshot_of(rec.token);
     timeline::complete(
-        rec.kind,
+        metrics::COLLECTIVE_KINDS[rec.kind],
         "collective",
         tid,
         start,
@@ -191,5 +247,41 @@ fn write_timeline(
         if b > a {
             timeline::complete("reduce", "phase", tid, a, b - a, json!({}));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tandem_core::{DType, ReduceOp};
+
+    #[test]
+    fn the_log_names_match_the_wire_codes() {
+        for d in DType::ALL {
+            assert_eq!(NAMES.dtypes[d.code() as usize], d.name());
+        }
+        for o in ReduceOp::ALL {
+            assert_eq!(NAMES.ops[o.code() as usize], o.name());
+        }
+        let h = |kind, root| OpHeader {
+            seq: 0,
+            kind,
+            dtype: DType::F32,
+            op: None,
+            root,
+            count: 1,
+        };
+        for (kind, name) in [
+            (OpKind::Allreduce, "allreduce"),
+            (OpKind::Broadcast, "broadcast"),
+            (OpKind::Allgather, "allgather"),
+            (OpKind::ReduceScatter, "reduce_scatter"),
+            (OpKind::Reduce, "reduce"),
+            (OpKind::Barrier, "barrier"),
+        ] {
+            assert_eq!(NAMES.kinds[kind_index(&h(kind, 0), 0)], name);
+        }
+        assert_eq!(NAMES.kinds[kind_index(&h(OpKind::Send, 1), 0)], "send");
+        assert_eq!(NAMES.kinds[kind_index(&h(OpKind::Send, 0), 0)], "recv");
     }
 }

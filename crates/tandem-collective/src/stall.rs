@@ -85,21 +85,35 @@ impl Progress {
     }
 
     fn now_ms(&self) -> u64 {
-        self.epoch.elapsed().as_millis() as u64
+        self.ms_at(Instant::now())
+    }
+
+    fn ms_at(&self, t: Instant) -> u64 {
+        t.saturating_duration_since(self.epoch).as_millis() as u64
     }
 
     /// An operation starts; `collectives` is how many collectives have started with it.
     pub fn begin(&self, collectives: u64) {
+        self.begin_at(collectives, Instant::now());
+    }
+
+    /// [`Progress::begin`] at `t`, the clock already read.
+    pub fn begin_at(&self, collectives: u64, t: Instant) {
         self.waiting.set(Waiting::Nothing);
         self.started.store(collectives, Ordering::Relaxed);
-        self.since_ms.store(self.now_ms(), Ordering::Relaxed);
+        self.since_ms.store(self.ms_at(t), Ordering::Relaxed);
         self.in_op.store(true, Ordering::Release);
     }
 
     /// The operation ended.
     pub fn end(&self) {
+        self.end_at(Instant::now());
+    }
+
+    /// [`Progress::end`] at `t`, the clock already read.
+    pub fn end_at(&self, t: Instant) {
         self.waiting.set(Waiting::Nothing);
-        self.since_ms.store(self.now_ms(), Ordering::Relaxed);
+        self.since_ms.store(self.ms_at(t), Ordering::Relaxed);
         self.in_op.store(false, Ordering::Release);
     }
 

@@ -2,8 +2,8 @@
 //! everything takes.
 //!
 //! - [`recorder`]: the flight recorder, always on: the last operations of this process (collectives
-//!   and parameter-server calls) in a bounded ring, [`dump`]ed to a file on a timeout, an abort, an
-//!   error, or `SIGUSR1`.
+//!   and parameter-server calls) in bounded rings ([`oplog`] for a group's collectives, written
+//!   without a lock), [`dump`]ed to a file on a timeout, an abort, an error, or `SIGUSR1`.
 //! - [`timeline`]: on demand (`TANDEM_TIMELINE=DIR`), every operation and every span the user marks,
 //!   in Chrome's trace event format (Perfetto, `chrome://tracing`).
 //! - [`metrics`]: Prometheus metrics of this process, served at `TANDEM_METRICS_ADDR`.
@@ -17,14 +17,16 @@
 //! ```
 //! use tandem_observe::{Identity, identify, recorder};
 //! identify(Identity::new("rank", 0, 2));
-//! let t = recorder::begin(recorder::Entry::new(0, "allreduce", "f32", 1024));
-//! recorder::end(t, |e| e.bytes = 4096, None);
-//! assert_eq!(recorder::snapshot().last().map(|e| e.seq), Some(0));
+//! let t = recorder::begin(recorder::Record::new(0, "allreduce", "f32", 1024, tandem_observe::now_us()));
+//! recorder::end(t, recorder::Ending::default());
+//! let last = recorder::snapshot().pop().unwrap();
+//! assert_eq!((last.seq, last.outcome), (0, recorder::Outcome::Ok));
 //! ```
 
 pub mod analyze;
 pub mod dump;
 pub mod metrics;
+pub mod oplog;
 pub mod recorder;
 mod serve;
 mod sockets;
@@ -32,7 +34,7 @@ pub mod timeline;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{OnceLock, RwLock};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
@@ -123,6 +125,14 @@ pub fn active() -> bool {
     ON.load(Ordering::Relaxed)
 }
 
+/// Pauses (`false`) or resumes (`true`) the recorder and the metrics of a process that has an
+/// identity, to measure what they cost side by side (`tandem bench allreduce --observe-cost`).
+/// Does nothing with `TANDEM_OBSERVE=off` or before [`identify`].
+pub fn set_active(on: bool) {
+    let identified = IDENTITY.read().is_ok_and(|i| i.is_some());
+    ON.store(on && identified && switched_on(), Ordering::Relaxed);
+}
+
 /// Sets this process's identity; the first call wins (a process has one place in its job), later
 /// ones return `false` and change nothing. The first call also starts what the environment asks
 /// for: the timeline ([`TIMELINE_VAR`]), the metrics endpoint ([`METRICS_ADDR_VAR`]), and the
@@ -176,12 +186,35 @@ pub fn identity() -> Option<Identity> {
     IDENTITY.read().ok().and_then(|i| i.clone())
 }
 
+/// The wall clock at one instant of the monotonic clock: later wall times are derived from the
+/// monotonic clock (cheaper to read, and never goes back).
+static BASE: OnceLock<(Instant, u64)> = OnceLock::new();
+
+fn base() -> (Instant, u64) {
+    *BASE.get_or_init(|| {
+        let wall = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(micros)
+            .unwrap_or(0);
+        (Instant::now(), wall)
+    })
+}
+
+#[inline]
+fn micros(d: Duration) -> u64 {
+    d.as_secs() * 1_000_000 + u64::from(d.subsec_micros())
+}
+
 /// Microseconds since the Unix epoch (the clock every record and timeline uses, so that the files
 /// of different hosts line up as well as their clocks do).
 #[inline]
 pub fn now_us() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_micros() as u64)
-        .unwrap_or(0)
+    us_at(Instant::now())
+}
+
+/// [`now_us`] at `t`, an instant already read.
+#[inline]
+pub fn us_at(t: Instant) -> u64 {
+    let (i, wall) = base();
+    wall + micros(t.saturating_duration_since(i))
 }

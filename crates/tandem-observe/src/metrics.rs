@@ -24,6 +24,7 @@
 
 use std::borrow::Cow;
 use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -33,12 +34,6 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 use crate::Identity;
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct OpLabels {
-    op: Cow<'static, str>,
-    size: &'static str,
-}
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ErrorLabels {
@@ -65,8 +60,6 @@ fn latency() -> Histogram {
 
 struct Metrics {
     registry: Registry,
-    op_seconds: Histograms<OpLabels>,
-    op_bytes: Family<OpLabels, Counter>,
     errors: Family<ErrorLabels, Counter>,
     late: Family<PeerLabels, Counter>,
     stragglers: Family<PeerLabels, Counter>,
@@ -74,8 +67,6 @@ struct Metrics {
     ps_calls: Histograms<CallLabels>,
     /// `job="..",rank="..",role=".."`, for the series written by hand.
     labels: String,
-    /// Handles of the common operations, so recording one is no lookup.
-    hot: Vec<OnceLock<(Histogram, Counter)>>,
 }
 
 type Source = Box<dyn Fn(&mut String, &str) + Send + Sync>;
@@ -83,8 +74,9 @@ type Source = Box<dyn Fn(&mut String, &str) + Send + Sync>;
 static METRICS: OnceLock<Metrics> = OnceLock::new();
 static SOURCES: Mutex<Vec<Source>> = Mutex::new(Vec::new());
 
-/// The kinds of operation with cached handles, in the order of `hot`.
-const HOT: [&str; 8] = [
+/// The kinds of collective operation, in the order of their metric slots (and of the names
+/// collectives give their [`crate::oplog::OpLog`]).
+pub const COLLECTIVE_KINDS: [&str; 8] = [
     "allreduce",
     "broadcast",
     "allgather",
@@ -136,23 +128,11 @@ pub(crate) fn init(id: &Identity) {
                 .into_iter()
                 .map(|(k, v)| (Cow::Borrowed(k), Cow::Owned(v))),
         );
-        let op_seconds: Histograms<OpLabels> = Family::new_with_constructor(latency);
-        let op_bytes = Family::<OpLabels, Counter>::default();
         let errors = Family::<ErrorLabels, Counter>::default();
         let late = Family::<PeerLabels, Counter>::default();
         let stragglers = Family::<PeerLabels, Counter>::default();
         let rendezvous: Histograms<CallLabels> = Family::new_with_constructor(latency);
         let ps_calls: Histograms<CallLabels> = Family::new_with_constructor(latency);
-        registry.register(
-            "tandem_op_seconds",
-            "Latency of collectives and messages, by operation and size class",
-            op_seconds.clone(),
-        );
-        registry.register(
-            "tandem_op_bytes",
-            "Payload bytes of collectives and messages",
-            op_bytes.clone(),
-        );
         registry.register(
             "tandem_op_errors",
             "Failed operations, by operation and error",
@@ -180,17 +160,12 @@ pub(crate) fn init(id: &Identity) {
         );
         Metrics {
             registry,
-            op_seconds,
-            op_bytes,
             errors,
             late,
             stragglers,
             rendezvous,
             ps_calls,
             labels: text,
-            hot: (0..HOT.len() * SIZES.len())
-                .map(|_| OnceLock::new())
-                .collect(),
         }
     });
 }
@@ -199,32 +174,121 @@ fn get() -> Option<&'static Metrics> {
     if crate::active() { METRICS.get() } else { None }
 }
 
-/// Records one operation of `kind` (`allreduce`, ..., `send`, `recv`) moving `bytes` of payload
-/// in `secs`.
-pub fn op(kind: &'static str, bytes: u64, secs: f64) {
-    let Some(m) = get() else {
+/// Upper bounds of the latency buckets in nanoseconds: 10 µs to ~168 s by factors of 4.
+const BOUNDS_NS: [u64; 13] = {
+    let mut b = [0u64; 13];
+    let mut i = 0;
+    let mut v = 10_000u64;
+    while i < 13 {
+        b[i] = v;
+        v *= 4;
+        i += 1;
+    }
+    b
+};
+
+/// Latency and bytes of one kind of operation in one size class: plain atomics in a static
+/// table, so recording an operation touches no lock and follows no pointer.
+struct OpHist {
+    buckets: [AtomicU64; BOUNDS_NS.len() + 1],
+    count: AtomicU64,
+    sum_ns: AtomicU64,
+    bytes: AtomicU64,
+}
+
+impl OpHist {
+    const fn new() -> OpHist {
+        OpHist {
+            buckets: [const { AtomicU64::new(0) }; BOUNDS_NS.len() + 1],
+            count: AtomicU64::new(0),
+            sum_ns: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+        }
+    }
+}
+
+static OPS: [[OpHist; SIZES.len()]; COLLECTIVE_KINDS.len()] =
+    [const { [const { OpHist::new() }; SIZES.len()] }; COLLECTIVE_KINDS.len()];
+
+/// Records one operation of kind `kind` (an index into [`COLLECTIVE_KINDS`]) moving `bytes` of
+/// payload in `nanos`.
+#[inline]
+pub fn op_at(kind: usize, bytes: u64, nanos: u64) {
+    if get().is_none() {
+        return;
+    }
+    let Some(row) = OPS.get(kind) else {
         return;
     };
-    let size = size_class(bytes);
-    let labels = || OpLabels {
-        op: Cow::Borrowed(kind),
-        size: SIZES[size].1,
+    let h = &row[size_class(bytes)];
+    let b = BOUNDS_NS
+        .iter()
+        .position(|b| nanos <= *b)
+        .unwrap_or(BOUNDS_NS.len());
+    // Plain loads and stores, not read-modify-writes (each of which is a full barrier): a group's
+    // operations run one at a time, so each slot has one writer; two groups of one process running
+    // the same kind and size at the same instant may lose one count, never corrupt one.
+    let add = |a: &AtomicU64, v: u64| {
+        a.store(a.load(Ordering::Relaxed).wrapping_add(v), Ordering::Relaxed)
     };
-    match HOT.iter().position(|k| *k == kind) {
-        Some(i) => {
-            let (h, c) = m.hot[i * SIZES.len() + size].get_or_init(|| {
-                (
-                    m.op_seconds.get_or_create_owned(&labels()),
-                    m.op_bytes.get_or_create_owned(&labels()),
-                )
-            });
-            h.observe(secs);
-            c.inc_by(bytes);
+    add(&h.buckets[b], 1);
+    add(&h.sum_ns, nanos);
+    add(&h.bytes, bytes);
+    add(&h.count, 1);
+}
+
+/// Records one operation of `kind` (`allreduce`, ..., `send`, `recv`: one of
+/// [`COLLECTIVE_KINDS`]; others are ignored) moving `bytes` of payload in `secs`.
+pub fn op(kind: &str, bytes: u64, secs: f64) {
+    if let Some(k) = COLLECTIVE_KINDS.iter().position(|c| *c == kind) {
+        op_at(k, bytes, (secs * 1e9) as u64);
+    }
+}
+
+/// Appends `tandem_op_seconds` and `tandem_op_bytes_total`.
+fn render_ops(out: &mut String, labels: &str) {
+    let sep = if labels.is_empty() { "" } else { "," };
+    let _ = writeln!(
+        out,
+        "# HELP tandem_op_seconds Latency of collectives and messages, by operation and size class.\n# TYPE tandem_op_seconds histogram"
+    );
+    let mut bytes = Vec::new();
+    for (k, row) in OPS.iter().enumerate() {
+        for (z, h) in row.iter().enumerate() {
+            let count = h.count.load(Ordering::Acquire);
+            if count == 0 {
+                continue;
+            }
+            let l = format!(
+                "{labels}{sep}op=\"{}\",size=\"{}\"",
+                COLLECTIVE_KINDS[k], SIZES[z].1
+            );
+            let mut cumulative = 0;
+            for (i, b) in h.buckets.iter().enumerate() {
+                cumulative += b.load(Ordering::Relaxed);
+                let le = match BOUNDS_NS.get(i) {
+                    Some(ns) => format!("{}", *ns as f64 / 1e9),
+                    None => "+Inf".into(),
+                };
+                let _ = writeln!(
+                    out,
+                    "tandem_op_seconds_bucket{{{l},le=\"{le}\"}} {cumulative}"
+                );
+            }
+            let _ = writeln!(
+                out,
+                "tandem_op_seconds_sum{{{l}}} {}\ntandem_op_seconds_count{{{l}}} {cumulative}",
+                h.sum_ns.load(Ordering::Relaxed) as f64 / 1e9
+            );
+            bytes.push((l, h.bytes.load(Ordering::Relaxed)));
         }
-        None => {
-            m.op_seconds.get_or_create(&labels()).observe(secs);
-            m.op_bytes.get_or_create(&labels()).inc_by(bytes);
-        }
+    }
+    let _ = writeln!(
+        out,
+        "# HELP tandem_op_bytes_total Payload bytes of collectives and messages.\n# TYPE tandem_op_bytes_total counter"
+    );
+    for (l, b) in bytes {
+        let _ = writeln!(out, "tandem_op_bytes_total{{{l}}} {b}");
     }
 }
 
@@ -289,6 +353,7 @@ pub fn render() -> String {
         return String::new();
     };
     let mut out = String::new();
+    render_ops(&mut out, &m.labels);
     if let Err(e) = prometheus_client::encoding::prometheus_text::encode(&mut out, &m.registry) {
         tracing::warn!("metrics not encoded: {e}");
     }

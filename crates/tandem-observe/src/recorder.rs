@@ -1,9 +1,11 @@
 //! The flight recorder: the last operations of this process, always on, in a bounded ring.
 //!
-//! An operation is recorded when it starts ([`begin`]) and completed when it ends ([`end`]), so a
-//! dump taken while it hangs shows it running, with what it waits for ([`set_live`]). The ring
-//! holds [`ENTRIES_VAR`](crate::ENTRIES_VAR) entries (default [`DEFAULT_ENTRIES`]); older ones
-//! are dropped. Recording costs one uncontended lock and two clock reads per operation.
+//! An operation is recorded when it starts ([`begin`], a [`Record`]) and completed when it ends
+//! ([`end_at`]), so a dump taken while it hangs shows it running, with what it waits for
+//! ([`set_live`]). The ring holds [`ENTRIES_VAR`](crate::ENTRIES_VAR) operations (default
+//! [`DEFAULT_ENTRIES`]) in small fixed-size slots (no allocation per operation; error texts are
+//! kept apart); older ones are dropped. Dumps read them as [`Entry`]s. Recording costs two
+//! uncontended locks and a few stores per operation (`cargo bench -p tandem-observe`).
 
 use std::borrow::Cow;
 use std::collections::VecDeque;
@@ -82,7 +84,17 @@ impl Entry {
         dtype: impl Into<Cow<'static, str>>,
         count: u64,
     ) -> Entry {
-        let now = crate::now_us();
+        Self::starting_at(seq, kind, dtype, count, crate::now_us())
+    }
+
+    /// An operation that started at `now` (µs since the Unix epoch).
+    pub fn starting_at(
+        seq: u64,
+        kind: impl Into<Cow<'static, str>>,
+        dtype: impl Into<Cow<'static, str>>,
+        count: u64,
+        now: u64,
+    ) -> Entry {
         Entry {
             seq,
             kind: kind.into(),
@@ -125,6 +137,122 @@ impl Entry {
     }
 }
 
+/// The peers of a recorded operation, kept without allocating.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Peers {
+    /// None named.
+    #[default]
+    None,
+    /// One peer (the other side of a message).
+    One(u32),
+    /// Two peers (left and right neighbour on the ring).
+    Two(u32, u32),
+    /// Servers `0..n` of a parameter-server call.
+    Servers(u32),
+}
+
+impl Peers {
+    fn list(self) -> Vec<u32> {
+        match self {
+            Peers::None => Vec::new(),
+            Peers::One(a) => vec![a],
+            Peers::Two(a, b) => vec![a, b],
+            Peers::Servers(n) => (0..n).collect(),
+        }
+    }
+}
+
+/// What an operation waited for when it failed, or when a dump was taken while it ran.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wait {
+    /// The header of this peer: it had not started the operation.
+    Header(u32),
+    /// Bytes from or to this peer.
+    Data(u32),
+}
+
+impl Wait {
+    /// The peer waited on.
+    pub fn peer(self) -> u32 {
+        match self {
+            Wait::Header(p) | Wait::Data(p) => p,
+        }
+    }
+
+    /// "rank 2's header (it has not started)", "data from or to rank 2".
+    pub fn describe(self) -> String {
+        match self {
+            Wait::Header(p) => format!("rank {p}'s header (it has not started)"),
+            Wait::Data(p) => format!("data from or to rank {p}"),
+        }
+    }
+}
+
+/// An operation as it starts: what [`begin`] records. `Copy` and free of allocations, so that
+/// recording costs a few stores (the ring keeps these, not [`Entry`]s).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Record {
+    /// See [`Entry::seq`].
+    pub seq: u64,
+    /// See [`Entry::kind`].
+    pub kind: &'static str,
+    /// See [`Entry::dtype`].
+    pub dtype: &'static str,
+    /// Elements.
+    pub count: u64,
+    /// Reduce operation.
+    pub op: Option<&'static str>,
+    /// Root rank, or a message's destination.
+    pub root: Option<u32>,
+    /// The peers it exchanges bytes with first.
+    pub peers: Peers,
+    /// Payload bytes.
+    pub bytes: u64,
+    /// When it was asked for (µs since the Unix epoch).
+    pub enqueued_us: u64,
+    /// When it started.
+    pub started_us: u64,
+}
+
+impl Record {
+    /// An operation starting at `now` (µs since the Unix epoch).
+    pub fn new(seq: u64, kind: &'static str, dtype: &'static str, count: u64, now: u64) -> Record {
+        Record {
+            seq,
+            kind,
+            dtype,
+            count,
+            op: None,
+            root: None,
+            peers: Peers::None,
+            bytes: 0,
+            enqueued_us: now,
+            started_us: now,
+        }
+    }
+}
+
+/// How an operation ended: what [`end_at`] records.
+#[derive(Debug, Clone, Default)]
+pub struct Ending {
+    /// The peer whose header arrived last, and how long after this rank started (µs).
+    pub late: Option<(u32, u64)>,
+    /// What it waited for when it failed.
+    pub waiting: Option<Wait>,
+    /// Its error, if it failed.
+    pub error: Option<String>,
+}
+
+#[derive(Clone, Copy)]
+struct Slot {
+    rec: Record,
+    /// 0 while running.
+    ended_us: u64,
+    late: Option<(u32, u64)>,
+    waiting: Option<Wait>,
+    failed: bool,
+}
+
 /// Names one recorded operation, to complete it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Token(Option<u64>);
@@ -136,72 +264,138 @@ impl Token {
     }
 }
 
+/// Errors are kept apart from the slots (they are rare, and slots stay small and `Copy`).
+const ERRORS_KEPT: usize = 32;
+
 struct Ring {
-    entries: VecDeque<Entry>,
+    slots: VecDeque<Slot>,
     capacity: usize,
-    /// Entries ever pushed.
+    /// Slots ever pushed.
     pushed: u64,
+    /// (slot number, error) of the latest failures.
+    errors: VecDeque<(u64, String)>,
 }
 
-type Live = Box<dyn Fn() -> Option<(u32, String)> + Send + Sync>;
+impl Ring {
+    fn index(&self, n: u64) -> Option<usize> {
+        let first = self.pushed - self.slots.len() as u64;
+        n.checked_sub(first).map(|i| i as usize)
+    }
+
+    fn entry(&self, n: u64, s: &Slot) -> Entry {
+        let r = &s.rec;
+        Entry {
+            seq: r.seq,
+            kind: Cow::Borrowed(r.kind),
+            dtype: Cow::Borrowed(r.dtype),
+            count: r.count,
+            op: r.op.map(Cow::Borrowed),
+            root: r.root,
+            peers: r.peers.list(),
+            bytes: r.bytes,
+            enqueued_us: r.enqueued_us,
+            started_us: r.started_us,
+            ended_us: (s.ended_us != 0).then_some(s.ended_us),
+            late_peer: s.late.map(|l| l.0),
+            late_us: s.late.map(|l| l.1),
+            waiting: s.waiting.map(Wait::describe),
+            waiting_on: s.waiting.map(Wait::peer),
+            outcome: if s.ended_us == 0 {
+                Outcome::Running
+            } else if s.failed {
+                Outcome::Error(
+                    self.errors
+                        .iter()
+                        .find(|(i, _)| *i == n)
+                        .map_or_else(|| "failed".to_string(), |(_, m)| m.clone()),
+                )
+            } else {
+                Outcome::Ok
+            },
+        }
+    }
+}
+
+type Live = Box<dyn Fn() -> Option<Wait> + Send + Sync>;
 
 static RING: OnceLock<Mutex<Ring>> = OnceLock::new();
 static LIVE: Mutex<Option<Live>> = Mutex::new(None);
 
+/// How many operations a recorder keeps: [`crate::ENTRIES_VAR`], else [`DEFAULT_ENTRIES`].
+pub(crate) fn capacity_from_env() -> usize {
+    std::env::var(crate::ENTRIES_VAR)
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|n| *n > 0)
+        .unwrap_or(DEFAULT_ENTRIES)
+        .min(1 << 20)
+}
+
 /// Makes the ring (its capacity from the environment).
 pub(crate) fn init() {
     RING.get_or_init(|| {
-        let capacity = std::env::var(crate::ENTRIES_VAR)
-            .ok()
-            .and_then(|v| v.parse::<usize>().ok())
-            .filter(|n| *n > 0)
-            .unwrap_or(DEFAULT_ENTRIES)
-            .min(1 << 20);
+        let capacity = capacity_from_env();
         Mutex::new(Ring {
-            entries: VecDeque::with_capacity(capacity),
+            slots: VecDeque::with_capacity(capacity),
             capacity,
             pushed: 0,
+            errors: VecDeque::with_capacity(ERRORS_KEPT),
         })
     });
 }
 
 /// Records an operation that starts; returns the token that completes it. Does nothing (and
 /// returns an empty token) while recording is off.
-pub fn begin(entry: Entry) -> Token {
+pub fn begin(rec: Record) -> Token {
     if !crate::active() {
         return Token(None);
     }
     let Some(Ok(mut ring)) = RING.get().map(Mutex::lock) else {
         return Token(None);
     };
-    if ring.entries.len() == ring.capacity {
-        ring.entries.pop_front();
+    if ring.slots.len() == ring.capacity {
+        ring.slots.pop_front();
     }
-    ring.entries.push_back(entry);
+    ring.slots.push_back(Slot {
+        rec,
+        ended_us: 0,
+        late: None,
+        waiting: None,
+        failed: false,
+    });
     ring.pushed += 1;
     Token(Some(ring.pushed - 1))
 }
 
-/// Completes the operation `token` names: `update` fills in what it learnt, `error` is its failure
-/// (`None`: it succeeded). An entry the ring has already dropped is left alone.
-pub fn end(token: Token, update: impl FnOnce(&mut Entry), error: Option<String>) {
+/// Completes the operation `token` names, now.
+pub fn end(token: Token, ending: Ending) {
+    end_at(token, crate::now_us(), ending);
+}
+
+/// Completes the operation `token` names, which ended at `ended_us` (µs since the Unix epoch). An
+/// operation the ring has already dropped is left alone.
+pub fn end_at(token: Token, ended_us: u64, ending: Ending) {
     let Token(Some(n)) = token else {
         return;
     };
     let Some(Ok(mut ring)) = RING.get().map(Mutex::lock) else {
         return;
     };
-    let first = ring.pushed - ring.entries.len() as u64;
-    let Some(i) = n.checked_sub(first) else {
+    let Some(i) = ring.index(n) else {
         return;
     };
-    if let Some(e) = ring.entries.get_mut(i as usize) {
-        update(e);
-        e.ended_us = Some(crate::now_us());
-        e.outcome = match error {
-            None => Outcome::Ok,
-            Some(m) => Outcome::Error(m),
-        };
+    let failed = ending.error.is_some();
+    if let Some(s) = ring.slots.get_mut(i) {
+        s.ended_us = ended_us.max(1);
+        s.late = ending.late;
+        s.waiting = ending.waiting;
+        s.failed = failed;
+    }
+    if let Some(m) = ending.error {
+        if ring.errors.len() == ERRORS_KEPT {
+            ring.errors.pop_front();
+        }
+        ring.errors.push_back((n, m));
     }
 }
 
@@ -211,33 +405,44 @@ pub fn snapshot_of(token: Token) -> Option<Entry> {
         return None;
     };
     let ring = RING.get()?.lock().ok()?;
-    let first = ring.pushed - ring.entries.len() as u64;
-    ring.entries.get(n.checked_sub(first)? as usize).cloned()
+    let i = ring.index(n)?;
+    let s = ring.slots.get(i)?;
+    Some(ring.entry(n, s))
 }
 
-/// Sets what answers "which peer is the running operation waiting on, for what" at dump time.
-pub fn set_live(live: impl Fn() -> Option<(u32, String)> + Send + Sync + 'static) {
+/// Sets what answers "what is the running operation waiting for" at dump time.
+pub fn set_live(live: impl Fn() -> Option<Wait> + Send + Sync + 'static) {
     if let Ok(mut l) = LIVE.lock() {
         *l = Some(Box::new(live));
     }
 }
 
-/// The entries kept, oldest first; running ones say what they wait for.
+/// The entries kept (this ring's and every [`crate::oplog::OpLog`]'s), oldest first; a running
+/// collective or message says what it waits for.
 pub fn snapshot() -> Vec<Entry> {
     let mut out: Vec<Entry> = match RING.get().map(Mutex::lock) {
-        Some(Ok(ring)) => ring.entries.iter().cloned().collect(),
+        Some(Ok(ring)) => {
+            let first = ring.pushed - ring.slots.len() as u64;
+            ring.slots
+                .iter()
+                .enumerate()
+                .map(|(i, s)| ring.entry(first + i as u64, s))
+                .collect()
+        }
         _ => Vec::new(),
     };
+    out.extend(crate::oplog::all_entries());
+    out.sort_by_key(|e| e.started_us);
     let waiting = LIVE.lock().ok().and_then(|l| l.as_ref().and_then(|f| f()));
-    if let Some((peer, what)) = waiting
+    if let Some(w) = waiting
         && let Some(e) = out
             .iter_mut()
             .rev()
             .find(|e| e.outcome == Outcome::Running && e.is_collective_or_message())
         && e.waiting.is_none()
     {
-        e.waiting = Some(what);
-        e.waiting_on = Some(peer);
+        e.waiting = Some(w.describe());
+        e.waiting_on = Some(w.peer());
     }
     out
 }
@@ -251,14 +456,6 @@ impl Entry {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn ring(capacity: usize) -> Mutex<Ring> {
-        Mutex::new(Ring {
-            entries: VecDeque::new(),
-            capacity,
-            pushed: 0,
-        })
-    }
 
     #[test]
     fn entries_name_their_call() {
@@ -275,25 +472,67 @@ mod tests {
         assert!(e.is_collective_or_message());
     }
 
-    #[test]
-    fn the_ring_keeps_the_newest_and_completes_by_token() {
-        let r = ring(2);
-        let push = |seq| {
-            let mut g = r.lock().unwrap();
-            if g.entries.len() == g.capacity {
-                g.entries.pop_front();
-            }
-            g.entries.push_back(Entry::new(seq, "barrier", "u8", 1));
-            g.pushed += 1;
-            g.pushed - 1
-        };
-        for s in 0..3 {
-            push(s);
+    fn ring(capacity: usize) -> Ring {
+        Ring {
+            slots: VecDeque::new(),
+            capacity,
+            pushed: 0,
+            errors: VecDeque::new(),
         }
-        let g = r.lock().unwrap();
-        let seqs: Vec<u64> = g.entries.iter().map(|e| e.seq).collect();
-        assert_eq!(seqs, vec![1, 2]);
-        assert_eq!(g.pushed, 3);
+    }
+
+    fn slot(seq: u64, ended_us: u64, failed: bool) -> Slot {
+        let mut rec = Record::new(seq, "allreduce", "f32", 4, 10);
+        rec.peers = Peers::Two(1, 3);
+        Slot {
+            rec,
+            ended_us,
+            late: Some((1, 7)),
+            waiting: failed.then_some(Wait::Data(3)),
+            failed,
+        }
+    }
+
+    #[test]
+    fn slots_become_entries_with_their_state() {
+        let mut r = ring(4);
+        r.slots.push_back(slot(0, 20, false));
+        r.slots.push_back(slot(1, 0, false));
+        r.slots.push_back(slot(2, 30, true));
+        r.pushed = 3;
+        r.errors.push_back((2, "boom".into()));
+        let e: Vec<Entry> = (0..3).map(|i| r.entry(i, &r.slots[i as usize])).collect();
+        assert_eq!(e[0].outcome, Outcome::Ok);
+        assert_eq!(e[0].ended_us, Some(20));
+        assert_eq!(e[0].peers, vec![1, 3]);
+        assert_eq!((e[0].late_peer, e[0].late_us), (Some(1), Some(7)));
+        assert_eq!(e[1].outcome, Outcome::Running);
+        assert_eq!(e[1].ended_us, None);
+        assert_eq!(e[2].outcome, Outcome::Error("boom".into()));
+        assert_eq!(e[2].waiting_on, Some(3));
+        assert_eq!(e[2].waiting.as_deref(), Some("data from or to rank 3"));
+        // A failure whose text was pushed out of the error list still says it failed.
+        r.errors.clear();
+        assert_eq!(
+            r.entry(2, &r.slots[2]).outcome,
+            Outcome::Error("failed".into())
+        );
+        assert_eq!(r.index(0), Some(0));
+        r.pushed = 10;
+        assert_eq!(r.index(6), None, "dropped from the ring");
+        assert_eq!(r.index(8), Some(1));
+    }
+
+    #[test]
+    fn peers_and_waits_read_as_lists_and_sentences() {
+        assert_eq!(Peers::Servers(3).list(), vec![0, 1, 2]);
+        assert_eq!(Peers::One(4).list(), vec![4]);
+        assert!(Peers::None.list().is_empty());
+        assert_eq!(
+            Wait::Header(2).describe(),
+            "rank 2's header (it has not started)"
+        );
+        assert_eq!(Wait::Header(2).peer(), 2);
     }
 
     #[test]

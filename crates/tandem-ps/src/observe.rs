@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use serde_json::json;
 use tandem_core::Result;
-use tandem_observe::recorder::{self, Entry};
+use tandem_observe::recorder::{self, Ending, Peers, Record};
 use tandem_observe::{metrics, timeline};
 
 /// Runs one call (`kind`: `push`, `pull`, `apply`) of `count` f32 elements, for step or version
@@ -51,10 +51,10 @@ fn start(kind: &'static str, seq: u64, count: u64, peers: usize) -> Recording {
         other => other,
     };
     let token = if tandem_observe::active() {
-        let mut e = Entry::new(seq, name, "f32", count);
-        e.bytes = count * 4;
-        e.peers = (0..peers as u32).collect();
-        recorder::begin(e)
+        let mut r = Record::new(seq, name, "f32", count, tandem_observe::now_us());
+        r.bytes = count * 4;
+        r.peers = Peers::Servers(peers as u32);
+        recorder::begin(r)
     } else {
         recorder::Token::none()
     };
@@ -72,7 +72,13 @@ fn finish(rec: Recording, error: Option<&tandem_core::Error>) {
         return;
     }
     let took = rec.started.elapsed();
-    recorder::end(rec.token, |_| {}, error.map(ToString::to_string));
+    recorder::end(
+        rec.token,
+        Ending {
+            error: error.map(ToString::to_string),
+            ..Ending::default()
+        },
+    );
     if rec.kind != "apply" {
         metrics::ps_call(rec.kind, took.as_secs_f64());
     }

@@ -394,12 +394,13 @@ async fn ps_worker(args: &[String]) -> Result<()> {
     };
     let token =
         JobToken::from_env()?.ok_or_else(|| Error::config("TANDEM_JOB_TOKEN", "not set"))?;
-    // 16-byte partitions so the weights are split across the servers.
+    // 16-byte partitions so the weights are split across the servers (`--min-part` larger keeps
+    // them on fewer servers than there are).
     let params = vec![
         ParamDecl::new("w", &[linreg::DIM, 1], Init::Zeros),
         ParamDecl::new("b", &[1], Init::Zeros),
     ];
-    let map = place(&params, servers.len(), 16)?;
+    let map = place(&params, servers.len(), num("--min-part", 16) as usize)?;
     let client = PsClient::connect(
         &servers,
         &token,

@@ -95,6 +95,8 @@ pub struct TcpRing {
     control: Control,
     same_host: Option<SameHost>,
     hosts: Option<ops::HostLayout>,
+    /// The flight recorder of this group's operations (written under `state`'s lock).
+    log: std::sync::Arc<tandem_observe::oplog::OpLog>,
 }
 
 impl std::fmt::Debug for TcpRing {
@@ -221,6 +223,7 @@ impl TcpRing {
             abort,
             control,
             same_host,
+            log: crate::observe::log(),
         }
     }
 
@@ -250,9 +253,11 @@ impl TcpRing {
     ) -> Result<T> {
         let mut st = self.begin()?;
         let header = header(&mut st);
-        let recording = crate::observe::begin(&header, self.rank, self.world);
+        // One clock read at each end serves the stall inquiry, the recorder and the metrics.
+        let started = std::time::Instant::now();
+        let recording = crate::observe::begin(&self.log, &header, self.rank, self.world, started);
         let progress = self.control.progress.clone();
-        progress.begin(st.seq);
+        progress.begin_at(st.seq, started);
         let waiting = &progress.waiting;
         let lateness = Cell::new(None);
         let outcome = {
@@ -276,13 +281,16 @@ impl TcpRing {
             drop(lease);
             outcome
         };
+        let ended = std::time::Instant::now();
         crate::observe::end(
+            &self.log,
             recording,
+            ended,
             lateness.get(),
             waiting.get(),
             outcome.as_ref().err(),
         );
-        progress.end();
+        progress.end_at(ended);
         self.settle(&mut st, &header, lateness.get(), outcome)
     }
 

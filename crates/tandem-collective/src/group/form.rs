@@ -276,7 +276,7 @@ impl Formation<'_> {
         let live = std::sync::Arc::downgrade(&progress);
         tandem_observe::recorder::set_live(move || {
             live.upgrade()
-                .and_then(|p| crate::observe::describe(p.waiting.get()))
+                .and_then(|p| crate::observe::wait_of(p.waiting.get()))
         });
         let (abort_rx, watcher) = self.watch_aborts(&client, progress.clone());
         let control = crate::backend::tcp_ring::Control {

@@ -101,7 +101,13 @@ impl Client {
             .unwrap_or_default();
         let n = self.servers.len();
         let end = Instant::now() + self.timeout;
-        let mut results: Vec<Option<Reply>> = (0..n).map(|_| None).collect();
+        // A server that holds no partition (a model smaller than the servers can share) gets no
+        // pushes, so its version never moves: there is nothing to pull from it either.
+        let mut results: Vec<Option<Reply>> = (0..n)
+            .map(|s| {
+                (!self.map.parts.iter().any(|p| p.server == s)).then(|| Reply::Chunks(Vec::new()))
+            })
+            .collect();
         let changed = |s: usize, inc: u64| known.get(s).is_some_and(|k| *k != 0 && *k != inc);
         let mut restarted = false;
         while !restarted && results.iter().any(Option::is_none) {
