@@ -59,6 +59,10 @@ pub struct BenchPsArgs {
     /// Shape each host's link to this rate (`2gbit`, `10gbit`) and print the link bound.
     #[arg(long)]
     link: Option<String>,
+    /// Measure what the flight recorder and the metrics cost the workers: each worker records
+    /// every other step only, and the summary compares the step times of both halves.
+    #[arg(long)]
+    observe_cost: bool,
 }
 
 /// Where the bench's processes run: here, or on simulated hosts.
@@ -110,6 +114,8 @@ pub struct BenchPsWorkerArgs {
     sync: bool,
     #[arg(long)]
     steps: usize,
+    #[arg(long)]
+    observe_cost: bool,
 }
 
 fn parse_count(s: &str) -> Result<usize> {
@@ -263,6 +269,9 @@ fn start_workers(
         if a.mode == PsMode::Sync {
             args.push("--sync".into());
         }
+        if a.observe_cost {
+            args.push("--observe-cost".into());
+        }
         let (mut cmd, _) = placement.command(exe, a.servers + w, &args);
         match cmd
             .env(TOKEN_VAR, token.as_str())
@@ -282,6 +291,9 @@ fn start_workers(
 /// What the workers reported.
 struct Results {
     step_ms: Vec<f64>,
+    /// With `--observe-cost`: step times with the recorder and metrics on, and off.
+    on_ms: Vec<f64>,
+    off_ms: Vec<f64>,
     worker_rss: Vec<u64>,
     failed: Vec<String>,
 }
@@ -290,6 +302,8 @@ struct Results {
 fn collect(workers: Vec<Child>) -> Result<Results> {
     let mut r = Results {
         step_ms: Vec::new(),
+        on_ms: Vec::new(),
+        off_ms: Vec::new(),
         worker_rss: Vec::new(),
         failed: Vec::new(),
     };
@@ -311,6 +325,15 @@ fn collect(workers: Vec<Child>) -> Result<Results> {
                         .flatten()
                         .filter_map(|x| x.as_f64()),
                 );
+                let times = |k: &str| {
+                    v[k].as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|x| x.as_f64())
+                        .collect::<Vec<f64>>()
+                };
+                r.on_ms.extend(times("on_ms"));
+                r.off_ms.extend(times("off_ms"));
                 r.worker_rss.push(v["rss"].as_u64().unwrap_or(0));
             }
             _ => r.failed.push(format!("worker {w} ({})", out.status)),
@@ -380,6 +403,18 @@ fn report(
         mib(server_rss),
         mib(&r.worker_rss)
     );
+    if !r.on_ms.is_empty() && !r.off_ms.is_empty() {
+        let median = |v: &[f64]| {
+            let mut v = v.to_vec();
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        let (on, off) = (median(&r.on_ms), median(&r.off_ms));
+        println!(
+            "# observe cost: step p50 with recorder and metrics on {on:.2} ms, off {off:.2} ms, on/off {:.4}",
+            on / off
+        );
+    }
     if let Some(l) = link {
         let bound = link_bound(a, params, l);
         println!(
@@ -441,7 +476,11 @@ pub fn bench_ps_worker(a: BenchPsWorkerArgs) -> Result<ExitCode> {
         let mut step = 0u64;
         // The parameters land in the same buffers every step.
         let mut p = std::collections::HashMap::new();
-        for _ in 0..a.steps {
+        let (mut on_ms, mut off_ms) = (Vec::new(), Vec::new());
+        for i in 0..a.steps {
+            if a.observe_cost {
+                tandem::observe::set_active(i % 2 == 0);
+            }
             let t = Instant::now();
             let v = client
                 .pull_into(if a.sync { step } else { 0 }, &mut p)
@@ -454,12 +493,17 @@ pub fn bench_ps_worker(a: BenchPsWorkerArgs) -> Result<ExitCode> {
                 .push_owned(step, vec![("w".to_string(), grad)])
                 .await?;
             step += 1;
-            times.push(t.elapsed().as_secs_f64() * 1e3);
+            let ms = t.elapsed().as_secs_f64() * 1e3;
+            times.push(ms);
+            if a.observe_cost {
+                if i % 2 == 0 { &mut on_ms } else { &mut off_ms }.push(ms);
+            }
         }
+        tandem::observe::set_active(true);
         client.done().await?;
         println!(
             "RESULT {}",
-            serde_json::json!({ "step_ms": times, "rss": peak_rss() })
+            serde_json::json!({ "step_ms": times, "on_ms": on_ms, "off_ms": off_ms, "rss": peak_rss() })
         );
         Ok::<_, Error>(())
     })?;
