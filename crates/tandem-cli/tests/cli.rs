@@ -280,3 +280,102 @@ fn tune_rejects_a_bad_spec_before_any_trial() {
     assert!(!out_dir.exists(), "nothing ran");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A dump as a rank writes it (the format `tandem trace` reads), built by hand.
+fn dump_json(rank: usize, world: usize, ops: &[(u64, &str, &str)], reason: &str) -> String {
+    let ops: Vec<serde_json::Value> = ops
+        .iter()
+        .map(|(seq, kind, state)| {
+            let outcome = match *state {
+                "ok" => serde_json::json!("ok"),
+                "running" => serde_json::json!("running"),
+                e => serde_json::json!({ "error": e }),
+            };
+            serde_json::json!({
+                "seq": seq, "kind": kind, "dtype": "f32", "count": 16, "op": "sum",
+                "peers": [(rank + world - 1) % world, (rank + 1) % world], "bytes": 64,
+                "enqueued_us": 1_000 + seq * 10, "started_us": 1_000 + seq * 10,
+                "ended_us": if *state == "running" { serde_json::Value::Null } else { serde_json::json!(1_005 + seq * 10) },
+                "waiting": if *state == "ok" { serde_json::Value::Null } else { serde_json::json!("rank 2's header (it has not started)") },
+                "waiting_on": if *state == "ok" { serde_json::Value::Null } else { serde_json::json!(2) },
+                "outcome": outcome,
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "format": "tandem-flight-recorder/1",
+        "identity": {"role": "rank", "index": rank, "world": world, "job": "t", "local": rank, "addr": ""},
+        "pid": 100 + rank, "reason": reason, "written_us": 2_000, "ops": ops,
+    })
+    .to_string()
+}
+
+#[test]
+fn trace_merges_dumps_and_names_the_rank_the_others_waited_for() {
+    let dir = std::env::temp_dir().join(format!("tandem-cli-trace-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("dir");
+    let why = "timeout: timed out after 4s waiting for rank 2, which has not started it";
+    for r in [0, 1, 3] {
+        let text = dump_json(
+            r,
+            4,
+            &[(0, "allreduce", "ok"), (1, "allreduce", "timed out")],
+            why,
+        );
+        std::fs::write(dir.join(format!("rank-{r}.dump.json")), text).expect("write");
+    }
+    std::fs::write(
+        dir.join("rank-2.dump.json"),
+        dump_json(2, 4, &[(0, "allreduce", "ok")], "SIGUSR1"),
+    )
+    .expect("write");
+    let out = tandem(&["trace", dir.to_str().expect("utf8")], &[]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("4 process(es)"), "{text}");
+    assert!(
+        text.contains("Verdict from the records: rank 2 (last: op #0 allreduce(f32 x 16, sum), done) never started op #1"),
+        "{text}"
+    );
+    assert!(text.contains("rank 0 -> rank 2"), "{text}");
+    assert!(
+        text.contains(&format!("What rank 0 concluded when it timed out: {why}")),
+        "{text}"
+    );
+    let merged: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("merged-trace.json")).expect("merged"))
+            .expect("json");
+    let events = merged["traceEvents"].as_array().expect("events");
+    let tracks = events
+        .iter()
+        .filter(|e| e["name"] == "process_name")
+        .count();
+    assert_eq!(tracks, 4);
+    // 3 ranks x 2 ops + rank 2's one.
+    assert_eq!(events.iter().filter(|e| e["ph"] == "X").count(), 7);
+    // A folder without records, and one that does not exist, are errors that say so.
+    let empty = dir.join("empty");
+    std::fs::create_dir_all(&empty).expect("dir");
+    let out = tandem(&["trace", empty.to_str().expect("utf8")], &[]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no flight-recorder dump"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::write(dir.join("rank-9.dump.json"), "{not json").expect("write");
+    let out = tandem(&["trace", dir.to_str().expect("utf8")], &[]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("rank-9.dump.json is not a flight-recorder dump"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
