@@ -594,6 +594,121 @@ mod tests {
     }
 
     #[test]
+    fn a_folder_is_read_as_one_track_per_process_from_dumps_and_timelines() {
+        let dir = std::env::temp_dir().join(format!("tandem-analyze-load-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let id = |r| Identity::new("rank", r, 3);
+        // rank 0: a dump and a timeline; rank 1: a timeline only; rank 2: a dump only.
+        let mut op0 = op(7, "allreduce", Outcome::Running);
+        op0.waiting_on = Some(1);
+        let dump = |r, ops: Vec<Entry>| crate::dump::Dump {
+            format: crate::dump::FORMAT.into(),
+            identity: id(r),
+            pid: 1,
+            reason: "SIGUSR1".into(),
+            written_us: 99,
+            ops,
+        };
+        crate::dump::write_to(&dir, &dump(0, vec![op0])).unwrap();
+        crate::dump::write_to(&dir, &dump(2, vec![op(6, "allreduce", Outcome::Ok)])).unwrap();
+        let timeline = |r: usize, seq: u64| {
+            let e = op(seq, "allreduce", Outcome::Ok);
+            json!({"traceEvents": [
+                {"name": "tandem_identity", "ph": "M", "pid": r, "tid": 0, "args": id(r)},
+                {"name": "allreduce", "cat": "collective", "ph": "X", "pid": r, "tid": 1, "ts": 1, "dur": 2, "args": {"op": e}},
+                {"name": "transfer", "cat": "phase", "ph": "X", "pid": r, "tid": 1, "ts": 1, "dur": 2, "args": {}},
+                {"name": "allreduce", "cat": "collective", "ph": "B", "pid": r, "tid": 1, "ts": 1, "args": {"op": e}},
+            ]})
+            .to_string()
+        };
+        std::fs::write(dir.join("rank-0.json"), timeline(0, 5)).unwrap();
+        std::fs::write(dir.join("rank-1.json"), timeline(1, 6)).unwrap();
+        // Not Tandem's, hidden, or not JSON: skipped.
+        std::fs::write(dir.join("other.json"), "{\"traceEvents\": []}").unwrap();
+        std::fs::write(dir.join(".rank-1.dump.json.7"), "half").unwrap();
+        std::fs::write(dir.join(".hidden.json"), timeline(2, 9)).unwrap();
+        std::fs::write(dir.join("notes.txt"), "x").unwrap();
+        let tracks = load(&dir).unwrap();
+        let names: Vec<String> = tracks.iter().map(Track::name).collect();
+        assert_eq!(names, vec!["rank 0", "rank 1", "rank 2"]);
+        // The dump's operations win over the timeline's (they include the running one).
+        assert_eq!(
+            tracks[0].ops.iter().map(|e| e.seq).collect::<Vec<_>>(),
+            vec![7]
+        );
+        assert_eq!(tracks[0].files.len(), 2);
+        assert_eq!(tracks[0].events.len(), 4);
+        // A timeline alone gives its completed collectives, not its phases or other events.
+        assert_eq!(
+            tracks[1].ops.iter().map(|e| e.seq).collect::<Vec<_>>(),
+            vec![6]
+        );
+        assert!(tracks[1].reason.is_none());
+        assert_eq!(tracks[2].reason.as_deref(), Some("SIGUSR1"));
+        let report = diagnose(&tracks);
+        assert!(
+            report.contains("rank 0   op #7 allreduce(f32 x 16, sum): running"),
+            "{report}"
+        );
+        assert!(report.contains("rank 0 -> rank 1"), "{report}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn parameter_server_tracks_are_reported_apart_and_outcomes_read_plainly() {
+        let mut ps = Track::new(Identity::new("ps", 0, 1));
+        ps.ops = vec![op(3, "ps.apply", Outcome::Ok)];
+        ps.reason = Some("ps.push timeout: late".into());
+        let worker = Track::new(Identity::new("worker", 1, 2));
+        let d = diagnose(&[ps, worker]);
+        assert!(d.contains("2 process(es): ps 0, worker 1"), "{d}");
+        assert!(d.contains("ps 0:\n  last: #3 ps.apply(f32 x 16, sum) done\n  dumped because: ps.push timeout: late"), "{d}");
+        assert!(d.contains("worker 1:\n  no operations recorded"), "{d}");
+        assert!(!d.contains("Last collective"), "no collective ranks: {d}");
+        let mut e = op(1, "allreduce", Outcome::Error("boom".into()));
+        assert_eq!(outcome(&e), "failed: boom");
+        e.waiting = Some("rank 2's header".into());
+        assert_eq!(
+            outcome(&e),
+            "failed while waiting for rank 2's header: boom"
+        );
+        e.outcome = Outcome::Running;
+        assert_eq!(outcome(&e), "running, waiting for rank 2's header");
+        e.waiting = None;
+        assert_eq!(outcome(&e), "running");
+    }
+
+    #[test]
+    fn many_mismatches_are_cut_short_and_agreeing_calls_are_not_listed() {
+        let calls = |kind: &'static str| {
+            (0..12)
+                .map(|s| op(s, kind, Outcome::Ok))
+                .collect::<Vec<_>>()
+        };
+        let t = vec![
+            track(0, 2, calls("allreduce")),
+            track(1, 2, calls("broadcast")),
+        ];
+        let d = diagnose(&t);
+        assert_eq!(
+            d.lines().filter(|l| l.starts_with("  op #")).count(),
+            10,
+            "{d}"
+        );
+        assert!(d.contains("... and 2 more"), "{d}");
+        let same = vec![
+            track(0, 2, calls("allreduce")),
+            track(1, 2, calls("allreduce")),
+        ];
+        assert!(!diagnose(&same).contains("Mismatched"));
+        let alone = vec![track(0, 3, calls("allreduce"))];
+        let d = diagnose(&alone);
+        assert!(d.contains("rank 1   left no dump and no timeline"), "{d}");
+        assert!(d.contains("rank 2   left no dump and no timeline"), "{d}");
+    }
+
+    #[test]
     fn a_folder_without_records_is_an_error() {
         let dir = std::env::temp_dir().join(format!("tandem-analyze-empty-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();

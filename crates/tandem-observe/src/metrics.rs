@@ -484,6 +484,7 @@ pub fn samples() -> Vec<Sample> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::Identity;
 
     #[test]
     fn size_classes_have_inclusive_upper_bounds() {
@@ -519,6 +520,107 @@ mod tests {
     }
 
     #[test]
+    fn latency_buckets_grow_by_four_from_ten_microseconds() {
+        assert_eq!(BOUNDS_NS[0], 10_000);
+        assert_eq!(BOUNDS_NS[1], 40_000);
+        assert_eq!(BOUNDS_NS[12], 10_000 * 4u64.pow(12));
+    }
+
+    fn value(s: &[Sample], name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+        s.iter()
+            .find(|x| {
+                x.name == name
+                    && labels
+                        .iter()
+                        .all(|(k, v)| x.labels.iter().any(|(a, b)| a == k && b == v))
+            })
+            .map(|x| x.value)
+    }
+
+    #[test]
+    fn recorded_operations_render_as_parsable_series_with_the_process_labels() {
+        let mut id = Identity::new("rank", 5, 8);
+        id.job = "a \"quoted\" job\\".into();
+        crate::identify(id);
+        let id = crate::identity().unwrap();
+        op("allreduce", 4096, 3e-5);
+        op("allreduce", 4096, 5e-6);
+        op("allreduce", 4097, 1e-5);
+        op("nonsense", 1, 1.0);
+        op_at(COLLECTIVE_KINDS.len(), 1, 1);
+        op_at(7, 10, 200_000_000_000_000);
+        error("allreduce", "timeout");
+        late(3);
+        straggler(3);
+        ps_call("push", 0.5);
+        rendezvous("get", 0.001);
+        add_source(|out, labels| {
+            write_family(
+                out,
+                "tandem_test_source",
+                "gauge",
+                "t",
+                labels,
+                &[(String::new(), 7.0)],
+            )
+        });
+        let s = samples();
+        assert!(!s.is_empty());
+        let small = [("op", "allreduce"), ("size", "<=4KiB")];
+        assert_eq!(value(&s, "tandem_op_seconds_count", &small), Some(2.0));
+        let le = |b: &str| {
+            let mut l = small.to_vec();
+            l.push(("le", b));
+            value(&s, "tandem_op_seconds_bucket", &l)
+        };
+        assert_eq!(le("0.00001"), Some(1.0));
+        assert_eq!(le("0.00004"), Some(2.0));
+        assert_eq!(le("+Inf"), Some(2.0));
+        let sum = value(&s, "tandem_op_seconds_sum", &small).unwrap();
+        assert!((sum - 3.5e-5).abs() < 1e-9, "{sum}");
+        assert_eq!(value(&s, "tandem_op_bytes_total", &small), Some(8192.0));
+        let next = [("op", "allreduce"), ("size", "<=64KiB")];
+        assert_eq!(value(&s, "tandem_op_bytes_total", &next), Some(4097.0));
+        let slow = [("op", "recv"), ("size", "<=4KiB"), ("le", "+Inf")];
+        assert_eq!(value(&s, "tandem_op_seconds_bucket", &slow), Some(1.0));
+        let slow_le = [("op", "recv"), ("size", "<=4KiB"), ("le", "167.77216")];
+        assert_eq!(value(&s, "tandem_op_seconds_bucket", &slow_le), Some(0.0));
+        assert_eq!(
+            value(
+                &s,
+                "tandem_op_errors_total",
+                &[("op", "allreduce"), ("error", "timeout")]
+            ),
+            Some(1.0)
+        );
+        assert_eq!(
+            value(&s, "tandem_peer_late_total", &[("peer", "3")]),
+            Some(1.0)
+        );
+        assert_eq!(
+            value(&s, "tandem_peer_straggler_total", &[("peer", "3")]),
+            Some(1.0)
+        );
+        assert_eq!(
+            value(&s, "tandem_ps_call_seconds_count", &[("call", "push")]),
+            Some(1.0)
+        );
+        assert_eq!(
+            value(&s, "tandem_rendezvous_seconds_count", &[("call", "get")]),
+            Some(1.0)
+        );
+        assert_eq!(value(&s, "tandem_test_source", &[]), Some(7.0));
+        let rank = id.index.to_string();
+        for x in &s {
+            let has = |k: &str, v: &str| x.labels.iter().any(|(a, b)| a == k && b == v);
+            assert!(
+                has("job", &id.job) && has("rank", &rank) && has("role", &id.role),
+                "{x:?}"
+            );
+        }
+    }
+
+    #[test]
     fn hand_written_families_carry_the_process_labels() {
         let mut out = String::new();
         write_family(
@@ -533,5 +635,33 @@ mod tests {
         assert_eq!(s[0].labels.len(), 3);
         assert_eq!(s[1].labels.len(), 4);
         assert_eq!(s[1].value, 2.0);
+        let mut bare = String::new();
+        write_family(
+            &mut bare,
+            "x",
+            "gauge",
+            "h",
+            "",
+            &[("a=\"1\"".into(), 1.0), (String::new(), 2.0)],
+        );
+        assert!(bare.contains("x{a=\"1\"} 1\nx{} 2\n"), "{bare}");
+        let s = parse(&bare).unwrap();
+        assert_eq!(s[0].labels, vec![("a".to_string(), "1".to_string())]);
+        assert!(s[1].labels.is_empty());
+    }
+
+    #[test]
+    fn label_values_are_escaped_and_read_back() {
+        assert_eq!(escape("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+        let line = format!("m{{k=\"{}\"}} 1", escape("a\"b\\c\nd"));
+        assert_eq!(parse(&line).unwrap()[0].labels[0].1, "a\"b\\c\nd");
+        // Keys must be names; a label list must close.
+        assert!(parse("m{=\"1\"} 1").is_err());
+        assert!(parse("m{k=1} 1").is_err());
+        assert!(parse("m{k=\"1\"").is_err());
+        assert!(parse("m{k=\"1} 1").is_err());
+        assert_eq!(parse("m{k=\"1\",} 2").unwrap()[0].value, 2.0);
+        assert_eq!(parse("m -Inf").unwrap()[0].value, f64::NEG_INFINITY);
+        assert!(parse("m{} ").is_err(), "no value");
     }
 }

@@ -398,6 +398,62 @@ mod tests {
     }
 
     #[test]
+    fn an_operation_is_overwritten_exactly_when_the_ring_comes_round() {
+        let log = OpLog::new(&NAMES, 2);
+        let a = log.begin(&start(0));
+        log.begin(&start(1));
+        // Two slots, two operations: the first is still held and can be completed.
+        assert!(log.entry(a).is_some());
+        log.end(a, 50, None, Some(Wait::Data(3)), Some("lost".into()));
+        let e = log.entry(a).unwrap();
+        assert_eq!(e.waiting.as_deref(), Some("data from or to rank 3"));
+        assert_eq!(e.outcome, Outcome::Error("lost".into()));
+        // A third operation takes its slot: completing the first again changes nothing.
+        let c = log.begin(&start(2));
+        assert!(log.entry(a).is_none());
+        assert!(log.entry(c + 1).is_none(), "not begun yet");
+        log.end(a, 60, None, None, None);
+        assert_eq!(log.entry(c).unwrap().outcome, Outcome::Running);
+        assert_eq!(log.entry(c).unwrap().seq, 2);
+    }
+
+    #[test]
+    fn lateness_is_capped_and_the_latest_errors_are_kept() {
+        let log = OpLog::new(&NAMES, 64);
+        let n = log.begin(&start(0));
+        log.end(n, 1, Some((2, u64::MAX)), None, None);
+        assert_eq!(log.entry(n).unwrap().late_us, Some(NONE32 - 1));
+        let first = log.begin(&start(1));
+        log.end(first, 1, None, None, Some("error 0".into()));
+        for i in 1..=ERRORS_KEPT {
+            let m = log.begin(&start(1 + i as u64));
+            log.end(m, 1, None, None, Some(format!("error {i}")));
+        }
+        assert_eq!(
+            log.entry(first).unwrap().outcome,
+            Outcome::Error("failed".into()),
+            "the oldest error text was let go"
+        );
+        assert_eq!(
+            log.entry(first + 1).unwrap().outcome,
+            Outcome::Error("error 1".into())
+        );
+        assert!(format!("{log:?}").contains("capacity: 64"));
+    }
+
+    #[test]
+    fn dumps_read_every_live_log() {
+        let log = OpLog::new(&NAMES, 4);
+        log.begin(&OpStart {
+            seq: 4242,
+            ..start(0)
+        });
+        assert!(all_entries().iter().any(|e| e.seq == 4242));
+        drop(log);
+        assert!(!all_entries().iter().any(|e| e.seq == 4242));
+    }
+
+    #[test]
     fn codes_beyond_the_tables_read_as_a_question_mark() {
         let log = OpLog::new(&NAMES, 2);
         log.begin(&OpStart {

@@ -323,12 +323,20 @@ static LIVE: Mutex<Option<Live>> = Mutex::new(None);
 
 /// How many operations a recorder keeps: [`crate::ENTRIES_VAR`], else [`DEFAULT_ENTRIES`].
 pub(crate) fn capacity_from_env() -> usize {
-    std::env::var(crate::ENTRIES_VAR)
-        .ok()
-        .and_then(|v| v.parse::<usize>().ok())
+    capacity(std::env::var(crate::ENTRIES_VAR).ok().as_deref())
+}
+
+/// Most operations a recorder keeps, whatever the environment asks.
+pub const MAX_ENTRIES: usize = 1 << 20;
+
+/// The capacity `value` asks for: a positive count, at most [`MAX_ENTRIES`]; anything else is
+/// [`DEFAULT_ENTRIES`].
+fn capacity(value: Option<&str>) -> usize {
+    value
+        .and_then(|v| v.trim().parse::<usize>().ok())
         .filter(|n| *n > 0)
         .unwrap_or(DEFAULT_ENTRIES)
-        .min(1 << 20)
+        .min(MAX_ENTRIES)
 }
 
 /// Makes the ring (its capacity from the environment).
@@ -521,6 +529,17 @@ mod tests {
         r.pushed = 10;
         assert_eq!(r.index(6), None, "dropped from the ring");
         assert_eq!(r.index(8), Some(1));
+    }
+
+    #[test]
+    fn the_capacity_is_a_positive_count_up_to_the_maximum() {
+        assert_eq!(capacity(None), DEFAULT_ENTRIES);
+        assert_eq!(capacity(Some("0")), DEFAULT_ENTRIES);
+        assert_eq!(capacity(Some("1")), 1);
+        assert_eq!(capacity(Some(" 64 ")), 64);
+        assert_eq!(capacity(Some("lots")), DEFAULT_ENTRIES);
+        assert_eq!(capacity(Some(&MAX_ENTRIES.to_string())), MAX_ENTRIES);
+        assert_eq!(capacity(Some(&(MAX_ENTRIES + 1).to_string())), MAX_ENTRIES);
     }
 
     #[test]
