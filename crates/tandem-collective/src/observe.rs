@@ -24,6 +24,13 @@ const REDUCE_SPANS: usize = 64;
 
 thread_local! {
     static REDUCES: RefCell<Vec<(u64, u64)>> = const { RefCell::new(Vec::new()) };
+    /// When the async operation this thread runs next was asked for.
+    static ENQUEUED: std::cell::Cell<Option<Instant>> = const { std::cell::Cell::new(None) };
+}
+
+/// The next operation on this thread was asked for at `t` (an async operation, queued).
+pub(crate) fn enqueued_at(t: Instant) {
+    ENQUEUED.with(|e| e.set(Some(t)));
 }
 
 /// Times one reduction for the timeline, until dropped (nothing without a timeline).
@@ -122,6 +129,9 @@ pub(crate) fn begin(
         };
     }
     let started_us = tandem_observe::us_at(started);
+    let enqueued_us = ENQUEUED
+        .with(std::cell::Cell::take)
+        .map_or(started_us, tandem_observe::us_at);
     let peers = match header.kind {
         // A message's header names its destination.
         OpKind::Send if kind == 6 => [Some(header.root), None],
@@ -141,6 +151,7 @@ pub(crate) fn begin(
             peers,
             count: header.count,
             bytes,
+            enqueued_us,
             started_us,
         })
     });

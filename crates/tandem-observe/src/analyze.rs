@@ -581,6 +581,14 @@ mod tests {
             1,
             "b's own events only (its recorded ops are in them)"
         );
+        let pid0 = evs
+            .iter()
+            .filter(|e| e["pid"] == 0 && e["ph"] == "X")
+            .count();
+        assert_eq!(
+            pid0, 2,
+            "a's completed and running ops (it has no timeline)"
+        );
         let running: Vec<&Value> = evs
             .iter()
             .filter(|e| e["name"] == "allreduce (running)")
@@ -697,6 +705,14 @@ mod tests {
             "{d}"
         );
         assert!(d.contains("... and 2 more"), "{d}");
+        let ten = |kind: &'static str| {
+            (0..10)
+                .map(|s| op(s, kind, Outcome::Ok))
+                .collect::<Vec<_>>()
+        };
+        let d = diagnose(&[track(0, 2, ten("allreduce")), track(1, 2, ten("broadcast"))]);
+        assert_eq!(d.lines().filter(|l| l.starts_with("  op #")).count(), 10);
+        assert!(!d.contains("... and"), "{d}");
         let same = vec![
             track(0, 2, calls("allreduce")),
             track(1, 2, calls("allreduce")),

@@ -53,6 +53,9 @@ pub struct OpStart {
     pub count: u64,
     /// Payload bytes.
     pub bytes: u64,
+    /// When it was asked for (µs since the Unix epoch; an async operation waits in a queue; 0:
+    /// when it started).
+    pub enqueued_us: u64,
     /// When it started (µs since the Unix epoch).
     pub started_us: u64,
 }
@@ -66,6 +69,7 @@ struct Slot {
     seq: AtomicU64,
     count: AtomicU64,
     bytes: AtomicU64,
+    enqueued_us: AtomicU64,
     started_us: AtomicU64,
     /// 0 while running.
     ended_us: AtomicU64,
@@ -144,6 +148,12 @@ impl OpLog {
         s.count.store(op.count, Ordering::Relaxed);
         s.bytes.store(op.bytes, Ordering::Relaxed);
         s.started_us.store(op.started_us, Ordering::Relaxed);
+        let enqueued = if op.enqueued_us == 0 {
+            op.started_us
+        } else {
+            op.enqueued_us
+        };
+        s.enqueued_us.store(enqueued, Ordering::Relaxed);
         s.ended_us.store(0, Ordering::Relaxed);
         let opc = op.op.map_or(0, |o| u64::from(o) + 1);
         s.meta.store(
@@ -233,6 +243,7 @@ impl OpLog {
             let seq = s.seq.load(Ordering::Relaxed);
             let count = s.count.load(Ordering::Relaxed);
             let bytes = s.bytes.load(Ordering::Relaxed);
+            let enqueued_us = s.enqueued_us.load(Ordering::Relaxed);
             let started_us = s.started_us.load(Ordering::Relaxed);
             let ended_us = s.ended_us.load(Ordering::Relaxed);
             let meta = s.meta.load(Ordering::Relaxed);
@@ -243,9 +254,11 @@ impl OpLog {
             if s.version.load(Ordering::Relaxed) != v1 {
                 continue;
             }
-            return Some(self.decode(
+            let mut e = self.decode(
                 n, seq, count, bytes, started_us, ended_us, meta, peers, root_wait, late,
-            ));
+            );
+            e.enqueued_us = enqueued_us;
+            return Some(e);
         }
         None
     }
@@ -340,6 +353,7 @@ mod tests {
             peers: [Some(1), Some(3)],
             count: 8,
             bytes: 32,
+            enqueued_us: if seq == 1 { 90 } else { 0 },
             started_us: 100 + seq,
         }
     }
@@ -373,6 +387,16 @@ mod tests {
         );
         assert_eq!((e[0].late_peer, e[0].late_us), (Some(1), Some(7)));
         assert_eq!(e[0].peers, vec![1, 3]);
+        assert_eq!(
+            (e[0].enqueued_us, e[0].started_us),
+            (100, 100),
+            "not queued"
+        );
+        assert_eq!(
+            (e[1].enqueued_us, e[1].started_us),
+            (90, 101),
+            "queued 11 us"
+        );
         assert_eq!(e[1].call(), "broadcast(u8 x 8, root 2)");
         assert_eq!(e[1].outcome, Outcome::Error("timed out".into()));
         assert_eq!(e[1].waiting_on, Some(2));
@@ -481,19 +505,25 @@ mod tests {
                 }
             })
         };
-        let mut seen = 0;
-        while !writer.is_finished() {
-            for e in log.entries() {
+        let check = |entries: Vec<Entry>| {
+            for e in &entries {
                 assert_eq!(e.count, e.seq);
                 assert_eq!(e.bytes, e.seq * 4);
                 if let Some(end) = e.ended_us {
                     assert_eq!(end, 1_000 + e.seq);
                     assert_eq!(e.late_us, Some(e.seq));
                 }
-                seen += 1;
+            }
+            entries.len()
+        };
+        loop {
+            let done = writer.is_finished();
+            check(log.entries());
+            if done {
+                break;
             }
         }
         writer.join().unwrap();
-        assert!(seen > 0);
+        assert_eq!(check(log.entries()), 8, "the last 8, whole");
     }
 }

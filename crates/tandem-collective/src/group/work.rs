@@ -109,7 +109,10 @@ impl ProcessGroup {
             done: done.clone(),
         };
         let pg = self.clone();
+        // When the caller asked for it: the flight recorder keeps it beside the start.
+        let enqueued = std::time::Instant::now();
         let run: Job = Box::new(move || {
+            crate::observe::enqueued_at(enqueued);
             let r = job(&pg.direct());
             done.store(true, Ordering::Release);
             let _ = tx.send(r);
