@@ -663,5 +663,7 @@ mod tests {
         assert_eq!(parse("m{k=\"1\",} 2").unwrap()[0].value, 2.0);
         assert_eq!(parse("m -Inf").unwrap()[0].value, f64::NEG_INFINITY);
         assert!(parse("m{} ").is_err(), "no value");
+        assert_eq!(parse("job:rate_5m 1").unwrap()[0].name, "job:rate_5m");
+        assert!(parse("a-b 1").is_err(), "not a metric name");
     }
 }

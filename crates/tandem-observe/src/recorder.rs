@@ -555,6 +555,59 @@ mod tests {
     }
 
     #[test]
+    fn the_process_ring_records_completes_and_says_what_a_running_message_waits_for() {
+        crate::identify(crate::Identity::new("rank", 0, 1));
+        assert!(crate::active());
+        let mut r = Record::new(555_002, "send", "f32", 3, 11);
+        r.peers = Peers::One(4);
+        let send = begin(r);
+        // Started later than the message, but not one that waits on a peer.
+        let push = begin(Record::new(555_001, "ps.push", "f32", 3, 12));
+        set_live(|| Some(Wait::Data(4)));
+        let snap = snapshot();
+        let find = |seq| snap.iter().find(|e| e.seq == seq).cloned().unwrap();
+        let (p, m) = (find(555_001), find(555_002));
+        assert_eq!((p.outcome.clone(), p.waiting_on), (Outcome::Running, None));
+        assert_eq!(
+            m.waiting_on,
+            Some(4),
+            "the running message waits for rank 4"
+        );
+        assert_eq!(m.waiting.as_deref(), Some("data from or to rank 4"));
+        assert!(snap.windows(2).all(|w| w[0].started_us <= w[1].started_us));
+        end_at(
+            push,
+            20,
+            Ending {
+                error: Some("refused".into()),
+                ..Ending::default()
+            },
+        );
+        end_at(
+            send,
+            30,
+            Ending {
+                late: Some((4, 2)),
+                ..Ending::default()
+            },
+        );
+        let p = snapshot_of(push).unwrap();
+        assert_eq!(
+            (p.ended_us, p.outcome),
+            (Some(20), Outcome::Error("refused".into()))
+        );
+        let m = snapshot_of(send).unwrap();
+        assert_eq!(
+            (m.ended_us, m.outcome, m.late_us),
+            (Some(30), Outcome::Ok, Some(2))
+        );
+        assert_eq!(m.peers, vec![4]);
+        assert!(snapshot_of(Token::none()).is_none());
+        end(Token::none(), Ending::default());
+        set_live(|| None);
+    }
+
+    #[test]
     fn outcomes_round_trip_through_json() {
         let mut e = Entry::new(1, "ps.push", "f32", 10);
         e.outcome = Outcome::Error("boom".into());
