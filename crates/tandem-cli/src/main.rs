@@ -2,6 +2,7 @@
 
 mod bench;
 mod bench_ps;
+mod certs;
 mod demo;
 mod hosts;
 mod info;
@@ -46,6 +47,10 @@ enum Command {
     /// Measure collectives (nccl-tests style table) or the parameter server.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Make a job's TLS certificate authority and certificates (`init`), or the Kubernetes
+    /// Secret carrying them (`kubernetes`).
+    #[command(subcommand)]
+    Certs(certs::CertsCommand),
     /// Merge the flight-recorder dumps or timelines of a job's processes into one trace and say
     /// which rank the others waited for.
     Trace(trace::TraceArgs),
@@ -81,6 +86,7 @@ fn main() -> ExitCode {
         Command::Ps(a) => ps::ps(a),
         Command::Topo(a) => topo::topo(a),
         Command::Trace(a) => trace::trace(a),
+        Command::Certs(a) => certs::certs(a),
         Command::Tune(a) => tune::tune(a),
         Command::Bench(a) => bench::run(a),
         Command::BenchPsWorker(a) => bench_ps::bench_ps_worker(a),

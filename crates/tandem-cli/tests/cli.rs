@@ -379,3 +379,88 @@ fn trace_merges_dumps_and_names_the_rank_the_others_waited_for() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn certs_init_makes_a_job_ca_reuses_it_and_never_overwrites() {
+    let dir = std::env::temp_dir().join(format!("tandem-cli-certs-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let job = dir.join("job");
+    let s = |p: &std::path::Path| p.to_str().expect("utf8").to_string();
+    let out = tandem(&["certs", "init", &s(&job), "--job", "j1"], &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("new CA for job j1") && text.contains("localhost, 127.0.0.1"),
+        "{text}"
+    );
+    let ca = std::fs::read_to_string(job.join("ca.pem")).expect("ca");
+    // A second process's certificate from the same CA, in its own folder.
+    let host = dir.join("host-2");
+    let out = tandem(
+        &[
+            "certs",
+            "init",
+            &s(&job),
+            "--out",
+            &s(&host),
+            "--name",
+            "host-2.example",
+            "--name",
+            "10.77.0.3",
+        ],
+        &[],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("used the CA"));
+    assert_eq!(
+        std::fs::read_to_string(host.join("ca.pem")).expect("copy"),
+        ca
+    );
+    assert_eq!(std::fs::read_to_string(job.join("ca.pem")).expect("ca"), ca);
+    // Nothing stored is replaced.
+    let key = std::fs::read_to_string(job.join("key.pem")).expect("key");
+    let out = tandem(&["certs", "init", &s(&job)], &[]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("exists; nothing was changed"));
+    assert_eq!(
+        std::fs::read_to_string(job.join("key.pem")).expect("key"),
+        key
+    );
+    let out = tandem(
+        &["certs", "init", &s(&dir.join("x")), "--name", "no spaces"],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is not a host name"));
+    let out = tandem(&["certs", "init", &s(&dir.join("y")), "--days", "0"], &[]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("give 1 to 3650"));
+    // The Secret carries the process's three files, not the CA's key.
+    let out = tandem(
+        &["certs", "kubernetes", &s(&host), "--name", "job-tls"],
+        &[],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let y = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        y.contains("kind: Secret") && y.contains("name: job-tls"),
+        "{y}"
+    );
+    for f in ["ca.pem:", "cert.pem:", "key.pem:"] {
+        assert!(y.contains(f), "{y}");
+    }
+    assert!(!y.contains("ca-key"));
+    let _ = std::fs::remove_dir_all(&dir);
+}

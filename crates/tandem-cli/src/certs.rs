@@ -1,0 +1,89 @@
+//! `tandem certs`: a job's certificate authority and certificates, and the Kubernetes Secret that
+//! carries them.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use tandem::Result;
+
+/// What `tandem certs` does.
+#[derive(clap::Subcommand, Debug)]
+pub enum CertsCommand {
+    /// Make the job's CA in DIR (ca.pem, ca-key.pem; an existing one is used, never replaced) and
+    /// a certificate for the names given (cert.pem, key.pem; in --out, default DIR). Point
+    /// TANDEM_TLS_DIR at the folder with ca.pem, cert.pem and key.pem.
+    Init(InitArgs),
+    /// Print a Kubernetes Secret holding DIR's ca.pem, cert.pem and key.pem (not the CA's key).
+    Kubernetes(KubernetesArgs),
+}
+
+/// Arguments of `tandem certs init`.
+#[derive(clap::Args, Debug)]
+pub struct InitArgs {
+    /// The folder of the job's CA.
+    dir: PathBuf,
+    /// A name the certificate's holder is reached by (DNS name, `*.` wildcard or IP address);
+    /// repeat for several. Default: localhost and 127.0.0.1.
+    #[arg(long = "name", value_name = "NAME")]
+    names: Vec<String>,
+    /// Where to write cert.pem and key.pem (and a copy of ca.pem), for another process or host.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// The job's name, in the CA's and the certificate's subject.
+    #[arg(long, env = "TANDEM_JOB_NAME", default_value = "tandem")]
+    job: String,
+    /// Days of validity (1 to 3650).
+    #[arg(long, default_value_t = 30)]
+    days: u32,
+}
+
+/// Arguments of `tandem certs kubernetes`.
+#[derive(clap::Args, Debug)]
+pub struct KubernetesArgs {
+    /// The folder with ca.pem, cert.pem and key.pem.
+    dir: PathBuf,
+    /// The Secret's name.
+    #[arg(long, default_value = "tandem-tls")]
+    name: String,
+    /// Its namespace.
+    #[arg(long)]
+    namespace: Option<String>,
+}
+
+/// Runs `tandem certs ...`.
+pub fn certs(cmd: CertsCommand) -> Result<ExitCode> {
+    match cmd {
+        CertsCommand::Init(a) => {
+            let names = if a.names.is_empty() {
+                vec!["localhost".to_string(), "127.0.0.1".to_string()]
+            } else {
+                a.names
+            };
+            let made = tandem_tls::init(&a.dir, a.out.as_deref(), &a.job, &names, a.days)?;
+            if made.new_authority {
+                println!("new CA for job {} in {}", a.job, a.dir.display());
+            } else {
+                println!("used the CA in {}", a.dir.display());
+            }
+            for f in &made.written {
+                println!("wrote {}", f.display());
+            }
+            let folder = a.out.as_ref().unwrap_or(&a.dir);
+            println!(
+                "certificate for {} (valid {} days); processes use it with {}={}",
+                names.join(", "),
+                a.days,
+                tandem_tls::DIR_VAR,
+                folder.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        CertsCommand::Kubernetes(a) => {
+            print!(
+                "{}",
+                tandem_tls::kubernetes_secret(&a.dir, &a.name, a.namespace.as_deref())?
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}

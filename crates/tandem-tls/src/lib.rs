@@ -1,0 +1,25 @@
+//! A job's public-key infrastructure: one certificate authority per job ([`Authority`]), a
+//! certificate for its processes signed by it ([`Authority::issue`], the names they are reached by in
+//! the subject alternative names, good for both ends of a mutual TLS connection), the files a
+//! process reads them from ([`TlsFiles`]), and `tandem certs`'s folder layout ([`init`]).
+//!
+//! A process finds its files in `TANDEM_TLS_DIR` (`ca.pem`, `cert.pem`, `key.pem`) or in
+//! `TANDEM_TLS_CA`, `TANDEM_TLS_CERT` and `TANDEM_TLS_KEY`, so certificates issued elsewhere
+//! (cert-manager writes `ca.crt`, `tls.crt`, `tls.key` into a Secret: point the three variables at
+//! them) work unchanged.
+//!
+//! ```
+//! let ca = tandem_tls::Authority::generate("demo", 30)?;
+//! let cert = ca.issue("rank-0", &["localhost".into(), "127.0.0.1".into()], 30)?;
+//! assert!(cert.cert_pem.starts_with("-----BEGIN CERTIFICATE-----"));
+//! # Ok::<(), tandem_core::Error>(())
+//! ```
+
+mod authority;
+mod files;
+
+pub use authority::{Authority, Issued, MAX_DAYS};
+pub use files::{
+    CA_FILE, CA_KEY_FILE, CA_VAR, CERT_FILE, CERT_VAR, DIR_VAR, KEY_FILE, KEY_VAR, Made, TlsFiles,
+    init, kubernetes_secret,
+};
