@@ -297,3 +297,69 @@ fn gpus_auto_gives_each_rank_its_gpu_from_the_topology() {
         2
     );
 }
+
+/// Every job gets a CA of its own and a certificate, in `tls/` of its log folder (or a temporary
+/// folder removed when the job ends), unless the user's environment already names TLS files.
+#[test]
+fn every_launched_job_gets_its_own_certificates() {
+    let show = r#"echo "TLS $TANDEM_TLS_DIR $(ls "$TANDEM_TLS_DIR" | tr '\n' ' ')""#;
+    let dirs = |out: &std::process::Output| -> Vec<String> {
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.split_once("TLS ").map(|(_, r)| r.to_string()))
+            .collect()
+    };
+    let logs = std::env::temp_dir().join(format!("tandem-launch-tls-{}", std::process::id()));
+    let out = launch(&[
+        "--nproc",
+        "2",
+        "--log-dir",
+        logs.to_str().expect("utf8"),
+        "--",
+        "sh",
+        "-c",
+        show,
+    ]);
+    let seen = dirs(&out);
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    assert_eq!(seen[0], seen[1], "one CA per job");
+    assert!(
+        seen[0].contains("/tls/process ca.pem cert.pem key.pem"),
+        "{seen:?}"
+    );
+    assert!(
+        !seen[0].contains("ca-key"),
+        "the CA's key stays out of the processes' folder"
+    );
+    let out = launch(&["--nproc", "1", "--no-log-files", "--", "sh", "-c", show]);
+    let seen = dirs(&out);
+    let temp = std::path::Path::new(seen[0].split(' ').next().expect("dir"));
+    assert!(seen[0].contains("ca.pem cert.pem key.pem"), "{seen:?}");
+    let root = temp.parent().expect("root");
+    assert!(!root.exists(), "{} is removed with the job", root.display());
+    let out = Command::new(TANDEM)
+        .args([
+            "launch",
+            "--nproc",
+            "1",
+            "--no-log-files",
+            "--",
+            "sh",
+            "-c",
+            "echo \"TLS $TANDEM_TLS_DIR\"",
+        ])
+        .env("TANDEM_TLS_DIR", "/mine")
+        .output()
+        .expect("run");
+    assert_eq!(
+        dirs(&out),
+        vec!["/mine".to_string()],
+        "the user's files are used"
+    );
+    let _ = std::fs::remove_dir_all(&logs);
+}

@@ -88,6 +88,7 @@ pub fn run(
         }
         None => None,
     };
+    let tls = JobTls::make(log_dir.as_deref(), spec)?;
     let colour = std::io::stdout().is_terminal();
     let width = planned.iter().map(|p| p.label().len()).max().unwrap_or(0);
     let mut procs = Vec::with_capacity(planned.len());
@@ -117,6 +118,7 @@ pub fn run(
         prefix: spec.prefix,
         sink: spec.sink.clone(),
         log_dir: log_dir.clone(),
+        tls: tls.as_ref().map(|t| t.dir.clone()),
     };
     for i in 0..procs.len() {
         if let Err(e) = start(&mut procs[i], &token, &style) {
@@ -164,6 +166,8 @@ struct Style {
     sink: Option<LineSink>,
     /// The job's log folder: processes write their flight-recorder dumps under it.
     log_dir: Option<PathBuf>,
+    /// The job's TLS folder (its own CA and a certificate for this machine).
+    tls: Option<PathBuf>,
 }
 
 impl Style {
@@ -178,6 +182,70 @@ impl Style {
             format!("\x1b[{c}m[{name}]\x1b[0m ")
         } else {
             format!("[{name}] ")
+        }
+    }
+}
+
+/// The TLS files `tandem launch` makes for each job: a CA of its own and one certificate for this
+/// machine's loopback names (in `process/`, without the CA's key), in `tls/` of the job's log folder (or a temporary folder, removed when
+/// the job ends). Not made when the user's environment already names TLS files.
+struct JobTls {
+    /// What the processes read (`ca.pem`, `cert.pem`, `key.pem`; the CA's key stays one level up).
+    dir: PathBuf,
+    root: PathBuf,
+    temporary: bool,
+}
+
+impl JobTls {
+    fn make(log_dir: Option<&std::path::Path>, spec: &JobSpec) -> Result<Option<JobTls>> {
+        let named = |k: &str| {
+            std::env::var_os(k).is_some_and(|v| !v.is_empty())
+                || spec.env.iter().any(|(n, v)| n == k && !v.is_empty())
+        };
+        if [
+            tandem_tls::DIR_VAR,
+            tandem_tls::CA_VAR,
+            tandem_tls::CERT_VAR,
+            tandem_tls::KEY_VAR,
+        ]
+        .iter()
+        .any(|k| named(k))
+        {
+            return Ok(None);
+        }
+        let (dir, temporary) = match log_dir {
+            Some(d) => (d.join("tls"), false),
+            None => (
+                std::env::temp_dir().join(format!(
+                    "tandem-tls-{}-{}",
+                    std::process::id(),
+                    std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map(|d| d.as_nanos())
+                        .unwrap_or(0)
+                )),
+                true,
+            ),
+        };
+        let names = [
+            "localhost".to_string(),
+            "127.0.0.1".to_string(),
+            "::1".to_string(),
+        ];
+        let process = dir.join("process");
+        tandem_tls::init(&dir, Some(&process), "tandem-launch", &names, 30)?;
+        Ok(Some(JobTls {
+            dir: process,
+            root: dir,
+            temporary,
+        }))
+    }
+}
+
+impl Drop for JobTls {
+    fn drop(&mut self) {
+        if self.temporary {
+            let _ = std::fs::remove_dir_all(&self.root);
         }
     }
 }
@@ -217,6 +285,9 @@ fn start(p: &mut Proc, token: &JobToken, style: &Style) -> Result<()> {
         .process_group(0);
     if let Some(addr) = metrics_addr(&p.plan) {
         cmd.env("TANDEM_METRICS_ADDR", addr);
+    }
+    if let Some(dir) = &style.tls {
+        cmd.env(tandem_tls::DIR_VAR, dir);
     }
     if let Some(dir) = &style.log_dir {
         // Flight-recorder dumps go to `trace/` beside the logs (unless TANDEM_TRACE_DIR says).
