@@ -1,6 +1,7 @@
 //! The `tandem` command.
 
 mod bench;
+mod bench_cost;
 mod bench_ps;
 mod certs;
 mod demo;

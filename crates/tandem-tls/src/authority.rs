@@ -149,6 +149,18 @@ impl Authority {
             ));
         }
         let (from, until) = validity(days, "certificate validity")?;
+        self.sign(name, sans, from, until)
+    }
+
+    /// Signs a certificate for `name` and `sans`, valid from `from` to `until` (checked by
+    /// [`Authority::issue`]; tests make expired ones with it).
+    fn sign(
+        &self,
+        name: &str,
+        sans: &[String],
+        from: OffsetDateTime,
+        until: OffsetDateTime,
+    ) -> Result<Issued> {
         let mut params =
             CertificateParams::new(sans.to_vec()).map_err(|e| tls_error("certificate names", e))?;
         params.distinguished_name.push(DnType::CommonName, name);
@@ -166,34 +178,6 @@ impl Authority {
         ];
         params.not_before = from;
         params.not_after = until;
-        let key = KeyPair::generate().map_err(|e| tls_error("certificate key", e))?;
-        let cert = params
-            .signed_by(&key, &self.issuer)
-            .map_err(|e| tls_error("certificate", e))?;
-        Ok(Issued {
-            cert_pem: cert.pem(),
-            key_pem: key.serialize_pem(),
-        })
-    }
-
-    /// Like [`Authority::issue`], valid from `from` to `until` (for tests of expired certificates).
-    #[doc(hidden)]
-    pub fn issue_between(
-        &self,
-        name: &str,
-        sans: &[String],
-        from: OffsetDateTime,
-        until: OffsetDateTime,
-    ) -> Result<Issued> {
-        let mut params =
-            CertificateParams::new(sans.to_vec()).map_err(|e| tls_error("certificate names", e))?;
-        params.distinguished_name.push(DnType::CommonName, name);
-        params.not_before = from;
-        params.not_after = until;
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
         let key = KeyPair::generate().map_err(|e| tls_error("certificate key", e))?;
         let cert = params
             .signed_by(&key, &self.issuer)
@@ -281,7 +265,7 @@ mod tests {
         let early = verify(&ca.cert_pem, &c.cert_pem, "h", at(t - 2 * 3600)).unwrap_err();
         assert!(early.contains("not valid yet"), "{early}");
         let old = ca
-            .issue_between(
+            .sign(
                 "p",
                 &names,
                 OffsetDateTime::now_utc() - Duration::days(3),

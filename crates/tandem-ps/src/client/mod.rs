@@ -409,15 +409,8 @@ impl Client {
     /// Pushes gradients for `step` (every parameter named must be declared and have its full size).
     pub async fn push(&self, step: u64, grads: &[(&str, &[f32])]) -> Result<PushOutcome> {
         let count = grads.iter().map(|(_, g)| g.len() as u64).sum();
-        let servers = self.servers.len();
-        crate::observe::traced(
-            "push",
-            step,
-            count,
-            servers,
-            self.push_untraced(step, grads),
-        )
-        .await
+        self.traced_push(step, count, self.push_untraced(step, grads))
+            .await
     }
 
     async fn push_untraced(&self, step: u64, grads: &[(&str, &[f32])]) -> Result<PushOutcome> {
@@ -448,15 +441,8 @@ impl Client {
         grads: Vec<(String, Vec<f32>)>,
     ) -> Result<PushOutcome> {
         let count = grads.iter().map(|(_, g)| g.len() as u64).sum();
-        let servers = self.servers.len();
-        crate::observe::traced(
-            "push",
-            step,
-            count,
-            servers,
-            self.push_owned_untraced(step, grads),
-        )
-        .await
+        self.traced_push(step, count, self.push_owned_untraced(step, grads))
+            .await
     }
 
     async fn push_owned_untraced(
@@ -480,6 +466,16 @@ impl Client {
             whole.push((name, tandem_core::Tensor::from_vec(g, &[n])?.into_bytes()));
         }
         self.push_bytes(step, whole).await
+    }
+
+    /// Runs one push of `count` elements for `step`, recorded as such.
+    async fn traced_push(
+        &self,
+        step: u64,
+        count: u64,
+        push: impl std::future::Future<Output = Result<PushOutcome>>,
+    ) -> Result<PushOutcome> {
+        crate::observe::traced("push", step, count, self.servers.len(), push).await
     }
 
     fn check_grad(&self, name: &str, len: usize) -> Result<()> {
