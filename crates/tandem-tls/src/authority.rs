@@ -154,7 +154,7 @@ impl Authority {
 
     /// Signs a certificate for `name` and `sans`, valid from `from` to `until` (checked by
     /// [`Authority::issue`]; tests make expired ones with it).
-    fn sign(
+    pub(crate) fn sign(
         &self,
         name: &str,
         sans: &[String],

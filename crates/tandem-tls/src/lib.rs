@@ -16,10 +16,20 @@
 //! ```
 
 mod authority;
+mod context;
 mod files;
+pub mod grpc;
+mod policy;
+pub mod stream;
 
 pub use authority::{Authority, Issued, MAX_DAYS};
+pub use context::{TlsContext, common_name, describe, peer_rank};
 pub use files::{
     CA_FILE, CA_KEY_FILE, CA_VAR, CERT_FILE, CERT_VAR, DIR_VAR, KEY_FILE, KEY_VAR, Made, TlsFiles,
     init, kubernetes_secret,
 };
+pub use policy::{INSECURE_VAR, Security, is_loopback, warn_insecure};
+pub use stream::Stream;
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,260 @@
+//! A process's TLS identity made usable: its certificate and key, the job's CA, and the rustls
+//! configurations of both ends of a mutual TLS connection built from them.
+//!
+//! How a peer is authenticated: by its certificate chaining to the job's CA (each job has its own
+//! CA, so a certificate it signed is a member of the job and nothing else is), with the client's
+//! certificate required by every server. Host names are not checked: ring peers are dialled at
+//! addresses learnt at run time (a pod's IP) that no certificate issued before the job can list.
+//! Where a certificate names a rank (common name `rank-<n>`), the ring handshake checks the rank a
+//! peer claims against it ([`peer_rank`]).
+
+use std::path::Path;
+use std::sync::Arc;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
+use tandem_core::{Error, Result};
+
+use crate::files::TlsFiles;
+
+/// Everything a process needs to open and accept mutual TLS connections within its job.
+#[derive(Clone)]
+pub struct TlsContext {
+    server: Arc<rustls::ServerConfig>,
+    client: Arc<rustls::ClientConfig>,
+    name: String,
+}
+
+impl std::fmt::Debug for TlsContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsContext")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn bad(what: &str, source: &str, problem: impl std::fmt::Display) -> Error {
+    Error::invalid(what.to_string(), format!("{source}: {problem}"))
+}
+
+/// The common name in a certificate's subject, if it has one.
+pub fn common_name(der: &[u8]) -> Option<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let cn = cert.subject().iter_common_name().next()?;
+    cn.as_str().ok().map(str::to_string)
+}
+
+/// The rank a certificate is bound to: its common name is `rank-<n>`.
+pub fn peer_rank(der: &[u8]) -> Option<usize> {
+    common_name(der)?.strip_prefix("rank-")?.parse().ok()
+}
+
+impl TlsContext {
+    /// Reads the files and builds both configurations; every problem names the file.
+    pub fn load(files: &TlsFiles) -> Result<TlsContext> {
+        let read = |p: &Path| {
+            std::fs::read(p).map_err(|e| Error::io(format!("reading {}", p.display()), e))
+        };
+        Self::from_pem(
+            &read(&files.ca)?,
+            &read(&files.cert)?,
+            &read(&files.key)?,
+            [
+                files.ca.display().to_string(),
+                files.cert.display().to_string(),
+                files.key.display().to_string(),
+            ],
+        )
+    }
+
+    /// Builds both configurations from PEM texts; `sources` names them (CA, certificate, key) in
+    /// errors.
+    pub fn from_pem(
+        ca: &[u8],
+        cert: &[u8],
+        key: &[u8],
+        sources: [String; 3],
+    ) -> Result<TlsContext> {
+        let [ca_src, cert_src, key_src] = sources;
+        let mut roots = RootCertStore::empty();
+        let mut n = 0;
+        for c in CertificateDer::pem_slice_iter(ca) {
+            let c = c.map_err(|e| bad("TLS CA", &ca_src, e))?;
+            roots
+                .add(c)
+                .map_err(|e| bad("TLS CA", &ca_src, format!("not a CA certificate ({e})")))?;
+            n += 1;
+        }
+        if n == 0 {
+            return Err(bad("TLS CA", &ca_src, "holds no PEM certificate"));
+        }
+        let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert)
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|e| bad("TLS certificate", &cert_src, e))?;
+        let Some(leaf) = chain.first() else {
+            return Err(bad(
+                "TLS certificate",
+                &cert_src,
+                "holds no PEM certificate",
+            ));
+        };
+        let key = PrivateKeyDer::from_pem_slice(key).map_err(|e| bad("TLS key", &key_src, e))?;
+        let provider = provider();
+        let roots = Arc::new(roots);
+        let verifier = JobServerVerifier {
+            roots: roots.clone(),
+            algs: provider.signature_verification_algorithms,
+        };
+        // This process's own certificate must be one its peers accept: checked now, so a wrong or
+        // expired file fails at start and names itself, not at the first connection.
+        verifier
+            .verify_chain(leaf, &chain[1..], UnixTime::now())
+            .map_err(|e| {
+                bad(
+                    "TLS certificate",
+                    &cert_src,
+                    format!("not valid under the CA in {ca_src}: {}", describe(&e)),
+                )
+            })?;
+        let name = common_name(leaf).unwrap_or_else(|| "(no common name)".into());
+        let client_verifier = WebPkiClientVerifier::builder_with_provider(roots, provider.clone())
+            .build()
+            .map_err(|e| bad("TLS CA", &ca_src, e))?;
+        let mut server = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| bad("TLS", "protocol versions", e))?
+            .with_client_cert_verifier(client_verifier)
+            .with_single_cert(chain.clone(), key.clone_key())
+            .map_err(|e| bad("TLS key", &key_src, format!("does not fit {cert_src}: {e}")))?;
+        // Connections live as long as the job: no resumption, so no tickets to send.
+        server.send_tls13_tickets = 0;
+        let client = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| bad("TLS", "protocol versions", e))?
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(verifier))
+            .with_client_auth_cert(chain, key)
+            .map_err(|e| bad("TLS key", &key_src, format!("does not fit {cert_src}: {e}")))?;
+        Ok(TlsContext {
+            server: Arc::new(server),
+            client: Arc::new(client),
+            name,
+        })
+    }
+
+    /// The configuration of the accepting end (client certificates required).
+    pub fn server_config(&self) -> Arc<rustls::ServerConfig> {
+        self.server.clone()
+    }
+
+    /// The configuration of the connecting end (presents this process's certificate).
+    pub fn client_config(&self) -> Arc<rustls::ClientConfig> {
+        self.client.clone()
+    }
+
+    /// This process's certificate's common name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+/// Accepts a server whose certificate chains to the job's CA and is valid now, whatever names it
+/// lists (see the module's doc for why names are not checked).
+#[derive(Debug)]
+struct JobServerVerifier {
+    roots: Arc<RootCertStore>,
+    algs: WebPkiSupportedAlgorithms,
+}
+
+impl JobServerVerifier {
+    fn verify_chain(
+        &self,
+        leaf: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> std::result::Result<(), rustls::Error> {
+        let parsed = rustls::server::ParsedCertificate::try_from(leaf)?;
+        rustls::client::verify_server_cert_signed_by_trust_anchor(
+            &parsed,
+            &self.roots,
+            intermediates,
+            now,
+            self.algs.all,
+        )
+    }
+}
+
+impl ServerCertVerifier for JobServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> std::result::Result<ServerCertVerified, rustls::Error> {
+        self.verify_chain(end_entity, intermediates, now)?;
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algs)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algs.supported_schemes()
+    }
+}
+
+/// A TLS failure in words a user acts on.
+pub fn describe(e: &rustls::Error) -> String {
+    use rustls::{AlertDescription as A, CertificateError as C, Error as E};
+    match e {
+        E::InvalidCertificate(C::UnknownIssuer | C::BadSignature) => {
+            "the certificate is not signed by this job's CA (a certificate from another job, or a wrong TANDEM_TLS_CA?)".into()
+        }
+        E::InvalidCertificate(C::Expired | C::ExpiredContext { .. }) => {
+            "the certificate has expired (issue new ones with `tandem certs init`)".into()
+        }
+        E::InvalidCertificate(C::NotValidYet | C::NotValidYetContext { .. }) => {
+            "the certificate is not valid yet (are the hosts' clocks apart?)".into()
+        }
+        E::InvalidCertificate(C::InvalidPurpose | C::InvalidPurposeContext { .. }) => {
+            "the certificate is not issued for both TLS client and server use".into()
+        }
+        E::InvalidCertificate(other) => format!("the certificate is invalid ({other:?})"),
+        E::NoCertificatesPresented => "the peer presented no certificate".into(),
+        E::AlertReceived(A::CertificateRequired) => {
+            "the peer required this process's certificate and got none".into()
+        }
+        E::AlertReceived(A::UnknownCA | A::BadCertificate | A::CertificateUnknown) => {
+            "the peer refused this process's certificate (not signed by the peer's job CA: a certificate from another job?)".into()
+        }
+        E::AlertReceived(A::CertificateExpired) => {
+            "the peer found this process's certificate expired".into()
+        }
+        other => other.to_string(),
+    }
+}

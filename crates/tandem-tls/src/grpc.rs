@@ -1,0 +1,175 @@
+//! Secure connections under tonic: [`incoming`] admits a server's connections (TLS handshakes in
+//! their own tasks, bounded in number and time, refusals logged with who and why) and
+//! [`Connector`] opens a client's (TCP, then TLS when the process has certificates).
+//!
+//! The gRPC layer above sees a byte stream either way and speaks HTTP/2 over it, so one server or
+//! client serves both modes; the job token still travels in every request, inside TLS.
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::codegen::http::Uri;
+use tonic::transport::server::{Connected, TcpConnectInfo};
+
+use crate::policy::Security;
+use crate::stream::{Stream, accept, connect, peer_of, tls_failure};
+
+/// Most TLS handshakes a server runs at once (more wait for their turn; each has a deadline).
+pub const MAX_HANDSHAKES: usize = 64;
+
+/// How long an accepted connection may take to finish its handshake.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl Connected for Stream {
+    type ConnectInfo = TcpConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        let tcp = self.tcp();
+        TcpConnectInfo {
+            local_addr: tcp.local_addr().ok(),
+            remote_addr: tcp.peer_addr().ok(),
+        }
+    }
+}
+
+/// The admitted connections of `listener`, for `tonic`'s `serve_with_incoming*`: accepts until the
+/// returned stream is dropped (the server stopped). `what` names the server in logs.
+pub fn incoming(
+    listener: TcpListener,
+    security: Security,
+    what: &'static str,
+) -> ReceiverStream<io::Result<Stream>> {
+    let (tx, rx) = mpsc::channel(MAX_HANDSHAKES);
+    let permits = Arc::new(Semaphore::new(MAX_HANDSHAKES));
+    tokio::spawn(async move {
+        loop {
+            let accepted = tokio::select! {
+                _ = tx.closed() => break,
+                a = listener.accept() => a,
+            };
+            let tcp = match accepted {
+                Ok((tcp, _)) => tcp,
+                Err(e) => {
+                    // Out of descriptors and the like: tell the server, which ends with it.
+                    tracing::warn!(server = what, error = %e, "accepting a connection failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let _ = tcp.set_nodelay(true);
+            let Ok(permit) = permits.clone().acquire_owned().await else {
+                break;
+            };
+            let (tx, security) = (tx.clone(), security.clone());
+            tokio::spawn(async move {
+                let from = peer_of(&tcp);
+                match accept(&security, tcp, HANDSHAKE_TIMEOUT).await {
+                    Ok(s) => {
+                        if let Some(cert) = s.peer_certificate() {
+                            tracing::debug!(server = what, %from, peer = ?crate::common_name(&cert), "admitted");
+                        }
+                        let _ = tx.send(Ok(s)).await;
+                    }
+                    Err(r) if r.notable => {
+                        tracing::warn!(server = what, %from, reason = %r, "refused a connection");
+                    }
+                    Err(r) => {
+                        tracing::debug!(server = what, %from, reason = %r, "dropped a connection")
+                    }
+                }
+                drop(permit);
+            });
+        }
+    });
+    ReceiverStream::new(rx)
+}
+
+/// A failed connection attempt of a [`Connector`].
+#[derive(Debug, Clone)]
+pub struct ConnectError {
+    /// Where it tried.
+    pub addr: String,
+    /// Why, in words.
+    pub reason: String,
+    /// The TLS handshake refused a certificate (retrying will not help).
+    pub refused: bool,
+}
+
+impl std::fmt::Display for ConnectError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "connecting to {}: {}", self.addr, self.reason)
+    }
+}
+
+impl std::error::Error for ConnectError {}
+
+/// Why a gRPC call or connection failed on TLS grounds (a certificate refused by either side),
+/// found anywhere in the error's chain; `None` for every other failure.
+pub fn refusal(e: &(dyn std::error::Error + 'static)) -> Option<String> {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(c) = err.downcast_ref::<ConnectError>() {
+            return c.refused.then(|| c.reason.clone());
+        }
+        cur = err.source();
+    }
+    tls_failure(e)
+}
+
+/// Opens a gRPC client's connections: TCP (no delay) to the URI's host and port, then TLS when the
+/// process has certificates. Use with `Endpoint::connect_with_connector` and an `http://` URI (the
+/// TLS is underneath, not tonic's).
+#[derive(Clone, Debug)]
+pub struct Connector {
+    security: Security,
+}
+
+impl Connector {
+    /// A connector securing its connections as `security` says.
+    pub fn new(security: Security) -> Connector {
+        Connector { security }
+    }
+}
+
+type Connecting = Pin<Box<dyn Future<Output = Result<TokioIo<Stream>, ConnectError>> + Send>>;
+
+impl tower_service::Service<Uri> for Connector {
+    type Response = TokioIo<Stream>;
+    type Error = ConnectError;
+    type Future = Connecting;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let security = self.security.clone();
+        Box::pin(async move {
+            let host = uri.host().unwrap_or_default().to_string();
+            let port = uri.port_u16().unwrap_or(80);
+            let addr = format!("{host}:{port}");
+            let fail = |reason: String, refused: bool| ConnectError {
+                addr: addr.clone(),
+                reason,
+                refused,
+            };
+            let bare = host.trim_start_matches('[').trim_end_matches(']');
+            let tcp = tokio::net::TcpStream::connect((bare, port))
+                .await
+                .map_err(|e| fail(e.to_string(), false))?;
+            let _ = tcp.set_nodelay(true);
+            match connect(&security, tcp, &addr, HANDSHAKE_TIMEOUT).await {
+                Ok(s) => Ok(TokioIo::new(s)),
+                Err(e) => Err(fail(e.reason, e.refused)),
+            }
+        })
+    }
+}

@@ -1,0 +1,438 @@
+//! A connection as Tandem's protocols use it: a TCP stream, encrypted with mutual TLS or (where
+//! the [`Security`] allows) plaintext, and the two ends of opening one: [`accept`] and [`connect`].
+//!
+//! Both ends tell a mismatch apart from noise: a TLS endpoint that receives plaintext answers
+//! with a TLS alert (which a plaintext peer of the ring reads as [`TLS_ALERT`]) and logs who spoke
+//! plaintext; a plaintext endpoint that receives a TLS hello logs that the peer wants TLS and
+//! closes, and the TLS side reports that the peer closed during the handshake.
+
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, RawFd};
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use rustls::pki_types::{CertificateDer, ServerName};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio_rustls::TlsStream;
+
+use crate::context::describe;
+use crate::policy::{INSECURE_VAR, Security};
+
+/// The first byte of a TLS handshake record.
+const HANDSHAKE_RECORD: u8 = 0x16;
+
+/// The first byte of a TLS alert record: what a plaintext client of a TLS endpoint reads first.
+pub const TLS_ALERT: u8 = 0x15;
+
+/// What a TLS endpoint sends a plaintext client before closing: a fatal `access_denied` alert.
+const PLAINTEXT_REFUSAL: [u8; 7] = [TLS_ALERT, 0x03, 0x03, 0x00, 0x02, 0x02, 0x31];
+
+/// A connection, encrypted or not.
+#[derive(Debug)]
+pub enum Stream {
+    /// Plaintext TCP.
+    Plain(TcpStream),
+    /// Mutual TLS over TCP.
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl Stream {
+    /// The TCP connection underneath.
+    pub fn tcp(&self) -> &TcpStream {
+        match self {
+            Stream::Plain(s) => s,
+            Stream::Tls(s) => s.get_ref().0,
+        }
+    }
+
+    /// Whether the connection is encrypted.
+    pub fn is_tls(&self) -> bool {
+        matches!(self, Stream::Tls(_))
+    }
+
+    /// The certificate the peer presented (TLS only).
+    pub fn peer_certificate(&self) -> Option<CertificateDer<'static>> {
+        match self {
+            Stream::Plain(_) => None,
+            Stream::Tls(s) => s
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .map(|c| c.clone().into_owned()),
+        }
+    }
+
+    /// Splits into halves that can be used by different tasks.
+    pub fn into_split(self) -> (ReadHalf, WriteHalf) {
+        let fd = self.tcp().as_raw_fd();
+        match self {
+            Stream::Plain(s) => {
+                let (r, w) = s.into_split();
+                (ReadHalf::Plain(r), WriteHalf::Plain(w))
+            }
+            Stream::Tls(s) => {
+                let (r, w) = tokio::io::split(*s);
+                (
+                    ReadHalf::Tls { inner: r, fd },
+                    WriteHalf::Tls {
+                        inner: w,
+                        fd,
+                        accepted: None,
+                    },
+                )
+            }
+        }
+    }
+}
+
+macro_rules! delegate {
+    ($self:ident, $s:ident => $e:expr) => {
+        match $self.get_mut() {
+            Stream::Plain($s) => {
+                let $s = Pin::new($s);
+                $e
+            }
+            Stream::Tls($s) => {
+                let $s = Pin::new(&mut **$s);
+                $e
+            }
+        }
+    };
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        delegate!(self, s => s.poll_read(cx, buf))
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        delegate!(self, s => s.poll_write(cx, buf))
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        delegate!(self, s => s.poll_write_vectored(cx, bufs))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Stream::Plain(s) => s.is_write_vectored(),
+            Stream::Tls(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        delegate!(self, s => s.poll_flush(cx))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        delegate!(self, s => s.poll_shutdown(cx))
+    }
+}
+
+/// The reading half of a split [`Stream`].
+#[derive(Debug)]
+pub enum ReadHalf {
+    /// Plaintext: the socket itself (callers may read it with non-blocking calls).
+    Plain(OwnedReadHalf),
+    /// TLS.
+    Tls {
+        /// The decrypting half.
+        inner: tokio::io::ReadHalf<TlsStream<TcpStream>>,
+        /// The socket's descriptor (for statistics).
+        fd: RawFd,
+    },
+}
+
+impl ReadHalf {
+    /// The plaintext socket, for non-blocking reads; `None` under TLS.
+    pub fn socket(&self) -> Option<&OwnedReadHalf> {
+        match self {
+            ReadHalf::Plain(s) => Some(s),
+            ReadHalf::Tls { .. } => None,
+        }
+    }
+
+    /// The socket's descriptor (for socket statistics only).
+    pub fn raw_fd(&self) -> RawFd {
+        match self {
+            ReadHalf::Plain(s) => s.as_ref().as_raw_fd(),
+            ReadHalf::Tls { fd, .. } => *fd,
+        }
+    }
+}
+
+impl AsyncRead for ReadHalf {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            ReadHalf::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            ReadHalf::Tls { inner, .. } => Pin::new(inner).poll_read(cx, buf),
+        }
+    }
+}
+
+/// The writing half of a split [`Stream`]. Under TLS a write completes only once its bytes are
+/// on the socket (encrypted), so a sender that never flushes cannot leave its last bytes in the
+/// TLS buffer while the peer waits for them.
+#[derive(Debug)]
+pub enum WriteHalf {
+    /// Plaintext: the socket itself (callers may write it with non-blocking calls).
+    Plain(OwnedWriteHalf),
+    /// TLS.
+    Tls {
+        /// The encrypting half.
+        inner: tokio::io::WriteHalf<TlsStream<TcpStream>>,
+        /// The socket's descriptor (for statistics).
+        fd: RawFd,
+        /// Bytes taken by the TLS layer whose flush is still under way.
+        accepted: Option<usize>,
+    },
+}
+
+impl WriteHalf {
+    /// The plaintext socket, for non-blocking writes; `None` under TLS.
+    pub fn socket(&self) -> Option<&OwnedWriteHalf> {
+        match self {
+            WriteHalf::Plain(s) => Some(s),
+            WriteHalf::Tls { .. } => None,
+        }
+    }
+
+    /// The socket's descriptor (for socket statistics only).
+    pub fn raw_fd(&self) -> RawFd {
+        match self {
+            WriteHalf::Plain(s) => s.as_ref().as_raw_fd(),
+            WriteHalf::Tls { fd, .. } => *fd,
+        }
+    }
+}
+
+impl AsyncWrite for WriteHalf {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            WriteHalf::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            WriteHalf::Tls {
+                inner, accepted, ..
+            } => {
+                if accepted.is_none() {
+                    let n = ready!(Pin::new(&mut *inner).poll_write(cx, buf))?;
+                    *accepted = Some(n);
+                }
+                ready!(Pin::new(&mut *inner).poll_flush(cx))?;
+                Poll::Ready(Ok(accepted.take().unwrap_or(0)))
+            }
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            WriteHalf::Plain(s) => Pin::new(s).poll_flush(cx),
+            WriteHalf::Tls { inner, .. } => Pin::new(inner).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            WriteHalf::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            WriteHalf::Tls { inner, .. } => Pin::new(inner).poll_shutdown(cx),
+        }
+    }
+}
+
+/// Why an incoming connection was not admitted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refused {
+    /// What went wrong, in words.
+    pub reason: String,
+    /// Whether it is worth a warning (a peer that connects and closes at once is only noise).
+    pub notable: bool,
+}
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.reason)
+    }
+}
+
+fn refused(reason: impl Into<String>) -> Refused {
+    Refused {
+        reason: reason.into(),
+        notable: true,
+    }
+}
+
+/// A TLS failure inside an I/O error, in words (or the I/O error itself).
+pub fn explain_io(e: &io::Error) -> String {
+    match e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
+        Some(r) => describe(r),
+        None => e.to_string(),
+    }
+}
+
+/// The TLS failure somewhere in an error's chain of sources, in words: how a gRPC client finds
+/// out that the connection's handshake or certificates were refused.
+pub fn tls_failure(e: &(dyn std::error::Error + 'static)) -> Option<String> {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(r) = err.downcast_ref::<rustls::Error>() {
+            return Some(describe(r));
+        }
+        if let Some(io) = err.downcast_ref::<io::Error>()
+            && let Some(r) = io.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>())
+        {
+            return Some(describe(r));
+        }
+        cur = err.source();
+    }
+    None
+}
+
+/// Admits one incoming connection within `timeout`: the TLS handshake (client certificate
+/// required) when `security` is TLS, else plaintext; a peer speaking the other one is refused.
+pub async fn accept(
+    security: &Security,
+    tcp: TcpStream,
+    timeout: Duration,
+) -> Result<Stream, Refused> {
+    let mut first = [0u8; 1];
+    let peeked = tokio::time::timeout(timeout, tcp.peek(&mut first)).await;
+    match peeked {
+        Ok(Ok(1)) => {}
+        Ok(Ok(_)) | Ok(Err(_)) => {
+            return Err(Refused {
+                reason: "closed before sending anything".into(),
+                notable: false,
+            });
+        }
+        Err(_) => return Err(refused(format!("sent nothing within {timeout:?}"))),
+    }
+    match security {
+        Security::Tls(ctx) => {
+            if first[0] != HANDSHAKE_RECORD {
+                let mut tcp = tcp;
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(1),
+                    tokio::io::AsyncWriteExt::write_all(&mut tcp, &PLAINTEXT_REFUSAL),
+                )
+                .await;
+                return Err(refused(format!(
+                    "it spoke plaintext to this TLS endpoint: it has no certificates (or runs \
+                     with {INSECURE_VAR}=1) while this process has them"
+                )));
+            }
+            let acceptor = tokio_rustls::TlsAcceptor::from(ctx.server_config());
+            match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
+                Ok(Ok(s)) => Ok(Stream::Tls(Box::new(TlsStream::Server(s)))),
+                Ok(Err(e)) => Err(refused(format!("TLS handshake failed: {}", explain_io(&e)))),
+                Err(_) => Err(refused(format!(
+                    "TLS handshake not finished within {timeout:?}"
+                ))),
+            }
+        }
+        Security::Plaintext { .. } => {
+            if first[0] == HANDSHAKE_RECORD {
+                return Err(refused(
+                    "it speaks TLS but this process runs without certificates (give it the job's, \
+                     TANDEM_TLS_DIR, or run every process without them)",
+                ));
+            }
+            Ok(Stream::Plain(tcp))
+        }
+    }
+}
+
+/// Why [`connect`] failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HandshakeError {
+    /// What went wrong, in words.
+    pub reason: String,
+    /// A certificate was refused by either side: trying again will not help.
+    pub refused: bool,
+}
+
+impl std::fmt::Display for HandshakeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.reason)
+    }
+}
+
+/// Opens the TLS session (when `security` is TLS) on a connection made to `addr`, within
+/// `timeout`. The error says why in words: the peer's certificate, this process's refused, or a
+/// peer that runs without TLS.
+pub async fn connect(
+    security: &Security,
+    tcp: TcpStream,
+    addr: &str,
+    timeout: Duration,
+) -> Result<Stream, HandshakeError> {
+    let Security::Tls(ctx) = security else {
+        return Ok(Stream::Plain(tcp));
+    };
+    let host = match addr.rsplit_once(':') {
+        Some((h, p)) if p.parse::<u16>().is_ok() => h,
+        _ => addr,
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    // Names are not checked (see the context's doc); this one only goes into the hello.
+    let name = ServerName::try_from(host.to_string())
+        .unwrap_or_else(|_| ServerName::try_from("tandem.invalid").expect("a valid DNS name"));
+    let connector = tokio_rustls::TlsConnector::from(ctx.client_config());
+    match tokio::time::timeout(timeout, connector.connect(name, tcp)).await {
+        Ok(Ok(s)) => Ok(Stream::Tls(Box::new(TlsStream::Client(s)))),
+        Ok(Err(e))
+            if matches!(
+                e.kind(),
+                io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset
+            ) =>
+        {
+            Err(HandshakeError {
+                reason:
+                    "it closed the connection during the TLS handshake: it probably runs without \
+                     TLS (no certificates there) while this process has them"
+                        .into(),
+                refused: false,
+            })
+        }
+        Ok(Err(e)) => Err(HandshakeError {
+            reason: format!("TLS handshake failed: {}", explain_io(&e)),
+            refused: true,
+        }),
+        Err(_) => Err(HandshakeError {
+            reason: format!("TLS handshake not finished within {timeout:?}"),
+            refused: false,
+        }),
+    }
+}
+
+/// The peer address of an accepted connection, for logs.
+pub fn peer_of(tcp: &TcpStream) -> String {
+    tcp.peer_addr()
+        .map(|a: SocketAddr| a.to_string())
+        .unwrap_or_else(|_| "an unknown address".into())
+}

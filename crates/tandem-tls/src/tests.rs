@@ -1,0 +1,295 @@
+//! Both ends of a connection in one process, over loopback: what each side concludes when the
+//! other has the job's certificate, another job's, an expired one, none, or speaks plaintext.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use time::OffsetDateTime;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::stream::{HandshakeError, Refused, accept, connect};
+use crate::{Authority, Issued, Security, TlsContext};
+
+const T: Duration = Duration::from_secs(5);
+
+fn context(ca: &Authority, cert: &Issued) -> Security {
+    let ctx = TlsContext::from_pem(
+        ca.cert_pem.as_bytes(),
+        cert.cert_pem.as_bytes(),
+        cert.key_pem.as_bytes(),
+        ["ca".into(), "cert".into(), "key".into()],
+    )
+    .unwrap();
+    Security::tls(ctx)
+}
+
+fn member(ca: &Authority, name: &str) -> Security {
+    context(ca, &ca.issue(name, &["127.0.0.1".into()], 1).unwrap())
+}
+
+/// Accepts one connection with `server`, connects with `client`, and exchanges one message each
+/// way when both admit the connection; returns what each side saw.
+async fn pair(
+    server: Security,
+    client: Security,
+) -> (Result<Vec<u8>, Refused>, Result<Vec<u8>, HandshakeError>) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    let srv = tokio::spawn(async move {
+        let (tcp, _) = l.accept().await.unwrap();
+        let mut s = accept(&server, tcp, T).await?;
+        let mut got = [0u8; 5];
+        if s.read_exact(&mut got).await.is_err() {
+            return Ok(Vec::new());
+        }
+        let _ = s.write_all(b"world").await;
+        let _ = s.flush().await;
+        Ok(got.to_vec())
+    });
+    let tcp = TcpStream::connect(&addr).await.unwrap();
+    let cli = async {
+        let mut s = connect(&client, tcp, &addr, T).await?;
+        let _ = s.write_all(b"hello").await;
+        let _ = s.flush().await;
+        let mut got = [0u8; 5];
+        match s.read_exact(&mut got).await {
+            Ok(_) => Ok(got.to_vec()),
+            Err(e) => Err(HandshakeError {
+                reason: crate::stream::explain_io(&e),
+                refused: true,
+            }),
+        }
+    }
+    .await;
+    (srv.await.unwrap(), cli)
+}
+
+#[tokio::test]
+async fn members_of_one_job_talk_encrypted() {
+    let ca = Authority::generate("job", 1).unwrap();
+    let (s, c) = pair(member(&ca, "rank-0"), member(&ca, "rank-1")).await;
+    assert_eq!(s.unwrap(), b"hello");
+    assert_eq!(c.unwrap(), b"world");
+}
+
+#[tokio::test]
+async fn a_certificate_from_another_job_is_refused_by_both_sides() {
+    let ours = Authority::generate("ours", 1).unwrap();
+    let theirs = Authority::generate("theirs", 1).unwrap();
+    // Their client dials our server: it finds our certificate foreign first and says so; our
+    // server hears that its certificate was refused.
+    let (s, c) = pair(member(&ours, "ps-0"), member(&theirs, "rank-0")).await;
+    let c = c.unwrap_err();
+    assert!(
+        c.refused && c.reason.contains("not signed by this job's CA"),
+        "{c:?}"
+    );
+    let s = s.unwrap_err();
+    assert!(
+        s.notable && s.reason.contains("refused this process's certificate"),
+        "{s:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_client_without_a_certificate_is_refused() {
+    let ca = Authority::generate("job", 1).unwrap();
+    let server = member(&ca, "ps-0");
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let srv = tokio::spawn(async move {
+        let (tcp, _) = l.accept().await.unwrap();
+        accept(&server, tcp, T).await.map(|_| ())
+    });
+    // A TLS client that trusts the job's CA but presents nothing.
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_slice(ca.cert_pem.as_bytes()).unwrap())
+        .unwrap();
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let name = ServerName::try_from("127.0.0.1").unwrap();
+    let client = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await;
+    // TLS 1.3: the client learns of the refusal at its first read.
+    let seen = match client {
+        Err(e) => crate::stream::explain_io(&e),
+        Ok(mut s) => {
+            let mut b = [0u8; 1];
+            match s.read(&mut b).await {
+                Err(e) => crate::stream::explain_io(&e),
+                Ok(n) => format!("read {n} bytes"),
+            }
+        }
+    };
+    assert!(
+        seen.contains("required this process's certificate"),
+        "{seen}"
+    );
+    let s = srv.await.unwrap().unwrap_err();
+    assert!(s.reason.contains("presented no certificate"), "{s:?}");
+}
+
+#[tokio::test]
+async fn an_expired_certificate_is_refused_at_start_and_by_peers() {
+    let ca = Authority::generate("job", 1).unwrap();
+    let now = OffsetDateTime::now_utc();
+    let old = ca
+        .sign(
+            "rank-1",
+            &["127.0.0.1".into()],
+            now - time::Duration::days(3),
+            now - time::Duration::days(1),
+        )
+        .unwrap();
+    // This process's own: a clear error when it loads, naming the file.
+    let e = TlsContext::from_pem(
+        ca.cert_pem.as_bytes(),
+        old.cert_pem.as_bytes(),
+        old.key_pem.as_bytes(),
+        ["ca.pem".into(), "old/cert.pem".into(), "key".into()],
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("old/cert.pem") && e.contains("expired"), "{e}");
+    // A peer that presents one anyway (a client built by hand) is refused by the server.
+    let server = member(&ca, "ps-0");
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let srv = tokio::spawn(async move {
+        let (tcp, _) = l.accept().await.unwrap();
+        accept(&server, tcp, T).await.map(|_| ())
+    });
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_slice(ca.cert_pem.as_bytes()).unwrap())
+        .unwrap();
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_client_auth_cert(
+        vec![CertificateDer::from_pem_slice(old.cert_pem.as_bytes()).unwrap()],
+        PrivateKeyDer::from_pem_slice(old.key_pem.as_bytes()).unwrap(),
+    )
+    .unwrap();
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let name = ServerName::try_from("127.0.0.1").unwrap();
+    let c = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await;
+    if let Ok(mut s) = c {
+        let mut b = [0u8; 1];
+        let seen = s.read(&mut b).await.unwrap_err();
+        let seen = crate::stream::explain_io(&seen);
+        assert!(seen.contains("expired"), "{seen}");
+    }
+    let s = srv.await.unwrap().unwrap_err();
+    assert!(s.reason.contains("expired"), "{s:?}");
+}
+
+#[tokio::test]
+async fn plaintext_and_tls_refuse_each_other_with_the_reason() {
+    let ca = Authority::generate("job", 1).unwrap();
+    // A plaintext client against a TLS server: the server says who spoke plaintext; the client
+    // reads a TLS alert record where it expected its peer's answer.
+    let (s, c) = pair(member(&ca, "ps-0"), Security::loopback_only()).await;
+    let s = s.unwrap_err();
+    assert!(s.reason.contains("spoke plaintext"), "{s:?}");
+    assert!(
+        c.is_err() || c.as_ref().is_ok_and(|b| b[0] == crate::stream::TLS_ALERT),
+        "{c:?}"
+    );
+    // A TLS client against a plaintext server: the server says the client wants TLS; the client
+    // says the server closed during the handshake (and may be retried: not a refusal).
+    let (s, c) = pair(Security::loopback_only(), member(&ca, "rank-0")).await;
+    let s = s.unwrap_err();
+    assert!(s.reason.contains("speaks TLS"), "{s:?}");
+    let c = c.unwrap_err();
+    assert!(!c.refused && c.reason.contains("runs without TLS"), "{c:?}");
+    // Plaintext on both ends works.
+    let (s, c) = pair(Security::loopback_only(), Security::loopback_only()).await;
+    assert_eq!(
+        (s.unwrap(), c.unwrap()),
+        (b"hello".to_vec(), b"world".to_vec())
+    );
+}
+
+#[tokio::test]
+async fn a_silent_connection_is_dropped_at_the_deadline() {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let _quiet = TcpStream::connect(addr).await.unwrap();
+    let (tcp, _) = l.accept().await.unwrap();
+    let r = accept(&Security::loopback_only(), tcp, Duration::from_millis(50))
+        .await
+        .unwrap_err();
+    assert!(r.notable && r.reason.contains("sent nothing"), "{r:?}");
+    drop(_quiet);
+    let closing = TcpStream::connect(addr).await.unwrap();
+    drop(closing);
+    let (tcp, _) = l.accept().await.unwrap();
+    let r = accept(&Security::loopback_only(), tcp, T)
+        .await
+        .unwrap_err();
+    assert!(!r.notable, "{r:?}");
+}
+
+#[test]
+fn ranks_named_by_certificates() {
+    let ca = Authority::generate("job", 1).unwrap();
+    let der = |name: &str| {
+        let c = ca.issue(name, &["h".into()], 1).unwrap();
+        CertificateDer::from_pem_slice(c.cert_pem.as_bytes())
+            .unwrap()
+            .to_vec()
+    };
+    assert_eq!(crate::peer_rank(&der("rank-12")), Some(12));
+    assert_eq!(crate::peer_rank(&der("rank-x")), None);
+    assert_eq!(crate::peer_rank(&der("job")), None);
+    assert_eq!(crate::common_name(&der("ps-3")).as_deref(), Some("ps-3"));
+}
+
+#[test]
+fn load_names_the_file_that_is_wrong() {
+    let ca = Authority::generate("job", 1).unwrap();
+    let other = Authority::generate("other", 1).unwrap();
+    let c = ca.issue("p", &["h".into()], 1).unwrap();
+    let load = |ca: &str, cert: &str, key: &str| {
+        TlsContext::from_pem(
+            ca.as_bytes(),
+            cert.as_bytes(),
+            key.as_bytes(),
+            ["CA.pem".into(), "CERT.pem".into(), "KEY.pem".into()],
+        )
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+    };
+    assert_eq!(load(&ca.cert_pem, &c.cert_pem, &c.key_pem), Ok(()));
+    let e = load("nothing", &c.cert_pem, &c.key_pem).unwrap_err();
+    assert!(e.contains("CA.pem"), "{e}");
+    let e = load(&ca.cert_pem, "", &c.key_pem).unwrap_err();
+    assert!(e.contains("CERT.pem"), "{e}");
+    let e = load(&ca.cert_pem, &c.cert_pem, "junk").unwrap_err();
+    assert!(e.contains("KEY.pem"), "{e}");
+    let wrong_key = ca.issue("q", &["h".into()], 1).unwrap().key_pem;
+    let e = load(&ca.cert_pem, &c.cert_pem, &wrong_key).unwrap_err();
+    assert!(e.contains("KEY.pem") && e.contains("does not fit"), "{e}");
+    let e = load(&other.cert_pem, &c.cert_pem, &c.key_pem).unwrap_err();
+    assert!(
+        e.contains("CERT.pem") && e.contains("not signed by this job's CA"),
+        "{e}"
+    );
+}
