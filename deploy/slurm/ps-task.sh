@@ -32,8 +32,8 @@ if [[ -n "${TANDEM_PRINT_ONLY:-}" ]]; then
   exec "${TANDEM_BIN:-target/release}/tandem" info --json
 fi
 if [[ $type == ps ]]; then
-  port=$(addr "$SLURM_PROCID"); port=${port##*:}
-  exec "${TANDEM_BIN:-target/release}/tandem" ps --bind "0.0.0.0:$port"
+  # Serves this task's address from TF_CONFIG (only that interface).
+  exec "${TANDEM_BIN:-target/release}/tandem" ps
 else
   exec "${TANDEM_BIN:-target/release}/examples/sync_ps" --steps 2000
 fi

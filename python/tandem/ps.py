@@ -182,7 +182,9 @@ def serve(bind: Optional[str] = None, index: Optional[int] = None, checkpoint_di
         if spec["role"] != "ps":
             raise ConfigurationError(f"this process is {spec['role']} {spec['index']}, not a parameter server; pass bind=")
         index = spec["index"] if index is None else index
-        bind = spec["peers"]["ps"][str(index)]
+        own = spec["peers"]["ps"][str(index)]
+        others = [a for role in spec["peers"].values() for a in role.values() if a != own]
+        bind = _native.listen_address(own, others)
     _native.serve_ps(bind, index=index or 0, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
                      keep_running=keep_running, token=token, on_ready=on_ready,
                      worker_timeout=worker_timeout)

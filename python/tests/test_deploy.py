@@ -170,3 +170,26 @@ def test_every_trainer_pod_serves_metrics() -> None:
                     serves = c["command"][c["command"].index("--metrics-addr") + 1]
                 assert serves.endswith(f":{ports['metrics']}"), (name, role, serves)
                 assert "TANDEM_JOB_NAME" in env, (name, role)
+
+
+def test_nothing_listens_on_every_interface_and_every_pod_has_the_job_certificates() -> None:
+    files = list((DEPLOY / "kubernetes").glob("*.yaml")) + list((DEPLOY / "slurm").iterdir())
+    for f in files:
+        text = f.read_text()
+        assert "0.0.0.0" not in text and "[::]" not in text, f
+    for name, key in (("tfjob-ps.yaml", "tfReplicaSpecs"), ("pytorchjob-allreduce.yaml", "pytorchReplicaSpecs")):
+        job = yaml.safe_load((DEPLOY / "kubernetes" / name).read_text())
+        for role, replica in job["spec"][key].items():
+            pod = replica["template"]["spec"]
+            secrets = {v["name"]: v["secret"]["secretName"] for v in pod.get("volumes", []) if "secret" in v}
+            for c in containers(replica):
+                env = {e["name"]: e.get("value") for e in c.get("env", [])}
+                mounts = {m["mountPath"]: m["name"] for m in c.get("volumeMounts", [])}
+                tls_dir = env.get("TANDEM_TLS_DIR")
+                assert tls_dir, (name, role)
+                assert secrets.get(mounts.get(tls_dir)) == "tandem-tls", (name, role)
+                assert "TANDEM_INSECURE" not in env, (name, role)
+                # A listening address is the pod's own.
+                for v in list(env.values()) + c.get("command", []):
+                    if v and ":" in str(v) and str(v).startswith("$("):
+                        assert str(v).startswith("$(POD_IP):"), (name, role, v)

@@ -7,9 +7,80 @@ use std::time::{Duration, Instant};
 
 pub mod check;
 
-/// The environment of one rank of a local job (Tandem's own variables, so no other launcher interferes).
+/// How this run's jobs are secured: `TANDEM_TEST_TRANSPORT=plain` runs every job in plaintext
+/// (`TANDEM_INSECURE=1`); anything else (the default) with mutual TLS, every process holding a
+/// certificate of one CA made for this test process. The suites run both ways (`scripts/test`).
+pub fn tls_on() -> bool {
+    std::env::var("TANDEM_TEST_TRANSPORT").map_or(true, |v| v != "plain")
+}
+
+/// The folder with this test process's `ca.pem`, `cert.pem` and `key.pem` (made once).
+fn tls_dir() -> &'static std::path::Path {
+    static DIR: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        let base = std::env::temp_dir().join("tandem-tests-tls");
+        // Folders of test processes that are gone.
+        if let Ok(entries) = std::fs::read_dir(&base) {
+            for e in entries.flatten() {
+                let pid = e.file_name().to_string_lossy().into_owned();
+                if !std::path::Path::new("/proc").join(&pid).exists() {
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
+            }
+        }
+        let dir = base.join(std::process::id().to_string());
+        let _ = std::fs::remove_dir_all(&dir);
+        let names = ["localhost".to_string(), "127.0.0.1".to_string()];
+        if let Err(e) = tandem_tls::init(&dir, None, "tandem-tests", &names, 1) {
+            panic!("making the test CA in {}: {e}", dir.display());
+        }
+        dir
+    })
+}
+
+/// The variables that give a spawned process this run's transport (see [`tls_on`]).
+pub fn transport_env() -> Vec<(String, String)> {
+    if tls_on() {
+        vec![(tandem_tls::DIR_VAR.into(), tls_dir().display().to_string())]
+    } else {
+        vec![(tandem_tls::INSECURE_VAR.into(), "1".into())]
+    }
+}
+
+/// This run's transport for servers and clients the test process runs itself.
+pub fn security() -> tandem_tls::Security {
+    if !tls_on() {
+        return tandem_tls::Security::Plaintext { insecure: true };
+    }
+    let files = tandem_tls::TlsFiles {
+        ca: tls_dir().join(tandem_tls::CA_FILE),
+        cert: tls_dir().join(tandem_tls::CERT_FILE),
+        key: tls_dir().join(tandem_tls::KEY_FILE),
+    };
+    match tandem_tls::TlsContext::load(&files) {
+        Ok(c) => tandem_tls::Security::tls(c),
+        Err(e) => panic!("loading the test certificates: {e}"),
+    }
+}
+
+/// A gRPC channel to `addr` secured with this run's transport (for tests that speak the
+/// protocol by hand).
+pub async fn channel(addr: &str) -> tonic::transport::Channel {
+    let connector = tandem_tls::grpc::Connector::new(security());
+    let endpoint = match tonic::transport::Endpoint::from_shared(format!("http://{addr}")) {
+        Ok(e) => e,
+        Err(e) => panic!("endpoint {addr}: {e}"),
+    };
+    match endpoint.connect_with_connector(connector).await {
+        Ok(c) => c,
+        Err(e) => panic!("connecting to {addr}: {e}"),
+    }
+}
+
+/// The environment of one rank of a local job (Tandem's own variables, so no other launcher
+/// interferes), with this run's transport.
 pub fn rank_env(rank: usize, world: usize, rendezvous: &str, token: &str) -> Vec<(String, String)> {
-    vec![
+    let mut env = vec![
         ("TANDEM_LAUNCHER".into(), "tandem".into()),
         ("TANDEM_RANK".into(), rank.to_string()),
         ("TANDEM_WORLD_SIZE".into(), world.to_string()),
@@ -17,16 +88,25 @@ pub fn rank_env(rank: usize, world: usize, rendezvous: &str, token: &str) -> Vec
         ("TANDEM_LOCAL_WORLD_SIZE".into(), world.to_string()),
         ("TANDEM_RENDEZVOUS_ADDR".into(), rendezvous.into()),
         ("TANDEM_JOB_TOKEN".into(), token.into()),
-    ]
+    ];
+    env.extend(transport_env());
+    env
 }
 
-/// Starts `exe args` with `env` added, stdout and stderr captured.
+/// Starts `exe args` with `env` added (and this run's transport, unless `env` names one), stdout
+/// and stderr captured.
 pub fn spawn(exe: &str, args: &[&str], env: &[(String, String)]) -> Child {
     let mut cmd = Command::new(exe);
     cmd.args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .stdin(Stdio::null());
+    let names_transport = env
+        .iter()
+        .any(|(k, _)| k.starts_with("TANDEM_TLS") || k == tandem_tls::INSECURE_VAR);
+    if !names_transport {
+        cmd.envs(transport_env());
+    }
     for (k, v) in env {
         cmd.env(k, v);
     }

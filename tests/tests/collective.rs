@@ -1,8 +1,8 @@
 //! Collectives across separate OS processes on 127.0.0.1, checked against references computed here.
 
-use std::io::{Read, Write};
 use std::process::Output;
 use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use tandem::collective::transport::frame::{HELLO_BAD_TOKEN, encode_hello, group_id};
 use tandem::rendezvous::{Client, Host, JobToken, ServerConfig};
@@ -33,7 +33,10 @@ impl Job {
         let rt = runtime();
         let token = JobToken::generate();
         let host = rt
-            .block_on(Host::bind("127.0.0.1:0", ServerConfig::new(token.clone())))
+            .block_on(Host::bind(
+                "127.0.0.1:0",
+                ServerConfig::new(token.clone()).with_security(tandem_tests::security()),
+            ))
             .expect("bind");
         Job { rt, host, token }
     }
@@ -380,9 +383,10 @@ fn strangers_and_wrong_tokens_are_refused_by_the_mesh() {
     // Rank 1 starts alone and waits for rank 0's connection.
     let rank1 = spawn(NODE, &["async"], &job.env(1, world, 30));
     let addr = job.rt.block_on(async {
-        let c = Client::connect(
+        let c = Client::connect_with(
             &job.host.addr().to_string(),
             &job.token,
+            &tandem_tests::security(),
             Duration::from_secs(10),
         )
         .await
@@ -397,23 +401,68 @@ fn strangers_and_wrong_tokens_are_refused_by_the_mesh() {
             .expect("placeholder");
         String::from_utf8_lossy(&v[0]).into_owned()
     });
-    // A connection with the wrong token is refused with a reason code.
-    let mut s = std::net::TcpStream::connect(&addr).expect("connect to rank 1");
-    s.set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("timeout");
-    s.write_all(&encode_hello(0, group_id("default"), "not-the-job-token"))
+    // A connection with the wrong token is refused with a reason code (inside TLS, when the run
+    // has it: the token is a second factor there).
+    let reply = job.rt.block_on(async {
+        let tcp = tokio::net::TcpStream::connect(&addr)
+            .await
+            .expect("connect");
+        let mut s = tandem_tls::stream::connect(&tandem_tests::security(), tcp, &addr, LIMIT)
+            .await
+            .expect("a TLS session with the job's certificate");
+        s.write_all(&encode_hello(0, group_id("default"), "not-the-job-token"))
+            .await
+            .expect("hello");
+        s.flush().await.expect("flush");
+        let mut reply = [0u8; 1];
+        s.read_exact(&mut reply).await.expect("a refusal");
+        reply[0]
+    });
+    assert_eq!(reply, HELLO_BAD_TOKEN);
+    if tandem_tests::tls_on() {
+        // Plaintext, even with the right token, gets a TLS alert and nothing else.
+        let mut s = std::net::TcpStream::connect(&addr).expect("connect to rank 1");
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        std::io::Write::write_all(
+            &mut s,
+            &encode_hello(0, group_id("default"), job.token.as_str()),
+        )
         .expect("hello");
-    let mut reply = [0u8; 1];
-    s.read_exact(&mut reply).expect("a refusal");
-    assert_eq!(reply[0], HELLO_BAD_TOKEN);
+        let mut reply = [0u8; 1];
+        std::io::Read::read_exact(&mut s, &mut reply).expect("an alert");
+        assert_eq!(reply[0], tandem_tls::stream::TLS_ALERT);
+        // A certificate of another job's CA is refused in the handshake.
+        let other = std::env::temp_dir().join(format!("tandem-other-ca-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&other);
+        tandem_tls::init(&other, None, "other", &["127.0.0.1".into()], 1).expect("other CA");
+        let files = tandem_tls::TlsFiles {
+            ca: other.join("ca.pem"),
+            cert: other.join("cert.pem"),
+            key: other.join("key.pem"),
+        };
+        let stranger =
+            tandem_tls::Security::tls(tandem_tls::TlsContext::load(&files).expect("load"));
+        let _ = std::fs::remove_dir_all(&other);
+        let refused = job.rt.block_on(async {
+            let tcp = tokio::net::TcpStream::connect(&addr)
+                .await
+                .expect("connect");
+            tandem_tls::stream::connect(&stranger, tcp, &addr, LIMIT).await
+        });
+        let e = refused.expect_err("another job's certificate");
+        assert!(
+            e.refused && e.reason.contains("not signed by this job's CA"),
+            "{e:?}"
+        );
+    }
     // A stranger speaking another protocol is refused too.
     let mut s = std::net::TcpStream::connect(&addr).expect("connect to rank 1");
     s.set_read_timeout(Some(Duration::from_secs(10)))
         .expect("timeout");
-    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-        .expect("write");
+    std::io::Write::write_all(&mut s, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").expect("write");
     let mut reply = [0u8; 1];
-    let n = s.read(&mut reply).unwrap_or(0);
+    let n = std::io::Read::read(&mut s, &mut reply).unwrap_or(0);
     assert!(n == 0 || reply[0] != 1, "a stranger must not be admitted");
     // The real rank 0 is still admitted and the group works.
     let rank0 = spawn(NODE, &["async"], &job.env(0, world, 30));

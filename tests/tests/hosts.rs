@@ -268,7 +268,8 @@ fn ps_across_hosts(mode: &str) {
     };
     let token = JobToken::generate();
     let env = |c: &mut std::process::Command| {
-        c.env("TANDEM_JOB_TOKEN", token.as_str());
+        c.env("TANDEM_JOB_TOKEN", token.as_str())
+            .envs(tandem_tests::transport_env());
     };
     let bind = format!("{}:29600", bed.addr(0));
     let mut server = bed.command(0, NODE, &["ps-server", "--bind", &bind]);
@@ -374,6 +375,7 @@ fn workers_cut_off_from_their_server_fail_naming_it() {
     let mut server = bed.command(0, NODE, &["ps-server", "--bind", &bind]);
     server
         .env("TANDEM_JOB_TOKEN", token.as_str())
+        .envs(tandem_tests::transport_env())
         .stdout(Stdio::null())
         .stderr(Stdio::null());
     let mut server = server.spawn().expect("server");
@@ -399,6 +401,7 @@ fn workers_cut_off_from_their_server_fail_naming_it() {
                 ],
             );
             c.env("TANDEM_JOB_TOKEN", token.as_str())
+                .envs(tandem_tests::transport_env())
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped());
             c.spawn().expect("worker")

@@ -33,7 +33,10 @@ impl Job {
             .expect("runtime");
         let token = JobToken::generate();
         let host = rt
-            .block_on(Host::bind("127.0.0.1:0", ServerConfig::new(token.clone())))
+            .block_on(Host::bind(
+                "127.0.0.1:0",
+                ServerConfig::new(token.clone()).with_security(tandem_tests::security()),
+            ))
             .expect("bind");
         let dir =
             std::env::temp_dir().join(format!("tandem-observe-{name}-{}", std::process::id()));

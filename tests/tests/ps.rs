@@ -738,11 +738,7 @@ fn overflowing_declarations_are_refused_and_the_server_keeps_serving() {
             map_hash: 7,
         };
         rt.block_on(async {
-            let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-                .expect("endpoint")
-                .connect()
-                .await
-                .expect("connect");
+            let ch = tandem_tests::channel(&addr).await;
             let header = format!("Bearer {}", token.as_str())
                 .parse()
                 .expect("header");

@@ -15,21 +15,34 @@ fn processes_with_another_map_are_refused() {
         .expect("rt");
     rt.block_on(async {
         let token = JobToken::generate();
-        let host = Host::bind("127.0.0.1:0", ServerConfig::new(token.clone()))
-            .await
-            .expect("bind");
+        let host = Host::bind(
+            "127.0.0.1:0",
+            ServerConfig::new(token.clone()).with_security(tandem_tests::security()),
+        )
+        .await
+        .expect("bind");
         let addr = host.addr().to_string();
         let params = vec![
             ParamDecl::new("w", &[1000, 10], Init::Zeros),
             ParamDecl::new("b", &[10], Init::Zeros),
         ];
         let map = place(&params, 2, 1024).expect("map");
-        let chief = Client::connect(&addr, &token, Duration::from_secs(10))
-            .await
-            .expect("connect");
-        let worker = Client::connect(&addr, &token, Duration::from_secs(10))
-            .await
-            .expect("connect");
+        let chief = Client::connect_with(
+            &addr,
+            &token,
+            &tandem_tests::security(),
+            Duration::from_secs(10),
+        )
+        .await
+        .expect("connect");
+        let worker = Client::connect_with(
+            &addr,
+            &token,
+            &tandem_tests::security(),
+            Duration::from_secs(10),
+        )
+        .await
+        .expect("connect");
         let waiting = {
             let (worker, map) = (worker.clone(), map.clone());
             tokio::spawn(async move { agree(&worker, &map, false, Duration::from_secs(30)).await })

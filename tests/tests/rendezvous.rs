@@ -50,7 +50,10 @@ fn four_processes_meet_through_an_external_rendezvous() {
     let rt = runtime();
     let token = JobToken::generate();
     let host = rt
-        .block_on(Host::bind("127.0.0.1:0", ServerConfig::new(token.clone())))
+        .block_on(Host::bind(
+            "127.0.0.1:0",
+            ServerConfig::new(token.clone()).with_security(tandem_tests::security()),
+        ))
         .expect("bind");
     let addr = host.addr().to_string();
     let n = 4;
@@ -124,7 +127,10 @@ fn a_wrong_token_is_refused_and_touches_nothing() {
     let rt = runtime();
     let token = JobToken::generate();
     let host = rt
-        .block_on(Host::bind("127.0.0.1:0", ServerConfig::new(token.clone())))
+        .block_on(Host::bind(
+            "127.0.0.1:0",
+            ServerConfig::new(token.clone()).with_security(tandem_tests::security()),
+        ))
         .expect("bind");
     let addr = host.addr().to_string();
 
@@ -139,13 +145,19 @@ fn a_wrong_token_is_refused_and_touches_nothing() {
 
     rt.block_on(async {
         // Calls made with a wrong token do not reach the store: nothing was written by the stranger.
-        let good = Client::connect(&addr, &token, Duration::from_secs(10))
-            .await
-            .expect("connect");
+        let good = Client::connect_with(
+            &addr,
+            &token,
+            &tandem_tests::security(),
+            Duration::from_secs(10),
+        )
+        .await
+        .expect("connect");
         assert_eq!(good.get("value/0").await.expect("get"), None);
-        let e = Client::connect(
+        let e = Client::connect_with(
             &addr,
             &JobToken::new("wrong-token-123").expect("token"),
+            &tandem_tests::security(),
             Duration::from_secs(10),
         )
         .await
@@ -160,12 +172,20 @@ fn a_wait_that_times_out_names_the_missing_keys() {
     let rt = runtime();
     rt.block_on(async {
         let token = JobToken::generate();
-        let host = Host::bind("127.0.0.1:0", ServerConfig::new(token.clone()))
-            .await
-            .expect("bind");
-        let c = Client::connect(&host.addr().to_string(), &token, Duration::from_secs(10))
-            .await
-            .expect("connect");
+        let host = Host::bind(
+            "127.0.0.1:0",
+            ServerConfig::new(token.clone()).with_security(tandem_tests::security()),
+        )
+        .await
+        .expect("bind");
+        let c = Client::connect_with(
+            &host.addr().to_string(),
+            &token,
+            &tandem_tests::security(),
+            Duration::from_secs(10),
+        )
+        .await
+        .expect("connect");
         c.set("here", "1").await.expect("set");
         let e = c
             .wait(&["here", "gone/1", "gone/2"], Duration::from_millis(300))
@@ -199,7 +219,12 @@ fn a_client_that_cannot_reach_the_server_fails_within_its_deadline() {
         let token = JobToken::generate();
         let r = tokio::time::timeout(
             Duration::from_secs(30),
-            Client::connect(&addr, &token, Duration::from_millis(800)),
+            Client::connect_with(
+                &addr,
+                &token,
+                &tandem_tests::security(),
+                Duration::from_millis(800),
+            ),
         )
         .await
         .expect("connect must give up by itself");
@@ -215,7 +240,10 @@ fn a_missing_peer_makes_the_others_time_out_naming_it() {
     let rt = runtime();
     let token = JobToken::generate();
     let host = rt
-        .block_on(Host::bind("127.0.0.1:0", ServerConfig::new(token.clone())))
+        .block_on(Host::bind(
+            "127.0.0.1:0",
+            ServerConfig::new(token.clone()).with_security(tandem_tests::security()),
+        ))
         .expect("bind");
     let addr = host.addr().to_string();
     let n = 3;

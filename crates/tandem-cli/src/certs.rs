@@ -15,6 +15,17 @@ pub enum CertsCommand {
     Init(InitArgs),
     /// Print a Kubernetes Secret holding DIR's ca.pem, cert.pem and key.pem (not the CA's key).
     Kubernetes(KubernetesArgs),
+    /// Check the certificates this process would use (DIR, or TANDEM_TLS_DIR / TANDEM_TLS_CA,
+    /// TANDEM_TLS_CERT, TANDEM_TLS_KEY): the key fits, the certificate chains to the CA and is
+    /// valid now. Prints what connections would be: TLS, or plaintext and where it is allowed.
+    Check(CheckArgs),
+}
+
+/// Arguments of `tandem certs check`.
+#[derive(clap::Args, Debug)]
+pub struct CheckArgs {
+    /// A folder with ca.pem, cert.pem and key.pem (default: what the environment names).
+    dir: Option<PathBuf>,
 }
 
 /// Arguments of `tandem certs init`.
@@ -76,6 +87,37 @@ pub fn certs(cmd: CertsCommand) -> Result<ExitCode> {
                 tandem_tls::DIR_VAR,
                 folder.display()
             );
+            Ok(ExitCode::SUCCESS)
+        }
+        CertsCommand::Check(a) => {
+            let security = match &a.dir {
+                Some(d) => {
+                    let files = tandem_tls::TlsFiles {
+                        ca: d.join(tandem_tls::CA_FILE),
+                        cert: d.join(tandem_tls::CERT_FILE),
+                        key: d.join(tandem_tls::KEY_FILE),
+                    };
+                    tandem_tls::Security::tls(tandem_tls::TlsContext::load(&files)?)
+                }
+                None => tandem_tls::Security::from_env()?,
+            };
+            match security {
+                tandem_tls::Security::Tls(ctx) => {
+                    println!(
+                        "TLS ok: certificate of {:?}, valid, from the job's CA",
+                        ctx.name()
+                    )
+                }
+                tandem_tls::Security::Plaintext { insecure: true } => println!(
+                    "plaintext everywhere ({}=1): nothing is encrypted",
+                    tandem_tls::INSECURE_VAR
+                ),
+                tandem_tls::Security::Plaintext { insecure: false } => println!(
+                    "no certificates: plaintext to loopback addresses only; a job across hosts \
+                     needs {} (make them with `tandem certs init DIR`)",
+                    tandem_tls::DIR_VAR
+                ),
+            }
             Ok(ExitCode::SUCCESS)
         }
         CertsCommand::Kubernetes(a) => {

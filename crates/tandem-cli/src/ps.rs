@@ -121,5 +121,12 @@ fn where_to_serve(args: &PsArgs) -> Result<(String, usize, usize)> {
         .ok_or_else(|| Error::config("TF_CONFIG", format!("no address for ps {index}")))?
         .to_string();
     let servers = spec.peers().get(&Role::Ps).map_or(index + 1, |p| p.len());
-    Ok((addr, index, servers))
+    let others: Vec<String> = spec
+        .peers()
+        .values()
+        .flat_map(|v| v.values().cloned())
+        .filter(|a| *a != addr)
+        .collect();
+    let bind = tandem::cluster::listen_address(&addr, &others)?;
+    Ok((bind, index, servers))
 }

@@ -464,3 +464,63 @@ fn certs_init_makes_a_job_ca_reuses_it_and_never_overwrites() {
     assert!(!y.contains("ca-key"));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The Slurm scripts' certificates (deploy/slurm/job-tls.sh): made for the job in the submit
+/// folder, usable by a process (the tandem binary loads them), the CA's key gone at once, the
+/// folder removed when the job script ends; a user's own TANDEM_TLS_DIR is left alone.
+#[test]
+fn slurm_jobs_make_their_certificates_and_remove_them() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let submit = std::env::temp_dir().join(format!("tandem-cli-slurm-tls-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&submit);
+    std::fs::create_dir_all(submit.join("deploy/slurm")).expect("mkdir");
+    std::fs::copy(
+        root.join("deploy/slurm/job-tls.sh"),
+        submit.join("deploy/slurm/job-tls.sh"),
+    )
+    .expect("copy");
+    let script = "source deploy/slurm/job-tls.sh\n\
+                  echo \"DIR $TANDEM_TLS_DIR\"\n\
+                  ls \"$TANDEM_TLS_DIR\" \"$(dirname \"$TANDEM_TLS_DIR\")/ca\"\n\
+                  \"$TANDEM_CLI\" certs check";
+    let run = |extra: &[(&str, &str)]| {
+        let mut c = std::process::Command::new("bash");
+        c.args(["-c", script])
+            .current_dir(&submit)
+            .env("SLURM_SUBMIT_DIR", &submit)
+            .env("SLURM_JOB_ID", "77")
+            .env("TANDEM_CLI", TANDEM)
+            .env_remove("TANDEM_TLS_DIR")
+            .env_remove("TANDEM_INSECURE");
+        for (k, v) in extra {
+            c.env(k, v);
+        }
+        c.output().expect("bash")
+    };
+    let out = run(&[]);
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(out.status.success(), "{text}\n{err}");
+    let dir = text
+        .lines()
+        .find_map(|l| l.strip_prefix("DIR "))
+        .expect("DIR line");
+    assert!(dir.ends_with(".tandem-tls-77/tasks"), "{dir}");
+    for f in ["ca.pem", "cert.pem", "key.pem"] {
+        assert!(text.lines().any(|l| l == f), "{f} missing: {text}");
+    }
+    assert!(
+        !text.contains("ca-key.pem"),
+        "the CA's key must be gone: {text}"
+    );
+    assert!(text.contains("TLS ok"), "{text}\n{err}");
+    assert!(
+        !submit.join(".tandem-tls-77").exists(),
+        "the job's certificates outlived it"
+    );
+    // Certificates of the user's own are used as they are.
+    let out = run(&[("TANDEM_TLS_DIR", "/nonexistent/own")]);
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(text.contains("DIR /nonexistent/own"), "{text}");
+    let _ = std::fs::remove_dir_all(&submit);
+}

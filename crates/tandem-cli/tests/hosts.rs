@@ -23,15 +23,39 @@ fn testbed(hosts: usize) -> Option<Testbed> {
     }
 }
 
+/// The job's certificates, made by `tandem certs init` as a user would (every connection between
+/// hosts is mutual TLS); the folder to give as `TANDEM_TLS_DIR`.
+fn certs(bed: &Testbed) -> std::path::PathBuf {
+    static MADE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = MADE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("hosts-tls-{}-{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let out = std::process::Command::new(TANDEM)
+        .args(["certs", "init"])
+        .arg(&dir)
+        .args(["--name", &bed.addr(0).to_string()])
+        .output()
+        .expect("tandem certs init");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    dir
+}
+
 /// `tandem ps` on host 0 with `extra` flags, and two workers training on hosts 1 and 2 for far
 /// longer than the test; returns the server once both workers are past their first steps.
 fn job(bed: &Testbed, extra: &[&str]) -> (Child, Vec<Child>) {
     let bind = format!("{}:29600", bed.addr(0));
     let mut args = vec!["ps", "--bind", &bind, "--index", "0", "--log-every", "1"];
     args.extend_from_slice(extra);
+    let tls = certs(bed);
     let mut server = bed.command(0, TANDEM, &args);
     server
         .env("TANDEM_JOB_TOKEN", TOKEN)
+        .env("TANDEM_TLS_DIR", &tls)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     let mut server = server.spawn().expect("tandem ps");
@@ -51,6 +75,7 @@ fn job(bed: &Testbed, extra: &[&str]) -> (Child, Vec<Child>) {
                 ],
             );
             c.env("TANDEM_JOB_TOKEN", TOKEN)
+                .env("TANDEM_TLS_DIR", &tls)
                 .stdout(Stdio::null())
                 .stderr(Stdio::null());
             c.spawn().expect("worker")

@@ -342,24 +342,46 @@ fn every_launched_job_gets_its_own_certificates() {
     assert!(seen[0].contains("ca.pem cert.pem key.pem"), "{seen:?}");
     let root = temp.parent().expect("root");
     assert!(!root.exists(), "{} is removed with the job", root.display());
-    let out = Command::new(TANDEM)
-        .args([
-            "launch",
-            "--nproc",
-            "1",
-            "--no-log-files",
-            "--",
-            "sh",
-            "-c",
-            "echo \"TLS $TANDEM_TLS_DIR\"",
-        ])
-        .env("TANDEM_TLS_DIR", "/mine")
+    // The user's own certificates are used as they are, by the processes and the launcher's
+    // rendezvous alike; a folder that does not hold them stops the launch, naming the file.
+    let mine = logs.join("mine");
+    let made = Command::new(TANDEM)
+        .args(["certs", "init", mine.to_str().expect("utf8")])
         .output()
-        .expect("run");
+        .expect("certs");
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    let with_dir = |dir: &str| {
+        Command::new(TANDEM)
+            .args([
+                "launch",
+                "--nproc",
+                "2",
+                "--no-log-files",
+                "--",
+                "sh",
+                "-c",
+                "echo \"TLS $TANDEM_TLS_DIR\"",
+            ])
+            .env("TANDEM_TLS_DIR", dir)
+            .output()
+            .expect("run")
+    };
+    let mine = mine.to_str().expect("utf8").to_string();
     assert_eq!(
-        dirs(&out),
-        vec!["/mine".to_string()],
+        dirs(&with_dir(&mine)),
+        vec![mine.clone(), mine.clone()],
         "the user's files are used"
+    );
+    let out = with_dir("/nonexistent-tls");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("/nonexistent-tls/ca.pem does not exist"),
+        "{err}"
     );
     let _ = std::fs::remove_dir_all(&logs);
 }

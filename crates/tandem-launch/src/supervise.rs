@@ -68,13 +68,6 @@ pub fn run(
         .enable_all()
         .build()
         .map_err(|e| Error::io("starting the launcher's runtime", e))?;
-    let token = JobToken::generate();
-    let host = rt.block_on(Host::bind(
-        &format!("{}:0", spec.host),
-        ServerConfig::new(token.clone()),
-    ))?;
-    let ports = reserve_ports(spec)?;
-    let planned = plan(spec, &host.addr().to_string(), &ports)?;
     let log_dir = match &spec.log_dir {
         Some(base) => {
             let stamp = std::time::SystemTime::now()
@@ -89,6 +82,22 @@ pub fn run(
         None => None,
     };
     let tls = JobTls::make(log_dir.as_deref(), spec)?;
+    // The launcher's rendezvous is secured as its processes will be.
+    let security = {
+        let mut env: std::collections::HashMap<String, String> = std::env::vars().collect();
+        env.extend(spec.env.iter().cloned());
+        if let Some(t) = &tls {
+            env.insert(tandem_tls::DIR_VAR.into(), t.dir.display().to_string());
+        }
+        tandem_tls::Security::from_vars(&env)?
+    };
+    let token = JobToken::generate();
+    let host = rt.block_on(Host::bind(
+        &format!("{}:0", spec.host),
+        ServerConfig::new(token.clone()).with_security(security),
+    ))?;
+    let ports = reserve_ports(spec)?;
+    let planned = plan(spec, &host.addr().to_string(), &ports)?;
     let colour = std::io::stdout().is_terminal();
     let width = planned.iter().map(|p| p.label().len()).max().unwrap_or(0);
     let mut procs = Vec::with_capacity(planned.len());
@@ -227,11 +236,14 @@ impl JobTls {
                 true,
             ),
         };
-        let names = [
+        let mut names = vec![
             "localhost".to_string(),
             "127.0.0.1".to_string(),
             "::1".to_string(),
         ];
+        if !names.contains(&spec.host) && !spec.host.is_empty() {
+            names.push(spec.host.clone());
+        }
         let process = dir.join("process");
         tandem_tls::init(&dir, Some(&process), "tandem-launch", &names, 30)?;
         Ok(Some(JobTls {

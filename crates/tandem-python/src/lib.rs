@@ -22,6 +22,14 @@ fn cluster_spec() -> PyResult<String> {
     serde_json::to_string(&spec).map_err(|e| pyo3::exceptions::PyValueError::new_err(e.to_string()))
 }
 
+/// The address a server named `own` in its job listens on (see
+/// `tandem::cluster::listen_address`): `own`, or the interface routing to `peers` when `own`
+/// resolves to loopback while they are elsewhere.
+#[pyfunction]
+fn listen_address(own: &str, peers: Vec<String>) -> PyResult<String> {
+    tandem::cluster::listen_address(own, &peers).map_err(errors::to_py)
+}
+
 /// Sends Tandem's `tracing` logs to stderr, filtered by `TANDEM_LOG` (default `warn`). Idempotent.
 #[pyfunction]
 fn init_logging() {
@@ -42,6 +50,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(ps::serve_ps, m)?)?;
     m.add_function(wrap_pyfunction!(launch::launch_main, m)?)?;
     m.add_function(wrap_pyfunction!(cluster_spec, m)?)?;
+    m.add_function(wrap_pyfunction!(listen_address, m)?)?;
     m.add_function(wrap_pyfunction!(init_logging, m)?)?;
     m.add_function(wrap_pyfunction!(observe::metrics_text, m)?)?;
     m.add_function(wrap_pyfunction!(observe::metric_samples, m)?)?;

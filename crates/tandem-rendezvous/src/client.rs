@@ -14,6 +14,8 @@ use tonic::codegen::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Request, Status};
 
+use tandem_tls::Security;
+
 use crate::auth::{AttachToken, JobToken};
 use crate::pb::rendezvous_client::RendezvousClient;
 use crate::pb::*;
@@ -58,7 +60,21 @@ impl Client {
     /// the token with one request. Fails with [`Error::Timeout`] naming the address and how long it
     /// tried, or [`Error::Authentication`] when the server refuses the token.
     pub async fn connect(addr: &str, token: &JobToken, deadline: Duration) -> Result<Client> {
+        Self::connect_with(addr, token, &Security::from_env()?, deadline).await
+    }
+
+    /// [`Client::connect`] with connections secured by `security` instead of what the environment
+    /// says. A certificate refused by either side fails at once with [`Error::Authentication`]
+    /// saying why; plaintext to an address outside loopback is refused unless insecure.
+    pub async fn connect_with(
+        addr: &str,
+        token: &JobToken,
+        security: &Security,
+        deadline: Duration,
+    ) -> Result<Client> {
         tandem_core::cluster::check_address("rendezvous address", addr)?;
+        security.check_peers("the rendezvous client", &[addr])?;
+        let connector = tandem_tls::grpc::Connector::new(security.clone());
         let header = token.header()?;
         let endpoint = Endpoint::from_shared(format!("http://{addr}"))
             .map_err(|e| Error::config("rendezvous address", format!("{addr:?}: {e}")))?
@@ -78,7 +94,12 @@ impl Client {
             let attempt = endpoint
                 .clone()
                 .connect_timeout(left.min(ATTEMPT).max(Duration::from_millis(10)));
-            match tokio::time::timeout(left.min(ATTEMPT), attempt.connect()).await {
+            match tokio::time::timeout(
+                left.min(ATTEMPT),
+                attempt.connect_with_connector(connector.clone()),
+            )
+            .await
+            {
                 Ok(Ok(channel)) => {
                     let inner =
                         RendezvousClient::with_interceptor(channel, AttachToken(header.clone()))
@@ -88,13 +109,21 @@ impl Client {
                         addr: addr.to_string(),
                         op_timeout: Duration::from_secs(30),
                     };
-                    match client.get("tandem/connect-probe").await {
-                        Ok(_) => return Ok(client),
+                    match client.probe().await {
+                        Ok(()) => return Ok(client),
                         Err(e @ Error::Authentication { .. }) => return Err(e),
                         Err(e) => last_error = e.to_string(),
                     }
                 }
-                Ok(Err(e)) => last_error = source_chain(&e),
+                Ok(Err(e)) => {
+                    if let Some(why) = tandem_tls::grpc::refusal(&e) {
+                        return Err(Error::Authentication {
+                            peer: format!("rendezvous at {addr}"),
+                            reason: why,
+                        });
+                    }
+                    last_error = source_chain(&e);
+                }
                 Err(_) => last_error = "connection attempt timed out".into(),
             }
             let Some(delay) = backoff.next_delay() else {
@@ -123,6 +152,12 @@ impl Client {
     }
 
     fn map(&self, what: &str, s: Status) -> Error {
+        if let Some(why) = tandem_tls::grpc::refusal(&s) {
+            return Error::Authentication {
+                peer: format!("rendezvous at {}", self.addr),
+                reason: why,
+            };
+        }
         match s.code() {
             Code::Unauthenticated => Error::Authentication {
                 peer: format!("rendezvous at {}", self.addr),
@@ -181,6 +216,12 @@ impl Client {
         })
         .await
         .map(|_| ())
+    }
+
+    /// The first call after connecting: checks the token (and, under TLS, that the server admitted
+    /// this process's certificate).
+    async fn probe(&self) -> Result<()> {
+        self.get("tandem/connect-probe").await.map(|_| ())
     }
 
     /// Reads `key` without waiting.

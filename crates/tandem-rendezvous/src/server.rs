@@ -11,11 +11,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use tandem_core::{Error, Result};
+use tandem_tls::Security;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
-use tokio_stream::StreamExt;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::service::interceptor::InterceptedService;
 
 use crate::auth::{CheckToken, JobToken};
@@ -26,24 +25,36 @@ use crate::store::{Limits, Store};
 /// How a rendezvous server behaves.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
-    /// The job token every request must carry.
+    /// The job token every request must carry (inside TLS when the connection has it).
     pub token: JobToken,
     /// Store limits.
     pub limits: Limits,
+    /// How connections are secured; `None`: from the process's environment
+    /// ([`Security::from_env`]).
+    pub security: Option<Security>,
 }
 
 impl ServerConfig {
-    /// A configuration with default limits.
+    /// A configuration with default limits, secured as the environment says.
     pub fn new(token: JobToken) -> Self {
         ServerConfig {
             token,
             limits: Limits::default(),
+            security: None,
         }
+    }
+
+    /// Secures connections with `security` instead of what the environment says.
+    pub fn with_security(mut self, security: Security) -> Self {
+        self.security = Some(security);
+        self
     }
 }
 
 /// Serves the rendezvous on `listener` until `shutdown` resolves. The caller binds the listener, so
-/// the library never opens a port it was not told to.
+/// the library never opens a port it was not told to. Connections are mutual TLS when the
+/// configuration's [`Security`] has certificates; plaintext is refused on a listener outside
+/// loopback unless the user asked for it (`TANDEM_INSECURE=1`).
 pub async fn run(
     listener: TcpListener,
     config: ServerConfig,
@@ -52,19 +63,19 @@ pub async fn run(
     let local = listener
         .local_addr()
         .map_err(|e| Error::io("reading the rendezvous address", e))?;
+    let security = match config.security.clone() {
+        Some(s) => s,
+        None => Security::from_env()?,
+    };
+    security.check_peers("the rendezvous server", &[local.to_string()])?;
     let store = Arc::new(Store::new(config.limits.clone()));
     let decode_limit = config.limits.max_value_len + config.limits.max_key_len + 4096;
     let svc = RendezvousServer::new(Service::new(store))
         .max_decoding_message_size(decode_limit)
         .max_encoding_message_size(usize::MAX);
     let svc = InterceptedService::new(svc, CheckToken(config.token));
-    let incoming = TcpListenerStream::new(listener).map(|s| {
-        if let Ok(s) = &s {
-            let _ = s.set_nodelay(true);
-        }
-        s
-    });
-    tracing::info!(%local, "rendezvous serving");
+    let incoming = tandem_tls::grpc::incoming(listener, security.clone(), "rendezvous");
+    tracing::info!(%local, tls = security.is_tls(), "rendezvous serving");
     tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(std::time::Duration::from_secs(10)))

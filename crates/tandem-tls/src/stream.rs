@@ -295,6 +295,12 @@ pub fn explain_io(e: &io::Error) -> String {
     }
 }
 
+/// Whether an I/O error is a TLS failure (an alert from the peer, a certificate refused).
+pub fn is_tls_error(e: &io::Error) -> bool {
+    e.get_ref()
+        .is_some_and(|i| i.downcast_ref::<rustls::Error>().is_some())
+}
+
 /// The TLS failure somewhere in an error's chain of sources, in words: how a gRPC client finds
 /// out that the connection's handshake or certificates were refused.
 pub fn tls_failure(e: &(dyn std::error::Error + 'static)) -> Option<String> {

@@ -49,6 +49,10 @@ pub mod ps {
 pub mod rendezvous {
     pub use tandem_rendezvous::*;
 }
+/// Secure connections: the job's certificates and the rule for when plaintext is allowed.
+pub mod tls {
+    pub use tandem_tls::*;
+}
 /// Seeing inside a running job: the flight recorder, the timeline, metrics, trace analysis.
 pub mod observe {
     pub use tandem_observe::*;

@@ -620,9 +620,10 @@ type RawClient = tandem_ps::pb::parameter_server_client::ParameterServerClient<
 
 /// A bare gRPC client of the server at `addr`, carrying the job token (no checks of its own).
 async fn raw_client(addr: &str, token: &JobToken) -> Result<RawClient> {
+    let connector = tandem_tls::grpc::Connector::new(tandem_tls::Security::from_env()?);
     let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
         .map_err(|e| Error::invalid("addr", e.to_string()))?
-        .connect()
+        .connect_with_connector(connector)
         .await
         .map_err(|e| Error::transport("connect", e.to_string()))?;
     let header = format!("Bearer {}", token.as_str())

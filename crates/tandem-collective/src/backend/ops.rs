@@ -29,8 +29,8 @@ use std::ops::Range;
 use std::time::Instant;
 
 use tandem_core::{DType, Error, ReduceOp, Result};
+use tandem_tls::stream::{ReadHalf, WriteHalf};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 
 use crate::algorithm::chunking::{bytes, partition, segments};
 use crate::algorithm::reduce::{reduce_all, reduce_into};
@@ -107,11 +107,7 @@ fn no_connection(p: usize) -> Error {
     }
 }
 
-fn halves(
-    mesh: &mut Mesh,
-    from: usize,
-    to: usize,
-) -> Result<(&mut OwnedReadHalf, &mut OwnedWriteHalf)> {
+fn halves(mesh: &mut Mesh, from: usize, to: usize) -> Result<(&mut ReadHalf, &mut WriteHalf)> {
     let r = mesh
         .readers
         .get_mut(from)
@@ -125,14 +121,14 @@ fn halves(
     Ok((r, w))
 }
 
-fn reader(mesh: &mut Mesh, from: usize) -> Result<&mut OwnedReadHalf> {
+fn reader(mesh: &mut Mesh, from: usize) -> Result<&mut ReadHalf> {
     mesh.readers
         .get_mut(from)
         .and_then(Option::as_mut)
         .ok_or_else(|| no_connection(from))
 }
 
-fn writer(mesh: &mut Mesh, to: usize) -> Result<&mut OwnedWriteHalf> {
+fn writer(mesh: &mut Mesh, to: usize) -> Result<&mut WriteHalf> {
     mesh.writers
         .get_mut(to)
         .and_then(Option::as_mut)
@@ -187,7 +183,7 @@ fn split_pair(buf: &mut [u8], send: Range<usize>, recv: Range<usize>) -> (&[u8],
 }
 
 async fn recv_reduce(
-    rd: &mut OwnedReadHalf,
+    rd: &mut ReadHalf,
     dst: &mut [u8],
     scratch: &mut [u8],
     segment: usize,
@@ -225,7 +221,7 @@ fn carve<'b>(buf: &'b mut [u8], chunks: &[Range<usize>]) -> Vec<&'b mut [u8]> {
 /// Sends every segment handed over through `segments` to the right neighbour, in order, until the
 /// sender side is dropped: the sending half of a streamed ring phase.
 async fn send_segments(
-    wr: &mut OwnedWriteHalf,
+    wr: &mut WriteHalf,
     mut segments: tokio::sync::mpsc::UnboundedReceiver<&[u8]>,
     r: usize,
     header: &OpHeader,

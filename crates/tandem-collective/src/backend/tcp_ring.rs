@@ -422,13 +422,12 @@ impl TcpRing {
 /// One byte-counting watch per connection of the mesh (the read half shares the socket with the
 /// write half).
 fn watch_sockets(mesh: &Mesh) -> Vec<tandem_observe::SocketWatch> {
-    use std::os::fd::AsRawFd;
     mesh.readers
         .iter()
         .enumerate()
         .filter_map(|(peer, r)| {
             r.as_ref()
-                .map(|r| tandem_observe::watch_socket(peer, r.as_ref().as_raw_fd()))
+                .map(|r| tandem_observe::watch_socket(peer, r.raw_fd()))
         })
         .collect()
 }

@@ -33,6 +33,10 @@ pub struct GroupConfig {
     /// Host other ranks should connect to (`TANDEM_ADVERTISE_HOST`); default: derived from the
     /// rendezvous address (loopback for local jobs, this machine's outgoing address otherwise).
     pub advertise_host: Option<String>,
+    /// How the ring's connections are secured; `None`: from the process's environment
+    /// (`tandem_tls::Security::from_env`: mutual TLS with the job's certificates, plaintext on
+    /// loopback only unless `TANDEM_INSECURE=1`).
+    pub security: Option<tandem_tls::Security>,
 }
 
 impl Default for GroupConfig {
@@ -48,6 +52,7 @@ impl Default for GroupConfig {
             same_host_min_bytes: 256 << 10,
             hierarchical: true,
             advertise_host: None,
+            security: None,
         }
     }
 }

@@ -28,11 +28,12 @@ pub(super) fn advertise_host(rendezvous: &str) -> String {
     }
 }
 
-pub(super) fn bind_host(advertised: &str) -> &'static str {
+/// The address to listen on: the advertised one itself (never every interface), bracketed when it
+/// is an IPv6 address.
+pub(super) fn bind_host(advertised: &str) -> String {
     match advertised.parse::<IpAddr>() {
-        Ok(ip) if ip.is_loopback() => "127.0.0.1",
-        Ok(IpAddr::V6(_)) => "[::]",
-        _ => "0.0.0.0",
+        Ok(IpAddr::V6(ip)) => format!("[{ip}]"),
+        _ => advertised.to_string(),
     }
 }
 
@@ -366,13 +367,15 @@ impl Formation<'_> {
             .advertise_host
             .clone()
             .unwrap_or_else(|| advertise_host(&rendezvous));
+        let security = match &self.config.security {
+            Some(s) => s.clone(),
+            None => tandem_tls::Security::from_env()?,
+        };
+        let bind = format!("{}:0", bind_host(&host));
         let listener = self
             .ring_rt
-            .block_on(tokio::net::TcpListener::bind(format!(
-                "{}:0",
-                bind_host(&host)
-            )))
-            .map_err(|e| Error::io("binding the ring listener", e))?;
+            .block_on(tokio::net::TcpListener::bind(&bind))
+            .map_err(|e| Error::io(format!("binding the ring listener to {bind}"), e))?;
         let port = listener
             .local_addr()
             .map_err(|e| Error::io("reading the ring listener address", e))?
@@ -393,12 +396,14 @@ impl Formation<'_> {
             .iter()
             .map(|a| String::from_utf8_lossy(a).into_owned())
             .collect();
+        security.check_peers("the ring", &addrs)?;
         let deadline = tokio::time::Instant::now() + timeout;
         let mesh_spec = MeshSpec {
             rank,
             addrs: &addrs,
             token: self.token,
             group: group_id(&self.config.name),
+            security: &security,
         };
         let mesh = self.cancel.run(
             &self.ring_rt,

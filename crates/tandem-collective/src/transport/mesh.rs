@@ -1,16 +1,20 @@
-//! The full mesh of authenticated TCP connections between the ranks of a group.
+//! The full mesh of authenticated connections between the ranks of a group.
 //!
 //! Rank `i` connects to every rank `j > i` and accepts from every rank `j < i`, concurrently. Each
-//! connection opens with a handshake (magic, protocol version, rank, group id, job token); the accepting
-//! side answers one byte. Strangers, wrong tokens and unexpected ranks are refused and logged, never
-//! admitted, and the accept loop goes on until the expected peers have arrived or the deadline passes.
+//! connection is mutual TLS when the process has the job's certificates (plaintext only where
+//! [`Security`] allows it), then opens with a handshake (magic, protocol version, rank, group id,
+//! job token, all inside TLS); the accepting side answers one byte. A certificate that names a rank
+//! (`rank-<n>`) must match the rank its holder claims. Strangers, refused certificates, wrong tokens
+//! and unexpected ranks are refused and logged, never admitted, and the accept loop goes on until
+//! the expected peers have arrived or the deadline passes.
 
 use std::time::Duration;
 
 use tandem_core::{Error, Result};
 use tandem_rendezvous::JobToken;
+use tandem_tls::Security;
+use tandem_tls::stream::{ReadHalf, Stream, TLS_ALERT, WriteHalf};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
 
@@ -28,9 +32,9 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 #[derive(Debug, Default)]
 pub struct Mesh {
     /// Where to read what peer `i` sends.
-    pub readers: Vec<Option<OwnedReadHalf>>,
+    pub readers: Vec<Option<ReadHalf>>,
     /// Where to write what peer `i` should read.
-    pub writers: Vec<Option<OwnedWriteHalf>>,
+    pub writers: Vec<Option<WriteHalf>>,
 }
 
 /// What this rank needs to build its part of the mesh.
@@ -44,13 +48,21 @@ pub struct MeshSpec<'a> {
     pub token: &'a JobToken,
     /// The group id (see [`super::frame::group_id`]).
     pub group: u64,
+    /// How the connections are secured.
+    pub security: &'a Security,
 }
 
 fn setup(stream: &TcpStream) {
     let _ = stream.set_nodelay(true);
 }
 
-async fn connect_one(spec: &MeshSpec<'_>, peer: usize, deadline: Instant) -> Result<TcpStream> {
+/// Why `stream`'s certificate does not allow its holder to be `rank`: it names another rank.
+fn wrong_rank(stream: &Stream, rank: usize) -> Option<String> {
+    let named = tandem_tls::peer_rank(&stream.peer_certificate()?)?;
+    (named != rank).then(|| format!("its certificate is rank {named}'s, not rank {rank}'s"))
+}
+
+async fn connect_one(spec: &MeshSpec<'_>, peer: usize, deadline: Instant) -> Result<Stream> {
     let addr = &spec.addrs[peer];
     let mut backoff = tandem_core::Backoff::new(
         Duration::from_millis(10),
@@ -61,28 +73,10 @@ async fn connect_one(spec: &MeshSpec<'_>, peer: usize, deadline: Instant) -> Res
         let left = deadline.saturating_duration_since(Instant::now());
         let attempt = tokio::time::timeout(left, TcpStream::connect(addr.as_str())).await;
         let err = match attempt {
-            Ok(Ok(mut s)) => {
-                setup(&s);
-                let hello = encode_hello(spec.rank as u32, spec.group, spec.token.as_str());
-                let exchange = async {
-                    s.write_all(&hello).await?;
-                    let mut reply = [0u8; 1];
-                    s.read_exact(&mut reply).await?;
-                    Ok::<u8, std::io::Error>(reply[0])
-                };
-                match tokio::time::timeout(left.min(HELLO_TIMEOUT), exchange).await {
-                    Ok(Ok(HELLO_OK)) => return Ok(s),
-                    Ok(Ok(HELLO_BAD_TOKEN)) => {
-                        return Err(Error::Authentication {
-                            peer: format!("rank {peer} at {addr}"),
-                            reason: "it refused our job token".into(),
-                        });
-                    }
-                    Ok(Ok(code)) => format!("refused with code {code}"),
-                    Ok(Err(e)) => e.to_string(),
-                    Err(_) => "handshake timed out".into(),
-                }
-            }
+            Ok(Ok(tcp)) => match open(spec, peer, tcp, left.min(HELLO_TIMEOUT)).await? {
+                Ok(s) => return Ok(s),
+                Err(why) => why,
+            },
             Ok(Err(e)) => e.to_string(),
             Err(_) => "connect timed out".into(),
         };
@@ -96,8 +90,57 @@ async fn connect_one(spec: &MeshSpec<'_>, peer: usize, deadline: Instant) -> Res
     }
 }
 
+/// Secures a connection made to `peer` and exchanges the handshake within `within`. The outer
+/// error is final (a refused certificate or token); the inner one is worth another attempt.
+async fn open(
+    spec: &MeshSpec<'_>,
+    peer: usize,
+    tcp: TcpStream,
+    within: Duration,
+) -> Result<std::result::Result<Stream, String>> {
+    let addr = &spec.addrs[peer];
+    let refused = |reason: String| Error::Authentication {
+        peer: format!("rank {peer} at {addr}"),
+        reason,
+    };
+    setup(&tcp);
+    let mut s = match tandem_tls::stream::connect(spec.security, tcp, addr, within).await {
+        Ok(s) => s,
+        Err(e) if e.refused => return Err(refused(e.reason)),
+        Err(e) => return Ok(Err(e.reason)),
+    };
+    if let Some(why) = wrong_rank(&s, peer) {
+        return Err(refused(why));
+    }
+    let hello = encode_hello(spec.rank as u32, spec.group, spec.token.as_str());
+    let exchange = async {
+        s.write_all(&hello).await?;
+        s.flush().await?;
+        let mut reply = [0u8; 1];
+        s.read_exact(&mut reply).await?;
+        Ok::<u8, std::io::Error>(reply[0])
+    };
+    Ok(match tokio::time::timeout(within, exchange).await {
+        Ok(Ok(HELLO_OK)) => Ok(s),
+        Ok(Ok(HELLO_BAD_TOKEN)) => return Err(refused("it refused our job token".into())),
+        Ok(Ok(TLS_ALERT)) => {
+            return Err(refused(
+                "it requires TLS and this process has no certificates (set TANDEM_TLS_DIR to \
+                 the job's, as on the other ranks)"
+                    .into(),
+            ));
+        }
+        Ok(Ok(code)) => Err(format!("refused with code {code}")),
+        Ok(Err(e)) if tandem_tls::stream::is_tls_error(&e) => {
+            return Err(refused(tandem_tls::stream::explain_io(&e)));
+        }
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("handshake timed out".into()),
+    })
+}
+
 async fn read_hello(
-    s: &mut TcpStream,
+    s: &mut Stream,
     spec: &MeshSpec<'_>,
     world: usize,
 ) -> std::result::Result<usize, (u8, String)> {
@@ -143,13 +186,13 @@ async fn accept_all(
     listener: &TcpListener,
     spec: &MeshSpec<'_>,
     deadline: Instant,
-) -> Result<Vec<Option<TcpStream>>> {
+) -> Result<Vec<Option<Stream>>> {
     let world = spec.addrs.len();
-    let mut got: Vec<Option<TcpStream>> = (0..spec.rank).map(|_| None).collect();
+    let mut got: Vec<Option<Stream>> = (0..spec.rank).map(|_| None).collect();
     let mut strangers = 0;
     while got.iter().any(Option::is_none) {
         let left = deadline.saturating_duration_since(Instant::now());
-        let (mut s, from) = match tokio::time::timeout(left, listener.accept()).await {
+        let (tcp, from) = match tokio::time::timeout(left, listener.accept()).await {
             Ok(Ok(x)) => x,
             Ok(Err(e)) => return Err(Error::io("accepting a peer connection", e)),
             Err(_) => {
@@ -163,34 +206,57 @@ async fn accept_all(
                 ));
             }
         };
-        setup(&s);
+        setup(&tcp);
+        let mut s = match tandem_tls::stream::accept(spec.security, tcp, HELLO_TIMEOUT).await {
+            Ok(s) => s,
+            Err(r) => {
+                if r.notable {
+                    tracing::warn!(%from, reason = %r, "refused a connection");
+                }
+                strangers += 1;
+                if strangers > MAX_STRANGERS {
+                    return Err(too_many(strangers));
+                }
+                continue;
+            }
+        };
         match read_hello(&mut s, spec, world).await {
+            Ok(rank) if let Some(why) = wrong_rank(&s, rank) => {
+                tracing::warn!(%from, rank, reason = %why, "refused a connection");
+                let _ = s.write_all(&[HELLO_BAD_PEER]).await;
+                let _ = s.flush().await;
+                strangers += 1;
+            }
             Ok(rank) if got[rank].is_none() => {
-                if s.write_all(&[HELLO_OK]).await.is_ok() {
+                if s.write_all(&[HELLO_OK]).await.is_ok() && s.flush().await.is_ok() {
                     got[rank] = Some(s);
                 }
             }
             Ok(rank) => {
                 tracing::warn!(%from, rank, "refused a second connection claiming the same rank");
                 let _ = s.write_all(&[HELLO_BAD_PEER]).await;
+                let _ = s.flush().await;
                 strangers += 1;
             }
             Err((code, why)) => {
                 tracing::warn!(%from, reason = %why, "refused a connection");
                 let _ = s.write_all(&[code]).await;
+                let _ = s.flush().await;
                 strangers += 1;
             }
         }
         if strangers > MAX_STRANGERS {
-            return Err(Error::Authentication {
-                peer: "peer connections".into(),
-                reason: format!(
-                    "refused {strangers} connections while waiting for the group's ranks"
-                ),
-            });
+            return Err(too_many(strangers));
         }
     }
     Ok(got)
+}
+
+fn too_many(strangers: usize) -> Error {
+    Error::Authentication {
+        peer: "peer connections".into(),
+        reason: format!("refused {strangers} connections while waiting for the group's ranks"),
+    }
 }
 
 /// Builds this rank's part of the mesh: connects up, accepts down, all before `deadline`.

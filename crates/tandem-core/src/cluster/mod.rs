@@ -29,12 +29,14 @@
 
 mod conventions;
 mod hostlist;
+mod listen;
 mod spec;
 mod tf_config;
 mod vars;
 
 pub use conventions::slurm_default_port;
 pub use hostlist::{MAX_EXPANDED, expand_hostlist, expand_tasks_per_node};
+pub use listen::{listen_address, local_address_towards};
 pub use spec::{Builder, ClusterSpec, Convention, Role};
 pub use vars::{ProcessEnv, Vars, check_address};
 

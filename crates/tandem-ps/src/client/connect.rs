@@ -8,6 +8,12 @@ use super::*;
 /// attached (never on the message text).
 pub(super) fn status_error(addr: &str, what: &str, s: Status, waited: Duration) -> Error {
     let ctx = format!("{what} at the parameter server {addr}");
+    if let Some(why) = tandem_tls::grpc::refusal(&s) {
+        return Error::Authentication {
+            peer: format!("parameter server {addr}"),
+            reason: why,
+        };
+    }
     if crate::failure::reason_of(&s) == crate::pb::Reason::PartiallyApplied {
         return Error::PartiallyApplied {
             context: ctx,
@@ -31,8 +37,14 @@ pub(super) fn status_error(addr: &str, what: &str, s: Status, waited: Duration) 
     }
 }
 
-pub(super) async fn connect_one(addr: &str, token: &JobToken, deadline: Instant) -> Result<Grpc> {
+pub(super) async fn connect_one(
+    addr: &str,
+    token: &JobToken,
+    security: &tandem_tls::Security,
+    deadline: Instant,
+) -> Result<Grpc> {
     tandem_core::cluster::check_address("parameter server address", addr)?;
+    let connector = tandem_tls::grpc::Connector::new(security.clone());
     let header: tonic::metadata::MetadataValue<_> =
         format!("Bearer {}", token.as_str()).parse().map_err(|_| {
             Error::config(
@@ -58,18 +70,29 @@ pub(super) async fn connect_one(addr: &str, token: &JobToken, deadline: Instant)
         let attempt = endpoint
             .clone()
             .connect_timeout(left.clamp(Duration::from_millis(10), Duration::from_secs(3)));
-        let err = match tokio::time::timeout(left, attempt.connect()).await {
-            Ok(Ok(ch)) => {
-                return Ok(ParameterServerClient::with_interceptor(
-                    ch,
-                    AttachToken::from_token(header.clone()),
-                )
-                .max_decoding_message_size(MAX_MESSAGE)
-                .max_encoding_message_size(MAX_MESSAGE));
-            }
-            Ok(Err(e)) => e.to_string(),
-            Err(_) => "connect timed out".to_string(),
-        };
+        let err =
+            match tokio::time::timeout(left, attempt.connect_with_connector(connector.clone()))
+                .await
+            {
+                Ok(Ok(ch)) => {
+                    return Ok(ParameterServerClient::with_interceptor(
+                        ch,
+                        AttachToken::from_token(header.clone()),
+                    )
+                    .max_decoding_message_size(MAX_MESSAGE)
+                    .max_encoding_message_size(MAX_MESSAGE));
+                }
+                Ok(Err(e)) => {
+                    if let Some(why) = tandem_tls::grpc::refusal(&e) {
+                        return Err(Error::Authentication {
+                            peer: format!("parameter server {addr}"),
+                            reason: why,
+                        });
+                    }
+                    source_chain(&e)
+                }
+                Err(_) => "connect timed out".to_string(),
+            };
         let Some(delay) = backoff.next_delay() else {
             return Err(Error::timeout(
                 format!("the parameter server at {addr} (last error: {err})"),
@@ -97,9 +120,13 @@ impl Client {
             tandem_observe::Identity::new("worker", worker as usize, mode.workers as usize)
                 .local(local_rank()),
         );
+        let security = tandem_tls::Security::from_env()?;
+        security.check_peers("the parameter-server client", addrs)?;
         let end = Instant::now() + deadline;
-        let servers =
-            futures::future::try_join_all(addrs.iter().map(|a| connect_one(a, token, end))).await?;
+        let servers = futures::future::try_join_all(
+            addrs.iter().map(|a| connect_one(a, token, &security, end)),
+        )
+        .await?;
         let client = Client {
             incarnations: std::sync::Arc::new(std::sync::Mutex::new(vec![0; servers.len()])),
             shared: std::sync::Arc::new((0..servers.len()).map(|_| AtomicU32::new(0)).collect()),
@@ -236,4 +263,16 @@ fn first_push_id() -> u64 {
 /// offsets its metrics port.
 pub(crate) fn local_rank() -> usize {
     tandem_core::ClusterSpec::from_env().map_or(0, |s| s.local_rank())
+}
+
+/// An error and its sources, joined: what a failed connection attempt reports.
+fn source_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
 }

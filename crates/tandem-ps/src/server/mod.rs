@@ -34,8 +34,6 @@ use tandem_core::{Error, Result};
 use tandem_rendezvous::{CheckToken, JobToken};
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
-use tokio_stream::StreamExt;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::service::interceptor::InterceptedService;
 
 use crate::pb::parameter_server_server::ParameterServerServer;
@@ -65,6 +63,10 @@ pub struct ServerConfig {
     /// final checkpoint (if configured) and stops with an error naming them (a lease: the job's
     /// workers are gone, or cut off). `None`: wait for them forever.
     pub worker_timeout: Option<Duration>,
+    /// How connections are secured; `None`: from the process's environment
+    /// ([`tandem_tls::Security::from_env`]): mutual TLS with the job's certificates, plaintext on
+    /// loopback only unless `TANDEM_INSECURE=1`.
+    pub security: Option<tandem_tls::Security>,
 }
 
 /// How long a stopping server lets open calls finish before it closes their connections (workers
@@ -80,7 +82,14 @@ impl ServerConfig {
             exit_when_done: true,
             checkpoint: None,
             worker_timeout: None,
+            security: None,
         }
+    }
+
+    /// Secures connections with `security` instead of what the environment says.
+    pub fn with_security(mut self, security: tandem_tls::Security) -> Self {
+        self.security = Some(security);
+        self
     }
 }
 
@@ -134,17 +143,17 @@ impl Server {
         let local = listener
             .local_addr()
             .map_err(|e| Error::io("reading the server address", e))?;
+        let security = match self.config.security.clone() {
+            Some(s) => s,
+            None => tandem_tls::Security::from_env()?,
+        };
+        security.check_peers("the parameter server", &[local.to_string()])?;
         let service = self.service.clone();
         let svc = ParameterServerServer::new(self.service)
             .max_decoding_message_size(MAX_MESSAGE)
             .max_encoding_message_size(MAX_MESSAGE);
         let svc = InterceptedService::new(svc, CheckToken(self.config.token));
-        let incoming = TcpListenerStream::new(listener).map(|s| {
-            if let Ok(s) = &s {
-                let _ = s.set_nodelay(true);
-            }
-            s
-        });
+        let incoming = tandem_tls::grpc::incoming(listener, security.clone(), "parameter server");
         let (exit_when_done, all_done) = (self.config.exit_when_done, self.all_done);
         let worker_timeout = self.config.worker_timeout;
         let (stopped_tx, stopped_rx) = tokio::sync::oneshot::channel::<Stop>();
@@ -161,7 +170,7 @@ impl Server {
             };
             let _ = stopped_tx.send(why);
         };
-        tracing::info!(%local, "parameter server serving");
+        tracing::info!(%local, tls = security.is_tls(), "parameter server serving");
         let serve = tonic::transport::Server::builder()
             .initial_stream_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)

@@ -66,8 +66,8 @@ impl HostLayout {
 struct Lane<'a> {
     me: usize,
     members: &'a [usize],
-    rd: OwnedReadHalf,
-    wr: OwnedWriteHalf,
+    rd: ReadHalf,
+    wr: WriteHalf,
     scratch: Vec<u8>,
 }
 

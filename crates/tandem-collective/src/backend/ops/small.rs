@@ -116,7 +116,7 @@ pub(super) async fn exchange(
 /// Writes `msg` to each of `peers` as far as its socket takes it without blocking; returns how
 /// much went to each rank (the whole frame counts as sent for ranks that are not peers).
 pub(super) fn write_now(
-    writers: &mut [Option<OwnedWriteHalf>],
+    writers: &mut [Option<WriteHalf>],
     peers: &[usize],
     msg: &[u8],
     header: &OpHeader,
@@ -126,7 +126,12 @@ pub(super) fn write_now(
         .map(|p| if peers.contains(&p) { 0 } else { frame_len })
         .collect();
     for (p, w) in writers.iter_mut().enumerate() {
-        if let Some(w) = w.as_mut().filter(|_| sent[p] < frame_len) {
+        // Under TLS the bytes must go through the encrypting half: the event loop sends them.
+        if let Some(w) = w
+            .as_ref()
+            .and_then(WriteHalf::socket)
+            .filter(|_| sent[p] < frame_len)
+        {
             while sent[p] < frame_len {
                 match (&*socket2::SockRef::from(w.as_ref())).write(&msg[sent[p]..]) {
                     Ok(k) => sent[p] += k,
@@ -142,7 +147,7 @@ pub(super) fn write_now(
 /// Reads the peers' frames with non-blocking calls for up to [`DIRECT_SPIN`], yielding the CPU
 /// between rounds (a park and wake-up costs more than a small frame takes to arrive).
 pub(super) fn poll_frames(
-    readers: &[Option<OwnedReadHalf>],
+    readers: &[Option<ReadHalf>],
     incoming: &mut [Incoming],
     slots: &mut [&mut [u8]],
     frame_len: usize,
@@ -150,11 +155,17 @@ pub(super) fn poll_frames(
     me: usize,
     start: Instant,
 ) -> Result<()> {
-    while start.elapsed() < DIRECT_SPIN {
+    // Encrypted links are read through their TLS halves, in the event loop.
+    let plain = incoming.iter().all(|i| {
+        readers[i.peer]
+            .as_ref()
+            .is_some_and(|r| r.socket().is_some())
+    });
+    while plain && start.elapsed() < DIRECT_SPIN {
         let mut pending = false;
         for inc in incoming.iter_mut().filter(|i| i.got < frame_len) {
             let (p, slot) = (inc.peer, &mut slots[inc.peer]);
-            if let Some(r) = &readers[p] {
+            if let Some(r) = readers[p].as_ref().and_then(ReadHalf::socket) {
                 match (&*socket2::SockRef::from(r.as_ref())).read(&mut slot[inc.got..frame_len]) {
                     Ok(0) => {
                         let eof = std::io::Error::from(ErrorKind::UnexpectedEof);
@@ -178,8 +189,8 @@ pub(super) fn poll_frames(
 /// Sends the rest of `msg` and receives the rest of each frame through tokio's event loop.
 #[allow(clippy::too_many_arguments)]
 pub(super) async fn finish_in_event_loop(
-    readers: &mut [Option<OwnedReadHalf>],
-    writers: &mut [Option<OwnedWriteHalf>],
+    readers: &mut [Option<ReadHalf>],
+    writers: &mut [Option<WriteHalf>],
     sent: &[usize],
     msg: &[u8],
     incoming: &mut [Incoming],
@@ -204,7 +215,7 @@ pub(super) async fn finish_in_event_loop(
             }
         });
     let mut slot_of: Vec<Option<&mut [u8]>> = slots.into_iter().map(Some).collect();
-    let mut reader_of: Vec<Option<&mut OwnedReadHalf>> =
+    let mut reader_of: Vec<Option<&mut ReadHalf>> =
         readers.iter_mut().map(Option::as_mut).collect();
     let recvs = incoming
         .iter_mut()
