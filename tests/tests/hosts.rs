@@ -7,6 +7,7 @@ use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use tandem::rendezvous::JobToken;
+use tandem::{DType, ReduceOp};
 use tandem_testbed::Testbed;
 use tandem_tests::check::{cases_of, check_case};
 use tandem_tests::suite::cases;
@@ -45,6 +46,13 @@ fn spawn_rank(
     env.push(("TANDEM_LOCAL_RANK".into(), (rank % per_host).to_string()));
     env.push(("TANDEM_LOCAL_WORLD_SIZE".into(), per_host.to_string()));
     env.push(("TANDEM_CONNECT_TIMEOUT".into(), "60".into()));
+    // A transport named in `extra` replaces this run's.
+    if extra
+        .iter()
+        .any(|(k, _)| k.starts_with("TANDEM_TLS") || *k == "TANDEM_INSECURE")
+    {
+        env.retain(|(k, _)| !k.starts_with("TANDEM_TLS") && k != "TANDEM_INSECURE");
+    }
     env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
     let mut cmd = bed.command(rank / per_host, NODE, args);
     cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
@@ -438,5 +446,171 @@ fn workers_cut_off_from_their_server_fail_naming_it() {
             error.contains(&bind),
             "worker {w}'s error names the server {bind}: {text}"
         );
+    }
+}
+
+/// What an eavesdropper on the switch saw of one job: an allreduce across the two hosts and a
+/// parameter-server step loop between them.
+struct Seen {
+    token: bool,
+    tensor: bool,
+    bytes: usize,
+}
+
+fn eavesdrop(bed: &Testbed, transport: &[(&str, &str)]) -> Seen {
+    let token = JobToken::generate();
+    let capture = bed.capture().expect("capturing the switch");
+    let ranks: Vec<Child> = (0..2)
+        .map(|r| spawn_rank(bed, &token, r, 2, 1, &["async"], transport))
+        .collect();
+    for (r, o) in wait_all(ranks, LIMIT).iter().enumerate() {
+        assert!(
+            o.status.success(),
+            "rank {r} with {transport:?}: {}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    let bind = format!("{}:29601", bed.addr(0));
+    let mut server = bed.command(0, NODE, &["ps-server", "--bind", &bind]);
+    let mut worker = bed.command(
+        1,
+        NODE,
+        &[
+            "ps-worker",
+            "--servers",
+            &bind,
+            "--worker",
+            "0",
+            "--workers",
+            "1",
+            "--mode",
+            "sync",
+            "--steps",
+            "5",
+        ],
+    );
+    for c in [&mut server, &mut worker] {
+        c.env("TANDEM_JOB_TOKEN", token.as_str())
+            .envs(transport.iter().copied())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+    }
+    let server = server.spawn().expect("server");
+    let worker = worker.spawn().expect("worker");
+    for o in wait_all(vec![worker, server], LIMIT) {
+        assert!(
+            o.status.success(),
+            "PS with {transport:?}: {}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    let wire = capture.finish().expect("the capture");
+    // Windows of 8 values of each rank's first allreduce input (what the "async" mode sends):
+    // a ring or a one-hop exchange puts some of them on the wire as they are.
+    let tensor = (0..2).any(|rank| {
+        let mine = tandem_tests::data::values(1000, rank, 10_007, DType::F32, Some(ReduceOp::Sum));
+        let bytes = tandem_tests::data::to_bytes(DType::F32, &mine);
+        bytes
+            .chunks(64 * 4)
+            .any(|c| tandem_testbed::contains(&wire, &c[..c.len().min(32)]))
+    });
+    Seen {
+        token: tandem_testbed::contains(&wire, token.as_str().as_bytes()),
+        tensor,
+        bytes: wire.len(),
+    }
+}
+
+/// Nothing of a job's secrets or data crosses the network readably: a capture on the switch of an
+/// allreduce and a parameter-server job under TLS holds neither the job token nor any window of a
+/// known input tensor. The control, the same jobs in plaintext (`TANDEM_INSECURE=1`), shows both,
+/// so the capture would have seen them.
+#[test]
+fn a_capture_of_the_wire_shows_neither_the_token_nor_tensors() {
+    let Some(bed) = testbed(2, None) else {
+        return;
+    };
+    let dir = std::env::temp_dir().join(format!("tandem-capture-tls-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    tandem::tls::init(&dir, None, "capture", &[bed.addr(0), bed.addr(1)], 1).expect("certs");
+    let dir_s = dir.display().to_string();
+    let secure = eavesdrop(&bed, &[("TANDEM_TLS_DIR", &dir_s)]);
+    let clear = eavesdrop(&bed, &[("TANDEM_INSECURE", "1")]);
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        clear.token && clear.tensor,
+        "the control: a plaintext job's capture shows its token and tensors"
+    );
+    assert!(
+        secure.bytes > 100_000,
+        "the TLS job's traffic was captured: {} bytes",
+        secure.bytes
+    );
+    assert!(!secure.token, "the job token crossed the network readably");
+    assert!(!secure.tensor, "a tensor crossed the network readably");
+}
+
+/// The TCP sockets listening in host `i`'s network namespace, as (address in hex, port) from
+/// `/proc/net/tcp` and `/proc/net/tcp6` read inside it.
+fn listening(bed: &Testbed, i: usize) -> Vec<(String, u16)> {
+    let out = bed
+        .net_command(i, "cat", &["/proc/net/tcp", "/proc/net/tcp6"])
+        .output()
+        .expect("reading /proc/net/tcp");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            // sl local_address rem_address st ...; 0A is LISTEN.
+            let (addr, port) = f.get(1)?.split_once(':')?;
+            (f.get(3) == Some(&"0A"))
+                .then(|| (addr.to_string(), u16::from_str_radix(port, 16).unwrap_or(0)))
+        })
+        .collect()
+}
+
+/// A running job listens only on the addresses it advertises: its rendezvous, ring listeners and
+/// parameter server, on two hosts, are bound to the hosts' own addresses, never 0.0.0.0 or ::.
+/// (Ranks 0 and 1 of a group of 3 whose rank 2 never comes keep their ring listeners open.)
+#[test]
+fn nothing_listens_on_every_interface() {
+    let Some(bed) = testbed(2, None) else {
+        return;
+    };
+    let token = JobToken::generate();
+    let mut children: Vec<Child> = (0..2)
+        .map(|r| spawn_rank(&bed, &token, r, 3, 1, &["loop"], &[]))
+        .collect();
+    let bind = format!("{}:29602", bed.addr(0));
+    let mut server = bed.command(0, NODE, &["ps-server", "--bind", &bind]);
+    server
+        .env("TANDEM_JOB_TOKEN", token.as_str())
+        .envs(tandem_tests::transport_env())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    children.push(server.spawn().expect("server"));
+    // Host 0: the rendezvous, rank 0's ring listener and the server; host 1: rank 1's listener.
+    let end = Instant::now() + LIMIT;
+    let (mut host0, mut host1) = (Vec::new(), Vec::new());
+    while Instant::now() < end && (host0.len() < 3 || host1.is_empty()) {
+        std::thread::sleep(Duration::from_millis(50));
+        host0 = listening(&bed, 0);
+        host1 = listening(&bed, 1);
+    }
+    for c in &mut children {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    assert!(host0.len() >= 3 && !host1.is_empty(), "{host0:?} {host1:?}");
+    let every = |a: &str| a.chars().all(|c| c == '0');
+    for (host, socks) in [(0, &host0), (1, &host1)] {
+        for (addr, port) in socks {
+            assert!(
+                !every(addr),
+                "host {host} listens on every interface at port {port}"
+            );
+        }
     }
 }

@@ -24,6 +24,10 @@
 //! # Ok::<(), tandem_core::Error>(())
 //! ```
 
+mod capture;
+
+pub use capture::{Capture, contains};
+
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
