@@ -91,6 +91,10 @@ pub struct BenchArgs {
     /// of one: every byte between hosts crosses a link. `--np` is then hosts x ranks per host.
     #[arg(long)]
     hosts: Option<usize>,
+    /// Connections in plaintext (TANDEM_INSECURE=1) instead of mutual TLS, to measure what TLS
+    /// costs.
+    #[arg(long)]
+    insecure: bool,
     /// Ranks on each simulated host.
     #[arg(long, default_value_t = 1)]
     ranks_per_host: usize,
@@ -167,6 +171,8 @@ pub fn bench(collective: Collective, args: BenchArgs) -> Result<ExitCode> {
             parse_size("--segment", s)?.to_string(),
         ));
     }
+    let transport = crate::hosts::JobTransport::new(args.insecure)?;
+    println!("# connections: {}", transport.name());
     let failed = match &hosts {
         Some(h) => {
             let bed = h.testbed()?;
@@ -176,13 +182,17 @@ pub fn bench(collective: Collective, args: BenchArgs) -> Result<ExitCode> {
                 h.per_host,
                 h.link.as_ref().map_or("unshaped", |(_, l)| l.as_str())
             );
+            env.extend(transport.env());
             crate::hosts::run_ranks(&bed, h, &rank_args, &env)?
         }
         None => run_local(
             tandem_launch::Layout::Allreduce { nproc: args.np },
             &rank_args,
             None,
-            env,
+            {
+                env.extend(transport.env());
+                env
+            },
             gpus_for(&args)?,
             Duration::from_secs(3600),
             |p, line, stderr| {

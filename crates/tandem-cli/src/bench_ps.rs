@@ -56,6 +56,10 @@ pub struct BenchPsArgs {
     /// has a host and every tensor crosses a link.
     #[arg(long)]
     hosts: Option<usize>,
+    /// Connections in plaintext (TANDEM_INSECURE=1) instead of mutual TLS, to measure what TLS
+    /// costs.
+    #[arg(long)]
+    insecure: bool,
     /// Shape each host's link to this rate (`2gbit`, `10gbit`) and print the link bound.
     #[arg(long)]
     link: Option<String>,
@@ -162,10 +166,13 @@ pub fn bench_ps(a: BenchPsArgs) -> Result<ExitCode> {
         }
         None => Placement::Here,
     };
+    let transport = crate::hosts::JobTransport::new(a.insecure)?;
+    println!("# connections: {}", transport.name());
+    let env = transport.env();
     let token = JobToken::generate();
-    let (mut servers, addrs) = start_servers(&placement, &exe, &token, a.servers)?;
+    let (mut servers, addrs) = start_servers(&placement, &exe, &token, &env, a.servers)?;
     let start = Instant::now();
-    let workers = match start_workers(&placement, &exe, &token, &a, &addrs, params) {
+    let workers = match start_workers(&placement, &exe, &token, &env, &a, &addrs, params) {
         Ok(w) => w,
         Err(e) => {
             stop(&mut servers);
@@ -201,6 +208,7 @@ fn start_servers(
     placement: &Placement,
     exe: &Path,
     token: &JobToken,
+    env: &[(String, String)],
     n: usize,
 ) -> Result<(Vec<Child>, Vec<String>)> {
     let mut servers = Vec::new();
@@ -223,6 +231,7 @@ fn start_servers(
         let (mut cmd, _) = placement.command(exe, i, &args);
         let spawned = cmd
             .env(TOKEN_VAR, token.as_str())
+            .envs(env.iter().cloned())
             .stdout(Stdio::piped())
             .spawn();
         let mut c = match spawned {
@@ -252,6 +261,7 @@ fn start_workers(
     placement: &Placement,
     exe: &Path,
     token: &JobToken,
+    env: &[(String, String)],
     a: &BenchPsArgs,
     addrs: &[String],
     params: usize,
@@ -275,6 +285,7 @@ fn start_workers(
         let (mut cmd, _) = placement.command(exe, a.servers + w, &args);
         match cmd
             .env(TOKEN_VAR, token.as_str())
+            .envs(env.iter().cloned())
             .stdout(Stdio::piped())
             .spawn()
         {

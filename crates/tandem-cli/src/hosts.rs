@@ -74,6 +74,54 @@ impl Hosts {
     }
 }
 
+/// How a bench job's connections are secured: mutual TLS with a CA made for the job (the default,
+/// as `tandem launch` does), or plaintext with `--insecure` (to measure what TLS costs).
+#[derive(Debug)]
+pub struct JobTransport {
+    dir: Option<std::path::PathBuf>,
+}
+
+impl JobTransport {
+    /// Certificates for the job in a temporary folder (removed when this is dropped), or none.
+    pub fn new(insecure: bool) -> Result<JobTransport> {
+        if insecure {
+            return Ok(JobTransport { dir: None });
+        }
+        let dir = std::env::temp_dir().join(format!(
+            "tandem-bench-tls-{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or(0)
+        ));
+        let names = ["localhost".to_string(), "127.0.0.1".to_string()];
+        tandem::tls::init(&dir, None, "tandem-bench", &names, 1)?;
+        Ok(JobTransport { dir: Some(dir) })
+    }
+
+    /// The variables that give a process this transport.
+    pub fn env(&self) -> Vec<(String, String)> {
+        match &self.dir {
+            Some(d) => vec![(tandem::tls::DIR_VAR.into(), d.display().to_string())],
+            None => vec![(tandem::tls::INSECURE_VAR.into(), "1".into())],
+        }
+    }
+
+    /// `tls` or `plaintext`, for the report.
+    pub fn name(&self) -> &'static str {
+        if self.dir.is_some() { "mutual TLS" } else { "plaintext" }
+    }
+}
+
+impl Drop for JobTransport {
+    fn drop(&mut self) {
+        if let Some(d) = &self.dir {
+            let _ = std::fs::remove_dir_all(d);
+        }
+    }
+}
+
 /// Set by Ctrl-C or SIGTERM once a command has made simulated hosts: the jobs on them stop and
 /// the command returns, so the hosts (namespaces, processes) are removed on the way out instead of
 /// being left behind by a killed process.

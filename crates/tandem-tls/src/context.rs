@@ -37,8 +37,17 @@ impl std::fmt::Debug for TlsContext {
     }
 }
 
+/// ring, with AES-128-GCM first: a tenth of an allreduce's CPU on a fast link goes to AES, and
+/// 128-bit keys take 10 rounds where 256-bit take 14 (BENCHMARKS.md, "TLS").
 fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    use rustls::crypto::ring::cipher_suite as cs;
+    let mut p = rustls::crypto::ring::default_provider();
+    p.cipher_suites = vec![
+        cs::TLS13_AES_128_GCM_SHA256,
+        cs::TLS13_AES_256_GCM_SHA384,
+        cs::TLS13_CHACHA20_POLY1305_SHA256,
+    ];
+    Arc::new(p)
 }
 
 fn bad(what: &str, source: &str, problem: impl std::fmt::Display) -> Error {

@@ -111,8 +111,12 @@ pub fn warn_insecure() {
             "{INSECURE_VAR}=1: this process sends its job token and tensors in clear; anyone on \
              the network can read them and inject data"
         );
-        tracing::warn!("{msg}");
-        eprintln!("tandem: warning: {msg}");
+        // Once: through the logs when the process has a subscriber, else straight to stderr.
+        if tracing::dispatcher::has_been_set() {
+            tracing::warn!("{msg}");
+        } else {
+            eprintln!("tandem: warning: {msg}");
+        }
     });
 }
 
