@@ -110,7 +110,11 @@ impl JobTransport {
 
     /// `tls` or `plaintext`, for the report.
     pub fn name(&self) -> &'static str {
-        if self.dir.is_some() { "mutual TLS" } else { "plaintext" }
+        if self.dir.is_some() {
+            "mutual TLS"
+        } else {
+            "plaintext"
+        }
     }
 }
 
