@@ -38,10 +38,16 @@ fn tls_dir() -> &'static std::path::Path {
     })
 }
 
+/// The variables that give a process this test process's certificates, whatever the run's
+/// transport (for tests of TLS itself).
+pub fn tls_env() -> Vec<(String, String)> {
+    vec![(tandem_tls::DIR_VAR.into(), tls_dir().display().to_string())]
+}
+
 /// The variables that give a spawned process this run's transport (see [`tls_on`]).
 pub fn transport_env() -> Vec<(String, String)> {
     if tls_on() {
-        vec![(tandem_tls::DIR_VAR.into(), tls_dir().display().to_string())]
+        tls_env()
     } else {
         vec![(tandem_tls::INSECURE_VAR.into(), "1".into())]
     }

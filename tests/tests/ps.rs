@@ -770,3 +770,95 @@ fn overflowing_declarations_are_refused_and_the_server_keeps_serving() {
     let _ = server.kill();
     let _ = server.wait();
 }
+
+/// A TLS server's workers that do not hold the job's certificates are refused with the reason on
+/// both sides: one with another job's CA, one without certificates (plaintext). The server keeps
+/// serving a worker that has them.
+#[test]
+fn workers_without_the_jobs_certificates_are_refused_with_the_reason() {
+    let token = JobToken::generate();
+    let mut env = vec![("TANDEM_JOB_TOKEN".to_string(), token.as_str().to_string())];
+    env.extend(tandem_tests::tls_env());
+    let mut server = spawn(NODE, &["ps-server"], &env);
+    let lines = stdout_lines(&mut server);
+    let addr = loop {
+        let line = lines.recv_timeout(LIMIT).expect("server address");
+        if let Some(a) = line.strip_prefix("ADDR ") {
+            break a.to_string();
+        }
+    };
+    let other = std::env::temp_dir().join(format!("tandem-ps-other-ca-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&other);
+    tandem_tls::init(&other, None, "other-job", &["127.0.0.1".into()], 1).expect("other CA");
+    let worker = |transport: (&str, String)| {
+        let env = vec![
+            ("TANDEM_JOB_TOKEN".to_string(), token.as_str().to_string()),
+            (transport.0.to_string(), transport.1),
+        ];
+        let args = [
+            "ps-worker",
+            "--servers",
+            &addr,
+            "--worker",
+            "0",
+            "--workers",
+            "1",
+            "--mode",
+            "sync",
+            "--steps",
+            "3",
+            "--timeout",
+            "10",
+        ];
+        tandem_tests::wait_output(spawn(NODE, &args, &env), LIMIT)
+    };
+    let stranger = worker(("TANDEM_TLS_DIR", other.display().to_string()));
+    let plain = worker(("TANDEM_INSECURE", "1".to_string()));
+    let _ = std::fs::remove_dir_all(&other);
+    let text = |o: &std::process::Output| {
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        )
+    };
+    let s = text(&stranger);
+    assert!(!stranger.status.success(), "{s}");
+    assert!(
+        s.contains("ERROR authentication") && s.contains("not signed by this job's CA"),
+        "{s}"
+    );
+    let p = text(&plain);
+    assert!(!plain.status.success(), "{p}");
+    assert!(
+        p.contains("no TLS certificates") && p.contains("TANDEM_TLS_DIR"),
+        "{p}"
+    );
+    // A good worker still trains.
+    let mut good_env = vec![("TANDEM_JOB_TOKEN".to_string(), token.as_str().to_string())];
+    good_env.extend(tandem_tests::tls_env());
+    let args = [
+        "ps-worker",
+        "--servers",
+        &addr,
+        "--worker",
+        "0",
+        "--workers",
+        "1",
+        "--mode",
+        "sync",
+        "--steps",
+        "3",
+    ];
+    let good = tandem_tests::wait_output(spawn(NODE, &args, &good_env), LIMIT);
+    assert!(good.status.success(), "{}", text(&good));
+    let _ = server.kill();
+    let out = tandem_tests::wait_output(server, LIMIT);
+    let log = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(log.contains("refused a connection"), "{log}");
+    assert!(log.contains("spoke plaintext"), "{log}");
+    assert!(
+        log.contains("refused this process's certificate") || log.contains("not signed"),
+        "{log}"
+    );
+}

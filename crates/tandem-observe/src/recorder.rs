@@ -557,12 +557,15 @@ mod tests {
     #[test]
     fn the_process_ring_records_completes_and_says_what_a_running_message_waits_for() {
         crate::identify(crate::Identity::new("rank", 0, 1));
+        // Later than anything other tests of this process record (their op logs share the
+        // snapshot), so this message is the latest running one whatever runs alongside.
+        const T: u64 = 1 << 62;
         assert!(crate::active());
-        let mut r = Record::new(555_002, "send", "f32", 3, 11);
+        let mut r = Record::new(555_002, "send", "f32", 3, T + 11);
         r.peers = Peers::One(4);
         let send = begin(r);
         // Started later than the message, but not one that waits on a peer.
-        let push = begin(Record::new(555_001, "ps.push", "f32", 3, 12));
+        let push = begin(Record::new(555_001, "ps.push", "f32", 3, T + 12));
         set_live(|| Some(Wait::Data(4)));
         let snap = snapshot();
         let find = |seq| snap.iter().find(|e| e.seq == seq).cloned().unwrap();
@@ -577,7 +580,7 @@ mod tests {
         assert!(snap.windows(2).all(|w| w[0].started_us <= w[1].started_us));
         end_at(
             push,
-            20,
+            T + 20,
             Ending {
                 error: Some("refused".into()),
                 ..Ending::default()
@@ -585,7 +588,7 @@ mod tests {
         );
         end_at(
             send,
-            30,
+            T + 30,
             Ending {
                 late: Some((4, 2)),
                 ..Ending::default()
@@ -594,12 +597,12 @@ mod tests {
         let p = snapshot_of(push).unwrap();
         assert_eq!(
             (p.ended_us, p.outcome),
-            (Some(20), Outcome::Error("refused".into()))
+            (Some(T + 20), Outcome::Error("refused".into()))
         );
         let m = snapshot_of(send).unwrap();
         assert_eq!(
             (m.ended_us, m.outcome, m.late_us),
-            (Some(30), Outcome::Ok, Some(2))
+            (Some(T + 30), Outcome::Ok, Some(2))
         );
         assert_eq!(m.peers, vec![4]);
         assert!(snapshot_of(Token::none()).is_none());

@@ -172,7 +172,7 @@ impl Client {
             ),
             _ => Error::transport(
                 format!("{what} at the rendezvous {}", self.addr),
-                s.message().to_string(),
+                format!("{}{}", s.message(), tandem_tls::grpc::plaintext_hint(&s)),
             ),
         }
     }

@@ -35,6 +35,12 @@ impl Default for Limits {
     }
 }
 
+/// Most members a barrier may have.
+pub const MAX_PARTICIPANTS: u32 = 1 << 20;
+
+/// Most missing members a timed-out barrier lists (the lowest ones).
+pub const MAX_MISSING_LISTED: usize = 1024;
+
 /// Why a store operation was refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StoreError {
@@ -282,6 +288,11 @@ impl Store {
         timeout: Duration,
     ) -> Result<Vec<u32>, StoreError> {
         self.check_key(name)?;
+        if participants > MAX_PARTICIPANTS {
+            return Err(StoreError::Invalid(format!(
+                "barrier {name:?}: {participants} participants (at most {MAX_PARTICIPANTS})"
+            )));
+        }
         if participants == 0 || member >= participants {
             return Err(StoreError::Invalid(format!(
                 "barrier {name:?}: member {member} is not below the {participants} participants"
@@ -325,6 +336,7 @@ impl Store {
                     b.arrived.remove(&member);
                     let missing = (0..participants)
                         .filter(|m| !b.arrived.contains(m) && *m != member)
+                        .take(MAX_MISSING_LISTED)
                         .collect();
                     return Ok(missing);
                 }
@@ -411,6 +423,25 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(r, WaitOutcome::TimedOut(vec!["z".into()]));
+    }
+
+    /// Found by the fuzzer (fuzz/artifacts of rendezvous_handlers): a barrier of 4 billion
+    /// participants that timed out listed every missing one, gigabytes of them. Participants are
+    /// bounded now (checked on each side of the bound), and so is the list.
+    #[tokio::test]
+    async fn huge_barriers_are_refused_and_missing_lists_bounded() {
+        let s = store();
+        let e = s
+            .barrier("huge", MAX_PARTICIPANTS + 1, 0, Duration::from_millis(1))
+            .await
+            .unwrap_err();
+        assert!(matches!(e, StoreError::Invalid(m) if m.contains("at most")));
+        let missing = s
+            .barrier("big", MAX_PARTICIPANTS, 5, Duration::from_millis(1))
+            .await
+            .unwrap();
+        assert_eq!(missing.len(), MAX_MISSING_LISTED);
+        assert_eq!(missing[..6], [0, 1, 2, 3, 4, 6]);
     }
 
     #[tokio::test(start_paused = true)]

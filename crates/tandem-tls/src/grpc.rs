@@ -124,6 +124,24 @@ pub fn refusal(e: &(dyn std::error::Error + 'static)) -> Option<String> {
     tls_failure(e)
 }
 
+/// What to add to a failed gRPC call's message when this process runs without TLS and the
+/// connection broke under HTTP/2 (what a TLS server's alert, or its closing on plaintext, looks
+/// like to a plaintext client); empty otherwise.
+pub fn plaintext_hint(status: &tonic::Status) -> &'static str {
+    let plain = Security::from_env().is_ok_and(|s| !s.is_tls());
+    let broken = matches!(
+        status.code(),
+        tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Internal
+    ) && (status.message().contains("transport error")
+        || status.message().contains("h2 protocol error"));
+    if plain && broken {
+        " (this process has no TLS certificates: if the server requires TLS, give this process \
+         the job's with TANDEM_TLS_DIR)"
+    } else {
+        ""
+    }
+}
+
 /// Opens a gRPC client's connections: TCP (no delay) to the URI's host and port, then TLS when the
 /// process has certificates. Use with `Endpoint::connect_with_connector` and an `http://` URI (the
 /// TLS is underneath, not tonic's).

@@ -11,6 +11,9 @@ use crate::error::{Error, Result};
 /// The most hosts or tasks an expansion may produce, so a typo cannot exhaust memory.
 pub const MAX_EXPANDED: usize = 1 << 20;
 
+/// Most bytes of host names a host list may expand to (a long name times many ranges).
+pub const MAX_EXPANDED_BYTES: usize = 64 << 20;
+
 /// Expands a Slurm host list such as `node[01-03,07],gpu-a[1-2]-ib` into host names.
 ///
 /// Zero padding follows the lower bound of each range (`[08-10]` gives `08 09 10`); several bracket
@@ -38,17 +41,28 @@ pub fn expand_hostlist(variable: &str, list: &str) -> Result<Vec<String>> {
                     })?;
                     let prefix = &rest[..open];
                     let suffixes = expand_ranges(variable, &rest[open + 1..close])?;
+                    // Checked before anything is made: a few ranges multiply to any size.
+                    let count = names
+                        .len()
+                        .saturating_mul(suffixes.len())
+                        .saturating_add(out.len());
+                    let longest = names.iter().map(String::len).max().unwrap_or(0)
+                        + prefix.len()
+                        + suffixes.iter().map(String::len).max().unwrap_or(0);
+                    if count > MAX_EXPANDED || count.saturating_mul(longest) > MAX_EXPANDED_BYTES {
+                        return Err(Error::config(
+                            variable,
+                            format!(
+                                "host list expands to more than {MAX_EXPANDED} hosts or {} MiB of names",
+                                MAX_EXPANDED_BYTES >> 20
+                            ),
+                        ));
+                    }
                     let mut next = Vec::with_capacity(names.len() * suffixes.len());
                     for n in &names {
                         for s in &suffixes {
                             next.push(format!("{n}{prefix}{s}"));
                         }
-                    }
-                    if next.len() + out.len() > MAX_EXPANDED {
-                        return Err(Error::config(
-                            variable,
-                            format!("host list expands to more than {MAX_EXPANDED} hosts"),
-                        ));
                     }
                     names = next;
                     rest = &rest[close + 1..];
@@ -177,7 +191,7 @@ pub fn expand_tasks_per_node(variable: &str, value: &str) -> Result<Vec<usize>> 
                 format!("item {part:?} gives a node no tasks"),
             ));
         }
-        if out.len() + repeat > MAX_EXPANDED {
+        if out.len().saturating_add(repeat) > MAX_EXPANDED {
             return Err(Error::config(variable, "expands to too many nodes"));
         }
         out.extend(std::iter::repeat_n(count, repeat));
@@ -188,6 +202,38 @@ pub fn expand_tasks_per_node(variable: &str, value: &str) -> Result<Vec<usize>> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Found by the fuzzer (fuzz/corpus/cluster_env): ranges that multiply to billions of names
+    /// were all made before the bound was checked, and a repeat count near `usize::MAX` wrapped
+    /// the bound's sum. Both are refused now, with the bound checked on each side.
+    #[test]
+    fn expansions_are_bounded_before_they_are_made() {
+        let v = "V";
+        let fuzzed =
+            "gpu*[08-80]\u{1a}4(x[08-80]\u{1a}4(\n7\ngpu*[08-80]\u{1a}4(x[08-80]\u{1a}4(TTx2)";
+        assert!(expand_hostlist(v, fuzzed).is_err());
+        // Count: 1000 x 1000 names fit, 1025 x 1024 do not.
+        assert_eq!(
+            expand_hostlist(v, "a[0-999]b[0-999]").unwrap().len(),
+            1_000_000
+        );
+        let e = expand_hostlist(v, "a[0-1024]b[0-1023]")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("more than 1048576 hosts"), "{e}");
+        // Bytes (64 MiB): a million names of 56 bytes fit, of 76 bytes do not.
+        let name = |n: usize| format!("{}[000000-999999]", "x".repeat(n));
+        assert_eq!(expand_hostlist(v, &name(50)).unwrap().len(), 1_000_000);
+        assert!(expand_hostlist(v, &name(70)).is_err());
+        // Repeat counts: up to the bound, and one that would wrap the sum.
+        assert_eq!(
+            expand_tasks_per_node(v, "1(x1048576)").unwrap().len(),
+            MAX_EXPANDED
+        );
+        assert!(expand_tasks_per_node(v, "1(x1048577)").is_err());
+        let wraps = format!("1,1(x{})", usize::MAX);
+        assert!(expand_tasks_per_node(v, &wraps).is_err());
+    }
 
     #[test]
     fn expands_ranges_padding_and_products() {

@@ -33,7 +33,10 @@ pub(super) fn status_error(addr: &str, what: &str, s: Status, waited: Duration) 
             Error::invalid(ctx, s.message().to_string())
         }
         Code::DeadlineExceeded => Error::timeout(format!("{ctx}: {}", s.message()), waited),
-        _ => Error::transport(ctx, s.message().to_string()),
+        _ => {
+            let hint = tandem_tls::grpc::plaintext_hint(&s);
+            Error::transport(ctx, format!("{}{hint}", s.message()))
+        }
     }
 }
 
