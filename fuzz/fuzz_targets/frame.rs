@@ -9,11 +9,11 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(b) = <[u8; HELLO_FIXED]>::try_from(data.get(..HELLO_FIXED).unwrap_or(&[])) {
         let _ = decode_hello(&b);
     }
-    if let Ok(b) = <[u8; HEADER_LEN]>::try_from(data.get(..HEADER_LEN).unwrap_or(&[])) {
-        if let Ok(h) = OpHeader::decode(&b) {
-            let again = OpHeader::decode(&h.encode()).expect("an encoded header decodes");
-            assert!(again.same_call(&h) && again.seq == h.seq);
-            let _ = h.to_string();
-        }
+    if let Ok(b) = <[u8; HEADER_LEN]>::try_from(data.get(..HEADER_LEN).unwrap_or(&[]))
+        && let Ok(h) = OpHeader::decode(&b)
+    {
+        let again = OpHeader::decode(&h.encode()).expect("an encoded header decodes");
+        assert!(again.same_call(&h) && again.seq == h.seq);
+        let _ = h.to_string();
     }
 });

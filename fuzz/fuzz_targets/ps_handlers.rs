@@ -104,10 +104,10 @@ fuzz_target!(|data: &[u8]| {
             let call = async {
                 match method % 11 {
                     0 => {
-                        if let Ok(m) = pb::DeclareRequest::decode(body) {
-                            if small(&m) {
-                                let _ = c.declare(m).await;
-                            }
+                        if let Ok(m) = pb::DeclareRequest::decode(body)
+                            && small(&m)
+                        {
+                            let _ = c.declare(m).await;
                         }
                     }
                     1 => {
