@@ -522,3 +522,65 @@ fn a_consistently_late_rank_is_named_as_a_straggler() {
         "rank 2 was on time: {log0}"
     );
 }
+
+/// A certificate that names a rank binds its holder to that rank: two ranks holding rank 0's
+/// certificate cannot form a group; rank 0 finds that its peer's certificate is not rank 1's, and
+/// says so. With each rank's own certificate the same group works.
+#[test]
+fn a_rank_cannot_use_another_ranks_certificate() {
+    let base = std::env::temp_dir().join(format!("tandem-rank-certs-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&base);
+    let ca = base.join("ca");
+    for r in 0..2 {
+        let out = base.join(format!("rank-{r}"));
+        tandem_tls::init_as(
+            &ca,
+            Some(&out),
+            "job",
+            &format!("rank-{r}"),
+            &["127.0.0.1".into()],
+            1,
+        )
+        .expect("certificate");
+    }
+    let run = |dirs: [&str; 2]| {
+        // Rank 0 hosts the rendezvous, with its own certificate (one CA for the whole job).
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let token = JobToken::generate();
+        let ranks: Vec<_> = (0..2)
+            .map(|r| {
+                let mut env = rank_env(r, 2, &format!("127.0.0.1:{port}"), token.as_str());
+                env.push(("TANDEM_CONNECT_TIMEOUT".into(), "5".into()));
+                env.retain(|(k, _)| !k.starts_with("TANDEM_TLS") && k != "TANDEM_INSECURE");
+                env.push((
+                    "TANDEM_TLS_DIR".into(),
+                    base.join(dirs[r]).display().to_string(),
+                ));
+                spawn(NODE, &["async"], &env)
+            })
+            .collect();
+        wait_all(ranks, LIMIT)
+    };
+    let outs = run(["rank-0", "rank-0"]);
+    let said = |o: &std::process::Output| {
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        )
+    };
+    assert!(!outs[0].status.success() && !outs[1].status.success());
+    let s = said(&outs[0]);
+    assert!(
+        s.contains("ERROR authentication") && s.contains("rank 0's, not rank 1's"),
+        "{s}"
+    );
+    let outs = run(["rank-0", "rank-1"]);
+    for o in &outs {
+        assert!(o.status.success(), "{}", said(o));
+    }
+    let _ = std::fs::remove_dir_all(&base);
+}

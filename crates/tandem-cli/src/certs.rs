@@ -46,6 +46,10 @@ pub struct InitArgs {
     /// Days of validity (1 to 3650).
     #[arg(long, default_value_t = 30)]
     days: u32,
+    /// The certificate's common name (default: the job's name). `rank-N` binds it to rank N: the
+    /// ring refuses it from any other rank.
+    #[arg(long)]
+    identity: Option<String>,
 }
 
 /// Arguments of `tandem certs kubernetes`.
@@ -70,7 +74,9 @@ pub fn certs(cmd: CertsCommand) -> Result<ExitCode> {
             } else {
                 a.names
             };
-            let made = tandem_tls::init(&a.dir, a.out.as_deref(), &a.job, &names, a.days)?;
+            let identity = a.identity.as_deref().unwrap_or(&a.job);
+            let made =
+                tandem_tls::init_as(&a.dir, a.out.as_deref(), &a.job, identity, &names, a.days)?;
             if made.new_authority {
                 println!("new CA for job {} in {}", a.job, a.dir.display());
             } else {

@@ -420,6 +420,34 @@ fn certs_init_makes_a_job_ca_reuses_it_and_never_overwrites() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("used the CA"));
+    // A certificate bound to a rank, checked as a process would load it.
+    let r3 = dir.join("rank-3");
+    let out = tandem(
+        &[
+            "certs",
+            "init",
+            &s(&job),
+            "--out",
+            &s(&r3),
+            "--identity",
+            "rank-3",
+        ],
+        &[],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = tandem(&["certs", "check", &s(&r3)], &[]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("TLS ok") && text.contains("\"rank-3\""),
+        "{text}"
+    );
+    let out = tandem(&["certs", "check", &s(&dir.join("nothing-here"))], &[]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("nothing-here"));
     assert_eq!(
         std::fs::read_to_string(host.join("ca.pem")).expect("copy"),
         ca

@@ -129,6 +129,19 @@ pub fn init(
     names: &[String],
     days: u32,
 ) -> Result<Made> {
+    init_as(dir, out, job, job, names, days)
+}
+
+/// [`init`] with the certificate's common name `identity` instead of the job's name: `rank-<n>`
+/// binds the certificate to rank `n` (the ring refuses it from any other rank).
+pub fn init_as(
+    dir: &Path,
+    out: Option<&Path>,
+    job: &str,
+    identity: &str,
+    names: &[String],
+    days: u32,
+) -> Result<Made> {
     let out = out.unwrap_or(dir);
     for f in [CERT_FILE, KEY_FILE] {
         let p = out.join(f);
@@ -175,7 +188,7 @@ pub fn init(
             ));
         }
     };
-    let Issued { cert_pem, key_pem } = ca.issue(job, names, days)?;
+    let Issued { cert_pem, key_pem } = ca.issue(identity, names, days)?;
     if new_authority {
         write(&ca_path, &ca.cert_pem, false)?;
         write(&ca_key_path, &ca.key_pem, true)?;

@@ -26,7 +26,7 @@ pub use authority::{Authority, Issued, MAX_DAYS};
 pub use context::{TlsContext, common_name, describe, peer_rank};
 pub use files::{
     CA_FILE, CA_KEY_FILE, CA_VAR, CERT_FILE, CERT_VAR, DIR_VAR, KEY_FILE, KEY_VAR, Made, TlsFiles,
-    init, kubernetes_secret,
+    init, init_as, kubernetes_secret,
 };
 pub use policy::{INSECURE_VAR, Security, is_loopback, warn_insecure};
 pub use stream::Stream;
