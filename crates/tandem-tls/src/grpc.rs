@@ -129,11 +129,15 @@ pub fn refusal(e: &(dyn std::error::Error + 'static)) -> Option<String> {
 /// like to a plaintext client); empty otherwise.
 pub fn plaintext_hint(status: &tonic::Status) -> &'static str {
     let plain = Security::from_env().is_ok_and(|s| !s.is_tls());
+    // What a plaintext client sees of a TLS server varies with timing (an HTTP/2 protocol error,
+    // a broken transport, a cancelled call): every failure of the connection itself counts.
     let broken = matches!(
         status.code(),
-        tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Internal
-    ) && (status.message().contains("transport error")
-        || status.message().contains("h2 protocol error"));
+        tonic::Code::Unavailable
+            | tonic::Code::Unknown
+            | tonic::Code::Internal
+            | tonic::Code::Cancelled
+    );
     if plain && broken {
         " (this process has no TLS certificates: if the server requires TLS, give this process \
          the job's with TANDEM_TLS_DIR)"

@@ -49,6 +49,10 @@ pub mod ps {
 pub mod rendezvous {
     pub use tandem_rendezvous::*;
 }
+/// Keep training when a process is lost: membership epochs, committed state, the re-forming run.
+pub mod elastic {
+    pub use tandem_elastic::*;
+}
 /// Secure connections: the job's certificates and the rule for when plaintext is allowed.
 pub mod tls {
     pub use tandem_tls::*;

@@ -1,0 +1,191 @@
+//! Agreeing on who is in the next epoch, through the rendezvous.
+//!
+//! Epoch `t`'s round: each process that wants in appends its id to `E/t/joined` (a
+//! compare-and-set loop, so no append is lost), then waits until every member of the epoch it
+//! comes from has joined too, or until the settle time has passed with at least `min` joined (the
+//! missing ones are taken as gone). The first to decide writes `E/t/members` with a
+//! compare-and-set from absent; everyone adopts what is stored there, so all agree even when
+//! they decided at different moments. A process not in the list (it joined after the decision) is
+//! fenced from epoch `t` and tries `t + 1`; the members of `t` let it in at their next commit
+//! ([`pending`]). `E/decided` holds the latest decided epoch, so a newcomer knows which round to
+//! join.
+
+use std::time::{Duration, Instant};
+
+use tandem_core::{Error, Result};
+use tandem_rendezvous::BlockingClient;
+
+/// The outcome of one round: the epoch and its members (ids, in rank order).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Membership {
+    /// The epoch number (1 for the first group).
+    pub epoch: u64,
+    /// The members' ids; a member's rank is its position.
+    pub members: Vec<u64>,
+}
+
+impl Membership {
+    /// The rank of `id`, if it is a member.
+    pub fn rank_of(&self, id: u64) -> Option<usize> {
+        self.members.iter().position(|m| *m == id)
+    }
+}
+
+/// How a round waits.
+#[derive(Debug, Clone)]
+pub struct Rules {
+    /// Fewest members an epoch may have.
+    pub min: usize,
+    /// Most members an epoch may have (later joiners wait for a seat).
+    pub max: usize,
+    /// How long after joining a round to wait for the previous epoch's members (the ones that do
+    /// not come are taken as gone).
+    pub settle: Duration,
+    /// How long to wait for `min` members in all.
+    pub quorum_wait: Duration,
+}
+
+fn key(prefix: &str, epoch: u64, what: &str) -> String {
+    format!("{prefix}/{epoch}/{what}")
+}
+
+fn parse_ids(b: &[u8]) -> Vec<u64> {
+    String::from_utf8_lossy(b)
+        .split(',')
+        .filter_map(|s| s.trim().parse().ok())
+        .collect()
+}
+
+fn format_ids(ids: &[u64]) -> String {
+    ids.iter().map(u64::to_string).collect::<Vec<_>>().join(",")
+}
+
+/// The latest epoch decided so far (0: none yet).
+pub fn decided(client: &BlockingClient, prefix: &str) -> Result<u64> {
+    Ok(client
+        .get(&format!("{prefix}/decided"))?
+        .and_then(|b| String::from_utf8_lossy(&b).parse().ok())
+        .unwrap_or(0))
+}
+
+/// Whether processes wait to join after `epoch` (members check at each commit).
+pub fn pending(client: &BlockingClient, prefix: &str, epoch: u64) -> Result<bool> {
+    Ok(client
+        .get(&key(prefix, epoch + 1, "joined"))?
+        .is_some_and(|b| !parse_ids(&b).is_empty()))
+}
+
+/// Appends `id` to epoch `epoch`'s joined list (once).
+fn enter(client: &BlockingClient, prefix: &str, epoch: u64, id: u64) -> Result<()> {
+    let k = key(prefix, epoch, "joined");
+    for _ in 0..10_000 {
+        let cur = client.get(&k)?;
+        let mut ids = cur.as_deref().map(parse_ids).unwrap_or_default();
+        if ids.contains(&id) {
+            return Ok(());
+        }
+        ids.push(id);
+        if client
+            .compare_and_set(&k, cur.as_deref(), format_ids(&ids))?
+            .swapped
+        {
+            return Ok(());
+        }
+    }
+    Err(Error::Unusable {
+        what: "elastic membership".into(),
+        reason: format!("could not enter epoch {epoch}'s round (the rendezvous kept changing)"),
+    })
+}
+
+/// Runs epoch `epoch`'s round for `id`, coming from the members `previous` (empty for a
+/// newcomer). Returns the decided membership, which may not include `id` (then try the next
+/// epoch).
+pub fn round(
+    client: &BlockingClient,
+    prefix: &str,
+    epoch: u64,
+    id: u64,
+    previous: &[u64],
+    rules: &Rules,
+) -> Result<Membership> {
+    enter(client, prefix, epoch, id)?;
+    let members_key = key(prefix, epoch, "members");
+    let joined_key = key(prefix, epoch, "joined");
+    let start = Instant::now();
+    // The settle time runs from when a member of the previous epoch is here (at once for the
+    // first epoch): a newcomer alone never decides an epoch while the others train.
+    let mut settle_end: Option<Instant> = None;
+    let quorum_end = start + rules.quorum_wait.max(rules.settle);
+    loop {
+        if let Some(b) = client.get(&members_key)? {
+            return Ok(Membership {
+                epoch,
+                members: parse_ids(&b),
+            });
+        }
+        let joined = client
+            .get(&joined_key)?
+            .map(|b| parse_ids(&b))
+            .unwrap_or_default();
+        let everyone_back = !previous.is_empty() && previous.iter().all(|p| joined.contains(p));
+        let now = Instant::now();
+        if settle_end.is_none()
+            && (previous.is_empty() || previous.iter().any(|p| joined.contains(p)))
+        {
+            settle_end = Some(now + rules.settle);
+        }
+        let full = joined.len() >= rules.max;
+        let decide = settle_end.is_some_and(|end| everyone_back || full || now >= end)
+            && joined.len() >= rules.min;
+        if decide {
+            let mut members = joined.clone();
+            // Previous members first (their ranks change least), then newcomers by arrival.
+            members.sort_by_key(|m| previous.iter().position(|p| p == m).unwrap_or(usize::MAX));
+            members.truncate(rules.max);
+            let swap = client.compare_and_set(&members_key, None, format_ids(&members))?;
+            let members = match swap.current {
+                Some(b) => parse_ids(&b),
+                None => members,
+            };
+            if members.contains(&id) {
+                let _ = client.set(&format!("{prefix}/decided"), epoch.to_string());
+            }
+            tracing::info!(epoch, ?members, "membership decided");
+            return Ok(Membership { epoch, members });
+        }
+        if now >= quorum_end {
+            return Err(Error::timeout(
+                format!(
+                    "{} members for epoch {epoch} (only {} joined: {:?}; at least {} needed)",
+                    rules.min,
+                    joined.len(),
+                    joined,
+                    rules.min
+                ),
+                rules.quorum_wait,
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_round_trip_and_skip_garbage() {
+        assert_eq!(parse_ids(b"3,1,,x,7"), vec![3, 1, 7]);
+        assert_eq!(format_ids(&[4, 0, 2]), "4,0,2");
+        assert!(parse_ids(b"").is_empty());
+        let m = Membership {
+            epoch: 2,
+            members: vec![5, 1],
+        };
+        assert_eq!(
+            (m.rank_of(1), m.rank_of(5), m.rank_of(9)),
+            (Some(1), Some(0), None)
+        );
+    }
+}

@@ -1,0 +1,210 @@
+//! Elastic training (tandem-elastic) with separate processes and a rendezvous that outlives them
+//! (hosted here, as `tandem launch` would): a member killed with SIGKILL mid-training, the
+//! survivors re-form and finish, every step applied exactly once, the final parameters equal to a
+//! control computed from the memberships the job went through; a newcomer let in at a commit gets
+//! the same state; fewer than MIN left is a clear error, not a hang.
+
+use std::collections::BTreeMap;
+use std::process::{Child, Output};
+use std::time::Duration;
+
+use tandem::rendezvous::{Host, JobToken, ServerConfig};
+use tandem_tests::{rank_env, result_json, spawn, stdout_lines, wait_all};
+
+const NODE: &str = env!("CARGO_BIN_EXE_tandem-test-node");
+const LIMIT: Duration = Duration::from_secs(180);
+
+struct Job {
+    rt: tokio::runtime::Runtime,
+    host: Host,
+    token: JobToken,
+}
+
+impl Job {
+    fn new() -> Job {
+        let rt = tokio::runtime::Runtime::new().expect("runtime");
+        let token = JobToken::generate();
+        let host = rt
+            .block_on(Host::bind(
+                "127.0.0.1:0",
+                ServerConfig::new(token.clone()).with_security(tandem_tests::security()),
+            ))
+            .expect("rendezvous");
+        Job { rt, host, token }
+    }
+
+    fn start(&self, id: usize, world: usize, bounds: &str, extra: &[(&str, &str)]) -> Child {
+        let mut env = rank_env(
+            id.min(world - 1),
+            world,
+            &self.host.addr().to_string(),
+            self.token.as_str(),
+        );
+        for (k, v) in [
+            ("TANDEM_RENDEZVOUS_EXTERNAL", "1"),
+            ("TANDEM_ELASTIC", bounds),
+            ("TANDEM_ELASTIC_SETTLE", "1"),
+            ("TANDEM_TIMEOUT", "20"),
+            ("TANDEM_CONNECT_TIMEOUT", "10"),
+        ] {
+            env.push((k.into(), v.into()));
+        }
+        env.push(("TANDEM_ELASTIC_ID".into(), id.to_string()));
+        env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        spawn(NODE, &["elastic", "--steps", "40"], &env)
+    }
+}
+
+impl Drop for Job {
+    fn drop(&mut self) {
+        let _ = &self.rt;
+    }
+}
+
+/// g of `id` at `step` (0-based), as the test node computes it.
+fn g(id: u64, step: u64, i: usize) -> f64 {
+    ((i * 7 + id as usize * 13 + step as usize * 3) % 11) as f64 - 5.0
+}
+
+/// Steps applied, from every process's `APPLIED` lines: each step's members, checked to agree.
+fn applied(outs: &[String]) -> BTreeMap<u64, Vec<u64>> {
+    let mut steps: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
+    for text in outs {
+        for l in text.lines() {
+            let Some(rest) = l.strip_prefix("APPLIED ") else {
+                continue;
+            };
+            let (step, members) = rest.split_once(" MEMBERS ").expect("APPLIED line");
+            let step: u64 = step.parse().expect("step");
+            let members: Vec<u64> = members.split(',').map(|m| m.parse().expect("id")).collect();
+            if let Some(seen) = steps.get(&step) {
+                assert_eq!(seen, &members, "step {step} applied by two memberships");
+            }
+            steps.insert(step, members);
+        }
+    }
+    steps
+}
+
+/// Reads `child`'s stdout in a thread: signals `ready` when a line starts with `prefix`, and
+/// returns everything it read once the child closes it.
+fn watch(
+    child: &mut Child,
+    prefix: &'static str,
+) -> (
+    std::sync::mpsc::Receiver<()>,
+    std::thread::JoinHandle<String>,
+) {
+    let lines = stdout_lines(child);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let h = std::thread::spawn(move || {
+        let mut all = String::new();
+        for l in lines {
+            if l.starts_with(prefix) {
+                let _ = tx.send(());
+            }
+            all.push_str(&l);
+            all.push('\n');
+        }
+        all
+    });
+    (rx, h)
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// The control: w after `steps`, each step summing g over that step's members.
+fn control(steps: &BTreeMap<u64, Vec<u64>>, len: usize) -> Vec<f64> {
+    let mut w = vec![0.0; len];
+    for (step, members) in steps {
+        for (i, w) in w.iter_mut().enumerate() {
+            *w += members.iter().map(|m| g(*m, step - 1, i)).sum::<f64>();
+        }
+    }
+    w
+}
+
+fn check_finished(outs: &[Output], who: &[usize]) {
+    let texts: Vec<String> = outs.iter().map(text).collect();
+    let steps = applied(&texts);
+    assert_eq!(
+        steps.keys().copied().collect::<Vec<_>>(),
+        (1..=40).collect::<Vec<_>>(),
+        "every step applied once"
+    );
+    let want = control(&steps, 1000);
+    for &i in who {
+        assert!(outs[i].status.success(), "process {i}: {}", texts[i]);
+        let v = result_json(&outs[i]);
+        let w: Vec<f64> = v["w"]
+            .as_array()
+            .expect("w")
+            .iter()
+            .map(|x| x.as_f64().expect("number"))
+            .collect();
+        assert_eq!(w, want, "process {i}'s parameters differ from the control");
+    }
+}
+
+#[test]
+fn a_killed_member_is_left_behind_and_training_finishes() {
+    let job = Job::new();
+    let mut procs: Vec<Child> = (0..4).map(|id| job.start(id, 4, "2:4", &[])).collect();
+    // Kill process 2 once it has applied step 10.
+    let (step10, seen) = watch(&mut procs[2], "APPLIED 10 ");
+    step10
+        .recv_timeout(LIMIT)
+        .expect("process 2 never reached step 10");
+    let _ = procs[2].kill();
+    let mut outs = wait_all(procs, LIMIT);
+    // The victim's steps count too (the survivors may have adopted its last one).
+    outs[2].stdout = seen.join().expect("reader").into_bytes();
+    check_finished(&outs, &[0, 1, 3]);
+    // The survivors went on as three.
+    for i in [0, 1, 3] {
+        assert!(text(&outs[i]).contains("WORLD 3"), "{}", text(&outs[i]));
+    }
+}
+
+#[test]
+fn a_newcomer_joins_at_a_commit_with_the_same_state() {
+    let job = Job::new();
+    let mut procs: Vec<Child> = (0..3).map(|id| job.start(id, 3, "2:4", &[])).collect();
+    let (step5, seen) = watch(&mut procs[0], "APPLIED 5 ");
+    step5
+        .recv_timeout(LIMIT)
+        .expect("process 0 never reached step 5");
+    procs.push(job.start(3, 4, "2:4", &[]));
+    let mut outs = wait_all(procs, LIMIT);
+    outs[0].stdout = seen.join().expect("reader").into_bytes();
+    check_finished(&outs, &[0, 1, 2, 3]);
+    assert!(text(&outs[3]).contains("WORLD 4"), "{}", text(&outs[3]));
+}
+
+#[test]
+fn fewer_than_min_members_is_a_clear_error() {
+    let job = Job::new();
+    let mut procs: Vec<Child> = (0..3)
+        .map(|id| job.start(id, 3, "3:3", &[("TANDEM_ELASTIC_WAIT", "3")]))
+        .collect();
+    let (step3, _seen) = watch(&mut procs[1], "APPLIED 3 ");
+    step3
+        .recv_timeout(LIMIT)
+        .expect("process 1 never reached step 3");
+    let _ = procs[1].kill();
+    let outs = wait_all(procs, LIMIT);
+    for i in [0, 2] {
+        let t = text(&outs[i]);
+        assert!(!outs[i].status.success(), "{t}");
+        assert!(
+            t.contains("ERROR timeout") && t.contains("at least 3 needed"),
+            "{t}"
+        );
+    }
+}
