@@ -83,6 +83,34 @@ pub async fn channel(addr: &str) -> tonic::transport::Channel {
     }
 }
 
+/// The environment of a parameter-server process of a test job: the token and the data plane.
+pub fn ps_env(token: &str, same_host: &str) -> Vec<(String, String)> {
+    vec![
+        ("TANDEM_JOB_TOKEN".to_string(), token.to_string()),
+        ("TANDEM_SAME_HOST".to_string(), same_host.to_string()),
+    ]
+}
+
+/// Starts `node ps-server args` (the test helper binary) and returns it with the address it
+/// printed (within two minutes).
+pub fn start_ps_server(node: &str, token: &str, args: &[&str], same_host: &str) -> (Child, String) {
+    let mut all = vec!["ps-server"];
+    all.extend_from_slice(args);
+    let mut c = spawn(node, &all, &ps_env(token, same_host));
+    let lines = stdout_lines(&mut c);
+    let addr = loop {
+        match lines.recv_timeout(Duration::from_secs(120)) {
+            Ok(line) => {
+                if let Some(a) = line.strip_prefix("ADDR ") {
+                    break a.to_string();
+                }
+            }
+            Err(_) => panic!("the server printed no address"),
+        }
+    };
+    (c, addr)
+}
+
 /// The environment of one rank of a local job (Tandem's own variables, so no other launcher
 /// interferes), with this run's transport.
 pub fn rank_env(rank: usize, world: usize, rendezvous: &str, token: &str) -> Vec<(String, String)> {
