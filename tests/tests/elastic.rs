@@ -208,3 +208,80 @@ fn fewer_than_min_members_is_a_clear_error() {
         );
     }
 }
+
+/// `tandem launch --nproc 3 --elastic 2:3` (through the launcher's library): rank 1 crashes right
+/// after applying step 8. Without restarts the job finishes with the two others and exits 0; with
+/// `--restart on-failure` a replacement starts, joins at a commit, and all three end equal. Either
+/// way every step is applied once and the parameters equal the control.
+#[test]
+fn the_launcher_keeps_an_elastic_job_going() {
+    use std::sync::{Arc, Mutex};
+    use tandem_launch::{JobSpec, Layout, LineSink, Restart};
+    for restart in [Restart::Never, Restart::OnFailure { max: 1 }] {
+        let lines: Arc<Mutex<Vec<(usize, String)>>> = Arc::default();
+        let sink = lines.clone();
+        let mut spec = JobSpec::new(
+            Layout::Allreduce { nproc: 3 },
+            [
+                NODE, "elastic", "--steps", "40", "--die-at", "8", "--die-id", "1",
+            ]
+            .map(String::from)
+            .to_vec(),
+        );
+        spec.elastic = Some((2, 3));
+        spec.restart = restart;
+        spec.env = vec![
+            ("TANDEM_ELASTIC_SETTLE".into(), "1".into()),
+            ("TANDEM_TIMEOUT".into(), "20".into()),
+            ("TANDEM_CONNECT_TIMEOUT".into(), "10".into()),
+        ];
+        spec.env.extend(tandem_tests::transport_env());
+        spec.sink = Some(LineSink(Arc::new(move |p, line, _| {
+            if let Ok(mut l) = sink.lock() {
+                l.push((p.rank, line.to_string()));
+            }
+        })));
+        let out = tandem_launch::run(&spec, Some(LIMIT), &|| false).expect("launch");
+        let lines = lines.lock().expect("lines").clone();
+        let all: String = lines.iter().map(|(_, l)| format!("{l}\n")).collect();
+        assert_eq!(out.code, 0, "{restart:?}: {}\n{all}", out.summary);
+        let steps = applied(std::slice::from_ref(&all));
+        assert_eq!(
+            steps.keys().copied().collect::<Vec<_>>(),
+            (1..=40).collect::<Vec<_>>(),
+            "{restart:?}: every step applied once"
+        );
+        let want = control(&steps, 1000);
+        let results: Vec<(usize, serde_json::Value)> = lines
+            .iter()
+            .filter_map(|(r, l)| {
+                l.strip_prefix("RESULT ")
+                    .map(|j| (*r, serde_json::from_str(j).expect("json")))
+            })
+            .collect();
+        let finishers: Vec<usize> = results.iter().map(|(r, _)| *r).collect();
+        match restart {
+            Restart::Never => assert_eq!(finishers.len(), 2, "{all}"),
+            Restart::OnFailure { .. } => {
+                assert_eq!(finishers.len(), 3, "{all}");
+                assert!(
+                    out.summary.contains("all 3 processes succeeded"),
+                    "{}",
+                    out.summary
+                );
+            }
+        }
+        for (r, v) in results {
+            let w: Vec<f64> = v["w"]
+                .as_array()
+                .expect("w")
+                .iter()
+                .map(|x| x.as_f64().expect("number"))
+                .collect();
+            assert_eq!(
+                w, want,
+                "{restart:?}: rank {r}'s parameters differ from the control"
+            );
+        }
+    }
+}

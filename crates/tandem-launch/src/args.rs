@@ -63,6 +63,11 @@ pub struct LaunchArgs {
     /// Restarts allowed per process with `--restart on-failure`.
     #[arg(long, default_value_t = 3)]
     pub max_restarts: u32,
+    /// An elastic allreduce job of MIN to MAX ranks (default MAX: --nproc): a rank that fails does
+    /// not end the job while MIN remain (with `--restart on-failure` a replacement starts and joins;
+    /// a rank out of restarts is retired). The ranks use tandem's elastic API.
+    #[arg(long, value_name = "MIN[:MAX]")]
+    pub elastic: Option<String>,
     /// Stop the job after this many seconds.
     #[arg(long, value_name = "SECONDS")]
     pub timeout: Option<u64>,
@@ -119,6 +124,18 @@ impl LaunchArgs {
                 .ok_or_else(|| Error::invalid("--env", format!("{kv:?} is not KEY=VALUE")))?;
             spec.env.push((k.to_string(), v.to_string()));
         }
+        if let Some(e) = &self.elastic {
+            let nproc = self.nproc.unwrap_or(0);
+            let num = |t: &str| {
+                t.trim().parse::<usize>().map_err(|_| {
+                    Error::invalid("--elastic", format!("{e:?}: give MIN or MIN:MAX (numbers)"))
+                })
+            };
+            spec.elastic = Some(match e.split_once(':') {
+                Some((a, b)) => (num(a)?, num(b)?),
+                None => (num(e)?, nproc),
+            });
+        }
         spec.gpus = crate::gpus::assign(&self.gpus, &spec.layout)?;
         spec.validate()?;
         Ok(spec)
@@ -144,6 +161,41 @@ mod tests {
     fn parse(args: &[&str]) -> std::result::Result<Result<JobSpec>, clap::Error> {
         Cli::try_parse_from(std::iter::once("launch").chain(args.iter().copied()))
             .map(|c| c.launch.to_spec())
+    }
+
+    #[test]
+    fn elastic_bounds_are_checked_against_the_job() {
+        let e = |bounds: &str, n: &str| {
+            parse(&["--nproc", n, "--elastic", bounds, "--", "x"])
+                .unwrap()
+                .map(|s| s.elastic)
+                .map_err(|e| e.to_string())
+        };
+        assert_eq!(e("2:4", "3"), Ok(Some((2, 4))));
+        assert_eq!(e("3:3", "3"), Ok(Some((3, 3))));
+        assert_eq!(e("1", "3"), Ok(Some((1, 3))));
+        for (bad, n) in [
+            ("0:3", "3"),
+            ("4:5", "3"),
+            ("2:2", "3"),
+            ("x", "3"),
+            ("2:y", "3"),
+        ] {
+            let err = e(bad, n).unwrap_err();
+            assert!(err.contains("--elastic"), "{bad}: {err}");
+        }
+        let ps = parse(&["--ps", "1", "--workers", "2", "--elastic", "1:2", "--", "x"]).unwrap();
+        assert!(ps.unwrap_err().to_string().contains("allreduce jobs"));
+        // The processes learn the bounds.
+        let s = parse(&["--nproc", "2", "--elastic", "1:4", "--", "x"])
+            .unwrap()
+            .unwrap();
+        let planned = crate::plan(&s, "127.0.0.1:1", &[]).unwrap();
+        assert!(
+            planned[0]
+                .env
+                .contains(&("TANDEM_ELASTIC".to_string(), "1:4".to_string()))
+        );
     }
 
     #[test]

@@ -81,6 +81,9 @@ pub struct JobSpec {
     /// GPUs for the training processes, in ring order: process i gets
     /// `CUDA_VISIBLE_DEVICES=gpus[i % len]` (empty: leave the variable alone).
     pub gpus: Vec<usize>,
+    /// An elastic allreduce job's `(min, max)` members: a rank that fails does not end the job
+    /// while `min` remain (processes get `TANDEM_ELASTIC=min:max`; see tandem-elastic).
+    pub elastic: Option<(usize, usize)>,
 }
 
 impl JobSpec {
@@ -97,6 +100,7 @@ impl JobSpec {
             prefix: true,
             sink: None,
             gpus: Vec::new(),
+            elastic: None,
         }
     }
 
@@ -112,6 +116,23 @@ impl JobSpec {
             && ps.first().is_none_or(String::is_empty)
         {
             return Err(Error::invalid("--ps-cmd", "is empty"));
+        }
+        if let Some((min, max)) = self.elastic {
+            match self.layout {
+                Layout::Allreduce { nproc } if min >= 1 && min <= nproc && nproc <= max => {}
+                Layout::Allreduce { nproc } => {
+                    return Err(Error::invalid(
+                        "--elastic",
+                        format!("{min}:{max} must satisfy 1 <= MIN <= --nproc ({nproc}) <= MAX"),
+                    ));
+                }
+                Layout::Ps { .. } => {
+                    return Err(Error::invalid(
+                        "--elastic",
+                        "is for allreduce jobs (--nproc); parameter-server jobs keep their workers with leases",
+                    ));
+                }
+            }
         }
         match self.layout {
             Layout::Allreduce { nproc } if nproc == 0 || nproc > 1024 => Err(Error::invalid(
@@ -198,6 +219,9 @@ fn common(spec: &JobSpec, rendezvous: &str, extra: Vec<(String, String)>) -> Vec
         ("TANDEM_RENDEZVOUS_ADDR".to_string(), rendezvous.to_string()),
         ("TANDEM_RENDEZVOUS_EXTERNAL".to_string(), "1".to_string()),
     ];
+    if let Some((min, max)) = spec.elastic {
+        env.push(("TANDEM_ELASTIC".to_string(), format!("{min}:{max}")));
+    }
     env.extend(extra);
     env.extend(spec.env.iter().cloned());
     env

@@ -487,6 +487,22 @@ fn reap(spec: &JobSpec, procs: &mut [Proc], token: &JobToken, style: &Style) -> 
             continue;
         }
         let others = procs.iter().filter(|q| q.child.is_some()).count();
+        if let Some((min, _)) = spec.elastic {
+            // An elastic job goes on without the rank while enough remain (they re-form).
+            let alive = procs
+                .iter()
+                .filter(|q| q.plan.trains() && q.child.is_some())
+                .count();
+            let p = &procs[i];
+            if alive >= min {
+                eprintln!(
+                    "tandem launch: {} (rank {}) {why}; retired, the job goes on with {alive} (elastic, at least {min})",
+                    p.plan.name(),
+                    p.plan.rank
+                );
+                continue;
+            }
+        }
         let p = &procs[i];
         let restarts = match spec.restart {
             Restart::Never => String::new(),
@@ -510,10 +526,19 @@ fn all_done(procs: &[Proc], trainers_done_at: &mut Option<Instant>) -> Option<Ou
         return None;
     }
     if !procs.iter().any(|p| p.child.is_some()) {
-        return Some(outcome(
-            0,
-            format!("all {} processes succeeded", procs.len()),
-        ));
+        let retired = procs
+            .iter()
+            .filter(|p| p.exit.is_some_and(|s| !s.success()))
+            .count();
+        let summary = if retired == 0 {
+            format!("all {} processes succeeded", procs.len())
+        } else {
+            format!(
+                "{} processes succeeded; {retired} failed and were retired (elastic)",
+                procs.len() - retired
+            )
+        };
+        return Some(outcome(0, summary));
     }
     // Servers normally exit once every worker said it is done; give them a while.
     let since = *trainers_done_at.get_or_insert_with(Instant::now);

@@ -23,6 +23,10 @@ pub(crate) fn run_elastic(args: &[String]) -> Result<()> {
             .and_then(|v| v.parse().ok())
             .unwrap_or(20),
     );
+    // `--die-at S --die-id I`: process I exits with status 86 right after applying step S (a crash
+    // between a step and its commit).
+    let die_at: Option<u64> = flag_value(args, "--die-at").and_then(|v| v.parse().ok());
+    let die_id: Option<usize> = flag_value(args, "--die-id").and_then(|v| v.parse().ok());
     let mut elastic = Elastic::from_env(ElasticConfig::from_env()?)?;
     let id = elastic.id() as usize;
     let mut state = State::new()
@@ -55,6 +59,9 @@ pub(crate) fn run_elastic(args: &[String]) -> Result<()> {
             s.set_scalar("step", (step + 1) as f64);
             let members: Vec<String> = ctx.members().iter().map(u64::to_string).collect();
             println!("APPLIED {} MEMBERS {}", step + 1, members.join(","));
+            if die_at == Some(step + 1) && die_id == Some(id) {
+                std::process::exit(86);
+            }
             ctx.commit(s)?;
             std::thread::sleep(pause);
         },
