@@ -285,3 +285,39 @@ fn the_launcher_keeps_an_elastic_job_going() {
         }
     }
 }
+
+/// SIGKILL one of four processes at a pseudo-random step, run after run (20 here;
+/// `scripts/elastic-soak` runs 100 with `TANDEM_ELASTIC_RUNS`): every run finishes with the three
+/// others, every step applied once, the parameters equal to the control. The seed of each run is
+/// printed, so a failure can be replayed.
+#[test]
+fn random_kills_never_lose_or_repeat_a_step() {
+    let runs: u64 = std::env::var("TANDEM_ELASTIC_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20);
+    let base = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(1);
+    for run in 0..runs {
+        let seed = base
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(run);
+        let victim = (seed % 4) as usize;
+        let step = 2 + (seed / 4) % 30;
+        eprintln!("run {run}: seed {seed}: killing process {victim} after step {step}");
+        let job = Job::new();
+        let mut procs: Vec<Child> = (0..4).map(|id| job.start(id, 4, "2:4", &[])).collect();
+        let prefix: &'static str = Box::leak(format!("APPLIED {step} ").into_boxed_str());
+        let (reached, seen) = watch(&mut procs[victim], prefix);
+        reached
+            .recv_timeout(LIMIT)
+            .unwrap_or_else(|_| panic!("run {run}: process {victim} never reached step {step}"));
+        let _ = procs[victim].kill();
+        let mut outs = wait_all(procs, LIMIT);
+        outs[victim].stdout = seen.join().expect("reader").into_bytes();
+        let survivors: Vec<usize> = (0..4).filter(|i| *i != victim).collect();
+        check_finished(&outs, &survivors);
+    }
+}
