@@ -39,6 +39,7 @@ from .errors import (
 from .observe import dump_flight_recorder, metrics, metrics_text, span
 from .optim import DistributedOptimizer, allreduce_fused, broadcast_parameters
 from .runner import run
+from . import elastic  # noqa: E402  (tandem.elastic.State, tandem.elastic.run)
 
 __version__: str = _native.__version__
 

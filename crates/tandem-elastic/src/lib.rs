@@ -263,6 +263,19 @@ impl Elastic {
         self.membership.as_ref()
     }
 
+    /// Whether processes wait to join after the current epoch (see [`Context::commit`], which
+    /// agrees on it across the members).
+    pub fn pending(&self) -> Result<bool> {
+        let epoch = self.membership.as_ref().map_or(0, |m| m.epoch);
+        membership::pending(&self.client, &self.prefix, epoch)
+    }
+
+    /// Whether the last [`Elastic::form`] failed because fewer than `min` members came within
+    /// the wait (then running again will not help).
+    pub fn short(&self) -> bool {
+        self.short
+    }
+
     /// Joins the next epoch (rounds until this process is a member) and forms its group.
     pub fn form(&mut self) -> Result<ProcessGroup> {
         self.short = false;

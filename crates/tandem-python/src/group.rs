@@ -43,6 +43,15 @@ pub struct PyProcessGroup {
 }
 
 impl PyProcessGroup {
+    /// Wraps a group formed elsewhere (an elastic epoch's).
+    pub(crate) fn wrap(pg: ProcessGroup, local_rank: usize, local_world_size: usize) -> Self {
+        PyProcessGroup {
+            pg: Some(pg),
+            local_rank,
+            local_world_size,
+        }
+    }
+
     fn pg(&self) -> PyResult<&ProcessGroup> {
         self.pg.as_ref().ok_or_else(|| {
             crate::errors::to_py(tandem::Error::Unusable {

@@ -7,6 +7,7 @@
 
 mod arrays;
 mod blocking;
+mod elastic;
 mod errors;
 mod group;
 mod launch;
@@ -47,6 +48,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<group::PyProcessGroup>()?;
     m.add_class::<group::PyWork>()?;
     m.add_class::<ps::PsClient>()?;
+    m.add_class::<elastic::PyElastic>()?;
     m.add_function(wrap_pyfunction!(ps::serve_ps, m)?)?;
     m.add_function(wrap_pyfunction!(launch::launch_main, m)?)?;
     m.add_function(wrap_pyfunction!(cluster_spec, m)?)?;
