@@ -10,6 +10,9 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use libfuzzer_sys::fuzz_target;
+
+#[path = "calls.rs"]
+mod calls;
 use prost::Message;
 use tandem_ps::pb;
 use tandem_ps::pb::parameter_server_client::ParameterServerClient;
@@ -63,18 +66,6 @@ fn harness() -> &'static Harness {
     })
 }
 
-fn calls(mut data: &[u8]) -> Vec<(u8, &[u8])> {
-    let mut out = Vec::new();
-    while data.len() >= 3 && out.len() < 32 {
-        let (method, len) = (data[0], u16::from_le_bytes([data[1], data[2]]) as usize);
-        let body = &data[3..];
-        let len = len.min(body.len());
-        out.push((method, &body[..len]));
-        data = &body[len..];
-    }
-    out
-}
-
 /// Chunks of a push: the body split at each 0xFF byte, each piece a `PushChunk`.
 fn chunks(body: &[u8]) -> Vec<pb::PushChunk> {
     body.split(|b| *b == 0xFF)
@@ -100,7 +91,7 @@ fuzz_target!(|data: &[u8]| {
     let h = harness();
     let mut c = h.client.clone();
     h.rt.block_on(async move {
-        for (method, body) in calls(data) {
+        for (method, body) in calls::calls(data, 32) {
             let call = async {
                 match method % 11 {
                     0 => {

@@ -7,6 +7,9 @@
 use std::sync::{Arc, OnceLock};
 
 use libfuzzer_sys::fuzz_target;
+
+#[path = "calls.rs"]
+mod calls;
 use prost::Message;
 use tandem_rendezvous::pb::rendezvous_server::Rendezvous;
 use tandem_rendezvous::pb::*;
@@ -24,25 +27,12 @@ fn runtime() -> &'static tokio::runtime::Runtime {
     })
 }
 
-/// Requests of one input: (method, message bytes).
-fn requests(mut data: &[u8]) -> Vec<(u8, &[u8])> {
-    let mut out = Vec::new();
-    while data.len() >= 3 && out.len() < 64 {
-        let (method, len) = (data[0], u16::from_le_bytes([data[1], data[2]]) as usize);
-        let body = &data[3..];
-        let len = len.min(body.len());
-        out.push((method, &body[..len]));
-        data = &body[len..];
-    }
-    out
-}
-
 const SHORT: u64 = 3;
 
 fuzz_target!(|data: &[u8]| {
     let svc = Service::new(Arc::new(Store::new(Limits::default())));
     runtime().block_on(async {
-        for (method, body) in requests(data) {
+        for (method, body) in calls::calls(data, 64) {
             match method % 7 {
                 0 => {
                     if let Ok(m) = SetRequest::decode(body) {

@@ -94,28 +94,53 @@ async fn a_certificate_from_another_job_is_refused_by_both_sides() {
     );
 }
 
-#[tokio::test]
-async fn a_client_without_a_certificate_is_refused() {
-    let ca = Authority::generate("job", 1).unwrap();
-    let server = member(&ca, "ps-0");
+/// A server admitting one connection with a member's certificate of `ca`; its task returns what
+/// `accept` concluded.
+async fn one_server(
+    ca: &Authority,
+) -> (
+    std::net::SocketAddr,
+    tokio::task::JoinHandle<Result<(), Refused>>,
+) {
+    let server = member(ca, "ps-0");
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
     let srv = tokio::spawn(async move {
         let (tcp, _) = l.accept().await.unwrap();
         accept(&server, tcp, T).await.map(|_| ())
     });
-    // A TLS client that trusts the job's CA but presents nothing.
+    (addr, srv)
+}
+
+/// A client built by hand with rustls: trusts `ca`, presents `cert` (or nothing).
+fn hand_built_client(ca: &Authority, cert: Option<&Issued>) -> rustls::ClientConfig {
     let mut roots = rustls::RootCertStore::empty();
     roots
         .add(CertificateDer::from_pem_slice(ca.cert_pem.as_bytes()).unwrap())
         .unwrap();
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
     .with_safe_default_protocol_versions()
     .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
+    .with_root_certificates(roots);
+    match cert {
+        None => builder.with_no_client_auth(),
+        Some(c) => builder
+            .with_client_auth_cert(
+                vec![CertificateDer::from_pem_slice(c.cert_pem.as_bytes()).unwrap()],
+                PrivateKeyDer::from_pem_slice(c.key_pem.as_bytes()).unwrap(),
+            )
+            .unwrap(),
+    }
+}
+
+#[tokio::test]
+async fn a_client_without_a_certificate_is_refused() {
+    let ca = Authority::generate("job", 1).unwrap();
+    let (addr, srv) = one_server(&ca).await;
+    // A TLS client that trusts the job's CA but presents nothing.
+    let config = hand_built_client(&ca, None);
     let tcp = TcpStream::connect(addr).await.unwrap();
     let name = ServerName::try_from("127.0.0.1").unwrap();
     let client = tokio_rustls::TlsConnector::from(Arc::new(config))
@@ -163,28 +188,8 @@ async fn an_expired_certificate_is_refused_at_start_and_by_peers() {
     .to_string();
     assert!(e.contains("old/cert.pem") && e.contains("expired"), "{e}");
     // A peer that presents one anyway (a client built by hand) is refused by the server.
-    let server = member(&ca, "ps-0");
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    let srv = tokio::spawn(async move {
-        let (tcp, _) = l.accept().await.unwrap();
-        accept(&server, tcp, T).await.map(|_| ())
-    });
-    let mut roots = rustls::RootCertStore::empty();
-    roots
-        .add(CertificateDer::from_pem_slice(ca.cert_pem.as_bytes()).unwrap())
-        .unwrap();
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_client_auth_cert(
-        vec![CertificateDer::from_pem_slice(old.cert_pem.as_bytes()).unwrap()],
-        PrivateKeyDer::from_pem_slice(old.key_pem.as_bytes()).unwrap(),
-    )
-    .unwrap();
+    let (addr, srv) = one_server(&ca).await;
+    let config = hand_built_client(&ca, Some(&old));
     let tcp = TcpStream::connect(addr).await.unwrap();
     let name = ServerName::try_from("127.0.0.1").unwrap();
     let c = tokio_rustls::TlsConnector::from(Arc::new(config))
