@@ -1,5 +1,6 @@
 //! Calling one server: a call is retried with backoff while the server is unreachable
-//! (restarting, say) until the client's deadline; any other answer returns at once.
+//! (restarting, say, or its connection broke under the call) until the client's deadline; any
+//! other answer returns at once.
 
 use super::*;
 
@@ -45,7 +46,15 @@ impl Client {
         loop {
             match tokio::time::timeout(wait, f(self.servers[s].clone())).await {
                 Ok(Ok(v)) => return Ok(v),
-                Ok(Err(st)) if st.code() == Code::Unavailable || st.code() == Code::Unknown => {
+                // A connection that broke under the call (a server killed and restarting) shows as
+                // unavailable, unknown or, when hyper drops the queued call, cancelled: the server
+                // itself never answers with any of them.
+                Ok(Err(st))
+                    if matches!(
+                        st.code(),
+                        Code::Unavailable | Code::Unknown | Code::Cancelled
+                    ) =>
+                {
                     let Some(delay) = backoff.next_delay() else {
                         return Err(Failed::Status(st));
                     };
