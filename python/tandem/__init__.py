@@ -26,6 +26,7 @@ from .errors import (
     BackendUnavailableError,
     ConfigurationError,
     InvalidArgumentError,
+    LeaseExpiredError,
     MismatchError,
     PartiallyAppliedError,
     PeerLostError,
@@ -51,7 +52,7 @@ __all__ = [
     "metrics", "metrics_text", "span", "dump_flight_recorder",
     "TandemError", "ConfigurationError", "TimeoutError", "PeerLostError", "MismatchError", "ShapeError",
     "InvalidArgumentError", "AuthenticationError", "BackendUnavailableError", "UnusableError",
-    "PreconditionError", "PartiallyAppliedError",
+    "PreconditionError", "PartiallyAppliedError", "LeaseExpiredError",
     "TransportError",
 ]
 

@@ -18,6 +18,7 @@ __all__ = [
     "UnusableError",
     "PreconditionError",
     "PartiallyAppliedError",
+    "LeaseExpiredError",
     "TransportError",
 ]
 
@@ -72,6 +73,12 @@ class PreconditionError(TandemError, RuntimeError):
 class PartiallyAppliedError(TandemError, RuntimeError):
     """Only part of a gradient was applied (the message says exactly which part); pushing it again
     would apply that part twice."""
+
+
+class LeaseExpiredError(PreconditionError):
+    """A parameter server went on without this worker: it was silent past its lease (sync mode) and
+    its gradient is for a step already applied without it; nothing was applied. Pull the current
+    parameters and push for the server's step to take part again."""
 
 
 class TransportError(TandemError, ConnectionError):

@@ -131,3 +131,59 @@ def test_checkpoints_are_written_where_asked(tmp_path, token) -> None:
         p.kill()
         p.wait()
         p.stdout.close()
+
+
+def test_a_worker_silent_past_its_lease_is_not_awaited_and_its_late_push_is_refused(token) -> None:
+    import subprocess
+    import sys
+
+    from conftest import clean_env, read_line
+
+    p = subprocess.Popen([sys.executable, "-m", "tandem.ps", "--bind", "127.0.0.1:0", "--worker-lease", "1"],
+                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                         env=clean_env(TANDEM_JOB_TOKEN=token))
+    try:
+        addr = read_line(p, "tandem ps: serving on").rsplit(" ", 1)[1]
+
+        def client(worker: int) -> ps.Client:
+            return ps.Client([ps.param("w", (3,))], servers=[addr], worker=worker, workers=2, token=token,
+                             mode="sync", lr=0.5, timeout=30)
+
+        c0 = client(0)
+        want = np.zeros(3, dtype=np.float32)
+        # Worker 1 never shows up: once its lease runs out the steps need worker 0 alone.
+        for step in range(5):
+            g = np.full(3, step + 1, dtype=np.float32)
+            c0.push(step, {"w": g})
+            want -= np.float32(0.5) * g
+            version, got = c0.pull(step + 1)
+        assert version == 5
+        np.testing.assert_array_equal(got["w"], want)
+        assert c0.stats()[0]["gone_workers"] == [1]
+        # Its gradient for a step applied without it is refused, nothing applied...
+        c1 = client(1)
+        with pytest.raises(tandem.LeaseExpiredError, match=r"step 2 refused.*past its 1\.0 s lease.*step 5 to rejoin") as e:
+            c1.push(2, {"w": np.full(3, 100, dtype=np.float32)})
+        assert isinstance(e.value, tandem.PreconditionError) and e.value.kind == "lease_expired"
+        np.testing.assert_array_equal(c0.pull(5)[1]["w"], want)
+        # ...and pushing for the current step brings it back: step 5 averages both.
+        c1.push(5, {"w": np.full(3, 2, dtype=np.float32)})
+        assert c0.stats()[0]["gone_workers"] == []
+        c0.push(5, {"w": np.full(3, 4, dtype=np.float32)})
+        want -= np.float32(0.5) * np.float32(3)
+        version, got = c1.pull(6)
+        assert version == 6
+        np.testing.assert_array_equal(got["w"], want)
+        c0.done()
+        c1.done()
+        assert p.wait(timeout=30) == 0
+    finally:
+        p.kill()
+        p.wait()
+        p.stdout.close()
+
+
+@pytest.mark.parametrize("lease", [0, -1, float("nan"), 86400.5])
+def test_a_worker_lease_must_be_a_positive_number_of_seconds(lease) -> None:
+    with pytest.raises(ValueError, match="worker_lease"):
+        ps.serve("127.0.0.1:0", token="x" * 32, worker_lease=lease)

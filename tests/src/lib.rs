@@ -435,6 +435,27 @@ pub mod linreg {
         (x, y)
     }
 
+    /// A gradient that depends on the step only, in multiples of 1/4 small enough that sums and
+    /// means of equal gradients are exact: whichever workers took part in a step, its average is
+    /// this, so the result of a run is known in advance ([`const_grad_result`]).
+    pub fn const_grad(step: u64) -> (Vec<f32>, f32) {
+        let c = (step % 7 + 1) as f32;
+        let w = (0..DIM).map(|i| 0.25 * (c + (i % 4) as f32)).collect();
+        (w, 0.25 * c)
+    }
+
+    /// The parameters after `steps` sync steps of plain SGD with rate `lr` from zeros on
+    /// [`const_grad`], each step applied once: computed step by step, in f32, like a server.
+    pub fn const_grad_result(steps: u64, lr: f32) -> (Vec<f32>, f32) {
+        let (mut w, mut b) = (vec![0.0f32; DIM], 0.0f32);
+        for s in 0..steps {
+            let (gw, gb) = const_grad(s);
+            w.iter_mut().zip(&gw).for_each(|(x, g)| *x -= lr * g);
+            b -= lr * gb;
+        }
+        (w, b)
+    }
+
     /// Mean-squared-error gradient of `(w, b)` on worker `shard`'s data.
     pub fn grad(w: &[f32], b: f32, shard: &(Vec<f32>, Vec<f32>)) -> (Vec<f32>, f32) {
         let (x, y) = shard;

@@ -38,6 +38,23 @@ pub struct PsArgs {
     /// that has not said done has been silent this many seconds.
     #[arg(long, value_name = "SECS")]
     worker_timeout: Option<u64>,
+    /// Sync mode: a worker silent this many seconds (no call in progress) is gone; steps need the
+    /// live workers only and its late push is refused until it pushes for the current step.
+    /// Must exceed a worker's compute between its pull and its push.
+    #[arg(long, value_name = "SECS", value_parser = parse_lease)]
+    worker_lease: Option<f64>,
+}
+
+/// A lease in seconds: positive and finite.
+fn parse_lease(s: &str) -> std::result::Result<f64, String> {
+    let v: f64 = s
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number of seconds"))?;
+    if v.is_finite() && v > 0.0 && v <= 86_400.0 {
+        Ok(v)
+    } else {
+        Err(format!("{s} must be more than 0 and at most 86400 seconds"))
+    }
 }
 
 /// Runs the server until the workers are done, Ctrl-C or SIGTERM.
@@ -52,6 +69,7 @@ pub fn ps(args: PsArgs) -> Result<ExitCode> {
     let mut config = ServerConfig::new(token);
     config.exit_when_done = !args.keep_running;
     config.worker_timeout = args.worker_timeout.map(Duration::from_secs);
+    config.worker_lease = args.worker_lease.map(Duration::from_secs_f64);
     if let Some(dir) = args.checkpoint_dir.clone() {
         config.checkpoint = Some(CheckpointPolicy {
             dir,
@@ -129,4 +147,19 @@ fn where_to_serve(args: &PsArgs) -> Result<(String, usize, usize)> {
         .collect();
     let bind = tandem::cluster::listen_address(&addr, &others)?;
     Ok((bind, index, servers))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_lease;
+
+    #[test]
+    fn a_lease_is_a_positive_finite_number_of_seconds_up_to_a_day() {
+        assert_eq!(parse_lease("0.5"), Ok(0.5));
+        assert_eq!(parse_lease("86400"), Ok(86_400.0));
+        for bad in ["0", "-1", "86400.5", "inf", "NaN", "soon"] {
+            let e = parse_lease(bad).expect_err(bad);
+            assert!(e.contains(bad) || e.contains("seconds"), "{bad}: {e}");
+        }
+    }
 }

@@ -132,6 +132,16 @@ pub enum Error {
         /// What was applied, partition by partition.
         applied: String,
     },
+    /// A parameter server went on without this worker: it was silent past its lease (sync mode),
+    /// and the gradient it pushed is for a step already applied without it; nothing of it was
+    /// applied. Pull the current parameters and push for the server's step to take part again.
+    #[error("{context} was refused: {detail}")]
+    LeaseExpired {
+        /// What Tandem was doing, and with whom.
+        context: String,
+        /// How long the worker was silent, its lease, the steps it missed.
+        detail: String,
+    },
     /// The object was shut down or poisoned by an earlier failure and cannot be used again.
     #[error("{what} is no longer usable: {reason}")]
     Unusable {
@@ -201,6 +211,7 @@ impl Error {
             Error::Unusable { .. } => "unusable",
             Error::Precondition { .. } => "precondition",
             Error::PartiallyApplied { .. } => "partially_applied",
+            Error::LeaseExpired { .. } => "lease_expired",
         }
     }
 }

@@ -18,6 +18,7 @@ fn class_name(e: &Error) -> &'static str {
         Error::Unusable { .. } => "UnusableError",
         Error::Precondition { .. } => "PreconditionError",
         Error::PartiallyApplied { .. } => "PartiallyAppliedError",
+        Error::LeaseExpired { .. } => "LeaseExpiredError",
         _ => "TransportError",
     }
 }

@@ -253,6 +253,7 @@ impl PsClient {
             d.set_item("bytes_out", s.bytes_out)?;
             d.set_item("staleness_histogram", s.staleness_histogram)?;
             d.set_item("worker_steps", s.worker_steps)?;
+            d.set_item("gone_workers", s.gone_workers)?;
             list.append(d)?;
         }
         Ok(list)
@@ -262,7 +263,7 @@ impl PsClient {
 /// Runs a parameter server on `bind` until every worker is done (or Ctrl-C); calls `on_ready`
 /// with the bound address first.
 #[pyfunction]
-#[pyo3(signature = (bind, *, index=0, checkpoint_dir=None, checkpoint_every=0, keep_running=false, token=None, on_ready=None, worker_timeout=None))]
+#[pyo3(signature = (bind, *, index=0, checkpoint_dir=None, checkpoint_every=0, keep_running=false, token=None, on_ready=None, worker_timeout=None, worker_lease=None))]
 #[allow(clippy::too_many_arguments)]
 pub fn serve_ps(
     py: Python<'_>,
@@ -274,6 +275,7 @@ pub fn serve_ps(
     token: Option<String>,
     on_ready: Option<Bound<'_, PyAny>>,
     worker_timeout: Option<f64>,
+    worker_lease: Option<f64>,
 ) -> PyResult<()> {
     let token = token_from(token)?;
     let mut config = ServerConfig::new(token);
@@ -285,6 +287,14 @@ pub fn serve_ps(
             )));
         }
         config.worker_timeout = Some(std::time::Duration::from_secs_f64(t));
+    }
+    if let Some(t) = worker_lease {
+        if !(t.is_finite() && t > 0.0 && t <= 86_400.0) {
+            return Err(PyValueError::new_err(format!(
+                "worker_lease={t} must be more than 0 and at most 86400 seconds"
+            )));
+        }
+        config.worker_lease = Some(std::time::Duration::from_secs_f64(t));
     }
     if let Some(dir) = checkpoint_dir {
         config.checkpoint = Some(CheckpointPolicy {

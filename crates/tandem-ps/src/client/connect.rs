@@ -14,6 +14,12 @@ pub(super) fn status_error(addr: &str, what: &str, s: Status, waited: Duration) 
             reason: why,
         };
     }
+    if crate::failure::reason_of(&s) == crate::pb::Reason::LeaseExpired {
+        return Error::LeaseExpired {
+            context: ctx,
+            detail: s.message().to_string(),
+        };
+    }
     if crate::failure::reason_of(&s) == crate::pb::Reason::PartiallyApplied {
         return Error::PartiallyApplied {
             context: ctx,

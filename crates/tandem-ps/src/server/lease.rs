@@ -1,19 +1,170 @@
-//! A lease on the workers: every call that carries a worker id refreshes that worker's, so a
-//! server can tell when every worker it still waits for has gone silent (cut off, or gone) and
-//! stop with a final checkpoint instead of serving nobody forever (`--worker-timeout`).
+//! Leases on the workers. Every call that carries a worker id counts as hearing from it, and a
+//! call in progress (a pull waiting for its step, a push being received) keeps its worker alive.
+//! Two uses:
+//!
+//! - `--worker-timeout` ([`Service::silent_workers`]): when every worker the server still waits
+//!   for has gone silent (cut off, or gone), stop with a final checkpoint instead of serving
+//!   nobody forever.
+//! - `--worker-lease` ([`Service::expire_leases`]): a worker silent past its lease, with no call in
+//!   progress, is gone: sync steps need the live workers only and the bounded-staleness wait stops
+//!   waiting for it. Its late push (for a step applied without it) is refused with
+//!   `LEASE_EXPIRED`; when it pushes for the server's current step it is back. A lease must be
+//!   longer than a worker's compute between a pull and its push.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tonic::{Code, Status};
 
 use super::checkpoint;
+use super::model::Model;
 use super::same_host::blocking;
 use super::service::Service;
+use crate::failure::status;
+use crate::pb::Reason;
+
+/// Workers tracked at most (ids come from peers; a real job has far fewer).
+const TRACKED: usize = 1 << 16;
+
+/// When each worker was last heard from and how many of its calls are in progress.
+#[derive(Debug)]
+pub(crate) struct Heard {
+    /// When the service started (the time of workers never heard from).
+    started: Instant,
+    last: HashMap<u32, Instant>,
+    calls: HashMap<u32, u32>,
+}
+
+impl Default for Heard {
+    fn default() -> Self {
+        Heard {
+            started: Instant::now(),
+            last: HashMap::new(),
+            calls: HashMap::new(),
+        }
+    }
+}
+
+/// A call of one worker in progress: keeps its lease while it lasts, and counts as hearing from
+/// the worker when it starts and when it ends.
+pub(crate) struct Call {
+    heard: Arc<Mutex<Heard>>,
+    worker: u32,
+}
+
+impl Drop for Call {
+    fn drop(&mut self) {
+        let mut h = self.heard.lock().unwrap_or_else(|p| p.into_inner());
+        h.last.insert(self.worker, Instant::now());
+        if let Some(n) = h.calls.get_mut(&self.worker) {
+            *n = n.saturating_sub(1);
+        }
+    }
+}
+
+/// A worker the server goes on without.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Gone {
+    /// The server's version when the lease expired.
+    pub at: u64,
+    /// How long it had been silent then.
+    pub silent: Duration,
+    /// The lease.
+    pub lease: Duration,
+}
+
+impl Gone {
+    /// The refusal of a gradient for `step` from a worker gone since `self.at`, the server being
+    /// at `now`.
+    pub(crate) fn refusal(&self, worker: u32, step: u64, now: u64) -> Status {
+        status(
+            Code::FailedPrecondition,
+            Reason::LeaseExpired,
+            format!(
+                "worker {worker}'s gradient for step {step} refused: the worker was silent for {:.1} s, past its {:.1} s lease, and steps {}..{now} were applied without it; nothing of this gradient was applied. Pull the current parameters and push for step {now} to rejoin",
+                self.silent.as_secs_f64(),
+                self.lease.as_secs_f64(),
+                self.at.min(now),
+            ),
+        )
+    }
+}
+
+impl Model {
+    /// How many gradients the current sync step needs: K, or every live worker when fewer live.
+    pub fn needed(&self) -> u32 {
+        let gone = self.gone.lock().unwrap_or_else(|p| p.into_inner()).len() as u32;
+        let live = self.mode.workers.saturating_sub(gone);
+        self.mode.replicas_to_aggregate.min(live).max(1)
+    }
+
+    /// Whether worker `worker` is gone; takes it back (it pushed for the current step, or pushes
+    /// again in async mode) when `rejoin`. Returns what was recorded of it.
+    pub fn gone_worker(&self, worker: u32, rejoin: bool) -> Option<Gone> {
+        let mut gone = self.gone.lock().unwrap_or_else(|p| p.into_inner());
+        let g = gone.get(&worker).copied()?;
+        if rejoin {
+            gone.remove(&worker);
+            tracing::info!(
+                worker,
+                version = *self.version.borrow(),
+                "worker back after its lease expired: it takes part again"
+            );
+        }
+        Some(g)
+    }
+}
 
 impl Service {
-    /// Notes that worker `worker` was heard from now.
-    pub(super) fn heard_from(&self, worker: u32) {
+    /// A call of worker `worker` starts: it is heard from now, and its lease holds until the
+    /// returned guard is dropped.
+    pub(crate) fn calling(&self, worker: u32) -> Call {
         let mut h = self.heard.lock().unwrap_or_else(|p| p.into_inner());
-        h.1.insert(worker, std::time::Instant::now());
+        if h.last.len() < TRACKED || h.last.contains_key(&worker) {
+            h.last.insert(worker, Instant::now());
+            *h.calls.entry(worker).or_default() += 1;
+        }
+        Call {
+            heard: self.heard.clone(),
+            worker,
+        }
+    }
+
+    /// Marks as gone every worker (not done, not gone already) with no call in progress that has
+    /// been silent for at least `lease`; returns them. Sync steps then need the live workers only.
+    pub fn expire_leases(&self, lease: Duration) -> Vec<u32> {
+        let Some(model) = self.model() else {
+            return Vec::new();
+        };
+        let done = self.done.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let h = self.heard.lock().unwrap_or_else(|p| p.into_inner());
+        let mut gone = model.gone.lock().unwrap_or_else(|p| p.into_inner());
+        let at = *model.version.borrow();
+        let mut expired = Vec::new();
+        for w in 0..model.mode.workers {
+            if done.contains(&w) || gone.contains_key(&w) {
+                continue;
+            }
+            if h.calls.get(&w).copied().unwrap_or(0) > 0 {
+                continue;
+            }
+            let silent = h.last.get(&w).unwrap_or(&h.started).elapsed();
+            if silent >= lease {
+                gone.insert(w, Gone { at, silent, lease });
+                expired.push(w);
+            }
+        }
+        if !expired.is_empty() {
+            tracing::warn!(
+                workers = ?expired,
+                lease_s = lease.as_secs_f64(),
+                version = at,
+                "workers silent past their lease: going on without them until they push again"
+            );
+        }
+        expired
     }
 
     /// When every worker that has not said done has been silent for at least `timeout`: which
@@ -23,7 +174,7 @@ impl Service {
         let workers = self.model().map_or(0, |m| m.mode.workers);
         let done = self.done.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let h = self.heard.lock().unwrap_or_else(|p| p.into_inner());
-        let (started, heard) = (&h.0, &h.1);
+        let (started, heard) = (&h.started, &h.last);
         // Before any declaration the workers are not known: those heard from, or worker 0.
         let expected: Vec<u32> = if workers > 0 {
             (0..workers).filter(|w| !done.contains(w)).collect()
@@ -49,6 +200,31 @@ impl Service {
             .map(|(w, d)| format!("worker {w} ({:.0} s)", d.as_secs_f64()))
             .collect();
         Some(format!("silent workers: {}", names.join(", ")))
+    }
+
+    /// Expires the leases of workers silent for `lease` every `lease / 4` (at most every second),
+    /// forever: sync steps that now have every live worker's gradient are applied, and async
+    /// workers waiting on the staleness bound for a gone worker go on.
+    pub async fn enforce_leases(&self, lease: Duration) {
+        let every = (lease / 4).clamp(Duration::from_millis(20), Duration::from_secs(1));
+        loop {
+            tokio::time::sleep(every).await;
+            if self.expire_leases(lease).is_empty() {
+                continue;
+            }
+            let Some(d) = self.declared.get() else {
+                continue;
+            };
+            match &d.stepper {
+                Some(stepper) => match stepper.workers_gone().await {
+                    Ok(Some(snap)) => self.write_in_background(snap),
+                    Ok(None) => {}
+                    Err(_) => return,
+                },
+                // Wakes the pushes waiting on the staleness bound.
+                None => d.model.worker_steps.send_modify(|_| {}),
+            }
+        }
     }
 
     /// Writes a checkpoint now, if the server has a checkpoint directory and parameters.

@@ -23,6 +23,7 @@ mod streamed;
 mod sync_step;
 
 pub use convert::MAX_PARTITION_ELEMENTS;
+pub use lease::Gone;
 pub use model::{Counters, Key, Mode, Model, Partial};
 pub use service::{CheckpointPolicy, Limits, Service};
 
@@ -63,6 +64,12 @@ pub struct ServerConfig {
     /// final checkpoint (if configured) and stops with an error naming them (a lease: the job's
     /// workers are gone, or cut off). `None`: wait for them forever.
     pub worker_timeout: Option<Duration>,
+    /// A worker silent this long with no call in progress is gone: sync steps need the live
+    /// workers only (K, or all live workers when fewer), the staleness bound stops waiting for it,
+    /// and its late push is refused with `LEASE_EXPIRED`; it is back when it pushes for the
+    /// current step. Must exceed a worker's compute between its pull and its push. `None`: every
+    /// worker is awaited until the pull deadlines.
+    pub worker_lease: Option<Duration>,
     /// How connections are secured; `None`: from the process's environment
     /// ([`tandem_tls::Security::from_env`]): mutual TLS with the job's certificates, plaintext on
     /// loopback only unless `TANDEM_INSECURE=1`.
@@ -82,6 +89,7 @@ impl ServerConfig {
             exit_when_done: true,
             checkpoint: None,
             worker_timeout: None,
+            worker_lease: None,
             security: None,
         }
     }
@@ -158,6 +166,20 @@ impl Server {
         let worker_timeout = self.config.worker_timeout;
         let (stopped_tx, stopped_rx) = tokio::sync::oneshot::channel::<Stop>();
         let watched = service.clone();
+        let lease = self.config.worker_lease;
+        let leases = lease.map(|lease| {
+            let service = service.clone();
+            tokio::spawn(async move { service.enforce_leases(lease).await })
+        });
+        // A worker cut off mid-call (no RST) keeps its lease until HTTP/2 keepalive drops its
+        // connection: with a lease, keepalive probes a few times per lease.
+        let (ka_interval, ka_timeout) = match lease {
+            Some(l) => (
+                (l / 3).clamp(Duration::from_millis(500), Duration::from_secs(30)),
+                (l / 3).clamp(Duration::from_millis(500), Duration::from_secs(10)),
+            ),
+            None => (Duration::from_secs(30), Duration::from_secs(10)),
+        };
         let stop = async move {
             let why = tokio::select! {
                 _ = shutdown => Stop::Asked,
@@ -175,8 +197,8 @@ impl Server {
             .initial_stream_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
             .max_frame_size(16_777_215u32)
-            .http2_keepalive_interval(Some(Duration::from_secs(30)))
-            .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+            .http2_keepalive_interval(Some(ka_interval))
+            .http2_keepalive_timeout(Some(ka_timeout))
             .add_service(svc)
             .serve_with_incoming_shutdown(incoming, stop);
         let (why_tx, why_rx) = tokio::sync::oneshot::channel::<Stop>();
@@ -193,6 +215,9 @@ impl Server {
                 Ok(())
             }
         };
+        if let Some(task) = leases {
+            task.abort();
+        }
         match why_rx.await {
             Ok(Stop::Silent(silent)) => {
                 if let Some(path) = service.final_checkpoint().await? {

@@ -204,6 +204,8 @@ pub struct Model {
     pub counters: Counters,
     /// Gradient buffers for reuse.
     pub pool: BufferPool,
+    /// Workers silent past their lease that the server goes on without, until they push again.
+    pub gone: Mutex<std::collections::BTreeMap<u32, super::lease::Gone>>,
 }
 
 impl Model {
@@ -237,6 +239,7 @@ impl Model {
             worker_steps: watch::Sender::new(vec![0; mode.workers as usize]),
             counters: Counters::default(),
             pool: BufferPool::new(POOLED_PER_SIZE),
+            gone: Mutex::default(),
         }
     }
 
@@ -270,6 +273,7 @@ impl Model {
             worker_steps: watch::Sender::new(vec![snap.version; workers]),
             counters: Counters::default(),
             pool: BufferPool::new(POOLED_PER_SIZE),
+            gone: Mutex::default(),
         }
     }
 

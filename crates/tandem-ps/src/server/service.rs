@@ -84,9 +84,8 @@ pub struct Service {
     /// push sent again after a lost connection is answered instead of applied twice.
     pub(super) recent_pushes: Arc<Mutex<HashMap<u32, super::streamed::Recent>>>,
     pub(super) same_host: Arc<SameHost>,
-    /// When each worker was last heard from, and when this service started (for workers never
-    /// heard from).
-    pub(super) heard: Arc<Mutex<(std::time::Instant, HashMap<u32, std::time::Instant>)>>,
+    /// When each worker was last heard from, and its calls in progress (the leases).
+    pub(super) heard: Arc<Mutex<super::lease::Heard>>,
 }
 
 impl Service {
@@ -113,7 +112,7 @@ impl Service {
             done: Arc::default(),
             all_done,
             limits,
-            heard: Arc::new(Mutex::new((std::time::Instant::now(), HashMap::new()))),
+            heard: Arc::default(),
         }
     }
 
@@ -364,7 +363,7 @@ impl ParameterServer for Service {
             Some(c) => c,
             None => return Err(invalid("empty push")),
         };
-        self.heard_from(first.worker);
+        let _call = self.calling(first.worker);
         if !first.parts.is_empty() || first.non_finite {
             return self.push_as_read(first, stream).await.map(Response::new);
         }
@@ -429,7 +428,7 @@ impl ParameterServer for Service {
         req: Request<pb::SharedPush>,
     ) -> Result<Response<pb::PushResponse>, Status> {
         let r = req.into_inner();
-        self.heard_from(r.worker);
+        let _call = self.calling(r.worker);
         self.push_by_address(r).await.map(Response::new)
     }
 
@@ -438,7 +437,7 @@ impl ParameterServer for Service {
         req: Request<pb::PullRequest>,
     ) -> Result<Response<pb::SharedPull>, Status> {
         let r = req.into_inner();
-        self.heard_from(r.worker);
+        let _call = self.calling(r.worker);
         self.pull_by_address(r).await.map(Response::new)
     }
 
@@ -447,7 +446,7 @@ impl ParameterServer for Service {
     async fn pull(&self, req: Request<pb::PullRequest>) -> Result<Response<PullStream>, Status> {
         let model = self.declared()?;
         let r = req.into_inner();
-        self.heard_from(r.worker);
+        let _call = self.calling(r.worker);
         let version = self.wait_version(&model, &r).await?;
         let keys = requested(&model, r.parts);
         for key in &keys {
@@ -474,7 +473,7 @@ impl ParameterServer for Service {
         req: Request<pb::DoneRequest>,
     ) -> Result<Response<pb::DoneResponse>, Status> {
         let worker = req.into_inner().worker;
-        self.heard_from(worker);
+        let _call = self.calling(worker);
         let workers = self.model().map_or(0, |m| m.mode.workers);
         let remaining = {
             let mut d = self.done.lock().unwrap_or_else(|p| p.into_inner());
@@ -500,7 +499,7 @@ impl ParameterServer for Service {
         req: Request<pb::RowsPush>,
     ) -> Result<Response<pb::PushResponse>, Status> {
         let r = req.into_inner();
-        self.heard_from(r.worker);
+        let _call = self.calling(r.worker);
         self.apply_rows(r).await.map(Response::new)
     }
 
@@ -548,6 +547,13 @@ impl ParameterServer for Service {
             staleness_histogram: c.staleness.iter().map(ld).collect(),
             worker_steps: m.worker_steps.borrow().clone(),
             incarnation: self.incarnation,
+            gone_workers: m
+                .gone
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .keys()
+                .copied()
+                .collect(),
         }))
     }
 }

@@ -56,6 +56,10 @@ enum Command {
     Snapshot {
         reply: oneshot::Sender<Snapshot>,
     },
+    /// Workers just marked gone: the step may now have all it needs.
+    Gone {
+        reply: oneshot::Sender<Option<Snapshot>>,
+    },
 }
 
 /// The owner of a sync server's current step: a thread of its own that adds gradients, applies
@@ -135,6 +139,12 @@ impl Stepper {
     pub async fn snapshot(&self) -> Result<Snapshot, Status> {
         self.ask(|reply| Command::Snapshot { reply }).await
     }
+
+    /// Workers were marked gone ([`Model::gone`]): applies the step if the gradients already
+    /// added are now enough. Answers the checkpoint that made due, if any.
+    pub async fn workers_gone(&self) -> Result<Option<Snapshot>, Status> {
+        self.ask(|reply| Command::Gone { reply }).await
+    }
 }
 
 fn run(model: &Model, st: &mut SyncStep, cmd: Command, due: &dyn Fn(u64) -> bool) {
@@ -174,7 +184,25 @@ fn run(model: &Model, st: &mut SyncStep, cmd: Command, due: &dyn Fn(u64) -> bool
         Command::Snapshot { reply } => {
             let _ = reply.send(model.snapshot());
         }
+        Command::Gone { reply } => {
+            let _ = reply.send(apply_if_complete(model, st, due));
+        }
     }
+}
+
+/// Applies the step when it has every gradient it needs (K, or every live worker); answers the
+/// snapshot to write if a checkpoint became due.
+fn apply_if_complete(
+    model: &Model,
+    st: &mut SyncStep,
+    due: &dyn Fn(u64) -> bool,
+) -> Option<Snapshot> {
+    if st.contributors.is_empty() || (st.contributors.len() as u32) < model.needed() {
+        return None;
+    }
+    let step_no = st.step;
+    crate::observe::traced_sync("apply", step_no, 0, || model.finish_step(st));
+    due(st.step).then(|| model.snapshot())
 }
 
 fn response(applied: bool, version: u64) -> pb::PushResponse {
@@ -195,6 +223,17 @@ pub fn push_sync(
     gradient: Contribution,
     due: &dyn Fn(u64) -> bool,
 ) -> PushResult {
+    // A worker gone past its lease is back when it pushes for the current step; a gradient for a
+    // step applied without it is refused, so it learns to pull the current parameters.
+    if let Some(gone) = model.gone_worker(worker, step == st.step)
+        && step < st.step
+    {
+        if let Contribution::Streamed(grads) = gradient {
+            grads.into_values().for_each(|g| model.pool.give(g));
+        }
+        model.counters.dropped.fetch_add(1, Ordering::Relaxed);
+        return Err(gone.refusal(worker, step, st.step));
+    }
     if step != st.step || st.contributors.contains(&worker) {
         if step > st.step {
             // Only after this server restarted from an older checkpoint: the worker learns the
@@ -226,14 +265,7 @@ pub fn push_sync(
         }
     });
     model.counters.applied.fetch_add(1, Ordering::Relaxed);
-    let mut snapshot = None;
-    if st.contributors.len() as u32 >= model.mode.replicas_to_aggregate {
-        let step_no = st.step;
-        crate::observe::traced_sync("apply", step_no, 0, || model.finish_step(st));
-        if due(st.step) {
-            snapshot = Some(model.snapshot());
-        }
-    }
+    let snapshot = apply_if_complete(model, st, due);
     Ok((response(true, st.step), snapshot))
 }
 
@@ -242,10 +274,21 @@ pub async fn wait_staleness(model: &Model, worker: u32, max_wait: Duration) -> R
     let Some(bound) = model.mode.staleness else {
         return Ok(());
     };
+    if model.gone_worker(worker, true).is_some() {
+        // Back after its lease expired: it resumes level with the slowest live worker.
+        let gone = model.gone.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        model.worker_steps.send_modify(|s| {
+            let slowest = live_steps(s, &gone).min();
+            if let (Some(x), Some(slowest)) = (s.get_mut(worker as usize), slowest) {
+                *x = (*x).max(slowest);
+            }
+        });
+    }
     let mut rx = model.worker_steps.subscribe();
     let ahead = |s: &Vec<u64>| {
         let mine = s.get(worker as usize).copied().unwrap_or(0);
-        let slowest = s.iter().copied().min().unwrap_or(0);
+        let gone = model.gone.lock().unwrap_or_else(|p| p.into_inner());
+        let slowest = live_steps(s, &gone).min().unwrap_or(mine);
         mine.saturating_sub(slowest) <= bound as u64
     };
     match tokio::time::timeout(max_wait, rx.wait_for(ahead)).await {
@@ -263,6 +306,18 @@ pub async fn wait_staleness(model: &Model, worker: u32, max_wait: Duration) -> R
             ),
         )),
     }
+}
+
+/// The steps of the workers not gone.
+fn live_steps<'a, V>(
+    steps: &'a [u64],
+    gone: &'a std::collections::BTreeMap<u32, V>,
+) -> impl Iterator<Item = u64> + 'a {
+    steps
+        .iter()
+        .enumerate()
+        .filter(|(w, _)| !gone.contains_key(&(*w as u32)))
+        .map(|(_, s)| *s)
 }
 
 /// One worker's gradient in async mode, once the staleness bound let it through: `apply(version)`
@@ -364,6 +419,103 @@ mod tests {
         stepper.withdraw(1, 0);
         assert_eq!(stepper.snapshot().await.expect("snapshot").version, 1);
         assert_eq!(stepper.copy_in(0, 0).await.expect("copy in"), Ok(1));
+    }
+
+    #[tokio::test]
+    async fn a_gone_worker_is_not_awaited_its_late_push_is_refused_and_it_rejoins() {
+        let mode = Mode {
+            sync: true,
+            workers: 3,
+            replicas_to_aggregate: 3,
+            staleness: None,
+            reject_non_finite: true,
+        };
+        let model = Arc::new(Model::new(
+            1,
+            Optimizer::sgd(1.0),
+            mode,
+            vec![(("w".into(), 0), vec![3], 0, 3, Init::Zeros)],
+        ));
+        let stepper = Stepper::start(model.clone(), |_| false).expect("thread");
+        let pending = |w| Contribution::Pending(Box::new(Ones(w)));
+        assert_eq!(model.needed(), 3);
+        stepper.push(0, 0, pending(2)).await.expect("push");
+        stepper.push(1, 0, pending(4)).await.expect("push");
+        // Nobody gone: two of three is not a step.
+        assert!(stepper.workers_gone().await.expect("gone").is_none());
+        assert_eq!(*model.version.borrow(), 0);
+        let gone = super::super::lease::Gone {
+            at: 0,
+            silent: Duration::from_secs(3),
+            lease: Duration::from_secs(2),
+        };
+        model.gone.lock().expect("gone").insert(2, gone);
+        assert_eq!(model.needed(), 2);
+        stepper.workers_gone().await.expect("gone");
+        assert_eq!(
+            *model.version.borrow(),
+            1,
+            "the live workers' step is applied"
+        );
+        // Its gradient for the step applied without it is refused, nothing applied.
+        let late = stepper
+            .push(2, 0, pending(100))
+            .await
+            .expect_err("late push");
+        assert_eq!(crate::failure::reason_of(&late), Reason::LeaseExpired);
+        assert!(
+            late.message()
+                .contains("silent for 3.0 s, past its 2.0 s lease"),
+            "{}",
+            late.message()
+        );
+        assert!(
+            late.message().contains("push for step 1 to rejoin"),
+            "{}",
+            late.message()
+        );
+        assert_eq!(model.needed(), 2, "a refused push does not bring it back");
+        // Pushing for the current step brings it back: the step then needs all three again.
+        let (r, _) = stepper.push(2, 1, pending(6)).await.expect("rejoin");
+        assert!(r.applied);
+        assert_eq!(model.needed(), 3);
+        stepper.push(0, 1, pending(6)).await.expect("push");
+        assert_eq!(
+            *model.version.borrow(),
+            1,
+            "two of three live workers is not a step"
+        );
+        stepper.push(1, 1, pending(6)).await.expect("push");
+        let snap = stepper.snapshot().await.expect("snapshot");
+        // Step 0: mean of 2 and 4; step 1: mean of three 6s.
+        assert_eq!(snap.parts[0].values, vec![-9.0; 3]);
+        assert_eq!(snap.version, 2);
+    }
+
+    #[test]
+    fn needed_is_k_or_every_live_worker_and_never_zero() {
+        let mode = |workers, k| Mode {
+            sync: true,
+            workers,
+            replicas_to_aggregate: k,
+            staleness: None,
+            reject_non_finite: true,
+        };
+        let gone = super::super::lease::Gone {
+            at: 0,
+            silent: Duration::ZERO,
+            lease: Duration::ZERO,
+        };
+        let m = Model::new(1, Optimizer::sgd(1.0), mode(4, 2), vec![]);
+        assert_eq!(m.needed(), 2);
+        m.gone.lock().expect("gone").insert(0, gone);
+        assert_eq!(m.needed(), 2, "3 live, K = 2 (backups)");
+        m.gone.lock().expect("gone").insert(1, gone);
+        assert_eq!(m.needed(), 2, "2 live, K = 2");
+        m.gone.lock().expect("gone").insert(2, gone);
+        assert_eq!(m.needed(), 1, "1 live");
+        m.gone.lock().expect("gone").insert(3, gone);
+        assert_eq!(m.needed(), 1, "none live: still one gradient per step");
     }
 
     #[tokio::test]

@@ -14,7 +14,7 @@ use tandem_tests::linreg;
 use super::flag_value;
 
 /// A parameter server on an ephemeral port; prints `ADDR host:port`, serves until the workers are done.
-/// Flags: [--bind ADDR] [--index I --ckpt DIR --every N].
+/// Flags: [--bind ADDR] [--index I --ckpt DIR --every N] [--lease SECS] (the worker lease).
 pub(crate) async fn ps_server(args: &[String]) -> Result<()> {
     let token =
         JobToken::from_env()?.ok_or_else(|| Error::config("TANDEM_JOB_TOKEN", "not set"))?;
@@ -25,6 +25,9 @@ pub(crate) async fn ps_server(args: &[String]) -> Result<()> {
     let addr = listener.local_addr().map_err(|e| Error::io("addr", e))?;
     println!("ADDR {addr}");
     let mut config = tandem_ps::server::ServerConfig::new(token);
+    config.worker_lease = flag_value(args, "--lease")
+        .and_then(|v| v.parse().ok())
+        .map(Duration::from_secs_f64);
     if let Some(dir) = flag_value(args, "--ckpt") {
         config.checkpoint = Some(tandem_ps::server::CheckpointPolicy {
             dir: dir.into(),
@@ -48,7 +51,11 @@ pub(crate) async fn ps_server(args: &[String]) -> Result<()> {
 
 /// A linear-regression worker. Flags: --servers a,b --worker W --workers N --mode sync|async
 /// [--k K] [--staleness S] [--steps T] [--lr LR] [--opt sgd|adam] [--slow MS] [--bad nan|shape|name]
-/// [--timeout SECS] (the client's deadline, default 30); prints `STEP <n>` every 10 steps.
+/// [--timeout SECS] (the client's deadline, default 30) [--const-grad] (the gradient of step s is
+/// `const_grad(s)` whatever the parameters: the result is then known whoever took part in a step)
+/// [--stall-at STEP --stall-ms MS] (silent that long between that step's pull and its push);
+/// prints `STEP <n>` every 10 steps. A push refused because the worker's lease expired prints
+/// `REFUSED <why>` and the worker goes on from the server's step.
 pub(crate) async fn ps_worker(args: &[String]) -> Result<()> {
     let get = |f: &str| flag_value(args, f);
     let num = |f: &str, d: u64| get(f).and_then(|v| v.parse::<u64>().ok()).unwrap_or(d);
@@ -63,6 +70,10 @@ pub(crate) async fn ps_worker(args: &[String]) -> Result<()> {
     let lr: f32 = get("--lr").and_then(|v| v.parse().ok()).unwrap_or(0.05);
     let slow = Duration::from_millis(num("--slow", 0));
     let sync = get("--mode").as_deref() != Some("async");
+    let const_grad = args.iter().any(|a| a == "--const-grad");
+    let stall_at = get("--stall-at").and_then(|v| v.parse::<u64>().ok());
+    let stall = Duration::from_millis(num("--stall-ms", 0));
+    let mut stalled = false;
     let mut mode = if sync {
         TrainingMode::sync(workers)
     } else {
@@ -153,11 +164,26 @@ pub(crate) async fn ps_worker(args: &[String]) -> Result<()> {
         if sync {
             step = v;
         }
-        let (gw, gb) = linreg::grad(&p["w"], p["b"][0], &data);
+        let (gw, gb) = if const_grad {
+            linreg::const_grad(step)
+        } else {
+            linreg::grad(&p["w"], p["b"][0], &data)
+        };
         if !slow.is_zero() {
             tokio::time::sleep(slow).await;
         }
-        let out = client.push(step, &[("w", &gw), ("b", &[gb])]).await?;
+        if stall_at == Some(step) && !stalled {
+            // Silent between its pull and its push, as a worker paused or cut off would be.
+            stalled = true;
+            tokio::time::sleep(stall).await;
+        }
+        let out = match client.push(step, &[("w", &gw), ("b", &[gb])]).await {
+            Err(e @ Error::LeaseExpired { .. }) => {
+                println!("REFUSED {e}");
+                continue;
+            }
+            r => r?,
+        };
         println!("STEP {step}");
         dropped += u64::from(out.dropped);
         if sync {
