@@ -172,7 +172,7 @@ class Client:
 def serve(bind: Optional[str] = None, index: Optional[int] = None, checkpoint_dir: Optional[str] = None,
           checkpoint_every: int = 0, keep_running: bool = False, token: Optional[str] = None,
           on_ready: Optional[Any] = None, worker_timeout: Optional[float] = None,
-          worker_lease: Optional[float] = None) -> None:
+          worker_lease: Optional[float] = None, follow: Optional[str] = None) -> None:
     """Runs a parameter server until every worker is done (or Ctrl-C, or SIGTERM). Without ``bind``
     it serves this process's address from ``TF_CONFIG``. ``on_ready(address)`` is called once it
     listens. With ``worker_timeout`` (seconds), when every worker that has not said done has been
@@ -180,7 +180,10 @@ def serve(bind: Optional[str] = None, index: Optional[int] = None, checkpoint_di
     :class:`tandem.TimeoutError` naming them. With ``worker_lease`` (seconds, sync mode), a worker
     silent that long with no call in progress is gone: steps need the live workers only, and its
     late push raises :class:`tandem.LeaseExpiredError` in that worker until it pulls and pushes for
-    the current step. The lease must exceed a worker's compute between its pull and its push."""
+    the current step. The lease must exceed a worker's compute between its pull and its push.
+    With ``follow="host:port"`` this process also serves a standby of that server (primary-backup
+    replication): every update is held by the standby before the primary publishes it, and a worker
+    that cannot reach the primary fails over to the standby, losing no applied step."""
     if bind is None:
         spec = json.loads(_native.cluster_spec())
         if spec["role"] != "ps":
@@ -191,7 +194,7 @@ def serve(bind: Optional[str] = None, index: Optional[int] = None, checkpoint_di
         bind = _native.listen_address(own, others)
     _native.serve_ps(bind, index=index or 0, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
                      keep_running=keep_running, token=token, on_ready=on_ready,
-                     worker_timeout=worker_timeout, worker_lease=worker_lease)
+                     worker_timeout=worker_timeout, worker_lease=worker_lease, follow=follow)
 
 
 def _main(argv: Optional[List[str]] = None) -> int:
@@ -205,13 +208,15 @@ def _main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--keep-running", action="store_true")
     ap.add_argument("--worker-timeout", type=float, metavar="SECS",
                     help="stop with an error when every remaining worker has been silent this long")
+    ap.add_argument("--follow", metavar="ADDR",
+                    help="also serve a standby of the server at ADDR (it takes over when that server is lost)")
     ap.add_argument("--worker-lease", type=float, metavar="SECS",
                     help="sync mode: go on without a worker silent this long (it rejoins by pushing for the current step)")
     a = ap.parse_args(argv)
     try:
         serve(a.bind, a.index, a.checkpoint_dir, a.checkpoint_every, a.keep_running,
               on_ready=lambda addr: print(f"tandem ps: serving on {addr}", flush=True),
-              worker_timeout=a.worker_timeout, worker_lease=a.worker_lease)
+              worker_timeout=a.worker_timeout, worker_lease=a.worker_lease, follow=a.follow)
     except TandemError as e:
         print(f"tandem ps: {e}", file=sys.stderr, flush=True)
         return 1

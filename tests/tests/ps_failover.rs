@@ -244,3 +244,127 @@ fn a_worker_killed_under_a_staleness_bound_is_not_waited_for() {
     assert!(r["version"].as_u64().expect("version") >= 40, "{r}");
     job.stop();
 }
+
+/// Server 1 also serves a standby of server 0. SIGKILL server 0 mid-training: the workers fail
+/// over to the standby within their deadline and finish; every step is applied exactly once on
+/// both shards (the standby held every step server 0 published). Server 1 then exits by itself:
+/// its own workers and the promoted standby's are done.
+#[test]
+fn a_server_killed_with_a_standby_loses_no_applied_step() {
+    let token = JobToken::generate();
+    let (mut primary, a0) = start_ps_server(NODE, token.as_str(), &[], "tcp");
+    let (backup, a1) = start_ps_server(NODE, token.as_str(), &["--follow", &a0], "tcp");
+    let job = Job {
+        token,
+        servers: vec![],
+        addrs: vec![a0, a1],
+    };
+    let steps = 60;
+    let steps_arg = steps.to_string();
+    let args = ["--steps", steps_arg.as_str(), "--slow", "20"];
+    let mut first = job.worker(0, 2, &args);
+    let second = job.worker(1, 2, &args);
+    let rest = wait_for_line(&mut first, "STEP 20");
+    primary.kill().expect("kill");
+    let _ = primary.wait();
+    let out = wait_output(second, LIMIT);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "worker 1 did not finish after server 0 was killed: {}\n{text}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    check_exact(&result(&text), steps);
+    let first_text = rest.iter().collect::<Vec<String>>().join("\n");
+    check_exact(&result(&first_text), steps);
+    // No version a worker saw was lost: the standby held every published step.
+    for t in [&text.to_string(), &first_text] {
+        assert!(!t.contains("REWOUND"), "a published step was lost:\n{t}");
+    }
+    let out = wait_output(backup, LIMIT);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "server 1 failed: {err}");
+    assert!(
+        err.contains("promoted"),
+        "the standby was never promoted:\n{err}"
+    );
+    job.stop();
+}
+
+/// A standby reached by a worker while its primary is alive (the worker could not reach the
+/// primary, say) is promoted, and the primary stops with an error naming it: two servers never
+/// serve the same partitions.
+#[test]
+fn a_primary_stops_once_its_standby_is_promoted() {
+    use tandem_ps::pb;
+    let token = JobToken::generate();
+    let (primary, a0) = start_ps_server(NODE, token.as_str(), &[], "tcp");
+    let (mut backup, _a1) = start_ps_server(NODE, token.as_str(), &["--follow", &a0], "tcp");
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let client = |addr: String| {
+        let token = token.clone();
+        async move {
+            let ch = tandem_tests::channel(&addr).await;
+            let header = format!("Bearer {}", token.as_str())
+                .parse()
+                .expect("header");
+            pb::parameter_server_client::ParameterServerClient::with_interceptor(
+                ch,
+                tandem::rendezvous::AttachToken::from_token(header),
+            )
+        }
+    };
+    let standby = rt.block_on(async {
+        let mut c = client(a0.clone()).await;
+        let declare = pb::DeclareRequest {
+            partitions: vec![pb::Partition {
+                param: "w".into(),
+                part: 0,
+                shape: vec![4],
+                row_start: 0,
+                rows: 4,
+                dtype: "f32".into(),
+                init: None,
+            }],
+            optimizer: Some(pb::Optimizer {
+                kind: "sgd".into(),
+                lr: 0.1,
+                ..Default::default()
+            }),
+            mode: Some(pb::Mode {
+                sync: true,
+                workers: 1,
+                replicas_to_aggregate: 1,
+                ..Default::default()
+            }),
+            map_hash: 7,
+        };
+        c.declare(declare).await.expect("declare");
+        for _ in 0..200 {
+            let s = c
+                .stats(pb::StatsRequest {})
+                .await
+                .expect("stats")
+                .into_inner();
+            if !s.standby.is_empty() {
+                return s.standby;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("no standby followed the primary within 10 s");
+    });
+    // Reach the standby as a worker would: any call promotes it.
+    rt.block_on(async {
+        let mut c = client(standby.clone()).await;
+        let _ = c.stats(pb::StatsRequest {}).await;
+    });
+    let out = wait_output(primary, LIMIT);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the replaced primary exited 0");
+    assert!(
+        err.contains(&format!("replaced by its standby at {standby}")),
+        "{err}"
+    );
+    let _ = backup.kill();
+    let _ = backup.wait();
+}

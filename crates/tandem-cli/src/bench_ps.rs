@@ -67,6 +67,11 @@ pub struct BenchPsArgs {
     /// every other step only, and the summary compares the step times of both halves.
     #[arg(long)]
     observe_cost: bool,
+    /// Replicate every server (primary-backup): server i also serves a standby of server i - 1
+    /// (the first one of the last), so every update is sent to a standby before it is published.
+    /// Measures what replication costs; needs at least 2 servers.
+    #[arg(long)]
+    replicate: bool,
 }
 
 /// Where the bench's processes run: here, or on simulated hosts.
@@ -170,7 +175,22 @@ pub fn bench_ps(a: BenchPsArgs) -> Result<ExitCode> {
     println!("# connections: {}", transport.name());
     let env = transport.env();
     let token = JobToken::generate();
-    let (mut servers, addrs) = start_servers(&placement, &exe, &token, &env, a.servers)?;
+    if a.replicate && a.servers < 2 {
+        return Err(Error::invalid(
+            "--replicate",
+            "needs at least 2 servers (each one's standby runs in the next)",
+        ));
+    }
+    println!(
+        "# replication: {}",
+        if a.replicate {
+            "every server has a standby in the next one"
+        } else {
+            "none"
+        }
+    );
+    let (mut servers, addrs) =
+        start_servers(&placement, &exe, &token, &env, a.servers, a.replicate)?;
     let start = Instant::now();
     let workers = match start_workers(&placement, &exe, &token, &env, &a, &addrs, params) {
         Ok(w) => w,
@@ -210,15 +230,29 @@ fn start_servers(
     token: &JobToken,
     env: &[(String, String)],
     n: usize,
+    replicate: bool,
 ) -> Result<(Vec<Child>, Vec<String>)> {
     let mut servers = Vec::new();
     let mut addrs = Vec::new();
+    // With replication every server must know the previous one's address before it starts.
+    let binds: Vec<String> = (0..n)
+        .map(|i| {
+            let (_, bind) = placement.command(exe, i, &[]);
+            match (replicate, bind.strip_suffix(":0")) {
+                (true, Some(host)) => std::net::TcpListener::bind(format!("{host}:0"))
+                    .and_then(|l| l.local_addr())
+                    .map(|a| a.to_string())
+                    .map_err(|e| Error::io("choosing a port for a server", e)),
+                _ => Ok(bind),
+            }
+        })
+        .collect::<Result<_>>()?;
     for i in 0..n {
-        let (_, bind) = placement.command(exe, i, &[]);
-        let args: Vec<String> = [
+        let bind = &binds[i];
+        let mut args: Vec<String> = [
             "ps",
             "--bind",
-            &bind,
+            bind,
             "--index",
             &i.to_string(),
             "--keep-running",
@@ -228,6 +262,9 @@ fn start_servers(
         .iter()
         .map(|s| s.to_string())
         .collect();
+        if replicate {
+            args.extend(["--follow".to_string(), binds[(i + n - 1) % n].clone()]);
+        }
         let (mut cmd, _) = placement.command(exe, i, &args);
         let spawned = cmd
             .env(TOKEN_VAR, token.as_str())

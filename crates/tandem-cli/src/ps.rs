@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use clap::Args;
 use tandem::cluster::{ClusterSpec, Role};
-use tandem::ps::server::{CheckpointPolicy, Server, ServerConfig, summary};
+use tandem::ps::server::{CheckpointPolicy, FollowConfig, Server, ServerConfig, summary};
 use tandem::rendezvous::{JobToken, TOKEN_VAR, shutdown_signal};
 use tandem::{Error, Result};
 
@@ -43,6 +43,15 @@ pub struct PsArgs {
     /// Must exceed a worker's compute between its pull and its push.
     #[arg(long, value_name = "SECS", value_parser = parse_lease)]
     worker_lease: Option<f64>,
+    /// Also serve a standby of the server at ADDR (primary-backup replication): it holds that
+    /// server's state, updated before each update is published, and takes its partitions over
+    /// when a worker cannot reach it.
+    #[arg(long, value_name = "ADDR", conflicts_with = "replicate")]
+    follow: Option<String>,
+    /// Replicate every server: this one serves a standby of the previous server of TF_CONFIG's
+    /// `ps` list (the first one of the last). Give every server the flag.
+    #[arg(long)]
+    replicate: bool,
 }
 
 /// A lease in seconds: positive and finite.
@@ -67,6 +76,7 @@ pub fn ps(args: PsArgs) -> Result<ExitCode> {
     })?;
     let (bind, index, servers) = where_to_serve(&args)?;
     let mut config = ServerConfig::new(token);
+    config.follow = follow_config(&args, &bind, index)?;
     config.exit_when_done = !args.keep_running;
     config.worker_timeout = args.worker_timeout.map(Duration::from_secs);
     config.worker_lease = args.worker_lease.map(Duration::from_secs_f64);
@@ -77,6 +87,7 @@ pub fn ps(args: PsArgs) -> Result<ExitCode> {
             every: args.checkpoint_every,
         });
     }
+    let config_follow = config.follow.clone();
     crate::runtime()?.block_on(async move {
         let listener = tokio::net::TcpListener::bind(&bind)
             .await
@@ -92,6 +103,9 @@ pub fn ps(args: PsArgs) -> Result<ExitCode> {
                 .map_err(|e| Error::io(format!("serving metrics at {addr}"), e))?;
         }
         println!("tandem ps {index}: serving on {local}");
+        if let (Some(f), Some(a)) = (&config_follow, server.standby_address()) {
+            println!("tandem ps {index}: standby of {} on {a}", f.primary);
+        }
         let logger = {
             let service = service.clone();
             let every = Duration::from_secs(args.log_every.max(1));
@@ -113,6 +127,35 @@ pub fn ps(args: PsArgs) -> Result<ExitCode> {
         r
     })?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Whom this server's standby follows (`--follow`, or with `--replicate` the previous server of
+/// TF_CONFIG), listening on the host this server binds, any port.
+fn follow_config(args: &PsArgs, bind: &str, index: usize) -> Result<Option<FollowConfig>> {
+    let primary = match (&args.follow, args.replicate) {
+        (Some(a), _) => a.clone(),
+        (None, false) => return Ok(None),
+        (None, true) => {
+            let spec = ClusterSpec::from_env()?;
+            let servers = spec.peers().get(&Role::Ps).map_or(0, |p| p.len());
+            if servers < 2 {
+                return Err(Error::config(
+                    "--replicate",
+                    format!("needs at least 2 parameter servers in TF_CONFIG, found {servers}"),
+                ));
+            }
+            let previous = (index + servers - 1) % servers;
+            spec.peer(Role::Ps, previous)
+                .ok_or_else(|| Error::config("TF_CONFIG", format!("no address for ps {previous}")))?
+                .to_string()
+        }
+    };
+    tandem::cluster::check_address("--follow", &primary)?;
+    let host = bind.rsplit_once(':').map_or(bind, |(h, _)| h).to_string();
+    Ok(Some(FollowConfig {
+        primary,
+        bind: format!("{host}:0"),
+    }))
 }
 
 /// The address to bind, this server's index and how many servers there are: `--bind` (and

@@ -120,6 +120,50 @@ fn ps_refuses_a_worker_role_and_a_missing_token() {
 }
 
 #[test]
+fn ps_replicate_follows_the_previous_server_and_needs_two() {
+    use std::io::BufRead;
+    let one = r#"{"cluster":{"ps":["127.0.0.1:1"],"worker":["127.0.0.1:2"]},"task":{"type":"ps","index":0}}"#;
+    let out = tandem(
+        &["ps", "--replicate"],
+        &[("TF_CONFIG", one), ("TANDEM_JOB_TOKEN", "job-secret-123")],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--replicate") && err.contains("at least 2"),
+        "{err}"
+    );
+    let free = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("port")
+    };
+    let (ps0, ps1) = (free(), free());
+    // Server 0's standby follows the last server (the list wraps around).
+    let tf = format!(
+        r#"{{"cluster":{{"ps":["{ps0}","{ps1}"],"worker":["127.0.0.1:2"]}},"task":{{"type":"ps","index":0}}}}"#
+    );
+    let mut child = Command::new(TANDEM)
+        .args(["ps", "--replicate"])
+        .env_clear()
+        .env("TF_CONFIG", &tf)
+        .env("TANDEM_JOB_TOKEN", "job-secret-123")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("start tandem ps");
+    let mut lines = std::io::BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let first = lines.next().and_then(|l| l.ok()).unwrap_or_default();
+    let second = lines.next().and_then(|l| l.ok()).unwrap_or_default();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(first.contains(&format!("serving on {ps0}")), "{first}");
+    assert!(
+        second.contains(&format!("standby of {ps1} on 127.0.0.1:")),
+        "{second}"
+    );
+}
+
+#[test]
 fn ps_serves_its_tf_config_address_and_metrics() {
     use std::io::{BufRead, Read, Write};
     let free = || {

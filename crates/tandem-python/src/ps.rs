@@ -263,7 +263,7 @@ impl PsClient {
 /// Runs a parameter server on `bind` until every worker is done (or Ctrl-C); calls `on_ready`
 /// with the bound address first.
 #[pyfunction]
-#[pyo3(signature = (bind, *, index=0, checkpoint_dir=None, checkpoint_every=0, keep_running=false, token=None, on_ready=None, worker_timeout=None, worker_lease=None))]
+#[pyo3(signature = (bind, *, index=0, checkpoint_dir=None, checkpoint_every=0, keep_running=false, token=None, on_ready=None, worker_timeout=None, worker_lease=None, follow=None))]
 #[allow(clippy::too_many_arguments)]
 pub fn serve_ps(
     py: Python<'_>,
@@ -276,6 +276,7 @@ pub fn serve_ps(
     on_ready: Option<Bound<'_, PyAny>>,
     worker_timeout: Option<f64>,
     worker_lease: Option<f64>,
+    follow: Option<String>,
 ) -> PyResult<()> {
     let token = token_from(token)?;
     let mut config = ServerConfig::new(token);
@@ -295,6 +296,14 @@ pub fn serve_ps(
             )));
         }
         config.worker_lease = Some(std::time::Duration::from_secs_f64(t));
+    }
+    if let Some(primary) = follow {
+        tandem::cluster::check_address("follow", &primary).map_err(crate::errors::to_py)?;
+        let host = bind.rsplit_once(':').map_or(bind.as_str(), |(h, _)| h);
+        config.follow = Some(tandem::ps::server::FollowConfig {
+            primary,
+            bind: format!("{host}:0"),
+        });
     }
     if let Some(dir) = checkpoint_dir {
         config.checkpoint = Some(CheckpointPolicy {

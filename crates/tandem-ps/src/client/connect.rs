@@ -46,7 +46,7 @@ pub(super) fn status_error(addr: &str, what: &str, s: Status, waited: Duration) 
     }
 }
 
-pub(super) async fn connect_one(
+pub(crate) async fn connect_one(
     addr: &str,
     token: &JobToken,
     security: &tandem_tls::Security,
@@ -139,8 +139,9 @@ impl Client {
         let client = Client {
             incarnations: std::sync::Arc::new(std::sync::Mutex::new(vec![0; servers.len()])),
             shared: std::sync::Arc::new((0..servers.len()).map(|_| AtomicU32::new(0)).collect()),
-            servers,
-            addrs: addrs.to_vec(),
+            routes: std::sync::Arc::new(super::failover::Routes::new(servers, addrs)),
+            token: token.clone(),
+            security,
             map,
             worker,
             chunk_bytes: 1 << 20,
@@ -162,23 +163,28 @@ impl Client {
             optimizer_to_wire(optimizer),
             self.map.hash(),
         );
-        let declares = (0..self.servers.len()).map(|s| {
+        let declares = (0..self.server_count()).map(|s| {
             let req = pb::DeclareRequest {
                 partitions: self.partitions_of(s),
                 optimizer: Some(optimizer.clone()),
                 mode: Some(mode),
                 map_hash: hash,
             };
-            let mut c = self.servers[s].clone();
-            let addr = self.addrs[s].clone();
+            let mut c = self.grpc(s);
+            let addr = self.addr(s);
             let deadline = self.timeout;
             async move {
                 c.declare(req)
                     .await
+                    .map(|r| r.into_inner().standby)
                     .map_err(|e| status_error(&addr, "declaring parameters", e, deadline))
             }
         });
-        futures::future::try_join_all(declares).await.map(|_| ())
+        let standbys = futures::future::try_join_all(declares).await?;
+        for (s, standby) in standbys.iter().enumerate() {
+            self.learn_standby(s, standby);
+        }
+        Ok(())
     }
 
     /// The partitions server `s` holds, as declared on the wire.

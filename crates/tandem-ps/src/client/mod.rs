@@ -28,7 +28,8 @@ use crate::placement::PartitionMap;
 use crate::server::MAX_MESSAGE;
 
 mod connect;
-pub(crate) use connect::local_rank;
+mod failover;
+pub(crate) use connect::{connect_one, local_rank};
 mod retry;
 mod rows;
 mod same_host;
@@ -39,7 +40,7 @@ use connect::status_error;
 /// Rows of one partition: its index in the map, the local row ids, and their positions in the request.
 type RowGroup = (usize, Vec<u64>, Vec<usize>);
 
-type Grpc = ParameterServerClient<InterceptedService<Channel, AttachToken>>;
+pub(crate) type Grpc = ParameterServerClient<InterceptedService<Channel, AttachToken>>;
 
 /// How workers train.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -115,8 +116,10 @@ pub struct Client {
     /// Per server: its process id when both sides proved they can read each other's memory (same
     /// machine), so tensors move by address; 0 when they go through the gRPC stream.
     shared: std::sync::Arc<Vec<AtomicU32>>,
-    servers: Vec<Grpc>,
-    addrs: Vec<String>,
+    /// Each server's channel and address, switched to its standby when it fails.
+    routes: std::sync::Arc<failover::Routes>,
+    token: JobToken,
+    security: tandem_tls::Security,
     map: PartitionMap,
     worker: u32,
     chunk_bytes: usize,
@@ -138,6 +141,14 @@ impl Reply {
         match self {
             Reply::Chunks(c) => c.first().map_or(0, |c| c.incarnation),
             Reply::Shared(s) => s.incarnation,
+        }
+    }
+
+    /// The server's standby, as its answer says (empty: none).
+    fn standby(&self) -> &str {
+        match self {
+            Reply::Chunks(c) => c.first().map_or("", |c| c.standby.as_str()),
+            Reply::Shared(s) => s.standby.as_str(),
         }
     }
 }
@@ -179,7 +190,7 @@ fn outcome(results: &[pb::PushResponse]) -> PushOutcome {
 impl Client {
     /// Writes a checkpoint on every server now; returns the versions written.
     pub async fn checkpoint(&self) -> Result<Vec<u64>> {
-        let calls = (0..self.servers.len()).map(|s| {
+        let calls = (0..self.server_count()).map(|s| {
             self.call(s, "checkpoint", self.timeout, |mut c| async move {
                 c.checkpoint(pb::CheckpointRequest {})
                     .await
@@ -210,7 +221,7 @@ impl Client {
         out: &mut HashMap<String, Vec<f32>>,
     ) -> Result<u64> {
         let count = self.map.params.iter().map(|p| p.numel() as u64).sum();
-        let servers = self.servers.len();
+        let servers = self.server_count();
         crate::observe::traced(
             "pull",
             min_version,
@@ -244,6 +255,7 @@ impl Client {
                     inc[s] = i;
                 }
             }
+            self.learn_standby(s, reply.standby());
             let chunks = match reply {
                 Reply::Chunks(chunks) => chunks,
                 Reply::Shared(sp) => match self.read_shared(s, &sp, out).await {
@@ -301,10 +313,7 @@ impl Client {
                 .await?
                 .ok_or_else(|| {
                     Error::timeout(
-                        format!(
-                            "partitions from {} after a pull raced a step",
-                            self.addrs[s]
-                        ),
+                        format!("partitions from {} after a pull raced a step", self.addr(s)),
                         self.timeout,
                     )
                 })?;
@@ -315,7 +324,7 @@ impl Client {
             "pulling",
             format!(
                 "server {} kept updating partitions while they were pulled ({ATTEMPTS} attempts)",
-                self.addrs[s]
+                self.addr(s)
             ),
         ))
     }
@@ -340,7 +349,7 @@ impl Client {
             .await?
             .ok_or_else(|| {
                 Error::timeout(
-                    format!("parameters from {} after a torn read", self.addrs[s]),
+                    format!("parameters from {} after a torn read", self.addr(s)),
                     self.timeout,
                 )
             })
@@ -475,7 +484,7 @@ impl Client {
         count: u64,
         push: impl std::future::Future<Output = Result<PushOutcome>>,
     ) -> Result<PushOutcome> {
-        crate::observe::traced("push", step, count, self.servers.len(), push).await
+        crate::observe::traced("push", step, count, self.server_count(), push).await
     }
 
     fn check_grad(&self, name: &str, len: usize) -> Result<()> {
@@ -495,9 +504,9 @@ impl Client {
 
     /// Says this worker is done; servers stop once every worker has.
     pub async fn done(&self) -> Result<()> {
-        let calls = (0..self.servers.len()).map(|s| {
-            let mut c = self.servers[s].clone();
-            let addr = self.addrs[s].clone();
+        let calls = (0..self.server_count()).map(|s| {
+            let mut c = self.grpc(s);
+            let addr = self.addr(s);
             let worker = self.worker;
             async move {
                 c.done(pb::DoneRequest { worker })
@@ -510,9 +519,9 @@ impl Client {
 
     /// Each server's counters.
     pub async fn stats(&self) -> Result<Vec<pb::StatsResponse>> {
-        let calls = (0..self.servers.len()).map(|s| {
-            let mut c = self.servers[s].clone();
-            let addr = self.addrs[s].clone();
+        let calls = (0..self.server_count()).map(|s| {
+            let mut c = self.grpc(s);
+            let addr = self.addr(s);
             async move {
                 c.stats(pb::StatsRequest {})
                     .await

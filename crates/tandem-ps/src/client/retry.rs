@@ -19,7 +19,7 @@ impl Client {
         Fut: std::future::Future<Output = std::result::Result<T, Status>>,
     {
         self.call_raw(s, what, wait, f).await.map_err(|e| match e {
-            Failed::Status(st) => status_error(&self.addrs[s], what, st, wait),
+            Failed::Status(st) => status_error(&self.addr(s), what, st, wait),
             Failed::Other(e) => e,
         })
     }
@@ -37,14 +37,15 @@ impl Client {
         F: FnMut(Grpc) -> Fut,
         Fut: std::future::Future<Output = std::result::Result<T, Status>>,
     {
-        let addr = &self.addrs[s];
         let mut backoff = tandem_core::Backoff::new(
             Duration::from_millis(50),
             Duration::from_secs(1),
             (Instant::now() + self.timeout).into_std(),
         );
+        let mut unreachable_since: Option<Instant> = None;
         loop {
-            match tokio::time::timeout(wait, f(self.servers[s].clone())).await {
+            let addr = self.addr(s);
+            match tokio::time::timeout(wait, f(self.grpc(s))).await {
                 Ok(Ok(v)) => return Ok(v),
                 // A connection that broke under the call (a server killed and restarting) shows as
                 // unavailable, unknown or, when hyper drops the queued call, cancelled: the server
@@ -55,6 +56,14 @@ impl Client {
                         Code::Unavailable | Code::Unknown | Code::Cancelled
                     ) =>
                 {
+                    // Unreachable for a while: its standby, if it has one, takes over.
+                    let since = *unreachable_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() >= super::failover::FAILOVER_AFTER
+                        && self.fail_over(s, st.message()).await
+                    {
+                        unreachable_since = None;
+                        continue;
+                    }
                     let Some(delay) = backoff.next_delay() else {
                         return Err(Failed::Status(st));
                     };

@@ -14,8 +14,8 @@ impl Client {
     pub(super) async fn attach_all(&self) {
         let word = tandem_peer_memory::LocalWord::new();
         let advert = word.advert();
-        let calls = (0..self.servers.len()).map(|s| {
-            let mut c = self.servers[s].clone();
+        let calls = (0..self.server_count()).map(|s| {
+            let mut c = self.grpc(s);
             let req = pb::AttachRequest {
                 advert: advert.clone(),
             };
@@ -25,7 +25,7 @@ impl Client {
             }
         });
         for (s, r) in futures::future::join_all(calls).await {
-            let addr = &self.addrs[s];
+            let addr = &self.addr(s);
             let outcome = match r {
                 Ok(Ok(resp)) => {
                     let resp = resp.into_inner();
@@ -63,13 +63,13 @@ impl Client {
     /// Turns the same-machine data plane off for server `s` (it restarted, or a read failed).
     pub(super) fn unshare(&self, s: usize, why: &str) {
         if self.shared[s].swap(0, Ordering::Relaxed) != 0 {
-            tracing::warn!(addr = %self.addrs[s], reason = %why, "falling back to the gRPC stream");
+            tracing::warn!(addr = %self.addr(s), reason = %why, "falling back to the gRPC stream");
         }
     }
 
     /// Whether every server is reached through the same-machine data plane.
     pub fn same_host(&self) -> bool {
-        (0..self.servers.len()).all(|s| self.shared_pid(s).is_some())
+        (0..self.server_count()).all(|s| self.shared_pid(s).is_some())
     }
 
     /// Copies server `s`'s partitions straight out of its memory into `out`, each a seqlock read
@@ -146,7 +146,7 @@ impl Client {
         if self.shared_pid(s) != Some(sp.pid) || !matches!(why, SharedPullError::Raced) {
             self.unshare(s, &why.to_string());
         } else {
-            tracing::debug!(addr = %self.addrs[s], "pull raced updates; streaming it");
+            tracing::debug!(addr = %self.addr(s), "pull raced updates; streaming it");
         }
     }
 
@@ -161,7 +161,7 @@ impl Client {
         let word = tandem_peer_memory::LocalWord::new();
         // The servers may read the gradients only while this lease lives.
         let lease = word.lease(step);
-        let mut per_server: Vec<Vec<pb::Region>> = vec![Vec::new(); self.servers.len()];
+        let mut per_server: Vec<Vec<pb::Region>> = vec![Vec::new(); self.server_count()];
         for (name, all) in grads {
             for p in self.map.parts_of(name) {
                 let r = p.range();
@@ -213,7 +213,7 @@ impl Client {
                     again.push(s);
                 }
                 Err(Failed::Status(st)) => {
-                    return Err(status_error(&self.addrs[s], "pushing", st, wait));
+                    return Err(status_error(&self.addr(s), "pushing", st, wait));
                 }
                 Err(Failed::Other(e)) => return Err(e),
             }

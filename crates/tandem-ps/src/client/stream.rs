@@ -78,7 +78,7 @@ impl Client {
 
     /// The incarnation of every server, from their stats.
     pub(super) async fn incarnations_now(&self) -> Result<Vec<u64>> {
-        let calls = (0..self.servers.len()).map(|s| {
+        let calls = (0..self.server_count()).map(|s| {
             self.call(s, "stats", Duration::from_secs(10), |mut c| async move {
                 c.stats(pb::StatsRequest {})
                     .await
@@ -99,7 +99,7 @@ impl Client {
             .lock()
             .map(|v| v.clone())
             .unwrap_or_default();
-        let n = self.servers.len();
+        let n = self.server_count();
         let end = Instant::now() + self.timeout;
         // A server that holds no partition (a model smaller than the servers can share) gets no
         // pushes, so its version never moves: there is nothing to pull from it either.
@@ -159,7 +159,7 @@ impl Client {
             .enumerate()
             .map(|(s, r)| {
                 r.ok_or_else(|| {
-                    Error::transport("pulling", format!("server {} sent nothing", self.addrs[s]))
+                    Error::transport("pulling", format!("server {} sent nothing", self.addr(s)))
                 })
             })
             .collect()
@@ -202,7 +202,7 @@ impl Client {
     ) -> Result<Vec<pb::PushResponse>> {
         // Per server, its partitions in ascending (param, part) order with their bytes.
         let mut per_server: Vec<std::collections::BTreeMap<(String, u32), Bytes>> =
-            vec![Default::default(); self.servers.len()];
+            vec![Default::default(); self.server_count()];
         for (name, all) in &grads {
             for p in self.map.parts_of(name) {
                 let r = p.range();

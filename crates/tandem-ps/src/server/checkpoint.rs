@@ -134,7 +134,7 @@ fn fnv(b: &[u8]) -> u64 {
     })
 }
 
-fn encode(s: &Snapshot) -> Vec<u8> {
+pub(crate) fn encode(s: &Snapshot) -> Vec<u8> {
     let mut w = Writer(MAGIC.to_vec());
     w.u64(s.map_hash);
     w.u64(s.version);
@@ -177,7 +177,7 @@ fn encode(s: &Snapshot) -> Vec<u8> {
     w.0
 }
 
-fn decode(b: &[u8], file: String) -> Result<Snapshot> {
+pub(crate) fn decode(b: &[u8], file: String) -> Result<Snapshot> {
     if b.len() < MAGIC.len() + 8 || &b[..8] != MAGIC {
         return Err(Error::invalid(
             "checkpoint",

@@ -15,9 +15,11 @@ mod convert;
 mod lease;
 mod model;
 mod pool;
+pub mod replica;
 mod rows;
 mod same_host;
 mod service;
+mod standby;
 mod step;
 mod streamed;
 mod sync_step;
@@ -26,6 +28,7 @@ pub use convert::MAX_PARTITION_ELEMENTS;
 pub use lease::Gone;
 pub use model::{Counters, Key, Mode, Model, Partial};
 pub use service::{CheckpointPolicy, Limits, Service};
+pub use standby::FollowConfig;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -70,6 +73,10 @@ pub struct ServerConfig {
     /// current step. Must exceed a worker's compute between its pull and its push. `None`: every
     /// worker is awaited until the pull deadlines.
     pub worker_lease: Option<Duration>,
+    /// Serve a standby of another server (primary-backup replication): it holds that server's
+    /// state, updated before the primary publishes each update, and takes over its partitions
+    /// when a worker cannot reach the primary. `None`: no standby here.
+    pub follow: Option<FollowConfig>,
     /// How connections are secured; `None`: from the process's environment
     /// ([`tandem_tls::Security::from_env`]): mutual TLS with the job's certificates, plaintext on
     /// loopback only unless `TANDEM_INSECURE=1`.
@@ -90,6 +97,7 @@ impl ServerConfig {
             checkpoint: None,
             worker_timeout: None,
             worker_lease: None,
+            follow: None,
             security: None,
         }
     }
@@ -107,6 +115,7 @@ pub struct Server {
     service: Service,
     config: ServerConfig,
     all_done: Arc<Notify>,
+    standby: Option<(TcpListener, std::net::SocketAddr)>,
 }
 
 impl Server {
@@ -127,11 +136,21 @@ impl Server {
                 service.restore(Model::from_snapshot(snap))?;
             }
         }
+        let standby = match &config.follow {
+            Some(f) => Some(standby::Standby::bind(f).await?),
+            None => None,
+        };
         Ok(Server {
             service,
             config,
             all_done,
+            standby,
         })
+    }
+
+    /// Where this process serves its standby of another server, if it does.
+    pub fn standby_address(&self) -> Option<std::net::SocketAddr> {
+        self.standby.as_ref().map(|(_, a)| *a)
     }
 
     /// A handle on the service (its model and counters), for monitoring.
@@ -157,6 +176,17 @@ impl Server {
         };
         security.check_peers("the parameter server", &[local.to_string()])?;
         let service = self.service.clone();
+        let standby = match (self.config.follow.clone(), self.standby) {
+            (Some(follow), Some((listener, addr))) => Some(Arc::new(standby::Standby::start(
+                follow,
+                listener,
+                addr,
+                self.config.token.clone(),
+                self.config.limits.clone(),
+                security.clone(),
+            ))),
+            _ => None,
+        };
         let svc = ParameterServerServer::new(self.service)
             .max_decoding_message_size(MAX_MESSAGE)
             .max_encoding_message_size(MAX_MESSAGE);
@@ -180,10 +210,21 @@ impl Server {
             ),
             None => (Duration::from_secs(30), Duration::from_secs(10)),
         };
+        let (standby_done, replication) = (standby.clone(), service.replication.clone());
         let stop = async move {
             let why = tokio::select! {
                 _ = shutdown => Stop::Asked,
-                _ = async { if exit_when_done { all_done.notified().await } else { std::future::pending().await } } => {
+                by = replication.replaced() => Stop::Replaced(by),
+                _ = async {
+                    if !exit_when_done {
+                        return std::future::pending().await;
+                    }
+                    all_done.notified().await;
+                    // A promoted standby serves its workers to the end too.
+                    if let Some(s) = standby_done.as_ref().filter(|s| s.is_promoted()) {
+                        s.done().await;
+                    }
+                } => {
                     // Let the last responses leave before closing.
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     Stop::Done
@@ -218,7 +259,16 @@ impl Server {
         if let Some(task) = leases {
             task.abort();
         }
+        if let Some(s) = &standby {
+            s.stop();
+        }
         match why_rx.await {
+            Ok(Stop::Replaced(by)) => Err(Error::Precondition {
+                context: format!("serving parameters on {local}"),
+                problem: format!(
+                    "this server was replaced by its standby at {by} (a worker could not reach it); it stopped so the two never serve the same partitions"
+                ),
+            }),
             Ok(Stop::Silent(silent)) => {
                 if let Some(path) = service.final_checkpoint().await? {
                     tracing::info!(path = %path.display(), "final checkpoint written");
@@ -239,6 +289,8 @@ enum Stop {
     Done,
     /// Every remaining worker was silent past the timeout: who, and for how long.
     Silent(String),
+    /// A standby was promoted in this server's place (its address).
+    Replaced(String),
 }
 
 /// Resolves when every worker that has not said done has been silent for `timeout` (never without

@@ -363,6 +363,14 @@ impl Model {
     /// holds, and the worker is returned with exactly what of its gradient was applied (its push
     /// must not report it applied). The same map is kept in [`Model::partial`].
     pub fn finish_step(&self, step: &mut SyncStep) -> HashMap<u32, Partial> {
+        let partial = self.apply_step(step);
+        self.version.send_replace(step.step);
+        partial
+    }
+
+    /// Like [`Model::finish_step`] without publishing the new version: the caller publishes it
+    /// (`version.send_replace(step.step)`) once the step is replicated.
+    pub fn apply_step(&self, step: &mut SyncStep) -> HashMap<u32, Partial> {
         let mut sums = std::mem::take(&mut step.acc);
         let mut pending = std::mem::take(&mut step.pending);
         pending.sort_by_key(|p| p.worker);
@@ -393,7 +401,6 @@ impl Model {
             *self.partial.lock().unwrap_or_else(|p| p.into_inner()) = (version, partial.clone());
         }
         step.step += 1;
-        self.version.send_replace(step.step);
         partial
     }
 

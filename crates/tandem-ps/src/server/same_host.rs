@@ -406,6 +406,7 @@ impl Service {
                         .map_err(|p| (partial_status(worker, &p), true))
                 },
                 &|v| svc.due(v),
+                &svc.replication,
             );
             model.pool.give(scratch);
             r
@@ -440,6 +441,7 @@ impl Service {
             incarnation: self.incarnation,
             pid: std::process::id(),
             parts,
+            standby: self.replication.standby(),
         })
     }
 }

@@ -86,6 +86,8 @@ pub struct Service {
     pub(super) same_host: Arc<SameHost>,
     /// When each worker was last heard from, and its calls in progress (the leases).
     pub(super) heard: Arc<Mutex<super::lease::Heard>>,
+    /// The standby following this server, if any (primary-backup replication).
+    pub replication: Arc<super::replica::Replication>,
 }
 
 impl Service {
@@ -113,6 +115,7 @@ impl Service {
             all_done,
             limits,
             heard: Arc::default(),
+            replication: Arc::default(),
         }
     }
 
@@ -124,13 +127,16 @@ impl Service {
             // the service is dropped.
             let policy = self.checkpoint.clone();
             let due = move |v| checkpoint_due(policy.as_ref(), v);
-            Some(Stepper::start(model.clone(), due).map_err(|e| {
-                status(
-                    Code::Internal,
-                    Reason::Internal,
-                    format!("starting the step thread: {e}"),
-                )
-            })?)
+            let replication = self.replication.clone();
+            Some(
+                Stepper::start(model.clone(), due, replication).map_err(|e| {
+                    status(
+                        Code::Internal,
+                        Reason::Internal,
+                        format!("starting the step thread: {e}"),
+                    )
+                })?,
+            )
         } else {
             None
         };
@@ -257,6 +263,8 @@ struct PulledChunks {
     version: u64,
     incarnation: u64,
     chunk_bytes: usize,
+    /// Sent on the first chunk: this server's standby.
+    standby: String,
 }
 
 impl PulledChunks {
@@ -268,6 +276,7 @@ impl PulledChunks {
         runtime: &tokio::runtime::Handle,
         wait: Duration,
     ) {
+        let mut standby = self.standby.clone();
         for key in &self.keys {
             let Some(entry) = self.model.parts.get(key) else {
                 continue;
@@ -290,6 +299,7 @@ impl PulledChunks {
                     data,
                     incarnation: self.incarnation,
                     part_version,
+                    standby: std::mem::take(&mut standby),
                 };
                 let sent = runtime
                     .block_on(async { tokio::time::timeout(wait, tx.send(Ok(chunk))).await });
@@ -335,6 +345,7 @@ impl ParameterServer for Service {
             }
             return Ok(Response::new(pb::DeclareResponse {
                 version: *m.version.borrow(),
+                standby: self.replication.standby(),
             }));
         }
         let decls = r
@@ -350,7 +361,10 @@ impl ParameterServer for Service {
             "parameters declared"
         );
         self.install(model)?;
-        Ok(Response::new(pb::DeclareResponse { version: 0 }))
+        Ok(Response::new(pb::DeclareResponse {
+            version: 0,
+            standby: self.replication.standby(),
+        }))
     }
 
     async fn push(
@@ -443,6 +457,15 @@ impl ParameterServer for Service {
 
     type PullStream = PullStream;
 
+    type FollowStream = super::replica::FollowStream;
+
+    async fn follow(
+        &self,
+        req: Request<Streaming<pb::FollowAck>>,
+    ) -> Result<Response<Self::FollowStream>, Status> {
+        self.followed_by(req.into_inner()).await.map(Response::new)
+    }
+
     async fn pull(&self, req: Request<pb::PullRequest>) -> Result<Response<PullStream>, Status> {
         let model = self.declared()?;
         let r = req.into_inner();
@@ -458,6 +481,7 @@ impl ParameterServer for Service {
             version,
             incarnation: self.incarnation,
             chunk_bytes: self.limits.chunk_bytes.max(1),
+            standby: self.replication.standby(),
         };
         let (tx, rx) = tokio::sync::mpsc::channel(PULL_AHEAD);
         let (runtime, wait) = (tokio::runtime::Handle::current(), self.limits.receive_wait);
@@ -547,6 +571,7 @@ impl ParameterServer for Service {
             staleness_histogram: c.staleness.iter().map(ld).collect(),
             worker_steps: m.worker_steps.borrow().clone(),
             incarnation: self.incarnation,
+            standby: self.replication.standby(),
             gone_workers: m
                 .gone
                 .lock()
@@ -593,6 +618,7 @@ impl Service {
                             Ok(())
                         },
                         &|v| svc.due(v),
+                        &svc.replication,
                     )
                 })
                 .await?

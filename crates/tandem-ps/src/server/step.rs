@@ -22,6 +22,7 @@ use tonic::{Code, Status};
 
 use super::checkpoint::Snapshot;
 use super::model::{GradientSource, Key, Model, Pending, SyncStep};
+use super::replica::{Replicated, Replication};
 use crate::failure::status;
 use crate::pb;
 use crate::pb::Reason;
@@ -60,6 +61,13 @@ enum Command {
     Gone {
         reply: oneshot::Sender<Option<Snapshot>>,
     },
+    /// A standby started following: send it the current state.
+    Replicate {
+        reply: oneshot::Sender<super::replica::Replicated>,
+    },
+    /// This model's versions were set from outside (a standby's replicated state): the next step
+    /// is the current version.
+    Resync,
 }
 
 /// The owner of a sync server's current step: a thread of its own that adds gradients, applies
@@ -82,6 +90,7 @@ impl Stepper {
     pub fn start(
         model: Arc<Model>,
         due: impl Fn(u64) -> bool + Send + 'static,
+        replication: Arc<Replication>,
     ) -> std::io::Result<Self> {
         let (tx, rx) = std::sync::mpsc::channel::<Command>();
         let step = *model.version.borrow();
@@ -94,7 +103,7 @@ impl Stepper {
                 };
                 // Ends when every sender is gone (the server stopped).
                 while let Ok(cmd) = rx.recv() {
-                    run(&model, &mut st, cmd, &due);
+                    run(&model, &mut st, cmd, &due, &replication);
                 }
             })?;
         Ok(Stepper { tx })
@@ -145,9 +154,26 @@ impl Stepper {
     pub async fn workers_gone(&self) -> Result<Option<Snapshot>, Status> {
         self.ask(|reply| Command::Gone { reply }).await
     }
+
+    /// Sends the current state (between two steps) to the standby that just started following.
+    pub async fn replicate(&self) -> Result<super::replica::Replicated, Status> {
+        self.ask(|reply| Command::Replicate { reply }).await
+    }
+
+    /// The model's version was set from outside (a promoted standby): the step being aggregated
+    /// becomes the current version, with nothing in it yet. Commands sent after it see that.
+    pub fn resync(&self) {
+        let _ = self.tx.send(Command::Resync);
+    }
 }
 
-fn run(model: &Model, st: &mut SyncStep, cmd: Command, due: &dyn Fn(u64) -> bool) {
+fn run(
+    model: &Model,
+    st: &mut SyncStep,
+    cmd: Command,
+    due: &dyn Fn(u64) -> bool,
+    replication: &Replication,
+) {
     match cmd {
         Command::Push {
             worker,
@@ -155,7 +181,7 @@ fn run(model: &Model, st: &mut SyncStep, cmd: Command, due: &dyn Fn(u64) -> bool
             gradient,
             reply,
         } => {
-            let r = push_sync(model, st, worker, step, gradient, due);
+            let r = push_sync(model, st, worker, step, gradient, due, replication);
             let _ = reply.send(r);
         }
         Command::Withdraw { worker, step } => {
@@ -185,23 +211,43 @@ fn run(model: &Model, st: &mut SyncStep, cmd: Command, due: &dyn Fn(u64) -> bool
             let _ = reply.send(model.snapshot());
         }
         Command::Gone { reply } => {
-            let _ = reply.send(apply_if_complete(model, st, due));
+            let _ = reply.send(apply_if_complete(model, st, due, replication));
+        }
+        Command::Replicate { reply } => {
+            let _ = reply.send(replication.replicate(model, st.step));
+        }
+        Command::Resync => {
+            let version = *model.version.borrow();
+            if st.step != version {
+                tracing::info!(from = st.step, to = version, "step resynchronised");
+            }
+            *st = SyncStep {
+                step: version,
+                ..SyncStep::default()
+            };
         }
     }
 }
 
-/// Applies the step when it has every gradient it needs (K, or every live worker); answers the
-/// snapshot to write if a checkpoint became due.
+/// Applies the step when it has every gradient it needs (K, or every live worker), replicates it
+/// to the standby if one follows, then publishes it; answers the snapshot to write if a
+/// checkpoint became due. A step whose standby was promoted meanwhile is not published: this
+/// server is stopping, replaced.
 fn apply_if_complete(
     model: &Model,
     st: &mut SyncStep,
     due: &dyn Fn(u64) -> bool,
+    replication: &Replication,
 ) -> Option<Snapshot> {
     if st.contributors.is_empty() || (st.contributors.len() as u32) < model.needed() {
         return None;
     }
     let step_no = st.step;
-    crate::observe::traced_sync("apply", step_no, 0, || model.finish_step(st));
+    crate::observe::traced_sync("apply", step_no, 0, || model.apply_step(st));
+    if let Replicated::Replaced(_) = replication.replicate(model, st.step) {
+        return None;
+    }
+    model.version.send_replace(st.step);
     due(st.step).then(|| model.snapshot())
 }
 
@@ -222,6 +268,7 @@ pub fn push_sync(
     step: u64,
     gradient: Contribution,
     due: &dyn Fn(u64) -> bool,
+    replication: &Replication,
 ) -> PushResult {
     // A worker gone past its lease is back when it pushes for the current step; a gradient for a
     // step applied without it is refused, so it learns to pull the current parameters.
@@ -265,7 +312,10 @@ pub fn push_sync(
         }
     });
     model.counters.applied.fetch_add(1, Ordering::Relaxed);
-    let snapshot = apply_if_complete(model, st, due);
+    let snapshot = apply_if_complete(model, st, due, replication);
+    if replication.is_replaced() {
+        return Err(super::same_host::shutting_down());
+    }
     Ok((response(true, st.step), snapshot))
 }
 
@@ -329,6 +379,7 @@ pub fn apply_async(
     step: u64,
     apply: impl FnOnce(u64) -> Result<(), (Status, bool)>,
     due: &dyn Fn(u64) -> bool,
+    replication: &Replication,
 ) -> PushResult {
     let version = *model.version.borrow();
     model
@@ -342,6 +393,11 @@ pub fn apply_async(
         return Err(st);
     }
     model.counters.applied.fetch_add(1, Ordering::Relaxed);
+    // Async updates are replicated one at a time (in the order they take the replica's lock, each
+    // carrying every update applied before it) before their version is published.
+    if let Replicated::Replaced(_) = replication.replicate(model, version + 1) {
+        return Err(super::same_host::shutting_down());
+    }
     model.worker_steps.send_modify(|s| {
         if let Some(x) = s.get_mut(worker as usize) {
             *x += 1;
@@ -398,7 +454,7 @@ mod tests {
     #[tokio::test]
     async fn a_withdrawn_gradient_leaves_the_step_and_its_retry_is_accepted() {
         let model = model();
-        let stepper = Stepper::start(model.clone(), |_| false).expect("thread");
+        let stepper = Stepper::start(model.clone(), |_| false, Arc::default()).expect("thread");
         let pending = |w| Contribution::Pending(Box::new(Ones(w)));
         let (r, _) = stepper.push(0, 0, pending(10)).await.expect("push");
         assert!(r.applied && r.version == 0);
@@ -436,7 +492,7 @@ mod tests {
             mode,
             vec![(("w".into(), 0), vec![3], 0, 3, Init::Zeros)],
         ));
-        let stepper = Stepper::start(model.clone(), |_| false).expect("thread");
+        let stepper = Stepper::start(model.clone(), |_| false, Arc::default()).expect("thread");
         let pending = |w| Contribution::Pending(Box::new(Ones(w)));
         assert_eq!(model.needed(), 3);
         stepper.push(0, 0, pending(2)).await.expect("push");
@@ -521,7 +577,7 @@ mod tests {
     #[tokio::test]
     async fn the_step_thread_ends_with_its_last_handle() {
         let model = model();
-        let stepper = Stepper::start(model.clone(), |_| false).expect("thread");
+        let stepper = Stepper::start(model.clone(), |_| false, Arc::default()).expect("thread");
         drop(stepper);
         // The thread held the only other reference to the model.
         for _ in 0..200 {

@@ -458,6 +458,7 @@ impl Service {
                         })
                 },
                 &|v| svc.due(v),
+                &svc.replication,
             );
             model.pool.give(scratch);
             drop(receiving);

@@ -14,7 +14,8 @@ use tandem_tests::linreg;
 use super::flag_value;
 
 /// A parameter server on an ephemeral port; prints `ADDR host:port`, serves until the workers are done.
-/// Flags: [--bind ADDR] [--index I --ckpt DIR --every N] [--lease SECS] (the worker lease).
+/// Flags: [--bind ADDR] [--index I --ckpt DIR --every N] [--lease SECS] (the worker lease)
+/// [--follow ADDR] (also serve a standby of the server at ADDR).
 pub(crate) async fn ps_server(args: &[String]) -> Result<()> {
     let token =
         JobToken::from_env()?.ok_or_else(|| Error::config("TANDEM_JOB_TOKEN", "not set"))?;
@@ -25,6 +26,10 @@ pub(crate) async fn ps_server(args: &[String]) -> Result<()> {
     let addr = listener.local_addr().map_err(|e| Error::io("addr", e))?;
     println!("ADDR {addr}");
     let mut config = tandem_ps::server::ServerConfig::new(token);
+    config.follow = flag_value(args, "--follow").map(|primary| tandem_ps::server::FollowConfig {
+        primary,
+        bind: "127.0.0.1:0".into(),
+    });
     config.worker_lease = flag_value(args, "--lease")
         .and_then(|v| v.parse().ok())
         .map(Duration::from_secs_f64);
@@ -54,7 +59,8 @@ pub(crate) async fn ps_server(args: &[String]) -> Result<()> {
 /// [--timeout SECS] (the client's deadline, default 30) [--const-grad] (the gradient of step s is
 /// `const_grad(s)` whatever the parameters: the result is then known whoever took part in a step)
 /// [--stall-at STEP --stall-ms MS] (silent that long between that step's pull and its push);
-/// prints `STEP <n>` every 10 steps. A push refused because the worker's lease expired prints
+/// prints `STEP <n>` every 10 steps, and `REWOUND <a> -> <b>` when a sync pull returns an older
+/// version than one already seen. A push refused because the worker's lease expired prints
 /// `REFUSED <why>` and the worker goes on from the server's step.
 pub(crate) async fn ps_worker(args: &[String]) -> Result<()> {
     let get = |f: &str| flag_value(args, f);
@@ -74,6 +80,7 @@ pub(crate) async fn ps_worker(args: &[String]) -> Result<()> {
     let stall_at = get("--stall-at").and_then(|v| v.parse::<u64>().ok());
     let stall = Duration::from_millis(num("--stall-ms", 0));
     let mut stalled = false;
+    let mut seen = 0u64;
     let mut mode = if sync {
         TrainingMode::sync(workers)
     } else {
@@ -158,6 +165,11 @@ pub(crate) async fn ps_worker(args: &[String]) -> Result<()> {
             println!("STEP {iterations}");
         }
         let (v, p) = client.pull(if sync { step } else { 0 }).await?;
+        if sync && v < seen {
+            // A version seen before is gone (a server restarted from an older checkpoint).
+            println!("REWOUND {seen} -> {v}");
+        }
+        seen = seen.max(v);
         if sync && v >= steps {
             break;
         }
