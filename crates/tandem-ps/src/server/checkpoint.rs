@@ -10,7 +10,11 @@ use tandem_core::{Error, Result};
 use super::model::Mode;
 use crate::optimizer::{Kind, Optimizer};
 
-const MAGIC: &[u8; 8] = b"TNDMCKP1";
+/// Checkpoints written now: checksummed with CRC-32 (hardware-accelerated: a state is checksummed
+/// on every replicated update, so a byte-at-a-time hash would cost more than sending it).
+const MAGIC: &[u8; 8] = b"TNDMCKP2";
+/// Checkpoints of earlier versions, checksummed with FNV-1a, still read.
+const MAGIC_V1: &[u8; 8] = b"TNDMCKP1";
 
 /// One partition in a checkpoint.
 #[derive(Debug, Clone, PartialEq)]
@@ -82,14 +86,14 @@ struct Reader<'a> {
     file: String,
 }
 
-impl Reader<'_> {
+impl<'a> Reader<'a> {
     fn bad(&self, what: &str) -> Error {
         Error::invalid(
             "checkpoint",
             format!("{} is corrupt: {what} at byte {}", self.file, self.at),
         )
     }
-    fn take(&mut self, n: usize) -> Result<&[u8]> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8]> {
         let end = self
             .at
             .checked_add(n)
@@ -118,13 +122,9 @@ impl Reader<'_> {
         let n = self.len(1)?;
         String::from_utf8(self.take(n)?.to_vec()).map_err(|_| self.bad("non-UTF-8 name"))
     }
-    fn floats(&mut self) -> Result<Vec<f32>> {
+    fn float_bytes(&mut self) -> Result<&'a [u8]> {
         let n = self.len(4)?;
-        Ok(self
-            .take(n * 4)?
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect())
+        self.take(n * 4)
     }
 }
 
@@ -134,16 +134,52 @@ fn fnv(b: &[u8]) -> u64 {
     })
 }
 
-pub(crate) fn encode(s: &Snapshot) -> Vec<u8> {
-    let mut w = Writer(MAGIC.to_vec());
-    w.u64(s.map_hash);
-    w.u64(s.version);
-    w.u64(u64::from(s.mode.sync));
-    w.u64(s.mode.workers as u64);
-    w.u64(s.mode.replicas_to_aggregate as u64);
-    w.u64(s.mode.staleness.map_or(u64::MAX, u64::from));
-    w.u64(u64::from(s.mode.reject_non_finite));
-    let o = &s.optimizer;
+fn crc(b: &[u8]) -> u64 {
+    u64::from(crc32fast::hash(b))
+}
+
+/// One partition as it is written: borrowed from a snapshot, or from a live model under its lock.
+pub(crate) struct PartView<'a> {
+    pub(crate) param: &'a str,
+    pub(crate) part: u32,
+    pub(crate) shape: &'a [u64],
+    pub(crate) row_start: u64,
+    pub(crate) rows: u64,
+    pub(crate) t: u64,
+    pub(crate) version: u64,
+    pub(crate) values: &'a [f32],
+    pub(crate) m: &'a [f32],
+    pub(crate) v: &'a [f32],
+}
+
+/// What a state holds besides its partitions.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct Header {
+    pub(crate) map_hash: u64,
+    pub(crate) version: u64,
+    pub(crate) mode: Mode,
+    pub(crate) optimizer: Optimizer,
+}
+
+/// Writes a state into `out` (cleared first, its allocation reused): the header, `parts` partitions
+/// written by `write_parts` (one [`PartView`] each), then the checksum.
+pub(crate) fn encode_with(
+    out: &mut Vec<u8>,
+    h: &Header,
+    parts: usize,
+    write_parts: impl FnOnce(&mut dyn FnMut(PartView<'_>)),
+) {
+    out.clear();
+    let mut w = Writer(std::mem::take(out));
+    w.0.extend_from_slice(MAGIC);
+    w.u64(h.map_hash);
+    w.u64(h.version);
+    w.u64(u64::from(h.mode.sync));
+    w.u64(h.mode.workers as u64);
+    w.u64(h.mode.replicas_to_aggregate as u64);
+    w.u64(h.mode.staleness.map_or(u64::MAX, u64::from));
+    w.u64(u64::from(h.mode.reject_non_finite));
+    let o = &h.optimizer;
     w.str(o.kind_name());
     for v in [
         o.lr,
@@ -158,9 +194,9 @@ pub(crate) fn encode(s: &Snapshot) -> Vec<u8> {
         w.f32(v);
     }
     w.u64(o.decay_steps);
-    w.u64(s.parts.len() as u64);
-    for p in &s.parts {
-        w.str(&p.param);
+    w.u64(parts as u64);
+    write_parts(&mut |p: PartView<'_>| {
+        w.str(p.param);
         w.u64(p.part as u64);
         w.u64(p.shape.len() as u64);
         p.shape.iter().for_each(|d| w.u64(*d));
@@ -168,24 +204,80 @@ pub(crate) fn encode(s: &Snapshot) -> Vec<u8> {
         w.u64(p.rows);
         w.u64(p.t);
         w.u64(p.version);
-        w.floats(&p.values);
-        w.floats(&p.m);
-        w.floats(&p.v);
-    }
-    let sum = fnv(&w.0);
+        w.floats(p.values);
+        w.floats(p.m);
+        w.floats(p.v);
+    });
+    let sum = crc(&w.0);
     w.u64(sum);
-    w.0
+    *out = w.0;
 }
 
-pub(crate) fn decode(b: &[u8], file: String) -> Result<Snapshot> {
-    if b.len() < MAGIC.len() + 8 || &b[..8] != MAGIC {
-        return Err(Error::invalid(
-            "checkpoint",
-            format!("{file} is not a Tandem checkpoint"),
-        ));
-    }
+pub(crate) fn encode(s: &Snapshot) -> Vec<u8> {
+    let floats: usize = s
+        .parts
+        .iter()
+        .map(|p| p.values.len() + p.m.len() + p.v.len())
+        .sum();
+    let mut out = Vec::with_capacity(4096 + floats * 4 + s.parts.len() * 128);
+    let h = Header {
+        map_hash: s.map_hash,
+        version: s.version,
+        mode: s.mode,
+        optimizer: s.optimizer,
+    };
+    encode_with(&mut out, &h, s.parts.len(), |write| {
+        for p in &s.parts {
+            write(PartView {
+                param: &p.param,
+                part: p.part,
+                shape: &p.shape,
+                row_start: p.row_start,
+                rows: p.rows,
+                t: p.t,
+                version: p.version,
+                values: &p.values,
+                m: &p.m,
+                v: &p.v,
+            });
+        }
+    });
+    out
+}
+
+/// One partition as read, its floats still the encoded bytes (native byte order, as written).
+pub(crate) struct PartBytes<'a> {
+    pub(crate) param: String,
+    pub(crate) part: u32,
+    pub(crate) shape: Vec<u64>,
+    pub(crate) row_start: u64,
+    pub(crate) rows: u64,
+    pub(crate) t: u64,
+    pub(crate) version: u64,
+    pub(crate) values: &'a [u8],
+    pub(crate) m: &'a [u8],
+    pub(crate) v: &'a [u8],
+}
+
+/// Checks a state's magic and checksum, reads its header, then hands every partition to `part`
+/// (stopping at its first error).
+pub(crate) fn visit(
+    b: &[u8],
+    file: String,
+    mut part: impl FnMut(&Header, PartBytes<'_>) -> Result<()>,
+) -> Result<Header> {
+    let checksum: fn(&[u8]) -> u64 = match b.get(..8) {
+        Some(m) if b.len() >= MAGIC.len() + 8 && m == MAGIC => crc,
+        Some(m) if b.len() >= MAGIC.len() + 8 && m == MAGIC_V1 => fnv,
+        _ => {
+            return Err(Error::invalid(
+                "checkpoint",
+                format!("{file} is not a Tandem checkpoint"),
+            ));
+        }
+    };
     let (body, sum) = b.split_at(b.len() - 8);
-    if fnv(body) != u64::from_le_bytes(sum.try_into().unwrap_or_default()) {
+    if checksum(body) != u64::from_le_bytes(sum.try_into().unwrap_or_default()) {
         return Err(Error::invalid(
             "checkpoint",
             format!("{file} is corrupt: checksum mismatch"),
@@ -200,16 +292,47 @@ pub(crate) fn decode(b: &[u8], file: String) -> Result<Snapshot> {
     let version = r.u64()?;
     let mode = read_mode(&mut r)?;
     let optimizer = read_optimizer(&mut r)?;
-    let n = r.len(1)?;
-    let mut parts = Vec::with_capacity(n);
-    for _ in 0..n {
-        parts.push(read_part(&mut r)?);
-    }
-    Ok(Snapshot {
+    let h = Header {
         map_hash,
         version,
         mode,
         optimizer,
+    };
+    let n = r.len(1)?;
+    for _ in 0..n {
+        let p = read_part(&mut r)?;
+        part(&h, p)?;
+    }
+    Ok(h)
+}
+
+pub(crate) fn decode(b: &[u8], file: String) -> Result<Snapshot> {
+    let mut parts = Vec::new();
+    let floats = |b: &[u8]| -> Vec<f32> {
+        b.chunks_exact(4)
+            .map(|c| f32::from_ne_bytes([c[0], c[1], c[2], c[3]]))
+            .collect()
+    };
+    let h = visit(b, file, |_, p| {
+        parts.push(PartSnapshot {
+            param: p.param,
+            part: p.part,
+            shape: p.shape,
+            row_start: p.row_start,
+            rows: p.rows,
+            values: floats(p.values),
+            m: floats(p.m),
+            v: floats(p.v),
+            t: p.t,
+            version: p.version,
+        });
+        Ok(())
+    })?;
+    Ok(Snapshot {
+        map_hash: h.map_hash,
+        version: h.version,
+        mode: h.mode,
+        optimizer: h.optimizer,
         parts,
     })
 }
@@ -251,12 +374,12 @@ fn read_optimizer(r: &mut Reader<'_>) -> Result<Optimizer> {
     })
 }
 
-fn read_part(r: &mut Reader<'_>) -> Result<PartSnapshot> {
+fn read_part<'a>(r: &mut Reader<'a>) -> Result<PartBytes<'a>> {
     let param = r.str()?;
     let part = r.u64()? as u32;
     let dims = r.len(8)?;
     let shape = (0..dims).map(|_| r.u64()).collect::<Result<Vec<_>>>()?;
-    Ok(PartSnapshot {
+    Ok(PartBytes {
         param,
         part,
         shape,
@@ -264,9 +387,9 @@ fn read_part(r: &mut Reader<'_>) -> Result<PartSnapshot> {
         rows: r.u64()?,
         t: r.u64()?,
         version: r.u64()?,
-        values: r.floats()?,
-        m: r.floats()?,
-        v: r.floats()?,
+        values: r.float_bytes()?,
+        m: r.float_bytes()?,
+        v: r.float_bytes()?,
     })
 }
 
@@ -333,6 +456,29 @@ mod tests {
                 version: 17,
             }],
         }
+    }
+
+    #[test]
+    fn checkpoints_of_the_first_format_are_still_read_and_checked() {
+        let s = sample();
+        let mut b = encode(&s);
+        assert_eq!(&b[..8], MAGIC);
+        // The same body under the first format's magic and checksum.
+        b.truncate(b.len() - 8);
+        b[..8].copy_from_slice(MAGIC_V1);
+        let sum = fnv(&b);
+        b.extend_from_slice(&sum.to_le_bytes());
+        assert_eq!(decode(&b, "v1".into()).expect("v1 checkpoint"), s);
+        // A v1 body with a CRC (or the other way round) fails its check.
+        let mut wrong = b.clone();
+        let n = wrong.len();
+        wrong[n - 8..].copy_from_slice(&crc(&b[..n - 8]).to_le_bytes());
+        let e = decode(&wrong, "mixed".into()).expect_err("wrong checksum kind");
+        assert!(e.to_string().contains("checksum mismatch"), "{e}");
+        let mut flipped = b;
+        flipped[20] ^= 1;
+        assert!(decode(&flipped, "flipped".into()).is_err());
+        assert!(decode(b"TNDMCKP3........", "v3".into()).is_err());
     }
 
     #[test]

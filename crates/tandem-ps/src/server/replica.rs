@@ -19,7 +19,7 @@ use bytes::Bytes;
 use tokio::sync::Notify;
 use tonic::Status;
 
-use super::checkpoint;
+use super::checkpoint::{self, encode_with};
 use super::model::Model;
 use super::service::Service;
 use crate::failure::invalid;
@@ -58,6 +58,9 @@ struct Follower {
 #[derive(Default)]
 pub struct Replication {
     follower: Mutex<Option<Follower>>,
+    /// The encoding buffer, kept between updates (a state is large; a fresh allocation per update
+    /// costs its pages again).
+    buf: Mutex<Vec<u8>>,
     standby: Mutex<String>,
     replaced: OnceLock<String>,
     replaced_notify: Notify,
@@ -133,9 +136,15 @@ impl Replication {
         let Some(f) = guard.as_mut() else {
             return Replicated::Unreplicated;
         };
-        let mut snap = model.snapshot();
-        snap.version = version;
-        match send(f, &snap) {
+        let mut buf = std::mem::take(&mut *self.buf.lock().unwrap_or_else(|p| p.into_inner()));
+        model.encode_state(version, &mut buf);
+        let bytes = Bytes::from(buf);
+        let sent = send(f, bytes.clone(), version);
+        // Every chunk was consumed once acknowledged: the buffer is ours again.
+        if let Ok(m) = bytes.try_into_mut() {
+            *self.buf.lock().unwrap_or_else(|p| p.into_inner()) = Vec::from(m);
+        }
+        match sent {
             Ok(ack) if ack.promoted => {
                 let by = f.addr.clone();
                 *guard = None;
@@ -156,15 +165,14 @@ impl Replication {
     }
 }
 
-/// Sends one state in chunks, then waits for an ack of its version (or a promotion).
-fn send(f: &Follower, snap: &checkpoint::Snapshot) -> Result<pb::FollowAck, String> {
-    let bytes = Bytes::from(checkpoint::encode(snap));
+/// Sends one encoded state in chunks, then waits for an ack of its version (or a promotion).
+fn send(f: &Follower, bytes: Bytes, version: u64) -> Result<pb::FollowAck, String> {
     let total = bytes.len();
     let mut at = 0;
     while at < total || at == 0 {
         let end = (at + CHUNK).min(total);
         let chunk = pb::ReplicaChunk {
-            version: snap.version,
+            version,
             data: bytes.slice(at..end),
             last: end == total,
         };
@@ -185,18 +193,47 @@ fn send(f: &Follower, snap: &checkpoint::Snapshot) -> Result<pb::FollowAck, Stri
     loop {
         let left = deadline.saturating_duration_since(std::time::Instant::now());
         match f.acks.recv_timeout(left) {
-            Ok(ack) if ack.promoted || ack.version >= snap.version => return Ok(ack),
+            Ok(ack) if ack.promoted || ack.version >= version => return Ok(ack),
             Ok(_) => continue,
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
                 return Err(format!(
-                    "no acknowledgement of version {} within {REPLICA_WAIT:?}",
-                    snap.version
+                    "no acknowledgement of version {version} within {REPLICA_WAIT:?}"
                 ));
             }
             Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
                 return Err("its stream closed".into());
             }
         }
+    }
+}
+
+impl Model {
+    /// Encodes the whole state as of `version` into `out` (the checkpoint encoding), each
+    /// partition copied under its read lock: one copy, no intermediate snapshot.
+    pub fn encode_state(&self, version: u64, out: &mut Vec<u8>) {
+        let header = checkpoint::Header {
+            map_hash: self.map_hash,
+            version,
+            mode: self.mode,
+            optimizer: self.optimizer,
+        };
+        encode_with(out, &header, self.parts.len(), |write| {
+            for ((param, part), e) in &self.parts {
+                let d = e.data.read().unwrap_or_else(|p| p.into_inner());
+                write(checkpoint::PartView {
+                    param,
+                    part: *part,
+                    shape: &e.shape,
+                    row_start: e.row_start,
+                    rows: e.rows,
+                    t: d.state.t,
+                    version: d.version,
+                    values: &d.values,
+                    m: &d.state.m,
+                    v: &d.state.v,
+                });
+            }
+        });
     }
 }
 

@@ -256,12 +256,17 @@ impl Follower {
             if !chunk.last {
                 continue;
             }
-            let bytes = std::mem::take(&mut state);
+            // The buffer goes back and forth so its allocation serves every update.
+            let mut bytes = std::mem::take(&mut state);
             let (service, promotion) = (self.service.clone(), self.promotion.clone());
-            let installed =
-                tokio::task::spawn_blocking(move || install(&service, &promotion, &bytes))
-                    .await
-                    .map_err(|e| e.to_string())?;
+            let (installed, back) = tokio::task::spawn_blocking(move || {
+                let r = install(&service, &promotion, &bytes);
+                bytes.clear();
+                (r, bytes)
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+            state = back;
             match installed {
                 Ok(version) => {
                     let ack = pb::FollowAck {
@@ -285,24 +290,86 @@ enum Install {
 
 /// Installs one replicated state (the first one creates the model), unless promoted.
 fn install(service: &Service, promotion: &Promotion, bytes: &[u8]) -> Result<u64, Install> {
-    let snap = checkpoint::decode(bytes, "the primary's replicated state".into())
-        .map_err(|e| Install::Bad(e.to_string()))?;
-    let version = snap.version;
+    const WHAT: &str = "the primary's replicated state";
     let promoted = promotion.promoted.lock().unwrap_or_else(|p| p.into_inner());
     if *promoted {
         return Err(Install::Promoted);
     }
-    match service.model() {
-        None => service
-            .restore(Model::from_snapshot(snap))
-            .map_err(|e| Install::Bad(e.to_string()))?,
-        Some(m) => m.overwrite(&snap).map_err(Install::Bad)?,
-    }
+    let version = match service.model() {
+        None => {
+            let snap =
+                checkpoint::decode(bytes, WHAT.into()).map_err(|e| Install::Bad(e.to_string()))?;
+            let version = snap.version;
+            service
+                .restore(Model::from_snapshot(snap))
+                .map_err(|e| Install::Bad(e.to_string()))?;
+            version
+        }
+        Some(m) => m.overwrite_encoded(bytes).map_err(Install::Bad)?,
+    };
     drop(promoted);
     Ok(version)
 }
 
 impl Model {
+    /// Like [`Model::overwrite`] from an encoded state, copying each partition's floats straight
+    /// into place (no intermediate snapshot); answers the state's version. The state is checked
+    /// whole (checksum, map, every partition's size) before anything is written.
+    pub fn overwrite_encoded(&self, bytes: &[u8]) -> Result<u64, String> {
+        const WHAT: &str = "the primary's replicated state";
+        let mut seen = 0usize;
+        let check = |_: &checkpoint::Header, p: checkpoint::PartBytes<'_>| {
+            let fits = self.parts.get(&(p.param.clone(), p.part)).is_some_and(|e| {
+                e.numel * 4 == p.values.len()
+                    && [p.m.len(), p.v.len()]
+                        .iter()
+                        .all(|n| *n == 0 || *n == p.values.len())
+            });
+            seen += 1;
+            if fits {
+                Ok(())
+            } else {
+                Err(tandem_core::Error::invalid(
+                    "replicated state",
+                    format!(
+                        "its {:?} partition {} does not match this standby's",
+                        p.param, p.part
+                    ),
+                ))
+            }
+        };
+        let h = checkpoint::visit(bytes, WHAT.into(), check).map_err(|e| e.to_string())?;
+        if h.map_hash != self.map_hash || seen != self.parts.len() {
+            return Err(format!(
+                "the replicated state (map {:016x}, {seen} partitions) is not this standby's model (map {:016x}, {} partitions)",
+                h.map_hash,
+                self.map_hash,
+                self.parts.len()
+            ));
+        }
+        let floats = |dst: &mut Vec<f32>, src: &[u8]| {
+            dst.resize(src.len() / 4, 0.0);
+            bytemuck::cast_slice_mut::<f32, u8>(dst).copy_from_slice(src);
+        };
+        checkpoint::visit(bytes, WHAT.into(), |_, p| {
+            if let Some(e) = self.parts.get(&(p.param.clone(), p.part)) {
+                let mut d = e.write();
+                let data = &mut *d;
+                floats(&mut data.values, p.values);
+                floats(&mut data.state.m, p.m);
+                floats(&mut data.state.v, p.v);
+                data.state.t = p.t;
+                data.version = p.version;
+            }
+            Ok(())
+        })
+        .map_err(|e| e.to_string())?;
+        self.version.send_replace(h.version);
+        self.worker_steps
+            .send_modify(|s| s.iter_mut().for_each(|x| *x = h.version));
+        Ok(h.version)
+    }
+
     /// Sets every partition (values, optimizer state, versions) and the version from `snap`, which
     /// must hold exactly this model's partitions.
     pub fn overwrite(&self, snap: &Snapshot) -> Result<(), String> {
@@ -397,5 +464,25 @@ mod tests {
             .expect_err("another size");
         assert!(e.contains("does not match"), "{e}");
         assert_eq!(standby.snapshot(), snap, "a refused state changes nothing");
+        // The same from the encoded state, as a standby receives it.
+        let mut bytes = Vec::new();
+        primary.encode_state(5, &mut bytes);
+        let fresh = model(7, 3);
+        assert_eq!(fresh.overwrite_encoded(&bytes), Ok(5));
+        let mut want = snap.clone();
+        want.version = 5;
+        assert_eq!(fresh.snapshot(), want);
+        let mut other = Vec::new();
+        model(8, 3).encode_state(1, &mut other);
+        let e = fresh.overwrite_encoded(&other).expect_err("another map");
+        assert!(e.contains("not this standby's model"), "{e}");
+        model(7, 4).encode_state(1, &mut other);
+        let e = fresh.overwrite_encoded(&other).expect_err("another size");
+        assert!(e.contains("does not match"), "{e}");
+        let mut torn = bytes.clone();
+        torn[40] ^= 0xff;
+        let e = fresh.overwrite_encoded(&torn).expect_err("corrupt");
+        assert!(e.contains("checksum"), "{e}");
+        assert_eq!(fresh.snapshot(), want, "a refused state changes nothing");
     }
 }
