@@ -34,6 +34,17 @@ impl Job {
     }
 
     fn start(&self, id: usize, world: usize, bounds: &str, extra: &[(&str, &str)]) -> Child {
+        self.start_with(id, world, bounds, extra, &[])
+    }
+
+    fn start_with(
+        &self,
+        id: usize,
+        world: usize,
+        bounds: &str,
+        extra: &[(&str, &str)],
+        args: &[&str],
+    ) -> Child {
         let mut env = rank_env(
             id.min(world - 1),
             world,
@@ -51,7 +62,9 @@ impl Job {
         }
         env.push(("TANDEM_ELASTIC_ID".into(), id.to_string()));
         env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
-        spawn(NODE, &["elastic", "--steps", "40"], &env)
+        let mut all = vec!["elastic", "--steps", "40"];
+        all.extend_from_slice(args);
+        spawn(NODE, &all, &env)
     }
 }
 
@@ -185,6 +198,35 @@ fn a_newcomer_joins_at_a_commit_with_the_same_state() {
     outs[0].stdout = seen.join().expect("reader").into_bytes();
     check_finished(&outs, &[0, 1, 2, 3]);
     assert!(text(&outs[3]).contains("WORLD 4"), "{}", text(&outs[3]));
+}
+
+/// A newcomer admitted to the group dies before its first step (in its reset, after the state
+/// was broadcast to it): the others re-form without it and finish, every step applied once.
+#[test]
+fn a_joiner_killed_during_its_join_leaves_the_others_training() {
+    let job = Job::new();
+    let mut procs: Vec<Child> = (0..3).map(|id| job.start(id, 3, "2:4", &[])).collect();
+    let (step5, seen) = watch(&mut procs[0], "APPLIED 5 ");
+    step5
+        .recv_timeout(LIMIT)
+        .expect("process 0 never reached step 5");
+    procs.push(job.start_with(3, 4, "2:4", &[], &["--die-in-reset", "3"]));
+    let mut outs = wait_all(procs, LIMIT);
+    outs[0].stdout = seen.join().expect("reader").into_bytes();
+    let joiner = text(&outs[3]);
+    assert_eq!(outs[3].status.code(), Some(87), "{joiner}");
+    assert!(
+        joiner.contains("WORLD 4"),
+        "the joiner was never admitted: {joiner}"
+    );
+    assert!(!joiner.contains("APPLIED"), "{joiner}");
+    check_finished(&outs[..3], &[0, 1, 2]);
+    // The others were in the four-member epoch, then went on as three.
+    for o in &outs[..3] {
+        let t = text(o);
+        let four = t.find("WORLD 4").unwrap_or_else(|| panic!("{t}"));
+        assert!(t[four..].contains("WORLD 3"), "{t}");
+    }
 }
 
 #[test]

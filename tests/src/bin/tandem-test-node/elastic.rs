@@ -27,6 +27,10 @@ pub(crate) fn run_elastic(args: &[String]) -> Result<()> {
     // between a step and its commit).
     let die_at: Option<u64> = flag_value(args, "--die-at").and_then(|v| v.parse().ok());
     let die_id: Option<usize> = flag_value(args, "--die-id").and_then(|v| v.parse().ok());
+    // `--die-in-reset I`: process I exits with status 87 in its first reset, once admitted to a
+    // group and given the state but before its first step (a joiner dying during its join).
+    let die_in_reset: Option<usize> =
+        flag_value(args, "--die-in-reset").and_then(|v| v.parse().ok());
     let mut elastic = Elastic::from_env(ElasticConfig::from_env()?)?;
     let id = elastic.id() as usize;
     let mut state = State::new()
@@ -40,7 +44,10 @@ pub(crate) fn run_elastic(args: &[String]) -> Result<()> {
                 ctx.epoch(),
                 ctx.rank(),
                 ctx.world_size()
-            )
+            );
+            if die_in_reset == Some(id) {
+                std::process::exit(87);
+            }
         },
         |ctx, s| loop {
             let step = s.scalar("step").unwrap_or(0.0) as u64;

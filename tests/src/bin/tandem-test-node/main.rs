@@ -44,6 +44,7 @@ fn main() {
         Some("stall") => collective(|pg| run_stall(pg, &args[1..])),
         Some("agree") => collective(|pg| run_agree(pg, &args[1..])),
         Some("elastic") => run_elastic(&args[1..]),
+        Some("rendezvous") => runtime().and_then(|rt| rt.block_on(rendezvous(&args[1..]))),
         Some("ps-server") => runtime().and_then(|rt| rt.block_on(ps_server(&args[1..]))),
         Some("ps-big") => runtime().and_then(|rt| rt.block_on(ps_big(&args[1..]))),
         Some("ps-sparse") => runtime().and_then(|rt| rt.block_on(ps_sparse(&args[1..]))),
@@ -55,6 +56,22 @@ fn main() {
         eprintln!("{e}");
         std::process::exit(3);
     }
+}
+
+/// A rendezvous for other processes (an elastic job's, which outlives its members): `--bind ADDR`;
+/// prints `ADDR host:port` and serves for `--seconds S` (default 300) or until killed.
+async fn rendezvous(args: &[String]) -> Result<()> {
+    let token = tandem::rendezvous::JobToken::from_env()?
+        .ok_or_else(|| Error::config("TANDEM_JOB_TOKEN", "not set"))?;
+    let bind = flag_value(args, "--bind").unwrap_or_else(|| "127.0.0.1:0".into());
+    let seconds: u64 = flag_value(args, "--seconds")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(300);
+    let host =
+        tandem::rendezvous::Host::bind(&bind, tandem::rendezvous::ServerConfig::new(token)).await?;
+    println!("ADDR {}", host.addr());
+    tokio::time::sleep(std::time::Duration::from_secs(seconds)).await;
+    Ok(())
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
