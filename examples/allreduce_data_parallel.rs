@@ -11,10 +11,10 @@
 //!
 //! or under torchrun / a PyTorchJob (`RANK`, `WORLD_SIZE`, `MASTER_ADDR`, `MASTER_PORT`), Slurm
 //! (`srun`), or mpirun with `MASTER_ADDR`/`MASTER_PORT` exported. With no launcher it trains alone.
-//! It reaches about 0.98 test accuracy.
+//! It reaches about 0.98 test accuracy (`--steps N`: 800 by default) and prints its steps per second.
 
 use tandem::{ProcessGroup, ReduceOp};
-use tandem_examples::{Mlp, batch, spiral};
+use tandem_examples::{Mlp, batch, flag, spiral};
 
 fn main() -> std::process::ExitCode {
     tandem_examples::report(run())
@@ -31,7 +31,9 @@ fn run() -> Result<(), tandem::Error> {
     let mut model = Mlp::new(2, 64, 3, 7);
     pg.broadcast(&mut model.params, 0)?;
 
-    let (batch_size, lr, steps) = (32, 0.5, 800);
+    let (batch_size, lr, steps) = (32, 0.5, flag("--steps", 800usize));
+    // Steps per second of the loop, from step 10 on (the first ones warm the connections up).
+    let mut timed: Option<std::time::Instant> = None;
     let shard = x.nrows() / world;
     let (lo, hi) = (rank * shard, (rank + 1) * shard);
     for step in 0..steps {
@@ -45,8 +47,17 @@ fn run() -> Result<(), tandem::Error> {
         if rank == 0 && (step + 1) % 200 == 0 {
             println!("step {:>4}: loss {loss:.4}", step + 1);
         }
+        if step + 1 == 10 {
+            timed = Some(std::time::Instant::now());
+        }
     }
     if rank == 0 {
+        if let Some(t0) = timed.filter(|_| steps > 10) {
+            println!(
+                "steps/s: {:.1}",
+                (steps - 10) as f64 / t0.elapsed().as_secs_f64()
+            );
+        }
         println!("test accuracy: {:.3}", model.accuracy(&test_x, &test_y));
     }
     pg.shutdown()

@@ -91,6 +91,32 @@ fn allreduce_data_parallel_trains() {
 }
 
 #[test]
+fn elastic_data_parallel_trains_under_launch_elastic() {
+    let mut spec = JobSpec::new(
+        Layout::Allreduce { nproc: 3 },
+        vec![
+            example("elastic_data_parallel"),
+            "--steps".into(),
+            "600".into(),
+        ],
+    );
+    spec.elastic = Some((2, 3));
+    let lines: Arc<Mutex<Vec<String>>> = Arc::default();
+    let sink = lines.clone();
+    spec.sink = Some(LineSink(Arc::new(move |p: &Planned, line: &str, _| {
+        sink.lock().unwrap().push(format!("{}: {line}", p.name()));
+    })));
+    let outcome = tandem_launch::run(&spec, Some(Duration::from_secs(240)), &|| false).unwrap();
+    let lines = lines.lock().unwrap().clone();
+    assert_eq!(outcome.code, 0, "{lines:#?}");
+    assert!(
+        lines.iter().any(|l| l.contains("epoch 1: 3 processes")),
+        "{lines:#?}"
+    );
+    assert!(accuracy(&lines, "test accuracy:") >= 0.9, "{lines:#?}");
+}
+
+#[test]
 fn pipeline_parallel_matches_the_single_process_run_bit_for_bit() {
     let cmd = vec![example("pipeline_parallel"), "--steps".into(), "300".into()];
     let (code, two) = run(Layout::Allreduce { nproc: 2 }, cmd.clone());
@@ -127,6 +153,7 @@ fn examples_outside_a_job_print_the_error_message_and_exit_1() {
         "sync_ps",
         "async_ps",
         "pipeline_parallel",
+        "elastic_data_parallel",
     ] {
         let out = std::process::Command::new(example(name))
             .env_clear()

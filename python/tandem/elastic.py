@@ -84,8 +84,14 @@ class State:
         session, group = self._session, self._group
         if session is None or group is None:
             return
-        waiting = np.array([1 if session.pending() else 0], dtype=np.int32)
+        # Members look for waiting processes about every 100 ms, at commits agreed when they last
+        # looked: between two looks a commit is a copy in memory.
+        proposal = session.check_due(self._commits)
+        if proposal is None:
+            return
+        waiting = np.array([1 if session.pending() else 0, min(proposal, 2**31 - 1)], dtype=np.int32)
         group.allreduce(waiting, "max")
+        session.check_agreed(self._commits, int(waiting[1]))
         if waiting[0]:
             raise _Regroup(f"processes wait to join; re-forming at commit {self._commits}")
 
@@ -156,6 +162,7 @@ def run(fn: Optional[Callable[..., Any]] = None, *, reset: Iterable[Callable[[],
                 object.__setattr__(state, "_group", group)
                 try:
                     state.sync(group)
+                    session.reset_checks(state._commits)
                     for cb in reset:
                         cb()
                     out = f(state, *args, **kwargs)

@@ -63,6 +63,39 @@ def test_pytorchjob_manifest_has_what_the_training_operator_requires() -> None:
         assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
 
 
+def test_elastic_pytorchjob_has_a_rendezvous_that_outlives_its_workers() -> None:
+    docs = list(yaml.safe_load_all((DEPLOY / "kubernetes" / "pytorchjob-elastic.yaml").read_text()))
+    kinds = {d["kind"]: d for d in docs}
+    assert set(kinds) == {"Deployment", "Service", "PyTorchJob"}
+    job, svc, rdv = kinds["PyTorchJob"], kinds["Service"], kinds["Deployment"]
+    policy = job["spec"]["elasticPolicy"]
+    specs = job["spec"]["pytorchReplicaSpecs"]
+    assert set(specs) == {"Worker"}, "no Master: every replica is an equal, replaceable member"
+    worker = specs["Worker"]
+    assert policy["minReplicas"] <= worker["replicas"] <= policy["maxReplicas"]
+    assert worker["restartPolicy"] == "OnFailure"
+    (c,) = containers(worker)
+    env = {e["name"]: e for e in c["env"]}
+    value = lambda k: env[k].get("value")  # noqa: E731
+    assert value("TANDEM_ELASTIC") == f"{policy['minReplicas']}:{policy['maxReplicas']}"
+    assert value("TANDEM_WORLD_SIZE") == str(worker["replicas"])
+    assert value("TANDEM_RENDEZVOUS_EXTERNAL") == "1" and value("TANDEM_LAUNCHER") == "tandem"
+    index = env["REPLICA_INDEX"]["valueFrom"]["fieldRef"]["fieldPath"]
+    assert "replica-index" in index
+    assert value("TANDEM_ELASTIC_ID") == value("TANDEM_RANK") == "$(REPLICA_INDEX)"
+    # The workers reach the rendezvous through the Service, which leads to the Deployment's pod.
+    host, port = value("TANDEM_RENDEZVOUS_ADDR").rsplit(":", 1)
+    assert host == svc["metadata"]["name"] == rdv["metadata"]["name"]
+    assert svc["spec"]["selector"] == rdv["spec"]["template"]["metadata"]["labels"]
+    assert int(port) == svc["spec"]["ports"][0]["port"]
+    (r,) = rdv["spec"]["template"]["spec"]["containers"]
+    assert r["command"][:2] == ["tandem", "rendezvous"]
+    assert r["command"][r["command"].index("--bind") + 1] == f"$(POD_IP):{port}"
+    assert token_from_secret(r) and token_from_secret(c)
+    assert c["command"][0] == "elastic_data_parallel"
+    assert (ROOT / "examples" / "elastic_data_parallel.rs").exists()
+
+
 def test_secret_manifest_parses() -> None:
     s = yaml.safe_load((DEPLOY / "kubernetes" / "secret.yaml").read_text())
     assert s["kind"] == "Secret" and "token" in s["stringData"]
@@ -99,6 +132,21 @@ def test_pytorchjob_environment_makes_worker_i_rank_i_plus_1() -> None:
         spec = resolve(dict(base, RANK=str(i + 1)))
         assert (spec["source"], spec["role"], spec["index"], spec["rank"]) == ("torchrun", "worker", i, i + 1)
         assert spec["rendezvous"] == f"{name}-master-0:23456"
+
+
+def test_elastic_pytorchjob_environment_resolves_to_tandems_own_variables() -> None:
+    docs = yaml.safe_load_all((DEPLOY / "kubernetes" / "pytorchjob-elastic.yaml").read_text())
+    job = [d for d in docs if d["kind"] == "PyTorchJob"][0]
+    (c,) = containers(job["spec"]["pytorchReplicaSpecs"]["Worker"])
+    env = {e["name"]: e["value"].replace("$(REPLICA_INDEX)", "2") for e in c["env"] if "value" in e
+           and "$(POD_IP)" not in e["value"]}
+    # What the training operator injects for an elastic job, which Tandem must not be confused by.
+    operator = {"PET_NNODES": "2:4", "PET_NPROC_PER_NODE": "1", "PET_RDZV_BACKEND": "c10d",
+                "PET_RDZV_ENDPOINT": "tandem-elastic-worker-0:23456", "PET_MAX_RESTARTS": "10",
+                "PYTHONUNBUFFERED": "1"}
+    spec = resolve(dict(operator, **env))
+    assert (spec["source"], spec["rank"], spec["world_size"]) == ("tandem", 2, 3)
+    assert spec["rendezvous"] == "tandem-elastic-rendezvous:29400"
 
 
 def test_slurm_allreduce_environment_uses_the_compressed_node_list() -> None:
@@ -157,8 +205,8 @@ def test_the_grafana_dashboard_queries_only_metrics_tandem_serves() -> None:
 
 
 def test_every_trainer_pod_serves_metrics() -> None:
-    for name in ("pytorchjob-allreduce.yaml", "tfjob-ps.yaml"):
-        doc = yaml.safe_load((DEPLOY / "kubernetes" / name).read_text())
+    for name in ("pytorchjob-allreduce.yaml", "tfjob-ps.yaml", "pytorchjob-elastic.yaml"):
+        doc = [d for d in yaml.safe_load_all((DEPLOY / "kubernetes" / name).read_text()) if d["kind"].endswith("Job")][0]
         replicas = doc["spec"].get("pytorchReplicaSpecs") or doc["spec"]["tfReplicaSpecs"]
         for role, spec in replicas.items():
             for c in containers(spec):
@@ -177,8 +225,9 @@ def test_nothing_listens_on_every_interface_and_every_pod_has_the_job_certificat
     for f in files:
         text = f.read_text()
         assert "0.0.0.0" not in text and "[::]" not in text, f
-    for name, key in (("tfjob-ps.yaml", "tfReplicaSpecs"), ("pytorchjob-allreduce.yaml", "pytorchReplicaSpecs")):
-        job = yaml.safe_load((DEPLOY / "kubernetes" / name).read_text())
+    for name, key in (("tfjob-ps.yaml", "tfReplicaSpecs"), ("pytorchjob-allreduce.yaml", "pytorchReplicaSpecs"),
+                      ("pytorchjob-elastic.yaml", "pytorchReplicaSpecs")):
+        job = [d for d in yaml.safe_load_all((DEPLOY / "kubernetes" / name).read_text()) if d["kind"].endswith("Job")][0]
         for role, replica in job["spec"][key].items():
             pod = replica["template"]["spec"]
             secrets = {v["name"]: v["secret"]["secretName"] for v in pod.get("volumes", []) if "secret" in v}

@@ -25,6 +25,7 @@
 //! # Ok::<(), tandem_core::Error>(())
 //! ```
 
+pub mod checks;
 pub mod membership;
 mod state;
 
@@ -35,6 +36,7 @@ use tandem_core::cluster::{ClusterSpec, ProcessEnv, Vars};
 use tandem_core::{Error, ReduceOp, Result};
 use tandem_rendezvous::{BlockingClient, JobToken};
 
+pub use checks::Checks;
 pub use membership::{Membership, Rules};
 pub use state::State;
 
@@ -151,6 +153,8 @@ pub struct Elastic {
     membership: Option<Membership>,
     /// The last [`Elastic::form`] failed for want of members (not worth another round).
     short: bool,
+    /// At which commits to look for processes waiting to join.
+    checks: std::sync::Mutex<Checks>,
 }
 
 /// What the training function sees of its epoch.
@@ -192,12 +196,24 @@ impl Context<'_> {
 
     /// Commits `state` (see [`State::commit`]) and lets waiting processes in: when any member sees
     /// one waiting, every member returns the same membership error here, and the run re-forms the
-    /// group with them from this commit.
+    /// group with them from this commit. Members look for waiting processes about every 100 ms
+    /// ([`checks`]), at commits they agreed on, so a commit between two looks is a copy in memory.
     pub fn commit(&self, state: &mut State) -> Result<()> {
         state.commit();
+        let commits = state.commits();
+        let mut checks = self
+            .elastic
+            .checks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if !checks.due(commits) {
+            return Ok(());
+        }
         let waiting = membership::pending(&self.elastic.client, &self.elastic.prefix, self.epoch)?;
-        let mut any = [i32::from(waiting)];
+        let proposal = checks.propose(commits).min(i32::MAX as u64) as i32;
+        let mut any = [i32::from(waiting), proposal];
         self.group.allreduce(&mut any, ReduceOp::Max)?;
+        checks.agreed(commits, any[1].max(1) as u64);
         if any[0] > 0 {
             return Err(Error::Unusable {
                 what: "elastic group".into(),
@@ -250,7 +266,33 @@ impl Elastic {
             config,
             membership: None,
             short: false,
+            checks: std::sync::Mutex::default(),
         })
+    }
+
+    /// After a (re-)formation at `commits` commits (equal on every member once synced): the next
+    /// commit looks for waiting processes, and later ones as agreed then.
+    pub fn reset_checks(&self, commits: u64) {
+        self.checks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .reset(commits);
+    }
+
+    /// For bindings that run the commit themselves: whether the commit that made `commits`
+    /// commits must look for waiting processes and, if so, this member's proposal of commits until
+    /// the next look (see [`checks`]).
+    pub fn check_due(&self, commits: u64) -> Option<u64> {
+        let mut c = self.checks.lock().unwrap_or_else(|p| p.into_inner());
+        c.due(commits).then(|| c.propose(commits))
+    }
+
+    /// For bindings: every member agreed at `commits` to look again `k` commits later.
+    pub fn check_agreed(&self, commits: u64, k: u64) {
+        self.checks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .agreed(commits, k);
     }
 
     /// This process's id.
@@ -371,6 +413,7 @@ impl Elastic {
                     epoch,
                 };
                 state.sync(&group)?;
+                self.reset_checks(state.commits());
                 reset(&ctx);
                 let out = train(&ctx, state);
                 if out.is_ok() {

@@ -60,6 +60,26 @@ impl PyElastic {
         self.with(py, |e| e.pending())
     }
 
+    /// After a (re-)formation at `commits` commits: the next commit looks for waiting processes.
+    fn reset_checks(&self, commits: u64) {
+        if let Ok(e) = self.inner.lock() {
+            e.reset_checks(commits);
+        }
+    }
+
+    /// Whether the commit that made `commits` commits must look for waiting processes: this
+    /// member's proposal of commits until the next look, or None.
+    fn check_due(&self, commits: u64) -> Option<u64> {
+        self.inner.lock().ok().and_then(|e| e.check_due(commits))
+    }
+
+    /// Every member agreed at `commits` to look again `k` commits later.
+    fn check_agreed(&self, commits: u64, k: u64) {
+        if let Ok(e) = self.inner.lock() {
+            e.check_agreed(commits, k);
+        }
+    }
+
     /// Whether the last `form` found fewer than MIN members within the wait.
     #[getter]
     fn short(&self) -> bool {
