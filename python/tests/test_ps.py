@@ -187,3 +187,43 @@ def test_a_worker_silent_past_its_lease_is_not_awaited_and_its_late_push_is_refu
 def test_a_worker_lease_must_be_a_positive_number_of_seconds(lease) -> None:
     with pytest.raises(ValueError, match="worker_lease"):
         ps.serve("127.0.0.1:0", token="x" * 32, worker_lease=lease)
+
+
+def test_a_server_lost_with_a_standby_loses_no_step(token) -> None:
+    import subprocess
+    import sys
+
+    from conftest import clean_env, read_line
+
+    def serve(*extra: str) -> "tuple[subprocess.Popen, str]":
+        p = subprocess.Popen([sys.executable, "-m", "tandem.ps", "--bind", "127.0.0.1:0", *extra],
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                             env=clean_env(TANDEM_JOB_TOKEN=token))
+        return p, read_line(p, "tandem ps: serving on").rsplit(" ", 1)[1]
+
+    primary, a = serve()
+    backup, b = serve("--follow", a)
+    try:
+        # Two partitions: one on each server.
+        c = ps.Client([ps.param("w", (4,)), ps.param("v", (4,))], servers=[a, b], worker=0, workers=1,
+                      token=token, mode="sync", lr=0.5, timeout=30, min_partition_bytes=16)
+        want = np.zeros(4, dtype=np.float32)
+        for step in range(6):
+            if step == 3:
+                assert all(s["applied"] > 0 for s in c.stats()), "both servers hold a partition"
+                primary.kill()
+                primary.wait()
+            g = np.full(4, step + 1, dtype=np.float32)
+            c.push(step, {"w": g, "v": g})
+            want -= np.float32(0.5) * g
+            version, got = c.pull(step + 1)
+            assert version == step + 1
+            np.testing.assert_array_equal(got["w"], want)
+            np.testing.assert_array_equal(got["v"], want)
+        c.done()
+        assert backup.wait(timeout=30) == 0  # its own worker and the promoted standby's are done
+    finally:
+        for p in (primary, backup):
+            p.kill()
+            p.wait()
+            p.stdout.close()
