@@ -173,3 +173,56 @@ fn examples_outside_a_job_print_the_error_message_and_exit_1() {
         );
     }
 }
+
+/// `mpirun -np 3` (Open MPI, one node) with nothing but the job token exported: rank 0 publishes
+/// the rendezvous address in a file named after the MPI job id in the working directory, the
+/// others read it there, the example trains, and the file is gone afterwards. `TANDEM_MPI=off`
+/// skips it, loudly.
+#[test]
+fn mpirun_with_only_the_job_token_trains() {
+    if std::env::var("TANDEM_MPI").as_deref() == Ok("off") {
+        eprintln!("\n*** TANDEM_MPI=off: the mpirun test was SKIPPED ***\n");
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("tandem-mpirun-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut cmd = std::process::Command::new("mpirun");
+    cmd.args(["--allow-run-as-root", "--oversubscribe", "-np", "3"])
+        .args([
+            "--mca",
+            "btl",
+            "self,tcp",
+            "-x",
+            "TANDEM_JOB_TOKEN",
+            "-x",
+            "PATH",
+        ])
+        .arg(example("allreduce_data_parallel"))
+        .args(["--steps", "400"])
+        .current_dir(&dir)
+        .env("TANDEM_JOB_TOKEN", "mpirun-token-0123456789abcdef");
+    // Nothing else of Tandem's: the test's own environment must not name a rendezvous.
+    for (k, _) in std::env::vars() {
+        if k.starts_with("TANDEM_") && k != "TANDEM_JOB_TOKEN" || k.starts_with("MASTER_") {
+            cmd.env_remove(k);
+        }
+    }
+    let out = match cmd.output() {
+        Ok(o) => o,
+        Err(e) => panic!(
+            "cannot run mpirun ({e}): install Open MPI (Debian's openmpi-bin; scripts/test does) or set TANDEM_MPI=off"
+        ),
+    };
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    let lines: Vec<String> = stdout.lines().map(str::to_string).collect();
+    assert!(accuracy(&lines, "test accuracy:") >= 0.9, "{stdout}");
+    let left: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(left.is_empty(), "rank 0 left {left:?} behind");
+    let _ = std::fs::remove_dir_all(&dir);
+}

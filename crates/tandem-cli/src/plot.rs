@@ -1,178 +1,22 @@
 //! Small PNG charts: bus bandwidth against message size (`tandem bench --plot`) and scatter charts
 //! (`tandem tune`'s objective per trial and parameters against the objective).
 //!
-//! Drawn by hand on an RGB canvas with a built-in 5×7 font and encoded with the `png` crate, so the
-//! command needs no font files or plotting stack.
+//! Drawn by hand on an RGB canvas with the 8×8 bitmap font of the `font8x8` crate (capitals,
+//! small letters and punctuation as written, drawn at twice their size) and encoded with the
+//! `png` crate, so the command needs no font files or plotting stack.
 
 use std::io::BufWriter;
 
 use tandem::{Error, Result};
 
-const W: usize = 800;
-const H: usize = 480;
-const LEFT: usize = 70;
-const RIGHT: usize = 20;
-const TOP: usize = 60;
-const BOTTOM: usize = 50;
-
-/// 5×7 glyphs, one string of 7 rows of 5 columns per character.
-fn glyph(c: char) -> Option<[&'static str; 7]> {
-    Some(match c {
-        '0' => [
-            " ### ", "#   #", "#  ##", "# # #", "##  #", "#   #", " ### ",
-        ],
-        '1' => [
-            "  #  ", " ##  ", "  #  ", "  #  ", "  #  ", "  #  ", " ### ",
-        ],
-        '2' => [
-            " ### ", "#   #", "    #", "   # ", "  #  ", " #   ", "#####",
-        ],
-        '3' => [
-            "#####", "   # ", "  #  ", "   # ", "    #", "#   #", " ### ",
-        ],
-        '4' => [
-            "   # ", "  ## ", " # # ", "#  # ", "#####", "   # ", "   # ",
-        ],
-        '5' => [
-            "#####", "#    ", "#### ", "    #", "    #", "#   #", " ### ",
-        ],
-        '6' => [
-            "  ## ", " #   ", "#    ", "#### ", "#   #", "#   #", " ### ",
-        ],
-        '7' => [
-            "#####", "    #", "   # ", "  #  ", " #   ", " #   ", " #   ",
-        ],
-        '8' => [
-            " ### ", "#   #", "#   #", " ### ", "#   #", "#   #", " ### ",
-        ],
-        '9' => [
-            " ### ", "#   #", "#   #", " ####", "    #", "   # ", " ##  ",
-        ],
-        '.' => [
-            "     ", "     ", "     ", "     ", "     ", " ##  ", " ##  ",
-        ],
-        '/' => [
-            "    #", "    #", "   # ", "  #  ", " #   ", "#    ", "#    ",
-        ],
-        '(' => [
-            "   # ", "  #  ", " #   ", " #   ", " #   ", "  #  ", "   # ",
-        ],
-        ')' => [
-            " #   ", "  #  ", "   # ", "   # ", "   # ", "  #  ", " #   ",
-        ],
-        '-' => [
-            "     ", "     ", "     ", "#####", "     ", "     ", "     ",
-        ],
-        'K' => [
-            "#   #", "#  # ", "# #  ", "##   ", "# #  ", "#  # ", "#   #",
-        ],
-        'M' => [
-            "#   #", "## ##", "# # #", "# # #", "#   #", "#   #", "#   #",
-        ],
-        'G' => [
-            " ### ", "#   #", "#    ", "# ###", "#   #", "#   #", " ####",
-        ],
-        'B' => [
-            "#### ", "#   #", "#   #", "#### ", "#   #", "#   #", "#### ",
-        ],
-        's' => [
-            "     ", "     ", " ####", "#    ", " ### ", "    #", "#### ",
-        ],
-        'b' => [
-            "#    ", "#    ", "# ## ", "##  #", "#   #", "#   #", "#### ",
-        ],
-        'u' => [
-            "     ", "     ", "#   #", "#   #", "#   #", "#  ##", " ## #",
-        ],
-        'w' => [
-            "     ", "     ", "#   #", "#   #", "# # #", "# # #", " # # ",
-        ],
-        'i' => [
-            "  #  ", "     ", " ##  ", "  #  ", "  #  ", "  #  ", " ### ",
-        ],
-        'z' => [
-            "     ", "     ", "#####", "   # ", "  #  ", " #   ", "#####",
-        ],
-        'e' => [
-            "     ", "     ", " ### ", "#   #", "#####", "#    ", " ### ",
-        ],
-        'r' => [
-            "     ", "     ", "# ## ", "##  #", "#    ", "#    ", "#    ",
-        ],
-        'a' => [
-            "     ", "     ", " ### ", "    #", " ####", "#   #", " ####",
-        ],
-        'n' => [
-            "     ", "     ", "# ## ", "##  #", "#   #", "#   #", "#   #",
-        ],
-        'k' => [
-            "#    ", "#    ", "#  # ", "# #  ", "##   ", "# #  ", "#  # ",
-        ],
-        'l' => [
-            " ##  ", "  #  ", "  #  ", "  #  ", "  #  ", "  #  ", " ### ",
-        ],
-        'o' => [
-            "     ", "     ", " ### ", "#   #", "#   #", "#   #", " ### ",
-        ],
-        'c' => [
-            "     ", "     ", " ### ", "#    ", "#    ", "#   #", " ### ",
-        ],
-        'd' => [
-            "    #", "    #", " ## #", "#  ##", "#   #", "#   #", " ####",
-        ],
-        't' => [
-            " #   ", " #   ", "###  ", " #   ", " #   ", " #  #", "  ## ",
-        ],
-        'v' => [
-            "     ", "     ", "#   #", "#   #", "#   #", " # # ", "  #  ",
-        ],
-        'p' => [
-            "     ", "     ", "#### ", "#   #", "#### ", "#    ", "#    ",
-        ],
-        'g' => [
-            "     ", "     ", " ####", "#   #", " ####", "    #", " ### ",
-        ],
-        ',' => [
-            "     ", "     ", "     ", "     ", " ##  ", "  #  ", " #   ",
-        ],
-        'f' => [
-            "  ## ", " #   ", "#### ", " #   ", " #   ", " #   ", " #   ",
-        ],
-        'm' => [
-            "     ", "     ", "## # ", "# # #", "# # #", "#   #", "#   #",
-        ],
-        'x' => [
-            "     ", "     ", "#   #", " # # ", "  #  ", " # # ", "#   #",
-        ],
-        'y' => [
-            "     ", "     ", "#   #", "#   #", " ####", "    #", " ### ",
-        ],
-        'h' => [
-            "#    ", "#    ", "# ## ", "##  #", "#   #", "#   #", "#   #",
-        ],
-        ':' => [
-            "     ", " ##  ", " ##  ", "     ", " ##  ", " ##  ", "     ",
-        ],
-        '=' => [
-            "     ", "     ", "#####", "     ", "#####", "     ", "     ",
-        ],
-        '_' => [
-            "     ", "     ", "     ", "     ", "     ", "     ", "#####",
-        ],
-        '+' => [
-            "     ", "  #  ", "  #  ", "#####", "  #  ", "  #  ", "     ",
-        ],
-        'j' => [
-            "   # ", "     ", "  ## ", "   # ", "   # ", "#  # ", " ##  ",
-        ],
-        'q' => [
-            "     ", "     ", " ####", "#   #", " ####", "    #", "    #",
-        ],
-        // Capitals without a glyph of their own are drawn as small letters.
-        c if c.is_ascii_uppercase() => return glyph(c.to_ascii_lowercase()),
-        _ => return None,
-    })
-}
+const W: usize = 1000;
+const H: usize = 600;
+const LEFT: usize = 110;
+const RIGHT: usize = 24;
+const TOP: usize = 100;
+const BOTTOM: usize = 64;
+/// Pixels per character at the scale text is drawn (8×8 glyphs, twice their size).
+const CHAR: i64 = 16;
 
 struct Canvas {
     px: Vec<u8>,
@@ -205,25 +49,37 @@ impl Canvas {
         }
     }
 
-    /// Draws text with its top-left corner at (x, y), 2× scale.
+    /// Draws text with its top-left corner at (x, y), each 8×8 glyph at twice its size.
     fn text(&mut self, x: i64, y: i64, s: &str) {
+        self.text_in(x, y, s, [0, 0, 0]);
+    }
+
+    /// Like [`Canvas::text`], in `rgb`.
+    fn text_in(&mut self, x: i64, y: i64, s: &str, rgb: [u8; 3]) {
+        use font8x8::UnicodeFonts;
         for (i, c) in s.chars().enumerate() {
-            if let Some(g) = glyph(c) {
-                for (row, bits) in g.iter().enumerate() {
-                    for (col, b) in bits.chars().enumerate() {
-                        if b == '#' {
-                            for d in 0..4 {
-                                self.set(
-                                    x + i as i64 * 12 + col as i64 * 2 + d % 2,
-                                    y + row as i64 * 2 + d / 2,
-                                    [0, 0, 0],
-                                );
-                            }
+            let Some(rows) = font8x8::BASIC_FONTS.get(c) else {
+                continue;
+            };
+            for (row, bits) in rows.iter().enumerate() {
+                for col in 0..8 {
+                    if bits & (1 << col) != 0 {
+                        for d in 0..4 {
+                            self.set(
+                                x + i as i64 * CHAR + col * 2 + d % 2,
+                                y + row as i64 * 2 + d / 2,
+                                rgb,
+                            );
                         }
                     }
                 }
             }
         }
+    }
+
+    /// Width of `s` in pixels.
+    fn width(s: &str) -> i64 {
+        s.chars().count() as i64 * CHAR
     }
 }
 
@@ -279,11 +135,44 @@ pub struct Scatter<'a> {
     pub log_x: bool,
     /// Names for integer x positions (categorical axes).
     pub x_names: &'a [String],
+    /// x is a count (trial numbers): ticks at whole numbers only.
+    pub integer_x: bool,
+    /// x positions of things without a y (failed trials), marked with a red cross under the data.
+    pub failed_x: &'a [f64],
+    /// What the colours mean, drawn under the title.
+    pub legend: &'a [(&'a str, [u8; 3])],
+}
+
+/// Whole-number ticks covering `[lo, hi]`, at most about 12 of them, a step of 1, 2 or 5 times a
+/// power of ten apart.
+fn integer_ticks(lo: f64, hi: f64) -> Vec<f64> {
+    let (first, last) = (lo.ceil() + 0.0, hi.floor() + 0.0);
+    if last < first {
+        return vec![first];
+    }
+    let raw = ((last - first) / 12.0).max(1.0);
+    let mut step = 1.0;
+    'find: for exp in 0..16 {
+        for m in [1.0, 2.0, 5.0] {
+            step = m * 10f64.powi(exp);
+            if step >= raw {
+                break 'find;
+            }
+        }
+    }
+    let first = (first / step).ceil() * step + 0.0;
+    let mut out = Vec::new();
+    let mut t = first;
+    while t <= last && out.len() < 64 {
+        out.push(t);
+        t += step;
+    }
+    out
 }
 
 /// Writes a [`Scatter`] chart as a PNG.
 pub fn scatter_png(path: &str, chart: &Scatter<'_>) -> Result<()> {
-    let finite: Vec<(f64, f64)> = chart
+    let mut finite: Vec<(f64, f64)> = chart
         .points
         .iter()
         .chain(chart.line)
@@ -293,6 +182,15 @@ pub fn scatter_png(path: &str, chart: &Scatter<'_>) -> Result<()> {
     if finite.is_empty() {
         return Err(Error::invalid(path, "no points to plot"));
     }
+    // Failed trials widen the x range (their y is the lowest point's, where they are marked).
+    let low = finite.iter().map(|p| p.1).fold(f64::MAX, f64::min);
+    finite.extend(
+        chart
+            .failed_x
+            .iter()
+            .filter(|x| x.is_finite())
+            .map(|x| (*x, low)),
+    );
     let fx = |x: f64| if chart.log_x { x.log10() } else { x };
     let (mut min_x, mut max_x) = finite.iter().fold((f64::MAX, f64::MIN), |(a, b), p| {
         (a.min(fx(p.0)), b.max(fx(p.0)))
@@ -320,30 +218,53 @@ pub fn scatter_png(path: &str, chart: &Scatter<'_>) -> Result<()> {
         let v = min_y + (max_y - min_y) * i as f64 / 5.0;
         let y = py(v);
         c.line((x0, y), (x1, y), [225, 225, 225], 1);
-        c.text(4, y - 7, &tick(v));
+        c.text(4, y - 8, &tick(v));
     }
-    if chart.x_names.is_empty() {
+    let x_label = |c: &mut Canvas, x: i64, label: &str| {
+        let at = (x - Canvas::width(label) / 2).clamp(0, W as i64 - Canvas::width(label));
+        c.text(at, y0 + 10, label);
+    };
+    if !chart.x_names.is_empty() {
+        for (i, name) in chart.x_names.iter().enumerate() {
+            let x = px(i as f64);
+            c.line((x, y0), (x, y1), [225, 225, 225], 1);
+            x_label(&mut c, x, name);
+        }
+    } else if chart.integer_x {
+        for t in integer_ticks(min_x, max_x) {
+            let x = px(t);
+            c.line((x, y0), (x, y1), [225, 225, 225], 1);
+            x_label(&mut c, x, &format!("{t:.0}"));
+        }
+    } else {
         for i in 0..=4 {
             let t = min_x + (max_x - min_x) * i as f64 / 4.0;
             let v = if chart.log_x { 10f64.powf(t) } else { t };
             let x = px(v);
             c.line((x, y0), (x, y1), [225, 225, 225], 1);
-            let label = tick(v);
-            let at = (x - 6 * label.len() as i64).min(W as i64 - 12 * label.len() as i64 - 2);
-            c.text(at, y0 + 8, &label);
-        }
-    } else {
-        for (i, name) in chart.x_names.iter().enumerate() {
-            let x = px(i as f64);
-            c.line((x, y0), (x, y1), [225, 225, 225], 1);
-            c.text(x - 6 * name.len() as i64, y0 + 8, name);
+            x_label(&mut c, x, &tick(v));
         }
     }
     c.line((x0, y0), (x1, y0), [0, 0, 0], 2);
     c.line((x0, y0), (x0, y1), [0, 0, 0], 2);
-    c.text(x0, 6, chart.title);
-    c.text(x1 - 12 * chart.x_label.len() as i64, y0 + 30, chart.x_label);
-    c.text(4, 30, chart.y_label);
+    c.text(x0, 8, chart.title);
+    let mut at = x0;
+    for (label, rgb) in chart.legend {
+        c.line((at, 38), (at + 4, 38), *rgb, 9);
+        c.text_in(at + 20, 34, label, *rgb);
+        at += 20 + Canvas::width(label) + 28;
+    }
+    c.text(x1 - Canvas::width(chart.x_label), y0 + 36, chart.x_label);
+    c.text(4, TOP as i64 - 36, chart.y_label);
+    // Failed trials: a red cross at the bottom of the plot.
+    for &x in chart.failed_x {
+        if !x.is_finite() || (chart.log_x && x <= 0.0) {
+            continue;
+        }
+        let (x, y) = (px(x), y0 - 8);
+        c.line((x - 6, y - 6), (x + 6, y + 6), [200, 40, 40], 3);
+        c.line((x - 6, y + 6), (x + 6, y - 6), [200, 40, 40], 3);
+    }
     for w in chart.line.windows(2) {
         c.line(
             (px(w[0].0), py(w[0].1)),
@@ -384,7 +305,7 @@ pub fn busbw_png(path: &str, title: &str, points: &[(usize, f64)]) -> Result<()>
         let v = max_y * i as f64 / 5.0;
         let y = py(v);
         c.line((x0, y), (x1, y), [225, 225, 225], 1);
-        c.text(4, y - 7, &format!("{v:.2}"));
+        c.text(4, y - 8, &format!("{v:.2}"));
     }
     // x ticks at powers of 4.
     let mut b = 1usize << (min_x.ceil() as u32);
@@ -393,7 +314,7 @@ pub fn busbw_png(path: &str, title: &str, points: &[(usize, f64)]) -> Result<()>
             let x = px(b);
             c.line((x, y0), (x, y1), [225, 225, 225], 1);
             let label = size_label(b);
-            c.text(x - 6 * label.len() as i64, y0 + 8, &label);
+            c.text(x - Canvas::width(&label) / 2, y0 + 10, &label);
         }
         b = match b.checked_mul(2) {
             Some(n) => n,
@@ -402,9 +323,13 @@ pub fn busbw_png(path: &str, title: &str, points: &[(usize, f64)]) -> Result<()>
     }
     c.line((x0, y0), (x1, y0), [0, 0, 0], 2);
     c.line((x0, y0), (x0, y1), [0, 0, 0], 2);
-    c.text(x0, 6, title);
-    c.text(x1 - 8 * 12, y0 + 30, "size (B)");
-    c.text(4, 30, "busbw (GB/s)");
+    c.text(x0, 8, title);
+    c.text(
+        x1 - Canvas::width("message size (bytes)"),
+        y0 + 36,
+        "message size (bytes)",
+    );
+    c.text(4, TOP as i64 - 36, "busbw (GB/s)");
     for w in points.windows(2) {
         c.line(
             (px(w[0].0), py(w[0].1)),
@@ -434,6 +359,36 @@ mod tests {
         let bytes = std::fs::read(&path).unwrap();
         assert_eq!(&bytes[1..4], b"PNG");
         assert!(busbw_png(path.to_str().unwrap(), "x", &[]).is_err());
+        let scatter = Scatter {
+            title: "demo: Validation-accuracy per trial",
+            x_label: "trial",
+            y_label: "Validation-accuracy",
+            points: &[(0.0, 0.5), (1.0, 0.7), (3.0, 0.6)],
+            colours: &[],
+            line: &[(0.0, 0.5), (1.0, 0.7), (3.0, 0.7)],
+            log_x: false,
+            x_names: &[],
+            integer_x: true,
+            failed_x: &[2.0],
+            legend: &[("succeeded", [30, 90, 200]), ("failed", [200, 40, 40])],
+        };
+        scatter_png(path.to_str().unwrap(), &scatter).unwrap();
+        assert_eq!(&std::fs::read(&path).unwrap()[1..4], b"PNG");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn trial_ticks_are_whole_numbers() {
+        assert_eq!(
+            integer_ticks(-0.55, 11.55),
+            (0..=11).map(f64::from).collect::<Vec<_>>()
+        );
+        assert_eq!(
+            integer_ticks(-0.5, 40.5),
+            (0..=8).map(|i| f64::from(i * 5)).collect::<Vec<_>>()
+        );
+        assert!(integer_ticks(-0.55, 11.55)[0].is_sign_positive(), "no -0");
+        assert_eq!(integer_ticks(0.2, 0.8), vec![1.0]);
+        assert!(integer_ticks(-0.5, 1e9).len() <= 64);
     }
 }

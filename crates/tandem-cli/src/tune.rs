@@ -229,10 +229,19 @@ fn plot(e: &Experiment, r: &Record, out: &std::path::Path) -> Result<Vec<PathBuf
     }
     let mut written = Vec::new();
     let path = out.join("objective.png");
-    let title = format!(
-        "{}: {} per trial (green: best so far)",
-        e.name, e.objective.metric
-    );
+    let title = format!("{}: {} per trial", e.name, e.objective.metric);
+    let failed: Vec<f64> = r
+        .trials
+        .iter()
+        .filter(|t| t.objective.is_none() && t.status == Status::Failed)
+        .map(|t| t.index as f64)
+        .collect();
+    let legend = [
+        ("succeeded", colour(Status::Succeeded)),
+        ("stopped early", colour(Status::EarlyStopped)),
+        ("failed", colour(Status::Failed)),
+        ("best so far", [40, 160, 60]),
+    ];
     scatter_png(
         &path.to_string_lossy(),
         &Scatter {
@@ -244,6 +253,9 @@ fn plot(e: &Experiment, r: &Record, out: &std::path::Path) -> Result<Vec<PathBuf
             line: &best,
             log_x: false,
             x_names: &[],
+            integer_x: true,
+            failed_x: &failed,
+            legend: &legend,
         },
     )?;
     written.push(path);
@@ -280,6 +292,9 @@ fn plot(e: &Experiment, r: &Record, out: &std::path::Path) -> Result<Vec<PathBuf
                 line: &[],
                 log_x,
                 x_names: &names,
+                integer_x: false,
+                failed_x: &[],
+                legend: &legend[..3],
             },
         )?;
         written.push(path);

@@ -33,6 +33,7 @@
 mod auth;
 mod blocking;
 pub mod client;
+pub mod discovery;
 mod server;
 mod service;
 mod session;

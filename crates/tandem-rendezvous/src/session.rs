@@ -21,6 +21,8 @@ pub struct Session {
     pub client: Client,
     host: Option<Host>,
     spec: ClusterSpec,
+    /// The file this process published the rendezvous address in (an MPI job's rank 0).
+    published: Option<std::path::PathBuf>,
 }
 
 impl Session {
@@ -33,6 +35,10 @@ impl Session {
         external: bool,
         deadline: Duration,
     ) -> Result<Session> {
+        let var = |k: &str| std::env::var(k).ok();
+        if let Some(file) = crate::discovery::job_file(spec, var) {
+            return Self::join_by_file(spec, token, bind, external, deadline, file).await;
+        }
         let addr = spec.require_rendezvous()?.to_string();
         let host = if spec.hosts_rendezvous() && !external {
             let bind = bind.unwrap_or(&addr);
@@ -47,6 +53,48 @@ impl Session {
             client,
             host,
             spec: spec.clone(),
+            published: None,
+        })
+    }
+
+    /// An MPI job whose launcher names no rendezvous ([`crate::discovery`]): rank 0 binds one on
+    /// an ephemeral port and publishes its address in `file`; the others wait for it.
+    async fn join_by_file(
+        spec: &ClusterSpec,
+        token: &JobToken,
+        bind: Option<&str>,
+        external: bool,
+        deadline: Duration,
+        file: std::path::PathBuf,
+    ) -> Result<Session> {
+        let (addr, host, published) = if spec.hosts_rendezvous() && !external {
+            let var = |k: &str| std::env::var(k).ok();
+            let bind = match bind {
+                Some(b) => b.to_string(),
+                None => crate::discovery::bind_address(spec, var)?,
+            };
+            let host = Host::bind(&bind, ServerConfig::new(token.clone())).await?;
+            let port = host.addr().port();
+            let advertised = match bind.rsplit_once(':') {
+                Some((h, _)) => format!("{h}:{port}"),
+                None => host.addr().to_string(),
+            };
+            crate::discovery::publish(&file, &advertised)?;
+            tracing::info!(addr = %advertised, file = %file.display(), "hosting the rendezvous, published in a file");
+            (advertised, Some(host), Some(file))
+        } else {
+            (
+                crate::discovery::wait_for(&file, deadline).await?,
+                None,
+                None,
+            )
+        };
+        let client = Client::connect(&addr, token, deadline).await?;
+        Ok(Session {
+            client,
+            host,
+            spec: spec.clone().with_rendezvous(addr),
+            published,
         })
     }
 
@@ -82,6 +130,9 @@ impl Session {
             .client
             .barrier("tandem/leave", n, self.spec.rank(), deadline)
             .await;
+        if let Some(file) = &self.published {
+            let _ = std::fs::remove_file(file);
+        }
         if let Some(h) = self.host {
             h.stop().await?;
         }

@@ -45,10 +45,108 @@ pub fn parse_line(line: &str) -> Vec<(String, f64)> {
         .collect()
 }
 
+/// Where a trial's metrics come from, as Katib's `metricsCollectorSpec` says.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Source {
+    /// Its standard output, line by line (Katib's `StdOut`, the default).
+    #[default]
+    StdOut,
+    /// A file it writes, read when it ends (Katib's `File`): lines of text, or JSON objects one
+    /// per line whose keys are metric names.
+    File {
+        /// The file (relative to the trial's working directory).
+        path: String,
+        /// JSON lines instead of text.
+        json: bool,
+    },
+}
+
+/// How metrics are collected: the source and, optionally, Katib's `filter.metricsFormat`
+/// regular expressions (each with two groups: the name, then the value). Without them, lines are
+/// read with [`parse_line`] (Katib's default format).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Collector {
+    /// Where the metrics come from.
+    pub source: Source,
+    /// Katib's `metricsFormat` expressions.
+    pub formats: Vec<String>,
+}
+
+/// Reads `name=value` pairs off lines, by a collector's expressions or the default format.
+#[derive(Debug, Clone, Default)]
+pub struct LineParser {
+    formats: Vec<regex::Regex>,
+}
+
+impl LineParser {
+    /// Compiles `collector`'s expressions; an expression that does not compile, or has fewer than
+    /// two groups, is an error naming it.
+    pub fn new(collector: &Collector) -> tandem_core::Result<LineParser> {
+        let mut formats = Vec::new();
+        for (i, f) in collector.formats.iter().enumerate() {
+            let field = format!("spec.metricsCollectorSpec.source.filter.metricsFormat[{i}]");
+            let re = regex::Regex::new(f)
+                .map_err(|e| tandem_core::Error::config(&field, format!("{f:?}: {e}")))?;
+            if re.captures_len() < 3 {
+                return Err(tandem_core::Error::config(
+                    field,
+                    format!("{f:?} needs two groups: the metric's name, then its value"),
+                ));
+            }
+            formats.push(re);
+        }
+        Ok(LineParser { formats })
+    }
+
+    /// The `name=value` pairs of one line, in order.
+    pub fn parse(&self, line: &str) -> Vec<(String, f64)> {
+        if self.formats.is_empty() {
+            return parse_line(line);
+        }
+        let mut out = Vec::new();
+        for re in &self.formats {
+            for c in re.captures_iter(line) {
+                let (Some(k), Some(v)) = (c.get(1), c.get(2)) else {
+                    continue;
+                };
+                if let Ok(v) = v.as_str().trim().parse::<f64>()
+                    && v.is_finite()
+                {
+                    out.push((k.as_str().trim().to_string(), v));
+                }
+            }
+        }
+        out
+    }
+
+    /// The numeric fields of one JSON object line (values may be numbers or numeric strings).
+    pub fn parse_json(&self, line: &str) -> Vec<(String, f64)> {
+        let Ok(serde_json::Value::Object(map)) = serde_json::from_str::<serde_json::Value>(line)
+        else {
+            return Vec::new();
+        };
+        map.into_iter()
+            .filter(|(k, _)| k != "timestamp")
+            .filter_map(|(k, v)| {
+                let n = match v {
+                    serde_json::Value::Number(n) => n.as_f64(),
+                    serde_json::Value::String(s) => s.trim().parse().ok(),
+                    _ => None,
+                }?;
+                n.is_finite().then_some((k, n))
+            })
+            .collect()
+    }
+}
+
 impl Metrics {
     /// Records one line of output; returns the reports it added as (name, report).
     pub fn add_line(&mut self, line: &str) -> Vec<(String, Report)> {
-        let pairs = parse_line(line);
+        self.add_pairs(parse_line(line))
+    }
+
+    /// Records the pairs of one line (a `step` or `epoch` among them gives the others' step).
+    pub fn add_pairs(&mut self, pairs: Vec<(String, f64)>) -> Vec<(String, Report)> {
         let step = pairs
             .iter()
             .find(|(k, _)| k == "step" || k == "epoch")

@@ -22,9 +22,9 @@ use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use tandem_core::{Error, Result};
 
-use crate::metrics::Metrics;
+use crate::metrics::{LineParser, Metrics, Source};
 use crate::search::{Assignment, Observation, Search};
-use crate::spec::{Experiment, Goal};
+use crate::spec::{Experiment, Goal, Launch};
 use crate::state::{Outcome, Record, Status, Trial};
 
 /// What changed, for live progress.
@@ -53,6 +53,8 @@ struct Running {
     stop: Option<(Status, String)>,
     open: bool,
     exited: Option<(std::process::ExitStatus, Instant)>,
+    /// Reads metrics off lines (the collector's expressions, or the default format).
+    parser: LineParser,
 }
 
 /// FNV-1a of the spec text: a folder holding another experiment is not resumed by mistake.
@@ -61,6 +63,51 @@ pub fn spec_hash(text: &str) -> String {
         (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
     });
     format!("{h:016x}")
+}
+
+/// The command a trial runs: its own, or (a TFJob or PyTorchJob trial spec) `tandem launch` with
+/// the job's replicas and its command. `TANDEM_CLI` names the `tandem` executable; else this
+/// process when it is `tandem` (`tandem tune`), else `tandem` from PATH.
+fn launched(e: &Experiment, command: Vec<String>, sub: impl Fn(&str) -> String) -> Vec<String> {
+    let layout: Vec<String> = match &e.template.launch {
+        Launch::Plain => return command,
+        Launch::Allreduce { nproc } => vec!["--nproc".into(), nproc.to_string()],
+        Launch::Ps {
+            ps,
+            workers,
+            chief,
+            ps_command,
+        } => {
+            let mut l = vec![
+                "--ps".into(),
+                ps.to_string(),
+                "--workers".into(),
+                workers.to_string(),
+            ];
+            if *chief {
+                l.push("--chief".into());
+            }
+            if let Some(c) = ps_command {
+                let c: Vec<String> = c.iter().map(|a| sub(a)).collect();
+                l.extend(["--ps-cmd".into(), c.join(" ")]);
+            }
+            l
+        }
+    };
+    let tandem = std::env::var("TANDEM_CLI")
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| {
+            std::env::current_exe()
+                .ok()
+                .filter(|p| p.file_stem().is_some_and(|s| s == "tandem"))
+                .map_or_else(|| "tandem".into(), |p| p.to_string_lossy().into_owned())
+        });
+    let mut args = vec![tandem, "launch".into()];
+    args.extend(layout);
+    args.extend(["--no-log-files".into(), "--".into()]);
+    args.extend(command);
+    args
 }
 
 fn substitute(e: &Experiment, arg: &str, name: &str, params: &Assignment) -> String {
@@ -149,6 +196,20 @@ fn open_record(e: &Experiment, spec_text: &str, out: &Path) -> Result<Record> {
                 "--out",
                 format!(
                     "{} holds experiment {:?} of a different spec; choose another folder or delete it",
+                    out.display(),
+                    r.experiment
+                ),
+            ));
+        }
+        Some(r)
+            if e.resume_never
+                && r.outcome != Outcome::Running
+                && r.outcome != Outcome::Interrupted =>
+        {
+            return Err(Error::config(
+                "spec.resumePolicy",
+                format!(
+                    "is Never and {} holds the finished experiment {:?}; choose another folder or delete it",
                     out.display(),
                     r.experiment
                 ),
@@ -327,9 +388,14 @@ impl Experimenting<'_> {
         let Some(r) = self.running.get_mut(&i) else {
             return Ok(());
         };
+        // A File collector reads the trial's file when it ends, not its output.
+        if e.collector.source != Source::StdOut {
+            return Ok(());
+        }
+        let pairs = r.parser.parse(&line);
         let reported: Vec<(u64, f64)> = r
             .metrics
-            .add_line(&line)
+            .add_pairs(pairs)
             .iter()
             .filter(|(n, _)| *n == e.objective.metric)
             .map(|(_, rep)| (rep.step, rep.value))
@@ -513,6 +579,25 @@ fn conclude(e: &Experiment, record: &mut Record, index: u64, mut r: Running) -> 
     let exit = r.exited.map(|x| x.0).or_else(|| r.child.wait().ok());
     // Whatever the trial left behind in its process group goes too.
     signal(r.pgid, Signal::SIGKILL);
+    if let Source::File { path, json } = &e.collector.source {
+        let path = path
+            .replace("${trialName}", &format!("{}-trial-{index}", e.name))
+            .replace("${experimentName}", &e.name);
+        let file = match &e.template.working_dir {
+            Some(d) if !Path::new(&path).is_absolute() => Path::new(d).join(&path),
+            _ => Path::new(&path).to_path_buf(),
+        };
+        if let Ok(text) = std::fs::read_to_string(&file) {
+            for line in text.lines() {
+                let pairs = if *json {
+                    r.parser.parse_json(line)
+                } else {
+                    r.parser.parse(line)
+                };
+                r.metrics.add_pairs(pairs);
+            }
+        }
+    }
     let objective = r.metrics.value(&e.objective.metric, e.objective.strategy);
     let (status, reason) = match (r.stop.take(), exit) {
         (Some((s, why)), _) => (s, Some(why)),
@@ -561,12 +646,13 @@ fn start(
     tx: &Sender<Event>,
 ) -> Result<(Running, Assignment)> {
     let name = format!("{}-trial-{index}", e.name);
-    let args: Vec<String> = e
+    let command: Vec<String> = e
         .template
         .command
         .iter()
         .map(|a| substitute(e, a, &name, &params))
         .collect();
+    let args = launched(e, command, |a| substitute(e, a, &name, &params));
     let mut cmd = Command::new(&args[0]);
     cmd.args(&args[1..])
         .env("TANDEM_TRIAL_NAME", &name)
@@ -624,6 +710,7 @@ fn start(
             stop: None,
             open: true,
             exited: None,
+            parser: LineParser::new(&e.collector)?,
         },
         params,
     ))

@@ -13,7 +13,10 @@ use std::collections::BTreeMap;
 use tandem_core::{Error, Result};
 
 mod domain;
+mod katib;
 mod raw;
+
+pub use katib::{Launch, TrialRun};
 
 use domain::domain;
 use raw::*;
@@ -160,6 +163,9 @@ pub struct Template {
     pub env: BTreeMap<String, String>,
     /// Working directory of the trial.
     pub working_dir: Option<String>,
+    /// How the command starts: as it is, or as a local distributed job (a TFJob or PyTorchJob
+    /// trial spec's replicas, through `tandem launch`).
+    pub launch: Launch,
 }
 
 /// A checked experiment.
@@ -183,6 +189,11 @@ pub struct Experiment {
     pub parameters: Vec<Parameter>,
     /// What a trial runs.
     pub template: Template,
+    /// Where trials' metrics come from.
+    pub collector: crate::metrics::Collector,
+    /// Katib's `resumePolicy` (`Never`, `LongRunning`, `FromVolume`): with `Never` a finished
+    /// experiment's folder is not run again.
+    pub resume_never: bool,
 }
 
 /// Default trial deadline when the spec sets none: every trial ends.
@@ -190,6 +201,25 @@ pub const DEFAULT_TRIAL_TIMEOUT: u64 = 3600;
 
 /// Search algorithms this version knows.
 pub const ALGORITHMS: [&str; 3] = ["random", "grid", "tpe"];
+
+/// Katib's other algorithm names, and why `tandem tune` refuses them.
+const UNSUPPORTED: [(&str, &str); 9] = [
+    (
+        "bayesianoptimization",
+        "Gaussian-process Bayesian optimization",
+    ),
+    (
+        "multivariate-tpe",
+        "multivariate TPE (tpe samples each parameter on its own)",
+    ),
+    ("cmaes", "CMA-ES"),
+    ("sobol", "Sobol quasi-random search"),
+    ("hyperband", "Hyperband"),
+    ("pbt", "population-based training"),
+    ("enas", "ENAS neural architecture search"),
+    ("darts", "DARTS neural architecture search"),
+    ("skopt-bayes-opt", "scikit-optimize's Bayesian optimization"),
+];
 
 impl Experiment {
     /// Parses and checks a YAML spec.
@@ -238,6 +268,22 @@ impl Experiment {
         let s = raw.spec;
         let objective = objective(s.objective)?;
         let algorithm = parse_algorithm("spec.algorithm", s.algorithm)?;
+        if let Some((_, what)) = UNSUPPORTED.iter().find(|(n, _)| *n == algorithm.name) {
+            return Err(Error::config(
+                "spec.algorithm.algorithmName",
+                format!(
+                    "{:?} ({what}) is a Katib algorithm tandem tune does not implement; use one of {}",
+                    algorithm.name,
+                    ALGORITHMS.join(", ")
+                ),
+            ));
+        }
+        if s.nas_config.is_some() {
+            return Err(Error::config(
+                "spec.nasConfig",
+                "neural architecture search is not supported by tandem tune (hyperparameter search only)",
+            ));
+        }
         if !ALGORITHMS.contains(&algorithm.name.as_str()) {
             return Err(Error::config(
                 "spec.algorithm.algorithmName",
@@ -286,6 +332,17 @@ impl Experiment {
             });
         }
         let template = template(s.trial_template, &parameters)?;
+        let collector = collector(s.metrics_collector_spec)?;
+        let resume_never = match s.resume_policy.as_deref() {
+            None | Some("LongRunning") | Some("FromVolume") => false,
+            Some("Never") => true,
+            Some(other) => {
+                return Err(Error::config(
+                    "spec.resumePolicy",
+                    format!("{other:?} is not Never, LongRunning or FromVolume"),
+                ));
+            }
+        };
         let count = |field: &str, v: Option<u32>, default: u32| -> Result<u32> {
             match v {
                 Some(0) => Err(Error::config(field, "must be at least 1")),
@@ -306,8 +363,80 @@ impl Experiment {
             max_failed,
             parameters,
             template,
+            collector,
+            resume_never,
         })
     }
+}
+
+/// Katib's `metricsCollectorSpec`: `StdOut` (the default) or `File` (text or JSON lines), with
+/// optional `filter.metricsFormat`; collectors that need a cluster are refused, naming the kind.
+fn collector(c: Option<RawCollectorSpec>) -> Result<crate::metrics::Collector> {
+    use crate::metrics::{Collector, Source};
+    let Some(c) = c else {
+        return Ok(Collector::default());
+    };
+    let source = c.source.unwrap_or(RawSource {
+        file_system_path: None,
+        filter: None,
+        http_get: None,
+    });
+    if source.http_get.is_some() {
+        return Err(Error::config(
+            "spec.metricsCollectorSpec.source.httpGet",
+            "is collected by Katib's sidecar in a cluster; use StdOut or File",
+        ));
+    }
+    let formats = source
+        .filter
+        .and_then(|f| f.metrics_format)
+        .unwrap_or_default();
+    let kind = c.collector.map_or_else(
+        || "StdOut".to_string(),
+        |k| {
+            let _ = k.custom_collector;
+            k.kind
+        },
+    );
+    let source = match kind.as_str() {
+        "StdOut" => Source::StdOut,
+        "File" => {
+            let p = source.file_system_path.ok_or_else(|| {
+                Error::config(
+                    "spec.metricsCollectorSpec.source.fileSystemPath",
+                    "is missing: the File collector reads the file it names",
+                )
+            })?;
+            if p.kind.as_deref().is_some_and(|k| k != "File") {
+                return Err(Error::config(
+                    "spec.metricsCollectorSpec.source.fileSystemPath.kind",
+                    format!("{:?}: the File collector reads one file", p.kind),
+                ));
+            }
+            let json = match p.format.as_deref() {
+                None | Some("TEXT") => false,
+                Some("JSON") => true,
+                Some(other) => {
+                    return Err(Error::config(
+                        "spec.metricsCollectorSpec.source.fileSystemPath.format",
+                        format!("{other:?} is not TEXT or JSON"),
+                    ));
+                }
+            };
+            Source::File { path: p.path, json }
+        }
+        other => {
+            return Err(Error::config(
+                "spec.metricsCollectorSpec.collector.kind",
+                format!(
+                    "{other:?} cannot be collected by a local trial (it needs Katib's sidecar or TensorFlow's event files); use StdOut or File"
+                ),
+            ));
+        }
+    };
+    let c = Collector { source, formats };
+    crate::metrics::LineParser::new(&c)?;
+    Ok(c)
 }
 
 fn objective(o: RawObjective) -> Result<Objective> {
@@ -387,9 +516,49 @@ fn parse_algorithm(field: &str, a: RawAlgorithm) -> Result<AlgorithmSpec> {
 }
 
 fn template(t: RawTemplate, params: &[Parameter]) -> Result<Template> {
-    if t.command.is_empty() || t.command[0].trim().is_empty() {
+    let _ = (
+        &t.primary_pod_labels,
+        t.retain,
+        &t.success_condition,
+        &t.failure_condition,
+    );
+    if t.config_map.is_some() {
+        return Err(Error::config(
+            "spec.trialTemplate.configMap",
+            "names a Kubernetes ConfigMap, which tandem tune cannot read; put the trial spec inline (trialSpec)",
+        ));
+    }
+    let run = match (t.trial_spec, t.command) {
+        (Some(_), Some(_)) => {
+            return Err(Error::config(
+                "spec.trialTemplate",
+                "has both trialSpec and command: give one",
+            ));
+        }
+        (Some(spec), None) => katib::trial_run(&spec, t.primary_container_name.as_deref())?,
+        (None, Some(command)) => TrialRun {
+            command,
+            env: BTreeMap::new(),
+            working_dir: None,
+            launch: Launch::Plain,
+        },
+        (None, None) => {
+            return Err(Error::config(
+                "spec.trialTemplate",
+                "needs a trialSpec (a Job, TFJob or PyTorchJob) or a command",
+            ));
+        }
+    };
+    if run.command.is_empty() || run.command[0].trim().is_empty() {
         return Err(Error::config("spec.trialTemplate.command", "is empty"));
     }
+    let mut env = run.env;
+    env.extend(t.env.unwrap_or_default());
+    let working_dir = t.working_dir.or(run.working_dir);
+    let ps_command = match &run.launch {
+        Launch::Ps { ps_command, .. } => ps_command.clone().unwrap_or_default(),
+        _ => Vec::new(),
+    };
     let mut trial_parameters = Vec::new();
     for (i, tp) in t
         .trial_parameters
@@ -407,10 +576,12 @@ fn template(t: RawTemplate, params: &[Parameter]) -> Result<Template> {
         trial_parameters.push((tp.name, tp.reference));
     }
     // Every placeholder must resolve, or a trial would run with a literal "${...}".
-    for arg in t
+    for arg in run
         .command
         .iter()
-        .chain(t.env.iter().flat_map(|e| e.values()))
+        .chain(&ps_command)
+        .chain(env.values())
+        .chain(working_dir.iter())
     {
         let mut rest = arg.as_str();
         while let Some(start) = rest.find("${") {
@@ -449,9 +620,10 @@ fn template(t: RawTemplate, params: &[Parameter]) -> Result<Template> {
     };
     Ok(Template {
         trial_parameters,
-        command: t.command,
+        command: run.command,
         timeout_seconds,
-        env: t.env.unwrap_or_default(),
-        working_dir: t.working_dir,
+        env,
+        working_dir,
+        launch: run.launch,
     })
 }

@@ -246,7 +246,8 @@ impl Formation<'_> {
         );
         let session = self.join()?;
         let client = session.client.clone();
-        let (mesh, addrs) = self.connect_mesh(&client)?;
+        let rendezvous = session.spec().require_rendezvous()?.to_string();
+        let (mesh, addrs) = self.connect_mesh(&client, &rendezvous)?;
         let same_host = if self.config.same_host {
             let timeout = self.config.connect_timeout;
             self.cancel.run(
@@ -359,14 +360,17 @@ impl Formation<'_> {
     }
 
     /// Publishes this rank's ring address, learns everyone's, and connects the mesh.
-    fn connect_mesh(&self, client: &tandem_rendezvous::Client) -> Result<(Mesh, Vec<String>)> {
+    fn connect_mesh(
+        &self,
+        client: &tandem_rendezvous::Client,
+        rendezvous: &str,
+    ) -> Result<(Mesh, Vec<String>)> {
         let (rank, world) = (self.spec.rank(), self.spec.world_size());
-        let rendezvous = self.spec.require_rendezvous()?.to_string();
         let host = self
             .config
             .advertise_host
             .clone()
-            .unwrap_or_else(|| advertise_host(&rendezvous));
+            .unwrap_or_else(|| advertise_host(rendezvous));
         let security = match &self.config.security {
             Some(s) => s.clone(),
             None => tandem_tls::Security::from_env()?,

@@ -193,6 +193,12 @@ impl ClusterSpec {
     pub fn peer(&self, role: Role, index: usize) -> Option<&str> {
         self.peers.get(&role)?.get(&index).map(String::as_str)
     }
+    /// The same spec with its rendezvous at `addr` (found after the spec was read, e.g. published
+    /// by rank 0 of an MPI job).
+    pub fn with_rendezvous(mut self, addr: impl Into<String>) -> ClusterSpec {
+        self.rendezvous = Some(addr.into());
+        self
+    }
     /// The rendezvous endpoint (`host:port`), if one is known.
     pub fn rendezvous(&self) -> Option<&str> {
         self.rendezvous.as_deref()

@@ -62,6 +62,45 @@ pub(super) struct RawSpec {
     pub(super) early_stopping: Option<RawAlgorithm>,
     pub(super) parameters: Vec<RawParam>,
     pub(super) trial_template: RawTemplate,
+    pub(super) metrics_collector_spec: Option<RawCollectorSpec>,
+    pub(super) resume_policy: Option<String>,
+    pub(super) nas_config: Option<serde_norway::Value>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawCollectorSpec {
+    pub(super) collector: Option<RawCollector>,
+    pub(super) source: Option<RawSource>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(super) struct RawCollector {
+    pub(super) kind: String,
+    pub(super) custom_collector: Option<serde_norway::Value>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(super) struct RawSource {
+    pub(super) file_system_path: Option<RawPath>,
+    pub(super) filter: Option<RawFilter>,
+    pub(super) http_get: Option<serde_norway::Value>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawPath {
+    pub(super) path: String,
+    pub(super) kind: Option<String>,
+    pub(super) format: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(super) struct RawFilter {
+    pub(super) metrics_format: Option<Vec<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -119,10 +158,20 @@ pub(super) struct RawSpace {
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub(super) struct RawTemplate {
     pub(super) trial_parameters: Option<Vec<RawTrialParam>>,
-    pub(super) command: Vec<String>,
+    /// Tandem's shorthand: the trial's command, run as it is.
+    pub(super) command: Option<Vec<String>>,
     pub(super) timeout_seconds: Option<u64>,
     pub(super) env: Option<BTreeMap<String, String>>,
     pub(super) working_dir: Option<String>,
+    /// Katib's forms: a Kubernetes object (batch/v1 Job, TFJob, PyTorchJob) whose primary
+    /// container's command the trial runs, or a ConfigMap holding one.
+    pub(super) primary_container_name: Option<String>,
+    pub(super) primary_pod_labels: Option<BTreeMap<String, String>>,
+    pub(super) trial_spec: Option<serde_norway::Value>,
+    pub(super) config_map: Option<serde_norway::Value>,
+    pub(super) retain: Option<bool>,
+    pub(super) success_condition: Option<String>,
+    pub(super) failure_condition: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
