@@ -370,7 +370,21 @@ pub fn testbed(a: TestbedArgs) -> Result<std::process::ExitCode> {
             }
         }
     }
+    // SIGTERM or Ctrl-C: the processes on the hosts go, so this returns and the hosts are removed.
+    let finished = Arc::new(AtomicBool::new(false));
+    let pids = children
+        .iter()
+        .map(|c| {
+            if a.once {
+                c.id()
+            } else {
+                Testbed::pid_of(c).unwrap_or_else(|| c.id())
+            }
+        })
+        .collect();
+    kill_on_signal(pids, finished.clone());
     let failed = finish(children);
+    finished.store(true, Ordering::Relaxed);
     if failed.is_empty() {
         Ok(std::process::ExitCode::SUCCESS)
     } else {
