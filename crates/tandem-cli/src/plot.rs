@@ -314,7 +314,8 @@ pub fn busbw_png(path: &str, title: &str, points: &[(usize, f64)]) -> Result<()>
             let x = px(b);
             c.line((x, y0), (x, y1), [225, 225, 225], 1);
             let label = size_label(b);
-            c.text(x - Canvas::width(&label) / 2, y0 + 10, &label);
+            let at = (x - Canvas::width(&label) / 2).clamp(0, W as i64 - Canvas::width(&label));
+            c.text(at, y0 + 10, &label);
         }
         b = match b.checked_mul(2) {
             Some(n) => n,
