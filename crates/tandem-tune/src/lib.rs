@@ -7,6 +7,7 @@
 //! `tandem launch` job). Trials report metrics as `name=value` lines on stdout ([`metrics`]).
 //! [`runner::run`] runs it, keeping `experiment.json` so an interrupted experiment resumes.
 
+mod command;
 pub mod metrics;
 pub mod runner;
 pub mod search;

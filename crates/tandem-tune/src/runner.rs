@@ -22,9 +22,10 @@ use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use tandem_core::{Error, Result};
 
+use crate::command::{launched, substitute};
 use crate::metrics::{LineParser, Metrics, Source};
 use crate::search::{Assignment, Observation, Search};
-use crate::spec::{Experiment, Goal, Launch};
+use crate::spec::{Experiment, Goal};
 use crate::state::{Outcome, Record, Status, Trial};
 
 /// What changed, for live progress.
@@ -63,66 +64,6 @@ pub fn spec_hash(text: &str) -> String {
         (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
     });
     format!("{h:016x}")
-}
-
-/// The command a trial runs: its own, or (a TFJob or PyTorchJob trial spec) `tandem launch` with
-/// the job's replicas and its command. `TANDEM_CLI` names the `tandem` executable; else this
-/// process when it is `tandem` (`tandem tune`), else `tandem` from PATH.
-fn launched(e: &Experiment, command: Vec<String>, sub: impl Fn(&str) -> String) -> Vec<String> {
-    let layout: Vec<String> = match &e.template.launch {
-        Launch::Plain => return command,
-        Launch::Allreduce { nproc } => vec!["--nproc".into(), nproc.to_string()],
-        Launch::Ps {
-            ps,
-            workers,
-            chief,
-            ps_command,
-        } => {
-            let mut l = vec![
-                "--ps".into(),
-                ps.to_string(),
-                "--workers".into(),
-                workers.to_string(),
-            ];
-            if *chief {
-                l.push("--chief".into());
-            }
-            if let Some(c) = ps_command {
-                let c: Vec<String> = c.iter().map(|a| sub(a)).collect();
-                l.extend(["--ps-cmd".into(), c.join(" ")]);
-            }
-            l
-        }
-    };
-    let tandem = std::env::var("TANDEM_CLI")
-        .ok()
-        .filter(|s| !s.is_empty())
-        .unwrap_or_else(|| {
-            std::env::current_exe()
-                .ok()
-                .filter(|p| p.file_stem().is_some_and(|s| s == "tandem"))
-                .map_or_else(|| "tandem".into(), |p| p.to_string_lossy().into_owned())
-        });
-    let mut args = vec![tandem, "launch".into()];
-    args.extend(layout);
-    args.extend(["--no-log-files".into(), "--".into()]);
-    args.extend(command);
-    args
-}
-
-fn substitute(e: &Experiment, arg: &str, name: &str, params: &Assignment) -> String {
-    let mut out = arg
-        .replace("${trialName}", name)
-        .replace("${experimentName}", &e.name);
-    for (placeholder, reference) in &e.template.trial_parameters {
-        if let Some(v) = params.get(reference) {
-            out = out.replace(
-                &format!("${{trialParameters.{placeholder}}}"),
-                &v.to_string(),
-            );
-        }
-    }
-    out
 }
 
 fn median(mut v: Vec<f64>) -> Option<f64> {

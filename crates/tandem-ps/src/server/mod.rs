@@ -15,6 +15,7 @@ mod convert;
 mod lease;
 mod model;
 mod pool;
+mod pull;
 pub mod replica;
 mod rows;
 mod same_host;
