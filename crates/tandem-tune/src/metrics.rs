@@ -190,3 +190,61 @@ impl Metrics {
             .map(|r| r.value)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn collector(formats: &[&str]) -> Collector {
+        Collector {
+            source: Source::StdOut,
+            formats: formats.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn metrics_format_expressions_pick_what_they_match_and_nothing_else() {
+        // Katib's example filter: only lines of the form `{metricName: ..., metricValue: ...}`.
+        let p = LineParser::new(&collector(&[
+            r"\{metricName: ([\w|-]+), metricValue: ((-?\d+)(\.\d+)?)\}",
+        ]))
+        .expect("compiles");
+        assert_eq!(
+            p.parse("epoch 1 {metricName: accuracy, metricValue: 0.8} loss=3"),
+            vec![("accuracy".to_string(), 0.8)]
+        );
+        assert!(
+            p.parse("accuracy=0.9").is_empty(),
+            "the default format is not used"
+        );
+        // Without expressions: Katib's default `name=value`.
+        let d = LineParser::new(&Collector::default()).expect("default");
+        assert_eq!(d.parse("accuracy=0.9"), vec![("accuracy".to_string(), 0.9)]);
+    }
+
+    #[test]
+    fn a_metrics_format_needs_two_groups_and_must_compile() {
+        let e = LineParser::new(&collector(&["accuracy=([0-9.]+)"])).expect_err("one group");
+        assert!(
+            e.to_string().contains("metricsFormat[0]") && e.to_string().contains("two groups"),
+            "{e}"
+        );
+        let e = LineParser::new(&collector(&["(a)(b)", "(unclosed"])).expect_err("bad regex");
+        assert!(e.to_string().contains("metricsFormat[1]"), "{e}");
+        assert!(LineParser::new(&collector(&["(a)(b)"])).is_ok());
+    }
+
+    #[test]
+    fn json_lines_give_their_numeric_fields() {
+        let p = LineParser::default();
+        let mut got =
+            p.parse_json(r#"{"loss": "0.25", "accuracy": 0.9, "timestamp": 1.5, "note": "x"}"#);
+        got.sort_by(|a, b| a.0.cmp(&b.0));
+        assert_eq!(
+            got,
+            vec![("accuracy".to_string(), 0.9), ("loss".to_string(), 0.25)]
+        );
+        assert!(p.parse_json("not json").is_empty());
+        assert!(p.parse_json("[1, 2]").is_empty());
+    }
+}

@@ -61,6 +61,95 @@ fn a_katib_spec_parses() {
 }
 
 #[test]
+fn katib_collectors_policies_and_template_forms_are_checked_naming_the_field() {
+    const CMD: &str = "    command: [sh, -c, \"echo accuracy=${trialParameters.learningRate}\"]\n";
+    let job = "    primaryContainerName: main\n    trialSpec: {kind: Job, spec: {template: {spec: {containers: [{name: main, command: [python3, t.py]}]}}}}\n";
+    let ok = |edit: &[(&str, &str)]| Experiment::from_yaml(&spec(edit)).unwrap();
+    let err = |edit: &[(&str, &str)]| Experiment::from_yaml(&spec(edit)).unwrap_err().to_string();
+    // A File collector, JSON lines.
+    let e = ok(&[(
+        "  parallelTrialCount: 2\n",
+        "  parallelTrialCount: 2\n  metricsCollectorSpec: {collector: {kind: File}, source: {fileSystemPath: {path: m.json, kind: File, format: JSON}}}\n",
+    )]);
+    assert_eq!(
+        e.collector.source,
+        crate::metrics::Source::File {
+            path: "m.json".into(),
+            json: true
+        }
+    );
+    for (edit, field) in [
+        (
+            "  metricsCollectorSpec: {collector: {kind: File}}\n",
+            "fileSystemPath",
+        ),
+        (
+            "  metricsCollectorSpec: {collector: {kind: File}, source: {fileSystemPath: {path: d, kind: Directory}}}\n",
+            "fileSystemPath.kind",
+        ),
+        (
+            "  metricsCollectorSpec: {collector: {kind: File}, source: {fileSystemPath: {path: f, format: XML}}}\n",
+            "fileSystemPath.format",
+        ),
+        (
+            "  metricsCollectorSpec: {collector: {kind: PrometheusMetric}}\n",
+            "collector.kind",
+        ),
+        (
+            "  metricsCollectorSpec: {source: {httpGet: {port: 8080}}}\n",
+            "httpGet",
+        ),
+        (
+            "  metricsCollectorSpec: {source: {filter: {metricsFormat: [\"(x\"]}}}\n",
+            "metricsFormat[0]",
+        ),
+        ("  resumePolicy: Sometimes\n", "spec.resumePolicy"),
+        ("  nasConfig: {}\n", "spec.nasConfig"),
+    ] {
+        let e = err(&[(
+            "  parallelTrialCount: 2\n",
+            &format!("  parallelTrialCount: 2\n{edit}"),
+        )]);
+        assert!(e.contains(field), "{edit}: {e}");
+    }
+    assert!(
+        ok(&[(
+            "  parallelTrialCount: 2\n",
+            "  parallelTrialCount: 2\n  resumePolicy: Never\n"
+        )])
+        .resume_never
+    );
+    assert!(
+        !ok(&[(
+            "  parallelTrialCount: 2\n",
+            "  parallelTrialCount: 2\n  resumePolicy: LongRunning\n"
+        )])
+        .resume_never
+    );
+    // The trial: a Job's primary container, or the command shorthand, never both or neither.
+    let e = ok(&[(CMD, job)]);
+    assert_eq!(e.template.command, ["python3", "t.py"]);
+    assert_eq!(e.template.launch, crate::spec::Launch::Plain);
+    assert!(err(&[(CMD, &format!("{CMD}{job}"))]).contains("both trialSpec and command"));
+    assert!(err(&[(CMD, "")]).contains("needs a trialSpec"));
+    assert!(
+        err(&[(
+            CMD,
+            "    configMap: {configMapName: t, templatePath: x.yaml}\n"
+        )])
+        .contains("spec.trialTemplate.configMap")
+    );
+    for (name, what) in [
+        ("bayesianoptimization", "Gaussian-process"),
+        ("cmaes", "CMA-ES"),
+        ("multivariate-tpe", "multivariate"),
+    ] {
+        let e = err(&[("algorithmName: random", &format!("algorithmName: {name}"))]);
+        assert!(e.contains(what) && e.contains("random, grid, tpe"), "{e}");
+    }
+}
+
+#[test]
 fn bad_specs_are_refused_naming_the_field() {
     for (edit, field) in [
         (
