@@ -58,10 +58,10 @@ pub struct BenchArgs {
     np: usize,
     /// Smallest size in bytes (K, M, G suffixes).
     #[arg(long, default_value = "4K")]
-    min: String,
+    pub(crate) min: String,
     /// Largest size in bytes.
     #[arg(long, default_value = "64M")]
-    max: String,
+    pub(crate) max: String,
     /// Reduce operator.
     #[arg(long, default_value = "sum")]
     op: String,
@@ -107,6 +107,14 @@ pub struct BenchArgs {
     /// batches) and their ratio.
     #[arg(long)]
     observe_cost: bool,
+    /// Measure what elastic training costs when nothing fails: the ranks form an elastic group
+    /// (tandem::elastic) and alternate batches of allreduces with and without a commit of a
+    /// state as large as the tensor after each one; the table shows both times and their ratio.
+    #[arg(long, conflicts_with = "observe_cost")]
+    pub(crate) elastic_cost: bool,
+    /// With `--elastic-cost`: commit after every this many allreduces (1: every one).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub(crate) commit_every: u64,
     /// Bytes per second of each link (set for the ranks by `--link`).
     #[arg(long, hide = true)]
     link_bytes: Option<f64>,
@@ -151,6 +159,12 @@ pub fn run(cmd: BenchCommand) -> Result<ExitCode> {
 /// Starts `np` ranks running the sweep and forwards rank 0's table.
 pub fn bench(collective: Collective, args: BenchArgs) -> Result<ExitCode> {
     check_args(&args)?;
+    if args.elastic_cost && collective != Collective::Allreduce {
+        return Err(Error::invalid(
+            "--elastic-cost",
+            "is measured on allreduce (tandem bench allreduce --elastic-cost)",
+        ));
+    }
     let hosts =
         crate::hosts::Hosts::from_flags(args.hosts, args.ranks_per_host, args.link.as_deref())?;
     if hosts.is_some() && args.backend != "tcp" {
@@ -195,6 +209,7 @@ pub fn bench(collective: Collective, args: BenchArgs) -> Result<ExitCode> {
             },
             gpus_for(&args)?,
             Duration::from_secs(3600),
+            args.elastic_cost.then_some((args.np, args.np)),
             |p, line, stderr| {
                 if p.rank == 0 || stderr {
                     println!("{line}");
@@ -230,6 +245,12 @@ fn check_args(args: &BenchArgs) -> Result<()> {
     }
     args.op.parse::<ReduceOp>()?;
     args.dtype.parse::<DType>()?;
+    if args.elastic_cost && (args.hosts.is_some() || args.backend != "tcp") {
+        return Err(Error::invalid(
+            "--elastic-cost",
+            "measures elastic commits between TCP-ring allreduces on this machine; drop --hosts and --backend",
+        ));
+    }
     Ok(())
 }
 
@@ -282,6 +303,13 @@ fn rank_args(
     ]);
     if args.observe_cost {
         r.push("--observe-cost".into());
+    }
+    if args.elastic_cost {
+        r.extend([
+            "--elastic-cost".into(),
+            "--commit-every".into(),
+            args.commit_every.to_string(),
+        ]);
     }
     for (flag, v) in [
         ("--iters", args.iters.map(|i| i.to_string())),
@@ -390,6 +418,10 @@ fn wrong(buf: &[u8], dtype: DType, want: f64) -> usize {
 pub fn bench_rank(args: BenchRankArgs) -> Result<ExitCode> {
     let collective = args.collective;
     let a = args.bench;
+    if a.elastic_cost {
+        crate::bench_cost::elastic_cost(collective, &a)?;
+        return Ok(ExitCode::SUCCESS);
+    }
     let pg = ProcessGroup::from_env()?;
     let (rank, n) = (pg.rank(), pg.world_size());
     let op: ReduceOp = a.op.parse()?;

@@ -210,6 +210,7 @@ fn run_job(mode: Mode, a: &DemoArgs) -> Result<Report> {
         vec![],
         Vec::new(),
         Duration::from_secs(a.timeout),
+        None,
         sink,
     )?;
     bar.finish_and_clear();

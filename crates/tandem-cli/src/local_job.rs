@@ -38,6 +38,7 @@ pub fn run_local(
     env: Vec<(String, String)>,
     gpus: Vec<usize>,
     timeout: Duration,
+    elastic: Option<(usize, usize)>,
     on_line: impl Fn(&Planned, &str, bool) + Send + Sync + 'static,
 ) -> Result<String> {
     let exe = std::env::current_exe()
@@ -53,6 +54,7 @@ pub fn run_local(
     spec.ps_command = server_args.map(with_exe);
     spec.env = env;
     spec.gpus = gpus;
+    spec.elastic = elastic;
     spec.sink = Some(LineSink(Arc::new(on_line)));
     let outcome = tandem_launch::run(&spec, Some(timeout), &|| false)?;
     Ok(if outcome.code == 0 {

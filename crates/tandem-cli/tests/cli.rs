@@ -97,6 +97,44 @@ fn demo_trains_with_every_mode_to_a_stated_accuracy() {
     }
 }
 
+/// `tandem bench allreduce --elastic-cost` forms an elastic group through the launcher and prints,
+/// per size, the time with and without a commit after every allreduce and their ratio; it is
+/// refused on other collectives and with simulated hosts, naming the flag.
+#[test]
+fn bench_elastic_cost_measures_commits_and_refuses_other_setups() {
+    let out = tandem(
+        &[
+            "bench", "allreduce", "--np", "2", "--min", "4K", "--max", "8K", "--iters", "40",
+            "--warmup", "2", "--elastic-cost",
+        ],
+        &[],
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows: Vec<Vec<f64>> = text
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .map(|l| l.split_whitespace().filter_map(|w| w.parse().ok()).collect())
+        .filter(|r: &Vec<f64>| r.len() == 5)
+        .collect();
+    assert_eq!(rows.iter().map(|r| r[0]).collect::<Vec<_>>(), [4096.0, 8192.0], "{text}");
+    for r in &rows {
+        assert!(r[2] > 0.0 && r[3] > 0.0 && (r[4] - r[2] / r[3]).abs() < 1e-2, "{text}");
+    }
+    for bad in [
+        vec!["bench", "broadcast", "--elastic-cost"],
+        vec!["bench", "allreduce", "--elastic-cost", "--hosts", "2"],
+    ] {
+        let out = tandem(&bad, &[]);
+        assert_eq!(out.status.code(), Some(1), "{bad:?}");
+        assert!(String::from_utf8_lossy(&out.stderr).contains("--elastic-cost"), "{bad:?}");
+    }
+}
+
 #[test]
 fn demo_rejects_bad_sizes() {
     let out = tandem(&["demo", "--workers", "0"], &[]);

@@ -27,6 +27,21 @@ pub struct State {
     commits: u64,
 }
 
+/// Makes `dst` equal to `src`, copying into the arrays `dst` already has (a commit of a large
+/// state is then a copy, not an allocation whose pages the kernel zeroes every time).
+fn copy_arrays(dst: &mut BTreeMap<String, Vec<f32>>, src: &BTreeMap<String, Vec<f32>>) {
+    dst.retain(|k, _| src.contains_key(k));
+    for (k, v) in src {
+        match dst.get_mut(k) {
+            Some(d) if d.len() == v.len() => d.copy_from_slice(v),
+            Some(d) => d.clone_from(v),
+            None => {
+                dst.insert(k.clone(), v.clone());
+            }
+        }
+    }
+}
+
 impl State {
     /// An empty state.
     pub fn new() -> State {
@@ -74,14 +89,14 @@ impl State {
 
     /// Keeps a copy of the current values in memory: what [`State::restore`] returns to.
     pub fn commit(&mut self) {
-        self.saved.0.clone_from(&self.arrays);
+        copy_arrays(&mut self.saved.0, &self.arrays);
         self.saved.1.clone_from(&self.scalars);
         self.commits += 1;
     }
 
     /// Returns to the last commit.
     pub fn restore(&mut self) {
-        self.arrays.clone_from(&self.saved.0);
+        copy_arrays(&mut self.arrays, &self.saved.0);
         self.scalars.clone_from(&self.saved.1);
     }
 
@@ -129,5 +144,31 @@ impl State {
         self.commits = most[0] as u64;
         self.restore();
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commit_and_restore_follow_arrays_that_change_size_or_go() {
+        let mut s = State::new().with_array("w", vec![1.0; 3]).with_array("b", vec![2.0]);
+        s.array_mut("w").expect("w")[0] = 5.0;
+        s.commit();
+        assert_eq!(s.commits(), 1);
+        s.array_mut("w").expect("w")[0] = 9.0;
+        s.restore();
+        assert_eq!(s.array("w"), Some(&[5.0, 1.0, 1.0][..]));
+        // An array that grows, one that goes: the next commit holds exactly the current ones.
+        s.arrays.insert("w".into(), vec![7.0; 4]);
+        s.arrays.remove("b");
+        s.commit();
+        s.arrays.insert("w".into(), vec![0.0; 2]);
+        s.arrays.insert("c".into(), vec![3.0]);
+        s.restore();
+        assert_eq!(s.array("w"), Some(&[7.0; 4][..]));
+        assert_eq!(s.array("b"), None);
+        assert_eq!(s.array("c"), None);
     }
 }
