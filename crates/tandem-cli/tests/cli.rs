@@ -104,8 +104,19 @@ fn demo_trains_with_every_mode_to_a_stated_accuracy() {
 fn bench_elastic_cost_measures_commits_and_refuses_other_setups() {
     let out = tandem(
         &[
-            "bench", "allreduce", "--np", "2", "--min", "4K", "--max", "8K", "--iters", "40",
-            "--warmup", "2", "--elastic-cost",
+            "bench",
+            "allreduce",
+            "--np",
+            "2",
+            "--min",
+            "4K",
+            "--max",
+            "8K",
+            "--iters",
+            "40",
+            "--warmup",
+            "2",
+            "--elastic-cost",
         ],
         &[],
     );
@@ -118,12 +129,23 @@ fn bench_elastic_cost_measures_commits_and_refuses_other_setups() {
     let rows: Vec<Vec<f64>> = text
         .lines()
         .filter(|l| !l.starts_with('#'))
-        .map(|l| l.split_whitespace().filter_map(|w| w.parse().ok()).collect())
+        .map(|l| {
+            l.split_whitespace()
+                .filter_map(|w| w.parse().ok())
+                .collect()
+        })
         .filter(|r: &Vec<f64>| r.len() == 5)
         .collect();
-    assert_eq!(rows.iter().map(|r| r[0]).collect::<Vec<_>>(), [4096.0, 8192.0], "{text}");
+    assert_eq!(
+        rows.iter().map(|r| r[0]).collect::<Vec<_>>(),
+        [4096.0, 8192.0],
+        "{text}"
+    );
     for r in &rows {
-        assert!(r[2] > 0.0 && r[3] > 0.0 && (r[4] - r[2] / r[3]).abs() < 1e-2, "{text}");
+        assert!(
+            r[2] > 0.0 && r[3] > 0.0 && (r[4] - r[2] / r[3]).abs() < 1e-2,
+            "{text}"
+        );
     }
     for bad in [
         vec!["bench", "broadcast", "--elastic-cost"],
@@ -131,7 +153,10 @@ fn bench_elastic_cost_measures_commits_and_refuses_other_setups() {
     ] {
         let out = tandem(&bad, &[]);
         assert_eq!(out.status.code(), Some(1), "{bad:?}");
-        assert!(String::from_utf8_lossy(&out.stderr).contains("--elastic-cost"), "{bad:?}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("--elastic-cost"),
+            "{bad:?}"
+        );
     }
 }
 

@@ -153,7 +153,9 @@ mod tests {
 
     #[test]
     fn commit_and_restore_follow_arrays_that_change_size_or_go() {
-        let mut s = State::new().with_array("w", vec![1.0; 3]).with_array("b", vec![2.0]);
+        let mut s = State::new()
+            .with_array("w", vec![1.0; 3])
+            .with_array("b", vec![2.0]);
         s.array_mut("w").expect("w")[0] = 5.0;
         s.commit();
         assert_eq!(s.commits(), 1);
