@@ -31,6 +31,7 @@ pub fn parse_scaled(flag: &str, s: &str, k: usize, what: &str) -> Result<usize> 
 /// Runs a job of this executable's subcommands on this machine through the launcher: training
 /// processes run `args`, servers (of a PS layout) `server_args`. Every output line goes to
 /// `on_line`. Returns a description of the failure (empty when every process succeeded).
+#[allow(clippy::too_many_arguments)]
 pub fn run_local(
     layout: Layout,
     args: &[String],
