@@ -479,3 +479,28 @@ pub async fn recv(io: &mut Io<'_>, buf: &mut [u8], from: usize) -> Result<()> {
         .map(|_| ())
         .map_err(|e| lost(from, &header, "receiving", &e))
 }
+
+/// Drives `fut` to completion, first by polling it and yielding to the runtime between polls for
+/// up to `spin` (tokio checks the sockets with a zero-timeout `epoll_wait` before it comes back
+/// to a task that yielded, so nothing parks the thread), then by awaiting it. A small message's
+/// answer usually arrives within microseconds, and a park and wake-up costs more than that: this
+/// is the polling of `poll_frames` for links whose bytes must go through their TLS halves.
+pub async fn spin_then_park<F: std::future::Future>(
+    fut: F,
+    spin: std::time::Duration,
+) -> F::Output {
+    let mut fut = std::pin::pin!(fut);
+    let start = Instant::now();
+    loop {
+        if let std::task::Poll::Ready(out) = futures::poll!(fut.as_mut()) {
+            return out;
+        }
+        if start.elapsed() >= spin {
+            return fut.await;
+        }
+        // Give the CPU to the peers first (ranks of one machine share its cores), then let the
+        // runtime look at the sockets.
+        std::thread::yield_now();
+        tokio::task::yield_now().await;
+    }
+}

@@ -18,6 +18,12 @@ use tokio::runtime::Runtime;
 use tokio::sync::watch;
 
 use super::Backend;
+
+/// How long an operation polls its sockets (yielding the CPU and letting the runtime check the
+/// sockets between polls) before its thread may park in the event loop: small and medium
+/// collectives on one machine finish within a few hundred microseconds, and every park and
+/// wake-up on the way costs tens of them.
+const OP_SPIN: Duration = Duration::from_micros(300);
 use super::ops::{self, Io, Waiting};
 use crate::stats::Stragglers;
 use crate::transport::frame::{OpHeader, OpKind};
@@ -331,7 +337,7 @@ impl TcpRing {
         let (result, local) = self.rt.block_on(async {
             tokio::select! {
                 biased;
-                r = tokio::time::timeout(timeout, fut) => match r {
+                r = tokio::time::timeout(timeout, ops::spin_then_park(fut, OP_SPIN)) => match r {
                     Ok(Ok(v)) => (Ok(v), Local::No),
                     // A closed connection is often the echo of a failure another rank has already
                     // diagnosed (it exits after reporting): prefer its abort when one comes soon.
