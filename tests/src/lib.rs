@@ -6,6 +6,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 pub mod check;
+pub mod elastic;
 
 /// How this run's jobs are secured: `TANDEM_TEST_TRANSPORT=plain` runs every job in plaintext
 /// (`TANDEM_INSECURE=1`); anything else (the default) with mutual TLS, every process holding a
@@ -81,6 +82,27 @@ pub async fn channel(addr: &str) -> tonic::transport::Channel {
         Ok(c) => c,
         Err(e) => panic!("connecting to {addr}: {e}"),
     }
+}
+
+/// A raw gRPC client of the parameter server at `addr`, sending the job's `token` on every call
+/// as workers do (for tests that speak the protocol themselves).
+pub async fn ps_client(
+    addr: &str,
+    token: &str,
+) -> tandem_ps::pb::parameter_server_client::ParameterServerClient<
+    tonic::service::interceptor::InterceptedService<
+        tonic::transport::Channel,
+        tandem::rendezvous::AttachToken,
+    >,
+> {
+    let header = match format!("Bearer {token}").parse() {
+        Ok(h) => h,
+        Err(e) => panic!("token {token:?} is no header value: {e}"),
+    };
+    tandem_ps::pb::parameter_server_client::ParameterServerClient::with_interceptor(
+        channel(addr).await,
+        tandem::rendezvous::AttachToken::from_token(header),
+    )
 }
 
 /// The environment of a parameter-server process of a test job: the token and the data plane.

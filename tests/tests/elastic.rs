@@ -9,6 +9,7 @@ use std::process::{Child, Output};
 use std::time::Duration;
 
 use tandem::rendezvous::{Host, JobToken, ServerConfig};
+use tandem_tests::elastic::{applied, control, weights};
 use tandem_tests::{rank_env, result_json, spawn, stdout_lines, wait_all};
 
 const NODE: &str = env!("CARGO_BIN_EXE_tandem-test-node");
@@ -74,31 +75,6 @@ impl Drop for Job {
     }
 }
 
-/// g of `id` at `step` (0-based), as the test node computes it.
-fn g(id: u64, step: u64, i: usize) -> f64 {
-    ((i * 7 + id as usize * 13 + step as usize * 3) % 11) as f64 - 5.0
-}
-
-/// Steps applied, from every process's `APPLIED` lines: each step's members, checked to agree.
-fn applied(outs: &[String]) -> BTreeMap<u64, Vec<u64>> {
-    let mut steps: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
-    for text in outs {
-        for l in text.lines() {
-            let Some(rest) = l.strip_prefix("APPLIED ") else {
-                continue;
-            };
-            let (step, members) = rest.split_once(" MEMBERS ").expect("APPLIED line");
-            let step: u64 = step.parse().expect("step");
-            let members: Vec<u64> = members.split(',').map(|m| m.parse().expect("id")).collect();
-            if let Some(seen) = steps.get(&step) {
-                assert_eq!(seen, &members, "step {step} applied by two memberships");
-            }
-            steps.insert(step, members);
-        }
-    }
-    steps
-}
-
 /// Reads `child`'s stdout in a thread: signals `ready` when a line starts with `prefix`, and
 /// returns everything it read once the child closes it.
 fn watch(
@@ -132,17 +108,6 @@ fn text(o: &Output) -> String {
     )
 }
 
-/// The control: w after `steps`, each step summing g over that step's members.
-fn control(steps: &BTreeMap<u64, Vec<u64>>, len: usize) -> Vec<f64> {
-    let mut w = vec![0.0; len];
-    for (step, members) in steps {
-        for (i, w) in w.iter_mut().enumerate() {
-            *w += members.iter().map(|m| g(*m, step - 1, i)).sum::<f64>();
-        }
-    }
-    w
-}
-
 fn check_finished(outs: &[Output], who: &[usize]) {
     let texts: Vec<String> = outs.iter().map(text).collect();
     let steps = applied(&texts);
@@ -154,13 +119,7 @@ fn check_finished(outs: &[Output], who: &[usize]) {
     let want = control(&steps, 1000);
     for &i in who {
         assert!(outs[i].status.success(), "process {i}: {}", texts[i]);
-        let v = result_json(&outs[i]);
-        let w: Vec<f64> = v["w"]
-            .as_array()
-            .expect("w")
-            .iter()
-            .map(|x| x.as_f64().expect("number"))
-            .collect();
+        let w = weights(&result_json(&outs[i]));
         assert_eq!(w, want, "process {i}'s parameters differ from the control");
     }
 }
@@ -314,12 +273,7 @@ fn the_launcher_keeps_an_elastic_job_going() {
             }
         }
         for (r, v) in results {
-            let w: Vec<f64> = v["w"]
-                .as_array()
-                .expect("w")
-                .iter()
-                .map(|x| x.as_f64().expect("number"))
-                .collect();
+            let w = weights(&v);
             assert_eq!(
                 w, want,
                 "{restart:?}: rank {r}'s parameters differ from the control"

@@ -5,12 +5,12 @@
 //! one membership, and every member ends with the parameters of a control computed from the
 //! memberships the job went through. `TANDEM_TESTBED=off` skips it, loudly.
 
-use std::collections::BTreeMap;
 use std::process::{Child, Stdio};
 use std::time::Duration;
 
 use tandem::rendezvous::JobToken;
 use tandem_testbed::Testbed;
+use tandem_tests::elastic::{applied, control, result_weights};
 use tandem_tests::{rank_env, stdout_lines, wait_all};
 
 const NODE: &str = env!("CARGO_BIN_EXE_tandem-test-node");
@@ -29,12 +29,6 @@ fn spawn_on(bed: &Testbed, host: usize, args: &[&str], env: &[(String, String)])
     }
 }
 
-/// g of member `id` at `step` (0-based), as the test node computes it.
-fn g(id: u64, step: u64, i: usize) -> f64 {
-    ((i * 7 + id as usize * 13 + step as usize * 3) % 11) as f64 - 5.0
-}
-
-/// Reads a child's stdout in a thread, sending each line on.
 fn lines_of(child: &mut Child) -> std::sync::mpsc::Receiver<String> {
     stdout_lines(child)
 }
@@ -154,21 +148,7 @@ fn a_partitioned_member_that_heals_is_fenced_and_rejoins_as_a_newcomer() {
         );
     }
     // Every step once, by one membership.
-    let mut applied: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
-    for t in &texts {
-        for l in t.lines() {
-            let Some(rest) = l.strip_prefix("APPLIED ") else {
-                continue;
-            };
-            let (step, m) = rest.split_once(" MEMBERS ").expect("APPLIED line");
-            let step: u64 = step.parse().expect("step");
-            let m: Vec<u64> = m.split(',').map(|x| x.parse().expect("id")).collect();
-            if let Some(before) = applied.get(&step) {
-                assert_eq!(before, &m, "step {step} applied by two memberships");
-            }
-            applied.insert(step, m);
-        }
-    }
+    let applied = applied(&texts);
     assert_eq!(
         applied.keys().copied().collect::<Vec<_>>(),
         (1..=STEPS).collect::<Vec<_>>(),
@@ -183,24 +163,9 @@ fn a_partitioned_member_that_heals_is_fenced_and_rejoins_as_a_newcomer() {
         applied.iter().any(|(s, m)| *s > 11 && m.contains(&2)),
         "the healed member never came back"
     );
-    let mut want = vec![0.0; 100];
-    for (step, m) in &applied {
-        for (i, w) in want.iter_mut().enumerate() {
-            *w += m.iter().map(|id| g(*id, step - 1, i)).sum::<f64>();
-        }
-    }
+    let want = control(&applied, 100);
     for (i, t) in texts.iter().enumerate() {
-        let r = t
-            .lines()
-            .find_map(|l| l.strip_prefix("RESULT "))
-            .unwrap_or_else(|| panic!("member {i}: no RESULT\n{t}"));
-        let v: serde_json::Value = serde_json::from_str(r).expect("json");
-        let w: Vec<f64> = v["w"]
-            .as_array()
-            .expect("w")
-            .iter()
-            .map(|x| x.as_f64().expect("number"))
-            .collect();
+        let w = result_weights(t, &format!("member {i}"));
         assert_eq!(w, want, "member {i}'s parameters differ from the control");
     }
     // The healed member's step in the old epoch failed (fenced), and it rejoined a newer one.

@@ -303,16 +303,7 @@ fn a_primary_stops_once_its_standby_is_promoted() {
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let client = |addr: String| {
         let token = token.clone();
-        async move {
-            let ch = tandem_tests::channel(&addr).await;
-            let header = format!("Bearer {}", token.as_str())
-                .parse()
-                .expect("header");
-            pb::parameter_server_client::ParameterServerClient::with_interceptor(
-                ch,
-                tandem::rendezvous::AttachToken::from_token(header),
-            )
-        }
+        async move { tandem_tests::ps_client(&addr, token.as_str()).await }
     };
     let standby = rt.block_on(async {
         let mut c = client(a0.clone()).await;

@@ -44,14 +44,7 @@ fn overflowing_declarations_are_refused_and_the_server_keeps_serving() {
             map_hash: 7,
         };
         rt.block_on(async {
-            let ch = tandem_tests::channel(&addr).await;
-            let header = format!("Bearer {}", token.as_str())
-                .parse()
-                .expect("header");
-            let mut c = pb::parameter_server_client::ParameterServerClient::with_interceptor(
-                ch,
-                tandem::rendezvous::AttachToken::from_token(header),
-            );
+            let mut c = tandem_tests::ps_client(&addr, token.as_str()).await;
             c.declare(req).await.map(|r| r.into_inner().version)
         })
     };

@@ -78,8 +78,8 @@ fn check_space(record: &serde_json::Value, lr: (f64, f64)) {
     }
 }
 
-fn ran(label: &str, name: &str) -> (serde_json::Value, PathBuf) {
-    let (out, record, dir) = tune(label, &example(name));
+/// The record of an experiment `tandem tune` finished (exit 0) with at least one trial succeeded.
+fn finished(name: &str, out: &Output, record: Option<serde_json::Value>) -> serde_json::Value {
     assert!(
         out.status.success(),
         "{name}: {}\n{}",
@@ -88,6 +88,12 @@ fn ran(label: &str, name: &str) -> (serde_json::Value, PathBuf) {
     );
     let record = record.expect("experiment.json");
     assert!(status_count(&record, "Succeeded") >= 1, "{record}");
+    record
+}
+
+fn ran(label: &str, name: &str) -> (serde_json::Value, PathBuf) {
+    let (out, record, dir) = tune(label, &example(name));
+    let record = finished(name, &out, record);
     let best = record["best"]["objective"].as_f64().expect("a best trial");
     assert!(best > 0.3, "{record}");
     (record, dir)
@@ -156,14 +162,7 @@ fn katibs_tfjob_example_runs_as_a_local_two_process_job() {
     let end = original.find("  parameters:").expect("parameters");
     let stdout = format!("{}{}", &original[..start], &original[end..]);
     let (out, record, dir) = tune("tfjob", &stdout);
-    assert!(
-        out.status.success(),
-        "{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let record = record.expect("record");
-    assert!(status_count(&record, "Succeeded") >= 1, "{record}");
+    finished("tfjob", &out, record);
     // Each trial ran two processes through tandem launch.
     let log =
         std::fs::read_to_string(dir.join("out/trials/tfjob-mnist-with-summaries-trial-0.log"))
@@ -197,13 +196,7 @@ fn a_file_collector_reads_json_lines_with_the_latest_value_as_objective() {
         )
         .replace("maxTrialCount: 12", "maxTrialCount: 3");
     let (out, record, dir) = tune("file", &spec);
-    assert!(
-        out.status.success(),
-        "{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let record = record.expect("record");
+    let record = finished("file", &out, record);
     assert_eq!(status_count(&record, "Succeeded"), 3, "{record}");
     for t in trials(&record) {
         // Latest: the last epoch's (the highest: the stand-in's accuracy rises with the epochs).

@@ -628,5 +628,37 @@ fn divide_piece(piece: &mut [f32], n: u32) {
 }
 
 #[cfg(test)]
+impl Mode {
+    /// Sync over `workers`, `k` gradients per step, non-finite gradients refused (for tests).
+    pub(crate) fn sync_for_test(workers: u32, k: u32) -> Mode {
+        Mode {
+            sync: true,
+            workers,
+            replicas_to_aggregate: k,
+            staleness: None,
+            reject_non_finite: true,
+        }
+    }
+}
+
+#[cfg(test)]
+impl Model {
+    /// A model of one partition `w` of `elems` zeros, declared with `hash` (for tests).
+    pub(crate) fn one_partition_for_test(
+        hash: u64,
+        optimizer: Optimizer,
+        mode: Mode,
+        elems: u64,
+    ) -> Model {
+        Model::new(
+            hash,
+            optimizer,
+            mode,
+            vec![(("w".into(), 0), vec![elems], 0, elems, Init::Zeros)],
+        )
+    }
+}
+
+#[cfg(test)]
 #[path = "model_tests.rs"]
 mod tests;

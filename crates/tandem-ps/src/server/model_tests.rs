@@ -4,20 +4,8 @@
 use super::*;
 
 fn one_partition(numel: usize) -> Model {
-    let mode = Mode {
-        sync: true,
-        workers: 3,
-        replicas_to_aggregate: 2,
-        staleness: None,
-        reject_non_finite: true,
-    };
-    let key: Key = ("w".into(), 0);
-    Model::new(
-        1,
-        Optimizer::sgd(1.0),
-        mode,
-        vec![(key, vec![numel as u64], 0, numel as u64, Init::Zeros)],
-    )
+    let mode = Mode::sync_for_test(3, 2);
+    Model::one_partition_for_test(1, Optimizer::sgd(1.0), mode, numel as u64)
 }
 
 /// A gradient held "elsewhere" for tests; `readable` pieces can be read, then it is gone.
@@ -159,28 +147,10 @@ fn a_lost_worker_under_clipping_is_reported_with_what_the_applied_update_held() 
     // With clipping the average is read twice (norm, then update): a worker lost during the
     // first pass is in none of the update.
     let numel = 2 * PIECE;
-    let mode = Mode {
-        sync: true,
-        workers: 2,
-        replicas_to_aggregate: 2,
-        staleness: None,
-        reject_non_finite: true,
-    };
     let key: Key = ("w".into(), 0);
     let mut opt = Optimizer::sgd(1.0);
     opt.clip_norm = 1e9;
-    let model = Model::new(
-        1,
-        opt,
-        mode,
-        vec![(
-            key.clone(),
-            vec![numel as u64],
-            0,
-            numel as u64,
-            Init::Zeros,
-        )],
-    );
+    let model = Model::one_partition_for_test(1, opt, Mode::sync_for_test(2, 2), numel as u64);
     let mut step = SyncStep::default();
     step.pending.push(Pending {
         worker: 3,

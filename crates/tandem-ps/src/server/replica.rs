@@ -317,18 +317,12 @@ mod tests {
     use crate::server::step::{Contribution, Stepper};
 
     fn model() -> Arc<Model> {
-        let mode = Mode {
-            sync: true,
-            workers: 1,
-            replicas_to_aggregate: 1,
-            staleness: None,
-            reject_non_finite: true,
-        };
-        Arc::new(Model::new(
+        let mode = Mode::sync_for_test(1, 1);
+        Arc::new(Model::one_partition_for_test(
             1,
             Optimizer::sgd(1.0),
             mode,
-            vec![(("w".into(), 0), vec![3], 0, 3, Init::Zeros)],
+            3,
         ))
     }
 

@@ -419,19 +419,8 @@ mod tests {
     use crate::server::Mode;
 
     fn model(hash: u64, elems: u64) -> Model {
-        let mode = Mode {
-            sync: true,
-            workers: 2,
-            replicas_to_aggregate: 2,
-            staleness: None,
-            reject_non_finite: true,
-        };
-        Model::new(
-            hash,
-            Optimizer::momentum(0.5, 0.9),
-            mode,
-            vec![(("w".into(), 0), vec![elems], 0, elems, Init::Zeros)],
-        )
+        let (opt, mode) = (Optimizer::momentum(0.5, 0.9), Mode::sync_for_test(2, 2));
+        Model::one_partition_for_test(hash, opt, mode, elems)
     }
 
     #[test]

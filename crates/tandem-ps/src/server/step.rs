@@ -436,18 +436,12 @@ mod tests {
     }
 
     fn model() -> Arc<Model> {
-        let mode = Mode {
-            sync: true,
-            workers: 2,
-            replicas_to_aggregate: 2,
-            staleness: None,
-            reject_non_finite: true,
-        };
-        Arc::new(Model::new(
+        let mode = Mode::sync_for_test(2, 2);
+        Arc::new(Model::one_partition_for_test(
             1,
             Optimizer::sgd(1.0),
             mode,
-            vec![(("w".into(), 0), vec![3], 0, 3, Init::Zeros)],
+            3,
         ))
     }
 
@@ -479,18 +473,12 @@ mod tests {
 
     #[tokio::test]
     async fn a_gone_worker_is_not_awaited_its_late_push_is_refused_and_it_rejoins() {
-        let mode = Mode {
-            sync: true,
-            workers: 3,
-            replicas_to_aggregate: 3,
-            staleness: None,
-            reject_non_finite: true,
-        };
-        let model = Arc::new(Model::new(
+        let mode = Mode::sync_for_test(3, 3);
+        let model = Arc::new(Model::one_partition_for_test(
             1,
             Optimizer::sgd(1.0),
             mode,
-            vec![(("w".into(), 0), vec![3], 0, 3, Init::Zeros)],
+            3,
         ));
         let stepper = Stepper::start(model.clone(), |_| false, Arc::default()).expect("thread");
         let pending = |w| Contribution::Pending(Box::new(Ones(w)));
@@ -550,13 +538,7 @@ mod tests {
 
     #[test]
     fn needed_is_k_or_every_live_worker_and_never_zero() {
-        let mode = |workers, k| Mode {
-            sync: true,
-            workers,
-            replicas_to_aggregate: k,
-            staleness: None,
-            reject_non_finite: true,
-        };
+        let mode = Mode::sync_for_test;
         let gone = super::super::lease::Gone {
             at: 0,
             silent: Duration::ZERO,
