@@ -4,7 +4,6 @@
 //! control computed from the memberships the job went through; a newcomer let in at a commit gets
 //! the same state; fewer than MIN left is a clear error, not a hang.
 
-use std::collections::BTreeMap;
 use std::process::{Child, Output};
 use std::time::Duration;
 

@@ -147,7 +147,6 @@ fn a_lost_worker_under_clipping_is_reported_with_what_the_applied_update_held() 
     // With clipping the average is read twice (norm, then update): a worker lost during the
     // first pass is in none of the update.
     let numel = 2 * PIECE;
-    let key: Key = ("w".into(), 0);
     let mut opt = Optimizer::sgd(1.0);
     opt.clip_norm = 1e9;
     let model = Model::one_partition_for_test(1, opt, Mode::sync_for_test(2, 2), numel as u64);

@@ -311,7 +311,6 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
-    use crate::init::Init;
     use crate::optimizer::Optimizer;
     use crate::server::Mode;
     use crate::server::step::{Contribution, Stepper};

@@ -414,7 +414,6 @@ impl Model {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::init::Init;
     use crate::optimizer::Optimizer;
     use crate::server::Mode;
 

@@ -415,7 +415,6 @@ pub fn apply_async(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::init::Init;
     use crate::optimizer::Optimizer;
     use crate::server::Mode;
 
