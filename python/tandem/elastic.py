@@ -168,10 +168,12 @@ def run(fn: Optional[Callable[..., Any]] = None, *, reset: Iterable[Callable[[],
                     out = f(state, *args, **kwargs)
                     group.shutdown()
                     return out
-                except _MEMBERSHIP:
+                except _MEMBERSHIP as e:
                     if resets >= max_resets:
                         raise
                     resets += 1
+                    if isinstance(e, PeerLostError) and getattr(e, "rank", None) is not None:
+                        session.lost_rank(e.rank)
                     state.restore()
                 finally:
                     tandem._default = previous

@@ -38,7 +38,10 @@ class TimeoutError(TandemError, builtins.TimeoutError):  # noqa: A001 - delibera
 
 
 class PeerLostError(TandemError, ConnectionError):
-    """A peer process died, stopped answering, or aborted the group."""
+    """A peer process died, stopped answering, or aborted the group; ``rank`` is the rank at
+    fault (``None`` when raised by Python code)."""
+
+    rank: int | None = None
 
 
 class MismatchError(TandemError):

@@ -63,13 +63,14 @@ def lost_peer_body() -> str:
         g.allreduce(np.zeros(1000, dtype=np.float32))
     except tandem.PeerLostError as e:
         assert isinstance(e, ConnectionError)
-        return str(e)
+        return f"{e.rank}|{e}"
     return "no error"
 
 
 def test_a_peer_that_exits_raises_peer_lost_naming_it() -> None:
-    msg = tandem.run(lost_peer_body, nproc=2, timeout=60)[0]
+    rank, msg = tandem.run(lost_peer_body, nproc=2, timeout=60)[0].split("|", 1)
     assert "rank 1" in msg, msg
+    assert rank == "1", "PeerLostError.rank names the lost rank"
 
 
 def timeout_body() -> str:

@@ -140,6 +140,16 @@ pub fn membership_error(e: &Error) -> bool {
     )
 }
 
+/// The member (id) an operation of `membership`'s group failed on, when the error names one.
+fn lost_member(e: &Error, membership: Option<&Membership>) -> Vec<u64> {
+    match (e, membership) {
+        (Error::PeerLost { rank, .. }, Some(m)) => {
+            m.members.get(*rank).copied().into_iter().collect()
+        }
+        _ => Vec::new(),
+    }
+}
+
 /// One process of an elastic job.
 #[derive(Debug)]
 pub struct Elastic {
@@ -153,6 +163,8 @@ pub struct Elastic {
     membership: Option<Membership>,
     /// The last [`Elastic::form`] failed for want of members (not worth another round).
     short: bool,
+    /// Members the last failed operation was lost on (reported to the next round).
+    lost: Vec<u64>,
     /// At which commits to look for processes waiting to join.
     checks: std::sync::Mutex<Checks>,
 }
@@ -266,6 +278,7 @@ impl Elastic {
             config,
             membership: None,
             short: false,
+            lost: Vec::new(),
             checks: std::sync::Mutex::default(),
         })
     }
@@ -318,6 +331,13 @@ impl Elastic {
         self.short
     }
 
+    /// After an operation of the current epoch's group failed with `e`: when it names the rank
+    /// it lost, the next [`Elastic::form`] reports that member to the round, so the survivors do
+    /// not wait the settle time for it. ([`Elastic::run`] does this itself.)
+    pub fn failed_on(&mut self, e: &Error) {
+        self.lost = lost_member(e, self.membership.as_ref());
+    }
+
     /// Joins the next epoch (rounds until this process is a member) and forms its group.
     pub fn form(&mut self) -> Result<ProcessGroup> {
         self.short = false;
@@ -336,12 +356,14 @@ impl Elastic {
                 // The first epoch: decide once the initial world is in.
                 rules.max = rules.max.min(self.initial.max(rules.min));
             }
+            let lost = std::mem::take(&mut self.lost);
             let m = membership::round(
                 &self.client,
                 &self.prefix,
                 epoch,
                 self.id,
                 &previous,
+                &lost,
                 &rules,
             )
             .inspect_err(|_| self.short = true)?;
@@ -427,6 +449,7 @@ impl Elastic {
                     if membership_error(&e) && !self.short && resets < self.config.max_resets =>
                 {
                     resets += 1;
+                    self.failed_on(&e);
                     tracing::warn!(error = %e, "the group changed; restoring the last commit and re-forming");
                     state.restore();
                 }
@@ -448,6 +471,23 @@ mod tests {
         for bad in ["0", "0:3", "3:2", "x", "2:y", ""] {
             assert!(parse_bounds(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn the_member_a_failed_operation_names_is_reported_lost() {
+        let m = Membership {
+            epoch: 3,
+            members: vec![7, 2, 9],
+        };
+        let lost = |rank| Error::PeerLost {
+            rank,
+            context: "op #4".into(),
+        };
+        assert_eq!(lost_member(&lost(2), Some(&m)), vec![9]);
+        assert_eq!(lost_member(&lost(0), Some(&m)), vec![7]);
+        assert!(lost_member(&lost(3), Some(&m)).is_empty(), "no such rank");
+        assert!(lost_member(&lost(1), None).is_empty(), "no epoch yet");
+        assert!(lost_member(&Error::timeout("x", Duration::from_secs(1)), Some(&m)).is_empty());
     }
 
     #[test]

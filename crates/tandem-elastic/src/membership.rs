@@ -3,7 +3,9 @@
 //! Epoch `t`'s round: each process that wants in appends its id to `E/t/joined` (a
 //! compare-and-set loop, so no append is lost), then waits until every member of the epoch it
 //! comes from has joined too, or until the settle time has passed with at least `min` joined (the
-//! missing ones are taken as gone). The first to decide writes `E/t/members` with a
+//! missing ones are taken as gone; members whose failed operation named the member it lost report
+//! it in `E/t/lost`, and once every member of the previous epoch is back or reported, the round
+//! waits only [`LOST_GRACE`] instead of the settle time). The first to decide writes `E/t/members` with a
 //! compare-and-set from absent; everyone adopts what is stored there, so all agree even when
 //! they decided at different moments. A process not in the list (it joined after the decision) is
 //! fenced from epoch `t` and tries `t + 1`; the members of `t` let it in at their next commit
@@ -75,18 +77,27 @@ pub fn pending(client: &BlockingClient, prefix: &str, epoch: u64) -> Result<bool
         .is_some_and(|b| !parse_ids(&b).is_empty()))
 }
 
+/// How long a round waits for the previous epoch's members once every one of them is back or
+/// reported lost by a member whose operation failed on it: a member reported by mistake (its
+/// socket closed because it is re-forming itself) gets this long to come back.
+pub const LOST_GRACE: Duration = Duration::from_millis(250);
+
 /// Appends `id` to epoch `epoch`'s joined list (once).
 fn enter(client: &BlockingClient, prefix: &str, epoch: u64, id: u64) -> Result<()> {
-    let k = key(prefix, epoch, "joined");
+    append(client, &key(prefix, epoch, "joined"), id, epoch)
+}
+
+/// Appends `id` to the id list at `k` (once), by compare-and-set so no append is lost.
+fn append(client: &BlockingClient, k: &str, id: u64, epoch: u64) -> Result<()> {
     for _ in 0..10_000 {
-        let cur = client.get(&k)?;
+        let cur = client.get(k)?;
         let mut ids = cur.as_deref().map(parse_ids).unwrap_or_default();
         if ids.contains(&id) {
             return Ok(());
         }
         ids.push(id);
         if client
-            .compare_and_set(&k, cur.as_deref(), format_ids(&ids))?
+            .compare_and_set(k, cur.as_deref(), format_ids(&ids))?
             .swapped
         {
             return Ok(());
@@ -99,19 +110,28 @@ fn enter(client: &BlockingClient, prefix: &str, epoch: u64, id: u64) -> Result<(
 }
 
 /// Runs epoch `epoch`'s round for `id`, coming from the members `previous` (empty for a
-/// newcomer). Returns the decided membership, which may not include `id` (then try the next
-/// epoch).
+/// newcomer) after an operation that failed on the members `lost` (reported to the round, so
+/// nobody waits the settle time for them: once every previous member is back or reported lost,
+/// the round waits only [`LOST_GRACE`]). Returns the decided membership, which may not include
+/// `id` (then try the next epoch).
 pub fn round(
     client: &BlockingClient,
     prefix: &str,
     epoch: u64,
     id: u64,
     previous: &[u64],
+    lost: &[u64],
     rules: &Rules,
 ) -> Result<Membership> {
+    let lost_key = key(prefix, epoch, "lost");
+    for gone in lost.iter().filter(|g| previous.contains(g) && **g != id) {
+        append(client, &lost_key, *gone, epoch)?;
+    }
     enter(client, prefix, epoch, id)?;
     let members_key = key(prefix, epoch, "members");
     let joined_key = key(prefix, epoch, "joined");
+    // When every previous member was back or reported lost.
+    let mut accounted_at: Option<Instant> = None;
     let start = Instant::now();
     // The settle time runs from when a member of the previous epoch is here (at once for the
     // first epoch): a newcomer alone never decides an epoch while the others train.
@@ -130,13 +150,27 @@ pub fn round(
             .unwrap_or_default();
         let everyone_back = !previous.is_empty() && previous.iter().all(|p| joined.contains(p));
         let now = Instant::now();
+        if accounted_at.is_none() && !everyone_back && !previous.is_empty() {
+            let reported = client
+                .get(&lost_key)?
+                .map(|b| parse_ids(&b))
+                .unwrap_or_default();
+            if previous
+                .iter()
+                .all(|p| joined.contains(p) || reported.contains(p))
+            {
+                accounted_at = Some(now);
+            }
+        }
+        let lost_waited = accounted_at.is_some_and(|t| now >= t + LOST_GRACE);
         if settle_end.is_none()
             && (previous.is_empty() || previous.iter().any(|p| joined.contains(p)))
         {
             settle_end = Some(now + rules.settle);
         }
         let full = joined.len() >= rules.max;
-        let decide = settle_end.is_some_and(|end| everyone_back || full || now >= end)
+        let decide = settle_end
+            .is_some_and(|end| everyone_back || full || lost_waited || now >= end)
             && joined.len() >= rules.min;
         if decide {
             let mut members = joined.clone();

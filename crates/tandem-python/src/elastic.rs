@@ -55,6 +55,18 @@ impl PyElastic {
         Ok(PyProcessGroup::wrap(pg, self.local.0, self.local.1))
     }
 
+    /// The current epoch's group lost rank `rank` (a `PeerLostError`'s `rank`): the next `form`
+    /// reports that member, so the survivors do not wait the settle time for it.
+    fn lost_rank(&self, rank: usize) {
+        if let Ok(mut e) = self.inner.lock() {
+            let lost = tandem::Error::PeerLost {
+                rank,
+                context: String::new(),
+            };
+            e.failed_on(&lost);
+        }
+    }
+
     /// Whether processes wait to join after the current epoch.
     fn pending(&self, py: Python<'_>) -> PyResult<bool> {
         self.with(py, |e| e.pending())

@@ -24,7 +24,7 @@ fn class_name(e: &Error) -> &'static str {
 }
 
 /// Converts a Tandem error into the matching Python exception (`tandem.errors.*`), carrying the
-/// error's message and its `kind` attribute.
+/// error's message and its `kind` attribute (and, for a lost peer, its `rank`).
 pub fn to_py(e: Error) -> PyErr {
     Python::attach(|py| {
         let msg = e.to_string();
@@ -34,6 +34,9 @@ pub fn to_py(e: Error) -> PyErr {
             .and_then(|cls| cls.call1((msg.clone(),)))
             .and_then(|exc| {
                 exc.setattr("kind", e.kind())?;
+                if let Error::PeerLost { rank, .. } = &e {
+                    exc.setattr("rank", *rank)?;
+                }
                 Ok(exc)
             });
         match made {
