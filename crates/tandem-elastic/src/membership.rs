@@ -124,7 +124,7 @@ pub fn round(
     rules: &Rules,
 ) -> Result<Membership> {
     let lost_key = key(prefix, epoch, "lost");
-    for gone in lost.iter().filter(|g| previous.contains(g) && **g != id) {
+    for gone in lost.iter().filter(|g| previous.contains(g)) {
         append(client, &lost_key, *gone, epoch)?;
     }
     enter(client, prefix, epoch, id)?;
@@ -207,6 +207,70 @@ pub fn round(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tandem_rendezvous::{Host, JobToken, ServerConfig};
+
+    /// Rounds of epoch 2 for `ids`, coming from epoch 1's `[1, 2, 3]`, each reporting `lost`,
+    /// on a rendezvous of their own; the settle and quorum waits are ten minutes, so a round
+    /// that waits for them has not answered when `guard` ends (`None`).
+    fn rounds_after_a_loss(ids: &[u64], lost: &[u64], guard: Duration) -> Vec<Option<Membership>> {
+        let rt = tokio::runtime::Runtime::new().expect("runtime");
+        let token = JobToken::generate();
+        let host = rt
+            .block_on(Host::bind("127.0.0.1:0", ServerConfig::new(token.clone())))
+            .expect("rendezvous");
+        let addr = host.addr().to_string();
+        let rules = Rules {
+            min: 1,
+            max: 8,
+            settle: Duration::from_secs(600),
+            quorum_wait: Duration::from_secs(600),
+        };
+        let (tx, rx) = std::sync::mpsc::channel();
+        for &id in ids {
+            let (tx, addr, token, rules, lost) = (
+                tx.clone(),
+                addr.clone(),
+                token.clone(),
+                rules.clone(),
+                lost.to_vec(),
+            );
+            std::thread::spawn(move || {
+                let client = BlockingClient::connect(&addr, &token, Duration::from_secs(10))
+                    .expect("client");
+                let m = round(&client, "E", 2, id, &[1, 2, 3], &lost, &rules);
+                let _ = tx.send(m.ok());
+            });
+        }
+        let end = std::time::Instant::now() + guard;
+        let got = ids
+            .iter()
+            .map(|_| {
+                let left = end.saturating_duration_since(std::time::Instant::now());
+                rx.recv_timeout(left).ok().flatten()
+            })
+            .collect();
+        drop(host);
+        got
+    }
+
+    #[test]
+    fn survivors_that_report_the_lost_member_decide_without_waiting_the_settle_time() {
+        let want = Membership {
+            epoch: 2,
+            members: vec![1, 2],
+        };
+        for m in rounds_after_a_loss(&[1, 2], &[3], Duration::from_secs(60)) {
+            assert_eq!(m.as_ref(), Some(&want));
+        }
+    }
+
+    #[test]
+    fn a_report_naming_no_member_of_the_last_epoch_changes_nothing() {
+        // 9 was never a member: the round still waits for 3 (the settle time, ten minutes).
+        for m in rounds_after_a_loss(&[1, 2], &[9], Duration::from_secs(3)) {
+            assert_eq!(m, None, "decided without waiting for member 3");
+        }
+    }
 
     #[test]
     fn ids_round_trip_and_skip_garbage() {
