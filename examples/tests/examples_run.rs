@@ -226,3 +226,98 @@ fn mpirun_with_only_the_job_token_trains() {
     assert!(left.is_empty(), "rank 0 left {left:?} behind");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `mpirun` across two simulated hosts (network namespaces, `tandem-testbed`; mpirun in host 0's,
+/// its daemons started on each host through the testbed's remote-shell script, one slot per host,
+/// no oversubscription) with only the job token and the job's certificates exported: rank 0
+/// binds the interface towards mpirun's host and publishes the rendezvous in the shared working
+/// directory, rank 1 on the other host finds it there, both train over TLS, and the file is gone
+/// afterwards. `TANDEM_MPI=off` or `TANDEM_TESTBED=off` skips it, loudly.
+#[test]
+fn mpirun_across_two_hosts_with_only_the_token_and_certificates_trains() {
+    for var in ["TANDEM_MPI", "TANDEM_TESTBED"] {
+        if std::env::var(var).as_deref() == Ok("off") {
+            eprintln!("\n*** {var}=off: the mpirun test across hosts was SKIPPED ***\n");
+            return;
+        }
+    }
+    let bed = match tandem_testbed::Testbed::new(2, None) {
+        Ok(b) => b,
+        Err(e) => panic!(
+            "cannot make simulated hosts: {e} (needs root and network namespaces; TANDEM_TESTBED=off skips)"
+        ),
+    };
+    let dir = std::env::temp_dir().join(format!("tandem-mpirun-hosts-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let tls = dir.join("tls");
+    let names = [bed.addr(0), bed.addr(1)];
+    tandem_tls::init(&tls, None, "tandem-mpirun-hosts", &names, 1).unwrap();
+    let work = dir.join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    let agent = dir.join("agent");
+    bed.write_rsh_agent(&agent).unwrap();
+    let hosts = format!("{}:1,{}:1", bed.addr(0), bed.addr(1));
+    let agent_path = agent.to_string_lossy().into_owned();
+    let exe = example("allreduce_data_parallel");
+    let mut cmd = bed.net_command(
+        0,
+        "mpirun",
+        &[
+            "--allow-run-as-root",
+            "--mca",
+            "plm_rsh_agent",
+            &agent_path,
+            "--host",
+            &hosts,
+            "-np",
+            "2",
+            "--mca",
+            "btl",
+            "self,tcp",
+            "--mca",
+            "btl_tcp_if_include",
+            "10.77.0.0/24",
+            "--mca",
+            "oob_tcp_if_include",
+            "10.77.0.0/24",
+            "-x",
+            "TANDEM_JOB_TOKEN",
+            "-x",
+            "TANDEM_TLS_DIR",
+            "-x",
+            "PATH",
+            &exe,
+            "--steps",
+            "400",
+        ],
+    );
+    cmd.current_dir(&work)
+        .env("TANDEM_JOB_TOKEN", "mpirun-hosts-token-0123456789abcdef")
+        .env("TANDEM_TLS_DIR", &tls);
+    for (k, _) in std::env::vars() {
+        if k.starts_with("TANDEM_") && !matches!(k.as_str(), "TANDEM_JOB_TOKEN" | "TANDEM_TLS_DIR")
+            || k.starts_with("MASTER_")
+        {
+            cmd.env_remove(k);
+        }
+    }
+    let out = match cmd.output() {
+        Ok(o) => o,
+        Err(e) => panic!(
+            "cannot run mpirun ({e}): install Open MPI (Debian's openmpi-bin; scripts/test does) or set TANDEM_MPI=off"
+        ),
+    };
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    let lines: Vec<String> = stdout.lines().map(str::to_string).collect();
+    assert!(accuracy(&lines, "test accuracy:") >= 0.9, "{stdout}");
+    let left: Vec<_> = std::fs::read_dir(&work)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(left.is_empty(), "rank 0 left {left:?} behind");
+    drop(bed);
+    let _ = std::fs::remove_dir_all(&dir);
+}
