@@ -97,6 +97,7 @@ impl ElasticConfig {
                 max,
                 settle,
                 quorum_wait,
+                lost_grace: membership::LOST_GRACE.min(settle),
             },
             group,
             max_resets: 1000,

@@ -5,7 +5,7 @@
 //! comes from has joined too, or until the settle time has passed with at least `min` joined (the
 //! missing ones are taken as gone; members whose failed operation named the member it lost report
 //! it in `E/t/lost`, and once every member of the previous epoch is back or reported, the round
-//! waits only [`LOST_GRACE`] instead of the settle time). The first to decide writes `E/t/members` with a
+//! waits only [`Rules::lost_grace`] instead of the settle time). The first to decide writes `E/t/members` with a
 //! compare-and-set from absent; everyone adopts what is stored there, so all agree even when
 //! they decided at different moments. A process not in the list (it joined after the decision) is
 //! fenced from epoch `t` and tries `t + 1`; the members of `t` let it in at their next commit
@@ -45,6 +45,9 @@ pub struct Rules {
     pub settle: Duration,
     /// How long to wait for `min` members in all.
     pub quorum_wait: Duration,
+    /// How long to wait once every previous member is back or reported lost
+    /// ([`LOST_GRACE`] by default).
+    pub lost_grace: Duration,
 }
 
 fn key(prefix: &str, epoch: u64, what: &str) -> String {
@@ -78,8 +81,9 @@ pub fn pending(client: &BlockingClient, prefix: &str, epoch: u64) -> Result<bool
 }
 
 /// How long a round waits for the previous epoch's members once every one of them is back or
-/// reported lost by a member whose operation failed on it: a member reported by mistake (its
-/// socket closed because it is re-forming itself) gets this long to come back.
+/// reported lost by a member whose operation failed on it, by default ([`Rules::lost_grace`]): a
+/// member reported by mistake (its socket closed because it is re-forming itself) gets this long
+/// to come back.
 pub const LOST_GRACE: Duration = Duration::from_millis(250);
 
 /// Appends `id` to epoch `epoch`'s joined list (once).
@@ -112,7 +116,7 @@ fn append(client: &BlockingClient, k: &str, id: u64, epoch: u64) -> Result<()> {
 /// Runs epoch `epoch`'s round for `id`, coming from the members `previous` (empty for a
 /// newcomer) after an operation that failed on the members `lost` (reported to the round, so
 /// nobody waits the settle time for them: once every previous member is back or reported lost,
-/// the round waits only [`LOST_GRACE`]). Returns the decided membership, which may not include
+/// the round waits only [`Rules::lost_grace`]). Returns the decided membership, which may not include
 /// `id` (then try the next epoch).
 pub fn round(
     client: &BlockingClient,
@@ -162,7 +166,7 @@ pub fn round(
                 accounted_at = Some(now);
             }
         }
-        let lost_waited = accounted_at.is_some_and(|t| now >= t + LOST_GRACE);
+        let lost_waited = accounted_at.is_some_and(|t| now >= t + rules.lost_grace);
         if settle_end.is_none()
             && (previous.is_empty() || previous.iter().any(|p| joined.contains(p)))
         {
@@ -211,33 +215,68 @@ mod tests {
 
     /// Rounds of epoch 2 for `ids`, coming from epoch 1's `[1, 2, 3]`, each reporting `lost`,
     /// on a rendezvous of their own; the settle and quorum waits are ten minutes, so a round
-    /// that waits for them has not answered when `guard` ends (`None`).
+    /// that waits for them has not answered when `guard` ends (`None`); the lost grace is the
+    /// default.
     fn rounds_after_a_loss(ids: &[u64], lost: &[u64], guard: Duration) -> Vec<Option<Membership>> {
+        let rules = Rules {
+            lost_grace: LOST_GRACE,
+            ..rules(8)
+        };
+        rounds(ids, &[1, 2, 3], lost, &rules, guard)
+    }
+
+    /// At least 1 member, at most `max`; ten-minute settle, quorum and lost-grace waits.
+    fn rules(max: usize) -> Rules {
+        Rules {
+            min: 1,
+            max,
+            settle: Duration::from_secs(600),
+            quorum_wait: Duration::from_secs(600),
+            lost_grace: Duration::from_secs(600),
+        }
+    }
+
+    /// Rounds of epoch 2 for `ids` coming from `previous`, reporting `lost`, under `rules`; an
+    /// id given as `(id, delay)` through [`rounds_late`] starts its round that much later.
+    fn rounds(
+        ids: &[u64],
+        previous: &[u64],
+        lost: &[u64],
+        rules: &Rules,
+        guard: Duration,
+    ) -> Vec<Option<Membership>> {
+        let ids: Vec<(u64, Duration)> = ids.iter().map(|i| (*i, Duration::ZERO)).collect();
+        rounds_late(&ids, previous, lost, rules, guard)
+    }
+
+    fn rounds_late(
+        ids: &[(u64, Duration)],
+        previous: &[u64],
+        lost: &[u64],
+        rules: &Rules,
+        guard: Duration,
+    ) -> Vec<Option<Membership>> {
         let rt = tokio::runtime::Runtime::new().expect("runtime");
         let token = JobToken::generate();
         let host = rt
             .block_on(Host::bind("127.0.0.1:0", ServerConfig::new(token.clone())))
             .expect("rendezvous");
         let addr = host.addr().to_string();
-        let rules = Rules {
-            min: 1,
-            max: 8,
-            settle: Duration::from_secs(600),
-            quorum_wait: Duration::from_secs(600),
-        };
         let (tx, rx) = std::sync::mpsc::channel();
-        for &id in ids {
-            let (tx, addr, token, rules, lost) = (
+        for &(id, delay) in ids {
+            let (tx, addr, token, rules, lost, previous) = (
                 tx.clone(),
                 addr.clone(),
                 token.clone(),
                 rules.clone(),
                 lost.to_vec(),
+                previous.to_vec(),
             );
             std::thread::spawn(move || {
+                std::thread::sleep(delay);
                 let client = BlockingClient::connect(&addr, &token, Duration::from_secs(10))
                     .expect("client");
-                let m = round(&client, "E", 2, id, &[1, 2, 3], &lost, &rules);
+                let m = round(&client, "E", 2, id, &previous, &lost, &rules);
                 let _ = tx.send(m.ok());
             });
         }
@@ -260,6 +299,60 @@ mod tests {
             members: vec![1, 2],
         };
         for m in rounds_after_a_loss(&[1, 2], &[3], Duration::from_secs(60)) {
+            assert_eq!(m.as_ref(), Some(&want));
+        }
+    }
+
+    #[test]
+    fn a_first_epoch_waits_for_the_whole_initial_world_or_the_settle_time() {
+        // Nobody to come back from: one of two initial processes alone does not decide.
+        assert_eq!(
+            rounds(&[1], &[], &[], &rules(2), Duration::from_secs(3)),
+            vec![None]
+        );
+        // Both there: the epoch is full and decided at once.
+        let want = Membership {
+            epoch: 2,
+            members: vec![1, 2],
+        };
+        let mut got = rounds(&[1, 2], &[], &[], &rules(2), Duration::from_secs(60));
+        for m in got.iter_mut().flatten() {
+            m.members.sort_unstable();
+        }
+        assert_eq!(got, vec![Some(want.clone()), Some(want)]);
+    }
+
+    #[test]
+    fn the_settle_time_ends_the_wait_for_a_member_nobody_reported() {
+        let quick = Rules {
+            settle: Duration::from_secs(1),
+            ..rules(8)
+        };
+        let want = Membership {
+            epoch: 2,
+            members: vec![1, 2],
+        };
+        let got = rounds(&[1, 2], &[1, 2, 3], &[], &quick, Duration::from_secs(60));
+        assert_eq!(got, vec![Some(want.clone()), Some(want)]);
+    }
+
+    #[test]
+    fn a_member_reported_lost_that_comes_back_within_the_grace_is_kept() {
+        let graced = Rules {
+            lost_grace: Duration::from_secs(20),
+            ..rules(8)
+        };
+        // 3 was reported lost by mistake and joins half a second later: still a member.
+        let ids = [
+            (1, Duration::ZERO),
+            (2, Duration::ZERO),
+            (3, Duration::from_millis(500)),
+        ];
+        let want = Membership {
+            epoch: 2,
+            members: vec![1, 2, 3],
+        };
+        for m in rounds_late(&ids, &[1, 2, 3], &[3], &graced, Duration::from_secs(60)) {
             assert_eq!(m.as_ref(), Some(&want));
         }
     }
