@@ -201,9 +201,16 @@ fn mpirun_with_only_the_job_token_trains() {
         .args(["--steps", "400"])
         .current_dir(&dir)
         .env("TANDEM_JOB_TOKEN", "mpirun-token-0123456789abcdef");
-    // Nothing else of Tandem's: the test's own environment must not name a rendezvous.
+    mpirun_trains(cmd, &["TANDEM_JOB_TOKEN"], &dir);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Runs the `mpirun` command `cmd` with no variable of Tandem's but `keep` (the test's own
+/// environment must not name a rendezvous) and checks that the job trained and that rank 0 left
+/// nothing in the working directory `work`.
+fn mpirun_trains(mut cmd: std::process::Command, keep: &[&str], work: &std::path::Path) {
     for (k, _) in std::env::vars() {
-        if k.starts_with("TANDEM_") && k != "TANDEM_JOB_TOKEN" || k.starts_with("MASTER_") {
+        if k.starts_with("TANDEM_") && !keep.contains(&k.as_str()) || k.starts_with("MASTER_") {
             cmd.env_remove(k);
         }
     }
@@ -218,13 +225,12 @@ fn mpirun_with_only_the_job_token_trains() {
     assert!(out.status.success(), "{stdout}\n{stderr}");
     let lines: Vec<String> = stdout.lines().map(str::to_string).collect();
     assert!(accuracy(&lines, "test accuracy:") >= 0.9, "{stdout}");
-    let left: Vec<_> = std::fs::read_dir(&dir)
+    let left: Vec<_> = std::fs::read_dir(work)
         .unwrap()
         .filter_map(|e| e.ok())
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .collect();
     assert!(left.is_empty(), "rank 0 left {left:?} behind");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// `mpirun` across two simulated hosts (network namespaces, `tandem-testbed`; mpirun in host 0's,
@@ -294,30 +300,7 @@ fn mpirun_across_two_hosts_with_only_the_token_and_certificates_trains() {
     cmd.current_dir(&work)
         .env("TANDEM_JOB_TOKEN", "mpirun-hosts-token-0123456789abcdef")
         .env("TANDEM_TLS_DIR", &tls);
-    for (k, _) in std::env::vars() {
-        if k.starts_with("TANDEM_") && !matches!(k.as_str(), "TANDEM_JOB_TOKEN" | "TANDEM_TLS_DIR")
-            || k.starts_with("MASTER_")
-        {
-            cmd.env_remove(k);
-        }
-    }
-    let out = match cmd.output() {
-        Ok(o) => o,
-        Err(e) => panic!(
-            "cannot run mpirun ({e}): install Open MPI (Debian's openmpi-bin; scripts/test does) or set TANDEM_MPI=off"
-        ),
-    };
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stdout}\n{stderr}");
-    let lines: Vec<String> = stdout.lines().map(str::to_string).collect();
-    assert!(accuracy(&lines, "test accuracy:") >= 0.9, "{stdout}");
-    let left: Vec<_> = std::fs::read_dir(&work)
-        .unwrap()
-        .filter_map(|e| e.ok())
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .collect();
-    assert!(left.is_empty(), "rank 0 left {left:?} behind");
+    mpirun_trains(cmd, &["TANDEM_JOB_TOKEN", "TANDEM_TLS_DIR"], &work);
     drop(bed);
     let _ = std::fs::remove_dir_all(&dir);
 }
