@@ -36,7 +36,7 @@ const PLAINTEXT_REFUSAL: [u8; 7] = [TLS_ALERT, 0x03, 0x03, 0x00, 0x02, 0x02, 0x3
 /// MiB fewer (measured in BENCHMARKS.md, "Mutual TLS on every connection").
 const TLS_READ_BUFFER: usize = 256 << 10;
 
-/// The socket under a TLS session: reads go through a [`TLS_READ_BUFFER`]-sized buffer, writes
+/// The socket under a TLS session: reads go through a 256 KiB buffer (`TLS_READ_BUFFER`), writes
 /// straight to the socket.
 pub type TlsTransport = tokio::io::BufReader<TcpStream>;
 
