@@ -178,8 +178,12 @@ pub fn round(
             && joined.len() >= rules.min;
         if decide {
             let mut members = joined.clone();
-            // Previous members first (their ranks change least), then newcomers by arrival.
-            members.sort_by_key(|m| previous.iter().position(|p| p == m).unwrap_or(usize::MAX));
+            // Previous members first (their ranks change least), then newcomers by id (so the
+            // first epoch's ranks are the ids, the launcher's ranks, whoever arrived first).
+            members.sort_by_key(|m| {
+                let kept = previous.iter().position(|p| p == m).unwrap_or(usize::MAX);
+                (kept, *m)
+            });
             members.truncate(rules.max);
             let swap = client.compare_and_set(&members_key, None, format_ids(&members))?;
             let members = match swap.current {
@@ -304,21 +308,19 @@ mod tests {
     }
 
     #[test]
-    fn a_first_epoch_waits_for_the_whole_initial_world_or_the_settle_time() {
+    fn a_first_epoch_waits_for_its_whole_world_and_ranks_it_by_id() {
         // Nobody to come back from: one of two initial processes alone does not decide.
         assert_eq!(
             rounds(&[1], &[], &[], &rules(2), Duration::from_secs(3)),
             vec![None]
         );
-        // Both there: the epoch is full and decided at once.
+        // Both there: the epoch is full and decided at once, ranked by id whoever came first.
         let want = Membership {
             epoch: 2,
             members: vec![1, 2],
         };
-        let mut got = rounds(&[1, 2], &[], &[], &rules(2), Duration::from_secs(60));
-        for m in got.iter_mut().flatten() {
-            m.members.sort_unstable();
-        }
+        let ids = [(2, Duration::ZERO), (1, Duration::from_millis(300))];
+        let got = rounds_late(&ids, &[], &[], &rules(2), Duration::from_secs(60));
         assert_eq!(got, vec![Some(want.clone()), Some(want)]);
     }
 
