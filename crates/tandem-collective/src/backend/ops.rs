@@ -483,8 +483,8 @@ pub async fn recv(io: &mut Io<'_>, buf: &mut [u8], from: usize) -> Result<()> {
 /// Drives `fut` to completion, first by polling it and yielding to the runtime between polls for
 /// up to `spin` (tokio checks the sockets with a zero-timeout `epoll_wait` before it comes back
 /// to a task that yielded, so nothing parks the thread), then by awaiting it. A small message's
-/// answer usually arrives within microseconds, and a park and wake-up costs more than that: this
-/// is the polling of `poll_frames` for links whose bytes must go through their TLS halves.
+/// answer usually arrives within microseconds, and a park and wake-up costs more than that; unlike
+/// `poll_frames`' direct socket reads, this also serves TLS links and ring steps.
 pub async fn spin_then_park<F: std::future::Future>(
     fut: F,
     spin: std::time::Duration,

@@ -18,17 +18,17 @@ use tokio::runtime::Runtime;
 use tokio::sync::watch;
 
 use super::Backend;
+use super::ops::{self, Io, Waiting};
+use crate::stats::Stragglers;
+use crate::transport::frame::{OpHeader, OpKind};
+use crate::transport::mesh::Mesh;
+use crate::transport::peer_memory::{LocalWord, PeerMemory};
 
 /// How long an operation polls its sockets (yielding the CPU and letting the runtime check the
 /// sockets between polls) before its thread may park in the event loop: small and medium
 /// collectives on one machine finish within a few hundred microseconds, and every park and
 /// wake-up on the way costs tens of them.
 const OP_SPIN: Duration = Duration::from_micros(300);
-use super::ops::{self, Io, Waiting};
-use crate::stats::Stragglers;
-use crate::transport::frame::{OpHeader, OpKind};
-use crate::transport::mesh::Mesh;
-use crate::transport::peer_memory::{LocalWord, PeerMemory};
 
 /// Publishes an abort message to the other ranks.
 pub type Publish = Box<dyn Fn(String) + Send + Sync>;
