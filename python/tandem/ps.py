@@ -98,13 +98,16 @@ class Client:
     ``sgd``, ``momentum``, ``nesterov``, ``adagrad``, ``adam`` or ``adamw`` with its settings
     (``lr``, ``momentum``, ``beta1``, ``beta2``, ``eps``, ``weight_decay``, ``clip_norm``,
     ``decay_rate``/``decay_steps``). ``servers``, ``worker`` and ``workers`` default to the job's.
+    ``max_partition_bytes`` (0: no limit) cuts larger tensors into partitions of at most that
+    size, so ``push_pull`` overlaps more; every worker and a restore must use the same value.
     """
 
     def __init__(self, params: Sequence[Param], *, optimizer: str = "sgd", lr: float = 0.01, mode: str = "sync",
                  staleness: Optional[int] = None, replicas_to_aggregate: Optional[int] = None,
                  servers: Optional[Sequence[str]] = None, worker: Optional[int] = None,
                  workers: Optional[int] = None, token: Optional[str] = None, timeout: float = 60.0,
-                 min_partition_bytes: int = 1 << 20, **optimizer_settings: Any) -> None:
+                 min_partition_bytes: int = 1 << 20, max_partition_bytes: int = 0,
+                 **optimizer_settings: Any) -> None:
         if servers is None or worker is None or workers is None:
             s, w, n = _from_job()
             servers = s if servers is None else servers
@@ -119,7 +122,8 @@ class Client:
         self._native = _native.PsClient(
             list(servers), [p._wire() for p in params], worker=worker, workers=workers, optimizer=optimizer,
             lr=lr, mode=mode, staleness=staleness, replicas_to_aggregate=replicas_to_aggregate, token=token,
-            timeout=timeout, min_partition_bytes=min_partition_bytes, **optimizer_settings,
+            timeout=timeout, min_partition_bytes=min_partition_bytes,
+            max_partition_bytes=max_partition_bytes, **optimizer_settings,
         )
 
     @property
@@ -136,10 +140,14 @@ class Client:
         return PushResult(*self._native.push(step, dict(grads)))
 
     def push_pull(self, step: int, grads: Mapping[str, np.ndarray]) -> Tuple[int, Dict[str, np.ndarray]]:
-        """Pushes the gradients of ``step`` and pulls the parameters to use next (sync: those of
-        step ``step + 1``, once it is applied)."""
-        self.push(step, grads)
-        return self.pull(step + 1 if self.sync else 0)
+        """Pushes the gradients of ``step`` and pulls the parameters to use next, both at once.
+
+        Sync: returns step ``step + 1``'s parameters, exactly as ``push`` then ``pull(step + 1)``
+        would, but each server streams every partition of the new step as soon as it applied it,
+        while later partitions' gradients are still arriving (a model of several tensors, or cut
+        with ``max_partition_bytes``, overlaps most). Async: the pull does not wait for this
+        gradient, so the parameters may not include it yet (one more step of staleness)."""
+        return self._native.push_pull(step, dict(grads))
 
     def pull_rows(self, name: str, ids: Any) -> np.ndarray:
         """Rows ``ids`` of embedding table ``name``: shape ``(len(ids), dim)``."""

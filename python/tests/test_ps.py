@@ -29,7 +29,8 @@ def params():
 
 def worker_body(addrs, token, mode, staleness=None):
     c = ps.Client(params(), servers=addrs, worker=tandem.cluster_spec()["rank"], workers=4, token=token,
-                  mode=mode, staleness=staleness, lr=LR, min_partition_bytes=8, timeout=30)
+                  mode=mode, staleness=staleness, lr=LR, min_partition_bytes=8, max_partition_bytes=8,
+                  timeout=30)
     x, y = shard(c.worker)
     version, p = c.pull()
     step = 0
@@ -49,7 +50,18 @@ def worker_body(addrs, token, mode, staleness=None):
 
 def test_sync_training_equals_the_averaged_reference(servers) -> None:
     addrs, token = servers
-    results = tandem.run(worker_body, nproc=4, args=(addrs, token, "sync"), timeout=120)
+    check_sync(tandem.run(worker_body, nproc=4, args=(addrs, token, "sync"), timeout=120))
+
+
+def test_sync_training_over_the_streams_equals_the_averaged_reference(servers, monkeypatch) -> None:
+    # Every byte through the gRPC streams: push_pull's pull receives each partition of the new step
+    # as soon as its server applied it, while the push is still arriving.
+    monkeypatch.setenv("TANDEM_SAME_HOST", "tcp")
+    addrs, token = servers
+    check_sync(tandem.run(worker_body, nproc=4, args=(addrs, token, "sync"), timeout=120))
+
+
+def check_sync(results) -> None:
     w, b = np.zeros(DIM, dtype=np.float32), np.float32(0)
     for _ in range(STEPS):
         gs = [grad(w, b, *shard(i)) for i in range(4)]

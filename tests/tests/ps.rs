@@ -188,6 +188,16 @@ fn sync_sgd_with_a_late_worker_matches_the_single_process_reference() {
     });
 }
 
+/// Each push also pulls the next step at once (`push_pull_into`), the weights cut into four
+/// partitions per server so a server streams each one as soon as the step applied it, before the
+/// step is published: the same parameters as pushing then pulling, on every worker.
+#[test]
+fn sync_sgd_with_pulls_overlapping_pushes_matches_the_single_process_reference() {
+    sync_reference_with("tcp", 150, |_| {
+        ["--overlap", "--max-part", "16"].map(String::from).to_vec()
+    });
+}
+
 /// A model too small to share: its two tensors whole on two of three servers, the third holding
 /// none (it gets no pushes, so its version stays 0): pulls must not wait for it.
 #[test]

@@ -15,7 +15,7 @@ use clap::{Args, ValueEnum};
 use tandem::ps::client::{Client, TrainingMode};
 use tandem::ps::init::Init;
 use tandem::ps::optimizer::Optimizer;
-use tandem::ps::placement::{ParamDecl, place};
+use tandem::ps::placement::{ParamDecl, place_split};
 use tandem::rendezvous::{JobToken, TOKEN_VAR};
 use tandem::{Error, Result};
 
@@ -72,6 +72,14 @@ pub struct BenchPsArgs {
     /// Measures what replication costs; needs at least 2 servers.
     #[arg(long)]
     replicate: bool,
+    /// Cut the model into partitions of at most this many bytes (0: one per tensor and server),
+    /// so a step's pulls overlap its pushes partition by partition (BytePS cuts at 4 MB too).
+    #[arg(long, default_value_t = 4 << 20)]
+    max_partition_bytes: usize,
+    /// Each worker pushes, then pulls (instead of pushing and pulling the next step at once):
+    /// measures what the overlap brings.
+    #[arg(long)]
+    sequential: bool,
 }
 
 /// Where the bench's processes run: here, or on simulated hosts.
@@ -125,6 +133,10 @@ pub struct BenchPsWorkerArgs {
     steps: usize,
     #[arg(long)]
     observe_cost: bool,
+    #[arg(long, default_value_t = 0)]
+    max_partition_bytes: usize,
+    #[arg(long)]
+    sequential: bool,
 }
 
 fn parse_count(s: &str) -> Result<usize> {
@@ -319,6 +331,10 @@ fn start_workers(
         if a.observe_cost {
             args.push("--observe-cost".into());
         }
+        if a.sequential {
+            args.push("--sequential".into());
+        }
+        args.push(format!("--max-partition-bytes={}", a.max_partition_bytes));
         let (mut cmd, _) = placement.command(exe, a.servers + w, &args);
         match cmd
             .env(TOKEN_VAR, token.as_str())
@@ -344,6 +360,10 @@ struct Results {
     off_ms: Vec<f64>,
     worker_rss: Vec<u64>,
     failed: Vec<String>,
+    /// The training loops, first start to last end (seconds since the epoch), without the
+    /// processes' start and connection.
+    loop_start: f64,
+    loop_end: f64,
 }
 
 /// Waits for every worker and gathers their reports.
@@ -354,6 +374,8 @@ fn collect(workers: Vec<Child>) -> Result<Results> {
         off_ms: Vec::new(),
         worker_rss: Vec::new(),
         failed: Vec::new(),
+        loop_start: f64::INFINITY,
+        loop_end: 0.0,
     };
     for (w, c) in workers.into_iter().enumerate() {
         let out = c
@@ -383,6 +405,10 @@ fn collect(workers: Vec<Child>) -> Result<Results> {
                 r.on_ms.extend(times("on_ms"));
                 r.off_ms.extend(times("off_ms"));
                 r.worker_rss.push(v["rss"].as_u64().unwrap_or(0));
+                if let (Some(s), Some(e)) = (v["start"].as_f64(), v["end"].as_f64()) {
+                    r.loop_start = r.loop_start.min(s);
+                    r.loop_end = r.loop_end.max(e);
+                }
             }
             _ => r.failed.push(format!("worker {w} ({})", out.status)),
         }
@@ -409,6 +435,21 @@ fn link_bound(a: &BenchPsArgs, params: usize, link: f64) -> f64 {
     }
 }
 
+/// Sync: the rate the links allow when a step's pulls overlap its pushes (links are full duplex:
+/// each server link carries W x 4P / S bytes in and as many out at once).
+fn overlapped_bound(a: &BenchPsArgs, params: usize, link: f64) -> f64 {
+    let bytes = 4.0 * params as f64;
+    let (w, s) = (a.workers as f64, a.servers as f64);
+    (link * s / (w * bytes)).min(link / bytes)
+}
+
+/// Seconds since the epoch: one clock for every worker of the bench (all on this machine).
+fn since_epoch() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
 /// Prints the summary (and appends the CSV line, when asked).
 fn report(
     a: &BenchPsArgs,
@@ -425,6 +466,15 @@ fn report(
             .unwrap_or(0.0)
     };
     let (steps, pushes) = (a.steps as f64, (a.steps * a.workers) as f64);
+    // Rates over the training loops (as a peer's benchmark times its loop, after its actors
+    // started); the wall time with the processes' start is printed next to it.
+    let trained = r.loop_end - r.loop_start;
+    let total = wall;
+    let wall = if trained > 0.0 && trained <= total {
+        trained
+    } else {
+        total
+    };
     let (rate, unit) = if a.mode == PsMode::Sync {
         (steps / wall, "global steps/s")
     } else {
@@ -442,7 +492,7 @@ fn report(
         a.workers, a.servers, a.mode, a.steps
     );
     println!(
-        "{unit}: {rate:.2}   GB/s (pull+push): {gbs:.2}   step p50 {:.1} ms  p99 {:.1} ms   wall {wall:.2} s",
+        "{unit}: {rate:.2}   GB/s (pull+push): {gbs:.2}   step p50 {:.1} ms  p99 {:.1} ms   training {wall:.2} s (with start-up {total:.2} s)",
         pct(0.5),
         pct(0.99)
     );
@@ -465,15 +515,19 @@ fn report(
     }
     if let Some(l) = link {
         let bound = link_bound(a, params, l);
-        println!(
-            "# link bound: {bound:.2} {unit} ({}); reached {:.1}%",
-            if a.mode == PsMode::Sync {
-                "each step pushes then pulls every parameter through the servers' links"
-            } else {
-                "every gradient pushes and pulls every parameter through the servers' links"
-            },
-            rate / bound * 100.0
-        );
+        if a.mode == PsMode::Sync {
+            let overlapped = overlapped_bound(a, params, l);
+            println!(
+                "# link bound: {bound:.2} {unit} if each step pushes then pulls every parameter through the servers' links (reached {:.1}%); {overlapped:.2} if its pulls overlap its pushes (reached {:.1}%)",
+                rate / bound * 100.0,
+                rate / overlapped * 100.0
+            );
+        } else {
+            println!(
+                "# link bound: {bound:.2} {unit} (every gradient pushes and pulls every parameter through the servers' links); reached {:.1}%",
+                rate / bound * 100.0
+            );
+        }
     }
     if let Some(path) = &a.csv {
         use std::io::Write;
@@ -499,10 +553,11 @@ fn report(
 pub fn bench_ps_worker(a: BenchPsWorkerArgs) -> Result<ExitCode> {
     let token = JobToken::from_env()?.ok_or_else(|| Error::config(TOKEN_VAR, "is not set"))?;
     let addrs: Vec<String> = a.servers.split(',').map(str::to_string).collect();
-    let map = place(
+    let map = place_split(
         &[ParamDecl::new("w", &[a.params], Init::Zeros)],
         addrs.len(),
         1 << 20,
+        a.max_partition_bytes,
     )?;
     let mode = if a.sync {
         TrainingMode::sync(a.workers)
@@ -525,33 +580,47 @@ pub fn bench_ps_worker(a: BenchPsWorkerArgs) -> Result<ExitCode> {
         // The parameters land in the same buffers every step.
         let mut p = std::collections::HashMap::new();
         let (mut on_ms, mut off_ms) = (Vec::new(), Vec::new());
+        let start = since_epoch();
+        if !a.sequential {
+            let v = client.pull_into(0, &mut p).await?;
+            if a.sync {
+                step = v;
+            }
+        }
         for i in 0..a.steps {
             if a.observe_cost {
                 tandem::observe::set_active(i % 2 == 0);
             }
             let t = Instant::now();
-            let v = client
-                .pull_into(if a.sync { step } else { 0 }, &mut p)
-                .await?;
-            if a.sync {
-                step = v;
+            if a.sequential {
+                let v = client
+                    .pull_into(if a.sync { step } else { 0 }, &mut p)
+                    .await?;
+                if a.sync {
+                    step = v;
+                }
             }
             let grad: Vec<f32> = p["w"].iter().map(|x| x * 0.001 + 0.001).collect();
-            client
-                .push_owned(step, vec![("w".to_string(), grad)])
-                .await?;
-            step += 1;
+            let grad = vec![("w".to_string(), grad)];
+            if a.sequential {
+                client.push_owned(step, grad).await?;
+                step += 1;
+            } else {
+                let (_, v) = client.push_owned_pull_into(step, grad, &mut p).await?;
+                step = if a.sync { v } else { step + 1 };
+            }
             let ms = t.elapsed().as_secs_f64() * 1e3;
             times.push(ms);
             if a.observe_cost {
                 if i % 2 == 0 { &mut on_ms } else { &mut off_ms }.push(ms);
             }
         }
+        let end = since_epoch();
         tandem::observe::set_active(true);
         client.done().await?;
         println!(
             "RESULT {}",
-            serde_json::json!({ "step_ms": times, "on_ms": on_ms, "off_ms": off_ms, "rss": peak_rss() })
+            serde_json::json!({ "step_ms": times, "on_ms": on_ms, "off_ms": off_ms, "rss": peak_rss(), "start": start, "end": end })
         );
         Ok::<_, Error>(())
     })?;

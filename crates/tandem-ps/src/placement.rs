@@ -96,6 +96,37 @@ pub const DEFAULT_MIN_PART_BYTES: usize = 1 << 20;
 /// assert_eq!(map.parts.iter().filter(|p| p.param == "w").count(), 2);
 /// ```
 pub fn place(params: &[ParamDecl], servers: usize, min_part_bytes: usize) -> Result<PartitionMap> {
+    place_split(params, servers, min_part_bytes, 0)
+}
+
+/// Like [`place`], also cutting every tensor larger than `max_part_bytes` into partitions of at
+/// most that many bytes (whole rows: one row when a row is larger); 0 sets no limit.
+///
+/// Why: a sync step's partitions are applied one after the other, and a pull overlapping the push
+/// ([`crate::client::Client::push_pull_into`]) streams each as soon as it is applied; one large
+/// tensor in one partition leaves nothing to overlap. BytePS cuts tensors into 4 MB partitions
+/// for the same reason. The partition map is part of a checkpoint: restore with the same limit.
+///
+/// ```
+/// use tandem_ps::placement::{ParamDecl, place_split};
+/// use tandem_ps::init::Init;
+/// let params = vec![ParamDecl::new("w", &[1 << 20, 4], Init::Zeros)];
+/// let map = place_split(&params, 1, 1 << 20, 4 << 20).unwrap();
+/// assert_eq!(map.parts.len(), 4);
+/// assert!(map.parts.iter().all(|p| p.numel() * 4 <= 4 << 20));
+/// ```
+pub fn place_split(
+    params: &[ParamDecl],
+    servers: usize,
+    min_part_bytes: usize,
+    max_part_bytes: usize,
+) -> Result<PartitionMap> {
+    if max_part_bytes != 0 && max_part_bytes < min_part_bytes {
+        return Err(Error::invalid(
+            "max_part_bytes",
+            format!("{max_part_bytes} is below min_part_bytes {min_part_bytes} (0: no limit)"),
+        ));
+    }
     if servers == 0 {
         return Err(Error::invalid(
             "servers",
@@ -133,11 +164,18 @@ pub fn place(params: &[ParamDecl], servers: usize, min_part_bytes: usize) -> Res
         }
         let (rows, row_len) = p.rows_and_row_len();
         let bytes = p.numel() * 4;
-        let parts = if bytes <= min_part_bytes {
+        let mut parts = if bytes <= min_part_bytes {
             1
         } else {
-            rows.min(servers).min(bytes.div_ceil(min_part_bytes)).max(1)
+            rows.min(servers)
+                .min(bytes.div_ceil(min_part_bytes.max(1)))
+                .max(1)
         };
+        if max_part_bytes != 0 && bytes > max_part_bytes {
+            // Rows per partition that fit, so no partition (ceil(rows / parts) rows) is larger.
+            let fit = (max_part_bytes / (row_len * 4)).max(1);
+            parts = parts.max(rows.div_ceil(fit));
+        }
         let base = rows / parts;
         let extra = rows % parts;
         let mut start = 0;
@@ -281,6 +319,53 @@ mod tests {
             place(&params, 2, DEFAULT_MIN_PART_BYTES).unwrap().hash(),
             map.hash()
         );
+    }
+
+    #[test]
+    fn a_partition_size_limit_cuts_large_tensors_in_whole_rows() {
+        // 10 rows of 10 f32 (40 bytes each): 140 bytes fit 3 rows, so 4 partitions of 3,3,2,2 rows.
+        let params = vec![
+            ParamDecl::new("w", &[10, 10], Init::Zeros),
+            ParamDecl::new("b", &[35], Init::Zeros),
+        ];
+        let map = place_split(&params, 1, 0, 140).unwrap();
+        let rows: Vec<usize> = map.parts_of("w").map(|p| p.rows).collect();
+        assert_eq!(rows, vec![3, 3, 2, 2]);
+        let starts: Vec<usize> = map.parts_of("w").map(|p| p.row_start).collect();
+        assert_eq!(starts, vec![0, 3, 6, 8]);
+        // A tensor of exactly the limit stays whole; one element more is cut.
+        assert_eq!(map.parts_of("b").count(), 1);
+        assert_eq!(
+            place_split(&params, 1, 0, 139)
+                .unwrap()
+                .parts_of("b")
+                .count(),
+            2
+        );
+        // A row larger than the limit: one row per partition.
+        assert_eq!(
+            place_split(&params, 1, 0, 39)
+                .unwrap()
+                .parts_of("w")
+                .count(),
+            10
+        );
+        // Without a limit: as `place`.
+        assert_eq!(
+            place_split(&params, 2, 64, 0).unwrap(),
+            place(&params, 2, 64).unwrap()
+        );
+        // Spread over servers, bytes still balance, and the limit changes the map's hash.
+        let two = place_split(&params, 2, 0, 140).unwrap();
+        assert_eq!(two.bytes_per_server().iter().sum::<usize>(), 4 * 135);
+        assert!(two.parts.iter().any(|p| p.server == 1));
+        assert_ne!(two.hash(), place(&params, 2, 0).unwrap().hash());
+        // No minimum size (0) cuts across servers without dividing by zero.
+        assert_eq!(place(&params, 2, 0).unwrap().parts_of("w").count(), 2);
+        // A limit below the minimum size is refused; equal is allowed.
+        let e = place_split(&params, 1, 200, 199).unwrap_err().to_string();
+        assert!(e.contains("max_part_bytes") && e.contains("199"), "{e}");
+        assert!(place_split(&params, 1, 200, 200).is_ok());
     }
 
     #[test]

@@ -15,7 +15,7 @@ use pyo3::types::{PyDict, PyList};
 use tandem::ps::client::{Client, TrainingMode};
 use tandem::ps::init::Init;
 use tandem::ps::optimizer::Optimizer;
-use tandem::ps::placement::{ParamDecl, place};
+use tandem::ps::placement::{ParamDecl, place_split};
 use tandem::ps::server::{CheckpointPolicy, Server, ServerConfig};
 use tandem::rendezvous::JobToken;
 
@@ -64,6 +64,52 @@ pub struct PsClient {
     sync: bool,
 }
 
+/// The arrays of a gradient dict, held (read-only) while they are pushed.
+fn held_arrays<'py>(
+    grads: &Bound<'py, PyDict>,
+) -> PyResult<Vec<(String, PyReadonlyArrayDyn<'py, f32>)>> {
+    let mut held = Vec::with_capacity(grads.len());
+    for (k, v) in grads.iter() {
+        let name: String = k.extract()?;
+        let arr = f32_array(&name, &v)?;
+        held.push((name, arr));
+    }
+    Ok(held)
+}
+
+/// Views of held arrays (contiguous ones: `f32_array` made sure).
+fn slices_of<'a>(
+    held: &'a [(String, PyReadonlyArrayDyn<'_, f32>)],
+) -> PyResult<Vec<(&'a str, &'a [f32])>> {
+    held.iter()
+        .map(|(n, a)| {
+            Ok((
+                n.as_str(),
+                a.as_slice()
+                    .map_err(|e| PyValueError::new_err(e.to_string()))?,
+            ))
+        })
+        .collect()
+}
+
+impl PsClient {
+    /// Pulled tensors as `{name: array}` in their declared shapes (moved, not copied).
+    fn to_dict<'py>(
+        &self,
+        py: Python<'py>,
+        mut values: std::collections::HashMap<String, Vec<f32>>,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        let out = PyDict::new(py);
+        for (name, shape) in &self.shapes {
+            if let Some(v) = values.remove(name) {
+                let arr = PyArray1::from_vec(py, v).reshape(shape.as_slice())?;
+                out.set_item(name, arr)?;
+            }
+        }
+        Ok(out)
+    }
+}
+
 #[pymethods]
 impl PsClient {
     /// Connects to `servers` and declares `params`; see `tandem.ps.Client` for the arguments.
@@ -71,7 +117,7 @@ impl PsClient {
     #[pyo3(signature = (servers, params, *, worker, workers, optimizer="sgd", lr=0.01, momentum=0.9,
         beta1=0.9, beta2=0.999, eps=None, weight_decay=0.0, clip_norm=0.0, decay_rate=1.0, decay_steps=0,
         mode="sync", staleness=None, replicas_to_aggregate=None, reject_non_finite=true, token=None,
-        timeout=60.0, min_partition_bytes=1048576))]
+        timeout=60.0, min_partition_bytes=1048576, max_partition_bytes=0))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -96,6 +142,7 @@ impl PsClient {
         token: Option<String>,
         timeout: f64,
         min_partition_bytes: usize,
+        max_partition_bytes: usize,
     ) -> PyResult<PsClient> {
         let token = token_from(token)?;
         let kind = Optimizer::kind_from_name(optimizer).py_err()?;
@@ -135,7 +182,13 @@ impl PsClient {
             })
             .collect::<PyResult<Vec<_>>>()?;
         let shapes = params.iter().map(|p| (p.0.clone(), p.1.clone())).collect();
-        let map = place(&decls, servers.len(), min_partition_bytes).py_err()?;
+        let map = place_split(
+            &decls,
+            servers.len(),
+            min_partition_bytes,
+            max_partition_bytes,
+        )
+        .py_err()?;
         let deadline = Duration::try_from_secs_f64(timeout)
             .map_err(|_| PyValueError::new_err(format!("timeout={timeout} is not a duration")))?;
         let client = future(
@@ -158,15 +211,8 @@ impl PsClient {
     /// Waits until every server reached `min_version` and returns `(version, {name: array})`.
     #[pyo3(signature = (min_version=0))]
     fn pull<'py>(&self, py: Python<'py>, min_version: u64) -> PyResult<(u64, Bound<'py, PyDict>)> {
-        let (version, mut values) = future(py, self.client.pull(min_version))?;
-        let out = PyDict::new(py);
-        for (name, shape) in &self.shapes {
-            if let Some(v) = values.remove(name) {
-                let arr = PyArray1::from_vec(py, v).reshape(shape.as_slice())?;
-                out.set_item(name, arr)?;
-            }
-        }
-        Ok((version, out))
+        let (version, values) = future(py, self.client.pull(min_version))?;
+        Ok((version, self.to_dict(py, values)?))
     }
 
     /// Pushes gradients `{name: float32 array}` for `step`; returns `(applied, dropped, version)`.
@@ -176,24 +222,26 @@ impl PsClient {
         step: u64,
         grads: &Bound<'_, PyDict>,
     ) -> PyResult<(bool, bool, u64)> {
-        let mut held = Vec::with_capacity(grads.len());
-        for (k, v) in grads.iter() {
-            let name: String = k.extract()?;
-            let arr = f32_array(&name, &v)?;
-            held.push((name, arr));
-        }
-        let slices = held
-            .iter()
-            .map(|(n, a)| {
-                Ok((
-                    n.as_str(),
-                    a.as_slice()
-                        .map_err(|e| PyValueError::new_err(e.to_string()))?,
-                ))
-            })
-            .collect::<PyResult<Vec<(&str, &[f32])>>>()?;
+        let held = held_arrays(grads)?;
+        let slices = slices_of(&held)?;
         let out = future(py, self.client.push(step, &slices))?;
         Ok((out.applied, out.dropped, out.version))
+    }
+
+    /// Pushes gradients for `step` and pulls the next parameters at once (sync: those of step
+    /// `step + 1`, each partition streamed as soon as it is applied); returns `(version,
+    /// {name: array})`.
+    fn push_pull<'py>(
+        &self,
+        py: Python<'py>,
+        step: u64,
+        grads: &Bound<'py, PyDict>,
+    ) -> PyResult<(u64, Bound<'py, PyDict>)> {
+        let held = held_arrays(grads)?;
+        let slices = slices_of(&held)?;
+        let mut values = std::collections::HashMap::new();
+        let (_, version) = future(py, self.client.push_pull_into(step, &slices, &mut values))?;
+        Ok((version, self.to_dict(py, values)?))
     }
 
     /// Embedding rows `ids` of `name`, shape `(len(ids), dim)`.

@@ -477,6 +477,50 @@ impl Client {
         self.push_bytes(step, whole).await
     }
 
+    /// Pushes `grads` for `step` and pulls the next parameters into `out` at the same time; returns
+    /// the push's outcome and the version pulled (sync: `step + 1` or later, the parameters to
+    /// compute the next gradient on).
+    ///
+    /// Sync: each server streams every partition of the new step as soon as it applied it, while
+    /// the gradients of later partitions are still arriving, so the pull overlaps the push (a
+    /// model cut into several partitions gains most; see `placement::place_split`). The result
+    /// is exactly a push followed by a pull. Async: the pull does not wait for this gradient, so
+    /// the parameters may not include it yet (one more step of staleness, as in any pipelined
+    /// asynchronous worker). A failure of either ends both and is returned.
+    ///
+    /// ```no_run
+    /// # async fn demo(c: tandem_ps::client::Client) -> tandem_core::Result<()> {
+    /// let mut params = std::collections::HashMap::new();
+    /// let mut step = c.pull_into(0, &mut params).await?;
+    /// for _ in 0..10 {
+    ///     let grad: Vec<f32> = params["w"].iter().map(|w| 2.0 * w).collect();
+    ///     let (_, version) = c.push_pull_into(step, &[("w", &grad)], &mut params).await?;
+    ///     step = version;
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn push_pull_into(
+        &self,
+        step: u64,
+        grads: &[(&str, &[f32])],
+        out: &mut HashMap<String, Vec<f32>>,
+    ) -> Result<(PushOutcome, u64)> {
+        let next = if self.mode.sync { step + 1 } else { 0 };
+        futures::try_join!(self.push(step, grads), self.pull_into(next, out))
+    }
+
+    /// Like [`Client::push_pull_into`], taking the gradients by value so they are sent without a
+    /// copy.
+    pub async fn push_owned_pull_into(
+        &self,
+        step: u64,
+        grads: Vec<(String, Vec<f32>)>,
+        out: &mut HashMap<String, Vec<f32>>,
+    ) -> Result<(PushOutcome, u64)> {
+        let next = if self.mode.sync { step + 1 } else { 0 };
+        futures::try_join!(self.push_owned(step, grads), self.pull_into(next, out))
+    }
+
     /// Runs one push of `count` elements for `step`, recorded as such.
     async fn traced_push(
         &self,

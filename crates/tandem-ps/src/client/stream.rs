@@ -66,10 +66,17 @@ impl Client {
                         Err(st) => return Err(st),
                     };
                     let mut chunks = Vec::new();
-                    while let Some(ch) = stream.message().await? {
-                        chunks.push(ch);
+                    loop {
+                        match stream.message().await {
+                            Ok(Some(ch)) => chunks.push(ch),
+                            Ok(None) => return Ok(Some(chunks)),
+                            // A sync pull streams each partition once the step applied it: one
+                            // not applied within the wait ends the stream like a version not
+                            // reached (asked again, the partitions already sent are sent again).
+                            Err(st) if st.code() == Code::DeadlineExceeded => return Ok(None),
+                            Err(st) => return Err(st),
+                        }
                     }
-                    Ok(Some(chunks))
                 }
             },
         )

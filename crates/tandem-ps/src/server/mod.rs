@@ -12,6 +12,7 @@
 
 pub mod checkpoint;
 mod convert;
+mod early;
 mod lease;
 mod model;
 mod pool;

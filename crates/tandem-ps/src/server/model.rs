@@ -73,6 +73,9 @@ pub struct PartEntry {
     /// values straight out of this process and check the word is unchanged and even around the
     /// copy (a sequence lock), so they never see half an update.
     pub seq: tandem_peer_memory::SeqWord,
+    /// The version the sync step being applied has finished writing into this partition, set
+    /// before the step is published when pulls may read it early (see `early.rs`); 0 until then.
+    pub ready: AtomicU64,
 }
 
 /// Write access to a partition; its sequence word is odd for as long as this is held.
@@ -118,6 +121,7 @@ impl PartEntry {
             numel: data.values.len(),
             data: RwLock::new(data),
             seq: tandem_peer_memory::SeqWord::new(),
+            ready: AtomicU64::new(0),
         }
     }
 
@@ -206,6 +210,9 @@ pub struct Model {
     pub pool: BufferPool,
     /// Workers silent past their lease that the server goes on without, until they push again.
     pub gone: Mutex<std::collections::BTreeMap<u32, super::lease::Gone>>,
+    /// Partitions a sync step finished before it was published: pulls may stream them at once
+    /// (`early.rs`).
+    pub early: super::early::EarlyPulls,
 }
 
 impl Model {
@@ -240,6 +247,7 @@ impl Model {
             counters: Counters::default(),
             pool: BufferPool::new(POOLED_PER_SIZE),
             gone: Mutex::default(),
+            early: Default::default(),
         }
     }
 
@@ -274,6 +282,7 @@ impl Model {
             counters: Counters::default(),
             pool: BufferPool::new(POOLED_PER_SIZE),
             gone: Mutex::default(),
+            early: Default::default(),
         }
     }
 
@@ -395,6 +404,7 @@ impl Model {
             } else {
                 self.apply_averaged_pieces(&key, sum, &pending, &from, &mut reads, version);
             }
+            self.finished_part(&key, version + 1);
         }
         let partial = reads.partial(&pending);
         if !partial.is_empty() {

@@ -20,6 +20,10 @@ pub(super) struct PulledChunks {
     pub(super) chunk_bytes: usize,
     /// Sent on the first chunk: this server's standby.
     pub(super) standby: String,
+    /// Sync: the version asked for, and how long to wait for each partition to reach it (the
+    /// pull's own wait); each partition is sent once it did (the step being applied may not be
+    /// published yet: early.rs).
+    pub(super) early: Option<(u64, Duration)>,
 }
 
 impl PulledChunks {
@@ -36,6 +40,28 @@ impl PulledChunks {
             let Some(entry) = self.model.parts.get(key) else {
                 continue;
             };
+            if let Some((min, patience)) = self.early {
+                // Bounded: each partition within the pull's wait of the one before it; a
+                // worker told the deadline passed asks again (it pulls in slices).
+                let reached = runtime.block_on(self.model.wait_reached(key, min, patience));
+                if !reached {
+                    let why = format!(
+                        "{:?} partition {} did not reach version {min} within {patience:?} (server at {}); a worker may be missing",
+                        key.0,
+                        key.1,
+                        *self.model.version.borrow()
+                    );
+                    tracing::warn!("a pull stopped: {why}");
+                    let st = crate::failure::status(
+                        tonic::Code::DeadlineExceeded,
+                        crate::pb::Reason::Deadline,
+                        why,
+                    );
+                    let _ = runtime
+                        .block_on(async { tokio::time::timeout(wait, tx.send(Err(st))).await });
+                    return;
+                }
+            }
             let len = entry.numel * 4;
             let mut off = 0;
             loop {

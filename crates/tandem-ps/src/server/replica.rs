@@ -95,6 +95,14 @@ impl Replication {
         }
     }
 
+    /// Whether a standby follows this server now.
+    pub fn follows(&self) -> bool {
+        self.follower
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
+    }
+
     /// Whether a standby was promoted in this server's place.
     pub fn is_replaced(&self) -> bool {
         self.replaced.get().is_some()

@@ -421,7 +421,7 @@ impl Service {
         r: pb::PullRequest,
     ) -> Result<pb::SharedPull, Status> {
         let model = self.declared()?;
-        let version = self.wait_version(&model, &r).await?;
+        let (version, _) = self.wait_version(&model, &r, None).await?;
         let mut parts = Vec::new();
         for key in super::service::requested(&model, r.parts) {
             let at = super::service::part_of(&model, &key)?.locate();

@@ -402,14 +402,22 @@ impl ParameterServer for Service {
 
     async fn pull(&self, req: Request<pb::PullRequest>) -> Result<Response<PullStream>, Status> {
         let model = self.declared()?;
-        let r = req.into_inner();
+        let mut r = req.into_inner();
         let _call = self.calling(r.worker);
-        let version = self.wait_version(&model, &r).await?;
-        let keys = requested(&model, r.parts);
+        let mut keys = requested(&model, std::mem::take(&mut r.parts));
         for key in &keys {
             part_of(&model, key)?;
         }
+        // In the order a sync step applies them, so a pull for the step being applied streams
+        // each partition as soon as the step finished it (early.rs).
+        keys.sort();
+        let early = model.mode.sync.then(|| keys.first()).flatten();
+        let (version, min_version) = self.wait_version(&model, &r, early).await?;
         let chunks = PulledChunks {
+            early: early.is_some().then(|| {
+                let wait = Duration::from_millis(r.timeout_ms).min(self.limits.max_wait);
+                (min_version, wait)
+            }),
             model,
             keys,
             version,
@@ -571,30 +579,41 @@ impl Service {
     }
 
     /// Waits until the parameters reach the pull's `min_version` (a restarted server answers at once).
+    /// Waits for the version a pull asks for: published, or (`early`: the pull's first partition
+    /// in a sync job) that partition finished by the step being applied. Answers the version to
+    /// report (at least the one asked for) and the one asked for (0 for a worker that last saw
+    /// another incarnation: it is told at once where this one stands).
     pub(super) async fn wait_version(
         &self,
         model: &Model,
         r: &pb::PullRequest,
-    ) -> Result<u64, Status> {
+        early: Option<&Key>,
+    ) -> Result<(u64, u64), Status> {
         let wait = Duration::from_millis(r.timeout_ms).min(self.limits.max_wait);
-        let mut rx = model.version.subscribe();
-        // A worker that last saw another incarnation is told at once where this one stands.
         let restarted = r.incarnation != 0 && r.incarnation != self.incarnation;
         let min_version = if restarted { 0 } else { r.min_version };
-        let reached = tokio::time::timeout(wait, rx.wait_for(|v| *v >= min_version)).await;
-        match reached {
-            Ok(Ok(v)) => Ok(*v),
-            Ok(Err(_)) => Err(shutting_down()),
-            Err(_) => Err(status(
-                Code::DeadlineExceeded,
-                Reason::Deadline,
-                format!(
-                    "version {} not reached within {wait:?} (server at {}); a worker may be missing",
-                    r.min_version,
-                    *model.version.borrow()
-                ),
-            )),
+        if let Some(first) = early {
+            if model.wait_reached(first, min_version, wait).await {
+                let v = (*model.version.borrow()).max(min_version);
+                return Ok((v, min_version));
+            }
+        } else {
+            let mut rx = model.version.subscribe();
+            match tokio::time::timeout(wait, rx.wait_for(|v| *v >= min_version)).await {
+                Ok(Ok(v)) => return Ok((*v, min_version)),
+                Ok(Err(_)) => return Err(shutting_down()),
+                Err(_) => {}
+            }
         }
+        Err(status(
+            Code::DeadlineExceeded,
+            Reason::Deadline,
+            format!(
+                "version {} not reached within {wait:?} (server at {}); a worker may be missing",
+                r.min_version,
+                *model.version.borrow()
+            ),
+        ))
     }
 }
 

@@ -243,6 +243,9 @@ fn apply_if_complete(
         return None;
     }
     let step_no = st.step;
+    // Pulls may stream each partition as soon as it is applied unless a standby must hold the
+    // step first.
+    model.early.allow(!replication.follows());
     crate::observe::traced_sync("apply", step_no, 0, || model.apply_step(st));
     if let Replicated::Replaced(_) = replication.replicate(model, st.step) {
         return None;

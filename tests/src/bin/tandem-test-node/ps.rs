@@ -8,7 +8,7 @@ use tandem::{Error, Result};
 use tandem_ps::client::{Client as PsClient, TrainingMode};
 use tandem_ps::init::Init;
 use tandem_ps::optimizer::Optimizer;
-use tandem_ps::placement::{ParamDecl, place};
+use tandem_ps::placement::{ParamDecl, place, place_split};
 use tandem_tests::linreg;
 
 use super::flag_value;
@@ -99,7 +99,16 @@ pub(crate) async fn ps_worker(args: &[String]) -> Result<()> {
         ParamDecl::new("w", &[linreg::DIM, 1], Init::Zeros),
         ParamDecl::new("b", &[1], Init::Zeros),
     ];
-    let map = place(&params, servers.len(), num("--min-part", 16) as usize)?;
+    // `--max-part BYTES` cuts the weights into partitions of at most that size (whole rows).
+    let map = place_split(
+        &params,
+        servers.len(),
+        num("--min-part", 16) as usize,
+        num("--max-part", 0) as usize,
+    )?;
+    // `--overlap`: each push also pulls the next step's parameters at once (push_pull_into).
+    let overlap = args.iter().any(|a| a == "--overlap");
+    let mut pulled: Option<(u64, std::collections::HashMap<String, Vec<f32>>)> = None;
     let client = PsClient::connect(
         &servers,
         &token,
@@ -164,7 +173,10 @@ pub(crate) async fn ps_worker(args: &[String]) -> Result<()> {
         if iterations % 10 == 0 {
             println!("STEP {iterations}");
         }
-        let (v, p) = client.pull(if sync { step } else { 0 }).await?;
+        let (v, p) = match pulled.take() {
+            Some(next) => next,
+            None => client.pull(if sync { step } else { 0 }).await?,
+        };
         if sync && v < seen {
             // A version seen before is gone (a server restarted from an older checkpoint).
             println!("REWOUND {seen} -> {v}");
@@ -189,7 +201,20 @@ pub(crate) async fn ps_worker(args: &[String]) -> Result<()> {
             stalled = true;
             tokio::time::sleep(stall).await;
         }
-        let out = match client.push(step, &[("w", &gw), ("b", &[gb])]).await {
+        let grads: [(&str, &[f32]); 2] = [("w", &gw), ("b", &[gb])];
+        let pushed = if overlap {
+            let mut next = std::collections::HashMap::new();
+            client
+                .push_pull_into(step, &grads, &mut next)
+                .await
+                .map(|(out, v)| {
+                    pulled = Some((v, next));
+                    out
+                })
+        } else {
+            client.push(step, &grads).await
+        };
+        let out = match pushed {
             Err(e @ Error::LeaseExpired { .. }) => {
                 println!("REFUSED {e}");
                 continue;
