@@ -145,8 +145,8 @@ class Client:
         Sync: returns step ``step + 1``'s parameters, exactly as ``push`` then ``pull(step + 1)``
         would, but each server streams every partition of the new step as soon as it applied it,
         while later partitions' gradients are still arriving (a model of several tensors, or cut
-        with ``max_partition_bytes``, overlaps most). Async: the pull does not wait for this
-        gradient, so the parameters may not include it yet (one more step of staleness)."""
+        with ``max_partition_bytes``, overlaps most). Async: a push, then a pull, so the
+        parameters include this gradient."""
         return self._native.push_pull(step, dict(grads))
 
     def pull_rows(self, name: str, ids: Any) -> np.ndarray:

@@ -198,6 +198,39 @@ fn sync_sgd_with_pulls_overlapping_pushes_matches_the_single_process_reference()
     });
 }
 
+/// Async mode: `push_pull_into` pushes, then pulls, so each gradient is computed on parameters that
+/// include the worker's previous one: a single worker trains exactly like one-worker SGD.
+#[test]
+fn async_push_pull_includes_the_workers_own_gradient() {
+    let job = Job::start_plane(2, "tcp");
+    let lr = 0.05;
+    let steps = 40;
+    let outs = job.workers(
+        1,
+        &[
+            "--mode",
+            "async",
+            "--steps",
+            &steps.to_string(),
+            "--lr",
+            "0.05",
+            "--overlap",
+            "--max-part",
+            "16",
+        ],
+        |_| vec![],
+    );
+    let (want_w, want_b) = linreg::reference_sync(1, steps, lr);
+    let (w, b) = params(&ok(&outs[0]));
+    for (got, want) in w.iter().zip(&want_w).chain([(&b, &want_b)]) {
+        assert!(
+            (got - want).abs() <= 1e-5 * want.abs().max(1.0),
+            "{got} vs one-worker SGD {want}"
+        );
+    }
+    job.finish();
+}
+
 /// A model too small to share: its two tensors whole on two of three servers, the third holding
 /// none (it gets no pushes, so its version stays 0): pulls must not wait for it.
 #[test]

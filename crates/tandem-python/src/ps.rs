@@ -228,9 +228,9 @@ impl PsClient {
         Ok((out.applied, out.dropped, out.version))
     }
 
-    /// Pushes gradients for `step` and pulls the next parameters at once (sync: those of step
-    /// `step + 1`, each partition streamed as soon as it is applied); returns `(version,
-    /// {name: array})`.
+    /// Pushes gradients for `step` and pulls the next parameters (sync: those of step `step + 1`,
+    /// at once, each partition streamed as soon as it is applied; async: after the push);
+    /// returns `(version, {name: array})`.
     fn push_pull<'py>(
         &self,
         py: Python<'py>,

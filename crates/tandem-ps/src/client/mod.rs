@@ -484,9 +484,9 @@ impl Client {
     /// Sync: each server streams every partition of the new step as soon as it applied it, while
     /// the gradients of later partitions are still arriving, so the pull overlaps the push (a
     /// model cut into several partitions gains most; see `placement::place_split`). The result
-    /// is exactly a push followed by a pull. Async: the pull does not wait for this gradient, so
-    /// the parameters may not include it yet (one more step of staleness, as in any pipelined
-    /// asynchronous worker). A failure of either ends both and is returned.
+    /// is exactly a push followed by a pull; a failure of either ends both and is returned.
+    /// Async: a push, then a pull, so the parameters include this gradient (pulling while
+    /// pushing would leave it out: one more step of staleness, which slows convergence).
     ///
     /// ```no_run
     /// # async fn demo(c: tandem_ps::client::Client) -> tandem_core::Result<()> {
@@ -505,8 +505,11 @@ impl Client {
         grads: &[(&str, &[f32])],
         out: &mut HashMap<String, Vec<f32>>,
     ) -> Result<(PushOutcome, u64)> {
-        let next = if self.mode.sync { step + 1 } else { 0 };
-        futures::try_join!(self.push(step, grads), self.pull_into(next, out))
+        if !self.mode.sync {
+            let pushed = self.push(step, grads).await?;
+            return Ok((pushed, self.pull_into(0, out).await?));
+        }
+        futures::try_join!(self.push(step, grads), self.pull_into(step + 1, out))
     }
 
     /// Like [`Client::push_pull_into`], taking the gradients by value so they are sent without a
@@ -517,8 +520,11 @@ impl Client {
         grads: Vec<(String, Vec<f32>)>,
         out: &mut HashMap<String, Vec<f32>>,
     ) -> Result<(PushOutcome, u64)> {
-        let next = if self.mode.sync { step + 1 } else { 0 };
-        futures::try_join!(self.push_owned(step, grads), self.pull_into(next, out))
+        if !self.mode.sync {
+            let pushed = self.push_owned(step, grads).await?;
+            return Ok((pushed, self.pull_into(0, out).await?));
+        }
+        futures::try_join!(self.push_owned(step, grads), self.pull_into(step + 1, out))
     }
 
     /// Runs one push of `count` elements for `step`, recorded as such.
