@@ -151,7 +151,9 @@ def test_a_worker_silent_past_its_lease_is_not_awaited_and_its_late_push_is_refu
 
     from conftest import clean_env, read_line
 
-    p = subprocess.Popen([sys.executable, "-m", "tandem.ps", "--bind", "127.0.0.1:0", "--worker-lease", "1"],
+    # A 3 s lease: worker 0 is silent for about 1 s below, while worker 1's push waits for the step
+    # (its gradient is copied in after 1 s); a 1 s lease raced that wait.
+    p = subprocess.Popen([sys.executable, "-m", "tandem.ps", "--bind", "127.0.0.1:0", "--worker-lease", "3"],
                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                          env=clean_env(TANDEM_JOB_TOKEN=token))
     try:
@@ -174,7 +176,7 @@ def test_a_worker_silent_past_its_lease_is_not_awaited_and_its_late_push_is_refu
         assert c0.stats()[0]["gone_workers"] == [1]
         # Its gradient for a step applied without it is refused, nothing applied...
         c1 = client(1)
-        with pytest.raises(tandem.LeaseExpiredError, match=r"step 2 refused.*past its 1\.0 s lease.*step 5 to rejoin") as e:
+        with pytest.raises(tandem.LeaseExpiredError, match=r"step 2 refused.*past its 3\.0 s lease.*step 5 to rejoin") as e:
             c1.push(2, {"w": np.full(3, 100, dtype=np.float32)})
         assert isinstance(e.value, tandem.PreconditionError) and e.value.kind == "lease_expired"
         np.testing.assert_array_equal(c0.pull(5)[1]["w"], want)

@@ -171,8 +171,9 @@ pub fn place_split(
                 .min(bytes.div_ceil(min_part_bytes.max(1)))
                 .max(1)
         };
-        if max_part_bytes != 0 && bytes > max_part_bytes {
-            // Rows per partition that fit, so no partition (ceil(rows / parts) rows) is larger.
+        if max_part_bytes != 0 {
+            // Rows per partition that fit, so no partition (ceil(rows / parts) rows) is larger
+            // (a tensor within the limit fits whole: one partition).
             let fit = (max_part_bytes / (row_len * 4)).max(1);
             parts = parts.max(rows.div_ceil(fit));
         }
@@ -360,6 +361,10 @@ mod tests {
         assert_eq!(two.bytes_per_server().iter().sum::<usize>(), 4 * 135);
         assert!(two.parts.iter().any(|p| p.server == 1));
         assert_ne!(two.hash(), place(&params, 2, 0).unwrap().hash());
+        // The minimum size: a tensor of exactly that many bytes stays whole, one byte less is cut.
+        let w16 = [ParamDecl::new("w", &[16], Init::Zeros)];
+        assert_eq!(place(&w16, 2, 64).unwrap().parts.len(), 1);
+        assert_eq!(place(&w16, 2, 63).unwrap().parts.len(), 2);
         // No minimum size (0) cuts across servers without dividing by zero.
         assert_eq!(place(&params, 2, 0).unwrap().parts_of("w").count(), 2);
         // A limit below the minimum size is refused; equal is allowed.
@@ -381,6 +386,16 @@ mod tests {
                 .contains("twice")
         );
         assert!(place(&[ParamDecl::new("z", &[0, 3], Init::Zeros)], 1, 1024).is_err());
+        // Names of 1 to 256 bytes.
+        let named = |n: usize| place(&[ParamDecl::new("x".repeat(n), &[2], Init::Zeros)], 1, 1024);
+        assert!(named(0).unwrap_err().to_string().contains("1 to 256 bytes"));
+        assert!(named(1).is_ok() && named(256).is_ok());
+        assert!(
+            named(257)
+                .unwrap_err()
+                .to_string()
+                .contains("1 to 256 bytes")
+        );
         assert!(place(&[], 0, 1024).is_err());
         let mut half = ParamDecl::new("h", &[2], Init::Zeros);
         half.dtype = DType::F16;
