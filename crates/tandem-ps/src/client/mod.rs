@@ -505,11 +505,7 @@ impl Client {
         grads: &[(&str, &[f32])],
         out: &mut HashMap<String, Vec<f32>>,
     ) -> Result<(PushOutcome, u64)> {
-        if !self.mode.sync {
-            let pushed = self.push(step, grads).await?;
-            return Ok((pushed, self.pull_into(0, out).await?));
-        }
-        futures::try_join!(self.push(step, grads), self.pull_into(step + 1, out))
+        self.with_next_pull(step, self.push(step, grads), out).await
     }
 
     /// Like [`Client::push_pull_into`], taking the gradients by value so they are sent without a
@@ -520,11 +516,23 @@ impl Client {
         grads: Vec<(String, Vec<f32>)>,
         out: &mut HashMap<String, Vec<f32>>,
     ) -> Result<(PushOutcome, u64)> {
+        self.with_next_pull(step, self.push_owned(step, grads), out)
+            .await
+    }
+
+    /// Runs `push` (of `step`) with the pull of the parameters to use next: at once in sync mode
+    /// (step + 1), after it in async mode.
+    async fn with_next_pull(
+        &self,
+        step: u64,
+        push: impl std::future::Future<Output = Result<PushOutcome>>,
+        out: &mut HashMap<String, Vec<f32>>,
+    ) -> Result<(PushOutcome, u64)> {
         if !self.mode.sync {
-            let pushed = self.push_owned(step, grads).await?;
+            let pushed = push.await?;
             return Ok((pushed, self.pull_into(0, out).await?));
         }
-        futures::try_join!(self.push_owned(step, grads), self.pull_into(step + 1, out))
+        futures::try_join!(push, self.pull_into(step + 1, out))
     }
 
     /// Runs one push of `count` elements for `step`, recorded as such.
