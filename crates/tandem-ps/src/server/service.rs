@@ -414,10 +414,7 @@ impl ParameterServer for Service {
         let early = model.mode.sync.then(|| keys.first()).flatten();
         let (version, min_version) = self.wait_version(&model, &r, early).await?;
         let chunks = PulledChunks {
-            early: early.is_some().then(|| {
-                let wait = Duration::from_millis(r.timeout_ms).min(self.limits.max_wait);
-                (min_version, wait)
-            }),
+            early: early.is_some().then(|| (min_version, self.pull_wait(&r))),
             model,
             keys,
             version,
@@ -579,6 +576,11 @@ impl Service {
     }
 
     /// Waits until the parameters reach the pull's `min_version` (a restarted server answers at once).
+    /// How long a pull may wait: what it asks, at most the server's limit.
+    fn pull_wait(&self, r: &pb::PullRequest) -> Duration {
+        Duration::from_millis(r.timeout_ms).min(self.limits.max_wait)
+    }
+
     /// Waits for the version a pull asks for: published, or (`early`: the pull's first partition
     /// in a sync job) that partition finished by the step being applied. Answers the version to
     /// report (at least the one asked for) and the one asked for (0 for a worker that last saw
@@ -589,7 +591,7 @@ impl Service {
         r: &pb::PullRequest,
         early: Option<&Key>,
     ) -> Result<(u64, u64), Status> {
-        let wait = Duration::from_millis(r.timeout_ms).min(self.limits.max_wait);
+        let wait = self.pull_wait(r);
         let restarted = r.incarnation != 0 && r.incarnation != self.incarnation;
         let min_version = if restarted { 0 } else { r.min_version };
         if let Some(first) = early {
