@@ -183,6 +183,68 @@ fn many_async_ops_in_flight_keep_their_order() {
     }
 }
 
+const STREAMS: &str = "TANDEM_STREAMS_PER_PEER";
+
+/// Three streams per peer on the sockets: large allreduces and broadcasts are cut into parts,
+/// each around its own ring of connections (uneven parts: the length is prime), every element
+/// checked; and the whole suite with two, where only its largest allreduce is cut.
+#[test]
+fn several_streams_per_peer_carry_large_collectives_exactly() {
+    let job = Job::new();
+    let outs = job.run_with(
+        3,
+        &["big", "2500009"],
+        60,
+        &[(STREAMS, "3"), ("TANDEM_SAME_HOST", "tcp")],
+    );
+    for (r, o) in outs.iter().enumerate() {
+        assert_eq!(
+            lines_with(o, "BIG"),
+            vec!["BIG 0 0 0".to_string()],
+            "rank {r}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        // Every part went around its own ring: a connection from the left neighbour per stream.
+        assert_eq!(
+            lines_with(o, "BUSY"),
+            vec!["BUSY 3".to_string()],
+            "rank {r}"
+        );
+    }
+    suite_with(
+        3,
+        &[
+            (STREAMS, "2"),
+            ("TANDEM_DIRECT_BYTES", "0"),
+            ("TANDEM_SAME_HOST", "tcp"),
+        ],
+    );
+}
+
+/// Ranks that disagree on the streams per peer fail while forming, each naming the setting and
+/// the rank that differs, instead of waiting for connections that never come.
+#[test]
+fn ranks_with_different_streams_per_peer_name_the_setting() {
+    let job = Job::new();
+    let children: Vec<_> = (0..3)
+        .map(|r| {
+            let mut env = job.env(r, 3, 20);
+            let streams = if r == 1 { "2" } else { "1" };
+            env.push((STREAMS.into(), streams.into()));
+            spawn(NODE, &["big", "1000"], &env)
+        })
+        .collect();
+    for (r, o) in wait_all(children, LIMIT).iter().enumerate() {
+        assert_eq!(o.status.code(), Some(3), "rank {r} must fail");
+        let err = lines_with(o, "ERROR").join("\n");
+        let other = if r == 1 { "rank 0" } else { "rank 1" };
+        assert!(
+            err.contains(STREAMS) && err.contains(other),
+            "rank {r} must name {STREAMS} and {other}: {err}"
+        );
+    }
+}
+
 fn lines_with(out: &Output, prefix: &str) -> Vec<String> {
     String::from_utf8_lossy(&out.stdout)
         .lines()
@@ -217,13 +279,30 @@ fn until_looping(child: &mut std::process::Child) -> std::sync::mpsc::Receiver<S
     }
 }
 
+/// Same with 4 MiB allreduces cut over two streams per peer (each half on its own connections
+/// and thread): the survivors name the victim whichever stream saw it go.
+#[test]
+fn a_peer_killed_during_allreduces_over_several_streams_is_named_by_every_survivor() {
+    killed_peer_with(
+        &["loop", "1048576"],
+        &[(STREAMS, "2"), ("TANDEM_SAME_HOST", "tcp")],
+    );
+}
+
 fn killed_peer(args: &[&str]) {
+    killed_peer_with(args, &[]);
+}
+
+fn killed_peer_with(args: &[&str], extra: &[(&str, &str)]) {
     let world = 4;
     let victim = 2;
     let job = Job::new();
-    let mut children: Vec<_> = (0..world)
-        .map(|r| spawn(NODE, args, &job.env(r, world, 20)))
-        .collect();
+    let env = |r| {
+        let mut e = job.env(r, world, 20);
+        e.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        e
+    };
+    let mut children: Vec<_> = (0..world).map(|r| spawn(NODE, args, &env(r))).collect();
     let _lines = until_looping(&mut children[victim]);
     children[victim].kill().expect("kill");
     let _ = children[victim].wait();
@@ -397,6 +476,10 @@ fn strangers_and_wrong_tokens_are_refused_by_the_mesh() {
             .expect("rank 1 address");
         // Rank 1 accepts once it knows every address; rank 0 will publish its real one later.
         c.set("tandem/pg/default/addr/0", "127.0.0.1:1")
+            .await
+            .expect("placeholder");
+        // One stream per peer: no ports of other streams.
+        c.set("tandem/pg/default/streams/0", "")
             .await
             .expect("placeholder");
         String::from_utf8_lossy(&v[0]).into_owned()

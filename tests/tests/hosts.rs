@@ -133,35 +133,43 @@ fn collectives_across_two_hosts_with_two_ranks_each_flat_and_ring_only() {
 }
 
 /// A buffer cut into several pieces of the hierarchical pipeline (uneven ones: the length is
-/// prime), every element checked, hierarchical and flat.
+/// prime), every element checked, hierarchical and flat, over one stream per peer and over
+/// several (each part of the buffer around its own ring of connections).
 #[test]
 fn large_allreduces_across_two_hosts_of_two_ranks_are_exact() {
-    let Some(bed) = testbed(2, None) else {
+    for (mode, streams) in [("auto", "1"), ("off", "1"), ("auto", "3"), ("off", "2")] {
+        big_across(2, 2, &[("TANDEM_HIERARCHICAL", mode), (STREAMS, streams)]);
+    }
+}
+
+/// Four hosts of one rank, three streams per peer: large allreduces (f32 sum, f64 average) and a
+/// broadcast, cut into three parts of uneven length, every element checked.
+#[test]
+fn large_collectives_across_four_hosts_over_several_streams_are_exact() {
+    big_across(4, 1, &[(STREAMS, "3")]);
+}
+
+const STREAMS: &str = "TANDEM_STREAMS_PER_PEER";
+
+/// `big 2500009` on `hosts` hosts of `per_host` ranks with `extra`: every rank must find every
+/// element of its results right.
+fn big_across(hosts: usize, per_host: usize, extra: &[(&str, &str)]) {
+    let Some(bed) = testbed(hosts, None) else {
         return;
     };
-    for mode in ["auto", "off"] {
-        let token = JobToken::generate();
-        let children: Vec<Child> = (0..4)
-            .map(|r| {
-                spawn_rank(
-                    &bed,
-                    &token,
-                    r,
-                    4,
-                    2,
-                    &["big", "2500009"],
-                    &[("TANDEM_TIMEOUT", "60"), ("TANDEM_HIERARCHICAL", mode)],
-                )
-            })
-            .collect();
-        for (r, o) in wait_all(children, LIMIT).iter().enumerate() {
-            let text = String::from_utf8_lossy(&o.stdout);
-            assert!(
-                text.lines().any(|l| l == "BIG 0 0"),
-                "rank {r} ({mode}): {text}{}",
-                String::from_utf8_lossy(&o.stderr)
-            );
-        }
+    let token = JobToken::generate();
+    let world = hosts * per_host;
+    let env = [&[("TANDEM_TIMEOUT", "60")], extra].concat();
+    let children: Vec<Child> = (0..world)
+        .map(|r| spawn_rank(&bed, &token, r, world, per_host, &["big", "2500009"], &env))
+        .collect();
+    for (r, o) in wait_all(children, LIMIT).iter().enumerate() {
+        let text = String::from_utf8_lossy(&o.stdout);
+        assert!(
+            text.lines().any(|l| l == "BIG 0 0 0"),
+            "rank {r} ({extra:?}): {text}{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
     }
 }
 
@@ -169,23 +177,26 @@ fn large_allreduces_across_two_hosts_of_two_ranks_are_exact() {
 /// within its deadline (plus the time to learn of the abort) instead of hanging.
 #[test]
 fn a_rank_whose_link_is_cut_makes_every_survivor_fail_within_its_deadline() {
+    cut_rank(&["loop", "65536"], &[]);
+}
+
+/// The same with 1 MiB allreduces over two streams per peer, each half of the buffer on its own
+/// connections and thread: the survivors still name the rank cut off, none hangs.
+#[test]
+fn a_rank_cut_off_during_allreduces_over_several_streams_is_named() {
+    cut_rank(&["loop", "262144"], &[(STREAMS, "2")]);
+}
+
+fn cut_rank(args: &[&str], extra: &[(&str, &str)]) {
     let Some(bed) = testbed(4, None) else {
         return;
     };
     let token = JobToken::generate();
     let timeout_s = 5u64;
+    let timeout = timeout_s.to_string();
+    let env = [&[("TANDEM_TIMEOUT", timeout.as_str())], extra].concat();
     let mut children: Vec<Child> = (0..4)
-        .map(|r| {
-            spawn_rank(
-                &bed,
-                &token,
-                r,
-                4,
-                1,
-                &["loop", "65536"],
-                &[("TANDEM_TIMEOUT", &timeout_s.to_string())],
-            )
-        })
+        .map(|r| spawn_rank(&bed, &token, r, 4, 1, args, &env))
         .collect();
     // Wait until rank 0 is looping (the group formed), then cut host 2.
     let lines = stdout_lines(&mut children[0]);

@@ -83,6 +83,10 @@ pub struct BenchArgs {
     /// Pipeline segment in bytes (TANDEM_SEGMENT_BYTES).
     #[arg(long)]
     segment: Option<String>,
+    /// Connections per pair of ranks (TANDEM_STREAMS_PER_PEER, 1 to 8): large allreduces and
+    /// broadcasts are cut into this many parts, each on its own connections and thread.
+    #[arg(long)]
+    streams_per_peer: Option<usize>,
     /// `tcp`: host buffers over Tandem's TCP ring; `nccl`: GPU buffers through NCCL (builds with the
     /// `nccl` feature; one GPU per rank, chosen by `nvidia-smi topo -m`).
     #[arg(long, default_value = "tcp")]
@@ -184,6 +188,19 @@ pub fn bench(collective: Collective, args: BenchArgs) -> Result<ExitCode> {
             "TANDEM_SEGMENT_BYTES".to_string(),
             parse_size("--segment", s)?.to_string(),
         ));
+    }
+    if let Some(n) = args.streams_per_peer {
+        if !(1..=tandem::collective::MAX_STREAMS_PER_PEER).contains(&n) {
+            return Err(Error::invalid(
+                "--streams-per-peer",
+                format!(
+                    "expected 1 to {}, got {n}",
+                    tandem::collective::MAX_STREAMS_PER_PEER
+                ),
+            ));
+        }
+        env.push((tandem::collective::STREAMS_VAR.to_string(), n.to_string()));
+        println!("# streams per peer: {n}");
     }
     let transport = crate::hosts::JobTransport::new(args.insecure)?;
     println!("# connections: {}", transport.name());

@@ -160,6 +160,55 @@ fn bench_elastic_cost_measures_commits_and_refuses_other_setups() {
     }
 }
 
+/// `tandem bench allreduce --streams-per-peer N` runs its ranks with N connections per pair (every
+/// result checked by the bench: the `#wrong` column) and refuses a count outside 1 to 8, naming the
+/// flag.
+#[test]
+fn bench_streams_per_peer_runs_at_the_bounds_and_refuses_beyond() {
+    let args = |n: &'static str| {
+        vec![
+            "bench",
+            "allreduce",
+            "--np",
+            "2",
+            "--min",
+            "4M",
+            "--max",
+            "4M",
+            "--iters",
+            "2",
+            "--warmup",
+            "1",
+            "--streams-per-peer",
+            n,
+        ]
+    };
+    for n in ["1", "8"] {
+        let out = tandem(&args(n), &[("TANDEM_SAME_HOST", "tcp")]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{text}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(text.contains(&format!("# streams per peer: {n}")), "{text}");
+        let row: Vec<&str> = text
+            .lines()
+            .find(|l| l.trim_start().starts_with("4194304"))
+            .map(|l| l.split_whitespace().collect())
+            .unwrap_or_default();
+        assert_eq!(row.get(7), Some(&"0"), "no wrong elements: {text}");
+    }
+    for n in ["0", "9"] {
+        let out = tandem(&args(n), &[]);
+        assert_eq!(out.status.code(), Some(1), "{n}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("--streams-per-peer"),
+            "{n}"
+        );
+    }
+}
+
 #[test]
 fn demo_rejects_bad_sizes() {
     let out = tandem(&["demo", "--workers", "0"], &[]);

@@ -45,4 +45,4 @@ pub mod stats;
 pub mod transport;
 
 pub use backend::BackendKind;
-pub use group::{Cancel, GroupConfig, ProcessGroup, Work};
+pub use group::{Cancel, GroupConfig, MAX_STREAMS_PER_PEER, ProcessGroup, STREAMS_VAR, Work};

@@ -69,6 +69,20 @@ impl Drop for SocketWatch {
     }
 }
 
+/// The bytes a TCP socket has carried, as the kernel counts them: (sent and acknowledged by the
+/// peer, received). `None` when `fd` is not an open TCP socket.
+///
+/// ```
+/// let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+/// let _client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+/// use std::os::fd::AsRawFd;
+/// assert!(tandem_observe::tcp_bytes(listener.as_raw_fd()).is_some());
+/// assert_eq!(tandem_observe::tcp_bytes(-1), None);
+/// ```
+pub fn tcp_bytes(fd: RawFd) -> Option<(u64, u64)> {
+    tcp_counts(fd).map(|(sent, received, _)| (sent, received))
+}
+
 /// (bytes acknowledged by the peer, bytes received from it, segments retransmitted).
 #[allow(unsafe_code)]
 fn tcp_counts(fd: RawFd) -> Option<(u64, u64, u64)> {

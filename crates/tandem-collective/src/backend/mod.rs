@@ -8,6 +8,7 @@
 //! and logs which and why.
 
 pub mod ops;
+pub mod streams;
 pub mod tcp_ring;
 
 use std::ops::Range;

@@ -19,6 +19,7 @@ use tokio::sync::watch;
 
 use super::Backend;
 use super::ops::{self, Io, Waiting};
+use super::streams::{self, Channel, Part};
 use crate::stats::Stragglers;
 use crate::transport::frame::{OpHeader, OpKind};
 use crate::transport::mesh::Mesh;
@@ -59,6 +60,8 @@ struct RingState {
     _sockets: Vec<tandem_observe::SocketWatch>,
     mesh: Mesh,
     scratch: Vec<u64>,
+    /// The other streams to every peer (none with one stream per peer).
+    channels: Vec<Channel>,
     seq: u64,
     sent: Vec<u64>,
     received: Vec<u64>,
@@ -95,6 +98,8 @@ pub struct TcpRing {
     segment: usize,
     direct_bytes: usize,
     shared_min_bytes: usize,
+    /// Streams per peer (1 + the channels).
+    streams: usize,
     rt: Runtime,
     state: Mutex<RingState>,
     abort: watch::Receiver<Option<String>>,
@@ -194,13 +199,16 @@ fn collective(
 
 impl TcpRing {
     /// Wraps an established mesh. `rt` must be the runtime the mesh's sockets were created in;
-    /// `same_host` is set when every rank of the ring can read its left neighbour's memory.
+    /// `channels` are the other streams to every peer (empty with one; large allreduces and
+    /// broadcasts are cut into parts over them, see [`streams`]); `same_host` is set when every
+    /// rank of the ring can read its left neighbour's memory (the channels then stay unused).
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         rank: usize,
         world: usize,
         rt: Runtime,
         mesh: Mesh,
+        mut channels: Vec<Channel>,
         tuning: Tuning,
         abort: watch::Receiver<Option<String>>,
         control: Control,
@@ -208,18 +216,25 @@ impl TcpRing {
     ) -> Self {
         let segment = tuning.segment_bytes.clamp(4096, 64 << 20) / 8 * 8;
         let direct_bytes = tuning.direct_bytes;
+        let mut sockets = watch_sockets(&mesh);
+        for channel in &mut channels {
+            sockets.extend(watch_sockets(channel.mesh()));
+            channel.size_scratch(segment);
+        }
         TcpRing {
             rank,
             world,
             segment,
             direct_bytes,
             shared_min_bytes: tuning.shared_min_bytes,
+            streams: 1 + channels.len(),
             hosts: tuning.hosts,
             rt,
             state: Mutex::new(RingState {
-                _sockets: watch_sockets(&mesh),
+                _sockets: sockets,
                 mesh,
                 scratch: vec![0u64; segment / 8],
+                channels,
                 seq: 0,
                 sent: vec![0; world],
                 received: vec![0; world],
@@ -247,7 +262,6 @@ impl TcpRing {
         Ok(st)
     }
 
-    /// Records straggler statistics and poisons the group on failure.
     /// Runs one operation: `header` takes the operation's header from the locked state (a sequence
     /// number), `body` moves its bytes through the [`Io`] it is given. The body races the deadline
     /// and an abort from another rank; the outcome poisons the group if it failed.
@@ -257,6 +271,89 @@ impl TcpRing {
         header: impl FnOnce(&mut RingState) -> OpHeader,
         body: impl AsyncFnOnce(&mut Io<'_>) -> Result<T>,
     ) -> Result<T> {
+        self.run_with(header, |st, op| {
+            let RingState { mesh, scratch, .. } = st;
+            let memory = self.same_host.as_ref().map(|m| m.left);
+            let mut io = self.io(mesh, scratch, op, memory);
+            // The right neighbour may read this rank's chunks only while the lease lives: it ends
+            // (the word cleared) before the buffer goes back to the caller.
+            let lease = self.same_host.as_ref().map(|m| m.word.lease(op.header.seq));
+            let outcome = self.drive(body(&mut io), op.waiting, &op.header, timeout);
+            drop(lease);
+            outcome
+        })
+    }
+
+    /// Runs one allreduce or broadcast of `buf` cut into parts, one per stream to every peer (see
+    /// [`streams`]), under the same deadline, abort and poisoning as [`TcpRing::run_op`].
+    fn run_cut(
+        &self,
+        timeout: Duration,
+        header: impl FnOnce(&mut RingState) -> OpHeader,
+        buf: &mut [u8],
+        size: usize,
+        what: Part<'_>,
+    ) -> Result<()> {
+        self.run_with(header, |st, op| {
+            let RingState {
+                mesh,
+                scratch,
+                channels,
+                ..
+            } = st;
+            let ring = streams::Ring {
+                rank: self.rank,
+                world: self.world,
+                segment: self.segment,
+                header: op.header,
+            };
+            // Past the caller's deadline and the culprit inquiry that may follow it.
+            let backstop = timeout.saturating_mul(2) + Duration::from_secs(5);
+            streams::run_cut(channels, ring, buf, size, what, backstop, |head, others| {
+                let mut io = self.io(mesh, scratch, op, None);
+                let both = async {
+                    tokio::try_join!(what.run(&mut io, head), others.finished()).map(|_| ())
+                };
+                self.drive(both, op.waiting, &op.header, timeout)
+            })
+        })
+    }
+
+    /// Whether an operation on `bytes` is cut over several streams per peer.
+    fn cuts(&self, bytes: usize) -> bool {
+        self.same_host.is_none() && streams::parts_for(bytes, self.streams) > 1
+    }
+
+    /// The [`Io`] of the ring's own connections for one operation.
+    fn io<'a>(
+        &self,
+        mesh: &'a mut Mesh,
+        scratch: &'a mut Vec<u64>,
+        op: &'a OpRun<'a>,
+        memory: Option<PeerMemory>,
+    ) -> Io<'a> {
+        Io {
+            mesh,
+            scratch: bytemuck::cast_slice_mut(scratch.as_mut_slice()),
+            rank: self.rank,
+            world: self.world,
+            segment: self.segment,
+            waiting: op.waiting,
+            header: op.header,
+            lateness: &op.lateness,
+            memory,
+            shared_min_bytes: self.shared_min_bytes,
+        }
+    }
+
+    /// The bookkeeping around every operation: takes the lock and the header, records the
+    /// operation (flight recorder, progress for stall inquiries, straggler statistics), runs
+    /// `run`, and poisons the group if it failed.
+    fn run_with<T>(
+        &self,
+        header: impl FnOnce(&mut RingState) -> OpHeader,
+        run: impl FnOnce(&mut RingState, &OpRun<'_>) -> Result<T>,
+    ) -> Result<T> {
         let mut st = self.begin()?;
         let header = header(&mut st);
         // One clock read at each end serves the stall inquiry, the recorder and the metrics.
@@ -264,40 +361,23 @@ impl TcpRing {
         let recording = crate::observe::begin(&self.log, &header, self.rank, self.world, started);
         let progress = self.control.progress.clone();
         progress.begin_at(st.seq, started);
-        let waiting = &progress.waiting;
-        let lateness = Cell::new(None);
-        let outcome = {
-            let RingState { mesh, scratch, .. } = &mut *st;
-            let mut io = Io {
-                mesh,
-                scratch: bytemuck::cast_slice_mut(scratch.as_mut_slice()),
-                rank: self.rank,
-                world: self.world,
-                segment: self.segment,
-                waiting,
-                header,
-                lateness: &lateness,
-                memory: self.same_host.as_ref().map(|m| m.left),
-                shared_min_bytes: self.shared_min_bytes,
-            };
-            // The right neighbour may read this rank's chunks only while the lease lives: it ends
-            // (the word cleared) before the buffer goes back to the caller.
-            let lease = self.same_host.as_ref().map(|m| m.word.lease(header.seq));
-            let outcome = self.drive(body(&mut io), waiting, &header, timeout);
-            drop(lease);
-            outcome
+        let op = OpRun {
+            header,
+            waiting: &progress.waiting,
+            lateness: Cell::new(None),
         };
+        let outcome = run(&mut st, &op);
         let ended = std::time::Instant::now();
         crate::observe::end(
             &self.log,
             recording,
             ended,
-            lateness.get(),
-            waiting.get(),
+            op.lateness.get(),
+            op.waiting.get(),
             outcome.as_ref().err(),
         );
         progress.end_at(ended);
-        self.settle(&mut st, &header, lateness.get(), outcome)
+        self.settle(&mut st, &header, op.lateness.get(), outcome)
     }
 
     fn settle<T>(
@@ -438,6 +518,13 @@ fn watch_sockets(mesh: &Mesh) -> Vec<tandem_observe::SocketWatch> {
         .collect()
 }
 
+/// One operation under way: its header and what it is waiting for.
+struct OpRun<'a> {
+    header: OpHeader,
+    waiting: &'a crate::stall::WaitCell,
+    lateness: Cell<Option<(usize, Duration)>>,
+}
+
 /// Whether a failure was seen here first (and so is published), or came from another rank.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Local {
@@ -469,6 +556,20 @@ impl Backend for TcpRing {
     ) -> Result<()> {
         let count = buf.len() / dtype.size();
         let direct = buf.len().saturating_mul(self.world - 1) <= self.direct_bytes;
+        if !direct && self.cuts(buf.len()) {
+            let what = Part::Allreduce {
+                dtype,
+                op,
+                hosts: self.hosts.as_ref(),
+            };
+            return self.run_cut(
+                timeout,
+                |st| collective(st, OpKind::Allreduce, dtype, Some(op), 0, count),
+                buf,
+                dtype.size(),
+                what,
+            );
+        }
         self.run_op(
             timeout,
             |st| collective(st, OpKind::Allreduce, dtype, Some(op), 0, count),
@@ -494,6 +595,15 @@ impl Backend for TcpRing {
         timeout: Duration,
     ) -> Result<()> {
         let count = buf.len() / dtype.size();
+        if self.cuts(buf.len()) {
+            return self.run_cut(
+                timeout,
+                |st| collective(st, OpKind::Broadcast, dtype, None, root, count),
+                buf,
+                dtype.size(),
+                Part::Broadcast { root },
+            );
+        }
         self.run_op(
             timeout,
             |st| collective(st, OpKind::Broadcast, dtype, None, root, count),

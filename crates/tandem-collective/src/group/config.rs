@@ -30,6 +30,13 @@ pub struct GroupConfig {
     /// (within hosts, then across, then within: `TANDEM_HIERARCHICAL`, `auto` by default; `off`
     /// keeps the flat ring).
     pub hierarchical: bool,
+    /// Connections per pair of ranks (`TANDEM_STREAMS_PER_PEER`, 1 to 8; default 1): with more than
+    /// one, a large allreduce or broadcast is cut into that many parts, each moved around its own
+    /// ring of connections by its own thread (as NCCL's `NCCL_SOCKET_NTHREADS` and
+    /// `NCCL_NSOCKS_PERTHREAD` do), so the encryption, copies and reductions of one rank's traffic spread over several cores.
+    /// Every rank of a group must use the same value. Pays on machines with cores to spare and
+    /// fast links; ranks on one machine that copy by address never use the extra connections.
+    pub streams_per_peer: usize,
     /// Host other ranks should connect to (`TANDEM_ADVERTISE_HOST`); default: derived from the
     /// rendezvous address (loopback for local jobs, this machine's outgoing address otherwise).
     pub advertise_host: Option<String>,
@@ -38,6 +45,12 @@ pub struct GroupConfig {
     /// loopback only unless `TANDEM_INSECURE=1`).
     pub security: Option<tandem_tls::Security>,
 }
+
+/// The variable that sets [`GroupConfig::streams_per_peer`].
+pub const STREAMS_VAR: &str = "TANDEM_STREAMS_PER_PEER";
+
+/// Most connections per pair of ranks a group may use.
+pub const MAX_STREAMS_PER_PEER: usize = 8;
 
 impl Default for GroupConfig {
     fn default() -> Self {
@@ -51,6 +64,7 @@ impl Default for GroupConfig {
             same_host: true,
             same_host_min_bytes: 256 << 10,
             hierarchical: true,
+            streams_per_peer: 1,
             advertise_host: None,
             security: None,
         }
@@ -142,6 +156,18 @@ impl GroupConfig {
                 }
             };
         }
+        if let Some(v) = vars.var(STREAMS_VAR) {
+            c.streams_per_peer = v
+                .parse::<usize>()
+                .ok()
+                .filter(|n| (1..=MAX_STREAMS_PER_PEER).contains(n))
+                .ok_or_else(|| {
+                    Error::config(
+                        STREAMS_VAR,
+                        format!("expected 1 to {MAX_STREAMS_PER_PEER}, got {v:?}"),
+                    )
+                })?;
+        }
         c.advertise_host = vars.var("TANDEM_ADVERTISE_HOST");
         Ok(c)
     }
@@ -177,10 +203,18 @@ mod config_tests {
         assert!(c_default_hierarchical());
         let c = GroupConfig::from_vars(&vars(&[("TANDEM_HIERARCHICAL", "off")])).expect("valid");
         assert!(!c.hierarchical);
+        assert_eq!(c.streams_per_peer, 1);
+        for n in [1, 8] {
+            let c = GroupConfig::from_vars(&vars(&[(STREAMS_VAR, &n.to_string())])).expect("valid");
+            assert_eq!(c.streams_per_peer, n);
+        }
         for (k, v) in [
             ("TANDEM_HIERARCHICAL", "yes"),
             ("TANDEM_SAME_HOST", "shm"),
             ("TANDEM_SAME_HOST_MIN_BYTES", "-1"),
+            (STREAMS_VAR, "0"),
+            (STREAMS_VAR, "9"),
+            (STREAMS_VAR, "two"),
         ] {
             let e = GroupConfig::from_vars(&vars(&[(k, v)])).expect_err("invalid");
             assert!(e.to_string().contains(k), "{e}");

@@ -5,6 +5,7 @@
 
 use std::future::Future;
 
+use crate::backend::streams::Channel;
 use crate::transport::mesh::Mesh;
 
 use super::*;
@@ -147,6 +148,53 @@ impl Cancel {
     }
 }
 
+/// The name a stream's mesh is told apart by (its group id in the handshake): the group's own
+/// for the first stream, so a group of one stream per peer greets as it always did.
+fn channel_group(name: &str, channel: usize) -> String {
+    if channel == 0 {
+        name.to_string()
+    } else {
+        format!("{name}#stream{channel}")
+    }
+}
+
+/// Every rank's address for each extra stream (`out[channel - 1][rank]`), from the ranks' ring
+/// addresses and the ports each published (comma-separated, one per extra stream). A rank that
+/// published another number of streams is named: every rank must use the same.
+fn channel_addresses(
+    addrs: &[String],
+    ports: &[impl AsRef<[u8]>],
+    me: usize,
+    streams: usize,
+) -> Result<Vec<Vec<String>>> {
+    let mut out = vec![Vec::with_capacity(addrs.len()); streams - 1];
+    for (r, (addr, ports)) in addrs.iter().zip(ports).enumerate() {
+        let ports = String::from_utf8_lossy(ports.as_ref());
+        let ports: Vec<&str> = ports.split(',').filter(|p| !p.is_empty()).collect();
+        if ports.len() + 1 != streams {
+            return Err(Error::config(
+                crate::group::STREAMS_VAR,
+                format!(
+                    "rank {r} ({addr}) uses {} stream(s) per peer but rank {me} uses {streams}: \
+                     set the same value on every rank",
+                    ports.len() + 1
+                ),
+            ));
+        }
+        let host = addr.rsplit_once(':').map_or(addr.as_str(), |(h, _)| h);
+        for (channel, port) in ports.iter().enumerate() {
+            let port: u16 = port.parse().map_err(|_| {
+                Error::transport(
+                    "exchanging ring addresses",
+                    format!("rank {r} published a bad stream port {port:?}"),
+                )
+            })?;
+            out[channel].push(format!("{host}:{port}"));
+        }
+    }
+    Ok(out)
+}
+
 /// What forming a group of more than one rank builds, step by step.
 struct Formation<'a> {
     spec: &'a ClusterSpec,
@@ -247,7 +295,7 @@ impl Formation<'_> {
         let session = self.join()?;
         let client = session.client.clone();
         let rendezvous = session.spec().require_rendezvous()?.to_string();
-        let (mesh, addrs) = self.connect_mesh(&client, &rendezvous)?;
+        let (mesh, channels, addrs) = self.connect_mesh(&client, &rendezvous)?;
         let same_host = if self.config.same_host {
             let timeout = self.config.connect_timeout;
             self.cancel.run(
@@ -316,7 +364,7 @@ impl Formation<'_> {
             hosts,
         };
         let ring = TcpRing::new(
-            rank, world, ring_rt, mesh, tuning, abort_rx, control, same_host,
+            rank, world, ring_rt, mesh, channels, tuning, abort_rx, control, same_host,
         );
         tracing::info!(rank, world, group = %config.name, "process group ready (tcp ring, {copies})");
         let shared = Shared {
@@ -359,13 +407,15 @@ impl Formation<'_> {
         )
     }
 
-    /// Publishes this rank's ring address, learns everyone's, and connects the mesh.
+    /// Publishes this rank's ring address (and those of its other streams), learns everyone's,
+    /// and connects the mesh, and one more mesh per extra stream per peer.
     fn connect_mesh(
         &self,
         client: &tandem_rendezvous::Client,
         rendezvous: &str,
-    ) -> Result<(Mesh, Vec<String>)> {
+    ) -> Result<(Mesh, Vec<Channel>, Vec<String>)> {
         let (rank, world) = (self.spec.rank(), self.spec.world_size());
+        let streams = self.config.streams_per_peer.max(1);
         let host = self
             .config
             .advertise_host
@@ -376,45 +426,96 @@ impl Formation<'_> {
             None => tandem_tls::Security::from_env()?,
         };
         let bind = format!("{}:0", bind_host(&host));
-        let listener = self
-            .ring_rt
-            .block_on(tokio::net::TcpListener::bind(&bind))
-            .map_err(|e| Error::io(format!("binding the ring listener to {bind}"), e))?;
-        let port = listener
-            .local_addr()
-            .map_err(|e| Error::io("reading the ring listener address", e))?
-            .port();
+        let listen = |rt: &Runtime| -> Result<(tokio::net::TcpListener, u16)> {
+            let listener = rt
+                .block_on(tokio::net::TcpListener::bind(&bind))
+                .map_err(|e| Error::io(format!("binding the ring listener to {bind}"), e))?;
+            let port = listener
+                .local_addr()
+                .map_err(|e| Error::io("reading the ring listener address", e))?
+                .port();
+            Ok((listener, port))
+        };
+        let (listener, port) = listen(&self.ring_rt)?;
+        // Each extra stream: its own runtime (its sockets are driven by its own thread) and its
+        // own listener.
+        let mut extra = Vec::with_capacity(streams - 1);
+        for _ in 1..streams {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| Error::io("starting a stream's runtime", e))?;
+            let (listener, port) = listen(&rt)?;
+            extra.push((rt, listener, port));
+        }
+        let ports: Vec<String> = extra.iter().map(|(_, _, p)| p.to_string()).collect();
         let prefix = &self.prefix;
         let timeout = self.config.connect_timeout;
-        let addrs = self
-            .cancel
-            .run(&self.control_rt, "exchanging ring addresses", async {
-                client
-                    .set(&format!("{prefix}/addr/{rank}"), format!("{host}:{port}"))
-                    .await?;
-                let keys: Vec<String> = (0..world).map(|r| format!("{prefix}/addr/{r}")).collect();
-                let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
-                client.wait(&keys, timeout).await
-            })?;
+        let (addrs, their_ports) =
+            self.cancel
+                .run(&self.control_rt, "exchanging ring addresses", async {
+                    client
+                        .set(&format!("{prefix}/streams/{rank}"), ports.join(","))
+                        .await?;
+                    client
+                        .set(&format!("{prefix}/addr/{rank}"), format!("{host}:{port}"))
+                        .await?;
+                    let keys = |what: &str| -> Vec<String> {
+                        (0..world).map(|r| format!("{prefix}/{what}/{r}")).collect()
+                    };
+                    let (addrs, streams) = (keys("addr"), keys("streams"));
+                    let addrs: Vec<&str> = addrs.iter().map(String::as_str).collect();
+                    let streams: Vec<&str> = streams.iter().map(String::as_str).collect();
+                    let addrs = client.wait(&addrs, timeout).await?;
+                    let streams = client.wait(&streams, timeout).await?;
+                    Ok((addrs, streams))
+                })?;
         let addrs: Vec<String> = addrs
             .iter()
             .map(|a| String::from_utf8_lossy(a).into_owned())
             .collect();
+        let channel_addrs = channel_addresses(&addrs, &their_ports, rank, streams)?;
         security.check_peers("the ring", &addrs)?;
         let deadline = tokio::time::Instant::now() + timeout;
-        let mesh_spec = MeshSpec {
+        let spec = |addrs, channel: usize| MeshSpec {
             rank,
-            addrs: &addrs,
+            addrs,
             token: self.token,
-            group: group_id(&self.config.name),
+            group: group_id(&channel_group(&self.config.name, channel)),
             security: &security,
         };
-        let mesh = self.cancel.run(
-            &self.ring_rt,
-            "connecting to the other ranks",
-            establish(&listener, &mesh_spec, deadline),
-        )?;
-        Ok((mesh, addrs))
+        let (mesh, channels) = std::thread::scope(|s| {
+            let mut threads = Vec::with_capacity(extra.len());
+            for (i, (rt, listener, _)) in extra.into_iter().enumerate() {
+                let (addrs, spec) = (&channel_addrs[i], &spec);
+                threads.push(s.spawn(move || {
+                    let mesh = self.cancel.run(
+                        &rt,
+                        "connecting the other streams to the other ranks",
+                        establish(&listener, &spec(addrs, i + 1), deadline),
+                    )?;
+                    Ok::<_, Error>(Channel::new(rt, mesh))
+                }));
+            }
+            let mesh = self.cancel.run(
+                &self.ring_rt,
+                "connecting to the other ranks",
+                establish(&listener, &spec(&addrs, 0), deadline),
+            );
+            let channels: Result<Vec<Channel>> = threads
+                .into_iter()
+                .map(|t| {
+                    t.join().unwrap_or_else(|_| {
+                        Err(Error::Unusable {
+                            what: "process group".into(),
+                            reason: "connecting a stream panicked".into(),
+                        })
+                    })
+                })
+                .collect();
+            Ok::<_, Error>((mesh?, channels?))
+        })?;
+        Ok((mesh, channels, addrs))
     }
 
     /// Starts the task that turns an abort published by any rank (or the loss of the rendezvous)

@@ -13,7 +13,7 @@ mod control;
 mod form;
 mod work;
 
-pub use config::GroupConfig;
+pub use config::{GroupConfig, MAX_STREAMS_PER_PEER, STREAMS_VAR};
 use control::Control;
 pub use form::Cancel;
 pub use work::Work;

@@ -196,8 +196,29 @@ fn run_big(pg: &ProcessGroup, args: &[String]) -> Result<()> {
     let bad64 = (0..len)
         .filter(|&i| (b[i] - want(i) / w).abs() > 1e-12 * want(i).abs().max(1.0))
         .count();
-    println!("BIG {bad32} {bad64}");
+    // A broadcast from the last rank: every rank ends with its values.
+    let root = world - 1;
+    let mut c: Vec<f32> = (0..len).map(|i| value(rank, i) as f32).collect();
+    pg.broadcast(&mut c, root)?;
+    let bad_bcast = (0..len)
+        .filter(|&i| f64::from(c[i]) != value(root, i))
+        .count();
+    println!("BIG {bad32} {bad64} {bad_bcast}");
+    println!("BUSY {}", busy_sockets(1 << 20));
     Ok(())
+}
+
+/// How many of this process's TCP sockets received more than `min` bytes: the connections the
+/// collectives above moved their bytes over (one per stream from the left neighbour on a ring).
+fn busy_sockets(min: u64) -> usize {
+    use std::os::fd::RawFd;
+    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
+        return 0;
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<RawFd>().ok())
+        .filter_map(tandem::observe::tcp_bytes)
+        .filter(|(_, received)| *received > min)
+        .count()
 }
 
 fn run_async(pg: &ProcessGroup) -> Result<()> {
