@@ -182,7 +182,6 @@ pub(super) fn run_cut<T>(
     let (stop_tx, stop_rx) = watch::channel(false);
     let (done_tx, done_rx) = tokio::sync::mpsc::unbounded_channel();
     std::thread::scope(|s| {
-        let mut started = 0;
         let mut failed = None;
         for (channel, part) in channels.iter_mut().zip(parts) {
             let (stop, done) = (stop_rx.clone(), done_tx.clone());
@@ -191,24 +190,17 @@ pub(super) fn run_cut<T>(
                 .spawn_scoped(s, move || {
                     let _ = done.send(channel.run(ring, part, what, stop, backstop));
                 });
-            match spawned {
-                Ok(_) => started += 1,
-                Err(e) => {
-                    failed = Some(Error::io("starting a stream's thread", e));
-                    break;
-                }
+            if let Err(e) = spawned {
+                failed = Some(Error::io("starting a stream's thread", e));
+                break;
             }
         }
+        // From here the channels' threads hold the only senders: the receiver ends once all of
+        // them have answered.
         drop(done_tx);
         let outcome = match failed {
             Some(e) => Err(e),
-            None => first(
-                head,
-                Others {
-                    count: started,
-                    done: done_rx,
-                },
-            ),
+            None => first(head, Others { done: done_rx }),
         };
         let _ = stop_tx.send(true);
         outcome
@@ -217,23 +209,14 @@ pub(super) fn run_cut<T>(
 
 /// The channels of a cut operation, as seen from the caller's thread.
 pub(super) struct Others {
-    count: usize,
     done: tokio::sync::mpsc::UnboundedReceiver<Result<()>>,
 }
 
 impl Others {
     /// Ends when every channel ended, or at the first channel that failed, with its error.
     pub(super) async fn finished(mut self) -> Result<()> {
-        for _ in 0..self.count {
-            match self.done.recv().await {
-                Some(r) => r?,
-                None => {
-                    return Err(Error::Unusable {
-                        what: "process group".into(),
-                        reason: "a stream's thread ended without finishing its part".into(),
-                    });
-                }
-            }
+        while let Some(r) = self.done.recv().await {
+            r?;
         }
         Ok(())
     }

@@ -188,6 +188,40 @@ mod config_tests {
             .collect()
     }
 
+    /// Each bound of each numeric setting, accepted on its side and refused past it, naming the
+    /// variable; `auto` accepted where it is a choice.
+    #[test]
+    fn every_bound_is_checked_on_each_side() {
+        let ok = |k: &str, v: &str| GroupConfig::from_vars(&vars(&[(k, v)])).expect(v);
+        let bad = |k: &str, v: &str| {
+            let e = GroupConfig::from_vars(&vars(&[(k, v)])).expect_err(v);
+            assert!(e.to_string().contains(k), "{k}={v}: {e}");
+        };
+        assert_eq!(
+            ok("TANDEM_TIMEOUT", "0.5").timeout,
+            Duration::from_millis(500)
+        );
+        assert_eq!(
+            ok("TANDEM_CONNECT_TIMEOUT", "7").connect_timeout,
+            Duration::from_secs(7)
+        );
+        for v in ["0", "-1", "inf", "NaN", "soon"] {
+            bad("TANDEM_TIMEOUT", v);
+        }
+        assert_eq!(ok("TANDEM_SEGMENT_BYTES", "4096").segment_bytes, 4096);
+        assert_eq!(
+            ok("TANDEM_SEGMENT_BYTES", "67108864").segment_bytes,
+            64 << 20
+        );
+        bad("TANDEM_SEGMENT_BYTES", "4095");
+        bad("TANDEM_SEGMENT_BYTES", "67108865");
+        assert_eq!(ok("TANDEM_DIRECT_BYTES", "0").direct_bytes, 0);
+        assert_eq!(ok("TANDEM_DIRECT_BYTES", "16777216").direct_bytes, 16 << 20);
+        bad("TANDEM_DIRECT_BYTES", "16777217");
+        assert!(ok("TANDEM_SAME_HOST", "auto").same_host);
+        assert!(ok("TANDEM_HIERARCHICAL", "auto").hierarchical);
+    }
+
     #[test]
     pub(super) fn same_host_settings_are_read_and_bad_values_are_named() {
         let c = GroupConfig::from_vars(&vars(&[])).expect("defaults");
