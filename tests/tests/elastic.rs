@@ -306,9 +306,25 @@ fn random_kills_never_lose_or_repeat_a_step() {
         let mut procs: Vec<Child> = (0..4).map(|id| job.start(id, 4, "2:4", &[])).collect();
         let prefix: &'static str = Box::leak(format!("APPLIED {step} ").into_boxed_str());
         let (reached, seen) = watch(&mut procs[victim], prefix);
-        reached
-            .recv_timeout(LIMIT)
-            .unwrap_or_else(|_| panic!("run {run}: process {victim} never reached step {step}"));
+        if reached.recv_timeout(LIMIT).is_err() {
+            for p in &mut procs {
+                let _ = p.kill();
+            }
+            let outs = wait_all(procs, LIMIT);
+            let report: Vec<String> = outs
+                .iter()
+                .enumerate()
+                .map(|(i, o)| {
+                    let err = String::from_utf8_lossy(&o.stderr);
+                    let tail: Vec<&str> = err.lines().rev().take(30).collect();
+                    format!("process {i}: {}\n{}", o.status, tail.join("\n"))
+                })
+                .collect();
+            panic!(
+                "run {run}: process {victim} never reached step {step}:\n{}",
+                report.join("\n")
+            );
+        }
         let _ = procs[victim].kill();
         let mut outs = wait_all(procs, LIMIT);
         outs[victim].stdout = seen.join().expect("reader").into_bytes();

@@ -26,6 +26,9 @@ use crate::files::TlsFiles;
 pub struct TlsContext {
     server: Arc<rustls::ServerConfig>,
     client: Arc<rustls::ClientConfig>,
+    /// The same, handing the negotiated keys over to [`crate::record`].
+    stream_server: Arc<rustls::ServerConfig>,
+    stream_client: Arc<rustls::ClientConfig>,
     name: String,
 }
 
@@ -152,9 +155,17 @@ impl TlsContext {
             .with_custom_certificate_verifier(Arc::new(verifier))
             .with_client_auth_cert(chain, key)
             .map_err(|e| bad("TLS key", &key_src, format!("does not fit {cert_src}: {e}")))?;
+        // The ring's connections protect their records themselves with the keys rustls
+        // negotiated (see `record`), so rustls must hand them over; gRPC's configs keep them.
+        let mut stream_server = server.clone();
+        stream_server.enable_secret_extraction = true;
+        let mut stream_client = client.clone();
+        stream_client.enable_secret_extraction = true;
         Ok(TlsContext {
             server: Arc::new(server),
             client: Arc::new(client),
+            stream_server: Arc::new(stream_server),
+            stream_client: Arc::new(stream_client),
             name,
         })
     }
@@ -167,6 +178,16 @@ impl TlsContext {
     /// The configuration of the connecting end (presents this process's certificate).
     pub fn client_config(&self) -> Arc<rustls::ClientConfig> {
         self.client.clone()
+    }
+
+    /// The accepting end's configuration for the ring's connections (keys handed over).
+    pub(crate) fn stream_server_config(&self) -> Arc<rustls::ServerConfig> {
+        self.stream_server.clone()
+    }
+
+    /// The connecting end's configuration for the ring's connections (keys handed over).
+    pub(crate) fn stream_client_config(&self) -> Arc<rustls::ClientConfig> {
+        self.stream_client.clone()
     }
 
     /// This process's certificate's common name.

@@ -19,7 +19,9 @@ mod authority;
 mod context;
 mod files;
 pub mod grpc;
+mod handshake;
 mod policy;
+mod record;
 pub mod stream;
 
 pub use authority::{Authority, Issued, MAX_DAYS};
@@ -31,5 +33,7 @@ pub use files::{
 pub use policy::{INSECURE_VAR, Security, is_loopback, warn_insecure};
 pub use stream::Stream;
 
+#[cfg(test)]
+mod record_tests;
 #[cfg(test)]
 mod tests;

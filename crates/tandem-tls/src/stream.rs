@@ -10,17 +10,17 @@ use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
 use std::pin::Pin;
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio_rustls::TlsStream;
 
 use crate::context::describe;
 use crate::policy::{INSECURE_VAR, Security};
+use crate::record::{RecordReader, RecordWriter};
 
 /// The first byte of a TLS handshake record.
 const HANDSHAKE_RECORD: u8 = 0x16;
@@ -31,14 +31,21 @@ pub const TLS_ALERT: u8 = 0x15;
 /// What a TLS endpoint sends a plaintext client before closing: a fatal `access_denied` alert.
 const PLAINTEXT_REFUSAL: [u8; 7] = [TLS_ALERT, 0x03, 0x03, 0x00, 0x02, 0x02, 0x31];
 
-/// How much of the socket a TLS connection reads at once. rustls asks its transport for 4 KiB
-/// at a time; served from this buffer, a 64 MiB transfer costs a few hundred `recv` calls per
-/// MiB fewer (measured in BENCHMARKS.md, "Mutual TLS on every connection").
-const TLS_READ_BUFFER: usize = 256 << 10;
+/// A connection after its TLS 1.3 handshake: records protected by [`crate::record`] with the
+/// keys rustls negotiated (one copy of each received byte into the caller's buffer; see there).
+pub struct TlsConnection {
+    reader: RecordReader,
+    writer: RecordWriter,
+    peer: Option<CertificateDer<'static>>,
+}
 
-/// The socket under a TLS session: reads go through a 256 KiB buffer (`TLS_READ_BUFFER`), writes
-/// straight to the socket.
-pub type TlsTransport = tokio::io::BufReader<TcpStream>;
+impl std::fmt::Debug for TlsConnection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsConnection")
+            .field("peer", &self.reader.tcp().peer_addr().ok())
+            .finish_non_exhaustive()
+    }
+}
 
 /// A connection, encrypted or not.
 #[derive(Debug)]
@@ -46,7 +53,17 @@ pub enum Stream {
     /// Plaintext TCP.
     Plain(TcpStream),
     /// Mutual TLS over TCP.
-    Tls(Box<TlsStream<TlsTransport>>),
+    Tls(Box<TlsConnection>),
+}
+
+impl From<crate::handshake::Secured> for Stream {
+    fn from(s: crate::handshake::Secured) -> Self {
+        Stream::Tls(Box::new(TlsConnection {
+            reader: s.reader,
+            writer: s.writer,
+            peer: s.peer,
+        }))
+    }
 }
 
 impl Stream {
@@ -54,7 +71,7 @@ impl Stream {
     pub fn tcp(&self) -> &TcpStream {
         match self {
             Stream::Plain(s) => s,
-            Stream::Tls(s) => s.get_ref().0.get_ref(),
+            Stream::Tls(s) => s.reader.tcp().as_ref(),
         }
     }
 
@@ -67,12 +84,7 @@ impl Stream {
     pub fn peer_certificate(&self) -> Option<CertificateDer<'static>> {
         match self {
             Stream::Plain(_) => None,
-            Stream::Tls(s) => s
-                .get_ref()
-                .1
-                .peer_certificates()
-                .and_then(|c| c.first())
-                .map(|c| c.clone().into_owned()),
+            Stream::Tls(s) => s.peer.clone(),
         }
     }
 
@@ -85,13 +97,15 @@ impl Stream {
                 (ReadHalf::Plain(r), WriteHalf::Plain(w))
             }
             Stream::Tls(s) => {
-                let (r, w) = tokio::io::split(*s);
+                let TlsConnection { reader, writer, .. } = *s;
                 (
-                    ReadHalf::Tls { inner: r, fd },
-                    WriteHalf::Tls {
-                        inner: w,
+                    ReadHalf::Tls {
+                        inner: Box::new(reader),
                         fd,
-                        accepted: None,
+                    },
+                    WriteHalf::Tls {
+                        inner: Box::new(writer),
+                        fd,
                     },
                 )
             }
@@ -99,15 +113,16 @@ impl Stream {
     }
 }
 
+/// `$e` on the plaintext socket or on the TLS connection's reading or writing half.
 macro_rules! delegate {
-    ($self:ident, $s:ident => $e:expr) => {
+    ($self:ident, $half:ident, $s:ident => $e:expr) => {
         match $self.get_mut() {
             Stream::Plain($s) => {
                 let $s = Pin::new($s);
                 $e
             }
-            Stream::Tls($s) => {
-                let $s = Pin::new(&mut **$s);
+            Stream::Tls(t) => {
+                let $s = Pin::new(&mut t.$half);
                 $e
             }
         }
@@ -120,7 +135,7 @@ impl AsyncRead for Stream {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        delegate!(self, s => s.poll_read(cx, buf))
+        delegate!(self, reader, s => s.poll_read(cx, buf))
     }
 }
 
@@ -130,30 +145,15 @@ impl AsyncWrite for Stream {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        delegate!(self, s => s.poll_write(cx, buf))
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        delegate!(self, s => s.poll_write_vectored(cx, bufs))
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        match self {
-            Stream::Plain(s) => s.is_write_vectored(),
-            Stream::Tls(s) => s.is_write_vectored(),
-        }
+        delegate!(self, writer, s => s.poll_write(cx, buf))
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        delegate!(self, s => s.poll_flush(cx))
+        delegate!(self, writer, s => s.poll_flush(cx))
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        delegate!(self, s => s.poll_shutdown(cx))
+        delegate!(self, writer, s => s.poll_shutdown(cx))
     }
 }
 
@@ -165,7 +165,7 @@ pub enum ReadHalf {
     /// TLS.
     Tls {
         /// The decrypting half.
-        inner: tokio::io::ReadHalf<TlsStream<TlsTransport>>,
+        inner: Box<RecordReader>,
         /// The socket's descriptor (for statistics).
         fd: RawFd,
     },
@@ -197,7 +197,7 @@ impl AsyncRead for ReadHalf {
     ) -> Poll<io::Result<()>> {
         match self.get_mut() {
             ReadHalf::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            ReadHalf::Tls { inner, .. } => Pin::new(inner).poll_read(cx, buf),
+            ReadHalf::Tls { inner, .. } => Pin::new(&mut **inner).poll_read(cx, buf),
         }
     }
 }
@@ -212,11 +212,9 @@ pub enum WriteHalf {
     /// TLS.
     Tls {
         /// The encrypting half.
-        inner: tokio::io::WriteHalf<TlsStream<TlsTransport>>,
+        inner: Box<RecordWriter>,
         /// The socket's descriptor (for statistics).
         fd: RawFd,
-        /// Bytes taken by the TLS layer whose flush is still under way.
-        accepted: Option<usize>,
     },
 }
 
@@ -246,30 +244,21 @@ impl AsyncWrite for WriteHalf {
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             WriteHalf::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            WriteHalf::Tls {
-                inner, accepted, ..
-            } => {
-                if accepted.is_none() {
-                    let n = ready!(Pin::new(&mut *inner).poll_write(cx, buf))?;
-                    *accepted = Some(n);
-                }
-                ready!(Pin::new(&mut *inner).poll_flush(cx))?;
-                Poll::Ready(Ok(accepted.take().unwrap_or(0)))
-            }
+            WriteHalf::Tls { inner, .. } => Pin::new(&mut **inner).poll_write(cx, buf),
         }
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             WriteHalf::Plain(s) => Pin::new(s).poll_flush(cx),
-            WriteHalf::Tls { inner, .. } => Pin::new(inner).poll_flush(cx),
+            WriteHalf::Tls { inner, .. } => Pin::new(&mut **inner).poll_flush(cx),
         }
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             WriteHalf::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            WriteHalf::Tls { inner, .. } => Pin::new(inner).poll_shutdown(cx),
+            WriteHalf::Tls { inner, .. } => Pin::new(&mut **inner).poll_shutdown(cx),
         }
     }
 }
@@ -361,10 +350,9 @@ pub async fn accept(
                      with {INSECURE_VAR}=1) while this process has them"
                 )));
             }
-            let acceptor = tokio_rustls::TlsAcceptor::from(ctx.server_config());
-            let tcp = tokio::io::BufReader::with_capacity(TLS_READ_BUFFER, tcp);
-            match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
-                Ok(Ok(s)) => Ok(Stream::Tls(Box::new(TlsStream::Server(s)))),
+            let handshake = crate::handshake::server(ctx.stream_server_config(), tcp);
+            match tokio::time::timeout(timeout, handshake).await {
+                Ok(Ok(s)) => Ok(s.into()),
                 Ok(Err(e)) => Err(refused(format!("TLS handshake failed: {}", explain_io(&e)))),
                 Err(_) => Err(refused(format!(
                     "TLS handshake not finished within {timeout:?}"
@@ -418,10 +406,9 @@ pub async fn connect(
     // Names are not checked (see the context's doc); this one only goes into the hello.
     let name = ServerName::try_from(host.to_string())
         .unwrap_or_else(|_| ServerName::try_from("tandem.invalid").expect("a valid DNS name"));
-    let connector = tokio_rustls::TlsConnector::from(ctx.client_config());
-    let tcp = tokio::io::BufReader::with_capacity(TLS_READ_BUFFER, tcp);
-    match tokio::time::timeout(timeout, connector.connect(name, tcp)).await {
-        Ok(Ok(s)) => Ok(Stream::Tls(Box::new(TlsStream::Client(s)))),
+    let handshake = crate::handshake::client(ctx.stream_client_config(), name, tcp);
+    match tokio::time::timeout(timeout, handshake).await {
+        Ok(Ok(s)) => Ok(s.into()),
         Ok(Err(e))
             if matches!(
                 e.kind(),

@@ -1,0 +1,286 @@
+//! The record layer of ring connections ([`crate::record`]) between two real TLS endpoints over
+//! loopback: what arrives is what was sent, through key updates and odd sizes; a record changed,
+//! cut short or retyped on the way is refused, naming what was wrong; `close_notify` is a clean
+//! end of file.
+
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::stream::{ReadHalf, Stream, WriteHalf, accept, connect, explain_io};
+use crate::{Authority, Security, TlsContext};
+
+const T: Duration = Duration::from_secs(10);
+
+fn member(ca: &Authority, name: &str) -> Security {
+    let cert = ca.issue(name, &["127.0.0.1".into()], 1).unwrap();
+    let ctx = TlsContext::from_pem(
+        ca.cert_pem.as_bytes(),
+        cert.cert_pem.as_bytes(),
+        cert.key_pem.as_bytes(),
+        ["ca".into(), "cert".into(), "key".into()],
+    )
+    .unwrap();
+    Security::tls(ctx)
+}
+
+/// A connected pair of TLS streams of one job (server side, client side); with `tamper`, the
+/// client reaches the server through a proxy that changes its first large record so.
+async fn pair(tamper: Option<Tamper>) -> (Stream, Stream) {
+    pair_sending(tamper, &[]).await
+}
+
+/// [`pair`], the client writing each of `first` (one write each) as soon as its handshake is
+/// done (before the server's is known to be).
+async fn pair_sending(tamper: Option<Tamper>, first: &[&[u8]]) -> (Stream, Stream) {
+    let ca = Authority::generate("job", 1).unwrap();
+    let (server, client) = (member(&ca, "rank-0"), member(&ca, "rank-1"));
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let srv = tokio::spawn(async move {
+        let (tcp, _) = l.accept().await.unwrap();
+        accept(&server, tcp, T).await.unwrap()
+    });
+    let dial = match tamper {
+        Some(tamper) => {
+            let proxy = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let proxy_addr = proxy.local_addr().unwrap();
+            tokio::spawn(forward(proxy, addr, tamper));
+            proxy_addr
+        }
+        None => addr,
+    };
+    let tcp = TcpStream::connect(dial).await.unwrap();
+    let mut c = connect(&client, tcp, &dial.to_string(), T).await.unwrap();
+    for w in first {
+        c.write_all(w).await.unwrap();
+    }
+    (srv.await.unwrap(), c)
+}
+
+/// Deterministic bytes: stream `seed`'s `n` bytes.
+fn bytes(seed: u64, n: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// Writes `data` in pieces of odd sizes.
+async fn send(w: &mut WriteHalf, data: &[u8]) {
+    let mut at = 0;
+    let mut step = 1;
+    while at < data.len() {
+        let n = step.min(data.len() - at);
+        w.write_all(&data[at..at + n]).await.unwrap();
+        at += n;
+        step = (step * 7 + 13) % 70_001;
+    }
+}
+
+/// Reads `n` bytes in pieces of odd sizes.
+async fn receive(r: &mut ReadHalf, n: usize) -> Vec<u8> {
+    let mut out = vec![0u8; n];
+    let mut at = 0;
+    let mut step = 3;
+    while at < n {
+        let k = step.min(n - at);
+        r.read_exact(&mut out[at..at + k]).await.unwrap();
+        at += k;
+        step = (step * 5 + 11) % 50_003;
+    }
+    out
+}
+
+fn writer(w: &mut WriteHalf) -> &mut crate::record::RecordWriter {
+    match w {
+        WriteHalf::Tls { inner, .. } => inner,
+        WriteHalf::Plain(_) => panic!("not TLS"),
+    }
+}
+
+#[tokio::test]
+async fn both_ways_at_once_through_key_updates_every_bytes_arrives_in_order() {
+    let (s, c) = pair(None).await;
+    let ((mut sr, mut sw), (mut cr, mut cw)) = (s.into_split(), c.into_split());
+    // A key update every 5 records (16 KiB each): dozens per direction.
+    writer(&mut sw).update_every(5);
+    writer(&mut cw).update_every(5);
+    let n = 3 << 20;
+    let (up, down) = (bytes(1, n), bytes(2, n));
+    let ((), (), got_up, got_down) = tokio::join!(
+        send(&mut cw, &up),
+        send(&mut sw, &down),
+        receive(&mut sr, n),
+        receive(&mut cr, n)
+    );
+    assert!(got_up == up, "client to server");
+    assert!(got_down == down, "server to client");
+    for w in [&mut sw, &mut cw] {
+        let updates = writer(w).key_updates();
+        assert!(updates >= (n / (5 << 14)) as u64, "{updates} key updates");
+    }
+}
+
+/// A peer that asks this side to update its key (as other TLS 1.3 implementations may) gets an
+/// update before this side's next record, and the bytes still arrive.
+#[tokio::test]
+async fn a_key_update_the_peer_asks_for_is_sent_before_the_next_record() {
+    let (s, c) = pair(None).await;
+    let ((mut sr, mut sw), (mut cr, mut cw)) = (s.into_split(), c.into_split());
+    writer(&mut cw).update_asking_the_peer().unwrap();
+    send(&mut cw, b"after the update").await;
+    assert_eq!(receive(&mut sr, 16).await, b"after the update");
+    assert_eq!(writer(&mut sw).key_updates(), 0);
+    send(&mut sw, b"answer").await;
+    assert_eq!(writer(&mut sw).key_updates(), 1, "asked for: sent");
+    assert_eq!(receive(&mut cr, 6).await, b"answer");
+    send(&mut sw, b"again").await;
+    assert_eq!(writer(&mut sw).key_updates(), 1, "asked once: sent once");
+    assert_eq!(receive(&mut cr, 5).await, b"again");
+}
+
+#[tokio::test]
+async fn close_notify_ends_the_stream_cleanly() {
+    let (s, c) = pair(None).await;
+    let ((mut sr, _sw), (_cr, mut cw)) = (s.into_split(), c.into_split());
+    send(&mut cw, b"last words").await;
+    cw.shutdown().await.unwrap();
+    let mut all = Vec::new();
+    sr.read_to_end(&mut all).await.unwrap();
+    assert_eq!(all, b"last words");
+}
+
+/// What the proxy does to the first large record from the client (application data: handshake
+/// records are far smaller).
+#[derive(Clone, Copy, Debug)]
+enum Tamper {
+    /// Nothing changed, but everything the client sends after its hello held back until its
+    /// first large record, then sent at once: the server reads the end of the handshake and
+    /// application data in one go.
+    HoldUntilData,
+    FlipBodyByte,
+    Retype,
+    Oversize,
+    CutShort,
+}
+
+/// Forwards between a client accepted on `proxy` and `to`, changing the client's first record of
+/// 10 KB or more as `tamper` says.
+async fn forward(proxy: TcpListener, to: std::net::SocketAddr, tamper: Tamper) {
+    let (client, _) = proxy.accept().await.unwrap();
+    let server = TcpStream::connect(to).await.unwrap();
+    let (mut cr, mut cw) = client.into_split();
+    let (mut sr, mut sw) = server.into_split();
+    tokio::spawn(async move {
+        let _ = tokio::io::copy(&mut sr, &mut cw).await;
+    });
+    // Client to server, record by record.
+    let mut done = false;
+    let mut held: Vec<u8> = Vec::new();
+    let mut records = 0;
+    loop {
+        let mut head = [0u8; 5];
+        if cr.read_exact(&mut head).await.is_err() {
+            return;
+        }
+        let len = usize::from(u16::from_be_bytes([head[3], head[4]]));
+        let mut body = vec![0u8; len];
+        if cr.read_exact(&mut body).await.is_err() {
+            return;
+        }
+        records += 1;
+        if matches!(tamper, Tamper::HoldUntilData) && !done && records > 1 {
+            held.extend_from_slice(&head);
+            held.extend_from_slice(&body);
+            if len >= 10_000 {
+                done = true;
+                if sw.write_all(&held).await.is_err() {
+                    return;
+                }
+            }
+            continue;
+        }
+        if !done && len >= 10_000 {
+            done = true;
+            match tamper {
+                Tamper::HoldUntilData => {}
+                Tamper::FlipBodyByte => body[len / 2] ^= 1,
+                Tamper::Retype => head[0] = 22,
+                Tamper::Oversize => head[3..5].copy_from_slice(&0x4101u16.to_be_bytes()),
+                Tamper::CutShort => {
+                    let _ = sw.write_all(&head).await;
+                    let _ = sw.write_all(&body[..len / 2]).await;
+                    let _ = sw.shutdown().await;
+                    return;
+                }
+            }
+        }
+        if sw.write_all(&head).await.is_err() || sw.write_all(&body).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// The server's read error when the client's first large record is changed by `tamper`.
+async fn tampered(tamper: Tamper) -> String {
+    let (s, c) = pair(Some(tamper)).await;
+    let ((mut sr, _sw), (_cr, mut cw)) = (s.into_split(), c.into_split());
+    let data = bytes(3, 64 << 10);
+    let sending = tokio::spawn(async move {
+        let _ = cw.write_all(&data).await;
+        cw
+    });
+    let mut got = vec![0u8; 64 << 10];
+    let e = sr
+        .read_exact(&mut got)
+        .await
+        .expect_err("a tampered stream");
+    drop(sending);
+    format!("{:?}: {}", e.kind(), explain_io(&e))
+}
+
+/// A client that sends data the moment its handshake is done: the server may read that data
+/// with the client's last handshake message, decrypted by rustls already; it comes first, then
+/// the rest.
+#[tokio::test]
+async fn data_sent_with_the_last_handshake_message_is_not_lost() {
+    let data = bytes(4, 100 << 10);
+    let (s, _c) = pair_sending(Some(Tamper::HoldUntilData), &[b"first", &data]).await;
+    let (mut sr, _sw) = s.into_split();
+    assert_eq!(receive(&mut sr, 5).await, b"first");
+    assert!(receive(&mut sr, data.len()).await == data);
+}
+
+#[tokio::test]
+async fn a_changed_record_is_refused() {
+    let e = tampered(Tamper::FlipBodyByte).await;
+    assert!(e.contains("decrypt"), "{e}");
+}
+
+#[tokio::test]
+async fn an_unprotected_record_after_the_handshake_is_refused() {
+    let e = tampered(Tamper::Retype).await;
+    assert!(e.contains("unprotected record of type 22"), "{e}");
+}
+
+#[tokio::test]
+async fn a_record_longer_than_tls_allows_is_refused() {
+    let e = tampered(Tamper::Oversize).await;
+    assert!(e.contains("a record of 16641 bytes"), "{e}");
+}
+
+#[tokio::test]
+async fn a_connection_cut_inside_a_record_is_an_unexpected_end() {
+    let e = tampered(Tamper::CutShort).await;
+    assert!(
+        e.starts_with("UnexpectedEof") && e.contains("middle of a TLS record"),
+        "{e}"
+    );
+}
