@@ -35,7 +35,6 @@ trait Side {
         &'c mut self,
         incoming: &'i mut [u8],
     ) -> UnbufferedStatus<'c, 'i, Self::Data>;
-    fn handshaking(&self) -> bool;
 }
 
 impl Side for UnbufferedClientConnection {
@@ -46,9 +45,6 @@ impl Side for UnbufferedClientConnection {
     ) -> UnbufferedStatus<'c, 'i, Self::Data> {
         self.process_tls_records(incoming)
     }
-    fn handshaking(&self) -> bool {
-        self.is_handshaking()
-    }
 }
 
 impl Side for UnbufferedServerConnection {
@@ -58,9 +54,6 @@ impl Side for UnbufferedServerConnection {
         incoming: &'i mut [u8],
     ) -> UnbufferedStatus<'c, 'i, Self::Data> {
         self.process_tls_records(incoming)
-    }
-    fn handshaking(&self) -> bool {
-        self.is_handshaking()
     }
 }
 
@@ -150,21 +143,18 @@ async fn drive<S: Side>(conn: &mut S, tcp: &mut TcpStream) -> io::Result<Early> 
                 tcp.write_all(&outgoing).await?;
                 outgoing.clear();
             }
-            // Done once the connection says so: a server that could send early (half round
-            // trip) data has not yet seen the client's certificate and finished message.
-            // (A client is done once its finished message is out; a server that refuses its
-            // certificate then answers with an alert, which the record layer reports.)
-            Next::Done if !conn.handshaking() => {
-                if !outgoing.is_empty() {
-                    tcp.write_all(&outgoing).await?;
-                }
+            // Application data may flow: the handshake is over for this side (rustls checks it
+            // again when it hands the keys over). A client is done once its finished message is
+            // out; a server that refuses its certificate then answers with an alert, which the
+            // record layer reports.
+            Next::Done => {
                 incoming.truncate(used);
                 return Ok(Early {
                     plain,
                     records: incoming,
                 });
             }
-            Next::Done | Next::Read => {
+            Next::Read => {
                 if used == incoming.len() {
                     if incoming.len() >= MAX_HANDSHAKE {
                         return Err(tls_error(rustls::Error::General(

@@ -146,6 +146,44 @@ async fn a_key_update_the_peer_asks_for_is_sent_before_the_next_record() {
     assert_eq!(receive(&mut cr, 5).await, b"again");
 }
 
+/// Handshake flights larger than the first read buffer (16 KiB): certificates naming a thousand
+/// hosts, on both sides.
+#[tokio::test]
+async fn certificates_larger_than_the_first_read_still_connect() {
+    let ca = Authority::generate("job", 1).unwrap();
+    let names: Vec<String> = (0..1000)
+        .map(|i| format!("worker-{i}.tandem.example"))
+        .chain(["127.0.0.1".to_string()])
+        .collect();
+    let big = |name: &str| {
+        let cert = ca.issue(name, &names, 1).unwrap();
+        assert!(cert.cert_pem.len() > 24 << 10, "{}", cert.cert_pem.len());
+        Security::tls(
+            TlsContext::from_pem(
+                ca.cert_pem.as_bytes(),
+                cert.cert_pem.as_bytes(),
+                cert.key_pem.as_bytes(),
+                ["ca".into(), "cert".into(), "key".into()],
+            )
+            .unwrap(),
+        )
+    };
+    let (server, client) = (big("rank-0"), big("rank-1"));
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let srv = tokio::spawn(async move {
+        let (tcp, _) = l.accept().await.unwrap();
+        let mut s = accept(&server, tcp, T).await.unwrap();
+        let mut got = [0u8; 2];
+        s.read_exact(&mut got).await.unwrap();
+        got
+    });
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let mut c = connect(&client, tcp, &addr.to_string(), T).await.unwrap();
+    c.write_all(b"ok").await.unwrap();
+    assert_eq!(&srv.await.unwrap(), b"ok");
+}
+
 #[tokio::test]
 async fn close_notify_ends_the_stream_cleanly() {
     let (s, c) = pair(None).await;
