@@ -128,6 +128,99 @@ async fn both_ways_at_once_through_key_updates_every_bytes_arrives_in_order() {
     }
 }
 
+fn context(ca: &Authority, name: &str) -> TlsContext {
+    let cert = ca.issue(name, &["127.0.0.1".into()], 1).unwrap();
+    TlsContext::from_pem(
+        ca.cert_pem.as_bytes(),
+        cert.cert_pem.as_bytes(),
+        cert.key_pem.as_bytes(),
+        ["ca".into(), "cert".into(), "key".into()],
+    )
+    .unwrap()
+}
+
+/// Sends `up` and reads `down` bytes at once on `s`, an endpoint built on rustls's own record
+/// layer.
+async fn rustls_side(
+    s: impl tokio::io::AsyncRead + tokio::io::AsyncWrite,
+    up: &[u8],
+    down: usize,
+) -> Vec<u8> {
+    let (mut r, mut w) = tokio::io::split(s);
+    let mut got = vec![0u8; down];
+    let (sent, read) = tokio::join!(
+        async {
+            w.write_all(up).await?;
+            w.flush().await
+        },
+        r.read_exact(&mut got)
+    );
+    sent.unwrap();
+    read.unwrap();
+    got
+}
+
+/// This record layer against rustls's own, both ways round (ours accepting, then ours
+/// connecting): nonces, record framing, key updates (ours every 3 records, which rustls must
+/// follow) and the bytes must be the standard's, not merely agree with themselves.
+#[tokio::test]
+async fn records_interoperate_with_rustls_own_record_layer() {
+    let ca = Authority::generate("job", 1).unwrap();
+    let n = 1 << 20;
+    let (up, down) = (bytes(5, n), bytes(6, n));
+    for ours_accepts in [true, false] {
+        let (ours, theirs) = (context(&ca, "rank-0"), context(&ca, "rank-1"));
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+        let (ours_stream, their_end) = if ours_accepts {
+            let srv = tokio::spawn(async move {
+                let (tcp, _) = l.accept().await.unwrap();
+                accept(&Security::tls(ours), tcp, T).await.unwrap()
+            });
+            let tcp = TcpStream::connect(addr).await.unwrap();
+            let mut c = tokio_rustls::TlsConnector::from(theirs.client_config())
+                .connect(name, tcp)
+                .await
+                .unwrap();
+            // rustls updates its key before its first record: ours must follow.
+            c.get_mut().1.refresh_traffic_keys().unwrap();
+            (srv.await.unwrap(), tokio_rustls::TlsStream::Client(c))
+        } else {
+            let srv = tokio::spawn(async move {
+                let (tcp, _) = l.accept().await.unwrap();
+                tokio_rustls::TlsAcceptor::from(theirs.server_config())
+                    .accept(tcp)
+                    .await
+                    .unwrap()
+            });
+            let tcp = TcpStream::connect(addr).await.unwrap();
+            let c = connect(&Security::tls(ours), tcp, &addr.to_string(), T)
+                .await
+                .unwrap();
+            let mut s = srv.await.unwrap();
+            s.get_mut().1.refresh_traffic_keys().unwrap();
+            (c, tokio_rustls::TlsStream::Server(s))
+        };
+        let (mut r, mut w) = ours_stream.into_split();
+        writer(&mut w).update_every(3);
+        let (got_up, (), got_down) = tokio::join!(
+            rustls_side(their_end, &down, n),
+            send(&mut w, &up),
+            receive(&mut r, n)
+        );
+        assert!(
+            got_up == up,
+            "ours accepting: {ours_accepts}: ours to rustls"
+        );
+        assert!(
+            got_down == down,
+            "ours accepting: {ours_accepts}: rustls to ours"
+        );
+        assert!(writer(&mut w).key_updates() >= (n / (3 << 14)) as u64);
+    }
+}
+
 /// A peer that asks this side to update its key (as other TLS 1.3 implementations may) gets an
 /// update before this side's next record, and the bytes still arrive.
 #[tokio::test]
