@@ -436,6 +436,13 @@ impl RecordWriter {
         self.key_updates
     }
 
+    /// Seals one record of inner type `typ` around `content`, sent with the next write or flush
+    /// (tests: what a misbehaving or foreign peer could send).
+    #[cfg(test)]
+    pub(crate) fn queue_record(&mut self, typ: u8, content: &[u8]) -> io::Result<()> {
+        self.seal_record(typ, content)
+    }
+
     /// Queues a key update that asks the peer to update its own key too (tests: peers built on
     /// this layer never ask, other TLS 1.3 implementations may).
     #[cfg(test)]

@@ -277,6 +277,62 @@ async fn certificates_larger_than_the_first_read_still_connect() {
     assert_eq!(&srv.await.unwrap(), b"ok");
 }
 
+/// What the reader makes of one record of inner type `typ` around `content`, sent between two
+/// pieces of data: `Ok` with the data that arrived after it, or the error in words.
+async fn after_record(typ: u8, content: &[u8]) -> Result<Vec<u8>, String> {
+    let (s, c) = pair(None).await;
+    let ((mut sr, _sw), (_cr, mut cw)) = (s.into_split(), c.into_split());
+    send(&mut cw, b"before").await;
+    writer(&mut cw).queue_record(typ, content).unwrap();
+    cw.flush().await.unwrap();
+    send(&mut cw, b"after").await;
+    assert_eq!(receive(&mut sr, 6).await, b"before");
+    let mut got = [0u8; 5];
+    match sr.read_exact(&mut got).await {
+        Ok(_) => Ok(got.to_vec()),
+        Err(e) => Err(explain_io(&e)),
+    }
+}
+
+/// After the handshake: session tickets are skipped, a fatal alert is named, and anything else
+/// out of place is refused, naming it.
+#[tokio::test]
+async fn messages_after_the_handshake_are_taken_or_refused_by_kind() {
+    // A new_session_ticket (type 4) of 3 bytes: skipped.
+    assert_eq!(
+        after_record(22, &[4, 0, 0, 3, 1, 2, 3]).await.as_deref(),
+        Ok(&b"after"[..])
+    );
+    // Two tickets in one record: both skipped.
+    assert_eq!(
+        after_record(22, &[4, 0, 0, 1, 9, 4, 0, 0, 0])
+            .await
+            .as_deref(),
+        Ok(&b"after"[..])
+    );
+    let refused = [
+        (22, vec![4, 0, 0, 9, 1], "a truncated handshake message"),
+        (22, vec![4, 0], "a truncated handshake message"),
+        (22, vec![24, 0, 0, 1, 2], "a handshake message of type 24"),
+        (
+            22,
+            vec![24, 0, 0, 1, 0, 4, 0, 0, 0],
+            "data after a key update",
+        ),
+        (22, vec![1, 0, 0, 0], "a handshake message of type 1"),
+        (25, vec![1, 2, 3], "a record of content type 25"),
+        (21, vec![2], "a malformed alert"),
+        (21, vec![2, 40], "HandshakeFailure"),
+        (0, vec![], "a record without a content type"),
+    ];
+    for (typ, content, want) in refused {
+        let e = after_record(typ, &content)
+            .await
+            .expect_err(&format!("type {typ} {content:?}"));
+        assert!(e.contains(want), "type {typ} {content:?}: {e}");
+    }
+}
+
 #[tokio::test]
 async fn close_notify_ends_the_stream_cleanly() {
     let (s, c) = pair(None).await;
@@ -299,6 +355,7 @@ enum Tamper {
     FlipBodyByte,
     Retype,
     Oversize,
+    Undersize,
     CutShort,
 }
 
@@ -345,6 +402,7 @@ async fn forward(proxy: TcpListener, to: std::net::SocketAddr, tamper: Tamper) {
                 Tamper::FlipBodyByte => body[len / 2] ^= 1,
                 Tamper::Retype => head[0] = 22,
                 Tamper::Oversize => head[3..5].copy_from_slice(&0x4101u16.to_be_bytes()),
+                Tamper::Undersize => head[3..5].copy_from_slice(&16u16.to_be_bytes()),
                 Tamper::CutShort => {
                     let _ = sw.write_all(&head).await;
                     let _ = sw.write_all(&body[..len / 2]).await;
@@ -405,6 +463,13 @@ async fn an_unprotected_record_after_the_handshake_is_refused() {
 async fn a_record_longer_than_tls_allows_is_refused() {
     let e = tampered(Tamper::Oversize).await;
     assert!(e.contains("a record of 16641 bytes"), "{e}");
+}
+
+/// A record too short to hold a tag and a content type.
+#[tokio::test]
+async fn a_record_shorter_than_its_tag_is_refused() {
+    let e = tampered(Tamper::Undersize).await;
+    assert!(e.contains("a record of 16 bytes"), "{e}");
 }
 
 #[tokio::test]
