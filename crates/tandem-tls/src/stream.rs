@@ -31,8 +31,9 @@ pub const TLS_ALERT: u8 = 0x15;
 /// What a TLS endpoint sends a plaintext client before closing: a fatal `access_denied` alert.
 const PLAINTEXT_REFUSAL: [u8; 7] = [TLS_ALERT, 0x03, 0x03, 0x00, 0x02, 0x02, 0x31];
 
-/// A connection after its TLS 1.3 handshake: records protected by [`crate::record`] with the
-/// keys rustls negotiated (one copy of each received byte into the caller's buffer; see there).
+/// A connection after its TLS 1.3 handshake: records protected by Tandem's record layer with the
+/// keys rustls negotiated (each received record decrypted in place and copied once into the
+/// caller's buffer; key updates, alerts and `close_notify` handled as RFC 8446 says).
 pub struct TlsConnection {
     reader: RecordReader,
     writer: RecordWriter,
