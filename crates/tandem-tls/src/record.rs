@@ -15,7 +15,8 @@
 //! derives the next keys is shared under a lock). A sender updates its key before the cipher's
 //! confidentiality limit (2^24 records for AES-GCM) and when the peer asks; a receiver follows the
 //! peer's updates. Alerts end the connection (`close_notify` as end of file, anything else as the
-//! alert named); anything else unexpected is an error, never skipped.
+//! alert named); a connection that ends without `close_notify` is an unexpected end (it could be
+//! a truncation); anything else unexpected is an error, never skipped.
 
 use std::io;
 use std::pin::Pin;
@@ -367,13 +368,14 @@ impl AsyncRead for RecordReader {
             ready!(Pin::new(&mut me.tcp).poll_read(cx, &mut rb))?;
             let n = rb.filled().len();
             if n == 0 {
-                if me.start == me.end {
-                    return Poll::Ready(Ok(()));
-                }
-                return Poll::Ready(Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "the connection closed in the middle of a TLS record",
-                )));
+                // Only `close_notify` ends a TLS stream: a bare end of the connection could be
+                // anyone's (a truncation), so it is an unexpected end, as in rustls.
+                let why = if me.start == me.end {
+                    "the connection closed without a TLS close_notify"
+                } else {
+                    "the connection closed in the middle of a TLS record"
+                };
+                return Poll::Ready(Err(io::Error::new(io::ErrorKind::UnexpectedEof, why)));
             }
             me.end += n;
         }

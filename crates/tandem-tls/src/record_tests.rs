@@ -333,8 +333,10 @@ async fn messages_after_the_handshake_are_taken_or_refused_by_kind() {
     }
 }
 
+/// `close_notify` ends the stream cleanly; a connection that just closes does not (anyone on the
+/// path could have closed it).
 #[tokio::test]
-async fn close_notify_ends_the_stream_cleanly() {
+async fn close_notify_ends_the_stream_cleanly_and_a_bare_close_does_not() {
     let (s, c) = pair(None).await;
     let ((mut sr, _sw), (_cr, mut cw)) = (s.into_split(), c.into_split());
     send(&mut cw, b"last words").await;
@@ -342,6 +344,15 @@ async fn close_notify_ends_the_stream_cleanly() {
     let mut all = Vec::new();
     sr.read_to_end(&mut all).await.unwrap();
     assert_eq!(all, b"last words");
+
+    // Dropped without a shutdown: the socket closes, no close_notify is sent.
+    let (s, c) = pair(None).await;
+    let (mut sr, _sw) = s.into_split();
+    drop(c);
+    let mut all = Vec::new();
+    let e = sr.read_to_end(&mut all).await.expect_err("a bare close");
+    assert_eq!(e.kind(), std::io::ErrorKind::UnexpectedEof);
+    assert!(e.to_string().contains("without a TLS close_notify"), "{e}");
 }
 
 /// What the proxy does to the first large record from the client (application data: handshake
