@@ -9,21 +9,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::stream::{ReadHalf, Stream, WriteHalf, accept, connect, explain_io};
+use crate::tests::{member, tls_context};
 use crate::{Authority, Security, TlsContext};
 
 const T: Duration = Duration::from_secs(10);
-
-fn member(ca: &Authority, name: &str) -> Security {
-    let cert = ca.issue(name, &["127.0.0.1".into()], 1).unwrap();
-    let ctx = TlsContext::from_pem(
-        ca.cert_pem.as_bytes(),
-        cert.cert_pem.as_bytes(),
-        cert.key_pem.as_bytes(),
-        ["ca".into(), "cert".into(), "key".into()],
-    )
-    .unwrap();
-    Security::tls(ctx)
-}
 
 /// A connected pair of TLS streams of one job (server side, client side); with `tamper`, the
 /// client reaches the server through a proxy that changes its first large record so.
@@ -129,14 +118,7 @@ async fn both_ways_at_once_through_key_updates_every_bytes_arrives_in_order() {
 }
 
 fn context(ca: &Authority, name: &str) -> TlsContext {
-    let cert = ca.issue(name, &["127.0.0.1".into()], 1).unwrap();
-    TlsContext::from_pem(
-        ca.cert_pem.as_bytes(),
-        cert.cert_pem.as_bytes(),
-        cert.key_pem.as_bytes(),
-        ["ca".into(), "cert".into(), "key".into()],
-    )
-    .unwrap()
+    tls_context(ca, &ca.issue(name, &["127.0.0.1".into()], 1).unwrap())
 }
 
 /// Sends `up` and reads `down` bytes at once on `s`, an endpoint built on rustls's own record
@@ -251,15 +233,7 @@ async fn certificates_larger_than_the_first_read_still_connect() {
     let big = |name: &str| {
         let cert = ca.issue(name, &names, 1).unwrap();
         assert!(cert.cert_pem.len() > 24 << 10, "{}", cert.cert_pem.len());
-        Security::tls(
-            TlsContext::from_pem(
-                ca.cert_pem.as_bytes(),
-                cert.cert_pem.as_bytes(),
-                cert.key_pem.as_bytes(),
-                ["ca".into(), "cert".into(), "key".into()],
-            )
-            .unwrap(),
-        )
+        Security::tls(tls_context(&ca, &cert))
     };
     let (server, client) = (big("rank-0"), big("rank-1"));
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();

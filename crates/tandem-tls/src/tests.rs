@@ -15,18 +15,23 @@ use crate::{Authority, Issued, Security, TlsContext};
 
 const T: Duration = Duration::from_secs(5);
 
-fn context(ca: &Authority, cert: &Issued) -> Security {
-    let ctx = TlsContext::from_pem(
+/// The TLS context of a process holding `cert` of `ca`.
+pub(crate) fn tls_context(ca: &Authority, cert: &Issued) -> TlsContext {
+    TlsContext::from_pem(
         ca.cert_pem.as_bytes(),
         cert.cert_pem.as_bytes(),
         cert.key_pem.as_bytes(),
         ["ca".into(), "cert".into(), "key".into()],
     )
-    .unwrap();
-    Security::tls(ctx)
+    .unwrap()
 }
 
-fn member(ca: &Authority, name: &str) -> Security {
+fn context(ca: &Authority, cert: &Issued) -> Security {
+    Security::tls(tls_context(ca, cert))
+}
+
+/// A member `name` of `ca`'s job, reached at 127.0.0.1.
+pub(crate) fn member(ca: &Authority, name: &str) -> Security {
     context(ca, &ca.issue(name, &["127.0.0.1".into()], 1).unwrap())
 }
 
