@@ -12,7 +12,7 @@ use rustls::unbuffered::{ConnectionState, EncodeError, InsufficientSizeError, Un
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::record::{Keys, Protection, RecordReader, RecordWriter, Shared};
+use crate::record::{Keys, Protection, RecordReader, RecordWriter, Shared, tls_error};
 
 /// Most handshake bytes buffered from the peer (its certificate chain and finished message).
 const MAX_HANDSHAKE: usize = 1 << 17;
@@ -22,10 +22,6 @@ pub(crate) struct Secured {
     pub reader: RecordReader,
     pub writer: RecordWriter,
     pub peer: Option<CertificateDer<'static>>,
-}
-
-fn tls_error(e: rustls::Error) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidData, e)
 }
 
 /// One step of a handshake, for either side.

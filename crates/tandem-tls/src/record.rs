@@ -58,7 +58,7 @@ const WRITE_BATCH: usize = 256 << 10;
 
 /// A record-protection error as rustls names it, inside an I/O error (so
 /// [`crate::stream::explain_io`] and [`crate::stream::is_tls_error`] see it).
-fn tls_error(e: rustls::Error) -> io::Error {
+pub(crate) fn tls_error(e: rustls::Error) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, e)
 }
 
