@@ -2,7 +2,8 @@
 `tandem testbed`). Timed like `tandem bench allreduce`.
 
   python3 allreduce_gloo_rank.py RANK WORLD MASTER_ADDR:PORT IFNAME SIZE [SIZE ...]
-Rank 0 prints one CSV line per size: peer,ranks,size,time_us,busbw_gbs
+Rank 0 prints one CSV line per size: peer,ranks,size,time_us,busbw_gbs. PEER_ITERS=N times N
+iterations of every size (default: as `tandem bench`).
 """
 import os
 import sys
@@ -22,7 +23,7 @@ def main():
         t = torch.full((size // 4,), float(rank + 1), dtype=torch.float32)
         dist.all_reduce(t)
         assert t[0].item() == world * (world + 1) / 2
-        iters = 10 if size >= 16 << 20 else 30 if size >= 1 << 20 else 200
+        iters = int(os.environ.get("PEER_ITERS", 0)) or (10 if size >= 16 << 20 else 30 if size >= 1 << 20 else 200)
         for _ in range(3):
             dist.all_reduce(t)
         dist.barrier()

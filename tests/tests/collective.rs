@@ -245,6 +245,88 @@ fn ranks_with_different_streams_per_peer_name_the_setting() {
     }
 }
 
+const CONGESTION: &str = "TANDEM_TCP_CONGESTION";
+
+/// What the kernel lists in `/proc/sys/net/ipv4/<name>`.
+fn kernel_list(name: &str) -> Vec<String> {
+    std::fs::read_to_string(format!("/proc/sys/net/ipv4/{name}"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .map(str::to_string)
+        .collect()
+}
+
+/// The congestion control the ring's busy connections use, as each rank reads it from its own
+/// sockets: the one named; by default cubic wherever the kernel lets the process choose it (root,
+/// or cubic allowed) and the system's otherwise; with `system`, the system's.
+#[test]
+fn connections_use_the_congestion_control_asked_for() {
+    let system = kernel_list("tcp_congestion_control").join("");
+    let root = std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0"));
+    let has = |list: &str| kernel_list(list).iter().any(|n| n == "cubic");
+    let default = if has("tcp_allowed_congestion_control")
+        || (root && has("tcp_available_congestion_control"))
+    {
+        "cubic".to_string()
+    } else {
+        system.clone()
+    };
+    for (asked, want) in [
+        (Some("reno"), "reno".to_string()),
+        (None, default),
+        (Some("system"), system.clone()),
+    ] {
+        let job = Job::new();
+        let mut env = vec![(STREAMS, "2"), ("TANDEM_SAME_HOST", "tcp")];
+        env.extend(asked.map(|a| (CONGESTION, a)));
+        let outs = job.run_with(3, &["big", "500009"], 60, &env);
+        for (r, o) in outs.iter().enumerate() {
+            assert_eq!(
+                lines_with(o, "BIG"),
+                vec!["BIG 0 0 0".to_string()],
+                "rank {r}"
+            );
+            assert_eq!(
+                lines_with(o, "BUSY"),
+                vec!["BUSY 2".to_string()],
+                "rank {r}"
+            );
+            assert_eq!(
+                lines_with(o, "CONGESTION"),
+                vec![format!("CONGESTION {want}")],
+                "rank {r}, {CONGESTION}={asked:?}"
+            );
+        }
+    }
+}
+
+/// A congestion control the kernel lacks, or a value that cannot be one, fails every rank before
+/// it joins, naming the variable and the value.
+#[test]
+fn a_congestion_control_the_kernel_refuses_is_named() {
+    for bad in ["nosuchcc", "not a name"] {
+        let job = Job::new();
+        let children: Vec<_> = (0..2)
+            .map(|r| {
+                let mut env = job.env(r, 2, 20);
+                env.push((CONGESTION.into(), bad.into()));
+                spawn(NODE, &["big", "1000"], &env)
+            })
+            .collect();
+        for (r, o) in wait_all(children, LIMIT).iter().enumerate() {
+            assert_eq!(o.status.code(), Some(3), "rank {r} must fail");
+            let err = lines_with(o, "ERROR").join("\n");
+            assert!(
+                err.contains(CONGESTION) && err.contains(bad),
+                "rank {r} must name {CONGESTION} and {bad:?}: {err}"
+            );
+        }
+    }
+}
+
 fn lines_with(out: &Output, prefix: &str) -> Vec<String> {
     String::from_utf8_lossy(&out.stdout)
         .lines()

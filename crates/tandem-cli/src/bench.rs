@@ -87,6 +87,10 @@ pub struct BenchArgs {
     /// broadcasts are cut into this many parts, each on its own connections and thread.
     #[arg(long)]
     streams_per_peer: Option<usize>,
+    /// TCP congestion control of the ranks' connections (TANDEM_TCP_CONGESTION: `system`, or a
+    /// name such as `cubic` or `bbr`; default: cubic where the kernel allows it).
+    #[arg(long)]
+    tcp_congestion: Option<String>,
     /// `tcp`: host buffers over Tandem's TCP ring; `nccl`: GPU buffers through NCCL (builds with the
     /// `nccl` feature; one GPU per rank, chosen by `nvidia-smi topo -m`).
     #[arg(long, default_value = "tcp")]
@@ -160,6 +164,25 @@ pub fn run(cmd: BenchCommand) -> Result<ExitCode> {
     }
 }
 
+/// Checks the congestion control the ranks will use (`--tcp-congestion`, else
+/// `TANDEM_TCP_CONGESTION`, else the default) against the kernel, says which it is, and passes the
+/// flag's value on to the ranks in `env`.
+pub(crate) fn congestion(flag: Option<&str>, env: &mut Vec<(String, String)>) -> Result<()> {
+    use tandem::tls::congestion::{CONGESTION_VAR, Congestion};
+    let asked = match flag {
+        Some(v) => v
+            .parse::<Congestion>()
+            .map_err(|e| Error::invalid("--tcp-congestion", e.to_string()))?,
+        None => Congestion::from_env()?,
+    };
+    let chosen = asked.resolve()?;
+    if let Some(v) = flag {
+        env.push((CONGESTION_VAR.to_string(), v.to_string()));
+    }
+    println!("# TCP congestion control: {chosen} ({CONGESTION_VAR}: {asked})");
+    Ok(())
+}
+
 /// Starts `np` ranks running the sweep and forwards rank 0's table.
 pub fn bench(collective: Collective, args: BenchArgs) -> Result<ExitCode> {
     check_args(&args)?;
@@ -202,6 +225,7 @@ pub fn bench(collective: Collective, args: BenchArgs) -> Result<ExitCode> {
         env.push((tandem::collective::STREAMS_VAR.to_string(), n.to_string()));
         println!("# streams per peer: {n}");
     }
+    congestion(args.tcp_congestion.as_deref(), &mut env)?;
     let transport = crate::hosts::JobTransport::new(args.insecure)?;
     println!("# connections: {}", transport.name());
     let failed = match &hosts {

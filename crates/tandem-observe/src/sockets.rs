@@ -83,6 +83,39 @@ pub fn tcp_bytes(fd: RawFd) -> Option<(u64, u64)> {
     tcp_counts(fd).map(|(sent, received, _)| (sent, received))
 }
 
+/// The congestion control a TCP socket uses (`TCP_CONGESTION`: `cubic`, `bbr`, ...). `None` when
+/// `fd` is not an open TCP socket.
+///
+/// ```
+/// let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+/// use std::os::fd::AsRawFd;
+/// assert!(tandem_observe::tcp_congestion(listener.as_raw_fd()).is_some());
+/// assert_eq!(tandem_observe::tcp_congestion(-1), None);
+/// ```
+#[allow(unsafe_code)]
+pub fn tcp_congestion(fd: RawFd) -> Option<String> {
+    let mut name = [0u8; 16];
+    let mut len = name.len() as libc::socklen_t;
+    // SAFETY: `name` is a writable buffer of `len` bytes, passed with its length by pointer as
+    // getsockopt requires; the kernel writes at most `len` bytes. A closed or foreign `fd` only
+    // makes the call fail.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_CONGESTION,
+            name.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return None;
+    }
+    let name = &name[..(len as usize).min(name.len())];
+    let name = name.split(|b| *b == 0).next().unwrap_or_default();
+    Some(String::from_utf8_lossy(name).into_owned()).filter(|s| !s.is_empty())
+}
+
 /// (bytes acknowledged by the peer, bytes received from it, segments retransmitted).
 #[allow(unsafe_code)]
 fn tcp_counts(fd: RawFd) -> Option<(u64, u64, u64)> {

@@ -16,6 +16,7 @@
 //! ```
 
 mod authority;
+pub mod congestion;
 mod context;
 mod files;
 pub mod grpc;
@@ -25,6 +26,7 @@ mod record;
 pub mod stream;
 
 pub use authority::{Authority, Issued, MAX_DAYS};
+pub use congestion::{CONGESTION_VAR, Congestion, CongestionChoice};
 pub use context::{TlsContext, common_name, describe, peer_rank};
 pub use files::{
     CA_FILE, CA_KEY_FILE, CA_VAR, CERT_FILE, CERT_VAR, DIR_VAR, KEY_FILE, KEY_VAR, Made, TlsFiles,

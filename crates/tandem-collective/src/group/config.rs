@@ -37,6 +37,10 @@ pub struct GroupConfig {
     /// Every rank of a group must use the same value. Pays on machines with cores to spare and
     /// fast links; ranks on one machine that copy by address never use the extra connections.
     pub streams_per_peer: usize,
+    /// TCP congestion control of the group's connections (`TANDEM_TCP_CONGESTION`: unset, cubic
+    /// where the kernel allows it; `system`; or a name). See [`tandem_tls::congestion`] for why a
+    /// ring prefers cubic to BBR.
+    pub tcp_congestion: tandem_tls::Congestion,
     /// Host other ranks should connect to (`TANDEM_ADVERTISE_HOST`); default: derived from the
     /// rendezvous address (loopback for local jobs, this machine's outgoing address otherwise).
     pub advertise_host: Option<String>,
@@ -65,6 +69,7 @@ impl Default for GroupConfig {
             same_host_min_bytes: 256 << 10,
             hierarchical: true,
             streams_per_peer: 1,
+            tcp_congestion: tandem_tls::Congestion::Preferred,
             advertise_host: None,
             security: None,
         }
@@ -168,6 +173,9 @@ impl GroupConfig {
                     )
                 })?;
         }
+        if let Some(v) = vars.var(tandem_tls::CONGESTION_VAR) {
+            c.tcp_congestion = v.parse()?;
+        }
         c.advertise_host = vars.var("TANDEM_ADVERTISE_HOST");
         Ok(c)
     }
@@ -220,6 +228,23 @@ mod config_tests {
         bad("TANDEM_DIRECT_BYTES", "16777217");
         assert!(ok("TANDEM_SAME_HOST", "auto").same_host);
         assert!(ok("TANDEM_HIERARCHICAL", "auto").hierarchical);
+        let cc = tandem_tls::CONGESTION_VAR;
+        assert_eq!(
+            GroupConfig::from_vars(&vars(&[]))
+                .expect("defaults")
+                .tcp_congestion,
+            tandem_tls::Congestion::Preferred
+        );
+        assert_eq!(
+            ok(cc, "system").tcp_congestion,
+            tandem_tls::Congestion::System
+        );
+        assert_eq!(
+            ok(cc, "reno").tcp_congestion,
+            tandem_tls::Congestion::Named("reno".into())
+        );
+        bad(cc, "");
+        bad(cc, "not a name");
     }
 
     #[test]

@@ -204,6 +204,8 @@ struct Formation<'a> {
     control_rt: Runtime,
     ring_rt: Runtime,
     prefix: String,
+    /// The congestion control set on every connection, checked against the kernel before joining.
+    congestion: tandem_tls::CongestionChoice,
 }
 
 impl ProcessGroup {
@@ -244,6 +246,8 @@ impl ProcessGroup {
                 "is not set; every process of a job needs the same token",
             )
         })?;
+        // A congestion control the kernel refuses is named before this rank joins anyone.
+        let congestion = config.tcp_congestion.resolve()?;
         let runtime = |b: &mut tokio::runtime::Builder, what: &str| {
             b.enable_all()
                 .build()
@@ -262,6 +266,7 @@ impl ProcessGroup {
             )?,
             ring_rt: runtime(&mut tokio::runtime::Builder::new_current_thread(), "ring")?,
             prefix: format!("tandem/pg/{}", config.name),
+            congestion,
         }
         .form()
     }
@@ -483,6 +488,7 @@ impl Formation<'_> {
             token: self.token,
             group: group_id(&channel_group(&self.config.name, channel)),
             security: &security,
+            congestion: &self.congestion,
         };
         let (mesh, channels) = std::thread::scope(|s| {
             let mut threads = Vec::with_capacity(extra.len());

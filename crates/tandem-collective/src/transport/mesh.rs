@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use tandem_core::{Error, Result};
 use tandem_rendezvous::JobToken;
-use tandem_tls::Security;
 use tandem_tls::stream::{ReadHalf, Stream, TLS_ALERT, WriteHalf};
+use tandem_tls::{CongestionChoice, Security};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
@@ -50,10 +50,13 @@ pub struct MeshSpec<'a> {
     pub group: u64,
     /// How the connections are secured.
     pub security: &'a Security,
+    /// The TCP congestion control set on every connection.
+    pub congestion: &'a CongestionChoice,
 }
 
-fn setup(stream: &TcpStream) {
+fn setup(stream: &TcpStream, congestion: &CongestionChoice) {
     let _ = stream.set_nodelay(true);
+    congestion.apply(stream);
 }
 
 /// Why `stream`'s certificate does not allow its holder to be `rank`: it names another rank.
@@ -103,7 +106,7 @@ async fn open(
         peer: format!("rank {peer} at {addr}"),
         reason,
     };
-    setup(&tcp);
+    setup(&tcp, spec.congestion);
     let mut s = match tandem_tls::stream::connect(spec.security, tcp, addr, within).await {
         Ok(s) => s,
         Err(e) if e.refused => return Err(refused(e.reason)),
@@ -206,7 +209,7 @@ async fn accept_all(
                 ));
             }
         };
-        setup(&tcp);
+        setup(&tcp, spec.congestion);
         let mut s = match tandem_tls::stream::accept(spec.security, tcp, HELLO_TIMEOUT).await {
             Ok(s) => s,
             Err(r) => {

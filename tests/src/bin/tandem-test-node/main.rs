@@ -204,21 +204,28 @@ fn run_big(pg: &ProcessGroup, args: &[String]) -> Result<()> {
         .filter(|&i| f64::from(c[i]) != value(root, i))
         .count();
     println!("BIG {bad32} {bad64} {bad_bcast}");
-    println!("BUSY {}", busy_sockets(1 << 20));
+    let busy = busy_sockets(1 << 20);
+    println!("BUSY {}", busy.len());
+    let mut congestion: Vec<String> = busy
+        .into_iter()
+        .map(|fd| tandem::observe::tcp_congestion(fd).unwrap_or_else(|| "?".into()))
+        .collect();
+    congestion.sort();
+    congestion.dedup();
+    println!("CONGESTION {}", congestion.join(","));
     Ok(())
 }
 
-/// How many of this process's TCP sockets received more than `min` bytes: the connections the
+/// This process's TCP sockets that received more than `min` bytes: the connections the
 /// collectives above moved their bytes over (one per stream from the left neighbour on a ring).
-fn busy_sockets(min: u64) -> usize {
+fn busy_sockets(min: u64) -> Vec<std::os::fd::RawFd> {
     use std::os::fd::RawFd;
     let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
-        return 0;
+        return Vec::new();
     };
     dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<RawFd>().ok())
-        .filter_map(tandem::observe::tcp_bytes)
-        .filter(|(_, received)| *received > min)
-        .count()
+        .filter(|fd| tandem::observe::tcp_bytes(*fd).is_some_and(|(_, got)| got > min))
+        .collect()
 }
 
 fn run_async(pg: &ProcessGroup) -> Result<()> {
