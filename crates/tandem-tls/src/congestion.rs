@@ -186,9 +186,36 @@ impl CongestionChoice {
         self.0.as_deref()
     }
 
-    /// Sets the choice on a connected or accepted TCP socket. The kernel accepted it on a fresh
-    /// socket already, so a refusal here is only logged: the connection keeps working with the
-    /// system's default.
+    /// Connects to `addr` (`host:port`; each address it resolves to in turn, like
+    /// `TcpStream::connect`) with the choice set before the connection opens. Set afterwards, the
+    /// system's algorithm has already initialised the connection, and a BBR default leaves it
+    /// pacing its sends (one small burst at a time) whatever it is switched to.
+    pub async fn connect(&self, addr: &str) -> std::io::Result<tokio::net::TcpStream> {
+        let mut last = None;
+        for a in tokio::net::lookup_host(addr).await? {
+            let socket = if a.is_ipv4() {
+                tokio::net::TcpSocket::new_v4()?
+            } else {
+                tokio::net::TcpSocket::new_v6()?
+            };
+            self.apply(&socket);
+            match socket.connect(a).await {
+                Ok(s) => return Ok(s),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("{addr} resolves to no address"),
+            )
+        }))
+    }
+
+    /// Sets the choice on a TCP socket: before it connects, or on a listener before it accepts
+    /// (accepted connections inherit it), so the system's algorithm never starts them (see
+    /// [`CongestionChoice::connect`]). The kernel accepted it on a fresh socket already, so a
+    /// refusal here is only logged: the connection works with the system's default.
     pub fn apply(&self, socket: &impl AsFd) {
         let Some(name) = &self.0 else {
             return;

@@ -435,6 +435,8 @@ impl Formation<'_> {
             let listener = rt
                 .block_on(tokio::net::TcpListener::bind(&bind))
                 .map_err(|e| Error::io(format!("binding the ring listener to {bind}"), e))?;
+            // Before any peer learns the address: accepted connections inherit it.
+            self.congestion.apply(&listener);
             let port = listener
                 .local_addr()
                 .map_err(|e| Error::io("reading the ring listener address", e))?

@@ -54,9 +54,8 @@ pub struct MeshSpec<'a> {
     pub congestion: &'a CongestionChoice,
 }
 
-fn setup(stream: &TcpStream, congestion: &CongestionChoice) {
+fn setup(stream: &TcpStream) {
     let _ = stream.set_nodelay(true);
-    congestion.apply(stream);
 }
 
 /// Why `stream`'s certificate does not allow its holder to be `rank`: it names another rank.
@@ -74,7 +73,7 @@ async fn connect_one(spec: &MeshSpec<'_>, peer: usize, deadline: Instant) -> Res
     );
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
-        let attempt = tokio::time::timeout(left, TcpStream::connect(addr.as_str())).await;
+        let attempt = tokio::time::timeout(left, spec.congestion.connect(addr)).await;
         let err = match attempt {
             Ok(Ok(tcp)) => match open(spec, peer, tcp, left.min(HELLO_TIMEOUT)).await? {
                 Ok(s) => return Ok(s),
@@ -106,7 +105,7 @@ async fn open(
         peer: format!("rank {peer} at {addr}"),
         reason,
     };
-    setup(&tcp, spec.congestion);
+    setup(&tcp);
     let mut s = match tandem_tls::stream::connect(spec.security, tcp, addr, within).await {
         Ok(s) => s,
         Err(e) if e.refused => return Err(refused(e.reason)),
@@ -209,7 +208,7 @@ async fn accept_all(
                 ));
             }
         };
-        setup(&tcp, spec.congestion);
+        setup(&tcp);
         let mut s = match tandem_tls::stream::accept(spec.security, tcp, HELLO_TIMEOUT).await {
             Ok(s) => s,
             Err(r) => {
@@ -269,6 +268,9 @@ pub async fn establish(
     deadline: Instant,
 ) -> Result<Mesh> {
     let world = spec.addrs.len();
+    // Accepted connections inherit the listener's congestion control (set on it when it was
+    // bound, before any peer could know its address; again here for listeners made elsewhere).
+    spec.congestion.apply(listener);
     let connect = async {
         let mut out = Vec::new();
         for peer in spec.rank + 1..world {
