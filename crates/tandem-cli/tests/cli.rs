@@ -209,6 +209,75 @@ fn bench_streams_per_peer_runs_at_the_bounds_and_refuses_beyond() {
     }
 }
 
+/// `tandem bench --tcp-congestion NAME` says which congestion control the ranks use and runs them
+/// with it; the variable works the same; a name the kernel lacks, or one that cannot be a name,
+/// stops the bench naming the flag or the variable before any rank starts.
+#[test]
+fn bench_tcp_congestion_is_said_and_refused_names_are_named() {
+    let args = |extra: &[&'static str]| {
+        let mut a = vec![
+            "bench",
+            "allreduce",
+            "--np",
+            "2",
+            "--min",
+            "1M",
+            "--max",
+            "1M",
+            "--iters",
+            "2",
+            "--warmup",
+            "1",
+        ];
+        a.extend_from_slice(extra);
+        a
+    };
+    let ok = |a: &[&str], env: &[(&str, &str)]| {
+        let out = tandem(a, env);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "{text}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        text
+    };
+    let text = ok(
+        &args(&["--tcp-congestion", "reno"]),
+        &[("TANDEM_SAME_HOST", "tcp")],
+    );
+    assert!(text.contains("# TCP congestion control: reno ("), "{text}");
+    let text = ok(
+        &args(&[]),
+        &[
+            ("TANDEM_SAME_HOST", "tcp"),
+            ("TANDEM_TCP_CONGESTION", "reno"),
+        ],
+    );
+    assert!(text.contains("# TCP congestion control: reno ("), "{text}");
+    for (a, env, named) in [
+        (args(&["--tcp-congestion", "nosuchcc"]), vec![], "nosuchcc"),
+        (
+            args(&["--tcp-congestion", "no such"]),
+            vec![],
+            "--tcp-congestion",
+        ),
+        (
+            args(&[]),
+            vec![("TANDEM_TCP_CONGESTION", "nosuchcc")],
+            "TANDEM_TCP_CONGESTION",
+        ),
+    ] {
+        let out = tandem(&a, &env);
+        assert_eq!(out.status.code(), Some(1), "{a:?} {env:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains(named) && !String::from_utf8_lossy(&out.stdout).contains("size(B)"),
+            "{err}"
+        );
+    }
+}
+
 #[test]
 fn demo_rejects_bad_sizes() {
     let out = tandem(&["demo", "--workers", "0"], &[]);

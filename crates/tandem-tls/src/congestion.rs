@@ -305,6 +305,37 @@ mod tests {
     }
 
     #[test]
+    fn choices_and_refusals_are_said_in_words() {
+        assert_eq!(Congestion::Preferred.to_string(), "cubic where allowed");
+        assert_eq!(Congestion::System.to_string(), "system");
+        assert_eq!(Congestion::Named("reno".into()).to_string(), "reno");
+        assert_eq!(CongestionChoice(Some("reno".into())).to_string(), "reno");
+        let system = CongestionChoice::system().to_string();
+        assert!(
+            system.ends_with("(the system's)") || system == "the system's",
+            "{system}"
+        );
+        if let Some(d) = system_default() {
+            assert!(system.starts_with(&d), "{system}");
+        }
+        let denied = refusal(
+            "cubic",
+            &std::io::Error::from(std::io::ErrorKind::PermissionDenied),
+        );
+        assert!(
+            denied.contains("CAP_NET_ADMIN") && denied.contains("\"cubic\""),
+            "{denied}"
+        );
+        let missing = refusal("x", &std::io::Error::from(std::io::ErrorKind::NotFound));
+        assert!(
+            missing.contains("no congestion control named \"x\""),
+            "{missing}"
+        );
+        let other = refusal("x", &std::io::Error::from(std::io::ErrorKind::InvalidInput));
+        assert!(other.starts_with("the kernel refused \"x\""), "{other}");
+    }
+
+    #[test]
     fn a_refused_preferred_algorithm_falls_back_to_the_systems_and_a_named_one_fails() {
         assert_eq!(
             choose("nosuchcc", true).ok(),
