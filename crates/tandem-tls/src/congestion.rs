@@ -1,6 +1,8 @@
-//! Which TCP congestion control Tandem's connections use: [`Congestion`], read from
+//! Which TCP congestion control the collectives' ring connections use: [`Congestion`], read from
 //! `TANDEM_TCP_CONGESTION`, checked once against the kernel ([`Congestion::resolve`]) and set on
-//! every connection ([`CongestionChoice::apply`]).
+//! every connection before it opens ([`CongestionChoice::connect`], [`CongestionChoice::apply`]).
+//! The parameter server's and the rendezvous's gRPC connections keep the system's: their steps
+//! leave the links idle often enough for BBR to see the path (measured: no difference).
 //!
 //! Why Tandem chooses one: collectives keep every link busy in both directions at once. A rank of a
 //! ring sends to one neighbour while acknowledging the other, so its acknowledgements wait in the
@@ -33,7 +35,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use tandem_core::{Error, Result};
 
-/// The variable that chooses the congestion control of Tandem's TCP connections.
+/// The variable that chooses the congestion control of the ring's TCP connections.
 pub const CONGESTION_VAR: &str = "TANDEM_TCP_CONGESTION";
 
 /// What the connections use when [`CONGESTION_VAR`] is unset and the kernel allows it.
@@ -99,15 +101,13 @@ pub struct CongestionChoice(Option<String>);
 static FELL_BACK: AtomicBool = AtomicBool::new(false);
 
 impl Congestion {
-    /// Reads [`CONGESTION_VAR`]; unset is [`Congestion::Preferred`].
+    /// Reads [`CONGESTION_VAR`] as every `TANDEM_*` variable is read (trimmed; empty is unset);
+    /// unset is [`Congestion::Preferred`].
     pub fn from_env() -> Result<Self> {
-        match std::env::var(CONGESTION_VAR) {
-            Ok(v) => v.parse(),
-            Err(std::env::VarError::NotPresent) => Ok(Congestion::Preferred),
-            Err(std::env::VarError::NotUnicode(v)) => Err(Error::config(
-                CONGESTION_VAR,
-                format!("is not valid UTF-8: {v:?}"),
-            )),
+        use tandem_core::cluster::Vars;
+        match tandem_core::cluster::ProcessEnv.var(CONGESTION_VAR) {
+            Some(v) => v.parse(),
+            None => Ok(Congestion::Preferred),
         }
     }
 
@@ -136,7 +136,7 @@ fn choose(name: &str, fall_back: bool) -> Result<CongestionChoice> {
                 tracing::info!(
                     system = %system_default().unwrap_or_else(|| "unknown".into()),
                     reason = %refusal(name, &e),
-                    "TCP connections keep the system's congestion control ({CONGESTION_VAR}=system \
+                    "the ring's TCP connections keep the system's congestion control ({CONGESTION_VAR}=system \
                      says so without this line; see tandem_tls::congestion for why {PREFERRED} is \
                      preferred)"
                 );

@@ -243,7 +243,11 @@ mod config_tests {
             ok(cc, "reno").tcp_congestion,
             tandem_tls::Congestion::Named("reno".into())
         );
-        bad(cc, "");
+        // Empty is unset, as for every variable.
+        assert_eq!(
+            ok(cc, " ").tcp_congestion,
+            tandem_tls::Congestion::Preferred
+        );
         bad(cc, "not a name");
     }
 
