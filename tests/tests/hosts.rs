@@ -275,7 +275,10 @@ fn the_parameter_server_trains_across_hosts() {
 }
 
 /// The same in async mode, where each push is applied at once as it arrives: training converges to
-/// the true weights.
+/// the true weights. Stale gradients slow it by an amount that depends on how the workers'
+/// steps interleave, so the steps leave room for that: 150 per worker came within 0.108 of the
+/// weights once under load (the bound is 0.1); 300 come within 0.0015 in
+/// runs here.
 #[test]
 fn the_parameter_server_trains_across_hosts_asynchronously() {
     ps_across_hosts("async");
@@ -321,7 +324,7 @@ fn ps_across_hosts(mode: &str) {
                     "--mode",
                     mode,
                     "--steps",
-                    if mode == "sync" { "40" } else { "150" },
+                    if mode == "sync" { "40" } else { "300" },
                     "--lr",
                     if mode == "sync" { "0.05" } else { "0.03" },
                 ],
