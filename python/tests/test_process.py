@@ -17,7 +17,10 @@ from tandem import ps
 
 from conftest import clean_env, free_port, rank_env, read_line
 
+# Each child turns Python's Ctrl-C handler on itself: a runner started in the background of a
+# script hands its children SIGINT ignored, and Python then installs no handler.
 BLOCKED = """
+import signal; signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started ignoring it
 import sys, time
 import numpy as np
 import tandem
@@ -51,6 +54,7 @@ def test_ctrl_c_interrupts_a_blocked_collective(token) -> None:
 
 
 FORMING = """
+import signal; signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started ignoring it
 import tandem
 print("READY", flush=True)
 try:
@@ -133,6 +137,7 @@ def test_two_python_threads_on_two_groups_run_at_once(token) -> None:
 
 
 BLOCKED_PULL = """
+import signal; signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started ignoring it
 import sys
 from tandem import ps
 c = ps.Client([ps.param("w", (4,))], servers=[sys.argv[1]], worker=0, workers=2, token=sys.argv[2],
