@@ -12,7 +12,7 @@ pub struct GroupConfig {
     pub timeout: Duration,
     /// Deadline for meeting the other ranks (`TANDEM_CONNECT_TIMEOUT`, seconds; default 120).
     pub connect_timeout: Duration,
-    /// Pipeline segment in bytes (`TANDEM_SEGMENT_BYTES`; default 256 KiB).
+    /// Pipeline segment in bytes (`TANDEM_SEGMENT_BYTES`; default 1 MiB).
     pub segment_bytes: usize,
     /// Allreduces whose buffer times `world - 1` is at most this many bytes go to every rank in one
     /// hop instead of around the ring (`TANDEM_DIRECT_BYTES`; default 64 KiB; 0 turns it off).
@@ -62,7 +62,7 @@ impl Default for GroupConfig {
             name: "default".into(),
             timeout: Duration::from_secs(300),
             connect_timeout: Duration::from_secs(120),
-            segment_bytes: 256 << 10,
+            segment_bytes: 1 << 20,
             direct_bytes: 64 << 10,
             backend: BackendKind::Auto,
             same_host: true,
