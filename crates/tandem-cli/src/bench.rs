@@ -9,11 +9,12 @@
 
 use std::io::Write;
 use std::process::ExitCode;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use clap::{Args, ValueEnum};
 use tandem::{DType, Error, ProcessGroup, ReduceOp, Result};
 
+use crate::bench_size::{run_size, run_size_device};
 use crate::local_job::{parse_size, run_local};
 
 /// The collective to measure.
@@ -432,29 +433,6 @@ pub fn peak_rss() -> u64 {
         .map_or(0, |kb| kb * 1024)
 }
 
-fn fill(buf: &mut [u8], dtype: DType, value: f64) {
-    let one: Vec<u8> = match dtype {
-        DType::F32 => (value as f32).to_le_bytes().to_vec(),
-        DType::F64 => value.to_le_bytes().to_vec(),
-        DType::F16 => tandem::half::f16::from_f64(value).to_le_bytes().to_vec(),
-        DType::BF16 => tandem::half::bf16::from_f64(value).to_le_bytes().to_vec(),
-        DType::I32 => (value as i32).to_le_bytes().to_vec(),
-        DType::I64 => (value as i64).to_le_bytes().to_vec(),
-        _ => vec![value as u8],
-    };
-    for c in buf.chunks_exact_mut(one.len()) {
-        c.copy_from_slice(&one);
-    }
-}
-
-fn wrong(buf: &[u8], dtype: DType, want: f64) -> usize {
-    let mut expect = vec![0u8; dtype.size()];
-    fill(&mut expect, dtype, want);
-    buf.chunks_exact(dtype.size())
-        .filter(|c| *c != expect.as_slice())
-        .count()
-}
-
 /// One rank of the sweep.
 pub fn bench_rank(args: BenchRankArgs) -> Result<ExitCode> {
     let collective = args.collective;
@@ -557,167 +535,4 @@ pub fn bench_rank(args: BenchRankArgs) -> Result<ExitCode> {
     }
     pg.shutdown()?;
     Ok(ExitCode::SUCCESS)
-}
-
-pub(crate) fn iterations(bytes: usize, iters: Option<usize>) -> usize {
-    iters
-        .unwrap_or(if bytes >= 16 << 20 {
-            10
-        } else if bytes >= 1 << 20 {
-            30
-        } else {
-            200
-        })
-        .max(1)
-}
-
-/// One size on GPU buffers (f32): a correctness check, warm-up, then timed iterations.
-fn run_size_device(
-    gpu: &tandem::collective::device::DeviceGroup,
-    coll: Collective,
-    op: ReduceOp,
-    bytes: usize,
-    iters: Option<usize>,
-    warmup: usize,
-) -> Result<(usize, Duration, usize)> {
-    let (rank, n) = (gpu.rank(), gpu.world_size());
-    let iters = iterations(bytes, iters);
-    let count = match coll {
-        Collective::ReduceScatter => (bytes / 4) / n * n,
-        _ => bytes / 4,
-    };
-    let mine = (rank + 1) as f32;
-    let sum = (n * (n + 1) / 2) as f32;
-    let check_op = if op == ReduceOp::Avg {
-        ReduceOp::Sum
-    } else {
-        op
-    };
-    let want_reduced = match check_op {
-        ReduceOp::Sum => sum,
-        ReduceOp::Prod => (1..=n).map(|r| r as f32).product(),
-        ReduceOp::Min => 1.0,
-        _ => n as f32,
-    };
-    let mut buf = gpu.to_device(&vec![mine; count])?;
-    let wrong = match coll {
-        Collective::Allreduce => {
-            buf = gpu.allreduce(buf, check_op)?;
-            gpu.to_host(&buf)?
-                .iter()
-                .filter(|v| **v != want_reduced)
-                .count()
-        }
-        Collective::Broadcast => {
-            buf = gpu.broadcast(buf, 0)?;
-            gpu.to_host(&buf)?.iter().filter(|v| **v != 1.0).count()
-        }
-        Collective::Allgather => {
-            let (b, out) = gpu.allgather(buf)?;
-            buf = b;
-            let host = gpu.to_host(&out)?;
-            host.iter()
-                .enumerate()
-                .filter(|(i, v)| **v != (i / count.max(1) + 1) as f32)
-                .count()
-        }
-        Collective::ReduceScatter => {
-            let (b, out) = gpu.reduce_scatter(buf, check_op)?;
-            buf = b;
-            gpu.to_host(&out)?
-                .iter()
-                .filter(|v| **v != want_reduced)
-                .count()
-        }
-    };
-    let step = |buf: tandem::collective::device::DeviceBuffer<f32>| -> Result<_> {
-        Ok(match coll {
-            Collective::Allreduce => gpu.allreduce(buf, op)?,
-            Collective::Broadcast => gpu.broadcast(buf, 0)?,
-            Collective::Allgather => gpu.allgather(buf)?.0,
-            Collective::ReduceScatter => gpu.reduce_scatter(buf, op)?.0,
-        })
-    };
-    for _ in 0..warmup {
-        buf = step(buf)?;
-    }
-    let start = Instant::now();
-    for _ in 0..iters {
-        buf = step(buf)?;
-    }
-    Ok((wrong, start.elapsed(), iters))
-}
-
-pub(crate) fn run_size(
-    pg: &ProcessGroup,
-    coll: Collective,
-    dtype: DType,
-    op: ReduceOp,
-    bytes: usize,
-    iters: Option<usize>,
-    warmup: usize,
-) -> Result<(usize, Duration, usize)> {
-    let (rank, n) = (pg.rank(), pg.world_size());
-    let iters = iterations(bytes, iters);
-    let mut buf = vec![0u8; bytes];
-    let mut out = Vec::new();
-    let check_op = if op == ReduceOp::Avg {
-        ReduceOp::Sum
-    } else {
-        op
-    };
-    // Correctness: rank r contributes r + 1.
-    fill(&mut buf, dtype, (rank + 1) as f64);
-    let wrong_count = match coll {
-        Collective::Allreduce => {
-            pg.allreduce_bytes(&mut buf, dtype, check_op)?;
-            let want = match check_op {
-                ReduceOp::Sum => (n * (n + 1) / 2) as f64,
-                ReduceOp::Max => n as f64,
-                ReduceOp::Min => 1.0,
-                _ => (1..=n).map(|x| x as f64).product(),
-            };
-            wrong(&buf, dtype, want)
-        }
-        Collective::Broadcast => {
-            pg.broadcast_bytes(&mut buf, dtype, 0)?;
-            wrong(&buf, dtype, 1.0)
-        }
-        Collective::Allgather => {
-            let per = bytes / n / dtype.size() * dtype.size();
-            out = vec![0u8; per * n];
-            pg.allgather_bytes(&buf[..per], &mut out, dtype)?;
-            (0..n)
-                .map(|r| wrong(&out[r * per..(r + 1) * per], dtype, (r + 1) as f64))
-                .sum()
-        }
-        Collective::ReduceScatter => {
-            let r = pg.reduce_scatter_bytes(&mut buf, dtype, ReduceOp::Sum)?;
-            wrong(
-                &buf[r.start * dtype.size()..r.end * dtype.size()],
-                dtype,
-                (n * (n + 1) / 2) as f64,
-            )
-        }
-    };
-    let once = |buf: &mut [u8], out: &mut [u8]| -> Result<()> {
-        match coll {
-            Collective::Allreduce => pg.allreduce_bytes(buf, dtype, op),
-            Collective::Broadcast => pg.broadcast_bytes(buf, dtype, 0),
-            Collective::Allgather => {
-                let per = out.len() / n;
-                pg.allgather_bytes(&buf[..per], out, dtype)
-            }
-            Collective::ReduceScatter => pg.reduce_scatter_bytes(buf, dtype, op).map(|_| ()),
-        }
-    };
-    for _ in 0..warmup {
-        once(&mut buf, &mut out)?;
-    }
-    pg.barrier()?;
-    let start = Instant::now();
-    for _ in 0..iters {
-        once(&mut buf, &mut out)?;
-    }
-    Ok((wrong_count, start.elapsed(), iters))
 }

@@ -3,7 +3,8 @@
 
 use tandem::{DType, ProcessGroup, ReduceOp, Result};
 
-use crate::bench::{BenchArgs, Collective, iterations, run_size};
+use crate::bench::{BenchArgs, Collective};
+use crate::bench_size::{iterations, run_size};
 
 /// Batches per size in `--observe-cost`: half with the recorder and metrics on, half off,
 /// alternating.

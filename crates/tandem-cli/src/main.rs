@@ -3,6 +3,7 @@
 mod bench;
 mod bench_cost;
 mod bench_ps;
+mod bench_size;
 mod certs;
 mod demo;
 mod hosts;
