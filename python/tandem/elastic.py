@@ -15,6 +15,9 @@
 
     train(state)
 
+After ``train`` returns, the last epoch's group stays the default group (``tandem.rank()`` and
+collectives keep working for a final save).
+
 When a member is lost, the survivors agree on the next epoch's members through the rendezvous
 (at least MIN of ``TANDEM_ELASTIC=MIN[:MAX]``), ``state`` returns to its last commit, every member
 takes the most advanced member's commit, the callbacks given with ``reset=`` run (rescale the
@@ -130,8 +133,12 @@ class State:
                 if not isinstance(saved[n], np.ndarray):
                     v = next(it)
                     saved[n] = int(v) if isinstance(saved[n], int) else v
+        self._sync_more(group, r)
         object.__setattr__(self, "_commits", int(most[0]))
         self.restore()
+
+    def _sync_more(self, group: Any, root: int) -> None:
+        """Subclasses bring their own committed parts from ``root`` here (``TorchState``)."""
 
 
 def run(fn: Optional[Callable[..., Any]] = None, *, reset: Iterable[Callable[[], None]] = (),
@@ -166,7 +173,9 @@ def run(fn: Optional[Callable[..., Any]] = None, *, reset: Iterable[Callable[[],
                     for cb in reset:
                         cb()
                     out = f(state, *args, **kwargs)
-                    group.shutdown()
+                    # The last epoch's group stays the default one, so rank(), world_size() and
+                    # collectives still work for the final save (as Horovod keeps hvd.rank()).
+                    previous = group
                     return out
                 except _MEMBERSHIP as e:
                     if resets >= max_resets:

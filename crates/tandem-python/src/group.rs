@@ -125,6 +125,61 @@ impl PyProcessGroup {
         })
     }
 
+    /// Forms a group of `world_size` ranks through `board` (an object with `publish(data,
+    /// timeout)` and `lookup(timeout)`, such as the Store torch hands a backend): rank 0 hosts the
+    /// rendezvous and publishes its address there. `one_machine` (every rank on rank 0's machine)
+    /// binds it to loopback and lets rank 0 make the job token when `TANDEM_JOB_TOKEN` is unset;
+    /// otherwise `towards` (an address rank 0 routes to) picks its interface.
+    #[staticmethod]
+    #[pyo3(signature = (rank, world_size, board, one_machine, name, towards=None, local_rank=0, local_world_size=1, timeout=None, connect_timeout=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn from_board(
+        py: Python<'_>,
+        rank: usize,
+        world_size: usize,
+        board: &Bound<'_, PyAny>,
+        one_machine: bool,
+        name: String,
+        towards: Option<String>,
+        local_rank: usize,
+        local_world_size: usize,
+        timeout: Option<f64>,
+        connect_timeout: Option<f64>,
+    ) -> PyResult<PyProcessGroup> {
+        let spec = ClusterSpec::builder()
+            .rank(rank)
+            .world_size(world_size)
+            .local(local_rank, local_world_size.max(local_rank + 1))
+            .build()
+            .py_err()?;
+        let token = JobToken::from_env().py_err()?;
+        let mut config = GroupConfig::from_vars(&ProcessEnv).py_err()?;
+        if let Some(t) = timeout {
+            config.timeout = seconds("timeout", t)?;
+        }
+        if let Some(t) = connect_timeout {
+            config.connect_timeout = seconds("connect_timeout", t)?;
+        }
+        config.name = name;
+        config.board = Some(tandem::rendezvous::board::BoardPlan {
+            board: std::sync::Arc::new(crate::board::PyBoard::new(board)),
+            one_machine,
+            towards,
+        });
+        let cancel = tandem::collective::Cancel::new();
+        let on_signal = cancel.clone();
+        let pg = collective(
+            py,
+            move || ProcessGroup::init_cancellable(&spec, token.as_ref(), config, &cancel),
+            move || on_signal.cancel("interrupted by a signal (Ctrl-C)"),
+        )?;
+        Ok(PyProcessGroup {
+            pg: Some(pg),
+            local_rank,
+            local_world_size,
+        })
+    }
+
     /// This process's rank.
     #[getter]
     fn rank(&self) -> PyResult<usize> {

@@ -7,6 +7,7 @@
 
 mod arrays;
 mod blocking;
+mod board;
 mod elastic;
 mod errors;
 mod group;

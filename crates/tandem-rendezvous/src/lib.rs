@@ -13,6 +13,8 @@
 //!   [`BlockingClient`] for code without tokio.
 //! - `auth`: [`JobToken`] and the interceptors that attach and check it.
 //! - `session`: [`Session`], joining a job from its [`ClusterSpec`](tandem_core::ClusterSpec).
+//! - [`board`]: where rank 0 publishes the rendezvous when another program owns the agreed port
+//!   (torchrun's store, read through [`torch_store`], or the Store torch hands a backend).
 //!
 //! # Feature Flags
 //! None.
@@ -32,12 +34,14 @@
 
 mod auth;
 mod blocking;
+pub mod board;
 pub mod client;
 pub mod discovery;
 mod server;
 mod service;
 mod session;
 pub mod store;
+pub mod torch_store;
 
 /// Code generated from `proto/tandem/rendezvous/v1/rendezvous.proto`.
 #[allow(missing_docs, clippy::all)]

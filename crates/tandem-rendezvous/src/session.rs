@@ -5,6 +5,7 @@ use std::time::Duration;
 use tandem_core::{ClusterSpec, Error, Result};
 
 use crate::auth::{JobToken, TOKEN_VAR};
+use crate::board::{Board, Published};
 use crate::client::Client;
 use crate::server::{Host, ServerConfig};
 
@@ -96,6 +97,73 @@ impl Session {
             spec: spec.clone().with_rendezvous(addr),
             published,
         })
+    }
+
+    /// Joins through a [`Board`]: rank 0 binds the rendezvous on `bind` (port 0 for an ephemeral
+    /// one) and publishes its address there; the others read it. When `token` is `None`, rank 0
+    /// makes one if `one_machine` and publishes it with the address (the others take it from
+    /// there); across machines a token must be configured. Returns the session and the job token
+    /// every rank now shares.
+    pub async fn join_on_board(
+        spec: &ClusterSpec,
+        token: Option<&JobToken>,
+        board: std::sync::Arc<dyn Board>,
+        bind: &str,
+        one_machine: bool,
+        deadline: Duration,
+    ) -> Result<(Session, JobToken)> {
+        let missing = || {
+            Error::config(
+                TOKEN_VAR,
+                "is not set; a job on several machines needs the same token in every process (tandem certs and tandem launch make one)",
+            )
+        };
+        let (addr, host, token) = if spec.hosts_rendezvous() {
+            let (token, share) = match token {
+                Some(t) => (t.clone(), false),
+                None if one_machine => (JobToken::generate(), true),
+                None => return Err(missing()),
+            };
+            let host = Host::bind(bind, ServerConfig::new(token.clone())).await?;
+            let port = host.addr().port();
+            let advertised = match bind.rsplit_once(':') {
+                Some((h, _)) if !h.is_empty() && h != "0.0.0.0" && h != "[::]" => {
+                    format!("{h}:{port}")
+                }
+                _ => host.addr().to_string(),
+            };
+            let record = Published {
+                addr: advertised.clone(),
+                token: share.then(|| token.as_str().to_string()),
+            };
+            let b = board.clone();
+            tokio::task::spawn_blocking(move || b.publish(&record, deadline))
+                .await
+                .map_err(|e| Error::transport("publishing the rendezvous", e.to_string()))??;
+            tracing::info!(addr = %advertised, board = %board.describe(), "hosting the rendezvous, published on the board");
+            (advertised, Some(host), token)
+        } else {
+            let b = board.clone();
+            let record = tokio::task::spawn_blocking(move || b.lookup(deadline))
+                .await
+                .map_err(|e| Error::transport("reading the rendezvous", e.to_string()))??;
+            let token = match (record.token, token) {
+                (Some(t), _) => JobToken::new(t)?,
+                (None, Some(t)) => t.clone(),
+                (None, None) => return Err(missing()),
+            };
+            (record.addr, None, token)
+        };
+        let client = Client::connect(&addr, &token, deadline).await?;
+        Ok((
+            Session {
+                client,
+                host,
+                spec: spec.clone().with_rendezvous(addr),
+                published: None,
+            },
+            token,
+        ))
     }
 
     /// Joins with the spec, token and bind address from the environment.

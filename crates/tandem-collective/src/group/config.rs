@@ -48,6 +48,10 @@ pub struct GroupConfig {
     /// (`tandem_tls::Security::from_env`: mutual TLS with the job's certificates, plaintext on
     /// loopback only unless `TANDEM_INSECURE=1`).
     pub security: Option<tandem_tls::Security>,
+    /// Where rank 0 publishes the rendezvous it hosts when another program owns the agreed port
+    /// (the Store torch hands a `torch.distributed` backend); `None`: torchrun's agent store when
+    /// torchrun started this process, else the rendezvous address of the cluster spec.
+    pub board: Option<tandem_rendezvous::board::BoardPlan>,
 }
 
 /// The variable that sets [`GroupConfig::streams_per_peer`].
@@ -72,6 +76,7 @@ impl Default for GroupConfig {
             tcp_congestion: tandem_tls::Congestion::Preferred,
             advertise_host: None,
             security: None,
+            board: None,
         }
     }
 }

@@ -7,6 +7,7 @@ use std::future::Future;
 
 use crate::backend::streams::Channel;
 use crate::transport::mesh::Mesh;
+use tandem_rendezvous::board::{BoardPlan, TorchrunStore, board_bind};
 
 use super::*;
 
@@ -198,7 +199,8 @@ fn channel_addresses(
 /// What forming a group of more than one rank builds, step by step.
 struct Formation<'a> {
     spec: &'a ClusterSpec,
-    token: &'a JobToken,
+    /// The configured token; `None` is allowed where a board hands rank 0's token out.
+    token: Option<&'a JobToken>,
     config: &'a GroupConfig,
     cancel: &'a Cancel,
     control_rt: Runtime,
@@ -240,12 +242,6 @@ impl ProcessGroup {
         if spec.world_size() == 1 {
             return Ok(Self::alone(spec.rank(), &config));
         }
-        let token = token.ok_or_else(|| {
-            Error::config(
-                TOKEN_VAR,
-                "is not set; every process of a job needs the same token",
-            )
-        })?;
         // A congestion control the kernel refuses is named before this rank joins anyone.
         let congestion = config.tcp_congestion.resolve()?;
         let runtime = |b: &mut tokio::runtime::Builder, what: &str| {
@@ -297,10 +293,10 @@ impl Formation<'_> {
         tandem_observe::identify(
             tandem_observe::Identity::new("rank", rank, world).local(self.spec.local_rank()),
         );
-        let session = self.join()?;
+        let (session, token) = self.join()?;
         let client = session.client.clone();
         let rendezvous = session.spec().require_rendezvous()?.to_string();
-        let (mesh, channels, addrs) = self.connect_mesh(&client, &rendezvous)?;
+        let (mesh, channels, addrs) = self.connect_mesh(&client, &rendezvous, &token)?;
         let same_host = if self.config.same_host {
             let timeout = self.config.connect_timeout;
             self.cancel.run(
@@ -393,23 +389,54 @@ impl Formation<'_> {
         })
     }
 
-    /// Joins the rendezvous (hosting it on rank 0 unless a launcher does).
-    fn join(&self) -> Result<Session> {
-        let external = std::env::var(tandem_rendezvous::EXTERNAL_VAR).is_ok_and(|v| v == "1");
+    /// Joins the rendezvous (hosting it on rank 0 unless a launcher does; publishing it on a board
+    /// when another program owns the agreed port). Returns the session and the job's token.
+    fn join(&self) -> Result<(Session, JobToken)> {
         let bind = std::env::var(tandem_rendezvous::BIND_VAR)
             .ok()
             .filter(|s| !s.is_empty());
-        self.cancel.run(
+        let plan = self.config.board.clone().or_else(|| {
+            let var = |k: &str| std::env::var(k).ok();
+            TorchrunStore::from_spec(self.spec, &self.config.name, var).map(|b| BoardPlan {
+                board: std::sync::Arc::new(b),
+                one_machine: self.spec.local_world_size() >= self.spec.world_size(),
+                towards: self.spec.rendezvous().map(str::to_string),
+            })
+        });
+        if let Some(plan) = plan {
+            let bind = board_bind(bind.as_deref(), plan.one_machine, plan.towards.as_deref())?;
+            return self.cancel.run(
+                &self.control_rt,
+                "joining the rendezvous",
+                Session::join_on_board(
+                    self.spec,
+                    self.token,
+                    plan.board,
+                    &bind,
+                    plan.one_machine,
+                    self.config.connect_timeout,
+                ),
+            );
+        }
+        let token = self.token.ok_or_else(|| {
+            Error::config(
+                TOKEN_VAR,
+                "is not set; every process of a job needs the same token",
+            )
+        })?;
+        let external = std::env::var(tandem_rendezvous::EXTERNAL_VAR).is_ok_and(|v| v == "1");
+        let session = self.cancel.run(
             &self.control_rt,
             "joining the rendezvous",
             Session::join(
                 self.spec,
-                self.token,
+                token,
                 bind.as_deref(),
                 external,
                 self.config.connect_timeout,
             ),
-        )
+        )?;
+        Ok((session, token.clone()))
     }
 
     /// Publishes this rank's ring address (and those of its other streams), learns everyone's,
@@ -418,6 +445,7 @@ impl Formation<'_> {
         &self,
         client: &tandem_rendezvous::Client,
         rendezvous: &str,
+        token: &JobToken,
     ) -> Result<(Mesh, Vec<Channel>, Vec<String>)> {
         let (rank, world) = (self.spec.rank(), self.spec.world_size());
         let streams = self.config.streams_per_peer.max(1);
@@ -487,7 +515,7 @@ impl Formation<'_> {
         let spec = |addrs, channel: usize| MeshSpec {
             rank,
             addrs,
-            token: self.token,
+            token,
             group: group_id(&channel_group(&self.config.name, channel)),
             security: &security,
             congestion: &self.congestion,

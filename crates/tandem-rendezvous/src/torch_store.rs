@@ -1,0 +1,183 @@
+//! A client of PyTorch's `TCPStore`, the key-value store torchrun's agent hosts on
+//! `MASTER_ADDR:MASTER_PORT` for the whole job.
+//!
+//! Why: under torchrun that port is taken (binding it fails with "Address already in use"), so
+//! Tandem cannot host its own rendezvous there. Instead rank 0 hosts it on an ephemeral port and
+//! publishes the address in torch's store, where the other ranks read it: the same two variables
+//! are enough, and no second port has to be agreed on. Only the few requests that needs are spoken
+//! (validate, set, wait, get, add), each with a deadline; every length the server sends is bounded.
+//!
+//! The wire format (c10d's `TCPStoreBackend`): a request is a one-byte query type followed by its
+//! arguments; a string or byte value is a native-endian `u64` length and the bytes; the first
+//! request on a connection is `VALIDATE` with a magic number.
+
+use std::io::{Read, Write};
+use std::net::{TcpStream, ToSocketAddrs};
+use std::time::{Duration, Instant};
+
+use tandem_core::{Error, Result};
+
+/// c10d's magic number for a client's first request.
+const VALIDATION_MAGIC: u32 = 0x3C85_F7CE;
+
+/// Query types, in c10d's order.
+#[derive(Clone, Copy, Debug)]
+#[repr(u8)]
+enum Query {
+    Validate = 0,
+    Set = 1,
+    Get = 3,
+    Add = 4,
+    Wait = 6,
+}
+
+/// The answer to `WAIT` once every key exists.
+const STOP_WAITING: u8 = 0;
+
+/// The longest value this client accepts from the server (its own records are a few hundred
+/// bytes; a longer one means the server is not what it should be).
+pub const MAX_VALUE: u64 = 1 << 20;
+
+/// A connection to a torch `TCPStore`.
+#[derive(Debug)]
+pub struct TorchStore {
+    stream: TcpStream,
+    addr: String,
+}
+
+impl TorchStore {
+    /// Connects to the store at `addr` (`host:port`), retrying refused connections until
+    /// `deadline` (the agent may still be starting), and validates the connection.
+    pub fn connect(addr: &str, deadline: Duration) -> Result<TorchStore> {
+        let start = Instant::now();
+        let mut last = None;
+        loop {
+            let left = deadline.saturating_sub(start.elapsed());
+            if left.is_zero() {
+                let why = last.map_or_else(String::new, |e: std::io::Error| format!(": {e}"));
+                return Err(Error::timeout(
+                    format!("connecting to torch's store at {addr}{why}"),
+                    deadline,
+                ));
+            }
+            let target = addr
+                .to_socket_addrs()
+                .map_err(|e| Error::io(format!("resolving torch's store address {addr}"), e))?
+                .next()
+                .ok_or_else(|| {
+                    Error::config("MASTER_ADDR", format!("{addr} resolves to nothing"))
+                })?;
+            match TcpStream::connect_timeout(&target, left.min(Duration::from_secs(2))) {
+                Ok(stream) => {
+                    stream
+                        .set_nodelay(true)
+                        .map_err(|e| Error::io("setting TCP_NODELAY on torch's store", e))?;
+                    let mut store = TorchStore {
+                        stream,
+                        addr: addr.to_string(),
+                    };
+                    store.set_deadline(left)?;
+                    let mut msg = vec![Query::Validate as u8];
+                    msg.extend_from_slice(&VALIDATION_MAGIC.to_ne_bytes());
+                    store.send(&msg, "validating the connection")?;
+                    return Ok(store);
+                }
+                Err(e) => last = Some(e),
+            }
+            std::thread::sleep(Duration::from_millis(50).min(left));
+        }
+    }
+
+    /// The store's address.
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    /// Stores `value` under `key` (replacing any).
+    pub fn set(&mut self, key: &str, value: &[u8], deadline: Duration) -> Result<()> {
+        self.set_deadline(deadline)?;
+        let mut msg = vec![Query::Set as u8];
+        put_bytes(&mut msg, key.as_bytes());
+        put_bytes(&mut msg, value);
+        self.send(&msg, &format!("setting {key}"))
+    }
+
+    /// Waits until `key` exists (up to `deadline`), then returns its value.
+    pub fn get(&mut self, key: &str, deadline: Duration) -> Result<Vec<u8>> {
+        self.set_deadline(deadline)?;
+        let mut msg = vec![Query::Wait as u8];
+        msg.extend_from_slice(&1u64.to_ne_bytes());
+        put_bytes(&mut msg, key.as_bytes());
+        let what = format!("waiting for {key}");
+        self.send(&msg, &what)?;
+        let mut answer = [0u8; 1];
+        self.recv(&mut answer, &what, deadline)?;
+        if answer[0] != STOP_WAITING {
+            return Err(self.protocol(format!(
+                "answered {} to a wait for {key} (expected {STOP_WAITING})",
+                answer[0]
+            )));
+        }
+        let mut msg = vec![Query::Get as u8];
+        put_bytes(&mut msg, key.as_bytes());
+        let what = format!("reading {key}");
+        self.send(&msg, &what)?;
+        let mut len = [0u8; 8];
+        self.recv(&mut len, &what, deadline)?;
+        let len = u64::from_ne_bytes(len);
+        if len > MAX_VALUE {
+            return Err(self.protocol(format!(
+                "sent a value of {len} bytes for {key} (at most {MAX_VALUE} expected)"
+            )));
+        }
+        let mut value = vec![0u8; len as usize];
+        self.recv(&mut value, &what, deadline)?;
+        Ok(value)
+    }
+
+    /// Adds `delta` to the counter `key` (created at 0) and returns its new value.
+    pub fn add(&mut self, key: &str, delta: i64, deadline: Duration) -> Result<i64> {
+        self.set_deadline(deadline)?;
+        let mut msg = vec![Query::Add as u8];
+        put_bytes(&mut msg, key.as_bytes());
+        msg.extend_from_slice(&delta.to_ne_bytes());
+        let what = format!("adding to {key}");
+        self.send(&msg, &what)?;
+        let mut value = [0u8; 8];
+        self.recv(&mut value, &what, deadline)?;
+        Ok(i64::from_ne_bytes(value))
+    }
+
+    fn set_deadline(&self, deadline: Duration) -> Result<()> {
+        let d = Some(deadline.max(Duration::from_millis(1)));
+        self.stream
+            .set_read_timeout(d)
+            .and_then(|()| self.stream.set_write_timeout(d))
+            .map_err(|e| Error::io("setting a deadline on torch's store connection", e))
+    }
+
+    fn send(&mut self, msg: &[u8], what: &str) -> Result<()> {
+        self.stream
+            .write_all(msg)
+            .map_err(|e| Error::io(format!("{what} in torch's store at {}", self.addr), e))
+    }
+
+    fn recv(&mut self, buf: &mut [u8], what: &str, deadline: Duration) -> Result<()> {
+        self.stream.read_exact(buf).map_err(|e| match e.kind() {
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => Error::timeout(
+                format!("{what} in torch's store at {}", self.addr),
+                deadline,
+            ),
+            _ => Error::io(format!("{what} in torch's store at {}", self.addr), e),
+        })
+    }
+
+    fn protocol(&self, problem: String) -> Error {
+        Error::transport(format!("torch's store at {}", self.addr), problem)
+    }
+}
+
+fn put_bytes(msg: &mut Vec<u8>, bytes: &[u8]) {
+    msg.extend_from_slice(&(bytes.len() as u64).to_ne_bytes());
+    msg.extend_from_slice(bytes);
+}
