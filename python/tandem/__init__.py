@@ -40,6 +40,7 @@ from .errors import (
 from .observe import dump_flight_recorder, metrics, metrics_text, span
 from .optim import DistributedOptimizer, allreduce_fused, broadcast_parameters
 from .runner import run
+from ._arrays import host_array, like_input
 from . import elastic  # noqa: E402  (tandem.elastic.State, tandem.elastic.run)
 
 __version__: str = _native.__version__
@@ -64,7 +65,8 @@ _native.init_logging()
 class Group:
     """A process group. Made by :func:`init`; usable as a context manager that shuts it down.
 
-    Every collective takes a C-contiguous numpy array (a PyTorch CPU tensor via ``t.numpy()``) of
+    Every collective takes a C-contiguous numpy array or a contiguous PyTorch CPU tensor (without a
+    copy; a parameter that requires grad through its data; bfloat16 and bool included) of
     float32, float64, float16, int32, int64, uint8 (or bfloat16 from ml_dtypes) and works in place
     where the result has the input's shape. Blocking calls release the GIL; Ctrl-C raises
     ``KeyboardInterrupt`` and aborts the group on every rank. Do not touch an array while a call on
@@ -96,22 +98,23 @@ class Group:
 
     def allreduce(self, a: np.ndarray, op: str = "sum", timeout: Optional[float] = None) -> np.ndarray:
         """Reduces ``a`` over every rank, in place (op: sum, avg, min, max, prod); returns ``a``."""
-        self._pg.allreduce(a, op, timeout)
+        self._pg.allreduce(host_array(a)[0], op, timeout)
         return a
 
     def broadcast(self, a: np.ndarray, root: int = 0, timeout: Optional[float] = None) -> np.ndarray:
         """Overwrites ``a`` with ``root``'s array, in place; returns ``a``."""
-        self._pg.broadcast(a, root, timeout)
+        self._pg.broadcast(host_array(a)[0], root, timeout)
         return a
 
     def reduce(self, a: np.ndarray, op: str = "sum", root: int = 0, timeout: Optional[float] = None) -> np.ndarray:
         """Reduces into ``root``'s ``a`` (other ranks' arrays are used as scratch); returns ``a``."""
-        self._pg.reduce(a, op, root, timeout)
+        self._pg.reduce(host_array(a)[0], op, root, timeout)
         return a
 
     def allgather(self, a: np.ndarray, timeout: Optional[float] = None) -> np.ndarray:
         """Every rank's ``a`` stacked into a new array of shape ``(world_size, *a.shape)``."""
-        return self._pg.allgather(a, timeout)
+        view, was_torch = host_array(a)
+        return like_input(self._pg.allgather(view, timeout), was_torch)
 
     def reduce_scatter(self, a: np.ndarray, op: str = "sum", timeout: Optional[float] = None) -> np.ndarray:
         """Reduces ``a`` over every rank and returns this rank's part (``a`` is left unchanged).
@@ -119,7 +122,8 @@ class Group:
         Rank r gets the r-th of ``world_size`` nearly equal runs of the flattened array; when
         ``a.shape[0]`` divides by ``world_size`` the part has shape ``(a.shape[0] // world_size, ...)``.
         """
-        return self._pg.reduce_scatter(a, op, timeout)
+        view, was_torch = host_array(a)
+        return like_input(self._pg.reduce_scatter(view, op, timeout), was_torch)
 
     def barrier(self, timeout: Optional[float] = None) -> None:
         """Returns once every rank has called it."""
@@ -127,24 +131,24 @@ class Group:
 
     def send(self, a: np.ndarray, dst: int, timeout: Optional[float] = None) -> None:
         """Sends ``a`` to rank ``dst``."""
-        self._pg.send(a, dst, timeout)
+        self._pg.send(host_array(a)[0], dst, timeout)
 
     def recv(self, a: np.ndarray, src: int, timeout: Optional[float] = None) -> np.ndarray:
         """Receives into ``a`` from rank ``src``; returns ``a``."""
-        self._pg.recv(a, src, timeout)
+        self._pg.recv(host_array(a)[0], src, timeout)
         return a
 
     def allreduce_async(self, a: np.ndarray, op: str = "sum") -> Work:
         """Starts an allreduce; ``wait()`` writes the result into ``a`` and returns it."""
-        return self._pg.allreduce_async(a, op)
+        return self._pg.allreduce_async(host_array(a)[0], op)
 
     def broadcast_async(self, a: np.ndarray, root: int = 0) -> Work:
         """Starts a broadcast; ``wait()`` writes the result into ``a`` and returns it."""
-        return self._pg.broadcast_async(a, root)
+        return self._pg.broadcast_async(host_array(a)[0], root)
 
     def allgather_async(self, a: np.ndarray) -> Work:
         """Starts an allgather; ``wait()`` returns the stacked array."""
-        return self._pg.allgather_async(a)
+        return self._pg.allgather_async(host_array(a)[0])
 
     def barrier_async(self) -> Work:
         """Starts a barrier; ``wait()`` returns ``None``."""

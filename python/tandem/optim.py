@@ -63,12 +63,23 @@ def _fused(arrays: Sequence[np.ndarray], fusion_bytes: int, op: Any) -> None:
             pos += n
 
 
-def broadcast_parameters(arrays: Sequence[np.ndarray], root: int = 0, group: Optional["Group"] = None,
+def _host_arrays(arrays: Any) -> List[np.ndarray]:
+    """numpy arrays, torch tensors (viewed without a copy), or a ``state_dict()``-like mapping of
+    them (in the order of its sorted names, the same on every rank)."""
+    from ._arrays import host_array
+
+    if isinstance(arrays, dict):
+        arrays = [arrays[k] for k in sorted(arrays)]
+    return [host_array(a, f"item {i}")[0] for i, a in enumerate(arrays)]
+
+
+def broadcast_parameters(arrays: Any, root: int = 0, group: Optional["Group"] = None,
                          fusion_bytes: int = FUSION_BYTES) -> None:
     """Overwrites every array with ``root``'s values, in fused broadcasts (call it once before
-    training so every rank starts from the same parameters)."""
+    training so every rank starts from the same parameters). Takes numpy arrays, CPU torch
+    tensors, or a mapping of them such as ``model.state_dict()``."""
     g = _group(group)
-    _fused(arrays, fusion_bytes, lambda buf: g.broadcast(buf, root))
+    _fused(_host_arrays(arrays), fusion_bytes, lambda buf: g.broadcast(buf, root))
 
 
 def allreduce_fused(arrays: Sequence[np.ndarray], op: str = "avg", group: Optional["Group"] = None,
@@ -76,7 +87,7 @@ def allreduce_fused(arrays: Sequence[np.ndarray], op: str = "avg", group: Option
     """Reduces every array over the group in place, packing them into fusion buffers of at most
     ``fusion_bytes`` per dtype so a model with many small tensors costs a few network operations."""
     g = _group(group)
-    _fused(arrays, fusion_bytes, lambda buf: g.allreduce(buf, op))
+    _fused(_host_arrays(arrays), fusion_bytes, lambda buf: g.allreduce(buf, op))
 
 
 class SGD:
@@ -119,6 +130,14 @@ class DistributedOptimizer:
     """
 
     def __init__(self, optimizer: Any, group: Optional["Group"] = None, fusion_bytes: int = FUSION_BYTES) -> None:
+        if type(optimizer).__module__.startswith("torch.optim") or any(
+            c.__module__.startswith("torch.optim") for c in type(optimizer).__mro__
+        ):
+            raise TypeError(
+                f"tandem.DistributedOptimizer wraps numpy optimizers; for a torch optimizer "
+                f"({type(optimizer).__name__}) use tandem.torch.DistributedOptimizer (Horovod's API), "
+                "or DistributedDataParallel on the 'tandem' torch.distributed backend"
+            )
         if not callable(getattr(optimizer, "step", None)):
             raise TypeError("the optimizer needs a step(params, grads) method")
         self.optimizer = optimizer

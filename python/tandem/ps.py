@@ -27,6 +27,7 @@ from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tup
 import numpy as np
 
 from . import _native
+from ._arrays import is_torch_tensor, torch_view
 from .errors import ConfigurationError, TandemError
 
 __all__ = ["Param", "param", "Client", "PushResult", "serve"]
@@ -137,7 +138,7 @@ class Client:
 
     def push(self, step: int, grads: Mapping[str, np.ndarray]) -> PushResult:
         """Pushes float32 gradients for ``step`` (sync: the version you pulled)."""
-        return PushResult(*self._native.push(step, dict(grads)))
+        return PushResult(*self._native.push(step, _host_grads(grads)))
 
     def push_pull(self, step: int, grads: Mapping[str, np.ndarray]) -> Tuple[int, Dict[str, np.ndarray]]:
         """Pushes the gradients of ``step`` and pulls the parameters to use next, both at once.
@@ -147,7 +148,21 @@ class Client:
         while later partitions' gradients are still arriving (a model of several tensors, or cut
         with ``max_partition_bytes``, overlaps most). Async: a push, then a pull, so the
         parameters include this gradient."""
-        return self._native.push_pull(step, dict(grads))
+        return self._native.push_pull(step, _host_grads(grads))
+
+    def pull_into(self, params: Mapping[str, Any], min_version: int = 0) -> int:
+        """:meth:`pull` written into ``params`` (``{name: tensor or array}``, e.g. a torch model's
+        ``dict(model.named_parameters())``; any float dtype, bfloat16 included, converted on the
+        way); returns the version. Names the servers do not hold are an error."""
+        version, pulled = self.pull(min_version)
+        _copy_into(params, pulled)
+        return version
+
+    def push_pull_into(self, step: int, grads: Mapping[str, Any], params: Mapping[str, Any]) -> int:
+        """:meth:`push_pull` with the new parameters written into ``params``; returns the version."""
+        version, pulled = self.push_pull(step, grads)
+        _copy_into(params, pulled)
+        return version
 
     def pull_rows(self, name: str, ids: Any) -> np.ndarray:
         """Rows ``ids`` of embedding table ``name``: shape ``(len(ids), dim)``."""
@@ -155,7 +170,7 @@ class Client:
 
     def push_rows(self, name: str, ids: Any, grads: np.ndarray) -> None:
         """Pushes gradients for rows ``ids`` of ``name`` (only those rows and their state change)."""
-        self._native.push_rows(name, [int(i) for i in np.asarray(ids).reshape(-1)], grads)
+        self._native.push_rows(name, [int(i) for i in np.asarray(ids).reshape(-1)], _host_grad(name, grads))
 
     def checkpoint(self) -> List[int]:
         """Makes every server write a checkpoint now; returns the version each wrote."""
@@ -175,6 +190,40 @@ class Client:
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         if exc_type is None:
             self.done()
+
+
+def _host_grad(name: str, g: Any) -> Any:
+    """A gradient as the float32 numpy array the servers take: a contiguous float32 CPU tensor
+    without a copy (through its data when it requires grad), other float dtypes converted."""
+    if is_torch_tensor(g):
+        import torch
+
+        t = g.detach()
+        if t.dtype != torch.float32 or not t.is_contiguous():
+            t = t.to(torch.float32).contiguous()
+        return torch_view(t, f"gradient {name!r}")
+    return g
+
+
+def _host_grads(grads: Mapping[str, Any]) -> Dict[str, Any]:
+    return {k: _host_grad(k, v) for k, v in grads.items()}
+
+
+def _copy_into(params: Mapping[str, Any], pulled: Mapping[str, np.ndarray]) -> None:
+    unknown = sorted(set(params) - set(pulled))
+    if unknown:
+        raise KeyError(f"the servers hold no parameters named {unknown}; they hold {sorted(pulled)}")
+    for name, dst in params.items():
+        src = pulled[name]
+        if is_torch_tensor(dst):
+            import torch
+
+            if tuple(dst.shape) != tuple(src.shape):
+                raise ValueError(f"parameter {name!r} has shape {tuple(src.shape)} on the servers, {tuple(dst.shape)} here")
+            with torch.no_grad():
+                dst.copy_(torch.from_numpy(src))
+        else:
+            np.copyto(dst, src, casting="same_kind")
 
 
 def serve(bind: Optional[str] = None, index: Optional[int] = None, checkpoint_dir: Optional[str] = None,

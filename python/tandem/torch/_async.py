@@ -38,19 +38,36 @@ class Handle:
 
 
 class Worker:
-    """One thread running the ``_async`` calls in the order they were made (so every process
-    issues them in the same order)."""
+    """One thread running calls in the order they were submitted.
 
-    def __init__(self) -> None:
+    It is not a daemon: when the main thread ends, it finishes what was queued (every call has a
+    deadline) and then exits, so no call is cut off while it completes a torch future (a daemon
+    thread stopped there aborts the interpreter)."""
+
+    def __init__(self, name: str = "tandem-torch-async") -> None:
         self._q: "queue.Queue[Any]" = queue.Queue()
-        threading.Thread(target=self._loop, name="tandem-torch-async", daemon=True).start()
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=False)
+        self._thread.start()
 
-    def submit(self, fn: Any) -> None:
+    def submit(self, fn: Callable[[], None]) -> None:
         self._q.put(fn)
 
+    def stop(self) -> None:
+        """Ends the thread once what was queued before has run."""
+        self._q.put(None)
+
     def _loop(self) -> None:
+        main = threading.main_thread()
         while True:
-            self._q.get()()
+            try:
+                fn = self._q.get(timeout=0.2)
+            except queue.Empty:
+                if not main.is_alive():
+                    return
+                continue
+            if fn is None:
+                return
+            fn()
 
 
 _worker: Optional[Worker] = None

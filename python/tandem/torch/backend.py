@@ -18,7 +18,6 @@ other tensors are staged through a contiguous copy and written back.
 from __future__ import annotations
 
 import os
-import queue
 import threading
 from datetime import timedelta
 from typing import Any, Callable, List, Optional, Sequence
@@ -29,6 +28,7 @@ import torch.distributed as dist
 from .. import _native
 from ..errors import TandemError
 from . import _ops
+from ._async import Worker
 
 BACKEND = "tandem"
 
@@ -120,20 +120,10 @@ class _Worker:
     """One thread running a group's operations in the order they were issued."""
 
     def __init__(self, name: str) -> None:
-        self._q: "queue.Queue[Optional[tuple]]" = queue.Queue()
-        self._thread = threading.Thread(target=self._loop, name=f"tandem-torch-{name}", daemon=True)
-        self._thread.start()
+        self._thread = Worker(f"tandem-torch-{name}")
 
     def submit(self, fn: Callable[[], None], work: _Work) -> _Work:
-        self._q.put((fn, work))
-        return work
-
-    def _loop(self) -> None:
-        while True:
-            item = self._q.get()
-            if item is None:
-                return
-            fn, work = item
+        def run() -> None:
             try:
                 fn()
             except BaseException as e:  # noqa: BLE001 - handed to the waiter
@@ -141,8 +131,11 @@ class _Worker:
             else:
                 work._finish(None)
 
+        self._thread.submit(run)
+        return work
+
     def stop(self) -> None:
-        self._q.put(None)
+        self._thread.stop()
 
 
 class _StoreBoard:
@@ -206,10 +199,16 @@ def _form(store: Any, rank: int, size: int, timeout: timedelta) -> "_native.Proc
         store.wait(keys, timeout)
         mine = _machine_id()
         one_machine = all(bytes(store.get(k)).decode() == mine for k in keys)
-    local_rank = int(os.environ.get("LOCAL_RANK", "0")) if "LOCAL_RANK" in os.environ else 0
-    local_size = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    if local_rank >= local_size:
-        local_rank, local_size = 0, 1
+    # The launcher's local rank describes the whole job; a subgroup only knows its own size.
+    local_rank, local_size = 0, 1
+    if os.environ.get("WORLD_SIZE") == str(size):
+        try:
+            local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+            local_size = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        except ValueError:
+            local_rank, local_size = 0, 1
+        if not 0 <= local_rank < local_size <= size:
+            local_rank, local_size = 0, 1
     return _native.ProcessGroup.from_board(
         rank,
         size,
@@ -242,6 +241,14 @@ class TandemProcessGroup(dist.ProcessGroup):
 
     def getBackendName(self) -> str:  # noqa: N802 - torch's name
         return BACKEND
+
+    #: torch asks the backend whether it coalesces point-to-point batches; this one orders them
+    #: itself (see the module's doc).
+    supports_coalescing = False
+
+    def _get_backend(self, device: Any = None) -> "TandemProcessGroup":
+        # This process group is its own backend for every device it serves.
+        return self
 
     @property
     def native(self) -> "_native.ProcessGroup":
@@ -363,6 +370,34 @@ class TandemProcessGroup(dist.ProcessGroup):
         outs = _ops.split(output, output_splits, self._size, "output")
         ins = _ops.split(input, input_splits, self._size, "input")
         return self._run([output], lambda: _ops.alltoall(self._pg, outs, ins, self._rank, self._size))
+
+    # torch 2.10 and later name the single-tensor forms so.
+    def all_gather_single(self, output: torch.Tensor, input: torch.Tensor, opts: Any = None) -> _Work:
+        return self._allgather_base(output, input, opts)
+
+    def all_gather_single_coalesced(self, outputs: List[torch.Tensor], inputs: List[torch.Tensor], opts: Any = None) -> _Work:
+        return self.allgather_into_tensor_coalesced(outputs, inputs, opts)
+
+    def reduce_scatter_single(self, output: torch.Tensor, input: torch.Tensor, opts: Any = None) -> _Work:
+        return self._reduce_scatter_base(output, input, opts)
+
+    def reduce_scatter_single_coalesced(self, outputs: List[torch.Tensor], inputs: List[torch.Tensor], opts: Any = None) -> _Work:
+        return self.reduce_scatter_tensor_coalesced(outputs, inputs, opts)
+
+    def gather_single(self, output: torch.Tensor, input: torch.Tensor, opts: Any = None) -> _Work:
+        root = opts.rootRank
+        _ops.check_peer(root, self._size, None)
+        outs = [[]]
+        if self._rank == root:
+            _ops.check_numel("gather", output, input.numel() * self._size)
+            outs = [list(output.reshape(-1).chunk(self._size)) if input.numel() else [output] * self._size]
+        return self._run([output], lambda: _ops.gather(self._pg, outs, input, root, self._rank, self._size))
+
+    def gather_into_tensor(self, output: torch.Tensor, input: torch.Tensor, opts: Any = None) -> _Work:
+        return self.gather_single(output, input, opts)
+
+    def all_to_all_single(self, output: torch.Tensor, input: torch.Tensor, output_splits: List[int], input_splits: List[int], opts: Any = None) -> _Work:
+        return self.alltoall_base(output, input, output_splits, input_splits, opts)
 
     def barrier(self, opts: Any = None) -> _Work:
         return self._run([], lambda: self._pg.barrier(None))
