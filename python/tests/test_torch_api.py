@@ -1,0 +1,248 @@
+"""Horovod's PyTorch API (``tandem.torch``) and torch tensors in Tandem's own API and PS client,
+each process's result checked against a reference computed here from every process's inputs."""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Any, Dict, List
+
+import numpy as np
+import pytest
+
+import tandem
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="torch is not installed")
+
+
+def inputs(rank: int, n: int = 11, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(1000 * seed + rank).normal(size=n)
+
+
+def horovod_body() -> Dict[str, Any]:
+    import torch
+
+    import tandem.torch as hvd
+
+    hvd.init(timeout=60)
+    r, n = hvd.rank(), hvd.size()
+    out: Dict[str, Any] = {"rank": r, "size": n, "local": (hvd.local_rank(), hvd.local_size())}
+    t = torch.tensor(inputs(r))
+    out["avg"] = hvd.allreduce(t).tolist()
+    out["sum"] = hvd.allreduce(t, op=hvd.Sum).tolist()
+    out["max"] = hvd.allreduce(t, op=hvd.Max).tolist()
+    out["min"] = hvd.allreduce(t, op=hvd.Min).tolist()
+    out["unchanged"] = torch.equal(t, torch.tensor(inputs(r)))
+    u = t.clone()
+    hvd.allreduce_(u, op=hvd.Sum, prescale_factor=2.0, postscale_factor=0.5)
+    out["scaled"] = u.tolist()
+    h = hvd.allreduce_async(torch.tensor(inputs(r, seed=1)), op=hvd.Sum)
+    out["async_poll_type"] = isinstance(hvd.poll(h), bool)
+    out["async"] = hvd.synchronize(h).tolist()
+    out["fp16"] = hvd.allreduce(t.float(), op=hvd.Sum, compression=hvd.Compression.fp16).tolist()
+    out["fp16_dtype"] = str(hvd.allreduce(t.float(), compression=hvd.Compression.fp16).dtype)
+    # allgather with a first dimension that differs between processes.
+    g = torch.full((r + 1, 2), float(r), dtype=torch.bfloat16)
+    out["allgather"] = hvd.allgather(g).float().tolist()
+    b = torch.tensor(inputs(r, seed=2))
+    out["broadcast"] = hvd.broadcast(b, root_rank=n - 1).tolist()
+    hvd.broadcast_(b, root_rank=0)
+    out["broadcast_"] = b.tolist()
+    # alltoall: rank r sends k + 1 rows of value 10 r + k to rank k.
+    rows = torch.cat([torch.full((k + 1, 3), float(10 * r + k)) for k in range(n)])
+    got, splits = hvd.alltoall(rows, splits=[k + 1 for k in range(n)])
+    out["alltoall"] = got.tolist()
+    out["alltoall_splits"] = splits.tolist()
+    out["object"] = hvd.broadcast_object({"from": r, "x": [r] * 3}, root_rank=n - 1)
+    out["objects"] = hvd.allgather_object(("rank", r))
+    hvd.shutdown()
+    return out
+
+
+def test_horovod_collectives_match_their_references() -> None:
+    n = 3
+    res = tandem.run(horovod_body, nproc=n, timeout=180)
+    ins = [inputs(r) for r in range(n)]
+    for r, got in enumerate(res):
+        assert got["rank"] == r and got["size"] == n and got["local"] == (r, n)
+        np.testing.assert_allclose(got["avg"], np.mean(ins, axis=0), rtol=1e-12)
+        np.testing.assert_allclose(got["sum"], np.sum(ins, axis=0), rtol=1e-12)
+        np.testing.assert_array_equal(got["max"], np.max(ins, axis=0))
+        np.testing.assert_array_equal(got["min"], np.min(ins, axis=0))
+        assert got["unchanged"], "allreduce must not change its input"
+        np.testing.assert_allclose(got["scaled"], np.sum(ins, axis=0), rtol=1e-12)
+        assert got["async_poll_type"]
+        np.testing.assert_allclose(got["async"], np.sum([inputs(k, seed=1) for k in range(n)], axis=0), rtol=1e-12)
+        np.testing.assert_allclose(got["fp16"], np.sum(ins, axis=0), rtol=2e-2, atol=2e-2)
+        assert got["fp16_dtype"] == "torch.float32"
+        want = np.concatenate([np.full((k + 1, 2), float(k)) for k in range(n)])
+        np.testing.assert_array_equal(got["allgather"], want)
+        np.testing.assert_array_equal(got["broadcast"], inputs(n - 1, seed=2))
+        np.testing.assert_array_equal(got["broadcast_"], inputs(0, seed=2))
+        want = np.concatenate([np.full((r + 1, 3), float(10 * k + r)) for k in range(n)])
+        np.testing.assert_array_equal(got["alltoall"], want)
+        assert got["alltoall_splits"] == [r + 1] * n
+        assert got["object"] == {"from": n - 1, "x": [n - 1] * 3}
+        assert got["objects"] == [("rank", k) for k in range(n)]
+
+
+def _model(seed: int):
+    import torch
+
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2)).double()
+
+
+def _data():
+    import torch
+
+    g = torch.Generator().manual_seed(3)
+    return torch.randn(48, 5, generator=g, dtype=torch.float64), torch.randn(48, 2, generator=g, dtype=torch.float64)
+
+
+def optimizer_body(kind: str) -> Dict[str, Any]:
+    import torch
+
+    import tandem.torch as hvd
+
+    hvd.init(timeout=60)
+    r, n = hvd.rank(), hvd.size()
+    model = _model(10 + r)  # different on every rank until broadcast
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+    base = torch.optim.Adam(model.parameters(), lr=0.01)
+    passes = 2 if kind == "accumulate" else 1
+    compression = hvd.Compression.bf16 if kind == "bf16" else hvd.Compression.none
+    opt = hvd.DistributedOptimizer(base, named_parameters=model.named_parameters(), compression=compression,
+                                   backward_passes_per_step=passes)
+    hvd.broadcast_optimizer_state(opt, root_rank=0)
+    X, Y = _data()
+    per = 48 // n
+    for step in range(4):
+        opt.zero_grad()
+        x, y = X[r * per:(r + 1) * per], Y[r * per:(r + 1) * per]
+        if passes == 2:
+            half = per // 2
+            for lo in (0, half):
+                # Two backward passes accumulate; each holds half the batch, so the loss halves.
+                (torch.nn.functional.mse_loss(model(x[lo:lo + half]), y[lo:lo + half]) / 2).backward()
+        else:
+            torch.nn.functional.mse_loss(model(x), y).backward()
+        if kind == "clip":
+            opt.synchronize()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05)
+            with opt.skip_synchronize():
+                opt.step()
+        else:
+            opt.step()
+    out = {k: v.tolist() for k, v in model.state_dict().items()}
+    hvd.shutdown()
+    return {"start0": {k: v.tolist() for k, v in start.items()} if r == 0 else None, "end": out}
+
+
+@pytest.mark.parametrize("kind", ["plain", "accumulate", "clip", "bf16"])
+def test_distributed_optimizer_equals_one_process_on_the_whole_batch(kind: str) -> None:
+    import torch
+
+    res = tandem.run(optimizer_body, nproc=2, args=(kind,), timeout=180)
+    model = _model(0)
+    model.load_state_dict({k: torch.tensor(v, dtype=torch.float64) for k, v in res[0]["start0"].items()})
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    X, Y = _data()
+    for _ in range(4):
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(X), Y).backward()
+        if kind == "clip":
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05)
+        opt.step()
+    tol = 1e-9 if kind != "bf16" else 5e-3
+    for r in res:
+        for k, v in model.state_dict().items():
+            diff = (torch.tensor(r["end"][k], dtype=torch.float64) - v).abs().max().item()
+            assert diff <= tol, (kind, k, diff)
+    assert res[0]["end"] == res[1]["end"]
+
+
+def bad_optimizer_body() -> List[str]:
+    import torch
+
+    import tandem.torch as hvd
+
+    hvd.init(timeout=30)
+    p = torch.nn.Parameter(torch.ones(2))
+    errors = []
+    for kwargs in ({"backward_passes_per_step": 0}, {"op": "mean"}, {"gradient_predivide_factor": 0.0},
+                   {"named_parameters": [("a", torch.nn.Parameter(torch.ones(1)))]},
+                   {"named_parameters": [("a", p), ("a", p)]}):
+        try:
+            hvd.DistributedOptimizer(torch.optim.SGD([p], lr=0.1), **kwargs)
+            errors.append("accepted")
+        except (ValueError, TypeError) as e:
+            errors.append(str(e))
+    hvd.shutdown()
+    return errors
+
+
+def test_distributed_optimizer_refuses_bad_settings_by_name() -> None:
+    for errors in tandem.run(bad_optimizer_body, nproc=1, timeout=60):
+        assert "backward_passes_per_step=0" in errors[0]
+        assert "op='mean'" in errors[1]
+        assert "gradient_predivide_factor=0.0" in errors[2]
+        assert "does not name" in errors[3]
+        assert "duplicate names" in errors[4]
+
+
+def tensors_body() -> Dict[str, Any]:
+    import torch
+
+    g = tandem.init(timeout=60)
+    r = g.rank
+    out: Dict[str, Any] = {}
+    p = torch.nn.Parameter(torch.tensor(inputs(r), dtype=torch.float32))  # requires grad
+    ptr = p.data_ptr()
+    assert tandem.allreduce(p) is p
+    out["param"] = p.detach().tolist()
+    out["same_memory"] = p.data_ptr() == ptr
+    bf = torch.full((4,), float(r) + 0.5, dtype=torch.bfloat16)
+    tandem.allreduce(bf, op="max")
+    out["bf16"] = bf.float().tolist()
+    gathered = tandem.allgather(torch.arange(3) + 10 * r)
+    out["gathered_type"] = type(gathered).__module__.split(".")[0]
+    out["gathered"] = gathered.tolist()
+    state = {"w": torch.full((3,), float(r)), "b": torch.full((2,), float(r) * 2)}
+    tandem.broadcast_parameters(state, root=1)
+    out["state"] = {k: v.tolist() for k, v in state.items()}
+    g.shutdown()
+    return out
+
+
+def test_tandem_collectives_take_torch_tensors_without_a_copy() -> None:
+    res = tandem.run(tensors_body, nproc=2, timeout=120)
+    for got in res:
+        np.testing.assert_allclose(got["param"], (inputs(0) + inputs(1)).astype(np.float32), rtol=1e-6)
+        assert got["same_memory"]
+        assert got["bf16"] == [1.5] * 4
+        assert got["gathered_type"] == "torch"
+        assert got["gathered"] == [[10 * k + i for i in range(3)] for k in range(2)]
+        assert got["state"] == {"w": [1.0] * 3, "b": [2.0] * 2}
+
+
+def test_ps_client_pulls_into_and_pushes_from_torch_tensors(servers) -> None:
+    import torch
+
+    from tandem import ps
+
+    addrs, token = servers
+    params = [ps.param("w", (3, 2), init="constant", value=1.0), ps.param("b", (2,))]
+    with ps.Client(params, optimizer="sgd", lr=0.5, mode="sync", servers=addrs, worker=0, workers=1,
+                   token=token, momentum=0.0) as c:
+        model = {"w": torch.nn.Parameter(torch.zeros(3, 2, dtype=torch.bfloat16)),
+                 "b": torch.nn.Parameter(torch.zeros(2))}
+        v = c.pull_into(model)
+        assert model["w"].dtype == torch.bfloat16 and model["w"].float().tolist() == [[1.0, 1.0]] * 3
+        grads = {"w": torch.full((3, 2), 2.0, dtype=torch.bfloat16), "b": torch.tensor([1.0, -1.0], requires_grad=True)}
+        v2 = c.push_pull_into(v, grads, model)
+        assert v2 == v + 1
+        assert model["w"].float().tolist() == [[0.0, 0.0]] * 3  # 1 - 0.5 * 2
+        assert model["b"].tolist() == [-0.5, 0.5]
+        with pytest.raises(KeyError, match="no parameters named"):
+            c.pull_into({"nope": torch.zeros(1)})
