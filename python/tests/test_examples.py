@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import sys
 
@@ -31,5 +32,37 @@ def test_example_reaches_its_accuracy(launch, script) -> None:
     out = subprocess.run(cmd, env=clean_env(), capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     m = re.search(r"accuracy=([0-9.]+) samples_per_sec=([0-9]+)", out.stdout)
+    assert m, out.stdout
+    assert float(m.group(1)) >= 0.95, out.stdout
+
+
+TORCH = pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="torch is not installed")
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+
+
+@TORCH
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize(
+    "cmd,script,want",
+    [
+        (TORCHRUN, ["torch_digits_ddp.py"], "mode=ddp workers=2"),
+        ([*LAUNCH, "--nproc", "2", "--"], ["torch_digits_ddp.py"], "mode=ddp workers=2"),
+        ([*LAUNCH, "--nproc", "2", "--"], ["torch_digits_horovod.py"], "mode=horovod workers=2"),
+        ([*LAUNCH, "--ps", "2", "--workers", "2", "--"], ["torch_digits_ps.py"], "mode=ps-torch workers=2"),
+        ([*LAUNCH, "--nproc", "3", "--elastic", "2:3", "--"], ["torch_digits_elastic.py", "--kill-at", "20"],
+         "mode=elastic workers=2"),
+    ],
+    ids=["ddp-torchrun", "ddp-launch", "horovod", "ps", "elastic-sigkill"],
+)
+def test_torch_example_reaches_its_accuracy(cmd, script, want) -> None:
+    if cmd is TORCHRUN:
+        full = [*cmd, str(EXAMPLES / script[0]), *script[1:]]
+    else:
+        full = [*cmd, sys.executable, str(EXAMPLES / script[0]), *script[1:]]
+    env = clean_env(OMP_NUM_THREADS="1", TANDEM_ELASTIC_SETTLE="1", TANDEM_TIMEOUT="30")
+    out = subprocess.run(full, env=env, capture_output=True, text=True, timeout=360)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
+    assert want in out.stdout, out.stdout + out.stderr[-3000:]
+    m = re.search(r"accuracy=([0-9.]+)", out.stdout)
     assert m, out.stdout
     assert float(m.group(1)) >= 0.95, out.stdout

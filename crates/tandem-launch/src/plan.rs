@@ -208,7 +208,7 @@ pub fn plan(spec: &JobSpec, rendezvous: &str, ports: &[u16]) -> Result<Vec<Plann
         ));
     }
     match spec.layout {
-        Layout::Allreduce { nproc } => Ok(plan_allreduce(spec, rendezvous, nproc)),
+        Layout::Allreduce { nproc } => Ok(plan_allreduce(spec, rendezvous, ports, nproc)),
         Layout::Ps { ps, workers, chief } => plan_ps(spec, rendezvous, ports, ps, workers, chief),
     }
 }
@@ -228,8 +228,13 @@ fn common(spec: &JobSpec, rendezvous: &str, extra: Vec<(String, String)>) -> Vec
 }
 
 /// An allreduce job: the variables torchrun gives (a PyTorchJob's), one process per rank.
-fn plan_allreduce(spec: &JobSpec, rendezvous: &str, nproc: usize) -> Vec<Planned> {
-    let (master_addr, master_port) = rendezvous.rsplit_once(':').unwrap_or((rendezvous, ""));
+/// `MASTER_PORT` is `ports[0]` when given: a port nobody holds, for the store rank 0 of a
+/// `torch.distributed` job binds there (Tandem's own processes use `TANDEM_RENDEZVOUS_ADDR`).
+fn plan_allreduce(spec: &JobSpec, rendezvous: &str, ports: &[u16], nproc: usize) -> Vec<Planned> {
+    let (master_addr, launcher_port) = rendezvous.rsplit_once(':').unwrap_or((rendezvous, ""));
+    let master_port = ports
+        .first()
+        .map_or_else(|| launcher_port.to_string(), u16::to_string);
     (0..nproc)
         .map(|rank| {
             let env = common(
@@ -373,6 +378,15 @@ mod tests {
             assert_eq!((c.rank(), c.world_size(), c.local_rank()), (r, 3, r));
             assert_eq!(c.rendezvous(), Some("127.0.0.1:4000"));
             assert_eq!(p.name(), format!("worker {r}"));
+        }
+        // With a reserved port, MASTER_PORT is that one (torch's store binds it), not the
+        // launcher's rendezvous.
+        let procs = plan(&spec, "127.0.0.1:4000", &[4100]).unwrap();
+        for p in &procs {
+            assert_eq!(p.env_var("MASTER_PORT"), Some("4100"));
+            assert_eq!(p.env_var("TANDEM_RENDEZVOUS_ADDR"), Some("127.0.0.1:4000"));
+            let c = ClusterSpec::from_vars(&p.env).unwrap();
+            assert_eq!(c.rendezvous(), Some("127.0.0.1:4000"));
         }
     }
 

@@ -145,10 +145,11 @@ pub fn run(
     Ok(Outcome { log_dir, ..outcome })
 }
 
-/// Picks one free loopback port per process for the addresses a `TF_CONFIG` lists.
+/// Picks one free loopback port per process for the addresses a `TF_CONFIG` lists, or, for an
+/// allreduce job, one for `MASTER_PORT` (where rank 0 of a `torch.distributed` job binds its store).
 fn reserve_ports(spec: &JobSpec) -> Result<Vec<u16>> {
     let n = match spec.layout {
-        Layout::Allreduce { .. } => 0,
+        Layout::Allreduce { .. } => 1,
         Layout::Ps { ps, workers, .. } => ps + workers,
     };
     // Hold every listener until all are chosen so no port is picked twice.

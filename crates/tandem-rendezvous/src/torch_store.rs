@@ -181,3 +181,90 @@ fn put_bytes(msg: &mut Vec<u8>, bytes: &[u8]) {
     msg.extend_from_slice(&(bytes.len() as u64).to_ne_bytes());
     msg.extend_from_slice(bytes);
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpListener;
+
+    /// A server that reads one validate request and one request's first bytes, then answers
+    /// `answer` (raw bytes), the way a broken or hostile store would.
+    fn store_answering(answer: Vec<u8>) -> String {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = l.local_addr().expect("addr").to_string();
+        std::thread::spawn(move || {
+            if let Ok((mut s, _)) = l.accept() {
+                let mut validate = [0u8; 5];
+                let _ = s.read_exact(&mut validate);
+                assert_eq!(validate[0], Query::Validate as u8);
+                assert_eq!(&validate[1..], &VALIDATION_MAGIC.to_ne_bytes());
+                let mut head = [0u8; 1];
+                let _ = s.read_exact(&mut head);
+                let _ = s.write_all(&answer);
+                std::thread::sleep(Duration::from_millis(500));
+            }
+        });
+        addr
+    }
+
+    #[test]
+    fn a_store_nobody_serves_is_a_timeout_naming_its_address() {
+        let addr = {
+            let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+            l.local_addr().expect("addr").to_string()
+        };
+        let e = TorchStore::connect(&addr, Duration::from_millis(200)).unwrap_err();
+        assert!(matches!(e, Error::Timeout { .. }), "{e}");
+        assert!(e.to_string().contains(&addr), "{e}");
+    }
+
+    #[test]
+    fn a_value_longer_than_the_bound_is_refused_and_one_at_it_is_read() {
+        // WAIT answered with STOP_WAITING, then GET answered with a length past the bound.
+        let mut answer = vec![STOP_WAITING];
+        answer.extend_from_slice(&(MAX_VALUE + 1).to_ne_bytes());
+        let addr = store_answering(answer);
+        let mut s = TorchStore::connect(&addr, Duration::from_secs(5)).expect("connect");
+        let e = s.get("k", Duration::from_secs(5)).unwrap_err();
+        assert!(e.to_string().contains("at most"), "{e}");
+
+        let mut answer = vec![STOP_WAITING];
+        answer.extend_from_slice(&3u64.to_ne_bytes());
+        answer.extend_from_slice(b"abc");
+        let addr = store_answering(answer);
+        let mut s = TorchStore::connect(&addr, Duration::from_secs(5)).expect("connect");
+        assert_eq!(s.get("k", Duration::from_secs(5)).expect("get"), b"abc");
+    }
+
+    #[test]
+    fn a_wait_answered_otherwise_and_a_silent_store_are_errors() {
+        let addr = store_answering(vec![7]);
+        let mut s = TorchStore::connect(&addr, Duration::from_secs(5)).expect("connect");
+        let e = s.get("k", Duration::from_secs(5)).unwrap_err();
+        assert!(e.to_string().contains("answered 7"), "{e}");
+
+        let addr = store_answering(vec![]);
+        let mut s = TorchStore::connect(&addr, Duration::from_secs(5)).expect("connect");
+        let e = s.get("k", Duration::from_millis(200)).unwrap_err();
+        assert!(matches!(e, Error::Timeout { .. }), "{e}");
+    }
+
+    #[test]
+    fn add_sends_the_key_and_delta_and_reads_the_new_value() {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = l.local_addr().expect("addr").to_string();
+        let server = std::thread::spawn(move || {
+            let (mut s, _) = l.accept().expect("accept");
+            let mut buf = [0u8; 5 + 1 + 8 + 3 + 8];
+            s.read_exact(&mut buf).expect("read");
+            assert_eq!(buf[5], Query::Add as u8);
+            assert_eq!(&buf[6..14], &3u64.to_ne_bytes());
+            assert_eq!(&buf[14..17], b"ctr");
+            let delta = i64::from_ne_bytes(buf[17..25].try_into().expect("8 bytes"));
+            s.write_all(&(40 + delta).to_ne_bytes()).expect("write");
+        });
+        let mut s = TorchStore::connect(&addr, Duration::from_secs(5)).expect("connect");
+        assert_eq!(s.add("ctr", 2, Duration::from_secs(5)).expect("add"), 42);
+        server.join().expect("server");
+    }
+}

@@ -1,0 +1,59 @@
+"""A CNN on the digits trained with DistributedDataParallel on the "tandem" backend.
+
+    torchrun --standalone --nproc_per_node 2 python/examples/torch_digits_ddp.py
+    python -m tandem.launch --nproc 2 python/examples/torch_digits_ddp.py
+
+Nothing in it is specific to Tandem but the backend's name (and ``import tandem.torch``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data.distributed import DistributedSampler
+
+import tandem.torch  # noqa: F401  (registers the "tandem" backend)
+from torch_digits_common import CNN, accuracy, tensors
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--epochs", type=int, default=8)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=0.05)
+    a = ap.parse_args()
+    dist.init_process_group("tandem")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.manual_seed(rank)  # different initial weights: DDP makes them rank 0's
+    x, y, xt, yt = tensors()
+    data = TensorDataset(x, y)
+    sampler = DistributedSampler(data, shuffle=True, seed=0)
+    loader = DataLoader(data, batch_size=a.batch, sampler=sampler)
+    model = DDP(CNN())
+    opt = torch.optim.SGD(model.parameters(), lr=a.lr, momentum=0.9)
+    start, samples, loss = time.perf_counter(), 0, torch.tensor(float("nan"))
+    for epoch in range(a.epochs):
+        sampler.set_epoch(epoch)
+        for bx, by in loader:
+            opt.zero_grad()
+            loss = torch.nn.functional.cross_entropy(model(bx), by)
+            loss.backward()
+            opt.step()
+            samples += len(bx)
+    elapsed = time.perf_counter() - start
+    total = torch.tensor([samples])
+    dist.all_reduce(total)
+    acc = accuracy(model.module, xt, yt)
+    if rank == 0:
+        print(f"mode=ddp workers={world} loss={loss.item():.4f} accuracy={acc:.4f} "
+              f"samples_per_sec={total.item() / elapsed:.0f}", flush=True)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
