@@ -183,7 +183,7 @@ mod tests {
     fn torchrun_with_an_agent_store_publishes_there_under_a_key_per_run_restart_and_group() {
         let mut vars = TORCHRUN.to_vec();
         vars.push(("TORCHELASTIC_USE_AGENT_STORE", "True"));
-        let spec = ClusterSpec::from_vars(&vars).expect("spec");
+        let spec = ClusterSpec::from_vars(vars.as_slice()).expect("spec");
         let board = TorchrunStore::from_spec(&spec, "default", lookup(&vars)).expect("a board");
         assert_eq!(board.key(), "tandem/job7/2/default/rendezvous");
         assert_eq!(board.describe(), "torch's store at 127.0.0.1:29500");
@@ -199,7 +199,7 @@ mod tests {
         vars.pop();
         vars.push(("TORCHELASTIC_USE_AGENT_STORE", "True"));
         vars.push(("TANDEM_RENDEZVOUS_ADDR", "10.0.0.1:5000"));
-        let spec = ClusterSpec::from_vars(&vars).expect("spec");
+        let spec = ClusterSpec::from_vars(vars.as_slice()).expect("spec");
         assert!(TorchrunStore::from_spec(&spec, "g", lookup(&vars)).is_none());
         // A job that is not torchrun's (Slurm) never uses it.
         let slurm = [
