@@ -308,3 +308,39 @@ def test_deadlock_free_order_of_a_p2p_batch() -> None:
     # Rank 1: the pair (0, 1) first (the higher rank receives first), then (1, 2) (sends first),
     # each direction in the order issued.
     assert [x[2] for x in p2p_order(1, batch)] == ["b", "c", "a", "e", "d"]
+
+
+def tandem_binary() -> Path:
+    for profile in ("debug", "release"):
+        p = ROOT / "target" / profile / "tandem"
+        if p.exists():
+            return p
+    pytest.fail("target/*/tandem is not built (cargo build -p tandem-cli)")
+
+
+@pytest.mark.timeout(400)
+@pytest.mark.skipif(os.geteuid() != 0 or os.environ.get("TANDEM_TESTBED") == "off",
+                    reason="simulated hosts need root (network namespaces); TANDEM_TESTBED=off skips them")
+def test_across_simulated_hosts_the_backend_needs_the_token_and_uses_tls(tmp_path: Path) -> None:
+    tandem = tandem_binary()
+    certs = tmp_path / "certs"
+    subprocess.run([str(tandem), "certs", "init", str(certs), "--name", "10.77.0.1", "--name", "10.77.0.2",
+                    "--name", "127.0.0.1"], check=True, capture_output=True, timeout=60)
+    script = HERE / "torch_collectives.py"
+
+    def job(**extra: str) -> subprocess.CompletedProcess:
+        cmd = [str(tandem), "testbed", "--hosts", "2", "--", "env", "RANK={rank}", "WORLD_SIZE={world}",
+               "MASTER_ADDR={addr0}", "MASTER_PORT=29500", *[f"{k}={v}" for k, v in extra.items()],
+               sys.executable, str(script)]
+        return subprocess.run(cmd, env=env(TANDEM_CONNECT_TIMEOUT="10"), capture_output=True, text=True, timeout=300)
+
+    # With the job's token and certificates the group forms across the hosts and every call checks.
+    out = job(TANDEM_JOB_TOKEN="0123456789abcdef0123", TANDEM_TLS_DIR=str(certs))
+    text = out.stdout + out.stderr
+    assert out.returncode == 0, text[-4000:]
+    assert checked(text), text[-4000:]  # (the testbed passes on the first rank's lines; every rank's exit status counts)
+    # Without a token nothing is made up: the board across machines is plaintext.
+    out = job(TANDEM_TLS_DIR=str(certs))
+    text = out.stdout + out.stderr
+    assert out.returncode != 0
+    assert "TANDEM_JOB_TOKEN" in text, text[-4000:]

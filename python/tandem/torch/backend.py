@@ -157,15 +157,25 @@ class _StoreBoard:
 
 
 def _machine_id() -> str:
+    """This machine's identity as seen from the network: the kernel's boot id and this process's
+    network namespace (simulated hosts share a kernel but not a loopback)."""
+    parts = []
     for path in ("/proc/sys/kernel/random/boot_id", "/etc/machine-id"):
         try:
             with open(path) as f:
-                return f.read().strip()
+                parts.append(f.read().strip())
+            break
         except OSError:
             continue
-    import socket
+    if not parts:
+        import socket
 
-    return socket.gethostname()
+        parts.append(socket.gethostname())
+    try:
+        parts.append(str(os.stat("/proc/self/ns/net").st_ino))
+    except OSError:
+        pass
+    return "/".join(parts)
 
 
 def _store_host(store: Any) -> Optional[str]:
