@@ -55,6 +55,14 @@ def test_every_call_under_torchrun_matches_its_reference() -> None:
     assert "TANDEM_JOB_TOKEN" not in text
 
 
+@pytest.mark.timeout(300)
+def test_zero_fully_shard_and_powersgd_run_on_the_backend() -> None:
+    out = torchrun([str(HERE / "torch_wrappers.py")], 2)
+    text = out.stdout + out.stderr
+    assert out.returncode == 0, text[-5000:]
+    assert text.count("WRAPPERS OK") == 2, text[-5000:]
+
+
 def start_ranks(script: Path, world: int, extra: Dict[str, str]) -> List[subprocess.Popen]:
     return [
         subprocess.Popen([sys.executable, str(script)], env=env(RANK=str(r), WORLD_SIZE=str(world), **extra),

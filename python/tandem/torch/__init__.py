@@ -98,9 +98,12 @@ def _pg() -> Any:
 
 
 def _ordered(fn: Any) -> Any:
-    """Runs ``fn`` on the thread that runs the ``_async`` calls, after those already started, so
-    blocking and background calls reach every process in the same order."""
-    return _Handle(fn).wait()
+    """Runs ``fn`` here once the ``_async`` calls started before it have run, so blocking and
+    background calls reach every process in the same order."""
+    from ._async import worker
+
+    worker().drain()
+    return fn()
 
 
 def _op(op: Optional[str], average: Optional[bool]) -> str:

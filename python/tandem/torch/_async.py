@@ -46,11 +46,27 @@ class Worker:
 
     def __init__(self, name: str = "tandem-torch-async") -> None:
         self._q: "queue.Queue[Any]" = queue.Queue()
+        self._pending = 0
+        self._idle = threading.Condition()
         self._thread = threading.Thread(target=self._loop, name=name, daemon=False)
         self._thread.start()
 
     def submit(self, fn: Callable[[], None]) -> None:
+        with self._idle:
+            self._pending += 1
         self._q.put(fn)
+
+    def is_current(self) -> bool:
+        """Whether the caller runs on this worker's thread."""
+        return threading.current_thread() is self._thread
+
+    def drain(self) -> None:
+        """Returns once every call submitted before has run (at once on the worker's own thread)."""
+        if self.is_current():
+            return
+        with self._idle:
+            while self._pending:
+                self._idle.wait()
 
     def stop(self) -> None:
         """Ends the thread once what was queued before has run."""
@@ -67,7 +83,12 @@ class Worker:
                 continue
             if fn is None:
                 return
-            fn()
+            try:
+                fn()
+            finally:
+                with self._idle:
+                    self._pending -= 1
+                    self._idle.notify_all()
 
 
 _worker: Optional[Worker] = None

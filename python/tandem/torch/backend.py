@@ -131,8 +131,17 @@ class _Worker:
             else:
                 work._finish(None)
 
-        self._thread.submit(run)
+        if self._thread.is_current():
+            # Issued by a callback of a finished operation's future (PowerSGD's hook chains
+            # collectives so, and waits on them): run now, before anything queued. Every rank does
+            # the same right after the same operation, so the order stays one order.
+            run()
+        else:
+            self._thread.submit(run)
         return work
+
+    def drain(self) -> None:
+        self._thread.drain()
 
     def stop(self) -> None:
         self._thread.stop()
@@ -260,13 +269,33 @@ class TandemProcessGroup(dist.ProcessGroup):
         # This process group is its own backend for every device it serves.
         return self
 
+    # torch keeps a group's name in its backends; this group is its own backend.
+    def _set_group_name(self, name: str) -> None:
+        self._group_name = name
+
+    @property
+    def group_name(self) -> str:
+        return getattr(self, "_group_name", "")
+
     @property
     def native(self) -> "_native.ProcessGroup":
         """The Tandem group underneath (for Tandem's own API)."""
         return self._pg
 
-    def _run(self, outputs: Any, fn: Callable[[], None]) -> _Work:
+    def _run(self, outputs: Any, fn: Callable[[], None], opts: Any = None) -> _Work:
         self._flush_p2p()
+        if opts is not None and getattr(opts, "asyncOp", True) is False:
+            # A blocking call: run it here once what was queued before has run (two thread
+            # hand-offs less per call; the order every rank sees is the same).
+            self._worker.drain()
+            work = _Work(outputs)
+            try:
+                fn()
+            except BaseException as e:  # noqa: BLE001 - raised by wait()
+                work._finish(_as_dist_error(e))
+            else:
+                work._finish(None)
+            return work
         return self._worker.submit(fn, _Work(outputs))
 
     def _flush_p2p(self) -> None:
@@ -305,7 +334,7 @@ class TandemProcessGroup(dist.ProcessGroup):
     def allreduce(self, tensors: Sequence[torch.Tensor], opts: Any = None) -> _Work:
         op = _op_name(opts.reduceOp if opts is not None else dist.ReduceOp.SUM)
         tensors = list(tensors)
-        return self._run(tensors, lambda: [_ops.allreduce(self._pg, t, op) for t in tensors])
+        return self._run(tensors, lambda: [_ops.allreduce(self._pg, t, op) for t in tensors], opts)
 
     def allreduce_coalesced(self, tensors: Sequence[torch.Tensor], opts: Any = None) -> _Work:
         return self.allreduce(tensors, opts)
@@ -314,72 +343,72 @@ class TandemProcessGroup(dist.ProcessGroup):
         root = opts.rootRank if opts is not None else 0
         _ops.check_peer(root, self._size, None)
         tensors = list(tensors)
-        return self._run(tensors, lambda: [_ops.broadcast(self._pg, t, root) for t in tensors])
+        return self._run(tensors, lambda: [_ops.broadcast(self._pg, t, root) for t in tensors], opts)
 
     def reduce(self, tensors: Sequence[torch.Tensor], opts: Any = None) -> _Work:
         op = _op_name(opts.reduceOp)
         root = opts.rootRank
         _ops.check_peer(root, self._size, None)
         tensors = list(tensors)
-        return self._run(tensors, lambda: [_ops.reduce(self._pg, t, op, root) for t in tensors])
+        return self._run(tensors, lambda: [_ops.reduce(self._pg, t, op, root) for t in tensors], opts)
 
     def allgather(self, outputs: List[List[torch.Tensor]], inputs: List[torch.Tensor], opts: Any = None) -> _Work:
         _ops.check_lists("all_gather", outputs, inputs, self._size)
-        return self._run(outputs, lambda: [_ops.allgather(self._pg, o, i) for o, i in zip(outputs, inputs)])
+        return self._run(outputs, lambda: [_ops.allgather(self._pg, o, i) for o, i in zip(outputs, inputs)], opts)
 
     def allgather_coalesced(self, outputs: List[List[torch.Tensor]], inputs: List[torch.Tensor], opts: Any = None) -> _Work:
         return self.allgather(outputs, inputs, opts)
 
     def _allgather_base(self, output: torch.Tensor, input: torch.Tensor, opts: Any = None) -> _Work:
         _ops.check_numel("all_gather_into_tensor", output, input.numel() * self._size)
-        return self._run([output], lambda: _ops.allgather_flat(self._pg, output, input))
+        return self._run([output], lambda: _ops.allgather_flat(self._pg, output, input), opts)
 
     def allgather_into_tensor_coalesced(self, outputs: List[torch.Tensor], inputs: List[torch.Tensor], opts: Any = None) -> _Work:
         for o, i in zip(outputs, inputs):
             _ops.check_numel("all_gather_into_tensor", o, i.numel() * self._size)
-        return self._run(outputs, lambda: [_ops.allgather_flat(self._pg, o, i) for o, i in zip(outputs, inputs)])
+        return self._run(outputs, lambda: [_ops.allgather_flat(self._pg, o, i) for o, i in zip(outputs, inputs)], opts)
 
     def reduce_scatter(self, outputs: List[torch.Tensor], inputs: List[List[torch.Tensor]], opts: Any = None) -> _Work:
         op = _op_name(opts.reduceOp)
         _ops.check_lists("reduce_scatter", inputs, outputs, self._size)
-        return self._run(outputs, lambda: [_ops.reduce_scatter(self._pg, o, i, op, self._rank) for o, i in zip(outputs, inputs)])
+        return self._run(outputs, lambda: [_ops.reduce_scatter(self._pg, o, i, op, self._rank) for o, i in zip(outputs, inputs)], opts)
 
     def _reduce_scatter_base(self, output: torch.Tensor, input: torch.Tensor, opts: Any = None) -> _Work:
         op = _op_name(opts.reduceOp)
         _ops.check_numel("reduce_scatter_tensor", input, output.numel() * self._size)
-        return self._run([output], lambda: _ops.reduce_scatter_flat(self._pg, output, input, op, self._rank))
+        return self._run([output], lambda: _ops.reduce_scatter_flat(self._pg, output, input, op, self._rank), opts)
 
     def reduce_scatter_tensor_coalesced(self, outputs: List[torch.Tensor], inputs: List[torch.Tensor], opts: Any = None) -> _Work:
         op = _op_name(opts.reduceOp)
         for o, i in zip(outputs, inputs):
             _ops.check_numel("reduce_scatter_tensor", i, o.numel() * self._size)
-        return self._run(outputs, lambda: [_ops.reduce_scatter_flat(self._pg, o, i, op, self._rank) for o, i in zip(outputs, inputs)])
+        return self._run(outputs, lambda: [_ops.reduce_scatter_flat(self._pg, o, i, op, self._rank) for o, i in zip(outputs, inputs)], opts)
 
     def gather(self, outputs: List[List[torch.Tensor]], inputs: List[torch.Tensor], opts: Any = None) -> _Work:
         root = opts.rootRank
         _ops.check_peer(root, self._size, None)
         if self._rank == root:
             _ops.check_lists("gather", outputs, inputs, self._size)
-        return self._run(outputs, lambda: _ops.gather(self._pg, outputs, inputs[0], root, self._rank, self._size))
+        return self._run(outputs, lambda: _ops.gather(self._pg, outputs, inputs[0], root, self._rank, self._size), opts)
 
     def scatter(self, outputs: List[torch.Tensor], inputs: List[List[torch.Tensor]], opts: Any = None) -> _Work:
         root = opts.rootRank
         _ops.check_peer(root, self._size, None)
         if self._rank == root:
             _ops.check_lists("scatter", inputs, outputs, self._size)
-        return self._run(outputs, lambda: _ops.scatter(self._pg, outputs[0], inputs, root, self._rank, self._size))
+        return self._run(outputs, lambda: _ops.scatter(self._pg, outputs[0], inputs, root, self._rank, self._size), opts)
 
     def alltoall(self, outputs: List[torch.Tensor], inputs: List[torch.Tensor], opts: Any = None) -> _Work:
         if len(outputs) != self._size or len(inputs) != self._size:
             raise ValueError(
                 f"all_to_all needs {self._size} input and output tensors, got {len(inputs)} and {len(outputs)}"
             )
-        return self._run(outputs, lambda: _ops.alltoall(self._pg, outputs, inputs, self._rank, self._size))
+        return self._run(outputs, lambda: _ops.alltoall(self._pg, outputs, inputs, self._rank, self._size), opts)
 
     def alltoall_base(self, output: torch.Tensor, input: torch.Tensor, output_splits: List[int], input_splits: List[int], opts: Any = None) -> _Work:
         outs = _ops.split(output, output_splits, self._size, "output")
         ins = _ops.split(input, input_splits, self._size, "input")
-        return self._run([output], lambda: _ops.alltoall(self._pg, outs, ins, self._rank, self._size))
+        return self._run([output], lambda: _ops.alltoall(self._pg, outs, ins, self._rank, self._size), opts)
 
     # torch 2.10 and later name the single-tensor forms so.
     def all_gather_single(self, output: torch.Tensor, input: torch.Tensor, opts: Any = None) -> _Work:
@@ -401,7 +430,7 @@ class TandemProcessGroup(dist.ProcessGroup):
         if self._rank == root:
             _ops.check_numel("gather", output, input.numel() * self._size)
             outs = [list(output.reshape(-1).chunk(self._size)) if input.numel() else [output] * self._size]
-        return self._run([output], lambda: _ops.gather(self._pg, outs, input, root, self._rank, self._size))
+        return self._run([output], lambda: _ops.gather(self._pg, outs, input, root, self._rank, self._size), opts)
 
     def gather_into_tensor(self, output: torch.Tensor, input: torch.Tensor, opts: Any = None) -> _Work:
         return self.gather_single(output, input, opts)
@@ -410,7 +439,7 @@ class TandemProcessGroup(dist.ProcessGroup):
         return self.alltoall_base(output, input, output_splits, input_splits, opts)
 
     def barrier(self, opts: Any = None) -> _Work:
-        return self._run([], lambda: self._pg.barrier(None))
+        return self._run([], lambda: self._pg.barrier(None), opts)
 
     def send(self, tensors: List[torch.Tensor], dst: int, tag: int = 0) -> _Work:
         return self._queue_p2p("send", tensors[0], dst)
@@ -426,15 +455,20 @@ class TandemProcessGroup(dist.ProcessGroup):
         self._worker.stop()
 
 
-def _create(store: Any, rank: int, size: int, timeout: timedelta) -> TandemProcessGroup:
-    return TandemProcessGroup(store, rank, size, timeout)
+def _create(opts: Any, backend_options: Any = None) -> TandemProcessGroup:
+    """torch's extended creator interface: the store, rank, size, timeout and the group's name."""
+    pg = TandemProcessGroup(opts.store, opts.group_rank, opts.group_size, opts.timeout)
+    name = getattr(opts, "group_id", None)
+    if name:
+        pg._set_group_name(name)  # DeviceMesh (FSDP2) and torch's functional collectives look it up
+    return pg
 
 
 def register() -> None:
     """Registers the backend ``"tandem"`` with torch.distributed (idempotent)."""
     if getattr(dist.Backend, BACKEND.upper(), None) is not None:
         return
-    dist.Backend.register_backend(BACKEND, _create, devices=["cpu"])
+    dist.Backend.register_backend(BACKEND, _create, extended_api=True, devices=["cpu"])
 
 
 __all__ = ["TandemProcessGroup", "register", "BACKEND"]
