@@ -352,3 +352,26 @@ def test_across_simulated_hosts_the_backend_needs_the_token_and_uses_tls(tmp_pat
     text = out.stdout + out.stderr
     assert out.returncode != 0
     assert "TANDEM_JOB_TOKEN" in text, text[-4000:]
+
+
+@pytest.mark.timeout(400)
+@pytest.mark.skipif(os.geteuid() != 0 or os.environ.get("TANDEM_TESTBED") == "off",
+                    reason="simulated hosts need root (network namespaces); TANDEM_TESTBED=off skips them")
+def test_tandem_init_under_a_multi_node_torchrun_on_simulated_hosts(tmp_path: Path) -> None:
+    tandem = tandem_binary()
+    certs = tmp_path / "certs"
+    subprocess.run([str(tandem), "certs", "init", str(certs), "--name", "10.77.0.1", "--name", "10.77.0.2",
+                    "--name", "127.0.0.1"], check=True, capture_output=True, timeout=60)
+    script = tmp_path / "init.py"
+    script.write_text(INIT)
+    cmd = [str(tandem), "testbed", "--hosts", "2", "--", "env", f"RESULT_DIR={tmp_path}",
+           f"TANDEM_TLS_DIR={certs}", "TANDEM_JOB_TOKEN=0123456789abcdef0123",
+           sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", "{rank}",
+           "--nproc_per_node", "2", "--master_addr", "{addr0}", "--master_port", "29500", str(script)]
+    out = subprocess.run(cmd, env=env(TANDEM_CONNECT_TIMEOUT="20"), capture_output=True, text=True, timeout=300)
+    text = out.stdout + out.stderr
+    assert out.returncode == 0, text[-4000:]
+    res = results(tmp_path)
+    assert [r["rank"] for r in res] == [0, 1, 2, 3], text[-4000:]
+    for r in res:
+        assert r["world"] == 4 and r["a"] == (np.arange(6) * 10.0).tolist()

@@ -246,3 +246,62 @@ def test_ps_client_pulls_into_and_pushes_from_torch_tensors(servers) -> None:
         assert model["b"].tolist() == [-0.5, 0.5]
         with pytest.raises(KeyError, match="no parameters named"):
             c.pull_into({"nope": torch.zeros(1)})
+
+
+def test_torch_state_commits_to_disk_and_a_new_job_resumes_from_them(tmp_path) -> None:
+    import torch
+
+    from tandem.torch.elastic import ElasticSampler, TorchState
+
+    path = str(tmp_path / "state.pt")
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.ones(4, 3)).sum().backward()
+    opt.step()
+    sampler = ElasticSampler(list(range(10)), shuffle=True, seed=3)
+    state = TorchState(model=model, optimizer=opt, sampler=sampler, path=path, epoch=2, step=7)
+    sampler.record_indices([1, 4])
+    state.commit()
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        model.weight.add_(5.0)  # after the commit: not kept
+    state.step = 8
+    # A new job (a new process would build the same objects) starts from the file.
+    model2 = torch.nn.Linear(3, 2)
+    opt2 = torch.optim.SGD(model2.parameters(), lr=0.1, momentum=0.9)
+    sampler2 = ElasticSampler(list(range(10)), shuffle=True, seed=3)
+    state2 = TorchState(model=model2, optimizer=opt2, sampler=sampler2, path=path, epoch=0, step=0)
+    assert (state2.epoch, state2.step, state2.commits) == (2, 7, 1)
+    for k, v in saved.items():
+        assert torch.equal(model2.state_dict()[k], v)
+    assert opt2.state_dict()["state"][0]["momentum_buffer"] is not None
+    assert sampler2.processed == {1, 4} and not {1, 4} & set(iter(sampler2))
+    # restore() returns to the commit in memory too.
+    state.restore()
+    assert state.step == 7 and torch.equal(model.weight, saved["weight"])
+
+
+def test_import_tandem_works_without_torch() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'torch' or name.startswith('torch.'):\n"
+        "            raise ImportError('torch is hidden')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import numpy as np, tandem\n"
+        "g = tandem.init()\n"
+        "a = np.ones(3, np.float32); tandem.allreduce(a)\n"
+        "print('OK', a.tolist(), 'torch' in sys.modules)\n"
+        "try:\n"
+        "    import tandem.torch\n"
+        "except ImportError as e:\n"
+        "    print('NO TORCH', e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                         env={k: v for k, v in __import__("os").environ.items() if not k.startswith(("RANK", "WORLD", "MASTER", "TANDEM_"))})
+    assert "OK [1.0, 1.0, 1.0] False" in out.stdout, out.stdout + out.stderr
+    assert "NO TORCH" in out.stdout, out.stdout + out.stderr

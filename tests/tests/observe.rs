@@ -271,11 +271,17 @@ fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
+/// A port `p` such that `p` and `p + 1` are both free now (each rank serves at base + local rank;
+/// a free base alone left rank 1's port to chance).
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("port")
+    for _ in 0..100 {
+        let first = std::net::TcpListener::bind("127.0.0.1:0").expect("port");
+        let p = first.local_addr().expect("addr").port();
+        if p < u16::MAX && std::net::TcpListener::bind(("127.0.0.1", p + 1)).is_ok() {
+            return p;
+        }
+    }
+    panic!("no two consecutive free ports in 100 tries")
 }
 
 fn scrape(addr: &str) -> Option<String> {
