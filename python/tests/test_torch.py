@@ -318,6 +318,14 @@ def test_deadlock_free_order_of_a_p2p_batch() -> None:
     assert [x[2] for x in p2p_order(1, batch)] == ["b", "c", "a", "e", "d"]
 
 
+def job_certs(tandem: Path, tmp_path: Path) -> Path:
+    """The job's CA and a certificate for the first two simulated hosts (and loopback)."""
+    certs = tmp_path / "certs"
+    subprocess.run([str(tandem), "certs", "init", str(certs), "--name", "10.77.0.1", "--name", "10.77.0.2",
+                    "--name", "127.0.0.1"], check=True, capture_output=True, timeout=60)
+    return certs
+
+
 def tandem_binary() -> Path:
     for profile in ("debug", "release"):
         p = ROOT / "target" / profile / "tandem"
@@ -331,9 +339,7 @@ def tandem_binary() -> Path:
                     reason="simulated hosts need root (network namespaces); TANDEM_TESTBED=off skips them")
 def test_across_simulated_hosts_the_backend_needs_the_token_and_uses_tls(tmp_path: Path) -> None:
     tandem = tandem_binary()
-    certs = tmp_path / "certs"
-    subprocess.run([str(tandem), "certs", "init", str(certs), "--name", "10.77.0.1", "--name", "10.77.0.2",
-                    "--name", "127.0.0.1"], check=True, capture_output=True, timeout=60)
+    certs = job_certs(tandem, tmp_path)
     script = HERE / "torch_collectives.py"
 
     def job(**extra: str) -> subprocess.CompletedProcess:
@@ -359,9 +365,7 @@ def test_across_simulated_hosts_the_backend_needs_the_token_and_uses_tls(tmp_pat
                     reason="simulated hosts need root (network namespaces); TANDEM_TESTBED=off skips them")
 def test_tandem_init_under_a_multi_node_torchrun_on_simulated_hosts(tmp_path: Path) -> None:
     tandem = tandem_binary()
-    certs = tmp_path / "certs"
-    subprocess.run([str(tandem), "certs", "init", str(certs), "--name", "10.77.0.1", "--name", "10.77.0.2",
-                    "--name", "127.0.0.1"], check=True, capture_output=True, timeout=60)
+    certs = job_certs(tandem, tmp_path)
     script = tmp_path / "init.py"
     script.write_text(INIT)
     cmd = [str(tandem), "testbed", "--hosts", "2", "--", "env", f"RESULT_DIR={tmp_path}",

@@ -34,6 +34,42 @@ fn seconds(what: &str, s: f64) -> PyResult<Duration> {
         })
 }
 
+/// The group's settings from the `TANDEM_*` variables, with the caller's deadlines (seconds).
+fn config_with(timeout: Option<f64>, connect_timeout: Option<f64>) -> PyResult<GroupConfig> {
+    let mut config = GroupConfig::from_vars(&ProcessEnv).py_err()?;
+    if let Some(t) = timeout {
+        config.timeout = seconds("timeout", t)?;
+    }
+    if let Some(t) = connect_timeout {
+        config.connect_timeout = seconds("connect_timeout", t)?;
+    }
+    Ok(config)
+}
+
+/// Forms the group with the GIL released. Ctrl-C while it forms cancels whatever step it is at
+/// (joining the rendezvous, waiting for the other ranks, connecting), instead of waiting out the
+/// connect timeout.
+fn form(
+    py: Python<'_>,
+    spec: ClusterSpec,
+    token: Option<JobToken>,
+    config: GroupConfig,
+) -> PyResult<PyProcessGroup> {
+    let (local_rank, local_world_size) = (spec.local_rank(), spec.local_world_size());
+    let cancel = tandem::collective::Cancel::new();
+    let on_signal = cancel.clone();
+    let pg = collective(
+        py,
+        move || ProcessGroup::init_cancellable(&spec, token.as_ref(), config, &cancel),
+        move || on_signal.cancel("interrupted by a signal (Ctrl-C)"),
+    )?;
+    Ok(PyProcessGroup {
+        pg: Some(pg),
+        local_rank,
+        local_world_size,
+    })
+}
+
 /// A process group formed from the environment (TF_CONFIG, torchrun, Slurm, Open MPI, TANDEM_*).
 #[pyclass(module = "tandem._native", name = "ProcessGroup")]
 pub struct PyProcessGroup {
@@ -98,31 +134,11 @@ impl PyProcessGroup {
     ) -> PyResult<PyProcessGroup> {
         let spec = ClusterSpec::from_env().py_err()?;
         let token = JobToken::from_env().py_err()?;
-        let mut config = GroupConfig::from_vars(&ProcessEnv).py_err()?;
-        if let Some(t) = timeout {
-            config.timeout = seconds("timeout", t)?;
-        }
-        if let Some(t) = connect_timeout {
-            config.connect_timeout = seconds("connect_timeout", t)?;
-        }
+        let mut config = config_with(timeout, connect_timeout)?;
         if let Some(n) = name {
             config.name = n;
         }
-        let (local_rank, local_world_size) = (spec.local_rank(), spec.local_world_size());
-        // Ctrl-C while the group forms cancels whatever step it is at (joining the rendezvous,
-        // waiting for the other ranks, connecting), instead of waiting out the connect timeout.
-        let cancel = tandem::collective::Cancel::new();
-        let on_signal = cancel.clone();
-        let pg = collective(
-            py,
-            move || ProcessGroup::init_cancellable(&spec, token.as_ref(), config, &cancel),
-            move || on_signal.cancel("interrupted by a signal (Ctrl-C)"),
-        )?;
-        Ok(PyProcessGroup {
-            pg: Some(pg),
-            local_rank,
-            local_world_size,
-        })
+        form(py, spec, token, config)
     }
 
     /// Forms a group of `world_size` ranks through `board` (an object with `publish(data,
@@ -153,31 +169,14 @@ impl PyProcessGroup {
             .build()
             .py_err()?;
         let token = JobToken::from_env().py_err()?;
-        let mut config = GroupConfig::from_vars(&ProcessEnv).py_err()?;
-        if let Some(t) = timeout {
-            config.timeout = seconds("timeout", t)?;
-        }
-        if let Some(t) = connect_timeout {
-            config.connect_timeout = seconds("connect_timeout", t)?;
-        }
+        let mut config = config_with(timeout, connect_timeout)?;
         config.name = name;
         config.board = Some(tandem::rendezvous::board::BoardPlan {
             board: std::sync::Arc::new(crate::board::PyBoard::new(board)),
             one_machine,
             towards,
         });
-        let cancel = tandem::collective::Cancel::new();
-        let on_signal = cancel.clone();
-        let pg = collective(
-            py,
-            move || ProcessGroup::init_cancellable(&spec, token.as_ref(), config, &cancel),
-            move || on_signal.cancel("interrupted by a signal (Ctrl-C)"),
-        )?;
-        Ok(PyProcessGroup {
-            pg: Some(pg),
-            local_rank,
-            local_world_size,
-        })
+        form(py, spec, token, config)
     }
 
     /// This process's rank.

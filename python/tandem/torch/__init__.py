@@ -117,20 +117,21 @@ def _op(op: Optional[str], average: Optional[bool]) -> str:
     return op
 
 
+def _scaled_allreduce(tensor: torch.Tensor, op: str, pre: float, post: float) -> torch.Tensor:
+    if pre != 1.0:
+        tensor.data.mul_(pre)
+    _ops.allreduce(_pg(), tensor, op)
+    if post != 1.0:
+        tensor.data.mul_(post)
+    return tensor
+
+
 def allreduce_(tensor: torch.Tensor, average: Optional[bool] = None, name: Optional[str] = None,
                op: Optional[str] = None, prescale_factor: float = 1.0, postscale_factor: float = 1.0) -> torch.Tensor:
     """Reduces ``tensor`` over every process in place (default: the average) and returns it."""
     op = _op(op, average)
 
-    def run() -> torch.Tensor:
-        if prescale_factor != 1.0:
-            tensor.data.mul_(prescale_factor)
-        _ops.allreduce(_pg(), tensor, op)
-        if postscale_factor != 1.0:
-            tensor.data.mul_(postscale_factor)
-        return tensor
-
-    return _ordered(run)
+    return _ordered(lambda: _scaled_allreduce(tensor, op, prescale_factor, postscale_factor))
 
 
 def allreduce(tensor: torch.Tensor, average: Optional[bool] = None, name: Optional[str] = None,
@@ -148,15 +149,7 @@ def allreduce_async_(tensor: torch.Tensor, average: Optional[bool] = None, name:
                      op: Optional[str] = None, prescale_factor: float = 1.0, postscale_factor: float = 1.0) -> _Handle:
     """Starts :func:`allreduce_`; :func:`synchronize` returns the tensor."""
     op = _op(op, average)
-    def run() -> torch.Tensor:
-        if prescale_factor != 1.0:
-            tensor.data.mul_(prescale_factor)
-        _ops.allreduce(_pg(), tensor, op)
-        if postscale_factor != 1.0:
-            tensor.data.mul_(postscale_factor)
-        return tensor
-
-    return _Handle(run)
+    return _Handle(lambda: _scaled_allreduce(tensor, op, prescale_factor, postscale_factor))
 
 
 def allreduce_async(tensor: torch.Tensor, average: Optional[bool] = None, name: Optional[str] = None,
