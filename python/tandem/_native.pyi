@@ -14,6 +14,10 @@ class ProcessGroup:
     @staticmethod
     def from_env(timeout: Optional[float] = None, connect_timeout: Optional[float] = None,
                  name: Optional[str] = None) -> "ProcessGroup": ...
+    @staticmethod
+    def from_board(rank: int, world_size: int, board: Any, one_machine: bool, name: str,
+                   towards: Optional[str] = None, local_rank: int = 0, local_world_size: int = 1,
+                   timeout: Optional[float] = None, connect_timeout: Optional[float] = None) -> "ProcessGroup": ...
     @property
     def rank(self) -> int: ...
     @property
