@@ -305,3 +305,28 @@ def test_import_tandem_works_without_torch() -> None:
                          env={k: v for k, v in __import__("os").environ.items() if not k.startswith(("RANK", "WORLD", "MASTER", "TANDEM_"))})
     assert "OK [1.0, 1.0, 1.0] False" in out.stdout, out.stdout + out.stderr
     assert "NO TORCH" in out.stdout, out.stdout + out.stderr
+
+
+def test_elastic_sampler_hands_out_only_unprocessed_samples_split_over_the_members(monkeypatch) -> None:
+    import tandem
+    from tandem.torch.elastic import ElasticSampler
+
+    s = ElasticSampler(list(range(11)), shuffle=True, seed=5)
+    first = list(s)
+    assert sorted(first) == list(range(11))  # one member: everything, shuffled by the seed
+    assert first == list(ElasticSampler(list(range(11)), shuffle=True, seed=5))
+    s.record_batch(0, 4)  # the first batch of 4 is done
+    done = set(first[:4])
+    # The group grows to 2 members (rank 1 here): the unprocessed 7 are split, padded to 4 each.
+    monkeypatch.setattr(tandem, "is_initialized", lambda: True)
+    monkeypatch.setattr(tandem, "rank", lambda: 1)
+    monkeypatch.setattr(tandem, "world_size", lambda: 2)
+    s.reset()
+    mine = list(s)
+    assert len(mine) == 4 and not done & set(mine)
+    monkeypatch.setattr(tandem, "rank", lambda: 0)
+    s.reset()
+    assert set(mine) | set(s) == set(range(11)) - done
+    # A new epoch starts with nothing processed.
+    s.set_epoch(1)
+    assert len(s) == 6 and s.processed == set()
