@@ -212,6 +212,25 @@ mod tests {
     }
 
     #[test]
+    fn torchrun_store_publishes_the_record_under_its_key() {
+        let (addr, server) = crate::torch_store::tests::recording_store();
+        let board = TorchrunStore {
+            store: addr,
+            key: "tandem/run/0/g/rendezvous".into(),
+        };
+        let record = Published {
+            addr: "127.0.0.1:4242".into(),
+            token: None,
+        };
+        board
+            .publish(&record, Duration::from_secs(5))
+            .expect("publish");
+        let want =
+            crate::torch_store::tests::set_request(b"tandem/run/0/g/rendezvous", &record.encode());
+        assert_eq!(server.join().expect("server"), want);
+    }
+
+    #[test]
     fn records_round_trip_and_bad_ones_are_named() {
         let p = Published {
             addr: "127.0.0.1:4242".into(),

@@ -88,11 +88,6 @@ impl TorchStore {
         }
     }
 
-    /// The store's address.
-    pub fn addr(&self) -> &str {
-        &self.addr
-    }
-
     /// Stores `value` under `key` (replacing any).
     pub fn set(&mut self, key: &str, value: &[u8], deadline: Duration) -> Result<()> {
         self.set_deadline(deadline)?;
@@ -183,7 +178,7 @@ fn put_bytes(msg: &mut Vec<u8>, bytes: &[u8]) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::net::TcpListener;
 
@@ -228,12 +223,23 @@ mod tests {
         let e = s.get("k", Duration::from_secs(5)).unwrap_err();
         assert!(e.to_string().contains("at most"), "{e}");
 
+        // A record's few bytes are read.
         let mut answer = vec![STOP_WAITING];
         answer.extend_from_slice(&3u64.to_ne_bytes());
         answer.extend_from_slice(b"abc");
         let addr = store_answering(answer);
         let mut s = TorchStore::connect(&addr, Duration::from_secs(5)).expect("connect");
         assert_eq!(s.get("k", Duration::from_secs(5)).expect("get"), b"abc");
+
+        // A value of exactly the bound is read whole.
+        let mut answer = vec![STOP_WAITING];
+        answer.extend_from_slice(&MAX_VALUE.to_ne_bytes());
+        answer.extend(std::iter::repeat_n(7u8, MAX_VALUE as usize));
+        let addr = store_answering(answer);
+        let mut s = TorchStore::connect(&addr, Duration::from_secs(5)).expect("connect");
+        let value = s.get("k", Duration::from_secs(5)).expect("get");
+        assert_eq!(value.len() as u64, MAX_VALUE);
+        assert!(value.iter().all(|&b| b == 7));
     }
 
     #[test]
@@ -247,6 +253,42 @@ mod tests {
         let mut s = TorchStore::connect(&addr, Duration::from_secs(5)).expect("connect");
         let e = s.get("k", Duration::from_millis(200)).unwrap_err();
         assert!(matches!(e, Error::Timeout { .. }), "{e}");
+    }
+
+    /// A store that accepts one connection and returns every byte it received.
+    pub(crate) fn recording_store() -> (String, std::thread::JoinHandle<Vec<u8>>) {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = l.local_addr().expect("addr").to_string();
+        let server = std::thread::spawn(move || {
+            let (mut s, _) = l.accept().expect("accept");
+            let mut got = Vec::new();
+            let _ = s.read_to_end(&mut got);
+            got
+        });
+        (addr, server)
+    }
+
+    /// `key` and `value` as a SET request after the validation.
+    pub(crate) fn set_request(key: &[u8], value: &[u8]) -> Vec<u8> {
+        let mut want = vec![Query::Validate as u8];
+        want.extend_from_slice(&VALIDATION_MAGIC.to_ne_bytes());
+        want.push(Query::Set as u8);
+        put_bytes(&mut want, key);
+        put_bytes(&mut want, value);
+        want
+    }
+
+    #[test]
+    fn set_sends_the_key_and_the_value() {
+        let (addr, server) = recording_store();
+        let mut s = TorchStore::connect(&addr, Duration::from_secs(5)).expect("connect");
+        s.set("tandem/k", b"v1", Duration::from_secs(5))
+            .expect("set");
+        drop(s);
+        assert_eq!(
+            server.join().expect("server"),
+            set_request(b"tandem/k", b"v1")
+        );
     }
 
     #[test]
