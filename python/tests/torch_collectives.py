@@ -203,6 +203,19 @@ if r in evens:
     dist.all_reduce(x, group=sub)
     check("new_group all_reduce", x, torch.tensor([float(sum(evens))]))
 
+# Another subgroup after it, of every rank but 1 (rank 1 is no member of either: the members'
+# groups must still agree on their names), then one of all ranks.
+others = [k for k in range(w) if k != 1]
+sub2 = dist.new_group(others)
+if r in others:
+    x = torch.tensor([1.0])
+    dist.all_reduce(x, group=sub2)
+    check("second new_group all_reduce", x, torch.tensor([float(len(others))]))
+everyone_group = dist.new_group(list(range(w)))
+x = torch.tensor([float(r)])
+dist.all_reduce(x, group=everyone_group)
+check("third new_group all_reduce", x, torch.tensor([float(sum(range(w)))]))
+
 # Objects (pickled through all_gather and broadcast of uint8 tensors).
 objs = [None] * w
 dist.all_gather_object(objs, {"rank": r, "name": f"r{r}"})

@@ -200,16 +200,9 @@ def _store_host(store: Any) -> Optional[str]:
     return f"{addr}:{os.environ.get('MASTER_PORT', '1')}" if addr else None
 
 
-_GROUPS = 0
-_GROUPS_LOCK = threading.Lock()
-
-
-def _form(store: Any, rank: int, size: int, timeout: timedelta) -> "_native.ProcessGroup":
-    """Forms the native group through ``store`` (already prefixed by torch for this group)."""
-    global _GROUPS
-    with _GROUPS_LOCK:
-        _GROUPS += 1
-        serial = _GROUPS
+def _form(store: Any, rank: int, size: int, timeout: timedelta, name: str) -> "_native.ProcessGroup":
+    """Forms the native group ``name`` through ``store`` (already prefixed by torch for this
+    group). The name must be the same on every member: torch's group name is."""
     secs = max(timeout.total_seconds(), 1.0)
     store.set(f"tandem/machine/{rank}", _machine_id())
     one_machine = True
@@ -233,7 +226,7 @@ def _form(store: Any, rank: int, size: int, timeout: timedelta) -> "_native.Proc
         size,
         _StoreBoard(store, "tandem/rendezvous"),
         one_machine,
-        f"torch-{serial}",
+        name,
         towards=_store_host(store),
         local_rank=local_rank,
         local_world_size=local_size,
@@ -245,11 +238,13 @@ def _form(store: Any, rank: int, size: int, timeout: timedelta) -> "_native.Proc
 class TandemProcessGroup(dist.ProcessGroup):
     """The ``"tandem"`` backend: torch.distributed's collectives on a Tandem group."""
 
-    def __init__(self, store: Any, rank: int, size: int, timeout: timedelta) -> None:
+    def __init__(self, store: Any, rank: int, size: int, timeout: timedelta, name: str = "") -> None:
         super().__init__(rank, size)
         self._rank, self._size = rank, size
+        if name:
+            self._set_group_name(name)
         try:
-            self._pg = _form(store, rank, size, timeout)
+            self._pg = _form(store, rank, size, timeout, f"torch-{name or 'default'}")
         except TandemError as e:
             raise _as_dist_error(e) from e
         self._worker = _Worker(str(rank))
@@ -457,11 +452,10 @@ class TandemProcessGroup(dist.ProcessGroup):
 
 def _create(opts: Any, backend_options: Any = None) -> TandemProcessGroup:
     """torch's extended creator interface: the store, rank, size, timeout and the group's name."""
-    pg = TandemProcessGroup(opts.store, opts.group_rank, opts.group_size, opts.timeout)
-    name = getattr(opts, "group_id", None)
-    if name:
-        pg._set_group_name(name)  # DeviceMesh (FSDP2) and torch's functional collectives look it up
-    return pg
+    # The group's name is the same on every member; DeviceMesh (FSDP2) and torch's functional
+    # collectives look it up, and it names the native group.
+    name = str(getattr(opts, "group_id", "") or "")
+    return TandemProcessGroup(opts.store, opts.group_rank, opts.group_size, opts.timeout, name)
 
 
 def register() -> None:
