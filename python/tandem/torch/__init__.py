@@ -22,7 +22,7 @@ read through its data) of float16, bfloat16, float32, float64, int8-64, uint8 an
 from __future__ import annotations
 
 import pickle
-from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import torch

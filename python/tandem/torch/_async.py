@@ -8,6 +8,7 @@ import queue
 import threading
 from typing import Any, Callable, Optional
 
+
 class Handle:
     """What the ``_async`` calls return: pass it to :func:`synchronize` or :func:`poll`."""
 
