@@ -127,6 +127,12 @@ flat = torch.empty(37 * w, dtype=torch.bfloat16)
 dist.all_gather_into_tensor(flat, data(r, torch.bfloat16))
 check("all_gather_into_tensor", flat, everyone(torch.bfloat16).reshape(-1))
 
+# In place, as FSDP gathers: the input is this rank's part of the output.
+flat = torch.zeros(37 * w, dtype=torch.float32)
+flat[37 * r: 37 * (r + 1)] = data(r, torch.float32)
+dist.all_gather_into_tensor(flat, flat[37 * r: 37 * (r + 1)])
+check("all_gather_into_tensor in place", flat, everyone(torch.float32).reshape(-1))
+
 # reduce_scatter (equal and unequal parts) and reduce_scatter_tensor.
 parts = [data(r, torch.float32, n=5, seed=k) for k in range(w)]
 out = torch.empty(5)

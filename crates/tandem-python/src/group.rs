@@ -269,6 +269,33 @@ impl PyProcessGroup {
         new_array(py, dtype, &full, &out)
     }
 
+    /// Every rank's array written into `out` (C-contiguous, `world_size` times the array's
+    /// elements, the same dtype), in rank order, without an intermediate copy. `out` must not
+    /// overlap the array.
+    #[pyo3(signature = (array, out, timeout=None))]
+    fn allgather_into(
+        &self,
+        py: Python<'_>,
+        array: &Bound<'_, PyAny>,
+        out: &Bound<'_, PyAny>,
+        timeout: Option<f64>,
+    ) -> PyResult<()> {
+        let world = self.pg()?.world_size();
+        with_bytes(array, "array", |input, dtype, _| {
+            with_bytes_mut(out, "out", |output, out_dtype, _| {
+                if out_dtype != dtype || output.len() != input.len() * world {
+                    return Err(PyValueError::new_err(format!(
+                        "out holds {} bytes of {out_dtype}; {world} ranks' arrays of {} bytes of {dtype} need {}",
+                        output.len(),
+                        input.len(),
+                        input.len() * world
+                    )));
+                }
+                self.run(py, timeout, |pg| pg.allgather_bytes(input, output, dtype))
+            })
+        })
+    }
+
     /// Reduces every rank's array and returns this rank's part: rank r gets the r-th of
     /// `world_size` nearly equal runs of the flattened array (the first `n % world_size` one element
     /// longer). When the first dimension divides evenly the part keeps the other dimensions.

@@ -117,8 +117,20 @@ def allgather(pg: Any, outputs: List[torch.Tensor], inp: torch.Tensor) -> None:
 
 def allgather_flat(pg: Any, output: torch.Tensor, inp: torch.Tensor) -> None:
     c, _ = _staged(inp)
+    out = output.detach()
+    if c.numel() == 0:
+        return
+    if out.is_contiguous() and out.dtype == c.dtype and not _overlap(out, c):
+        # Straight into the output's memory (FSDP's all-gathers).
+        pg.allgather_into(_bytes(c), _bytes(out), None)
+        return
     res = torch.from_numpy(pg.allgather(_bytes(c), None))
-    output.detach().copy_(res.reshape(-1).view(inp.dtype).reshape(output.shape))
+    out.copy_(res.reshape(-1).view(inp.dtype).reshape(output.shape))
+
+
+def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    a0, b0 = a.data_ptr(), b.data_ptr()
+    return a0 < b0 + b.numel() * b.element_size() and b0 < a0 + a.numel() * a.element_size()
 
 
 def reduce_scatter(pg: Any, out: torch.Tensor, inputs: List[torch.Tensor], op: str, rank: int) -> None:
