@@ -4,24 +4,21 @@ dtype."""
 
 from __future__ import annotations
 
-from typing import Any, Tuple
+from typing import Any, Protocol, Tuple
 
 import torch
 
 
-class Compressor:
-    """Compresses a tensor for the wire and restores it afterwards."""
+class Compressor(Protocol):
+    """What a compressor offers (any class with these two methods works, as in Horovod): compress a
+    tensor for the wire, and restore it afterwards from what ``compress`` returned."""
 
-    @staticmethod
-    def compress(tensor: torch.Tensor) -> Tuple[torch.Tensor, Any]:
-        raise NotImplementedError
+    def compress(self, tensor: torch.Tensor) -> Tuple[torch.Tensor, Any]: ...
 
-    @staticmethod
-    def decompress(tensor: torch.Tensor, ctx: Any) -> torch.Tensor:
-        raise NotImplementedError
+    def decompress(self, tensor: torch.Tensor, ctx: Any) -> torch.Tensor: ...
 
 
-class NoneCompressor(Compressor):
+class NoneCompressor:
     """Sends tensors as they are."""
 
     @staticmethod
@@ -33,7 +30,7 @@ class NoneCompressor(Compressor):
         return tensor
 
 
-class _Cast(Compressor):
+class _Cast:
     wire: torch.dtype = torch.float16
 
     @classmethod

@@ -11,6 +11,7 @@
 mod config;
 mod control;
 mod form;
+mod peers;
 mod work;
 
 pub use config::{GroupConfig, MAX_STREAMS_PER_PEER, STREAMS_VAR};
