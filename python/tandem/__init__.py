@@ -16,7 +16,7 @@ Start a local job with ``python -m tandem.launch --nproc 4 train.py`` or, from a
 from __future__ import annotations
 
 import json
-from typing import Any, Optional
+from typing import Any, Dict, Optional
 
 import numpy as np
 
@@ -114,7 +114,8 @@ class Group:
     def allgather(self, a: np.ndarray, timeout: Optional[float] = None) -> np.ndarray:
         """Every rank's ``a`` stacked into a new array of shape ``(world_size, *a.shape)``."""
         view, was_torch = host_array(a)
-        return like_input(self._pg.allgather(view, timeout), was_torch)
+        out: np.ndarray = like_input(self._pg.allgather(view, timeout), was_torch)
+        return out
 
     def reduce_scatter(self, a: np.ndarray, op: str = "sum", timeout: Optional[float] = None) -> np.ndarray:
         """Reduces ``a`` over every rank and returns this rank's part (``a`` is left unchanged).
@@ -123,7 +124,8 @@ class Group:
         ``a.shape[0]`` divides by ``world_size`` the part has shape ``(a.shape[0] // world_size, ...)``.
         """
         view, was_torch = host_array(a)
-        return like_input(self._pg.reduce_scatter(view, op, timeout), was_torch)
+        out: np.ndarray = like_input(self._pg.reduce_scatter(view, op, timeout), was_torch)
+        return out
 
     def barrier(self, timeout: Optional[float] = None) -> None:
         """Returns once every rank has called it."""
@@ -230,9 +232,10 @@ def local_rank() -> int:
     return group().local_rank
 
 
-def cluster_spec() -> dict:
+def cluster_spec() -> Dict[str, Any]:
     """The job layout resolved from the environment (role, rank, peers, rendezvous, source)."""
-    return json.loads(_native.cluster_spec())
+    spec: Dict[str, Any] = json.loads(_native.cluster_spec())
+    return spec
 
 
 def allreduce(a: np.ndarray, op: str = "sum", timeout: Optional[float] = None) -> np.ndarray:

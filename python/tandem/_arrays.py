@@ -39,11 +39,14 @@ def torch_view(t: Any, what: str = "tensor") -> np.ndarray:
     if d.dtype == torch.bfloat16:
         import ml_dtypes
 
-        return d.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+        bf16: np.ndarray = d.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+        return bf16
     if d.dtype == torch.bool:
-        return d.view(torch.uint8).numpy()
+        u8: np.ndarray = d.view(torch.uint8).numpy()
+        return u8
     try:
-        return d.numpy()
+        plain: np.ndarray = d.numpy()
+        return plain
     except TypeError as e:
         raise TypeError(f"{what} has dtype {t.dtype}, which Tandem cannot move: {e}") from None
 

@@ -1,15 +1,34 @@
 """Type stubs of the native module. Users import :mod:`tandem`; see its docs for semantics."""
 
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, final
 
 import numpy as np
 
 __version__: str
+__all__ = [
+    "ElasticSession",
+    "ProcessGroup",
+    "PsClient",
+    "Work",
+    "__version__",
+    "cli_main",
+    "cluster_spec",
+    "dump_flight_recorder",
+    "init_logging",
+    "listen_address",
+    "metric_samples",
+    "metrics_text",
+    "serve_ps",
+    "timeline_flush",
+    "timeline_span",
+]
 
+@final
 class Work:
     def is_done(self) -> bool: ...
     def wait(self) -> Optional[np.ndarray]: ...
 
+@final
 class ProcessGroup:
     @staticmethod
     def from_env(timeout: Optional[float] = None, connect_timeout: Optional[float] = None,
@@ -44,14 +63,15 @@ class ProcessGroup:
     def abort(self, reason: str) -> None: ...
     def shutdown(self) -> None: ...
 
+@final
 class PsClient:
-    def __init__(self, servers: Sequence[str], params: Sequence[Tuple[str, List[int], str, float, float, int]], *,
+    def __new__(cls, servers: Sequence[str], params: Sequence[Tuple[str, List[int], str, float, float, int]], *,
                  worker: int, workers: int, optimizer: str = "sgd", lr: float = 0.01, momentum: float = 0.9,
                  beta1: float = 0.9, beta2: float = 0.999, eps: Optional[float] = None, weight_decay: float = 0.0,
                  clip_norm: float = 0.0, decay_rate: float = 1.0, decay_steps: int = 0, mode: str = "sync",
                  staleness: Optional[int] = None, replicas_to_aggregate: Optional[int] = None,
                  reject_non_finite: bool = True, token: Optional[str] = None, timeout: float = 60.0,
-                 min_partition_bytes: int = 1048576, max_partition_bytes: int = 0) -> None: ...
+                 min_partition_bytes: int = 1048576, max_partition_bytes: int = 0) -> "PsClient": ...
     @property
     def sync(self) -> bool: ...
     def pull(self, min_version: int = 0) -> Tuple[int, Dict[str, np.ndarray]]: ...
@@ -68,7 +88,7 @@ def serve_ps(bind: str, *, index: int = 0, checkpoint_dir: Optional[str] = None,
              on_ready: Optional[Callable[[str], Any]] = None,
              worker_timeout: Optional[float] = None,
              worker_lease: Optional[float] = None, follow: Optional[str] = None) -> None: ...
-def launch_main(argv: List[str]) -> int: ...
+def cli_main(argv: List[str]) -> int: ...
 def cluster_spec() -> str: ...
 def listen_address(own: str, peers: list[str]) -> str: ...
 def init_logging() -> None: ...
@@ -78,6 +98,7 @@ def dump_flight_recorder(reason: str = "requested from Python") -> Optional[str]
 def timeline_span(name: str, start_us: int, dur_us: int) -> None: ...
 def timeline_flush() -> None: ...
 
+@final
 class ElasticSession:
     def __init__(self) -> None: ...
     def form(self) -> ProcessGroup: ...
@@ -85,6 +106,7 @@ class ElasticSession:
     def reset_checks(self, commits: int) -> None: ...
     def check_due(self, commits: int) -> Optional[int]: ...
     def check_agreed(self, commits: int, k: int) -> None: ...
+    def lost_rank(self, rank: int) -> None: ...
     @property
     def short(self) -> bool: ...
     @property

@@ -77,7 +77,7 @@ class State:
     @property
     def commits(self) -> int:
         """How many times the state was committed (or caught up with a member that had more)."""
-        return self._commits
+        return int(self._commits)
 
     def commit(self) -> None:
         """Keeps a copy of the values; inside :func:`run`, lets waiting processes in (every member
@@ -181,8 +181,9 @@ def run(fn: Optional[Callable[..., Any]] = None, *, reset: Iterable[Callable[[],
                     if resets >= max_resets:
                         raise
                     resets += 1
-                    if isinstance(e, PeerLostError) and getattr(e, "rank", None) is not None:
-                        session.lost_rank(e.rank)
+                    lost = e.rank if isinstance(e, PeerLostError) else None
+                    if lost is not None:
+                        session.lost_rank(lost)
                     state.restore()
                 finally:
                     tandem._default = previous

@@ -68,10 +68,9 @@ class span:
         self._start = time.time_ns() // 1000
         return self
 
-    def __exit__(self, *exc: Any) -> bool:
+    def __exit__(self, *exc: Any) -> None:
         now = time.time_ns() // 1000
         _native.timeline_span(self.name, self._start, max(0, now - self._start))
-        return False
 
     def __call__(self, fn: F) -> F:
         @functools.wraps(fn)

@@ -23,7 +23,8 @@ _FOREIGN = (
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        port: int = s.getsockname()[1]
+        return port
 
 
 def _child(fn: Callable[..., Any], rank: int, env: Dict[str, str], args: Sequence[Any],
@@ -55,7 +56,7 @@ def run(fn: Callable[..., Any], nproc: int = 2, args: Sequence[Any] = (), kwargs
         raise ValueError(f"nproc={nproc} must be at least 1")
     if start_method is None:
         start_method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-    ctx = mp.get_context(start_method)
+    ctx: Any = mp.get_context(start_method)  # typeshed's BaseContext lacks Process
     results = ctx.Queue()
     base = {
         "TANDEM_LAUNCHER": "tandem",
@@ -65,7 +66,7 @@ def run(fn: Callable[..., Any], nproc: int = 2, args: Sequence[Any] = (), kwargs
         "TANDEM_JOB_TOKEN": secrets.token_hex(16),
     }
     base.update(env or {})
-    procs = []
+    procs: List[Any] = []
     for rank in range(nproc):
         e = dict(base, TANDEM_RANK=str(rank), TANDEM_LOCAL_RANK=str(rank))
         p = ctx.Process(target=_child, args=(fn, rank, e, args, kwargs or {}, results), daemon=True)

@@ -7,8 +7,8 @@
 //! rank is its own process (as in a real job), every result is checked against the expected value
 //! (`#wrong`), and peak RSS is reported next to the speed.
 
+use crate::ExitCode;
 use std::io::Write;
-use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, ValueEnum};

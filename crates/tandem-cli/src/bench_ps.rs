@@ -6,9 +6,9 @@
 //! server's peak RSS is reported next to the rate, and with `--hosts` they run on simulated hosts
 //! with the link bound printed beside the result.
 
+use crate::ExitCode;
 use std::io::{BufRead, BufReader};
-use std::path::Path;
-use std::process::{Child, Command, ExitCode, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use clap::{Args, ValueEnum};
@@ -89,19 +89,22 @@ enum Placement {
 }
 
 impl Placement {
-    /// A command running this executable with `args` for process `i` (servers first, then
-    /// workers, in one numbering), and the address a server there binds.
-    fn command(&self, exe: &Path, i: usize, args: &[String]) -> (Command, String) {
+    /// A command running Tandem's CLI (`cli`, as words) with `args` for process `i` (servers
+    /// first, then workers, in one numbering), and the address a server there binds.
+    fn command(&self, cli: &[String], i: usize, args: &[String]) -> (Command, String) {
+        let (program, words) = cli
+            .split_first()
+            .map_or(("tandem", &[][..]), |(p, w)| (p.as_str(), w));
         match self {
             Placement::Here => {
-                let mut c = Command::new(exe);
-                c.args(args);
+                let mut c = Command::new(program);
+                c.args(words).args(args);
                 (c, "127.0.0.1:0".into())
             }
             Placement::Hosts(bed) => {
                 let host = i % bed.len();
-                let args: Vec<&str> = args.iter().map(String::as_str).collect();
-                let c = bed.command(host, &exe.to_string_lossy(), &args);
+                let args: Vec<&str> = words.iter().chain(args).map(String::as_str).collect();
+                let c = bed.command(host, program, &args);
                 (c, format!("{}:{}", bed.addr(host), 29600 + i))
             }
         }
@@ -170,7 +173,7 @@ pub fn bench_ps(a: BenchPsArgs) -> Result<ExitCode> {
             "must be between 1 and 64",
         ));
     }
-    let exe = std::env::current_exe().map_err(|e| Error::io("finding the tandem executable", e))?;
+    let exe = tandem_launch::cli_command();
     let hosts = crate::hosts::Hosts::from_flags(a.hosts, 1, a.link.as_deref())?;
     let placement = match &hosts {
         Some(h) => {
@@ -238,7 +241,7 @@ pub fn bench_ps(a: BenchPsArgs) -> Result<ExitCode> {
 /// Starts `n` `tandem ps` processes on ephemeral loopback ports; returns them and their addresses.
 fn start_servers(
     placement: &Placement,
-    exe: &Path,
+    exe: &[String],
     token: &JobToken,
     env: &[(String, String)],
     n: usize,
@@ -308,7 +311,7 @@ fn start_servers(
 /// Starts the workers (`tandem bench-ps-worker`), each reporting its step times on stdout.
 fn start_workers(
     placement: &Placement,
-    exe: &Path,
+    exe: &[String],
     token: &JobToken,
     env: &[(String, String)],
     a: &BenchPsArgs,

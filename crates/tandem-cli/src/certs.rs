@@ -1,8 +1,8 @@
 //! `tandem certs`: a job's certificate authority and certificates, and the Kubernetes Secret that
 //! carries them.
 
+use crate::ExitCode;
 use std::path::PathBuf;
-use std::process::ExitCode;
 
 use tandem::Result;
 

@@ -3,7 +3,7 @@
 //! SGD with a staleness bound, and data-parallel allreduce. Each job is real: separate processes
 //! started by the launcher, a rendezvous, gRPC to the servers, the TCP ring between ranks.
 
-use std::process::ExitCode;
+use crate::ExitCode;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 

@@ -192,15 +192,17 @@ pub fn run_ranks(
     args: &[String],
     env: &[(String, String)],
 ) -> Result<String> {
-    let exe = std::env::current_exe().map_err(|e| Error::io("finding the tandem executable", e))?;
-    let exe = exe.to_string_lossy().into_owned();
+    let cli = tandem_launch::cli_command();
+    let (exe, words) = cli
+        .split_first()
+        .map_or(("tandem", &[][..]), |(p, w)| (p.as_str(), w));
     let world = hosts.hosts * hosts.per_host;
     let token = tandem::rendezvous::JobToken::generate();
     let rendezvous = format!("{}:29400", bed.addr(0));
     let mut children = Vec::new();
     for rank in 0..world {
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let mut c = bed.command(rank / hosts.per_host, &exe, &args);
+        let args: Vec<&str> = words.iter().chain(args).map(String::as_str).collect();
+        let mut c = bed.command(rank / hosts.per_host, exe, &args);
         c.env("TANDEM_LAUNCHER", "tandem")
             .env("TANDEM_RANK", rank.to_string())
             .env("TANDEM_WORLD_SIZE", world.to_string())
@@ -324,7 +326,7 @@ pub struct TestbedArgs {
 /// `tandem testbed`: runs a command once per rank on simulated hosts (to measure a peer, such as
 /// Gloo or MPI, on the same links as `tandem bench --hosts`); prints rank 0's output, and every
 /// rank's errors; exits non-zero when a rank failed.
-pub fn testbed(a: TestbedArgs) -> Result<std::process::ExitCode> {
+pub fn testbed(a: TestbedArgs) -> Result<crate::ExitCode> {
     let hosts = Hosts::from_flags(Some(a.hosts), a.ranks_per_host, a.link.as_deref())?
         .ok_or_else(|| Error::invalid("--hosts", "is required"))?;
     let bed = hosts.testbed()?;
@@ -386,10 +388,10 @@ pub fn testbed(a: TestbedArgs) -> Result<std::process::ExitCode> {
     let failed = finish(children);
     finished.store(true, Ordering::Relaxed);
     if failed.is_empty() {
-        Ok(std::process::ExitCode::SUCCESS)
+        Ok(crate::ExitCode::SUCCESS)
     } else {
         eprintln!("tandem testbed: {failed}");
-        Ok(std::process::ExitCode::from(1))
+        Ok(crate::ExitCode::from(1))
     }
 }
 

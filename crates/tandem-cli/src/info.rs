@@ -1,6 +1,6 @@
 //! `tandem info` and `tandem rendezvous`.
 
-use std::process::ExitCode;
+use crate::ExitCode;
 
 use clap::Args;
 use tandem::cluster::ClusterSpec;

@@ -1,6 +1,6 @@
 //! `tandem launch`: start a job on this machine with the environment a cluster would inject.
 
-use std::process::ExitCode;
+use crate::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -9,14 +9,8 @@ use tandem_launch::LaunchArgs;
 
 /// Runs the job; exits with the failed process's code (130 on Ctrl-C).
 pub fn launch(args: LaunchArgs) -> Result<ExitCode> {
-    let mut spec = args.to_spec()?;
-    // `--ps-cmd "tandem ps"` means this very binary, wherever it is installed.
-    if let Some(cmd) = spec.ps_command.as_mut()
-        && cmd.first().is_some_and(|c| c == "tandem")
-        && let Ok(exe) = std::env::current_exe()
-    {
-        cmd[0] = exe.to_string_lossy().into_owned();
-    }
+    // A leading `tandem` in the command or `--ps-cmd` runs this very CLI (`to_spec`).
+    let spec = args.to_spec()?;
     let stop = Arc::new(AtomicBool::new(false));
     watch_signals(stop.clone());
     let outcome = tandem_launch::run(&spec, args.deadline(), &|| stop.load(Ordering::Relaxed))?;

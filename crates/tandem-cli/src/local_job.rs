@@ -1,4 +1,4 @@
-//! Jobs of this executable's own subcommands on this machine (`tandem demo`, `tandem bench`),
+//! Jobs of Tandem's own subcommands on this machine (`tandem demo`, `tandem bench`),
 //! started through the launcher, plus the size parser their flags share.
 
 use std::sync::Arc;
@@ -42,15 +42,8 @@ pub fn run_local(
     elastic: Option<(usize, usize)>,
     on_line: impl Fn(&Planned, &str, bool) + Send + Sync + 'static,
 ) -> Result<String> {
-    let exe = std::env::current_exe()
-        .map_err(|e| Error::io("finding the tandem executable", e))?
-        .to_string_lossy()
-        .into_owned();
-    let with_exe = |a: &[String]| {
-        std::iter::once(exe.clone())
-            .chain(a.iter().cloned())
-            .collect()
-    };
+    let cli = tandem_launch::cli_command();
+    let with_exe = |a: &[String]| cli.iter().chain(a).cloned().collect();
     let mut spec = JobSpec::new(layout, with_exe(args));
     spec.ps_command = server_args.map(with_exe);
     spec.env = env;

@@ -1,7 +1,7 @@
 //! `tandem ps`: a parameter server for this process's role (TF_CONFIG, `TANDEM_*` or flags).
 
+use crate::ExitCode;
 use std::path::PathBuf;
-use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Args;

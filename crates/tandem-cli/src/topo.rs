@@ -1,7 +1,7 @@
 //! `tandem topo`: the GPU interconnect, and the GPUs and ring a job of N would get.
 
+use crate::ExitCode;
 use std::path::PathBuf;
-use std::process::ExitCode;
 
 use clap::Args;
 use tandem::{Error, Result};

@@ -1,8 +1,8 @@
 //! `tandem trace DIR`: merges the flight-recorder dumps and timelines of every process of a job into
 //! one Chrome trace and prints who waited for whom.
 
+use crate::ExitCode;
 use std::path::PathBuf;
-use std::process::ExitCode;
 
 use tandem::{Error, Result};
 

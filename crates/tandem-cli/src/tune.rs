@@ -2,9 +2,9 @@
 //! live table of trials, `experiment.json`, and PNG plots of the objective per trial and of each
 //! parameter against the objective. Running it again with the same folder resumes it.
 
+use crate::ExitCode;
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
-use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 

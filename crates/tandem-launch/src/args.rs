@@ -44,6 +44,10 @@ pub struct LaunchArgs {
     /// Command the parameter servers run instead of CMD (split on spaces), e.g. "tandem ps".
     #[arg(long, value_name = "CMD")]
     pub ps_cmd: Option<String>,
+    /// The servers' command when `--ps-cmd` is not given (set by `python -m tandem.launch`:
+    /// Python's parameter server); without it the servers run CMD, TensorFlow style.
+    #[arg(long, value_name = "CMD", hide = true)]
+    pub default_ps_cmd: Option<String>,
     /// Folder under which each job writes one log file per process.
     #[arg(long, default_value = "tandem-logs")]
     pub log_dir: PathBuf,
@@ -78,8 +82,10 @@ pub struct LaunchArgs {
     /// Extra variable for every process (repeatable).
     #[arg(long = "env", value_name = "KEY=VALUE")]
     pub env: Vec<String>,
-    /// The program every training process runs, and its arguments.
-    #[arg(last = true, required = true, value_name = "CMD")]
+    /// The program every training process runs, and its arguments (after `--`, or everything from
+    /// the first word that is not an option). A leading `tandem` runs this Tandem's command line; a
+    /// leading `script.py` runs with Python (`TANDEM_PYTHON`, else `python3`).
+    #[arg(trailing_var_arg = true, required = true, value_name = "CMD")]
     pub command: Vec<String>,
 }
 
@@ -100,11 +106,12 @@ impl LaunchArgs {
                 ));
             }
         };
-        let mut spec = JobSpec::new(layout, self.command.clone());
+        let mut spec = JobSpec::new(layout, crate::resolve_command(self.command.clone()));
         spec.ps_command = self
             .ps_cmd
             .as_ref()
-            .map(|c| c.split_whitespace().map(str::to_string).collect());
+            .or(self.default_ps_cmd.as_ref().filter(|_| self.ps.is_some()))
+            .map(|c| crate::resolve_command(c.split_whitespace().map(str::to_string).collect()));
         spec.log_dir = (!self.no_log_files).then(|| self.log_dir.clone());
         spec.prefix = !self.no_prefix;
         if let Some(addr) = &self.metrics_addr {
@@ -161,6 +168,44 @@ mod tests {
     fn parse(args: &[&str]) -> std::result::Result<Result<JobSpec>, clap::Error> {
         Cli::try_parse_from(std::iter::once("launch").chain(args.iter().copied()))
             .map(|c| c.launch.to_spec())
+    }
+
+    #[test]
+    fn the_command_follows_the_options_with_or_without_a_separator() {
+        let s = parse(&["--nproc", "2", "--elastic", "1:2", "train.py", "--lr", "1"])
+            .unwrap()
+            .unwrap();
+        // A bare script runs with Python; its own options stay its own.
+        assert_eq!(s.command.len(), 4, "{:?}", s.command);
+        assert_eq!(s.command[1..], ["train.py", "--lr", "1"]);
+        assert_eq!(s.elastic, Some((1, 2)));
+        let s = parse(&["--nproc", "2", "--", "./run", "--nproc", "9"])
+            .unwrap()
+            .unwrap();
+        assert_eq!(s.command, ["./run", "--nproc", "9"]);
+        let s = parse(&["--nproc", "1", "./run.pyc"]).unwrap().unwrap();
+        assert_eq!(s.command, ["./run.pyc"]);
+        assert!(parse(&["--nproc", "2"]).is_err(), "a job needs a command");
+    }
+
+    #[test]
+    fn servers_run_the_default_command_only_when_none_is_given() {
+        let servers = |args: &[&str]| parse(args).unwrap().unwrap().ps_command;
+        let dflt = ["--default-ps-cmd", "./py -m tandem.ps"];
+        let ps = ["--ps", "1", "--workers", "1"];
+        assert_eq!(
+            servers(&[&dflt[..], &ps[..], &["./t"]].concat()),
+            Some(vec!["./py".into(), "-m".into(), "tandem.ps".into()])
+        );
+        assert_eq!(
+            servers(&[&dflt[..], &ps[..], &["--ps-cmd", "./srv x", "./t"]].concat()),
+            Some(vec!["./srv".into(), "x".into()])
+        );
+        assert_eq!(
+            servers(&[&dflt[..], &["--nproc", "1", "./t"]].concat()),
+            None
+        );
+        assert_eq!(servers(&[&ps[..], &["./t"]].concat()), None);
     }
 
     #[test]

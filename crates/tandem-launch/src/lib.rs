@@ -17,11 +17,13 @@
 //! ```
 
 mod args;
+mod exe;
 mod gpus;
 mod plan;
 mod supervise;
 
 pub use args::{LaunchArgs, RestartArg};
+pub use exe::{cli_command, python, resolve_command};
 pub use gpus::assign as assign_gpus;
 pub use plan::{JobSpec, Layout, LineSink, Planned, Restart, plan};
 pub use supervise::{Outcome, run};

@@ -51,7 +51,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<ps::PsClient>()?;
     m.add_class::<elastic::PyElastic>()?;
     m.add_function(wrap_pyfunction!(ps::serve_ps, m)?)?;
-    m.add_function(wrap_pyfunction!(launch::launch_main, m)?)?;
+    m.add_function(wrap_pyfunction!(launch::cli_main, m)?)?;
     m.add_function(wrap_pyfunction!(cluster_spec, m)?)?;
     m.add_function(wrap_pyfunction!(listen_address, m)?)?;
     m.add_function(wrap_pyfunction!(init_logging, m)?)?;

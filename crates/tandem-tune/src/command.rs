@@ -4,16 +4,16 @@
 use crate::search::Assignment;
 use crate::spec::{Experiment, Launch};
 
-/// The command a trial runs: its own, or (a TFJob or PyTorchJob trial spec) `tandem launch` with
-/// the job's replicas and its command. `TANDEM_CLI` names the `tandem` executable; else this
-/// process when it is `tandem` (`tandem tune`), else `tandem` from PATH.
+/// The command a trial runs: its own (a leading `tandem` or `script.py` resolved as
+/// [`tandem_launch::resolve_command`] does), or (a TFJob or PyTorchJob trial spec) `tandem launch` with
+/// the job's replicas and its command, `tandem` being [`tandem_launch::cli_command`].
 pub(crate) fn launched(
     e: &Experiment,
     command: Vec<String>,
     sub: impl Fn(&str) -> String,
 ) -> Vec<String> {
     let layout: Vec<String> = match &e.template.launch {
-        Launch::Plain => return command,
+        Launch::Plain => return tandem_launch::resolve_command(command),
         Launch::Allreduce { nproc } => vec!["--nproc".into(), nproc.to_string()],
         Launch::Ps {
             ps,
@@ -37,16 +37,9 @@ pub(crate) fn launched(
             l
         }
     };
-    let tandem = std::env::var("TANDEM_CLI")
-        .ok()
-        .filter(|s| !s.is_empty())
-        .unwrap_or_else(|| {
-            std::env::current_exe()
-                .ok()
-                .filter(|p| p.file_stem().is_some_and(|s| s == "tandem"))
-                .map_or_else(|| "tandem".into(), |p| p.to_string_lossy().into_owned())
-        });
-    let mut args = vec![tandem, "launch".into()];
+    // TANDEM_CLI, this `tandem` binary, or `tandem` from PATH (tandem_launch::cli_command).
+    let mut args = tandem_launch::cli_command();
+    args.push("launch".into());
     args.extend(layout);
     args.extend(["--no-log-files".into(), "--".into()]);
     args.extend(command);
