@@ -14,7 +14,6 @@ import textwrap
 from pathlib import Path
 from typing import Dict, List
 
-import pytest
 
 from conftest import ROOT, clean_env, free_port, read_line
 

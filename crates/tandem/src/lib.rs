@@ -69,3 +69,15 @@ pub mod observe {
 pub mod timeline {
     pub use tandem_observe::timeline::{Span, flush, span};
 }
+
+/// The Rust examples of the guides in `docs/`, compiled as doctests so that none of them rots
+/// (the Python and shell examples are run by `python/tests/test_docs.py`).
+#[cfg(doctest)]
+mod guides {
+    #[doc = include_str!("../../../docs/collectives.md")]
+    struct Collectives;
+    #[doc = include_str!("../../../docs/parameter-servers.md")]
+    struct ParameterServers;
+    #[doc = include_str!("../../../docs/elastic.md")]
+    struct Elastic;
+}
