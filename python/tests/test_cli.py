@@ -14,6 +14,8 @@ import textwrap
 from pathlib import Path
 from typing import Dict, List
 
+import pytest
+
 
 from conftest import ROOT, clean_env, free_port, read_line
 
@@ -97,6 +99,28 @@ def test_servers_start_from_the_package() -> None:
                 read_line(p, ready, timeout=60)
             finally:
                 p.kill()
+
+
+def test_tune_runs_its_trials_through_the_package(tmp_path: Path) -> None:
+    # The trials' `tandem ...` commands run this package's CLI (TANDEM_CLI), not a binary on PATH.
+    spec = (ROOT / "examples" / "tune" / "experiment.yaml").read_text()
+    spec = spec.replace("target/release/tandem", "tandem").replace("maxTrialCount: 12", "maxTrialCount: 2")
+    spec = spec.replace("parallelTrialCount: 4", "parallelTrialCount: 2").replace("--steps=300", "--steps=60")
+    assert "maxTrialCount: 2" in spec and "- tandem\n" in spec, "the example experiment changed shape"
+    (tmp_path / "experiment.yaml").write_text(spec)
+    path = os.pathsep.join(["/usr/bin", "/bin"])  # no `tandem` binary to fall back on
+    out = run([*TANDEM, "tune", "experiment.yaml", "--out", "out"], cwd=tmp_path, timeout=300,
+              env=clean_env(PATH=path))
+    assert out.returncode == 0, (out.stdout, out.stderr)
+    record = json.loads((tmp_path / "out" / "experiment.json").read_text())
+    assert len(record["trials"]) == 2 and record["best"]["objective"] > 0.3, record
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="simulated hosts need root; scripts/test as root runs it")
+def test_testbed_runs_from_the_package() -> None:
+    out = run([*TANDEM, "testbed", "--hosts", "2", "--", sys.executable, "-c",
+               "print('rank {rank} of {world} at {addr0}')"], timeout=120)
+    assert out.returncode == 0 and re.search(r"rank 0 of 2 at \d+\.\d+\.\d+\.\d+", out.stdout), out
 
 
 # A value for each of `tandem launch`'s options that take one, the job's other options, and what
