@@ -36,6 +36,12 @@ use prometheus_client::registry::Registry;
 use crate::Identity;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RefusedLabels {
+    server: &'static str,
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ErrorLabels {
     op: Cow<'static, str>,
     error: &'static str,
@@ -61,6 +67,7 @@ fn latency() -> Histogram {
 struct Metrics {
     registry: Registry,
     errors: Family<ErrorLabels, Counter>,
+    refused: Family<RefusedLabels, Counter>,
     late: Family<PeerLabels, Counter>,
     stragglers: Family<PeerLabels, Counter>,
     rendezvous: Histograms<CallLabels>,
@@ -129,6 +136,7 @@ pub(crate) fn init(id: &Identity) {
                 .map(|(k, v)| (Cow::Borrowed(k), Cow::Owned(v))),
         );
         let errors = Family::<ErrorLabels, Counter>::default();
+        let refused = Family::<RefusedLabels, Counter>::default();
         let late = Family::<PeerLabels, Counter>::default();
         let stragglers = Family::<PeerLabels, Counter>::default();
         let rendezvous: Histograms<CallLabels> = Family::new_with_constructor(latency);
@@ -137,6 +145,11 @@ pub(crate) fn init(id: &Identity) {
             "tandem_op_errors",
             "Failed operations, by operation and error",
             errors.clone(),
+        );
+        registry.register(
+            "tandem_connections_refused",
+            "Connections a server of this process did not admit, by server and reason",
+            refused.clone(),
         );
         registry.register(
             "tandem_peer_late",
@@ -161,6 +174,7 @@ pub(crate) fn init(id: &Identity) {
         Metrics {
             registry,
             errors,
+            refused,
             late,
             stragglers,
             rendezvous,
@@ -300,6 +314,17 @@ pub fn error(kind: impl Into<Cow<'static, str>>, error: &'static str) {
                 op: kind.into(),
                 error,
             })
+            .inc();
+    }
+}
+
+/// Counts a connection a server did not admit (`server`: `ring`, `rendezvous`, `ps`; `reason`:
+/// `busy`, `closed`, `silent`, `protocol`, `tls`, `token`, `peer`): outsiders knocking, or
+/// members misconfigured.
+pub fn refused(server: &'static str, reason: &'static str) {
+    if let Some(m) = get() {
+        m.refused
+            .get_or_create(&RefusedLabels { server, reason })
             .inc();
     }
 }

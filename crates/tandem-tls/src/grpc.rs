@@ -1,5 +1,6 @@
 //! Secure connections under tonic: [`incoming`] admits a server's connections (TLS handshakes in
-//! their own tasks, bounded in number and time, refusals logged with who and why) and
+//! their own tasks, bounded in number per source and in total by an [`Admission`], each within a
+//! deadline, refusals counted and logged at a bounded rate) and
 //! [`Connector`] opens a client's (TCP, then TLS when the process has certificates).
 //!
 //! The gRPC layer above sees a byte stream either way and speaks HTTP/2 over it, so one server or
@@ -8,22 +9,23 @@
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::Arc;
+
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::codegen::http::Uri;
 use tonic::transport::server::{Connected, TcpConnectInfo};
 
+use crate::admission::Admission;
 use crate::policy::Security;
-use crate::stream::{Stream, accept, connect, peer_of, tls_failure};
+use crate::stream::{Stream, accept, connect, tls_failure};
 
-/// Most TLS handshakes a server runs at once (more wait for their turn; each has a deadline).
-pub const MAX_HANDSHAKES: usize = 64;
+/// Admitted connections waiting for the server to take them.
+const QUEUED: usize = 64;
 
 /// How long an accepted connection may take to finish its handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -41,51 +43,48 @@ impl Connected for Stream {
 }
 
 /// The admitted connections of `listener`, for `tonic`'s `serve_with_incoming*`: accepts until the
-/// returned stream is dropped (the server stopped). `what` names the server in logs.
+/// returned stream is dropped (the server stopped). `what` names the server in logs and metrics
+/// (`rendezvous`, `ps`). The accept loop never waits for a handshake: each runs in its own task
+/// under `admission`'s bounds, and a connection over them is closed at once.
 pub fn incoming(
     listener: TcpListener,
     security: Security,
     what: &'static str,
 ) -> ReceiverStream<io::Result<Stream>> {
-    let (tx, rx) = mpsc::channel(MAX_HANDSHAKES);
-    let permits = Arc::new(Semaphore::new(MAX_HANDSHAKES));
+    let (tx, rx) = mpsc::channel(QUEUED);
+    let admission = Admission::new(what);
     tokio::spawn(async move {
         loop {
             let accepted = tokio::select! {
                 _ = tx.closed() => break,
                 a = listener.accept() => a,
             };
-            let tcp = match accepted {
-                Ok((tcp, _)) => tcp,
+            let (tcp, from) = match accepted {
+                Ok(x) => x,
                 Err(e) => {
-                    // Out of descriptors and the like: tell the server, which ends with it.
+                    // Out of descriptors and the like: wait a little, then go on.
                     tracing::warn!(server = what, error = %e, "accepting a connection failed");
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
             };
-            let _ = tcp.set_nodelay(true);
-            let Ok(permit) = permits.clone().acquire_owned().await else {
-                break;
+            let Some(slot) = admission.slot(from.ip()) else {
+                admission.refused(from, "busy", &"too many handshakes in progress", true);
+                continue;
             };
-            let (tx, security) = (tx.clone(), security.clone());
+            let _ = tcp.set_nodelay(true);
+            let (tx, security, admission) = (tx.clone(), security.clone(), admission.clone());
             tokio::spawn(async move {
-                let from = peer_of(&tcp);
                 match accept(&security, tcp, HANDSHAKE_TIMEOUT).await {
                     Ok(s) => {
+                        drop(slot);
                         if let Some(cert) = s.peer_certificate() {
                             tracing::debug!(server = what, %from, peer = ?crate::common_name(&cert), "admitted");
                         }
                         let _ = tx.send(Ok(s)).await;
                     }
-                    Err(r) if r.notable => {
-                        tracing::warn!(server = what, %from, reason = %r, "refused a connection");
-                    }
-                    Err(r) => {
-                        tracing::debug!(server = what, %from, reason = %r, "dropped a connection")
-                    }
+                    Err(r) => admission.refused(from, r.kind, &r, r.notable),
                 }
-                drop(permit);
             });
         }
     });

@@ -15,6 +15,7 @@
 //! # Ok::<(), tandem_core::Error>(())
 //! ```
 
+pub mod admission;
 mod authority;
 pub mod congestion;
 mod context;

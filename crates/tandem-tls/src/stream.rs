@@ -271,6 +271,9 @@ pub struct Refused {
     pub reason: String,
     /// Whether it is worth a warning (a peer that connects and closes at once is only noise).
     pub notable: bool,
+    /// What kind of refusal, for the metric: `closed`, `silent`, `protocol` (plaintext against
+    /// TLS or the reverse) or `tls` (the handshake failed or took too long).
+    pub kind: &'static str,
 }
 
 impl std::fmt::Display for Refused {
@@ -279,10 +282,11 @@ impl std::fmt::Display for Refused {
     }
 }
 
-fn refused(reason: impl Into<String>) -> Refused {
+fn refused(kind: &'static str, reason: impl Into<String>) -> Refused {
     Refused {
         reason: reason.into(),
         notable: true,
+        kind,
     }
 }
 
@@ -320,22 +324,31 @@ pub fn tls_failure(e: &(dyn std::error::Error + 'static)) -> Option<String> {
 
 /// Admits one incoming connection within `timeout`: the TLS handshake (client certificate
 /// required) when `security` is TLS, else plaintext; a peer speaking the other one is refused.
+/// The first byte must come within [`crate::admission::FIRST_BYTE_TIMEOUT`] (or `timeout`, if
+/// shorter): members send theirs at once, idle sockets are dropped.
 pub async fn accept(
     security: &Security,
     tcp: TcpStream,
     timeout: Duration,
 ) -> Result<Stream, Refused> {
     let mut first = [0u8; 1];
-    let peeked = tokio::time::timeout(timeout, tcp.peek(&mut first)).await;
+    let first_byte = timeout.min(crate::admission::FIRST_BYTE_TIMEOUT);
+    let peeked = tokio::time::timeout(first_byte, tcp.peek(&mut first)).await;
     match peeked {
         Ok(Ok(1)) => {}
         Ok(Ok(_)) | Ok(Err(_)) => {
             return Err(Refused {
                 reason: "closed before sending anything".into(),
                 notable: false,
+                kind: "closed",
             });
         }
-        Err(_) => return Err(refused(format!("sent nothing within {timeout:?}"))),
+        Err(_) => {
+            return Err(refused(
+                "silent",
+                format!("sent nothing within {first_byte:?}"),
+            ));
+        }
     }
     match security {
         Security::Tls(ctx) => {
@@ -346,23 +359,31 @@ pub async fn accept(
                     tokio::io::AsyncWriteExt::write_all(&mut tcp, &PLAINTEXT_REFUSAL),
                 )
                 .await;
-                return Err(refused(format!(
-                    "it spoke plaintext to this TLS endpoint: it has no certificates (or runs \
+                return Err(refused(
+                    "protocol",
+                    format!(
+                        "it spoke plaintext to this TLS endpoint: it has no certificates (or runs \
                      with {INSECURE_VAR}=1) while this process has them"
-                )));
+                    ),
+                ));
             }
             let handshake = crate::handshake::server(ctx.stream_server_config(), tcp);
             match tokio::time::timeout(timeout, handshake).await {
                 Ok(Ok(s)) => Ok(s.into()),
-                Ok(Err(e)) => Err(refused(format!("TLS handshake failed: {}", explain_io(&e)))),
-                Err(_) => Err(refused(format!(
-                    "TLS handshake not finished within {timeout:?}"
-                ))),
+                Ok(Err(e)) => Err(refused(
+                    "tls",
+                    format!("TLS handshake failed: {}", explain_io(&e)),
+                )),
+                Err(_) => Err(refused(
+                    "tls",
+                    format!("TLS handshake not finished within {timeout:?}"),
+                )),
             }
         }
         Security::Plaintext { .. } => {
             if first[0] == HANDSHAKE_RECORD {
                 return Err(refused(
+                    "protocol",
                     "it speaks TLS but this process runs without certificates (give it the job's, \
                      TANDEM_TLS_DIR, or run every process without them)",
                 ));

@@ -5,13 +5,17 @@
 //! [`Security`] allows it), then opens with a handshake (magic, protocol version, rank, group id,
 //! job token, all inside TLS); the accepting side answers one byte. A certificate that names a rank
 //! (`rank-<n>`) must match the rank its holder claims. Strangers, refused certificates, wrong tokens
-//! and unexpected ranks are refused and logged, never admitted, and the accept loop goes on until
-//! the expected peers have arrived or the deadline passes.
+//! and unexpected ranks are refused, counted and logged (at a bounded rate), never admitted, and the
+//! accept loop goes on until the expected peers have arrived or the deadline passes: no number of
+//! refused connections ends a forming group.
 
 use std::time::Duration;
 
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
 use tandem_core::{Error, Result};
 use tandem_rendezvous::JobToken;
+use tandem_tls::admission::Admission;
 use tandem_tls::stream::{ReadHalf, Stream, TLS_ALERT, WriteHalf};
 use tandem_tls::{CongestionChoice, Security};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -21,9 +25,6 @@ use tokio::time::Instant;
 use super::frame::{
     HELLO_BAD_PEER, HELLO_BAD_TOKEN, HELLO_FIXED, HELLO_OK, decode_hello, encode_hello,
 };
-
-/// Most refused connections tolerated while waiting for the real peers.
-pub const MAX_STRANGERS: usize = 256;
 
 /// How long an accepted connection may take to send its handshake.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
@@ -184,6 +185,69 @@ async fn read_hello(
     Ok(rank)
 }
 
+/// Admits one accepted connection: TLS (or plaintext), then the hello. On a refusal the peer is
+/// told why (a reason code) and the metric's reason comes back with the words.
+async fn admit(
+    tcp: TcpStream,
+    spec: &MeshSpec<'_>,
+    world: usize,
+) -> std::result::Result<(usize, Stream), Refusal> {
+    setup(&tcp);
+    let mut s = tandem_tls::stream::accept(spec.security, tcp, HELLO_TIMEOUT)
+        .await
+        .map_err(|r| Refusal {
+            kind: r.kind,
+            why: r.reason,
+            notable: r.notable,
+        })?;
+    let refuse = |code: u8, kind: &'static str, why: String| (code, kind, why);
+    let verdict = match read_hello(&mut s, spec, world).await {
+        Ok(rank) => match wrong_rank(&s, rank) {
+            Some(why) => Err(refuse(
+                HELLO_BAD_PEER,
+                "peer",
+                format!("rank {rank}: {why}"),
+            )),
+            None => Ok(rank),
+        },
+        Err((code, why)) => Err(refuse(
+            code,
+            if code == HELLO_BAD_TOKEN {
+                "token"
+            } else {
+                "peer"
+            },
+            why,
+        )),
+    };
+    match verdict {
+        Ok(rank) => Ok((rank, s)),
+        Err((code, kind, why)) => {
+            let _ = tokio::time::timeout(HELLO_TIMEOUT, async {
+                let _ = s.write_all(&[code]).await;
+                let _ = s.flush().await;
+            })
+            .await;
+            Err(Refusal {
+                kind,
+                why,
+                notable: true,
+            })
+        }
+    }
+}
+
+/// Why a connection was not admitted to the mesh.
+struct Refusal {
+    kind: &'static str,
+    why: String,
+    notable: bool,
+}
+
+/// Accepts the connections of the ranks below this one. Each accepted connection is admitted
+/// concurrently with the others and with the accept loop (bounded per source and in total, see
+/// [`tandem_tls::admission`]), so connections that stall, close or speak garbage neither hold
+/// the members back nor end the formation: only the deadline does.
 async fn accept_all(
     listener: &TcpListener,
     spec: &MeshSpec<'_>,
@@ -191,74 +255,60 @@ async fn accept_all(
 ) -> Result<Vec<Option<Stream>>> {
     let world = spec.addrs.len();
     let mut got: Vec<Option<Stream>> = (0..spec.rank).map(|_| None).collect();
-    let mut strangers = 0;
+    let admission = Admission::new("ring");
+    let mut admitting = FuturesUnordered::new();
+    let started = Instant::now();
     while got.iter().any(Option::is_none) {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let (tcp, from) = match tokio::time::timeout(left, listener.accept()).await {
-            Ok(Ok(x)) => x,
-            Ok(Err(e)) => return Err(Error::io("accepting a peer connection", e)),
-            Err(_) => {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (tcp, from) = match accepted {
+                    Ok(x) => x,
+                    Err(e) => {
+                        // Out of descriptors and the like: wait a little (the deadline still holds).
+                        tracing::warn!(error = %e, "accepting a peer connection failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                match admission.slot(from.ip()) {
+                    Some(slot) => admitting.push(async move {
+                        let verdict = admit(tcp, spec, world).await;
+                        drop(slot);
+                        (from, verdict)
+                    }),
+                    None => admission.refused(from, "busy", &"too many handshakes in progress", true),
+                }
+            }
+            Some((from, verdict)) = admitting.next(), if !admitting.is_empty() => match verdict {
+                Ok((rank, mut s)) if got[rank].is_none() => {
+                    if s.write_all(&[HELLO_OK]).await.is_ok() && s.flush().await.is_ok() {
+                        got[rank] = Some(s);
+                    }
+                }
+                Ok((rank, mut s)) => {
+                    let _ = s.write_all(&[HELLO_BAD_PEER]).await;
+                    admission.refused(from, "peer", &format!("a second connection claiming rank {rank}"), true);
+                }
+                Err(r) => admission.refused(from, r.kind, &r.why, r.notable),
+            },
+            _ = tokio::time::sleep_until(deadline) => {
                 let missing: Vec<String> = (0..spec.rank)
                     .filter(|r| got[*r].is_none())
                     .map(|r| r.to_string())
                     .collect();
+                let refused = admission.refused_count();
                 return Err(Error::timeout(
-                    format!("connections from ranks [{}]", missing.join(", ")),
-                    left,
+                    format!(
+                        "connections from ranks [{}]{}",
+                        missing.join(", "),
+                        if refused > 0 { format!(" ({refused} other connections refused meanwhile)") } else { String::new() }
+                    ),
+                    deadline.saturating_duration_since(started),
                 ));
             }
-        };
-        setup(&tcp);
-        let mut s = match tandem_tls::stream::accept(spec.security, tcp, HELLO_TIMEOUT).await {
-            Ok(s) => s,
-            Err(r) => {
-                if r.notable {
-                    tracing::warn!(%from, reason = %r, "refused a connection");
-                }
-                strangers += 1;
-                if strangers > MAX_STRANGERS {
-                    return Err(too_many(strangers));
-                }
-                continue;
-            }
-        };
-        match read_hello(&mut s, spec, world).await {
-            Ok(rank) if let Some(why) = wrong_rank(&s, rank) => {
-                tracing::warn!(%from, rank, reason = %why, "refused a connection");
-                let _ = s.write_all(&[HELLO_BAD_PEER]).await;
-                let _ = s.flush().await;
-                strangers += 1;
-            }
-            Ok(rank) if got[rank].is_none() => {
-                if s.write_all(&[HELLO_OK]).await.is_ok() && s.flush().await.is_ok() {
-                    got[rank] = Some(s);
-                }
-            }
-            Ok(rank) => {
-                tracing::warn!(%from, rank, "refused a second connection claiming the same rank");
-                let _ = s.write_all(&[HELLO_BAD_PEER]).await;
-                let _ = s.flush().await;
-                strangers += 1;
-            }
-            Err((code, why)) => {
-                tracing::warn!(%from, reason = %why, "refused a connection");
-                let _ = s.write_all(&[code]).await;
-                let _ = s.flush().await;
-                strangers += 1;
-            }
-        }
-        if strangers > MAX_STRANGERS {
-            return Err(too_many(strangers));
         }
     }
     Ok(got)
-}
-
-fn too_many(strangers: usize) -> Error {
-    Error::Authentication {
-        peer: "peer connections".into(),
-        reason: format!("refused {strangers} connections while waiting for the group's ranks"),
-    }
 }
 
 /// Builds this rank's part of the mesh: connects up, accepts down, all before `deadline`.

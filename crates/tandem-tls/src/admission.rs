@@ -1,0 +1,240 @@
+//! Who gets a handshake slot: the accept loops of the ring, the rendezvous and the parameter
+//! servers admit connections through an [`Admission`], so that outsiders can neither starve the
+//! members nor end a forming group.
+//!
+//! - Every accepted connection's handshake runs in its own task; the accept loop never waits for
+//!   one, so a connection that stalls only holds its own slot.
+//! - Unauthenticated handshakes are bounded in total and per source address (a connection over a
+//!   bound is closed at once); a slot is given back when the handshake ends, either way.
+//! - A connection must send its first byte within [`FIRST_BYTE_TIMEOUT`] (members send theirs at
+//!   once), so idle sockets are dropped quickly.
+//! - Refused connections are counted (`tandem_connections_refused_total{server, reason}`) and
+//!   logged at most once a second per server and reason, with the number left unsaid since; they
+//!   never end anything.
+//!
+//! ```
+//! use std::net::{IpAddr, Ipv4Addr};
+//! use tandem_tls::admission::{Admission, Limits};
+//! let a = Admission::with_limits("example", Limits { total: 3, per_source: 2 });
+//! let ip = IpAddr::V4(Ipv4Addr::LOCALHOST);
+//! let (s1, s2) = (a.slot(ip), a.slot(ip));
+//! assert!(s1.is_some() && s2.is_some());
+//! assert!(a.slot(ip).is_none(), "a source holds at most 2 slots");
+//! assert!(a.slot(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 2))).is_some());
+//! drop(s1);
+//! assert!(a.slot(ip).is_some(), "a slot is given back when its handshake ends");
+//! ```
+
+use std::collections::HashMap;
+use std::fmt::Display;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// How long an accepted connection may stay silent before its first byte.
+pub const FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Bounds on the handshakes an [`Admission`] runs at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Handshakes in progress, from every source together.
+    pub total: usize,
+    /// Handshakes in progress from one source address.
+    pub per_source: usize,
+}
+
+impl Default for Limits {
+    /// 1024 in total, 256 per source address: far above what members need (a group's ranks
+    /// connect once each), and a few KiB each.
+    fn default() -> Self {
+        Limits {
+            total: 1024,
+            per_source: 256,
+        }
+    }
+}
+
+/// The admission of one server's connections (cheap to clone: clones share their counts).
+#[derive(Debug, Clone)]
+pub struct Admission {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    server: &'static str,
+    limits: Limits,
+    pending: Mutex<Pending>,
+    refused: AtomicU64,
+    log: Mutex<HashMap<&'static str, LogWindow>>,
+}
+
+#[derive(Debug, Default)]
+struct Pending {
+    total: usize,
+    by_source: HashMap<IpAddr, usize>,
+}
+
+#[derive(Debug, Default)]
+struct LogWindow {
+    last: Option<Instant>,
+    unsaid: u64,
+}
+
+/// A handshake slot; given back when dropped.
+#[derive(Debug)]
+pub struct Slot {
+    inner: Arc<Inner>,
+    source: IpAddr,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if let Ok(mut p) = self.inner.pending.lock() {
+            p.total = p.total.saturating_sub(1);
+            if let Some(n) = p.by_source.get_mut(&self.source) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    p.by_source.remove(&self.source);
+                }
+            }
+        }
+    }
+}
+
+impl Admission {
+    /// The admission of the server named `server` (in logs and the metric), default limits.
+    pub fn new(server: &'static str) -> Admission {
+        Admission::with_limits(server, Limits::default())
+    }
+
+    /// The same with explicit limits (each at least 1).
+    pub fn with_limits(server: &'static str, limits: Limits) -> Admission {
+        Admission {
+            inner: Arc::new(Inner {
+                server,
+                limits: Limits {
+                    total: limits.total.max(1),
+                    per_source: limits.per_source.max(1),
+                },
+                pending: Mutex::new(Pending::default()),
+                refused: AtomicU64::new(0),
+                log: Mutex::new(HashMap::new()),
+            }),
+        }
+    }
+
+    /// A slot for a handshake from `source`, or `None` when the bounds are reached (close the
+    /// connection then, and call [`Admission::refused`] with reason `busy`).
+    pub fn slot(&self, source: IpAddr) -> Option<Slot> {
+        let mut p = self.inner.pending.lock().ok()?;
+        let from_source = p.by_source.get(&source).copied().unwrap_or(0);
+        if p.total >= self.inner.limits.total || from_source >= self.inner.limits.per_source {
+            return None;
+        }
+        p.total += 1;
+        *p.by_source.entry(source).or_insert(0) += 1;
+        Some(Slot {
+            inner: self.inner.clone(),
+            source,
+        })
+    }
+
+    /// Records a connection that was not admitted: counted in the metric under `kind` (`busy`,
+    /// `closed`, `silent`, `protocol`, `tls`, `token`, `peer`) and logged with why, at most once a
+    /// second for each `kind`.
+    /// `notable` false (a connection that closed before sending anything) is counted, not logged.
+    pub fn refused(&self, from: SocketAddr, kind: &'static str, why: &dyn Display, notable: bool) {
+        self.inner.refused.fetch_add(1, Ordering::Relaxed);
+        tandem_observe::metrics::refused(self.inner.server, kind);
+        let Ok(mut windows) = self.inner.log.lock() else {
+            return;
+        };
+        let log = windows.entry(kind).or_default();
+        let now = Instant::now();
+        let due = log
+            .last
+            .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1));
+        if !notable || !due {
+            log.unsaid += 1;
+            return;
+        }
+        let unsaid = std::mem::take(&mut log.unsaid);
+        log.last = Some(now);
+        drop(windows);
+        if unsaid > 0 {
+            tracing::warn!(server = self.inner.server, %from, reason = %why, unsaid,
+                "refused a connection ({unsaid} more refused since the last report)");
+        } else {
+            tracing::warn!(server = self.inner.server, %from, reason = %why, "refused a connection");
+        }
+    }
+
+    /// How many connections were refused so far.
+    pub fn refused_count(&self) -> u64 {
+        self.inner.refused.load(Ordering::Relaxed)
+    }
+
+    /// Handshakes in progress now (every source).
+    pub fn pending(&self) -> usize {
+        self.inner.pending.lock().map(|p| p.total).unwrap_or(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::Ipv4Addr;
+
+    fn ip(last: u8) -> IpAddr {
+        IpAddr::V4(Ipv4Addr::new(10, 0, 0, last))
+    }
+
+    #[test]
+    fn bounds_hold_in_total_and_per_source_and_slots_come_back() {
+        let a = Admission::with_limits(
+            "t",
+            Limits {
+                total: 4,
+                per_source: 2,
+            },
+        );
+        let s: Vec<_> = [1, 1, 2, 2].iter().map(|i| a.slot(ip(*i))).collect();
+        assert!(s.iter().all(Option::is_some));
+        assert_eq!(a.pending(), 4);
+        assert!(a.slot(ip(3)).is_none(), "the total is reached");
+        drop(s);
+        assert_eq!(a.pending(), 0);
+        let keep = (a.slot(ip(1)), a.slot(ip(1)));
+        assert!(keep.0.is_some() && keep.1.is_some());
+        assert!(a.slot(ip(1)).is_none(), "per source");
+        assert!(a.slot(ip(2)).is_some(), "another source is not held back");
+    }
+
+    #[test]
+    fn zero_limits_still_admit_one() {
+        let a = Admission::with_limits(
+            "t",
+            Limits {
+                total: 0,
+                per_source: 0,
+            },
+        );
+        let first = a.slot(ip(1));
+        assert!(first.is_some());
+        assert!(a.slot(ip(1)).is_none());
+    }
+
+    #[test]
+    fn refusals_are_counted_whether_logged_or_not() {
+        let a = Admission::new("t");
+        let from: SocketAddr = "10.0.0.1:5".parse().expect("addr");
+        for _ in 0..5 {
+            a.refused(from, "closed", &"closed before sending anything", false);
+        }
+        a.refused(from, "tls", &"bad certificate", true);
+        a.refused(from, "tls", &"bad certificate", true);
+        assert_eq!(a.refused_count(), 7);
+    }
+}
