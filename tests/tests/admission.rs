@@ -2,6 +2,7 @@
 //! hold idle sockets or speak garbage neither end a forming group nor keep members out of the
 //! ring, the rendezvous or a parameter server; the job's results stay exact.
 
+use std::future::Future;
 use std::io::Write;
 use std::net::TcpStream;
 use std::sync::Arc;
@@ -206,6 +207,70 @@ fn a_parameter_server_admits_workers_during_a_flood() {
     }
     stop.store(true, Ordering::Relaxed);
     flooder.join().expect("flood thread");
+    let _ = server.kill();
+    let _ = server.wait();
+}
+
+/// The SETTINGS_MAX_CONCURRENT_STREAMS a server announces to a member's HTTP/2 connection (the
+/// HTTP/2 layer refuses streams beyond it).
+async fn announced_streams<T>(io: T) -> usize
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let (mut client, mut conn) = h2::client::handshake(io)
+        .await
+        .expect("an HTTP/2 connection");
+    let req = http::Request::post("/tandem.none.v1.None/Nothing")
+        .body(())
+        .expect("a request");
+    let (resp, _) = client.send_request(req, true).expect("a stream");
+    let mut resp = Box::pin(resp);
+    // Drive the connection until the server answered: its SETTINGS came first.
+    let answered = std::future::poll_fn(|cx| {
+        let _ = std::pin::Pin::new(&mut conn).poll(cx);
+        resp.as_mut().poll(cx)
+    })
+    .await;
+    assert!(answered.is_ok(), "{answered:?}");
+    // The settings take effect once acknowledged, on the connection's next turns.
+    let _ = tokio::time::timeout(Duration::from_millis(300), &mut conn).await;
+    conn.max_concurrent_send_streams()
+}
+
+/// A member's connection may hold at most MAX_STREAMS calls at once, at the rendezvous and at a
+/// parameter server.
+#[test]
+fn servers_bound_the_streams_of_one_connection() {
+    let rt = runtime();
+    let token = JobToken::generate();
+    let host = rt
+        .block_on(Host::bind(
+            "127.0.0.1:0",
+            ServerConfig::new(token.clone()).with_security(tandem_tests::security()),
+        ))
+        .expect("bind");
+    let addr = host.addr().to_string();
+    let rendezvous = rt.block_on(async {
+        let tcp = tokio::net::TcpStream::connect(&addr)
+            .await
+            .expect("connect");
+        let s = tandem_tls::stream::connect(&tandem_tests::security(), tcp, &addr, LIMIT)
+            .await
+            .expect("a secure connection");
+        announced_streams(s).await
+    });
+    assert_eq!(rendezvous, tandem::rendezvous::MAX_STREAMS as usize);
+    let (mut server, addr) = start_ps_server(NODE, token.as_str(), &[], "tcp");
+    let ps = rt.block_on(async {
+        let tcp = tokio::net::TcpStream::connect(&addr)
+            .await
+            .expect("connect");
+        let s = tandem_tls::stream::connect(&tandem_tests::security(), tcp, &addr, LIMIT)
+            .await
+            .expect("a connection with this run's transport");
+        announced_streams(s).await
+    });
+    assert_eq!(ps, tandem_ps::server::MAX_STREAMS as usize);
     let _ = server.kill();
     let _ = server.wait();
 }

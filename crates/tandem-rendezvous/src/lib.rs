@@ -52,7 +52,7 @@ pub mod pb {
 pub use auth::{AttachToken, CheckToken, JobToken, TOKEN_VAR};
 pub use blocking::BlockingClient;
 pub use client::{Client, Swap};
-pub use server::{Host, ServerConfig, run, shutdown_signal};
+pub use server::{Host, MAX_STREAMS, ServerConfig, run, shutdown_signal};
 pub use service::Service;
 pub use session::{BIND_VAR, EXTERNAL_VAR, Session};
 pub use store::Limits;

@@ -22,6 +22,11 @@ use crate::pb::rendezvous_server::RendezvousServer;
 use crate::service::Service;
 use crate::store::{Limits, Store};
 
+/// Most HTTP/2 streams (calls) one connection may have open at once: a process waits on a few
+/// keys at a time, so a member cannot tie the server up with thousands (more wait their turn on
+/// the client's side).
+pub const MAX_STREAMS: u32 = 128;
+
 /// How a rendezvous server behaves.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
@@ -77,6 +82,7 @@ pub async fn run(
     let incoming = tandem_tls::grpc::incoming(listener, security.clone(), "rendezvous");
     tracing::info!(%local, tls = security.is_tls(), "rendezvous serving");
     tonic::transport::Server::builder()
+        .max_concurrent_streams(Some(MAX_STREAMS))
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(std::time::Duration::from_secs(10)))
         .add_service(svc)

@@ -20,6 +20,9 @@ mod authority;
 pub mod congestion;
 mod context;
 mod files;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod grpc;
 mod handshake;
 mod policy;

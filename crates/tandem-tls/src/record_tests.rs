@@ -251,39 +251,57 @@ async fn certificates_larger_than_the_first_read_still_connect() {
     assert_eq!(&srv.await.unwrap(), b"ok");
 }
 
-/// What the reader makes of one record of inner type `typ` around `content`, sent between two
-/// pieces of data: `Ok` with the data that arrived after it, or the error in words.
+/// What the server's reader makes of one record of inner type `typ` around `content`, sent
+/// between two pieces of data: `Ok` with the data that arrived after it, or the error in words.
 async fn after_record(typ: u8, content: &[u8]) -> Result<Vec<u8>, String> {
+    after_records(false, &[(typ, content)]).await
+}
+
+/// [`after_record`] with several records in a row, read by the client when `to_client`.
+async fn after_records(to_client: bool, records: &[(u8, &[u8])]) -> Result<Vec<u8>, String> {
     let (s, c) = pair(None).await;
-    let ((mut sr, _sw), (_cr, mut cw)) = (s.into_split(), c.into_split());
-    send(&mut cw, b"before").await;
-    writer(&mut cw).queue_record(typ, content).unwrap();
-    cw.flush().await.unwrap();
-    send(&mut cw, b"after").await;
-    assert_eq!(receive(&mut sr, 6).await, b"before");
+    let ((sr, sw), (cr, cw)) = (s.into_split(), c.into_split());
+    let (mut r, mut w, _keep) = if to_client {
+        (cr, sw, (sr, cw))
+    } else {
+        (sr, cw, (cr, sw))
+    };
+    send(&mut w, b"before").await;
+    for (typ, content) in records {
+        writer(&mut w).queue_record(*typ, content).unwrap();
+    }
+    w.flush().await.unwrap();
+    send(&mut w, b"after").await;
+    assert_eq!(receive(&mut r, 6).await, b"before");
     let mut got = [0u8; 5];
-    match sr.read_exact(&mut got).await {
+    match r.read_exact(&mut got).await {
         Ok(_) => Ok(got.to_vec()),
         Err(e) => Err(explain_io(&e)),
     }
 }
 
-/// After the handshake: session tickets are skipped, a fatal alert is named, and anything else
-/// out of place is refused, naming it.
+/// After the handshake: session tickets are skipped by a client and refused by a server, a
+/// fatal alert is named, and anything else out of place is refused, naming it.
 #[tokio::test]
 async fn messages_after_the_handshake_are_taken_or_refused_by_kind() {
-    // A new_session_ticket (type 4) of 3 bytes: skipped.
+    // A new_session_ticket (type 4) of 3 bytes to the client: skipped.
+    let ticket: &[u8] = &[4, 0, 0, 3, 1, 2, 3];
     assert_eq!(
-        after_record(22, &[4, 0, 0, 3, 1, 2, 3]).await.as_deref(),
+        after_records(true, &[(22, ticket)]).await.as_deref(),
         Ok(&b"after"[..])
     );
     // Two tickets in one record: both skipped.
     assert_eq!(
-        after_record(22, &[4, 0, 0, 1, 9, 4, 0, 0, 0])
+        after_records(true, &[(22, &[4, 0, 0, 1, 9, 4, 0, 0, 0])])
             .await
             .as_deref(),
         Ok(&b"after"[..])
     );
+    // Only servers send tickets: one to a server is refused.
+    let e = after_record(22, ticket)
+        .await
+        .expect_err("a ticket to a server");
+    assert!(e.contains("a session ticket to a server"), "{e}");
     let refused = [
         (22, vec![4, 0, 0, 9, 1], "a truncated handshake message"),
         (22, vec![4, 0], "a truncated handshake message"),
@@ -464,4 +482,116 @@ async fn a_connection_cut_inside_a_record_is_an_unexpected_end() {
         e.starts_with("UnexpectedEof") && e.contains("middle of a TLS record"),
         "{e}"
     );
+}
+
+/// RFC 8446 5.4: the inner plaintext (content, type, padding) is at most 2^14 + 1 bytes; one byte
+/// more is refused with `record_overflow`, which the peer then receives.
+#[tokio::test]
+async fn inner_plaintext_over_two_to_the_fourteen_plus_one_is_refused() {
+    let most = vec![7u8; 1 << 14];
+    assert_eq!(
+        after_record(23, &most).await.map(|v| v.len()),
+        Ok(5),
+        "2^14 bytes of data and its type are allowed"
+    );
+    let over = vec![7u8; (1 << 14) + 1];
+    let e = after_record(23, &over).await.expect_err("2^14 + 2 bytes");
+    assert!(e.contains("inner plaintext"), "{e}");
+}
+
+/// At most 32 records in a row without data (key updates, empty records, tickets); the 33rd is
+/// refused, whatever the mix.
+#[tokio::test]
+async fn records_without_data_are_capped() {
+    let empty: (u8, &[u8]) = (23, &[]);
+    let ticket: (u8, &[u8]) = (22, &[4, 0, 0, 0]);
+    for (what, record) in [("empty records", empty), ("tickets", ticket)] {
+        let most = vec![record; crate::record::MAX_RECORDS_WITHOUT_DATA as usize];
+        assert_eq!(
+            after_records(true, &most).await.as_deref(),
+            Ok(&b"after"[..]),
+            "{what}: 32 are allowed"
+        );
+        let over = vec![record; crate::record::MAX_RECORDS_WITHOUT_DATA as usize + 1];
+        let e = after_records(true, &over).await.expect_err(what);
+        assert!(e.contains("records in a row without data"), "{what}: {e}");
+    }
+}
+
+/// Key updates count as records without data: 32 in a row are followed, the 33rd is refused.
+#[tokio::test]
+async fn key_updates_without_data_are_capped() {
+    for (updates, ok) in [(32usize, true), (33, false)] {
+        let (s, c) = pair(None).await;
+        let ((mut sr, _sw), (_cr, mut cw)) = (s.into_split(), c.into_split());
+        send(&mut cw, b"before").await;
+        for _ in 0..updates {
+            writer(&mut cw).update_now().unwrap();
+        }
+        cw.flush().await.unwrap();
+        send(&mut cw, b"after").await;
+        assert_eq!(receive(&mut sr, 6).await, b"before");
+        let mut got = [0u8; 5];
+        let r = sr.read_exact(&mut got).await.map_err(|e| explain_io(&e));
+        match ok {
+            true => assert_eq!(&got, b"after", "{updates} updates: {r:?}"),
+            false => assert!(
+                r.expect_err("33 updates")
+                    .contains("records in a row without data"),
+                "{updates}"
+            ),
+        }
+    }
+}
+
+/// A failed reader stays failed (every later read repeats the failure), and the peer gets the
+/// fatal alert with this end's next write, which fails too.
+#[tokio::test]
+async fn failures_are_sticky_and_the_peer_is_told() {
+    let (s, c) = pair(None).await;
+    let ((mut sr, mut sw), (mut cr, mut cw)) = (s.into_split(), c.into_split());
+    writer(&mut cw)
+        .queue_record(23, &vec![1u8; (1 << 14) + 1])
+        .unwrap();
+    cw.flush().await.unwrap();
+    send(&mut cw, b"more data after it").await;
+    let mut b = [0u8; 4];
+    let first = explain_io(&sr.read_exact(&mut b).await.expect_err("over-long record"));
+    let again = explain_io(&sr.read_exact(&mut b).await.expect_err("sticky"));
+    assert_eq!(first, again);
+    let w = sw
+        .write_all(b"reply")
+        .await
+        .expect_err("the writer fails with the reader");
+    assert!(explain_io(&w).contains("inner plaintext"), "{w}");
+    assert!(sw.write_all(b"reply").await.is_err(), "and stays failed");
+    let told = explain_io(&cr.read_exact(&mut b).await.expect_err("an alert"));
+    assert!(told.contains("RecordOverflow"), "{told}");
+}
+
+/// A write cancelled before any of its records went out is taken back: the next write's data
+/// is what arrives, under the same keys. One cancelled after part of it went out fails the
+/// connection for every later write instead of being sent or counted for another.
+#[tokio::test]
+async fn cancelled_writes_are_never_sent_later_or_credited() {
+    let (s, c) = pair(None).await;
+    let ((mut sr, _sw), (_cr, mut cw)) = (s.into_split(), c.into_split());
+    writer(&mut cw).stage_unsent(b"cancelled", false).unwrap();
+    send(&mut cw, b"kept").await;
+    cw.flush().await.unwrap();
+    assert_eq!(receive(&mut sr, 4).await, b"kept");
+    // The retry of a pending write is still that write.
+    writer(&mut cw).stage_unsent(b"retried", false).unwrap();
+    assert_eq!(cw.write(b"retried").await.unwrap(), 7);
+    assert_eq!(receive(&mut sr, 7).await, b"retried");
+
+    let (s, c) = pair(None).await;
+    let ((_sr, _sw), (_cr, mut cw)) = (s.into_split(), c.into_split());
+    writer(&mut cw).stage_unsent(b"half gone", true).unwrap();
+    let e = cw
+        .write_all(b"other")
+        .await
+        .expect_err("part of it went out");
+    assert!(e.to_string().contains("cancelled"), "{e}");
+    assert!(cw.write_all(b"other").await.is_err(), "and stays failed");
 }

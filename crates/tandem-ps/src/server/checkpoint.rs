@@ -339,8 +339,21 @@ pub(crate) fn decode(b: &[u8], file: String) -> Result<Snapshot> {
 
 fn read_mode(r: &mut Reader<'_>) -> Result<Mode> {
     let sync = r.u64()? == 1;
-    let workers = r.u64()? as u32;
-    let replicas_to_aggregate = r.u64()? as u32;
+    let max = u64::from(super::convert::MAX_WORKERS);
+    let workers = r.u64()?;
+    let workers = u32::try_from(workers)
+        .ok()
+        .filter(|w| (1..=max).contains(&u64::from(*w)))
+        .ok_or_else(|| r.bad(&format!("{workers} workers (1 to {max})")))?;
+    let replicas_to_aggregate = r.u64()?;
+    let replicas_to_aggregate = u32::try_from(replicas_to_aggregate)
+        .ok()
+        .filter(|k| (1..=workers).contains(k))
+        .ok_or_else(|| {
+            r.bad(&format!(
+                "{replicas_to_aggregate} of {workers} workers to aggregate"
+            ))
+        })?;
     let staleness = match r.u64()? {
         u64::MAX => None,
         s => Some(s as u32),
@@ -455,6 +468,26 @@ mod tests {
                 t: 17,
                 version: 17,
             }],
+        }
+    }
+
+    #[test]
+    fn a_checkpoint_naming_too_many_workers_is_refused() {
+        let at_bound = |workers: u32, k: u32| {
+            let mut s = sample();
+            s.mode.workers = workers;
+            s.mode.replicas_to_aggregate = k;
+            decode(&encode(&s), "c".into())
+        };
+        let max = super::super::convert::MAX_WORKERS;
+        assert_eq!(at_bound(max, max).expect("at the bound").mode.workers, max);
+        assert_eq!(at_bound(1, 1).expect("one").mode.workers, 1);
+        for (w, k) in [(max + 1, 1), (0, 0), (4, 5), (4, 0)] {
+            let e = at_bound(w, k).expect_err("out of bounds").to_string();
+            assert!(
+                e.contains("corrupt") && e.contains("workers"),
+                "{w} {k}: {e}"
+            );
         }
     }
 

@@ -13,6 +13,9 @@ use crate::pb;
 /// Largest partition a server accepts, in elements (64 GiB of f32).
 pub const MAX_PARTITION_ELEMENTS: u64 = 1 << 34;
 
+/// Most workers a declaration may name (the server keeps a step per worker).
+pub const MAX_WORKERS: u32 = 1 << 16;
+
 /// One partition as the model allocates it: key, full shape, first row, rows, initializer.
 pub type Declared = (Key, Vec<u64>, u64, u64, Init);
 
@@ -52,6 +55,12 @@ pub fn mode_from(m: Option<pb::Mode>) -> Result<Mode, Status> {
     let m = m.ok_or_else(|| invalid("declaration has no mode"))?;
     if m.workers == 0 {
         return Err(invalid("mode.workers must be at least 1"));
+    }
+    if m.workers > MAX_WORKERS {
+        return Err(invalid(format!(
+            "mode.workers {} exceeds the {MAX_WORKERS} a server keeps",
+            m.workers
+        )));
     }
     let k = if m.replicas_to_aggregate == 0 {
         m.workers
@@ -150,6 +159,31 @@ mod tests {
                 assert_eq!(reason_of(&st), Reason::Invalid);
                 st.message().to_string()
             }
+        }
+    }
+
+    #[test]
+    fn the_number_of_workers_is_bounded_on_both_sides() {
+        let mode = |workers| {
+            mode_from(Some(pb::Mode {
+                sync: true,
+                workers,
+                ..Default::default()
+            }))
+        };
+        assert_eq!(
+            mode(MAX_WORKERS).expect("at the bound").workers,
+            MAX_WORKERS
+        );
+        assert_eq!(mode(1).expect("one").workers, 1);
+        for bad in [0, MAX_WORKERS + 1, u32::MAX] {
+            let st = mode(bad).expect_err("out of bounds");
+            assert_eq!(reason_of(&st), Reason::Invalid, "{bad}");
+            assert!(
+                st.message().contains("mode.workers"),
+                "{bad}: {}",
+                st.message()
+            );
         }
     }
 

@@ -53,6 +53,10 @@ pub const STREAM_WINDOW: u32 = 4 << 20;
 /// HTTP/2 receive window per connection (one per worker).
 pub const CONNECTION_WINDOW: u32 = 8 << 20;
 
+/// Most HTTP/2 streams (calls) one connection may have open at once; a worker uses a few, so a
+/// member cannot tie the server up with thousands (more wait their turn on the client's side).
+pub const MAX_STREAMS: u32 = 128;
+
 /// How a server runs.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
@@ -239,6 +243,7 @@ impl Server {
         let serve = tonic::transport::Server::builder()
             .initial_stream_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
+            .max_concurrent_streams(Some(MAX_STREAMS))
             .max_frame_size(16_777_215u32)
             .http2_keepalive_interval(Some(ka_interval))
             .http2_keepalive_timeout(Some(ka_timeout))

@@ -129,6 +129,7 @@ impl Standby {
             let r = tonic::transport::Server::builder()
                 .initial_stream_window_size(super::STREAM_WINDOW)
                 .initial_connection_window_size(super::CONNECTION_WINDOW)
+                .max_concurrent_streams(Some(super::MAX_STREAMS))
                 .http2_keepalive_interval(Some(Duration::from_secs(30)))
                 .http2_keepalive_timeout(Some(Duration::from_secs(10)))
                 .add_service(InterceptedService::new(svc, gate))
