@@ -191,8 +191,18 @@ impl CongestionChoice {
     /// system's algorithm has already initialised the connection, and a BBR default leaves it
     /// pacing its sends (one small burst at a time) whatever it is switched to.
     pub async fn connect(&self, addr: &str) -> std::io::Result<tokio::net::TcpStream> {
+        let targets: Vec<_> = tokio::net::lookup_host(addr).await?.collect();
+        self.connect_to(addr, &targets).await
+    }
+
+    /// [`CongestionChoice::connect`] to addresses resolved already (`addr` names them in errors).
+    pub async fn connect_to(
+        &self,
+        addr: &str,
+        targets: &[std::net::SocketAddr],
+    ) -> std::io::Result<tokio::net::TcpStream> {
         let mut last = None;
-        for a in tokio::net::lookup_host(addr).await? {
+        for &a in targets {
             let socket = if a.is_ipv4() {
                 tokio::net::TcpSocket::new_v4()?
             } else {

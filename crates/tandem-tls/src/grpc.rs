@@ -182,8 +182,16 @@ impl tower_service::Service<Uri> for Connector {
                 reason,
                 refused,
             };
-            let bare = host.trim_start_matches('[').trim_end_matches(']');
-            let tcp = tokio::net::TcpStream::connect((bare, port))
+            // Resolved once; without certificates only loopback addresses may be dialled, and
+            // the address checked is the one used (standbys, failover: every connection).
+            let targets = security
+                .resolve("this gRPC client", &addr)
+                .await
+                .map_err(|e| {
+                    let refused = matches!(e, tandem_core::Error::Config { .. });
+                    fail(e.to_string(), refused)
+                })?;
+            let tcp = tokio::net::TcpStream::connect(&targets[..])
                 .await
                 .map_err(|e| fail(e.to_string(), false))?;
             let _ = tcp.set_nodelay(true);

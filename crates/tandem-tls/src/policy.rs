@@ -78,18 +78,23 @@ impl Security {
         }
         match addrs.iter().map(AsRef::as_ref).find(|a| !is_loopback(a)) {
             None => Ok(()),
-            Some(a) => Err(Error::config(
-                DIR_VAR,
-                format!(
-                    "is not set, and {what} reaches {a}, which is not on this machine's loopback: \
-                     Tandem encrypts every connection between hosts. Make the job's certificates \
-                     with `tandem certs init DIR --name HOST ...` and point {DIR_VAR} at them on \
-                     every process (`tandem launch` does this by itself), or set {INSECURE_VAR}=1 \
-                     to send everything in clear"
-                ),
-            )),
+            Some(a) => Err(not_loopback(what, a)),
         }
     }
+}
+
+/// Why a process without certificates may not reach `a`.
+fn not_loopback(what: &str, a: &str) -> Error {
+    Error::config(
+        DIR_VAR,
+        format!(
+            "is not set, and {what} reaches {a}, which is not on this machine's loopback: \
+             Tandem encrypts every connection between hosts. Make the job's certificates \
+             with `tandem certs init DIR --name HOST ...` and point {DIR_VAR} at them on \
+             every process (`tandem launch` does this by itself), or set {INSECURE_VAR}=1 \
+             to send everything in clear"
+        ),
+    )
 }
 
 fn insecure(vars: &dyn Vars) -> Result<bool> {
@@ -100,6 +105,31 @@ fn insecure(vars: &dyn Vars) -> Result<bool> {
             INSECURE_VAR,
             format!("is {other:?}; give 1 (plaintext between hosts) or 0"),
         )),
+    }
+}
+
+impl Security {
+    /// Resolves `addr` (`host:port`) once, for a connection of `what`, and returns the addresses
+    /// this process may connect to: every one under TLS or `TANDEM_INSECURE=1`, else the loopback
+    /// ones only (an error naming the address, and how to get certificates, when none is). Connect
+    /// to what this returns, never to the name again: the address checked is the address used.
+    pub async fn resolve(&self, what: &str, addr: &str) -> Result<Vec<std::net::SocketAddr>> {
+        let found: Vec<std::net::SocketAddr> = tokio::net::lookup_host(addr)
+            .await
+            .map_err(|e| Error::io(format!("resolving {addr} for {what}"), e))?
+            .collect();
+        if !matches!(self, Security::Plaintext { insecure: false }) {
+            return Ok(found);
+        }
+        let near: Vec<_> = found
+            .iter()
+            .copied()
+            .filter(|a| a.ip().is_loopback())
+            .collect();
+        if near.is_empty() {
+            return Err(not_loopback(what, addr));
+        }
+        Ok(near)
     }
 }
 
@@ -155,6 +185,60 @@ mod tests {
         fn raw(&self, k: &str) -> Option<String> {
             self.0.get(k).cloned()
         }
+    }
+
+    /// Without certificates a name is resolved once and only its loopback addresses are dialled;
+    /// anything else is refused naming the address. With TLS or TANDEM_INSECURE=1 every address is.
+    #[tokio::test]
+    async fn resolve_keeps_loopback_only_without_certificates() {
+        let plain = Security::loopback_only();
+        let near = plain.resolve("t", "127.0.0.1:5").await.expect("loopback");
+        assert_eq!(near, ["127.0.0.1:5".parse().expect("addr")]);
+        let local = plain.resolve("t", "localhost:5").await.expect("localhost");
+        assert!(
+            !local.is_empty() && local.iter().all(|a| a.ip().is_loopback()),
+            "{local:?}"
+        );
+        let e = plain
+            .resolve("the test", "10.255.255.1:5")
+            .await
+            .expect_err("not loopback")
+            .to_string();
+        assert!(
+            e.contains("the test reaches 10.255.255.1:5") && e.contains("loopback"),
+            "{e}"
+        );
+        let insecure = Security::Plaintext { insecure: true };
+        assert_eq!(
+            insecure
+                .resolve("t", "10.255.255.1:5")
+                .await
+                .expect("insecure")
+                .len(),
+            1
+        );
+    }
+
+    /// Every gRPC connection applies the rule where it connects (a standby's or failover's
+    /// address included): refused before any packet is sent, as a refusal (not worth retrying).
+    #[tokio::test]
+    async fn the_grpc_connector_refuses_far_addresses_without_certificates() {
+        use tower_service::Service;
+        let mut c = crate::grpc::Connector::new(Security::loopback_only());
+        let far = c
+            .call("http://10.255.255.1:9".parse().expect("uri"))
+            .await
+            .expect_err("a far address in plaintext");
+        assert!(far.refused && far.reason.contains("loopback"), "{far:?}");
+        // A loopback address is dialled (nobody listens here: the connection itself fails).
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("port");
+        let port = l.local_addr().expect("addr").port();
+        drop(l);
+        let near = c
+            .call(format!("http://127.0.0.1:{port}").parse().expect("uri"))
+            .await
+            .expect_err("nobody listens");
+        assert!(!near.refused, "{near:?}");
     }
 
     #[test]

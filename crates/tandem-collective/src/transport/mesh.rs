@@ -74,7 +74,13 @@ async fn connect_one(spec: &MeshSpec<'_>, peer: usize, deadline: Instant) -> Res
     );
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
-        let attempt = tokio::time::timeout(left, spec.congestion.connect(addr)).await;
+        // Resolved once per attempt; without certificates only loopback addresses are dialled.
+        let targets = match spec.security.resolve("the ring", addr).await {
+            Ok(t) => t,
+            Err(e @ Error::Config { .. }) => return Err(e),
+            Err(_) => Vec::new(),
+        };
+        let attempt = tokio::time::timeout(left, spec.congestion.connect_to(addr, &targets)).await;
         let err = match attempt {
             Ok(Ok(tcp)) => match open(spec, peer, tcp, left.min(HELLO_TIMEOUT)).await? {
                 Ok(s) => return Ok(s),
