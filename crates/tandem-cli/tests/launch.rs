@@ -298,8 +298,9 @@ fn gpus_auto_gives_each_rank_its_gpu_from_the_topology() {
     );
 }
 
-/// Every job gets a CA of its own and a certificate, in `tls/` of its log folder (or a temporary
-/// folder removed when the job ends), unless the user's environment already names TLS files.
+/// Every job gets a CA of its own and a certificate per process naming its identity (`rank-N`),
+/// in `tls/` of its log folder (or a temporary folder removed when the job ends), with the CA's
+/// key deleted once they are issued, unless the user's environment already names TLS files.
 #[test]
 fn every_launched_job_gets_its_own_certificates() {
     let show = r#"echo "TLS $TANDEM_TLS_DIR $(ls "$TANDEM_TLS_DIR" | tr '\n' ' ')""#;
@@ -325,16 +326,32 @@ fn every_launched_job_gets_its_own_certificates() {
         "-c",
         show,
     ]);
-    let seen = dirs(&out);
+    let mut seen = dirs(&out);
+    seen.sort();
     assert_eq!(seen.len(), 2, "{seen:?}");
-    assert_eq!(seen[0], seen[1], "one CA per job");
-    assert!(
-        seen[0].contains("/tls/process ca.pem cert.pem key.pem"),
-        "{seen:?}"
+    for (rank, s) in seen.iter().enumerate() {
+        assert!(
+            s.contains(&format!("/tls/rank-{rank} ca.pem cert.pem key.pem")),
+            "{seen:?}"
+        );
+    }
+    let folder = |s: &str| std::path::PathBuf::from(s.split(' ').next().expect("dir"));
+    let (a, b) = (folder(&seen[0]), folder(&seen[1]));
+    let read = |p: std::path::PathBuf| std::fs::read_to_string(p).expect("read");
+    assert_eq!(
+        read(a.join("ca.pem")),
+        read(b.join("ca.pem")),
+        "one CA per job"
     );
+    assert_ne!(
+        read(a.join("cert.pem")),
+        read(b.join("cert.pem")),
+        "a certificate each"
+    );
+    let root = a.parent().expect("tls/");
     assert!(
-        !seen[0].contains("ca-key"),
-        "the CA's key stays out of the processes' folder"
+        !root.join("ca-key.pem").exists() && !seen[0].contains("ca-key"),
+        "the CA's key is deleted once the certificates are issued"
     );
     let out = launch(&["--nproc", "1", "--no-log-files", "--", "sh", "-c", show]);
     let seen = dirs(&out);

@@ -51,6 +51,8 @@ struct Proc {
     /// Process group of the latest start (its leader's pid), kept after the leader exits.
     pgid: Option<i32>,
     forwarders: Vec<JoinHandle<()>>,
+    /// Its TLS folder (its own certificate), when the launcher made the job's.
+    tls: Option<PathBuf>,
 }
 
 /// Runs the job to its end. `interrupted` is polled while it runs (Ctrl-C in the caller): when it
@@ -87,7 +89,10 @@ pub fn run(
         let mut env: std::collections::HashMap<String, String> = std::env::vars().collect();
         env.extend(spec.env.iter().cloned());
         if let Some(t) = &tls {
-            env.insert(tandem_tls::DIR_VAR.into(), t.dir.display().to_string());
+            env.insert(
+                tandem_tls::DIR_VAR.into(),
+                t.issue_one(spec, "rendezvous")?.display().to_string(),
+            );
         }
         tandem_tls::Security::from_vars(&env)?
     };
@@ -98,10 +103,14 @@ pub fn run(
     ))?;
     let ports = reserve_ports(spec)?;
     let planned = plan(spec, &host.addr().to_string(), &ports)?;
+    let tls_dirs = match &tls {
+        Some(t) => t.issue(spec, &planned)?.into_iter().map(Some).collect(),
+        None => vec![None; planned.len()],
+    };
     let colour = std::io::stdout().is_terminal();
     let width = planned.iter().map(|p| p.label().len()).max().unwrap_or(0);
     let mut procs = Vec::with_capacity(planned.len());
-    for p in planned {
+    for (p, tls) in planned.into_iter().zip(tls_dirs) {
         let log = match &log_dir {
             Some(dir) => {
                 let path = dir.join(format!("{}-{}.log", p.role, p.index));
@@ -119,6 +128,7 @@ pub fn run(
             log,
             pgid: None,
             forwarders: Vec::new(),
+            tls,
         });
     }
     let style = Style {
@@ -127,7 +137,6 @@ pub fn run(
         prefix: spec.prefix,
         sink: spec.sink.clone(),
         log_dir: log_dir.clone(),
-        tls: tls.as_ref().map(|t| t.dir.clone()),
     };
     for i in 0..procs.len() {
         if let Err(e) = start(&mut procs[i], &token, &style) {
@@ -176,8 +185,6 @@ struct Style {
     sink: Option<LineSink>,
     /// The job's log folder: processes write their flight-recorder dumps under it.
     log_dir: Option<PathBuf>,
-    /// The job's TLS folder (its own CA and a certificate for this machine).
-    tls: Option<PathBuf>,
 }
 
 impl Style {
@@ -196,15 +203,20 @@ impl Style {
     }
 }
 
-/// The TLS files `tandem launch` makes for each job: a CA of its own and one certificate for this
-/// machine's loopback names (in `process/`, without the CA's key), in `tls/` of the job's log folder (or a temporary folder, removed when
-/// the job ends). Not made when the user's environment already names TLS files.
+/// The TLS files `tandem launch` makes for each job, in `tls/` of the job's log folder (or a
+/// temporary folder, removed when the job ends): a CA of its own and one certificate per process
+/// naming its identity (`tls/rank-3/`, `tls/worker-1/`, `tls/ps-0/`, `tls/chief/`, and
+/// `tls/rendezvous/` for the launcher's rendezvous), each folder complete for `TANDEM_TLS_DIR`.
+/// The CA's key is deleted once every certificate is issued. Not made when the user's
+/// environment already names TLS files.
 struct JobTls {
-    /// What the processes read (`ca.pem`, `cert.pem`, `key.pem`; the CA's key stays one level up).
-    dir: PathBuf,
+    /// The folder of every identity's folder.
     root: PathBuf,
     temporary: bool,
 }
+
+/// The job name the launcher's certificates carry.
+const LAUNCH_JOB: &str = "tandem-launch";
 
 impl JobTls {
     fn make(log_dir: Option<&std::path::Path>, spec: &JobSpec) -> Result<Option<JobTls>> {
@@ -223,7 +235,7 @@ impl JobTls {
         {
             return Ok(None);
         }
-        let (dir, temporary) = match log_dir {
+        let (root, temporary) = match log_dir {
             Some(d) => (d.join("tls"), false),
             None => (
                 std::env::temp_dir().join(format!(
@@ -237,6 +249,24 @@ impl JobTls {
                 true,
             ),
         };
+        Ok(Some(JobTls { root, temporary }))
+    }
+
+    /// Issues one per planned process, then deletes the CA's key. Returns each process's folder,
+    /// in the order of `planned`.
+    fn issue(&self, spec: &JobSpec, planned: &[Planned]) -> Result<Vec<PathBuf>> {
+        let dirs = planned
+            .iter()
+            .map(|p| self.issue_one(spec, &identity(spec, p)))
+            .collect::<Result<Vec<_>>>()?;
+        let key = self.root.join(tandem_tls::CA_KEY_FILE);
+        std::fs::remove_file(&key)
+            .map_err(|e| Error::io(format!("deleting the CA key {}", key.display()), e))?;
+        Ok(dirs)
+    }
+
+    /// Issues the certificate of `identity` (once) into its folder and returns the folder.
+    fn issue_one(&self, spec: &JobSpec, identity: &str) -> Result<PathBuf> {
         let mut names = vec![
             "localhost".to_string(),
             "127.0.0.1".to_string(),
@@ -245,13 +275,22 @@ impl JobTls {
         if !names.contains(&spec.host) && !spec.host.is_empty() {
             names.push(spec.host.clone());
         }
-        let process = dir.join("process");
-        tandem_tls::init(&dir, Some(&process), "tandem-launch", &names, 30)?;
-        Ok(Some(JobTls {
-            dir: process,
-            root: dir,
-            temporary,
-        }))
+        let dir = self.root.join(identity);
+        if !dir.join(tandem_tls::CERT_FILE).exists() {
+            tandem_tls::init_as(&self.root, Some(&dir), LAUNCH_JOB, identity, &names, 30)?;
+        }
+        Ok(dir)
+    }
+}
+
+/// The identity a planned process's certificate names: `rank-N` in an allreduce job, `chief`,
+/// `worker-N` or `ps-N` in a parameter-server job.
+fn identity(spec: &JobSpec, p: &Planned) -> String {
+    match (&spec.layout, p.role) {
+        (crate::plan::Layout::Allreduce { .. }, _) => format!("rank-{}", p.rank),
+        (_, tandem_core::cluster::Role::Chief) => "chief".into(),
+        (_, tandem_core::cluster::Role::Ps) => format!("ps-{}", p.index),
+        (_, _) => format!("worker-{}", p.index),
     }
 }
 
@@ -299,7 +338,7 @@ fn start(p: &mut Proc, token: &JobToken, style: &Style) -> Result<()> {
     if let Some(addr) = metrics_addr(&p.plan) {
         cmd.env("TANDEM_METRICS_ADDR", addr);
     }
-    if let Some(dir) = &style.tls {
+    if let Some(dir) = &p.tls {
         cmd.env(tandem_tls::DIR_VAR, dir);
     }
     if let Some(dir) = &style.log_dir {

@@ -74,7 +74,9 @@ impl Client {
     ) -> Result<Client> {
         tandem_core::cluster::check_address("rendezvous address", addr)?;
         security.check_peers("the rendezvous client", &[addr])?;
-        let connector = tandem_tls::grpc::Connector::new(security.clone());
+        // Only a process that may host the rendezvous serves it (not any member of the job).
+        let connector = tandem_tls::grpc::Connector::new(security.clone())
+            .expecting("the rendezvous", |r| r.hosts_rendezvous());
         let header = token.header()?;
         let endpoint = Endpoint::from_shared(format!("http://{addr}"))
             .map_err(|e| Error::config("rendezvous address", format!("{addr:?}: {e}")))?

@@ -79,7 +79,7 @@ pub async fn run(
         .max_decoding_message_size(decode_limit)
         .max_encoding_message_size(usize::MAX);
     let svc = InterceptedService::new(svc, CheckToken(config.token));
-    let incoming = tandem_tls::grpc::incoming(listener, security.clone(), "rendezvous");
+    let incoming = tandem_tls::grpc::incoming(listener, security.clone(), "rendezvous", |_| true);
     tracing::info!(%local, tls = security.is_tls(), "rendezvous serving");
     tonic::transport::Server::builder()
         .max_concurrent_streams(Some(MAX_STREAMS))

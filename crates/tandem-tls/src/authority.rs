@@ -131,6 +131,12 @@ impl Authority {
     /// A certificate for `name` (its common name), reachable as `sans` (DNS names, IP addresses,
     /// `*.` wildcards), valid `days` days, for both the server and the client side of mutual TLS.
     pub fn issue(&self, name: &str, sans: &[String], days: u32) -> Result<Issued> {
+        self.check_names(name, sans)?;
+        let (from, until) = validity(days, "certificate validity")?;
+        self.sign(name, sans, from, until)
+    }
+
+    fn check_names(&self, name: &str, sans: &[String]) -> Result<()> {
         if name.is_empty() {
             return Err(Error::invalid("name", "a certificate needs a name"));
         }
@@ -148,8 +154,38 @@ impl Authority {
                 format!("{bad:?} is not a host name, a *. wildcard or an IP address"),
             ));
         }
+        Ok(())
+    }
+
+    /// Issues the certificate of one process of the job: common name its role (`ps-1`), its
+    /// organizational unit the job, and only the key usage its role needs (see
+    /// [`crate::identity`]): a worker's cannot serve, the rendezvous's cannot dial.
+    pub fn issue_identity(
+        &self,
+        id: &crate::identity::Identity,
+        sans: &[String],
+        days: u32,
+    ) -> Result<Issued> {
+        if id.job.is_empty() {
+            return Err(Error::invalid("job", "an identity needs its job's name"));
+        }
+        self.check_names(&id.role.to_string(), sans)?;
         let (from, until) = validity(days, "certificate validity")?;
-        self.sign(name, sans, from, until)
+        let mut usages = Vec::new();
+        if id.role.serves() {
+            usages.push(ExtendedKeyUsagePurpose::ServerAuth);
+        }
+        if id.role.dials() {
+            usages.push(ExtendedKeyUsagePurpose::ClientAuth);
+        }
+        self.sign_with(
+            &id.role.to_string(),
+            Some(&id.job),
+            usages,
+            sans,
+            from,
+            until,
+        )
     }
 
     /// Signs a certificate for `name` and `sans`, valid from `from` to `until` (checked by
@@ -161,21 +197,39 @@ impl Authority {
         from: OffsetDateTime,
         until: OffsetDateTime,
     ) -> Result<Issued> {
+        let both = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        self.sign_with(name, None, both, sans, from, until)
+    }
+
+    fn sign_with(
+        &self,
+        name: &str,
+        job: Option<&str>,
+        usages: Vec<ExtendedKeyUsagePurpose>,
+        sans: &[String],
+        from: OffsetDateTime,
+        until: OffsetDateTime,
+    ) -> Result<Issued> {
         let mut params =
             CertificateParams::new(sans.to_vec()).map_err(|e| tls_error("certificate names", e))?;
         params.distinguished_name.push(DnType::CommonName, name);
         params
             .distinguished_name
             .push(DnType::OrganizationName, "Tandem");
+        if let Some(job) = job {
+            params
+                .distinguished_name
+                .push(DnType::OrganizationalUnitName, job);
+        }
         params.use_authority_key_identifier_extension = true;
         params.key_usages = vec![
             KeyUsagePurpose::DigitalSignature,
             KeyUsagePurpose::KeyEncipherment,
         ];
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
+        params.extended_key_usages = usages;
         params.not_before = from;
         params.not_after = until;
         let key = KeyPair::generate().map_err(|e| tls_error("certificate key", e))?;

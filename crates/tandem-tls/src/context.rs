@@ -30,6 +30,7 @@ pub struct TlsContext {
     stream_server: Arc<rustls::ServerConfig>,
     stream_client: Arc<rustls::ClientConfig>,
     name: String,
+    identity: Option<crate::identity::Identity>,
 }
 
 impl std::fmt::Debug for TlsContext {
@@ -125,21 +126,27 @@ impl TlsContext {
             roots: roots.clone(),
             algs: provider.signature_verification_algorithms,
         };
-        // This process's own certificate must be one its peers accept: checked now, so a wrong or
-        // expired file fails at start and names itself, not at the first connection.
-        verifier
-            .verify_chain(leaf, &chain[1..], UnixTime::now())
-            .map_err(|e| {
-                bad(
-                    "TLS certificate",
-                    &cert_src,
-                    format!("not valid under the CA in {ca_src}: {}", describe(&e)),
-                )
-            })?;
-        let name = common_name(leaf).unwrap_or_else(|| "(no common name)".into());
+        let identity = crate::identity::Identity::of_certificate(leaf);
         let client_verifier = WebPkiClientVerifier::builder_with_provider(roots, provider.clone())
             .build()
             .map_err(|e| bad("TLS CA", &ca_src, e))?;
+        // This process's own certificate must be one its peers accept: checked now, so a wrong or
+        // expired file fails at start and names itself, not at the first connection. A role that
+        // only dials holds a certificate for client use alone.
+        let own = match &identity {
+            Some(id) if !id.role.serves() => client_verifier
+                .verify_client_cert(leaf, &chain[1..], UnixTime::now())
+                .map(|_| ()),
+            _ => verifier.verify_chain(leaf, &chain[1..], UnixTime::now()),
+        };
+        own.map_err(|e| {
+            bad(
+                "TLS certificate",
+                &cert_src,
+                format!("not valid under the CA in {ca_src}: {}", describe(&e)),
+            )
+        })?;
+        let name = common_name(leaf).unwrap_or_else(|| "(no common name)".into());
         let mut server = rustls::ServerConfig::builder_with_provider(provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(|e| bad("TLS", "protocol versions", e))?
@@ -167,7 +174,13 @@ impl TlsContext {
             stream_server: Arc::new(stream_server),
             stream_client: Arc::new(stream_client),
             name,
+            identity,
         })
+    }
+
+    /// Who this process is in its job, when its certificate names it (see [`crate::identity`]).
+    pub fn identity(&self) -> Option<&crate::identity::Identity> {
+        self.identity.as_ref()
     }
 
     /// The configuration of the accepting end (client certificates required).
@@ -272,7 +285,9 @@ pub fn describe(e: &rustls::Error) -> String {
             "the certificate is not valid yet (are the hosts' clocks apart?)".into()
         }
         E::InvalidCertificate(C::InvalidPurpose | C::InvalidPurposeContext { .. }) => {
-            "the certificate is not issued for both TLS client and server use".into()
+            "the certificate is not issued for this use: its role may not serve (or dial) here, \
+             e.g. a worker's certificate on a parameter server"
+                .into()
         }
         E::InvalidCertificate(other) => format!("the certificate is invalid ({other:?})"),
         E::NoCertificatesPresented => "the peer presented no certificate".into(),

@@ -132,8 +132,9 @@ pub fn init(
     init_as(dir, out, job, job, names, days)
 }
 
-/// [`init`] with the certificate's common name `identity` instead of the job's name: `rank-<n>`
-/// binds the certificate to rank `n` (the ring refuses it from any other rank).
+/// [`init`] with the certificate's common name `identity` instead of the job's name: a role
+/// (`rank-<n>`, `worker-<n>`, `ps-<n>`, `chief`, `rendezvous`) makes the certificate of that
+/// process of job `job`, with the key usage of its role (see [`crate::identity`]).
 pub fn init_as(
     dir: &Path,
     out: Option<&Path>,
@@ -188,7 +189,12 @@ pub fn init_as(
             ));
         }
     };
-    let Issued { cert_pem, key_pem } = ca.issue(identity, names, days)?;
+    // A role (`ps-0`, `worker-1`, `rank-2`, `chief`, `rendezvous`) makes an identity of the job
+    // with its role's key usage; any other name, a certificate checked by the CA alone.
+    let Issued { cert_pem, key_pem } = match crate::identity::Identity::parse(identity, job) {
+        Some(id) => ca.issue_identity(&id, names, days)?,
+        None => ca.issue(identity, names, days)?,
+    };
     if new_authority {
         write(&ca_path, &ca.cert_pem, false)?;
         write(&ca_key_path, &ca.key_pem, true)?;

@@ -10,6 +10,7 @@ use std::future::Future;
 use std::io;
 use std::pin::Pin;
 
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -21,6 +22,7 @@ use tonic::codegen::http::Uri;
 use tonic::transport::server::{Connected, TcpConnectInfo};
 
 use crate::admission::Admission;
+use crate::identity::Role;
 use crate::policy::Security;
 use crate::stream::{Stream, accept, connect, tls_failure};
 
@@ -46,10 +48,14 @@ impl Connected for Stream {
 /// returned stream is dropped (the server stopped). `what` names the server in logs and metrics
 /// (`rendezvous`, `ps`). The accept loop never waits for a handshake: each runs in its own task
 /// under `admission`'s bounds, and a connection over them is closed at once.
+///
+/// `clients` says which roles may connect, once this process's certificate names its identity
+/// (any of its job's processes otherwise passes; see [`crate::identity`]).
 pub fn incoming(
     listener: TcpListener,
     security: Security,
     what: &'static str,
+    clients: fn(&Role) -> bool,
 ) -> ReceiverStream<io::Result<Stream>> {
     let (tx, rx) = mpsc::channel(QUEUED);
     let admission = Admission::new(what);
@@ -76,6 +82,10 @@ pub fn incoming(
             let (tx, security, admission) = (tx.clone(), security.clone(), admission.clone());
             tokio::spawn(async move {
                 match accept(&security, tcp, HANDSHAKE_TIMEOUT).await {
+                    Ok(s) if let Err(why) = security.check_peer(&s, what, &clients) => {
+                        drop(slot);
+                        admission.refused(from, "role", &why, true);
+                    }
                     Ok(s) => {
                         drop(slot);
                         if let Some(cert) = s.peer_certificate() {
@@ -148,15 +158,44 @@ pub fn plaintext_hint(status: &tonic::Status) -> &'static str {
 /// Opens a gRPC client's connections: TCP (no delay) to the URI's host and port, then TLS when the
 /// process has certificates. Use with `Endpoint::connect_with_connector` and an `http://` URI (the
 /// TLS is underneath, not tonic's).
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Connector {
     security: Security,
+    /// What the servers are for (in refusals) and which roles may serve it.
+    expect: Option<(&'static str, Expected)>,
+}
+
+/// Which roles may be at the other end of a connection.
+pub type Expected = Arc<dyn Fn(&Role) -> bool + Send + Sync>;
+
+impl std::fmt::Debug for Connector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connector")
+            .field("security", &self.security)
+            .field("expect", &self.expect.as_ref().map(|e| e.0))
+            .finish()
+    }
 }
 
 impl Connector {
     /// A connector securing its connections as `security` says.
     pub fn new(security: Security) -> Connector {
-        Connector { security }
+        Connector {
+            security,
+            expect: None,
+        }
+    }
+
+    /// The same, refusing a server whose certificate names a role `expected` refuses (or
+    /// another job), once this process's own certificate names its identity. `what` names the
+    /// server in refusals.
+    pub fn expecting(
+        mut self,
+        what: &'static str,
+        expected: impl Fn(&Role) -> bool + Send + Sync + 'static,
+    ) -> Connector {
+        self.expect = Some((what, Arc::new(expected)));
+        self
     }
 }
 
@@ -173,6 +212,7 @@ impl tower_service::Service<Uri> for Connector {
 
     fn call(&mut self, uri: Uri) -> Self::Future {
         let security = self.security.clone();
+        let expect = self.expect.clone();
         Box::pin(async move {
             let host = uri.host().unwrap_or_default().to_string();
             let port = uri.port_u16().unwrap_or(80);
@@ -195,10 +235,15 @@ impl tower_service::Service<Uri> for Connector {
                 .await
                 .map_err(|e| fail(e.to_string(), false))?;
             let _ = tcp.set_nodelay(true);
-            match connect(&security, tcp, &addr, HANDSHAKE_TIMEOUT).await {
-                Ok(s) => Ok(TokioIo::new(s)),
-                Err(e) => Err(fail(e.reason, e.refused)),
+            let s = connect(&security, tcp, &addr, HANDSHAKE_TIMEOUT)
+                .await
+                .map_err(|e| fail(e.reason, e.refused))?;
+            if let Some((what, expected)) = &expect {
+                security
+                    .check_peer(&s, what, &**expected)
+                    .map_err(|why| fail(why, true))?;
             }
+            Ok(TokioIo::new(s))
         })
     }
 }

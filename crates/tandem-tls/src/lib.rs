@@ -25,6 +25,7 @@ mod files;
 pub mod fuzzing;
 pub mod grpc;
 mod handshake;
+pub mod identity;
 mod policy;
 mod record;
 pub mod stream;

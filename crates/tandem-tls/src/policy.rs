@@ -69,6 +69,26 @@ impl Security {
         matches!(self, Security::Tls(_))
     }
 
+    /// Who this process is in its job, when its certificate names it.
+    pub fn identity(&self) -> Option<&crate::identity::Identity> {
+        match self {
+            Security::Tls(ctx) => ctx.identity(),
+            Security::Plaintext { .. } => None,
+        }
+    }
+
+    /// Checks the peer of `stream` for a connection of `what` (see
+    /// [`crate::identity::check_peer`]).
+    pub fn check_peer(
+        &self,
+        stream: &crate::stream::Stream,
+        what: &str,
+        expected: &dyn Fn(&crate::identity::Role) -> bool,
+    ) -> std::result::Result<(), String> {
+        let cert = stream.peer_certificate();
+        crate::identity::check_peer(self.identity(), cert.as_deref(), what, expected)
+    }
+
     /// Checks that `what` may use `addrs` (`host:port` or hosts): always under TLS or when
     /// insecure; otherwise only if every one is a loopback address. The error says how to get
     /// certificates.

@@ -303,3 +303,117 @@ fn load_names_the_file_that_is_wrong() {
         "{e}"
     );
 }
+
+fn identity_of(ca: &Authority, role: &str, job: &str) -> Security {
+    let id = crate::identity::Identity::parse(role, job).unwrap();
+    let issued = ca.issue_identity(&id, &["127.0.0.1".into()], 1).unwrap();
+    Security::tls(tls_context(ca, &issued))
+}
+
+/// Certificates carry the key usage of their role: a worker's (other than worker 0) cannot serve,
+/// the rendezvous's cannot dial; the handshake itself refuses them.
+#[tokio::test]
+async fn a_roles_key_usage_is_enforced_by_the_handshake() {
+    let ca = Authority::generate("job", 1).unwrap();
+    let ok = pair(
+        identity_of(&ca, "ps-0", "job"),
+        identity_of(&ca, "worker-1", "job"),
+    )
+    .await;
+    assert_eq!(ok.0.unwrap(), b"hello", "a worker dials a server");
+    let (_, c) = pair(
+        identity_of(&ca, "worker-1", "job"),
+        identity_of(&ca, "worker-2", "job"),
+    )
+    .await;
+    let e = c.expect_err("a worker's certificate serving");
+    assert!(e.reason.contains("not issued for this use"), "{e:?}");
+    let (s, _) = pair(
+        identity_of(&ca, "ps-0", "job"),
+        identity_of(&ca, "rendezvous", "job"),
+    )
+    .await;
+    assert!(s.is_err(), "the rendezvous's certificate dialling");
+    // Worker 0 and the chief may host the rendezvous: they serve.
+    for host in ["worker-0", "chief"] {
+        let (s, c) = pair(
+            identity_of(&ca, host, "job"),
+            identity_of(&ca, "worker-1", "job"),
+        )
+        .await;
+        assert!(s.is_ok() && c.is_ok(), "{host}");
+    }
+}
+
+/// Through the gRPC connector and a server's admission, once a process has an identity: a server
+/// in the wrong role or of another job is refused by the client, a client in a role the server
+/// does not serve (or of another job) by the server; a process without identities checks nothing
+/// more than the CA.
+#[tokio::test]
+async fn roles_and_jobs_are_checked_on_both_ends() {
+    use tower_service::Service;
+    let ca = Authority::generate("job", 1).unwrap();
+    // (server's identity, its job, whom it serves) -> what a worker-1 of "job" expecting a PS sees.
+    let cases = [
+        ("ps-0", "job", true),
+        ("ps-3", "job", true),
+        ("rank-1", "job", false),
+        ("chief", "job", false),
+        ("ps-0", "other", false),
+    ];
+    for (role, job, admitted) in cases {
+        let server = identity_of(&ca, role, job);
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let mut incoming = crate::grpc::incoming(l, server, "test", |_| true);
+        let mut c = crate::grpc::Connector::new(identity_of(&ca, "worker-1", "job"))
+            .expecting("the parameter server", |r| {
+                matches!(r, crate::identity::Role::Ps(_))
+            });
+        let got = c.call(format!("http://{addr}").parse().unwrap()).await;
+        assert_eq!(got.is_ok(), admitted, "{role} of {job}: {:?}", got.err());
+        if let Err(e) = got {
+            assert!(
+                e.refused && e.reason.contains("the parameter server"),
+                "{e:?}"
+            );
+        }
+        drop(tokio_stream::StreamExt::next(&mut incoming));
+    }
+    // The server side: a server admits the roles it serves from its job only (here: not chiefs).
+    for (role, job, admitted) in [
+        ("worker-1", "job", true),
+        ("chief", "job", false),
+        ("worker-1", "other", false),
+    ] {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let mut incoming = crate::grpc::incoming(l, identity_of(&ca, "ps-0", "job"), "test", |r| {
+            !matches!(r, crate::identity::Role::Chief)
+        });
+        let mut c = crate::grpc::Connector::new(identity_of(&ca, role, job));
+        // The client's handshake completes either way; the server drops what it refuses.
+        assert!(
+            c.call(format!("http://{addr}").parse().unwrap())
+                .await
+                .is_ok()
+        );
+        let next = tokio::time::timeout(
+            std::time::Duration::from_secs(3),
+            tokio_stream::StreamExt::next(&mut incoming),
+        )
+        .await;
+        assert_eq!(next.is_ok(), admitted, "{role} of {job}");
+    }
+    // Without identities (one shared certificate), only the CA is checked.
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let _incoming = crate::grpc::incoming(l, member(&ca, "shared"), "test", |_| false);
+    let mut c = crate::grpc::Connector::new(member(&ca, "shared"))
+        .expecting("the parameter server", |_| false);
+    assert!(
+        c.call(format!("http://{addr}").parse().unwrap())
+            .await
+            .is_ok()
+    );
+}

@@ -3,6 +3,9 @@
 
 use super::*;
 
+/// The name of a process's default group: its ranks are the job's.
+pub const DEFAULT_NAME: &str = "default";
+
 /// How a group is formed and how long its operations may take.
 #[derive(Debug, Clone)]
 pub struct GroupConfig {
@@ -63,7 +66,7 @@ pub const MAX_STREAMS_PER_PEER: usize = 8;
 impl Default for GroupConfig {
     fn default() -> Self {
         GroupConfig {
-            name: "default".into(),
+            name: DEFAULT_NAME.into(),
             timeout: Duration::from_secs(300),
             connect_timeout: Duration::from_secs(120),
             segment_bytes: 1 << 20,

@@ -438,6 +438,7 @@ impl Formation<'_> {
             group: group_id(&channel_group(&self.config.name, channel)),
             security: &security,
             congestion: &self.congestion,
+            job_ranks: self.config.name == crate::group::DEFAULT_NAME,
         };
         let (mesh, channels) = std::thread::scope(|s| {
             let mut threads = Vec::with_capacity(extra.len());

@@ -14,7 +14,7 @@ mod form;
 mod peers;
 mod work;
 
-pub use config::{GroupConfig, MAX_STREAMS_PER_PEER, STREAMS_VAR};
+pub use config::{DEFAULT_NAME, GroupConfig, MAX_STREAMS_PER_PEER, STREAMS_VAR};
 use control::Control;
 pub use form::Cancel;
 pub use work::Work;

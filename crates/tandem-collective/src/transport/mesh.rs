@@ -16,6 +16,7 @@ use futures::stream::FuturesUnordered;
 use tandem_core::{Error, Result};
 use tandem_rendezvous::JobToken;
 use tandem_tls::admission::Admission;
+use tandem_tls::identity::Role;
 use tandem_tls::stream::{ReadHalf, Stream, TLS_ALERT, WriteHalf};
 use tandem_tls::{CongestionChoice, Security};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -53,6 +54,26 @@ pub struct MeshSpec<'a> {
     pub security: &'a Security,
     /// The TCP congestion control set on every connection.
     pub congestion: &'a CongestionChoice,
+    /// The group's ranks are the job's (its default group): a certificate naming `rank-<n>` is
+    /// only accepted from rank `n`. In other groups (subgroups, elastic epochs, whose ranks are
+    /// numbered anew) any rank of the job is.
+    pub job_ranks: bool,
+}
+
+impl MeshSpec<'_> {
+    /// Whether the peer of `s`, claiming group rank `rank`, may be that rank of this ring: its
+    /// certificate, when it names a rank, must be that rank's in the job's own group; when this
+    /// process's certificate names its identity, the peer's must be a rank of the same job.
+    fn check_rank(&self, s: &Stream, rank: usize) -> Option<String> {
+        if self.job_ranks
+            && let Some(why) = wrong_rank(s, rank)
+        {
+            return Some(why);
+        }
+        let exact = self.job_ranks;
+        let ring = |r: &Role| matches!(r, Role::Rank(n) if !exact || *n == rank);
+        self.security.check_peer(s, "the ring", &ring).err()
+    }
 }
 
 fn setup(stream: &TcpStream) {
@@ -118,7 +139,7 @@ async fn open(
         Err(e) if e.refused => return Err(refused(e.reason)),
         Err(e) => return Ok(Err(e.reason)),
     };
-    if let Some(why) = wrong_rank(&s, peer) {
+    if let Some(why) = spec.check_rank(&s, peer) {
         return Err(refused(why));
     }
     let hello = encode_hello(spec.rank as u32, spec.group, spec.token.as_str());
@@ -208,7 +229,7 @@ async fn admit(
         })?;
     let refuse = |code: u8, kind: &'static str, why: String| (code, kind, why);
     let verdict = match read_hello(&mut s, spec, world).await {
-        Ok(rank) => match wrong_rank(&s, rank) {
+        Ok(rank) => match spec.check_rank(&s, rank) {
             Some(why) => Err(refuse(
                 HELLO_BAD_PEER,
                 "peer",

@@ -53,7 +53,11 @@ pub(crate) async fn connect_one(
     deadline: Instant,
 ) -> Result<Grpc> {
     tandem_core::cluster::check_address("parameter server address", addr)?;
-    let connector = tandem_tls::grpc::Connector::new(security.clone());
+    // Only a parameter server of the job serves it (a primary or, after failover, its standby).
+    let connector = tandem_tls::grpc::Connector::new(security.clone())
+        .expecting("the parameter server", |r| {
+            matches!(r, tandem_tls::identity::Role::Ps(_))
+        });
     let header: tonic::metadata::MetadataValue<_> =
         format!("Bearer {}", token.as_str()).parse().map_err(|_| {
             Error::config(

@@ -197,7 +197,10 @@ impl Server {
             .max_decoding_message_size(MAX_MESSAGE)
             .max_encoding_message_size(MAX_MESSAGE);
         let svc = InterceptedService::new(svc, CheckToken(self.config.token));
-        let incoming = tandem_tls::grpc::incoming(listener, security.clone(), "parameter server");
+        let incoming =
+            tandem_tls::grpc::incoming(listener, security.clone(), "parameter server", |r| {
+                !matches!(r, tandem_tls::identity::Role::Rendezvous)
+            });
         let (exit_when_done, all_done) = (self.config.exit_when_done, self.all_done);
         let worker_timeout = self.config.worker_timeout;
         let (stopped_tx, stopped_rx) = tokio::sync::oneshot::channel::<Stop>();

@@ -123,7 +123,9 @@ impl Standby {
         let svc = ParameterServerServer::new(service.clone())
             .max_decoding_message_size(super::MAX_MESSAGE)
             .max_encoding_message_size(super::MAX_MESSAGE);
-        let incoming = tandem_tls::grpc::incoming(listener, security.clone(), "standby");
+        let incoming = tandem_tls::grpc::incoming(listener, security.clone(), "standby", |r| {
+            !matches!(r, tandem_tls::identity::Role::Rendezvous)
+        });
         let stopped = stop.clone();
         tokio::spawn(async move {
             let r = tonic::transport::Server::builder()
