@@ -46,8 +46,9 @@ pub struct InitArgs {
     /// Days of validity (1 to 3650).
     #[arg(long, default_value_t = 30)]
     days: u32,
-    /// The certificate's common name (default: the job's name). `rank-N` binds it to rank N: the
-    /// ring refuses it from any other rank.
+    /// The process's identity: `rank-N`, `worker-N`, `ps-N`, `chief` or `rendezvous` makes its
+    /// certificate for that role of the job (its key usage, and peers checked for their role);
+    /// anything else is only a common name (default: the job's name; no role).
     #[arg(long)]
     identity: Option<String>,
 }
@@ -112,7 +113,16 @@ pub fn certs(cmd: CertsCommand) -> Result<ExitCode> {
                     println!(
                         "TLS ok: certificate of {:?}, valid, from the job's CA",
                         ctx.name()
-                    )
+                    );
+                    match ctx.identity() {
+                        Some(id) => {
+                            println!("identity: {id} (peers are checked for their job and role)")
+                        }
+                        None => println!(
+                            "no identity (a certificate without a role: peers are checked \
+                             against the CA only)"
+                        ),
+                    }
                 }
                 tandem_tls::Security::Plaintext { insecure: true } => println!(
                     "plaintext everywhere ({}=1): nothing is encrypted",

@@ -670,6 +670,32 @@ fn certs_init_makes_a_job_ca_reuses_it_and_never_overwrites() {
         text.contains("TLS ok") && text.contains("\"rank-3\""),
         "{text}"
     );
+    assert!(text.contains("identity: rank-3 of job j1"), "{text}");
+    // A worker's certificate loads (it is for client use only) and belongs to the CA's job
+    // whatever --job says; the job's own certificate names no role.
+    let w1 = dir.join("worker-1");
+    let out = tandem(
+        &[
+            "certs",
+            "init",
+            &s(&job),
+            "--out",
+            &s(&w1),
+            "--identity",
+            "worker-1",
+        ],
+        &[],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = tandem(&["certs", "check", &s(&w1)], &[]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("identity: worker-1 of job j1"), "{text}");
+    let out = tandem(&["certs", "check", &s(&job)], &[]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("no identity"));
     let out = tandem(&["certs", "check", &s(&dir.join("nothing-here"))], &[]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("nothing-here"));

@@ -116,6 +116,20 @@ impl Authority {
         })
     }
 
+    /// The job a CA made by [`Authority::generate`] was made for (its common name is
+    /// `Tandem job <job> CA`); `None` for another CA.
+    pub fn job(&self) -> Option<String> {
+        use rustls::pki_types::CertificateDer;
+        use rustls::pki_types::pem::PemObject;
+        let der = CertificateDer::from_pem_slice(self.cert_pem.as_bytes()).ok()?;
+        let cn = crate::common_name(&der)?;
+        Some(
+            cn.strip_prefix("Tandem job ")?
+                .strip_suffix(" CA")?
+                .to_string(),
+        )
+    }
+
     /// The authority whose certificate and key are these PEM texts.
     pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Authority> {
         let key = KeyPair::from_pem(key_pem).map_err(|e| tls_error("CA key", e))?;

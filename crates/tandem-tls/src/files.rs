@@ -191,7 +191,10 @@ pub fn init_as(
     };
     // A role (`ps-0`, `worker-1`, `rank-2`, `chief`, `rendezvous`) makes an identity of the job
     // with its role's key usage; any other name, a certificate checked by the CA alone.
-    let Issued { cert_pem, key_pem } = match crate::identity::Identity::parse(identity, job) {
+    // An identity belongs to the CA's job (a CA reused for another job name would make
+    // certificates its peers refuse).
+    let job = ca.job().unwrap_or_else(|| job.to_string());
+    let Issued { cert_pem, key_pem } = match crate::identity::Identity::parse(identity, &job) {
         Some(id) => ca.issue_identity(&id, names, days)?,
         None => ca.issue(identity, names, days)?,
     };
