@@ -28,6 +28,10 @@ fi
 export TF_CONFIG="{\"cluster\":{\"ps\":$ps_list,\"worker\":$worker_list},\"task\":{\"type\":\"$type\",\"index\":$index}}"
 # Slurm's variables describe the same tasks in another order: let TF_CONFIG decide.
 export TANDEM_LAUNCHER=tf_config
+# This task's own certificate (ps-N or worker-N), made by job-tls.sh.
+if [[ -n "${TANDEM_TLS_ROOT:-}" ]]; then
+  export TANDEM_TLS_DIR="$TANDEM_TLS_ROOT/$type-$index"
+fi
 if [[ -n "${TANDEM_PRINT_ONLY:-}" ]]; then
   exec "${TANDEM_BIN:-target/release}/tandem" info --json
 fi
