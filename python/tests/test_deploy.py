@@ -30,8 +30,9 @@ def containers(replica: dict) -> list:
     return replica["template"]["spec"]["containers"]
 
 
-def token_from_secret(container: dict) -> bool:
-    return any(e["name"] == "TANDEM_JOB_TOKEN" and e["valueFrom"]["secretKeyRef"]["name"] == "tandem-job-token"
+def token_from_secret(container: dict, job: str) -> bool:
+    """The container reads TANDEM_JOB_TOKEN from the Secret named after its job (`<job>-token`)."""
+    return any(e["name"] == "TANDEM_JOB_TOKEN" and e["valueFrom"]["secretKeyRef"]["name"] == f"{job}-token"
                for e in container.get("env", []))
 
 
@@ -45,7 +46,7 @@ def test_tfjob_manifest_has_what_the_training_operator_requires() -> None:
         (c,) = containers(replica)
         assert c["name"] == "tensorflow"
         assert any(p["name"] == "tfjob-port" and p["containerPort"] == 2222 for p in c["ports"])
-        assert token_from_secret(c), name
+        assert token_from_secret(c, "tandem-ps"), name
     assert containers(specs["PS"])[0]["command"][:2] == ["tandem", "ps"]
     assert "nvidia.com/gpu" in containers(specs["Worker"])[0]["resources"]["limits"]
 
@@ -59,7 +60,7 @@ def test_pytorchjob_manifest_has_what_the_training_operator_requires() -> None:
         (c,) = containers(replica)
         assert c["name"] == "pytorch"
         assert any(p["name"] == "pytorchjob-port" for p in c["ports"])
-        assert token_from_secret(c)
+        assert token_from_secret(c, "tandem-allreduce")
         assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
 
 
@@ -91,7 +92,7 @@ def test_elastic_pytorchjob_has_a_rendezvous_that_outlives_its_workers() -> None
     (r,) = rdv["spec"]["template"]["spec"]["containers"]
     assert r["command"][:2] == ["tandem", "rendezvous"]
     assert r["command"][r["command"].index("--bind") + 1] == f"$(POD_IP):{port}"
-    assert token_from_secret(r) and token_from_secret(c)
+    assert token_from_secret(r, "tandem-elastic") and token_from_secret(c, "tandem-elastic")
     assert c["command"][0] == "elastic_data_parallel"
     assert (ROOT / "examples" / "elastic_data_parallel.rs").exists()
 
@@ -236,7 +237,8 @@ def test_nothing_listens_on_every_interface_and_every_pod_has_the_job_certificat
                 mounts = {m["mountPath"]: m["name"] for m in c.get("volumeMounts", [])}
                 tls_dir = env.get("TANDEM_TLS_DIR")
                 assert tls_dir, (name, role)
-                assert secrets.get(mounts.get(tls_dir)) == "tandem-tls", (name, role)
+                # Secrets are named after the job: two jobs of one namespace share nothing.
+                assert secrets.get(mounts.get(tls_dir)) == f"{job['metadata']['name']}-tls", (name, role)
                 assert "TANDEM_INSECURE" not in env, (name, role)
                 # A listening address is the pod's own.
                 for v in list(env.values()) + c.get("command", []):

@@ -58,9 +58,13 @@ pub struct InitArgs {
 pub struct KubernetesArgs {
     /// The folder with ca.pem, cert.pem and key.pem.
     dir: PathBuf,
-    /// The Secret's name.
-    #[arg(long, default_value = "tandem-tls")]
-    name: String,
+    /// The Secret's name (default: `<job>-tls`: one per job, so jobs of one namespace never
+    /// share a CA).
+    #[arg(long)]
+    name: Option<String>,
+    /// The job's name (the manifests in deploy/kubernetes mount `<job>-tls`).
+    #[arg(long, env = "TANDEM_JOB_NAME", default_value = "tandem")]
+    job: String,
     /// Its namespace.
     #[arg(long)]
     namespace: Option<String>,
@@ -139,7 +143,11 @@ pub fn certs(cmd: CertsCommand) -> Result<ExitCode> {
         CertsCommand::Kubernetes(a) => {
             print!(
                 "{}",
-                tandem_tls::kubernetes_secret(&a.dir, &a.name, a.namespace.as_deref())?
+                tandem_tls::kubernetes_secret(
+                    &a.dir,
+                    &a.name.unwrap_or_else(|| format!("{}-tls", a.job)),
+                    a.namespace.as_deref()
+                )?
             );
             Ok(ExitCode::SUCCESS)
         }

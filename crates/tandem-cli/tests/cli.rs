@@ -741,6 +741,9 @@ fn certs_init_makes_a_job_ca_reuses_it_and_never_overwrites() {
         assert!(y.contains(f), "{y}");
     }
     assert!(!y.contains("ca-key"));
+    // Without --name the Secret is named after the job: jobs of a namespace share none.
+    let out = tandem(&["certs", "kubernetes", &s(&host), "--job", "train-7"], &[]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("name: train-7-tls"));
     let _ = std::fs::remove_dir_all(&dir);
 }
 
