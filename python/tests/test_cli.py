@@ -75,7 +75,9 @@ def test_commands_do_their_work_from_the_package(tmp_path: Path) -> None:
     assert re.search(r"allreduce \(2 ranks\)\s+\d+", demo.stdout), demo.stdout
     certs = run([*TANDEM, "certs", "init", str(tmp_path / "tls"), "--name", "127.0.0.1"])
     assert certs.returncode == 0, certs.stderr
-    assert {"ca.pem", "cert.pem", "key.pem"} <= {p.name for p in (tmp_path / "tls").iterdir()}
+    # The certificate in a folder of its own; the CA's key stays in tls/ only.
+    assert {"ca.pem", "cert.pem", "key.pem"} == {p.name for p in (tmp_path / "tls" / "process").iterdir()}
+    assert (tmp_path / "tls" / "ca-key.pem").exists()
     info = run([*TANDEM, "info", "--json"], env=clean_env(RANK="1", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                                                          MASTER_PORT="29500"))
     assert info.returncode == 0 and json.loads(info.stdout)["rank"] == 1, info
@@ -195,7 +197,7 @@ def test_the_wheel_works_in_a_fresh_venv_without_cargo(tmp_path: Path) -> None:
     job = run(["tandem", "launch", "--nproc", "2", "--no-log-files", str(script)], env=env, cwd=tmp_path)
     assert job.returncode == 0 and job.stdout.count("SUM [3.0, 3.0, 3.0]") == 2, (job.stdout, job.stderr)
     certs = run(["tandem", "certs", "init", str(tmp_path / "tls"), "--name", "127.0.0.1"], env=env)
-    assert certs.returncode == 0 and (tmp_path / "tls" / "cert.pem").exists(), certs.stderr
+    assert certs.returncode == 0 and (tmp_path / "tls" / "process" / "cert.pem").exists(), certs.stderr
 
 
 def test_native_stubs_match_the_module() -> None:

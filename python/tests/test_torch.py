@@ -322,7 +322,7 @@ def job_certs(tandem: Path, tmp_path: Path) -> Path:
     certs = tmp_path / "certs"
     subprocess.run([str(tandem), "certs", "init", str(certs), "--name", "10.77.0.1", "--name", "10.77.0.2",
                     "--name", "127.0.0.1"], check=True, capture_output=True, timeout=60)
-    return certs
+    return certs / "process"  # the certificate's folder, apart from the CA's key
 
 
 def tandem_binary() -> Path:

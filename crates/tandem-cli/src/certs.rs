@@ -10,8 +10,9 @@ use tandem::Result;
 #[derive(clap::Subcommand, Debug)]
 pub enum CertsCommand {
     /// Make the job's CA in DIR (ca.pem, ca-key.pem; an existing one is used, never replaced) and
-    /// a certificate for the names given (cert.pem, key.pem; in --out, default DIR). Point
-    /// TANDEM_TLS_DIR at the folder with ca.pem, cert.pem and key.pem.
+    /// a certificate for the names given in its own folder (cert.pem, key.pem and a copy of ca.pem;
+    /// --out, default DIR/IDENTITY or DIR/process). Point TANDEM_TLS_DIR at that folder, never at
+    /// DIR: the CA's key stays apart.
     Init(InitArgs),
     /// Print a Kubernetes Secret holding DIR's ca.pem, cert.pem and key.pem (not the CA's key).
     Kubernetes(KubernetesArgs),
@@ -37,7 +38,9 @@ pub struct InitArgs {
     /// repeat for several. Default: localhost and 127.0.0.1.
     #[arg(long = "name", value_name = "NAME")]
     names: Vec<String>,
-    /// Where to write cert.pem and key.pem (and a copy of ca.pem), for another process or host.
+    /// Where to write cert.pem and key.pem (and a copy of ca.pem): the folder a process's
+    /// TANDEM_TLS_DIR names (default: DIR/IDENTITY, or DIR/process without --identity). It may not
+    /// be DIR itself: the CA's key must not lie where processes read their files.
     #[arg(long)]
     out: Option<PathBuf>,
     /// The job's name, in the CA's and the certificate's subject.
@@ -80,17 +83,37 @@ pub fn certs(cmd: CertsCommand) -> Result<ExitCode> {
                 a.names
             };
             let identity = a.identity.as_deref().unwrap_or(&a.job);
+            let folder = a
+                .out
+                .clone()
+                .unwrap_or_else(|| a.dir.join(a.identity.as_deref().unwrap_or("process")));
+            if same_folder(&folder, &a.dir) {
+                return Err(tandem::Error::invalid(
+                    "--out",
+                    format!(
+                        "{} is the CA's folder: its key must not lie where a process reads its \
+                         files; give the certificate a folder of its own",
+                        folder.display()
+                    ),
+                ));
+            }
             let made =
-                tandem_tls::init_as(&a.dir, a.out.as_deref(), &a.job, identity, &names, a.days)?;
+                tandem_tls::init_as(&a.dir, Some(&folder), &a.job, identity, &names, a.days)?;
             if made.new_authority {
-                println!("new CA for job {} in {}", a.job, a.dir.display());
+                println!(
+                    "new CA for job {} in {} (its key stays there: keep it off the processes' hosts)",
+                    a.job,
+                    a.dir.display()
+                );
             } else {
-                println!("used the CA in {}", a.dir.display());
+                println!(
+                    "reusing the CA already in {} (nothing of it replaced)",
+                    a.dir.display()
+                );
             }
             for f in &made.written {
                 println!("wrote {}", f.display());
             }
-            let folder = a.out.as_ref().unwrap_or(&a.dir);
             println!(
                 "certificate for {} (valid {} days); processes use it with {}={}",
                 names.join(", "),
@@ -151,5 +174,13 @@ pub fn certs(cmd: CertsCommand) -> Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
+    }
+}
+
+/// Whether `a` and `b` name the same folder (as given, or once both exist).
+fn same_folder(a: &std::path::Path, b: &std::path::Path) -> bool {
+    match (a.canonicalize(), b.canonicalize()) {
+        (Ok(x), Ok(y)) => x == y,
+        _ => a.components().eq(b.components()),
     }
 }

@@ -644,7 +644,7 @@ fn certs_init_makes_a_job_ca_reuses_it_and_never_overwrites() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("used the CA"));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("reusing the CA already in"));
     // A certificate bound to a rank, checked as a process would load it.
     let r3 = dir.join("rank-3");
     let out = tandem(
@@ -694,8 +694,13 @@ fn certs_init_makes_a_job_ca_reuses_it_and_never_overwrites() {
     let out = tandem(&["certs", "check", &s(&w1)], &[]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("identity: worker-1 of job j1"), "{text}");
-    let out = tandem(&["certs", "check", &s(&job)], &[]);
+    let out = tandem(&["certs", "check", &s(&job.join("process"))], &[]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("no identity"));
+    // The CA's folder holds no process's key, and may not be given as one.
+    assert!(!job.join("key.pem").exists() && job.join("process/key.pem").exists());
+    let out = tandem(&["certs", "init", &s(&job), "--out", &s(&job)], &[]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is the CA's folder"));
     let out = tandem(&["certs", "check", &s(&dir.join("nothing-here"))], &[]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("nothing-here"));
@@ -705,12 +710,12 @@ fn certs_init_makes_a_job_ca_reuses_it_and_never_overwrites() {
     );
     assert_eq!(std::fs::read_to_string(job.join("ca.pem")).expect("ca"), ca);
     // Nothing stored is replaced.
-    let key = std::fs::read_to_string(job.join("key.pem")).expect("key");
+    let key = std::fs::read_to_string(job.join("process/key.pem")).expect("key");
     let out = tandem(&["certs", "init", &s(&job)], &[]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("exists; nothing was changed"));
     assert_eq!(
-        std::fs::read_to_string(job.join("key.pem")).expect("key"),
+        std::fs::read_to_string(job.join("process/key.pem")).expect("key"),
         key
     );
     let out = tandem(

@@ -42,7 +42,8 @@ fn certs(bed: &Testbed) -> std::path::PathBuf {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    dir
+    // The certificate's folder, apart from the CA's key.
+    dir.join("process")
 }
 
 /// `tandem ps` on host 0 with `extra` flags, and two workers training on hosts 1 and 2 for far

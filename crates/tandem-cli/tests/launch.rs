@@ -387,7 +387,8 @@ fn every_launched_job_gets_its_own_certificates() {
             .output()
             .expect("run")
     };
-    let mine = mine.to_str().expect("utf8").to_string();
+    // The certificate's own folder (`tandem certs init` keeps the CA's key apart).
+    let mine = mine.join("process").to_str().expect("utf8").to_string();
     assert_eq!(
         dirs(&with_dir(&mine)),
         vec![mine.clone(), mine.clone()],
