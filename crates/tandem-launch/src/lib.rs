@@ -21,6 +21,7 @@ mod exe;
 mod gpus;
 mod plan;
 mod supervise;
+mod tls;
 
 pub use args::{LaunchArgs, RestartArg};
 pub use exe::{cli_command, python, resolve_command};
