@@ -60,6 +60,15 @@ fn flood(targets: Vec<String>, stop: Arc<AtomicBool>) -> (JoinHandle<()>, Arc<At
     (handle, made)
 }
 
+/// A rendezvous of `token`'s job on an ephemeral loopback port, secured as this run's processes.
+fn rendezvous(rt: &tokio::runtime::Runtime, token: &JobToken) -> Host {
+    rt.block_on(Host::bind(
+        "127.0.0.1:0",
+        ServerConfig::new(token.clone()).with_security(tandem_tests::security()),
+    ))
+    .expect("bind")
+}
+
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -76,12 +85,7 @@ fn a_group_forms_and_trains_while_outsiders_flood_its_ports() {
     let world = 4;
     let rt = runtime();
     let token = JobToken::generate();
-    let host = rt
-        .block_on(Host::bind(
-            "127.0.0.1:0",
-            ServerConfig::new(token.clone()).with_security(tandem_tests::security()),
-        ))
-        .expect("bind");
+    let host = rendezvous(&rt, &token);
     let env = |rank: usize| {
         let mut e = rank_env(rank, world, &host.addr().to_string(), token.as_str());
         e.push(("TANDEM_RENDEZVOUS_EXTERNAL".into(), "1".into()));
@@ -150,12 +154,7 @@ fn a_group_forms_and_trains_while_outsiders_flood_its_ports() {
 fn the_rendezvous_admits_members_during_a_flood() {
     let rt = runtime();
     let token = JobToken::generate();
-    let host = rt
-        .block_on(Host::bind(
-            "127.0.0.1:0",
-            ServerConfig::new(token.clone()).with_security(tandem_tests::security()),
-        ))
-        .expect("bind");
+    let host = rendezvous(&rt, &token);
     let addr = host.addr().to_string();
     let stop = Arc::new(AtomicBool::new(false));
     let (flooder, made) = flood(vec![addr.clone()], stop.clone());
@@ -243,12 +242,7 @@ where
 fn servers_bound_the_streams_of_one_connection() {
     let rt = runtime();
     let token = JobToken::generate();
-    let host = rt
-        .block_on(Host::bind(
-            "127.0.0.1:0",
-            ServerConfig::new(token.clone()).with_security(tandem_tests::security()),
-        ))
-        .expect("bind");
+    let host = rendezvous(&rt, &token);
     let addr = host.addr().to_string();
     let rendezvous = rt.block_on(async {
         let tcp = tokio::net::TcpStream::connect(&addr)
