@@ -115,8 +115,9 @@ fn worker(token: &JobToken, dir: &Path, addr: &str) -> std::process::Output {
     wait_output(spawn(NODE, &args, &env), LIMIT)
 }
 
-/// Workers refuse a parameter server that is not one of their job (another role, another job),
-/// a worker's certificate cannot serve, and the right identities train.
+/// Workers refuse a parameter server that is not the one of their job they named (another role,
+/// another server's index, another job), a worker's certificate cannot serve, and the right
+/// identities train.
 #[test]
 fn workers_take_only_a_parameter_server_of_their_job() {
     let job = Job::new("ps");
@@ -124,6 +125,8 @@ fn workers_take_only_a_parameter_server_of_their_job() {
     let me = job.issue("worker-0", "train");
     for (role, of, refused) in [
         ("rank-1", "train", "a role that may not act here"),
+        // Server 0 of the worker's list must be ps-0, not another server's certificate.
+        ("ps-1", "train", "a role that may not act here"),
         ("chief", "train", "a role that may not act here"),
         ("ps-0", "other", "not a process of job train"),
         ("worker-1", "train", "not issued for this use"),

@@ -46,18 +46,26 @@ pub(super) fn status_error(addr: &str, what: &str, s: Status, waited: Duration) 
     }
 }
 
+/// A gRPC client of the parameter server at `addr`: server `index` of the job's list (its
+/// certificate must then be `ps-<index>`'s, once this process has an identity), or, with `None`,
+/// any parameter server of the job (a standby after failover, a primary its standby follows).
 pub(crate) async fn connect_one(
     addr: &str,
     token: &JobToken,
     security: &tandem_tls::Security,
     deadline: Instant,
+    index: Option<usize>,
 ) -> Result<Grpc> {
+    use tandem_tls::identity::Role;
     tandem_core::cluster::check_address("parameter server address", addr)?;
-    // Only a parameter server of the job serves it (a primary or, after failover, its standby).
-    let connector = tandem_tls::grpc::Connector::new(security.clone())
-        .expecting("the parameter server", |r| {
-            matches!(r, tandem_tls::identity::Role::Ps(_))
-        });
+    let connector = tandem_tls::grpc::Connector::new(security.clone()).expecting(
+        "the parameter server",
+        move |r| match (r, index) {
+            (Role::Ps(n), Some(i)) => *n == i,
+            (Role::Ps(_), None) => true,
+            _ => false,
+        },
+    );
     let header: tonic::metadata::MetadataValue<_> =
         format!("Bearer {}", token.as_str()).parse().map_err(|_| {
             Error::config(
@@ -137,7 +145,7 @@ impl Client {
         security.check_peers("the parameter-server client", addrs)?;
         let end = Instant::now() + deadline;
         let servers = futures::future::try_join_all(
-            addrs.iter().map(|a| connect_one(a, token, &security, end)),
+            (addrs.iter().enumerate()).map(|(i, a)| connect_one(a, token, &security, end, Some(i))),
         )
         .await?;
         let client = Client {

@@ -93,7 +93,7 @@ impl Client {
             (r.standby.clone(), r.addr.clone())
         };
         let deadline = Instant::now() + Duration::from_secs(5);
-        let grpc = match connect_one(&standby, &self.token, &self.security, deadline).await {
+        let grpc = match connect_one(&standby, &self.token, &self.security, deadline, None).await {
             Ok(g) => g,
             Err(e) => {
                 tracing::warn!(server = %from, %standby, error = %e, "cannot reach the server's standby either");

@@ -223,7 +223,7 @@ impl Follower {
     async fn follow_once(&self) -> Result<(), String> {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
         let mut client =
-            crate::client::connect_one(&self.primary, &self.token, &self.security, deadline)
+            crate::client::connect_one(&self.primary, &self.token, &self.security, deadline, None)
                 .await
                 .map_err(|e| e.to_string())?;
         let (acks, rx) = tokio::sync::mpsc::channel(4);
