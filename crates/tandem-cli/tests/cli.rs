@@ -753,29 +753,37 @@ fn certs_init_makes_a_job_ca_reuses_it_and_never_overwrites() {
 }
 
 /// The Slurm scripts' certificates (deploy/slurm/job-tls.sh): made for the job in the submit
-/// folder, usable by a process (the tandem binary loads them), the CA's key gone at once, the
-/// folder removed when the job script ends; a user's own TANDEM_TLS_DIR is left alone.
+/// folder, one per task naming its identity (rank-N; ps-N and worker-N with PS_COUNT), each task
+/// pointed at its own by task-tls.sh, usable by a process (the tandem binary loads them), the
+/// CA's key gone at once, the folder removed when the job script ends; a user's own
+/// TANDEM_TLS_DIR is left alone.
 #[test]
 fn slurm_jobs_make_their_certificates_and_remove_them() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
     let submit = std::env::temp_dir().join(format!("tandem-cli-slurm-tls-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&submit);
     std::fs::create_dir_all(submit.join("deploy/slurm")).expect("mkdir");
-    std::fs::copy(
-        root.join("deploy/slurm/job-tls.sh"),
-        submit.join("deploy/slurm/job-tls.sh"),
-    )
-    .expect("copy");
+    for f in ["job-tls.sh", "task-tls.sh"] {
+        std::fs::copy(
+            root.join("deploy/slurm").join(f),
+            submit.join("deploy/slurm").join(f),
+        )
+        .expect("copy");
+    }
+    // Task 1 of the job, as srun starts it through task-tls.sh.
     let script = "source deploy/slurm/job-tls.sh\n\
-                  echo \"DIR $TANDEM_TLS_DIR\"\n\
-                  ls \"$TANDEM_TLS_DIR\" \"$(dirname \"$TANDEM_TLS_DIR\")/ca\"\n\
-                  \"$TANDEM_CLI\" certs check";
+                  SLURM_PROCID=1 deploy/slurm/task-tls.sh bash -c '\
+                    echo \"DIR $TANDEM_TLS_DIR\"; \
+                    ls \"$TANDEM_TLS_DIR\" \"$(dirname \"$TANDEM_TLS_DIR\")/ca\"; \
+                    \"$TANDEM_CLI\" certs check'\n\
+                  ls \"$TANDEM_TLS_ROOT\" | tr '\\n' ' '; echo";
     let run = |extra: &[(&str, &str)]| {
         let mut c = std::process::Command::new("bash");
         c.args(["-c", script])
             .current_dir(&submit)
             .env("SLURM_SUBMIT_DIR", &submit)
             .env("SLURM_JOB_ID", "77")
+            .env("SLURM_NTASKS", "3")
             .env("TANDEM_CLI", TANDEM)
             .env_remove("TANDEM_TLS_DIR")
             .env_remove("TANDEM_INSECURE");
@@ -792,7 +800,12 @@ fn slurm_jobs_make_their_certificates_and_remove_them() {
         .lines()
         .find_map(|l| l.strip_prefix("DIR "))
         .expect("DIR line");
-    assert!(dir.ends_with(".tandem-tls-77/tasks"), "{dir}");
+    assert!(dir.ends_with(".tandem-tls-77/rank-1"), "{dir}");
+    assert!(
+        text.contains("ca rank-0 rank-1 rank-2 "),
+        "a folder per task: {text}"
+    );
+    assert!(text.contains("identity: rank-1 of job"), "{text}");
     for f in ["ca.pem", "cert.pem", "key.pem"] {
         assert!(text.lines().any(|l| l == f), "{f} missing: {text}");
     }
@@ -805,6 +818,10 @@ fn slurm_jobs_make_their_certificates_and_remove_them() {
         !submit.join(".tandem-tls-77").exists(),
         "the job's certificates outlived it"
     );
+    // With parameter servers: ps-N for the first PS_COUNT tasks, worker-N after them.
+    let out = run(&[("PS_COUNT", "1")]);
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(text.contains("ca ps-0 worker-0 worker-1 "), "{text}");
     // Certificates of the user's own are used as they are.
     let out = run(&[("TANDEM_TLS_DIR", "/nonexistent/own")]);
     let text = String::from_utf8_lossy(&out.stdout).to_string();

@@ -181,7 +181,11 @@ mod tests {
         }
         assert!(Identity::parse("ps-0", "").is_none(), "a job needs a name");
         let id = Identity::parse("ps-1", "train").expect("id");
-        assert_eq!(id.to_string(), "ps-1 of job train", "refusals name the peer so");
+        assert_eq!(
+            id.to_string(),
+            "ps-1 of job train",
+            "refusals name the peer so"
+        );
     }
 
     #[test]
