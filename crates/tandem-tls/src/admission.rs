@@ -148,27 +148,38 @@ impl Admission {
     pub fn refused(&self, from: SocketAddr, kind: &'static str, why: &dyn Display, notable: bool) {
         self.inner.refused.fetch_add(1, Ordering::Relaxed);
         tandem_observe::metrics::refused(self.inner.server, kind);
-        let Ok(mut windows) = self.inner.log.lock() else {
+        let Some(unsaid) = self.report(kind, notable, Instant::now()) else {
             return;
         };
+        // `unsaid`: refusals of this kind counted, not logged, since its last line.
+        tracing::warn!(server = self.inner.server, %from, reason = %why, unsaid, "refused a connection");
+    }
+
+    /// Whether a refusal of `kind` at `now` is logged: `Some(refusals left unsaid since the last
+    /// line of this kind)` when it is (a notable one, a second or more after the last line of its
+    /// kind), `None` when it is only counted.
+    fn report(&self, kind: &'static str, notable: bool, now: Instant) -> Option<u64> {
+        let mut windows = self.inner.log.lock().ok()?;
         let log = windows.entry(kind).or_default();
-        let now = Instant::now();
         let due = log
             .last
-            .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1));
+            .is_none_or(|t| now.saturating_duration_since(t) >= Duration::from_secs(1));
         if !notable || !due {
             log.unsaid += 1;
-            return;
+            return None;
         }
-        let unsaid = std::mem::take(&mut log.unsaid);
         log.last = Some(now);
-        drop(windows);
-        if unsaid > 0 {
-            tracing::warn!(server = self.inner.server, %from, reason = %why, unsaid,
-                "refused a connection ({unsaid} more refused since the last report)");
-        } else {
-            tracing::warn!(server = self.inner.server, %from, reason = %why, "refused a connection");
-        }
+        Some(std::mem::take(&mut log.unsaid))
+    }
+
+    /// Source addresses with handshakes in progress (tests: none are kept once they end).
+    #[cfg(test)]
+    fn sources(&self) -> usize {
+        self.inner
+            .pending
+            .lock()
+            .map(|p| p.by_source.len())
+            .unwrap_or(0)
     }
 
     /// How many connections were refused so far.
@@ -206,10 +217,17 @@ mod tests {
         assert!(a.slot(ip(3)).is_none(), "the total is reached");
         drop(s);
         assert_eq!(a.pending(), 0);
+        assert_eq!(a.sources(), 0, "a source without handshakes is forgotten");
         let keep = (a.slot(ip(1)), a.slot(ip(1)));
         assert!(keep.0.is_some() && keep.1.is_some());
         assert!(a.slot(ip(1)).is_none(), "per source");
         assert!(a.slot(ip(2)).is_some(), "another source is not held back");
+        // One of the source's two ends: it still holds the other.
+        drop(keep.0);
+        assert_eq!(a.sources(), 1);
+        let again = a.slot(ip(1));
+        assert!(again.is_some(), "its freed slot is available again");
+        assert!(a.slot(ip(1)).is_none(), "and the bound holds again");
     }
 
     #[test]
@@ -224,6 +242,37 @@ mod tests {
         let first = a.slot(ip(1));
         assert!(first.is_some());
         assert!(a.slot(ip(1)).is_none());
+    }
+
+    #[test]
+    fn at_most_one_line_a_second_per_reason_says_how_many_went_unsaid() {
+        let a = Admission::new("t");
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        assert_eq!(a.report("tls", true, at(0)), Some(0), "the first is logged");
+        assert_eq!(a.report("tls", true, at(10)), None, "within the second");
+        assert_eq!(
+            a.report("tls", false, at(20)),
+            None,
+            "closed-at-once: counted only"
+        );
+        assert_eq!(
+            a.report("token", true, at(30)),
+            Some(0),
+            "another reason has its own second"
+        );
+        assert_eq!(a.report("tls", true, at(999)), None, "just under a second");
+        assert_eq!(
+            a.report("tls", true, at(1000)),
+            Some(3),
+            "a second later, with the unsaid"
+        );
+        assert_eq!(
+            a.report("tls", false, at(5000)),
+            None,
+            "not notable: never a line"
+        );
+        assert_eq!(a.report("tls", true, at(5001)), Some(1));
     }
 
     #[test]
