@@ -95,6 +95,17 @@ impl From<u8> for ExitCode {
     }
 }
 
+/// Sends Tandem's `tracing` logs to stderr, filtered by `TANDEM_LOG` (default `warn`); a
+/// subscriber installed already (the Python extension's, a caller's) is kept.
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("TANDEM_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
 /// Runs the `tandem` command line `args` (the program's name first, as in `std::env::args`) and
 /// returns its exit status. Errors are printed to stderr; `--help` and `--version` print to stdout
 /// and return 0, a malformed command line returns 2 after clap's usage message.
@@ -103,13 +114,7 @@ where
     I: IntoIterator<Item = T>,
     T: Into<OsString> + Clone,
 {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("TANDEM_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    // The Python extension may have installed its subscriber already: keep it.
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+    init_logging();
     let cli = match Cli::try_parse_from(args) {
         Ok(cli) => cli,
         Err(e) => {

@@ -35,12 +35,7 @@ fn listen_address(own: &str, peers: Vec<String>) -> PyResult<String> {
 /// Sends Tandem's `tracing` logs to stderr, filtered by `TANDEM_LOG` (default `warn`). Idempotent.
 #[pyfunction]
 fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("TANDEM_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+    tandem_cli::init_logging();
 }
 
 #[pymodule]

@@ -150,6 +150,8 @@ pub(crate) struct Shared {
     server: bool,
     /// The reader failed: the fatal alert the writer sends (if any), and the failure.
     failed: Mutex<Option<(Option<AlertDescription>, Sticky)>>,
+    /// `failed` holds something: the writer checks this flag, not the lock, on every write.
+    any_failed: AtomicBool,
 }
 
 impl Shared {
@@ -160,6 +162,7 @@ impl Shared {
             update_asked: AtomicBool::new(false),
             server,
             failed: Mutex::new(None),
+            any_failed: AtomicBool::new(false),
         })
     }
 

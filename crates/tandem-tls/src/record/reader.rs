@@ -76,6 +76,7 @@ impl RecordReader {
             && f.is_none()
         {
             *f = Some((alert, sticky));
+            self.shared.any_failed.store(true, Ordering::Release);
         }
         e
     }

@@ -84,6 +84,9 @@ impl RecordWriter {
 
     /// The reader's failure, if any: its fatal alert is sealed (once) before this half fails too.
     fn reader_failed(&mut self) -> Option<(Option<AlertDescription>, Sticky)> {
+        if !self.shared.any_failed.load(Ordering::Acquire) {
+            return None;
+        }
         self.shared.failed.lock().ok().and_then(|f| f.clone())
     }
 
