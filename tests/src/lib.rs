@@ -8,11 +8,28 @@ use std::time::{Duration, Instant};
 pub mod check;
 pub mod elastic;
 
-/// How this run's jobs are secured: `TANDEM_TEST_TRANSPORT=plain` runs every job in plaintext
-/// (`TANDEM_INSECURE=1`); anything else (the default) with mutual TLS, every process holding a
-/// certificate of one CA made for this test process. The suites run both ways (`scripts/test`).
+/// How this run's jobs are secured (`TANDEM_TEST_TRANSPORT`): `tls` (the default) runs every
+/// job with mutual TLS over TCP, every process holding a certificate of one CA made for this test
+/// process, local sockets off; `local` gives the same certificates but leaves local sockets on,
+/// as users get by default (processes of one machine then talk over Unix sockets, see
+/// `tandem_tls::local`); `plain` runs every job in plaintext TCP (`TANDEM_INSECURE=1`). The
+/// suites run every way (`scripts/test`).
 pub fn tls_on() -> bool {
-    std::env::var("TANDEM_TEST_TRANSPORT").map_or(true, |v| v != "plain")
+    transport() != "plain"
+}
+
+/// Whether this run leaves local sockets on (`TANDEM_TEST_TRANSPORT=local`, see [`tls_on`]).
+pub fn local_on() -> bool {
+    transport() == "local"
+}
+
+fn transport() -> String {
+    std::env::var("TANDEM_TEST_TRANSPORT").unwrap_or_else(|_| "tls".into())
+}
+
+/// Local sockets off: what a test of TLS (or of plaintext TCP) gives its processes.
+fn tcp_only() -> (String, String) {
+    (tandem_tls::local::LOCAL_VAR.into(), "0".into())
 }
 
 /// The folder with this test process's `ca.pem`, `cert.pem` and `key.pem` (made once).
@@ -39,18 +56,24 @@ fn tls_dir() -> &'static std::path::Path {
     })
 }
 
-/// The variables that give a process this test process's certificates, whatever the run's
-/// transport (for tests of TLS itself).
+/// The variables that give a process this test process's certificates and TLS on every
+/// connection, local sockets off, whatever the run's transport (for tests of TLS itself).
 pub fn tls_env() -> Vec<(String, String)> {
-    vec![(tandem_tls::DIR_VAR.into(), tls_dir().display().to_string())]
+    vec![
+        (tandem_tls::DIR_VAR.into(), tls_dir().display().to_string()),
+        tcp_only(),
+    ]
 }
 
 /// The variables that give a spawned process this run's transport (see [`tls_on`]).
 pub fn transport_env() -> Vec<(String, String)> {
-    if tls_on() {
-        tls_env()
-    } else {
-        vec![(tandem_tls::INSECURE_VAR.into(), "1".into())]
+    match transport().as_str() {
+        "plain" => vec![(tandem_tls::INSECURE_VAR.into(), "1".into()), tcp_only()],
+        "local" => vec![
+            (tandem_tls::DIR_VAR.into(), tls_dir().display().to_string()),
+            (tandem_tls::local::LOCAL_VAR.into(), "1".into()),
+        ],
+        _ => tls_env(),
     }
 }
 
@@ -149,8 +172,8 @@ pub fn rank_env(rank: usize, world: usize, rendezvous: &str, token: &str) -> Vec
     env
 }
 
-/// Starts `exe args` with `env` added (and this run's transport, unless `env` names one), stdout
-/// and stderr captured.
+/// Starts `exe args` with `env` added (and this run's transport, unless `env` names one: then
+/// over TCP unless it says otherwise), stdout and stderr captured.
 pub fn spawn(exe: &str, args: &[&str], env: &[(String, String)]) -> Child {
     let mut cmd = Command::new(exe);
     cmd.args(args)
@@ -162,6 +185,9 @@ pub fn spawn(exe: &str, args: &[&str], env: &[(String, String)]) -> Child {
         .any(|(k, _)| k.starts_with("TANDEM_TLS") || k == tandem_tls::INSECURE_VAR);
     if !names_transport {
         cmd.envs(transport_env());
+    } else if !env.iter().any(|(k, _)| k == tandem_tls::local::LOCAL_VAR) {
+        // A test that sets up TLS (or plaintext) itself tests it: over TCP.
+        cmd.envs([tcp_only()]);
     }
     for (k, v) in env {
         cmd.env(k, v);

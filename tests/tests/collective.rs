@@ -117,10 +117,24 @@ fn suite_with(world: usize, extra: &[(&str, &str)]) {
     let tcp_only = extra.contains(&("TANDEM_SAME_HOST", "tcp"));
     let want =
         u8::from(world > 1 && !tcp_only && tandem::collective::transport::peer_memory::available());
+    // Every connection is carried as the run's transport says.
+    let peers = world - 1;
+    let links = if tandem_tests::local_on() {
+        [peers, 0, 0]
+    } else if tandem_tests::tls_on() {
+        [0, peers, 0]
+    } else {
+        [0, 0, peers]
+    };
     for (r, o) in outs.iter().enumerate() {
         assert_eq!(
             lines_with(o, "SAMEHOST"),
             vec![format!("SAMEHOST {want}")],
+            "rank {r} with {extra:?}"
+        );
+        assert_eq!(
+            lines_with(o, "LINKS"),
+            vec![format!("LINKS {} {} {}", links[0], links[1], links[2])],
             "rank {r} with {extra:?}"
         );
     }
@@ -155,6 +169,49 @@ fn every_op_dtype_and_reduce_op_world_5() {
     suite(5);
 }
 
+/// Processes of one machine talk over local sockets whatever certificates they hold, and a rank
+/// that turned them off (TANDEM_LOCAL_SOCKETS=0) is reached over TLS by the others, who still
+/// use local sockets among themselves: every result exact either way.
+#[test]
+fn local_sockets_carry_a_group_of_one_machine_and_mix_with_tls() {
+    // The job's rendezvous speaks the run's transport: TLS here (the plaintext run has no
+    // certificates to mix with).
+    if !tandem_tests::tls_on() {
+        return;
+    }
+    let world = 3;
+    for off in [None, Some(1)] {
+        let job = Job::new();
+        let children: Vec<_> = (0..world)
+            .map(|r| {
+                let mut env = job.env(r, world, 60);
+                let on = if off == Some(r) { "0" } else { "1" };
+                env.retain(|(k, _)| k != LOCAL);
+                env.push((LOCAL.into(), on.into()));
+                spawn(NODE, &["suite"], &env)
+            })
+            .collect();
+        let outs = wait_all(children, LIMIT);
+        for (r, o) in outs.iter().enumerate() {
+            assert!(
+                o.status.success(),
+                "rank {r} ({off:?} off): {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+            let want = match off {
+                None => "LINKS 2 0 0",
+                Some(x) if x == r => "LINKS 0 2 0",
+                Some(_) => "LINKS 1 1 0",
+            };
+            assert_eq!(lines_with(o, "LINKS"), vec![want], "rank {r} ({off:?} off)");
+        }
+        let results: Vec<_> = outs.iter().map(cases_of).collect();
+        for case in cases(world) {
+            check_case(&case, world, &results);
+        }
+    }
+}
+
 #[test]
 fn many_async_ops_in_flight_keep_their_order() {
     let world = 3;
@@ -184,6 +241,7 @@ fn many_async_ops_in_flight_keep_their_order() {
 }
 
 const STREAMS: &str = "TANDEM_STREAMS_PER_PEER";
+const LOCAL: &str = tandem_tls::local::LOCAL_VAR;
 
 /// Three streams per peer on the sockets: large allreduces and broadcasts are cut into parts,
 /// each around its own ring of connections (uneven parts: the length is prime), every element
@@ -195,7 +253,8 @@ fn several_streams_per_peer_carry_large_collectives_exactly() {
         3,
         &["big", "2500009"],
         60,
-        &[(STREAMS, "3"), ("TANDEM_SAME_HOST", "tcp")],
+        // Over TCP: each stream's connections are counted by their TCP counters.
+        &[(STREAMS, "3"), ("TANDEM_SAME_HOST", "tcp"), (LOCAL, "0")],
     );
     for (r, o) in outs.iter().enumerate() {
         assert_eq!(
@@ -280,7 +339,7 @@ fn connections_use_the_congestion_control_asked_for() {
         (Some("system"), system.clone()),
     ] {
         let job = Job::new();
-        let mut env = vec![(STREAMS, "2"), ("TANDEM_SAME_HOST", "tcp")];
+        let mut env = vec![(STREAMS, "2"), ("TANDEM_SAME_HOST", "tcp"), (LOCAL, "0")];
         env.extend(asked.map(|a| (CONGESTION, a)));
         let outs = job.run_with(3, &["big", "500009"], 60, &env);
         for (r, o) in outs.iter().enumerate() {
@@ -719,7 +778,9 @@ fn a_rank_cannot_use_another_ranks_certificate() {
             .map(|r| {
                 let mut env = rank_env(r, 2, &format!("127.0.0.1:{port}"), token.as_str());
                 env.push(("TANDEM_CONNECT_TIMEOUT".into(), "5".into()));
-                env.retain(|(k, _)| !k.starts_with("TANDEM_TLS") && k != "TANDEM_INSECURE");
+                env.retain(|(k, _)| {
+                    !k.starts_with("TANDEM_TLS") && k != "TANDEM_INSECURE" && k != LOCAL
+                });
                 env.push((
                     "TANDEM_TLS_DIR".into(),
                     base.join(dirs[r]).display().to_string(),

@@ -46,3 +46,4 @@ pub mod transport;
 
 pub use backend::BackendKind;
 pub use group::{Cancel, GroupConfig, MAX_STREAMS_PER_PEER, ProcessGroup, STREAMS_VAR, Work};
+pub use transport::mesh::Links;

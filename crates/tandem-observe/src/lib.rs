@@ -39,7 +39,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 
 pub use serve::{serve, serve_from_env};
-pub use sockets::{SocketWatch, tcp_bytes, tcp_congestion, watch_socket};
+pub use sockets::{SocketWatch, tcp_bytes, tcp_congestion, watch_counted, watch_socket};
 
 /// `TANDEM_OBSERVE=off` turns the flight recorder and the metrics off.
 pub const OBSERVE_VAR: &str = "TANDEM_OBSERVE";

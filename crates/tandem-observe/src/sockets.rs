@@ -1,13 +1,36 @@
 //! Bytes on the wire to and from each peer, as the kernel counts them (`TCP_INFO`), read when the
-//! metrics are scraped: nothing is counted on the data path.
+//! metrics are scraped: nothing is counted on the data path of a TCP connection. A local socket
+//! (Unix domain, see `tandem_tls::local`) has no such counters: its halves count what passes
+//! through them ([`watch_counted`]).
 
 use std::os::fd::RawFd;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 struct Watched {
     id: u64,
     peer: u32,
-    fd: RawFd,
+    source: Source,
+}
+
+/// Where a watched connection's counts come from.
+enum Source {
+    /// The kernel's TCP counters of this socket.
+    Tcp(RawFd),
+    /// Counters kept by the connection itself: (sent, received).
+    Counted(Arc<AtomicU64>, Arc<AtomicU64>),
+}
+
+impl Source {
+    /// (sent, received, retransmitted) so far.
+    fn counts(&self) -> Option<(u64, u64, u64)> {
+        match self {
+            Source::Tcp(fd) => tcp_counts(*fd),
+            Source::Counted(s, r) => {
+                Some((s.load(Ordering::Relaxed), r.load(Ordering::Relaxed), 0))
+            }
+        }
+    }
 }
 
 #[derive(Default)]
@@ -29,6 +52,16 @@ pub struct SocketWatch {
 /// Counts the bytes of the TCP socket `fd`, connected to `peer`, in the metrics from now until the
 /// returned guard is dropped (which must happen before `fd` is closed).
 pub fn watch_socket(peer: usize, fd: RawFd) -> SocketWatch {
+    watch(peer, Source::Tcp(fd))
+}
+
+/// Counts a connection to `peer` that keeps its own byte counters (`sent`, `received`), until
+/// the returned guard is dropped.
+pub fn watch_counted(peer: usize, sent: Arc<AtomicU64>, received: Arc<AtomicU64>) -> SocketWatch {
+    watch(peer, Source::Counted(sent, received))
+}
+
+fn watch(peer: usize, source: Source) -> SocketWatch {
     if !crate::active() {
         return SocketWatch { id: None };
     }
@@ -41,7 +74,7 @@ pub fn watch_socket(peer: usize, fd: RawFd) -> SocketWatch {
     t.live.push(Watched {
         id,
         peer: peer as u32,
-        fd,
+        source,
     });
     SocketWatch { id: Some(id) }
 }
@@ -59,7 +92,7 @@ impl Drop for SocketWatch {
         };
         if let Some(i) = t.live.iter().position(|w| w.id == id) {
             let w = t.live.swap_remove(i);
-            if let Some((s, r, x)) = tcp_counts(w.fd) {
+            if let Some((s, r, x)) = w.source.counts() {
                 let c = t.closed.entry(w.peer).or_default();
                 c.0 += s;
                 c.1 += r;
@@ -157,7 +190,7 @@ pub(crate) fn render(out: &mut String, labels: &str) {
     };
     let mut per_peer = t.closed.clone();
     for w in &t.live {
-        if let Some((s, r, x)) = tcp_counts(w.fd) {
+        if let Some((s, r, x)) = w.source.counts() {
             let c = per_peer.entry(w.peer).or_default();
             c.0 += s;
             c.1 += r;
@@ -177,7 +210,7 @@ pub(crate) fn render(out: &mut String, labels: &str) {
         out,
         "tandem_peer_sent_bytes_total",
         "counter",
-        "Bytes sent to each peer and acknowledged (kernel TCP count)",
+        "Bytes sent to each peer and acknowledged (kernel TCP count; local sockets: bytes written)",
         labels,
         &series(|c| c.0),
     );
@@ -185,7 +218,7 @@ pub(crate) fn render(out: &mut String, labels: &str) {
         out,
         "tandem_peer_received_bytes_total",
         "counter",
-        "Bytes received from each peer (kernel TCP count)",
+        "Bytes received from each peer (kernel TCP count; local sockets: bytes read)",
         labels,
         &series(|c| c.1),
     );

@@ -38,8 +38,8 @@ impl Connected for Stream {
     fn connect_info(&self) -> Self::ConnectInfo {
         let tcp = self.tcp();
         TcpConnectInfo {
-            local_addr: tcp.local_addr().ok(),
-            remote_addr: tcp.peer_addr().ok(),
+            local_addr: tcp.and_then(|t| t.local_addr().ok()),
+            remote_addr: tcp.and_then(|t| t.peer_addr().ok()),
         }
     }
 }
@@ -59,6 +59,13 @@ pub fn incoming(
 ) -> ReceiverStream<io::Result<Stream>> {
     let (tx, rx) = mpsc::channel(QUEUED);
     let admission = Admission::new(what);
+    if let Some(local) = listener
+        .local_addr()
+        .ok()
+        .and_then(|a| crate::local::listen(&a))
+    {
+        tokio::spawn(accept_local(local, tx.clone(), what, admission.clone()));
+    }
     tokio::spawn(async move {
         loop {
             let accepted = tokio::select! {
@@ -99,6 +106,35 @@ pub fn incoming(
         }
     });
     ReceiverStream::new(rx)
+}
+
+/// Hands the server the connections of its local socket whose process runs as this user (see
+/// [`crate::local`]); others are refused like any stranger. Ends when the server stops.
+async fn accept_local(
+    listener: tokio::net::UnixListener,
+    tx: mpsc::Sender<io::Result<Stream>>,
+    what: &'static str,
+    admission: Admission,
+) {
+    let from = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+    loop {
+        let accepted = tokio::select! {
+            _ = tx.closed() => break,
+            a = crate::local::accept(&listener) => a,
+        };
+        match accepted {
+            Ok(Ok(s)) => {
+                if tx.send(Ok(Stream::Local(s))).await.is_err() {
+                    break;
+                }
+            }
+            Ok(Err(why)) => admission.refused(from, "user", &why, true),
+            Err(e) => {
+                tracing::warn!(server = what, error = %e, "accepting a local connection failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
 }
 
 /// A failed connection attempt of a [`Connector`].
@@ -155,12 +191,15 @@ pub fn plaintext_hint(status: &tonic::Status) -> &'static str {
     }
 }
 
-/// Opens a gRPC client's connections: TCP (no delay) to the URI's host and port, then TLS when the
+/// Opens a gRPC client's connections: to a server of this machine its local socket (see
+/// [`crate::local`]), else TCP (no delay) to the URI's host and port, then TLS when the
 /// process has certificates. Use with `Endpoint::connect_with_connector` and an `http://` URI (the
 /// TLS is underneath, not tonic's).
 #[derive(Clone)]
 pub struct Connector {
     security: Security,
+    /// Try the local socket of a server on this machine first (see [`crate::local`]).
+    local: bool,
     /// What the servers are for (in refusals) and which roles may serve it.
     expect: Option<(&'static str, Expected)>,
 }
@@ -182,8 +221,16 @@ impl Connector {
     pub fn new(security: Security) -> Connector {
         Connector {
             security,
+            local: crate::local::enabled(),
             expect: None,
         }
+    }
+
+    /// The same, always over TCP (and TLS where `security` says), even to a server of this
+    /// machine: for tests of TLS itself.
+    pub fn over_tcp(mut self) -> Connector {
+        self.local = false;
+        self
     }
 
     /// The same, refusing a server whose certificate names a role `expected` refuses (or
@@ -213,6 +260,7 @@ impl tower_service::Service<Uri> for Connector {
     fn call(&mut self, uri: Uri) -> Self::Future {
         let security = self.security.clone();
         let expect = self.expect.clone();
+        let local = self.local;
         Box::pin(async move {
             let host = uri.host().unwrap_or_default().to_string();
             let port = uri.port_u16().unwrap_or(80);
@@ -231,6 +279,13 @@ impl tower_service::Service<Uri> for Connector {
                     let refused = matches!(e, tandem_core::Error::Config { .. });
                     fail(e.to_string(), refused)
                 })?;
+            if local {
+                for t in &targets {
+                    if let Some(s) = crate::local::connect(t).await {
+                        return Ok(TokioIo::new(Stream::Local(s)));
+                    }
+                }
+            }
             let tcp = tokio::net::TcpStream::connect(&targets[..])
                 .await
                 .map_err(|e| fail(e.to_string(), false))?;

@@ -26,6 +26,7 @@ pub mod fuzzing;
 pub mod grpc;
 mod handshake;
 pub mod identity;
+pub mod local;
 mod policy;
 mod record;
 pub mod stream;

@@ -90,7 +90,7 @@ async fn receive(r: &mut ReadHalf, n: usize) -> Vec<u8> {
 fn writer(w: &mut WriteHalf) -> &mut crate::record::RecordWriter {
     match w {
         WriteHalf::Tls { inner, .. } => inner,
-        WriteHalf::Plain(_) => panic!("not TLS"),
+        WriteHalf::Plain(_) | WriteHalf::Local(_) => panic!("not TLS"),
     }
 }
 

@@ -8,15 +8,17 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpStream, UnixStream, unix};
 
 use crate::context::describe;
 use crate::policy::{INSECURE_VAR, Security};
@@ -55,6 +57,8 @@ pub enum Stream {
     Plain(TcpStream),
     /// Mutual TLS over TCP.
     Tls(Box<TlsConnection>),
+    /// A Unix domain socket to a process of this user on this machine (see [`crate::local`]).
+    Local(UnixStream),
 }
 
 impl From<crate::handshake::Secured> for Stream {
@@ -68,11 +72,12 @@ impl From<crate::handshake::Secured> for Stream {
 }
 
 impl Stream {
-    /// The TCP connection underneath.
-    pub fn tcp(&self) -> &TcpStream {
+    /// The TCP connection underneath (`None` for a local socket).
+    pub fn tcp(&self) -> Option<&TcpStream> {
         match self {
-            Stream::Plain(s) => s,
-            Stream::Tls(s) => s.reader.tcp().as_ref(),
+            Stream::Plain(s) => Some(s),
+            Stream::Tls(s) => Some(s.reader.tcp().as_ref()),
+            Stream::Local(_) => None,
         }
     }
 
@@ -81,23 +86,35 @@ impl Stream {
         matches!(self, Stream::Tls(_))
     }
 
+    /// Whether the connection is a local socket, its peer vouched for by the kernel.
+    pub fn is_local(&self) -> bool {
+        matches!(self, Stream::Local(_))
+    }
+
     /// The certificate the peer presented (TLS only).
     pub fn peer_certificate(&self) -> Option<CertificateDer<'static>> {
         match self {
-            Stream::Plain(_) => None,
+            Stream::Plain(_) | Stream::Local(_) => None,
             Stream::Tls(s) => s.peer.clone(),
         }
     }
 
     /// Splits into halves that can be used by different tasks.
     pub fn into_split(self) -> (ReadHalf, WriteHalf) {
-        let fd = self.tcp().as_raw_fd();
         match self {
+            Stream::Local(s) => {
+                let (r, w) = s.into_split();
+                (
+                    ReadHalf::Local(Counted::new(r)),
+                    WriteHalf::Local(Counted::new(w)),
+                )
+            }
             Stream::Plain(s) => {
                 let (r, w) = s.into_split();
                 (ReadHalf::Plain(r), WriteHalf::Plain(w))
             }
             Stream::Tls(s) => {
+                let fd = s.reader.tcp().as_ref().as_raw_fd();
                 let TlsConnection { reader, writer, .. } = *s;
                 (
                     ReadHalf::Tls {
@@ -124,6 +141,10 @@ macro_rules! delegate {
             }
             Stream::Tls(t) => {
                 let $s = Pin::new(&mut t.$half);
+                $e
+            }
+            Stream::Local($s) => {
+                let $s = Pin::new($s);
                 $e
             }
         }
@@ -170,22 +191,60 @@ pub enum ReadHalf {
         /// The socket's descriptor (for statistics).
         fd: RawFd,
     },
+    /// A local socket: the socket itself, counting what is read.
+    Local(Counted<unix::OwnedReadHalf>),
+}
+
+/// A half of a local socket and the bytes that passed through it (a Unix socket has no kernel
+/// counters to read, as TCP's `TCP_INFO`).
+#[derive(Debug)]
+pub struct Counted<H> {
+    half: H,
+    bytes: Arc<AtomicU64>,
+}
+
+impl<H> Counted<H> {
+    fn new(half: H) -> Self {
+        Counted {
+            half,
+            bytes: Arc::default(),
+        }
+    }
+
+    /// The bytes that passed through this half so far (for metrics).
+    pub fn bytes(&self) -> Arc<AtomicU64> {
+        Arc::clone(&self.bytes)
+    }
+
+    fn add(&self, n: usize) {
+        self.bytes.fetch_add(n as u64, Ordering::Relaxed);
+    }
 }
 
 impl ReadHalf {
-    /// The plaintext socket, for non-blocking reads; `None` under TLS.
-    pub fn socket(&self) -> Option<&OwnedReadHalf> {
+    /// The unencrypted socket (plaintext TCP or local), for non-blocking reads; `None` under TLS.
+    pub fn socket(&self) -> Option<BorrowedFd<'_>> {
         match self {
-            ReadHalf::Plain(s) => Some(s),
+            ReadHalf::Plain(s) => Some(s.as_ref().as_fd()),
+            ReadHalf::Local(s) => Some(s.half.as_ref().as_fd()),
             ReadHalf::Tls { .. } => None,
         }
     }
 
-    /// The socket's descriptor (for socket statistics only).
-    pub fn raw_fd(&self) -> RawFd {
+    /// The TCP socket's descriptor (for TCP statistics only); `None` for a local socket.
+    pub fn raw_fd(&self) -> Option<RawFd> {
         match self {
-            ReadHalf::Plain(s) => s.as_ref().as_raw_fd(),
-            ReadHalf::Tls { fd, .. } => *fd,
+            ReadHalf::Plain(s) => Some(s.as_ref().as_raw_fd()),
+            ReadHalf::Tls { fd, .. } => Some(*fd),
+            ReadHalf::Local(_) => None,
+        }
+    }
+
+    /// Counts `n` bytes read straight from [`ReadHalf::socket`] (local sockets count their
+    /// bytes; TCP's the kernel counts).
+    pub fn note(&self, n: usize) {
+        if let ReadHalf::Local(c) = self {
+            c.add(n);
         }
     }
 }
@@ -199,6 +258,12 @@ impl AsyncRead for ReadHalf {
         match self.get_mut() {
             ReadHalf::Plain(s) => Pin::new(s).poll_read(cx, buf),
             ReadHalf::Tls { inner, .. } => Pin::new(&mut **inner).poll_read(cx, buf),
+            ReadHalf::Local(c) => {
+                let before = buf.filled().len();
+                let polled = Pin::new(&mut c.half).poll_read(cx, buf);
+                c.add(buf.filled().len() - before);
+                polled
+            }
         }
     }
 }
@@ -217,22 +282,34 @@ pub enum WriteHalf {
         /// The socket's descriptor (for statistics).
         fd: RawFd,
     },
+    /// A local socket: the socket itself, counting what is written.
+    Local(Counted<unix::OwnedWriteHalf>),
 }
 
 impl WriteHalf {
-    /// The plaintext socket, for non-blocking writes; `None` under TLS.
-    pub fn socket(&self) -> Option<&OwnedWriteHalf> {
+    /// The unencrypted socket (plaintext TCP or local), for non-blocking writes; `None` under
+    /// TLS.
+    pub fn socket(&self) -> Option<BorrowedFd<'_>> {
         match self {
-            WriteHalf::Plain(s) => Some(s),
+            WriteHalf::Plain(s) => Some(s.as_ref().as_fd()),
+            WriteHalf::Local(s) => Some(s.half.as_ref().as_fd()),
             WriteHalf::Tls { .. } => None,
         }
     }
 
-    /// The socket's descriptor (for socket statistics only).
-    pub fn raw_fd(&self) -> RawFd {
+    /// The TCP socket's descriptor (for TCP statistics only); `None` for a local socket.
+    pub fn raw_fd(&self) -> Option<RawFd> {
         match self {
-            WriteHalf::Plain(s) => s.as_ref().as_raw_fd(),
-            WriteHalf::Tls { fd, .. } => *fd,
+            WriteHalf::Plain(s) => Some(s.as_ref().as_raw_fd()),
+            WriteHalf::Tls { fd, .. } => Some(*fd),
+            WriteHalf::Local(_) => None,
+        }
+    }
+
+    /// Counts `n` bytes written straight to [`WriteHalf::socket`] (see [`ReadHalf::note`]).
+    pub fn note(&self, n: usize) {
+        if let WriteHalf::Local(c) = self {
+            c.add(n);
         }
     }
 }
@@ -246,6 +323,13 @@ impl AsyncWrite for WriteHalf {
         match self.get_mut() {
             WriteHalf::Plain(s) => Pin::new(s).poll_write(cx, buf),
             WriteHalf::Tls { inner, .. } => Pin::new(&mut **inner).poll_write(cx, buf),
+            WriteHalf::Local(c) => {
+                let polled = Pin::new(&mut c.half).poll_write(cx, buf);
+                if let Poll::Ready(Ok(n)) = polled {
+                    c.add(n);
+                }
+                polled
+            }
         }
     }
 
@@ -253,6 +337,7 @@ impl AsyncWrite for WriteHalf {
         match self.get_mut() {
             WriteHalf::Plain(s) => Pin::new(s).poll_flush(cx),
             WriteHalf::Tls { inner, .. } => Pin::new(&mut **inner).poll_flush(cx),
+            WriteHalf::Local(c) => Pin::new(&mut c.half).poll_flush(cx),
         }
     }
 
@@ -260,6 +345,7 @@ impl AsyncWrite for WriteHalf {
         match self.get_mut() {
             WriteHalf::Plain(s) => Pin::new(s).poll_shutdown(cx),
             WriteHalf::Tls { inner, .. } => Pin::new(&mut **inner).poll_shutdown(cx),
+            WriteHalf::Local(c) => Pin::new(&mut c.half).poll_shutdown(cx),
         }
     }
 }

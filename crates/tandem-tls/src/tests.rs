@@ -367,6 +367,7 @@ async fn roles_and_jobs_are_checked_on_both_ends() {
         let addr = l.local_addr().unwrap();
         let mut incoming = crate::grpc::incoming(l, server, "test", |_| true);
         let mut c = crate::grpc::Connector::new(identity_of(&ca, "worker-1", "job"))
+            .over_tcp()
             .expecting("the parameter server", |r| {
                 matches!(r, crate::identity::Role::Ps(_))
             });
@@ -391,7 +392,7 @@ async fn roles_and_jobs_are_checked_on_both_ends() {
         let mut incoming = crate::grpc::incoming(l, identity_of(&ca, "ps-0", "job"), "test", |r| {
             !matches!(r, crate::identity::Role::Chief)
         });
-        let mut c = crate::grpc::Connector::new(identity_of(&ca, role, job));
+        let mut c = crate::grpc::Connector::new(identity_of(&ca, role, job)).over_tcp();
         // The client's handshake completes either way; the server drops what it refuses.
         assert!(
             c.call(format!("http://{addr}").parse().unwrap())
@@ -410,6 +411,7 @@ async fn roles_and_jobs_are_checked_on_both_ends() {
     let addr = l.local_addr().unwrap();
     let _incoming = crate::grpc::incoming(l, member(&ca, "shared"), "test", |_| false);
     let mut c = crate::grpc::Connector::new(member(&ca, "shared"))
+        .over_tcp()
         .expecting("the parameter server", |_| false);
     assert!(
         c.call(format!("http://{addr}").parse().unwrap())

@@ -26,6 +26,10 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
     fn same_host(&self) -> bool {
         false
     }
+    /// How this rank's connections to its peers are carried (none for backends without).
+    fn links(&self) -> crate::transport::mesh::Links {
+        crate::transport::mesh::Links::default()
+    }
     /// This rank.
     fn rank(&self) -> usize;
     /// Number of ranks.

@@ -22,8 +22,9 @@ use super::ops::{self, Io, Waiting};
 use super::streams::{self, Channel, Part};
 use crate::stats::Stragglers;
 use crate::transport::frame::{OpHeader, OpKind};
-use crate::transport::mesh::Mesh;
+use crate::transport::mesh::{Links, Mesh};
 use crate::transport::peer_memory::{LocalWord, PeerMemory};
+use tandem_tls::stream::{ReadHalf, WriteHalf};
 
 /// How long an operation polls its sockets (yielding the CPU and letting the runtime check the
 /// sockets between polls) before its thread may park in the event loop: small and medium
@@ -105,6 +106,8 @@ pub struct TcpRing {
     abort: watch::Receiver<Option<String>>,
     control: Control,
     same_host: Option<SameHost>,
+    /// How the ring's own connections are carried.
+    links: Links,
     hosts: Option<ops::HostLayout>,
     /// The flight recorder of this group's operations (written under `state`'s lock).
     log: std::sync::Arc<tandem_observe::oplog::OpLog>,
@@ -216,6 +219,7 @@ impl TcpRing {
     ) -> Self {
         let segment = tuning.segment_bytes.clamp(4096, 64 << 20) / 8 * 8;
         let direct_bytes = tuning.direct_bytes;
+        let links = mesh.links();
         let mut sockets = watch_sockets(&mesh);
         for channel in &mut channels {
             sockets.extend(watch_sockets(channel.mesh()));
@@ -244,6 +248,7 @@ impl TcpRing {
             abort,
             control,
             same_host,
+            links,
             log: crate::observe::log(),
         }
     }
@@ -505,16 +510,20 @@ impl TcpRing {
     }
 }
 
-/// One byte-counting watch per connection of the mesh (the read half shares the socket with the
-/// write half).
+/// One byte-counting watch per connection of the mesh: the kernel's TCP counters (the read half
+/// shares the socket with the write half), or a local socket's own.
 fn watch_sockets(mesh: &Mesh) -> Vec<tandem_observe::SocketWatch> {
     mesh.readers
         .iter()
         .enumerate()
-        .filter_map(|(peer, r)| {
-            r.as_ref()
-                .map(|r| tandem_observe::watch_socket(peer, r.raw_fd()))
-        })
+        .filter_map(
+            |(peer, r)| match (r.as_ref()?, mesh.writers[peer].as_ref()?) {
+                (ReadHalf::Local(r), WriteHalf::Local(w)) => {
+                    Some(tandem_observe::watch_counted(peer, w.bytes(), r.bytes()))
+                }
+                (r, _) => Some(tandem_observe::watch_socket(peer, r.raw_fd()?)),
+            },
+        )
         .collect()
 }
 
@@ -539,6 +548,9 @@ impl Backend for TcpRing {
     }
     fn same_host(&self) -> bool {
         self.same_host.is_some()
+    }
+    fn links(&self) -> Links {
+        self.links
     }
     fn rank(&self) -> usize {
         self.rank

@@ -6,7 +6,7 @@
 use std::future::Future;
 
 use crate::backend::streams::Channel;
-use crate::transport::mesh::Mesh;
+use crate::transport::mesh::{Listener, Mesh};
 use tandem_rendezvous::board::{BoardPlan, TorchrunStore, board_bind};
 
 use super::peers::{advertise_host, bind_host, negotiate_same_host};
@@ -378,13 +378,15 @@ impl Formation<'_> {
             None => tandem_tls::Security::from_env()?,
         };
         let bind = format!("{}:0", bind_host(&host));
-        let listen = |rt: &Runtime| -> Result<(tokio::net::TcpListener, u16)> {
+        let listen = |rt: &Runtime| -> Result<(Listener, u16)> {
+            // With its local socket, before any peer learns the address.
             let listener = rt
-                .block_on(tokio::net::TcpListener::bind(&bind))
+                .block_on(Listener::bind(&bind))
                 .map_err(|e| Error::io(format!("binding the ring listener to {bind}"), e))?;
             // Before any peer learns the address: accepted connections inherit it.
-            self.congestion.apply(&listener);
+            self.congestion.apply(&listener.tcp);
             let port = listener
+                .tcp
                 .local_addr()
                 .map_err(|e| Error::io("reading the ring listener address", e))?
                 .port();

@@ -112,6 +112,15 @@ impl ProcessGroup {
         self.shared.backend.as_ref().is_some_and(|b| b.same_host())
     }
 
+    /// How this rank's connections to its peers are carried: over local sockets (processes of
+    /// this user on this machine), TLS or plaintext TCP. All zero for a world of one.
+    pub fn links(&self) -> crate::transport::mesh::Links {
+        self.shared
+            .backend
+            .as_ref()
+            .map_or_else(Default::default, |b| b.links())
+    }
+
     /// The backend in use (`"tcp"`, or `"local"` for a world of one).
     pub fn backend_name(&self) -> &'static str {
         self.shared.backend.as_ref().map_or("local", |b| b.name())

@@ -20,7 +20,7 @@ use tandem_tls::identity::Role;
 use tandem_tls::stream::{ReadHalf, Stream, TLS_ALERT, WriteHalf};
 use tandem_tls::{CongestionChoice, Security};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpStream, UnixListener};
 use tokio::time::Instant;
 
 use super::frame::{
@@ -30,6 +30,26 @@ use super::frame::{
 /// How long an accepted connection may take to send its handshake.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Where a rank accepts its peers: its TCP listener (the address it publishes) and, beside it, the
+/// local socket that stands for that address on this machine (see [`tandem_tls::local`]).
+#[derive(Debug)]
+pub struct Listener {
+    /// The TCP listener.
+    pub tcp: TcpListener,
+    /// Its local socket, when local sockets are on and the name was free.
+    pub local: Option<UnixListener>,
+}
+
+impl Listener {
+    /// Binds `addr` (`host:port`) and its local socket. Call inside the runtime that will drive
+    /// the connections.
+    pub async fn bind(addr: &str) -> std::io::Result<Listener> {
+        let tcp = TcpListener::bind(addr).await?;
+        let local = tandem_tls::local::listen(&tcp.local_addr()?);
+        Ok(Listener { tcp, local })
+    }
+}
+
 /// One read half and one write half per peer (`None` at this rank's own index).
 #[derive(Debug, Default)]
 pub struct Mesh {
@@ -37,6 +57,42 @@ pub struct Mesh {
     pub readers: Vec<Option<ReadHalf>>,
     /// Where to write what peer `i` should read.
     pub writers: Vec<Option<WriteHalf>>,
+}
+
+/// How a rank's connections to its peers are carried, counted by kind.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Links {
+    /// Local sockets to processes of this user on this machine (see [`tandem_tls::local`]).
+    pub local: usize,
+    /// Mutual TLS over TCP.
+    pub tls: usize,
+    /// Plaintext TCP.
+    pub plain: usize,
+}
+
+impl std::fmt::Display for Links {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} over local sockets, {} over TLS, {} in plaintext",
+            self.local, self.tls, self.plain
+        )
+    }
+}
+
+impl Mesh {
+    /// How this rank's connections are carried.
+    pub fn links(&self) -> Links {
+        let mut links = Links::default();
+        for r in self.readers.iter().flatten() {
+            match r {
+                ReadHalf::Local(_) => links.local += 1,
+                ReadHalf::Tls { .. } => links.tls += 1,
+                ReadHalf::Plain(_) => links.plain += 1,
+            }
+        }
+        links
+    }
 }
 
 /// What this rank needs to build its part of the mesh.
@@ -101,6 +157,12 @@ async fn connect_one(spec: &MeshSpec<'_>, peer: usize, deadline: Instant) -> Res
             Err(e @ Error::Config { .. }) => return Err(e),
             Err(_) => Vec::new(),
         };
+        if let Some(s) = connect_local(&targets).await {
+            match hello(spec, peer, Stream::Local(s), left.min(HELLO_TIMEOUT)).await? {
+                Ok(s) => return Ok(s),
+                Err(why) => tracing::debug!(peer, "the local socket failed ({why}); trying TCP"),
+            }
+        }
         let attempt = tokio::time::timeout(left, spec.congestion.connect_to(addr, &targets)).await;
         let err = match attempt {
             Ok(Ok(tcp)) => match open(spec, peer, tcp, left.min(HELLO_TIMEOUT)).await? {
@@ -134,7 +196,7 @@ async fn open(
         reason,
     };
     setup(&tcp);
-    let mut s = match tandem_tls::stream::connect(spec.security, tcp, addr, within).await {
+    let s = match tandem_tls::stream::connect(spec.security, tcp, addr, within).await {
         Ok(s) => s,
         Err(e) if e.refused => return Err(refused(e.reason)),
         Err(e) => return Ok(Err(e.reason)),
@@ -142,6 +204,32 @@ async fn open(
     if let Some(why) = spec.check_rank(&s, peer) {
         return Err(refused(why));
     }
+    hello(spec, peer, s, within).await
+}
+
+/// The first of `targets` whose local socket a process of this user holds.
+async fn connect_local(targets: &[std::net::SocketAddr]) -> Option<tokio::net::UnixStream> {
+    for t in targets {
+        if let Some(s) = tandem_tls::local::connect(t).await {
+            return Some(s);
+        }
+    }
+    None
+}
+
+/// Sends this rank's hello on a secured connection to `peer` and reads the answer, within
+/// `within`; errors as for [`open`].
+async fn hello(
+    spec: &MeshSpec<'_>,
+    peer: usize,
+    mut s: Stream,
+    within: Duration,
+) -> Result<std::result::Result<Stream, String>> {
+    let addr = &spec.addrs[peer];
+    let refused = |reason: String| Error::Authentication {
+        peer: format!("rank {peer} at {addr}"),
+        reason,
+    };
     let hello = encode_hello(spec.rank as u32, spec.group, spec.token.as_str());
     let exchange = async {
         s.write_all(&hello).await?;
@@ -220,13 +308,44 @@ async fn admit(
     world: usize,
 ) -> std::result::Result<(usize, Stream), Refusal> {
     setup(&tcp);
-    let mut s = tandem_tls::stream::accept(spec.security, tcp, HELLO_TIMEOUT)
+    let s = tandem_tls::stream::accept(spec.security, tcp, HELLO_TIMEOUT)
         .await
         .map_err(|r| Refusal {
             kind: r.kind,
             why: r.reason,
             notable: r.notable,
         })?;
+    admit_hello(s, spec, world).await
+}
+
+/// Admits one connection of the local socket: its process runs as this user (the kernel says
+/// so), then the hello as on TCP.
+async fn admit_local(
+    accepted: std::io::Result<std::result::Result<tokio::net::UnixStream, String>>,
+    spec: &MeshSpec<'_>,
+    world: usize,
+) -> std::result::Result<(usize, Stream), Refusal> {
+    let refusal = |kind, why| Refusal {
+        kind,
+        why,
+        notable: true,
+    };
+    match accepted {
+        Ok(Ok(s)) => admit_hello(Stream::Local(s), spec, world).await,
+        Ok(Err(why)) => Err(refusal("user", why)),
+        Err(e) => Err(refusal(
+            "closed",
+            format!("accepting a local connection: {e}"),
+        )),
+    }
+}
+
+/// Reads and checks the hello of an accepted, secured connection.
+async fn admit_hello(
+    mut s: Stream,
+    spec: &MeshSpec<'_>,
+    world: usize,
+) -> std::result::Result<(usize, Stream), Refusal> {
     let refuse = |code: u8, kind: &'static str, why: String| (code, kind, why);
     let verdict = match read_hello(&mut s, spec, world).await {
         Ok(rank) => match spec.check_rank(&s, rank) {
@@ -271,23 +390,58 @@ struct Refusal {
     notable: bool,
 }
 
+/// An accepted connection being admitted: where from, and the verdict.
+type Admitting<'a> = std::pin::Pin<
+    Box<
+        dyn std::future::Future<
+                Output = (
+                    std::net::SocketAddr,
+                    std::result::Result<(usize, Stream), Refusal>,
+                ),
+            > + Send
+            + 'a,
+    >,
+>;
+
+/// The next connection of the local socket (its user checked), or never without one.
+async fn local_accept(
+    local: Option<&UnixListener>,
+) -> std::io::Result<std::result::Result<tokio::net::UnixStream, String>> {
+    match local {
+        Some(l) => tandem_tls::local::accept(l).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Accepts the connections of the ranks below this one. Each accepted connection is admitted
 /// concurrently with the others and with the accept loop (bounded per source and in total, see
 /// [`tandem_tls::admission`]), so connections that stall, close or speak garbage neither hold
 /// the members back nor end the formation: only the deadline does.
 async fn accept_all(
-    listener: &TcpListener,
+    listener: &Listener,
     spec: &MeshSpec<'_>,
     deadline: Instant,
 ) -> Result<Vec<Option<Stream>>> {
     let world = spec.addrs.len();
     let mut got: Vec<Option<Stream>> = (0..spec.rank).map(|_| None).collect();
     let admission = Admission::new("ring");
-    let mut admitting = FuturesUnordered::new();
+    let mut admitting: FuturesUnordered<Admitting<'_>> = FuturesUnordered::new();
     let started = Instant::now();
+    let here = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
     while got.iter().any(Option::is_none) {
         tokio::select! {
-            accepted = listener.accept() => {
+            accepted = local_accept(listener.local.as_ref()) => {
+                // Same user (checked in admit_local): trusted with a slot of its own, still bounded.
+                match admission.slot(here.ip()) {
+                    Some(slot) => admitting.push(Box::pin(async move {
+                        let verdict = admit_local(accepted, spec, world).await;
+                        drop(slot);
+                        (here, verdict)
+                    }) as Admitting<'_>),
+                    None => admission.refused(here, "busy", &"too many handshakes in progress", true),
+                }
+            }
+            accepted = listener.tcp.accept() => {
                 let (tcp, from) = match accepted {
                     Ok(x) => x,
                     Err(e) => {
@@ -298,11 +452,11 @@ async fn accept_all(
                     }
                 };
                 match admission.slot(from.ip()) {
-                    Some(slot) => admitting.push(async move {
+                    Some(slot) => admitting.push(Box::pin(async move {
                         let verdict = admit(tcp, spec, world).await;
                         drop(slot);
                         (from, verdict)
-                    }),
+                    })),
                     None => admission.refused(from, "busy", &"too many handshakes in progress", true),
                 }
             }
@@ -340,14 +494,14 @@ async fn accept_all(
 
 /// Builds this rank's part of the mesh: connects up, accepts down, all before `deadline`.
 pub async fn establish(
-    listener: &TcpListener,
+    listener: &Listener,
     spec: &MeshSpec<'_>,
     deadline: Instant,
 ) -> Result<Mesh> {
     let world = spec.addrs.len();
     // Accepted connections inherit the listener's congestion control (set on it when it was
     // bound, before any peer could know its address; again here for listeners made elsewhere).
-    spec.congestion.apply(listener);
+    spec.congestion.apply(&listener.tcp);
     let connect = async {
         let mut out = Vec::new();
         for peer in spec.rank + 1..world {
@@ -373,5 +527,10 @@ pub async fn establish(
             mesh.writers[peer] = Some(w);
         }
     }
+    tracing::info!(
+        rank = spec.rank,
+        "connected to the other ranks: {}",
+        mesh.links()
+    );
     Ok(mesh)
 }

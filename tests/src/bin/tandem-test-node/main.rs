@@ -115,6 +115,8 @@ fn print_case(id: usize, values: &[f64]) {
 fn run_suite(pg: &ProcessGroup) -> Result<()> {
     let (rank, world) = (pg.rank(), pg.world_size());
     println!("SAMEHOST {}", u8::from(pg.same_host()));
+    let links = pg.links();
+    println!("LINKS {} {} {}", links.local, links.tls, links.plain);
     for case in suite::cases(world) {
         let size = case.dtype.size();
         let mine = data::values(case.id as u64, rank, case.len, case.dtype, case.op);

@@ -127,14 +127,17 @@ pub(super) fn write_now(
         .collect();
     for (p, w) in writers.iter_mut().enumerate() {
         // Under TLS the bytes must go through the encrypting half: the event loop sends them.
-        if let Some(w) = w
+        if let Some((half, w)) = w
             .as_ref()
-            .and_then(WriteHalf::socket)
+            .and_then(|h| Some((h, h.socket()?)))
             .filter(|_| sent[p] < frame_len)
         {
             while sent[p] < frame_len {
-                match (&*socket2::SockRef::from(w.as_ref())).write(&msg[sent[p]..]) {
-                    Ok(k) => sent[p] += k,
+                match (&*socket2::SockRef::from(&w)).write(&msg[sent[p]..]) {
+                    Ok(k) => {
+                        half.note(k);
+                        sent[p] += k;
+                    }
                     Err(e) if e.kind() == ErrorKind::WouldBlock => break,
                     Err(e) => return Err(lost(p, header, "sending", &e)),
                 }
@@ -165,13 +168,18 @@ pub(super) fn poll_frames(
         let mut pending = false;
         for inc in incoming.iter_mut().filter(|i| i.got < frame_len) {
             let (p, slot) = (inc.peer, &mut slots[inc.peer]);
-            if let Some(r) = readers[p].as_ref().and_then(ReadHalf::socket) {
-                match (&*socket2::SockRef::from(r.as_ref())).read(&mut slot[inc.got..frame_len]) {
+            if let Some(half) = readers[p].as_ref()
+                && let Some(r) = half.socket()
+            {
+                match (&*socket2::SockRef::from(&r)).read(&mut slot[inc.got..frame_len]) {
                     Ok(0) => {
                         let eof = std::io::Error::from(ErrorKind::UnexpectedEof);
                         return Err(lost(p, header, "receiving", &eof));
                     }
-                    Ok(k) => inc.advance(k, slot, header, me, start)?,
+                    Ok(k) => {
+                        half.note(k);
+                        inc.advance(k, slot, header, me, start)?
+                    }
                     Err(e) if e.kind() == ErrorKind::WouldBlock => {}
                     Err(e) => return Err(lost(p, header, "receiving", &e)),
                 }
