@@ -236,11 +236,85 @@ def test_nothing_listens_on_every_interface_and_every_pod_has_the_job_certificat
                 env = {e["name"]: e.get("value") for e in c.get("env", [])}
                 mounts = {m["mountPath"]: m["name"] for m in c.get("volumeMounts", [])}
                 tls_dir = env.get("TANDEM_TLS_DIR")
-                assert tls_dir, (name, role)
-                # Secrets are named after the job: two jobs of one namespace share nothing.
-                assert secrets.get(mounts.get(tls_dir)) == f"{job['metadata']['name']}-tls", (name, role)
+                if name == "pytorchjob-elastic.yaml":
+                    # Elastic ranks are numbered anew at every re-formation: one certificate
+                    # without a role, checked against the job's CA.
+                    assert tls_dir, (name, role)
+                    assert secrets.get(mounts.get(tls_dir)) == f"{job['metadata']['name']}-tls", (name, role)
+                else:
+                    # Each replica type mounts its own Secret, named after the job and the type.
+                    ca = env["TANDEM_TLS_CA"]
+                    mount = str(Path(ca).parent)
+                    assert secrets.get(mounts.get(mount)) == f"{job['metadata']['name']}-tls-{role.lower()}", (name, role)
+                    assert "TANDEM_TLS_DIR" not in env, (name, role)
                 assert "TANDEM_INSECURE" not in env, (name, role)
                 # A listening address is the pod's own.
                 for v in list(env.values()) + c.get("command", []):
                     if v and ":" in str(v) and str(v).startswith("$("):
                         assert str(v).startswith("$(POD_IP):"), (name, role, v)
+
+
+def expand(value: str, env: Dict[str, str]) -> str:
+    """A container variable's value as the kubelet expands it: `$(NAME)` of a variable defined
+    earlier in the list."""
+    for k, v in env.items():
+        value = value.replace(f"$({k})", v)
+    assert "$(" not in value, value
+    return value
+
+
+@pytest.mark.parametrize("name,kind", [("tfjob-ps.yaml", "tfjob"), ("pytorchjob-allreduce.yaml", "pytorchjob")])
+def test_every_replica_gets_its_own_certificate_from_the_secrets_the_manifest_says_to_make(
+        name: str, kind: str, tmp_path: Path) -> None:
+    """The command in the manifest's header makes the Secrets its pods mount; a pod of each replica
+    type and index, with the files its Secret puts at the mount and its variables expanded as the
+    kubelet does, loads a certificate naming its own role and index, and holds no other type's."""
+    import base64
+    import re
+
+    text = (DEPLOY / "kubernetes" / name).read_text()
+    job = [d for d in yaml.safe_load_all(text) if d["kind"].endswith("Job")][0]
+    command = re.search(r"tandem certs kubernetes (tls [^|`]*)", text)
+    assert command, name
+    tandem = [sys.executable, "-m", "tandem"]
+    init = re.search(r"tandem certs init (tls --job \S+)", text)
+    assert init, name
+    subprocess.run(tandem + ["certs", "init"] + init.group(1).split(), cwd=tmp_path, check=True,
+                   capture_output=True, env=clean_env())
+    out = subprocess.run(tandem + ["certs", "kubernetes"] + command.group(1).split(), cwd=tmp_path,
+                         capture_output=True, text=True, env=clean_env())
+    assert out.returncode == 0, out.stderr
+    secrets = {d["metadata"]["name"]: d["data"] for d in yaml.safe_load_all(out.stdout) if d}
+    assert not any("ca-key" in k for data in secrets.values() for k in data)
+    spec = job["spec"]["tfReplicaSpecs" if kind == "tfjob" else "pytorchReplicaSpecs"]
+    for role, replica in spec.items():
+        pod = replica["template"]["spec"]
+        volumes = {v["name"]: v["secret"]["secretName"] for v in pod.get("volumes", []) if "secret" in v}
+        c = containers(replica)[0]
+        for index in range(replica["replicas"]):
+            # The files of the Secret this pod mounts, where it mounts them.
+            root = tmp_path / f"{role}-{index}"
+            env: Dict[str, str] = {}
+            for m in c["volumeMounts"]:
+                if m["name"] in volumes:
+                    folder = root / m["mountPath"].lstrip("/")
+                    folder.mkdir(parents=True)
+                    for k, v in secrets[volumes[m["name"]]].items():
+                        (folder / k).write_bytes(base64.b64decode(v))
+            for e in c["env"]:
+                if e["name"] == "TANDEM_REPLICA_INDEX":
+                    assert "replica-index" in e["valueFrom"]["fieldRef"]["fieldPath"]
+                    env[e["name"]] = str(index)
+                elif "value" in e and e["name"].startswith("TANDEM_TLS"):
+                    env[e["name"]] = str(root) + expand(e["value"], env)
+            check = subprocess.run(tandem + ["certs", "check"], capture_output=True, text=True,
+                                   env=clean_env(**env))
+            assert check.returncode == 0, check.stderr
+            want = {("tfjob", "PS"): f"ps-{index}", ("tfjob", "Worker"): f"worker-{index}",
+                    ("tfjob", "Chief"): "chief", ("pytorchjob", "Master"): "rank-0",
+                    ("pytorchjob", "Worker"): f"rank-{index + 1}"}[(kind, role)]
+            assert f"identity: {want} of job {job['metadata']['name']}" in check.stdout, check.stdout
+            # Only its own type's keys are in the pod.
+            keys = [p.name for p in root.rglob("*-key.pem")]
+            assert keys and all(k.startswith(role.lower() + "-") for k in keys), keys
+

@@ -71,6 +71,20 @@ pub struct KubernetesArgs {
     /// Its namespace.
     #[arg(long)]
     namespace: Option<String>,
+    /// A certificate per process of a Kubeflow job instead: `TYPE=COUNT` for each replica type
+    /// (repeat: `--replicas ps=2 --replicas worker=4`). DIR is then the job's CA folder (from
+    /// `tandem certs init DIR --job JOB`), and one Secret per type is printed, `<job>-tls-<type>`,
+    /// holding ca.pem and `<type>-<index>-cert.pem` / `-key.pem` for each replica: a pod mounts
+    /// its type's only, so a worker holds no parameter server's key.
+    #[arg(long = "replicas", value_name = "TYPE=COUNT")]
+    replicas: Vec<String>,
+    /// The job's kind, which decides each replica's identity: `tfjob` (`ps` is ps-N, `worker`
+    /// worker-N, `chief` chief) or `pytorchjob` (`master` is rank-0, `worker` N is rank-(N+1)).
+    #[arg(long, default_value = "tfjob", value_parser = ["tfjob", "pytorchjob"])]
+    kind: String,
+    /// Days of validity of the replicas' certificates (1 to 3650).
+    #[arg(long, default_value_t = 30)]
+    days: u32,
 }
 
 /// Runs `tandem certs ...`.
@@ -163,6 +177,10 @@ pub fn certs(cmd: CertsCommand) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        CertsCommand::Kubernetes(a) if !a.replicas.is_empty() => {
+            print!("{}", replica_secrets(&a)?);
+            Ok(ExitCode::SUCCESS)
+        }
         CertsCommand::Kubernetes(a) => {
             print!(
                 "{}",
@@ -177,10 +195,157 @@ pub fn certs(cmd: CertsCommand) -> Result<ExitCode> {
     }
 }
 
+/// The identity of replica `index` of `kind`'s replica type `ty`, or why there is none.
+fn replica_identity(kind: &str, ty: &str, index: usize) -> Option<String> {
+    match (kind, ty) {
+        ("tfjob", "ps" | "worker") => Some(format!("{ty}-{index}")),
+        ("tfjob", "chief") | ("pytorchjob", "master") => {
+            (index == 0).then(|| if ty == "chief" { "chief" } else { "rank-0" }.to_string())
+        }
+        ("pytorchjob", "worker") => Some(format!("rank-{}", index + 1)),
+        _ => None,
+    }
+}
+
+/// Parses `TYPE=COUNT` of `--replicas` for `kind`.
+fn parse_replicas(kind: &str, spec: &str) -> Result<(String, usize)> {
+    let bad = |why: String| tandem::Error::invalid("--replicas", format!("{spec:?}: {why}"));
+    let (ty, count) = spec
+        .split_once('=')
+        .ok_or_else(|| bad("give TYPE=COUNT, e.g. worker=4".into()))?;
+    let count: usize = count
+        .parse()
+        .ok()
+        .filter(|c| (1..=1024).contains(c))
+        .ok_or_else(|| bad("the count is a number from 1 to 1024".into()))?;
+    if replica_identity(kind, ty, 0).is_none() {
+        let types = if kind == "tfjob" {
+            "ps, worker, chief"
+        } else {
+            "master, worker"
+        };
+        return Err(bad(format!(
+            "a {kind} has no replica type {ty:?} ({types})"
+        )));
+    }
+    if replica_identity(kind, ty, count - 1).is_none() {
+        return Err(bad(format!("a {kind} has one {ty}")));
+    }
+    Ok((ty.to_string(), count))
+}
+
+/// `tandem certs kubernetes DIR --replicas ...`: a Secret per replica type with a certificate per
+/// replica, issued by the CA in DIR.
+fn replica_secrets(a: &KubernetesArgs) -> Result<String> {
+    let types = a
+        .replicas
+        .iter()
+        .map(|r| parse_replicas(&a.kind, r))
+        .collect::<Result<Vec<_>>>()?;
+    if !a.dir.join(tandem_tls::CA_KEY_FILE).exists() {
+        return Err(tandem::Error::invalid(
+            "DIR",
+            format!(
+                "{} holds no CA key ({}): make the job's CA with `tandem certs init {} --job {}`",
+                a.dir.display(),
+                tandem_tls::CA_KEY_FILE,
+                a.dir.display(),
+                a.job
+            ),
+        ));
+    }
+    let ca = std::fs::read_to_string(a.dir.join(tandem_tls::CA_FILE))
+        .map_err(|e| tandem::Error::io(format!("reading {}", a.dir.display()), e))?;
+    let names = ["localhost".to_string()];
+    let mut out = String::new();
+    for (ty, count) in types {
+        let mut files = vec![(tandem_tls::CA_FILE.to_string(), ca.clone())];
+        for i in 0..count {
+            let identity = replica_identity(&a.kind, &ty, i).unwrap_or_default();
+            let tmp =
+                std::env::temp_dir().join(format!("tandem-certs-{}-{ty}-{i}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&tmp);
+            let issued = tandem_tls::init_as(&a.dir, Some(&tmp), &a.job, &identity, &names, a.days);
+            let read = |f: &str| {
+                std::fs::read_to_string(tmp.join(f))
+                    .map_err(|e| tandem::Error::io(format!("reading {identity}'s {f}"), e))
+            };
+            let files_of = issued
+                .and_then(|_| Ok((read(tandem_tls::CERT_FILE)?, read(tandem_tls::KEY_FILE)?)));
+            let _ = std::fs::remove_dir_all(&tmp);
+            let (cert, key) = files_of?;
+            files.push((format!("{ty}-{i}-cert.pem"), cert));
+            files.push((format!("{ty}-{i}-key.pem"), key));
+        }
+        out.push_str(&tandem_tls::secret_yaml(
+            &format!(
+                "The certificates of job {}'s {ty} replicas, one per replica index; mount it in                  the {ty} pods only.",
+                a.job
+            ),
+            &format!("{}-tls-{ty}", a.job),
+            a.namespace.as_deref(),
+            &files,
+        )?);
+        out.push_str("---\n");
+    }
+    Ok(out)
+}
+
 /// Whether `a` and `b` name the same folder (as given, or once both exist).
 fn same_folder(a: &std::path::Path, b: &std::path::Path) -> bool {
     match (a.canonicalize(), b.canonicalize()) {
         (Ok(x), Ok(y)) => x == y,
         _ => a.components().eq(b.components()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replica_counts_and_types_are_checked_on_both_sides() {
+        for (kind, spec, ok) in [
+            ("tfjob", "worker=1", true),
+            ("tfjob", "worker=1024", true),
+            ("tfjob", "worker=0", false),
+            ("tfjob", "worker=1025", false),
+            ("tfjob", "worker", false),
+            ("tfjob", "worker=x", false),
+            ("tfjob", "chief=1", true),
+            ("tfjob", "chief=2", false),
+            ("tfjob", "master=1", false),
+            ("pytorchjob", "master=1", true),
+            ("pytorchjob", "master=2", false),
+            ("pytorchjob", "ps=1", false),
+        ] {
+            let got = parse_replicas(kind, spec);
+            assert_eq!(got.is_ok(), ok, "{kind} {spec}: {got:?}");
+            if let Err(e) = got {
+                assert!(e.to_string().contains("--replicas"), "{e}");
+            }
+        }
+    }
+
+    #[test]
+    fn each_replica_has_the_identity_of_its_role() {
+        assert_eq!(replica_identity("tfjob", "ps", 1).as_deref(), Some("ps-1"));
+        assert_eq!(
+            replica_identity("tfjob", "worker", 0).as_deref(),
+            Some("worker-0")
+        );
+        assert_eq!(
+            replica_identity("tfjob", "chief", 0).as_deref(),
+            Some("chief")
+        );
+        assert_eq!(
+            replica_identity("pytorchjob", "master", 0).as_deref(),
+            Some("rank-0")
+        );
+        assert_eq!(
+            replica_identity("pytorchjob", "worker", 2).as_deref(),
+            Some("rank-3")
+        );
+        assert_eq!(replica_identity("tfjob", "chief", 1), None);
     }
 }

@@ -749,6 +749,13 @@ fn certs_init_makes_a_job_ca_reuses_it_and_never_overwrites() {
     // Without --name the Secret is named after the job: jobs of a namespace share none.
     let out = tandem(&["certs", "kubernetes", &s(&host), "--job", "train-7"], &[]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("name: train-7-tls"));
+    // A certificate per replica needs the CA's key: a process's folder has none.
+    let out = tandem(
+        &["certs", "kubernetes", &s(&host), "--replicas", "worker=2"],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("holds no CA key"));
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -223,6 +223,26 @@ pub fn init_as(
 /// `tandem certs kubernetes DIR`: a Secret holding `ca.pem`, `cert.pem` and `key.pem` of `dir`
 /// (mount it and set `TANDEM_TLS_DIR` to the mount), named `name` in `namespace`.
 pub fn kubernetes_secret(dir: &Path, name: &str, namespace: Option<&str>) -> Result<String> {
+    let mut files = Vec::new();
+    for f in [CA_FILE, CERT_FILE, KEY_FILE] {
+        files.push((f.to_string(), read(&dir.join(f))?));
+    }
+    secret_yaml(
+        "The job's TLS files; mount it and set TANDEM_TLS_DIR to the mount path.",
+        name,
+        namespace,
+        &files,
+    )
+}
+
+/// A Kubernetes Secret named `name` holding `files` (key, PEM text), after a `# comment` line;
+/// an error naming `--name` or `--namespace` when one is not a Kubernetes name.
+pub fn secret_yaml(
+    comment: &str,
+    name: &str,
+    namespace: Option<&str>,
+    files: &[(String, String)],
+) -> Result<String> {
     let valid = |s: &str| {
         !s.is_empty()
             && s.len() <= 253
@@ -245,18 +265,15 @@ pub fn kubernetes_secret(dir: &Path, name: &str, namespace: Option<&str>) -> Res
             format!("{ns:?} is not a Kubernetes namespace name"),
         ));
     }
-    let b64 = |f: &str| -> Result<String> {
-        Ok(base64::engine::general_purpose::STANDARD.encode(read(&dir.join(f))?))
-    };
     let ns = namespace.map_or(String::new(), |n| format!("  namespace: {n}\n"));
-    Ok(format!(
-        "# The job's TLS files; mount it and set TANDEM_TLS_DIR to the mount path.\n\
-         apiVersion: v1\nkind: Secret\nmetadata:\n  name: {name}\n{ns}type: Opaque\ndata:\n  \
-         {CA_FILE}: {}\n  {CERT_FILE}: {}\n  {KEY_FILE}: {}\n",
-        b64(CA_FILE)?,
-        b64(CERT_FILE)?,
-        b64(KEY_FILE)?
-    ))
+    let mut out = format!(
+        "# {comment}\napiVersion: v1\nkind: Secret\nmetadata:\n  name: {name}\n{ns}type: Opaque\ndata:\n"
+    );
+    for (key, bytes) in files {
+        let b64 = base64::engine::general_purpose::STANDARD.encode(bytes);
+        out.push_str(&format!("  {key}: {b64}\n"));
+    }
+    Ok(out)
 }
 
 #[cfg(test)]

@@ -36,7 +36,7 @@ pub use congestion::{CONGESTION_VAR, Congestion, CongestionChoice};
 pub use context::{TlsContext, common_name, describe, peer_rank};
 pub use files::{
     CA_FILE, CA_KEY_FILE, CA_VAR, CERT_FILE, CERT_VAR, DIR_VAR, KEY_FILE, KEY_VAR, Made, TlsFiles,
-    init, init_as, kubernetes_secret,
+    init, init_as, kubernetes_secret, secret_yaml,
 };
 pub use policy::{INSECURE_VAR, Security, is_loopback, warn_insecure};
 pub use stream::Stream;
