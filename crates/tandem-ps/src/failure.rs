@@ -25,7 +25,7 @@ pub(crate) fn invalid(message: impl Into<String>) -> Status {
 /// Aborted with [`Reason::PartiallyApplied`] and exactly what was applied.
 pub(crate) fn partially_applied(
     message: impl Into<String>,
-    applied: &[(crate::server::Key, usize)],
+    applied: &[(crate::protocol::Key, usize)],
 ) -> Status {
     let failure = pb::Failure {
         reason: Reason::PartiallyApplied as i32,

@@ -3,6 +3,8 @@
 //!
 //! # Layout
 //! - [`placement`]: the partition map (pure; hashed so disagreement is detected).
+//! - [`protocol`]: what client and server share (limits, windows, keys, opening a connection);
+//!   the two sides never import each other.
 //! - [`init`], [`optimizer`]: initializers and update rules (pure).
 //! - [`server`]: the gRPC service and [`server::run`].
 //! - [`finite`]: the NaN/Inf check of gradients (server and client).
@@ -21,6 +23,7 @@ pub mod job;
 mod observe;
 pub mod optimizer;
 pub mod placement;
+pub mod protocol;
 pub mod server;
 
 /// Code generated from `proto/tandem/ps/v1/ps.proto`.

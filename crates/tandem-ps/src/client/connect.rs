@@ -3,6 +3,7 @@
 //! and typed reason, never its text) to a Tandem error.
 
 use super::*;
+use crate::protocol::local_rank;
 
 /// The Tandem error for a failed call, decided on the status code and the typed reason the server
 /// attached (never on the message text).
@@ -43,84 +44,6 @@ pub(super) fn status_error(addr: &str, what: &str, s: Status, waited: Duration) 
             let hint = tandem_tls::grpc::plaintext_hint(&s);
             Error::transport(ctx, format!("{}{hint}", s.message()))
         }
-    }
-}
-
-/// A gRPC client of the parameter server at `addr`: server `index` of the job's list (its
-/// certificate must then be `ps-<index>`'s, once this process has an identity), or, with `None`,
-/// any parameter server of the job (a standby after failover, a primary its standby follows).
-pub(crate) async fn connect_one(
-    addr: &str,
-    token: &JobToken,
-    security: &tandem_tls::Security,
-    deadline: Instant,
-    index: Option<usize>,
-) -> Result<Grpc> {
-    use tandem_tls::identity::Role;
-    tandem_core::cluster::check_address("parameter server address", addr)?;
-    let connector = tandem_tls::grpc::Connector::new(security.clone()).expecting(
-        "the parameter server",
-        move |r| match (r, index) {
-            (Role::Ps(n), Some(i)) => *n == i,
-            (Role::Ps(_), None) => true,
-            _ => false,
-        },
-    );
-    let header: tonic::metadata::MetadataValue<_> =
-        format!("Bearer {}", token.as_str()).parse().map_err(|_| {
-            Error::config(
-                "TANDEM_JOB_TOKEN",
-                "the token cannot be sent as gRPC metadata",
-            )
-        })?;
-    let endpoint = Endpoint::from_shared(format!("http://{addr}"))
-        .map_err(|e| Error::config("parameter server address", format!("{addr:?}: {e}")))?
-        .tcp_nodelay(true)
-        // The server buffers at most this much of a pull per worker before the worker reads it.
-        .initial_stream_window_size(crate::server::STREAM_WINDOW)
-        .initial_connection_window_size(crate::server::CONNECTION_WINDOW)
-        .http2_keep_alive_interval(Duration::from_secs(30))
-        .keep_alive_timeout(Duration::from_secs(10));
-    let mut backoff = tandem_core::Backoff::new(
-        Duration::from_millis(20),
-        Duration::from_secs(1),
-        deadline.into_std(),
-    );
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let attempt = endpoint
-            .clone()
-            .connect_timeout(left.clamp(Duration::from_millis(10), Duration::from_secs(3)));
-        let err =
-            match tokio::time::timeout(left, attempt.connect_with_connector(connector.clone()))
-                .await
-            {
-                Ok(Ok(ch)) => {
-                    return Ok(ParameterServerClient::with_interceptor(
-                        ch,
-                        AttachToken::from_token(header.clone()),
-                    )
-                    .max_decoding_message_size(MAX_MESSAGE)
-                    .max_encoding_message_size(MAX_MESSAGE));
-                }
-                Ok(Err(e)) => {
-                    if let Some(why) = tandem_tls::grpc::refusal(&e) {
-                        return Err(Error::Authentication {
-                            peer: format!("parameter server {addr}"),
-                            reason: why,
-                        });
-                    }
-                    source_chain(&e)
-                }
-                Err(_) => "connect timed out".to_string(),
-            };
-        let Some(delay) = backoff.next_delay() else {
-            return Err(Error::timeout(
-                format!("the parameter server at {addr} (last error: {err})"),
-                left,
-            ));
-        };
-        tokio::time::sleep(delay).await;
     }
 }
 
@@ -284,22 +207,4 @@ fn first_push_id() -> u64 {
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     h.write_u32(std::process::id());
     (h.finish() >> 1) | 1
-}
-
-/// This process's index among those on its host, as its environment says (0 when it does not):
-/// offsets its metrics port.
-pub(crate) fn local_rank() -> usize {
-    tandem_core::ClusterSpec::from_env().map_or(0, |s| s.local_rank())
-}
-
-/// An error and its sources, joined: what a failed connection attempt reports.
-fn source_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }

@@ -15,21 +15,17 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use tandem_core::{Error, Result};
-use tandem_rendezvous::{AttachToken, JobToken};
+use tandem_rendezvous::JobToken;
 use tokio::time::Instant;
-use tonic::codegen::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
 use crate::optimizer::Optimizer;
 use crate::pb;
-use crate::pb::parameter_server_client::ParameterServerClient;
 use crate::placement::PartitionMap;
-use crate::server::MAX_MESSAGE;
 
 mod connect;
 mod failover;
-pub(crate) use connect::{connect_one, local_rank};
+pub(crate) use crate::protocol::connect_one;
 mod retry;
 mod rows;
 mod same_host;
@@ -40,7 +36,7 @@ use connect::status_error;
 /// Rows of one partition: its index in the map, the local row ids, and their positions in the request.
 type RowGroup = (usize, Vec<u64>, Vec<usize>);
 
-pub(crate) type Grpc = ParameterServerClient<InterceptedService<Channel, AttachToken>>;
+pub(crate) use crate::protocol::Grpc;
 
 /// How workers train.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -44,18 +44,7 @@ use tonic::service::interceptor::InterceptedService;
 
 use crate::pb::parameter_server_server::ParameterServerServer;
 
-/// Largest message a server accepts: one chunk plus framing.
-pub const MAX_MESSAGE: usize = 4 << 20;
-
-/// HTTP/2 receive window per stream: what one waiting push may have in flight before its sender
-/// stops. Large enough for 1 MiB chunks to stream without stalls on one host.
-pub const STREAM_WINDOW: u32 = 4 << 20;
-/// HTTP/2 receive window per connection (one per worker).
-pub const CONNECTION_WINDOW: u32 = 8 << 20;
-
-/// Most HTTP/2 streams (calls) one connection may have open at once; a worker uses a few, so a
-/// member cannot tie the server up with thousands (more wait their turn on the client's side).
-pub const MAX_STREAMS: u32 = 128;
+pub use crate::protocol::{CONNECTION_WINDOW, MAX_MESSAGE, MAX_STREAMS, STREAM_WINDOW};
 
 /// How a server runs.
 #[derive(Debug, Clone)]
@@ -433,7 +422,7 @@ pub fn prometheus(model: &Model, labels: &str) -> String {
 /// [`tandem_observe::metrics::render`]). Call once, when it starts serving.
 pub fn observe(index: usize, servers: usize, service: &Service) {
     tandem_observe::identify(
-        tandem_observe::Identity::new("ps", index, servers).local(crate::client::local_rank()),
+        tandem_observe::Identity::new("ps", index, servers).local(crate::protocol::local_rank()),
     );
     let service = service.clone();
     tandem_observe::metrics::add_source(move |out, labels| {

@@ -27,8 +27,7 @@ pub use super::sync_step::{GradientSource, Partial, Pending, Sum, SyncStep};
 use crate::init::Init;
 use crate::optimizer::{self, Optimizer, State};
 
-/// Key of a partition: parameter name and partition index.
-pub type Key = (String, u32);
+pub use crate::protocol::Key;
 
 /// How training proceeds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

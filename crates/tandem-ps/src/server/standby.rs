@@ -222,10 +222,15 @@ impl Follower {
     /// after telling the primary).
     async fn follow_once(&self) -> Result<(), String> {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-        let mut client =
-            crate::client::connect_one(&self.primary, &self.token, &self.security, deadline, None)
-                .await
-                .map_err(|e| e.to_string())?;
+        let mut client = crate::protocol::connect_one(
+            &self.primary,
+            &self.token,
+            &self.security,
+            deadline,
+            None,
+        )
+        .await
+        .map_err(|e| e.to_string())?;
         let (acks, rx) = tokio::sync::mpsc::channel(4);
         let hello = pb::FollowAck {
             standby: self.me.clone(),
