@@ -39,6 +39,7 @@ pub mod algorithm;
 pub mod backend;
 pub mod device;
 mod group;
+pub mod messages;
 mod observe;
 pub mod stall;
 pub mod stats;

@@ -137,8 +137,8 @@ impl Default for Progress {
     }
 }
 
-/// One rank's answer to a stall inquiry.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// One rank's answer to a stall inquiry (its wire form: [`crate::messages`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct RankState {
     /// Collectives started (the current one included).
     pub started: u64,
@@ -151,46 +151,6 @@ pub struct RankState {
 }
 
 impl RankState {
-    /// The wire form: `started in_op kind peer ms`, space-separated.
-    pub fn encode(&self) -> String {
-        let (kind, peer) = match self.waiting {
-            Waiting::Header(p) => ("header", p),
-            Waiting::Data(p) => ("data", p),
-            Waiting::Nothing => ("nothing", 0),
-        };
-        format!(
-            "{} {} {kind} {peer} {}",
-            self.started,
-            u8::from(self.in_op),
-            self.ms
-        )
-    }
-
-    /// The state [`RankState::encode`] wrote; `None` for anything else (a peer's answer is not
-    /// trusted to be well formed).
-    pub fn decode(s: &str) -> Option<RankState> {
-        let f: Vec<&str> = s.split(' ').collect();
-        let [started, in_op, kind, peer, ms] = f.as_slice() else {
-            return None;
-        };
-        let peer: usize = peer.parse().ok()?;
-        Some(RankState {
-            started: started.parse().ok()?,
-            in_op: match *in_op {
-                "1" => true,
-                "0" => false,
-                _ => return None,
-            },
-            waiting: match *kind {
-                "header" => Waiting::Header(peer),
-                "data" => Waiting::Data(peer),
-                "nothing" => Waiting::Nothing,
-                _ => return None,
-            },
-            ms: ms.parse().ok()?,
-        })
-    }
-
     fn peer(&self) -> Option<usize> {
         match self.waiting {
             Waiting::Header(p) | Waiting::Data(p) if self.in_op => Some(p),
@@ -388,19 +348,29 @@ mod tests {
             on(1, Waiting::Header(0)).unwrap(),
             idle(0).unwrap(),
         ] {
-            assert_eq!(RankState::decode(&s.encode()), Some(s));
+            assert_eq!(RankState::decode(&s.encode()).ok(), Some(s));
         }
         for bad in [
             "",
-            "1 1 data 3",
-            "1 2 data 3 4",
-            "x 1 data 3 4",
-            "1 1 sideways 3 4",
-            "1 1 data -3 4",
-            "1 1 data 3 4 5",
+            "1 1 data 3 4",
+            r#"{"started":1,"in_op":true,"waiting":{"data":3}}"#,
+            r#"{"started":1,"in_op":2,"waiting":{"data":3},"ms":4}"#,
+            r#"{"started":"x","in_op":true,"waiting":{"data":3},"ms":4}"#,
+            r#"{"started":1,"in_op":true,"waiting":{"sideways":3},"ms":4}"#,
+            r#"{"started":1,"in_op":true,"waiting":{"data":-3},"ms":4}"#,
         ] {
-            assert_eq!(RankState::decode(bad), None, "{bad:?}");
+            assert!(RankState::decode(bad).is_err(), "{bad:?}");
         }
+        let good = r#"{"started":1,"in_op":true,"waiting":{"data":3},"ms":4}"#;
+        assert_eq!(
+            RankState::decode(good).ok(),
+            Some(RankState {
+                started: 1,
+                in_op: true,
+                waiting: Waiting::Data(3),
+                ms: 4
+            })
+        );
     }
 
     #[test]

@@ -49,7 +49,8 @@ use same_host::{shared_allgather, shared_reduce_scatter};
 pub use small::{allreduce_direct, allreduce_doubling, doubling_fits};
 
 /// What an operation is waiting for, so a timeout can name the rank at fault.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Waiting {
     /// The header of `rank` (it has not started the operation).
     Header(usize),

@@ -20,6 +20,7 @@ use tokio::sync::watch;
 use super::Backend;
 use super::ops::{self, Io, Waiting};
 use super::streams::{self, Channel, Part};
+use crate::messages::{Abort, RankState};
 use crate::stats::Stragglers;
 use crate::transport::frame::{OpHeader, OpKind};
 use crate::transport::mesh::{Links, Mesh};
@@ -32,14 +33,13 @@ use tandem_tls::stream::{ReadHalf, WriteHalf};
 /// wake-up on the way costs tens of them.
 const OP_SPIN: Duration = Duration::from_micros(300);
 
-/// Publishes an abort message to the other ranks.
-pub type Publish = Box<dyn Fn(String) + Send + Sync>;
+/// Publishes an abort to the other ranks.
+pub type Publish = Box<dyn Fn(Abort) + Send + Sync>;
 
 /// Asks every rank what it is doing (through the rendezvous) and gathers the answers that come
-/// within the grace given: `answers[r]` is rank r's encoded [`crate::stall::RankState`], `None`
-/// if it did not answer. An error says why the rendezvous could not be asked.
-pub type Inquire =
-    Box<dyn Fn(Duration) -> std::result::Result<Vec<Option<String>>, String> + Send + Sync>;
+/// within the grace given: `answers[r]` is rank r's state, `None` if it did not answer (or its
+/// answer was unreadable). An error says why the rendezvous could not be asked.
+pub type Inquire = Box<dyn Fn(Duration) -> Result<Vec<Option<RankState>>> + Send + Sync>;
 
 /// How the ring reaches the other ranks outside its sockets when something goes wrong.
 pub struct Control {
@@ -103,7 +103,7 @@ pub struct TcpRing {
     streams: usize,
     rt: Runtime,
     state: Mutex<RingState>,
-    abort: watch::Receiver<Option<String>>,
+    abort: watch::Receiver<Option<Abort>>,
     control: Control,
     same_host: Option<SameHost>,
     /// How the ring's own connections are carried.
@@ -122,46 +122,12 @@ impl std::fmt::Debug for TcpRing {
     }
 }
 
-/// Encodes an error for the other ranks: `kind \t rank \t message`.
-pub fn encode_abort(e: &Error, seen_by: usize) -> String {
-    match e {
-        Error::PeerLost { rank, context } => {
-            format!("peer_lost\t{rank}\t{context} (seen by rank {seen_by})")
-        }
-        Error::Timeout { what, .. } => {
-            format!("timeout\t{seen_by}\t{what} (seen by rank {seen_by})")
-        }
-        Error::OpMismatch(m) => format!("mismatch\t{seen_by}\t{m}"),
-        other => format!("other\t{seen_by}\t{other} (on rank {seen_by})"),
-    }
-}
-
-/// Turns an abort message from another rank back into the error it describes.
-pub fn decode_abort(msg: &str, timeout: Duration) -> Error {
-    let mut parts = msg.splitn(3, '\t');
-    let (kind, rank, text) = (
-        parts.next().unwrap_or(""),
-        parts.next().unwrap_or(""),
-        parts.next().unwrap_or(msg),
-    );
-    match (kind, rank.parse::<usize>()) {
-        ("peer_lost", Ok(rank)) => Error::PeerLost {
-            rank,
-            context: text.to_string(),
-        },
-        ("aborted", Ok(rank)) => Error::PeerLost {
-            rank,
-            context: format!("the group, which rank {rank} aborted: {text}"),
-        },
-        ("timeout", _) => Error::timeout(text, timeout),
-        ("mismatch", _) => Error::OpMismatch(text.to_string()),
-        _ => Error::transport("a collective on another rank", text),
-    }
-}
-
-async fn aborted(rx: &mut watch::Receiver<Option<String>>) -> String {
+async fn aborted(rx: &mut watch::Receiver<Option<Abort>>) -> Abort {
     match rx.wait_for(Option::is_some).await {
-        Ok(v) => v.clone().unwrap_or_default(),
+        Ok(v) => match v.clone() {
+            Some(a) => a,
+            None => std::future::pending().await,
+        },
         // The watcher is gone: the group is closing; never resolve.
         Err(_) => std::future::pending().await,
     }
@@ -213,7 +179,7 @@ impl TcpRing {
         mesh: Mesh,
         mut channels: Vec<Channel>,
         tuning: Tuning,
-        abort: watch::Receiver<Option<String>>,
+        abort: watch::Receiver<Option<Abort>>,
         control: Control,
         same_host: Option<SameHost>,
     ) -> Self {
@@ -428,14 +394,14 @@ impl TcpRing {
                     // diagnosed (it exits after reporting): prefer its abort when one comes soon.
                     Ok(Err(e @ Error::PeerLost { .. })) => {
                         match tokio::time::timeout(Duration::from_millis(500), aborted(&mut abort)).await {
-                            Ok(msg) => (Err(decode_abort(&msg, timeout)), Local::No),
+                            Ok(a) => (Err(a.into_error(timeout)), Local::No),
                             Err(_) => (Err(e), Local::Yes),
                         }
                     }
                     Ok(Err(e)) => (Err(e), Local::Yes),
                     Err(_) => (Err(Error::timeout("", timeout)), Local::TimedOut),
                 },
-                msg = aborted(&mut abort) => (Err(decode_abort(&msg, timeout)), Local::No),
+                a = aborted(&mut abort) => (Err(a.into_error(timeout)), Local::No),
             }
         });
         let result = match local {
@@ -446,7 +412,7 @@ impl TcpRing {
             Ok(v) => Ok(v),
             Err((e, publish)) => {
                 if publish {
-                    (self.control.publish)(encode_abort(&e, self.rank));
+                    (self.control.publish)(Abort::from_error(&e, self.rank));
                 }
                 Err(e)
             }
@@ -466,15 +432,12 @@ impl TcpRing {
         let op = format!("op #{seq} {header}");
         let grace = (timeout / 4).min(Duration::from_millis(1500));
         let answers = (self.control.inquire)(grace);
-        if let Some(msg) = self.abort.borrow().clone() {
-            return Err((decode_abort(&msg, timeout), false));
+        if let Some(a) = self.abort.borrow().clone() {
+            return Err((a.into_error(timeout), false));
         }
         let what = match answers {
             Ok(answers) => {
-                let mut states: Vec<Option<crate::stall::RankState>> = answers
-                    .iter()
-                    .map(|a| a.as_deref().and_then(crate::stall::RankState::decode))
-                    .collect();
+                let mut states = answers;
                 states.resize(self.world, None);
                 states[self.rank] = Some(self.control.progress.state());
                 let grace = format!("{grace:?}");

@@ -106,7 +106,11 @@ impl ProcessGroup {
             return Ok(());
         };
         let key = format!("tandem/pg/{}/abort", self.shared.name);
-        let msg = format!("aborted\t{}\t{reason}", self.shared.rank);
+        let msg = crate::messages::Abort::Aborted {
+            rank: self.shared.rank,
+            reason: reason.to_string(),
+        }
+        .encode();
         control.rt.block_on(async move {
             match tokio::time::timeout(
                 Duration::from_secs(5),

@@ -6,6 +6,7 @@
 use std::future::Future;
 
 use crate::backend::streams::Channel;
+use crate::messages::{Abort, RankState};
 use crate::transport::mesh::{Listener, Mesh};
 use tandem_rendezvous::board::{BoardPlan, TorchrunStore, board_bind};
 
@@ -483,7 +484,7 @@ impl Formation<'_> {
         &self,
         client: &tandem_rendezvous::Client,
         progress: std::sync::Arc<crate::stall::Progress>,
-    ) -> (watch::Receiver<Option<String>>, tokio::task::JoinHandle<()>) {
+    ) -> (watch::Receiver<Option<Abort>>, tokio::task::JoinHandle<()>) {
         let (abort_tx, abort_rx) = watch::channel(None);
         let hosted_by_rank0 =
             !std::env::var(tandem_rendezvous::EXTERNAL_VAR).is_ok_and(|v| v == "1");
@@ -503,17 +504,25 @@ impl Formation<'_> {
                             .first()
                             .map(|b| String::from_utf8_lossy(b).into_owned())
                             .unwrap_or_default();
-                        let _ = abort_tx.send(Some(msg));
+                        let abort =
+                            Abort::decode(&msg).unwrap_or_else(|e| Abort::unreadable(&e, rank));
+                        let _ = abort_tx.send(Some(abort));
                         return;
                     }
                     Err(Error::Timeout { .. }) => continue,
                     Err(e) => {
-                        let msg = if hosted_by_rank0 {
-                            format!("peer_lost\t0\tlost the rendezvous hosted by rank 0 ({e})")
+                        let abort = if hosted_by_rank0 {
+                            Abort::PeerLost {
+                                rank: 0,
+                                context: format!("lost the rendezvous hosted by rank 0 ({e})"),
+                            }
                         } else {
-                            format!("other\t{rank}\tlost the rendezvous ({e})")
+                            Abort::Other {
+                                seen_by: rank,
+                                message: format!("lost the rendezvous ({e})"),
+                            }
                         };
-                        let _ = abort_tx.send(Some(msg));
+                        let _ = abort_tx.send(Some(abort));
                         return;
                     }
                 }
@@ -561,12 +570,12 @@ impl Formation<'_> {
                 let asked = tokio::time::timeout(grace, c.compare_and_set(&ask, None, "1")).await;
                 match asked {
                     Err(_) => {
-                        return Err(format!("no answer from the rendezvous within {grace:?}"));
+                        return Err(Error::timeout("an answer from the rendezvous", grace));
                     }
-                    Ok(Err(e)) => return Err(e.to_string()),
+                    Ok(Err(e)) => return Err(e),
                     Ok(Ok(_)) => {}
                 }
-                let mut got: Vec<Option<String>> = vec![None; answers.len()];
+                let mut got: Vec<Option<RankState>> = vec![None; answers.len()];
                 loop {
                     let missing: Vec<usize> =
                         (0..got.len()).filter(|r| got[*r].is_none()).collect();
@@ -577,7 +586,10 @@ impl Formation<'_> {
                     });
                     for (r, v) in futures::future::join_all(reads).await {
                         if let Ok(Ok(Some(v))) = v {
-                            got[r] = Some(String::from_utf8_lossy(&v).into_owned());
+                            match RankState::decode(&String::from_utf8_lossy(&v)) {
+                                Ok(s) => got[r] = Some(s),
+                                Err(e) => tracing::debug!(rank = r, "{e}"),
+                            }
                         }
                     }
                     if got.iter().all(Option::is_some) || tokio::time::Instant::now() >= end {
@@ -594,7 +606,8 @@ impl Formation<'_> {
         let client = client.clone();
         let handle = self.control_rt.handle().clone();
         let key = format!("{}/abort", self.prefix);
-        Box::new(move |msg: String| {
+        Box::new(move |abort: Abort| {
+            let msg = abort.encode();
             let c = client.clone();
             let key = key.clone();
             let _ = handle.block_on(async move {
