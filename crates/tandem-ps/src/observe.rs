@@ -10,10 +10,46 @@ use tandem_core::Result;
 use tandem_observe::recorder::{self, Ending, Peers, Record};
 use tandem_observe::{metrics, timeline};
 
-/// Runs one call (`kind`: `push`, `pull`, `apply`) of `count` f32 elements, for step or version
-/// `seq`, exchanged with `peers`, and records it.
+/// What is recorded: a worker's calls and a server's applied update.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Call {
+    /// A worker's push of gradients.
+    Push,
+    /// A worker's pull of parameters.
+    Pull,
+    /// A server applying an update.
+    Apply,
+}
+
+impl Call {
+    /// The name in metrics (`call` label).
+    fn name(self) -> &'static str {
+        match self {
+            Call::Push => "push",
+            Call::Pull => "pull",
+            Call::Apply => "apply",
+        }
+    }
+
+    /// The operation's name in the flight recorder, the timeline and error metrics.
+    fn op(self) -> &'static str {
+        match self {
+            Call::Push => "ps.push",
+            Call::Pull => "ps.pull",
+            Call::Apply => "ps.apply",
+        }
+    }
+
+    /// A worker's call (timed in the worker's call metrics).
+    fn is_worker_call(self) -> bool {
+        self != Call::Apply
+    }
+}
+
+/// Runs one call of `count` f32 elements, for step or version `seq`, exchanged with `peers`, and
+/// records it.
 pub(crate) async fn traced<T>(
-    kind: &'static str,
+    kind: Call,
     seq: u64,
     count: u64,
     peers: usize,
@@ -26,7 +62,7 @@ pub(crate) async fn traced<T>(
 }
 
 /// Records an operation that is not a future (a server applying a step).
-pub(crate) fn traced_sync<T>(kind: &'static str, seq: u64, count: u64, f: impl FnOnce() -> T) -> T {
+pub(crate) fn traced_sync<T>(kind: Call, seq: u64, count: u64, f: impl FnOnce() -> T) -> T {
     let rec = start(kind, seq, count, 0);
     let out = f();
     finish(rec, None);
@@ -34,22 +70,15 @@ pub(crate) fn traced_sync<T>(kind: &'static str, seq: u64, count: u64, f: impl F
 }
 
 pub(crate) struct Recording {
-    kind: &'static str,
+    kind: Call,
     token: recorder::Token,
     started: Instant,
     started_us: u64,
     count: u64,
 }
 
-fn start(kind: &'static str, seq: u64, count: u64, peers: usize) -> Recording {
-    let name = match kind {
-        "push" => "ps.push",
-        "pull" => "ps.pull",
-        "apply" => "ps.apply",
-        "push_rows" => "ps.push_rows",
-        "pull_rows" => "ps.pull_rows",
-        other => other,
-    };
+fn start(kind: Call, seq: u64, count: u64, peers: usize) -> Recording {
+    let name = kind.op();
     let token = if tandem_observe::active() {
         let mut r = Record::new(seq, name, "f32", count, tandem_observe::now_us());
         r.bytes = count * 4;
@@ -79,16 +108,16 @@ fn finish(rec: Recording, error: Option<&tandem_core::Error>) {
             ..Ending::default()
         },
     );
-    if rec.kind != "apply" {
-        metrics::ps_call(rec.kind, took.as_secs_f64());
+    if rec.kind.is_worker_call() {
+        metrics::ps_call(rec.kind.name(), took.as_secs_f64());
     }
     if let Some(e) = error {
-        metrics::error(format!("ps.{}", rec.kind), e.kind());
+        metrics::error(rec.kind.op(), e.kind());
     }
     if timeline::enabled() {
         let entry = recorder::snapshot_of(rec.token);
         timeline::complete(
-            &format!("ps.{}", rec.kind),
+            rec.kind.op(),
             "ps",
             timeline::TID_PS,
             rec.started_us,
@@ -97,7 +126,7 @@ fn finish(rec: Recording, error: Option<&tandem_core::Error>) {
         );
     }
     if let Some(e) = error {
-        tandem_observe::dump::write(&format!("ps.{} {}: {e}", rec.kind, e.kind()));
+        tandem_observe::dump::write(&format!("{} {}: {e}", rec.kind.op(), e.kind()));
         timeline::flush();
     }
 }

@@ -219,7 +219,7 @@ impl Client {
         let count = self.map.params.iter().map(|p| p.numel() as u64).sum();
         let servers = self.server_count();
         crate::observe::traced(
-            "pull",
+            crate::observe::Call::Pull,
             min_version,
             count,
             servers,
@@ -538,7 +538,14 @@ impl Client {
         count: u64,
         push: impl std::future::Future<Output = Result<PushOutcome>>,
     ) -> Result<PushOutcome> {
-        crate::observe::traced("push", step, count, self.server_count(), push).await
+        crate::observe::traced(
+            crate::observe::Call::Push,
+            step,
+            count,
+            self.server_count(),
+            push,
+        )
+        .await
     }
 
     fn check_grad(&self, name: &str, len: usize) -> Result<()> {

@@ -16,6 +16,14 @@ struct Held {
     readable: usize,
 }
 
+/// What a source that lost its worker says.
+fn gone() -> Unreadable {
+    Unreadable::Left {
+        worker: 1,
+        detail: " (gone)".into(),
+    }
+}
+
 impl GradientSource for Held {
     fn covers(&self, key: &Key) -> bool {
         *key == self.key
@@ -23,9 +31,9 @@ impl GradientSource for Held {
     fn partitions(&self) -> Vec<Key> {
         vec![self.key.clone()]
     }
-    fn read(&self, _: &Key, at: usize, dst: &mut [f32]) -> Result<(), String> {
+    fn read(&self, _: &Key, at: usize, dst: &mut [f32]) -> Result<(), Unreadable> {
         if at / PIECE >= self.readable {
-            return Err("gone".into());
+            return Err(gone());
         }
         dst.copy_from_slice(&self.values[at..at + dst.len()]);
         Ok(())
@@ -102,7 +110,7 @@ fn a_gradient_copied_in_joins_the_sum_and_one_that_cannot_be_read_is_withdrawn()
     assert_eq!(step.acc[&key].count, 1);
     assert!(step.acc[&key].values.iter().all(|v| *v == 1.0));
     assert_eq!(model.copy_in(&mut step, 0), Ok(false), "no longer pending");
-    assert_eq!(model.copy_in(&mut step, 1), Err("gone".to_string()));
+    assert_eq!(model.copy_in(&mut step, 1), Err(gone()));
     assert!(step.pending.is_empty());
     assert_eq!(step.contributors, BTreeSet::from([0]), "worker 1 withdrawn");
     assert_eq!(step.acc[&key].count, 1, "nothing of worker 1 added");
@@ -134,7 +142,7 @@ fn a_worker_lost_half_way_counts_only_where_it_was_read() {
     // Worker 0's push must say exactly that: its first piece, nothing else.
     let expected = Partial {
         applied: vec![(key.clone(), PIECE)],
-        why: "gone".into(),
+        why: gone(),
     };
     assert_eq!(partial, HashMap::from([(0, expected.clone())]));
     assert_eq!(model.partial_of(0, 0), Some(expected));
@@ -219,10 +227,13 @@ impl GradientSource for ReadOnce {
     fn partitions(&self) -> Vec<Key> {
         self.inner.partitions()
     }
-    fn read(&self, key: &Key, at: usize, dst: &mut [f32]) -> Result<(), String> {
+    fn read(&self, key: &Key, at: usize, dst: &mut [f32]) -> Result<(), Unreadable> {
         let mut next = self.next.lock().unwrap();
         if at != *next {
-            return Err(format!("read at {at}, the stream is at {next}"));
+            return Err(Unreadable::Stream {
+                worker: 0,
+                problem: format!("read at {at}, the stream is at {next}"),
+            });
         }
         *next = at + dst.len();
         self.inner.read(key, at, dst)

@@ -18,7 +18,7 @@ use std::time::Duration;
 use tonic::{Code, Status};
 
 use super::Service;
-use super::model::{GradientSource, Key, Model, PIECE, Partial};
+use super::model::{GradientSource, Key, Model, PIECE, Partial, Unreadable};
 use super::step::{Contribution, Stepper, apply_async, wait_staleness};
 use crate::failure::{invalid, partially_applied, status};
 use crate::pb;
@@ -71,48 +71,53 @@ impl GradientSource for SharedGradient {
         self.regions.iter().map(|(k, _)| k.clone()).collect()
     }
 
-    fn read(&self, key: &Key, at: usize, dst: &mut [f32]) -> Result<(), String> {
+    fn read(&self, key: &Key, at: usize, dst: &mut [f32]) -> Result<(), Unreadable> {
         let i = self
             .regions
             .iter()
             .position(|(k, _)| k == key)
-            .ok_or_else(|| format!("no gradient for {:?} partition {}", key.0, key.1))?;
+            .ok_or_else(|| Unreadable::NoPartition {
+                param: key.0.clone(),
+                part: key.1,
+            })?;
         self.read_piece(i, at, dst)
     }
 }
 
 impl SharedGradient {
     /// Copies elements `at..at + dst.len()` of region `i`, checking the worker still offers it.
-    fn read_piece(&self, i: usize, at: usize, dst: &mut [f32]) -> Result<(), String> {
-        let offset = at.checked_mul(4).ok_or("the offset overflows")?;
+    fn read_piece(&self, i: usize, at: usize, dst: &mut [f32]) -> Result<(), Unreadable> {
+        let memory = |detail: String| Unreadable::Memory {
+            worker: self.worker,
+            param: self.regions[i].0.0.clone(),
+            detail,
+        };
+        let offset = at
+            .checked_mul(4)
+            .ok_or_else(|| memory("the offset overflows".into()))?;
         self.offer
             .read(i, offset, bytemuck::cast_slice_mut(dst))
             .map_err(|e| match e {
-                tandem_peer_memory::ReadError::Withdrawn => format!(
-                    "worker {} left the push while its gradient was being read",
-                    self.worker
-                ),
-                e => format!(
-                    "reading worker {}'s gradient for {:?} from its memory: {e}",
-                    self.worker, self.regions[i].0.0
-                ),
+                tandem_peer_memory::ReadError::Withdrawn => Unreadable::Left {
+                    worker: self.worker,
+                    detail: String::new(),
+                },
+                e => memory(e.to_string()),
             })
     }
 
     /// Whether the worker is still in the push (so what was read before is what it sent).
-    fn still_in(&self) -> Result<(), String> {
-        self.offer.still_offered().map_err(|e| {
-            format!(
-                "worker {} left the push while its gradient was being read ({e})",
-                self.worker
-            )
+    fn still_in(&self) -> Result<(), Unreadable> {
+        self.offer.still_offered().map_err(|e| Unreadable::Left {
+            worker: self.worker,
+            detail: format!(" ({e})"),
         })
     }
 
     /// The first pass: every value read and checked (finite, when the model asks) and each
     /// partition's squared norm (when clipping), before anything is used. Nothing is applied.
     fn check(&self, model: &Model, clip: bool) -> Result<Vec<f32>, Status> {
-        let unreadable = |why: String| {
+        let unreadable = |why: Unreadable| {
             status(
                 Code::Aborted,
                 Reason::UnreadableNothingApplied,
@@ -168,7 +173,7 @@ impl SharedGradient {
 }
 
 enum Checked {
-    Unreadable(String),
+    Unreadable(Unreadable),
     NonFinite(Key),
 }
 

@@ -21,7 +21,7 @@ use tokio::sync::oneshot;
 use tonic::{Code, Status};
 
 use super::checkpoint::Snapshot;
-use super::model::{GradientSource, Key, Model, Pending, SyncStep};
+use super::model::{GradientSource, Key, Model, Pending, SyncStep, Unreadable};
 use super::replica::{Replicated, Replication};
 use crate::failure::status;
 use crate::pb;
@@ -52,7 +52,7 @@ enum Command {
     CopyIn {
         worker: u32,
         step: u64,
-        reply: oneshot::Sender<Result<u64, String>>,
+        reply: oneshot::Sender<Result<u64, Unreadable>>,
     },
     Snapshot {
         reply: oneshot::Sender<Snapshot>,
@@ -135,7 +135,7 @@ impl Stepper {
     /// Copies worker `worker`'s gradient, still in its memory, into the sums of `step` so its push
     /// can return before the step is applied. Answers the step the server is at; an error says why
     /// the gradient could not be read (it is then withdrawn).
-    pub async fn copy_in(&self, worker: u32, step: u64) -> Result<Result<u64, String>, Status> {
+    pub async fn copy_in(&self, worker: u32, step: u64) -> Result<Result<u64, Unreadable>, Status> {
         self.ask(|reply| Command::CopyIn {
             worker,
             step,
@@ -246,7 +246,9 @@ fn apply_if_complete(
     // Pulls may stream each partition as soon as it is applied unless a standby must hold the
     // step first.
     model.early.allow(!replication.follows());
-    crate::observe::traced_sync("apply", step_no, 0, || model.apply_step(st));
+    crate::observe::traced_sync(crate::observe::Call::Apply, step_no, 0, || {
+        model.apply_step(st)
+    });
     if let Replicated::Replaced(_) = replication.replicate(model, st.step) {
         return None;
     }
@@ -388,7 +390,8 @@ pub fn apply_async(
     model
         .counters
         .record_staleness(version.saturating_sub(step));
-    let applied = crate::observe::traced_sync("apply", version, 0, || apply(version));
+    let applied =
+        crate::observe::traced_sync(crate::observe::Call::Apply, version, 0, || apply(version));
     if let Err((st, changed)) = applied {
         if changed {
             model.version.send_modify(|x| *x += 1);
@@ -431,7 +434,7 @@ mod tests {
         fn partitions(&self) -> Vec<Key> {
             vec![("w".into(), 0)]
         }
-        fn read(&self, _: &Key, _: usize, dst: &mut [f32]) -> Result<(), String> {
+        fn read(&self, _: &Key, _: usize, dst: &mut [f32]) -> Result<(), Unreadable> {
             dst.fill(self.0 as f32);
             Ok(())
         }

@@ -22,7 +22,7 @@ use std::time::Duration;
 use tonic::{Code, Status, Streaming};
 
 use super::Service;
-use super::model::{GradientSource, Key, Model, PIECE, Partial};
+use super::model::{GradientSource, Key, Model, PIECE, Partial, Unreadable};
 use super::same_host::{blocking, shutting_down};
 use super::service::{all_finite, check_worker, part_of};
 use super::step::{apply_async, wait_staleness};
@@ -51,7 +51,7 @@ struct Reader {
     part: usize,
     at: usize,
     /// Why reading stopped, once it did (every later read fails with it).
-    failed: Option<String>,
+    failed: Option<Unreadable>,
     /// A piece held NaN or Inf.
     non_finite: bool,
 }
@@ -86,7 +86,7 @@ impl GradientSource for StreamedGradient {
         self.parts.iter().map(|(k, _)| k.clone()).collect()
     }
 
-    fn read(&self, key: &Key, at: usize, dst: &mut [f32]) -> Result<(), String> {
+    fn read(&self, key: &Key, at: usize, dst: &mut [f32]) -> Result<(), Unreadable> {
         let mut r = self.reader.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(why) = &r.failed {
             return Err(why.clone());
@@ -112,23 +112,26 @@ impl StreamedGradient {
         key: &Key,
         at: usize,
         dst: &mut [f32],
-    ) -> Result<(), String> {
+    ) -> Result<(), Unreadable> {
         // Partitions read to their end (or holding nothing) are behind the reader.
         while r.part < self.parts.len() && r.at == self.parts[r.part].1 {
             r.part += 1;
             r.at = 0;
         }
         let Some((want, numel)) = self.parts.get(r.part) else {
-            return Err(format!(
-                "worker {}'s push has no more partitions to read",
-                self.worker
-            ));
+            return Err(Unreadable::Stream {
+                worker: self.worker,
+                problem: "has no more partitions to read".into(),
+            });
         };
         if want != key || at != r.at || at + dst.len() > *numel {
-            return Err(format!(
-                "server read worker {}'s push out of order ({:?} partition {} at element {at}; the stream is at {:?} partition {} element {})",
-                self.worker, key.0, key.1, want.0, want.1, r.at
-            ));
+            return Err(Unreadable::Stream {
+                worker: self.worker,
+                problem: format!(
+                    "was read out of order ({:?} partition {} at element {at}; the stream is at {:?} partition {} element {})",
+                    key.0, key.1, want.0, want.1, r.at
+                ),
+            });
         }
         let bytes: &mut [u8] = bytemuck::cast_slice_mut(dst);
         let mut filled = 0;
@@ -146,10 +149,11 @@ impl StreamedGradient {
         if self.model.mode.reject_non_finite && !all_finite(dst) {
             r.non_finite = true;
             self.model.counters.rejected.fetch_add(1, Ordering::Relaxed);
-            return Err(format!(
-                "worker {}'s gradient for {:?} holds NaN or Inf from element {at}",
-                self.worker, key.0
-            ));
+            return Err(Unreadable::NonFinite {
+                worker: self.worker,
+                param: key.0.clone(),
+                at,
+            });
         }
         r.at = at + dst.len();
         Ok(())
@@ -162,8 +166,9 @@ impl StreamedGradient {
         key: &Key,
         pos: usize,
         numel: usize,
-    ) -> Result<pb::PushChunk, String> {
+    ) -> Result<pb::PushChunk, Unreadable> {
         let worker = self.worker;
+        let broken = |problem: String| Unreadable::Stream { worker, problem };
         let where_ = || {
             format!(
                 "{:?} partition {} at byte {pos} of {}",
@@ -177,24 +182,21 @@ impl StreamedGradient {
             .block_on(async { tokio::time::timeout(self.wait, stream.message()).await });
         let c = match next {
             Err(_) => {
-                return Err(format!(
-                    "worker {worker}'s push sent nothing for {:?} (stopped at {})",
+                return Err(broken(format!(
+                    "sent nothing for {:?} (stopped at {})",
                     self.wait,
                     where_()
-                ));
+                )));
             }
             Ok(Err(st)) => {
-                return Err(format!(
-                    "worker {worker}'s push stream broke at {}: {}",
+                return Err(broken(format!(
+                    "stream broke at {}: {}",
                     where_(),
                     st.message()
-                ));
+                )));
             }
             Ok(Ok(None)) => {
-                return Err(format!(
-                    "worker {worker}'s push stream ended early, at {}",
-                    where_()
-                ));
+                return Err(broken(format!("stream ended early, at {}", where_())));
             }
             Ok(Ok(Some(c))) => c,
         };
@@ -204,14 +206,14 @@ impl StreamedGradient {
             && c.param == key.0
             && c.part == key.1;
         if !fits {
-            return Err(format!(
-                "worker {worker}'s push sent {} bytes of {:?} partition {} at byte {} where {} was due",
+            return Err(broken(format!(
+                "sent {} bytes of {:?} partition {} at byte {} where {} was due",
                 c.data.len(),
                 c.param,
                 c.part,
                 c.offset,
                 where_()
-            ));
+            )));
         }
         self.model
             .counters

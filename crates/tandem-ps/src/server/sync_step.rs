@@ -15,6 +15,56 @@ pub struct Sum {
     pub count: u32,
 }
 
+/// Why a gradient left where it is can no longer be read: its worker is then left out of the
+/// step from that piece on (and its push told exactly what of it was applied).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Unreadable {
+    /// The worker left the push (it withdrew its offer, or ended while being read).
+    #[error("worker {worker} left the push while its gradient was being read{detail}")]
+    Left {
+        /// The worker.
+        worker: u32,
+        /// What was seen, if anything (` (...)`).
+        detail: String,
+    },
+    /// The source holds no gradient for a partition it was asked for.
+    #[error("no gradient for {param:?} partition {part}")]
+    NoPartition {
+        /// The parameter.
+        param: String,
+        /// Its partition.
+        part: u32,
+    },
+    /// Non-finite values, refused as the job asks.
+    #[error("worker {worker}'s gradient for {param:?} holds NaN or Inf from element {at}")]
+    NonFinite {
+        /// The worker.
+        worker: u32,
+        /// The parameter.
+        param: String,
+        /// The first element of the piece that holds them.
+        at: usize,
+    },
+    /// A streamed push that stopped, broke, or sent what was not due.
+    #[error("worker {worker}'s push {problem}")]
+    Stream {
+        /// The worker.
+        worker: u32,
+        /// What went wrong with its stream.
+        problem: String,
+    },
+    /// Reading the worker's memory failed.
+    #[error("reading worker {worker}'s gradient for {param:?} from its memory: {detail}")]
+    Memory {
+        /// The worker.
+        worker: u32,
+        /// The parameter.
+        param: String,
+        /// What the read said.
+        detail: String,
+    },
+}
+
 /// A gradient that stays where it is (in a worker's memory on this machine) until its step is
 /// applied, read a piece at a time then.
 pub trait GradientSource: Send + std::fmt::Debug {
@@ -24,7 +74,7 @@ pub trait GradientSource: Send + std::fmt::Debug {
     fn partitions(&self) -> Vec<Key>;
     /// Copies elements `at..at + dst.len()` of its gradient for `key` into `dst`; an error says
     /// why it cannot be read any more (the worker left or died).
-    fn read(&self, key: &Key, at: usize, dst: &mut [f32]) -> Result<(), String>;
+    fn read(&self, key: &Key, at: usize, dst: &mut [f32]) -> Result<(), Unreadable>;
     /// Whether a piece may be read more than once (memory can; a stream is read once, in order:
     /// each partition's pieces in turn, partitions in ascending key order). Clipping, which needs
     /// a partition's norm before applying any of it, stages the partition for sources that cannot.
@@ -49,7 +99,7 @@ pub struct Partial {
     /// Per partition, the elements `[0, n)` applied; partitions not listed: none.
     pub applied: Vec<(Key, usize)>,
     /// Why reading stopped.
-    pub why: String,
+    pub why: Unreadable,
 }
 
 impl std::fmt::Display for Partial {

@@ -180,7 +180,7 @@ impl Model {
             let r = self.apply_pieces(&key, version, norm_sq, scratch, |at, dst| {
                 source.read(&key, at, dst)?;
                 done = at + dst.len();
-                Ok::<(), String>(())
+                Ok::<(), Unreadable>(())
             });
             if let Err(why) = r {
                 if done > 0 {
@@ -195,7 +195,7 @@ impl Model {
 }
 
 /// Reads a source's whole gradient for `key` into `dst`, a piece at a time.
-fn read_whole(source: &dyn GradientSource, key: &Key, dst: &mut [f32]) -> Result<(), String> {
+fn read_whole(source: &dyn GradientSource, key: &Key, dst: &mut [f32]) -> Result<(), Unreadable> {
     let mut at = 0;
     while at < dst.len() {
         let len = PIECE.min(dst.len() - at);
@@ -209,7 +209,7 @@ impl Model {
     /// Copies worker `worker`'s gradient, still in its memory, into the step's sums and forgets
     /// where it was, so that its push can return before the step is applied. Returns whether it
     /// was pending; an error says why it could not be read (then it is withdrawn from the step).
-    pub fn copy_in(&self, step: &mut SyncStep, worker: u32) -> Result<bool, String> {
+    pub fn copy_in(&self, step: &mut SyncStep, worker: u32) -> Result<bool, Unreadable> {
         let Some(i) = step.pending.iter().position(|p| p.worker == worker) else {
             return Ok(false);
         };
@@ -235,7 +235,7 @@ impl Model {
 /// stopped being readable (if it did).
 struct Reads {
     applied: Vec<Vec<(Key, usize)>>,
-    lost: Vec<Option<String>>,
+    lost: Vec<Option<Unreadable>>,
 }
 
 impl Reads {

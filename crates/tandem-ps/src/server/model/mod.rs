@@ -23,7 +23,7 @@ use tokio::sync::watch;
 
 use super::checkpoint::{PartSnapshot, Snapshot};
 pub use super::pool::{BufferPool, POOLED_PER_SIZE};
-pub use super::sync_step::{GradientSource, Partial, Pending, Sum, SyncStep};
+pub use super::sync_step::{GradientSource, Partial, Pending, Sum, SyncStep, Unreadable};
 use crate::init::Init;
 use crate::optimizer::{self, Optimizer, State};
 
