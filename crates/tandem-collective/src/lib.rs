@@ -46,5 +46,7 @@ pub mod stats;
 pub mod transport;
 
 pub use backend::BackendKind;
-pub use group::{Cancel, GroupConfig, MAX_STREAMS_PER_PEER, ProcessGroup, STREAMS_VAR, Work};
+pub use group::{
+    Cancel, Declined, GroupConfig, MAX_STREAMS_PER_PEER, ProcessGroup, STREAMS_VAR, Work,
+};
 pub use transport::mesh::Links;

@@ -296,7 +296,7 @@ impl tower_service::Service<Uri> for Connector {
             if let Some((what, expected)) = &expect {
                 security
                     .check_peer(&s, what, &**expected)
-                    .map_err(|why| fail(why, true))?;
+                    .map_err(|why| fail(why.to_string(), true))?;
             }
             Ok(TokioIo::new(s))
         })

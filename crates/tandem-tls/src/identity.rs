@@ -126,29 +126,65 @@ pub fn check_peer(
     peer_der: Option<&[u8]>,
     what: &str,
     expected: &dyn Fn(&Role) -> bool,
-) -> Result<(), String> {
+) -> Result<(), PeerRefused> {
     let Some(own) = own else {
         return Ok(());
     };
+    let what = what.to_string();
     let Some(peer) = peer_der.and_then(Identity::of_certificate) else {
-        return Err(format!(
-            "{what}: the peer's certificate names no role of job {} (each process of a job has \
-             its own, e.g. ps-0, worker-1, rank-2)",
-            own.job
-        ));
+        return Err(PeerRefused::NoRole {
+            what,
+            job: own.job.clone(),
+        });
     };
     if peer.job != own.job {
-        return Err(format!(
-            "{what}: the peer is {peer}, not a process of job {}",
-            own.job
-        ));
+        return Err(PeerRefused::OtherJob {
+            what,
+            peer: peer.to_string(),
+            job: own.job.clone(),
+        });
     }
     if !expected(&peer.role) {
-        return Err(format!(
-            "{what}: the peer is {peer}, a role that may not act here"
-        ));
+        return Err(PeerRefused::WrongRole {
+            what,
+            peer: peer.to_string(),
+        });
     }
     Ok(())
+}
+
+/// Why a peer's certificate does not let it act where it tried to.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PeerRefused {
+    /// Its certificate names no role of the job.
+    #[error(
+        "{what}: the peer's certificate names no role of job {job} (each process of a job has \
+         its own, e.g. ps-0, worker-1, rank-2)"
+    )]
+    NoRole {
+        /// The connection it is for.
+        what: String,
+        /// This process's job.
+        job: String,
+    },
+    /// It belongs to another job.
+    #[error("{what}: the peer is {peer}, not a process of job {job}")]
+    OtherJob {
+        /// The connection it is for.
+        what: String,
+        /// Who its certificate names.
+        peer: String,
+        /// This process's job.
+        job: String,
+    },
+    /// Its role may not act here.
+    #[error("{what}: the peer is {peer}, a role that may not act here")]
+    WrongRole {
+        /// The connection it is for.
+        what: String,
+        /// Who its certificate names.
+        peer: String,
+    },
 }
 
 #[cfg(test)]
@@ -213,6 +249,7 @@ mod tests {
         assert_eq!(check_peer(None, None, "x", &any), Ok(()));
         let own = Identity::parse("worker-1", "job").expect("id");
         let e = check_peer(Some(&own), None, "x", &any).expect_err("no certificate");
-        assert!(e.contains("names no role"), "{e}");
+        assert!(matches!(e, PeerRefused::NoRole { .. }), "{e}");
+        assert!(e.to_string().contains("names no role"), "{e}");
     }
 }

@@ -83,20 +83,35 @@ fn me() -> u32 {
     nix::unistd::geteuid().as_raw()
 }
 
+/// Why a local socket's peer is not trusted.
+#[derive(Debug, thiserror::Error)]
+pub enum NotThisUser {
+    /// The kernel did not say who it is.
+    #[error("its credentials are unreadable: {0}")]
+    Unreadable(#[source] io::Error),
+    /// It runs as another user.
+    #[error("it runs as user {uid} (pid {pid}), not as this process's user {me}")]
+    Other {
+        /// Its user.
+        uid: u32,
+        /// Its process, when the kernel says.
+        pid: String,
+        /// This process's user.
+        me: u32,
+    },
+}
+
 /// Why the peer of `s` may not be trusted as one of this user's processes, if it may not.
-pub fn check_user(s: &UnixStream) -> std::result::Result<(), String> {
-    let cred = s
-        .peer_cred()
-        .map_err(|e| format!("its credentials are unreadable: {e}"))?;
+pub fn check_user(s: &UnixStream) -> std::result::Result<(), NotThisUser> {
+    let cred = s.peer_cred().map_err(NotThisUser::Unreadable)?;
     if cred.uid() == me() {
         Ok(())
     } else {
-        Err(format!(
-            "it runs as user {} (pid {}), not as this process's user {}",
-            cred.uid(),
-            cred.pid().map_or_else(|| "?".into(), |p| p.to_string()),
-            me()
-        ))
+        Err(NotThisUser::Other {
+            uid: cred.uid(),
+            pid: cred.pid().map_or_else(|| "?".into(), |p| p.to_string()),
+            me: me(),
+        })
     }
 }
 
@@ -119,7 +134,7 @@ pub fn listen(addr: &SocketAddr) -> Option<UnixListener> {
 /// outer error is the listener's (out of descriptors and the like); the inner one a refusal.
 pub async fn accept(
     listener: &UnixListener,
-) -> io::Result<std::result::Result<UnixStream, String>> {
+) -> io::Result<std::result::Result<UnixStream, NotThisUser>> {
     let (s, _) = listener.accept().await?;
     Ok(check_user(&s).map(|()| s))
 }
@@ -236,7 +251,7 @@ mod tests {
         });
         let _ = child.kill();
         let _ = child.wait();
-        let why = s.0.expect_err("another user");
+        let why = s.0.expect_err("another user").to_string();
         assert!(why.contains("user 65534"), "{why}");
         assert!(s.1, "a client falls back to TCP");
     }

@@ -86,7 +86,7 @@ impl Security {
         stream: &crate::stream::Stream,
         what: &str,
         expected: &dyn Fn(&crate::identity::Role) -> bool,
-    ) -> std::result::Result<(), String> {
+    ) -> std::result::Result<(), crate::identity::PeerRefused> {
         // The kernel vouched for a local socket's peer: a process of this user (see
         // crate::local), trusted whatever its role.
         if stream.is_local() {

@@ -260,12 +260,12 @@ impl Inner {
         // Every step that can fail on one rank is agreed by all, so no rank waits on a communicator
         // the others gave up on, and all ranks end on the same backend.
         let agreed =
-            |mine: std::result::Result<(), &str>| -> Result<std::result::Result<(), String>> {
+            |mine: std::result::Result<(), &str>| -> Result<std::result::Result<(), crate::Declined>> {
                 // Longer than a communicator init may take, so a rank stuck there is waited for.
                 pg.with_timeout(pg.timeout().saturating_mul(2)).agree(mine)
             };
         if let Err(why) = agreed(if nccl { Ok(()) } else { Err(NO_NCCL) })? {
-            return fallback(why);
+            return fallback(why.to_string());
         }
         // Rank 0 makes the unique id and shares it through the rendezvous (empty if it could not);
         // no files, no sleeps.

@@ -62,7 +62,7 @@ impl ProcessGroup {
     pub fn agree(
         &self,
         mine: std::result::Result<(), &str>,
-    ) -> Result<std::result::Result<(), String>> {
+    ) -> Result<std::result::Result<(), Declined>> {
         const RECORD: usize = 256;
         let mut record = [0u8; RECORD];
         if let Err(why) = mine {
@@ -79,10 +79,10 @@ impl ProcessGroup {
                     .position(|b| *b == 0)
                     .map_or(RECORD, |i| i + 1);
                 let why = String::from_utf8_lossy(&rec[1..end]).into_owned();
-                return Ok(Err(if r == self.rank() {
-                    why
-                } else {
-                    format!("rank {r}: {why}")
+                return Ok(Err(Declined {
+                    rank: r,
+                    mine: r == self.rank(),
+                    why,
                 }));
             }
         }
@@ -145,4 +145,17 @@ impl ProcessGroup {
             None => Ok(()),
         }
     }
+}
+
+/// Why the ranks did not all agree ([`ProcessGroup::agree`]): the lowest rank that declined, and
+/// its reason. Shown as the reason itself when it is this rank's, else as `rank R: reason`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}{why}", if *.mine { String::new() } else { format!("rank {rank}: ") })]
+pub struct Declined {
+    /// The lowest rank where it did not work.
+    pub rank: usize,
+    /// Whether that is this rank.
+    pub mine: bool,
+    /// Its reason (at most 255 bytes of it).
+    pub why: String,
 }

@@ -16,6 +16,7 @@ mod work;
 
 pub use config::{DEFAULT_NAME, GroupConfig, MAX_STREAMS_PER_PEER, STREAMS_VAR};
 use control::Control;
+pub use control::Declined;
 pub use form::Cancel;
 pub use work::Work;
 use work::{Job, Queue, poisoned_queue};

@@ -52,20 +52,43 @@ pub struct HelloFixed {
     pub token_len: usize,
 }
 
+/// Why bytes a peer sent are not a handshake or an operation header.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FrameError {
+    /// The handshake does not start with Tandem's magic.
+    #[error("not a Tandem connection (bad magic)")]
+    NotTandem,
+    /// Another version of the protocol.
+    #[error("protocol version {0}, expected {PROTOCOL_VERSION}")]
+    Version(u16),
+    /// A token longer than any Tandem sends.
+    #[error("token of {0} bytes is too long")]
+    TokenTooLong(usize),
+    /// The stream is not at an operation header.
+    #[error("stream out of step: expected an operation header")]
+    OutOfStep,
+    /// A field holds a code this version does not know.
+    #[error("unknown {field} {code}")]
+    Unknown {
+        /// Which field.
+        field: &'static str,
+        /// Its value.
+        code: u8,
+    },
+}
+
 /// Decodes the fixed part of a handshake, or says why it is not one.
-pub fn decode_hello(b: &[u8; HELLO_FIXED]) -> Result<HelloFixed, String> {
+pub fn decode_hello(b: &[u8; HELLO_FIXED]) -> Result<HelloFixed, FrameError> {
     if b[..4] != HELLO_MAGIC {
-        return Err("not a Tandem connection (bad magic)".into());
+        return Err(FrameError::NotTandem);
     }
     let version = u16::from_le_bytes([b[4], b[5]]);
     if version != PROTOCOL_VERSION {
-        return Err(format!(
-            "protocol version {version}, expected {PROTOCOL_VERSION}"
-        ));
+        return Err(FrameError::Version(version));
     }
     let token_len = u16::from_le_bytes([b[18], b[19]]) as usize;
     if token_len > MAX_TOKEN_LEN {
-        return Err(format!("token of {token_len} bytes is too long"));
+        return Err(FrameError::TokenTooLong(token_len));
     }
     Ok(HelloFixed {
         rank: u32::from_le_bytes([b[6], b[7], b[8], b[9]]),
@@ -167,20 +190,17 @@ impl OpHeader {
     }
 
     /// Decodes a header, or says why the bytes are not one.
-    pub fn decode(b: &[u8; HEADER_LEN]) -> Result<OpHeader, String> {
+    pub fn decode(b: &[u8; HEADER_LEN]) -> Result<OpHeader, FrameError> {
         if b[..4] != HEADER_MAGIC {
-            return Err("stream out of step: expected an operation header".into());
+            return Err(FrameError::OutOfStep);
         }
-        let kind =
-            OpKind::from_u8(b[4]).ok_or_else(|| format!("unknown operation kind {}", b[4]))?;
-        let dtype = DType::from_code(b[5]).ok_or_else(|| format!("unknown dtype code {}", b[5]))?;
+        let unknown = |field, code| FrameError::Unknown { field, code };
+        let kind = OpKind::from_u8(b[4]).ok_or_else(|| unknown("operation kind", b[4]))?;
+        let dtype = DType::from_code(b[5]).ok_or_else(|| unknown("dtype code", b[5]))?;
         let op = if b[6] == 255 {
             None
         } else {
-            Some(
-                ReduceOp::from_code(b[6])
-                    .ok_or_else(|| format!("unknown reduce op code {}", b[6]))?,
-            )
+            Some(ReduceOp::from_code(b[6]).ok_or_else(|| unknown("reduce op code", b[6]))?)
         };
         let word =
             |r: std::ops::Range<usize>| u64::from_le_bytes(b[r].try_into().unwrap_or_default());
@@ -267,7 +287,12 @@ mod tests {
         assert!(OpHeader::decode(&bad).is_err());
         bad = h.encode();
         bad[5] = 99;
-        assert!(OpHeader::decode(&bad).unwrap_err().contains("dtype"));
+        assert!(
+            OpHeader::decode(&bad)
+                .unwrap_err()
+                .to_string()
+                .contains("dtype")
+        );
     }
 
     #[test]
@@ -282,7 +307,7 @@ mod tests {
         assert!(decode_hello(&bad).is_err());
         let mut old = fixed;
         old[4] = 9;
-        assert!(decode_hello(&old).unwrap_err().contains("version"));
+        assert!(matches!(decode_hello(&old), Err(FrameError::Version(_))));
         assert_ne!(group_id("a"), group_id("b"));
     }
 }

@@ -17,6 +17,7 @@ use tandem_core::{Error, Result};
 use tandem_rendezvous::JobToken;
 use tandem_tls::admission::Admission;
 use tandem_tls::identity::Role;
+use tandem_tls::local::NotThisUser;
 use tandem_tls::stream::{ReadHalf, Stream, TLS_ALERT, WriteHalf};
 use tandem_tls::{CongestionChoice, Security};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -128,7 +129,10 @@ impl MeshSpec<'_> {
         }
         let exact = self.job_ranks;
         let ring = |r: &Role| matches!(r, Role::Rank(n) if !exact || *n == rank);
-        self.security.check_peer(s, "the ring", &ring).err()
+        self.security
+            .check_peer(s, "the ring", &ring)
+            .err()
+            .map(|e| e.to_string())
     }
 }
 
@@ -272,7 +276,7 @@ async fn read_hello(
         Ok(Err(e)) => return Err((HELLO_BAD_PEER, format!("handshake unreadable: {e}"))),
         Err(_) => return Err((HELLO_BAD_PEER, "no handshake within 5 s".into())),
     }
-    let hello = decode_hello(&fixed).map_err(|m| (HELLO_BAD_PEER, m))?;
+    let hello = decode_hello(&fixed).map_err(|m| (HELLO_BAD_PEER, m.to_string()))?;
     let mut token = vec![0u8; hello.token_len];
     match tokio::time::timeout(HELLO_TIMEOUT, s.read_exact(&mut token)).await {
         Ok(Ok(_)) => {}
@@ -321,7 +325,7 @@ async fn admit(
 /// Admits one connection of the local socket: its process runs as this user (the kernel says
 /// so), then the hello as on TCP.
 async fn admit_local(
-    accepted: std::io::Result<std::result::Result<tokio::net::UnixStream, String>>,
+    accepted: std::io::Result<std::result::Result<tokio::net::UnixStream, NotThisUser>>,
     spec: &MeshSpec<'_>,
     world: usize,
 ) -> std::result::Result<(usize, Stream), Refusal> {
@@ -332,7 +336,7 @@ async fn admit_local(
     };
     match accepted {
         Ok(Ok(s)) => admit_hello(Stream::Local(s), spec, world).await,
-        Ok(Err(why)) => Err(refusal("user", why)),
+        Ok(Err(why)) => Err(refusal("user", why.to_string())),
         Err(e) => Err(refusal(
             "closed",
             format!("accepting a local connection: {e}"),
@@ -406,7 +410,7 @@ type Admitting<'a> = std::pin::Pin<
 /// The next connection of the local socket (its user checked), or never without one.
 async fn local_accept(
     local: Option<&UnixListener>,
-) -> std::io::Result<std::result::Result<tokio::net::UnixStream, String>> {
+) -> std::io::Result<std::result::Result<tokio::net::UnixStream, NotThisUser>> {
     match local {
         Some(l) => tandem_tls::local::accept(l).await,
         None => std::future::pending().await,
