@@ -174,7 +174,8 @@ impl Replication {
 }
 
 /// Sends one encoded state in chunks, then waits for an ack of its version (or a promotion).
-fn send(f: &Follower, bytes: Bytes, version: u64) -> Result<pb::FollowAck, String> {
+fn send(f: &Follower, bytes: Bytes, version: u64) -> tandem_core::Result<pb::FollowAck> {
+    let lost = |why: String| tandem_core::Error::transport("replicating to the standby", why);
     let total = bytes.len();
     let mut at = 0;
     while at < total || at == 0 {
@@ -189,8 +190,13 @@ fn send(f: &Follower, bytes: Bytes, version: u64) -> Result<pb::FollowAck, Strin
             .block_on(async { tokio::time::timeout(REPLICA_WAIT, f.chunks.send(Ok(chunk))).await });
         match sent {
             Ok(Ok(())) => {}
-            Ok(Err(_)) => return Err("its stream closed".into()),
-            Err(_) => return Err(format!("it took no data for {REPLICA_WAIT:?}")),
+            Ok(Err(_)) => return Err(lost("its stream closed".into())),
+            Err(_) => {
+                return Err(tandem_core::Error::timeout(
+                    "the standby to take the replicated state",
+                    REPLICA_WAIT,
+                ));
+            }
         }
         at = end;
         if end == total {
@@ -204,12 +210,13 @@ fn send(f: &Follower, bytes: Bytes, version: u64) -> Result<pb::FollowAck, Strin
             Ok(ack) if ack.promoted || ack.version >= version => return Ok(ack),
             Ok(_) => continue,
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-                return Err(format!(
-                    "no acknowledgement of version {version} within {REPLICA_WAIT:?}"
+                return Err(tandem_core::Error::timeout(
+                    format!("the standby's acknowledgement of version {version}"),
+                    REPLICA_WAIT,
                 ));
             }
             Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
-                return Err("its stream closed".into());
+                return Err(lost("its stream closed".into()));
             }
         }
     }

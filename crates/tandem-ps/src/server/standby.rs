@@ -220,7 +220,7 @@ impl Follower {
 
     /// Follows the primary until its stream breaks (an error) or this standby is promoted (`Ok`,
     /// after telling the primary).
-    async fn follow_once(&self) -> Result<(), String> {
+    async fn follow_once(&self) -> tandem_core::Result<()> {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
         let mut client = crate::protocol::connect_one(
             &self.primary,
@@ -229,18 +229,20 @@ impl Follower {
             deadline,
             None,
         )
-        .await
-        .map_err(|e| e.to_string())?;
+        .await?;
+        let broken = |why: &str| tandem_core::Error::transport("following the primary", why);
         let (acks, rx) = tokio::sync::mpsc::channel(4);
         let hello = pb::FollowAck {
             standby: self.me.clone(),
             ..Default::default()
         };
-        acks.send(hello).await.map_err(|_| "ack channel closed")?;
+        acks.send(hello)
+            .await
+            .map_err(|_| broken("the ack channel closed"))?;
         let mut stream = client
             .follow(tokio_stream::wrappers::ReceiverStream::new(rx))
             .await
-            .map_err(|s| s.message().to_string())?
+            .map_err(|s| broken(s.message()))?
             .into_inner();
         tracing::info!(primary = %self.primary, "following the primary");
         let mut promoted = self.promotion.signal.subscribe();
@@ -257,8 +259,8 @@ impl Follower {
             };
             let chunk = match msg {
                 Ok(Some(c)) => c,
-                Ok(None) => return Err("the primary closed the stream".into()),
-                Err(s) => return Err(s.message().to_string()),
+                Ok(None) => return Err(broken("the primary closed the stream")),
+                Err(s) => return Err(broken(s.message())),
             };
             state.extend_from_slice(&chunk.data);
             if !chunk.last {
@@ -273,7 +275,7 @@ impl Follower {
                 (r, bytes)
             })
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| broken(&format!("installing the state: {e}")))?;
             state = back;
             match installed {
                 Ok(version) => {
@@ -281,7 +283,9 @@ impl Follower {
                         version,
                         ..Default::default()
                     };
-                    acks.send(ack).await.map_err(|_| "ack channel closed")?;
+                    acks.send(ack)
+                        .await
+                        .map_err(|_| broken("the ack channel closed"))?;
                 }
                 // Promoted meanwhile: the next turn tells the primary.
                 Err(Install::Promoted) => {}
@@ -293,7 +297,7 @@ impl Follower {
 
 enum Install {
     Promoted,
-    Bad(String),
+    Bad(tandem_core::Error),
 }
 
 /// Installs one replicated state (the first one creates the model), unless promoted.
@@ -305,12 +309,11 @@ fn install(service: &Service, promotion: &Promotion, bytes: &[u8]) -> Result<u64
     }
     let version = match service.model() {
         None => {
-            let snap =
-                checkpoint::decode(bytes, WHAT.into()).map_err(|e| Install::Bad(e.to_string()))?;
+            let snap = checkpoint::decode(bytes, WHAT.into()).map_err(Install::Bad)?;
             let version = snap.version;
             service
                 .restore(Model::from_snapshot(snap))
-                .map_err(|e| Install::Bad(e.to_string()))?;
+                .map_err(Install::Bad)?;
             version
         }
         Some(m) => m.overwrite_encoded(bytes).map_err(Install::Bad)?,
@@ -319,11 +322,24 @@ fn install(service: &Service, promotion: &Promotion, bytes: &[u8]) -> Result<u64
     Ok(version)
 }
 
+/// The error for a replicated state of another model than this standby's.
+fn not_this_model(map_hash: u64, parts: usize, model: &Model) -> tandem_core::Error {
+    tandem_core::Error::invalid(
+        "replicated state",
+        format!(
+            "the replicated state (map {map_hash:016x}, {parts} partitions) is not this standby's \
+             model (map {:016x}, {} partitions)",
+            model.map_hash,
+            model.parts.len()
+        ),
+    )
+}
+
 impl Model {
     /// Like [`Model::overwrite`] from an encoded state, copying each partition's floats straight
     /// into place (no intermediate snapshot); answers the state's version. The state is checked
     /// whole (checksum, map, every partition's size) before anything is written.
-    pub fn overwrite_encoded(&self, bytes: &[u8]) -> Result<u64, String> {
+    pub fn overwrite_encoded(&self, bytes: &[u8]) -> tandem_core::Result<u64> {
         const WHAT: &str = "the primary's replicated state";
         let mut seen = 0usize;
         let check = |_: &checkpoint::Header, p: checkpoint::PartBytes<'_>| {
@@ -346,14 +362,9 @@ impl Model {
                 ))
             }
         };
-        let h = checkpoint::visit(bytes, WHAT.into(), check).map_err(|e| e.to_string())?;
+        let h = checkpoint::visit(bytes, WHAT.into(), check)?;
         if h.map_hash != self.map_hash || seen != self.parts.len() {
-            return Err(format!(
-                "the replicated state (map {:016x}, {seen} partitions) is not this standby's model (map {:016x}, {} partitions)",
-                h.map_hash,
-                self.map_hash,
-                self.parts.len()
-            ));
+            return Err(not_this_model(h.map_hash, seen, self));
         }
         let floats = |dst: &mut Vec<f32>, src: &[u8]| {
             dst.resize(src.len() / 4, 0.0);
@@ -370,8 +381,7 @@ impl Model {
                 data.version = p.version;
             }
             Ok(())
-        })
-        .map_err(|e| e.to_string())?;
+        })?;
         self.version.send_replace(h.version);
         self.worker_steps
             .send_modify(|s| s.iter_mut().for_each(|x| *x = h.version));
@@ -380,15 +390,9 @@ impl Model {
 
     /// Sets every partition (values, optimizer state, versions) and the version from `snap`, which
     /// must hold exactly this model's partitions.
-    pub fn overwrite(&self, snap: &Snapshot) -> Result<(), String> {
+    pub fn overwrite(&self, snap: &Snapshot) -> tandem_core::Result<()> {
         if snap.map_hash != self.map_hash || snap.parts.len() != self.parts.len() {
-            return Err(format!(
-                "the replicated state (map {:016x}, {} partitions) is not this standby's model (map {:016x}, {} partitions)",
-                snap.map_hash,
-                snap.parts.len(),
-                self.map_hash,
-                self.parts.len()
-            ));
+            return Err(not_this_model(snap.map_hash, snap.parts.len(), self));
         }
         for p in &snap.parts {
             let fits = self
@@ -396,9 +400,12 @@ impl Model {
                 .get(&(p.param.clone(), p.part))
                 .is_some_and(|e| e.numel == p.values.len());
             if !fits {
-                return Err(format!(
-                    "the replicated state's {:?} partition {} does not match this standby's",
-                    p.param, p.part
+                return Err(tandem_core::Error::invalid(
+                    "replicated state",
+                    format!(
+                        "its {:?} partition {} does not match this standby's",
+                        p.param, p.part
+                    ),
                 ));
             }
         }
@@ -454,31 +461,31 @@ mod tests {
         let e = standby
             .overwrite(&model(8, 3).snapshot())
             .expect_err("another map");
-        assert!(e.contains("not this standby's model"), "{e}");
+        assert!(e.to_string().contains("not this standby's model"), "{e}");
         let e = standby
             .overwrite(&model(7, 4).snapshot())
             .expect_err("another size");
-        assert!(e.contains("does not match"), "{e}");
+        assert!(e.to_string().contains("does not match"), "{e}");
         assert_eq!(standby.snapshot(), snap, "a refused state changes nothing");
         // The same from the encoded state, as a standby receives it.
         let mut bytes = Vec::new();
         primary.encode_state(5, &mut bytes);
         let fresh = model(7, 3);
-        assert_eq!(fresh.overwrite_encoded(&bytes), Ok(5));
+        assert_eq!(fresh.overwrite_encoded(&bytes).expect("the same model"), 5);
         let mut want = snap.clone();
         want.version = 5;
         assert_eq!(fresh.snapshot(), want);
         let mut other = Vec::new();
         model(8, 3).encode_state(1, &mut other);
         let e = fresh.overwrite_encoded(&other).expect_err("another map");
-        assert!(e.contains("not this standby's model"), "{e}");
+        assert!(e.to_string().contains("not this standby's model"), "{e}");
         model(7, 4).encode_state(1, &mut other);
         let e = fresh.overwrite_encoded(&other).expect_err("another size");
-        assert!(e.contains("does not match"), "{e}");
+        assert!(e.to_string().contains("does not match"), "{e}");
         let mut torn = bytes.clone();
         torn[40] ^= 0xff;
         let e = fresh.overwrite_encoded(&torn).expect_err("corrupt");
-        assert!(e.contains("checksum"), "{e}");
+        assert!(e.to_string().contains("checksum"), "{e}");
         assert_eq!(fresh.snapshot(), want, "a refused state changes nothing");
     }
 }
