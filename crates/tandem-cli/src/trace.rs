@@ -20,7 +20,8 @@ pub struct TraceArgs {
 
 /// Reads, merges, writes and diagnoses.
 pub fn trace(args: TraceArgs) -> Result<ExitCode> {
-    let tracks = tandem::observe::analyze::load(&args.dir).map_err(|m| Error::invalid("DIR", m))?;
+    let tracks = tandem::observe::analyze::load(&args.dir)
+        .map_err(|m| Error::invalid("DIR", m.to_string()))?;
     let merged = tandem::observe::analyze::merge(&tracks);
     let out = args
         .out

@@ -94,16 +94,23 @@ pub fn write_to(dir: &Path, dump: &Dump) -> std::io::Result<PathBuf> {
 }
 
 /// Reads a dump file, saying what is wrong with one that is not.
-pub fn read(path: &Path) -> Result<Dump, String> {
-    let text = std::fs::read(path).map_err(|e| format!("reading {}: {e}", path.display()))?;
-    let dump: Dump = serde_json::from_slice(&text)
-        .map_err(|e| format!("{} is not a flight-recorder dump: {e}", path.display()))?;
+pub fn read(path: &Path) -> Result<Dump, crate::ReadError> {
+    use crate::ReadError;
+    let text = std::fs::read(path).map_err(|source| ReadError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let dump: Dump = serde_json::from_slice(&text).map_err(|e| ReadError::NotA {
+        path: path.to_path_buf(),
+        what: "flight-recorder dump",
+        detail: e.to_string(),
+    })?;
     if dump.format != FORMAT {
-        return Err(format!(
-            "{} has format {:?}; this Tandem reads {FORMAT:?}",
-            path.display(),
-            dump.format
-        ));
+        return Err(ReadError::NotA {
+            path: path.to_path_buf(),
+            what: "dump this Tandem reads",
+            detail: format!("its format is {:?}, not {FORMAT:?}", dump.format),
+        });
     }
     Ok(dump)
 }
@@ -159,12 +166,18 @@ mod tests {
         assert!(
             read(&other)
                 .unwrap_err()
+                .to_string()
                 .contains("not a flight-recorder dump")
         );
         let mut wrong = dump.clone();
         wrong.format = "tandem-flight-recorder/9".into();
         let p = write_to(&dir, &wrong).unwrap();
-        assert!(read(&p).unwrap_err().contains("this Tandem reads"));
+        assert!(
+            read(&p)
+                .unwrap_err()
+                .to_string()
+                .contains("this Tandem reads")
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -39,6 +39,32 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 
 pub use serve::{serve, serve_from_env};
+
+/// A file of observations (a flight-recorder dump, a timeline, a folder of them) that could not
+/// be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    /// The file system said no.
+    #[error("reading {}: {source}", .path.display())]
+    Io {
+        /// What was read.
+        path: std::path::PathBuf,
+        /// Why it failed.
+        #[source]
+        source: std::io::Error,
+    },
+    /// It is not what it should be.
+    #[error("{} is not a {what}: {detail}", .path.display())]
+    NotA {
+        /// What was read.
+        path: std::path::PathBuf,
+        /// What it should have been.
+        what: &'static str,
+        /// What is wrong with it.
+        detail: String,
+    },
+}
+
 pub use sockets::{SocketWatch, tcp_bytes, tcp_congestion, watch_counted, watch_socket};
 
 /// `TANDEM_OBSERVE=off` turns the flight recorder and the metrics off.

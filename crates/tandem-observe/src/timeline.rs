@@ -251,28 +251,31 @@ pub fn user_span(name: &str, start_us: u64, dur_us: u64) {
 
 /// Reads a timeline file: its events. A file cut short (no closing brackets) is read up to its last
 /// whole event.
-pub fn read(path: &Path) -> Result<Vec<Value>, String> {
-    let text =
-        std::fs::read_to_string(path).map_err(|e| format!("reading {}: {e}", path.display()))?;
+pub fn read(path: &Path) -> Result<Vec<Value>, crate::ReadError> {
+    use crate::ReadError;
+    let text = std::fs::read_to_string(path).map_err(|source| ReadError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let not_a = |detail: String| ReadError::NotA {
+        path: path.to_path_buf(),
+        what: "timeline (Chrome trace JSON)",
+        detail,
+    };
     let parsed: Result<Value, _> = serde_json::from_str(&text);
     let v = match parsed {
         Ok(v) => v,
         Err(first) => {
             // Cut short: keep whole events.
             let cut = text.rfind("},\n").map(|i| &text[..=i]).unwrap_or("");
-            serde_json::from_str(&format!("{cut}]}}")).map_err(|_| {
-                format!(
-                    "{} is not a timeline (Chrome trace JSON): {first}",
-                    path.display()
-                )
-            })?
+            serde_json::from_str(&format!("{cut}]}}")).map_err(|_| not_a(first.to_string()))?
         }
     };
     match v.get("traceEvents").and_then(Value::as_array) {
         Some(evs) => Ok(evs.clone()),
         None => match v.as_array() {
             Some(evs) => Ok(evs.clone()),
-            None => Err(format!("{} has no traceEvents", path.display())),
+            None => Err(not_a("it has no traceEvents".into())),
         },
     }
 }
@@ -316,7 +319,12 @@ mod tests {
             "the cut event is dropped, the whole ones kept"
         );
         std::fs::write(&path, "nonsense").unwrap();
-        assert!(read(&path).unwrap_err().contains("not a timeline"));
+        assert!(
+            read(&path)
+                .unwrap_err()
+                .to_string()
+                .contains("not a timeline")
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -33,8 +33,11 @@ pub struct Track {
 
 /// Reads every dump (`*.dump.json`) and timeline (`*.json` written by Tandem) in `dir`; files of
 /// other kinds are skipped. A process with both has one track.
-pub fn load(dir: &Path) -> Result<Vec<Track>, String> {
-    let rd = std::fs::read_dir(dir).map_err(|e| format!("reading {}: {e}", dir.display()))?;
+pub fn load(dir: &Path) -> Result<Vec<Track>, crate::ReadError> {
+    let rd = std::fs::read_dir(dir).map_err(|source| crate::ReadError::Io {
+        path: dir.to_path_buf(),
+        source,
+    })?;
     let mut paths: Vec<PathBuf> = rd
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.extension().is_some_and(|x| x == "json"))
@@ -80,10 +83,11 @@ pub fn load(dir: &Path) -> Result<Vec<Track>, String> {
         }
     }
     if tracks.is_empty() {
-        return Err(format!(
-            "{} holds no flight-recorder dump (*.dump.json) and no Tandem timeline",
-            dir.display()
-        ));
+        return Err(crate::ReadError::NotA {
+            path: dir.to_path_buf(),
+            what: "folder of observations",
+            detail: "it holds no flight-recorder dump (*.dump.json) and no Tandem timeline".into(),
+        });
     }
     Ok(tracks.into_values().collect())
 }
