@@ -171,7 +171,7 @@ async fn connect_one(spec: &MeshSpec<'_>, peer: usize, deadline: Instant) -> Res
         let err = match attempt {
             Ok(Ok(tcp)) => match open(spec, peer, tcp, left.min(HELLO_TIMEOUT)).await? {
                 Ok(s) => return Ok(s),
-                Err(why) => why,
+                Err(why) => why.to_string(),
             },
             Ok(Err(e)) => e.to_string(),
             Err(_) => "connect timed out".into(),
@@ -193,7 +193,7 @@ async fn open(
     peer: usize,
     tcp: TcpStream,
     within: Duration,
-) -> Result<std::result::Result<Stream, String>> {
+) -> Result<std::result::Result<Stream, Retry>> {
     let addr = &spec.addrs[peer];
     let refused = |reason: String| Error::Authentication {
         peer: format!("rank {peer} at {addr}"),
@@ -203,7 +203,7 @@ async fn open(
     let s = match tandem_tls::stream::connect(spec.security, tcp, addr, within).await {
         Ok(s) => s,
         Err(e) if e.refused => return Err(refused(e.reason)),
-        Err(e) => return Ok(Err(e.reason)),
+        Err(e) => return Ok(Err(Retry::Handshake(e.reason))),
     };
     if let Some(why) = spec.check_rank(&s, peer) {
         return Err(refused(why));
@@ -228,7 +228,7 @@ async fn hello(
     peer: usize,
     mut s: Stream,
     within: Duration,
-) -> Result<std::result::Result<Stream, String>> {
+) -> Result<std::result::Result<Stream, Retry>> {
     let addr = &spec.addrs[peer];
     let refused = |reason: String| Error::Authentication {
         peer: format!("rank {peer} at {addr}"),
@@ -252,13 +252,31 @@ async fn hello(
                     .into(),
             ));
         }
-        Ok(Ok(code)) => Err(format!("refused with code {code}")),
+        Ok(Ok(code)) => Err(Retry::Code(code)),
         Ok(Err(e)) if tandem_tls::stream::is_tls_error(&e) => {
             return Err(refused(tandem_tls::stream::explain_io(&e)));
         }
-        Ok(Err(e)) => Err(e.to_string()),
-        Err(_) => Err("handshake timed out".into()),
+        Ok(Err(e)) => Err(Retry::Io(e)),
+        Err(_) => Err(Retry::TimedOut),
     })
+}
+
+/// Why one attempt to open a connection to a peer failed, where another may succeed (the peer
+/// not listening yet, restarting, or busy).
+#[derive(Debug, thiserror::Error)]
+enum Retry {
+    /// The TLS handshake did not finish.
+    #[error("{0}")]
+    Handshake(String),
+    /// The peer answered the hello with a code that is not a refusal.
+    #[error("refused with code {0}")]
+    Code(u8),
+    /// The connection broke.
+    #[error("{0}")]
+    Io(std::io::Error),
+    /// No answer in time.
+    #[error("handshake timed out")]
+    TimedOut,
 }
 
 async fn read_hello(
