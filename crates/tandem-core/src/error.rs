@@ -215,3 +215,21 @@ impl Error {
         }
     }
 }
+
+/// An error and its sources, joined with `: ` (what a failed connection attempt reports: tonic's
+/// and hyper's errors keep the cause in their sources).
+///
+/// ```
+/// let e = std::io::Error::other("refused");
+/// assert_eq!(tandem_core::error::source_chain(&e), "refused");
+/// ```
+pub fn source_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}

@@ -95,7 +95,7 @@ pub(crate) async fn connect_one(
                             reason: why,
                         });
                     }
-                    source_chain(&e)
+                    tandem_core::error::source_chain(&e)
                 }
                 Err(_) => "connect timed out".to_string(),
             };
@@ -113,16 +113,4 @@ pub(crate) async fn connect_one(
 /// offsets its metrics port.
 pub(crate) fn local_rank() -> usize {
     tandem_core::ClusterSpec::from_env().map_or(0, |s| s.local_rank())
-}
-
-/// An error and its sources, joined: what a failed connection attempt reports.
-fn source_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }

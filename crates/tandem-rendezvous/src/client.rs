@@ -124,7 +124,7 @@ impl Client {
                             reason: why,
                         });
                     }
-                    last_error = source_chain(&e);
+                    last_error = tandem_core::error::source_chain(&e);
                 }
                 Err(_) => last_error = "connection attempt timed out".into(),
             }
@@ -365,17 +365,6 @@ impl Client {
             ))
         }
     }
-}
-
-fn source_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 /// Calls allowed longer than this are long polls, left out of the round-trip metrics.

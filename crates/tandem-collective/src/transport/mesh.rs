@@ -195,10 +195,7 @@ async fn open(
     within: Duration,
 ) -> Result<std::result::Result<Stream, Retry>> {
     let addr = &spec.addrs[peer];
-    let refused = |reason: String| Error::Authentication {
-        peer: format!("rank {peer} at {addr}"),
-        reason,
-    };
+    let refused = |reason: String| refusal(peer, addr, reason);
     setup(&tcp);
     let s = match tandem_tls::stream::connect(spec.security, tcp, addr, within).await {
         Ok(s) => s,
@@ -209,6 +206,14 @@ async fn open(
         return Err(refused(why));
     }
     hello(spec, peer, s, within).await
+}
+
+/// The final error for `peer` at `addr` refusing this rank (or this rank it), with why.
+fn refusal(peer: usize, addr: &str, reason: String) -> Error {
+    Error::Authentication {
+        peer: format!("rank {peer} at {addr}"),
+        reason,
+    }
 }
 
 /// The first of `targets` whose local socket a process of this user holds.
@@ -230,10 +235,7 @@ async fn hello(
     within: Duration,
 ) -> Result<std::result::Result<Stream, Retry>> {
     let addr = &spec.addrs[peer];
-    let refused = |reason: String| Error::Authentication {
-        peer: format!("rank {peer} at {addr}"),
-        reason,
-    };
+    let refused = |reason: String| refusal(peer, addr, reason);
     let hello = encode_hello(spec.rank as u32, spec.group, spec.token.as_str());
     let exchange = async {
         s.write_all(&hello).await?;
