@@ -90,93 +90,8 @@ pub struct KubernetesArgs {
 /// Runs `tandem certs ...`.
 pub fn certs(cmd: CertsCommand) -> Result<ExitCode> {
     match cmd {
-        CertsCommand::Init(a) => {
-            let names = if a.names.is_empty() {
-                vec!["localhost".to_string(), "127.0.0.1".to_string()]
-            } else {
-                a.names
-            };
-            let identity = a.identity.as_deref().unwrap_or(&a.job);
-            let folder = a
-                .out
-                .clone()
-                .unwrap_or_else(|| a.dir.join(a.identity.as_deref().unwrap_or("process")));
-            if same_folder(&folder, &a.dir) {
-                return Err(tandem::Error::invalid(
-                    "--out",
-                    format!(
-                        "{} is the CA's folder: its key must not lie where a process reads its \
-                         files; give the certificate a folder of its own",
-                        folder.display()
-                    ),
-                ));
-            }
-            let made =
-                tandem_tls::init_as(&a.dir, Some(&folder), &a.job, identity, &names, a.days)?;
-            if made.new_authority {
-                println!(
-                    "new CA for job {} in {} (its key stays there: keep it off the processes' hosts)",
-                    a.job,
-                    a.dir.display()
-                );
-            } else {
-                println!(
-                    "reusing the CA already in {} (nothing of it replaced)",
-                    a.dir.display()
-                );
-            }
-            for f in &made.written {
-                println!("wrote {}", f.display());
-            }
-            println!(
-                "certificate for {} (valid {} days); processes use it with {}={}",
-                names.join(", "),
-                a.days,
-                tandem_tls::DIR_VAR,
-                folder.display()
-            );
-            Ok(ExitCode::SUCCESS)
-        }
-        CertsCommand::Check(a) => {
-            let security = match &a.dir {
-                Some(d) => {
-                    let files = tandem_tls::TlsFiles {
-                        ca: d.join(tandem_tls::CA_FILE),
-                        cert: d.join(tandem_tls::CERT_FILE),
-                        key: d.join(tandem_tls::KEY_FILE),
-                    };
-                    tandem_tls::Security::tls(tandem_tls::TlsContext::load(&files)?)
-                }
-                None => tandem_tls::Security::from_env()?,
-            };
-            match security {
-                tandem_tls::Security::Tls(ctx) => {
-                    println!(
-                        "TLS ok: certificate of {:?}, valid, from the job's CA",
-                        ctx.name()
-                    );
-                    match ctx.identity() {
-                        Some(id) => {
-                            println!("identity: {id} (peers are checked for their job and role)")
-                        }
-                        None => println!(
-                            "no identity (a certificate without a role: peers are checked \
-                             against the CA only)"
-                        ),
-                    }
-                }
-                tandem_tls::Security::Plaintext { insecure: true } => println!(
-                    "plaintext everywhere ({}=1): nothing is encrypted",
-                    tandem_tls::INSECURE_VAR
-                ),
-                tandem_tls::Security::Plaintext { insecure: false } => println!(
-                    "no certificates: plaintext to loopback addresses only; a job across hosts \
-                     needs {} (make them with `tandem certs init DIR`)",
-                    tandem_tls::DIR_VAR
-                ),
-            }
-            Ok(ExitCode::SUCCESS)
-        }
+        CertsCommand::Init(a) => init(a),
+        CertsCommand::Check(a) => check(a),
         CertsCommand::Kubernetes(a) if !a.replicas.is_empty() => {
             print!("{}", replica_secrets(&a)?);
             Ok(ExitCode::SUCCESS)
@@ -193,6 +108,96 @@ pub fn certs(cmd: CertsCommand) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// `tandem certs init`.
+fn init(a: InitArgs) -> Result<ExitCode> {
+    let names = if a.names.is_empty() {
+        vec!["localhost".to_string(), "127.0.0.1".to_string()]
+    } else {
+        a.names
+    };
+    let identity = a.identity.as_deref().unwrap_or(&a.job);
+    let folder = a
+        .out
+        .clone()
+        .unwrap_or_else(|| a.dir.join(a.identity.as_deref().unwrap_or("process")));
+    if same_folder(&folder, &a.dir) {
+        return Err(tandem::Error::invalid(
+            "--out",
+            format!(
+                "{} is the CA's folder: its key must not lie where a process reads its \
+                 files; give the certificate a folder of its own",
+                folder.display()
+            ),
+        ));
+    }
+    let made = tandem_tls::init_as(&a.dir, Some(&folder), &a.job, identity, &names, a.days)?;
+    if made.new_authority {
+        println!(
+            "new CA for job {} in {} (its key stays there: keep it off the processes' hosts)",
+            a.job,
+            a.dir.display()
+        );
+    } else {
+        println!(
+            "reusing the CA already in {} (nothing of it replaced)",
+            a.dir.display()
+        );
+    }
+    for f in &made.written {
+        println!("wrote {}", f.display());
+    }
+    println!(
+        "certificate for {} (valid {} days); processes use it with {}={}",
+        names.join(", "),
+        a.days,
+        tandem_tls::DIR_VAR,
+        folder.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `tandem certs check`.
+fn check(a: CheckArgs) -> Result<ExitCode> {
+    let security = match &a.dir {
+        Some(d) => {
+            let files = tandem_tls::TlsFiles {
+                ca: d.join(tandem_tls::CA_FILE),
+                cert: d.join(tandem_tls::CERT_FILE),
+                key: d.join(tandem_tls::KEY_FILE),
+            };
+            tandem_tls::Security::tls(tandem_tls::TlsContext::load(&files)?)
+        }
+        None => tandem_tls::Security::from_env()?,
+    };
+    match security {
+        tandem_tls::Security::Tls(ctx) => {
+            println!(
+                "TLS ok: certificate of {:?}, valid, from the job's CA",
+                ctx.name()
+            );
+            match ctx.identity() {
+                Some(id) => {
+                    println!("identity: {id} (peers are checked for their job and role)")
+                }
+                None => println!(
+                    "no identity (a certificate without a role: peers are checked \
+                     against the CA only)"
+                ),
+            }
+        }
+        tandem_tls::Security::Plaintext { insecure: true } => println!(
+            "plaintext everywhere ({}=1): nothing is encrypted",
+            tandem_tls::INSECURE_VAR
+        ),
+        tandem_tls::Security::Plaintext { insecure: false } => println!(
+            "no certificates: plaintext to loopback addresses only; a job across hosts \
+             needs {} (make them with `tandem certs init DIR`)",
+            tandem_tls::DIR_VAR
+        ),
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// The identity of replica `index` of `kind`'s replica type `ty`, or why there is none.
