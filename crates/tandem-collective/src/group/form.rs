@@ -367,7 +367,7 @@ impl Formation<'_> {
         rendezvous: &str,
         token: &JobToken,
     ) -> Result<(Mesh, Vec<Channel>, Vec<String>)> {
-        let (rank, world) = (self.spec.rank(), self.spec.world_size());
+        let rank = self.spec.rank();
         let streams = self.config.streams_per_peer.max(1);
         let host = self
             .config
@@ -378,59 +378,11 @@ impl Formation<'_> {
             Some(s) => s.clone(),
             None => tandem_tls::Security::from_env()?,
         };
-        let bind = format!("{}:0", bind_host(&host));
-        let listen = |rt: &Runtime| -> Result<(Listener, u16)> {
-            // With its local socket, before any peer learns the address.
-            let listener = rt
-                .block_on(Listener::bind(&bind))
-                .map_err(|e| Error::io(format!("binding the ring listener to {bind}"), e))?;
-            // Before any peer learns the address: accepted connections inherit it.
-            self.congestion.apply(&listener.tcp);
-            let port = listener
-                .tcp
-                .local_addr()
-                .map_err(|e| Error::io("reading the ring listener address", e))?
-                .port();
-            Ok((listener, port))
-        };
-        let (listener, port) = listen(&self.ring_rt)?;
-        // Each extra stream: its own runtime (its sockets are driven by its own thread) and its
-        // own listener.
-        let mut extra = Vec::with_capacity(streams - 1);
-        for _ in 1..streams {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .map_err(|e| Error::io("starting a stream's runtime", e))?;
-            let (listener, port) = listen(&rt)?;
-            extra.push((rt, listener, port));
-        }
+        let (listener, port, extra) = self.bind_listeners(&host, streams)?;
         let ports: Vec<String> = extra.iter().map(|(_, _, p)| p.to_string()).collect();
-        let prefix = &self.prefix;
         let timeout = self.config.connect_timeout;
         let (addrs, their_ports) =
-            self.cancel
-                .run(&self.control_rt, "exchanging ring addresses", async {
-                    client
-                        .set(&format!("{prefix}/streams/{rank}"), ports.join(","))
-                        .await?;
-                    client
-                        .set(&format!("{prefix}/addr/{rank}"), format!("{host}:{port}"))
-                        .await?;
-                    let keys = |what: &str| -> Vec<String> {
-                        (0..world).map(|r| format!("{prefix}/{what}/{r}")).collect()
-                    };
-                    let (addrs, streams) = (keys("addr"), keys("streams"));
-                    let addrs: Vec<&str> = addrs.iter().map(String::as_str).collect();
-                    let streams: Vec<&str> = streams.iter().map(String::as_str).collect();
-                    let addrs = client.wait(&addrs, timeout).await?;
-                    let streams = client.wait(&streams, timeout).await?;
-                    Ok((addrs, streams))
-                })?;
-        let addrs: Vec<String> = addrs
-            .iter()
-            .map(|a| String::from_utf8_lossy(a).into_owned())
-            .collect();
+            self.exchange_addresses(client, &format!("{host}:{port}"), &ports.join(","))?;
         let channel_addrs = channel_addresses(&addrs, &their_ports, rank, streams)?;
         security.check_peers("the ring", &addrs)?;
         let deadline = tokio::time::Instant::now() + timeout;
@@ -475,6 +427,79 @@ impl Formation<'_> {
             Ok::<_, Error>((mesh?, channels?))
         })?;
         Ok((mesh, channels, addrs))
+    }
+
+    /// Binds the ring's listener (with its local socket) on the caller's runtime, and one more
+    /// per extra stream, each on a runtime of its own (its sockets are driven by its own thread):
+    /// the listener, its port, and the extra streams' runtimes, listeners and ports.
+    #[allow(clippy::type_complexity)]
+    fn bind_listeners(
+        &self,
+        host: &str,
+        streams: usize,
+    ) -> Result<(Listener, u16, Vec<(Runtime, Listener, u16)>)> {
+        let bind = format!("{}:0", bind_host(host));
+        let listen = |rt: &Runtime| -> Result<(Listener, u16)> {
+            let listener = rt
+                .block_on(Listener::bind(&bind))
+                .map_err(|e| Error::io(format!("binding the ring listener to {bind}"), e))?;
+            // Before any peer learns the address: accepted connections inherit it.
+            self.congestion.apply(&listener.tcp);
+            let port = listener
+                .tcp
+                .local_addr()
+                .map_err(|e| Error::io("reading the ring listener address", e))?
+                .port();
+            Ok((listener, port))
+        };
+        let (listener, port) = listen(&self.ring_rt)?;
+        let mut extra = Vec::with_capacity(streams.saturating_sub(1));
+        for _ in 1..streams {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| Error::io("starting a stream's runtime", e))?;
+            let (listener, port) = listen(&rt)?;
+            extra.push((rt, listener, port));
+        }
+        Ok((listener, port, extra))
+    }
+
+    /// Publishes this rank's ring address and its extra streams' ports, and waits for every
+    /// rank's: (addresses, ports), by rank.
+    fn exchange_addresses(
+        &self,
+        client: &tandem_rendezvous::Client,
+        addr: &str,
+        ports: &str,
+    ) -> Result<(Vec<String>, Vec<bytes::Bytes>)> {
+        let (rank, world) = (self.spec.rank(), self.spec.world_size());
+        let prefix = &self.prefix;
+        let timeout = self.config.connect_timeout;
+        let (addrs, ports) =
+            self.cancel
+                .run(&self.control_rt, "exchanging ring addresses", async {
+                    client
+                        .set(&format!("{prefix}/streams/{rank}"), ports.to_string())
+                        .await?;
+                    client
+                        .set(&format!("{prefix}/addr/{rank}"), addr.to_string())
+                        .await?;
+                    let keys = |what: &str| -> Vec<String> {
+                        (0..world).map(|r| format!("{prefix}/{what}/{r}")).collect()
+                    };
+                    let (addrs, streams) = (keys("addr"), keys("streams"));
+                    let addrs: Vec<&str> = addrs.iter().map(String::as_str).collect();
+                    let streams: Vec<&str> = streams.iter().map(String::as_str).collect();
+                    let addrs = client.wait(&addrs, timeout).await?;
+                    let streams = client.wait(&streams, timeout).await?;
+                    Ok((addrs, streams))
+                })?;
+        let addrs = addrs
+            .iter()
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        Ok((addrs, ports))
     }
 
     /// Starts the task that turns an abort published by any rank (or the loss of the rendezvous)
