@@ -199,15 +199,7 @@ impl Server {
             let service = service.clone();
             tokio::spawn(async move { service.enforce_leases(lease).await })
         });
-        // A worker cut off mid-call (no RST) keeps its lease until HTTP/2 keepalive drops its
-        // connection: with a lease, keepalive probes a few times per lease.
-        let (ka_interval, ka_timeout) = match lease {
-            Some(l) => (
-                (l / 3).clamp(Duration::from_millis(500), Duration::from_secs(30)),
-                (l / 3).clamp(Duration::from_millis(500), Duration::from_secs(10)),
-            ),
-            None => (Duration::from_secs(30), Duration::from_secs(10)),
-        };
+        let (ka_interval, ka_timeout) = keepalive(lease);
         let (standby_done, replication) = (standby.clone(), service.replication.clone());
         let stop = async move {
             let why = tokio::select! {
@@ -261,24 +253,49 @@ impl Server {
         if let Some(s) = &standby {
             s.stop();
         }
-        match why_rx.await {
-            Ok(Stop::Replaced(by)) => Err(Error::Precondition {
-                context: format!("serving parameters on {local}"),
-                problem: format!(
-                    "this server was replaced by its standby at {by} (a worker could not reach it); it stopped so the two never serve the same partitions"
-                ),
-            }),
-            Ok(Stop::Silent(silent)) => {
-                if let Some(path) = service.final_checkpoint().await? {
-                    tracing::info!(path = %path.display(), "final checkpoint written");
-                }
-                Err(Error::timeout(
-                    format!("any word from {silent}; the parameter server stops"),
-                    worker_timeout.unwrap_or_default(),
-                ))
+        stopped(why_rx.await, served, &service, local, worker_timeout).await
+    }
+}
+
+/// HTTP/2 keepalive (interval, timeout): a worker cut off mid-call (no RST) keeps its lease until
+/// keepalive drops its connection, so with a lease it probes a few times per lease.
+fn keepalive(lease: Option<Duration>) -> (Duration, Duration) {
+    match lease {
+        Some(l) => (
+            (l / 3).clamp(Duration::from_millis(500), Duration::from_secs(30)),
+            (l / 3).clamp(Duration::from_millis(500), Duration::from_secs(10)),
+        ),
+        None => (Duration::from_secs(30), Duration::from_secs(10)),
+    }
+}
+
+/// What a server's run returns once it stopped for `why` (the serving itself ended with
+/// `served`): replaced by its standby and silent workers are errors (the latter after a final
+/// checkpoint).
+async fn stopped(
+    why: std::result::Result<Stop, tokio::sync::oneshot::error::RecvError>,
+    served: Result<()>,
+    service: &Service,
+    local: std::net::SocketAddr,
+    worker_timeout: Option<Duration>,
+) -> Result<()> {
+    match why {
+        Ok(Stop::Replaced(by)) => Err(Error::Precondition {
+            context: format!("serving parameters on {local}"),
+            problem: format!(
+                "this server was replaced by its standby at {by} (a worker could not reach it); it stopped so the two never serve the same partitions"
+            ),
+        }),
+        Ok(Stop::Silent(silent)) => {
+            if let Some(path) = service.final_checkpoint().await? {
+                tracing::info!(path = %path.display(), "final checkpoint written");
             }
-            _ => served,
+            Err(Error::timeout(
+                format!("any word from {silent}; the parameter server stops"),
+                worker_timeout.unwrap_or_default(),
+            ))
         }
+        _ => served,
     }
 }
 
