@@ -9,8 +9,9 @@
 //! reachable without leaving the machine's network namespace (abstract names are per namespace:
 //! another host, a container or a simulated host has its own), and only the process holding the
 //! TCP port binds it, so no address is published and nothing is left on disk. Both ends check
-//! that the other runs as the same user (anyone else at that name is refused, and a client then
-//! falls back to TCP with TLS); the job token still travels inside, so processes of another job
+//! that the other runs as the same user and in the same PID namespace (anyone else at that name,
+//! such as a process of another container sharing the host's network, is refused, and a client
+//! then falls back to TCP with TLS); the job token still travels inside, so processes of another job
 //! of the same user are refused as before. Processes of one user trust each other (they could
 //! read each other's keys and memory anyway): roles are not checked between them; see
 //! SECURITY.md.
@@ -89,6 +90,10 @@ pub enum NotThisUser {
     /// The kernel did not say who it is.
     #[error("its credentials are unreadable: {0}")]
     Unreadable(#[source] io::Error),
+    /// It runs in another PID namespace (another container, say): the kernel hides its
+    /// process, and a user id means nothing across that boundary.
+    #[error("it runs outside this process's PID namespace (another container?)")]
+    Elsewhere,
     /// It runs as another user.
     #[error("it runs as user {uid} (pid {pid}), not as this process's user {me}")]
     Other {
@@ -104,6 +109,10 @@ pub enum NotThisUser {
 /// Why the peer of `s` may not be trusted as one of this user's processes, if it may not.
 pub fn check_user(s: &UnixStream) -> std::result::Result<(), NotThisUser> {
     let cred = s.peer_cred().map_err(NotThisUser::Unreadable)?;
+    // The kernel reports pid 0 for a process it does not show in this PID namespace.
+    if !cred.pid().is_some_and(|p| p > 0) {
+        return Err(NotThisUser::Elsewhere);
+    }
     if cred.uid() == me() {
         Ok(())
     } else {
@@ -124,7 +133,8 @@ pub fn listen(addr: &SocketAddr) -> Option<UnixListener> {
     match UnixListener::bind(name(addr)) {
         Ok(l) => Some(l),
         Err(e) => {
-            tracing::info!(%addr, error = %e, "no local socket beside this listener; peers on this machine use TCP");
+            // Normally free: the name stands for a TCP port this process holds.
+            tracing::warn!(%addr, error = %e, "no local socket beside this listener (its name is taken); peers on this machine use TCP");
             None
         }
     }
@@ -290,5 +300,69 @@ mod tests {
         );
         assert!(dialled.expect("dial").into_inner().is_local());
         assert!(served.expect("admitted").expect("stream").is_local());
+    }
+
+    /// A process in another PID namespace (another container sharing the network) is refused
+    /// even as the same user: this test's own binary, run in a new PID namespace, dials a
+    /// listener of this process (which it cannot see) and reports what `check_user` says; a
+    /// process this one can see passes.
+    #[test]
+    fn a_process_of_another_pid_namespace_is_refused() {
+        if me() != 0
+            || std::process::Command::new("unshare")
+                .arg("--help")
+                .output()
+                .is_err()
+        {
+            return;
+        }
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let _guard = rt.enter();
+        let tcp = std::net::TcpListener::bind("127.0.0.1:0").expect("port");
+        let addr = tcp.local_addr().expect("addr");
+        let l = listen(&addr).expect("local listener");
+        let exe = std::env::current_exe().expect("test binary");
+        let child = std::process::Command::new("unshare")
+            .args(["--pid", "--fork"])
+            .arg(&exe)
+            .args([
+                "--ignored",
+                "--exact",
+                "local::tests::pid_namespace_client",
+                "--nocapture",
+            ])
+            .env("TANDEM_TEST_LOCAL_ADDR", addr.to_string())
+            .output()
+            .expect("unshare");
+        let out = String::from_utf8_lossy(&child.stdout).into_owned();
+        assert!(out.contains("CHECK elsewhere"), "{out}");
+        // This process's own client is visible to it.
+        let (accepted, dialled) = rt.block_on(async { tokio::join!(accept(&l), connect(&addr)) });
+        assert!(accepted.expect("accept").is_ok() && dialled.is_some());
+    }
+
+    /// The client half of the test above, run by it in a new PID namespace.
+    #[test]
+    #[ignore = "run by a_process_of_another_pid_namespace_is_refused"]
+    fn pid_namespace_client() {
+        let Ok(addr) = std::env::var("TANDEM_TEST_LOCAL_ADDR") else {
+            return;
+        };
+        let addr: SocketAddr = addr.parse().expect("addr");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let said = rt.block_on(async {
+            let s = UnixStream::connect(name(&addr)).await.expect("dial");
+            match check_user(&s) {
+                Err(NotThisUser::Elsewhere) => "elsewhere".to_string(),
+                other => format!("{other:?}"),
+            }
+        });
+        println!("CHECK {said}");
     }
 }
