@@ -110,7 +110,7 @@ pub enum NotThisUser {
 pub fn check_user(s: &UnixStream) -> std::result::Result<(), NotThisUser> {
     let cred = s.peer_cred().map_err(NotThisUser::Unreadable)?;
     // The kernel reports pid 0 for a process it does not show in this PID namespace.
-    if !cred.pid().is_some_and(|p| p > 0) {
+    if cred.pid().is_none_or(|p| p <= 0) {
         return Err(NotThisUser::Elsewhere);
     }
     if cred.uid() == me() {
