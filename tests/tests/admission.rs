@@ -82,6 +82,8 @@ fn runtime() -> tokio::runtime::Runtime {
 /// they accept), then rank 0 starts and the group forms with the flood still going.
 #[test]
 fn a_group_forms_and_trains_while_outsiders_flood_its_ports() {
+    // Tests of TLS between processes of this machine: over TCP, never local sockets.
+    tandem_tls::local::set_enabled(false);
     let world = 4;
     let rt = runtime();
     let token = JobToken::generate();
@@ -152,6 +154,8 @@ fn a_group_forms_and_trains_while_outsiders_flood_its_ports() {
 /// The rendezvous keeps answering members while outsiders flood it.
 #[test]
 fn the_rendezvous_admits_members_during_a_flood() {
+    // Tests of TLS between processes of this machine: over TCP, never local sockets.
+    tandem_tls::local::set_enabled(false);
     let rt = runtime();
     let token = JobToken::generate();
     let host = rendezvous(&rt, &token);
@@ -180,6 +184,8 @@ fn the_rendezvous_admits_members_during_a_flood() {
 /// A parameter server keeps admitting workers while outsiders flood it.
 #[test]
 fn a_parameter_server_admits_workers_during_a_flood() {
+    // Tests of TLS between processes of this machine: over TCP, never local sockets.
+    tandem_tls::local::set_enabled(false);
     let token = JobToken::generate();
     let (mut server, addr) = start_ps_server(NODE, token.as_str(), &[], "tcp");
     let stop = Arc::new(AtomicBool::new(false));
@@ -240,6 +246,8 @@ where
 /// parameter server.
 #[test]
 fn servers_bound_the_streams_of_one_connection() {
+    // Tests of TLS between processes of this machine: over TCP, never local sockets.
+    tandem_tls::local::set_enabled(false);
     let rt = runtime();
     let token = JobToken::generate();
     let host = rendezvous(&rt, &token);

@@ -120,6 +120,8 @@ fn worker(token: &JobToken, dir: &Path, addr: &str) -> std::process::Output {
 /// identities train.
 #[test]
 fn workers_take_only_a_parameter_server_of_their_job() {
+    // Tests of TLS between processes of this machine: over TCP, never local sockets.
+    tandem_tls::local::set_enabled(false);
     let job = Job::new("ps");
     let token = JobToken::generate();
     let me = job.issue("worker-0", "train");
@@ -154,6 +156,8 @@ fn workers_take_only_a_parameter_server_of_their_job() {
 /// server is refused by its clients, `rendezvous`, `chief` and rank 0 are taken.
 #[test]
 fn the_rendezvous_is_served_only_by_a_role_that_may_host_it() {
+    // Tests of TLS between processes of this machine: over TCP, never local sockets.
+    tandem_tls::local::set_enabled(false);
     let job = Job::new("rdzv");
     let token = JobToken::generate();
     let rt = tokio::runtime::Runtime::new().expect("runtime");

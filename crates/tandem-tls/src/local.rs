@@ -26,6 +26,7 @@
 use std::io;
 use std::net::SocketAddr;
 use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Duration;
 
 use tandem_core::cluster::{ProcessEnv, Vars};
@@ -56,11 +57,25 @@ pub fn from_vars(vars: &dyn Vars) -> Result<bool> {
     }
 }
 
-/// Whether this process uses local sockets (read once; a bad value reads as off here and is
-/// reported by [`crate::Security::from_env`]).
+/// What [`set_enabled`] said: 0 nothing (the variable decides), 1 off, 2 on.
+static CHOSEN: AtomicU8 = AtomicU8::new(0);
+
+/// Whether this process uses local sockets: as [`set_enabled`] said, else as [`LOCAL_VAR`] says
+/// (read once; a bad value reads as off here and is reported by [`crate::Security::from_env`]).
 pub fn enabled() -> bool {
     static ON: OnceLock<bool> = OnceLock::new();
-    *ON.get_or_init(|| from_vars(&ProcessEnv).unwrap_or(false))
+    match CHOSEN.load(Ordering::Relaxed) {
+        1 => false,
+        2 => true,
+        _ => *ON.get_or_init(|| from_vars(&ProcessEnv).unwrap_or(false)),
+    }
+}
+
+/// Turns local sockets on or off for this whole process, whatever [`LOCAL_VAR`] says: for a
+/// program (or a test) that must speak TLS to servers of its own machine. Listeners and
+/// connections made before keep what they had.
+pub fn set_enabled(on: bool) {
+    CHOSEN.store(if on { 2 } else { 1 }, Ordering::Relaxed);
 }
 
 /// The abstract socket name that stands for the TCP listener at `addr` on this machine (with a
