@@ -380,4 +380,50 @@ mod tests {
         });
         println!("CHECK {said}");
     }
+
+    /// `set_enabled` decides for the whole process, both ways, over the variable: checked in a
+    /// process of its own (this test binary again), so the other tests keep the default.
+    #[test]
+    fn a_process_can_turn_local_sockets_off_and_on() {
+        let exe = std::env::current_exe().expect("test binary");
+        let out = std::process::Command::new(exe)
+            .args([
+                "--ignored",
+                "--exact",
+                "local::tests::set_enabled_in_a_process_of_its_own",
+                "--nocapture",
+            ])
+            .env("TANDEM_TEST_SET_ENABLED", "1")
+            .env(LOCAL_VAR, "1")
+            .output()
+            .expect("the test binary");
+        let said = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(said.contains("SET off none on some"), "{said}");
+    }
+
+    /// The child half of the test above.
+    #[test]
+    #[ignore = "run by a_process_can_turn_local_sockets_off_and_on"]
+    fn set_enabled_in_a_process_of_its_own() {
+        if std::env::var("TANDEM_TEST_SET_ENABLED").is_err() {
+            return;
+        }
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let _guard = rt.enter();
+        let tcp = std::net::TcpListener::bind("127.0.0.1:0").expect("port");
+        let addr = tcp.local_addr().expect("addr");
+        set_enabled(false);
+        let off = (enabled(), listen(&addr).is_some());
+        set_enabled(true);
+        let on = (enabled(), listen(&addr).is_some());
+        let word = |(e, l): (bool, bool)| match (e, l) {
+            (false, false) => "off none",
+            (true, true) => "on some",
+            _ => "mixed",
+        };
+        println!("SET {} {}", word(off), word(on));
+    }
 }
