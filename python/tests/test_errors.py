@@ -99,6 +99,29 @@ def test_contradictory_environment_raises_configuration_error() -> None:
     assert "TANDEM_RANK" in out.stdout or "rank 3" in out.stdout
 
 
+def test_bad_tandem_variables_stop_the_start_naming_them(monkeypatch) -> None:
+    from tandem._native import setting
+
+    monkeypatch.setenv("TANDEM_FUSION_BYTES", "0")
+    with pytest.raises(tandem.ConfigurationError, match=r"TANDEM_FUSION_BYTES.*an integer from 1 to"):
+        setting("TANDEM_FUSION_BYTES")
+    monkeypatch.setenv("TANDEM_FUSION_BYTES", "1")
+    assert setting("TANDEM_FUSION_BYTES") == 1
+    monkeypatch.setenv("TANDEM_TIMEOUT", "1.5")
+    assert setting("TANDEM_TIMEOUT") == 1.5
+    monkeypatch.setenv("TANDEM_OBSERVE", "off")
+    assert setting("TANDEM_OBSERVE") is False
+    monkeypatch.delenv("TANDEM_OBSERVE")
+    assert setting("TANDEM_OBSERVE") is None
+    with pytest.raises(tandem.ConfigurationError, match="TANDEM_NO_SUCH"):
+        setting("TANDEM_NO_SUCH")
+    # Any variable of the table, whichever part of Tandem reads it, is checked when a job starts.
+    env = clean_env(TANDEM_ELASTIC_SETTLE="0")  # read by elastic jobs alone
+    code = "import tandem\ntandem.init()"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0 and "TANDEM_ELASTIC_SETTLE" in out.stderr and "above 0" in out.stderr, out.stderr
+
+
 def test_wrong_token_raises_authentication_error(servers) -> None:
     addrs, _ = servers
     with pytest.raises(tandem.AuthenticationError):

@@ -209,7 +209,7 @@ pub fn bench(collective: Collective, args: BenchArgs) -> Result<ExitCode> {
     let mut env = Vec::new();
     if let Some(s) = &args.segment {
         env.push((
-            "TANDEM_SEGMENT_BYTES".to_string(),
+            tandem::settings::SEGMENT_BYTES.name.to_string(),
             parse_size("--segment", s)?.to_string(),
         ));
     }

@@ -203,13 +203,19 @@ pub fn run_ranks(
     for rank in 0..world {
         let args: Vec<&str> = words.iter().chain(args).map(String::as_str).collect();
         let mut c = bed.command(rank / hosts.per_host, exe, &args);
-        c.env("TANDEM_LAUNCHER", "tandem")
-            .env("TANDEM_RANK", rank.to_string())
-            .env("TANDEM_WORLD_SIZE", world.to_string())
-            .env("TANDEM_LOCAL_RANK", (rank % hosts.per_host).to_string())
-            .env("TANDEM_LOCAL_WORLD_SIZE", hosts.per_host.to_string())
-            .env("TANDEM_RENDEZVOUS_ADDR", &rendezvous)
-            .env("TANDEM_JOB_TOKEN", token.as_str())
+        c.env(tandem::settings::LAUNCHER.name, "tandem")
+            .env(tandem::settings::RANK.name, rank.to_string())
+            .env(tandem::settings::WORLD_SIZE.name, world.to_string())
+            .env(
+                tandem::settings::LOCAL_RANK.name,
+                (rank % hosts.per_host).to_string(),
+            )
+            .env(
+                tandem::settings::LOCAL_WORLD_SIZE.name,
+                hosts.per_host.to_string(),
+            )
+            .env(tandem::settings::RENDEZVOUS_ADDR.name, &rendezvous)
+            .env(tandem::settings::JOB_TOKEN.name, token.as_str())
             .envs(env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());

@@ -98,7 +98,7 @@ impl From<u8> for ExitCode {
 /// Sends Tandem's `tracing` logs to stderr, filtered by `TANDEM_LOG` (default `warn`); a
 /// subscriber installed already (the Python extension's, a caller's) is kept.
 pub fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("TANDEM_LOG")
+    let filter = tracing_subscriber::EnvFilter::try_from_env(tandem::settings::LOG.name)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)

@@ -5,6 +5,7 @@
 //! - [`error`]: [`Error`], the one error type of every Tandem crate.
 //! - [`dtype`]: [`DType`], the [`Element`] trait and [`ReduceOp`].
 //! - [`tensor`]: [`Tensor`] and [`TensorMut`], `bytes` buffers with zero-copy `ndarray` views.
+//! - [`settings`]: every `TANDEM_*` variable, declared once and read by one routine.
 //! - [`cluster`]: [`ClusterSpec`], resolved from TF_CONFIG, torchrun, Slurm, Open MPI, PMI or
 //!   Tandem's own variables.
 //!
@@ -17,6 +18,7 @@ pub mod backoff;
 pub mod cluster;
 pub mod dtype;
 pub mod error;
+pub mod settings;
 pub mod tensor;
 
 pub use backoff::Backoff;

@@ -30,6 +30,7 @@ pub mod membership;
 mod state;
 
 use std::time::Duration;
+use tandem_core::settings;
 
 use tandem_collective::{GroupConfig, ProcessGroup};
 use tandem_core::cluster::{ClusterSpec, ProcessEnv, Vars};
@@ -41,13 +42,13 @@ pub use membership::{Membership, Rules};
 pub use state::State;
 
 /// `MIN[:MAX]` members of an elastic job.
-pub const BOUNDS_VAR: &str = "TANDEM_ELASTIC";
+pub const BOUNDS_VAR: &str = settings::ELASTIC.name;
 /// This process's id across epochs.
-pub const ID_VAR: &str = "TANDEM_ELASTIC_ID";
+pub const ID_VAR: &str = settings::ELASTIC_ID.name;
 /// Seconds survivors wait for the previous epoch's members before going on without them.
-pub const SETTLE_VAR: &str = "TANDEM_ELASTIC_SETTLE";
+pub const SETTLE_VAR: &str = settings::ELASTIC_SETTLE.name;
 /// Seconds to wait for at least MIN members before giving up with an error.
-pub const WAIT_VAR: &str = "TANDEM_ELASTIC_WAIT";
+pub const WAIT_VAR: &str = settings::ELASTIC_WAIT.name;
 
 /// How an elastic job behaves.
 #[derive(Debug, Clone)]
@@ -69,25 +70,15 @@ impl ElasticConfig {
 
     /// [`ElasticConfig::from_env`] over any source of variables.
     pub fn from_vars(vars: &(impl Vars + ?Sized)) -> Result<ElasticConfig> {
-        let (min, max) = match vars.var(BOUNDS_VAR) {
+        let (min, max) = match settings::ELASTIC.bounds(vars)? {
             None => (1, 1024),
-            Some(v) => parse_bounds(&v)?,
+            Some((min, max)) => bounds(min, max)?,
         };
-        let secs = |var: &str, default: f64| -> Result<Duration> {
-            match vars.var(var) {
-                None => Ok(Duration::from_secs_f64(default)),
-                Some(v) => v
-                    .parse::<f64>()
-                    .ok()
-                    .filter(|s| s.is_finite() && *s > 0.0 && *s <= 3600.0)
-                    .map(Duration::from_secs_f64)
-                    .ok_or_else(|| {
-                        Error::config(var, format!("{v:?}: give seconds, above 0 up to 3600"))
-                    }),
-            }
+        let secs = |s: &settings::Setting, default: f64| -> Result<Duration> {
+            Ok(s.seconds(vars)?.unwrap_or(Duration::from_secs_f64(default)))
         };
-        let settle = secs(SETTLE_VAR, 2.0)?;
-        let quorum_wait = secs(WAIT_VAR, 120.0)?;
+        let settle = secs(&settings::ELASTIC_SETTLE, 2.0)?;
+        let quorum_wait = secs(&settings::ELASTIC_WAIT, 120.0)?;
         let mut group = GroupConfig::from_vars(vars)?;
         // A lost member must not hold the others at the meeting for long.
         group.connect_timeout = group.connect_timeout.min(Duration::from_secs(20));
@@ -105,27 +96,19 @@ impl ElasticConfig {
     }
 }
 
-/// `MIN[:MAX]` with 1 <= MIN <= MAX.
+/// `MIN[:MAX]` with 1 <= MIN <= MAX (MAX defaults to 1024, or MIN when that is larger).
 pub fn parse_bounds(v: &str) -> Result<(usize, usize)> {
-    let bad = || {
-        Error::config(
-            BOUNDS_VAR,
-            format!("{v:?}: give MIN or MIN:MAX with 1 <= MIN <= MAX"),
-        )
-    };
-    let (a, b) = match v.split_once(':') {
-        Some((a, b)) => (a, Some(b)),
-        None => (v, None),
-    };
-    let min: usize = a.trim().parse().map_err(|_| bad())?;
-    let max: usize = match b {
-        Some(b) => b.trim().parse().map_err(|_| bad())?,
-        None => 1024.max(min),
-    };
-    if min == 0 || max < min {
-        return Err(bad());
+    match settings::ELASTIC.parse(v)? {
+        settings::Value::Bounds(min, max) => bounds(min, max),
+        _ => Err(settings::ELASTIC.invalid(v)),
     }
-    Ok((min, max))
+}
+
+fn bounds(min: u64, max: Option<u64>) -> Result<(usize, usize)> {
+    let max = max.unwrap_or(1024.max(min));
+    let fit =
+        |n: u64| usize::try_from(n).map_err(|_| settings::ELASTIC.invalid(&format!("{min}:{max}")));
+    Ok((fit(min)?, fit(max)?))
 }
 
 /// Whether an error means the group lost a member (or is changing), so the run goes on with a
@@ -261,12 +244,9 @@ impl Elastic {
                 "is not set; an elastic job needs one",
             )
         })?;
-        let id = match ProcessEnv.var(ID_VAR) {
-            Some(v) => v
-                .parse()
-                .map_err(|_| Error::config(ID_VAR, format!("{v:?} is not a number")))?,
-            None => spec.rank() as u64,
-        };
+        let id = settings::ELASTIC_ID
+            .integer(&ProcessEnv)?
+            .unwrap_or(spec.rank() as u64);
         let rendezvous = spec.require_rendezvous()?.to_string();
         let client = BlockingClient::connect(&rendezvous, &token, config.group.connect_timeout)?;
         Ok(Elastic {

@@ -115,8 +115,10 @@ impl LaunchArgs {
         spec.log_dir = (!self.no_log_files).then(|| self.log_dir.clone());
         spec.prefix = !self.no_prefix;
         if let Some(addr) = &self.metrics_addr {
-            spec.env
-                .push(("TANDEM_METRICS_ADDR".to_string(), addr.clone()));
+            spec.env.push((
+                tandem_core::settings::METRICS_ADDR.name.to_string(),
+                addr.clone(),
+            ));
         }
         spec.restart = match self.restart {
             RestartArg::Never => Restart::Never,

@@ -16,7 +16,9 @@
 /// ```
 pub fn cli_command() -> Vec<String> {
     cli_command_from(
-        std::env::var("TANDEM_CLI").ok().as_deref(),
+        std::env::var(tandem_core::settings::CLI.name)
+            .ok()
+            .as_deref(),
         std::env::current_exe().ok().as_deref(),
     )
 }
@@ -39,9 +41,10 @@ fn cli_command_from(var: Option<&str>, exe: Option<&std::path::Path>) -> Vec<Str
 /// The interpreter that runs a job command given as a bare `.py` script: `TANDEM_PYTHON` when
 /// set (the Python entry point sets its own interpreter), else `python3`.
 pub fn python() -> String {
-    std::env::var("TANDEM_PYTHON")
+    tandem_core::settings::PYTHON
+        .text(&tandem_core::cluster::ProcessEnv)
         .ok()
-        .filter(|s| !s.trim().is_empty())
+        .flatten()
         .unwrap_or_else(|| "python3".into())
 }
 

@@ -14,7 +14,7 @@ fn trainers(layout: &Layout) -> usize {
 
 /// Where `--gpus auto` reads the interconnect matrix instead of running `nvidia-smi topo -m` (a
 /// recorded matrix, for containers without the tool and for tests).
-pub const TOPOLOGY_FILE_VAR: &str = "TANDEM_TOPOLOGY_FILE";
+pub const TOPOLOGY_FILE_VAR: &str = tandem_core::settings::TOPOLOGY_FILE.name;
 
 /// Resolves `--gpus`: `none` → no assignment; a list such as `0,2` → that ring order; `auto` → the
 /// fastest ring of this machine's GPUs from `nvidia-smi topo -m` (or the file named by

@@ -216,11 +216,20 @@ pub fn plan(spec: &JobSpec, rendezvous: &str, ports: &[u16]) -> Result<Vec<Plann
 /// The variables every process gets: the launcher's rendezvous, then `extra`, then the user's.
 fn common(spec: &JobSpec, rendezvous: &str, extra: Vec<(String, String)>) -> Vec<(String, String)> {
     let mut env = vec![
-        ("TANDEM_RENDEZVOUS_ADDR".to_string(), rendezvous.to_string()),
-        ("TANDEM_RENDEZVOUS_EXTERNAL".to_string(), "1".to_string()),
+        (
+            tandem_core::settings::RENDEZVOUS_ADDR.name.to_string(),
+            rendezvous.to_string(),
+        ),
+        (
+            tandem_core::settings::RENDEZVOUS_EXTERNAL.name.to_string(),
+            "1".to_string(),
+        ),
     ];
     if let Some((min, max)) = spec.elastic {
-        env.push(("TANDEM_ELASTIC".to_string(), format!("{min}:{max}")));
+        env.push((
+            tandem_core::settings::ELASTIC.name.to_string(),
+            format!("{min}:{max}"),
+        ));
     }
     env.extend(extra);
     env.extend(spec.env.iter().cloned());

@@ -216,7 +216,7 @@ fn metrics_addr(p: &Planned) -> Option<String> {
         .env
         .iter()
         .rev()
-        .find(|(k, _)| k == "TANDEM_METRICS_ADDR")?;
+        .find(|(k, _)| k == tandem_core::settings::METRICS_ADDR.name)?;
     let (host, port) = base.rsplit_once(':')?;
     let port: u16 = port.parse().ok()?;
     let port = if port == 0 {
@@ -238,14 +238,14 @@ fn start(p: &mut Proc, token: &JobToken, style: &Style) -> Result<()> {
         // Its own process group, so stopping it also stops what it started.
         .process_group(0);
     if let Some(addr) = metrics_addr(&p.plan) {
-        cmd.env("TANDEM_METRICS_ADDR", addr);
+        cmd.env(tandem_core::settings::METRICS_ADDR.name, addr);
     }
     if let Some(dir) = &p.tls {
         cmd.env(tandem_tls::DIR_VAR, dir);
     }
     if let Some(dir) = &style.log_dir {
         // Flight-recorder dumps go to `trace/` beside the logs (unless TANDEM_TRACE_DIR says).
-        cmd.env("TANDEM_LOG_DIR", dir);
+        cmd.env(tandem_core::settings::LOG_DIR.name, dir);
     }
     let mut child = cmd.spawn().map_err(|e| {
         Error::io(

@@ -68,19 +68,19 @@ pub enum ReadError {
 pub use sockets::{SocketWatch, tcp_bytes, tcp_congestion, watch_counted, watch_socket};
 
 /// `TANDEM_OBSERVE=off` turns the flight recorder and the metrics off.
-pub const OBSERVE_VAR: &str = "TANDEM_OBSERVE";
+pub const OBSERVE_VAR: &str = tandem_core::settings::OBSERVE.name;
 /// The folder flight-recorder dumps go to.
-pub const TRACE_DIR_VAR: &str = "TANDEM_TRACE_DIR";
+pub const TRACE_DIR_VAR: &str = tandem_core::settings::TRACE_DIR.name;
 /// The folder of the per-launch logs, set by `tandem launch`: dumps go under it by default.
-pub const LOG_DIR_VAR: &str = "TANDEM_LOG_DIR";
+pub const LOG_DIR_VAR: &str = tandem_core::settings::LOG_DIR.name;
 /// How many operations the flight recorder keeps (default [`recorder::DEFAULT_ENTRIES`]).
-pub const ENTRIES_VAR: &str = "TANDEM_TRACE_ENTRIES";
+pub const ENTRIES_VAR: &str = tandem_core::settings::TRACE_ENTRIES.name;
 /// Write a timeline of every operation to this folder.
-pub const TIMELINE_VAR: &str = "TANDEM_TIMELINE";
+pub const TIMELINE_VAR: &str = tandem_core::settings::TIMELINE.name;
 /// Serve Prometheus metrics at this `host:port` (rank r of a host at port + its local rank).
-pub const METRICS_ADDR_VAR: &str = "TANDEM_METRICS_ADDR";
+pub const METRICS_ADDR_VAR: &str = tandem_core::settings::METRICS_ADDR.name;
 /// The job's name in metric labels and dumps (default `tandem`).
-pub const JOB_NAME_VAR: &str = "TANDEM_JOB_NAME";
+pub const JOB_NAME_VAR: &str = tandem_core::settings::JOB_NAME.name;
 
 /// Who this process is in its job.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -107,9 +107,10 @@ impl Identity {
             role: role.to_string(),
             index,
             world,
-            job: std::env::var(JOB_NAME_VAR)
+            job: tandem_core::settings::JOB_NAME
+                .text(&tandem_core::cluster::ProcessEnv)
                 .ok()
-                .filter(|j| !j.is_empty())
+                .flatten()
                 .unwrap_or_else(|| "tandem".into()),
             local: 0,
             addr: String::new(),
@@ -140,9 +141,7 @@ static SWITCH: OnceLock<bool> = OnceLock::new();
 
 /// Whether the recorder and metrics are on for this process (`TANDEM_OBSERVE` is not `off`).
 pub fn switched_on() -> bool {
-    *SWITCH.get_or_init(|| {
-        !std::env::var(OBSERVE_VAR).is_ok_and(|v| matches!(v.as_str(), "off" | "0" | "false"))
-    })
+    *SWITCH.get_or_init(|| tandem_core::settings::OBSERVE.switch_or(true))
 }
 
 /// Whether anything is being recorded: an identity is set and [`switched_on`].

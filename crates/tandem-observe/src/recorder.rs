@@ -328,15 +328,21 @@ pub(crate) fn capacity_from_env() -> usize {
 
 /// Most operations a recorder keeps, whatever the environment asks.
 pub const MAX_ENTRIES: usize = 1 << 20;
+const _: () = assert!(matches!(
+    tandem_core::settings::TRACE_ENTRIES.kind,
+    tandem_core::settings::Kind::Integer { max, .. } if max == MAX_ENTRIES as u64
+));
 
-/// The capacity `value` asks for: a positive count, at most [`MAX_ENTRIES`]; anything else is
-/// [`DEFAULT_ENTRIES`].
+/// The capacity `value` asks for: a positive count, at most [`MAX_ENTRIES`], as
+/// [`tandem_core::settings::TRACE_ENTRIES`] declares it; anything else is [`DEFAULT_ENTRIES`]
+/// (the start has refused it already).
 fn capacity(value: Option<&str>) -> usize {
-    value
-        .and_then(|v| v.trim().parse::<usize>().ok())
-        .filter(|n| *n > 0)
-        .unwrap_or(DEFAULT_ENTRIES)
-        .min(MAX_ENTRIES)
+    match value.map(|v| tandem_core::settings::TRACE_ENTRIES.parse(v)) {
+        Some(Ok(tandem_core::settings::Value::Integer(n))) => usize::try_from(n)
+            .unwrap_or(DEFAULT_ENTRIES)
+            .min(MAX_ENTRIES),
+        _ => DEFAULT_ENTRIES,
+    }
 }
 
 /// Makes the ring (its capacity from the environment).
@@ -539,7 +545,11 @@ mod tests {
         assert_eq!(capacity(Some(" 64 ")), 64);
         assert_eq!(capacity(Some("lots")), DEFAULT_ENTRIES);
         assert_eq!(capacity(Some(&MAX_ENTRIES.to_string())), MAX_ENTRIES);
-        assert_eq!(capacity(Some(&(MAX_ENTRIES + 1).to_string())), MAX_ENTRIES);
+        // Above the maximum the start refuses the variable; the recorder keeps its default.
+        assert_eq!(
+            capacity(Some(&(MAX_ENTRIES + 1).to_string())),
+            DEFAULT_ENTRIES
+        );
     }
 
     #[test]

@@ -70,11 +70,13 @@ pub use word::{Lease, LocalWord, nonce, tag};
 
 /// The variable that turns same-machine copies off: `tcp` keeps every byte on the sockets, `auto`
 /// (the default) uses copies wherever the probe succeeds.
-pub const SAME_HOST_VAR: &str = "TANDEM_SAME_HOST";
+pub const SAME_HOST_VAR: &str = tandem_core::settings::SAME_HOST.name;
 
 /// Whether this process's environment allows same-machine copies (`TANDEM_SAME_HOST` is not `tcp`).
 pub fn allowed_by_env() -> bool {
-    std::env::var(SAME_HOST_VAR).map_or(true, |v| v != "tcp")
+    tandem_core::settings::SAME_HOST
+        .choice(&tandem_core::cluster::ProcessEnv)
+        .map_or(true, |v| v != Some("tcp"))
 }
 
 /// Whether this process can read another process's memory at all: it probes its own word (what a

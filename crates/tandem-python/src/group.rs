@@ -36,6 +36,7 @@ fn seconds(what: &str, s: f64) -> PyResult<Duration> {
 
 /// The group's settings from the `TANDEM_*` variables, with the caller's deadlines (seconds).
 fn config_with(timeout: Option<f64>, connect_timeout: Option<f64>) -> PyResult<GroupConfig> {
+    tandem::settings::check_env().py_err()?;
     let mut config = GroupConfig::from_vars(&ProcessEnv).py_err()?;
     if let Some(t) = timeout {
         config.timeout = seconds("timeout", t)?;

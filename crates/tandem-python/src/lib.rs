@@ -32,6 +32,38 @@ fn listen_address(own: &str, peers: Vec<String>) -> PyResult<String> {
     tandem::cluster::listen_address(own, &peers).map_err(errors::to_py)
 }
 
+/// The value of the `TANDEM_*` variable `name` read as `tandem::settings` declares it (the same
+/// routine and wording as the Rust side): `None` when unset; an int, a float (seconds), a bool or
+/// a str otherwise; a `ConfigError` naming the variable when its value is bad or `name` is not one
+/// of Tandem's.
+#[pyfunction]
+fn setting(py: Python<'_>, name: &str) -> PyResult<Option<Py<PyAny>>> {
+    use tandem::settings::{self, Value};
+    let s = settings::find(name).ok_or_else(|| {
+        errors::to_py(tandem::Error::config(
+            name,
+            "is not one of Tandem's variables",
+        ))
+    })?;
+    let value = s
+        .read(&tandem::cluster::ProcessEnv)
+        .map_err(errors::to_py)?;
+    Ok(match value {
+        None => None,
+        Some(Value::Integer(n)) => Some(n.into_pyobject(py)?.into_any().unbind()),
+        Some(Value::Seconds(d)) => Some(d.as_secs_f64().into_pyobject(py)?.into_any().unbind()),
+        Some(Value::Switch(b)) => Some(
+            pyo3::types::PyBool::new(py, b)
+                .to_owned()
+                .into_any()
+                .unbind(),
+        ),
+        Some(Value::Choice(w)) => Some(w.into_pyobject(py)?.into_any().unbind()),
+        Some(Value::Text(t)) => Some(t.into_pyobject(py)?.into_any().unbind()),
+        Some(Value::Bounds(a, b)) => Some((a, b).into_pyobject(py)?.into_any().unbind()),
+    })
+}
+
 /// Sends Tandem's `tracing` logs to stderr, filtered by `TANDEM_LOG` (default `warn`). Idempotent.
 #[pyfunction]
 fn init_logging() {
@@ -50,6 +82,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(cluster_spec, m)?)?;
     m.add_function(wrap_pyfunction!(listen_address, m)?)?;
     m.add_function(wrap_pyfunction!(init_logging, m)?)?;
+    m.add_function(wrap_pyfunction!(setting, m)?)?;
     m.add_function(wrap_pyfunction!(observe::metrics_text, m)?)?;
     m.add_function(wrap_pyfunction!(observe::metric_samples, m)?)?;
     m.add_function(wrap_pyfunction!(observe::dump_flight_recorder, m)?)?;

@@ -6,7 +6,7 @@ use tonic::metadata::MetadataValue;
 use tonic::{Request, Status};
 
 /// The variable that carries a job's token.
-pub const TOKEN_VAR: &str = "TANDEM_JOB_TOKEN";
+pub const TOKEN_VAR: &str = tandem_core::settings::JOB_TOKEN.name;
 
 /// The secret shared by every process of one job.
 ///
@@ -47,7 +47,10 @@ impl JobToken {
 
     /// Reads [`TOKEN_VAR`] from `vars`; `None` when it is unset.
     pub fn from_vars(vars: &(impl Vars + ?Sized)) -> Result<Option<Self>> {
-        vars.var(TOKEN_VAR).map(JobToken::new).transpose()
+        tandem_core::settings::JOB_TOKEN
+            .text(vars)?
+            .map(JobToken::new)
+            .transpose()
     }
 
     /// Reads [`TOKEN_VAR`] from the process environment; `None` when it is unset.

@@ -86,7 +86,8 @@ impl TorchrunStore {
             .is_some_and(|v| v.trim().eq_ignore_ascii_case("true"));
         if spec.source() != Convention::Torchrun
             || !agent
-            || var("TANDEM_RENDEZVOUS_ADDR").is_some_and(|v| !v.trim().is_empty())
+            || var(tandem_core::settings::RENDEZVOUS_ADDR.name)
+                .is_some_and(|v| !v.trim().is_empty())
         {
             return None;
         }

@@ -13,7 +13,7 @@ use tandem_core::cluster::{ClusterSpec, Convention};
 use tandem_core::{Error, Result};
 
 /// The directory of the rendezvous files.
-pub const DIR_VAR: &str = "TANDEM_RENDEZVOUS_DIR";
+pub const DIR_VAR: &str = tandem_core::settings::RENDEZVOUS_DIR.name;
 
 /// Variables that carry an MPI job's id, in the order they are tried.
 const JOB_ID_VARS: [&str; 2] = ["OMPI_MCA_ess_base_jobid", "PMIX_NAMESPACE"];

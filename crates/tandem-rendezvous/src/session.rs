@@ -10,10 +10,10 @@ use crate::client::Client;
 use crate::server::{Host, ServerConfig};
 
 /// The variable that overrides the address rank 0 binds for the rendezvous (e.g. `0.0.0.0:29500`).
-pub const BIND_VAR: &str = "TANDEM_RENDEZVOUS_BIND";
+pub const BIND_VAR: &str = tandem_core::settings::RENDEZVOUS_BIND.name;
 
 /// Set to `1` by launchers that host the rendezvous themselves, so rank 0 does not bind it again.
-pub const EXTERNAL_VAR: &str = "TANDEM_RENDEZVOUS_EXTERNAL";
+pub const EXTERNAL_VAR: &str = tandem_core::settings::RENDEZVOUS_EXTERNAL.name;
 
 /// A process's membership of a job: its client, and the server when this process hosts it.
 #[derive(Debug)]
@@ -175,8 +175,11 @@ impl Session {
                 "is not set; every process of a job needs the same token (tandem launch sets one)",
             )
         })?;
-        let bind = std::env::var(BIND_VAR).ok().filter(|s| !s.is_empty());
-        let external = std::env::var(EXTERNAL_VAR).is_ok_and(|v| v == "1");
+        let env = tandem_core::cluster::ProcessEnv;
+        let bind = tandem_core::settings::RENDEZVOUS_BIND.text(&env)?;
+        let external = tandem_core::settings::RENDEZVOUS_EXTERNAL
+            .switch(&env)?
+            .unwrap_or(false);
         Self::join(&spec, &token, bind.as_deref(), external, deadline).await
     }
 

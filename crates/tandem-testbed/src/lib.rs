@@ -35,7 +35,7 @@ use std::time::{Duration, Instant};
 use tandem_core::{Error, Result};
 
 /// `off` skips the tests that need simulated hosts (they say so loudly).
-pub const TESTBED_VAR: &str = "TANDEM_TESTBED";
+pub const TESTBED_VAR: &str = tandem_core::settings::TESTBED.name;
 
 /// The subnet of the simulated hosts (inside their namespaces only).
 pub const SUBNET: &str = "10.77.0.0/24";
@@ -43,12 +43,11 @@ pub const SUBNET: &str = "10.77.0.0/24";
 /// Why tests that need simulated hosts should not run here, if they should not: `TANDEM_TESTBED=off`.
 /// Anything else (not root, no `ip`) is not a reason to skip: [`Testbed::new`] fails and says why.
 pub fn skip_reason() -> Option<String> {
-    match std::env::var(TESTBED_VAR).as_deref() {
-        Ok("off") => Some(format!(
+    (!tandem_core::settings::TESTBED.switch_or(true)).then(|| {
+        format!(
             "{TESTBED_VAR}=off: the tests on simulated hosts were SKIPPED; nothing that crosses machines was tested"
-        )),
-        _ => None,
-    }
+        )
+    })
 }
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);

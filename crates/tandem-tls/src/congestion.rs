@@ -36,7 +36,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use tandem_core::{Error, Result};
 
 /// The variable that chooses the congestion control of the ring's TCP connections.
-pub const CONGESTION_VAR: &str = "TANDEM_TCP_CONGESTION";
+pub const CONGESTION_VAR: &str = tandem_core::settings::TCP_CONGESTION.name;
 
 /// What the connections use when [`CONGESTION_VAR`] is unset and the kernel allows it.
 pub const PREFERRED: &str = "cubic";
@@ -104,8 +104,7 @@ impl Congestion {
     /// Reads [`CONGESTION_VAR`] as every `TANDEM_*` variable is read (trimmed; empty is unset);
     /// unset is [`Congestion::Preferred`].
     pub fn from_env() -> Result<Self> {
-        use tandem_core::cluster::Vars;
-        match tandem_core::cluster::ProcessEnv.var(CONGESTION_VAR) {
+        match tandem_core::settings::TCP_CONGESTION.text(&tandem_core::cluster::ProcessEnv)? {
             Some(v) => v.parse(),
             None => Ok(Congestion::Preferred),
         }

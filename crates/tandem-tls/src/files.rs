@@ -9,13 +9,13 @@ use tandem_core::{Error, Result};
 use crate::authority::{Authority, Issued};
 
 /// A folder holding `ca.pem`, `cert.pem` and `key.pem`.
-pub const DIR_VAR: &str = "TANDEM_TLS_DIR";
+pub const DIR_VAR: &str = tandem_core::settings::TLS_DIR.name;
 /// The job's CA certificate (overrides the folder's).
-pub const CA_VAR: &str = "TANDEM_TLS_CA";
+pub const CA_VAR: &str = tandem_core::settings::TLS_CA.name;
 /// This process's certificate (overrides the folder's).
-pub const CERT_VAR: &str = "TANDEM_TLS_CERT";
+pub const CERT_VAR: &str = tandem_core::settings::TLS_CERT.name;
 /// This process's private key (overrides the folder's).
-pub const KEY_VAR: &str = "TANDEM_TLS_KEY";
+pub const KEY_VAR: &str = tandem_core::settings::TLS_KEY.name;
 /// The CA certificate's file name in a folder.
 pub const CA_FILE: &str = "ca.pem";
 /// The CA key's file name (kept by whoever issues certificates; not needed by processes).

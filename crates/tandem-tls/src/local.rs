@@ -29,32 +29,24 @@ use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Duration;
 
+use tandem_core::Result;
 use tandem_core::cluster::{ProcessEnv, Vars};
-use tandem_core::{Error, Result};
 use tokio::net::{UnixListener, UnixStream};
 
 /// `0` makes processes of one machine connect over TCP (and TLS) like processes of different
 /// machines; `1` (the default) over Unix domain sockets.
-pub const LOCAL_VAR: &str = "TANDEM_LOCAL_SOCKETS";
+pub const LOCAL_VAR: &str = tandem_core::settings::LOCAL_SOCKETS.name;
 
 /// How long dialling a local socket may take (it either answers at once or is not there; this
 /// only bounds a listener whose backlog is full).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// Reads [`LOCAL_VAR`]: on unless it is `0`; any other value than `0`, `1` or empty is an error
-/// naming the variable.
+/// Reads [`LOCAL_VAR`]: on unless it is off; a value that is not a switch is an error naming
+/// the variable.
 pub fn from_vars(vars: &dyn Vars) -> Result<bool> {
-    match vars.var(LOCAL_VAR).as_deref() {
-        None | Some("" | "1") => Ok(true),
-        Some("0") => Ok(false),
-        Some(other) => Err(Error::config(
-            LOCAL_VAR,
-            format!(
-                "is {other:?}; give 1 (processes of one machine talk over Unix sockets, the \
-                 default) or 0 (over TCP, as between machines)"
-            ),
-        )),
-    }
+    Ok(tandem_core::settings::LOCAL_SOCKETS
+        .switch(vars)?
+        .unwrap_or(true))
 }
 
 /// What [`set_enabled`] said: 0 nothing (the variable decides), 1 off, 2 on.
@@ -198,13 +190,13 @@ mod tests {
     }
 
     #[test]
-    fn the_variable_takes_0_and_1_only() {
+    fn the_variable_is_a_switch_on_by_default() {
         let with = |v: &str| from_vars(&Map(HashMap::from([(LOCAL_VAR, v.to_string())])));
         assert!(from_vars(&Map(HashMap::new())).expect("unset"));
         assert!(with("1").expect("1") && with("").expect("empty"));
-        assert!(!with("0").expect("0"));
-        let e = with("yes").expect_err("yes").to_string();
-        assert!(e.contains(LOCAL_VAR) && e.contains("\"yes\""), "{e}");
+        assert!(!with("0").expect("0") && !with("off").expect("off"));
+        let e = with("2").expect_err("2").to_string();
+        assert!(e.contains(LOCAL_VAR) && e.contains("\"2\""), "{e}");
     }
 
     #[test]

@@ -12,7 +12,7 @@ use crate::context::TlsContext;
 use crate::files::{DIR_VAR, TlsFiles};
 
 /// `1` lets a job's processes talk plaintext across hosts (and ignore their certificates).
-pub const INSECURE_VAR: &str = "TANDEM_INSECURE";
+pub const INSECURE_VAR: &str = tandem_core::settings::INSECURE.name;
 
 /// How this process's connections are secured.
 #[derive(Clone, Debug)]
@@ -125,14 +125,9 @@ fn not_loopback(what: &str, a: &str) -> Error {
 }
 
 fn insecure(vars: &dyn Vars) -> Result<bool> {
-    match vars.var(INSECURE_VAR).as_deref() {
-        None | Some("" | "0") => Ok(false),
-        Some("1") => Ok(true),
-        Some(other) => Err(Error::config(
-            INSECURE_VAR,
-            format!("is {other:?}; give 1 (plaintext between hosts) or 0"),
-        )),
-    }
+    Ok(tandem_core::settings::INSECURE
+        .switch(vars)?
+        .unwrap_or(false))
 }
 
 impl Security {
@@ -318,8 +313,8 @@ mod tests {
                 Ok(Security::Plaintext { insecure: false })
             ));
         }
-        let e = Security::from_vars(&with("yes")).unwrap_err().to_string();
-        assert!(e.contains(INSECURE_VAR) && e.contains("yes"), "{e}");
+        let e = Security::from_vars(&with("plain")).unwrap_err().to_string();
+        assert!(e.contains(INSECURE_VAR) && e.contains("plain"), "{e}");
         assert!(matches!(
             Security::from_vars(&Map(HashMap::new())),
             Ok(Security::Plaintext { insecure: false })

@@ -25,7 +25,7 @@
 pub use tandem_core::{
     ClusterSpec, Convention, DType, Element, Error, ReduceOp, Result, Role, Tensor, TensorMut,
 };
-pub use tandem_core::{dtype, error, half, tensor};
+pub use tandem_core::{dtype, error, half, settings, tensor};
 
 /// The cluster spec and the launcher conventions it is read from.
 pub mod cluster {

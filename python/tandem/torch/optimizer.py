@@ -11,7 +11,6 @@ gradients back and steps the wrapped optimizer.
 from __future__ import annotations
 
 import contextlib
-import os
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
@@ -25,16 +24,10 @@ FUSION_BYTES = 64 << 20
 
 
 def _fusion_bytes() -> int:
-    raw = os.environ.get("TANDEM_FUSION_BYTES", "").strip()
-    if not raw:
-        return FUSION_BYTES
-    try:
-        n = int(raw)
-    except ValueError:
-        raise ValueError(f"TANDEM_FUSION_BYTES={raw!r} is not a number of bytes") from None
-    if n < 1:
-        raise ValueError(f"TANDEM_FUSION_BYTES={raw!r} must be at least 1")
-    return n
+    from .._native import setting  # the Rust table's reading and wording
+
+    n = setting("TANDEM_FUSION_BYTES")
+    return FUSION_BYTES if n is None else n
 
 
 class _DistributedOptimizer(torch.optim.Optimizer):

@@ -98,7 +98,7 @@ impl FromStr for BackendKind {
             "tcp" => Ok(BackendKind::Tcp),
             "nccl" => Ok(BackendKind::Nccl),
             other => Err(Error::config(
-                "TANDEM_BACKEND",
+                tandem_core::settings::BACKEND.name,
                 format!("unknown backend {other:?}; expected auto, nccl or tcp"),
             )),
         }

@@ -58,10 +58,13 @@ pub struct GroupConfig {
 }
 
 /// The variable that sets [`GroupConfig::streams_per_peer`].
-pub const STREAMS_VAR: &str = "TANDEM_STREAMS_PER_PEER";
+pub const STREAMS_VAR: &str = tandem_core::settings::STREAMS_PER_PEER.name;
 
 /// Most connections per pair of ranks a group may use.
-pub const MAX_STREAMS_PER_PEER: usize = 8;
+pub const MAX_STREAMS_PER_PEER: usize = match tandem_core::settings::STREAMS_PER_PEER.kind {
+    tandem_core::settings::Kind::Integer { max, .. } => max as usize,
+    _ => 8,
+};
 
 impl Default for GroupConfig {
     fn default() -> Self {
@@ -85,106 +88,38 @@ impl Default for GroupConfig {
 }
 
 impl GroupConfig {
-    /// Defaults overridden by the `TANDEM_*` variables in `vars`.
+    /// Defaults overridden by the `TANDEM_*` variables in `vars` (read as
+    /// [`tandem_core::settings`] declares them).
     pub fn from_vars(vars: &(impl Vars + ?Sized)) -> Result<Self> {
+        use tandem_core::settings as s;
         let mut c = GroupConfig::default();
-        let secs = |name: &str| -> Result<Option<Duration>> {
-            vars.var(name)
-                .map(|v| {
-                    v.parse::<f64>()
-                        .ok()
-                        .filter(|s| s.is_finite() && *s > 0.0)
-                        .map(Duration::from_secs_f64)
-                        .ok_or_else(|| {
-                            Error::config(
-                                name,
-                                format!("expected a positive number of seconds, got {v:?}"),
-                            )
-                        })
-                })
-                .transpose()
-        };
-        if let Some(t) = secs("TANDEM_TIMEOUT")? {
+        if let Some(t) = s::TIMEOUT.seconds(vars)? {
             c.timeout = t;
         }
-        if let Some(t) = secs("TANDEM_CONNECT_TIMEOUT")? {
+        if let Some(t) = s::CONNECT_TIMEOUT.seconds(vars)? {
             c.connect_timeout = t;
         }
-        if let Some(v) = vars.var("TANDEM_SEGMENT_BYTES") {
-            c.segment_bytes = v
-                .parse::<usize>()
-                .ok()
-                .filter(|b| (4096..=(64 << 20)).contains(b))
-                .ok_or_else(|| {
-                    Error::config(
-                        "TANDEM_SEGMENT_BYTES",
-                        format!("expected 4096 to 67108864, got {v:?}"),
-                    )
-                })?;
-        }
-        if let Some(v) = vars.var("TANDEM_DIRECT_BYTES") {
-            c.direct_bytes = v
-                .parse::<usize>()
-                .ok()
-                .filter(|b| *b <= (16 << 20))
-                .ok_or_else(|| {
-                    Error::config(
-                        "TANDEM_DIRECT_BYTES",
-                        format!("expected 0 to 16777216, got {v:?}"),
-                    )
-                })?;
-        }
-        if let Some(v) = vars.var("TANDEM_BACKEND") {
+        c.segment_bytes = s::SEGMENT_BYTES.count(vars)?.unwrap_or(c.segment_bytes);
+        c.direct_bytes = s::DIRECT_BYTES.count(vars)?.unwrap_or(c.direct_bytes);
+        c.same_host_min_bytes = s::SAME_HOST_MIN_BYTES
+            .count(vars)?
+            .unwrap_or(c.same_host_min_bytes);
+        c.streams_per_peer = s::STREAMS_PER_PEER
+            .count(vars)?
+            .unwrap_or(c.streams_per_peer);
+        if let Some(v) = s::BACKEND.choice(vars)? {
             c.backend = v.parse()?;
         }
-        if let Some(v) = vars.var("TANDEM_SAME_HOST_MIN_BYTES") {
-            c.same_host_min_bytes = v.parse::<usize>().map_err(|_| {
-                Error::config(
-                    "TANDEM_SAME_HOST_MIN_BYTES",
-                    format!("expected a number of bytes, got {v:?}"),
-                )
-            })?;
+        if let Some(v) = s::SAME_HOST.choice(vars)? {
+            c.same_host = v == "auto";
         }
-        if let Some(v) = vars.var(tandem_peer_memory::SAME_HOST_VAR) {
-            c.same_host = match v.as_str() {
-                "auto" => true,
-                "tcp" => false,
-                _ => {
-                    return Err(Error::config(
-                        tandem_peer_memory::SAME_HOST_VAR,
-                        format!("expected auto or tcp, got {v:?}"),
-                    ));
-                }
-            };
+        if let Some(v) = s::HIERARCHICAL.choice(vars)? {
+            c.hierarchical = v == "auto";
         }
-        if let Some(v) = vars.var("TANDEM_HIERARCHICAL") {
-            c.hierarchical = match v.as_str() {
-                "auto" => true,
-                "off" => false,
-                _ => {
-                    return Err(Error::config(
-                        "TANDEM_HIERARCHICAL",
-                        format!("expected auto or off, got {v:?}"),
-                    ));
-                }
-            };
-        }
-        if let Some(v) = vars.var(STREAMS_VAR) {
-            c.streams_per_peer = v
-                .parse::<usize>()
-                .ok()
-                .filter(|n| (1..=MAX_STREAMS_PER_PEER).contains(n))
-                .ok_or_else(|| {
-                    Error::config(
-                        STREAMS_VAR,
-                        format!("expected 1 to {MAX_STREAMS_PER_PEER}, got {v:?}"),
-                    )
-                })?;
-        }
-        if let Some(v) = vars.var(tandem_tls::CONGESTION_VAR) {
+        if let Some(v) = s::TCP_CONGESTION.text(vars)? {
             c.tcp_congestion = v.parse()?;
         }
-        c.advertise_host = vars.var("TANDEM_ADVERTISE_HOST");
+        c.advertise_host = s::ADVERTISE_HOST.text(vars)?;
         Ok(c)
     }
 }

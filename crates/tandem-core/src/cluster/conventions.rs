@@ -100,32 +100,36 @@ fn master_endpoint(vars: &(impl Vars + ?Sized)) -> Result<Option<String>> {
 /// Tandem's own variables: `TANDEM_RANK`, `TANDEM_WORLD_SIZE`, `TANDEM_LOCAL_RANK`,
 /// `TANDEM_LOCAL_WORLD_SIZE`, and optionally `TANDEM_ROLE` with `TANDEM_ROLE_INDEX`.
 pub(crate) fn tandem(vars: &(impl Vars + ?Sized)) -> Result<Option<ClusterSpec>> {
-    if vars.var("TANDEM_RANK").is_none() && vars.var("TANDEM_WORLD_SIZE").is_none() {
+    use crate::settings::{self as s, Setting};
+    let require = |it: &Setting, because: &Setting| -> Result<usize> {
+        it.count(vars)?
+            .ok_or_else(|| Error::config(it.name, format!("is not set, but {} is", because.name)))
+    };
+    if vars.var(s::RANK.name).is_none() && vars.var(s::WORLD_SIZE.name).is_none() {
         return Ok(None);
     }
-    let rank = require(vars, "TANDEM_RANK", "TANDEM_WORLD_SIZE")?;
-    let world_size = require(vars, "TANDEM_WORLD_SIZE", "TANDEM_RANK")?;
+    let rank = require(&s::RANK, &s::WORLD_SIZE)?;
+    let world_size = require(&s::WORLD_SIZE, &s::RANK)?;
+    let local = match (s::LOCAL_RANK.count(vars)?, s::LOCAL_WORLD_SIZE.count(vars)?) {
+        (None, None) => None,
+        (Some(r), None) => Some((r, r + 1)),
+        (None, Some(n)) => Some((0, n)),
+        (Some(r), Some(n)) => Some((r, n)),
+    };
     let mut spec = Flat {
         source: Convention::Tandem,
-        variable: "TANDEM_RANK",
+        variable: s::RANK.name,
         rank,
         world_size,
-        local: local_pair(vars, &["TANDEM_LOCAL_RANK"], &["TANDEM_LOCAL_WORLD_SIZE"])?,
-        node_rank: count_var(vars, "TANDEM_NODE_RANK")?,
+        local,
+        node_rank: s::NODE_RANK.count(vars)?,
         rendezvous: master_endpoint(vars)?,
         peers: BTreeMap::new(),
     }
     .build()?;
-    if let Some(role) = vars.var("TANDEM_ROLE") {
-        let role: Role = role.parse().map_err(|_| {
-            Error::config(
-                "TANDEM_ROLE",
-                format!("unknown role {role:?}; expected chief, worker, ps or evaluator"),
-            )
-        })?;
-        let index = require(vars, "TANDEM_ROLE_INDEX", "TANDEM_ROLE")?;
-        spec.role = role;
-        spec.index = index;
+    if let Some(role) = s::ROLE.choice(vars)? {
+        spec.role = role.parse()?;
+        spec.index = require(&s::ROLE_INDEX, &s::ROLE)?;
     }
     Ok(Some(spec))
 }
@@ -317,12 +321,10 @@ fn slurm_peers(
 
 /// `TANDEM_RENDEZVOUS_PORT`, or a port derived from the job id.
 fn slurm_rendezvous_port(vars: &(impl Vars + ?Sized)) -> Result<u16> {
-    match count_var(vars, "TANDEM_RENDEZVOUS_PORT")? {
-        Some(p) if (1..=65535).contains(&p) => Ok(p as u16),
-        Some(p) => Err(Error::config(
-            "TANDEM_RENDEZVOUS_PORT",
-            format!("{p} is not a TCP port"),
-        )),
+    match crate::settings::RENDEZVOUS_PORT.integer(vars)? {
+        Some(p) => {
+            u16::try_from(p).map_err(|_| crate::settings::RENDEZVOUS_PORT.invalid(&p.to_string()))
+        }
         None => Ok(slurm_default_port(count_var(vars, "SLURM_JOB_ID")?)),
     }
 }

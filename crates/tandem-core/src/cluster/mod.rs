@@ -56,20 +56,23 @@ fn readers() -> [(Convention, Reader); 6] {
 }
 
 impl ClusterSpec {
-    /// Resolves the spec from the current process's environment.
+    /// Resolves the spec from the current process's environment, after checking every
+    /// `TANDEM_*` variable set in it ([`crate::settings::check_env`]): a bad value of any of them
+    /// stops the start here with its name, and a name Tandem does not know is logged as a likely
+    /// typo.
     pub fn from_env() -> Result<ClusterSpec> {
+        crate::settings::check_env()?;
         Self::from_vars(&ProcessEnv)
     }
 
     /// Resolves the spec from any source of variables (tests pass fixtures here).
     pub fn from_vars(vars: &(impl Vars + ?Sized)) -> Result<ClusterSpec> {
         let vars = DynVars(vars);
-        let mut spec = match vars.var("TANDEM_LAUNCHER") {
-            Some(name) => Self::forced(&vars, &name)?,
+        let mut spec = match crate::settings::LAUNCHER.choice(&vars)? {
+            Some(name) => Self::forced(&vars, name)?,
             None => Self::detected(&vars)?,
         };
-        if let Some(addr) = vars.var("TANDEM_RENDEZVOUS_ADDR") {
-            check_address("TANDEM_RENDEZVOUS_ADDR", &addr)?;
+        if let Some(addr) = crate::settings::RENDEZVOUS_ADDR.text(&vars)? {
             spec.rendezvous = Some(addr);
         }
         Ok(spec)

@@ -17,7 +17,7 @@ use serde_json::Value;
 use crate::error::{Error, Result};
 
 use super::spec::{ClusterSpec, Convention, Role};
-use super::vars::{Vars, check_address, first_count};
+use super::vars::{Vars, check_address};
 
 const VAR: &str = "TF_CONFIG";
 
@@ -98,9 +98,10 @@ pub(crate) fn tf_config(vars: &(impl Vars + ?Sized)) -> Result<Option<ClusterSpe
         .and_then(|m| m.get(&0))
         .or_else(|| peers.get(&Role::Worker).and_then(|m| m.get(&0)))
         .cloned();
-    let local_rank = first_count(vars, &["TANDEM_LOCAL_RANK"])?.unwrap_or(0);
-    let local_world_size =
-        first_count(vars, &["TANDEM_LOCAL_WORLD_SIZE"])?.unwrap_or(local_rank + 1);
+    let local_rank = crate::settings::LOCAL_RANK.count(vars)?.unwrap_or(0);
+    let local_world_size = crate::settings::LOCAL_WORLD_SIZE
+        .count(vars)?
+        .unwrap_or(local_rank + 1);
     let mut spec = ClusterSpec {
         source: Convention::TfConfig,
         role,

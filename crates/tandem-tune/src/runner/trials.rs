@@ -125,8 +125,8 @@ pub(super) fn start(
     let args = launched(e, command, |a| substitute(e, a, &name, &params));
     let mut cmd = Command::new(&args[0]);
     cmd.args(&args[1..])
-        .env("TANDEM_TRIAL_NAME", &name)
-        .env("TANDEM_EXPERIMENT", &e.name)
+        .env(tandem_core::settings::TRIAL_NAME.name, &name)
+        .env(tandem_core::settings::EXPERIMENT.name, &e.name)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
