@@ -30,9 +30,13 @@ def metrics() -> Dict[str, List[Tuple[Dict[str, str], float]]]:
     """This process's metrics: ``{name: [(labels, value), ...]}``, the samples a Prometheus scrape
     would read (histograms as their ``_bucket``, ``_sum`` and ``_count`` samples). Empty until the
     process has formed a group, connected a parameter-server client or started a server."""
+    # The Prometheus project's own parser reads the text the registry wrote.
+    from prometheus_client.parser import text_string_to_metric_families
+
     out: Dict[str, List[Tuple[Dict[str, str], float]]] = {}
-    for name, labels, value in _native.metric_samples():
-        out.setdefault(name, []).append((dict(labels), value))
+    for family in text_string_to_metric_families(_native.metrics_text()):
+        for sample in family.samples:
+            out.setdefault(sample.name, []).append((dict(sample.labels), sample.value))
     return out
 
 

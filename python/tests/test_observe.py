@@ -29,6 +29,10 @@ tandem.shutdown()
 """
 
 
+#: A job name the text format must escape (quotes, a backslash), read back unescaped.
+JOB = 'py "observe" \\ job'
+
+
 def families(text: str):
     return {f.name: f for f in text_string_to_metric_families(text)}
 
@@ -47,7 +51,7 @@ def test_metrics_parse_spans_reach_the_timeline_and_the_recorder_dumps(tmp_path:
     procs = [
         subprocess.Popen([sys.executable, "-c", RANK], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          env={**rank_env(r, 2, port, token), "TANDEM_TIMELINE": str(timeline),
-                              "TANDEM_TRACE_DIR": str(dumps), "TANDEM_JOB_NAME": "py-observe"})
+                              "TANDEM_TRACE_DIR": str(dumps), "TANDEM_JOB_NAME": JOB})
         for r in range(2)
     ]
     outs = [p.communicate(timeout=120) for p in procs]
@@ -56,13 +60,14 @@ def test_metrics_parse_spans_reach_the_timeline_and_the_recorder_dumps(tmp_path:
         lines = {line.split(" ", 1)[0]: json.loads(line.split(" ", 1)[1]) for line in out.splitlines()}
         fams = families(lines["METRICS"])
         assert fams["tandem_op_seconds"].type == "histogram"
-        labels = dict(op="allreduce", size="<=4KiB", rank=str(r), role="rank", job="py-observe")
+        labels = dict(op="allreduce", size="<=4KiB", rank=str(r), role="rank", job=JOB)
         assert sample(fams, "tandem_op_seconds", "tandem_op_seconds_count", **labels) == 5
         assert sample(fams, "tandem_op_seconds", "tandem_op_seconds_bucket", le="+Inf", **labels) == 5
         assert sample(fams, "tandem_op_bytes", "tandem_op_bytes_total", **labels) == 5 * 4000
         # tandem.metrics() holds the same samples, by name.
         count = [v for lbl, v in lines["DICT"]["tandem_op_seconds_count"] if lbl.get("op") == "allreduce"]
         assert count == [5]
+        assert all(lbl["job"] == JOB for samples in lines["DICT"].values() for lbl, _ in samples)
         dump = json.loads(Path(lines["DUMP"]).read_text())
         assert dump["reason"] == "asked by the test"
         assert [e["kind"] for e in dump["ops"]].count("allreduce") == 5

@@ -134,3 +134,26 @@ pub fn check_case(case: &Case, world: usize, results: &[BTreeMap<usize, Vec<f64>
         _ => {}
     }
 }
+
+/// The value of the sample `name{labels}` in a Prometheus text exposition, the labels in the
+/// order Tandem's registry writes them (`job`, `rank`, `role`, then the family's); `None` when no
+/// line has them. Label values here hold no quote, backslash or newline (the Python suite reads
+/// escaped ones back with the Prometheus project's own parser).
+pub fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let labels: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
+    let head = format!("{name}{{{}}} ", labels.join(","));
+    let line = text.lines().find(|l| l.starts_with(&head))?;
+    match &line[head.len()..] {
+        "+Inf" => Some(f64::INFINITY),
+        v => v.parse().ok(),
+    }
+}
+
+/// The values of every sample of `name`, whatever its labels.
+pub fn samples_of(text: &str, name: &str) -> Vec<f64> {
+    let head = format!("{name}{{");
+    text.lines()
+        .filter(|l| l.starts_with(&head))
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse().ok())
+        .collect()
+}

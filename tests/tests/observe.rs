@@ -9,10 +9,9 @@ use std::time::{Duration, Instant};
 
 use tandem::observe::analyze;
 use tandem::observe::dump;
-use tandem::observe::metrics::{Sample, parse};
 use tandem::observe::recorder::Outcome;
 use tandem::rendezvous::{Host, JobToken, ServerConfig};
-use tandem_tests::{rank_env, spawn, stdout_lines, wait_all};
+use tandem_tests::{check, rank_env, spawn, stdout_lines, wait_all};
 
 const NODE: &str = env!("CARGO_BIN_EXE_tandem-test-node");
 const LIMIT: Duration = Duration::from_secs(120);
@@ -295,18 +294,6 @@ fn scrape(addr: &str) -> Option<String> {
     head.starts_with("HTTP/1.1 200").then(|| body.to_string())
 }
 
-fn value(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    samples
-        .iter()
-        .filter(|s| s.name == name)
-        .find(|s| {
-            labels
-                .iter()
-                .all(|(k, v)| s.labels.iter().any(|(a, b)| a == k && b == v))
-        })
-        .map(|s| s.value)
-}
-
 /// Every rank serves its metrics at the base port plus its local rank; a scrape parses, carries the
 /// rank's labels, counts the allreduces it printed (at least), the rendezvous round trips, and the
 /// bytes exchanged with its peer as the kernel counted them.
@@ -330,46 +317,51 @@ fn every_rank_serves_metrics_that_parse() {
     for r in 0..world {
         let addr = format!("127.0.0.1:{}", base + r as u16);
         let body = scrape(&addr).expect("a scrape");
-        let samples = parse(&body).expect("parses");
+        let rank = r.to_string();
         let me = [
-            ("rank", r.to_string()),
-            ("role", "rank".to_string()),
-            ("job", "metrics-test".to_string()),
+            ("job", "metrics-test"),
+            ("rank", rank.as_str()),
+            ("role", "rank"),
         ];
-        let me: Vec<(&str, &str)> = me.iter().map(|(k, v)| (*k, v.as_str())).collect();
-        let mut want = me.clone();
-        want.extend([("op", "allreduce"), ("size", "<=4KiB")]);
-        let count = value(&samples, "tandem_op_seconds_count", &want).expect("allreduce count");
+        let with = |extra: &[(&'static str, &str)]| -> Vec<(&str, String)> {
+            me.iter()
+                .chain(extra)
+                .map(|(k, v)| (*k, v.to_string()))
+                .collect()
+        };
+        let value = |name: &str, labels: &[(&str, String)]| {
+            let labels: Vec<(&str, &str)> = labels.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            check::sample(&body, name, &labels)
+        };
+        let want = with(&[("op", "allreduce"), ("size", "<=4KiB")]);
+        let count = value("tandem_op_seconds_count", &want).expect("allreduce count");
         assert!(count >= 6.0, "rank {r}: {count} allreduces");
         // The histogram and the byte counter are two updates: a scrape may fall between them.
-        let bytes = value(&samples, "tandem_op_bytes_total", &want).expect("allreduce bytes");
+        let bytes = value("tandem_op_bytes_total", &want).expect("allreduce bytes");
         assert!(
             (bytes - count * 4000.0).abs() <= 4000.0,
             "rank {r}: {bytes} bytes for {count} allreduces of 1000 f32"
         );
         let peer = (1 - r).to_string();
-        let mut to_peer = me.clone();
-        to_peer.push(("peer", &peer));
-        let sent = value(&samples, "tandem_peer_sent_bytes_total", &to_peer).expect("sent");
-        let received =
-            value(&samples, "tandem_peer_received_bytes_total", &to_peer).expect("received");
+        let to_peer = with(&[("peer", peer.as_str())]);
+        let sent = value("tandem_peer_sent_bytes_total", &to_peer).expect("sent");
+        let received = value("tandem_peer_received_bytes_total", &to_peer).expect("received");
         // Each allreduce sends the peer 4000 bytes and a header; the last may not be acknowledged.
         let floor = (count - 1.0) * 4000.0;
         assert!(
             sent >= floor && received >= floor,
             "{sent} {received} for {count}"
         );
-        let rdv = samples
+        let rdv: f64 = check::samples_of(&body, "tandem_rendezvous_seconds_count")
             .iter()
-            .filter(|s| s.name == "tandem_rendezvous_seconds_count")
-            .map(|s| s.value)
-            .sum::<f64>();
+            .sum();
         assert!(rdv >= 1.0, "rank {r}: rendezvous round trips {rdv}");
+        let ours = format!("{{job=\"metrics-test\",rank=\"{r}\",role=\"rank\"");
         assert!(
-            samples.iter().all(|s| me
-                .iter()
-                .all(|(k, v)| s.labels.iter().any(|(a, b)| a == k && b == v))),
-            "every series carries the rank's labels"
+            body.lines()
+                .filter(|l| !l.starts_with('#') && !l.is_empty())
+                .all(|l| l.contains(&ours)),
+            "every series carries the rank's labels:\n{body}"
         );
     }
     for c in &mut children {

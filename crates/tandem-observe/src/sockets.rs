@@ -3,9 +3,15 @@
 //! (Unix domain, see `tandem_tls::local`) has no such counters: its halves count what passes
 //! through them ([`watch_counted`]).
 
+use std::collections::BTreeMap;
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::ConstCounter;
 
 struct Watched {
     id: u64,
@@ -38,7 +44,7 @@ struct Table {
     next: u64,
     live: Vec<Watched>,
     /// Totals of closed sockets, per peer: (sent, received, retransmits).
-    closed: std::collections::BTreeMap<u32, (u64, u64, u64)>,
+    closed: BTreeMap<u32, (u64, u64, u64)>,
 }
 
 static TABLE: Mutex<Option<Table>> = Mutex::new(None);
@@ -180,13 +186,13 @@ fn tcp_counts(fd: RawFd) -> Option<(u64, u64, u64)> {
     ))
 }
 
-/// Appends the per-peer byte counters to `out`.
-pub(crate) fn render(out: &mut String, labels: &str) {
+/// Bytes to and from each peer, read from the sockets' counts at scrape time.
+fn per_peer() -> BTreeMap<u32, (u64, u64, u64)> {
     let Ok(t) = TABLE.lock() else {
-        return;
+        return BTreeMap::new();
     };
     let Some(t) = t.as_ref() else {
-        return;
+        return BTreeMap::new();
     };
     let mut per_peer = t.closed.clone();
     for w in &t.live {
@@ -197,39 +203,54 @@ pub(crate) fn render(out: &mut String, labels: &str) {
             c.2 += x;
         }
     }
-    if per_peer.is_empty() {
-        return;
+    per_peer
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PeerLabel {
+    peer: u32,
+}
+
+/// Which of a peer's (sent, received, retransmitted) counts a family shows.
+type Pick = fn(&(u64, u64, u64)) -> u64;
+
+/// `tandem_peer_sent_bytes_total`, `tandem_peer_received_bytes_total` and
+/// `tandem_peer_retransmits_total`, as the kernel counts them when the registry is scraped.
+#[derive(Debug)]
+pub(crate) struct PeerBytes;
+
+impl Collector for PeerBytes {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let per_peer = per_peer();
+        if per_peer.is_empty() {
+            return Ok(());
+        }
+        let families: [(&str, &str, Pick); 3] = [
+            (
+                "tandem_peer_sent_bytes",
+                "Bytes sent to each peer and acknowledged (kernel TCP count; local sockets: bytes written)",
+                |c| c.0,
+            ),
+            (
+                "tandem_peer_received_bytes",
+                "Bytes received from each peer (kernel TCP count; local sockets: bytes read)",
+                |c| c.1,
+            ),
+            (
+                "tandem_peer_retransmits",
+                "TCP segments retransmitted to each peer",
+                |c| c.2,
+            ),
+        ];
+        for (name, help, pick) in families {
+            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for (peer, counts) in &per_peer {
+                let labels = PeerLabel { peer: *peer };
+                ConstCounter::new(pick(counts)).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        Ok(())
     }
-    let series = |f: fn(&(u64, u64, u64)) -> u64| -> Vec<(String, f64)> {
-        per_peer
-            .iter()
-            .map(|(p, c)| (format!("peer=\"{p}\""), f(c) as f64))
-            .collect()
-    };
-    crate::metrics::write_family(
-        out,
-        "tandem_peer_sent_bytes_total",
-        "counter",
-        "Bytes sent to each peer and acknowledged (kernel TCP count; local sockets: bytes written)",
-        labels,
-        &series(|c| c.0),
-    );
-    crate::metrics::write_family(
-        out,
-        "tandem_peer_received_bytes_total",
-        "counter",
-        "Bytes received from each peer (kernel TCP count; local sockets: bytes read)",
-        labels,
-        &series(|c| c.1),
-    );
-    crate::metrics::write_family(
-        out,
-        "tandem_peer_retransmits_total",
-        "counter",
-        "TCP segments retransmitted to each peer",
-        labels,
-        &series(|c| c.2),
-    );
 }
 
 #[cfg(test)]

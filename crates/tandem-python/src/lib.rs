@@ -84,7 +84,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(init_logging, m)?)?;
     m.add_function(wrap_pyfunction!(setting, m)?)?;
     m.add_function(wrap_pyfunction!(observe::metrics_text, m)?)?;
-    m.add_function(wrap_pyfunction!(observe::metric_samples, m)?)?;
     m.add_function(wrap_pyfunction!(observe::dump_flight_recorder, m)?)?;
     m.add_function(wrap_pyfunction!(observe::timeline_span, m)?)?;
     m.add_function(wrap_pyfunction!(observe::timeline_flush, m)?)?;

@@ -8,18 +8,6 @@ pub fn metrics_text() -> String {
     tandem::observe::metrics::render()
 }
 
-/// One sample: name, labels, value.
-type Sample = (String, Vec<(String, String)>, f64);
-
-/// This process's metric samples: `(name, [(label, value)], value)` each.
-#[pyfunction]
-pub fn metric_samples() -> Vec<Sample> {
-    tandem::observe::metrics::samples()
-        .into_iter()
-        .map(|s| (s.name, s.labels, s.value))
-        .collect()
-}
-
 /// Writes the flight recorder now; returns the file, or `None` when nothing is recorded (no group
 /// or client yet, or `TANDEM_OBSERVE=off`).
 #[pyfunction]

@@ -255,94 +255,21 @@ impl Experiment {
             &raw.api_version,
             raw.metadata.as_ref().map(|m| (&m.namespace, &m.labels)),
         );
-        let name = raw
-            .metadata
-            .and_then(|m| m.name)
-            .unwrap_or_else(|| "experiment".into());
-        if name.is_empty() || name.contains('/') {
-            return Err(Error::config(
-                "metadata.name",
-                format!("{name:?} cannot name a folder"),
-            ));
-        }
+        let name = experiment_name(raw.metadata.and_then(|m| m.name))?;
         let s = raw.spec;
-        let objective = objective(s.objective)?;
-        let algorithm = parse_algorithm("spec.algorithm", s.algorithm)?;
-        if let Some((_, what)) = UNSUPPORTED.iter().find(|(n, _)| *n == algorithm.name) {
-            return Err(Error::config(
-                "spec.algorithm.algorithmName",
-                format!(
-                    "{:?} ({what}) is a Katib algorithm tandem tune does not implement; use one of {}",
-                    algorithm.name,
-                    ALGORITHMS.join(", ")
-                ),
-            ));
-        }
         if s.nas_config.is_some() {
             return Err(Error::config(
                 "spec.nasConfig",
                 "neural architecture search is not supported by tandem tune (hyperparameter search only)",
             ));
         }
-        if !ALGORITHMS.contains(&algorithm.name.as_str()) {
-            return Err(Error::config(
-                "spec.algorithm.algorithmName",
-                format!(
-                    "{:?} is not one of {}",
-                    algorithm.name,
-                    ALGORITHMS.join(", ")
-                ),
-            ));
-        }
-        let early_stopping = match s.early_stopping {
-            Some(a) => {
-                let a = parse_algorithm("spec.earlyStopping", a)?;
-                if a.name != "medianstop" {
-                    return Err(Error::config(
-                        "spec.earlyStopping.algorithmName",
-                        format!("{:?} is not medianstop", a.name),
-                    ));
-                }
-                Some(a)
-            }
-            None => None,
-        };
-        if s.parameters.is_empty() {
-            return Err(Error::config(
-                "spec.parameters",
-                "is empty: nothing to search",
-            ));
-        }
-        let mut parameters = Vec::with_capacity(s.parameters.len());
-        for (i, p) in s.parameters.into_iter().enumerate() {
-            let field = format!("spec.parameters[{i}]");
-            if p.name.is_empty() {
-                return Err(Error::config(format!("{field}.name"), "is empty"));
-            }
-            if parameters.iter().any(|q: &Parameter| q.name == p.name) {
-                return Err(Error::config(
-                    format!("{field}.name"),
-                    format!("{:?} is declared twice", p.name),
-                ));
-            }
-            let domain = domain(&field, &p.parameter_type, p.feasible_space)?;
-            parameters.push(Parameter {
-                name: p.name,
-                domain,
-            });
-        }
+        let objective = objective(s.objective)?;
+        let algorithm = search_algorithm(s.algorithm)?;
+        let early_stopping = s.early_stopping.map(early_stopping).transpose()?;
+        let parameters = parameters(s.parameters)?;
         let template = template(s.trial_template, &parameters)?;
         let collector = collector(s.metrics_collector_spec)?;
-        let resume_never = match s.resume_policy.as_deref() {
-            None | Some("LongRunning") | Some("FromVolume") => false,
-            Some("Never") => true,
-            Some(other) => {
-                return Err(Error::config(
-                    "spec.resumePolicy",
-                    format!("{other:?} is not Never, LongRunning or FromVolume"),
-                ));
-            }
-        };
+        let resume_never = resume_never(s.resume_policy.as_deref())?;
         let count = |field: &str, v: Option<u32>, default: u32| -> Result<u32> {
             match v {
                 Some(0) => Err(Error::config(field, "must be at least 1")),
@@ -366,6 +293,145 @@ impl Experiment {
             collector,
             resume_never,
         })
+    }
+}
+
+/// `trialTemplate.trialParameters`: (name, parameter) pairs, each naming a declared parameter.
+fn trial_parameters(
+    raw: Vec<RawTrialParam>,
+    params: &[Parameter],
+) -> Result<Vec<(String, String)>> {
+    let mut out = Vec::with_capacity(raw.len());
+    for (i, tp) in raw.into_iter().enumerate() {
+        let _ = tp.description;
+        if !params.iter().any(|p| p.name == tp.reference) {
+            return Err(Error::config(
+                format!("spec.trialTemplate.trialParameters[{i}].reference"),
+                format!("{:?} is not a parameter of spec.parameters", tp.reference),
+            ));
+        }
+        out.push((tp.name, tp.reference));
+    }
+    Ok(out)
+}
+
+/// Checks that every `${...}` of `arg` names a trial parameter, `trialName` or `experimentName`.
+fn check_placeholders(arg: &str, trial_parameters: &[(String, String)]) -> Result<()> {
+    let mut rest = arg;
+    while let Some(start) = rest.find("${") {
+        let after = &rest[start + 2..];
+        let end = after.find('}').ok_or_else(|| {
+            Error::config(
+                "spec.trialTemplate.command",
+                format!("unclosed placeholder in {arg:?}"),
+            )
+        })?;
+        let key = &after[..end];
+        let ok = match key.strip_prefix("trialParameters.") {
+            Some(n) => trial_parameters.iter().any(|(name, _)| name == n),
+            None => key == "trialName" || key == "experimentName",
+        };
+        if !ok {
+            return Err(Error::config(
+                "spec.trialTemplate.command",
+                format!(
+                    "placeholder ${{{key}}} names no trial parameter (declare it in trialParameters)"
+                ),
+            ));
+        }
+        rest = &after[end + 1..];
+    }
+    Ok(())
+}
+
+/// `metadata.name`, which names the experiment's folder (default `experiment`).
+fn experiment_name(name: Option<String>) -> Result<String> {
+    let name = name.unwrap_or_else(|| "experiment".into());
+    if name.is_empty() || name.contains('/') {
+        return Err(Error::config(
+            "metadata.name",
+            format!("{name:?} cannot name a folder"),
+        ));
+    }
+    Ok(name)
+}
+
+/// `spec.algorithm`: one of [`ALGORITHMS`]; Katib's others are named as unsupported.
+fn search_algorithm(raw: RawAlgorithm) -> Result<AlgorithmSpec> {
+    let algorithm = parse_algorithm("spec.algorithm", raw)?;
+    if let Some((_, what)) = UNSUPPORTED.iter().find(|(n, _)| *n == algorithm.name) {
+        return Err(Error::config(
+            "spec.algorithm.algorithmName",
+            format!(
+                "{:?} ({what}) is a Katib algorithm tandem tune does not implement; use one of {}",
+                algorithm.name,
+                ALGORITHMS.join(", ")
+            ),
+        ));
+    }
+    if !ALGORITHMS.contains(&algorithm.name.as_str()) {
+        return Err(Error::config(
+            "spec.algorithm.algorithmName",
+            format!(
+                "{:?} is not one of {}",
+                algorithm.name,
+                ALGORITHMS.join(", ")
+            ),
+        ));
+    }
+    Ok(algorithm)
+}
+
+/// `spec.earlyStopping`: medianstop only.
+fn early_stopping(raw: RawAlgorithm) -> Result<AlgorithmSpec> {
+    let a = parse_algorithm("spec.earlyStopping", raw)?;
+    if a.name != "medianstop" {
+        return Err(Error::config(
+            "spec.earlyStopping.algorithmName",
+            format!("{:?} is not medianstop", a.name),
+        ));
+    }
+    Ok(a)
+}
+
+/// `spec.parameters`: at least one, each named once, each with a valid space.
+fn parameters(raw: Vec<RawParam>) -> Result<Vec<Parameter>> {
+    if raw.is_empty() {
+        return Err(Error::config(
+            "spec.parameters",
+            "is empty: nothing to search",
+        ));
+    }
+    let mut parameters = Vec::with_capacity(raw.len());
+    for (i, p) in raw.into_iter().enumerate() {
+        let field = format!("spec.parameters[{i}]");
+        if p.name.is_empty() {
+            return Err(Error::config(format!("{field}.name"), "is empty"));
+        }
+        if parameters.iter().any(|q: &Parameter| q.name == p.name) {
+            return Err(Error::config(
+                format!("{field}.name"),
+                format!("{:?} is declared twice", p.name),
+            ));
+        }
+        let domain = domain(&field, &p.parameter_type, p.feasible_space)?;
+        parameters.push(Parameter {
+            name: p.name,
+            domain,
+        });
+    }
+    Ok(parameters)
+}
+
+/// `spec.resumePolicy`: whether it is `Never`.
+fn resume_never(policy: Option<&str>) -> Result<bool> {
+    match policy {
+        None | Some("LongRunning") | Some("FromVolume") => Ok(false),
+        Some("Never") => Ok(true),
+        Some(other) => Err(Error::config(
+            "spec.resumePolicy",
+            format!("{other:?} is not Never, LongRunning or FromVolume"),
+        )),
     }
 }
 
@@ -559,22 +625,7 @@ fn template(t: RawTemplate, params: &[Parameter]) -> Result<Template> {
         Launch::Ps { ps_command, .. } => ps_command.clone().unwrap_or_default(),
         _ => Vec::new(),
     };
-    let mut trial_parameters = Vec::new();
-    for (i, tp) in t
-        .trial_parameters
-        .unwrap_or_default()
-        .into_iter()
-        .enumerate()
-    {
-        let _ = tp.description;
-        if !params.iter().any(|p| p.name == tp.reference) {
-            return Err(Error::config(
-                format!("spec.trialTemplate.trialParameters[{i}].reference"),
-                format!("{:?} is not a parameter of spec.parameters", tp.reference),
-            ));
-        }
-        trial_parameters.push((tp.name, tp.reference));
-    }
+    let trial_parameters = trial_parameters(t.trial_parameters.unwrap_or_default(), params)?;
     // Every placeholder must resolve, or a trial would run with a literal "${...}".
     for arg in run
         .command
@@ -583,30 +634,7 @@ fn template(t: RawTemplate, params: &[Parameter]) -> Result<Template> {
         .chain(env.values())
         .chain(working_dir.iter())
     {
-        let mut rest = arg.as_str();
-        while let Some(start) = rest.find("${") {
-            let after = &rest[start + 2..];
-            let end = after.find('}').ok_or_else(|| {
-                Error::config(
-                    "spec.trialTemplate.command",
-                    format!("unclosed placeholder in {arg:?}"),
-                )
-            })?;
-            let key = &after[..end];
-            let ok = match key.strip_prefix("trialParameters.") {
-                Some(n) => trial_parameters.iter().any(|(name, _)| name == n),
-                None => key == "trialName" || key == "experimentName",
-            };
-            if !ok {
-                return Err(Error::config(
-                    "spec.trialTemplate.command",
-                    format!(
-                        "placeholder ${{{key}}} names no trial parameter (declare it in trialParameters)"
-                    ),
-                ));
-            }
-            rest = &after[end + 1..];
-        }
+        check_placeholders(arg, &trial_parameters)?;
     }
     let timeout_seconds = match t.timeout_seconds {
         Some(0) => {

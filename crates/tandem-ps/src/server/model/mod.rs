@@ -166,6 +166,8 @@ pub struct Counters {
     pub bytes_out: AtomicU64,
     /// Staleness of applied async gradients: 0, 1, 2-3, 4-7, ... (powers of two).
     pub staleness: [AtomicU64; 16],
+    /// The sum of those stalenesses.
+    pub staleness_sum: AtomicU64,
 }
 
 impl Counters {
@@ -177,6 +179,7 @@ impl Counters {
             (64 - s.leading_zeros()) as usize
         };
         self.staleness[bucket.min(15)].fetch_add(1, Ordering::Relaxed);
+        self.staleness_sum.fetch_add(s, Ordering::Relaxed);
     }
 }
 

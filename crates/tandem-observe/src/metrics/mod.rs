@@ -1,0 +1,262 @@
+//! This process's metrics, in the Prometheus text format: served at `TANDEM_METRICS_ADDR`
+//! (see [`crate::serve_from_env`]) and returned by [`render`].
+//!
+//! One path: every series is encoded by prometheus-client from one [`Registry`] that carries the
+//! labels `job`, `rank` and `role` of the process's [`Identity`]. Counters and histograms that
+//! Tandem updates off the hot path are prometheus-client's own; the operation histograms
+//! ([`ops`]) and the per-peer socket counters ([`crate::sockets`]) keep their values elsewhere
+//! (lock-free atomics; the kernel) and join the registry as [`Collector`]s read at scrape time,
+//! as a parameter server's counters do ([`register`]).
+//!
+//! | metric | labels | what |
+//! |---|---|---|
+//! | `tandem_op_seconds` (histogram) | `op`, `size` | collective and message latency by size class |
+//! | `tandem_op_bytes_total` | `op`, `size` | payload bytes of those operations |
+//! | `tandem_op_errors_total` | `op`, `error` | failed operations (`timeout`, `peer_lost`, `mismatch`, `other`) |
+//! | `tandem_peer_late_total` | `peer` | operations a peer started 2 ms or more after this rank |
+//! | `tandem_peer_straggler_total` | `peer` | windows of 64 operations in which the peer was late in most |
+//! | `tandem_peer_sent_bytes_total`, `tandem_peer_received_bytes_total` | `peer` | bytes on the wire to and from each peer (the kernel's count) |
+//! | `tandem_peer_retransmits_total` | `peer` | TCP segments retransmitted to each peer |
+//! | `tandem_rendezvous_seconds` (histogram) | `call` | rendezvous round trips |
+//! | `tandem_ps_call_seconds` (histogram) | `call` | parameter-server calls of a worker (`push`, `pull`) |
+//! | `tandem_ps_*` | | a parameter server's counters (its own [`add_source`]) |
+//!
+//! ```
+//! tandem_observe::identify(tandem_observe::Identity::new("rank", 0, 1));
+//! tandem_observe::metrics::op("allreduce", 4096, 0.00002);
+//! assert!(tandem_observe::metrics::render().contains("tandem_op_seconds_count"));
+//! ```
+
+use std::borrow::Cow;
+use std::sync::{Mutex, OnceLock};
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::Identity;
+
+mod ops;
+
+pub use ops::{COLLECTIVE_KINDS, op, op_at, size_class};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RefusedLabels {
+    server: &'static str,
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ErrorLabels {
+    op: Cow<'static, str>,
+    error: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PeerLabels {
+    peer: u32,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CallLabels {
+    call: &'static str,
+}
+
+type Histograms<L> = Family<L, Histogram, fn() -> Histogram>;
+
+fn latency() -> Histogram {
+    // 10 µs to ~2.8 min by factors of 4.
+    Histogram::new(exponential_buckets(1e-5, 4.0, 13))
+}
+
+struct Metrics {
+    /// Every series of the process, with its identity's labels; locked only to register a
+    /// collector and to encode a scrape.
+    registry: Mutex<Registry>,
+    errors: Family<ErrorLabels, Counter>,
+    refused: Family<RefusedLabels, Counter>,
+    late: Family<PeerLabels, Counter>,
+    stragglers: Family<PeerLabels, Counter>,
+    rendezvous: Histograms<CallLabels>,
+    ps_calls: Histograms<CallLabels>,
+}
+
+static METRICS: OnceLock<Metrics> = OnceLock::new();
+/// Collectors registered before the process had an identity, waiting for its registry.
+static PENDING: Mutex<Vec<Box<dyn Collector>>> = Mutex::new(Vec::new());
+
+pub(crate) fn init(id: &Identity) {
+    METRICS.get_or_init(|| {
+        let labels = [
+            ("job", id.job.clone()),
+            ("rank", id.index.to_string()),
+            ("role", id.role.clone()),
+        ];
+        let mut registry = Registry::with_labels(
+            labels
+                .into_iter()
+                .map(|(k, v)| (Cow::Borrowed(k), Cow::Owned(v))),
+        );
+        let errors = Family::<ErrorLabels, Counter>::default();
+        let refused = Family::<RefusedLabels, Counter>::default();
+        let late = Family::<PeerLabels, Counter>::default();
+        let stragglers = Family::<PeerLabels, Counter>::default();
+        let rendezvous: Histograms<CallLabels> = Family::new_with_constructor(latency);
+        let ps_calls: Histograms<CallLabels> = Family::new_with_constructor(latency);
+        registry.register_collector(Box::new(ops::Ops));
+        registry.register(
+            "tandem_op_errors",
+            "Failed operations, by operation and error",
+            errors.clone(),
+        );
+        registry.register(
+            "tandem_connections_refused",
+            "Connections a server of this process did not admit, by server and reason",
+            refused.clone(),
+        );
+        registry.register(
+            "tandem_peer_late",
+            "Operations a peer started 2 ms or more after this rank",
+            late.clone(),
+        );
+        registry.register(
+            "tandem_peer_straggler",
+            "Windows of 64 operations in which the peer started late in most",
+            stragglers.clone(),
+        );
+        registry.register(
+            "tandem_rendezvous_seconds",
+            "Round trips to the rendezvous",
+            rendezvous.clone(),
+        );
+        registry.register(
+            "tandem_ps_call_seconds",
+            "Parameter-server calls of this worker",
+            ps_calls.clone(),
+        );
+        registry.register_collector(Box::new(crate::sockets::PeerBytes));
+        if let Ok(mut pending) = PENDING.lock() {
+            for c in pending.drain(..) {
+                registry.register_collector(c);
+            }
+        }
+        Metrics {
+            registry: Mutex::new(registry),
+            errors,
+            refused,
+            late,
+            stragglers,
+            rendezvous,
+            ps_calls,
+        }
+    });
+}
+
+fn get() -> Option<&'static Metrics> {
+    if crate::active() { METRICS.get() } else { None }
+}
+
+/// Whether metrics are being recorded (an identity is set and observation is on).
+#[inline]
+fn recording() -> bool {
+    get().is_some()
+}
+
+/// Counts a failed operation; `error` is `timeout`, `peer_lost`, `mismatch` or `other`.
+pub fn error(kind: impl Into<Cow<'static, str>>, error: &'static str) {
+    if let Some(m) = get() {
+        m.errors
+            .get_or_create(&ErrorLabels {
+                op: kind.into(),
+                error,
+            })
+            .inc();
+    }
+}
+
+/// Counts a connection a server did not admit (`server`: `ring`, `rendezvous`, `ps`; `reason`:
+/// `busy`, `closed`, `silent`, `protocol`, `tls`, `token`, `peer`): outsiders knocking, or
+/// members misconfigured.
+pub fn refused(server: &'static str, reason: &'static str) {
+    if let Some(m) = get() {
+        m.refused
+            .get_or_create(&RefusedLabels { server, reason })
+            .inc();
+    }
+}
+
+/// Counts an operation `peer` started late (see [`crate::metrics`]).
+pub fn late(peer: usize) {
+    if let Some(m) = get() {
+        m.late
+            .get_or_create(&PeerLabels { peer: peer as u32 })
+            .inc();
+    }
+}
+
+/// Counts a window in which `peer` was a straggler.
+pub fn straggler(peer: usize) {
+    if let Some(m) = get() {
+        m.stragglers
+            .get_or_create(&PeerLabels { peer: peer as u32 })
+            .inc();
+    }
+}
+
+/// Records a rendezvous round trip (`call`: `get`, `set`, `wait`, ...).
+pub fn rendezvous(call: &'static str, secs: f64) {
+    if let Some(m) = get() {
+        m.rendezvous
+            .get_or_create(&CallLabels { call })
+            .observe(secs);
+    }
+}
+
+/// Records a parameter-server call of a worker (`call`: `push`, `pull`).
+pub fn ps_call(call: &'static str, secs: f64) {
+    if let Some(m) = get() {
+        m.ps_calls.get_or_create(&CallLabels { call }).observe(secs);
+    }
+}
+
+/// Adds series that live elsewhere (a parameter server's counters) to this process's registry:
+/// `collector` is asked for them at every scrape, and they carry the process's labels like every
+/// other series. Registered before the process has an identity, it joins the registry then.
+pub fn register(collector: impl Collector) {
+    // The pending list's lock is held across the check, so a registry made meanwhile (which
+    // drains the list under the same lock) cannot miss this collector.
+    let Ok(mut pending) = PENDING.lock() else {
+        return;
+    };
+    match METRICS.get() {
+        Some(m) => {
+            if let Ok(mut r) = m.registry.lock() {
+                r.register_collector(Box::new(collector));
+            }
+        }
+        None => pending.push(Box::new(collector)),
+    }
+}
+
+/// This process's metrics in the Prometheus text format (version 0.0.4); empty before it has an
+/// identity or with `TANDEM_OBSERVE=off`.
+pub fn render() -> String {
+    let Some(m) = get() else {
+        return String::new();
+    };
+    let mut out = String::new();
+    let encoded = match m.registry.lock() {
+        Ok(r) => prometheus_client::encoding::prometheus_text::encode(&mut out, &r),
+        Err(_) => Err(std::fmt::Error),
+    };
+    if encoded.is_err() {
+        tracing::warn!("metrics not encoded");
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests;
