@@ -206,26 +206,7 @@ pub fn bench(collective: Collective, args: BenchArgs) -> Result<ExitCode> {
         .as_ref()
         .and_then(crate::hosts::Hosts::link_bytes_per_s);
     let rank_args = rank_args(collective, &args, np, link);
-    let mut env = Vec::new();
-    if let Some(s) = &args.segment {
-        env.push((
-            tandem::settings::SEGMENT_BYTES.name.to_string(),
-            parse_size("--segment", s)?.to_string(),
-        ));
-    }
-    if let Some(n) = args.streams_per_peer {
-        if !(1..=tandem::collective::MAX_STREAMS_PER_PEER).contains(&n) {
-            return Err(Error::invalid(
-                "--streams-per-peer",
-                format!(
-                    "expected 1 to {}, got {n}",
-                    tandem::collective::MAX_STREAMS_PER_PEER
-                ),
-            ));
-        }
-        env.push((tandem::collective::STREAMS_VAR.to_string(), n.to_string()));
-        println!("# streams per peer: {n}");
-    }
+    let mut env = tuning_env(&args)?;
     congestion(args.tcp_congestion.as_deref(), &mut env)?;
     let transport = crate::hosts::JobTransport::new(args.insecure)?;
     println!("# connections: {}", transport.name());
@@ -265,6 +246,31 @@ pub fn bench(collective: Collective, args: BenchArgs) -> Result<ExitCode> {
         eprintln!("tandem bench: {failed}");
         Ok(ExitCode::from(1))
     }
+}
+
+/// The ring's tuning asked for by the flags, as the variables the ranks read.
+fn tuning_env(args: &BenchArgs) -> Result<Vec<(String, String)>> {
+    let mut env = Vec::new();
+    if let Some(s) = &args.segment {
+        env.push((
+            tandem::settings::SEGMENT_BYTES.name.to_string(),
+            parse_size("--segment", s)?.to_string(),
+        ));
+    }
+    if let Some(n) = args.streams_per_peer {
+        if !(1..=tandem::collective::MAX_STREAMS_PER_PEER).contains(&n) {
+            return Err(Error::invalid(
+                "--streams-per-peer",
+                format!(
+                    "expected 1 to {}, got {n}",
+                    tandem::collective::MAX_STREAMS_PER_PEER
+                ),
+            ));
+        }
+        env.push((tandem::collective::STREAMS_VAR.to_string(), n.to_string()));
+        println!("# streams per peer: {n}");
+    }
+    Ok(env)
 }
 
 /// The flags every bench checks before starting anything.
@@ -433,6 +439,55 @@ pub fn peak_rss() -> u64 {
         .map_or(0, |kb| kb * 1024)
 }
 
+/// One size of the sweep, as every rank agreed on it.
+struct Row {
+    bytes: usize,
+    secs: f64,
+    wrong: u64,
+}
+
+impl Row {
+    /// Prints the row (and writes it to the CSV); returns its bus bandwidth.
+    fn report(
+        &self,
+        collective: Collective,
+        a: &BenchArgs,
+        n: usize,
+        dtype: DType,
+        op: ReduceOp,
+        csv: Option<&mut std::fs::File>,
+    ) -> f64 {
+        let (bytes, secs, wrong) = (self.bytes, self.secs, self.wrong);
+        let count = bytes / dtype.size();
+        let algbw = bytes as f64 / secs / 1e9;
+        let busbw = algbw * collective.bus_factor(n);
+        let of_link = a
+            .link_bytes
+            .map(|l| format!("  {:>6.1}%", busbw * 1e9 / l * 100.0))
+            .unwrap_or_default();
+        println!(
+            "{:>13} {:>12} {:>6} {:>6} {:>11.1} {:>11.3} {:>11.3} {:>7}{of_link}",
+            bytes,
+            count,
+            dtype.name(),
+            op.name(),
+            secs * 1e6,
+            algbw,
+            busbw,
+            wrong
+        );
+        if let Some(f) = csv {
+            let _ = writeln!(
+                f,
+                "{},{n},{bytes},{count},{dtype},{op},{:.3},{algbw:.4},{busbw:.4},{wrong}",
+                collective.name(),
+                secs * 1e6,
+            );
+        }
+        busbw
+    }
+}
+
 /// One rank of the sweep.
 pub fn bench_rank(args: BenchRankArgs) -> Result<ExitCode> {
     let collective = args.collective;
@@ -477,8 +532,7 @@ pub fn bench_rank(args: BenchRankArgs) -> Result<ExitCode> {
     let mut points = Vec::new();
     let mut size = min;
     while size <= max {
-        let count = size / dtype.size();
-        let bytes = count * dtype.size();
+        let bytes = (size / dtype.size()) * dtype.size();
         let (wrong_count, elapsed, iters) = match &gpu {
             Some(g) => run_size_device(g, collective, op, bytes, a.iters, a.warmup)?,
             None => run_size(&pg, collective, dtype, op, bytes, a.iters, a.warmup)?,
@@ -487,35 +541,16 @@ pub fn bench_rank(args: BenchRankArgs) -> Result<ExitCode> {
         let mut stats = [elapsed.as_secs_f64() / iters as f64, wrong_count as f64];
         pg.allreduce(&mut stats[..1], ReduceOp::Max)?;
         pg.allreduce(&mut stats[1..], ReduceOp::Sum)?;
-        let secs = stats[0];
-        let algbw = bytes as f64 / secs / 1e9;
-        let busbw = algbw * collective.bus_factor(n);
+        let row = Row {
+            bytes,
+            secs: stats[0],
+            wrong: stats[1] as u64,
+        };
         if rank == 0 {
-            let of_link = a
-                .link_bytes
-                .map(|l| format!("  {:>6.1}%", busbw * 1e9 / l * 100.0))
-                .unwrap_or_default();
-            println!(
-                "{:>13} {:>12} {:>6} {:>6} {:>11.1} {:>11.3} {:>11.3} {:>7}{of_link}",
+            points.push((
                 bytes,
-                count,
-                dtype.name(),
-                op.name(),
-                secs * 1e6,
-                algbw,
-                busbw,
-                stats[1] as u64
-            );
-            points.push((bytes, busbw));
-            if let Some(f) = csv.as_mut() {
-                let _ = writeln!(
-                    f,
-                    "{},{n},{bytes},{count},{dtype},{op},{:.3},{algbw:.4},{busbw:.4},{}",
-                    collective.name(),
-                    secs * 1e6,
-                    stats[1] as u64
-                );
-            }
+                row.report(collective, &a, n, dtype, op, csv.as_mut()),
+            ));
         }
         size *= 2;
     }
@@ -524,15 +559,21 @@ pub fn bench_rank(args: BenchRankArgs) -> Result<ExitCode> {
         crate::plot::busbw_png(path, &title, &points)?;
         println!("# plot written to {path}");
     }
-    let mut rss = vec![0.0f64; n];
+    print_peak_rss(&pg)?;
+    pg.shutdown()?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Rank 0 prints every rank's peak resident memory.
+fn print_peak_rss(pg: &ProcessGroup) -> Result<()> {
+    let mut rss = vec![0.0f64; pg.world_size()];
     pg.allgather(&[peak_rss() as f64], &mut rss)?;
-    if rank == 0 {
+    if pg.rank() == 0 {
         let mib: Vec<String> = rss
             .iter()
             .map(|b| format!("{:.1}", b / (1 << 20) as f64))
             .collect();
         println!("# peak RSS per rank (MiB): {}", mib.join(" "));
     }
-    pg.shutdown()?;
-    Ok(ExitCode::SUCCESS)
+    Ok(())
 }

@@ -504,33 +504,9 @@ fn report(
         mib(server_rss),
         mib(&r.worker_rss)
     );
-    if !r.on_ms.is_empty() && !r.off_ms.is_empty() {
-        let median = |v: &[f64]| {
-            let mut v = v.to_vec();
-            v.sort_by(f64::total_cmp);
-            v[v.len() / 2]
-        };
-        let (on, off) = (median(&r.on_ms), median(&r.off_ms));
-        println!(
-            "# observe cost: step p50 with recorder and metrics on {on:.2} ms, off {off:.2} ms, on/off {:.4}",
-            on / off
-        );
-    }
+    print_observe_cost(&r);
     if let Some(l) = link {
-        let bound = link_bound(a, params, l);
-        if a.mode == PsMode::Sync {
-            let overlapped = overlapped_bound(a, params, l);
-            println!(
-                "# link bound: {bound:.2} {unit} if each step pushes then pulls every parameter through the servers' links (reached {:.1}%); {overlapped:.2} if its pulls overlap its pushes (reached {:.1}%)",
-                rate / bound * 100.0,
-                rate / overlapped * 100.0
-            );
-        } else {
-            println!(
-                "# link bound: {bound:.2} {unit} (every gradient pushes and pulls every parameter through the servers' links); reached {:.1}%",
-                rate / bound * 100.0
-            );
-        }
+        print_link_bound(a, params, l, rate, unit);
     }
     if let Some(path) = &a.csv {
         use std::io::Write;
@@ -550,6 +526,41 @@ fn report(
         );
     }
     Ok(())
+}
+
+/// With `--observe-cost`: the median step with the recorder and metrics on against off.
+fn print_observe_cost(r: &Results) {
+    if r.on_ms.is_empty() || r.off_ms.is_empty() {
+        return;
+    }
+    let median = |v: &[f64]| {
+        let mut v = v.to_vec();
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (on, off) = (median(&r.on_ms), median(&r.off_ms));
+    println!(
+        "# observe cost: step p50 with recorder and metrics on {on:.2} ms, off {off:.2} ms, on/off {:.4}",
+        on / off
+    );
+}
+
+/// On shaped links: the rate the servers' links allow, and how much of it was reached.
+fn print_link_bound(a: &BenchPsArgs, params: usize, link: f64, rate: f64, unit: &str) {
+    let bound = link_bound(a, params, link);
+    if a.mode == PsMode::Sync {
+        let overlapped = overlapped_bound(a, params, link);
+        println!(
+            "# link bound: {bound:.2} {unit} if each step pushes then pulls every parameter through the servers' links (reached {:.1}%); {overlapped:.2} if its pulls overlap its pushes (reached {:.1}%)",
+            rate / bound * 100.0,
+            rate / overlapped * 100.0
+        );
+    } else {
+        println!(
+            "# link bound: {bound:.2} {unit} (every gradient pushes and pulls every parameter through the servers' links); reached {:.1}%",
+            rate / bound * 100.0
+        );
+    }
 }
 
 /// One worker: pull, compute a trivial gradient, push; reports step times.

@@ -170,83 +170,131 @@ fn integer_ticks(lo: f64, hi: f64) -> Vec<f64> {
     out
 }
 
-/// Writes a [`Scatter`] chart as a PNG.
-pub fn scatter_png(path: &str, chart: &Scatter<'_>) -> Result<()> {
-    let mut finite: Vec<(f64, f64)> = chart
-        .points
-        .iter()
-        .chain(chart.line)
-        .copied()
-        .filter(|(x, y)| x.is_finite() && y.is_finite() && (!chart.log_x || *x > 0.0))
-        .collect();
-    if finite.is_empty() {
-        return Err(Error::invalid(path, "no points to plot"));
-    }
-    // Failed trials widen the x range (their y is the lowest point's, where they are marked).
-    let low = finite.iter().map(|p| p.1).fold(f64::MAX, f64::min);
-    finite.extend(
-        chart
-            .failed_x
+/// Where a chart's values land on the canvas.
+struct Frame {
+    x: (i64, i64),
+    y: (i64, i64),
+    min_x: f64,
+    max_x: f64,
+    min_y: f64,
+    max_y: f64,
+    log_x: bool,
+}
+
+impl Frame {
+    /// The padded ranges of `chart`'s finite points (failed trials widen the x range).
+    fn of(path: &str, chart: &Scatter<'_>) -> Result<Frame> {
+        let mut finite: Vec<(f64, f64)> = chart
+            .points
             .iter()
-            .filter(|x| x.is_finite())
-            .map(|x| (*x, low)),
-    );
-    let fx = |x: f64| if chart.log_x { x.log10() } else { x };
-    let (mut min_x, mut max_x) = finite.iter().fold((f64::MAX, f64::MIN), |(a, b), p| {
-        (a.min(fx(p.0)), b.max(fx(p.0)))
-    });
-    let (mut min_y, mut max_y) = finite
-        .iter()
-        .fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.1), b.max(p.1)));
-    if max_x - min_x < 1e-12 {
-        min_x -= 0.5;
-        max_x += 0.5;
+            .chain(chart.line)
+            .copied()
+            .filter(|(x, y)| x.is_finite() && y.is_finite() && (!chart.log_x || *x > 0.0))
+            .collect();
+        if finite.is_empty() {
+            return Err(Error::invalid(path, "no points to plot"));
+        }
+        // Failed trials are marked at the lowest point's y.
+        let low = finite.iter().map(|p| p.1).fold(f64::MAX, f64::min);
+        finite.extend(
+            chart
+                .failed_x
+                .iter()
+                .filter(|x| x.is_finite())
+                .map(|x| (*x, low)),
+        );
+        let fx = |x: f64| if chart.log_x { x.log10() } else { x };
+        let (min_x, max_x) = finite.iter().fold((f64::MAX, f64::MIN), |(a, b), p| {
+            (a.min(fx(p.0)), b.max(fx(p.0)))
+        });
+        let (min_y, max_y) = finite
+            .iter()
+            .fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.1), b.max(p.1)));
+        let widen = |lo: f64, hi: f64, pad: f64| {
+            let (lo, hi) = if hi - lo < 1e-12 {
+                (lo - 0.5, hi + 0.5)
+            } else {
+                (lo, hi)
+            };
+            let p = (hi - lo) * pad;
+            (lo - p, hi + p)
+        };
+        let (min_x, max_x) = widen(min_x, max_x, 0.05);
+        let (min_y, max_y) = widen(min_y, max_y, 0.08);
+        Ok(Frame {
+            x: ((LEFT + 30) as i64, (W - RIGHT) as i64),
+            y: ((H - BOTTOM) as i64, TOP as i64),
+            min_x,
+            max_x,
+            min_y,
+            max_y,
+            log_x: chart.log_x,
+        })
     }
-    if max_y - min_y < 1e-12 {
-        min_y -= 0.5;
-        max_y += 0.5;
+
+    fn px(&self, x: f64) -> i64 {
+        let x = if self.log_x { x.log10() } else { x };
+        self.x.0
+            + ((x - self.min_x) / (self.max_x - self.min_x) * (self.x.1 - self.x.0) as f64) as i64
     }
-    let pad_x = (max_x - min_x) * 0.05;
-    let pad_y = (max_y - min_y) * 0.08;
-    let (min_x, max_x, min_y, max_y) = (min_x - pad_x, max_x + pad_x, min_y - pad_y, max_y + pad_y);
-    let mut c = Canvas::new();
-    let (x0, x1) = ((LEFT + 30) as i64, (W - RIGHT) as i64);
-    let (y0, y1) = ((H - BOTTOM) as i64, TOP as i64);
-    let px = |x: f64| x0 + ((fx(x) - min_x) / (max_x - min_x) * (x1 - x0) as f64) as i64;
-    let py = |y: f64| y0 - ((y - min_y) / (max_y - min_y) * (y0 - y1) as f64) as i64;
+
+    fn py(&self, y: f64) -> i64 {
+        self.y.0
+            - ((y - self.min_y) / (self.max_y - self.min_y) * (self.y.0 - self.y.1) as f64) as i64
+    }
+
+    /// Whether `x` can be placed (finite, and positive on a log axis).
+    fn places(&self, x: f64) -> bool {
+        x.is_finite() && (!self.log_x || x > 0.0)
+    }
+}
+
+/// Grid lines and labels of both axes.
+fn grid(c: &mut Canvas, chart: &Scatter<'_>, f: &Frame) {
+    let ((x0, x1), (y0, y1)) = (f.x, f.y);
     for i in 0..=5 {
-        let v = min_y + (max_y - min_y) * i as f64 / 5.0;
-        let y = py(v);
+        let v = f.min_y + (f.max_y - f.min_y) * i as f64 / 5.0;
+        let y = f.py(v);
         c.line((x0, y), (x1, y), [225, 225, 225], 1);
         c.text(4, y - 8, &tick(v));
     }
-    let x_label = |c: &mut Canvas, x: i64, label: &str| {
-        let at = (x - Canvas::width(label) / 2).clamp(0, W as i64 - Canvas::width(label));
-        c.text(at, y0 + 10, label);
-    };
-    if !chart.x_names.is_empty() {
-        for (i, name) in chart.x_names.iter().enumerate() {
-            let x = px(i as f64);
-            c.line((x, y0), (x, y1), [225, 225, 225], 1);
-            x_label(&mut c, x, name);
-        }
+    let ticks: Vec<(f64, String)> = if !chart.x_names.is_empty() {
+        chart
+            .x_names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (i as f64, n.to_string()))
+            .collect()
     } else if chart.integer_x {
-        for t in integer_ticks(min_x, max_x) {
-            let x = px(t);
-            c.line((x, y0), (x, y1), [225, 225, 225], 1);
-            x_label(&mut c, x, &format!("{t:.0}"));
-        }
+        integer_ticks(f.min_x, f.max_x)
+            .into_iter()
+            .map(|t| (t, format!("{t:.0}")))
+            .collect()
     } else {
-        for i in 0..=4 {
-            let t = min_x + (max_x - min_x) * i as f64 / 4.0;
-            let v = if chart.log_x { 10f64.powf(t) } else { t };
-            let x = px(v);
-            c.line((x, y0), (x, y1), [225, 225, 225], 1);
-            x_label(&mut c, x, &tick(v));
-        }
+        (0..=4)
+            .map(|i| {
+                let t = f.min_x + (f.max_x - f.min_x) * i as f64 / 4.0;
+                let v = if chart.log_x { 10f64.powf(t) } else { t };
+                (v, tick(v))
+            })
+            .collect()
+    };
+    for (v, label) in ticks {
+        let x = f.px(v);
+        c.line((x, y0), (x, y1), [225, 225, 225], 1);
+        let at = (x - Canvas::width(&label) / 2).clamp(0, W as i64 - Canvas::width(&label));
+        c.text(at, y0 + 10, &label);
     }
     c.line((x0, y0), (x1, y0), [0, 0, 0], 2);
     c.line((x0, y0), (x0, y1), [0, 0, 0], 2);
+}
+
+/// Writes a [`Scatter`] chart as a PNG.
+pub fn scatter_png(path: &str, chart: &Scatter<'_>) -> Result<()> {
+    let f = Frame::of(path, chart)?;
+    let mut c = Canvas::new();
+    grid(&mut c, chart, &f);
+    let ((x0, x1), (y0, _)) = (f.x, f.y);
     c.text(x0, 8, chart.title);
     let mut at = x0;
     for (label, rgb) in chart.legend {
@@ -257,28 +305,21 @@ pub fn scatter_png(path: &str, chart: &Scatter<'_>) -> Result<()> {
     c.text(x1 - Canvas::width(chart.x_label), y0 + 36, chart.x_label);
     c.text(4, TOP as i64 - 36, chart.y_label);
     // Failed trials: a red cross at the bottom of the plot.
-    for &x in chart.failed_x {
-        if !x.is_finite() || (chart.log_x && x <= 0.0) {
-            continue;
-        }
-        let (x, y) = (px(x), y0 - 8);
+    for &x in chart.failed_x.iter().filter(|x| f.places(**x)) {
+        let (x, y) = (f.px(x), y0 - 8);
         c.line((x - 6, y - 6), (x + 6, y + 6), [200, 40, 40], 3);
         c.line((x - 6, y + 6), (x + 6, y - 6), [200, 40, 40], 3);
     }
     for w in chart.line.windows(2) {
-        c.line(
-            (px(w[0].0), py(w[0].1)),
-            (px(w[1].0), py(w[1].1)),
-            [40, 160, 60],
-            2,
-        );
+        let (a, b) = ((f.px(w[0].0), f.py(w[0].1)), (f.px(w[1].0), f.py(w[1].1)));
+        c.line(a, b, [40, 160, 60], 2);
     }
     for (i, &(x, y)) in chart.points.iter().enumerate() {
-        if !(x.is_finite() && y.is_finite()) || (chart.log_x && x <= 0.0) {
+        if !(f.places(x) && y.is_finite()) {
             continue;
         }
         let rgb = chart.colours.get(i).copied().unwrap_or([30, 90, 200]);
-        let (x, y) = (px(x), py(y));
+        let (x, y) = (f.px(x), f.py(y));
         c.line((x - 4, y - 4), (x + 4, y - 4), rgb, 9);
     }
     save(&c, path)

@@ -202,6 +202,50 @@ fn summarize(e: &Experiment, record: &Record, out: &std::path::Path, plots: &[Pa
     }
 }
 
+/// The best objective so far at each trial, `better(y, best)` saying which wins.
+fn best_so_far(points: &[(f64, f64)], better: impl Fn(f64, f64) -> bool) -> Vec<(f64, f64)> {
+    let mut cur: Option<f64> = None;
+    points
+        .iter()
+        .map(|&(x, y)| {
+            let c = match cur {
+                Some(c) if !better(y, c) => c,
+                _ => y,
+            };
+            cur = Some(c);
+            (x, c)
+        })
+        .collect()
+}
+
+/// Where the scored trials stand on parameter `p`'s axis: whether it is logarithmic, the names of
+/// its values when they are categories, and (value, objective) per trial.
+fn parameter_points(
+    scored: &[&tandem_tune::Trial],
+    p: &tandem_tune::spec::Parameter,
+) -> (bool, Vec<String>, Vec<(f64, f64)>) {
+    let (log_x, names): (bool, Vec<String>) = match &p.domain {
+        Domain::Double { log, .. } | Domain::Int { log, .. } => (*log, Vec::new()),
+        Domain::Categorical(l) => (false, l.clone()),
+        Domain::Discrete(l) => (false, l.iter().map(|v| v.to_string()).collect()),
+    };
+    let pts = scored
+        .iter()
+        .filter_map(|t| {
+            let v = t.parameters.get(&p.name)?;
+            let x = match v {
+                Value::Text(s) => names.iter().position(|n| n == s)? as f64,
+                other if !names.is_empty() => {
+                    names.iter().position(|n| *n == other.to_string())? as f64
+                }
+                other => other.as_f64()?,
+            };
+            Some((x, t.objective?))
+        })
+        .collect();
+    (log_x, names, pts)
+}
+
 fn plot(e: &Experiment, r: &Record, out: &std::path::Path) -> Result<Vec<PathBuf>> {
     let scored: Vec<&tandem_tune::Trial> =
         r.trials.iter().filter(|t| t.objective.is_some()).collect();
@@ -218,15 +262,7 @@ fn plot(e: &Experiment, r: &Record, out: &std::path::Path) -> Result<Vec<PathBuf
         .map(|t| (t.index as f64, t.objective.unwrap_or(f64::NAN)))
         .collect();
     let colours: Vec<[u8; 3]> = scored.iter().map(|t| colour(t.status)).collect();
-    let mut best = Vec::new();
-    let mut cur: Option<f64> = None;
-    for &(x, y) in &points {
-        cur = Some(match cur {
-            Some(c) if !e.objective.goal.better(y, c) => c,
-            _ => y,
-        });
-        best.push((x, cur.unwrap_or(y)));
-    }
+    let best = best_so_far(&points, |y, c| e.objective.goal.better(y, c));
     let mut written = Vec::new();
     let path = out.join("objective.png");
     let title = format!("{}: {} per trial", e.name, e.objective.metric);
@@ -260,25 +296,7 @@ fn plot(e: &Experiment, r: &Record, out: &std::path::Path) -> Result<Vec<PathBuf
     )?;
     written.push(path);
     for p in &e.parameters {
-        let (log_x, names): (bool, Vec<String>) = match &p.domain {
-            Domain::Double { log, .. } | Domain::Int { log, .. } => (*log, Vec::new()),
-            Domain::Categorical(l) => (false, l.clone()),
-            Domain::Discrete(l) => (false, l.iter().map(|v| v.to_string()).collect()),
-        };
-        let pts: Vec<(f64, f64)> = scored
-            .iter()
-            .filter_map(|t| {
-                let v = t.parameters.get(&p.name)?;
-                let x = match v {
-                    Value::Text(s) => names.iter().position(|n| n == s)? as f64,
-                    other if !names.is_empty() => {
-                        names.iter().position(|n| *n == other.to_string())? as f64
-                    }
-                    other => other.as_f64()?,
-                };
-                Some((x, t.objective?))
-            })
-            .collect();
+        let (log_x, names, pts) = parameter_points(&scored, p);
         let path = out.join(format!("param-{}.png", p.name));
         let title = format!("{} against {}", e.objective.metric, p.name);
         scatter_png(

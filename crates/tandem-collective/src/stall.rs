@@ -193,78 +193,42 @@ pub fn diagnose(
         Some(a) => format!("rank {r} ({a})"),
         None => format!("rank {r}"),
     };
-    let list = |rs: &[usize]| {
-        let v: Vec<String> = rs.iter().map(|r| r.to_string()).collect();
-        match v.len() {
-            0 => String::new(),
-            1 => format!("rank {}", v[0]),
-            _ => format!(
-                "ranks {} and {}",
-                v[..v.len() - 1].join(", "),
-                v[v.len() - 1]
-            ),
-        }
-    };
-    // Who ends up waiting on `culprits`, following each rank's chain.
-    let waiting_on = |culprits: &[usize]| -> Vec<usize> {
-        (0..states.len())
+    // Who ends up waiting on `culprits`, following each rank's chain; said after the verdict.
+    let waiting_tail = |culprits: &[usize]| -> String {
+        let waiting: Vec<usize> = (0..states.len())
             .filter(|r| !culprits.contains(r) && states[*r].is_some())
             .filter(|&r| end_of_chain(r, states).is_some_and(|c| culprits.contains(&c)))
-            .collect()
+            .collect();
+        if waiting.is_empty() {
+            String::new()
+        } else {
+            format!("; {} {} waiting on it", list(&waiting), were(&waiting))
+        }
     };
     let silent: Vec<usize> = (0..states.len())
         .filter(|&r| r != me && states[r].is_none())
         .collect();
     if !silent.is_empty() {
-        let waiting = waiting_on(&silent);
-        let who = if silent.len() == 1 {
-            format!("{}, which stopped answering", name(silent[0]))
-        } else {
-            let named: Vec<String> = silent.iter().map(|&r| name(r)).collect();
-            format!("{}, which stopped answering", named.join(", "))
-        };
-        let tail = if waiting.is_empty() {
-            String::new()
-        } else {
-            format!("; {} {} waiting on it", list(&waiting), were(&waiting))
-        };
+        let named: Vec<String> = silent.iter().map(|&r| name(r)).collect();
         return Diagnosis {
             what: format!(
-                "{who} during {op} (no answer to the stall inquiry within {grace}: killed, stopped, or its host cut off){tail}"
+                "{}, which stopped answering during {op} (no answer to the stall inquiry within {grace}: killed, stopped, or its host cut off){}",
+                named.join(", "),
+                waiting_tail(&silent)
             ),
             culprits: silent,
         };
     }
     match walk(me, states) {
-        Walk::End(c) => {
-            let s = states[c].unwrap_or(RankState {
-                started: 0,
-                in_op: false,
-                waiting: Waiting::Nothing,
-                ms: 0,
-            });
-            let why = if s.in_op {
-                format!(
-                    "which is in an operation waiting on no other rank for {} ms",
-                    s.ms
-                )
-            } else {
-                format!(
-                    "which has not started it: it is outside collectives ({} started), for {} ms (busy in its own code, or stuck there)",
-                    s.started, s.ms
-                )
-            };
-            let waiting = waiting_on(&[c]);
-            let tail = if waiting.is_empty() {
-                String::new()
-            } else {
-                format!("; {} {} waiting on it", list(&waiting), were(&waiting))
-            };
-            Diagnosis {
-                what: format!("{} during {op}, {why}{tail}", name(c)),
-                culprits: vec![c],
-            }
-        }
+        Walk::End(c) => Diagnosis {
+            what: format!(
+                "{} during {op}, {}{}",
+                name(c),
+                why_stopped(states[c]),
+                waiting_tail(&[c])
+            ),
+            culprits: vec![c],
+        },
         Walk::Cycle(mut cycle) => {
             cycle.sort_unstable();
             Diagnosis {
@@ -275,6 +239,41 @@ pub fn diagnose(
                 culprits: cycle,
             }
         }
+    }
+}
+
+/// Why the rank at the end of the chain holds the others: what it says it is doing.
+fn why_stopped(state: Option<RankState>) -> String {
+    let s = state.unwrap_or(RankState {
+        started: 0,
+        in_op: false,
+        waiting: Waiting::Nothing,
+        ms: 0,
+    });
+    if s.in_op {
+        format!(
+            "which is in an operation waiting on no other rank for {} ms",
+            s.ms
+        )
+    } else {
+        format!(
+            "which has not started it: it is outside collectives ({} started), for {} ms (busy in its own code, or stuck there)",
+            s.started, s.ms
+        )
+    }
+}
+
+/// `rank 3`, `ranks 1 and 2`, `ranks 1, 2 and 5`.
+fn list(rs: &[usize]) -> String {
+    let v: Vec<String> = rs.iter().map(|r| r.to_string()).collect();
+    match v.len() {
+        0 => String::new(),
+        1 => format!("rank {}", v[0]),
+        _ => format!(
+            "ranks {} and {}",
+            v[..v.len() - 1].join(", "),
+            v[v.len() - 1]
+        ),
     }
 }
 

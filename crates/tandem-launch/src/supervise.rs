@@ -71,32 +71,10 @@ pub fn run(
         .enable_all()
         .build()
         .map_err(|e| Error::io("starting the launcher's runtime", e))?;
-    let log_dir = match &spec.log_dir {
-        Some(base) => {
-            let stamp = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0);
-            let dir = base.join(format!("job-{stamp}-{}", std::process::id()));
-            std::fs::create_dir_all(&dir)
-                .map_err(|e| Error::io(format!("creating the log folder {}", dir.display()), e))?;
-            Some(dir)
-        }
-        None => None,
-    };
+    let log_dir = make_log_dir(spec)?;
     let tls = JobTls::make(log_dir.as_deref(), spec)?;
     // The launcher's rendezvous is secured as its processes will be.
-    let security = {
-        let mut env: std::collections::HashMap<String, String> = std::env::vars().collect();
-        env.extend(spec.env.iter().cloned());
-        if let Some(t) = &tls {
-            env.insert(
-                tandem_tls::DIR_VAR.into(),
-                t.issue_one(spec, "rendezvous")?.display().to_string(),
-            );
-        }
-        tandem_tls::Security::from_vars(&env)?
-    };
+    let security = rendezvous_security(spec, tls.as_ref())?;
     let token = JobToken::generate();
     let host = rt.block_on(Host::bind(
         &format!("{}:0", spec.host),
@@ -112,25 +90,7 @@ pub fn run(
     let width = planned.iter().map(|p| p.label().len()).max().unwrap_or(0);
     let mut procs = Vec::with_capacity(planned.len());
     for (p, tls) in planned.into_iter().zip(tls_dirs) {
-        let log = match &log_dir {
-            Some(dir) => {
-                let path = dir.join(format!("{}-{}.log", p.role, p.index));
-                let f = File::create(&path)
-                    .map_err(|e| Error::io(format!("creating {}", path.display()), e))?;
-                Some(Arc::new(Mutex::new(f)))
-            }
-            None => None,
-        };
-        procs.push(Proc {
-            plan: p,
-            child: None,
-            restarts: 0,
-            exit: None,
-            log,
-            pgid: None,
-            forwarders: Vec::new(),
-            tls,
-        });
+        procs.push(Proc::new(p, tls, log_dir.as_deref())?);
     }
     let style = Style {
         colour,
@@ -153,6 +113,60 @@ pub fn run(
     }
     let _ = rt.block_on(host.stop());
     Ok(Outcome { log_dir, ..outcome })
+}
+
+/// `job-<time>-<pid>` under the spec's log folder, made now; `None` without one.
+fn make_log_dir(spec: &JobSpec) -> Result<Option<PathBuf>> {
+    let Some(base) = &spec.log_dir else {
+        return Ok(None);
+    };
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let dir = base.join(format!("job-{stamp}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| Error::io(format!("creating the log folder {}", dir.display()), e))?;
+    Ok(Some(dir))
+}
+
+/// How the launcher's rendezvous is secured: as its processes will be (the spec's and this
+/// process's variables, with a certificate of its own when the launcher made the job's).
+fn rendezvous_security(spec: &JobSpec, tls: Option<&JobTls>) -> Result<tandem_tls::Security> {
+    let mut env: std::collections::HashMap<String, String> = std::env::vars().collect();
+    env.extend(spec.env.iter().cloned());
+    if let Some(t) = tls {
+        env.insert(
+            tandem_tls::DIR_VAR.into(),
+            t.issue_one(spec, "rendezvous")?.display().to_string(),
+        );
+    }
+    tandem_tls::Security::from_vars(&env)
+}
+
+impl Proc {
+    /// A process not started yet, its output also written to `<role>-<index>.log` in `log_dir`.
+    fn new(plan: Planned, tls: Option<PathBuf>, log_dir: Option<&std::path::Path>) -> Result<Proc> {
+        let log = match log_dir {
+            Some(dir) => {
+                let path = dir.join(format!("{}-{}.log", plan.role, plan.index));
+                let f = File::create(&path)
+                    .map_err(|e| Error::io(format!("creating {}", path.display()), e))?;
+                Some(Arc::new(Mutex::new(f)))
+            }
+            None => None,
+        };
+        Ok(Proc {
+            plan,
+            child: None,
+            restarts: 0,
+            exit: None,
+            log,
+            pgid: None,
+            forwarders: Vec::new(),
+            tls,
+        })
+    }
 }
 
 /// Picks one free loopback port per process for the addresses a `TF_CONFIG` lists, or, for an

@@ -142,43 +142,17 @@ pub fn place_split(
                 format!("parameter {:?} is declared twice", p.name),
             ));
         }
-        if p.name.is_empty() || p.name.len() > 256 {
-            return Err(Error::invalid(
-                "params",
-                format!("parameter name {:?} must be 1 to 256 bytes", p.name),
-            ));
-        }
-        if p.dtype != DType::F32 {
-            return Err(Error::DTypeMismatch {
-                name: p.name.clone(),
-                expected: DType::F32,
-                got: p.dtype,
-            });
-        }
-        if p.numel() == 0 {
-            return Err(Error::ShapeMismatch {
-                name: p.name.clone(),
-                expected: vec![1],
-                got: p.shape.clone(),
-            });
-        }
+        check_declaration(p)?;
         let (rows, row_len) = p.rows_and_row_len();
-        let bytes = p.numel() * 4;
-        let mut parts = if bytes <= min_part_bytes {
-            1
-        } else {
-            rows.min(servers)
-                .min(bytes.div_ceil(min_part_bytes.max(1)))
-                .max(1)
-        };
-        if max_part_bytes != 0 {
-            // Rows per partition that fit, so no partition (ceil(rows / parts) rows) is larger
-            // (a tensor within the limit fits whole: one partition).
-            let fit = (max_part_bytes / (row_len * 4)).max(1);
-            parts = parts.max(rows.div_ceil(fit));
-        }
-        let base = rows / parts;
-        let extra = rows % parts;
+        let parts = part_count(
+            p.numel() * 4,
+            rows,
+            row_len,
+            servers,
+            min_part_bytes,
+            max_part_bytes,
+        );
+        let (base, extra) = (rows / parts, rows % parts);
         let mut start = 0;
         for i in 0..parts {
             let n = base + usize::from(i < extra);
@@ -211,6 +185,58 @@ pub fn place_split(
         parts: pieces,
         servers,
     })
+}
+
+/// A declaration a server can hold: a name of 1 to 256 bytes, f32, at least one element.
+fn check_declaration(p: &ParamDecl) -> Result<()> {
+    if p.name.is_empty() || p.name.len() > 256 {
+        return Err(Error::invalid(
+            "params",
+            format!("parameter name {:?} must be 1 to 256 bytes", p.name),
+        ));
+    }
+    if p.dtype != DType::F32 {
+        return Err(Error::DTypeMismatch {
+            name: p.name.clone(),
+            expected: DType::F32,
+            got: p.dtype,
+        });
+    }
+    if p.numel() == 0 {
+        return Err(Error::ShapeMismatch {
+            name: p.name.clone(),
+            expected: vec![1],
+            got: p.shape.clone(),
+        });
+    }
+    Ok(())
+}
+
+/// How many row ranges a tensor of `bytes` in `rows` rows of `row_len` is cut into: one when it is
+/// small, else up to one per server (no piece under `min_part_bytes`), and more when pieces would
+/// exceed `max_part_bytes` (0: no limit).
+fn part_count(
+    bytes: usize,
+    rows: usize,
+    row_len: usize,
+    servers: usize,
+    min_part_bytes: usize,
+    max_part_bytes: usize,
+) -> usize {
+    let mut parts = if bytes <= min_part_bytes {
+        1
+    } else {
+        rows.min(servers)
+            .min(bytes.div_ceil(min_part_bytes.max(1)))
+            .max(1)
+    };
+    if max_part_bytes != 0 {
+        // Rows per partition that fit, so no partition (ceil(rows / parts) rows) is larger
+        // (a tensor within the limit fits whole: one partition).
+        let fit = (max_part_bytes / (row_len * 4)).max(1);
+        parts = parts.max(rows.div_ceil(fit));
+    }
+    parts
 }
 
 impl PartitionMap {

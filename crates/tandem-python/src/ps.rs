@@ -110,6 +110,28 @@ impl PsClient {
     }
 }
 
+/// `mode="sync"` or `"async"` (with its staleness bound) for `workers` workers.
+fn training_mode(mode: &str, workers: u32, staleness: Option<u32>) -> PyResult<TrainingMode> {
+    match mode {
+        "sync" => Ok(TrainingMode::sync(workers)),
+        "async" => Ok(TrainingMode::asynchronous(workers, staleness)),
+        other => Err(PyValueError::new_err(format!(
+            "mode={other:?} is not \"sync\" or \"async\""
+        ))),
+    }
+}
+
+/// The declared parameters, their initialisers read from Python's description.
+fn declarations(params: &[Decl]) -> PyResult<Vec<ParamDecl>> {
+    params
+        .iter()
+        .map(|(name, shape, init, a, b, seed)| {
+            let init = Init::from_wire(init, *a, *b, *seed).py_err()?;
+            Ok(ParamDecl::new(name.clone(), shape, init))
+        })
+        .collect()
+}
+
 #[pymethods]
 impl PsClient {
     /// Connects to `servers` and declares `params`; see `tandem.ps.Client` for the arguments.
@@ -161,26 +183,12 @@ impl PsClient {
         opt.clip_norm = clip_norm;
         opt.decay_rate = decay_rate;
         opt.decay_steps = decay_steps;
-        let mut training = match mode {
-            "sync" => TrainingMode::sync(workers),
-            "async" => TrainingMode::asynchronous(workers, staleness),
-            other => {
-                return Err(PyValueError::new_err(format!(
-                    "mode={other:?} is not \"sync\" or \"async\""
-                )));
-            }
-        };
+        let mut training = training_mode(mode, workers, staleness)?;
         if let Some(k) = replicas_to_aggregate {
             training.replicas_to_aggregate = k;
         }
         training.reject_non_finite = reject_non_finite;
-        let decls = params
-            .iter()
-            .map(|(name, shape, init, a, b, seed)| {
-                let init = Init::from_wire(init, *a, *b, *seed).py_err()?;
-                Ok(ParamDecl::new(name.clone(), shape, init))
-            })
-            .collect::<PyResult<Vec<_>>>()?;
+        let decls = declarations(&params)?;
         let shapes = params.iter().map(|p| (p.0.clone(), p.1.clone())).collect();
         let map = place_split(
             &decls,

@@ -70,6 +70,32 @@ pub fn peer_rank(der: &[u8]) -> Option<usize> {
     common_name(der)?.strip_prefix("rank-")?.parse().ok()
 }
 
+/// The CA certificates of `pem` (at least one).
+fn roots(pem: &[u8], source: &str) -> Result<RootCertStore> {
+    let mut roots = RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(pem) {
+        let c = c.map_err(|e| bad("TLS CA", source, e))?;
+        roots
+            .add(c)
+            .map_err(|e| bad("TLS CA", source, format!("not a CA certificate ({e})")))?;
+    }
+    if roots.is_empty() {
+        return Err(bad("TLS CA", source, "holds no PEM certificate"));
+    }
+    Ok(roots)
+}
+
+/// The certificate chain of `pem`, leaf first (at least the leaf).
+fn chain(pem: &[u8], source: &str) -> Result<Vec<CertificateDer<'static>>> {
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(pem)
+        .collect::<std::result::Result<_, _>>()
+        .map_err(|e| bad("TLS certificate", source, e))?;
+    if chain.is_empty() {
+        return Err(bad("TLS certificate", source, "holds no PEM certificate"));
+    }
+    Ok(chain)
+}
+
 impl TlsContext {
     /// Reads the files and builds both configurations; every problem names the file.
     pub fn load(files: &TlsFiles) -> Result<TlsContext> {
@@ -97,28 +123,9 @@ impl TlsContext {
         sources: [String; 3],
     ) -> Result<TlsContext> {
         let [ca_src, cert_src, key_src] = sources;
-        let mut roots = RootCertStore::empty();
-        let mut n = 0;
-        for c in CertificateDer::pem_slice_iter(ca) {
-            let c = c.map_err(|e| bad("TLS CA", &ca_src, e))?;
-            roots
-                .add(c)
-                .map_err(|e| bad("TLS CA", &ca_src, format!("not a CA certificate ({e})")))?;
-            n += 1;
-        }
-        if n == 0 {
-            return Err(bad("TLS CA", &ca_src, "holds no PEM certificate"));
-        }
-        let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert)
-            .collect::<std::result::Result<_, _>>()
-            .map_err(|e| bad("TLS certificate", &cert_src, e))?;
-        let Some(leaf) = chain.first() else {
-            return Err(bad(
-                "TLS certificate",
-                &cert_src,
-                "holds no PEM certificate",
-            ));
-        };
+        let roots = roots(ca, &ca_src)?;
+        let chain = chain(cert, &cert_src)?;
+        let leaf = &chain[0];
         let key = PrivateKeyDer::from_pem_slice(key).map_err(|e| bad("TLS key", &key_src, e))?;
         let provider = provider();
         let roots = Arc::new(roots);

@@ -132,6 +132,39 @@ pub fn init(
     init_as(dir, out, job, job, names, days)
 }
 
+/// The CA of the folder (`ca.pem` with `ca-key.pem`), or a new one for `job` when the folder has
+/// neither (`true`: not written yet); one without the other is an error naming both.
+fn authority(
+    ca_path: &Path,
+    ca_key_path: &Path,
+    job: &str,
+    days: u32,
+) -> Result<(Authority, bool)> {
+    match (ca_path.exists(), ca_key_path.exists()) {
+        (true, true) => Ok((
+            Authority::from_pem(&read(ca_path)?, &read(ca_key_path)?)?,
+            false,
+        )),
+        (false, false) => Ok((Authority::generate(job, days.max(1))?, true)),
+        (true, false) => Err(Error::invalid(
+            "DIR",
+            format!(
+                "{} exists without {}: certificates cannot be issued without the CA's key",
+                ca_path.display(),
+                ca_key_path.display()
+            ),
+        )),
+        (false, true) => Err(Error::invalid(
+            "DIR",
+            format!(
+                "{} exists without {}",
+                ca_key_path.display(),
+                ca_path.display()
+            ),
+        )),
+    }
+}
+
 /// [`init`] with the certificate's common name `identity` instead of the job's name: a role
 /// (`rank-<n>`, `worker-<n>`, `ps-<n>`, `chief`, `rendezvous`) makes the certificate of that
 /// process of job `job`, with the key usage of its role (see [`crate::identity`]).
@@ -162,33 +195,7 @@ pub fn init_as(
         .map_err(|e| Error::io(format!("creating {}", out.display()), e))?;
     let (ca_path, ca_key_path) = (dir.join(CA_FILE), dir.join(CA_KEY_FILE));
     let mut written = Vec::new();
-    let (ca, new_authority) = match (ca_path.exists(), ca_key_path.exists()) {
-        (true, true) => (
-            Authority::from_pem(&read(&ca_path)?, &read(&ca_key_path)?)?,
-            false,
-        ),
-        (false, false) => (Authority::generate(job, days.max(1))?, true),
-        (true, false) => {
-            return Err(Error::invalid(
-                "DIR",
-                format!(
-                    "{} exists without {}: certificates cannot be issued without the CA's key",
-                    ca_path.display(),
-                    ca_key_path.display()
-                ),
-            ));
-        }
-        (false, true) => {
-            return Err(Error::invalid(
-                "DIR",
-                format!(
-                    "{} exists without {}",
-                    ca_key_path.display(),
-                    ca_path.display()
-                ),
-            ));
-        }
-    };
+    let (ca, new_authority) = authority(&ca_path, &ca_key_path, job, days)?;
     // A role (`ps-0`, `worker-1`, `rank-2`, `chief`, `rendezvous`) makes an identity of the job
     // with its role's key usage; any other name, a certificate checked by the CA alone.
     // An identity belongs to the CA's job (a CA reused for another job name would make

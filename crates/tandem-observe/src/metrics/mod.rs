@@ -100,44 +100,7 @@ pub(crate) fn init(id: &Identity) {
                 .into_iter()
                 .map(|(k, v)| (Cow::Borrowed(k), Cow::Owned(v))),
         );
-        let errors = Family::<ErrorLabels, Counter>::default();
-        let refused = Family::<RefusedLabels, Counter>::default();
-        let late = Family::<PeerLabels, Counter>::default();
-        let stragglers = Family::<PeerLabels, Counter>::default();
-        let rendezvous: Histograms<CallLabels> = Family::new_with_constructor(latency);
-        let ps_calls: Histograms<CallLabels> = Family::new_with_constructor(latency);
-        registry.register_collector(Box::new(ops::Ops));
-        registry.register(
-            "tandem_op_errors",
-            "Failed operations, by operation and error",
-            errors.clone(),
-        );
-        registry.register(
-            "tandem_connections_refused",
-            "Connections a server of this process did not admit, by server and reason",
-            refused.clone(),
-        );
-        registry.register(
-            "tandem_peer_late",
-            "Operations a peer started 2 ms or more after this rank",
-            late.clone(),
-        );
-        registry.register(
-            "tandem_peer_straggler",
-            "Windows of 64 operations in which the peer started late in most",
-            stragglers.clone(),
-        );
-        registry.register(
-            "tandem_rendezvous_seconds",
-            "Round trips to the rendezvous",
-            rendezvous.clone(),
-        );
-        registry.register(
-            "tandem_ps_call_seconds",
-            "Parameter-server calls of this worker",
-            ps_calls.clone(),
-        );
-        registry.register_collector(Box::new(crate::sockets::PeerBytes));
+        let m = Metrics::register(&mut registry);
         if let Ok(mut pending) = PENDING.lock() {
             for c in pending.drain(..) {
                 registry.register_collector(c);
@@ -145,14 +108,41 @@ pub(crate) fn init(id: &Identity) {
         }
         Metrics {
             registry: Mutex::new(registry),
-            errors,
-            refused,
-            late,
-            stragglers,
-            rendezvous,
-            ps_calls,
+            ..m
         }
     });
+}
+
+impl Metrics {
+    /// Makes the families and registers them, with the operation and socket collectors.
+    fn register(registry: &mut Registry) -> Metrics {
+        let m = Metrics {
+            registry: Mutex::new(Registry::default()),
+            errors: Family::default(),
+            refused: Family::default(),
+            late: Family::default(),
+            stragglers: Family::default(),
+            rendezvous: Family::new_with_constructor(latency),
+            ps_calls: Family::new_with_constructor(latency),
+        };
+        registry.register_collector(Box::new(ops::Ops));
+        let help = [
+            "Failed operations, by operation and error",
+            "Connections a server of this process did not admit, by server and reason",
+            "Operations a peer started 2 ms or more after this rank",
+            "Windows of 64 operations in which the peer started late in most",
+            "Round trips to the rendezvous",
+            "Parameter-server calls of this worker",
+        ];
+        registry.register("tandem_op_errors", help[0], m.errors.clone());
+        registry.register("tandem_connections_refused", help[1], m.refused.clone());
+        registry.register("tandem_peer_late", help[2], m.late.clone());
+        registry.register("tandem_peer_straggler", help[3], m.stragglers.clone());
+        registry.register("tandem_rendezvous_seconds", help[4], m.rendezvous.clone());
+        registry.register("tandem_ps_call_seconds", help[5], m.ps_calls.clone());
+        registry.register_collector(Box::new(crate::sockets::PeerBytes));
+        m
+    }
 }
 
 fn get() -> Option<&'static Metrics> {

@@ -80,34 +80,16 @@ fn encode(model: &Model, mut encoder: DescriptorEncoder) -> Result<(), std::fmt:
         let family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
         ConstCounter::new(value.load(Relaxed)).encode(family)?;
     }
-    // Buckets 0, 1, 2-3, 4-7, ...: upper bounds 0, 1, 3, 7, ...; the last is unbounded.
-    let last = c.staleness.len() - 1;
-    let buckets: Vec<(f64, u64)> = c
-        .staleness
-        .iter()
-        .enumerate()
-        .map(|(i, b)| {
-            let le = if i == last {
-                f64::INFINITY
-            } else {
-                ((1u64 << i) - 1) as f64
-            };
-            (le, b.load(Relaxed))
-        })
-        .collect();
-    let count = buckets.iter().map(|(_, n)| n).sum();
     let mut staleness = encoder.encode_descriptor(
         "tandem_ps_staleness",
         "Staleness of applied async gradients",
         None,
         MetricType::Histogram,
     )?;
-    staleness.encode_histogram::<NoLabelSet>(
-        c.staleness_sum.load(Relaxed) as f64,
-        count,
-        &buckets,
-        None,
-    )?;
+    let buckets = staleness_buckets(c);
+    let count = buckets.iter().map(|(_, n)| n).sum();
+    let sum = c.staleness_sum.load(Relaxed) as f64;
+    staleness.encode_histogram::<NoLabelSet>(sum, count, &buckets, None)?;
     let steps = model.worker_steps.borrow().clone();
     let mut per_worker = encoder.encode_descriptor(
         "tandem_ps_worker_step",
@@ -120,6 +102,24 @@ fn encode(model: &Model, mut encoder: DescriptorEncoder) -> Result<(), std::fmt:
         ConstGauge::new(*s as i64).encode(per_worker.encode_family(&labels)?)?;
     }
     Ok(())
+}
+
+/// The staleness counts with their upper bounds: 0, 1, 3, 7, ... (buckets 0, 1, 2-3, 4-7, ...),
+/// the last unbounded.
+fn staleness_buckets(c: &super::Counters) -> Vec<(f64, u64)> {
+    let last = c.staleness.len() - 1;
+    c.staleness
+        .iter()
+        .enumerate()
+        .map(|(i, b)| {
+            let le = if i == last {
+                f64::INFINITY
+            } else {
+                ((1u64 << i) - 1) as f64
+            };
+            (le, b.load(Relaxed))
+        })
+        .collect()
 }
 
 /// Makes this process parameter server `index` of `servers` in the flight recorder, the timeline

@@ -218,62 +218,7 @@ pub fn trial_run(trial_spec: &Value, primary: Option<&str>) -> Result<TrialRun> 
             let field = format!("{FIELD}.spec.tfReplicaSpecs");
             let specs = path(trial_spec, &["spec", "tfReplicaSpecs"])
                 .ok_or_else(|| Error::config(&field, "is missing"))?;
-            let reps = replicas(specs, &field, primary)?;
-            let count = |roles: &[&str]| -> usize {
-                reps.iter()
-                    .filter(|(r, _, _)| roles.iter().any(|x| r.eq_ignore_ascii_case(x)))
-                    .map(|(_, n, _)| n)
-                    .sum()
-            };
-            for (role, _, _) in &reps {
-                if !["ps", "worker", "chief", "master"]
-                    .iter()
-                    .any(|x| role.eq_ignore_ascii_case(x))
-                {
-                    return Err(Error::config(
-                        format!("{field}.{role}"),
-                        "is not a replica type tandem launch can start (PS, Worker, Chief, Master)",
-                    ));
-                }
-            }
-            let (ps, workers, chief) = (
-                count(&["ps"]),
-                count(&["worker"]),
-                count(&["chief", "master"]),
-            );
-            if chief > 1 {
-                return Err(Error::config(field, "has more than one Chief/Master"));
-            }
-            let trainers: Vec<_> = reps
-                .iter()
-                .filter(|(r, _, _)| !r.eq_ignore_ascii_case("ps"))
-                .cloned()
-                .collect();
-            let mut run = one_command(&trainers, &field)?;
-            if ps == 0 {
-                run.launch = Launch::Allreduce {
-                    nproc: (workers + chief).max(1),
-                };
-                return Ok(run);
-            }
-            if workers == 0 {
-                return Err(Error::config(
-                    format!("{field}.Worker"),
-                    "is missing: a job with parameter servers needs workers",
-                ));
-            }
-            let ps_run = reps
-                .iter()
-                .find(|(r, _, _)| r.eq_ignore_ascii_case("ps"))
-                .map(|(_, _, run)| run.command.clone());
-            let ps_command = ps_run.filter(|c| *c != run.command);
-            run.launch = Launch::Ps {
-                ps,
-                workers,
-                chief: chief == 1,
-                ps_command,
-            };
-            Ok(run)
+            tf_job(replicas(specs, &field, primary)?, &field)
         }
         other => Err(Error::config(
             format!("{FIELD}.kind"),
@@ -282,6 +227,66 @@ pub fn trial_run(trial_spec: &Value, primary: Option<&str>) -> Result<TrialRun> 
             ),
         )),
     }
+}
+
+/// A TFJob's replicas as one local launch: an allreduce job without parameter servers, else a
+/// parameter-server job of its PS, Worker and Chief/Master replicas.
+fn tf_job(reps: Vec<(String, usize, TrialRun)>, field: &str) -> Result<TrialRun> {
+    let count = |roles: &[&str]| -> usize {
+        reps.iter()
+            .filter(|(r, _, _)| roles.iter().any(|x| r.eq_ignore_ascii_case(x)))
+            .map(|(_, n, _)| n)
+            .sum()
+    };
+    for (role, _, _) in &reps {
+        if !["ps", "worker", "chief", "master"]
+            .iter()
+            .any(|x| role.eq_ignore_ascii_case(x))
+        {
+            return Err(Error::config(
+                format!("{field}.{role}"),
+                "is not a replica type tandem launch can start (PS, Worker, Chief, Master)",
+            ));
+        }
+    }
+    let (ps, workers, chief) = (
+        count(&["ps"]),
+        count(&["worker"]),
+        count(&["chief", "master"]),
+    );
+    if chief > 1 {
+        return Err(Error::config(field, "has more than one Chief/Master"));
+    }
+    let trainers: Vec<_> = reps
+        .iter()
+        .filter(|(r, _, _)| !r.eq_ignore_ascii_case("ps"))
+        .cloned()
+        .collect();
+    let mut run = one_command(&trainers, field)?;
+    if ps == 0 {
+        run.launch = Launch::Allreduce {
+            nproc: (workers + chief).max(1),
+        };
+        return Ok(run);
+    }
+    if workers == 0 {
+        return Err(Error::config(
+            format!("{field}.Worker"),
+            "is missing: a job with parameter servers needs workers",
+        ));
+    }
+    let ps_run = reps
+        .iter()
+        .find(|(r, _, _)| r.eq_ignore_ascii_case("ps"))
+        .map(|(_, _, run)| run.command.clone());
+    let ps_command = ps_run.filter(|c| *c != run.command);
+    run.launch = Launch::Ps {
+        ps,
+        workers,
+        chief: chief == 1,
+        ps_command,
+    };
+    Ok(run)
 }
 
 /// The command every trainer replica runs (they must agree: one command for the whole job).
