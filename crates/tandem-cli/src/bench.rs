@@ -186,21 +186,7 @@ pub(crate) fn congestion(flag: Option<&str>, env: &mut Vec<(String, String)>) ->
 
 /// Starts `np` ranks running the sweep and forwards rank 0's table.
 pub fn bench(collective: Collective, args: BenchArgs) -> Result<ExitCode> {
-    check_args(&args)?;
-    if args.elastic_cost && collective != Collective::Allreduce {
-        return Err(Error::invalid(
-            "--elastic-cost",
-            "is measured on allreduce (tandem bench allreduce --elastic-cost)",
-        ));
-    }
-    let hosts =
-        crate::hosts::Hosts::from_flags(args.hosts, args.ranks_per_host, args.link.as_deref())?;
-    if hosts.is_some() && args.backend != "tcp" {
-        return Err(Error::invalid(
-            "--backend",
-            "simulated hosts have no GPUs; use tcp",
-        ));
-    }
+    let hosts = check_job(collective, &args)?;
     let np = hosts.as_ref().map_or(args.np, |h| h.hosts * h.per_host);
     let link = hosts
         .as_ref()
@@ -271,6 +257,26 @@ fn tuning_env(args: &BenchArgs) -> Result<Vec<(String, String)>> {
         println!("# streams per peer: {n}");
     }
     Ok(env)
+}
+
+/// The flags of a collective bench checked together; the simulated hosts they ask for.
+fn check_job(collective: Collective, args: &BenchArgs) -> Result<Option<crate::hosts::Hosts>> {
+    check_args(args)?;
+    if args.elastic_cost && collective != Collective::Allreduce {
+        return Err(Error::invalid(
+            "--elastic-cost",
+            "is measured on allreduce (tandem bench allreduce --elastic-cost)",
+        ));
+    }
+    let hosts =
+        crate::hosts::Hosts::from_flags(args.hosts, args.ranks_per_host, args.link.as_deref())?;
+    if hosts.is_some() && args.backend != "tcp" {
+        return Err(Error::invalid(
+            "--backend",
+            "simulated hosts have no GPUs; use tcp",
+        ));
+    }
+    Ok(hosts)
 }
 
 /// The flags every bench checks before starting anything.

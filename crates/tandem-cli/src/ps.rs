@@ -106,19 +106,11 @@ pub fn ps(args: PsArgs) -> Result<ExitCode> {
         if let (Some(f), Some(a)) = (&config_follow, server.standby_address()) {
             println!("tandem ps {index}: standby of {} on {a}", f.primary);
         }
-        let logger = {
-            let service = service.clone();
-            let every = Duration::from_secs(args.log_every.max(1));
-            tokio::spawn(async move {
-                loop {
-                    tokio::time::sleep(every).await;
-                    if let Some(m) = service.model() {
-                        tracing::info!("ps {index}: {}", summary(&m));
-                        println!("tandem ps {index}: {}", summary(&m));
-                    }
-                }
-            })
-        };
+        let logger = tokio::spawn(log_summaries(
+            service.clone(),
+            index,
+            Duration::from_secs(args.log_every.max(1)),
+        ));
         let r = server.run(listener, shutdown_signal()).await;
         logger.abort();
         if let Some(m) = service.model() {
@@ -127,6 +119,17 @@ pub fn ps(args: PsArgs) -> Result<ExitCode> {
         r
     })?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Logs (and prints) the server's summary every `every`, until aborted.
+async fn log_summaries(service: tandem::ps::server::Service, index: usize, every: Duration) {
+    loop {
+        tokio::time::sleep(every).await;
+        if let Some(m) = service.model() {
+            tracing::info!("ps {index}: {}", summary(&m));
+            println!("tandem ps {index}: {}", summary(&m));
+        }
+    }
 }
 
 /// Whom this server's standby follows (`--follow`, or with `--replicate` the previous server of

@@ -26,6 +26,17 @@ pub struct Session {
     published: Option<std::path::PathBuf>,
 }
 
+/// The address others reach a rendezvous bound at `bind` by: its host with the bound port, or
+/// the bound address itself for a wildcard bind.
+fn advertised(bind: &str, bound: std::net::SocketAddr) -> String {
+    match bind.rsplit_once(':') {
+        Some((h, _)) if !h.is_empty() && h != "0.0.0.0" && h != "[::]" => {
+            format!("{h}:{}", bound.port())
+        }
+        _ => bound.to_string(),
+    }
+}
+
 impl Session {
     /// Joins the job described by `spec`: unless `external`, rank 0 binds the rendezvous address (or
     /// `bind`, when given); then every rank connects within `deadline`.
@@ -125,13 +136,7 @@ impl Session {
                 None => return Err(missing()),
             };
             let host = Host::bind(bind, ServerConfig::new(token.clone())).await?;
-            let port = host.addr().port();
-            let advertised = match bind.rsplit_once(':') {
-                Some((h, _)) if !h.is_empty() && h != "0.0.0.0" && h != "[::]" => {
-                    format!("{h}:{port}")
-                }
-                _ => host.addr().to_string(),
-            };
+            let advertised = advertised(bind, host.addr());
             let record = Published {
                 addr: advertised.clone(),
                 token: share.then(|| token.as_str().to_string()),

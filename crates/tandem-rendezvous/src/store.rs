@@ -278,6 +278,32 @@ impl Store {
         }
     }
 
+    /// Counts `member` in the named barrier's current round (the last to arrive opens the next);
+    /// returns the round it entered.
+    fn arrive(&self, name: &str, participants: u32, member: u32) -> Result<u64, StoreError> {
+        let mut st = self.lock();
+        let b = st.barriers.entry(name.to_string()).or_default();
+        if b.arrived.is_empty() {
+            b.participants = participants;
+        } else if b.participants != participants {
+            return Err(StoreError::Invalid(format!(
+                "barrier {name:?}: this member says {participants} participants, earlier members said {}",
+                b.participants
+            )));
+        }
+        if !b.arrived.insert(member) {
+            return Err(StoreError::Invalid(format!(
+                "barrier {name:?}: member {member} entered twice"
+            )));
+        }
+        let round = b.round;
+        if b.arrived.len() == participants as usize {
+            b.arrived.clear();
+            b.round += 1;
+        }
+        Ok(round)
+    }
+
     /// Enters round after round of the named barrier; returns the members missing at the timeout,
     /// or an empty list when all `participants` arrived.
     pub async fn barrier(
@@ -300,29 +326,7 @@ impl Store {
         }
         let deadline = self.clamp(timeout);
         let mut changes = self.version.subscribe();
-        let round = {
-            let mut st = self.lock();
-            let b = st.barriers.entry(name.to_string()).or_default();
-            if b.arrived.is_empty() {
-                b.participants = participants;
-            } else if b.participants != participants {
-                return Err(StoreError::Invalid(format!(
-                    "barrier {name:?}: this member says {participants} participants, earlier members said {}",
-                    b.participants
-                )));
-            }
-            if !b.arrived.insert(member) {
-                return Err(StoreError::Invalid(format!(
-                    "barrier {name:?}: member {member} entered twice"
-                )));
-            }
-            let round = b.round;
-            if b.arrived.len() == participants as usize {
-                b.arrived.clear();
-                b.round += 1;
-            }
-            round
-        };
+        let round = self.arrive(name, participants, member)?;
         self.bump();
         loop {
             changes.borrow_and_update();

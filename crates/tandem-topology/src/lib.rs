@@ -409,21 +409,25 @@ pub fn choose(topo: &Topology, k: usize) -> Result<Plan> {
         greedy(topo, k, &score, &better)
     };
     let ring = best.ok_or_else(|| Error::invalid("--gpus", "no ring found"))?;
-    let steps: Vec<Link> = (0..ring.len())
-        .map(|i| {
-            let (a, b) = (ring[i], ring[(i + 1) % ring.len()]);
-            topo.links[a][b]
-        })
-        .collect();
-    let bottleneck = (0..ring.len())
-        .map(|i| (ring[i], ring[(i + 1) % ring.len()], steps[i]))
-        .min_by(|x, y| x.2.gbps().total_cmp(&y.2.gbps()))
-        .unwrap_or((ring[0], ring[0], Link::SelfLink));
-    Ok(Plan {
-        ring,
-        bottleneck,
-        steps,
-    })
+    Ok(Plan::around(topo, ring))
+}
+
+impl Plan {
+    /// The plan of `ring` (non-empty): its links in order and its slowest one.
+    fn around(topo: &Topology, ring: Vec<usize>) -> Plan {
+        let steps: Vec<Link> = (0..ring.len())
+            .map(|i| topo.links[ring[i]][ring[(i + 1) % ring.len()]])
+            .collect();
+        let bottleneck = (0..ring.len())
+            .map(|i| (ring[i], ring[(i + 1) % ring.len()], steps[i]))
+            .min_by(|x, y| x.2.gbps().total_cmp(&y.2.gbps()))
+            .unwrap_or((ring[0], ring[0], Link::SelfLink));
+        Plan {
+            ring,
+            bottleneck,
+            steps,
+        }
+    }
 }
 
 fn binomial(n: u64, k: u64) -> u64 {

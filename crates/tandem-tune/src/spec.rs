@@ -396,16 +396,24 @@ fn objective(o: RawObjective) -> Result<Objective> {
             format!("{g} is not a finite number"),
         ));
     }
+    let strategy = strategy(goal, &metric, o.metric_strategies.unwrap_or_default())?;
+    Ok(Objective {
+        goal,
+        target: o.goal,
+        metric,
+        additional: o.additional_metric_names.unwrap_or_default(),
+        strategy,
+    })
+}
+
+/// How the objective metric's reports become a trial's value: `metricStrategies`' entry for it,
+/// else the best by the goal.
+fn strategy(goal: Goal, metric: &str, raw: Vec<RawStrategy>) -> Result<Strategy> {
     let mut strategy = match goal {
         Goal::Maximize => Strategy::Max,
         Goal::Minimize => Strategy::Min,
     };
-    for (i, st) in o
-        .metric_strategies
-        .unwrap_or_default()
-        .into_iter()
-        .enumerate()
-    {
+    for (i, st) in raw.into_iter().enumerate() {
         let v = match st.value.as_str() {
             "max" => Strategy::Max,
             "min" => Strategy::Min,
@@ -421,13 +429,7 @@ fn objective(o: RawObjective) -> Result<Objective> {
             strategy = v;
         }
     }
-    Ok(Objective {
-        goal,
-        target: o.goal,
-        metric,
-        additional: o.additional_metric_names.unwrap_or_default(),
-        strategy,
-    })
+    Ok(strategy)
 }
 
 fn parse_algorithm(field: &str, a: RawAlgorithm) -> Result<AlgorithmSpec> {

@@ -190,6 +190,28 @@ pub(crate) fn torchrun(vars: &(impl Vars + ?Sized)) -> Result<Option<ClusterSpec
 /// `SLURM_TASKS_PER_NODE` (the `SLURM_STEP_*` forms first, as they describe the running step).
 ///
 /// Peer hosts assume Slurm's default block distribution (ranks filled node by node).
+/// A named list, with the variable it came from.
+type Named<T> = Option<(String, Vec<T>)>;
+
+/// The allocation's nodes (expanded from the host list) and tasks per node, each with the
+/// variable it was read from.
+fn slurm_nodes_and_tasks(vars: &(impl Vars + ?Sized)) -> Result<(Named<String>, Named<usize>)> {
+    let lists = [
+        "SLURM_STEP_NODELIST",
+        "SLURM_JOB_NODELIST",
+        "SLURM_NODELIST",
+    ];
+    let nodes = match first_var(vars, &lists) {
+        Some((name, list)) => Some((name.clone(), expand_hostlist(&name, &list)?)),
+        None => None,
+    };
+    let tasks = match first_var(vars, &["SLURM_STEP_TASKS_PER_NODE", "SLURM_TASKS_PER_NODE"]) {
+        Some((name, v)) => Some((name.clone(), expand_tasks_per_node(&name, &v)?)),
+        None => None,
+    };
+    Ok((nodes, tasks))
+}
+
 pub(crate) fn slurm(vars: &(impl Vars + ?Sized)) -> Result<Option<ClusterSpec>> {
     if vars.var("SLURM_PROCID").is_none() {
         return Ok(None);
@@ -205,21 +227,7 @@ pub(crate) fn slurm(vars: &(impl Vars + ?Sized)) -> Result<Option<ClusterSpec>> 
     .ok_or_else(|| Error::config("SLURM_NTASKS", "is not set, but SLURM_PROCID is"))?;
     let local_rank = count_var(vars, "SLURM_LOCALID")?.unwrap_or(0);
     let node_id = count_var(vars, "SLURM_NODEID")?;
-    let nodes = match first_var(
-        vars,
-        &[
-            "SLURM_STEP_NODELIST",
-            "SLURM_JOB_NODELIST",
-            "SLURM_NODELIST",
-        ],
-    ) {
-        Some((name, list)) => Some((name.clone(), expand_hostlist(&name, &list)?)),
-        None => None,
-    };
-    let tasks = match first_var(vars, &["SLURM_STEP_TASKS_PER_NODE", "SLURM_TASKS_PER_NODE"]) {
-        Some((name, v)) => Some((name.clone(), expand_tasks_per_node(&name, &v)?)),
-        None => None,
-    };
+    let (nodes, tasks) = slurm_nodes_and_tasks(vars)?;
     let local_world_size = match &tasks {
         Some((tname, tasks)) => tasks_on_this_node(tname, tasks, world_size, node_id)?,
         None => None,

@@ -69,29 +69,7 @@ pub(crate) fn tf_config(vars: &(impl Vars + ?Sized)) -> Result<Option<ClusterSpe
     let (peers, replicas) = parse_cluster(cluster)?;
     let (role, type_name, index) = parse_task(&json)?;
     let in_cluster = replicas.get(&role).copied().unwrap_or(0);
-    let (rank, world_size) = if role == Role::Evaluator && in_cluster == 0 {
-        // TensorFlow runs the evaluator outside the training cluster: it is a job of its own.
-        (0, 1)
-    } else {
-        if index >= in_cluster {
-            return Err(err(format!(
-                "task.index {index} is out of range: the cluster lists {in_cluster} {type_name} task(s)"
-            )));
-        }
-        if let Some(members) = peers.get(&role)
-            && !members.contains_key(&index)
-        {
-            return Err(err(format!(
-                "cluster.{type_name} has no address for task index {index}"
-            )));
-        }
-        let before: usize = Role::ALL
-            .iter()
-            .take_while(|r| **r != role)
-            .map(|r| replicas.get(r).copied().unwrap_or(0))
-            .sum();
-        (before + index, replicas.values().sum())
-    };
+    let (rank, world_size) = rank_of(role, &type_name, index, &peers, &replicas)?;
     // The chief (or worker 0 when there is none) hosts the rendezvous at its own address.
     let rendezvous = peers
         .get(&Role::Chief)
@@ -122,6 +100,39 @@ pub(crate) fn tf_config(vars: &(impl Vars + ?Sized)) -> Result<Option<ClusterSpe
 }
 
 type Peers = BTreeMap<Role, BTreeMap<usize, String>>;
+
+/// The task's rank and the world size: every task counts, in the order chief, workers, parameter
+/// servers, evaluators; an evaluator outside the cluster is a job of its own (as TensorFlow runs it).
+fn rank_of(
+    role: Role,
+    type_name: &str,
+    index: usize,
+    peers: &Peers,
+    replicas: &BTreeMap<Role, usize>,
+) -> Result<(usize, usize)> {
+    let in_cluster = replicas.get(&role).copied().unwrap_or(0);
+    if role == Role::Evaluator && in_cluster == 0 {
+        return Ok((0, 1));
+    }
+    if index >= in_cluster {
+        return Err(err(format!(
+            "task.index {index} is out of range: the cluster lists {in_cluster} {type_name} task(s)"
+        )));
+    }
+    if let Some(members) = peers.get(&role)
+        && !members.contains_key(&index)
+    {
+        return Err(err(format!(
+            "cluster.{type_name} has no address for task index {index}"
+        )));
+    }
+    let before: usize = Role::ALL
+        .iter()
+        .take_while(|r| **r != role)
+        .map(|r| replicas.get(r).copied().unwrap_or(0))
+        .sum();
+    Ok((before + index, replicas.values().sum()))
+}
 
 /// `cluster`: each task type's members (by index) and how many of each there are.
 fn parse_cluster(

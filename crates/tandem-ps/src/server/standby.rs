@@ -85,6 +85,37 @@ pub(super) struct Standby {
     stop: Arc<Notify>,
 }
 
+/// Serves the standby's gRPC service on `listener` (only clients past `gate`; no rendezvous
+/// identity), until `stop` is notified.
+fn serve(
+    listener: TcpListener,
+    security: &tandem_tls::Security,
+    service: Service,
+    gate: Gate,
+    stop: Arc<Notify>,
+) {
+    let svc = ParameterServerServer::new(service)
+        .max_decoding_message_size(super::MAX_MESSAGE)
+        .max_encoding_message_size(super::MAX_MESSAGE);
+    let incoming = tandem_tls::grpc::incoming(listener, security.clone(), "standby", |r| {
+        !matches!(r, tandem_tls::identity::Role::Rendezvous)
+    });
+    tokio::spawn(async move {
+        let r = tonic::transport::Server::builder()
+            .initial_stream_window_size(super::STREAM_WINDOW)
+            .initial_connection_window_size(super::CONNECTION_WINDOW)
+            .max_concurrent_streams(Some(super::MAX_STREAMS))
+            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+            .add_service(InterceptedService::new(svc, gate))
+            .serve_with_incoming_shutdown(incoming, stop.notified())
+            .await;
+        if let Err(e) = r {
+            tracing::error!(error = %e, "the standby stopped serving");
+        }
+    });
+}
+
 impl Standby {
     /// Binds the standby's port (before the server runs, so its address is known).
     pub(super) async fn bind(
@@ -120,27 +151,7 @@ impl Standby {
             token: CheckToken(token.clone()),
             promotion: promotion.clone(),
         };
-        let svc = ParameterServerServer::new(service.clone())
-            .max_decoding_message_size(super::MAX_MESSAGE)
-            .max_encoding_message_size(super::MAX_MESSAGE);
-        let incoming = tandem_tls::grpc::incoming(listener, security.clone(), "standby", |r| {
-            !matches!(r, tandem_tls::identity::Role::Rendezvous)
-        });
-        let stopped = stop.clone();
-        tokio::spawn(async move {
-            let r = tonic::transport::Server::builder()
-                .initial_stream_window_size(super::STREAM_WINDOW)
-                .initial_connection_window_size(super::CONNECTION_WINDOW)
-                .max_concurrent_streams(Some(super::MAX_STREAMS))
-                .http2_keepalive_interval(Some(Duration::from_secs(30)))
-                .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-                .add_service(InterceptedService::new(svc, gate))
-                .serve_with_incoming_shutdown(incoming, stopped.notified())
-                .await;
-            if let Err(e) = r {
-                tracing::error!(error = %e, "the standby stopped serving");
-            }
-        });
+        serve(listener, &security, service.clone(), gate, stop.clone());
         let follower = Follower {
             primary: config.primary,
             me: addr.to_string(),

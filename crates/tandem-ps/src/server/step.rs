@@ -184,17 +184,7 @@ fn run(
             let r = push_sync(model, st, worker, step, gradient, due, replication);
             let _ = reply.send(r);
         }
-        Command::Withdraw { worker, step } => {
-            if st.step == step && st.pending.iter().any(|p| p.worker == worker) {
-                st.pending.retain(|p| p.worker != worker);
-                st.contributors.remove(&worker);
-                tracing::warn!(
-                    worker,
-                    step,
-                    "gradient withdrawn: the push ended before its step was applied"
-                );
-            }
-        }
+        Command::Withdraw { worker, step } => withdraw(st, worker, step),
         Command::CopyIn {
             worker,
             step,
@@ -226,6 +216,19 @@ fn run(
                 ..SyncStep::default()
             };
         }
+    }
+}
+
+/// Takes back `worker`'s gradient of `step` when the push ended before the step was applied.
+fn withdraw(st: &mut SyncStep, worker: u32, step: u64) {
+    if st.step == step && st.pending.iter().any(|p| p.worker == worker) {
+        st.pending.retain(|p| p.worker != worker);
+        st.contributors.remove(&worker);
+        tracing::warn!(
+            worker,
+            step,
+            "gradient withdrawn: the push ended before its step was applied"
+        );
     }
 }
 

@@ -181,25 +181,16 @@ impl StreamedGradient {
             .runtime
             .block_on(async { tokio::time::timeout(self.wait, stream.message()).await });
         let c = match next {
-            Err(_) => {
-                return Err(broken(format!(
-                    "sent nothing for {:?} (stopped at {})",
-                    self.wait,
-                    where_()
-                )));
-            }
-            Ok(Err(st)) => {
-                return Err(broken(format!(
-                    "stream broke at {}: {}",
-                    where_(),
-                    st.message()
-                )));
-            }
-            Ok(Ok(None)) => {
-                return Err(broken(format!("stream ended early, at {}", where_())));
-            }
-            Ok(Ok(Some(c))) => c,
-        };
+            Err(_) => Err(format!(
+                "sent nothing for {:?} (stopped at {})",
+                self.wait,
+                where_()
+            )),
+            Ok(Err(st)) => Err(format!("stream broke at {}: {}", where_(), st.message())),
+            Ok(Ok(None)) => Err(format!("stream ended early, at {}", where_())),
+            Ok(Ok(Some(c))) => Ok(c),
+        }
+        .map_err(broken)?;
         let fits = c.offset == pos as u64
             && (pos + c.data.len()) <= numel * 4
             && !c.data.is_empty()

@@ -45,28 +45,34 @@ pub(super) fn finish_all(
     Ok(())
 }
 
+/// Reads the metrics file a trial wrote (Katib's `File` collector), its placeholders filled.
+fn read_metrics_file(e: &Experiment, index: u64, path: &str, json: bool, r: &mut Running) {
+    let path = path
+        .replace("${trialName}", &format!("{}-trial-{index}", e.name))
+        .replace("${experimentName}", &e.name);
+    let file = match &e.template.working_dir {
+        Some(d) if !Path::new(&path).is_absolute() => Path::new(d).join(&path),
+        _ => Path::new(&path).to_path_buf(),
+    };
+    let Ok(text) = std::fs::read_to_string(&file) else {
+        return;
+    };
+    for line in text.lines() {
+        let pairs = if json {
+            r.parser.parse_json(line)
+        } else {
+            r.parser.parse(line)
+        };
+        r.metrics.add_pairs(pairs);
+    }
+}
+
 pub(super) fn conclude(e: &Experiment, record: &mut Record, index: u64, mut r: Running) -> Status {
     let exit = r.exited.map(|x| x.0).or_else(|| r.child.wait().ok());
     // Whatever the trial left behind in its process group goes too.
     signal(r.pgid, Signal::SIGKILL);
     if let Source::File { path, json } = &e.collector.source {
-        let path = path
-            .replace("${trialName}", &format!("{}-trial-{index}", e.name))
-            .replace("${experimentName}", &e.name);
-        let file = match &e.template.working_dir {
-            Some(d) if !Path::new(&path).is_absolute() => Path::new(d).join(&path),
-            _ => Path::new(&path).to_path_buf(),
-        };
-        if let Ok(text) = std::fs::read_to_string(&file) {
-            for line in text.lines() {
-                let pairs = if *json {
-                    r.parser.parse_json(line)
-                } else {
-                    r.parser.parse(line)
-                };
-                r.metrics.add_pairs(pairs);
-            }
-        }
+        read_metrics_file(e, index, path, *json, &mut r);
     }
     let objective = r.metrics.value(&e.objective.metric, e.objective.strategy);
     let (status, reason) = match (r.stop.take(), exit) {

@@ -323,32 +323,7 @@ impl ParameterServer for Service {
                 step: c.step,
                 parts: HashMap::new(),
             });
-            let key = (c.param, c.part);
-            let entry = part_of(&model, &key)?;
-            let want = entry.numel * 4;
-            let (buf, filled) = inc
-                .parts
-                .entry(key.clone())
-                .or_insert_with(|| (model.pool.take(entry.numel), 0));
-            let end = filled.checked_add(c.data.len());
-            if c.offset != *filled as u64 || end.is_none_or(|e| e > want) {
-                model.counters.rejected.fetch_add(1, Ordering::Relaxed);
-                return Err(invalid(format!(
-                    "gradient for {:?} partition {}: chunk at byte {} of {} bytes does not follow the {} bytes received (partition holds {want} bytes); nothing applied",
-                    key.0,
-                    key.1,
-                    c.offset,
-                    c.data.len(),
-                    *filled
-                )));
-            }
-            let bytes: &mut [u8] = bytemuck::cast_slice_mut(buf.as_mut_slice());
-            bytes[*filled..*filled + c.data.len()].copy_from_slice(&c.data);
-            *filled += c.data.len();
-            model
-                .counters
-                .bytes_in
-                .fetch_add(c.data.len() as u64, Ordering::Relaxed);
+            inc.take(&model, c)?;
         }
         drop(receiving);
         let inc = incoming.ok_or_else(|| invalid("empty push"))?;

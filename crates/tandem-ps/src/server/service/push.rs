@@ -12,6 +12,40 @@ pub(super) struct Incoming {
     pub(super) parts: HashMap<Key, (Vec<f32>, usize)>,
 }
 
+impl Incoming {
+    /// Copies chunk `c` into its partition's buffer, which it must continue exactly; a chunk that
+    /// does not is refused (nothing applied) and counted as rejected.
+    pub(super) fn take(&mut self, model: &Model, c: pb::PushChunk) -> Result<(), Status> {
+        let key = (c.param, c.part);
+        let entry = part_of(model, &key)?;
+        let want = entry.numel * 4;
+        let (buf, filled) = self
+            .parts
+            .entry(key.clone())
+            .or_insert_with(|| (model.pool.take(entry.numel), 0));
+        let end = filled.checked_add(c.data.len());
+        if c.offset != *filled as u64 || end.is_none_or(|e| e > want) {
+            model.counters.rejected.fetch_add(1, Ordering::Relaxed);
+            return Err(invalid(format!(
+                "gradient for {:?} partition {}: chunk at byte {} of {} bytes does not follow the {} bytes received (partition holds {want} bytes); nothing applied",
+                key.0,
+                key.1,
+                c.offset,
+                c.data.len(),
+                *filled
+            )));
+        }
+        let bytes: &mut [u8] = bytemuck::cast_slice_mut(buf.as_mut_slice());
+        bytes[*filled..*filled + c.data.len()].copy_from_slice(&c.data);
+        *filled += c.data.len();
+        model
+            .counters
+            .bytes_in
+            .fetch_add(c.data.len() as u64, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
 impl Service {
     /// Checks a received push (worker index, sizes, finiteness) and hands it to the sync step or
     /// applies it (async), off the async runtime.
