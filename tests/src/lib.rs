@@ -128,6 +128,26 @@ pub async fn ps_client(
     )
 }
 
+/// The helper binary's arguments for worker 0 of a one-worker sync job of `steps` steps against
+/// the parameter server at `addr` (a run that must train, or be refused).
+pub fn sync_worker_args(addr: &str, steps: u32) -> Vec<String> {
+    [
+        "ps-worker",
+        "--servers",
+        addr,
+        "--worker",
+        "0",
+        "--workers",
+        "1",
+        "--mode",
+        "sync",
+        "--steps",
+        &steps.to_string(),
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
 /// The environment of a parameter-server process of a test job: the token and the data plane.
 pub fn ps_env(token: &str, same_host: &str) -> Vec<(String, String)> {
     vec![
@@ -174,7 +194,7 @@ pub fn rank_env(rank: usize, world: usize, rendezvous: &str, token: &str) -> Vec
 
 /// Starts `exe args` with `env` added (and this run's transport, unless `env` names one: then
 /// over TCP unless it says otherwise), stdout and stderr captured.
-pub fn spawn(exe: &str, args: &[&str], env: &[(String, String)]) -> Child {
+pub fn spawn<S: AsRef<std::ffi::OsStr>>(exe: &str, args: &[S], env: &[(String, String)]) -> Child {
     let mut cmd = Command::new(exe);
     cmd.args(args)
         .stdout(Stdio::piped())

@@ -487,23 +487,7 @@ fn eavesdrop(bed: &Testbed, transport: &[(&str, &str)]) -> Seen {
     }
     let bind = format!("{}:29601", bed.addr(0));
     let mut server = bed.command(0, NODE, &["ps-server", "--bind", &bind]);
-    let mut worker = bed.command(
-        1,
-        NODE,
-        &[
-            "ps-worker",
-            "--servers",
-            &bind,
-            "--worker",
-            "0",
-            "--workers",
-            "1",
-            "--mode",
-            "sync",
-            "--steps",
-            "5",
-        ],
-    );
+    let mut worker = bed.command(1, NODE, &tandem_tests::sync_worker_args(&bind, 5));
     for c in [&mut server, &mut worker] {
         c.env("TANDEM_JOB_TOKEN", token.as_str())
             .envs(transport.iter().copied())

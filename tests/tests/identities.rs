@@ -97,21 +97,8 @@ fn worker(token: &JobToken, dir: &Path, addr: &str) -> std::process::Output {
         ("TANDEM_JOB_TOKEN".to_string(), token.as_str().to_string()),
         ("TANDEM_TLS_DIR".to_string(), dir.display().to_string()),
     ];
-    let args = [
-        "ps-worker",
-        "--servers",
-        addr,
-        "--worker",
-        "0",
-        "--workers",
-        "1",
-        "--mode",
-        "sync",
-        "--steps",
-        "3",
-        "--timeout",
-        "10",
-    ];
+    let mut args = tandem_tests::sync_worker_args(addr, 3);
+    args.extend(["--timeout".into(), "10".into()]);
     wait_output(spawn(NODE, &args, &env), LIMIT)
 }
 

@@ -46,21 +46,8 @@ fn a_worker_without_certificates_reaches_its_machines_server_over_the_local_sock
             (LOCAL.to_string(), local.to_string()),
             ("TANDEM_TLS_DIR".to_string(), String::new()),
         ];
-        let args = [
-            "ps-worker",
-            "--servers",
-            &addr,
-            "--worker",
-            "0",
-            "--workers",
-            "1",
-            "--mode",
-            "sync",
-            "--steps",
-            "3",
-            "--timeout",
-            "10",
-        ];
+        let mut args = tandem_tests::sync_worker_args(&addr, 3);
+        args.extend(["--timeout".into(), "10".into()]);
         wait_output(spawn(NODE, &args, &env), LIMIT)
     };
     let local = worker(token.as_str(), "1");

@@ -94,21 +94,8 @@ fn workers_without_the_jobs_certificates_are_refused_with_the_reason() {
             ("TANDEM_JOB_TOKEN".to_string(), token.as_str().to_string()),
             (transport.0.to_string(), transport.1),
         ];
-        let args = [
-            "ps-worker",
-            "--servers",
-            &addr,
-            "--worker",
-            "0",
-            "--workers",
-            "1",
-            "--mode",
-            "sync",
-            "--steps",
-            "3",
-            "--timeout",
-            "10",
-        ];
+        let mut args = tandem_tests::sync_worker_args(&addr, 3);
+        args.extend(["--timeout".into(), "10".into()]);
         tandem_tests::wait_output(spawn(NODE, &args, &env), LIMIT)
     };
     let stranger = worker(("TANDEM_TLS_DIR", other.display().to_string()));
@@ -136,19 +123,7 @@ fn workers_without_the_jobs_certificates_are_refused_with_the_reason() {
     // A good worker still trains.
     let mut good_env = vec![("TANDEM_JOB_TOKEN".to_string(), token.as_str().to_string())];
     good_env.extend(tandem_tests::tls_env());
-    let args = [
-        "ps-worker",
-        "--servers",
-        &addr,
-        "--worker",
-        "0",
-        "--workers",
-        "1",
-        "--mode",
-        "sync",
-        "--steps",
-        "3",
-    ];
+    let args = tandem_tests::sync_worker_args(&addr, 3);
     let good = tandem_tests::wait_output(spawn(NODE, &args, &good_env), LIMIT);
     assert!(good.status.success(), "{}", text(&good));
     let _ = server.kill();

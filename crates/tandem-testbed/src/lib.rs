@@ -250,7 +250,12 @@ impl Testbed {
 
     /// A command that runs `program args` on host `i` (its network, pid and mount namespaces), in
     /// this process's working directory. Stdin is null; configure the rest as usual.
-    pub fn command(&self, i: usize, program: &str, args: &[&str]) -> Command {
+    pub fn command<S: AsRef<std::ffi::OsStr>>(
+        &self,
+        i: usize,
+        program: &str,
+        args: &[S],
+    ) -> Command {
         let target = self.hosts[i]
             .init
             .as_ref()

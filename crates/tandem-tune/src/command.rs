@@ -3,6 +3,7 @@
 
 use crate::search::Assignment;
 use crate::spec::{Experiment, Launch};
+use tandem_launch::Layout;
 
 /// The command a trial runs: its own (a leading `tandem` or `script.py` resolved as
 /// [`tandem_launch::resolve_command`] does), or (a TFJob or PyTorchJob trial spec) `tandem launch` with
@@ -12,31 +13,29 @@ pub(crate) fn launched(
     command: Vec<String>,
     sub: impl Fn(&str) -> String,
 ) -> Vec<String> {
-    let layout: Vec<String> = match &e.template.launch {
+    let (layout, ps_command) = match &e.template.launch {
         Launch::Plain => return tandem_launch::resolve_command(command),
-        Launch::Allreduce { nproc } => vec!["--nproc".into(), nproc.to_string()],
-        Launch::Ps {
-            ps,
-            workers,
-            chief,
-            ps_command,
-        } => {
+        Launch::Job { layout, ps_command } => (layout, ps_command),
+    };
+    let mut layout: Vec<String> = match *layout {
+        Layout::Allreduce { nproc } => vec!["--nproc".into(), nproc.to_string()],
+        Layout::Ps { ps, workers, chief } => {
             let mut l = vec![
                 "--ps".into(),
                 ps.to_string(),
                 "--workers".into(),
                 workers.to_string(),
             ];
-            if *chief {
+            if chief {
                 l.push("--chief".into());
-            }
-            if let Some(c) = ps_command {
-                let c: Vec<String> = c.iter().map(|a| sub(a)).collect();
-                l.extend(["--ps-cmd".into(), c.join(" ")]);
             }
             l
         }
     };
+    if let Some(c) = ps_command {
+        let c: Vec<String> = c.iter().map(|a| sub(a)).collect();
+        layout.extend(["--ps-cmd".into(), c.join(" ")]);
+    }
     // TANDEM_CLI, this `tandem` binary, or `tandem` from PATH (tandem_launch::cli_command).
     let mut args = tandem_launch::cli_command();
     args.push("launch".into());

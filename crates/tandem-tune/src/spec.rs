@@ -487,7 +487,10 @@ fn template(t: RawTemplate, params: &[Parameter]) -> Result<Template> {
     env.extend(t.env.unwrap_or_default());
     let working_dir = t.working_dir.or(run.working_dir);
     let ps_command = match &run.launch {
-        Launch::Ps { ps_command, .. } => ps_command.clone().unwrap_or_default(),
+        Launch::Job {
+            ps_command: Some(c),
+            ..
+        } => c.clone(),
         _ => Vec::new(),
     };
     let trial_parameters = trial_parameters(t.trial_parameters.unwrap_or_default(), params)?;

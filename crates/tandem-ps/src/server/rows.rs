@@ -8,7 +8,7 @@ use bytes::Bytes;
 use tonic::{Code, Status};
 
 use super::Service;
-use super::model::{Key, Model, PartData, PartEntry};
+use super::model::{Key, Model, PartEntry};
 use super::same_host::blocking;
 use super::service::{all_finite, part_of};
 use crate::failure::{invalid, status};
@@ -124,20 +124,18 @@ fn apply_row_gradients(model: &Model, key: &Key, rows: &[u64], data: &[u8]) -> R
         acc.iter_mut().zip(grad).for_each(|(a, b)| *a += b);
     }
     let mut rows: Vec<(usize, Vec<f32>)> = merged.into_iter().collect();
-    let mut d = entry.write();
-    let PartData {
-        values,
-        state,
-        version,
-    } = &mut *d;
-    crate::optimizer::apply_rows(
-        &model.optimizer,
-        state,
-        values,
-        row_len,
-        &mut rows,
-        *version,
-    );
-    *version += 1;
-    Ok(*version)
+    model
+        .update_versioned(key, |values, state, version| {
+            crate::optimizer::apply_rows(
+                &model.optimizer,
+                state,
+                values,
+                row_len,
+                &mut rows,
+                version,
+            )
+        })
+        .map(|(_, version)| version)
+        // `part_of` found it above, and partitions are never removed.
+        .map_or_else(|| part_of(model, key).map(|_| 0), Ok)
 }

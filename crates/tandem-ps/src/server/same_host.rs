@@ -63,12 +63,8 @@ pub struct SharedGradient {
 }
 
 impl GradientSource for SharedGradient {
-    fn covers(&self, key: &Key) -> bool {
-        self.regions.iter().any(|(k, _)| k == key)
-    }
-
-    fn partitions(&self) -> Vec<Key> {
-        self.regions.iter().map(|(k, _)| k.clone()).collect()
+    fn held(&self) -> &[(Key, usize)] {
+        &self.regions
     }
 
     fn read(&self, key: &Key, at: usize, dst: &mut [f32]) -> Result<(), Unreadable> {

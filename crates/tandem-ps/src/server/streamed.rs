@@ -78,12 +78,8 @@ impl std::fmt::Debug for StreamedGradient {
 }
 
 impl GradientSource for StreamedGradient {
-    fn covers(&self, key: &Key) -> bool {
-        self.parts.iter().any(|(k, _)| k == key)
-    }
-
-    fn partitions(&self) -> Vec<Key> {
-        self.parts.iter().map(|(k, _)| k.clone()).collect()
+    fn held(&self) -> &[(Key, usize)] {
+        &self.parts
     }
 
     fn read(&self, key: &Key, at: usize, dst: &mut [f32]) -> Result<(), Unreadable> {

@@ -68,10 +68,19 @@ pub enum Unreadable {
 /// A gradient that stays where it is (in a worker's memory on this machine) until its step is
 /// applied, read a piece at a time then.
 pub trait GradientSource: Send + std::fmt::Debug {
+    /// The partitions it holds gradients for, with their elements: what [`Self::covers`] and
+    /// [`Self::partitions`] read unless a source answers them itself.
+    fn held(&self) -> &[(Key, usize)] {
+        &[]
+    }
     /// Whether it holds a gradient for partition `key`.
-    fn covers(&self, key: &Key) -> bool;
+    fn covers(&self, key: &Key) -> bool {
+        self.held().iter().any(|(k, _)| k == key)
+    }
     /// The partitions it holds gradients for.
-    fn partitions(&self) -> Vec<Key>;
+    fn partitions(&self) -> Vec<Key> {
+        self.held().iter().map(|(k, _)| k.clone()).collect()
+    }
     /// Copies elements `at..at + dst.len()` of its gradient for `key` into `dst`; an error says
     /// why it cannot be read any more (the worker left or died).
     fn read(&self, key: &Key, at: usize, dst: &mut [f32]) -> Result<(), Unreadable>;

@@ -9,28 +9,30 @@ use std::collections::BTreeMap;
 
 use serde_norway::Value;
 use tandem_core::{Error, Result};
+use tandem_launch::Layout;
 
 /// How a trial's command is started.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Launch {
     /// As it is (a batch/v1 Job, or the `command` shorthand).
     Plain,
-    /// `tandem launch --nproc N` (a PyTorchJob, or a TFJob without parameter servers).
-    Allreduce {
-        /// Processes.
-        nproc: usize,
-    },
-    /// `tandem launch --ps P --workers W [--chief] [--ps-cmd CMD]` (a TFJob with PS replicas).
-    Ps {
-        /// Parameter servers.
-        ps: usize,
-        /// Workers.
-        workers: usize,
-        /// A separate chief replica.
-        chief: bool,
-        /// The servers' command, when it is not the workers'.
+    /// Under `tandem launch` with the replicas of a PyTorchJob or TFJob.
+    Job {
+        /// The job's shape (`--nproc N`, or `--ps P --workers W [--chief]`).
+        layout: Layout,
+        /// The servers' command, when it is not the workers' (`--ps-cmd`).
         ps_command: Option<Vec<String>>,
     },
+}
+
+impl Launch {
+    /// `tandem launch --nproc n`.
+    pub fn allreduce(nproc: usize) -> Launch {
+        Launch::Job {
+            layout: Layout::Allreduce { nproc },
+            ps_command: None,
+        }
+    }
 }
 
 /// What one trial runs, read off a trial spec.
@@ -209,9 +211,7 @@ pub fn trial_run(trial_spec: &Value, primary: Option<&str>) -> Result<TrialRun> 
             let reps = replicas(specs, &field, primary)?;
             let nproc: usize = reps.iter().map(|(_, n, _)| n).sum();
             let mut run = one_command(&reps, &field)?;
-            run.launch = Launch::Allreduce {
-                nproc: nproc.max(1),
-            };
+            run.launch = Launch::allreduce(nproc.max(1));
             Ok(run)
         }
         "TFJob" => {
@@ -264,9 +264,7 @@ fn tf_job(reps: Vec<(String, usize, TrialRun)>, field: &str) -> Result<TrialRun>
         .collect();
     let mut run = one_command(&trainers, field)?;
     if ps == 0 {
-        run.launch = Launch::Allreduce {
-            nproc: (workers + chief).max(1),
-        };
+        run.launch = Launch::allreduce((workers + chief).max(1));
         return Ok(run);
     }
     if workers == 0 {
@@ -280,10 +278,12 @@ fn tf_job(reps: Vec<(String, usize, TrialRun)>, field: &str) -> Result<TrialRun>
         .find(|(r, _, _)| r.eq_ignore_ascii_case("ps"))
         .map(|(_, _, run)| run.command.clone());
     let ps_command = ps_run.filter(|c| *c != run.command);
-    run.launch = Launch::Ps {
-        ps,
-        workers,
-        chief: chief == 1,
+    run.launch = Launch::Job {
+        layout: Layout::Ps {
+            ps,
+            workers,
+            chief: chief == 1,
+        },
         ps_command,
     };
     Ok(run)
@@ -388,7 +388,7 @@ spec:
 "#,
         );
         let run = trial_run(&tf, Some("tensorflow")).expect("tfjob");
-        assert_eq!(run.launch, Launch::Allreduce { nproc: 2 });
+        assert_eq!(run.launch, Launch::allreduce(2));
         let ps = yaml(
             r#"
 kind: TFJob
@@ -402,10 +402,12 @@ spec:
         let run = trial_run(&ps, Some("tensorflow")).expect("ps tfjob");
         assert_eq!(
             run.launch,
-            Launch::Ps {
-                ps: 1,
-                workers: 3,
-                chief: true,
+            Launch::Job {
+                layout: Layout::Ps {
+                    ps: 1,
+                    workers: 3,
+                    chief: true,
+                },
                 ps_command: Some(vec!["tandem".into(), "ps".into()])
             }
         );
@@ -420,7 +422,7 @@ spec:
 "#,
         );
         let run = trial_run(&torch, Some("pytorch")).expect("pytorchjob");
-        assert_eq!(run.launch, Launch::Allreduce { nproc: 3 });
+        assert_eq!(run.launch, Launch::allreduce(3));
         let split = yaml(
             r#"
 kind: PyTorchJob

@@ -322,6 +322,17 @@ impl Model {
     /// Runs one update of partition `key` (values and optimizer state) under its write guard and
     /// counts it; `None` for a partition this server does not hold.
     fn update<R>(&self, key: &Key, f: impl FnOnce(&mut Vec<f32>, &mut State) -> R) -> Option<R> {
+        self.update_versioned(key, |values, state, _| f(values, state))
+            .map(|(r, _)| r)
+    }
+
+    /// [`Self::update`] handing `f` the partition's version before the update; returns `f`'s
+    /// answer and the new version.
+    pub(crate) fn update_versioned<R>(
+        &self,
+        key: &Key,
+        f: impl FnOnce(&mut Vec<f32>, &mut State, u64) -> R,
+    ) -> Option<(R, u64)> {
         let entry = self.parts.get(key)?;
         let mut d = entry.write();
         let PartData {
@@ -329,9 +340,9 @@ impl Model {
             state,
             version,
         } = &mut *d;
-        let r = f(values, state);
+        let r = f(values, state, *version);
         *version += 1;
-        Some(r)
+        Some((r, *version))
     }
 
     /// Applies one averaged (sync) or single (async) gradient to a partition.

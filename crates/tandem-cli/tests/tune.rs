@@ -1,5 +1,6 @@
-//! Katib's own experiment files (copies in tests/katib/, the trial command pointed at the stand-in
-//! trainer `mnist.py`) run by `tandem tune`: the random, grid and TPE searches with a batch/v1 Job
+//! `tandem tune`: the repository's example experiment finds settings that beat the demo's
+//! defaults, a bad spec is refused before any trial, and Katib's own experiment files (copies in
+//! tests/katib/, the trial command pointed at the stand-in trainer `mnist.py`) run: the random, grid and TPE searches with a batch/v1 Job
 //! trial spec, median stopping, a TFJob trial spec run as a local two-process job, Katib's File
 //! collector with JSON lines and a metric strategy; Bayesian optimization and TensorFlow event
 //! files are refused, naming the field.
@@ -25,24 +26,79 @@ fn tune(label: &str, spec: &str) -> (Output, Option<serde_json::Value>, PathBuf)
     let dir = std::env::temp_dir().join(format!("tandem-katib-{label}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("dir");
-    let file = dir.join("experiment.yaml");
-    std::fs::write(&file, spec).expect("spec");
+    std::fs::write(dir.join("experiment.yaml"), spec).expect("spec");
+    let (out, record) = tune_in(&dir);
+    (out, record, dir)
+}
+
+/// Runs `tandem tune` on `dir/experiment.yaml`, writing to `dir/out`.
+fn tune_in(dir: &Path) -> (Output, Option<serde_json::Value>) {
     let out_dir = dir.join("out");
     let out = std::process::Command::new(TANDEM)
         .args([
             "tune",
-            &file.to_string_lossy(),
+            &dir.join("experiment.yaml").to_string_lossy(),
             "--out",
             &out_dir.to_string_lossy(),
         ])
-        .current_dir(&dir)
+        .current_dir(dir)
         .env("TANDEM_CLI", TANDEM)
         .output()
         .expect("tandem tune");
     let record = std::fs::read_to_string(out_dir.join("experiment.json"))
         .ok()
         .and_then(|t| serde_json::from_str(&t).ok());
-    (out, record, dir)
+    (out, record)
+}
+
+#[test]
+fn tune_example_finds_settings_that_beat_the_defaults() {
+    let yaml = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../examples/tune/experiment.yaml"
+    ))
+    .expect("the example")
+    .replace("target/release/tandem", TANDEM);
+    let (out, record, dir) = tune("example", &yaml);
+    let record = finished("example", &out, record);
+    let best = record["best"]["objective"].as_f64().expect("a best trial");
+    for png in ["objective.png", "param-lr.png", "param-batch_size.png"] {
+        let bytes = std::fs::read(dir.join("out").join(png)).expect("png");
+        assert_eq!(&bytes[1..4], b"PNG");
+    }
+    // The demo's default settings, trained the same way.
+    let default = std::process::Command::new(TANDEM)
+        .args([
+            "demo",
+            "--mode",
+            "allreduce",
+            "--workers",
+            "2",
+            "--steps",
+            "300",
+        ])
+        .output()
+        .expect("tandem demo");
+    let text = String::from_utf8_lossy(&default.stdout);
+    let acc: f64 = text
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("accuracy=")?.parse().ok())
+        .expect("default accuracy");
+    assert!(
+        best > acc,
+        "best trial {best} does not beat the defaults' {acc}"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn tune_rejects_a_bad_spec_before_any_trial() {
+    let spec = "spec:\n  objective: {type: maximize}\n  algorithm: {algorithmName: random}\n  parameters: []\n  trialTemplate: {command: [\"true\"]}\n";
+    let (out, record, dir) = tune("bad", spec);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("objectiveMetricName"));
+    assert!(record.is_none() && !dir.join("out").exists(), "nothing ran");
+    let _ = std::fs::remove_dir_all(dir);
 }
 
 fn trials(record: &serde_json::Value) -> &Vec<serde_json::Value> {
@@ -212,16 +268,7 @@ fn a_file_collector_reads_json_lines_with_the_latest_value_as_objective() {
         assert_eq!(t["objective"].as_f64(), Some(want), "{t}");
     }
     // resumePolicy Never: the finished experiment is not run again in its folder.
-    let again = std::process::Command::new(TANDEM)
-        .args([
-            "tune",
-            &dir.join("experiment.yaml").to_string_lossy(),
-            "--out",
-            &dir.join("out").to_string_lossy(),
-        ])
-        .current_dir(&dir)
-        .output()
-        .expect("tandem tune");
+    let (again, _) = tune_in(&dir);
     let err = String::from_utf8_lossy(&again.stderr);
     assert_eq!(again.status.code(), Some(1), "{err}");
     assert!(
