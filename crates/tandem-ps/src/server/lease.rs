@@ -11,14 +11,14 @@
 //!   `LEASE_EXPIRED`; when it pushes for the server's current step it is back. A lease must be
 //!   longer than a worker's compute between a pull and its push.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use tokio::sync::Notify;
 use tonic::{Code, Status};
 
-use super::checkpoint;
 use super::model::Model;
 use super::same_host::blocking;
 use super::service::Service;
@@ -44,6 +44,65 @@ impl Default for Heard {
             last: HashMap::new(),
             calls: HashMap::new(),
         }
+    }
+}
+
+/// The workers as the server sees them, one part of the service with its own state: when each
+/// was last heard from, its calls in progress (the leases), and which said done (the last of them
+/// notifies `all_done`).
+#[derive(Clone)]
+pub(crate) struct Roster {
+    heard: Arc<Mutex<Heard>>,
+    done: Arc<Mutex<BTreeSet<u32>>>,
+    all_done: Arc<Notify>,
+}
+
+impl Roster {
+    /// Nobody heard from yet; `all_done` is notified when every worker has said done.
+    pub(crate) fn new(all_done: Arc<Notify>) -> Roster {
+        Roster {
+            heard: Arc::default(),
+            done: Arc::default(),
+            all_done,
+        }
+    }
+
+    /// A call of worker `worker` starts: it is heard from now, and its lease holds until the
+    /// returned guard is dropped.
+    pub(crate) fn calling(&self, worker: u32) -> Call {
+        let mut h = self.heard();
+        if h.last.len() < TRACKED || h.last.contains_key(&worker) {
+            h.last.insert(worker, Instant::now());
+            *h.calls.entry(worker).or_default() += 1;
+        }
+        Call {
+            heard: self.heard.clone(),
+            worker,
+        }
+    }
+
+    /// Worker `worker` of `workers` said done; returns how many have not (at 0, `all_done` is
+    /// notified).
+    pub(crate) fn said_done(&self, worker: u32, workers: u32) -> u32 {
+        let remaining = {
+            let mut d = self.done.lock().unwrap_or_else(|p| p.into_inner());
+            d.insert(worker);
+            workers.saturating_sub(d.len() as u32)
+        };
+        if remaining == 0 && workers > 0 {
+            tracing::info!("every worker is done");
+            self.all_done.notify_one();
+        }
+        remaining
+    }
+
+    /// The workers that said done.
+    fn done(&self) -> BTreeSet<u32> {
+        self.done.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn heard(&self) -> std::sync::MutexGuard<'_, Heard> {
+        self.heard.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -121,15 +180,7 @@ impl Service {
     /// A call of worker `worker` starts: it is heard from now, and its lease holds until the
     /// returned guard is dropped.
     pub(crate) fn calling(&self, worker: u32) -> Call {
-        let mut h = self.heard.lock().unwrap_or_else(|p| p.into_inner());
-        if h.last.len() < TRACKED || h.last.contains_key(&worker) {
-            h.last.insert(worker, Instant::now());
-            *h.calls.entry(worker).or_default() += 1;
-        }
-        Call {
-            heard: self.heard.clone(),
-            worker,
-        }
+        self.roster.calling(worker)
     }
 
     /// Marks as gone every worker (not done, not gone already) with no call in progress that has
@@ -138,8 +189,8 @@ impl Service {
         let Some(model) = self.model() else {
             return Vec::new();
         };
-        let done = self.done.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        let h = self.heard.lock().unwrap_or_else(|p| p.into_inner());
+        let done = self.roster.done();
+        let h = self.roster.heard();
         let mut gone = model.gone.lock().unwrap_or_else(|p| p.into_inner());
         let at = *model.version.borrow();
         let mut expired = Vec::new();
@@ -172,8 +223,8 @@ impl Service {
     /// there is nobody left to wait for).
     pub fn silent_workers(&self, timeout: Duration) -> Option<String> {
         let workers = self.model().map_or(0, |m| m.mode.workers);
-        let done = self.done.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        let h = self.heard.lock().unwrap_or_else(|p| p.into_inner());
+        let done = self.roster.done();
+        let h = self.roster.heard();
         let (started, heard) = (&h.started, &h.last);
         // Before any declaration the workers are not known: those heard from, or worker 0.
         let expected: Vec<u32> = if workers > 0 {
@@ -229,8 +280,7 @@ impl Service {
 
     /// Writes a checkpoint now, if the server has a checkpoint directory and parameters.
     pub async fn final_checkpoint(&self) -> tandem_core::Result<Option<PathBuf>> {
-        let (Some(policy), Some(d)) = (self.checkpoint.clone(), self.declared.get().cloned())
-        else {
+        let (true, Some(d)) = (self.checkpoints.enabled(), self.declared.get().cloned()) else {
             return Ok(None);
         };
         let snap = match &d.stepper {
@@ -244,11 +294,12 @@ impl Service {
                 })?
             }
         };
-        let path = blocking(move || checkpoint::write(&policy.dir, policy.index, &snap))
+        let checkpoints = self.checkpoints.clone();
+        blocking(move || checkpoints.write(&snap))
             .await
             .map_err(|st| {
                 tandem_core::Error::transport("the final checkpoint", st.message().to_string())
-            })??;
-        Ok(Some(path))
+            })?
+            .transpose()
     }
 }

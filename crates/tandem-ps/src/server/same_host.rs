@@ -287,11 +287,7 @@ impl Service {
             return self.apply_now(model, from, bytes, worker, step).await;
         };
         // One check pass at a time per permit, on the blocking pool.
-        let receiving = self
-            .receiving
-            .acquire()
-            .await
-            .map_err(|_| shutting_down())?;
+        let receiving = self.intake.admit().await?;
         let from = {
             let model = model.clone();
             blocking(move || from.check(&model, false).map(|_| from)).await??
@@ -386,11 +382,7 @@ impl Service {
         // The staleness bound first (without a permit, so a waiting push never blocks the pushes
         // it waits for), then the check pass and the update in one trip to the blocking pool.
         wait_staleness(&model, worker, self.limits.max_wait).await?;
-        let receiving = self
-            .receiving
-            .acquire()
-            .await
-            .map_err(|_| shutting_down())?;
+        let receiving = self.intake.admit().await?;
         let svc = self.clone();
         let result = blocking(move || {
             let clip = model.optimizer.clip_norm > 0.0;

@@ -14,7 +14,6 @@
 //! of it, so a non-finite gradient is refused whole; the server checks every piece again as it
 //! reads it, and one found part-way stops the push there like a broken stream.
 
-use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -24,17 +23,12 @@ use tonic::{Code, Status, Streaming};
 use super::Service;
 use super::model::{GradientSource, Key, Model, PIECE, Partial, Unreadable};
 use super::same_host::{blocking, shutting_down};
+use super::service::intake::{Claim, Taking};
 use super::service::{all_finite, check_worker, part_of};
 use super::step::{apply_async, wait_staleness};
 use crate::failure::{invalid, partially_applied, status};
 use crate::pb;
 use crate::pb::Reason;
-
-/// A worker's last async push applied as read: its id, and its answer once known.
-pub struct Recent {
-    id: u64,
-    answer: Option<Result<pb::PushResponse, Status>>,
-}
 
 /// How long a sync push through the stream waits for its step before the server copies the rest
 /// of its gradient into the step's sum and lets the worker go on (so workers waiting on each other
@@ -357,25 +351,10 @@ impl Service {
             return self.apply_streamed(model, source, worker, step, None).await;
         }
         let mut waited = Duration::ZERO;
-        loop {
-            let known = {
-                let mut recent = self.recent_pushes.lock().map_err(|_| shutting_down())?;
-                match recent.get(&worker) {
-                    Some(r) if r.id == push_id => r.answer.clone(),
-                    _ => {
-                        recent.insert(
-                            worker,
-                            Recent {
-                                id: push_id,
-                                answer: None,
-                            },
-                        );
-                        break;
-                    }
-                }
-            };
-            match known {
-                Some(answer) => {
+        let taking = loop {
+            match self.intake.claim(worker, push_id)? {
+                Claim::New(taking) => break taking,
+                Claim::Answered(answer) => {
                     tracing::warn!(
                         worker,
                         push_id,
@@ -384,11 +363,11 @@ impl Service {
                     return answer;
                 }
                 // The first attempt is still being applied: its answer is due soon.
-                None if waited < self.limits.receive_wait => {
+                Claim::InProgress if waited < self.limits.receive_wait => {
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     waited += Duration::from_millis(50);
                 }
-                None => {
+                Claim::InProgress => {
                     return Err(status(
                         Code::DeadlineExceeded,
                         Reason::Deadline,
@@ -398,12 +377,6 @@ impl Service {
                     ));
                 }
             }
-        }
-        let taking = Taking {
-            recent: self.recent_pushes.clone(),
-            worker,
-            id: push_id,
-            armed: true,
         };
         self.apply_streamed(model, source, worker, step, Some(taking))
             .await
@@ -420,18 +393,10 @@ impl Service {
         mut taking: Option<Taking>,
     ) -> Result<pb::PushResponse, Status> {
         wait_staleness(&model, worker, self.limits.max_wait).await?;
-        let receiving = self
-            .receiving
-            .clone()
-            .acquire_owned()
-            .await
-            .map_err(|_| shutting_down())?;
+        let receiving = self.intake.admit().await?;
         let svc = self.clone();
         // From here the blocking task owns the outcome: it records it whatever happens to this call.
-        let record = taking.as_mut().map(|t| {
-            t.armed = false;
-            (t.recent.clone(), t.id)
-        });
+        let record = taking.as_mut().map(Taking::own);
         let result = blocking(move || {
             let mut scratch = model.pool.take(PIECE);
             let r = apply_async(
@@ -451,46 +416,13 @@ impl Service {
             );
             model.pool.give(scratch);
             drop(receiving);
-            if let Some((recent, id)) = record {
-                let answer = r.as_ref().map(|(resp, _)| *resp).map_err(Clone::clone);
-                if let Ok(mut recent) = recent.lock() {
-                    recent.insert(
-                        worker,
-                        Recent {
-                            id,
-                            answer: Some(answer),
-                        },
-                    );
-                }
+            if let Some(recorder) = record {
+                recorder.record(r.as_ref().map(|(resp, _)| *resp).map_err(Clone::clone));
             }
             r
         })
         .await?;
         self.answer(result)
-    }
-}
-
-/// An async push by id being taken: dropped before the blocking task owns it (the call ended while
-/// waiting on the staleness bound), it forgets the id, since nothing was applied.
-struct Taking {
-    recent: Arc<Mutex<HashMap<u32, Recent>>>,
-    worker: u32,
-    id: u64,
-    armed: bool,
-}
-
-impl Drop for Taking {
-    fn drop(&mut self) {
-        if !self.armed {
-            return;
-        }
-        if let Ok(mut recent) = self.recent.lock()
-            && recent
-                .get(&self.worker)
-                .is_some_and(|r| r.id == self.id && r.answer.is_none())
-        {
-            recent.remove(&self.worker);
-        }
     }
 }
 

@@ -4,11 +4,10 @@
 //! same-machine data plane lives in [`super::same_host`], sparse rows in [`super::rows`], and the
 //! checks of what a declaration may ask in [`super::convert`].
 
-use std::collections::{BTreeSet, HashMap};
-use std::path::PathBuf;
+use std::collections::HashMap;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::Stream;
@@ -16,7 +15,7 @@ use tokio::sync::{Notify, OnceCell};
 use tokio_stream::StreamExt;
 use tonic::{Code, Request, Response, Status, Streaming};
 
-use super::checkpoint::{self, Snapshot};
+use super::checkpoint::Snapshot;
 use super::convert::{mode_from, optimizer_from, partition_from};
 use super::model::{Key, Model};
 use super::pull::PulledChunks;
@@ -52,17 +51,6 @@ impl Default for Limits {
     }
 }
 
-/// Where and how often a server checkpoints.
-#[derive(Debug, Clone)]
-pub struct CheckpointPolicy {
-    /// Directory of the checkpoint files.
-    pub dir: PathBuf,
-    /// This server's index (names its file).
-    pub index: usize,
-    /// Write every this many versions (0: only on request).
-    pub every: u64,
-}
-
 /// The declared model and, in sync mode, the thread that owns its step.
 #[derive(Clone)]
 pub(super) struct Declared {
@@ -74,19 +62,17 @@ pub(super) struct Declared {
 #[derive(Clone)]
 pub struct Service {
     pub(super) declared: Arc<OnceCell<Declared>>,
-    pub(super) checkpoint: Option<CheckpointPolicy>,
+    /// When and where it checkpoints.
+    pub(super) checkpoints: Checkpoints,
     pub(super) incarnation: u64,
     declare_lock: Arc<tokio::sync::Mutex<()>>,
-    pub(super) done: Arc<Mutex<BTreeSet<u32>>>,
-    all_done: Arc<Notify>,
     pub(super) limits: Limits,
-    pub(super) receiving: Arc<tokio::sync::Semaphore>,
-    /// Async pushes applied as read: each worker's last push id and, once known, its answer, so a
-    /// push sent again after a lost connection is answered instead of applied twice.
-    pub(super) recent_pushes: Arc<Mutex<HashMap<u32, super::streamed::Recent>>>,
+    /// Pushes in flight: how many are received at once, and async pushes sent again.
+    pub(super) intake: intake::Intake,
     pub(super) same_host: Arc<SameHost>,
-    /// When each worker was last heard from, and its calls in progress (the leases).
-    pub(super) heard: Arc<Mutex<super::lease::Heard>>,
+    /// The workers: when each was last heard from, its calls in progress (the leases), and
+    /// which said done.
+    pub(super) roster: super::lease::Roster,
     /// The standby following this server, if any (primary-backup replication).
     pub replication: Arc<super::replica::Replication>,
 }
@@ -106,16 +92,13 @@ impl Service {
             | 1;
         Service {
             same_host: Arc::new(SameHost::from_env()),
-            receiving: Arc::new(tokio::sync::Semaphore::new(limits.concurrent_pushes.max(1))),
-            recent_pushes: Arc::default(),
+            intake: intake::Intake::new(limits.concurrent_pushes),
             declared: Arc::new(OnceCell::new()),
-            checkpoint,
+            checkpoints: Checkpoints::new(checkpoint),
             incarnation,
             declare_lock: Arc::new(tokio::sync::Mutex::new(())),
-            done: Arc::default(),
-            all_done,
             limits,
-            heard: Arc::default(),
+            roster: super::lease::Roster::new(all_done),
             replication: Arc::default(),
         }
     }
@@ -126,8 +109,8 @@ impl Service {
         let stepper = if model.mode.sync {
             // Not the service itself: it holds this thread's sender, and the thread must end when
             // the service is dropped.
-            let policy = self.checkpoint.clone();
-            let due = move |v| checkpoint_due(policy.as_ref(), v);
+            let checkpoints = self.checkpoints.clone();
+            let due = move |v| checkpoints.due(v);
             let replication = self.replication.clone();
             Some(
                 Stepper::start(model.clone(), due, replication).map_err(|e| {
@@ -157,22 +140,11 @@ impl Service {
 
     /// Writes the snapshot in the background.
     pub(super) fn write_in_background(&self, snap: Snapshot) {
-        if let Some(policy) = self.checkpoint.clone() {
-            tokio::task::spawn_blocking(move || {
-                match checkpoint::write(&policy.dir, policy.index, &snap) {
-                    Ok(p) => {
-                        tracing::info!(version = snap.version, path = %p.display(), "checkpoint written")
-                    }
-                    Err(e) => {
-                        tracing::error!(error = %e, "checkpoint failed; the previous one is intact")
-                    }
-                }
-            });
-        }
+        self.checkpoints.write_in_background(snap);
     }
 
     pub(super) fn due(&self, version: u64) -> bool {
-        checkpoint_due(self.checkpoint.as_ref(), version)
+        self.checkpoints.due(version)
     }
 
     /// The model, once declared.
@@ -188,11 +160,6 @@ impl Service {
         let d = self.declared.get().ok_or_else(not_declared)?;
         Ok((d.model.clone(), d.stepper.clone()))
     }
-}
-
-/// Whether a checkpoint is due at `version`.
-fn checkpoint_due(policy: Option<&CheckpointPolicy>, version: u64) -> bool {
-    policy.is_some_and(|c| c.every > 0 && version > 0 && version.is_multiple_of(c.every))
 }
 
 fn not_declared() -> Status {
@@ -310,11 +277,7 @@ impl ParameterServer for Service {
         let mut stream = futures::stream::iter([Ok(first)]).chain(stream);
         // Bounded memory: only a few pushes are received at a time. The permit covers receiving
         // only, so a push waiting on the staleness bound never blocks the pushes it waits for.
-        let receiving = self
-            .receiving
-            .acquire()
-            .await
-            .map_err(|_| shutting_down())?;
+        let receiving = self.intake.admit().await?;
         let mut incoming: Option<Incoming> = None;
         while let Some(chunk) = stream.next().await {
             let c = chunk?;
@@ -405,15 +368,7 @@ impl ParameterServer for Service {
         let worker = req.into_inner().worker;
         let _call = self.calling(worker);
         let workers = self.model().map_or(0, |m| m.mode.workers);
-        let remaining = {
-            let mut d = self.done.lock().unwrap_or_else(|p| p.into_inner());
-            d.insert(worker);
-            workers.saturating_sub(d.len() as u32)
-        };
-        if remaining == 0 && workers > 0 {
-            tracing::info!("every worker is done");
-            self.all_done.notify_one();
-        }
+        let remaining = self.roster.said_done(worker, workers);
         Ok(Response::new(pb::DoneResponse { remaining }))
     }
 
@@ -438,21 +393,23 @@ impl ParameterServer for Service {
         _req: Request<pb::CheckpointRequest>,
     ) -> Result<Response<pb::CheckpointResponse>, Status> {
         let (model, stepper) = self.declared_with_stepper()?;
-        let policy = self.checkpoint.clone().ok_or_else(|| {
-            status(
+        if !self.checkpoints.enabled() {
+            return Err(status(
                 Code::FailedPrecondition,
                 Reason::NoCheckpointDir,
                 "this server was started without a checkpoint directory",
-            )
-        })?;
+            ));
+        }
         // In sync mode the step's owner takes it between two steps, so it is one consistent step.
         let snap = match stepper {
             Some(stepper) => stepper.snapshot().await?,
             None => blocking(move || model.snapshot()).await?,
         };
         let version = snap.version;
-        let written = blocking(move || checkpoint::write(&policy.dir, policy.index, &snap))
+        let checkpoints = self.checkpoints.clone();
+        let written = blocking(move || checkpoints.write(&snap))
             .await?
+            .ok_or_else(|| status(Code::Internal, Reason::Internal, "no checkpoint folder"))?
             .map_err(|e| status(Code::Internal, Reason::Internal, e.to_string()))?;
         Ok(Response::new(pb::CheckpointResponse {
             version,
@@ -489,5 +446,10 @@ impl ParameterServer for Service {
     }
 }
 
+mod checkpoints;
+pub(super) mod intake;
+
+pub use checkpoints::CheckpointPolicy;
+use checkpoints::Checkpoints;
 mod push;
 use push::Incoming;
