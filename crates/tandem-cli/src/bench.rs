@@ -31,6 +31,7 @@ pub enum Collective {
 }
 
 impl Collective {
+    /// The collective's name, as the subcommand and the CSV spell it.
     pub(crate) fn name(self) -> &'static str {
         match self {
             Collective::Allreduce => "allreduce",

@@ -142,10 +142,12 @@ pub struct BenchPsWorkerArgs {
     sequential: bool,
 }
 
+/// `--params`: a plain count or one with a suffix (`100K`, `10M`).
 fn parse_count(s: &str) -> Result<usize> {
     crate::local_job::parse_scaled("--params", s, 1000, "a count such as 1000, 100K or 10M")
 }
 
+/// Peak resident memory of process `pid` (`VmHWM`), in bytes; 0 once it is gone.
 fn rss_of(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
@@ -157,6 +159,7 @@ fn rss_of(pid: u32) -> u64 {
         .map_or(0, |kb| kb * 1024)
 }
 
+/// Kills and reaps the benchmark's processes (servers left running after the workers ended).
 fn stop(children: &mut [Child]) {
     for c in children {
         let _ = c.kill();

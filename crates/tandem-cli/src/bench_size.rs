@@ -8,6 +8,8 @@ use tandem::{DType, ProcessGroup, ReduceOp, Result};
 
 use crate::bench::Collective;
 
+/// Sets every element of `buf` to `value` in `dtype` (what each rank contributes, so the
+/// expected result is known without a reference run).
 pub(crate) fn fill(buf: &mut [u8], dtype: DType, value: f64) {
     let one: Vec<u8> = match dtype {
         DType::F32 => (value as f32).to_le_bytes().to_vec(),
@@ -23,6 +25,8 @@ pub(crate) fn fill(buf: &mut [u8], dtype: DType, value: f64) {
     }
 }
 
+/// How many elements of `buf` differ from `want` in `dtype`: a wrong result is counted, never
+/// hidden behind a fast time.
 pub(crate) fn wrong(buf: &[u8], dtype: DType, want: f64) -> usize {
     let mut expect = vec![0u8; dtype.size()];
     fill(&mut expect, dtype, want);
@@ -31,6 +35,8 @@ pub(crate) fn wrong(buf: &[u8], dtype: DType, want: f64) -> usize {
         .count()
 }
 
+/// Timed iterations for a buffer of `bytes`: `--iters`, else fewer for larger buffers so each
+/// size takes about as long.
 pub(crate) fn iterations(bytes: usize, iters: Option<usize>) -> usize {
     iters
         .unwrap_or(if bytes >= 16 << 20 {
@@ -120,6 +126,8 @@ pub(crate) fn run_size_device(
     Ok((wrong, start.elapsed(), iters))
 }
 
+/// Times `iters` operations of `collective` on `bytes` through the TCP ring after `warmup`
+/// untimed ones; returns the elements found wrong, the elapsed time and the iterations timed.
 pub(crate) fn run_size(
     pg: &ProcessGroup,
     coll: Collective,

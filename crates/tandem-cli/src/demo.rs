@@ -36,6 +36,7 @@ pub enum Mode {
 }
 
 impl Mode {
+    /// The mode's name in the demo's output.
     fn name(self) -> &'static str {
         match self {
             Mode::All => "all",
@@ -105,6 +106,7 @@ struct Report {
     bytes: f64,
 }
 
+/// The flags' bounds, checked before any process starts.
 fn check(a: &DemoArgs) -> Result<()> {
     if a.workers == 0 || a.workers > 64 {
         return Err(Error::invalid(
@@ -184,6 +186,8 @@ pub fn demo(args: DemoArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Launches the demo's processes in `mode` and follows their progress lines to a report
+/// (accuracy, time, bytes).
 fn run_job(mode: Mode, a: &DemoArgs) -> Result<Report> {
     let bar = ProgressBar::new(a.steps as u64);
     bar.set_style(
@@ -312,6 +316,7 @@ pub fn worker(args: WorkerArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Prints a `PROGRESS step loss` line every 10 steps and at the last, for the launcher's bar.
 fn progress(step: usize, steps: usize, loss: f32) {
     if (step + 1).is_multiple_of(10) || step + 1 == steps {
         println!("PROGRESS {} {loss:.4}", step + 1);
@@ -329,6 +334,8 @@ fn evaluate(step: usize, steps: usize, model: &Mlp, tx: &ndarray::Array2<f32>, t
     }
 }
 
+/// One rank of the allreduce demo: trains the model on its shard, averaging gradients with the
+/// other ranks every step.
 fn allreduce_worker(a: &DemoArgs) -> Result<()> {
     let pg = ProcessGroup::from_env()?;
     let (rank, n) = (pg.rank(), pg.world_size());
@@ -389,6 +396,8 @@ fn allreduce_worker(a: &DemoArgs) -> Result<()> {
     pg.shutdown()
 }
 
+/// One worker of the parameter-server demo: pulls the model, computes its shard's gradient and
+/// pushes it, synchronously or not.
 fn ps_worker(a: &DemoArgs, sync: bool) -> Result<()> {
     let job = PsJob::from_env()?;
     let token = JobToken::from_env()?.ok_or_else(|| Error::config(TOKEN_VAR, "is not set"))?;

@@ -130,6 +130,7 @@ impl Drop for JobTransport {
 /// the command returns, so the hosts (namespaces, processes) are removed on the way out instead of
 /// being left behind by a killed process.
 pub fn interrupted() -> Arc<AtomicBool> {
+    /// Made once per process: the signal watcher sets it.
     static FLAG: OnceLock<Arc<AtomicBool>> = OnceLock::new();
     FLAG.get_or_init(|| {
         let flag = Arc::new(AtomicBool::new(false));
@@ -253,6 +254,7 @@ fn finish(mut children: Vec<Child>) -> String {
     failed
 }
 
+/// Reads a child's output line by line on a thread of its own, printing it when `print`.
 fn forward(pipe: impl std::io::Read + Send + 'static, print: bool) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
         for line in BufReader::new(pipe)

@@ -35,6 +35,7 @@ struct Cli {
     command: Command,
 }
 
+/// Every subcommand of `tandem`.
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Print the cluster spec resolved from the environment (or the configuration error).

@@ -9,26 +9,36 @@ use std::io::BufWriter;
 
 use tandem::{Error, Result};
 
+/// Width of a chart in pixels.
 const W: usize = 1000;
+/// Height of a chart in pixels.
 const H: usize = 600;
+/// Margin left of the plot, for the y axis's labels.
 const LEFT: usize = 110;
+/// Margin right of the plot.
 const RIGHT: usize = 24;
+/// Margin above the plot, for the title and the legend.
 const TOP: usize = 100;
+/// Margin below the plot, for the x axis's labels.
 const BOTTOM: usize = 64;
 /// Pixels per character at the scale text is drawn (8×8 glyphs, twice their size).
 const CHAR: i64 = 16;
 
+/// An RGB image drawn pixel by pixel (charts need lines, squares and text only: no drawing
+/// crate).
 struct Canvas {
     px: Vec<u8>,
 }
 
 impl Canvas {
+    /// A white canvas of [`W`] x [`H`].
     fn new() -> Self {
         Canvas {
             px: vec![255; W * H * 3],
         }
     }
 
+    /// Colours one pixel; outside the canvas, nothing.
     fn set(&mut self, x: i64, y: i64, rgb: [u8; 3]) {
         if (0..W as i64).contains(&x) && (0..H as i64).contains(&y) {
             let i = (y as usize * W + x as usize) * 3;
@@ -36,6 +46,7 @@ impl Canvas {
         }
     }
 
+    /// A line `thick` pixels wide (Bresenham's, each point a square).
     fn line(&mut self, (x0, y0): (i64, i64), (x1, y1): (i64, i64), rgb: [u8; 3], thick: i64) {
         let steps = (x1 - x0).abs().max((y1 - y0).abs()).max(1);
         for i in 0..=steps {
@@ -83,6 +94,7 @@ impl Canvas {
     }
 }
 
+/// A byte count as the size axis labels it (`4K`, `64M`, `1G`).
 fn size_label(bytes: usize) -> String {
     match bytes {
         b if b >= 1 << 30 => format!("{}G", b >> 30),
@@ -92,6 +104,7 @@ fn size_label(bytes: usize) -> String {
     }
 }
 
+/// Writes the canvas as an 8-bit RGB PNG.
 fn save(c: &Canvas, path: &str) -> Result<()> {
     let file = std::fs::File::create(path).map_err(|e| Error::io(format!("creating {path}"), e))?;
     let mut enc = png::Encoder::new(BufWriter::new(file), W as u32, H as u32);
@@ -105,6 +118,7 @@ fn save(c: &Canvas, path: &str) -> Result<()> {
         .map_err(|e| Error::transport(format!("writing {path}"), e.to_string()))
 }
 
+/// A value as an axis tick labels it: plain, or in scientific notation when very small or large.
 fn tick(v: f64) -> String {
     let a = v.abs();
     if a != 0.0 && !(0.01..10_000.0).contains(&a) {
@@ -232,12 +246,14 @@ impl Frame {
         })
     }
 
+    /// The canvas column of value `x`.
     fn px(&self, x: f64) -> i64 {
         let x = if self.log_x { x.log10() } else { x };
         self.x.0
             + ((x - self.min_x) / (self.max_x - self.min_x) * (self.x.1 - self.x.0) as f64) as i64
     }
 
+    /// The canvas row of value `y`.
     fn py(&self, y: f64) -> i64 {
         self.y.0
             - ((y - self.min_y) / (self.max_y - self.min_y) * (self.y.0 - self.y.1) as f64) as i64

@@ -25,6 +25,7 @@ pub struct TuneArgs {
     out: Option<PathBuf>,
 }
 
+/// A trial's status as the table prints it.
 fn status_name(s: Status) -> &'static str {
     match s {
         Status::Running => "running",
@@ -35,6 +36,7 @@ fn status_name(s: Status) -> &'static str {
     }
 }
 
+/// The trials as a table: index, status, parameters, objective.
 fn table(e: &Experiment, r: &Record) -> Vec<String> {
     let mut head = format!("{:<6} {:<14}", "trial", "status");
     for p in &e.parameters {
@@ -61,6 +63,7 @@ fn table(e: &Experiment, r: &Record) -> Vec<String> {
     lines
 }
 
+/// A parameter's value, short enough for a table cell.
 fn short(v: &Value) -> String {
     match v {
         Value::Float(x) => format!("{x:.4e}")
@@ -246,6 +249,8 @@ fn parameter_points(
     (log_x, names, pts)
 }
 
+/// Charts of the experiment in `out`: the objective per trial with the best so far, and the
+/// objective against each parameter; returns the files written.
 fn plot(e: &Experiment, r: &Record, out: &std::path::Path) -> Result<Vec<PathBuf>> {
     let scored: Vec<&tandem_tune::Trial> =
         r.trials.iter().filter(|t| t.objective.is_some()).collect();

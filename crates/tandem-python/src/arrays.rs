@@ -9,6 +9,7 @@ use tandem::{DType, Element};
 /// The numpy dtype names Tandem accepts, and their Tandem dtypes.
 pub const SUPPORTED: &str = "float32, float64, float16, bfloat16 (ml_dtypes), int32, int64, uint8";
 
+/// The dtype of a numpy dtype name; `None` for one Tandem does not reduce.
 fn dtype_of(name: &str) -> Option<DType> {
     Some(match name {
         "float32" => DType::F32,
@@ -49,6 +50,8 @@ pub fn inspect(a: &Bound<'_, PyAny>, what: &str) -> PyResult<(DType, Vec<usize>)
     Ok((dtype, arr.shape().to_vec()))
 }
 
+/// A numpy borrow refused (the array is borrowed elsewhere, or read-only where it is written)
+/// as a ValueError naming the argument.
 fn borrow_error(what: &str, e: numpy::BorrowError) -> PyErr {
     let text = e.to_string();
     if text.contains("not writeable") {
@@ -100,6 +103,7 @@ macro_rules! by_dtype {
     };
 }
 
+/// `a` as an array of `T`, or a TypeError naming the argument.
 fn typed<'a, 'py, T: numpy::Element>(
     a: &'a Bound<'py, PyAny>,
     what: &str,

@@ -24,8 +24,11 @@ const SIGNAL_POLL: Duration = Duration::from_millis(50);
 /// wake-up costs more than a small collective takes.
 const SPIN: Duration = Duration::from_micros(100);
 
+/// A value made once per process: the pid that made it (a forked child makes its own) and the
+/// value.
 type Owned<T> = Mutex<Option<(u32, Arc<T>)>>;
 
+/// The runtime that runs blocking calls' futures off the Python thread.
 static RUNTIME: Owned<tokio::runtime::Runtime> = Mutex::new(None);
 
 thread_local! {

@@ -29,6 +29,7 @@ impl PyBoard {
         }
     }
 
+    /// A failure of the Python store's `what` as a transport error naming the store.
     fn failed(&self, what: &str, e: PyErr) -> Error {
         Error::transport(format!("{what} {}", self.name), e.to_string())
     }

@@ -17,6 +17,7 @@ pub struct PyElastic {
 }
 
 impl PyElastic {
+    /// Runs `f` on the elastic state with the GIL released.
     fn with<T: Send>(
         &self,
         py: Python<'_>,

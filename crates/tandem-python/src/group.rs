@@ -19,12 +19,14 @@ use crate::arrays::{new_array, with_bytes, with_bytes_mut};
 use crate::blocking::collective;
 use crate::errors::IntoPy;
 
+/// A reduce operator from its Python name (`sum`, `avg`, `min`, ...).
 fn reduce_op(op: &str) -> PyResult<ReduceOp> {
     op.parse::<ReduceOp>().map_err(|_| {
         PyValueError::new_err(format!("op={op:?} is not one of sum, avg, min, max, prod"))
     })
 }
 
+/// A deadline given in seconds, checked positive and finite; `what` names the argument.
 fn seconds(what: &str, s: f64) -> PyResult<Duration> {
     Duration::try_from_secs_f64(s)
         .ok()
@@ -89,6 +91,7 @@ impl PyProcessGroup {
         }
     }
 
+    /// The group, or UnusableError once it was shut down.
     fn pg(&self) -> PyResult<&ProcessGroup> {
         self.pg.as_ref().ok_or_else(|| {
             crate::errors::to_py(tandem::Error::Unusable {
@@ -420,6 +423,8 @@ fn staged(array: &Bound<'_, PyAny>) -> PyResult<TensorMut> {
     })
 }
 
+/// What a background operation will hand back: a tensor (copied into `into` or returned) or
+/// nothing.
 enum Pending {
     Tensor(Work<TensorMut>),
     Unit(Work<()>),
@@ -434,6 +439,7 @@ pub struct PyWork {
 }
 
 impl PyWork {
+    /// The handle of an operation that returns a tensor, written into `into` or returned as `result`.
     fn new(work: Work<TensorMut>, into: Option<Py<PyAny>>, result: Option<Py<PyAny>>) -> Self {
         PyWork {
             pending: std::sync::Mutex::new(Some(Pending::Tensor(work))),
@@ -441,6 +447,7 @@ impl PyWork {
             result,
         }
     }
+    /// The handle of an operation that returns nothing (a barrier).
     fn new_unit(work: Work<()>) -> Self {
         PyWork {
             pending: std::sync::Mutex::new(Some(Pending::Unit(work))),

@@ -70,6 +70,7 @@ fn init_logging() {
     tandem_cli::init_logging();
 }
 
+/// The extension module `tandem._native`: the classes and functions the Python package wraps.
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;

@@ -25,6 +25,7 @@ use crate::errors::IntoPy;
 /// One declared parameter as Python passes it: (name, shape, init, a, b, seed).
 type Decl = (String, Vec<usize>, String, f64, f64, u64);
 
+/// The job token: `token=`, else `TANDEM_JOB_TOKEN`, else a configuration error saying both.
 fn token_from(token: Option<String>) -> PyResult<JobToken> {
     match token {
         Some(t) => JobToken::new(t).py_err(),
@@ -37,6 +38,7 @@ fn token_from(token: Option<String>) -> PyResult<JobToken> {
     }
 }
 
+/// Gradient `name` as a float32 array, or a TypeError naming it and the dtype it has.
 fn f32_array<'py>(name: &str, a: &Bound<'py, PyAny>) -> PyResult<PyReadonlyArrayDyn<'py, f32>> {
     let arr = a.cast::<PyArrayDyn<f32>>().map_err(|_| {
         PyTypeError::new_err(format!(

@@ -45,6 +45,8 @@ pub(crate) fn launched(
     args
 }
 
+/// `arg` with `${trialName}`, `${experimentName}` and `${trialParameters.X}` filled in for trial
+/// `name` with `params`.
 pub(crate) fn substitute(e: &Experiment, arg: &str, name: &str, params: &Assignment) -> String {
     let mut out = arg
         .replace("${trialName}", name)

@@ -20,6 +20,8 @@ pub struct Metrics {
     pub series: BTreeMap<String, Vec<Report>>,
 }
 
+/// Whether `s` can name a metric: letters, digits, `_`, `-`, `.` and `/`, starting with a
+/// letter or `_`.
 fn is_name(s: &str) -> bool {
     !s.is_empty()
         && s.chars()

@@ -59,6 +59,8 @@ pub struct Observation {
     pub objective: f64,
 }
 
+/// The random generator of trial `index` of a search seeded with `seed`: each trial's draw
+/// depends on its index alone, so a resumed experiment draws what it would have.
 pub(crate) fn rng_for(seed: u64, index: u64) -> StdRng {
     StdRng::seed_from_u64(seed ^ index.wrapping_mul(0x9E37_79B9_7F4A_7C15).rotate_left(17))
 }
@@ -209,6 +211,7 @@ pub struct Search {
     seed: u64,
 }
 
+/// Which search suggests the next trials.
 #[derive(Debug, Clone)]
 enum Kind {
     Random,

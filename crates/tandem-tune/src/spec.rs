@@ -368,6 +368,7 @@ fn collector(c: Option<RawCollectorSpec>) -> Result<crate::metrics::Collector> {
     Ok(c)
 }
 
+/// `spec.objective`: the goal, the metric (required), an optional target and how reports reduce.
 fn objective(o: RawObjective) -> Result<Objective> {
     let goal = match o.kind.as_str() {
         "maximize" => Goal::Maximize,
@@ -432,6 +433,7 @@ fn strategy(goal: Goal, metric: &str, raw: Vec<RawStrategy>) -> Result<Strategy>
     Ok(strategy)
 }
 
+/// An `algorithm` block: its name (lower case) and settings, naming `field` in errors.
 fn parse_algorithm(field: &str, a: RawAlgorithm) -> Result<AlgorithmSpec> {
     let name = a.algorithm_name.trim().to_ascii_lowercase();
     if name.is_empty() {
@@ -446,6 +448,8 @@ fn parse_algorithm(field: &str, a: RawAlgorithm) -> Result<AlgorithmSpec> {
     Ok(AlgorithmSpec { name, settings })
 }
 
+/// `spec.trialTemplate`: what a trial runs (a command, or a Job, TFJob or PyTorchJob trial spec),
+/// its parameters, environment, folder and deadline, every placeholder checked.
 fn template(t: RawTemplate, params: &[Parameter]) -> Result<Template> {
     let _ = (
         &t.primary_pod_labels,

@@ -114,6 +114,7 @@ impl Parzen {
         Parzen { kernels }
     }
 
+    /// The weight of every kernel together.
     fn total_weight(&self) -> f64 {
         self.kernels.iter().map(|k| k.weight).sum()
     }
@@ -208,6 +209,8 @@ pub fn suggest(
         .collect()
 }
 
+/// TPE for a numeric parameter: candidates drawn from the good trials' Parzen estimator, the one
+/// with the best ratio of good to bad density kept.
 fn numeric(
     p: &Parameter,
     good: &[&Assignment],
@@ -235,6 +238,8 @@ fn numeric(
     from_unit(p, best.map_or(0.5, |b| b.1))
 }
 
+/// TPE for a categorical or discrete parameter: candidates drawn by their probability among the
+/// good trials (counts plus a prior), the one with the best ratio to the bad trials' kept.
 fn categorical(
     p: &Parameter,
     good: &[&Assignment],

@@ -4,7 +4,7 @@
 //! One path: every series is encoded by prometheus-client from one [`Registry`] that carries the
 //! labels `job`, `rank` and `role` of the process's [`Identity`]. Counters and histograms that
 //! Tandem updates off the hot path are prometheus-client's own; the operation histograms
-//! ([`ops`]) and the per-peer socket counters ([`crate::sockets`]) keep their values elsewhere
+//! (`ops.rs`) and the per-peer socket counters (`sockets.rs`) keep their values elsewhere
 //! (lock-free atomics; the kernel) and join the registry as [`Collector`]s read at scrape time,
 //! as a parameter server's counters do ([`register`]).
 //!
@@ -19,7 +19,7 @@
 //! | `tandem_peer_retransmits_total` | `peer` | TCP segments retransmitted to each peer |
 //! | `tandem_rendezvous_seconds` (histogram) | `call` | rendezvous round trips |
 //! | `tandem_ps_call_seconds` (histogram) | `call` | parameter-server calls of a worker (`push`, `pull`) |
-//! | `tandem_ps_*` | | a parameter server's counters (its own [`add_source`]) |
+//! | `tandem_ps_*` | | a parameter server's counters (a collector it [`register`]s) |
 //!
 //! ```
 //! tandem_observe::identify(tandem_observe::Identity::new("rank", 0, 1));

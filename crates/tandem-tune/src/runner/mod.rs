@@ -41,11 +41,13 @@ pub enum Change {
     Finished,
 }
 
+/// What a trial's output reader reports: a line, or its output closed.
 enum Event {
     Line(u64, String),
     Closed(u64),
 }
 
+/// A trial running: its process, what it reported, and why it is being stopped, if it is.
 struct Running {
     child: Child,
     pgid: Option<i32>,
@@ -66,6 +68,7 @@ pub fn spec_hash(text: &str) -> String {
     format!("{h:016x}")
 }
 
+/// The median of `v`; `None` when empty.
 fn median(mut v: Vec<f64>) -> Option<f64> {
     if v.is_empty() {
         return None;
@@ -205,9 +208,11 @@ struct Experimenting<'a> {
     exhausted: bool,
 }
 
+/// Called on every change of the record (a trial started, reported, ended).
 type OnChange<'f> = &'f mut dyn FnMut(&Record, &Change);
 
 impl Experimenting<'_> {
+    /// Stops every trial (killed), records them and the experiment as interrupted, resumable.
     fn interrupt(mut self, on_change: OnChange<'_>) -> Result<Record> {
         stop_all(
             &mut self.running,
@@ -228,6 +233,7 @@ impl Experimenting<'_> {
         Ok(self.record)
     }
 
+    /// Waits for the running trials and records the experiment's outcome and why it ended.
     fn finish(mut self, on_change: OnChange<'_>) -> Result<Record> {
         let finished = self.record.trials.len() as u32;
         let exhausted = self.exhausted;
@@ -435,6 +441,9 @@ impl Experimenting<'_> {
     }
 }
 
+/// Katib's median stopping rule: why trial `index` should stop (its latest report, from
+/// `start_step` on, is worse than the median of the succeeded trials at that step, once
+/// `min_trials_required` have), or `None`.
 fn median_stop(
     e: &Experiment,
     record: &Record,

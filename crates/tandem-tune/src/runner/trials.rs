@@ -3,12 +3,14 @@
 
 use super::*;
 
+/// Sends `s` to a trial's process group, if it has one.
 pub(super) fn signal(pgid: Option<i32>, s: Signal) {
     if let Some(p) = pgid {
         let _ = killpg(Pid::from_raw(p), s);
     }
 }
 
+/// Stops every running trial with `status`, recording `why`.
 pub(super) fn stop_all(running: &mut BTreeMap<u64, Running>, status: Status, why: &str) {
     for r in running.values_mut() {
         if r.stop.is_none() {
@@ -67,6 +69,8 @@ fn read_metrics_file(e: &Experiment, index: u64, path: &str, json: bool, r: &mut
     }
 }
 
+/// Ends trial `index`: reaps it, reads its metrics file, records its status, objective and
+/// metrics, and returns the status.
 pub(super) fn conclude(e: &Experiment, record: &mut Record, index: u64, mut r: Running) -> Status {
     let exit = r.exited.map(|x| x.0).or_else(|| r.child.wait().ok());
     // Whatever the trial left behind in its process group goes too.
@@ -114,6 +118,8 @@ pub(super) fn conclude(e: &Experiment, record: &mut Record, index: u64, mut r: R
     status
 }
 
+/// Starts trial `index` with `params`: its command (placeholders filled, under `tandem launch`
+/// for a distributed trial spec) in its own process group, its output read line by line.
 pub(super) fn start(
     e: &Experiment,
     index: u64,

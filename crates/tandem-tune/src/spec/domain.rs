@@ -7,6 +7,8 @@ use super::format_number;
 use super::raw::{RawSpace, Scalar};
 use crate::spec::Domain;
 
+/// Whether a parameter's space is logarithmic: `distribution: logUniform` or `scale: log` (both
+/// given must agree).
 fn log_scale(field: &str, sp: &RawSpace) -> Result<bool> {
     let from_distribution = match sp.distribution.as_deref() {
         None => None,
@@ -39,6 +41,7 @@ fn log_scale(field: &str, sp: &RawSpace) -> Result<bool> {
     }
 }
 
+/// The domain of a parameter of `kind` (`double`, `int`, `categorical`, `discrete`), checked.
 pub(super) fn domain(field: &str, kind: &str, sp: RawSpace) -> Result<Domain> {
     let fs = format!("{field}.feasibleSpace");
     let log = log_scale(field, &sp)?;

@@ -48,16 +48,20 @@ pub struct TrialRun {
     pub launch: Launch,
 }
 
+/// The field every error about a trial spec names.
 const FIELD: &str = "spec.trialTemplate.trialSpec";
 
+/// Field `key` of a YAML mapping.
 fn get<'a>(v: &'a Value, key: &str) -> Option<&'a Value> {
     v.as_mapping()?.get(Value::String(key.into()))
 }
 
+/// The value at `keys`, one mapping after another.
 fn path<'a>(v: &'a Value, keys: &[&str]) -> Option<&'a Value> {
     keys.iter().try_fold(v, |v, k| get(v, k))
 }
 
+/// A list of strings (a container's `command` or `args`), naming `field` when it is not one.
 fn strings(v: Option<&Value>, field: &str) -> Result<Vec<String>> {
     let Some(v) = v else {
         return Ok(Vec::new());

@@ -17,12 +17,14 @@ pub(super) enum Scalar {
 }
 
 impl Scalar {
+    /// The scalar as text (numbers without a needless `.0`).
     pub(super) fn text(&self) -> String {
         match self {
             Scalar::Num(n) => format_number(*n),
             Scalar::Str(s) => s.clone(),
         }
     }
+    /// The scalar as a number (a string is parsed), naming `field` when it is not one.
     pub(super) fn number(&self, field: &str) -> Result<f64> {
         match self {
             Scalar::Num(n) => Ok(*n),
@@ -34,6 +36,7 @@ impl Scalar {
     }
 }
 
+/// An Experiment document as YAML gives it.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub(super) struct RawDoc {
@@ -43,6 +46,7 @@ pub(super) struct RawDoc {
     pub(super) spec: RawSpec,
 }
 
+/// `metadata`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawMeta {
@@ -51,6 +55,7 @@ pub(super) struct RawMeta {
     pub(super) labels: Option<BTreeMap<String, String>>,
 }
 
+/// `spec`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub(super) struct RawSpec {
@@ -67,6 +72,7 @@ pub(super) struct RawSpec {
     pub(super) nas_config: Option<serde_norway::Value>,
 }
 
+/// `spec.metricsCollectorSpec`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawCollectorSpec {
@@ -74,6 +80,7 @@ pub(super) struct RawCollectorSpec {
     pub(super) source: Option<RawSource>,
 }
 
+/// `metricsCollectorSpec.collector`: its kind.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub(super) struct RawCollector {
@@ -81,6 +88,7 @@ pub(super) struct RawCollector {
     pub(super) custom_collector: Option<serde_norway::Value>,
 }
 
+/// `metricsCollectorSpec.source`: where the metrics are read.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub(super) struct RawSource {
@@ -89,6 +97,7 @@ pub(super) struct RawSource {
     pub(super) http_get: Option<serde_norway::Value>,
 }
 
+/// `source.fileSystemPath`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawPath {
@@ -97,12 +106,14 @@ pub(super) struct RawPath {
     pub(super) format: Option<String>,
 }
 
+/// `source.filter`: the expressions a metric line matches.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub(super) struct RawFilter {
     pub(super) metrics_format: Option<Vec<String>>,
 }
 
+/// `spec.objective`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub(super) struct RawObjective {
@@ -114,6 +125,7 @@ pub(super) struct RawObjective {
     pub(super) metric_strategies: Option<Vec<RawStrategy>>,
 }
 
+/// One of `objective.metricStrategies`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawStrategy {
@@ -121,6 +133,7 @@ pub(super) struct RawStrategy {
     pub(super) value: String,
 }
 
+/// `spec.algorithm` or `spec.earlyStopping`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub(super) struct RawAlgorithm {
@@ -128,6 +141,7 @@ pub(super) struct RawAlgorithm {
     pub(super) algorithm_settings: Option<Vec<RawSetting>>,
 }
 
+/// One of an algorithm's `algorithmSettings`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawSetting {
@@ -135,6 +149,7 @@ pub(super) struct RawSetting {
     pub(super) value: Scalar,
 }
 
+/// One of `spec.parameters`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub(super) struct RawParam {
@@ -143,6 +158,7 @@ pub(super) struct RawParam {
     pub(super) feasible_space: RawSpace,
 }
 
+/// A parameter's `feasibleSpace`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawSpace {
@@ -154,6 +170,7 @@ pub(super) struct RawSpace {
     pub(super) scale: Option<String>,
 }
 
+/// `spec.trialTemplate`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub(super) struct RawTemplate {
@@ -174,6 +191,7 @@ pub(super) struct RawTemplate {
     pub(super) failure_condition: Option<String>,
 }
 
+/// One of `trialTemplate.trialParameters`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawTrialParam {
