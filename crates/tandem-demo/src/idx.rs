@@ -23,6 +23,7 @@ const U8: u8 = 0x08;
 /// Files larger than this are refused rather than read into memory.
 const MAX_BYTES: u64 = 1 << 32;
 
+/// Reads an IDX file: its dimensions and its bytes, checked against each other.
 fn read(path: &Path) -> Result<(Vec<usize>, Vec<u8>)> {
     let what = path.display().to_string();
     let len = std::fs::metadata(path)

@@ -124,6 +124,7 @@ impl Mlp {
         Ok(())
     }
 
+    /// The flat parameters as the two layers' weights and biases.
     fn split(&self, p: &[f32]) -> (Array2<f32>, Array1<f32>, Array2<f32>, Array1<f32>) {
         let (i, h, c) = self.dims;
         let (w1, rest) = p.split_at(i * h);
@@ -137,6 +138,7 @@ impl Mlp {
         )
     }
 
+    /// The hidden activations (ReLU) and the logits of a batch.
     fn forward(&self, x: &Array2<f32>) -> (Array2<f32>, Array2<f32>) {
         let (w1, b1, w2, b2) = self.split(&self.params);
         let hidden = (x.dot(&w1) + &b1).mapv(|v| v.max(0.0));
@@ -144,6 +146,7 @@ impl Mlp {
         (hidden, logits)
     }
 
+    /// Row-wise softmax, stable (each row's maximum subtracted first).
     fn softmax(logits: &Array2<f32>) -> Array2<f32> {
         let mut p = logits.clone();
         for mut row in p.rows_mut() {

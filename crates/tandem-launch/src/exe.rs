@@ -23,6 +23,7 @@ pub fn cli_command() -> Vec<String> {
     )
 }
 
+/// [`cli_command`] from the variable's value and this program's path.
 fn cli_command_from(var: Option<&str>, exe: Option<&std::path::Path>) -> Vec<String> {
     let words: Vec<String> = var
         .unwrap_or_default()

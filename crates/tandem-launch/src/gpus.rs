@@ -5,6 +5,8 @@ use tandem_topology::{Topology, choose};
 
 use crate::plan::Layout;
 
+/// How many processes of the layout train (and may each get a GPU): every rank, or the workers
+/// and the chief of a parameter-server job.
 fn trainers(layout: &Layout) -> usize {
     match *layout {
         Layout::Allreduce { nproc } => nproc,

@@ -354,6 +354,7 @@ fn tf_cluster(
     cluster
 }
 
+/// Adds `CUDA_VISIBLE_DEVICES` for `trainer` when GPUs were assigned.
 fn with_gpu(
     mut env: Vec<(String, String)>,
     gpus: &[usize],

@@ -43,6 +43,8 @@ pub struct Outcome {
     pub log_dir: Option<PathBuf>,
 }
 
+/// One process of the job: its plan, the child while it runs, its restarts and exit, its log
+/// file, its process group and output forwarders.
 struct Proc {
     plan: Planned,
     child: Option<Child>,
@@ -193,6 +195,7 @@ fn reserve_ports(spec: &JobSpec) -> Result<Vec<u16>> {
         .collect()
 }
 
+/// How the processes' output lines are shown and kept.
 struct Style {
     colour: bool,
     width: usize,
@@ -203,12 +206,14 @@ struct Style {
 }
 
 impl Style {
+    /// The prefix of a process's lines: its label, padded, coloured by rank on a terminal.
     fn tag(&self, p: &Planned) -> String {
         if !self.prefix {
             return String::new();
         }
         let name = format!("{:<w$}", p.label(), w = self.width);
         if self.colour {
+            /// ANSI colours, one per rank in turn.
             const COLOURS: [u8; 6] = [36, 33, 32, 35, 34, 31];
             let c = COLOURS[p.rank % COLOURS.len()];
             format!("\x1b[{c}m[{name}]\x1b[0m ")
@@ -241,6 +246,8 @@ fn metrics_addr(p: &Planned) -> Option<String> {
     Some(format!("{host}:{port}"))
 }
 
+/// Starts (or restarts) a process in its own process group with the job's token and its
+/// planned environment, forwarding its output.
 fn start(p: &mut Proc, token: &JobToken, style: &Style) -> Result<()> {
     let mut cmd = Command::new(&p.plan.command[0]);
     cmd.args(&p.plan.command[1..])
@@ -294,6 +301,7 @@ struct Destination {
     sink: Option<(LineSink, Planned)>,
 }
 
+/// Copies a child's output line by line to `to`, on a thread of its own.
 fn forward(pipe: impl std::io::Read + Send + 'static, to: Destination) -> JoinHandle<()> {
     std::thread::spawn(move || {
         let mut reader = BufReader::new(pipe);
@@ -326,6 +334,7 @@ fn forward(pipe: impl std::io::Read + Send + 'static, to: Destination) -> JoinHa
     })
 }
 
+/// An exit status as the launcher's code (128 + signal when killed) and words.
 fn describe(status: ExitStatus) -> (i32, String) {
     match (status.code(), status.signal()) {
         (Some(c), _) => (c, format!("exited with code {c}")),
@@ -339,6 +348,8 @@ fn describe(status: ExitStatus) -> (i32, String) {
     }
 }
 
+/// Waits for the job to end (every process done, one failed past its restarts, the deadline or
+/// an interruption), restarting processes as the spec allows.
 fn supervise(
     spec: &JobSpec,
     procs: &mut [Proc],
@@ -363,6 +374,7 @@ fn supervise(
     }
 }
 
+/// The outcome of the job: its code and summary.
 fn outcome(code: i32, summary: String) -> Outcome {
     Outcome {
         code,
@@ -513,6 +525,7 @@ fn all_done(procs: &[Proc], trainers_done_at: &mut Option<Instant>) -> Option<Ou
     ))
 }
 
+/// Sends `signal` to a child's whole process group.
 fn signal_group(child: &Child, signal: Signal) {
     if let Ok(pid) = i32::try_from(child.id()) {
         let _ = killpg(Pid::from_raw(pid), signal);
@@ -564,6 +577,7 @@ fn stop_all(procs: &mut [Proc]) {
     }
 }
 
+/// Waits for a process's output forwarders to drain.
 fn join_forwarders(p: &mut Proc) {
     // Pipes close when the process group is gone; do not wait forever on a grandchild that escaped it.
     let end = Instant::now() + Duration::from_secs(2);

@@ -23,6 +23,8 @@ pub(crate) struct JobTls {
 const LAUNCH_JOB: &str = "tandem-launch";
 
 impl JobTls {
+    /// The job's CA and certificates, made for this launch when neither the environment nor the
+    /// spec names TLS files (every connection is then mutual TLS); `None` when they do.
     pub(crate) fn make(
         log_dir: Option<&std::path::Path>,
         spec: &JobSpec,

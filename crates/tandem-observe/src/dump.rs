@@ -117,6 +117,7 @@ pub fn read(path: &Path) -> Result<Dump, crate::ReadError> {
 
 /// Dumps on every `SIGUSR1` from now on (once per process; a thread waits for the signal).
 pub(crate) fn install_signal() {
+    /// Set once the signal thread runs.
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
         let mut signals = match signal_hook::iterator::Signals::new([signal_hook::consts::SIGUSR1])

@@ -135,8 +135,11 @@ impl Identity {
     }
 }
 
+/// Who this process is, once it has said (a group formed, a client connected, a server started).
 static IDENTITY: RwLock<Option<Identity>> = RwLock::new(None);
+/// Whether anything is recorded: an identity is set and observation is switched on.
 static ON: AtomicBool = AtomicBool::new(false);
+/// `TANDEM_OBSERVE`, read once.
 static SWITCH: OnceLock<bool> = OnceLock::new();
 
 /// Whether the recorder and metrics are on for this process (`TANDEM_OBSERVE` is not `off`).
@@ -215,6 +218,7 @@ pub fn identity() -> Option<Identity> {
 /// monotonic clock (cheaper to read, and never goes back).
 static BASE: OnceLock<(Instant, u64)> = OnceLock::new();
 
+/// The monotonic instant and the wall clock (µs since the Unix epoch) read together once.
 fn base() -> (Instant, u64) {
     *BASE.get_or_init(|| {
         let wall = SystemTime::now()
@@ -225,6 +229,7 @@ fn base() -> (Instant, u64) {
     })
 }
 
+/// A duration in whole microseconds.
 #[inline]
 fn micros(d: Duration) -> u64 {
     d.as_secs() * 1_000_000 + u64::from(d.subsec_micros())

@@ -60,8 +60,11 @@ pub struct OpStart {
     pub started_us: u64,
 }
 
+/// A 32-bit field's value for "none".
 const NONE32: u64 = u32::MAX as u64;
 
+/// One operation, as plain atomics: written by the log's one writer, read by a dump at any time
+/// (a reader retries while `version` is odd or changes under it).
 #[derive(Default)]
 struct Slot {
     /// Odd while the slot is written.
@@ -83,8 +86,11 @@ struct Slot {
     late: AtomicU64,
 }
 
+/// State of a slot's operation: still running.
 const RUNNING: u64 = 0;
+/// State of a slot's operation: completed.
 const OK: u64 = 1;
+/// State of a slot's operation: failed (its error kept apart).
 const FAILED: u64 = 2;
 
 /// One stream's log; see the module documentation.
@@ -105,6 +111,7 @@ impl std::fmt::Debug for OpLog {
     }
 }
 
+/// Every live log of the process, for dumps (a log dropped with its group leaves a dead entry).
 static LOGS: Mutex<Vec<Weak<OpLog>>> = Mutex::new(Vec::new());
 
 /// Failures whose text is kept (they are rare).
@@ -132,6 +139,7 @@ impl OpLog {
         OpLog::new(names, crate::recorder::capacity_from_env())
     }
 
+    /// The slot of operation `n` (the ring wraps).
     fn slot(&self, n: u64) -> &Slot {
         &self.slots[(n % self.slots.len() as u64) as usize]
     }
@@ -232,6 +240,8 @@ impl OpLog {
         self.read(n)
     }
 
+    /// Operation `n` read consistently (a few tries while it is being written); `None` when
+    /// overwritten or never whole.
     fn read(&self, n: u64) -> Option<Entry> {
         let s = self.slot(n);
         for _ in 0..8 {
@@ -263,6 +273,7 @@ impl OpLog {
         None
     }
 
+    /// An entry from a slot's raw fields.
     #[allow(clippy::too_many_arguments)]
     fn decode(
         &self,

@@ -152,6 +152,7 @@ pub enum Peers {
 }
 
 impl Peers {
+    /// The peers as a list of ranks.
     fn list(self) -> Vec<u32> {
         match self {
             Peers::None => Vec::new(),
@@ -243,6 +244,7 @@ pub struct Ending {
     pub error: Option<String>,
 }
 
+/// One operation in the ring: its record and how it ended.
 #[derive(Clone, Copy)]
 struct Slot {
     rec: Record,
@@ -267,6 +269,7 @@ impl Token {
 /// Errors are kept apart from the slots (they are rare, and slots stay small and `Copy`).
 const ERRORS_KEPT: usize = 32;
 
+/// The process's last operations, oldest first, and its latest failures.
 struct Ring {
     slots: VecDeque<Slot>,
     capacity: usize,
@@ -277,11 +280,13 @@ struct Ring {
 }
 
 impl Ring {
+    /// Where slot `n` stands in the ring, if it is still there.
     fn index(&self, n: u64) -> Option<usize> {
         let first = self.pushed - self.slots.len() as u64;
         n.checked_sub(first).map(|i| i as usize)
     }
 
+    /// Slot `n` as a dump's entry.
     fn entry(&self, n: u64, s: &Slot) -> Entry {
         let r = &s.rec;
         Entry {
@@ -316,9 +321,12 @@ impl Ring {
     }
 }
 
+/// Asks the running operation what it waits for (set by the collectives).
 type Live = Box<dyn Fn() -> Option<Wait> + Send + Sync>;
 
+/// The process's ring, made at its first operation.
 static RING: OnceLock<Mutex<Ring>> = OnceLock::new();
+/// What a dump asks about the running operation.
 static LIVE: Mutex<Option<Live>> = Mutex::new(None);
 
 /// How many operations a recorder keeps: [`crate::ENTRIES_VAR`], else [`DEFAULT_ENTRIES`].
@@ -328,6 +336,7 @@ pub(crate) fn capacity_from_env() -> usize {
 
 /// Most operations a recorder keeps, whatever the environment asks.
 pub const MAX_ENTRIES: usize = 1 << 20;
+/// The table of settings declares the same maximum.
 const _: () = assert!(matches!(
     tandem_core::settings::TRACE_ENTRIES.kind,
     tandem_core::settings::Kind::Integer { max, .. } if max == MAX_ENTRIES as u64
@@ -462,6 +471,7 @@ pub fn snapshot() -> Vec<Entry> {
 }
 
 impl Entry {
+    /// Whether the entry is a collective or a point-to-point message (what the diagnosis compares).
     fn is_collective_or_message(&self) -> bool {
         self.is_collective() || matches!(&*self.kind, "send" | "recv")
     }

@@ -8,7 +8,9 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::time::Duration;
 
+/// Longest request read (the endpoint answers any path with the metrics).
 const REQUEST_LIMIT: usize = 8 << 10;
+/// How long a scraper may take to send its request or read the answer.
 const IO_DEADLINE: Duration = Duration::from_secs(2);
 
 /// Serves this process's metrics at `addr` from a thread of its own; returns the bound address
@@ -72,6 +74,7 @@ pub(crate) fn offset_port(addr: &str, local: usize) -> Option<String> {
     Some(format!("{host}:{port}"))
 }
 
+/// Answers one scrape: reads the request (bounded in size and time), writes the metrics.
 fn answer(mut s: TcpStream) -> std::io::Result<()> {
     s.set_read_timeout(Some(IO_DEADLINE))?;
     s.set_write_timeout(Some(IO_DEADLINE))?;
@@ -110,6 +113,7 @@ fn answer(mut s: TcpStream) -> std::io::Result<()> {
     }
 }
 
+/// Writes an HTTP/1.1 response and closes.
 fn respond(s: &mut TcpStream, status: &str, kind: &str, body: &str) -> std::io::Result<()> {
     write!(
         s,

@@ -13,6 +13,7 @@ use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetri
 use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::ConstCounter;
 
+/// A connection counted: its peer and where its counts are read.
 struct Watched {
     id: u64,
     peer: u32,
@@ -39,6 +40,7 @@ impl Source {
     }
 }
 
+/// The connections counted now, and the totals of those closed.
 #[derive(Default)]
 struct Table {
     next: u64,
@@ -47,6 +49,7 @@ struct Table {
     closed: BTreeMap<u32, (u64, u64, u64)>,
 }
 
+/// The process's table, made at the first connection watched.
 static TABLE: Mutex<Option<Table>> = Mutex::new(None);
 
 /// Counts one connection to a peer until dropped; drop it before the socket is closed.
@@ -67,6 +70,7 @@ pub fn watch_counted(peer: usize, sent: Arc<AtomicU64>, received: Arc<AtomicU64>
     watch(peer, Source::Counted(sent, received))
 }
 
+/// Starts counting a connection to `peer`; nothing while observation is off.
 fn watch(peer: usize, source: Source) -> SocketWatch {
     if !crate::active() {
         return SocketWatch { id: None };
@@ -206,6 +210,7 @@ fn per_peer() -> BTreeMap<u32, (u64, u64, u64)> {
     per_peer
 }
 
+/// The label of per-peer series.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PeerLabel {
     peer: u32,

@@ -32,10 +32,14 @@ pub const TID_COLLECTIVE: u32 = 1;
 /// The track of parameter-server calls.
 pub const TID_PS: u32 = 2;
 
+/// What closes the file's JSON after the last event (rewritten after each write).
 const TAIL: &[u8] = b"\n]}\n";
+/// Buffered events written when they reach this many bytes...
 const FLUSH_BYTES: usize = 1 << 20;
+/// ...or this long after the last write.
 const FLUSH_EVERY: Duration = Duration::from_secs(1);
 
+/// The timeline file and the events not written yet.
 struct Writer {
     path: PathBuf,
     file: File,
@@ -46,7 +50,9 @@ struct Writer {
     last_flush: Instant,
 }
 
+/// Whether a timeline is being written.
 static ON: AtomicBool = AtomicBool::new(false);
+/// The process's timeline, once started.
 static WRITER: Mutex<Option<Writer>> = Mutex::new(None);
 
 /// Whether a timeline is being written.
@@ -91,6 +97,7 @@ pub fn start(dir: &Path, id: &Identity) -> std::io::Result<PathBuf> {
     Ok(path)
 }
 
+/// The metadata event naming the process's track.
 fn process_name(id: &Identity) -> Value {
     let name = if id.addr.is_empty() {
         format!("{} {}", id.role, id.index)
@@ -107,6 +114,7 @@ pub(crate) fn name_process(id: &Identity) {
 }
 
 impl Writer {
+    /// Buffers one event.
     fn push(&mut self, event: &Value) {
         if self.written || !self.buf.is_empty() {
             self.buf.extend_from_slice(b",\n");
@@ -117,6 +125,7 @@ impl Writer {
         let _ = serde_json::to_writer(&mut self.buf, event);
     }
 
+    /// Writes the buffered events before the closing brackets, which are written again after them.
     fn flush(&mut self) -> std::io::Result<()> {
         self.last_flush = Instant::now();
         if self.buf.is_empty() {
@@ -186,8 +195,10 @@ pub struct Span {
     tid: u32,
 }
 
+/// The next user track's id (user tracks start at 100, after Tandem's own).
 static NEXT_TID: AtomicU32 = AtomicU32::new(100);
 thread_local! {
+    /// This thread's user track (0: none yet).
     static TID: Cell<u32> = const { Cell::new(0) };
 }
 

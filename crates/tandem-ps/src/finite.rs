@@ -11,6 +11,7 @@
 /// assert!(!all_finite(&[1.0, f32::NAN]));
 /// ```
 pub fn all_finite(xs: &[f32]) -> bool {
+    /// The f32 exponent bits: all set means Inf or NaN.
     const EXPONENT: u32 = 0x7f80_0000;
     xs.chunks(4096).all(|block| {
         block.iter().fold(0u32, |bad, v| {

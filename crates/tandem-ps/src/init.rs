@@ -30,6 +30,8 @@ pub enum Init {
     },
 }
 
+/// SplitMix64 of element `i` under `seed`: every element's draw depends on its index alone, so
+/// any partition of a parameter initialises the same values wherever it lives.
 fn mix(seed: u64, i: u64) -> u64 {
     let mut z = seed
         ^ i.wrapping_mul(0x9E37_79B9_7F4A_7C15)
@@ -39,6 +41,7 @@ fn mix(seed: u64, i: u64) -> u64 {
     z ^ (z >> 31)
 }
 
+/// The top 24 bits of `bits` as a float in [0, 1).
 fn unit(bits: u64) -> f32 {
     (bits >> 40) as f32 / (1u64 << 24) as f32
 }

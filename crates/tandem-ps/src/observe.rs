@@ -69,6 +69,7 @@ pub(crate) fn traced_sync<T>(kind: Call, seq: u64, count: u64, f: impl FnOnce() 
     out
 }
 
+/// A call being recorded: what the flight recorder, the metrics and the timeline get at its end.
 pub(crate) struct Recording {
     kind: Call,
     token: recorder::Token,
@@ -77,6 +78,7 @@ pub(crate) struct Recording {
     count: u64,
 }
 
+/// Starts recording a call of `kind` moving `count` elements to `peers` servers.
 fn start(kind: Call, seq: u64, count: u64, peers: usize) -> Recording {
     let name = kind.op();
     let token = if tandem_observe::active() {
@@ -96,6 +98,8 @@ fn start(kind: Call, seq: u64, count: u64, peers: usize) -> Recording {
     }
 }
 
+/// Ends a recording: the outcome to the flight recorder, the latency to the metrics, the span to
+/// the timeline.
 fn finish(rec: Recording, error: Option<&tandem_core::Error>) {
     if !tandem_observe::active() && !timeline::enabled() {
         return;

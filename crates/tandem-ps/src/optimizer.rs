@@ -53,6 +53,7 @@ pub struct Optimizer {
 }
 
 impl Optimizer {
+    /// An optimizer of `kind` at rate `lr` with every other setting at its default.
     fn base(kind: Kind, lr: f32) -> Self {
         Optimizer {
             kind,
@@ -310,6 +311,8 @@ fn allocate_state(opt: &Optimizer, state: &mut State, n: usize) {
     }
 }
 
+/// One step of `opt` on `params` (L2 weight decay folded into the gradient first, except for
+/// AdamW, which decays the weights itself).
 fn update(
     opt: &Optimizer,
     t: u64,
@@ -327,6 +330,7 @@ fn update(
     update_slices(opt, t, lr, params, grad, m, v);
 }
 
+/// The optimizer's update rule on equal-length slices of parameters, gradient and state.
 fn update_slices(
     opt: &Optimizer,
     t: u64,

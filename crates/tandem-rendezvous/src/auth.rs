@@ -63,6 +63,7 @@ impl JobToken {
         &self.0
     }
 
+    /// The token as the `authorization` header every call carries (`Bearer <token>`).
     pub(crate) fn header(&self) -> Result<MetadataValue<tonic::metadata::Ascii>> {
         format!("Bearer {}", self.0)
             .parse()

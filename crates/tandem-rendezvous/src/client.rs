@@ -153,6 +153,7 @@ impl Client {
         self
     }
 
+    /// A failed call `what` as Tandem's error: a timeout, a refused token, or the server's reason.
     fn map(&self, what: &str, s: Status) -> Error {
         if let Some(why) = tandem_tls::grpc::refusal(&s) {
             return Error::Authentication {
@@ -179,6 +180,7 @@ impl Client {
         }
     }
 
+    /// Runs call `what` under `timeout`, mapping its failure (see [`Client::map`]).
     async fn call<T, F, Fut>(&self, what: &str, timeout: Duration, f: F) -> Result<T>
     where
         F: FnOnce(RendezvousClient<InterceptedService<Channel, AttachToken>>) -> Fut,
@@ -200,6 +202,7 @@ impl Client {
         }
     }
 
+    /// A request carrying `timeout` as its gRPC deadline.
     fn request<T>(msg: T, timeout: Duration) -> Request<T> {
         let mut r = Request::new(msg);
         r.set_timeout(timeout);

@@ -22,6 +22,7 @@ impl Service {
     }
 }
 
+/// A store refusal as the gRPC status the client maps back.
 fn status(e: StoreError) -> Status {
     match e {
         StoreError::Invalid(m) => Status::invalid_argument(m),

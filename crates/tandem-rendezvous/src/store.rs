@@ -70,6 +70,7 @@ pub struct CasOutcome {
     pub current: Option<Bytes>,
 }
 
+/// A named barrier: how many take part, its round, and who has arrived in it.
 #[derive(Default)]
 struct Barrier {
     participants: u32,
@@ -77,6 +78,7 @@ struct Barrier {
     arrived: BTreeSet<u32>,
 }
 
+/// What the store holds: the keys' values, the barriers, and the bytes stored (bounded).
 #[derive(Default)]
 struct State {
     kv: HashMap<String, Bytes>,
@@ -106,16 +108,19 @@ impl Store {
         &self.limits
     }
 
+    /// The state, locked (a poisoned lock is taken over: the state stays consistent per call).
     fn lock(&self) -> MutexGuard<'_, State> {
         // A panic while holding the lock cannot leave the map half-updated (each change is one call),
         // so a poisoned lock is still safe to use.
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Wakes every waiter: something changed.
     fn bump(&self) {
         self.version.send_modify(|v| *v = v.wrapping_add(1));
     }
 
+    /// Refuses an empty or overlong key.
     fn check_key(&self, key: &str) -> Result<(), StoreError> {
         if key.is_empty() {
             return Err(StoreError::Invalid("key is empty".into()));
@@ -130,6 +135,7 @@ impl Store {
         Ok(())
     }
 
+    /// Stores `value` under `key` within the store's byte and key limits.
     fn put(&self, st: &mut State, key: &str, value: Bytes) -> Result<(), StoreError> {
         if value.len() > self.limits.max_value_len {
             return Err(StoreError::Invalid(format!(
@@ -233,6 +239,7 @@ impl Store {
         })
     }
 
+    /// The deadline of a wait of `timeout`, at most the store's longest wait.
     fn clamp(&self, timeout: Duration) -> Instant {
         Instant::now() + timeout.min(self.limits.max_wait)
     }

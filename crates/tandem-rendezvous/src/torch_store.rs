@@ -143,6 +143,7 @@ impl TorchStore {
         Ok(i64::from_ne_bytes(value))
     }
 
+    /// Bounds the next reads and writes of the connection by `deadline`.
     fn set_deadline(&self, deadline: Duration) -> Result<()> {
         let d = Some(deadline.max(Duration::from_millis(1)));
         self.stream
@@ -151,12 +152,14 @@ impl TorchStore {
             .map_err(|e| Error::io("setting a deadline on torch's store connection", e))
     }
 
+    /// Writes one message of the store's protocol; `what` names the call in errors.
     fn send(&mut self, msg: &[u8], what: &str) -> Result<()> {
         self.stream
             .write_all(msg)
             .map_err(|e| Error::io(format!("{what} in torch's store at {}", self.addr), e))
     }
 
+    /// Reads exactly `buf.len()` bytes of an answer within `deadline`.
     fn recv(&mut self, buf: &mut [u8], what: &str, deadline: Duration) -> Result<()> {
         self.stream.read_exact(buf).map_err(|e| match e.kind() {
             std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => Error::timeout(
@@ -167,11 +170,13 @@ impl TorchStore {
         })
     }
 
+    /// An answer that breaks the store's protocol, naming the store.
     fn protocol(&self, problem: String) -> Error {
         Error::transport(format!("torch's store at {}", self.addr), problem)
     }
 }
 
+/// Appends `bytes` as the protocol frames them: their length, then the bytes.
 fn put_bytes(msg: &mut Vec<u8>, bytes: &[u8]) {
     msg.extend_from_slice(&(bytes.len() as u64).to_ne_bytes());
     msg.extend_from_slice(bytes);

@@ -50,6 +50,7 @@ pub fn skip_reason() -> Option<String> {
     })
 }
 
+/// Numbers testbeds within this process, so their names never collide.
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
 /// One simulated host.
@@ -71,6 +72,7 @@ pub struct Testbed {
     hosts: Vec<Host>,
 }
 
+/// Runs `program args`, an error naming `what` and its output when it fails.
 fn run(what: &str, program: &str, args: &[&str]) -> Result<()> {
     let out = Command::new(program)
         .args(args)
@@ -135,12 +137,15 @@ impl Testbed {
         Ok(bed)
     }
 
+    /// Runs `ip args` inside namespace `ns`.
     fn ip_in(&self, ns: &str, args: &[&str]) -> Result<()> {
         let mut all = vec!["-n", ns];
         all.extend_from_slice(args);
         run("configuring the simulated hosts", "ip", &all)
     }
 
+    /// Makes host `i`: its namespace, its veth pair to the switch, its address, and its link's
+    /// shaping (`link`: a rate such as `1gbit`).
     fn add_host(&mut self, i: usize, link: Option<&str>) -> Result<()> {
         let ns = format!("tdm{}h{i}", self.id);
         let (inside, port) = (format!("t{}h{i}", self.id), format!("t{}s{i}", self.id));

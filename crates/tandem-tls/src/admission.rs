@@ -61,6 +61,7 @@ pub struct Admission {
     inner: Arc<Inner>,
 }
 
+/// What the admission of one server shares between its slots.
 #[derive(Debug)]
 struct Inner {
     server: &'static str,
@@ -70,12 +71,14 @@ struct Inner {
     log: Mutex<HashMap<&'static str, LogWindow>>,
 }
 
+/// Handshakes in progress: all of them, and per source address.
 #[derive(Debug, Default)]
 struct Pending {
     total: usize,
     by_source: HashMap<IpAddr, usize>,
 }
 
+/// When a refusal of one kind was last logged, and how many were not since (logs stay bounded).
 #[derive(Debug, Default)]
 struct LogWindow {
     last: Option<Instant>,

@@ -42,6 +42,7 @@ impl std::fmt::Debug for Issued {
     }
 }
 
+/// A certificate-making failure as an invalid-argument error naming `what`.
 fn tls_error(what: &str, e: rcgen::Error) -> Error {
     Error::invalid(what, e.to_string())
 }
@@ -150,6 +151,8 @@ impl Authority {
         self.sign(name, sans, from, until)
     }
 
+    /// Refuses an empty name, no alternative names, or one that is not a host name, a `*.`
+    /// wildcard or an IP address.
     fn check_names(&self, name: &str, sans: &[String]) -> Result<()> {
         if name.is_empty() {
             return Err(Error::invalid("name", "a certificate needs a name"));
@@ -218,6 +221,8 @@ impl Authority {
         self.sign_with(name, None, both, sans, from, until)
     }
 
+    /// Signs a certificate for `name` (with `sans`) carrying `job` (when it is an identity of the
+    /// job) and `usages`, valid from `from` until `until`.
     fn sign_with(
         &self,
         name: &str,

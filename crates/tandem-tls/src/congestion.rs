@@ -46,7 +46,9 @@ pub const MAX_NAME_LEN: usize = 15;
 
 /// Where the kernel lists what it has, what unprivileged processes may choose, and its default.
 const AVAILABLE: &str = "/proc/sys/net/ipv4/tcp_available_congestion_control";
+/// What the kernel lets unprivileged processes choose.
 const ALLOWED: &str = "/proc/sys/net/ipv4/tcp_allowed_congestion_control";
+/// The system's congestion control.
 const DEFAULT: &str = "/proc/sys/net/ipv4/tcp_congestion_control";
 
 /// Which congestion control a process asks for (see the module's documentation for why).

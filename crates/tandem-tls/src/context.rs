@@ -54,6 +54,7 @@ fn provider() -> Arc<CryptoProvider> {
     Arc::new(p)
 }
 
+/// A bad TLS file: `what` it is meant to be, where it came from, and what is wrong.
 fn bad(what: &str, source: &str, problem: impl std::fmt::Display) -> Error {
     Error::invalid(what.to_string(), format!("{source}: {problem}"))
 }
@@ -225,6 +226,8 @@ struct JobServerVerifier {
 }
 
 impl JobServerVerifier {
+    /// Checks a server's certificate chain against the job's CA (names are not checked: peers are
+    /// named by their certificates' job identities, see [`crate::identity`]).
     fn verify_chain(
         &self,
         leaf: &CertificateDer<'_>,

@@ -89,6 +89,7 @@ impl TlsFiles {
     }
 }
 
+/// A PEM file's text, naming the file when it cannot be read.
 fn read(path: &Path) -> Result<String> {
     std::fs::read_to_string(path).map_err(|e| Error::io(format!("reading {}", path.display()), e))
 }

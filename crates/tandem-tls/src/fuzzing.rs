@@ -12,15 +12,19 @@ use tokio::net::{TcpListener, TcpStream};
 use crate::stream::{Stream, WriteHalf, accept, connect};
 use crate::{Authority, Security, TlsContext};
 
+/// How long one fuzz input may take.
 const LIMIT: Duration = Duration::from_secs(5);
 
+/// A job's worth of TLS for the fuzz targets: a runtime, a server's and a client's security.
 struct Job {
     rt: tokio::runtime::Runtime,
     server: Security,
     client: Security,
 }
 
+/// The fuzz job, made once per process.
 fn job() -> &'static Job {
+    /// Made once.
     static JOB: OnceLock<Job> = OnceLock::new();
     JOB.get_or_init(|| {
         let ca = Authority::generate("fuzz", 1).expect("a CA");
@@ -49,6 +53,7 @@ fn job() -> &'static Job {
     })
 }
 
+/// A connected pair of TLS streams over loopback.
 async fn pair(j: &Job) -> Option<(Stream, Stream)> {
     let l = TcpListener::bind("127.0.0.1:0").await.ok()?;
     let addr = l.local_addr().ok()?;

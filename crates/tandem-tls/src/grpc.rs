@@ -246,6 +246,7 @@ impl Connector {
     }
 }
 
+/// A connection being made for tonic.
 type Connecting = Pin<Box<dyn Future<Output = Result<TokioIo<Stream>, ConnectError>> + Send>>;
 
 impl tower_service::Service<Uri> for Connector {

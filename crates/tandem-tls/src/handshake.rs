@@ -26,7 +26,9 @@ pub(crate) struct Secured {
 
 /// One step of a handshake, for either side.
 trait Side {
+    /// What the connection holds after the handshake.
     type Data;
+    /// Feeds `incoming` bytes to the connection and says what it needs next.
     fn process<'c, 'i>(
         &'c mut self,
         incoming: &'i mut [u8],
@@ -202,6 +204,8 @@ async fn send_alert<S: Side>(
     Ok(())
 }
 
+/// The stream of a finished handshake: its keys handed to the record layer, bytes that arrived
+/// early replayed first, and the peer's certificate kept.
 fn secured(
     tcp: TcpStream,
     early: &Early,
@@ -245,6 +249,7 @@ pub(crate) async fn server(
     secured(tcp, &early, secrets, Keys::Server(kernel), peer)
 }
 
+/// The peer's leaf certificate, if it sent one.
 fn first_certificate(chain: Option<&[CertificateDer<'static>]>) -> Option<CertificateDer<'static>> {
     chain
         .and_then(|c| c.first())

@@ -55,6 +55,7 @@ static CHOSEN: AtomicU8 = AtomicU8::new(0);
 /// Whether this process uses local sockets: as [`set_enabled`] said, else as [`LOCAL_VAR`] says
 /// (read once; a bad value reads as off here and is reported by [`crate::Security::from_env`]).
 pub fn enabled() -> bool {
+    /// What the variable said, read once.
     static ON: OnceLock<bool> = OnceLock::new();
     match CHOSEN.load(Ordering::Relaxed) {
         1 => false,

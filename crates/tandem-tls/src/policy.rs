@@ -40,6 +40,7 @@ impl Security {
     /// This process's security, from its environment (read once per process; see
     /// [`Security::from_vars`]).
     pub fn from_env() -> Result<Security> {
+        /// Read once (an error kept as text to be returned again).
         static CACHE: OnceLock<std::result::Result<Security, String>> = OnceLock::new();
         CACHE
             .get_or_init(|| Self::from_vars(&ProcessEnv).map_err(|e| e.to_string()))
@@ -124,6 +125,7 @@ fn not_loopback(what: &str, a: &str) -> Error {
     )
 }
 
+/// `TANDEM_INSECURE`: off unless switched on.
 fn insecure(vars: &dyn Vars) -> Result<bool> {
     Ok(tandem_core::settings::INSECURE
         .switch(vars)?
@@ -157,6 +159,7 @@ impl Security {
 
 /// Prints, once per process, that nothing is encrypted.
 pub fn warn_insecure() {
+    /// Set once the warning was printed.
     static ONCE: OnceLock<()> = OnceLock::new();
     ONCE.get_or_init(|| {
         let msg = format!(

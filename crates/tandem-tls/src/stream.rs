@@ -204,6 +204,7 @@ pub struct Counted<H> {
 }
 
 impl<H> Counted<H> {
+    /// `half`, counting from zero.
     fn new(half: H) -> Self {
         Counted {
             half,
@@ -216,6 +217,7 @@ impl<H> Counted<H> {
         Arc::clone(&self.bytes)
     }
 
+    /// Counts `n` more bytes.
     fn add(&self, n: usize) {
         self.bytes.fetch_add(n as u64, Ordering::Relaxed);
     }
@@ -368,6 +370,7 @@ impl std::fmt::Display for Refused {
     }
 }
 
+/// A refusal of `kind` (the metrics' reason) saying why.
 fn refused(kind: &'static str, reason: impl Into<String>) -> Refused {
     Refused {
         reason: reason.into(),

@@ -337,6 +337,7 @@ fn check_symmetric(links: &[Vec<Link>]) -> Result<()> {
     Ok(())
 }
 
+/// The index of a `GPU<n>` column or row name.
 fn gpu_index(name: &str) -> Option<usize> {
     name.trim().strip_prefix("GPU")?.parse().ok()
 }
@@ -430,10 +431,12 @@ impl Plan {
     }
 }
 
+/// n choose k, saturating.
 fn binomial(n: u64, k: u64) -> u64 {
     (0..k).fold(1u64, |acc, i| acc.saturating_mul(n - i) / (i + 1))
 }
 
+/// The distinct rings through k GPUs: (k - 1)! / 2, saturating.
 fn factorial_half(k: usize) -> u64 {
     if k < 3 {
         1
@@ -476,6 +479,7 @@ fn rings(set: &[usize]) -> Vec<Vec<usize>> {
     out
 }
 
+/// Calls `f` with every permutation of `v[at..]` (the prefix kept).
 fn permute(v: &mut Vec<usize>, at: usize, f: &mut dyn FnMut(&[usize])) {
     if at + 1 >= v.len() {
         f(v);

@@ -47,6 +47,7 @@ pub fn diagnose(tracks: &[Track]) -> String {
     s
 }
 
+/// An operation's outcome in words, with what it was waiting for.
 pub(super) fn outcome(e: &Entry) -> String {
     match &e.outcome {
         Outcome::Ok => "done".into(),
@@ -61,6 +62,7 @@ pub(super) fn outcome(e: &Entry) -> String {
     }
 }
 
+/// The last collective of every rank, who waited for whom, and the verdict.
 fn collectives(s: &mut String, ranks: &[&Track]) {
     let world = ranks.iter().map(|t| t.identity.world).max().unwrap_or(0);
     let present: BTreeSet<usize> = ranks.iter().map(|t| t.identity.index).collect();
@@ -205,6 +207,7 @@ fn verdict(ranks: &[&Track], missing: &[usize], waits: &BTreeMap<usize, usize>) 
     }
 }
 
+/// Ranks as a comma-separated list.
 fn join(ranks: &[usize]) -> String {
     ranks
         .iter()
@@ -213,6 +216,7 @@ fn join(ranks: &[usize]) -> String {
         .join(", ")
 }
 
+/// The late-arrival table: how often each peer started late, and by how much.
 fn stragglers(s: &mut String, ranks: &[&Track]) {
     // peer -> (observed, late lateness list)
     let mut per: BTreeMap<u32, (usize, Vec<u64>)> = BTreeMap::new();
@@ -257,6 +261,7 @@ fn stragglers(s: &mut String, ranks: &[&Track]) {
     }
 }
 
+/// Calls of one sequence number that differ between ranks (kind, dtype, count, root).
 fn mismatches(s: &mut String, ranks: &[&Track]) {
     // seq -> rank -> call
     let mut calls: BTreeMap<u64, BTreeMap<usize, String>> = BTreeMap::new();

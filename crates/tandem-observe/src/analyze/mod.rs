@@ -93,6 +93,7 @@ pub fn load(dir: &Path) -> Result<Vec<Track>, crate::ReadError> {
 }
 
 impl Track {
+    /// A process's track with nothing loaded yet.
     fn new(identity: Identity) -> Track {
         Track {
             identity,
@@ -104,6 +105,7 @@ impl Track {
         }
     }
 
+    /// The track's name: role and index.
     fn name(&self) -> String {
         format!("{} {}", self.identity.role, self.identity.index)
     }

@@ -43,35 +43,42 @@ mod ops;
 
 pub use ops::{COLLECTIVE_KINDS, op, op_at, size_class};
 
+/// Labels of a refused connection.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RefusedLabels {
     server: &'static str,
     reason: &'static str,
 }
 
+/// Labels of a failed operation.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ErrorLabels {
     op: Cow<'static, str>,
     error: &'static str,
 }
 
+/// Labels of a per-peer series.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PeerLabels {
     peer: u32,
 }
 
+/// Labels of a call's latency.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CallLabels {
     call: &'static str,
 }
 
+/// A family of latency histograms.
 type Histograms<L> = Family<L, Histogram, fn() -> Histogram>;
 
+/// A latency histogram: 10 µs to ~2.8 min by factors of 4.
 fn latency() -> Histogram {
     // 10 µs to ~2.8 min by factors of 4.
     Histogram::new(exponential_buckets(1e-5, 4.0, 13))
 }
 
+/// The process's registry and the handles of its families.
 struct Metrics {
     /// Every series of the process, with its identity's labels; locked only to register a
     /// collector and to encode a scrape.
@@ -84,10 +91,12 @@ struct Metrics {
     ps_calls: Histograms<CallLabels>,
 }
 
+/// Made when the process gets its identity.
 static METRICS: OnceLock<Metrics> = OnceLock::new();
 /// Collectors registered before the process had an identity, waiting for its registry.
 static PENDING: Mutex<Vec<Box<dyn Collector>>> = Mutex::new(Vec::new());
 
+/// Makes the registry with `id`'s labels (once per process).
 pub(crate) fn init(id: &Identity) {
     METRICS.get_or_init(|| {
         let labels = [
@@ -145,6 +154,7 @@ impl Metrics {
     }
 }
 
+/// The metrics, while anything is recorded.
 fn get() -> Option<&'static Metrics> {
     if crate::active() { METRICS.get() } else { None }
 }

@@ -67,6 +67,7 @@ struct OpHist {
 }
 
 impl OpHist {
+    /// A slot with nothing recorded.
     const fn new() -> OpHist {
         OpHist {
             buckets: [const { AtomicU64::new(0) }; BOUNDS_NS.len() + 1],
@@ -77,6 +78,7 @@ impl OpHist {
     }
 }
 
+/// Every kind's slots, one per size class.
 static OPS: [[OpHist; SIZES.len()]; COLLECTIVE_KINDS.len()] =
     [const { [const { OpHist::new() }; SIZES.len()] }; COLLECTIVE_KINDS.len()];
 
@@ -115,6 +117,7 @@ pub fn op(kind: &str, bytes: u64, secs: f64) {
     }
 }
 
+/// The labels of an operation's series.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct OpLabels {
     op: &'static str,
@@ -130,6 +133,7 @@ struct Snapshot {
     bytes: u64,
 }
 
+/// The slots that recorded anything, read now.
 fn snapshot() -> Vec<Snapshot> {
     let mut out = Vec::new();
     for (k, row) in OPS.iter().enumerate() {

@@ -175,6 +175,7 @@ fn check_job(addrs: &[String], map: &PartitionMap, worker: u32, mode: TrainingMo
     Ok(())
 }
 
+/// The training mode as the declaration carries it.
 fn mode_to_wire(mode: TrainingMode) -> pb::Mode {
     pb::Mode {
         sync: mode.sync,
@@ -186,6 +187,7 @@ fn mode_to_wire(mode: TrainingMode) -> pb::Mode {
     }
 }
 
+/// The optimizer as the declaration carries it.
 fn optimizer_to_wire(o: &Optimizer) -> pb::Optimizer {
     pb::Optimizer {
         kind: o.kind_name().into(),

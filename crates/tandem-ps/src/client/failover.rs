@@ -30,6 +30,7 @@ struct Route {
 pub(super) struct Routes(RwLock<Vec<Route>>);
 
 impl Routes {
+    /// One route per server, none failed over yet.
     pub(super) fn new(servers: Vec<Grpc>, addrs: &[String]) -> Self {
         Routes(RwLock::new(
             servers
@@ -47,6 +48,7 @@ impl Routes {
 }
 
 impl Client {
+    /// The servers' routes as they stand (a failover rewrites one).
     fn routes(&self) -> std::sync::RwLockReadGuard<'_, Vec<Route>> {
         self.routes.0.read().unwrap_or_else(|p| p.into_inner())
     }

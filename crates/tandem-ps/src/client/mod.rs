@@ -133,6 +133,7 @@ enum Reply {
 }
 
 impl Reply {
+    /// The incarnation of the server that answered (0 when it said nothing).
     fn incarnation(&self) -> u64 {
         match self {
             Reply::Chunks(c) => c.first().map_or(0, |c| c.incarnation),
@@ -228,6 +229,8 @@ impl Client {
         .await
     }
 
+    /// [`Client::pull_into`] without its recording: pulls every partition at `min_version` or later
+    /// into `out`; returns the oldest version pulled.
     async fn pull_into_untraced(
         &self,
         min_version: u64,
@@ -284,6 +287,7 @@ impl Client {
     /// (each chunk is whole; consecutive chunks may straddle an update, as in any asynchronous
     /// parameter server).
     async fn untorn(&self, s: usize, mut chunks: Vec<pb::PullChunk>) -> Result<Vec<pb::PullChunk>> {
+        /// Pulls tried again for torn partitions before giving up.
         const ATTEMPTS: usize = 5;
         for _ in 0..ATTEMPTS {
             let torn = torn_parts(&chunks);
@@ -418,6 +422,7 @@ impl Client {
             .await
     }
 
+    /// [`Client::push`] without its recording.
     async fn push_untraced(&self, step: u64, grads: &[(&str, &[f32])]) -> Result<PushOutcome> {
         for (name, g) in grads {
             self.check_grad(name, g.len())?;
@@ -450,6 +455,7 @@ impl Client {
             .await
     }
 
+    /// [`Client::push_owned`] without its recording.
     async fn push_owned_untraced(
         &self,
         step: u64,
@@ -548,6 +554,7 @@ impl Client {
         .await
     }
 
+    /// Checks a gradient against its declaration: a declared name, the declared number of elements.
     fn check_grad(&self, name: &str, len: usize) -> Result<()> {
         let decl = self
             .map

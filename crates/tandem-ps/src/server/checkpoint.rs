@@ -61,25 +61,31 @@ pub fn path(dir: &Path, index: usize) -> PathBuf {
     dir.join(format!("ps-{index}.ckpt"))
 }
 
+/// Appends the checkpoint's fields, little-endian.
 struct Writer(Vec<u8>);
 
 impl Writer {
+    /// A u64.
     fn u64(&mut self, v: u64) {
         self.0.extend_from_slice(&v.to_le_bytes());
     }
+    /// An f32.
     fn f32(&mut self, v: f32) {
         self.0.extend_from_slice(&v.to_le_bytes());
     }
+    /// A string: its length, then its bytes.
     fn str(&mut self, s: &str) {
         self.u64(s.len() as u64);
         self.0.extend_from_slice(s.as_bytes());
     }
+    /// Floats: their count, then their bytes.
     fn floats(&mut self, v: &[f32]) {
         self.u64(v.len() as u64);
         self.0.extend_from_slice(bytemuck::cast_slice(v));
     }
 }
 
+/// Reads a checkpoint's fields, every length checked against what is left.
 struct Reader<'a> {
     b: &'a [u8],
     at: usize,
@@ -87,12 +93,14 @@ struct Reader<'a> {
 }
 
 impl<'a> Reader<'a> {
+    /// The error of a file that is not a whole checkpoint, naming it and what was being read.
     fn bad(&self, what: &str) -> Error {
         Error::invalid(
             "checkpoint",
             format!("{} is corrupt: {what} at byte {}", self.file, self.at),
         )
     }
+    /// The next `n` bytes.
     fn take(&mut self, n: usize) -> Result<&'a [u8]> {
         let end = self
             .at
@@ -103,14 +111,17 @@ impl<'a> Reader<'a> {
         self.at = end;
         Ok(s)
     }
+    /// A u64.
     fn u64(&mut self) -> Result<u64> {
         let s = self.take(8)?;
         Ok(u64::from_le_bytes(s.try_into().unwrap_or_default()))
     }
+    /// An f32.
     fn f32(&mut self) -> Result<f32> {
         let s = self.take(4)?;
         Ok(f32::from_le_bytes([s[0], s[1], s[2], s[3]]))
     }
+    /// A count of items of `unit` bytes, refused when more than the file has left.
     fn len(&mut self, unit: usize) -> Result<usize> {
         let n = self.u64()? as usize;
         if n.saturating_mul(unit) > self.b.len() - self.at {
@@ -118,22 +129,26 @@ impl<'a> Reader<'a> {
         }
         Ok(n)
     }
+    /// A string written by [`Writer::str`].
     fn str(&mut self) -> Result<String> {
         let n = self.len(1)?;
         String::from_utf8(self.take(n)?.to_vec()).map_err(|_| self.bad("non-UTF-8 name"))
     }
+    /// Floats written by [`Writer::floats`], as bytes (copied into place by the caller).
     fn float_bytes(&mut self) -> Result<&'a [u8]> {
         let n = self.len(4)?;
         self.take(n * 4)
     }
 }
 
+/// FNV-1a, the checksum of version-1 checkpoints.
 fn fnv(b: &[u8]) -> u64 {
     b.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, x| {
         (h ^ *x as u64).wrapping_mul(0x0100_0000_01b3)
     })
 }
 
+/// CRC-32 (IEEE), the checksum of checkpoints written now.
 fn crc(b: &[u8]) -> u64 {
     u64::from(crc32fast::hash(b))
 }
@@ -213,6 +228,7 @@ pub(crate) fn encode_with(
     *out = w.0;
 }
 
+/// The bytes of a checkpoint (also a replicated state): header, partitions, checksum.
 pub(crate) fn encode(s: &Snapshot) -> Vec<u8> {
     let floats: usize = s
         .parts
@@ -306,6 +322,7 @@ pub(crate) fn visit(
     Ok(h)
 }
 
+/// A checkpoint read back, checked whole; `file` names it in errors.
 pub(crate) fn decode(b: &[u8], file: String) -> Result<Snapshot> {
     let mut parts = Vec::new();
     let floats = |b: &[u8]| -> Vec<f32> {
@@ -337,6 +354,7 @@ pub(crate) fn decode(b: &[u8], file: String) -> Result<Snapshot> {
     })
 }
 
+/// The training mode a checkpoint recorded.
 fn read_mode(r: &mut Reader<'_>) -> Result<Mode> {
     let sync = r.u64()? == 1;
     let max = u64::from(super::convert::MAX_WORKERS);
@@ -367,6 +385,7 @@ fn read_mode(r: &mut Reader<'_>) -> Result<Mode> {
     })
 }
 
+/// The optimizer a checkpoint recorded.
 fn read_optimizer(r: &mut Reader<'_>) -> Result<Optimizer> {
     let kind: Kind = Optimizer::kind_from_name(&r.str()?)?;
     let mut f = [0f32; 8];
@@ -387,6 +406,7 @@ fn read_optimizer(r: &mut Reader<'_>) -> Result<Optimizer> {
     })
 }
 
+/// One partition of a checkpoint, its floats left as bytes.
 fn read_part<'a>(r: &mut Reader<'a>) -> Result<PartBytes<'a>> {
     let param = r.str()?;
     let part = r.u64()? as u32;

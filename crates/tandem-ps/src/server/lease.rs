@@ -101,6 +101,7 @@ impl Roster {
         self.done.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
+    /// When each worker was heard from, locked.
     fn heard(&self) -> std::sync::MutexGuard<'_, Heard> {
         self.heard.lock().unwrap_or_else(|p| p.into_inner())
     }

@@ -41,6 +41,7 @@ impl Collector for ServerMetrics {
     }
 }
 
+/// The label of a per-worker series.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct WorkerLabel {
     worker: usize,

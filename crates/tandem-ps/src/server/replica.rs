@@ -108,6 +108,7 @@ impl Replication {
         self.replaced.get().is_some()
     }
 
+    /// Records that a worker failed over to standby `by`: this server stops serving (once).
     pub(super) fn replace(&self, by: String) {
         if self.replaced.set(by.clone()).is_ok() {
             tracing::error!(standby = %by, "a worker failed over to this server's standby: this server stops so the two never serve the same partitions");

@@ -27,6 +27,7 @@ pub fn check_rows(entry: &PartEntry, key: &Key, rows: &[u64]) -> Result<(), Stat
 }
 
 impl Service {
+    /// Rows of a partition (sparse pull), with the partition's version.
     pub(super) fn read_rows(&self, r: pb::RowsRequest) -> Result<pb::RowsResponse, Status> {
         let model = self.declared()?;
         let key = (r.param, r.part);
@@ -50,6 +51,7 @@ impl Service {
         Ok(pb::RowsResponse { data, version })
     }
 
+    /// Row gradients of a partition (sparse push), applied at once.
     pub(super) async fn apply_rows(&self, r: pb::RowsPush) -> Result<pb::PushResponse, Status> {
         let model = self.declared()?;
         let key = (r.param, r.part);

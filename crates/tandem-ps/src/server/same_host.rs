@@ -143,6 +143,8 @@ impl SharedGradient {
         Ok(norms)
     }
 
+    /// Reads every region once before anything is applied: refuses NaN/Inf (when the mode does) and
+    /// sums each partition's squares into `norms` for clipping.
     fn check_pieces(
         &self,
         model: &Model,
@@ -168,6 +170,7 @@ impl SharedGradient {
     }
 }
 
+/// Why a gradient read by address was refused before anything was applied.
 enum Checked {
     Unreadable(Unreadable),
     NonFinite(Key),
@@ -201,6 +204,8 @@ fn partial_status(worker: u32, p: &Partial) -> Status {
 }
 
 impl Service {
+    /// Answers a worker's offer to share its memory: attached when this server can read it (same
+    /// machine, same user, a probe read), else the reason it cannot.
     pub(super) fn attach_worker(&self, advert: &str) -> Result<pb::AttachResponse, Status> {
         let refuse = |reason: String| {
             Ok(pb::AttachResponse {
@@ -275,6 +280,8 @@ impl Service {
         })
     }
 
+    /// A push whose gradient stays in the worker's memory: checked, then applied (async) or handed to
+    /// the step (sync), read a piece at a time.
     pub(super) async fn push_by_address(
         &self,
         r: pb::SharedPush,
@@ -409,6 +416,7 @@ impl Service {
         self.answer(result)
     }
 
+    /// A pull answered by writing the parameters straight into the worker's memory.
     pub(super) async fn pull_by_address(
         &self,
         r: pb::PullRequest,

@@ -41,6 +41,8 @@ struct Promotion {
 }
 
 impl Promotion {
+    /// A worker reached the standby: it serves from now on (once; the step restarts from the
+    /// replicated version).
     fn promote(&self) {
         let mut p = self.promoted.lock().unwrap_or_else(|p| p.into_inner());
         if *p {
@@ -58,6 +60,7 @@ impl Promotion {
         self.signal.send_replace(true);
     }
 
+    /// Whether the standby has been promoted.
     fn is_promoted(&self) -> bool {
         *self.signal.borrow()
     }
@@ -208,6 +211,8 @@ struct Follower {
 }
 
 impl Follower {
+    /// Follows the primary until promoted: subscribes to its replicated states and installs each,
+    /// reconnecting with backoff when the stream breaks.
     async fn run(self) {
         let mut backoff = Duration::from_millis(100);
         let mut warned = false;
@@ -306,6 +311,7 @@ impl Follower {
     }
 }
 
+/// Why a replicated state was not installed.
 enum Install {
     Promoted,
     Bad(tandem_core::Error),
@@ -313,6 +319,7 @@ enum Install {
 
 /// Installs one replicated state (the first one creates the model), unless promoted.
 fn install(service: &Service, promotion: &Promotion, bytes: &[u8]) -> Result<u64, Install> {
+    /// What an error about the replicated state calls it.
     const WHAT: &str = "the primary's replicated state";
     let promoted = promotion.promoted.lock().unwrap_or_else(|p| p.into_inner());
     if *promoted {
@@ -351,6 +358,7 @@ impl Model {
     /// into place (no intermediate snapshot); answers the state's version. The state is checked
     /// whole (checksum, map, every partition's size) before anything is written.
     pub fn overwrite_encoded(&self, bytes: &[u8]) -> tandem_core::Result<u64> {
+        /// What an error about the replicated state calls it.
         const WHAT: &str = "the primary's replicated state";
         let mut seen = 0usize;
         let check = |_: &checkpoint::Header, p: checkpoint::PartBytes<'_>| {

@@ -38,6 +38,7 @@ pub enum Contribution {
     Pending(Box<dyn GradientSource>),
 }
 
+/// What the step thread is asked to do, each with the channel of its answer.
 enum Command {
     Push {
         worker: u32,
@@ -77,6 +78,7 @@ pub struct Stepper {
     tx: std::sync::mpsc::Sender<Command>,
 }
 
+/// The error of a call made after the step thread stopped.
 fn gone() -> Status {
     status(
         Code::Internal,
@@ -109,6 +111,7 @@ impl Stepper {
         Ok(Stepper { tx })
     }
 
+    /// Sends `cmd` to the step thread and waits for its answer.
     async fn ask<T>(&self, cmd: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T, Status> {
         let (reply, answer) = oneshot::channel();
         self.tx.send(cmd(reply)).map_err(|_| gone())?;
@@ -167,6 +170,7 @@ impl Stepper {
     }
 }
 
+/// The step thread's handling of one command.
 fn run(
     model: &Model,
     st: &mut SyncStep,
@@ -259,6 +263,7 @@ fn apply_if_complete(
     due(st.step).then(|| model.snapshot())
 }
 
+/// A push's answer: whether its gradient was applied, and the version now.
 fn response(applied: bool, version: u64) -> pb::PushResponse {
     pb::PushResponse {
         applied,

@@ -212,6 +212,7 @@ struct Afterwards {
 }
 
 impl Afterwards {
+    /// Whether the stream held NaN or Inf (the push was refused for it).
     fn non_finite(&self) -> bool {
         self.reader.lock().map(|r| r.non_finite).unwrap_or(false)
     }

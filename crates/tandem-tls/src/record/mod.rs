@@ -49,17 +49,24 @@ const HEADER: usize = 5;
 /// AEAD tag of every cipher suite TLS 1.3 uses here.
 const TAG: usize = 16;
 
+/// TLS content type of application data.
 const APPLICATION_DATA: u8 = 23;
+/// TLS content type of a handshake message (post-handshake: key updates, tickets).
 const HANDSHAKE: u8 = 22;
+/// TLS content type of an alert.
 const ALERT: u8 = 21;
+/// Handshake message type of a key update.
 const KEY_UPDATE: u8 = 24;
+/// Handshake message type of a session ticket (ignored: no resumption).
 const NEW_SESSION_TICKET: u8 = 4;
 
 /// Records in a row without application data (key updates, empty records, tickets) a reader
 /// accepts before it refuses the connection (rustls allows the same).
 pub(crate) const MAX_RECORDS_WITHOUT_DATA: u32 = 32;
 
+/// The alert for a record that has no place here.
 const UNEXPECTED_MESSAGE: AlertDescription = AlertDescription::UnexpectedMessage;
+/// The alert for a record that cannot be parsed.
 const DECODE_ERROR: AlertDescription = AlertDescription::DecodeError;
 
 /// How much ciphertext a connection reads from its socket at once.
@@ -74,6 +81,7 @@ pub(crate) fn tls_error(e: rustls::Error) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, e)
 }
 
+/// An error saying the peer broke the protocol by sending `what`.
 fn peer_misbehaved(what: &str) -> io::Error {
     tls_error(rustls::Error::General(format!("the peer sent {what}")))
 }
@@ -82,6 +90,7 @@ fn peer_misbehaved(what: &str) -> io::Error {
 /// the connection itself).
 type Fatal = (Option<AlertDescription>, io::Error);
 
+/// A failure that sends `alert` to the peer.
 fn fatal(alert: AlertDescription, what: &str) -> Fatal {
     (Some(alert), peer_misbehaved(what))
 }
@@ -95,6 +104,7 @@ struct Sticky {
 }
 
 impl Sticky {
+    /// Keeps `e` to be returned again.
     fn of(e: &io::Error) -> Sticky {
         Sticky {
             kind: e.kind(),
@@ -106,6 +116,7 @@ impl Sticky {
         }
     }
 
+    /// The kept failure as a new error of the same kind and text.
     fn error(&self) -> io::Error {
         match &self.tls {
             Some(t) => tls_error(t.clone()),
@@ -121,6 +132,7 @@ pub(crate) enum Keys {
 }
 
 impl Keys {
+    /// The next secret of one direction (`tx`: sending) and the sequence number it starts at.
     fn next(&mut self, tx: bool) -> Result<(u64, ConnectionTrafficSecrets), rustls::Error> {
         match (self, tx) {
             (Keys::Client(k), true) => k.update_tx_secret(),
@@ -130,6 +142,7 @@ impl Keys {
         }
     }
 
+    /// How many records the negotiated suite may protect under one key before it must change.
     fn confidentiality_limit(&self) -> u64 {
         let suite = match self {
             Keys::Client(k) => k.negotiated_cipher_suite(),
@@ -155,6 +168,7 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    /// The state both halves of a connection share, around its key schedule.
     pub(crate) fn new(keys: Keys) -> Arc<Self> {
         let server = matches!(keys, Keys::Server(_));
         Arc::new(Shared {
@@ -166,6 +180,7 @@ impl Shared {
         })
     }
 
+    /// The next key of one direction (after a key update).
     fn next_keys(&self, tx: bool) -> io::Result<Protection> {
         let mut keys = self
             .keys
@@ -175,6 +190,7 @@ impl Shared {
         Protection::new(secrets, seq)
     }
 
+    /// The confidentiality limit of the connection's suite (records per key).
     fn limit(&self) -> u64 {
         self.keys
             .lock()
@@ -190,6 +206,7 @@ pub(crate) struct Protection {
 }
 
 impl Protection {
+    /// One direction's protection from its traffic secret, at sequence number `seq`.
     pub(crate) fn new(secrets: ConnectionTrafficSecrets, seq: u64) -> io::Result<Self> {
         let (alg, key, iv) = match secrets {
             ConnectionTrafficSecrets::Aes128Gcm { key, iv } => (&aead::AES_128_GCM, key, iv),
@@ -233,6 +250,7 @@ impl Protection {
     }
 }
 
+/// The header of an application-data record of `len` bytes.
 fn header(len: usize) -> [u8; HEADER] {
     let [hi, lo] = (len as u16).to_be_bytes();
     [APPLICATION_DATA, 3, 3, hi, lo]

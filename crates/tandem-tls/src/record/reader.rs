@@ -167,6 +167,8 @@ impl RecordReader {
         Ok(true)
     }
 
+    /// Handles an alert record: a close_notify ends the stream cleanly, any other is the peer's
+    /// failure.
     fn alert(&mut self, body: usize, len: usize) -> Result<(), Fatal> {
         match self.buf[body..body + len] {
             [_, 0] => {

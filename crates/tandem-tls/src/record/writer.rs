@@ -58,6 +58,7 @@ impl std::fmt::Debug for RecordWriter {
 }
 
 impl RecordWriter {
+    /// The writing half over `tcp`, sealing with `seal`.
     pub(crate) fn new(tcp: OwnedWriteHalf, seal: Protection, shared: Arc<Shared>) -> Self {
         // Well before the confidentiality limit, as rustls does for its own records.
         let update_at = shared.limit().saturating_sub(1 << 12).max(1);
@@ -199,6 +200,7 @@ impl RecordWriter {
         Ok(())
     }
 
+    /// Sends what is sealed and not sent yet.
     fn poll_drain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         while self.sent < self.out.len() {
             let n = ready!(Pin::new(&mut self.tcp).poll_write(cx, &self.out[self.sent..]))?;
@@ -237,6 +239,7 @@ impl RecordWriter {
         )))
     }
 
+    /// Seals and sends `data` (a retry of the same bytes after Pending reuses what was sealed).
     fn write_inner(&mut self, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
         if !self.is_retry(data)? {
             ready!(self.poll_drain(cx))?;

@@ -239,6 +239,7 @@ struct Reads {
 }
 
 impl Reads {
+    /// Nothing read yet from `n` sources.
     fn new(n: usize) -> Self {
         Reads {
             applied: vec![Vec::new(); n],

@@ -112,6 +112,7 @@ pub struct Located {
 }
 
 impl PartEntry {
+    /// A partition of the parameter of `shape`: rows from `row_start` holding `data`.
     fn new(shape: Vec<u64>, row_start: u64, rows: u64, data: PartData) -> Self {
         PartEntry {
             shape,

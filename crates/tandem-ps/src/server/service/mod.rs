@@ -143,6 +143,7 @@ impl Service {
         self.checkpoints.write_in_background(snap);
     }
 
+    /// Whether a checkpoint is due at `version`.
     pub(super) fn due(&self, version: u64) -> bool {
         self.checkpoints.due(version)
     }
@@ -152,16 +153,19 @@ impl Service {
         self.declared.get().map(|d| d.model.clone())
     }
 
+    /// The model, or FailedPrecondition before any declaration.
     pub(super) fn declared(&self) -> Result<Arc<Model>, Status> {
         self.model().ok_or_else(not_declared)
     }
 
+    /// The model and, in sync mode, its step thread.
     pub(super) fn declared_with_stepper(&self) -> Result<(Arc<Model>, Option<Stepper>), Status> {
         let d = self.declared.get().ok_or_else(not_declared)?;
         Ok((d.model.clone(), d.stepper.clone()))
     }
 }
 
+/// The refusal of a call that needs parameters before any were declared.
 fn not_declared() -> Status {
     status(
         Code::FailedPrecondition,
@@ -209,6 +213,7 @@ pub(super) fn requested(model: &Model, parts: Vec<pb::PartRef>) -> Vec<Key> {
     }
 }
 
+/// The stream of a pull's chunks.
 type PullStream = Pin<Box<dyn Stream<Item = Result<pb::PullChunk, Status>> + Send>>;
 
 /// Chunks of a pull copied ahead of the network: a pull holds this many chunks in the server
