@@ -289,6 +289,7 @@ impl DeviceGroup {
         }
     }
 
+    /// Refuses a root that is not a rank of the group, naming it.
     fn check_root(&self, root: usize) -> Result<()> {
         if root >= self.world {
             return Err(Error::invalid(

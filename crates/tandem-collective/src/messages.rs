@@ -145,11 +145,13 @@ impl RankState {
     }
 }
 
+/// A control message as JSON.
 fn encode<T: Serialize>(v: &T) -> String {
     // These types hold strings and integers only: serialising them cannot fail.
     serde_json::to_string(v).unwrap_or_default()
 }
 
+/// A control message read back; what cannot be read is named (`what`) with its length.
 fn decode<T: for<'de> Deserialize<'de>>(what: &'static str, s: &str) -> Result<T, Unreadable> {
     serde_json::from_str(s).map_err(|source| Unreadable {
         what,

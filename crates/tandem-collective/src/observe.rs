@@ -23,6 +23,7 @@ const REDUCE_GAP_US: u64 = 50;
 const REDUCE_SPANS: usize = 64;
 
 thread_local! {
+    /// The reduce spans of the operation this thread runs: (start µs, duration µs).
     static REDUCES: RefCell<Vec<(u64, u64)>> = const { RefCell::new(Vec::new()) };
     /// When the async operation this thread runs next was asked for.
     static ENQUEUED: std::cell::Cell<Option<Instant>> = const { std::cell::Cell::new(None) };
@@ -215,6 +216,7 @@ pub(crate) fn end(
     }
 }
 
+/// Writes an operation (and its reduce spans) to the timeline.
 fn write_timeline(
     rec: &Recording,
     entry: Option<recorder::Entry>,

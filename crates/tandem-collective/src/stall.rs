@@ -20,9 +20,13 @@ use crate::backend::ops::Waiting;
 #[derive(Debug)]
 pub struct WaitCell(AtomicU64);
 
+/// The rank waits on no one.
 const NOTHING: u64 = 0;
+/// The rank waits for a peer's header (the peer in the low bits).
 const HEADER: u64 = 1 << 62;
+/// The rank waits for a peer's data (the peer in the low bits).
 const DATA: u64 = 2 << 62;
+/// The bits holding the peer.
 const PEER: u64 = (1 << 62) - 1;
 
 impl WaitCell {
@@ -84,10 +88,12 @@ impl Progress {
         }
     }
 
+    /// Milliseconds since the progress record began.
     fn now_ms(&self) -> u64 {
         self.ms_at(Instant::now())
     }
 
+    /// Milliseconds from the record's beginning to `t`.
     fn ms_at(&self, t: Instant) -> u64 {
         t.saturating_duration_since(self.epoch).as_millis() as u64
     }
@@ -151,6 +157,7 @@ pub struct RankState {
 }
 
 impl RankState {
+    /// The peer the rank waits on inside an operation, if any.
     fn peer(&self) -> Option<usize> {
         match self.waiting {
             Waiting::Header(p) | Waiting::Data(p) if self.in_op => Some(p),
@@ -277,10 +284,12 @@ fn list(rs: &[usize]) -> String {
     }
 }
 
+/// "was" or "were" for these ranks.
 fn were(rs: &[usize]) -> &'static str {
     if rs.len() == 1 { "was" } else { "were" }
 }
 
+/// Where following the waits ends: a rank waiting on no one, or a cycle of ranks.
 enum Walk {
     End(usize),
     Cycle(Vec<usize>),
@@ -311,6 +320,7 @@ fn walk(from: usize, states: &[Option<RankState>]) -> Walk {
     }
 }
 
+/// The rank that `from`'s chain of waits ends at; `None` for a cycle.
 fn end_of_chain(from: usize, states: &[Option<RankState>]) -> Option<usize> {
     match walk(from, states) {
         Walk::End(c) => Some(c),

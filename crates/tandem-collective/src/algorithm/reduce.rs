@@ -11,10 +11,15 @@ use tandem_core::{DType, Error, ReduceOp, Result};
 
 /// Arithmetic a reduction needs from one element type.
 trait Arith: bytemuck::Pod {
+    /// `a + b`.
     fn add(a: Self, b: Self) -> Self;
+    /// `a * b`.
     fn mul(a: Self, b: Self) -> Self;
+    /// The smaller of `a` and `b`.
     fn min(a: Self, b: Self) -> Self;
+    /// The larger of `a` and `b`.
     fn max(a: Self, b: Self) -> Self;
+    /// `a / n` (for AVG).
     fn div(a: Self, n: usize) -> Self;
 }
 
@@ -44,6 +49,7 @@ macro_rules! int_arith {
 }
 int_arith!(i32, i64, u8);
 
+/// `a` combined with `b` by `op` (AVG sums; its division comes after).
 #[inline(always)]
 fn combine<T: Arith>(op: ReduceOp, a: T, b: T) -> T {
     match op {
@@ -55,6 +61,7 @@ fn combine<T: Arith>(op: ReduceOp, a: T, b: T) -> T {
     }
 }
 
+/// `dst = dst op src` element-wise, divided by `divisor` at the end when given.
 fn typed<T: Arith>(op: ReduceOp, dst: &mut [T], src: &[T], divisor: Option<usize>) {
     // One loop per operator so each one vectorises.
     match op {
@@ -91,6 +98,7 @@ where
     H: bytemuck::Pod,
     [H]: HalfFloatSliceExt,
 {
+    /// Elements widened to f32 at a time (on the stack).
     const BLOCK: usize = 512;
     let mut a = [0f32; BLOCK];
     let mut b = [0f32; BLOCK];
@@ -103,6 +111,7 @@ where
     }
 }
 
+/// Applies `f` element by element to buffers that are not aligned for `T`.
 fn unaligned<T: bytemuck::Pod>(dst: &mut [u8], src: &[u8], f: impl Fn(&mut [T], &[T])) {
     let size = std::mem::size_of::<T>();
     for (d, s) in dst.chunks_exact_mut(size).zip(src.chunks_exact(size)) {
@@ -113,6 +122,7 @@ fn unaligned<T: bytemuck::Pod>(dst: &mut [u8], src: &[u8], f: impl Fn(&mut [T], 
     }
 }
 
+/// Applies `f` to the buffers as slices of `T`, element by element when they are not aligned.
 fn run<T: bytemuck::Pod>(dst: &mut [u8], src: &[u8], f: impl Fn(&mut [T], &[T])) {
     match (
         bytemuck::try_cast_slice_mut::<u8, T>(dst),
@@ -141,7 +151,6 @@ pub fn reduce_into(
     src: &[u8],
     divisor: Option<usize>,
 ) -> Result<()> {
-    let _timer = crate::observe::ReduceTimer::start();
     if dst.len() != src.len() || !dst.len().is_multiple_of(dtype.size()) {
         return Err(Error::invalid(
             "buffer",
@@ -173,7 +182,6 @@ pub fn reduce_into(
 /// Reduces `parts` (each the bytes of one rank, in rank order) into `out`. Half types accumulate in
 /// `f32` across all parts and are rounded once at the end; an average divides once at the end.
 pub fn reduce_all(dtype: DType, op: ReduceOp, parts: &[&[u8]], out: &mut [u8]) -> Result<()> {
-    let _timer = crate::observe::ReduceTimer::start();
     let Some((first, rest)) = parts.split_first() else {
         return Ok(());
     };

@@ -21,6 +21,7 @@ pub fn left(rank: usize, world: usize) -> usize {
     (rank + world - 1) % world
 }
 
+/// The rank `back` places before `rank` around the ring.
 fn wrap(rank: usize, back: usize, world: usize) -> usize {
     (rank + world * 2 - back % world) % world
 }

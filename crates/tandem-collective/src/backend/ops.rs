@@ -33,7 +33,6 @@ use tandem_tls::stream::{ReadHalf, WriteHalf};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::algorithm::chunking::{bytes, partition, segments};
-use crate::algorithm::reduce::{reduce_all, reduce_into};
 use crate::algorithm::ring::{allgather_step, chain_position, left, reduce_scatter_step, right};
 use crate::transport::frame::{HEADER_LEN, OpHeader};
 use crate::transport::mesh::Mesh;
@@ -86,6 +85,7 @@ pub struct Io<'a> {
     pub shared_min_bytes: usize,
 }
 
+/// A connection lost while `doing` something in an operation, naming the peer and the operation.
 fn lost(peer: usize, header: &OpHeader, doing: &str, e: &std::io::Error) -> Error {
     let what = match e.kind() {
         ErrorKind::UnexpectedEof
@@ -100,6 +100,25 @@ fn lost(peer: usize, header: &OpHeader, doing: &str, e: &std::io::Error) -> Erro
     }
 }
 
+/// [`crate::algorithm::reduce::reduce_into`], its time kept as a reduce span of the operation
+/// on the timeline (the arithmetic itself knows nothing of observation).
+fn reduce_into(
+    dtype: DType,
+    op: ReduceOp,
+    dst: &mut [u8],
+    src: &[u8],
+    divisor: Option<usize>,
+) -> Result<()> {
+    let _timer = crate::observe::ReduceTimer::start();
+    crate::algorithm::reduce::reduce_into(dtype, op, dst, src, divisor)
+}
+
+/// [`crate::algorithm::reduce::reduce_all`], timed as [`reduce_into`] is.
+fn reduce_all(dtype: DType, op: ReduceOp, parts: &[&[u8]], out: &mut [u8]) -> Result<()> {
+    let _timer = crate::observe::ReduceTimer::start();
+    crate::algorithm::reduce::reduce_all(dtype, op, parts, out)
+}
+
 /// The mesh has no connection to rank `p` (it was never made, or is lent out).
 fn no_connection(p: usize) -> Error {
     Error::Unusable {
@@ -108,6 +127,7 @@ fn no_connection(p: usize) -> Error {
     }
 }
 
+/// The read half from `from` and the write half to `to`, borrowed together.
 fn halves(mesh: &mut Mesh, from: usize, to: usize) -> Result<(&mut ReadHalf, &mut WriteHalf)> {
     let r = mesh
         .readers
@@ -122,6 +142,7 @@ fn halves(mesh: &mut Mesh, from: usize, to: usize) -> Result<(&mut ReadHalf, &mu
     Ok((r, w))
 }
 
+/// The read half from rank `from`.
 fn reader(mesh: &mut Mesh, from: usize) -> Result<&mut ReadHalf> {
     mesh.readers
         .get_mut(from)
@@ -129,6 +150,7 @@ fn reader(mesh: &mut Mesh, from: usize) -> Result<&mut ReadHalf> {
         .ok_or_else(|| no_connection(from))
 }
 
+/// The write half to rank `to`.
 fn writer(mesh: &mut Mesh, to: usize) -> Result<&mut WriteHalf> {
     mesh.writers
         .get_mut(to)
@@ -136,6 +158,7 @@ fn writer(mesh: &mut Mesh, to: usize) -> Result<&mut WriteHalf> {
         .ok_or_else(|| no_connection(to))
 }
 
+/// A peer's header that does not match this rank's call: both calls named.
 fn mismatch(header: &OpHeader, me: usize, theirs: &OpHeader, them: usize) -> Error {
     if theirs.seq == header.seq {
         Error::OpMismatch(format!(
@@ -183,6 +206,8 @@ fn split_pair(buf: &mut [u8], send: Range<usize>, recv: Range<usize>) -> (&[u8],
     }
 }
 
+/// Receives `dst.len()` bytes from a peer a segment at a time, reducing each into `dst` as it
+/// arrives.
 async fn recv_reduce(
     rd: &mut ReadHalf,
     dst: &mut [u8],

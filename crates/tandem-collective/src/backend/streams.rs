@@ -97,6 +97,7 @@ impl Channel {
     }
 }
 
+/// The error of an operation given to a stream's thread after it stopped.
 fn stopped() -> Error {
     Error::Unusable {
         what: "process group".into(),

@@ -45,10 +45,12 @@ fn nccl_error(what: &str, e: NcclError) -> Error {
     )
 }
 
+/// A CUDA driver failure as Tandem's error, naming what was being done.
 fn driver_error(what: &str, e: DriverError) -> Error {
     Error::transport(format!("CUDA {what}"), e.to_string())
 }
 
+/// NCCL's operator for `op`; an operator NCCL lacks is refused, naming it.
 fn op(op: ReduceOp) -> Result<cudarc::nccl::ReduceOp> {
     Ok(match op {
         ReduceOp::Sum => cudarc::nccl::ReduceOp::Sum,
@@ -84,6 +86,7 @@ const NO_NCCL: &str = "libnccl.so was not found on the library path (the nvidia-
 ships only libnccl.so.2: add a libnccl.so link to it in a folder on LD_LIBRARY_PATH, or install \
 libnccl-dev)";
 
+/// Work for the communicator's thread.
 type Job = Box<dyn FnOnce(&Comm) + Send>;
 
 /// The thread that owns the communicator.
@@ -95,6 +98,7 @@ pub(crate) struct CommThread {
     world: usize,
 }
 
+/// The NCCL group cannot be used, and why.
 fn unusable(reason: &str) -> Error {
     Error::Unusable {
         what: "NCCL group".into(),
@@ -103,6 +107,7 @@ fn unusable(reason: &str) -> Error {
 }
 
 impl CommThread {
+    /// Starts the thread that owns the communicator and runs the jobs sent to it.
     fn start(
         stream: Arc<CudaStream>,
         rank: usize,
@@ -163,6 +168,7 @@ impl CommThread {
         }
     }
 
+    /// Runs `f` on the communicator's thread and waits for it within the group's deadline.
     fn run<R: Send + 'static>(
         &self,
         what: &str,
@@ -213,6 +219,7 @@ pub(crate) enum Inner {
     },
 }
 
+/// Waits for the stream's queued work.
 fn sync(comm: &Comm) -> Result<()> {
     comm.stream()
         .synchronize()
@@ -220,6 +227,8 @@ fn sync(comm: &Comm) -> Result<()> {
 }
 
 impl Inner {
+    /// Makes the NCCL communicator of `pg`'s ranks on GPU `device`, its unique id passed through the
+    /// group.
     pub(crate) fn new(pg: &ProcessGroup, device: usize) -> Result<Inner> {
         let (cuda, nccl) = libraries();
         if !cuda {
@@ -316,6 +325,7 @@ impl Inner {
         }
     }
 
+    /// `nccl`.
     pub(crate) fn name(&self) -> &'static str {
         match self {
             Inner::Nccl { .. } => "nccl",
@@ -323,12 +333,14 @@ impl Inner {
         }
     }
 
+    /// The CUDA stream the communicator's work runs on.
     fn stream(&self) -> &Arc<CudaStream> {
         match self {
             Inner::Nccl { stream, .. } | Inner::Staged { stream, .. } => stream,
         }
     }
 
+    /// Ranks in the communicator.
     fn world(&self) -> usize {
         match self {
             Inner::Nccl { thread, .. } => thread.world,
@@ -336,6 +348,7 @@ impl Inner {
         }
     }
 
+    /// A device copy of `host`.
     pub(crate) fn to_device<T: DeviceElement>(&self, host: &[T]) -> Result<DeviceBuffer<T>> {
         let inner = self
             .stream()
@@ -344,12 +357,14 @@ impl Inner {
         Ok(DeviceBuffer::from_cuda(inner))
     }
 
+    /// A host copy of `buf`.
     pub(crate) fn to_host<T: DeviceElement>(&self, buf: &DeviceBuffer<T>) -> Result<Vec<T>> {
         self.stream()
             .clone_dtoh(&buf.inner)
             .map_err(|e| driver_error("copy from the GPU", e))
     }
 
+    /// A device buffer of `n` zeros.
     fn zeros<T: DeviceElement>(&self, n: usize) -> Result<DeviceBuffer<T>> {
         let inner = self
             .stream()
@@ -358,6 +373,7 @@ impl Inner {
         Ok(DeviceBuffer::from_cuda(inner))
     }
 
+    /// Copies `host` into `buf`.
     fn upload<T: DeviceElement>(&self, host: &[T], buf: &mut DeviceBuffer<T>) -> Result<()> {
         let s = self.stream();
         s.memcpy_htod(host, &mut buf.inner)
@@ -366,6 +382,7 @@ impl Inner {
             .map_err(|e| driver_error("stream synchronize", e))
     }
 
+    /// Allreduces several device buffers in one group call.
     pub(crate) fn allreduce_many<T: DeviceElement>(
         &self,
         mut bufs: Vec<DeviceBuffer<T>>,
@@ -408,6 +425,7 @@ impl Inner {
         }
     }
 
+    /// Broadcasts `buf` from `root`.
     pub(crate) fn broadcast<T: DeviceElement>(
         &self,
         mut buf: DeviceBuffer<T>,
@@ -429,6 +447,7 @@ impl Inner {
         }
     }
 
+    /// Reduces into `root`'s buffer.
     pub(crate) fn reduce<T: DeviceElement>(
         &self,
         mut buf: DeviceBuffer<T>,
@@ -456,6 +475,7 @@ impl Inner {
         }
     }
 
+    /// Gathers every rank's `send` into `recv`, in rank order.
     pub(crate) fn allgather<T: DeviceElement>(
         &self,
         buf: DeviceBuffer<T>,
@@ -479,6 +499,7 @@ impl Inner {
         }
     }
 
+    /// Reduces `send` and scatters it: each rank receives its part in `recv`.
     pub(crate) fn reduce_scatter<T: DeviceElement>(
         &self,
         buf: DeviceBuffer<T>,

@@ -3,6 +3,8 @@
 
 use super::*;
 
+/// The group's control plane: its runtime, its rendezvous session, and the task that watches
+/// for aborts.
 pub(super) struct Control {
     pub(super) rt: Runtime,
     pub(super) session: Mutex<Option<Session>>,
@@ -63,6 +65,7 @@ impl ProcessGroup {
         &self,
         mine: std::result::Result<(), &str>,
     ) -> Result<std::result::Result<(), Declined>> {
+        /// Bytes a reason may take in the agreement.
         const RECORD: usize = 256;
         let mut record = [0u8; RECORD];
         if let Err(why) = mine {

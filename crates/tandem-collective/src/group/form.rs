@@ -208,6 +208,7 @@ impl ProcessGroup {
 }
 
 impl Formation<'_> {
+    /// Forms the group: rendezvous, addresses, mesh, backend, each step under the connect deadline.
     fn form(self) -> Result<ProcessGroup> {
         let (rank, world) = (self.spec.rank(), self.spec.world_size());
         tandem_observe::identify(

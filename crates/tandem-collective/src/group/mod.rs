@@ -41,6 +41,7 @@ use crate::transport::frame::group_id;
 use crate::transport::mesh::{MeshSpec, establish};
 use crate::transport::peer_memory::{LocalWord, PeerMemory};
 
+/// What a group and its clones share: who it is, its backend, its queue of background work.
 struct Shared {
     name: String,
     kind: BackendKind,
@@ -140,6 +141,7 @@ impl ProcessGroup {
         self.timeout
     }
 
+    /// The backend, or Unusable once the group was shut down.
     fn backend(&self) -> Result<&dyn Backend> {
         self.shared
             .backend
@@ -147,6 +149,7 @@ impl ProcessGroup {
             .ok_or_else(|| Error::invalid("world", "a world of one has no backend"))
     }
 
+    /// Refuses a root that is not a rank of the group, naming the operation.
     fn check_root(&self, name: &str, root: usize) -> Result<()> {
         if root >= self.shared.world {
             return Err(Error::invalid(
@@ -263,6 +266,7 @@ impl ProcessGroup {
         self.backend()?.recv(buf, dtype, from, self.timeout)
     }
 
+    /// Refuses a peer that is not another rank of the group, naming the operation.
     fn check_peer(&self, name: &str, peer: usize) -> Result<()> {
         self.check_root(name, peer)?;
         if peer == self.shared.rank {
@@ -337,6 +341,7 @@ impl ProcessGroup {
     }
 }
 
+/// Refuses a buffer whose length is not a whole number of `dtype` elements.
 fn check_len(name: &str, len: usize, dtype: DType) -> Result<()> {
     if !len.is_multiple_of(dtype.size()) {
         return Err(Error::invalid(
@@ -347,6 +352,7 @@ fn check_len(name: &str, len: usize, dtype: DType) -> Result<()> {
     Ok(())
 }
 
+/// The array's elements as one slice, or an error when it is not contiguous.
 fn contiguous<T, S: DataMut<Elem = T>, D: Dimension>(a: &mut ArrayBase<S, D>) -> Result<&mut [T]> {
     let shape = a.shape().to_vec();
     a.as_slice_mut().ok_or_else(|| {

@@ -4,6 +4,8 @@
 
 use super::*;
 
+/// The host this rank tells the others to reach it at: loopback when the rendezvous is on this
+/// machine, else the address of the interface routing to it.
 pub(super) fn advertise_host(rendezvous: &str) -> String {
     let addr: Option<SocketAddr> = rendezvous.to_socket_addrs().ok().and_then(|mut a| a.next());
     match addr {

@@ -4,6 +4,7 @@
 
 use super::*;
 
+/// Background work of the group's worker thread.
 pub(super) type Job = Box<dyn FnOnce() + Send>;
 
 /// The outcome of an async operation.
@@ -53,6 +54,7 @@ impl<T> Work<T> {
     }
 }
 
+/// Operations submitted and completed (what a flush waits for).
 #[derive(Default)]
 pub(super) struct Queue {
     submitted: u64,
@@ -63,11 +65,13 @@ pub(super) struct Queue {
 pub(super) struct DirectGroup<'a>(&'a ProcessGroup);
 
 impl DirectGroup<'_> {
+    /// Runs `f` with the group and its deadline.
     pub(super) fn run<T>(&self, f: impl FnOnce(&ProcessGroup, Duration) -> Result<T>) -> Result<T> {
         f(self.0, self.0.timeout)
     }
 }
 
+/// The error once a panic poisoned the queue.
 pub(super) fn poisoned_queue() -> Error {
     Error::Unusable {
         what: "process group".into(),
@@ -132,6 +136,7 @@ impl ProcessGroup {
         work
     }
 
+    /// Hands `job` to the worker thread (started at the first job).
     pub(super) fn enqueue(&self, job: Job) -> Result<()> {
         let mut engine = self.shared.engine.lock().map_err(|_| poisoned_queue())?;
         if engine.is_none() {

@@ -125,6 +125,7 @@ pub enum OpKind {
 }
 
 impl OpKind {
+    /// The kind of wire code `v`; `None` for an unknown code.
     fn from_u8(v: u8) -> Option<OpKind> {
         use OpKind::*;
         [
@@ -173,6 +174,7 @@ pub struct OpHeader {
 
 /// Size of an encoded [`OpHeader`].
 pub const HEADER_LEN: usize = 32;
+/// Begins every operation header: a stream out of step shows at once.
 const HEADER_MAGIC: [u8; 4] = *b"TOP1";
 
 impl OpHeader {

@@ -136,6 +136,7 @@ impl MeshSpec<'_> {
     }
 }
 
+/// Socket options of every ring connection (no Nagle delay).
 fn setup(stream: &TcpStream) {
     let _ = stream.set_nodelay(true);
 }
@@ -146,6 +147,7 @@ fn wrong_rank(stream: &Stream, rank: usize) -> Option<String> {
     (named != rank).then(|| format!("its certificate is rank {named}'s, not rank {rank}'s"))
 }
 
+/// Dials `peer` until `deadline` (with backoff while it is not listening yet) and says hello.
 async fn connect_one(spec: &MeshSpec<'_>, peer: usize, deadline: Instant) -> Result<Stream> {
     let addr = &spec.addrs[peer];
     let mut backoff = tandem_core::Backoff::new(
@@ -281,6 +283,8 @@ enum Retry {
     TimedOut,
 }
 
+/// Reads and checks a dialler's hello (job, group, rank, world); returns its rank, or the refusal
+/// to send back and why.
 async fn read_hello(
     s: &mut Stream,
     spec: &MeshSpec<'_>,

@@ -105,10 +105,12 @@ impl<'a> Lane<'a> {
         mesh.writers[r] = Some(self.wr);
     }
 
+    /// The group rank to this rank's left in the sub-ring.
     fn left_rank(&self) -> usize {
         self.members[left(self.me, self.members.len())]
     }
 
+    /// The group rank to this rank's right in the sub-ring.
     fn right_rank(&self) -> usize {
         self.members[right(self.me, self.members.len())]
     }
@@ -180,6 +182,8 @@ struct Piece {
 }
 
 impl Piece {
+    /// Rank `i` of a host's part of a buffer of `len` bytes of `size`-byte elements: its chunk
+    /// within the host, and that chunk's slices across the `hosts`.
     fn new(len: usize, size: usize, per_host: usize, hosts: usize, i: usize) -> Piece {
         let chunks = partition(len / size, per_host);
         let chunk_bytes: Vec<Range<usize>> = chunks.iter().map(|c| bytes(c, size)).collect();

@@ -24,6 +24,7 @@ pub(super) struct Control {
 }
 
 impl Control {
+    /// The message's bytes.
     fn encode(&self) -> [u8; CONTROL_LEN] {
         let mut b = [0u8; CONTROL_LEN];
         b[0] = self.kind;
@@ -34,6 +35,7 @@ impl Control {
         b
     }
 
+    /// A message from its bytes.
     fn decode(b: &[u8; CONTROL_LEN]) -> Control {
         let word = |r: std::ops::Range<usize>| {
             let mut w = [0u8; 8];
@@ -52,6 +54,7 @@ impl Control {
     }
 }
 
+/// Sends a control message to rank `to` over the socket.
 pub(super) async fn put_control(io: &mut Io<'_>, to: usize, c: Control) -> Result<()> {
     let header = io.header;
     io.waiting.set(Waiting::Data(to));

@@ -4,6 +4,7 @@
 
 use super::*;
 
+/// Resolves with the abort once one is announced.
 async fn aborted(rx: &mut watch::Receiver<Option<Abort>>) -> Abort {
     match rx.wait_for(Option::is_some).await {
         Ok(v) => match v.clone() {

@@ -55,6 +55,7 @@ pub struct Control {
     pub rendezvous_on_rank0: bool,
 }
 
+/// What one operation at a time uses: the connections and their buffers, and the sequence.
 struct RingState {
     /// Counts each connection's bytes in the metrics; declared before `mesh` so it is dropped
     /// before the sockets close.
@@ -208,6 +209,7 @@ impl TcpRing {
         }
     }
 
+    /// The ring's state for one operation, or Unusable after a panic.
     fn begin(&self) -> Result<MutexGuard<'_, RingState>> {
         let st = self.state.lock().map_err(|_| Error::Unusable {
             what: "process group".into(),
@@ -340,6 +342,8 @@ impl TcpRing {
         self.settle(&mut st, &header, op.lateness.get(), outcome)
     }
 
+    /// Ends an operation: counts a late peer (naming it a straggler when it is late in most of a
+    /// window), and on failure marks the ring unusable for later operations.
     fn settle<T>(
         &self,
         st: &mut RingState,
