@@ -170,7 +170,7 @@ pub fn run(cmd: BenchCommand) -> Result<ExitCode> {
 /// `TANDEM_TCP_CONGESTION`, else the default) against the kernel, says which it is, and passes the
 /// flag's value on to the ranks in `env`.
 pub(crate) fn congestion(flag: Option<&str>, env: &mut Vec<(String, String)>) -> Result<()> {
-    use tandem::tls::congestion::{CONGESTION_VAR, Congestion};
+    use tandem::collective::transport::congestion::{CONGESTION_VAR, Congestion};
     let asked = match flag {
         Some(v) => v
             .parse::<Congestion>()

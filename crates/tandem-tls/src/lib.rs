@@ -17,7 +17,6 @@
 
 pub mod admission;
 mod authority;
-pub mod congestion;
 mod context;
 mod files;
 #[cfg(feature = "fuzzing")]
@@ -32,7 +31,6 @@ mod record;
 pub mod stream;
 
 pub use authority::{Authority, Issued, MAX_DAYS};
-pub use congestion::{CONGESTION_VAR, Congestion, CongestionChoice};
 pub use context::{TlsContext, common_name, describe, peer_rank};
 pub use files::{
     CA_FILE, CA_KEY_FILE, CA_VAR, CERT_FILE, CERT_VAR, DIR_VAR, KEY_FILE, KEY_VAR, Made, TlsFiles,

@@ -41,9 +41,9 @@ pub struct GroupConfig {
     /// fast links; ranks on one machine that copy by address never use the extra connections.
     pub streams_per_peer: usize,
     /// TCP congestion control of the group's connections (`TANDEM_TCP_CONGESTION`: unset, cubic
-    /// where the kernel allows it; `system`; or a name). See [`tandem_tls::congestion`] for why a
+    /// where the kernel allows it; `system`; or a name). See [`crate::transport::congestion`] for why a
     /// ring prefers cubic to BBR.
-    pub tcp_congestion: tandem_tls::Congestion,
+    pub tcp_congestion: crate::transport::congestion::Congestion,
     /// Host other ranks should connect to (`TANDEM_ADVERTISE_HOST`); default: derived from the
     /// rendezvous address (loopback for local jobs, this machine's outgoing address otherwise).
     pub advertise_host: Option<String>,
@@ -79,7 +79,7 @@ impl Default for GroupConfig {
             same_host_min_bytes: 256 << 10,
             hierarchical: true,
             streams_per_peer: 1,
-            tcp_congestion: tandem_tls::Congestion::Preferred,
+            tcp_congestion: crate::transport::congestion::Congestion::Preferred,
             advertise_host: None,
             security: None,
             board: None,
@@ -171,25 +171,25 @@ mod config_tests {
         bad("TANDEM_DIRECT_BYTES", "16777217");
         assert!(ok("TANDEM_SAME_HOST", "auto").same_host);
         assert!(ok("TANDEM_HIERARCHICAL", "auto").hierarchical);
-        let cc = tandem_tls::CONGESTION_VAR;
+        let cc = crate::transport::congestion::CONGESTION_VAR;
         assert_eq!(
             GroupConfig::from_vars(&vars(&[]))
                 .expect("defaults")
                 .tcp_congestion,
-            tandem_tls::Congestion::Preferred
+            crate::transport::congestion::Congestion::Preferred
         );
         assert_eq!(
             ok(cc, "system").tcp_congestion,
-            tandem_tls::Congestion::System
+            crate::transport::congestion::Congestion::System
         );
         assert_eq!(
             ok(cc, "reno").tcp_congestion,
-            tandem_tls::Congestion::Named("reno".into())
+            crate::transport::congestion::Congestion::Named("reno".into())
         );
         // Empty is unset, as for every variable.
         assert_eq!(
             ok(cc, " ").tcp_congestion,
-            tandem_tls::Congestion::Preferred
+            crate::transport::congestion::Congestion::Preferred
         );
         bad(cc, "not a name");
     }

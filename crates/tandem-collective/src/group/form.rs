@@ -127,7 +127,7 @@ struct Formation<'a> {
     ring_rt: Runtime,
     prefix: String,
     /// The congestion control set on every connection, checked against the kernel before joining.
-    congestion: tandem_tls::CongestionChoice,
+    congestion: crate::transport::congestion::CongestionChoice,
 }
 
 impl ProcessGroup {

@@ -15,11 +15,13 @@ use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use tandem_core::{Error, Result};
 use tandem_rendezvous::JobToken;
+use tandem_tls::Security;
 use tandem_tls::admission::Admission;
 use tandem_tls::identity::Role;
 use tandem_tls::local::NotThisUser;
 use tandem_tls::stream::{ReadHalf, Stream, TLS_ALERT, WriteHalf};
-use tandem_tls::{CongestionChoice, Security};
+
+use super::congestion::CongestionChoice;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UnixListener};
 use tokio::time::Instant;

@@ -21,7 +21,7 @@
 //!   the kernel's reason before any connection is made.
 //!
 //! ```
-//! use tandem_tls::congestion::Congestion;
+//! use tandem_collective::transport::congestion::Congestion;
 //! let c: Congestion = "reno".parse()?;
 //! // Reno is built into every Linux kernel and allowed to every process.
 //! assert_eq!(c.resolve()?.name(), Some("reno"));
@@ -138,7 +138,7 @@ fn choose(name: &str, fall_back: bool) -> Result<CongestionChoice> {
                     system = %system_default().unwrap_or_else(|| "unknown".into()),
                     reason = %refusal(name, &e),
                     "the ring's TCP connections keep the system's congestion control ({CONGESTION_VAR}=system \
-                     says so without this line; see tandem_tls::congestion for why {PREFERRED} is \
+                     says so without this line; see tandem_collective::transport::congestion for why {PREFERRED} is \
                      preferred)"
                 );
             }
