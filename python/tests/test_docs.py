@@ -181,3 +181,18 @@ def test_every_quoted_figure_links_to_its_measurement() -> None:
                 for a in links:
                     assert a in anchors, f"{page.name}: BENCHMARKS.md#{a} is no heading of BENCHMARKS.md"
     assert not missing, "figures without a link to BENCHMARKS.md#section:\n" + "\n".join(missing)
+
+
+def test_the_architecture_crate_graph_is_the_workspace_s() -> None:
+    """ARCHITECTURE.md's crate graph draws exactly the workspace's normal dependencies."""
+    import json
+
+    text = (ROOT / "ARCHITECTURE.md").read_text()
+    block = text.split("```mermaid\n", 1)[1].split("```", 1)[0]
+    drawn = set(re.findall(r"^\s*([\w-]+) --> ([\w-]+)\s*$", block, re.M))
+    meta = json.loads(subprocess.run(["cargo", "metadata", "--no-deps", "--format-version", "1", "--offline"],
+                                     cwd=ROOT, capture_output=True, text=True, check=True, timeout=300).stdout)
+    names = {p["name"] for p in meta["packages"]}
+    actual = {(p["name"], d["name"]) for p in meta["packages"] for d in p["dependencies"]
+              if d["name"] in names and d.get("kind") is None}
+    assert drawn == actual, f"missing from the drawing: {sorted(actual - drawn)}; drawn but not in Cargo.toml: {sorted(drawn - actual)}"
