@@ -11,46 +11,13 @@ use crate::ExitCode;
 use std::io::Write;
 use std::time::Duration;
 
-use clap::{Args, ValueEnum};
+use clap::Args;
 use tandem::{DType, Error, ProcessGroup, ReduceOp, Result};
 
+pub use crate::bench_size::Collective;
 use crate::bench_size::{run_size, run_size_device};
 use crate::local_job::{parse_size, run_local};
-
-/// The collective to measure.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum Collective {
-    /// Ring allreduce.
-    Allreduce,
-    /// Pipelined broadcast from rank 0.
-    Broadcast,
-    /// Ring allgather.
-    Allgather,
-    /// Ring reduce-scatter.
-    ReduceScatter,
-}
-
-impl Collective {
-    /// The collective's name, as the subcommand and the CSV spell it.
-    pub(crate) fn name(self) -> &'static str {
-        match self {
-            Collective::Allreduce => "allreduce",
-            Collective::Broadcast => "broadcast",
-            Collective::Allgather => "allgather",
-            Collective::ReduceScatter => "reduce-scatter",
-        }
-    }
-
-    /// nccl-tests' bus bandwidth factor.
-    fn bus_factor(self, n: usize) -> f64 {
-        let n = n as f64;
-        match self {
-            Collective::Allreduce => 2.0 * (n - 1.0) / n,
-            Collective::Broadcast => 1.0,
-            Collective::Allgather | Collective::ReduceScatter => (n - 1.0) / n,
-        }
-    }
-}
+use crate::memory::peak_rss;
 
 /// Arguments of `tandem bench <collective>`.
 #[derive(Args, Debug, Clone)]
@@ -430,20 +397,6 @@ fn bound_note(collective: Collective) -> &'static str {
         Collective::Broadcast => "a pipelined broadcast moves S over each link",
         Collective::Allgather | Collective::ReduceScatter => "(n-1)/n x S over each link",
     }
-}
-
-/// Peak resident set size of this process in bytes (Linux `VmHWM`), or 0 where unknown.
-pub fn peak_rss() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| {
-                l.split_whitespace()
-                    .nth(1)
-                    .and_then(|kb| kb.parse::<u64>().ok())
-            })
-        })
-        .map_or(0, |kb| kb * 1024)
 }
 
 /// One size of the sweep, as every rank agreed on it.

@@ -19,7 +19,7 @@ use tandem::ps::placement::{ParamDecl, place_split};
 use tandem::rendezvous::{JobToken, TOKEN_VAR};
 use tandem::{Error, Result};
 
-use crate::bench::peak_rss;
+use crate::memory::{peak_rss, peak_rss_of};
 
 /// Sync or async training.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -147,18 +147,6 @@ fn parse_count(s: &str) -> Result<usize> {
     crate::local_job::parse_scaled("--params", s, 1000, "a count such as 1000, 100K or 10M")
 }
 
-/// Peak resident memory of process `pid` (`VmHWM`), in bytes; 0 once it is gone.
-fn rss_of(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-        })
-        .map_or(0, |kb| kb * 1024)
-}
-
 /// Kills and reaps the benchmark's processes (servers left running after the workers ended).
 fn stop(children: &mut [Child]) {
     for c in children {
@@ -228,7 +216,10 @@ pub fn bench_ps(a: BenchPsArgs) -> Result<ExitCode> {
     finished.store(true, std::sync::atomic::Ordering::Relaxed);
     let results = results?;
     let wall = start.elapsed().as_secs_f64();
-    let server_rss: Vec<u64> = servers.iter().map(|c| rss_of(placement.pid(c))).collect();
+    let server_rss: Vec<u64> = servers
+        .iter()
+        .map(|c| peak_rss_of(placement.pid(c)))
+        .collect();
     stop(&mut servers);
     if !results.failed.is_empty() {
         eprintln!("tandem bench ps: failed: {}", results.failed.join(", "));

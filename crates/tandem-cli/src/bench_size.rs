@@ -6,7 +6,42 @@ use std::time::{Duration, Instant};
 
 use tandem::{DType, ProcessGroup, ReduceOp, Result};
 
-use crate::bench::Collective;
+use clap::ValueEnum;
+
+/// The collective to measure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Collective {
+    /// Ring allreduce.
+    Allreduce,
+    /// Pipelined broadcast from rank 0.
+    Broadcast,
+    /// Ring allgather.
+    Allgather,
+    /// Ring reduce-scatter.
+    ReduceScatter,
+}
+
+impl Collective {
+    /// The collective's name, as the subcommand and the CSV spell it.
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Collective::Allreduce => "allreduce",
+            Collective::Broadcast => "broadcast",
+            Collective::Allgather => "allgather",
+            Collective::ReduceScatter => "reduce-scatter",
+        }
+    }
+
+    /// nccl-tests' bus bandwidth factor.
+    pub(crate) fn bus_factor(self, n: usize) -> f64 {
+        let n = n as f64;
+        match self {
+            Collective::Allreduce => 2.0 * (n - 1.0) / n,
+            Collective::Broadcast => 1.0,
+            Collective::Allgather | Collective::ReduceScatter => (n - 1.0) / n,
+        }
+    }
+}
 
 /// Sets every element of `buf` to `value` in `dtype` (what each rank contributes, so the
 /// expected result is known without a reference run).

@@ -18,6 +18,7 @@ mod hosts;
 mod info;
 mod launch;
 mod local_job;
+mod memory;
 mod plot;
 mod ps;
 mod topo;

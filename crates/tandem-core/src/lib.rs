@@ -5,6 +5,7 @@
 //! - [`error`]: [`Error`], the one error type of every Tandem crate.
 //! - [`dtype`]: [`DType`], the [`Element`] trait and [`ReduceOp`].
 //! - [`tensor`]: [`Tensor`] and [`TensorMut`], `bytes` buffers with zero-copy `ndarray` views.
+//! - [`vars`]: where variables are read from (the process environment, or a fixture in tests).
 //! - [`settings`]: every `TANDEM_*` variable, declared once and read by one routine.
 //! - [`cluster`]: [`ClusterSpec`], resolved from TF_CONFIG, torchrun, Slurm, Open MPI, PMI or
 //!   Tandem's own variables.
@@ -20,6 +21,7 @@ pub mod dtype;
 pub mod error;
 pub mod settings;
 pub mod tensor;
+pub mod vars;
 
 pub use backoff::Backoff;
 pub use cluster::{ClusterSpec, Convention, Role};

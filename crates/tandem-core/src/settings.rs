@@ -19,8 +19,8 @@
 
 use std::time::Duration;
 
-use crate::cluster::{Vars, check_address};
 use crate::error::{Error, Result};
+use crate::vars::{Vars, check_address};
 
 /// What values a variable takes.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -245,7 +245,7 @@ impl Setting {
     /// A switch, with `default` when it is unset or (after [`check_all`] has refused it at the
     /// start) malformed: for readers that cannot fail.
     pub fn switch_or(&self, default: bool) -> bool {
-        self.switch(&crate::cluster::ProcessEnv)
+        self.switch(&crate::vars::ProcessEnv)
             .ok()
             .flatten()
             .unwrap_or(default)
@@ -435,7 +435,7 @@ pub fn check_env() -> Result<()> {
     let names: Vec<String> = std::env::vars_os()
         .filter_map(|(k, _)| k.into_string().ok())
         .collect();
-    let unknown = check_all(&crate::cluster::ProcessEnv, &names)?;
+    let unknown = check_all(&crate::vars::ProcessEnv, &names)?;
     WARNED.call_once(|| {
         for name in unknown {
             tracing::warn!("{name} is set, but Tandem reads no such variable (a typo?)");

@@ -14,7 +14,7 @@ use crate::error::{Error, Result};
 
 use super::hostlist::{expand_hostlist, expand_tasks_per_node};
 use super::spec::{ClusterSpec, Convention, Role, allreduce_replicas, allreduce_role};
-use super::vars::{Vars, check_address, count_var, first_count, first_var, parse_count};
+use crate::vars::{Vars, check_address, count_var, first_count, first_var, parse_count};
 
 /// Port of the rendezvous under Slurm when none is configured: 15000 + job id mod 5000, so two jobs
 /// sharing a node rarely collide.

@@ -32,13 +32,12 @@ mod hostlist;
 mod listen;
 mod spec;
 mod tf_config;
-mod vars;
 
+pub use crate::vars::{ProcessEnv, Vars, check_address};
 pub use conventions::slurm_default_port;
 pub use hostlist::{MAX_EXPANDED, expand_hostlist, expand_tasks_per_node};
 pub use listen::{listen_address, local_address_towards};
 pub use spec::{Builder, ClusterSpec, Convention, Role};
-pub use vars::{ProcessEnv, Vars, check_address};
 
 use crate::error::{Error, Result};
 

@@ -14,7 +14,7 @@ use serde::Serialize;
 
 use crate::error::{Error, Result};
 
-use super::vars::check_address;
+use crate::vars::check_address;
 
 /// What a process does in a job, named as Kubeflow's TFJob names its replicas.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]

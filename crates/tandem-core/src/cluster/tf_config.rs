@@ -17,7 +17,7 @@ use serde_json::Value;
 use crate::error::{Error, Result};
 
 use super::spec::{ClusterSpec, Convention, Role};
-use super::vars::{Vars, check_address};
+use crate::vars::{Vars, check_address};
 
 const VAR: &str = "TF_CONFIG";
 

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use tandem_core::{Error, Result};
 
-use super::model::Mode;
+use super::mode::{MAX_WORKERS, Mode};
 use crate::optimizer::{Kind, Optimizer};
 
 /// Checkpoints written now: checksummed with CRC-32 (hardware-accelerated: a state is checksummed
@@ -357,7 +357,7 @@ pub(crate) fn decode(b: &[u8], file: String) -> Result<Snapshot> {
 /// The training mode a checkpoint recorded.
 fn read_mode(r: &mut Reader<'_>) -> Result<Mode> {
     let sync = r.u64()? == 1;
-    let max = u64::from(super::convert::MAX_WORKERS);
+    let max = u64::from(MAX_WORKERS);
     let workers = r.u64()?;
     let workers = u32::try_from(workers)
         .ok()
@@ -499,7 +499,7 @@ mod tests {
             s.mode.replicas_to_aggregate = k;
             decode(&encode(&s), "c".into())
         };
-        let max = super::super::convert::MAX_WORKERS;
+        let max = super::MAX_WORKERS;
         assert_eq!(at_bound(max, max).expect("at the bound").mode.workers, max);
         assert_eq!(at_bound(1, 1).expect("one").mode.workers, 1);
         for (w, k) in [(max + 1, 1), (0, 0), (4, 5), (4, 0)] {

@@ -4,17 +4,15 @@
 
 use tonic::Status;
 
-use super::model::{Key, Mode};
+use super::mode::{MAX_WORKERS, Mode};
 use crate::failure::invalid;
 use crate::init::Init;
 use crate::optimizer::{Kind, Optimizer};
 use crate::pb;
+use crate::protocol::Key;
 
 /// Largest partition a server accepts, in elements (64 GiB of f32).
 pub const MAX_PARTITION_ELEMENTS: u64 = 1 << 34;
-
-/// Most workers a declaration may name (the server keeps a step per worker).
-pub const MAX_WORKERS: u32 = 1 << 16;
 
 /// One partition as the model allocates it: key, full shape, first row, rows, initializer.
 pub type Declared = (Key, Vec<u64>, u64, u64, Init);

@@ -2,17 +2,16 @@
 //! call in progress (a pull waiting for its step, a push being received) keeps its worker alive.
 //! Two uses:
 //!
-//! - `--worker-timeout` ([`Service::silent_workers`]): when every worker the server still waits
+//! - `--worker-timeout` (`Service::silent_workers`): when every worker the server still waits
 //!   for has gone silent (cut off, or gone), stop with a final checkpoint instead of serving
 //!   nobody forever.
-//! - `--worker-lease` ([`Service::expire_leases`]): a worker silent past its lease, with no call in
+//! - `--worker-lease` (`Service::expire_leases`): a worker silent past its lease, with no call in
 //!   progress, is gone: sync steps need the live workers only and the bounded-staleness wait stops
 //!   waiting for it. Its late push (for a step applied without it) is refused with
 //!   `LEASE_EXPIRED`; when it pushes for the server's current step it is back. A lease must be
 //!   longer than a worker's compute between a pull and its push.
 
 use std::collections::{BTreeSet, HashMap};
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -20,8 +19,6 @@ use tokio::sync::Notify;
 use tonic::{Code, Status};
 
 use super::model::Model;
-use super::same_host::blocking;
-use super::service::Service;
 use crate::failure::status;
 use crate::pb::Reason;
 
@@ -96,8 +93,35 @@ impl Roster {
         remaining
     }
 
+    /// How long worker `w` has been silent (since the service started when never heard from),
+    /// or `None` while a call of it is in progress.
+    pub(crate) fn silent(&self, w: u32) -> Option<Duration> {
+        let h = self.heard();
+        if h.calls.get(&w).copied().unwrap_or(0) > 0 {
+            return None;
+        }
+        Some(h.last.get(&w).unwrap_or(&h.started).elapsed())
+    }
+
+    /// How long each of `workers` has been silent, calls in progress or not (when `workers` is
+    /// empty: those heard from, or worker 0 when nobody was).
+    pub(crate) fn silences(&self, workers: &[u32]) -> Vec<(u32, Duration)> {
+        let h = self.heard();
+        let mut expected = workers.to_vec();
+        if expected.is_empty() {
+            expected = h.last.keys().copied().collect();
+            if expected.is_empty() {
+                expected.push(0);
+            }
+        }
+        expected
+            .into_iter()
+            .map(|w| (w, h.last.get(&w).unwrap_or(&h.started).elapsed()))
+            .collect()
+    }
+
     /// The workers that said done.
-    fn done(&self) -> BTreeSet<u32> {
+    pub(crate) fn done(&self) -> BTreeSet<u32> {
         self.done.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
@@ -174,133 +198,5 @@ impl Model {
             );
         }
         Some(g)
-    }
-}
-
-impl Service {
-    /// A call of worker `worker` starts: it is heard from now, and its lease holds until the
-    /// returned guard is dropped.
-    pub(crate) fn calling(&self, worker: u32) -> Call {
-        self.roster.calling(worker)
-    }
-
-    /// Marks as gone every worker (not done, not gone already) with no call in progress that has
-    /// been silent for at least `lease`; returns them. Sync steps then need the live workers only.
-    pub fn expire_leases(&self, lease: Duration) -> Vec<u32> {
-        let Some(model) = self.model() else {
-            return Vec::new();
-        };
-        let done = self.roster.done();
-        let h = self.roster.heard();
-        let mut gone = model.gone.lock().unwrap_or_else(|p| p.into_inner());
-        let at = *model.version.borrow();
-        let mut expired = Vec::new();
-        for w in 0..model.mode.workers {
-            if done.contains(&w) || gone.contains_key(&w) {
-                continue;
-            }
-            if h.calls.get(&w).copied().unwrap_or(0) > 0 {
-                continue;
-            }
-            let silent = h.last.get(&w).unwrap_or(&h.started).elapsed();
-            if silent >= lease {
-                gone.insert(w, Gone { at, silent, lease });
-                expired.push(w);
-            }
-        }
-        if !expired.is_empty() {
-            tracing::warn!(
-                workers = ?expired,
-                lease_s = lease.as_secs_f64(),
-                version = at,
-                "workers silent past their lease: going on without them until they push again"
-            );
-        }
-        expired
-    }
-
-    /// When every worker that has not said done has been silent for at least `timeout`: which
-    /// ones, and for how long (`None` while any of them was heard from more recently, or when
-    /// there is nobody left to wait for).
-    pub fn silent_workers(&self, timeout: Duration) -> Option<String> {
-        let workers = self.model().map_or(0, |m| m.mode.workers);
-        let done = self.roster.done();
-        let h = self.roster.heard();
-        let (started, heard) = (&h.started, &h.last);
-        // Before any declaration the workers are not known: those heard from, or worker 0.
-        let expected: Vec<u32> = if workers > 0 {
-            (0..workers).filter(|w| !done.contains(w)).collect()
-        } else {
-            let mut known: Vec<u32> = heard.keys().copied().collect();
-            if known.is_empty() {
-                known.push(0);
-            }
-            known
-        };
-        if expected.is_empty() {
-            return None;
-        }
-        let silent: Vec<(u32, Duration)> = expected
-            .iter()
-            .map(|w| (*w, heard.get(w).unwrap_or(started).elapsed()))
-            .collect();
-        if silent.iter().any(|(_, d)| *d < timeout) {
-            return None;
-        }
-        let names: Vec<String> = silent
-            .iter()
-            .map(|(w, d)| format!("worker {w} ({:.0} s)", d.as_secs_f64()))
-            .collect();
-        Some(format!("silent workers: {}", names.join(", ")))
-    }
-
-    /// Expires the leases of workers silent for `lease` every `lease / 4` (at most every second),
-    /// forever: sync steps that now have every live worker's gradient are applied, and async
-    /// workers waiting on the staleness bound for a gone worker go on.
-    pub async fn enforce_leases(&self, lease: Duration) {
-        let every = (lease / 4).clamp(Duration::from_millis(20), Duration::from_secs(1));
-        loop {
-            tokio::time::sleep(every).await;
-            if self.expire_leases(lease).is_empty() {
-                continue;
-            }
-            let Some(d) = self.declared.get() else {
-                continue;
-            };
-            match &d.stepper {
-                Some(stepper) => match stepper.workers_gone().await {
-                    Ok(Some(snap)) => self.write_in_background(snap),
-                    Ok(None) => {}
-                    Err(_) => return,
-                },
-                // Wakes the pushes waiting on the staleness bound.
-                None => d.model.worker_steps.send_modify(|_| {}),
-            }
-        }
-    }
-
-    /// Writes a checkpoint now, if the server has a checkpoint directory and parameters.
-    pub async fn final_checkpoint(&self) -> tandem_core::Result<Option<PathBuf>> {
-        let (true, Some(d)) = (self.checkpoints.enabled(), self.declared.get().cloned()) else {
-            return Ok(None);
-        };
-        let snap = match &d.stepper {
-            Some(stepper) => stepper.snapshot().await.map_err(|st| {
-                tandem_core::Error::transport("the final checkpoint", st.message().to_string())
-            })?,
-            None => {
-                let model = d.model.clone();
-                blocking(move || model.snapshot()).await.map_err(|st| {
-                    tandem_core::Error::transport("the final checkpoint", st.message().to_string())
-                })?
-            }
-        };
-        let checkpoints = self.checkpoints.clone();
-        blocking(move || checkpoints.write(&snap))
-            .await
-            .map_err(|st| {
-                tandem_core::Error::transport("the final checkpoint", st.message().to_string())
-            })?
-            .transpose()
     }
 }

@@ -11,7 +11,8 @@ use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 
-use super::{Model, Service};
+use super::model::Model;
+use super::service::Service;
 
 /// The server's counters as metrics: `tandem_ps_version`, `tandem_ps_gradients_applied_total`,
 /// `..._dropped_total`, `..._rejected_total`, `tandem_ps_bytes_in_total`, `..._out_total`, the

@@ -15,16 +15,15 @@ mod convert;
 mod early;
 mod lease;
 mod metrics;
+mod mode;
 mod model;
 mod pool;
 mod pull;
 pub mod replica;
-mod rows;
-mod same_host;
+mod runtime;
 mod service;
 mod standby;
 mod step;
-mod streamed;
 mod sync_step;
 
 pub use convert::MAX_PARTITION_ELEMENTS;

@@ -327,7 +327,7 @@ pub fn push_sync(
     model.counters.applied.fetch_add(1, Ordering::Relaxed);
     let snapshot = apply_if_complete(model, st, due, replication);
     if replication.is_replaced() {
-        return Err(super::same_host::shutting_down());
+        return Err(super::runtime::shutting_down());
     }
     Ok((response(true, st.step), snapshot))
 }
@@ -410,7 +410,7 @@ pub fn apply_async(
     // Async updates are replicated one at a time (in the order they take the replica's lock, each
     // carrying every update applied before it) before their version is published.
     if let Replicated::Replaced(_) = replication.replicate(model, version + 1) {
-        return Err(super::same_host::shutting_down());
+        return Err(super::runtime::shutting_down());
     }
     model.worker_steps.send_modify(|s| {
         if let Some(x) = s.get_mut(worker as usize) {

@@ -27,22 +27,8 @@ pub use super::sync_step::{GradientSource, Partial, Pending, Sum, SyncStep, Unre
 use crate::init::Init;
 use crate::optimizer::{self, Optimizer, State};
 
+pub use super::mode::Mode;
 pub use crate::protocol::Key;
-
-/// How training proceeds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Mode {
-    /// Synchronous steps (otherwise asynchronous).
-    pub sync: bool,
-    /// Number of workers.
-    pub workers: u32,
-    /// Sync: gradients aggregated per step.
-    pub replicas_to_aggregate: u32,
-    /// Async: the staleness bound, if any.
-    pub staleness: Option<u32>,
-    /// Refuse NaN/Inf gradients.
-    pub reject_non_finite: bool,
-}
 
 /// One partition's values and optimizer state.
 #[derive(Debug)]

@@ -10,7 +10,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tonic::Status;
 
 use crate::pb;
-use crate::server::same_host::shutting_down;
+use crate::server::runtime::shutting_down;
 
 /// A push's answer as recorded for a push sent again.
 pub(crate) type Answer = Result<pb::PushResponse, Status>;

@@ -1,8 +1,10 @@
 //! The gRPC edge of a parameter server: receiving streamed pushes, answering pulls, declaring,
 //! and mapping every failure to a `Status` with a typed reason ([`crate::failure`]). Handlers only
-//! move bytes and wait: applying gradients runs off the async runtime ([`super::step`]); the
-//! same-machine data plane lives in [`super::same_host`], sparse rows in [`super::rows`], and the
-//! checks of what a declaration may ask in [`super::convert`].
+//! move bytes and wait: applying gradients runs off the async runtime ([`super::step`]). Its
+//! parts: `push.rs` (a push from its arrival to its answer), `streamed.rs` (pushes applied as they
+//! are read), `same_host.rs` (the same-machine data plane), `rows.rs` (sparse rows), `leases.rs`,
+//! `replication.rs`, and the parts that own state: `intake.rs`, `checkpoints.rs`; the checks of
+//! what a declaration may ask are in [`super::convert`]. Nothing below the service imports it.
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -19,12 +21,13 @@ use super::checkpoint::Snapshot;
 use super::convert::{mode_from, optimizer_from, partition_from};
 use super::model::{Key, Model};
 use super::pull::PulledChunks;
-use super::same_host::{SameHost, blocking, shutting_down};
+use super::runtime::{blocking, shutting_down};
 use super::step::{Contribution, PushResult, Stepper, apply_async, wait_staleness};
 use crate::failure::{invalid, status};
 use crate::pb;
 use crate::pb::Reason;
 use crate::pb::parameter_server_server::ParameterServer;
+use same_host::SameHost;
 
 /// Limits of one server.
 #[derive(Debug, Clone)]
@@ -453,8 +456,13 @@ impl ParameterServer for Service {
 
 mod checkpoints;
 pub(super) mod intake;
+mod leases;
+mod replication;
 
 pub use checkpoints::CheckpointPolicy;
 use checkpoints::Checkpoints;
 mod push;
+mod rows;
+mod same_host;
+mod streamed;
 use push::Incoming;

@@ -7,13 +7,12 @@ use std::sync::atomic::Ordering;
 use bytes::Bytes;
 use tonic::{Code, Status};
 
-use super::Service;
-use super::model::{Key, Model, PartEntry};
-use super::same_host::blocking;
-use super::service::{all_finite, part_of};
+use super::{Service, all_finite, part_of};
 use crate::failure::{invalid, status};
 use crate::pb;
 use crate::pb::Reason;
+use crate::server::model::{Key, Model, PartEntry};
+use crate::server::runtime::blocking;
 
 /// Every row index must fall inside the partition.
 pub fn check_rows(entry: &PartEntry, key: &Key, rows: &[u64]) -> Result<(), Status> {

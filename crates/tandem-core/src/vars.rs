@@ -8,7 +8,7 @@ use crate::error::{Error, Result};
 ///
 /// ```
 /// use std::collections::HashMap;
-/// use tandem_core::cluster::Vars;
+/// use tandem_core::vars::Vars;
 /// let mut vars = HashMap::new();
 /// vars.insert("RANK".to_string(), "3".to_string());
 /// assert_eq!(vars.var("RANK").as_deref(), Some("3"));

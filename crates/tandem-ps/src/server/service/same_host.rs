@@ -18,11 +18,12 @@ use std::time::Duration;
 use tonic::{Code, Status};
 
 use super::Service;
-use super::model::{GradientSource, Key, Model, PIECE, Partial, Unreadable};
-use super::step::{Contribution, Stepper, apply_async, wait_staleness};
 use crate::failure::{invalid, partially_applied, status};
 use crate::pb;
 use crate::pb::Reason;
+use crate::server::model::{GradientSource, Key, Model, PIECE, Partial, Unreadable};
+use crate::server::runtime::{blocking, shutting_down};
+use crate::server::step::{Contribution, Stepper, apply_async, wait_staleness};
 
 /// How long a sync push from this machine keeps its gradient in the worker, waiting for the step to
 /// be applied, before the server copies it into the step's sum and lets the worker go on.
@@ -157,7 +158,7 @@ impl SharedGradient {
             while at < *numel {
                 let piece = &mut scratch[..PIECE.min(numel - at)];
                 self.read_piece(i, at, piece).map_err(Checked::Unreadable)?;
-                if model.mode.reject_non_finite && !super::service::all_finite(piece) {
+                if model.mode.reject_non_finite && !super::all_finite(piece) {
                     return Err(Checked::NonFinite(key.clone()));
                 }
                 if clip {
@@ -254,12 +255,12 @@ impl Service {
                     ),
                 )
             })?;
-        super::service::check_worker(model, r.worker)?;
+        super::check_worker(model, r.worker)?;
         let mut regions: Vec<(Key, usize)> = Vec::with_capacity(r.parts.len());
         let mut offered: Vec<(u64, u64)> = Vec::with_capacity(r.parts.len());
         for region in r.parts {
             let key = (region.param, region.part);
-            let entry = super::service::part_of(model, &key)?;
+            let entry = super::part_of(model, &key)?;
             let want = entry.numel as u64 * 4;
             if region.len != want || regions.iter().any(|(k, _)| *k == key) {
                 model.counters.rejected.fetch_add(1, Ordering::Relaxed);
@@ -424,8 +425,8 @@ impl Service {
         let model = self.declared()?;
         let (version, _) = self.wait_version(&model, &r, None).await?;
         let mut parts = Vec::new();
-        for key in super::service::requested(&model, r.parts) {
-            let at = super::service::part_of(&model, &key)?.locate();
+        for key in super::requested(&model, r.parts) {
+            let at = super::part_of(&model, &key)?.locate();
             parts.push(pb::SharedPart {
                 param: key.0,
                 part: key.1,
@@ -445,26 +446,4 @@ impl Service {
             standby: self.replication.standby(),
         })
     }
-}
-
-/// Unavailable: the server is stopping.
-pub fn shutting_down() -> Status {
-    status(
-        Code::Unavailable,
-        Reason::ShuttingDown,
-        "the server is shutting down",
-    )
-}
-
-/// Runs CPU work on the blocking pool, so tokio's threads keep moving bytes.
-pub async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> T + Send + 'static,
-) -> Result<T, Status> {
-    tokio::task::spawn_blocking(f).await.map_err(|e| {
-        status(
-            Code::Internal,
-            Reason::Internal,
-            format!("a server task failed: {e}"),
-        )
-    })
 }

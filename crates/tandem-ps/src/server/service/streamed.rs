@@ -21,14 +21,14 @@ use std::time::Duration;
 use tonic::{Code, Status, Streaming};
 
 use super::Service;
-use super::model::{GradientSource, Key, Model, PIECE, Partial, Unreadable};
-use super::same_host::{blocking, shutting_down};
-use super::service::intake::{Claim, Taking};
-use super::service::{all_finite, check_worker, part_of};
-use super::step::{apply_async, wait_staleness};
+use super::intake::{Claim, Taking};
+use super::{all_finite, check_worker, part_of};
 use crate::failure::{invalid, partially_applied, status};
 use crate::pb;
 use crate::pb::Reason;
+use crate::server::model::{GradientSource, Key, Model, PIECE, Partial, Unreadable};
+use crate::server::runtime::{blocking, shutting_down};
+use crate::server::step::{apply_async, wait_staleness};
 
 /// How long a sync push through the stream waits for its step before the server copies the rest
 /// of its gradient into the step's sum and lets the worker go on (so workers waiting on each other
