@@ -85,19 +85,22 @@ pub struct Tensor {
     shape: Vec<usize>,
 }
 
+/// Refuses `len` bytes that do not hold a `dtype` tensor of `shape`.
+fn check_len(len: usize, dtype: DType, shape: &[usize]) -> Result<()> {
+    let want = byte_len(dtype, shape)?;
+    if len != want {
+        return Err(Error::invalid(
+            "data",
+            format!("{len} bytes do not hold a {dtype} tensor of shape {shape:?} ({want} bytes)"),
+        ));
+    }
+    Ok(())
+}
+
 impl Tensor {
     /// Wraps bytes as a tensor, checking that their length matches the dtype and shape.
     pub fn new(data: Bytes, dtype: DType, shape: &[usize]) -> Result<Self> {
-        let want = byte_len(dtype, shape)?;
-        if data.len() != want {
-            return Err(Error::invalid(
-                "data",
-                format!(
-                    "{} bytes do not hold a {dtype} tensor of shape {shape:?} ({want} bytes)",
-                    data.len()
-                ),
-            ));
-        }
+        check_len(data.len(), dtype, shape)?;
         Ok(Tensor {
             data,
             dtype,
@@ -224,20 +227,11 @@ impl TensorMut {
 
     /// Wraps a buffer, copying it once only if it is not aligned for `dtype`.
     pub fn from_bytes_mut(data: BytesMut, dtype: DType, shape: &[usize]) -> Result<Self> {
-        let want = byte_len(dtype, shape)?;
-        if data.len() != want {
-            return Err(Error::invalid(
-                "data",
-                format!(
-                    "{} bytes do not hold a {dtype} tensor of shape {shape:?} ({want} bytes)",
-                    data.len()
-                ),
-            ));
-        }
+        check_len(data.len(), dtype, shape)?;
         let data = if data.as_ptr().align_offset(dtype.size()) == 0 {
             data
         } else {
-            let mut aligned = aligned_zeroed(want);
+            let mut aligned = aligned_zeroed(data.len());
             aligned.copy_from_slice(&data);
             aligned
         };

@@ -42,6 +42,12 @@ impl Vars for HashMap<String, String> {
     }
 }
 
+impl Vars for HashMap<&str, String> {
+    fn raw(&self, name: &str) -> Option<String> {
+        self.get(name).cloned()
+    }
+}
+
 impl Vars for BTreeMap<String, String> {
     fn raw(&self, name: &str) -> Option<String> {
         self.get(name).cloned()

@@ -183,17 +183,10 @@ mod tests {
     use super::*;
     use std::collections::HashMap;
 
-    struct Map(HashMap<&'static str, String>);
-    impl Vars for Map {
-        fn raw(&self, k: &str) -> Option<String> {
-            self.0.get(k).cloned()
-        }
-    }
-
     #[test]
     fn the_variable_is_a_switch_on_by_default() {
-        let with = |v: &str| from_vars(&Map(HashMap::from([(LOCAL_VAR, v.to_string())])));
-        assert!(from_vars(&Map(HashMap::new())).expect("unset"));
+        let with = |v: &str| from_vars(&HashMap::from([(LOCAL_VAR, v.to_string())]));
+        assert!(from_vars(&HashMap::<&str, String>::new()).expect("unset"));
         assert!(with("1").expect("1") && with("").expect("empty"));
         assert!(!with("0").expect("0") && !with("off").expect("off"));
         let e = with("2").expect_err("2").to_string();

@@ -205,13 +205,6 @@ mod tests {
     use super::*;
     use std::collections::HashMap;
 
-    struct Map(HashMap<&'static str, String>);
-    impl Vars for Map {
-        fn raw(&self, k: &str) -> Option<String> {
-            self.0.get(k).cloned()
-        }
-    }
-
     /// Without certificates a name is resolved once and only its loopback addresses are dialled;
     /// anything else is refused naming the address. With TLS or TANDEM_INSECURE=1 every address is.
     #[tokio::test]
@@ -305,7 +298,7 @@ mod tests {
 
     #[test]
     fn insecure_variable_values() {
-        let with = |v: &str| Map(HashMap::from([(INSECURE_VAR, v.to_string())]));
+        let with = |v: &str| HashMap::from([(INSECURE_VAR, v.to_string())]);
         assert!(matches!(
             Security::from_vars(&with("1")),
             Ok(Security::Plaintext { insecure: true })
@@ -319,7 +312,7 @@ mod tests {
         let e = Security::from_vars(&with("plain")).unwrap_err().to_string();
         assert!(e.contains(INSECURE_VAR) && e.contains("plain"), "{e}");
         assert!(matches!(
-            Security::from_vars(&Map(HashMap::new())),
+            Security::from_vars(&HashMap::<&str, String>::new()),
             Ok(Security::Plaintext { insecure: false })
         ));
     }

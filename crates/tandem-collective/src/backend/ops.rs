@@ -33,6 +33,7 @@ use tandem_tls::stream::{ReadHalf, WriteHalf};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::algorithm::chunking::{bytes, partition, segments};
+use crate::algorithm::reduce::{reduce_all, reduce_into};
 use crate::algorithm::ring::{allgather_step, chain_position, left, reduce_scatter_step, right};
 use crate::transport::frame::{HEADER_LEN, OpHeader};
 use crate::transport::mesh::Mesh;
@@ -100,23 +101,11 @@ fn lost(peer: usize, header: &OpHeader, doing: &str, e: &std::io::Error) -> Erro
     }
 }
 
-/// [`crate::algorithm::reduce::reduce_into`], its time kept as a reduce span of the operation
-/// on the timeline (the arithmetic itself knows nothing of observation).
-fn reduce_into(
-    dtype: DType,
-    op: ReduceOp,
-    dst: &mut [u8],
-    src: &[u8],
-    divisor: Option<usize>,
-) -> Result<()> {
+/// Runs a reduction, its time kept as a reduce span of the operation on the timeline (the
+/// arithmetic of [`crate::algorithm::reduce`] knows nothing of observation).
+fn timed<T>(reduce: impl FnOnce() -> T) -> T {
     let _timer = crate::observe::ReduceTimer::start();
-    crate::algorithm::reduce::reduce_into(dtype, op, dst, src, divisor)
-}
-
-/// [`crate::algorithm::reduce::reduce_all`], timed as [`reduce_into`] is.
-fn reduce_all(dtype: DType, op: ReduceOp, parts: &[&[u8]], out: &mut [u8]) -> Result<()> {
-    let _timer = crate::observe::ReduceTimer::start();
-    crate::algorithm::reduce::reduce_all(dtype, op, parts, out)
+    reduce()
 }
 
 /// The mesh has no connection to rank `p` (it was never made, or is lent out).
@@ -220,7 +209,7 @@ async fn recv_reduce(
     for part in dst.chunks_mut(segment) {
         let tmp = &mut scratch[..part.len()];
         rd.read_exact(tmp).await?;
-        reduce_into(dtype, op, part, tmp, divisor)
+        timed(|| reduce_into(dtype, op, part, tmp, divisor))
             .map_err(|e| std::io::Error::other(e.to_string()))?;
     }
     Ok(())
@@ -303,7 +292,7 @@ async fn ring_reduce_scatter(
                 rd.read_exact(tmp)
                     .await
                     .map_err(|e| lost(l, &header, "receiving", &e))?;
-                reduce_into(dtype, op, seg, tmp, divisor)?;
+                timed(|| reduce_into(dtype, op, seg, tmp, divisor))?;
                 if step + 2 < n {
                     // The next step sends this very segment on.
                     let _ = tx.send(seg);

@@ -186,7 +186,7 @@ pub(super) async fn shared_reduce_scatter(
             let tmp = &mut io.scratch[..part.len()];
             mem.read(addr + i * segment, tmp)
                 .map_err(|e| lost(l, &header, "reading its memory", &e))?;
-            reduce_into(dtype, op, part, tmp, divisor)?;
+            timed(|| reduce_into(dtype, op, part, tmp, divisor))?;
         }
         finish_read(io, &mem, step).await?;
         take_control(io, r, DONE, step).await?;

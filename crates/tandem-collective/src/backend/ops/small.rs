@@ -307,7 +307,7 @@ pub async fn allreduce_doubling(
         };
         buf.copy_from_slice(low);
         let divisor = (op == ReduceOp::Avg && bit * 2 == n).then_some(n);
-        reduce_into(dtype, combine, buf, high, divisor)?;
+        timed(|| reduce_into(dtype, combine, buf, high, divisor))?;
         bit <<= 1;
     }
     io.lateness.set(last);
@@ -340,7 +340,7 @@ pub async fn allreduce_direct(
     let parts: Vec<&[u8]> = (0..n)
         .map(|r| &inbox[r * frame_len + HEADER_LEN..(r + 1) * frame_len])
         .collect();
-    reduce_all(dtype, op, &parts, buf)
+    timed(|| reduce_all(dtype, op, &parts, buf))
 }
 
 #[cfg(test)]
