@@ -103,6 +103,7 @@ pub struct BenchRankArgs {
     /// Which collective.
     #[arg(value_enum)]
     collective: Collective,
+    /// The bench's own flags.
     #[command(flatten)]
     bench: BenchArgs,
 }
@@ -401,8 +402,11 @@ fn bound_note(collective: Collective) -> &'static str {
 
 /// One size of the sweep, as every rank agreed on it.
 struct Row {
+    /// Bytes per operation.
     bytes: usize,
+    /// Seconds per operation (the slowest rank's).
     secs: f64,
+    /// Elements found wrong, on every rank together.
     wrong: u64,
 }
 

@@ -84,7 +84,9 @@ pub struct BenchPsArgs {
 
 /// Where the bench's processes run: here, or on simulated hosts.
 enum Placement {
+    /// On this machine.
     Here,
+    /// On simulated hosts.
     Hosts(tandem_testbed::Testbed),
 }
 
@@ -122,22 +124,31 @@ impl Placement {
 /// Arguments of one bench worker (hidden).
 #[derive(Args, Debug, Clone)]
 pub struct BenchPsWorkerArgs {
+    /// The servers' addresses, comma-separated.
     #[arg(long)]
     servers: String,
+    /// This worker's index.
     #[arg(long)]
     worker: u32,
+    /// Workers in the job.
     #[arg(long)]
     workers: u32,
+    /// f32 parameters.
     #[arg(long)]
     params: usize,
+    /// Synchronous training.
     #[arg(long)]
     sync: bool,
+    /// Steps to run.
     #[arg(long)]
     steps: usize,
+    /// Alternate batches with observation on and off.
     #[arg(long)]
     observe_cost: bool,
+    /// Largest partition, bytes (0: no limit).
     #[arg(long, default_value_t = 0)]
     max_partition_bytes: usize,
+    /// Push then pull instead of overlapping them.
     #[arg(long)]
     sequential: bool,
 }
@@ -351,15 +362,20 @@ fn start_workers(
 
 /// What the workers reported.
 struct Results {
+    /// Every step's time, ms.
     step_ms: Vec<f64>,
     /// With `--observe-cost`: step times with the recorder and metrics on, and off.
     on_ms: Vec<f64>,
+    /// See `on_ms`.
     off_ms: Vec<f64>,
+    /// Each worker's peak memory.
     worker_rss: Vec<u64>,
+    /// What the workers that failed said.
     failed: Vec<String>,
     /// The training loops, first start to last end (seconds since the epoch), without the
     /// processes' start and connection.
     loop_start: f64,
+    /// See `loop_start`.
     loop_end: f64,
 }
 

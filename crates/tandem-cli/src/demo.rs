@@ -91,6 +91,7 @@ pub struct WorkerArgs {
     /// The job this worker is part of (not `all`).
     #[arg(long, value_enum)]
     job: Mode,
+    /// The demo's flags.
     #[command(flatten)]
     demo: DemoArgs,
 }
@@ -98,11 +99,17 @@ pub struct WorkerArgs {
 /// What one job reported.
 #[derive(Debug, Clone, Default)]
 struct Report {
+    /// Steps trained.
     steps: f64,
+    /// Examples seen.
     samples: f64,
+    /// Final loss.
     loss: f64,
+    /// Final test accuracy.
     accuracy: f64,
+    /// Seconds the job took.
     wall: f64,
+    /// Bytes moved.
     bytes: f64,
 }
 

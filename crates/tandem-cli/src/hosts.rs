@@ -78,6 +78,7 @@ impl Hosts {
 /// as `tandem launch` does), or plaintext with `--insecure` (to measure what TLS costs).
 #[derive(Debug)]
 pub struct JobTransport {
+    /// The job's TLS folder (none in plaintext).
     dir: Option<std::path::PathBuf>,
 }
 

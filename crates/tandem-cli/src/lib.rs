@@ -32,6 +32,7 @@ use std::ffi::OsString;
 #[derive(Parser, Debug)]
 #[command(name = "tandem", version, about)]
 struct Cli {
+    /// What to do.
     #[command(subcommand)]
     command: Command,
 }

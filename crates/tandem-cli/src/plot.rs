@@ -27,6 +27,7 @@ const CHAR: i64 = 16;
 /// An RGB image drawn pixel by pixel (charts need lines, squares and text only: no drawing
 /// crate).
 struct Canvas {
+    /// Pixels, RGB, row after row.
     px: Vec<u8>,
 }
 
@@ -186,12 +187,19 @@ fn integer_ticks(lo: f64, hi: f64) -> Vec<f64> {
 
 /// Where a chart's values land on the canvas.
 struct Frame {
+    /// The plot's columns, left to right.
     x: (i64, i64),
+    /// Its rows, bottom to top.
     y: (i64, i64),
+    /// The x range shown (log10 when logarithmic).
     min_x: f64,
+    /// See `min_x`.
     max_x: f64,
+    /// The y range shown.
     min_y: f64,
+    /// See `min_y`.
     max_y: f64,
+    /// Whether x is logarithmic.
     log_x: bool,
 }
 

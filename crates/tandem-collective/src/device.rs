@@ -54,10 +54,13 @@ impl DeviceElement for u8 {}
 /// A buffer of `T` on this process's GPU.
 #[derive(Debug)]
 pub struct DeviceBuffer<T: DeviceElement> {
+    /// The device memory.
     #[cfg(feature = "nccl")]
     pub(crate) inner: cudarc::driver::CudaSlice<T>,
+    /// Keeps `T` in the type without CUDA.
     #[cfg(not(feature = "nccl"))]
     _never: std::marker::PhantomData<T>,
+    /// Elements (without CUDA: what the buffer would hold).
     len: usize,
 }
 
@@ -96,9 +99,12 @@ impl<T: DeviceElement> DeviceBuffer<T> {
 /// Collectives on device buffers for the ranks of a [`ProcessGroup`].
 #[derive(Debug)]
 pub struct DeviceGroup {
+    /// NCCL, or the ring through host memory.
     #[cfg(feature = "nccl")]
     inner: nccl::Inner,
+    /// This process's rank.
     rank: usize,
+    /// Ranks in the group.
     world: usize,
 }
 

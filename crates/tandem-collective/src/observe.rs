@@ -103,9 +103,13 @@ fn kind_index(header: &OpHeader, rank: usize) -> usize {
 pub(crate) struct Recording {
     /// Its number in the log, when recorded.
     number: Option<u64>,
+    /// The operation's kind (an index into the metrics' kinds).
     kind: usize,
+    /// Payload bytes.
     bytes: u64,
+    /// When it started (for its latency).
     started: Instant,
+    /// When it started, µs since the Unix epoch (for the timeline).
     started_us: u64,
 }
 

@@ -68,11 +68,13 @@ impl Default for WaitCell {
 pub struct Progress {
     /// Collectives started (the current one included).
     started: AtomicU64,
+    /// Whether the rank is inside an operation.
     in_op: AtomicBool,
     /// What the current operation waits for.
     pub waiting: WaitCell,
     /// When the rank entered its current state (in an operation, or out of one).
     since_ms: AtomicU64,
+    /// When the record began: its times are milliseconds since.
     epoch: Instant,
 }
 
@@ -291,7 +293,9 @@ fn were(rs: &[usize]) -> &'static str {
 
 /// Where following the waits ends: a rank waiting on no one, or a cycle of ranks.
 enum Walk {
+    /// The chain ends at this rank, which waits on no one.
     End(usize),
+    /// These ranks wait on each other.
     Cycle(Vec<usize>),
 }
 

@@ -26,7 +26,9 @@ pub struct Straggler {
 /// Collects the left neighbour's lateness over windows of operations.
 #[derive(Debug, Clone)]
 pub struct Stragglers {
+    /// Operations per window.
     window: usize,
+    /// The window's samples: who was late, and by how much.
     samples: Vec<(usize, Duration)>,
 }
 

@@ -46,13 +46,19 @@ pub struct Outcome {
 /// One process of the job: its plan, the child while it runs, its restarts and exit, its log
 /// file, its process group and output forwarders.
 struct Proc {
+    /// What it runs.
     plan: Planned,
+    /// The child while it runs.
     child: Option<Child>,
+    /// Restarts so far.
     restarts: u32,
+    /// Its exit, once it exited.
     exit: Option<ExitStatus>,
+    /// Its log file.
     log: Option<Arc<Mutex<File>>>,
     /// Process group of the latest start (its leader's pid), kept after the leader exits.
     pgid: Option<i32>,
+    /// The threads copying its output.
     forwarders: Vec<JoinHandle<()>>,
     /// Its TLS folder (its own certificate), when the launcher made the job's.
     tls: Option<PathBuf>,
@@ -197,9 +203,13 @@ fn reserve_ports(spec: &JobSpec) -> Result<Vec<u16>> {
 
 /// How the processes' output lines are shown and kept.
 struct Style {
+    /// Whether lines are coloured (a terminal).
     colour: bool,
+    /// Width of the labels.
     width: usize,
+    /// Whether lines get their process's label.
     prefix: bool,
+    /// Where lines also go (the caller's own handling).
     sink: Option<LineSink>,
     /// The job's log folder: processes write their flight-recorder dumps under it.
     log_dir: Option<PathBuf>,
@@ -295,9 +305,13 @@ fn start(p: &mut Proc, token: &JobToken, style: &Style) -> Result<()> {
 
 /// Where one pipe of a process goes.
 struct Destination {
+    /// The label put before each line.
     tag: String,
+    /// The log file.
     log: Option<Arc<Mutex<File>>>,
+    /// Whether it is the process's stderr.
     stderr: bool,
+    /// The caller's handler, with the process it is for.
     sink: Option<(LineSink, Planned)>,
 }
 

@@ -16,6 +16,7 @@ use crate::plan::{JobSpec, Planned};
 pub(crate) struct JobTls {
     /// The folder of every identity's folder.
     root: PathBuf,
+    /// Whether the folder is removed with the job.
     temporary: bool,
 }
 

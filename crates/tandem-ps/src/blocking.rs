@@ -13,7 +13,9 @@ use crate::placement::PartitionMap;
 /// The blocking twin of [`Client`]. Do not use it from inside a tokio runtime.
 #[derive(Debug)]
 pub struct BlockingClient {
+    /// The runtime the client's calls run on.
     rt: tokio::runtime::Runtime,
+    /// The async client.
     inner: Client,
 }
 

@@ -71,10 +71,15 @@ pub(crate) fn traced_sync<T>(kind: Call, seq: u64, count: u64, f: impl FnOnce() 
 
 /// A call being recorded: what the flight recorder, the metrics and the timeline get at its end.
 pub(crate) struct Recording {
+    /// The call.
     kind: Call,
+    /// Its entry in the flight recorder.
     token: recorder::Token,
+    /// When it started (for its latency).
     started: Instant,
+    /// When it started, µs since the Unix epoch (for the timeline).
     started_us: u64,
+    /// Elements it moves.
     count: u64,
 }
 

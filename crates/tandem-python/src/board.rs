@@ -12,7 +12,9 @@ use tandem::{Error, Result};
 /// (and optionally `describe() -> str`).
 #[derive(Debug)]
 pub struct PyBoard {
+    /// The Python store.
     obj: Py<PyAny>,
+    /// Its name, for errors.
     name: String,
 }
 

@@ -12,7 +12,9 @@ use crate::group::PyProcessGroup;
 /// Membership rounds and each epoch's group (see `tandem::elastic`).
 #[pyclass(module = "tandem._native", name = "ElasticSession")]
 pub struct PyElastic {
+    /// The elastic run.
     inner: Mutex<Elastic>,
+    /// This process's local rank and the processes of its machine.
     local: (usize, usize),
 }
 

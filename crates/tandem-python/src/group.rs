@@ -76,8 +76,11 @@ fn form(
 /// A process group formed from the environment (TF_CONFIG, torchrun, Slurm, Open MPI, TANDEM_*).
 #[pyclass(module = "tandem._native", name = "ProcessGroup")]
 pub struct PyProcessGroup {
+    /// The group (none once shut down).
     pg: Option<ProcessGroup>,
+    /// This process's rank on its machine.
     local_rank: usize,
+    /// Processes on its machine.
     local_world_size: usize,
 }
 
@@ -426,15 +429,20 @@ fn staged(array: &Bound<'_, PyAny>) -> PyResult<TensorMut> {
 /// What a background operation will hand back: a tensor (copied into `into` or returned) or
 /// nothing.
 enum Pending {
+    /// An operation returning a tensor.
     Tensor(Work<TensorMut>),
+    /// An operation returning nothing.
     Unit(Work<()>),
 }
 
 /// The handle of a background operation.
 #[pyclass(module = "tandem._native", name = "Work")]
 pub struct PyWork {
+    /// The operation, until waited for.
     pending: std::sync::Mutex<Option<Pending>>,
+    /// The array the result is copied into.
     into: Option<Py<PyAny>>,
+    /// The array returned as the result.
     result: Option<Py<PyAny>>,
 }
 

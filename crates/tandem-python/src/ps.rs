@@ -61,8 +61,11 @@ fn f32_array<'py>(name: &str, a: &Bound<'py, PyAny>) -> PyResult<PyReadonlyArray
 /// A worker's connection to every parameter server of a job.
 #[pyclass(module = "tandem._native", name = "PsClient")]
 pub struct PsClient {
+    /// The client.
     client: Client,
+    /// Each parameter's name and shape, to hand arrays back.
     shapes: Vec<(String, Vec<usize>)>,
+    /// Whether training is synchronous.
     sync: bool,
 }
 

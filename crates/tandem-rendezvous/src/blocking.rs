@@ -19,7 +19,9 @@ use crate::client::{Client, Swap};
 /// ```
 #[derive(Debug)]
 pub struct BlockingClient {
+    /// The runtime the calls run on.
     rt: tokio::runtime::Runtime,
+    /// The async client.
     inner: Client,
 }
 

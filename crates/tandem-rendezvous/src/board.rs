@@ -68,7 +68,9 @@ pub struct BoardPlan {
 /// The store torchrun's agent hosts for the whole job on `MASTER_ADDR:MASTER_PORT`.
 #[derive(Debug, Clone)]
 pub struct TorchrunStore {
+    /// The store's address.
     store: String,
+    /// The key the record is published under.
     key: String,
 }
 

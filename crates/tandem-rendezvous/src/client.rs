@@ -50,8 +50,11 @@ pub struct Swap {
 /// ```
 #[derive(Clone, Debug)]
 pub struct Client {
+    /// The gRPC client, the token attached to every call.
     inner: RendezvousClient<InterceptedService<Channel, AttachToken>>,
+    /// The rendezvous's address.
     addr: String,
+    /// Deadline of a call.
     op_timeout: Duration,
 }
 

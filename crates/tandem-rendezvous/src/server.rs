@@ -94,8 +94,11 @@ pub async fn run(
 /// A rendezvous server running in this process's tokio runtime; stops when dropped or [`Host::stop`]ped.
 #[derive(Debug)]
 pub struct Host {
+    /// Where it serves.
     addr: SocketAddr,
+    /// Stops serving.
     stop: Option<oneshot::Sender<()>>,
+    /// The serving task.
     task: Option<JoinHandle<Result<()>>>,
 }
 

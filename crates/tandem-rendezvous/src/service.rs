@@ -12,6 +12,7 @@ use crate::store::{Store, StoreError, WaitOutcome};
 /// Implements the `tandem.rendezvous.v1.Rendezvous` service over a shared [`Store`].
 #[derive(Clone)]
 pub struct Service {
+    /// The store served.
     store: Arc<Store>,
 }
 

@@ -20,7 +20,9 @@ pub const EXTERNAL_VAR: &str = tandem_core::settings::RENDEZVOUS_EXTERNAL.name;
 pub struct Session {
     /// The connection to the rendezvous.
     pub client: Client,
+    /// The rendezvous this process hosts, if it does.
     host: Option<Host>,
+    /// The spec joined with.
     spec: ClusterSpec,
     /// The file this process published the rendezvous address in (an MPI job's rank 0).
     published: Option<std::path::PathBuf>,

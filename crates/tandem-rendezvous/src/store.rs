@@ -73,23 +73,32 @@ pub struct CasOutcome {
 /// A named barrier: how many take part, its round, and who has arrived in it.
 #[derive(Default)]
 struct Barrier {
+    /// How many take part.
     participants: u32,
+    /// The current round.
     round: u64,
+    /// Who arrived in it.
     arrived: BTreeSet<u32>,
 }
 
 /// What the store holds: the keys' values, the barriers, and the bytes stored (bounded).
 #[derive(Default)]
 struct State {
+    /// Values by key.
     kv: HashMap<String, Bytes>,
+    /// Barriers by name.
     barriers: HashMap<String, Barrier>,
+    /// Bytes of keys and values stored.
     total_bytes: usize,
 }
 
 /// The rendezvous store.
 pub struct Store {
+    /// The bounds.
     limits: Limits,
+    /// What it holds.
     state: Mutex<State>,
+    /// Bumped on every change, to wake waiters.
     version: watch::Sender<u64>,
 }
 

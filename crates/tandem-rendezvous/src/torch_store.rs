@@ -24,10 +24,15 @@ const VALIDATION_MAGIC: u32 = 0x3C85_F7CE;
 #[derive(Clone, Copy, Debug)]
 #[repr(u8)]
 enum Query {
+    /// Checks the store's protocol version.
     Validate = 0,
+    /// Sets a key.
     Set = 1,
+    /// Gets a key.
     Get = 3,
+    /// Adds to a counter.
     Add = 4,
+    /// Waits for keys.
     Wait = 6,
 }
 
@@ -41,7 +46,9 @@ pub const MAX_VALUE: u64 = 1 << 20;
 /// A connection to a torch `TCPStore`.
 #[derive(Debug)]
 pub struct TorchStore {
+    /// The connection.
     stream: TcpStream,
+    /// The store's address, for errors.
     addr: String,
 }
 

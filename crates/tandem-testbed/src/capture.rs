@@ -14,7 +14,9 @@ use crate::Testbed;
 /// A running capture of the switch's traffic; [`Capture::finish`] stops it and returns the bytes.
 #[derive(Debug)]
 pub struct Capture {
+    /// The capture's process, until stopped.
     child: Option<Child>,
+    /// The capture file.
     file: PathBuf,
 }
 

@@ -56,6 +56,7 @@ static COUNTER: AtomicU32 = AtomicU32::new(0);
 /// One simulated host.
 #[derive(Debug)]
 struct Host {
+    /// Its network namespace.
     ns: String,
     /// The switch end of its link (in the switch namespace).
     port: String,
@@ -67,8 +68,11 @@ struct Host {
 /// namespaces.
 #[derive(Debug)]
 pub struct Testbed {
+    /// Names this testbed's namespaces and links.
     id: String,
+    /// The bridge joining the hosts.
     switch: String,
+    /// Its hosts.
     hosts: Vec<Host>,
 }
 

@@ -58,37 +58,49 @@ impl Default for Limits {
 /// The admission of one server's connections (cheap to clone: clones share their counts).
 #[derive(Debug, Clone)]
 pub struct Admission {
+    /// What the admission shares with its slots.
     inner: Arc<Inner>,
 }
 
 /// What the admission of one server shares between its slots.
 #[derive(Debug)]
 struct Inner {
+    /// The server's name in logs and metrics.
     server: &'static str,
+    /// The bounds.
     limits: Limits,
+    /// Handshakes in progress.
     pending: Mutex<Pending>,
+    /// Connections refused so far.
     refused: AtomicU64,
+    /// When each kind of refusal was last logged.
     log: Mutex<HashMap<&'static str, LogWindow>>,
 }
 
 /// Handshakes in progress: all of them, and per source address.
 #[derive(Debug, Default)]
 struct Pending {
+    /// All of them.
     total: usize,
+    /// Per source address.
     by_source: HashMap<IpAddr, usize>,
 }
 
 /// When a refusal of one kind was last logged, and how many were not since (logs stay bounded).
 #[derive(Debug, Default)]
 struct LogWindow {
+    /// When it was last logged.
     last: Option<Instant>,
+    /// Refusals since, not logged.
     unsaid: u64,
 }
 
 /// A handshake slot; given back when dropped.
 #[derive(Debug)]
 pub struct Slot {
+    /// The admission it came from.
     inner: Arc<Inner>,
+    /// The connection's source address.
     source: IpAddr,
 }
 

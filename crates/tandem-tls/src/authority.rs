@@ -18,6 +18,7 @@ pub struct Authority {
     pub cert_pem: String,
     /// The CA's private key, PEM.
     pub key_pem: String,
+    /// The CA's certificate and key, as rcgen signs with them.
     issuer: Issuer<'static, KeyPair>,
 }
 

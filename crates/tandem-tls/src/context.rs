@@ -24,12 +24,17 @@ use crate::files::TlsFiles;
 /// Everything a process needs to open and accept mutual TLS connections within its job.
 #[derive(Clone)]
 pub struct TlsContext {
+    /// For gRPC servers.
     server: Arc<rustls::ServerConfig>,
+    /// For gRPC clients.
     client: Arc<rustls::ClientConfig>,
     /// The same, handing the negotiated keys over to [`crate::record`].
     stream_server: Arc<rustls::ServerConfig>,
+    /// For the ring's dialling side.
     stream_client: Arc<rustls::ClientConfig>,
+    /// The certificate's common name.
     name: String,
+    /// Who this process is in its job, when its certificate says.
     identity: Option<crate::identity::Identity>,
 }
 
@@ -221,7 +226,9 @@ impl TlsContext {
 /// lists (see the module's doc for why names are not checked).
 #[derive(Debug)]
 struct JobServerVerifier {
+    /// The job's CA.
     roots: Arc<RootCertStore>,
+    /// The signature algorithms accepted.
     algs: WebPkiSupportedAlgorithms,
 }
 

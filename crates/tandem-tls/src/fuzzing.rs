@@ -17,8 +17,11 @@ const LIMIT: Duration = Duration::from_secs(5);
 
 /// A job's worth of TLS for the fuzz targets: a runtime, a server's and a client's security.
 struct Job {
+    /// The runtime connections run on.
     rt: tokio::runtime::Runtime,
+    /// A server's TLS.
     server: Security,
+    /// A client's TLS.
     client: Security,
 }
 

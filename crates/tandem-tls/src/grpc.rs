@@ -197,6 +197,7 @@ pub fn plaintext_hint(status: &tonic::Status) -> &'static str {
 /// TLS is underneath, not tonic's).
 #[derive(Clone)]
 pub struct Connector {
+    /// How connections are secured.
     security: Security,
     /// Try the local socket of a server on this machine first (see [`crate::local`]).
     local: bool,

@@ -19,8 +19,11 @@ const MAX_HANDSHAKE: usize = 1 << 17;
 
 /// A connection whose handshake is done: its two halves and the peer's certificate.
 pub(crate) struct Secured {
+    /// Reads and decrypts the peer's records.
     pub reader: RecordReader,
+    /// Seals and writes this side's records.
     pub writer: RecordWriter,
+    /// The peer's certificate.
     pub peer: Option<CertificateDer<'static>>,
 }
 
@@ -57,17 +60,24 @@ impl Side for UnbufferedServerConnection {
 
 /// What a step asks of the socket.
 enum Next {
+    /// The handshake failed.
     Fail(rustls::Error),
+    /// More bytes from the peer are needed.
     Read,
+    /// Bytes are waiting to be written.
     Write,
+    /// The handshake is complete.
     Done,
+    /// Step again.
     Continue,
 }
 
 /// What arrived from the peer beyond its handshake: application data rustls already decrypted
 /// (the peer may send it with its last handshake message), then records not yet looked at.
 pub(crate) struct Early {
+    /// Application data already decrypted.
     pub plain: Vec<u8>,
+    /// Records that arrived after the handshake's last one.
     pub records: Vec<u8>,
 }
 

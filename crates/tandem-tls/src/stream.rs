@@ -37,8 +37,11 @@ const PLAINTEXT_REFUSAL: [u8; 7] = [TLS_ALERT, 0x03, 0x03, 0x00, 0x02, 0x02, 0x3
 /// keys rustls negotiated (each received record decrypted in place and copied once into the
 /// caller's buffer; key updates, alerts and `close_notify` handled as RFC 8446 says).
 pub struct TlsConnection {
+    /// Reads and decrypts.
     reader: RecordReader,
+    /// Seals and writes.
     writer: RecordWriter,
+    /// The peer's certificate.
     peer: Option<CertificateDer<'static>>,
 }
 
@@ -199,7 +202,9 @@ pub enum ReadHalf {
 /// counters to read, as TCP's `TCP_INFO`).
 #[derive(Debug)]
 pub struct Counted<H> {
+    /// The half.
     half: H,
+    /// Bytes through it so far.
     bytes: Arc<AtomicU64>,
 }
 

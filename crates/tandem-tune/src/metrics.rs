@@ -77,6 +77,7 @@ pub struct Collector {
 /// Reads `name=value` pairs off lines, by a collector's expressions or the default format.
 #[derive(Debug, Clone, Default)]
 pub struct LineParser {
+    /// The collector's filters (Katib's `metricsFormat`), compiled.
     formats: Vec<regex::Regex>,
 }
 

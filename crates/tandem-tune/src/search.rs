@@ -207,15 +207,20 @@ pub fn grid(params: &[Parameter], index: u64) -> Result<Option<Assignment>> {
 /// Suggests trials for an experiment's algorithm.
 #[derive(Debug, Clone)]
 pub struct Search {
+    /// Which search.
     kind: Kind,
+    /// Its seed (each trial's draw depends on it and the trial's index).
     seed: u64,
 }
 
 /// Which search suggests the next trials.
 #[derive(Debug, Clone)]
 enum Kind {
+    /// Random draws.
     Random,
+    /// Every combination of the grid, in order.
     Grid,
+    /// Tree-structured Parzen estimators, with their settings.
     Tpe(crate::tpe::TpeSettings),
 }
 

@@ -48,8 +48,11 @@ impl Default for TpeSettings {
 /// One Gaussian kernel truncated to `[0, 1]`.
 #[derive(Debug, Clone, Copy)]
 struct Kernel {
+    /// Centre.
     mu: f64,
+    /// Width.
     sigma: f64,
+    /// Weight in the mixture.
     weight: f64,
     /// Its mass inside `[0, 1]`, so the truncated kernel integrates to one there.
     mass: f64,
@@ -58,6 +61,7 @@ struct Kernel {
 /// A Parzen estimator on the unit interval.
 #[derive(Debug, Clone)]
 struct Parzen {
+    /// The mixture's kernels.
     kernels: Vec<Kernel>,
 }
 

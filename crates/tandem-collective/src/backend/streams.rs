@@ -31,8 +31,11 @@ pub const MIN_PART_BYTES: usize = 512 << 10;
 /// One extra stream to every peer: its connections and the runtime that owns them.
 #[derive(Debug)]
 pub struct Channel {
+    /// The stream's own runtime (its thread).
     rt: Runtime,
+    /// The stream's connections to every peer.
     mesh: Mesh,
+    /// Its reduction buffer.
     scratch: Vec<u64>,
 }
 
@@ -108,9 +111,13 @@ fn stopped() -> Error {
 /// What every channel needs to know of the ring and the operation.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Ring {
+    /// This rank.
     pub rank: usize,
+    /// Ranks in the group.
     pub world: usize,
+    /// Pipeline segment, bytes.
     pub segment: usize,
+    /// The operation's header, checked against each peer's.
     pub header: OpHeader,
 }
 
@@ -210,6 +217,7 @@ pub(super) fn run_cut<T>(
 
 /// The channels of a cut operation, as seen from the caller's thread.
 pub(super) struct Others {
+    /// Each stream's outcome.
     done: tokio::sync::mpsc::UnboundedReceiver<Result<()>>,
 }
 

@@ -92,9 +92,13 @@ type Job = Box<dyn FnOnce(&Comm) + Send>;
 /// The thread that owns the communicator.
 #[derive(Debug)]
 pub(crate) struct CommThread {
+    /// Jobs for the communicator's thread.
     tx: Mutex<mpsc::Sender<Job>>,
+    /// Set when a job panicked or timed out: the communicator is unusable.
     poisoned: Arc<AtomicBool>,
+    /// Deadline of each job.
     timeout: Duration,
+    /// Ranks in the communicator.
     world: usize,
 }
 
@@ -209,10 +213,12 @@ impl CommThread {
 /// NCCL, or the TCP ring through host memory.
 #[derive(Debug)]
 pub(crate) enum Inner {
+    /// NCCL on the GPUs.
     Nccl {
         thread: CommThread,
         stream: Arc<CudaStream>,
     },
+    /// The TCP ring through host memory (copies in and out of the GPU).
     Staged {
         pg: ProcessGroup,
         stream: Arc<CudaStream>,

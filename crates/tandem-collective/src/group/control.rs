@@ -6,8 +6,11 @@ use super::*;
 /// The group's control plane: its runtime, its rendezvous session, and the task that watches
 /// for aborts.
 pub(super) struct Control {
+    /// The control plane's runtime.
     pub(super) rt: Runtime,
+    /// The rendezvous session (kept for aborts and inquiries).
     pub(super) session: Mutex<Option<Session>>,
+    /// The task watching for aborts.
     pub(super) watcher: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 

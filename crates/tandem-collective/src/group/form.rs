@@ -25,6 +25,7 @@ use super::*;
 /// ```
 #[derive(Debug, Clone, Default)]
 pub struct Cancel {
+    /// Why forming was cancelled, once it was.
     why: watch::Sender<Option<String>>,
 }
 
@@ -118,13 +119,19 @@ fn channel_addresses(
 
 /// What forming a group of more than one rank builds, step by step.
 struct Formation<'a> {
+    /// Who this rank is.
     spec: &'a ClusterSpec,
     /// The configured token; `None` is allowed where a board hands rank 0's token out.
     token: Option<&'a JobToken>,
+    /// The group's settings.
     config: &'a GroupConfig,
+    /// Stops forming when cancelled.
     cancel: &'a Cancel,
+    /// The control plane's runtime.
     control_rt: Runtime,
+    /// The ring's runtime.
     ring_rt: Runtime,
+    /// The group's prefix in the rendezvous's keys.
     prefix: String,
     /// The congestion control set on every connection, checked against the kernel before joining.
     congestion: crate::transport::congestion::CongestionChoice,

@@ -43,14 +43,23 @@ use crate::transport::peer_memory::{LocalWord, PeerMemory};
 
 /// What a group and its clones share: who it is, its backend, its queue of background work.
 struct Shared {
+    /// The group's name.
     name: String,
+    /// Which backend it asked for.
     kind: BackendKind,
+    /// This rank.
     rank: usize,
+    /// Ranks in the group.
     world: usize,
+    /// The backend (none after shutdown, or for a group of one).
     backend: Option<Box<dyn Backend>>,
+    /// Background operations submitted and completed.
     queue: Mutex<Queue>,
+    /// Notified when every submitted operation completed.
     drained: Condvar,
+    /// The worker thread's queue, once started.
     engine: Mutex<Option<mpsc::Sender<Job>>>,
+    /// The control plane (none for a group of one).
     control: Option<Control>,
 }
 
@@ -83,7 +92,9 @@ impl Drop for Shared {
 /// ```
 #[derive(Clone)]
 pub struct ProcessGroup {
+    /// What the group's clones share.
     shared: Arc<Shared>,
+    /// Default deadline of each operation.
     timeout: Duration,
 }
 

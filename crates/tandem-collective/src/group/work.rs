@@ -20,7 +20,9 @@ pub(super) type Job = Box<dyn FnOnce() + Send>;
 /// ```
 #[derive(Debug)]
 pub struct Work<T> {
+    /// Where the result arrives.
     rx: mpsc::Receiver<Result<T>>,
+    /// Set once the result arrived.
     done: Arc<AtomicBool>,
 }
 
@@ -57,7 +59,9 @@ impl<T> Work<T> {
 /// Operations submitted and completed (what a flush waits for).
 #[derive(Default)]
 pub(super) struct Queue {
+    /// Operations submitted.
     submitted: u64,
+    /// Operations completed.
     completed: u64,
 }
 

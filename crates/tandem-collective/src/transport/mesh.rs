@@ -415,8 +415,11 @@ async fn admit_hello(
 
 /// Why a connection was not admitted to the mesh.
 struct Refusal {
+    /// The reason's name in the metrics.
     kind: &'static str,
+    /// The words logged.
     why: String,
+    /// Whether it is worth a warning (a stranger probing is not).
     notable: bool,
 }
 

@@ -17,7 +17,9 @@ pub(super) const FAILOVER_AFTER: Duration = Duration::from_secs(1);
 /// Where one server's calls go.
 #[derive(Debug)]
 struct Route {
+    /// The channel to the server (or its standby once failed over).
     grpc: Grpc,
+    /// The address of the server the channel reaches.
     addr: String,
     /// The standby's address (empty: none known).
     standby: String,

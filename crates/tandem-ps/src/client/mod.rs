@@ -108,18 +108,26 @@ pub struct PushOutcome {
 /// ```
 #[derive(Debug, Clone)]
 pub struct Client {
+    /// Per server: the incarnation it last answered with (a restart shows as a new one).
     incarnations: std::sync::Arc<std::sync::Mutex<Vec<u64>>>,
     /// Per server: its process id when both sides proved they can read each other's memory (same
     /// machine), so tensors move by address; 0 when they go through the gRPC stream.
     shared: std::sync::Arc<Vec<AtomicU32>>,
     /// Each server's channel and address, switched to its standby when it fails.
     routes: std::sync::Arc<failover::Routes>,
+    /// The job's token, sent on every call.
     token: JobToken,
+    /// How connections are secured (also to standbys).
     security: tandem_tls::Security,
+    /// Where every partition lives.
     map: PartitionMap,
+    /// This worker's index.
     worker: u32,
+    /// Bytes per pushed chunk.
     chunk_bytes: usize,
+    /// Deadline of each call.
     timeout: Duration,
+    /// Sync or async training, as declared.
     mode: TrainingMode,
     /// The next push's id: random start, so a restarted worker never reuses its ids.
     push_ids: std::sync::Arc<std::sync::atomic::AtomicU64>,
@@ -128,7 +136,9 @@ pub struct Client {
 /// One server's answer to a pull: the streamed chunks, or where to read the values.
 #[derive(Debug, Clone)]
 enum Reply {
+    /// Values streamed in chunks.
     Chunks(Vec<pb::PullChunk>),
+    /// Values written into this worker's memory by the server (same machine).
     Shared(pb::SharedPull),
 }
 
@@ -167,7 +177,9 @@ fn torn_parts(chunks: &[pb::PullChunk]) -> Vec<(String, u32)> {
 
 /// A call that failed: the server's answer, or no answer.
 enum Failed {
+    /// The server answered with this status.
     Status(Status),
+    /// No answer (a broken connection, a deadline).
     Other(Error),
 }
 

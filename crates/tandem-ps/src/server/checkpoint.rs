@@ -87,8 +87,11 @@ impl Writer {
 
 /// Reads a checkpoint's fields, every length checked against what is left.
 struct Reader<'a> {
+    /// The file's bytes.
     b: &'a [u8],
+    /// Where reading is.
     at: usize,
+    /// The file's name, for errors.
     file: String,
 }
 
@@ -155,24 +158,38 @@ fn crc(b: &[u8]) -> u64 {
 
 /// One partition as it is written: borrowed from a snapshot, or from a live model under its lock.
 pub(crate) struct PartView<'a> {
+    /// The parameter.
     pub(crate) param: &'a str,
+    /// The partition's index.
     pub(crate) part: u32,
+    /// The parameter's whole shape.
     pub(crate) shape: &'a [u64],
+    /// The partition's first row.
     pub(crate) row_start: u64,
+    /// The partition's rows.
     pub(crate) rows: u64,
+    /// The optimizer's step count.
     pub(crate) t: u64,
+    /// Updates applied to the partition.
     pub(crate) version: u64,
+    /// The values.
     pub(crate) values: &'a [f32],
+    /// The optimizer's first moment (empty when it keeps none).
     pub(crate) m: &'a [f32],
+    /// The optimizer's second moment (empty when it keeps none).
     pub(crate) v: &'a [f32],
 }
 
 /// What a state holds besides its partitions.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub(crate) struct Header {
+    /// Hash of the partition map the checkpoint belongs to.
     pub(crate) map_hash: u64,
+    /// The server's version.
     pub(crate) version: u64,
+    /// The training mode.
     pub(crate) mode: Mode,
+    /// The optimizer.
     pub(crate) optimizer: Optimizer,
 }
 
@@ -263,15 +280,25 @@ pub(crate) fn encode(s: &Snapshot) -> Vec<u8> {
 
 /// One partition as read, its floats still the encoded bytes (native byte order, as written).
 pub(crate) struct PartBytes<'a> {
+    /// The parameter.
     pub(crate) param: String,
+    /// The partition's index.
     pub(crate) part: u32,
+    /// The parameter's whole shape.
     pub(crate) shape: Vec<u64>,
+    /// The partition's first row.
     pub(crate) row_start: u64,
+    /// The partition's rows.
     pub(crate) rows: u64,
+    /// The optimizer's step count.
     pub(crate) t: u64,
+    /// Updates applied to the partition.
     pub(crate) version: u64,
+    /// The values' bytes.
     pub(crate) values: &'a [u8],
+    /// The first moment's bytes.
     pub(crate) m: &'a [u8],
+    /// The second moment's bytes.
     pub(crate) v: &'a [u8],
 }
 

@@ -23,7 +23,9 @@ use super::model::{Key, Model};
 /// finished a partition.
 #[derive(Debug)]
 pub struct EarlyPulls {
+    /// Whether pulls may read partitions of the step being applied.
     allowed: AtomicBool,
+    /// Partitions of the step finished so far.
     finished: watch::Sender<u64>,
 }
 

@@ -30,7 +30,9 @@ const TRACKED: usize = 1 << 16;
 pub(crate) struct Heard {
     /// When the service started (the time of workers never heard from).
     started: Instant,
+    /// When each worker was last heard from.
     last: HashMap<u32, Instant>,
+    /// Each worker's calls in progress.
     calls: HashMap<u32, u32>,
 }
 
@@ -49,8 +51,11 @@ impl Default for Heard {
 /// notifies `all_done`).
 #[derive(Clone)]
 pub(crate) struct Roster {
+    /// When each worker was heard from, and its calls.
     heard: Arc<Mutex<Heard>>,
+    /// The workers that said done.
     done: Arc<Mutex<BTreeSet<u32>>>,
+    /// Notified when the last worker said done.
     all_done: Arc<Notify>,
 }
 
@@ -134,7 +139,9 @@ impl Roster {
 /// A call of one worker in progress: keeps its lease while it lasts, and counts as hearing from
 /// the worker when it starts and when it ends.
 pub(crate) struct Call {
+    /// The roster's record of calls.
     heard: Arc<Mutex<Heard>>,
+    /// The worker calling.
     worker: u32,
 }
 

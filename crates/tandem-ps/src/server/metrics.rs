@@ -45,6 +45,7 @@ impl Collector for ServerMetrics {
 /// The label of a per-worker series.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct WorkerLabel {
+    /// The worker's index.
     worker: usize,
 }
 

@@ -108,9 +108,13 @@ impl ServerConfig {
 /// A server ready to serve: its checkpoint (if any) is loaded, and [`Server::service`] gives a
 /// handle for monitoring before it runs.
 pub struct Server {
+    /// What the server serves.
     service: Service,
+    /// How it was configured.
     config: ServerConfig,
+    /// Notified when every worker said done.
     all_done: Arc<Notify>,
+    /// The standby's listener and address, when this server follows a primary.
     standby: Option<(TcpListener, std::net::SocketAddr)>,
 }
 
@@ -302,7 +306,9 @@ async fn stopped(
 
 /// Why a server stopped.
 enum Stop {
+    /// The caller's shutdown signal.
     Asked,
+    /// Every worker said done (and the server exits when they do).
     Done,
     /// Every remaining worker was silent past the timeout: who, and for how long.
     Silent(String),

@@ -11,7 +11,9 @@ pub const POOLED_PER_SIZE: usize = 4;
 /// for every gradient (a quarter of the cycles of a sync benchmark went there). Bounded per size.
 #[derive(Debug, Default)]
 pub struct BufferPool {
+    /// Free buffers by length.
     free: Mutex<HashMap<usize, Vec<Vec<f32>>>>,
+    /// Buffers kept per length at most.
     per_size: usize,
 }
 

@@ -13,10 +13,15 @@ use crate::pb;
 /// The partitions one pull streams, copied out of the live values a chunk at a time under the
 /// partition's read lock (each chunk is one version of its rows; `part_version` says which).
 pub(super) struct PulledChunks {
+    /// The model pulled from.
     pub(super) model: Arc<Model>,
+    /// The partitions asked for, in order.
     pub(super) keys: Vec<Key>,
+    /// The version the pull answers.
     pub(super) version: u64,
+    /// The server's incarnation, sent in every chunk.
     pub(super) incarnation: u64,
+    /// Bytes per chunk.
     pub(super) chunk_bytes: usize,
     /// Sent on the first chunk: this server's standby.
     pub(super) standby: String,

@@ -46,21 +46,29 @@ pub enum Replicated {
 
 /// The chunks sent to one standby, and its acknowledgements.
 struct Follower {
+    /// The standby's address.
     addr: String,
+    /// Where its chunks go (the follow stream).
     chunks: tokio::sync::mpsc::Sender<Result<pb::ReplicaChunk, Status>>,
+    /// Its acknowledgements.
     acks: std::sync::mpsc::Receiver<pb::FollowAck>,
+    /// The runtime that sends the chunks.
     runtime: tokio::runtime::Handle,
 }
 
 /// This server's replication: its standby, if one follows, and whether it was replaced.
 #[derive(Default)]
 pub struct Replication {
+    /// The standby following, if any.
     follower: Mutex<Option<Follower>>,
     /// The encoding buffer, kept between updates (a state is large; a fresh allocation per update
     /// costs its pages again).
     buf: Mutex<Vec<u8>>,
+    /// The standby's address, told to workers (empty without one).
     standby: Mutex<String>,
+    /// The standby that replaced this server, once one did.
     replaced: OnceLock<String>,
+    /// Notified when this server was replaced.
     replaced_notify: Notify,
 }
 

@@ -35,8 +35,11 @@ pub struct FollowConfig {
 
 /// Whether the standby was promoted, and the service it promotes.
 struct Promotion {
+    /// Whether a worker reached the standby.
     promoted: Mutex<bool>,
+    /// Signalled once it did.
     signal: watch::Sender<bool>,
+    /// The standby's service.
     service: Service,
 }
 
@@ -69,7 +72,9 @@ impl Promotion {
 /// Checks the job token, then promotes the standby on the first worker call.
 #[derive(Clone)]
 struct Gate {
+    /// Checks the job's token.
     token: CheckToken,
+    /// Promotes the standby at the first worker call.
     promotion: Arc<Promotion>,
 }
 
@@ -83,8 +88,11 @@ impl Interceptor for Gate {
 
 /// A running standby: its address, and whether (and when) its workers are done.
 pub(super) struct Standby {
+    /// Whether it was promoted.
     promotion: Arc<Promotion>,
+    /// Notified when every worker said done to it.
     all_done: Arc<Notify>,
+    /// Stops its serving and following.
     stop: Arc<Notify>,
 }
 
@@ -202,11 +210,17 @@ impl Standby {
 
 /// Keeps the standby's state equal to the primary's.
 struct Follower {
+    /// The primary's address.
     primary: String,
+    /// This standby's address, told to the primary.
     me: String,
+    /// The job's token.
     token: JobToken,
+    /// How the connection to the primary is secured.
     security: tandem_tls::Security,
+    /// Stops following once promoted.
     promotion: Arc<Promotion>,
+    /// Where replicated states are installed.
     service: Service,
 }
 
@@ -313,7 +327,9 @@ impl Follower {
 
 /// Why a replicated state was not installed.
 enum Install {
+    /// The standby was promoted meanwhile: states from the primary no longer count.
     Promoted,
+    /// The state could not be installed.
     Bad(tandem_core::Error),
 }
 

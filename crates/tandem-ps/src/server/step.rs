@@ -40,24 +40,23 @@ pub enum Contribution {
 
 /// What the step thread is asked to do, each with the channel of its answer.
 enum Command {
+    /// A worker's gradient for a step.
     Push {
         worker: u32,
         step: u64,
         gradient: Contribution,
         reply: oneshot::Sender<PushResult>,
     },
-    Withdraw {
-        worker: u32,
-        step: u64,
-    },
+    /// A push ended before its step was applied: its gradient is taken back.
+    Withdraw { worker: u32, step: u64 },
+    /// Copy a worker's gradient (left where it is) into the step's sum now.
     CopyIn {
         worker: u32,
         step: u64,
         reply: oneshot::Sender<Result<u64, Unreadable>>,
     },
-    Snapshot {
-        reply: oneshot::Sender<Snapshot>,
-    },
+    /// A snapshot between two steps.
+    Snapshot { reply: oneshot::Sender<Snapshot> },
     /// Workers just marked gone: the step may now have all it needs.
     Gone {
         reply: oneshot::Sender<Option<Snapshot>>,
@@ -75,6 +74,7 @@ enum Command {
 /// finished steps and takes consistent snapshots. It stops when the last handle is dropped.
 #[derive(Clone)]
 pub struct Stepper {
+    /// Commands to the step thread.
     tx: std::sync::mpsc::Sender<Command>,
 }
 

@@ -98,8 +98,11 @@ fn fatal(alert: AlertDescription, what: &str) -> Fatal {
 /// A failure kept so that every later call fails the same way.
 #[derive(Debug, Clone)]
 struct Sticky {
+    /// The error's kind.
     kind: io::ErrorKind,
+    /// The TLS error, when it was one.
     tls: Option<rustls::Error>,
+    /// Its words.
     text: String,
 }
 
@@ -127,7 +130,9 @@ impl Sticky {
 
 /// The rustls connection that derives the next keys, shared by a connection's two halves.
 pub(crate) enum Keys {
+    /// The dialling side's.
     Client(KernelConnection<ClientConnectionData>),
+    /// The accepting side's.
     Server(KernelConnection<ServerConnectionData>),
 }
 
@@ -156,6 +161,7 @@ impl Keys {
 
 /// What a connection's two halves share.
 pub(crate) struct Shared {
+    /// The key schedule (a key update takes the lock).
     keys: Mutex<Keys>,
     /// The peer asked for a key update: the writer sends one before its next record.
     update_asked: AtomicBool,
@@ -200,8 +206,11 @@ impl Shared {
 
 /// One direction's key, fixed IV and record sequence number.
 pub(crate) struct Protection {
+    /// The AEAD key.
     key: LessSafeKey,
+    /// The fixed IV, XORed with the sequence number for each nonce.
     iv: [u8; aead::NONCE_LEN],
+    /// The next record's sequence number.
     seq: u64,
 }
 

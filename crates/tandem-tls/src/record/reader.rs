@@ -15,14 +15,19 @@ use super::*;
 
 /// The reading half: ciphertext from the socket into one buffer, records decrypted in place.
 pub struct RecordReader {
+    /// The socket's reading half.
     tcp: OwnedReadHalf,
+    /// Ciphertext read, decrypted in place.
     buf: Box<[u8]>,
     /// Ciphertext not yet decrypted: `buf[start..end]`.
     start: usize,
+    /// See `start`.
     end: usize,
     /// Plaintext decrypted and not yet given to the caller: `buf[plain.0..plain.1]`.
     plain: (usize, usize),
+    /// The peer's key.
     open: Protection,
+    /// What the two halves share.
     shared: Arc<Shared>,
     /// The peer sent `close_notify`.
     closed: bool,

@@ -16,16 +16,21 @@ use super::*;
 /// The writing half: plaintext sealed into records in one buffer, written out before a write
 /// returns (so nothing waits in a buffer while the peer waits for it).
 pub struct RecordWriter {
+    /// The socket's writing half.
     tcp: OwnedWriteHalf,
+    /// Sealed records not yet on the socket.
     out: Vec<u8>,
     /// Bytes of `out` already on the socket.
     sent: usize,
+    /// This side's key.
     seal: Protection,
+    /// What the two halves share.
     shared: Arc<Shared>,
     /// Records sealed with one key before the next key update.
     update_at: u64,
     /// A write whose records are still going out.
     pending: Option<PendingWrite>,
+    /// Whether `close_notify` went out.
     close_sent: bool,
     /// The reader's fatal alert is sealed (and goes out before this half fails).
     alert_sealed: bool,
@@ -44,6 +49,7 @@ struct PendingWrite {
     plain: Vec<u8>,
     /// The sequence number and key updates before its records were sealed.
     seq_before: u64,
+    /// See `seq_before`.
     updates_before: u64,
 }
 

@@ -43,18 +43,27 @@ pub enum Change {
 
 /// What a trial's output reader reports: a line, or its output closed.
 enum Event {
+    /// A line trial `n` printed.
     Line(u64, String),
+    /// Trial `n`'s output closed.
     Closed(u64),
 }
 
 /// A trial running: its process, what it reported, and why it is being stopped, if it is.
 struct Running {
+    /// The trial's process.
     child: Child,
+    /// Its process group.
     pgid: Option<i32>,
+    /// When it started.
     started: Instant,
+    /// What it reported.
     metrics: Metrics,
+    /// Why it is being stopped, and as what.
     stop: Option<(Status, String)>,
+    /// Whether its output is still open.
     open: bool,
+    /// How and when it exited, once it did.
     exited: Option<(std::process::ExitStatus, Instant)>,
     /// Reads metrics off lines (the collector's expressions, or the default format).
     parser: LineParser,
@@ -194,13 +203,21 @@ fn finished_before(e: &Experiment, record: &Record) -> Option<(Outcome, String)>
 
 /// An experiment while it runs.
 struct Experimenting<'a> {
+    /// The experiment.
     e: &'a Experiment,
+    /// Its folder.
     out: &'a Path,
+    /// Where the trials' logs go.
     logs: std::path::PathBuf,
+    /// What suggests the next trials.
     search: Search,
+    /// Where the trials' readers report.
     tx: Sender<Event>,
+    /// The reports.
     rx: Receiver<Event>,
+    /// Every trial so far.
     record: Record,
+    /// The trials running.
     running: BTreeMap<u64, Running>,
     /// Why no more trials start (goal, failures), once decided.
     stopping: Option<(Outcome, String)>,

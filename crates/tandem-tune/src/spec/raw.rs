@@ -12,7 +12,9 @@ use super::format_number;
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(untagged)]
 pub(super) enum Scalar {
+    /// A number.
     Num(f64),
+    /// Text.
     Str(String),
 }
 
@@ -40,9 +42,13 @@ impl Scalar {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub(super) struct RawDoc {
+    /// `apiVersion` (not checked).
     pub(super) api_version: Option<String>,
+    /// `kind`: Experiment.
     pub(super) kind: Option<String>,
+    /// `metadata`.
     pub(super) metadata: Option<RawMeta>,
+    /// `spec`.
     pub(super) spec: RawSpec,
 }
 
@@ -50,8 +56,11 @@ pub(super) struct RawDoc {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawMeta {
+    /// `name`: the experiment's folder.
     pub(super) name: Option<String>,
+    /// `namespace` (unused here).
     pub(super) namespace: Option<String>,
+    /// `labels` (unused here).
     pub(super) labels: Option<BTreeMap<String, String>>,
 }
 
@@ -59,16 +68,27 @@ pub(super) struct RawMeta {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub(super) struct RawSpec {
+    /// `objective`.
     pub(super) objective: RawObjective,
+    /// `algorithm`.
     pub(super) algorithm: RawAlgorithm,
+    /// `parallelTrialCount`.
     pub(super) parallel_trial_count: Option<u32>,
+    /// `maxTrialCount`.
     pub(super) max_trial_count: Option<u32>,
+    /// `maxFailedTrialCount`.
     pub(super) max_failed_trial_count: Option<u32>,
+    /// `earlyStopping`.
     pub(super) early_stopping: Option<RawAlgorithm>,
+    /// `parameters`.
     pub(super) parameters: Vec<RawParam>,
+    /// `trialTemplate`.
     pub(super) trial_template: RawTemplate,
+    /// `metricsCollectorSpec`.
     pub(super) metrics_collector_spec: Option<RawCollectorSpec>,
+    /// `resumePolicy`.
     pub(super) resume_policy: Option<String>,
+    /// `nasConfig` (refused).
     pub(super) nas_config: Option<serde_norway::Value>,
 }
 
@@ -76,7 +96,9 @@ pub(super) struct RawSpec {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawCollectorSpec {
+    /// `collector`.
     pub(super) collector: Option<RawCollector>,
+    /// `source`.
     pub(super) source: Option<RawSource>,
 }
 
@@ -84,7 +106,9 @@ pub(super) struct RawCollectorSpec {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub(super) struct RawCollector {
+    /// `kind`: StdOut, File, ...
     pub(super) kind: String,
+    /// `customCollector` (refused).
     pub(super) custom_collector: Option<serde_norway::Value>,
 }
 
@@ -92,8 +116,11 @@ pub(super) struct RawCollector {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub(super) struct RawSource {
+    /// `fileSystemPath`.
     pub(super) file_system_path: Option<RawPath>,
+    /// `filter`.
     pub(super) filter: Option<RawFilter>,
+    /// `httpGet` (refused).
     pub(super) http_get: Option<serde_norway::Value>,
 }
 
@@ -101,8 +128,11 @@ pub(super) struct RawSource {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawPath {
+    /// `path`.
     pub(super) path: String,
+    /// `kind`: File or Directory.
     pub(super) kind: Option<String>,
+    /// `format`: TEXT or JSON.
     pub(super) format: Option<String>,
 }
 
@@ -110,6 +140,7 @@ pub(super) struct RawPath {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub(super) struct RawFilter {
+    /// `metricsFormat`: regular expressions.
     pub(super) metrics_format: Option<Vec<String>>,
 }
 
@@ -117,11 +148,16 @@ pub(super) struct RawFilter {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub(super) struct RawObjective {
+    /// `type`: maximize or minimize.
     #[serde(rename = "type")]
     pub(super) kind: String,
+    /// `goal`: stop once reached.
     pub(super) goal: Option<f64>,
+    /// `objectiveMetricName`.
     pub(super) objective_metric_name: Option<String>,
+    /// `additionalMetricNames`.
     pub(super) additional_metric_names: Option<Vec<String>>,
+    /// `metricStrategies`.
     pub(super) metric_strategies: Option<Vec<RawStrategy>>,
 }
 
@@ -129,7 +165,9 @@ pub(super) struct RawObjective {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawStrategy {
+    /// The metric.
     pub(super) name: String,
+    /// min, max or latest.
     pub(super) value: String,
 }
 
@@ -137,7 +175,9 @@ pub(super) struct RawStrategy {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub(super) struct RawAlgorithm {
+    /// `algorithmName`.
     pub(super) algorithm_name: String,
+    /// `algorithmSettings`.
     pub(super) algorithm_settings: Option<Vec<RawSetting>>,
 }
 
@@ -145,7 +185,9 @@ pub(super) struct RawAlgorithm {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawSetting {
+    /// The setting.
     pub(super) name: String,
+    /// Its value.
     pub(super) value: Scalar,
 }
 
@@ -153,8 +195,11 @@ pub(super) struct RawSetting {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub(super) struct RawParam {
+    /// `name`.
     pub(super) name: String,
+    /// `parameterType`: double, int, categorical or discrete.
     pub(super) parameter_type: String,
+    /// `feasibleSpace`.
     pub(super) feasible_space: RawSpace,
 }
 
@@ -162,11 +207,17 @@ pub(super) struct RawParam {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawSpace {
+    /// `min`.
     pub(super) min: Option<Scalar>,
+    /// `max`.
     pub(super) max: Option<Scalar>,
+    /// `step`.
     pub(super) step: Option<Scalar>,
+    /// `list`.
     pub(super) list: Option<Vec<Scalar>>,
+    /// `distribution`: uniform or logUniform.
     pub(super) distribution: Option<String>,
+    /// `scale`: linear or log.
     pub(super) scale: Option<String>,
 }
 
@@ -174,20 +225,30 @@ pub(super) struct RawSpace {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub(super) struct RawTemplate {
+    /// `trialParameters`.
     pub(super) trial_parameters: Option<Vec<RawTrialParam>>,
     /// Tandem's shorthand: the trial's command, run as it is.
     pub(super) command: Option<Vec<String>>,
+    /// `timeoutSeconds` (Tandem's).
     pub(super) timeout_seconds: Option<u64>,
+    /// `env` (Tandem's).
     pub(super) env: Option<BTreeMap<String, String>>,
+    /// `workingDir` (Tandem's).
     pub(super) working_dir: Option<String>,
     /// Katib's forms: a Kubernetes object (batch/v1 Job, TFJob, PyTorchJob) whose primary
     /// container's command the trial runs, or a ConfigMap holding one.
     pub(super) primary_container_name: Option<String>,
+    /// `primaryPodLabels` (unused here).
     pub(super) primary_pod_labels: Option<BTreeMap<String, String>>,
+    /// `trialSpec`.
     pub(super) trial_spec: Option<serde_norway::Value>,
+    /// `configMap` (refused).
     pub(super) config_map: Option<serde_norway::Value>,
+    /// `retain` (unused here).
     pub(super) retain: Option<bool>,
+    /// `successCondition` (unused here).
     pub(super) success_condition: Option<String>,
+    /// `failureCondition` (unused here).
     pub(super) failure_condition: Option<String>,
 }
 
@@ -195,7 +256,10 @@ pub(super) struct RawTemplate {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawTrialParam {
+    /// `name`: the placeholder's name.
     pub(super) name: String,
+    /// `reference`: the parameter.
     pub(super) reference: String,
+    /// `description`.
     pub(super) description: Option<String>,
 }

@@ -19,6 +19,7 @@ use super::*;
 /// one host, the same number (more than one) of ranks on each.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HostLayout {
+    /// Each host's ranks, in order.
     hosts: Vec<Vec<usize>>,
 }
 
@@ -64,10 +65,15 @@ impl HostLayout {
 /// A ring over some of the group's ranks (`members` in ring order, this rank at `me`) with its
 /// two connections taken out of the mesh, so two rings on disjoint peers can run at once.
 struct Lane<'a> {
+    /// This rank's place in the sub-ring.
     me: usize,
+    /// The sub-ring's group ranks.
     members: &'a [usize],
+    /// The read half from the left neighbour, lent by the mesh.
     rd: ReadHalf,
+    /// The write half to the right neighbour, lent by the mesh.
     wr: WriteHalf,
+    /// Its reduction buffer.
     scratch: Vec<u8>,
 }
 
@@ -175,9 +181,13 @@ impl<'a> Lane<'a> {
 /// One piece of the buffer going through the stages: its chunks within a host (one per local
 /// rank) and this rank's chunk's slices across hosts (one per host).
 struct Piece {
+    /// The host's chunks, in elements.
     chunks: Vec<Range<usize>>,
+    /// The same chunks, in bytes.
     chunk_bytes: Vec<Range<usize>>,
+    /// This rank's chunk cut across the hosts, in elements.
     slices: Vec<Range<usize>>,
+    /// The same slices, in bytes.
     slice_bytes: Vec<Range<usize>>,
 }
 

@@ -16,10 +16,15 @@ pub(super) const DONE: u8 = 2;
 /// A control frame of a same-host ring step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct Control {
+    /// What the message says (a chunk is ready, or taken).
     kind: u8,
+    /// The ring step.
     step: u32,
+    /// The operation's sequence number.
     seq: u64,
+    /// The chunk's address in the sender's memory.
     addr: u64,
+    /// Its length in bytes.
     len: u64,
 }
 

@@ -13,9 +13,13 @@ pub(super) const DIRECT_SPIN: std::time::Duration = std::time::Duration::from_mi
 
 /// One peer's frame (header and payload) as it arrives.
 pub(super) struct Incoming {
+    /// The peer.
     peer: usize,
+    /// Bytes received so far.
     got: usize,
+    /// Whether its header was checked.
     checked: bool,
+    /// When its first byte arrived (for lateness).
     arrived: Option<std::time::Duration>,
 }
 

@@ -19,8 +19,11 @@ async fn aborted(rx: &mut watch::Receiver<Option<Abort>>) -> Abort {
 /// Whether a failure was seen here first (and so is published), or came from another rank.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Local {
+    /// Nothing to tell the others: it succeeded, or another rank's abort ended it.
     No,
+    /// It failed here: the others must be told.
     Yes,
+    /// It timed out here.
     TimedOut,
 }
 

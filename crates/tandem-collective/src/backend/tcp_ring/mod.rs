@@ -60,14 +60,21 @@ struct RingState {
     /// Counts each connection's bytes in the metrics; declared before `mesh` so it is dropped
     /// before the sockets close.
     _sockets: Vec<tandem_observe::SocketWatch>,
+    /// The connections to every peer.
     mesh: Mesh,
+    /// The reduction buffer (u64 for alignment).
     scratch: Vec<u64>,
     /// The other streams to every peer (none with one stream per peer).
     channels: Vec<Channel>,
+    /// The next operation's sequence number.
     seq: u64,
+    /// Messages sent to each peer: the next send's sequence number (matched by the receiver).
     sent: Vec<u64>,
+    /// Messages received from each peer: the next receive's sequence number.
     received: Vec<u64>,
+    /// Why the ring can no longer be used, once an operation failed.
     poisoned: Option<String>,
+    /// The left neighbour's lateness over recent operations.
     stragglers: Stragglers,
 }
 
@@ -95,20 +102,31 @@ pub struct SameHost {
 
 /// The TCP ring backend of one process group.
 pub struct TcpRing {
+    /// This rank.
     rank: usize,
+    /// Ranks in the group.
     world: usize,
+    /// Pipeline segment, bytes.
     segment: usize,
+    /// Largest allreduce (times n - 1) sent in one hop.
     direct_bytes: usize,
+    /// Smallest buffer whose ring steps copy by address.
     shared_min_bytes: usize,
     /// Streams per peer (1 + the channels).
     streams: usize,
+    /// The ring's runtime (one thread).
     rt: Runtime,
+    /// What one operation at a time uses.
     state: Mutex<RingState>,
+    /// The abort another rank announced, if any.
     abort: watch::Receiver<Option<Abort>>,
+    /// The group's control plane (aborts, stall inquiries).
     control: Control,
+    /// Copies by address between the ranks of one machine, when they all can.
     same_host: Option<SameHost>,
     /// How the ring's own connections are carried.
     links: Links,
+    /// The ranks per host, when a hierarchical allreduce applies.
     hosts: Option<ops::HostLayout>,
     /// The flight recorder of this group's operations (written under `state`'s lock).
     log: std::sync::Arc<tandem_observe::oplog::OpLog>,
@@ -390,8 +408,11 @@ fn watch_sockets(mesh: &Mesh) -> Vec<tandem_observe::SocketWatch> {
 
 /// One operation under way: its header and what it is waiting for.
 struct OpRun<'a> {
+    /// The operation's header.
     header: OpHeader,
+    /// What the rank waits on now (read by a stall inquiry).
     waiting: &'a crate::stall::WaitCell,
+    /// The latest peer's lateness, when one was late.
     lateness: Cell<Option<(usize, Duration)>>,
 }
 

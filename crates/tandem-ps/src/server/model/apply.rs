@@ -234,7 +234,9 @@ impl Model {
 /// Per pending worker of a step: what of its gradient is in the applied update so far, and why it
 /// stopped being readable (if it did).
 struct Reads {
+    /// Per source: the partitions applied.
     applied: Vec<Vec<(Key, usize)>>,
+    /// Per source: why it could no longer be read, if it could not.
     lost: Vec<Option<Unreadable>>,
 }
 

@@ -67,7 +67,9 @@ pub struct PartEntry {
 pub struct Writing<'a> {
     // Fields drop in this order: the word turns even while the lock is still held, then the lock
     // goes. The other way round, a second writer could make the word odd+1 (even) while writing.
+    /// Holds the partition's sequence word odd while written.
     _seq: tandem_peer_memory::SeqWrite<'a>,
+    /// The partition, locked for writing.
     guard: RwLockWriteGuard<'a, PartData>,
 }
 

@@ -17,14 +17,18 @@ pub(crate) type Answer = Result<pb::PushResponse, Status>;
 
 /// A worker's last async push applied as read: its id, and its answer once known.
 struct Recent {
+    /// The push's id.
     id: u64,
+    /// Its answer, once known.
     answer: Option<Answer>,
 }
 
 /// Pushes in flight (see the module doc).
 #[derive(Clone)]
 pub(crate) struct Intake {
+    /// Room for the pushes received at once.
     receiving: Arc<Semaphore>,
+    /// Each worker's last async push by id.
     recent: Arc<Mutex<HashMap<u32, Recent>>>,
 }
 
@@ -80,9 +84,13 @@ impl Intake {
 /// An async push by id being taken: dropped before its outcome is owned ([`Taking::own`]: the
 /// call ended while waiting on the staleness bound), it forgets the id, since nothing was applied.
 pub(crate) struct Taking {
+    /// The pushes by id.
     recent: Arc<Mutex<HashMap<u32, Recent>>>,
+    /// The worker.
     worker: u32,
+    /// The push's id.
     id: u64,
+    /// Whether dropping it forgets the id (until its outcome is owned).
     armed: bool,
 }
 
@@ -116,8 +124,11 @@ impl Drop for Taking {
 
 /// Records the answer of a push taken by id.
 pub(crate) struct Recorder {
+    /// The pushes by id.
     recent: Arc<Mutex<HashMap<u32, Recent>>>,
+    /// The worker.
     worker: u32,
+    /// The push's id.
     id: u64,
 }
 

@@ -57,21 +57,28 @@ impl Default for Limits {
 /// The declared model and, in sync mode, the thread that owns its step.
 #[derive(Clone)]
 pub(super) struct Declared {
+    /// The model.
     pub(super) model: Arc<Model>,
+    /// Its step thread (sync mode).
     pub(super) stepper: Option<Stepper>,
 }
 
 /// The parameter-server service of one server process.
 #[derive(Clone)]
 pub struct Service {
+    /// The model once declared (or restored).
     pub(super) declared: Arc<OnceCell<Declared>>,
     /// When and where it checkpoints.
     pub(super) checkpoints: Checkpoints,
+    /// This server process's random incarnation: workers detect a restart by it.
     pub(super) incarnation: u64,
+    /// One declaration at a time.
     declare_lock: Arc<tokio::sync::Mutex<()>>,
+    /// The server's limits.
     pub(super) limits: Limits,
     /// Pushes in flight: how many are received at once, and async pushes sent again.
     pub(super) intake: intake::Intake,
+    /// The same-machine data plane.
     pub(super) same_host: Arc<SameHost>,
     /// The workers: when each was last heard from, its calls in progress (the leases), and
     /// which said done.

@@ -6,7 +6,9 @@ use super::*;
 
 /// A push being received: one buffer per partition, filled in order.
 pub(super) struct Incoming {
+    /// The worker pushing.
     pub(super) worker: u32,
+    /// The step it pushes for.
     pub(super) step: u64,
     /// Each partition's gradient, written straight into f32 storage, and the bytes received.
     pub(super) parts: HashMap<Key, (Vec<f32>, usize)>,

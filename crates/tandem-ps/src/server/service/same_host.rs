@@ -57,7 +57,9 @@ impl SameHost {
 /// the push's tag.
 #[derive(Debug)]
 pub struct SharedGradient {
+    /// The worker's offered regions.
     offer: tandem_peer_memory::Offer,
+    /// The worker.
     worker: u32,
     /// Each partition's key and elements; the offer's region of the same index holds it.
     regions: Vec<(Key, usize)>,
@@ -173,7 +175,9 @@ impl SharedGradient {
 
 /// Why a gradient read by address was refused before anything was applied.
 enum Checked {
+    /// A region could not be read.
     Unreadable(Unreadable),
+    /// A partition held NaN or Inf.
     NonFinite(Key),
 }
 
@@ -181,9 +185,13 @@ enum Checked {
 /// step is applied (deadline, or the worker cancelled the call). The withdrawal is sent after the
 /// gradient on the same channel, so the step thread always sees them in that order.
 struct Withdraw<'a> {
+    /// The step thread to withdraw from.
     stepper: &'a Stepper,
+    /// The worker.
     worker: u32,
+    /// The step.
     step: u64,
+    /// Whether dropping it withdraws the gradient.
     armed: bool,
 }
 

@@ -38,11 +38,13 @@ pub const STREAMED_PATIENCE: Duration = Duration::from_secs(10);
 
 /// Where the reader is in a push's stream.
 struct Reader {
+    /// The push's stream.
     stream: Streaming<pb::PushChunk>,
     /// The chunk being consumed, and how many of its bytes were.
     chunk: Option<(pb::PushChunk, usize)>,
     /// Partition being read (index into the list), and elements of it read.
     part: usize,
+    /// Elements of the partition read so far.
     at: usize,
     /// Why reading stopped, once it did (every later read fails with it).
     failed: Option<Unreadable>,
@@ -52,11 +54,15 @@ struct Reader {
 
 /// One worker's push through the stream, read in order as it is applied.
 pub struct StreamedGradient {
+    /// The worker.
     worker: u32,
     /// The partitions, in stream order, with their elements.
     parts: Vec<(Key, usize)>,
+    /// Where reading is (one reader at a time).
     reader: Arc<Mutex<Reader>>,
+    /// The model, for its counters and pool.
     model: Arc<Model>,
+    /// The runtime the stream is read on.
     runtime: tokio::runtime::Handle,
     /// Longest wait for the next chunk.
     wait: Duration,
@@ -207,7 +213,9 @@ impl StreamedGradient {
 /// The state of a push after its gradient was used: whether NaN or Inf stopped it, and whether
 /// its stream held more than the partitions it listed.
 struct Afterwards {
+    /// Where reading stopped.
     reader: Arc<Mutex<Reader>>,
+    /// The runtime the stream is read on.
     runtime: tokio::runtime::Handle,
 }
 
