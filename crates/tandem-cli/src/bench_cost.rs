@@ -1,5 +1,8 @@
 //! `tandem bench allreduce --observe-cost`: what the flight recorder and the metrics cost, measured
 //! inside one run (separate runs on a busy machine differ by more than the cost).
+//!
+//! `--elastic-cost` measures what elastic training costs when nothing fails: allreduces with and
+//! without committing a state as large as the tensor after each, alternated in one run.
 
 use tandem::{DType, ProcessGroup, ReduceOp, Result};
 

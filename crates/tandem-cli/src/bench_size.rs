@@ -1,6 +1,10 @@
 //! One size of a collective timed in one rank of `tandem bench`: the correctness check (every
 //! element against the value the ranks' contributions imply), the warm-up, then the timed loop,
 //! on host buffers over the ring or on GPU buffers through NCCL.
+//!
+//! Why check every element: a collective that is fast but wrong must not show a good figure; each
+//! rank fills its buffer with a value derived from its rank, so the expected result is known exactly
+//! and every element is compared with it.
 
 use std::time::{Duration, Instant};
 

@@ -1,5 +1,11 @@
 //! `tandem certs`: a job's certificate authority and certificates, and the Kubernetes Secret that
 //! carries them.
+//!
+//! Why certificates per process: every connection of a job is mutual TLS unless plaintext is
+//! asked for, and a certificate whose common name is the process's identity (`rank-3`, `ps-0`,
+//! `worker-1`) lets its peers check who they talk to, not only which job. `init` makes the job's CA
+//! once (reused afterwards, never overwritten) and one process's certificate; `check` loads a folder
+//! as a process would and says who it is; `kubernetes` prints a Secret per replica type.
 
 use crate::ExitCode;
 use std::path::PathBuf;

@@ -2,6 +2,10 @@
 //! ways, one job after another on this machine: synchronous SGD on parameter servers, asynchronous
 //! SGD with a staleness bound, and data-parallel allreduce. Each job is real: separate processes
 //! started by the launcher, a rendezvous, gRPC to the servers, the TCP ring between ranks.
+//!
+//! Why three ways: users meet both shapes of distributed training (parameter servers and
+//! allreduce); running all three on the same model and data shows they learn alike, and the report
+//! compares their time and the bytes each moved.
 
 use crate::ExitCode;
 use std::sync::{Arc, Mutex};

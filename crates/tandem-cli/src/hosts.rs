@@ -2,6 +2,10 @@
 //! a job would do across H machines joined by links of that rate, before renting them. The hosts
 //! are network namespaces on this machine (`tandem-testbed`; needs root), so every byte between
 //! hosts crosses a (shaped) link and no same-host copy can cross a host boundary.
+//!
+//! Why simulate: what only breaks across machines (addresses, bandwidth, a cut link) should be
+//! seen before renting machines; namespaces give each host its own network stack and the shaped
+//! links a real rate.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Stdio};

@@ -1,4 +1,10 @@
 //! `tandem info` and `tandem rendezvous`.
+//!
+//! Why `info` first: when a job does not start, the question is nearly always what the process
+//! read from its environment; `tandem info` resolves it exactly as a group would (the launcher
+//! convention found, rank, world size, role, rendezvous) or prints the configuration error naming
+//! the variable. `tandem rendezvous` runs a standalone rendezvous for launchers that host it
+//! outside rank 0 (`TANDEM_RENDEZVOUS_EXTERNAL=1`).
 
 use crate::ExitCode;
 

@@ -1,4 +1,10 @@
 //! `tandem launch`: start a job on this machine with the environment a cluster would inject.
+//!
+//! Why: the same programs run under Kubernetes, Slurm or mpirun by reading the environment those
+//! inject. `tandem launch` injects that environment on one machine (TF_CONFIG for `--ps/--workers`
+//! jobs, RANK, WORLD_SIZE and MASTER_ADDR/PORT for `--nproc`), hosts the job's rendezvous, makes its
+//! CA and certificates, restarts failed processes as asked, and stops them all on Ctrl-C. The
+//! supervision itself lives in tandem-launch; this module maps the command line onto it.
 
 use crate::ExitCode;
 use std::sync::Arc;

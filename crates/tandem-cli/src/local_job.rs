@@ -1,5 +1,9 @@
 //! Jobs of Tandem's own subcommands on this machine (`tandem demo`, `tandem bench`),
 //! started through the launcher, plus the size parser their flags share.
+//!
+//! Why one runner: the demo and the benches start their ranks the way users' jobs start (the
+//! launcher, a rendezvous, separate processes, certificates), so what they show and measure is what
+//! a job gets.
 
 use std::sync::Arc;
 use std::time::Duration;

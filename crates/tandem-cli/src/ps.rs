@@ -1,4 +1,13 @@
 //! `tandem ps`: a parameter server for this process's role (TF_CONFIG, `TANDEM_*` or flags).
+//!
+//! Why a subcommand and not only a library call: a TFJob's `PS` replicas run whatever command the
+//! manifest gives their container; `tandem ps` lets that container run Tandem's image with no user
+//! code at all. Where it serves comes from the job's environment (its own address in TF_CONFIG's
+//! `ps` list) or `--bind`; `--replicate` (or `--follow ADDR`) makes it a standby of the previous
+//! server; `--checkpoint-dir` restores from and writes checkpoints; `--worker-timeout` and
+//! `--worker-lease` bound how long silent workers are waited for. It prints a summary line naming
+//! the slowest worker every `--log-every` seconds, serves metrics with `--metrics-addr`, and exits
+//! once every worker said done unless `--keep-running`.
 
 use crate::ExitCode;
 use std::path::PathBuf;

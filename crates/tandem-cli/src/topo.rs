@@ -1,4 +1,9 @@
 //! `tandem topo`: the GPU interconnect, and the GPUs and ring a job of N would get.
+//!
+//! Why: a ring is as fast as its slowest link, and on machines whose NVLinks do not join every pair
+//! of GPUs the choice of GPUs for a smaller job matters. This prints the matrix (`nvidia-smi topo
+//! -m`, or a recorded one with `--from-file` where the tool is missing), the GPUs a job of N would
+//! get, their ring order and its bottleneck: what `tandem launch --gpus auto` would choose.
 
 use crate::ExitCode;
 use std::path::PathBuf;

@@ -1,5 +1,9 @@
 //! `tandem trace DIR`: merges the flight-recorder dumps and timelines of every process of a job into
 //! one Chrome trace and prints who waited for whom.
+//!
+//! Why merge: a hang leaves every process with a flight-recorder dump (and, with a timeline,
+//! its operations over time), but the culprit shows only side by side: the rank whose last
+//! collective differs, who waited for whom, who arrived late, which calls did not match.
 
 use crate::ExitCode;
 use std::path::PathBuf;

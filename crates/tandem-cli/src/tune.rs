@@ -1,6 +1,10 @@
 //! `tandem tune experiment.yaml`: a Katib-style hyperparameter experiment on this machine, with a
 //! live table of trials, `experiment.json`, and PNG plots of the objective per trial and of each
 //! parameter against the objective. Running it again with the same folder resumes it.
+//!
+//! Why a live table: an experiment runs for minutes to hours; the table shows every trial's
+//! parameters, status and objective as they change, and the record on disk is what a resumed run
+//! reads.
 
 use crate::ExitCode;
 use std::io::{IsTerminal, Write};

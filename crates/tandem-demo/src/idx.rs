@@ -11,6 +11,9 @@
 //! assert_eq!(x[[0, 1]], 1.0);
 //! # std::fs::remove_file(images).unwrap();
 //! ```
+//!
+//! Why check sizes first: an IDX header states its dimensions; a truncated download would
+//! otherwise load as garbage rows.
 
 use std::io::Write;
 use std::path::Path;

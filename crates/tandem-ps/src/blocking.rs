@@ -1,4 +1,9 @@
 //! A blocking parameter-server client that owns a small runtime, for training loops without tokio.
+//!
+//! Why its own runtime: most training loops are plain Python or Rust without an async runtime, and
+//! a worker must not make its user adopt one to push a gradient. The client keeps a small
+//! runtime of two threads that drive its calls and keep its connections alive while the caller
+//! computes; each call blocks only the caller's thread.
 
 use std::collections::HashMap;
 use std::time::Duration;

@@ -1,5 +1,9 @@
 //! Initializers that give the same values on every run and for every partitioning: element `i` of a
 //! parameter is a function of the seed and `i` only.
+//!
+//! Why: a model declared by every worker must start identical on every server whatever the
+//! partitioning, and a job restarted with more servers must be able to compare values. A function
+//! of (seed, index) gives that with no coordination: each server fills only its own rows.
 
 use tandem_core::{Error, Result};
 

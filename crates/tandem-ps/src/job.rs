@@ -1,5 +1,9 @@
 //! Where a worker stands in a parameter-server job, read from the cluster spec (`TF_CONFIG` of a
 //! TFJob, or what `tandem launch --ps P --workers W` sets).
+//!
+//! Why a separate reader: the servers' addresses, this worker's index and the number of workers
+//! are what a client needs to connect, and they come from the same cluster spec every launcher
+//! convention fills in; reading them here keeps the client free of launcher knowledge.
 
 use tandem_core::cluster::{ClusterSpec, Role};
 use tandem_core::{Error, Result};

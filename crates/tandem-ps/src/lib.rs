@@ -11,6 +11,11 @@
 //! - [`failure`]: the typed reasons every server error carries, and what a client may do on each.
 //! - [`client`]: the async worker [`client::Client`]; [`blocking::BlockingClient`] owns a runtime.
 //!
+//! Why servers run the optimizer: a worker then sends gradients and receives parameters, never
+//! optimizer state, and the state of a model larger than one machine's memory is sharded with it.
+//! Why gRPC: every language and launcher can speak it, and HTTP/2's flow control gives the
+//! streaming pushes their back-pressure for free.
+//!
 //! # Feature Flags
 //! None.
 

@@ -1,6 +1,11 @@
 //! Where each parameter lives: big tensors are cut into row ranges spread over the servers so bytes
 //! per server are balanced; small ones stay whole. A pure function of the declarations, so every
 //! process computes the same map, and its hash lets them check that they did.
+//!
+//! Why row ranges: cutting a tensor along its rows keeps each partition a contiguous slice of the
+//! tensor (a pull writes it in place, no gather) and lets the optimizer's state be cut the same way.
+//! Why balance bytes rather than tensors: one large embedding would otherwise make one server the
+//! bottleneck of every step.
 
 use tandem_core::{DType, Error, Result};
 

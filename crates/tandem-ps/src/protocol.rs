@@ -1,6 +1,10 @@
 //! What the parameter server's client and server share, below both: the limits of a message
 //! and of the HTTP/2 windows, the key of a partition, and the one way to open a gRPC connection
 //! to a server (a worker's, and a standby's to its primary). Neither side imports the other.
+//!
+//! Why a layer of its own: the client and the server used to import each other's constants and
+//! helpers, so neither could be read or changed alone. Everything both sides must agree on lives
+//! here and nowhere else.
 
 use std::time::Duration;
 

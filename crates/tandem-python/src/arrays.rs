@@ -1,5 +1,9 @@
 //! numpy arrays as the byte buffers collectives work on: in place, without copies, and with a clear
 //! `TypeError` or `ValueError` for what cannot be used.
+//!
+//! Why refuse rather than copy: a collective that silently copied a strided or read-only array
+//! would leave the caller's array unchanged while appearing to succeed; an error naming the array
+//! and what is wrong with it is better than silently wrong numbers.
 
 use numpy::{PyArrayDyn, PyArrayMethods, PyUntypedArray, PyUntypedArrayMethods};
 use pyo3::exceptions::{PyTypeError, PyValueError};

@@ -1,5 +1,9 @@
 //! `tandem._native.ElasticSession`: one process's part of an elastic job (tandem-elastic), for
 //! `python/tandem/elastic.py`, which keeps the state and runs the training function.
+//!
+//! Why split between Rust and Python: membership, epochs and re-forming the group are the same for
+//! every binding and live in tandem-elastic; what the user's state is (arrays, a torch model) is
+//! Python's to know, so the Python side commits and restores it.
 
 use std::sync::Mutex;
 

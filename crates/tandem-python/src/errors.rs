@@ -1,4 +1,9 @@
 //! Tandem errors as Python exceptions of the `tandem.errors` hierarchy.
+//!
+//! Why a class per kind: Python callers catch what they can handle (a `TimeoutError`, a
+//! `PeerLostError` in an elastic loop) and let the rest propagate; most classes also derive from
+//! the builtin they resemble (`ValueError`, `TimeoutError`, `ConnectionError`, ...), so generic
+//! handlers keep working.
 
 use pyo3::exceptions::PyRuntimeError;
 use pyo3::prelude::*;

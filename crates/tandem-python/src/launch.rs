@@ -1,5 +1,9 @@
 //! Tandem's command line inside the extension: the Python package's `tandem` command,
 //! `python -m tandem` and `python -m tandem.launch` run exactly the `tandem` binary's CLI.
+//!
+//! Why inside the extension: a user who installed the wheel has no Rust toolchain and no `tandem`
+//! binary; the CLI compiled into the extension makes `tandem launch`, `tandem demo` and the rest
+//! work from the package alone.
 
 use pyo3::prelude::*;
 

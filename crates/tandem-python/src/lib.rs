@@ -4,6 +4,21 @@
 //!
 //! Every blocking call releases the GIL and raises `KeyboardInterrupt` on Ctrl-C; runtimes are
 //! rebuilt in a child after `fork()`.
+//!
+//! # Layout
+//! - `group.rs`: `ProcessGroup` and `Work`, collectives on numpy arrays (sync and async).
+//! - `arrays.rs`: numpy arrays as the byte buffers collectives work on, checked before use.
+//! - `blocking.rs`: running network work with the GIL released and Ctrl-C honoured.
+//! - `board.rs`: a Python store (torch's) as the board a group's rank 0 publishes on.
+//! - `elastic.rs`: one process's part of an elastic job.
+//! - `ps.rs`: the parameter-server client and server.
+//! - `observe.rs`: metrics, flight-recorder dumps and timeline spans.
+//! - `errors.rs`: Tandem errors as `tandem.errors` exceptions.
+//! - `launch.rs`: the `tandem` command inside the extension.
+//!
+//! Why numpy at this level: numpy arrays expose their memory (the buffer protocol), so the Rust
+//! side works on the caller's own bytes with no copy; torch tensors reach it through numpy views
+//! of their memory in `python/tandem` (`tandem.torch`), CPU tensors without a copy.
 
 mod arrays;
 mod blocking;

@@ -1,4 +1,8 @@
 //! Looking inside from Python: metrics, flight-recorder dumps and timeline spans.
+//!
+//! Why from Python: a user debugging a slow or stuck job works in Python; the metrics, a dump on
+//! demand and spans of their own code on the same timeline as Tandem's operations are what they
+//! need, without a second tool.
 
 use pyo3::prelude::*;
 

@@ -1,4 +1,8 @@
 //! Job tokens: every request of a job carries one, and the rendezvous refuses any other.
+//!
+//! Why a token as well as TLS: on one machine without certificates (plaintext on loopback) the
+//! token is what keeps another user's job from joining; across machines it is a second factor inside
+//! TLS. It is compared in constant time, and never logged.
 
 use tandem_core::cluster::Vars;
 use tandem_core::{Error, Result};

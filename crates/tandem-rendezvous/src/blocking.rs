@@ -1,4 +1,7 @@
 //! A blocking rendezvous client that owns a small runtime, for code without tokio.
+//!
+//! Why: elastic membership rounds and other callers run on plain threads; a small runtime owned
+//! by the client keeps async out of their way.
 
 use std::time::Duration;
 

@@ -1,4 +1,8 @@
 //! The gRPC face of the [`Store`]: decoding requests, mapping store errors to `Status` once.
+//!
+//! Why a thin face: the store is plain, synchronous and tested alone; the service only turns
+//! requests into store calls and store errors into `Status` codes the client maps back, so the
+//! store's rules (bounds, rounds of barriers) live in one place.
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -1,4 +1,9 @@
 //! Joining a job: rank 0 hosts the rendezvous in-process, everyone connects to it.
+//!
+//! Why rank 0 hosts it: a job needs no separate service to start (torchrun's and mpirun's jobs
+//! have none), and the first rank is the one every convention names. A launcher that hosts one
+//! itself says so (`TANDEM_RENDEZVOUS_EXTERNAL=1`); when another program owns the agreed port (the
+//! Store torch hands its backend), rank 0 binds a free port and publishes it on that board.
 
 use std::time::Duration;
 

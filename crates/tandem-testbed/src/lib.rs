@@ -23,6 +23,9 @@
 //! bed.heal(1)?;
 //! # Ok::<(), tandem_core::Error>(())
 //! ```
+//!
+//! Why namespaces and not containers: they need nothing but `ip` and root, start in milliseconds,
+//! and are removed with the testbed (also when a test panics).
 
 mod capture;
 

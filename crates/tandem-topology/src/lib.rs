@@ -17,6 +17,23 @@
 //! assert_eq!(plan.ring, vec![0, 2]);
 //! assert_eq!(plan.bottleneck.2, Link::NvLink(4));
 //! ```
+//!
+//! Why choose by the slowest link: a ring moves every byte over every link in turn, so its speed is
+//! that of its slowest hop; two rings of equal bottleneck are told apart by their total bandwidth,
+//! then by how many hops cross NUMA nodes (a crossing adds a hop through the CPUs' interconnect).
+//! Small jobs are searched exhaustively; beyond a bound, a greedy ring is grown from each start
+//! and improved by 2-opt reversals.
+//!
+//! Why not leave it to NCCL: NCCL finds the best ring among the GPUs it is given, but which GPUs a
+//! job of fewer ranks than the machine has gets is the launcher's choice, and on a machine whose
+//! NVLinks do not join every pair a bad choice halves the bandwidth. `tandem topo` shows the
+//! choice before a job runs; `tandem launch --gpus auto` makes it.
+//!
+//! The search is deterministic (ties go to lower GPU indices), so every launch of the same job on
+//! the same machine gets the same GPUs.
+//!
+//! What it needs is text: the matrix `nvidia-smi topo -m` prints (or a recorded copy), and no
+//! CUDA library, so the choice can be made and tested on machines without GPUs.
 
 use std::fmt;
 use std::process::Command;

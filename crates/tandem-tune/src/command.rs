@@ -1,5 +1,11 @@
 //! The command line of one trial: placeholders substituted, and a distributed trial spec (TFJob,
 //! PyTorchJob) wrapped in `tandem launch` with its replicas.
+//!
+//! Why wrap distributed trials in `tandem launch`: a Katib TFJob or PyTorchJob trial spec names
+//! replicas that a cluster would start; on one machine the launcher starts the same processes with
+//! the same environment (TF_CONFIG, or RANK and MASTER_ADDR), so the trial's own program runs
+//! unchanged. Placeholders are filled before the launcher sees the command, in the servers'
+//! command too.
 
 use crate::search::Assignment;
 use crate::spec::{Experiment, Launch};

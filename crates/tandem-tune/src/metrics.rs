@@ -1,6 +1,9 @@
 //! Metrics from trial output, in Katib's default format: `name=value` anywhere in a line (several
 //! per line, separated by spaces or commas). A `step=N` (or `epoch=N`) on the same line gives the
 //! other values' step; otherwise each report of a metric is its next step.
+//!
+//! Why Katib's format: experiments written for Katib print their metrics that way already; reading
+//! the same lines lets their trial programs run unchanged.
 
 use std::collections::BTreeMap;
 

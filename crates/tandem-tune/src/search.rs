@@ -4,6 +4,11 @@
 //!
 //! Every suggestion depends only on the seed, the trial's index and the trials finished and
 //! running, so an interrupted experiment resumes with the same trials it would have run.
+//!
+//! Why reproducible: a resumed experiment must propose what the interrupted one would have, and a
+//! bug report must be replayable: each trial's random draws come from a generator seeded by the
+//! experiment's seed and the trial's index alone (TPE also reads the finished trials, which the
+//! record keeps).
 
 use std::collections::BTreeMap;
 

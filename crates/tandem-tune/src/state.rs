@@ -1,5 +1,14 @@
 //! The experiment's record: every trial with its parameters, status and metrics, kept in
 //! `experiment.json` (written atomically after every change) so an interrupted experiment resumes.
+//!
+//! Why a file rewritten whole after every change: an experiment can be interrupted at any moment
+//! (Ctrl-C, a machine reboot); a record written through a temporary file and renamed is always
+//! complete, and a rerun reads it and resumes where it stopped. The spec's hash is kept beside it, so
+//! a folder of another experiment is never resumed by mistake.
+//!
+//! Each trial keeps its parameters, status, reason, objective, additional metrics and the
+//! intermediate reports median stopping compares; `Outcome` says how the experiment ended (its goal
+//! reached, trials exhausted, too many failures, interrupted).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -1,6 +1,10 @@
 //! Calling one server: a call is retried with backoff while the server is unreachable
 //! (restarting, say, or its connection broke under the call) until the client's deadline; any
 //! other answer returns at once.
+//!
+//! Why only unreachable servers: a server that answered has decided, and sending the same call
+//! again could apply a gradient twice; a server that could not be reached has done nothing, so
+//! trying again until the deadline is safe, and rides over a restart or a failover.
 
 use super::*;
 

@@ -1,4 +1,9 @@
 //! Sparse access to embedding tables: selected rows pulled and pushed, split by partition.
+//!
+//! Why rows: an embedding table is mostly untouched by one batch. Pulling and pushing whole
+//! partitions would move the table every step; the rows a batch looks up are a tiny fraction. The
+//! client groups the requested ids by the partition (row range) that holds them, so each server gets
+//! one call with its own rows, and the answers are put back in the order asked.
 
 use super::*;
 

@@ -1,5 +1,9 @@
 //! How training proceeds ([`Mode`]) and the most workers a server keeps: plain values that the
 //! model, the declaration's checks and the checkpoint format all read, below each of them.
+//!
+//! Why a module of their own: the mode is read by the declaration's checks, stored in
+//! checkpoints and consulted by the model at every step; below all three, none of them has to
+//! import another for it.
 
 /// Most workers a declaration may name (the server keeps a step per worker).
 pub const MAX_WORKERS: u32 = 1 << 16;

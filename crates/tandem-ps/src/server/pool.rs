@@ -1,5 +1,12 @@
 //! Reusable gradient buffers, so the hot path does not fault in and zero fresh pages for every
 //! gradient.
+//!
+//! Why: with gradients of tens of megabytes, allocating one per push made the kernel fault in and
+//! zero fresh pages every step (measured: about a tenth of a server's time, BENCHMARKS.md). The pool
+//! keeps a few freed buffers per length and hands them out again; it is bounded, so a burst does not
+//! keep memory forever.
+//!
+//! Buffers come back through [`BufferPool::give`] when a step is done with them.
 
 use std::collections::HashMap;
 use std::sync::Mutex;

@@ -1,5 +1,11 @@
 //! Streaming a pull: the partitions a pull asked for, copied out of the live values a chunk at a
 //! time on the blocking pool, a few chunks ahead of the network (no snapshot per version).
+//!
+//! Why not a snapshot per version: a server with many workers pulling would copy its whole share
+//! of the model once per step and hold several such copies while slow pulls drain. Copying one
+//! chunk at a time out of the live values (each chunk under its partition's read lock, stamped with
+//! the partition's update count) bounds the memory to a few chunks per pull, and a worker detects a
+//! partition torn between two updates by the counts and pulls it again.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;

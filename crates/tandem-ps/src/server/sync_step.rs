@@ -1,6 +1,11 @@
 //! What a sync step aggregates until it is applied: streamed gradients summed on arrival (one
 //! running sum per partition, whatever the number of workers), and gradients left in workers'
 //! memory on this machine ([`GradientSource`]), read a piece at a time when the step is applied.
+//!
+//! Why two kinds: a gradient received through the stream is in the server already and is summed at
+//! once (memory stays one sum per partition); a gradient in a worker's memory on this machine is
+//! cheaper left where it is and read once, piece by piece, when the step is applied. Either can fail
+//! to be read part-way (the worker died); what was applied is then reported exactly.
 
 use std::collections::{BTreeSet, HashMap};
 

@@ -1,5 +1,9 @@
 //! The trials' processes: starting one (its own process group, its output parsed for metrics as
 //! it comes), stopping them (the whole group), and recording how each ended.
+//!
+//! Why a process group per trial: a trial may start processes of its own (a distributed trial
+//! starts a launcher, which starts ranks); stopping the trial must stop all of them, and a signal to
+//! the group reaches every one.
 
 use super::*;
 

@@ -1,5 +1,8 @@
 //! The checks of single fields of an experiment spec: its name, search and early-stopping
 //! algorithms, parameters, resume policy, and the trial template's parameters and placeholders.
+//!
+//! Why one function per field: each check names exactly the field it reads, so an error points
+//! at one line of the user's YAML.
 
 use tandem_core::{Error, Result};
 

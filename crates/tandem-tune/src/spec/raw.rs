@@ -1,5 +1,9 @@
 //! The YAML as written: Katib's `Experiment` fields, read with unknown fields refused, before any
 //! value is checked (that is [`super::Experiment::from_yaml`]'s job).
+//!
+//! Why two stages: serde gives precise errors for the YAML's shape (a misspelt key, a list where a
+//! mapping belongs); the checks of values that need context (does a trial parameter name a declared
+//! parameter?) come after, on these plain structs.
 
 use std::collections::BTreeMap;
 

@@ -1,5 +1,9 @@
 //! The service's side of primary-backup replication (see [`crate::server::replica`]): a standby
 //! that follows this server is registered and sent the current state, then every update.
+//!
+//! Why the state first, then every update: a standby that joins late must start from the
+//! primary's whole state, and from then on receive each applied step before the step is published,
+//! so a worker that fails over never finds a step it saw missing.
 
 use super::*;
 use crate::server::replica::FollowStream;

@@ -1,5 +1,10 @@
 //! Sparse access to rows of a partition (embedding tables): reading selected rows, and applying
 //! gradients to selected rows only, so only their optimizer state changes.
+//!
+//! Why apply rows apart from dense pushes: a dense step touches every element's optimizer state
+//! (Adam's moments, momentum); applied to an embedding, the rows a batch did not look up would
+//! decay as if they had received zero gradients. Here only the rows pushed are updated, repeated ids
+//! add up first, and the partition's version still advances once per push.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
