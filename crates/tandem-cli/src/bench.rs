@@ -6,6 +6,36 @@
 //! printing the same columns makes Tandem's figures line up with NCCL's, Gloo's and MPI's. Each
 //! rank is its own process (as in a real job), every result is checked against the expected value
 //! (`#wrong`), and peak RSS is reported next to the speed.
+//!
+//! What a run prints (`tandem bench allreduce --np 2 --min 4K --max 16K --iters 50`, a debug
+//! build, figures for shape only):
+//!
+//! ```text
+//! # TCP congestion control: cubic (TANDEM_TCP_CONGESTION: cubic where allowed)
+//! # connections: mutual TLS
+//! # tandem bench allreduce : 2 ranks, backend tcp, op sum, dtype f32
+//! #     size(B)        count   type  redop    time(us) algbw(GB/s) busbw(GB/s)  #wrong
+//!          4096         1024    f32    sum        60.0       0.068       0.068       0
+//!          8192         2048    f32    sum        76.0       0.108       0.108       0
+//!         16384         4096    f32    sum       106.4       0.154       0.154       0
+//! # peak RSS per rank (MiB): 37.2 37.0
+//! ```
+//!
+//! The columns:
+//! - `size(B)`, `count`, `type`, `redop`: the buffer each rank passes, in bytes and elements, its
+//!   dtype and the reduce operator;
+//! - `time(us)`: the time of one operation, the slowest rank's (an operation is done when every
+//!   rank has its result), averaged over the timed iterations;
+//! - `algbw`: bytes / time; `busbw`: algbw times the collective's factor (2(n-1)/n for an
+//!   allreduce, 1 for a broadcast, (n-1)/n for an allgather or a reduce-scatter), what one link
+//!   carries;
+//! - `#wrong`: elements that differ from the expected value, summed over the ranks (anything but 0
+//!   is a bug, and the figure beside it means nothing);
+//! - with simulated hosts and a shaped link, `of link`: busbw as a share of the link's rate.
+//!
+//! The header says how the ranks' connections were made (mutual TLS, plaintext, or local sockets)
+//! and which congestion control they use, because both change the figures. `--csv` appends every
+//! row to a file and `--plot` draws busbw against size.
 
 use crate::ExitCode;
 use std::io::Write;

@@ -6,6 +6,18 @@
 //! `worker-1`) lets its peers check who they talk to, not only which job. `init` makes the job's CA
 //! once (reused afterwards, never overwritten) and one process's certificate; `check` loads a folder
 //! as a process would and says who it is; `kubernetes` prints a Secret per replica type.
+//!
+//! The usual sequence for a job across machines:
+//!
+//! ```text
+//! tandem certs init tls/ --name host-1.example --name 10.0.0.1       # the CA and one process's files
+//! tandem certs init tls/ --out tls/rank-3 --identity rank-3 --name host-2.example
+//! tandem certs check tls/rank-3                                      # who this folder makes a process
+//! tandem certs kubernetes tls/ --job train --replicas ps=2 --replicas worker=4 > secrets.yaml
+//! ```
+//!
+//! Each process points `TANDEM_TLS_DIR` at its folder (`ca.pem`, `cert.pem`, `key.pem`); the CA's
+//! key never leaves the CA's folder, and nothing already written is replaced.
 
 use crate::ExitCode;
 use std::path::PathBuf;

@@ -6,6 +6,12 @@
 //! Why three ways: users meet both shapes of distributed training (parameter servers and
 //! allreduce); running all three on the same model and data shows they learn alike, and the report
 //! compares their time and the bytes each moved.
+//!
+//! Each job's report gives its final loss and test accuracy, how long it took and the bytes it
+//! moved; the three use the same model, data and seed, so the accuracies should agree and the times
+//! say what each shape costs on this machine. `--mode` runs one of them; `--steps`, `--lr`,
+//! `--batch` and `--workers` change the training; `--report` prints one line for `tandem tune` to
+//! read.
 
 use crate::ExitCode;
 use std::sync::{Arc, Mutex};

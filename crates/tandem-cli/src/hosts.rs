@@ -6,6 +6,10 @@
 //! Why simulate: what only breaks across machines (addresses, bandwidth, a cut link) should be
 //! seen before renting machines; namespaces give each host its own network stack and the shaped
 //! links a real rate.
+//!
+//! `--link RATE` (`1gbit`, `10gbit`, ...) shapes every host's link with a token bucket; the bench
+//! then prints the link's bound next to its result, so a figure reads as a share of what the wire
+//! allows. Ctrl-C or SIGTERM stops the jobs and removes the hosts on the way out.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Stdio};

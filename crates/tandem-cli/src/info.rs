@@ -5,6 +5,26 @@
 //! convention found, rank, world size, role, rendezvous) or prints the configuration error naming
 //! the variable. `tandem rendezvous` runs a standalone rendezvous for launchers that host it
 //! outside rank 0 (`TANDEM_RENDEZVOUS_EXTERNAL=1`).
+//!
+//! What it prints for rank 1 of a job of 4 started with Tandem's own variables
+//! (`TANDEM_RANK=1 TANDEM_WORLD_SIZE=4 TANDEM_RENDEZVOUS_ADDR=10.0.0.1:29500`):
+//!
+//! ```text
+//! source:           tandem
+//! role:             worker 0
+//! rank:             1 of 4
+//! local rank:       0 of 1
+//! replicas:         chief=1 worker=3
+//! rendezvous:       10.0.0.1:29500
+//! ```
+//!
+//! and for `TANDEM_RANK=5 TANDEM_WORLD_SIZE=4`, the error every process of that job would stop with:
+//!
+//! ```text
+//! tandem: configuration error in TANDEM_RANK: rank 5 is not below the world size 4
+//! ```
+//!
+//! `--json` prints the spec as JSON (what `tandem._native.cluster_spec` returns to Python).
 
 use crate::ExitCode;
 

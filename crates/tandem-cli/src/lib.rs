@@ -7,6 +7,19 @@
 //! // An unknown subcommand: clap's usage error, exit status 2.
 //! assert_eq!(tandem_cli::run(["tandem", "no-such-command"]), 2);
 //! ```
+//!
+//! # Layout
+//! One module per subcommand (`demo`, `bench` with `bench_ps`, `bench_size` and `bench_cost`,
+//! `launch`, `ps`, `certs`, `info`, `topo`, `trace`, `tune`), and what several of them share:
+//! `local_job` (jobs of ranks on this machine), `hosts` (the same on simulated hosts), `plot` (PNG
+//! charts) and `memory` (peak RSS).
+//!
+//! # Exit status
+//! 0 when the command did what it was asked; 1, with `tandem: error: ...` on standard error, when it
+//! could not (the message names the flag, variable or file at fault); 2 for a command line clap
+//! refuses; for `tandem launch`, the job's own status (128 + the signal when a process was killed).
+//! The hidden subcommands (`bench-rank`, `bench-ps-worker`, `demo-worker`) are the processes the
+//! benches and the demo start; users do not call them.
 
 mod bench;
 mod bench_cost;

@@ -4,6 +4,9 @@
 //! Why one runner: the demo and the benches start their ranks the way users' jobs start (the
 //! launcher, a rendezvous, separate processes, certificates), so what they show and measure is what
 //! a job gets.
+//!
+//! `parse_size` reads the size flags of every bench (`4096`, `4K`, `64M`, `1G`: powers of 1024),
+//! `parse_scaled` the counts (`100K`, `10M`: powers of 1000), each naming its flag when it cannot.
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -1,5 +1,8 @@
 //! Peak resident memory of processes (Linux `VmHWM`), reported next to every benchmark's
 //! throughput.
+//!
+//! Why peak and not current: a benchmark's memory question is how much a machine must have, which
+//! is the high-water mark; Linux keeps it per process, so reading it costs one file read at the end.
 
 /// Peak resident set size of this process in bytes, or 0 where unknown.
 pub fn peak_rss() -> u64 {

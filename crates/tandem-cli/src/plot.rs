@@ -4,6 +4,10 @@
 //! Drawn by hand on an RGB canvas with the 8×8 bitmap font of the `font8x8` crate (capitals,
 //! small letters and punctuation as written, drawn at twice their size) and encoded with the
 //! `png` crate, so the command needs no font files or plotting stack.
+//!
+//! Colours: blue points for trials that finished, orange for those stopped early, red crosses
+//! for failed ones, a green line for the best so far; the bandwidth chart draws one line of busbw
+//! against size on a logarithmic x axis.
 
 use std::io::BufWriter;
 

@@ -8,6 +8,10 @@
 //! `--worker-lease` bound how long silent workers are waited for. It prints a summary line naming
 //! the slowest worker every `--log-every` seconds, serves metrics with `--metrics-addr`, and exits
 //! once every worker said done unless `--keep-running`.
+//!
+//! Checkpoints: `--checkpoint-every N` writes one every N versions (and a last one when silent
+//! workers stop the server); a server restarted with the same folder resumes from its file, and
+//! workers waiting on it notice the restart by the server's new incarnation.
 
 use crate::ExitCode;
 use std::path::PathBuf;

@@ -4,6 +4,25 @@
 //! of GPUs the choice of GPUs for a smaller job matters. This prints the matrix (`nvidia-smi topo
 //! -m`, or a recorded one with `--from-file` where the tool is missing), the GPUs a job of N would
 //! get, their ring order and its bottleneck: what `tandem launch --gpus auto` would choose.
+//!
+//! For a recorded matrix of four GPUs joined in NVLink pairs (`tandem topo --from-file
+//! crates/tandem-topology/fixtures/pairs4.txt --gpus 3`):
+//!
+//! ```text
+//!         GPU0  GPU1  GPU2  GPU3  NUMA
+//! GPU0       X   PHB   NV4   PHB     0
+//! GPU1     PHB     X   PHB   NV4     0
+//! GPU2     NV4   PHB     X   PHB     0
+//! GPU3     PHB   NV4   PHB     X     0
+//!
+//! for 3 GPU(s): GPU0, GPU1, GPU2
+//! ring: GPU0 =PHB=> GPU1 =PHB=> GPU2 =NV4=> GPU0
+//! bottleneck: GPU0 -> GPU1 over PHB (about 18 GB/s each way)
+//! ```
+//!
+//! Three GPUs cannot avoid a PCIe hop on this machine; with `--gpus 2` the answer is one NVLink
+//! pair, at NVLink's speed. The last line says how to launch with that choice: local rank r gets
+//! the r-th GPU of the list as its `CUDA_VISIBLE_DEVICES`.
 
 use crate::ExitCode;
 use std::path::PathBuf;

@@ -4,6 +4,13 @@
 //! Why merge: a hang leaves every process with a flight-recorder dump (and, with a timeline,
 //! its operations over time), but the culprit shows only side by side: the rank whose last
 //! collective differs, who waited for whom, who arrived late, which calls did not match.
+//!
+//! Where the files come from: every process dumps its flight recorder on a timeout, an abort, an
+//! error and `SIGUSR1` (`TANDEM_TRACE_DIR`, by default `trace/` in the launch's log folder), and
+//! writes a timeline with `TANDEM_TIMELINE=DIR`. `tandem trace DIR` reads every file of the folder,
+//! writes the merged Chrome trace (`DIR/merged-trace.json` unless `--out` says; open it in
+//! Perfetto or `chrome://tracing`), and prints the diagnosis: each rank's last collective, who
+//! waited for whom and the verdict, the late-arrival table, and any calls the ranks disagree on.
 
 use crate::ExitCode;
 use std::path::PathBuf;

@@ -5,6 +5,11 @@
 //! Why a live table: an experiment runs for minutes to hours; the table shows every trial's
 //! parameters, status and objective as they change, and the record on disk is what a resumed run
 //! reads.
+//!
+//! Interrupting it (Ctrl-C) stops every trial and records the experiment as interrupted; the same
+//! command resumes it, rerunning only the trials that had not finished. The plots are PNG files
+//! beside `experiment.json`: `objective.png` (each trial's objective, the best so far as a line,
+//! failed trials as red crosses) and one `param-NAME.png` per parameter.
 
 use crate::ExitCode;
 use std::io::{IsTerminal, Write};

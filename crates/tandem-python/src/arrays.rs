@@ -4,6 +4,10 @@
 //! Why refuse rather than copy: a collective that silently copied a strided or read-only array
 //! would leave the caller's array unchanged while appearing to succeed; an error naming the array
 //! and what is wrong with it is better than silently wrong numbers.
+//!
+//! The dtypes accepted are the ones Tandem reduces: float32, float64, float16, bfloat16 (numpy
+//! has no bfloat16 of its own; `ml_dtypes` provides it, and torch's is viewed through it), int32,
+//! int64 and uint8.
 
 use numpy::{PyArrayDyn, PyArrayMethods, PyUntypedArray, PyUntypedArrayMethods};
 use pyo3::exceptions::{PyTypeError, PyValueError};

@@ -1,6 +1,11 @@
 //! A Python object as the board a group's rank 0 publishes its rendezvous on: the Store torch hands
 //! a `torch.distributed` backend (`tandem.torch` wraps it), so a backend group forms through
 //! torch's own store with no second port and no extra variable.
+//!
+//! Why a board and not a port: under torchrun the agreed address (`MASTER_ADDR:MASTER_PORT`) is
+//! torch's own store; a second service on that port would collide. The store is a key-value board
+//! every rank can read; rank 0 publishes its rendezvous's address there (and on one machine the job
+//! token it made), and the others look it up, each call bounded by the group's connect deadline.
 
 use std::time::Duration;
 

@@ -4,6 +4,9 @@
 //! Why split between Rust and Python: membership, epochs and re-forming the group are the same for
 //! every binding and live in tandem-elastic; what the user's state is (arrays, a torch model) is
 //! Python's to know, so the Python side commits and restores it.
+//!
+//! Each method runs with the GIL released: a membership round can wait for members for as long as
+//! `TANDEM_ELASTIC_WAIT`, and other Python threads (a data loader) keep running meanwhile.
 
 use std::sync::Mutex;
 

@@ -5,6 +5,16 @@
 //! supported dtype first), with the GIL released while the bytes move, and Ctrl-C still honoured
 //! (`blocking.rs`). Async calls cannot borrow the array past the call, so they stage one copy and
 //! copy back on `wait()`.
+//!
+//! The operations: allreduce, broadcast, reduce, allgather, barrier, send and receive, each with
+//! an optional per-call deadline (the rest of torch's and Horovod's set is built on these in
+//! `python/tandem`); the `_async` forms return a `Work` whose `wait()` copies the result back
+//! into the caller's array; `abort` fails every rank's current and later operations, naming this
+//! rank and the reason.
+//!
+//! Two ways to form a group: `from_env` joins the job the environment describes (every launcher
+//! convention the cluster spec reads), `from_board` forms one through a Python store (torch's, for
+//! the `tandem` torch.distributed backend), rank 0 publishing its rendezvous there.
 
 use std::time::Duration;
 

@@ -3,6 +3,10 @@
 //! Why from Python: a user debugging a slow or stuck job works in Python; the metrics, a dump on
 //! demand and spans of their own code on the same timeline as Tandem's operations are what they
 //! need, without a second tool.
+//!
+//! `metrics_text` is the same text the metrics endpoint serves (`tandem.metrics()` parses it with
+//! `prometheus_client`); `timeline_span` writes a span the Python side timed itself, on the calling
+//! thread's track.
 
 use pyo3::prelude::*;
 

@@ -4,6 +4,9 @@
 //! turns numpy arrays into the slices it pushes (no copy) and pulled parameters into arrays, runs
 //! every call with the GIL released on the process's runtime (Ctrl-C cancels it), and maps errors
 //! to `tandem.errors` classes.
+//!
+//! `serve_ps` runs a server in the calling process until every worker said done (or Ctrl-C), with
+//! the checkpoint, worker-timeout, lease and standby settings of `tandem ps`.
 
 use std::path::PathBuf;
 use std::time::Duration;
