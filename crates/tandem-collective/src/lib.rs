@@ -37,6 +37,7 @@
 
 pub mod algorithm;
 pub mod backend;
+pub mod compression;
 pub mod device;
 mod group;
 pub mod messages;

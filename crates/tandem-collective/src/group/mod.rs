@@ -8,6 +8,7 @@
 //! This file holds the group itself and the operations: argument checks here, the bytes moved by
 //! the backend.
 
+mod compressed;
 mod config;
 mod control;
 mod form;

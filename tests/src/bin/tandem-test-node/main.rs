@@ -7,6 +7,9 @@
 //! - `suite`: forms a process group and runs every case of `tandem_tests::suite`, printing
 //!   `CASE id [values]` for each.
 //! - `async`: eight async allreduces in flight, then `CASE id [values]` for each.
+//! - `compressed LEN COLS`: gradient allreduces of LEN f32 (a COLS-wide matrix for PowerSGD)
+//!   under each compression, printing `COMPRESSED name step [values]`, then the refusals
+//!   (`REFUSED what message`).
 //! - `loop`: allreduces until something fails, printing `ITER i` after each.
 //! - `mismatch --odd R`: rank R calls broadcast(f32 x 10, root 0) while the others call
 //!   allreduce(f32 x 12, sum).
@@ -38,6 +41,7 @@ fn main() {
         Some("suite") => collective(run_suite),
         Some("async") => collective(run_async),
         Some("big") => collective(|pg| run_big(pg, &args[1..])),
+        Some("compressed") => collective(|pg| run_compressed(pg, &args[1..])),
         Some("loop") => collective(|pg| run_loop(pg, &args[1..])),
         Some("straggle") => collective(|pg| run_straggle(pg, &args[1..])),
         Some("mismatch") => collective(|pg| run_mismatch(pg, &args[1..])),
@@ -180,6 +184,53 @@ fn run_suite(pg: &ProcessGroup) -> Result<()> {
 /// Allreduces `[len]` f32 (sum) and f64 (average) values large enough to be cut into pieces and
 /// checks every element against sums computed here from every rank's inputs; prints
 /// `BIG <f32 mismatches> <f64 mismatches>`.
+/// The gradient of rank `r` at element `i` in the compression tests (also computed by the test).
+fn compressed_value(r: usize, i: usize) -> f32 {
+    (((i * 37 + r * 101) % 997) as f32 / 997.0 - 0.5) * (1.0 + (i % 7) as f32)
+}
+
+fn run_compressed(pg: &ProcessGroup, args: &[String]) -> Result<()> {
+    use tandem::collective::compression::{Compression, Compressor};
+    let num = |i: usize, what: &str| -> Result<usize> {
+        args.get(i)
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| Error::invalid(what, "compressed LEN COLS"))
+    };
+    let (len, cols) = (num(0, "len")?, num(1, "cols")?);
+    let rank = pg.rank();
+    let grad = || -> Vec<f32> { (0..len).map(|i| compressed_value(rank, i)).collect() };
+    let settings = [
+        ("fp16", ReduceOp::Sum, 1),
+        ("bf16", ReduceOp::Sum, 1),
+        ("bf16", ReduceOp::Avg, 1),
+        ("topk:0.25", ReduceOp::Sum, 2),
+        ("powersgd:2", ReduceOp::Avg, 2),
+        (&*format!("powersgd:{cols}"), ReduceOp::Sum, 1),
+    ];
+    for (name, op, steps) in settings {
+        let mut c = Compressor::new(name.parse::<Compression>()?).with_columns(cols);
+        for step in 0..steps {
+            let mut g = grad();
+            pg.allreduce_compressed(&mut g, op, &mut c)?;
+            println!(
+                "COMPRESSED {name}/{op:?} {step} {}",
+                serde_json::to_string(&g).unwrap_or_default()
+            );
+        }
+    }
+    // Refusals, before anything is sent: an operator top-k cannot compute, a compressor reused
+    // for a tensor of another length.
+    let mut c = Compressor::new("topk:0.5".parse::<Compression>()?);
+    if let Err(e) = pg.allreduce_compressed(&mut grad(), ReduceOp::Max, &mut c) {
+        println!("REFUSED max {e}");
+    }
+    pg.allreduce_compressed(&mut grad(), ReduceOp::Sum, &mut c)?;
+    if let Err(e) = pg.allreduce_compressed(&mut vec![1.0; len + 1], ReduceOp::Sum, &mut c) {
+        println!("REFUSED length {e}");
+    }
+    Ok(())
+}
+
 fn run_big(pg: &ProcessGroup, args: &[String]) -> Result<()> {
     let len: usize = args
         .first()

@@ -1,0 +1,175 @@
+//! Gradient allreduces with fewer bytes on the wire ([`crate::compression`]): the group's side,
+//! which moves what a [`Compressor`] makes of a gradient and turns it back into the result,
+//! identical on every rank.
+
+use super::*;
+use crate::compression::{
+    Compression, Compressor, narrow, orthonormalise, scatter_sum, top_k, warm_start, widen,
+};
+
+impl ProcessGroup {
+    /// Allreduces `buf` (an `f32` gradient) as `c` compresses it: `fp16`/`bf16` on the wire with
+    /// sums in `f32`; top-k and PowerSGD with error feedback kept in `c` (only `SUM` and `AVG`).
+    /// Every rank must pass a compressor of the same setting for a buffer of the same length.
+    ///
+    /// ```
+    /// use tandem_collective::compression::{Compression, Compressor};
+    /// use tandem_collective::{GroupConfig, ProcessGroup};
+    /// use tandem_core::{ClusterSpec, ReduceOp};
+    /// // A group of one (no launcher variables set).
+    /// let pg = ProcessGroup::init(&ClusterSpec::from_vars(&[("UNSET", "")])?, None, GroupConfig::default())?;
+    /// let mut c = Compressor::new(Compression::Bf16);
+    /// let mut g = vec![1.0f32, 2.5, -3.0];
+    /// pg.allreduce_compressed(&mut g, ReduceOp::Sum, &mut c)?;
+    /// assert_eq!(g, [1.0, 2.5, -3.0]); // a group of one: values bf16 holds exactly
+    /// # Ok::<(), tandem_core::Error>(())
+    /// ```
+    pub fn allreduce_compressed(
+        &self,
+        buf: &mut [f32],
+        op: ReduceOp,
+        c: &mut Compressor,
+    ) -> Result<()> {
+        match c.compression {
+            Compression::None => self.allreduce(buf, op),
+            Compression::Fp16 => self.allreduce_half(buf, op, DType::F16, c),
+            Compression::Bf16 => self.allreduce_half(buf, op, DType::BF16, c),
+            Compression::TopK { fraction } => {
+                sum_or_avg(op, "topk")?;
+                self.allreduce_top_k(buf, op, fraction, c)
+            }
+            Compression::PowerSgd { rank } => {
+                sum_or_avg(op, "powersgd")?;
+                self.allreduce_power_sgd(buf, op, rank, c)
+            }
+        }
+    }
+
+    /// Rounded once to `dtype`, allreduced as such (the ring widens, sums in `f32` and rounds
+    /// once per hop), widened back.
+    fn allreduce_half(
+        &self,
+        buf: &mut [f32],
+        op: ReduceOp,
+        dtype: DType,
+        c: &mut Compressor,
+    ) -> Result<()> {
+        c.wire.resize(buf.len() * dtype.size(), 0);
+        narrow(buf, dtype, &mut c.wire)?;
+        self.allreduce_bytes(&mut c.wire, dtype, op)?;
+        widen(&c.wire, dtype, buf)
+    }
+
+    /// Each rank's largest `fraction` of (gradient + residual), gathered by all and summed in
+    /// rank order; the rest stays in the residual.
+    fn allreduce_top_k(
+        &self,
+        buf: &mut [f32],
+        op: ReduceOp,
+        fraction: f64,
+        c: &mut Compressor,
+    ) -> Result<()> {
+        let n = buf.len();
+        check_residual(c, n)?;
+        for (g, r) in buf.iter_mut().zip(&c.residual) {
+            *g += r;
+        }
+        let k = ((n as f64 * fraction).ceil() as usize)
+            .clamp(1, n.max(1))
+            .min(n);
+        let idx = top_k(buf, k);
+        c.residual.copy_from_slice(buf);
+        let mut sent = Vec::with_capacity(2 * k);
+        for &i in &idx {
+            sent.push(f32::from_bits(i));
+            sent.push(buf[i as usize]);
+            c.residual[i as usize] = 0.0;
+        }
+        let world = self.world_size();
+        let mut all = vec![0f32; sent.len() * world];
+        self.allgather(&sent, &mut all)?;
+        let pairs: Vec<(u32, f32)> = all
+            .chunks_exact(2)
+            .map(|p| (p[0].to_bits(), p[1]))
+            .collect();
+        scatter_sum(&pairs, buf, op, world)
+    }
+
+    /// PowerSGD: `P = M Q` allreduced and orthonormalised, `Q = Mᵀ P` allreduced, the result
+    /// `P Qᵀ` (averaged over the ranks, or their sum); the error stays in the residual and `Q`
+    /// starts the next step.
+    fn allreduce_power_sgd(
+        &self,
+        buf: &mut [f32],
+        op: ReduceOp,
+        rank: usize,
+        c: &mut Compressor,
+    ) -> Result<()> {
+        let n = buf.len();
+        check_residual(c, n)?;
+        let (rows, cols) = c.shape(n);
+        let rank = rank.min(rows).min(cols).max(1);
+        if c.q.len() != cols * rank {
+            c.q = warm_start(cols * rank);
+        }
+        // M = gradient + residual, zero-padded to rows × cols.
+        let mut m = vec![0f32; rows * cols];
+        for (i, (g, r)) in buf.iter().zip(&c.residual).enumerate() {
+            m[i] = g + r;
+        }
+        let mut p = vec![0f32; rows * rank];
+        for r in 0..rows {
+            for k in 0..rank {
+                p[r * rank + k] = (0..cols).map(|j| m[r * cols + j] * c.q[j * rank + k]).sum();
+            }
+        }
+        self.allreduce(&mut p, ReduceOp::Sum)?;
+        orthonormalise(&mut p, rows, rank);
+        let mut q = vec![0f32; cols * rank];
+        for j in 0..cols {
+            for k in 0..rank {
+                q[j * rank + k] = (0..rows).map(|r| m[r * cols + j] * p[r * rank + k]).sum();
+            }
+        }
+        self.allreduce(&mut q, ReduceOp::Sum)?;
+        let world = self.world_size() as f32;
+        for (i, out) in buf.iter_mut().enumerate() {
+            let (r, j) = (i / cols, i % cols);
+            let approx: f32 = (0..rank).map(|k| p[r * rank + k] * q[j * rank + k]).sum();
+            let mean = approx / world;
+            c.residual[i] = m[i] - mean;
+            *out = if op == ReduceOp::Avg { mean } else { approx };
+        }
+        c.q = q;
+        Ok(())
+    }
+}
+
+/// Top-k and PowerSGD add gradients: other operators are refused, naming the compression.
+fn sum_or_avg(op: ReduceOp, what: &str) -> Result<()> {
+    match op {
+        ReduceOp::Sum | ReduceOp::Avg => Ok(()),
+        other => Err(Error::invalid(
+            "op",
+            format!("{what} compression sums gradients; {other:?} cannot be computed from it"),
+        )),
+    }
+}
+
+/// Makes the residual as long as the gradient on first use; a later gradient of another length
+/// is refused (the compressor belongs to one tensor).
+fn check_residual(c: &mut Compressor, n: usize) -> Result<()> {
+    if c.residual.is_empty() {
+        c.residual = vec![0.0; n];
+    }
+    if c.residual.len() != n {
+        return Err(Error::invalid(
+            "buffer",
+            format!(
+                "this compressor holds the residual of a tensor of {} elements, not {n}: keep one compressor per tensor",
+                c.residual.len()
+            ),
+        ));
+    }
+    Ok(())
+}
