@@ -45,9 +45,10 @@ use clap::Args;
 use tandem::{DType, Error, ProcessGroup, ReduceOp, Result};
 
 pub use crate::bench_size::Collective;
-use crate::bench_size::{run_size, run_size_device};
+use crate::bench_size::{run_size, run_size_compressed, run_size_device};
 use crate::local_job::{parse_size, run_local};
 use crate::memory::peak_rss;
+use tandem::collective::compression::Compression;
 
 /// Arguments of `tandem bench <collective>`.
 #[derive(Args, Debug, Clone)]
@@ -67,6 +68,12 @@ pub struct BenchArgs {
     /// Element type.
     #[arg(long, default_value = "f32")]
     dtype: String,
+    /// Compress the allreduce's gradient on the wire: none, fp16, bf16, topk:FRACTION or
+    /// powersgd:RANK (f32 allreduces only; `#wrong` then counts elements off the exact sum for the
+    /// half types, and elements that are not finite for top-k and PowerSGD, which change values by
+    /// design).
+    #[arg(long, default_value = "none")]
+    pub(crate) compression: String,
     /// Timed iterations per size (default: fewer for large sizes).
     #[arg(long)]
     pub(crate) iters: Option<usize>,
@@ -261,6 +268,12 @@ fn tuning_env(args: &BenchArgs) -> Result<Vec<(String, String)>> {
 /// The flags of a collective bench checked together; the simulated hosts they ask for.
 fn check_job(collective: Collective, args: &BenchArgs) -> Result<Option<crate::hosts::Hosts>> {
     check_args(args)?;
+    if args.compression.parse::<Compression>()?.is_lossy() && collective != Collective::Allreduce {
+        return Err(Error::invalid(
+            "--compression",
+            "compresses allreduces (tandem bench allreduce --compression NAME)",
+        ));
+    }
     if args.elastic_cost && collective != Collective::Allreduce {
         return Err(Error::invalid(
             "--elastic-cost",
@@ -298,6 +311,13 @@ fn check_args(args: &BenchArgs) -> Result<()> {
     }
     args.op.parse::<ReduceOp>()?;
     args.dtype.parse::<DType>()?;
+    let compression: Compression = args.compression.parse()?;
+    if compression.is_lossy() && (args.dtype != "f32" || args.backend != "tcp") {
+        return Err(Error::invalid(
+            "--compression",
+            "compresses f32 gradients on the TCP ring: use --dtype f32 and --backend tcp",
+        ));
+    }
     if args.elastic_cost && (args.hosts.is_some() || args.backend != "tcp") {
         return Err(Error::invalid(
             "--elastic-cost",
@@ -351,6 +371,8 @@ fn rank_args(
         args.op.clone(),
         "--dtype".into(),
         args.dtype.clone(),
+        "--compression".into(),
+        args.compression.clone(),
         "--warmup".into(),
         args.warmup.to_string(),
     ]);
@@ -519,6 +541,10 @@ pub fn bench_rank(args: BenchRankArgs) -> Result<ExitCode> {
         pg.shutdown()?;
         return Ok(ExitCode::SUCCESS);
     }
+    let compression: Compression = a.compression.parse()?;
+    if rank == 0 && compression.is_lossy() {
+        println!("# compression: {compression}");
+    }
     if rank == 0 {
         let backend = gpu.as_ref().map_or(pg.backend_name(), |g| g.backend_name());
         print_header(collective, &a, n, backend, op, dtype, csv.as_mut());
@@ -529,6 +555,9 @@ pub fn bench_rank(args: BenchRankArgs) -> Result<ExitCode> {
         let bytes = (size / dtype.size()) * dtype.size();
         let (wrong_count, elapsed, iters) = match &gpu {
             Some(g) => run_size_device(g, collective, op, bytes, a.iters, a.warmup)?,
+            None if compression.is_lossy() => {
+                run_size_compressed(&pg, compression, op, bytes, a.iters, a.warmup)?
+            }
             None => run_size(&pg, collective, dtype, op, bytes, a.iters, a.warmup)?,
         };
         // The slowest rank's time is the operation's time; the wrong counts add up.

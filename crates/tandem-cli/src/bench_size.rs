@@ -240,3 +240,44 @@ pub(crate) fn run_size(
     }
     Ok((wrong_count, start.elapsed(), iters))
 }
+
+/// [`run_size`] for a compressed f32 allreduce (one [`Compressor`] across the iterations, as a
+/// training loop keeps one per tensor). The check: with the half types, rank r contributes r + 1
+/// (exact in 16 bits), so every element must be the exact sum; top-k and PowerSGD change values by
+/// design, so only elements that are not finite count as wrong.
+pub(crate) fn run_size_compressed(
+    pg: &ProcessGroup,
+    compression: tandem::collective::compression::Compression,
+    op: ReduceOp,
+    bytes: usize,
+    iters: Option<usize>,
+    warmup: usize,
+) -> Result<(usize, Duration, usize)> {
+    use tandem::collective::compression::{Compression, Compressor};
+    let (rank, n) = (pg.rank(), pg.world_size());
+    let iters = iterations(bytes, iters);
+    let mut c = Compressor::new(compression);
+    let mut buf = vec![(rank + 1) as f32; bytes / 4];
+    let check_op = if op == ReduceOp::Avg {
+        ReduceOp::Sum
+    } else {
+        op
+    };
+    pg.allreduce_compressed(&mut buf, check_op, &mut c)?;
+    let wrong_count = match compression {
+        Compression::Fp16 | Compression::Bf16 if check_op == ReduceOp::Sum => {
+            let want = (n * (n + 1) / 2) as f32;
+            buf.iter().filter(|v| **v != want).count()
+        }
+        _ => buf.iter().filter(|v| !v.is_finite()).count(),
+    };
+    for _ in 0..warmup {
+        pg.allreduce_compressed(&mut buf, op, &mut c)?;
+    }
+    pg.barrier()?;
+    let start = Instant::now();
+    for _ in 0..iters {
+        pg.allreduce_compressed(&mut buf, op, &mut c)?;
+    }
+    Ok((wrong_count, start.elapsed(), iters))
+}

@@ -209,6 +209,77 @@ fn bench_streams_per_peer_runs_at_the_bounds_and_refuses_beyond() {
     }
 }
 
+/// `tandem bench allreduce --compression NAME` runs every compression with the table's check (the
+/// half types exact on small integers, the others finite), says which it used, and refuses a
+/// bad name, another collective, or another dtype before any rank starts.
+#[test]
+fn bench_compression_runs_each_kind_and_refuses_what_it_cannot_compress() {
+    for name in ["fp16", "bf16", "topk:0.01", "powersgd:2"] {
+        let out = tandem(
+            &[
+                "bench",
+                "allreduce",
+                "--np",
+                "2",
+                "--min",
+                "64K",
+                "--max",
+                "64K",
+                "--iters",
+                "2",
+                "--warmup",
+                "1",
+                "--compression",
+                name,
+            ],
+            &[],
+        );
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{name}: {text}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(text.contains(&format!("# compression: {name}")), "{text}");
+        let row: Vec<&str> = text
+            .lines()
+            .find(|l| l.trim_start().starts_with("65536"))
+            .map(|l| l.split_whitespace().collect())
+            .unwrap_or_default();
+        assert_eq!(row.get(7), Some(&"0"), "{name}: no wrong elements: {text}");
+    }
+    for (args, says) in [
+        (
+            vec!["bench", "allreduce", "--compression", "topk:3"],
+            "at most 1",
+        ),
+        (
+            vec!["bench", "allreduce", "--compression", "zip"],
+            "is not one of",
+        ),
+        (
+            vec!["bench", "broadcast", "--compression", "bf16"],
+            "compresses allreduces",
+        ),
+        (
+            vec![
+                "bench",
+                "allreduce",
+                "--compression",
+                "bf16",
+                "--dtype",
+                "f64",
+            ],
+            "--dtype f32",
+        ),
+    ] {
+        let out = tandem(&args, &[]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        assert!(err.contains(says), "{args:?}: {err}");
+    }
+}
+
 /// `tandem bench --tcp-congestion NAME` says which congestion control the ranks use and runs them
 /// with it; the variable works the same; a name the kernel lacks, or one that cannot be a name,
 /// stops the bench naming the flag or the variable before any rank starts.

@@ -364,6 +364,8 @@ settings! {
         "connections per pair of ranks, the same on every rank: allreduces and broadcasts of at least 1 MiB are cut into that many parts, each around its own ring of connections driven by its own thread";
     TCP_CONGESTION = "TANDEM_TCP_CONGESTION", Kind::Text, "cubic where the kernel allows it", Collectives,
         "TCP congestion control of the ring's connections: `system` (the machine's), or a name such as `bbr` or `reno` (a refused name stops the rank before it joins)";
+    COMPRESSION = "TANDEM_COMPRESSION", Kind::Text, "none", Collectives,
+        "how gradient allreduces compress what they send: `none`, `fp16`, `bf16`, `topk:FRACTION` (with error feedback) or `powersgd:RANK` (see `tandem_collective::compression`); the group's default for its compressors";
     FUSION_BYTES = "TANDEM_FUSION_BYTES", Kind::Integer { min: 1, max: 1 << 40 }, "67108864", Collectives,
         "size of one fusion bucket of `tandem.torch.DistributedOptimizer`";
     ELASTIC = "TANDEM_ELASTIC", Kind::Bounds, "1:1024", Elastic,

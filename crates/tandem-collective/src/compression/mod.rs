@@ -94,11 +94,15 @@ impl fmt::Display for Compression {
     }
 }
 
-impl FromStr for Compression {
-    type Err = Error;
+/// A compression setting that cannot be read: what is wrong with it.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{0}")]
+pub struct BadCompression(String);
 
-    fn from_str(s: &str) -> Result<Compression> {
-        let bad = |why: String| Error::invalid("compression", why);
+impl Compression {
+    /// Reads a setting (`bf16`, `topk:0.01`, ...), saying what is wrong with a bad one.
+    pub fn parse(s: &str) -> std::result::Result<Compression, BadCompression> {
+        let bad = |why: String| BadCompression(why);
         let s = s.trim().to_ascii_lowercase();
         let (name, arg) = match s.split_once(':') {
             Some((n, a)) => (n, Some(a)),
@@ -127,6 +131,14 @@ impl FromStr for Compression {
             },
             _ => Err(bad(format!("{s:?} is not one of {}", Compression::FORMS))),
         }
+    }
+}
+
+impl FromStr for Compression {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Compression> {
+        Compression::parse(s).map_err(|e| Error::invalid("compression", e.to_string()))
     }
 }
 

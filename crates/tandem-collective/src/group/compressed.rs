@@ -8,6 +8,17 @@ use crate::compression::{
 };
 
 impl ProcessGroup {
+    /// The group's default compression of gradient allreduces (`GroupConfig::compression`,
+    /// `TANDEM_COMPRESSION`).
+    pub fn compression(&self) -> Compression {
+        self.shared.compression
+    }
+
+    /// A compressor for one gradient tensor, with the group's default compression.
+    pub fn compressor(&self) -> Compressor {
+        Compressor::new(self.shared.compression)
+    }
+
     /// Allreduces `buf` (an `f32` gradient) as `c` compresses it: `fp16`/`bf16` on the wire with
     /// sums in `f32`; top-k and PowerSGD with error feedback kept in `c` (only `SUM` and `AVG`).
     /// Every rank must pass a compressor of the same setting for a buffer of the same length.

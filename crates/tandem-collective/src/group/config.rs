@@ -51,6 +51,9 @@ pub struct GroupConfig {
     /// (`tandem_tls::Security::from_env`: mutual TLS with the job's certificates, plaintext on
     /// loopback only unless `TANDEM_INSECURE=1`).
     pub security: Option<tandem_tls::Security>,
+    /// How gradient allreduces through compressors made for this group compress what they send
+    /// (`TANDEM_COMPRESSION`; default none): see [`crate::compression`].
+    pub compression: crate::compression::Compression,
     /// Where rank 0 publishes the rendezvous it hosts when another program owns the agreed port
     /// (the Store torch hands a `torch.distributed` backend); `None`: torchrun's agent store when
     /// torchrun started this process, else the rendezvous address of the cluster spec.
@@ -83,6 +86,7 @@ impl Default for GroupConfig {
             advertise_host: None,
             security: None,
             board: None,
+            compression: crate::compression::Compression::None,
         }
     }
 }
@@ -120,6 +124,10 @@ impl GroupConfig {
             c.tcp_congestion = v.parse()?;
         }
         c.advertise_host = s::ADVERTISE_HOST.text(vars)?;
+        if let Some(v) = s::COMPRESSION.text(vars)? {
+            c.compression = crate::compression::Compression::parse(&v)
+                .map_err(|e| Error::config(s::COMPRESSION.name, e.to_string()))?;
+        }
         Ok(c)
     }
 }
@@ -152,6 +160,18 @@ mod config_tests {
             ok("TANDEM_TIMEOUT", "0.5").timeout,
             Duration::from_millis(500)
         );
+        use crate::compression::Compression;
+        assert_eq!(
+            ok("TANDEM_COMPRESSION", "bf16").compression,
+            Compression::Bf16
+        );
+        assert_eq!(
+            ok("TANDEM_COMPRESSION", "topk:1").compression,
+            Compression::TopK { fraction: 1.0 }
+        );
+        assert_eq!(GroupConfig::default().compression, Compression::None);
+        bad("TANDEM_COMPRESSION", "topk:0");
+        bad("TANDEM_COMPRESSION", "gzip");
         assert_eq!(
             ok("TANDEM_CONNECT_TIMEOUT", "7").connect_timeout,
             Duration::from_secs(7)

@@ -198,6 +198,7 @@ impl ProcessGroup {
     fn alone(rank: usize, config: &GroupConfig) -> ProcessGroup {
         let shared = Shared {
             name: config.name.clone(),
+            compression: config.compression,
             kind: config.backend,
             rank,
             world: 1,
@@ -298,6 +299,7 @@ impl Formation<'_> {
         tracing::info!(rank, world, group = %config.name, "process group ready (tcp ring, {copies})");
         let shared = Shared {
             name: config.name.clone(),
+            compression: config.compression,
             kind: config.backend,
             rank,
             world,

@@ -46,6 +46,8 @@ use crate::transport::peer_memory::{LocalWord, PeerMemory};
 struct Shared {
     /// The group's name.
     name: String,
+    /// Its default compression of gradient allreduces.
+    compression: crate::compression::Compression,
     /// Which backend it asked for.
     kind: BackendKind,
     /// This rank.
