@@ -16,7 +16,7 @@ Start a local job with ``python -m tandem.launch --nproc 4 train.py`` or, from a
 from __future__ import annotations
 
 import json
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Union
 
 import numpy as np
 
@@ -48,7 +48,7 @@ __version__: str = _native.__version__
 __all__ = [
     "Group", "Work", "init", "shutdown", "is_initialized", "group", "rank", "world_size", "local_rank",
     "allreduce", "broadcast", "reduce", "allgather", "reduce_scatter", "barrier", "send", "recv",
-    "allreduce_async", "broadcast_async", "allgather_async", "barrier_async", "cluster_spec",
+    "allreduce_async", "broadcast_async", "allgather_async", "barrier_async", "cluster_spec", "Compressor",
     "broadcast_parameters", "allreduce_fused", "DistributedOptimizer", "run",
     "metrics", "metrics_text", "span", "dump_flight_recorder",
     "TandemError", "ConfigurationError", "TimeoutError", "PeerLostError", "MismatchError", "ShapeError",
@@ -58,6 +58,9 @@ __all__ = [
 ]
 
 Work = _native.Work
+#: The compression state of one gradient tensor: ``tandem.Compressor("topk:0.01")``; keep one per
+#: tensor across steps and save ``state()`` with the training state (``Compressor.restore``).
+Compressor = _native.Compressor
 
 _native.init_logging()
 
@@ -96,10 +99,39 @@ class Group:
     def backend(self) -> str:
         return self._pg.backend
 
-    def allreduce(self, a: np.ndarray, op: str = "sum", timeout: Optional[float] = None) -> np.ndarray:
-        """Reduces ``a`` over every rank, in place (op: sum, avg, min, max, prod); returns ``a``."""
-        self._pg.allreduce(host_array(a)[0], op, timeout)
+    def allreduce(self, a: np.ndarray, op: str = "sum", timeout: Optional[float] = None,
+                  compression: Union[None, str, Compressor] = None) -> np.ndarray:
+        """Reduces ``a`` over every rank, in place (op: sum, avg, min, max, prod); returns ``a``.
+
+        ``compression`` sends fewer bytes for a float32 gradient: ``"fp16"`` or ``"bf16"`` (half
+        precision on the wire, sums in float32), or a :class:`Compressor` kept for this tensor
+        across steps (needed for ``topk:FRACTION`` and ``powersgd:RANK``, whose error feedback
+        is its state). Every rank must pass the same setting.
+        """
+        view = host_array(a)[0]
+        if compression is None or compression == "none":
+            self._pg.allreduce(view, op, timeout)
+            return a
+        if isinstance(compression, str):
+            c = Compressor(compression)
+            if c.compression.startswith(("topk", "powersgd")):
+                raise ValueError(
+                    f"compression={compression!r} keeps a residual across steps: pass a tandem.Compressor "
+                    f"made once for this tensor (tandem.Compressor({compression!r}))")
+            compression = c
+        self._pg.allreduce_compressed(view, op, compression, timeout)
         return a
+
+    @property
+    def compression(self) -> str:
+        """The group's default compression of gradient allreduces (``init(compression=...)`` or
+        ``TANDEM_COMPRESSION``), which the optimizers use; plain ``allreduce`` compresses only when
+        asked."""
+        return self._pg.compression
+
+    def compressor(self, columns: int = 0) -> Compressor:
+        """A :class:`Compressor` for one gradient tensor with the group's default compression."""
+        return Compressor(self.compression, columns)
 
     def broadcast(self, a: np.ndarray, root: int = 0, timeout: Optional[float] = None) -> np.ndarray:
         """Overwrites ``a`` with ``root``'s array, in place; returns ``a``."""
@@ -186,16 +218,18 @@ class Group:
 _default: Optional[Group] = None
 
 
-def init(timeout: Optional[float] = None, connect_timeout: Optional[float] = None) -> Group:
+def init(timeout: Optional[float] = None, connect_timeout: Optional[float] = None,
+         compression: Optional[str] = None) -> Group:
     """Joins the job described by the environment and makes it the default group.
 
     ``timeout`` (seconds) is every operation's deadline (default: ``TANDEM_TIMEOUT`` or 5 minutes);
-    ``connect_timeout`` bounds forming the group. Without any job environment this is a group of one.
-    Calling it again returns the existing group.
+    ``connect_timeout`` bounds forming the group; ``compression`` is the group's default compression
+    of gradient allreduces (default: ``TANDEM_COMPRESSION`` or none; see :class:`Compressor`).
+    Without any job environment this is a group of one. Calling it again returns the existing group.
     """
     global _default
     if _default is None:
-        _default = Group(_native.ProcessGroup.from_env(timeout, connect_timeout))
+        _default = Group(_native.ProcessGroup.from_env(timeout, connect_timeout, None, compression))
     return _default
 
 
@@ -238,9 +272,10 @@ def cluster_spec() -> Dict[str, Any]:
     return spec
 
 
-def allreduce(a: np.ndarray, op: str = "sum", timeout: Optional[float] = None) -> np.ndarray:
+def allreduce(a: np.ndarray, op: str = "sum", timeout: Optional[float] = None,
+              compression: Union[None, str, Compressor] = None) -> np.ndarray:
     """:meth:`Group.allreduce` on the default group."""
-    return group().allreduce(a, op, timeout)
+    return group().allreduce(a, op, timeout, compression)
 
 
 def broadcast(a: np.ndarray, root: int = 0, timeout: Optional[float] = None) -> np.ndarray:

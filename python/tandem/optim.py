@@ -129,7 +129,8 @@ class DistributedOptimizer:
             opt.step(params, grads)
     """
 
-    def __init__(self, optimizer: Any, group: Optional["Group"] = None, fusion_bytes: int = FUSION_BYTES) -> None:
+    def __init__(self, optimizer: Any, group: Optional["Group"] = None, fusion_bytes: int = FUSION_BYTES,
+                 compression: Optional[str] = None) -> None:
         if type(optimizer).__module__.startswith("torch.optim") or any(
             c.__module__.startswith("torch.optim") for c in type(optimizer).__mro__
         ):
@@ -143,7 +144,30 @@ class DistributedOptimizer:
         self.optimizer = optimizer
         self.group = group
         self.fusion_bytes = fusion_bytes
+        #: How the float32 buckets' allreduces compress (default: the group's, see
+        #: ``tandem.init(compression=...)``); ``compressors`` holds each bucket's state (its
+        #: error-feedback residual), to be saved with the training state.
+        self.compression = compression
+        self.compressors: Dict[int, Any] = {}
 
     def step(self, params: Sequence[np.ndarray], grads: Sequence[np.ndarray]) -> None:
-        allreduce_fused(grads, "avg", self.group, self.fusion_bytes)
+        g = _group(self.group)
+        setting = self.compression if self.compression is not None else g.compression
+        if setting == "none":
+            allreduce_fused(grads, "avg", self.group, self.fusion_bytes)
+        else:
+            from . import Compressor
+
+            counter = iter(range(1 << 62))
+
+            def reduce(buf: np.ndarray) -> None:
+                k = next(counter)
+                if buf.dtype != np.float32:
+                    g.allreduce(buf, "avg")
+                    return
+                if k not in self.compressors:
+                    self.compressors[k] = Compressor(setting)
+                g.allreduce(buf, "avg", compression=self.compressors[k])
+
+            _fused(_host_arrays(grads), self.fusion_bytes, reduce)
         self.optimizer.step(params, grads)

@@ -139,3 +139,73 @@ def bf16_body() -> list:
 def test_bfloat16_arrays_from_ml_dtypes() -> None:
     for got in tandem.run(bf16_body, nproc=2, timeout=60):
         assert got == [4.0] * 8
+
+
+def compressed_body(n: int) -> dict:
+    g = tandem.init(timeout=30, compression="bf16")
+    r = g.rank
+    out: dict = {"default": g.compression}
+    a = data(r, np.float32, n, 300)
+    g.allreduce(a, compression="bf16")
+    out["bf16"] = a
+    # Top-k of half the elements, with error feedback: two steps, the second from a compressor
+    # restored from the first's saved state (as after a restart).
+    c = tandem.Compressor("topk:0.5")
+    first = data(r, np.float32, n, 301)
+    g.allreduce(first, compression=c)
+    restored = tandem.Compressor.restore(c.state())
+    second = data(r, np.float32, n, 301)
+    g.allreduce(second, compression=restored)
+    out["topk"] = (first, second, restored.compression)
+    errors = []
+    for bad in [lambda: g.allreduce(data(r, np.float32, n, 1), compression="topk:0.1"),
+                lambda: g.allreduce(data(r, np.float64, n, 1), compression="bf16"),
+                lambda: tandem.Compressor("zip")]:
+        try:
+            bad()
+        except (ValueError, TypeError) as e:
+            errors.append(f"{type(e).__name__}: {e}")
+    out["errors"] = errors
+    # The numpy optimizer compresses its float32 buckets with the group's default.
+    params = [np.zeros(n, np.float32)]
+    opt = tandem.DistributedOptimizer(tandem.optim.SGD(lr=1.0))
+    opt.step(params, [np.full(n, float(r + 1), np.float32)])
+    out["sgd"] = params[0]
+    out["compressors"] = sorted(c.compression for c in opt.compressors.values())
+    g.shutdown()
+    return out
+
+
+def top_k_kept(v: np.ndarray, k: int) -> np.ndarray:
+    """The entries of v that a top-k keeps (largest magnitudes, ties to the lower index)."""
+    order = sorted(range(len(v)), key=lambda i: (-abs(float(v[i])), i))[:k]
+    kept = np.zeros_like(v, dtype=np.float64)
+    kept[order] = v[order]
+    return kept
+
+
+def test_compressed_allreduces_from_python_match_references_and_refuse_what_they_cannot() -> None:
+    world, n = 3, 64
+    results = tandem.run(compressed_body, nproc=world, args=(n,), timeout=120)
+    exact = sum(data(q, np.float32, n, 300).astype(np.float64) for q in range(world))
+    scale = sum(np.abs(data(q, np.float32, n, 300).astype(np.float64)) for q in range(world))
+    k = n // 2
+    grads = [data(q, np.float32, n, 301).astype(np.float64) for q in range(world)]
+    first = sum(top_k_kept(g, k) for g in grads)
+    second = sum(top_k_kept(g + (g - top_k_kept(g, k)), k) for g in grads)
+    for r, res in enumerate(results):
+        assert res["default"] == "bf16"
+        assert np.all(np.abs(res["bf16"] - exact) <= 2 * world * 2.0 ** -8 * scale), r
+        got_first, got_second, name = res["topk"]
+        assert name == "topk:0.5"
+        np.testing.assert_allclose(got_first, first, atol=1e-5)
+        np.testing.assert_allclose(got_second, second, atol=1e-5)
+        errors = res["errors"]
+        assert len(errors) == 3, errors
+        assert "ValueError" in errors[0] and "tandem.Compressor" in errors[0]
+        assert "TypeError" in errors[1] and "float32" in errors[1]
+        assert "ValueError" in errors[2] and "zip" in errors[2]
+        # SGD with lr 1 from zero: minus the mean gradient (2), exact in bf16.
+        np.testing.assert_array_equal(res["sgd"], np.full(n, -2.0, np.float32))
+        assert res["compressors"] == ["bf16"]
+        np.testing.assert_array_equal(res["bf16"], results[0]["bf16"])

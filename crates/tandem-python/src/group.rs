@@ -140,20 +140,26 @@ impl PyProcessGroup {
 #[pymethods]
 impl PyProcessGroup {
     /// Joins the job described by the environment; `timeout` (seconds) is every operation's default
-    /// deadline, `connect_timeout` bounds forming the group.
+    /// deadline, `connect_timeout` bounds forming the group, `compression` is the group's default
+    /// compression of gradient allreduces (over `TANDEM_COMPRESSION`).
     #[staticmethod]
-    #[pyo3(signature = (timeout=None, connect_timeout=None, name=None))]
+    #[pyo3(signature = (timeout=None, connect_timeout=None, name=None, compression=None))]
     fn from_env(
         py: Python<'_>,
         timeout: Option<f64>,
         connect_timeout: Option<f64>,
         name: Option<String>,
+        compression: Option<&str>,
     ) -> PyResult<PyProcessGroup> {
         let spec = ClusterSpec::from_env().py_err()?;
         let token = JobToken::from_env().py_err()?;
         let mut config = config_with(timeout, connect_timeout)?;
         if let Some(n) = name {
             config.name = n;
+        }
+        if let Some(c) = compression {
+            config.compression = tandem::collective::compression::Compression::parse(c)
+                .map_err(|e| PyValueError::new_err(format!("compression={c:?}: {e}")))?;
         }
         form(py, spec, token, config)
     }
@@ -235,6 +241,37 @@ impl PyProcessGroup {
         with_bytes_mut(array, "array", |buf, dtype, _| {
             self.run(py, timeout, move |pg| pg.allreduce_bytes(buf, dtype, op))
         })
+    }
+
+    /// In-place allreduce of a float32 gradient, compressed as `compressor` says (its residual
+    /// updated for the next step).
+    #[pyo3(signature = (array, op, compressor, timeout=None))]
+    fn allreduce_compressed(
+        &self,
+        py: Python<'_>,
+        array: &Bound<'_, PyAny>,
+        op: &str,
+        compressor: &crate::compression::PyCompressor,
+        timeout: Option<f64>,
+    ) -> PyResult<()> {
+        let op = reduce_op(op)?;
+        let state = compressor.inner.clone();
+        crate::compression::with_f32_mut(array, |buf| {
+            self.run(py, timeout, move |pg| {
+                let mut c = state.lock().map_err(|_| tandem::Error::Unusable {
+                    what: "compressor".into(),
+                    reason: "a panic poisoned it".into(),
+                })?;
+                pg.allreduce_compressed(buf, op, &mut c)
+            })
+        })
+    }
+
+    /// The group's default compression of gradient allreduces (`TANDEM_COMPRESSION`, or
+    /// `init(compression=...)`).
+    #[getter]
+    fn compression(&self) -> PyResult<String> {
+        Ok(self.pg()?.compression().to_string())
     }
 
     /// In-place broadcast from `root`.

@@ -23,6 +23,7 @@
 mod arrays;
 mod blocking;
 mod board;
+mod compression;
 mod elastic;
 mod errors;
 mod group;
@@ -91,6 +92,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add_class::<group::PyProcessGroup>()?;
     m.add_class::<group::PyWork>()?;
+    m.add_class::<compression::PyCompressor>()?;
     m.add_class::<ps::PsClient>()?;
     m.add_class::<elastic::PyElastic>()?;
     m.add_function(wrap_pyfunction!(ps::serve_ps, m)?)?;
