@@ -173,21 +173,36 @@ pub fn widen(src: &[u8], dtype: DType, dst: &mut [f32]) -> Result<()> {
 }
 
 /// The `k` indices of `v` largest in magnitude, ascending (ties to the lower index, so every
-/// rank given the same values picks the same).
+/// rank given the same values picks the same). Finds the k-th largest magnitude by selection on a
+/// contiguous copy of the magnitudes, then keeps one pass's indices: linear time, no sort.
 pub fn top_k(v: &[f32], k: usize) -> Vec<u32> {
-    let k = k.min(v.len());
-    let mut idx: Vec<u32> = (0..v.len() as u32).collect();
-    if k < v.len() {
-        idx.select_nth_unstable_by(k, |&a, &b| {
-            v[b as usize]
-                .abs()
-                .total_cmp(&v[a as usize].abs())
-                .then(a.cmp(&b))
-        });
-        idx.truncate(k);
+    let n = v.len();
+    if k == 0 {
+        return Vec::new();
     }
-    idx.sort_unstable();
-    idx
+    if k >= n {
+        return (0..n as u32).collect();
+    }
+    let mut mags: Vec<f32> = v.iter().map(|x| x.abs()).collect();
+    let (_, kth, _) = mags.select_nth_unstable_by(n - k, |a, b| a.total_cmp(b));
+    let t = *kth;
+    let above = v
+        .iter()
+        .filter(|x| x.abs().total_cmp(&t) == std::cmp::Ordering::Greater)
+        .count();
+    let mut ties = k - above;
+    let mut out = Vec::with_capacity(k);
+    for (i, x) in v.iter().enumerate() {
+        match x.abs().total_cmp(&t) {
+            std::cmp::Ordering::Greater => out.push(i as u32),
+            std::cmp::Ordering::Equal if ties > 0 => {
+                ties -= 1;
+                out.push(i as u32);
+            }
+            _ => {}
+        }
+    }
+    out
 }
 
 /// Sums gathered (index, value) pairs of every rank, in rank order, into `out` (zeroed first);

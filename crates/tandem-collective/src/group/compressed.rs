@@ -128,18 +128,24 @@ impl ProcessGroup {
         for (i, (g, r)) in buf.iter().zip(&c.residual).enumerate() {
             m[i] = g + r;
         }
+        // P = M Q and, after P is summed and orthonormalised, Q = Mᵀ P: both row by row, so M
+        // is read in order (column-wise reads made PowerSGD slower than no compression at all).
         let mut p = vec![0f32; rows * rank];
-        for r in 0..rows {
-            for k in 0..rank {
-                p[r * rank + k] = (0..cols).map(|j| m[r * cols + j] * c.q[j * rank + k]).sum();
+        for (m_row, p_row) in m.chunks_exact(cols).zip(p.chunks_exact_mut(rank)) {
+            for (&x, q_row) in m_row.iter().zip(c.q.chunks_exact(rank)) {
+                for (pk, qk) in p_row.iter_mut().zip(q_row) {
+                    *pk += x * qk;
+                }
             }
         }
         self.allreduce(&mut p, ReduceOp::Sum)?;
         orthonormalise(&mut p, rows, rank);
         let mut q = vec![0f32; cols * rank];
-        for j in 0..cols {
-            for k in 0..rank {
-                q[j * rank + k] = (0..rows).map(|r| m[r * cols + j] * p[r * rank + k]).sum();
+        for (m_row, p_row) in m.chunks_exact(cols).zip(p.chunks_exact(rank)) {
+            for (&x, q_row) in m_row.iter().zip(q.chunks_exact_mut(rank)) {
+                for (qk, pk) in q_row.iter_mut().zip(p_row) {
+                    *qk += x * pk;
+                }
             }
         }
         self.allreduce(&mut q, ReduceOp::Sum)?;
