@@ -68,14 +68,20 @@ pub struct PsArgs {
 }
 
 /// A lease in seconds: positive and finite.
-fn parse_lease(s: &str) -> std::result::Result<f64, String> {
-    let v: f64 = s
-        .parse()
-        .map_err(|_| format!("{s:?} is not a number of seconds"))?;
+fn parse_lease(s: &str) -> Result<f64> {
+    let v: f64 = s.parse().map_err(|_| {
+        Error::invalid(
+            "--worker-lease",
+            format!("{s:?} is not a number of seconds"),
+        )
+    })?;
     if v.is_finite() && v > 0.0 && v <= 86_400.0 {
         Ok(v)
     } else {
-        Err(format!("{s} must be more than 0 and at most 86400 seconds"))
+        Err(Error::invalid(
+            "--worker-lease",
+            format!("{s} must be more than 0 and at most 86400 seconds"),
+        ))
     }
 }
 
@@ -214,11 +220,14 @@ mod tests {
 
     #[test]
     fn a_lease_is_a_positive_finite_number_of_seconds_up_to_a_day() {
-        assert_eq!(parse_lease("0.5"), Ok(0.5));
-        assert_eq!(parse_lease("86400"), Ok(86_400.0));
+        assert_eq!(parse_lease("0.5").ok(), Some(0.5));
+        assert_eq!(parse_lease("86400").ok(), Some(86_400.0));
         for bad in ["0", "-1", "86400.5", "inf", "NaN", "soon"] {
-            let e = parse_lease(bad).expect_err(bad);
-            assert!(e.contains(bad) || e.contains("seconds"), "{bad}: {e}");
+            let e = parse_lease(bad).expect_err(bad).to_string();
+            assert!(
+                e.contains("--worker-lease") && (e.contains(bad) || e.contains("seconds")),
+                "{bad}: {e}"
+            );
         }
     }
 }

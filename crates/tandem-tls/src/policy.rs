@@ -14,6 +14,12 @@ use crate::files::{DIR_VAR, TlsFiles};
 /// `1` lets a job's processes talk plaintext across hosts (and ignore their certificates).
 pub const INSECURE_VAR: &str = tandem_core::settings::INSECURE.name;
 
+/// Why this process's security could not be read from its environment, kept to be returned to
+/// every later caller (`tandem_core::Error` is not `Clone`).
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{0}")]
+struct Unreadable(String);
+
 /// How this process's connections are secured.
 #[derive(Clone, Debug)]
 pub enum Security {
@@ -40,12 +46,12 @@ impl Security {
     /// This process's security, from its environment (read once per process; see
     /// [`Security::from_vars`]).
     pub fn from_env() -> Result<Security> {
-        /// Read once (an error kept as text to be returned again).
-        static CACHE: OnceLock<std::result::Result<Security, String>> = OnceLock::new();
+        /// Read once (an error kept, as its words, to be returned again).
+        static CACHE: OnceLock<std::result::Result<Security, Unreadable>> = OnceLock::new();
         CACHE
-            .get_or_init(|| Self::from_vars(&ProcessEnv).map_err(|e| e.to_string()))
+            .get_or_init(|| Self::from_vars(&ProcessEnv).map_err(|e| Unreadable(e.to_string())))
             .clone()
-            .map_err(|e| Error::config(DIR_VAR, e))
+            .map_err(|e| Error::config(DIR_VAR, e.0))
     }
 
     /// `TANDEM_INSECURE=1`: plaintext (with a warning); else certificates named by the variables:
