@@ -35,7 +35,10 @@
 //!
 //! The header says how the ranks' connections were made (mutual TLS, plaintext, or local sockets)
 //! and which congestion control they use, because both change the figures. `--csv` appends every
-//! row to a file and `--plot` draws busbw against size.
+//! row to a file and `--plot` draws busbw against size. `--compression NAME` (allreduce, f32)
+//! compresses every operation as a training loop's gradients would be (`fp16`, `bf16`,
+//! `topk:FRACTION`, `powersgd:RANK`, one compressor kept across the iterations); the header says
+//! which, and `algbw`/`busbw` still count the f32 bytes, so they read as the speed the caller sees.
 
 use crate::ExitCode;
 use std::io::Write;
@@ -408,6 +411,11 @@ fn print_header(
     dtype: DType,
     csv: Option<&mut std::fs::File>,
 ) {
+    if let Ok(c) = a.compression.parse::<Compression>()
+        && c.is_lossy()
+    {
+        println!("# compression: {c}");
+    }
     println!(
         "# tandem bench {} : {n} ranks, backend {backend}, op {op}, dtype {dtype}",
         collective.name()
@@ -542,9 +550,6 @@ pub fn bench_rank(args: BenchRankArgs) -> Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     let compression: Compression = a.compression.parse()?;
-    if rank == 0 && compression.is_lossy() {
-        println!("# compression: {compression}");
-    }
     if rank == 0 {
         let backend = gpu.as_ref().map_or(pg.backend_name(), |g| g.backend_name());
         print_header(collective, &a, n, backend, op, dtype, csv.as_mut());

@@ -24,6 +24,7 @@
 mod bench;
 mod bench_cost;
 mod bench_ps;
+mod bench_ps_worker;
 mod bench_size;
 mod certs;
 mod demo;
@@ -82,7 +83,7 @@ enum Command {
     Testbed(hosts::TestbedArgs),
     /// One worker of `tandem bench ps`.
     #[command(hide = true)]
-    BenchPsWorker(bench_ps::BenchPsWorkerArgs),
+    BenchPsWorker(bench_ps_worker::BenchPsWorkerArgs),
     /// One rank of a benchmark (started by `tandem bench`).
     #[command(hide = true)]
     BenchRank(bench::BenchRankArgs),
@@ -152,7 +153,7 @@ where
         Command::Certs(a) => certs::certs(a),
         Command::Tune(a) => tune::tune(a),
         Command::Bench(a) => bench::run(a),
-        Command::BenchPsWorker(a) => bench_ps::bench_ps_worker(a),
+        Command::BenchPsWorker(a) => bench_ps_worker::bench_ps_worker(a),
         Command::BenchRank(a) => bench::bench_rank(a),
     };
     match result {

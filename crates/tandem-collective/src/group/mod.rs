@@ -8,6 +8,7 @@
 //! This file holds the group itself and the operations: argument checks here, the bytes moved by
 //! the backend.
 
+mod cancel;
 mod compressed;
 mod config;
 mod control;
@@ -15,10 +16,10 @@ mod form;
 mod peers;
 mod work;
 
+pub use cancel::Cancel;
 pub use config::{DEFAULT_NAME, GroupConfig, MAX_STREAMS_PER_PEER, STREAMS_VAR};
 use control::Control;
 pub use control::Declined;
-pub use form::Cancel;
 pub use work::Work;
 use work::{Job, Queue, poisoned_queue};
 
