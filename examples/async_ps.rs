@@ -9,44 +9,24 @@
 //!
 //! It reaches about 0.97 test accuracy.
 
-use std::time::Duration;
-
-use tandem::ps::blocking::BlockingClient;
-use tandem::ps::client::TrainingMode;
-use tandem::ps::job::PsJob;
-use tandem::ps::optimizer::Optimizer;
-use tandem::ps::placement::place;
-use tandem::rendezvous::{JobToken, TOKEN_VAR};
-use tandem::{Error, Result};
-use tandem_examples::{Mlp, batch, flag, ps_params, serve_if_parameter_server, spiral};
+use tandem::Result;
+use tandem::ps::{client::TrainingMode, optimizer::Optimizer};
+use tandem_examples::{batch, flag, ps_worker, spiral};
 
 fn main() -> std::process::ExitCode {
-    tandem_examples::report(run())
+    // Servers serve; each worker trains at its own pace with `run`.
+    tandem_examples::ps_main(run)
 }
 
-/// The example itself; `main` prints its error, if any, as a message.
+/// A worker of the job; `main` prints its error, if any, as a message.
 fn run() -> Result<()> {
-    if serve_if_parameter_server()? {
-        return Ok(());
-    }
     let steps: u64 = flag("--steps", 600);
     let staleness: u32 = flag("--staleness", 2);
     let batch_size: usize = flag("--batch", 32);
-    let job = PsJob::from_env()?;
-    let token = JobToken::from_env()?.ok_or_else(|| Error::config(TOKEN_VAR, "is not set"))?;
-
-    let mut model = Mlp::new(2, 64, 3, 0);
-    let map = place(&ps_params(&model, 7), job.servers.len(), 1 << 10)?;
     // Every worker's gradient is applied on its own, so the step is a quarter of the sync one.
-    let client = BlockingClient::connect(
-        &job.servers,
-        &token,
-        job.worker,
-        map,
-        Optimizer::momentum(0.025, 0.9),
-        TrainingMode::asynchronous(job.workers, Some(staleness)),
-        Duration::from_secs(60),
-    )?;
+    let (job, mut model, client) = ps_worker(Optimizer::momentum(0.025, 0.9), |workers| {
+        TrainingMode::asynchronous(workers, Some(staleness))
+    })?;
 
     let (x, y) = spiral(12_000, 1);
     let shard = x.nrows() / job.workers as usize;

@@ -13,12 +13,9 @@ import torch
 import torch.distributed as dist
 
 
-def main():
-    rank, world = int(sys.argv[1]), int(sys.argv[2])
-    host, port = sys.argv[3].rsplit(":", 1)
-    os.environ.update(MASTER_ADDR=host, MASTER_PORT=port, GLOO_SOCKET_IFNAME=sys.argv[4])
-    sizes = [int(s) for s in sys.argv[5:]]
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+def time_sizes(rank, world, sizes):
+    """Times `dist.all_reduce` of each size (after a correctness check and a warm-up) in a formed
+    Gloo group; rank 0 prints the CSV lines. Also used by allreduce_gloo.py."""
     for size in sizes:
         t = torch.full((size // 4,), float(rank + 1), dtype=torch.float32)
         dist.all_reduce(t)
@@ -35,8 +32,16 @@ def main():
         if rank == 0:
             busbw = size / per.item() / 1e9 * 2 * (world - 1) / world
             print(f"gloo,{world},{size},{per.item() * 1e6:.1f},{busbw:.3f}", flush=True)
-    dist.destroy_process_group()
 
+
+def main():
+    rank, world = int(sys.argv[1]), int(sys.argv[2])
+    host, port = sys.argv[3].rsplit(":", 1)
+    os.environ.update(MASTER_ADDR=host, MASTER_PORT=port, GLOO_SOCKET_IFNAME=sys.argv[4])
+    sizes = [int(s) for s in sys.argv[5:]]
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    time_sizes(rank, world, sizes)
+    dist.destroy_process_group()
 
 if __name__ == "__main__":
     main()

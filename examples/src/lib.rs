@@ -16,6 +16,13 @@ pub fn report(result: tandem::Result<()>) -> ExitCode {
     }
 }
 
+/// The `main` of a program that runs as every replica of a parameter-server job: a parameter
+/// server serves ([`serve_if_parameter_server`]), a worker runs `worker`; either way an error is
+/// reported as [`report`] does.
+pub fn ps_main(worker: fn() -> tandem::Result<()>) -> ExitCode {
+    report(serve_if_parameter_server().and_then(|served| if served { Ok(()) } else { worker() }))
+}
+
 /// The value of `--name VALUE` on the command line, or `default`.
 pub fn flag<T: std::str::FromStr>(name: &str, default: T) -> T {
     let args: Vec<String> = std::env::args().collect();
@@ -51,4 +58,34 @@ pub fn serve_if_parameter_server() -> tandem::Result<bool> {
         tandem::ps::server::run(listener, config, tandem::rendezvous::shutdown_signal()).await
     })?;
     Ok(true)
+}
+
+/// A worker of the parameter-server examples, connected: its job (from `TF_CONFIG` or
+/// `tandem launch`), a model whose layout the servers learn from it (they initialise the
+/// weights), and a client that declared that layout placed on the job's servers. `mode` gets
+/// the job's number of workers.
+pub fn ps_worker(
+    optimizer: tandem::ps::optimizer::Optimizer,
+    mode: impl FnOnce(u32) -> tandem::ps::client::TrainingMode,
+) -> tandem::Result<(
+    tandem::ps::job::PsJob,
+    Mlp,
+    tandem::ps::blocking::BlockingClient,
+)> {
+    use tandem::rendezvous::{JobToken, TOKEN_VAR};
+    let job = tandem::ps::job::PsJob::from_env()?;
+    let token =
+        JobToken::from_env()?.ok_or_else(|| tandem::Error::config(TOKEN_VAR, "is not set"))?;
+    let model = Mlp::new(2, 64, 3, 0);
+    let map = tandem::ps::placement::place(&ps_params(&model, 7), job.servers.len(), 1 << 10)?;
+    let client = tandem::ps::blocking::BlockingClient::connect(
+        &job.servers,
+        &token,
+        job.worker,
+        map,
+        optimizer,
+        mode(job.workers),
+        std::time::Duration::from_secs(60),
+    )?;
+    Ok((job, model, client))
 }

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import time
 from typing import Tuple
 
 import torch
@@ -34,3 +36,27 @@ class CNN(torch.nn.Module):
 @torch.no_grad()
 def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     return (model(x).argmax(1) == y).float().mean().item()
+
+
+def arguments(epochs: int, lr: float) -> argparse.ArgumentParser:
+    """The flags every torch example takes (--epochs, --batch, --lr), with its defaults."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--epochs", type=int, default=epochs)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=lr)
+    return ap
+
+
+def train(model, opt, loader, sampler, epochs: int) -> Tuple[int, torch.Tensor, float]:
+    """Cross-entropy steps over `loader` for `epochs` (reshuffled by `sampler` each epoch):
+    returns the samples seen, the last batch's loss and the seconds taken."""
+    start, samples, loss = time.perf_counter(), 0, torch.tensor(float("nan"))
+    for epoch in range(epochs):
+        sampler.set_epoch(epoch)
+        for bx, by in loader:
+            opt.zero_grad()
+            loss = torch.nn.functional.cross_entropy(model(bx), by)
+            loss.backward()
+            opt.step()
+            samples += len(bx)
+    return samples, loss, time.perf_counter() - start

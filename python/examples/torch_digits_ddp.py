@@ -8,9 +8,6 @@ Nothing in it is specific to Tandem but the backend's name (and ``import tandem.
 
 from __future__ import annotations
 
-import argparse
-import time
-
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -18,15 +15,11 @@ from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.data.distributed import DistributedSampler
 
 import tandem.torch  # noqa: F401  (registers the "tandem" backend)
-from torch_digits_common import CNN, accuracy, tensors
+from torch_digits_common import CNN, accuracy, arguments, tensors, train
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--epochs", type=int, default=8)
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=0.05)
-    a = ap.parse_args()
+    a = arguments(epochs=8, lr=0.05).parse_args()
     dist.init_process_group("tandem")
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(rank)  # different initial weights: DDP makes them rank 0's
@@ -36,16 +29,7 @@ def main() -> None:
     loader = DataLoader(data, batch_size=a.batch, sampler=sampler)
     model = DDP(CNN())
     opt = torch.optim.SGD(model.parameters(), lr=a.lr, momentum=0.9)
-    start, samples, loss = time.perf_counter(), 0, torch.tensor(float("nan"))
-    for epoch in range(a.epochs):
-        sampler.set_epoch(epoch)
-        for bx, by in loader:
-            opt.zero_grad()
-            loss = torch.nn.functional.cross_entropy(model(bx), by)
-            loss.backward()
-            opt.step()
-            samples += len(bx)
-    elapsed = time.perf_counter() - start
+    samples, loss, elapsed = train(model, opt, loader, sampler, a.epochs)
     total = torch.tensor([samples])
     dist.all_reduce(total)
     acc = accuracy(model.module, xt, yt)

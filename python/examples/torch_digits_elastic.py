@@ -9,7 +9,6 @@ to their last commit and go on, and the samples already processed this epoch are
 
 from __future__ import annotations
 
-import argparse
 import os
 import signal
 import time
@@ -18,14 +17,11 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 import tandem.torch as hvd
-from torch_digits_common import CNN, accuracy, tensors
+from torch_digits_common import CNN, accuracy, arguments, tensors
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--epochs", type=int, default=6)
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=0.05)
+    ap = arguments(epochs=6, lr=0.05)
     ap.add_argument("--kill-at", type=int, default=0, help="the process started as rank 1 kills itself at this step")
     ap.add_argument("--checkpoint", default=None)
     a = ap.parse_args()

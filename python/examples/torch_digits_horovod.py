@@ -7,23 +7,16 @@ hvd`` where a Horovod script has ``import horovod.torch as hvd``).
 
 from __future__ import annotations
 
-import argparse
-import time
-
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.data.distributed import DistributedSampler
 
 import tandem.torch as hvd
-from torch_digits_common import CNN, accuracy, tensors
+from torch_digits_common import CNN, accuracy, arguments, tensors, train
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--epochs", type=int, default=8)
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=0.05)
-    a = ap.parse_args()
+    a = arguments(epochs=8, lr=0.05).parse_args()
     hvd.init()
     torch.manual_seed(hvd.rank())
     x, y, xt, yt = tensors()
@@ -36,17 +29,7 @@ def main() -> None:
     hvd.broadcast_optimizer_state(opt, root_rank=0)
     opt = hvd.DistributedOptimizer(opt, named_parameters=model.named_parameters(),
                                    compression=hvd.Compression.fp16)
-    start, samples = time.perf_counter(), 0
-    loss = torch.tensor(float("nan"))
-    for epoch in range(a.epochs):
-        sampler.set_epoch(epoch)
-        for bx, by in loader:
-            opt.zero_grad()
-            loss = torch.nn.functional.cross_entropy(model(bx), by)
-            loss.backward()
-            opt.step()
-            samples += len(bx)
-    elapsed = time.perf_counter() - start
+    samples, loss, elapsed = train(model, opt, loader, sampler, a.epochs)
     mean_loss = hvd.allreduce(loss.detach(), name="loss").item()
     total = hvd.allreduce(torch.tensor([samples]), op=hvd.Sum).item()
     acc = accuracy(model, xt, yt)

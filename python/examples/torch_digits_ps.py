@@ -6,20 +6,16 @@ torch model, computes gradients with autograd, and pushes them; the servers run 
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import torch
 
 from tandem import ps
-from torch_digits_common import CNN, accuracy, tensors
+from torch_digits_common import CNN, accuracy, arguments, tensors
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--epochs", type=int, default=10)
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=0.1)
+    ap = arguments(epochs=10, lr=0.1)
     a = ap.parse_args()
     model = CNN()
     weights = dict(model.named_parameters())

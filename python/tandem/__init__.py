@@ -49,6 +49,7 @@ __all__ = [
     "Group", "Work", "init", "shutdown", "is_initialized", "group", "rank", "world_size", "local_rank",
     "allreduce", "broadcast", "reduce", "allgather", "reduce_scatter", "barrier", "send", "recv",
     "allreduce_async", "broadcast_async", "allgather_async", "barrier_async", "cluster_spec", "Compressor",
+    "auto_compression",
     "broadcast_parameters", "allreduce_fused", "DistributedOptimizer", "run",
     "metrics", "metrics_text", "span", "dump_flight_recorder",
     "TandemError", "ConfigurationError", "TimeoutError", "PeerLostError", "MismatchError", "ShapeError",
@@ -104,7 +105,8 @@ class Group:
         """Reduces ``a`` over every rank, in place (op: sum, avg, min, max, prod); returns ``a``.
 
         ``compression`` sends fewer bytes for a float32 gradient: ``"fp16"`` or ``"bf16"`` (half
-        precision on the wire, sums in float32), or a :class:`Compressor` kept for this tensor
+        precision on the wire, sums in float32), ``"auto"`` (bf16 where the group's links make it
+        faster, see :meth:`auto_compression`), or a :class:`Compressor` kept for this tensor
         across steps (needed for ``topk:FRACTION`` and ``powersgd:RANK``, whose error feedback
         is its state). Every rank must pass the same setting.
         """
@@ -132,6 +134,14 @@ class Group:
     def compressor(self, columns: int = 0) -> Compressor:
         """A :class:`Compressor` for one gradient tensor with the group's default compression."""
         return Compressor(self.compression, columns)
+
+    def auto_compression(self) -> Dict[str, Any]:
+        """What ``compression="auto"`` chose for this group and why: ``{"chosen": "bf16" or
+        "none", "reason": ..., "none_seconds": ..., "bf16_seconds": ...}`` (the probe allreduce's
+        times, None where the ranks share one machine and nothing was measured). Measured when a
+        group with ``auto`` forms, else on first use: every rank must call it together then."""
+        chosen, reason, none_s, bf16_s = self._pg.auto_compression()
+        return {"chosen": chosen, "reason": reason, "none_seconds": none_s, "bf16_seconds": bf16_s}
 
     def broadcast(self, a: np.ndarray, root: int = 0, timeout: Optional[float] = None) -> np.ndarray:
         """Overwrites ``a`` with ``root``'s array, in place; returns ``a``."""
@@ -276,6 +286,11 @@ def allreduce(a: np.ndarray, op: str = "sum", timeout: Optional[float] = None,
               compression: Union[None, str, Compressor] = None) -> np.ndarray:
     """:meth:`Group.allreduce` on the default group."""
     return group().allreduce(a, op, timeout, compression)
+
+
+def auto_compression() -> Dict[str, Any]:
+    """:meth:`Group.auto_compression` on the default group."""
+    return group().auto_compression()
 
 
 def broadcast(a: np.ndarray, root: int = 0, timeout: Optional[float] = None) -> np.ndarray:

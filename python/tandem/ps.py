@@ -101,6 +101,11 @@ class Client:
     ``decay_rate``/``decay_steps``). ``servers``, ``worker`` and ``workers`` default to the job's.
     ``max_partition_bytes`` (0: no limit) cuts larger tensors into partitions of at most that
     size, so ``push_pull`` overlaps more; every worker and a restore must use the same value.
+    ``compression`` (default ``TANDEM_COMPRESSION``, else none) sends gradients and receives
+    parameters in fewer bytes: ``"bf16"`` or ``"fp16"`` (the servers keep float32 weights),
+    ``"topk:FRACTION"`` (the largest gradient elements, the rest kept here for the next pushes) or
+    ``"auto"``; servers started with another setting (not ``auto``) refuse the worker, naming both.
+    Transfers between processes of one machine through shared memory are never compressed.
     """
 
     def __init__(self, params: Sequence[Param], *, optimizer: str = "sgd", lr: float = 0.01, mode: str = "sync",
@@ -108,7 +113,7 @@ class Client:
                  servers: Optional[Sequence[str]] = None, worker: Optional[int] = None,
                  workers: Optional[int] = None, token: Optional[str] = None, timeout: float = 60.0,
                  min_partition_bytes: int = 1 << 20, max_partition_bytes: int = 0,
-                 **optimizer_settings: Any) -> None:
+                 compression: Optional[str] = None, **optimizer_settings: Any) -> None:
         if servers is None or worker is None or workers is None:
             s, w, n = _from_job()
             servers = s if servers is None else servers
@@ -124,12 +129,17 @@ class Client:
             list(servers), [p._wire() for p in params], worker=worker, workers=workers, optimizer=optimizer,
             lr=lr, mode=mode, staleness=staleness, replicas_to_aggregate=replicas_to_aggregate, token=token,
             timeout=timeout, min_partition_bytes=min_partition_bytes,
-            max_partition_bytes=max_partition_bytes, **optimizer_settings,
+            max_partition_bytes=max_partition_bytes, compression=compression, **optimizer_settings,
         )
 
     @property
     def sync(self) -> bool:
         return self._native.sync
+
+    @property
+    def compression(self) -> str:
+        """The compression in force with the servers (``auto`` resolved when connecting)."""
+        return self._native.compression
 
     def pull(self, min_version: int = 0) -> Tuple[int, Dict[str, np.ndarray]]:
         """Waits until every server reached ``min_version`` (sync: the step you want the
@@ -229,7 +239,8 @@ def _copy_into(params: Mapping[str, Any], pulled: Mapping[str, np.ndarray]) -> N
 def serve(bind: Optional[str] = None, index: Optional[int] = None, checkpoint_dir: Optional[str] = None,
           checkpoint_every: int = 0, keep_running: bool = False, token: Optional[str] = None,
           on_ready: Optional[Any] = None, worker_timeout: Optional[float] = None,
-          worker_lease: Optional[float] = None, follow: Optional[str] = None) -> None:
+          worker_lease: Optional[float] = None, follow: Optional[str] = None,
+          compression: Optional[str] = None) -> None:
     """Runs a parameter server until every worker is done (or Ctrl-C, or SIGTERM). Without ``bind``
     it serves this process's address from ``TF_CONFIG``. ``on_ready(address)`` is called once it
     listens. With ``worker_timeout`` (seconds), when every worker that has not said done has been
@@ -240,7 +251,9 @@ def serve(bind: Optional[str] = None, index: Optional[int] = None, checkpoint_di
     the current step. The lease must exceed a worker's compute between its pull and its push.
     With ``follow="host:port"`` this process also serves a standby of that server (primary-backup
     replication): every update is held by the standby before the primary publishes it, and a worker
-    that cannot reach the primary fails over to the standby, losing no applied step."""
+    that cannot reach the primary fails over to the standby, losing no applied step.
+    ``compression`` (default ``TANDEM_COMPRESSION``, else none) is the setting every worker must
+    declare; ``"auto"`` accepts each worker's own."""
     if bind is None:
         spec = json.loads(_native.cluster_spec())
         if spec["role"] != "ps":
@@ -251,7 +264,8 @@ def serve(bind: Optional[str] = None, index: Optional[int] = None, checkpoint_di
         bind = _native.listen_address(own, others)
     _native.serve_ps(bind, index=index or 0, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
                      keep_running=keep_running, token=token, on_ready=on_ready,
-                     worker_timeout=worker_timeout, worker_lease=worker_lease, follow=follow)
+                     worker_timeout=worker_timeout, worker_lease=worker_lease, follow=follow,
+                     compression=compression)
 
 
 def _main(argv: Optional[List[str]] = None) -> int:

@@ -162,6 +162,88 @@ def test_distributed_optimizer_equals_one_process_on_the_whole_batch(kind: str) 
     assert res[0]["end"] == res[1]["end"]
 
 
+def reducing_body(setting: str) -> Dict[str, Any]:
+    """Two ranks train one float32 weight (a single bucket, flattened row-major) with SGD through
+    the given top-k or PowerSGD compressor; returns the start, every rank's gradients, the end."""
+    import torch
+
+    import tandem.torch as hvd
+
+    hvd.init(timeout=60)
+    r, n = hvd.rank(), hvd.size()
+    torch.manual_seed(5)
+    model = torch.nn.Linear(5, 2, bias=False)
+    hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+    start = model.weight.detach().clone()
+    kind, arg = setting.split(":")
+    compression = hvd.Compression.topk(float(arg)) if kind == "topk" else hvd.Compression.powersgd(int(arg))
+    opt = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
+                                   named_parameters=model.named_parameters(), compression=compression)
+    X, Y = _data()
+    X, Y = X.float(), Y.float()
+    per = 48 // n
+    for _ in range(5):
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(X[r * per:(r + 1) * per]), Y[r * per:(r + 1) * per]).backward()
+        opt.step()
+    state = compression.state_dict()
+    out = {"start": start.tolist(), "end": model.weight.detach().tolist(), "buckets": len(state)}
+    hvd.shutdown()
+    return out
+
+
+def _top_k_reference(start: np.ndarray, n: int, fraction: float, steps: int) -> np.ndarray:
+    import torch
+
+    X, Y = _data()
+    X, Y = X.float(), Y.float()
+    per = 48 // n
+    w = torch.tensor(start, dtype=torch.float32)
+    residual = [np.zeros(w.numel(), np.float32) for _ in range(n)]
+    for _ in range(steps):
+        sent = []
+        for r in range(n):
+            p = w.clone().requires_grad_(True)
+            torch.nn.functional.mse_loss(X[r * per:(r + 1) * per] @ p.T, Y[r * per:(r + 1) * per]).backward()
+            acc = p.grad.reshape(-1).numpy() + residual[r]
+            k = int(np.ceil(acc.size * fraction))
+            keep = sorted(range(acc.size), key=lambda i: (-abs(acc[i]), i))[:k]
+            out = np.zeros_like(acc)
+            out[keep] = acc[keep]
+            residual[r] = acc - out
+            sent.append(out)
+        w = w - 0.1 * torch.tensor((sent[0] + sent[1]) / n).reshape(w.shape)
+    return w.numpy()
+
+
+@pytest.mark.parametrize("setting", ["topk:0.3", "powersgd:4"])
+def test_distributed_optimizer_with_error_feedback_matches_its_reference(setting: str) -> None:
+    res = tandem.run(reducing_body, nproc=2, args=(setting,), timeout=180)
+    assert res[0]["end"] == res[1]["end"], "ranks differ"
+    assert res[0]["buckets"] == 1
+    start = np.array(res[0]["start"], np.float32)
+    if setting.startswith("topk"):
+        want, tol = _top_k_reference(start, 2, 0.3, 5), 1e-5
+    else:
+        # 10 elements seen as 3 x 4: rank 4 covers the whole matrix, so PowerSGD's result is the
+        # exact average (the ranks' residuals cancel in the sum), up to its f32 arithmetic.
+        want, tol = _top_k_reference(start, 2, 1.0, 5), 1e-4
+    assert np.abs(np.array(res[0]["end"]) - want).max() <= tol, (res[0]["end"], want)
+
+
+def test_stateful_compressors_refuse_a_one_off_allreduce_and_bad_settings() -> None:
+    import torch
+
+    import tandem.torch as hvd
+
+    with pytest.raises(ValueError, match="DistributedOptimizer"):
+        hvd.Compression.topk(0.1).compress(torch.ones(3))
+    with pytest.raises(ValueError, match="topk:2"):
+        hvd.Compression.topk(2)
+    with pytest.raises(ValueError, match="powersgd:0"):
+        hvd.Compression.powersgd(0)
+
+
 def bad_optimizer_body() -> List[str]:
     import torch
 

@@ -159,9 +159,14 @@ pub fn ps_env(token: &str, same_host: &str) -> Vec<(String, String)> {
 /// Starts `node ps-server args` (the test helper binary) and returns it with the address it
 /// printed (within two minutes).
 pub fn start_ps_server(node: &str, token: &str, args: &[&str], same_host: &str) -> (Child, String) {
+    start_ps_server_env(node, args, &ps_env(token, same_host))
+}
+
+/// [`start_ps_server`] with the whole environment given (`ps_env` and more).
+pub fn start_ps_server_env(node: &str, args: &[&str], env: &[(String, String)]) -> (Child, String) {
     let mut all = vec!["ps-server"];
     all.extend_from_slice(args);
-    let mut c = spawn(node, &all, &ps_env(token, same_host));
+    let mut c = spawn(node, &all, env);
     let lines = stdout_lines(&mut c);
     let addr = loop {
         match lines.recv_timeout(Duration::from_secs(120)) {
@@ -543,10 +548,33 @@ pub mod linreg {
     /// Synchronous SGD as one process: sum the workers' gradients in worker order, divide by their
     /// number, step. The servers compute the same, summing in arrival order.
     pub fn reference_sync(workers: usize, steps: usize, lr: f32) -> (Vec<f32>, f32) {
+        reference_sync_by(workers, steps, lr, |x| x, |_, _, _| {})
+    }
+
+    /// [`reference_sync`] through a lossy wire: each worker computes its gradient on `view` of
+    /// the master weights (what it pulled), `send(worker, gw, gb)` turns the gradient into what
+    /// reaches the servers (rounded, sparsified; its state is the caller's), the servers average
+    /// and step on f32 masters. Returns `view` of the final masters, as a worker pulls them.
+    pub fn reference_sync_by(
+        workers: usize,
+        steps: usize,
+        lr: f32,
+        view: impl Fn(f32) -> f32,
+        mut send: impl FnMut(usize, &mut Vec<f32>, &mut f32),
+    ) -> (Vec<f32>, f32) {
         let shards: Vec<_> = (0..workers).map(shard).collect();
         let (mut w, mut b) = (vec![0.0f32; DIM], 0.0f32);
         for _ in 0..steps {
-            let grads: Vec<_> = shards.iter().map(|s| grad(&w, b, s)).collect();
+            let seen: Vec<f32> = w.iter().map(|x| view(*x)).collect();
+            let grads: Vec<_> = shards
+                .iter()
+                .enumerate()
+                .map(|(i, s)| {
+                    let (mut gw, mut gb) = grad(&seen, view(b), s);
+                    send(i, &mut gw, &mut gb);
+                    (gw, gb)
+                })
+                .collect();
             let mut gw = grads[0].0.clone();
             let mut gb = grads[0].1;
             for g in &grads[1..] {
@@ -558,6 +586,36 @@ pub mod linreg {
             w.iter_mut().zip(&gw).for_each(|(p, g)| *p -= lr * g);
             b -= lr * gb;
         }
-        (w, b)
+        (w.iter().map(|x| view(*x)).collect(), view(b))
+    }
+
+    /// Top-k with error feedback as a worker applies it to one whole tensor: `acc` is gradient
+    /// plus residual; the `ceil(len * fraction)` elements largest in magnitude (ties to the lower
+    /// index) stay, the rest become the new residual and are zeroed. Where the (index, value)
+    /// pairs would not be smaller than the tensor, all of it is sent and nothing kept.
+    pub fn top_k_with_feedback(g: &mut [f32], residual: &mut Vec<f32>, fraction: f64) {
+        if residual.len() != g.len() {
+            *residual = vec![0.0; g.len()];
+        }
+        let n = g.len();
+        for (a, r) in g.iter_mut().zip(residual.iter()) {
+            *a += r;
+        }
+        let k = ((n as f64 * fraction).ceil() as usize).clamp(1, n);
+        if k * 8 >= n * 4 {
+            residual.iter_mut().for_each(|r| *r = 0.0);
+            return;
+        }
+        let mut order: Vec<usize> = (0..n).collect();
+        order.sort_by(|&a, &b| g[b].abs().total_cmp(&g[a].abs()).then(a.cmp(&b)));
+        let kept: std::collections::HashSet<usize> = order[..k].iter().copied().collect();
+        for i in 0..n {
+            if kept.contains(&i) {
+                residual[i] = 0.0;
+            } else {
+                residual[i] = g[i];
+                g[i] = 0.0;
+            }
+        }
     }
 }

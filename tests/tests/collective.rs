@@ -943,3 +943,29 @@ fn compressed_allreduces_agree_on_every_rank_and_match_their_references() {
         );
     }
 }
+
+/// `auto` compression on one machine: nothing is measured (no link to save time on), every rank
+/// chooses none, and an `auto` allreduce is the exact sum.
+#[test]
+fn auto_compression_on_one_machine_chooses_none_without_measuring() {
+    let (world, len) = (3usize, 1000usize);
+    let job = Job::new();
+    let outs = job.run_with(
+        world,
+        &["auto", &len.to_string()],
+        60,
+        &[("TANDEM_COMPRESSION", "auto")],
+    );
+    let want: Vec<f64> = (0..len)
+        .map(|i| (0..world).map(|r| (r + 1 + i % 4) as f64).sum())
+        .collect();
+    for (r, o) in outs.iter().enumerate() {
+        let said = lines_with(o, "AUTO ");
+        assert_eq!(said, ["AUTO none - -"], "rank {r}: {:?}", o);
+        let sums = lines_with(o, "AUTOSUM ");
+        let got: Vec<f64> =
+            serde_json::from_str(sums.first().map_or("", |l| &l["AUTOSUM ".len()..]))
+                .expect("sums");
+        assert_eq!(got, want, "rank {r}");
+    }
+}

@@ -266,6 +266,54 @@ fn cut_rank(args: &[&str], extra: &[(&str, &str)]) {
     );
 }
 
+/// `auto` compression across two hosts joined by a 100 Mbit/s link: the ranks measure the link
+/// when the group forms, agree on the slowest rank's times and choose bf16 (its probe takes about
+/// half as long there), and an `auto` allreduce of values bf16 holds exactly is the exact sum.
+#[test]
+fn auto_compression_across_a_slow_link_chooses_bf16_on_every_rank() {
+    let Some(bed) = testbed(2, Some("100mbit")) else {
+        return;
+    };
+    let token = JobToken::generate();
+    let (world, len) = (2usize, 4096usize);
+    let children: Vec<Child> = (0..world)
+        .map(|r| {
+            let extra = [("TANDEM_TIMEOUT", "60"), ("TANDEM_COMPRESSION", "auto")];
+            spawn_rank(
+                &bed,
+                &token,
+                r,
+                world,
+                1,
+                &["auto", &len.to_string()],
+                &extra,
+            )
+        })
+        .collect();
+    let outs = wait_all(children, LIMIT);
+    let said: Vec<Vec<String>> = outs
+        .iter()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .filter(|l| l.starts_with("AUTO"))
+                .map(str::to_string)
+                .collect()
+        })
+        .collect();
+    for (r, lines) in said.iter().enumerate() {
+        assert_eq!(lines.len(), 2, "rank {r}: {lines:?} {:?}", outs[r]);
+        assert!(lines[0].starts_with("AUTO bf16 "), "rank {r}: {lines:?}");
+        // The agreed times: the same on every rank.
+        assert_eq!(lines[0], said[0][0], "rank {r} disagrees");
+        let got: Vec<f64> = serde_json::from_str(&lines[1]["AUTOSUM ".len()..]).expect("sums");
+        let want: Vec<f64> = (0..len)
+            .map(|i| (0..world).map(|q| (q + 1 + i % 4) as f64).sum())
+            .collect();
+        assert_eq!(got, want, "rank {r}");
+    }
+}
+
 /// A parameter server on host 0, two workers on hosts 1 and 2, sync SGD over the gRPC streams (no
 /// same-host copies across hosts; pushes applied as the server reads them): the result is the
 /// single-process reference's.

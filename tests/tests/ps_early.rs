@@ -37,6 +37,7 @@ fn declare() -> pb::DeclareRequest {
             ..Default::default()
         }),
         map_hash: 7,
+        compression: String::new(),
     }
 }
 

@@ -329,6 +329,7 @@ fn a_primary_stops_once_its_standby_is_promoted() {
                 ..Default::default()
             }),
             map_hash: 7,
+            compression: String::new(),
         };
         c.declare(declare).await.expect("declare");
         for _ in 0..200 {

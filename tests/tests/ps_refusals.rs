@@ -42,6 +42,7 @@ fn overflowing_declarations_are_refused_and_the_server_keeps_serving() {
                 ..Default::default()
             }),
             map_hash: 7,
+            compression: String::new(),
         };
         rt.block_on(async {
             let mut c = tandem_tests::ps_client(&addr, token.as_str()).await;

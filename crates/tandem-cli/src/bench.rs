@@ -48,7 +48,7 @@ use clap::Args;
 use tandem::{DType, Error, ProcessGroup, ReduceOp, Result};
 
 pub use crate::bench_size::Collective;
-use crate::bench_size::{run_size, run_size_compressed, run_size_device};
+use crate::bench_size::{Size, run_size, run_size_compressed, run_size_device};
 use crate::local_job::{parse_size, run_local};
 use crate::memory::peak_rss;
 use tandem::collective::compression::Compression;
@@ -550,6 +550,17 @@ pub fn bench_rank(args: BenchRankArgs) -> Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     let compression: Compression = a.compression.parse()?;
+    // `auto` measures the links now (every rank together) and is timed as what it chose.
+    let compression = if gpu.is_none() {
+        let resolved = pg.resolve_compression(compression)?;
+        if rank == 0 && compression == Compression::Auto {
+            let why = pg.auto_compression()?.reason();
+            eprintln!("auto compression chose {resolved}: {why}");
+        }
+        resolved
+    } else {
+        compression
+    };
     if rank == 0 {
         let backend = gpu.as_ref().map_or(pg.backend_name(), |g| g.backend_name());
         print_header(collective, &a, n, backend, op, dtype, csv.as_mut());
@@ -558,12 +569,16 @@ pub fn bench_rank(args: BenchRankArgs) -> Result<ExitCode> {
     let mut size = min;
     while size <= max {
         let bytes = (size / dtype.size()) * dtype.size();
+        let one = Size {
+            op,
+            bytes,
+            iters: a.iters,
+            warmup: a.warmup,
+        };
         let (wrong_count, elapsed, iters) = match &gpu {
-            Some(g) => run_size_device(g, collective, op, bytes, a.iters, a.warmup)?,
-            None if compression.is_lossy() => {
-                run_size_compressed(&pg, compression, op, bytes, a.iters, a.warmup)?
-            }
-            None => run_size(&pg, collective, dtype, op, bytes, a.iters, a.warmup)?,
+            Some(g) => run_size_device(g, collective, one)?,
+            None if compression.is_lossy() => run_size_compressed(&pg, compression, one)?,
+            None => run_size(&pg, collective, dtype, one)?,
         };
         // The slowest rank's time is the operation's time; the wrong counts add up.
         let mut stats = [elapsed.as_secs_f64() / iters as f64, wrong_count as f64];

@@ -7,7 +7,7 @@
 use tandem::{DType, ProcessGroup, ReduceOp, Result};
 
 use crate::bench::{BenchArgs, Collective};
-use crate::bench_size::{iterations, run_size};
+use crate::bench_size::{Size, iterations, run_size};
 
 /// Batches per size in `--observe-cost`: half with the recorder and metrics on, half off,
 /// alternating.
@@ -45,8 +45,13 @@ pub(crate) fn observe_cost(
         for b in 0..COST_BATCHES {
             let recording = b % 2 == 0;
             tandem::observe::set_active(recording);
-            let (_, elapsed, n) =
-                run_size(pg, collective, dtype, op, bytes, Some(per_batch), a.warmup)?;
+            let one = Size {
+                op,
+                bytes,
+                iters: Some(per_batch),
+                warmup: a.warmup,
+            };
+            let (_, elapsed, n) = run_size(pg, collective, dtype, one)?;
             let mut t = [elapsed.as_secs_f64() / n as f64];
             pg.allreduce(&mut t, ReduceOp::Max)?;
             if recording { &mut on } else { &mut off }.push(t[0]);

@@ -94,6 +94,12 @@ pub struct BenchPsArgs {
     /// measures what the overlap brings.
     #[arg(long)]
     sequential: bool,
+    /// Compress pushes and pulls through the gRPC streams (`none`, `bf16`, `fp16`,
+    /// `topk:FRACTION`, `auto`), servers and workers alike (`TANDEM_COMPRESSION` for all of them).
+    /// Transfers by address between processes of one machine are never compressed: measure it on
+    /// simulated hosts.
+    #[arg(long, default_value = "none")]
+    compression: String,
 }
 
 /// Where the bench's processes run: here, or on simulated hosts.
@@ -172,7 +178,13 @@ pub fn bench_ps(a: BenchPsArgs) -> Result<ExitCode> {
     };
     let transport = crate::hosts::JobTransport::new(a.insecure)?;
     println!("# connections: {}", transport.name());
-    let env = transport.env();
+    let mut env = transport.env();
+    let compression = tandem::ps::wire::check_setting(a.compression.parse()?)?;
+    println!("# compression: {compression}");
+    env.push((
+        tandem::settings::COMPRESSION.name.to_string(),
+        compression.to_string(),
+    ));
     let token = JobToken::generate();
     if a.replicate && a.servers < 2 {
         return Err(Error::invalid(

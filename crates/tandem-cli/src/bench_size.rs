@@ -88,28 +88,51 @@ pub(crate) fn iterations(bytes: usize, iters: Option<usize>) -> usize {
         .max(1)
 }
 
+/// What one timed size asks for: the reduction, the buffer's size in bytes, the timed iterations
+/// (`None`: [`iterations`] chooses) and the untimed warm-up ones.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Size {
+    /// The reduction the timed iterations apply.
+    pub(crate) op: ReduceOp,
+    /// The buffer's size in bytes.
+    pub(crate) bytes: usize,
+    /// `--iters`, if given.
+    pub(crate) iters: Option<usize>,
+    /// Untimed iterations first.
+    pub(crate) warmup: usize,
+}
+
+impl Size {
+    /// The reduction the correctness check uses: an average's exact value depends on rounding,
+    /// so it is checked as the sum it divides.
+    fn check_op(&self) -> ReduceOp {
+        self.op.combining()
+    }
+
+    /// The timed iterations: `--iters` or [`iterations`]' choice.
+    fn iterations(&self) -> usize {
+        iterations(self.bytes, self.iters)
+    }
+}
+
+/// One size's outcome: the elements found wrong, the time of the timed loop and its iterations.
+pub(crate) type Timed = (usize, Duration, usize);
+
 /// One size on GPU buffers (f32): a correctness check, warm-up, then timed iterations.
 pub(crate) fn run_size_device(
     gpu: &tandem::collective::device::DeviceGroup,
     coll: Collective,
-    op: ReduceOp,
-    bytes: usize,
-    iters: Option<usize>,
-    warmup: usize,
-) -> Result<(usize, Duration, usize)> {
+    size: Size,
+) -> Result<Timed> {
     let (rank, n) = (gpu.rank(), gpu.world_size());
-    let iters = iterations(bytes, iters);
+    let (op, bytes, iters, warmup) = (size.op, size.bytes, size.iterations(), size.warmup);
     let count = match coll {
         Collective::ReduceScatter => (bytes / 4) / n * n,
         _ => bytes / 4,
     };
     let mine = (rank + 1) as f32;
     let sum = (n * (n + 1) / 2) as f32;
-    let check_op = if op == ReduceOp::Avg {
-        ReduceOp::Sum
-    } else {
-        op
-    };
+    let check_op = size.check_op();
     let want_reduced = match check_op {
         ReduceOp::Sum => sum,
         ReduceOp::Prod => (1..=n).map(|r| r as f32).product(),
@@ -171,20 +194,13 @@ pub(crate) fn run_size(
     pg: &ProcessGroup,
     coll: Collective,
     dtype: DType,
-    op: ReduceOp,
-    bytes: usize,
-    iters: Option<usize>,
-    warmup: usize,
-) -> Result<(usize, Duration, usize)> {
+    size: Size,
+) -> Result<Timed> {
     let (rank, n) = (pg.rank(), pg.world_size());
-    let iters = iterations(bytes, iters);
+    let (op, bytes, iters, warmup) = (size.op, size.bytes, size.iterations(), size.warmup);
     let mut buf = vec![0u8; bytes];
     let mut out = Vec::new();
-    let check_op = if op == ReduceOp::Avg {
-        ReduceOp::Sum
-    } else {
-        op
-    };
+    let check_op = size.check_op();
     // Correctness: rank r contributes r + 1.
     fill(&mut buf, dtype, (rank + 1) as f64);
     let wrong_count = match coll {
@@ -248,21 +264,14 @@ pub(crate) fn run_size(
 pub(crate) fn run_size_compressed(
     pg: &ProcessGroup,
     compression: tandem::collective::compression::Compression,
-    op: ReduceOp,
-    bytes: usize,
-    iters: Option<usize>,
-    warmup: usize,
-) -> Result<(usize, Duration, usize)> {
+    size: Size,
+) -> Result<Timed> {
     use tandem::collective::compression::{Compression, Compressor};
     let (rank, n) = (pg.rank(), pg.world_size());
-    let iters = iterations(bytes, iters);
+    let (op, bytes, iters, warmup) = (size.op, size.bytes, size.iterations(), size.warmup);
     let mut c = Compressor::new(compression);
     let mut buf = vec![(rank + 1) as f32; bytes / 4];
-    let check_op = if op == ReduceOp::Avg {
-        ReduceOp::Sum
-    } else {
-        op
-    };
+    let check_op = size.check_op();
     pg.allreduce_compressed(&mut buf, check_op, &mut c)?;
     let wrong_count = match compression {
         Compression::Fp16 | Compression::Bf16 if check_op == ReduceOp::Sum => {

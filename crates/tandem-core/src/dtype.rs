@@ -184,6 +184,21 @@ impl ReduceOp {
         }
     }
 
+    /// The operator that combines partial results: an average sums them and divides once at the
+    /// end, every other operator combines as itself.
+    ///
+    /// ```
+    /// use tandem_core::ReduceOp;
+    /// assert_eq!(ReduceOp::Avg.combining(), ReduceOp::Sum);
+    /// assert_eq!(ReduceOp::Max.combining(), ReduceOp::Max);
+    /// ```
+    pub const fn combining(self) -> ReduceOp {
+        match self {
+            ReduceOp::Avg => ReduceOp::Sum,
+            other => other,
+        }
+    }
+
     /// A stable numeric code used on the wire.
     pub const fn code(self) -> u8 {
         match self {

@@ -5,6 +5,8 @@
 //! - [`error`]: [`Error`], the one error type of every Tandem crate.
 //! - [`dtype`]: [`DType`], the [`Element`] trait and [`ReduceOp`].
 //! - [`tensor`]: [`Tensor`] and [`TensorMut`], `bytes` buffers with zero-copy `ndarray` views.
+//! - [`blocking`]: [`blocking_twins!`], the methods of a blocking client over an async one.
+//! - [`compression`]: the compression settings of gradient transfers and their casts.
 //! - [`vars`]: where variables are read from (the process environment, or a fixture in tests).
 //! - [`settings`]: every `TANDEM_*` variable, declared once and read by one routine.
 //! - [`cluster`]: [`ClusterSpec`], resolved from TF_CONFIG, torchrun, Slurm, Open MPI, PMI or
@@ -16,7 +18,9 @@
 //! None.
 
 pub mod backoff;
+pub mod blocking;
 pub mod cluster;
+pub mod compression;
 pub mod dtype;
 pub mod error;
 pub mod settings;

@@ -365,7 +365,7 @@ settings! {
     TCP_CONGESTION = "TANDEM_TCP_CONGESTION", Kind::Text, "cubic where the kernel allows it", Collectives,
         "TCP congestion control of the ring's connections: `system` (the machine's), or a name such as `bbr` or `reno` (a refused name stops the rank before it joins)";
     COMPRESSION = "TANDEM_COMPRESSION", Kind::Text, "none", Collectives,
-        "how gradient allreduces compress what they send: `none`, `fp16`, `bf16`, `topk:FRACTION` (with error feedback) or `powersgd:RANK` (see `tandem_collective::compression`); the group's default for its compressors";
+        "how gradients (and parameter-server pulls) are compressed on the wire: `none`, `fp16`, `bf16`, `topk:FRACTION` (with error feedback), `powersgd:RANK` (allreduces) or `auto` (bf16 where the measured links make it faster); a group's default for its compressors, and the setting of parameter-server workers and servers (which must agree)";
     FUSION_BYTES = "TANDEM_FUSION_BYTES", Kind::Integer { min: 1, max: 1 << 40 }, "67108864", Collectives,
         "size of one fusion bucket of `tandem.torch.DistributedOptimizer`";
     ELASTIC = "TANDEM_ELASTIC", Kind::Bounds, "1:1024", Elastic,

@@ -25,15 +25,15 @@ pub struct BlockingClient {
 }
 
 impl BlockingClient {
-    /// See [`Client::connect`].
+    /// See [`Client::connect`]: `servers` are its `addrs`, `timeout` its `deadline`.
     pub fn connect(
-        addrs: &[String],
+        servers: &[String],
         token: &JobToken,
         worker: u32,
         map: PartitionMap,
         optimizer: Optimizer,
         mode: TrainingMode,
-        deadline: Duration,
+        timeout: Duration,
     ) -> Result<Self> {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -41,7 +41,7 @@ impl BlockingClient {
             .build()
             .map_err(|e| Error::io("starting the parameter-server client's runtime", e))?;
         let inner = rt.block_on(Client::connect(
-            addrs, token, worker, map, optimizer, mode, deadline,
+            servers, token, worker, map, optimizer, mode, timeout,
         ))?;
         Ok(BlockingClient { rt, inner })
     }
@@ -50,36 +50,22 @@ impl BlockingClient {
     pub fn inner(&self) -> &Client {
         &self.inner
     }
-    /// See [`Client::pull`].
-    pub fn pull(&self, min_version: u64) -> Result<(u64, HashMap<String, Vec<f32>>)> {
-        self.rt.block_on(self.inner.pull(min_version))
-    }
-    /// See [`Client::pull_into`].
-    pub fn pull_into(&self, min_version: u64, out: &mut HashMap<String, Vec<f32>>) -> Result<u64> {
-        self.rt.block_on(self.inner.pull_into(min_version, out))
-    }
-    /// See [`Client::push`].
-    pub fn push(&self, step: u64, grads: &[(&str, &[f32])]) -> Result<PushOutcome> {
-        self.rt.block_on(self.inner.push(step, grads))
-    }
-    /// See [`Client::pull_rows`].
-    pub fn pull_rows(&self, name: &str, ids: &[u64]) -> Result<Vec<f32>> {
-        self.rt.block_on(self.inner.pull_rows(name, ids))
-    }
-    /// See [`Client::push_rows`].
-    pub fn push_rows(&self, name: &str, ids: &[u64], grads: &[f32]) -> Result<()> {
-        self.rt.block_on(self.inner.push_rows(name, ids, grads))
-    }
-    /// See [`Client::checkpoint`].
-    pub fn checkpoint(&self) -> Result<Vec<u64>> {
-        self.rt.block_on(self.inner.checkpoint())
-    }
-    /// See [`Client::stats`].
-    pub fn stats(&self) -> Result<Vec<crate::pb::StatsResponse>> {
-        self.rt.block_on(self.inner.stats())
-    }
-    /// See [`Client::done`].
-    pub fn done(&self) -> Result<()> {
-        self.rt.block_on(self.inner.done())
+    tandem_core::blocking_twins! {
+        /// See [`Client::pull`].
+        fn pull(&self, min_version: u64) -> Result<(u64, HashMap<String, Vec<f32>>)>;
+        /// See [`Client::pull_into`].
+        fn pull_into(&self, min_version: u64, out: &mut HashMap<String, Vec<f32>>) -> Result<u64>;
+        /// See [`Client::push`].
+        fn push(&self, step: u64, grads: &[(&str, &[f32])]) -> Result<PushOutcome>;
+        /// See [`Client::pull_rows`].
+        fn pull_rows(&self, name: &str, ids: &[u64]) -> Result<Vec<f32>>;
+        /// See [`Client::push_rows`].
+        fn push_rows(&self, name: &str, ids: &[u64], grads: &[f32]) -> Result<()>;
+        /// See [`Client::checkpoint`].
+        fn checkpoint(&self) -> Result<Vec<u64>>;
+        /// See [`Client::stats`].
+        fn stats(&self) -> Result<Vec<crate::pb::StatsResponse>>;
+        /// See [`Client::done`].
+        fn done(&self) -> Result<()>;
     }
 }

@@ -9,6 +9,7 @@
 //! - [`server`]: the gRPC service and [`server::run`].
 //! - [`finite`]: the NaN/Inf check of gradients (server and client).
 //! - [`failure`]: the typed reasons every server error carries, and what a client may do on each.
+//! - [`wire`]: gradients and parameters in fewer bytes (bf16, fp16, top-k) on the streams.
 //! - [`client`]: the async worker [`client::Client`]; [`blocking::BlockingClient`] owns a runtime.
 //!
 //! Why servers run the optimizer: a worker then sends gradients and receives parameters, never
@@ -30,6 +31,7 @@ pub mod optimizer;
 pub mod placement;
 pub mod protocol;
 pub mod server;
+pub mod wire;
 
 /// Code generated from `proto/tandem/ps/v1/ps.proto`.
 #[allow(missing_docs, clippy::all)]

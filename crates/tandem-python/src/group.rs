@@ -274,6 +274,22 @@ impl PyProcessGroup {
         Ok(self.pg()?.compression().to_string())
     }
 
+    /// What `auto` compression chose for this group and why: `(chosen, reason, none_seconds,
+    /// bf16_seconds)`, the probe's times absent where nothing was measured (one machine). A
+    /// collective call the first time (every rank asks together).
+    fn auto_compression(
+        &self,
+        py: Python<'_>,
+    ) -> PyResult<(String, String, Option<f64>, Option<f64>)> {
+        let choice = self.run(py, None, |pg| pg.auto_compression())?;
+        Ok((
+            choice.chosen.to_string(),
+            choice.reason(),
+            choice.none_secs,
+            choice.bf16_secs,
+        ))
+    }
+
     /// In-place broadcast from `root`.
     #[pyo3(signature = (array, root=0, timeout=None))]
     fn broadcast(

@@ -147,7 +147,7 @@ impl PsClient {
     #[pyo3(signature = (servers, params, *, worker, workers, optimizer="sgd", lr=0.01, momentum=0.9,
         beta1=0.9, beta2=0.999, eps=None, weight_decay=0.0, clip_norm=0.0, decay_rate=1.0, decay_steps=0,
         mode="sync", staleness=None, replicas_to_aggregate=None, reject_non_finite=true, token=None,
-        timeout=60.0, min_partition_bytes=1048576, max_partition_bytes=0))]
+        timeout=60.0, min_partition_bytes=1048576, max_partition_bytes=0, compression=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -173,7 +173,13 @@ impl PsClient {
         timeout: f64,
         min_partition_bytes: usize,
         max_partition_bytes: usize,
+        compression: Option<&str>,
     ) -> PyResult<PsClient> {
+        let compression = match compression {
+            Some(c) => tandem::collective::compression::Compression::parse(c)
+                .map_err(|e| PyValueError::new_err(format!("compression={c:?}: {e}")))?,
+            None => tandem::collective::compression::Compression::from_env().py_err()?,
+        };
         let token = token_from(token)?;
         let kind = Optimizer::kind_from_name(optimizer).py_err()?;
         let mut opt = Optimizer::sgd(lr);
@@ -209,7 +215,14 @@ impl PsClient {
             .map_err(|_| PyValueError::new_err(format!("timeout={timeout} is not a duration")))?;
         let client = future(
             py,
-            Client::connect(&servers, &token, worker, map, opt, training, deadline),
+            Client::connect_compressed(
+                &servers,
+                &token,
+                worker,
+                (map, opt, training),
+                compression,
+                deadline,
+            ),
         )?;
         Ok(PsClient {
             client,
@@ -222,6 +235,12 @@ impl PsClient {
     #[getter]
     fn sync(&self) -> bool {
         self.sync
+    }
+
+    /// The compression in force with the servers (`auto` resolved when connecting).
+    #[getter]
+    fn compression(&self) -> String {
+        self.client.compression().to_string()
     }
 
     /// Waits until every server reached `min_version` and returns `(version, {name: array})`.
@@ -327,7 +346,7 @@ impl PsClient {
 /// Runs a parameter server on `bind` until every worker is done (or Ctrl-C); calls `on_ready`
 /// with the bound address first.
 #[pyfunction]
-#[pyo3(signature = (bind, *, index=0, checkpoint_dir=None, checkpoint_every=0, keep_running=false, token=None, on_ready=None, worker_timeout=None, worker_lease=None, follow=None))]
+#[pyo3(signature = (bind, *, index=0, checkpoint_dir=None, checkpoint_every=0, keep_running=false, token=None, on_ready=None, worker_timeout=None, worker_lease=None, follow=None, compression=None))]
 #[allow(clippy::too_many_arguments)]
 pub fn serve_ps(
     py: Python<'_>,
@@ -341,9 +360,16 @@ pub fn serve_ps(
     worker_timeout: Option<f64>,
     worker_lease: Option<f64>,
     follow: Option<String>,
+    compression: Option<&str>,
 ) -> PyResult<()> {
     let token = token_from(token)?;
     let mut config = ServerConfig::new(token);
+    if let Some(c) = compression {
+        config.compression = Some(
+            tandem::collective::compression::Compression::parse(c)
+                .map_err(|e| PyValueError::new_err(format!("compression={c:?}: {e}")))?,
+        );
+    }
     config.exit_when_done = !keep_running;
     if let Some(t) = worker_timeout {
         if !(t.is_finite() && t > 0.0) {

@@ -39,45 +39,20 @@ impl BlockingClient {
         Ok(BlockingClient { rt, inner })
     }
 
-    /// See [`Client::set`].
-    pub fn set(&self, key: &str, value: impl Into<Bytes>) -> Result<()> {
-        self.rt.block_on(self.inner.set(key, value))
-    }
-    /// See [`Client::get`].
-    pub fn get(&self, key: &str) -> Result<Option<Bytes>> {
-        self.rt.block_on(self.inner.get(key))
-    }
-    /// See [`Client::wait`].
-    pub fn wait(&self, keys: &[&str], timeout: Duration) -> Result<Vec<Bytes>> {
-        self.rt.block_on(self.inner.wait(keys, timeout))
-    }
-    /// See [`Client::add`].
-    pub fn add(&self, key: &str, delta: i64) -> Result<i64> {
-        self.rt.block_on(self.inner.add(key, delta))
-    }
-    /// See [`Client::compare_and_set`].
-    pub fn compare_and_set(
-        &self,
-        key: &str,
-        expected: Option<&[u8]>,
-        desired: impl Into<Bytes>,
-    ) -> Result<Swap> {
-        self.rt
-            .block_on(self.inner.compare_and_set(key, expected, desired))
-    }
-    /// See [`Client::delete`].
-    pub fn delete(&self, key: &str) -> Result<bool> {
-        self.rt.block_on(self.inner.delete(key))
-    }
-    /// See [`Client::barrier`].
-    pub fn barrier(
-        &self,
-        name: &str,
-        participants: usize,
-        member: usize,
-        timeout: Duration,
-    ) -> Result<()> {
-        self.rt
-            .block_on(self.inner.barrier(name, participants, member, timeout))
+    tandem_core::blocking_twins! {
+        /// See [`Client::set`].
+        fn set(&self, key: &str, value: impl Into<Bytes>) -> Result<()>;
+        /// See [`Client::get`].
+        fn get(&self, key: &str) -> Result<Option<Bytes>>;
+        /// See [`Client::wait`].
+        fn wait(&self, keys: &[&str], timeout: Duration) -> Result<Vec<Bytes>>;
+        /// See [`Client::add`].
+        fn add(&self, key: &str, delta: i64) -> Result<i64>;
+        /// See [`Client::compare_and_set`].
+        fn compare_and_set(&self, key: &str, expected: Option<&[u8]>, desired: impl Into<Bytes>) -> Result<Swap>;
+        /// See [`Client::delete`].
+        fn delete(&self, key: &str) -> Result<bool>;
+        /// See [`Client::barrier`].
+        fn barrier(&self, name: &str, participants: usize, member: usize, timeout: Duration) -> Result<()>;
     }
 }

@@ -183,6 +183,21 @@ mod tests {
     use super::*;
     use std::collections::HashMap;
 
+    /// A one-thread runtime for a test that drives the listeners by hand.
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime")
+    }
+
+    /// A TCP port held for the test and its address (the local socket is named after it).
+    fn held_port() -> (std::net::TcpListener, SocketAddr) {
+        let tcp = std::net::TcpListener::bind("127.0.0.1:0").expect("port");
+        let addr = tcp.local_addr().expect("addr");
+        (tcp, addr)
+    }
+
     #[test]
     fn the_variable_is_a_switch_on_by_default() {
         let with = |v: &str| from_vars(&HashMap::from([(LOCAL_VAR, v.to_string())]));
@@ -209,8 +224,7 @@ mod tests {
     /// listener, any address with its port), and both ends see the same user.
     #[tokio::test]
     async fn a_client_finds_the_listener_of_its_address() {
-        let tcp = std::net::TcpListener::bind("127.0.0.1:0").expect("port");
-        let addr = tcp.local_addr().expect("addr");
+        let (_tcp, addr) = held_port();
         let l = listen(&addr).expect("local listener");
         let (accepted, dialled) = tokio::join!(accept(&l), connect(&addr));
         assert!(accepted.expect("accept").is_ok());
@@ -234,8 +248,7 @@ mod tests {
         if me() != 0 {
             return;
         }
-        let tcp = std::net::TcpListener::bind("127.0.0.1:0").expect("port");
-        let addr = tcp.local_addr().expect("addr");
+        let (_tcp, addr) = held_port();
         let name = name(&addr);
         // A child that drops to user 65534 and listens on the name until it is dialled once.
         // (the kernel records who listened at listen(): the user is dropped before)
@@ -252,10 +265,7 @@ mod tests {
         let out = child.stdout.take().expect("stdout");
         std::io::BufRead::read_line(&mut std::io::BufReader::new(out), &mut line).expect("ready");
         assert_eq!(line.trim(), "ok");
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
+        let rt = runtime();
         let s = rt.block_on(async {
             let s = UnixStream::connect(&name).await.expect("dial");
             (check_user(&s), connect(&addr).await.is_none())
@@ -317,13 +327,9 @@ mod tests {
         {
             return;
         }
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
+        let rt = runtime();
         let _guard = rt.enter();
-        let tcp = std::net::TcpListener::bind("127.0.0.1:0").expect("port");
-        let addr = tcp.local_addr().expect("addr");
+        let (_tcp, addr) = held_port();
         let l = listen(&addr).expect("local listener");
         let exe = std::env::current_exe().expect("test binary");
         let child = std::process::Command::new("unshare")
@@ -353,10 +359,7 @@ mod tests {
             return;
         };
         let addr: SocketAddr = addr.parse().expect("addr");
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
+        let rt = runtime();
         let said = rt.block_on(async {
             let s = UnixStream::connect(name(&addr)).await.expect("dial");
             match check_user(&s) {
@@ -394,13 +397,9 @@ mod tests {
         if std::env::var("TANDEM_TEST_SET_ENABLED").is_err() {
             return;
         }
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
+        let rt = runtime();
         let _guard = rt.enter();
-        let tcp = std::net::TcpListener::bind("127.0.0.1:0").expect("port");
-        let addr = tcp.local_addr().expect("addr");
+        let (_tcp, addr) = held_port();
         set_enabled(false);
         let off = (enabled(), listen(&addr).is_some());
         set_enabled(true);

@@ -199,29 +199,35 @@ pub fn suggest(
     let (good, bad_done) = sorted.split_at(n_good(settings.gamma, sorted.len()));
     let bad: Vec<&Assignment> = bad_done.iter().copied().chain(pending.iter()).collect();
     let mut rng = rng_for(seed, index);
+    let split = Split { good, bad: &bad };
     params
         .iter()
         .map(|p| {
             let v = match &p.domain {
                 Domain::Categorical(_) | Domain::Discrete(_) => {
-                    categorical(p, good, &bad, settings, &mut rng)
+                    categorical(p, split, settings, &mut rng)
                 }
-                _ => numeric(p, good, &bad, settings, &mut rng),
+                _ => numeric(p, split, settings, &mut rng),
             };
             (p.name.clone(), v)
         })
         .collect()
 }
 
+/// The trials TPE learns from, split at the `gamma` quantile: the best ones, and the rest with the
+/// trials still running (counted as bad, so parallel suggestions spread out).
+#[derive(Debug, Clone, Copy)]
+struct Split<'a> {
+    /// The best trials.
+    good: &'a [&'a Assignment],
+    /// The others, and the pending ones.
+    bad: &'a [&'a Assignment],
+}
+
 /// TPE for a numeric parameter: candidates drawn from the good trials' Parzen estimator, the one
 /// with the best ratio of good to bad density kept.
-fn numeric(
-    p: &Parameter,
-    good: &[&Assignment],
-    bad: &[&Assignment],
-    s: TpeSettings,
-    rng: &mut StdRng,
-) -> Value {
+fn numeric(p: &Parameter, split: Split<'_>, s: TpeSettings, rng: &mut StdRng) -> Value {
+    let Split { good, bad } = split;
     let unit = |set: &[&Assignment]| -> Vec<f64> {
         set.iter()
             .filter_map(|a| a.get(&p.name).and_then(|v| to_unit(p, v)))
@@ -244,13 +250,8 @@ fn numeric(
 
 /// TPE for a categorical or discrete parameter: candidates drawn by their probability among the
 /// good trials (counts plus a prior), the one with the best ratio to the bad trials' kept.
-fn categorical(
-    p: &Parameter,
-    good: &[&Assignment],
-    bad: &[&Assignment],
-    s: TpeSettings,
-    rng: &mut StdRng,
-) -> Value {
+fn categorical(p: &Parameter, split: Split<'_>, s: TpeSettings, rng: &mut StdRng) -> Value {
+    let Split { good, bad } = split;
     let values = grid_values(p).unwrap_or_default();
     if values.is_empty() {
         return from_unit(p, 0.5);

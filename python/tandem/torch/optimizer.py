@@ -123,10 +123,16 @@ class _DistributedOptimizer(torch.optim.Optimizer):
             flat = torch.cat([g.reshape(-1) for g in grads])
             if self._predivide != 1.0:
                 flat.div_(self._predivide)
-            wire, ctx = self._compression.compress(flat)
             op = "sum" if self._op == Average else self._op
             pg = _pg()
-            handle = Handle(lambda wire=wire, op=op: _ops.allreduce(pg, wire, op))
+            if getattr(self._compression, "reduces", False):
+                # Top-k, PowerSGD: the compressor allreduces with the bucket's own state.
+                wire, ctx = flat, None
+                comp = self._compression
+                handle = Handle(lambda wire=wire, op=op, b=b: comp.reduce(pg, wire, op, b))
+            else:
+                wire, ctx = self._compression.compress(flat)
+                handle = Handle(lambda wire=wire, op=op: _ops.allreduce(pg, wire, op))
             self._inflight.append((b, handle, wire, ctx))
             self._next += 1
 
@@ -187,6 +193,8 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer, named_parameters: Any
     ``Product``), reduced in fused buckets that start during backward.
 
     ``compression`` (``Compression.fp16``/``bf16``) sends them at half size;
+    ``Compression.topk(fraction)`` and ``Compression.powersgd(rank)`` send far less, keeping the
+    error per bucket for the next steps (save ``compression.state_dict()`` with a checkpoint);
     ``backward_passes_per_step=N`` reduces after every N-th backward (gradients accumulate
     locally between); ``gradient_predivide_factor=f`` divides by f before the sum and by
     ``size/f`` after.

@@ -86,6 +86,14 @@ pub struct Io<'a> {
     pub shared_min_bytes: usize,
 }
 
+impl Io<'_> {
+    /// This rank's place in the ring: `(rank, world, left neighbour, right neighbour)`.
+    pub fn ring(&self) -> (usize, usize, usize, usize) {
+        let (me, n) = (self.rank, self.world);
+        (me, n, left(me, n), right(me, n))
+    }
+}
+
 /// A connection lost while `doing` something in an operation, naming the peer and the operation.
 fn lost(peer: usize, header: &OpHeader, doing: &str, e: &std::io::Error) -> Error {
     let what = match e.kind() {
@@ -261,13 +269,12 @@ async fn ring_reduce_scatter(
     dtype: DType,
     op: ReduceOp,
 ) -> Result<()> {
-    let (me, n) = (io.rank, io.world);
-    let (l, r) = (left(me, n), right(me, n));
-    let size = dtype.size();
-    let header = io.header;
     if let Some(mem) = io.memory.filter(|_| buf.len() >= io.shared_min_bytes) {
         return shared_reduce_scatter(io, mem, buf, chunks, dtype, op).await;
     }
+    let (me, n, l, r) = io.ring();
+    let size = dtype.size();
+    let header = io.header;
     if n < 2 {
         return Ok(());
     }
@@ -309,8 +316,7 @@ async fn ring_reduce_scatter(
 /// Ring allgather over `chunks` (byte ranges), each rank starting with its own chunk in place.
 /// Streamed across steps like [`ring_reduce_scatter`]: a received segment is forwarded at once.
 async fn ring_allgather(io: &mut Io<'_>, buf: &mut [u8], chunks: &[Range<usize>]) -> Result<()> {
-    let (me, n) = (io.rank, io.world);
-    let (l, r) = (left(me, n), right(me, n));
+    let (me, n, l, r) = io.ring();
     let header = io.header;
     if let Some(mem) = io.memory.filter(|_| buf.len() >= io.shared_min_bytes) {
         return shared_allgather(io, mem, buf, chunks).await;
@@ -380,8 +386,7 @@ pub async fn allgather(io: &mut Io<'_>, input: &[u8], output: &mut [u8]) -> Resu
 /// Broadcast from `root` along the ring, pipelined in segments.
 pub async fn broadcast(io: &mut Io<'_>, buf: &mut [u8], root: usize) -> Result<()> {
     exchange_headers(io).await?;
-    let (me, n) = (io.rank, io.world);
-    let (l, r) = (left(me, n), right(me, n));
+    let (me, n, l, r) = io.ring();
     let pos = chain_position(me, root, n);
     let header = io.header;
     let segs = segments(0..buf.len(), io.segment);

@@ -20,7 +20,8 @@ impl ProcessGroup {
     }
 
     /// Allreduces `buf` (an `f32` gradient) as `c` compresses it: `fp16`/`bf16` on the wire with
-    /// sums in `f32`; top-k and PowerSGD with error feedback kept in `c` (only `SUM` and `AVG`).
+    /// sums in `f32`; top-k and PowerSGD with error feedback kept in `c` (only `SUM` and `AVG`);
+    /// `auto` as the group chose ([`ProcessGroup::auto_compression`]).
     /// Every rank must pass a compressor of the same setting for a buffer of the same length.
     ///
     /// ```
@@ -41,8 +42,8 @@ impl ProcessGroup {
         op: ReduceOp,
         c: &mut Compressor,
     ) -> Result<()> {
-        match c.compression {
-            Compression::None => self.allreduce(buf, op),
+        match self.resolve_compression(c.compression)? {
+            Compression::None | Compression::Auto => self.allreduce(buf, op),
             Compression::Fp16 => self.allreduce_half(buf, op, DType::F16, c),
             Compression::Bf16 => self.allreduce_half(buf, op, DType::BF16, c),
             Compression::TopK { fraction } => {

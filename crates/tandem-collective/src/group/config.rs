@@ -124,10 +124,7 @@ impl GroupConfig {
             c.tcp_congestion = v.parse()?;
         }
         c.advertise_host = s::ADVERTISE_HOST.text(vars)?;
-        if let Some(v) = s::COMPRESSION.text(vars)? {
-            c.compression = crate::compression::Compression::parse(&v)
-                .map_err(|e| Error::config(s::COMPRESSION.name, e.to_string()))?;
-        }
+        c.compression = crate::compression::Compression::from_vars(vars)?;
         Ok(c)
     }
 }

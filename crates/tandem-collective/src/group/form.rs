@@ -141,6 +141,8 @@ impl ProcessGroup {
         let shared = Shared {
             name: config.name.clone(),
             compression: config.compression,
+            one_machine: true,
+            auto: Mutex::new(None),
             kind: config.backend,
             rank,
             world: 1,
@@ -235,6 +237,7 @@ impl Formation<'_> {
             shared_min_bytes: config.same_host_min_bytes,
             hosts,
         };
+        let one_machine = same_host.is_some() || super::auto::one_machine(&addrs);
         let ring = TcpRing::new(
             rank, world, ring_rt, mesh, channels, tuning, abort_rx, control, same_host,
         );
@@ -242,6 +245,8 @@ impl Formation<'_> {
         let shared = Shared {
             name: config.name.clone(),
             compression: config.compression,
+            one_machine,
+            auto: Mutex::new(None),
             kind: config.backend,
             rank,
             world,
@@ -255,10 +260,16 @@ impl Formation<'_> {
                 watcher: Mutex::new(Some(watcher)),
             }),
         };
-        Ok(ProcessGroup {
+        let pg = ProcessGroup {
             shared: Arc::new(shared),
             timeout: config.timeout,
-        })
+        };
+        // `auto` measures the links now, so the log and the metrics say what it chose from the
+        // start (and the first gradient's allreduce is not the one that pays for the probe).
+        if config.compression == crate::compression::Compression::Auto {
+            pg.auto_compression()?;
+        }
+        Ok(pg)
     }
 
     /// Joins the rendezvous (hosting it on rank 0 unless a launcher does; publishing it on a board

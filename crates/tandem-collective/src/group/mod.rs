@@ -8,6 +8,7 @@
 //! This file holds the group itself and the operations: argument checks here, the bytes moved by
 //! the backend.
 
+mod auto;
 mod cancel;
 mod compressed;
 mod config;
@@ -49,6 +50,10 @@ struct Shared {
     name: String,
     /// Its default compression of gradient allreduces.
     compression: crate::compression::Compression,
+    /// Whether every rank is on this machine (`auto` compression measures nothing then).
+    one_machine: bool,
+    /// What `auto` compression chose, once measured.
+    auto: Mutex<Option<crate::compression::AutoChoice>>,
     /// Which backend it asked for.
     kind: BackendKind,
     /// This rank.

@@ -20,6 +20,8 @@
 //! | `tandem_rendezvous_seconds` (histogram) | `call` | rendezvous round trips |
 //! | `tandem_ps_call_seconds` (histogram) | `call` | parameter-server calls of a worker (`push`, `pull`) |
 //! | `tandem_ps_*` | | a parameter server's counters (a collector it [`register`]s) |
+//! | `tandem_compression_auto` (gauge, 1) | `chosen` | what `auto` compression chose for the group formed last |
+//! | `tandem_compression_probe_seconds` (gauge) | `compression` | the probe allreduce's time `auto` chose by (`none`, `bf16`) |
 //!
 //! ```
 //! tandem_observe::identify(tandem_observe::Identity::new("rank", 0, 1));
@@ -34,6 +36,7 @@ use prometheus_client::collector::Collector;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
@@ -69,6 +72,21 @@ struct CallLabels {
     call: &'static str,
 }
 
+/// Labels of `auto` compression's choice.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ChosenLabels {
+    chosen: &'static str,
+}
+
+/// Labels of a probe's time.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ProbeLabels {
+    compression: &'static str,
+}
+
+/// A gauge of seconds.
+type Seconds = Gauge<f64, std::sync::atomic::AtomicU64>;
+
 /// A family of latency histograms.
 type Histograms<L> = Family<L, Histogram, fn() -> Histogram>;
 
@@ -89,6 +107,8 @@ struct Metrics {
     stragglers: Family<PeerLabels, Counter>,
     rendezvous: Histograms<CallLabels>,
     ps_calls: Histograms<CallLabels>,
+    auto_chosen: Family<ChosenLabels, Gauge>,
+    probe_seconds: Family<ProbeLabels, Seconds>,
 }
 
 /// Made when the process gets its identity.
@@ -133,6 +153,8 @@ impl Metrics {
             stragglers: Family::default(),
             rendezvous: Family::new_with_constructor(latency),
             ps_calls: Family::new_with_constructor(latency),
+            auto_chosen: Family::default(),
+            probe_seconds: Family::default(),
         };
         registry.register_collector(Box::new(ops::Ops));
         let help = [
@@ -142,6 +164,8 @@ impl Metrics {
             "Windows of 64 operations in which the peer started late in most",
             "Round trips to the rendezvous",
             "Parameter-server calls of this worker",
+            "What auto compression chose for the group formed last (1 on the chosen setting)",
+            "The probe allreduce's time auto compression chose by, by setting",
         ];
         registry.register("tandem_op_errors", help[0], m.errors.clone());
         registry.register("tandem_connections_refused", help[1], m.refused.clone());
@@ -149,6 +173,9 @@ impl Metrics {
         registry.register("tandem_peer_straggler", help[3], m.stragglers.clone());
         registry.register("tandem_rendezvous_seconds", help[4], m.rendezvous.clone());
         registry.register("tandem_ps_call_seconds", help[5], m.ps_calls.clone());
+        registry.register("tandem_compression_auto", help[6], m.auto_chosen.clone());
+        let probe = m.probe_seconds.clone();
+        registry.register("tandem_compression_probe_seconds", help[7], probe);
         registry.register_collector(Box::new(crate::sockets::PeerBytes));
         m
     }
@@ -219,6 +246,24 @@ pub fn rendezvous(call: &'static str, secs: f64) {
 pub fn ps_call(call: &'static str, secs: f64) {
     if let Some(m) = get() {
         m.ps_calls.get_or_create(&CallLabels { call }).observe(secs);
+    }
+}
+
+/// Records what `auto` compression chose (`chosen`: `none`, `bf16`) and the probe times it
+/// chose by (none where nothing was measured): the choice of the group formed last replaces any
+/// earlier one.
+pub fn compression_auto(chosen: &'static str, none_secs: Option<f64>, bf16_secs: Option<f64>) {
+    if let Some(m) = get() {
+        m.auto_chosen.clear();
+        m.auto_chosen.get_or_create(&ChosenLabels { chosen }).set(1);
+        m.probe_seconds.clear();
+        for (compression, secs) in [("none", none_secs), ("bf16", bf16_secs)] {
+            if let Some(secs) = secs {
+                m.probe_seconds
+                    .get_or_create(&ProbeLabels { compression })
+                    .set(secs);
+            }
+        }
     }
 }
 

@@ -48,7 +48,8 @@ pub(super) fn status_error(addr: &str, what: &str, s: Status, waited: Duration) 
 }
 
 impl Client {
-    /// Connects to every server (retrying until `deadline`) and declares the partition map on each.
+    /// Connects to every server (retrying until `deadline`) and declares the partition map on each,
+    /// with the compression `TANDEM_COMPRESSION` names (none when unset).
     pub async fn connect(
         addrs: &[String],
         token: &JobToken,
@@ -58,6 +59,33 @@ impl Client {
         mode: TrainingMode,
         deadline: Duration,
     ) -> Result<Client> {
+        let compression = Compression::from_env()?;
+        Self::connect_compressed(
+            addrs,
+            token,
+            worker,
+            (map, optimizer, mode),
+            compression,
+            deadline,
+        )
+        .await
+    }
+
+    /// [`Client::connect`] with `compression` instead of `TANDEM_COMPRESSION`: gradients pushed and
+    /// parameters pulled in bf16 or fp16, or top-k pushes (error kept here), through the gRPC
+    /// streams (see [`crate::wire`]); `auto` takes the servers' setting, or measures the link
+    /// when they are on `auto` too. A server started with another setting refuses the
+    /// declaration, naming both. `declared` is the partition map, optimizer and mode.
+    pub async fn connect_compressed(
+        addrs: &[String],
+        token: &JobToken,
+        worker: u32,
+        declared: (PartitionMap, Optimizer, TrainingMode),
+        compression: Compression,
+        deadline: Duration,
+    ) -> Result<Client> {
+        let (map, optimizer, mode) = declared;
+        let compression = crate::wire::check_setting(compression)?;
         check_job(addrs, &map, worker, mode)?;
         optimizer.validate()?;
         tandem_observe::identify(
@@ -71,7 +99,7 @@ impl Client {
             (addrs.iter().enumerate()).map(|(i, a)| connect_one(a, token, &security, end, Some(i))),
         )
         .await?;
-        let client = Client {
+        let mut client = Client {
             incarnations: std::sync::Arc::new(std::sync::Mutex::new(vec![0; servers.len()])),
             shared: std::sync::Arc::new((0..servers.len()).map(|_| AtomicU32::new(0)).collect()),
             routes: std::sync::Arc::new(super::failover::Routes::new(servers, addrs)),
@@ -83,16 +111,25 @@ impl Client {
             timeout: deadline,
             mode,
             push_ids: std::sync::Arc::new(std::sync::atomic::AtomicU64::new(first_push_id())),
+            compression: Compression::None,
+            residuals: std::sync::Arc::default(),
         };
-        client.declare_all(&optimizer, mode).await?;
+        let servers_say = client.declare_all(&optimizer, mode, compression).await?;
         if tandem_peer_memory::allowed_by_env() {
             client.attach_all().await;
         }
+        client.settle_compression(compression, &servers_say).await?;
         Ok(client)
     }
 
-    /// Declares each server's partitions, optimizer and mode on it, all servers at once.
-    async fn declare_all(&self, optimizer: &Optimizer, mode: TrainingMode) -> Result<()> {
+    /// Declares each server's partitions, optimizer, mode and this worker's compression on it, all
+    /// servers at once; returns each server's compression setting.
+    async fn declare_all(
+        &self,
+        optimizer: &Optimizer,
+        mode: TrainingMode,
+        compression: Compression,
+    ) -> Result<Vec<String>> {
         let (mode, optimizer, hash) = (
             mode_to_wire(mode),
             optimizer_to_wire(optimizer),
@@ -104,6 +141,7 @@ impl Client {
                 optimizer: Some(optimizer.clone()),
                 mode: Some(mode),
                 map_hash: hash,
+                compression: compression.to_string(),
             };
             let mut c = self.grpc(s);
             let addr = self.addr(s);
@@ -111,15 +149,15 @@ impl Client {
             async move {
                 c.declare(req)
                     .await
-                    .map(|r| r.into_inner().standby)
+                    .map(|r| r.into_inner())
                     .map_err(|e| status_error(&addr, "declaring parameters", e, deadline))
             }
         });
-        let standbys = futures::future::try_join_all(declares).await?;
-        for (s, standby) in standbys.iter().enumerate() {
-            self.learn_standby(s, standby);
+        let answers = futures::future::try_join_all(declares).await?;
+        for (s, answer) in answers.iter().enumerate() {
+            self.learn_standby(s, &answer.standby);
         }
-        Ok(())
+        Ok(answers.into_iter().map(|a| a.compression).collect())
     }
 
     /// The partitions server `s` holds, as declared on the wire.

@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
+use tandem_core::compression::Compression;
 use tandem_core::{Error, Result};
 use tandem_rendezvous::JobToken;
 use tokio::time::Instant;
@@ -23,6 +24,7 @@ use crate::optimizer::Optimizer;
 use crate::pb;
 use crate::placement::PartitionMap;
 
+mod compress;
 mod connect;
 mod failover;
 pub(crate) use crate::protocol::connect_one;
@@ -131,7 +133,15 @@ pub struct Client {
     mode: TrainingMode,
     /// The next push's id: random start, so a restarted worker never reuses its ids.
     push_ids: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// How gradients and parameters travel through the gRPC streams (settled with the servers
+    /// when connecting; `auto` resolved). See [`crate::wire`].
+    compression: Compression,
+    /// Top-k: per partition, what earlier pushes did not send yet (error feedback).
+    residuals: std::sync::Arc<std::sync::Mutex<Residuals>>,
 }
+
+/// Top-k's residual of each partition (param, part) this worker pushed.
+type Residuals = HashMap<(String, u32), Vec<f32>>;
 
 /// One server's answer to a pull: the streamed chunks, or where to read the values.
 #[derive(Debug, Clone)]
@@ -307,19 +317,14 @@ impl Client {
                 return Ok(chunks);
             }
             let min_version = chunks.iter().map(|c| c.version).max().unwrap_or(0);
-            let req = pb::PullRequest {
-                worker: self.worker,
-                min_version,
-                parts: torn
-                    .iter()
-                    .map(|(param, part)| pb::PartRef {
-                        param: param.clone(),
-                        part: *part,
-                    })
-                    .collect(),
-                timeout_ms: self.timeout.as_millis().min(u64::MAX as u128) as u64,
-                incarnation: 0,
-            };
+            let parts = torn
+                .iter()
+                .map(|(param, part)| pb::PartRef {
+                    param: param.clone(),
+                    part: *part,
+                })
+                .collect();
+            let req = self.pull_request(min_version, parts, self.timeout, 0);
             let again = self
                 .pull_stream(s, req, self.timeout)
                 .await?
@@ -350,13 +355,7 @@ impl Client {
         why: &same_host::SharedPullError,
     ) -> Result<Vec<pb::PullChunk>> {
         self.unshare_if_gone(s, sp, why);
-        let req = pb::PullRequest {
-            worker: self.worker,
-            min_version: sp.version,
-            parts: vec![],
-            timeout_ms: self.timeout.as_millis().min(u64::MAX as u128) as u64,
-            incarnation: sp.incarnation,
-        };
+        let req = self.pull_request(sp.version, vec![], self.timeout, sp.incarnation);
         self.pull_stream(s, req, self.timeout)
             .await?
             .ok_or_else(|| {
@@ -393,17 +392,8 @@ impl Client {
             let dst = out
                 .get_mut(&ch.param)
                 .ok_or_else(|| Error::transport("pulling", "unknown parameter"))?;
-            let bytes: &mut [u8] = bytemuck::cast_slice_mut(&mut dst[part.range()]);
-            let off = usize::try_from(ch.offset).unwrap_or(usize::MAX);
-            let end = off.checked_add(ch.data.len()).filter(|e| *e <= bytes.len());
-            let Some(end) = end else {
-                return Err(Error::transport(
-                    "pulling",
-                    format!("chunk of {}/{} overruns the partition", ch.param, ch.part),
-                ));
-            };
-            bytes[off..end].copy_from_slice(&ch.data);
-            *filled.entry((ch.param, ch.part)).or_default() += ch.data.len();
+            let got = self.place_pulled(&ch, &mut dst[part.range()])?;
+            *filled.entry((ch.param, ch.part)).or_default() += got;
         }
         Ok(version)
     }

@@ -14,13 +14,7 @@ impl Client {
         incarnation: u64,
         wait: Duration,
     ) -> Result<Option<Reply>> {
-        let req = pb::PullRequest {
-            worker: self.worker,
-            min_version,
-            parts: vec![],
-            timeout_ms: wait.as_millis().min(u64::MAX as u128) as u64,
-            incarnation,
-        };
+        let req = self.pull_request(min_version, vec![], wait, incarnation);
         if self.shared_pid(s).is_some() {
             let r = self
                 .call(
@@ -266,14 +260,22 @@ impl Client {
             return chunks;
         }
         for ((param, part), bytes) in parts {
+            let key = (param, part);
+            let (bytes, wire) = self.encode_part(&key, bytes);
+            // Dense data in chunks of whole elements; top-k pairs in one chunk.
+            let step = match crate::wire::element_bytes(wire) {
+                Some(size) => (self.chunk_bytes / size).max(1) * size,
+                None => bytes.len().max(1),
+            };
             let mut off = 0;
             while off < bytes.len() {
-                let end = (off + self.chunk_bytes).min(bytes.len());
+                let end = (off + step).min(bytes.len());
                 chunks.push(pb::PushChunk {
-                    param: param.clone(),
-                    part,
+                    param: key.0.clone(),
+                    part: key.1,
                     offset: off as u64,
                     data: bytes.slice(off..end),
+                    wire: wire.into(),
                     ..Default::default()
                 });
                 off = end;

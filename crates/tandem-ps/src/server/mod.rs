@@ -77,6 +77,9 @@ pub struct ServerConfig {
     /// ([`tandem_tls::Security::from_env`]): mutual TLS with the job's certificates, plaintext on
     /// loopback only unless `TANDEM_INSECURE=1`.
     pub security: Option<tandem_tls::Security>,
+    /// The compression every worker must declare (`auto`: each worker's own, measured when it
+    /// connects); `None`: `TANDEM_COMPRESSION` from the environment. See [`crate::wire`].
+    pub compression: Option<tandem_core::compression::Compression>,
 }
 
 /// How long a stopping server lets open calls finish before it closes their connections (workers
@@ -95,6 +98,7 @@ impl ServerConfig {
             worker_lease: None,
             follow: None,
             security: None,
+            compression: None,
         }
     }
 
@@ -122,10 +126,15 @@ impl Server {
     /// Prepares a server, restoring from its checkpoint when the directory holds one.
     pub async fn new(config: ServerConfig) -> Result<Server> {
         let all_done = Arc::new(Notify::new());
+        let compression = crate::wire::check_setting(match config.compression {
+            Some(c) => c,
+            None => tandem_core::compression::Compression::from_env()?,
+        })?;
         let service = Service::new(
             config.limits.clone(),
             all_done.clone(),
             config.checkpoint.clone(),
+            compression,
         );
         if let Some(policy) = &config.checkpoint {
             let (dir, index) = (policy.dir.clone(), policy.index);
@@ -184,6 +193,7 @@ impl Server {
                 self.config.token.clone(),
                 self.config.limits.clone(),
                 security.clone(),
+                service.compression,
             ))),
             _ => None,
         };

@@ -27,8 +27,10 @@ pub(super) struct PulledChunks {
     pub(super) version: u64,
     /// The server's incarnation, sent in every chunk.
     pub(super) incarnation: u64,
-    /// Bytes per chunk.
+    /// Bytes per chunk (of f32, before any narrowing).
     pub(super) chunk_bytes: usize,
+    /// How the values travel: f32, or narrowed to bf16 or fp16 (offsets then in their bytes).
+    pub(super) wire: pb::Wire,
     /// Sent on the first chunk: this server's standby.
     pub(super) standby: String,
     /// Sync: the version asked for, and how long to wait for each partition to reach it (the
@@ -79,19 +81,31 @@ impl PulledChunks {
                 let end = (off + self.chunk_bytes).min(len);
                 let (data, part_version) = {
                     let d = entry.data.read().unwrap_or_else(|p| p.into_inner());
-                    let src: &[u8] = bytemuck::cast_slice(&d.values);
-                    (bytes::Bytes::copy_from_slice(&src[off..end]), d.version)
+                    let data = match self.wire {
+                        pb::Wire::Bf16 | pb::Wire::Fp16 => {
+                            crate::wire::encode_dense(&d.values[off / 4..end / 4], self.wire)
+                        }
+                        _ => {
+                            let src: &[u8] = bytemuck::cast_slice(&d.values);
+                            bytes::Bytes::copy_from_slice(&src[off..end])
+                        }
+                    };
+                    (data, d.version)
                 };
                 let n = data.len() as u64;
                 let chunk = pb::PullChunk {
                     param: key.0.clone(),
                     part: key.1,
-                    offset: off as u64,
+                    offset: match self.wire {
+                        pb::Wire::Bf16 | pb::Wire::Fp16 => off as u64 / 2,
+                        _ => off as u64,
+                    },
                     version: self.version,
                     data,
                     incarnation: self.incarnation,
                     part_version,
                     standby: std::mem::take(&mut standby),
+                    wire: self.wire.into(),
                 };
                 let sent = runtime
                     .block_on(async { tokio::time::timeout(wait, tx.send(Ok(chunk))).await });

@@ -149,9 +149,10 @@ impl Standby {
         token: JobToken,
         limits: Limits,
         security: tandem_tls::Security,
+        compression: tandem_core::compression::Compression,
     ) -> Standby {
         let all_done = Arc::new(Notify::new());
-        let service = Service::new(limits, all_done.clone(), None);
+        let service = Service::new(limits, all_done.clone(), None, compression);
         let promotion = Arc::new(Promotion {
             promoted: Mutex::new(false),
             signal: watch::Sender::new(false),

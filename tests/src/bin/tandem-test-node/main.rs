@@ -10,6 +10,9 @@
 //! - `compressed LEN COLS`: gradient allreduces of LEN f32 (a COLS-wide matrix for PowerSGD)
 //!   under each compression, printing `COMPRESSED name step [values]`, then the refusals
 //!   (`REFUSED what message`).
+//! - `auto LEN`: in a group formed with `auto` compression, prints `AUTO chosen none_secs
+//!   bf16_secs` (the probe's times, `-` where nothing was measured), then `AUTOSUM [values]`: an
+//!   `auto` allreduce (sum) of LEN elements, rank r contributing r + 1 + i % 4.
 //! - `loop`: allreduces until something fails, printing `ITER i` after each.
 //! - `mismatch --odd R`: rank R calls broadcast(f32 x 10, root 0) while the others call
 //!   allreduce(f32 x 12, sum).
@@ -42,6 +45,7 @@ fn main() {
         Some("async") => collective(run_async),
         Some("big") => collective(|pg| run_big(pg, &args[1..])),
         Some("compressed") => collective(|pg| run_compressed(pg, &args[1..])),
+        Some("auto") => collective(|pg| run_auto(pg, &args[1..])),
         Some("loop") => collective(|pg| run_loop(pg, &args[1..])),
         Some("straggle") => collective(|pg| run_straggle(pg, &args[1..])),
         Some("mismatch") => collective(|pg| run_mismatch(pg, &args[1..])),
@@ -228,6 +232,34 @@ fn run_compressed(pg: &ProcessGroup, args: &[String]) -> Result<()> {
     if let Err(e) = pg.allreduce_compressed(&mut vec![1.0; len + 1], ReduceOp::Sum, &mut c) {
         println!("REFUSED length {e}");
     }
+    Ok(())
+}
+
+fn run_auto(pg: &ProcessGroup, args: &[String]) -> Result<()> {
+    use tandem::collective::compression::Compression;
+    let len: usize = args
+        .first()
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| Error::invalid("len", "auto LEN"))?;
+    if pg.compression() != Compression::Auto {
+        return Err(Error::invalid(
+            "TANDEM_COMPRESSION",
+            "the auto mode wants auto",
+        ));
+    }
+    let choice = pg.auto_compression()?;
+    let secs = |s: Option<f64>| s.map_or("-".to_string(), |s| format!("{s:e}"));
+    println!(
+        "AUTO {} {} {}",
+        choice.chosen,
+        secs(choice.none_secs),
+        secs(choice.bf16_secs)
+    );
+    let rank = pg.rank();
+    let mut g: Vec<f32> = (0..len).map(|i| (rank + 1 + i % 4) as f32).collect();
+    let mut c = pg.compressor();
+    pg.allreduce_compressed(&mut g, ReduceOp::Sum, &mut c)?;
+    println!("AUTOSUM {}", serde_json::to_string(&g).unwrap_or_default());
     Ok(())
 }
 

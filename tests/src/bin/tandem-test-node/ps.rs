@@ -243,7 +243,8 @@ pub(crate) async fn ps_worker(args: &[String]) -> Result<()> {
     }
     // Sync: the last step completes once enough workers pushed it, backups or not.
     let (version, p) = client.pull(if sync { steps } else { 0 }).await?;
-    let result = serde_json::json!({ "w": p["w"], "b": p["b"][0], "version": version, "dropped": dropped, "max_spread": max_spread, "same_host": client.same_host() });
+    let bytes_in: u64 = client.stats().await?.iter().map(|s| s.bytes_in).sum();
+    let result = serde_json::json!({ "w": p["w"], "b": p["b"][0], "version": version, "dropped": dropped, "max_spread": max_spread, "same_host": client.same_host(), "compression": client.compression().to_string(), "bytes_in": bytes_in });
     println!("RESULT {result}");
     client.done().await?;
     Ok(())

@@ -174,8 +174,7 @@ pub(super) async fn shared_reduce_scatter(
     dtype: DType,
     op: ReduceOp,
 ) -> Result<()> {
-    let (me, n) = (io.rank, io.world);
-    let (l, r) = (left(me, n), right(me, n));
+    let (me, n, l, r) = io.ring();
     let size = dtype.size();
     let header = io.header;
     for step in 0..n - 1 {
@@ -207,8 +206,7 @@ pub(super) async fn shared_allgather(
     buf: &mut [u8],
     chunks: &[Range<usize>],
 ) -> Result<()> {
-    let (me, n) = (io.rank, io.world);
-    let (l, r) = (left(me, n), right(me, n));
+    let (me, n, l, r) = io.ring();
     let header = io.header;
     for step in 0..n - 1 {
         let (s, rc) = allgather_step(me, n, step);

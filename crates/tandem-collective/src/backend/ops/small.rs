@@ -287,11 +287,7 @@ pub async fn allreduce_doubling(
     let mut inbox = vec![0u8; frame_len * n];
     let start = Instant::now();
     let mut last = None;
-    let combine = if op == ReduceOp::Avg {
-        ReduceOp::Sum
-    } else {
-        op
-    };
+    let combine = op.combining();
     let mut bit = 1;
     while bit < n {
         let partner = me ^ bit;
@@ -327,8 +323,7 @@ pub async fn allreduce_direct(
     dtype: DType,
     op: ReduceOp,
 ) -> Result<()> {
-    let (me, n) = (io.rank, io.world);
-    let header = io.header;
+    let (me, n, header) = (io.rank, io.world, io.header);
     let len = buf.len();
     let frame_len = HEADER_LEN + len;
     let mut msg = Vec::with_capacity(frame_len);

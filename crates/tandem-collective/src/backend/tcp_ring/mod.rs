@@ -435,14 +435,14 @@ impl Backend for TcpRing {
 
     fn allreduce(
         &self,
-        buf: &mut [u8],
+        data: &mut [u8],
         dtype: DType,
         op: ReduceOp,
         timeout: Duration,
     ) -> Result<()> {
-        let count = buf.len() / dtype.size();
-        let direct = buf.len().saturating_mul(self.world - 1) <= self.direct_bytes;
-        if !direct && self.cuts(buf.len()) {
+        let count = data.len() / dtype.size();
+        let direct = data.len().saturating_mul(self.world - 1) <= self.direct_bytes;
+        if !direct && self.cuts(data.len()) {
             let what = Part::Allreduce {
                 dtype,
                 op,
@@ -451,7 +451,7 @@ impl Backend for TcpRing {
             return self.run_cut(
                 timeout,
                 |st| collective(st, OpKind::Allreduce, dtype, Some(op), 0, count),
-                buf,
+                data,
                 dtype.size(),
                 what,
             );
@@ -461,13 +461,13 @@ impl Backend for TcpRing {
             |st| collective(st, OpKind::Allreduce, dtype, Some(op), 0, count),
             async move |io| {
                 if direct && ops::doubling_fits(io.world, dtype) {
-                    ops::allreduce_doubling(io, buf, dtype, op).await
+                    ops::allreduce_doubling(io, data, dtype, op).await
                 } else if direct {
-                    ops::allreduce_direct(io, buf, dtype, op).await
+                    ops::allreduce_direct(io, data, dtype, op).await
                 } else if let Some(layout) = &self.hosts {
-                    ops::allreduce_hierarchical(io, buf, dtype, op, layout).await
+                    ops::allreduce_hierarchical(io, data, dtype, op, layout).await
                 } else {
-                    ops::allreduce(io, buf, dtype, op).await
+                    ops::allreduce(io, data, dtype, op).await
                 }
             },
         )
@@ -475,17 +475,17 @@ impl Backend for TcpRing {
 
     fn broadcast(
         &self,
-        buf: &mut [u8],
+        data: &mut [u8],
         dtype: DType,
         root: usize,
         timeout: Duration,
     ) -> Result<()> {
-        let count = buf.len() / dtype.size();
-        if self.cuts(buf.len()) {
+        let count = data.len() / dtype.size();
+        if self.cuts(data.len()) {
             return self.run_cut(
                 timeout,
                 |st| collective(st, OpKind::Broadcast, dtype, None, root, count),
-                buf,
+                data,
                 dtype.size(),
                 Part::Broadcast { root },
             );
@@ -493,53 +493,53 @@ impl Backend for TcpRing {
         self.run_op(
             timeout,
             |st| collective(st, OpKind::Broadcast, dtype, None, root, count),
-            async |io| ops::broadcast(io, buf, root).await,
+            async |io| ops::broadcast(io, data, root).await,
         )
     }
 
     fn allgather(
         &self,
-        input: &[u8],
-        output: &mut [u8],
+        mine: &[u8],
+        out: &mut [u8],
         dtype: DType,
         timeout: Duration,
     ) -> Result<()> {
-        let count = input.len() / dtype.size();
+        let count = mine.len() / dtype.size();
         self.run_op(
             timeout,
             |st| collective(st, OpKind::Allgather, dtype, None, 0, count),
-            async |io| ops::allgather(io, input, output).await,
+            async |io| ops::allgather(io, mine, out).await,
         )
     }
 
     fn reduce_scatter(
         &self,
-        buf: &mut [u8],
+        data: &mut [u8],
         dtype: DType,
         op: ReduceOp,
         timeout: Duration,
     ) -> Result<Range<usize>> {
-        let count = buf.len() / dtype.size();
+        let count = data.len() / dtype.size();
         self.run_op(
             timeout,
             |st| collective(st, OpKind::ReduceScatter, dtype, Some(op), 0, count),
-            async |io| ops::reduce_scatter(io, buf, dtype, op).await,
+            async |io| ops::reduce_scatter(io, data, dtype, op).await,
         )
     }
 
     fn reduce(
         &self,
-        buf: &mut [u8],
+        data: &mut [u8],
         dtype: DType,
         op: ReduceOp,
         root: usize,
         timeout: Duration,
     ) -> Result<()> {
-        let count = buf.len() / dtype.size();
+        let count = data.len() / dtype.size();
         self.run_op(
             timeout,
             |st| collective(st, OpKind::Reduce, dtype, Some(op), root, count),
-            async |io| ops::reduce(io, buf, dtype, op, root).await,
+            async |io| ops::reduce(io, data, dtype, op, root).await,
         )
     }
 
@@ -554,8 +554,8 @@ impl Backend for TcpRing {
         )
     }
 
-    fn send(&self, buf: &[u8], dtype: DType, to: usize, timeout: Duration) -> Result<()> {
-        let count = buf.len() / dtype.size();
+    fn send(&self, data: &[u8], dtype: DType, to: usize, timeout: Duration) -> Result<()> {
+        let count = data.len() / dtype.size();
         self.run_op(
             timeout,
             |st| {
@@ -563,12 +563,12 @@ impl Backend for TcpRing {
                 st.sent[to] += 1;
                 message(seq, dtype, to, count)
             },
-            async |io| ops::send(io, buf, to).await,
+            async |io| ops::send(io, data, to).await,
         )
     }
 
-    fn recv(&self, buf: &mut [u8], dtype: DType, from: usize, timeout: Duration) -> Result<()> {
-        let count = buf.len() / dtype.size();
+    fn recv(&self, data: &mut [u8], dtype: DType, from: usize, timeout: Duration) -> Result<()> {
+        let count = data.len() / dtype.size();
         let me = self.rank;
         self.run_op(
             timeout,
@@ -577,7 +577,7 @@ impl Backend for TcpRing {
                 st.received[from] += 1;
                 message(seq, dtype, me, count)
             },
-            async |io| ops::recv(io, buf, from).await,
+            async |io| ops::recv(io, data, from).await,
         )
     }
 }

@@ -13,6 +13,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use futures::Stream;
+use tandem_core::compression::Compression;
 use tokio::sync::{Notify, OnceCell};
 use tokio_stream::StreamExt;
 use tonic::{Code, Request, Response, Status, Streaming};
@@ -85,6 +86,8 @@ pub struct Service {
     pub(super) roster: super::lease::Roster,
     /// The standby following this server, if any (primary-backup replication).
     pub replication: Arc<super::replica::Replication>,
+    /// The compression workers must declare (`auto`: each worker's own).
+    pub(super) compression: Compression,
 }
 
 impl Service {
@@ -93,6 +96,7 @@ impl Service {
         limits: Limits,
         all_done: Arc<Notify>,
         checkpoint: Option<CheckpointPolicy>,
+        compression: Compression,
     ) -> Self {
         let incarnation = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -110,6 +114,7 @@ impl Service {
             limits,
             roster: super::lease::Roster::new(all_done),
             replication: Arc::default(),
+            compression,
         }
     }
 
@@ -156,6 +161,29 @@ impl Service {
     /// Whether a checkpoint is due at `version`.
     pub(super) fn due(&self, version: u64) -> bool {
         self.checkpoints.due(version)
+    }
+
+    /// An async push applied on this (blocking-pool) thread: `apply` gets the version it applies
+    /// to and a scratch piece lent from the model's pool; [`apply_async`] counts, replicates and
+    /// publishes around it, with this service's checkpoint schedule and replication.
+    pub(super) fn apply_async_pooled(
+        &self,
+        model: &Model,
+        worker: u32,
+        step: u64,
+        apply: impl FnOnce(u64, &mut Vec<f32>) -> Result<(), (Status, bool)>,
+    ) -> PushResult {
+        let mut scratch = model.pool.take(super::model::PIECE);
+        let r = apply_async(
+            model,
+            worker,
+            step,
+            |version| apply(version, &mut scratch),
+            &|v| self.due(v),
+            &self.replication,
+        );
+        model.pool.give(scratch);
+        r
     }
 
     /// The model, once declared.
@@ -237,6 +265,8 @@ impl ParameterServer for Service {
         req: Request<pb::DeclareRequest>,
     ) -> Result<Response<pb::DeclareResponse>, Status> {
         let r = req.into_inner();
+        decode::agree(self.compression, &r.compression)?;
+        let compression = self.compression.to_string();
         let optimizer = optimizer_from(r.optimizer)?;
         let mode = mode_from(r.mode)?;
         let _guard = self.declare_lock.lock().await;
@@ -254,6 +284,7 @@ impl ParameterServer for Service {
             return Ok(Response::new(pb::DeclareResponse {
                 version: *m.version.borrow(),
                 standby: self.replication.standby(),
+                compression,
             }));
         }
         let decls = r
@@ -272,6 +303,7 @@ impl ParameterServer for Service {
         Ok(Response::new(pb::DeclareResponse {
             version: 0,
             standby: self.replication.standby(),
+            compression,
         }))
     }
 
@@ -280,9 +312,10 @@ impl ParameterServer for Service {
         req: Request<Streaming<pb::PushChunk>>,
     ) -> Result<Response<pb::PushResponse>, Status> {
         let model = self.declared()?;
-        let mut stream = req.into_inner();
-        let first = match stream.message().await? {
-            Some(c) => c,
+        // Whatever the worker's compression, everything below reads f32 chunks.
+        let mut stream = decode::decoded(model.clone(), req.into_inner());
+        let first = match stream.next().await {
+            Some(c) => c?,
             None => return Err(invalid("empty push")),
         };
         let _call = self.calling(first.worker);
@@ -357,14 +390,19 @@ impl ParameterServer for Service {
         // each partition as soon as the step finished it (early.rs).
         keys.sort();
         let early = model.mode.sync.then(|| keys.first()).flatten();
+        let wire = match r.wire() {
+            pb::Wire::Topk => return Err(invalid("pulls come in f32, bf16 or fp16, not top-k")),
+            w => w,
+        };
         let (version, min_version) = self.wait_version(&model, &r, early).await?;
         let chunks = PulledChunks {
+            wire,
             early: early.is_some().then(|| (min_version, self.pull_wait(&r))),
             model,
             keys,
             version,
             incarnation: self.incarnation,
-            chunk_bytes: self.limits.chunk_bytes.max(1),
+            chunk_bytes: self.limits.chunk_bytes.max(4) / 4 * 4,
             standby: self.replication.standby(),
         };
         let (tx, rx) = tokio::sync::mpsc::channel(PULL_AHEAD);
@@ -462,6 +500,7 @@ impl ParameterServer for Service {
 }
 
 mod checkpoints;
+mod decode;
 pub(super) mod intake;
 mod leases;
 mod replication;

@@ -40,10 +40,6 @@ impl Incoming {
         let bytes: &mut [u8] = bytemuck::cast_slice_mut(buf.as_mut_slice());
         bytes[*filled..*filled + c.data.len()].copy_from_slice(&c.data);
         *filled += c.data.len();
-        model
-            .counters
-            .bytes_in
-            .fetch_add(c.data.len() as u64, Ordering::Relaxed);
         Ok(())
     }
 }
@@ -75,20 +71,13 @@ impl Service {
                 wait_staleness(&model, worker, self.limits.max_wait).await?;
                 let svc = self.clone();
                 blocking(move || {
-                    apply_async(
-                        &model,
-                        worker,
-                        step,
-                        |version| {
-                            for (key, mut g) in grads {
-                                model.apply(&key, &mut g, version);
-                                model.pool.give(g);
-                            }
-                            Ok(())
-                        },
-                        &|v| svc.due(v),
-                        &svc.replication,
-                    )
+                    svc.apply_async_pooled(&model, worker, step, |version, _| {
+                        for (key, mut g) in grads {
+                            model.apply(&key, &mut g, version);
+                            model.pool.give(g);
+                        }
+                        Ok(())
+                    })
                 })
                 .await?
             }

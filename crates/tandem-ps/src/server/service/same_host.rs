@@ -23,7 +23,7 @@ use crate::pb;
 use crate::pb::Reason;
 use crate::server::model::{GradientSource, Key, Model, PIECE, Partial, Unreadable};
 use crate::server::runtime::{blocking, shutting_down};
-use crate::server::step::{Contribution, Stepper, apply_async, wait_staleness};
+use crate::server::step::{Contribution, Stepper, wait_staleness};
 
 /// How long a sync push from this machine keeps its gradient in the worker, waiting for the step to
 /// be applied, before the server copies it into the step's sum and lets the worker go on.
@@ -404,21 +404,11 @@ impl Service {
             let clip = model.optimizer.clip_norm > 0.0;
             let norms = from.check(&model, clip)?;
             model.counters.bytes_in.fetch_add(bytes, Ordering::Relaxed);
-            let mut scratch = model.pool.take(PIECE);
-            let r = apply_async(
-                &model,
-                worker,
-                step,
-                |version| {
-                    model
-                        .apply_source(&from, version, Some(&norms), &mut scratch)
-                        .map_err(|p| (partial_status(worker, &p), true))
-                },
-                &|v| svc.due(v),
-                &svc.replication,
-            );
-            model.pool.give(scratch);
-            r
+            svc.apply_async_pooled(&model, worker, step, |version, scratch| {
+                model
+                    .apply_source(&from, version, Some(&norms), scratch)
+                    .map_err(|p| (partial_status(worker, &p), true))
+            })
         })
         .await?;
         drop(receiving);

@@ -18,17 +18,19 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tonic::{Code, Status, Streaming};
+use futures::StreamExt;
+use tonic::{Code, Status};
 
 use super::Service;
+use super::decode::Chunks;
 use super::intake::{Claim, Taking};
 use super::{all_finite, check_worker, part_of};
 use crate::failure::{invalid, partially_applied, status};
 use crate::pb;
 use crate::pb::Reason;
-use crate::server::model::{GradientSource, Key, Model, PIECE, Partial, Unreadable};
+use crate::server::model::{GradientSource, Key, Model, Partial, Unreadable};
 use crate::server::runtime::{blocking, shutting_down};
-use crate::server::step::{apply_async, wait_staleness};
+use crate::server::step::wait_staleness;
 
 /// How long a sync push through the stream waits for its step before the server copies the rest
 /// of its gradient into the step's sum and lets the worker go on (so workers waiting on each other
@@ -38,8 +40,8 @@ pub const STREAMED_PATIENCE: Duration = Duration::from_secs(10);
 
 /// Where the reader is in a push's stream.
 struct Reader {
-    /// The push's stream.
-    stream: Streaming<pb::PushChunk>,
+    /// The push's stream, decoded to f32 chunks.
+    stream: Chunks,
     /// The chunk being consumed, and how many of its bytes were.
     chunk: Option<(pb::PushChunk, usize)>,
     /// Partition being read (index into the list), and elements of it read.
@@ -158,7 +160,7 @@ impl StreamedGradient {
     /// The next chunk, which must continue partition `key` at byte `pos`.
     fn next_chunk(
         &self,
-        stream: &mut Streaming<pb::PushChunk>,
+        stream: &mut Chunks,
         key: &Key,
         pos: usize,
         numel: usize,
@@ -175,16 +177,16 @@ impl StreamedGradient {
         };
         let next = self
             .runtime
-            .block_on(async { tokio::time::timeout(self.wait, stream.message()).await });
+            .block_on(async { tokio::time::timeout(self.wait, stream.next()).await });
         let c = match next {
             Err(_) => Err(format!(
                 "sent nothing for {:?} (stopped at {})",
                 self.wait,
                 where_()
             )),
-            Ok(Err(st)) => Err(format!("stream broke at {}: {}", where_(), st.message())),
-            Ok(Ok(None)) => Err(format!("stream ended early, at {}", where_())),
-            Ok(Ok(Some(c))) => Ok(c),
+            Ok(Some(Err(st))) => Err(format!("stream broke at {}: {}", where_(), st.message())),
+            Ok(None) => Err(format!("stream ended early, at {}", where_())),
+            Ok(Some(Ok(c))) => Ok(c),
         }
         .map_err(broken)?;
         let fits = c.offset == pos as u64
@@ -202,10 +204,6 @@ impl StreamedGradient {
                 where_()
             )));
         }
-        self.model
-            .counters
-            .bytes_in
-            .fetch_add(c.data.len() as u64, Ordering::Relaxed);
         Ok(c)
     }
 }
@@ -234,9 +232,9 @@ impl Afterwards {
                 return;
             }
             let more = self.runtime.block_on(async {
-                tokio::time::timeout(Duration::from_secs(1), r.stream.message()).await
+                tokio::time::timeout(Duration::from_secs(1), r.stream.next()).await
             });
-            if let Ok(Ok(Some(c))) = more {
+            if let Ok(Some(Ok(c))) = more {
                 tracing::warn!(
                     worker,
                     "push stream went on after its listed partitions ({:?} partition {}); ignored",
@@ -277,7 +275,7 @@ impl Service {
     pub(super) async fn push_as_read(
         &self,
         first: pb::PushChunk,
-        stream: Streaming<pb::PushChunk>,
+        stream: Chunks,
     ) -> Result<pb::PushResponse, Status> {
         let (model, stepper) = self.declared_with_stepper()?;
         let (worker, step, first_push_id) = (first.worker, first.step, first.push_id);
@@ -310,10 +308,6 @@ impl Service {
                     c.param, c.part, c.offset
                 )));
             }
-            model
-                .counters
-                .bytes_in
-                .fetch_add(c.data.len() as u64, Ordering::Relaxed);
         }
         let runtime = tokio::runtime::Handle::current();
         let source = StreamedGradient {
@@ -407,23 +401,14 @@ impl Service {
         // From here the blocking task owns the outcome: it records it whatever happens to this call.
         let record = taking.as_mut().map(Taking::own);
         let result = blocking(move || {
-            let mut scratch = model.pool.take(PIECE);
-            let r = apply_async(
-                &model,
-                worker,
-                step,
-                |version| {
-                    model
-                        .apply_source(&source, version, None, &mut scratch)
-                        .map_err(|p| {
-                            let non_finite = source.reader.lock().is_ok_and(|r| r.non_finite);
-                            (failed_status(worker, &p, non_finite), !p.applied.is_empty())
-                        })
-                },
-                &|v| svc.due(v),
-                &svc.replication,
-            );
-            model.pool.give(scratch);
+            let r = svc.apply_async_pooled(&model, worker, step, |version, scratch| {
+                model
+                    .apply_source(&source, version, None, scratch)
+                    .map_err(|p| {
+                        let non_finite = source.reader.lock().is_ok_and(|r| r.non_finite);
+                        (failed_status(worker, &p, non_finite), !p.applied.is_empty())
+                    })
+            });
             drop(receiving);
             if let Some(recorder) = record {
                 recorder.record(r.as_ref().map(|(resp, _)| *resp).map_err(Clone::clone));
