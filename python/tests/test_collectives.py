@@ -209,3 +209,22 @@ def test_compressed_allreduces_from_python_match_references_and_refuse_what_they
         np.testing.assert_array_equal(res["sgd"], np.full(n, -2.0, np.float32))
         assert res["compressors"] == ["bf16"]
         np.testing.assert_array_equal(res["bf16"], results[0]["bf16"])
+
+
+def auto_body(n: int) -> dict:
+    g = tandem.init(timeout=30, compression="auto")
+    a = data(g.rank, np.float32, n, 302)
+    g.allreduce(a, compression="auto")
+    return {"default": g.compression, "choice": tandem.auto_compression(), "sum": a}
+
+
+def test_auto_compression_on_one_machine_keeps_full_precision_and_says_why() -> None:
+    world, n = 2, 1000
+    results = tandem.run(auto_body, nproc=world, args=(n,), timeout=120)
+    exact = sum(data(q, np.float32, n, 302) for q in range(world))
+    for res in results:
+        assert res["default"] == "auto"
+        choice = res["choice"]
+        assert choice["chosen"] == "none" and "one machine" in choice["reason"], choice
+        assert choice["none_seconds"] is None and choice["bf16_seconds"] is None
+        np.testing.assert_allclose(res["sum"], exact, rtol=1e-6)

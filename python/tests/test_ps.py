@@ -241,3 +241,35 @@ def test_a_server_lost_with_a_standby_loses_no_step(token) -> None:
             p.kill()
             p.wait()
             p.stdout.close()
+
+
+def test_bf16_pushes_and_pulls_and_a_worker_with_another_setting_refused(token, monkeypatch) -> None:
+    import subprocess
+    import sys
+
+    from conftest import clean_env, read_line
+
+    monkeypatch.setenv("TANDEM_SAME_HOST", "tcp")  # through the streams, where compression applies
+    p = subprocess.Popen([sys.executable, "-m", "tandem.ps", "--bind", "127.0.0.1:0"],
+                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                         env=clean_env(TANDEM_JOB_TOKEN=token, TANDEM_COMPRESSION="bf16"))
+    try:
+        addr = read_line(p, "tandem ps: serving on").rsplit(" ", 1)[1]
+        with pytest.raises(tandem.PreconditionError, match="started with bf16"):
+            ps.Client([ps.param("w", (8,))], servers=[addr], worker=0, workers=1, token=token,
+                      mode="sync", lr=1.0, timeout=30, compression="none")
+        c = ps.Client([ps.param("w", (8,))], servers=[addr], worker=0, workers=1, token=token,
+                      mode="sync", lr=1.0, timeout=30, compression="bf16")
+        assert c.compression == "bf16"
+        g = (np.arange(8, dtype=np.float32) + 1) / 3  # not bf16 values
+        c.push(0, {"w": g})
+        _, pulled = c.pull(1)
+        # The server applied the bf16-rounded gradient to f32 weights; the pull is rounded again.
+        as_bf16 = lambda a: (a.astype(np.float32).view(np.uint32) + 0x8000 & 0xFFFF0000).view(np.float32)  # noqa: E731
+        np.testing.assert_array_equal(pulled["w"], as_bf16(-as_bf16(g)))
+        c.done()
+    finally:
+        p.kill()
+        p.wait(timeout=10)
+        if p.stdout:
+            p.stdout.close()
