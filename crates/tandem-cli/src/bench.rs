@@ -48,7 +48,7 @@ use clap::Args;
 use tandem::{DType, Error, ProcessGroup, ReduceOp, Result};
 
 pub use crate::bench_size::Collective;
-use crate::bench_size::{Size, run_size, run_size_compressed, run_size_device};
+use crate::bench_size::{Size, Timed, run_size, run_size_compressed, run_size_device};
 use crate::local_job::{parse_size, run_local};
 use crate::memory::peak_rss;
 use tandem::collective::compression::Compression;
@@ -549,18 +549,7 @@ pub fn bench_rank(args: BenchRankArgs) -> Result<ExitCode> {
         pg.shutdown()?;
         return Ok(ExitCode::SUCCESS);
     }
-    let compression: Compression = a.compression.parse()?;
-    // `auto` measures the links now (every rank together) and is timed as what it chose.
-    let compression = if gpu.is_none() {
-        let resolved = pg.resolve_compression(compression)?;
-        if rank == 0 && compression == Compression::Auto {
-            let why = pg.auto_compression()?.reason();
-            eprintln!("auto compression chose {resolved}: {why}");
-        }
-        resolved
-    } else {
-        compression
-    };
+    let compression = resolved(&pg, gpu.is_some(), a.compression.parse()?)?;
     if rank == 0 {
         let backend = gpu.as_ref().map_or(pg.backend_name(), |g| g.backend_name());
         print_header(collective, &a, n, backend, op, dtype, csv.as_mut());
@@ -575,20 +564,12 @@ pub fn bench_rank(args: BenchRankArgs) -> Result<ExitCode> {
             iters: a.iters,
             warmup: a.warmup,
         };
-        let (wrong_count, elapsed, iters) = match &gpu {
+        let timed = match &gpu {
             Some(g) => run_size_device(g, collective, one)?,
             None if compression.is_lossy() => run_size_compressed(&pg, compression, one)?,
             None => run_size(&pg, collective, dtype, one)?,
         };
-        // The slowest rank's time is the operation's time; the wrong counts add up.
-        let mut stats = [elapsed.as_secs_f64() / iters as f64, wrong_count as f64];
-        pg.allreduce(&mut stats[..1], ReduceOp::Max)?;
-        pg.allreduce(&mut stats[1..], ReduceOp::Sum)?;
-        let row = Row {
-            bytes,
-            secs: stats[0],
-            wrong: stats[1] as u64,
-        };
+        let row = agreed(&pg, bytes, timed)?;
         if rank == 0 {
             points.push((
                 bytes,
@@ -619,4 +600,31 @@ fn print_peak_rss(pg: &ProcessGroup) -> Result<()> {
         println!("# peak RSS per rank (MiB): {}", mib.join(" "));
     }
     Ok(())
+}
+
+/// One size's row as every rank agrees on it: the slowest rank's time is the operation's time,
+/// the wrong counts add up.
+fn agreed(pg: &ProcessGroup, bytes: usize, (wrong, elapsed, iters): Timed) -> Result<Row> {
+    let mut stats = [elapsed.as_secs_f64() / iters as f64, wrong as f64];
+    pg.allreduce(&mut stats[..1], ReduceOp::Max)?;
+    pg.allreduce(&mut stats[1..], ReduceOp::Sum)?;
+    Ok(Row {
+        bytes,
+        secs: stats[0],
+        wrong: stats[1] as u64,
+    })
+}
+
+/// `compression` as the ranks run it: `auto` measures the links now (every rank together, rank 0
+/// saying what it chose and why) and is timed as its choice; GPU buffers take it as it is.
+fn resolved(pg: &ProcessGroup, on_gpu: bool, compression: Compression) -> Result<Compression> {
+    if on_gpu {
+        return Ok(compression);
+    }
+    let chosen = pg.resolve_compression(compression)?;
+    if pg.rank() == 0 && compression == Compression::Auto {
+        let why = pg.auto_compression()?.reason();
+        eprintln!("auto compression chose {chosen}: {why}");
+    }
+    Ok(chosen)
 }

@@ -146,6 +146,14 @@ fn parse_count(s: &str) -> Result<usize> {
     crate::local_job::parse_scaled("--params", s, 1000, "a count such as 1000, 100K or 10M")
 }
 
+/// `--compression` as the variable every process of the job gets, checked and printed.
+fn compression_var(name: &str) -> Result<(String, String)> {
+    let compression = tandem::ps::wire::check_setting(name.parse()?)?;
+    println!("# compression: {compression}");
+    let var = tandem::settings::COMPRESSION.name;
+    Ok((var.to_string(), compression.to_string()))
+}
+
 /// Kills and reaps the benchmark's processes (servers left running after the workers ended).
 fn stop(children: &mut [Child]) {
     for c in children {
@@ -179,12 +187,7 @@ pub fn bench_ps(a: BenchPsArgs) -> Result<ExitCode> {
     let transport = crate::hosts::JobTransport::new(a.insecure)?;
     println!("# connections: {}", transport.name());
     let mut env = transport.env();
-    let compression = tandem::ps::wire::check_setting(a.compression.parse()?)?;
-    println!("# compression: {compression}");
-    env.push((
-        tandem::settings::COMPRESSION.name.to_string(),
-        compression.to_string(),
-    ));
+    env.push(compression_var(&a.compression)?);
     let token = JobToken::generate();
     if a.replicate && a.servers < 2 {
         return Err(Error::invalid(

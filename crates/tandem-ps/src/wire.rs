@@ -2,7 +2,7 @@
 //! fp16 (the servers keep f32 master weights and widen what they receive), and top-k pushes whose
 //! error stays in the worker (each push sends the largest elements of gradient plus residual).
 //!
-//! Why per chunk: every pushed chunk says how its data is encoded ([`pb::Wire`]), so the server
+//! Why per chunk: every pushed chunk says how its data is encoded ([`crate::pb::Wire`]), so the server
 //! decodes each on its own into plain f32 pieces before anything else sees them: the checks, the
 //! streamed application and the sync step are the same for every setting. A top-k partition travels
 //! as one chunk of (index, value) pairs; where the pairs would be larger than the dense values

@@ -140,6 +140,18 @@ fn declarations(params: &[Decl]) -> PyResult<Vec<ParamDecl>> {
         .collect()
 }
 
+/// `compression=` as given, or `TANDEM_COMPRESSION` when not; a bad value is a ValueError naming it.
+fn compression_from(
+    compression: Option<&str>,
+) -> PyResult<tandem::collective::compression::Compression> {
+    use tandem::collective::compression::Compression;
+    match compression {
+        Some(c) => Compression::parse(c)
+            .map_err(|e| PyValueError::new_err(format!("compression={c:?}: {e}"))),
+        None => Compression::from_env().py_err(),
+    }
+}
+
 #[pymethods]
 impl PsClient {
     /// Connects to `servers` and declares `params`; see `tandem.ps.Client` for the arguments.
@@ -175,11 +187,7 @@ impl PsClient {
         max_partition_bytes: usize,
         compression: Option<&str>,
     ) -> PyResult<PsClient> {
-        let compression = match compression {
-            Some(c) => tandem::collective::compression::Compression::parse(c)
-                .map_err(|e| PyValueError::new_err(format!("compression={c:?}: {e}")))?,
-            None => tandem::collective::compression::Compression::from_env().py_err()?,
-        };
+        let compression = compression_from(compression)?;
         let token = token_from(token)?;
         let kind = Optimizer::kind_from_name(optimizer).py_err()?;
         let mut opt = Optimizer::sgd(lr);
@@ -364,11 +372,8 @@ pub fn serve_ps(
 ) -> PyResult<()> {
     let token = token_from(token)?;
     let mut config = ServerConfig::new(token);
-    if let Some(c) = compression {
-        config.compression = Some(
-            tandem::collective::compression::Compression::parse(c)
-                .map_err(|e| PyValueError::new_err(format!("compression={c:?}: {e}")))?,
-        );
+    if compression.is_some() {
+        config.compression = Some(compression_from(compression)?);
     }
     config.exit_when_done = !keep_running;
     if let Some(t) = worker_timeout {

@@ -109,7 +109,9 @@ impl ProcessGroup {
 
     /// PowerSGD: `P = M Q` allreduced and orthonormalised, `Q = Mᵀ P` allreduced, the result
     /// `P Qᵀ` (averaged over the ranks, or their sum); the error stays in the residual and `Q`
-    /// starts the next step.
+    /// starts the next step. `Q` is kept transposed (rank × columns), so every product runs along
+    /// contiguous rows of length `columns`: dot products for `M Q`, scaled additions for `Mᵀ P`
+    /// and `P Qᵀ`, loops the compiler vectorises (the rank is small, so loops over it are not).
     fn allreduce_power_sgd(
         &self,
         buf: &mut [f32],
@@ -126,40 +128,65 @@ impl ProcessGroup {
         }
         // M = gradient + residual, zero-padded to rows × cols.
         let mut m = vec![0f32; rows * cols];
-        for (i, (g, r)) in buf.iter().zip(&c.residual).enumerate() {
-            m[i] = g + r;
+        for ((x, g), r) in m.iter_mut().zip(buf.iter()).zip(&c.residual) {
+            *x = g + r;
         }
-        // P = M Q and, after P is summed and orthonormalised, Q = Mᵀ P: both row by row, so M
-        // is read in order (column-wise reads made PowerSGD slower than no compression at all).
+        // P = M Q: one dot product of a row of M with a row of Qᵀ per element.
         let mut p = vec![0f32; rows * rank];
         for (m_row, p_row) in m.chunks_exact(cols).zip(p.chunks_exact_mut(rank)) {
-            for (&x, q_row) in m_row.iter().zip(c.q.chunks_exact(rank)) {
-                for (pk, qk) in p_row.iter_mut().zip(q_row) {
-                    *pk += x * qk;
-                }
+            for (pk, qt_k) in p_row.iter_mut().zip(c.q.chunks_exact(cols)) {
+                *pk = dot(m_row, qt_k);
             }
         }
         self.allreduce(&mut p, ReduceOp::Sum)?;
         orthonormalise(&mut p, rows, rank);
-        let mut q = vec![0f32; cols * rank];
+        // Qᵀ = Pᵀ M: each row of M added, scaled, into every row of Qᵀ.
+        let mut qt = vec![0f32; rank * cols];
         for (m_row, p_row) in m.chunks_exact(cols).zip(p.chunks_exact(rank)) {
-            for (&x, q_row) in m_row.iter().zip(q.chunks_exact_mut(rank)) {
-                for (qk, pk) in q_row.iter_mut().zip(p_row) {
-                    *qk += x * pk;
-                }
+            for (qt_k, &pk) in qt.chunks_exact_mut(cols).zip(p_row) {
+                axpy(pk, m_row, qt_k);
             }
         }
-        self.allreduce(&mut q, ReduceOp::Sum)?;
+        self.allreduce(&mut qt, ReduceOp::Sum)?;
         let world = self.world_size() as f32;
-        for (i, out) in buf.iter_mut().enumerate() {
-            let (r, j) = (i / cols, i % cols);
-            let approx: f32 = (0..rank).map(|k| p[r * rank + k] * q[j * rank + k]).sum();
-            let mean = approx / world;
-            c.residual[i] = m[i] - mean;
-            *out = if op == ReduceOp::Avg { mean } else { approx };
+        // P Qᵀ a row at a time; the residual keeps what the average misses of this rank's M.
+        let mut approx = vec![0f32; cols];
+        for (i, (m_row, p_row)) in m.chunks_exact(cols).zip(p.chunks_exact(rank)).enumerate() {
+            approx.fill(0.0);
+            for (qt_k, &pk) in qt.chunks_exact(cols).zip(p_row) {
+                axpy(pk, qt_k, &mut approx);
+            }
+            let lo = i * cols;
+            let hi = (lo + cols).min(n);
+            let (out, res) = (&mut buf[lo..hi], &mut c.residual[lo..hi]);
+            for (((o, r), &a), &x) in out.iter_mut().zip(res).zip(&approx).zip(m_row) {
+                let mean = a / world;
+                *r = x - mean;
+                *o = if op == ReduceOp::Avg { mean } else { a };
+            }
         }
-        c.q = q;
+        c.q = qt;
         Ok(())
+    }
+}
+
+/// `a · b` with eight running sums (a dependency chain the compiler can vectorise).
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (a8, a_rest) = a.split_at(a.len() / 8 * 8);
+    let (b8, b_rest) = b.split_at(a8.len().min(b.len()));
+    for (x, y) in a8.chunks_exact(8).zip(b8.chunks_exact(8)) {
+        for l in 0..8 {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    acc.iter().sum::<f32>() + a_rest.iter().zip(b_rest).map(|(x, y)| x * y).sum::<f32>()
+}
+
+/// `y += s · x`.
+fn axpy(s: f32, x: &[f32], y: &mut [f32]) {
+    for (yi, xi) in y.iter_mut().zip(x) {
+        *yi += s * xi;
     }
 }
 

@@ -40,6 +40,28 @@ pub(super) struct PulledChunks {
 }
 
 impl PulledChunks {
+    /// Bytes `range` of a partition's values under its read lock, in the pull's encoding: the data,
+    /// the partition's update count, and the offset in the encoding's bytes.
+    fn copy(
+        &self,
+        entry: &super::model::PartEntry,
+        range: std::ops::Range<usize>,
+    ) -> (bytes::Bytes, u64, u64) {
+        let d = entry.data.read().unwrap_or_else(|p| p.into_inner());
+        match self.wire {
+            pb::Wire::Bf16 | pb::Wire::Fp16 => {
+                let values = &d.values[range.start / 4..range.end / 4];
+                let data = crate::wire::encode_dense(values, self.wire);
+                (data, d.version, range.start as u64 / 2)
+            }
+            _ => {
+                let src: &[u8] = bytemuck::cast_slice(&d.values);
+                let data = bytes::Bytes::copy_from_slice(&src[range.clone()]);
+                (data, d.version, range.start as u64)
+            }
+        }
+    }
+
     /// Copies and sends every chunk, each within `wait` of the receiver making room; stops when the
     /// puller is gone or stalled.
     pub(super) fn send(
@@ -79,27 +101,12 @@ impl PulledChunks {
             let mut off = 0;
             loop {
                 let end = (off + self.chunk_bytes).min(len);
-                let (data, part_version) = {
-                    let d = entry.data.read().unwrap_or_else(|p| p.into_inner());
-                    let data = match self.wire {
-                        pb::Wire::Bf16 | pb::Wire::Fp16 => {
-                            crate::wire::encode_dense(&d.values[off / 4..end / 4], self.wire)
-                        }
-                        _ => {
-                            let src: &[u8] = bytemuck::cast_slice(&d.values);
-                            bytes::Bytes::copy_from_slice(&src[off..end])
-                        }
-                    };
-                    (data, d.version)
-                };
+                let (data, part_version, offset) = self.copy(entry, off..end);
                 let n = data.len() as u64;
                 let chunk = pb::PullChunk {
                     param: key.0.clone(),
                     part: key.1,
-                    offset: match self.wire {
-                        pb::Wire::Bf16 | pb::Wire::Fp16 => off as u64 / 2,
-                        _ => off as u64,
-                    },
+                    offset,
                     version: self.version,
                     data,
                     incarnation: self.incarnation,
