@@ -332,18 +332,14 @@ fn the_parameter_server_trains_across_hosts_asynchronously() {
     ps_across_hosts("async");
 }
 
-fn ps_across_hosts(mode: &str) {
-    let Some(bed) = testbed(3, None) else {
-        return;
-    };
-    let token = JobToken::generate();
-    let env = |c: &mut std::process::Command| {
-        c.env("TANDEM_JOB_TOKEN", token.as_str())
-            .envs(tandem_tests::transport_env());
-    };
+/// A parameter server on host 0 (the test node's `ps-server`, with `vars` and this run's
+/// transport) and the address it printed.
+fn ps_server_on_host_0(bed: &Testbed, vars: &[(&str, &str)]) -> (Child, String) {
     let bind = format!("{}:29600", bed.addr(0));
     let mut server = bed.command(0, NODE, &["ps-server", "--bind", &bind]);
-    env(&mut server);
+    server
+        .envs(vars.iter().copied())
+        .envs(tandem_tests::transport_env());
     server.stdout(Stdio::piped()).stderr(Stdio::piped());
     let mut server = server.spawn().expect("server");
     let lines = stdout_lines(&mut server);
@@ -356,6 +352,49 @@ fn ps_across_hosts(mode: &str) {
         }
     };
     std::thread::spawn(move || for _ in lines {});
+    (server, addr)
+}
+
+/// `auto` on a parameter server and its worker across a 100 Mbit/s link: the server takes each
+/// worker's own choice, the worker measures its link when it connects (a stats round trip and
+/// whole pulls of a 4 MiB model) and chooses bf16; a step through bf16 of values bf16 holds
+/// exactly is exact.
+#[test]
+fn a_ps_worker_on_auto_across_a_slow_link_chooses_bf16() {
+    let Some(bed) = testbed(2, Some("100mbit")) else {
+        return;
+    };
+    let token = JobToken::generate();
+    let vars = [
+        ("TANDEM_JOB_TOKEN", token.as_str()),
+        ("TANDEM_COMPRESSION", "auto"),
+    ];
+    let (mut server, addr) = ps_server_on_host_0(&bed, &vars);
+    let mut worker = bed.command(
+        1,
+        NODE,
+        &["ps-big", "--servers", &addr, "--elems", "1048576"],
+    );
+    worker.envs(vars).envs(tandem_tests::transport_env());
+    worker.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let outs = wait_all(vec![worker.spawn().expect("worker")], LIMIT);
+    let _ = server.kill();
+    let _ = server.wait();
+    let v = tandem_tests::result_json(&outs[0]);
+    assert_eq!(v["compression"], "bf16", "{v}");
+    assert_eq!(v["mismatches"], 0, "{v}");
+}
+
+fn ps_across_hosts(mode: &str) {
+    let Some(bed) = testbed(3, None) else {
+        return;
+    };
+    let token = JobToken::generate();
+    let env = |c: &mut std::process::Command| {
+        c.env("TANDEM_JOB_TOKEN", token.as_str())
+            .envs(tandem_tests::transport_env());
+    };
+    let (server, addr) = ps_server_on_host_0(&bed, &[("TANDEM_JOB_TOKEN", token.as_str())]);
     let workers: Vec<Child> = (0..2)
         .map(|w| {
             let mut c = bed.command(

@@ -396,6 +396,31 @@ mod tests {
         assert_eq!(top_k(&v, 4), vec![1, 2, 3, 5]);
         assert_eq!(top_k(&v, 10).len(), 6);
         assert!(top_k(&v, 0).is_empty());
+        // Distinct magnitudes: the threshold is the k-th largest, whatever n / k would pick.
+        let ramp = [1.0f32, -2.0, 3.0, 4.0, -5.0, 6.0, 7.0, -8.0];
+        assert_eq!(top_k(&ramp, 2), vec![6, 7]);
+        // One value above a three-way tie, two of the tie kept (the lowest indices).
+        assert_eq!(top_k(&[5.0, 2.0, -2.0, 2.0, 1.0], 3), vec![0, 1, 2]);
+    }
+
+    #[test]
+    fn only_none_leaves_values_as_they_are_and_wire_sizes_follow_the_setting() {
+        assert!(!Compression::None.is_lossy());
+        for lossy in [
+            Compression::Bf16,
+            Compression::Fp16,
+            Compression::Auto,
+            Compression::TopK { fraction: 0.5 },
+            Compression::PowerSgd { rank: 2 },
+        ] {
+            assert!(lossy.is_lossy(), "{lossy}");
+        }
+        // PowerSGD sends (rows + columns) × rank values of a rows × columns matrix.
+        assert_eq!(
+            Compression::PowerSgd { rank: 2 }.wire_fraction(100, 10),
+            0.4
+        );
+        assert_eq!(Compression::None.wire_fraction(100, 10), 1.0);
     }
 
     #[test]

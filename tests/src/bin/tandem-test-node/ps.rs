@@ -350,7 +350,7 @@ pub(crate) async fn ps_big(args: &[String]) -> Result<()> {
         .count();
     println!(
         "RESULT {}",
-        serde_json::json!({ "mismatches": mismatches, "version": version, "elems": n, "same_host": client.same_host() })
+        serde_json::json!({ "mismatches": mismatches, "version": version, "elems": n, "same_host": client.same_host(), "compression": client.compression().to_string() })
     );
     client.done().await?;
     Ok(())
