@@ -146,7 +146,8 @@ class DistributedOptimizer:
         self.fusion_bytes = fusion_bytes
         #: How the float32 buckets' allreduces compress (default: the group's, see
         #: ``tandem.init(compression=...)``); ``compressors`` holds each bucket's state (its
-        #: error-feedback residual), to be saved with the training state.
+        #: error-feedback residual; PowerSGD: each matrix's, by its index, with its warm start),
+        #: to be saved with the training state.
         self.compression = compression
         self.compressors: Dict[int, Any] = {}
 
@@ -155,6 +156,8 @@ class DistributedOptimizer:
         setting = self.compression if self.compression is not None else g.compression
         if setting == "none":
             allreduce_fused(grads, "avg", self.group, self.fusion_bytes)
+        elif setting.startswith("powersgd"):
+            self._reduce_matrices(g, setting, grads)
         else:
             from . import Compressor
 
@@ -171,3 +174,19 @@ class DistributedOptimizer:
 
             _fused(_host_arrays(grads), self.fusion_bytes, reduce)
         self.optimizer.step(params, grads)
+
+    def _reduce_matrices(self, g: "Group", setting: str, grads: Sequence[np.ndarray]) -> None:
+        """PowerSGD: each float32 matrix (a tensor of 2 or more dimensions, seen as its first
+        dimension by the rest, as torch's PowerSGD hook does) through its own compressor, keyed
+        by its index in ``grads``; vectors and other dtypes averaged exactly, fused."""
+        from . import Compressor
+
+        rest = []
+        for i, a in enumerate(_host_arrays(grads)):
+            if a.dtype != np.float32 or a.ndim < 2 or a.size == 0 or not a.flags.c_contiguous:
+                rest.append(a)
+                continue
+            if i not in self.compressors:
+                self.compressors[i] = Compressor(setting, a.size // a.shape[0])
+            g.allreduce(a, "avg", compression=self.compressors[i])
+        allreduce_fused(rest, "avg", self.group, self.fusion_bytes)

@@ -32,6 +32,12 @@ def _child(fn: Callable[..., Any], rank: int, env: Dict[str, str], args: Sequenc
     for k in _FOREIGN:
         os.environ.pop(k, None)
     os.environ.update(env)
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        # A child forked after its parent ran torch inherits an OpenMP pool it cannot use (its
+        # first parallel operation hangs); one intra-op thread per process, as torchrun sets
+        # OMP_NUM_THREADS=1 for several processes on one machine, never starts that pool.
+        torch.set_num_threads(1)
     try:
         value = fn(*args, **kwargs)
         results.put((rank, True, value))
@@ -48,7 +54,9 @@ def run(fn: Callable[..., Any], nproc: int = 2, args: Sequence[Any] = (), kwargs
     When a process raises, the others are stopped and :class:`tandem.TandemError` is raised with
     its traceback; after ``timeout`` seconds every process is stopped and
     :class:`tandem.TimeoutError` is raised. ``start_method`` defaults to ``fork`` where it exists
-    (so functions defined in a notebook work) and ``spawn`` elsewhere.
+    (so functions defined in a notebook work) and ``spawn`` elsewhere. Where the parent has
+    imported torch, each process uses one torch thread (``torch.set_num_threads(1)``, as
+    torchrun's ``OMP_NUM_THREADS=1``).
     """
     from .errors import TandemError, TimeoutError
 

@@ -211,6 +211,38 @@ def test_compressed_allreduces_from_python_match_references_and_refuse_what_they
         np.testing.assert_array_equal(res["bf16"], results[0]["bf16"])
 
 
+def powersgd_optimizer_body(setting: str) -> dict:
+    import json
+
+    g = tandem.init(timeout=30)
+    r = g.rank
+    params = [np.zeros((6, 4), np.float32), np.zeros(4, np.float32), np.zeros((3, 2, 2), np.float32)]
+    grads = [data(r, np.float32, 24, 303).reshape(6, 4), data(r, np.float32, 4, 304),
+             data(r, np.float32, 12, 305).reshape(3, 2, 2)]
+    opt = tandem.DistributedOptimizer(tandem.optim.SGD(lr=1.0), compression=setting)
+    opt.step(params, grads)
+    states = {k: json.loads(c.state()) for k, c in opt.compressors.items()}
+    g.shutdown()
+    return {"params": params, "columns": {k: s["columns"] for k, s in states.items()}}
+
+
+def test_the_numpy_optimizer_compresses_each_matrix_with_powersgd_and_sends_vectors_exactly() -> None:
+    world = 2
+    results = tandem.run(powersgd_optimizer_body, nproc=world, args=("powersgd:4",), timeout=120)
+    mean = [sum(data(q, np.float32, n, case).astype(np.float64) for q in range(world)) / world
+            for n, case in ((24, 303), (4, 304), (12, 305))]
+    for res in results:
+        # Each matrix its own compressor, as its first dimension by the rest: 6 x 4 and 3 x 4.
+        assert res["columns"] == {0: 4, 2: 4}
+        # Rank 4 covers both matrices whole, so PowerSGD returns the average (up to f32 rounding);
+        # the vector is averaged exactly.
+        np.testing.assert_allclose(res["params"][0].reshape(-1), -mean[0], atol=1e-5)
+        np.testing.assert_array_equal(res["params"][1], (-mean[1]).astype(np.float32))
+        np.testing.assert_allclose(res["params"][2].reshape(-1), -mean[2], atol=1e-5)
+        for a, b in zip(res["params"], results[0]["params"]):
+            np.testing.assert_array_equal(a, b)
+
+
 def auto_body(n: int) -> dict:
     g = tandem.init(timeout=30, compression="auto")
     a = data(g.rank, np.float32, n, 302)

@@ -162,23 +162,33 @@ def test_distributed_optimizer_equals_one_process_on_the_whole_batch(kind: str) 
     assert res[0]["end"] == res[1]["end"]
 
 
-def reducing_body(setting: str) -> Dict[str, Any]:
+def reducing_body(setting: str, how: str = "explicit") -> Dict[str, Any]:
     """Two ranks train one float32 weight (a single bucket, flattened row-major) with SGD through
-    the given top-k or PowerSGD compressor; returns the start, every rank's gradients, the end."""
+    the given top-k or PowerSGD compressor, given as ``Compression.topk``/``powersgd``
+    (``explicit``), as ``Compression.setting(...)`` (``setting``) or as the group's default
+    (``group``: ``init(compression=...)``, the optimizer given none); returns the start, every
+    rank's gradients, the end."""
     import torch
 
     import tandem.torch as hvd
 
-    hvd.init(timeout=60)
+    hvd.init(timeout=60, compression=setting if how == "group" else None)
     r, n = hvd.rank(), hvd.size()
     torch.manual_seed(5)
     model = torch.nn.Linear(5, 2, bias=False)
     hvd.broadcast_parameters(model.state_dict(), root_rank=0)
     start = model.weight.detach().clone()
-    kind, arg = setting.split(":")
-    compression = hvd.Compression.topk(float(arg)) if kind == "topk" else hvd.Compression.powersgd(int(arg))
+    kind, _, arg = setting.partition(":")
+    if how == "group":
+        compression = None
+    elif how == "setting" or kind == "auto":
+        compression = hvd.Compression.setting(setting)
+    else:
+        compression = hvd.Compression.topk(float(arg)) if kind == "topk" else hvd.Compression.powersgd(int(arg))
     opt = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
                                    named_parameters=model.named_parameters(), compression=compression)
+    if compression is None:
+        compression = opt._compression  # what the optimizer took from the group
     X, Y = _data()
     X, Y = X.float(), Y.float()
     per = 48 // n
@@ -216,19 +226,101 @@ def _top_k_reference(start: np.ndarray, n: int, fraction: float, steps: int) -> 
     return w.numpy()
 
 
-@pytest.mark.parametrize("setting", ["topk:0.3", "powersgd:4"])
-def test_distributed_optimizer_with_error_feedback_matches_its_reference(setting: str) -> None:
-    res = tandem.run(reducing_body, nproc=2, args=(setting,), timeout=180)
+@pytest.mark.parametrize("setting,how", [("topk:0.3", "explicit"), ("powersgd:4", "explicit"),
+                                         ("topk:0.3", "group"), ("topk:0.3", "setting"), ("auto", "setting")])
+def test_distributed_optimizer_with_error_feedback_matches_its_reference(setting: str, how: str) -> None:
+    res = tandem.run(reducing_body, nproc=2, args=(setting, how), timeout=180)
     assert res[0]["end"] == res[1]["end"], "ranks differ"
     assert res[0]["buckets"] == 1
     start = np.array(res[0]["start"], np.float32)
     if setting.startswith("topk"):
         want, tol = _top_k_reference(start, 2, 0.3, 5), 1e-5
+    elif setting == "auto":
+        # One machine: auto sends everything uncompressed, so the plain average's result.
+        want, tol = _top_k_reference(start, 2, 1.0, 5), 1e-6
     else:
         # 10 elements seen as 3 x 4: rank 4 covers the whole matrix, so PowerSGD's result is the
         # exact average (the ranks' residuals cancel in the sum), up to its f32 arithmetic.
         want, tol = _top_k_reference(start, 2, 1.0, 5), 1e-4
     assert np.abs(np.array(res[0]["end"]) - want).max() <= tol, (res[0]["end"], want)
+
+
+def compression_state_body(setting: str) -> Dict[str, Any]:
+    """Two ranks train through a compressing DistributedOptimizer and TorchState: a restore must
+    bring back the residuals (so the retrained steps are exactly the first ones), and a sync must
+    give every member the root's model and PowerSGD warm start but keep each member's own
+    residual."""
+    import json
+
+    import torch
+
+    import tandem.torch as hvd
+    from tandem.torch.elastic import TorchState
+
+    hvd.init(timeout=60)
+    r, n = hvd.rank(), hvd.size()
+    torch.manual_seed(5)
+    model = torch.nn.Linear(5, 2, bias=False)
+    hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+    kind, arg = setting.split(":")
+    compression = hvd.Compression.topk(float(arg)) if kind == "topk" else hvd.Compression.powersgd(int(arg))
+    opt = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.5),
+                                   named_parameters=model.named_parameters(), compression=compression)
+    X, Y = _data()
+    X, Y = X.float(), Y.float()
+    per = 48 // n
+
+    def steps(k: int) -> None:
+        for _ in range(k):
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(model(X[r * per:(r + 1) * per]), Y[r * per:(r + 1) * per]).backward()
+            opt.step()
+
+    def comp() -> Dict[str, Any]:
+        return json.loads(opt.state_dict()["tandem_compression"][0])
+
+    steps(3)
+    state = TorchState(model=model, optimizer=opt)
+    state.commit()
+    committed = comp()
+    steps(2)
+    first = model.weight.detach().tolist()
+    state.restore()
+    out: Dict[str, Any] = {"restored": comp() == committed, "residual_nonzero": any(committed["residual"])}
+    steps(2)
+    out["again"] = model.weight.detach().tolist() == first
+    # Rank 0 commits once more (it becomes the root); rank 1 loses its live state, which the sync
+    # replaces from its own last commit (residual) and rank 0's (model, warm start).
+    if r == 0:
+        state.commit()
+    else:
+        opt.load_state_dict({**opt.state_dict(), "tandem_compression": {}})
+        with torch.no_grad():
+            model.weight.add_(1.0)
+    out["own_committed"] = committed if r == 1 else comp()
+    out["sync_q"] = comp()["q"] if r == 0 else None
+    state.sync(tandem.group())
+    after = comp()
+    out["after_residual"], out["after_q"] = after["residual"], after["q"]
+    out["weight"] = model.weight.detach().tolist()
+    steps(2)  # the members agree from here on
+    out["end"] = model.weight.detach().tolist()
+    hvd.shutdown()
+    return out
+
+
+@pytest.mark.parametrize("setting", ["topk:0.3", "powersgd:2"])
+def test_compression_state_is_committed_restored_and_kept_per_member_by_a_sync(setting: str) -> None:
+    res = tandem.run(compression_state_body, nproc=2, args=(setting,), timeout=180)
+    for got in res:
+        assert got["restored"] and got["residual_nonzero"] and got["again"]
+        # Each member keeps its own residual (rank 1: the one of its commit, not its live state).
+        assert got["after_residual"] == got["own_committed"]["residual"]
+        assert got["after_q"] == res[0]["sync_q"]  # the root's warm start
+    assert res[0]["after_residual"] != res[1]["after_residual"]
+    assert res[0]["weight"] == res[1]["weight"] and res[0]["end"] == res[1]["end"]
+    if setting.startswith("powersgd"):
+        assert res[1]["own_committed"]["q"] != res[0]["sync_q"], "the test needs warm starts that differ"
 
 
 def test_stateful_compressors_refuse_a_one_off_allreduce_and_bad_settings() -> None:
@@ -242,6 +334,10 @@ def test_stateful_compressors_refuse_a_one_off_allreduce_and_bad_settings() -> N
         hvd.Compression.topk(2)
     with pytest.raises(ValueError, match="powersgd:0"):
         hvd.Compression.powersgd(0)
+    with pytest.raises(ValueError, match='"zip" is not one of'):
+        hvd.Compression.setting("zip")
+    assert hvd.Compression.setting("none") is hvd.Compression.none
+    assert hvd.Compression.setting("bf16").setting == "bf16"
 
 
 def bad_optimizer_body() -> List[str]:

@@ -346,9 +346,17 @@ def _broadcast_tensors_now(named: List[Tuple[str, torch.Tensor]], root_rank: int
 
 
 def broadcast_optimizer_state(optimizer: torch.optim.Optimizer, root_rank: int = 0) -> None:
-    """Makes every process's optimizer state (and hyper-parameters) ``root_rank``'s."""
+    """Makes every process's optimizer state (and hyper-parameters) ``root_rank``'s; of a
+    :func:`DistributedOptimizer`'s compression state, the warm starts are the root's and the
+    residuals stay each process's own."""
+    from .compression import shared_states
+    from .optimizer import COMPRESSION_KEY
+
     state = broadcast_object(optimizer.state_dict() if rank() == root_rank else None, root_rank)
     if rank() != root_rank:
+        if COMPRESSION_KEY in state:
+            # The root's warm starts, this process's own residuals.
+            state[COMPRESSION_KEY] = shared_states(state[COMPRESSION_KEY], optimizer.state_dict()[COMPRESSION_KEY])
         optimizer.load_state_dict(state)
 
 

@@ -2,11 +2,15 @@
 after. fp16 and bf16 halve the bytes on the wire; the sum itself is done by Tandem in the wire
 dtype. ``Compression.topk(fraction)`` and ``Compression.powersgd(rank)`` keep state per gradient
 bucket (the residual of error feedback, PowerSGD's warm start) and run their own allreduce, so
-they serve :func:`tandem.torch.DistributedOptimizer` (one instance per optimizer)."""
+they serve :func:`tandem.torch.DistributedOptimizer` (one instance per optimizer), as do
+``Compression.auto()`` (bf16 where the group's links make it pay, else nothing) and
+``Compression.setting(name)`` (any of Tandem's settings, summed in float32)."""
 
 from __future__ import annotations
 
-from typing import Any, Dict, Protocol, Tuple
+import json
+import math
+from typing import Any, Dict, Mapping, Optional, Protocol, Sequence, Tuple
 
 import torch
 
@@ -62,7 +66,8 @@ class BF16Compressor(_Cast):
 
 
 class ReducingCompressor:
-    """Top-k or PowerSGD with error feedback: each bucket of gradients keeps a native
+    """One of Tandem's own settings (top-k or PowerSGD with error feedback, bf16/fp16 summed in
+    float32, auto) run by Tandem's ring: each bucket of gradients keeps a native
     :class:`tandem.Compressor` (its residual and warm start) across steps, and is allreduced
     through it (float32 on the way; other float dtypes are widened and narrowed back).
     :meth:`state_dict` and :meth:`load_state_dict` save and restore that state with a checkpoint."""
@@ -76,7 +81,8 @@ class ReducingCompressor:
 
     def compress(self, tensor: torch.Tensor) -> Tuple[torch.Tensor, Any]:
         raise ValueError(
-            f"{self.setting} keeps a residual per gradient across steps: use it through "
+            f"{self.setting} runs its own allreduce per gradient bucket (keeping any residual "
+            "across steps): use it through "
             "tandem.torch.DistributedOptimizer(..., compression=...), not a one-off allreduce"
         )
 
@@ -84,24 +90,77 @@ class ReducingCompressor:
     def decompress(tensor: torch.Tensor, ctx: Any) -> torch.Tensor:
         return tensor
 
-    def reduce(self, pg: Any, flat: torch.Tensor, op: str, key: int) -> None:
+    def reduce(self, pg: Any, flat: torch.Tensor, op: str, key: int,
+               parts: Optional[Sequence[Tuple[int, Sequence[int]]]] = None) -> None:
         """Allreduces the contiguous CPU tensor ``flat`` (bucket ``key``) in place with ``op``
-        (sum or avg) through this bucket's compressor."""
-        c = self._state.get(key)
-        if c is None:
-            c = self._state[key] = _native.Compressor(self.setting)
+        (sum or avg) through this bucket's compressor. ``parts`` lists the bucket's tensors in
+        order, as (index among the optimizer's parameters, shape): PowerSGD compresses each
+        matrix (2 or more dimensions, seen as its first dimension by the rest, as torch's
+        PowerSGD hook does) with its own compressor, keyed by that index, and sums the vectors
+        exactly; the other settings take the bucket whole."""
         work = flat if flat.dtype == torch.float32 else flat.float()
-        pg.allreduce_compressed(torch_view(work), op, c, None)
+        if parts is not None and self.setting.startswith("powersgd"):
+            self._reduce_matrices(pg, work, op, parts)
+        else:
+            pg.allreduce_compressed(torch_view(work), op, self._compressor(key, 0), None)
         if work is not flat:
             flat.copy_(work)
+
+    def _compressor(self, key: int, columns: int) -> Any:
+        c = self._state.get(key)
+        if c is None:
+            c = self._state[key] = _native.Compressor(self.setting, columns)
+        return c
+
+    def _reduce_matrices(self, pg: Any, work: torch.Tensor, op: str,
+                         parts: Sequence[Tuple[int, Sequence[int]]]) -> None:
+        from . import _ops
+
+        vectors, pos = [], 0
+        for index, shape in parts:
+            n = math.prod(shape)
+            piece = work[pos:pos + n]
+            if len(shape) >= 2 and n > 0:
+                pg.allreduce_compressed(torch_view(piece), op, self._compressor(index, n // shape[0]), None)
+            else:
+                vectors.append((pos, n))
+            pos += n
+        if vectors:
+            packed = torch.cat([work[p:p + n] for p, n in vectors])
+            _ops.allreduce(pg, packed, op)
+            at = 0
+            for p, n in vectors:
+                work[p:p + n].copy_(packed[at:at + n])
+                at += n
 
     def state_dict(self) -> Dict[int, bytes]:
         """Each bucket's residual and warm start, as bytes."""
         return {k: c.state() for k, c in self._state.items()}
 
-    def load_state_dict(self, state: Dict[int, bytes]) -> None:
+    def load_state_dict(self, state: Mapping[Any, bytes]) -> None:
         """Restores what :meth:`state_dict` saved."""
         self._state = {int(k): _native.Compressor.restore(v) for k, v in state.items()}
+
+    def adopt(self, root: Mapping[Any, bytes]) -> None:
+        """Takes what :meth:`state_dict` gave on the process that broadcast its state (by
+        ``broadcast_optimizer_state`` or an elastic sync), keeping this process's residuals: see
+        :func:`shared_states`."""
+        self.load_state_dict(shared_states(root, self.state_dict()))
+
+
+def shared_states(root: Mapping[Any, bytes], own: Mapping[Any, bytes]) -> Dict[int, bytes]:
+    """Each bucket's state as a process should hold it after taking ``root``'s: the root's
+    settings and PowerSGD warm start (every process must start from the same ``Q``, or their
+    factors do not add up), and this process's own residual from ``own`` (each process's error
+    feedback owes its own gradients; a process without one, e.g. a new member, owes nothing)."""
+    own_by_key = {int(k): v for k, v in own.items()}
+    out: Dict[int, bytes] = {}
+    for k, blob in root.items():
+        state = json.loads(blob)  # the fields of tandem's Compressor, serialised by serde
+        mine = own_by_key.get(int(k))
+        state["residual"] = json.loads(mine)["residual"] if mine is not None else []
+        out[int(k)] = json.dumps(state).encode()
+    return out
 
 
 class Compression:
@@ -119,5 +178,20 @@ class Compression:
 
     @staticmethod
     def powersgd(rank: int) -> ReducingCompressor:
-        """Rank-``rank`` factors of each bucket seen as a matrix, with error feedback."""
+        """Rank-``rank`` factors of each matrix (each parameter of 2 or more dimensions, as
+        torch's PowerSGD hook sees it), with error feedback; vectors are sent exactly."""
         return ReducingCompressor(f"powersgd:{rank}")
+
+    @staticmethod
+    def auto() -> ReducingCompressor:
+        """What the group measured when it formed: bf16 where its links make it pay, else none
+        (see :func:`tandem.auto_compression`)."""
+        return ReducingCompressor("auto")
+
+    @staticmethod
+    def setting(name: str) -> Any:
+        """The compressor for one of Tandem's settings as ``TANDEM_COMPRESSION`` spells it (none,
+        fp16, bf16, topk:FRACTION, powersgd:RANK, auto); a bad one is a ValueError naming it."""
+        if name == "none":
+            return NoneCompressor
+        return ReducingCompressor(name)

@@ -38,6 +38,8 @@ import numpy as np
 import torch
 
 from ..elastic import State, run
+from .compression import shared_states
+from .optimizer import COMPRESSION_KEY
 
 __all__ = ["TorchState", "ElasticSampler", "run"]
 
@@ -187,6 +189,11 @@ class TorchState(State):
     def _sync_more(self, group: Any, root: int) -> None:
         blob = _broadcast_bytes(group, self._torch_saved, root)
         parts = _unblob(blob)
+        if parts["optimizer"] is not None and COMPRESSION_KEY in parts["optimizer"]:
+            # The root's warm starts, this member's own residuals (none for a new member).
+            own = (_unblob(self._torch_saved)["optimizer"] or {}).get(COMPRESSION_KEY, {})
+            parts["optimizer"][COMPRESSION_KEY] = shared_states(parts["optimizer"][COMPRESSION_KEY], own)
+            blob = _blob(parts)
         if self.sampler is not None and parts["sampler"] is not None:
             # Each member recorded its own samples: the group has processed their union.
             mine = _blob(sorted(_unblob(self._torch_saved)["sampler"]["processed"]))

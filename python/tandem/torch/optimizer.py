@@ -19,6 +19,9 @@ from . import _ops
 from ._async import Handle
 from .compression import Compression
 
+#: Where the optimizer's ``state_dict`` keeps the compression state of its buckets.
+COMPRESSION_KEY = "tandem_compression"
+
 #: Size of one fusion bucket (``TANDEM_FUSION_BYTES``; Horovod's default is 64 MiB).
 FUSION_BYTES = 64 << 20
 
@@ -46,7 +49,13 @@ class _DistributedOptimizer(torch.optim.Optimizer):
             raise ValueError(f"gradient_predivide_factor={gradient_predivide_factor} must be positive")
         if gradient_predivide_factor != 1.0 and op != Average:
             raise ValueError("gradient_predivide_factor only applies to op=Average")
-        self._compression = compression or Compression.none
+        if compression is None:
+            from .. import group
+
+            # The group's default (``init(compression=...)``, ``TANDEM_COMPRESSION``), as the
+            # numpy optimizer does.
+            compression = Compression.setting(group().compression)
+        self._compression = compression
         self._passes_per_step = backward_passes_per_step
         self._op = op
         self._predivide = gradient_predivide_factor
@@ -55,6 +64,7 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         self._names = self._check_names(named_parameters, params_list)
         self._buckets = self._make_buckets(params_list, _fusion_bytes())
         self._bucket_of = {p: i for i, b in enumerate(self._buckets) for p in b}
+        self._index = {p: i for i, p in enumerate(params_list)}
         self._skip = False
         self._reset()
         self._hooks = [p.register_post_accumulate_grad_hook(self._grad_ready) for p in params_list]
@@ -129,7 +139,8 @@ class _DistributedOptimizer(torch.optim.Optimizer):
                 # Top-k, PowerSGD: the compressor allreduces with the bucket's own state.
                 wire, ctx = flat, None
                 comp = self._compression
-                handle = Handle(lambda wire=wire, op=op, b=b: comp.reduce(pg, wire, op, b))
+                parts = [(self._index[p], p.shape) for p in bucket]
+                handle = Handle(lambda wire=wire, op=op, b=b, parts=parts: comp.reduce(pg, wire, op, b, parts))
             else:
                 wire, ctx = self._compression.compress(flat)
                 handle = Handle(lambda wire=wire, op=op: _ops.allreduce(pg, wire, op))
@@ -162,6 +173,25 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         finally:
             self._reset()
 
+    # -- checkpoints ----------------------------------------------------------------------------
+
+    def state_dict(self) -> Dict[str, Any]:
+        """The wrapped optimizer's state, and under ``"tandem_compression"`` each bucket's
+        compression state (residuals, warm starts) when the compression keeps one."""
+        state = super(self.__class__, self).state_dict()
+        saved = getattr(self._compression, "state_dict", None)
+        if saved is not None:
+            state[COMPRESSION_KEY] = saved()
+        return state
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        """Restores what :meth:`state_dict` saved, compression state included."""
+        state = dict(state_dict)
+        saved = state.pop(COMPRESSION_KEY, None)
+        super(self.__class__, self).load_state_dict(state)
+        if saved is not None and hasattr(self._compression, "load_state_dict"):
+            self._compression.load_state_dict(saved)
+
     @contextlib.contextmanager
     def skip_synchronize(self) -> Iterator[None]:
         """Within it, ``step()`` does not synchronize (call ``synchronize()`` yourself first, e.g.
@@ -192,7 +222,8 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer, named_parameters: Any
     averaged over every process (``op``: ``Average`` by default, or ``Sum``, ``Min``, ``Max``,
     ``Product``), reduced in fused buckets that start during backward.
 
-    ``compression`` (``Compression.fp16``/``bf16``) sends them at half size;
+    ``compression`` (``Compression.fp16``/``bf16``) sends them at half size (default: the group's
+    setting, ``init(compression=...)`` or ``TANDEM_COMPRESSION``, else none);
     ``Compression.topk(fraction)`` and ``Compression.powersgd(rank)`` send far less, keeping the
     error per bucket for the next steps (save ``compression.state_dict()`` with a checkpoint);
     ``backward_passes_per_step=N`` reduces after every N-th backward (gradients accumulate
