@@ -945,27 +945,38 @@ fn compressed_allreduces_agree_on_every_rank_and_match_their_references() {
 }
 
 /// `auto` compression on one machine: nothing is measured (no link to save time on), every rank
-/// chooses none, and an `auto` allreduce is the exact sum.
+/// chooses none, and `auto` allreduces, small and large, are the exact sums (of values bf16
+/// cannot hold).
 #[test]
 fn auto_compression_on_one_machine_chooses_none_without_measuring() {
-    let (world, len) = (3usize, 1000usize);
+    let world = 3usize;
+    let lens = [1000usize, 65536];
     let job = Job::new();
     let outs = job.run_with(
         world,
-        &["auto", &len.to_string()],
+        &["auto", &lens[0].to_string(), &lens[1].to_string()],
         60,
         &[("TANDEM_COMPRESSION", "auto")],
     );
-    let want: Vec<f64> = (0..len)
-        .map(|i| (0..world).map(|r| (r + 1 + i % 4) as f64).sum())
-        .collect();
     for (r, o) in outs.iter().enumerate() {
         let said = lines_with(o, "AUTO ");
         assert_eq!(said, ["AUTO none - -"], "rank {r}: {:?}", o);
         let sums = lines_with(o, "AUTOSUM ");
-        let got: Vec<f64> =
-            serde_json::from_str(sums.first().map_or("", |l| &l["AUTOSUM ".len()..]))
-                .expect("sums");
-        assert_eq!(got, want, "rank {r}");
+        assert_eq!(sums.len(), lens.len(), "rank {r}: {o:?}");
+        for (line, len) in sums.iter().zip(lens) {
+            let json = line
+                .strip_prefix(&format!("AUTOSUM {len} "))
+                .unwrap_or_else(|| panic!("rank {r}: {line}"));
+            // Printed as f32 (shortest form), so read as f32; the sums are exact in f32.
+            let got: Vec<f32> = serde_json::from_str(json).expect("sums");
+            let want: Vec<f32> = (0..len)
+                .map(|i| {
+                    (0..world)
+                        .map(|q| (q + 1) as f64 + (i % 4) as f64 / 1024.0)
+                        .sum::<f64>() as f32
+                })
+                .collect();
+            assert_eq!(got, want, "rank {r}, {len} values");
+        }
     }
 }

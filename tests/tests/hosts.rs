@@ -268,14 +268,17 @@ fn cut_rank(args: &[&str], extra: &[(&str, &str)]) {
 
 /// `auto` compression across two hosts joined by a 100 Mbit/s link: the ranks measure the link
 /// when the group forms, agree on the slowest rank's times and choose bf16 (its probe takes about
-/// half as long there), and an `auto` allreduce of values bf16 holds exactly is the exact sum.
+/// half as long there). A gradient at the latency path's limit (its bytes times `world − 1` equal
+/// to `TANDEM_DIRECT_BYTES`, 64 KiB) is still sent whole (the exact sum of values bf16 cannot
+/// hold); one value more goes in bf16 (rounded, within bf16's precision).
 #[test]
 fn auto_compression_across_a_slow_link_chooses_bf16_on_every_rank() {
     let Some(bed) = testbed(2, Some("100mbit")) else {
         return;
     };
     let token = JobToken::generate();
-    let (world, len) = (2usize, 4096usize);
+    let world = 2usize;
+    let (small, large) = (16384usize, 16385usize);
     let children: Vec<Child> = (0..world)
         .map(|r| {
             let extra = [("TANDEM_TIMEOUT", "60"), ("TANDEM_COMPRESSION", "auto")];
@@ -285,7 +288,7 @@ fn auto_compression_across_a_slow_link_chooses_bf16_on_every_rank() {
                 r,
                 world,
                 1,
-                &["auto", &len.to_string()],
+                &["auto", &small.to_string(), &large.to_string()],
                 &extra,
             )
         })
@@ -301,16 +304,44 @@ fn auto_compression_across_a_slow_link_chooses_bf16_on_every_rank() {
                 .collect()
         })
         .collect();
+    // The sums are exact in f32; printed as f32 (shortest form), so read as f32.
+    let want = |len: usize| -> Vec<f32> {
+        (0..len)
+            .map(|i| {
+                (0..world)
+                    .map(|q| (q + 1) as f64 + (i % 4) as f64 / 1024.0)
+                    .sum::<f64>() as f32
+            })
+            .collect()
+    };
+    let sums = |line: &str, len: usize| -> Vec<f32> {
+        let json = line
+            .strip_prefix(&format!("AUTOSUM {len} "))
+            .unwrap_or_else(|| panic!("{line}"));
+        serde_json::from_str(json).expect("sums")
+    };
     for (r, lines) in said.iter().enumerate() {
-        assert_eq!(lines.len(), 2, "rank {r}: {lines:?} {:?}", outs[r]);
+        assert_eq!(lines.len(), 3, "rank {r}: {lines:?} {:?}", outs[r]);
         assert!(lines[0].starts_with("AUTO bf16 "), "rank {r}: {lines:?}");
         // The agreed times: the same on every rank.
         assert_eq!(lines[0], said[0][0], "rank {r} disagrees");
-        let got: Vec<f64> = serde_json::from_str(&lines[1]["AUTOSUM ".len()..]).expect("sums");
-        let want: Vec<f64> = (0..len)
-            .map(|i| (0..world).map(|q| (q + 1 + i % 4) as f64).sum())
-            .collect();
-        assert_eq!(got, want, "rank {r}");
+        assert_eq!(
+            sums(&lines[1], small),
+            want(small),
+            "rank {r}: latency-bound, exact"
+        );
+        let (got, exact) = (sums(&lines[2], large), want(large));
+        assert_ne!(got, exact, "rank {r}: {large} values went uncompressed");
+        for (g, e) in got.iter().zip(&exact) {
+            assert!(
+                (g - e).abs() <= e.abs() * 2f32.powi(-7),
+                "rank {r}: {g} vs {e}"
+            );
+        }
+        assert_eq!(
+            lines[2], said[0][2],
+            "rank {r}: results differ between ranks"
+        );
     }
 }
 

@@ -364,13 +364,16 @@ fn allreduce_worker(a: &DemoArgs) -> Result<()> {
     let lo = rank * shard;
     let lr = a.lr.unwrap_or(0.5);
     let (tx, ty) = spiral(3000, 2);
+    // The group's compression of gradients (`TANDEM_COMPRESSION`; none unless set), its state
+    // kept across steps.
+    let mut compressor = pg.compressor();
     let start = Instant::now();
     let mut recent = Vec::new();
     for step in 0..a.steps {
         let at = lo + (step * a.batch) % (shard - a.batch + 1);
         let (bx, by) = batch(&x, &y, at..at + a.batch);
         let (loss, mut grad) = model.loss_and_grad(&bx, &by);
-        pg.allreduce(&mut grad, ReduceOp::Avg)?;
+        pg.allreduce_compressed(&mut grad, ReduceOp::Avg, &mut compressor)?;
         model
             .params
             .iter_mut()
@@ -406,8 +409,12 @@ fn allreduce_worker(a: &DemoArgs) -> Result<()> {
         let bytes = a.steps as f64 * (model.params.len() * 4) as f64 * 2.0 * (n as f64 - 1.0)
             / n as f64
             * n as f64;
+        let compression = pg
+            .resolve_compression_for(compressor.compression, model.params.len())?
+            .to_string();
         let r = json!({"steps": a.steps, "samples": a.steps * a.batch * n, "loss": loss[0],
-            "accuracy": model.accuracy(&tx, &ty), "wall": wall, "bytes": bytes});
+            "accuracy": model.accuracy(&tx, &ty), "wall": wall, "bytes": bytes,
+            "compression": compression});
         println!("RESULT {r}");
     }
     pg.shutdown()

@@ -97,6 +97,49 @@ fn demo_trains_with_every_mode_to_a_stated_accuracy() {
     }
 }
 
+/// The allreduce demo compresses its gradients as `TANDEM_COMPRESSION` says and still trains;
+/// a setting that is not one fails the job, naming the variable.
+#[test]
+fn demo_allreduce_trains_with_compressed_gradients_and_refuses_a_bad_setting() {
+    let args = [
+        "demo",
+        "--mode",
+        "allreduce",
+        "--workers",
+        "2",
+        "--steps",
+        "400",
+        "--timeout",
+        "120",
+    ];
+    let out = tandem(&args, &[("TANDEM_COMPRESSION", "topk:0.5")]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let row = text
+        .lines()
+        .rev()
+        .find(|l| l.starts_with("allreduce"))
+        .unwrap_or_else(|| panic!("no allreduce row in\n{text}"));
+    let acc: f64 = row
+        .split_whitespace()
+        .nth_back(2)
+        .and_then(|v| v.parse().ok())
+        .expect("accuracy column");
+    assert!(acc >= 0.9, "test accuracy {acc} below 0.9:\n{text}");
+    let bad = tandem(&args, &[("TANDEM_COMPRESSION", "zip")]);
+    let all = format!(
+        "{}{}",
+        String::from_utf8_lossy(&bad.stdout),
+        String::from_utf8_lossy(&bad.stderr)
+    );
+    assert!(!bad.status.success(), "{all}");
+    assert!(all.contains("TANDEM_COMPRESSION"), "{all}");
+}
+
 /// `tandem bench allreduce --elastic-cost` forms an elastic group through the launcher and prints,
 /// per size, the time with and without a commit after every allreduce and their ratio; it is
 /// refused on other collectives and with simulated hosts, naming the flag.

@@ -21,7 +21,8 @@ impl ProcessGroup {
 
     /// Allreduces `buf` (an `f32` gradient) as `c` compresses it: `fp16`/`bf16` on the wire with
     /// sums in `f32`; top-k and PowerSGD with error feedback kept in `c` (only `SUM` and `AVG`);
-    /// `auto` as the group chose ([`ProcessGroup::auto_compression`]).
+    /// `auto` as the group chose ([`ProcessGroup::auto_compression`]), except for gradients small
+    /// enough to be latency-bound ([`ProcessGroup::resolve_compression_for`]).
     /// Every rank must pass a compressor of the same setting for a buffer of the same length.
     ///
     /// ```
@@ -42,7 +43,7 @@ impl ProcessGroup {
         op: ReduceOp,
         c: &mut Compressor,
     ) -> Result<()> {
-        match self.resolve_compression(c.compression)? {
+        match self.resolve_compression_for(c.compression, buf.len())? {
             Compression::None | Compression::Auto => self.allreduce(buf, op),
             Compression::Fp16 => self.allreduce_half(buf, op, DType::F16, c),
             Compression::Bf16 => self.allreduce_half(buf, op, DType::BF16, c),

@@ -54,6 +54,9 @@ struct Shared {
     one_machine: bool,
     /// What `auto` compression chose, once measured.
     auto: Mutex<Option<crate::compression::AutoChoice>>,
+    /// The largest allreduce (its bytes times `world − 1`) that takes the latency path (one hop
+    /// or recursive doubling), which `auto` never compresses.
+    direct_bytes: usize,
     /// Which backend it asked for.
     kind: BackendKind,
     /// This rank.

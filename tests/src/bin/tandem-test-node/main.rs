@@ -10,9 +10,10 @@
 //! - `compressed LEN COLS`: gradient allreduces of LEN f32 (a COLS-wide matrix for PowerSGD)
 //!   under each compression, printing `COMPRESSED name step [values]`, then the refusals
 //!   (`REFUSED what message`).
-//! - `auto LEN`: in a group formed with `auto` compression, prints `AUTO chosen none_secs
-//!   bf16_secs` (the probe's times, `-` where nothing was measured), then `AUTOSUM [values]`: an
-//!   `auto` allreduce (sum) of LEN elements, rank r contributing r + 1 + i % 4.
+//! - `auto LEN...`: in a group formed with `auto` compression, prints `AUTO chosen none_secs
+//!   bf16_secs` (the probe's times, `-` where nothing was measured), then for each LEN
+//!   `AUTOSUM LEN [values]`: an `auto` allreduce (sum) of LEN elements, rank r contributing
+//!   r + 1 + (i % 4) / 1024 (exact in f32, not in bf16).
 //! - `loop`: allreduces until something fails, printing `ITER i` after each.
 //! - `mismatch --odd R`: rank R calls broadcast(f32 x 10, root 0) while the others call
 //!   allreduce(f32 x 12, sum).
@@ -237,10 +238,10 @@ fn run_compressed(pg: &ProcessGroup, args: &[String]) -> Result<()> {
 
 fn run_auto(pg: &ProcessGroup, args: &[String]) -> Result<()> {
     use tandem::collective::compression::Compression;
-    let len: usize = args
-        .first()
-        .and_then(|v| v.parse().ok())
-        .ok_or_else(|| Error::invalid("len", "auto LEN"))?;
+    let lens: Vec<usize> = args.iter().filter_map(|v| v.parse().ok()).collect();
+    if lens.is_empty() || lens.len() != args.len() {
+        return Err(Error::invalid("len", "auto LEN [LEN ...]"));
+    }
     if pg.compression() != Compression::Auto {
         return Err(Error::invalid(
             "TANDEM_COMPRESSION",
@@ -256,10 +257,18 @@ fn run_auto(pg: &ProcessGroup, args: &[String]) -> Result<()> {
         secs(choice.bf16_secs)
     );
     let rank = pg.rank();
-    let mut g: Vec<f32> = (0..len).map(|i| (rank + 1 + i % 4) as f32).collect();
-    let mut c = pg.compressor();
-    pg.allreduce_compressed(&mut g, ReduceOp::Sum, &mut c)?;
-    println!("AUTOSUM {}", serde_json::to_string(&g).unwrap_or_default());
+    for len in lens {
+        // r + 1 + (i % 4) / 1024: exact in f32 (and so are the sums), not in bf16.
+        let mut g: Vec<f32> = (0..len)
+            .map(|i| (rank + 1) as f32 + (i % 4) as f32 / 1024.0)
+            .collect();
+        let mut c = pg.compressor();
+        pg.allreduce_compressed(&mut g, ReduceOp::Sum, &mut c)?;
+        println!(
+            "AUTOSUM {len} {}",
+            serde_json::to_string(&g).unwrap_or_default()
+        );
+    }
     Ok(())
 }
 
