@@ -944,6 +944,29 @@ fn compressed_allreduces_agree_on_every_rank_and_match_their_references() {
     }
 }
 
+/// A bf16 allreduce large enough to go in pieces (two pieces and an uneven rest), the casts
+/// pipelined with the ring: every element within bf16's bound of the exact sum (a piece out of
+/// place would be far off), and the same bits on every rank.
+#[test]
+fn a_large_bf16_allreduce_in_pieces_is_within_its_bound_and_identical_on_every_rank() {
+    use tandem::collective::compression::HALF_PIECE;
+    let world = 3usize;
+    let len = 2 * HALF_PIECE + 12_345;
+    let job = Job::new();
+    let outs = job.run_with(world, &["halfbig", &len.to_string()], 120, &[]);
+    let said: Vec<Vec<String>> = outs.iter().map(|o| lines_with(o, "HALFBIG ")).collect();
+    for (r, lines) in said.iter().enumerate() {
+        assert_eq!(lines.len(), 1, "rank {r}: {:?}", outs[r]);
+        let worst: f64 = lines[0]
+            .split(' ')
+            .nth(1)
+            .and_then(|v| v.parse().ok())
+            .expect("worst");
+        assert!(worst <= 1.0, "rank {r}: an element is {worst} bounds off");
+        assert_eq!(lines[0], said[0][0], "rank {r} differs from rank 0");
+    }
+}
+
 /// `auto` compression on one machine: nothing is measured (no link to save time on), every rank
 /// chooses none, and `auto` allreduces, small and large, are the exact sums (of values bf16
 /// cannot hold).

@@ -107,6 +107,11 @@ pub fn warm_start(len: usize) -> Vec<f32> {
         .collect()
 }
 
+/// Values per piece of a pipelined half-precision allreduce: 2M (8 MiB of `f32`, 4 MiB on the
+/// wire), large enough that each piece's ring fills the link (a piece's start costs a round trip)
+/// and small enough that the exposed first narrowing and last widening stay a few milliseconds.
+pub const HALF_PIECE: usize = 2 << 20;
+
 /// The state of one gradient tensor's compression: the residual of error feedback, PowerSGD's
 /// warm start, and a reusable wire buffer. Keep one per tensor, across steps; save [`state`]
 /// with the training state and [`restore`] it after a restart or an elastic re-formation.

@@ -4,7 +4,8 @@
 
 use super::*;
 use crate::compression::{
-    Compression, Compressor, narrow, orthonormalise, scatter_sum, top_k, warm_start, widen,
+    Compression, Compressor, HALF_PIECE, narrow, orthonormalise, scatter_sum, top_k, warm_start,
+    widen,
 };
 
 impl ProcessGroup {
@@ -59,7 +60,8 @@ impl ProcessGroup {
     }
 
     /// Rounded once to `dtype`, allreduced as such (the ring widens, sums in `f32` and rounds
-    /// once per hop), widened back.
+    /// once per hop), widened back. A gradient of at least two [`HALF_PIECE`]s goes in pieces
+    /// ([`ProcessGroup::allreduce_half_pieces`]).
     fn allreduce_half(
         &self,
         buf: &mut [f32],
@@ -67,10 +69,45 @@ impl ProcessGroup {
         dtype: DType,
         c: &mut Compressor,
     ) -> Result<()> {
+        if self.world_size() > 1 && buf.len() >= 2 * HALF_PIECE {
+            return self.allreduce_half_pieces(buf, op, dtype);
+        }
         c.wire.resize(buf.len() * dtype.size(), 0);
         narrow(buf, dtype, &mut c.wire)?;
         self.allreduce_bytes(&mut c.wire, dtype, op)?;
         widen(&c.wire, dtype, buf)
+    }
+
+    /// The half-precision allreduce of a large gradient as a pipeline: each piece of
+    /// [`HALF_PIECE`] values is narrowed and handed to the worker thread, so the casts of the
+    /// next pieces (and the widening of finished ones) run while the ring moves the earlier
+    /// ones; only the first narrowing and the last widening are not hidden behind the network.
+    /// Every piece is waited for, even after a failure, so no operation of this call outlives it.
+    fn allreduce_half_pieces(&self, buf: &mut [f32], op: ReduceOp, dtype: DType) -> Result<()> {
+        let mut wire = bytes::BytesMut::zeroed(buf.len() * dtype.size());
+        let mut works = Vec::with_capacity(buf.len().div_ceil(HALF_PIECE));
+        let mut failed = None;
+        for piece in buf.chunks(HALF_PIECE) {
+            let mut part = wire.split_to(piece.len() * dtype.size());
+            let started = narrow(piece, dtype, &mut part)
+                .and_then(|()| TensorMut::from_bytes_mut(part, dtype, &[piece.len()]));
+            match started {
+                Ok(t) => works.push(self.allreduce_async(t, op)),
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            }
+        }
+        for (piece, work) in buf.chunks_mut(HALF_PIECE).zip(works) {
+            let done = work
+                .wait()
+                .and_then(|mut t| widen(t.bytes_mut(), dtype, piece));
+            if let (Err(e), None) = (done, &failed) {
+                failed = Some(e);
+            }
+        }
+        failed.map_or(Ok(()), Err)
     }
 
     /// Each rank's largest `fraction` of (gradient + residual), gathered by all and summed in

@@ -14,6 +14,8 @@
 //!   bf16_secs` (the probe's times, `-` where nothing was measured), then for each LEN
 //!   `AUTOSUM LEN [values]`: an `auto` allreduce (sum) of LEN elements, rank r contributing
 //!   r + 1 + (i % 4) / 1024 (exact in f32, not in bf16).
+//! - `halfbig LEN`: a bf16 allreduce of LEN values (pieces when large), printing `HALFBIG
+//!   worst fnv` (the worst error in units of its bound, a hash of the result).
 //! - `loop`: allreduces until something fails, printing `ITER i` after each.
 //! - `mismatch --odd R`: rank R calls broadcast(f32 x 10, root 0) while the others call
 //!   allreduce(f32 x 12, sum).
@@ -47,6 +49,7 @@ fn main() {
         Some("big") => collective(|pg| run_big(pg, &args[1..])),
         Some("compressed") => collective(|pg| run_compressed(pg, &args[1..])),
         Some("auto") => collective(|pg| run_auto(pg, &args[1..])),
+        Some("halfbig") => collective(|pg| run_half_big(pg, &args[1..])),
         Some("loop") => collective(|pg| run_loop(pg, &args[1..])),
         Some("straggle") => collective(|pg| run_straggle(pg, &args[1..])),
         Some("mismatch") => collective(|pg| run_mismatch(pg, &args[1..])),
@@ -233,6 +236,38 @@ fn run_compressed(pg: &ProcessGroup, args: &[String]) -> Result<()> {
     if let Err(e) = pg.allreduce_compressed(&mut vec![1.0; len + 1], ReduceOp::Sum, &mut c) {
         println!("REFUSED length {e}");
     }
+    Ok(())
+}
+
+/// `halfbig LEN`: a bf16 allreduce (sum) of LEN values large enough to go in pieces; prints
+/// `HALFBIG worst fnv`: the largest error against the exact sum in units of the bound (each input
+/// and each hop's sum rounded once: 2 × world × 2^-8 × the inputs' magnitudes; at most 1 when
+/// right), and a hash of the result's bits (the same on every rank when the ranks agree).
+fn run_half_big(pg: &ProcessGroup, args: &[String]) -> Result<()> {
+    use tandem::collective::compression::{Compression, Compressor};
+    let len: usize = args
+        .first()
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| Error::invalid("len", "halfbig LEN"))?;
+    let (rank, world) = (pg.rank(), pg.world_size());
+    let mut g: Vec<f32> = (0..len).map(|i| compressed_value(rank, i)).collect();
+    pg.allreduce_compressed(
+        &mut g,
+        ReduceOp::Sum,
+        &mut Compressor::new(Compression::Bf16),
+    )?;
+    let mut worst = 0f64;
+    let mut fnv: u64 = 0xcbf2_9ce4_8422_2325;
+    for (i, v) in g.iter().enumerate() {
+        let exact: f64 = (0..world).map(|r| compressed_value(r, i) as f64).sum();
+        let magnitude: f64 = (0..world)
+            .map(|r| (compressed_value(r, i) as f64).abs())
+            .sum();
+        let bound = 2.0 * world as f64 * 2f64.powi(-8) * magnitude;
+        worst = worst.max((*v as f64 - exact).abs() / bound.max(f64::MIN_POSITIVE));
+        fnv = (fnv ^ u64::from(v.to_bits())).wrapping_mul(0x100_0000_01b3);
+    }
+    println!("HALFBIG {worst} {fnv:016x}");
     Ok(())
 }
 
