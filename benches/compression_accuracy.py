@@ -7,7 +7,9 @@ One rank of a job; run it once per rank (rank 0 prints the CSV line), e.g. on si
   tandem testbed --hosts 4 --link 1gbit -- env TANDEM_LAUNCHER=tandem TANDEM_RANK={rank} \
       TANDEM_WORLD_SIZE={world} TANDEM_LOCAL_RANK=0 TANDEM_LOCAL_WORLD_SIZE=1 \
       TANDEM_RENDEZVOUS_ADDR={addr0}:29500 TANDEM_JOB_TOKEN=$TOKEN TANDEM_INSECURE=1 \
-      python3 benches/compression_accuracy.py COMPRESSION [EPOCHS] [TARGET]
+      python3 benches/compression_accuracy.py COMPRESSION [EPOCHS] [TARGET] [BATCH]
+
+BATCH is the examples per rank per step (default 16).
 
 Prints: compression,ranks,step_ms,final_accuracy,seconds_to_target,epochs_to_target,chosen
 (`chosen` is what `auto` picked; seconds_to_target is empty when the target was not reached).
@@ -89,14 +91,21 @@ def main() -> None:
     setting = sys.argv[1]
     epochs = int(sys.argv[2]) if len(sys.argv) > 2 else 4
     target = float(sys.argv[3]) if len(sys.argv) > 3 else 0.95
+    batch = int(sys.argv[4]) if len(sys.argv) > 4 else 16
     g = tandem.init(timeout=120, compression=setting if setting != "none" else None)
     chosen = tandem.auto_compression()["chosen"] if setting == "auto" else setting
     r, n = g.rank, g.world_size
     x, y, tx, ty = load()
     params = init(np.random.default_rng(42))
-    lr, batch = 0.1, 16
-    # One compressor per tensor (PowerSGD sees each weight as its matrix), kept across steps.
-    comps = [tandem.Compressor(setting, p.shape[-1]) if setting != "none" else None for p in params]
+    lr = 0.1
+    # One compressor per tensor, kept across steps; PowerSGD sees each weight as its matrix and
+    # sends the biases exactly (as tandem.DistributedOptimizer and torch's PowerSGD hook do).
+    def compressor(p):
+        if setting == "none" or (setting.startswith("powersgd") and p.ndim < 2):
+            return None
+        return tandem.Compressor(setting, p.shape[-1])
+
+    comps = [compressor(p) for p in params]
     shard = len(x) // n
     xs, ys = x[r * shard:(r + 1) * shard], y[r * shard:(r + 1) * shard]
     steps_per_epoch = shard // batch
