@@ -273,12 +273,23 @@ fn cut_rank(args: &[&str], extra: &[(&str, &str)]) {
 /// hold); one value more goes in bf16 (rounded, within bf16's precision).
 #[test]
 fn auto_compression_across_a_slow_link_chooses_bf16_on_every_rank() {
-    let Some(bed) = testbed(2, Some("100mbit")) else {
+    auto_across_a_slow_link(2);
+}
+
+/// The same on three hosts, where the latency path's limit is half as many values (64 KiB over
+/// two peers).
+#[test]
+fn auto_compression_on_three_hosts_keeps_the_latency_path_whole() {
+    auto_across_a_slow_link(3);
+}
+
+fn auto_across_a_slow_link(world: usize) {
+    let Some(bed) = testbed(world, Some("100mbit")) else {
         return;
     };
     let token = JobToken::generate();
-    let world = 2usize;
-    let (small, large) = (16384usize, 16385usize);
+    let small = (64 << 10) / 4 / (world - 1);
+    let large = small + 1;
     let children: Vec<Child> = (0..world)
         .map(|r| {
             let extra = [("TANDEM_TIMEOUT", "60"), ("TANDEM_COMPRESSION", "auto")];
