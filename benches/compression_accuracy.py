@@ -87,6 +87,27 @@ def accuracy(params, x, y):
     return float((forward(params, x)[-1].argmax(1) == y).mean())
 
 
+def timed_epochs(epochs, steps_per_epoch, step, evaluate, target):
+    """Runs ``step(s)`` for every step ``s`` of every epoch, timing each, and ``evaluate()`` (the
+    test accuracy) after every epoch: returns the step times and, once the accuracy first reached
+    ``target``, (seconds since the start, epochs), else None. Shared by the compression benches."""
+    step_times, reached = [], None
+    start = time.perf_counter()
+    for epoch in range(epochs):
+        for s in range(steps_per_epoch):
+            t0 = time.perf_counter()
+            step(s)
+            step_times.append(time.perf_counter() - t0)
+        if reached is None and evaluate() >= target:
+            reached = (time.perf_counter() - start, epoch + 1)
+    return step_times, reached
+
+
+def reached_fields(reached) -> str:
+    """``seconds_to_target,epochs_to_target`` of the CSV line, both empty when not reached."""
+    return f"{reached[0]:.2f},{reached[1]}" if reached else ","
+
+
 def main() -> None:
     setting = sys.argv[1]
     epochs = int(sys.argv[2]) if len(sys.argv) > 2 else 4
@@ -108,29 +129,20 @@ def main() -> None:
     comps = [compressor(p) for p in params]
     shard = len(x) // n
     xs, ys = x[r * shard:(r + 1) * shard], y[r * shard:(r + 1) * shard]
-    steps_per_epoch = shard // batch
-    step_times = []
-    reached = None
-    start = time.perf_counter()
-    for epoch in range(epochs):
-        for s in range(steps_per_epoch):
-            t0 = time.perf_counter()
-            bx, by = xs[s * batch:(s + 1) * batch], ys[s * batch:(s + 1) * batch]
-            gs = grads(params, bx, by)
-            for p, gr, c in zip(params, gs, comps):
-                g.allreduce(gr, op="avg", compression=c)
-                p -= lr * gr
-            step_times.append(time.perf_counter() - t0)
-        acc = accuracy(params, tx, ty)
-        if reached is None and acc >= target:
-            reached = (time.perf_counter() - start, epoch + 1)
+
+    def step(s):
+        bx, by = xs[s * batch:(s + 1) * batch], ys[s * batch:(s + 1) * batch]
+        gs = grads(params, bx, by)
+        for p, gr, c in zip(params, gs, comps):
+            g.allreduce(gr, op="avg", compression=c)
+            p -= lr * gr
+
+    step_times, reached = timed_epochs(epochs, shard // batch, step, lambda: accuracy(params, tx, ty), target)
     final = accuracy(params, tx, ty)
     per = np.array([np.median(step_times)])
     g.allreduce(per, op="max")
     if r == 0:
-        secs, ep = reached if reached else ("", "")
-        secs = f"{secs:.2f}" if secs != "" else ""
-        print(f"{setting},{n},{per[0] * 1e3:.1f},{final:.4f},{secs},{ep},{chosen}", flush=True)
+        print(f"{setting},{n},{per[0] * 1e3:.1f},{final:.4f},{reached_fields(reached)},{chosen}", flush=True)
     tandem.shutdown()
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 
 for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
@@ -28,7 +27,7 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 import numpy as np  # noqa: E402
 
 from tandem import ps  # noqa: E402
-from compression_accuracy import HIDDEN, accuracy, grads, load  # noqa: E402
+from compression_accuracy import HIDDEN, accuracy, grads, load, reached_fields, timed_epochs  # noqa: E402
 
 PORT = 29600
 
@@ -62,26 +61,21 @@ def main() -> None:
     shard = len(x) // workers
     xs, ys = x[worker * shard:(worker + 1) * shard], y[worker * shard:(worker + 1) * shard]
     batch = 16
-    steps_per_epoch = shard // batch
-    version, pulled = client.pull()
-    step_times, reached = [], None
-    start = time.perf_counter()
-    for epoch in range(epochs):
-        for s in range(steps_per_epoch):
-            t0 = time.perf_counter()
-            params = [pulled[n] for n in names]
-            gs = grads(params, xs[s * batch:(s + 1) * batch], ys[s * batch:(s + 1) * batch])
-            version, pulled = client.push_pull(version, dict(zip(names, gs)))
-            step_times.append(time.perf_counter() - t0)
-        acc = accuracy([pulled[n] for n in names], tx, ty)
-        if reached is None and acc >= target:
-            reached = (time.perf_counter() - start, epoch + 1)
-    final = accuracy([pulled[n] for n in names], tx, ty)
+    state = dict(zip(("version", "pulled"), client.pull()))
+
+    def current():
+        return [state["pulled"][n] for n in names]
+
+    def step(s):
+        gs = grads(current(), xs[s * batch:(s + 1) * batch], ys[s * batch:(s + 1) * batch])
+        state["version"], state["pulled"] = client.push_pull(state["version"], dict(zip(names, gs)))
+
+    step_times, reached = timed_epochs(epochs, shard // batch, step, lambda: accuracy(current(), tx, ty), target)
+    final = accuracy(current(), tx, ty)
     step_ms = np.median(step_times) * 1e3
     if worker == 0:
-        secs, ep = reached if reached else ("", "")
-        secs = f"{secs:.2f}" if secs != "" else ""
-        print(f"{setting},{workers},{step_ms:.1f},{final:.4f},{secs},{ep},{client.compression}", flush=True)
+        print(f"{setting},{workers},{step_ms:.1f},{final:.4f},{reached_fields(reached)},{client.compression}",
+              flush=True)
     client.done()
 
 

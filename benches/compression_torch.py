@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 
 # One thread per rank: ranks sharing a machine's cores (simulated hosts) must not oversubscribe
 # them, or the step time measures the scheduler rather than the link.
@@ -35,6 +34,11 @@ import torch  # noqa: E402
 
 import tandem  # noqa: E402
 import tandem.torch as hvd  # noqa: E402
+from compression_accuracy import reached_fields, timed_epochs  # noqa: E402
+
+# The examples' CNN and data split (python/examples).
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python", "examples"))
+from torch_digits_common import CNN as Small, accuracy, tensors  # noqa: E402
 
 
 class Wide(torch.nn.Module):
@@ -53,38 +57,6 @@ class Wide(torch.nn.Module):
         return self.fc2(torch.relu(self.fc1(x.flatten(1))))
 
 
-class Small(torch.nn.Module):
-    """The examples' CNN: about 10k parameters."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1 = torch.nn.Conv2d(1, 16, 3, padding=1)
-        self.conv2 = torch.nn.Conv2d(16, 32, 3, padding=1)
-        self.fc = torch.nn.Linear(32 * 4 * 4, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = torch.relu(self.conv1(x))
-        x = torch.nn.functional.max_pool2d(torch.relu(self.conv2(x)), 2)
-        return self.fc(x.flatten(1))
-
-
-def load():
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    x = torch.from_numpy((d.data / 16.0).astype(np.float32)).reshape(-1, 1, 8, 8)
-    y = torch.from_numpy(d.target.astype(np.int64))
-    order = torch.from_numpy(np.random.default_rng(0).permutation(len(x)))
-    x, y = x[order], y[order]
-    cut = int(len(x) * 0.8)
-    return x[:cut], y[:cut], x[cut:], y[cut:]
-
-
-@torch.no_grad()
-def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    return (model(x).argmax(1) == y).float().mean().item()
-
-
 def main() -> None:
     setting = sys.argv[1]
     epochs = int(sys.argv[2]) if len(sys.argv) > 2 else 6
@@ -96,36 +68,28 @@ def main() -> None:
     r, n = hvd.rank(), hvd.size()
     torch.manual_seed(42)
     model = Wide() if which == "wide" else Small()
-    x, y, tx, ty = load()
+    x, y, tx, ty = tensors()
     shard = len(x) // n
     xs, ys = x[r * shard:(r + 1) * shard], y[r * shard:(r + 1) * shard]
     batch = 16
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     # compression=None: the group's setting, given to init() above.
     opt = hvd.DistributedOptimizer(opt, named_parameters=model.named_parameters())
-    steps_per_epoch = shard // batch
-    step_times = []
-    reached = None
-    start = time.perf_counter()
-    for epoch in range(epochs):
-        for s in range(steps_per_epoch):
-            t0 = time.perf_counter()
-            bx, by = xs[s * batch:(s + 1) * batch], ys[s * batch:(s + 1) * batch]
-            opt.zero_grad()
-            torch.nn.functional.cross_entropy(model(bx), by).backward()
-            opt.step()
-            step_times.append(time.perf_counter() - t0)
-        acc = accuracy(model, tx, ty)
-        if reached is None and acc >= target:
-            reached = (time.perf_counter() - start, epoch + 1)
+
+    def step(s):
+        bx, by = xs[s * batch:(s + 1) * batch], ys[s * batch:(s + 1) * batch]
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(bx), by).backward()
+        opt.step()
+
+    step_times, reached = timed_epochs(epochs, shard // batch, step, lambda: accuracy(model, tx, ty), target)
     final = accuracy(model, tx, ty)
     per = np.array([np.median(step_times)])
     tandem.allreduce(per, op="max")
     if r == 0:
         params = sum(p.numel() for p in model.parameters())
-        secs, ep = reached if reached else ("", "")
-        secs = f"{secs:.2f}" if secs != "" else ""
-        print(f"{which}:{params},{setting},{n},{per[0] * 1e3:.1f},{final:.4f},{secs},{ep},{chosen}", flush=True)
+        print(f"{which}:{params},{setting},{n},{per[0] * 1e3:.1f},{final:.4f},{reached_fields(reached)},{chosen}",
+              flush=True)
     hvd.shutdown()
 
 

@@ -82,19 +82,23 @@ fn demo_trains_with_every_mode_to_a_stated_accuracy() {
         String::from_utf8_lossy(&out.stderr)
     );
     for mode in ["sync PS", "async PS", "allreduce"] {
-        let row = text
-            .lines()
-            .rev()
-            .find(|l| l.starts_with(mode))
-            .unwrap_or_else(|| panic!("no {mode} row in\n{text}"));
-        // mode ... steps/s samples/s loss accuracy wall MB
-        let acc: f64 = row
-            .split_whitespace()
-            .nth_back(2)
-            .and_then(|v| v.parse().ok())
-            .expect("accuracy column");
+        let acc = demo_accuracy(&text, mode);
         assert!(acc >= 0.9, "{mode}: test accuracy {acc} below 0.9:\n{text}");
     }
+}
+
+/// The test accuracy in the demo's last row for `mode` (columns: mode ... steps/s samples/s
+/// loss accuracy wall MB).
+fn demo_accuracy(text: &str, mode: &str) -> f64 {
+    let row = text
+        .lines()
+        .rev()
+        .find(|l| l.starts_with(mode))
+        .unwrap_or_else(|| panic!("no {mode} row in\n{text}"));
+    row.split_whitespace()
+        .nth_back(2)
+        .and_then(|v| v.parse().ok())
+        .expect("accuracy column")
 }
 
 /// The allreduce demo compresses its gradients as `TANDEM_COMPRESSION` says and still trains;
@@ -119,16 +123,7 @@ fn demo_allreduce_trains_with_compressed_gradients_and_refuses_a_bad_setting() {
         "{text}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let row = text
-        .lines()
-        .rev()
-        .find(|l| l.starts_with("allreduce"))
-        .unwrap_or_else(|| panic!("no allreduce row in\n{text}"));
-    let acc: f64 = row
-        .split_whitespace()
-        .nth_back(2)
-        .and_then(|v| v.parse().ok())
-        .expect("accuracy column");
+    let acc = demo_accuracy(&text, "allreduce");
     assert!(acc >= 0.9, "test accuracy {acc} below 0.9:\n{text}");
     let bad = tandem(&args, &[("TANDEM_COMPRESSION", "zip")]);
     let all = format!(
