@@ -141,12 +141,6 @@ class ReducingCompressor:
         """Restores what :meth:`state_dict` saved."""
         self._state = {int(k): _native.Compressor.restore(v) for k, v in state.items()}
 
-    def adopt(self, root: Mapping[Any, bytes]) -> None:
-        """Takes what :meth:`state_dict` gave on the process that broadcast its state (by
-        ``broadcast_optimizer_state`` or an elastic sync), keeping this process's residuals: see
-        :func:`shared_states`."""
-        self.load_state_dict(shared_states(root, self.state_dict()))
-
 
 def shared_states(root: Mapping[Any, bytes], own: Mapping[Any, bytes]) -> Dict[int, bytes]:
     """Each bucket's state as a process should hold it after taking ``root``'s: the root's
