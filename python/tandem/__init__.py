@@ -16,7 +16,7 @@ Start a local job with ``python -m tandem.launch --nproc 4 train.py`` or, from a
 from __future__ import annotations
 
 import json
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, Optional, Sequence, Union
 
 import numpy as np
 
@@ -123,6 +123,21 @@ class Group:
             compression = c
         self._pg.allreduce_compressed(view, op, compression, timeout)
         return a
+
+    def allreduce_powersgd(self, matrices: Sequence[np.ndarray], compressors: Sequence[Compressor],
+                           exact: Sequence[np.ndarray] = (), op: str = "avg",
+                           timeout: Optional[float] = None) -> None:
+        """PowerSGD of several float32 gradients in two allreduces in all (as torch's PowerSGD
+        hook batches a bucket), in place: ``matrices[i]`` through ``compressors[i]`` (each
+        ``tandem.Compressor("powersgd:RANK", columns)``, kept for that tensor across steps), and
+        the ``exact`` tensors (biases) summed or averaged exactly in the first of the two. Every
+        array must be a C-contiguous float32 numpy array; op is sum or avg; every rank must pass
+        the same shapes in the same order. :class:`tandem.DistributedOptimizer` calls it for
+        ``powersgd`` compression."""
+        if len(matrices) != len(compressors):
+            raise ValueError(f"{len(matrices)} matrices but {len(compressors)} compressors: one compressor per matrix")
+        self._pg.allreduce_powersgd([host_array(a)[0] for a in matrices], list(compressors),
+                                    [host_array(a)[0] for a in exact], op, timeout)
 
     @property
     def compression(self) -> str:

@@ -178,15 +178,20 @@ class DistributedOptimizer:
     def _reduce_matrices(self, g: "Group", setting: str, grads: Sequence[np.ndarray]) -> None:
         """PowerSGD: each float32 matrix (a tensor of 2 or more dimensions, seen as its first
         dimension by the rest, as torch's PowerSGD hook does) through its own compressor, keyed
-        by its index in ``grads``; vectors and other dtypes averaged exactly, fused."""
+        by its index in ``grads``, and the float32 vectors averaged exactly, all in two allreduces
+        (:meth:`tandem.Group.allreduce_powersgd`); other dtypes averaged exactly, fused."""
         from . import Compressor
 
-        rest = []
+        matrices, compressors, vectors, rest = [], [], [], []
         for i, a in enumerate(_host_arrays(grads)):
-            if a.dtype != np.float32 or a.ndim < 2 or a.size == 0 or not a.flags.c_contiguous:
+            if a.dtype != np.float32 or a.size == 0 or not a.flags.c_contiguous:
                 rest.append(a)
-                continue
-            if i not in self.compressors:
-                self.compressors[i] = Compressor(setting, a.size // a.shape[0])
-            g.allreduce(a, "avg", compression=self.compressors[i])
+            elif a.ndim < 2:
+                vectors.append(a)
+            else:
+                if i not in self.compressors:
+                    self.compressors[i] = Compressor(setting, a.size // a.shape[0])
+                matrices.append(a)
+                compressors.append(self.compressors[i])
+        g.allreduce_powersgd(matrices, compressors, vectors, "avg")
         allreduce_fused(rest, "avg", self.group, self.fusion_bytes)

@@ -243,6 +243,106 @@ def test_the_numpy_optimizer_compresses_each_matrix_with_powersgd_and_sends_vect
             np.testing.assert_array_equal(a, b)
 
 
+def warm_start(length: int) -> np.ndarray:
+    """PowerSGD's starting Q (transposed, as stored), computed here independently: SplitMix64 of
+    each index, its top 24 bits scaled into [-0.5, 0.5)."""
+    with np.errstate(over="ignore"):
+        z = (np.arange(length, dtype=np.uint64) + np.uint64(1)) * np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    z ^= z >> np.uint64(31)
+    return (z >> np.uint64(40)).astype(np.float64) / float(1 << 24) - 0.5
+
+
+def powersgd_reference(ms: list, qt: np.ndarray, rank: int) -> tuple:
+    """One PowerSGD step in float64 over every rank's M (gradient + residual): the average, each
+    rank's new residual, the next Qᵀ. P is orthonormalised by QR with a positive diagonal (what
+    Gram-Schmidt gives)."""
+    world = len(ms)
+    p = sum(m @ qt.T for m in ms)
+    p, r = np.linalg.qr(p)
+    p = p * np.sign(np.diag(r))
+    q = sum(m.T @ p for m in ms)
+    mean = p @ q.T / world
+    return mean, [m - mean for m in ms], q.T
+
+
+SHAPES = [(6, 5), (5,), (4, 3, 2), (7,)]
+
+
+def grad_of(rank: int, step: int) -> list:
+    return [data(rank, np.float32, int(np.prod(s)), 400 + 10 * step + i).reshape(s) for i, s in enumerate(SHAPES)]
+
+
+def powersgd_batch_body(setting: str) -> dict:
+    import json
+
+    g = tandem.init(timeout=30)
+    r = g.rank
+    params = [np.zeros(s, np.float32) for s in SHAPES] + [np.zeros(3, np.float64)]
+    opt = tandem.DistributedOptimizer(tandem.optim.SGD(lr=1.0), compression=setting)
+    after = []
+    for step in range(2):
+        opt.step(params, grad_of(r, step) + [np.full(3, r + 0.5)])
+        after.append([p.copy() for p in params])
+    residuals = {k: np.array(json.loads(c.state())["residual"], np.float32) for k, c in opt.compressors.items()}
+    errors, unchanged = [], []
+    m = np.ones((2, 2), np.float32)
+    c = opt.compressors[0]
+    before = c.state()
+    for call in (lambda: g.allreduce_powersgd([m], [], [], "avg"),
+                 lambda: g.allreduce_powersgd([m], [tandem.Compressor("bf16")], [], "avg"),
+                 lambda: g.allreduce_powersgd([m, m.copy()], [c, c], [], "avg"),
+                 lambda: g.allreduce_powersgd([m.astype(np.float64)], [c], [], "avg"),
+                 lambda: g.allreduce_powersgd([grad_of(r, 0)[0]], [c], [], "max")):
+        try:
+            call()
+            errors.append("")
+        except Exception as e:  # noqa: BLE001 - the test checks the type and words
+            errors.append(f"{type(e).__name__}: {e}")
+    unchanged.append(c.state() == before)
+    g.shutdown()
+    return {"after": after, "residuals": residuals, "errors": errors, "unchanged": unchanged}
+
+
+def test_powersgd_batches_every_matrix_and_bias_and_matches_a_float64_reference_over_two_steps() -> None:
+    world, rank = 3, 2
+    results = tandem.run(powersgd_batch_body, nproc=world, args=(f"powersgd:{rank}",), timeout=120)
+    # The reference: each matrix (first dimension by the rest) through PowerSGD from the warm
+    # start, its error fed back into the next step; the vectors averaged exactly.
+    residual = {i: [np.zeros((s[0], int(np.prod(s[1:])))) for _ in range(world)] for i, s in enumerate(SHAPES)
+                if len(s) >= 2}
+    qt = {i: warm_start(rank * e[0].shape[1]).reshape(rank, -1) for i, e in residual.items()}
+    total = [np.zeros(s) for s in SHAPES]
+    for step in range(2):
+        grads = [grad_of(q, step) for q in range(world)]
+        for i, s in enumerate(SHAPES):
+            if i in residual:
+                ms = [grads[q][i].reshape(s[0], -1).astype(np.float64) + residual[i][q] for q in range(world)]
+                mean, residual[i], qt[i] = powersgd_reference(ms, qt[i], rank)
+                total[i] -= mean.reshape(s)
+            else:
+                total[i] -= sum(grads[q][i].astype(np.float64) for q in range(world)) / world
+        for q, res in enumerate(results):
+            for i, s in enumerate(SHAPES):
+                np.testing.assert_allclose(res["after"][step][i], total[i], atol=2e-4, err_msg=f"rank {q} step {step} #{i}")
+            # The float64 tensor goes through the exact fused allreduce.
+            np.testing.assert_allclose(res["after"][step][4], -(step + 1) * np.full(3, 1.5), rtol=1e-12)
+    for q, res in enumerate(results):
+        assert sorted(res["residuals"]) == [0, 2]
+        for i in (0, 2):
+            np.testing.assert_allclose(res["residuals"][i], residual[i][q].reshape(-1), atol=2e-4)
+        for a, b in zip(res["after"][1], results[0]["after"][1]):
+            np.testing.assert_array_equal(a, b)
+        errors = res["errors"]
+        assert errors[0].startswith("ValueError") and "1 matrices but 0 compressors" in errors[0], errors
+        assert "powersgd:RANK compressors, not bf16" in errors[1], errors
+        assert errors[2].startswith("ValueError") and "given twice" in errors[2], errors
+        assert errors[3].startswith("TypeError") and "float32" in errors[3], errors
+        assert "powersgd" in errors[4] and "Max" in errors[4], errors
+        assert res["unchanged"] == [True]
+
+
 def auto_body(n: int) -> dict:
     g = tandem.init(timeout=30, compression="auto")
     a = data(g.rank, np.float32, n, 302)

@@ -88,3 +88,55 @@ pub(crate) fn with_f32_mut<R>(
         .map_err(|e| PyValueError::new_err(format!("array: {e}")))?;
     f(s)
 }
+
+/// Calls `f` with the `float32` contents of every array of `arrays` to write (`what` names the
+/// list in errors: a non-float32 array, a non-contiguous one, the same array twice).
+pub(crate) fn with_many_f32_mut<R>(
+    arrays: &[Bound<'_, PyAny>],
+    what: &str,
+    f: impl FnOnce(Vec<&mut [f32]>) -> PyResult<R>,
+) -> PyResult<R> {
+    let mut guards = Vec::with_capacity(arrays.len());
+    for (i, array) in arrays.iter().enumerate() {
+        let a = array.cast::<PyArrayDyn<f32>>().map_err(|_| {
+            PyTypeError::new_err(format!(
+                "{what}[{i}]: compressed allreduces take float32 gradients (a numpy.ndarray of float32)"
+            ))
+        })?;
+        guards.push(
+            a.try_readwrite()
+                .map_err(|e| PyValueError::new_err(format!("{what}[{i}]: {e}")))?,
+        );
+    }
+    let mut slices = Vec::with_capacity(guards.len());
+    for (i, rw) in guards.iter_mut().enumerate() {
+        slices.push(
+            rw.as_slice_mut()
+                .map_err(|e| PyValueError::new_err(format!("{what}[{i}]: {e}")))?,
+        );
+    }
+    f(slices)
+}
+
+/// Locks every compressor of `compressors` for one call (the same one twice is refused, not
+/// deadlocked on).
+pub(crate) fn lock_all<'a>(
+    compressors: &'a [PyRef<'_, PyCompressor>],
+) -> PyResult<Vec<std::sync::MutexGuard<'a, Compressor>>> {
+    compressors
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            c.inner.try_lock().map_err(|e| {
+                PyValueError::new_err(match e {
+                    std::sync::TryLockError::WouldBlock => format!(
+                        "compressors[{i}] is given twice or in use by another call: keep one compressor per tensor"
+                    ),
+                    std::sync::TryLockError::Poisoned(_) => {
+                        format!("compressors[{i}] was poisoned by a panic")
+                    }
+                })
+            })
+        })
+        .collect()
+}

@@ -267,6 +267,40 @@ impl PyProcessGroup {
         })
     }
 
+    /// PowerSGD of several float32 gradients in two allreduces: `matrices[i]` through
+    /// `compressors[i]` (each `powersgd:RANK`), the `exact` ones summed or averaged exactly.
+    #[pyo3(signature = (matrices, compressors, exact, op, timeout=None))]
+    fn allreduce_powersgd(
+        &self,
+        py: Python<'_>,
+        matrices: Vec<Bound<'_, PyAny>>,
+        compressors: Vec<PyRef<'_, crate::compression::PyCompressor>>,
+        exact: Vec<Bound<'_, PyAny>>,
+        op: &str,
+        timeout: Option<f64>,
+    ) -> PyResult<()> {
+        let op = reduce_op(op)?;
+        if matrices.len() != compressors.len() {
+            return Err(PyValueError::new_err(format!(
+                "{} matrices but {} compressors: one compressor per matrix",
+                matrices.len(),
+                compressors.len()
+            )));
+        }
+        let mut locked = crate::compression::lock_all(&compressors)?;
+        crate::compression::with_many_f32_mut(&matrices, "matrices", |bufs| {
+            crate::compression::with_many_f32_mut(&exact, "exact", |exact| {
+                let pairs: Vec<_> = bufs
+                    .into_iter()
+                    .zip(locked.iter_mut().map(|g| &mut **g))
+                    .collect();
+                self.run(py, timeout, move |pg| {
+                    pg.allreduce_power_sgd_batch(pairs, exact, op)
+                })
+            })
+        })
+    }
+
     /// The group's default compression of gradient allreduces (`TANDEM_COMPRESSION`, or
     /// `init(compression=...)`).
     #[getter]

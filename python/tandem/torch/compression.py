@@ -114,24 +114,17 @@ class ReducingCompressor:
 
     def _reduce_matrices(self, pg: Any, work: torch.Tensor, op: str,
                          parts: Sequence[Tuple[int, Sequence[int]]]) -> None:
-        from . import _ops
-
-        vectors, pos = [], 0
+        matrices, compressors, vectors, pos = [], [], [], 0
         for index, shape in parts:
             n = math.prod(shape)
-            piece = work[pos:pos + n]
+            piece = torch_view(work[pos:pos + n])
             if len(shape) >= 2 and n > 0:
-                pg.allreduce_compressed(torch_view(piece), op, self._compressor(index, n // shape[0]), None)
-            else:
-                vectors.append((pos, n))
+                matrices.append(piece)
+                compressors.append(self._compressor(index, n // shape[0]))
+            elif n > 0:
+                vectors.append(piece)
             pos += n
-        if vectors:
-            packed = torch.cat([work[p:p + n] for p, n in vectors])
-            _ops.allreduce(pg, packed, op)
-            at = 0
-            for p, n in vectors:
-                work[p:p + n].copy_(packed[at:at + n])
-                at += n
+        pg.allreduce_powersgd(matrices, compressors, vectors, op, None)
 
     def state_dict(self) -> Dict[int, bytes]:
         """Each bucket's residual and warm start, as bytes."""

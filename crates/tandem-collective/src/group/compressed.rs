@@ -145,11 +145,7 @@ impl ProcessGroup {
         scatter_sum(&pairs, buf, op, world)
     }
 
-    /// PowerSGD: `P = M Q` allreduced and orthonormalised, `Q = Mᵀ P` allreduced, the result
-    /// `P Qᵀ` (averaged over the ranks, or their sum); the error stays in the residual and `Q`
-    /// starts the next step. `Q` is kept transposed (rank × columns), so every product runs along
-    /// contiguous rows of length `columns`: dot products for `M Q`, scaled additions for `Mᵀ P`
-    /// and `P Qᵀ`, loops the compiler vectorises (the rank is small, so loops over it are not).
+    /// PowerSGD of one gradient: [`ProcessGroup::allreduce_power_sgd_batch`] with it alone.
     fn allreduce_power_sgd(
         &self,
         buf: &mut [f32],
@@ -157,54 +153,212 @@ impl ProcessGroup {
         rank: usize,
         c: &mut Compressor,
     ) -> Result<()> {
-        let n = buf.len();
+        let m = LowRank::start(buf, c, rank)?;
+        self.low_rank_rounds(vec![m], Vec::new(), op)
+    }
+
+    /// PowerSGD of several gradients at once, each a matrix with its own [`Compressor`] (its
+    /// setting `powersgd:R`), and `exact` tensors (biases) averaged or summed exactly, in two
+    /// allreduces in all, as torch's PowerSGD hook batches a bucket: every matrix's `P = M Q`
+    /// and the exact tensors in one, each `P` orthonormalised, every `Qᵀ = Pᵀ M` in the other.
+    /// A model of many small matrices then pays two round trips a step rather than two per
+    /// matrix. Every rank must pass the same shapes in the same order; only `SUM` and `AVG`.
+    /// Everything is checked before anything is sent.
+    ///
+    /// ```
+    /// use tandem_collective::compression::{Compression, Compressor};
+    /// use tandem_collective::{GroupConfig, ProcessGroup};
+    /// use tandem_core::{ClusterSpec, ReduceOp};
+    /// let pg = ProcessGroup::init(&ClusterSpec::from_vars(&[("UNSET", "")])?, None, GroupConfig::default())?;
+    /// // A 2 × 2 matrix of rank 1 (rank 1 holds it whole) and a bias.
+    /// let (mut w, mut b) = (vec![1.0f32, 2.0, 2.0, 4.0], vec![0.5f32, -1.0]);
+    /// let mut c = Compressor::new(Compression::PowerSgd { rank: 1 }).with_columns(2);
+    /// pg.allreduce_power_sgd_batch(vec![(&mut w[..], &mut c)], vec![&mut b[..]], ReduceOp::Avg)?;
+    /// assert!(w.iter().zip([1.0, 2.0, 2.0, 4.0]).all(|(x, y)| (x - y).abs() < 1e-5));
+    /// assert_eq!(b, [0.5, -1.0]);
+    /// # Ok::<(), tandem_core::Error>(())
+    /// ```
+    pub fn allreduce_power_sgd_batch(
+        &self,
+        matrices: Vec<(&mut [f32], &mut Compressor)>,
+        exact: Vec<&mut [f32]>,
+        op: ReduceOp,
+    ) -> Result<()> {
+        sum_or_avg(op, "powersgd")?;
+        let mut started = Vec::with_capacity(matrices.len());
+        for (i, (buf, c)) in matrices.into_iter().enumerate() {
+            let Compression::PowerSgd { rank } = c.compression else {
+                return Err(Error::invalid(
+                    "compressor",
+                    format!(
+                        "matrix {i}: a batched PowerSGD allreduce takes powersgd:RANK compressors, not {}",
+                        c.compression
+                    ),
+                ));
+            };
+            started.push(LowRank::start(buf, c, rank)?);
+        }
+        self.low_rank_rounds(started, exact, op)
+    }
+
+    /// The two rounds of a PowerSGD allreduce over matrices already started.
+    fn low_rank_rounds(
+        &self,
+        mut matrices: Vec<LowRank<'_>>,
+        mut exact: Vec<&mut [f32]>,
+        op: ReduceOp,
+    ) -> Result<()> {
+        let p_len: usize = matrices.iter().map(|m| m.rows * m.rank).sum();
+        let exact_len: usize = exact.iter().map(|e| e.len()).sum();
+        if p_len + exact_len == 0 {
+            return Ok(());
+        }
+        // Round 1: every P = M Q, then the exact tensors, summed in one allreduce.
+        let mut p = vec![0f32; p_len + exact_len];
+        let (ps, rest) = p.split_at_mut(p_len);
+        let lens: Vec<usize> = matrices.iter().map(|m| m.rows * m.rank).collect();
+        for (m, pm) in matrices.iter_mut().zip(split_lens(ps, lens)) {
+            m.p_into(pm);
+        }
+        for (e, slot) in exact
+            .iter()
+            .zip(split_lens(rest, exact.iter().map(|e| e.len())))
+        {
+            slot.copy_from_slice(e);
+        }
+        self.allreduce(&mut p, ReduceOp::Sum)?;
+        let world = self.world_size() as f32;
+        let (ps, rest) = p.split_at_mut(p_len);
+        let lens: Vec<usize> = exact.iter().map(|e| e.len()).collect();
+        for (e, slot) in exact.iter_mut().zip(split_lens(rest, lens)) {
+            for (x, &s) in e.iter_mut().zip(slot.iter()) {
+                *x = if op == ReduceOp::Avg { s / world } else { s };
+            }
+        }
+        if matrices.is_empty() {
+            return Ok(());
+        }
+        // Round 2: each P orthonormalised, every Qᵀ = Pᵀ M summed in one allreduce.
+        let mut pms = split_lens(ps, matrices.iter().map(|m| m.rows * m.rank));
+        let q_len: usize = matrices.iter().map(|m| m.rank * m.cols).sum();
+        let mut qt = vec![0f32; q_len];
+        let qts = split_lens(&mut qt, matrices.iter().map(|m| m.rank * m.cols));
+        for ((m, pm), qm) in matrices.iter().zip(pms.iter_mut()).zip(qts) {
+            orthonormalise(pm, m.rows, m.rank);
+            m.q_into(pm, qm);
+        }
+        self.allreduce(&mut qt, ReduceOp::Sum)?;
+        let mut at = 0;
+        for (m, pm) in matrices.iter_mut().zip(pms) {
+            let len = m.rank * m.cols;
+            m.finish(pm, &qt[at..at + len], world, op);
+            at += len;
+        }
+        Ok(())
+    }
+}
+
+/// Cuts `buf` into consecutive pieces of the lengths `lens`.
+fn split_lens(mut buf: &mut [f32], lens: impl IntoIterator<Item = usize>) -> Vec<&mut [f32]> {
+    let mut out = Vec::new();
+    for len in lens {
+        let (head, tail) = buf.split_at_mut(len);
+        out.push(head);
+        buf = tail;
+    }
+    out
+}
+
+/// One gradient of a PowerSGD allreduce between its rounds: `P = M Q` allreduced and
+/// orthonormalised, `Qᵀ = Pᵀ M` allreduced, the result `P Qᵀ` (averaged over the ranks, or
+/// their sum); the error stays in the residual and `Q` starts the next step. `Q` is kept
+/// transposed (rank × columns), so every product runs along contiguous rows of length
+/// `columns`: dot products for `M Q`, scaled additions for `Pᵀ M` and `P Qᵀ`, loops the compiler
+/// vectorises (the rank is small, so loops over it are not).
+///
+/// `M` (gradient + residual) is built in the gradient's own buffer, a row at a time while `P`'s
+/// row is computed from it in cache: the products are bound by memory bandwidth (ranks sharing
+/// a machine share it), so the matrix is read or written in 7 passes (no scratch copy). The
+/// residual is written only when the result is, so a failed allreduce leaves it as it was.
+/// The last row may be short (a length that is not a multiple of the columns): the missing
+/// elements count as zeros.
+struct LowRank<'a> {
+    /// The gradient, then `M`, then the result.
+    out: &'a mut [f32],
+    /// Its residual and warm start.
+    c: &'a mut Compressor,
+    rows: usize,
+    cols: usize,
+    rank: usize,
+}
+
+impl<'a> LowRank<'a> {
+    /// Checks the residual's length, shapes the matrix, takes the warm start.
+    fn start(out: &'a mut [f32], c: &'a mut Compressor, rank: usize) -> Result<LowRank<'a>> {
+        let n = out.len();
         check_residual(c, n)?;
         let (rows, cols) = c.shape(n);
         let rank = rank.min(rows).min(cols).max(1);
         if c.q.len() != cols * rank {
             c.q = warm_start(cols * rank);
         }
-        // M = gradient + residual, zero-padded to rows × cols.
-        let mut m = vec![0f32; rows * cols];
-        for ((x, g), r) in m.iter_mut().zip(buf.iter()).zip(&c.residual) {
-            *x = g + r;
-        }
-        // P = M Q: one dot product of a row of M with a row of Qᵀ per element.
-        let mut p = vec![0f32; rows * rank];
-        for (m_row, p_row) in m.chunks_exact(cols).zip(p.chunks_exact_mut(rank)) {
-            for (pk, qt_k) in p_row.iter_mut().zip(c.q.chunks_exact(cols)) {
+        Ok(LowRank {
+            out,
+            c,
+            rows,
+            cols,
+            rank,
+        })
+    }
+
+    /// `M = gradient + residual` and `P = M Q`: one dot product of a row of M with a row of Qᵀ
+    /// per element.
+    fn p_into(&mut self, p: &mut [f32]) {
+        let rows = self
+            .out
+            .chunks_mut(self.cols)
+            .zip(self.c.residual.chunks(self.cols));
+        for ((m_row, r_row), p_row) in rows.zip(p.chunks_exact_mut(self.rank)) {
+            for (x, r) in m_row.iter_mut().zip(r_row) {
+                *x += r;
+            }
+            for (pk, qt_k) in p_row.iter_mut().zip(self.c.q.chunks_exact(self.cols)) {
                 *pk = dot(m_row, qt_k);
             }
         }
-        self.allreduce(&mut p, ReduceOp::Sum)?;
-        orthonormalise(&mut p, rows, rank);
-        // Qᵀ = Pᵀ M: each row of M added, scaled, into every row of Qᵀ.
-        let mut qt = vec![0f32; rank * cols];
-        for (m_row, p_row) in m.chunks_exact(cols).zip(p.chunks_exact(rank)) {
-            for (qt_k, &pk) in qt.chunks_exact_mut(cols).zip(p_row) {
+    }
+
+    /// `Qᵀ = Pᵀ M`: each row of M added, scaled, into every row of Qᵀ.
+    fn q_into(&self, p: &[f32], qt: &mut [f32]) {
+        for (m_row, p_row) in self.out.chunks(self.cols).zip(p.chunks_exact(self.rank)) {
+            for (qt_k, &pk) in qt.chunks_exact_mut(self.cols).zip(p_row) {
                 axpy(pk, m_row, qt_k);
             }
         }
-        self.allreduce(&mut qt, ReduceOp::Sum)?;
-        let world = self.world_size() as f32;
-        // P Qᵀ a row at a time; the residual keeps what the average misses of this rank's M.
+    }
+
+    /// `P Qᵀ` a row at a time into the gradient; the residual keeps what the average misses of
+    /// this rank's M; `Qᵀ` becomes the next step's start.
+    fn finish(&mut self, p: &[f32], qt: &[f32], world: f32, op: ReduceOp) {
+        let cols = self.cols;
         let mut approx = vec![0f32; cols];
-        for (i, (m_row, p_row)) in m.chunks_exact(cols).zip(p.chunks_exact(rank)).enumerate() {
+        let rows = self
+            .out
+            .chunks_mut(cols)
+            .zip(self.c.residual.chunks_mut(cols));
+        for ((m_row, r_row), p_row) in rows.zip(p.chunks_exact(self.rank)) {
             approx.fill(0.0);
             for (qt_k, &pk) in qt.chunks_exact(cols).zip(p_row) {
                 axpy(pk, qt_k, &mut approx);
             }
-            let lo = i * cols;
-            let hi = (lo + cols).min(n);
-            let (out, res) = (&mut buf[lo..hi], &mut c.residual[lo..hi]);
-            for (((o, r), &a), &x) in out.iter_mut().zip(res).zip(&approx).zip(m_row) {
+            for ((x, r), &a) in m_row.iter_mut().zip(r_row).zip(&approx) {
                 let mean = a / world;
-                *r = x - mean;
-                *o = if op == ReduceOp::Avg { mean } else { a };
+                *r = *x - mean;
+                *x = if op == ReduceOp::Avg { mean } else { a };
             }
         }
-        c.q = qt;
-        Ok(())
+        self.c.q.clear();
+        self.c.q.extend_from_slice(qt);
     }
 }
 
@@ -255,4 +409,156 @@ fn check_residual(c: &mut Compressor, n: usize) -> Result<()> {
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tandem_core::ClusterSpec;
+
+    fn one() -> ProcessGroup {
+        let spec = ClusterSpec::from_vars(&[("UNSET", "")]).expect("a group of one");
+        ProcessGroup::init(&spec, None, GroupConfig::default()).expect("a group of one")
+    }
+
+    fn grad(len: usize, seed: usize) -> Vec<f32> {
+        (0..len)
+            .map(|i| (((i * 37 + seed * 101) % 97) as f32 / 97.0 - 0.5) * (1.0 + (i % 5) as f32))
+            .collect()
+    }
+
+    fn power(rank: usize, columns: usize) -> Compressor {
+        Compressor::new(Compression::PowerSgd { rank }).with_columns(columns)
+    }
+
+    /// Error feedback loses nothing: over several steps, what was sent plus what is still owed
+    /// is what came in (a group of one, so the average is this rank's own). A length that is not
+    /// a multiple of the columns (a short last row) included.
+    #[test]
+    fn what_powersgd_sends_plus_its_residual_adds_up_to_its_inputs() {
+        let pg = one();
+        for (len, cols) in [(35, 7), (33, 7), (12, 4)] {
+            let mut c = power(1, cols);
+            let (mut sent, mut came) = (vec![0f64; len], vec![0f64; len]);
+            for step in 0..4 {
+                let mut g = grad(len, step);
+                came.iter_mut().zip(&g).for_each(|(a, x)| *a += *x as f64);
+                pg.allreduce_compressed(&mut g, ReduceOp::Avg, &mut c)
+                    .unwrap();
+                sent.iter_mut().zip(&g).for_each(|(a, x)| *a += *x as f64);
+            }
+            let rank_one = grad(len, 0) != {
+                let mut g = grad(len, 0);
+                pg.allreduce_compressed(&mut g, ReduceOp::Avg, &mut power(1, cols))
+                    .unwrap();
+                g
+            };
+            assert!(rank_one, "{len}: rank 1 keeps the matrix whole?");
+            for i in 0..len {
+                let total = sent[i] + c.residual[i] as f64;
+                assert!(
+                    (total - came[i]).abs() < 1e-4,
+                    "{len}/{cols} [{i}]: {total} vs {}",
+                    came[i]
+                );
+            }
+        }
+    }
+
+    /// A batch gives each matrix what it alone would get, and the exact tensors their values.
+    #[test]
+    fn a_batch_gives_each_matrix_what_it_alone_gets_and_leaves_the_exact_ones_exact() {
+        let pg = one();
+        let shapes = [(6usize, 5usize), (4, 3), (9, 2)];
+        let alone: Vec<(Vec<f32>, Compressor)> = shapes
+            .iter()
+            .enumerate()
+            .map(|(i, &(r, cols))| {
+                let (mut g, mut c) = (grad(r * cols, i), power(2, cols));
+                for _ in 0..2 {
+                    g = grad(r * cols, i);
+                    pg.allreduce_compressed(&mut g, ReduceOp::Sum, &mut c)
+                        .unwrap();
+                }
+                (g, c)
+            })
+            .collect();
+        let mut comps: Vec<Compressor> = shapes.iter().map(|&(_, cols)| power(2, cols)).collect();
+        let mut bias = grad(5, 9);
+        let mut gs = Vec::new();
+        for _ in 0..2 {
+            gs = shapes
+                .iter()
+                .enumerate()
+                .map(|(i, &(r, c))| grad(r * c, i))
+                .collect::<Vec<_>>();
+            bias = grad(5, 9);
+            let matrices = gs
+                .iter_mut()
+                .map(|g| &mut g[..])
+                .zip(comps.iter_mut())
+                .collect();
+            pg.allreduce_power_sgd_batch(matrices, vec![&mut bias[..]], ReduceOp::Sum)
+                .unwrap();
+        }
+        for ((g, c), (want, want_c)) in gs.iter().zip(&comps).zip(&alone) {
+            assert_eq!(g, want);
+            assert_eq!((&c.residual, &c.q), (&want_c.residual, &want_c.q));
+        }
+        assert_eq!(bias, grad(5, 9));
+        // Nothing to send: nothing sent, no error.
+        pg.allreduce_power_sgd_batch(Vec::new(), Vec::new(), ReduceOp::Avg)
+            .unwrap();
+    }
+
+    /// Refusals come before anything changes: a compressor of another setting (named by its
+    /// place), an operator PowerSGD cannot compute, a residual of another length further down
+    /// the batch (the first matrix then keeps its gradient and its state).
+    #[test]
+    fn a_bad_batch_is_refused_before_any_matrix_changes() {
+        let pg = one();
+        let (mut a, mut b) = (grad(12, 1), grad(12, 2));
+        let mut ca = power(2, 4);
+        let mut bf = Compressor::new(Compression::Bf16);
+        let e = pg
+            .allreduce_power_sgd_batch(
+                vec![(&mut a[..], &mut ca), (&mut b[..], &mut bf)],
+                vec![],
+                ReduceOp::Avg,
+            )
+            .unwrap_err();
+        assert!(
+            e.to_string().contains("matrix 1") && e.to_string().contains("not bf16"),
+            "{e}"
+        );
+        let e = pg
+            .allreduce_power_sgd_batch(vec![(&mut a[..], &mut ca)], vec![], ReduceOp::Max)
+            .unwrap_err();
+        assert!(e.to_string().contains("powersgd"), "{e}");
+        // A compressor that served a tensor of 8 elements, given one of 12.
+        let mut cb = power(2, 4);
+        pg.allreduce_compressed(&mut grad(8, 3), ReduceOp::Avg, &mut cb)
+            .unwrap();
+        pg.allreduce_compressed(&mut grad(12, 3), ReduceOp::Avg, &mut ca)
+            .unwrap();
+        let state = ca.state();
+        let e = pg
+            .allreduce_power_sgd_batch(
+                vec![(&mut a[..], &mut ca), (&mut b[..], &mut cb)],
+                vec![],
+                ReduceOp::Avg,
+            )
+            .unwrap_err();
+        assert!(e.to_string().contains("8 elements, not 12"), "{e}");
+        assert_eq!((a, ca.state()), (grad(12, 1), state));
+        // The same batch with a right compressor goes through.
+        let mut cb = power(2, 4);
+        let (mut a, mut b) = (grad(12, 1), grad(12, 2));
+        pg.allreduce_power_sgd_batch(
+            vec![(&mut a[..], &mut ca), (&mut b[..], &mut cb)],
+            vec![],
+            ReduceOp::Avg,
+        )
+        .unwrap();
+    }
 }
