@@ -77,8 +77,8 @@ def grads(params, x, y):
     d /= len(y)
     out = [None] * len(params)
     for i in range(len(params) - 2, -1, -2):
-        out[i] = (acts[i // 2].T @ d).astype(np.float32)
-        out[i + 1] = d.sum(0).astype(np.float32)
+        out[i] = (acts[i // 2].T @ d).astype(np.float32, copy=False)
+        out[i + 1] = d.sum(0).astype(np.float32, copy=False)
         if i > 0:
             d = (d @ params[i].T) * (acts[i // 2] > 0)
     return out

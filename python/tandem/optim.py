@@ -98,6 +98,7 @@ class SGD:
             raise ValueError(f"lr={lr} must be positive")
         self.lr, self.momentum, self.weight_decay = lr, momentum, weight_decay
         self._velocity: Optional[List[np.ndarray]] = None
+        self._scratch: Optional[List[np.ndarray]] = None
 
     def step(self, params: Sequence[np.ndarray], grads: Sequence[np.ndarray]) -> None:
         if len(params) != len(grads):
@@ -113,7 +114,16 @@ class SGD:
                 v *= self.momentum
                 v += d
                 d = v
-            p -= self.lr * d
+            # Scaled into a buffer kept per parameter: a fresh temporary of a large parameter
+            # costs the kernel's page faults every step.
+            if self._scratch is None or len(self._scratch) != len(params):
+                self._scratch = [np.empty_like(q) for q in params]
+            scratch = self._scratch[i]
+            if scratch.shape == d.shape and scratch.dtype == d.dtype == p.dtype and np.issubdtype(d.dtype, np.floating):
+                np.multiply(d, self.lr, out=scratch)
+                p -= scratch
+            else:
+                p -= self.lr * d
 
 
 class DistributedOptimizer:
@@ -159,21 +169,25 @@ class DistributedOptimizer:
         elif setting.startswith("powersgd"):
             self._reduce_matrices(g, setting, grads)
         else:
-            from . import Compressor
-
-            counter = iter(range(1 << 62))
-
-            def reduce(buf: np.ndarray) -> None:
-                k = next(counter)
-                if buf.dtype != np.float32:
-                    g.allreduce(buf, "avg")
-                    return
-                if k not in self.compressors:
-                    self.compressors[k] = Compressor(setting)
-                g.allreduce(buf, "avg", compression=self.compressors[k])
-
-            _fused(_host_arrays(grads), self.fusion_bytes, reduce)
+            self._reduce_buckets(g, setting, grads)
         self.optimizer.step(params, grads)
+
+    def _reduce_buckets(self, g: "Group", setting: str, grads: Sequence[np.ndarray]) -> None:
+        """fp16, bf16, top-k, auto: the float32 gradients in buckets of at most ``fusion_bytes``,
+        each allreduced as one fused gradient through its compressor (keyed by the bucket's
+        number), half precision rounding each gradient straight into the wire buffer; other
+        dtypes and non-contiguous arrays averaged exactly, fused."""
+        from . import Compressor
+
+        arrays = _host_arrays(grads)
+        floats = [i for i, a in enumerate(arrays) if a.dtype == np.float32 and a.flags.c_contiguous]
+        chosen = set(floats)
+        rest = [a for i, a in enumerate(arrays) if i not in chosen]
+        for k, bucket in enumerate(_buckets([arrays[i] for i in floats], self.fusion_bytes)):
+            if k not in self.compressors:
+                self.compressors[k] = Compressor(setting)
+            g._pg.allreduce_compressed_many([arrays[floats[i]] for i in bucket], "avg", self.compressors[k], None)
+        allreduce_fused(rest, "avg", self.group, self.fusion_bytes)
 
     def _reduce_matrices(self, g: "Group", setting: str, grads: Sequence[np.ndarray]) -> None:
         """PowerSGD: each float32 matrix (a tensor of 2 or more dimensions, seen as its first

@@ -211,6 +211,43 @@ def test_compressed_allreduces_from_python_match_references_and_refuse_what_they
         np.testing.assert_array_equal(res["bf16"], results[0]["bf16"])
 
 
+FUSED = [(5, 3), (7,), (2, 2, 2), (1,)]
+
+
+def bf16_fused_body() -> dict:
+    g = tandem.init(timeout=30)
+    r = g.rank
+    grads = [data(r, np.float32, int(np.prod(s)), 500 + i).reshape(s) for i, s in enumerate(FUSED)]
+    grads.append(data(r, np.float64, 3, 509))
+    params = [np.zeros_like(a) for a in grads]
+    # 64 bytes a bucket: the float32 gradients go in two fused allreduces.
+    opt = tandem.DistributedOptimizer(tandem.optim.SGD(lr=1.0), fusion_bytes=64, compression="bf16")
+    opt.step(params, grads)
+    g.shutdown()
+    return {"params": params, "buckets": sorted(opt.compressors)}
+
+
+def test_the_numpy_optimizer_rounds_each_fused_gradient_to_bf16_once_and_averages_other_dtypes_exactly() -> None:
+    world = 3
+    results = tandem.run(bf16_fused_body, nproc=world, timeout=120)
+    for q, res in enumerate(results):
+        assert res["buckets"] == [0, 1]
+        for i, s in enumerate(FUSED):
+            inputs = [data(p, np.float32, int(np.prod(s)), 500 + i).astype(np.float64) for p in range(world)]
+            mean = sum(inputs) / world
+            # Each input and each hop's sum rounded once to bf16 (2^-8 relative).
+            bound = 2 * world * 2.0 ** -8 * sum(np.abs(a) for a in inputs) / world
+            got = -res["params"][i].reshape(-1).astype(np.float64)
+            assert np.all(np.abs(got - mean) <= bound), (q, i, got, mean)
+            np.testing.assert_array_equal(res["params"][i], results[0]["params"][i])
+        everything = np.concatenate([-r.reshape(-1) for r in res["params"][:4]]).astype(np.float64)
+        exact = np.concatenate([sum(data(p, np.float32, int(np.prod(s)), 500 + i).astype(np.float64)
+                                    for p in range(world)) / world for i, s in enumerate(FUSED)])
+        assert np.any(np.abs(everything - exact) > 1e-6), "not rounded: bf16 was not used"
+        mean64 = sum(data(p, np.float64, 3, 509) for p in range(world)) / world
+        np.testing.assert_allclose(res["params"][4], -mean64, rtol=1e-15)
+
+
 def powersgd_optimizer_body(setting: str) -> dict:
     import json
 

@@ -267,6 +267,30 @@ impl PyProcessGroup {
         })
     }
 
+    /// Several float32 gradients allreduced as one fused gradient through `compressor` (half
+    /// precision rounds each straight into one wire buffer: no packed copy).
+    #[pyo3(signature = (arrays, op, compressor, timeout=None))]
+    fn allreduce_compressed_many(
+        &self,
+        py: Python<'_>,
+        arrays: Vec<Bound<'_, PyAny>>,
+        op: &str,
+        compressor: &crate::compression::PyCompressor,
+        timeout: Option<f64>,
+    ) -> PyResult<()> {
+        let op = reduce_op(op)?;
+        let state = compressor.inner.clone();
+        crate::compression::with_many_f32_mut(&arrays, "arrays", |bufs| {
+            self.run(py, timeout, move |pg| {
+                let mut c = state.lock().map_err(|_| tandem::Error::Unusable {
+                    what: "compressor".into(),
+                    reason: "a panic poisoned it".into(),
+                })?;
+                pg.allreduce_compressed_many(bufs, op, &mut c)
+            })
+        })
+    }
+
     /// PowerSGD of several float32 gradients in two allreduces: `matrices[i]` through
     /// `compressors[i]` (each `powersgd:RANK`), the `exact` ones summed or averaged exactly.
     #[pyo3(signature = (matrices, compressors, exact, op, timeout=None))]

@@ -59,6 +59,68 @@ impl ProcessGroup {
         }
     }
 
+    /// Allreduces several `f32` gradients as one fused gradient compressed by `c` (its residual
+    /// that of the fusion, the same tensors in the same order every step), with no packed copy
+    /// for `fp16`/`bf16`: each gradient is rounded straight into its place in one wire buffer
+    /// and widened back from it, so fusing costs no extra pass over the gradients. A fused
+    /// gradient large enough to go in pieces, and the other settings, are packed into one
+    /// `f32` buffer and unpacked after. Every rank must pass the same lengths.
+    ///
+    /// ```
+    /// use tandem_collective::compression::{Compression, Compressor};
+    /// use tandem_collective::{GroupConfig, ProcessGroup};
+    /// use tandem_core::{ClusterSpec, ReduceOp};
+    /// let pg = ProcessGroup::init(&ClusterSpec::from_vars(&[("UNSET", "")])?, None, GroupConfig::default())?;
+    /// let (mut w, mut b) = (vec![1.0f32, 2.5], vec![-3.0f32]);
+    /// let mut c = Compressor::new(Compression::Bf16);
+    /// pg.allreduce_compressed_many(vec![&mut w[..], &mut b[..]], ReduceOp::Avg, &mut c)?;
+    /// assert_eq!((w, b), (vec![1.0, 2.5], vec![-3.0]));
+    /// # Ok::<(), tandem_core::Error>(())
+    /// ```
+    pub fn allreduce_compressed_many(
+        &self,
+        mut bufs: Vec<&mut [f32]>,
+        op: ReduceOp,
+        c: &mut Compressor,
+    ) -> Result<()> {
+        let total: usize = bufs.iter().map(|b| b.len()).sum();
+        let half = match self.resolve_compression_for(c.compression, total)? {
+            Compression::Fp16 => Some(DType::F16),
+            Compression::Bf16 => Some(DType::BF16),
+            _ => None,
+        };
+        match half {
+            Some(dtype) if self.world_size() == 1 || total < 2 * HALF_PIECE => {
+                c.wire.resize(total * dtype.size(), 0);
+                let mut wire = &mut c.wire[..];
+                for b in &bufs {
+                    let (head, tail) = wire.split_at_mut(b.len() * dtype.size());
+                    narrow(b, dtype, head)?;
+                    wire = tail;
+                }
+                self.allreduce_bytes(&mut c.wire, dtype, op)?;
+                let mut wire = &c.wire[..];
+                for b in bufs.iter_mut() {
+                    let (head, tail) = wire.split_at(b.len() * dtype.size());
+                    widen(head, dtype, b)?;
+                    wire = tail;
+                }
+                Ok(())
+            }
+            _ => {
+                let mut flat = Vec::with_capacity(total);
+                bufs.iter().for_each(|b| flat.extend_from_slice(b));
+                self.allreduce_compressed(&mut flat, op, c)?;
+                let mut at = 0;
+                for b in bufs.iter_mut() {
+                    b.copy_from_slice(&flat[at..at + b.len()]);
+                    at += b.len();
+                }
+                Ok(())
+            }
+        }
+    }
+
     /// Rounded once to `dtype`, allreduced as such (the ring widens, sums in `f32` and rounds
     /// once per hop), widened back. A gradient of at least two [`HALF_PIECE`]s goes in pieces
     /// ([`ProcessGroup::allreduce_half_pieces`]).
@@ -362,7 +424,9 @@ impl<'a> LowRank<'a> {
     }
 }
 
-/// `a · b` with eight running sums (a dependency chain the compiler can vectorise).
+/// `a · b` with eight running sums (a dependency chain the compiler can vectorise), compiled for
+/// each SIMD level and the best the CPU has chosen at run time.
+#[multiversion::multiversion(targets = "simd")]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
     let (a8, a_rest) = a.split_at(a.len() / 8 * 8);
@@ -375,7 +439,8 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + a_rest.iter().zip(b_rest).map(|(x, y)| x * y).sum::<f32>()
 }
 
-/// `y += s · x`.
+/// `y += s · x`, compiled as [`dot`] is.
+#[multiversion::multiversion(targets = "simd")]
 fn axpy(s: f32, x: &[f32], y: &mut [f32]) {
     for (yi, xi) in y.iter_mut().zip(x) {
         *yi += s * xi;
@@ -509,6 +574,37 @@ mod tests {
         // Nothing to send: nothing sent, no error.
         pg.allreduce_power_sgd_batch(Vec::new(), Vec::new(), ReduceOp::Avg)
             .unwrap();
+    }
+
+    /// Several gradients fused: bf16 rounds each once in place (a group of one: each value
+    /// becomes its bf16 rounding), top-k treats them as one gradient with one residual.
+    #[test]
+    fn fused_gradients_are_compressed_as_one() {
+        let pg = one();
+        let (mut a, mut b) = (grad(10, 1), grad(3, 2));
+        let mut c = Compressor::new(Compression::Bf16);
+        pg.allreduce_compressed_many(vec![&mut a[..], &mut b[..]], ReduceOp::Sum, &mut c)
+            .unwrap();
+        let round = |v: Vec<f32>| -> Vec<f32> {
+            v.iter()
+                .map(|x| half::bf16::from_f32(*x).to_f32())
+                .collect()
+        };
+        assert_eq!(
+            (a.clone(), b.clone()),
+            (round(grad(10, 1)), round(grad(3, 2)))
+        );
+        assert_ne!(a, grad(10, 1));
+        let mut flat: Vec<f32> = grad(10, 1).into_iter().chain(grad(3, 2)).collect();
+        let mut alone = Compressor::new(Compression::TopK { fraction: 0.25 });
+        pg.allreduce_compressed(&mut flat, ReduceOp::Sum, &mut alone)
+            .unwrap();
+        let (mut a, mut b) = (grad(10, 1), grad(3, 2));
+        let mut c = Compressor::new(Compression::TopK { fraction: 0.25 });
+        pg.allreduce_compressed_many(vec![&mut a[..], &mut b[..]], ReduceOp::Sum, &mut c)
+            .unwrap();
+        assert_eq!([a, b].concat(), flat);
+        assert_eq!(c.residual, alone.residual);
     }
 
     /// Refusals come before anything changes: a compressor of another setting (named by its
