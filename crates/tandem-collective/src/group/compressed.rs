@@ -530,6 +530,81 @@ mod tests {
         }
     }
 
+    /// With as many factors as columns (fewer than rows), `P` spans M's columns and `P Qᵀ` is M
+    /// itself: the products are right (rows of 8 values and more take the vector loops).
+    #[test]
+    fn powersgd_with_as_many_factors_as_columns_returns_the_matrix() {
+        let pg = one();
+        for (rows, cols) in [(40usize, 10usize), (24, 17), (9, 3)] {
+            let mut g = grad(rows * cols, 4);
+            pg.allreduce_compressed(&mut g, ReduceOp::Avg, &mut power(cols, cols))
+                .unwrap();
+            for (i, (x, want)) in g.iter().zip(grad(rows * cols, 4)).enumerate() {
+                assert!(
+                    (x - want).abs() < 1e-4,
+                    "{rows}x{cols} [{i}]: {x} vs {want}"
+                );
+            }
+        }
+    }
+
+    /// Rank 2 of wider matrices against a float64 reference written here (plain loops, QR by
+    /// Gram-Schmidt): what every product computes, not only what it spans.
+    #[test]
+    fn powersgd_of_rank_two_matches_a_float64_reference() {
+        let pg = one();
+        for (rows, cols) in [(12usize, 10usize), (9, 17)] {
+            let m: Vec<f64> = grad(rows * cols, 5).iter().map(|x| *x as f64).collect();
+            let qt: Vec<f64> = crate::compression::warm_start(2 * cols)
+                .iter()
+                .map(|x| *x as f64)
+                .collect();
+            // P = M Q, columns orthonormalised in order.
+            let mut p = vec![[0f64; 2]; rows];
+            for (r, pr) in p.iter_mut().enumerate() {
+                for (k, pk) in pr.iter_mut().enumerate() {
+                    *pk = (0..cols).map(|c| m[r * cols + c] * qt[k * cols + c]).sum();
+                }
+            }
+            for k in 0..2 {
+                for prev in 0..k {
+                    let d: f64 = p.iter().map(|row| row[k] * row[prev]).sum();
+                    p.iter_mut().for_each(|row| row[k] -= d * row[prev]);
+                }
+                let n = p.iter().map(|row| row[k] * row[k]).sum::<f64>().sqrt();
+                p.iter_mut().for_each(|row| row[k] /= n);
+            }
+            let mut g = grad(rows * cols, 5);
+            pg.allreduce_compressed(&mut g, ReduceOp::Sum, &mut power(2, cols))
+                .unwrap();
+            for r in 0..rows {
+                for c in 0..cols {
+                    // (P Pᵀ M)[r][c]
+                    let want: f64 = (0..2)
+                        .map(|k| {
+                            p[r][k] * (0..rows).map(|i| p[i][k] * m[i * cols + c]).sum::<f64>()
+                        })
+                        .sum();
+                    let got = g[r * cols + c] as f64;
+                    assert!(
+                        (got - want).abs() < 1e-4,
+                        "{rows}x{cols} [{r}][{c}]: {got} vs {want}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// A batch of exact tensors only: one allreduce, their values kept (a group of one).
+    #[test]
+    fn a_batch_of_exact_tensors_only_keeps_them() {
+        let pg = one();
+        let (mut a, mut b) = (grad(6, 1), grad(2, 2));
+        pg.allreduce_power_sgd_batch(Vec::new(), vec![&mut a[..], &mut b[..]], ReduceOp::Avg)
+            .unwrap();
+        assert_eq!((a, b), (grad(6, 1), grad(2, 2)));
+    }
+
     /// A batch gives each matrix what it alone would get, and the exact tensors their values.
     #[test]
     fn a_batch_gives_each_matrix_what_it_alone_gets_and_leaves_the_exact_ones_exact() {
