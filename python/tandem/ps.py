@@ -141,6 +141,18 @@ class Client:
         """The compression in force with the servers (``auto`` resolved when connecting)."""
         return self._native.compression
 
+    def compression_state(self) -> bytes:
+        """What top-k's error feedback still owes the servers (each partition's residual), as
+        bytes to save with this worker's training state; a restarted worker hands them to
+        :meth:`restore_compression_state` so no gradient is lost with the process."""
+        return bytes(self._native.compression_state())
+
+    def restore_compression_state(self, state: bytes) -> None:
+        """Takes back what :meth:`compression_state` saved. A ValueError, with nothing changed,
+        for bytes that are not a saved state, another compression's state, a partition this
+        worker does not have, or a residual of another length."""
+        self._native.restore_compression_state(bytes(state))
+
     def pull(self, min_version: int = 0) -> Tuple[int, Dict[str, np.ndarray]]:
         """Waits until every server reached ``min_version`` (sync: the step you want the
         parameters of) and returns ``(version, {name: array})``."""

@@ -273,3 +273,54 @@ def test_bf16_pushes_and_pulls_and_a_worker_with_another_setting_refused(token, 
         p.wait(timeout=10)
         if p.stdout:
             p.stdout.close()
+
+
+def test_a_top_k_worker_saves_and_restores_its_residual_and_refuses_a_bad_state(token, monkeypatch) -> None:
+    import json
+    import subprocess
+    import sys
+
+    from conftest import clean_env, read_line
+
+    monkeypatch.setenv("TANDEM_SAME_HOST", "tcp")
+    p = subprocess.Popen([sys.executable, "-m", "tandem.ps", "--bind", "127.0.0.1:0"],
+                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                         env=clean_env(TANDEM_JOB_TOKEN=token, TANDEM_COMPRESSION="topk:0.25"))
+    try:
+        addr = read_line(p, "tandem ps: serving on").rsplit(" ", 1)[1]
+        c = ps.Client([ps.param("w", (8,))], servers=[addr], worker=0, workers=1, token=token,
+                      mode="sync", lr=1.0, timeout=30, compression="topk:0.25")
+        g = np.array([0.5, -4.0, 1.0, 3.0, -0.25, 2.0, -1.5, 0.75], np.float32)
+        c.push(0, {"w": g})
+        state = c.compression_state()
+        saved = json.loads(state)
+        # A quarter of 8 sent (the 2 largest magnitudes, as pairs smaller than the dense values);
+        # the rest owed.
+        owed = np.where(np.abs(g) >= 3.0, 0, g)
+        assert saved["compression"] == "topk:0.25"
+        [part] = saved["parts"]
+        assert (part["param"], part["part"]) == ("w", 0)
+        np.testing.assert_array_equal(np.array(part["residual"], np.float32), owed)
+
+        def edited(**change):
+            s = json.loads(state)
+            s["parts"][0].update(change.get("part", {}))
+            s.update(change.get("top", {}))
+            return json.dumps(s).encode()
+
+        for bad, words in [(b"not json", "not a saved state"),
+                           (edited(top={"compression": "bf16"}), "saved under compression"),
+                           (edited(part={"param": "nope"}), "nope/0 is not in this worker's map"),
+                           (edited(part={"residual": [0.0] * 9}), "holds 8 elements, the saved residual 9")]:
+            with pytest.raises(ValueError, match=words):
+                c.restore_compression_state(bad)
+            assert c.compression_state() == state
+        # Eight values are taken (the boundary), and become what the next push adds.
+        c.restore_compression_state(edited(part={"residual": [1.0] * 8}))
+        assert json.loads(c.compression_state())["parts"][0]["residual"] == [1.0] * 8
+        c.done()
+    finally:
+        p.kill()
+        p.wait(timeout=10)
+        if p.stdout:
+            p.stdout.close()

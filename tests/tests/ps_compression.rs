@@ -48,6 +48,17 @@ impl Job {
 
     /// `n` sync workers of `steps` steps, each with `compression`.
     fn workers(&self, n: usize, steps: usize, compression: Option<&str>) -> Vec<Output> {
+        self.workers_with(n, steps, compression, &[])
+    }
+
+    /// As [`Job::workers`], each worker given `extra` arguments too.
+    fn workers_with(
+        &self,
+        n: usize,
+        steps: usize,
+        compression: Option<&str>,
+        extra: &[&str],
+    ) -> Vec<Output> {
         let servers = self.addrs.join(",");
         let children: Vec<Child> = (0..n)
             .map(|w| {
@@ -70,6 +81,10 @@ impl Job {
                     "1048576",
                 ]
                 .map(str::to_string);
+                let args: Vec<String> = args
+                    .into_iter()
+                    .chain(extra.iter().map(|a| a.to_string()))
+                    .collect();
                 spawn(NODE, &args, &env(&self.token, compression))
             })
             .collect();
@@ -156,6 +171,24 @@ fn top_k_pushes_keep_their_error_in_the_worker_and_match_the_reference() {
     let (workers, steps) = (3, 40);
     let job = Job::start(2, Some("topk:0.25"));
     let outs = job.workers(workers, steps, Some("topk:0.25"));
+    let want = top_k_reference(workers, steps);
+    for out in &outs {
+        let v = ok(out);
+        assert_eq!(v["compression"], "topk:0.25", "{v}");
+        assert!(
+            off_by(&params(&v), &want) <= 1e-5,
+            "{v} vs the top-k reference {want:?}"
+        );
+        // 4 of 16 weights as 8-byte pairs, the bias as 4 bytes, per push.
+        let bytes_in = v["bytes_in"].as_u64().expect("bytes_in");
+        assert_eq!(bytes_in, (workers * steps * (4 * 8 + 4)) as u64);
+    }
+    job.finish(false);
+}
+
+/// The parameters of `workers` sync workers after `steps` top-k pushes (a quarter of each
+/// tensor, the rest fed back), computed here.
+fn top_k_reference(workers: usize, steps: usize) -> Vec<f32> {
     let mut residual_w = vec![Vec::new(); workers];
     let mut residual_b = vec![Vec::new(); workers];
     let (want_w, want_b) = linreg::reference_sync_by(
@@ -170,21 +203,42 @@ fn top_k_pushes_keep_their_error_in_the_worker_and_match_the_reference() {
             *gb = b[0];
         },
     );
-    let want: Vec<f32> = want_w.into_iter().chain([want_b]).collect();
-    for out in &outs {
-        let v = ok(out);
-        assert_eq!(v["compression"], "topk:0.25", "{v}");
-        for (g, w) in params(&v).iter().zip(&want) {
-            assert!(
-                (g - w).abs() <= 1e-5 * w.abs().max(1.0),
-                "{g} vs the top-k reference {w}"
-            );
+    want_w.into_iter().chain([want_b]).collect()
+}
+
+/// The largest difference, relative to the reference's magnitude (at least 1).
+fn off_by(got: &[f32], want: &[f32]) -> f32 {
+    assert_eq!(got.len(), want.len());
+    got.iter()
+        .zip(want)
+        .map(|(g, w)| (g - w).abs() / w.abs().max(1.0))
+        .fold(0.0, f32::max)
+}
+
+/// A worker restarted mid-training (a new client) that restores its saved compression state
+/// trains exactly as if it had not restarted; one that does not loses the residual and ends
+/// elsewhere (so the state is what carries it).
+#[test]
+fn a_restarted_top_k_worker_keeps_its_residual_through_its_saved_state() {
+    let (workers, steps) = (3, 40);
+    let want = top_k_reference(workers, steps);
+    for (restore, close) in [(true, true), (false, false)] {
+        let job = Job::start(2, Some("topk:0.25"));
+        let extra: &[&str] = if restore {
+            &["--restart-at", "17"]
+        } else {
+            &["--restart-at", "17", "--no-restore"]
+        };
+        let outs = job.workers_with(workers, steps, Some("topk:0.25"), extra);
+        for out in &outs {
+            let v = ok(out);
+            let said = String::from_utf8_lossy(&out.stdout);
+            assert!(said.contains("RESTARTED 17"), "{said}");
+            let off = off_by(&params(&v), &want);
+            assert_eq!(off <= 1e-5, close, "restore {restore}: off by {off}: {v}");
         }
-        // 4 of 16 weights as 8-byte pairs, the bias as 4 bytes, per push.
-        let bytes_in = v["bytes_in"].as_u64().expect("bytes_in");
-        assert_eq!(bytes_in, (workers * steps * (4 * 8 + 4)) as u64);
+        job.finish(false);
     }
-    job.finish(false);
 }
 
 /// A worker asking for another compression than the servers were started with fails at

@@ -251,6 +251,16 @@ impl PsClient {
         self.client.compression().to_string()
     }
 
+    /// Top-k's residuals still owed to the servers, as bytes to save with the worker's state.
+    fn compression_state(&self) -> Vec<u8> {
+        self.client.compression_state()
+    }
+
+    /// Takes back what `compression_state()` saved (refused, naming why, with nothing changed).
+    fn restore_compression_state(&self, state: Vec<u8>) -> PyResult<()> {
+        self.client.restore_compression_state(&state).py_err()
+    }
+
     /// Waits until every server reached `min_version` and returns `(version, {name: array})`.
     #[pyo3(signature = (min_version=0))]
     fn pull<'py>(&self, py: Python<'py>, min_version: u64) -> PyResult<(u64, Bound<'py, PyDict>)> {

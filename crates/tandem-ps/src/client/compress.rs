@@ -36,6 +36,81 @@ impl Client {
         self.compression
     }
 
+    /// What top-k's error feedback still owes the servers (each partition's residual), as bytes
+    /// to save with the worker's training state; empty of residuals for the other settings. A
+    /// worker that restarts gives it to [`Client::restore_compression_state`], so no gradient
+    /// mass is lost with the process.
+    pub fn compression_state(&self) -> Vec<u8> {
+        let residuals = self.residuals.lock().unwrap_or_else(|p| p.into_inner());
+        let mut parts: Vec<serde_json::Value> = residuals
+            .iter()
+            .map(|((param, part), r)| serde_json::json!({"param": param, "part": part, "residual": r}))
+            .collect();
+        parts.sort_by_key(|v| (v["param"].to_string(), v["part"].as_u64()));
+        serde_json::to_vec(
+            &serde_json::json!({"compression": self.compression.to_string(), "parts": parts}),
+        )
+        .unwrap_or_default()
+    }
+
+    /// Takes back what [`Client::compression_state`] saved. Refused, with nothing changed: bytes
+    /// that are not a saved state, a state of another compression, a partition this worker's map
+    /// does not have, or a residual of another length than its partition.
+    pub fn restore_compression_state(&self, state: &[u8]) -> Result<()> {
+        let bad = |why: String| Error::invalid("compression state", why);
+        let v: serde_json::Value =
+            serde_json::from_slice(state).map_err(|e| bad(format!("not a saved state: {e}")))?;
+        let saved = v["compression"].as_str().unwrap_or_default();
+        if saved != self.compression.to_string() {
+            return Err(bad(format!(
+                "saved under compression {saved:?}, but this worker uses {}",
+                self.compression
+            )));
+        }
+        let mut restored = Residuals::new();
+        for p in v["parts"].as_array().map(Vec::as_slice).unwrap_or_default() {
+            let (Some(param), Some(part), Some(values)) = (
+                p["param"].as_str(),
+                p["part"].as_u64(),
+                p["residual"].as_array(),
+            ) else {
+                return Err(bad(format!(
+                    "a partition without param, part and residual: {p}"
+                )));
+            };
+            let found = u32::try_from(part).ok().and_then(|part| {
+                self.map
+                    .parts
+                    .iter()
+                    .find(|q| q.param == param && q.part == part)
+            });
+            let Some(found) = found else {
+                return Err(bad(format!(
+                    "partition {param}/{part} is not in this worker's map"
+                )));
+            };
+            if values.len() != found.numel() {
+                return Err(bad(format!(
+                    "partition {param}/{part} holds {} elements, the saved residual {}",
+                    found.numel(),
+                    values.len()
+                )));
+            }
+            let residual: Option<Vec<f32>> = values
+                .iter()
+                .map(|x| x.as_f64().map(|x| x as f32))
+                .collect();
+            let residual = residual.ok_or_else(|| {
+                bad(format!(
+                    "partition {param}/{part}: a residual value is not a number"
+                ))
+            })?;
+            restored.insert((param.to_string(), found.part), residual);
+        }
+        *self.residuals.lock().unwrap_or_else(|p| p.into_inner()) = restored;
+        Ok(())
+    }
+
     /// A pull request for this worker, asking for the values in this client's pull encoding.
     pub(super) fn pull_request(
         &self,

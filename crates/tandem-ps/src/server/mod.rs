@@ -207,7 +207,11 @@ impl Server {
             });
         let (exit_when_done, all_done) = (self.config.exit_when_done, self.all_done);
         let worker_timeout = self.config.worker_timeout;
-        let (stopped_tx, stopped_rx) = tokio::sync::oneshot::channel::<Stop>();
+        let (stopped_tx, stopped_rx) = tokio::sync::oneshot::channel::<()>();
+        // Why it stopped, kept where the end of the run reads it: the serving can end in the same
+        // poll as the stop (no connection open), before the drain below would have passed it on.
+        let reason = std::sync::Arc::new(std::sync::Mutex::new(None::<Stop>));
+        let reason_set = reason.clone();
         let watched = service.clone();
         let lease = self.config.worker_lease;
         let leases = lease.map(|lease| {
@@ -236,7 +240,8 @@ impl Server {
                 }
                 silent = watch_silence(&watched, worker_timeout) => Stop::Silent(silent),
             };
-            let _ = stopped_tx.send(why);
+            *reason_set.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
+            let _ = stopped_tx.send(());
         };
         tracing::info!(%local, tls = security.is_tls(), "parameter server serving");
         let serve = tonic::transport::Server::builder()
@@ -248,11 +253,9 @@ impl Server {
             .http2_keepalive_timeout(Some(ka_timeout))
             .add_service(svc)
             .serve_with_incoming_shutdown(incoming, stop);
-        let (why_tx, why_rx) = tokio::sync::oneshot::channel::<Stop>();
         let drained = async move {
             // Once stopping, open calls get DRAIN to finish; then the server stops anyway.
-            let why = stopped_rx.await.unwrap_or(Stop::Asked);
-            let _ = why_tx.send(why);
+            let _ = stopped_rx.await;
             tokio::time::sleep(DRAIN).await;
         };
         let served = tokio::select! {
@@ -268,7 +271,8 @@ impl Server {
         if let Some(s) = &standby {
             s.stop();
         }
-        stopped(why_rx.await, served, &service, local, worker_timeout).await
+        let why = reason.lock().unwrap_or_else(|p| p.into_inner()).take();
+        stopped(why, served, &service, local, worker_timeout).await
     }
 }
 
@@ -288,20 +292,20 @@ fn keepalive(lease: Option<Duration>) -> (Duration, Duration) {
 /// `served`): replaced by its standby and silent workers are errors (the latter after a final
 /// checkpoint).
 async fn stopped(
-    why: std::result::Result<Stop, tokio::sync::oneshot::error::RecvError>,
+    why: Option<Stop>,
     served: Result<()>,
     service: &Service,
     local: std::net::SocketAddr,
     worker_timeout: Option<Duration>,
 ) -> Result<()> {
     match why {
-        Ok(Stop::Replaced(by)) => Err(Error::Precondition {
+        Some(Stop::Replaced(by)) => Err(Error::Precondition {
             context: format!("serving parameters on {local}"),
             problem: format!(
                 "this server was replaced by its standby at {by} (a worker could not reach it); it stopped so the two never serve the same partitions"
             ),
         }),
-        Ok(Stop::Silent(silent)) => {
+        Some(Stop::Silent(silent)) => {
             if let Some(path) = service.final_checkpoint().await? {
                 tracing::info!(path = %path.display(), "final checkpoint written");
             }

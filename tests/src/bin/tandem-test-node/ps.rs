@@ -109,16 +109,23 @@ pub(crate) async fn ps_worker(args: &[String]) -> Result<()> {
     // `--overlap`: each push also pulls the next step's parameters at once (push_pull_into).
     let overlap = args.iter().any(|a| a == "--overlap");
     let mut pulled: Option<(u64, std::collections::HashMap<String, Vec<f32>>)> = None;
-    let client = PsClient::connect(
-        &servers,
-        &token,
-        worker,
-        map,
-        opt,
-        mode,
-        Duration::from_secs(num("--timeout", 30)),
-    )
-    .await?;
+    let connect = || {
+        PsClient::connect(
+            &servers,
+            &token,
+            worker,
+            map.clone(),
+            opt,
+            mode,
+            Duration::from_secs(num("--timeout", 30)),
+        )
+    };
+    let mut client = connect().await?;
+    // `--restart-at STEP`: before that step, the worker saves its compression state, drops its
+    // client and connects anew (as a restarted process would), restoring the state unless
+    // `--no-restore`.
+    let mut restart_at = get("--restart-at").and_then(|v| v.parse::<u64>().ok());
+    let restore = !args.iter().any(|a| a == "--no-restore");
     let data = linreg::shard(worker as usize);
     if get("--bad").as_deref() == Some("listed-again") {
         // One async push of the bias gradient 0.25, sent twice with the same id (as after a lost
@@ -170,6 +177,16 @@ pub(crate) async fn ps_worker(args: &[String]) -> Result<()> {
         iterations < steps
     } {
         iterations += 1;
+        if restart_at == Some(step) {
+            restart_at = None;
+            let state = client.compression_state();
+            drop(client);
+            client = connect().await?;
+            if restore {
+                client.restore_compression_state(&state)?;
+            }
+            println!("RESTARTED {step} {}", state.len());
+        }
         if iterations % 10 == 0 {
             println!("STEP {iterations}");
         }
