@@ -243,18 +243,30 @@ def test_a_server_lost_with_a_standby_loses_no_step(token) -> None:
             p.stdout.close()
 
 
-def test_bf16_pushes_and_pulls_and_a_worker_with_another_setting_refused(token, monkeypatch) -> None:
+def compressed_server(token: str, compression: str):
+    """A parameter server started with ``compression`` on 127.0.0.1, and its address."""
     import subprocess
     import sys
 
     from conftest import clean_env, read_line
 
-    monkeypatch.setenv("TANDEM_SAME_HOST", "tcp")  # through the streams, where compression applies
     p = subprocess.Popen([sys.executable, "-m", "tandem.ps", "--bind", "127.0.0.1:0"],
                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                         env=clean_env(TANDEM_JOB_TOKEN=token, TANDEM_COMPRESSION="bf16"))
+                         env=clean_env(TANDEM_JOB_TOKEN=token, TANDEM_COMPRESSION=compression))
+    return p, read_line(p, "tandem ps: serving on").rsplit(" ", 1)[1]
+
+
+def stop_server(p) -> None:
+    p.kill()
+    p.wait(timeout=10)
+    if p.stdout:
+        p.stdout.close()
+
+
+def test_bf16_pushes_and_pulls_and_a_worker_with_another_setting_refused(token, monkeypatch) -> None:
+    monkeypatch.setenv("TANDEM_SAME_HOST", "tcp")  # through the streams, where compression applies
+    p, addr = compressed_server(token, "bf16")
     try:
-        addr = read_line(p, "tandem ps: serving on").rsplit(" ", 1)[1]
         with pytest.raises(tandem.PreconditionError, match="started with bf16"):
             ps.Client([ps.param("w", (8,))], servers=[addr], worker=0, workers=1, token=token,
                       mode="sync", lr=1.0, timeout=30, compression="none")
@@ -269,25 +281,15 @@ def test_bf16_pushes_and_pulls_and_a_worker_with_another_setting_refused(token, 
         np.testing.assert_array_equal(pulled["w"], as_bf16(-as_bf16(g)))
         c.done()
     finally:
-        p.kill()
-        p.wait(timeout=10)
-        if p.stdout:
-            p.stdout.close()
+        stop_server(p)
 
 
 def test_a_top_k_worker_saves_and_restores_its_residual_and_refuses_a_bad_state(token, monkeypatch) -> None:
     import json
-    import subprocess
-    import sys
-
-    from conftest import clean_env, read_line
 
     monkeypatch.setenv("TANDEM_SAME_HOST", "tcp")
-    p = subprocess.Popen([sys.executable, "-m", "tandem.ps", "--bind", "127.0.0.1:0"],
-                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                         env=clean_env(TANDEM_JOB_TOKEN=token, TANDEM_COMPRESSION="topk:0.25"))
+    p, addr = compressed_server(token, "topk:0.25")
     try:
-        addr = read_line(p, "tandem ps: serving on").rsplit(" ", 1)[1]
         c = ps.Client([ps.param("w", (8,))], servers=[addr], worker=0, workers=1, token=token,
                       mode="sync", lr=1.0, timeout=30, compression="topk:0.25")
         g = np.array([0.5, -4.0, 1.0, 3.0, -0.25, 2.0, -1.5, 0.75], np.float32)
@@ -320,7 +322,4 @@ def test_a_top_k_worker_saves_and_restores_its_residual_and_refuses_a_bad_state(
         assert json.loads(c.compression_state())["parts"][0]["residual"] == [1.0] * 8
         c.done()
     finally:
-        p.kill()
-        p.wait(timeout=10)
-        if p.stdout:
-            p.stdout.close()
+        stop_server(p)

@@ -140,3 +140,13 @@ pub(crate) fn lock_all<'a>(
         })
         .collect()
 }
+
+/// The compressor shared with a running allreduce, or an error when a panic poisoned it.
+pub(crate) fn locked(
+    state: &Arc<Mutex<Compressor>>,
+) -> tandem::Result<std::sync::MutexGuard<'_, Compressor>> {
+    state.lock().map_err(|_| tandem::Error::Unusable {
+        what: "compressor".into(),
+        reason: "a panic poisoned it".into(),
+    })
+}

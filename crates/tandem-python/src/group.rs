@@ -258,10 +258,7 @@ impl PyProcessGroup {
         let state = compressor.inner.clone();
         crate::compression::with_f32_mut(array, |buf| {
             self.run(py, timeout, move |pg| {
-                let mut c = state.lock().map_err(|_| tandem::Error::Unusable {
-                    what: "compressor".into(),
-                    reason: "a panic poisoned it".into(),
-                })?;
+                let mut c = crate::compression::locked(&state)?;
                 pg.allreduce_compressed(buf, op, &mut c)
             })
         })
@@ -282,10 +279,7 @@ impl PyProcessGroup {
         let state = compressor.inner.clone();
         crate::compression::with_many_f32_mut(&arrays, "arrays", |bufs| {
             self.run(py, timeout, move |pg| {
-                let mut c = state.lock().map_err(|_| tandem::Error::Unusable {
-                    what: "compressor".into(),
-                    reason: "a panic poisoned it".into(),
-                })?;
+                let mut c = crate::compression::locked(&state)?;
                 pg.allreduce_compressed_many(bufs, op, &mut c)
             })
         })
