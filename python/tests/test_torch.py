@@ -99,7 +99,11 @@ import tandem.torch
 torch.manual_seed(100 + int(os.environ["RANK"]))          # every rank starts from other weights
 dist.init_process_group("tandem")
 r, w = dist.get_rank(), dist.get_world_size()
-model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3)).double()
+dev = torch.device(os.environ.get("TEST_DEVICE", "cpu"))   # test_torch_cuda.py trains on the GPU
+if dev.type == "cuda":
+    torch.cuda.set_device(int(os.environ["LOCAL_RANK"]) % torch.cuda.device_count())
+    dev = torch.device("cuda", torch.cuda.current_device())
+model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3)).double().to(dev)
 start = {k: v.tolist() for k, v in model.state_dict().items()}
 ddp = torch.nn.parallel.DistributedDataParallel(model, bucket_cap_mb=0.001)   # several buckets
 opt = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
@@ -110,7 +114,7 @@ if os.environ.get("HOOK") == "bf16":
     ddp.register_comm_hook(None, default_hooks.bf16_compress_hook)
 per = 64 // w
 for step in range(5):
-    x, y = X[r * per:(r + 1) * per], Y[r * per:(r + 1) * per]
+    x, y = X[r * per:(r + 1) * per].to(dev), Y[r * per:(r + 1) * per].to(dev)
     opt.zero_grad()
     torch.nn.functional.cross_entropy(ddp(x), y).backward()
     opt.step()
@@ -278,6 +282,56 @@ def test_failures_are_torchs_errors_naming_the_problem(tmp_path: Path, case: str
         assert any("rank 1 called allreduce(f32 x 11" in m and "rank 0 called allreduce(f32 x 10" in m for _, m in errors), errors
     else:
         assert any("rank 1" in m for _, m in errors), errors
+
+
+NO_NCCL = r'''
+import os, sys, torch, torch.distributed as dist
+import tandem.torch
+from tandem import _native
+from tandem.errors import BackendUnavailableError
+from tandem.torch import _cuda
+dist.init_process_group("tandem", init_method=os.environ["INIT_METHOD"], rank=0, world_size=1)
+group = dist.distributed_c10d._get_default_group()
+if "cuda" not in dist.Backend.backend_capability["tandem"]:
+    sys.exit(f"the backend is not registered for CUDA tensors: {dist.Backend.backend_capability}")
+pg = group._get_backend(torch.device("cpu")).native
+try:
+    _native.DeviceGroup(pg, 0)
+except BackendUnavailableError as e:
+    if "nccl feature" not in str(e):
+        sys.exit(f"DeviceGroup: {e}")
+else:
+    sys.exit("a build without nccl made a DeviceGroup")
+
+
+class OnGpu:  # what _cuda reads of a CUDA tensor (torch here cannot make one)
+    device = torch.device("cuda", 0)
+
+
+for attempt in range(2):  # the first failure is kept: every later call says the same
+    try:
+        _cuda.device_group(pg, OnGpu())
+    except BackendUnavailableError as e:
+        if "cuda:0" not in str(e) or "scripts/wheel --features nccl" not in str(e):
+            sys.exit(f"attempt {attempt}: {e}")
+    else:
+        sys.exit("a CUDA tensor was accepted")
+print("REFUSED", flush=True)
+dist.destroy_process_group()
+'''
+
+
+@pytest.mark.timeout(120)
+def test_cuda_tensors_on_a_build_without_nccl_are_refused_saying_how_to_rebuild(tmp_path: Path) -> None:
+    from tandem import _native
+
+    if _native.DeviceGroup.built_with_nccl():
+        pytest.skip("this build has the nccl feature: test_torch_cuda.py covers it")
+    script = tmp_path / "no_nccl.py"
+    script.write_text(NO_NCCL)
+    out = subprocess.run([sys.executable, str(script)], env=env(INIT_METHOD=f"tcp://127.0.0.1:{free_port()}"),
+                         capture_output=True, text=True, timeout=100)
+    assert out.returncode == 0 and "REFUSED" in out.stdout, out.stdout + out.stderr
 
 
 def test_tensors_tandem_cannot_move_are_refused_with_a_clear_error() -> None:

@@ -2,7 +2,9 @@
 computes itself from every rank's inputs (which it can regenerate: they are seeded by rank).
 
 Run by test_torch.py under torchrun, and with init_method tcp:// and file:// (RANK, WORLD_SIZE and
-INIT_METHOD in the environment). Prints "CHECKED <n>" when every check passed.
+INIT_METHOD in the environment), and by test_torch_cuda.py on CUDA tensors (TEST_DEVICE=cuda: every
+tensor is made on the GPU; the references are computed on the CPU). Prints "CHECKED <n>" when every
+check passed.
 """
 
 import os
@@ -20,6 +22,12 @@ if init:
 else:
     dist.init_process_group("tandem")
 r, w = dist.get_rank(), dist.get_world_size()
+DEV = torch.device(os.environ.get("TEST_DEVICE", "cpu"))
+if DEV.type == "cuda":
+    torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", r)) % torch.cuda.device_count())
+    DEV = torch.device("cuda", torch.cuda.current_device())
+# Every factory call below makes its tensor on DEV.
+torch.set_default_device(DEV)
 assert dist.get_backend() == "tandem", dist.get_backend()
 checks = 0
 
@@ -28,14 +36,14 @@ INTS = [torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8]
 
 
 def data(rank: int, dtype: torch.dtype, n: int = 37, seed: int = 0, small: bool = False) -> torch.Tensor:
-    g = torch.Generator().manual_seed(7919 * seed + rank)
+    g = torch.Generator(device="cpu").manual_seed(7919 * seed + rank)
     if dtype.is_floating_point:
-        x = torch.rand(n, generator=g, dtype=torch.float64) * (1.5 if small else 8.0) + (0.25 if small else -4.0)
-        return x.to(dtype)
+        x = torch.rand(n, generator=g, dtype=torch.float64, device="cpu") * (1.5 if small else 8.0) + (0.25 if small else -4.0)
+        return x.to(dtype).to(DEV)
     if dtype == torch.bool:
-        return torch.randint(0, 2, (n,), generator=g).bool()
+        return torch.randint(0, 2, (n,), generator=g, device="cpu").bool().to(DEV)
     lo, hi = (0, 4) if small else ((0, 200) if dtype == torch.uint8 else (-100, 100))
-    return torch.randint(lo, hi, (n,), generator=g).to(dtype)
+    return torch.randint(lo, hi, (n,), generator=g, device="cpu").to(dtype).to(DEV)
 
 
 def everyone(dtype: torch.dtype, **kw) -> torch.Tensor:
@@ -45,6 +53,9 @@ def everyone(dtype: torch.dtype, **kw) -> torch.Tensor:
 def check(what: str, got: torch.Tensor, want: torch.Tensor, tol: float = 0.0) -> None:
     global checks
     checks += 1
+    if got.device != DEV:
+        sys.exit(f"rank {r}: {what}: the result is on {got.device}, not {DEV}")
+    got, want = got.cpu(), want.cpu()
     if got.dtype != want.dtype or got.shape != want.shape:
         sys.exit(f"rank {r}: {what}: got {got.dtype}{tuple(got.shape)}, want {want.dtype}{tuple(want.shape)}")
     if tol == 0.0:

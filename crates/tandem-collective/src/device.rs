@@ -23,8 +23,11 @@ use tandem_core::{Element, Error, ReduceOp, Result};
 
 use crate::ProcessGroup;
 
+mod foreign;
 #[cfg(feature = "nccl")]
 mod nccl;
+
+pub use foreign::ForeignBuffer;
 
 /// Element types collectives on device buffers accept.
 #[cfg(feature = "nccl")]

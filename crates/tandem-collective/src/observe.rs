@@ -267,6 +267,41 @@ fn write_timeline(
     }
 }
 
+/// Records an NCCL operation on device memory, which does not pass the ring (so it has no header
+/// and no place in the flight recorder's sequence): the metrics as any operation of its kind (one
+/// of [`metrics::COLLECTIVE_KINDS`]), a span on the timeline, and the recorder's dump when it
+/// failed.
+#[cfg(feature = "nccl")]
+pub(crate) fn device_op<T>(
+    kind: &'static str,
+    bytes: u64,
+    run: impl FnOnce() -> tandem_core::Result<T>,
+) -> tandem_core::Result<T> {
+    let started = Instant::now();
+    let start_us = timeline::enabled().then(|| tandem_observe::us_at(started));
+    let out = run();
+    let took = started.elapsed();
+    match &out {
+        Ok(_) => metrics::op(kind, bytes, took.as_secs_f64()),
+        Err(e) => {
+            metrics::error(kind, e.kind());
+            tandem_observe::dump::write(&format!("{}: {e}", e.kind()));
+        }
+    }
+    if let Some(start) = start_us {
+        let error = out.as_ref().err().map(ToString::to_string);
+        timeline::complete(
+            kind,
+            "collective",
+            timeline::TID_COLLECTIVE,
+            start,
+            took.as_micros() as u64,
+            json!({"backend": "nccl", "bytes": bytes, "error": error}),
+        );
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -105,7 +105,7 @@ impl PyProcessGroup {
     }
 
     /// The group, or UnusableError once it was shut down.
-    fn pg(&self) -> PyResult<&ProcessGroup> {
+    pub(crate) fn pg(&self) -> PyResult<&ProcessGroup> {
         self.pg.as_ref().ok_or_else(|| {
             crate::errors::to_py(tandem::Error::Unusable {
                 what: "process group".into(),

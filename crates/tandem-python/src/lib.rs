@@ -24,6 +24,7 @@ mod arrays;
 mod blocking;
 mod board;
 mod compression;
+mod device;
 mod elastic;
 mod errors;
 mod group;
@@ -93,6 +94,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<group::PyProcessGroup>()?;
     m.add_class::<group::PyWork>()?;
     m.add_class::<compression::PyCompressor>()?;
+    m.add_class::<device::PyDeviceGroup>()?;
     m.add_class::<ps::PsClient>()?;
     m.add_class::<elastic::PyElastic>()?;
     m.add_function(wrap_pyfunction!(ps::serve_ps, m)?)?;

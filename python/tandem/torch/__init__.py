@@ -187,7 +187,7 @@ def _allgather_now(tensor: torch.Tensor) -> torch.Tensor:
         t = t.reshape(1)
     rows = _gather_sizes(t.shape[0])
     longest = max(rows)
-    padded = torch.zeros((longest,) + tuple(t.shape[1:]), dtype=t.dtype)
+    padded = torch.zeros((longest,) + tuple(t.shape[1:]), dtype=t.dtype, device=t.device)
     padded[: t.shape[0]] = t
     outs = [torch.empty_like(padded) for _ in rows]
     _ops.allgather(_pg(), outs, padded)
@@ -329,11 +329,12 @@ def broadcast_parameters(params: Any, root_rank: int = 0) -> None:
 
 def _broadcast_tensors_now(named: List[Tuple[str, torch.Tensor]], root_rank: int) -> None:
     tensors = [t for _, t in sorted(named, key=lambda kv: kv[0])]
-    by_dtype: Dict[torch.dtype, List[torch.Tensor]] = {}
+    # One broadcast per device and dtype (a state_dict may hold CPU and CUDA tensors).
+    by_kind: Dict[Tuple[str, str], List[torch.Tensor]] = {}
     for t in tensors:
-        by_dtype.setdefault(t.dtype, []).append(t)
-    for dtype in sorted(by_dtype, key=str):
-        group = by_dtype[dtype]
+        by_kind.setdefault((t.device.type, str(t.dtype)), []).append(t)
+    for kind in sorted(by_kind):
+        group = by_kind[kind]
         flat = torch.cat([t.detach().reshape(-1) for t in group]) if group else None
         if flat is None or flat.numel() == 0:
             continue

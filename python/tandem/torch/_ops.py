@@ -15,6 +15,7 @@ from typing import Any, List, Optional, Sequence, Tuple
 import torch
 
 from .._arrays import torch_view
+from . import _cuda
 
 NATIVE = {torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int32, torch.int64, torch.uint8}
 WIDENED = {torch.int8: torch.int32, torch.int16: torch.int32}
@@ -24,9 +25,8 @@ _BOOL_OPS = {"sum": "max", "max": "max", "min": "min", "prod": "min"}
 def check_device(t: torch.Tensor, what: str = "tensor") -> None:
     if t.device.type != "cpu":
         raise ValueError(
-            f"{what} is on {t.device}: this Tandem build moves CPU tensors only (GPU tensors need "
-            "Tandem built with the nccl feature on a machine with NVIDIA GPUs); move it with t.cpu() "
-            "or use the nccl backend for GPU tensors"
+            f"{what} is on {t.device}: the tandem backend moves CPU tensors, and CUDA tensors when "
+            "built with the nccl feature; move it with t.cpu()"
         )
 
 
@@ -44,6 +44,9 @@ def _bytes(t: torch.Tensor) -> Any:
 
 
 def allreduce(pg: Any, t: torch.Tensor, op: str) -> None:
+    if t.is_cuda:
+        _cuda.allreduce(pg, t, op)
+        return
     c, back = _staged(t)
     if c.numel() == 0:
         return
@@ -67,6 +70,9 @@ def allreduce(pg: Any, t: torch.Tensor, op: str) -> None:
 
 
 def broadcast(pg: Any, t: torch.Tensor, root: int) -> None:
+    if t.is_cuda:
+        _cuda.broadcast(pg, t, root)
+        return
     c, back = _staged(t)
     if c.numel() == 0:
         return
@@ -79,6 +85,9 @@ def reduce(pg: Any, t: torch.Tensor, op: str, root: int) -> None:
     # Reduce is an allreduce whose result only the root keeps (Tandem's own reduce uses the
     # others' buffers as scratch, which torch's contract allows; the allreduce path keeps every
     # dtype's handling in one place).
+    if t.is_cuda:
+        _cuda.reduce(pg, t, op, root)
+        return
     c, back = _staged(t)
     if c.numel() == 0:
         return
@@ -91,11 +100,17 @@ def reduce(pg: Any, t: torch.Tensor, op: str, root: int) -> None:
 
 
 def send(pg: Any, t: torch.Tensor, peer: int) -> None:
+    if t.is_cuda:
+        _cuda.send(pg, t, peer)
+        return
     c, _ = _staged(t)
     pg.send(_bytes(c), peer, None)
 
 
 def recv(pg: Any, t: torch.Tensor, peer: int) -> None:
+    if t.is_cuda:
+        _cuda.recv(pg, t, peer)
+        return
     c, back = _staged(t)
     pg.recv(_bytes(c), peer, None)
     if back:
@@ -109,6 +124,9 @@ def allgather(pg: Any, outputs: List[torch.Tensor], inp: torch.Tensor) -> None:
                 f"all_gather: output {i} has {o.numel()} elements of {o.dtype}, the input "
                 f"{inp.numel()} of {inp.dtype}; they must match"
             )
+    if inp.is_cuda:
+        _cuda.allgather(pg, outputs, inp)
+        return
     c, _ = _staged(inp)
     res = torch.from_numpy(pg.allgather(_bytes(c), None))
     for r, o in enumerate(outputs):
@@ -116,6 +134,9 @@ def allgather(pg: Any, outputs: List[torch.Tensor], inp: torch.Tensor) -> None:
 
 
 def allgather_flat(pg: Any, output: torch.Tensor, inp: torch.Tensor) -> None:
+    if inp.is_cuda:
+        _cuda.allgather_flat(pg, output, inp)
+        return
     c, _ = _staged(inp)
     out = output.detach()
     if c.numel() == 0:
@@ -140,6 +161,8 @@ def reduce_scatter(pg: Any, out: torch.Tensor, inputs: List[torch.Tensor], op: s
             f"reduce_scatter: this rank's input part has {sizes[rank]} elements but its output {out.numel()}"
         )
     flat = torch.cat([i.detach().reshape(-1) for i in inputs])
+    if flat.is_cuda and len(set(sizes)) == 1 and _cuda.reduce_scatter_flat(pg, out, flat, op):
+        return
     if len(set(sizes)) == 1 and flat.dtype in NATIVE and flat.numel() > 0:
         part = pg.reduce_scatter(torch_view(flat), op, None)
         out.detach().copy_(torch.from_numpy(part).view(flat.dtype).reshape(out.shape) if flat.dtype == torch.bfloat16 else torch.from_numpy(part).reshape(out.shape))

@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 from .. import _native
 from ..errors import TandemError
-from . import _ops
+from . import _cuda, _ops
 from ._async import Worker
 
 BACKEND = "tandem"
@@ -61,6 +61,20 @@ def _as_dist_error(e: BaseException) -> BaseException:
     return e
 
 
+def _cuda_devices(outputs: Any) -> List[torch.device]:
+    """The CUDA devices of the tensors in ``outputs`` (a tensor, or lists of them, nested)."""
+    found: List[torch.device] = []
+    stack = [outputs]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, torch.Tensor):
+            if item.is_cuda and item.device not in found:
+                found.append(item.device)
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+    return found
+
+
 class _Work(dist._Work):
     """A queued operation: ``wait()`` blocks until the worker thread ran it; ``get_future()``
     completes with the output tensors from that thread."""
@@ -70,7 +84,9 @@ class _Work(dist._Work):
         self._outputs = outputs
         self._done = threading.Event()
         self._error: Optional[BaseException] = None
-        self._future: torch.futures.Future = torch.futures.Future()
+        # A future that completes with CUDA tensors must name their devices (torch checks).
+        devices = _cuda_devices(outputs)
+        self._future: torch.futures.Future = torch.futures.Future(devices=devices) if devices else torch.futures.Future()
         self._flush = flush
 
     def _finish(self, error: Optional[BaseException]) -> None:
@@ -448,6 +464,7 @@ class TandemProcessGroup(dist.ProcessGroup):
     def shutdown(self) -> None:
         self._flush_p2p()
         self._worker.stop()
+        _cuda.forget(self._pg)
 
 
 def _create(opts: Any, backend_options: Any = None) -> TandemProcessGroup:
@@ -459,10 +476,12 @@ def _create(opts: Any, backend_options: Any = None) -> TandemProcessGroup:
 
 
 def register() -> None:
-    """Registers the backend ``"tandem"`` with torch.distributed (idempotent)."""
+    """Registers the backend ``"tandem"`` with torch.distributed (idempotent), for CPU tensors
+    and CUDA tensors (NCCL through Tandem's nccl build; other builds refuse CUDA tensors, saying
+    so). One backend object serves both: torch makes it once when every device names it."""
     if getattr(dist.Backend, BACKEND.upper(), None) is not None:
         return
-    dist.Backend.register_backend(BACKEND, _create, extended_api=True, devices=["cpu"])
+    dist.Backend.register_backend(BACKEND, _create, extended_api=True, devices=["cpu", "cuda"])
 
 
 __all__ = ["TandemProcessGroup", "register", "BACKEND"]

@@ -21,6 +21,8 @@ use cudarc::nccl::{Comm, Id};
 use tandem_core::{Error, ReduceOp, Result};
 
 use super::{DeviceBuffer, DeviceElement};
+
+mod foreign;
 use crate::{BackendKind, ProcessGroup};
 
 /// What cudarc's `NcclError` does not say: the meaning of NCCL's result code.
