@@ -54,12 +54,13 @@ def device_group(pg: Any, t: torch.Tensor, what: str = "tensor") -> Any:
             try:
                 made: Any = _native.DeviceGroup(pg, idx)
             except BackendUnavailableError as e:
-                made = BackendUnavailableError(
-                    f"{what} is on {t.device}: this Tandem build cannot run collectives on GPU "
-                    f"tensors ({e}). Build the wheel with `scripts/wheel --features nccl` on a "
-                    "machine with NVIDIA GPUs, move the tensor with t.cpu(), or use torch's nccl "
-                    "backend for GPU tensors"
+                fix = (
+                    "move the tensor with t.cpu()"
+                    if _native.DeviceGroup.built_with_nccl()
+                    else "build the wheel with `scripts/wheel --features nccl`, move the tensor "
+                    "with t.cpu(), or use torch's nccl backend for GPU tensors"
                 )
+                made = BackendUnavailableError(f"{what} is on {t.device}, and collectives on GPU tensors cannot run here ({e}): {fix}")
             except Exception as e:  # noqa: BLE001 - kept so every later call says the same
                 made = e
             entry = (pg, made, idx)
