@@ -111,14 +111,27 @@ def optimizer_body(kind: str) -> Dict[str, Any]:
     hvd.broadcast_parameters(model.state_dict(), root_rank=0)
     base = torch.optim.Adam(model.parameters(), lr=0.01)
     passes = 2 if kind == "accumulate" else 1
-    compression = hvd.Compression.bf16 if kind == "bf16" else hvd.Compression.none
+    compression: Any = hvd.Compression.bf16 if kind == "bf16" else hvd.Compression.none
+    kept: List[Any] = []
+    if kind == "custom":
+        class Keeping:  # a user's compressor (Horovod's interface) that keeps what it returns
+            @staticmethod
+            def compress(t: Any) -> Any:
+                return t, None
+
+            @staticmethod
+            def decompress(t: Any, ctx: Any) -> Any:
+                kept.append((t, t.clone()))
+                return t
+
+        compression = Keeping
     opt = hvd.DistributedOptimizer(base, named_parameters=model.named_parameters(), compression=compression,
                                    backward_passes_per_step=passes)
     hvd.broadcast_optimizer_state(opt, root_rank=0)
     X, Y = _data()
     per = 48 // n
     for step in range(4):
-        opt.zero_grad()
+        opt.zero_grad(set_to_none=kind != "keep_grads")  # keep_grads: zeroed in place, reused
         x, y = X[r * per:(r + 1) * per], Y[r * per:(r + 1) * per]
         if passes == 2:
             half = per // 2
@@ -134,12 +147,17 @@ def optimizer_body(kind: str) -> Dict[str, Any]:
                 opt.step()
         else:
             opt.step()
+    # The optimizer scaled and placed the gradients without writing into what a user's
+    # compressor kept.
+    assert kept or kind != "custom"
+    for t, when_returned in kept:
+        assert torch.equal(t, when_returned), "the optimizer wrote into a tensor the compressor kept"
     out = {k: v.tolist() for k, v in model.state_dict().items()}
     hvd.shutdown()
     return {"start0": {k: v.tolist() for k, v in start.items()} if r == 0 else None, "end": out}
 
 
-@pytest.mark.parametrize("kind", ["plain", "accumulate", "clip", "bf16"])
+@pytest.mark.parametrize("kind", ["plain", "accumulate", "clip", "bf16", "custom", "keep_grads"])
 def test_distributed_optimizer_equals_one_process_on_the_whole_batch(kind: str) -> None:
     import torch
 

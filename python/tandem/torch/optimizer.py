@@ -17,7 +17,7 @@ import torch
 
 from . import _ops
 from ._async import Handle
-from .compression import Compression
+from .compression import BF16Compressor, Compression, FP16Compressor, NoneCompressor, ReducingCompressor
 
 #: Where the optimizer's ``state_dict`` keeps the compression state of its buckets.
 COMPRESSION_KEY = "tandem_compression"
@@ -155,18 +155,28 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         from . import Average
 
         self._launch(force=True)
+        # Tandem's own compressors hand back a tensor made for this step, which the gradients
+        # can then share (no copies); a user's compressor may keep what it returns.
+        owned = self._compression in (NoneCompressor, FP16Compressor, BF16Compressor) or isinstance(
+            self._compression, ReducingCompressor
+        )
         try:
             for b, handle, wire, ctx in self._inflight:
                 handle.wait()
                 flat = self._compression.decompress(wire, ctx)
                 if self._op == Average:
-                    flat = flat * (self._predivide / self._size)
+                    scale = self._predivide / self._size
+                    flat = flat.mul_(scale) if owned else flat * scale
                 pos = 0
                 for p in self._buckets[b]:
                     n = p.numel()
-                    g = flat[pos : pos + n].reshape(p.shape).to(p.dtype)
+                    view = flat[pos : pos + n].view(p.shape)
+                    g = view.to(p.dtype)
+                    shares = owned or g.data_ptr() != view.data_ptr()  # .to() made it a copy
                     if p.grad is None:
-                        p.grad = g.clone()
+                        p.grad = g if shares else g.clone()
+                    elif shares:
+                        p.grad.set_(g)  # as Horovod does: the gradient now lives in the bucket
                     else:
                         p.grad.detach().copy_(g)
                     pos += n
