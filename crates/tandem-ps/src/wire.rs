@@ -95,10 +95,12 @@ pub fn decode_dense(data: &[u8], offset: u64, wire: Wire) -> Result<(Bytes, u64)
             data.len()
         ));
     }
-    let mut out = vec![0f32; data.len() / 2];
-    widen(data, dtype, &mut out).map_err(|e| e.to_string())?;
-    let bytes: Vec<u8> = bytemuck::cast_slice(&out).to_vec();
-    Ok((Bytes::from(bytes), offset * 2))
+    // Widened straight into the bytes handed on (aligned for f32): no second copy.
+    let mut out = tandem_core::tensor::aligned_zeroed(data.len() * 2);
+    let values: &mut [f32] =
+        bytemuck::try_cast_slice_mut(&mut out[..]).map_err(|e| e.to_string())?;
+    widen(data, dtype, values).map_err(|e| e.to_string())?;
+    Ok((out.freeze(), offset * 2))
 }
 
 /// One top-k partition of a push: `acc` is its gradient plus residual (it becomes the new
