@@ -318,6 +318,28 @@ for attempt in range(2):  # the first failure is kept: every later call says the
             sys.exit(f"attempt {attempt}: {e}")
     else:
         sys.exit("a CUDA tensor was accepted")
+# A group shut down since is dropped with its device collectives (or its failure) when the next
+# group's are made.
+def native_of(g):
+    return g._get_backend(torch.device("cpu")).native
+
+
+def refuse(p):
+    try:
+        _cuda.device_group(p, OnGpu())
+    except BackendUnavailableError:
+        return
+    sys.exit("a CUDA tensor was accepted")
+
+
+first = native_of(dist.new_group([0]))
+refuse(first)
+if id(first) not in _cuda._groups or id(pg) not in _cuda._groups:
+    sys.exit("the refusals were not kept")
+first.shutdown()
+refuse(native_of(dist.new_group([0])))
+if id(first) in _cuda._groups or id(pg) not in _cuda._groups:
+    sys.exit("a shut-down group's entry was kept, or a live one dropped")
 print("REFUSED", flush=True)
 dist.destroy_process_group()
 '''

@@ -51,6 +51,7 @@ def device_group(pg: Any, t: torch.Tensor, what: str = "tensor") -> Any:
     with _lock:
         entry = _groups.get(id(pg))
         if entry is None:
+            _drop_shut_down()
             try:
                 made: Any = _native.DeviceGroup(pg, idx)
             except BackendUnavailableError as e:
@@ -74,6 +75,16 @@ def device_group(pg: Any, t: torch.Tensor, what: str = "tensor") -> Any:
             "per process (call torch.cuda.set_device(local_rank) before the first collective)"
         )
     return made
+
+
+def _drop_shut_down() -> None:
+    """Drops the device collectives of groups shut down since (an elastic job re-forms its group;
+    each old one would otherwise keep its NCCL communicator). Called with ``_lock`` held."""
+    for key, (group, _, _) in list(_groups.items()):
+        try:
+            group.rank
+        except Exception:  # noqa: BLE001 - a shut-down group says so on every call
+            del _groups[key]
 
 
 def forget(pg: Any) -> None:
