@@ -68,7 +68,7 @@ def device_group(pg: Any, t: torch.Tensor, what: str = "tensor") -> Any:
             _groups[id(pg)] = entry
     _, made, first = entry
     if isinstance(made, BaseException):
-        raise made
+        raise made.with_traceback(None)  # the same error each time, without earlier tracebacks
     if idx != first:
         raise ValueError(
             f"{what} is on cuda:{idx}, but this process's collectives run on cuda:{first}: one GPU "
