@@ -267,37 +267,99 @@ fn write_timeline(
     }
 }
 
-/// Records an NCCL operation on device memory, which does not pass the ring (so it has no header
-/// and no place in the flight recorder's sequence): the metrics as any operation of its kind (one
-/// of [`metrics::COLLECTIVE_KINDS`]), a span on the timeline, and the recorder's dump when it
-/// failed.
-#[cfg(feature = "nccl")]
+/// What an NCCL call on device memory is, for the flight recorder and the metrics.
+// Used by the nccl feature's device collectives (and the tests).
+#[cfg_attr(not(feature = "nccl"), allow(dead_code))]
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct DeviceOp {
+    /// Index into [`metrics::COLLECTIVE_KINDS`].
+    pub(crate) kind: usize,
+    /// Element type.
+    pub(crate) dtype: tandem_core::DType,
+    /// Reduce operator, for reductions.
+    pub(crate) op: Option<tandem_core::ReduceOp>,
+    /// The root of a rooted collective, or the other side of a message.
+    pub(crate) root: Option<usize>,
+    /// Elements.
+    pub(crate) count: usize,
+}
+
+/// Records an NCCL operation on device memory, which does not pass the ring: an entry in the
+/// device group's own flight recorder `log` (numbered `seq` there), the metrics as any operation
+/// of its kind, a span on the timeline, and the recorder's dump when it failed.
+// Used by the nccl feature's device collectives (and the tests).
+#[cfg_attr(not(feature = "nccl"), allow(dead_code))]
 pub(crate) fn device_op<T>(
-    kind: &'static str,
-    bytes: u64,
+    log: &OpLog,
+    seq: u64,
+    op: DeviceOp,
+    run: impl FnOnce() -> tandem_core::Result<T>,
+) -> tandem_core::Result<T> {
+    record_device_op(log, seq, op, tandem_observe::active(), run)
+}
+
+/// [`device_op`], recording in `log` when `active`.
+// Used by the nccl feature's device collectives (and the tests).
+#[cfg_attr(not(feature = "nccl"), allow(dead_code))]
+fn record_device_op<T>(
+    log: &OpLog,
+    seq: u64,
+    op: DeviceOp,
+    active: bool,
     run: impl FnOnce() -> tandem_core::Result<T>,
 ) -> tandem_core::Result<T> {
     let started = Instant::now();
-    let start_us = timeline::enabled().then(|| tandem_observe::us_at(started));
+    let started_us = tandem_observe::us_at(started);
+    let bytes = (op.count * op.dtype.size()) as u64;
+    let root = op.root.map(|r| r as u32);
+    let message = op.kind >= 6; // send, recv: the root is the other side
+    let number = active.then(|| {
+        log.begin(&OpStart {
+            seq,
+            kind: op.kind as u8,
+            dtype: op.dtype.code(),
+            op: op.op.map(|o| o.code()),
+            root,
+            peers: [root.filter(|_| message), None],
+            count: op.count as u64,
+            bytes,
+            enqueued_us: 0,
+            started_us,
+        })
+    });
     let out = run();
-    let took = started.elapsed();
-    match &out {
-        Ok(_) => metrics::op(kind, bytes, took.as_secs_f64()),
-        Err(e) => {
-            metrics::error(kind, e.kind());
-            tandem_observe::dump::write(&format!("{}: {e}", e.kind()));
-        }
+    let ended = Instant::now();
+    let took = ended.saturating_duration_since(started);
+    let error = out.as_ref().err();
+    if let Some(n) = number {
+        log.end(
+            n,
+            tandem_observe::us_at(ended),
+            None,
+            None,
+            error.map(ToString::to_string),
+        );
     }
-    if let Some(start) = start_us {
-        let error = out.as_ref().err().map(ToString::to_string);
+    let kind = metrics::COLLECTIVE_KINDS
+        .get(op.kind)
+        .copied()
+        .unwrap_or("device");
+    match error {
+        None => metrics::op_at(op.kind, bytes, took.as_nanos() as u64),
+        Some(e) => metrics::error(kind, e.kind()),
+    }
+    if timeline::enabled() {
         timeline::complete(
             kind,
             "collective",
             timeline::TID_COLLECTIVE,
-            start,
+            started_us,
             took.as_micros() as u64,
-            json!({"backend": "nccl", "bytes": bytes, "error": error}),
+            json!({"backend": "nccl", "bytes": bytes, "error": error.map(ToString::to_string)}),
         );
+    }
+    if let Some(e) = error {
+        tandem_observe::dump::write(&format!("{}: {e}", e.kind()));
     }
     out
 }
@@ -335,5 +397,49 @@ mod tests {
         }
         assert_eq!(NAMES.kinds[kind_index(&h(OpKind::Send, 1), 0)], "send");
         assert_eq!(NAMES.kinds[kind_index(&h(OpKind::Send, 0), 0)], "recv");
+    }
+
+    #[test]
+    fn a_device_operation_is_recorded_with_its_outcome() {
+        let log = OpLog::new(&NAMES, 4);
+        let op = DeviceOp {
+            kind: 0,
+            dtype: DType::BF16,
+            op: Some(ReduceOp::Sum),
+            root: None,
+            count: 10,
+        };
+        assert_eq!(record_device_op(&log, 7, op, true, || Ok(3)).unwrap(), 3);
+        let e = log.entry(0).expect("recorded");
+        assert_eq!(
+            (e.seq, &*e.kind, &*e.dtype, e.count, e.bytes),
+            (7, "allreduce", "bf16", 10, 20)
+        );
+        assert_eq!(e.op.as_deref(), Some("sum"));
+        assert!(e.ended_us.is_some());
+        let recv = DeviceOp {
+            kind: 7,
+            dtype: DType::U8,
+            op: None,
+            root: Some(2),
+            count: 5,
+        };
+        let failed: tandem_core::Result<()> = record_device_op(&log, 8, recv, true, || {
+            Err(tandem_core::Error::transport("NCCL receive", "boom"))
+        });
+        assert!(failed.is_err());
+        let e = log.entry(1).expect("recorded");
+        assert_eq!(
+            (&*e.kind, e.root, e.peers.clone()),
+            ("recv", Some(2), vec![2])
+        );
+        assert!(
+            format!("{:?}", e.outcome).contains("boom"),
+            "{:?}",
+            e.outcome
+        );
+        // Not active: nothing recorded, the result passed on.
+        assert_eq!(record_device_op(&log, 9, op, false, || Ok(1)).unwrap(), 1);
+        assert!(log.entry(2).is_none());
     }
 }

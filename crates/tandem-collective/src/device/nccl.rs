@@ -102,6 +102,10 @@ pub(crate) struct CommThread {
     timeout: Duration,
     /// Ranks in the communicator.
     world: usize,
+    /// The communicator's flight recorder (its operations do not pass the ring's).
+    log: Arc<tandem_observe::oplog::OpLog>,
+    /// The number of the last operation recorded; held while one runs.
+    seq: Mutex<u64>,
 }
 
 /// The NCCL group cannot be used, and why.
@@ -157,6 +161,8 @@ impl CommThread {
                 poisoned,
                 timeout,
                 world,
+                log: crate::observe::log(),
+                seq: Mutex::new(0),
             }),
             Ok(Err(e)) => Err(e),
             // A blocking ncclCommInitRank cannot be interrupted; its thread is left to finish or
@@ -172,6 +178,22 @@ impl CommThread {
                 "its thread stopped",
             )),
         }
+    }
+
+    /// [`CommThread::run`], recorded as `op` (flight recorder, metrics, timeline); one
+    /// operation at a time is recorded, as the thread runs them one at a time.
+    fn observed<R: Send + 'static>(
+        &self,
+        what: &str,
+        op: crate::observe::DeviceOp,
+        job: impl FnOnce(&Comm) -> Result<R> + Send + 'static,
+    ) -> Result<R> {
+        let mut seq = self
+            .seq
+            .lock()
+            .map_err(|_| unusable("its recorder was poisoned"))?;
+        *seq += 1;
+        crate::observe::device_op(&self.log, *seq, op, || self.run(what, job))
     }
 
     /// Runs `f` on the communicator's thread and waits for it within the group's deadline.
@@ -399,7 +421,15 @@ impl Inner {
         match self {
             Inner::Nccl { thread, .. } => {
                 let nop = op(reduce)?;
-                thread.run("allreduce", move |comm| {
+                let count = bufs.iter().map(DeviceBuffer::len).sum();
+                let what = crate::observe::DeviceOp {
+                    kind: 0,
+                    dtype: T::DTYPE,
+                    op: Some(reduce),
+                    root: None,
+                    count,
+                };
+                thread.observed("allreduce", what, move |comm| {
                     cudarc::nccl::group_start().map_err(|e| nccl_error("group start", e))?;
                     let mut r = Ok(());
                     for b in bufs.iter_mut() {
@@ -440,12 +470,22 @@ impl Inner {
         root: usize,
     ) -> Result<DeviceBuffer<T>> {
         match self {
-            Inner::Nccl { thread, .. } => thread.run("broadcast", move |comm| {
-                comm.broadcast_in_place(&mut buf.inner, root as i32)
-                    .map_err(|e| nccl_error("broadcast", e))?;
-                sync(comm)?;
-                Ok(buf)
-            }),
+            Inner::Nccl { thread, .. } => thread.observed(
+                "broadcast",
+                crate::observe::DeviceOp {
+                    kind: 1,
+                    dtype: T::DTYPE,
+                    op: None,
+                    root: Some(root),
+                    count: buf.len(),
+                },
+                move |comm| {
+                    comm.broadcast_in_place(&mut buf.inner, root as i32)
+                        .map_err(|e| nccl_error("broadcast", e))?;
+                    sync(comm)?;
+                    Ok(buf)
+                },
+            ),
             Inner::Staged { pg, .. } => {
                 let mut host = self.to_host(&buf)?;
                 pg.broadcast(&mut host, root)?;
@@ -465,7 +505,14 @@ impl Inner {
         match self {
             Inner::Nccl { thread, .. } => {
                 let nop = op(reduce)?;
-                thread.run("reduce", move |comm| {
+                let what = crate::observe::DeviceOp {
+                    kind: 4,
+                    dtype: T::DTYPE,
+                    op: Some(reduce),
+                    root: Some(root),
+                    count: buf.len(),
+                };
+                thread.observed("reduce", what, move |comm| {
                     comm.reduce_in_place(&mut buf.inner, &nop, root as i32)
                         .map_err(|e| nccl_error("reduce", e))?;
                     sync(comm)?;
@@ -491,12 +538,22 @@ impl Inner {
         let world = self.world();
         let mut out = self.zeros::<T>(buf.len() * world)?;
         match self {
-            Inner::Nccl { thread, .. } => thread.run("allgather", move |comm| {
-                comm.all_gather(&buf.inner, &mut out.inner)
-                    .map_err(|e| nccl_error("allgather", e))?;
-                sync(comm)?;
-                Ok((buf, out))
-            }),
+            Inner::Nccl { thread, .. } => thread.observed(
+                "allgather",
+                crate::observe::DeviceOp {
+                    kind: 2,
+                    dtype: T::DTYPE,
+                    op: None,
+                    root: None,
+                    count: buf.len(),
+                },
+                move |comm| {
+                    comm.all_gather(&buf.inner, &mut out.inner)
+                        .map_err(|e| nccl_error("allgather", e))?;
+                    sync(comm)?;
+                    Ok((buf, out))
+                },
+            ),
             Inner::Staged { pg, .. } => {
                 let host = self.to_host(&buf)?;
                 let mut all = vec![T::default(); host.len() * world];
@@ -518,7 +575,14 @@ impl Inner {
         match self {
             Inner::Nccl { thread, .. } => {
                 let nop = op(reduce)?;
-                thread.run("reduce-scatter", move |comm| {
+                let what = crate::observe::DeviceOp {
+                    kind: 3,
+                    dtype: T::DTYPE,
+                    op: Some(reduce),
+                    root: None,
+                    count: buf.len(),
+                };
+                thread.observed("reduce-scatter", what, move |comm| {
                     comm.reduce_scatter(&buf.inner, &mut out.inner, &nop)
                         .map_err(|e| nccl_error("reduce-scatter", e))?;
                     sync(comm)?;

@@ -14,6 +14,7 @@ use tandem_core::{DType, Error, ReduceOp, Result};
 
 use super::{Inner, driver_error, nccl_error, op, sync};
 use crate::device::ForeignBuffer;
+use crate::observe::DeviceOp;
 
 /// Foreign memory as cudarc's slice traits want it. No event tracking: the caller finished the
 /// work on it before the call, and every call ends with a synchronize of the group's stream.
@@ -201,20 +202,18 @@ impl Inner {
     /// Allreduce in place.
     pub(crate) fn allreduce_foreign(&self, buf: ForeignBuffer, reduce: ReduceOp) -> Result<()> {
         check_on_gpu(self.stream(), "buffer", &buf)?;
-        let bytes = buf.bytes("buffer")? as u64;
         match self {
             Inner::Nccl { thread, stream } => {
                 let nop = op(reduce)?;
+                let what = DeviceOp::of(0, &buf, Some(reduce), None);
                 typed!(buf.dtype(), T => {
-                                    let mut f = Foreign::<T>::typed(&buf, stream);
-                                    crate::observe::device_op("allreduce", bytes, || {
-                thread.run("allreduce", move |comm| {
-                                        comm.all_reduce_in_place(&mut f, &nop)
-                                            .map_err(|e| nccl_error("allreduce", e))?;
-                                        sync(comm)
-                                    })
+                    let mut f = Foreign::<T>::typed(&buf, stream);
+                    thread.observed("allreduce", what, move |comm| {
+                        comm.all_reduce_in_place(&mut f, &nop)
+                            .map_err(|e| nccl_error("allreduce", e))?;
+                        sync(comm)
+                    })
                 })
-                                })
             }
             Inner::Staged { pg, .. } => {
                 let mut host = download(&buf)?;
@@ -227,16 +226,14 @@ impl Inner {
     /// Broadcast from `root`, in place.
     pub(crate) fn broadcast_foreign(&self, buf: ForeignBuffer, root: usize) -> Result<()> {
         check_on_gpu(self.stream(), "buffer", &buf)?;
-        let bytes = buf.bytes("buffer")? as u64;
         match self {
             Inner::Nccl { thread, stream } => {
                 let mut f = Foreign::bytes(&buf, stream)?;
-                crate::observe::device_op("broadcast", bytes, || {
-                    thread.run("broadcast", move |comm| {
-                        comm.broadcast_in_place(&mut f, root as i32)
-                            .map_err(|e| nccl_error("broadcast", e))?;
-                        sync(comm)
-                    })
+                let what = DeviceOp::of(1, &buf, None, Some(root));
+                thread.observed("broadcast", what, move |comm| {
+                    comm.broadcast_in_place(&mut f, root as i32)
+                        .map_err(|e| nccl_error("broadcast", e))?;
+                    sync(comm)
                 })
             }
             Inner::Staged { pg, .. } => {
@@ -255,20 +252,18 @@ impl Inner {
         root: usize,
     ) -> Result<()> {
         check_on_gpu(self.stream(), "buffer", &buf)?;
-        let bytes = buf.bytes("buffer")? as u64;
         match self {
             Inner::Nccl { thread, stream } => {
                 let nop = op(reduce)?;
+                let what = DeviceOp::of(4, &buf, Some(reduce), Some(root));
                 typed!(buf.dtype(), T => {
-                                    let mut f = Foreign::<T>::typed(&buf, stream);
-                                    crate::observe::device_op("reduce", bytes, || {
-                thread.run("reduce", move |comm| {
-                                        comm.reduce_in_place(&mut f, &nop, root as i32)
-                                            .map_err(|e| nccl_error("reduce", e))?;
-                                        sync(comm)
-                                    })
+                    let mut f = Foreign::<T>::typed(&buf, stream);
+                    thread.observed("reduce", what, move |comm| {
+                        comm.reduce_in_place(&mut f, &nop, root as i32)
+                            .map_err(|e| nccl_error("reduce", e))?;
+                        sync(comm)
+                    })
                 })
-                                })
             }
             Inner::Staged { pg, .. } => {
                 // The ring uses the host copy as scratch; only the root's result goes back.
@@ -290,17 +285,15 @@ impl Inner {
     ) -> Result<()> {
         check_on_gpu(self.stream(), "input", &input)?;
         check_on_gpu(self.stream(), "output", &output)?;
-        let bytes = input.bytes("input")? as u64;
         match self {
             Inner::Nccl { thread, stream } => {
                 let send = Foreign::bytes(&input, stream)?;
                 let mut recv = Foreign::bytes(&output, stream)?;
-                crate::observe::device_op("allgather", bytes, || {
-                    thread.run("allgather", move |comm| {
-                        comm.all_gather(&send, &mut recv)
-                            .map_err(|e| nccl_error("allgather", e))?;
-                        sync(comm)
-                    })
+                let what = DeviceOp::of(2, &input, None, None);
+                thread.observed("allgather", what, move |comm| {
+                    comm.all_gather(&send, &mut recv)
+                        .map_err(|e| nccl_error("allgather", e))?;
+                    sync(comm)
                 })
             }
             Inner::Staged { pg, .. } => {
@@ -321,21 +314,19 @@ impl Inner {
     ) -> Result<()> {
         check_on_gpu(self.stream(), "input", &input)?;
         check_on_gpu(self.stream(), "output", &output)?;
-        let bytes = input.bytes("input")? as u64;
         match self {
             Inner::Nccl { thread, stream } => {
                 let nop = op(reduce)?;
+                let what = DeviceOp::of(3, &input, Some(reduce), None);
                 typed!(input.dtype(), T => {
-                                    let send = Foreign::<T>::typed(&input, stream);
-                                    let mut recv = Foreign::<T>::typed(&output, stream);
-                                    crate::observe::device_op("reduce_scatter", bytes, || {
-                thread.run("reduce-scatter", move |comm| {
-                                        comm.reduce_scatter(&send, &mut recv, &nop)
-                                            .map_err(|e| nccl_error("reduce-scatter", e))?;
-                                        sync(comm)
-                                    })
+                    let send = Foreign::<T>::typed(&input, stream);
+                    let mut recv = Foreign::<T>::typed(&output, stream);
+                    thread.observed("reduce-scatter", what, move |comm| {
+                        comm.reduce_scatter(&send, &mut recv, &nop)
+                            .map_err(|e| nccl_error("reduce-scatter", e))?;
+                        sync(comm)
+                    })
                 })
-                                })
             }
             Inner::Staged { pg, .. } => {
                 let mut host = download(&input)?;
@@ -360,16 +351,14 @@ impl Inner {
     /// Sends `buf` to rank `to`.
     pub(crate) fn send_foreign(&self, buf: ForeignBuffer, to: usize) -> Result<()> {
         check_on_gpu(self.stream(), "buffer", &buf)?;
-        let bytes = buf.bytes("buffer")? as u64;
         match self {
             Inner::Nccl { thread, stream } => {
                 let f = Foreign::bytes(&buf, stream)?;
-                crate::observe::device_op("send", bytes, || {
-                    thread.run("send", move |comm| {
-                        comm.send(&f, to as i32)
-                            .map_err(|e| nccl_error("send", e))?;
-                        sync(comm)
-                    })
+                let what = DeviceOp::of(6, &buf, None, Some(to));
+                thread.observed("send", what, move |comm| {
+                    comm.send(&f, to as i32)
+                        .map_err(|e| nccl_error("send", e))?;
+                    sync(comm)
                 })
             }
             Inner::Staged { pg, .. } => {
@@ -382,16 +371,14 @@ impl Inner {
     /// Receives into `buf` from rank `from`.
     pub(crate) fn recv_foreign(&self, buf: ForeignBuffer, from: usize) -> Result<()> {
         check_on_gpu(self.stream(), "buffer", &buf)?;
-        let bytes = buf.bytes("buffer")? as u64;
         match self {
             Inner::Nccl { thread, stream } => {
                 let mut f = Foreign::bytes(&buf, stream)?;
-                crate::observe::device_op("recv", bytes, || {
-                    thread.run("receive", move |comm| {
-                        comm.recv(&mut f, from as i32)
-                            .map_err(|e| nccl_error("receive", e))?;
-                        sync(comm)
-                    })
+                let what = DeviceOp::of(7, &buf, None, Some(from));
+                thread.observed("receive", what, move |comm| {
+                    comm.recv(&mut f, from as i32)
+                        .map_err(|e| nccl_error("receive", e))?;
+                    sync(comm)
                 })
             }
             Inner::Staged { pg, .. } => {
@@ -399,6 +386,19 @@ impl Inner {
                 pg.recv_bytes(&mut host, buf.dtype(), from)?;
                 upload(&host, buf.addr())
             }
+        }
+    }
+}
+
+impl DeviceOp {
+    /// Operation `kind` (an index into the metrics' kinds) on `buf`.
+    fn of(kind: usize, buf: &ForeignBuffer, op: Option<ReduceOp>, root: Option<usize>) -> DeviceOp {
+        DeviceOp {
+            kind,
+            dtype: buf.dtype(),
+            op,
+            root,
+            count: buf.len(),
         }
     }
 }
