@@ -80,11 +80,64 @@ fn exercise(g: &DeviceGroup) {
     );
 }
 
+/// The `*_foreign` calls on memory a `DeviceBuffer` owns, passed by address as torch passes a
+/// tensor's; and the addresses the driver check refuses.
+#[cfg(feature = "nccl")]
+#[allow(unsafe_code)]
+fn exercise_foreign(g: &DeviceGroup) {
+    use cudarc::driver::DevicePtr;
+    use tandem_collective::device::ForeignBuffer;
+    use tandem_core::DType;
+
+    let host: Vec<f32> = (0..1000).map(|i| i as f32 - 3.0).collect();
+    let buf = g.to_device(&host).unwrap();
+    let out = g.to_device(&vec![0f32; 1000]).unwrap();
+    let stream = buf.cuda().stream().clone();
+    let addr = buf.cuda().device_ptr(&stream).0;
+    let out_addr = out.cuda().device_ptr(&stream).0;
+    // SAFETY: `buf` and `out` own 1000 f32 each on this group's GPU, outlive every call below,
+    // and `to_device` finished writing them.
+    let (f, o) = unsafe {
+        (
+            ForeignBuffer::new(addr, 1000, DType::F32),
+            ForeignBuffer::new(out_addr, 1000, DType::F32),
+        )
+    };
+    // World of one: each collective leaves the data as it was, or copies it whole.
+    g.allreduce_foreign(f, ReduceOp::Sum).unwrap();
+    g.broadcast_foreign(f, 0).unwrap();
+    g.reduce_foreign(f, ReduceOp::Max, 0).unwrap();
+    assert_eq!(g.to_host(&buf).unwrap(), host);
+    g.allgather_foreign(f, o).unwrap();
+    assert_eq!(g.to_host(&out).unwrap(), host);
+    g.reduce_scatter_foreign(f, o, ReduceOp::Sum).unwrap();
+    assert_eq!(g.to_host(&out).unwrap(), host);
+    // Far past the allocation's end, host memory, null: refused before anything moves.
+    let past = unsafe { ForeignBuffer::new(addr, 1 << 36, DType::F32) };
+    let e = g
+        .allreduce_foreign(past, ReduceOp::Sum)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("past the end"), "{e}");
+    let on_host = unsafe { ForeignBuffer::new(host.as_ptr() as u64, 4, DType::F32) };
+    let e = g.broadcast_foreign(on_host, 0).unwrap_err().to_string();
+    assert!(e.contains("not GPU memory"), "{e}");
+    let null = unsafe { ForeignBuffer::new(0, 4, DType::F32) };
+    assert!(g.allreduce_foreign(null, ReduceOp::Sum).is_err());
+    assert_eq!(
+        g.to_host(&buf).unwrap(),
+        host,
+        "nothing refused changed the data"
+    );
+}
+
 #[test]
 fn nccl_on_one_gpu() {
     if let Some(g) = gpu(BackendKind::Nccl) {
         assert_eq!(g.backend_name(), "nccl");
         exercise(&g);
+        #[cfg(feature = "nccl")]
+        exercise_foreign(&g);
     }
 }
 
@@ -93,5 +146,7 @@ fn host_staging_on_one_gpu() {
     if let Some(g) = gpu(BackendKind::Tcp) {
         assert!(g.backend_name().starts_with("tcp"));
         exercise(&g);
+        #[cfg(feature = "nccl")]
+        exercise_foreign(&g);
     }
 }
