@@ -22,19 +22,7 @@ import torch
 
 from .. import _native
 from ..errors import BackendUnavailableError
-
-#: torch dtypes NCCL reduces, by the name Tandem's native layer reads.
-REDUCED = {
-    torch.float16: "float16",
-    torch.bfloat16: "bfloat16",
-    torch.float32: "float32",
-    torch.float64: "float64",
-    torch.int32: "int32",
-    torch.int64: "int64",
-    torch.uint8: "uint8",
-}
-WIDENED = {torch.int8: torch.int32, torch.int16: torch.int32}
-BOOL_OPS = {"sum": "max", "max": "max", "min": "min", "prod": "min"}
+from ._dtypes import NATIVE, WIDENED, bool_op, cannot_reduce
 
 _lock = threading.Lock()
 #: id(native group) -> (the group, its DeviceGroup or the error making it gave, the GPU index)
@@ -117,22 +105,17 @@ def allreduce(pg: Any, t: torch.Tensor, op: str) -> None:
     if c.numel() == 0:
         return
     _ready([c], "all_reduce")
-    if c.dtype in REDUCED:
-        dg.allreduce(c.data_ptr(), c.numel(), REDUCED[c.dtype], op)
+    if c.dtype in NATIVE:
+        dg.allreduce(c.data_ptr(), c.numel(), NATIVE[c.dtype], op)
     elif c.dtype in WIDENED:
         w = c.to(WIDENED[c.dtype])
         torch.cuda.synchronize(w.device)
         dg.allreduce(w.data_ptr(), w.numel(), "int32", op)
         c.copy_(w)
     elif c.dtype == torch.bool:
-        if op not in BOOL_OPS:
-            raise ValueError(f"reduce op {op} has no meaning for bool tensors (SUM, MIN, MAX, PRODUCT do)")
-        dg.allreduce(c.data_ptr(), c.numel(), "uint8", BOOL_OPS[op])
+        dg.allreduce(c.data_ptr(), c.numel(), "uint8", bool_op(op))
     else:
-        raise TypeError(
-            f"the tandem backend cannot reduce {c.dtype}; it reduces float16, bfloat16, float32, "
-            "float64, int8, int16, int32, int64, uint8 and bool"
-        )
+        raise cannot_reduce(c.dtype)
     if back:
         t.detach().copy_(c)
 
@@ -150,14 +133,14 @@ def broadcast(pg: Any, t: torch.Tensor, root: int) -> None:
 
 def reduce(pg: Any, t: torch.Tensor, op: str, root: int) -> None:
     c, back = _contiguous(t)
-    if c.dtype not in REDUCED:
+    if c.dtype not in NATIVE:
         allreduce(pg, t, op)  # widened and bool types: one place handles them
         return
     dg = device_group(pg, t)
     if c.numel() == 0:
         return
     _ready([c], "reduce")
-    dg.reduce(c.data_ptr(), c.numel(), REDUCED[c.dtype], op, root)
+    dg.reduce(c.data_ptr(), c.numel(), NATIVE[c.dtype], op, root)
     if back:
         t.detach().copy_(c)
 
@@ -209,7 +192,7 @@ def allgather(pg: Any, outputs: List[torch.Tensor], inp: torch.Tensor) -> None:
 def reduce_scatter_flat(pg: Any, out: torch.Tensor, flat: torch.Tensor, op: str) -> bool:
     """This rank's block of the reduced ``flat`` (world equal blocks) into ``out``; False when the
     dtype needs the allreduce path (widened or bool)."""
-    if flat.dtype not in REDUCED:
+    if flat.dtype not in NATIVE:
         return False
     dg = device_group(pg, flat, "reduce_scatter input")
     c, _ = _contiguous(flat)
@@ -217,7 +200,7 @@ def reduce_scatter_flat(pg: Any, out: torch.Tensor, flat: torch.Tensor, op: str)
     if o.numel() == 0:
         return True
     _ready([c, o], "reduce_scatter")
-    dg.reduce_scatter(c.data_ptr(), o.data_ptr(), o.numel(), REDUCED[c.dtype], op)
+    dg.reduce_scatter(c.data_ptr(), o.data_ptr(), o.numel(), NATIVE[c.dtype], op)
     if back:
         out.detach().copy_(o)
     return True

@@ -16,10 +16,7 @@ import torch
 
 from .._arrays import torch_view
 from . import _cuda
-
-NATIVE = {torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int32, torch.int64, torch.uint8}
-WIDENED = {torch.int8: torch.int32, torch.int16: torch.int32}
-_BOOL_OPS = {"sum": "max", "max": "max", "min": "min", "prod": "min"}
+from ._dtypes import NATIVE, WIDENED, bool_op, cannot_reduce
 
 
 def check_device(t: torch.Tensor, what: str = "tensor") -> None:
@@ -57,14 +54,9 @@ def allreduce(pg: Any, t: torch.Tensor, op: str) -> None:
         pg.allreduce(torch_view(w), op, None)
         c.copy_(w)
     elif c.dtype == torch.bool:
-        if op not in _BOOL_OPS:
-            raise ValueError(f"reduce op {op} has no meaning for bool tensors (SUM, MIN, MAX, PRODUCT do)")
-        pg.allreduce(torch_view(c), _BOOL_OPS[op], None)
+        pg.allreduce(torch_view(c), bool_op(op), None)
     else:
-        raise TypeError(
-            f"the tandem backend cannot reduce {c.dtype}; it reduces float16, bfloat16, float32, "
-            "float64, int8, int16, int32, int64, uint8 and bool"
-        )
+        raise cannot_reduce(c.dtype)
     if back:
         t.detach().copy_(c)
 
