@@ -55,6 +55,18 @@ def test_every_call_under_torchrun_matches_its_reference() -> None:
 
 
 @pytest.mark.timeout(300)
+def test_the_cuda_paths_own_logic_on_host_memory_matches_every_reference() -> None:
+    # tandem.torch._cuda (dtypes, copies and write-back, in-place gathers, calls by address) with
+    # NCCL replaced by a stand-in over the CPU group; on a GPU test_torch_cuda.py runs the real one.
+    out = torchrun([str(HERE / "torch_cuda_standin.py")], 3)
+    text = out.stdout + out.stderr
+    assert out.returncode == 0, text[-6000:]
+    counts = checked(text)
+    assert len(counts) == 3 and min(counts) > 60, text[-6000:]
+    assert len(re.findall(r"STAND-IN \d+", text)) == 3, text[-6000:]
+
+
+@pytest.mark.timeout(300)
 def test_zero_fully_shard_and_powersgd_run_on_the_backend() -> None:
     out = torchrun([str(HERE / "torch_wrappers.py")], 2)
     text = out.stdout + out.stderr

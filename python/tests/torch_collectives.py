@@ -107,6 +107,13 @@ for name, op in OPS.items():
     xs = everyone(torch.bool)
     want = xs.any(0) if name in ("sum", "max") else xs.all(0)
     check(f"all_reduce {name} bool", x, want)
+try:
+    dist.all_reduce(data(r, torch.bool), op=dist.ReduceOp.AVG)
+    sys.exit(f"rank {r}: all_reduce AVG on bool tensors was accepted")
+except Exception as e:  # noqa: BLE001 - torch may wrap the backend's ValueError
+    if "bool" not in str(e):
+        sys.exit(f"rank {r}: all_reduce AVG on bool: the error does not name bool: {e}")
+    checks += 1
 
 # A tensor that is not contiguous, and a parameter that requires grad.
 base = torch.arange(24, dtype=torch.float32).reshape(4, 6) * (r + 1)
@@ -129,6 +136,24 @@ x = data(r, torch.float64)
 dist.reduce(x, dst=w - 1, op=dist.ReduceOp.SUM)
 if r == w - 1:
     check("reduce", x, reference("sum", everyone(torch.float64), torch.float64), 1e-12)
+# The dtypes reduced through a wider type or as uint8.
+x = data(r, torch.int8)
+dist.reduce(x, dst=0, op=dist.ReduceOp.MAX)
+if r == 0:
+    check("reduce int8", x, reference("max", everyone(torch.int8), torch.int8))
+x = data(r, torch.bool)
+dist.reduce(x, dst=0, op=dist.ReduceOp.MIN)
+if r == 0:
+    check("reduce bool", x, everyone(torch.bool).all(0))
+
+# Tensors that are not contiguous receive into their own elements and no others.
+grid = torch.full((3, 8), -1, dtype=torch.int32)
+if r == root:
+    dist.broadcast(torch.arange(12, dtype=torch.int32).reshape(3, 4), src=root)
+else:
+    dist.broadcast(grid[:, ::2], src=root)
+    check("broadcast into a strided tensor", grid[:, ::2], torch.arange(12, dtype=torch.int32).reshape(3, 4))
+    check("broadcast into a strided tensor leaves the rest", grid[:, 1::2], torch.full((3, 4), -1, dtype=torch.int32))
 
 # all_gather and all_gather_into_tensor.
 outs = [torch.empty(37, dtype=torch.int16) for _ in range(w)]
@@ -143,6 +168,11 @@ flat = torch.zeros(37 * w, dtype=torch.float32)
 flat[37 * r: 37 * (r + 1)] = data(r, torch.float32)
 dist.all_gather_into_tensor(flat, flat[37 * r: 37 * (r + 1)])
 check("all_gather_into_tensor in place", flat, everyone(torch.float32).reshape(-1))
+# Into a strided output of shape (world, n).
+grid = torch.zeros(w, 2 * 37, dtype=torch.float64)
+dist.all_gather_into_tensor(grid[:, :37], data(r, torch.float64))
+check("all_gather_into_tensor strided", grid[:, :37], everyone(torch.float64))
+check("all_gather_into_tensor strided leaves the rest", grid[:, 37:], torch.zeros(w, 37, dtype=torch.float64))
 
 # reduce_scatter (equal and unequal parts) and reduce_scatter_tensor.
 parts = [data(r, torch.float32, n=5, seed=k) for k in range(w)]
@@ -157,6 +187,16 @@ big = data(r, torch.float32, n=4 * w)
 out = torch.empty(4)
 dist.reduce_scatter_tensor(out, big)
 check("reduce_scatter_tensor", out, everyone(torch.float32, n=4 * w).double().sum(0).float()[4 * r: 4 * r + 4], 1e-5)
+for dtype in (torch.int8, torch.bool):
+    big = data(r, dtype, n=4 * w)
+    out = torch.empty(4, dtype=dtype)
+    dist.reduce_scatter_tensor(out, big, op=dist.ReduceOp.MAX)
+    check(f"reduce_scatter_tensor {dtype}", out, everyone(dtype, n=4 * w).max(0).values[4 * r: 4 * r + 4])
+big = data(r, torch.float64, n=4 * w)
+pair = torch.zeros(4, 2, dtype=torch.float64)
+dist.reduce_scatter_tensor(pair[:, 0], big)
+check("reduce_scatter_tensor into a strided tensor", pair[:, 0], everyone(torch.float64, n=4 * w).sum(0)[4 * r: 4 * r + 4], 1e-12)
+check("reduce_scatter_tensor into a strided tensor leaves the rest", pair[:, 1], torch.zeros(4, dtype=torch.float64))
 
 # gather and scatter.
 gl = [torch.empty(37, dtype=torch.float16) for _ in range(w)] if r == 0 else None
@@ -194,6 +234,15 @@ if w > 1:
         dist.recv(got, src=prv)
         dist.send(data(r, torch.float32, seed=9), dst=nxt)
     check("send/recv", got, data(prv, torch.float32, seed=9))
+    pair = torch.zeros(37, 2, dtype=torch.float16)
+    if r % 2 == 0:
+        dist.send(data(r, torch.float16, seed=10), dst=nxt)
+        dist.recv(pair[:, 1], src=prv)
+    else:
+        dist.recv(pair[:, 1], src=prv)
+        dist.send(data(r, torch.float16, seed=10), dst=nxt)
+    check("recv into a strided tensor", pair[:, 1], data(prv, torch.float16, seed=10))
+    check("recv into a strided tensor leaves the rest", pair[:, 0], torch.zeros(37, dtype=torch.float16))
     n = 1 << 20  # 4 MiB each way, past any socket buffer
     a, b = torch.full((n,), float(r)), torch.full((n,), float(r) + 0.5)
     ra, rb = torch.empty(n), torch.empty(n)
