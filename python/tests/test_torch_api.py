@@ -85,6 +85,139 @@ def test_horovod_collectives_match_their_references() -> None:
         assert got["objects"] == [("rank", k) for k in range(n)]
 
 
+def horovod_more_body() -> Dict[str, Any]:
+    import torch
+
+    import tandem.torch as hvd
+    from tandem import _native
+
+    hvd.init(timeout=60)
+    r, n = hvd.rank(), hvd.size()
+    out: Dict[str, Any] = {}
+    # grouped_allreduce: fused per dtype, the inputs unchanged; in place; started in the background.
+    a, b, c = torch.tensor(inputs(r)), torch.tensor(inputs(r, seed=1)).float(), torch.arange(5) * (r + 1)
+    ga, gb, gc = hvd.grouped_allreduce([a, b, c], op=hvd.Sum)
+    out["grouped"] = [ga.tolist(), gb.tolist(), gc.tolist(), str(gb.dtype), str(gc.dtype)]
+    out["grouped_unchanged"] = torch.equal(a, torch.tensor(inputs(r)))
+    hvd.grouped_allreduce_([a, c], op=hvd.Max)
+    out["grouped_"] = [a.tolist(), c.tolist()]
+    h = hvd.grouped_allreduce_async([torch.tensor(inputs(r, seed=2))], postscale_factor=2.0)
+    out["grouped_async"] = [t.tolist() for t in hvd.synchronize(h)]
+    # reducescatter: 7 rows over the processes, the first 7 % n taking one more.
+    x = torch.tensor(inputs(r, n=14, seed=3)).reshape(7, 2)
+    out["rs_avg"] = hvd.reducescatter(x).tolist()
+    out["rs_sum"] = hvd.reducescatter(x, op=hvd.Sum, prescale_factor=3.0, postscale_factor=0.5).tolist()
+    out["rs_async"] = hvd.synchronize(hvd.reducescatter_async(x, op=hvd.Max)).tolist()
+    try:
+        hvd.reducescatter(torch.tensor(1.0))
+        out["rs_scalar"] = "accepted"
+    except ValueError as e:
+        out["rs_scalar"] = str(e)
+    # Gradients through each collective, as Horovod defines them; w: this rank's weights.
+    def weights(shape: Any, seed: int) -> torch.Tensor:
+        return torch.tensor(inputs(r, n=int(np.prod(shape)), seed=seed)).reshape(shape)
+
+    grads: Dict[str, Any] = {}
+    for name, op in (("sum", hvd.Sum), ("avg", hvd.Average)):
+        v = torch.tensor(inputs(r), requires_grad=True)
+        (hvd.allreduce(v, op=op) * weights(11, 10)).sum().backward()
+        grads[f"allreduce_{name}"] = v.grad.tolist()
+    v = torch.tensor(inputs(r), dtype=torch.float32, requires_grad=True)
+    y = hvd.allreduce(v, op=hvd.Sum, compression=hvd.Compression.fp16)
+    (y * weights(11, 10).float()).sum().backward()
+    grads["allreduce_fp16"] = [v.grad.tolist(), str(y.dtype), str(v.grad.dtype)]
+    v = torch.full((r + 1, 2), float(r), requires_grad=True, dtype=torch.float64)
+    total = n * (n + 1) // 2
+    (hvd.allgather(v) * weights((total, 2), 11)).sum().backward()
+    grads["allgather"] = v.grad.tolist()
+    v = torch.tensor(inputs(r), requires_grad=True)
+    (hvd.broadcast(v, root_rank=n - 1) * weights(11, 12)).sum().backward()
+    grads["broadcast"] = v.grad.tolist()
+    v = torch.cat([torch.full((k + 1, 3), float(10 * r + k)) for k in range(n)]).double().requires_grad_()
+    got, splits = hvd.alltoall(v, splits=[k + 1 for k in range(n)])
+    (got * weights((n * (r + 1), 3), 13)).sum().backward()
+    grads["alltoall"] = [v.grad.tolist(), splits.tolist(), got.requires_grad]
+    for name, op in (("sum", hvd.Sum), ("avg", hvd.Average)):
+        v = torch.tensor(inputs(r, n=14, seed=3), requires_grad=True).reshape(7, 2)
+        v.retain_grad()
+        part = hvd.reducescatter(v, op=op, prescale_factor=2.0)
+        (part * weights(tuple(part.shape), 14)).sum().backward()
+        grads[f"reducescatter_{name}"] = v.grad.tolist()
+    p, q = torch.tensor(inputs(r), requires_grad=True), torch.tensor(inputs(r, n=4), requires_grad=True)
+    gp, gq = hvd.grouped_allreduce([p, q], op=hvd.Sum)
+    ((gp * weights(11, 15)).sum() + (gq * weights(4, 16)).sum()).backward()
+    grads["grouped"] = [p.grad.tolist(), q.grad.tolist()]
+    v = torch.tensor(inputs(r), requires_grad=True)
+    try:
+        hvd.allreduce(v, op=hvd.Max).sum().backward()
+        grads["max"] = "no error"
+    except RuntimeError as e:
+        grads["max"] = str(e)
+    out["grads"] = grads
+    with torch.no_grad():
+        out["no_grad"] = hvd.allreduce(torch.ones(2, requires_grad=True)).requires_grad
+    out["machines"] = [hvd.cross_rank(), hvd.cross_size(), hvd.is_homogeneous()]
+    out["built"] = [hvd.nccl_built() == _native.DeviceGroup.built_with_nccl(), hvd.cuda_built() == hvd.nccl_built(),
+                    hvd.mpi_built(), hvd.gloo_built(), hvd.rocm_built()]
+    hvd.shutdown()
+    return out
+
+
+def _rows(total: int, n: int) -> List[int]:
+    return [total // n + (1 if r < total % n else 0) for r in range(n)]
+
+
+def test_horovod_grouped_reducescatter_gradients_and_queries_match_their_references() -> None:
+    n = 3
+    res = tandem.run(horovod_more_body, nproc=n, timeout=180)
+
+    def w(rank: int, shape: Any, seed: int) -> np.ndarray:
+        return inputs(rank, n=int(np.prod(shape)), seed=seed).reshape(shape)
+
+    total = n * (n + 1) // 2
+    rows = _rows(7, n)
+    xs = [inputs(k, n=14, seed=3).reshape(7, 2) for k in range(n)]
+    for r, got in enumerate(res):
+        np.testing.assert_allclose(got["grouped"][0], np.sum([inputs(k) for k in range(n)], axis=0), rtol=1e-12)
+        np.testing.assert_allclose(got["grouped"][1], np.sum([inputs(k, seed=1) for k in range(n)], axis=0), rtol=1e-5)
+        assert got["grouped"][2] == (np.arange(5) * sum(k + 1 for k in range(n))).tolist()
+        assert got["grouped"][3:] == ["torch.float32", "torch.int64"]
+        assert got["grouped_unchanged"]
+        np.testing.assert_array_equal(got["grouped_"][0], np.max([inputs(k) for k in range(n)], axis=0))
+        assert got["grouped_"][1] == (np.arange(5) * n).tolist()
+        np.testing.assert_allclose(got["grouped_async"][0], 2 * np.mean([inputs(k, seed=2) for k in range(n)], axis=0), rtol=1e-12)
+        lo, hi = sum(rows[:r]), sum(rows[: r + 1])
+        assert len(got["rs_avg"]) == rows[r]
+        np.testing.assert_allclose(got["rs_avg"], np.mean(xs, axis=0)[lo:hi], rtol=1e-12)
+        np.testing.assert_allclose(got["rs_sum"], 1.5 * np.sum(xs, axis=0)[lo:hi], rtol=1e-12)
+        np.testing.assert_array_equal(got["rs_async"], np.max(xs, axis=0)[lo:hi])
+        assert "no dimensions" in got["rs_scalar"]
+        g = got["grads"]
+        np.testing.assert_allclose(g["allreduce_sum"], np.sum([w(k, 11, 10) for k in range(n)], axis=0), rtol=1e-12)
+        np.testing.assert_allclose(g["allreduce_avg"], np.mean([w(k, 11, 10) for k in range(n)], axis=0), rtol=1e-12)
+        np.testing.assert_allclose(g["allreduce_fp16"][0], np.sum([w(k, 11, 10) for k in range(n)], axis=0), rtol=2e-2, atol=2e-2)
+        assert g["allreduce_fp16"][1:] == ["torch.float32", "torch.float32"]
+        start = r * (r + 1) // 2
+        want = np.mean([w(k, (total, 2), 11) for k in range(n)], axis=0)[start:start + r + 1]
+        np.testing.assert_allclose(g["allgather"], want, rtol=1e-12)
+        want = np.mean([w(k, 11, 12) for k in range(n)], axis=0) if r == n - 1 else np.zeros(11)
+        np.testing.assert_allclose(g["broadcast"], want, rtol=1e-12)
+        # Rank r sent k + 1 rows to rank k, which holds them at rows r (k + 1) .. of its output.
+        want = np.concatenate([w(k, (n * (k + 1), 3), 13)[r * (k + 1):(r + 1) * (k + 1)] for k in range(n)])
+        np.testing.assert_allclose(g["alltoall"][0], want, rtol=1e-12)
+        assert g["alltoall"][1] == [r + 1] * n and g["alltoall"][2] is True
+        # reducescatter's gradient: the allgather of every rank's, times n for Sum, times the prescale.
+        every = np.concatenate([w(k, (rows[k], 2), 14) for k in range(n)])
+        np.testing.assert_allclose(g["reducescatter_sum"], 2.0 * n * every, rtol=1e-12)
+        np.testing.assert_allclose(g["reducescatter_avg"], 2.0 * every, rtol=1e-12)
+        np.testing.assert_allclose(g["grouped"][0], np.sum([w(k, 11, 15) for k in range(n)], axis=0), rtol=1e-12)
+        np.testing.assert_allclose(g["grouped"][1], np.sum([w(k, 4, 16) for k in range(n)], axis=0), rtol=1e-12)
+        assert "has no gradient" in g["max"] and "max" in g["max"], g["max"]
+        assert got["no_grad"] is False
+        assert got["machines"] == [0, 1, True]
+        assert got["built"] == [True, True, False, False, False]
+
+
 def _model(seed: int):
     import torch
 

@@ -29,7 +29,7 @@ import torch
 
 import tandem as _tandem
 
-from . import _ops
+from . import _autograd, _ops
 from ._async import Handle as _Handle
 from .backend import BACKEND, TandemProcessGroup, register
 from .compression import Compression
@@ -50,6 +50,10 @@ __all__ = [
     "allreduce_async_", "allgather", "allgather_async", "broadcast", "broadcast_", "broadcast_async",
     "broadcast_async_", "alltoall", "alltoall_async", "synchronize", "poll", "join", "barrier",
     "broadcast_parameters", "broadcast_optimizer_state", "broadcast_object", "allgather_object",
+    "grouped_allreduce", "grouped_allreduce_", "grouped_allreduce_async", "grouped_allreduce_async_",
+    "reducescatter", "reducescatter_async", "cross_rank", "cross_size", "is_homogeneous",
+    "nccl_built", "cuda_built", "rocm_built", "mpi_built", "mpi_enabled", "mpi_threads_supported",
+    "gloo_built", "gloo_enabled", "ddl_built", "ccl_built",
     "DistributedOptimizer", "Compression", "Average", "Sum", "Min", "Max", "Product", "elastic",
 ]
 
@@ -138,8 +142,13 @@ def allreduce(tensor: torch.Tensor, average: Optional[bool] = None, name: Option
               compression: Any = None, op: Optional[str] = None, prescale_factor: float = 1.0,
               postscale_factor: float = 1.0) -> torch.Tensor:
     """A new tensor: ``tensor`` reduced over every process (default: the average); ``compression``
-    (``Compression.fp16``/``bf16``) sends it at lower precision."""
+    (``Compression.fp16``/``bf16``) sends it at lower precision. Differentiable when ``tensor``
+    requires grad (Sum and Average), as Horovod's is."""
     comp = compression or Compression.none
+    if _autograd.requires_grad([tensor]):
+        wire, ctx = comp.compress(tensor)
+        reduced = _autograd.Allreduce.apply(wire, _op(op, average), prescale_factor, postscale_factor)
+        return comp.decompress(reduced, ctx)
     wire, ctx = comp.compress(tensor.detach().clone())
     allreduce_(wire, average=average, op=op, prescale_factor=prescale_factor, postscale_factor=postscale_factor)
     return comp.decompress(wire, ctx)
@@ -177,11 +186,23 @@ def _gather_sizes(n: int) -> List[int]:
 
 def allgather(tensor: torch.Tensor, name: Optional[str] = None) -> torch.Tensor:
     """Every process's ``tensor`` concatenated along the first dimension (which may differ between
-    processes; the other dimensions must match)."""
+    processes; the other dimensions must match). Differentiable when ``tensor`` requires grad."""
+    if _autograd.requires_grad([tensor]):
+        out: torch.Tensor = _autograd.Allgather.apply(tensor)
+        return out
     return _ordered(lambda: _allgather_now(tensor))
 
 
+def _allgather_rows(tensor: torch.Tensor) -> Tuple[torch.Tensor, List[int]]:
+    """:func:`allgather` now, and how many rows each process gave."""
+    return _ordered(lambda: _allgather_counted(tensor))
+
+
 def _allgather_now(tensor: torch.Tensor) -> torch.Tensor:
+    return _allgather_counted(tensor)[0]
+
+
+def _allgather_counted(tensor: torch.Tensor) -> Tuple[torch.Tensor, List[int]]:
     t = tensor.detach()
     if t.dim() == 0:
         t = t.reshape(1)
@@ -191,7 +212,7 @@ def _allgather_now(tensor: torch.Tensor) -> torch.Tensor:
     padded[: t.shape[0]] = t
     outs = [torch.empty_like(padded) for _ in rows]
     _ops.allgather(_pg(), outs, padded)
-    return torch.cat([o[:n] for o, n in zip(outs, rows)])
+    return torch.cat([o[:n] for o, n in zip(outs, rows)]), rows
 
 
 def allgather_async(tensor: torch.Tensor, name: Optional[str] = None) -> _Handle:
@@ -208,7 +229,12 @@ def broadcast_(tensor: torch.Tensor, root_rank: int, name: Optional[str] = None)
 
 
 def broadcast(tensor: torch.Tensor, root_rank: int, name: Optional[str] = None) -> torch.Tensor:
-    """A new tensor holding ``root_rank``'s ``tensor``."""
+    """A new tensor holding ``root_rank``'s ``tensor``. Differentiable when ``tensor`` requires
+    grad."""
+    if _autograd.requires_grad([tensor]):
+        _ops.check_peer(root_rank, size(), None)
+        out: torch.Tensor = _autograd.Broadcast.apply(tensor, root_rank)
+        return out
     return broadcast_(tensor.detach().clone(), root_rank)
 
 
@@ -227,14 +253,18 @@ def alltoall(tensor: torch.Tensor, splits: Optional[Union[List[int], torch.Tenso
              name: Optional[str] = None) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
     """Sends the i-th part of ``tensor`` (cut along the first dimension, equally or by ``splits``)
     to process i; returns what every process sent this one, concatenated. With ``splits`` it
-    returns ``(tensor, received_splits)`` as Horovod does."""
+    returns ``(tensor, received_splits)`` as Horovod does. Differentiable when ``tensor`` requires
+    grad."""
+    if _autograd.requires_grad([tensor]):
+        out, received = _autograd.Alltoall.apply(tensor, splits)
+        return (out, received) if splits is not None else out
     return _ordered(lambda: _alltoall_now(tensor, splits))
 
 
-def _alltoall_now(tensor: torch.Tensor, splits: Any) -> Any:
+def _alltoall_now(tensor: torch.Tensor, splits: Any, given: Optional[bool] = None) -> Any:
     n = size()
     t = tensor.detach()
-    given = splits is not None
+    given = splits is not None if given is None else given
     if splits is None:
         if t.shape[0] % n:
             raise ValueError(f"alltoall: the first dimension {t.shape[0]} does not divide by {n} processes; pass splits=")
@@ -246,7 +276,7 @@ def _alltoall_now(tensor: torch.Tensor, splits: Any) -> Any:
     table = torch.tensor(send_rows, dtype=torch.int64)
     everyone = torch.from_numpy(_pg().allgather(table.numpy(), None)).reshape(n, n)
     recv_rows = [int(everyone[r][rank()]) for r in range(n)]
-    outs = [torch.empty((k,) + tuple(t.shape[1:]), dtype=t.dtype) for k in recv_rows]
+    outs = [torch.empty((k,) + tuple(t.shape[1:]), dtype=t.dtype, device=t.device) for k in recv_rows]
     _ops.alltoall(_pg(), outs, [i.contiguous() for i in ins], rank(), n)
     out = torch.cat(outs) if outs else t[:0]
     if given:
@@ -258,6 +288,183 @@ def alltoall_async(tensor: torch.Tensor, splits: Optional[List[int]] = None, nam
     """Starts :func:`alltoall`."""
     copy = tensor.detach().clone()
     return _Handle(lambda: _alltoall_now(copy, splits))
+
+
+def grouped_allreduce_(tensors: List[torch.Tensor], average: Optional[bool] = None, name: Optional[str] = None,
+                       op: Optional[str] = None, prescale_factor: float = 1.0,
+                       postscale_factor: float = 1.0) -> List[torch.Tensor]:
+    """Reduces every tensor of ``tensors`` in place, fused: one allreduce per device and dtype;
+    returns them."""
+    op = _op(op, average)
+    return _ordered(lambda: _grouped_now(list(tensors), op, prescale_factor, postscale_factor))
+
+
+def _grouped_now(tensors: List[torch.Tensor], op: str, pre: float, post: float) -> List[torch.Tensor]:
+    by_kind: Dict[Tuple[str, str], List[torch.Tensor]] = {}
+    for t in tensors:
+        by_kind.setdefault((str(t.device), str(t.dtype)), []).append(t)
+    for kind in sorted(by_kind):
+        group = by_kind[kind]
+        flat = torch.cat([t.detach().reshape(-1) for t in group])
+        _scaled_allreduce(flat, op, pre, post)
+        pos = 0
+        for t in group:
+            t.detach().copy_(flat[pos : pos + t.numel()].reshape(t.shape))
+            pos += t.numel()
+    return tensors
+
+
+def grouped_allreduce(tensors: List[torch.Tensor], average: Optional[bool] = None, name: Optional[str] = None,
+                      compression: Any = None, op: Optional[str] = None, prescale_factor: float = 1.0,
+                      postscale_factor: float = 1.0) -> List[torch.Tensor]:
+    """New tensors: each of ``tensors`` reduced over every process, fused as
+    :func:`grouped_allreduce_` does. Differentiable when any requires grad."""
+    comp = compression or Compression.none
+    op = _op(op, average)
+    if _autograd.requires_grad(list(tensors)):
+        wires = [comp.compress(t) for t in tensors]
+        reduced = _autograd.GroupedAllreduce.apply(op, prescale_factor, postscale_factor, *[w for w, _ in wires])
+        return [comp.decompress(r, ctx) for r, (_, ctx) in zip(reduced, wires)]
+    wires = [comp.compress(t.detach().clone()) for t in tensors]
+    grouped_allreduce_([w for w, _ in wires], op=op, prescale_factor=prescale_factor, postscale_factor=postscale_factor)
+    return [comp.decompress(w, ctx) for w, ctx in wires]
+
+
+def grouped_allreduce_async_(tensors: List[torch.Tensor], average: Optional[bool] = None,
+                             name: Optional[str] = None, op: Optional[str] = None, prescale_factor: float = 1.0,
+                             postscale_factor: float = 1.0) -> _Handle:
+    """Starts :func:`grouped_allreduce_`; :func:`synchronize` returns the list."""
+    op = _op(op, average)
+    todo = list(tensors)
+    return _Handle(lambda: _grouped_now(todo, op, prescale_factor, postscale_factor))
+
+
+def grouped_allreduce_async(tensors: List[torch.Tensor], average: Optional[bool] = None,
+                            name: Optional[str] = None, op: Optional[str] = None, prescale_factor: float = 1.0,
+                            postscale_factor: float = 1.0) -> _Handle:
+    """Starts :func:`grouped_allreduce` on copies; :func:`synchronize` returns the new tensors."""
+    copies = [t.detach().clone() for t in tensors]
+    return grouped_allreduce_async_(copies, average=average, op=op, prescale_factor=prescale_factor,
+                                    postscale_factor=postscale_factor)
+
+
+def reducescatter(tensor: torch.Tensor, name: Optional[str] = None, compression: Any = None, op: str = Average,
+                  prescale_factor: float = 1.0, postscale_factor: float = 1.0) -> torch.Tensor:
+    """``tensor`` reduced over every process (default: the average), this process's rows of it: the
+    first dimension is cut as evenly as it goes, the first ``rows % size`` processes taking one
+    row more (as Horovod cuts it). Differentiable when ``tensor`` requires grad (Sum and
+    Average)."""
+    op = _op(op, None)
+    comp = compression or Compression.none
+    if _autograd.requires_grad([tensor]):
+        wire, ctx = comp.compress(tensor)
+        return comp.decompress(_autograd.Reducescatter.apply(wire, op, prescale_factor, postscale_factor), ctx)
+    wire, ctx = comp.compress(tensor.detach())
+    return comp.decompress(_ordered(lambda: _reducescatter_now(wire, op, prescale_factor, postscale_factor)), ctx)
+
+
+def reducescatter_async(tensor: torch.Tensor, name: Optional[str] = None, op: str = Average,
+                        prescale_factor: float = 1.0, postscale_factor: float = 1.0) -> _Handle:
+    """Starts :func:`reducescatter`; :func:`synchronize` returns this process's rows."""
+    op = _op(op, None)
+    copy = tensor.detach().clone()
+    return _Handle(lambda: _reducescatter_now(copy, op, prescale_factor, postscale_factor))
+
+
+def _reducescatter_now(tensor: torch.Tensor, op: str, pre: float, post: float) -> torch.Tensor:
+    if tensor.dim() == 0:
+        raise ValueError("reducescatter: a tensor of no dimensions cannot be cut; give it a first dimension")
+    n, me = size(), rank()
+    base, extra = divmod(tensor.shape[0], n)
+    rows = [base + (1 if r < extra else 0) for r in range(n)]
+    t = tensor.detach()
+    if pre != 1.0:
+        t = t * pre
+    parts = [p.reshape(-1) for p in torch.split(t, rows)]
+    out = torch.empty((rows[me],) + tuple(t.shape[1:]), dtype=t.dtype, device=t.device)
+    _ops.reduce_scatter(_pg(), out.reshape(-1), parts, op, me)
+    if post != 1.0:
+        out.mul_(post)
+    return out
+
+
+def _machines() -> Tuple[int, int, bool]:
+    """(this process's machine's index, how many machines, whether each runs as many processes):
+    machines numbered by their lowest rank."""
+    from .backend import _machine_id
+
+    ids = allgather_object(_machine_id())
+    order = list(dict.fromkeys(ids))
+    counts = [ids.count(m) for m in order]
+    return order.index(ids[rank()]), len(order), len(set(counts)) == 1
+
+
+def cross_rank() -> int:
+    """The index of this process's machine among the job's (numbered by their lowest rank), as
+    Horovod's ``cross_rank``; every process must call it (it asks them all)."""
+    return _machines()[0]
+
+
+def cross_size() -> int:
+    """How many machines the job runs on; every process must call it."""
+    return _machines()[1]
+
+
+def is_homogeneous() -> bool:
+    """Whether every machine runs as many processes; every process must call it."""
+    return _machines()[2]
+
+
+def nccl_built() -> bool:
+    """Whether this build runs CUDA tensors through NCCL (the ``nccl`` feature)."""
+    from .. import _native
+
+    return bool(_native.DeviceGroup.built_with_nccl())
+
+
+def cuda_built() -> bool:
+    """Whether this build takes CUDA tensors (through NCCL)."""
+    return nccl_built()
+
+
+def rocm_built() -> bool:
+    """False: Tandem has no ROCm path."""
+    return False
+
+
+def mpi_built() -> bool:
+    """False: Tandem's collectives do not use MPI (it runs under mpirun, reading its variables)."""
+    return False
+
+
+def mpi_enabled() -> bool:
+    """False, as :func:`mpi_built`."""
+    return False
+
+
+def mpi_threads_supported() -> bool:
+    """False, as :func:`mpi_built`."""
+    return False
+
+
+def gloo_built() -> bool:
+    """False: Tandem's own TCP ring takes Gloo's place."""
+    return False
+
+
+def gloo_enabled() -> bool:
+    """False, as :func:`gloo_built`."""
+    return False
+
+
+def ddl_built() -> bool:
+    """False."""
+    return False
+
+
+def ccl_built() -> bool:
+    """False."""
+    return False
 
 
 def barrier() -> None:
