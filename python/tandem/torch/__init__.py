@@ -427,44 +427,15 @@ def cuda_built() -> bool:
     return nccl_built()
 
 
-def rocm_built() -> bool:
-    """False: Tandem has no ROCm path."""
+def _never() -> bool:
+    """False: Tandem's own TCP ring and NCCL take the place of MPI's, Gloo's, ROCm's, DDL's and
+    oneCCL's collectives (it runs under mpirun by reading the variables mpirun sets)."""
     return False
 
 
-def mpi_built() -> bool:
-    """False: Tandem's collectives do not use MPI (it runs under mpirun, reading its variables)."""
-    return False
-
-
-def mpi_enabled() -> bool:
-    """False, as :func:`mpi_built`."""
-    return False
-
-
-def mpi_threads_supported() -> bool:
-    """False, as :func:`mpi_built`."""
-    return False
-
-
-def gloo_built() -> bool:
-    """False: Tandem's own TCP ring takes Gloo's place."""
-    return False
-
-
-def gloo_enabled() -> bool:
-    """False, as :func:`gloo_built`."""
-    return False
-
-
-def ddl_built() -> bool:
-    """False."""
-    return False
-
-
-def ccl_built() -> bool:
-    """False."""
-    return False
+#: Horovod's queries for libraries Tandem does not use: all False.
+rocm_built = mpi_built = mpi_enabled = mpi_threads_supported = gloo_built = gloo_enabled = _never
+ddl_built = ccl_built = _never
 
 
 def barrier() -> None:
