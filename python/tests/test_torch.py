@@ -186,9 +186,12 @@ import numpy as np, tandem
 g = tandem.init()
 a = np.arange(6, dtype=np.float64) * (tandem.rank() + 1)
 tandem.allreduce(a)
+import tandem.torch as hvd                                    # Horovod's view of the machines
+machines = [hvd.cross_rank(), hvd.cross_size(), hvd.is_homogeneous()]
 import os, json
 with open(os.path.join(os.environ["RESULT_DIR"], f"{tandem.rank()}.json"), "w") as f:
-    json.dump({"rank": tandem.rank(), "world": tandem.world_size(), "local": g.local_rank, "a": a.tolist()}, f)
+    json.dump({"rank": tandem.rank(), "world": tandem.world_size(), "local": g.local_rank, "a": a.tolist(),
+               "machines": machines}, f)
 tandem.shutdown()
 '''
 
@@ -205,6 +208,7 @@ def test_tandem_init_needs_nothing_beyond_what_torchrun_sets(tmp_path: Path) -> 
     assert sorted(r["local"] for r in res) == [0, 1, 2]
     for r in res:
         assert r["a"] == (np.arange(6) * 6.0).tolist()
+        assert r["machines"] == [0, 1, True]
 
 
 def rust_example() -> Path:
@@ -471,3 +475,5 @@ def test_tandem_init_under_a_multi_node_torchrun_on_simulated_hosts(tmp_path: Pa
     assert [r["rank"] for r in res] == [0, 1, 2, 3], text[-4000:]
     for r in res:
         assert r["world"] == 4 and r["a"] == (np.arange(6) * 10.0).tolist()
+        # Two simulated hosts, each running ranks 2h and 2h + 1 (torchrun's node_rank h).
+        assert r["machines"] == [r["rank"] // 2, 2, True], r

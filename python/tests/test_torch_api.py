@@ -218,6 +218,16 @@ def test_horovod_grouped_reducescatter_gradients_and_queries_match_their_referen
         assert got["built"] == [True, True, False, False, False]
 
 
+def test_machines_are_numbered_by_their_lowest_rank_and_uneven_ones_are_not_homogeneous() -> None:
+    from tandem.torch import _layout
+
+    ids = ["b", "a", "b", "a"]  # ranks interleaved over two machines
+    assert [_layout(ids, r) for r in range(4)] == [(0, 2, True), (1, 2, True), (0, 2, True), (1, 2, True)]
+    assert _layout(["a", "a", "b"], 2) == (1, 2, False)
+    assert _layout(["a", "a", "b", "b", "c"], 4) == (2, 3, False)
+    assert _layout(["a"], 0) == (0, 1, True)
+
+
 def _model(seed: int):
     import torch
 

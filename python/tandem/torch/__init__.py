@@ -393,10 +393,15 @@ def _machines() -> Tuple[int, int, bool]:
     machines numbered by their lowest rank."""
     from .backend import _machine_id
 
-    ids = allgather_object(_machine_id())
+    return _layout(allgather_object(_machine_id()), rank())
+
+
+def _layout(ids: List[str], me: int) -> Tuple[int, int, bool]:
+    """(the index of rank ``me``'s machine, how many machines, whether each has as many ranks),
+    given every rank's machine id; machines are numbered by their lowest rank."""
     order = list(dict.fromkeys(ids))
     counts = [ids.count(m) for m in order]
-    return order.index(ids[rank()]), len(order), len(set(counts)) == 1
+    return order.index(ids[me]), len(order), len(set(counts)) == 1
 
 
 def cross_rank() -> int:
