@@ -108,6 +108,12 @@ def horovod_more_body() -> Dict[str, Any]:
     out["rs_avg"] = hvd.reducescatter(x).tolist()
     out["rs_sum"] = hvd.reducescatter(x, op=hvd.Sum, prescale_factor=3.0, postscale_factor=0.5).tolist()
     out["rs_async"] = hvd.synchronize(hvd.reducescatter_async(x, op=hvd.Max)).tolist()
+    y = torch.arange(10.0).reshape(5, 2) * (r + 1)
+    out["grouped_rs"] = [t.tolist() for t in hvd.grouped_reducescatter([x, y], op=hvd.Sum)]
+    out["grouped_rs_async"] = [t.tolist() for t in hvd.synchronize(hvd.grouped_reducescatter_async([y, x]))]
+    ragged = [torch.full((r + 1,), float(r)), torch.full((1, 2), r, dtype=torch.int32)]
+    out["grouped_ag"] = [t.tolist() for t in hvd.grouped_allgather(ragged)]
+    out["grouped_ag_async"] = [t.tolist() for t in hvd.synchronize(hvd.grouped_allgather_async(ragged[::-1]))]
     try:
         hvd.reducescatter(torch.tensor(1.0))
         out["rs_scalar"] = "accepted"
@@ -192,6 +198,15 @@ def test_horovod_grouped_reducescatter_gradients_and_queries_match_their_referen
         np.testing.assert_allclose(got["rs_sum"], 1.5 * np.sum(xs, axis=0)[lo:hi], rtol=1e-12)
         np.testing.assert_array_equal(got["rs_async"], np.max(xs, axis=0)[lo:hi])
         assert "no dimensions" in got["rs_scalar"]
+        ys = [np.arange(10.0).reshape(5, 2) * (k + 1) for k in range(n)]
+        lo5, hi5 = sum(_rows(5, n)[:r]), sum(_rows(5, n)[: r + 1])
+        np.testing.assert_allclose(got["grouped_rs"][0], np.sum(xs, axis=0)[lo:hi], rtol=1e-12)
+        np.testing.assert_allclose(got["grouped_rs"][1], np.sum(ys, axis=0)[lo5:hi5], rtol=1e-12)
+        np.testing.assert_allclose(got["grouped_rs_async"][0], np.mean(ys, axis=0)[lo5:hi5], rtol=1e-12)
+        np.testing.assert_allclose(got["grouped_rs_async"][1], np.mean(xs, axis=0)[lo:hi], rtol=1e-12)
+        want_ag = [np.concatenate([np.full(k + 1, float(k)) for k in range(n)]).tolist(), [[k, k] for k in range(n)]]
+        assert got["grouped_ag"] == want_ag
+        assert got["grouped_ag_async"] == want_ag[::-1]
         g = got["grads"]
         np.testing.assert_allclose(g["allreduce_sum"], np.sum([w(k, 11, 10) for k in range(n)], axis=0), rtol=1e-12)
         np.testing.assert_allclose(g["allreduce_avg"], np.mean([w(k, 11, 10) for k in range(n)], axis=0), rtol=1e-12)

@@ -51,7 +51,8 @@ __all__ = [
     "broadcast_async_", "alltoall", "alltoall_async", "synchronize", "poll", "join", "barrier",
     "broadcast_parameters", "broadcast_optimizer_state", "broadcast_object", "allgather_object",
     "grouped_allreduce", "grouped_allreduce_", "grouped_allreduce_async", "grouped_allreduce_async_",
-    "reducescatter", "reducescatter_async", "cross_rank", "cross_size", "is_homogeneous",
+    "reducescatter", "reducescatter_async", "grouped_allgather", "grouped_allgather_async",
+    "grouped_reducescatter", "grouped_reducescatter_async", "cross_rank", "cross_size", "is_homogeneous",
     "nccl_built", "cuda_built", "rocm_built", "mpi_built", "mpi_enabled", "mpi_threads_supported",
     "gloo_built", "gloo_enabled", "ddl_built", "ccl_built",
     "DistributedOptimizer", "Compression", "Average", "Sum", "Min", "Max", "Product", "elastic",
@@ -369,6 +370,33 @@ def reducescatter_async(tensor: torch.Tensor, name: Optional[str] = None, op: st
     op = _op(op, None)
     copy = tensor.detach().clone()
     return _Handle(lambda: _reducescatter_now(copy, op, prescale_factor, postscale_factor))
+
+
+def grouped_allgather(tensors: List[torch.Tensor], name: Optional[str] = None) -> List[torch.Tensor]:
+    """:func:`allgather` of each of ``tensors``, in order (differentiable as it is)."""
+    return [allgather(t) for t in tensors]
+
+
+def grouped_allgather_async(tensors: List[torch.Tensor], name: Optional[str] = None) -> _Handle:
+    """Starts :func:`grouped_allgather`; :func:`synchronize` returns the list."""
+    copies = [t.detach().clone() for t in tensors]
+    return _Handle(lambda: [_allgather_now(c) for c in copies])
+
+
+def grouped_reducescatter(tensors: List[torch.Tensor], name: Optional[str] = None, compression: Any = None,
+                          op: str = Average, prescale_factor: float = 1.0,
+                          postscale_factor: float = 1.0) -> List[torch.Tensor]:
+    """:func:`reducescatter` of each of ``tensors``, in order (differentiable as it is)."""
+    return [reducescatter(t, compression=compression, op=op, prescale_factor=prescale_factor,
+                          postscale_factor=postscale_factor) for t in tensors]
+
+
+def grouped_reducescatter_async(tensors: List[torch.Tensor], name: Optional[str] = None, op: str = Average,
+                                prescale_factor: float = 1.0, postscale_factor: float = 1.0) -> _Handle:
+    """Starts :func:`grouped_reducescatter`; :func:`synchronize` returns the list."""
+    op = _op(op, None)
+    copies = [t.detach().clone() for t in tensors]
+    return _Handle(lambda: [_reducescatter_now(c, op, prescale_factor, postscale_factor) for c in copies])
 
 
 def _reducescatter_now(tensor: torch.Tensor, op: str, pre: float, post: float) -> torch.Tensor:
