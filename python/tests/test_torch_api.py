@@ -243,6 +243,96 @@ def test_machines_are_numbered_by_their_lowest_rank_and_uneven_ones_are_not_homo
     assert _layout(["a"], 0) == (0, 1, True)
 
 
+def _bn_input(rank: int, step: int):
+    import torch
+
+    g = torch.Generator().manual_seed(100 * step + rank)
+    # Every process its own batch size (rank + 2 samples), 3 channels, 4 positions.
+    return torch.randn(rank + 2, 3, 4, generator=g, dtype=torch.float64) * (1 + rank) + rank
+
+
+def _bn_weights(rank: int, rows: int, step: int):
+    import torch
+
+    g = torch.Generator().manual_seed(1000 + 100 * step + rank)
+    return torch.randn(rows, 3, 4, generator=g, dtype=torch.float64)
+
+
+def sync_bn_body() -> Dict[str, Any]:
+    import torch
+
+    import tandem.torch as hvd
+
+    hvd.init(timeout=60)
+    r = hvd.rank()
+    bn = hvd.SyncBatchNorm(3).double()
+    with torch.no_grad():
+        bn.weight.copy_(torch.tensor([1.5, 0.5, 2.0]))
+        bn.bias.copy_(torch.tensor([0.1, -0.2, 0.3]))
+    steps = []
+    for step in range(2):
+        x = _bn_input(r, step).requires_grad_()
+        bn.zero_grad()
+        y = bn(x)
+        (y * _bn_weights(r, x.shape[0], step)).sum().backward()
+        steps.append({"y": y.tolist(), "dx": x.grad.tolist(), "dw": bn.weight.grad.tolist(), "db": bn.bias.grad.tolist()})
+    bn.eval()
+    evaluated = bn(_bn_input(r, 7)).tolist()
+    out = {"steps": steps, "running": [bn.running_mean.tolist(), bn.running_var.tolist()], "eval": evaluated}
+    try:
+        bn.train()
+        bn(torch.ones(1, 3, dtype=torch.float64) if r == 0 else torch.ones(0, 3, dtype=torch.float64))
+        out["one_value"] = "accepted"
+    except ValueError as e:
+        out["one_value"] = str(e)
+    two = torch.tensor([[1.0, 2.0, 3.0], [3.0, 2.0, 1.0]], dtype=torch.float64)
+    out["two_values"] = bn(two if r == 0 else two[:0]).tolist()  # two values over every process: enough
+    try:
+        bn(torch.ones(4, 5, dtype=torch.float64))
+        out["channels"] = "accepted"
+    except ValueError as e:
+        out["channels"] = str(e)
+    hvd.shutdown()
+    return out
+
+
+def test_sync_batch_norm_equals_batch_norm_on_the_whole_batch() -> None:
+    import torch
+
+    n = 3
+    res = tandem.run(sync_bn_body, nproc=n, timeout=180)
+    bn = torch.nn.BatchNorm1d(3).double()
+    with torch.no_grad():
+        bn.weight.copy_(torch.tensor([1.5, 0.5, 2.0]))
+        bn.bias.copy_(torch.tensor([0.1, -0.2, 0.3]))
+    sizes = [r + 2 for r in range(n)]
+    for step in range(2):
+        x = torch.cat([_bn_input(r, step) for r in range(n)]).requires_grad_()
+        bn.zero_grad()
+        y = bn(x)
+        (y * torch.cat([_bn_weights(r, sizes[r], step) for r in range(n)])).sum().backward()
+        parts = list(zip(torch.split(y.detach(), sizes), torch.split(x.grad, sizes)))
+        for r, got in enumerate(res):
+            s = got["steps"][step]
+            np.testing.assert_allclose(s["y"], parts[r][0].numpy(), rtol=1e-10, atol=1e-12)
+            np.testing.assert_allclose(s["dx"], parts[r][1].numpy(), rtol=1e-10, atol=1e-12)
+        # Each process keeps its own weight and bias gradients; together they are the whole batch's.
+        np.testing.assert_allclose(np.sum([g["steps"][step]["dw"] for g in res], axis=0), bn.weight.grad.numpy(), rtol=1e-10)
+        np.testing.assert_allclose(np.sum([g["steps"][step]["db"] for g in res], axis=0), bn.bias.grad.numpy(), rtol=1e-10)
+    bn.eval()
+    for r, got in enumerate(res):
+        np.testing.assert_allclose(got["running"][0], bn.running_mean.numpy(), rtol=1e-10)
+        np.testing.assert_allclose(got["running"][1], bn.running_var.numpy(), rtol=1e-10)
+        np.testing.assert_allclose(got["eval"], bn(_bn_input(r, 7)).detach().numpy(), rtol=1e-10, atol=1e-12)
+        # One value per channel over every process cannot be normalized; every process says so.
+        assert "more than 1 value per channel" in got["one_value"], got["one_value"]
+        w, b = [1.5, 0.5, 2.0], [0.1, -0.2, 0.3]
+        # (x - mean) / std: channel 0 -1 then 1, channel 1 0 and 0 (no spread), channel 2 1 then -1.
+        want = [[b[0] - w[0], b[1], b[2] + w[2]], [b[0] + w[0], b[1], b[2] - w[2]]]
+        np.testing.assert_allclose(np.reshape(got["two_values"], (-1, 3)), want if r == 0 else np.zeros((0, 3)), atol=1e-4)
+        assert "5 channels" in got["channels"] and "3" in got["channels"], got["channels"]
+
+
 def _model(seed: int):
     import torch
 

@@ -34,6 +34,7 @@ from ._async import Handle as _Handle
 from .backend import BACKEND, TandemProcessGroup, register
 from .compression import Compression
 from .optimizer import DistributedOptimizer
+from .sync_batch_norm import SyncBatchNorm
 
 register()
 
@@ -55,7 +56,7 @@ __all__ = [
     "grouped_reducescatter", "grouped_reducescatter_async", "cross_rank", "cross_size", "is_homogeneous",
     "nccl_built", "cuda_built", "rocm_built", "mpi_built", "mpi_enabled", "mpi_threads_supported",
     "gloo_built", "gloo_enabled", "ddl_built", "ccl_built",
-    "DistributedOptimizer", "Compression", "Average", "Sum", "Min", "Max", "Product", "elastic",
+    "DistributedOptimizer", "SyncBatchNorm", "Compression", "Average", "Sum", "Min", "Max", "Product", "elastic",
 ]
 
 
