@@ -140,9 +140,11 @@ def horovod_more_body() -> Dict[str, Any]:
     (hvd.broadcast(v, root_rank=n - 1) * weights(11, 12)).sum().backward()
     grads["broadcast"] = v.grad.tolist()
     v = torch.cat([torch.full((k + 1, 3), float(10 * r + k)) for k in range(n)]).double().requires_grad_()
+    pending = hvd.allreduce_async(torch.full((50000,), float(r)), op=hvd.Sum)  # runs first everywhere
     got, splits = hvd.alltoall(v, splits=[k + 1 for k in range(n)])
     (got * weights((n * (r + 1), 3), 13)).sum().backward()
     grads["alltoall"] = [v.grad.tolist(), splits.tolist(), got.requires_grad]
+    grads["pending"] = hvd.synchronize(pending)[:3].tolist()
     for name, op in (("sum", hvd.Sum), ("avg", hvd.Average)):
         v = torch.tensor(inputs(r, n=14, seed=3), requires_grad=True).reshape(7, 2)
         v.retain_grad()
@@ -221,6 +223,7 @@ def test_horovod_grouped_reducescatter_gradients_and_queries_match_their_referen
         want = np.concatenate([w(k, (n * (k + 1), 3), 13)[r * (k + 1):(r + 1) * (k + 1)] for k in range(n)])
         np.testing.assert_allclose(g["alltoall"][0], want, rtol=1e-12)
         assert g["alltoall"][1] == [r + 1] * n and g["alltoall"][2] is True
+        assert g["pending"] == [float(sum(range(n)))] * 3
         # reducescatter's gradient: the allgather of every rank's, times n for Sum, times the prescale.
         every = np.concatenate([w(k, (rows[k], 2), 14) for k in range(n)])
         np.testing.assert_allclose(g["reducescatter_sum"], 2.0 * n * every, rtol=1e-12)

@@ -112,14 +112,16 @@ class Alltoall(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, tensor: torch.Tensor, splits: Any) -> Tuple[torch.Tensor, torch.Tensor]:
-        out, received = _hvd()._alltoall_now(tensor, splits, True)
+        hvd = _hvd()
+        out, received = hvd._ordered(lambda: hvd._alltoall_now(tensor, splits, True))
         ctx.received = [int(k) for k in received]
         ctx.mark_non_differentiable(received)
         return out, received
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor, _unused: Any) -> Tuple[Any, ...]:
-        back, _ = _hvd()._alltoall_now(_copy(grad), ctx.received, True)
+        hvd, g = _hvd(), _copy(grad)
+        back, _ = hvd._ordered(lambda: hvd._alltoall_now(g, ctx.received, True))
         return back, None
 
 
@@ -130,7 +132,9 @@ class Reducescatter(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, tensor: torch.Tensor, op: str, pre: float, post: float) -> torch.Tensor:
         ctx.op, ctx.pre, ctx.post = op, pre, post
-        return _hvd()._reducescatter_now(tensor, op, pre, post)
+        hvd = _hvd()
+        out: torch.Tensor = hvd._ordered(lambda: hvd._reducescatter_now(tensor, op, pre, post))
+        return out
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> Tuple[Any, ...]:
