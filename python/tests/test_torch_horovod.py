@@ -11,12 +11,9 @@ import numpy as np
 import pytest
 
 import tandem
+from test_torch_api import inputs  # every process's inputs, regenerated from its rank
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="torch is not installed")
-
-
-def inputs(rank: int, n: int = 11, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(1000 * seed + rank).normal(size=n)
 
 
 def horovod_more_body() -> Dict[str, Any]:
