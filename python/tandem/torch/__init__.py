@@ -302,18 +302,26 @@ def grouped_allreduce_(tensors: List[torch.Tensor], average: Optional[bool] = No
 
 
 def _grouped_now(tensors: List[torch.Tensor], op: str, pre: float, post: float) -> List[torch.Tensor]:
+    _fused(tensors, lambda flat: _scaled_allreduce(flat, op, pre, post))
+    return tensors
+
+
+def _fused(tensors: List[torch.Tensor], collective: Any) -> None:
+    """Runs ``collective`` in place on one flat copy of the tensors of each device and dtype (in
+    the same order on every process), and copies the results back into them."""
     by_kind: Dict[Tuple[str, str], List[torch.Tensor]] = {}
     for t in tensors:
         by_kind.setdefault((str(t.device), str(t.dtype)), []).append(t)
     for kind in sorted(by_kind):
         group = by_kind[kind]
         flat = torch.cat([t.detach().reshape(-1) for t in group])
-        _scaled_allreduce(flat, op, pre, post)
+        if flat.numel() == 0:
+            continue
+        collective(flat)
         pos = 0
         for t in group:
             t.detach().copy_(flat[pos : pos + t.numel()].reshape(t.shape))
             pos += t.numel()
-    return tensors
 
 
 def grouped_allreduce(tensors: List[torch.Tensor], average: Optional[bool] = None, name: Optional[str] = None,
@@ -542,20 +550,7 @@ def broadcast_parameters(params: Any, root_rank: int = 0) -> None:
 def _broadcast_tensors_now(named: List[Tuple[str, torch.Tensor]], root_rank: int) -> None:
     tensors = [t for _, t in sorted(named, key=lambda kv: kv[0])]
     # One broadcast per device and dtype (a state_dict may hold CPU and CUDA tensors).
-    by_kind: Dict[Tuple[str, str], List[torch.Tensor]] = {}
-    for t in tensors:
-        by_kind.setdefault((t.device.type, str(t.dtype)), []).append(t)
-    for kind in sorted(by_kind):
-        group = by_kind[kind]
-        flat = torch.cat([t.detach().reshape(-1) for t in group]) if group else None
-        if flat is None or flat.numel() == 0:
-            continue
-        _ops.broadcast(_pg(), flat, root_rank)
-        pos = 0
-        for t in group:
-            n = t.numel()
-            t.detach().copy_(flat[pos : pos + n].reshape(t.shape))
-            pos += n
+    _fused(tensors, lambda flat: _ops.broadcast(_pg(), flat, root_rank))
 
 
 def broadcast_optimizer_state(optimizer: torch.optim.Optimizer, root_rank: int = 0) -> None:
